@@ -1,0 +1,166 @@
+"""``manifoldgd-fast cache | modes | distill``: flags -> DistillConfig -> pipeline.
+
+The only place that turns exceptions into exit codes: a ``ManifoldGDError``
+(bad input a user can fix) prints one line naming the culprit and exits 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from .config import DistillConfig
+from .errors import ManifoldGDError
+
+# Help per parameter, grouped as in SPEC. Defaults are appended from DistillConfig.
+GROUPS: dict[str, dict[str, str]] = {
+    "data and models": {
+        "data": "image folder ROOT/<class>/<image> (jpg, jpeg, png, webp)",
+        "out": "output folder: OUT/<class>/<i>.png, OUT/latents/, OUT/manifest.json",
+        "classes": "restrict to a subset: nette, woof, imagenet100, imagenet1k, a text file, or 'a,b,c'",
+        "label_map": "folder name -> DiT class id: auto (ImageNet wnids if all folders are wnids), imagenet1k, sorted",
+        "model": "DiT: a local folder (diffusers layout or a pipeline with transformer/) or a HF id in the local cache",
+        "vae": "AutoencoderKL: folder or cached HF id (e.g. stabilityai/sd-vae-ft-ema); default: the model folder's vae/",
+        "cache_dir": "latent cache root (default $MANIFOLDGD_CACHE or ~/.cache/manifoldgd_fast)",
+        "image_size": "image resolution (default: 8 x the model's latent size)",
+        "device": "auto, cpu, cuda, cuda:1, ...",
+        "dtype": "float32, bfloat16 or float16 (autocast of the DiT and VAE on CUDA; guidance stays fp32)",
+        "seed": "run seed; class and sample seeds derive from it",
+        "ipc": "images per class",
+        "batch_size": "samples denoised together",
+        "encode_batch_size": "images per VAE encode batch",
+        "backend": "guidance ops backend: auto, reference, triton",
+    },
+    "method": {
+        "method": "manifoldgd, mgd3 (mode guidance only) or dit (plain CFG sampling)",
+        "formulation": "official (the authors' released sampler) or paper (tangent projection of the guidance)",
+        "sampler": "ddpm (learned-range variance, as DiT) or ddim",
+        "steps": "sampling steps",
+        "ddim_eta": "DDIM eta (0 = deterministic)",
+        "cfg_scale": "classifier-free guidance scale",
+        "cfg_channels": "3 (official DiT: CFG on the first 3 eps channels) or all",
+        "t_stop": "guidance while the step is before t_stop (official: respaced index > t_stop)",
+    },
+    "mode discovery": {
+        "mode_method": "auto (divisive for manifoldgd, kmeans for mgd3), kmeans, divisive, gmm, random, agglomerative",
+        "mode_point": "auto (medoid for official divisive), medoid or mean",
+        "level": "divisive start level: official i (6 for <=10 classes, else 1), paper L (3 / 2)",
+        "max_depth": "paper divisive tree depth (default: enough for the budget)",
+        "min_leaf": "paper divisive: nodes with fewer points are not split",
+        "linkage": "agglomerative linkage: ward, average, complete, single",
+        "kmeans_iters": "k-means iterations",
+        "bisect_inits": "2-means restarts per split",
+    },
+    "mode guidance": {
+        "kernel": "rbf, laplace or imq",
+        "kernel_bandwidth": "kernel sigma / c (default 1; paper imq h: sqrt(D))",
+        "lambda_m": "mode guidance scale lambda_M",
+    },
+    "manifold term": {
+        "k": "nearest rows for the tangent space (paper 10, official 12)",
+        "d": "tangent dimension",
+        "ridge": "covariance ridge (paper 1e-4, official 1e-5)",
+        "lambda_n": "paper: share of the normal component removed (1 = pure tangent projection)",
+        "k_min": "paper: minimum patch size (default 2k)",
+        "radius_schedule": "paper radius annealing: exponential, cosine, linear, constant",
+        "radius_a": "paper exponential annealing rate a",
+        "radius_units": "paper radii: quantile (of mode-to-member distances) or absolute",
+        "r_min": "paper smallest radius",
+        "r_max": "paper largest radius",
+        "manifold_scale": "official lambda_man",
+        "manifold_radius": "official cloud radius r (0.05 for <=10 classes, else 0.1)",
+        "bandwidth": "official tanh bandwidth b (0.2 for <=10 classes, else 0.1)",
+        "cloud_size": "official cloud points per mode",
+        "warm_steps": "official radius warm-up steps",
+        "warm_mult": "official warm-up multiplier M",
+        "warm_schedule": "official warm-up schedule: exp, linear, cosine",
+    },
+    "output": {
+        "save_latents": "also write the final latents (OUT/latents/<class>.safetensors)",
+        "contact_sheet": "write OUT/contact_sheet.png (one row per class)",
+    },
+}
+
+_COMMANDS = {
+    "cache": "encode the image folder into the latent cache (resumable)",
+    "modes": "compute the IPC modes of every class into OUT/modes/",
+    "distill": "distil the image folder into OUT (resumable)",
+}
+
+
+def _type_of(f: dataclasses.Field):
+    t = str(f.type)
+    if "bool" in t:
+        return None
+    if "int" in t:
+        return int
+    if "float" in t:
+        return float
+    return str
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="manifoldgd-fast",
+                                description="Dataset distillation with manifold-guided diffusion sampling "
+                                            "(ManifoldGD), mode guidance (MGD3) and plain DiT.")
+    sub = p.add_subparsers(dest="command", metavar="{" + ",".join(_COMMANDS) + "}")
+    defaults = DistillConfig()
+    fields = {f.name: f for f in dataclasses.fields(DistillConfig)}
+    for cmd, help_ in _COMMANDS.items():
+        sp = sub.add_parser(cmd, help=help_, description=help_,
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        sp.add_argument("--config", help="YAML or JSON file of parameters; flags given here override it")
+        for group, items in GROUPS.items():
+            g = sp.add_argument_group(group)
+            for name, text in items.items():
+                f = fields[name]
+                flag = "--" + name.replace("_", "-")
+                default = getattr(defaults, name)
+                typ = _type_of(f)
+                # SUPPRESS: only flags the user gave override the config file.
+                if typ is None:
+                    g.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                                   default=argparse.SUPPRESS, help=f"{text} (default: {default})")
+                else:
+                    g.add_argument(flag, dest=name, type=typ, default=argparse.SUPPRESS, metavar=name.upper(),
+                                   help=f"{text} (default: {default})")
+    return p
+
+
+def config_from_args(ns: argparse.Namespace) -> DistillConfig:
+    given = {k: v for k, v in vars(ns).items() if k not in ("command", "config")}
+    base = DistillConfig.load(ns.config).to_dict() if getattr(ns, "config", None) else {}
+    base.update(given)
+    return DistillConfig.from_dict(base)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.command is None:
+        parser.print_help()
+        return 2
+    try:
+        cfg = config_from_args(ns).validate()
+        from . import pipeline
+
+        if ns.command == "cache":
+            ctx = pipeline.prepare(cfg, need_models=False)
+            print(f"latents of {len(ctx['entries'])} classes in {ctx['cache']}")
+        elif ns.command == "modes":
+            paths = pipeline.compute_modes(cfg)
+            print(f"modes of {len(paths)} classes in {cfg.out}/modes")
+        else:
+            res = pipeline.distill(cfg)
+            print(f"distilled {len(res.classes)} classes into {res.out} (manifest: {res.manifest})")
+    except ManifoldGDError as e:
+        print(f"manifoldgd-fast: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("manifoldgd-fast: interrupted; finished classes are kept, rerun to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""Every parameter of a distillation run, with SPEC defaults and validation.
+
+``DistillConfig`` is the single source of truth: the CLI builds one from flags
+(or a YAML/JSON file), the Python API takes one, and the manifest stores the
+*resolved* copy (``resolve()`` fills the dataset-dependent defaults such as the
+official radius, bandwidth and start level) so a run can be repeated exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import ConfigError
+
+METHODS = ("manifoldgd", "mgd3", "dit")
+FORMULATIONS = ("official", "paper")
+SAMPLERS = ("ddpm", "ddim")
+MODE_METHODS = ("auto", "kmeans", "divisive", "gmm", "random", "agglomerative")
+MODE_POINTS = ("auto", "medoid", "mean")
+LINKAGES = ("ward", "average", "complete", "single")
+KERNELS = ("rbf", "laplace", "imq")
+RADIUS_SCHEDULES = ("exponential", "cosine", "linear", "constant")
+RADIUS_UNITS = ("quantile", "absolute")
+WARM_SCHEDULES = ("exp", "linear", "cosine")
+CFG_CHANNELS = ("3", "all")
+DTYPES = ("float32", "bfloat16", "float16")
+BACKENDS = ("auto", "reference", "triton")
+
+# Dataset-dependent defaults of the released scripts: <= 10 classes behaves as
+# ImageNette/ImageWoof, more classes as ImageNet-100/1k (SPEC 2, 4b).
+SMALL_SUBSET_MAX_CLASSES = 10
+
+
+@dataclass
+class DistillConfig:
+    # --- data, models, run -------------------------------------------------
+    data: str | None = None            # ROOT/<class>/<image>; None = embedded digits demo
+    out: str = "distilled"
+    classes: str | None = None         # subset name (nette, woof, imagenet100, imagenet1k), a file, or "a,b,c"
+    label_map: str = "auto"            # auto | imagenet1k | sorted: how folder names become DiT class ids
+    model: str | None = None           # DiT folder / HF id in the local cache; None = shipped tiny model
+    vae: str | None = None             # AutoencoderKL folder / HF id; None = the model folder's vae/ or shipped
+    cache_dir: str | None = None       # latent cache root; None = $MANIFOLDGD_CACHE or ~/.cache/manifoldgd_fast
+    image_size: int | None = None      # None = 8 x the model's latent size
+    device: str = "auto"
+    dtype: str = "float32"
+    seed: int = 0
+    ipc: int = 10
+    batch_size: int = 16               # samples denoised together (x2 in the DiT forward for CFG)
+    encode_batch_size: int = 32
+    backend: str = "auto"              # guidance ops: auto | reference | triton
+
+    # --- method ------------------------------------------------------------
+    method: str = "manifoldgd"
+    formulation: str = "official"
+    sampler: str = "ddpm"
+    steps: int = 50
+    ddim_eta: float = 0.0
+    cfg_scale: float = 4.0
+    cfg_channels: str = "3"
+    t_stop: int = 25                   # guidance while the step is before t_stop
+
+    # --- mode discovery (SPEC 2) ---------------------------------------------
+    mode_method: str = "auto"          # auto: divisive for manifoldgd, kmeans for mgd3
+    mode_point: str = "auto"           # auto: medoid for official divisive, mean otherwise
+    level: int | None = None           # official level i (6 / 1) or paper start level L (3 / 2)
+    max_depth: int | None = None       # paper divisive: None = deep enough for the budget
+    min_leaf: int = 2
+    linkage: str = "ward"
+    kmeans_iters: int = 100
+    bisect_inits: int = 10             # 2-means restarts per split (official: 10)
+
+    # --- mode guidance (SPEC 4.3 / 4b.2) ------------------------------------
+    kernel: str = "rbf"
+    kernel_bandwidth: float | None = None   # rbf/laplace sigma (1); imq c (1, official) / h (sqrt(D), paper)
+    lambda_m: float = 0.1
+
+    # --- manifold term, shared ---------------------------------------------
+    k: int | None = None               # nearest rows: paper 10, official 12
+    d: int = 3                         # tangent dimension
+    ridge: float | None = None         # paper 1e-4, official 1e-5
+
+    # --- paper formulation (SPEC 3, 4.4) --------------------------------------
+    lambda_n: float = 1.0
+    k_min: int | None = None           # None = 2k
+    radius_schedule: str = "exponential"
+    radius_a: float = 5.0
+    radius_units: str = "quantile"
+    r_min: float = 0.2
+    r_max: float = 0.9
+
+    # --- official formulation (SPEC 4b) -------------------------------------
+    manifold_scale: float = 0.1        # lambda_man
+    manifold_radius: float | None = None    # r: 0.05 (<= 10 classes) / 0.1
+    bandwidth: float | None = None          # b: 0.2 (<= 10 classes) / 0.1
+    cloud_size: int = 300
+    warm_steps: int = 5
+    warm_mult: float = 2.0
+    warm_schedule: str = "exp"
+
+    # --- output --------------------------------------------------------------
+    save_latents: bool = True
+    contact_sheet: bool = True
+
+    extra: dict = field(default_factory=dict)  # free-form notes stored in the manifest
+
+    # ------------------------------------------------------------------------
+    def validate(self) -> "DistillConfig":
+        """Check every parameter; raise ConfigError naming the first bad one."""
+        def choice(name, allowed):
+            v = getattr(self, name)
+            if v not in allowed:
+                raise ConfigError(f"--{_flag(name)}: unknown value {v!r}; choose one of {', '.join(allowed)}")
+
+        for name, allowed in [
+            ("method", METHODS), ("formulation", FORMULATIONS), ("sampler", SAMPLERS),
+            ("mode_method", MODE_METHODS), ("mode_point", MODE_POINTS), ("linkage", LINKAGES),
+            ("kernel", KERNELS), ("radius_schedule", RADIUS_SCHEDULES), ("radius_units", RADIUS_UNITS),
+            ("warm_schedule", WARM_SCHEDULES), ("cfg_channels", CFG_CHANNELS), ("dtype", DTYPES),
+            ("backend", BACKENDS), ("label_map", ("auto", "imagenet1k", "sorted")),
+        ]:
+            choice(name, allowed)
+
+        def positive_int(name, allow_none=False, minimum=1):
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+                raise ConfigError(f"--{_flag(name)} must be an integer >= {minimum}, got {v!r}")
+
+        for name in ("ipc", "batch_size", "encode_batch_size", "steps", "kmeans_iters", "bisect_inits",
+                     "cloud_size", "d", "min_leaf"):
+            positive_int(name)
+        positive_int("k", allow_none=True, minimum=2)
+        positive_int("k_min", allow_none=True, minimum=2)
+        positive_int("level", allow_none=True, minimum=0)
+        positive_int("max_depth", allow_none=True, minimum=0)
+        positive_int("image_size", allow_none=True, minimum=8)
+        positive_int("warm_steps", minimum=0)
+        positive_int("t_stop", minimum=0)
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"--seed must be a non-negative integer, got {self.seed!r}")
+
+        def non_negative(name, allow_none=False, strict=False):
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0 or (strict and v == 0):
+                rule = "> 0" if strict else ">= 0"
+                raise ConfigError(f"--{_flag(name)} must be a number {rule}, got {v!r}")
+
+        for name in ("lambda_m", "lambda_n", "manifold_scale", "ddim_eta", "cfg_scale", "radius_a"):
+            non_negative(name)
+        for name in ("ridge", "r_min", "r_max"):
+            non_negative(name, allow_none=True)
+        for name in ("manifold_radius", "bandwidth", "kernel_bandwidth"):
+            non_negative(name, allow_none=True, strict=True)
+        if self.warm_mult < 1.0:
+            raise ConfigError(f"--warm-mult must be >= 1, got {self.warm_mult!r}")
+        if self.radius_units == "quantile":
+            for name in ("r_min", "r_max"):
+                if not 0.0 <= getattr(self, name) <= 1.0:
+                    raise ConfigError(f"--{_flag(name)} is a quantile and must lie in [0, 1], got {getattr(self, name)!r}")
+        if self.r_min > self.r_max:
+            raise ConfigError(f"--r-min ({self.r_min}) must not exceed --r-max ({self.r_max})")
+        k = self.k if self.k is not None else (12 if self.formulation == "official" else 10)
+        if self.d >= k:
+            raise ConfigError(f"--d must be smaller than --k (the tangent space is spanned by k points), got d={self.d}, k={k}")
+        if self.k_min is not None and self.k_min < k:
+            raise ConfigError(f"--k-min must be >= --k ({k}), got {self.k_min}")
+        if self.t_stop > self.steps:
+            raise ConfigError(f"--t-stop must be <= --steps ({self.steps}), got {self.t_stop}")
+        if self.sampler == "ddpm" and self.ddim_eta != 0.0:
+            raise ConfigError("--ddim-eta applies to --sampler ddim only")
+        if not isinstance(self.extra, dict):
+            raise ConfigError("extra must be a mapping")
+        return self
+
+    def resolve(self, n_classes: int) -> "DistillConfig":
+        """A copy with every dataset-dependent ``None``/``auto`` default filled in."""
+        c = dataclasses.replace(self)
+        small = n_classes <= SMALL_SUBSET_MAX_CLASSES
+        official = c.formulation == "official"
+        if c.mode_method == "auto":
+            c.mode_method = {"manifoldgd": "divisive", "mgd3": "kmeans", "dit": "kmeans"}[c.method]
+        if c.mode_point == "auto":
+            c.mode_point = "medoid" if (c.mode_method == "divisive" and official) else "mean"
+        if c.level is None:
+            c.level = (6 if small else 1) if official else (3 if small else 2)
+        if c.k is None:
+            c.k = 12 if official else 10
+        if c.ridge is None:
+            c.ridge = 1e-5 if official else 1e-4
+        if c.k_min is None:
+            c.k_min = 2 * c.k
+        if c.manifold_radius is None:
+            c.manifold_radius = 0.05 if small else 0.1
+        if c.bandwidth is None:
+            c.bandwidth = 0.2 if small else 0.1
+        return c.validate()
+
+    # ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> "DistillConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown parameter(s) {', '.join(unknown)}")
+        try:
+            return cls(**d)
+        except TypeError as e:  # pragma: no cover - dataclass signature mismatch
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def load(cls, path: str) -> "DistillConfig":
+        """Read a YAML or JSON file of parameters (keys as in this dataclass)."""
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path} does not exist")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            if path.endswith(".json"):
+                d = json.loads(text)
+            else:
+                import yaml
+                d = yaml.safe_load(text)
+        except Exception as e:
+            raise ConfigError(f"config file {path} cannot be parsed: {str(e).splitlines()[0]}") from None
+        if d is None:
+            d = {}
+        if not isinstance(d, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of parameter: value")
+        return cls.from_dict({k.replace("-", "_"): v for k, v in d.items()}, source=path)
+
+    def save(self, path: str) -> None:
+        from .output import atomic_write_text
+        if path.endswith(".json"):
+            atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        else:
+            import yaml
+            atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=True))
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def derive_seed(run_seed: int, *keys) -> int:
+    """A 63-bit seed from the run seed and keys (class name, sample index, purpose).
+
+    Randomness flows run seed -> class -> sample, never through rank or batch,
+    so sharding, batching and resuming give the same bytes.
+    """
+    import hashlib
+
+    h = hashlib.sha256(repr((int(run_seed),) + tuple(keys)).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def fingerprint(cfg: "DistillConfig") -> str:
+    """Hash of the parameters that change the output bytes (not out/device/batch sizes)."""
+    import hashlib
+
+    d = cfg.to_dict()
+    for k in ("out", "cache_dir", "device", "batch_size", "encode_batch_size", "contact_sheet", "extra", "backend"):
+        d.pop(k, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,137 @@
+"""Mode guidance and the manifold terms, per denoising step.
+
+``Guidance`` holds what a batch of samples is guided towards (one mode per
+sample; for the paper formulation also the class latents and each mode's
+neighbourhood order) and turns a step's model output into the guided update:
+
+* official (SPEC 4b): ``official_term`` is added to the posterior mean (DDPM)
+  or to x0_hat (DDIM): the kernel-weighted mode pull plus ``manifold_pull``;
+* paper (SPEC 4): ``paper_eps`` returns ``eps - lambda_M sigma_t g`` with ``g``
+  the mode-guidance vector after ``manifold_correct``.
+
+Noise for the cloud / patch comes from one generator per sample, so a
+sample's result does not depend on the batch it was drawn in.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import modes as modes_mod
+from . import ops
+from .config import DistillConfig
+from .schedule import Schedule
+
+_EPS = 1e-8
+
+
+def kernel_phi_official(diff: torch.Tensor, kernel: str, bandwidth: float | None) -> torch.Tensor:
+    """phi of the released sampler, (B, 1, ...) broadcastable to diff (B, ...).
+
+    rbf: -1/sigma^2; laplace: -1/(sigma |diff|); imq: -1/(|diff|^2 + c^2). sigma = c = 1 by default.
+    """
+    s = 1.0 if bandwidth is None else float(bandwidth)
+    r = diff.flatten(1).norm(dim=1)
+    if kernel == "rbf":
+        phi = torch.full_like(r, -1.0 / (s * s + _EPS))
+    elif kernel == "laplace":
+        phi = -1.0 / (s * (r + _EPS))
+    elif kernel == "imq":
+        phi = -1.0 / (r * r + s * s + _EPS)
+    else:
+        raise ValueError(f"unknown kernel {kernel!r}")
+    return phi.view(-1, *([1] * (diff.dim() - 1)))
+
+
+def mode_grad_paper(x0: torch.Tensor, m: torch.Tensor, kernel: str, bandwidth: float | None) -> torch.Tensor:
+    """g = grad log k(x0, m) (SPEC 4.3), x0 and m (B, D).
+
+    rbf: (m - x0)/sigma^2 (sigma = 1); laplace: (m - x0)/(sigma |m - x0|);
+    imq: (m - x0) h^3 / (h^2 + |m - x0|^2)^{3/2}, h = sqrt(D) unless given.
+    """
+    diff = m - x0
+    r = diff.norm(dim=1, keepdim=True)
+    if kernel == "rbf":
+        s = 1.0 if bandwidth is None else float(bandwidth)
+        return diff / (s * s)
+    if kernel == "laplace":
+        s = 1.0 if bandwidth is None else float(bandwidth)
+        return diff / (s * (r + _EPS))
+    if kernel == "imq":
+        h = math.sqrt(x0.shape[1]) if bandwidth is None else float(bandwidth)
+        return diff * h ** 3 / (h * h + r * r) ** 1.5
+    raise ValueError(f"unknown kernel {kernel!r}")
+
+
+class Guidance:
+    """Guidance for one batch of B samples of one class.
+
+    Args:
+        cfg: resolved DistillConfig (method, formulation and all guidance parameters).
+        schedule: the sampling schedule.
+        modes: (B, C, h, w) the mode each sample is pulled towards.
+        generators: B torch.Generators, one per sample.
+        class_latents: (n, D) the class latents (paper formulation only).
+        order, sorted_dists: (B, n) each mode's neighbourhood order and distances (paper only).
+        radii: (r_min, r_max) absolute neighbourhood radii of the class (paper only).
+    """
+
+    def __init__(self, cfg: DistillConfig, schedule: Schedule, modes: torch.Tensor, generators,
+                 *, class_latents=None, order=None, sorted_dists=None, radii=None):
+        self.cfg = cfg
+        self.schedule = schedule
+        self.modes = modes.float()
+        self.generators = generators
+        self.manifold = cfg.method == "manifoldgd"
+        self.latents = class_latents
+        self.order = order
+        self.sorted_dists = sorted_dists
+        self.radii = radii
+        if cfg.formulation == "paper" and self.manifold and class_latents is None:
+            raise ValueError("the paper formulation needs class_latents, order, sorted_dists and radii")
+
+    # which steps are guided ----------------------------------------------------
+    def active(self, i: int) -> bool:
+        """Official: while the respaced index i > t_stop; paper: the first t_stop steps."""
+        if self.cfg.formulation == "official":
+            return i > self.cfg.t_stop
+        return (self.schedule.steps - 1 - i) < self.cfg.t_stop
+
+    # official formulation ---------------------------------------------------
+    def official_term(self, i: int, x: torch.Tensor, x0: torch.Tensor, log_var: torch.Tensor | None) -> torch.Tensor:
+        """Mode term + manifold term to add to the posterior mean (DDPM, log_var given) or to x0_hat (DDIM)."""
+        c = self.cfg
+        diff = x0.float() - self.modes
+        term = c.lambda_m * kernel_phi_official(diff, c.kernel, c.kernel_bandwidth) * diff
+        if log_var is not None:
+            term = term * torch.exp(0.5 * log_var.float())
+        if self.manifold and c.manifold_scale > 0:
+            r = ops.official_radius(i, steps=self.schedule.steps, t_stop=c.t_stop, radius=c.manifold_radius,
+                                    warm_steps=c.warm_steps, warm_mult=c.warm_mult, schedule=c.warm_schedule)
+            abar = float(self.schedule.alphas_cumprod[i])
+            cloud = ops.official_cloud(self.modes.flatten(1), r, abar, self.generators, n_points=c.cloud_size)
+            pull = ops.manifold_pull(x.flatten(1).float(), cloud, k=c.k, d=c.d, scale=c.manifold_scale,
+                                     bandwidth=c.bandwidth, ridge=c.ridge, backend=c.backend)
+            term = term + pull.view_as(term)
+        return term
+
+    # paper formulation ------------------------------------------------------
+    def paper_radius(self, i: int) -> float:
+        tau = float(self.schedule.timesteps[i]) / (self.schedule.num_train_timesteps - 1)
+        r_min, r_max = self.radii
+        return modes_mod.anneal_radius(tau, r_min, r_max, self.cfg.radius_schedule, self.cfg.radius_a)
+
+    def paper_eps(self, i: int, x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """eps_hat = eps - lambda_M sigma_t g, g the (manifold-corrected) mode guidance."""
+        c = self.cfg
+        B = x.shape[0]
+        g = mode_grad_paper(x0.flatten(1).float(), self.modes.flatten(1), c.kernel, c.kernel_bandwidth)
+        if self.manifold and c.lambda_n > 0:
+            abar = float(self.schedule.alphas_cumprod[i])
+            lengths = modes_mod.patch_lengths(self.sorted_dists, self.paper_radius(i), c.k_min)
+            patch = ops.time_aligned_patch(self.latents, self.order, lengths, abar, self.generators)
+            g = ops.manifold_correct(x.flatten(1).float(), patch, g, k=c.k, d=c.d, lambda_normal=c.lambda_n,
+                                     ridge=c.ridge, lengths=lengths, backend=c.backend)
+        sigma = float(self.schedule.sqrt_one_minus_alphas_cumprod[i])
+        return eps - (c.lambda_m * sigma * g).view(B, *eps.shape[1:]).to(eps.dtype)

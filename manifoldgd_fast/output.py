@@ -1,0 +1,122 @@
+"""Atomic writing of the distilled set: per-class folders, latents, manifest.
+
+A class is written into ``OUT/.<class>.tmp-<pid>/`` and renamed to
+``OUT/<class>/`` only when complete, so a killed run leaves either a finished
+class or nothing; a rerun skips finished classes (SPEC 6). Every file goes
+through temp + ``os.replace``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+MANIFEST = "manifest.json"
+LATENTS_DIR = "latents"
+DONE_MARK = ".complete"
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder + rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def to_uint8_images(x: torch.Tensor) -> np.ndarray:
+    """Decoded VAE output in [-1, 1], (N, 3, H, W) -> uint8 (N, H, W, 3).
+
+    Rounds exactly as torchvision's ``save_image(normalize, value_range=(-1,1))``
+    does (scale to [0, 255], + 0.5, clamp, truncate), the released samplers' way.
+    """
+    x = (x.detach().float().cpu().clamp(-1, 1) + 1) / 2
+    x = (x * 255 + 0.5).clamp(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def encode_png(img: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    # Fixed PNG settings: the same pixels always give the same bytes.
+    Image.fromarray(img, mode="RGB").save(buf, format="PNG", compress_level=6, optimize=False)
+    return buf.getvalue()
+
+
+class OutputWriter:
+    """Owns ``OUT/``: which classes are finished, and writing one atomically."""
+
+    def __init__(self, out: str):
+        self.out = os.path.abspath(out)
+        os.makedirs(self.out, exist_ok=True)
+
+    def class_dir(self, name: str) -> str:
+        return os.path.join(self.out, name)
+
+    def is_done(self, name: str) -> bool:
+        return os.path.isfile(os.path.join(self.class_dir(name), DONE_MARK))
+
+    def done_classes(self, names: Iterable[str]) -> list[str]:
+        return [n for n in names if self.is_done(n)]
+
+    def write_class(self, name: str, images: np.ndarray, latents: torch.Tensor | None,
+                    info: dict[str, Any]) -> None:
+        """Write ``OUT/<name>/<i>.png`` (+ ``OUT/latents/<name>.safetensors``) atomically.
+
+        images: uint8 (N, H, W, 3); latents: (N, C, h, w) final latents or None.
+        """
+        from safetensors.torch import save as st_save
+
+        final = self.class_dir(name)
+        tmp = os.path.join(self.out, f".{name}.tmp-{os.getpid()}")
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+        for i, img in enumerate(images):
+            with open(os.path.join(tmp, f"{i}.png"), "wb") as f:
+                f.write(encode_png(img))
+        if latents is not None:
+            blob = st_save({"latents": latents.detach().float().cpu().contiguous()},
+                           metadata={"class": name})
+            atomic_write_bytes(os.path.join(self.out, LATENTS_DIR, f"{name}.safetensors"), blob)
+        with open(os.path.join(tmp, DONE_MARK), "w", encoding="utf-8") as f:
+            json.dump(info, f, sort_keys=True)
+        if os.path.exists(final):  # an unfinished folder from an older layout: replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+
+    def read_class_info(self, name: str) -> dict[str, Any]:
+        with open(os.path.join(self.class_dir(name), DONE_MARK), encoding="utf-8") as f:
+            return json.load(f)
+
+    def clean_stale(self) -> None:
+        """Remove temp folders left by killed runs (never finished classes)."""
+        for entry in os.listdir(self.out):
+            if entry.startswith(".") and ".tmp-" in entry:
+                shutil.rmtree(os.path.join(self.out, entry), ignore_errors=True)
+
+    def write_manifest(self, manifest: dict[str, Any]) -> str:
+        path = os.path.join(self.out, MANIFEST)
+        atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        return path

@@ -1,0 +1,300 @@
+"""``distill(config)``: image folder -> latents -> modes -> guided sampling -> image folder.
+
+One class at a time, each an independent unit: its modes and every sample's
+noise come from seeds derived from (run seed, class name, sample index), and
+it is written atomically, so a killed run resumes where it stopped and gives
+the same bytes as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import __version__
+from .config import DistillConfig, derive_seed, fingerprint
+from .errors import ConfigError, DataError
+from .output import MANIFEST, OutputWriter, atomic_write_bytes, to_uint8_images
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class DistillResult:
+    out: str
+    classes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    manifest: str = ""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device: unknown device {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    return dev
+
+
+def library_versions() -> dict[str, str]:
+    import diffusers
+    import numpy
+    import safetensors
+
+    return {"manifoldgd_fast": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "numpy": numpy.__version__, "safetensors": safetensors.__version__, "python": platform.python_version()}
+
+
+# ----------------------------------------------------------------------------
+# stages
+# ----------------------------------------------------------------------------
+def prepare(cfg: DistillConfig, *, need_models: bool = True):
+    """Scan the data, load the models and fill the latent cache. Returns a small context dict."""
+    from .data import class_list, scan_image_folder
+    from .latents import cache_latents, latent_cache_dir
+    from .models import dit_info, load_dit, load_vae, vae_info
+
+    cfg.validate()
+    if cfg.data is None:
+        raise ConfigError("--data is required: the folder ROOT/<class>/<image> to distil")
+    if need_models and cfg.model is None:
+        raise ConfigError("--model is required: a DiT folder or a Hugging Face id in the local cache")
+    if cfg.model is None and cfg.vae is None:
+        raise ConfigError("--vae (or --model, whose folder holds vae/) is required")
+    device = resolve_device(cfg.device)
+    dtype = _DTYPES[cfg.dtype]
+    classes = class_list(cfg.classes) if cfg.classes else None
+    entries = scan_image_folder(cfg.data, classes=classes, label_map=cfg.label_map)
+
+    vae = load_vae(cfg.vae or cfg.model, device=device)
+    vinfo = vae_info(vae)
+    model = info = None
+    if cfg.model is not None:  # also for `cache`: the model fixes the image size
+        model = load_dit(cfg.model, device=device)
+        info = dit_info(model)
+        for e in entries:
+            if not 0 <= e.label < info["num_classes"]:
+                raise DataError(f"class {e.name} has label {e.label}, outside the model's {info['num_classes']} classes "
+                                f"(try --label-map sorted, or a model trained on these classes)")
+        latent = info["latent_size"] * vinfo["downsample"]
+        if cfg.image_size is not None and cfg.image_size != latent:
+            raise ConfigError(f"--image-size {cfg.image_size} does not match the model's {latent} px")
+    image_size = cfg.image_size or (info["latent_size"] * vinfo["downsample"] if info else 256)
+    cache = latent_cache_dir(cfg.cache_dir, cfg.data, cfg.vae or cfg.model, image_size)
+    cache_latents(entries, vae, cache_dir=cache, image_size=image_size, batch_size=cfg.encode_batch_size,
+                  device=device, dtype=dtype)
+    return dict(entries=entries, vae=vae, vae_info=vinfo, model=model, dit_info=info, device=device,
+                dtype=dtype, cache=cache, image_size=image_size)
+
+
+def class_modes(rcfg: DistillConfig, name: str, z: torch.Tensor) -> torch.Tensor:
+    """IPC modes (ipc, C, h, w) of one class from its latents z (n, C, h, w)."""
+    from .modes import discover_modes
+
+    m = discover_modes(z.flatten(1), rcfg.ipc, method=rcfg.mode_method, formulation=rcfg.formulation,
+                       seed=derive_seed(rcfg.seed, "modes", name), level=rcfg.level, mode_point=rcfg.mode_point,
+                       max_depth=rcfg.max_depth, min_leaf=rcfg.min_leaf, linkage=rcfg.linkage,
+                       kmeans_iters=rcfg.kmeans_iters, bisect_inits=rcfg.bisect_inits)
+    return m.view(rcfg.ipc, *z.shape[1:])
+
+
+def _check_class(rcfg: DistillConfig, name: str, n: int) -> None:
+    if n < rcfg.ipc:
+        raise DataError(f"class {name} has {n} readable images, fewer than --ipc {rcfg.ipc}")
+    if rcfg.method == "manifoldgd":
+        if rcfg.formulation == "paper" and rcfg.k > n:
+            raise ConfigError(f"--k {rcfg.k} is larger than the patch: class {name} has only {n} latents")
+        if rcfg.formulation == "official" and rcfg.k > rcfg.cloud_size:
+            raise ConfigError(f"--k {rcfg.k} is larger than the patch (--cloud-size {rcfg.cloud_size})")
+
+
+def distill_class(rcfg: DistillConfig, ctx: dict, name: str, label: int, z: torch.Tensor, progress=None):
+    """Sample the IPC images of one class. Returns (uint8 images (ipc,H,W,3), latents (ipc,C,h,w), stats)."""
+    from . import modes as modes_mod
+    from .guidance import Guidance
+    from .sampler import sample
+    from .schedule import make_schedule
+
+    dev = ctx["device"]
+    info = ctx["dit_info"]
+    t0 = time.perf_counter()
+    z = z.to(dev).float()
+    modes = class_modes(rcfg, name, z) if rcfg.method != "dit" else None
+    t_modes = time.perf_counter() - t0
+    paper_kw = {}
+    if rcfg.method == "manifoldgd" and rcfg.formulation == "paper":
+        zf = z.flatten(1)
+        order, dists = modes_mod.neighbourhood_order(zf, modes.flatten(1))
+        radii = modes_mod.class_radii(dists, rcfg.r_min, rcfg.r_max, rcfg.radius_units)
+        paper_kw = dict(class_latents=zf, order=order, sorted_dists=dists, radii=radii)
+
+    schedule = make_schedule(rcfg.steps, rcfg.sampler, device=dev)
+    shape = (info["in_channels"], info["latent_size"], info["latent_size"])
+    out_latents = []
+    for start in range(0, rcfg.ipc, rcfg.batch_size):
+        idx = list(range(start, min(rcfg.ipc, start + rcfg.batch_size)))
+        gens = [torch.Generator(device=dev).manual_seed(derive_seed(rcfg.seed, "sample", name, j)) for j in idx]
+        x_T = torch.stack([torch.randn(shape, generator=g, device=dev) for g in gens])
+        y = torch.full((len(idx),), label, dtype=torch.long, device=dev)
+        guidance = None
+        if rcfg.method != "dit":
+            kw = {k: (v[idx] if k in ("order", "sorted_dists") else v) for k, v in paper_kw.items()}
+            guidance = Guidance(rcfg, schedule, modes[idx], gens, **kw)
+        lat = sample(ctx["model"], schedule, x_T, y, null_class=info["null_class"], cfg_scale=rcfg.cfg_scale,
+                     cfg_channels=rcfg.cfg_channels, formulation=rcfg.formulation, ddim_eta=rcfg.ddim_eta,
+                     guidance=guidance, generators=gens, autocast_dtype=ctx["dtype"])
+        out_latents.append(lat)
+        if progress is not None:
+            progress.update(len(idx))
+    latents = torch.cat(out_latents)
+    t_sample = time.perf_counter() - t0 - t_modes
+    images = decode_latents(ctx["vae"], latents, rcfg.batch_size, ctx["dtype"])
+    stats = dict(label=label, n_latents=int(z.shape[0]), ipc=rcfg.ipc, seconds_modes=round(t_modes, 3),
+                 seconds_sampling=round(t_sample, 3), seconds_total=round(time.perf_counter() - t0, 3))
+    return images, latents.cpu(), stats
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor, batch_size: int, dtype: torch.dtype):
+    import contextlib
+
+    import numpy as np
+
+    sf = vae.config.scaling_factor
+    dev = next(vae.parameters()).device
+    amp = (torch.autocast(dev.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
+    out = []
+    for s in range(0, latents.shape[0], batch_size):
+        with amp:
+            img = vae.decode(latents[s:s + batch_size].to(dev) / sf).sample
+        out.append(to_uint8_images(img))
+    return np.concatenate(out)
+
+
+def distill(config: DistillConfig | dict) -> DistillResult:
+    """Distil ``config.data`` into ``config.out``; returns the folder and per-class stats.
+
+    Finished classes already in ``out`` are skipped (resume). ``out`` must not
+    hold a run made with other parameters.
+    """
+    from tqdm.auto import tqdm
+
+    from .latents import load_class_latents
+
+    cfg = DistillConfig.from_dict(config) if isinstance(config, dict) else config
+    cfg.validate()
+    ctx = prepare(cfg)
+    entries = ctx["entries"]
+    rcfg = cfg.resolve(len(entries))
+    fp = fingerprint(rcfg)
+    writer = OutputWriter(cfg.out)
+    man_path = os.path.join(writer.out, MANIFEST)
+    old = _read_manifest(man_path)
+    if old and old.get("fingerprint") != fp:
+        raise ConfigError(f"--out {cfg.out} holds a run with other parameters (fingerprint {old.get('fingerprint')}); "
+                          f"use a new --out")
+    writer.clean_stale()
+
+    # Load every class's latents first so a bad class fails before any sampling.
+    class_z = {}
+    for e in entries:
+        z, _files = load_class_latents(ctx["cache"], e.name)
+        _check_class(rcfg, e.name, int(z.shape[0]))
+        class_z[e.name] = z
+
+    manifest = dict(
+        tool="manifoldgd-fast", version=__version__, fingerprint=fp, formulation=rcfg.formulation,
+        method=rcfg.method, config=rcfg.to_dict(), data=os.path.abspath(cfg.data), model=cfg.model,
+        vae=cfg.vae or cfg.model, image_size=ctx["image_size"], latent_cache=ctx["cache"],
+        device=str(ctx["device"]), versions=library_versions(), seeds={
+            "run": rcfg.seed, "class": "derive_seed(run, 'modes', class)",
+            "sample": "derive_seed(run, 'sample', class, index)"},
+        classes={e.name: {"label": e.label, "status": "pending"} for e in entries},
+    )
+    result = DistillResult(out=writer.out)
+    todo = [e for e in entries if not writer.is_done(e.name)]
+    for e in entries:
+        if writer.is_done(e.name):
+            manifest["classes"][e.name] = {**writer.read_class_info(e.name), "status": "done"}
+            result.classes[e.name] = manifest["classes"][e.name]
+    writer.write_manifest(manifest)
+    bar = tqdm(total=len(todo) * rcfg.ipc, desc=f"distil {rcfg.method}", unit="img", disable=None)
+    for e in todo:
+        images, latents, stats = distill_class(rcfg, ctx, e.name, e.label, class_z[e.name], progress=bar)
+        writer.write_class(e.name, images, latents if rcfg.save_latents else None, stats)
+        manifest["classes"][e.name] = {**stats, "status": "done"}
+        result.classes[e.name] = manifest["classes"][e.name]
+        writer.write_manifest(manifest)
+    bar.close()
+    if cfg.contact_sheet:
+        write_contact_sheet(writer.out, [e.name for e in entries])
+    result.manifest = man_path
+    return result
+
+
+def _read_manifest(path: str) -> dict | None:
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        raise DataError(f"{path} is not a readable manifest; move it away or use a new --out") from None
+
+
+def write_contact_sheet(out: str, names: list[str], max_rows: int = 50, max_cols: int = 10, tile: int = 64) -> str:
+    """One row per class (first ``max_rows`` classes), up to ``max_cols`` images each."""
+    import io
+
+    from PIL import Image
+
+    rows = []
+    for name in names[:max_rows]:
+        folder = os.path.join(out, name)
+        if not os.path.isdir(folder):
+            continue
+        files = sorted((f for f in os.listdir(folder) if f.endswith(".png")), key=lambda f: int(f.split(".")[0]))
+        rows.append([os.path.join(folder, f) for f in files[:max_cols]])
+    if not rows:
+        return ""
+    cols = max(len(r) for r in rows)
+    sheet = Image.new("RGB", (cols * tile, len(rows) * tile), (255, 255, 255))
+    for r, files in enumerate(rows):
+        for c, f in enumerate(files):
+            with Image.open(f) as im:
+                sheet.paste(im.convert("RGB").resize((tile, tile), Image.NEAREST), (c * tile, r * tile))
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    path = os.path.join(out, "contact_sheet.png")
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def compute_modes(config: DistillConfig | dict) -> dict[str, str]:
+    """Mode discovery only (``manifoldgd-fast modes``): writes ``OUT/modes/<class>.safetensors``."""
+    from safetensors.torch import save as st_save
+
+    from .latents import load_class_latents
+
+    cfg = DistillConfig.from_dict(config) if isinstance(config, dict) else config
+    ctx = prepare(cfg, need_models=False)
+    rcfg = cfg.resolve(len(ctx["entries"]))
+    paths = {}
+    for e in ctx["entries"]:
+        z, _ = load_class_latents(ctx["cache"], e.name)
+        _check_class(dataclasses.replace(rcfg, method="mgd3"), e.name, int(z.shape[0]))
+        m = class_modes(rcfg, e.name, z.to(ctx["device"]).float())
+        p = os.path.join(os.path.abspath(cfg.out), "modes", f"{e.name}.safetensors")
+        atomic_write_bytes(p, st_save({"modes": m.cpu().contiguous()},
+                                      metadata={"class": e.name, "method": rcfg.mode_method,
+                                                "formulation": rcfg.formulation, "fingerprint": fingerprint(rcfg)}))
+        paths[e.name] = p
+    return paths

@@ -1,0 +1,104 @@
+"""The reference sampling loop: DiT forward with CFG, guidance, DDPM / DDIM update.
+
+Reads top to bottom. Everything numeric follows the released DiT sampler
+(respaced DDPM with learned-range variance, or DDIM), with the guidance of
+``guidance.Guidance`` inserted where SPEC 4 / 4b put it.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .guidance import Guidance
+from .schedule import Schedule
+
+
+def cfg_forward(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, null_class: int,
+                cfg_scale: float, cfg_channels: str = "3") -> torch.Tensor:
+    """One batched DiT forward on 2B latents (conditional + null class), CFG mixed.
+
+    Returns (B, C_out, h, w): the guided mix ``e_u + w (e_c - e_u)`` on the first
+    3 channels (the official DiT's CFG; ``cfg_channels="all"``: on all C latent
+    channels); the remaining channels (4th eps channel, variance) are the
+    conditional half's own output.
+    """
+    B, C = x.shape[:2]
+    xin = torch.cat([x, x], 0)
+    yin = torch.cat([y, torch.full_like(y, null_class)], 0)
+    tin = t.expand(2 * B) if t.dim() == 1 else t.reshape(1).expand(2 * B)
+    out = model(xin, timestep=tin, class_labels=yin).sample.float()   # (2B, C_out, h, w)
+    cond, uncond = out[:B], out[B:]
+    ch = C if cfg_channels == "all" else min(3, C)
+    mixed = cond.clone()
+    mixed[:, :ch] = uncond[:, :ch] + cfg_scale * (cond[:, :ch] - uncond[:, :ch])
+    return mixed
+
+
+def learned_range_log_variance(schedule: Schedule, i: int, v: torch.Tensor) -> torch.Tensor:
+    """log variance interpolated between the posterior (min) and beta (max) by v in [-1, 1]."""
+    frac = (v + 1) / 2
+    return frac * schedule.log_betas[i] + (1 - frac) * schedule.posterior_log_variance_clipped[i]
+
+
+def fixed_log_variance(schedule: Schedule, i: int) -> torch.Tensor:
+    """'fixed large' variance of ADM for models without learned sigma."""
+    if i == 0:
+        return schedule.posterior_log_variance_clipped[1] if schedule.steps > 1 else schedule.log_betas[0]
+    return schedule.log_betas[i]
+
+
+def _randn_like_per_sample(x: torch.Tensor, generators) -> torch.Tensor:
+    return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device) for g in generators])
+
+
+@torch.no_grad()
+def sample(model, schedule: Schedule, x_T: torch.Tensor, y: torch.Tensor, *, null_class: int,
+           cfg_scale: float = 4.0, cfg_channels: str = "3", formulation: str = "official",
+           ddim_eta: float = 0.0, guidance: Guidance | None = None, generators=None,
+           autocast_dtype: torch.dtype | None = None, callback=None) -> torch.Tensor:
+    """Denoise x_T (B, C, h, w) for classes y (B,) and return x_0 (B, C, h, w) float32.
+
+    generators: one torch.Generator per sample for the step noise (and the
+    guidance's cloud / patch noise). ``callback(i, x)`` is called after each step.
+    """
+    x = x_T.float()
+    B, C = x.shape[:2]
+    if generators is None:
+        generators = [torch.Generator(device=x.device).manual_seed(b) for b in range(B)]
+    amp = (torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype not in (None, torch.float32)
+           else contextlib.nullcontext())
+    s = schedule
+    for i in reversed(range(s.steps)):
+        t = s.timesteps[i]
+        with amp:
+            out = cfg_forward(model, x, t, y, null_class=null_class, cfg_scale=cfg_scale, cfg_channels=cfg_channels)
+        eps = out[:, :C]
+        learned = out.shape[1] == 2 * C
+        guided = guidance is not None and guidance.active(i)
+
+        x0 = s.sqrt_recip_alphas_cumprod[i] * x - s.sqrt_recipm1_alphas_cumprod[i] * eps
+        if guided and formulation == "paper":
+            eps = guidance.paper_eps(i, x, x0, eps)
+            x0 = s.sqrt_recip_alphas_cumprod[i] * x - s.sqrt_recipm1_alphas_cumprod[i] * eps
+
+        if s.sampler == "ddpm":
+            log_var = learned_range_log_variance(s, i, out[:, C:]) if learned else fixed_log_variance(s, i).expand_as(x)
+            mean = s.posterior_mean_coef1[i] * x0 + s.posterior_mean_coef2[i] * x
+            if guided and formulation == "official":
+                mean = mean + guidance.official_term(i, x, x0, log_var)
+            x = mean
+            if i > 0:
+                x = x + torch.exp(0.5 * log_var) * _randn_like_per_sample(x, generators)
+        else:  # DDIM
+            if guided and formulation == "official":
+                x0 = x0 + guidance.official_term(i, x, x0, None)
+                eps = (s.sqrt_recip_alphas_cumprod[i] * x - x0) / s.sqrt_recipm1_alphas_cumprod[i]
+            abar, abar_prev = s.alphas_cumprod[i], s.alphas_cumprod_prev[i]
+            sigma = ddim_eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
+            x = x0 * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma ** 2) * eps
+            if i > 0 and ddim_eta > 0:
+                x = x + sigma * _randn_like_per_sample(x, generators)
+        if callback is not None:
+            callback(i, x)
+    return x

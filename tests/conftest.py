@@ -1,0 +1,50 @@
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def requires_cuda():
+    """The one place GPU-only tests skip, with the reason."""
+    return pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+def make_image_folder(root, classes, per_class, size=20, seed=0):
+    """Class folders of small PNG/JPEG images, each class a different colour pattern."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for ci, name in enumerate(classes):
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        base = np.zeros((size, size, 3), np.float32)
+        base[..., ci % 3] = 200
+        for j in range(per_class):
+            img = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
+            ext = ".png" if j % 2 == 0 else ".JPG"
+            Image.fromarray(img).save(os.path.join(root, name, f"img{j:03d}{ext}"))
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """A tiny image folder (3 classes x 12 images) and a tiny DiT + VAE in a pipeline-layout folder."""
+    from manifoldgd_fast.models import build_dit, build_vae, save_pretrained_folder, tiny_dit_config, tiny_vae_config
+
+    root = tmp_path_factory.mktemp("world")
+    data = make_image_folder(root / "data", ["apple", "banana", "cherry"], 12, size=20)
+    model_dir = root / "model"
+    save_pretrained_folder(build_dit(tiny_dit_config(num_classes=3, sample_size=8), seed=0), str(model_dir / "transformer"))
+    save_pretrained_folder(build_vae(tiny_vae_config(sample_size=16), seed=0), str(model_dir / "vae"))
+    return {"root": str(root), "data": data, "model": str(model_dir)}

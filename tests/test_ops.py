@@ -1,0 +1,202 @@
+"""The guidance ops against direct transcriptions of SPEC 4.4 / 4b.3 (D x D covariance + eigh)."""
+import math
+
+import pytest
+import torch
+
+from manifoldgd_fast import ops
+from manifoldgd_fast.errors import BackendError, ConfigError
+
+# (dtype of the inputs, atol, rtol): the op accumulates in fp32; the direct
+# transcription runs in float64 on the same (rounded) inputs.
+DTYPES = [(torch.float32, 2e-4, 2e-4), (torch.bfloat16, 2e-2, 2e-2), (torch.float16, 5e-3, 5e-3)]
+SHAPES = [(1, 23, 16), (3, 50, 37), (4, 64, 64), (2, 131, 7)]  # (B, M, D): primes, B = 1, D < k
+
+
+def spec_manifold_correct(x, patch, g, k, d, lam, ridge, lengths):
+    """SPEC 4.4 literally: k nearest rows, (1/k) covariance + ridge, D x D eigh, P_N = I - U U^T."""
+    out = []
+    for b in range(x.shape[0]):
+        rows = patch[b, : lengths[b]].double()
+        dist = ((rows - x[b].double()) ** 2).sum(1)
+        idx = sorted(range(rows.shape[0]), key=lambda j: (float(dist[j]), j))[:k]
+        nb = rows[idx]
+        X = nb - nb.mean(0)
+        cov = X.T @ X / k + ridge * torch.eye(X.shape[1], dtype=torch.float64)
+        _, V = torch.linalg.eigh(cov)
+        U = V[:, -d:]
+        PN = torch.eye(X.shape[1], dtype=torch.float64) - U @ U.T
+        gb = g[b].double()
+        out.append(gb - lam * PN @ gb)
+    return torch.stack(out)
+
+
+def spec_manifold_pull(x, cloud, k, d, scale, bw, ridge):
+    """The released sampler's distribution_aware_guidance, per sample, in float64."""
+    out = []
+    for b in range(x.shape[0]):
+        rows = cloud[b].double()
+        xb = x[b : b + 1].double()
+        dist = torch.cdist(xb, rows)[0]
+        idx = sorted(range(rows.shape[0]), key=lambda j: (float(dist[j]), j))[:k]
+        nb = rows[idx]
+        mu = nb.mean(0, keepdim=True)
+        C = nb - mu
+        cov = C.T @ C / (k - 1) + ridge * torch.eye(C.shape[1], dtype=torch.float64)
+        e, V = torch.linalg.eigh(cov)
+        V = V[:, torch.argsort(e, descending=True)]
+        U = V[:, :d]
+        to_mu = xb - mu
+        normal = to_mu - to_mu @ U @ U.T
+        vec = -normal
+        direction = vec / (vec.norm() + 1e-8)
+        out.append((scale * math.tanh(float(dist.min()) / bw) * direction)[0])
+    return torch.stack(out)
+
+
+def _inputs(B, M, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    # anisotropic patch so the top-d subspace is well separated from the rest
+    scales = torch.linspace(3.0, 0.1, D)
+    patch = (torch.randn(B, M, D, generator=g) * scales).to(dtype)
+    x = (torch.randn(B, D, generator=g) * scales).to(dtype)
+    gv = torch.randn(B, D, generator=g).to(dtype)
+    return x, patch, gv
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("B,M,D", SHAPES)
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("lam", [1.0, 0.5])
+def test_manifold_correct_matches_spec(B, M, D, dtype, atol, rtol, seed, lam):
+    k, d = 10, 3
+    x, patch, g = _inputs(B, M, D, dtype, seed)
+    lengths = torch.tensor([M - (b * 3) % (M - k) for b in range(B)])
+    got = ops.manifold_correct(x, patch, g, k=k, d=d, lambda_normal=lam, ridge=1e-4, lengths=lengths)
+    want = spec_manifold_correct(x.float(), patch.float(), g.float(), k, d, lam, 1e-4, lengths)
+    assert got.dtype == dtype and got.shape == (B, D)
+    torch.testing.assert_close(got.double(), want, atol=atol * max(1.0, float(want.abs().max())), rtol=rtol)
+
+
+def test_lambda_zero_is_mode_guidance():
+    x, patch, g = _inputs(3, 40, 32, torch.float32, 5)
+    assert torch.equal(ops.manifold_correct(x, patch, g, k=10, d=3, lambda_normal=0.0), g)
+
+
+def test_tangent_projection_properties():
+    """lambda_N = 1: result is P_T g, idempotent, orthogonal to the normal space."""
+    x, patch, g = _inputs(2, 60, 48, torch.float64, 3)
+    k, d = 10, 3
+    r = ops.manifold_correct(x, patch, g, k=k, d=d)
+    r2 = ops.manifold_correct(x, patch, r, k=k, d=d)
+    torch.testing.assert_close(r2, r, atol=1e-10, rtol=1e-10)          # idempotent
+    full = spec_manifold_correct(x, patch, g, k, d, 0.0, 0.0, [60, 60])  # = g, used for U below
+    assert torch.allclose(full, g.double())
+    # the normal part of r vanishes: r lies in span of the neighbours' top-d directions
+    normal = r - ops.manifold_correct(x, patch, r, k=k, d=d, lambda_normal=1.0)
+    assert normal.abs().max() < 1e-10
+    # and r is orthogonal to g - r (an orthogonal projection)
+    assert abs(float((r * (g - r)).sum())) < 1e-8 * float(g.norm() ** 2)
+    assert float(r.norm()) < float(g.norm())
+
+
+def test_knn_ties_go_to_lower_index_and_padding_is_ignored():
+    D = 8
+    x = torch.zeros(1, D)
+    base = torch.randn(30, D) * 5 + 20
+    patch = base.clone()[None]
+    # rows 3 and 17 are exact duplicates at the same distance; k=1 must take 3
+    patch[0, 17] = patch[0, 3] = torch.ones(D)
+    idx, _ = ops.knn_rows_ref(x, patch, 2, torch.tensor([30]))
+    assert idx.tolist() == [[3, 17]]
+    # rows beyond `lengths` never count, however close they are
+    padded = torch.cat([patch, torch.zeros(1, 5, D)], 1)
+    g = torch.randn(1, D)
+    a = ops.manifold_correct(x, patch, g, k=10, d=3)
+    b = ops.manifold_correct(x, padded, g, k=10, d=3, lengths=torch.tensor([30]))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("B,N,D", [(1, 300, 64), (3, 50, 37), (2, 40, 5)])
+@pytest.mark.parametrize("seed", [0, 7])
+def test_manifold_pull_matches_released_code(B, N, D, seed):
+    gen = torch.Generator().manual_seed(seed)
+    cloud = torch.randn(B, N, D, generator=gen) * torch.linspace(2, 0.2, D)
+    x = torch.randn(B, D, generator=gen)
+    got = ops.manifold_pull(x, cloud, k=12, d=3, scale=0.1, bandwidth=0.2, ridge=1e-5)
+    want = spec_manifold_pull(x, cloud, 12, 3, 0.1, 0.2, 1e-5)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-4)
+    # a unit direction times scale * tanh(.) <= scale
+    assert float(got.norm(dim=1).max()) <= 0.1 + 1e-6
+
+
+def test_manifold_pull_direction_is_normal_to_the_plane():
+    """Cloud on an exact 2-plane through the origin; x off the plane: the pull is -x's normal part."""
+    D = 10
+    gen = torch.Generator().manual_seed(0)
+    coords = torch.randn(1, 40, 2, generator=gen)
+    cloud = torch.zeros(1, 40, D)
+    cloud[..., :2] = coords
+    x = torch.zeros(1, D)
+    x[0, :2] = 0.05
+    x[0, 5] = 3.0
+    pull = ops.manifold_pull(x, cloud, k=12, d=2, scale=1.0, bandwidth=1.0, ridge=0.0)
+    unit = pull / pull.norm()
+    assert abs(float(unit[0, 5]) + 1.0) < 1e-5          # straight back down the normal
+    assert float(unit[0, :5].abs().max()) < 1e-5
+
+
+def test_official_cloud_structure_and_determinism():
+    B, D, N, r = 2, 16, 300, 0.05
+    modes = torch.randn(B, D)
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    clean = ops.official_cloud(modes, r, 1.0, gens, n_points=N)       # abar = 1: no diffusion noise
+    dist = (clean - modes[:, None]).norm(dim=2)
+    torch.testing.assert_close(dist[:, : N // 2], torch.linspace(0.1, r, N // 2).expand(B, -1), atol=1e-5, rtol=1e-5)
+    assert float(dist[:, N // 2:].max()) <= r + 1e-6
+    again = ops.official_cloud(modes, r, 1.0, [torch.Generator().manual_seed(s) for s in (1, 2)], n_points=N)
+    assert torch.equal(clean, again)
+    noisy = ops.official_cloud(modes, r, 0.25, [torch.Generator().manual_seed(s) for s in (1, 2)], n_points=N)
+    # with abar = 0.25 the cloud is 0.5 * points + sqrt(0.75) * xi: mean near 0.5 m, spread ~ sqrt(0.75)
+    assert abs(float((noisy - 0.5 * modes[:, None]).std()) - math.sqrt(0.75)) < 0.03
+
+
+def test_official_radius_warmup():
+    kw = dict(steps=50, t_stop=25, radius=0.1, warm_steps=5, warm_mult=2.0)
+    assert ops.official_radius(49, schedule="exp", **kw) == pytest.approx(0.2)       # p = 1
+    assert ops.official_radius(44, schedule="exp", **kw) == pytest.approx(0.1)       # end of warm-up
+    assert ops.official_radius(10, schedule="exp", **kw) == pytest.approx(0.1)
+    p = 0.4  # i = 46
+    assert ops.official_radius(46, schedule="exp", **kw) == pytest.approx(0.1 * (1 + (math.exp(p) - 1) / (math.e - 1)))
+    assert ops.official_radius(46, schedule="linear", **kw) == pytest.approx(0.1 * (1 + p))
+    assert ops.official_radius(46, schedule="cosine", **kw) == pytest.approx(0.1 * (1 + (1 + math.cos(math.pi * (1 - p))) / 2))
+
+
+def test_time_aligned_patch():
+    n, D = 20, 6
+    lat = torch.randn(n, D)
+    order = torch.stack([torch.randperm(n), torch.randperm(n)])
+    lengths = torch.tensor([5, 12])
+    gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    p = ops.time_aligned_patch(lat, order, lengths, 1.0, gens)            # abar = 1: no noise
+    assert p.shape == (2, 12, D)
+    assert torch.equal(p[0, :5], lat[order[0, :5]]) and torch.equal(p[0, 5:], torch.zeros(7, D))
+    assert torch.equal(p[1], lat[order[1, :12]])
+
+
+def test_bad_inputs_name_the_tensor():
+    x, patch, g = _inputs(2, 30, 16, torch.float32, 0)
+    with pytest.raises(ConfigError, match="patch must be"):
+        ops.manifold_correct(x, patch[:, :, :15], g, k=10, d=3)
+    with pytest.raises(ConfigError, match="larger than the patch"):
+        ops.manifold_correct(x, patch, g, k=10, d=3, lengths=torch.tensor([30, 9]))
+    with pytest.raises(ConfigError, match="d must be"):
+        ops.manifold_correct(x, patch, g, k=10, d=10)
+    with pytest.raises(ConfigError, match="g must have"):
+        ops.manifold_correct(x, patch, g[:1], k=10, d=3)
+    with pytest.raises(BackendError, match="triton"):
+        ops.manifold_correct(x, patch, g, k=10, d=3, backend="triton")
+    with pytest.raises(ConfigError, match="backend"):
+        ops.manifold_pull(x, patch, backend="cuda")
+    with pytest.raises(ConfigError, match="bandwidth"):
+        ops.manifold_pull(x, patch, bandwidth=0.0)

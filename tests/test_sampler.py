@@ -1,0 +1,267 @@
+"""Schedule, sampling loop and guided steps against diffusers and direct transcriptions of SPEC 4 / 4b."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from test_ops import spec_manifold_correct, spec_manifold_pull
+
+from manifoldgd_fast import modes as modes_mod
+from manifoldgd_fast import ops
+from manifoldgd_fast.config import DistillConfig
+from manifoldgd_fast.guidance import Guidance, kernel_phi_official, mode_grad_paper
+from manifoldgd_fast.models import build_dit, tiny_dit_config
+from manifoldgd_fast.sampler import cfg_forward, sample
+from manifoldgd_fast.schedule import linear_betas, make_schedule, space_timesteps
+
+NULL = 3
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_dit(tiny_dit_config(num_classes=3, sample_size=8), seed=1)
+
+
+def _gens(seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+# ---------------------------------------------------------------------------- schedule
+def test_respacing_rules():
+    ddpm = space_timesteps(1000, 50, "ddpm")
+    assert len(ddpm) == 50 and ddpm[0] == 0 and ddpm[-1] == 999 and ddpm[1] == 20 and ddpm[2] == 41
+    assert space_timesteps(1000, 50, "ddim") == list(range(0, 1000, 20))
+    s = make_schedule(50, "ddpm")
+    base = np.cumprod(1 - linear_betas(1000))
+    np.testing.assert_allclose(s.alphas_cumprod.numpy(), base[ddpm].astype(np.float32), rtol=1e-6)
+    assert float(s.alphas_cumprod_prev[0]) == 1.0
+
+
+# ---------------------------------------------------------------------------- unguided loops
+@pytest.mark.parametrize("cfg_channels", ["all", "3"])
+def test_ddim_matches_diffusers_scheduler_loop(model, cfg_channels):
+    """lambda_M = 0 (no guidance) with DDIM == a loop over diffusers' DDIMScheduler on the same model and noise."""
+    from diffusers import DDIMScheduler
+
+    S = 10
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    y = torch.tensor([0, 2])
+    ours = sample(model, make_schedule(S, "ddim"), x_T, y, null_class=NULL, cfg_scale=4.0,
+                  cfg_channels=cfg_channels, generators=_gens([0, 1]))
+
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                          clip_sample=False, set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading")
+    sched.set_timesteps(S)
+    x = x_T.clone()
+    ch = 4 if cfg_channels == "all" else 3
+    with torch.no_grad():
+        for t in sched.timesteps:
+            out = model(torch.cat([x, x]), timestep=torch.full((4,), int(t)), class_labels=torch.tensor([0, 2, NULL, NULL])).sample
+            cond, uncond = out[:2, :4], out[2:, :4]
+            eps = cond.clone()
+            eps[:, :ch] = uncond[:, :ch] + 4.0 * (cond[:, :ch] - uncond[:, :ch])
+            x = sched.step(eps, t, x, eta=0.0).prev_sample
+    torch.testing.assert_close(ours, x, atol=2e-5, rtol=2e-5)
+
+
+def test_ddpm_learned_sigma_matches_diffusers_scheduler_loop(model):
+    """Respaced learned-range DDPM == diffusers' DDPMScheduler (learned_range) over the respaced timesteps."""
+    from diffusers import DDPMScheduler
+
+    S = 10
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    y = torch.tensor([1, 0])
+    ours = sample(model, make_schedule(S, "ddpm"), x_T, y, null_class=NULL, cfg_scale=4.0, generators=_gens([5, 6]))
+
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", variance_type="learned_range",
+                          clip_sample=False)
+    sched.set_timesteps(timesteps=space_timesteps(1000, S, "ddpm")[::-1])
+    gens = _gens([5, 6])
+    x = x_T.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            out = model(torch.cat([x, x]), timestep=torch.full((4,), int(t)), class_labels=torch.tensor([1, 0, NULL, NULL])).sample
+            mixed = out[:2].clone()
+            mixed[:, :3] = out[2:, :3] + 4.0 * (out[:2, :3] - out[2:, :3])
+            x = sched.step(mixed, t, x, generator=gens).prev_sample
+    torch.testing.assert_close(ours, x, atol=5e-5, rtol=5e-5)
+
+
+# ---------------------------------------------------------------------------- guided steps
+def _cfg(**kw):
+    base = dict(steps=10, t_stop=5, ipc=2, formulation="official", method="manifoldgd")
+    base.update(kw)
+    return DistillConfig(**base).resolve(10)
+
+
+def _first_step(model, cfg, x_T, y, guidance, gens, sampler="ddpm"):
+    seen = {}
+
+    def cb(i, x):
+        seen.setdefault("x", x.clone())
+
+    sample(model, make_schedule(cfg.steps, sampler), x_T, y, null_class=NULL, cfg_scale=cfg.cfg_scale,
+           formulation=cfg.formulation, guidance=guidance, generators=gens, callback=cb)
+    return seen["x"]
+
+
+@pytest.mark.parametrize("kernel", ["rbf", "laplace", "imq"])
+def test_official_ddpm_step_matches_spec(model, kernel):
+    """SPEC 4b, one step at i = S-1: mu += lambda_M phi (x0 - m) s + manifold term; x = mu + s z."""
+    cfg = _cfg(kernel=kernel)
+    S = cfg.steps
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    m = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1])
+    sched = make_schedule(S, "ddpm")
+    gs = _gens([10, 11])  # one generator per sample, shared by guidance and step noise (as the pipeline does)
+    got = _first_step(model, cfg, x_T, y, Guidance(cfg, sched, m, gs), gs)
+
+    i = S - 1
+    with torch.no_grad():
+        out = cfg_forward(model, x_T, sched.timesteps[i], y, null_class=NULL, cfg_scale=4.0)
+    eps, v = out[:, :4].double(), out[:, 4:].double()
+    ab = float(sched.alphas_cumprod[i]); ab_prev = float(sched.alphas_cumprod_prev[i])
+    beta = 1 - ab / ab_prev
+    x = x_T.double()
+    x0 = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
+    mu = beta * math.sqrt(ab_prev) / (1 - ab) * x0 + (1 - ab_prev) * math.sqrt(1 - beta) / (1 - ab) * x
+    post_var = beta * (1 - ab_prev) / (1 - ab)
+    logvar = (v + 1) / 2 * math.log(beta) + (1 - (v + 1) / 2) * math.log(post_var)
+    s = torch.exp(0.5 * logvar)
+    diff = x0 - m.double()
+    r = diff.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    phi = {"rbf": -torch.ones_like(r), "laplace": -1 / r, "imq": -1 / (r ** 2 + 1)}[kernel]
+    mode_term = 0.1 * phi * diff * s
+    # the same cloud the sampler drew (cloud first, then the step noise, per sample)
+    gens = _gens([10, 11])
+    radius = 0.05 * 2.0  # warm-up at p = 1: r * M
+    cloud = ops.official_cloud(m.flatten(1), radius, ab, gens, n_points=300)
+    pull = spec_manifold_pull(x.flatten(1), cloud.double(), 12, 3, 0.1, 0.2, 1e-5).view_as(x)
+    noise = torch.stack([torch.randn(4, 8, 8, generator=g) for g in gens]).double()
+    want = mu + mode_term + pull + s * noise
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_official_ddim_step_matches_spec(model):
+    """DDIM: x0 <- x0 + lambda_M phi (x0 - m) + manifold term; eps recomputed; DDIM update."""
+    cfg = _cfg(sampler="ddim")
+    S = cfg.steps
+    x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    m = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    y = torch.tensor([2])
+    sched = make_schedule(S, "ddim")
+    gs = _gens([7])
+    got = _first_step(model, cfg, x_T, y, Guidance(cfg, sched, m, gs), gs, sampler="ddim")
+
+    i = S - 1
+    with torch.no_grad():
+        eps = cfg_forward(model, x_T, sched.timesteps[i], y, null_class=NULL, cfg_scale=4.0)[:, :4].double()
+    ab = float(sched.alphas_cumprod[i]); ab_prev = float(sched.alphas_cumprod_prev[i])
+    x = x_T.double()
+    x0 = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
+    cloud = ops.official_cloud(m.flatten(1), 0.1, ab, _gens([7]), n_points=300)
+    pull = spec_manifold_pull(x.flatten(1), cloud.double(), 12, 3, 0.1, 0.2, 1e-5).view_as(x)
+    x0g = x0 - 0.1 * (x0 - m.double()) + pull
+    eps_g = (x / math.sqrt(ab) - x0g) / math.sqrt(1 / ab - 1)
+    want = x0g * math.sqrt(ab_prev) + math.sqrt(1 - ab_prev) * eps_g
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+def _paper_setup(cfg, n=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lat = torch.randn(n, 4 * 8 * 8, generator=g) * torch.linspace(2, 0.2, 256)
+    m = lat[:2] + 0.01
+    order, dists = modes_mod.neighbourhood_order(lat, m)
+    radii = modes_mod.class_radii(dists, cfg.r_min, cfg.r_max, cfg.radius_units)
+    return lat, m, order, dists, radii
+
+
+def test_paper_ddpm_step_matches_spec(model):
+    """SPEC 4: g = m - x0; patch; g <- g - lambda_N P_N g; eps_hat = eps - lambda_M sigma g; DDPM step with eps_hat."""
+    cfg = _cfg(formulation="paper")
+    S = cfg.steps
+    lat, m, order, dists, radii = _paper_setup(cfg)
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    y = torch.tensor([0, 1])
+    sched = make_schedule(S, "ddpm")
+    gs = _gens([1, 2])
+    gd = Guidance(cfg, sched, m.view(2, 4, 8, 8), gs, class_latents=lat, order=order,
+                  sorted_dists=dists, radii=radii)
+    got = _first_step(model, cfg, x_T, y, gd, gs)
+
+    i = S - 1
+    with torch.no_grad():
+        out = cfg_forward(model, x_T, sched.timesteps[i], y, null_class=NULL, cfg_scale=4.0)
+    eps, v = out[:, :4].double(), out[:, 4:].double()
+    ab = float(sched.alphas_cumprod[i]); ab_prev = float(sched.alphas_cumprod_prev[i])
+    beta = 1 - ab / ab_prev
+    x = x_T.double()
+    x0 = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
+    g = (m.double() - x0.flatten(1))
+    tau = float(sched.timesteps[i]) / 999
+    a = cfg.radius_a
+    r_t = radii[0] + (radii[1] - radii[0]) * (math.exp(a * tau) - 1) / (math.exp(a) - 1)
+    lengths = torch.clamp((dists <= r_t).sum(1), min=min(cfg.k_min, lat.shape[0]))
+    gens = _gens([1, 2])
+    patch = ops.time_aligned_patch(lat, order, lengths, ab, gens)
+    g = spec_manifold_correct(x.flatten(1), patch.double(), g, cfg.k, cfg.d, 1.0, cfg.ridge, lengths)
+    eps_hat = eps - 0.1 * math.sqrt(1 - ab) * g.view_as(eps)
+    x0h = (x - math.sqrt(1 - ab) * eps_hat) / math.sqrt(ab)
+    mu = beta * math.sqrt(ab_prev) / (1 - ab) * x0h + (1 - ab_prev) * math.sqrt(1 - beta) / (1 - ab) * x
+    logvar = (v + 1) / 2 * math.log(beta) + (1 - (v + 1) / 2) * math.log(beta * (1 - ab_prev) / (1 - ab))
+    noise = torch.stack([torch.randn(4, 8, 8, generator=gg) for gg in gens]).double()
+    want = mu + torch.exp(0.5 * logvar) * noise
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_paper_lambda_n_zero_is_mgd3(model):
+    """Paper formulation: ManifoldGD with lambda_N = 0 is exactly MGD3, over a whole run."""
+    cfg_m = _cfg(formulation="paper", lambda_n=0.0)
+    cfg_g = _cfg(formulation="paper", method="mgd3")
+    lat, m, order, dists, radii = _paper_setup(cfg_m)
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    y = torch.tensor([0, 2])
+    sched = make_schedule(10, "ddpm")
+    kw = dict(class_latents=lat, order=order, sorted_dists=dists, radii=radii)
+    ga, gb = _gens([3, 4]), _gens([3, 4])
+    a = sample(model, sched, x_T, y, null_class=NULL, formulation="paper", generators=ga,
+               guidance=Guidance(cfg_m, sched, m.view(2, 4, 8, 8), ga, **kw))
+    b = sample(model, sched, x_T, y, null_class=NULL, formulation="paper", generators=gb,
+               guidance=Guidance(cfg_g, sched, m.view(2, 4, 8, 8), gb, **kw))
+    c = sample(model, sched, x_T, y, null_class=NULL, generators=_gens([3, 4]))
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)  # and the guidance did something
+
+
+def test_guidance_runs_only_before_t_stop():
+    sched = make_schedule(10, "ddpm")
+    m = torch.zeros(1, 4, 8, 8)
+    off = Guidance(_cfg(), sched, m, _gens([0]))
+    assert [i for i in range(10) if off.active(i)] == [6, 7, 8, 9]          # i > t_stop = 5
+    pap = Guidance(_cfg(formulation="paper", method="mgd3"), sched, m, _gens([0]))
+    assert [i for i in range(10) if pap.active(i)] == [5, 6, 7, 8, 9]       # the first t_stop = 5 steps
+
+
+def test_no_guidance_after_t_stop_changes_nothing(model):
+    """With t_stop = steps the official loop is never guided and equals plain sampling."""
+    cfg = _cfg(t_stop=10)
+    sched = make_schedule(10, "ddpm")
+    x_T = torch.randn(1, 4, 8, 8)
+    m = torch.randn(1, 4, 8, 8)
+    gs = _gens([9])
+    a = sample(model, sched, x_T, torch.tensor([1]), null_class=NULL, generators=gs,
+               guidance=Guidance(cfg, sched, m, gs))
+    b = sample(model, sched, x_T, torch.tensor([1]), null_class=NULL, generators=_gens([9]))
+    assert torch.equal(a, b)
+
+
+def test_mode_terms():
+    x0 = torch.tensor([[3.0, 4.0]])
+    m = torch.zeros(1, 2)
+    assert torch.allclose(mode_grad_paper(x0, m, "rbf", None), -x0)
+    assert torch.allclose(mode_grad_paper(x0, m, "laplace", None), -x0 / 5)
+    h = math.sqrt(2)
+    assert torch.allclose(mode_grad_paper(x0, m, "imq", None), -x0 * h ** 3 / (h * h + 25) ** 1.5)
+    phi = kernel_phi_official(x0, "imq", None)
+    assert torch.allclose(phi, torch.tensor([[-1 / 26.0]]))
