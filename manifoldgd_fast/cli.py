@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
+import warnings
 
 from .config import DistillConfig
 from .errors import ManifoldGDError
@@ -134,7 +136,24 @@ def config_from_args(ns: argparse.Namespace) -> DistillConfig:
     return DistillConfig.from_dict(base)
 
 
+class _StderrHandler(logging.Handler):
+    """Warnings of the library (e.g. a skipped unreadable image) as one line each on the current stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"manifoldgd-fast: {record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+
+
+def _setup_logging() -> None:
+    log = logging.getLogger("manifoldgd_fast")
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        log.addHandler(_StderrHandler(level=logging.WARNING))
+        log.setLevel(logging.INFO)
+    # the same event is logged; do not print it twice
+    warnings.filterwarnings("ignore", message="skipping unreadable image")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _setup_logging()
     parser = build_parser()
     ns = parser.parse_args(argv)
     if ns.command is None:

@@ -194,21 +194,21 @@ def distill(config: DistillConfig | dict) -> DistillResult:
     ctx = prepare(cfg)
     entries = ctx["entries"]
     rcfg = cfg.resolve(len(entries))
-    fp = fingerprint(rcfg)
-    writer = OutputWriter(cfg.out)
-    man_path = os.path.join(writer.out, MANIFEST)
-    old = _read_manifest(man_path)
-    if old and old.get("fingerprint") != fp:
-        raise ConfigError(f"--out {cfg.out} holds a run with other parameters (fingerprint {old.get('fingerprint')}); "
-                          f"use a new --out")
-    writer.clean_stale()
-
-    # Load every class's latents first so a bad class fails before any sampling.
+    # Load every class's latents first so a bad class fails before anything is written.
     class_z = {}
     for e in entries:
         z, _files = load_class_latents(ctx["cache"], e.name)
         _check_class(rcfg, e.name, int(z.shape[0]))
         class_z[e.name] = z
+
+    fp = fingerprint(rcfg)
+    man_path = os.path.join(os.path.abspath(cfg.out), MANIFEST)
+    old = _read_manifest(man_path)
+    if old and old.get("fingerprint") != fp:
+        raise ConfigError(f"--out {cfg.out} holds a run with other parameters (fingerprint {old.get('fingerprint')}); "
+                          f"use a new --out")
+    writer = OutputWriter(cfg.out)
+    writer.clean_stale()
 
     manifest = dict(
         tool="manifoldgd-fast", version=__version__, fingerprint=fp, formulation=rcfg.formulation,

@@ -1,0 +1,346 @@
+"""Class-structured image folders: class lists, scanning, robust image loading.
+
+The data path starts here (SPEC 1): ``ROOT/<class>/<image>`` becomes a list of
+:class:`ClassEntry` (class name, DiT label, sorted image paths), and images are
+loaded exactly as the DiT/ADM training code prepared them (``center_crop_arr``
+then ``[-1, 1]``), so the cached latents match what the model saw.
+
+Shipped class lists (``manifoldgd_fast/classlists/``):
+
+- ``imagenet1k``  the 1000 ILSVRC-2012 WordNet ids in class-index order (sorted),
+  the order of the DiT class embedding; ``imagenet1k_names.txt`` holds the
+  first WordNet lemma of each (two names repeat: "crane", "maillot").
+- ``nette``       ImageNette (fast.ai), sorted.
+- ``woof``        ImageWoof (fast.ai), sorted.
+- ``imagenet100`` the CMC ImageNet-100 subset (Tian et al. 2020), in CMC order.
+- ``idc``         ImageIDC: the first 10 classes of that list (IDC / MinimaxDiffusion /
+  MGD3 "nclass=10, phase 0"), sorted.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import resources
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+SUBSETS = ("imagenet1k", "nette", "woof", "imagenet100", "idc")
+LABEL_MAPS = ("auto", "imagenet1k", "sorted")
+_WNID = re.compile(r"^n\d{8}$")
+
+
+# --------------------------------------------------------------------------- #
+# class lists
+# --------------------------------------------------------------------------- #
+def _read_list_text(text: str) -> list[str]:
+    """One entry a line; blank lines and ``#`` comments (whole or trailing) ignored."""
+    out = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            out.append(line)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _shipped_list(name: str) -> tuple[str, ...]:
+    text = resources.files("manifoldgd_fast").joinpath("classlists", f"{name}.txt").read_text("utf-8")
+    return tuple(_read_list_text(text))
+
+
+def imagenet_wnids() -> list[str]:
+    """The 1000 ImageNet-1k WordNet ids in class-index order (``n01440764`` is 0)."""
+    return list(_shipped_list("imagenet1k"))
+
+
+def imagenet_class_names() -> list[str]:
+    """Human-readable ImageNet-1k names, aligned with :func:`imagenet_wnids`."""
+    return list(_shipped_list("imagenet1k_names"))
+
+
+@functools.lru_cache(maxsize=None)
+def _wnid_index() -> dict[str, int]:
+    return {w: i for i, w in enumerate(_shipped_list("imagenet1k"))}
+
+
+def class_list(spec: str) -> list[str]:
+    """Resolve ``--classes``: a subset name, a text file, or ``"a,b,c"``.
+
+    Subset names: ``imagenet1k``, ``nette``, ``woof``, ``imagenet100``, ``idc``.
+    A file holds one class a line (blank lines and ``#`` comments ignored). A
+    single token that is neither is accepted only if it is an ImageNet-1k wnid,
+    so a misspelt subset name is an error rather than a one-class run.
+
+    Returns the class names in the given order (no duplicates).
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"--classes {spec!r}: empty; give a subset name ({', '.join(SUBSETS)}), "
+                          "a file, or a comma-separated list")
+    spec = spec.strip()
+    if spec in SUBSETS:
+        return list(_shipped_list(spec))
+    if os.path.isfile(spec):
+        try:
+            with open(spec, encoding="utf-8") as f:
+                names = _read_list_text(f.read())
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--classes {spec}: cannot read the class file ({e})") from None
+        source = f"file {spec}"
+    elif "," in spec:
+        names = [s.strip() for s in spec.split(",") if s.strip()]
+        source = repr(spec)
+    elif spec in _wnid_index():
+        names = [spec]
+        source = repr(spec)
+    else:
+        raise ConfigError(f"--classes {spec!r}: not a subset name ({', '.join(SUBSETS)}), "
+                          "an existing file, or a comma-separated list")
+    if not names:
+        raise ConfigError(f"--classes {source}: no class names in it")
+    seen = set()
+    for n in names:
+        if n in seen:
+            raise ConfigError(f"--classes {source}: class {n!r} is listed twice")
+        seen.add(n)
+    return names
+
+
+# --------------------------------------------------------------------------- #
+# folder scan
+# --------------------------------------------------------------------------- #
+@dataclass
+class ClassEntry:
+    """One class of an image folder.
+
+    name:   folder name (e.g. ``n01440764``)
+    label:  the DiT class id used to condition sampling
+    files:  absolute image paths, sorted by file name
+    folder: absolute path of the class folder
+    """
+
+    name: str
+    label: int
+    files: list[str]
+    folder: str = ""
+
+    def __post_init__(self):
+        if not self.folder and self.files:
+            self.folder = os.path.dirname(self.files[0])
+
+    def relative_files(self) -> list[str]:
+        """File names relative to the class folder (what the latent cache records)."""
+        return [os.path.relpath(f, self.folder) for f in self.files]
+
+
+def _is_image(name: str) -> bool:
+    # Hidden files (macOS "._x.jpg" resource forks, editor temp files) are not images.
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTS)
+
+
+def _class_folders(root: str) -> list[str]:
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
+def scan_image_folder(root: str, classes: Sequence[str] | str | None = None,
+                      label_map: str = "auto") -> list[ClassEntry]:
+    """Scan ``ROOT/<class>/<image>`` into class entries.
+
+    Args:
+        root: the image folder.
+        classes: None (every class folder, sorted), a list of class folder
+            names (that order), or a ``--classes`` string for :func:`class_list`.
+        label_map: how a folder becomes a DiT label:
+            ``"imagenet1k"`` index of the folder name in the 1k wnid list;
+            ``"sorted"`` index among *all* class folders of ``root`` sorted, so
+            restricting a run with ``classes`` keeps each class's label;
+            ``"auto"`` imagenet1k if every class folder of root is a 1k wnid,
+            else sorted.
+
+    Returns:
+        list of :class:`ClassEntry` in class order.
+
+    Raises:
+        DataError: root missing or not a folder, no class folders, a selected
+            class folder missing or without images, a non-wnid folder under
+            ``label_map="imagenet1k"``.
+        ConfigError: unknown ``label_map`` or a bad ``classes`` string.
+    """
+    if label_map not in LABEL_MAPS:
+        raise ConfigError(f"--label-map {label_map!r}: must be one of {', '.join(LABEL_MAPS)}")
+    if not os.path.exists(root):
+        raise DataError(f"data folder {root} does not exist")
+    if not os.path.isdir(root):
+        raise DataError(f"data folder {root} is not a folder")
+    root = os.path.abspath(root)
+    all_folders = _class_folders(root)
+    if not all_folders:
+        raise DataError(f"data folder {root} has no class folders (expected ROOT/<class>/<image>)")
+
+    if isinstance(classes, str):
+        classes = class_list(classes)
+    if classes is None:
+        selected = all_folders
+    else:
+        selected = list(classes)
+        present = set(all_folders)
+        for name in selected:
+            if name not in present:
+                raise DataError(f"class folder {os.path.join(root, name)} does not exist "
+                                f"(class {name!r} was asked for)")
+
+    if label_map == "auto":
+        wnids = _wnid_index()
+        label_map = "imagenet1k" if all(f in wnids for f in all_folders) else "sorted"
+    if label_map == "imagenet1k":
+        wnids = _wnid_index()
+        for name in selected:
+            if name not in wnids:
+                raise DataError(f"class folder {os.path.join(root, name)}: {name!r} is not an "
+                                "ImageNet-1k WordNet id (use --label-map sorted)")
+        labels = {name: wnids[name] for name in selected}
+    else:
+        order = {name: i for i, name in enumerate(all_folders)}
+        labels = {name: order[name] for name in selected}
+
+    entries = []
+    for name in selected:
+        folder = os.path.join(root, name)
+        files = sorted(e.name for e in os.scandir(folder) if e.is_file() and _is_image(e.name))
+        if not files:
+            raise DataError(f"class {name} in {root} has no images ({'/'.join(IMAGE_EXTS)})")
+        entries.append(ClassEntry(name=name, label=labels[name],
+                                  files=[os.path.join(folder, f) for f in files], folder=folder))
+    return entries
+
+
+# --------------------------------------------------------------------------- #
+# image loading
+# --------------------------------------------------------------------------- #
+def center_crop_arr(pil_image, image_size: int) -> np.ndarray:
+    """ADM / DiT preprocessing: halve with BOX while the short side is >= 2x the
+    target (cheap anti-aliasing), BICUBIC-resize the short side to
+    ``image_size``, then centre-crop. Returns uint8 (image_size, image_size, 3)."""
+    from PIL import Image
+
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size),
+                                 resample=Image.BICUBIC)
+    arr = np.array(pil_image)  # a writable copy: torch.from_numpy warns on read-only arrays
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return arr[crop_y:crop_y + image_size, crop_x:crop_x + image_size]
+
+
+def load_image(path: str, size: int) -> torch.Tensor:
+    """Load one image as the DiT training code did.
+
+    Returns a float32 tensor (3, size, size) in [-1, 1].
+    Raises DataError naming ``path`` when the file cannot be decoded.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            arr = center_crop_arr(img.convert("RGB"), size)
+    # PIL reports damaged files through several exception types (truncated
+    # data: OSError; bad headers: SyntaxError/ValueError; huge dims: DecompressionBombError).
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot read image {path}: {e}") from None
+    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float()  # (3, size, size)
+    # Same arithmetic as ToTensor() + Normalize(0.5, 0.5): the same floats bit for bit.
+    return (x / 255.0 - 0.5) / 0.5
+
+
+class ClassImages:
+    """Batches of one class's images; unreadable files are skipped and recorded.
+
+    Iterate for ``(batch (b, 3, size, size) float32, paths)``; afterwards
+    ``skipped`` lists the unreadable paths (in file order) and ``reasons`` maps
+    each to its error. Decoding runs in a small thread pool (PIL releases the
+    GIL while decoding and resizing), at most two batches ahead, so memory
+    stays bounded on large classes and the order never changes.
+    """
+
+    def __init__(self, entry: ClassEntry, size: int, batch_size: int, num_workers: int | None = None):
+        if batch_size < 1:
+            raise ConfigError(f"--encode-batch-size {batch_size}: must be >= 1")
+        self.entry = entry
+        self.size = size
+        self.batch_size = batch_size
+        self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else max(0, num_workers)
+        self.skipped: list[str] = []
+        self.reasons: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.entry.files)
+
+    def _load(self, path: str) -> torch.Tensor | DataError:
+        try:
+            return load_image(path, self.size)
+        except DataError as e:
+            return e
+
+    def _results(self) -> Iterator[tuple[str, torch.Tensor | DataError]]:
+        files = self.entry.files
+        if self.num_workers <= 1:
+            for p in files:
+                yield p, self._load(p)
+            return
+        lookahead = 2 * self.batch_size
+        with ThreadPoolExecutor(self.num_workers) as pool:
+            pending: deque = deque()
+            it = iter(files)
+            for p in it:
+                pending.append((p, pool.submit(self._load, p)))
+                if len(pending) >= lookahead:
+                    break
+            while pending:
+                p, fut = pending.popleft()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append((nxt, pool.submit(self._load, nxt)))
+                yield p, fut.result()
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str]]]:
+        self.skipped, self.reasons = [], {}
+        imgs: list[torch.Tensor] = []
+        paths: list[str] = []
+        for p, res in self._results():
+            if isinstance(res, DataError):
+                self.skipped.append(p)
+                self.reasons[p] = str(res)
+                warnings.warn(f"skipping unreadable image {p}", stacklevel=2)
+                log.warning("%s", res)
+                continue
+            imgs.append(res)
+            paths.append(p)
+            if len(imgs) == self.batch_size:
+                yield torch.stack(imgs), paths
+                imgs, paths = [], []
+        if imgs:
+            yield torch.stack(imgs), paths
+
+
+def iter_class_images(entry: ClassEntry, size: int, batch_size: int,
+                      num_workers: int | None = None) -> ClassImages:
+    """Batches of ``entry``'s images at ``size`` px; see :class:`ClassImages`.
+
+    ``for batch, paths in it: ...`` gives batch (b, 3, size, size) in [-1, 1]
+    and the b paths it holds; ``it.skipped`` then lists unreadable files.
+    """
+    return ClassImages(entry, size, batch_size, num_workers)

@@ -1,0 +1,288 @@
+"""Load the class-conditional DiT and its VAE, or build random-init ones.
+
+Loading never touches the network: a model is a local folder (diffusers
+``save_pretrained`` layout), a pipeline folder with ``transformer/`` and
+``vae/`` subfolders (as ``facebook/DiT-XL-2-256`` is laid out), or a Hugging
+Face repo id already in the local cache (``local_files_only=True``).
+
+The random-init builders (:func:`tiny_dit_config`, :func:`dit_xl2_config`,
+:func:`tiny_vae_config`) give tests and benchmarks the real architectures
+without weights.
+"""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import logging
+import os
+from typing import Any
+
+import torch
+
+from .errors import ModelError
+
+log = logging.getLogger(__name__)
+
+WEIGHT_PATTERNS = ("diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model*.bin")
+CONFIG_NAME = "config.json"
+
+
+# --------------------------------------------------------------------------- #
+# loading
+# --------------------------------------------------------------------------- #
+def _weight_files(folder: str) -> list[str]:
+    files: list[str] = []
+    for pat in WEIGHT_PATTERNS:
+        files += glob.glob(os.path.join(folder, pat))
+    return sorted(files)
+
+
+def _damaged_file(files: list[str]) -> tuple[str, str] | None:
+    """The first weight file that cannot be opened, with the reason (or None)."""
+    from safetensors import safe_open
+
+    for f in files:
+        try:
+            if f.endswith(".safetensors"):
+                # Opening parses the header and checks it against the file length,
+                # which catches truncation and garbage without reading the tensors.
+                with safe_open(f, framework="pt") as st:
+                    keys = list(st.keys())
+                if not keys:
+                    return f, "holds no tensors"
+            elif f.endswith(".bin"):
+                torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # any failure to parse means the file is damaged
+            return f, _first_line(e)
+    return None
+
+
+def _first_line(e: BaseException, limit: int = 240) -> str:
+    """An exception as one short line (messages stay one line for the CLI)."""
+    s = " ".join(str(e).split())
+    if not s:
+        return type(e).__name__
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+# config.json "_class_name" values each loader accepts: the hub's DiT-XL-2-256
+# predates DiTTransformer2DModel and still says Transformer2DModel.
+ACCEPTED_CLASSES = {
+    "DiTTransformer2DModel": ("DiTTransformer2DModel", "Transformer2DModel"),
+    "AutoencoderKL": ("AutoencoderKL",),
+}
+
+
+def _check_config(cls, folder: str, flag: str, arg: str) -> None:
+    """Refuse a config of another model class before diffusers half-loads it."""
+    path = os.path.join(folder, CONFIG_NAME)
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{flag} {arg}: config file {path} is damaged ({_first_line(e)})") from None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{flag} {arg}: config file {path} is not a JSON object")
+    name = cfg.get("_class_name")
+    accepted = ACCEPTED_CLASSES.get(cls.__name__, (cls.__name__,))
+    if name is not None and name not in accepted:
+        raise ModelError(f"{flag} {arg}: {path} describes a {name}; expected {accepted[0]}")
+
+
+def _load_from_folder(cls, folder: str, flag: str, arg: str, dtype: torch.dtype):
+    """Load ``cls`` from a diffusers model folder, turning damage into ModelError."""
+    _check_config(cls, folder, flag, arg)
+    weights = _weight_files(folder)
+    if not weights:
+        raise ModelError(f"{flag} {arg}: {folder} has {CONFIG_NAME} but no weights "
+                         "(diffusion_pytorch_model.safetensors)")
+    # Without accelerate diffusers would warn on every load that it falls back.
+    low_mem = importlib.util.find_spec("accelerate") is not None
+    try:
+        model, info = cls.from_pretrained(folder, torch_dtype=dtype, local_files_only=True,
+                                          low_cpu_mem_usage=low_mem, output_loading_info=True)
+    except Exception as e:  # diffusers raises OSError/ValueError/RuntimeError/SafetensorError
+        bad = _damaged_file(weights)
+        if bad is not None:
+            raise ModelError(f"{flag} {arg}: weight file {bad[0]} is damaged ({bad[1]})") from None
+        raise ModelError(f"{flag} {arg}: cannot load {cls.__name__} from {folder} "
+                         f"({_first_line(e)})") from None
+    # diffusers only warns when tensors are missing and leaves them random:
+    # a silently half-initialised model would sample garbage, so refuse it.
+    missing = list(info.get("missing_keys") or []) + list(info.get("mismatched_keys") or [])
+    if missing:
+        first = missing[0] if isinstance(missing[0], str) else missing[0][0]
+        raise ModelError(f"{flag} {arg}: weights in {folder} do not fit {cls.__name__} "
+                         f"({len(missing)} tensors missing or mis-shaped, e.g. {first})")
+    return model
+
+
+def _cached_snapshot(repo_id: str, cache_dir: str | None) -> str | None:
+    """The local snapshot folder of a cached Hugging Face repo, or None.
+
+    ``local_files_only`` guarantees no network access: an id that is not cached
+    (or not a valid id) simply gives None.
+    """
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, local_files_only=True, cache_dir=cache_dir)
+    except Exception:  # LocalEntryNotFoundError, HFValidationError (ValueError), ...
+        return None
+
+
+def _load(cls, path_or_id: str, subfolder: str, flag: str, what: str, *, device, dtype,
+          cache_dir: str | None):
+    if not isinstance(path_or_id, (str, os.PathLike)) or not str(path_or_id):
+        raise ModelError(f"{flag} {path_or_id!r}: give a model folder or a Hugging Face id")
+    arg = str(path_or_id)
+    root = arg if os.path.isdir(arg) else _cached_snapshot(arg, cache_dir)
+    if root is None:
+        raise ModelError(f"{flag} {arg}: no {what} found (not a local folder, not in the "
+                         "Hugging Face cache)")
+    # A model folder keeps config.json at its root, a pipeline in a subfolder.
+    for folder in (root, os.path.join(root, subfolder)):
+        if os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+            break
+    else:
+        raise ModelError(f"{flag} {arg}: no {what} in {root} (neither {CONFIG_NAME} "
+                         f"nor {subfolder}/{CONFIG_NAME})")
+    model = _load_from_folder(cls, folder, flag, arg, dtype)
+    model = model.to(device)  # dtype was set by from_pretrained (keeps fp32-only modules)
+    model.eval()  # the DiT label embedder drops labels at random in train mode
+    return model
+
+
+def load_dit(path_or_id: str, *, device: str | torch.device = "cpu",
+             dtype: torch.dtype = torch.float32, cache_dir: str | None = None):
+    """Load a ``DiTTransformer2DModel`` (eval mode) from a folder or the HF cache.
+
+    Args:
+        path_or_id: a folder with ``config.json`` + weights, a pipeline folder
+            with ``transformer/``, or a Hugging Face id already cached
+            (e.g. ``facebook/DiT-XL-2-256``).
+        cache_dir: Hugging Face cache to look in (None = the default one).
+
+    Raises ModelError naming ``--model`` and the folder / file at fault.
+    """
+    from diffusers import DiTTransformer2DModel
+
+    return _load(DiTTransformer2DModel, path_or_id, "transformer", "--model", "DiT",
+                 device=device, dtype=dtype, cache_dir=cache_dir)
+
+
+def load_vae(path_or_id: str, *, device: str | torch.device = "cpu",
+             dtype: torch.dtype = torch.float32, cache_dir: str | None = None):
+    """Load an ``AutoencoderKL`` (eval mode) from a folder, a pipeline folder's
+    ``vae/``, or a cached Hugging Face id (e.g. ``stabilityai/sd-vae-ft-ema``).
+
+    Raises ModelError naming ``--vae`` and the folder / file at fault.
+    """
+    from diffusers import AutoencoderKL
+
+    return _load(AutoencoderKL, path_or_id, "vae", "--vae", "VAE",
+                 device=device, dtype=dtype, cache_dir=cache_dir)
+
+
+# --------------------------------------------------------------------------- #
+# what the rest of the package needs to know about a model
+# --------------------------------------------------------------------------- #
+def dit_info(model) -> dict[str, Any]:
+    """Shape facts of a DiT: num_classes, null_class (= num_classes, the CFG
+    "unconditional" label), latent_size, in_channels, out_channels,
+    learned_sigma (out_channels == 2*in_channels), patch_size."""
+    cfg = model.config
+    in_ch = cfg.in_channels
+    out_ch = cfg.out_channels if cfg.out_channels is not None else in_ch
+    num_classes = cfg.num_embeds_ada_norm
+    return {
+        "num_classes": num_classes,
+        "null_class": num_classes,
+        "latent_size": cfg.sample_size,
+        "in_channels": in_ch,
+        "out_channels": out_ch,
+        "learned_sigma": out_ch == 2 * in_ch,
+        "patch_size": cfg.patch_size,
+    }
+
+
+def vae_info(vae) -> dict[str, Any]:
+    """scaling_factor, latent_channels and the spatial downsample factor
+    (2 ** (number of encoder blocks - 1)) of an AutoencoderKL."""
+    cfg = vae.config
+    return {
+        "scaling_factor": float(cfg.scaling_factor),
+        "latent_channels": cfg.latent_channels,
+        "downsample": 2 ** (len(cfg.block_out_channels) - 1),
+    }
+
+
+# --------------------------------------------------------------------------- #
+# random-init builders (tests, benchmarks)
+# --------------------------------------------------------------------------- #
+def dit_xl2_config() -> dict[str, Any]:
+    """DiT-XL/2 at 256 px (facebook/DiT-XL-2-256): 28 layers, 16 heads x 72,
+    patch 2 on a 4x32x32 latent, 1000 classes (+ null), learned sigma (8 out)."""
+    return dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8,
+                num_layers=28, sample_size=32, patch_size=2, num_embeds_ada_norm=1000,
+                activation_fn="gelu-approximate", norm_type="ada_norm_zero",
+                norm_elementwise_affine=False, attention_bias=True, dropout=0.0)
+
+
+def tiny_dit_config(num_classes: int = 10, sample_size: int = 8, in_channels: int = 4,
+                    num_layers: int = 2, num_attention_heads: int = 2,
+                    attention_head_dim: int = 8, patch_size: int = 2) -> dict[str, Any]:
+    """A DiT with the XL/2 structure at toy width (a few 10k parameters):
+    learned sigma (out = 2*in) and the CFG null class row like the real one."""
+    cfg = dit_xl2_config()
+    cfg.update(num_attention_heads=num_attention_heads, attention_head_dim=attention_head_dim,
+               in_channels=in_channels, out_channels=2 * in_channels, num_layers=num_layers,
+               sample_size=sample_size, patch_size=patch_size, num_embeds_ada_norm=num_classes)
+    return cfg
+
+
+def build_dit(config: dict[str, Any], seed: int | None = 0):
+    """A random-init ``DiTTransformer2DModel`` (eval mode) from ``config``.
+
+    ``seed`` makes the weights reproducible (None: torch's current RNG).
+    Note: diffusers zero-initialises nothing here, so outputs are non-trivial.
+    """
+    from diffusers import DiTTransformer2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = DiTTransformer2DModel(**config)
+    return model.eval()
+
+
+def tiny_vae_config(sample_size: int = 16, latent_channels: int = 4,
+                    block_out_channels: tuple[int, ...] = (8, 16)) -> dict[str, Any]:
+    """An AutoencoderKL with ``len(block_out_channels)`` blocks (downsample
+    2**(n-1); 2 with the default) and SD's scaling factor."""
+    n = len(block_out_channels)
+    return dict(in_channels=3, out_channels=3,
+                down_block_types=["DownEncoderBlock2D"] * n,
+                up_block_types=["UpDecoderBlock2D"] * n,
+                block_out_channels=list(block_out_channels), layers_per_block=1,
+                latent_channels=latent_channels, norm_num_groups=4, sample_size=sample_size,
+                scaling_factor=0.18215)
+
+
+def build_vae(config: dict[str, Any], seed: int | None = 0):
+    """A random-init ``AutoencoderKL`` (eval mode) from ``config``."""
+    from diffusers import AutoencoderKL
+
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        vae = AutoencoderKL(**config)
+    return vae.eval()
+
+
+def save_pretrained_folder(model, folder: str) -> str:
+    """``save_pretrained`` with safetensors (config.json + diffusion_pytorch_model.safetensors)."""
+    os.makedirs(folder, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -1,0 +1,217 @@
+"""Class lists, folder scanning, label maps and DiT-style image loading."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from manifoldgd_fast import data as D
+from manifoldgd_fast.errors import ConfigError, DataError
+
+
+def _save(path, color=(255, 0, 0), size=(20, 12), fmt=None):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", size, color).save(path, format=fmt)
+
+
+@pytest.fixture
+def wnid_root(tmp_path):
+    """Two ImageNet classes with mixed-case extensions, a text file and a corrupt jpg."""
+    root = tmp_path / "imgs"
+    a = root / "n01440764"
+    _save(str(a / "b.PNG"), (0, 255, 0), fmt="PNG")
+    _save(str(a / "a.JPG"), (255, 0, 0), fmt="JPEG")
+    _save(str(a / "c.jpeg"), (0, 0, 255), fmt="JPEG")
+    (a / "notes.txt").write_text("not an image")
+    (a / "d_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    (a / ".hidden.jpg").write_bytes(b"junk")
+    b = root / "n02102040"
+    _save(str(b / "x.WebP"), (10, 20, 30), fmt="WEBP")
+    _save(str(b / "y.jpg"), (40, 50, 60), fmt="JPEG")
+    (root / ".cache").mkdir()  # hidden folders are not classes
+    return root
+
+
+# --------------------------------------------------------------------------- class lists
+def test_imagenet_wnids_sorted_unique_and_names():
+    w = D.imagenet_wnids()
+    assert len(w) == 1000 and len(set(w)) == 1000
+    assert w == sorted(w)
+    assert w[0] == "n01440764" and w[-1] == "n15075141"
+    names = D.imagenet_class_names()
+    assert len(names) == 1000
+    assert names[0] == "tench" and names[1] == "goldfish" and names[207] == "golden retriever"
+    assert all(n.strip() == n and n for n in names)
+
+
+@pytest.mark.parametrize("name,n,first", [
+    ("nette", 10, "n01440764"), ("woof", 10, "n02086240"),
+    ("imagenet100", 100, "n02869837"), ("idc", 10, "n01749939"), ("imagenet1k", 1000, "n01440764"),
+])
+def test_subsets_in_1k(name, n, first):
+    lst = D.class_list(name)
+    assert len(lst) == n and len(set(lst)) == n and lst[0] == first
+    assert set(lst) <= set(D.imagenet_wnids())
+
+
+def test_subset_class_indices():
+    idx = {w: i for i, w in enumerate(D.imagenet_wnids())}
+    # The class indices IDC / MinimaxDiffusion hard-code for ImageNette and ImageWoof.
+    assert [idx[w] for w in D.class_list("nette")] == [0, 217, 482, 491, 497, 566, 569, 571, 574, 701]
+    assert sorted(idx[w] for w in D.class_list("woof")) == sorted(
+        [193, 182, 258, 162, 155, 167, 159, 273, 207, 229])
+    # ImageIDC = the first 10 classes of the CMC ImageNet-100 list.
+    assert D.class_list("idc") == sorted(D.class_list("imagenet100")[:10])
+    assert D.class_list("imagenet100")[:10] == [
+        "n02869837", "n01749939", "n02488291", "n02107142", "n13037406",
+        "n02091831", "n04517823", "n04589890", "n03062245", "n01773797"]
+
+
+def test_class_list_file_csv_and_errors(tmp_path):
+    f = tmp_path / "cls.txt"
+    f.write_text("# my classes\nzebra\n\n  cat  # trailing comment\ndog\n")
+    assert D.class_list(str(f)) == ["zebra", "cat", "dog"]
+    assert D.class_list(" cat, dog ,zebra,") == ["cat", "dog", "zebra"]
+    assert D.class_list("n01440764") == ["n01440764"]
+    with pytest.raises(ConfigError, match="--classes 'nete'"):
+        D.class_list("nete")
+    with pytest.raises(ConfigError, match="listed twice"):
+        D.class_list("cat,dog,cat")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n\n")
+    with pytest.raises(ConfigError, match="--classes"):
+        D.class_list(str(empty))
+
+
+# --------------------------------------------------------------------------- scanning
+def test_scan_files_sorted_filtered(wnid_root):
+    entries = D.scan_image_folder(str(wnid_root))
+    assert [e.name for e in entries] == ["n01440764", "n02102040"]
+    a = entries[0]
+    assert [os.path.basename(f) for f in a.files] == ["a.JPG", "b.PNG", "c.jpeg", "d_corrupt.jpg"]
+    assert all(os.path.isabs(f) for f in a.files)
+    assert a.folder == str(wnid_root / "n01440764")
+    assert a.relative_files() == ["a.JPG", "b.PNG", "c.jpeg", "d_corrupt.jpg"]
+    assert [os.path.basename(f) for f in entries[1].files] == ["x.WebP", "y.jpg"]
+    # Every folder is a wnid, so auto = the DiT class ids.
+    assert [e.label for e in entries] == [0, 217]
+
+
+def test_scan_errors(tmp_path, wnid_root):
+    with pytest.raises(DataError, match="does not exist"):
+        D.scan_image_folder(str(tmp_path / "nope"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="not a folder"):
+        D.scan_image_folder(str(tmp_path / "file"))
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(DataError, match="no class folders"):
+        D.scan_image_folder(str(tmp_path / "bare"))
+    (wnid_root / "n01443537").mkdir()
+    (wnid_root / "n01443537" / "readme.md").write_text("no images here")
+    with pytest.raises(DataError, match=r"class n01443537 in .* has no images \(\.jpg"):
+        D.scan_image_folder(str(wnid_root))
+    # Restricting to classes with images avoids the empty one.
+    assert len(D.scan_image_folder(str(wnid_root), classes=["n02102040"])) == 1
+    with pytest.raises(DataError, match="n09999999"):
+        D.scan_image_folder(str(wnid_root), classes=["n02102040", "n09999999"])
+    with pytest.raises(ConfigError, match="label-map"):
+        D.scan_image_folder(str(wnid_root), label_map="alphabetical")
+
+
+def test_label_maps_and_class_restriction(tmp_path):
+    root = tmp_path / "named"
+    for name in ["zebra", "cat", "dog"]:
+        _save(str(root / name / "0.png"))
+    entries = D.scan_image_folder(str(root))  # auto -> sorted (not wnids)
+    assert [(e.name, e.label) for e in entries] == [("cat", 0), ("dog", 1), ("zebra", 2)]
+    # The given order is kept, and the labels stay those of the full folder.
+    sub = D.scan_image_folder(str(root), classes=["zebra", "cat"], label_map="sorted")
+    assert [(e.name, e.label) for e in sub] == [("zebra", 2), ("cat", 0)]
+    sub = D.scan_image_folder(str(root), classes="zebra,dog")
+    assert [(e.name, e.label) for e in sub] == [("zebra", 2), ("dog", 1)]
+    with pytest.raises(DataError, match="'cat' is not an ImageNet-1k WordNet id"):
+        D.scan_image_folder(str(root), label_map="imagenet1k")
+
+
+def test_label_maps_on_wnids(wnid_root):
+    sub = D.scan_image_folder(str(wnid_root), classes=["n02102040"], label_map="imagenet1k")
+    assert [e.label for e in sub] == [217]
+    sub = D.scan_image_folder(str(wnid_root), classes=["n02102040"], label_map="sorted")
+    assert [e.label for e in sub] == [1]  # second of the two folders, even when run alone
+    # One non-wnid folder makes auto fall back to sorted for every class.
+    _save(str(wnid_root / "extra" / "0.png"))
+    entries = D.scan_image_folder(str(wnid_root))
+    assert [(e.name, e.label) for e in entries] == [("extra", 0), ("n01440764", 1), ("n02102040", 2)]
+
+
+# --------------------------------------------------------------------------- loading
+def test_load_image_value_and_range(tmp_path):
+    p = str(tmp_path / "c.png")
+    _save(p, (255, 0, 128), size=(37, 23))
+    x = D.load_image(p, 8)
+    assert x.shape == (3, 8, 8) and x.dtype == torch.float32
+    expected = torch.tensor([1.0, -1.0, (128 / 255 - 0.5) / 0.5]).view(3, 1, 1).expand(3, 8, 8)
+    torch.testing.assert_close(x, expected, atol=1e-6, rtol=0)
+    # Greyscale and palette images become 3 equal channels.
+    g = str(tmp_path / "g.png")
+    Image.new("L", (16, 16), 51).save(g)
+    xg = D.load_image(g, 8)
+    torch.testing.assert_close(xg, torch.full((3, 8, 8), (51 / 255 - 0.5) / 0.5), atol=1e-6, rtol=0)
+
+
+def test_load_image_centre_crops_wide_image(tmp_path):
+    # 120x40: red | green | blue thirds; the centre square is the green third.
+    arr = np.zeros((40, 120, 3), np.uint8)
+    arr[:, :40, 0] = 255
+    arr[:, 40:80, 1] = 255
+    arr[:, 80:, 2] = 255
+    p = str(tmp_path / "wide.png")
+    Image.fromarray(arr).save(p)
+    x = (D.load_image(p, 8) + 1) / 2  # (3, 8, 8) in [0, 1]
+    # BOX-halving to 30x10, bicubic to 24x8, crop columns 8..16: only the border
+    # columns may carry a little bicubic bleed from the neighbours.
+    inner = x[:, :, 1:7]
+    assert inner[1].min() > 0.97 and inner[0].max() < 0.03 and inner[2].max() < 0.03
+    assert x[0].mean() < 0.1 and x[2].mean() < 0.1  # a squashed image would be 1/3 red, 1/3 blue
+    # And it equals the ADM reference arithmetic on the same file.
+    ref = D.center_crop_arr(Image.open(p).convert("RGB"), 8)
+    torch.testing.assert_close(D.load_image(p, 8),
+                               torch.from_numpy(ref.copy()).permute(2, 0, 1).float() / 127.5 - 1,
+                               atol=1e-6, rtol=0)
+
+
+def test_load_image_corrupt_names_path(wnid_root):
+    p = str(wnid_root / "n01440764" / "d_corrupt.jpg")
+    with pytest.raises(DataError, match="d_corrupt.jpg"):
+        D.load_image(p, 8)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_iter_class_images_skips_and_reports(wnid_root, workers):
+    entry = D.scan_image_folder(str(wnid_root))[0]  # a, b, c good; d corrupt
+    it = D.iter_class_images(entry, 8, batch_size=2, num_workers=workers)
+    with pytest.warns(UserWarning, match="d_corrupt.jpg"):
+        got = list(it)
+    assert [len(p) for _, p in got] == [2, 1]
+    assert [b.shape for b, _ in got] == [(2, 3, 8, 8), (1, 3, 8, 8)]
+    assert [os.path.basename(p) for _, ps in got for p in ps] == ["a.JPG", "b.PNG", "c.jpeg"]
+    assert [os.path.basename(p) for p in it.skipped] == ["d_corrupt.jpg"]
+    assert "d_corrupt.jpg" in it.reasons[it.skipped[0]]
+    # Batches hold exactly what load_image gives for each path, in order.
+    flat = torch.cat([b for b, _ in got])
+    for row, p in zip(flat, [p for _, ps in got for p in ps]):
+        torch.testing.assert_close(row, D.load_image(p, 8), atol=0, rtol=0)
+    # a.JPG is red: R channel near +1, G near -1 (JPEG is lossy).
+    assert flat[0, 0].mean() > 0.9 and flat[0, 1].mean() < -0.9
+
+
+def test_iter_class_images_all_good_no_warning(wnid_root):
+    entry = D.scan_image_folder(str(wnid_root))[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = list(D.iter_class_images(entry, 8, batch_size=8, num_workers=2))
+    assert len(got) == 1 and got[0][0].shape == (2, 3, 8, 8)

@@ -1,0 +1,211 @@
+"""End to end: image folder -> distilled folder through the CLI and the Python API, resume, bad input."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from manifoldgd_fast import DistillConfig, distill
+from manifoldgd_fast.cli import main
+from manifoldgd_fast.output import OutputWriter
+
+FAST = ["--ipc", "2", "--steps", "10", "--t-stop", "5", "--batch-size", "2"]
+
+
+def _args(world, out, *extra):
+    return ["distill", "--data", world["data"], "--model", world["model"], "--out", str(out),
+            "--cache-dir", os.path.join(world["root"], "cache"), *FAST, *extra]
+
+
+def _digest(folder):
+    """sha256 of every image and latent file below folder (not the manifest: it holds timings)."""
+    h = {}
+    for dp, _, files in os.walk(folder):
+        for f in sorted(files):
+            if f.endswith((".png", ".safetensors")) and f != "contact_sheet.png":
+                p = os.path.join(dp, f)
+                h[os.path.relpath(p, folder)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return h
+
+
+@pytest.mark.parametrize("extra", [
+    [],                                                    # manifoldgd, official, ddpm
+    ["--formulation", "paper"],
+    ["--formulation", "paper", "--sampler", "ddim", "--kernel", "laplace"],
+    ["--method", "mgd3", "--sampler", "ddim"],
+    ["--method", "dit"],
+])
+def test_distill_writes_images_latents_manifest(tiny_world, tmp_path, extra):
+    out = tmp_path / "out"
+    assert main(_args(tiny_world, out, *extra)) == 0
+    for c in ("apple", "banana", "cherry"):
+        files = sorted(f for f in os.listdir(out / c) if f.endswith(".png"))
+        assert files == ["0.png", "1.png"]
+        with Image.open(out / c / "0.png") as im:
+            assert im.size == (16, 16) and im.mode == "RGB"
+        assert (out / "latents" / f"{c}.safetensors").is_file()
+    man = json.loads((out / "manifest.json").read_text())
+    formulation = "paper" if "paper" in extra else "official"
+    assert man["formulation"] == formulation and man["config"]["formulation"] == formulation
+    assert man["method"] == (extra[1] if extra and extra[0] == "--method" else "manifoldgd")
+    assert {c: v["status"] for c, v in man["classes"].items()} == {"apple": "done", "banana": "done", "cherry": "done"}
+    assert man["classes"]["banana"]["label"] == 1
+    assert man["config"]["k"] == (10 if formulation == "paper" else 12)
+    assert "torch" in man["versions"] and man["fingerprint"]
+    assert (out / "contact_sheet.png").is_file()
+
+
+def test_same_seed_same_bytes_and_methods_differ(tiny_world, tmp_path):
+    a, b, c, d = (tmp_path / n for n in "abcd")
+    assert main(_args(tiny_world, a)) == 0
+    assert main(_args(tiny_world, b, "--batch-size", "1")) == 0
+    assert main(_args(tiny_world, c, "--seed", "1")) == 0
+    assert main(_args(tiny_world, d, "--method", "mgd3")) == 0
+    da, db, dc, dd = map(_digest, (a, b, c, d))
+    # a sample's noise does not depend on the batch: same pixels; the latents may differ in the
+    # last float bits because the DiT forward runs on another batch shape
+    assert {k: v for k, v in da.items() if k.endswith(".png")} == {k: v for k, v in db.items() if k.endswith(".png")}
+    from safetensors.torch import load_file
+    for c_ in ("apple", "banana", "cherry"):
+        la, lb = (load_file(str(p / "latents" / f"{c_}.safetensors"))["latents"] for p in (a, b))
+        assert (la - lb).abs().max() < 1e-4
+    assert main(_args(tiny_world, tmp_path / "a2")) == 0
+    assert _digest(tmp_path / "a2") == da                               # same command, same bytes
+    assert da.keys() == dc.keys() and all(da[k] != dc[k] for k in da)
+    assert any(da[k] != dd[k] for k in da)
+
+
+def test_resume_after_interruption_gives_the_same_bytes(tiny_world, tmp_path, monkeypatch):
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert main(_args(tiny_world, ref)) == 0
+    real = OutputWriter.write_class
+    calls = []
+
+    def dying(self, name, *a, **k):
+        calls.append(name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed while writing the second class
+        return real(self, name, *a, **k)
+
+    monkeypatch.setattr(OutputWriter, "write_class", dying)
+    assert main(_args(tiny_world, out)) == 130
+    assert os.path.isdir(out / "apple") and not os.path.exists(out / "banana")
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["classes"]["apple"]["status"] == "done" and man["classes"]["banana"]["status"] == "pending"
+    monkeypatch.setattr(OutputWriter, "write_class", real)
+    calls.clear()
+    monkeypatch.setattr(OutputWriter, "write_class", lambda self, name, *a, **k: (calls.append(name), real(self, name, *a, **k))[1])
+    assert main(_args(tiny_world, out)) == 0
+    assert calls == ["banana", "cherry"]                 # finished class skipped
+    assert _digest(out) == _digest(ref)
+
+
+def test_python_api_and_config_file(tiny_world, tmp_path):
+    cfg = DistillConfig(data=tiny_world["data"], model=tiny_world["model"], out=str(tmp_path / "api"),
+                        cache_dir=os.path.join(tiny_world["root"], "cache"), ipc=2, steps=10, t_stop=5,
+                        classes="apple,cherry")
+    res = distill(cfg)
+    assert sorted(res.classes) == ["apple", "cherry"] and res.classes["cherry"]["label"] == 2
+    assert res.out == str(tmp_path / "api") and os.path.isfile(res.manifest)
+    # the same run from a YAML file, one flag overriding it
+    yml = tmp_path / "run.yaml"
+    yml.write_text(f"data: {tiny_world['data']}\nmodel: {tiny_world['model']}\nipc: 2\nsteps: 10\nt_stop: 5\n"
+                   f"classes: apple,cherry\ncache_dir: {os.path.join(tiny_world['root'], 'cache')}\nseed: 5\n")
+    assert main(["distill", "--config", str(yml), "--out", str(tmp_path / "yml"), "--seed", "0"]) == 0
+    assert _digest(tmp_path / "yml") == _digest(tmp_path / "api")
+
+
+def test_undecodable_image_is_reported_and_skipped(tiny_world, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_world["data"], data)
+    (data / "apple" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    args = _args(dict(tiny_world, data=str(data)), tmp_path / "out")
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "broken.jpg" in err
+    man = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert man["classes"]["apple"]["n_latents"] == 12
+
+
+def _bad(tiny_world, tmp_path, args, capsys):
+    rc = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2, err
+    last = err[-1]
+    assert last.startswith("manifoldgd-fast: error: ")
+    assert not any("Traceback" in line for line in err)
+    return last
+
+
+def test_bad_inputs_one_line_exit_2(tiny_world, tmp_path, capsys):
+    w = tiny_world
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    noimg = tmp_path / "noimg"
+    shutil.copytree(w["data"], noimg)
+    for f in os.listdir(noimg / "banana"):
+        os.unlink(noimg / "banana" / f)
+    (noimg / "banana" / "notes.txt").write_text("no images here")
+    broken = tmp_path / "broken"
+    shutil.copytree(w["data"], broken)
+    for f in os.listdir(broken / "cherry"):
+        (broken / "cherry" / f).write_bytes(b"garbage")
+    out = tmp_path / "o"
+    cases = [
+        (["distill", "--data", str(tmp_path / "missing"), "--model", w["model"], "--out", str(out)], "missing"),
+        (["distill", "--data", str(empty), "--model", w["model"], "--out", str(out)], "empty"),
+        (_args(dict(w, data=str(noimg)), out), "banana"),
+        (_args(dict(w, data=str(broken)), out), "cherry"),
+        (_args(w, out, "--ipc", "50"), "--ipc"),
+        (_args(w, out, "--method", "magic"), "--method"),
+        (_args(w, out, "--mode-method", "spectral"), "--mode-method"),
+        (_args(w, out, "--kernel", "cauchy"), "--kernel"),
+        (_args(w, out, "--formulation", "paper", "--k", "20"), "--k"),
+        (_args(w, out, "--d", "12"), "--d"),
+        (_args(w, out, "--lambda-m", "-0.1"), "--lambda-m"),
+        (_args(w, out, "--manifold-radius", "-1"), "--manifold-radius"),
+        (_args(w, out, "--formulation", "paper", "--radius-units", "absolute", "--r-min", "-2"), "--r-min"),
+        (["distill", "--data", w["data"], "--model", str(tmp_path / "nomodel"), "--out", str(out)], "nomodel"),
+        (_args(w, out, "--classes", "apple,durian"), "durian"),
+    ]
+    for args, culprit in cases:
+        line = _bad(w, tmp_path, args, capsys)
+        assert culprit in line, (culprit, line)
+
+
+def test_bad_rerun_loses_nothing(tiny_world, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(_args(tiny_world, out)) == 0
+    before = _digest(out)
+    manifest = (out / "manifest.json").read_bytes()
+    line = _bad(tiny_world, tmp_path, _args(tiny_world, out, "--ipc", "50"), capsys)
+    assert "--ipc" in line
+    line = _bad(tiny_world, tmp_path, _args(tiny_world, out, "--lambda-m", "0.3"), capsys)
+    assert "other parameters" in line            # a different run never mixes into this folder
+    assert _digest(out) == before and (out / "manifest.json").read_bytes() == manifest
+
+
+def test_console_script_exit_code_and_help(tiny_world, tmp_path):
+    exe = shutil.which("manifoldgd-fast")
+    cmd = [exe] if exe else [sys.executable, "-m", "manifoldgd_fast"]
+    r = subprocess.run(cmd + ["distill", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--formulation" in r.stdout and "--lambda-m" in r.stdout
+    r = subprocess.run(cmd + ["distill", "--data", str(tmp_path / "nope"), "--model", tiny_world["model"]],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "nope" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cache_and_modes_commands(tiny_world, tmp_path):
+    from safetensors.torch import load_file
+
+    cache = str(tmp_path / "cache")
+    base = ["--data", tiny_world["data"], "--model", tiny_world["model"], "--cache-dir", cache]
+    assert main(["cache", *base]) == 0
+    assert main(["modes", *base, "--out", str(tmp_path / "m"), "--ipc", "3"]) == 0
+    m = load_file(str(tmp_path / "m" / "modes" / "apple.safetensors"))["modes"]
+    assert m.shape == (3, 4, 8, 8)
