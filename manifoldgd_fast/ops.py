@@ -203,6 +203,15 @@ def manifold_pull_ref(x, cloud, *, k=12, d=3, scale=0.1, bandwidth=0.1, ridge=1e
 # ----------------------------------------------------------------------------
 # builders of the rows the terms look at
 # ----------------------------------------------------------------------------
+def _per_sample(generators, B: int) -> list:
+    """One generator per sample; a single Generator serves all samples in order."""
+    if isinstance(generators, torch.Generator):
+        return [generators] * B
+    if len(generators) != B:
+        raise ConfigError(f"generators must be one torch.Generator or a list of B={B}, got {len(generators)}")
+    return list(generators)
+
+
 def time_aligned_patch(latents, order, lengths, alpha_bar, generators):
     """Paper patch ``P_t = sqrt(abar) z + sqrt(1 - abar) xi`` (B, M, D), fresh xi each call.
 
@@ -211,11 +220,12 @@ def time_aligned_patch(latents, order, lengths, alpha_bar, generators):
         order: (B, n) each sample's neighbourhood order (nearest to its mode first).
         lengths: (B,) rows in each patch (prefix of the order); M = max(lengths).
         alpha_bar: float, cumulative alpha of the current step.
-        generators: list of B torch.Generators (one per sample, so a sample's
-            noise does not depend on which batch it was drawn in).
+        generators: a torch.Generator, or a list of B (one per sample, so a
+            sample's noise does not depend on which batch it was drawn in).
     Rows beyond a sample's length are zero.
     """
     B = order.shape[0]
+    generators = _per_sample(generators, B)
     D = latents.shape[1]
     M = int(lengths.max())
     a, s = math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
@@ -257,9 +267,11 @@ def official_cloud(modes, radius, alpha_bar, generators, n_points=300):
     Point j: ``m + rho_j u_j`` with u_j uniform on the unit sphere of R^D and
     rho = [N//2 values evenly spaced from 0.1 to radius, then N - N//2 uniform in
     [0, radius)], then ``sqrt(abar) p + sqrt(1 - abar) xi``. Drawn per sample from
-    its own generator in a fixed order: directions, uniform radii, xi.
+    its own generator (or one shared torch.Generator) in a fixed order:
+    directions, uniform radii, xi.
     """
     B, D = modes.shape
+    generators = _per_sample(generators, B)
     dev = modes.device
     n_lin = n_points // 2
     a, s = math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)

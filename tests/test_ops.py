@@ -200,3 +200,13 @@ def test_bad_inputs_name_the_tensor():
         ops.manifold_pull(x, patch, backend="cuda")
     with pytest.raises(ConfigError, match="bandwidth"):
         ops.manifold_pull(x, patch, bandwidth=0.0)
+
+
+def test_builders_take_one_generator_or_one_per_sample():
+    modes = torch.randn(2, 8)
+    one = ops.official_cloud(modes, 0.1, 0.5, torch.Generator().manual_seed(3), n_points=10)
+    g = torch.Generator().manual_seed(3)
+    two = ops.official_cloud(modes, 0.1, 0.5, [g, g], n_points=10)
+    assert torch.equal(one, two)
+    with pytest.raises(ConfigError, match="generators"):
+        ops.official_cloud(modes, 0.1, 0.5, [g], n_points=10)
