@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         from . import pipeline
 
         if ns.command == "cache":
-            ctx = pipeline.prepare(cfg, need_models=False)
+            ctx = pipeline.cache(cfg)
             print(f"latents of {len(ctx['entries'])} classes in {ctx['cache']}")
         elif ns.command == "modes":
             paths = pipeline.compute_modes(cfg)

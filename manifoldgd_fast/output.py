@@ -110,10 +110,14 @@ class OutputWriter:
         with open(os.path.join(self.class_dir(name), DONE_MARK), encoding="utf-8") as f:
             return json.load(f)
 
-    def clean_stale(self) -> None:
-        """Remove temp folders left by killed runs (never finished classes)."""
+    def clean_stale(self, names: Iterable[str]) -> None:
+        """Remove temp folders of ``names`` left by killed runs (never finished classes).
+
+        Only the caller's own classes: another rank may be writing its own right now.
+        """
+        prefixes = tuple(f".{n}.tmp-" for n in names)
         for entry in os.listdir(self.out):
-            if entry.startswith(".") and ".tmp-" in entry:
+            if entry.startswith(prefixes):
                 shutil.rmtree(os.path.join(self.out, entry), ignore_errors=True)
 
     def write_manifest(self, manifest: dict[str, Any]) -> str:

@@ -19,6 +19,7 @@ import torch
 
 from . import __version__
 from .config import DistillConfig, derive_seed, fingerprint
+from .distributed import Shard
 from .errors import ConfigError, DataError
 from .output import MANIFEST, OutputWriter, atomic_write_bytes, to_uint8_images
 
@@ -56,8 +57,13 @@ def library_versions() -> dict[str, str]:
 # ----------------------------------------------------------------------------
 # stages
 # ----------------------------------------------------------------------------
-def prepare(cfg: DistillConfig, *, need_models: bool = True):
-    """Scan the data, load the models and fill the latent cache. Returns a small context dict."""
+def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None = None):
+    """Scan the data, load the models and fill the latent cache of this rank's classes.
+
+    Returns a context dict: all class entries (run order), this rank's entries,
+    latent counts of this rank's classes, models, device, cache folder.
+    """
+    shard = shard or Shard()
     from .data import class_list, scan_image_folder
     from .latents import cache_latents, latent_cache_dir
     from .models import dit_info, load_dit, load_vae, vae_info
@@ -69,7 +75,7 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True):
         raise ConfigError("--model is required: a DiT folder or a Hugging Face id in the local cache")
     if cfg.model is None and cfg.vae is None:
         raise ConfigError("--vae (or --model, whose folder holds vae/) is required")
-    device = resolve_device(cfg.device)
+    device = resolve_device(shard.device(cfg.device))
     dtype = _DTYPES[cfg.dtype]
     classes = class_list(cfg.classes) if cfg.classes else None
     entries = scan_image_folder(cfg.data, classes=classes, label_map=cfg.label_map)
@@ -89,10 +95,12 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True):
             raise ConfigError(f"--image-size {cfg.image_size} does not match the model's {latent} px")
     image_size = cfg.image_size or (info["latent_size"] * vinfo["downsample"] if info else 256)
     cache = latent_cache_dir(cfg.cache_dir, cfg.data, cfg.vae or cfg.model, image_size)
-    cache_latents(entries, vae, cache_dir=cache, image_size=image_size, batch_size=cfg.encode_batch_size,
-                  device=device, dtype=dtype)
-    return dict(entries=entries, vae=vae, vae_info=vinfo, model=model, dit_info=info, device=device,
-                dtype=dtype, cache=cache, image_size=image_size)
+    mine = shard.mine(entries)
+    stats = cache_latents(mine, vae, cache_dir=cache, image_size=image_size, batch_size=cfg.encode_batch_size,
+                          device=device, dtype=dtype)
+    return dict(entries=entries, mine=mine, counts={k: int(v["n"]) for k, v in stats.items()}, vae=vae,
+                vae_info=vinfo, model=model, dit_info=info, device=device, dtype=dtype, cache=cache,
+                image_size=image_size, shard=shard)
 
 
 def class_modes(rcfg: DistillConfig, name: str, z: torch.Tensor) -> torch.Tensor:
@@ -183,23 +191,29 @@ def distill(config: DistillConfig | dict) -> DistillResult:
     """Distil ``config.data`` into ``config.out``; returns the folder and per-class stats.
 
     Finished classes already in ``out`` are skipped (resume). ``out`` must not
-    hold a run made with other parameters.
+    hold a run made with other parameters. Under torchrun every rank takes
+    its share of the classes; rank 0 writes the manifest.
     """
+    shard = Shard.from_env()
+    try:
+        return _distill(config, shard)
+    finally:
+        shard.close()
+
+
+def _distill(config: DistillConfig | dict, shard: Shard) -> DistillResult:
     from tqdm.auto import tqdm
 
     from .latents import load_class_latents
 
     cfg = DistillConfig.from_dict(config) if isinstance(config, dict) else config
     cfg.validate()
-    ctx = prepare(cfg)
-    entries = ctx["entries"]
+    ctx = prepare(cfg, shard=shard)
+    entries, mine = ctx["entries"], ctx["mine"]
     rcfg = cfg.resolve(len(entries))
-    # Load every class's latents first so a bad class fails before anything is written.
-    class_z = {}
-    for e in entries:
-        z, _files = load_class_latents(ctx["cache"], e.name)
-        _check_class(rcfg, e.name, int(z.shape[0]))
-        class_z[e.name] = z
+    # Check this rank's classes before anything is written (latents stay on disk until their turn).
+    for e in mine:
+        _check_class(rcfg, e.name, ctx["counts"][e.name])
 
     fp = fingerprint(rcfg)
     man_path = os.path.join(os.path.abspath(cfg.out), MANIFEST)
@@ -208,36 +222,49 @@ def distill(config: DistillConfig | dict) -> DistillResult:
         raise ConfigError(f"--out {cfg.out} holds a run with other parameters (fingerprint {old.get('fingerprint')}); "
                           f"use a new --out")
     writer = OutputWriter(cfg.out)
-    writer.clean_stale()
+    writer.clean_stale([e.name for e in mine])
 
     manifest = dict(
         tool="manifoldgd-fast", version=__version__, fingerprint=fp, formulation=rcfg.formulation,
         method=rcfg.method, config=rcfg.to_dict(), data=os.path.abspath(cfg.data), model=cfg.model,
         vae=cfg.vae or cfg.model, image_size=ctx["image_size"], latent_cache=ctx["cache"],
-        device=str(ctx["device"]), versions=library_versions(), seeds={
+        device=str(ctx["device"]), world_size=shard.world, versions=library_versions(), seeds={
             "run": rcfg.seed, "class": "derive_seed(run, 'modes', class)",
             "sample": "derive_seed(run, 'sample', class, index)"},
-        classes={e.name: {"label": e.label, "status": "pending"} for e in entries},
+        classes={},
     )
-    result = DistillResult(out=writer.out)
-    todo = [e for e in entries if not writer.is_done(e.name)]
-    for e in entries:
-        if writer.is_done(e.name):
-            manifest["classes"][e.name] = {**writer.read_class_info(e.name), "status": "done"}
-            result.classes[e.name] = manifest["classes"][e.name]
-    writer.write_manifest(manifest)
+
+    def write_manifest():
+        if shard.is_main:
+            manifest["classes"] = _class_status(writer, entries)
+            writer.write_manifest(manifest)
+
+    write_manifest()
+    todo = [e for e in mine if not writer.is_done(e.name)]
     bar = tqdm(total=len(todo) * rcfg.ipc, desc=f"distil {rcfg.method}", unit="img", disable=None)
     for e in todo:
-        images, latents, stats = distill_class(rcfg, ctx, e.name, e.label, class_z[e.name], progress=bar)
+        z, _files = load_class_latents(ctx["cache"], e.name)
+        images, latents, stats = distill_class(rcfg, ctx, e.name, e.label, z, progress=bar)
         writer.write_class(e.name, images, latents if rcfg.save_latents else None, stats)
-        manifest["classes"][e.name] = {**stats, "status": "done"}
-        result.classes[e.name] = manifest["classes"][e.name]
-        writer.write_manifest(manifest)
+        write_manifest()
     bar.close()
-    if cfg.contact_sheet:
+    shard.barrier()  # every rank's classes are on disk
+    write_manifest()
+    if cfg.contact_sheet and shard.is_main:
         write_contact_sheet(writer.out, [e.name for e in entries])
-    result.manifest = man_path
-    return result
+    status = _class_status(writer, entries)
+    return DistillResult(out=writer.out, classes={e.name: status[e.name] for e in mine}, manifest=man_path)
+
+
+def _class_status(writer: OutputWriter, entries) -> dict[str, dict[str, Any]]:
+    """Per-class status read from disk: what any rank finished is 'done' with its stats."""
+    out = {}
+    for e in entries:
+        if writer.is_done(e.name):
+            out[e.name] = {**writer.read_class_info(e.name), "status": "done"}
+        else:
+            out[e.name] = {"label": e.label, "status": "pending"}
+    return out
 
 
 def _read_manifest(path: str) -> dict | None:
@@ -278,6 +305,18 @@ def write_contact_sheet(out: str, names: list[str], max_rows: int = 50, max_cols
     return path
 
 
+def cache(config: DistillConfig | dict) -> dict:
+    """Latent cache only (``manifoldgd-fast cache``); under torchrun each rank encodes its classes."""
+    cfg = DistillConfig.from_dict(config) if isinstance(config, dict) else config
+    shard = Shard.from_env()
+    try:
+        ctx = prepare(cfg, need_models=False, shard=shard)
+        shard.barrier()
+    finally:
+        shard.close()
+    return ctx
+
+
 def compute_modes(config: DistillConfig | dict) -> dict[str, str]:
     """Mode discovery only (``manifoldgd-fast modes``): writes ``OUT/modes/<class>.safetensors``."""
     from safetensors.torch import save as st_save
@@ -285,12 +324,17 @@ def compute_modes(config: DistillConfig | dict) -> dict[str, str]:
     from .latents import load_class_latents
 
     cfg = DistillConfig.from_dict(config) if isinstance(config, dict) else config
-    ctx = prepare(cfg, need_models=False)
+    shard = Shard.from_env()
+    try:
+        ctx = prepare(cfg, need_models=False, shard=shard)
+    finally:
+        shard.close()
     rcfg = cfg.resolve(len(ctx["entries"]))
+    for e in ctx["mine"]:
+        _check_class(dataclasses.replace(rcfg, method="mgd3"), e.name, ctx["counts"][e.name])
     paths = {}
-    for e in ctx["entries"]:
+    for e in ctx["mine"]:
         z, _ = load_class_latents(ctx["cache"], e.name)
-        _check_class(dataclasses.replace(rcfg, method="mgd3"), e.name, int(z.shape[0]))
         m = class_modes(rcfg, e.name, z.to(ctx["device"]).float())
         p = os.path.join(os.path.abspath(cfg.out), "modes", f"{e.name}.safetensors")
         atomic_write_bytes(p, st_save({"modes": m.cpu().contiguous()},

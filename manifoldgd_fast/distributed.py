@@ -1,0 +1,68 @@
+"""Class sharding across processes started by torchrun (or one process).
+
+Classes are dealt to ranks round-robin in the run's class order (class j to
+rank j mod N). Nothing random depends on the rank: every seed derives from
+(run seed, class, sample), so the output has the same bytes for any N. Ranks
+only meet at barriers (a gloo process group, which works with or without
+GPUs); a rank that dies leaves finished classes on disk and a rerun redoes
+the rest.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Shard:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    _group: bool = False
+
+    @classmethod
+    def from_env(cls) -> "Shard":
+        """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; join a gloo group when WORLD_SIZE > 1."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        rank = int(os.environ["RANK"])
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        import torch.distributed as dist
+
+        joined = False
+        if not dist.is_initialized():
+            dist.init_process_group(backend="gloo")
+            joined = True
+        return cls(rank=rank, world=world, local_rank=local, _group=joined)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def owns(self, index: int) -> bool:
+        return index % self.world == self.rank
+
+    def mine(self, items: list) -> list:
+        return [it for j, it in enumerate(items) if self.owns(j)]
+
+    def device(self, name: str) -> str:
+        """Each rank on its own GPU when the device is auto / cuda and there are several ranks."""
+        if self.world > 1 and name in ("auto", "cuda") and torch.cuda.is_available():
+            return f"cuda:{self.local_rank % torch.cuda.device_count()}"
+        return name
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self._group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self._group = False

@@ -1,0 +1,84 @@
+"""torchrun sharding on the CPU (gloo): N processes give the same bytes as one; a killed rank, then a rerun, too."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import make_image_folder
+from test_pipeline import _digest
+
+CLASSES = ["c0", "c1", "c2", "c3", "c4"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from manifoldgd_fast.models import build_dit, build_vae, save_pretrained_folder, tiny_dit_config, tiny_vae_config
+
+    root = tmp_path_factory.mktemp("dist")
+    data = make_image_folder(root / "data", CLASSES, 6, size=16, seed=1)
+    save_pretrained_folder(build_dit(tiny_dit_config(num_classes=5, sample_size=8), seed=2), str(root / "model" / "transformer"))
+    save_pretrained_folder(build_vae(tiny_vae_config(sample_size=16), seed=2), str(root / "model" / "vae"))
+    return {"root": str(root), "data": data, "model": str(root / "model")}
+
+
+def _torchrun(world, out, nproc, steps=10, **popen):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "manifoldgd_fast", "distill", "--data", world["data"], "--model", world["model"],
+           "--out", str(out), "--cache-dir", os.path.join(world["root"], "cache"), "--ipc", "2",
+           "--steps", str(steps), "--t-stop", str(steps // 2), "--batch-size", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if popen:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
+def test_two_ranks_same_bytes_as_one(world, tmp_path):
+    import json
+
+    _torchrun(world, tmp_path / "one", 1)
+    _torchrun(world, tmp_path / "two", 2)
+    one, two = _digest(tmp_path / "one"), _digest(tmp_path / "two")
+    assert len(one) == len(CLASSES) * 3 and one == two
+    man = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert man["world_size"] == 2 and all(v["status"] == "done" for v in man["classes"].values())
+
+
+def _children(pid):
+    kids = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(p))
+            except (OSError, IndexError, ValueError):
+                pass
+    return kids
+
+
+def test_killed_rank_then_rerun_gives_the_same_bytes(world, tmp_path):
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    _torchrun(world, ref, 2, steps=50)
+    proc = _torchrun(world, out, 2, steps=50, start_new_session=True)
+    deadline = time.time() + 300
+    try:
+        # wait until some class is finished, then SIGKILL one worker mid-run
+        while time.time() < deadline and not any(
+                os.path.isfile(out / c / ".complete") for c in CLASSES):
+            time.sleep(0.05)
+        workers = _children(proc.pid)
+        assert workers, "no torchrun worker found"
+        os.kill(workers[-1], signal.SIGKILL)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    done = [c for c in CLASSES if os.path.isfile(out / c / ".complete")]
+    assert 0 < len(done) < len(CLASSES), done          # killed mid-run
+    _torchrun(world, out, 2, steps=50)
+    assert _digest(out) == _digest(ref)
