@@ -181,7 +181,9 @@ def _lloyd(x: Tensor, x_sq: Tensor, centres: Tensor, iters: int, tol: float) -> 
         d2 = _sq_dists(x, centres, x_sq)                     # (n, k)
         mind, labels = d2.min(1)
         counts = torch.bincount(labels, minlength=k)          # (k,)
-        new = torch.zeros_like(centres).index_add_(0, labels, x)
+        # cluster sums as one (k, n) @ (n, D) matmul: fast on CPU (index_add_ is a serial
+        # scatter there) and deterministic on CUDA (index_add_ uses atomics)
+        new = torch.nn.functional.one_hot(labels, k).to(x.dtype).T @ x
         new /= counts.clamp_min(1).to(x.dtype)[:, None]
         empty = counts == 0
         n_empty = int(empty.sum())
