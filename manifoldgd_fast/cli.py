@@ -34,7 +34,7 @@ GROUPS: dict[str, dict[str, str]] = {
         "backend": "guidance ops backend: auto, reference, triton",
     },
     "method": {
-        "method": "manifoldgd, mgd3 (mode guidance only) or dit (plain CFG sampling)",
+        "method": "manifoldgd, mgd3 (mode guidance only), dit (plain CFG sampling) or cgs (collaborative guidance alone)",
         "formulation": "official (the authors' released sampler) or paper (tangent projection of the guidance)",
         "sampler": "ddpm (learned-range variance, as DiT) or ddim",
         "steps": "sampling steps",
@@ -76,6 +76,12 @@ GROUPS: dict[str, dict[str, str]] = {
         "warm_steps": "official radius warm-up steps",
         "warm_mult": "official warm-up multiplier M",
         "warm_schedule": "official warm-up schedule: exp, linear, cosine",
+    },
+    "collaborative guided sampling": {
+        "cgs": "denoise each class's IPC samples as one set with DPP diversity + mean matching (SPEC 5)",
+        "eta_dpp": "step of the DPP diversity gradient",
+        "eta_dm": "step of the distribution-matching gradient",
+        "dpp_eps": "ridge eps of -log det(K + eps I)",
     },
     "output": {
         "save_latents": "also write the final latents (OUT/latents/<class>.safetensors)",

@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-METHODS = ("manifoldgd", "mgd3", "dit")
+METHODS = ("manifoldgd", "mgd3", "dit", "cgs")
 FORMULATIONS = ("official", "paper")
 SAMPLERS = ("ddpm", "ddim")
 MODE_METHODS = ("auto", "kmeans", "divisive", "gmm", "random", "agglomerative")
@@ -102,6 +102,12 @@ class DistillConfig:
     warm_mult: float = 2.0
     warm_schedule: str = "exp"
 
+    # --- collaborative guided sampling (SPEC 5) -------------------------------
+    cgs: bool = False                  # add CGS to the method (--method cgs: CGS alone)
+    eta_dpp: float = 1.0               # DPP diversity step (the source paper gives no value)
+    eta_dm: float = 0.1                # distribution-matching step (likewise)
+    dpp_eps: float = 1e-3              # ridge of the DPP kernel
+
     # --- output --------------------------------------------------------------
     save_latents: bool = True
     contact_sheet: bool = True
@@ -153,11 +159,12 @@ class DistillConfig:
                 rule = "> 0" if strict else ">= 0"
                 raise ConfigError(f"--{_flag(name)} must be a number {rule}, got {v!r}")
 
-        for name in ("lambda_m", "lambda_n", "manifold_scale", "ddim_eta", "cfg_scale", "radius_a"):
+        for name in ("lambda_m", "lambda_n", "manifold_scale", "ddim_eta", "cfg_scale", "radius_a",
+                     "eta_dpp", "eta_dm"):
             non_negative(name)
         for name in ("ridge", "r_min", "r_max"):
             non_negative(name, allow_none=True)
-        for name in ("manifold_radius", "bandwidth", "kernel_bandwidth"):
+        for name in ("manifold_radius", "bandwidth", "kernel_bandwidth", "dpp_eps"):
             non_negative(name, allow_none=True, strict=True)
         if self.warm_mult < 1.0:
             raise ConfigError(f"--warm-mult must be >= 1, got {self.warm_mult!r}")
@@ -186,7 +193,9 @@ class DistillConfig:
         small = n_classes <= SMALL_SUBSET_MAX_CLASSES
         official = c.formulation == "official"
         if c.mode_method == "auto":
-            c.mode_method = {"manifoldgd": "divisive", "mgd3": "kmeans", "dit": "kmeans"}[c.method]
+            c.mode_method = {"manifoldgd": "divisive", "mgd3": "kmeans", "dit": "kmeans", "cgs": "kmeans"}[c.method]
+        if c.method == "cgs":
+            c.cgs = True
         if c.mode_point == "auto":
             c.mode_point = "medoid" if (c.mode_method == "divisive" and official) else "mean"
         if c.level is None:

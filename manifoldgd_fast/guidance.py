@@ -64,6 +64,13 @@ def mode_grad_paper(x0: torch.Tensor, m: torch.Tensor, kernel: str, bandwidth: f
     raise ValueError(f"unknown kernel {kernel!r}")
 
 
+def is_guided(formulation: str, i: int, steps: int, t_stop: int) -> bool:
+    """Official: while the respaced index i (S-1 ... 0) > t_stop; paper: the first t_stop steps."""
+    if formulation == "official":
+        return i > t_stop
+    return (steps - 1 - i) < t_stop
+
+
 class Guidance:
     """Guidance for one batch of B samples of one class.
 
@@ -93,10 +100,7 @@ class Guidance:
 
     # which steps are guided ----------------------------------------------------
     def active(self, i: int) -> bool:
-        """Official: while the respaced index i > t_stop; paper: the first t_stop steps."""
-        if self.cfg.formulation == "official":
-            return i > self.cfg.t_stop
-        return (self.schedule.steps - 1 - i) < self.cfg.t_stop
+        return is_guided(self.cfg.formulation, i, self.schedule.steps, self.cfg.t_stop)
 
     # official formulation ---------------------------------------------------
     def official_term(self, i: int, x: torch.Tensor, x0: torch.Tensor, log_var: torch.Tensor | None) -> torch.Tensor:

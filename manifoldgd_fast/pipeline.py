@@ -127,6 +127,7 @@ def _check_class(rcfg: DistillConfig, name: str, n: int) -> None:
 def distill_class(rcfg: DistillConfig, ctx: dict, name: str, label: int, z: torch.Tensor, progress=None):
     """Sample the IPC images of one class. Returns (uint8 images (ipc,H,W,3), latents (ipc,C,h,w), stats)."""
     from . import modes as modes_mod
+    from .cgs import CGS
     from .guidance import Guidance
     from .sampler import sample
     from .schedule import make_schedule
@@ -135,7 +136,8 @@ def distill_class(rcfg: DistillConfig, ctx: dict, name: str, label: int, z: torc
     info = ctx["dit_info"]
     t0 = time.perf_counter()
     z = z.to(dev).float()
-    modes = class_modes(rcfg, name, z) if rcfg.method != "dit" else None
+    guided = rcfg.method in ("manifoldgd", "mgd3")
+    modes = class_modes(rcfg, name, z) if guided else None
     t_modes = time.perf_counter() - t0
     paper_kw = {}
     if rcfg.method == "manifoldgd" and rcfg.formulation == "paper":
@@ -143,22 +145,26 @@ def distill_class(rcfg: DistillConfig, ctx: dict, name: str, label: int, z: torc
         order, dists = modes_mod.neighbourhood_order(zf, modes.flatten(1))
         radii = modes_mod.class_radii(dists, rcfg.r_min, rcfg.r_max, rcfg.radius_units)
         paper_kw = dict(class_latents=zf, order=order, sorted_dists=dists, radii=radii)
+    cgs = CGS(z.mean(0), eta_dpp=rcfg.eta_dpp, eta_dm=rcfg.eta_dm, eps=rcfg.dpp_eps) if rcfg.cgs else None
 
     schedule = make_schedule(rcfg.steps, rcfg.sampler, device=dev)
     shape = (info["in_channels"], info["latent_size"], info["latent_size"])
+    # CGS denoises the class as one set (the DiT forward still in chunks of batch_size)
+    step = rcfg.ipc if cgs is not None else rcfg.batch_size
     out_latents = []
-    for start in range(0, rcfg.ipc, rcfg.batch_size):
-        idx = list(range(start, min(rcfg.ipc, start + rcfg.batch_size)))
+    for start in range(0, rcfg.ipc, step):
+        idx = list(range(start, min(rcfg.ipc, start + step)))
         gens = [torch.Generator(device=dev).manual_seed(derive_seed(rcfg.seed, "sample", name, j)) for j in idx]
         x_T = torch.stack([torch.randn(shape, generator=g, device=dev) for g in gens])
         y = torch.full((len(idx),), label, dtype=torch.long, device=dev)
         guidance = None
-        if rcfg.method != "dit":
+        if guided:
             kw = {k: (v[idx] if k in ("order", "sorted_dists") else v) for k, v in paper_kw.items()}
             guidance = Guidance(rcfg, schedule, modes[idx], gens, **kw)
         lat = sample(ctx["model"], schedule, x_T, y, null_class=info["null_class"], cfg_scale=rcfg.cfg_scale,
                      cfg_channels=rcfg.cfg_channels, formulation=rcfg.formulation, ddim_eta=rcfg.ddim_eta,
-                     guidance=guidance, generators=gens, autocast_dtype=ctx["dtype"])
+                     guidance=guidance, generators=gens, autocast_dtype=ctx["dtype"], cgs=cgs,
+                     t_stop=rcfg.t_stop, forward_batch=rcfg.batch_size)
         out_latents.append(lat)
         if progress is not None:
             progress.update(len(idx))

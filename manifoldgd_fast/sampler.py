@@ -10,12 +10,13 @@ import contextlib
 
 import torch
 
-from .guidance import Guidance
+from .cgs import CGS
+from .guidance import Guidance, is_guided
 from .schedule import Schedule
 
 
 def cfg_forward(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, null_class: int,
-                cfg_scale: float, cfg_channels: str = "3") -> torch.Tensor:
+                cfg_scale: float, cfg_channels: str = "3", chunk: int | None = None) -> torch.Tensor:
     """One batched DiT forward on 2B latents (conditional + null class), CFG mixed.
 
     Returns (B, C_out, h, w): the guided mix ``e_u + w (e_c - e_u)`` on the first
@@ -24,6 +25,10 @@ def cfg_forward(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, nul
     conditional half's own output.
     """
     B, C = x.shape[:2]
+    if chunk is not None and B > chunk:  # a set larger than fits at once: the forward in chunks
+        return torch.cat([cfg_forward(model, x[s:s + chunk], t, y[s:s + chunk], null_class=null_class,
+                                      cfg_scale=cfg_scale, cfg_channels=cfg_channels)
+                          for s in range(0, B, chunk)])
     xin = torch.cat([x, x], 0)
     yin = torch.cat([y, torch.full_like(y, null_class)], 0)
     tin = t.expand(2 * B) if t.dim() == 1 else t.reshape(1).expand(2 * B)
@@ -56,11 +61,15 @@ def _randn_like_per_sample(x: torch.Tensor, generators) -> torch.Tensor:
 def sample(model, schedule: Schedule, x_T: torch.Tensor, y: torch.Tensor, *, null_class: int,
            cfg_scale: float = 4.0, cfg_channels: str = "3", formulation: str = "official",
            ddim_eta: float = 0.0, guidance: Guidance | None = None, generators=None,
-           autocast_dtype: torch.dtype | None = None, callback=None) -> torch.Tensor:
+           autocast_dtype: torch.dtype | None = None, callback=None, cgs: CGS | None = None,
+           t_stop: int = 25, forward_batch: int | None = None) -> torch.Tensor:
     """Denoise x_T (B, C, h, w) for classes y (B,) and return x_0 (B, C, h, w) float32.
 
     generators: one torch.Generator per sample for the step noise (and the
     guidance's cloud / patch noise). ``callback(i, x)`` is called after each step.
+    cgs: the collaborative correction of the whole batch as one set (one class),
+    on the guided steps (``t_stop`` with the formulation's rule).
+    forward_batch: run the DiT on at most this many samples at a time.
     """
     x = x_T.float()
     B, C = x.shape[:2]
@@ -72,11 +81,13 @@ def sample(model, schedule: Schedule, x_T: torch.Tensor, y: torch.Tensor, *, nul
     for i in reversed(range(s.steps)):
         t = s.timesteps[i]
         with amp:
-            out = cfg_forward(model, x, t, y, null_class=null_class, cfg_scale=cfg_scale, cfg_channels=cfg_channels)
+            out = cfg_forward(model, x, t, y, null_class=null_class, cfg_scale=cfg_scale, cfg_channels=cfg_channels,
+                              chunk=forward_batch)
         eps = out[:, :C]
         learned = out.shape[1] == 2 * C
         guided = guidance is not None and guidance.active(i)
 
+        x_t = x
         x0 = s.sqrt_recip_alphas_cumprod[i] * x - s.sqrt_recipm1_alphas_cumprod[i] * eps
         if guided and formulation == "paper":
             eps = guidance.paper_eps(i, x, x0, eps)
@@ -99,6 +110,8 @@ def sample(model, schedule: Schedule, x_T: torch.Tensor, y: torch.Tensor, *, nul
             x = x0 * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma ** 2) * eps
             if i > 0 and ddim_eta > 0:
                 x = x + sigma * _randn_like_per_sample(x, generators)
+        if cgs is not None and is_guided(formulation, i, s.steps, t_stop):
+            x = x - cgs.correction(x_t, x0, float(s.alphas_cumprod[i]))
         if callback is not None:
             callback(i, x)
     return x

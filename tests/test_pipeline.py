@@ -38,6 +38,8 @@ def _digest(folder):
     ["--formulation", "paper", "--sampler", "ddim", "--kernel", "laplace"],
     ["--method", "mgd3", "--sampler", "ddim"],
     ["--method", "dit"],
+    ["--method", "cgs"],
+    ["--cgs", "--formulation", "paper"],                   # CGS composed with ManifoldGD
 ])
 def test_distill_writes_images_latents_manifest(tiny_world, tmp_path, extra):
     out = tmp_path / "out"
@@ -56,6 +58,7 @@ def test_distill_writes_images_latents_manifest(tiny_world, tmp_path, extra):
     assert man["classes"]["banana"]["label"] == 1
     assert man["config"]["k"] == (10 if formulation == "paper" else 12)
     assert "torch" in man["versions"] and man["fingerprint"]
+    assert man["config"]["cgs"] == ("cgs" in " ".join(extra))
     assert (out / "contact_sheet.png").is_file()
 
 
