@@ -93,6 +93,7 @@ _COMMANDS = {
     "cache": "encode the image folder into the latent cache (resumable)",
     "modes": "compute the IPC modes of every class into OUT/modes/",
     "distill": "distil the image folder into OUT (resumable)",
+    "profile": "distil a few classes with per-phase timers (table + JSON; NVTX ranges on CUDA)",
 }
 
 
@@ -118,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(cmd, help=help_, description=help_,
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         sp.add_argument("--config", help="YAML or JSON file of parameters; flags given here override it")
+        if cmd == "profile":
+            sp.add_argument("--profile-classes", type=int, default=1, help="classes to distil (default: 1)")
+            sp.add_argument("--json", dest="profile_json", help="also write the report to this JSON file")
         for group, items in GROUPS.items():
             g = sp.add_argument_group(group)
             for name, text in items.items():
@@ -136,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(ns: argparse.Namespace) -> DistillConfig:
-    given = {k: v for k, v in vars(ns).items() if k not in ("command", "config")}
+    given = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "profile_classes", "profile_json")}
     base = DistillConfig.load(ns.config).to_dict() if getattr(ns, "config", None) else {}
     base.update(given)
     return DistillConfig.from_dict(base)
@@ -175,6 +179,14 @@ def main(argv: list[str] | None = None) -> int:
         elif ns.command == "modes":
             paths = pipeline.compute_modes(cfg)
             print(f"modes of {len(paths)} classes in {cfg.out}/modes")
+        elif ns.command == "profile":
+            from .profile import dump, format_table
+
+            rep = pipeline.profile_run(cfg, classes=ns.profile_classes, out=cfg.out if "out" in vars(ns) else None)
+            print(format_table(rep))
+            print(f"end to end: {rep['wall_seconds']:.2f} s, {rep['images_per_second']} images/s")
+            if ns.profile_json:
+                dump(rep, ns.profile_json)
         else:
             res = pipeline.distill(cfg)
             print(f"distilled {len(res.classes)} classes into {res.out} (manifest: {res.manifest})")

@@ -81,8 +81,7 @@ def class_list(spec: str) -> list[str]:
 
     Subset names: ``imagenet1k``, ``nette``, ``woof``, ``imagenet100``, ``idc``.
     A file holds one class a line (blank lines and ``#`` comments ignored). A
-    single token that is neither is accepted only if it is an ImageNet-1k wnid,
-    so a misspelt subset name is an error rather than a one-class run.
+    single token that is neither is one class name.
 
     Returns the class names in the given order (no duplicates).
     """
@@ -102,12 +101,9 @@ def class_list(spec: str) -> list[str]:
     elif "," in spec:
         names = [s.strip() for s in spec.split(",") if s.strip()]
         source = repr(spec)
-    elif spec in _wnid_index():
+    else:  # one class name; a misspelt subset name fails at the scan, naming the missing class folder
         names = [spec]
         source = repr(spec)
-    else:
-        raise ConfigError(f"--classes {spec!r}: not a subset name ({', '.join(SUBSETS)}), "
-                          "an existing file, or a comma-separated list")
     if not names:
         raise ConfigError(f"--classes {source}: no class names in it")
     seen = set()

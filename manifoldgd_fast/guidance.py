@@ -21,6 +21,7 @@ import torch
 from . import modes as modes_mod
 from . import ops
 from .config import DistillConfig
+from .profile import phase
 from .schedule import Schedule
 
 _EPS = 1e-8
@@ -106,18 +107,21 @@ class Guidance:
     def official_term(self, i: int, x: torch.Tensor, x0: torch.Tensor, log_var: torch.Tensor | None) -> torch.Tensor:
         """Mode term + manifold term to add to the posterior mean (DDPM, log_var given) or to x0_hat (DDIM)."""
         c = self.cfg
-        diff = x0.float() - self.modes
-        term = c.lambda_m * kernel_phi_official(diff, c.kernel, c.kernel_bandwidth) * diff
-        if log_var is not None:
-            term = term * torch.exp(0.5 * log_var.float())
+        with phase("mode_term"):
+            diff = x0.float() - self.modes
+            term = c.lambda_m * kernel_phi_official(diff, c.kernel, c.kernel_bandwidth) * diff
+            if log_var is not None:
+                term = term * torch.exp(0.5 * log_var.float())
         if self.manifold and c.manifold_scale > 0:
             r = ops.official_radius(i, steps=self.schedule.steps, t_stop=c.t_stop, radius=c.manifold_radius,
                                     warm_steps=c.warm_steps, warm_mult=c.warm_mult, schedule=c.warm_schedule)
             abar = float(self.schedule.alphas_cumprod[i])
-            cloud = ops.official_cloud(self.modes.flatten(1), r, abar, self.generators, n_points=c.cloud_size)
-            pull = ops.manifold_pull(x.flatten(1).float(), cloud, k=c.k, d=c.d, scale=c.manifold_scale,
-                                     bandwidth=c.bandwidth, ridge=c.ridge, backend=c.backend)
-            term = term + pull.view_as(term)
+            with phase("cloud"):
+                cloud = ops.official_cloud(self.modes.flatten(1), r, abar, self.generators, n_points=c.cloud_size)
+            with phase("manifold"):
+                pull = ops.manifold_pull(x.flatten(1).float(), cloud, k=c.k, d=c.d, scale=c.manifold_scale,
+                                         bandwidth=c.bandwidth, ridge=c.ridge, backend=c.backend)
+                term = term + pull.view_as(term)
         return term
 
     # paper formulation ------------------------------------------------------
@@ -130,12 +134,16 @@ class Guidance:
         """eps_hat = eps - lambda_M sigma_t g, g the (manifold-corrected) mode guidance."""
         c = self.cfg
         B = x.shape[0]
-        g = mode_grad_paper(x0.flatten(1).float(), self.modes.flatten(1), c.kernel, c.kernel_bandwidth)
+        with phase("mode_term"):
+            g = mode_grad_paper(x0.flatten(1).float(), self.modes.flatten(1), c.kernel, c.kernel_bandwidth)
         if self.manifold and c.lambda_n > 0:
             abar = float(self.schedule.alphas_cumprod[i])
-            lengths = modes_mod.patch_lengths(self.sorted_dists, self.paper_radius(i), c.k_min)
-            patch = ops.time_aligned_patch(self.latents, self.order, lengths, abar, self.generators)
-            g = ops.manifold_correct(x.flatten(1).float(), patch, g, k=c.k, d=c.d, lambda_normal=c.lambda_n,
-                                     ridge=c.ridge, lengths=lengths, backend=c.backend)
-        sigma = float(self.schedule.sqrt_one_minus_alphas_cumprod[i])
-        return eps - (c.lambda_m * sigma * g).view(B, *eps.shape[1:]).to(eps.dtype)
+            with phase("patch"):
+                lengths = modes_mod.patch_lengths(self.sorted_dists, self.paper_radius(i), c.k_min)
+                patch = ops.time_aligned_patch(self.latents, self.order, lengths, abar, self.generators)
+            with phase("manifold"):
+                g = ops.manifold_correct(x.flatten(1).float(), patch, g, k=c.k, d=c.d, lambda_normal=c.lambda_n,
+                                         ridge=c.ridge, lengths=lengths, backend=c.backend)
+        with phase("mode_term"):
+            sigma = float(self.schedule.sqrt_one_minus_alphas_cumprod[i])
+            return eps - (c.lambda_m * sigma * g).view(B, *eps.shape[1:]).to(eps.dtype)

@@ -20,6 +20,7 @@ import torch
 from . import __version__
 from .config import DistillConfig, derive_seed, fingerprint
 from .distributed import Shard
+from .profile import phase
 from .errors import ConfigError, DataError
 from .output import MANIFEST, OutputWriter, atomic_write_bytes, to_uint8_images
 
@@ -137,7 +138,8 @@ def distill_class(rcfg: DistillConfig, ctx: dict, name: str, label: int, z: torc
     t0 = time.perf_counter()
     z = z.to(dev).float()
     guided = rcfg.method in ("manifoldgd", "mgd3")
-    modes = class_modes(rcfg, name, z) if guided else None
+    with phase("modes"):
+        modes = class_modes(rcfg, name, z) if guided else None
     t_modes = time.perf_counter() - t0
     paper_kw = {}
     if rcfg.method == "manifoldgd" and rcfg.formulation == "paper":
@@ -170,7 +172,8 @@ def distill_class(rcfg: DistillConfig, ctx: dict, name: str, label: int, z: torc
             progress.update(len(idx))
     latents = torch.cat(out_latents)
     t_sample = time.perf_counter() - t0 - t_modes
-    images = decode_latents(ctx["vae"], latents, rcfg.batch_size, ctx["dtype"])
+    with phase("vae_decode"):
+        images = decode_latents(ctx["vae"], latents, rcfg.batch_size, ctx["dtype"])
     stats = dict(label=label, n_latents=int(z.shape[0]), ipc=rcfg.ipc, seconds_modes=round(t_modes, 3),
                  seconds_sampling=round(t_sample, 3), seconds_total=round(time.perf_counter() - t0, 3))
     return images, latents.cpu(), stats
@@ -251,8 +254,9 @@ def _distill(config: DistillConfig | dict, shard: Shard) -> DistillResult:
     for e in todo:
         z, _files = load_class_latents(ctx["cache"], e.name)
         images, latents, stats = distill_class(rcfg, ctx, e.name, e.label, z, progress=bar)
-        writer.write_class(e.name, images, latents if rcfg.save_latents else None, stats)
-        write_manifest()
+        with phase("io"):
+            writer.write_class(e.name, images, latents if rcfg.save_latents else None, stats)
+            write_manifest()
     bar.close()
     shard.barrier()  # every rank's classes are on disk
     write_manifest()
@@ -348,3 +352,39 @@ def compute_modes(config: DistillConfig | dict) -> dict[str, str]:
                                                 "formulation": rcfg.formulation, "fingerprint": fingerprint(rcfg)}))
         paths[e.name] = p
     return paths
+
+
+def profile_run(config: DistillConfig | dict, *, classes: int = 1, out: str | None = None) -> dict[str, Any]:
+    """Distil the first ``classes`` classes with a profiler active; returns its report.
+
+    Writes into ``out`` (a temporary folder when None, removed afterwards);
+    the report has per-phase ms totals, per-step ms and shares, and the
+    guidance overhead relative to the unguided step.
+    """
+    import shutil
+    import tempfile
+
+    from .data import class_list, scan_image_folder
+    from .profile import profiling
+
+    cfg = DistillConfig.from_dict(config) if isinstance(config, dict) else config
+    cfg.validate()
+    if cfg.data is None:
+        raise ConfigError("--data is required: the folder ROOT/<class>/<image> to profile on")
+    names = [e.name for e in scan_image_folder(cfg.data, classes=class_list(cfg.classes) if cfg.classes else None,
+                                                label_map=cfg.label_map)]
+    tmp = None if out else tempfile.mkdtemp(prefix="manifoldgd-profile-")
+    run = dataclasses.replace(cfg, classes=",".join(names[:classes]), out=out or tmp, contact_sheet=False)
+    try:
+        with profiling(resolve_device(run.device)) as prof:
+            t0 = time.perf_counter()
+            res = distill(run)
+            wall = time.perf_counter() - t0
+        rep = prof.report()
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    rep.update(wall_seconds=round(wall, 3), classes=list(res.classes), method=run.method,
+               formulation=run.formulation, ipc=run.ipc, batch_size=run.batch_size,
+               images_per_second=round(len(res.classes) * run.ipc / wall, 4) if wall > 0 else None)
+    return rep

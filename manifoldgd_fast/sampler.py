@@ -12,6 +12,7 @@ import torch
 
 from .cgs import CGS
 from .guidance import Guidance, is_guided
+from .profile import phase, step_done
 from .schedule import Schedule
 
 
@@ -80,38 +81,46 @@ def sample(model, schedule: Schedule, x_T: torch.Tensor, y: torch.Tensor, *, nul
     s = schedule
     for i in reversed(range(s.steps)):
         t = s.timesteps[i]
-        with amp:
+        with phase("dit_forward"), amp:
             out = cfg_forward(model, x, t, y, null_class=null_class, cfg_scale=cfg_scale, cfg_channels=cfg_channels,
                               chunk=forward_batch)
         eps = out[:, :C]
         learned = out.shape[1] == 2 * C
         guided = guidance is not None and guidance.active(i)
-
         x_t = x
-        x0 = s.sqrt_recip_alphas_cumprod[i] * x - s.sqrt_recipm1_alphas_cumprod[i] * eps
+        # guidance calls sit between the "scheduler" phases so the profiler counts each once
+        with phase("scheduler"):
+            x0 = s.sqrt_recip_alphas_cumprod[i] * x - s.sqrt_recipm1_alphas_cumprod[i] * eps
         if guided and formulation == "paper":
             eps = guidance.paper_eps(i, x, x0, eps)
-            x0 = s.sqrt_recip_alphas_cumprod[i] * x - s.sqrt_recipm1_alphas_cumprod[i] * eps
+            with phase("scheduler"):
+                x0 = s.sqrt_recip_alphas_cumprod[i] * x - s.sqrt_recipm1_alphas_cumprod[i] * eps
 
         if s.sampler == "ddpm":
-            log_var = learned_range_log_variance(s, i, out[:, C:]) if learned else fixed_log_variance(s, i).expand_as(x)
-            mean = s.posterior_mean_coef1[i] * x0 + s.posterior_mean_coef2[i] * x
+            with phase("scheduler"):
+                log_var = learned_range_log_variance(s, i, out[:, C:]) if learned else fixed_log_variance(s, i).expand_as(x)
+                mean = s.posterior_mean_coef1[i] * x0 + s.posterior_mean_coef2[i] * x
             if guided and formulation == "official":
                 mean = mean + guidance.official_term(i, x, x0, log_var)
-            x = mean
-            if i > 0:
-                x = x + torch.exp(0.5 * log_var) * _randn_like_per_sample(x, generators)
+            with phase("scheduler"):
+                x = mean
+                if i > 0:
+                    x = x + torch.exp(0.5 * log_var) * _randn_like_per_sample(x, generators)
         else:  # DDIM
             if guided and formulation == "official":
                 x0 = x0 + guidance.official_term(i, x, x0, None)
-                eps = (s.sqrt_recip_alphas_cumprod[i] * x - x0) / s.sqrt_recipm1_alphas_cumprod[i]
-            abar, abar_prev = s.alphas_cumprod[i], s.alphas_cumprod_prev[i]
-            sigma = ddim_eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
-            x = x0 * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma ** 2) * eps
-            if i > 0 and ddim_eta > 0:
-                x = x + sigma * _randn_like_per_sample(x, generators)
+            with phase("scheduler"):
+                if guided and formulation == "official":
+                    eps = (s.sqrt_recip_alphas_cumprod[i] * x - x0) / s.sqrt_recipm1_alphas_cumprod[i]
+                abar, abar_prev = s.alphas_cumprod[i], s.alphas_cumprod_prev[i]
+                sigma = ddim_eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
+                x = x0 * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma ** 2) * eps
+                if i > 0 and ddim_eta > 0:
+                    x = x + sigma * _randn_like_per_sample(x, generators)
         if cgs is not None and is_guided(formulation, i, s.steps, t_stop):
-            x = x - cgs.correction(x_t, x0, float(s.alphas_cumprod[i]))
+            with phase("cgs"):
+                x = x - cgs.correction(x_t, x0, float(s.alphas_cumprod[i]))
+        step_done()
         if callback is not None:
             callback(i, x)
     return x

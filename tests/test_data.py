@@ -77,8 +77,7 @@ def test_class_list_file_csv_and_errors(tmp_path):
     assert D.class_list(str(f)) == ["zebra", "cat", "dog"]
     assert D.class_list(" cat, dog ,zebra,") == ["cat", "dog", "zebra"]
     assert D.class_list("n01440764") == ["n01440764"]
-    with pytest.raises(ConfigError, match="--classes 'nete'"):
-        D.class_list("nete")
+    assert D.class_list("apple") == ["apple"]          # one class (a typo fails at the scan, see below)
     with pytest.raises(ConfigError, match="listed twice"):
         D.class_list("cat,dog,cat")
     empty = tmp_path / "empty.txt"
