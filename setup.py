@@ -22,7 +22,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # kernels/ lives at the top of the repo but is imported as manifoldgd_fast.kernels
-    packages=["manifoldgd_fast", "manifoldgd_fast.kernels"],
+    packages=["manifoldgd_fast", "manifoldgd_fast.kernels", "manifoldgd_fast.eval", "manifoldgd_fast.demo"],
     package_dir={"manifoldgd_fast": "manifoldgd_fast", "manifoldgd_fast.kernels": "kernels"},
     package_data={"manifoldgd_fast": ["classlists/*.txt"]},
     install_requires=requires,

@@ -112,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="manifoldgd-fast",
                                 description="Dataset distillation with manifold-guided diffusion sampling "
                                             "(ManifoldGD), mode guidance (MGD3) and plain DiT.")
-    sub = p.add_subparsers(dest="command", metavar="{" + ",".join(_COMMANDS) + "}")
+    sub = p.add_subparsers(dest="command", metavar="{" + ",".join([*_COMMANDS, "eval", "metrics"]) + "}")
+    from .eval import cli_eval
+
     defaults = DistillConfig()
     fields = {f.name: f for f in dataclasses.fields(DistillConfig)}
     for cmd, help_ in _COMMANDS.items():
@@ -136,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
                 else:
                     g.add_argument(flag, dest=name, type=typ, default=argparse.SUPPRESS, metavar=name.upper(),
                                    help=f"{text} (default: {default})")
+    sp = sub.add_parser("eval", help=cli_eval.EVAL_HELP, description=cli_eval.EVAL_HELP,
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cli_eval.add_eval_args(sp)
+    sp = sub.add_parser("metrics", help=cli_eval.METRICS_HELP, description=cli_eval.METRICS_HELP,
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cli_eval.add_metrics_args(sp)
     return p
 
 
@@ -170,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if ns.command in ("eval", "metrics"):
+            from .eval import cli_eval
+
+            (cli_eval.run_eval_from_args if ns.command == "eval" else cli_eval.run_metrics_from_args)(ns)
+            return 0
         cfg = config_from_args(ns).validate()
         from . import pipeline
 

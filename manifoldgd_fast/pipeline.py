@@ -19,6 +19,7 @@ import torch
 
 from . import __version__
 from .config import DistillConfig, derive_seed, fingerprint
+from .devices import resolve_device
 from .distributed import Shard
 from .profile import phase
 from .errors import ConfigError, DataError
@@ -32,18 +33,6 @@ class DistillResult:
     out: str
     classes: dict[str, dict[str, Any]] = field(default_factory=dict)
     manifest: str = ""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device: unknown device {name!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
-    return dev
 
 
 def library_versions() -> dict[str, str]:
@@ -242,6 +231,9 @@ def _distill(config: DistillConfig | dict, shard: Shard) -> DistillResult:
             "sample": "derive_seed(run, 'sample', class, index)"},
         classes={},
     )
+    for key in ("eval", "metrics"):  # results appended by `eval` / `metrics` survive a resume
+        if old and key in old:
+            manifest[key] = old[key]
 
     def write_manifest():
         if shard.is_main:

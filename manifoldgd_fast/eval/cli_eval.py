@@ -1,0 +1,104 @@
+"""Flags of ``manifoldgd-fast eval`` and ``manifoldgd-fast metrics``, and their runners.
+
+``cli.py`` owns the parser and the exit codes; it calls::
+
+    sp = sub.add_parser("eval", ...);    add_eval_args(sp)
+    sp = sub.add_parser("metrics", ...); add_metrics_args(sp)
+    ...
+    run_eval_from_args(ns)      # or run_metrics_from_args(ns)
+
+The runners raise ManifoldGDError subclasses on bad input, print a summary to
+stdout, and return the result dict.
+"""
+from __future__ import annotations
+
+import argparse
+
+from .nets import NET_NAMES
+
+EVAL_HELP = "train ConvNet-6 / ResNetAP-10 / ResNet-18 on a distilled folder, test top-1 on real validation images"
+METRICS_HELP = "FID, L2, MMD, representativeness and diversity of a distilled folder against real images"
+
+
+def _seeds(text: str):
+    """``3`` -> 3 seeds (0, 1, 2); ``0,5,7`` -> those seeds."""
+    try:
+        if "," in text:
+            return [int(s) for s in text.split(",") if s.strip()]
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a count (3) or a list of seeds (0,5,7)") from None
+
+
+def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group("evaluation (SPEC 7)")
+    g.add_argument("--distilled", required=True, metavar="OUT", help="distilled folder OUT/<class>/<i>.png")
+    g.add_argument("--real-val", required=True, metavar="VAL",
+                   help="real validation folder VAL/<class>/<image>, the same class names")
+    g.add_argument("--nets", default=",".join(NET_NAMES), help=f"comma-separated, from {', '.join(NET_NAMES)}")
+    g.add_argument("--seeds", type=_seeds, default=3, help="number of seeds (0..n-1) or a list such as 0,5,7")
+    g.add_argument("--epochs", type=int, default=None,
+                   help="default: 2000 for IPC <= 10, 1500 <= 50, 1000 <= 200 (x 2/3 for 100 classes); 300 soft-label")
+    g.add_argument("--size", type=int, default=None, help="training / test resolution (default: 224, or the "
+                                                          "distilled images' size if smaller)")
+    g.add_argument("--batch-size", type=int, default=None, help="default: 64 (128 for more than 100 classes)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="default: SGD 0.01 (0.1 for more than 100 classes); AdamW 1e-3 with --teacher")
+    g.add_argument("--teacher", default=None, metavar="PATH",
+                   help="soft-label protocol: a saved nn.Module, or a state dict of one of the nets")
+    g.add_argument("--temperature", type=float, default=1.0, help="soft-label temperature")
+    g.add_argument("--eval-every", type=int, default=None, help="test every N epochs (default: epochs // 100)")
+    g.add_argument("--val-batch-size", type=int, default=500, help="validation batch size")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--out-json", default=None, help="default: OUT/eval.json (markdown beside it)")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
+    return parser
+
+
+def add_metrics_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group("distribution metrics (SPEC 7)")
+    g.add_argument("--distilled", required=True, metavar="OUT", help="distilled folder OUT/<class>/<i>.png")
+    g.add_argument("--real", required=True, metavar="TRAIN", help="real folder holding every distilled class")
+    g.add_argument("--encoder", default=None, metavar="PATH",
+                   help="feature encoder: a saved nn.Module or a net checkpoint (default: a ResNet-18 trained "
+                        "on --real by this command, cached)")
+    g.add_argument("--size", type=int, default=None, help="encoder resolution (default: 224, or the distilled "
+                                                          "images' size if smaller)")
+    g.add_argument("--k", type=int, default=50, help="representativeness: the k most similar real images")
+    g.add_argument("--max-real-per-class", type=int, default=None, help="cap on real images per class (default: all)")
+    g.add_argument("--mmd-max-real", type=int, default=5000, help="real points in the MMD (random subset)")
+    g.add_argument("--encoder-epochs", type=int, default=30, help="training epochs of the default encoder")
+    g.add_argument("--cache-dir", default=None, help="encoder cache root (default $MANIFOLDGD_CACHE or "
+                                                     "~/.cache/manifoldgd_fast)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--out-json", default=None, help="default: OUT/metrics.json")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
+    return parser
+
+
+def run_eval_from_args(ns: argparse.Namespace) -> dict:
+    from .protocol import evaluate, markdown_table
+
+    res = evaluate(ns.distilled, ns.real_val, nets=ns.nets, seeds=ns.seeds, epochs=ns.epochs, size=ns.size,
+                   batch_size=ns.batch_size, lr=ns.lr, device=ns.device, teacher=ns.teacher,
+                   temperature=ns.temperature, eval_every=ns.eval_every, val_batch_size=ns.val_batch_size,
+                   out_json=ns.out_json, progress=ns.progress)
+    print(markdown_table(res), end="")
+    print(f"results: {res['files']['json']}, {res['files']['markdown']}"
+          + (f"; recorded in {res['manifest']}" if res.get("manifest") else ""))
+    return res
+
+
+def run_metrics_from_args(ns: argparse.Namespace) -> dict:
+    from .metrics import compute_metrics
+
+    res = compute_metrics(ns.distilled, ns.real, encoder=ns.encoder, size=ns.size, device=ns.device, k=ns.k,
+                          max_real_per_class=ns.max_real_per_class, mmd_max_real=ns.mmd_max_real,
+                          encoder_epochs=ns.encoder_epochs, cache_dir=ns.cache_dir, out_json=ns.out_json,
+                          progress=ns.progress)
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    print(f"FID {fmt(res['fid'])}  L2 {fmt(res['l2'])}  MMD {fmt(res['mmd'])}  "
+          f"representativeness {fmt(res['representativeness'])}  diversity {fmt(res['diversity'])}  "
+          f"({res['n_syn']} distilled vs {res['n_real']} real images, {res['size']} px)")
+    print(f"results: {res['file']}" + (f"; recorded in {res['manifest']}" if res.get("manifest") else ""))
+    return res

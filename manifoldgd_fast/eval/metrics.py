@@ -1,0 +1,287 @@
+"""Distribution metrics of a distilled set against the real data, on encoder features (SPEC 7).
+
+- FID: Fréchet distance of Gaussians fitted to all real and all synthetic features.
+- L2: per synthetic image, the Euclidean distance to the nearest real feature of
+  its class, averaged (``l2``); the reverse direction, per real image the nearest
+  synthetic one (coverage), is ``l2_real_to_syn``.
+- MMD: biased MMD² (V-statistic, exactly 0 for identical sets) with an RBF kernel
+  exp(-d² / 2σ²), σ the median pairwise distance of the pooled sets.
+- Representativeness and diversity, as MGD3 (appendix B) defines them, with
+  cosine similarity for the t-SNE distance: per synthetic image, representativeness
+  is the mean cosine similarity to its k = 50 most similar real images of its class
+  (higher: more representative), diversity is 1 - the largest cosine similarity to
+  another synthetic image of its class (0 for a duplicate; higher: more diverse).
+  Reported as means over images, and per class.
+- Trajectory variance (ManifoldGD Fig. 12): variance across samples of ‖x̂0‖ per step.
+
+Encoder: by default a ResNet-18 (``nets.py``) trained here on the real folder's
+images of the distilled classes and cached under ``$MANIFOLDGD_CACHE/encoders``;
+or a user module / checkpoint (``nets.load_net``). Its ``forward_features`` (else
+its output, flattened) is the feature; inputs are ImageNet-normalised images
+resized and centre-cropped to ``size``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..data import iter_class_images
+from ..errors import ConfigError
+from ..output import atomic_write_bytes, atomic_write_text
+from .augment import normalize, to_unit
+from .nets import load_net, net_checkpoint
+from ..devices import resolve_device
+from .protocol import (Split, _amp, _cl, _prepare, append_manifest, default_size, load_images, match_classes,
+                       native_size, to_uint8, train_net)
+
+ENCODER_RECIPE = {"net": "resnet18", "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
+                  "batch_size": 128, "schedule": "multistep x0.2 at 2/3, 5/6", "augment": "protocol + CutMix",
+                  "seed": 0, "version": 1}
+
+
+# --------------------------------------------------------------------------- closed forms
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½), in float64.
+
+    tr (Σ1 Σ2)^½ is the sum of the singular values of Σ1^½ Σ2^½ (their squares are the
+    eigenvalues of Σ1^½ Σ2 Σ1^½, which has the spectrum of Σ1 Σ2). Symmetric square
+    roots and an SVD stay accurate for the singular covariances of small sets, where
+    scipy's sqrtm of Σ1 Σ2 does not: a set against itself gives 0 to rounding.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
+        raise ConfigError(f"frechet_distance: mu (D,) and sigma (D, D) must agree, got {mu1.shape}, {s1.shape}, "
+                          f"{mu2.shape}, {s2.shape}")
+    # torch's LAPACK follows torch.set_num_threads (numpy's BLAS may oversubscribe shared cores)
+    t1, t2 = torch.from_numpy(s1), torch.from_numpy(s2)
+    tr_covmean = float(torch.linalg.svdvals(_psd_sqrt(t1) @ _psd_sqrt(t2)).sum())
+    d = mu1 - mu2
+    return float(d @ d + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+def _psd_sqrt(s: torch.Tensor) -> torch.Tensor:
+    w, v = torch.linalg.eigh((s + s.T) / 2)
+    return (v * w.clamp(min=0).sqrt()) @ v.T
+
+
+def gaussian_stats(feats) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and covariance (D, D) (ddof 1, as pytorch-fid) of (N, D) features."""
+    f = np.asarray(feats.cpu() if isinstance(feats, torch.Tensor) else feats, np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ConfigError(f"features must be (N, D) with N >= 2 for FID, got {f.shape}")
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def fid(feats_a, feats_b) -> float:
+    """FID between two (N, D) feature sets."""
+    return frechet_distance(*gaussian_stats(feats_a), *gaussian_stats(feats_b))
+
+
+def _sqdist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist") ** 2
+
+
+def mmd_rbf(x: torch.Tensor, y: torch.Tensor, bandwidth: float | None = None, median_points: int = 2000,
+            seed: int = 0) -> dict:
+    """Biased MMD² with k(a, b) = exp(-‖a − b‖² / 2σ²); σ = ``bandwidth`` or the median
+    pairwise distance among (at most ``median_points`` of) the pooled points.
+    x: (n, D), y: (m, D). Returns {mmd2, mmd, bandwidth}."""
+    x, y = x.double(), y.double()
+    if bandwidth is None:
+        z = torch.cat([x, y])
+        if len(z) > median_points:
+            g = torch.Generator().manual_seed(seed)
+            z = z[torch.randperm(len(z), generator=g)[:median_points].to(z.device)]
+        d2 = _sqdist(z, z)
+        iu = torch.triu_indices(len(z), len(z), 1, device=z.device)
+        bandwidth = float(d2[iu[0], iu[1]].median().sqrt()) if len(z) > 1 else 1.0
+        bandwidth = bandwidth if bandwidth > 0 else 1.0
+    gamma = 1.0 / (2 * bandwidth ** 2)
+    k = lambda a, b: torch.exp(-gamma * _sqdist(a, b)).mean()  # noqa: E731
+    mmd2 = float(k(x, x) + k(y, y) - 2 * k(x, y))
+    return {"mmd2": mmd2, "mmd": max(mmd2, 0.0) ** 0.5, "bandwidth": bandwidth}
+
+
+def nearest_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(n,) Euclidean distance of each row of ``a`` (n, D) to its nearest row of ``b`` (m, D)."""
+    return torch.cdist(a.double(), b.double(), compute_mode="donot_use_mm_for_euclid_dist").min(1).values
+
+
+def representativeness(syn: torch.Tensor, real: torch.Tensor, k: int = 50) -> torch.Tensor:
+    """(n,) mean cosine similarity of each synthetic feature to its k most similar real ones."""
+    sim = F.normalize(syn.double(), dim=1) @ F.normalize(real.double(), dim=1).T  # (n, m)
+    return sim.topk(min(k, sim.shape[1]), dim=1).values.mean(1)
+
+
+def diversity(syn: torch.Tensor) -> torch.Tensor:
+    """(n,) 1 − the largest cosine similarity of each feature to another one (NaN for n = 1)."""
+    z = F.normalize(syn.double(), dim=1)
+    sim = z @ z.T
+    sim.fill_diagonal_(float("-inf"))
+    return (1 - sim.max(1).values).clamp_(min=0) if len(z) > 1 else torch.full((len(z),), float("nan"))
+
+
+def latent_norms(x0: torch.Tensor) -> torch.Tensor:
+    """‖x̂0‖ per sample: (B, ...) -> (B,) float32; one column of a trajectory trace."""
+    return x0.detach().flatten(1).float().norm(dim=1)
+
+
+def trajectory_variance(norm_traces, correction: int = 0) -> tuple[torch.Tensor, float]:
+    """ManifoldGD's trajectory variance: variance across samples of ‖x̂0‖ at each step.
+
+    norm_traces: (n_samples, n_steps), row i the norms of sample i along the reverse
+    process (e.g. stacked :func:`latent_norms`). correction: 0 = population variance
+    (numpy's default), 1 = unbiased. Returns (per-step variance (n_steps,), final
+    variance = the last step's, float).
+    """
+    t = torch.as_tensor(norm_traces, dtype=torch.float64)
+    if t.ndim != 2 or t.shape[0] < 1 or t.shape[1] < 1 or t.shape[0] <= correction:
+        raise ConfigError(f"norm_traces must be (n_samples, n_steps) with n_samples > {correction}, "
+                          f"got {tuple(t.shape)}")
+    per_step = t.var(dim=0, correction=correction)
+    return per_step, float(per_step[-1])
+
+
+# --------------------------------------------------------------------------- encoder
+def _encode(encoder: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    fwd = getattr(encoder, "forward_features", None)
+    out = fwd(x) if callable(fwd) else encoder(x)
+    return out.flatten(1).float()
+
+
+@torch.no_grad()
+def extract_features(encoder: torch.nn.Module, entries, size: int, device: torch.device, *, batch_size: int = 256,
+                     max_per_class: int | None = None, progress: bool = False, desc: str = "features"):
+    """Encoder features of every image of ``entries`` (streamed per class, not held in memory).
+    Returns (features (N, D) float32 on the device, labels (N,))."""
+    encoder = _prepare(encoder, device).eval()
+    feats, labels = [], []
+    total = sum(len(e.files[:max_per_class] if max_per_class else e.files) for e in entries)
+    with tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for e in entries:
+            sub = dataclasses.replace(e, files=e.files[:max_per_class]) if max_per_class else e
+            for batch, _ in iter_class_images(sub, size, batch_size):
+                x = _cl(normalize(to_unit(to_uint8(batch).to(device))))
+                with _amp(device):
+                    feats.append(_encode(encoder, x))
+                labels.append(torch.full((len(batch),), e.label, dtype=torch.long))
+                bar.update(len(batch))
+    return torch.cat(feats), torch.cat(labels).to(device)
+
+
+def _encoder_key(real: str, entries, size: int, epochs: int, cap: int) -> str:
+    desc = {"real": os.path.abspath(real), "classes": [[e.name, len(e.files)] for e in entries], "size": size,
+            "epochs": epochs, "max_per_class": cap, "recipe": ENCODER_RECIPE}
+    return hashlib.sha1(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def default_encoder(real: str, entries, size: int, device: torch.device, *, epochs: int = 30,
+                    max_per_class: int | None = None, cache_dir: str | None = None, progress: bool = True):
+    """The cached ResNet-18 trained on ``entries`` of the real folder (train it if absent).
+
+    At most ``max_per_class`` images a class (default 50,000 // classes, so the set
+    stays on the device). Returns (module, info dict with the cache path).
+    """
+    from ..latents import default_cache_root
+
+    cap = max_per_class or max(1, 50_000 // len(entries))
+    path = os.path.join(cache_dir or default_cache_root(), "encoders",
+                        f"resnet18-{_encoder_key(real, entries, size, epochs, cap)}.pt")
+    info = {"kind": "resnet18 trained on the real folder", "cache": path, "epochs": epochs,
+            "max_per_class": cap, "recipe": ENCODER_RECIPE}
+    if os.path.isfile(path):
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        info["train_top1"] = ck.get("train_top1")
+        return load_net(ck, what=f"encoder cache {path}"), {**info, "cached": True}
+    x, y = load_images(entries, size, max_per_class=cap, progress=progress, desc="load real (encoder)")
+    data = Split.place(x, y, device)
+    hp = {k: ENCODER_RECIPE[k] for k in ("optimizer", "lr", "momentum", "weight_decay", "batch_size")}
+    hp["schedule"] = "multistep"
+    run = train_net("resnet18", data, data, len(entries), size=size, epochs=epochs, hp=hp,
+                    seed=ENCODER_RECIPE["seed"], device=device, eval_every=epochs, progress=progress,
+                    desc="encoder resnet18", return_model=True)
+    model = run["model"].cpu()
+    buf = io.BytesIO()
+    torch.save(net_checkpoint(model, train_top1=run["final"], real=os.path.abspath(real),
+                              classes=[e.name for e in entries]), buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return model, {**info, "cached": False, "train_top1": run["final"]}
+
+
+# --------------------------------------------------------------------------- entry point
+def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None = None, device: str = "auto",
+                    k: int = 50, max_real_per_class: int | None = None, mmd_max_real: int = 5000,
+                    encoder_epochs: int = 30, cache_dir: str | None = None, out_json: str | None = None,
+                    progress: bool = True) -> dict:
+    """FID, L2, MMD, representativeness, diversity of ``distilled`` against ``real``.
+
+    distilled: OUT/<class>/<i>.png; real: a real (training) folder holding every
+    distilled class (others are ignored). encoder: None (the cached ResNet-18
+    trained on ``real``), an nn.Module or a file for nets.load_net. size: None =
+    224 for images of >= 224 px, else their size. max_real_per_class: cap on the
+    real images used (None: all); mmd_max_real: real points in the MMD (random
+    subset, seed 0). Writes ``out_json`` (default OUT/metrics.json) and appends a
+    summary to OUT/manifest.json's "metrics" list if it exists. Returns that dict.
+    """
+    for name, v in (("--size", size), ("--k", k), ("--max-real-per-class", max_real_per_class),
+                    ("--mmd-max-real", mmd_max_real), ("--encoder-epochs", encoder_epochs)):
+        if v is not None and v < 1:
+            raise ConfigError(f"{name} {v}: must be >= 1")
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    classes, dist, ref = match_classes(distilled, real, exact=False, what="real")
+    size = size or default_size(native_size(dist))
+    if encoder is None:
+        enc, enc_info = default_encoder(real, ref, size, dev, epochs=encoder_epochs, cache_dir=cache_dir,
+                                        progress=progress)
+    else:
+        enc = load_net(encoder, num_classes=len(classes), size=size, what="--encoder")
+        enc_info = {"kind": encoder if isinstance(encoder, str) else f"module {type(encoder).__name__}"}
+    fs, ys = extract_features(enc, dist, size, dev, progress=progress, desc="features distilled")
+    fr, yr = extract_features(enc, ref, size, dev, max_per_class=max_real_per_class, progress=progress,
+                              desc="features real")
+    mmd_real = fr
+    if len(fr) > mmd_max_real:
+        mmd_real = fr[torch.randperm(len(fr), generator=torch.Generator().manual_seed(0))[:mmd_max_real].to(dev)]
+    mmd = mmd_rbf(mmd_real, fs)
+
+    per_class, pooled = {}, {key: [] for key in ("l2", "l2_real_to_syn", "representativeness", "diversity")}
+    for c, name in enumerate(classes):
+        s, r = fs[ys == c], fr[yr == c]
+        values = {"l2": nearest_distance(s, r), "l2_real_to_syn": nearest_distance(r, s),
+                  "representativeness": representativeness(s, r, k), "diversity": diversity(s)}
+        for key, v in values.items():
+            pooled[key].append(v)
+        per_class[name] = {"n_syn": len(s), "n_real": len(r), **{key: _mean(v) for key, v in values.items()}}
+    means = {key: _mean(torch.cat(v)) for key, v in pooled.items()}
+    result = {
+        "format": "manifoldgd_fast.metrics/1", "distilled": os.path.abspath(distilled), "real": os.path.abspath(real),
+        "classes": classes, "size": size, "n_syn": len(fs), "n_real": len(fr), "feature_dim": fs.shape[1],
+        "encoder": enc_info, "fid": fid(fr, fs), "mmd2": mmd["mmd2"], "mmd": mmd["mmd"],
+        "mmd_bandwidth": mmd["bandwidth"], "mmd_n_real": len(mmd_real), **means, "representativeness_k": k,
+        "per_class": per_class,
+        "device": str(dev), "versions": {"torch": torch.__version__, "numpy": np.__version__},
+        "time_s": round(time.perf_counter() - t0, 3),
+    }
+    out_json = out_json or os.path.join(distilled, "metrics.json")
+    result["file"] = os.path.abspath(out_json)
+    result["manifest"] = append_manifest(os.path.abspath(distilled), "metrics", {
+        "file": result["file"], "encoder": enc_info.get("cache", enc_info["kind"]), "size": size,
+        **{key: result[key] for key in ("fid", "mmd", "l2", "representativeness", "diversity")}})
+    atomic_write_text(out_json, json.dumps(result, indent=2, sort_keys=True, default=str))
+    return result
+
+
+def _mean(v: torch.Tensor) -> float | None:
+    v = v[~torch.isnan(v)]
+    return float(v.mean()) if len(v) else None

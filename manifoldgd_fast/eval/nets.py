@@ -1,0 +1,238 @@
+"""The evaluation networks of the dataset-distillation literature, written here.
+
+They follow IDC's code (snu-mllab/Efficient-Dataset-Condensation, ``models/``),
+which MinimaxDiffusion, MGD3 and ManifoldGD evaluate with; all use instance
+norm, written as ``GroupNorm(C, C, affine=True)`` as that code does:
+
+- ``convnet6``   ConvNet, depth 6, width 128: [conv3x3 (bias) -> instance norm
+                 -> ReLU -> avgpool 2] x 6 -> linear on the flattened map.
+- ``resnetap10`` ResNet-10 (one BasicBlock per stage) whose strided convs are
+                 replaced by stride-1 convs + 2x2 average pooling; stem conv7x7
+                 stride 1 + avgpool 4 above 128 px.
+- ``resnet18``   ResNet-18 (torchvision layout, instance norm); stem conv7x7
+                 stride 2 + maxpool above 128 px.
+
+Resolution. The ResNets pick their stem as IDC does: ``size <= 64`` a
+conv3x3 without pooling ("small", CIFAR-like), ``64 < size <= 128`` conv3x3 +
+pool 2 ("mid"), larger the ImageNet stem ("large"); they end in global average
+pooling. Instance norm of a 1x1 map is a constant (it erases the input), so no
+net here ever downsamples a map below 2x2: a ConvNet-6 layer pools only if the
+result stays >= 2 px, a ResNet stage strides only if its output stays >= 2 px
+(the parameter count does not change). At the literature's sizes nothing
+differs from IDC (224 px: ConvNet-6 ends at 3x3, ResNets at 7x7; 32 px:
+ResNets end at 4x4); at 32 px ConvNet-6 pools in its first four layers
+(32 -> 2 px), at 8 px in two, and so on. Inputs must be at least 2 px.
+
+Every net has ``forward_features(x)`` (the vector before the classifier) and
+``feature_dim``; inputs are ImageNet-normalised images (B, 3, size, size).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+
+NET_NAMES = ("convnet6", "resnetap10", "resnet18")
+
+
+def instance_norm(c: int) -> nn.GroupNorm:
+    return nn.GroupNorm(c, c, affine=True)
+
+
+def stem_kind(size: int) -> str:
+    """IDC's ResNet stem choice: 'small' (<= 64 px), 'mid' (<= 128 px) or 'large'."""
+    return "small" if size <= 64 else ("mid" if size <= 128 else "large")
+
+
+# --------------------------------------------------------------------------- ConvNet
+class ConvNet(nn.Module):
+    def __init__(self, num_classes: int, size: int = 224, depth: int = 6, width: int = 128, channels: int = 3):
+        super().__init__()
+        layers, side, c_in = [], size, channels
+        for _ in range(depth):
+            layers += [nn.Conv2d(c_in, width, 3, padding=1), instance_norm(width), nn.ReLU(inplace=True)]
+            if side // 2 >= 2:  # keep every normalised map >= 2x2 (see the module docstring)
+                layers.append(nn.AvgPool2d(2, 2))
+                side //= 2
+            c_in = width
+        self.features = nn.Sequential(*layers)
+        self.feature_dim = width * side * side
+        self.classifier = nn.Linear(self.feature_dim, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x).flatten(1)  # (B, width * side * side)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.forward_features(x))
+
+
+# --------------------------------------------------------------------------- ResNets
+class _Stem(nn.Module):
+    def __init__(self, kind: str, planes: int, avgpool: bool, channels: int = 3):
+        super().__init__()
+        if kind == "large":
+            # ResNetAP: conv7x7 stride 1 + avgpool 4; ResNet: conv7x7 stride 2 + maxpool 3/2.
+            self.conv = nn.Conv2d(channels, planes, 7, stride=1 if avgpool else 2, padding=3, bias=False)
+            self.pool = nn.AvgPool2d(4, 4) if avgpool else nn.MaxPool2d(3, 2, padding=1)
+        else:
+            self.conv = nn.Conv2d(channels, planes, 3, padding=1, bias=False)
+            self.pool = None if kind == "small" else (nn.AvgPool2d(2, 2) if avgpool else nn.MaxPool2d(3, 2, padding=1))
+        self.norm = instance_norm(planes)
+
+    def forward(self, x):
+        x = F.relu(self.norm(self.conv(x)), inplace=True)
+        return x if self.pool is None else self.pool(x)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, planes: int, stride: int, avgpool: bool):
+        super().__init__()
+        self.avgpool = avgpool
+        self.stride = stride
+        # ResNetAP: stride-1 conv then 2x2 average pooling instead of a strided conv.
+        self.conv1 = nn.Conv2d(c_in, planes, 3, stride=1 if avgpool else stride, padding=1, bias=False)
+        self.norm1 = instance_norm(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.norm2 = instance_norm(planes)
+        self.down = None
+        if stride != 1 or c_in != planes:
+            if avgpool:
+                self.down = nn.Sequential(nn.Conv2d(c_in, planes, 1, bias=False), nn.AvgPool2d(stride, stride),
+                                          instance_norm(planes))
+            else:
+                self.down = nn.Sequential(nn.Conv2d(c_in, planes, 1, stride=stride, bias=False), instance_norm(planes))
+
+    def forward(self, x):
+        out = F.relu(self.norm1(self.conv1(x)), inplace=True)
+        if self.avgpool and self.stride != 1:
+            out = F.avg_pool2d(out, self.stride, self.stride)
+        out = self.norm2(self.conv2(out))
+        return F.relu(out + (x if self.down is None else self.down(x)), inplace=True)
+
+
+class ResNet(nn.Module):
+    """ResNet with BasicBlocks, instance norm; ``avgpool=True`` gives IDC's ResNetAP."""
+
+    def __init__(self, num_classes: int, size: int = 224, blocks=(2, 2, 2, 2), avgpool: bool = False,
+                 width: int = 64, channels: int = 3):
+        super().__init__()
+        kind = stem_kind(size)
+        self.stem = _Stem(kind, width, avgpool, channels)
+        # map side after the stem: avgpool floors, strided conv / maxpool (padded) round up
+        half = lambda s: s // 2 if avgpool else (s + 1) // 2  # noqa: E731
+        side = {"small": size, "mid": half(size), "large": size // 4 if avgpool else half(half(size))}[kind]
+        stages, c_in = [], width
+        for i, n in enumerate(blocks):
+            planes = width * 2 ** i
+            stride = 2 if i > 0 and side // 2 >= 2 else 1  # keep every normalised map >= 2x2
+            side = side // 2 if stride == 2 else side
+            stage = [BasicBlock(c_in, planes, stride, avgpool)]
+            stage += [BasicBlock(planes, planes, 1, avgpool) for _ in range(n - 1)]
+            stages.append(nn.Sequential(*stage))
+            c_in = planes
+        self.stages = nn.Sequential(*stages)
+        self.feature_dim = c_in
+        self.fc = nn.Linear(c_in, num_classes)
+        for m in self.modules():  # IDC's init
+            if isinstance(m, nn.Conv2d):
+                n_fan = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                m.weight.data.normal_(0, math.sqrt(2.0 / n_fan))
+            elif isinstance(m, nn.GroupNorm):
+                m.weight.data.fill_(1)
+                m.bias.data.zero_()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.stem(x))
+        return x.mean(dim=(2, 3))  # global average pooling, (B, feature_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.forward_features(x))
+
+
+# --------------------------------------------------------------------------- registry
+def build_net(name: str, num_classes: int, size: int = 224) -> nn.Module:
+    """A freshly initialised evaluation net (global torch RNG; seed it first).
+
+    name: one of ``convnet6``, ``resnetap10``, ``resnet18``; num_classes: outputs;
+    size: input resolution in pixels (chooses the ResNet stem / ConvNet pooling).
+    """
+    if num_classes < 1:
+        raise ConfigError(f"num_classes {num_classes}: must be >= 1")
+    if size < 2:
+        raise ConfigError(f"--size {size}: must be >= 2")
+    if name == "convnet6":
+        net = ConvNet(num_classes, size, depth=6, width=128)
+    elif name == "resnetap10":
+        net = ResNet(num_classes, size, blocks=(1, 1, 1, 1), avgpool=True)
+    elif name == "resnet18":
+        net = ResNet(num_classes, size, blocks=(2, 2, 2, 2), avgpool=False)
+    else:
+        raise ConfigError(f"--nets: unknown net {name!r}; choose from {', '.join(NET_NAMES)}")
+    net.net_name, net.num_classes, net.size = name, num_classes, size
+    return net
+
+
+def parse_nets(spec) -> list[str]:
+    """``"convnet6,resnet18"`` or a sequence of names -> a checked list (order kept, no duplicates)."""
+    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
+    names = [n for n in names if n]
+    if not names:
+        raise ConfigError(f"--nets {spec!r}: no net named; choose from {', '.join(NET_NAMES)}")
+    for n in names:
+        if n not in NET_NAMES:
+            raise ConfigError(f"--nets: unknown net {n!r}; choose from {', '.join(NET_NAMES)}")
+    return list(dict.fromkeys(names))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+NET_FORMAT = "manifoldgd_fast.net/1"
+
+
+def net_checkpoint(model: nn.Module, **meta) -> dict:
+    """What :func:`load_net` reads back: the net's name, classes, size and state dict (+ ``meta``)."""
+    return {"format": NET_FORMAT, "net": model.net_name, "num_classes": model.num_classes, "size": model.size,
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **meta}
+
+
+def load_net(source, *, num_classes: int | None = None, size: int | None = None, what: str = "--teacher") -> nn.Module:
+    """A network from a module, a file holding a pickled ``nn.Module``, a :func:`net_checkpoint`
+    dict, or a bare state dict of one of :data:`NET_NAMES` (tried with ``num_classes`` and ``size``).
+
+    Returns the module on the CPU in eval mode. Raises ConfigError naming ``what`` and the file.
+    """
+    obj = source
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not os.path.isfile(path):
+            raise ConfigError(f"{what} {path}: no such file")
+        try:  # a user's own pickled module needs full unpickling; the file is theirs
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure is the file's fault
+            raise ConfigError(f"{what} {path}: cannot load ({type(e).__name__}: {e})") from None
+    if isinstance(obj, nn.Module):
+        return obj.cpu().eval()
+    if isinstance(obj, dict) and obj.get("format") == NET_FORMAT:
+        net = build_net(obj["net"], int(obj["num_classes"]), int(obj["size"]))
+        net.load_state_dict(obj["state_dict"])
+        return net.eval()
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if num_classes is None or size is None:
+            raise ConfigError(f"{what}: a bare state dict needs the number of classes and the size")
+        for name in NET_NAMES:
+            net = build_net(name, num_classes, size)
+            try:
+                net.load_state_dict(obj)
+            except RuntimeError:
+                continue
+            return net.eval()
+        raise ConfigError(f"{what}: the state dict matches none of {', '.join(NET_NAMES)} "
+                          f"with {num_classes} classes at {size} px")
+    raise ConfigError(f"{what}: expected an nn.Module, a net checkpoint or a state dict, got {type(obj).__name__}")

@@ -1,0 +1,443 @@
+"""Hard-label (and soft-label) evaluation protocol: train nets on the distilled folder,
+test top-1 on the real validation folder (SPEC 7).
+
+The whole distilled set is one uint8 tensor on the device (sets above
+:data:`MAX_DEVICE_IMAGES` images stay in host memory and travel per batch);
+augmentation runs on the device (``augment.py``); on CUDA the nets run
+channels_last under bf16 autocast. Validation images are loaded once (resize
+``size * 256 / 224``, centre crop ``size``: 256 / 224 at 224 px) and scored in
+batches.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import logging
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..data import IMAGE_EXTS, ClassEntry, iter_class_images, scan_image_folder
+from ..devices import resolve_device
+from ..errors import ConfigError, DataError
+from ..output import MANIFEST, atomic_write_text
+from .augment import TrainAugment, cutmix, normalize, to_unit
+from .nets import build_net, count_parameters, load_net, parse_nets
+
+log = logging.getLogger(__name__)
+
+MAX_DEVICE_IMAGES = 50_000
+VAL_RESIZE = 256 / 224           # resize 256 / centre crop 224, at any size
+RESERVED_DIRS = ("latents", "modes")  # what a distill run puts beside the class folders
+
+
+# --------------------------------------------------------------------------- settings
+def default_epochs(ipc: int, num_classes: int) -> int:
+    """SPEC 7: 2000 for IPC <= 10, 1500 <= 50, 1000 <= 200 (IDC's ipc_epoch beyond: 500 <= 500,
+    else 300); x 2/3 for 100-class sets, rounded down to a multiple of 100 as IDC does."""
+    e = 2000 if ipc <= 10 else 1500 if ipc <= 50 else 1000 if ipc <= 200 else 500 if ipc <= 500 else 300
+    if num_classes == 100:
+        e = int(2 / 3 * e)
+        e -= e % 100
+    return e
+
+
+def default_hparams(num_classes: int, soft: bool = False) -> dict:
+    """SGD lr 0.01, wd 5e-4, batch 64; > 100 classes lr 0.1, wd 1e-4, batch 128.
+    Soft labels: AdamW lr 1e-3, wd 0.01 (cosine decay), 300 epochs."""
+    batch = 128 if num_classes > 100 else 64
+    if soft:
+        return {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.01, "batch_size": batch, "schedule": "cosine"}
+    lr, wd = (0.1, 1e-4) if num_classes > 100 else (0.01, 5e-4)
+    return {"optimizer": "sgd", "lr": lr, "momentum": 0.9, "weight_decay": wd, "batch_size": batch,
+            "schedule": "multistep x0.2 at 2/3, 5/6"}
+
+
+def default_size(native: int) -> int:
+    """224 px for images of at least 224 px (the literature's protocol), else their own size."""
+    return 224 if native >= 224 else native
+
+
+# --------------------------------------------------------------------------- folders
+def _has_images(folder: str) -> bool:
+    return any(e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTS)
+               for e in os.scandir(folder))
+
+
+def distilled_class_names(root: str) -> list[str]:
+    """Class folders of a distilled OUT/ (``latents/``, ``modes/`` without images are not classes)."""
+    if not os.path.isdir(root):
+        raise DataError(f"distilled folder {root} does not exist" if not os.path.exists(root)
+                        else f"distilled folder {root} is not a folder")
+    names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    names = [n for n in names if n not in RESERVED_DIRS or _has_images(os.path.join(root, n))]
+    if not names:
+        raise DataError(f"distilled folder {root} has no class folders (expected OUT/<class>/<i>.png)")
+    return names
+
+
+def _names(xs, limit: int = 10) -> str:
+    xs = sorted(xs)
+    return ", ".join(xs[:limit]) + (f" ... ({len(xs) - limit} more)" if len(xs) > limit else "")
+
+
+def match_classes(distilled: str, reference: str, *, exact: bool = True, what: str = "validation"):
+    """Scan both folders and pair their classes; labels are the sorted class order of ``reference``.
+
+    exact: the class sets must be equal (else only distilled ⊆ reference; the
+    reference is then restricted to the distilled classes).
+    Returns (class names, distilled entries, reference entries), entries' ``label``
+    rewritten to the shared index. Raises DataError naming missing / extra classes.
+    """
+    ref_all = scan_image_folder(reference, label_map="sorted")
+    ref_names = {e.name for e in ref_all}
+    dist_names = distilled_class_names(distilled)
+    missing = ref_names - set(dist_names)
+    extra = set(dist_names) - ref_names
+    if extra or (exact and missing):
+        parts = []
+        if exact and missing:
+            parts.append(f"missing from the distilled set: {_names(missing)}")
+        if extra:
+            parts.append(f"not in the {what} set: {_names(extra)}")
+        raise DataError(f"class mismatch between distilled folder {distilled} and {what} folder {reference}: "
+                        + "; ".join(parts))
+    classes = sorted(dist_names)
+    index = {c: i for i, c in enumerate(classes)}
+    dist = scan_image_folder(distilled, classes=classes, label_map="sorted")
+    ref = [e for e in ref_all if e.name in index]
+    for e in dist + ref:
+        e.label = index[e.name]
+    return classes, dist, ref
+
+
+def native_size(entries: list[ClassEntry]) -> int:
+    from PIL import Image
+
+    path = entries[0].files[0]
+    try:
+        with Image.open(path) as im:
+            return min(im.size)
+    except OSError as e:
+        raise DataError(f"cannot read image {path}: {e}") from None
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """``load_image`` output in [-1, 1] -> the original uint8 values (exact)."""
+    return ((x + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def load_images(entries: list[ClassEntry], size: int, *, resize: float = 1.0, max_per_class: int | None = None,
+                progress: bool = False, desc: str = "load") -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of ``entries`` as uint8 (N, 3, size, size) in host memory, and labels (N,).
+
+    Images are resized (short side ``round(size * resize)``) and centre-cropped to
+    ``size``; unreadable files are skipped with a warning (data.ClassImages).
+    Raises DataError naming a class left without a readable image.
+    """
+    load = max(size, round(size * resize))
+    off = (load - size) // 2
+    files = [e.files[:max_per_class] if max_per_class else e.files for e in entries]
+    total = sum(len(f) for f in files)
+    x = torch.empty(total, 3, size, size, dtype=torch.uint8)
+    y = torch.empty(total, dtype=torch.long)
+    n = 0
+    with tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for e, fs in zip(entries, files):
+            sub = dataclasses.replace(e, files=fs)
+            n0 = n
+            for batch, _paths in iter_class_images(sub, load, batch_size=64):
+                b = batch.shape[0]
+                x[n:n + b] = to_uint8(batch[:, :, off:off + size, off:off + size])
+                y[n:n + b] = e.label
+                n += b
+                bar.update(b)
+            if n == n0:
+                raise DataError(f"class {e.name} in {os.path.dirname(e.folder)}: no readable image")
+    return x[:n], y[:n]
+
+
+@dataclasses.dataclass
+class Split:
+    """Images (uint8, on the device or in host memory) and labels (on the device)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    @classmethod
+    def place(cls, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> "Split":
+        if len(x) <= MAX_DEVICE_IMAGES or device.type == "cpu":
+            return cls(x.to(device), y.to(device))
+        return cls(x.pin_memory() if device.type == "cuda" else x, y.to(device))
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def images(self, idx, device: torch.device) -> torch.Tensor:
+        if self.x.device == device:
+            return self.x[idx]
+        idx = idx.cpu() if isinstance(idx, torch.Tensor) else idx
+        return self.x[idx].to(device, non_blocking=True)
+
+
+# --------------------------------------------------------------------------- training
+def _amp(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _prepare(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+def _cl(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, split: Split, device: torch.device, batch_size: int = 500) -> float:
+    """Top-1 accuracy in percent of ``model`` on ``split`` (uint8 images, normalised here)."""
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    for k in range(0, len(split), batch_size):
+        xb = _cl(normalize(to_unit(split.images(slice(k, k + batch_size), device))))
+        with _amp(device):
+            out = model(xb)
+        correct += (out.argmax(1) == split.y[k:k + batch_size]).sum()
+    return 100.0 * correct.item() / len(split)
+
+
+def lr_at(epoch: int, epochs: int, base: float, schedule: str) -> float:
+    """Learning rate of 0-based ``epoch``: x0.2 after 2/3 and 5/6 of training (IDC's
+    MultiStepLR), or cosine decay for the soft-label protocol."""
+    if schedule == "cosine":
+        return base * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+    return base * 0.2 ** sum(epoch >= m for m in (2 * epochs // 3, 5 * epochs // 6))
+
+
+def train_net(net: str, train: Split, val: Split, num_classes: int, *, size: int, epochs: int, hp: dict,
+              seed: int, device: torch.device, teacher: torch.nn.Module | None = None, temperature: float = 1.0,
+              eval_every: int | None = None, augment: TrainAugment | None = None, val_batch_size: int = 500,
+              progress: bool = True, desc: str = "", return_model: bool = False) -> dict:
+    """Train one ``net`` from scratch on ``train`` and test it on ``val`` every ``eval_every`` epochs.
+
+    hp: optimizer ('sgd' / 'adamw'), lr, weight_decay, batch_size, schedule (see default_hparams).
+    teacher: soft-label protocol -- the student matches the teacher's softmax on each
+    augmented view (KL, temperature ``temperature``); None -> cross-entropy with CutMix labels.
+    Returns {best, best_epoch, final, history [[epoch, top-1], ...], train_acc, params, time_s}
+    (+ ``model``, the trained net, with ``return_model``).
+    """
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _prepare(build_net(net, num_classes, size), device)
+    augment = augment or TrainAugment(size)
+    params = list(model.parameters())
+    if hp["optimizer"] == "adamw":
+        opt = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"], betas=(0.9, 0.999))
+    else:
+        opt = torch.optim.SGD(params, lr=hp["lr"], momentum=hp.get("momentum", 0.9), weight_decay=hp["weight_decay"])
+    gen = torch.Generator(device=device).manual_seed(seed)
+    gen_cpu = torch.Generator().manual_seed(seed)
+    eval_every = eval_every or max(1, epochs // 100)
+    n, bs = len(train), hp["batch_size"]
+    best, best_epoch, final, train_acc, history = -1.0, 0, 0.0, 0.0, []
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = 0
+    bar = tqdm(total=epochs, desc=desc or f"{net} seed {seed}", unit="ep", disable=not progress, leave=False)
+    for epoch in range(epochs):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(epoch, epochs, hp["lr"], hp["schedule"])
+        model.train()
+        perm = torch.randperm(n, generator=gen, device=device)
+        for k in range(0, n, bs):
+            idx = perm[k:k + bs]
+            yb = train.y[idx]
+            with torch.no_grad():
+                xb, partner, ratio = cutmix(augment(train.images(idx, device), gen), gen_cpu)
+                xb = _cl(xb)
+            with _amp(device):
+                out = model(xb)
+                if teacher is not None:
+                    with torch.no_grad():
+                        soft = F.softmax(teacher(xb).float() / temperature, 1)
+                    logp = F.log_softmax(out.float() / temperature, 1)
+                    loss = F.kl_div(logp, soft, reduction="batchmean") * temperature ** 2
+                else:
+                    loss = ratio * F.cross_entropy(out.float(), yb) + (1 - ratio) * F.cross_entropy(
+                        out.float(), yb[partner])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            correct += (out.detach().argmax(1) == yb).sum()
+            seen += len(idx)
+        bar.update(1)
+        if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
+            final = accuracy(model, val, device, val_batch_size)
+            history.append([epoch + 1, round(final, 4)])
+            if final > best:
+                best, best_epoch = final, epoch + 1
+            train_acc = 100.0 * correct.item() / max(seen, 1)
+            correct.zero_()
+            seen = 0
+            bar.set_postfix(train=f"{train_acc:.1f}", val=f"{final:.1f}", best=f"{best:.1f}")
+    bar.close()
+    extra = {"model": model.eval()} if return_model else {}
+    return {**extra, "seed": seed, "best": best, "best_epoch": best_epoch, "final": final, "train_acc": train_acc,
+            "history": history, "params": count_parameters(model), "time_s": round(time.perf_counter() - t0, 3)}
+
+
+def _check_teacher(teacher: torch.nn.Module, num_classes: int, size: int, device: torch.device):
+    teacher = _prepare(teacher, device).eval().requires_grad_(False)
+    with torch.no_grad(), _amp(device):
+        out = teacher(_cl(torch.zeros(1, 3, size, size, device=device)))
+    if out.ndim != 2 or out.shape[1] != num_classes:
+        raise ConfigError(f"--teacher: gives outputs of shape {tuple(out.shape)} at {size} px, "
+                          f"expected (1, {num_classes}) for the {num_classes} classes")
+    return teacher
+
+
+# --------------------------------------------------------------------------- reports
+def summarize(key: str, values) -> dict:
+    """``{key_mean, key_std}`` over seeds (numpy std, ddof 0, as the DD literature reports)."""
+    v = np.asarray(values, dtype=np.float64)
+    return {f"{key}_mean": float(v.mean()), f"{key}_std": float(v.std())}
+
+
+def append_manifest(out_dir: str, key: str, entry: dict) -> str | None:
+    """Append ``entry`` to the list ``manifest[key]`` of OUT/manifest.json, atomically; None if absent."""
+    path = os.path.join(out_dir, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        log.warning("not recording %s in %s: cannot read it (%s)", key, path, e)
+        return None
+    old = manifest.get(key)
+    manifest[key] = (old if isinstance(old, list) else [old] if old else []) + [entry]
+    atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    return path
+
+
+def markdown_table(result: dict) -> str:
+    """Per net: params, best and final top-1 mean ± std, and each seed's best / final."""
+    lines = [f"# Evaluation ({result['protocol']}): {result['distilled']}", "",
+             f"{result['num_classes']} classes, IPC {result['ipc']}, {result['size']} px, {result['epochs']} epochs, "
+             f"validation {result['real_val']} ({result['n_val']} images); top-1 %, mean ± std over "
+             f"{len(result['seeds'])} seeds", "",
+             "| net | params | best top-1 | final top-1 | per seed best | per seed final |",
+             "|---|---:|---:|---:|---|---|"]
+    for net, r in result["nets"].items():
+        per_best = ", ".join(f"{s['best']:.2f}" for s in r["seeds"])
+        per_final = ", ".join(f"{s['final']:.2f}" for s in r["seeds"])
+        lines.append(f"| {net} | {r['params'] / 1e6:.2f}M | {r['best_mean']:.2f} ± {r['best_std']:.2f} | "
+                     f"{r['final_mean']:.2f} ± {r['final_std']:.2f} | {per_best} | {per_final} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_eval_outputs(result: dict, distilled: str, out_json: str | None) -> None:
+    out_json = out_json or os.path.join(distilled, "eval.json")
+    out_md = os.path.splitext(out_json)[0] + ".md"
+    result["files"] = {"json": os.path.abspath(out_json), "markdown": os.path.abspath(out_md)}
+    entry = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+             "file": result["files"]["json"], "protocol": result["protocol"], "size": result["size"],
+             "epochs": result["epochs"], "seeds": result["seeds"], "real_val": result["real_val"],
+             "nets": {n: {k: r[k] for k in ("best_mean", "best_std", "final_mean", "final_std")}
+                      for n, r in result["nets"].items()}}
+    result["manifest"] = append_manifest(os.path.abspath(distilled), "eval", entry)
+    atomic_write_text(out_json, json.dumps(result, indent=2, sort_keys=True, default=str))
+    atomic_write_text(out_md, markdown_table(result))
+
+
+# --------------------------------------------------------------------------- entry point
+def evaluate(distilled: str, real_val: str, *, nets=("convnet6",), seeds=3, epochs: int | None = None,
+             size: int | None = None, batch_size: int | None = None, lr: float | None = None,
+             device: str = "auto", teacher=None, temperature: float = 1.0, eval_every: int | None = None,
+             val_batch_size: int = 500, out_json: str | None = None, progress: bool = True) -> dict:
+    """Train each net of ``nets`` on the distilled folder for each seed; test on ``real_val``.
+
+    distilled: OUT/<class>/<i>.png (``latents/``, ``modes/`` are ignored); real_val:
+    VAL/<class>/<image> with the same class names (labels: sorted class names).
+    seeds: a count (seeds 0..n-1) or a list of seeds. epochs / batch_size / lr:
+    None = SPEC 7's defaults for the IPC and class count. size: None = 224 for
+    images of >= 224 px, else their own size. teacher: None (hard labels) or a
+    module / file / state dict (see nets.load_net) -> soft-label protocol.
+    Writes ``out_json`` (default OUT/eval.json), the markdown table beside it
+    (.md) and appends a summary to OUT/manifest.json's "eval" list if it exists.
+    Returns the dict written to the JSON: per net, per seed best / final top-1
+    (percent) and their mean / std (numpy std, ddof 0) over seeds.
+    """
+    nets = parse_nets(nets)
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    if not seed_list or (isinstance(seeds, int) and seeds < 1):
+        raise ConfigError(f"--seeds {seeds}: must be >= 1")
+    for name, v in (("--epochs", epochs), ("--size", size), ("--batch-size", batch_size),
+                    ("--eval-every", eval_every), ("--val-batch-size", val_batch_size)):
+        if v is not None and v < 1:
+            raise ConfigError(f"{name} {v}: must be >= 1")
+    if lr is not None and not lr > 0:
+        raise ConfigError(f"--lr {lr}: must be > 0")
+    dev = resolve_device(device)
+    classes, dist, val = match_classes(distilled, real_val)
+    num_classes = len(classes)
+    ipc = max(len(e.files) for e in dist)
+    size = size or default_size(native_size(dist))
+    soft = teacher is not None
+    hp = default_hparams(num_classes, soft)
+    hp["lr"] = lr or hp["lr"]
+    hp["batch_size"] = batch_size or hp["batch_size"]
+    epochs = epochs or (300 if soft else default_epochs(ipc, num_classes))
+    teacher_mod = _check_teacher(load_net(teacher, num_classes=num_classes, size=size), num_classes, size, dev) \
+        if soft else None
+
+    t0 = time.perf_counter()
+    x, y = load_images(dist, size, progress=progress, desc="load distilled")
+    train = Split.place(x, y, dev)
+    x, y = load_images(val, size, resize=VAL_RESIZE, progress=progress, desc="load validation")
+    valset = Split.place(x, y, dev)
+    del x, y
+    augment = TrainAugment(size)
+    results = {}
+    old_bench = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = dev.type == "cuda"
+    try:
+        for net in nets:
+            runs = [train_net(net, train, valset, num_classes, size=size, epochs=epochs, hp=hp, seed=s, device=dev,
+                              teacher=teacher_mod, temperature=temperature, eval_every=eval_every, augment=augment,
+                              val_batch_size=val_batch_size, progress=progress, desc=f"{net} seed {s}")
+                    for s in seed_list]
+            results[net] = {"params": runs[0]["params"], "seeds": runs,
+                            **summarize("best", [r["best"] for r in runs]),
+                            **summarize("final", [r["final"] for r in runs])}
+    finally:
+        torch.backends.cudnn.benchmark = old_bench
+
+    result = {
+        "format": "manifoldgd_fast.eval/1",
+        "protocol": "soft-label" if soft else "hard-label",
+        "distilled": os.path.abspath(distilled), "real_val": os.path.abspath(real_val),
+        "classes": classes, "num_classes": num_classes, "ipc": ipc, "n_train": len(train), "n_val": len(valset),
+        "size": size, "val_preprocess": f"resize {max(size, round(size * VAL_RESIZE))}, centre crop {size}",
+        "epochs": epochs, "eval_every": eval_every or max(1, epochs // 100), "hparams": hp,
+        "temperature": temperature if soft else None,
+        "teacher": (teacher if isinstance(teacher, str) else type(teacher).__name__) if soft else None,
+        "augment": augment.describe(), "seeds": seed_list,
+        "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
+        "precision": "bf16 autocast, channels_last" if dev.type == "cuda" else "fp32",
+        "versions": {"torch": torch.__version__, "numpy": np.__version__},
+        "time_s": round(time.perf_counter() - t0, 3), "nets": results,
+    }
+    write_eval_outputs(result, distilled, out_json)
+    return result

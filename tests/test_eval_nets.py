@@ -1,0 +1,146 @@
+"""Evaluation nets: parameter counts against the published / IDC figures, shapes at every stem, loading."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from manifoldgd_fast.errors import ConfigError
+from manifoldgd_fast.eval import nets as N
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # 2 shared cores: one intra-op thread is ~10x faster than two under contention
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _conv(cin, cout, k, bias):
+    return cin * cout * k * k + (cout if bias else 0)
+
+
+def _convnet_count(depth, width, side, classes):
+    """IDC ConvNet: conv3x3 (bias) + GroupNorm affine per layer, linear on width * side^2."""
+    n = _conv(3, width, 3, True) + (depth - 1) * _conv(width, width, 3, True) + depth * 2 * width
+    return n + width * side * side * classes + classes
+
+
+def _resnet_count(blocks, classes, stem_k):
+    """BasicBlock ResNet without conv biases, a norm (2C) after every conv, 1x1 downsample on channel change."""
+    n = _conv(3, 64, stem_k, False) + 2 * 64
+    c_in = 64
+    for i, nb in enumerate(blocks):
+        c = 64 * 2 ** i
+        for b in range(nb):
+            cin = c_in if b == 0 else c
+            n += _conv(cin, c, 3, False) + _conv(c, c, 3, False) + 4 * c
+            if cin != c:
+                n += _conv(cin, c, 1, False) + 2 * c
+        c_in = c
+    return n + 512 * classes + classes
+
+
+@pytest.mark.parametrize("name,classes,expected,published_m", [
+    ("convnet6", 10, 754_570, 0.75),      # IDC ConvNet-6 at 224 px (final map 3x3)
+    ("resnetap10", 10, 4_910_922, 4.9),   # IDC resnet_ap.py __main__ prints "4.9M" for 10 classes
+    ("resnet18", 10, 11_181_642, 11.2),   # the ~11.2M ResNet-18 of the 10-class DD tables
+    ("resnet18", 1000, 11_689_512, 11.7),  # torchvision resnet18: 11,689,512 (He et al. 11.7M)
+])
+def test_parameter_counts_at_224(name, classes, expected, published_m):
+    net = N.build_net(name, classes, 224)
+    count = N.count_parameters(net)
+    assert count == expected
+    assert round(count / 1e6, 1) == published_m or round(count / 1e6, 2) == published_m
+
+
+def test_parameter_counts_match_closed_forms():
+    assert N.count_parameters(N.build_net("convnet6", 10, 224)) == _convnet_count(6, 128, 3, 10)
+    assert N.count_parameters(N.build_net("convnet6", 7, 32)) == _convnet_count(6, 128, 2, 7)
+    assert N.count_parameters(N.build_net("resnetap10", 10, 224)) == _resnet_count((1, 1, 1, 1), 10, 7)
+    assert N.count_parameters(N.build_net("resnet18", 1000, 224)) == _resnet_count((2, 2, 2, 2), 1000, 7)
+    assert N.count_parameters(N.build_net("resnet18", 10, 32)) == _resnet_count((2, 2, 2, 2), 10, 3)
+
+
+def test_stem_kind_thresholds():
+    assert [N.stem_kind(s) for s in (8, 64, 65, 128, 129, 224)] == ["small", "small", "mid", "mid", "large", "large"]
+
+
+def _norm_sides(net, x):
+    sides = []
+    hooks = [m.register_forward_hook(lambda m_, i, o: sides.append(o.shape[-1]))
+             for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
+    with torch.no_grad():
+        out = net(x)
+    for h in hooks:
+        h.remove()
+    return out, sides
+
+
+@pytest.mark.parametrize("name", N.NET_NAMES)
+@pytest.mark.parametrize("size", [5, 8, 16, 32, 96, 136])
+def test_forward_shapes_and_no_collapsed_maps(name, size):
+    torch.manual_seed(0)
+    net = N.build_net(name, 7, size).eval()
+    x = torch.randn(3, 3, size, size)
+    out, sides = _norm_sides(net, x)
+    assert out.shape == (3, 7) and torch.isfinite(out).all()
+    assert net.forward_features(x).shape == (3, net.feature_dim)
+    # instance norm of a 1x1 map is constant: every normalised map keeps >= 2 px
+    assert min(sides) >= 2
+    # the output depends on the input (a collapsed map would give identical rows)
+    assert (out[0] - out[1]).abs().max() > 1e-4
+
+
+def test_convnet_at_224_is_idc_layout():
+    net = N.build_net("convnet6", 10, 224)
+    assert net.feature_dim == 128 * 3 * 3
+    assert sum(isinstance(m, torch.nn.AvgPool2d) for m in net.modules()) == 6
+    assert all(m.num_groups == m.num_channels for m in net.modules() if isinstance(m, torch.nn.GroupNorm))
+
+
+def test_resnetap_uses_average_pooling_not_strided_convs():
+    net = N.build_net("resnetap10", 10, 224)
+    assert all(m.stride == (1, 1) for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    r18 = N.build_net("resnet18", 10, 224)
+    assert any(m.stride == (2, 2) for m in r18.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+def test_parse_and_build_errors():
+    assert N.parse_nets("convnet6, resnet18,convnet6") == ["convnet6", "resnet18"]
+    assert N.parse_nets(("resnetap10",)) == ["resnetap10"]
+    with pytest.raises(ConfigError, match="resnet50"):
+        N.parse_nets("convnet6,resnet50")
+    with pytest.raises(ConfigError, match="no net"):
+        N.parse_nets(" , ")
+    with pytest.raises(ConfigError, match="--size 1"):
+        N.build_net("convnet6", 10, 1)
+
+
+def test_checkpoint_and_state_dict_roundtrip(tmp_path):
+    torch.manual_seed(1)
+    net = N.build_net("resnetap10", 4, 16).eval()
+    x = torch.randn(2, 3, 16, 16)
+    path = tmp_path / "ck.pt"
+    torch.save(N.net_checkpoint(net, note="x"), path)
+    a = N.load_net(str(path))
+    assert a.net_name == "resnetap10" and torch.allclose(a(x), net(x))
+    # a bare state dict: the matching architecture is found
+    torch.save(net.state_dict(), tmp_path / "sd.pt")
+    b = N.load_net(str(tmp_path / "sd.pt"), num_classes=4, size=16)
+    assert b.net_name == "resnetap10" and torch.allclose(b(x), net(x))
+    # a whole pickled module
+    torch.save(net, tmp_path / "mod.pt")
+    assert torch.allclose(N.load_net(str(tmp_path / "mod.pt"))(x), net(x))
+
+
+def test_load_net_errors(tmp_path):
+    with pytest.raises(ConfigError, match="--teacher .*nope.pt: no such file"):
+        N.load_net(str(tmp_path / "nope.pt"))
+    torch.save(N.build_net("convnet6", 4, 16).state_dict(), tmp_path / "sd.pt")
+    with pytest.raises(ConfigError, match="matches none"):
+        N.load_net(str(tmp_path / "sd.pt"), num_classes=5, size=16)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="--encoder .*junk.pt: cannot load"):
+        N.load_net(str(tmp_path / "junk.pt"), what="--encoder")

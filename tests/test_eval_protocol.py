@@ -1,0 +1,250 @@
+"""Training protocol: SPEC 7 defaults, device-side augmentation, a tiny run that learns, outputs, bad input, CLI."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_image_folder
+from PIL import Image
+
+from manifoldgd_fast.errors import ConfigError, DataError
+from manifoldgd_fast.eval import augment as A
+from manifoldgd_fast.eval import cli_eval
+from manifoldgd_fast.eval import protocol as P
+
+CLASSES = ["ant", "bee", "cat"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
+def folders(tmp_path):
+    """Distilled (3 classes x 4, plus latents/ and a manifest) and validation (3 x 6) folders, colour-coded."""
+    dist = make_image_folder(tmp_path / "out", CLASSES, 4, size=16, seed=1)
+    os.makedirs(os.path.join(dist, "latents"))
+    open(os.path.join(dist, "latents", "ant.safetensors"), "wb").close()
+    with open(os.path.join(dist, "manifest.json"), "w") as f:
+        json.dump({"tool": "manifoldgd-fast", "method": "manifoldgd"}, f)
+    val = make_image_folder(tmp_path / "val", CLASSES, 6, size=16, seed=2)
+    return dist, val
+
+
+# --------------------------------------------------------------------------- SPEC 7 settings
+@pytest.mark.parametrize("ipc,classes,epochs", [
+    (1, 10, 2000), (10, 10, 2000), (20, 10, 1500), (50, 10, 1500), (51, 10, 1000), (200, 10, 1000),
+    (10, 100, 1300), (50, 100, 1000), (100, 100, 600), (10, 1000, 2000)])
+def test_default_epochs(ipc, classes, epochs):
+    assert P.default_epochs(ipc, classes) == epochs
+
+
+def test_default_hparams():
+    assert P.default_hparams(10) == {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
+                                     "batch_size": 64, "schedule": "multistep x0.2 at 2/3, 5/6"}
+    big = P.default_hparams(1000)
+    assert (big["lr"], big["weight_decay"], big["batch_size"]) == (0.1, 1e-4, 128)
+    soft = P.default_hparams(10, soft=True)
+    assert (soft["optimizer"], soft["lr"], soft["weight_decay"]) == ("adamw", 1e-3, 0.01)
+    assert P.default_size(256) == 224 and P.default_size(32) == 32
+
+
+def test_lr_schedule_milestones():
+    lrs = [P.lr_at(e, 600, 0.01, "multistep") for e in (0, 399, 400, 499, 500, 599)]
+    assert np.allclose(lrs, [0.01, 0.01, 0.002, 0.002, 0.0004, 0.0004])
+    assert P.lr_at(0, 300, 1e-3, "cosine") == 1e-3 and abs(P.lr_at(150, 300, 1e-3, "cosine") - 5e-4) < 1e-12
+
+
+# --------------------------------------------------------------------------- augmentation
+def test_resized_crop_identity_flip_and_exact_crop():
+    x = torch.rand(4, 3, 12, 12)
+    full = torch.tensor([[0, 0, 12, 12.0]] * 4)
+    assert torch.allclose(A.resized_crop(x, full, 12), x, atol=1e-5)
+    assert torch.allclose(A.resized_crop(x, full, 12, torch.tensor([True, False, True, False]))[0], x[0].flip(-1),
+                          atol=1e-5)
+    box = torch.tensor([[2, 3, 6, 6.0]] * 4)
+    assert torch.allclose(A.resized_crop(x, box, 6), x[..., 2:8, 3:9], atol=1e-5)
+
+
+def test_crop_boxes_follow_random_resized_crop():
+    g = torch.Generator().manual_seed(0)
+    b = A.crop_boxes(2000, 20, 30, g, "cpu")
+    top, left, h, w = b.unbind(1)
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 20).all() and (left + w <= 30).all()
+    area = h * w / 600
+    assert area.min() >= 0.45 and area.max() <= 1.0 and (w / h).min() >= 0.7 and (w / h).max() <= 1.4
+    again = A.crop_boxes(2000, 20, 30, torch.Generator().manual_seed(0), "cpu")
+    assert torch.equal(b, again)
+
+
+def test_jitter_lighting_cutmix():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 8, 8)
+    assert torch.allclose(A.color_jitter(x, g, (0.0, 0.0, 0.0)), x)
+    assert torch.allclose(A.lighting(x, g, 0.0), x)
+    y = A.color_jitter(x, g)
+    assert y.shape == x.shape and not torch.allclose(y, x)
+    # grey images stay grey under jitter (every op lerps towards a grey target)
+    grey = x[:, :1].expand(-1, 3, -1, -1)
+    jg = A.color_jitter(grey, g)
+    assert torch.allclose(jg[:, 0], jg[:, 1], atol=1e-6) and torch.allclose(jg[:, 1], jg[:, 2], atol=1e-6)
+    # CutMix: image i is constant i; the pasted region is one box of area (1 - ratio) H W from the partner
+    flat = torch.arange(6.0).view(6, 1, 1, 1).expand(6, 3, 10, 10)
+    for seed in range(20):
+        mixed, partner, ratio = A.cutmix(flat, torch.Generator().manual_seed(seed))
+        assert sorted(partner.tolist()) == list(range(6))
+        for i in range(6):
+            inside = mixed[i, 0] == partner[i]
+            assert ((mixed[i] == i) | inside).all()
+            if partner[i] != i:
+                assert abs(inside.sum().item() - (1 - ratio) * 100) < 1e-6
+                rows, cols = inside.any(1).nonzero(), inside.any(0).nonzero()
+                if len(rows):
+                    box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+                    assert box == inside.sum()
+    aug = A.TrainAugment(8)
+    u = (torch.rand(5, 3, 16, 16) * 255).to(torch.uint8)
+    out1 = aug(u, torch.Generator().manual_seed(7))
+    out2 = aug(u, torch.Generator().manual_seed(7))
+    assert out1.shape == (5, 3, 8, 8) and torch.equal(out1, out2)
+
+
+def test_load_images_is_exact_and_centre_crops(tmp_path):
+    arr = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    os.makedirs(tmp_path / "v" / "a")
+    Image.fromarray(arr).save(tmp_path / "v" / "a" / "0.png")
+    entries = P.scan_image_folder(str(tmp_path / "v"), label_map="sorted")
+    x, y = P.load_images(entries, 16)
+    assert torch.equal(x[0], torch.from_numpy(arr).permute(2, 0, 1)) and y.tolist() == [0]
+    # resize 256/224 then centre crop: at 14 px the loaded side is 16, so the crop is the image's centre
+    x, _ = P.load_images(entries, 14, resize=16 / 14)
+    assert torch.equal(x[0], torch.from_numpy(arr[1:15, 1:15]).permute(2, 0, 1))
+
+
+# --------------------------------------------------------------------------- training runs
+def test_tiny_run_learns_and_writes_outputs(folders):
+    dist, val = folders
+    res = P.evaluate(dist, val, nets=("convnet6",), seeds=1, epochs=30, size=8, batch_size=4, device="cpu",
+                     progress=False)
+    r = res["nets"]["convnet6"]
+    assert res["classes"] == CLASSES and res["ipc"] == 4 and res["n_train"] == 12 and res["n_val"] == 18
+    assert res["protocol"] == "hard-label" and res["hparams"]["lr"] == 0.01
+    assert r["best_mean"] > 60.0  # chance is 33.3
+    assert r["best_mean"] >= r["final_mean"] and r["best_std"] == 0.0 and len(r["seeds"]) == 1
+    assert r["seeds"][0]["history"][-1][0] == 30
+    with open(os.path.join(dist, "eval.json")) as f:
+        assert json.load(f)["nets"]["convnet6"]["best_mean"] == r["best_mean"]
+    md = open(os.path.join(dist, "eval.md")).read()
+    assert "| convnet6 |" in md and f"{r['best_mean']:.2f} ± 0.00" in md
+    with open(os.path.join(dist, "manifest.json")) as f:
+        man = json.load(f)
+    assert man["method"] == "manifoldgd" and len(man["eval"]) == 1
+    assert man["eval"][0]["nets"]["convnet6"]["best_mean"] == r["best_mean"]
+
+
+def test_seeded_training_is_deterministic_and_seeds_differ():
+    x = (torch.rand(6, 3, 8, 8) * 255).to(torch.uint8)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    split = P.Split(x, y)
+    hp = dict(P.default_hparams(3), batch_size=4)
+    run = lambda seed: P.train_net("convnet6", split, split, 3, size=8, epochs=2, hp=hp, seed=seed,  # noqa: E731
+                                   device=torch.device("cpu"), progress=False, return_model=True)
+    a, b, c = run(0), run(0), run(1)
+    pa, pb, pc = (torch.cat([p.flatten() for p in r["model"].parameters()]) for r in (a, b, c))
+    assert torch.equal(pa, pb) and not torch.equal(pa, pc)
+
+
+class ColourOracle(torch.nn.Module):
+    """A teacher that knows the task: class c is the image whose channel c % 3 is brightest."""
+
+    def forward(self, x):
+        return 5.0 * x.mean(dim=(2, 3))  # (B, 3) logits
+
+
+def test_soft_label_variant_learns(folders):
+    dist, val = folders
+    res = P.evaluate(dist, val, nets="convnet6", seeds=[3], epochs=30, size=8, batch_size=4, device="cpu",
+                     teacher=ColourOracle(), progress=False, out_json=os.path.join(dist, "soft.json"))
+    assert res["protocol"] == "soft-label" and res["hparams"]["optimizer"] == "adamw" and res["seeds"] == [3]
+    assert res["nets"]["convnet6"]["best_mean"] > 60.0
+    assert os.path.isfile(os.path.join(dist, "soft.md"))
+
+
+def test_teacher_with_wrong_outputs_is_refused(folders):
+    dist, val = folders
+    wrong = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 5))
+    with pytest.raises(ConfigError, match=r"--teacher.*\(1, 3\)"):
+        P.evaluate(dist, val, epochs=1, size=8, device="cpu", teacher=wrong, progress=False)
+
+
+# --------------------------------------------------------------------------- bad input
+def _one_line(e):
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_empty_distilled_folder(tmp_path, folders):
+    _, val = folders
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(DataError) as e:
+        P.evaluate(str(tmp_path / "empty"), val, epochs=1, device="cpu", progress=False)
+    assert "empty" in _one_line(e) and "no class folders" in str(e.value)
+    with pytest.raises(DataError, match="does not exist"):
+        P.evaluate(str(tmp_path / "missing"), val, epochs=1, device="cpu", progress=False)
+
+
+def test_empty_class_folder(folders):
+    dist, val = folders
+    for f in os.listdir(os.path.join(dist, "bee")):
+        os.remove(os.path.join(dist, "bee", f))
+    with pytest.raises(DataError) as e:
+        P.evaluate(dist, val, epochs=1, device="cpu", progress=False)
+    assert "bee" in _one_line(e) and "no images" in str(e.value)
+
+
+def test_class_mismatch_names_missing_and_extra(tmp_path, folders):
+    dist, _ = folders
+    val = make_image_folder(tmp_path / "val2", ["ant", "bee", "dog"], 2, size=16)
+    with pytest.raises(DataError) as e:
+        P.evaluate(dist, val, epochs=1, device="cpu", progress=False)
+    msg = _one_line(e)
+    assert "missing from the distilled set: dog" in msg and "not in the validation set: cat" in msg
+
+
+def test_bad_parameters(folders):
+    dist, val = folders
+    for kw, flag in [({"seeds": 0}, "--seeds"), ({"epochs": 0}, "--epochs"), ({"lr": -1.0}, "--lr"),
+                     ({"nets": "vgg"}, "vgg"), ({"device": "tpu9"}, "--device")]:
+        with pytest.raises(ConfigError, match=flag):
+            P.evaluate(dist, val, progress=False, **kw)
+
+
+# --------------------------------------------------------------------------- CLI
+def _parser():
+    p = argparse.ArgumentParser(prog="manifoldgd-fast")
+    sub = p.add_subparsers(dest="command")
+    cli_eval.add_eval_args(sub.add_parser("eval"))
+    cli_eval.add_metrics_args(sub.add_parser("metrics"))
+    return p
+
+
+def test_cli_eval_end_to_end(folders, capsys):
+    dist, val = folders
+    ns = _parser().parse_args(["eval", "--distilled", dist, "--real-val", val, "--nets", "convnet6,resnetap10",
+                               "--seeds", "0,1", "--epochs", "2", "--size", "8", "--batch-size", "6",
+                               "--device", "cpu", "--no-progress"])
+    assert ns.seeds == [0, 1] and ns.nets == "convnet6,resnetap10"
+    res = cli_eval.run_eval_from_args(ns)
+    out = capsys.readouterr().out
+    assert "| convnet6 |" in out and "| resnetap10 |" in out and "eval.json" in out
+    assert set(res["nets"]) == {"convnet6", "resnetap10"} and len(res["nets"]["resnetap10"]["seeds"]) == 2
+    defaults = _parser().parse_args(["eval", "--distilled", dist, "--real-val", val])
+    assert defaults.nets == "convnet6,resnetap10,resnet18" and defaults.seeds == 3 and defaults.progress
