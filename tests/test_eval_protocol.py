@@ -229,11 +229,20 @@ def test_bad_parameters(folders):
 
 # --------------------------------------------------------------------------- CLI
 def _parser():
-    p = argparse.ArgumentParser(prog="manifoldgd-fast")
-    sub = p.add_subparsers(dest="command")
-    cli_eval.add_eval_args(sub.add_parser("eval"))
-    cli_eval.add_metrics_args(sub.add_parser("metrics"))
-    return p
+    from manifoldgd_fast.cli import build_parser  # the real CLI's parser
+
+    return build_parser()
+
+
+def test_cli_main_eval_bad_input_exit_2(folders, tmp_path, capsys):
+    from manifoldgd_fast.cli import main
+
+    dist, val = folders
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["eval", "--distilled", str(empty), "--real-val", val, "--epochs", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("manifoldgd-fast: error:") and "Traceback" not in err[0]
 
 
 def test_cli_eval_end_to_end(folders, capsys):
