@@ -1,5 +1,4 @@
 """CGS: closed-form gradients against autograd and finite differences; the set is one set."""
-import os
 
 import pytest
 import torch

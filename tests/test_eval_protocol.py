@@ -1,7 +1,6 @@
 """Training protocol: SPEC 7 defaults, device-side augmentation, a tiny run that learns, outputs, bad input, CLI."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
