@@ -147,3 +147,77 @@ class Guidance:
         with phase("mode_term"):
             sigma = float(self.schedule.sqrt_one_minus_alphas_cumprod[i])
             return eps - (c.lambda_m * sigma * g).view(B, *eps.shape[1:]).to(eps.dtype)
+
+
+class StepGuidance:
+    """ManifoldGD / MGD3 guidance as a backend for any eps-prediction sampling loop.
+
+    Built once from the modes (and, for the paper formulation, the class
+    latents); called once per denoising step with the current latents, the
+    (CFG-mixed) eps and the step index; returns the guided eps for the
+    caller's own scheduler::
+
+        guide = StepGuidance(modes, timesteps=scheduler.timesteps, formulation="official")
+        for step, t in enumerate(scheduler.timesteps):
+            eps = ...                                   # the DiT forward + CFG
+            eps = guide(x, eps, step)                   # guided eps
+            x = scheduler.step(eps, t, x).prev_sample
+
+    Both formulations act in eps space: the paper one is ``eps - lambda_M
+    sigma_t g`` already; the official one adds its mode and manifold terms to
+    x0_hat (its DDIM rule, SPEC 4b) and returns the eps that gives that x0_hat,
+    ``eps - sqrt(abar / (1 - abar)) * term``. With DDIM this equals the
+    built-in official DDIM sampler exactly.
+
+    Args:
+        modes: (B, C, h, w) one mode per sample of the batch.
+        timesteps: the loop's training timesteps, in the loop's order (descending).
+        formulation / method: "official" | "paper"; "manifoldgd" | "mgd3".
+        class_latents: (n, C, h, w) latents of the modes' class (paper formulation).
+        n_classes: sets the dataset-dependent defaults (<= 10: ImageNette values).
+        seed: per-sample cloud / patch noise derives from it.
+        **params: any DistillConfig guidance parameter (lambda_m, k, d, manifold_radius, ...).
+    """
+
+    def __init__(self, modes: torch.Tensor, *, timesteps, formulation: str = "official",
+                 method: str = "manifoldgd", class_latents: torch.Tensor | None = None, n_classes: int = 1000,
+                 t_stop: int | None = None, seed: int = 0, num_train_timesteps: int = 1000, **params):
+        from .config import derive_seed
+        from .schedule import schedule_from_timesteps
+
+        ts = [int(t) for t in timesteps]
+        if any(a <= b for a, b in zip(ts, ts[1:])):
+            raise ValueError("timesteps must be strictly decreasing, in the order the loop visits them")
+        steps = len(ts)
+        cfg = DistillConfig(method=method, formulation=formulation, steps=steps, ipc=modes.shape[0],
+                            t_stop=steps // 2 if t_stop is None else t_stop, **params).resolve(n_classes)
+        self.schedule = schedule_from_timesteps(ts, "ddim", num_train_timesteps=num_train_timesteps,
+                                                device=modes.device)
+        gens = [torch.Generator(device=modes.device).manual_seed(derive_seed(seed, "sample", b))
+                for b in range(modes.shape[0])]
+        kw = {}
+        if formulation == "paper" and method == "manifoldgd":
+            if class_latents is None:
+                raise ValueError("the paper formulation needs class_latents (n, C, h, w)")
+            zf = class_latents.flatten(1).float().to(modes.device)
+            order, dists = modes_mod.neighbourhood_order(zf, modes.flatten(1).float())
+            kw = dict(class_latents=zf, order=order, sorted_dists=dists,
+                      radii=modes_mod.class_radii(dists, cfg.r_min, cfg.r_max, cfg.radius_units))
+        self.cfg = cfg
+        self.generators = gens
+        self.guidance = Guidance(cfg, self.schedule, modes, gens, **kw)
+
+    @torch.no_grad()
+    def __call__(self, x_t: torch.Tensor, eps: torch.Tensor, step: int) -> torch.Tensor:
+        """Guided eps for the loop's ``step``-th step (0 = the first, noisiest one)."""
+        s = self.schedule
+        i = s.steps - 1 - int(step)
+        if not self.guidance.active(i):
+            return eps
+        x = x_t.float()
+        e = eps.float()
+        x0 = s.sqrt_recip_alphas_cumprod[i] * x - s.sqrt_recipm1_alphas_cumprod[i] * e
+        if self.cfg.formulation == "paper":
+            return self.guidance.paper_eps(i, x, x0, e).to(eps.dtype)
+        term = self.guidance.official_term(i, x, x0, None)
+        return (e - term / s.sqrt_recipm1_alphas_cumprod[i]).to(eps.dtype)

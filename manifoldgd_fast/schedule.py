@@ -73,9 +73,20 @@ class Schedule:
 
 def make_schedule(steps: int = 50, sampler: str = "ddpm", num_train_timesteps: int = 1000,
                   betas: np.ndarray | None = None, device="cpu") -> Schedule:
+    """The respaced schedule of ``steps`` sampling steps (ADM/DiT rule for ``sampler``)."""
+    kept = space_timesteps(num_train_timesteps, steps, sampler)
+    return schedule_from_timesteps(kept, sampler, num_train_timesteps=num_train_timesteps, betas=betas, device=device)
+
+
+def schedule_from_timesteps(kept, sampler: str = "ddim", num_train_timesteps: int = 1000,
+                            betas: np.ndarray | None = None, device="cpu") -> Schedule:
+    """The respaced schedule over any increasing list of kept training timesteps
+    (e.g. ``sorted(diffusers_scheduler.timesteps)``)."""
     base = linear_betas(num_train_timesteps) if betas is None else np.asarray(betas, dtype=np.float64)
     base_ac = np.cumprod(1.0 - base)
-    kept = space_timesteps(num_train_timesteps, steps, sampler)
+    kept = sorted(int(t) for t in kept)
+    if len(set(kept)) != len(kept) or kept[0] < 0 or kept[-1] >= len(base):
+        raise ConfigError(f"timesteps must be distinct and in [0, {len(base) - 1}], got {kept[:3]}...{kept[-3:]}")
     # Respaced betas from the kept cumulative products (SpacedDiffusion).
     new_betas, last = [], 1.0
     for t in kept:
