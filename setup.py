@@ -10,6 +10,7 @@ requires = [
     "tqdm",
     "pillow",
     "pyyaml",
+    "scikit-learn",  # load_digits: the embedded demo's data ships inside scikit-learn (no download)
 ]
 if sys.platform.startswith("linux"):
     requires.append("triton")
@@ -24,11 +25,12 @@ setup(
     # kernels/ lives at the top of the repo but is imported as manifoldgd_fast.kernels
     packages=["manifoldgd_fast", "manifoldgd_fast.kernels", "manifoldgd_fast.eval", "manifoldgd_fast.demo"],
     package_dir={"manifoldgd_fast": "manifoldgd_fast", "manifoldgd_fast.kernels": "kernels"},
-    package_data={"manifoldgd_fast": ["classlists/*.txt"]},
+    package_data={"manifoldgd_fast": ["classlists/*.txt", "weights/digits/SHA256SUMS.json",
+                                      "weights/digits/*/config.json", "weights/digits/*/*.safetensors"]},
     install_requires=requires,
     extras_require={
         "cuda": ["cupy-cuda12x", "nvtx"],
-        "dev": ["pytest", "pytest-benchmark", "scikit-learn", "hypothesis"],
+        "dev": ["pytest", "pytest-benchmark", "hypothesis"],
         "bench": ["pytest-benchmark", "matplotlib"],
     },
     entry_points={"console_scripts": ["manifoldgd-fast=manifoldgd_fast.cli:main"]},

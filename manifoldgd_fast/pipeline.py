@@ -47,6 +47,23 @@ def library_versions() -> dict[str, str]:
 # ----------------------------------------------------------------------------
 # stages
 # ----------------------------------------------------------------------------
+def with_demo_defaults(cfg: DistillConfig) -> DistillConfig:
+    """No --data and no --model: the embedded world (digits + the shipped tiny DiT and VAE).
+
+    The digits are exported once to ``<cache>/digits/{train,test}``; the
+    shipped weights are checked against their hashes before use.
+    """
+    if cfg.data is not None or cfg.model is not None or cfg.vae is not None:
+        return cfg
+    from .demo.digits import export_digits
+    from .shipped import verify_shipped
+
+    model = verify_shipped()
+    root = export_digits(cfg.cache_dir)
+    return dataclasses.replace(cfg, data=os.path.join(root, "train"), model=model,
+                               extra={**cfg.extra, "demo": "digits", "real_val": os.path.join(root, "test")})
+
+
 def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None = None):
     """Scan the data, load the models and fill the latent cache of this rank's classes.
 
@@ -54,6 +71,7 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
     latent counts of this rank's classes, models, device, cache folder.
     """
     shard = shard or Shard()
+    cfg = with_demo_defaults(cfg)
     from .data import class_list, scan_image_folder
     from .latents import cache_latents, latent_cache_dir
     from .models import dit_info, load_dit, load_vae, vae_info
@@ -205,7 +223,7 @@ def _distill(config: DistillConfig | dict, shard: Shard) -> DistillResult:
     from .latents import load_class_latents
 
     cfg = DistillConfig.from_dict(config) if isinstance(config, dict) else config
-    cfg.validate()
+    cfg = with_demo_defaults(cfg.validate())
     ctx = prepare(cfg, shard=shard)
     entries, mine = ctx["entries"], ctx["mine"]
     rcfg = cfg.resolve(len(entries))
@@ -226,7 +244,7 @@ def _distill(config: DistillConfig | dict, shard: Shard) -> DistillResult:
         tool="manifoldgd-fast", version=__version__, fingerprint=fp, formulation=rcfg.formulation,
         method=rcfg.method, config=rcfg.to_dict(), data=os.path.abspath(cfg.data), model=cfg.model,
         vae=cfg.vae or cfg.model, image_size=ctx["image_size"], latent_cache=ctx["cache"],
-        device=str(ctx["device"]), world_size=shard.world, versions=library_versions(), seeds={
+        device=str(ctx["device"]), world_size=shard.world, extra=cfg.extra, versions=library_versions(), seeds={
             "run": rcfg.seed, "class": "derive_seed(run, 'modes', class)",
             "sample": "derive_seed(run, 'sample', class, index)"},
         classes={},
@@ -360,9 +378,7 @@ def profile_run(config: DistillConfig | dict, *, classes: int = 1, out: str | No
     from .profile import profiling
 
     cfg = DistillConfig.from_dict(config) if isinstance(config, dict) else config
-    cfg.validate()
-    if cfg.data is None:
-        raise ConfigError("--data is required: the folder ROOT/<class>/<image> to profile on")
+    cfg = with_demo_defaults(cfg.validate())
     names = [e.name for e in scan_image_folder(cfg.data, classes=class_list(cfg.classes) if cfg.classes else None,
                                                 label_map=cfg.label_map)]
     tmp = None if out else tempfile.mkdtemp(prefix="manifoldgd-profile-")

@@ -212,3 +212,25 @@ def test_cache_and_modes_commands(tiny_world, tmp_path):
     assert main(["modes", *base, "--out", str(tmp_path / "m"), "--ipc", "3"]) == 0
     m = load_file(str(tmp_path / "m" / "modes" / "apple.safetensors"))["modes"]
     assert m.shape == (3, 4, 8, 8)
+
+
+def test_embedded_demo_runs_without_arguments(tmp_path, monkeypatch):
+    """No --data / --model: the shipped digits world; a short run on 2 classes, then its eval."""
+    import json as _json
+
+    monkeypatch.setenv("MANIFOLDGD_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    assert main(["distill", "--ipc", "1", "--classes", "3,7", "--steps", "10", "--t-stop", "5",
+                 "--out", str(out)]) == 0
+    man = _json.loads((out / "manifest.json").read_text())
+    assert man["extra"]["demo"] == "digits" and sorted(man["classes"]) == ["3", "7"]
+    assert man["classes"]["7"]["label"] == 7
+    with Image.open(out / "7" / "0.png") as im:
+        assert im.size == (32, 32)
+    assert main(["eval", "--distilled", str(out), "--epochs", "2", "--seeds", "1", "--no-progress"]) == 2  # classes 3,7 vs 10
+    assert main(["eval", "--distilled", str(tmp_path / "nowhere"), "--no-progress"]) == 2           # no --real-val
+    full = tmp_path / "full"
+    assert main(["distill", "--ipc", "1", "--steps", "4", "--t-stop", "2", "--out", str(full)]) == 0
+    assert main(["eval", "--distilled", str(full), "--epochs", "2", "--seeds", "1", "--no-progress"]) == 0
+    res = _json.loads((full / "eval.json").read_text())
+    assert list(res["nets"]) == ["convnet6"] and res["epochs"] == 2

@@ -32,10 +32,13 @@ def _seeds(text: str):
 
 def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("evaluation (SPEC 7)")
-    g.add_argument("--distilled", required=True, metavar="OUT", help="distilled folder OUT/<class>/<i>.png")
-    g.add_argument("--real-val", required=True, metavar="VAL",
-                   help="real validation folder VAL/<class>/<image>, the same class names")
-    g.add_argument("--nets", default=",".join(NET_NAMES), help=f"comma-separated, from {', '.join(NET_NAMES)}")
+    g.add_argument("--distilled", default="distilled", metavar="OUT",
+                   help="distilled folder OUT/<class>/<i>.png (default: distilled, where `distill` writes)")
+    g.add_argument("--real-val", default=None, metavar="VAL",
+                   help="real validation folder VAL/<class>/<image>, the same class names (default: the digits "
+                        "test split when OUT is the embedded demo's output)")
+    g.add_argument("--nets", default=None, help=f"comma-separated, from {', '.join(NET_NAMES)} "
+                                                f"(default: all three; convnet6 for the digits demo)")
     g.add_argument("--seeds", type=_seeds, default=3, help="number of seeds (0..n-1) or a list such as 0,5,7")
     g.add_argument("--epochs", type=int, default=None,
                    help="default: 2000 for IPC <= 10, 1500 <= 50, 1000 <= 200 (x 2/3 for 100 classes); 300 soft-label")
@@ -76,9 +79,37 @@ def add_metrics_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     return parser
 
 
+DEMO_EPOCHS = 200  # the digits demo: a few minutes on two CPU cores
+
+
+def _demo_real_val(distilled: str) -> str | None:
+    """The digits test split recorded by the embedded demo's manifest, if OUT is one."""
+    import json
+    import os
+
+    path = os.path.join(distilled, "manifest.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            extra = json.load(f).get("extra") or {}
+    except (OSError, ValueError):
+        return None
+    return extra.get("real_val") if extra.get("demo") == "digits" else None
+
+
 def run_eval_from_args(ns: argparse.Namespace) -> dict:
+    from ..errors import ConfigError
     from .protocol import evaluate, markdown_table
 
+    demo_val = _demo_real_val(ns.distilled)
+    if ns.real_val is None:
+        if demo_val is None:
+            raise ConfigError(f"--real-val is required: {ns.distilled} is not the embedded demo's output")
+        ns.real_val = demo_val
+    demo = ns.real_val == demo_val
+    if ns.nets is None:
+        ns.nets = "convnet6" if demo else ",".join(NET_NAMES)
+    if ns.epochs is None and demo:
+        ns.epochs = DEMO_EPOCHS
     res = evaluate(ns.distilled, ns.real_val, nets=ns.nets, seeds=ns.seeds, epochs=ns.epochs, size=ns.size,
                    batch_size=ns.batch_size, lr=ns.lr, device=ns.device, teacher=ns.teacher,
                    temperature=ns.temperature, eval_every=ns.eval_every, val_batch_size=ns.val_batch_size,

@@ -1,0 +1,213 @@
+"""The package's own small world: the digits export and the shipped digits DiT + VAE."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from manifoldgd_fast import models as M
+from manifoldgd_fast.demo import digits as D
+from manifoldgd_fast.errors import ModelError
+from manifoldgd_fast.shipped import SUMS_NAME, read_sums, shipped_model_dir, verify_shipped
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+SHIPPED_FILES = {"transformer/config.json", f"transformer/{WEIGHTS}", "vae/config.json", f"vae/{WEIGHTS}"}
+
+
+def _tree_digest(root: str) -> dict[str, str]:
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+# --------------------------------------------------------------------------- digits
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    return D.export_digits(str(tmp_path_factory.mktemp("cache")))
+
+
+def test_digits_export_layout_counts_and_stratification(exported):
+    assert os.path.basename(exported) == "digits"
+    total = 0
+    for split in D.SPLITS:
+        assert sorted(os.listdir(os.path.join(exported, split))) == list(D.DIGIT_CLASSES)
+        for c in D.DIGIT_CLASSES:
+            files = os.listdir(os.path.join(exported, split, c))
+            assert files and all(f.endswith(".png") for f in files)  # every class in both splits
+            total += len(files)
+    assert total == 1797
+    counts = {s: sum(len(os.listdir(os.path.join(exported, s, c))) for c in D.DIGIT_CLASSES) for s in D.SPLITS}
+    assert counts == {"train": 1438, "test": 359}
+    # Stratified: each class keeps ~20% in test.
+    for c in D.DIGIT_CLASSES:
+        n_test = len(os.listdir(os.path.join(exported, "test", c)))
+        n_all = n_test + len(os.listdir(os.path.join(exported, "train", c)))
+        assert n_test == round(0.2 * n_all)
+    # Train and test are disjoint, and the file names are load_digits indices.
+    names = {s: {int(f[:-4]) for c in D.DIGIT_CLASSES for f in os.listdir(os.path.join(exported, s, c))}
+             for s in D.SPLITS}
+    assert not names["train"] & names["test"] and names["train"] | names["test"] == set(range(1797))
+
+
+def test_digits_export_is_deterministic_and_idempotent(exported, tmp_path):
+    again = D.export_digits(str(tmp_path / "other"))
+    assert _tree_digest(again) == _tree_digest(exported)  # two exports: identical files
+    before = os.stat(os.path.join(exported, "train", "0")).st_mtime_ns
+    assert D.export_digits(os.path.dirname(exported)) == exported  # complete: left alone
+    assert os.stat(os.path.join(exported, "train", "0")).st_mtime_ns == before
+    assert [e for e in os.listdir(os.path.dirname(exported)) if e != "digits"] == []  # no temp leftovers
+
+
+def test_digits_export_replaces_an_incomplete_folder(tmp_path):
+    root = tmp_path / "digits"
+    (root / "train" / "3").mkdir(parents=True)
+    (root / "train" / "3" / "junk.png").write_bytes(b"not a png")
+    assert not D.is_complete(str(root))
+    assert D.export_digits(str(tmp_path)) == str(root)
+    assert D.is_complete(str(root)) and not (root / "train" / "3" / "junk.png").exists()
+
+
+def test_digits_pixels_match_the_package_loader(exported, monkeypatch, tmp_path):
+    from manifoldgd_fast.data import load_image, scan_image_folder
+
+    images, labels, indices = D.digits_arrays("test")
+    assert images.shape == (359, 32, 32, 3) and images.dtype == np.uint8
+    assert np.array_equal(images[..., 0], images[..., 2])  # grey on three equal channels
+    for k in (0, 123, 358):
+        x = load_image(os.path.join(exported, "test", str(labels[k]), f"{indices[k]}.png"), 32)
+        ref = torch.from_numpy(images[k]).permute(2, 0, 1).float() / 127.5 - 1
+        torch.testing.assert_close(x, ref, atol=0, rtol=0)
+    entries = scan_image_folder(os.path.join(exported, "train"), label_map="sorted")
+    assert [e.name for e in entries] == list(D.DIGIT_CLASSES) and [e.label for e in entries] == list(range(10))
+    monkeypatch.setenv("MANIFOLDGD_CACHE", str(tmp_path / "env"))
+    assert D.default_cache_dir() == str(tmp_path / "env")
+
+
+def test_split_is_seeded():
+    labels = np.repeat(np.arange(4), 10)
+    a, b = D.stratified_split(labels, 0.2, 0), D.stratified_split(labels, 0.2, 0)
+    assert np.array_equal(a, b) and all(a[labels == c].sum() == 2 for c in range(4))
+    assert not np.array_equal(a, D.stratified_split(labels, 0.2, 1))
+
+
+# --------------------------------------------------------------------------- shipped weights
+@pytest.fixture(scope="module")
+def shipped():
+    folder = shipped_model_dir()
+    return {"folder": folder, "dit": M.load_dit(folder), "vae": M.load_vae(folder)}
+
+
+def test_shipped_folder_verifies_and_is_small():
+    folder = shipped_model_dir()
+    assert folder.replace(os.sep, "/").endswith("manifoldgd_fast/weights/digits")
+    assert verify_shipped() == folder
+    sums = read_sums()
+    assert set(sums["files"]) == SHIPPED_FILES
+    total = sum(os.path.getsize(os.path.join(folder, f)) for f in SHIPPED_FILES)
+    assert total <= 10 * 1024 * 1024
+    meta = sums["training"]
+    for key in ("settings", "train_seconds", "versions", "check"):
+        assert key in meta
+    assert meta["settings"]["seed"] == 0 and meta["check"]["sample_accuracy"] >= 0.8
+
+
+def test_shipped_weights_load_through_the_package_loaders(shipped):
+    dit, vae = shipped["dit"], shipped["vae"]
+    assert M.dit_info(dit) == {"num_classes": 10, "null_class": 10, "latent_size": 8, "in_channels": 4,
+                               "out_channels": 8, "learned_sigma": True, "patch_size": 2}
+    info = M.vae_info(vae)
+    assert info["latent_channels"] == 4 and info["downsample"] == 4
+    assert info["scaling_factor"] != 0.18215 and 0.05 < info["scaling_factor"] < 20
+    assert not dit.training and not vae.training
+
+
+def test_shipped_forward_shapes_learned_sigma_and_null_class(shipped):
+    dit, vae = shipped["dit"], shipped["vae"]
+    images, _, _ = D.digits_arrays("test")
+    x = torch.from_numpy(images[:4]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+        assert z.shape == (4, 4, 8, 8)
+        rec = vae.decode(z / vae.config.scaling_factor).sample
+        assert rec.shape == (4, 3, 32, 32)
+        assert float((rec - x).abs().mean()) < 0.1  # the VAE reconstructs digits
+        t = torch.tensor([0, 250, 500, 999])
+        out = dit(z, timestep=t, class_labels=torch.tensor([0, 5, 9, 10])).sample  # 10 = null class
+        assert out.shape == (4, 8, 8, 8) and torch.isfinite(out).all()
+        table = dit.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
+        assert table.num_embeddings == 11
+        # The class conditions the prediction, and the null class differs from any digit.
+        same = z[:1].expand(2, -1, -1, -1)
+        a = dit(same, timestep=t[2:3].expand(2), class_labels=torch.tensor([3, 10])).sample
+        assert (a[0] - a[1]).abs().max() > 1e-3
+
+
+def test_verify_names_a_flipped_byte(tmp_path):
+    copy = tmp_path / "digits"
+    shutil.copytree(shipped_model_dir(), copy)
+    assert verify_shipped(str(copy)) == str(copy)
+    target = copy / "transformer" / WEIGHTS
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    target.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match=r"file transformer/diffusion_pytorch_model\.safetensors is damaged") as e:
+        verify_shipped(str(copy))
+    assert "\n" not in str(e.value)
+
+
+def test_verify_names_a_missing_file_and_sums(tmp_path):
+    copy = tmp_path / "digits"
+    shutil.copytree(shipped_model_dir(), copy)
+    (copy / "vae" / "config.json").unlink()
+    with pytest.raises(ModelError, match=r"file vae/config\.json is missing"):
+        verify_shipped(str(copy))
+    (copy / SUMS_NAME).unlink()
+    with pytest.raises(ModelError, match=f"{SUMS_NAME} is missing"):
+        verify_shipped(str(copy))
+    with pytest.raises(ModelError, match="is missing"):
+        verify_shipped(str(tmp_path / "nowhere"))
+
+
+def test_shipped_dit_draws_recognisable_digits(shipped):
+    """A small version of ``python -m manifoldgd_fast.demo.train --check``."""
+    from manifoldgd_fast.demo.train import check
+
+    result = check(shipped["folder"], per_class=2, log=lambda *a: None)
+    assert result["classifier_test_accuracy"] >= 0.95
+    assert result["sample_accuracy"] >= 0.7
+
+
+# --------------------------------------------------------------------------- training script
+def test_training_is_deterministic_and_resumable(tmp_path, monkeypatch):
+    from manifoldgd_fast.demo import train as T
+    from manifoldgd_fast.demo.train import Settings, train
+
+    full = T._images_tensor
+    monkeypatch.setattr(T, "_images_tensor", lambda split: tuple(a[:40] for a in full(split)))  # keep it fast
+
+    s = Settings(vae_steps=3, vae_batch=8, dit_steps=4, dit_batch=8, dit_warmup=2, dit_width=32,
+                 dit_layers=1)
+    quiet = lambda *a: None  # noqa: E731
+    train(s, str(tmp_path / "w1"), str(tmp_path / "o1"), save_every=100, check_per_class=0, log=quiet)
+    # Interrupted twice (mid-VAE, mid-DiT), then continued: the same weights.
+    w2, o2 = str(tmp_path / "w2"), str(tmp_path / "o2")
+    assert train(s, w2, o2, save_every=100, check_per_class=0, log=quiet, stop_after=2) is None
+    assert train(s, w2, o2, save_every=100, check_per_class=0, log=quiet, stop_after=3) is None
+    assert not os.path.exists(o2)
+    train(s, w2, o2, save_every=100, check_per_class=0, log=quiet)
+    a, b = read_sums(str(tmp_path / "o1")), read_sums(o2)
+    assert a["files"] == b["files"] and set(a["files"]) == SHIPPED_FILES
+    assert M.dit_info(M.load_dit(o2))["learned_sigma"]
+    # Other settings in the same work folder are refused.
+    from manifoldgd_fast.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="dit_steps"):
+        train(Settings(**{**s.__dict__, "dit_steps": 5}), w2, o2, log=quiet)
