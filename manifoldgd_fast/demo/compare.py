@@ -1,0 +1,167 @@
+"""The digits comparison table of the README, in one command.
+
+    python -m manifoldgd_fast.demo.compare [--out compare] [--ipc 1 5 10] [--seeds 3] [--epochs 200]
+
+For each IPC it builds five distilled sets of the digits train split and
+trains ConvNet-6 on each (hard labels, SPEC 7's optimiser and augmentation,
+``--epochs`` epochs, mean ± std over ``--seeds`` seeds), testing on the
+digits test split:
+
+- ``random``: IPC real train images per class, drawn at random (seeded);
+- ``kmeans``: the k-means centroids of the class latents, decoded by the VAE;
+- ``dit``, ``mgd3``, ``manifoldgd``: the sampler's three methods (official formulation);
+
+plus the whole real train split as the ceiling. Writes ``OUT/results.json``,
+``OUT/results.md`` and ``OUT/accuracy_vs_ipc.png`` (matplotlib, from the
+``bench`` extra). Every stage resumes: finished sets and evaluations are reused.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+
+import numpy as np
+import torch
+
+from ..config import DistillConfig, derive_seed
+from ..output import OutputWriter, atomic_write_text
+
+METHODS = ("random", "kmeans", "dit", "mgd3", "manifoldgd")
+
+
+def _random_real(train: str, out: str, ipc: int, seed: int) -> None:
+    from ..data import scan_image_folder
+
+    if os.path.isfile(os.path.join(out, "manifest.json")):
+        return
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for e in scan_image_folder(train, label_map="sorted"):
+        g = torch.Generator().manual_seed(derive_seed(seed, "random", e.name))
+        pick = torch.randperm(len(e.files), generator=g)[:ipc].tolist()
+        os.makedirs(os.path.join(tmp, e.name))
+        for i, j in enumerate(sorted(pick)):
+            shutil.copyfile(e.files[j], os.path.join(tmp, e.name, f"{i}.png"))
+    atomic_write_text(os.path.join(tmp, "manifest.json"), json.dumps({"method": "random", "ipc": ipc}))
+    os.replace(tmp, out)
+
+
+def _kmeans_decoded(base: DistillConfig, out: str) -> None:
+    from ..latents import load_class_latents
+    from ..pipeline import class_modes, decode_latents, prepare
+
+    if os.path.isfile(os.path.join(out, "manifest.json")):
+        return
+    cfg = DistillConfig.from_dict({**base.to_dict(), "method": "mgd3", "mode_method": "kmeans", "out": out})
+    ctx = prepare(cfg)
+    rcfg = cfg.resolve(len(ctx["entries"]))
+    writer = OutputWriter(out)
+    for e in ctx["entries"]:
+        z, _ = load_class_latents(ctx["cache"], e.name)
+        modes = class_modes(rcfg, e.name, z.float())
+        writer.write_class(e.name, decode_latents(ctx["vae"], modes, 64, torch.float32), modes, {"label": e.label})
+    writer.write_manifest({"method": "kmeans-decoded", "ipc": cfg.ipc, "config": rcfg.to_dict()})
+
+
+def _evaluate(folder: str, val: str, seeds: int, epochs: int) -> dict:
+    from ..eval.protocol import evaluate
+
+    path = os.path.join(folder, "eval.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            res = json.load(f)
+        if res.get("epochs") == epochs and len(res.get("seeds", [])) == seeds:
+            return res
+    return evaluate(folder, val, nets=("convnet6",), seeds=seeds, epochs=epochs, progress=False)
+
+
+def run(out: str, ipcs=(1, 5, 10), seeds: int = 3, epochs: int = 200, ceiling_epochs: int = 30,
+        seed: int = 0) -> dict:
+    from ..demo.digits import export_digits
+    from ..pipeline import distill
+
+    root = export_digits()
+    train, val = os.path.join(root, "train"), os.path.join(root, "test")
+    results: dict = {"epochs": epochs, "seeds": seeds, "ceiling_epochs": ceiling_epochs, "rows": {}}
+    for ipc in ipcs:
+        base = DistillConfig(ipc=ipc, seed=seed, contact_sheet=False)
+        for m in METHODS:
+            folder = os.path.join(out, f"{m}-ipc{ipc}")
+            if m == "random":
+                _random_real(train, folder, ipc, seed)
+            elif m == "kmeans":
+                _kmeans_decoded(base, folder)
+            else:
+                distill(DistillConfig.from_dict({**base.to_dict(), "method": m, "out": folder}))
+            r = _evaluate(folder, val, seeds, epochs)["nets"]["convnet6"]
+            results["rows"].setdefault(m, {})[ipc] = (r["best_mean"], r["best_std"], r["final_mean"], r["final_std"])
+            print(f"IPC {ipc:>2} {m:<11} best {r['best_mean']:.2f} ± {r['best_std']:.2f}  "
+                  f"final {r['final_mean']:.2f} ± {r['final_std']:.2f}", flush=True)
+    full = os.path.join(out, "full-train")
+    if not os.path.isdir(full):
+        shutil.copytree(train, full)
+    r = _evaluate(full, val, seeds, ceiling_epochs)["nets"]["convnet6"]
+    results["ceiling"] = (r["best_mean"], r["best_std"], r["final_mean"], r["final_std"])
+    atomic_write_text(os.path.join(out, "results.json"), json.dumps(results, indent=2))
+    atomic_write_text(os.path.join(out, "results.md"), table(results, ipcs))
+    plot(results, ipcs, os.path.join(out, "accuracy_vs_ipc.png"))
+    return results
+
+
+def table(results: dict, ipcs) -> str:
+    head = "| method | " + " | ".join(f"IPC {i}" for i in ipcs) + " |"
+    lines = [head, "|---" * (len(ipcs) + 1) + "|"]
+    for m, row in results["rows"].items():
+        cells = [f"{row[i][0]:.1f} ± {row[i][1]:.1f}" if i in row else "—" for i in ipcs]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    c = results["ceiling"]
+    lines.append(f"| full train set (ceiling, {results['ceiling_epochs']} epochs) | "
+                 + " | ".join([f"{c[0]:.1f} ± {c[1]:.1f}"] * len(ipcs)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, ipcs, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install -e '.[bench]'): no plot written")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m, row in results["rows"].items():
+        xs = [i for i in ipcs if i in row]
+        ys = np.array([row[i][0] for i in xs])
+        es = np.array([row[i][1] for i in xs])
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m)
+    ax.axhline(results["ceiling"][0], color="k", ls="--", lw=1, label="full train set")
+    ax.set_xscale("log")
+    ax.set_xticks(list(ipcs))
+    ax.set_xticklabels([str(i) for i in ipcs])
+    ax.set_xlabel("images per class (IPC)")
+    ax.set_ylabel("ConvNet-6 test top-1 (%)")
+    ax.set_title("Distilled digits: accuracy vs IPC")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="compare")
+    ap.add_argument("--ipc", type=int, nargs="+", default=[1, 5, 10])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=200)
+    ap.add_argument("--ceiling-epochs", type=int, default=30)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    res = run(a.out, a.ipc, a.seeds, a.epochs, a.ceiling_epochs, a.seed)
+    print(table(res, a.ipc))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
