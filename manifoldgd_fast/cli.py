@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="manifoldgd-fast",
                                 description="Dataset distillation with manifold-guided diffusion sampling "
                                             "(ManifoldGD), mode guidance (MGD3) and plain DiT.")
-    sub = p.add_subparsers(dest="command", metavar="{" + ",".join([*_COMMANDS, "eval", "metrics"]) + "}")
+    sub = p.add_subparsers(dest="command", metavar="{" + ",".join([*_COMMANDS, "eval", "metrics", "finetune"]) + "}")
     from .eval import cli_eval
 
     defaults = DistillConfig()
@@ -144,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("metrics", help=cli_eval.METRICS_HELP, description=cli_eval.METRICS_HELP,
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cli_eval.add_metrics_args(sp)
+    from .finetune import FINETUNE_HELP, add_finetune_args
+
+    sp = sub.add_parser("finetune", help=FINETUNE_HELP, description=FINETUNE_HELP,
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_finetune_args(sp)
     return p
 
 
@@ -182,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
             from .eval import cli_eval
 
             (cli_eval.run_eval_from_args if ns.command == "eval" else cli_eval.run_metrics_from_args)(ns)
+            return 0
+        if ns.command == "finetune":
+            from .finetune import run_finetune_from_args
+
+            run_finetune_from_args(ns)
             return 0
         cfg = config_from_args(ns).validate()
         from . import pipeline

@@ -60,8 +60,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, ManifoldGDError
-from ..schedule import linear_betas
 from ..shipped import shipped_model_dir, write_sums
+from ..training import Diffusion, disable_internal_label_dropout, ema_update, hybrid_loss
 from .digits import NUM_CLASSES, default_cache_dir, digits_arrays
 
 NULL_CLASS = NUM_CLASSES
@@ -248,80 +248,6 @@ def encode_means(vae, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
 # --------------------------------------------------------------------------- #
 # DiT
 # --------------------------------------------------------------------------- #
-class Diffusion:
-    """The float64 tables of DiT's 1000-step linear schedule, as float32 tensors."""
-
-    def __init__(self, num_train_timesteps: int = 1000):
-        b = linear_betas(num_train_timesteps)
-        ac = np.cumprod(1.0 - b)
-        ac_prev = np.append(1.0, ac[:-1])
-        post_var = b * (1.0 - ac_prev) / (1.0 - ac)
-        t = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
-        self.T = num_train_timesteps
-        self.sqrt_ac = t(np.sqrt(ac))
-        self.sqrt_1m_ac = t(np.sqrt(1.0 - ac))
-        self.sqrt_recip_ac = t(np.sqrt(1.0 / ac))
-        self.sqrt_recipm1_ac = t(np.sqrt(1.0 / ac - 1.0))
-        self.coef1 = t(b * np.sqrt(ac_prev) / (1.0 - ac))
-        self.coef2 = t((1.0 - ac_prev) * np.sqrt(1.0 - b) / (1.0 - ac))
-        self.post_log_var = t(np.log(np.append(post_var[1], post_var[1:])))
-        self.log_betas = t(np.log(b))
-
-
-def _bc(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return a[t].view(-1, 1, 1, 1)
-
-
-def _mean_flat(x: torch.Tensor) -> torch.Tensor:
-    return x.mean(dim=tuple(range(1, x.dim())))
-
-
-def normal_kl(mean1, logvar1, mean2, logvar2):
-    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise (nats)."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
-                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
-
-
-def _approx_std_normal_cdf(x):
-    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
-
-
-def discretized_gaussian_log_likelihood(x, means, log_scales):
-    """ADM's decoder log-likelihood of x (bins of width 2/255 on [-1, 1]), elementwise (nats)."""
-    centered = x - means
-    inv_stdv = torch.exp(-log_scales)
-    cdf_plus = _approx_std_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
-    cdf_min = _approx_std_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
-    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
-    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
-    log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
-    return torch.where(x < -0.999, log_cdf_plus,
-                       torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
-
-
-def hybrid_loss(model, d: Diffusion, x0, y, t, noise):
-    """DiT's training loss: (mse, vb) per sample; the loss is mse + vb.
-
-    vb is L_vb in bits per dimension with the model mean detached (it trains the
-    variance only): KL to the true posterior for t > 0, the decoder NLL at t = 0.
-    """
-    C = x0.shape[1]
-    x_t = _bc(d.sqrt_ac, t) * x0 + _bc(d.sqrt_1m_ac, t) * noise
-    out = model(x_t, timestep=t, class_labels=y).sample
-    eps, v = out[:, :C], out[:, C:]
-    mse = _mean_flat((noise - eps) ** 2)
-
-    frac = (v + 1) / 2
-    model_log_var = frac * _bc(d.log_betas, t) + (1 - frac) * _bc(d.post_log_var, t)
-    pred_x0 = _bc(d.sqrt_recip_ac, t) * x_t - _bc(d.sqrt_recipm1_ac, t) * eps.detach()
-    model_mean = _bc(d.coef1, t) * pred_x0 + _bc(d.coef2, t) * x_t
-    true_mean = _bc(d.coef1, t) * x0 + _bc(d.coef2, t) * x_t
-    kl = _mean_flat(normal_kl(true_mean, _bc(d.post_log_var, t), model_mean, model_log_var)) / math.log(2.0)
-    nll = -_mean_flat(discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var)) / math.log(2.0)
-    vb = torch.where(t == 0, nll, kl)
-    return mse, vb
-
-
 def dit_init(model) -> None:
     """DiT's initialisation: xavier linears, N(0, 0.02) embeddings, adaLN-zero and a zero output layer."""
     from diffusers.models.embeddings import LabelEmbedding, TimestepEmbedding
@@ -346,28 +272,6 @@ def dit_init(model) -> None:
     for lin in (model.proj_out_1, model.proj_out_2):
         torch.nn.init.zeros_(lin.weight)
         torch.nn.init.zeros_(lin.bias)
-
-
-def disable_internal_label_dropout(model) -> None:
-    """Labels are dropped by the training loop itself (with its own generator).
-
-    diffusers' DiT drops labels inside every block's own ``LabelEmbedding`` in
-    train mode, independently per block (and again for the output layer), from
-    the global RNG; one drop per sample, seen by all blocks, is what DiT does.
-    The null row (id ``num_classes``) stays in the table.
-    """
-    from diffusers.models.embeddings import LabelEmbedding
-
-    for m in model.modules():
-        if isinstance(m, LabelEmbedding):
-            assert m.embedding_table.num_embeddings == m.num_classes + 1
-            m.dropout_prob = 0.0
-
-
-@torch.no_grad()
-def ema_update(ema, model, decay: float) -> None:
-    for pe, pm in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(pm, 1.0 - decay)
 
 
 def train_dit(s: Settings, latents: torch.Tensor, labels: torch.Tensor, work: str, save_every: int,
@@ -406,7 +310,7 @@ def train_dit(s: Settings, latents: torch.Tensor, labels: torch.Tensor, work: st
         noise = torch.randn(x0.shape, generator=g)
         drop = torch.rand(B, generator=g) < s.label_dropout
         y = torch.where(drop, torch.full_like(y, NULL_CLASS), y)
-        mse, vb = hybrid_loss(model, d, x0, y, t, noise)
+        mse, vb, _ = hybrid_loss(model, d, x0, y, t, noise)
         loss = (mse + vb).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

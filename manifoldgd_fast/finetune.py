@@ -1,0 +1,167 @@
+"""``manifoldgd-fast finetune``: representation-sparsity fine-tuning (RSM) of a DiT.
+
+The DiT's own loss (epsilon MSE + the learned-variance bound, ``training.hybrid_loss``)
+plus ``rsm_lambda * mean |x0_hat|``, the L1 norm of the model's prediction of
+the clean latent (SPEC 5 / the RSM+CGS summary), on an image folder through
+its latent cache. bf16 autocast on CUDA; AdamW; EMA of the weights; label
+dropout to the null class as DiT trains. Checkpoints every ``save_every``
+steps hold the model, EMA, optimiser and step: a rerun resumes and ends at
+the same weights as an uninterrupted run (every step's randomness derives
+from (seed, step)). The output is a diffusers pipeline folder (``transformer/``
+with the EMA weights, ``vae/``) that ``--model`` loads like any other.
+
+The summary gives no value for the L1 weight; ``rsm_lambda`` defaults to 1e-3.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import time
+
+import torch
+
+from .config import DistillConfig, derive_seed
+from .errors import ConfigError
+
+FINETUNE_HELP = "fine-tune a DiT with the RSM L1 penalty on x0_hat (resumable), into a loadable model folder"
+
+
+def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: int = 1000, lr: float = 1e-4,
+             batch_size: int = 32, rsm_lambda: float = 1e-3, label_dropout: float = 0.1, ema_decay: float = 0.9999,
+             grad_clip: float = 1.0, save_every: int = 100, seed: int = 0, device: str = "auto",
+             dtype: str = "bfloat16", cache_dir: str | None = None, classes: str | None = None,
+             stop_after: int | None = None, log=print) -> str:
+    """Fine-tune ``model`` on ``data``; write ``out/{transformer,vae}``; return ``out``.
+
+    stop_after: stop (after checkpointing) once this many steps ran in this
+    call (tests use it to simulate a kill); a rerun resumes.
+    """
+    from .latents import load_class_latents
+    from .models import save_pretrained_folder
+    from .pipeline import prepare
+    from .training import Diffusion, disable_internal_label_dropout, ema_update, hybrid_loss
+
+    for name, v, ok in (("--steps", steps, steps >= 1), ("--lr", lr, lr > 0), ("--batch-size", batch_size, batch_size >= 1),
+                        ("--rsm-lambda", rsm_lambda, rsm_lambda >= 0), ("--save-every", save_every, save_every >= 1),
+                        ("--label-dropout", label_dropout, 0 <= label_dropout < 1),
+                        ("--ema-decay", ema_decay, 0 <= ema_decay < 1)):
+        if not ok:
+            raise ConfigError(f"{name} {v} is out of range")
+    cfg = DistillConfig(data=data, model=model, vae=vae, device=device, dtype=dtype, cache_dir=cache_dir,
+                        classes=classes, ipc=1)
+    ctx = prepare(cfg)
+    dev, info = ctx["device"], ctx["dit_info"]
+    if not info["learned_sigma"]:
+        raise ConfigError(f"--model {model}: finetune trains DiTs with learned sigma (out_channels = 2 x in)")
+    # the training set: every class's latents, held as fp16 on the host
+    zs, ys = [], []
+    for e in ctx["entries"]:
+        z, _ = load_class_latents(ctx["cache"], e.name)
+        zs.append(z.half())
+        ys.append(torch.full((z.shape[0],), e.label, dtype=torch.long))
+    Z, Y = torch.cat(zs), torch.cat(ys)
+
+    net = ctx["model"].float().train()
+    disable_internal_label_dropout(net)
+    ema = copy.deepcopy(net).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
+    os.makedirs(out, exist_ok=True)
+    work = os.path.join(out, "checkpoint.pt")
+    step = 0
+    if os.path.isfile(work):
+        state = torch.load(work, map_location=dev, weights_only=False)
+        if state["settings"] != _settings(locals()):
+            raise ConfigError(f"{out} holds a fine-tune with other settings; use a new --out")
+        net.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+        log(f"finetune: resuming at step {step}/{steps}")
+    settings = _settings(locals())
+    d = Diffusion()
+    for k, v in list(vars(d).items()):
+        if isinstance(v, torch.Tensor):
+            setattr(d, k, v.to(dev))
+    amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    ran, t0 = 0, time.perf_counter()
+    while step < steps:
+        g = torch.Generator().manual_seed(derive_seed(seed, "finetune", step))
+        idx = torch.randint(len(Z), (batch_size,), generator=g)
+        x0, y = Z[idx].float().to(dev), Y[idx].to(dev)
+        t = torch.randint(0, d.T, (batch_size,), generator=g).to(dev)
+        noise = torch.randn(x0.shape, generator=g).to(dev)
+        drop = (torch.rand(batch_size, generator=g) < label_dropout).to(dev)
+        y = torch.where(drop, torch.full_like(y, info["null_class"]), y)
+        amp = torch.autocast(dev.type, dtype=amp_dtype) if (amp_dtype and dev.type == "cuda") else _null()
+        with amp:
+            mse, vb, x0_hat = hybrid_loss(net, d, x0, y, t, noise)
+            l1 = x0_hat.float().abs().mean(dim=tuple(range(1, x0_hat.dim())))
+            loss = (mse + vb + rsm_lambda * l1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+        opt.step()
+        step += 1
+        ran += 1
+        ema_update(ema, net, ema_decay)
+        if step % 50 == 0 or step == steps:
+            log(f"finetune step {step}/{steps}  mse {mse.mean().item():.4f}  vb {vb.mean().item():.4f}  "
+                f"l1 {l1.mean().item():.4f}  {time.perf_counter() - t0:.0f}s")
+        stop = stop_after is not None and ran >= stop_after
+        if step % save_every == 0 or step == steps or stop:
+            _save_atomic({"model": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                          "step": step, "settings": settings}, work)
+        if stop and step < steps:
+            return out
+    save_pretrained_folder(ema, os.path.join(out, "transformer"))
+    save_pretrained_folder(ctx["vae"], os.path.join(out, "vae"))
+    return out
+
+
+def _settings(scope: dict) -> dict:
+    keys = ("data", "model", "vae", "steps", "lr", "batch_size", "rsm_lambda", "label_dropout", "ema_decay",
+            "grad_clip", "seed", "dtype", "classes")
+    return {k: scope[k] for k in keys}
+
+
+def _save_atomic(obj, path: str) -> None:
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def add_finetune_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = p.add_argument_group("RSM fine-tuning")
+    g.add_argument("--data", required=True, help="image folder ROOT/<class>/<image>")
+    g.add_argument("--model", required=True, help="the DiT to fine-tune (folder or cached HF id)")
+    g.add_argument("--vae", default=None, help="AutoencoderKL (default: the model folder's vae/)")
+    g.add_argument("--out", required=True, help="output model folder (transformer/, vae/); checkpoints inside")
+    g.add_argument("--steps", type=int, default=1000)
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--rsm-lambda", type=float, default=1e-3, help="weight of mean |x0_hat| (L1)")
+    g.add_argument("--label-dropout", type=float, default=0.1)
+    g.add_argument("--ema-decay", type=float, default=0.9999)
+    g.add_argument("--save-every", type=int, default=100)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--classes", default=None)
+    g.add_argument("--device", default="auto")
+    g.add_argument("--dtype", default="bfloat16", help="autocast dtype on CUDA (CPU trains in float32)")
+    g.add_argument("--cache-dir", default=None)
+    return p
+
+
+def run_finetune_from_args(ns: argparse.Namespace) -> str:
+    kw = {k: v for k, v in vars(ns).items() if k != "command"}
+    out = finetune(**kw)
+    print(f"fine-tuned model in {out} (use --model {out})")
+    return out

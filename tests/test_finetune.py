@@ -1,0 +1,51 @@
+"""RSM fine-tuning: the L1 term's gradient, resume to the same weights, the result loads and samples."""
+import os
+
+import torch
+from safetensors.torch import load_file
+
+from manifoldgd_fast.cli import main
+from manifoldgd_fast.finetune import finetune
+from manifoldgd_fast.training import Diffusion, predicted_x0
+
+
+def test_l1_term_gradient_closed_form():
+    d = Diffusion()
+    x_t = torch.randn(3, 4, 2, 2, dtype=torch.float64)
+    eps = torch.randn(3, 4, 2, 2, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([5, 300, 900])
+    x0 = predicted_x0(d, x_t, eps, t)
+    l1 = x0.abs().mean(dim=(1, 2, 3)).sum()
+    (g,) = torch.autograd.grad(l1, eps)
+    want = -d.sqrt_recipm1_ac[t].double().view(-1, 1, 1, 1) * torch.sign(x0.detach()) / 16
+    torch.testing.assert_close(g, want)
+
+
+def _weights(folder):
+    return load_file(os.path.join(folder, "transformer", "diffusion_pytorch_model.safetensors"))
+
+
+def test_finetune_resumes_to_the_same_weights_and_loads(tiny_world, tmp_path):
+    kw = dict(data=tiny_world["data"], model=tiny_world["model"], steps=4, batch_size=4, save_every=1,
+              cache_dir=os.path.join(tiny_world["root"], "cache"), device="cpu", log=lambda *a: None)
+    straight = finetune(out=str(tmp_path / "a"), **kw)
+    assert finetune(out=str(tmp_path / "b"), stop_after=2, **kw) == str(tmp_path / "b")   # "killed" after 2 steps
+    assert not os.path.exists(tmp_path / "b" / "transformer")
+    resumed = finetune(out=str(tmp_path / "b"), **kw)
+    wa, wb = _weights(straight), _weights(resumed)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    base = load_file(os.path.join(tiny_world["model"], "transformer", "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(base[k], wa[k]) for k in wa)                # it trained
+    # the L1 weight changes the result
+    other = finetune(out=str(tmp_path / "c"), rsm_lambda=0.5, **kw)
+    assert any(not torch.equal(_weights(other)[k], wa[k]) for k in wa)
+    # the fine-tuned folder is a model like any other
+    assert main(["distill", "--data", tiny_world["data"], "--model", straight, "--out", str(tmp_path / "o"),
+                 "--ipc", "1", "--steps", "4", "--t-stop", "2", "--cache-dir", os.path.join(tiny_world["root"], "cache"),
+                 "--method", "cgs"]) == 0
+
+
+def test_finetune_cli_bad_input(tiny_world, tmp_path, capsys):
+    rc = main(["finetune", "--data", tiny_world["data"], "--model", tiny_world["model"], "--out", str(tmp_path / "x"),
+               "--steps", "0"])
+    assert rc == 2 and "--steps" in capsys.readouterr().err
