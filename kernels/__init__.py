@@ -1,5 +1,44 @@
-"""Triton kernels, imported as ``manifoldgd_fast.kernels``.
+"""Triton kernels (and the loader of the optional CUDA C++ ones), imported as ``manifoldgd_fast.kernels``.
 
 Nothing here is imported by the reference path; ``manifoldgd_fast.ops`` is the
-only door to these kernels.
+only door to these kernels, and it imports the kernel modules lazily, so
+``import manifoldgd_fast`` never needs Triton, a GPU or a CUDA toolchain.
+
+Modules (the public functions, their checks and references live in ``ops.py``):
+
+* ``philox_normal``    counter-based normals/uniforms: the one helper every noisy kernel draws through,
+                       and the standalone materialisation (``ops.philox_normal``);
+* ``row_source``       where a kernel's rows come from: materialised, the time-aligned patch, the cloud;
+* ``knn_rows``         streaming k-nearest rows (64-bit keys, ties to the lower row, ragged lengths);
+* ``cloud``            the official cloud's kNN from five dot products per point, and its radii;
+* ``tangent``          gather + k x k Gram + X g; the eigen-step (in-register Jacobi) to coefficients;
+                       the apply pass fused with the eps / posterior-mean update;
+* ``sym_eig``          batched parallel Jacobi for small symmetric matrices (Triton);
+* ``sym_eig_torch``    the same Jacobi in PyTorch ops (portable, capturable; imports no Triton);
+* ``cuda_ext``         run-time build of ``csrc/sym_eig.cu`` (CUDA C++ Jacobi, optional);
+* ``manifold_correct`` / ``manifold_pull``  the launch sequences behind the ops' ``triton`` backend.
+
+Whether a Triton kernel runs on the CPU is decided when its ``@triton.jit``
+decorator runs (``TRITON_INTERPRET=1`` at import of the kernel module makes it
+an interpreted function); ``INTERPRET`` records that once, here.
 """
+from __future__ import annotations
+
+import os
+
+try:  # triton is a Linux-only dependency; never let its absence break the import
+    import triton  # noqa: F401
+
+    HAVE_TRITON = True
+except Exception:  # pragma: no cover - depends on the platform
+    HAVE_TRITON = False
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def triton_device_ok(device) -> bool:
+    """Can the Triton kernels take tensors on ``device``? CUDA when compiled, the CPU when interpreted."""
+    if not HAVE_TRITON:
+        return False
+    kind = getattr(device, "type", str(device))
+    return kind == "cpu" if INTERPRET else kind == "cuda"

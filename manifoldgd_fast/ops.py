@@ -15,20 +15,85 @@ neighbours, never from the D x D covariance: with ``X`` (k, D) centred rows,
 ``X^T X`` with the same eigenvalue. A ridge ``rho I`` on the covariance moves
 no eigenvector, so it only enters the eigenvalues (reported, not used).
 
-Backends: ``reference`` is the readable PyTorch below and runs anywhere.
-``triton`` (fused kernels, CUDA) is not part of this release; asking for it
-raises ``BackendError``. ``auto`` picks the fastest backend that can take the
-input, today the reference.
+Backends (``backend=`` of ``manifold_correct``, ``manifold_pull`` and the fused ops),
+chosen in one place, :func:`_pick_backend`:
+
+* ``reference``: the readable PyTorch below; runs anywhere.
+* ``triton``: the fused kernels of ``manifoldgd_fast.kernels`` (kNN streamed in
+  one pass, Gram + X g, batched Jacobi, projection fused with the eps / mean
+  update). CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1`` (how CI
+  checks their numerics). An input they cannot take raises ``BackendError``
+  naming the tensor and the rule (device, dtype, size limits: B <= 256,
+  rows <= 100,000, D <= 16,384, k <= 64). Non-contiguous inputs are made
+  contiguous.
+* ``auto``: ``triton`` for CUDA tensors it can take, else ``reference`` (warns
+  once when Triton is missing on a CUDA machine).
+
+The eigen-step inside the fused path has its own chain, decided once per
+device in :func:`_eig_backend`: CUDA C++ (``csrc/sym_eig.cu``, compiled at run
+time; ``MANIFOLDGD_NO_CUDA_EXT=1`` skips it) -> the Triton Jacobi -> the
+PyTorch Jacobi (``sym_eig`` only). A missing backend warns once; importing this
+module never needs Triton, a GPU or a compiler.
+
+The fused ops (``manifold_correct_fused``, ``manifold_pull_fused``) never
+materialise the patch or the cloud; their noise is counter-based (Philox4x32-10)
+so the references can draw exactly the same numbers. Counter layout (one
+normal per (seed, step, stream, sample, row, col), independent of D, blocks,
+batch composition and launch order):
+
+    key      (seed mod 2^32, seed >> 32), 0 <= seed < 2^63
+    counter  (col // 4, row, sample_id, step * 16 + stream), 0 <= step < 2^28
+    normals  Box-Muller (Triton's pair_uniform_to_normal) on (u0, u1) -> cols 4q, 4q+1
+             and on (u2, u3) -> cols 4q+2, 4q+3; u_i = Triton's uint_to_uniform_float(r_i)
+    uniform  r0 of counter (0, row, sample_id, step * 16 + stream)
+    streams  0 patch xi (row = patch row j, i.e. position j of the sample's order)
+             1 cloud direction g_j (u_j = g_j / |g_j|), 2 cloud radius (points j >= N//2),
+             3 cloud xi
+
+``sample_ids`` (B,) default to the batch positions; pass global ids to make a
+sample's noise independent of the batch it is drawn in. The Triton
+materialisation (:func:`philox_normal`, backend triton) is bit-identical to the
+in-kernel noise on the same device; the pure-PyTorch one has the same integer
+stream exactly and normals within a few ulp (the transcendental functions differ).
+
+Ops that run inside a captured step are registered with ``torch.library``
+(``manifoldgd_fast::manifold_correct_rows``, ``..._pull_rows``,
+``..._correct_fused``, ``..._pull_fused``; ``custom_op`` + ``register_fake``):
+those do no checks and no host synchronisation; the public functions check, then call them.
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
+import warnings
 
 import torch
 
 from .errors import BackendError, ConfigError
 
 _BACKENDS = ("auto", "reference", "triton")
+# What the fused kernels are written and tested for (SPEC sizes with margin).
+MAX_B, MAX_ROWS, MAX_D, MAX_K = 256, 100_000, 16_384, 64
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_WARNED: set = set()
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    """(the kernels package, None) or (None, why it cannot be imported). Imported on first use only."""
+    try:
+        from . import kernels
+        from .kernels import manifold_correct, manifold_pull, philox_normal, sym_eig  # noqa: F401
+        return kernels, None
+    except Exception as e:  # no triton, or a broken install: the reference path still works
+        return None, f"the Triton kernels cannot be imported ({type(e).__name__}: {e})"
 
 
 # ----------------------------------------------------------------------------
@@ -61,13 +126,73 @@ def _check_kd(k: int, d: int) -> None:
         raise ConfigError(f"d must be an integer with 1 <= d < k={k}, got {d!r}")
 
 
-def _pick_backend(backend: str, *tensors: torch.Tensor) -> str:
+def _triton_reason(tensors: dict, *, B: int, rows: int, D: int, k: int) -> str | None:
+    """Why the fused kernels cannot take these inputs (a sentence naming the tensor and the rule), or None.
+
+    ``tensors``: name -> tensor; the floating ones must be fp32/bf16/fp16.
+    """
+    kern, why = _kernels()
+    if kern is None:
+        return why
+    (name0, t0), *rest = tensors.items()
+    for name, t in rest:
+        if t.device != t0.device:
+            return f"{name} is on {t.device} but {name0} is on {t0.device}"
+    if not kern.triton_device_ok(t0.device):
+        where = "CUDA tensors" if not kern.INTERPRET else "CPU tensors (TRITON_INTERPRET=1 is set)"
+        return (f"{name0} is on {t0.device}; the Triton kernels take {where}"
+                + ("" if kern.INTERPRET else " (on the CPU only under TRITON_INTERPRET=1)"))
+    for name, t in tensors.items():
+        if t.is_floating_point() and t.dtype not in _FLOATS:
+            return f"{name} has dtype {t.dtype}; the Triton kernels take float32, bfloat16 or float16"
+    for what, val, lim in (("B", B, MAX_B), ("the row count", rows, MAX_ROWS), ("D", D, MAX_D), ("k", k, MAX_K)):
+        if val > lim:
+            return f"{what} = {val} is above the fused kernels' limit {lim}"
+    return None
+
+
+def _pick_backend(backend: str, device: torch.device, why_not) -> str:
+    """The one place the manifold ops choose between 'reference' and 'triton'.
+
+    ``why_not()`` -> None, or why the fused kernels cannot take the input.
+    """
     if backend not in _BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(_BACKENDS)}, got {backend!r}")
+    if backend == "reference" or (backend == "auto" and device.type != "cuda"):
+        return "reference"          # auto off CUDA: the interpreter is for tests, never chosen by itself
+    reason = why_not()
     if backend == "triton":
-        raise BackendError("backend 'triton': the fused guidance kernels are not part of this release; "
-                           "use backend='reference' or 'auto'")
-    return "reference"
+        if reason is not None:
+            raise BackendError(f"backend 'triton' cannot take this input: {reason}")
+        return "triton"
+    if reason is not None and _kernels()[0] is None:
+        _warn_once("no_triton", f"guidance ops: {reason}; using the PyTorch reference")
+    return "triton" if reason is None else "reference"
+
+
+@functools.lru_cache(maxsize=None)
+def _eig_backend(device: torch.device) -> str:
+    """The eigen-step's chain, decided once per device: 'cuda' (C++) -> 'triton' -> 'torch'."""
+    if device.type == "cuda" and os.environ.get("MANIFOLDGD_NO_CUDA_EXT", "0") != "1":
+        from .kernels import cuda_ext
+
+        mod, reason = cuda_ext.load()
+        if mod is not None:
+            return "cuda"
+        _warn_once("cuda_ext", f"CUDA C++ eigensolver unavailable ({reason}); using the Triton Jacobi")
+    kern, _ = _kernels()
+    if kern is not None and kern.triton_device_ok(device):
+        return "triton"
+    return "torch"
+
+
+def _eig_fn(eig: str):
+    """The external eigensolver the fused pipeline calls (None: the Triton Jacobi inside the coef kernel)."""
+    if eig != "cuda":
+        return None
+    from .kernels import cuda_ext, sym_eig as sym_eig_k
+
+    return functools.partial(cuda_ext.sym_eig, max_sweeps=sym_eig_k.MAX_SWEEPS, tol=sym_eig_k.TOL)
 
 
 # ----------------------------------------------------------------------------
@@ -131,7 +256,7 @@ def manifold_correct(x, patch, g, *, k, d, lambda_normal=1.0, ridge=0.0, lengths
         lambda_normal: share of the normal component removed (1 = pure tangent projection).
         ridge: ridge of the covariance; moves no eigenvector (accepted for completeness).
         lengths: (B,) valid rows per patch, None = all M.
-        backend: "auto" | "reference" | "triton".
+        backend: "auto" | "reference" | "triton" (see the module docstring).
     Returns: (B, D) in g's dtype.
     """
     _check_kd(k, d)
@@ -140,7 +265,12 @@ def manifold_correct(x, patch, g, *, k, d, lambda_normal=1.0, ridge=0.0, lengths
         raise ConfigError(f"g must have x's shape {tuple(x.shape)}, got {tuple(g.shape)}")
     if lambda_normal < 0 or ridge < 0:
         raise ConfigError(f"lambda_normal and ridge must be >= 0, got {lambda_normal} and {ridge}")
-    _pick_backend(backend, x, patch, g)
+    why = lambda: _triton_reason({"x": x, "patch": patch, "g": g}, B=x.shape[0], rows=patch.shape[1],  # noqa: E731
+                                 D=x.shape[1], k=k)
+    if _pick_backend(backend, x.device, why) == "triton":
+        return torch.ops.manifoldgd_fast.manifold_correct_rows(
+            x.contiguous(), patch.contiguous(), g.contiguous(), lengths, k, d, float(lambda_normal),
+            _eig_backend(x.device))
     return manifold_correct_ref(x, patch, g, k=k, d=d, lambda_normal=lambda_normal, ridge=ridge, lengths=lengths)
 
 
@@ -174,13 +304,18 @@ def manifold_pull(x, cloud, *, k=12, d=3, scale=0.1, bandwidth=0.1, ridge=1e-5, 
         k, d: neighbours and tangent dimension (1 <= d < k).
         scale: lambda_man. bandwidth: b of the tanh weight. ridge: covariance ridge.
         lengths: (B,) valid rows per cloud, None = all N.
+        backend: "auto" | "reference" | "triton" (see the module docstring).
     Returns: (B, D) in x's dtype.
     """
     _check_kd(k, d)
     lengths = _check_rows("cloud", x, cloud, lengths, k)
     if bandwidth <= 0 or scale < 0 or ridge < 0:
         raise ConfigError(f"bandwidth must be > 0 and scale, ridge >= 0, got {bandwidth}, {scale}, {ridge}")
-    _pick_backend(backend, x, cloud)
+    why = lambda: _triton_reason({"x": x, "cloud": cloud}, B=x.shape[0], rows=cloud.shape[1],  # noqa: E731
+                                 D=x.shape[1], k=k)
+    if _pick_backend(backend, x.device, why) == "triton":
+        return torch.ops.manifoldgd_fast.manifold_pull_rows(
+            x.contiguous(), cloud.contiguous(), lengths, k, d, float(scale), float(bandwidth), _eig_backend(x.device))
     return manifold_pull_ref(x, cloud, k=k, d=d, scale=scale, bandwidth=bandwidth, ridge=ridge, lengths=lengths)
 
 
@@ -286,3 +421,402 @@ def official_cloud(modes, radius, alpha_bar, generators, n_points=300):
         xi = torch.randn(n_points, D, generator=gen, device=dev)
         out[b] = a * pts + s * xi
     return out
+
+
+# ----------------------------------------------------------------------------
+# counter-based noise (the layout is in the module docstring)
+# ----------------------------------------------------------------------------
+STREAM_PATCH, STREAM_CLOUD_DIR, STREAM_CLOUD_RADIUS, STREAM_CLOUD_XI = 0, 1, 2, 3
+_M32 = 0xFFFFFFFF
+_MAX_SEED, _MAX_STEP = 2 ** 63, 2 ** 28
+
+
+def _check_counters(seed, step, sample_ids, B: int, device) -> torch.Tensor:
+    if not isinstance(seed, int) or not 0 <= seed < _MAX_SEED:
+        raise ConfigError(f"seed must be an int in [0, 2^63), got {seed!r}")
+    if not isinstance(step, int) or not 0 <= step < _MAX_STEP:
+        raise ConfigError(f"step must be an int in [0, 2^28), got {step!r}")
+    if sample_ids is None:
+        return torch.arange(B, device=device, dtype=torch.long)
+    sample_ids = torch.as_tensor(sample_ids, device=device)
+    if sample_ids.shape != (B,) or sample_ids.is_floating_point():
+        raise ConfigError(f"sample_ids must be (B,) = ({B},) integers, got {tuple(sample_ids.shape)} {sample_ids.dtype}")
+    if B and (int(sample_ids.min()) < 0 or int(sample_ids.max()) > _M32):
+        raise ConfigError("sample_ids must lie in [0, 2^32)")
+    return sample_ids.long().contiguous()
+
+
+def _mulhilo32(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of a * x for a constant a < 2^32 and int64 x in [0, 2^32), overflow-free."""
+    xh, xl = x >> 16, x & 0xFFFF
+    pl, ph = a * xl, a * xh                                  # < 2^48 each
+    return (ph + (pl >> 16)) >> 16, (pl + ((ph & 0xFFFF) << 16)) & _M32
+
+
+def philox4x32_ref(seed: int, c0, c1, c2, c3, rounds: int = 10):
+    """Philox4x32-10 (Salmon et al. 2011; Triton's ``tl.random.philox``) on int64 tensors holding uint32.
+
+    Key (seed mod 2^32, seed >> 32). Returns the four output words as int64 tensors in [0, 2^32).
+    """
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(rounds):
+        hb, lb = _mulhilo32(0xCD9E8D57, c2)
+        ha, la = _mulhilo32(0xD2511F53, c0)
+        c0, c1, c2, c3 = hb ^ c1 ^ k0, lb, ha ^ c3 ^ k1, la
+        k0, k1 = (k0 + 0x9E3779B9) & _M32, (k1 + 0xBB67AE85) & _M32
+    return c0, c1, c2, c3
+
+
+def _unit_float(r: torch.Tensor) -> torch.Tensor:
+    """Triton's uint_to_uniform_float: r as int32, negative -> ~r, times 4.6566127342e-10 (fp32), in [0, 1)."""
+    v = torch.where(r >= 2 ** 31, r ^ _M32, r)
+    return v.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32, device=r.device)
+
+
+def _box_muller(u1: torch.Tensor, u2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton's pair_uniform_to_normal, in fp32."""
+    u1 = torch.clamp_min(u1, 1.0e-7)
+    th = torch.tensor(6.283185307179586, dtype=torch.float32, device=u1.device) * u2
+    r = torch.sqrt(-2.0 * torch.log(u1))
+    return r * torch.cos(th), r * torch.sin(th)
+
+
+def _counters(seed, step, stream, sample_ids, n_rows, n_cols):
+    B = sample_ids.shape[0]
+    dev = sample_ids.device
+    shape = (B, n_rows, n_cols)
+    c0 = torch.arange(n_cols, device=dev).view(1, 1, n_cols).expand(shape)
+    c1 = torch.arange(n_rows, device=dev).view(1, n_rows, 1).expand(shape)
+    c2 = (sample_ids.long() & _M32).view(B, 1, 1).expand(shape)
+    c3 = torch.full(shape, (step * 16 + stream) & _M32, device=dev, dtype=torch.long)
+    return philox4x32_ref(seed, c0, c1, c2, c3)
+
+
+def philox_normal_ref(seed: int, step: int, stream: int, sample_ids: torch.Tensor, n_rows: int, D: int) -> torch.Tensor:
+    """Reference of :func:`philox_normal` in PyTorch: (B, n_rows, D) fp32 (integer stream exact, normals to a few ulp)."""
+    nq = (D + 3) // 4
+    r = _counters(seed, step, stream, sample_ids, n_rows, nq)
+    n0, n1 = _box_muller(_unit_float(r[0]), _unit_float(r[1]))
+    n2, n3 = _box_muller(_unit_float(r[2]), _unit_float(r[3]))
+    return torch.stack([n0, n1, n2, n3], -1).reshape(sample_ids.shape[0], n_rows, 4 * nq)[..., :D]
+
+
+def philox_uniform_ref(seed: int, step: int, stream: int, sample_ids: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """(B, n_rows) fp32 uniforms in [0, 1): r0 of counter (0, row, sample, step * 16 + stream). Exact on any device."""
+    return _unit_float(_counters(seed, step, stream, sample_ids, n_rows, 1)[0][..., 0])
+
+
+def philox_normal(seed: int, step: int, stream: int, sample_ids, n_rows: int, D: int, *, backend: str = "auto"):
+    """(B, n_rows, D) fp32 standard normals of ``stream`` at ``step`` (counter layout in the module docstring).
+
+    Args:
+        seed: int in [0, 2^63). step: int in [0, 2^28). stream: 0..15 (``STREAM_*``).
+        sample_ids: (B,) integers in [0, 2^32), the c2 counter of each sample.
+        n_rows, D: rows and columns drawn (a value does not depend on D).
+        backend: "triton" (the kernels' own helper: bit-identical to the in-kernel noise on the
+            same device), "reference" (PyTorch) or "auto" (triton where it can run, else reference).
+    """
+    if not 0 <= stream < 16:
+        raise ConfigError(f"stream must be in [0, 16), got {stream}")
+    dev = torch.as_tensor(sample_ids).device
+    sample_ids = _check_counters(seed, step, sample_ids, torch.as_tensor(sample_ids).shape[0], dev)
+    kern, why = _kernels()
+    usable = kern is not None and kern.triton_device_ok(dev)
+    if backend == "triton" and not usable:
+        raise BackendError(f"backend 'triton' cannot draw the noise: {why or f'sample_ids are on {dev}'}")
+    if backend not in ("auto", "triton", "reference"):
+        raise ConfigError(f"backend must be auto, triton or reference, got {backend!r}")
+    if backend == "reference" or not usable:
+        return philox_normal_ref(seed, step, stream, sample_ids, n_rows, D)
+    from .kernels import philox_normal as pn
+
+    return pn.philox_normal(seed, step, stream, sample_ids, n_rows, D)
+
+
+def time_aligned_patch_philox(latents, order, lengths, alpha_bar, *, seed, step, sample_ids=None, backend="auto"):
+    """:func:`time_aligned_patch` with counter-based noise: exactly the patch the fused kernels see.
+
+    ``P_t[b, j] = sqrt(abar) latents[order[b, j]] + sqrt(1 - abar) xi(b, j)`` for j < lengths[b]
+    (xi: stream ``STREAM_PATCH``, row counter j), zero beyond. Returns (B, M, D) fp32, M = max(lengths).
+    """
+    B = order.shape[0]
+    sample_ids = _check_counters(seed, step, sample_ids, B, latents.device)
+    lengths = torch.as_tensor(lengths, device=latents.device).long()
+    M, D = int(lengths.max()), latents.shape[1]
+    a, s = math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
+    xi = philox_normal(seed, step, STREAM_PATCH, sample_ids, M, D, backend=backend)      # (B, M, D)
+    patch = a * latents[order[:, :M]].float() + s * xi
+    valid = torch.arange(M, device=latents.device)[None, :] < lengths[:, None]
+    return patch * valid[:, :, None]
+
+
+def official_cloud_radii(radius: float, *, seed: int, step: int, n_points: int, sample_ids) -> torch.Tensor:
+    """(B, N) fp32 radii of the cloud: ``linspace(0.1, radius, N//2)``, then ``radius * U[0, 1)`` (stream 2, row j)."""
+    sample_ids = torch.as_tensor(sample_ids)
+    dev = sample_ids.device
+    n_lin = n_points // 2
+    lin = torch.linspace(0.1, radius, n_lin, device=dev).expand(sample_ids.shape[0], n_lin)
+    u = philox_uniform_ref(seed, step, STREAM_CLOUD_RADIUS, sample_ids, n_points)[:, n_lin:]
+    return torch.cat([lin, u * radius], 1)
+
+
+def official_cloud_philox(modes, radius, alpha_bar, *, seed, step, n_points=300, sample_ids=None, backend="auto"):
+    """:func:`official_cloud` with counter-based noise: exactly the cloud the fused kernels never store.
+
+    Point j: ``sqrt(abar) (m + rho_j g_j / |g_j|) + sqrt(1 - abar) xi_j`` with g (stream 1), rho
+    (:func:`official_cloud_radii`), xi (stream 3). Returns (B, N, D) fp32.
+    """
+    B, D = modes.shape
+    sample_ids = _check_counters(seed, step, sample_ids, B, modes.device)
+    a, s = math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
+    g = philox_normal(seed, step, STREAM_CLOUD_DIR, sample_ids, n_points, D, backend=backend)   # (B, N, D)
+    u = g / g.norm(dim=2, keepdim=True)
+    rho = official_cloud_radii(radius, seed=seed, step=step, n_points=n_points, sample_ids=sample_ids)
+    pts = modes.float()[:, None, :] + rho[:, :, None] * u
+    xi = philox_normal(seed, step, STREAM_CLOUD_XI, sample_ids, n_points, D, backend=backend)
+    return a * pts + s * xi
+
+
+# ----------------------------------------------------------------------------
+# fused ops: the patch / cloud drawn in registers, never stored
+# ----------------------------------------------------------------------------
+def _check_bd(name: str, t: torch.Tensor | None, x: torch.Tensor) -> None:
+    if t is not None and t.shape != x.shape:
+        raise ConfigError(f"{name} must have x's shape {tuple(x.shape)}, got {tuple(t.shape)}")
+
+
+def _check_alpha_bar(alpha_bar) -> None:
+    if not 0.0 < float(alpha_bar) <= 1.0:
+        raise ConfigError(f"alpha_bar must lie in (0, 1], got {alpha_bar}")
+
+
+def _check_patch_inputs(x, latents, order, lengths, k):
+    if x.dim() != 2:
+        raise ConfigError(f"x must be (B, D), got shape {tuple(x.shape)}")
+    B, D = x.shape
+    if latents.dim() != 2 or latents.shape[1] != D:
+        raise ConfigError(f"latents must be (n, D) with D == x.shape[1], got {tuple(latents.shape)} and {D}")
+    if order.dim() != 2 or order.shape[0] != B or order.is_floating_point():
+        raise ConfigError(f"order must be (B, n_order) integers with B == x.shape[0], got {tuple(order.shape)} {order.dtype}")
+    lengths = torch.as_tensor(lengths, device=latents.device).long()
+    if lengths.shape != (B,):
+        raise ConfigError(f"lengths must be (B,) = ({B},), got {tuple(lengths.shape)}")
+    n_order = order.shape[1]
+    if bool((lengths < 1).any()) or bool((lengths > n_order).any()):
+        raise ConfigError(f"lengths must lie in [1, n_order={n_order}], got min {int(lengths.min())} max {int(lengths.max())}")
+    if int(lengths.min()) < k:
+        raise ConfigError(f"k={k} is larger than the patch (shortest has {int(lengths.min())} valid rows)")
+    used = order[:, : int(lengths.max())]
+    if int(used.min()) < 0 or int(used.max()) >= latents.shape[0]:
+        raise ConfigError(f"order must index rows of latents in [0, {latents.shape[0]})")
+    return lengths
+
+
+def manifold_correct_fused(x, latents, order, lengths, g, *, alpha_bar, seed, step, k, d, lambda_normal=1.0,
+                           ridge=0.0, sample_ids=None, eps=None, lambda_mode=0.1, backend="auto"):
+    """Paper step 4 (+5) on the time-aligned patch, which the fused kernels never materialise.
+
+    The patch is ``sqrt(abar) latents[order[b, j]] + sqrt(1 - abar) xi(b, j)``, j < lengths[b], with xi
+    the counter-based stream ``STREAM_PATCH`` (fresh per ``step``); then as :func:`manifold_correct`.
+
+    Args:
+        x: (B, D) current latents x_t. g: (B, D) mode guidance.
+        latents: (n, D) class latents (fp32/bf16/fp16). order: (B, n_order) each sample's
+            neighbourhood order (rows of ``latents``). lengths: (B,) patch lengths (prefixes of order).
+        alpha_bar: abar_t in (0, 1]. seed, step: the noise counters (module docstring).
+        k, d, lambda_normal, ridge: as :func:`manifold_correct`.
+        sample_ids: (B,) noise ids (default the batch positions).
+        eps: (B, D) or None. Given, returns ``eps - lambda_mode sqrt(1 - abar) g_corrected`` (SPEC 4.5)
+            in eps's dtype; else the corrected g in g's dtype.
+        backend: "auto" | "reference" | "triton".
+    """
+    _check_kd(k, d)
+    _check_alpha_bar(alpha_bar)
+    lengths = _check_patch_inputs(x, latents, order, lengths, k)
+    _check_bd("g", g, x)
+    _check_bd("eps", eps, x)
+    if lambda_normal < 0 or ridge < 0:
+        raise ConfigError(f"lambda_normal and ridge must be >= 0, got {lambda_normal} and {ridge}")
+    sample_ids = _check_counters(seed, step, sample_ids, x.shape[0], x.device)
+    tens = {"x": x, "latents": latents, "order": order, "g": g, **({"eps": eps} if eps is not None else {})}
+    why = lambda: _triton_reason(tens, B=x.shape[0], rows=order.shape[1], D=x.shape[1], k=k)  # noqa: E731
+    if _pick_backend(backend, x.device, why) == "triton":
+        return torch.ops.manifoldgd_fast.manifold_correct_fused(
+            x.contiguous(), latents.contiguous(), order.contiguous(), lengths, g.contiguous(), sample_ids,
+            None if eps is None else eps.contiguous(), float(alpha_bar), seed, step, k, d, float(lambda_normal),
+            float(lambda_mode), _eig_backend(x.device))
+    return manifold_correct_fused_ref(x, latents, order, lengths, g, alpha_bar=alpha_bar, seed=seed, step=step, k=k,
+                                      d=d, lambda_normal=lambda_normal, ridge=ridge, sample_ids=sample_ids, eps=eps,
+                                      lambda_mode=lambda_mode)
+
+
+def manifold_correct_fused_ref(x, latents, order, lengths, g, *, alpha_bar, seed, step, k, d, lambda_normal=1.0,
+                               ridge=0.0, sample_ids=None, eps=None, lambda_mode=0.1):
+    """Reference of :func:`manifold_correct_fused`: materialise the patch, then :func:`manifold_correct_ref`."""
+    patch = time_aligned_patch_philox(latents, order, lengths, alpha_bar, seed=seed, step=step, sample_ids=sample_ids)
+    lengths = torch.as_tensor(lengths, device=latents.device).long()
+    if eps is None:
+        return manifold_correct_ref(x, patch, g, k=k, d=d, lambda_normal=lambda_normal, ridge=ridge, lengths=lengths)
+    gc = manifold_correct_ref(x, patch, _work(g), k=k, d=d, lambda_normal=lambda_normal, ridge=ridge, lengths=lengths)
+    return (_work(eps) - lambda_mode * math.sqrt(1.0 - alpha_bar) * gc).to(eps.dtype)
+
+
+def manifold_pull_fused(x, modes, *, radius, alpha_bar, seed, step, n_points=300, k=12, d=3, scale=0.1,
+                        bandwidth=0.1, ridge=1e-5, sample_ids=None, mean=None, backend="auto"):
+    """Official step 3's manifold term on the synthetic cloud, which the fused kernels never materialise.
+
+    The cloud is :func:`official_cloud_philox` (counter-based, fresh per ``step``); the term is
+    :func:`manifold_pull`'s.
+
+    Args:
+        x: (B, D) current latents x_t. modes: (B, D) each sample's mode.
+        radius: r_eff of the step (:func:`official_radius`). alpha_bar: abar_i in (0, 1].
+        seed, step: the noise counters. n_points: N (300).
+        k, d, scale, bandwidth, ridge: as :func:`manifold_pull`. sample_ids: (B,) noise ids.
+        mean: (B, D) or None. Given, returns ``mean + term`` (the posterior-mean update) in mean's dtype;
+            else the term in x's dtype.
+        backend: "auto" | "reference" | "triton".
+    """
+    _check_kd(k, d)
+    _check_alpha_bar(alpha_bar)
+    if x.dim() != 2:
+        raise ConfigError(f"x must be (B, D), got shape {tuple(x.shape)}")
+    _check_bd("modes", modes, x)
+    _check_bd("mean", mean, x)
+    if bandwidth <= 0 or scale < 0 or ridge < 0 or radius < 0:
+        raise ConfigError(f"bandwidth must be > 0 and scale, ridge, radius >= 0, got {bandwidth}, {scale}, {ridge}, {radius}")
+    if not isinstance(n_points, int) or n_points < k:
+        raise ConfigError(f"n_points must be an int >= k={k}, got {n_points!r}")
+    sample_ids = _check_counters(seed, step, sample_ids, x.shape[0], x.device)
+    tens = {"x": x, "modes": modes, **({"mean": mean} if mean is not None else {})}
+    why = lambda: _triton_reason(tens, B=x.shape[0], rows=n_points, D=x.shape[1], k=k)  # noqa: E731
+    if _pick_backend(backend, x.device, why) == "triton":
+        rho_lin = torch.linspace(0.1, radius, n_points // 2, device=x.device)
+        return torch.ops.manifoldgd_fast.manifold_pull_fused(
+            x.contiguous(), modes.contiguous(), rho_lin, sample_ids, None if mean is None else mean.contiguous(),
+            float(radius), float(alpha_bar), seed, step, n_points, k, d, float(scale), float(bandwidth),
+            _eig_backend(x.device))
+    return manifold_pull_fused_ref(x, modes, radius=radius, alpha_bar=alpha_bar, seed=seed, step=step,
+                                   n_points=n_points, k=k, d=d, scale=scale, bandwidth=bandwidth, ridge=ridge,
+                                   sample_ids=sample_ids, mean=mean)
+
+
+def manifold_pull_fused_ref(x, modes, *, radius, alpha_bar, seed, step, n_points=300, k=12, d=3, scale=0.1,
+                            bandwidth=0.1, ridge=1e-5, sample_ids=None, mean=None):
+    """Reference of :func:`manifold_pull_fused`: materialise the cloud, then :func:`manifold_pull_ref`."""
+    cloud = official_cloud_philox(modes, radius, alpha_bar, seed=seed, step=step, n_points=n_points,
+                                  sample_ids=sample_ids)
+    if mean is None:
+        return manifold_pull_ref(x, cloud, k=k, d=d, scale=scale, bandwidth=bandwidth, ridge=ridge)
+    term = manifold_pull_ref(_work(x), cloud, k=k, d=d, scale=scale, bandwidth=bandwidth, ridge=ridge)
+    return (_work(mean) + term).to(mean.dtype)
+
+
+# ----------------------------------------------------------------------------
+# batched eigenpairs of small symmetric matrices (the eigen-step on its own)
+# ----------------------------------------------------------------------------
+_EIG_BACKENDS = ("auto", "reference", "cuda", "triton", "torch")
+
+
+def sym_eig(A: torch.Tensor, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """All eigenpairs of a batch of small symmetric matrices, eigenvalues descending.
+
+    Args:
+        A: (B, n, n) symmetric (only its symmetric part is used), 1 <= n <= 64, float.
+        backend: "auto" (chain CUDA C++ -> Triton -> torch, :func:`_eig_backend`), "cuda",
+            "triton", "torch" (parallel Jacobi in PyTorch ops, no ``torch.linalg``, capturable)
+            or "reference" (float64 ``torch.linalg.eigh``).
+    Returns: (w (B, n), V (B, n, n) with eigenvectors as columns); fp32 from the Jacobi backends.
+    """
+    if A.dim() != 3 or A.shape[1] != A.shape[2] or not 1 <= A.shape[1] <= MAX_K or not A.is_floating_point():
+        raise ConfigError(f"A must be (B, n, n) floats with 1 <= n <= {MAX_K}, got {tuple(A.shape)} {A.dtype}")
+    if backend not in _EIG_BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(_EIG_BACKENDS)}, got {backend!r}")
+    if backend == "reference":
+        return sym_eig_ref(A)
+    chosen = _eig_backend(A.device) if backend == "auto" else backend
+    if chosen == "cuda":
+        if A.device.type != "cuda":
+            raise BackendError(f"backend 'cuda' needs a CUDA tensor, A is on {A.device}")
+        from .kernels import cuda_ext, sym_eig as sym_eig_k
+
+        mod, reason = cuda_ext.load()
+        if mod is None:
+            raise BackendError(f"backend 'cuda': the CUDA C++ eigensolver is unavailable ({reason})")
+        return cuda_ext.sym_eig(A.float().contiguous(), sym_eig_k.MAX_SWEEPS, sym_eig_k.TOL)
+    if chosen == "triton":
+        kern, why = _kernels()
+        if kern is None or not kern.triton_device_ok(A.device):
+            raise BackendError(f"backend 'triton' cannot take A: {why or f'A is on {A.device}'}")
+        from .kernels import sym_eig as sym_eig_k
+
+        return sym_eig_k.sym_eig(A.float())
+    from .kernels import sym_eig_torch
+
+    return sym_eig_torch.jacobi_eigh(A)
+
+
+def sym_eig_ref(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of :func:`sym_eig`: float64 ``torch.linalg.eigh`` of the symmetric part, descending."""
+    Ad = A.double()
+    w, V = torch.linalg.eigh(0.5 * (Ad + Ad.transpose(1, 2)))
+    return w.flip(-1), V.flip(-1)
+
+
+# ----------------------------------------------------------------------------
+# torch.library registration of the fused ops (check-free, no host sync: capturable)
+# ----------------------------------------------------------------------------
+def _register_library_ops() -> None:
+    lib = torch.library
+
+    @lib.custom_op("manifoldgd_fast::manifold_correct_rows", mutates_args=())
+    def _correct_rows(x: torch.Tensor, patch: torch.Tensor, g: torch.Tensor, lengths: torch.Tensor, k: int, d: int,
+                      lambda_normal: float, eig: str) -> torch.Tensor:
+        from .kernels import manifold_correct as mc
+
+        return mc.rows(x, patch, g, lengths, k, d, lambda_normal, eig=_eig_fn(eig))
+
+    @_correct_rows.register_fake
+    def _(x, patch, g, lengths, k, d, lambda_normal, eig):
+        return torch.empty_like(g)
+
+    @lib.custom_op("manifoldgd_fast::manifold_pull_rows", mutates_args=())
+    def _pull_rows(x: torch.Tensor, cloud: torch.Tensor, lengths: torch.Tensor, k: int, d: int, scale: float,
+                   bandwidth: float, eig: str) -> torch.Tensor:
+        from .kernels import manifold_pull as mp
+
+        return mp.rows(x, cloud, lengths, k, d, scale, bandwidth, eig=_eig_fn(eig))
+
+    @_pull_rows.register_fake
+    def _(x, cloud, lengths, k, d, scale, bandwidth, eig):
+        return torch.empty_like(x)
+
+    @lib.custom_op("manifoldgd_fast::manifold_correct_fused", mutates_args=())
+    def _correct_fused(x: torch.Tensor, latents: torch.Tensor, order: torch.Tensor, lengths: torch.Tensor,
+                       g: torch.Tensor, sample_ids: torch.Tensor, eps: torch.Tensor | None, alpha_bar: float,
+                       seed: int, step: int, k: int, d: int, lambda_normal: float, lambda_mode: float,
+                       eig: str) -> torch.Tensor:
+        from .kernels import manifold_correct as mc
+
+        return mc.patch(x, latents, order, lengths, g, sample_ids, alpha_bar=alpha_bar, seed=seed, step=step, k=k,
+                        d=d, lambda_normal=lambda_normal, eps=eps, lambda_mode=lambda_mode, eig=_eig_fn(eig))
+
+    @_correct_fused.register_fake
+    def _(x, latents, order, lengths, g, sample_ids, eps, alpha_bar, seed, step, k, d, lambda_normal, lambda_mode, eig):
+        return torch.empty_like(g if eps is None else eps)
+
+    @lib.custom_op("manifoldgd_fast::manifold_pull_fused", mutates_args=())
+    def _pull_fused(x: torch.Tensor, modes: torch.Tensor, rho_lin: torch.Tensor, sample_ids: torch.Tensor,
+                    mean: torch.Tensor | None, radius: float, alpha_bar: float, seed: int, step: int, n_points: int,
+                    k: int, d: int, scale: float, bandwidth: float, eig: str) -> torch.Tensor:
+        from .kernels import manifold_pull as mp
+
+        return mp.cloud(x, modes, rho_lin, sample_ids, radius=radius, alpha_bar=alpha_bar, seed=seed, step=step,
+                        n_points=n_points, k=k, d=d, scale=scale, bandwidth=bandwidth, mean=mean, eig=_eig_fn(eig))
+
+    @_pull_fused.register_fake
+    def _(x, modes, rho_lin, sample_ids, mean, radius, alpha_bar, seed, step, n_points, k, d, scale, bandwidth, eig):
+        return torch.empty_like(x if mean is None else mean)
+
+
+_register_library_ops()

@@ -255,4 +255,5 @@ def test_cli_eval_end_to_end(folders, capsys):
     assert "| convnet6 |" in out and "| resnetap10 |" in out and "eval.json" in out
     assert set(res["nets"]) == {"convnet6", "resnetap10"} and len(res["nets"]["resnetap10"]["seeds"]) == 2
     defaults = _parser().parse_args(["eval", "--distilled", dist, "--real-val", val])
-    assert defaults.nets == "convnet6,resnetap10,resnet18" and defaults.seeds == 3 and defaults.progress
+    # nets resolve at run time: all three, or convnet6 when OUT is the digits demo's output
+    assert defaults.nets is None and defaults.seeds == 3 and defaults.progress

@@ -1,0 +1,143 @@
+"""GPU benchmark of the fused guidance kernels against the eager reference and torch.compile of it.
+
+    python bench/bench_kernels.py [--quick] [--csv bench/kernels.csv]
+
+Needs a CUDA GPU (prints why and exits 0 otherwise). Timings are
+``triton.testing.do_bench`` medians with p20/p80 (warm-up excluded, device
+synchronised). Physics per case:
+
+* paper step (``manifold_correct_fused``): GB/s from counted bytes, the floor being
+  one read of every patch row's latent (sum(lengths) x D x itemsize) plus the k chosen
+  rows twice more, x, g, eps and the output;
+* official step (``manifold_pull_fused``): Gnormal/s (the cloud is generated, not read:
+  2 N D normals per sample in the kNN pass, 2 x 2 k D to regenerate the chosen points);
+* eigen-step (``sym_eig``): matrices/s for B small symmetric matrices, CUDA C++ vs Triton
+  vs the PyTorch Jacobi vs ``torch.linalg.eigh`` (cuSOLVER, fp32).
+
+Results belong in bench/RESULTS.md with the GPU name, versions, date and this command.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import sys
+
+import torch
+
+
+def _bench(fn, quick):
+    import triton.testing
+
+    ms = triton.testing.do_bench(fn, warmup=5 if quick else 25, rep=20 if quick else 100, quantiles=[0.5, 0.2, 0.8])
+    return ms  # [median, p20, p80]
+
+
+def _compiled(fn):
+    try:
+        c = torch.compile(fn, dynamic=False)
+        c()
+        return c
+    except Exception as e:  # the reference syncs with the host (lengths.max()): report, do not fail
+        print(f"  torch.compile of the reference failed: {type(e).__name__}: {str(e)[:120]}")
+        return None
+
+
+def paper_cases(quick):
+    from manifoldgd_fast import ops
+
+    rows = []
+    for B, n, D, Lmax, dtype in [(16, 20_000, 4096, 5000, torch.bfloat16), (64, 20_000, 4096, 5000, torch.bfloat16),
+                                 (256, 100_000, 4096, 2000, torch.bfloat16), (64, 20_000, 4096, 5000, torch.float32)]:
+        if quick and B > 64:
+            continue
+        lat = torch.randn(n, D, device="cuda").to(dtype)
+        order = torch.stack([torch.randperm(n, device="cuda")[:Lmax] for _ in range(B)])
+        lengths = torch.randint(Lmax // 2, Lmax + 1, (B,), device="cuda")
+        x, g, eps = (torch.randn(B, D, device="cuda") for _ in range(3))
+        kw = dict(alpha_bar=0.5, seed=1, step=3, k=10, d=3, lambda_normal=1.0, lambda_mode=0.1, eps=eps)
+        fused = lambda: ops.manifold_correct_fused(x, lat, order, lengths, g, backend="triton", **kw)  # noqa: E731
+        ref = lambda: ops.manifold_correct_fused_ref(x, lat, order, lengths, g, **kw)                  # noqa: E731
+        t_f, t_r = _bench(fused, quick), _bench(ref, quick)
+        comp = _compiled(ref)
+        t_c = _bench(comp, quick) if comp is not None else [float("nan")] * 3
+        nbytes = int(lengths.sum()) * D * lat.element_size() + 2 * B * 10 * D * lat.element_size() + 4 * B * D * 4
+        rows.append(dict(op="manifold_correct_fused", B=B, rows=Lmax, D=D, dtype=str(dtype).split(".")[-1],
+                         fused_ms=t_f[0], fused_p20=t_f[1], fused_p80=t_f[2], ref_ms=t_r[0], compiled_ms=t_c[0],
+                         speedup=t_r[0] / t_f[0], speedup_vs_compiled=t_c[0] / t_f[0],
+                         physics=f"{nbytes / t_f[0] / 1e6:.0f} GB/s"))
+    return rows
+
+
+def official_cases(quick):
+    from manifoldgd_fast import ops
+
+    rows = []
+    for B, D, N, k in [(10, 4096, 300, 12), (100, 4096, 300, 12), (256, 4096, 300, 12)]:
+        if quick and B > 100:
+            continue
+        modes, x, mean = (torch.randn(B, D, device="cuda") for _ in range(3))
+        kw = dict(radius=0.1, alpha_bar=0.4, seed=2, step=40, n_points=N, k=k, d=3, scale=0.1, bandwidth=0.1, mean=mean)
+        fused = lambda: ops.manifold_pull_fused(x, modes, backend="triton", **kw)  # noqa: E731
+        ref = lambda: ops.manifold_pull_fused_ref(x, modes, **kw)                  # noqa: E731
+        t_f, t_r = _bench(fused, quick), _bench(ref, quick)
+        comp = _compiled(ref)
+        t_c = _bench(comp, quick) if comp is not None else [float("nan")] * 3
+        normals = B * (2 * N * D + 2 * 2 * k * D)
+        rows.append(dict(op="manifold_pull_fused", B=B, rows=N, D=D, dtype="float32", fused_ms=t_f[0],
+                         fused_p20=t_f[1], fused_p80=t_f[2], ref_ms=t_r[0], compiled_ms=t_c[0],
+                         speedup=t_r[0] / t_f[0], speedup_vs_compiled=t_c[0] / t_f[0],
+                         physics=f"{normals / t_f[0] / 1e6:.1f} Gnormal/s"))
+    return rows
+
+
+def eig_cases(quick):
+    from manifoldgd_fast import ops
+
+    rows = []
+    for B, n in [(256, 10), (256, 12), (256, 33), (256, 64)]:
+        X = torch.randn(B, n, n, device="cuda")
+        A = X @ X.transpose(1, 2)
+        res = {}
+        for name in ("cuda", "triton", "torch"):
+            try:
+                res[name] = _bench(lambda: ops.sym_eig(A, backend=name), quick)[0]  # noqa: B023
+            except Exception as e:
+                print(f"  sym_eig backend {name}: {type(e).__name__}: {str(e)[:100]}")
+                res[name] = float("nan")
+        res["linalg"] = _bench(lambda: torch.linalg.eigh(A), quick)[0]  # noqa: B023
+        best = min(v for k_, v in res.items() if k_ != "linalg" and v == v)
+        rows.append(dict(op="sym_eig", B=B, rows=n, D=n, dtype="float32", fused_ms=best, fused_p20=float("nan"),
+                         fused_p80=float("nan"), ref_ms=res["linalg"], compiled_ms=float("nan"),
+                         speedup=res["linalg"] / best, speedup_vs_compiled=float("nan"),
+                         physics=" ".join(f"{k_}={v:.3f}ms" for k_, v in res.items())))
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer cases and repetitions")
+    ap.add_argument("--csv", default="bench/kernels.csv")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_kernels: needs a CUDA GPU (none here); nothing measured.")
+        return 0
+    import triton
+
+    print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
+          f"{datetime.date.today()} | python bench/bench_kernels.py {' '.join(argv or sys.argv[1:])}")
+    rows = paper_cases(args.quick) + official_cases(args.quick) + eig_cases(args.quick)
+    cols = list(rows[0])
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+    with open(args.csv, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""Tangent-space step of both manifold terms, after the kNN: Gram, eigen-step, apply.
+
+With the k chosen rows p_j regenerated in registers (``row_source``) and shifted
+by the query, ``y_j = p_j - x`` (centring is shift-invariant and x is the
+nearest point to all of them, so the raw Gram below loses the least to
+cancellation), everything the projection needs is k x k:
+
+    G = Y Y^T,  h = Y g,  C = I - 11^T / k  (centring on the k valid rows)
+    X = C Y,   X X^T = C G C,   X g = C h,   X (x - c) = -C G 1 / k
+
+With ``C G C v = mu v`` (top-d, directions with mu <= rel_tol * mu_max dropped
+as in ``tangent_basis_ref``) and ``w = sum_j v_j (v_j . rhs) / mu_j``:
+
+* paper (``manifold_correct``): ``P_T g = X^T w = Y^T C w`` (rhs = C h), so
+  ``g - lam P_N g = (1 - lam) g + Y^T (lam C w)``;
+* official (``manifold_pull``): ``n = (x - c) - P_T (x - c) = Y^T (-1/k - C w)``
+  (rhs = -C G 1 / k), ``|n|^2 = cn^T G cn``, term ``= Y^T cn * (-scale tanh(dmin/b) / (|n| + 1e-8))``.
+
+So each sample's output is ``alpha_b g + Y^T coef_b``: three kernels.
+
+1. ``_gram_kernel`` (B, D-splits): G and h partial sums over a slice of D (gather + centring-free
+   Gram via ``tl.dot`` in IEEE fp32 + X g, one pass);
+2. ``_coef_kernel`` (B,): sum the partials, centre, Jacobi (``sym_eig.jacobi_eigh``), top-d, coef/alpha;
+3. ``_apply_kernel`` (B, D-blocks): ``alpha g + Y^T coef`` regenerating Y, fused with
+   ``eps - lambda_M sigma (.)`` (paper eps update) or ``mean + (.)`` (official posterior mean).
+
+Between 1 and 3 only (B, splits, K, K) floats touch memory.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .knn_rows import block_d_for, pow2_at_least, warps_for
+from .philox_normal import LAUNCH
+from .row_source import rows_tile
+from .sym_eig import MAX_SWEEPS, TOL, jacobi_eigh
+
+EXT_NONE, EXT_EPS, EXT_MEAN = 0, 1, 2
+
+
+@triton.jit
+def _gram_kernel(x_ptr, g_ptr, idx_ptr, sid_ptr, gram_ptr, h_ptr,
+                 src_ptr, src_sb, src_sm, ord_ptr, ord_sb, rho_ptr, gn_ptr, aux_sb, sqa, sig, seed, step16,
+                 D, k, d_per_split, n_dsplit,
+                 SRC: tl.constexpr, K: tl.constexpr, BLOCK_D: tl.constexpr, HAS_G: tl.constexpr):
+    b = tl.program_id(0)
+    s = tl.program_id(1)
+    b64 = b.to(tl.int64)
+    sample = tl.load(sid_ptr + b)
+    jj = tl.arange(0, K)
+    jmask = jj < k
+    rows = tl.load(idx_ptr + b64 * k + jj, mask=jmask, other=0)
+    G = tl.zeros((K, K), dtype=tl.float32)
+    h = tl.zeros((K,), dtype=tl.float32)
+    d_lo = s * d_per_split
+    d_hi = tl.minimum(d_lo + d_per_split, D)
+    for d0 in range(d_lo, d_hi, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        cmask = cols < d_hi
+        p = rows_tile(SRC, b, rows, jmask, d0, cols, cmask, src_ptr, src_sb, src_sm, ord_ptr, ord_sb,
+                      rho_ptr, gn_ptr, aux_sb, sqa, sig, seed, sample, step16, BLOCK_D)
+        xv = tl.load(x_ptr + b64 * D + cols, mask=cmask, other=0.0).to(tl.float32)
+        y = tl.where(jmask[:, None] & cmask[None, :], p - xv[None, :], 0.0)          # (K, BLOCK_D)
+        G += tl.dot(y, tl.trans(y), input_precision="ieee")
+        if HAS_G:
+            gv = tl.load(g_ptr + b64 * D + cols, mask=cmask, other=0.0).to(tl.float32)
+            h += tl.sum(y * gv[None, :], axis=1)
+    base = b64 * n_dsplit + s
+    tl.store(gram_ptr + base * K * K + jj[:, None] * K + jj[None, :], G)
+    tl.store(h_ptr + base * K + jj, h)
+
+
+@triton.jit
+def _coef_kernel(gram_ptr, h_ptr, d2_ptr, coef_ptr, alpha_ptr, gc_ptr, ew_ptr, ev_ptr, n_dsplit, k, d,
+                 lam, scale, inv_bw, rel_tol,
+                 PULL: tl.constexpr, K: tl.constexpr, MAX_SWEEPS: tl.constexpr, TOL: tl.constexpr,
+                 PHASE: tl.constexpr):
+    """PHASE 0: the whole step with the in-register Jacobi. With an external eigensolver (CUDA C++):
+    PHASE 1 writes the centred (B, k, k) Gram to ``gc_ptr`` and stops; PHASE 2 redoes the (cheap)
+    sums and takes the eigenpairs from ``ew_ptr`` (B, k) / ``ev_ptr`` (B, k, k, columns)."""
+    b = tl.program_id(0).to(tl.int64)
+    ar = tl.arange(0, K)
+    ii = ar[:, None]
+    jj = ar[None, :]
+    G = tl.zeros((K, K), dtype=tl.float32)
+    h = tl.zeros((K,), dtype=tl.float32)
+    for s in range(n_dsplit):
+        base = b * n_dsplit + s
+        G += tl.load(gram_ptr + base * K * K + ii * K + jj)
+        h += tl.load(h_ptr + base * K + ar)
+    valid = ar < k
+    kf = k.to(tl.float32)
+    r = tl.sum(G, axis=1)                                                 # G 1 (padding rows are zero)
+    tot = tl.sum(r, axis=0)
+    Gc = G - r[:, None] / kf - r[None, :] / kf + tot / (kf * kf)          # C G C
+    vv = valid[:, None] & valid[None, :]
+    Gc = tl.where(vv, Gc, 0.0)
+    if PHASE == 1:
+        tl.store(gc_ptr + b * k * k + ii * k + jj, Gc, mask=vv)
+    else:
+        if PHASE == 2:
+            mu_all = tl.load(ew_ptr + b * k + ar, mask=valid, other=0.0)
+            V = tl.load(ev_ptr + b * k * k + ii * k + jj, mask=vv, other=0.0)
+        else:
+            mu_all, V = jacobi_eigh(Gc, K, MAX_SWEEPS, TOL)
+        c, alpha = _finish(G, h, r, tot, mu_all, V, d2_ptr + b * k, k, d, lam, scale, inv_bw, rel_tol, PULL, K)
+        tl.store(coef_ptr + b * K + ar, c)
+        tl.store(alpha_ptr + b, alpha)
+
+
+@triton.jit
+def _finish(G, h, r, tot, mu_all, V, d2min_ptr, k, d, lam, scale, inv_bw, rel_tol,
+            PULL: tl.constexpr, K: tl.constexpr):
+    """coef (K,), alpha from the Gram G, h = Y g, G 1 = r, 1^T G 1 = tot and the eigenpairs of C G C."""
+    ar = tl.arange(0, K)
+    jj = ar[None, :]
+    valid = ar < k
+    kf = k.to(tl.float32)
+    if PULL:
+        rhs = tl.where(valid, -(r - tot / kf) / kf, 0.0)                  # X (x - c) = -C G 1 / k
+    else:
+        rhs = tl.where(valid, h - tl.sum(tl.where(valid, h, 0.0), axis=0) / kf, 0.0)  # X g = C h
+    # only the k real eigenpairs are candidates (the padding stays decoupled in Jacobi)
+    cand = tl.where(valid, mu_all, float("-inf"))
+    mu0 = tl.max(cand, axis=0)
+    w = tl.zeros((K,), dtype=tl.float32)
+    for t in range(d):
+        mu = tl.max(cand, axis=0)
+        j = tl.argmax(cand, axis=0)
+        cand = tl.where(ar == j, float("-inf"), cand)
+        v = tl.sum(tl.where(jj == j, V, 0.0), axis=1)                      # eigenvector j (K,)
+        keep = mu > rel_tol * tl.maximum(mu0, 1e-30)
+        w += tl.where(keep, tl.sum(v * rhs, axis=0) / tl.where(keep, mu, 1.0), 0.0) * v
+    cw = tl.where(valid, w - tl.sum(tl.where(valid, w, 0.0), axis=0) / kf, 0.0)   # C w
+    if PULL:
+        cn = tl.where(valid, -1.0 / kf, 0.0) - cw                          # n = Y^T cn
+        nn = tl.sqrt(tl.maximum(tl.sum(cn * tl.sum(G * cn[None, :], axis=1), axis=0), 0.0))
+        dmin = tl.sqrt(tl.maximum(tl.load(d2min_ptr), 0.0))
+        z = tl.minimum(2.0 * dmin * inv_bw, 80.0)
+        wgt = 1.0 - 2.0 / (tl.exp(z) + 1.0)                               # tanh(dmin / b), dmin >= 0
+        coef = cn * (-scale * wgt / (nn + 1e-8))
+        alpha = 0.0
+    else:
+        coef = lam * cw
+        alpha = 1.0 - lam
+    return coef, alpha
+
+
+@triton.jit
+def _apply_kernel(x_ptr, g_ptr, idx_ptr, sid_ptr, coef_ptr, alpha_ptr, ext_ptr, out_ptr,
+                  src_ptr, src_sb, src_sm, ord_ptr, ord_sb, rho_ptr, gn_ptr, aux_sb, sqa, sig, seed, step16,
+                  D, k, ext_scale,
+                  SRC: tl.constexpr, K: tl.constexpr, BLOCK_D: tl.constexpr, HAS_G: tl.constexpr,
+                  EXT: tl.constexpr):
+    b = tl.program_id(0)
+    b64 = b.to(tl.int64)
+    d0 = tl.program_id(1) * BLOCK_D
+    sample = tl.load(sid_ptr + b)
+    jj = tl.arange(0, K)
+    jmask = jj < k
+    rows = tl.load(idx_ptr + b64 * k + jj, mask=jmask, other=0)
+    coef = tl.load(coef_ptr + b64 * K + jj)
+    cols = d0 + tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    p = rows_tile(SRC, b, rows, jmask, d0, cols, cmask, src_ptr, src_sb, src_sm, ord_ptr, ord_sb,
+                  rho_ptr, gn_ptr, aux_sb, sqa, sig, seed, sample, step16, BLOCK_D)
+    xv = tl.load(x_ptr + b64 * D + cols, mask=cmask, other=0.0).to(tl.float32)
+    y = tl.where(jmask[:, None] & cmask[None, :], p - xv[None, :], 0.0)              # (K, BLOCK_D)
+    res = tl.sum(coef[:, None] * y, axis=0)                                          # Y^T coef
+    if HAS_G:
+        alpha = tl.load(alpha_ptr + b)
+        res = alpha * tl.load(g_ptr + b64 * D + cols, mask=cmask, other=0.0).to(tl.float32) + res
+    if EXT == 1:
+        res = tl.load(ext_ptr + b64 * D + cols, mask=cmask, other=0.0).to(tl.float32) - ext_scale * res
+    elif EXT == 2:
+        res = tl.load(ext_ptr + b64 * D + cols, mask=cmask, other=0.0).to(tl.float32) + res
+    tl.store(out_ptr + b64 * D + cols, res.to(out_ptr.dtype.element_ty), mask=cmask)
+
+
+def plan_dsplits(B: int, D: int, block_d: int, device: torch.device, splits: int | None = None) -> tuple[int, int]:
+    """(d_per_split, n_dsplit) for the Gram pass: ~4 programs per SM on a GPU, d_per_split a multiple of block_d."""
+    if splits is None:
+        if device.type == "cuda":
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            splits = max(1, (4 * sms + B - 1) // B)
+        else:
+            splits = 2
+    splits = max(1, min(splits, triton.cdiv(D, block_d)))
+    per = triton.cdiv(triton.cdiv(D, splits), block_d) * block_d
+    return per, triton.cdiv(D, per)
+
+
+def gram(x, g, idx, sample_ids, k, src, splits=None):
+    """Partial (B, S, K, K) Gram matrices of Y = rows - x and (B, S, K) partial Y g (zeros when g is None)."""
+    B, D = x.shape
+    K = pow2_at_least(k)
+    BLOCK_D = block_d_for(K, D)
+    per, n_dsplit = plan_dsplits(B, D, BLOCK_D, x.device, splits)
+    Gp = torch.empty(B, n_dsplit, K, K, device=x.device, dtype=torch.float32)
+    hp = torch.empty(B, n_dsplit, K, device=x.device, dtype=torch.float32)
+    _gram_kernel[(B, n_dsplit)](x, g if g is not None else x, idx, sample_ids, Gp, hp, *src.args(),
+                                D, k, per, n_dsplit, SRC=src.kind, K=K, BLOCK_D=BLOCK_D, HAS_G=g is not None,
+                                num_warps=warps_for(K, BLOCK_D), **LAUNCH)
+    return Gp, hp
+
+
+def coef(Gp, hp, d2, k, d, *, pull, lam=1.0, scale=0.0, bandwidth=1.0, rel_tol=1e-6, eig=None):
+    """(coef (B, K), alpha (B,)) so that each output is ``alpha g + Y^T coef`` (see the module docstring).
+
+    ``eig`` None: the Jacobi runs inside this kernel. Otherwise a function
+    ``(B, k, k) fp32 -> (w (B, k), V (B, k, k))`` (the CUDA C++ eigensolver): the
+    kernel runs twice around it (centre, then finish).
+    """
+    B, n_dsplit, K, _ = Gp.shape
+    c = torch.empty(B, K, device=Gp.device, dtype=torch.float32)
+    alpha = torch.empty(B, device=Gp.device, dtype=torch.float32)
+    scal = (n_dsplit, k, d, float(lam), float(scale), 1.0 / float(bandwidth), float(rel_tol))
+    meta = dict(PULL=bool(pull), K=K, MAX_SWEEPS=MAX_SWEEPS, TOL=TOL, num_warps=warps_for(K), **LAUNCH)
+    if eig is None:
+        _coef_kernel[(B,)](Gp, hp, d2, c, alpha, Gp, Gp, Gp, *scal, PHASE=0, **meta)
+        return c, alpha
+    Gc = torch.empty(B, k, k, device=Gp.device, dtype=torch.float32)
+    _coef_kernel[(B,)](Gp, hp, d2, c, alpha, Gc, Gp, Gp, *scal, PHASE=1, **meta)
+    w, V = eig(Gc)
+    _coef_kernel[(B,)](Gp, hp, d2, c, alpha, Gc, w.contiguous(), V.contiguous(), *scal, PHASE=2, **meta)
+    return c, alpha
+
+
+def apply(x, g, idx, sample_ids, c, alpha, k, src, *, ext=None, ext_kind=EXT_NONE, ext_scale=0.0, out_dtype=None):
+    """``alpha g + Y^T coef`` (B, D), then ``ext - ext_scale * (.)`` (EXT_EPS) or ``ext + (.)`` (EXT_MEAN)."""
+    B, D = x.shape
+    K = c.shape[1]
+    BLOCK_D = block_d_for(K, D)
+    out = torch.empty(B, D, device=x.device, dtype=out_dtype or x.dtype)
+    _apply_kernel[(B, triton.cdiv(D, BLOCK_D))](x, g if g is not None else x, idx, sample_ids, c, alpha,
+                                                ext if ext is not None else x, out, *src.args(), D, k,
+                                                float(ext_scale), SRC=src.kind, K=K, BLOCK_D=BLOCK_D,
+                                                HAS_G=g is not None, EXT=ext_kind, **LAUNCH)
+    return out

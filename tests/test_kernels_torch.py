@@ -1,0 +1,208 @@
+"""The parts of the fused path that need no Triton: Philox reference, the PyTorch Jacobi, materialisers,
+dispatch, torch.library registration, and importing without Triton."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from manifoldgd_fast import ops
+from manifoldgd_fast.errors import BackendError, ConfigError
+from manifoldgd_fast.kernels import INTERPRET
+from manifoldgd_fast.kernels import sym_eig_torch
+
+
+def test_philox_known_answers():
+    """Random123's known-answer vectors for Philox4x32-10 (also what Triton's tl.random.philox computes)."""
+    z = torch.zeros(1, dtype=torch.long)
+    assert [int(v) for v in ops.philox4x32_ref(0, z, z, z, z)] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    f = torch.full((1,), 0xFFFFFFFF)
+    assert [int(v) for v in ops.philox4x32_ref(2 ** 64 - 1, f, f, f, f)] == [0x408F276D, 0x41C83B0E, 0xA20BC7C6,
+                                                                             0x6D5451FD]
+    pi = [torch.tensor([v]) for v in (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344)]
+    assert [int(v) for v in ops.philox4x32_ref(0xA4093822 | (0x299F31D0 << 32), *pi)] == [
+        0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+
+
+def test_philox_normal_reference_layout():
+    """A value depends on (seed, step, stream, sample, row, col) only: not on D, rows drawn or the batch."""
+    sid = torch.tensor([3, 9])
+    a = ops.philox_normal_ref(7, 2, ops.STREAM_PATCH, sid, 50, 33)
+    assert torch.equal(ops.philox_normal_ref(7, 2, ops.STREAM_PATCH, sid, 20, 5), a[:, :20, :5])
+    assert torch.equal(ops.philox_normal_ref(7, 2, ops.STREAM_PATCH, sid[1:], 50, 33), a[1:])
+    for other in (ops.philox_normal_ref(8, 2, 0, sid, 50, 33), ops.philox_normal_ref(7, 3, 0, sid, 50, 33),
+                  ops.philox_normal_ref(7, 2, 3, sid, 50, 33)):
+        assert float((other - a).abs().mean()) > 0.5                    # a different stream, not a shifted copy
+    big = ops.philox_normal_ref(11, 0, 0, torch.arange(4), 256, 256)
+    assert abs(float(big.mean())) < 0.01 and abs(float(big.std()) - 1) < 0.01
+    assert abs(float((big ** 4).mean()) - 3) < 0.1                     # Gaussian kurtosis
+    u = ops.philox_uniform_ref(11, 0, 2, torch.arange(4), 5000)
+    assert float(u.min()) >= 0 and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.01
+
+
+def _spectrum_cases(n, gen):
+    X = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    ill = Q @ torch.diag(torch.logspace(0, -12, n, dtype=torch.float64)) @ Q.T
+    m = min(3, n)
+    rep = Q @ torch.diag(torch.tensor([3.0] * m + [1e-3] * (n - m), dtype=torch.float64)) @ Q.T
+    return torch.stack([X @ X.T, ill, rep, (X + X.T) / 2])
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 10, 16, 33, 64])
+def test_torch_jacobi_against_float64(n):
+    """The portable Jacobi: eigenvalues within ~2x plain fp32 eigh's error (+ 1e-7 |A| slack), orthonormal
+    eigenvectors, and the repeated eigenvalue's 3-dim invariant subspace as a projector."""
+    A = _spectrum_cases(n, torch.Generator().manual_seed(n))
+    w, V = sym_eig_torch.jacobi_eigh(A.float())
+    wr, Vr = ops.sym_eig_ref(A)
+    nrm = wr.abs().max(1).values
+    err = (w.double() - wr).abs().max(1).values / nrm
+    w32 = torch.linalg.eigvalsh(A.float()).flip(-1).double()
+    err32 = (w32 - wr).abs().max(1).values / nrm
+    assert bool((err <= 2 * err32 + 1e-7 * max(1, n / 8)).all()), (err, err32)
+    Vd = V.double()
+    assert float((Vd.transpose(1, 2) @ Vd - torch.eye(n, dtype=torch.float64)).abs().max()) < 2e-6
+    res = (A @ Vd - Vd * w.double()[:, None, :]).norm(dim=1).max(1).values / nrm
+    assert float(res.max()) < 5e-6
+    if n > 3:
+        P, Pr = Vd[2, :, :3] @ Vd[2, :, :3].T, Vr[2, :, :3] @ Vr[2, :, :3].T
+        assert float((P - Pr).abs().max()) < 1e-5
+    # float64 input: the same algorithm at float64 accuracy
+    w64, _ = sym_eig_torch.jacobi_eigh(A)
+    assert float(((w64 - wr).abs().max(1).values / nrm).max()) < 1e-12
+
+
+def test_sym_eig_dispatch_and_checks():
+    A = _spectrum_cases(6, torch.Generator().manual_seed(0)).float()
+    w, V = ops.sym_eig(A, backend="torch")
+    wr, _ = ops.sym_eig_ref(A)
+    torch.testing.assert_close(w.double(), wr, atol=1e-5, rtol=1e-5)
+    assert ops.sym_eig(A, backend="reference")[0].dtype == torch.float64
+    if not torch.cuda.is_available():
+        assert ops._eig_backend(torch.device("cpu")) == ("triton" if INTERPRET else "torch")
+        with pytest.raises(BackendError, match="CUDA"):
+            ops.sym_eig(A, backend="cuda")
+    with pytest.raises(ConfigError, match="n <= 64"):
+        ops.sym_eig(torch.zeros(2, 65, 65))
+    with pytest.raises(ConfigError, match="backend"):
+        ops.sym_eig(A, backend="lapack")
+
+
+def test_materialisers():
+    """abar = 1: the patch is the latents (zero past each length); the cloud sits at rho from the mode."""
+    n, D = 30, 12
+    lat = torch.randn(n, D)
+    order = torch.stack([torch.randperm(n), torch.randperm(n)])
+    lengths = torch.tensor([7, 20])
+    p = ops.time_aligned_patch_philox(lat, order, lengths, 1.0, seed=1, step=0)
+    assert p.shape == (2, 20, D)
+    assert torch.equal(p[0, :7], lat[order[0, :7]]) and torch.equal(p[0, 7:], torch.zeros(13, D))
+    noisy = ops.time_aligned_patch_philox(lat, order, lengths, 0.25, seed=1, step=0, backend="reference")
+    xi = ops.philox_normal_ref(1, 0, ops.STREAM_PATCH, torch.arange(2), 20, D)
+    torch.testing.assert_close(noisy[1], 0.5 * lat[order[1, :20]] + math.sqrt(0.75) * xi[1])
+    modes = torch.randn(2, D)
+    cl = ops.official_cloud_philox(modes, 0.05, 1.0, seed=4, step=9, n_points=300, backend="reference")
+    dist = (cl - modes[:, None]).norm(dim=2)
+    torch.testing.assert_close(dist[:, :150], torch.linspace(0.1, 0.05, 150).expand(2, -1), atol=1e-5, rtol=1e-5)
+    assert float(dist[:, 150:].max()) <= 0.05 + 1e-6
+    again = ops.official_cloud_philox(modes, 0.05, 1.0, seed=4, step=9, n_points=300, backend="reference")
+    assert torch.equal(cl, again)
+    other_step = ops.official_cloud_philox(modes, 0.05, 1.0, seed=4, step=10, n_points=300, backend="reference")
+    assert not torch.equal(cl, other_step)                                  # fresh every step
+
+
+def test_fused_references_compose_the_existing_ones():
+    n, D, B = 40, 16, 2
+    gen = torch.Generator().manual_seed(0)
+    lat = torch.randn(n, D, generator=gen)
+    order = torch.stack([torch.randperm(n, generator=gen) for _ in range(B)])
+    lengths = torch.tensor([40, 25])
+    x, g, eps = (torch.randn(B, D, generator=gen) for _ in range(3))
+    kw = dict(alpha_bar=0.5, seed=3, step=1, k=10, d=3)
+    assert torch.equal(ops.manifold_correct_fused(x, lat, order, lengths, g, lambda_normal=0.0, **kw), g)
+    gc = ops.manifold_correct_fused(x, lat, order, lengths, g, **kw)
+    e = ops.manifold_correct_fused(x, lat, order, lengths, g, eps=eps, lambda_mode=0.1, **kw)
+    torch.testing.assert_close(e, eps - 0.1 * math.sqrt(0.5) * gc)
+    modes = torch.randn(B, D, generator=gen)
+    pk = dict(radius=0.1, alpha_bar=0.5, seed=2, step=0, n_points=50, k=12, d=3, bandwidth=0.2)
+    term = ops.manifold_pull_fused(x, modes, **pk)
+    torch.testing.assert_close(ops.manifold_pull_fused(x, modes, mean=eps, **pk), eps + term)
+    assert float(term.norm(dim=1).max()) <= 0.1 + 1e-6
+
+
+@pytest.mark.skipif(INTERPRET or torch.cuda.is_available(), reason="here backend='triton' can take CPU/CUDA tensors")
+def test_forced_triton_on_cpu_names_the_device():
+    x, patch, g = torch.randn(2, 16), torch.randn(2, 30, 16), torch.randn(2, 16)
+    with pytest.raises(BackendError, match="x is on cpu.*TRITON_INTERPRET=1"):
+        ops.manifold_correct(x, patch, g, k=10, d=3, backend="triton")
+    lat, order = torch.randn(30, 16), torch.stack([torch.randperm(30)] * 2)
+    with pytest.raises(BackendError, match="x is on cpu"):
+        ops.manifold_correct_fused(x, lat, order, torch.tensor([30, 30]), g, alpha_bar=0.5, seed=0, step=0, k=10,
+                                   d=3, backend="triton")
+    with pytest.raises(BackendError, match="x is on cpu"):
+        ops.manifold_pull_fused(x, torch.randn(2, 16), radius=0.1, alpha_bar=0.5, seed=0, step=0, backend="triton")
+    # auto on the CPU is the reference, bit for bit
+    assert torch.equal(ops.manifold_correct(x, patch, g, k=10, d=3),
+                       ops.manifold_correct_ref(x, patch, g, k=10, d=3))
+
+
+def test_fused_ops_check_their_inputs():
+    x, g = torch.randn(2, 16), torch.randn(2, 16)
+    lat, order = torch.randn(30, 16), torch.stack([torch.randperm(30)] * 2)
+    kw = dict(alpha_bar=0.5, seed=0, step=0, k=10, d=3)
+    with pytest.raises(ConfigError, match="latents must be"):
+        ops.manifold_correct_fused(x, lat[:, :15], order, torch.tensor([30, 30]), g, **kw)
+    with pytest.raises(ConfigError, match="larger than the patch"):
+        ops.manifold_correct_fused(x, lat, order, torch.tensor([30, 9]), g, **kw)
+    with pytest.raises(ConfigError, match="order must index"):
+        ops.manifold_correct_fused(x, lat[:20], order, torch.tensor([30, 30]), g, **kw)
+    with pytest.raises(ConfigError, match="seed"):
+        ops.manifold_correct_fused(x, lat, order, torch.tensor([30, 30]), g, **{**kw, "seed": -1})
+    with pytest.raises(ConfigError, match="step"):
+        ops.manifold_pull_fused(x, x, radius=0.1, alpha_bar=0.5, seed=0, step=2 ** 28)
+    with pytest.raises(ConfigError, match="alpha_bar"):
+        ops.manifold_pull_fused(x, x, radius=0.1, alpha_bar=0.0, seed=0, step=0)
+    with pytest.raises(ConfigError, match="n_points"):
+        ops.manifold_pull_fused(x, x, radius=0.1, alpha_bar=0.5, seed=0, step=0, n_points=5)
+    with pytest.raises(ConfigError, match="sample_ids"):
+        ops.manifold_pull_fused(x, x, radius=0.1, alpha_bar=0.5, seed=0, step=0, sample_ids=torch.tensor([0]))
+
+
+def test_library_ops_have_fake_kernels():
+    """The registered ops trace without running (FakeTensorMode): what torch.compile needs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x, modes = torch.empty(4, 64), torch.empty(4, 64, dtype=torch.bfloat16)
+        out = torch.ops.manifoldgd_fast.manifold_pull_fused(x, x, torch.empty(150), torch.zeros(4, dtype=torch.long),
+                                                            modes, 0.1, 0.5, 1, 2, 300, 12, 3, 0.1, 0.1, "triton")
+        assert out.shape == (4, 64) and out.dtype == torch.bfloat16
+        out = torch.ops.manifoldgd_fast.manifold_correct_rows(x, torch.empty(4, 50, 64), x.half(),
+                                                              torch.zeros(4, dtype=torch.long), 10, 3, 1.0, "triton")
+        assert out.dtype == torch.float16
+
+
+def test_ops_import_and_run_without_triton():
+    """No Triton (simulated): the package imports, auto runs the reference, the eigen-step falls back to torch."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from manifoldgd_fast import ops\n"
+        "x, p, g = torch.randn(2, 8), torch.randn(2, 20, 8), torch.randn(2, 8)\n"
+        "assert torch.equal(ops.manifold_correct(x, p, g, k=5, d=2), ops.manifold_correct_ref(x, p, g, k=5, d=2))\n"
+        "assert ops._eig_backend(torch.device('cpu')) == 'torch'\n"
+        "ops.sym_eig(torch.eye(3)[None])\n"
+        "try:\n"
+        "    ops.manifold_pull(x, p, k=5, d=2, backend='triton')\n"
+        "except ops.BackendError as e:\n"
+        "    assert 'cannot be imported' in str(e), e\n"
+        "else:\n"
+        "    raise SystemExit('no BackendError')\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr

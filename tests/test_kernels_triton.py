@@ -1,0 +1,421 @@
+"""The fused Triton kernels against the references: kNN, counter noise, Gram + Jacobi, projection, fused ops.
+
+Where these run (decided once, here):
+* on a CUDA GPU, compiled, in the normal ``python -m pytest -q tests`` (GPU-only full-shape tests too);
+* on the CPU only when ``TRITON_INTERPRET=1`` was set before Triton decorated the kernels. The
+  normal CPU run cannot set it safely in-process (the decision is made at import, and it would
+  also change what ``backend='triton'`` accepts for every other test module), so there this
+  module skips and ``tests/test_kernels_interpreter.py`` re-runs it in a subprocess with
+  ``TRITON_INTERPRET=1``: that is how CI checks these numerics. To run it directly:
+  ``TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_triton.py``.
+
+Small shapes (the interpreter runs one program at a time in NumPy). Tolerances per dtype
+are stated where used; index selection and noise are compared exactly.
+"""
+import math
+
+import pytest
+import torch
+
+from manifoldgd_fast import ops
+from manifoldgd_fast.errors import BackendError
+
+from conftest import requires_cuda
+
+try:
+    from manifoldgd_fast import kernels
+
+    RUNNABLE = kernels.HAVE_TRITON and (kernels.INTERPRET or torch.cuda.is_available())
+except Exception:  # pragma: no cover
+    RUNNABLE = False
+
+pytestmark = [
+    pytest.mark.skipif(not RUNNABLE, reason="Triton kernels need a CUDA GPU or TRITON_INTERPRET=1 (CI runs this "
+                                            "module under the interpreter from tests/test_kernels_interpreter.py)"),
+    # NumPy (the interpreter) warns where the Jacobi angle overflows on purpose (handled: t ~ 1 / (2 theta))
+    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+]
+
+if RUNNABLE:
+    from manifoldgd_fast.kernels import cloud as cloud_k
+    from manifoldgd_fast.kernels import knn_rows, sym_eig as sym_eig_k, tangent
+    from manifoldgd_fast.kernels.row_source import Source
+
+DEV = "cuda" if RUNNABLE and not kernels.INTERPRET and torch.cuda.is_available() else "cpu"
+
+# (dtype, rtol against max|reference|): the kernel and the reference see the same rounded
+# inputs and accumulate in fp32 (reference: fp32 + float64 eigen); low-precision outputs
+# add one rounding of the result (bf16 ulp 2^-8, fp16 2^-11).
+DTYPES = [(torch.float32, 2e-4), (torch.bfloat16, 2e-2), (torch.float16, 5e-3)]
+
+
+def _anisotropic(B, M, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    sc = torch.linspace(3.0, 0.1, D)
+    rows = (torch.randn(B, M, D, generator=g) * sc).to(dtype)
+    x = (torch.randn(B, D, generator=g) * sc).to(dtype)
+    gv = torch.randn(B, D, generator=g).to(dtype)
+    return rows.to(DEV), x.to(DEV), gv.to(DEV)
+
+
+def _close(got, want, rtol):
+    scale = max(1.0, float(want.abs().max()))
+    torch.testing.assert_close(got.double(), want.double(), atol=rtol * scale, rtol=rtol)
+
+
+def _no_near_ties(d2_sorted, k, rel=1e-4):
+    """True when the k-th and (k+1)-th distances of every sample are apart (the selected set is stable)."""
+    gap = d2_sorted[:, k] - d2_sorted[:, k - 1]
+    return bool((gap > rel * d2_sorted[:, k].abs().clamp_min(1e-6)).all())
+
+
+# ---------------------------------------------------------------------------
+# counter-based noise
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [0, 12345, 2 ** 40 + 7, 2 ** 63 - 1])
+def test_philox_normal_triton_vs_torch(seed):
+    """Same integer stream: normals agree to a few ulp; a value does not depend on D; moments are N(0, 1)."""
+    sid = torch.tensor([0, 3, 2 ** 31 + 5], device=DEV)
+    a = ops.philox_normal(seed, 5, ops.STREAM_CLOUD_DIR, sid, 9, 130, backend="triton")
+    b = ops.philox_normal(seed, 5, ops.STREAM_CLOUD_DIR, sid, 9, 130, backend="reference")
+    # GPU transcendentals (approximate log/sin/cos) sit further from torch's than NumPy's do
+    torch.testing.assert_close(a, b, atol=1e-6 if DEV == "cpu" else 2e-5, rtol=1e-6 if DEV == "cpu" else 2e-5)
+    short = ops.philox_normal(seed, 5, ops.STREAM_CLOUD_DIR, sid, 9, 7, backend="triton")
+    assert torch.equal(short, a[:, :, :7])
+    assert abs(float(a.mean())) < 0.1 and abs(float(a.std()) - 1) < 0.1
+    other = ops.philox_normal(seed, 6, ops.STREAM_CLOUD_DIR, sid, 9, 130, backend="triton")
+    assert float((other - a).abs().min()) > 0 or not torch.equal(other, a)      # fresh every step
+
+
+def test_cloud_radii_kernel_is_exact():
+    """The radii kernel and the PyTorch materialisation agree bit for bit (integer stream + one rounding)."""
+    sid = torch.tensor([0, 7], device=DEV)
+    for N, r in [(300, 0.05), (31, 0.2)]:
+        lin = torch.linspace(0.1, r, N // 2, device=DEV)
+        got = cloud_k.radii(lin, sid, N, r, 99, 4)
+        want = ops.official_cloud_radii(r, seed=99, step=4, n_points=N, sample_ids=sid)
+        assert torch.equal(got, want)
+        assert float(got[:, N // 2:].max()) < r and float(got[:, N // 2:].min()) >= 0
+
+
+def test_in_kernel_noise_is_bit_identical_to_its_materialisation():
+    """Rows regenerated inside the kernels (patch xi, cloud g and xi) equal ops.philox_normal(backend='triton').
+
+    Read through the apply kernel with one-hot coefficients and x = 0, alpha = 0, so out = p_row exactly;
+    with sqrt(abar) = 0, sigma = 1 the patch row is xi itself, and the cloud row with m = 0, rho = 1,
+    |g|^2 := 1 is g (sqrt(abar) = 1, sigma = 0) or xi (sqrt(abar) = 0, sigma = 1).
+    """
+    B, D, k, n = 3, 37, 5, 40
+    seed, step = 2 ** 35 + 11, 9
+    sid = torch.tensor([4, 0, 77], device=DEV)
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(B)]).to(DEV)
+    slot = torch.tensor([0, 3, 4])
+    coef = torch.zeros(B, 16, device=DEV)
+    coef[torch.arange(B), slot] = 1.0
+    alpha = torch.zeros(B, device=DEV)
+    x = torch.zeros(B, D, device=DEV)
+    rows = idx[torch.arange(B), slot.to(DEV)]                                         # (B,)
+
+    lat = torch.randn(n, D, generator=gen).to(DEV)
+    order = torch.stack([torch.randperm(n, generator=gen) for _ in range(B)]).to(DEV)
+    src = Source.patch(lat, order, 0.0, 1.0, seed, step)
+    got = tangent.apply(x, None, idx, sid, coef, alpha, k, src)
+    xi = ops.philox_normal(seed, step, ops.STREAM_PATCH, sid, n, D, backend="triton")
+    assert torch.equal(got, xi[torch.arange(B), rows])
+
+    rho = torch.ones(B, n, device=DEV)
+    gn = torch.ones(B, n, device=DEV)
+    for stream, sqa, sig in [(ops.STREAM_CLOUD_DIR, 1.0, 0.0), (ops.STREAM_CLOUD_XI, 0.0, 1.0)]:
+        src = Source.cloud(torch.zeros(B, D, device=DEV), rho, gn, sqa, sig, seed, step)
+        got = tangent.apply(x, None, idx, sid, coef, alpha, k, src)
+        want = ops.philox_normal(seed, step, stream, sid, n, D, backend="triton")[torch.arange(B), rows]
+        assert torch.equal(got, want), stream
+
+
+# ---------------------------------------------------------------------------
+# kNN
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("B,M,D,k,splits", [(1, 23, 16, 10, 1), (3, 50, 37, 10, 2), (2, 131, 7, 12, 3),
+                                            (2, 200, 64, 40, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_knn_matches_reference(B, M, D, k, splits, dtype):
+    """Index sets (and order) equal where there are no near-ties; ragged lengths; several splits."""
+    rows, x, _ = _anisotropic(B, M, D, dtype, seed=M)
+    lengths = torch.tensor([M - (b * 3) % (M - k) for b in range(B)], device=DEV)
+    idx, d2 = knn_rows.knn(x, lengths, lengths, k, Source.rows(rows), splits=splits)
+    ri, rd = ops.knn_rows_ref(x, rows, min(k + 1, M), lengths)
+    assert _no_near_ties(rd, k)
+    assert torch.equal(idx, ri[:, :k])
+    torch.testing.assert_close(d2, rd[:, :k].float(), atol=1e-5 * float(rd.max()), rtol=1e-5)
+
+
+def test_knn_ties_go_to_lower_index_and_padding_is_ignored():
+    D = 8
+    x = torch.zeros(1, D, device=DEV)
+    patch = (torch.randn(1, 40, D) * 5 + 20).to(DEV)
+    patch[0, 3] = patch[0, 17] = patch[0, 30] = torch.ones(D, device=DEV)   # exact ties, split across chunks
+    patch[0, 38] = 0.5                                                       # nearest, but past the length
+    idx, _ = knn_rows.knn(x, torch.tensor([38], device=DEV), torch.tensor([0], device=DEV), 3, Source.rows(patch),
+                          splits=3)
+    assert idx.tolist() == [[3, 17, 30]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_knn_on_the_implicit_patch(dtype):
+    """The patch source (latents gathered by order + in-register xi) selects what the materialised patch selects."""
+    B, n, D, k = 3, 70, 24, 10
+    gen = torch.Generator().manual_seed(1)
+    lat = (torch.randn(n, D, generator=gen) * torch.linspace(2, 0.2, D)).to(dtype).to(DEV)
+    order = torch.stack([torch.randperm(n, generator=gen) for _ in range(B)]).to(DEV)
+    lengths = torch.tensor([70, 41, 12], device=DEV)
+    x = torch.randn(B, D, generator=gen).to(DEV)
+    sid = torch.tensor([5, 1, 9], device=DEV)
+    abar = 0.7
+    patch = ops.time_aligned_patch_philox(lat, order, lengths, abar, seed=3, step=11, sample_ids=sid)
+    src = Source.patch(lat, order, math.sqrt(abar), math.sqrt(1 - abar), 3, 11)
+    idx, d2 = knn_rows.knn(x, lengths, sid, k, src, splits=2)
+    ri, rd = ops.knn_rows_ref(x, patch, k + 1, lengths)
+    assert _no_near_ties(rd, k)
+    assert torch.equal(idx, ri[:, :k])
+    torch.testing.assert_close(d2, rd[:, :k], atol=1e-4, rtol=1e-5)
+
+
+def test_knn_on_the_implicit_cloud():
+    """Five dot products give the distances of the never-stored cloud; the k chosen points match."""
+    B, D, N, k = 2, 40, 80, 12
+    modes = torch.randn(B, D).to(DEV)
+    x = (modes * 0.8 + 0.3 * torch.randn(B, D).to(DEV))
+    sid = torch.tensor([0, 1], device=DEV)
+    for abar in (0.9, 0.3):
+        cloud = ops.official_cloud_philox(modes, 0.2, abar, seed=8, step=2, n_points=N, sample_ids=sid)
+        rho = cloud_k.radii(torch.linspace(0.1, 0.2, N // 2, device=DEV), sid, N, 0.2, 8, 2)
+        idx, d2, gn = cloud_k.knn(x, modes, rho, sid, k, math.sqrt(abar), math.sqrt(1 - abar), 8, 2, splits=2)
+        ri, rd = ops.knn_rows_ref(x, cloud, k + 1, torch.full((B,), N, device=DEV))
+        assert _no_near_ties(rd, k)
+        assert torch.equal(idx, ri[:, :k])
+        torch.testing.assert_close(d2, rd[:, :k], atol=1e-4 * float(rd.max()), rtol=1e-4)  # expansion: cancellation
+
+
+# ---------------------------------------------------------------------------
+# eigen-step
+# ---------------------------------------------------------------------------
+def _test_matrices(n, gen):
+    X = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    wishart = X @ X.T
+    ill = Q @ torch.diag(torch.logspace(0, -12, n, dtype=torch.float64)) @ Q.T                  # cond 1e12
+    rep = Q @ torch.diag(torch.tensor([3.0] * min(3, n) + [1e-3] * (n - min(3, n)), dtype=torch.float64)) @ Q.T
+    indef = (X + X.T) / 2
+    return torch.stack([wishart, ill, rep, indef])
+
+
+def _check_eig(w, V, A, rtol, rep=2):
+    """Eigenvalues within rtol |A|_2 of float64; residual |A v - w v| and V^T V - I small; the repeated
+    eigenvalue's invariant subspace (3 x 3.0) matches float64's as a projector."""
+    wr, Vr = ops.sym_eig_ref(A)
+    nrm = wr.abs().max(1).values
+    assert float(((w.double() - wr).abs().max(1).values / nrm).max()) < rtol
+    Vd = V.double()
+    res = (A @ Vd - Vd * w.double()[:, None, :]).norm(dim=1).max(1).values / nrm
+    assert float(res.max()) < 10 * rtol
+    n = A.shape[1]
+    assert float((Vd.transpose(1, 2) @ Vd - torch.eye(n, dtype=torch.float64)).abs().max()) < 10 * rtol
+    P = Vd[rep, :, :3] @ Vd[rep, :, :3].T
+    Pr = Vr[rep, :, :3] @ Vr[rep, :, :3].T
+    assert float((P - Pr).abs().max()) < 10 * rtol
+
+
+@pytest.mark.parametrize("n", [7, 16, 40])
+def test_sym_eig_triton_against_float64(n):
+    """Batched Jacobi (Triton): ill-conditioned (cond 1e12), repeated eigenvalues, indefinite, odd n.
+    fp32 Jacobi reaches ~n eps |A|; plain torch.linalg.eigh in fp32 is at the same level (see
+    test_kernels_torch), so the bound is 2e-6 |A| for n <= 16 and 5e-6 above. Under the interpreter
+    (~3 s per 64 x 64 matrix) n = 40 runs the repeated-eigenvalue matrix only."""
+    A = _test_matrices(n, torch.Generator().manual_seed(n))
+    pick = [2] if n == 40 and DEV == "cpu" else list(range(A.shape[0]))
+    w, V = ops.sym_eig(A[pick].float().to(DEV), backend="triton")
+    _check_eig(w.cpu(), V.cpu(), A[pick], 2e-6 if n <= 16 else 5e-6, rep=pick.index(2))
+
+
+def test_external_eigensolver_path_matches_inline():
+    """The two-launch path around an external eigensolver (the CUDA C++ one on GPUs) equals the in-kernel Jacobi;
+    here the external solver is the standalone Triton kernel."""
+    rows, x, g = _anisotropic(2, 50, 37, torch.float32, seed=4)
+    lengths = torch.tensor([50, 30], device=DEV)
+    src = Source.rows(rows)
+    idx, d2 = knn_rows.knn(x, lengths, lengths, 10, src)
+    Gp, hp = tangent.gram(x, g, idx, lengths, 10, src)
+    for pull in (False, True):
+        c0, a0 = tangent.coef(Gp, hp, d2, 10, 3, pull=pull, lam=0.7, scale=0.1, bandwidth=0.2)
+        c1, a1 = tangent.coef(Gp, hp, d2, 10, 3, pull=pull, lam=0.7, scale=0.1, bandwidth=0.2, eig=sym_eig_k.sym_eig)
+        torch.testing.assert_close(a1, a0)
+        torch.testing.assert_close(c1, c0, atol=1e-5 * float(c0.abs().max()), rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------
+# the ops with backend="triton"
+# ---------------------------------------------------------------------------
+SHAPES = [(1, 23, 16), (3, 50, 37), (2, 131, 7)]  # (B, M, D): primes, B = 1, D < k
+
+
+CASES = [(sh, *DTYPES[0]) for sh in SHAPES] + [(SHAPES[1], *dt) for dt in DTYPES[1:]]
+
+
+@pytest.mark.parametrize("shape,dtype,rtol", CASES)
+def test_manifold_correct_triton_matches_reference(shape, dtype, rtol):
+    B, M, D = shape
+    rows, x, g = _anisotropic(B, M, D, dtype, seed=B * M)
+    lengths = torch.tensor([M - (b * 3) % (M - 10) for b in range(B)], device=DEV)
+    lam = 1.0 if D != 37 else 0.5
+    got = ops.manifold_correct(x, rows, g, k=10, d=3, lambda_normal=lam, lengths=lengths, backend="triton")
+    want = ops.manifold_correct_ref(x, rows, g, k=10, d=3, lambda_normal=lam, lengths=lengths)
+    assert got.dtype == dtype and got.shape == (B, D)
+    _close(got, want, rtol)
+
+
+@pytest.mark.parametrize("dtype,rtol", DTYPES[:2])
+def test_manifold_pull_triton_matches_reference(dtype, rtol):
+    B, N, D = 2, 60, 37
+    cloud, x, _ = _anisotropic(B, N, D, dtype, seed=11)
+    got = ops.manifold_pull(x, cloud, k=12, d=3, scale=0.1, bandwidth=0.2, backend="triton")
+    want = ops.manifold_pull_ref(x, cloud, k=12, d=3, scale=0.1, bandwidth=0.2)
+    assert got.dtype == dtype
+    _close(got, want, rtol)
+    assert float(got.float().norm(dim=1).max()) <= 0.1 * (1 + rtol)
+
+
+def test_projection_properties_triton():
+    """lambda_N = 1: the result is P_T g: idempotent, orthogonal to g - r, no longer than g; lambda_N = 0: g exactly."""
+    rows, x, g = _anisotropic(1, 60, 48, torch.float32, seed=3)
+    r = ops.manifold_correct(x, rows, g, k=10, d=3, backend="triton")
+    r2 = ops.manifold_correct(x, rows, r, k=10, d=3, backend="triton")
+    torch.testing.assert_close(r2, r, atol=2e-5 * float(r.abs().max()), rtol=1e-4)
+    assert abs(float((r * (g - r)).sum())) < 1e-4 * float(g.norm() ** 2)
+    assert float(r.norm()) < float(g.norm())
+    assert torch.equal(ops.manifold_correct(x, rows, g, k=10, d=3, lambda_normal=0.0, backend="triton"), g)
+
+
+def test_pull_is_normal_to_an_exact_plane_triton():
+    D = 10
+    coords = torch.randn(1, 40, 2, generator=torch.Generator().manual_seed(0))
+    cloud = torch.zeros(1, 40, D)
+    cloud[..., :2] = coords
+    x = torch.zeros(1, D)
+    x[0, :2] = 0.05
+    x[0, 5] = 3.0
+    pull = ops.manifold_pull(x.to(DEV), cloud.to(DEV), k=12, d=2, scale=1.0, bandwidth=1.0, backend="triton").cpu()
+    unit = pull / pull.norm()
+    assert abs(float(unit[0, 5]) + 1.0) < 1e-5 and float(unit[0, :5].abs().max()) < 1e-5
+
+
+# ---------------------------------------------------------------------------
+# fused ops: the patch / cloud never stored
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,rtol", DTYPES[:2])
+def test_manifold_correct_fused_matches_reference(dtype, rtol):
+    B, n, D, k = 2, 60, 37, 10
+    gen = torch.Generator().manual_seed(2)
+    lat = (torch.randn(n, D, generator=gen) * torch.linspace(3, 0.1, D)).to(dtype).to(DEV)
+    order = torch.stack([torch.randperm(n, generator=gen) for _ in range(B)]).to(DEV)
+    lengths = torch.tensor([55, 23], device=DEV)
+    x = torch.randn(B, D, generator=gen).to(dtype).to(DEV)
+    g = torch.randn(B, D, generator=gen).to(dtype).to(DEV)
+    eps = torch.randn(B, D, generator=gen).to(dtype).to(DEV)
+    kw = dict(alpha_bar=0.6, seed=2 ** 40 + 123, step=7, k=k, d=3, lambda_normal=0.8, lambda_mode=0.1)
+    e = None if dtype == torch.float32 else eps        # plain g for fp32, the fused eps update for bf16
+    got = ops.manifold_correct_fused(x, lat, order, lengths, g, eps=e, backend="triton", **kw)
+    want = ops.manifold_correct_fused_ref(x, lat, order, lengths, g, eps=e, **kw)
+    assert got.dtype == dtype
+    _close(got, want, rtol)
+
+
+@pytest.mark.parametrize("dtype,rtol", DTYPES[:2])
+def test_manifold_pull_fused_matches_reference(dtype, rtol):
+    B, D, N = 2, 33, 64
+    gen = torch.Generator().manual_seed(5)
+    modes = torch.randn(B, D, generator=gen).to(dtype).to(DEV)
+    x = (0.5 * modes.float() + torch.randn(B, D, generator=gen).to(DEV)).to(dtype)
+    mean = torch.randn(B, D, generator=gen).to(dtype).to(DEV)
+    kw = dict(radius=0.2, alpha_bar=0.3, seed=5, step=3, n_points=N, k=12, d=3, scale=0.1, bandwidth=0.2)
+    m = None if dtype == torch.float32 else mean       # the term for fp32, the fused mean update for bf16
+    got = ops.manifold_pull_fused(x, modes, mean=m, backend="triton", **kw)
+    want = ops.manifold_pull_fused_ref(x, modes, mean=m, **kw)
+    assert got.dtype == dtype
+    _close(got, want, rtol)
+
+
+def test_forced_triton_names_what_it_cannot_take():
+    rows, x, g = _anisotropic(2, 30, 16, torch.float32, seed=0)
+    with pytest.raises(BackendError, match="x has dtype torch.float64"):
+        ops.manifold_correct(x.double(), rows.double(), g.double(), k=10, d=3, backend="triton")
+    big = torch.zeros(2, 80, 16, device=DEV)
+    with pytest.raises(BackendError, match="k = 65"):
+        ops.manifold_pull(x, big, k=65, d=3, backend="triton")
+
+
+# ---------------------------------------------------------------------------
+# GPU only: full shapes, CUDA C++ eigensolver, graph capture
+# ---------------------------------------------------------------------------
+@requires_cuda()
+@pytest.mark.parametrize("dtype,rtol", DTYPES)
+def test_full_shape_fused_paper_step_gpu(dtype, rtol):
+    B, n, D, k = 64, 20_000, 4096, 10
+    lat = torch.randn(n, D, device="cuda").to(dtype)
+    order = torch.stack([torch.randperm(n, device="cuda") for _ in range(B)])
+    lengths = torch.randint(500, 5000, (B,), device="cuda")
+    x, g, eps = (torch.randn(B, D, device="cuda").to(dtype) for _ in range(3))
+    kw = dict(alpha_bar=0.5, seed=1, step=3, k=k, d=3, lambda_normal=1.0, lambda_mode=0.1)
+    got = ops.manifold_correct_fused(x, lat, order, lengths, g, eps=eps, backend="triton", **kw)
+    want = ops.manifold_correct_fused_ref(x, lat, order, lengths, g, eps=eps, **kw)
+    _close(got, want, rtol)
+
+
+@requires_cuda()
+def test_full_shape_fused_official_step_gpu():
+    B, D = 128, 4096
+    modes = torch.randn(B, D, device="cuda")
+    x = torch.randn(B, D, device="cuda")
+    kw = dict(radius=0.1, alpha_bar=0.4, seed=2, step=40, n_points=300, k=12, d=3, scale=0.1, bandwidth=0.1)
+    _close(ops.manifold_pull_fused(x, modes, backend="triton", **kw), ops.manifold_pull_fused_ref(x, modes, **kw), 2e-4)
+
+
+@requires_cuda()
+@pytest.mark.parametrize("n", [10, 33, 64])
+def test_sym_eig_cuda_cpp_against_float64(n):
+    from manifoldgd_fast.kernels import cuda_ext
+
+    mod, reason = cuda_ext.load()
+    if mod is None:
+        pytest.skip(f"CUDA C++ eigensolver not built here: {reason}")
+    A = _test_matrices(n, torch.Generator().manual_seed(n))
+    w, V = ops.sym_eig(A.float().cuda(), backend="cuda")
+    _check_eig(w.cpu(), V.cpu(), A, 2e-6 if n <= 16 else 5e-6)
+
+
+@requires_cuda()
+def test_fused_step_captures_in_a_cuda_graph():
+    B, n, D = 8, 2000, 1024
+    lat = torch.randn(n, D, device="cuda")
+    order = torch.stack([torch.randperm(n, device="cuda") for _ in range(B)])
+    lengths = torch.full((B,), 1500, device="cuda")
+    sid = torch.arange(B, device="cuda")
+    x, g = torch.randn(B, D, device="cuda"), torch.randn(B, D, device="cuda")
+    eig = ops._eig_backend(x.device)
+
+    def step():
+        return torch.ops.manifoldgd_fast.manifold_correct_fused(x, lat, order, lengths, g, sid, None, 0.5, 1, 3, 10, 3,
+                                                                1.0, 0.1, eig)
+
+    eager = step()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
