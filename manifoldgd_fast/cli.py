@@ -32,6 +32,7 @@ GROUPS: dict[str, dict[str, str]] = {
         "batch_size": "samples denoised together",
         "encode_batch_size": "images per VAE encode batch",
         "backend": "guidance ops backend: auto, reference, triton",
+        "guidance_noise": "cloud / patch noise: auto (philox on CUDA: the fused kernels), generator, philox",
     },
     "method": {
         "method": "manifoldgd, mgd3 (mode guidance only), dit (plain CFG sampling) or cgs (collaborative guidance alone)",

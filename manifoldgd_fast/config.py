@@ -53,6 +53,8 @@ class DistillConfig:
     batch_size: int = 16               # samples denoised together (x2 in the DiT forward for CFG)
     encode_batch_size: int = 32
     backend: str = "auto"              # guidance ops: auto | reference | triton
+    guidance_noise: str = "auto"       # cloud/patch noise: generator (torch.Generator per sample), philox
+                                       # (counter-based; the fused kernels' path), auto = philox on CUDA
 
     # --- method ------------------------------------------------------------
     method: str = "manifoldgd"
@@ -128,6 +130,7 @@ class DistillConfig:
             ("kernel", KERNELS), ("radius_schedule", RADIUS_SCHEDULES), ("radius_units", RADIUS_UNITS),
             ("warm_schedule", WARM_SCHEDULES), ("cfg_channels", CFG_CHANNELS), ("dtype", DTYPES),
             ("backend", BACKENDS), ("label_map", ("auto", "imagenet1k", "sorted")),
+            ("guidance_noise", ("auto", "generator", "philox")),
         ]:
             choice(name, allowed)
 
@@ -187,9 +190,11 @@ class DistillConfig:
             raise ConfigError("extra must be a mapping")
         return self
 
-    def resolve(self, n_classes: int) -> "DistillConfig":
-        """A copy with every dataset-dependent ``None``/``auto`` default filled in."""
+    def resolve(self, n_classes: int, device: str = "cpu") -> "DistillConfig":
+        """A copy with every dataset-dependent (and device-dependent) ``None``/``auto`` default filled in."""
         c = dataclasses.replace(self)
+        if c.guidance_noise == "auto":
+            c.guidance_noise = "philox" if str(device).startswith("cuda") else "generator"
         small = n_classes <= SMALL_SUBSET_MAX_CLASSES
         official = c.formulation == "official"
         if c.mode_method == "auto":

@@ -83,11 +83,20 @@ class Guidance:
         class_latents: (n, D) the class latents (paper formulation only).
         order, sorted_dists: (B, n) each mode's neighbourhood order and distances (paper only).
         radii: (r_min, r_max) absolute neighbourhood radii of the class (paper only).
+        noise_seed, sample_ids: with ``cfg.guidance_noise == "philox"`` the cloud / patch
+            noise is the counter-based stream of ``noise_seed`` for each sample id (B,),
+            and the fused ops run (they never materialise the cloud or the patch on the
+            GPU); with "generator" it comes from ``generators`` through the reference builders.
     """
 
     def __init__(self, cfg: DistillConfig, schedule: Schedule, modes: torch.Tensor, generators,
-                 *, class_latents=None, order=None, sorted_dists=None, radii=None):
+                 *, class_latents=None, order=None, sorted_dists=None, radii=None,
+                 noise_seed: int = 0, sample_ids=None):
         self.cfg = cfg
+        self.philox = cfg.guidance_noise == "philox"
+        self.noise_seed = int(noise_seed)
+        self.sample_ids = (torch.arange(modes.shape[0]) if sample_ids is None
+                           else torch.as_tensor(sample_ids)).long().to(modes.device)
         self.schedule = schedule
         self.modes = modes.float()
         self.generators = generators
@@ -116,12 +125,20 @@ class Guidance:
             r = ops.official_radius(i, steps=self.schedule.steps, t_stop=c.t_stop, radius=c.manifold_radius,
                                     warm_steps=c.warm_steps, warm_mult=c.warm_mult, schedule=c.warm_schedule)
             abar = float(self.schedule.alphas_cumprod[i])
-            with phase("cloud"):
-                cloud = ops.official_cloud(self.modes.flatten(1), r, abar, self.generators, n_points=c.cloud_size)
-            with phase("manifold"):
-                pull = ops.manifold_pull(x.flatten(1).float(), cloud, k=c.k, d=c.d, scale=c.manifold_scale,
-                                         bandwidth=c.bandwidth, ridge=c.ridge, backend=c.backend)
-                term = term + pull.view_as(term)
+            if self.philox:
+                with phase("manifold"):
+                    pull = ops.manifold_pull_fused(x.flatten(1).float(), self.modes.flatten(1), radius=r,
+                                                   alpha_bar=abar, seed=self.noise_seed, step=i,
+                                                   n_points=c.cloud_size, k=c.k, d=c.d, scale=c.manifold_scale,
+                                                   bandwidth=c.bandwidth, ridge=c.ridge,
+                                                   sample_ids=self.sample_ids, backend=c.backend)
+            else:
+                with phase("cloud"):
+                    cloud = ops.official_cloud(self.modes.flatten(1), r, abar, self.generators, n_points=c.cloud_size)
+                with phase("manifold"):
+                    pull = ops.manifold_pull(x.flatten(1).float(), cloud, k=c.k, d=c.d, scale=c.manifold_scale,
+                                             bandwidth=c.bandwidth, ridge=c.ridge, backend=c.backend)
+            term = term + pull.view_as(term)
         return term
 
     # paper formulation ------------------------------------------------------
@@ -138,12 +155,20 @@ class Guidance:
             g = mode_grad_paper(x0.flatten(1).float(), self.modes.flatten(1), c.kernel, c.kernel_bandwidth)
         if self.manifold and c.lambda_n > 0:
             abar = float(self.schedule.alphas_cumprod[i])
-            with phase("patch"):
-                lengths = modes_mod.patch_lengths(self.sorted_dists, self.paper_radius(i), c.k_min)
-                patch = ops.time_aligned_patch(self.latents, self.order, lengths, abar, self.generators)
-            with phase("manifold"):
-                g = ops.manifold_correct(x.flatten(1).float(), patch, g, k=c.k, d=c.d, lambda_normal=c.lambda_n,
-                                         ridge=c.ridge, lengths=lengths, backend=c.backend)
+            lengths = modes_mod.patch_lengths(self.sorted_dists, self.paper_radius(i), c.k_min)
+            if self.philox:
+                with phase("manifold"):
+                    g = ops.manifold_correct_fused(x.flatten(1).float(), self.latents, self.order, lengths, g,
+                                                   alpha_bar=abar, seed=self.noise_seed, step=i, k=c.k, d=c.d,
+                                                   lambda_normal=c.lambda_n, ridge=c.ridge,
+                                                   sample_ids=self.sample_ids, backend=c.backend)
+            else:
+                with phase("patch"):
+                    patch = ops.time_aligned_patch(self.latents, self.order, lengths, abar, self.generators)
+                with phase("manifold"):
+                    g = ops.manifold_correct(x.flatten(1).float(), patch, g, k=c.k, d=c.d,
+                                             lambda_normal=c.lambda_n, ridge=c.ridge, lengths=lengths,
+                                             backend=c.backend)
         with phase("mode_term"):
             sigma = float(self.schedule.sqrt_one_minus_alphas_cumprod[i])
             return eps - (c.lambda_m * sigma * g).view(B, *eps.shape[1:]).to(eps.dtype)
@@ -190,7 +215,7 @@ class StepGuidance:
             raise ValueError("timesteps must be strictly decreasing, in the order the loop visits them")
         steps = len(ts)
         cfg = DistillConfig(method=method, formulation=formulation, steps=steps, ipc=modes.shape[0],
-                            t_stop=steps // 2 if t_stop is None else t_stop, **params).resolve(n_classes)
+                            t_stop=steps // 2 if t_stop is None else t_stop, **params).resolve(n_classes, modes.device)
         self.schedule = schedule_from_timesteps(ts, "ddim", num_train_timesteps=num_train_timesteps,
                                                 device=modes.device)
         gens = [torch.Generator(device=modes.device).manual_seed(derive_seed(seed, "sample", b))
@@ -205,7 +230,7 @@ class StepGuidance:
                       radii=modes_mod.class_radii(dists, cfg.r_min, cfg.r_max, cfg.radius_units))
         self.cfg = cfg
         self.generators = gens
-        self.guidance = Guidance(cfg, self.schedule, modes, gens, **kw)
+        self.guidance = Guidance(cfg, self.schedule, modes, gens, noise_seed=derive_seed(seed, "guidance"), **kw)
 
     @torch.no_grad()
     def __call__(self, x_t: torch.Tensor, eps: torch.Tensor, step: int) -> torch.Tensor:

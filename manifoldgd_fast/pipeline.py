@@ -169,7 +169,8 @@ def distill_class(rcfg: DistillConfig, ctx: dict, name: str, label: int, z: torc
         guidance = None
         if guided:
             kw = {k: (v[idx] if k in ("order", "sorted_dists") else v) for k, v in paper_kw.items()}
-            guidance = Guidance(rcfg, schedule, modes[idx], gens, **kw)
+            guidance = Guidance(rcfg, schedule, modes[idx], gens, noise_seed=derive_seed(rcfg.seed, "guidance", name),
+                                sample_ids=idx, **kw)
         lat = sample(ctx["model"], schedule, x_T, y, null_class=info["null_class"], cfg_scale=rcfg.cfg_scale,
                      cfg_channels=rcfg.cfg_channels, formulation=rcfg.formulation, ddim_eta=rcfg.ddim_eta,
                      guidance=guidance, generators=gens, autocast_dtype=ctx["dtype"], cgs=cgs,
@@ -226,7 +227,7 @@ def _distill(config: DistillConfig | dict, shard: Shard) -> DistillResult:
     cfg = with_demo_defaults(cfg.validate())
     ctx = prepare(cfg, shard=shard)
     entries, mine = ctx["entries"], ctx["mine"]
-    rcfg = cfg.resolve(len(entries))
+    rcfg = cfg.resolve(len(entries), ctx["device"])
     # Check this rank's classes before anything is written (latents stay on disk until their turn).
     for e in mine:
         _check_class(rcfg, e.name, ctx["counts"][e.name])

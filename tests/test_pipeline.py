@@ -40,6 +40,8 @@ def _digest(folder):
     ["--method", "dit"],
     ["--method", "cgs"],
     ["--cgs", "--formulation", "paper"],                   # CGS composed with ManifoldGD
+    ["--guidance-noise", "philox"],                        # the fused ops' counter-based noise (reference on CPU)
+    ["--guidance-noise", "philox", "--formulation", "paper", "--backend", "reference"],
 ])
 def test_distill_writes_images_latents_manifest(tiny_world, tmp_path, extra):
     out = tmp_path / "out"
@@ -59,6 +61,7 @@ def test_distill_writes_images_latents_manifest(tiny_world, tmp_path, extra):
     assert man["config"]["k"] == (10 if formulation == "paper" else 12)
     assert "torch" in man["versions"] and man["fingerprint"]
     assert man["config"]["cgs"] == ("cgs" in " ".join(extra))
+    assert man["config"]["guidance_noise"] == ("philox" if "philox" in extra else "generator")  # auto: CPU
     assert (out / "contact_sheet.png").is_file()
 
 

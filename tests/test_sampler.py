@@ -309,3 +309,39 @@ def test_step_guidance_in_a_diffusers_loop_equals_our_sampler(model, formulation
     plain = sample(model, s, x_T, y, null_class=NULL, generators=gens)
     torch.testing.assert_close(x, ours, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(ours, plain, atol=1e-3)
+
+
+@pytest.mark.parametrize("formulation", ["official", "paper"])
+def test_philox_guidance_noise_uses_the_fused_ops(model, formulation):
+    """guidance_noise='philox': the manifold term is the fused op's (here its reference), keyed by
+    (seed, step, sample id) — so a sample's term does not depend on the batch it is in."""
+    cfg = _cfg(formulation=formulation, guidance_noise="philox")
+    sched = make_schedule(cfg.steps, "ddpm")
+    lat, m, order, dists, radii = _paper_setup(cfg)
+    kw = dict(class_latents=lat, order=order, sorted_dists=dists, radii=radii) if formulation == "paper" else {}
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(8))
+    i = cfg.steps - 1
+    gd = Guidance(cfg, sched, m.view(2, 4, 8, 8), _gens([0, 1]), noise_seed=11, sample_ids=[4, 9], **kw)
+    abar = float(sched.alphas_cumprod[i])
+    if formulation == "official":
+        got = gd.official_term(i, x, x0, None)
+        want = -0.1 * (x0 - m.view(2, 4, 8, 8)) + ops.manifold_pull_fused_ref(
+            x.flatten(1), m, radius=0.1, alpha_bar=abar, seed=11, step=i, k=12, d=3, scale=0.1, bandwidth=0.2,
+            ridge=1e-5, sample_ids=torch.tensor([4, 9])).view_as(x)
+    else:
+        eps = torch.randn(2, 4, 8, 8)
+        got = gd.paper_eps(i, x, x0, eps)
+        g = mode_grad_paper(x0.flatten(1), m, "rbf", None)
+        lengths = modes_mod.patch_lengths(dists, gd.paper_radius(i), cfg.k_min)
+        g = ops.manifold_correct_fused_ref(x.flatten(1), lat, order, lengths, g, alpha_bar=abar, seed=11, step=i,
+                                           k=cfg.k, d=cfg.d, ridge=cfg.ridge, sample_ids=torch.tensor([4, 9]))
+        want = eps - 0.1 * math.sqrt(1 - abar) * g.view_as(eps)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # sample 9 alone in its batch gets the same term
+    solo = Guidance(cfg, sched, m[1:].view(1, 4, 8, 8), _gens([1]), noise_seed=11, sample_ids=[9],
+                    **({k: (v[1:] if k in ("order", "sorted_dists") else v) for k, v in kw.items()}))
+    if formulation == "official":
+        torch.testing.assert_close(solo.official_term(i, x[1:], x0[1:], None), got[1:], atol=1e-5, rtol=1e-5)
+    else:
+        torch.testing.assert_close(solo.paper_eps(i, x[1:], x0[1:], eps[1:]), got[1:], atol=1e-5, rtol=1e-5)
