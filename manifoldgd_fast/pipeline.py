@@ -160,7 +160,7 @@ def distill_class(rcfg: DistillConfig, ctx: dict, name: str, label: int, z: torc
     shape = (info["in_channels"], info["latent_size"], info["latent_size"])
     # CGS denoises the class as one set (the DiT forward still in chunks of batch_size)
     step = rcfg.ipc if cgs is not None else rcfg.batch_size
-    out_latents = []
+    out_latents, traces = [], []
     for start in range(0, rcfg.ipc, step):
         idx = list(range(start, min(rcfg.ipc, start + step)))
         gens = [torch.Generator(device=dev).manual_seed(derive_seed(rcfg.seed, "sample", name, j)) for j in idx]
@@ -171,18 +171,25 @@ def distill_class(rcfg: DistillConfig, ctx: dict, name: str, label: int, z: torc
             kw = {k: (v[idx] if k in ("order", "sorted_dists") else v) for k, v in paper_kw.items()}
             guidance = Guidance(rcfg, schedule, modes[idx], gens, noise_seed=derive_seed(rcfg.seed, "guidance", name),
                                 sample_ids=idx, **kw)
+        norms = []  # |x| of each sample after each step: ManifoldGD's trajectory variance
         lat = sample(ctx["model"], schedule, x_T, y, null_class=info["null_class"], cfg_scale=rcfg.cfg_scale,
                      cfg_channels=rcfg.cfg_channels, formulation=rcfg.formulation, ddim_eta=rcfg.ddim_eta,
                      guidance=guidance, generators=gens, autocast_dtype=ctx["dtype"], cgs=cgs,
-                     t_stop=rcfg.t_stop, forward_batch=rcfg.batch_size)
+                     t_stop=rcfg.t_stop, forward_batch=rcfg.batch_size,
+                     callback=lambda i, x: norms.append(x.flatten(1).norm(dim=1)))
         out_latents.append(lat)
+        traces.append(torch.stack(norms, 1))  # (b, steps)
         if progress is not None:
             progress.update(len(idx))
     latents = torch.cat(out_latents)
     t_sample = time.perf_counter() - t0 - t_modes
     with phase("vae_decode"):
         images = decode_latents(ctx["vae"], latents, rcfg.batch_size, ctx["dtype"])
+    # variance across the class's samples of |x| at each step (population variance, as the paper plots it)
+    var = torch.cat(traces).double().var(dim=0, correction=0)
     stats = dict(label=label, n_latents=int(z.shape[0]), ipc=rcfg.ipc, seconds_modes=round(t_modes, 3),
+                 trajectory_final_variance=round(float(var[-1]), 6),
+                 trajectory_variance=[round(float(v), 6) for v in var],
                  seconds_sampling=round(t_sample, 3), seconds_total=round(time.perf_counter() - t0, 3))
     return images, latents.cpu(), stats
 

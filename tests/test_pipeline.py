@@ -58,6 +58,8 @@ def test_distill_writes_images_latents_manifest(tiny_world, tmp_path, extra):
     assert man["method"] == (extra[1] if extra and extra[0] == "--method" else "manifoldgd")
     assert {c: v["status"] for c, v in man["classes"].items()} == {"apple": "done", "banana": "done", "cherry": "done"}
     assert man["classes"]["banana"]["label"] == 1
+    tv = man["classes"]["banana"]["trajectory_variance"]
+    assert len(tv) == 10 and man["classes"]["banana"]["trajectory_final_variance"] == tv[-1] and tv[-1] > 0
     assert man["config"]["k"] == (10 if formulation == "paper" else 12)
     assert "torch" in man["versions"] and man["fingerprint"]
     assert man["config"]["cgs"] == ("cgs" in " ".join(extra))
