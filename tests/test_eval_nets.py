@@ -8,13 +8,7 @@ from manifoldgd_fast.errors import ConfigError
 from manifoldgd_fast.eval import nets as N
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: one intra-op thread is ~10x faster than two under contention
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 def _conv(cin, cout, k, bias):

@@ -18,12 +18,7 @@ from manifoldgd_fast.eval import protocol as P
 CLASSES = ["ant", "bee", "cat"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 @pytest.fixture
