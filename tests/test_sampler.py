@@ -105,6 +105,27 @@ def _first_step(model, cfg, x_T, y, guidance, gens, sampler="ddpm"):
     return seen["x"]
 
 
+class _SpecDDPM:
+    """ADM's respaced learned-range DDPM step at index i, in float64, written out from SPEC 4b."""
+
+    def __init__(self, model, sched, i, x_T, y):
+        with torch.no_grad():
+            out = cfg_forward(model, x_T, sched.timesteps[i], y, null_class=NULL, cfg_scale=4.0)
+        self.eps, v = out[:, :4].double(), out[:, 4:].double()
+        self.ab, self.ab_prev = float(sched.alphas_cumprod[i]), float(sched.alphas_cumprod_prev[i])
+        self.beta = 1 - self.ab / self.ab_prev
+        self.x = x_T.double()
+        post_var = self.beta * (1 - self.ab_prev) / (1 - self.ab)
+        self.logvar = (v + 1) / 2 * math.log(self.beta) + (1 - (v + 1) / 2) * math.log(post_var)
+
+    def x0(self, eps):
+        return (self.x - math.sqrt(1 - self.ab) * eps) / math.sqrt(self.ab)
+
+    def mean(self, x0):
+        ab, ab_prev, beta = self.ab, self.ab_prev, self.beta
+        return beta * math.sqrt(ab_prev) / (1 - ab) * x0 + (1 - ab_prev) * math.sqrt(1 - beta) / (1 - ab) * self.x
+
+
 @pytest.mark.parametrize("kernel", ["rbf", "laplace", "imq"])
 def test_official_ddpm_step_matches_spec(model, kernel):
     """SPEC 4b, one step at i = S-1: mu += lambda_M phi (x0 - m) s + manifold term; x = mu + s z."""
@@ -118,17 +139,11 @@ def test_official_ddpm_step_matches_spec(model, kernel):
     got = _first_step(model, cfg, x_T, y, Guidance(cfg, sched, m, gs), gs)
 
     i = S - 1
-    with torch.no_grad():
-        out = cfg_forward(model, x_T, sched.timesteps[i], y, null_class=NULL, cfg_scale=4.0)
-    eps, v = out[:, :4].double(), out[:, 4:].double()
-    ab = float(sched.alphas_cumprod[i]); ab_prev = float(sched.alphas_cumprod_prev[i])
-    beta = 1 - ab / ab_prev
-    x = x_T.double()
-    x0 = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
-    mu = beta * math.sqrt(ab_prev) / (1 - ab) * x0 + (1 - ab_prev) * math.sqrt(1 - beta) / (1 - ab) * x
-    post_var = beta * (1 - ab_prev) / (1 - ab)
-    logvar = (v + 1) / 2 * math.log(beta) + (1 - (v + 1) / 2) * math.log(post_var)
-    s = torch.exp(0.5 * logvar)
+    st = _SpecDDPM(model, sched, i, x_T, y)
+    ab, x = st.ab, st.x
+    x0 = st.x0(st.eps)
+    mu = st.mean(x0)
+    s = torch.exp(0.5 * st.logvar)
     diff = x0 - m.double()
     r = diff.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
     phi = {"rbf": -torch.ones_like(r), "laplace": -1 / r, "imq": -1 / (r ** 2 + 1)}[kernel]
@@ -191,13 +206,9 @@ def test_paper_ddpm_step_matches_spec(model):
     got = _first_step(model, cfg, x_T, y, gd, gs)
 
     i = S - 1
-    with torch.no_grad():
-        out = cfg_forward(model, x_T, sched.timesteps[i], y, null_class=NULL, cfg_scale=4.0)
-    eps, v = out[:, :4].double(), out[:, 4:].double()
-    ab = float(sched.alphas_cumprod[i]); ab_prev = float(sched.alphas_cumprod_prev[i])
-    beta = 1 - ab / ab_prev
-    x = x_T.double()
-    x0 = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
+    st = _SpecDDPM(model, sched, i, x_T, y)
+    ab, x, eps = st.ab, st.x, st.eps
+    x0 = st.x0(eps)
     g = (m.double() - x0.flatten(1))
     tau = float(sched.timesteps[i]) / 999
     a = cfg.radius_a
@@ -207,9 +218,8 @@ def test_paper_ddpm_step_matches_spec(model):
     patch = ops.time_aligned_patch(lat, order, lengths, ab, gens)
     g = spec_manifold_correct(x.flatten(1), patch.double(), g, cfg.k, cfg.d, 1.0, cfg.ridge, lengths)
     eps_hat = eps - 0.1 * math.sqrt(1 - ab) * g.view_as(eps)
-    x0h = (x - math.sqrt(1 - ab) * eps_hat) / math.sqrt(ab)
-    mu = beta * math.sqrt(ab_prev) / (1 - ab) * x0h + (1 - ab_prev) * math.sqrt(1 - beta) / (1 - ab) * x
-    logvar = (v + 1) / 2 * math.log(beta) + (1 - (v + 1) / 2) * math.log(beta * (1 - ab_prev) / (1 - ab))
+    mu = st.mean(st.x0(eps_hat))
+    logvar = st.logvar
     noise = torch.stack([torch.randn(4, 8, 8, generator=gg) for gg in gens]).double()
     want = mu + torch.exp(0.5 * logvar) * noise
     torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
