@@ -29,6 +29,9 @@ from ..config import DistillConfig, derive_seed
 from ..output import OutputWriter, atomic_write_text
 
 METHODS = ("random", "kmeans", "dit", "mgd3", "manifoldgd")
+# more rows on request (--methods): CGS alone, CGS on ManifoldGD, and CGS on an RSM fine-tuned DiT
+EXTRA = ("cgs", "manifoldgd+cgs", "rsm+cgs")
+RSM_STEPS = 300
 
 
 def _random_real(train: str, out: str, ipc: int, seed: int) -> None:
@@ -77,8 +80,20 @@ def _evaluate(folder: str, val: str, seeds: int, epochs: int) -> dict:
     return evaluate(folder, val, nets=("convnet6",), seeds=seeds, epochs=epochs, progress=False)
 
 
+def _rsm_model(out: str, train: str, seed: int) -> str:
+    """The shipped digits DiT fine-tuned with RSM (resumable), once per comparison folder."""
+    from ..finetune import finetune
+    from ..shipped import verify_shipped
+
+    folder = os.path.join(out, "rsm-model")
+    if not os.path.isdir(os.path.join(folder, "transformer")):
+        finetune(data=train, model=verify_shipped(), out=folder, steps=RSM_STEPS, batch_size=64, seed=seed,
+                 device="cpu", ema_decay=0.99)
+    return folder
+
+
 def run(out: str, ipcs=(1, 5, 10), seeds: int = 3, epochs: int = 200, ceiling_epochs: int = 30,
-        seed: int = 0) -> dict:
+        seed: int = 0, methods=METHODS) -> dict:
     from ..demo.digits import export_digits
     from ..pipeline import distill
 
@@ -87,12 +102,18 @@ def run(out: str, ipcs=(1, 5, 10), seeds: int = 3, epochs: int = 200, ceiling_ep
     results: dict = {"epochs": epochs, "seeds": seeds, "ceiling_epochs": ceiling_epochs, "rows": {}}
     for ipc in ipcs:
         base = DistillConfig(ipc=ipc, seed=seed, contact_sheet=False)
-        for m in METHODS:
-            folder = os.path.join(out, f"{m}-ipc{ipc}")
+        for m in methods:
+            folder = os.path.join(out, f"{m.replace('+', '-')}-ipc{ipc}")
             if m == "random":
                 _random_real(train, folder, ipc, seed)
             elif m == "kmeans":
                 _kmeans_decoded(base, folder)
+            elif m in EXTRA:
+                method = {"cgs": "cgs", "manifoldgd+cgs": "manifoldgd", "rsm+cgs": "cgs"}[m]
+                extra = {"method": method, "cgs": True, "out": folder}
+                if m == "rsm+cgs":
+                    extra.update(model=_rsm_model(out, train, seed), data=train)
+                distill(DistillConfig.from_dict({**base.to_dict(), **extra}))
             else:
                 distill(DistillConfig.from_dict({**base.to_dict(), "method": m, "out": folder}))
             r = _evaluate(folder, val, seeds, epochs)["nets"]["convnet6"]
@@ -157,8 +178,10 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=200)
     ap.add_argument("--ceiling-epochs", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS + EXTRA),
+                    help="rows of the table (the CGS / RSM rows: cgs, manifoldgd+cgs, rsm+cgs)")
     a = ap.parse_args(argv)
-    res = run(a.out, a.ipc, a.seeds, a.epochs, a.ceiling_epochs, a.seed)
+    res = run(a.out, a.ipc, a.seeds, a.epochs, a.ceiling_epochs, a.seed, methods=a.methods)
     print(table(res, a.ipc))
     return 0
 
