@@ -104,7 +104,9 @@ def run(out: str, ipcs=(1, 5, 10), seeds: int = 3, epochs: int = 200, ceiling_ep
         base = DistillConfig(ipc=ipc, seed=seed, contact_sheet=False)
         for m in methods:
             folder = os.path.join(out, f"{m.replace('+', '-')}-ipc{ipc}")
-            if m == "random":
+            if os.path.isfile(os.path.join(folder, "eval.json")):
+                pass  # built and evaluated by an earlier run (maybe an older version): reuse as is
+            elif m == "random":
                 _random_real(train, folder, ipc, seed)
             elif m == "kmeans":
                 _kmeans_decoded(base, folder)
