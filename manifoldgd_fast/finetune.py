@@ -15,6 +15,7 @@ The summary gives no value for the L1 weight; ``rsm_lambda`` defaults to 1e-3.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import time
@@ -40,7 +41,7 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
     from .latents import load_class_latents
     from .models import save_pretrained_folder
     from .pipeline import prepare
-    from .training import Diffusion, disable_internal_label_dropout, ema_update, hybrid_loss
+    from .training import Diffusion, disable_internal_label_dropout, ema_update, hybrid_loss, save_checkpoint
 
     for name, v, ok in (("--steps", steps, steps >= 1), ("--lr", lr, lr > 0), ("--batch-size", batch_size, batch_size >= 1),
                         ("--rsm-lambda", rsm_lambda, rsm_lambda >= 0), ("--save-every", save_every, save_every >= 1),
@@ -93,7 +94,7 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
         noise = torch.randn(x0.shape, generator=g).to(dev)
         drop = (torch.rand(batch_size, generator=g) < label_dropout).to(dev)
         y = torch.where(drop, torch.full_like(y, info["null_class"]), y)
-        amp = torch.autocast(dev.type, dtype=amp_dtype) if (amp_dtype and dev.type == "cuda") else _null()
+        amp = torch.autocast(dev.type, dtype=amp_dtype) if (amp_dtype and dev.type == "cuda") else contextlib.nullcontext()
         with amp:
             mse, vb, x0_hat = hybrid_loss(net, d, x0, y, t, noise)
             l1 = x0_hat.float().abs().mean(dim=tuple(range(1, x0_hat.dim())))
@@ -110,7 +111,7 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
                 f"l1 {l1.mean().item():.4f}  {time.perf_counter() - t0:.0f}s")
         stop = stop_after is not None and ran >= stop_after
         if step % save_every == 0 or step == steps or stop:
-            _save_atomic({"model": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+            save_checkpoint({"model": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                           "step": step, "settings": settings}, work)
         if stop and step < steps:
             return out
@@ -123,20 +124,6 @@ def _settings(scope: dict) -> dict:
     keys = ("data", "model", "vae", "steps", "lr", "batch_size", "rsm_lambda", "label_dropout", "ema_decay",
             "grad_clip", "seed", "dtype", "classes")
     return {k: scope[k] for k in keys}
-
-
-def _save_atomic(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def add_finetune_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ schedule; EMA of the weights; label dropout done once per sample by the loop.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import torch
@@ -117,3 +118,10 @@ def ema_update(ema, model, decay: float) -> None:
         pe.lerp_(pm, 1.0 - decay)
 
 
+
+
+def save_checkpoint(obj, path: str) -> None:
+    """torch.save via a temp file + rename: a kill never leaves a half-written checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

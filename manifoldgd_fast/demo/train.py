@@ -61,7 +61,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError, ManifoldGDError
 from ..shipped import shipped_model_dir, write_sums
-from ..training import Diffusion, disable_internal_label_dropout, ema_update, hybrid_loss
+from ..training import Diffusion, disable_internal_label_dropout, ema_update, hybrid_loss, save_checkpoint
 from .digits import NUM_CLASSES, default_cache_dir, digits_arrays
 
 NULL_CLASS = NUM_CLASSES
@@ -172,12 +172,6 @@ class _StepBudget:
         return self.left <= 0
 
 
-def _save_atomic(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _images_tensor(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, 3, 32, 32) float in [-1, 1] (as ``data.load_image`` reads the PNGs), labels (N,)."""
     images, labels, _ = digits_arrays(split)
@@ -231,7 +225,7 @@ def train_vae(s: Settings, work: str, save_every: int, log=print, budget: _StepB
             log(f"vae step {step}/{s.vae_steps}  mse {m[0]:.5f}  kl {m[1]:.3f}  {seconds:.0f}s")
         stop = budget is not None and budget.take()
         if step % save_every == 0 or step == s.vae_steps or stop:
-            _save_atomic({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
+            save_checkpoint({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
                           "seconds": seconds}, ckpt)
         if stop and step < s.vae_steps:
             raise Interrupted(f"vae step {step}")
@@ -326,7 +320,7 @@ def train_dit(s: Settings, latents: torch.Tensor, labels: torch.Tensor, work: st
             log(f"dit step {step}/{s.dit_steps}  mse {m[0]:.4f}  vb {m[1]:.4f}  {seconds:.0f}s")
         stop = budget is not None and budget.take()
         if step % save_every == 0 or step == s.dit_steps or stop:
-            _save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+            save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                           "step": step, "seconds": seconds}, ckpt)
         if stop and step < s.dit_steps:
             raise Interrupted(f"dit step {step}")
