@@ -30,7 +30,8 @@ setup(
     install_requires=requires,
     extras_require={
         "cuda": ["cupy-cuda12x", "nvtx"],
-        "dev": ["pytest", "pytest-benchmark", "hypothesis"],
+        "sd": ["transformers>=4.40"],  # the Stable Diffusion backbone's CLIP text encoder and tokenizer
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=4.40"],
         "bench": ["pytest-benchmark", "matplotlib"],
     },
     entry_points={"console_scripts": ["manifoldgd-fast=manifoldgd_fast.cli:main"]},

@@ -43,8 +43,11 @@ def dpp_grad(x0: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
     norms = X.norm(dim=1, keepdim=True).clamp_min(1e-12)          # (N, 1)
     n = X / norms                                                # (N, D)
     A = n @ n.T + eps * torch.eye(X.shape[0], dtype=X.dtype, device=X.device)
-    L = torch.linalg.cholesky(A)
-    h = -2.0 * torch.cholesky_solve(n, L)                        # dL/dn = -2 A^{-1} n, (N, D)
+    # A = K + eps I is positive definite. The unchecked Cholesky and two triangular solves never
+    # sync with the host (cholesky / cholesky_solve check an info flag), so a CUDA graph can capture them.
+    L, _info = torch.linalg.cholesky_ex(A)
+    w = torch.linalg.solve_triangular(L, n, upper=False)
+    h = -2.0 * torch.linalg.solve_triangular(L.mT, w, upper=True)   # dL/dn = -2 A^{-1} n, (N, D)
     g = (h - n * (n * h).sum(1, keepdim=True)) / norms           # through n = X / |X|
     return g.reshape(x0.shape).to(x0.dtype)
 

@@ -21,27 +21,38 @@ GROUPS: dict[str, dict[str, str]] = {
         "out": "output folder: OUT/<class>/<i>.png, OUT/latents/, OUT/manifest.json",
         "classes": "restrict to a subset: nette, woof, imagenet100, imagenet1k, a text file, or 'a,b,c'",
         "label_map": "folder name -> DiT class id: auto (ImageNet wnids if all folders are wnids), imagenet1k, sorted",
-        "model": "DiT: a local folder (diffusers layout or a pipeline with transformer/) or a HF id in the local cache",
+        "model": "DiT (a diffusers folder or a pipeline with transformer/) or Stable Diffusion 1.x (an SD 1.5 diffusers "
+                 "folder: unet/, vae/, text_encoder/, tokenizer/): a local folder or a HF id in the local cache",
         "vae": "AutoencoderKL: folder or cached HF id (e.g. stabilityai/sd-vae-ft-ema); default: the model folder's vae/",
         "cache_dir": "latent cache root (default $MANIFOLDGD_CACHE or ~/.cache/manifoldgd_fast)",
         "image_size": "image resolution (default: 8 x the model's latent size)",
+        "backbone": "generator family: auto (from the model folder), dit, or sd (Stable Diffusion 1.x, "
+                    "class-name prompts)",
+        "prompt_template": "sd: each class's prompt, {name} = its class name",
+        "negative_prompt": "sd: the prompt of the CFG null class",
+        "class_names": "sd: class names for the prompts: '<folder> <name>' lines in a file, a JSON file, or 'a=apple,b=banana' "
+                       "(default: ImageNet names of wnid folders, else the folder name with _ as spaces)",
         "device": "auto, cpu, cuda, cuda:1, ...",
         "dtype": "float32, bfloat16 or float16 (autocast of the DiT and VAE on CUDA; guidance stays fp32)",
         "seed": "run seed; class and sample seeds derive from it",
         "ipc": "images per class",
         "batch_size": "samples denoised together",
         "encode_batch_size": "images per VAE encode batch",
+        "encode_workers": "DataLoader workers reading images for the latent cache (0: in the main process)",
         "backend": "guidance ops backend: auto, reference, triton",
         "guidance_noise": "cloud / patch noise: auto (philox on CUDA: the fused kernels), generator, philox",
+        "loop": "sampling loop: auto (fast on CUDA), reference, fast (static step; CUDA graphs on CUDA)",
+        "compile": "torch.compile the DiT in the fast loop: none, default, max-autotune, max-autotune-no-cudagraphs",
+        "attention": "SDPA backend of the DiT attention: auto, cudnn, flash, efficient, math",
     },
     "method": {
         "method": "manifoldgd, mgd3 (mode guidance only), dit (plain CFG sampling) or cgs (collaborative guidance alone)",
         "formulation": "official (the authors' released sampler) or paper (tangent projection of the guidance)",
-        "sampler": "ddpm (learned-range variance, as DiT) or ddim",
+        "sampler": "auto (ddpm for DiT, ddim for SD), ddpm (DiT: learned-range variance; SD: fixed small) or ddim",
         "steps": "sampling steps",
         "ddim_eta": "DDIM eta (0 = deterministic)",
-        "cfg_scale": "classifier-free guidance scale",
-        "cfg_channels": "3 (official DiT: CFG on the first 3 eps channels) or all",
+        "cfg_scale": "classifier-free guidance scale (default: 4 for DiT, 7.5 for SD)",
+        "cfg_channels": "auto (3 for DiT, all for SD), 3 (official DiT: CFG on the first 3 eps channels) or all",
         "t_stop": "guidance while the step is before t_stop (official: respaced index > t_stop)",
     },
     "mode discovery": {
@@ -87,6 +98,7 @@ GROUPS: dict[str, dict[str, str]] = {
     "output": {
         "save_latents": "also write the final latents (OUT/latents/<class>.safetensors)",
         "contact_sheet": "write OUT/contact_sheet.png (one row per class)",
+        "output_size": "write the PNGs at this resolution (bicubic resize of the decoded images; default: the model's)",
     },
 }
 

@@ -18,7 +18,7 @@ from .errors import ConfigError
 
 METHODS = ("manifoldgd", "mgd3", "dit", "cgs")
 FORMULATIONS = ("official", "paper")
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("auto", "ddpm", "ddim")
 MODE_METHODS = ("auto", "kmeans", "divisive", "gmm", "random", "agglomerative")
 MODE_POINTS = ("auto", "medoid", "mean")
 LINKAGES = ("ward", "average", "complete", "single")
@@ -26,9 +26,13 @@ KERNELS = ("rbf", "laplace", "imq")
 RADIUS_SCHEDULES = ("exponential", "cosine", "linear", "constant")
 RADIUS_UNITS = ("quantile", "absolute")
 WARM_SCHEDULES = ("exp", "linear", "cosine")
-CFG_CHANNELS = ("3", "all")
+CFG_CHANNELS = ("auto", "3", "all")
+BACKBONES = ("auto", "dit", "sd")
 DTYPES = ("float32", "bfloat16", "float16")
 BACKENDS = ("auto", "reference", "triton")
+LOOPS = ("auto", "reference", "fast")
+COMPILE_MODES = ("none", "default", "max-autotune", "max-autotune-no-cudagraphs")
+ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
 
 # Dataset-dependent defaults of the released scripts: <= 10 classes behaves as
 # ImageNette/ImageWoof, more classes as ImageNet-100/1k (SPEC 2, 4b).
@@ -46,24 +50,34 @@ class DistillConfig:
     vae: str | None = None             # AutoencoderKL folder / HF id; None = the model folder's vae/ or shipped
     cache_dir: str | None = None       # latent cache root; None = $MANIFOLDGD_CACHE or ~/.cache/manifoldgd_fast
     image_size: int | None = None      # None = 8 x the model's latent size
+    backbone: str = "auto"             # auto (from the model folder) | dit | sd (Stable Diffusion 1.x, class prompts)
+    prompt_template: str = "a photo of a {name}"  # sd: each class's prompt; {name} = its class name
+    negative_prompt: str = ""          # sd: the prompt of the CFG null class
+    class_names: str | dict | None = None   # sd: folder -> class name (file, mapping or "a=apple,b=banana");
+                                       # None = ImageNet names of wnids, else the folder name
     device: str = "auto"
     dtype: str = "float32"
     seed: int = 0
     ipc: int = 10
     batch_size: int = 16               # samples denoised together (x2 in the DiT forward for CFG)
     encode_batch_size: int = 32
+    encode_workers: int | None = None  # image-reading DataLoader workers of the cache; None = min(8, CPUs / ranks)
     backend: str = "auto"              # guidance ops: auto | reference | triton
     guidance_noise: str = "auto"       # cloud/patch noise: generator (torch.Generator per sample), philox
                                        # (counter-based; the fused kernels' path), auto = philox on CUDA
+    loop: str = "auto"                 # sampling loop: reference, fast (static step, CUDA graphs on CUDA),
+                                       # auto = fast on CUDA where the run allows it (same latents either way)
+    compile: str = "none"              # torch.compile the DiT in the fast loop: none | default | max-autotune...
+    attention: str = "auto"            # SDPA backend of the DiT attention: auto | cudnn | flash | efficient | math
 
     # --- method ------------------------------------------------------------
     method: str = "manifoldgd"
     formulation: str = "official"
-    sampler: str = "ddpm"
+    sampler: str = "auto"              # auto: ddpm for DiT, ddim for SD
     steps: int = 50
     ddim_eta: float = 0.0
-    cfg_scale: float = 4.0
-    cfg_channels: str = "3"
+    cfg_scale: float | None = None     # None: 4.0 for DiT (SPEC), 7.5 for SD (diffusers' default)
+    cfg_channels: str = "auto"         # auto: "3" for DiT (official), "all" for SD
     t_stop: int = 25                   # guidance while the step is before t_stop
 
     # --- mode discovery (SPEC 2) ---------------------------------------------
@@ -113,6 +127,7 @@ class DistillConfig:
     # --- output --------------------------------------------------------------
     save_latents: bool = True
     contact_sheet: bool = True
+    output_size: int | None = None     # PNGs resized (bicubic) to this many px; None = the model's resolution
 
     extra: dict = field(default_factory=dict)  # free-form notes stored in the manifest
 
@@ -129,8 +144,9 @@ class DistillConfig:
             ("mode_method", MODE_METHODS), ("mode_point", MODE_POINTS), ("linkage", LINKAGES),
             ("kernel", KERNELS), ("radius_schedule", RADIUS_SCHEDULES), ("radius_units", RADIUS_UNITS),
             ("warm_schedule", WARM_SCHEDULES), ("cfg_channels", CFG_CHANNELS), ("dtype", DTYPES),
-            ("backend", BACKENDS), ("label_map", ("auto", "imagenet1k", "sorted")),
-            ("guidance_noise", ("auto", "generator", "philox")),
+            ("backend", BACKENDS), ("label_map", ("auto", "imagenet1k", "sorted")), ("backbone", BACKBONES),
+            ("guidance_noise", ("auto", "generator", "philox")), ("loop", LOOPS), ("compile", COMPILE_MODES),
+            ("attention", ATTENTION_BACKENDS),
         ]:
             choice(name, allowed)
 
@@ -144,11 +160,13 @@ class DistillConfig:
         for name in ("ipc", "batch_size", "encode_batch_size", "steps", "kmeans_iters", "bisect_inits",
                      "cloud_size", "d", "min_leaf"):
             positive_int(name)
+        positive_int("encode_workers", allow_none=True, minimum=0)
         positive_int("k", allow_none=True, minimum=2)
         positive_int("k_min", allow_none=True, minimum=2)
         positive_int("level", allow_none=True, minimum=0)
         positive_int("max_depth", allow_none=True, minimum=0)
         positive_int("image_size", allow_none=True, minimum=8)
+        positive_int("output_size", allow_none=True, minimum=8)
         positive_int("warm_steps", minimum=0)
         positive_int("t_stop", minimum=0)
         if not isinstance(self.seed, int) or self.seed < 0:
@@ -162,9 +180,15 @@ class DistillConfig:
                 rule = "> 0" if strict else ">= 0"
                 raise ConfigError(f"--{_flag(name)} must be a number {rule}, got {v!r}")
 
-        for name in ("lambda_m", "lambda_n", "manifold_scale", "ddim_eta", "cfg_scale", "radius_a",
+        for name in ("lambda_m", "lambda_n", "manifold_scale", "ddim_eta", "radius_a",
                      "eta_dpp", "eta_dm"):
             non_negative(name)
+        non_negative("cfg_scale", allow_none=True)
+        check_prompt_template(self.prompt_template)
+        if not isinstance(self.negative_prompt, str):
+            raise ConfigError(f"--negative-prompt must be a string, got {self.negative_prompt!r}")
+        if self.class_names is not None and not isinstance(self.class_names, (str, dict)):
+            raise ConfigError(f"--class-names must be a file, a mapping or 'a=apple,b=banana', got {self.class_names!r}")
         for name in ("ridge", "r_min", "r_max"):
             non_negative(name, allow_none=True)
         for name in ("manifold_radius", "bandwidth", "kernel_bandwidth", "dpp_eps"):
@@ -188,11 +212,27 @@ class DistillConfig:
             raise ConfigError("--ddim-eta applies to --sampler ddim only")
         if not isinstance(self.extra, dict):
             raise ConfigError("extra must be a mapping")
+        if self.loop == "fast" and self.method == "manifoldgd" and self.guidance_noise == "generator":
+            raise ConfigError("--loop fast needs --guidance-noise philox for ManifoldGD (generator-drawn cloud "
+                              "noise shares the step-noise generators)")
+        if self.compile != "none" and self.loop == "reference":
+            raise ConfigError("--compile applies to the fast loop: use --loop fast or auto")
         return self
 
-    def resolve(self, n_classes: int, device: str = "cpu") -> "DistillConfig":
-        """A copy with every dataset-dependent (and device-dependent) ``None``/``auto`` default filled in."""
+    def resolve(self, n_classes: int, device: str = "cpu", backbone: str | None = None) -> "DistillConfig":
+        """A copy with every dataset-dependent (and device- and backbone-dependent) ``None``/``auto``
+        default filled in. ``backbone``: the model family found in the model folder ("dit" | "sd"),
+        used when ``self.backbone`` is "auto" (None: "dit")."""
         c = dataclasses.replace(self)
+        if c.backbone == "auto":
+            c.backbone = backbone or "dit"
+        sd = c.backbone == "sd"
+        if c.cfg_scale is None:
+            c.cfg_scale = 7.5 if sd else 4.0
+        if c.cfg_channels == "auto":
+            c.cfg_channels = "all" if sd else "3"
+        if c.sampler == "auto":
+            c.sampler = "ddim" if sd else "ddpm"
         if c.guidance_noise == "auto":
             c.guidance_noise = "philox" if str(device).startswith("cuda") else "generator"
         small = n_classes <= SMALL_SUBSET_MAX_CLASSES
@@ -262,6 +302,16 @@ class DistillConfig:
             atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=True))
 
 
+def check_prompt_template(template: str) -> None:
+    """Raise ConfigError unless ``template`` is a str.format template whose only field is {name}."""
+    if not isinstance(template, str) or "{name}" not in template:
+        raise ConfigError(f"--prompt-template {template!r} must contain {{name}} (e.g. 'a photo of a {{name}}')")
+    try:
+        template.format(name="x")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"--prompt-template {template!r}: only the field {{name}} is allowed ({e!r})") from None
+
+
 def _flag(name: str) -> str:
     return name.replace("_", "-")
 
@@ -283,6 +333,16 @@ def fingerprint(cfg: "DistillConfig") -> str:
     import hashlib
 
     d = cfg.to_dict()
-    for k in ("out", "cache_dir", "device", "batch_size", "encode_batch_size", "contact_sheet", "extra", "backend"):
+    for k in ("out", "cache_dir", "device", "batch_size", "encode_batch_size", "encode_workers", "contact_sheet",
+              "extra", "backend",
+              "loop"):  # the fast loop gives the reference loop's latents
         d.pop(k, None)
+    for k, default in (("compile", "none"), ("attention", "auto")):
+        if d.get(k) == default:  # fingerprints of runs made before the option existed stay valid
+            d.pop(k)
+    if d.get("backbone") in ("dit", "auto"):  # prompts never reach a DiT; older DiT fingerprints stay valid
+        for k in ("backbone", "prompt_template", "negative_prompt", "class_names"):
+            d.pop(k, None)
+    if d.get("output_size") is None:
+        d.pop("output_size", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -76,6 +76,64 @@ def _wnid_index() -> dict[str, int]:
     return {w: i for i, w in enumerate(_shipped_list("imagenet1k"))}
 
 
+def class_display_name(name: str) -> str:
+    """A readable class name for folder ``name`` (the text-to-image prompt's {name}):
+    the ImageNet-1k name of a WordNet id (``n01440764`` -> "tench"), otherwise the
+    folder name with underscores as spaces (``golden_retriever`` -> "golden retriever")."""
+    i = _wnid_index().get(name)
+    if i is not None:
+        return _shipped_list("imagenet1k_names")[i]
+    return " ".join(name.replace("_", " ").split())
+
+
+def class_names_map(spec) -> dict[str, str]:
+    """Resolve ``--class-names``: folder name -> class name given by the user.
+
+    ``spec``: a mapping; a ``.json`` file holding one; a text file with one class a
+    line, ``<folder> <name ...>`` (the first word is the folder; ImageNet's
+    ``LOC_synset_mapping.txt`` reads as is; ``#`` comments and blank lines ignored);
+    or an inline ``"folder=name,folder2=name2"``.
+    """
+    import json
+
+    flag = "--class-names"
+    if isinstance(spec, dict):
+        out = spec
+    elif not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"{flag} {spec!r}: give a file, a mapping, or 'folder=name,folder2=name2'")
+    elif os.path.isfile(spec):
+        try:
+            with open(spec, encoding="utf-8") as f:
+                text = f.read()
+            if spec.endswith(".json"):
+                out = json.loads(text)
+                if not isinstance(out, dict):
+                    raise ValueError("not a JSON object of folder: name")
+            else:
+                out = {}
+                for line in _read_list_text(text):
+                    parts = line.split(None, 1)
+                    if len(parts) != 2:
+                        raise ValueError(f"line {line!r} is not '<folder> <name>'")
+                    out[parts[0]] = parts[1].strip()
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ConfigError(f"{flag} {spec}: cannot read the class names ({e})") from None
+    elif "=" in spec:
+        out = {}
+        for item in spec.split(","):
+            if item.strip():
+                k, sep, v = item.partition("=")
+                if not sep or not k.strip() or not v.strip():
+                    raise ConfigError(f"{flag} {spec!r}: {item.strip()!r} is not folder=name")
+                out[k.strip()] = v.strip()
+    else:
+        raise ConfigError(f"{flag} {spec}: no such file, and not 'folder=name,folder2=name2'")
+    bad = [k for k, v in out.items() if not isinstance(k, str) or not isinstance(v, str) or not v.strip()]
+    if bad:
+        raise ConfigError(f"{flag}: class {bad[0]!r} needs a non-empty name")
+    return {k: v.strip() for k, v in out.items()}
+
+
 def class_list(spec: str) -> list[str]:
     """Resolve ``--classes``: a subset name, a text file, or ``"a,b,c"``.
 

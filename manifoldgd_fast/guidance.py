@@ -124,7 +124,7 @@ class Guidance:
         if self.manifold and c.manifold_scale > 0:
             r = ops.official_radius(i, steps=self.schedule.steps, t_stop=c.t_stop, radius=c.manifold_radius,
                                     warm_steps=c.warm_steps, warm_mult=c.warm_mult, schedule=c.warm_schedule)
-            abar = float(self.schedule.alphas_cumprod[i])
+            abar = self.schedule.at("alphas_cumprod", i)
             if self.philox:
                 with phase("manifold"):
                     pull = ops.manifold_pull_fused(x.flatten(1).float(), self.modes.flatten(1), radius=r,
@@ -143,7 +143,7 @@ class Guidance:
 
     # paper formulation ------------------------------------------------------
     def paper_radius(self, i: int) -> float:
-        tau = float(self.schedule.timesteps[i]) / (self.schedule.num_train_timesteps - 1)
+        tau = self.schedule.at("timesteps", i) / (self.schedule.num_train_timesteps - 1)
         r_min, r_max = self.radii
         return modes_mod.anneal_radius(tau, r_min, r_max, self.cfg.radius_schedule, self.cfg.radius_a)
 
@@ -154,7 +154,7 @@ class Guidance:
         with phase("mode_term"):
             g = mode_grad_paper(x0.flatten(1).float(), self.modes.flatten(1), c.kernel, c.kernel_bandwidth)
         if self.manifold and c.lambda_n > 0:
-            abar = float(self.schedule.alphas_cumprod[i])
+            abar = self.schedule.at("alphas_cumprod", i)
             lengths = modes_mod.patch_lengths(self.sorted_dists, self.paper_radius(i), c.k_min)
             if self.philox:
                 with phase("manifold"):
@@ -170,7 +170,7 @@ class Guidance:
                                              lambda_normal=c.lambda_n, ridge=c.ridge, lengths=lengths,
                                              backend=c.backend)
         with phase("mode_term"):
-            sigma = float(self.schedule.sqrt_one_minus_alphas_cumprod[i])
+            sigma = self.schedule.at("sqrt_one_minus_alphas_cumprod", i)
             return eps - (c.lambda_m * sigma * g).view(B, *eps.shape[1:]).to(eps.dtype)
 
 
@@ -201,12 +201,14 @@ class StepGuidance:
         class_latents: (n, C, h, w) latents of the modes' class (paper formulation).
         n_classes: sets the dataset-dependent defaults (<= 10: ImageNette values).
         seed: per-sample cloud / patch noise derives from it.
+        betas: the model's training betas (None: DiT's linear ones); Stable Diffusion:
+            ``schedule.scaled_linear_betas()`` or ``sched.betas.numpy()``.
         **params: any DistillConfig guidance parameter (lambda_m, k, d, manifold_radius, ...).
     """
 
     def __init__(self, modes: torch.Tensor, *, timesteps, formulation: str = "official",
                  method: str = "manifoldgd", class_latents: torch.Tensor | None = None, n_classes: int = 1000,
-                 t_stop: int | None = None, seed: int = 0, num_train_timesteps: int = 1000, **params):
+                 t_stop: int | None = None, seed: int = 0, num_train_timesteps: int = 1000, betas=None, **params):
         from .config import derive_seed
         from .schedule import schedule_from_timesteps
 
@@ -216,7 +218,7 @@ class StepGuidance:
         steps = len(ts)
         cfg = DistillConfig(method=method, formulation=formulation, steps=steps, ipc=modes.shape[0],
                             t_stop=steps // 2 if t_stop is None else t_stop, **params).resolve(n_classes, modes.device)
-        self.schedule = schedule_from_timesteps(ts, "ddim", num_train_timesteps=num_train_timesteps,
+        self.schedule = schedule_from_timesteps(ts, "ddim", num_train_timesteps=num_train_timesteps, betas=betas,
                                                 device=modes.device)
         gens = [torch.Generator(device=modes.device).manual_seed(derive_seed(seed, "sample", b))
                 for b in range(modes.shape[0])]

@@ -5,6 +5,15 @@ float32 -- the posterior mean times ``vae.config.scaling_factor`` -- and
 metadata naming the image of each row. A class whose file already records
 the same image list is not recomputed, so an interrupted run resumes; every
 file is written atomically, so a killed run never leaves half a class.
+
+Data path of :func:`cache_latents`: ``ClassChunks`` (batches of file paths,
+class after class) -> ``DataLoader`` workers running ``ImageFiles`` (PIL
+decode + the ADM centre crop, uint8) -> pinned host memory -> the device,
+where ``normalise_lut`` maps bytes to [-1, 1] and the VAE encodes -> one
+``ClassBuffer`` -> ``<class>.safetensors``. JPEG decoding and the resize stay
+on the CPU, in the workers: the resize is PIL's BOX/BICUBIC on uint8, which
+defines what the DiT was trained on and which torch's float interpolation does
+not reproduce, and torch has no JPEG decoder without torchvision.
 """
 from __future__ import annotations
 
@@ -13,13 +22,17 @@ import hashlib
 import json
 import logging
 import os
+import struct
 import time
+import warnings
 from typing import Any, Sequence
 
+import numpy as np
 import torch
+import torch.utils.data
 
-from .data import ClassEntry, iter_class_images
-from .errors import DataError
+from .data import ClassEntry, center_crop_arr, iter_class_images
+from .errors import ConfigError, DataError
 from .output import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -104,11 +117,222 @@ def _is_cached(path: str, entry: ClassEntry, image_size: int, scaling_factor: fl
     return None
 
 
+# --------------------------------------------------------------------------- #
+# the image loader: DataLoader workers decode, the main process encodes
+# --------------------------------------------------------------------------- #
+PREFETCH = 2  # loader batches each worker decodes ahead (DataLoader prefetch_factor)
+
+
+def default_num_workers() -> int:
+    """Decoding processes per encoding process: min(8, usable CPUs / local ranks).
+
+    Under torchrun every rank of a node runs its own loader, so the CPUs the
+    process may use are shared by ``LOCAL_WORLD_SIZE`` ranks.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))  # honours taskset / cgroup cpusets, unlike cpu_count()
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return min(8, max(1, cpus // local))
+
+
+def read_image_uint8(path: str, size: int) -> torch.Tensor:
+    """Decode and centre-crop one image as :func:`~manifoldgd_fast.data.load_image` does,
+    stopping before the float conversion.
+
+    Returns:
+        uint8 (3, size, size), contiguous. ``normalise_lut()[x.int()]`` gives
+        ``load_image(path, size)`` bit for bit.
+
+    Raises:
+        DataError naming ``path`` when the file cannot be decoded.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            arr = center_crop_arr(img.convert("RGB"), size)  # (size, size, 3) uint8
+    # The exception types of data.load_image: PIL reports damaged files through all of them.
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot read image {path}: {e}") from None
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (3, size, size)
+
+
+def normalise_lut(device: str | torch.device | None = None) -> torch.Tensor:
+    """(256,) float32: byte value v -> (v / 255 - 0.5) / 0.5, computed on the CPU.
+
+    ``load_image`` evaluates that formula on the CPU; indexing this table on any
+    device gives the same floats bit for bit. Evaluating the formula on a CUDA
+    device would not: there ``x / 255.0`` multiplies by a rounded reciprocal.
+    """
+    return ((torch.arange(256, dtype=torch.float32) / 255.0 - 0.5) / 0.5).to(device)
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Map-style dataset whose index is ``(class position, file position, path)``.
+
+    It holds nothing but the image size: the paths travel with the indices, so
+    a worker never copies the 1.28 M paths of ImageNet, and the dataset pickles
+    for the ``spawn`` start method as well as for ``fork``.
+
+    ``dataset[(c, i, path)]`` is ``(c, i, path, image uint8 (3, S, S) or None,
+    error message or None, seconds spent reading)``: an unreadable file is a
+    record, not an exception, so the main process skips it in file order.
+    """
+
+    def __init__(self, size: int):
+        self.size = int(size)
+
+    def __getitem__(self, index: tuple[int, int, str]):
+        c, i, path = index
+        t0 = time.perf_counter()
+        try:
+            img, err = read_image_uint8(path, self.size), None
+        except DataError as e:
+            img, err = None, str(e)
+        return c, i, path, img, err, time.perf_counter() - t0
+
+
+def collate_class_chunk(records: list[tuple]) -> dict[str, Any]:
+    """One loader batch (consecutive files of one class) from its :class:`ImageFiles` records.
+
+    Returns ``{"class": c, "n_files": files covered, "paths": readable paths,
+    "images": uint8 (k, 3, S, S) of those k paths or None when k == 0,
+    "errors": [(path, message)], "decode_s": seconds the worker spent reading}``.
+    """
+    good = [r for r in records if r[4] is None]
+    return {"class": records[0][0], "n_files": len(records), "paths": [r[2] for r in good],
+            "images": torch.stack([r[3] for r in good]) if good else None,  # (k, 3, S, S) uint8
+            "errors": [(r[2], r[4]) for r in records if r[4] is not None],
+            "decode_s": sum(r[5] for r in records)}
+
+
+class ClassChunks:
+    """The loader's batch sampler: each class's files in file order, cut into
+    chunks of ``batch_size``. A chunk never spans two classes, so a class is
+    complete with its last chunk and the main process holds one class at a
+    time. Lazy: nothing is materialised for a million files."""
+
+    def __init__(self, entries: Sequence[ClassEntry], batch_size: int):
+        self.entries = list(entries)
+        self.batch_size = batch_size
+
+    def __iter__(self):
+        bs = self.batch_size
+        for c, e in enumerate(self.entries):
+            for s in range(0, len(e.files), bs):
+                yield [(c, i, e.files[i]) for i in range(s, min(s + bs, len(e.files)))]
+
+    def __len__(self) -> int:
+        return sum(-(-len(e.files) // self.batch_size) for e in self.entries)
+
+
+class ClassBuffer:
+    """What the main process holds of the class being encoded: its latents so
+    far (on the encoding device), the readable images not yet encoded (fewer
+    than one batch), and the paths encoded and skipped, in file order."""
+
+    def __init__(self, entry: ClassEntry):
+        self.entry = entry
+        self.remaining = len(entry.files)  # files the loader has not delivered yet
+        self.chunks: list[torch.Tensor] = []  # (b, C, h, w) float32 latents
+        self.pending: list[torch.Tensor] = []  # uint8 (k, 3, S, S) images
+        self.n_pending = 0
+        self.done: list[str] = []
+        self.skipped: list[str] = []
+        self.t = {"decode_seconds": 0.0, "load_wait_seconds": 0.0, "encode_seconds": 0.0}
+
+    def take(self, n: int) -> torch.Tensor:
+        """The first n pending images, (n, 3, S, S) uint8."""
+        x = self.pending[0] if len(self.pending) == 1 else torch.cat(self.pending)
+        self.pending = [x[n:]] if x.shape[0] > n else []
+        self.n_pending -= n
+        return x[:n]
+
+
+# --------------------------------------------------------------------------- #
+# the cache
+# --------------------------------------------------------------------------- #
+def _split_cached(entries: Sequence[ClassEntry], cache_dir: str, image_size: int,
+                  scaling: float) -> tuple[dict[str, dict[str, Any]], list[ClassEntry]]:
+    """(stats of the classes already cached with matching metadata, the classes to encode)."""
+    stats: dict[str, dict[str, Any]] = {}
+    todo = []
+    for e in entries:
+        path = class_cache_path(cache_dir, e.name)
+        meta = _is_cached(path, e, image_size, scaling)
+        if meta is not None:
+            stats[e.name] = {"n": len(meta["files"]), "cached": True, "seconds": 0.0, "path": path,
+                             "skipped": [os.path.join(e.folder, s) for s in meta["skipped"]]}
+        else:
+            todo.append(e)
+    return stats, todo
+
+
+def safetensors_bytes(latents: torch.Tensor, metadata: dict[str, str]) -> bytes:
+    """A safetensors file holding ``latents`` (float32) and ``metadata``, with a
+    sorted-key header, so equal inputs give equal bytes.
+
+    ``safetensors.torch.save`` orders the metadata as a Rust HashMap iterates,
+    which changes from call to call; the cache files are meant to be comparable
+    byte for byte (across runs, ranks and ``num_workers``). Layout (the
+    safetensors format): u64 little-endian header length, the JSON header
+    padded with spaces to a multiple of 8, then the tensor's bytes.
+    """
+    x = latents.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False)
+    data = x.tobytes()
+    header = {"__metadata__": dict(metadata),
+              "latents": {"dtype": "F32", "shape": list(x.shape), "data_offsets": [0, len(data)]}}
+    h = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    h += b" " * (-len(h) % 8)
+    return struct.pack("<Q", len(h)) + h + data
+
+
+def _write_class(cache_dir: str, e: ClassEntry, latents: torch.Tensor, done: list[str],
+                 skipped: list[str], image_size: int, scaling: float) -> str:
+    """Write one class's file atomically; returns its path."""
+    if not done:
+        raise DataError(f"class {e.name} in {os.path.dirname(e.folder)}: none of its "
+                        f"{len(e.files)} images could be read (first: {skipped[0]})")
+    meta = {
+        "format": FORMAT,
+        "class": e.name,
+        "files": json.dumps([os.path.relpath(p, e.folder) for p in done]),
+        "skipped": json.dumps([os.path.relpath(p, e.folder) for p in skipped]),
+        "image_size": str(int(image_size)),
+        "scaling_factor": repr(scaling),
+    }
+    path = class_cache_path(cache_dir, e.name)
+    atomic_write_bytes(path, safetensors_bytes(latents, meta))
+    if skipped:
+        log.warning("class %s: skipped %d unreadable image(s)", e.name, len(skipped))
+    return path
+
+
+def _skip_image(path: str, message: str) -> None:
+    warnings.warn(f"skipping unreadable image {path}", stacklevel=3)
+    log.warning("%s", message)
+
+
 def cache_latents(entries: Sequence[ClassEntry], vae, *, cache_dir: str, image_size: int,
                   batch_size: int = 32, device: str | torch.device | None = None,
                   dtype: torch.dtype = torch.float32, progress: bool = True,
                   num_workers: int | None = None) -> dict[str, dict[str, Any]]:
     """Encode every image of ``entries`` and store one safetensors file per class.
+
+    Images stream class after class through a ``torch.utils.data.DataLoader``:
+    ``num_workers`` processes decode and centre-crop (PIL, on the CPU) into
+    uint8, each at most :data:`PREFETCH` batches ahead; batches are pinned when
+    the VAE is on CUDA and copied without blocking; the uint8 -> [-1, 1]
+    conversion runs on the VAE's device. The main process holds one class at a
+    time and writes it as soon as its last image is encoded. Encoder batches
+    hold ``batch_size`` readable images of one class, in file order, exactly as
+    :func:`cache_latents_ref` forms them, so the files are byte-identical to it
+    for any ``num_workers``.
 
     Args:
         entries: classes from :func:`~manifoldgd_fast.data.scan_image_folder`.
@@ -120,74 +344,129 @@ def cache_latents(entries: Sequence[ClassEntry], vae, *, cache_dir: str, image_s
             stay as they are); on the CPU, and for float32, it runs in the
             VAE's own dtype.
         progress: show a tqdm bar over images.
-        num_workers: image-decoding threads (None = min(8, cpus)).
+        num_workers: image-decoding processes; 0 decodes in this process.
+            None = :func:`default_num_workers`, never more than the loader has batches.
 
     Returns:
         ``{class: {"n": rows, "skipped": [paths], "cached": reused?, "seconds": s,
-        "path": file}}``.
+        "path": file}}``; an encoded class also has ``decode_seconds`` (worker
+        time reading its images), ``load_wait_seconds`` (time this process
+        waited for the loader) and ``encode_seconds`` (time in the encoder,
+        including the copy of its latents to the host).
 
     Raises:
         DataError: a class where no image could be read.
+        ConfigError: ``batch_size`` < 1 or ``num_workers`` < 0.
     """
-    from safetensors.torch import save as st_save
     from tqdm.auto import tqdm
 
+    if batch_size < 1:
+        raise ConfigError(f"--encode-batch-size {batch_size}: must be >= 1")
+    if num_workers is not None and num_workers < 0:
+        raise ConfigError(f"num_workers {num_workers}: must be >= 0")
     if device is not None:
         vae.to(device)
     dev = next(vae.parameters()).device
     scaling = float(vae.config.scaling_factor)
     os.makedirs(cache_dir, exist_ok=True)
+    stats, todo = _split_cached(entries, cache_dir, image_size, scaling)
+    if not todo:
+        return {e.name: stats[e.name] for e in entries}
 
-    stats: dict[str, dict[str, Any]] = {}
-    todo = []
-    for e in entries:
-        path = class_cache_path(cache_dir, e.name)
-        meta = _is_cached(path, e, image_size, scaling)
-        if meta is not None:
-            stats[e.name] = {"n": len(meta["files"]), "cached": True, "seconds": 0.0, "path": path,
-                             "skipped": [os.path.join(e.folder, s) for s in meta["skipped"]]}
-        else:
-            todo.append(e)
-
+    sampler = ClassChunks(todo, batch_size)
+    workers = default_num_workers() if num_workers is None else num_workers
+    workers = min(workers, len(sampler))  # a resumed run with one small class forks no idle processes
+    # Batches come back in sampler order whichever worker decoded them (the default; torch >= 2.6
+    # calls it in_order=True). No persistent_workers: the loader makes one pass, its workers end with it.
+    loader = torch.utils.data.DataLoader(
+        ImageFiles(image_size), batch_sampler=sampler, collate_fn=collate_class_chunk,
+        num_workers=workers, pin_memory=dev.type == "cuda",
+        prefetch_factor=PREFETCH if workers else None)
+    lut = normalise_lut(dev)
     use_autocast = dev.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+
+    def encode(buf: ClassBuffer, n: int) -> None:
+        t0 = time.perf_counter()
+        x = lut[buf.take(n).int()]  # (n, 3, S, S) float32 in [-1, 1], as data.load_image
+        with torch.autocast("cuda", dtype=dtype) if use_autocast else contextlib.nullcontext():
+            buf.chunks.append(encode_images(vae, x))  # (n, C, h, w) float32, stays on the device
+        buf.t["encode_seconds"] += time.perf_counter() - t0
+
     bar = tqdm(total=sum(len(e.files) for e in todo), unit="img", desc="encode latents",
                disable=not progress)
+    batches = iter(loader)
+    buf: ClassBuffer | None = None
+    t_class = time.perf_counter()  # a class's "seconds" run from the end of the previous one
     try:
-        for e in todo:
+        while True:
             t0 = time.perf_counter()
-            batches = iter_class_images(e, image_size, batch_size, num_workers)
-            chunks, done, n_skipped = [], [], 0
-            for images, paths in batches:  # images: (b, 3, S, S)
-                with (torch.autocast("cuda", dtype=dtype) if use_autocast
-                      else contextlib.nullcontext()):
-                    chunks.append(encode_images(vae, images).cpu())  # (b, C, h, w)
-                done += paths
-                # Skipped files count as processed so the bar reaches its total.
-                bar.update(len(paths) + len(batches.skipped) - n_skipped)
-                n_skipped = len(batches.skipped)
-            bar.update(len(batches.skipped) - n_skipped)  # unreadable files after the last batch
-            if not chunks:
-                raise DataError(f"class {e.name} in {os.path.dirname(e.folder)}: none of its "
-                                f"{len(e.files)} images could be read (first: {batches.skipped[0]})")
-            latents = torch.cat(chunks).contiguous()  # (n, C, h, w) float32
-            folder = e.folder
-            meta = {
-                "format": FORMAT,
-                "class": e.name,
-                "files": json.dumps([os.path.relpath(p, folder) for p in done]),
-                "skipped": json.dumps([os.path.relpath(p, folder) for p in batches.skipped]),
-                "image_size": str(int(image_size)),
-                "scaling_factor": repr(scaling),
-            }
-            path = class_cache_path(cache_dir, e.name)
-            atomic_write_bytes(path, st_save({"latents": latents}, metadata=meta))
+            b = next(batches, None)
+            if b is None:
+                break
+            if buf is None:
+                buf = ClassBuffer(todo[b["class"]])
+            buf.t["load_wait_seconds"] += time.perf_counter() - t0
+            buf.t["decode_seconds"] += b["decode_s"]
+            for p, msg in b["errors"]:  # warned here: a worker's warnings would never reach the user
+                buf.skipped.append(p)
+                _skip_image(p, msg)
+            if b["images"] is not None:
+                buf.pending.append(b["images"].to(dev, non_blocking=True))  # (k, 3, S, S) uint8
+                buf.n_pending += len(b["paths"])
+                buf.done += b["paths"]
+            while buf.n_pending >= batch_size:
+                encode(buf, batch_size)
+            buf.remaining -= b["n_files"]
+            bar.update(b["n_files"])
+            if buf.remaining:
+                continue
+            if buf.n_pending:  # the class's last, partial batch
+                encode(buf, buf.n_pending)
+            t0 = time.perf_counter()
+            latents = torch.cat(buf.chunks).cpu() if buf.chunks else None  # (n, C, h, w) float32
+            buf.t["encode_seconds"] += time.perf_counter() - t0  # waits for the device's queue
+            e = buf.entry
+            path = _write_class(cache_dir, e, latents, buf.done, buf.skipped, image_size, scaling)
             stats[e.name] = {"n": latents.shape[0], "cached": False, "path": path,
-                             "skipped": list(batches.skipped),
-                             "seconds": time.perf_counter() - t0}
-            if batches.skipped:
-                log.warning("class %s: skipped %d unreadable image(s)", e.name, len(batches.skipped))
+                             "skipped": list(buf.skipped), "seconds": time.perf_counter() - t_class,
+                             **buf.t}
+            buf, t_class = None, time.perf_counter()
     finally:
         bar.close()
+        # Stop the workers now, not when an exception's traceback lets go of the iterator.
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+    return {e.name: stats[e.name] for e in entries}
+
+
+def cache_latents_ref(entries: Sequence[ClassEntry], vae, *, cache_dir: str, image_size: int,
+                      batch_size: int = 32, device: str | torch.device | None = None,
+                      dtype: torch.dtype = torch.float32, progress: bool = False,
+                      num_workers: int | None = None) -> dict[str, dict[str, Any]]:
+    """Reference for :func:`cache_latents`, same signature and files: one class
+    after another, images read in this process (``num_workers`` is ignored) by
+    :func:`~manifoldgd_fast.data.iter_class_images`, normalised on the CPU,
+    encoded in batches of ``batch_size`` readable images."""
+    if device is not None:
+        vae.to(device)
+    dev = next(vae.parameters()).device
+    scaling = float(vae.config.scaling_factor)
+    os.makedirs(cache_dir, exist_ok=True)
+    stats, todo = _split_cached(entries, cache_dir, image_size, scaling)
+    use_autocast = dev.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    for e in todo:
+        t0 = time.perf_counter()
+        batches = iter_class_images(e, image_size, batch_size, num_workers=0)
+        chunks, done = [], []
+        for images, paths in batches:  # images: (b, 3, S, S) float32 in [-1, 1]
+            with torch.autocast("cuda", dtype=dtype) if use_autocast else contextlib.nullcontext():
+                chunks.append(encode_images(vae, images).cpu())  # (b, C, h, w)
+            done += paths
+        latents = torch.cat(chunks) if chunks else None
+        path = _write_class(cache_dir, e, latents, done, batches.skipped, image_size, scaling)
+        stats[e.name] = {"n": len(done), "cached": False, "path": path,
+                         "skipped": list(batches.skipped), "seconds": time.perf_counter() - t0}
     return {e.name: stats[e.name] for e in entries}
 
 

@@ -188,10 +188,30 @@ def load_vae(path_or_id: str, *, device: str | torch.device = "cpu",
 # --------------------------------------------------------------------------- #
 # what the rest of the package needs to know about a model
 # --------------------------------------------------------------------------- #
+def model_family(path_or_id, cache_dir: str | None = None) -> str:
+    """The generator family of ``--model``: "sd" for a Stable Diffusion folder
+    (model_index.json with a ``unet``, or a ``unet/`` subfolder), else "dit".
+
+    An id that is neither a folder nor cached gives "dit": its loader then names the problem.
+    """
+    from .sd import is_sd_folder
+
+    if not isinstance(path_or_id, (str, os.PathLike)) or not str(path_or_id):
+        return "dit"
+    arg = str(path_or_id)
+    root = arg if os.path.isdir(arg) else _cached_snapshot(arg, cache_dir)
+    return "sd" if root is not None and is_sd_folder(root) else "dit"
+
+
 def dit_info(model) -> dict[str, Any]:
     """Shape facts of a DiT: num_classes, null_class (= num_classes, the CFG
     "unconditional" label), latent_size, in_channels, out_channels,
-    learned_sigma (out_channels == 2*in_channels), patch_size."""
+    learned_sigma (out_channels == 2*in_channels), patch_size.
+
+    A model that is not a DiT (``sd.TextConditionedDenoiser``) reports its own
+    through ``denoiser_info()``."""
+    if hasattr(model, "denoiser_info"):
+        return model.denoiser_info()
     cfg = model.config
     in_ch = cfg.in_channels
     out_ch = cfg.out_channels if cfg.out_channels is not None else in_ch

@@ -53,6 +53,19 @@ def to_uint8_images(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).numpy()
 
 
+def resize_images(images: np.ndarray, size: int | None) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> (N, size, size, 3) with PIL's bicubic filter (antialiased when
+    shrinking: its support widens with the scale), e.g. 512 px SD images written at an
+    evaluation resolution. ``size`` None or equal to H = W: returned unchanged."""
+    from PIL import Image
+
+    if size is None or images.shape[1:3] == (size, size):
+        return images
+    out = [np.asarray(Image.fromarray(img, mode="RGB").resize((size, size), resample=Image.BICUBIC))
+           for img in images]
+    return np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)
+
+
 def encode_png(img: np.ndarray) -> bytes:
     import io
 

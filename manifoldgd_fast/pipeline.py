@@ -7,6 +7,8 @@ the same bytes as an uninterrupted one.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import contextvars
 import dataclasses
 import json
 import os
@@ -23,7 +25,7 @@ from .devices import resolve_device
 from .distributed import Shard
 from .profile import phase
 from .errors import ConfigError, DataError
-from .output import MANIFEST, OutputWriter, atomic_write_bytes, to_uint8_images
+from .output import MANIFEST, OutputWriter, atomic_write_bytes, resize_images, to_uint8_images
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,8 +42,15 @@ def library_versions() -> dict[str, str]:
     import numpy
     import safetensors
 
-    return {"manifoldgd_fast": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "numpy": numpy.__version__, "safetensors": safetensors.__version__, "python": platform.python_version()}
+    out = {"manifoldgd_fast": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+           "numpy": numpy.__version__, "safetensors": safetensors.__version__, "python": platform.python_version()}
+    try:  # the text encoder of the SD backbone
+        import transformers
+
+        out["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return out
 
 
 # ----------------------------------------------------------------------------
@@ -74,13 +83,14 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
     cfg = with_demo_defaults(cfg)
     from .data import class_list, scan_image_folder
     from .latents import cache_latents, latent_cache_dir
-    from .models import dit_info, load_dit, load_vae, vae_info
+    from .models import dit_info, load_dit, load_vae, model_family, vae_info
 
     cfg.validate()
     if cfg.data is None:
         raise ConfigError("--data is required: the folder ROOT/<class>/<image> to distil")
     if need_models and cfg.model is None:
-        raise ConfigError("--model is required: a DiT folder or a Hugging Face id in the local cache")
+        raise ConfigError("--model is required: a DiT or Stable Diffusion folder, or a Hugging Face id "
+                          "in the local cache")
     if cfg.model is None and cfg.vae is None:
         raise ConfigError("--vae (or --model, whose folder holds vae/) is required")
     device = resolve_device(shard.device(cfg.device))
@@ -91,7 +101,25 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
     vae = load_vae(cfg.vae or cfg.model, device=device)
     vinfo = vae_info(vae)
     model = info = None
-    if cfg.model is not None:  # also for `cache`: the model fixes the image size
+    backbone = cfg.backbone if cfg.backbone != "auto" else (model_family(cfg.model) if cfg.model else "dit")
+    mine = shard.mine(entries)
+    prompts, schedule_kw = {}, {}
+    if cfg.model is not None and backbone == "sd":
+        from .sd import class_prompts, load_sd_denoiser, sd_info
+
+        prompts = class_prompts([e.name for e in entries], cfg.prompt_template, cfg.class_names)
+        n_labels = max(e.label for e in entries) + 1
+        if need_models:  # one text-encoder pass over this rank's class prompts, none per step
+            model = load_sd_denoiser(cfg.model, {e.label: prompts[e.name] for e in mine}, num_classes=n_labels,
+                                     negative_prompt=cfg.negative_prompt, device=device)
+            info = dit_info(model)
+            schedule_kw = model.schedule_kwargs
+        else:  # `cache` / `modes`: the UNet config fixes the image size, no weights needed
+            info = sd_info(cfg.model, n_labels)
+        latent = info["latent_size"] * vinfo["downsample"]
+        if cfg.image_size is not None and cfg.image_size != latent:
+            raise ConfigError(f"--image-size {cfg.image_size} does not match the model's {latent} px")
+    elif cfg.model is not None:  # also for `cache`: the model fixes the image size
         model = load_dit(cfg.model, device=device)
         info = dit_info(model)
         for e in entries:
@@ -103,12 +131,11 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
             raise ConfigError(f"--image-size {cfg.image_size} does not match the model's {latent} px")
     image_size = cfg.image_size or (info["latent_size"] * vinfo["downsample"] if info else 256)
     cache = latent_cache_dir(cfg.cache_dir, cfg.data, cfg.vae or cfg.model, image_size)
-    mine = shard.mine(entries)
     stats = cache_latents(mine, vae, cache_dir=cache, image_size=image_size, batch_size=cfg.encode_batch_size,
-                          device=device, dtype=dtype)
+                          device=device, dtype=dtype, num_workers=cfg.encode_workers)
     return dict(entries=entries, mine=mine, counts={k: int(v["n"]) for k, v in stats.items()}, vae=vae,
                 vae_info=vinfo, model=model, dit_info=info, device=device, dtype=dtype, cache=cache,
-                image_size=image_size, shard=shard)
+                image_size=image_size, shard=shard, backbone=backbone, prompts=prompts, schedule_kw=schedule_kw)
 
 
 def class_modes(rcfg: DistillConfig, name: str, z: torch.Tensor) -> torch.Tensor:
@@ -156,7 +183,11 @@ def distill_class(rcfg: DistillConfig, ctx: dict, name: str, label: int, z: torc
         paper_kw = dict(class_latents=zf, order=order, sorted_dists=dists, radii=radii)
     cgs = CGS(z.mean(0), eta_dpp=rcfg.eta_dpp, eta_dm=rcfg.eta_dm, eps=rcfg.dpp_eps) if rcfg.cgs else None
 
-    schedule = make_schedule(rcfg.steps, rcfg.sampler, device=dev)
+    if (label + 1) * rcfg.ipc > 2 ** 32:
+        raise ConfigError(f"class {name}: label {label} x --ipc {rcfg.ipc} exceeds the 2^32 guidance-noise ids")
+    fast = fast_sampler(rcfg, ctx)
+    schedule = (fast.run.schedule if fast is not None  # schedule_kw: the SD family's betas / timesteps / variance
+                else make_schedule(rcfg.steps, rcfg.sampler, device=dev, **ctx.get("schedule_kw", {})))
     shape = (info["in_channels"], info["latent_size"], info["latent_size"])
     # CGS denoises the class as one set (the DiT forward still in chunks of batch_size)
     step = rcfg.ipc if cgs is not None else rcfg.batch_size
@@ -169,16 +200,22 @@ def distill_class(rcfg: DistillConfig, ctx: dict, name: str, label: int, z: torc
         guidance = None
         if guided:
             kw = {k: (v[idx] if k in ("order", "sorted_dists") else v) for k, v in paper_kw.items()}
-            guidance = Guidance(rcfg, schedule, modes[idx], gens, noise_seed=derive_seed(rcfg.seed, "guidance", name),
-                                sample_ids=idx, **kw)
-        norms = []  # |x| of each sample after each step: ManifoldGD's trajectory variance
-        lat = sample(ctx["model"], schedule, x_T, y, null_class=info["null_class"], cfg_scale=rcfg.cfg_scale,
-                     cfg_channels=rcfg.cfg_channels, formulation=rcfg.formulation, ddim_eta=rcfg.ddim_eta,
-                     guidance=guidance, generators=gens, autocast_dtype=ctx["dtype"], cgs=cgs,
-                     t_stop=rcfg.t_stop, forward_batch=rcfg.batch_size,
-                     callback=lambda i, x: norms.append(x.flatten(1).norm(dim=1)))
+            # one Philox key for the run, ids unique over (class, sample): a captured step serves every class
+            guidance = Guidance(rcfg, schedule, modes[idx], gens, noise_seed=derive_seed(rcfg.seed, "guidance"),
+                                sample_ids=[label * rcfg.ipc + j for j in idx], **kw)
+        # |x| of each sample after each step (b, steps): ManifoldGD's trajectory variance
+        if fast is not None:
+            lat, trace = fast.sample(x_T, y, gens, guidance=guidance, cgs=cgs)
+        else:
+            norms = []
+            lat = sample(ctx["model"], schedule, x_T, y, null_class=info["null_class"], cfg_scale=rcfg.cfg_scale,
+                         cfg_channels=rcfg.cfg_channels, formulation=rcfg.formulation, ddim_eta=rcfg.ddim_eta,
+                         guidance=guidance, generators=gens, autocast_dtype=ctx["dtype"], cgs=cgs,
+                         t_stop=rcfg.t_stop, forward_batch=rcfg.batch_size, attention=rcfg.attention,
+                         callback=lambda i, x: norms.append(x.flatten(1).norm(dim=1)))
+            trace = torch.stack(norms, 1)
         out_latents.append(lat)
-        traces.append(torch.stack(norms, 1))  # (b, steps)
+        traces.append(trace)
         if progress is not None:
             progress.update(len(idx))
     latents = torch.cat(out_latents)
@@ -192,6 +229,31 @@ def distill_class(rcfg: DistillConfig, ctx: dict, name: str, label: int, z: torc
                  trajectory_variance=[round(float(v), 6) for v in var],
                  seconds_sampling=round(t_sample, 3), seconds_total=round(time.perf_counter() - t0, 3))
     return images, latents.cpu(), stats
+
+
+def use_fast_loop(rcfg: DistillConfig, device: torch.device) -> bool:
+    """--loop fast, or auto on CUDA (where the fast loop gives the reference loop's latents)."""
+    if rcfg.loop != "auto":
+        return rcfg.loop == "fast"
+    return device.type == "cuda" and not (rcfg.method == "manifoldgd" and rcfg.guidance_noise == "generator")
+
+
+def fast_sampler(rcfg: DistillConfig, ctx: dict):
+    """The run's FastSampler (built once: its captured steps serve every class), or None for the reference loop."""
+    if not use_fast_loop(rcfg, ctx["device"]):
+        return None
+    if "fast_sampler" not in ctx:
+        from .fastloop import FastSampler
+        from .sampler import Sampling
+        from .schedule import make_schedule
+
+        run = Sampling(ctx["model"], make_schedule(rcfg.steps, rcfg.sampler, device=ctx["device"],
+                                              **ctx.get("schedule_kw", {})),
+                       ctx["dit_info"]["null_class"], cfg_scale=rcfg.cfg_scale, cfg_channels=rcfg.cfg_channels,
+                       formulation=rcfg.formulation, ddim_eta=rcfg.ddim_eta, t_stop=rcfg.t_stop,
+                       forward_batch=rcfg.batch_size, autocast_dtype=ctx["dtype"], attention=rcfg.attention)
+        ctx["fast_sampler"] = FastSampler(run, compile=rcfg.compile)
+    return ctx["fast_sampler"]
 
 
 @torch.no_grad()
@@ -234,7 +296,7 @@ def _distill(config: DistillConfig | dict, shard: Shard) -> DistillResult:
     cfg = with_demo_defaults(cfg.validate())
     ctx = prepare(cfg, shard=shard)
     entries, mine = ctx["entries"], ctx["mine"]
-    rcfg = cfg.resolve(len(entries), ctx["device"])
+    rcfg = cfg.resolve(len(entries), ctx["device"], backbone=ctx["backbone"])
     # Check this rank's classes before anything is written (latents stay on disk until their turn).
     for e in mine:
         _check_class(rcfg, e.name, ctx["counts"][e.name])
@@ -254,9 +316,12 @@ def _distill(config: DistillConfig | dict, shard: Shard) -> DistillResult:
         vae=cfg.vae or cfg.model, image_size=ctx["image_size"], latent_cache=ctx["cache"],
         device=str(ctx["device"]), world_size=shard.world, extra=cfg.extra, versions=library_versions(), seeds={
             "run": rcfg.seed, "class": "derive_seed(run, 'modes', class)",
-            "sample": "derive_seed(run, 'sample', class, index)"},
-        classes={},
+            "sample": "derive_seed(run, 'sample', class, index)",
+            "guidance": "Philox key derive_seed(run, 'guidance'), sample id label * ipc + index"},
+        classes={}, backbone=rcfg.backbone, output_size=rcfg.output_size or ctx["image_size"],
     )
+    if rcfg.backbone == "sd":  # the text each class was sampled from (also in each class's stats)
+        manifest.update(prompts=ctx["prompts"], negative_prompt=rcfg.negative_prompt)
     for key in ("eval", "metrics"):  # results appended by `eval` / `metrics` survive a resume
         if old and key in old:
             manifest[key] = old[key]
@@ -269,12 +334,26 @@ def _distill(config: DistillConfig | dict, shard: Shard) -> DistillResult:
     write_manifest()
     todo = [e for e in mine if not writer.is_done(e.name)]
     bar = tqdm(total=len(todo) * rcfg.ipc, desc=f"distil {rcfg.method}", unit="img", disable=None)
-    for e in todo:
-        z, _files = load_class_latents(ctx["cache"], e.name)
-        images, latents, stats = distill_class(rcfg, ctx, e.name, e.label, z, progress=bar)
+    def save(name, images, latents, stats):
         with phase("io"):
-            writer.write_class(e.name, images, latents if rcfg.save_latents else None, stats)
+            images = resize_images(images, rcfg.output_size)
+            writer.write_class(name, images, latents if rcfg.save_latents else None, stats)
             write_manifest()
+
+    # Resizing, PNG encoding and writing of class c run on one background thread while class c+1
+    # samples; at most one class waits in memory, and a write error stops the run at the next class.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="manifoldgd-write") as pool:
+        pending = None
+        for e in todo:
+            z, _files = load_class_latents(ctx["cache"], e.name)
+            images, latents, stats = distill_class(rcfg, ctx, e.name, e.label, z, progress=bar)
+            if e.name in ctx["prompts"]:
+                stats["prompt"] = ctx["prompts"][e.name]
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(contextvars.copy_context().run, save, e.name, images, latents, stats)
+        if pending is not None:
+            pending.result()
     bar.close()
     shard.barrier()  # every rank's classes are on disk
     write_manifest()
@@ -357,7 +436,7 @@ def compute_modes(config: DistillConfig | dict) -> dict[str, str]:
         ctx = prepare(cfg, need_models=False, shard=shard)
     finally:
         shard.close()
-    rcfg = cfg.resolve(len(ctx["entries"]))
+    rcfg = cfg.resolve(len(ctx["entries"]), backbone=ctx["backbone"])
     for e in ctx["mine"]:
         _check_class(dataclasses.replace(rcfg, method="mgd3"), e.name, ctx["counts"][e.name])
     paths = {}

@@ -22,7 +22,8 @@ _ACTIVE: contextvars.ContextVar["Profiler | None"] = contextvars.ContextVar("man
 
 # Phases that belong to guidance (the overhead the headline reports).
 GUIDANCE_PHASES = ("mode_term", "cloud", "patch", "knn", "gram_eig", "projection", "manifold", "cgs")
-STEP_PHASES = ("dit_forward", "scheduler") + GUIDANCE_PHASES
+# graph_step: a whole step replayed from a CUDA graph (its phases are not separable)
+STEP_PHASES = ("dit_forward", "scheduler", "graph_step") + GUIDANCE_PHASES
 
 
 def _nvtx():
@@ -78,7 +79,7 @@ class Profiler:
         tot = self.totals_ms()
         # nested phases (e.g. knn inside manifold) are reported but not double counted in the step
         step_total = sum(v for k, v in tot.items() if k in ("dit_forward", "scheduler", "mode_term", "manifold",
-                                                              "cloud", "patch", "cgs"))
+                                                              "cloud", "patch", "cgs", "graph_step"))
         guidance = sum(v for k, v in tot.items() if k in ("mode_term", "manifold", "cloud", "patch", "cgs"))
         steps = max(self.steps, 1)
         phases = {k: {"total_ms": round(v, 3), "per_step_ms": round(v / steps, 4),
@@ -100,6 +101,16 @@ def step_done() -> None:
     prof = _ACTIVE.get()
     if prof is not None:
         prof.step_done()
+
+
+@contextlib.contextmanager
+def suspended():
+    """No phase is timed inside (CUDA graph capture: an event record there would be captured too)."""
+    token = _ACTIVE.set(None)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
 
 
 @contextlib.contextmanager

@@ -7,6 +7,8 @@ Reads top to bottom. Everything numeric follows the released DiT sampler
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -48,7 +50,11 @@ def learned_range_log_variance(schedule: Schedule, i: int, v: torch.Tensor) -> t
 
 
 def fixed_log_variance(schedule: Schedule, i: int) -> torch.Tensor:
-    """'fixed large' variance of ADM for models without learned sigma."""
+    """log variance for models without learned sigma, by ``schedule.variance_type``:
+    "fixed_large" (ADM's, beta_t; the DiT family) or "fixed_small" (the posterior
+    variance, diffusers' DDPMScheduler default; the Stable Diffusion family)."""
+    if schedule.variance_type == "fixed_small":
+        return schedule.posterior_log_variance_clipped[i]
     if i == 0:
         return schedule.posterior_log_variance_clipped[1] if schedule.steps > 1 else schedule.log_betas[0]
     return schedule.log_betas[i]
@@ -58,12 +64,107 @@ def _randn_like_per_sample(x: torch.Tensor, generators) -> torch.Tensor:
     return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device) for g in generators])
 
 
+def draws_noise(schedule: Schedule, i: int, ddim_eta: float = 0.0) -> bool:
+    """Whether step i of the update draws fresh noise (DDPM: every step but the last; DDIM: if eta > 0)."""
+    return i > 0 and (schedule.sampler == "ddpm" or ddim_eta > 0)
+
+
+@dataclass
+class Sampling:
+    """What stays fixed over a sampling run: the model, the schedule, CFG and the guidance rule.
+
+    ``autocast_dtype``: the DiT forward under autocast at this dtype (None / float32: none);
+    guidance and scheduler arithmetic stay in float32. ``forward_batch``: run the DiT on at
+    most this many samples at a time. ``t_stop`` decides CGS's guided steps (the formulation's rule).
+    """
+
+    model: Any
+    schedule: Schedule
+    null_class: int
+    cfg_scale: float = 4.0
+    cfg_channels: str = "3"
+    formulation: str = "official"
+    ddim_eta: float = 0.0
+    t_stop: int = 25
+    forward_batch: int | None = None
+    autocast_dtype: torch.dtype | None = None
+    attention: str = "auto"           # SDPA backend of the DiT's attention: auto | cudnn | flash | efficient | math
+
+    def sdpa(self):
+        if self.attention == "auto":
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel({"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                            "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[self.attention])
+
+    def amp(self, device: torch.device):
+        if self.autocast_dtype in (None, torch.float32):
+            return contextlib.nullcontext()
+        # no weight cache: a cached cast captured into a CUDA graph would go stale
+        return torch.autocast(device.type, dtype=self.autocast_dtype, cache_enabled=False)
+
+
+def denoise_step(run: Sampling, i: int, x: torch.Tensor, y: torch.Tensor, noise, *,
+                 guidance: Guidance | None = None, cgs: CGS | None = None) -> torch.Tensor:
+    """One step x_i -> x_{i-1} (B, C, h, w) float32: DiT + CFG, guidance, DDPM / DDIM update.
+
+    ``noise(x)`` returns the step's (B, C, h, w) noise; it is called only when
+    :func:`draws_noise` says the step draws one. Host-side only through Python
+    scalars: no ``.item()`` and no data-dependent branch, so a CUDA graph can capture it.
+    """
+    s = run.schedule
+    C = x.shape[1]
+    t = s.timesteps[i]
+    with phase("dit_forward"), run.amp(x.device), run.sdpa():
+        out = cfg_forward(run.model, x, t, y, null_class=run.null_class, cfg_scale=run.cfg_scale,
+                          cfg_channels=run.cfg_channels, chunk=run.forward_batch)
+    eps = out[:, :C]
+    learned = out.shape[1] == 2 * C
+    guided = guidance is not None and guidance.active(i)
+    formulation = run.formulation
+    x_t = x
+    # guidance calls sit between the "scheduler" phases so the profiler counts each once
+    with phase("scheduler"):
+        x0 = s.sqrt_recip_alphas_cumprod[i] * x - s.sqrt_recipm1_alphas_cumprod[i] * eps
+    if guided and formulation == "paper":
+        eps = guidance.paper_eps(i, x, x0, eps)
+        with phase("scheduler"):
+            x0 = s.sqrt_recip_alphas_cumprod[i] * x - s.sqrt_recipm1_alphas_cumprod[i] * eps
+
+    if s.sampler == "ddpm":
+        with phase("scheduler"):
+            log_var = learned_range_log_variance(s, i, out[:, C:]) if learned else fixed_log_variance(s, i).expand_as(x)
+            mean = s.posterior_mean_coef1[i] * x0 + s.posterior_mean_coef2[i] * x
+        if guided and formulation == "official":
+            mean = mean + guidance.official_term(i, x, x0, log_var)
+        with phase("scheduler"):
+            x = mean
+            if draws_noise(s, i):
+                x = x + torch.exp(0.5 * log_var) * noise(x)
+    else:  # DDIM
+        if guided and formulation == "official":
+            x0 = x0 + guidance.official_term(i, x, x0, None)
+        with phase("scheduler"):
+            if guided and formulation == "official":
+                eps = (s.sqrt_recip_alphas_cumprod[i] * x - x0) / s.sqrt_recipm1_alphas_cumprod[i]
+            abar, abar_prev = s.alphas_cumprod[i], s.alphas_cumprod_prev[i]
+            sigma = run.ddim_eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
+            x = x0 * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma ** 2) * eps
+            if draws_noise(s, i, run.ddim_eta):
+                x = x + sigma * noise(x)
+    if cgs is not None and is_guided(formulation, i, s.steps, run.t_stop):
+        with phase("cgs"):
+            x = x - cgs.correction(x_t, x0, s.at("alphas_cumprod", i))
+    return x
+
+
 @torch.no_grad()
 def sample(model, schedule: Schedule, x_T: torch.Tensor, y: torch.Tensor, *, null_class: int,
            cfg_scale: float = 4.0, cfg_channels: str = "3", formulation: str = "official",
            ddim_eta: float = 0.0, guidance: Guidance | None = None, generators=None,
            autocast_dtype: torch.dtype | None = None, callback=None, cgs: CGS | None = None,
-           t_stop: int = 25, forward_batch: int | None = None) -> torch.Tensor:
+           t_stop: int = 25, forward_batch: int | None = None, attention: str = "auto") -> torch.Tensor:
     """Denoise x_T (B, C, h, w) for classes y (B,) and return x_0 (B, C, h, w) float32.
 
     generators: one torch.Generator per sample for the step noise (and the
@@ -71,55 +172,16 @@ def sample(model, schedule: Schedule, x_T: torch.Tensor, y: torch.Tensor, *, nul
     cgs: the collaborative correction of the whole batch as one set (one class),
     on the guided steps (``t_stop`` with the formulation's rule).
     forward_batch: run the DiT on at most this many samples at a time.
+    attention: the SDPA backend of the DiT's attention (auto: PyTorch's choice).
     """
+    run = Sampling(model, schedule, null_class, cfg_scale=cfg_scale, cfg_channels=cfg_channels,
+                   formulation=formulation, ddim_eta=ddim_eta, t_stop=t_stop, forward_batch=forward_batch,
+                   autocast_dtype=autocast_dtype, attention=attention)
     x = x_T.float()
-    B, C = x.shape[:2]
     if generators is None:
-        generators = [torch.Generator(device=x.device).manual_seed(b) for b in range(B)]
-    amp = (torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype not in (None, torch.float32)
-           else contextlib.nullcontext())
-    s = schedule
-    for i in reversed(range(s.steps)):
-        t = s.timesteps[i]
-        with phase("dit_forward"), amp:
-            out = cfg_forward(model, x, t, y, null_class=null_class, cfg_scale=cfg_scale, cfg_channels=cfg_channels,
-                              chunk=forward_batch)
-        eps = out[:, :C]
-        learned = out.shape[1] == 2 * C
-        guided = guidance is not None and guidance.active(i)
-        x_t = x
-        # guidance calls sit between the "scheduler" phases so the profiler counts each once
-        with phase("scheduler"):
-            x0 = s.sqrt_recip_alphas_cumprod[i] * x - s.sqrt_recipm1_alphas_cumprod[i] * eps
-        if guided and formulation == "paper":
-            eps = guidance.paper_eps(i, x, x0, eps)
-            with phase("scheduler"):
-                x0 = s.sqrt_recip_alphas_cumprod[i] * x - s.sqrt_recipm1_alphas_cumprod[i] * eps
-
-        if s.sampler == "ddpm":
-            with phase("scheduler"):
-                log_var = learned_range_log_variance(s, i, out[:, C:]) if learned else fixed_log_variance(s, i).expand_as(x)
-                mean = s.posterior_mean_coef1[i] * x0 + s.posterior_mean_coef2[i] * x
-            if guided and formulation == "official":
-                mean = mean + guidance.official_term(i, x, x0, log_var)
-            with phase("scheduler"):
-                x = mean
-                if i > 0:
-                    x = x + torch.exp(0.5 * log_var) * _randn_like_per_sample(x, generators)
-        else:  # DDIM
-            if guided and formulation == "official":
-                x0 = x0 + guidance.official_term(i, x, x0, None)
-            with phase("scheduler"):
-                if guided and formulation == "official":
-                    eps = (s.sqrt_recip_alphas_cumprod[i] * x - x0) / s.sqrt_recipm1_alphas_cumprod[i]
-                abar, abar_prev = s.alphas_cumprod[i], s.alphas_cumprod_prev[i]
-                sigma = ddim_eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
-                x = x0 * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma ** 2) * eps
-                if i > 0 and ddim_eta > 0:
-                    x = x + sigma * _randn_like_per_sample(x, generators)
-        if cgs is not None and is_guided(formulation, i, s.steps, t_stop):
-            with phase("cgs"):
-                x = x - cgs.correction(x_t, x0, float(s.alphas_cumprod[i]))
+        generators = [torch.Generator(device=x.device).manual_seed(b) for b in range(x.shape[0])]
+    for i in reversed(range(schedule.steps)):
+        x = denoise_step(run, i, x, y, lambda z: _randn_like_per_sample(z, generators), guidance=guidance, cgs=cgs)
         step_done()
         if callback is not None:
             callback(i, x)

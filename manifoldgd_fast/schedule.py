@@ -7,10 +7,18 @@ the kept cumulative products, so ``alphas_cumprod[i]`` of the respaced chain
 equals ``alphas_cumprod[timesteps[i]]`` of the original one. Tables are built
 in float64 (as the released code does) and stored as float32 tensors on the
 device; index ``i`` runs S-1 ... 0 during sampling.
+
+Stable Diffusion (SD 1.x) is trained on 'scaled_linear' betas 0.00085 -> 0.012
+and sampled as diffusers' schedulers do for it: "leading" spacing with
+``steps_offset=1`` (timesteps 1, 21, ..., 981 for 50 steps), DDIM with
+``set_alpha_to_one=False`` (the last step lands on abar(t=0), not 1) and the
+"fixed small" (posterior) variance for DDPM. :func:`make_schedule` takes these
+as keyword arguments; :func:`diffusers_schedule_kwargs` reads them from a
+diffusers ``scheduler_config.json``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,15 +32,38 @@ def linear_betas(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta
     return np.linspace(scale * beta_start, scale * beta_end, num_train_timesteps, dtype=np.float64)
 
 
-def space_timesteps(num_train_timesteps: int, steps: int, sampler: str) -> list[int]:
+def scaled_linear_betas(num_train_timesteps: int = 1000, beta_start: float = 0.00085,
+                        beta_end: float = 0.012) -> np.ndarray:
+    """Stable Diffusion's 'scaled_linear' schedule: sqrt(beta) linear from sqrt(beta_start) to sqrt(beta_end)."""
+    return np.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=np.float64) ** 2
+
+
+SPACINGS = ("adm", "leading")
+VARIANCE_TYPES = ("fixed_large", "fixed_small")
+
+
+def space_timesteps(num_train_timesteps: int, steps: int, sampler: str, spacing: str = "adm",
+                    steps_offset: int = 0) -> list[int]:
     """Original timesteps kept for ``steps`` sampling steps, ascending.
 
-    DDPM: evenly spaced with rounding, first 0 and last T-1 (ADM's "S" rule).
-    DDIM: the integer stride whose ``range(0, T, stride)`` has exactly S
-    elements (ADM's "ddimS" rule; equals diffusers' DDIMScheduler 'leading').
+    spacing "adm" (DiT):
+      DDPM: evenly spaced with rounding, first 0 and last T-1 (ADM's "S" rule).
+      DDIM: the integer stride whose ``range(0, T, stride)`` has exactly S
+      elements (ADM's "ddimS" rule; equals diffusers' DDIMScheduler 'leading').
+    spacing "leading" (diffusers, both samplers): ``j * (T // S) + steps_offset``
+      for j = 0 ... S-1, as ``DDIMScheduler`` / ``DDPMScheduler.set_timesteps``.
     """
     if steps > num_train_timesteps:
         raise ConfigError(f"--steps must be <= {num_train_timesteps}, got {steps}")
+    if spacing not in SPACINGS:
+        raise ConfigError(f"timestep spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
+    if spacing == "leading":
+        ratio = num_train_timesteps // steps
+        kept = [j * ratio + int(steps_offset) for j in range(steps)]
+        if kept[-1] >= num_train_timesteps:
+            raise ConfigError(f"--steps {steps} with steps_offset {steps_offset} reaches timestep {kept[-1]}, "
+                              f"past the model's {num_train_timesteps} training steps")
+        return kept
     if sampler == "ddim":
         for stride in range(1, num_train_timesteps):
             if len(range(0, num_train_timesteps, stride)) == steps:
@@ -61,10 +92,18 @@ class Schedule:
     log_betas: torch.Tensor
     num_train_timesteps: int
     sampler: str
+    host: dict = field(default_factory=dict, repr=False, compare=False)  # float64 numpy copies of the tables
+    variance_type: str = "fixed_large"  # DDPM without learned sigma: beta_t (ADM / DiT) or the posterior's (SD)
 
     @property
     def steps(self) -> int:
         return int(self.timesteps.shape[0])
+
+    def at(self, name: str, i: int) -> float:
+        """Table ``name`` at step i as a Python float, read from the host copy: no device sync."""
+        if name not in self.host:
+            self.host[name] = getattr(self, name).detach().double().cpu().numpy()
+        return float(self.host[name][i])
 
     def to(self, device) -> "Schedule":
         kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
@@ -72,16 +111,34 @@ class Schedule:
 
 
 def make_schedule(steps: int = 50, sampler: str = "ddpm", num_train_timesteps: int = 1000,
-                  betas: np.ndarray | None = None, device="cpu") -> Schedule:
-    """The respaced schedule of ``steps`` sampling steps (ADM/DiT rule for ``sampler``)."""
-    kept = space_timesteps(num_train_timesteps, steps, sampler)
-    return schedule_from_timesteps(kept, sampler, num_train_timesteps=num_train_timesteps, betas=betas, device=device)
+                  betas: np.ndarray | None = None, device="cpu", *, spacing: str = "adm", steps_offset: int = 0,
+                  set_alpha_to_one: bool = True, variance_type: str = "fixed_large") -> Schedule:
+    """The respaced schedule of ``steps`` sampling steps for ``sampler`` ("ddpm" | "ddim").
+
+    The defaults are DiT's (linear betas, ADM spacing, DDIM ending at abar = 1,
+    fixed-large variance); Stable Diffusion passes ``betas=scaled_linear_betas()``,
+    ``spacing="leading"``, ``steps_offset=1``, ``set_alpha_to_one=False`` and
+    ``variance_type="fixed_small"`` (see :func:`diffusers_schedule_kwargs`).
+    """
+    kept = space_timesteps(num_train_timesteps, steps, sampler, spacing=spacing, steps_offset=steps_offset)
+    return schedule_from_timesteps(kept, sampler, num_train_timesteps=num_train_timesteps, betas=betas, device=device,
+                                   set_alpha_to_one=set_alpha_to_one, variance_type=variance_type)
 
 
 def schedule_from_timesteps(kept, sampler: str = "ddim", num_train_timesteps: int = 1000,
-                            betas: np.ndarray | None = None, device="cpu") -> Schedule:
+                            betas: np.ndarray | None = None, device="cpu", *, set_alpha_to_one: bool = True,
+                            variance_type: str = "fixed_large") -> Schedule:
     """The respaced schedule over any increasing list of kept training timesteps
-    (e.g. ``sorted(diffusers_scheduler.timesteps)``)."""
+    (e.g. ``sorted(diffusers_scheduler.timesteps)``).
+
+    set_alpha_to_one=False (DDIM only; diffusers' SD setting): the last DDIM step
+    goes to abar of training step 0 instead of 1. DDPM always ends at 1, as
+    diffusers' DDPMScheduler does.
+    """
+    if sampler not in ("ddpm", "ddim"):
+        raise ConfigError(f"sampler must be ddpm or ddim, got {sampler!r}")
+    if variance_type not in VARIANCE_TYPES:
+        raise ConfigError(f"variance_type must be one of {', '.join(VARIANCE_TYPES)}, got {variance_type!r}")
     base = linear_betas(num_train_timesteps) if betas is None else np.asarray(betas, dtype=np.float64)
     base_ac = np.cumprod(1.0 - base)
     kept = sorted(int(t) for t in kept)
@@ -110,6 +167,41 @@ def schedule_from_timesteps(kept, sampler: str = "ddim", num_train_timesteps: in
         posterior_log_variance_clipped=post_log_var,
         log_betas=np.log(betas_r),
     )
+    if sampler == "ddim" and not set_alpha_to_one:
+        tables["alphas_cumprod_prev"] = np.append(base_ac[0], ac[:-1])
     out = {k: torch.tensor(v, dtype=torch.float32, device=device) for k, v in tables.items()}
+    host = {k: v.astype(np.float32).astype(np.float64) for k, v in tables.items()}  # the device values, exactly
+    host["timesteps"] = np.asarray(kept, dtype=np.float64)
     return Schedule(timesteps=torch.tensor(kept, dtype=torch.long, device=device),
-                    num_train_timesteps=num_train_timesteps, sampler=sampler, **out)
+                    num_train_timesteps=num_train_timesteps, sampler=sampler, host=host,
+                    variance_type=variance_type, **out)
+
+
+def diffusers_schedule_kwargs(config: dict) -> dict:
+    """:func:`make_schedule` keyword arguments from a diffusers scheduler config
+    (``scheduler/scheduler_config.json`` of a Stable Diffusion folder).
+
+    Reads num_train_timesteps, beta_start / beta_end / beta_schedule ("scaled_linear"
+    or "linear"; or trained_betas), steps_offset, set_alpha_to_one and
+    timestep_spacing ("leading" only). Missing keys take diffusers' defaults
+    (SD 1.5's betas). Returns betas, num_train_timesteps, spacing, steps_offset,
+    set_alpha_to_one and variance_type="fixed_small" (DDPMScheduler's default).
+    """
+    T = int(config.get("num_train_timesteps", 1000))
+    trained = config.get("trained_betas")
+    kind = config.get("beta_schedule", "scaled_linear")
+    bs, be = float(config.get("beta_start", 0.00085)), float(config.get("beta_end", 0.012))
+    if trained is not None:
+        betas = np.asarray(trained, dtype=np.float64)
+        T = len(betas)
+    elif kind == "scaled_linear":
+        betas = scaled_linear_betas(T, bs, be)
+    elif kind == "linear":  # diffusers' linear: no ADM rescaling by 1000 / T
+        betas = np.linspace(bs, be, T, dtype=np.float64)
+    else:
+        raise ConfigError(f"scheduler beta_schedule {kind!r} is not supported (scaled_linear or linear)")
+    spacing = config.get("timestep_spacing", "leading")
+    if spacing != "leading":
+        raise ConfigError(f"scheduler timestep_spacing {spacing!r} is not supported (leading)")
+    return dict(betas=betas, num_train_timesteps=T, spacing="leading", steps_offset=int(config.get("steps_offset", 0)),
+                set_alpha_to_one=bool(config.get("set_alpha_to_one", True)), variance_type="fixed_small")

@@ -175,3 +175,195 @@ def test_cache_latents_cuda_autocast_close_to_fp32(tmp_path, root, dtype):
     assert zlp.dtype == torch.float32
     tol = 2e-2 if dtype == torch.float16 else 6e-2
     torch.testing.assert_close(zlp, z32, atol=tol * z32.abs().max().item(), rtol=0)
+
+
+# --------------------------------------------------------------------------- #
+# the DataLoader path
+# --------------------------------------------------------------------------- #
+@pytest.fixture
+def mixed_root(root):
+    """root plus a class whose unreadable file sits mid-class: the loader's
+    chunks (by file) and the encoder's batches (by readable image) then differ."""
+    for i, name in enumerate(["a.png", "c.png", "d.png", "e.png"]):
+        _img(str(root / "eel" / name), seed=20 + i, size=(17, 23))
+    (root / "eel" / "b.jpg").write_bytes(b"\xff\xd8 truncated")
+    return root
+
+
+def _files(folder):
+    return {n: (folder / n).read_bytes() for n in sorted(os.listdir(folder))}
+
+
+def test_read_image_uint8_and_lut_give_load_image_bit_for_bit(mixed_root):
+    lut = L.normalise_lut()
+    for f in sorted((mixed_root / "eel").iterdir()) + sorted((mixed_root / "cat").iterdir()):
+        if f.name == "b.jpg":
+            with pytest.raises(DataError, match="b.jpg"):
+                L.read_image_uint8(str(f), SIZE)
+            continue
+        x = L.read_image_uint8(str(f), SIZE)
+        assert x.dtype == torch.uint8 and x.shape == (3, SIZE, SIZE) and x.is_contiguous()
+        assert torch.equal(lut[x.int()], D.load_image(str(f), SIZE))
+
+
+@pytest.mark.parametrize("workers,batch", [(0, 2), (2, 2), (2, 4), (1, 3)])
+def test_loader_files_are_byte_identical_to_reference(tmp_path, mixed_root, vae, workers, batch):
+    entries = D.scan_image_folder(str(mixed_root))
+    with pytest.warns(UserWarning) as rec:
+        stats = L.cache_latents(entries, vae, cache_dir=str(tmp_path / "new"), image_size=SIZE,
+                                batch_size=batch, progress=False, num_workers=workers)
+    # Each unreadable file warned once, in the main process, in class and file order.
+    assert [os.path.basename(str(w.message).split()[-1]) for w in rec] == ["broken.jpg", "b.jpg"]
+    with pytest.warns(UserWarning):
+        L.cache_latents_ref(entries, vae, cache_dir=str(tmp_path / "ref"), image_size=SIZE,
+                            batch_size=batch)
+    new, ref = _files(tmp_path / "new"), _files(tmp_path / "ref")
+    assert list(new) == ["cat.safetensors", "dog.safetensors", "eel.safetensors"]
+    assert new == ref
+    z, files = L.load_class_latents(str(tmp_path / "new"), "eel")
+    assert files == ["a.png", "c.png", "d.png", "e.png"] and z.shape == (4, 4, 8, 8)
+    assert [os.path.basename(p) for p in stats["eel"]["skipped"]] == ["b.jpg"]
+    for k in ("decode_seconds", "load_wait_seconds", "encode_seconds"):
+        assert stats["eel"][k] > 0
+    assert stats["eel"]["seconds"] >= stats["eel"]["encode_seconds"]
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 8, 8), (7, 3, 5, 2)])
+def test_safetensors_bytes_deterministic_and_readable(tmp_path, shape):
+    from safetensors.torch import load as st_load
+
+    z = torch.randn(shape)
+    meta = {"format": L.FORMAT, "class": "x", "files": '["a.png"]', "skipped": "[]",
+            "image_size": "16", "scaling_factor": "0.18215"}
+    blob = L.safetensors_bytes(z, meta)
+    assert blob == L.safetensors_bytes(z.clone(), dict(reversed(meta.items())))
+    assert int.from_bytes(blob[:8], "little") % 8 == 0
+    assert torch.equal(st_load(blob)["latents"], z)
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(blob)
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == meta and torch.equal(f.get_tensor("latents"), z)
+
+
+def test_dataset_pickles_for_spawn_workers(mixed_root):
+    import pickle
+
+    ds = pickle.loads(pickle.dumps(L.ImageFiles(SIZE)))
+    assert pickle.loads(pickle.dumps(L.collate_class_chunk)) is L.collate_class_chunk
+    good, bad = str(mixed_root / "eel" / "a.png"), str(mixed_root / "eel" / "b.jpg")
+    batch = L.collate_class_chunk([ds[(2, 0, good)], ds[(2, 1, bad)]])
+    assert batch["class"] == 2 and batch["n_files"] == 2 and batch["paths"] == [good]
+    assert torch.equal(batch["images"][0], L.read_image_uint8(good, SIZE))
+    assert batch["errors"][0][0] == bad and "cannot read image" in batch["errors"][0][1]
+    assert L.collate_class_chunk([ds[(0, 0, bad)]])["images"] is None
+
+
+def test_chunks_never_span_classes(mixed_root):
+    entries = D.scan_image_folder(str(mixed_root))  # 3, 3 and 5 files
+    chunks = list(L.ClassChunks(entries, 2))
+    assert len(chunks) == len(L.ClassChunks(entries, 2)) == 2 + 2 + 3
+    assert [[c for c, _, _ in ch] for ch in chunks] == [[0, 0], [0], [1, 1], [1], [2, 2], [2, 2], [2]]
+    assert [p for ch in chunks for _, _, p in ch] == [f for e in entries for f in e.files]
+
+
+class SlowVAE(CountingVAE):
+    """An encoder slower than decoding, so an unbounded loader would read every class ahead."""
+
+    def encode(self, x):
+        import time
+
+        time.sleep(0.03)
+        return super().encode(x)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_host_memory_holds_one_class_and_a_bounded_prefetch(tmp_path, vae, monkeypatch, workers):
+    n_classes, per_class, batch = 8, 3, 2
+    for c in range(n_classes):
+        for i in range(per_class):
+            _img(str(tmp_path / "data" / f"c{c}" / f"{i}.png"), seed=100 * c + i)
+    entries = D.scan_image_folder(str(tmp_path / "data"))
+    log_path = str(tmp_path / "events.log")
+
+    def event(line):  # O_APPEND: lines from worker processes and this one interleave whole
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        os.write(fd, (line + "\n").encode())
+        os.close(fd)
+
+    read, write, buffer_init = L.read_image_uint8, L.atomic_write_bytes, L.ClassBuffer.__init__
+
+    def logged_read(path, size):
+        event(f"read {os.path.basename(os.path.dirname(path))}")
+        return read(path, size)
+
+    def logged_write(path, data):
+        write(path, data)
+        event(f"write {os.path.basename(path).split('.')[0]}")
+
+    def logged_buffer(self, entry):
+        buffer_init(self, entry)
+        event(f"open {entry.name}")
+
+    monkeypatch.setattr(L, "read_image_uint8", logged_read)  # workers fork after this: they see it
+    monkeypatch.setattr(L, "atomic_write_bytes", logged_write)
+    monkeypatch.setattr(L.ClassBuffer, "__init__", logged_buffer)
+    L.cache_latents(entries, SlowVAE(vae), cache_dir=str(tmp_path / "cache"), image_size=SIZE,
+                    batch_size=batch, progress=False, num_workers=workers)
+
+    events = [line.split() for line in open(log_path).read().splitlines()]
+    pos = {f"c{c}": c for c in range(n_classes)}
+    open_classes, peak_open, reads, bound = set(), 0, [], workers * L.PREFETCH * batch
+    for kind, name in events:
+        if kind == "open":
+            open_classes.add(name)
+            peak_open = max(peak_open, len(open_classes))
+        elif kind == "read":
+            reads.append(pos[name])
+        else:
+            open_classes.discard(name)
+            ahead = sum(r > pos[name] for r in reads)  # images of later classes read so far
+            assert ahead <= bound, (name, ahead, events)
+    assert peak_open == 1
+    assert sorted(reads) == [c for c in range(n_classes) for _ in range(per_class)]
+    assert [name for kind, name in events if kind == "write"] == [f"c{c}" for c in range(n_classes)]
+
+
+def test_crash_mid_run_then_resume_gives_the_reference_bytes(tmp_path, mixed_root, vae, monkeypatch):
+    entries = D.scan_image_folder(str(mixed_root))
+    cache = str(tmp_path / "cache")
+    write = L.atomic_write_bytes
+    written = []
+
+    def dies_on_second_class(path, data):
+        if written:
+            raise KeyboardInterrupt("killed")
+        write(path, data)
+        written.append(os.path.basename(path))
+
+    monkeypatch.setattr(L, "atomic_write_bytes", dies_on_second_class)
+    with pytest.warns(UserWarning), pytest.raises(KeyboardInterrupt):
+        L.cache_latents(entries, vae, cache_dir=cache, image_size=SIZE, batch_size=2,
+                        progress=False, num_workers=2)
+    monkeypatch.setattr(L, "atomic_write_bytes", write)
+    assert written == ["cat.safetensors"] and os.listdir(cache) == ["cat.safetensors"]
+
+    counting = CountingVAE(vae)
+    with pytest.warns(UserWarning):
+        stats = L.cache_latents(entries, counting, cache_dir=cache, image_size=SIZE, batch_size=2,
+                                progress=False, num_workers=2)
+    assert stats["cat"]["cached"] and not stats["dog"]["cached"] and not stats["eel"]["cached"]
+    assert counting.calls == 1 + 2  # dog: 2 readable images; eel: 4
+    with pytest.warns(UserWarning):
+        L.cache_latents_ref(entries, vae, cache_dir=str(tmp_path / "ref"), image_size=SIZE,
+                            batch_size=2)
+    assert _files(tmp_path / "cache") == _files(tmp_path / "ref")
+
+
+def test_bad_loader_arguments_are_config_errors(tmp_path, root, vae):
+    from manifoldgd_fast.errors import ConfigError
+
+    entries = D.scan_image_folder(str(root), classes=["cat"])
+    with pytest.raises(ConfigError, match="num_workers -1"):
+        L.cache_latents(entries, vae, cache_dir=str(tmp_path), image_size=SIZE, num_workers=-1)
+    with pytest.raises(ConfigError, match="encode-batch-size 0"):
+        L.cache_latents(entries, vae, cache_dir=str(tmp_path), image_size=SIZE, batch_size=0)

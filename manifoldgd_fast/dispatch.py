@@ -1,0 +1,112 @@
+"""Backend choice of the guidance ops, decided in one place.
+
+:func:`_pick_backend` chooses between the pure-PyTorch references and the fused
+Triton kernels (``backend="auto" | "reference" | "triton"``, documented in
+:mod:`manifoldgd_fast.ops`); :func:`_triton_reason` says why the kernels cannot take
+an input, naming the tensor and the rule; :func:`_eig_backend` decides the
+eigen-step's chain once per device (CUDA C++ -> Triton Jacobi -> PyTorch Jacobi)
+and :func:`_eig_fn` turns that choice into the solver the fused pipeline calls.
+The kernels package is imported on first use only (:func:`_kernels`), so importing
+this module never needs Triton, a GPU or a compiler; a missing backend warns once.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+from .errors import BackendError, ConfigError
+
+_BACKENDS = ("auto", "reference", "triton")
+# What the fused kernels are written and tested for (SPEC sizes with margin).
+MAX_B, MAX_ROWS, MAX_D, MAX_K = 256, 100_000, 16_384, 64
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_WARNED: set = set()
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    """(the kernels package, None) or (None, why it cannot be imported). Imported on first use only."""
+    try:
+        from . import kernels
+        from .kernels import manifold_correct, manifold_pull, philox_normal, sym_eig  # noqa: F401
+        return kernels, None
+    except Exception as e:  # no triton, or a broken install: the reference path still works
+        return None, f"the Triton kernels cannot be imported ({type(e).__name__}: {e})"
+
+
+def _triton_reason(tensors: dict, *, B: int, rows: int, D: int, k: int) -> str | None:
+    """Why the fused kernels cannot take these inputs (a sentence naming the tensor and the rule), or None.
+
+    ``tensors``: name -> tensor; the floating ones must be fp32/bf16/fp16.
+    """
+    kern, why = _kernels()
+    if kern is None:
+        return why
+    (name0, t0), *rest = tensors.items()
+    for name, t in rest:
+        if t.device != t0.device:
+            return f"{name} is on {t.device} but {name0} is on {t0.device}"
+    if not kern.triton_device_ok(t0.device):
+        where = "CUDA tensors" if not kern.INTERPRET else "CPU tensors (TRITON_INTERPRET=1 is set)"
+        return (f"{name0} is on {t0.device}; the Triton kernels take {where}"
+                + ("" if kern.INTERPRET else " (on the CPU only under TRITON_INTERPRET=1)"))
+    for name, t in tensors.items():
+        if t.is_floating_point() and t.dtype not in _FLOATS:
+            return f"{name} has dtype {t.dtype}; the Triton kernels take float32, bfloat16 or float16"
+    for what, val, lim in (("B", B, MAX_B), ("the row count", rows, MAX_ROWS), ("D", D, MAX_D), ("k", k, MAX_K)):
+        if val > lim:
+            return f"{what} = {val} is above the fused kernels' limit {lim}"
+    return None
+
+
+def _pick_backend(backend: str, device: torch.device, why_not) -> str:
+    """The one place the manifold ops choose between 'reference' and 'triton'.
+
+    ``why_not()`` -> None, or why the fused kernels cannot take the input.
+    """
+    if backend not in _BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(_BACKENDS)}, got {backend!r}")
+    if backend == "reference" or (backend == "auto" and device.type != "cuda"):
+        return "reference"          # auto off CUDA: the interpreter is for tests, never chosen by itself
+    reason = why_not()
+    if backend == "triton":
+        if reason is not None:
+            raise BackendError(f"backend 'triton' cannot take this input: {reason}")
+        return "triton"
+    if reason is not None and _kernels()[0] is None:
+        _warn_once("no_triton", f"guidance ops: {reason}; using the PyTorch reference")
+    return "triton" if reason is None else "reference"
+
+
+@functools.lru_cache(maxsize=None)
+def _eig_backend(device: torch.device) -> str:
+    """The eigen-step's chain, decided once per device: 'cuda' (C++) -> 'triton' -> 'torch'."""
+    if device.type == "cuda" and os.environ.get("MANIFOLDGD_NO_CUDA_EXT", "0") != "1":
+        from .kernels import cuda_ext
+
+        mod, reason = cuda_ext.load()
+        if mod is not None:
+            return "cuda"
+        _warn_once("cuda_ext", f"CUDA C++ eigensolver unavailable ({reason}); using the Triton Jacobi")
+    kern, _ = _kernels()
+    if kern is not None and kern.triton_device_ok(device):
+        return "triton"
+    return "torch"
+
+
+def _eig_fn(eig: str):
+    """The external eigensolver the fused pipeline calls (None: the Triton Jacobi inside the coef kernel)."""
+    if eig != "cuda":
+        return None
+    from .kernels import cuda_ext, sym_eig as sym_eig_k
+
+    return functools.partial(cuda_ext.sym_eig, max_sweeps=sym_eig_k.MAX_SWEEPS, tol=sym_eig_k.TOL)

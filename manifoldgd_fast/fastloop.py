@@ -1,0 +1,235 @@
+"""The fast sampling loop: the reference step, driven with static buffers and CUDA graphs.
+
+It runs :func:`sampler.denoise_step` (the very step the reference loop runs,
+so there is one definition of the maths) with what makes it fast on a GPU:
+
+* the step noise of every step drawn before the loop, from the same
+  per-sample generators in the same order as the reference loop, into one
+  (S, B, C, h, w) device buffer: the latents equal the reference loop's;
+* the schedule on the device (tables indexed by the Python step index, which
+  makes a view, not a copy) and every guidance scalar from the host copy of
+  the tables: no ``.item()``, no ``nonzero()``, no host sync inside a step;
+* optionally ``torch.compile`` of the DiT (``compile=True``; numerics change
+  in the last bits, so the run fingerprint records it);
+* on CUDA, each step captured once into a CUDA graph and replayed for every
+  batch of every class with the same shape: static input buffers (latents,
+  labels, noise, modes, noise ids), one memory pool shared by all graphs (only
+  step-local tensors live in it), warm-up of each step on a side stream before
+  its capture (Triton JIT, autotuning, cuBLAS handles, compilation).
+
+A graph per step rather than one graph for all guided steps: the step's
+constants (radius warm-up, alpha-bar, the Philox step counter) are kernel
+arguments, so each step's launch sequence is its own; replaying 50 graphs costs
+the same one launch per step. The Philox key of the guidance noise must be the
+same for every class (the pipeline uses a run-level key and per-sample ids
+``label * ipc + j``), else each class recaptures.
+
+Where capture cannot work (CPU, the paper formulation's class-sized patch,
+generator-drawn cloud noise) the same step runs eagerly; the fallback
+chain is graph -> eager, logged once.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from .cgs import CGS
+from .errors import ConfigError
+from .guidance import Guidance
+from .profile import phase, step_done, suspended
+from .sampler import Sampling, _randn_like_per_sample, denoise_step, draws_noise
+
+log = logging.getLogger(__name__)
+
+
+def predraw_noise(run: Sampling, shape: tuple[int, ...], generators, device) -> torch.Tensor | None:
+    """(S, B, *shape) step noise, drawn per sample in the reference loop's order; None if no step draws."""
+    s = run.schedule
+    steps = [i for i in reversed(range(s.steps)) if draws_noise(s, i, run.ddim_eta)]
+    if not steps:
+        return None
+    out = torch.zeros((s.steps, len(generators)) + tuple(shape), device=device)
+    probe = torch.empty((len(generators),) + tuple(shape), device=device)
+    for i in steps:  # step-major like the loop: each generator sees the same sequence of calls
+        out[i] = _randn_like_per_sample(probe, generators)
+    return out
+
+
+def _graph_blocker(run: Sampling, device: torch.device, guidance: Guidance | None, cgs) -> str | None:
+    """Why this run cannot be captured into CUDA graphs, or None."""
+    if device.type != "cuda":
+        return "not on CUDA"
+    if guidance is not None and guidance.manifold:
+        if not guidance.philox:
+            return "the cloud / patch noise comes from torch.Generators (use --guidance-noise philox)"
+        if run.formulation == "paper":
+            return "the paper formulation's patch has the class's size"
+    return None
+
+
+@dataclass
+class _GraphSet:
+    """Static buffers and one captured graph per step, for one batch shape."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    noise: torch.Tensor | None
+    norms: torch.Tensor
+    guidance: Guidance | None
+    cgs: CGS | None
+    signature: tuple
+    graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict)
+
+
+class FastSampler:
+    """Sampler with the reference loop's results and a static, capturable step.
+
+    Args:
+        run: the fixed sampling setup (model, schedule, CFG, formulation, autocast dtype).
+        cuda_graph: capture the steps into CUDA graphs (None: on CUDA when the run allows it).
+        compile: ``torch.compile`` the model: False / "none", True / "default", or a mode name.
+            Our own graphs replace inductor's: "reduce-overhead" maps to the default mode and
+            "max-autotune" to "max-autotune-no-cudagraphs".
+    """
+
+    def __init__(self, run: Sampling, *, cuda_graph: bool | None = None, compile: bool | str = False):
+        if compile and compile != "none":
+            # inductor's own CUDA graphs would nest inside ours: its graph-free variants
+            mode = {True: None, "default": None, "reduce-overhead": None,
+                    "max-autotune": "max-autotune-no-cudagraphs"}.get(compile, compile)
+            run = copy.copy(run)
+            run.model = torch.compile(run.model, mode=mode, dynamic=False)
+        self.run = run
+        self.cuda_graph = cuda_graph
+        self._sets: dict[tuple, _GraphSet] = {}
+        self._pool = None
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, x_T: torch.Tensor, y: torch.Tensor, generators, *, guidance: Guidance | None = None,
+               cgs=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Denoise x_T (B, C, h, w) for classes y (B,).
+
+        generators: one torch.Generator per sample (x_T already drawn from them, as the
+        reference loop expects). Returns (x_0 (B, C, h, w) float32, norms (B, S)): norms[:, j]
+        is |x| of each sample after the j-th step (the trajectory-variance trace).
+        """
+        if guidance is not None and guidance.manifold and not guidance.philox:
+            # the reference loop interleaves cloud / patch draws with the step noise on the same
+            # generators; pre-drawn step noise would shift them
+            raise ConfigError("the fast loop needs --guidance-noise philox for ManifoldGD "
+                              "(generator-drawn cloud noise shares the step-noise generators)")
+        run, dev = self.run, x_T.device
+        noise = predraw_noise(run, tuple(x_T.shape[1:]), generators, dev)
+        blocker = _graph_blocker(run, dev, guidance, cgs)
+        use_graph = self.cuda_graph if self.cuda_graph is not None else blocker is None
+        if use_graph and blocker is not None:
+            raise ConfigError(f"--loop fast with CUDA graphs: {blocker}")
+        if use_graph:
+            try:
+                return self._sample_graphed(x_T, y, noise, guidance, cgs)
+            except ConfigError:
+                raise
+            except Exception as e:  # capture failed (an op that syncs, an allocator mode...): run eagerly
+                self._warn(f"CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                           f"running the step eagerly")
+                self.cuda_graph = False
+                self._sets.clear()
+        return self._sample_eager(x_T, y, noise, guidance, cgs)
+
+    # ------------------------------------------------------------------
+    def _sample_eager(self, x_T, y, noise, guidance, cgs):
+        run = self.run
+        S = run.schedule.steps
+        x = x_T.float()
+        norms = torch.empty((x.shape[0], S), device=x.device)
+        for i in reversed(range(S)):
+            x = denoise_step(run, i, x, y, (lambda z, i=i: noise[i]), guidance=guidance, cgs=cgs)
+            norms[:, S - 1 - i] = x.flatten(1).norm(dim=1)
+            step_done()
+        return x, norms
+
+    def _static_guidance(self, guidance: Guidance | None) -> Guidance | None:
+        if guidance is None:
+            return None
+        g = copy.copy(guidance)
+        g.modes = guidance.modes.clone()
+        g.sample_ids = guidance.sample_ids.clone()
+        g.generators = None
+        return g
+
+    @staticmethod
+    def _signature(x_T, y, noise, guidance: Guidance | None, cgs: CGS | None) -> tuple:
+        """Everything a captured graph bakes in besides the static buffers' contents."""
+        g = c = None
+        if guidance is not None:
+            g = (id(guidance.cfg), guidance.noise_seed, guidance.manifold, tuple(guidance.modes.shape))
+        if cgs is not None:
+            c = (cgs.eta_dpp, cgs.eta_dm, cgs.eps, tuple(cgs.mu.shape))
+        return (tuple(x_T.shape), x_T.device, y.dtype, noise is None, g, c)
+
+    def _step_into(self, gs: _GraphSet, i: int) -> None:
+        run = self.run
+        S = run.schedule.steps
+        x = denoise_step(run, i, gs.x, gs.y, (lambda z: gs.noise[i]), guidance=gs.guidance, cgs=gs.cgs)
+        gs.norms[:, S - 1 - i] = x.flatten(1).norm(dim=1)
+        gs.x.copy_(x)
+
+    def _sample_graphed(self, x_T, y, noise, guidance, cgs):
+        sig = self._signature(x_T, y, noise, guidance, cgs)
+        gs = self._sets.get(sig)
+        if gs is None:
+            static_cgs = None
+            if cgs is not None:
+                static_cgs = copy.copy(cgs)
+                static_cgs.mu = cgs.mu.to(x_T.device).clone()
+            gs = _GraphSet(x=x_T.float().clone(), y=y.clone(), noise=None if noise is None else noise.clone(),
+                           norms=torch.zeros((x_T.shape[0], self.run.schedule.steps), device=x_T.device),
+                           guidance=self._static_guidance(guidance), cgs=static_cgs, signature=sig)
+            self._capture(gs)
+            self._sets[sig] = gs
+        gs.x.copy_(x_T)
+        gs.y.copy_(y)
+        if noise is not None:
+            gs.noise.copy_(noise)
+        if guidance is not None:
+            gs.guidance.modes.copy_(guidance.modes)
+            gs.guidance.sample_ids.copy_(guidance.sample_ids)
+        if cgs is not None:
+            gs.cgs.mu.copy_(cgs.mu)
+        for i in reversed(range(self.run.schedule.steps)):
+            with phase("graph_step"):
+                gs.graphs[i].replay()
+            step_done()
+        return gs.x.clone(), gs.norms.clone()
+
+    def _capture(self, gs: _GraphSet) -> None:
+        """Warm up each step on a side stream (running it for real), then capture it."""
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        x_save = gs.x.clone()
+        side = torch.cuda.Stream()
+        with suspended():
+            self._capture_steps(gs, side)
+        gs.x.copy_(x_save)
+
+    def _capture_steps(self, gs: _GraphSet, side) -> None:
+        for i in reversed(range(self.run.schedule.steps)):
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._step_into(gs, i)     # warm-up: advances gs.x as the step would
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: the background PNG writer may run while a new batch shape is captured
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                self._step_into(gs, i)     # recorded only, not run
+            gs.graphs[i] = graph
+
+    def _warn(self, msg: str) -> None:
+        if msg not in self._warned:
+            self._warned.add(msg)
+            log.warning(msg)

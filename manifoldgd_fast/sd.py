@@ -1,0 +1,425 @@
+"""Stable Diffusion 1.x as a second generator family behind the same pipeline.
+
+The sampler, the guidance and the fast loop call a class-conditional DiT as
+``model(x, timestep=t, class_labels=y).sample``. :class:`TextConditionedDenoiser`
+gives a diffusers ``UNet2DConditionModel`` that call: ``class_labels`` index a
+table of CLIP text embeddings computed once per class (its prompt, e.g.
+"a photo of a tench"), and the CFG null class is the row of the empty (negative)
+prompt. The UNet predicts eps on 4 channels (no learned sigma), so CFG mixes all
+4 channels and DDPM uses the fixed-small variance, as diffusers' SD pipeline does.
+
+A model is an SD 1.5 diffusers folder (``unet/``, ``vae/``, ``text_encoder/``,
+``tokenizer/``, ``scheduler/``, ``model_index.json``) or a Hugging Face id already
+in the local cache; nothing is downloaded. The random-init builders
+(:func:`tiny_sd_unet_config`, :func:`tiny_clip_text_config`,
+:func:`build_tiny_clip_tokenizer`, :func:`save_sd_folder`) give tests and
+benchmarks the real architectures without weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .config import check_prompt_template
+from .errors import ModelError
+from .models import _cached_snapshot, _first_line, _load_from_folder
+
+SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer")
+LAYOUT = "SD 1.5 diffusers layout: unet/, vae/, text_encoder/, tokenizer/, scheduler/"
+# The MGD3 release has no text-to-image script (jachansantiago/mode_guidance#3); the paper only says
+# "we use the class names as a text prompt". This is CLIP's zero-shot ImageNet template.
+DEFAULT_PROMPT_TEMPLATE = "a photo of a {name}"
+# diffusers' StableDiffusionPipeline default guidance scale (the MGD3 paper gives none for SD).
+SD_CFG_SCALE = 7.5
+# scheduler/scheduler_config.json of runwayml/stable-diffusion-v1-5 (a PNDMScheduler; the betas and
+# the timestep layout are what every diffusers scheduler of SD 1.5 uses).
+SD15_SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "clip_sample": False, "trained_betas": None,
+}
+
+
+# --------------------------------------------------------------------------- #
+# prompts
+# --------------------------------------------------------------------------- #
+def class_prompts(names: Sequence[str], template: str = DEFAULT_PROMPT_TEMPLATE,
+                  class_names=None) -> dict[str, str]:
+    """The prompt of each class folder: ``template`` with {name} = its class name.
+
+    The class name is the user's (``class_names``: mapping, file or "a=apple,b=banana";
+    see :func:`data.class_names_map`), else the ImageNet-1k name of a WordNet id, else
+    the folder name with underscores as spaces.
+    """
+    from .data import class_display_name, class_names_map
+
+    check_prompt_template(template)
+    given = class_names_map(class_names) if class_names is not None else {}
+    return {n: template.format(name=given.get(n) or class_display_name(n)) for n in names}
+
+
+@torch.no_grad()
+def encode_prompts(text_encoder, tokenizer, prompts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+    """CLIP text embeddings of ``prompts`` as StableDiffusionPipeline.encode_prompt computes them:
+    padded to ``tokenizer.model_max_length``, truncated, last hidden state (no attention mask, no clip skip).
+
+    Returns (len(prompts), L, E) float32 on the text encoder's device.
+    """
+    dev = next(text_encoder.parameters()).device
+    out = []
+    for s in range(0, len(prompts), batch_size):
+        ids = tokenizer(list(prompts[s:s + batch_size]), padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        out.append(text_encoder(ids.to(dev))[0].float())
+    return torch.cat(out)
+
+
+# --------------------------------------------------------------------------- #
+# the adapter
+# --------------------------------------------------------------------------- #
+class TextConditionedDenoiser(torch.nn.Module):
+    """A ``UNet2DConditionModel`` behind the DiT's call ``forward(x, timestep=, class_labels=)``.
+
+    Args:
+        unet: the UNet (eps prediction, 4 channels).
+        embeddings: (n + 1, L, E) text embeddings: row j is the prompt of class
+            ``labels[j]``, the last row the negative (empty) prompt.
+        labels: the n class labels, distinct, >= 0.
+        num_classes: labels lie in [0, num_classes); the null class is ``num_classes``
+            (default max(labels) + 1).
+        prompts: label -> prompt (kept for the manifest).
+        schedule_kwargs: :func:`schedule.make_schedule` arguments of this model's scheduler.
+
+    ``forward`` returns the UNet's output (``.sample``: (B, 4, h, w) eps).
+    """
+
+    def __init__(self, unet, embeddings: torch.Tensor, labels: Sequence[int], *, num_classes: int | None = None,
+                 prompts: Mapping[int, str] | None = None, negative_prompt: str = "",
+                 schedule_kwargs: dict | None = None):
+        super().__init__()
+        labels = [int(v) for v in labels]
+        n = len(labels)
+        if embeddings.dim() != 3 or embeddings.shape[0] != n + 1:
+            raise ValueError(f"embeddings must be (n + 1, L, E) with n = {n} labels, got {tuple(embeddings.shape)}")
+        if len(set(labels)) != n or any(v < 0 for v in labels):
+            raise ValueError(f"labels must be distinct and >= 0, got {labels}")
+        num_classes = max(labels, default=-1) + 1 if num_classes is None else int(num_classes)
+        if n and max(labels) >= num_classes:
+            raise ValueError(f"label {max(labels)} is outside num_classes {num_classes}")
+        self.unet = unet
+        self.num_classes = num_classes
+        self.prompts = dict(prompts or {})
+        self.negative_prompt = negative_prompt
+        self.schedule_kwargs = dict(schedule_kwargs or {})
+        # label -> table row; the null class -> the negative prompt's row; any other label -> a NaN row,
+        # so a wrong label fails loudly without a device sync on CUDA (and with a ValueError on the CPU)
+        rows = torch.full((num_classes + 1,), n + 1, dtype=torch.long)
+        rows[torch.tensor(labels, dtype=torch.long)] = torch.arange(n)
+        rows[num_classes] = n
+        nan = torch.full_like(embeddings[:1], float("nan"))
+        self.register_buffer("rows", rows.to(embeddings.device), persistent=False)
+        self.register_buffer("embeddings", torch.cat([embeddings, nan]), persistent=False)  # (n + 2, L, E)
+        self.eval()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    def denoiser_info(self) -> dict[str, Any]:
+        """The shape facts ``models.dit_info`` reports for a DiT."""
+        cfg = self.unet.config
+        return {"num_classes": self.num_classes, "null_class": self.num_classes, "latent_size": cfg.sample_size,
+                "in_channels": cfg.in_channels, "out_channels": cfg.out_channels, "learned_sigma": False,
+                "patch_size": None, "backbone": "sd"}
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor):
+        rows = self.rows[class_labels]                                    # (B,)
+        if not rows.is_cuda and bool((rows == self.embeddings.shape[0] - 1).any()):  # the NaN row
+            raise ValueError(f"class_labels {class_labels.tolist()} hold a label without a prompt "
+                             f"(have {sorted(self.prompts)}; null class {self.num_classes})")
+        enc = self.embeddings[rows].to(self.unet.dtype)                  # (B, L, E)
+        return self.unet(x, timestep, encoder_hidden_states=enc)
+
+
+# --------------------------------------------------------------------------- #
+# loading (never downloads)
+# --------------------------------------------------------------------------- #
+def resolve_root(path_or_id, *, flag: str = "--model", cache_dir: str | None = None) -> str:
+    """The local folder of a model: the folder itself or the cached snapshot of a HF id."""
+    if not isinstance(path_or_id, (str, os.PathLike)) or not str(path_or_id):
+        raise ModelError(f"{flag} {path_or_id!r}: give a model folder or a Hugging Face id")
+    arg = str(path_or_id)
+    root = arg if os.path.isdir(arg) else _cached_snapshot(arg, cache_dir)
+    if root is None:
+        raise ModelError(f"{flag} {arg}: no Stable Diffusion found (not a local folder, not in the "
+                         "Hugging Face cache)")
+    return root
+
+
+def is_sd_folder(root: str) -> bool:
+    """A Stable Diffusion pipeline folder: model_index.json naming a UNet pipeline, or a unet/ subfolder."""
+    index = os.path.join(root, "model_index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                d = json.load(f)
+            if isinstance(d, dict):
+                if "unet" in d:
+                    return True
+                if "transformer" in d:
+                    return False
+        except (OSError, ValueError):
+            pass  # a damaged index: decide by the folders; the loader reports the damage
+    return os.path.isdir(os.path.join(root, "unet"))
+
+
+def _check_layout(root: str, arg: str, flag: str) -> None:
+    for sub in SUBFOLDERS:
+        if not os.path.isdir(os.path.join(root, sub)):
+            raise ModelError(f"{flag} {arg}: Stable Diffusion folder {root} has no {sub}/ ({LAYOUT})")
+
+
+def read_scheduler_config(root: str, arg: str, flag: str = "--model") -> dict[str, Any]:
+    """scheduler/scheduler_config.json (SD 1.5's values where the folder has none); refuses v-prediction."""
+    path = os.path.join(root, "scheduler", "scheduler_config.json")
+    cfg = dict(SD15_SCHEDULER_CONFIG)
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                cfg.update(json.load(f))
+        except (OSError, ValueError) as e:
+            raise ModelError(f"{flag} {arg}: scheduler config {path} is damaged ({_first_line(e)})") from None
+    if cfg.get("prediction_type", "epsilon") != "epsilon":
+        raise ModelError(f"{flag} {arg}: {path} has prediction_type {cfg['prediction_type']!r}; only epsilon-"
+                         "prediction models (SD 1.x) are supported")
+    return cfg
+
+
+def load_sd(path_or_id, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+            cache_dir: str | None = None, flag: str = "--model") -> dict[str, Any]:
+    """Load the UNet (``dtype``), CLIP text encoder (float32), tokenizer and scheduler config
+    of an SD 1.x folder or cached HF id, all in eval mode on ``device``.
+
+    Returns dict(unet, text_encoder, tokenizer, scheduler_config, root).
+    Raises ModelError naming ``flag``, the folder and the part at fault.
+    """
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    arg = str(path_or_id)
+    root = resolve_root(path_or_id, flag=flag, cache_dir=cache_dir)
+    _check_layout(root, arg, flag)
+    sched = read_scheduler_config(root, arg, flag)
+    unet_dir = os.path.join(root, "unet")
+    if not os.path.isfile(os.path.join(unet_dir, "config.json")):
+        raise ModelError(f"{flag} {arg}: {unet_dir} has no config.json")
+    unet = _load_from_folder(UNet2DConditionModel, unet_dir, flag, arg, dtype).to(device).eval()
+    te_dir, tok_dir = os.path.join(root, "text_encoder"), os.path.join(root, "tokenizer")
+    try:
+        text_encoder, info = CLIPTextModel.from_pretrained(te_dir, local_files_only=True, output_loading_info=True)
+    except Exception as e:  # OSError (no weights), ValueError, safetensors errors
+        raise ModelError(f"{flag} {arg}: cannot load the CLIP text encoder from {te_dir} ({_first_line(e)})") from None
+    missing = [k for k in info.get("missing_keys") or [] if "position_ids" not in k]
+    if missing:
+        raise ModelError(f"{flag} {arg}: weights in {te_dir} do not fit CLIPTextModel "
+                         f"({len(missing)} tensors missing, e.g. {missing[0]})")
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    except Exception as e:
+        raise ModelError(f"{flag} {arg}: cannot load the CLIP tokenizer from {tok_dir} ({_first_line(e)})") from None
+    if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
+        raise ModelError(f"{flag} {arg}: the UNet attends to {unet.config.cross_attention_dim}-dim text states but "
+                         f"the text encoder gives {text_encoder.config.hidden_size}")
+    return dict(unet=unet, text_encoder=text_encoder.to(device).float().eval(), tokenizer=tokenizer,
+                scheduler_config=sched, root=root)
+
+
+def load_sd_denoiser(path_or_id, prompts: Mapping[int, str], *, negative_prompt: str = "",
+                     num_classes: int | None = None, device: str | torch.device = "cpu",
+                     dtype: torch.dtype = torch.float32, cache_dir: str | None = None) -> TextConditionedDenoiser:
+    """Load an SD 1.x model and embed the class prompts once: the pipeline's model for this backbone.
+
+    prompts: class label -> prompt. The text encoder is freed after encoding.
+    """
+    from .schedule import diffusers_schedule_kwargs
+
+    parts = load_sd(path_or_id, device=device, dtype=dtype, cache_dir=cache_dir)
+    labels = sorted(prompts)
+    emb = encode_prompts(parts["text_encoder"], parts["tokenizer"], [prompts[v] for v in labels] + [negative_prompt])
+    return TextConditionedDenoiser(parts["unet"], emb, labels, num_classes=num_classes, prompts=prompts,
+                                   negative_prompt=negative_prompt,
+                                   schedule_kwargs=diffusers_schedule_kwargs(parts["scheduler_config"]))
+
+
+def sd_info(path_or_id, num_classes: int, cache_dir: str | None = None) -> dict[str, Any]:
+    """``denoiser_info`` of an SD folder from unet/config.json alone (no weights loaded: ``cache``, ``modes``)."""
+    arg = str(path_or_id)
+    root = resolve_root(path_or_id, cache_dir=cache_dir)
+    _check_layout(root, arg, "--model")
+    path = os.path.join(root, "unet", "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+        size, cin, cout = int(cfg["sample_size"]), int(cfg.get("in_channels", 4)), int(cfg.get("out_channels", 4))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"--model {arg}: config file {path} is damaged ({_first_line(e)})") from None
+    return {"num_classes": num_classes, "null_class": num_classes, "latent_size": size, "in_channels": cin,
+            "out_channels": cout, "learned_sigma": False, "patch_size": None, "backbone": "sd"}
+
+
+# --------------------------------------------------------------------------- #
+# random-init builders (tests, benchmarks)
+# --------------------------------------------------------------------------- #
+def sd15_unet_config() -> dict[str, Any]:
+    """The SD 1.5 UNet (860 M parameters): 4x64x64 latents, 768-dim CLIP ViT-L/14 text states."""
+    return dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                block_out_channels=[320, 640, 1280, 1280],
+                down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+                cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
+
+
+def sd15_text_config() -> dict[str, Any]:
+    """CLIP ViT-L/14's text tower, as SD 1.5's text_encoder/config.json."""
+    return dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+                bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
+
+
+def sd15_vae_config() -> dict[str, Any]:
+    """SD 1.5's AutoencoderKL (512 px -> 4x64x64, scaling factor 0.18215)."""
+    return dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512],
+                layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
+
+
+def tiny_sd_unet_config(sample_size: int = 8, cross_attention_dim: int = 32,
+                        block_out_channels: tuple[int, ...] = (8, 16)) -> dict[str, Any]:
+    """A UNet2DConditionModel with SD's block structure (cross-attention down / up) at toy width."""
+    cfg = sd15_unet_config()
+    n = len(block_out_channels)
+    cfg.update(sample_size=sample_size, layers_per_block=1, block_out_channels=list(block_out_channels),
+               down_block_types=["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"],
+               up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (n - 1),
+               cross_attention_dim=cross_attention_dim, attention_head_dim=2, norm_num_groups=4)
+    return cfg
+
+
+def tiny_clip_text_config(vocab_size: int, hidden_size: int = 32, max_position_embeddings: int = 16,
+                          bos_token_id: int | None = None, eos_token_id: int | None = None) -> dict[str, Any]:
+    """A 2-layer CLIP text tower; vocab and special ids must match the tokenizer
+    (:func:`build_tiny_clip_tokenizer` puts them at vocab_size - 2 and - 1)."""
+    cfg = sd15_text_config()
+    cfg.update(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=37, num_hidden_layers=2,
+               num_attention_heads=4, max_position_embeddings=max_position_embeddings, projection_dim=hidden_size,
+               bos_token_id=vocab_size - 2 if bos_token_id is None else bos_token_id,
+               eos_token_id=vocab_size - 1 if eos_token_id is None else eos_token_id, pad_token_id=1)
+    return cfg
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2 / CLIP's reversible byte -> printable unicode map, as 256 characters in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+# a few merges so that BPE actually merges ("a photo of a" -> a</w> pho to</w> of</w> a</w>)
+_TINY_MERGES = (("p", "h"), ("ph", "o"), ("t", "o</w>"), ("o", "f</w>"), ("a", "n"))
+
+
+def build_tiny_clip_tokenizer(folder: str, model_max_length: int = 32):
+    """A CLIPTokenizer with CLIP's byte-level BPE layout and a toy vocabulary, built offline.
+
+    Writes ``vocab.json`` + ``merges.txt`` into ``folder``: the 256 byte characters,
+    the same with the end-of-word mark ``</w>``, a few merges, then
+    ``<|startoftext|>`` and ``<|endoftext|>`` last (as CLIP orders them). Any text
+    tokenizes (down to single bytes). Returns the tokenizer loaded from ``folder``
+    and saved back with its tokenizer_config.json.
+    """
+    from transformers import CLIPTokenizer
+
+    os.makedirs(folder, exist_ok=True)
+    chars = _byte_chars()
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in _TINY_MERGES]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({t: i for i, t in enumerate(tokens)}, f, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in _TINY_MERGES))
+    tok = CLIPTokenizer.from_pretrained(folder, model_max_length=model_max_length, local_files_only=True)
+    tok.save_pretrained(folder)
+    return tok
+
+
+def build_sd_unet(config: dict[str, Any], seed: int | None = 0):
+    """A random-init ``UNet2DConditionModel`` (eval mode)."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**config)
+    return unet.eval()
+
+
+def build_clip_text_encoder(config: dict[str, Any], seed: int | None = 0):
+    """A random-init ``CLIPTextModel`` (eval mode)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = CLIPTextModel(CLIPTextConfig(**config))
+    return model.eval()
+
+
+def save_sd_folder(folder: str, *, unet, vae, text_encoder, tokenizer,
+                   scheduler_config: dict[str, Any] | None = None) -> str:
+    """Write an SD 1.5 diffusers-layout folder (unet/, vae/, text_encoder/, tokenizer/,
+    scheduler/scheduler_config.json, model_index.json) that diffusers'
+    ``StableDiffusionPipeline.from_pretrained`` and :func:`load_sd` both read."""
+    import diffusers
+
+    os.makedirs(folder, exist_ok=True)
+    unet.save_pretrained(os.path.join(folder, "unet"), safe_serialization=True)
+    vae.save_pretrained(os.path.join(folder, "vae"), safe_serialization=True)
+    text_encoder.save_pretrained(os.path.join(folder, "text_encoder"), safe_serialization=True)
+    tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+    sched = dict(SD15_SCHEDULER_CONFIG if scheduler_config is None else scheduler_config)
+    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w", encoding="utf-8") as f:
+        json.dump(sched, f, indent=2)
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+             "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
+             "scheduler": ["diffusers", sched.get("_class_name", "PNDMScheduler")],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    with open(os.path.join(folder, "model_index.json"), "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=2)
+    return folder
+
+
+def build_tiny_sd_folder(folder: str, *, sample_size: int = 8, vae_sample_size: int = 16, seed: int = 0,
+                         vae_block_out_channels: tuple[int, ...] = (8, 16)) -> str:
+    """A tiny random-init SD folder: UNet on 4 x sample_size^2 latents, a VAE with
+    ``len(vae_block_out_channels)`` blocks, a 2-layer CLIP text tower and the toy tokenizer."""
+    from .models import build_vae, tiny_vae_config
+
+    tok = build_tiny_clip_tokenizer(os.path.join(folder, "tokenizer"))
+    text = build_clip_text_encoder(tiny_clip_text_config(len(tok), max_position_embeddings=tok.model_max_length,
+                                                         bos_token_id=tok.bos_token_id,
+                                                         eos_token_id=tok.eos_token_id), seed=seed)
+    unet = build_sd_unet(tiny_sd_unet_config(sample_size=sample_size, cross_attention_dim=32), seed=seed + 1)
+    vae = build_vae(tiny_vae_config(sample_size=vae_sample_size, block_out_channels=vae_block_out_channels),
+                    seed=seed + 2)
+    return save_sd_folder(folder, unet=unet, vae=vae, text_encoder=text, tokenizer=tok)

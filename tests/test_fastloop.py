@@ -1,0 +1,248 @@
+"""The fast loop (static step, pre-drawn noise, CUDA graphs) against the reference loop.
+
+Tolerances: float32 on the same device runs the very same ops as the reference loop,
+so latents must be equal bit for bit; bf16 autocast is compared with the float32
+reference at the bound stated in ``BF16_ATOL`` (a tiny random DiT; the DiT-XL/2 bound
+is measured by bench/bench_sampling.py). On CUDA the graph replay must equal the eager
+fast loop bit for bit (same kernels), and the reference loop at 1e-5 (cuBLAS may pick
+other kernels for other allocation patterns).
+"""
+import pytest
+import torch
+from conftest import requires_cuda
+
+from manifoldgd_fast import modes as modes_mod
+from manifoldgd_fast.config import DistillConfig
+from manifoldgd_fast.errors import ConfigError
+from manifoldgd_fast.fastloop import FastSampler, predraw_noise
+from manifoldgd_fast.guidance import Guidance
+from manifoldgd_fast.models import build_dit, tiny_dit_config
+from manifoldgd_fast.profile import profiling
+from manifoldgd_fast.sampler import Sampling, sample
+from manifoldgd_fast.schedule import make_schedule
+
+NULL = 3
+BF16_RTOL = 0.05   # |bf16 - fp32| / |fp32| of the final latents, 10 steps of the trained digits DiT
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_dit(tiny_dit_config(num_classes=3, sample_size=8), seed=1)
+
+
+def _gens(seeds, device="cpu"):
+    return [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+
+def _setup(model, *, method="manifoldgd", formulation="official", sampler="ddpm", ddim_eta=0.0, noise="philox",
+           B=3, steps=10, device="cpu", cgs=False, dtype=None, seed=0):
+    cfg = DistillConfig(method=method, formulation=formulation, sampler=sampler, ddim_eta=ddim_eta, steps=steps,
+                        t_stop=5, ipc=B, guidance_noise=noise, cgs=cgs).resolve(10, device)
+    sched = make_schedule(steps, sampler, device=device)
+    run = Sampling(model, sched, NULL, cfg_scale=4.0, formulation=formulation, ddim_eta=ddim_eta, t_stop=5,
+                   autocast_dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(100 + seed)
+    lat = torch.randn(40, 256, generator=g, device=device)
+    modes = lat[:B] + 0.1 * torch.randn(B, 256, generator=g, device=device)
+    kw = {}
+    if formulation == "paper" and method == "manifoldgd":
+        order, dists = modes_mod.neighbourhood_order(lat, modes)
+        kw = dict(class_latents=lat, order=order, sorted_dists=dists,
+                  radii=modes_mod.class_radii(dists, cfg.r_min, cfg.r_max, cfg.radius_units))
+    y = torch.tensor([0, 2, 1, 0, 1][:B], device=device)
+
+    def fresh():
+        gens = _gens([seed * 10 + b for b in range(B)], device)
+        x_T = torch.stack([torch.randn(4, 8, 8, generator=gg, device=device) for gg in gens])
+        gd = None
+        if method in ("manifoldgd", "mgd3"):
+            gd = Guidance(cfg, sched, modes.view(B, 4, 8, 8), gens, noise_seed=7, sample_ids=[5 * b + 1 for b in range(B)],
+                          **kw)
+        cg = None
+        if cgs:
+            from manifoldgd_fast.cgs import CGS
+            cg = CGS(lat.view(40, 4, 8, 8).mean(0), eta_dpp=cfg.eta_dpp, eta_dm=cfg.eta_dm, eps=cfg.dpp_eps)
+        return x_T, y, gens, gd, cg
+    return run, fresh
+
+
+def _reference(run, fresh):
+    x_T, y, gens, gd, cg = fresh()
+    norms = []
+    x = sample(run.model, run.schedule, x_T, y, null_class=run.null_class, cfg_scale=run.cfg_scale,
+               formulation=run.formulation, ddim_eta=run.ddim_eta, guidance=gd, generators=gens,
+               autocast_dtype=run.autocast_dtype, cgs=cg, t_stop=run.t_stop,
+               callback=lambda i, z: norms.append(z.flatten(1).norm(dim=1)))
+    return x, torch.stack(norms, 1)
+
+
+CASES = [
+    dict(method="dit"),
+    dict(method="manifoldgd"),                                   # official, learned-sigma DDPM
+    dict(method="manifoldgd", sampler="ddim"),
+    dict(method="mgd3", sampler="ddim", ddim_eta=0.5, noise="generator"),
+    dict(method="manifoldgd", formulation="paper"),
+    dict(method="mgd3", formulation="paper", noise="generator"),
+    dict(method="manifoldgd", cgs=True),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fast_loop_equals_reference_fp32(model, one_thread, case, seed):
+    run, fresh = _setup(model, seed=seed, **case)
+    want_x, want_n = _reference(run, fresh)
+    x_T, y, gens, gd, cg = fresh()
+    got_x, got_n = FastSampler(run).sample(x_T, y, gens, guidance=gd, cgs=cg)
+    assert torch.equal(got_x, want_x)
+    assert torch.equal(got_n, want_n)
+
+
+@pytest.fixture(scope="module")
+def digits_dit():
+    from manifoldgd_fast.models import load_dit
+    from manifoldgd_fast.shipped import verify_shipped
+
+    return load_dit(verify_shipped())
+
+
+@pytest.mark.parametrize("method", ["dit", "manifoldgd"])
+def test_fast_loop_bf16(digits_dit, one_thread, method):
+    """bf16 autocast: the reference loop's bf16 latents exactly; near the fp32 ones (the shipped,
+    trained digits DiT: a random DiT under CFG 4 amplifies any rounding chaotically)."""
+    run, fresh = _setup(digits_dit, method=method, dtype=torch.bfloat16)
+    run.null_class = 10
+    ref16, _ = _reference(run, fresh)
+    x_T, y, gens, gd, cg = fresh()
+    got, _ = FastSampler(run).sample(x_T, y, gens, guidance=gd)
+    assert torch.equal(got, ref16)
+    run32, fresh32 = _setup(digits_dit, method=method)
+    run32.null_class = 10
+    ref32, _ = _reference(run32, fresh32)
+    rel = ((got - ref32).norm() / ref32.norm()).item()
+    assert 0 < rel < BF16_RTOL, rel
+
+
+def test_predraw_noise_is_the_reference_sequence():
+    run = Sampling(None, make_schedule(6, "ddpm"), NULL)
+    noise = predraw_noise(run, (2, 3), _gens([4, 5]), "cpu")
+    assert noise.shape == (6, 2, 2, 3) and torch.equal(noise[0], torch.zeros(2, 2, 3))   # the last step draws none
+    gens = _gens([4, 5])
+    for i in reversed(range(1, 6)):
+        want = torch.stack([torch.randn(2, 3, generator=g) for g in gens])
+        assert torch.equal(noise[i], want)
+    assert predraw_noise(Sampling(None, make_schedule(5, "ddim"), NULL), (2, 3), gens, "cpu") is None
+
+
+def test_fast_loop_refuses_generator_cloud_noise(model):
+    run, fresh = _setup(model, noise="generator")
+    x_T, y, gens, gd, _ = fresh()
+    with pytest.raises(ConfigError, match="guidance-noise philox"):
+        FastSampler(run).sample(x_T, y, gens, guidance=gd)
+    with pytest.raises(ConfigError, match="guidance-noise philox"):
+        DistillConfig(loop="fast", guidance_noise="generator").validate()
+
+
+def test_cuda_graph_needs_cuda(model):
+    run, fresh = _setup(model, method="dit")
+    x_T, y, gens, _, _ = fresh()
+    with pytest.raises(ConfigError, match="not on CUDA"):
+        FastSampler(run, cuda_graph=True).sample(x_T, y, gens)
+
+
+def test_fast_loop_profiles_its_steps(model, one_thread):
+    run, fresh = _setup(model, method="manifoldgd")
+    x_T, y, gens, gd, _ = fresh()
+    with profiling("cpu") as prof:
+        FastSampler(run).sample(x_T, y, gens, guidance=gd)
+    rep = prof.report()
+    assert rep["steps"] == 10 and rep["phases"]["dit_forward"]["total_ms"] > 0
+    assert rep["guidance_overhead"] is not None and rep["guidance_overhead"] > 0
+
+
+# ---------------------------------------------------------------------------- CUDA graphs (GPU only)
+@requires_cuda()
+@pytest.mark.parametrize("case", [dict(method="dit"), dict(method="mgd3"), dict(method="manifoldgd"),
+                                  dict(method="manifoldgd", sampler="ddim"), dict(method="manifoldgd", cgs=True)],
+                         ids=lambda c: "-".join(f"{v}" for v in c.values()))
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_graph_loop_equals_eager_on_cuda(case, dtype):
+    m = build_dit(tiny_dit_config(num_classes=3, sample_size=8), seed=1).cuda()
+    run, fresh = _setup(m, device="cuda", dtype=dtype, **case)
+    x_T, y, gens, gd, cg = fresh()
+    eager = FastSampler(run, cuda_graph=False).sample(x_T, y, gens, guidance=gd, cgs=cg)
+    fast = FastSampler(run, cuda_graph=True)
+    for _ in range(2):  # capture, then a pure replay
+        x_T, y, gens, gd, cg = fresh()
+        got = fast.sample(x_T, y, gens, guidance=gd, cgs=cg)
+        assert torch.equal(got[0], eager[0]) and torch.equal(got[1], eager[1])
+    assert len(fast._sets) == 1 and fast.cuda_graph is not False   # captured once, no fallback
+    if dtype is None:  # bf16: the graph equals the eager fast loop above; the fp32 bound is the CPU test's
+        ref, _ = _reference(run, fresh)
+        torch.testing.assert_close(got[0], ref, atol=1e-5, rtol=1e-5)
+
+
+@requires_cuda()
+def test_graph_serves_other_modes_and_ids_without_recapture():
+    """Static buffers: a second class (other modes, other noise ids) replays the same graphs."""
+    m = build_dit(tiny_dit_config(num_classes=3, sample_size=8), seed=1).cuda()
+    run, fresh_a = _setup(m, device="cuda", seed=0)
+    _, fresh_b = _setup(m, device="cuda", seed=1)
+    fast = FastSampler(run, cuda_graph=True)
+    for fresh in (fresh_a, fresh_b):
+        x_T, y, gens, gd, _ = fresh()
+        got = fast.sample(x_T, y, gens, guidance=gd)
+        x_T, y, gens, gd, _ = fresh()
+        want = FastSampler(run, cuda_graph=False).sample(x_T, y, gens, guidance=gd)
+        assert torch.equal(got[0], want[0])
+    assert len(fast._sets) == 1
+
+
+# ---------------------------------------------------------------------------- through the pipeline
+@pytest.mark.parametrize("extra", [[], ["--method", "mgd3", "--sampler", "ddim"], ["--cgs"],
+                                   ["--formulation", "paper"]])
+def test_pipeline_fast_loop_writes_the_reference_bytes(tiny_world, tmp_path, extra):
+    import os
+
+    from test_pipeline import _args, _digest
+
+    from manifoldgd_fast.cli import main
+
+    common = ["--guidance-noise", "philox", *extra]
+    assert main(_args(tiny_world, tmp_path / "ref", "--loop", "reference", *common)) == 0
+    assert main(_args(tiny_world, tmp_path / "fast", "--loop", "fast", *common)) == 0
+    ref, fast = _digest(tmp_path / "ref"), _digest(tmp_path / "fast")
+    assert ref == fast and len(ref) == 9   # 3 classes x (2 PNGs + latents)
+    import json
+    a = json.loads((tmp_path / "ref" / "manifest.json").read_text())
+    b = json.loads((tmp_path / "fast" / "manifest.json").read_text())
+    assert a["fingerprint"] == b["fingerprint"]
+    assert (a["classes"]["apple"]["trajectory_variance"] == b["classes"]["apple"]["trajectory_variance"])
+    assert os.path.isfile(tmp_path / "fast" / "contact_sheet.png")
+
+
+def test_compile_needs_the_fast_loop():
+    with pytest.raises(ConfigError, match="--compile applies to the fast loop"):
+        DistillConfig(loop="reference", compile="default").validate()
+
+
+def test_compiled_dit_in_the_fast_loop(model, one_thread):
+    """torch.compile (inductor, CPU here) changes the DiT's numerics in the last bits only."""
+    run, fresh = _setup(model, method="manifoldgd")
+    ref, _ = _reference(run, fresh)
+    x_T, y, gens, gd, _ = fresh()
+    got, _ = FastSampler(run, compile="default").sample(x_T, y, gens, guidance=gd)
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert rel < 1e-3, rel
+
+
+def test_attention_backend_math_matches_default(model, one_thread):
+    """--attention picks the SDPA backend: 'math' instead of the CPU's fused kernel, the same up to rounding."""
+    run, fresh = _setup(model, method="dit")
+    want, _ = _reference(run, fresh)
+    run.attention = "math"
+    x_T, y, gens, _, _ = fresh()
+    got, _ = FastSampler(run).sample(x_T, y, gens)
+    assert ((got - want).norm() / want.norm()).item() < 1e-4
+    with pytest.raises(ConfigError, match="--attention"):
+        DistillConfig(attention="fast").validate()
