@@ -65,6 +65,15 @@ def mode_grad_paper(x0: torch.Tensor, m: torch.Tensor, kernel: str, bandwidth: f
     raise ValueError(f"unknown kernel {kernel!r}")
 
 
+def paper_neighbourhoods(cfg: DistillConfig, class_latents: torch.Tensor, modes: torch.Tensor) -> dict:
+    """The paper formulation's inputs of :class:`Guidance` for one class: its latents (n, D) float32,
+    each mode's neighbourhood order and sorted distances (m, n), and the class's radii (SPEC 3)."""
+    zf = class_latents.flatten(1).float().to(modes.device)
+    order, dists = modes_mod.neighbourhood_order(zf, modes.flatten(1).float())
+    return dict(class_latents=zf, order=order, sorted_dists=dists,
+                radii=modes_mod.class_radii(dists, cfg.r_min, cfg.r_max, cfg.radius_units))
+
+
 def is_guided(formulation: str, i: int, steps: int, t_stop: int) -> bool:
     """Official: while the respaced index i (S-1 ... 0) > t_stop; paper: the first t_stop steps."""
     if formulation == "official":
@@ -226,10 +235,7 @@ class StepGuidance:
         if formulation == "paper" and method == "manifoldgd":
             if class_latents is None:
                 raise ValueError("the paper formulation needs class_latents (n, C, h, w)")
-            zf = class_latents.flatten(1).float().to(modes.device)
-            order, dists = modes_mod.neighbourhood_order(zf, modes.flatten(1).float())
-            kw = dict(class_latents=zf, order=order, sorted_dists=dists,
-                      radii=modes_mod.class_radii(dists, cfg.r_min, cfg.r_max, cfg.radius_units))
+            kw = paper_neighbourhoods(cfg, class_latents, modes)
         self.cfg = cfg
         self.generators = gens
         self.guidance = Guidance(cfg, self.schedule, modes, gens, noise_seed=derive_seed(seed, "guidance"), **kw)

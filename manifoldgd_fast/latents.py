@@ -318,6 +318,17 @@ def _skip_image(path: str, message: str) -> None:
     log.warning("%s", message)
 
 
+def _prepare_cache(entries, vae, device, cache_dir: str, image_size: int):
+    """Move the VAE to ``device``; returns (device, scaling factor, stats of cached classes, classes to encode)."""
+    if device is not None:
+        vae.to(device)
+    dev = next(vae.parameters()).device
+    scaling = float(vae.config.scaling_factor)
+    os.makedirs(cache_dir, exist_ok=True)
+    stats, todo = _split_cached(entries, cache_dir, image_size, scaling)
+    return dev, scaling, stats, todo
+
+
 def cache_latents(entries: Sequence[ClassEntry], vae, *, cache_dir: str, image_size: int,
                   batch_size: int = 32, device: str | torch.device | None = None,
                   dtype: torch.dtype = torch.float32, progress: bool = True,
@@ -364,12 +375,7 @@ def cache_latents(entries: Sequence[ClassEntry], vae, *, cache_dir: str, image_s
         raise ConfigError(f"--encode-batch-size {batch_size}: must be >= 1")
     if num_workers is not None and num_workers < 0:
         raise ConfigError(f"num_workers {num_workers}: must be >= 0")
-    if device is not None:
-        vae.to(device)
-    dev = next(vae.parameters()).device
-    scaling = float(vae.config.scaling_factor)
-    os.makedirs(cache_dir, exist_ok=True)
-    stats, todo = _split_cached(entries, cache_dir, image_size, scaling)
+    dev, scaling, stats, todo = _prepare_cache(entries, vae, device, cache_dir, image_size)
     if not todo:
         return {e.name: stats[e.name] for e in entries}
 
@@ -448,12 +454,7 @@ def cache_latents_ref(entries: Sequence[ClassEntry], vae, *, cache_dir: str, ima
     after another, images read in this process (``num_workers`` is ignored) by
     :func:`~manifoldgd_fast.data.iter_class_images`, normalised on the CPU,
     encoded in batches of ``batch_size`` readable images."""
-    if device is not None:
-        vae.to(device)
-    dev = next(vae.parameters()).device
-    scaling = float(vae.config.scaling_factor)
-    os.makedirs(cache_dir, exist_ok=True)
-    stats, todo = _split_cached(entries, cache_dir, image_size, scaling)
+    dev, scaling, stats, todo = _prepare_cache(entries, vae, device, cache_dir, image_size)
     use_autocast = dev.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
     for e in todo:
         t0 = time.perf_counter()

@@ -262,19 +262,26 @@ def tiny_dit_config(num_classes: int = 10, sample_size: int = 8, in_channels: in
     return cfg
 
 
+def seeded_init(make, seed: int | None = 0):
+    """``make()`` (a module constructor) under ``seed``, without touching the global RNG; eval mode.
+
+    ``seed`` makes the weights reproducible (None: torch's current RNG).
+    """
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = make()
+    return model.eval()
+
+
 def build_dit(config: dict[str, Any], seed: int | None = 0):
     """A random-init ``DiTTransformer2DModel`` (eval mode) from ``config``.
 
-    ``seed`` makes the weights reproducible (None: torch's current RNG).
     Note: diffusers zero-initialises nothing here, so outputs are non-trivial.
     """
     from diffusers import DiTTransformer2DModel
 
-    with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.manual_seed(seed)
-        model = DiTTransformer2DModel(**config)
-    return model.eval()
+    return seeded_init(lambda: DiTTransformer2DModel(**config), seed)
 
 
 def tiny_vae_config(sample_size: int = 16, latent_channels: int = 4,
@@ -294,11 +301,7 @@ def build_vae(config: dict[str, Any], seed: int | None = 0):
     """A random-init ``AutoencoderKL`` (eval mode) from ``config``."""
     from diffusers import AutoencoderKL
 
-    with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.manual_seed(seed)
-        vae = AutoencoderKL(**config)
-    return vae.eval()
+    return seeded_init(lambda: AutoencoderKL(**config), seed)
 
 
 def save_pretrained_folder(model, folder: str) -> str:

@@ -161,9 +161,8 @@ def _check_class(rcfg: DistillConfig, name: str, n: int) -> None:
 
 def distill_class(rcfg: DistillConfig, ctx: dict, name: str, label: int, z: torch.Tensor, progress=None):
     """Sample the IPC images of one class. Returns (uint8 images (ipc,H,W,3), latents (ipc,C,h,w), stats)."""
-    from . import modes as modes_mod
     from .cgs import CGS
-    from .guidance import Guidance
+    from .guidance import Guidance, paper_neighbourhoods
     from .sampler import sample
     from .schedule import make_schedule
 
@@ -177,10 +176,7 @@ def distill_class(rcfg: DistillConfig, ctx: dict, name: str, label: int, z: torc
     t_modes = time.perf_counter() - t0
     paper_kw = {}
     if rcfg.method == "manifoldgd" and rcfg.formulation == "paper":
-        zf = z.flatten(1)
-        order, dists = modes_mod.neighbourhood_order(zf, modes.flatten(1))
-        radii = modes_mod.class_radii(dists, rcfg.r_min, rcfg.r_max, rcfg.radius_units)
-        paper_kw = dict(class_latents=zf, order=order, sorted_dists=dists, radii=radii)
+        paper_kw = paper_neighbourhoods(rcfg, z, modes)
     cgs = CGS(z.mean(0), eta_dpp=rcfg.eta_dpp, eta_dm=rcfg.eta_dm, eps=rcfg.dpp_eps) if rcfg.cgs else None
 
     if (label + 1) * rcfg.ipc > 2 ** 32:

@@ -25,7 +25,7 @@ import torch
 
 from .config import check_prompt_template
 from .errors import ModelError
-from .models import _cached_snapshot, _first_line, _load_from_folder
+from .models import _cached_snapshot, _first_line, _load_from_folder, seeded_init
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer")
 LAYOUT = "SD 1.5 diffusers layout: unet/, vae/, text_encoder/, tokenizer/, scheduler/"
@@ -365,22 +365,14 @@ def build_sd_unet(config: dict[str, Any], seed: int | None = 0):
     """A random-init ``UNet2DConditionModel`` (eval mode)."""
     from diffusers import UNet2DConditionModel
 
-    with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**config)
-    return unet.eval()
+    return seeded_init(lambda: UNet2DConditionModel(**config), seed)
 
 
 def build_clip_text_encoder(config: dict[str, Any], seed: int | None = 0):
     """A random-init ``CLIPTextModel`` (eval mode)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.manual_seed(seed)
-        model = CLIPTextModel(CLIPTextConfig(**config))
-    return model.eval()
+    return seeded_init(lambda: CLIPTextModel(CLIPTextConfig(**config)), seed)
 
 
 def save_sd_folder(folder: str, *, unet, vae, text_encoder, tokenizer,

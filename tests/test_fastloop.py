@@ -11,11 +11,10 @@ import pytest
 import torch
 from conftest import requires_cuda
 
-from manifoldgd_fast import modes as modes_mod
 from manifoldgd_fast.config import DistillConfig
 from manifoldgd_fast.errors import ConfigError
 from manifoldgd_fast.fastloop import FastSampler, predraw_noise
-from manifoldgd_fast.guidance import Guidance
+from manifoldgd_fast.guidance import Guidance, paper_neighbourhoods
 from manifoldgd_fast.models import build_dit, tiny_dit_config
 from manifoldgd_fast.profile import profiling
 from manifoldgd_fast.sampler import Sampling, sample
@@ -46,9 +45,7 @@ def _setup(model, *, method="manifoldgd", formulation="official", sampler="ddpm"
     modes = lat[:B] + 0.1 * torch.randn(B, 256, generator=g, device=device)
     kw = {}
     if formulation == "paper" and method == "manifoldgd":
-        order, dists = modes_mod.neighbourhood_order(lat, modes)
-        kw = dict(class_latents=lat, order=order, sorted_dists=dists,
-                  radii=modes_mod.class_radii(dists, cfg.r_min, cfg.r_max, cfg.radius_units))
+        kw = paper_neighbourhoods(cfg, lat, modes)
     y = torch.tensor([0, 2, 1, 0, 1][:B], device=device)
 
     def fresh():

@@ -9,7 +9,7 @@ from test_ops import spec_manifold_correct, spec_manifold_pull
 from manifoldgd_fast import modes as modes_mod
 from manifoldgd_fast import ops
 from manifoldgd_fast.config import DistillConfig
-from manifoldgd_fast.guidance import Guidance, kernel_phi_official, mode_grad_paper
+from manifoldgd_fast.guidance import Guidance, kernel_phi_official, mode_grad_paper, paper_neighbourhoods
 from manifoldgd_fast.models import build_dit, tiny_dit_config
 from manifoldgd_fast.sampler import cfg_forward, sample
 from manifoldgd_fast.schedule import linear_betas, make_schedule, space_timesteps
@@ -310,10 +310,7 @@ def test_step_guidance_in_a_diffusers_loop_equals_our_sampler(model, formulation
     gens = [torch.Generator().manual_seed(derive_seed(3, "sample", b)) for b in range(B)]
     kw = {}
     if formulation == "paper":
-        zf = lat.flatten(1)
-        order, dists = modes_mod.neighbourhood_order(zf, modes.flatten(1))
-        kw = dict(class_latents=zf, order=order, sorted_dists=dists,
-                  radii=modes_mod.class_radii(dists, cfg.r_min, cfg.r_max, cfg.radius_units))
+        kw = paper_neighbourhoods(cfg, lat, modes)
     ours = sample(model, s, x_T, y, null_class=NULL, formulation=formulation, generators=gens,
                   guidance=Guidance(cfg, s, modes, gens, **kw))
     plain = sample(model, s, x_T, y, null_class=NULL, generators=gens)

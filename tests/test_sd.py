@@ -15,7 +15,7 @@ from manifoldgd_fast import sd as SD
 from manifoldgd_fast.cli import main
 from manifoldgd_fast.config import derive_seed
 from manifoldgd_fast.errors import ConfigError, ModelError
-from manifoldgd_fast.guidance import Guidance, is_guided
+from manifoldgd_fast.guidance import Guidance, is_guided, paper_neighbourhoods
 from manifoldgd_fast.models import dit_info, model_family
 from manifoldgd_fast.sampler import sample
 from manifoldgd_fast.schedule import Schedule, make_schedule
@@ -248,12 +248,7 @@ def test_guided_and_unguided_steps_differ_only_before_t_stop(denoiser, formulati
     gens = [torch.Generator().manual_seed(derive_seed(0, "sample", b)) for b in range(B)]
     kw = {}
     if formulation == "paper":
-        from manifoldgd_fast import modes as modes_mod
-
-        zf = lat.flatten(1)
-        order, dists = modes_mod.neighbourhood_order(zf, modes.flatten(1))
-        kw = dict(class_latents=zf, order=order, sorted_dists=dists,
-                  radii=modes_mod.class_radii(dists, cfg.r_min, cfg.r_max, cfg.radius_units))
+        kw = paper_neighbourhoods(cfg, lat, modes)
     x_T = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     y = torch.tensor([1, 1])
     run = dict(null_class=2, cfg_scale=cfg.cfg_scale, cfg_channels=cfg.cfg_channels, formulation=formulation)
@@ -309,10 +304,7 @@ def test_cache_modes_and_guidance_at_4x64x64(tmp_path):
         modes = modes.view(B, 4, 64, 64)
         kw = {}
         if formulation == "paper":
-            zf = z.flatten(1)
-            order, dists = modes_mod.neighbourhood_order(zf, modes.flatten(1))
-            kw = dict(class_latents=zf, order=order, sorted_dists=dists,
-                      radii=modes_mod.class_radii(dists, cfg.r_min, cfg.r_max, cfg.radius_units))
+            kw = paper_neighbourhoods(cfg, z, modes)
         gens = [torch.Generator().manual_seed(b) for b in range(B)]
         out = sample(Stub(), s, x_T, y, null_class=1, cfg_scale=7.5, cfg_channels="all", formulation=formulation,
                      guidance=Guidance(cfg, s, modes, gens, **kw), generators=gens)
