@@ -1,8 +1,9 @@
 """Triton kernels (and the loader of the optional CUDA C++ ones), imported as ``manifoldgd_fast.kernels``.
 
-Nothing here is imported by the reference path; ``manifoldgd_fast.ops`` is the
-only door to these kernels, and it imports the kernel modules lazily, so
-``import manifoldgd_fast`` never needs Triton, a GPU or a CUDA toolchain.
+Nothing here is imported by the reference path; ``manifoldgd_fast.ops`` (with
+its helpers ``dispatch`` and ``noise``) is the only door to these kernels, and it
+imports the kernel modules lazily, so ``import manifoldgd_fast`` never needs
+Triton, a GPU or a CUDA toolchain.
 
 Modules (the public functions, their checks and references live in ``ops.py``):
 

@@ -3,7 +3,7 @@
 Every kernel that needs a Gaussian draws it through :func:`normal_tile`, and the
 standalone :func:`philox_normal` materialises the same numbers with the same
 helper, so a kernel's in-register noise and its materialisation are bit-identical
-on one device. The layout (also in ``manifoldgd_fast.ops``):
+on one device. The layout (also in ``manifoldgd_fast.noise``):
 
     key      (k0, k1) = (seed mod 2^32, seed >> 32),   0 <= seed < 2^63
     counter  c0 = col // 4     column quad

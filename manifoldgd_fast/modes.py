@@ -2,7 +2,7 @@
 
 Every function takes the class's latents ``z`` as an (n, D) float tensor
 (flattened VAE latents; ``discover_modes`` also flattens (n, C, H, W)) and
-returns modes on ``z``'s device. The methods:
+returns modes on ``z``'s device. The methods (``discover_modes`` dispatches):
 
 - ``kmeans``               -- Lloyd with k-means++ seeding (MGD3's modes);
 - ``divisive_official``    -- the released ManifoldGD rule: bisect the
@@ -13,9 +13,12 @@ returns modes on ``z``'s device. The methods:
                               up to the root, then random leaves;
 - ``gmm_modes``, ``random_modes``, ``agglomerative_modes`` -- baselines.
 
-Paper formulation neighbourhoods and radius annealing live here too:
-``neighbourhood_order``, ``class_radii``, ``anneal_radius``,
-``patch_lengths``.
+This module is the entry point: ``discover_modes``, the GMM and random
+baselines, and the paper formulation's neighbourhoods and radius annealing
+(``neighbourhood_order``, ``class_radii``, ``anneal_radius``,
+``patch_lengths``). The hierarchical methods (both divisive trees,
+agglomerative) live in ``modes_tree``; k-means, with the input checks and
+helpers every method shares, in ``_modes_common``. All are importable from here.
 
 Randomness: every random draw comes from a CPU ``torch.Generator`` seeded by
 an explicit integer ``seed`` (indices are drawn on the CPU, then moved), so a
@@ -29,7 +32,12 @@ import math
 import torch
 from torch import Tensor
 
+# _lloyd and _paper_tree are imported only to stay importable from here (tests/test_modes.py)
+from ._modes_common import (LINKAGES, MODE_POINTS, _as_latents, _centre_medoids, _choice, _generator, _int,
+                            _lloyd, _seed, _sq_dists, kmeans)
 from .errors import ConfigError, DataError
+from .modes_tree import (_paper_tree, agglomerative, agglomerative_modes, bisecting_tree, divisive_official,
+                         divisive_paper)
 
 __all__ = [
     "kmeans",
@@ -49,8 +57,6 @@ __all__ = [
 
 MODE_METHODS = ("kmeans", "divisive", "gmm", "random", "agglomerative")
 FORMULATIONS = ("official", "paper")
-MODE_POINTS = ("mean", "medoid")
-LINKAGES = ("ward", "average", "complete", "single")
 RADIUS_SCHEDULES = ("exponential", "cosine", "linear", "constant")
 RADIUS_UNITS = ("quantile", "absolute")
 
@@ -59,397 +65,7 @@ _VAR_FLOOR = 1e-6    # diagonal variance floor of the GMM
 
 
 # ----------------------------------------------------------------------------
-# checks and small helpers
-# ----------------------------------------------------------------------------
-def _as_latents(z, name: str = "z") -> Tensor:
-    """(n, ...) tensor -> (n, D) float tensor in the working dtype."""
-    if not isinstance(z, Tensor):
-        raise DataError(f"{name} must be a torch.Tensor of latents, got {type(z).__name__}")
-    if z.dim() < 2:
-        raise DataError(f"{name} must be (n, D) or (n, C, H, W) latents, got shape {tuple(z.shape)}")
-    if z.shape[0] == 0:
-        raise DataError(f"{name}: the class has no latents")
-    x = z.reshape(z.shape[0], -1)
-    if x.shape[1] == 0:
-        raise DataError(f"{name}: latents have zero features, shape {tuple(z.shape)}")
-    # float64 stays float64 (exact ties in tests); everything else runs in float32.
-    x = x if x.dtype == torch.float64 else x.float()
-    if not bool(torch.isfinite(x).all()):
-        raise DataError(f"{name}: latents contain NaN or inf")
-    return x.contiguous()
-
-
-def _int(v, name: str, minimum: int) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {v!r}")
-    return v
-
-
-def _seed(seed) -> int:
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ConfigError(f"seed must be an integer, got {seed!r}")
-    return seed
-
-
-def _choice(v, name: str, allowed) -> str:
-    if v not in allowed:
-        raise ConfigError(f"{name}: unknown value {v!r}; choose one of {', '.join(allowed)}")
-    return v
-
-
-def _generator(seed: int) -> torch.Generator:
-    # manual_seed takes [-2^63, 2^64); fold anything else into range.
-    return torch.Generator(device="cpu").manual_seed(seed % (1 << 64))
-
-
-def _sq_dists(a: Tensor, b: Tensor, a_sq: Tensor | None = None) -> Tensor:
-    """Squared Euclidean distances (m, D) x (k, D) -> (m, k), clamped at 0.
-
-    The expansion ||a||^2 - 2 a.b + ||b||^2 is one matmul, which is what makes
-    k-means on 4096-dim latents cheap; the clamp removes the rounding below 0.
-    """
-    if a_sq is None:
-        a_sq = (a * a).sum(1)
-    d2 = a_sq[:, None] - 2.0 * (a @ b.T) + (b * b).sum(1)[None, :]
-    return d2.clamp_min_(0.0)
-
-
-def _medoid(x: Tensor, idx: Tensor, centre: Tensor) -> Tensor:
-    """The row of ``x[idx]`` closest to ``centre`` (D,); ties to the first."""
-    d2 = ((x[idx] - centre) ** 2).sum(1)  # (len(idx),) exact differences: few rows
-    return x[idx[int(torch.argmin(d2))]]
-
-
-def _centre_medoids(x: Tensor, centres: Tensor, labels: Tensor) -> Tensor:
-    """For each centre (k, D), its cluster member closest to it: (k, D).
-
-    A cluster left empty (only with duplicate latents, where centres
-    coincide) takes the closest latent overall instead.
-    """
-    out = []
-    for c in range(centres.shape[0]):
-        members = torch.nonzero(labels == c)[:, 0]
-        if members.numel() == 0:
-            members = torch.arange(x.shape[0], device=x.device)
-        out.append(_medoid(x, members, centres[c]))
-    return torch.stack(out)
-
-
-def _set_modes(x: Tensor, index_sets: list[Tensor], mode_point: str) -> Tensor:
-    """Mean or medoid of each index set, stacked: (len(index_sets), D)."""
-    out = []
-    for idx in index_sets:
-        mu = x[idx].mean(0)
-        out.append(mu if mode_point == "mean" else _medoid(x, idx, mu))
-    return torch.stack(out)
-
-
-# ----------------------------------------------------------------------------
-# k-means
-# ----------------------------------------------------------------------------
-def _kmeans_pp(x: Tensor, x_sq: Tensor, k: int, gen: torch.Generator) -> Tensor:
-    """Greedy k-means++ seeding (Arthur & Vassilvitskii; sklearn's default): (k, D).
-
-    Each new centre is the best of ``2 + floor(ln k)`` candidates sampled
-    prop. to D^2 (the one that lowers the total D^2 most); a single candidate
-    per centre too often puts two centres in one blob.
-    """
-    n = x.shape[0]
-    trials = 2 + int(math.log(k)) if k > 1 else 1
-    first = int(torch.randint(n, (1,), generator=gen))
-    centres = [x[first]]
-    closest = _sq_dists(x, x[first][None], x_sq)[:, 0]  # (n,)
-    for _ in range(1, k):
-        w = closest.double().cpu()
-        total = float(w.sum())
-        if total > 0.0:
-            cand = torch.multinomial(w / total, trials, replacement=True, generator=gen)
-        else:  # every point sits on a chosen centre (duplicates): any point will do
-            cand = torch.randint(n, (trials,), generator=gen)
-        cand = cand.to(x.device)
-        d_cand = torch.minimum(closest[None, :], _sq_dists(x[cand], x, x_sq[cand]))  # (trials, n)
-        best = int(torch.argmin(d_cand.sum(1)))                                    # first on ties
-        centres.append(x[cand[best]])
-        closest = d_cand[best]
-    return torch.stack(centres)
-
-
-def _lloyd(x: Tensor, x_sq: Tensor, centres: Tensor, iters: int, tol: float) -> tuple[Tensor, Tensor, float]:
-    """Lloyd iterations from ``centres`` (k, D); returns centres, labels (n,), inertia."""
-    k = centres.shape[0]
-    for _ in range(iters):
-        d2 = _sq_dists(x, centres, x_sq)                     # (n, k)
-        mind, labels = d2.min(1)
-        counts = torch.bincount(labels, minlength=k)          # (k,)
-        # cluster sums as one (k, n) @ (n, D) matmul: fast on CPU (index_add_ is a serial
-        # scatter there) and deterministic on CUDA (index_add_ uses atomics)
-        new = torch.nn.functional.one_hot(labels, k).to(x.dtype).T @ x
-        new /= counts.clamp_min(1).to(x.dtype)[:, None]
-        empty = counts == 0
-        n_empty = int(empty.sum())
-        if n_empty:
-            # Re-seed empty clusters with the points farthest from their centre
-            # (sklearn's rule): they are the worst-explained points.
-            far = torch.argsort(mind, descending=True, stable=True)[:n_empty]
-            new[empty] = x[far]
-        shift = float(((new - centres) ** 2).sum())
-        centres = new
-        if shift <= tol:
-            break
-    d2 = _sq_dists(x, centres, x_sq)
-    mind, labels = d2.min(1)
-    return centres, labels, float(mind.sum())
-
-
-def kmeans(z: Tensor, k: int, *, seed: int, iters: int = 100, tol: float = 1e-6,
-           n_init: int = 1) -> tuple[Tensor, Tensor]:
-    """k-means (Lloyd, k-means++ seeding), best of ``n_init`` runs by inertia.
-
-    Args:
-        z: (n, D) latents.
-        k: number of clusters, 1 <= k <= n.
-        seed: seeds the CPU generator of all ``n_init`` seedings.
-        iters: maximum Lloyd iterations per run.
-        tol: stop when the squared centre shift falls below
-            ``tol * mean per-feature variance`` (sklearn's relative rule).
-        n_init: independent runs; the lowest inertia wins (first on ties).
-    Returns:
-        centres (k, D) and labels (n,) long, on ``z``'s device.
-    """
-    x = _as_latents(z)
-    n = x.shape[0]
-    _int(k, "k", 1)
-    if k > n:
-        raise DataError(f"k-means: k={k} clusters but only {n} latents")
-    _int(iters, "iters", 1)
-    _int(n_init, "n_init", 1)
-    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
-        raise ConfigError(f"tol must be a number >= 0, got {tol!r}")
-    gen = _generator(_seed(seed))
-    x_sq = (x * x).sum(1)
-    tol_abs = tol * float(x.var(0, unbiased=False).mean()) if n > 1 else 0.0
-    best = None
-    for _ in range(n_init):
-        centres = _kmeans_pp(x, x_sq, k, gen)
-        run = _lloyd(x, x_sq, centres, iters, tol_abs)
-        if best is None or run[2] < best[2]:
-            best = run
-    return best[0], best[1]
-
-
-# ----------------------------------------------------------------------------
-# divisive, official formulation (released sample_new.py)
-# ----------------------------------------------------------------------------
-def _bisect(x: Tensor, idx: Tensor, gen: torch.Generator, n_init: int, iters: int) -> tuple[Tensor, Tensor]:
-    """Split the index set ``idx`` (>= 2 points) by 2-means into (left, right)."""
-    sub_seed = int(torch.randint(1 << 31, (1,), generator=gen))
-    _, labels = kmeans(x[idx], 2, seed=sub_seed, n_init=n_init, iters=iters)
-    left, right = idx[labels == 0], idx[labels == 1]
-    if left.numel() == 0 or right.numel() == 0:
-        # 2-means could not separate (duplicate points): random balanced halves.
-        perm = torch.randperm(idx.numel(), generator=gen).to(idx.device)
-        shuffled = idx[perm]
-        mid = idx.numel() // 2
-        left, right = shuffled[:mid], shuffled[mid:]
-    return left, right
-
-
-def _sse(x: Tensor, idx: Tensor) -> float:
-    if idx.numel() <= 1:
-        return 0.0
-    pts = x[idx]
-    return float(((pts - pts.mean(0)) ** 2).sum())
-
-
-def bisecting_tree(z: Tensor, n_leaves: int, *, seed: int, n_init: int = 10,
-                   iters: int = 100) -> tuple[list[Tensor], list[int]]:
-    """Grow the released bisecting tree until it has ``n_leaves`` leaves.
-
-    Repeatedly pops the leaf with the largest SSE (first one on ties), splits
-    it by 2-means (``n_init`` restarts, seeds drawn from a generator seeded by
-    ``seed``) and appends the children at the end. A leaf of one point cannot
-    be split: it goes back to the end, and growth stops if every leaf has one
-    point.
-
-    Args:
-        z: (n, D) latents.
-        n_leaves: target number of leaves (>= 1).
-    Returns:
-        leaves: list of (n_j,) long index sets into ``z``, in tree order
-            (disjoint, covering all rows);
-        depths: their depths (root = 0).
-        May hold fewer than ``n_leaves`` leaves when n < n_leaves.
-    """
-    x = _as_latents(z)
-    _int(n_leaves, "n_leaves", 1)
-    _int(n_init, "n_init", 1)
-    gen = _generator(_seed(seed))
-    leaves = [torch.arange(x.shape[0], device=x.device)]
-    depths = [0]
-    sses = [_sse(x, leaves[0])]
-    while len(leaves) < n_leaves:
-        j = max(range(len(sses)), key=lambda i: (sses[i], -i))  # first max
-        idx, depth, sse = leaves.pop(j), depths.pop(j), sses.pop(j)
-        if idx.numel() <= 1:
-            leaves.append(idx)
-            depths.append(depth)
-            sses.append(sse)
-            if all(leaf.numel() <= 1 for leaf in leaves):
-                break
-            continue
-        for child in _bisect(x, idx, gen, n_init, iters):  # left, then right
-            leaves.append(child)
-            depths.append(depth + 1)
-            sses.append(_sse(x, child))
-    return leaves, depths
-
-
-def _level_sweep(depths: list[int], count: int, level: int, gen: torch.Generator) -> list[int]:
-    """Positions of ``count`` leaves in level-sweep order (released rule).
-
-    From depth ``level - 1`` (level 1 = root) down to the deepest, take one
-    random unused leaf per depth; fill the rest from the deepest depth up.
-    """
-    by_depth: dict[int, list[int]] = {}
-    for pos, d in enumerate(depths):
-        by_depth.setdefault(d, []).append(pos)
-    max_depth = max(depths)
-    picked: list[int] = []
-    used: set[int] = set()
-    for d in range(min(max(0, level - 1), max_depth), max_depth + 1):
-        pool = [p for p in by_depth.get(d, []) if p not in used]
-        if not pool:
-            continue
-        p = pool[int(torch.randint(len(pool), (1,), generator=gen))]
-        picked.append(p)
-        used.add(p)
-        if len(picked) == count:
-            return picked
-    for d in range(max_depth, -1, -1):
-        if len(picked) == count:
-            break
-        pool = [p for p in by_depth.get(d, []) if p not in used]
-        order = torch.randperm(len(pool), generator=gen).tolist()
-        take = [pool[i] for i in order[: count - len(picked)]]
-        picked.extend(take)
-        used.update(take)
-    return picked
-
-
-def divisive_official(z: Tensor, ipc: int, *, level: int, seed: int, mode_point: str = "medoid",
-                      n_init: int = 10, iters: int = 100) -> Tensor:
-    """The released ManifoldGD modes: bisecting tree + level sweep (SPEC 2).
-
-    Args:
-        z: (n, D) latents of one class.
-        ipc: number of modes (= leaves of the tree).
-        level: 1-based start level of the sweep (1 = root; released: 6 for
-            ImageNette/ImageWoof, 1 for ImageNet-100/1k); 0 acts as 1.
-        seed: seeds the tree's 2-means and, separately, the sweep.
-        mode_point: "medoid" (the member latent closest to the leaf mean, the
-            released default) or "mean".
-        n_init: 2-means restarts per split.
-    Returns:
-        (ipc, D) modes in sweep order. With ipc leaves every leaf is used
-        once; the sweep only orders them.
-    """
-    x = _as_latents(z)
-    _int(ipc, "ipc", 1)
-    _int(level, "level", 0)
-    _choice(mode_point, "mode_point", MODE_POINTS)
-    leaves, depths = bisecting_tree(x, ipc, seed=seed, n_init=n_init, iters=iters)
-    if len(leaves) < ipc:
-        raise DataError(f"only {len(leaves)} distinct latents, fewer than ipc={ipc}")
-    # A fresh generator with the same seed, as the released code builds a
-    # second RandomState(random_state) for the sweep.
-    order = _level_sweep(depths, ipc, level, _generator(seed))
-    return _set_modes(x, [leaves[p] for p in order], mode_point)
-
-
-# ----------------------------------------------------------------------------
-# divisive, paper formulation (levelwise)
-# ----------------------------------------------------------------------------
-def _paper_tree(x: Tensor, max_depth: int, min_leaf: int, gen: torch.Generator, n_init: int,
-                iters: int) -> tuple[list[Tensor], list[int], list[bool]]:
-    """Full bisecting tree grown level by level; nodes in breadth-first id order.
-
-    Returns per node: index set, level, and whether it is a leaf.
-    """
-    nodes = [torch.arange(x.shape[0], device=x.device)]
-    levels = [0]
-    has_children = [False]
-    frontier = [0]
-    threshold = max(2, min_leaf)
-    for level in range(max_depth):
-        nxt = []
-        for nid in frontier:
-            if nodes[nid].numel() < threshold:
-                continue
-            for child in _bisect(x, nodes[nid], gen, n_init, iters):
-                nxt.append(len(nodes))
-                nodes.append(child)
-                levels.append(level + 1)
-                has_children.append(False)
-            has_children[nid] = True
-        if not nxt:
-            break
-        frontier = nxt
-    return nodes, levels, [not c for c in has_children]
-
-
-def divisive_paper(z: Tensor, ipc: int, *, start_level: int, seed: int, max_depth: int | None = None,
-                   min_leaf: int = 2, mode_point: str = "mean", n_init: int = 10,
-                   iters: int = 100) -> Tensor:
-    """The paper's levelwise divisive modes (SPEC 2, paper formulation).
-
-    Tree: the root (level 0) holds every latent; each node with at least
-    ``max(2, min_leaf)`` points is split by 2-means, level by level, down to
-    ``max_depth`` (default ``max(start_level, ceil(log2(max(ipc, 2)))) + 1``).
-    Selection: for levels ``start_level, ..., 0`` take the most populous
-    node of that level (ties: lower node id; missing levels are skipped),
-    then fill up with leaves not yet taken, drawn uniformly without
-    replacement.
-
-    Args:
-        z: (n, D) latents of one class.
-        ipc: number of modes.
-        start_level: L (SPEC default 3 for <= 10 classes, 2 otherwise).
-        seed: seeds the 2-means splits and the leaf draw.
-        mode_point: "mean" (the paper's centroid) or "medoid".
-    Returns:
-        (ipc, D) modes: the level picks (deepest first), then the leaves.
-    """
-    x = _as_latents(z)
-    _int(ipc, "ipc", 1)
-    _int(start_level, "start_level", 0)
-    if max_depth is None:
-        max_depth = max(start_level, math.ceil(math.log2(max(ipc, 2)))) + 1
-    _int(max_depth, "max_depth", 0)
-    _int(min_leaf, "min_leaf", 1)
-    _choice(mode_point, "mode_point", MODE_POINTS)
-    gen = _generator(_seed(seed))
-    nodes, levels, is_leaf = _paper_tree(x, max_depth, min_leaf, gen, n_init, iters)
-
-    picked: list[int] = []
-    for level in range(start_level, -1, -1):
-        cands = [i for i, lv in enumerate(levels) if lv == level]
-        if cands:  # max over (size, -id): most populous, lower id on ties
-            picked.append(max(cands, key=lambda i: (nodes[i].numel(), -i)))
-    picked = picked[:ipc]
-    if len(picked) < ipc:
-        taken = set(picked)
-        pool = [i for i in range(len(nodes)) if is_leaf[i] and i not in taken]
-        need = ipc - len(picked)
-        if len(pool) < need:
-            raise DataError(f"the divisive tree yields only {len(picked) + len(pool)} nodes, "
-                            f"fewer than ipc={ipc} (class has {x.shape[0]} latents)")
-        order = torch.randperm(len(pool), generator=gen)[:need].tolist()
-        picked.extend(pool[i] for i in order)
-    return _set_modes(x, [nodes[i] for i in picked], mode_point)
-
-
-# ----------------------------------------------------------------------------
-# baselines: GMM, random, agglomerative
+# baselines: GMM, random (agglomerative: modes_tree)
 # ----------------------------------------------------------------------------
 def _gmm_m_step(x: Tensor, x2: Tensor, resp: Tensor, prev: tuple[Tensor, Tensor] | None):
     """Weights (k,), means (k, D), diagonal variances (k, D) from responsibilities (n, k)."""
@@ -514,64 +130,6 @@ def random_modes(z: Tensor, k: int, *, seed: int) -> Tensor:
         raise DataError(f"random modes: k={k} but only {x.shape[0]} latents")
     idx = torch.randperm(x.shape[0], generator=_generator(_seed(seed)))[:k]
     return x[idx.to(x.device)]
-
-
-def agglomerative(z: Tensor, k: int, *, linkage: str = "ward") -> Tensor:
-    """Bottom-up clustering cut at k clusters; labels (n,) long.
-
-    Lance-Williams updates on the full n x n matrix (O(n^2) memory, n merges
-    of an O(n^2) argmin): ward works on squared Euclidean distances (the
-    merge order of sklearn's / scipy's ward), average, complete and single on
-    Euclidean ones. All four are monotone, so stopping after n - k merges is
-    the same as cutting the full dendrogram at k clusters. Clusters are
-    numbered by their smallest member index.
-    """
-    x = _as_latents(z)
-    n = x.shape[0]
-    _int(k, "k", 1)
-    if k > n:
-        raise DataError(f"agglomerative: k={k} clusters but only {n} latents")
-    _choice(linkage, "linkage", LINKAGES)
-    d = _sq_dists(x, x)
-    if linkage != "ward":
-        d = d.sqrt_()
-    d.fill_diagonal_(math.inf)
-    size = torch.ones(n, dtype=x.dtype, device=x.device)
-    # The surviving id of a merge is the smaller one, so a cluster's id is
-    # always its smallest member index.
-    label = torch.arange(n, device=x.device)
-    for _ in range(n - k):
-        flat = int(torch.argmin(d))           # first minimum: deterministic ties
-        i, j = divmod(flat, n)
-        i, j = min(i, j), max(i, j)
-        di, dj, dij = d[i], d[j], d[i, j]
-        ni, nj = size[i], size[j]
-        if linkage == "single":
-            new = torch.minimum(di, dj)
-        elif linkage == "complete":
-            new = torch.maximum(di, dj)
-        elif linkage == "average":
-            new = (ni * di + nj * dj) / (ni + nj)
-        else:  # ward on squared distances; inactive columns stay inf
-            new = ((ni + size) * di + (nj + size) * dj - size * dij) / (ni + nj + size)
-        new[i] = math.inf
-        new[j] = math.inf
-        d[i, :] = new
-        d[:, i] = new
-        d[j, :] = math.inf
-        d[:, j] = math.inf
-        size[i] = ni + nj
-        label[label == j] = i
-    return torch.unique(label, sorted=True, return_inverse=True)[1]
-
-
-def agglomerative_modes(z: Tensor, k: int, *, linkage: str = "ward", mode_point: str = "mean") -> Tensor:
-    """Means (or medoids) of the k agglomerative clusters, ordered by their
-    smallest member index: (k, D)."""
-    x = _as_latents(z)
-    _choice(mode_point, "mode_point", MODE_POINTS)
-    labels = agglomerative(x, k, linkage=linkage)
-    return _set_modes(x, [torch.nonzero(labels == c)[:, 0] for c in range(k)], mode_point)
 
 
 # ----------------------------------------------------------------------------
