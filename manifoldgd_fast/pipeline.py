@@ -159,24 +159,78 @@ def _check_class(rcfg: DistillConfig, name: str, n: int) -> None:
             raise ConfigError(f"--k {rcfg.k} is larger than the patch (--cloud-size {rcfg.cloud_size})")
 
 
-def distill_class(rcfg: DistillConfig, ctx: dict, name: str, label: int, z: torch.Tensor, progress=None):
-    """Sample the IPC images of one class. Returns (uint8 images (ipc,H,W,3), latents (ipc,C,h,w), stats)."""
+@dataclass
+class ClassInputs:
+    """What sampling a class needs besides the models: its latents on the device, its modes and,
+    for the paper formulation, each mode's neighbourhood (``Guidance`` keyword arguments)."""
+
+    z: torch.Tensor
+    modes: torch.Tensor | None
+    paper_kw: dict
+    seconds: float
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.z, self.modes, *self.paper_kw.values()) if isinstance(t, torch.Tensor)]
+
+
+def class_inputs(rcfg: DistillConfig, ctx: dict, name: str, z: torch.Tensor) -> ClassInputs:
+    """Latents z (n, C, h, w) of a class -> its :class:`ClassInputs` (mode discovery happens here)."""
+    from .guidance import paper_neighbourhoods
+
+    t0 = time.perf_counter()
+    z = z.to(ctx["device"]).float()
+    guided = rcfg.method in ("manifoldgd", "mgd3")
+    with phase("modes"):
+        modes = class_modes(rcfg, name, z) if guided else None
+    paper_kw = {}
+    if rcfg.method == "manifoldgd" and rcfg.formulation == "paper":
+        paper_kw = paper_neighbourhoods(rcfg, z, modes)
+    return ClassInputs(z, modes, paper_kw, time.perf_counter() - t0)
+
+
+def _prefetched_inputs(rcfg: DistillConfig, ctx: dict, name: str) -> tuple[ClassInputs, Any]:
+    """class_inputs on a thread of its own: on CUDA on a side stream, returning the event that marks
+    its end (the sampling stream waits on it), so mode discovery of class c+1 overlaps sampling of c."""
+    from .latents import load_class_latents
+
+    z, _files = load_class_latents(ctx["cache"], name)
+    if ctx["device"].type != "cuda":
+        return class_inputs(rcfg, ctx, name, z), None
+    side = torch.cuda.Stream(ctx["device"])
+    with torch.cuda.stream(side):
+        inp = class_inputs(rcfg, ctx, name, z)
+        done = torch.cuda.Event()
+        done.record(side)
+    return inp, done
+
+
+def _receive(inp: ClassInputs, done) -> ClassInputs:
+    """Make a prefetched class's tensors safe to use on the current stream."""
+    if done is not None:
+        cur = torch.cuda.current_stream()
+        cur.wait_event(done)
+        for t in inp.tensors():
+            t.record_stream(cur)   # the allocator must not recycle them while this stream still reads them
+    return inp
+
+
+def distill_class(rcfg: DistillConfig, ctx: dict, name: str, label: int, z: torch.Tensor | None = None,
+                  progress=None, inputs: ClassInputs | None = None):
+    """Sample the IPC images of one class from its latents z (or its prepared ``inputs``).
+
+    Returns (uint8 images (ipc,H,W,3), latents (ipc,C,h,w), stats).
+    """
     from .cgs import CGS
-    from .guidance import Guidance, paper_neighbourhoods
+    from .guidance import Guidance
     from .sampler import sample
     from .schedule import make_schedule
 
     dev = ctx["device"]
     info = ctx["dit_info"]
+    inputs = inputs if inputs is not None else class_inputs(rcfg, ctx, name, z)
     t0 = time.perf_counter()
-    z = z.to(dev).float()
-    guided = rcfg.method in ("manifoldgd", "mgd3")
-    with phase("modes"):
-        modes = class_modes(rcfg, name, z) if guided else None
-    t_modes = time.perf_counter() - t0
-    paper_kw = {}
-    if rcfg.method == "manifoldgd" and rcfg.formulation == "paper":
-        paper_kw = paper_neighbourhoods(rcfg, z, modes)
+    z, modes, paper_kw, t_modes = inputs.z, inputs.modes, inputs.paper_kw, inputs.seconds
+    guided = modes is not None
     cgs = CGS(z.mean(0), eta_dpp=rcfg.eta_dpp, eta_dm=rcfg.eta_dm, eps=rcfg.dpp_eps) if rcfg.cgs else None
 
     if (label + 1) * rcfg.ipc > 2 ** 32:
@@ -215,7 +269,7 @@ def distill_class(rcfg: DistillConfig, ctx: dict, name: str, label: int, z: torc
         if progress is not None:
             progress.update(len(idx))
     latents = torch.cat(out_latents)
-    t_sample = time.perf_counter() - t0 - t_modes
+    t_sample = time.perf_counter() - t0
     with phase("vae_decode"):
         images = decode_latents(ctx["vae"], latents, rcfg.batch_size, ctx["dtype"])
     # variance across the class's samples of |x| at each step (population variance, as the paper plots it)
@@ -223,8 +277,13 @@ def distill_class(rcfg: DistillConfig, ctx: dict, name: str, label: int, z: torc
     stats = dict(label=label, n_latents=int(z.shape[0]), ipc=rcfg.ipc, seconds_modes=round(t_modes, 3),
                  trajectory_final_variance=round(float(var[-1]), 6),
                  trajectory_variance=[round(float(v), 6) for v in var],
-                 seconds_sampling=round(t_sample, 3), seconds_total=round(time.perf_counter() - t0, 3))
+                 seconds_sampling=round(t_sample, 3), seconds_total=round(time.perf_counter() - t0 + t_modes, 3))
     return images, latents.cpu(), stats
+
+
+# Overlap mode discovery of the next class with sampling on the CPU too (off: both compete for the same
+# cores there; tests switch it on to check that the overlap changes no byte).
+PREFETCH_ON_CPU = False
 
 
 def use_fast_loop(rcfg: DistillConfig, device: torch.device) -> bool:
@@ -286,8 +345,6 @@ def distill(config: DistillConfig | dict) -> DistillResult:
 def _distill(config: DistillConfig | dict, shard: Shard) -> DistillResult:
     from tqdm.auto import tqdm
 
-    from .latents import load_class_latents
-
     cfg = DistillConfig.from_dict(config) if isinstance(config, dict) else config
     cfg = with_demo_defaults(cfg.validate())
     ctx = prepare(cfg, shard=shard)
@@ -336,13 +393,23 @@ def _distill(config: DistillConfig | dict, shard: Shard) -> DistillResult:
             writer.write_class(name, images, latents if rcfg.save_latents else None, stats)
             write_manifest()
 
-    # Resizing, PNG encoding and writing of class c run on one background thread while class c+1
-    # samples; at most one class waits in memory, and a write error stops the run at the next class.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="manifoldgd-write") as pool:
-        pending = None
-        for e in todo:
-            z, _files = load_class_latents(ctx["cache"], e.name)
-            images, latents, stats = distill_class(rcfg, ctx, e.name, e.label, z, progress=bar)
+    # Two background threads around the sampling of class c: one loads the latents of class c+1 and
+    # discovers its modes (on CUDA on a side stream: the GPU interleaves it with the sampling), the
+    # other resizes, encodes and writes class c-1's PNGs. At most one class waits on either side;
+    # an error on either stops the run at the next class. Results do not depend on the overlap.
+    overlap = ctx["device"].type == "cuda" or PREFETCH_ON_CPU
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="manifoldgd-write") as pool, \
+            concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="manifoldgd-modes") as pre:
+        def prefetch(e):
+            if not overlap:
+                return None
+            return pre.submit(contextvars.copy_context().run, _prefetched_inputs, rcfg, ctx, e.name)
+
+        pending, ahead = None, prefetch(todo[0]) if todo else None
+        for k, e in enumerate(todo):
+            inputs = _receive(*ahead.result()) if ahead is not None else _prefetched_inputs(rcfg, ctx, e.name)[0]
+            ahead = prefetch(todo[k + 1]) if k + 1 < len(todo) else None
+            images, latents, stats = distill_class(rcfg, ctx, e.name, e.label, progress=bar, inputs=inputs)
             if e.name in ctx["prompts"]:
                 stats["prompt"] = ctx["prompts"][e.name]
             if pending is not None:

@@ -243,3 +243,27 @@ def test_attention_backend_math_matches_default(model, one_thread):
     assert ((got - want).norm() / want.norm()).item() < 1e-4
     with pytest.raises(ConfigError, match="--attention"):
         DistillConfig(attention="fast").validate()
+
+
+def test_overlapped_mode_discovery_writes_the_same_bytes(tiny_world, tmp_path, monkeypatch):
+    """Modes of class c+1 discovered on a background thread while class c samples: same bytes."""
+    from test_pipeline import _args, _digest
+
+    from manifoldgd_fast import pipeline
+    from manifoldgd_fast.cli import main
+
+    common = ["--formulation", "paper", "--guidance-noise", "philox"]
+    assert main(_args(tiny_world, tmp_path / "seq", *common)) == 0
+    threads = set()
+    real = pipeline.class_inputs
+
+    def spy(*a, **k):
+        import threading
+        threads.add(threading.current_thread().name)
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline, "PREFETCH_ON_CPU", True)
+    monkeypatch.setattr(pipeline, "class_inputs", spy)
+    assert main(_args(tiny_world, tmp_path / "overlap", *common)) == 0
+    assert threads and all(t.startswith("manifoldgd-modes") for t in threads)
+    assert _digest(tmp_path / "seq") == _digest(tmp_path / "overlap")
