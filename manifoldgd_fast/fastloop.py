@@ -39,6 +39,7 @@ import torch
 from .cgs import CGS
 from .errors import ConfigError
 from .guidance import Guidance
+from .profile import active as profiling_active
 from .profile import phase, step_done, suspended
 from .sampler import Sampling, _randn_like_per_sample, denoise_step, draws_noise
 
@@ -126,7 +127,8 @@ class FastSampler:
         run, dev = self.run, x_T.device
         noise = predraw_noise(run, tuple(x_T.shape[1:]), generators, dev)
         blocker = _graph_blocker(run, dev, guidance, cgs)
-        use_graph = self.cuda_graph if self.cuda_graph is not None else blocker is None
+        # auto: graphs unless a profiler is timing the phases (a replayed step cannot be split into them)
+        use_graph = self.cuda_graph if self.cuda_graph is not None else (blocker is None and not profiling_active())
         if use_graph and blocker is not None:
             raise ConfigError(f"--loop fast with CUDA graphs: {blocker}")
         if use_graph:

@@ -97,6 +97,11 @@ def phase(name: str):
     return prof.phase(name) if prof is not None else contextlib.nullcontext()
 
 
+def active() -> bool:
+    """Whether a profiler is timing phases now."""
+    return _ACTIVE.get() is not None
+
+
 def step_done() -> None:
     prof = _ACTIVE.get()
     if prof is not None:

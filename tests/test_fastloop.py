@@ -267,3 +267,19 @@ def test_overlapped_mode_discovery_writes_the_same_bytes(tiny_world, tmp_path, m
     assert main(_args(tiny_world, tmp_path / "overlap", *common)) == 0
     assert threads and all(t.startswith("manifoldgd-modes") for t in threads)
     assert _digest(tmp_path / "seq") == _digest(tmp_path / "overlap")
+
+
+def test_auto_graphs_step_aside_for_the_profiler(model, monkeypatch):
+    """Under an active profiler the auto mode runs eagerly, so every phase is timed."""
+    from manifoldgd_fast import fastloop
+
+    run, fresh = _setup(model, method="dit")
+    x_T, y, gens, _, _ = fresh()
+    monkeypatch.setattr(fastloop, "_graph_blocker", lambda *a: None)   # pretend CUDA
+    calls = []
+    monkeypatch.setattr(FastSampler, "_sample_graphed", lambda self, *a: calls.append("graph") or (x_T, None))
+    with profiling("cpu"):
+        FastSampler(run).sample(x_T, y, gens)
+    assert calls == []
+    FastSampler(run).sample(x_T, y, gens)
+    assert calls == ["graph"]
