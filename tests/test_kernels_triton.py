@@ -419,3 +419,26 @@ def test_fused_step_captures_in_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
+
+
+@pytest.mark.parametrize("formulation", ["paper", "official"])
+def test_fused_ops_at_sd_512px_width(formulation):
+    """D = 16,384 (Stable Diffusion's 4 x 64 x 64 latents at 512 px): the widest D the kernels take."""
+    B, n, D = 1, 24, 4 * 64 * 64
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(B, D, generator=gen).to(DEV)
+    if formulation == "paper":
+        lat = (torch.randn(n, D, generator=gen) * torch.linspace(2, 0.1, D)).to(DEV)
+        order = torch.randperm(n, generator=gen)[None].to(DEV)
+        lengths = torch.tensor([n], device=DEV)
+        g = torch.randn(B, D, generator=gen).to(DEV)
+        kw = dict(alpha_bar=0.5, seed=3, step=4, k=10, d=3, lambda_normal=1.0)
+        got = ops.manifold_correct_fused(x, lat, order, lengths, g, backend="triton", **kw)
+        want = ops.manifold_correct_fused_ref(x, lat, order, lengths, g, **kw)
+    else:
+        modes = torch.randn(B, D, generator=gen).to(DEV)
+        kw = dict(radius=0.1, alpha_bar=0.5, seed=3, step=4, n_points=n, k=12, d=3, scale=0.1, bandwidth=0.1)
+        got = ops.manifold_pull_fused(x, modes, backend="triton", **kw)
+        want = ops.manifold_pull_fused_ref(x, modes, **kw)
+    assert got.shape == (B, D)
+    _close(got, want, DTYPES[0][1])
