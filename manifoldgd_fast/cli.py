@@ -57,6 +57,7 @@ GROUPS: dict[str, dict[str, str]] = {
     },
     "mode discovery": {
         "mode_method": "auto (divisive for manifoldgd, kmeans for mgd3), kmeans, divisive, gmm, random, agglomerative",
+        "modes_dir": "read each class's modes from DIR/<class>.safetensors, written by `modes` with the same flags",
         "mode_point": "auto (medoid for official divisive), medoid or mean",
         "level": "divisive start level: official i (6 for <=10 classes, else 1), paper L (3 / 2)",
         "max_depth": "paper divisive tree depth (default: enough for the budget)",

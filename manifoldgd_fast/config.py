@@ -81,6 +81,7 @@ class DistillConfig:
     t_stop: int = 25                   # guidance while the step is before t_stop
 
     # --- mode discovery (SPEC 2) ---------------------------------------------
+    modes_dir: str | None = None       # read each class's modes from DIR/<class>.safetensors (`modes` command)
     mode_method: str = "auto"          # auto: divisive for manifoldgd, kmeans for mgd3
     mode_point: str = "auto"           # auto: medoid for official divisive, mean otherwise
     level: int | None = None           # official level i (6 / 1) or paper start level L (3 / 2)
@@ -328,13 +329,26 @@ def derive_seed(run_seed: int, *keys) -> int:
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
+MODE_FIELDS = ("ipc", "seed", "formulation", "mode_method", "mode_point", "level", "max_depth", "min_leaf",
+               "linkage", "kmeans_iters", "bisect_inits")
+
+
+def modes_fingerprint(cfg: "DistillConfig", latent_cache: str) -> str:
+    """Hash of what a class's modes depend on: the resolved mode parameters and the latent cache."""
+    import hashlib
+
+    d = {k: getattr(cfg, k) for k in MODE_FIELDS}
+    d["latent_cache"] = os.path.abspath(latent_cache)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def fingerprint(cfg: "DistillConfig") -> str:
     """Hash of the parameters that change the output bytes (not out/device/batch sizes)."""
     import hashlib
 
     d = cfg.to_dict()
     for k in ("out", "cache_dir", "device", "batch_size", "encode_batch_size", "encode_workers", "contact_sheet",
-              "extra", "backend",
+              "extra", "backend", "modes_dir",
               "loop"):  # the fast loop gives the reference loop's latents
         d.pop(k, None)
     for k, default in (("compile", "none"), ("attention", "auto")):

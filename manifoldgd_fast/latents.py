@@ -273,9 +273,9 @@ def _split_cached(entries: Sequence[ClassEntry], cache_dir: str, image_size: int
     return stats, todo
 
 
-def safetensors_bytes(latents: torch.Tensor, metadata: dict[str, str]) -> bytes:
-    """A safetensors file holding ``latents`` (float32) and ``metadata``, with a
-    sorted-key header, so equal inputs give equal bytes.
+def safetensors_bytes(latents: torch.Tensor, metadata: dict[str, str], name: str = "latents") -> bytes:
+    """A safetensors file holding ``latents`` (float32, stored as ``name``) and ``metadata``,
+    with a sorted-key header, so equal inputs give equal bytes.
 
     ``safetensors.torch.save`` orders the metadata as a Rust HashMap iterates,
     which changes from call to call; the cache files are meant to be comparable
@@ -286,7 +286,7 @@ def safetensors_bytes(latents: torch.Tensor, metadata: dict[str, str]) -> bytes:
     x = latents.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False)
     data = x.tobytes()
     header = {"__metadata__": dict(metadata),
-              "latents": {"dtype": "F32", "shape": list(x.shape), "data_offsets": [0, len(data)]}}
+              name: {"dtype": "F32", "shape": list(x.shape), "data_offsets": [0, len(data)]}}
     h = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
     h += b" " * (-len(h) % 8)
     return struct.pack("<Q", len(h)) + h + data

@@ -180,8 +180,22 @@ def class_inputs(rcfg: DistillConfig, ctx: dict, name: str, z: torch.Tensor) -> 
     t0 = time.perf_counter()
     z = z.to(ctx["device"]).float()
     guided = rcfg.method in ("manifoldgd", "mgd3")
-    with phase("modes"):
-        modes = class_modes(rcfg, name, z) if guided else None
+    modes = None
+    if guided and rcfg.modes_dir is not None:   # precomputed by `manifoldgd-fast modes`
+        from .config import modes_fingerprint
+
+        path = modes_file(rcfg.modes_dir, name)
+        modes, fp = read_modes(path)
+        if modes is None:
+            raise DataError(f"--modes-dir {rcfg.modes_dir}: no modes for class {name} ({path})")
+        if fp != modes_fingerprint(rcfg, ctx["cache"]):
+            raise ConfigError(f"{path} holds modes made with other mode parameters or latents than this run's "
+                              f"(--method, --formulation, --ipc, --seed, --mode-*, ...); recompute them with "
+                              f"`manifoldgd-fast modes` and the same flags, or drop --modes-dir")
+        modes = modes.to(z.device).view(rcfg.ipc, *z.shape[1:])
+    elif guided:
+        with phase("modes"):
+            modes = class_modes(rcfg, name, z)
     paper_kw = {}
     if rcfg.method == "manifoldgd" and rcfg.formulation == "paper":
         paper_kw = paper_neighbourhoods(rcfg, z, modes)
@@ -353,6 +367,9 @@ def _distill(config: DistillConfig | dict, shard: Shard) -> DistillResult:
     # Check this rank's classes before anything is written (latents stay on disk until their turn).
     for e in mine:
         _check_class(rcfg, e.name, ctx["counts"][e.name])
+        if rcfg.modes_dir is not None and rcfg.method in ("manifoldgd", "mgd3"):
+            if not os.path.isfile(modes_file(rcfg.modes_dir, e.name)):
+                raise DataError(f"--modes-dir {rcfg.modes_dir}: no modes for class {e.name}")
 
     fp = fingerprint(rcfg)
     man_path = os.path.join(os.path.abspath(cfg.out), MANIFEST)
@@ -487,30 +504,58 @@ def cache(config: DistillConfig | dict) -> dict:
     return ctx
 
 
-def compute_modes(config: DistillConfig | dict) -> dict[str, str]:
-    """Mode discovery only (``manifoldgd-fast modes``): writes ``OUT/modes/<class>.safetensors``."""
-    from safetensors.torch import save as st_save
+def modes_file(folder: str, name: str) -> str:
+    return os.path.join(os.path.abspath(folder), f"{name}.safetensors")
 
-    from .latents import load_class_latents
+
+def read_modes(path: str) -> tuple[torch.Tensor | None, str | None]:
+    """(modes, their fingerprint) stored at ``path`` by ``manifoldgd-fast modes``; (None, None) if no file."""
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(path):
+        return None, None
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            modes = f.get_tensor("modes")
+    except (SafetensorError, OSError, KeyError) as e:
+        raise DataError(f"{path}: not a modes file ({str(e).splitlines()[0][:120]})") from None
+    return modes, meta.get("modes_fingerprint")
+
+
+def compute_modes(config: DistillConfig | dict) -> dict[str, str]:
+    """Mode discovery only (``manifoldgd-fast modes``): writes ``OUT/modes/<class>.safetensors``.
+
+    Resumable: a class whose file already holds modes of these parameters is skipped. Under
+    torchrun each rank computes its classes. ``distill --modes-dir OUT/modes`` then reads them.
+    """
+    from .config import modes_fingerprint
+    from .latents import load_class_latents, safetensors_bytes
 
     cfg = DistillConfig.from_dict(config) if isinstance(config, dict) else config
     shard = Shard.from_env()
     try:
         ctx = prepare(cfg, need_models=False, shard=shard)
+        rcfg = cfg.resolve(len(ctx["entries"]), backbone=ctx["backbone"])
+        for e in ctx["mine"]:
+            _check_class(dataclasses.replace(rcfg, method="mgd3"), e.name, ctx["counts"][e.name])
+        fp = modes_fingerprint(rcfg, ctx["cache"])
+        paths = {}
+        for e in ctx["mine"]:
+            p = modes_file(os.path.join(cfg.out, "modes"), e.name)
+            old, old_fp = read_modes(p)
+            if old is not None and old_fp != fp:
+                raise ConfigError(f"{p} holds modes made with other mode parameters or latents; use a new --out")
+            if old is None:
+                z, _ = load_class_latents(ctx["cache"], e.name)
+                m = class_modes(rcfg, e.name, z.to(ctx["device"]).float())
+                atomic_write_bytes(p, safetensors_bytes(m, {"class": e.name, "method": rcfg.mode_method,
+                                                            "formulation": rcfg.formulation,
+                                                            "modes_fingerprint": fp}, name="modes"))
+            paths[e.name] = p
+        shard.barrier()
     finally:
         shard.close()
-    rcfg = cfg.resolve(len(ctx["entries"]), backbone=ctx["backbone"])
-    for e in ctx["mine"]:
-        _check_class(dataclasses.replace(rcfg, method="mgd3"), e.name, ctx["counts"][e.name])
-    paths = {}
-    for e in ctx["mine"]:
-        z, _ = load_class_latents(ctx["cache"], e.name)
-        m = class_modes(rcfg, e.name, z.to(ctx["device"]).float())
-        p = os.path.join(os.path.abspath(cfg.out), "modes", f"{e.name}.safetensors")
-        atomic_write_bytes(p, st_save({"modes": m.cpu().contiguous()},
-                                      metadata={"class": e.name, "method": rcfg.mode_method,
-                                                "formulation": rcfg.formulation, "fingerprint": fingerprint(rcfg)}))
-        paths[e.name] = p
     return paths
 
 

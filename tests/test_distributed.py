@@ -23,10 +23,10 @@ def world(tmp_path_factory):
     return {"root": str(root), "data": data, "model": str(root / "model")}
 
 
-def _torchrun(world, out, nproc, steps=10, **popen):
+def _torchrun(world, out, nproc, steps=10, command="distill", cache=None, **popen):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "manifoldgd_fast", "distill", "--data", world["data"], "--model", world["model"],
-           "--out", str(out), "--cache-dir", os.path.join(world["root"], "cache"), "--ipc", "2",
+           "-m", "manifoldgd_fast", command, "--data", world["data"], "--model", world["model"],
+           "--out", str(out), "--cache-dir", cache or os.path.join(world["root"], "cache"), "--ipc", "2",
            "--steps", str(steps), "--t-stop", str(steps // 2), "--batch-size", "2"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     if popen:
@@ -82,3 +82,28 @@ def test_killed_rank_then_rerun_gives_the_same_bytes(world, tmp_path):
     assert 0 < len(done) < len(CLASSES), done          # killed mid-run
     _torchrun(world, out, 2, steps=50)
     assert _digest(out) == _digest(ref)
+
+
+def _files(folder):
+    out = {}
+    for dp, _, files in os.walk(folder):
+        for f in files:
+            p = os.path.join(dp, f)
+            out[os.path.relpath(p, folder)] = open(p, "rb").read()
+    return out
+
+
+def test_cache_and_modes_commands_under_torchrun(world, tmp_path):
+    """`cache` and `modes` split the classes over ranks too: 2 ranks write the bytes 1 rank writes."""
+    for n in (1, 2):
+        cache = str(tmp_path / f"cache{n}")
+        _torchrun(world, tmp_path / f"m{n}", n, command="cache", cache=cache)
+        _torchrun(world, tmp_path / f"m{n}", n, command="modes", cache=cache)
+    caches = [_files(tmp_path / f"cache{n}") for n in (1, 2)]
+    modes = [_files(tmp_path / f"m{n}" / "modes") for n in (1, 2)]
+    assert sum(f.endswith(".safetensors") for f in caches[0]) == len(CLASSES) and caches[0] == caches[1]
+    assert len(modes[0]) == len(CLASSES) and modes[0].keys() == modes[1].keys()
+    # a modes file records the absolute latent cache it came from: compare the tensors
+    from safetensors.torch import load
+    for k in modes[0]:
+        assert load(modes[0][k])["modes"].equal(load(modes[1][k])["modes"])

@@ -217,6 +217,26 @@ def test_cache_and_modes_commands(tiny_world, tmp_path):
     assert main(["modes", *base, "--out", str(tmp_path / "m"), "--ipc", "3"]) == 0
     m = load_file(str(tmp_path / "m" / "modes" / "apple.safetensors"))["modes"]
     assert m.shape == (3, 4, 8, 8)
+    # resumable: a rerun recomputes nothing
+    before = {c: os.stat(tmp_path / "m" / "modes" / f"{c}.safetensors").st_mtime_ns for c in ("apple", "banana")}
+    assert main(["modes", *base, "--out", str(tmp_path / "m"), "--ipc", "3"]) == 0
+    assert before == {c: os.stat(tmp_path / "m" / "modes" / f"{c}.safetensors").st_mtime_ns for c in before}
+
+
+def test_distill_from_precomputed_modes_gives_the_same_bytes(tiny_world, tmp_path, capsys):
+    """`modes` then `distill --modes-dir` == `distill` alone; modes of other parameters are refused."""
+    base = ["--data", tiny_world["data"], "--model", tiny_world["model"],
+            "--cache-dir", os.path.join(tiny_world["root"], "cache")]
+    assert main(["modes", *base, "--out", str(tmp_path / "m"), *FAST]) == 0
+    assert main(_args(tiny_world, tmp_path / "a")) == 0
+    assert main(_args(tiny_world, tmp_path / "b", "--modes-dir", str(tmp_path / "m" / "modes"))) == 0
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    capsys.readouterr()
+    assert main(_args(tiny_world, tmp_path / "c", "--modes-dir", str(tmp_path / "m" / "modes"), "--seed", "1")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds modes made with other mode parameters" in err[0]
+    assert main(_args(tiny_world, tmp_path / "d", "--modes-dir", str(tmp_path / "nowhere"))) == 2
+    assert "no modes for class apple" in capsys.readouterr().err
 
 
 def test_embedded_demo_runs_without_arguments(tmp_path, monkeypatch):
