@@ -15,6 +15,8 @@ architectures are used. Rows:
 * ``ours-reference``: our reference loop (``sampler.sample``), bf16 autocast;
 * ``ours-fast``: the fast loop without graphs; ``ours-graph``: with one CUDA graph per step;
 * ``ours-graph-compile``: the graph loop around ``torch.compile`` of the DiT;
+* ``...-fused``: the same DiT behind ``fastdit.FusedDiT`` (fused QKV, conditioning and adaLN once
+  per step, fused LayerNorm-modulate and gate-residual kernels);
 
 each of ours for ``dit`` (unguided), ``mgd3`` and ``manifoldgd`` (official, guidance on the
 first 25 of 50 steps, Philox cloud noise, the fused kernels). Also: achieved TFLOP/s of the
@@ -57,7 +59,10 @@ def build_models(tiny: bool, device):
     else:
         dit = build_dit(dit_xl2_config(), seed=0)
         vae = build_vae(sd_vae_config(), seed=0)
-    return dit.to(device).eval(), vae.to(device).eval()
+    from manifoldgd_fast.fastdit import tie_conditioning_embedders
+
+    # one conditioning embedder copied into every block, as in the converted checkpoints
+    return tie_conditioning_embedders(dit).to(device).eval(), vae.to(device).eval()
 
 
 def dit_flops_per_image(dit, device) -> float:
@@ -95,12 +100,13 @@ def _time(fn, device, reps):
 class Ours:
     """Our loops on one batch: modes, guidance, sampler, decode."""
 
-    def __init__(self, dit, vae, *, steps, method, loop, compile_mode, dtype, device, B):
+    def __init__(self, dit, vae, *, steps, method, loop, compile_mode, dtype, device, B, model=None):
         from manifoldgd_fast.config import DistillConfig
         from manifoldgd_fast.fastloop import FastSampler
         from manifoldgd_fast.sampler import Sampling
         from manifoldgd_fast.schedule import make_schedule
 
+        dit = model if model is not None else dit   # model: the same DiT behind another forward (FusedDiT)
         self.dit, self.vae, self.device, self.B, self.dtype = dit, vae, torch.device(device), B, dtype
         c = dit.config
         self.shape = (c.in_channels, c.sample_size, c.sample_size)
@@ -204,13 +210,20 @@ def main(argv=None):
         rows += [("diffusers-fp16", "diffusers", dict(dtype=torch.float16, compile_mode=None))]
         if not a.no_compile:
             rows += [("diffusers-fp16-compile", "diffusers", dict(dtype=torch.float16, compile_mode="reduce-overhead"))]
-    loops = [("reference", "none"), ("fast", "none")] + ([("graph", "none")] if cuda else [])
+    top = "graph" if cuda else "fast"
+    loops = [("reference", "none", False), ("fast", "none", False)] + ([("graph", "none", False)] if cuda else [])
+    loops.append((top, "none", True))                     # FusedDiT: fused QKV, adaLN once, fused LN / gate
     if cuda and not a.no_compile:
-        loops.append(("graph", "default"))
+        loops += [("graph", "default", False), ("graph", "default", True)]
+    fused_dit = None
     for m in METHODS:
-        for loop, comp in loops:
-            name = f"ours-{loop}{'-compile' if comp != 'none' else ''}-{m}"
-            rows.append((name, "ours", dict(method=m, loop=loop, compile_mode=comp)))
+        for loop, comp, fused in loops:
+            name = f"ours-{loop}{'-compile' if comp != 'none' else ''}{'-fused' if fused else ''}-{m}"
+            if fused and fused_dit is None:
+                from manifoldgd_fast.fastdit import FusedDiT
+                fused_dit = FusedDiT(build_models(a.tiny, dev)[0])   # its own copy: it re-points the weights
+            rows.append((name, "ours", dict(method=m, loop=loop, compile_mode=comp,
+                                            model=fused_dit if fused else None)))
     if a.rows:
         rows = [r for r in rows if r[0] in a.rows]
 

@@ -1,11 +1,11 @@
 """Triton kernels (and the loader of the optional CUDA C++ ones), imported as ``manifoldgd_fast.kernels``.
 
 Nothing here is imported by the reference path; ``manifoldgd_fast.ops`` (with
-its helpers ``dispatch`` and ``noise``) is the only door to these kernels, and it
-imports the kernel modules lazily, so ``import manifoldgd_fast`` never needs
-Triton, a GPU or a CUDA toolchain.
+its helpers ``dispatch`` and ``noise``) and ``manifoldgd_fast.dit_ops`` are the
+only doors to these kernels, and they import the kernel modules lazily, so
+``import manifoldgd_fast`` never needs Triton, a GPU or a CUDA toolchain.
 
-Modules (the public functions, their checks and references live in ``ops.py``):
+Modules (the public functions, their checks and references live in ``ops.py``, ``dit_ops.py``):
 
 * ``philox_normal``    counter-based normals/uniforms: the one helper every noisy kernel draws through,
                        and the standalone materialisation (``ops.philox_normal``);
@@ -17,7 +17,8 @@ Modules (the public functions, their checks and references live in ``ops.py``):
 * ``sym_eig``          batched parallel Jacobi for small symmetric matrices (Triton);
 * ``sym_eig_torch``    the same Jacobi in PyTorch ops (portable, capturable; imports no Triton);
 * ``cuda_ext``         run-time build of ``csrc/sym_eig.cu`` (CUDA C++ Jacobi, optional);
-* ``manifold_correct`` / ``manifold_pull``  the launch sequences behind the ops' ``triton`` backend.
+* ``manifold_correct`` / ``manifold_pull``  the launch sequences behind the ops' ``triton`` backend;
+* ``adaln``            the DiT block's LayerNorm + adaLN modulate and gate + residual (``dit_ops``).
 
 Whether a Triton kernel runs on the CPU is decided when its ``@triton.jit``
 decorator runs (``TRITON_INTERPRET=1`` at import of the kernel module makes it

@@ -44,6 +44,8 @@ GROUPS: dict[str, dict[str, str]] = {
         "loop": "sampling loop: auto (fast on CUDA), reference, fast (static step; CUDA graphs on CUDA)",
         "compile": "torch.compile the DiT in the fast loop: none, default, max-autotune, max-autotune-no-cudagraphs",
         "attention": "SDPA backend of the DiT attention: auto, cudnn, flash, efficient, math",
+        "dit_impl": "DiT forward: diffusers, or fused (fused QKV, conditioning once per step, fused LayerNorm-modulate "
+                    "and gate-residual kernels; equal to float rounding)",
     },
     "method": {
         "method": "manifoldgd, mgd3 (mode guidance only), dit (plain CFG sampling) or cgs (collaborative guidance alone)",

@@ -69,6 +69,8 @@ class DistillConfig:
                                        # auto = fast on CUDA where the run allows it (same latents either way)
     compile: str = "none"              # torch.compile the DiT in the fast loop: none | default | max-autotune...
     attention: str = "auto"            # SDPA backend of the DiT attention: auto | cudnn | flash | efficient | math
+    dit_impl: str = "diffusers"        # the DiT forward: diffusers | fused (fastdit.FusedDiT: fused QKV, adaLN
+                                       # once per step, LayerNorm-modulate / gate-residual kernels)
 
     # --- method ------------------------------------------------------------
     method: str = "manifoldgd"
@@ -147,7 +149,7 @@ class DistillConfig:
             ("warm_schedule", WARM_SCHEDULES), ("cfg_channels", CFG_CHANNELS), ("dtype", DTYPES),
             ("backend", BACKENDS), ("label_map", ("auto", "imagenet1k", "sorted")), ("backbone", BACKBONES),
             ("guidance_noise", ("auto", "generator", "philox")), ("loop", LOOPS), ("compile", COMPILE_MODES),
-            ("attention", ATTENTION_BACKENDS),
+            ("attention", ATTENTION_BACKENDS), ("dit_impl", ("diffusers", "fused")),
         ]:
             choice(name, allowed)
 
@@ -351,7 +353,7 @@ def fingerprint(cfg: "DistillConfig") -> str:
               "extra", "backend", "modes_dir",
               "loop"):  # the fast loop gives the reference loop's latents
         d.pop(k, None)
-    for k, default in (("compile", "none"), ("attention", "auto")):
+    for k, default in (("compile", "none"), ("attention", "auto"), ("dit_impl", "diffusers")):
         if d.get(k) == default:  # fingerprints of runs made before the option existed stay valid
             d.pop(k)
     if d.get("backbone") in ("dit", "auto"):  # prompts never reach a DiT; older DiT fingerprints stay valid

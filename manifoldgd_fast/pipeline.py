@@ -107,6 +107,9 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
     if cfg.model is not None and backbone == "sd":
         from .sd import class_prompts, load_sd_denoiser, sd_info
 
+        if cfg.dit_impl != "diffusers":
+            raise ConfigError("--dit-impl fused applies to the DiT backbone, not to Stable Diffusion")
+
         prompts = class_prompts([e.name for e in entries], cfg.prompt_template, cfg.class_names)
         n_labels = max(e.label for e in entries) + 1
         if need_models:  # one text-encoder pass over this rank's class prompts, none per step
@@ -122,6 +125,10 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
     elif cfg.model is not None:  # also for `cache`: the model fixes the image size
         model = load_dit(cfg.model, device=device)
         info = dit_info(model)
+        if need_models and cfg.dit_impl == "fused":
+            from .fastdit import FusedDiT
+
+            model = FusedDiT(model)
         for e in entries:
             if not 0 <= e.label < info["num_classes"]:
                 raise DataError(f"class {e.name} has label {e.label}, outside the model's {info['num_classes']} classes "

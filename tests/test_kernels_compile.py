@@ -50,7 +50,7 @@ def _signature(fn, types, consts):
 
 
 def _cases():
-    from manifoldgd_fast.kernels import cloud, knn_rows, philox_normal, sym_eig, tangent
+    from manifoldgd_fast.kernels import adaln, cloud, knn_rows, philox_normal, sym_eig, tangent
 
     i64 = {"sid_ptr": "*i64", "idx_ptr": "*i64", "cand_ptr": "*i64", "len_ptr": "*i64", "seed": "i64"}
     f = {"lam": "fp32", "scale": "fp32", "inv_bw": "fp32", "rel_tol": "fp32", "radius": "fp32", "ext_scale": "fp32",
@@ -72,6 +72,15 @@ def _cases():
         (tangent._coef_kernel, f, dict(PULL=True, K=64, MAX_SWEEPS=20, TOL=1e-7, PHASE=0)),
         (tangent._coef_kernel, f, dict(PULL=False, K=16, MAX_SWEEPS=20, TOL=1e-7, PHASE=1)),
         (tangent._coef_kernel, f, dict(PULL=False, K=16, MAX_SWEEPS=20, TOL=1e-7, PHASE=2)),
+        (adaln._layernorm_modulate_kernel, {"x_ptr": "*bf16", "shift_ptr": "*bf16", "scale_ptr": "*bf16",
+                                            "out_ptr": "*bf16", "sxb": "i64", "inv_c": "fp32", "eps": "fp32"},
+         dict(SCALE_KIND=1, OUT_KIND=1, ROWS=2, BLOCK_C=2048)),
+        (adaln._layernorm_modulate_kernel, {"x_ptr": "*fp16", "shift_ptr": "*bf16", "inv_c": "fp32", "eps": "fp32",
+                                            "out_ptr": "*fp16"}, dict(SCALE_KIND=0, OUT_KIND=2, ROWS=1, BLOCK_C=4096)),
+        (adaln._gate_residual_kernel, {"x_ptr": "*bf16", "gate_ptr": "*bf16", "y_ptr": "*bf16", "out_ptr": "*bf16",
+                                       "sxb": "i64", "syb": "i64"}, dict(PROD_KIND=1, OUT_KIND=1, ROWS=8, BLOCK_C=256)),
+        (adaln._gate_residual_kernel, {"x_ptr": "*fp16", "gate_ptr": "*fp16", "y_ptr": "*fp32", "out_ptr": "*fp16"},
+         dict(PROD_KIND=0, OUT_KIND=2, ROWS=64, BLOCK_C=32)),
     ]
 
 

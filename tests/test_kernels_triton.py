@@ -442,3 +442,158 @@ def test_fused_ops_at_sd_512px_width(formulation):
         want = ops.manifold_pull_fused_ref(x, modes, **kw)
     assert got.shape == (B, D)
     _close(got, want, DTYPES[0][1])
+
+
+# ---------------------------------------------------------------------------
+# DiT block ops (manifoldgd_fast.dit_ops): LayerNorm + adaLN modulate, gate + residual
+# ---------------------------------------------------------------------------
+# (B, N, C): DiT-XL/2's C = 1152 (a non-power of two), odd C (72 = DiT-S head sum, 100), the widest C the
+# LayerNorm kernel takes (4096), one token of one channel; N small for the interpreter.
+ADALN_SHAPES = [(2, 3, 1152), (1, 17, 72), (3, 5, 100), (1, 2, 4096), (1, 1, 1)]
+# Tolerance of layernorm_modulate against its reference, per output dtype. The kernel rounds where the
+# reference rounds (1 + scale in scale's dtype, fp32 arithmetic, one rounding to the output dtype), so they
+# differ only by the order of the LayerNorm row sums: a few fp32 ulps in mean and rstd, i.e. rtol 1e-5 in
+# fp32; in bf16 / fp16 that can move the final rounding by one ulp of the output, and rtol = eps of the
+# dtype (2^-7, 2^-10) is at least one ulp anywhere in a binade. atol = 1e-5 x max|ref| for outputs near
+# zero (shift cancelling the normalised value), where the fp32 noise is absolute.
+ADALN_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
+
+
+def _adaln_inputs(B, N, C, dtype, seed, mod_dtype=None):
+    """x with a per-row offset and spread (LayerNorm has work to do); shift / scale / gate as strided
+    (B, C) views of one (B, 6, C) tensor, as ``emb.chunk(6, dim=1)`` gives them."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, N, C, generator=gen) * (0.5 + 3 * torch.rand(B, N, 1, generator=gen)) \
+        + 4 * torch.randn(B, N, 1, generator=gen)
+    mods = (0.5 * torch.randn(B, 6, C, generator=gen)).to(mod_dtype or dtype)
+    y = torch.randn(B, N, C, generator=gen)
+    return x.to(dtype).to(DEV), mods.to(DEV), y.to(dtype).to(DEV)
+
+
+@pytest.mark.parametrize("shape", ADALN_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_layernorm_modulate_triton_matches_reference(shape, dtype, seed):
+    from manifoldgd_fast import dit_ops
+
+    x, mods, _ = _adaln_inputs(*shape, dtype, seed)
+    shift, scale = mods[:, 0], mods[:, 1]
+    got = dit_ops.layernorm_modulate(x, shift, scale, eps=1e-6, backend="triton")
+    want = dit_ops.layernorm_modulate_ref(x, shift, scale, eps=1e-6)
+    assert got.dtype == dtype and got.shape == x.shape
+    rtol = ADALN_RTOL[dtype]
+    torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=1e-5 * float(want.abs().max()))
+    # flash-attention's rule: against the exact value (fp64 reference) the kernel's error is at most 2x
+    # plain PyTorch's at this dtype (+ a floor of 1e-6 |out| for fp32, where both are at rounding level)
+    truth = dit_ops.layernorm_modulate_ref(x.double(), shift.double(), scale.double(), eps=1e-6)
+    err_k, err_t = float((got.double() - truth).abs().max()), float((want.double() - truth).abs().max())
+    assert err_k <= 2 * err_t + 1e-6 * float(truth.abs().max()), (err_k, err_t)
+
+
+@pytest.mark.parametrize("xd,md", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+                                   (torch.float16, torch.bfloat16)])
+def test_layernorm_modulate_triton_mixed_dtypes(xd, md):
+    """Modulation in another dtype than x: 1 + scale rounds in scale's dtype (as diffusers' line does);
+    x read through a (B, N) stride, not copied."""
+    from manifoldgd_fast import dit_ops
+
+    x, mods, _ = _adaln_inputs(2, 12, 100, xd, seed=3, mod_dtype=md)
+    x = x[:, ::2]                                                      # (2, 6, 100), stride over N 200
+    got = dit_ops.layernorm_modulate(x, mods[:, 3], mods[:, 4], backend="triton")
+    want = dit_ops.layernorm_modulate_ref(x, mods[:, 3], mods[:, 4])
+    assert got.dtype == xd
+    torch.testing.assert_close(got.double(), want.double(), rtol=ADALN_RTOL[xd], atol=1e-5 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("shape", ADALN_SHAPES[:3] + [(2, 3, 5000)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gate_residual_triton_is_bit_identical(shape, dtype):
+    """Same roundings as PyTorch's two ops (gate * y rounded, then + x; no FMA): equal bit for bit,
+    also with y in another dtype and a strided x. C = 5000: the residual has no LayerNorm C limit."""
+    from manifoldgd_fast import dit_ops
+
+    x, mods, y = _adaln_inputs(*shape, dtype, seed=sum(shape))
+    gate = mods[:, 2]
+    for xx, yy in ((x, y), (x.float(), y), (x, y.float()), (torch.cat([x, x], 1)[:, ::2], y)):
+        got = dit_ops.gate_residual(xx, gate, yy, backend="triton")
+        want = dit_ops.gate_residual_ref(xx, gate, yy)
+        assert got.dtype == xx.dtype and got.is_contiguous()
+        assert torch.equal(got, want), float((got.double() - want.double()).abs().max())
+
+
+def test_layernorm_and_gate_triton_edge_cases_and_refusals():
+    from manifoldgd_fast import dit_ops
+
+    empty = torch.zeros(0, 4, 8, device=DEV)
+    v0 = torch.zeros(0, 8, device=DEV)
+    assert dit_ops.layernorm_modulate(empty, v0, v0, backend="triton").shape == (0, 4, 8)
+    assert dit_ops.gate_residual(empty, v0, empty, backend="triton").shape == (0, 4, 8)
+    x, v = torch.randn(2, 3, 8, device=DEV), torch.randn(2, 8, device=DEV)
+    # a constant row normalises to 0 (var 0 + eps): the output is the shift
+    const = torch.full((2, 3, 8), 7.0, device=DEV)
+    assert torch.equal(dit_ops.layernorm_modulate(const, v, v, backend="triton"), v[:, None].expand(2, 3, 8))
+    with pytest.raises(BackendError, match="x has dtype torch.float64"):
+        dit_ops.layernorm_modulate(x.double(), v.double(), v.double(), backend="triton")
+    with pytest.raises(BackendError, match="gate has dtype torch.float64"):
+        dit_ops.gate_residual(x, v.double(), x, backend="triton")
+    from manifoldgd_fast.kernels import adaln
+
+    assert dit_ops.MAX_C == adaln.MAX_C == 4096         # dit_ops keeps its own copy to import without Triton
+    wide = torch.randn(1, 1, 4097, device=DEV)
+    with pytest.raises(BackendError, match="x has C = 4097 channels; the fused kernel takes C <= 4096"):
+        dit_ops.layernorm_modulate(wide, wide[0], wide[0], backend="triton")
+    if DEV == "cpu":   # under the interpreter "auto" still picks the reference on the CPU (dispatch.py's rule)
+        assert torch.equal(dit_ops.layernorm_modulate(x, v, v), dit_ops.layernorm_modulate_ref(x, v, v))
+
+
+def test_layernorm_and_gate_compile_as_opaque_custom_ops():
+    """torch.compile (fullgraph: no graph break) traces the public ops to the registered custom ops,
+    whose fake kernels give the shapes; the compiled function equals the eager one. opcheck: schema,
+    fake kernel and dispatch agree."""
+    from manifoldgd_fast import dit_ops
+
+    x, mods, y = _adaln_inputs(2, 5, 72, torch.bfloat16, seed=7)
+
+    def block_tail(x, mods, y):
+        n = dit_ops.layernorm_modulate(x, mods[:, 0], mods[:, 1], backend="triton")
+        return dit_ops.gate_residual(x, mods[:, 2], n * y, backend="triton")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block_tail, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x, mods, y), block_tail(x, mods, y))
+    torch.library.opcheck(torch.ops.manifoldgd_fast.layernorm_modulate, (x, mods[:, 0], mods[:, 1], 1e-6),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.manifoldgd_fast.gate_residual, (x, mods[:, 2], y),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@requires_cuda()
+@pytest.mark.parametrize("B", [16, 64])
+def test_layernorm_and_gate_full_shape_and_cuda_graph_gpu(B):
+    """DiT-XL/2 shapes (B x 256 tokens x 1152, bf16): against the references, and replayed from a CUDA graph."""
+    from manifoldgd_fast import dit_ops
+
+    x = torch.randn(B, 256, 1152, device="cuda").bfloat16()
+    mods = (0.5 * torch.randn(B, 6, 1152, device="cuda")).bfloat16()
+    y = torch.randn(B, 256, 1152, device="cuda").bfloat16()
+    ln = dit_ops.layernorm_modulate(x, mods[:, 0], mods[:, 1], backend="triton")
+    want = dit_ops.layernorm_modulate_ref(x, mods[:, 0], mods[:, 1])
+    torch.testing.assert_close(ln.float(), want.float(), rtol=2.0 ** -7, atol=1e-5 * float(want.abs().max()))
+    assert torch.equal(dit_ops.gate_residual(x, mods[:, 2], y, backend="triton"),
+                       dit_ops.gate_residual_ref(x, mods[:, 2], y))
+
+    def step():
+        return dit_ops.gate_residual(x, mods[:, 2], dit_ops.layernorm_modulate(x, mods[:, 0], mods[:, 1]))
+
+    eager = step()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
