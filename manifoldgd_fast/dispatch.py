@@ -43,14 +43,9 @@ def _kernels():
         return None, f"the Triton kernels cannot be imported ({type(e).__name__}: {e})"
 
 
-def _triton_reason(tensors: dict, *, B: int, rows: int, D: int, k: int) -> str | None:
-    """Why the fused kernels cannot take these inputs (a sentence naming the tensor and the rule), or None.
-
-    ``tensors``: name -> tensor; the floating ones must be fp32/bf16/fp16.
-    """
-    kern, why = _kernels()
-    if kern is None:
-        return why
+def tensors_reason(kern, tensors: dict, *, all_float: bool = False) -> str | None:
+    """The checks every Triton kernel shares: one device the kernels run on (``kern``: the kernels
+    package), floating tensors in fp32 / bf16 / fp16 (``all_float``: every tensor floating)."""
     (name0, t0), *rest = tensors.items()
     for name, t in rest:
         if t.device != t0.device:
@@ -60,8 +55,22 @@ def _triton_reason(tensors: dict, *, B: int, rows: int, D: int, k: int) -> str |
         return (f"{name0} is on {t0.device}; the Triton kernels take {where}"
                 + ("" if kern.INTERPRET else " (on the CPU only under TRITON_INTERPRET=1)"))
     for name, t in tensors.items():
-        if t.is_floating_point() and t.dtype not in _FLOATS:
+        if (all_float or t.is_floating_point()) and t.dtype not in _FLOATS:
             return f"{name} has dtype {t.dtype}; the Triton kernels take float32, bfloat16 or float16"
+    return None
+
+
+def _triton_reason(tensors: dict, *, B: int, rows: int, D: int, k: int) -> str | None:
+    """Why the fused kernels cannot take these inputs (a sentence naming the tensor and the rule), or None.
+
+    ``tensors``: name -> tensor; the floating ones must be fp32/bf16/fp16.
+    """
+    kern, why = _kernels()
+    if kern is None:
+        return why
+    why = tensors_reason(kern, tensors)
+    if why is not None:
+        return why
     for what, val, lim in (("B", B, MAX_B), ("the row count", rows, MAX_ROWS), ("D", D, MAX_D), ("k", k, MAX_K)):
         if val > lim:
             return f"{what} = {val} is above the fused kernels' limit {lim}"

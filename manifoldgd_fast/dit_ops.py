@@ -47,7 +47,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dispatch import _FLOATS, _pick_backend
+from .dispatch import _pick_backend, tensors_reason
 from .errors import ConfigError
 
 __all__ = ["MAX_C", "layernorm_modulate", "layernorm_modulate_ref", "gate_residual", "gate_residual_ref"]
@@ -118,17 +118,10 @@ def _triton_reason(tensors: dict, *, max_c: int) -> str | None:
     kern, _, why = _adaln_kernels()
     if kern is None:
         return why
-    (name0, t0), *rest = tensors.items()
-    for name, t in rest:
-        if t.device != t0.device:
-            return f"{name} is on {t.device} but {name0} is on {t0.device}"
-    if not kern.triton_device_ok(t0.device):
-        where = "CUDA tensors" if not kern.INTERPRET else "CPU tensors (TRITON_INTERPRET=1 is set)"
-        return (f"{name0} is on {t0.device}; the Triton kernels take {where}"
-                + ("" if kern.INTERPRET else " (on the CPU only under TRITON_INTERPRET=1)"))
-    for name, t in tensors.items():
-        if t.dtype not in _FLOATS:
-            return f"{name} has dtype {t.dtype}; the Triton kernels take float32, bfloat16 or float16"
+    why = tensors_reason(kern, tensors, all_float=True)
+    if why is not None:
+        return why
+    name0, t0 = next(iter(tensors.items()))
     B, N, C = t0.shape
     if C > max_c:
         return f"{name0} has C = {C} channels; the fused kernel takes C <= {max_c}"
