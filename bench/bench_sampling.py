@@ -122,7 +122,7 @@ class Ours:
 
     def __call__(self, return_latents=False):
         from manifoldgd_fast.guidance import Guidance
-        from manifoldgd_fast.pipeline import decode_latents
+        from manifoldgd_fast.classrun import decode_latents
         from manifoldgd_fast.sampler import sample
 
         dev, B = self.device, self.B

@@ -8,7 +8,7 @@ tower, SD VAE at 512 px): the speed does not depend on the weights. A toy tokeni
 for CLIP's (prompt tokens are not timed). Rows, all DDIM with CFG 7.5 and VAE decoding:
 
 * ``diffusers StableDiffusionPipeline``: fp16 weights (``--dtype``), DDIMScheduler as SD's;
-* ``ours unguided`` / ``ours mgd3`` / ``ours manifoldgd``: ``pipeline.distill_class`` on one
+* ``ours unguided`` / ``ours mgd3`` / ``ours manifoldgd``: ``classrun.distill_class`` on one
   class of ``--batch`` images, as ``manifoldgd-fast distill --backbone sd`` runs it (fp32
   weights under autocast at ``--dtype``, the fast loop where the pipeline picks it; mode
   discovery over ``--class-latents`` random latents included).
@@ -110,7 +110,7 @@ def run(a: argparse.Namespace) -> list[dict]:
     from manifoldgd_fast import sd
     from manifoldgd_fast.config import DistillConfig
     from manifoldgd_fast.models import dit_info
-    from manifoldgd_fast.pipeline import distill_class
+    from manifoldgd_fast.classrun import distill_class
     from manifoldgd_fast.schedule import diffusers_schedule_kwargs
 
     dev = torch.device(a.device)

@@ -20,12 +20,14 @@ from typing import Any
 import torch
 
 from . import __version__
-from .config import DistillConfig, derive_seed, fingerprint
+from .config import DistillConfig, fingerprint
 from .devices import resolve_device
 from .distributed import Shard
 from .profile import phase
 from .errors import ConfigError, DataError
-from .output import MANIFEST, OutputWriter, atomic_write_bytes, resize_images, to_uint8_images
+from . import classrun
+from .classrun import _check_class, _prefetched_inputs, _receive, class_modes, distill_class, modes_file, read_modes
+from .output import MANIFEST, OutputWriter, atomic_write_bytes, resize_images
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -145,210 +147,6 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
                 image_size=image_size, shard=shard, backbone=backbone, prompts=prompts, schedule_kw=schedule_kw)
 
 
-def class_modes(rcfg: DistillConfig, name: str, z: torch.Tensor) -> torch.Tensor:
-    """IPC modes (ipc, C, h, w) of one class from its latents z (n, C, h, w)."""
-    from .modes import discover_modes
-
-    m = discover_modes(z.flatten(1), rcfg.ipc, method=rcfg.mode_method, formulation=rcfg.formulation,
-                       seed=derive_seed(rcfg.seed, "modes", name), level=rcfg.level, mode_point=rcfg.mode_point,
-                       max_depth=rcfg.max_depth, min_leaf=rcfg.min_leaf, linkage=rcfg.linkage,
-                       kmeans_iters=rcfg.kmeans_iters, bisect_inits=rcfg.bisect_inits)
-    return m.view(rcfg.ipc, *z.shape[1:])
-
-
-def _check_class(rcfg: DistillConfig, name: str, n: int) -> None:
-    if n < rcfg.ipc:
-        raise DataError(f"class {name} has {n} readable images, fewer than --ipc {rcfg.ipc}")
-    if rcfg.method == "manifoldgd":
-        if rcfg.formulation == "paper" and rcfg.k > n:
-            raise ConfigError(f"--k {rcfg.k} is larger than the patch: class {name} has only {n} latents")
-        if rcfg.formulation == "official" and rcfg.k > rcfg.cloud_size:
-            raise ConfigError(f"--k {rcfg.k} is larger than the patch (--cloud-size {rcfg.cloud_size})")
-
-
-@dataclass
-class ClassInputs:
-    """What sampling a class needs besides the models: its latents on the device, its modes and,
-    for the paper formulation, each mode's neighbourhood (``Guidance`` keyword arguments)."""
-
-    z: torch.Tensor
-    modes: torch.Tensor | None
-    paper_kw: dict
-    seconds: float
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.z, self.modes, *self.paper_kw.values()) if isinstance(t, torch.Tensor)]
-
-
-def class_inputs(rcfg: DistillConfig, ctx: dict, name: str, z: torch.Tensor) -> ClassInputs:
-    """Latents z (n, C, h, w) of a class -> its :class:`ClassInputs` (mode discovery happens here)."""
-    from .guidance import paper_neighbourhoods
-
-    t0 = time.perf_counter()
-    z = z.to(ctx["device"]).float()
-    guided = rcfg.method in ("manifoldgd", "mgd3")
-    modes = None
-    if guided and rcfg.modes_dir is not None:   # precomputed by `manifoldgd-fast modes`
-        from .config import modes_fingerprint
-
-        path = modes_file(rcfg.modes_dir, name)
-        modes, fp = read_modes(path)
-        if modes is None:
-            raise DataError(f"--modes-dir {rcfg.modes_dir}: no modes for class {name} ({path})")
-        if fp != modes_fingerprint(rcfg, ctx["cache"]):
-            raise ConfigError(f"{path} holds modes made with other mode parameters or latents than this run's "
-                              f"(--method, --formulation, --ipc, --seed, --mode-*, ...); recompute them with "
-                              f"`manifoldgd-fast modes` and the same flags, or drop --modes-dir")
-        modes = modes.to(z.device).view(rcfg.ipc, *z.shape[1:])
-    elif guided:
-        with phase("modes"):
-            modes = class_modes(rcfg, name, z)
-    paper_kw = {}
-    if rcfg.method == "manifoldgd" and rcfg.formulation == "paper":
-        paper_kw = paper_neighbourhoods(rcfg, z, modes)
-    return ClassInputs(z, modes, paper_kw, time.perf_counter() - t0)
-
-
-def _prefetched_inputs(rcfg: DistillConfig, ctx: dict, name: str) -> tuple[ClassInputs, Any]:
-    """class_inputs on a thread of its own: on CUDA on a side stream, returning the event that marks
-    its end (the sampling stream waits on it), so mode discovery of class c+1 overlaps sampling of c."""
-    from .latents import load_class_latents
-
-    z, _files = load_class_latents(ctx["cache"], name)
-    if ctx["device"].type != "cuda":
-        return class_inputs(rcfg, ctx, name, z), None
-    side = torch.cuda.Stream(ctx["device"])
-    with torch.cuda.stream(side):
-        inp = class_inputs(rcfg, ctx, name, z)
-        done = torch.cuda.Event()
-        done.record(side)
-    return inp, done
-
-
-def _receive(inp: ClassInputs, done) -> ClassInputs:
-    """Make a prefetched class's tensors safe to use on the current stream."""
-    if done is not None:
-        cur = torch.cuda.current_stream()
-        cur.wait_event(done)
-        for t in inp.tensors():
-            t.record_stream(cur)   # the allocator must not recycle them while this stream still reads them
-    return inp
-
-
-def distill_class(rcfg: DistillConfig, ctx: dict, name: str, label: int, z: torch.Tensor | None = None,
-                  progress=None, inputs: ClassInputs | None = None):
-    """Sample the IPC images of one class from its latents z (or its prepared ``inputs``).
-
-    Returns (uint8 images (ipc,H,W,3), latents (ipc,C,h,w), stats).
-    """
-    from .cgs import CGS
-    from .guidance import Guidance
-    from .sampler import sample
-    from .schedule import make_schedule
-
-    dev = ctx["device"]
-    info = ctx["dit_info"]
-    inputs = inputs if inputs is not None else class_inputs(rcfg, ctx, name, z)
-    t0 = time.perf_counter()
-    z, modes, paper_kw, t_modes = inputs.z, inputs.modes, inputs.paper_kw, inputs.seconds
-    guided = modes is not None
-    cgs = CGS(z.mean(0), eta_dpp=rcfg.eta_dpp, eta_dm=rcfg.eta_dm, eps=rcfg.dpp_eps) if rcfg.cgs else None
-
-    if (label + 1) * rcfg.ipc > 2 ** 32:
-        raise ConfigError(f"class {name}: label {label} x --ipc {rcfg.ipc} exceeds the 2^32 guidance-noise ids")
-    fast = fast_sampler(rcfg, ctx)
-    schedule = (fast.run.schedule if fast is not None  # schedule_kw: the SD family's betas / timesteps / variance
-                else make_schedule(rcfg.steps, rcfg.sampler, device=dev, **ctx.get("schedule_kw", {})))
-    shape = (info["in_channels"], info["latent_size"], info["latent_size"])
-    # CGS denoises the class as one set (the DiT forward still in chunks of batch_size)
-    step = rcfg.ipc if cgs is not None else rcfg.batch_size
-    out_latents, traces = [], []
-    for start in range(0, rcfg.ipc, step):
-        idx = list(range(start, min(rcfg.ipc, start + step)))
-        gens = [torch.Generator(device=dev).manual_seed(derive_seed(rcfg.seed, "sample", name, j)) for j in idx]
-        x_T = torch.stack([torch.randn(shape, generator=g, device=dev) for g in gens])
-        y = torch.full((len(idx),), label, dtype=torch.long, device=dev)
-        guidance = None
-        if guided:
-            kw = {k: (v[idx] if k in ("order", "sorted_dists") else v) for k, v in paper_kw.items()}
-            # one Philox key for the run, ids unique over (class, sample): a captured step serves every class
-            guidance = Guidance(rcfg, schedule, modes[idx], gens, noise_seed=derive_seed(rcfg.seed, "guidance"),
-                                sample_ids=[label * rcfg.ipc + j for j in idx], **kw)
-        # |x| of each sample after each step (b, steps): ManifoldGD's trajectory variance
-        if fast is not None:
-            lat, trace = fast.sample(x_T, y, gens, guidance=guidance, cgs=cgs)
-        else:
-            norms = []
-            lat = sample(ctx["model"], schedule, x_T, y, null_class=info["null_class"], cfg_scale=rcfg.cfg_scale,
-                         cfg_channels=rcfg.cfg_channels, formulation=rcfg.formulation, ddim_eta=rcfg.ddim_eta,
-                         guidance=guidance, generators=gens, autocast_dtype=ctx["dtype"], cgs=cgs,
-                         t_stop=rcfg.t_stop, forward_batch=rcfg.batch_size, attention=rcfg.attention,
-                         callback=lambda i, x: norms.append(x.flatten(1).norm(dim=1)))
-            trace = torch.stack(norms, 1)
-        out_latents.append(lat)
-        traces.append(trace)
-        if progress is not None:
-            progress.update(len(idx))
-    latents = torch.cat(out_latents)
-    t_sample = time.perf_counter() - t0
-    with phase("vae_decode"):
-        images = decode_latents(ctx["vae"], latents, rcfg.batch_size, ctx["dtype"])
-    # variance across the class's samples of |x| at each step (population variance, as the paper plots it)
-    var = torch.cat(traces).double().var(dim=0, correction=0)
-    stats = dict(label=label, n_latents=int(z.shape[0]), ipc=rcfg.ipc, seconds_modes=round(t_modes, 3),
-                 trajectory_final_variance=round(float(var[-1]), 6),
-                 trajectory_variance=[round(float(v), 6) for v in var],
-                 seconds_sampling=round(t_sample, 3), seconds_total=round(time.perf_counter() - t0 + t_modes, 3))
-    return images, latents.cpu(), stats
-
-
-# Overlap mode discovery of the next class with sampling on the CPU too (off: both compete for the same
-# cores there; tests switch it on to check that the overlap changes no byte).
-PREFETCH_ON_CPU = False
-
-
-def use_fast_loop(rcfg: DistillConfig, device: torch.device) -> bool:
-    """--loop fast, or auto on CUDA (where the fast loop gives the reference loop's latents)."""
-    if rcfg.loop != "auto":
-        return rcfg.loop == "fast"
-    return device.type == "cuda" and not (rcfg.method == "manifoldgd" and rcfg.guidance_noise == "generator")
-
-
-def fast_sampler(rcfg: DistillConfig, ctx: dict):
-    """The run's FastSampler (built once: its captured steps serve every class), or None for the reference loop."""
-    if not use_fast_loop(rcfg, ctx["device"]):
-        return None
-    if "fast_sampler" not in ctx:
-        from .fastloop import FastSampler
-        from .sampler import Sampling
-        from .schedule import make_schedule
-
-        run = Sampling(ctx["model"], make_schedule(rcfg.steps, rcfg.sampler, device=ctx["device"],
-                                              **ctx.get("schedule_kw", {})),
-                       ctx["dit_info"]["null_class"], cfg_scale=rcfg.cfg_scale, cfg_channels=rcfg.cfg_channels,
-                       formulation=rcfg.formulation, ddim_eta=rcfg.ddim_eta, t_stop=rcfg.t_stop,
-                       forward_batch=rcfg.batch_size, autocast_dtype=ctx["dtype"], attention=rcfg.attention)
-        ctx["fast_sampler"] = FastSampler(run, compile=rcfg.compile)
-    return ctx["fast_sampler"]
-
-
-@torch.no_grad()
-def decode_latents(vae, latents: torch.Tensor, batch_size: int, dtype: torch.dtype):
-    import contextlib
-
-    import numpy as np
-
-    sf = vae.config.scaling_factor
-    dev = next(vae.parameters()).device
-    amp = (torch.autocast(dev.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
-    out = []
-    for s in range(0, latents.shape[0], batch_size):
-        with amp:
-            img = vae.decode(latents[s:s + batch_size].to(dev) / sf).sample
-        out.append(to_uint8_images(img))
-    return np.concatenate(out)
-
-
 def distill(config: DistillConfig | dict) -> DistillResult:
     """Distil ``config.data`` into ``config.out``; returns the folder and per-class stats.
 
@@ -421,7 +219,7 @@ def _distill(config: DistillConfig | dict, shard: Shard) -> DistillResult:
     # discovers its modes (on CUDA on a side stream: the GPU interleaves it with the sampling), the
     # other resizes, encodes and writes class c-1's PNGs. At most one class waits on either side;
     # an error on either stops the run at the next class. Results do not depend on the overlap.
-    overlap = ctx["device"].type == "cuda" or PREFETCH_ON_CPU
+    overlap = ctx["device"].type == "cuda" or classrun.PREFETCH_ON_CPU
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="manifoldgd-write") as pool, \
             concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="manifoldgd-modes") as pre:
         def prefetch(e):
@@ -509,25 +307,6 @@ def cache(config: DistillConfig | dict) -> dict:
     finally:
         shard.close()
     return ctx
-
-
-def modes_file(folder: str, name: str) -> str:
-    return os.path.join(os.path.abspath(folder), f"{name}.safetensors")
-
-
-def read_modes(path: str) -> tuple[torch.Tensor | None, str | None]:
-    """(modes, their fingerprint) stored at ``path`` by ``manifoldgd-fast modes``; (None, None) if no file."""
-    from safetensors import SafetensorError, safe_open
-
-    if not os.path.isfile(path):
-        return None, None
-    try:
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
-            modes = f.get_tensor("modes")
-    except (SafetensorError, OSError, KeyError) as e:
-        raise DataError(f"{path}: not a modes file ({str(e).splitlines()[0][:120]})") from None
-    return modes, meta.get("modes_fingerprint")
 
 
 def compute_modes(config: DistillConfig | dict) -> dict[str, str]:

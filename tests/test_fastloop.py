@@ -249,21 +249,21 @@ def test_overlapped_mode_discovery_writes_the_same_bytes(tiny_world, tmp_path, m
     """Modes of class c+1 discovered on a background thread while class c samples: same bytes."""
     from test_pipeline import _args, _digest
 
-    from manifoldgd_fast import pipeline
+    from manifoldgd_fast import classrun
     from manifoldgd_fast.cli import main
 
     common = ["--formulation", "paper", "--guidance-noise", "philox"]
     assert main(_args(tiny_world, tmp_path / "seq", *common)) == 0
     threads = set()
-    real = pipeline.class_inputs
+    real = classrun.class_inputs
 
     def spy(*a, **k):
         import threading
         threads.add(threading.current_thread().name)
         return real(*a, **k)
 
-    monkeypatch.setattr(pipeline, "PREFETCH_ON_CPU", True)
-    monkeypatch.setattr(pipeline, "class_inputs", spy)
+    monkeypatch.setattr(classrun, "PREFETCH_ON_CPU", True)
+    monkeypatch.setattr(classrun, "class_inputs", spy)
     assert main(_args(tiny_world, tmp_path / "overlap", *common)) == 0
     assert threads and all(t.startswith("manifoldgd-modes") for t in threads)
     assert _digest(tmp_path / "seq") == _digest(tmp_path / "overlap")

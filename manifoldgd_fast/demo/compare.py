@@ -53,7 +53,8 @@ def _random_real(train: str, out: str, ipc: int, seed: int) -> None:
 
 def _kmeans_decoded(base: DistillConfig, out: str) -> None:
     from ..latents import load_class_latents
-    from ..pipeline import class_modes, decode_latents, prepare
+    from ..classrun import class_modes, decode_latents
+    from ..pipeline import prepare
 
     if os.path.isfile(os.path.join(out, "manifest.json")):
         return
