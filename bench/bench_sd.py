@@ -148,7 +148,7 @@ def run(a: argparse.Namespace) -> list[dict]:
                              dtype=a.dtype, device=a.device).resolve(10, a.device, backbone="sd")
         ctx = dict(device=dev, dtype=dtype, model=model, dit_info=info, vae=vae, schedule_kw=model.schedule_kwargs,
                    prompts={"tench": prompt})  # a fresh context per method: the fast loop is built per run config
-        secs = _time(lambda: distill_class(rcfg, ctx, "tench", 0, z), dev, a.repeats)
+        secs = _time(lambda: distill_class(rcfg, ctx, "tench", 0, z).result(), dev, a.repeats)
         rows.append(_row(f"ours {m}", secs, a.batch))
     return rows
 

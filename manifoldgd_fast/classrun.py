@@ -18,7 +18,7 @@ import torch
 
 from .config import DistillConfig, derive_seed
 from .errors import ConfigError, DataError
-from .output import to_uint8_images
+from .output import to_uint8_images, to_uint8_tensor
 from .profile import phase
 
 
@@ -131,11 +131,46 @@ def _receive(inp: ClassInputs, done) -> ClassInputs:
     return inp
 
 
+@dataclass
+class ClassOutput:
+    """A sampled class. On CUDA its tensors may still be computing when it is returned: ``events``
+    (start, sampled, decoded) mark the GPU's progress and :meth:`result` waits for them."""
+
+    images: Any                    # uint8 (ipc, H, W, 3): numpy, or a device tensor while in flight
+    latents: torch.Tensor          # (ipc, C, h, w)
+    variance: torch.Tensor         # (steps,) float64: variance of |x| across the samples after each step
+    stats: dict
+    events: tuple | None = None
+
+    def result(self, stream=None) -> tuple[Any, torch.Tensor, dict]:
+        """(uint8 images (numpy), latents on the CPU, stats with the trajectory variance and timings).
+
+        On CUDA the copies run on ``stream`` (default: a new side stream) once the class is decoded,
+        so they do not wait for whatever was queued after it (the next class's sampling).
+        """
+        images, latents, var, stats = self.images, self.latents, self.variance, dict(self.stats)
+        if self.events is not None:
+            start, sampled, decoded = self.events
+            stream = stream or torch.cuda.Stream(latents.device)
+            with torch.cuda.stream(stream):
+                stream.wait_event(decoded)
+                for t in (images, latents, var):
+                    t.record_stream(stream)
+                images, latents, var = images.cpu().numpy(), latents.cpu(), var.cpu()
+            # GPU time: the host ran ahead of the device
+            stats["seconds_sampling"] = round(start.elapsed_time(sampled) / 1e3, 3)
+            stats["seconds_total"] = round(stats["seconds_modes"] + start.elapsed_time(decoded) / 1e3, 3)
+        stats.update(trajectory_final_variance=round(float(var[-1]), 6),
+                     trajectory_variance=[round(float(v), 6) for v in var])
+        return images, latents.cpu(), stats
+
+
 def distill_class(rcfg: DistillConfig, ctx: dict, name: str, label: int, z: torch.Tensor | None = None,
-                  progress=None, inputs: ClassInputs | None = None):
+                  progress=None, inputs: ClassInputs | None = None) -> ClassOutput:
     """Sample the IPC images of one class from its latents z (or its prepared ``inputs``).
 
-    Returns (uint8 images (ipc,H,W,3), latents (ipc,C,h,w), stats).
+    On CUDA nothing here waits for the GPU: the returned :class:`ClassOutput` holds device tensors and
+    events, and its ``result()`` (the writer thread calls it) copies them back.
     """
     from .cgs import CGS
     from .guidance import Guidance
@@ -146,6 +181,10 @@ def distill_class(rcfg: DistillConfig, ctx: dict, name: str, label: int, z: torc
     info = ctx["dit_info"]
     inputs = inputs if inputs is not None else class_inputs(rcfg, ctx, name, z)
     t0 = time.perf_counter()
+    cuda = dev.type == "cuda"
+    events = tuple(torch.cuda.Event(enable_timing=True) for _ in range(3)) if cuda else None
+    if cuda:
+        events[0].record()
     z, modes, paper_kw, t_modes = inputs.z, inputs.modes, inputs.paper_kw, inputs.seconds
     guided = modes is not None
     cgs = CGS(z.mean(0), eta_dpp=rcfg.eta_dpp, eta_dm=rcfg.eta_dm, eps=rcfg.dpp_eps) if rcfg.cgs else None
@@ -187,15 +226,17 @@ def distill_class(rcfg: DistillConfig, ctx: dict, name: str, label: int, z: torc
             progress.update(len(idx))
     latents = torch.cat(out_latents)
     t_sample = time.perf_counter() - t0
+    if cuda:
+        events[1].record()
     with phase("vae_decode"):
-        images = decode_latents(ctx["vae"], latents, rcfg.batch_size, ctx["dtype"])
+        images = decode_latents(ctx["vae"], latents, rcfg.batch_size, ctx["dtype"], host=not cuda)
     # variance across the class's samples of |x| at each step (population variance, as the paper plots it)
     var = torch.cat(traces).double().var(dim=0, correction=0)
+    if cuda:
+        events[2].record()
     stats = dict(label=label, n_latents=int(z.shape[0]), ipc=rcfg.ipc, seconds_modes=round(t_modes, 3),
-                 trajectory_final_variance=round(float(var[-1]), 6),
-                 trajectory_variance=[round(float(v), 6) for v in var],
                  seconds_sampling=round(t_sample, 3), seconds_total=round(time.perf_counter() - t0 + t_modes, 3))
-    return images, latents.cpu(), stats
+    return ClassOutput(images, latents, var, stats, events)
 
 
 # Overlap mode discovery of the next class with sampling on the CPU too (off: both compete for the same
@@ -229,7 +270,9 @@ def fast_sampler(rcfg: DistillConfig, ctx: dict):
 
 
 @torch.no_grad()
-def decode_latents(vae, latents: torch.Tensor, batch_size: int, dtype: torch.dtype):
+def decode_latents(vae, latents: torch.Tensor, batch_size: int, dtype: torch.dtype, host: bool = True):
+    """VAE-decode latents (N, C, h, w) in batches -> uint8 (N, H, W, 3): numpy, or (host=False) a tensor
+    on the VAE's device, so the caller need not wait for the decode."""
     import contextlib
 
     import numpy as np
@@ -241,5 +284,5 @@ def decode_latents(vae, latents: torch.Tensor, batch_size: int, dtype: torch.dty
     for s in range(0, latents.shape[0], batch_size):
         with amp:
             img = vae.decode(latents[s:s + batch_size].to(dev) / sf).sample
-        out.append(to_uint8_images(img))
-    return np.concatenate(out)
+        out.append(to_uint8_images(img) if host else to_uint8_tensor(img))
+    return np.concatenate(out) if host else torch.cat(out)

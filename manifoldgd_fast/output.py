@@ -48,9 +48,15 @@ def to_uint8_images(x: torch.Tensor) -> np.ndarray:
     Rounds exactly as torchvision's ``save_image(normalize, value_range=(-1,1))``
     does (scale to [0, 255], + 0.5, clamp, truncate), the released samplers' way.
     """
-    x = (x.detach().float().cpu().clamp(-1, 1) + 1) / 2
+    return to_uint8_tensor(x.detach().float().cpu()).numpy()
+
+
+def to_uint8_tensor(x: torch.Tensor) -> torch.Tensor:
+    """:func:`to_uint8_images` on x's device: uint8 (N, H, W, 3) tensor. Every op is an exactly
+    rounded fp32 op (the scalings are by 1/2 and 255), so the bytes do not depend on the device."""
+    x = (x.detach().float().clamp(-1, 1) + 1) / 2
     x = (x * 255 + 0.5).clamp(0, 255).to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
+    return x.permute(0, 2, 3, 1)
 
 
 def resize_images(images: np.ndarray, size: int | None) -> np.ndarray:

@@ -209,7 +209,12 @@ def _distill(config: DistillConfig | dict, shard: Shard) -> DistillResult:
     write_manifest()
     todo = [e for e in mine if not writer.is_done(e.name)]
     bar = tqdm(total=len(todo) * rcfg.ipc, desc=f"distil {rcfg.method}", unit="img", disable=None)
-    def save(name, images, latents, stats):
+    copy_stream = torch.cuda.Stream(ctx["device"]) if ctx["device"].type == "cuda" else None
+
+    def save(name, output, prompt):
+        images, latents, stats = output.result(copy_stream)   # waits for this class's GPU work only
+        if prompt is not None:
+            stats["prompt"] = prompt
         with phase("io"):
             images = resize_images(images, rcfg.output_size)
             writer.write_class(name, images, latents if rcfg.save_latents else None, stats)
@@ -217,8 +222,10 @@ def _distill(config: DistillConfig | dict, shard: Shard) -> DistillResult:
 
     # Two background threads around the sampling of class c: one loads the latents of class c+1 and
     # discovers its modes (on CUDA on a side stream: the GPU interleaves it with the sampling), the
-    # other resizes, encodes and writes class c-1's PNGs. At most one class waits on either side;
-    # an error on either stops the run at the next class. Results do not depend on the overlap.
+    # other copies class c-1 back from the GPU (on a copy stream, as soon as it is decoded), resizes,
+    # encodes and writes its PNGs. On CUDA the main thread never waits for the GPU, so the device
+    # queue never runs dry between classes. At most one class waits on either side; an error on
+    # either stops the run at the next class. Results do not depend on the overlap.
     overlap = ctx["device"].type == "cuda" or classrun.PREFETCH_ON_CPU
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="manifoldgd-write") as pool, \
             concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="manifoldgd-modes") as pre:
@@ -231,12 +238,10 @@ def _distill(config: DistillConfig | dict, shard: Shard) -> DistillResult:
         for k, e in enumerate(todo):
             inputs = _receive(*ahead.result()) if ahead is not None else _prefetched_inputs(rcfg, ctx, e.name)[0]
             ahead = prefetch(todo[k + 1]) if k + 1 < len(todo) else None
-            images, latents, stats = distill_class(rcfg, ctx, e.name, e.label, progress=bar, inputs=inputs)
-            if e.name in ctx["prompts"]:
-                stats["prompt"] = ctx["prompts"][e.name]
+            output = distill_class(rcfg, ctx, e.name, e.label, progress=bar, inputs=inputs)
             if pending is not None:
                 pending.result()
-            pending = pool.submit(contextvars.copy_context().run, save, e.name, images, latents, stats)
+            pending = pool.submit(contextvars.copy_context().run, save, e.name, output, ctx["prompts"].get(e.name))
         if pending is not None:
             pending.result()
     bar.close()

@@ -283,3 +283,18 @@ def test_auto_graphs_step_aside_for_the_profiler(model, monkeypatch):
     assert calls == []
     FastSampler(run).sample(x_T, y, gens)
     assert calls == ["graph"]
+
+
+@requires_cuda()
+@pytest.mark.parametrize("extra", [[], ["--method", "mgd3"], ["--cgs"]])
+def test_pipeline_on_cuda_graphs_and_async_outputs(tiny_world, tmp_path, extra):
+    """On CUDA: the graph loop, the prefetch on a side stream and the copy-stream outputs write the
+    bytes the eager reference loop writes on the same GPU."""
+    from test_pipeline import _args, _digest
+
+    from manifoldgd_fast.cli import main
+
+    common = ["--device", "cuda", "--guidance-noise", "philox", *extra]
+    assert main(_args(tiny_world, tmp_path / "ref", "--loop", "reference", *common)) == 0
+    assert main(_args(tiny_world, tmp_path / "fast", "--loop", "fast", *common)) == 0
+    assert _digest(tmp_path / "ref") == _digest(tmp_path / "fast")
