@@ -59,15 +59,13 @@ def predraw_noise(run: Sampling, shape: tuple[int, ...], generators, device) -> 
     return out
 
 
-def _graph_blocker(run: Sampling, device: torch.device, guidance: Guidance | None, cgs) -> str | None:
-    """Why this run cannot be captured into CUDA graphs, or None."""
+def _graph_blocker(run: Sampling, device: torch.device, guidance: Guidance | None) -> str | None:
+    """Why this run cannot be captured into CUDA graphs, or None (generator-drawn cloud noise is
+    refused before: the fast loop cannot take it at all)."""
     if device.type != "cuda":
         return "not on CUDA"
-    if guidance is not None and guidance.manifold:
-        if not guidance.philox:
-            return "the cloud / patch noise comes from torch.Generators (use --guidance-noise philox)"
-        if run.formulation == "paper":
-            return "the paper formulation's patch has the class's size"
+    if guidance is not None and guidance.manifold and run.formulation == "paper":
+        return "the paper formulation's patch has the class's size"
     return None
 
 
@@ -126,7 +124,7 @@ class FastSampler:
                               "(generator-drawn cloud noise shares the step-noise generators)")
         run, dev = self.run, x_T.device
         noise = predraw_noise(run, tuple(x_T.shape[1:]), generators, dev)
-        blocker = _graph_blocker(run, dev, guidance, cgs)
+        blocker = _graph_blocker(run, dev, guidance)
         # auto: graphs unless a profiler is timing the phases (a replayed step cannot be split into them)
         use_graph = self.cuda_graph if self.cuda_graph is not None else (blocker is None and not profiling_active())
         if use_graph and blocker is not None:
