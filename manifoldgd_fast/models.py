@@ -132,8 +132,8 @@ def _cached_snapshot(repo_id: str, cache_dir: str | None) -> str | None:
         return None
 
 
-def _load(cls, path_or_id: str, subfolder: str, flag: str, what: str, *, device, dtype,
-          cache_dir: str | None):
+def resolve_root(path_or_id, *, flag: str, what: str, cache_dir: str | None = None) -> str:
+    """The local folder of a model: the folder itself or the cached snapshot of a HF id (never downloads)."""
     if not isinstance(path_or_id, (str, os.PathLike)) or not str(path_or_id):
         raise ModelError(f"{flag} {path_or_id!r}: give a model folder or a Hugging Face id")
     arg = str(path_or_id)
@@ -141,6 +141,13 @@ def _load(cls, path_or_id: str, subfolder: str, flag: str, what: str, *, device,
     if root is None:
         raise ModelError(f"{flag} {arg}: no {what} found (not a local folder, not in the "
                          "Hugging Face cache)")
+    return root
+
+
+def _load(cls, path_or_id: str, subfolder: str, flag: str, what: str, *, device, dtype,
+          cache_dir: str | None):
+    root = resolve_root(path_or_id, flag=flag, what=what, cache_dir=cache_dir)
+    arg = str(path_or_id)
     # A model folder keeps config.json at its root, a pipeline in a subfolder.
     for folder in (root, os.path.join(root, subfolder)):
         if os.path.isfile(os.path.join(folder, CONFIG_NAME)):

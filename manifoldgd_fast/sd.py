@@ -25,7 +25,8 @@ import torch
 
 from .config import check_prompt_template
 from .errors import ModelError
-from .models import _cached_snapshot, _first_line, _load_from_folder, seeded_init
+from .models import _first_line, _load_from_folder, seeded_init
+from .models import resolve_root as models_resolve_root
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer")
 LAYOUT = "SD 1.5 diffusers layout: unet/, vae/, text_encoder/, tokenizer/, scheduler/"
@@ -148,15 +149,8 @@ class TextConditionedDenoiser(torch.nn.Module):
 # loading (never downloads)
 # --------------------------------------------------------------------------- #
 def resolve_root(path_or_id, *, flag: str = "--model", cache_dir: str | None = None) -> str:
-    """The local folder of a model: the folder itself or the cached snapshot of a HF id."""
-    if not isinstance(path_or_id, (str, os.PathLike)) or not str(path_or_id):
-        raise ModelError(f"{flag} {path_or_id!r}: give a model folder or a Hugging Face id")
-    arg = str(path_or_id)
-    root = arg if os.path.isdir(arg) else _cached_snapshot(arg, cache_dir)
-    if root is None:
-        raise ModelError(f"{flag} {arg}: no Stable Diffusion found (not a local folder, not in the "
-                         "Hugging Face cache)")
-    return root
+    """The local folder of a Stable Diffusion model: the folder itself or the cached snapshot of a HF id."""
+    return models_resolve_root(path_or_id, flag=flag, what="Stable Diffusion", cache_dir=cache_dir)
 
 
 def is_sd_folder(root: str) -> bool:

@@ -49,6 +49,22 @@ DEV = "cuda" if RUNNABLE and not kernels.INTERPRET and torch.cuda.is_available()
 DTYPES = [(torch.float32, 2e-4), (torch.bfloat16, 2e-2), (torch.float16, 5e-3)]
 
 
+def _assert_graph_replay_equals_eager(step):
+    """Warm ``step`` up on a side stream, capture it in a CUDA graph, replay: equal to an eager call."""
+    eager = step()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+
+
 def _anisotropic(B, M, D, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     sc = torch.linspace(3.0, 0.1, D)
@@ -407,18 +423,7 @@ def test_fused_step_captures_in_a_cuda_graph():
         return torch.ops.manifoldgd_fast.manifold_correct_fused(x, lat, order, lengths, g, sid, None, 0.5, 1, 3, 10, 3,
                                                                 1.0, 0.1, eig)
 
-    eager = step()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, eager)
+    _assert_graph_replay_equals_eager(step)
 
 
 @pytest.mark.parametrize("formulation", ["paper", "official"])
@@ -585,15 +590,4 @@ def test_layernorm_and_gate_full_shape_and_cuda_graph_gpu(B):
     def step():
         return dit_ops.gate_residual(x, mods[:, 2], dit_ops.layernorm_modulate(x, mods[:, 0], mods[:, 1]))
 
-    eager = step()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, eager)
+    _assert_graph_replay_equals_eager(step)
