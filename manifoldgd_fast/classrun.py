@@ -9,6 +9,7 @@ class on a background thread (a side CUDA stream) while this one samples.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -225,15 +226,23 @@ def distill_class(rcfg: DistillConfig, ctx: dict, name: str, label: int, z: torc
         if progress is not None:
             progress.update(len(idx))
     latents = torch.cat(out_latents)
+    trace = torch.cat(traces)
     t_sample = time.perf_counter() - t0
-    if cuda:
+    side = contextlib.nullcontext()
+    if cuda:  # decode on a stream of its own: it computes beside the next class's sampling
         events[1].record()
-    with phase("vae_decode"):
-        images = decode_latents(ctx["vae"], latents, rcfg.batch_size, ctx["dtype"], host=not cuda)
-    # variance across the class's samples of |x| at each step (population variance, as the paper plots it)
-    var = torch.cat(traces).double().var(dim=0, correction=0)
-    if cuda:
-        events[2].record()
+        stream = ctx.setdefault("decode_stream", torch.cuda.Stream(dev))
+        stream.wait_event(events[1])
+        for t in (latents, trace):
+            t.record_stream(stream)   # made on the sampling stream, read on the decode stream
+        side = torch.cuda.stream(stream)
+    with side:
+        with phase("vae_decode"):
+            images = decode_latents(ctx["vae"], latents, rcfg.batch_size, ctx["dtype"], host=not cuda)
+        # variance across the class's samples of |x| at each step (population variance, as the paper plots it)
+        var = trace.double().var(dim=0, correction=0)
+        if cuda:
+            events[2].record()
     stats = dict(label=label, n_latents=int(z.shape[0]), ipc=rcfg.ipc, seconds_modes=round(t_modes, 3),
                  seconds_sampling=round(t_sample, 3), seconds_total=round(time.perf_counter() - t0 + t_modes, 3))
     return ClassOutput(images, latents, var, stats, events)
@@ -273,8 +282,6 @@ def fast_sampler(rcfg: DistillConfig, ctx: dict):
 def decode_latents(vae, latents: torch.Tensor, batch_size: int, dtype: torch.dtype, host: bool = True):
     """VAE-decode latents (N, C, h, w) in batches -> uint8 (N, H, W, 3): numpy, or (host=False) a tensor
     on the VAE's device, so the caller need not wait for the decode."""
-    import contextlib
-
     import numpy as np
 
     sf = vae.config.scaling_factor
