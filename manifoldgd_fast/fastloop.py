@@ -31,6 +31,7 @@ chain is graph -> eager, logged once.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from dataclasses import dataclass, field
 
@@ -167,7 +168,8 @@ class FastSampler:
         """Everything a captured graph bakes in besides the static buffers' contents."""
         g = c = None
         if guidance is not None:
-            g = (id(guidance.cfg), guidance.noise_seed, guidance.manifold, tuple(guidance.modes.shape))
+            g = (json.dumps(guidance.cfg.to_dict(), sort_keys=True, default=str), guidance.noise_seed,
+                 guidance.manifold, tuple(guidance.modes.shape))
         if cgs is not None:
             c = (cgs.eta_dpp, cgs.eta_dm, cgs.eps, tuple(cgs.mu.shape))
         return (tuple(x_T.shape), x_T.device, y.dtype, noise is None, g, c)
