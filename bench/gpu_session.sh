@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# A GPU session's checks and benchmarks, a few device calls in all (30 device-minutes per session).
+#
+# Here, once (no GPU needed; the device image has everything but diffusers):
+#     bash bench/gpu_session.sh fetch
+# Then, with the device tool, each stage in its own call with carry [".whl"] (each fits 10 minutes):
+#     bash bench/gpu_session.sh tests      # every test on the GPU (CUDA-only tests included), log to $OUT
+#     bash bench/gpu_session.sh kernels    # bench_kernels + bench_dit_ops (--quick), CSV to $OUT
+#     bash bench/gpu_session.sh sampling   # bench_sampling (no compile rows), JSON + PNG chart to $OUT
+#     bash bench/gpu_session.sh compile    # bench_sampling's torch.compile rows, batch 32 only
+#     bash bench/gpu_session.sh scale      # bench_modes + bench_cache on the GPU (SCALING.md figures)
+# Record every figure in bench/RESULTS.md with the date, GPU, versions and the command.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+stage=${1:?usage: bash bench/gpu_session.sh fetch|tests|kernels|sampling|compile|scale}
+if [ "$stage" = fetch ]; then
+  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
+  v=$(python3 -c "import diffusers; print(diffusers.__version__)")
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl "diffusers==$v"
+  ls -l .whl
+  exit 0
+fi
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
+{ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  python3 -c "import torch, triton, diffusers; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__)"
+} | tee "$OUT/versions.txt"
+case "$stage" in
+  tests)    python3 -m pytest -q -x -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log" ;;
+  kernels)  python3 bench/bench_kernels.py --quick --csv "$OUT/kernels.csv" 2>&1 | tee "$OUT/kernels.log"
+            python3 bench/bench_dit_ops.py --quick --csv "$OUT/dit_ops.csv" 2>&1 | tee "$OUT/dit_ops.log" ;;
+  sampling) python3 bench/bench_sampling.py --batches 8 32 128 --no-compile --reps 3 \
+                --json "$OUT/sampling.json" --png "$OUT/sampling.png" 2>&1 | tee "$OUT/sampling.log" ;;
+  compile)  python3 bench/bench_sampling.py --batches 32 --reps 3 --json "$OUT/sampling_compile.json" \
+                --rows diffusers-fp16 diffusers-fp16-compile ours-graph-manifoldgd ours-graph-compile-manifoldgd \
+                       ours-graph-fused-manifoldgd ours-graph-compile-fused-manifoldgd 2>&1 | tee "$OUT/compile.log" ;;
+  scale)    python3 bench/bench_modes.py --device cuda 2>&1 | tee "$OUT/modes.log"
+            python3 bench/bench_cache.py --vae sd --device cuda --dtype bfloat16 2>&1 | tee "$OUT/cache.log" ;;
+  *) echo "unknown stage $stage" >&2; exit 2 ;;
+esac
