@@ -171,10 +171,17 @@ def load_dit(path_or_id: str, *, device: str | torch.device = "cpu",
             (e.g. ``facebook/DiT-XL-2-256``).
         cache_dir: Hugging Face cache to look in (None = the default one).
 
+    An original DiT checkpoint (``DiT-XL-2-256x256.pt`` from facebookresearch/DiT, as the
+    ManifoldGD and MGD³ releases use it) loads too: :mod:`dit_checkpoint`.
+
     Raises ModelError naming ``--model`` and the folder / file at fault.
     """
     from diffusers import DiTTransformer2DModel
 
+    from .dit_checkpoint import is_dit_checkpoint, load_dit_checkpoint
+
+    if is_dit_checkpoint(path_or_id):
+        return load_dit_checkpoint(str(path_or_id), device=device, dtype=dtype)
     return _load(DiTTransformer2DModel, path_or_id, "transformer", "--model", "DiT",
                  device=device, dtype=dtype, cache_dir=cache_dir)
 
@@ -206,6 +213,8 @@ def model_family(path_or_id, cache_dir: str | None = None) -> str:
     if not isinstance(path_or_id, (str, os.PathLike)) or not str(path_or_id):
         return "dit"
     arg = str(path_or_id)
+    if os.path.isfile(arg):  # an original DiT .pt checkpoint
+        return "dit"
     root = arg if os.path.isdir(arg) else _cached_snapshot(arg, cache_dir)
     return "sd" if root is not None and is_sd_folder(root) else "dit"
 

@@ -95,6 +95,8 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
                           "in the local cache")
     if cfg.model is None and cfg.vae is None:
         raise ConfigError("--vae (or --model, whose folder holds vae/) is required")
+    if cfg.vae is None and cfg.model is not None and os.path.isfile(str(cfg.model)):
+        raise ConfigError(f"--vae is required with a DiT checkpoint file ({cfg.model}), e.g. --vae stabilityai/sd-vae-ft-ema")
     device = resolve_device(shard.device(cfg.device))
     dtype = _DTYPES[cfg.dtype]
     classes = class_list(cfg.classes) if cfg.classes else None

@@ -1,0 +1,130 @@
+"""The original DiT checkpoints (facebookresearch/DiT ``DiT-XL-2-256x256.pt``) as diffusers DiTs.
+
+The ManifoldGD and MGD³ releases load DiT through the original repository's
+``.pt`` state dicts. :func:`load_dit_checkpoint` reads such a file (tensors
+only: ``torch.load(weights_only=True)``) and maps it onto a
+``DiTTransformer2DModel``, the same renaming diffusers'
+``scripts/convert_dit_to_diffusers.py`` does:
+
+* ``x_embedder.proj`` -> ``pos_embed.proj``. The fixed sin-cos ``pos_embed``
+  is recomputed by diffusers and checked against the file's copy.
+* ``t_embedder.mlp.{0,2}`` and ``y_embedder.embedding_table`` -> every block's
+  ``norm1.emb``. The original model has one embedder; diffusers keeps a copy
+  per block.
+* ``blocks.i.adaLN_modulation.1`` -> ``transformer_blocks.i.norm1.linear``.
+* ``blocks.i.attn.qkv`` -> ``attn1.to_q / to_k / to_v``, split in that order.
+* ``blocks.i.attn.proj`` -> ``attn1.to_out.0``.
+* ``blocks.i.mlp.fc{1,2}`` -> ``ff.net.{0.proj,2}``.
+* ``final_layer.adaLN_modulation.1`` -> ``proj_out_1``.
+* ``final_layer.linear`` -> ``proj_out_2``.
+
+The architecture comes from the tensors' shapes: width, depth, patch size,
+latent size (from ``pos_embed``), classes, and learned sigma. The tensors do
+not show the number of heads, so it comes from the DiT family's width:
+S 6, B 12, L 16, XL 16 × 72.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .errors import ModelError
+
+
+def is_dit_checkpoint(path) -> bool:
+    return isinstance(path, (str, os.PathLike)) and str(path).endswith((".pt", ".pth")) and os.path.isfile(path)
+
+
+def _state_dict(path: str) -> dict[str, torch.Tensor]:
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, or one holding more than tensors
+        raise ModelError(f"--model {path}: not a readable DiT checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:160]})") from None
+    if isinstance(sd, dict) and "ema" in sd and isinstance(sd["ema"], dict):  # a training checkpoint
+        sd = sd["ema"]
+    if not isinstance(sd, dict) or "x_embedder.proj.weight" not in sd:
+        raise ModelError(f"--model {path}: not an original DiT state dict (no x_embedder.proj.weight)")
+    return sd
+
+
+# heads of the original DiT family by width (DiT-S, -B, -L, -XL): the tensors do not show them
+DIT_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}
+
+
+def dit_config_from_state_dict(sd: dict[str, torch.Tensor], heads: int | None = None) -> dict:
+    """diffusers ``DiTTransformer2DModel`` config of an original DiT state dict (``heads``: for widths
+    outside the DiT family)."""
+    w = sd["x_embedder.proj.weight"]                       # (hidden, in_channels, p, p)
+    hidden, in_ch, p = w.shape[0], w.shape[1], w.shape[2]
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    n_tokens = sd["pos_embed"].shape[1] if "pos_embed" in sd else None
+    if n_tokens is None:
+        raise ModelError("the DiT checkpoint has no pos_embed: its latent size is unknown")
+    side = int(round(n_tokens ** 0.5))
+    heads = heads or DIT_HEADS.get(hidden)
+    if heads is None or hidden % heads:
+        raise ModelError(f"a width-{hidden} DiT is not one of DiT-S/B/L/XL ({sorted(DIT_HEADS)}): "
+                         f"its number of attention heads cannot be told from the checkpoint")
+    out_ch = sd["final_layer.linear.weight"].shape[0] // (p * p)
+    num_classes = sd["y_embedder.embedding_table.weight"].shape[0] - 1   # + the CFG null row
+    return dict(num_attention_heads=heads, attention_head_dim=hidden // heads, in_channels=in_ch,
+                out_channels=out_ch, num_layers=depth, sample_size=side * p, patch_size=p,
+                num_embeds_ada_norm=num_classes, activation_fn="gelu-approximate", norm_type="ada_norm_zero",
+                norm_elementwise_affine=False, attention_bias=True, dropout=0.0)
+
+
+def convert_state_dict(sd: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """Original DiT names -> diffusers ``DiTTransformer2DModel`` names (see the module docstring)."""
+    out = {"pos_embed.proj.weight": sd["x_embedder.proj.weight"], "pos_embed.proj.bias": sd["x_embedder.proj.bias"],
+           "proj_out_1.weight": sd["final_layer.adaLN_modulation.1.weight"],
+           "proj_out_1.bias": sd["final_layer.adaLN_modulation.1.bias"],
+           "proj_out_2.weight": sd["final_layer.linear.weight"], "proj_out_2.bias": sd["final_layer.linear.bias"]}
+    for i in range(depth):
+        b, t = f"blocks.{i}.", f"transformer_blocks.{i}."
+        emb = t + "norm1.emb."
+        for j, lin in ((0, "linear_1"), (2, "linear_2")):
+            out[f"{emb}timestep_embedder.{lin}.weight"] = sd[f"t_embedder.mlp.{j}.weight"]
+            out[f"{emb}timestep_embedder.{lin}.bias"] = sd[f"t_embedder.mlp.{j}.bias"]
+        out[f"{emb}class_embedder.embedding_table.weight"] = sd["y_embedder.embedding_table.weight"]
+        out[t + "norm1.linear.weight"] = sd[b + "adaLN_modulation.1.weight"]
+        out[t + "norm1.linear.bias"] = sd[b + "adaLN_modulation.1.bias"]
+        for kind in ("weight", "bias"):
+            q, k, v = sd[f"{b}attn.qkv.{kind}"].chunk(3, dim=0)
+            out[f"{t}attn1.to_q.{kind}"], out[f"{t}attn1.to_k.{kind}"], out[f"{t}attn1.to_v.{kind}"] = q, k, v
+            out[f"{t}attn1.to_out.0.{kind}"] = sd[f"{b}attn.proj.{kind}"]
+            out[f"{t}ff.net.0.proj.{kind}"] = sd[f"{b}mlp.fc1.{kind}"]
+            out[f"{t}ff.net.2.{kind}"] = sd[f"{b}mlp.fc2.{kind}"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def load_dit_checkpoint(path: str, *, device="cpu", dtype: torch.dtype = torch.float32, heads: int | None = None):
+    """A diffusers DiT (eval mode) from an original DiT ``.pt`` checkpoint. Raises ModelError naming the file."""
+    from diffusers import DiTTransformer2DModel
+
+    sd = _state_dict(str(path))
+    try:
+        cfg = dit_config_from_state_dict(sd, heads)
+    except ModelError as e:
+        raise ModelError(f"--model {path}: {e}") from None
+    with torch.device("meta"):
+        model = DiTTransformer2DModel(**cfg)
+    try:
+        missing = model.load_state_dict(convert_state_dict(sd, cfg["num_layers"]), strict=False, assign=True)
+    except (KeyError, RuntimeError) as e:
+        raise ModelError(f"--model {path}: does not fit a DiT ({str(e).splitlines()[0][:200]})") from None
+    # pos_embed is a fixed sin-cos buffer diffusers computes itself: it is all that may be missing
+    unexpected = [k for k in missing.missing_keys if not k.startswith("pos_embed.pos_embed")]
+    if unexpected or missing.unexpected_keys:
+        raise ModelError(f"--model {path}: keys do not fit a DiT (missing {unexpected[:3]}, "
+                         f"unexpected {missing.unexpected_keys[:3]})")
+    from diffusers.models.embeddings import PatchEmbed
+
+    # the fixed sin-cos buffer, built as DiTTransformer2DModel builds it (a small module on the CPU)
+    pe = PatchEmbed(height=cfg["sample_size"], width=cfg["sample_size"], patch_size=cfg["patch_size"],
+                    in_channels=cfg["in_channels"], embed_dim=cfg["num_attention_heads"] * cfg["attention_head_dim"])
+    model.pos_embed.register_buffer("pos_embed", pe.pos_embed, persistent=False)
+    if not torch.allclose(sd["pos_embed"].float(), pe.pos_embed.float(), atol=1e-5):
+        raise ModelError(f"--model {path}: its pos_embed is not DiT's fixed sin-cos embedding")
+    return model.to(device=device, dtype=dtype).eval()

@@ -1,0 +1,125 @@
+"""Original DiT .pt checkpoints (facebookresearch/DiT layout) load as the diffusers DiT they were converted to."""
+import pytest
+import torch
+
+from manifoldgd_fast.dit_checkpoint import dit_config_from_state_dict, load_dit_checkpoint
+from manifoldgd_fast.errors import ModelError
+from manifoldgd_fast.fastdit import tie_conditioning_embedders
+from manifoldgd_fast.models import build_dit, tiny_dit_config
+
+
+def original_state_dict(dit):
+    """A diffusers DiT written back in the original repository's names, as its models.py defines them:
+    one t/y embedder, attn.qkv = [q; k; v], mlp.fc1/fc2, adaLN_modulation.1, final_layer."""
+    d = dit.state_dict()
+    b0 = "transformer_blocks.0.norm1.emb."
+    sd = {"x_embedder.proj.weight": d["pos_embed.proj.weight"], "x_embedder.proj.bias": d["pos_embed.proj.bias"],
+          "pos_embed": dit.pos_embed.pos_embed.clone(),
+          "t_embedder.mlp.0.weight": d[b0 + "timestep_embedder.linear_1.weight"],
+          "t_embedder.mlp.0.bias": d[b0 + "timestep_embedder.linear_1.bias"],
+          "t_embedder.mlp.2.weight": d[b0 + "timestep_embedder.linear_2.weight"],
+          "t_embedder.mlp.2.bias": d[b0 + "timestep_embedder.linear_2.bias"],
+          "y_embedder.embedding_table.weight": d[b0 + "class_embedder.embedding_table.weight"],
+          "final_layer.adaLN_modulation.1.weight": d["proj_out_1.weight"],
+          "final_layer.adaLN_modulation.1.bias": d["proj_out_1.bias"],
+          "final_layer.linear.weight": d["proj_out_2.weight"], "final_layer.linear.bias": d["proj_out_2.bias"]}
+    for i in range(len(dit.transformer_blocks)):
+        t = f"transformer_blocks.{i}."
+        for kind in ("weight", "bias"):
+            sd[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([d[f"{t}attn1.to_{c}.{kind}"] for c in "qkv"])
+            sd[f"blocks.{i}.attn.proj.{kind}"] = d[f"{t}attn1.to_out.0.{kind}"]
+            sd[f"blocks.{i}.mlp.fc1.{kind}"] = d[f"{t}ff.net.0.proj.{kind}"]
+            sd[f"blocks.{i}.mlp.fc2.{kind}"] = d[f"{t}ff.net.2.{kind}"]
+            sd[f"blocks.{i}.adaLN_modulation.1.{kind}"] = d[f"{t}norm1.linear.{kind}"]
+    return {k: v.clone() for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(num_layers=3, sample_size=16, patch_size=4)])
+@pytest.mark.parametrize("ema", [False, True])
+def test_original_checkpoint_loads_as_the_same_dit(tmp_path, cfg, ema):
+    dit = tie_conditioning_embedders(build_dit(tiny_dit_config(num_classes=10, **cfg), seed=5))
+    sd = original_state_dict(dit)
+    path = tmp_path / "DiT-tiny.pt"
+    torch.save({"ema": sd, "opt": {}} if ema else sd, path)
+    heads = dit.config.num_attention_heads
+    got = load_dit_checkpoint(str(path), heads=heads)
+    for k, v in dit.config.items():
+        if not k.startswith("_") and k in dit_config_from_state_dict(sd, heads):
+            assert got.config[k] == v, k
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, dit.config.sample_size, dit.config.sample_size, generator=g)
+    t, y = torch.tensor([1, 500, 999]), torch.tensor([0, 7, 10])
+    with torch.no_grad():
+        torch.testing.assert_close(got(x, timestep=t, class_labels=y).sample, dit(x, timestep=t, class_labels=y).sample,
+                                   atol=0, rtol=0)
+
+
+def test_xl2_shapes_give_the_xl2_config():
+    from manifoldgd_fast.models import dit_xl2_config
+
+    with torch.device("meta"):
+        dit = build_dit(dit_xl2_config(), seed=None)
+    cfg = dit_config_from_state_dict(original_state_dict_shapes(dit))
+    want = dit_xl2_config()
+    assert {k: cfg[k] for k in want} == want
+
+
+def original_state_dict_shapes(dit):
+    """The shapes an original checkpoint of ``dit``'s architecture has, as meta tensors."""
+    C = dit.config.num_attention_heads * dit.config.attention_head_dim
+    p, cin = dit.config.patch_size, dit.config.in_channels
+    n = (dit.config.sample_size // p) ** 2
+    e = lambda *shape: torch.empty(*shape, device="meta")  # noqa: E731
+    sd = {"x_embedder.proj.weight": e(C, cin, p, p), "pos_embed": e(1, n, C),
+          "final_layer.linear.weight": e(p * p * dit.config.out_channels, C),
+          "y_embedder.embedding_table.weight": e(dit.config.num_embeds_ada_norm + 1, C)}
+    for i in range(dit.config.num_layers):
+        sd[f"blocks.{i}.attn.qkv.weight"] = e(3 * C, C)
+    return sd
+
+
+def test_bad_checkpoints_one_line(tmp_path):
+    bad = tmp_path / "x.pt"
+    bad.write_bytes(b"not a torch file")
+    with pytest.raises(ModelError, match="not a readable DiT checkpoint"):
+        load_dit_checkpoint(str(bad))
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "y.pt")
+    with pytest.raises(ModelError, match="not an original DiT state dict"):
+        load_dit_checkpoint(str(tmp_path / "y.pt"))
+    dit = build_dit(tiny_dit_config(num_classes=10), seed=0)          # width 16: not a DiT-S/B/L/XL
+    torch.save(original_state_dict(tie_conditioning_embedders(dit)), tmp_path / "z.pt")
+    with pytest.raises(ModelError, match="number of attention heads"):
+        load_dit_checkpoint(str(tmp_path / "z.pt"))
+
+
+def test_distill_from_an_original_checkpoint(tiny_world, tmp_path, capsys, monkeypatch):
+    """--model DiT.pt (+ --vae) distils to the same bytes as the diffusers folder it came from."""
+    import os
+
+    from diffusers import DiTTransformer2DModel
+    from test_pipeline import _args, _digest
+
+    from manifoldgd_fast.cli import main
+    from manifoldgd_fast.dit_checkpoint import DIT_HEADS
+
+    from manifoldgd_fast.models import save_pretrained_folder
+
+    # the original format has one conditioning embedder: a diffusers folder of the same (tied) DiT
+    src = tie_conditioning_embedders(
+        DiTTransformer2DModel.from_pretrained(os.path.join(tiny_world["model"], "transformer")))
+    save_pretrained_folder(src, str(tmp_path / "tied"))
+    heads = src.config.num_attention_heads
+    monkeypatch.setitem(DIT_HEADS, heads * src.config.attention_head_dim, heads)  # the tiny width as a family member
+    ckpt = tmp_path / "DiT-tiny.pt"
+    torch.save(original_state_dict(src), ckpt)
+    vae = os.path.join(tiny_world["model"], "vae")
+
+    def args(out, model):
+        a = _args(tiny_world, out)
+        a[a.index("--model") + 1] = model
+        return a
+
+    assert main(args(tmp_path / "b", str(ckpt))) == 2 and "--vae is required" in capsys.readouterr().err
+    assert main([*args(tmp_path / "a", str(tmp_path / "tied")), "--vae", vae]) == 0
+    assert main([*args(tmp_path / "b", str(ckpt)), "--vae", vae]) == 0
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
