@@ -9,10 +9,11 @@
 #     bash bench/gpu_session.sh sampling   # bench_sampling (no compile rows), JSON + PNG chart to $OUT
 #     bash bench/gpu_session.sh compile    # bench_sampling's torch.compile rows, batch 32 only
 #     bash bench/gpu_session.sh scale      # bench_modes + bench_cache on the GPU (SCALING.md figures)
+#     bash bench/gpu_session.sh sd         # bench_sd: StableDiffusionPipeline fp16 vs our loop, SD-1.5 size
 # Record every figure in bench/RESULTS.md with the date, GPU, versions and the command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: bash bench/gpu_session.sh fetch|tests|kernels|sampling|compile|scale}
+stage=${1:?usage: bash bench/gpu_session.sh fetch|tests|kernels|sampling|compile|scale|sd}
 if [ "$stage" = fetch ]; then
   grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
   v=$(python3 -c "import diffusers; print(diffusers.__version__)")
@@ -40,5 +41,6 @@ case "$stage" in
                        ours-graph-fused-manifoldgd ours-graph-compile-fused-manifoldgd 2>&1 | tee "$OUT/compile.log" ;;
   scale)    python3 bench/bench_modes.py --device cuda 2>&1 | tee "$OUT/modes.log"
             python3 bench/bench_cache.py --vae sd --device cuda --dtype bfloat16 2>&1 | tee "$OUT/cache.log" ;;
+  sd)       python3 bench/bench_sd.py --batch 8 --csv "$OUT/sd.csv" 2>&1 | tee "$OUT/sd.log" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
