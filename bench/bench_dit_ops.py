@@ -20,30 +20,16 @@ this command.
 """
 from __future__ import annotations
 
-import argparse
-import csv
-import datetime
 import sys
 
 import torch
 
+import gpu_bench  # bench/: this script's folder is on sys.path
+from gpu_bench import bench_ms, compiled
+
 N_TOKENS, C = 256, 1152
 
 
-def _bench(fn, quick):
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=5 if quick else 25, rep=20 if quick else 100, quantiles=[0.5, 0.2, 0.8])
-
-
-def _compiled(fn, *args):
-    try:
-        c = torch.compile(fn, dynamic=False)
-        c(*args)
-        return c
-    except Exception as e:  # report, do not fail the benchmark
-        print(f"  torch.compile of the reference failed: {type(e).__name__}: {str(e)[:120]}")
-        return None
 
 
 def cases(quick):
@@ -63,10 +49,10 @@ def cases(quick):
             ("gate_residual", lambda a, g, b: dit_ops.gate_residual(a, g, b, backend="triton"),
              dit_ops.gate_residual_ref, (x, gate, y), (3 * B * N_TOKENS * C + B * C) * it),
         ]:
-            t_f = _bench(lambda: fused(*args), quick)        # noqa: B023
-            t_r = _bench(lambda: ref(*args), quick)          # noqa: B023
-            comp = _compiled(ref, *args)
-            t_c = _bench(lambda: comp(*args), quick) if comp is not None else [float("nan")] * 3  # noqa: B023
+            t_f = bench_ms(lambda: fused(*args), quick)        # noqa: B023
+            t_r = bench_ms(lambda: ref(*args), quick)          # noqa: B023
+            comp = compiled(ref, *args)
+            t_c = bench_ms(lambda: comp(*args), quick) if comp is not None else [float("nan")] * 3  # noqa: B023
             gbs = lambda ms: nbytes / ms / 1e6               # noqa: E731,B023
             rows.append(dict(op=op, B=B, N=N_TOKENS, C=C, dtype="bfloat16", fused_ms=t_f[0], fused_p20=t_f[1],
                              fused_p80=t_f[2], ref_ms=t_r[0], compiled_ms=t_c[0], fused_GBs=gbs(t_f[0]),
@@ -76,28 +62,8 @@ def cases(quick):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="B in {16, 64} only, fewer repetitions")
-    ap.add_argument("--csv", default="bench/dit_ops.csv")
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_dit_ops: needs a CUDA GPU (none here); nothing measured.")
-        return 0
-    import triton
-
-    print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
-          f"{datetime.date.today()} | python bench/bench_dit_ops.py {' '.join(argv or sys.argv[1:])}")
-    rows = cases(args.quick)
-    cols = list(rows[0])
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
-    with open(args.csv, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
-    return 0
+    return gpu_bench.main("bench_dit_ops", cases, __doc__.splitlines()[0], argv,
+                          quick_help="B in {16, 64} only, fewer repetitions")
 
 
 if __name__ == "__main__":

@@ -18,29 +18,14 @@ Results belong in bench/RESULTS.md with the GPU name, versions, date and this co
 """
 from __future__ import annotations
 
-import argparse
-import csv
-import datetime
 import sys
 
 import torch
 
-
-def _bench(fn, quick):
-    import triton.testing
-
-    ms = triton.testing.do_bench(fn, warmup=5 if quick else 25, rep=20 if quick else 100, quantiles=[0.5, 0.2, 0.8])
-    return ms  # [median, p20, p80]
+import gpu_bench  # bench/: this script's folder is on sys.path
+from gpu_bench import bench_ms, compiled
 
 
-def _compiled(fn):
-    try:
-        c = torch.compile(fn, dynamic=False)
-        c()
-        return c
-    except Exception as e:  # the reference syncs with the host (lengths.max()): report, do not fail
-        print(f"  torch.compile of the reference failed: {type(e).__name__}: {str(e)[:120]}")
-        return None
 
 
 def paper_cases(quick):
@@ -58,9 +43,9 @@ def paper_cases(quick):
         kw = dict(alpha_bar=0.5, seed=1, step=3, k=10, d=3, lambda_normal=1.0, lambda_mode=0.1, eps=eps)
         fused = lambda: ops.manifold_correct_fused(x, lat, order, lengths, g, backend="triton", **kw)  # noqa: E731
         ref = lambda: ops.manifold_correct_fused_ref(x, lat, order, lengths, g, **kw)                  # noqa: E731
-        t_f, t_r = _bench(fused, quick), _bench(ref, quick)
-        comp = _compiled(ref)
-        t_c = _bench(comp, quick) if comp is not None else [float("nan")] * 3
+        t_f, t_r = bench_ms(fused, quick), bench_ms(ref, quick)
+        comp = compiled(ref)
+        t_c = bench_ms(comp, quick) if comp is not None else [float("nan")] * 3
         nbytes = int(lengths.sum()) * D * lat.element_size() + 2 * B * 10 * D * lat.element_size() + 4 * B * D * 4
         rows.append(dict(op="manifold_correct_fused", B=B, rows=Lmax, D=D, dtype=str(dtype).split(".")[-1],
                          fused_ms=t_f[0], fused_p20=t_f[1], fused_p80=t_f[2], ref_ms=t_r[0], compiled_ms=t_c[0],
@@ -80,9 +65,9 @@ def official_cases(quick):
         kw = dict(radius=0.1, alpha_bar=0.4, seed=2, step=40, n_points=N, k=k, d=3, scale=0.1, bandwidth=0.1, mean=mean)
         fused = lambda: ops.manifold_pull_fused(x, modes, backend="triton", **kw)  # noqa: E731
         ref = lambda: ops.manifold_pull_fused_ref(x, modes, **kw)                  # noqa: E731
-        t_f, t_r = _bench(fused, quick), _bench(ref, quick)
-        comp = _compiled(ref)
-        t_c = _bench(comp, quick) if comp is not None else [float("nan")] * 3
+        t_f, t_r = bench_ms(fused, quick), bench_ms(ref, quick)
+        comp = compiled(ref)
+        t_c = bench_ms(comp, quick) if comp is not None else [float("nan")] * 3
         normals = B * (2 * N * D + 2 * 2 * k * D)
         rows.append(dict(op="manifold_pull_fused", B=B, rows=N, D=D, dtype="float32", fused_ms=t_f[0],
                          fused_p20=t_f[1], fused_p80=t_f[2], ref_ms=t_r[0], compiled_ms=t_c[0],
@@ -101,11 +86,11 @@ def eig_cases(quick):
         res = {}
         for name in ("cuda", "triton", "torch"):
             try:
-                res[name] = _bench(lambda: ops.sym_eig(A, backend=name), quick)[0]  # noqa: B023
+                res[name] = bench_ms(lambda: ops.sym_eig(A, backend=name), quick)[0]  # noqa: B023
             except Exception as e:
                 print(f"  sym_eig backend {name}: {type(e).__name__}: {str(e)[:100]}")
                 res[name] = float("nan")
-        res["linalg"] = _bench(lambda: torch.linalg.eigh(A), quick)[0]  # noqa: B023
+        res["linalg"] = bench_ms(lambda: torch.linalg.eigh(A), quick)[0]  # noqa: B023
         best = min(v for k_, v in res.items() if k_ != "linalg" and v == v)
         rows.append(dict(op="sym_eig", B=B, rows=n, D=n, dtype="float32", fused_ms=best, fused_p20=float("nan"),
                          fused_p80=float("nan"), ref_ms=res["linalg"], compiled_ms=float("nan"),
@@ -115,28 +100,10 @@ def eig_cases(quick):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer cases and repetitions")
-    ap.add_argument("--csv", default="bench/kernels.csv")
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_kernels: needs a CUDA GPU (none here); nothing measured.")
-        return 0
-    import triton
+    def cases(quick):
+        return paper_cases(quick) + official_cases(quick) + eig_cases(quick)
 
-    print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
-          f"{datetime.date.today()} | python bench/bench_kernels.py {' '.join(argv or sys.argv[1:])}")
-    rows = paper_cases(args.quick) + official_cases(args.quick) + eig_cases(args.quick)
-    cols = list(rows[0])
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
-    with open(args.csv, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
-    return 0
+    return gpu_bench.main("bench_kernels", cases, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

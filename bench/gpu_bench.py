@@ -1,0 +1,58 @@
+"""What the GPU kernel benchmarks share: timing, torch.compile of a reference, the report.
+
+Imported by bench/bench_kernels.py and bench/bench_dit_ops.py (run as scripts, so bench/ is on
+sys.path).
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import sys
+
+import torch
+
+
+def bench_ms(fn, quick: bool) -> list[float]:
+    """[median, p20, p80] ms of ``fn()``: ``triton.testing.do_bench`` (warm-up excluded, device synchronised)."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=5 if quick else 25, rep=20 if quick else 100, quantiles=[0.5, 0.2, 0.8])
+
+
+def compiled(fn, *args):
+    """``torch.compile(fn)`` warmed up on ``args``, or None (reported) when it does not compile."""
+    try:
+        c = torch.compile(fn, dynamic=False)
+        c(*args)
+        return c
+    except Exception as e:  # e.g. a reference that syncs with the host: report, do not fail the benchmark
+        print(f"  torch.compile of the reference failed: {type(e).__name__}: {str(e)[:120]}")
+        return None
+
+
+def main(script: str, cases, description: str, argv=None, quick_help: str = "fewer cases and repetitions") -> int:
+    """Parse --quick / --csv, run ``cases(quick) -> rows`` on the GPU, print a markdown table, write the CSV."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--csv", default=f"bench/{script.removeprefix('bench_')}.csv")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(f"{script}: needs a CUDA GPU (none here); nothing measured.")
+        return 0
+    import triton
+
+    print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
+          f"{datetime.date.today()} | python bench/{script}.py {' '.join(argv or sys.argv[1:])}")
+    rows = cases(args.quick)
+    cols = list(rows[0])
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+    with open(args.csv, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    return 0
