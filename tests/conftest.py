@@ -12,6 +12,18 @@ import torch  # noqa: E402
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def run_without_triton(body: str) -> None:
+    """Run ``body`` in a fresh Python where ``import triton`` fails (and no TRITON_INTERPRET); it must
+    print 'ok' last. ``torch`` is imported for it."""
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['triton'] = None\nimport torch\n" + body
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
+
+
 def requires_cuda():
     """The one place GPU-only tests skip, with the reason."""
     return pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")

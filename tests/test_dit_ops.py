@@ -7,10 +7,6 @@ fp32 they are compared bit for bit. Low precision follows CUDA autocast, where `
 fp32 (CPU autocast keeps it in bf16, so on this machine that policy is applied by hand, and checked
 for real on a GPU).
 """
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,7 +16,7 @@ from manifoldgd_fast import dit_ops
 from manifoldgd_fast.errors import BackendError, ConfigError
 from manifoldgd_fast.kernels import INTERPRET
 
-from conftest import requires_cuda
+from conftest import requires_cuda, run_without_triton
 
 LOW = [torch.bfloat16, torch.float16]
 
@@ -218,9 +214,7 @@ def test_library_ops_are_registered_with_fake_kernels():
 
 def test_dit_ops_import_and_run_without_triton():
     """No Triton (simulated): the module imports, auto runs the reference, forced triton says why."""
-    code = (
-        "import sys; sys.modules['triton'] = None\n"
-        "import torch\n"
+    run_without_triton(
         "from manifoldgd_fast import dit_ops\n"
         "from manifoldgd_fast.errors import BackendError\n"
         "x, v = torch.randn(2, 3, 8), torch.randn(2, 8)\n"
@@ -234,6 +228,3 @@ def test_dit_ops_import_and_run_without_triton():
         "    raise SystemExit('no BackendError')\n"
         "print('ok')\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr

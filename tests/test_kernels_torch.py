@@ -1,9 +1,6 @@
 """The parts of the fused path that need no Triton: Philox reference, the PyTorch Jacobi, materialisers,
 dispatch, torch.library registration, and importing without Triton."""
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,6 +9,8 @@ from manifoldgd_fast import ops
 from manifoldgd_fast.errors import BackendError, ConfigError
 from manifoldgd_fast.kernels import INTERPRET
 from manifoldgd_fast.kernels import sym_eig_torch
+
+from conftest import run_without_triton
 
 
 def test_philox_known_answers():
@@ -187,9 +186,7 @@ def test_library_ops_have_fake_kernels():
 
 def test_ops_import_and_run_without_triton():
     """No Triton (simulated): the package imports, auto runs the reference, the eigen-step falls back to torch."""
-    code = (
-        "import sys; sys.modules['triton'] = None\n"
-        "import torch\n"
+    run_without_triton(
         "from manifoldgd_fast import ops\n"
         "x, p, g = torch.randn(2, 8), torch.randn(2, 20, 8), torch.randn(2, 8)\n"
         "assert torch.equal(ops.manifold_correct(x, p, g, k=5, d=2), ops.manifold_correct_ref(x, p, g, k=5, d=2))\n"
@@ -203,6 +200,3 @@ def test_ops_import_and_run_without_triton():
         "    raise SystemExit('no BackendError')\n"
         "print('ok')\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
