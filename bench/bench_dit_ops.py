@@ -1,5 +1,5 @@
-"""GPU benchmark of the DiT block ops (LayerNorm + modulate, gate + residual) against the eager reference
-and torch.compile of it, at DiT-XL/2 shapes.
+"""GPU benchmark of the DiT block ops (LayerNorm + modulate, gate + residual, attention) against the eager
+reference and torch.compile of it, and our attention kernel against every SDPA backend, at DiT-XL/2 shapes.
 
     python bench/bench_dit_ops.py [--quick] [--csv bench/dit_ops.csv]
 
@@ -15,8 +15,15 @@ Physics: both ops are memory-bound, so GB/s from counted bytes, each tensor once
 
 The same byte count divides every column, so the GB/s of the eager reference and of torch.compile
 are "effective" (the eager reference moves more bytes than that: an fp32 LayerNorm output, the
-intermediate products). Results belong in bench/RESULTS.md with the GPU name, versions, date and
-this command.
+intermediate products).
+
+Attention (the second table): q, k, v are the (B, 16, 256, 72) bf16 views of one fused QKV output
+(B, 256, 3, 16, 72), as ``FusedDiT`` passes them; each row is the whole op the block needs, i.e.
+SDPA + ``transpose(1, 2).reshape`` for the SDPA backends (cuDNN, flash, efficient, math), one
+launch for ours (``dit_ops.attention``, default tiles), and ours at the best of a small sweep of
+tile sizes / warps / stages (its config reported, to set the defaults from). TFLOP/s from
+4 B H N^2 Dh FLOPs (two matmuls). Results belong in bench/RESULTS.md with the GPU name, versions,
+date and this command.
 """
 from __future__ import annotations
 
@@ -61,8 +68,66 @@ def cases(quick):
     return rows
 
 
+ATTN_H, ATTN_DH = 16, 72
+# tile sweep of our attention kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages)
+ATTN_SWEEP = [(128, 64, 4, 2), (128, 64, 8, 2), (128, 64, 4, 3), (64, 64, 4, 2), (128, 32, 4, 2),
+              (64, 32, 4, 3), (128, 128, 8, 2)]
+
+
+def attention_cases(quick):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from manifoldgd_fast import dit_ops
+    from manifoldgd_fast.kernels import attention as attn_k
+
+    rows = []
+    H, Dh, N = ATTN_H, ATTN_DH, N_TOKENS
+    for B in (16, 64) if quick else (16, 64, 256):
+        qkv = torch.randn(B, N, 3, H, Dh, device="cuda").bfloat16()
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                  # (B, H, N, Dh) views, as FusedDiT
+        flop = 4 * B * H * N * N * Dh
+        truth = dit_ops.attention_ref(q.double(), k.double(), v.double())
+        times = {}
+        for name, be in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
+                         ("efficient", SDPBackend.EFFICIENT_ATTENTION), ("math", SDPBackend.MATH)):
+            def run(be=be):
+                with sdpa_kernel(be):
+                    return dit_ops.attention_ref(q, k, v)
+            try:
+                run()
+                times[name] = bench_ms(run, quick)[0]
+            except RuntimeError as e:                                  # a backend that does not take Dh = 72
+                print(f"  SDPA {name}: {str(e).splitlines()[0][:100]}")
+                times[name] = float("nan")
+        ours = lambda: dit_ops.attention(q, k, v, backend="triton")   # noqa: E731
+        t_ours = bench_ms(ours, quick)
+        err_ours = float((ours().double() - truth).abs().max())
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            err_flash = float((dit_ops.attention_ref(q, k, v).double() - truth).abs().max())
+        best = (float("inf"), None)
+        for bm, bn, w, st in ATTN_SWEEP[:3] if quick else ATTN_SWEEP:
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+            try:
+                t = bench_ms(lambda: attn_k.attention(q, k, v, Dh ** -0.5, cfg), quick)[0]   # noqa: B023
+            except Exception as e:                                      # e.g. out of shared memory
+                print(f"  ours {cfg}: {type(e).__name__}")
+                continue
+            best = min(best, (t, f"{bm}x{bn} w{w} s{st}"), key=lambda x: x[0])
+        tf = lambda ms: flop / ms / 1e9                                 # noqa: E731,B023
+        rows.append(dict(op="attention", B=B, H=H, N=N, Dh=Dh, ours_ms=t_ours[0], ours_p20=t_ours[1],
+                         ours_p80=t_ours[2], ours_TFLOPs=tf(t_ours[0]), best_ms=best[0], best_cfg=best[1],
+                         cudnn_ms=times["cudnn"], flash_ms=times["flash"], efficient_ms=times["efficient"],
+                         math_ms=times["math"], best_sdpa_TFLOPs=tf(min(v for v in times.values() if v == v)),
+                         err_ours=err_ours, err_flash=err_flash))
+    return rows
+
+
+def all_cases(quick):
+    return cases(quick) + attention_cases(quick)
+
+
 def main(argv=None):
-    return gpu_bench.main("bench_dit_ops", cases, __doc__.splitlines()[0], argv,
+    return gpu_bench.main("bench_dit_ops", all_cases, __doc__.splitlines()[0], argv,
                           quick_help="B in {16, 64} only, fewer repetitions")
 
 

@@ -16,7 +16,8 @@ architectures are used. Rows:
 * ``ours-fast``: the fast loop without graphs; ``ours-graph``: with one CUDA graph per step;
 * ``ours-graph-compile``: the graph loop around ``torch.compile`` of the DiT;
 * ``...-fused``: the same DiT behind ``fastdit.FusedDiT`` (fused QKV, conditioning and adaLN once
-  per step, fused LayerNorm-modulate and gate-residual kernels);
+  per step, fused LayerNorm-modulate and gate-residual kernels); ``...-fused-tattn``: and our
+  Triton attention (``--attention triton``) instead of SDPA;
 
 each of ours for ``dit`` (unguided), ``mgd3`` and ``manifoldgd`` (official, guidance on the
 first 25 of 50 steps, Philox cloud noise, the fused kernels). Also: achieved TFLOP/s of the
@@ -211,19 +212,24 @@ def main(argv=None):
         if not a.no_compile:
             rows += [("diffusers-fp16-compile", "diffusers", dict(dtype=torch.float16, compile_mode="reduce-overhead"))]
     top = "graph" if cuda else "fast"
-    loops = [("reference", "none", False), ("fast", "none", False)] + ([("graph", "none", False)] if cuda else [])
-    loops.append((top, "none", True))                     # FusedDiT: fused QKV, adaLN once, fused LN / gate
+    # (loop, compile mode, FusedDiT attention: None = the plain diffusers DiT, "sdpa" or "triton")
+    loops = [("reference", "none", None), ("fast", "none", None)] + ([("graph", "none", None)] if cuda else [])
+    loops.append((top, "none", "sdpa"))                   # FusedDiT: fused QKV, adaLN once, fused LN / gate
+    if cuda:
+        loops.append(("graph", "none", "triton"))         # ... and our attention kernel (head dim 72 unpadded)
     if cuda and not a.no_compile:
-        loops += [("graph", "default", False), ("graph", "default", True)]
-    fused_dit = None
+        loops += [("graph", "default", None), ("graph", "default", "sdpa")]
+    fused_dits = {}
     for m in METHODS:
         for loop, comp, fused in loops:
-            name = f"ours-{loop}{'-compile' if comp != 'none' else ''}{'-fused' if fused else ''}-{m}"
-            if fused and fused_dit is None:
+            tag = {None: "", "sdpa": "-fused", "triton": "-fused-tattn"}[fused]
+            name = f"ours-{loop}{'-compile' if comp != 'none' else ''}{tag}-{m}"
+            if fused is not None and fused not in fused_dits:
                 from manifoldgd_fast.fastdit import FusedDiT
-                fused_dit = FusedDiT(build_models(a.tiny, dev)[0])   # its own copy: it re-points the weights
+                # its own copy of the DiT: FusedDiT re-points the weights
+                fused_dits[fused] = FusedDiT(build_models(a.tiny, dev)[0], attention=fused)
             rows.append((name, "ours", dict(method=m, loop=loop, compile_mode=comp,
-                                            model=fused_dit if fused else None)))
+                                            model=fused_dits.get(fused))))
     if a.rows:
         rows = [r for r in rows if r[0] in a.rows]
 

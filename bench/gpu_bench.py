@@ -31,7 +31,8 @@ def compiled(fn, *args):
 
 
 def main(script: str, cases, description: str, argv=None, quick_help: str = "fewer cases and repetitions") -> int:
-    """Parse --quick / --csv, run ``cases(quick) -> rows`` on the GPU, print a markdown table, write the CSV."""
+    """Parse --quick / --csv, run ``cases(quick) -> rows`` on the GPU, print markdown tables (one per row
+    layout), write one CSV (the union of the columns)."""
     import argparse
 
     ap = argparse.ArgumentParser(description=description)
@@ -46,13 +47,18 @@ def main(script: str, cases, description: str, argv=None, quick_help: str = "few
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
           f"{datetime.date.today()} | python bench/{script}.py {' '.join(argv or sys.argv[1:])}")
     rows = cases(args.quick)
-    cols = list(rows[0])
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
+    groups: dict[tuple, list] = {}            # one markdown table per row layout (e.g. elementwise ops, attention)
     for r in rows:
-        print("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+        groups.setdefault(tuple(r), []).append(r)
+    for layout, group in groups.items():
+        print("| " + " | ".join(layout) + " |")
+        print("|" + "---|" * len(layout))
+        for r in group:
+            print("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+        print()
+    cols = list(dict.fromkeys(c for layout in groups for c in layout))
     with open(args.csv, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
+        w = csv.DictWriter(f, fieldnames=cols, restval="")
         w.writeheader()
         w.writerows(rows)
     return 0

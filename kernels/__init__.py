@@ -18,7 +18,8 @@ Modules (the public functions, their checks and references live in ``ops.py``, `
 * ``sym_eig_torch``    the same Jacobi in PyTorch ops (portable, capturable; imports no Triton);
 * ``cuda_ext``         run-time build of ``csrc/sym_eig.cu`` (CUDA C++ Jacobi, optional);
 * ``manifold_correct`` / ``manifold_pull``  the launch sequences behind the ops' ``triton`` backend;
-* ``adaln``            the DiT block's LayerNorm + adaLN modulate and gate + residual (``dit_ops``).
+* ``adaln``            the DiT block's LayerNorm + adaLN modulate and gate + residual (``dit_ops``);
+* ``attention``        non-causal attention for head dim 72 in two power-of-two slabs, token-major output (``dit_ops``).
 
 Whether a Triton kernel runs on the CPU is decided when its ``@triton.jit``
 decorator runs (``TRITON_INTERPRET=1`` at import of the kernel module makes it

@@ -42,8 +42,10 @@ def normal_tile(seed, rows, sample, c3, q0, NQ: tl.constexpr):
     zero = tl.zeros((rows.shape[0], NQ), dtype=tl.uint32)
     c0 = zero + (q0 + tl.arange(0, NQ)).to(tl.uint32)[None, :]
     c1 = zero + rows.to(tl.uint32)[:, None]
-    c2 = zero + tl.to_tensor(sample).to(tl.uint32)
-    c3t = zero + tl.to_tensor(c3).to(tl.uint32)
+    # (zero + v).to(...): v may be a scalar tensor or a constexpr (Triton specialises an int
+    # argument equal to 1); no tl.to_tensor, which Triton 3.6 (the GPU image's) lacks. Same bits mod 2^32.
+    c2 = (zero + sample).to(tl.uint32)
+    c3t = (zero + c3).to(tl.uint32)
     r0, r1, r2, r3 = tl.random.philox(seed, c0, c1, c2, c3t)
     n0, n1 = tl.random.pair_uniform_to_normal(tl.random.uint_to_uniform_float(r0),
                                               tl.random.uint_to_uniform_float(r1))
@@ -59,7 +61,7 @@ def uniform_vec(seed, rows, sample, c3):
     """(R,) fp32 uniforms in [0, 1) from r0 of counter (0, row, sample, c3)."""
     zero = tl.zeros(rows.shape, dtype=tl.uint32)
     r0, _, _, _ = tl.random.philox(seed, zero, zero + rows.to(tl.uint32),
-                                   zero + tl.to_tensor(sample).to(tl.uint32), zero + tl.to_tensor(c3).to(tl.uint32))
+                                   (zero + sample).to(tl.uint32), (zero + c3).to(tl.uint32))
     return tl.random.uint_to_uniform_float(r0)
 
 

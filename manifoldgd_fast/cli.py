@@ -43,7 +43,8 @@ GROUPS: dict[str, dict[str, str]] = {
         "guidance_noise": "cloud / patch noise: auto (philox on CUDA: the fused kernels), generator, philox",
         "loop": "sampling loop: auto (fast on CUDA), reference, fast (static step; CUDA graphs on CUDA)",
         "compile": "torch.compile the DiT in the fast loop: none, default, max-autotune, max-autotune-no-cudagraphs",
-        "attention": "SDPA backend of the DiT attention: auto, cudnn, flash, efficient, math",
+        "attention": "the DiT attention: an SDPA backend (auto, cudnn, flash, efficient, math) or triton "
+                     "(our kernel for head dim 72; needs --dit-impl fused)",
         "dit_impl": "DiT forward: diffusers, or fused (fused QKV, conditioning once per step, fused LayerNorm-modulate "
                     "and gate-residual kernels; equal to float rounding)",
     },

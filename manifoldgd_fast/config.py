@@ -32,7 +32,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 BACKENDS = ("auto", "reference", "triton")
 LOOPS = ("auto", "reference", "fast")
 COMPILE_MODES = ("none", "default", "max-autotune", "max-autotune-no-cudagraphs")
-ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
+ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "triton")
 
 # Dataset-dependent defaults of the released scripts: <= 10 classes behaves as
 # ImageNette/ImageWoof, more classes as ImageNet-100/1k (SPEC 2, 4b).
@@ -68,7 +68,8 @@ class DistillConfig:
     loop: str = "auto"                 # sampling loop: reference, fast (static step, CUDA graphs on CUDA),
                                        # auto = fast on CUDA where the run allows it (same latents either way)
     compile: str = "none"              # torch.compile the DiT in the fast loop: none | default | max-autotune...
-    attention: str = "auto"            # SDPA backend of the DiT attention: auto | cudnn | flash | efficient | math
+    attention: str = "auto"            # the DiT attention: SDPA auto | cudnn | flash | efficient | math, or triton
+                                       # (our kernel, kernels/attention.py; needs dit_impl fused)
     dit_impl: str = "diffusers"        # the DiT forward: diffusers | fused (fastdit.FusedDiT: fused QKV, adaLN
                                        # once per step, LayerNorm-modulate / gate-residual kernels)
 
@@ -196,6 +197,8 @@ class DistillConfig:
             non_negative(name, allow_none=True)
         for name in ("manifold_radius", "bandwidth", "kernel_bandwidth", "dpp_eps"):
             non_negative(name, allow_none=True, strict=True)
+        if self.attention == "triton" and self.dit_impl != "fused":
+            raise ConfigError("--attention triton is the fused DiT's kernel: add --dit-impl fused")
         if self.warm_mult < 1.0:
             raise ConfigError(f"--warm-mult must be >= 1, got {self.warm_mult!r}")
         if self.radius_units == "quantile":

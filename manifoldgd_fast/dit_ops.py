@@ -1,4 +1,4 @@
-"""DiT block ops outside the big matmuls: fused LayerNorm + adaLN modulate, and gate + residual.
+"""DiT block ops outside the big matmuls: fused LayerNorm + adaLN modulate, gate + residual, attention.
 
 What they replace in diffusers' DiT (``BasicTransformerBlock`` with ``norm_type="ada_norm_zero"``
 and ``DiTTransformer2DModel``'s final layer), per token row of x (B, N, C):
@@ -7,7 +7,10 @@ and ``DiTTransformer2DModel``'s final layer), per token row of x (B, N, C):
   ``norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]``, ``norm3`` + the MLP's modulate, and
   ``norm_out(x) * (1 + scale[:, None]) + shift[:, None]`` (all LayerNorms without affine, eps 1e-6 in DiT);
 * :func:`gate_residual` ``x + gate[:, None] * y``: ``gate_msa.unsqueeze(1) * attn_output + hidden_states``
-  and the same after the MLP.
+  and the same after the MLP;
+* :func:`attention` ``SDPA(q, k, v).transpose(1, 2).reshape(B, N, H * Dh)``: the attention processor's
+  core, with a Triton kernel for DiT's head dim 72 that neither pads it to 128 nor copies q, k, v or
+  the output (``kernels.attention``); ``FusedDiT`` uses it when ``attention="triton"``.
 
 Dtypes: the references reproduce the diffusers block **under CUDA autocast**, the way this
 package runs the DiT (fp32 weights, ``torch.autocast("cuda", bf16 | fp16)``):
@@ -50,9 +53,11 @@ import torch.nn.functional as F
 from .dispatch import _pick_backend, tensors_reason
 from .errors import ConfigError
 
-__all__ = ["MAX_C", "layernorm_modulate", "layernorm_modulate_ref", "gate_residual", "gate_residual_ref"]
+__all__ = ["MAX_C", "MAX_HEAD_DIM", "layernorm_modulate", "layernorm_modulate_ref", "gate_residual",
+           "gate_residual_ref", "attention", "attention_ref"]
 
 MAX_C = 4096                     # kernels.adaln.MAX_C (kept here so this module imports without Triton)
+MAX_HEAD_DIM = 256               # kernels.attention.MAX_HEAD_DIM (the same)
 _MAX_C_GATE = 256 * 65535        # gate_residual: CUDA's limit on the grid's column blocks
 
 
@@ -71,6 +76,13 @@ def layernorm_modulate_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Te
 def gate_residual_ref(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Reference of :func:`gate_residual` (same signature, no backend)."""
     return (gate.unsqueeze(1) * y + x).to(x.dtype)          # (B, N, C); diffusers' two ops, its order
+
+
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Reference of :func:`attention` (same signature, no backend): diffusers' attention processor's
+    SDPA call and its ``transpose(1, 2).reshape`` back to tokens."""
+    B, H, N, Dh = q.shape
+    return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).reshape(B, N, H * Dh)
 
 
 # ----------------------------------------------------------------------------
@@ -93,34 +105,48 @@ def _check_rowvec(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
                           f"{tuple(x.shape)}, got {got}")
 
 
-_ADALN: tuple | None = None
+_DIT_KERNELS: tuple | None = None
 
 
-def _adaln_kernels():
-    """(kernels package, kernels.adaln, None) or (None, None, why they cannot be imported); first use only.
+def _dit_kernels():
+    """(kernels package, None) or (None, why kernels.adaln / kernels.attention cannot be imported); first use only.
 
     A module-level cache, not functools.lru_cache: torch.compile traces the public ops, and Dynamo
     reads a global where it would warn about (and trace around) an lru_cache wrapper.
     """
-    global _ADALN
-    if _ADALN is None:
+    global _DIT_KERNELS
+    if _DIT_KERNELS is None:
         try:
             from . import kernels
-            from .kernels import adaln
-            _ADALN = (kernels, adaln, None)
+            from .kernels import adaln, attention  # noqa: F401
+            _DIT_KERNELS = (kernels, None)
         except Exception as e:  # no triton, or a broken install: the reference path still works
-            _ADALN = (None, None, f"the Triton kernels cannot be imported ({type(e).__name__}: {e})")
-    return _ADALN
+            _DIT_KERNELS = (None, f"the Triton kernels cannot be imported ({type(e).__name__}: {e})")
+    return _DIT_KERNELS
 
 
-def _triton_reason(tensors: dict, *, max_c: int) -> str | None:
-    """Why kernels.adaln cannot take these tensors (a sentence naming the tensor and the rule), or None."""
-    kern, _, why = _adaln_kernels()
+def device_reason(device: torch.device) -> str | None:
+    """Why the DiT kernels cannot run on ``device`` at all (no Triton; not CUDA, or not the CPU under the
+    interpreter), or None: for callers that choose a kernel up front (``FusedDiT(attention="triton")``)."""
+    kern, why = _dit_kernels()
+    if kern is None:
+        return why
+    if not kern.triton_device_ok(device):
+        return f"the model is on {device}; the Triton kernels run on CUDA (on the CPU only under TRITON_INTERPRET=1)"
+    return None
+
+
+def _triton_reason(tensors: dict, *, max_c: int | None) -> str | None:
+    """Why the DiT kernels cannot take these tensors (a sentence naming the tensor and the rule), or None.
+    ``max_c``: the (B, N, C) ops' channel limit (None: not a (B, N, C) op, only the shared checks)."""
+    kern, why = _dit_kernels()
     if kern is None:
         return why
     why = tensors_reason(kern, tensors, all_float=True)
     if why is not None:
         return why
+    if max_c is None:
+        return None
     name0, t0 = next(iter(tensors.items()))
     B, N, C = t0.shape
     if C > max_c:
@@ -178,6 +204,53 @@ def gate_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, backend:
     return gate_residual_ref(x, gate, y)
 
 
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_floating_point():
+            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ConfigError(f"{name} must be a (B, H, N, Dh) floating tensor, got {got}")
+    B, H, _, Dh = q.shape
+    if k.shape[:2] != (B, H) or k.shape[3] != Dh or v.shape != k.shape:
+        raise ConfigError(f"k and v must be (B, H, Nk, Dh) = ({B}, {H}, Nk, {Dh}) like q {tuple(q.shape)}, "
+                          f"got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if Dh < 1:
+        raise ConfigError(f"q must have a head dim Dh >= 1, got shape {tuple(q.shape)}")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+              backend: str = "auto") -> torch.Tensor:
+    """Non-causal softmax attention, returned token-major: ``SDPA(q, k, v).transpose(1, 2).reshape(B, N, H Dh)``.
+
+    Args:
+        q: (B, H, N, Dh); k, v: (B, H, Nk, Dh); one dtype, fp32 / bf16 / fp16 (fp64 on the reference
+            backend). Any strides (the kernel reads views of a fused QKV output in place when their
+            last dim has unit stride).
+        scale: the score scale; None = 1 / sqrt(Dh), as SDPA.
+        backend: "auto" | "reference" | "triton" (``kernels.attention``: one pass, head dim split
+            into power-of-two slabs, Dh <= 256). As for the other ops, "auto" takes the kernel for CUDA
+            tensors it can take; the DiT uses it only when asked (``attention="triton"``), since
+            cuDNN / flash SDPA are the measured defaults.
+    Returns: (B, N, H * Dh) in q's dtype, contiguous. Scores and softmax in fp32; the kernel rounds the
+        probabilities to the input dtype before ``p v``, as FlashAttention does (tolerance: the
+        flash-attention rule, ``tests/test_kernels_triton.py``).
+    """
+    _check_qkv(q, k, v)
+    if scale is None:
+        scale = q.shape[3] ** -0.5
+
+    def why():
+        r = _triton_reason({"q": q, "k": k, "v": v}, max_c=None)
+        if r is None and not (q.dtype == k.dtype == v.dtype):
+            r = f"q, k, v must have one dtype for the fused kernel, got {q.dtype}, {k.dtype}, {v.dtype}"
+        if r is None and q.shape[3] > MAX_HEAD_DIM:
+            r = f"q has head dim Dh = {q.shape[3]}; the fused kernel takes Dh <= {MAX_HEAD_DIM}"
+        return r
+
+    if _pick_backend(backend, q.device, why) == "triton":
+        return torch.ops.manifoldgd_fast.attention(q, k, v, float(scale))
+    return attention_ref(q, k, v, scale=scale)
+
+
 # ----------------------------------------------------------------------------
 # torch.library registration (check-free, no host sync: capturable)
 # ----------------------------------------------------------------------------
@@ -203,6 +276,17 @@ def _register_library_ops() -> None:
     @_gate_residual.register_fake
     def _(x, gate, y):
         return x.new_empty(x.shape)
+
+    @lib.custom_op("manifoldgd_fast::attention", mutates_args=())
+    def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        from .kernels import attention as attn
+
+        return attn.attention(q, k, v, scale)
+
+    @_attention.register_fake
+    def _(q, k, v, scale):
+        B, H, N, Dh = q.shape
+        return q.new_empty((B, N, H * Dh))
 
 
 _register_library_ops()

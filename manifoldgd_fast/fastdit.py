@@ -13,7 +13,9 @@ and computes the same function with fewer, larger kernels:
   (:func:`dit_ops.layernorm_modulate`, :func:`dit_ops.gate_residual`: Triton on
   CUDA, their PyTorch twins elsewhere).
 * **Attention** through ``scaled_dot_product_attention`` (the SDPA backend is the
-  caller's choice: ``Sampling.attention``).
+  caller's choice: ``Sampling.attention``), or (``attention="triton"``) our kernel
+  :func:`dit_ops.attention`: head dim 72 without padding to 128, q / k / v read in place
+  from the QKV matmul's output, the output written token-major (no transpose copy).
 
 The weights are not copied. The blocks' q/k/v and adaLN parameters are re-pointed
 into the fused tensors, values unchanged, so the wrapped model still runs
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ModelError
+from .errors import ConfigError, ModelError
 
 
 def _same(a: nn.Module, b: nn.Module) -> bool:
@@ -65,16 +67,27 @@ class FusedDiT(nn.Module):
         dit: a ``DiTTransformer2DModel`` with ``norm_type="ada_norm_zero"`` (DiT-XL/2 and the
             shipped digits model), in eval mode. Its parameters are re-pointed (see module doc).
         backend: "auto" | "triton" | "reference" for the LayerNorm-modulate and gate-residual ops.
+        attention: "sdpa" (PyTorch's, backend chosen by the caller's ``sdpa_kernel`` context) or
+            "triton" (:func:`dit_ops.attention` with the Triton kernel; raises on inputs it cannot take).
     """
 
-    def __init__(self, dit, backend: str = "auto"):
+    def __init__(self, dit, backend: str = "auto", attention: str = "sdpa"):
         super().__init__()
         cfg = dit.config
         if getattr(cfg, "norm_type", None) != "ada_norm_zero":
             raise ModelError(f"--dit-impl fused needs a class-conditional DiT (norm_type ada_norm_zero), "
                              f"got norm_type {getattr(cfg, 'norm_type', None)!r}")
+        if attention not in ("sdpa", "triton"):
+            raise ModelError(f"FusedDiT attention must be 'sdpa' or 'triton', got {attention!r}")
+        if attention == "triton":
+            from .dit_ops import device_reason
+
+            why = device_reason(next(dit.parameters()).device)
+            if why is not None:
+                raise ConfigError(f"--attention triton: {why}")
         self.dit = dit
         self.backend = backend
+        self.attention = attention
         blocks = list(dit.transformer_blocks)
         self.heads = blocks[0].attn1.heads
         self.shared_emb = all(_same(b.norm1.emb, blocks[0].norm1.emb) for b in blocks[1:])
@@ -98,7 +111,7 @@ class FusedDiT(nn.Module):
                 return_dict: bool = True):
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-        from .dit_ops import gate_residual, layernorm_modulate
+        from .dit_ops import attention, gate_residual, layernorm_modulate
 
         d, be = self.dit, self.backend
         blocks = d.transformer_blocks
@@ -118,7 +131,10 @@ class FusedDiT(nn.Module):
             n = layernorm_modulate(h, shift_msa, scale_msa, eps=blk.norm1.norm.eps, backend=be)
             qkv = F.linear(n, self.qkv[2 * i], self.qkv[2 * i + 1]).view(B, N, 3, H, C // H)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                 # (B, H, N, Dh) each
-            a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+            if self.attention == "triton":
+                a = attention(q, k, v, backend="triton")                    # (B, N, C), no copies
+            else:
+                a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
             a = blk.attn1.to_out[0](a)
             h = gate_residual(h, gate_msa, a, backend=be)
             n = layernorm_modulate(h, shift_mlp, scale_mlp, eps=blk.norm3.eps, backend=be)

@@ -132,7 +132,7 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
         if need_models and cfg.dit_impl == "fused":
             from .fastdit import FusedDiT
 
-            model = FusedDiT(model)
+            model = FusedDiT(model, attention="triton" if cfg.attention == "triton" else "sdpa")
         for e in entries:
             if not 0 <= e.label < info["num_classes"]:
                 raise DataError(f"class {e.name} has label {e.label}, outside the model's {info['num_classes']} classes "

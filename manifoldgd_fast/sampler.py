@@ -88,10 +88,11 @@ class Sampling:
     t_stop: int = 25
     forward_batch: int | None = None
     autocast_dtype: torch.dtype | None = None
-    attention: str = "auto"           # SDPA backend of the DiT's attention: auto | cudnn | flash | efficient | math
+    attention: str = "auto"           # SDPA backend of the DiT's attention: auto | cudnn | flash | efficient | math,
+    #                                   or triton (FusedDiT's own kernel, chosen when it is built: no SDPA here)
 
     def sdpa(self):
-        if self.attention == "auto":
+        if self.attention in ("auto", "triton"):
             return contextlib.nullcontext()
         from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -198,10 +198,61 @@ def test_forced_triton_on_the_cpu_says_why():
         dit_ops.layernorm_modulate(x, v, v, backend="triton")
     with pytest.raises(BackendError, match=r"x is on cpu"):
         dit_ops.gate_residual(x, v, x, backend="triton")
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(BackendError, match=r"q is on cpu"):
+        dit_ops.attention(q, q, q, backend="triton")
 
 
-def test_library_ops_are_registered_with_fake_kernels():
-    """Both ops trace without running (FakeTensorMode): what torch.compile and graph capture need."""
+# ---------------------------------------------------------------------------
+# attention: the reference is diffusers' attention processor
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_ref_is_the_diffusers_attention_processor(dtype):
+    """DiT's self-attention (diffusers Attention + AttnProcessor2_0, bias, no mask): its q, k, v
+    projections, then attention_ref and its output projection give the module's output bit for bit."""
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    C, H = 48, 2
+    attn = Attention(query_dim=C, heads=H, dim_head=C // H, bias=True, out_bias=True).eval().to(dtype)
+    x = torch.randn(3, 10, C).to(dtype)
+    with torch.no_grad():
+        want = attn(x)
+        q, k, v = (lin(x).view(3, 10, H, C // H).transpose(1, 2) for lin in (attn.to_q, attn.to_k, attn.to_v))
+        for got in (dit_ops.attention_ref(q, k, v), dit_ops.attention(q, k, v, backend="reference"),
+                    dit_ops.attention(q, k, v)):                     # auto on the CPU: the reference
+            assert torch.equal(attn.to_out[0](got), want)
+
+
+def test_attention_checks_name_the_tensor_and_the_rule():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ConfigError, match=r"q must be a \(B, H, N, Dh\) floating tensor, got \(2, 4, 8\)"):
+        dit_ops.attention(q[0], q, q)
+    with pytest.raises(ConfigError, match=r"v must be a \(B, H, N, Dh\) floating tensor, got \(1, 2, 4, 8\) torch.int64"):
+        dit_ops.attention(q, q, q.long())
+    with pytest.raises(ConfigError, match=r"k and v must be \(B, H, Nk, Dh\) = \(1, 2, Nk, 8\) .* got k \(1, 3, 4, 8\)"):
+        dit_ops.attention(q, torch.randn(1, 3, 4, 8), torch.randn(1, 3, 4, 8))
+    with pytest.raises(ConfigError, match="backend must be one of"):
+        dit_ops.attention(q, q, q, backend="flash")
+
+
+def test_attention_triton_needs_the_fused_dit_and_a_device_it_runs_on(tiny_world, tmp_path):
+    """--attention triton is FusedDiT's kernel: without --dit-impl fused it is a config error, and on
+    the CPU (no interpreter) a one-line error before anything is written, not a traceback mid-run."""
+    from test_pipeline import _args
+
+    from manifoldgd_fast.cli import main
+    from manifoldgd_fast.config import DistillConfig
+
+    with pytest.raises(ConfigError, match="--attention triton is the fused DiT's kernel: add --dit-impl fused"):
+        DistillConfig(attention="triton").validate()
+    if INTERPRET or torch.cuda.is_available():
+        pytest.skip("the kernel runs on this machine's tensors (GPU or TRITON_INTERPRET=1)")
+    out = tmp_path / "out"
+    assert main(_args(tiny_world, out, "--dit-impl", "fused", "--attention", "triton")) == 2
+    assert not (out / "manifest.json").exists()
+
+    """The ops trace without running (FakeTensorMode): what torch.compile and graph capture need."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
@@ -210,6 +261,9 @@ def test_library_ops_are_registered_with_fake_kernels():
         assert out.shape == x.shape and out.dtype == torch.bfloat16 and out.is_contiguous()
         out = torch.ops.manifoldgd_fast.gate_residual(x.float(), v[:, 2], x)
         assert out.shape == x.shape and out.dtype == torch.float32
+        q = torch.empty(4, 16, 256, 72, dtype=torch.bfloat16)
+        out = torch.ops.manifoldgd_fast.attention(q, q, q, 72 ** -0.5)
+        assert out.shape == (4, 256, 1152) and out.dtype == torch.bfloat16 and out.is_contiguous()
 
 
 def test_dit_ops_import_and_run_without_triton():

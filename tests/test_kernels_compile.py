@@ -50,7 +50,7 @@ def _signature(fn, types, consts):
 
 
 def _cases():
-    from manifoldgd_fast.kernels import adaln, cloud, knn_rows, philox_normal, sym_eig, tangent
+    from manifoldgd_fast.kernels import adaln, attention, cloud, knn_rows, philox_normal, sym_eig, tangent
 
     i64 = {"sid_ptr": "*i64", "idx_ptr": "*i64", "cand_ptr": "*i64", "len_ptr": "*i64", "seed": "i64"}
     f = {"lam": "fp32", "scale": "fp32", "inv_bw": "fp32", "rel_tol": "fp32", "radius": "fp32", "ext_scale": "fp32",
@@ -81,13 +81,22 @@ def _cases():
                                        "sxb": "i64", "syb": "i64"}, dict(PROD_KIND=1, OUT_KIND=1, ROWS=8, BLOCK_C=256)),
         (adaln._gate_residual_kernel, {"x_ptr": "*fp16", "gate_ptr": "*fp16", "y_ptr": "*fp32", "out_ptr": "*fp16"},
          dict(PROD_KIND=0, OUT_KIND=2, ROWS=64, BLOCK_C=32)),
+        # DiT-XL/2's head dim 72 = 64 + 16, bf16 (the GPU path); one slab, fp16; fp32 with IEEE dots
+        (attention._attention_fwd_kernel, {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "o_ptr": "*bf16",
+                                           "qk_scale": "fp32", "sqb": "i64"},
+         dict(HEAD_DIM=72, D0=64, D1=16, BLOCK_M=128, BLOCK_N=64, IEEE=False, EMULATE_BF16=False)),
+        (attention._attention_fwd_kernel, {"q_ptr": "*fp16", "k_ptr": "*fp16", "v_ptr": "*fp16", "o_ptr": "*fp16",
+                                           "qk_scale": "fp32"},
+         dict(HEAD_DIM=64, D0=64, D1=0, BLOCK_M=64, BLOCK_N=64, IEEE=False, EMULATE_BF16=False)),
+        (attention._attention_fwd_kernel, {"qk_scale": "fp32"},
+         dict(HEAD_DIM=40, D0=32, D1=16, BLOCK_M=64, BLOCK_N=32, IEEE=True, EMULATE_BF16=False)),
     ]
 
 
 def test_kernels_compile_for_sm90_and_sm80():
     failures = []
     for fn, types, consts in _cases():
-        for arch in (90, 80) if fn.__name__ in ("_coef_kernel", "_knn_partial_kernel") else (90,):
+        for arch in (90, 80) if fn.__name__ in ("_coef_kernel", "_knn_partial_kernel", "_attention_fwd_kernel") else (90,):
             src = ASTSource(fn=fn, signature=_signature(fn, types, consts), constexprs=consts)
             try:
                 out = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 8, "enable_fp_fusion": True})

@@ -591,3 +591,132 @@ def test_layernorm_and_gate_full_shape_and_cuda_graph_gpu(B):
         return dit_ops.gate_residual(x, mods[:, 2], dit_ops.layernorm_modulate(x, mods[:, 0], mods[:, 1]))
 
     _assert_graph_replay_equals_eager(step)
+
+
+# ---------------------------------------------------------------------------
+# attention (dit_ops.attention, kernels/attention.py)
+# ---------------------------------------------------------------------------
+# (B, H, Nq, Nk, Dh): DiT's head dim 72 (two slabs 64 + 16), SD's 40 (32 + 16) and 160 (128 + 32), a
+# power of two (one slab), a head dim under 16 (the tiny DiT's 8), queries != keys, lengths not a
+# multiple of the tiles; small for the interpreter.
+ATTN_SHAPES = [(2, 3, 17, 17, 72), (1, 2, 33, 20, 40), (2, 1, 64, 64, 64), (1, 2, 5, 5, 8), (1, 1, 40, 70, 160)]
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+def _qkv(B, H, NQ, NK, DH, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = 2 * torch.randn(B, H, NQ, DH, generator=g)          # scores of a few units: a peaked softmax
+    k = 2 * torch.randn(B, H, NK, DH, generator=g)
+    v = torch.randn(B, H, NK, DH, generator=g) + 0.5
+    return q.to(dtype).to(DEV), k.to(dtype).to(DEV), v.to(dtype).to(DEV)
+
+
+def _attention_bound(truth, v, dtype):
+    """Largest error allowed against the float64 attention of the same (rounded) inputs.
+
+    fp32 (IEEE dots, fp32 softmax): 1e-5 x max|out|. bf16 / fp16: the kernel rounds twice, as
+    FlashAttention does: the probabilities p to the dtype before ``p v`` (|sum dp_j v_j| <= u max|v|,
+    u the unit roundoff, since sum p_j = 1), and the output once (u max|out|); 10 % margin for the fp32
+    sums. (The GPU test also checks flash-attention's own rule against torch's bf16 SDPA.)"""
+    if dtype == torch.float32:
+        return 1e-5 * float(truth.abs().max())
+    return 1.1 * UNIT_ROUNDOFF[dtype] * (float(truth.abs().max()) + float(v.abs().max()))
+
+
+@pytest.mark.parametrize("shape", ATTN_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_attention_triton_matches_float64(shape, dtype, seed):
+    from manifoldgd_fast import dit_ops
+
+    q, k, v = _qkv(*shape, dtype, seed)
+    got = dit_ops.attention(q, k, v, backend="triton")
+    B, H, NQ, _, DH = shape
+    assert got.shape == (B, NQ, H * DH) and got.dtype == dtype and got.is_contiguous()
+    truth = dit_ops.attention_ref(q.double(), k.double(), v.double())
+    err = float((got.double() - truth).abs().max())
+    assert err <= _attention_bound(truth, v, dtype), (err, _attention_bound(truth, v, dtype))
+    ref = dit_ops.attention_ref(q, k, v)                          # same signature, same layout
+    assert ref.shape == got.shape and ref.dtype == got.dtype
+
+
+def test_attention_triton_reads_fused_qkv_views_in_place_and_takes_a_scale():
+    """q, k, v as FusedDiT passes them: (B, H, N, Dh) views of one (B, N, 3, H, Dh) tensor (strides
+    over n of 3 H Dh): the same numbers as from contiguous copies. A given scale is SDPA's."""
+    from manifoldgd_fast import dit_ops
+
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(2, 19, 3, 2, 72, generator=g).to(DEV)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    assert not q.is_contiguous()
+    got = dit_ops.attention(q, k, v, backend="triton")
+    assert torch.equal(got, dit_ops.attention(q.contiguous(), k.contiguous(), v.contiguous(), backend="triton"))
+    truth = dit_ops.attention_ref(q.double(), k.double(), v.double(), scale=0.3)
+    err = float((dit_ops.attention(q, k, v, scale=0.3, backend="triton").double() - truth).abs().max())
+    assert err <= _attention_bound(truth, v, torch.float32)
+
+
+def test_attention_triton_edge_cases_and_refusals():
+    from manifoldgd_fast import dit_ops
+
+    q = torch.randn(1, 2, 4, 8, device=DEV)
+    assert dit_ops.attention(q[:, :, :0], q, q, backend="triton").shape == (1, 0, 16)
+    assert dit_ops.attention(q[:0], q[:0], q[:0], backend="triton").shape == (0, 4, 16)
+    one = dit_ops.attention(q, q[:, :, :1], q[:, :, :1], backend="triton")     # one key: out = v
+    assert torch.allclose(one, q[:, :, :1].expand(1, 2, 4, 8).transpose(1, 2).reshape(1, 4, 16))
+    with pytest.raises(BackendError, match="q has dtype torch.float64"):
+        dit_ops.attention(q.double(), q.double(), q.double(), backend="triton")
+    with pytest.raises(BackendError, match="one dtype"):
+        dit_ops.attention(q, q.half(), q, backend="triton")
+    wide = torch.randn(1, 1, 2, 257, device=DEV)
+    with pytest.raises(BackendError, match="head dim Dh = 257; the fused kernel takes Dh <= 256"):
+        dit_ops.attention(wide, wide, wide, backend="triton")
+    from manifoldgd_fast.kernels import attention as attn_k
+
+    assert dit_ops.MAX_HEAD_DIM == attn_k.MAX_HEAD_DIM            # dit_ops keeps a copy to import without Triton
+    assert [attn_k.head_split(d) for d in (8, 16, 24, 40, 64, 72, 96, 160, 256)] == \
+        [(16, 0), (16, 0), (32, 0), (32, 16), (64, 0), (64, 16), (64, 32), (128, 32), (256, 0)]
+
+
+def test_attention_compiles_as_an_opaque_custom_op():
+    from manifoldgd_fast import dit_ops
+
+    q, k, v = _qkv(1, 2, 9, 9, 72, torch.bfloat16, seed=2)
+    fn = lambda q, k, v: dit_ops.attention(q, k, v, backend="triton") * 2     # noqa: E731
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v), fn(q, k, v))
+    torch.library.opcheck(torch.ops.manifoldgd_fast.attention, (q, k, v, 72 ** -0.5),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_fused_dit_with_triton_attention_equals_sdpa():
+    """FusedDiT(attention="triton") computes the diffusers DiT's function (fp32: to float rounding)."""
+    import copy
+
+    from manifoldgd_fast.fastdit import FusedDiT, tie_conditioning_embedders
+    from manifoldgd_fast.models import build_dit, tiny_dit_config
+
+    dit = tie_conditioning_embedders(build_dit(tiny_dit_config(num_classes=10, attention_head_dim=24), seed=1)).to(DEV)
+    g = torch.Generator().manual_seed(1)
+    x, t, y = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900]), torch.tensor([3, 10])
+    x, t, y = x.to(DEV), t.to(DEV), y.to(DEV)
+    with torch.no_grad():
+        want = dit(x, timestep=t, class_labels=y).sample
+        got = FusedDiT(copy.deepcopy(dit), attention="triton")(x, timestep=t, class_labels=y).sample
+    torch.testing.assert_close(got, want, atol=2e-5 * float(want.abs().max()), rtol=0)
+
+
+@requires_cuda()
+@pytest.mark.parametrize("B", [16, 64])
+def test_attention_full_shape_flash_rule_and_cuda_graph_gpu(B):
+    """DiT-XL/2 (B x 16 heads x 256 tokens x 72, bf16 views of one QKV output): flash-attention's rule,
+    |ours - fp64| <= 2 |torch bf16 SDPA - fp64| (+ one ulp of headroom), and a CUDA-graph replay equal to eager."""
+    from manifoldgd_fast import dit_ops
+
+    qkv = torch.randn(B, 256, 3, 16, 72, device="cuda").bfloat16()
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    truth = dit_ops.attention_ref(q.double(), k.double(), v.double())
+    ours = float((dit_ops.attention(q, k, v, backend="triton").double() - truth).abs().max())
+    plain = float((dit_ops.attention_ref(q, k, v).double() - truth).abs().max())
+    assert ours <= 2 * plain + UNIT_ROUNDOFF[torch.bfloat16] * float(truth.abs().max()), (ours, plain)
+    _assert_graph_replay_equals_eager(lambda: dit_ops.attention(q, k, v, backend="triton"))
