@@ -84,6 +84,8 @@ GROUPS: dict[str, dict[str, str]] = {
         "radius_a": "paper exponential annealing rate a",
         "radius_units": "paper radii: quantile (of mode-to-member distances) or absolute",
         "r_min": "paper smallest radius",
+        "neighbourhood_dtype": "paper: the class latents the patch is built from, on the device: float32, or bfloat16 / "
+                               "float16 (half the bytes of the kNN + Gram passes; neighbourhoods still ranked in fp32)",
         "r_max": "paper largest radius",
         "manifold_scale": "official lambda_man",
         "manifold_radius": "official cloud radius r (0.05 for <=10 classes, else 0.1)",

@@ -112,6 +112,8 @@ class DistillConfig:
     radius_units: str = "quantile"
     r_min: float = 0.2
     r_max: float = 0.9
+    neighbourhood_dtype: str = "float32"  # the class latents the patch is built from, as held on the device:
+                                          # bfloat16 / float16 halve the bytes of the kNN + Gram passes
 
     # --- official formulation (SPEC 4b) -------------------------------------
     manifold_scale: float = 0.1        # lambda_man
@@ -148,6 +150,7 @@ class DistillConfig:
             ("mode_method", MODE_METHODS), ("mode_point", MODE_POINTS), ("linkage", LINKAGES),
             ("kernel", KERNELS), ("radius_schedule", RADIUS_SCHEDULES), ("radius_units", RADIUS_UNITS),
             ("warm_schedule", WARM_SCHEDULES), ("cfg_channels", CFG_CHANNELS), ("dtype", DTYPES),
+            ("neighbourhood_dtype", DTYPES),
             ("backend", BACKENDS), ("label_map", ("auto", "imagenet1k", "sorted")), ("backbone", BACKBONES),
             ("guidance_noise", ("auto", "generator", "philox")), ("loop", LOOPS), ("compile", COMPILE_MODES),
             ("attention", ATTENTION_BACKENDS), ("dit_impl", ("diffusers", "fused")),
@@ -356,7 +359,8 @@ def fingerprint(cfg: "DistillConfig") -> str:
               "extra", "backend", "modes_dir",
               "loop"):  # the fast loop gives the reference loop's latents
         d.pop(k, None)
-    for k, default in (("compile", "none"), ("attention", "auto"), ("dit_impl", "diffusers")):
+    for k, default in (("compile", "none"), ("attention", "auto"), ("dit_impl", "diffusers"),
+                       ("neighbourhood_dtype", "float32")):
         if d.get(k) == default:  # fingerprints of runs made before the option existed stay valid
             d.pop(k)
     if d.get("backbone") in ("dit", "auto"):  # prompts never reach a DiT; older DiT fingerprints stay valid

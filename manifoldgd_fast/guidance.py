@@ -66,11 +66,13 @@ def mode_grad_paper(x0: torch.Tensor, m: torch.Tensor, kernel: str, bandwidth: f
 
 
 def paper_neighbourhoods(cfg: DistillConfig, class_latents: torch.Tensor, modes: torch.Tensor) -> dict:
-    """The paper formulation's inputs of :class:`Guidance` for one class: its latents (n, D) float32,
-    each mode's neighbourhood order and sorted distances (m, n), and the class's radii (SPEC 3)."""
+    """The paper formulation's inputs of :class:`Guidance` for one class: its latents (n, D) in
+    ``cfg.neighbourhood_dtype`` (the patch rows the guidance ops stream each step; they compute in fp32),
+    each mode's neighbourhood order and sorted distances (m, n), ranked in fp32, and the class's radii (SPEC 3)."""
     zf = class_latents.flatten(1).float().to(modes.device)
     order, dists = modes_mod.neighbourhood_order(zf, modes.flatten(1).float())
-    return dict(class_latents=zf, order=order, sorted_dists=dists,
+    held = zf.to(getattr(torch, cfg.neighbourhood_dtype))     # fp32: the same tensor
+    return dict(class_latents=held, order=order, sorted_dists=dists,
                 radii=modes_mod.class_radii(dists, cfg.r_min, cfg.r_max, cfg.radius_units))
 
 

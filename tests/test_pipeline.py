@@ -42,6 +42,7 @@ def _digest(folder):
     ["--cgs", "--formulation", "paper"],                   # CGS composed with ManifoldGD
     ["--guidance-noise", "philox"],                        # the fused ops' counter-based noise (reference on CPU)
     ["--guidance-noise", "philox", "--formulation", "paper", "--backend", "reference"],
+    ["--formulation", "paper", "--neighbourhood-dtype", "bfloat16"],   # bf16 patch rows on the device
 ])
 def test_distill_writes_images_latents_manifest(tiny_world, tmp_path, extra):
     out = tmp_path / "out"

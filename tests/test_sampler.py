@@ -352,3 +352,30 @@ def test_philox_guidance_noise_uses_the_fused_ops(model, formulation):
         torch.testing.assert_close(solo.official_term(i, x[1:], x0[1:], None), got[1:], atol=1e-5, rtol=1e-5)
     else:
         torch.testing.assert_close(solo.paper_eps(i, x[1:], x0[1:], eps[1:]), got[1:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("noise", ["generator", "philox"])
+def test_half_precision_neighbourhoods(model, noise):
+    """--neighbourhood-dtype bfloat16: the patch rows are held in bf16 (half the bytes the kNN + Gram
+    passes stream), ranked exactly as in fp32; the guided eps moves by about bf16's rounding of the
+    rows, not more, and the run's fingerprint changes (other bytes)."""
+    from manifoldgd_fast.config import fingerprint
+
+    c32 = _cfg(formulation="paper", guidance_noise=noise)
+    c16 = _cfg(formulation="paper", guidance_noise=noise, neighbourhood_dtype="bfloat16")
+    lat, m, *_ = _paper_setup(c32)
+    k32, k16 = paper_neighbourhoods(c32, lat, m), paper_neighbourhoods(c16, lat, m)
+    assert k32["class_latents"].dtype == torch.float32 and k16["class_latents"].dtype == torch.bfloat16
+    assert torch.equal(k16["class_latents"].float(), lat.bfloat16().float())
+    assert torch.equal(k16["order"], k32["order"]) and torch.equal(k16["sorted_dists"], k32["sorted_dists"])
+    sched = make_schedule(c32.steps, "ddpm")
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(8))
+    eps = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(9))
+    i = c32.steps - 1
+    out = [Guidance(c, sched, m.view(2, 4, 8, 8), _gens([0, 1]), noise_seed=11, sample_ids=[4, 9], **kw)
+           .paper_eps(i, x, x0, eps) for c, kw in ((c32, k32), (c16, k16))]
+    moved = float((out[1] - out[0]).abs().max() / (out[0] - eps).abs().max())
+    assert 0 < moved < 2.0 ** -8, moved                    # relative to the correction: under bf16 rounding
+    assert fingerprint(c16) != fingerprint(c32)
+    assert fingerprint(c32) == fingerprint(_cfg(formulation="paper", guidance_noise=noise))
