@@ -720,3 +720,26 @@ def test_attention_full_shape_flash_rule_and_cuda_graph_gpu(B):
     plain = float((dit_ops.attention_ref(q, k, v).double() - truth).abs().max())
     assert ours <= 2 * plain + UNIT_ROUNDOFF[torch.bfloat16] * float(truth.abs().max()), (ours, plain)
     _assert_graph_replay_equals_eager(lambda: dit_ops.attention(q, k, v, backend="triton"))
+
+
+@pytest.mark.parametrize("formulation", ["official", "paper"])
+def test_distill_end_to_end_on_every_kernel(tiny_world, tmp_path, formulation):
+    """The CLI with every fused path at once (guidance kernels, fused DiT ops, our attention, the fast
+    loop) against the all-reference run on the same seed: the same latents to float rounding. On a GPU
+    this is the first thing to run; here it runs the interpreted kernels inside the real pipeline."""
+    if DEV != "cpu":
+        pytest.skip("the tiny world's run is a CPU run; the GPU pipeline is tests/test_fastloop.py's")
+    from safetensors.torch import load_file
+    from test_pipeline import _args
+
+    from manifoldgd_fast.cli import main
+
+    common = ["--formulation", formulation, "--guidance-noise", "philox"]
+    ref, fast = tmp_path / "ref", tmp_path / "fast"
+    assert main(_args(tiny_world, ref, *common, "--backend", "reference", "--loop", "reference")) == 0
+    assert main(_args(tiny_world, fast, *common, "--backend", "triton", "--loop", "fast",
+                      "--dit-impl", "fused", "--attention", "triton")) == 0
+    for c in ("apple", "banana", "cherry"):
+        za = load_file(str(ref / "latents" / f"{c}.safetensors"))["latents"]
+        zb = load_file(str(fast / "latents" / f"{c}.safetensors"))["latents"]
+        assert ((za - zb).norm() / za.norm()).item() < 1e-3, c
