@@ -31,7 +31,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
   python3 -c "import torch, triton, diffusers; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__)"
 } | tee "$OUT/versions.txt"
 case "$stage" in
-  tests)    python3 -m pytest -q -x -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log" ;;
+  tests)    python3 -m pytest -q -p no:cacheprovider -rfEs --durations=15 tests 2>&1 | tee "$OUT/tests.log" ;;
   kernels)  python3 bench/bench_kernels.py --quick --csv "$OUT/kernels.csv" 2>&1 | tee "$OUT/kernels.log"
             python3 bench/bench_dit_ops.py --quick --csv "$OUT/dit_ops.csv" 2>&1 | tee "$OUT/dit_ops.log" ;;
   sampling) python3 bench/bench_sampling.py --batches 8 32 128 --no-compile --reps 3 \
