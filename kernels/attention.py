@@ -46,13 +46,20 @@ def head_split(dh: int) -> tuple[int, int]:
 
 
 @triton.jit
-def _load_slab(base, rows, sn, cols, n_rows, HEAD_DIM: tl.constexpr, TRANS: tl.constexpr):
-    """Tile [rows, cols] of a (n_rows, HEAD_DIM) matrix with row stride sn; TRANS: the (cols, rows) tile."""
+def _load_slab(base, rows, sn, cols, n_rows, HEAD_DIM: tl.constexpr, TRANS: tl.constexpr,
+               COL_MASK: tl.constexpr):
+    """Tile [rows, cols] of a (n_rows, HEAD_DIM) matrix with row stride sn; TRANS: the (cols, rows) tile.
+    COL_MASK: some of ``cols`` lie past HEAD_DIM. Without it the mask is constant along the columns,
+    so the loads stay vectorised (16 B per thread)."""
     if TRANS:
-        mask = (cols < HEAD_DIM)[:, None] & (rows < n_rows)[None, :]
+        mask = (rows < n_rows)[None, :]
+        if COL_MASK:
+            mask = mask & (cols < HEAD_DIM)[:, None]
         ptrs = base + rows[None, :].to(tl.int64) * sn + cols[:, None]
     else:
-        mask = (rows < n_rows)[:, None] & (cols < HEAD_DIM)[None, :]
+        mask = (rows < n_rows)[:, None]
+        if COL_MASK:
+            mask = mask & (cols < HEAD_DIM)[None, :]
         ptrs = base + rows[:, None].to(tl.int64) * sn + cols[None, :]
     return tl.load(ptrs, mask=mask, other=0.0)
 
@@ -86,20 +93,20 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, H, NQ, NK, n_mblocks,
     v_base = v_ptr + b * svb + h * svh
     rows = m0 + tl.arange(0, BLOCK_M)
     c0 = tl.arange(0, D0)
-    q0 = _load_slab(q_base, rows, sqn, c0, NQ, HEAD_DIM, False)                     # (BLOCK_M, D0)
+    q0 = _load_slab(q_base, rows, sqn, c0, NQ, HEAD_DIM, False, D0 > HEAD_DIM)    # (BLOCK_M, D0)
     acc0 = tl.zeros((BLOCK_M, D0), dtype=tl.float32)
     if D1 > 0:
         c1 = D0 + tl.arange(0, D1)
-        q1 = _load_slab(q_base, rows, sqn, c1, NQ, HEAD_DIM, False)                 # (BLOCK_M, D1)
+        q1 = _load_slab(q_base, rows, sqn, c1, NQ, HEAD_DIM, False, True)         # (BLOCK_M, D1)
         acc1 = tl.zeros((BLOCK_M, D1), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in range(0, NK, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
-        kt0 = _load_slab(k_base, keys, skn, c0, NK, HEAD_DIM, True)                 # (D0, BLOCK_N)
+        kt0 = _load_slab(k_base, keys, skn, c0, NK, HEAD_DIM, True, D0 > HEAD_DIM)    # (D0, BLOCK_N)
         s = _dot(q0, kt0, IEEE, EMULATE_BF16)
         if D1 > 0:
-            kt1 = _load_slab(k_base, keys, skn, c1, NK, HEAD_DIM, True)
+            kt1 = _load_slab(k_base, keys, skn, c1, NK, HEAD_DIM, True, True)
             s += _dot(q1, kt1, IEEE, EMULATE_BF16)
         s = tl.where((keys < NK)[None, :], s * qk_scale, float("-inf"))             # (BLOCK_M, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -107,21 +114,24 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, H, NQ, NK, n_mblocks,
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
-        v0 = _load_slab(v_base, keys, svn, c0, NK, HEAD_DIM, False)                 # (BLOCK_N, D0)
+        v0 = _load_slab(v_base, keys, svn, c0, NK, HEAD_DIM, False, D0 > HEAD_DIM)    # (BLOCK_N, D0)
         if EMULATE_BF16:                                                            # FlashAttention's rounding of p
             p = _rne_bf16(p)                                                        # (the interpreter truncates)
         else:
             p = p.to(v0.dtype)
         acc0 = acc0 * alpha[:, None] + _dot(p, v0, IEEE, EMULATE_BF16)
         if D1 > 0:
-            v1 = _load_slab(v_base, keys, svn, c1, NK, HEAD_DIM, False)
+            v1 = _load_slab(v_base, keys, svn, c1, NK, HEAD_DIM, False, True)
             acc1 = acc1 * alpha[:, None] + _dot(p, v1, IEEE, EMULATE_BF16)
     inv_l = 1.0 / l_i
     o_base = o_ptr + b * sob + h * HEAD_DIM
     omask = (rows < NQ)[:, None]
     optr = o_base + rows[:, None].to(tl.int64) * son
-    tl.store(optr + c0[None, :], (acc0 * inv_l[:, None]).to(o_ptr.dtype.element_ty),
-             mask=omask & (c0 < HEAD_DIM)[None, :])
+    if D0 > HEAD_DIM:
+        omask0 = omask & (c0 < HEAD_DIM)[None, :]
+    else:
+        omask0 = omask
+    tl.store(optr + c0[None, :], (acc0 * inv_l[:, None]).to(o_ptr.dtype.element_ty), mask=omask0)
     if D1 > 0:
         tl.store(optr + c1[None, :], (acc1 * inv_l[:, None]).to(o_ptr.dtype.element_ty),
                  mask=omask & (c1 < HEAD_DIM)[None, :])
