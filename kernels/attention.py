@@ -167,5 +167,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, c
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
         float(scale) * _LOG2E, HEAD_DIM=DH, D0=d0, D1=d1, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         IEEE=q.dtype == torch.float32, EMULATE_BF16=INTERPRET and q.dtype == torch.bfloat16,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        enable_fp_fusion=True)   # explicit: Triton 3.10 changes the default (FMA in the rescale)
     return out
