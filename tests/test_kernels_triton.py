@@ -662,6 +662,8 @@ def test_attention_triton_edge_cases_and_refusals():
     q = torch.randn(1, 2, 4, 8, device=DEV)
     assert dit_ops.attention(q[:, :, :0], q, q, backend="triton").shape == (1, 0, 16)
     assert dit_ops.attention(q[:0], q[:0], q[:0], backend="triton").shape == (0, 4, 16)
+    none = q[:, :, :0]                                                         # no keys: the reference's zeros
+    assert torch.equal(dit_ops.attention(q, none, none, backend="triton"), dit_ops.attention_ref(q, none, none))
     one = dit_ops.attention(q, q[:, :, :1], q[:, :, :1], backend="triton")     # one key: out = v
     assert torch.allclose(one, q[:, :, :1].expand(1, 2, 4, 8).transpose(1, 2).reshape(1, 4, 16))
     with pytest.raises(BackendError, match="q has dtype torch.float64"):
