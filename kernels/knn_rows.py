@@ -31,7 +31,7 @@ def dist_key(d2, rows):
     """
     d2 = tl.where(d2 == d2, d2, float("inf"))                           # NaN rows last
     ub = d2.to(tl.uint32, bitcast=True)
-    mono = tl.where((ub >> 31) == 1, ~ub, ub | tl.full((), 0x80000000, tl.uint32))
+    mono = tl.where((ub >> 31) == 1, ub ^ tl.full((), 0xFFFFFFFF, tl.uint32), ub | tl.full((), 0x80000000, tl.uint32))
     return (mono.to(tl.uint64) << 32) | rows.to(tl.uint64)
 
 
@@ -39,7 +39,7 @@ def dist_key(d2, rows):
 def key_decode(key):
     """(row int64, distance fp32) of a key from :func:`dist_key`."""
     hi = (key >> 32).to(tl.uint32)
-    bits = tl.where((hi >> 31) == 1, hi ^ tl.full((), 0x80000000, tl.uint32), ~hi)
+    bits = tl.where((hi >> 31) == 1, hi ^ tl.full((), 0x80000000, tl.uint32), hi ^ tl.full((), 0xFFFFFFFF, tl.uint32))
     return (key & tl.full((), 0xFFFFFFFF, tl.uint64)).to(tl.int64), bits.to(tl.float32, bitcast=True)
 
 
