@@ -41,6 +41,17 @@ EXT_NONE, EXT_EPS, EXT_MEAN = 0, 1, 2
 
 
 @triton.jit
+def _shifted_tile(SRC: tl.constexpr, b, rows, jmask, d0, cols, cmask, x_ptr, D,
+                  src_ptr, src_sb, src_sm, ord_ptr, ord_sb, rho_ptr, gn_ptr, aux_sb, sqa, sig, seed, sample, step16,
+                  BLOCK_D: tl.constexpr):
+    """(K, BLOCK_D) fp32 tile of y_j = p_j - x at ``cols``; zero outside ``jmask`` x ``cmask``."""
+    p = rows_tile(SRC, b, rows, jmask, d0, cols, cmask, src_ptr, src_sb, src_sm, ord_ptr, ord_sb,
+                  rho_ptr, gn_ptr, aux_sb, sqa, sig, seed, sample, step16, BLOCK_D)
+    xv = tl.load(x_ptr + b.to(tl.int64) * D + cols, mask=cmask, other=0.0).to(tl.float32)
+    return tl.where(jmask[:, None] & cmask[None, :], p - xv[None, :], 0.0)
+
+
+@triton.jit
 def _gram_kernel(x_ptr, g_ptr, idx_ptr, sid_ptr, gram_ptr, h_ptr,
                  src_ptr, src_sb, src_sm, ord_ptr, ord_sb, rho_ptr, gn_ptr, aux_sb, sqa, sig, seed, step16,
                  D, k, d_per_split, n_dsplit,
@@ -59,10 +70,8 @@ def _gram_kernel(x_ptr, g_ptr, idx_ptr, sid_ptr, gram_ptr, h_ptr,
     for d0 in range(d_lo, d_hi, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         cmask = cols < d_hi
-        p = rows_tile(SRC, b, rows, jmask, d0, cols, cmask, src_ptr, src_sb, src_sm, ord_ptr, ord_sb,
-                      rho_ptr, gn_ptr, aux_sb, sqa, sig, seed, sample, step16, BLOCK_D)
-        xv = tl.load(x_ptr + b64 * D + cols, mask=cmask, other=0.0).to(tl.float32)
-        y = tl.where(jmask[:, None] & cmask[None, :], p - xv[None, :], 0.0)          # (K, BLOCK_D)
+        y = _shifted_tile(SRC, b, rows, jmask, d0, cols, cmask, x_ptr, D, src_ptr, src_sb, src_sm, ord_ptr, ord_sb,
+                          rho_ptr, gn_ptr, aux_sb, sqa, sig, seed, sample, step16, BLOCK_D)
         G += tl.dot(y, tl.trans(y), input_precision="ieee")
         if HAS_G:
             gv = tl.load(g_ptr + b64 * D + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -164,10 +173,8 @@ def _apply_kernel(x_ptr, g_ptr, idx_ptr, sid_ptr, coef_ptr, alpha_ptr, ext_ptr, 
     coef = tl.load(coef_ptr + b64 * K + jj)
     cols = d0 + tl.arange(0, BLOCK_D)
     cmask = cols < D
-    p = rows_tile(SRC, b, rows, jmask, d0, cols, cmask, src_ptr, src_sb, src_sm, ord_ptr, ord_sb,
-                  rho_ptr, gn_ptr, aux_sb, sqa, sig, seed, sample, step16, BLOCK_D)
-    xv = tl.load(x_ptr + b64 * D + cols, mask=cmask, other=0.0).to(tl.float32)
-    y = tl.where(jmask[:, None] & cmask[None, :], p - xv[None, :], 0.0)              # (K, BLOCK_D)
+    y = _shifted_tile(SRC, b, rows, jmask, d0, cols, cmask, x_ptr, D, src_ptr, src_sb, src_sm, ord_ptr, ord_sb,
+                      rho_ptr, gn_ptr, aux_sb, sqa, sig, seed, sample, step16, BLOCK_D)
     res = tl.sum(coef[:, None] * y, axis=0)                                          # Y^T coef
     if HAS_G:
         alpha = tl.load(alpha_ptr + b)

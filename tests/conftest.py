@@ -46,6 +46,16 @@ def _seed_everything():
     yield
 
 
+def anisotropic(B, M, D, dtype, seed):
+    """(x (B, D), rows (B, M, D), g (B, D)) on the CPU: columns scaled 3 -> 0.1, so the top-d subspace stands apart."""
+    gen = torch.Generator().manual_seed(seed)
+    scales = torch.linspace(3.0, 0.1, D)
+    rows = (torch.randn(B, M, D, generator=gen) * scales).to(dtype)
+    x = (torch.randn(B, D, generator=gen) * scales).to(dtype)
+    g = torch.randn(B, D, generator=gen).to(dtype)
+    return x, rows, g
+
+
 def make_image_folder(root, classes, per_class, size=20, seed=0):
     """Class folders of small PNG/JPEG images, each class a different colour pattern."""
     from PIL import Image

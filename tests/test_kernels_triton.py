@@ -20,7 +20,7 @@ import torch
 from manifoldgd_fast import ops
 from manifoldgd_fast.errors import BackendError
 
-from conftest import requires_cuda
+from conftest import anisotropic, requires_cuda
 
 try:
     from manifoldgd_fast import kernels
@@ -66,12 +66,8 @@ def _assert_graph_replay_equals_eager(step):
 
 
 def _anisotropic(B, M, D, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    sc = torch.linspace(3.0, 0.1, D)
-    rows = (torch.randn(B, M, D, generator=g) * sc).to(dtype)
-    x = (torch.randn(B, D, generator=g) * sc).to(dtype)
-    gv = torch.randn(B, D, generator=g).to(dtype)
-    return rows.to(DEV), x.to(DEV), gv.to(DEV)
+    x, rows, g = anisotropic(B, M, D, dtype, seed)
+    return rows.to(DEV), x.to(DEV), g.to(DEV)
 
 
 def _close(got, want, rtol):

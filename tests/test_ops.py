@@ -7,6 +7,8 @@ import torch
 from manifoldgd_fast import ops
 from manifoldgd_fast.errors import BackendError, ConfigError
 
+from conftest import anisotropic
+
 # (dtype of the inputs, atol, rtol): the op accumulates in fp32; the direct
 # transcription runs in float64 on the same (rounded) inputs.
 DTYPES = [(torch.float32, 2e-4, 2e-4), (torch.bfloat16, 2e-2, 2e-2), (torch.float16, 5e-3, 5e-3)]
@@ -54,23 +56,13 @@ def spec_manifold_pull(x, cloud, k, d, scale, bw, ridge):
     return torch.stack(out)
 
 
-def _inputs(B, M, D, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    # anisotropic patch so the top-d subspace is well separated from the rest
-    scales = torch.linspace(3.0, 0.1, D)
-    patch = (torch.randn(B, M, D, generator=g) * scales).to(dtype)
-    x = (torch.randn(B, D, generator=g) * scales).to(dtype)
-    gv = torch.randn(B, D, generator=g).to(dtype)
-    return x, patch, gv
-
-
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 @pytest.mark.parametrize("B,M,D", SHAPES)
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("lam", [1.0, 0.5])
 def test_manifold_correct_matches_spec(B, M, D, dtype, atol, rtol, seed, lam):
     k, d = 10, 3
-    x, patch, g = _inputs(B, M, D, dtype, seed)
+    x, patch, g = anisotropic(B, M, D, dtype, seed)
     lengths = torch.tensor([M - (b * 3) % (M - k) for b in range(B)])
     got = ops.manifold_correct(x, patch, g, k=k, d=d, lambda_normal=lam, ridge=1e-4, lengths=lengths)
     want = spec_manifold_correct(x.float(), patch.float(), g.float(), k, d, lam, 1e-4, lengths)
@@ -79,13 +71,13 @@ def test_manifold_correct_matches_spec(B, M, D, dtype, atol, rtol, seed, lam):
 
 
 def test_lambda_zero_is_mode_guidance():
-    x, patch, g = _inputs(3, 40, 32, torch.float32, 5)
+    x, patch, g = anisotropic(3, 40, 32, torch.float32, 5)
     assert torch.equal(ops.manifold_correct(x, patch, g, k=10, d=3, lambda_normal=0.0), g)
 
 
 def test_tangent_projection_properties():
     """lambda_N = 1: result is P_T g, idempotent, orthogonal to the normal space."""
-    x, patch, g = _inputs(2, 60, 48, torch.float64, 3)
+    x, patch, g = anisotropic(2, 60, 48, torch.float64, 3)
     k, d = 10, 3
     r = ops.manifold_correct(x, patch, g, k=k, d=d)
     r2 = ops.manifold_correct(x, patch, r, k=k, d=d)
@@ -185,7 +177,7 @@ def test_time_aligned_patch():
 
 
 def test_bad_inputs_name_the_tensor():
-    x, patch, g = _inputs(2, 30, 16, torch.float32, 0)
+    x, patch, g = anisotropic(2, 30, 16, torch.float32, 0)
     with pytest.raises(ConfigError, match="patch must be"):
         ops.manifold_correct(x, patch[:, :, :15], g, k=10, d=3)
     with pytest.raises(ConfigError, match="larger than the patch"):

@@ -182,6 +182,40 @@ def _images_tensor(split: str) -> tuple[torch.Tensor, torch.Tensor]:
 # --------------------------------------------------------------------------- #
 # VAE
 # --------------------------------------------------------------------------- #
+class _Run:
+    """One training loop's checkpoint, log and budget: resume, then ``after_step`` once per step."""
+
+    def __init__(self, name: str, total: int, ckpt: str, parts: dict, save_every: int, log_every: int, fmt: str,
+                 log, budget: _StepBudget | None):
+        self.name, self.total, self.ckpt, self.parts = name, total, ckpt, parts
+        self.save_every, self.log_every, self.fmt, self.log, self.budget = save_every, log_every, fmt, log, budget
+        self.running: list[tuple[float, ...]] = []
+
+    def resume(self) -> tuple[int, float]:
+        """Load each part's state from the checkpoint when there is one; the (step, seconds) to go on from."""
+        if not os.path.exists(self.ckpt):
+            return 0, 0.0
+        state = torch.load(self.ckpt, map_location="cpu", weights_only=False)
+        for key, part in self.parts.items():
+            part.load_state_dict(state[key])
+        self.log(f"{self.name}: resuming at step {state['step']}/{self.total}")
+        return state["step"], state["seconds"]
+
+    def after_step(self, step: int, seconds: float, metrics: tuple[float, ...]) -> None:
+        """Log the running means, save, and raise :class:`Interrupted` when the step budget is spent."""
+        self.running.append(metrics)
+        if step % self.log_every == 0 or step == self.total:
+            m = np.mean(self.running, 0)
+            self.running = []
+            self.log(f"{self.name} step {step}/{self.total}  {self.fmt.format(*m)}  {seconds:.0f}s")
+        stop = self.budget is not None and self.budget.take()
+        if step % self.save_every == 0 or step == self.total or stop:
+            save_checkpoint({**{key: part.state_dict() for key, part in self.parts.items()},
+                             "step": step, "seconds": seconds}, self.ckpt)
+        if stop and step < self.total:
+            raise Interrupted(f"{self.name} step {step}")
+
+
 def train_vae(s: Settings, work: str, save_every: int, log=print, budget: _StepBudget | None = None):
     """Train (or resume) the VAE; return it (eval mode) and the seconds spent."""
     from diffusers import AutoencoderKL
@@ -190,17 +224,12 @@ def train_vae(s: Settings, work: str, save_every: int, log=print, budget: _StepB
     torch.manual_seed(s.seed)
     vae = AutoencoderKL(**s.vae_config())
     opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
-    ckpt = os.path.join(work, "vae.pt")
-    step, seconds = 0, 0.0
-    if os.path.exists(ckpt):
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step, seconds = state["step"], state["seconds"]
-        log(f"vae: resuming at step {step}/{s.vae_steps}")
+    run = _Run("vae", s.vae_steps, os.path.join(work, "vae.pt"), {"model": vae, "opt": opt}, save_every,
+               50, "mse {:.5f}  kl {:.3f}", log, budget)
+    step, seconds = run.resume()
     order = BatchOrder(len(x_train), s.vae_batch, s.seed, "vae")
     vae.train()
-    t0, seconds0, running = time.perf_counter(), seconds, []
+    t0, seconds0 = time.perf_counter(), seconds
     while step < s.vae_steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, s.vae_steps, s.vae_lr, warmup=50)
@@ -217,18 +246,8 @@ def train_vae(s: Settings, work: str, save_every: int, log=print, budget: _StepB
         torch.nn.utils.clip_grad_norm_(vae.parameters(), s.grad_clip)
         opt.step()
         step += 1
-        running.append((mse.item(), kl.item()))
         seconds = seconds0 + time.perf_counter() - t0
-        if step % 50 == 0 or step == s.vae_steps:
-            m = np.mean(running, 0)
-            running = []
-            log(f"vae step {step}/{s.vae_steps}  mse {m[0]:.5f}  kl {m[1]:.3f}  {seconds:.0f}s")
-        stop = budget is not None and budget.take()
-        if step % save_every == 0 or step == s.vae_steps or stop:
-            save_checkpoint({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
-                          "seconds": seconds}, ckpt)
-        if stop and step < s.vae_steps:
-            raise Interrupted(f"vae step {step}")
+        run.after_step(step, seconds, (mse.item(), kl.item()))
     vae.eval()
     return vae, seconds
 
@@ -279,20 +298,14 @@ def train_dit(s: Settings, latents: torch.Tensor, labels: torch.Tensor, work: st
     disable_internal_label_dropout(model)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=s.dit_lr, weight_decay=0.0)
-    ckpt = os.path.join(work, "dit.pt")
-    step, seconds = 0, 0.0
-    if os.path.exists(ckpt):
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        step, seconds = state["step"], state["seconds"]
-        log(f"dit: resuming at step {step}/{s.dit_steps}")
+    run = _Run("dit", s.dit_steps, os.path.join(work, "dit.pt"), {"model": model, "ema": ema, "opt": opt},
+               save_every, 100, "mse {:.4f}  vb {:.4f}", log, budget)
+    step, seconds = run.resume()
     d = Diffusion(s.num_train_timesteps)
     order = BatchOrder(len(latents), s.dit_batch, s.seed, "dit")
     model.train()
     ema.eval()
-    t0, seconds0, running = time.perf_counter(), seconds, []
+    t0, seconds0 = time.perf_counter(), seconds
     while step < s.dit_steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, s.dit_steps, s.dit_lr, warmup=s.dit_warmup)
@@ -312,18 +325,8 @@ def train_dit(s: Settings, latents: torch.Tensor, labels: torch.Tensor, work: st
         opt.step()
         step += 1
         ema_update(ema, model, min(s.ema_decay, (1 + step) / (10 + step)))
-        running.append((mse.mean().item(), vb.mean().item()))
         seconds = seconds0 + time.perf_counter() - t0
-        if step % 100 == 0 or step == s.dit_steps:
-            m = np.mean(running, 0)
-            running = []
-            log(f"dit step {step}/{s.dit_steps}  mse {m[0]:.4f}  vb {m[1]:.4f}  {seconds:.0f}s")
-        stop = budget is not None and budget.take()
-        if step % save_every == 0 or step == s.dit_steps or stop:
-            save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                          "step": step, "seconds": seconds}, ckpt)
-        if stop and step < s.dit_steps:
-            raise Interrupted(f"dit step {step}")
+        run.after_step(step, seconds, (mse.mean().item(), vb.mean().item()))
     return ema, seconds
 
 
