@@ -10,6 +10,7 @@ other kernels for other allocation patterns).
 import pytest
 import torch
 from conftest import requires_cuda
+from graph_emulation import TracedStep, emulate_cuda_graphs
 
 from manifoldgd_fast.config import DistillConfig
 from manifoldgd_fast.errors import ConfigError
@@ -155,6 +156,43 @@ def test_fast_loop_profiles_its_steps(model, one_thread):
     rep = prof.report()
     assert rep["steps"] == 10 and rep["phases"]["dit_forward"]["total_ms"] > 0
     assert rep["guidance_overhead"] is not None and rep["guidance_overhead"] > 0
+
+
+# ---------------------------------------------------------------------------- CUDA graphs, emulated on the CPU
+GRAPH_CASES = [c for c in CASES if not (c.get("formulation") == "paper" and c["method"] == "manifoldgd")]  # eager
+
+
+@pytest.mark.parametrize("case,dtype", [(c, None) for c in GRAPH_CASES] + [(dict(method="manifoldgd"), torch.bfloat16)],
+                         ids=lambda v: "-".join(f"{x}" for x in v.values()) if isinstance(v, dict) else str(v))
+def test_emulated_graphs_replay_the_eager_loop_for_every_class(model, one_thread, monkeypatch, case, dtype):
+    """The graph loop's plumbing without a GPU (tests/graph_emulation.py): each step frozen once, with
+    its scalars baked in; then other classes (other modes, ids, labels, noise) replayed through the
+    static buffers give the eager loop's bits, and nothing in a step reads the host or draws noise."""
+    emulate_cuda_graphs(monkeypatch)
+    run, fresh_a = _setup(model, dtype=dtype, seed=0, **case)
+    _, fresh_b = _setup(model, dtype=dtype, seed=1, **case)
+    fast = FastSampler(run, cuda_graph=True)
+    for fresh, flip in ((fresh_a, False), (fresh_b, True), (fresh_a, False)):
+        got, want = [None, None]
+        for j, sampler in enumerate((fast, FastSampler(run, cuda_graph=False))):
+            x_T, y, gens, gd, cg = fresh()
+            out = sampler.sample(x_T, y.flip(0) if flip else y, gens, guidance=gd, cgs=cg)
+            got, want = (out, want) if j == 0 else (got, out)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert len(fast._sets) == 1 and fast.cuda_graph is not False   # one capture, no eager fallback
+
+
+def test_graph_emulation_refuses_what_capture_cannot_take():
+    """The emulation's own check: a data-dependent shape or a random draw in a step is refused."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    t = torch.tensor([0.0, 1.0, 2.0])
+    for step in (lambda: torch.nonzero(t), lambda: t + torch.randn(3), lambda: t[t > 0]):
+        with pytest.raises(AssertionError, match="cannot be captured"):
+            TracedStep(make_fx(step, tracing_mode="real")())
+    with pytest.raises(RuntimeError):
+        make_fx(lambda: t * float(t.sum()), tracing_mode="real")()       # a host read, as under capture
+    TracedStep(make_fx(lambda: t * 2, tracing_mode="real")())
 
 
 # ---------------------------------------------------------------------------- CUDA graphs (GPU only)

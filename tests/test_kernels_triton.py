@@ -741,3 +741,28 @@ def test_distill_end_to_end_on_every_kernel(tiny_world, tmp_path, formulation):
         za = load_file(str(ref / "latents" / f"{c}.safetensors"))["latents"]
         zb = load_file(str(fast / "latents" / f"{c}.safetensors"))["latents"]
         assert ((za - zb).norm() / za.norm()).item() < 1e-3, c
+
+
+def test_emulated_graphs_on_every_kernel(tiny_world, tmp_path, monkeypatch):
+    """The fully fused fast loop with its steps captured once and replayed for every class (CUDA graphs
+    emulated on the CPU: tests/graph_emulation.py; the kernels are opaque custom ops with each step's
+    scalars baked in) writes the bytes of the same path run step by step."""
+    if DEV != "cpu":
+        pytest.skip("on a GPU, tests/test_fastloop.py captures real CUDA graphs")
+    from graph_emulation import emulate_cuda_graphs
+    from test_pipeline import _args, _digest
+
+    from manifoldgd_fast import fastloop
+    from manifoldgd_fast.cli import main
+
+    fused = ["--guidance-noise", "philox", "--backend", "triton", "--loop", "fast", "--dit-impl", "fused",
+             "--attention", "triton", "--steps", "4", "--t-stop", "2"]
+    assert main(_args(tiny_world, tmp_path / "steps", *fused)) == 0
+    emulate_cuda_graphs(monkeypatch)
+    captures = []
+    capture = fastloop.FastSampler._capture
+    monkeypatch.setattr(fastloop.FastSampler, "_capture", lambda self, gs: captures.append(1) or capture(self, gs))
+    assert main(_args(tiny_world, tmp_path / "graphs", *fused)) == 0
+    assert len(captures) == 1                         # one capture served all three classes
+    assert _digest(tmp_path / "graphs") == _digest(tmp_path / "steps")
+
