@@ -56,6 +56,35 @@ def anisotropic(B, M, D, dtype, seed):
     return x, rows, g
 
 
+def eig_test_matrices(n, gen):
+    """(4, n, n) float64 symmetric: Wishart, ill-conditioned (cond 1e12), a 3-fold repeated eigenvalue, indefinite."""
+    X = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    wishart = X @ X.T
+    ill = Q @ torch.diag(torch.logspace(0, -12, n, dtype=torch.float64)) @ Q.T                  # cond 1e12
+    rep = Q @ torch.diag(torch.tensor([3.0] * min(3, n) + [1e-3] * (n - min(3, n)), dtype=torch.float64)) @ Q.T
+    indef = (X + X.T) / 2
+    return torch.stack([wishart, ill, rep, indef])
+
+
+def check_eig(w, V, A, rtol, rep=2):
+    """Eigenvalues within rtol |A|_2 of float64; residual |A v - w v| and V^T V - I small; the repeated
+    eigenvalue's invariant subspace (3 x 3.0) matches float64's as a projector."""
+    from manifoldgd_fast import ops
+
+    wr, Vr = ops.sym_eig_ref(A)
+    nrm = wr.abs().max(1).values
+    assert float(((w.double() - wr).abs().max(1).values / nrm).max()) < rtol
+    Vd = V.double()
+    res = (A @ Vd - Vd * w.double()[:, None, :]).norm(dim=1).max(1).values / nrm
+    assert float(res.max()) < 10 * rtol
+    n = A.shape[1]
+    assert float((Vd.transpose(1, 2) @ Vd - torch.eye(n, dtype=torch.float64)).abs().max()) < 10 * rtol
+    P = Vd[rep, :, :3] @ Vd[rep, :, :3].T
+    Pr = Vr[rep, :, :3] @ Vr[rep, :, :3].T
+    assert float((P - Pr).abs().max()) < 10 * rtol
+
+
 def make_image_folder(root, classes, per_class, size=20, seed=0):
     """Class folders of small PNG/JPEG images, each class a different colour pattern."""
     from PIL import Image

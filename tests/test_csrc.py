@@ -1,17 +1,26 @@
-"""The CUDA C++ extension's host side compiles, on a machine without a GPU.
+"""The CUDA C++ extension on a machine without a GPU: its host side compiles, and its kernel runs.
 
 ``.ci/run`` compiles ``csrc/*.cu`` with nvcc for sm_80 / sm_90. What that leaves out is the
 C++ binding ``kernels/cuda_ext.py`` hands to ``torch.utils.cpp_extension.load_inline`` at run
 time on a GPU machine; a typo there would only show on the first GPU run (and quietly fall back
 to the Triton eigensolver). So it is compiled here, syntax and types, against this torch's headers
 with the host compiler, as load_inline would (plus the pybind11 module it generates).
+
+The kernel itself runs here too, emulated: ``tests/cuda_host/cuda_runtime.h`` makes each CUDA
+thread a host thread and ``__syncthreads`` a barrier, so the block-parallel Jacobi (its round
+structure, its shared-memory updates and their synchronisation) is checked against float64.
+The device's own float intrinsics (``rsqrtf``) and scheduling stay for a GPU to check.
 """
 import os
 import shutil
 import subprocess
 import sysconfig
 
+import numpy as np
+import torch
+
 import pytest
+from conftest import check_eig, eig_test_matrices
 
 CXX = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
 
@@ -46,3 +55,99 @@ def test_cuda_ext_declares_the_launcher_csrc_defines():
         return " ".join(m.group(1).split())
 
     assert params(cuda_ext._BINDING) == params(cu)
+
+
+_HARNESS = r"""
+#include <cstdio>
+#include <thread>
+#include <vector>
+
+#include "sym_eig_kernel.cu"
+
+// stdin: int32 batch, n, max_sweeps; float32 tol; batch*n*n float32 A. stdout: w (batch*n), V (batch*n*n).
+int main() {
+  int hdr[3];
+  float tol;
+  if (fread(hdr, sizeof(int), 3, stdin) != 3 || fread(&tol, sizeof(float), 1, stdin) != 1) return 2;
+  const int batch = hdr[0], n = hdr[1], max_sweeps = hdr[2];
+  std::vector<float> A(size_t(batch) * n * n), w(size_t(batch) * n), V(size_t(batch) * n * n);
+  if (fread(A.data(), sizeof(float), A.size(), stdin) != A.size()) return 2;
+  std::barrier<> block(kThreads);
+  mgd_block_barrier = &block;
+  for (int b = 0; b < batch; ++b) {
+    std::vector<std::thread> threads;
+    for (int t = 0; t < kThreads; ++t)
+      threads.emplace_back([&, b, t] {
+        threadIdx.x = t;
+        blockIdx.x = b;
+        mgd_sym_eig_f32(A.data(), w.data(), V.data(), n, max_sweeps, tol);
+      });
+    for (auto& th : threads) th.join();
+  }
+  fwrite(w.data(), sizeof(float), w.size(), stdout);
+  fwrite(V.data(), sizeof(float), V.size(), stdout);
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def emulated_sym_eig(tmp_path_factory):
+    """csrc/sym_eig.cu's kernel (its <<<>>> launcher cut off) built for the host against the emulation header."""
+    if CXX is None:
+        pytest.skip("no host C++ compiler (c++ / g++) on this machine")
+    import re
+
+    from manifoldgd_fast.kernels import cuda_ext
+
+    with open(cuda_ext._SRC, encoding="utf-8") as f:
+        cu = f.read()
+    cut = re.search(r'^extern "C" int mgd_sym_eig_f32_launch', cu, flags=re.M)
+    assert cut, "csrc/sym_eig.cu: no host launcher where expected"
+    d = tmp_path_factory.mktemp("sym_eig_host")
+    (d / "probe.cpp").write_text("#include <barrier>\nint main() { std::barrier<> b(1); b.arrive_and_wait(); }\n")
+    probe = subprocess.run([CXX, "-std=c++20", "-pthread", str(d / "probe.cpp"), "-o", str(d / "probe")],
+                           capture_output=True, text=True, timeout=300)
+    if probe.returncode != 0:
+        pytest.skip(f"the host compiler has no C++20 std::barrier: {probe.stderr.strip().splitlines()[-1:]}")
+    (d / "sym_eig_kernel.cu").write_text(cu[:cut.start()])
+    (d / "main.cpp").write_text(_HARNESS)
+    exe = d / "sym_eig_host"
+    here = os.path.dirname(os.path.abspath(__file__))
+    cmd = [CXX, "-std=c++20", "-O2", "-pthread", "-w", f"-I{os.path.join(here, 'cuda_host')}", f"-I{d}",
+           str(d / "main.cpp"), "-o", str(exe)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    def run(A: torch.Tensor, max_sweeps: int, tol: float):
+        B, n, _ = A.shape
+        stdin = (np.array([B, n, max_sweeps], np.int32).tobytes() + np.array([tol], np.float32).tobytes()
+                 + A.float().numpy().tobytes())
+        out = subprocess.run([str(exe)], input=stdin, capture_output=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        flat = np.frombuffer(out.stdout, np.float32)
+        assert flat.size == B * n + B * n * n, flat.size
+        return torch.from_numpy(flat[:B * n].reshape(B, n).copy()), torch.from_numpy(flat[B * n:].reshape(B, n, n).copy())
+
+    return run
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 10, 33, 64])
+def test_cuda_sym_eig_kernel_emulated_on_the_host(emulated_sym_eig, n):
+    """The CUDA C++ Jacobi kernel, run by the host emulation, against float64: the same matrices and
+    bounds as the Triton solver's test (ill-conditioned, repeated, indefinite; odd n pads to even)."""
+    from manifoldgd_fast.kernels.sym_eig import MAX_SWEEPS, TOL
+
+    if n < 4:   # too small for the 3-fold repeated eigenvalue: a random symmetric matrix, and a zero one
+        X = torch.randn(n, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+        A = torch.stack([X + X.T, torch.zeros(n, n, dtype=torch.float64)])
+        w, V = emulated_sym_eig(A, MAX_SWEEPS, TOL)
+        wr, _ = torch.linalg.eigh(A)
+        torch.testing.assert_close(w.double(), wr.flip(-1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(V.double() @ torch.diag_embed(w.double()) @ V.double().transpose(1, 2), A,
+                                   atol=1e-5, rtol=1e-5)
+        return
+    A = eig_test_matrices(n, torch.Generator().manual_seed(n))
+    w, V = emulated_sym_eig(A, MAX_SWEEPS, TOL)
+    check_eig(w, V, A, 2e-6 if n <= 16 else 5e-6)
+

@@ -20,7 +20,7 @@ import torch
 from manifoldgd_fast import ops
 from manifoldgd_fast.errors import BackendError
 
-from conftest import anisotropic, requires_cuda
+from conftest import anisotropic, check_eig, eig_test_matrices, requires_cuda
 
 try:
     from manifoldgd_fast import kernels
@@ -212,42 +212,16 @@ def test_knn_on_the_implicit_cloud():
 # ---------------------------------------------------------------------------
 # eigen-step
 # ---------------------------------------------------------------------------
-def _test_matrices(n, gen):
-    X = torch.randn(n, n, generator=gen, dtype=torch.float64)
-    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
-    wishart = X @ X.T
-    ill = Q @ torch.diag(torch.logspace(0, -12, n, dtype=torch.float64)) @ Q.T                  # cond 1e12
-    rep = Q @ torch.diag(torch.tensor([3.0] * min(3, n) + [1e-3] * (n - min(3, n)), dtype=torch.float64)) @ Q.T
-    indef = (X + X.T) / 2
-    return torch.stack([wishart, ill, rep, indef])
-
-
-def _check_eig(w, V, A, rtol, rep=2):
-    """Eigenvalues within rtol |A|_2 of float64; residual |A v - w v| and V^T V - I small; the repeated
-    eigenvalue's invariant subspace (3 x 3.0) matches float64's as a projector."""
-    wr, Vr = ops.sym_eig_ref(A)
-    nrm = wr.abs().max(1).values
-    assert float(((w.double() - wr).abs().max(1).values / nrm).max()) < rtol
-    Vd = V.double()
-    res = (A @ Vd - Vd * w.double()[:, None, :]).norm(dim=1).max(1).values / nrm
-    assert float(res.max()) < 10 * rtol
-    n = A.shape[1]
-    assert float((Vd.transpose(1, 2) @ Vd - torch.eye(n, dtype=torch.float64)).abs().max()) < 10 * rtol
-    P = Vd[rep, :, :3] @ Vd[rep, :, :3].T
-    Pr = Vr[rep, :, :3] @ Vr[rep, :, :3].T
-    assert float((P - Pr).abs().max()) < 10 * rtol
-
-
 @pytest.mark.parametrize("n", [7, 16, 40])
 def test_sym_eig_triton_against_float64(n):
     """Batched Jacobi (Triton): ill-conditioned (cond 1e12), repeated eigenvalues, indefinite, odd n.
     fp32 Jacobi reaches ~n eps |A|; plain torch.linalg.eigh in fp32 is at the same level (see
     test_kernels_torch), so the bound is 2e-6 |A| for n <= 16 and 5e-6 above. Under the interpreter
     (~3 s per 64 x 64 matrix) n = 40 runs the repeated-eigenvalue matrix only."""
-    A = _test_matrices(n, torch.Generator().manual_seed(n))
+    A = eig_test_matrices(n, torch.Generator().manual_seed(n))
     pick = [2] if n == 40 and DEV == "cpu" else list(range(A.shape[0]))
     w, V = ops.sym_eig(A[pick].float().to(DEV), backend="triton")
-    _check_eig(w.cpu(), V.cpu(), A[pick], 2e-6 if n <= 16 else 5e-6, rep=pick.index(2))
+    check_eig(w.cpu(), V.cpu(), A[pick], 2e-6 if n <= 16 else 5e-6, rep=pick.index(2))
 
 
 def test_external_eigensolver_path_matches_inline():
@@ -400,9 +374,9 @@ def test_sym_eig_cuda_cpp_against_float64(n):
     mod, reason = cuda_ext.load()
     if mod is None:
         pytest.skip(f"CUDA C++ eigensolver not built here: {reason}")
-    A = _test_matrices(n, torch.Generator().manual_seed(n))
+    A = eig_test_matrices(n, torch.Generator().manual_seed(n))
     w, V = ops.sym_eig(A.float().cuda(), backend="cuda")
-    _check_eig(w.cpu(), V.cpu(), A, 2e-6 if n <= 16 else 5e-6)
+    check_eig(w.cpu(), V.cpu(), A, 2e-6 if n <= 16 else 5e-6)
 
 
 @requires_cuda()
