@@ -32,14 +32,17 @@ def paper_cases(quick):
     from manifoldgd_fast import ops
 
     rows = []
-    for B, n, D, Lmax, dtype in [(16, 20_000, 4096, 5000, torch.bfloat16), (64, 20_000, 4096, 5000, torch.bfloat16),
-                                 (256, 100_000, 4096, 2000, torch.bfloat16), (64, 20_000, 4096, 5000, torch.float32)]:
+    shapes = [(16, 20_000, 4096, 5000, torch.bfloat16), (64, 20_000, 4096, 5000, torch.bfloat16),
+              (256, 100_000, 4096, 2000, torch.bfloat16), (64, 20_000, 4096, 5000, torch.float32)]
+    if gpu_bench.SMOKE:
+        shapes = [(2, 300, 48, 100, torch.bfloat16), (2, 300, 48, 100, torch.float32)]
+    for B, n, D, Lmax, dtype in shapes:
         if quick and B > 64:
             continue
-        lat = torch.randn(n, D, device="cuda").to(dtype)
-        order = torch.stack([torch.randperm(n, device="cuda")[:Lmax] for _ in range(B)])
-        lengths = torch.randint(Lmax // 2, Lmax + 1, (B,), device="cuda")
-        x, g, eps = (torch.randn(B, D, device="cuda") for _ in range(3))
+        lat = torch.randn(n, D, device=gpu_bench.DEV).to(dtype)
+        order = torch.stack([torch.randperm(n, device=gpu_bench.DEV)[:Lmax] for _ in range(B)])
+        lengths = torch.randint(Lmax // 2, Lmax + 1, (B,), device=gpu_bench.DEV)
+        x, g, eps = (torch.randn(B, D, device=gpu_bench.DEV) for _ in range(3))
         kw = dict(alpha_bar=0.5, seed=1, step=3, k=10, d=3, lambda_normal=1.0, lambda_mode=0.1, eps=eps)
         fused = lambda: ops.manifold_correct_fused(x, lat, order, lengths, g, backend="triton", **kw)  # noqa: E731
         ref = lambda: ops.manifold_correct_fused_ref(x, lat, order, lengths, g, **kw)                  # noqa: E731
@@ -58,10 +61,11 @@ def official_cases(quick):
     from manifoldgd_fast import ops
 
     rows = []
-    for B, D, N, k in [(10, 4096, 300, 12), (100, 4096, 300, 12), (256, 4096, 300, 12)]:
+    shapes = [(10, 4096, 300, 12), (100, 4096, 300, 12), (256, 4096, 300, 12)]
+    for B, D, N, k in [(2, 48, 40, 12)] if gpu_bench.SMOKE else shapes:
         if quick and B > 100:
             continue
-        modes, x, mean = (torch.randn(B, D, device="cuda") for _ in range(3))
+        modes, x, mean = (torch.randn(B, D, device=gpu_bench.DEV) for _ in range(3))
         kw = dict(radius=0.1, alpha_bar=0.4, seed=2, step=40, n_points=N, k=k, d=3, scale=0.1, bandwidth=0.1, mean=mean)
         fused = lambda: ops.manifold_pull_fused(x, modes, backend="triton", **kw)  # noqa: E731
         ref = lambda: ops.manifold_pull_fused_ref(x, modes, **kw)                  # noqa: E731
@@ -80,8 +84,8 @@ def eig_cases(quick):
     from manifoldgd_fast import ops
 
     rows = []
-    for B, n in [(256, 10), (256, 12), (256, 33), (256, 64)]:
-        X = torch.randn(B, n, n, device="cuda")
+    for B, n in [(2, 10), (2, 33)] if gpu_bench.SMOKE else [(256, 10), (256, 12), (256, 33), (256, 64)]:
+        X = torch.randn(B, n, n, device=gpu_bench.DEV)
         A = X @ X.transpose(1, 2)
         res = {}
         for name in ("cuda", "triton", "torch"):

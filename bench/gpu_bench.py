@@ -1,19 +1,31 @@
 """What the GPU kernel benchmarks share: timing, torch.compile of a reference, the report.
 
 Imported by bench/bench_kernels.py and bench/bench_dit_ops.py (run as scripts, so bench/ is on
-sys.path).
+sys.path). ``--smoke`` runs a script on the CPU under ``TRITON_INTERPRET=1`` at tiny shapes, one
+timed call per row and no torch.compile: it measures nothing, and shows that the script runs
+through before GPU time is spent on it (tests/test_bench_smoke.py).
 """
 from __future__ import annotations
 
 import csv
 import datetime
+import os
 import sys
+import time
 
 import torch
+
+DEV = "cuda"      # the scripts' device; "cpu" under --smoke
+SMOKE = False
 
 
 def bench_ms(fn, quick: bool) -> list[float]:
     """[median, p20, p80] ms of ``fn()``: ``triton.testing.do_bench`` (warm-up excluded, device synchronised)."""
+    if SMOKE:
+        t0 = time.perf_counter()
+        fn()
+        ms = (time.perf_counter() - t0) * 1e3
+        return [ms, ms, ms]
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=5 if quick else 25, rep=20 if quick else 100, quantiles=[0.5, 0.2, 0.8])
@@ -21,6 +33,8 @@ def bench_ms(fn, quick: bool) -> list[float]:
 
 def compiled(fn, *args):
     """``torch.compile(fn)`` warmed up on ``args``, or None (reported) when it does not compile."""
+    if SMOKE:
+        return None
     try:
         c = torch.compile(fn, dynamic=False)
         c(*args)
@@ -37,14 +51,24 @@ def main(script: str, cases, description: str, argv=None, quick_help: str = "few
 
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--quick", action="store_true", help=quick_help)
-    ap.add_argument("--csv", default=f"bench/{script.removeprefix('bench_')}.csv")
+    ap.add_argument("--csv", default=None, help=f"default: bench/{script.removeprefix('bench_')}.csv (none with --smoke)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny shapes on the CPU under TRITON_INTERPRET=1: checks the script runs, measures nothing")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
+    global DEV, SMOKE
+    if args.smoke:
+        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            ap.error("--smoke runs the kernels interpreted: set TRITON_INTERPRET=1")
+        DEV, SMOKE, args.quick = "cpu", True, True
+    elif not torch.cuda.is_available():
         print(f"{script}: needs a CUDA GPU (none here); nothing measured.")
         return 0
+    else:
+        args.csv = args.csv or f"bench/{script.removeprefix('bench_')}.csv"
     import triton
 
-    print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
+    device = "smoke run on the CPU (interpreted; no figures)" if SMOKE else torch.cuda.get_device_name()
+    print(f"# {device} | torch {torch.__version__} | triton {triton.__version__} | "
           f"{datetime.date.today()} | python bench/{script}.py {' '.join(argv or sys.argv[1:])}")
     rows = cases(args.quick)
     groups: dict[tuple, list] = {}            # one markdown table per row layout (e.g. elementwise ops, attention)
@@ -57,6 +81,8 @@ def main(script: str, cases, description: str, argv=None, quick_help: str = "few
             print("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
         print()
     cols = list(dict.fromkeys(c for layout in groups for c in layout))
+    if args.csv is None:
+        return 0
     with open(args.csv, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, restval="")
         w.writeheader()

@@ -1,0 +1,80 @@
+"""The GPU benchmark scripts run through on the CPU, so that GPU time is never spent finding a typo.
+
+Each script has a CPU mode at toy sizes: ``--smoke`` (bench_kernels, bench_dit_ops: the kernels
+interpreted under TRITON_INTERPRET=1) or ``--tiny`` (bench_sampling); bench_modes and bench_cache
+take small sizes. These runs measure nothing and assert no figure: they check that every row of
+the report is produced, on the same code paths the GPU run takes apart from the device.
+(bench_sd's CPU run is in tests/test_sd.py.)
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(script, *args, interpret=False, timeout=600):
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, os.path.join("bench", script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Traceback" not in out, out[-4000:]
+    return proc.stdout
+
+
+def _table_rows(out, op):
+    return [line for line in out.splitlines() if line.startswith(f"| {op} |")]
+
+
+def _interpreter_ok():
+    from test_kernels_interpreter import _why_skip
+
+    return _why_skip()
+
+
+@pytest.mark.parametrize("script,ops", [
+    ("bench_kernels.py", {"manifold_correct_fused": 2, "manifold_pull_fused": 1, "sym_eig": 2}),
+    ("bench_dit_ops.py", {"layernorm_modulate": 1, "gate_residual": 1, "attention": 1}),
+])
+def test_kernel_benchmarks_smoke(script, ops, tmp_path):
+    why = _interpreter_ok()
+    if why is not None:
+        pytest.skip(f"the --smoke run interprets the kernels: {why}")
+    csv = tmp_path / "out.csv"
+    out = _run(script, "--smoke", "--csv", str(csv), interpret=True)
+    assert out.startswith("# smoke run on the CPU"), out[:200]
+    for op, n in ops.items():
+        assert len(_table_rows(out, op)) == n, (op, out)
+    assert sum(1 for _ in open(csv)) == 1 + sum(ops.values())
+
+
+def test_kernel_benchmarks_refuse_smoke_without_the_interpreter():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join("bench", "bench_kernels.py"), "--smoke"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "TRITON_INTERPRET=1" in proc.stderr
+
+
+def test_bench_sampling_tiny(tmp_path):
+    js = tmp_path / "sampling.json"
+    out = _run("bench_sampling.py", "--tiny", "--steps", "2", "--reps", "1", "--json", str(js))
+    res = json.loads(js.read_text())
+    rows = {r["row"] for r in res["results"]}
+    for method in ("dit", "mgd3", "manifoldgd"):
+        assert {f"ours-reference-{method}", f"ours-fast-{method}", f"ours-fast-fused-{method}"} <= rows, rows
+    assert "diffusers-fp32" in rows and all(r["images_per_s"] > 0 for r in res["results"])
+    assert res["numerics"]["rule_ok"] is True and "numerics" in out
+
+
+def test_bench_modes_and_cache_small():
+    out = _run("bench_modes.py", "--classes", "1", "--n", "60", "--dim", "64", "--ipc", "2")
+    assert "divisive (official)" in out and "kmeans (official)" in out and "divisive (paper)" in out
+    out = _run("bench_cache.py", "--vae", "shipped", "--n", "16", "--classes", "2", "--batch", "8", "--workers", "0",
+               "1", "--repeat", "1")
+    assert "byte-identical across num_workers [0, 1]: yes" in out
