@@ -62,8 +62,14 @@ def test_kernel_benchmarks_refuse_smoke_without_the_interpreter():
 
 
 def test_bench_sampling_tiny(tmp_path):
-    js = tmp_path / "sampling.json"
-    out = _run("bench_sampling.py", "--tiny", "--steps", "2", "--reps", "1", "--json", str(js))
+    import importlib.util
+
+    js, png = tmp_path / "sampling.json", tmp_path / "sampling.png"
+    chart = importlib.util.find_spec("matplotlib") is not None          # the chart needs the [bench] extra
+    out = _run("bench_sampling.py", "--tiny", "--steps", "2", "--reps", "1", "--json", str(js),
+               *(["--png", str(png)] if chart else []))
+    if chart:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     res = json.loads(js.read_text())
     rows = {r["row"] for r in res["results"]}
     for method in ("dit", "mgd3", "manifoldgd"):
