@@ -123,3 +123,97 @@ def test_kernels_compile_for_sm90_sm86_and_sm80():
             except Exception as e:
                 failures.append(f"{fn.__name__} {consts} {options} sm_{arch}: {type(e).__name__}: {str(e)[:800]}")
     assert not failures, "\n".join(failures)
+
+
+# ---------------------------------------------------------------------------- the launches production makes
+class _Recorder:
+    """Stand-in for the GPU: every kernel launch is recorded as Triton's run-time would compile it (its
+    signature, constexprs, the specialisations Triton derives from the arguments - 16-divisible pointers
+    and ints, ints equal to 1 - and the launch options), and neither compiled nor run."""
+
+    class _Driver:   # the three calls JITFunction.run makes before it compiles
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    def __init__(self, monkeypatch):
+        from triton.runtime import driver
+        from triton.runtime.jit import JITFunction
+
+        self.launches = {}
+
+        def record(fn, key, signature, device, constexprs, options, attrs, warmup):
+            opts = {k: getattr(options, k) for k in ("num_warps", "num_stages", "num_ctas", "enable_fp_fusion")}
+            ident = (fn.__name__, str(signature), str(constexprs), str(attrs), str(opts))
+            self.launches.setdefault(ident, (fn, signature, constexprs, attrs, opts))
+            return None                                   # JITFunction.run: nothing compiled, nothing launched
+
+        monkeypatch.setattr(driver, "_active", self._Driver())
+        monkeypatch.setattr(JITFunction, "_do_compile", record)
+        monkeypatch.setattr(kernels, "triton_device_ok", lambda device: True)
+
+
+def _production_launches(rec, monkeypatch):
+    """Drive every fused op at the shapes and dtypes the GPU runs (DiT-XL/2 and SD-1.5 latents, k up to
+    64, the DiT-XL/2 block ops and attention), with the in-kernel and the external (CUDA C++) eigen-step."""
+    import torch
+
+    from manifoldgd_fast import dit_ops, ops
+    from manifoldgd_fast.kernels import cuda_ext
+
+    monkeypatch.setattr(cuda_ext, "sym_eig", lambda A, max_sweeps, tol: (A.new_empty(A.shape[:2]), torch.empty_like(A)))
+    B = 4
+    for eig in ("triton", "cuda"):
+        monkeypatch.setattr(ops, "_eig_backend", lambda device, eig=eig: eig)
+        for D in (4096, 16384):
+            for dtype, k in ((torch.bfloat16, 10), (torch.float32, 64), (torch.float16, 30)):
+                lat = torch.randn(600, D).to(dtype)
+                order = torch.stack([torch.randperm(600)[:300] for _ in range(B)])
+                x, g, eps = (torch.randn(B, D) for _ in range(3))
+                ops.manifold_correct_fused(x, lat, order, torch.full((B,), 300), g, alpha_bar=0.5, seed=1, step=3,
+                                           k=k, d=3, eps=eps, backend="triton")
+                ops.manifold_correct(x, lat[order[:, :80]], g, k=k, d=3, backend="triton")
+            x, modes, mean = (torch.randn(B, D) for _ in range(3))
+            ops.manifold_pull_fused(x, modes, radius=0.1, alpha_bar=0.4, seed=2, step=40, n_points=300, k=12, d=3,
+                                    mean=mean, backend="triton")
+            ops.manifold_pull(x, torch.randn(B, 300, D), k=12, d=3, backend="triton")
+    for n in (10, 33, 64):
+        ops.sym_eig(torch.randn(B, n, n), backend="triton")
+    for dtype in (torch.bfloat16, torch.float16):
+        x = torch.randn(B, 256, 1152).to(dtype)
+        mods = torch.randn(B, 6, 1152).to(dtype)
+        dit_ops.layernorm_modulate(x, mods[:, 0], mods[:, 1], backend="triton")
+        dit_ops.layernorm_modulate(x.float(), mods[:, 0], mods[:, 1].float(), backend="triton")
+        dit_ops.gate_residual(x, mods[:, 2], x, backend="triton")
+        dit_ops.gate_residual(x.float(), mods[:, 2], x, backend="triton")
+        q, k, v = torch.randn(B, 256, 3, 16, 72).to(dtype).permute(2, 0, 3, 1, 4).unbind(0)   # FusedDiT's views
+        dit_ops.attention(q, k, v, backend="triton")
+
+
+def test_production_launches_compile_and_fit(monkeypatch):
+    """The launches the fused paths make at production shapes compile for sm_90 (H100) and sm_86 (A6000,
+    the smallest shared memory of the GPUs we target) with their own options and specialisations, and fit
+    the per-block shared memory (a kernel over it compiles and then fails at launch)."""
+    rec = _Recorder(monkeypatch)
+    _production_launches(rec, monkeypatch)
+    names = {ident[0] for ident in rec.launches}
+    assert names >= {"_knn_partial_kernel", "_knn_merge_kernel", "_gram_kernel", "_coef_kernel", "_apply_kernel",
+                     "_cloud_radii_kernel", "_cloud_knn_partial_kernel", "_sym_eig_kernel",
+                     "_layernorm_modulate_kernel", "_gate_residual_kernel", "_attention_fwd_kernel"}, names
+    failures = []
+    for fn, signature, constexprs, attrs, opts in rec.launches.values():
+        for arch in (90, 86):
+            try:
+                out = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                                     target=GPUTarget("cuda", arch, 32), options=opts)
+                assert out.metadata.shared <= SHARED_LIMIT[arch], \
+                    f"{out.metadata.shared} B of shared memory, over sm_{arch}'s {SHARED_LIMIT[arch]}"
+            except Exception as e:
+                failures.append(f"{fn.__name__} {constexprs} {opts} sm_{arch}: {type(e).__name__}: {str(e)[:600]}")
+    assert not failures, "\n".join(failures)
+
