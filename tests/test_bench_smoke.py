@@ -66,7 +66,7 @@ def test_bench_sampling_tiny(tmp_path):
 
     js, png = tmp_path / "sampling.json", tmp_path / "sampling.png"
     chart = importlib.util.find_spec("matplotlib") is not None          # the chart needs the [bench] extra
-    out = _run("bench_sampling.py", "--tiny", "--steps", "2", "--reps", "1", "--json", str(js),
+    out = _run("bench_sampling.py", "--tiny", "--device", "cpu", "--steps", "2", "--reps", "1", "--json", str(js),
                *(["--png", str(png)] if chart else []))
     if chart:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -79,8 +79,8 @@ def test_bench_sampling_tiny(tmp_path):
 
 
 def test_bench_modes_and_cache_small():
-    out = _run("bench_modes.py", "--classes", "1", "--n", "60", "--dim", "64", "--ipc", "2")
+    out = _run("bench_modes.py", "--device", "cpu", "--classes", "1", "--n", "60", "--dim", "64", "--ipc", "2")
     assert "divisive (official)" in out and "kmeans (official)" in out and "divisive (paper)" in out
-    out = _run("bench_cache.py", "--vae", "shipped", "--n", "16", "--classes", "2", "--batch", "8", "--workers", "0",
+    out = _run("bench_cache.py", "--device", "cpu", "--vae", "shipped", "--n", "16", "--classes", "2", "--batch", "8", "--workers", "0",
                "1", "--repeat", "1")
     assert "byte-identical across num_workers [0, 1]: yes" in out
