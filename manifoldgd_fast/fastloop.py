@@ -24,9 +24,14 @@ the same one launch per step. The Philox key of the guidance noise must be the
 same for every class (the pipeline uses a run-level key and per-sample ids
 ``label * ipc + j``), else each class recaptures.
 
-Where capture cannot work (CPU, the paper formulation's class-sized patch,
-generator-drawn cloud noise) the same step runs eagerly; the fallback
-chain is graph -> eager, logged once.
+The paper formulation's class buffers (latents, neighbourhood order, sorted
+distances) have the class's size n: the static copies are padded to a bucket of
+``PAD_ROWS`` rows (order 0 and distance +inf beyond n, never inside a patch), and
+the class's radii and n live in device scalars, so one capture serves every class
+of a bucket (ImageNet's 732 to 1,300 images per class: four buckets).
+
+Where capture cannot work (CPU, generator-drawn cloud noise) the same step runs
+eagerly; the fallback chain is graph -> eager, logged once.
 """
 from __future__ import annotations
 
@@ -65,9 +70,32 @@ def _graph_blocker(run: Sampling, device: torch.device, guidance: Guidance | Non
     refused before: the fast loop cannot take it at all)."""
     if device.type != "cuda":
         return "not on CUDA"
-    if guidance is not None and guidance.manifold and run.formulation == "paper":
-        return "the paper formulation's patch has the class's size"
     return None
+
+
+PAD_ROWS = 256   # the paper formulation's class buffers are padded to a multiple of this many rows
+
+
+def _padded_rows(n: int) -> int:
+    return -(-n // PAD_ROWS) * PAD_ROWS
+
+
+def _has_class_buffers(guidance: Guidance | None) -> bool:
+    return guidance is not None and guidance.manifold and guidance.latents is not None
+
+
+def _load_class_buffers(static: Guidance, guidance: Guidance) -> None:
+    """Copy one class's paper-formulation buffers into the padded static ones (the rest reset)."""
+    n = guidance.latents.shape[0]
+    static.latents[:n].copy_(guidance.latents)
+    static.latents[n:].zero_()
+    static.order[:, :n].copy_(guidance.order)
+    static.order[:, n:].zero_()
+    static.sorted_dists[:, :n].copy_(guidance.sorted_dists)
+    static.sorted_dists[:, n:].fill_(float("inf"))
+    for dst, src in zip(static.radii, guidance.radii):
+        dst.fill_(float(src))
+    static.n_latents.fill_(n)
 
 
 @dataclass
@@ -161,6 +189,15 @@ class FastSampler:
         g.modes = guidance.modes.clone()
         g.sample_ids = guidance.sample_ids.clone()
         g.generators = None
+        if _has_class_buffers(guidance):
+            (n, D), B, dev = guidance.latents.shape, guidance.order.shape[0], guidance.latents.device
+            rows = _padded_rows(n)
+            g.latents = guidance.latents.new_zeros(rows, D)
+            g.order = guidance.order.new_zeros(B, rows)
+            g.sorted_dists = guidance.sorted_dists.new_full((B, rows), float("inf"))
+            g.radii = tuple(torch.zeros((), dtype=torch.float64, device=dev) for _ in guidance.radii)
+            g.n_latents = torch.zeros((), dtype=torch.long, device=dev)
+            _load_class_buffers(g, guidance)
         return g
 
     @staticmethod
@@ -170,6 +207,9 @@ class FastSampler:
         if guidance is not None:
             g = (json.dumps(guidance.cfg.to_dict(), sort_keys=True, default=str), guidance.noise_seed,
                  guidance.manifold, tuple(guidance.modes.shape))
+            if _has_class_buffers(guidance):     # the padded class buffers' shape and dtype
+                n, D = guidance.latents.shape
+                g += (_padded_rows(n), D, guidance.latents.dtype, guidance.sorted_dists.dtype)
         if cgs is not None:
             c = (cgs.eta_dpp, cgs.eta_dm, cgs.eps, tuple(cgs.mu.shape))
         return (tuple(x_T.shape), x_T.device, y.dtype, noise is None, g, c)
@@ -201,6 +241,8 @@ class FastSampler:
         if guidance is not None:
             gs.guidance.modes.copy_(guidance.modes)
             gs.guidance.sample_ids.copy_(guidance.sample_ids)
+            if _has_class_buffers(guidance):
+                _load_class_buffers(gs.guidance, guidance)
         if cgs is not None:
             gs.cgs.mu.copy_(cgs.mu)
         for i in reversed(range(self.run.schedule.steps)):

@@ -116,6 +116,7 @@ class Guidance:
         self.order = order
         self.sorted_dists = sorted_dists
         self.radii = radii
+        self.n_latents = None   # the class size, where the fast loop pads the class's buffers (a device tensor)
         if cfg.formulation == "paper" and self.manifold and class_latents is None:
             raise ValueError("the paper formulation needs class_latents, order, sorted_dists and radii")
 
@@ -166,7 +167,7 @@ class Guidance:
             g = mode_grad_paper(x0.flatten(1).float(), self.modes.flatten(1), c.kernel, c.kernel_bandwidth)
         if self.manifold and c.lambda_n > 0:
             abar = self.schedule.at("alphas_cumprod", i)
-            lengths = modes_mod.patch_lengths(self.sorted_dists, self.paper_radius(i), c.k_min)
+            lengths = modes_mod.patch_lengths(self.sorted_dists, self.paper_radius(i), c.k_min, self.n_latents)
             if self.philox:
                 with phase("manifold"):
                     g = ops.manifold_correct_fused(x.flatten(1).float(), self.latents, self.order, lengths, g,

@@ -280,18 +280,23 @@ def anneal_radius(tau: float, r_min: float, r_max: float, schedule: str = "expon
     return r_min + (r_max - r_min) * s
 
 
-def patch_lengths(sorted_dists: Tensor, radius: float, k_min: int) -> Tensor:
+def patch_lengths(sorted_dists: Tensor, radius: float | Tensor, k_min: int, n: int | Tensor | None = None) -> Tensor:
     """Neighbourhood prefix lengths: points within ``radius`` (inclusive),
     never fewer than ``min(k_min, n)``.
 
     Args:
-        sorted_dists: (m, n) ascending distances per mode.
+        sorted_dists: (m, n) ascending distances per mode (or padded with +inf beyond the class's n).
+        radius: a float, or a 0-dim float64 tensor (the same comparison: both are rounded to
+            sorted_dists' dtype), as the fast loop's CUDA graphs keep a class's radius on the device.
+        n: the class size when sorted_dists is padded, an int or a 0-dim integer tensor
+            (default: sorted_dists' width).
     Returns:
         (m,) long on sorted_dists' device.
     """
     _int(k_min, "--k-min", 1)
     if not isinstance(sorted_dists, Tensor) or sorted_dists.dim() != 2:
         raise DataError(f"sorted_dists must be (m, n), got {getattr(sorted_dists, 'shape', type(sorted_dists))}")
-    n = sorted_dists.shape[1]
     counts = (sorted_dists <= radius).sum(1)
-    return counts.clamp_min(min(k_min, n)).long()
+    if isinstance(n, Tensor):
+        return torch.maximum(counts, n.clamp_max(k_min)).long()
+    return counts.clamp_min(min(k_min, sorted_dists.shape[1] if n is None else n)).long()

@@ -53,6 +53,7 @@ import math
 import torch
 
 from .dispatch import MAX_B, MAX_D, MAX_K, MAX_ROWS, _eig_backend, _eig_fn, _kernels, _pick_backend, _triton_reason
+from . import noise as _noise
 from .errors import BackendError, ConfigError
 from .noise import (STREAM_CLOUD_DIR, STREAM_CLOUD_RADIUS, STREAM_CLOUD_XI, STREAM_PATCH, _check_counters,
                     official_cloud_philox, official_cloud_radii, philox4x32_ref, philox_normal, philox_normal_ref,
@@ -355,6 +356,8 @@ def _check_patch_inputs(x, latents, order, lengths, k):
     if lengths.shape != (B,):
         raise ConfigError(f"lengths must be (B,) = ({B},), got {tuple(lengths.shape)}")
     n_order = order.shape[1]
+    if _noise._capturing(latents.device):   # the value checks read the device: not inside a CUDA graph
+        return lengths
     if bool((lengths < 1).any()) or bool((lengths > n_order).any()):
         raise ConfigError(f"lengths must lie in [1, n_order={n_order}], got min {int(lengths.min())} max {int(lengths.max())}")
     if int(lengths.min()) < k:

@@ -740,3 +740,49 @@ def test_emulated_graphs_on_every_kernel(tiny_world, tmp_path, monkeypatch):
     assert len(captures) == 1                         # one capture served all three classes
     assert _digest(tmp_path / "graphs") == _digest(tmp_path / "steps")
 
+
+def test_emulated_graphs_paper_formulation_serve_every_class_of_a_bucket(monkeypatch):
+    """The paper formulation under (emulated) CUDA graphs on the fused kernels: classes of other sizes,
+    other radii, modes, labels and noise replay through the padded static buffers, one capture per
+    size bucket, and give the eager loop's bits."""
+    if DEV != "cpu":
+        pytest.skip("on a GPU, tests/test_fastloop.py captures real CUDA graphs")
+    from graph_emulation import emulate_cuda_graphs
+    from test_fastloop import NULL, _gens
+
+    from manifoldgd_fast.config import DistillConfig
+    from manifoldgd_fast.fastloop import PAD_ROWS, FastSampler
+    from manifoldgd_fast.guidance import Guidance, paper_neighbourhoods
+    from manifoldgd_fast.models import build_dit, tiny_dit_config
+    from manifoldgd_fast.sampler import Sampling
+    from manifoldgd_fast.schedule import make_schedule
+
+    B, steps = 3, 4
+    cfg = DistillConfig(method="manifoldgd", formulation="paper", steps=steps, t_stop=2, ipc=B,
+                        guidance_noise="philox", backend="triton").resolve(10, "cpu")
+    sched = make_schedule(steps, "ddpm")
+    run = Sampling(build_dit(tiny_dit_config(num_classes=3, sample_size=8), seed=1), sched, NULL, cfg_scale=4.0,
+                   formulation="paper", t_stop=2)
+
+    def batch(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        lat = torch.randn(n, 256, generator=g) * (1 + seed)          # other radii per class
+        modes = lat[:B] + 0.1 * torch.randn(B, 256, generator=g)
+        gens = _gens([seed * 10 + b for b in range(B)])
+        x_T = torch.stack([torch.randn(4, 8, 8, generator=gg) for gg in gens])
+        gd = Guidance(cfg, sched, modes.view(B, 4, 8, 8), gens, noise_seed=7,
+                      sample_ids=[seed * B + b for b in range(B)], **paper_neighbourhoods(cfg, lat, modes))
+        return x_T, torch.tensor([seed % 3, (seed + 1) % 3, (seed + 2) % 3]), gens, gd
+
+    eager = FastSampler(run, cuda_graph=False)
+    emulate_cuda_graphs(monkeypatch)
+    fast = FastSampler(run, cuda_graph=True)
+    sizes = (40, 90, PAD_ROWS + 10)                                   # buckets 1, 1, 2
+    for seed, n in enumerate(sizes):
+        x_T, y, gens, gd = batch(n, seed)
+        got = fast.sample(x_T, y, gens, guidance=gd)
+        x_T, y, gens, gd = batch(n, seed)
+        want = eager.sample(x_T, y, gens, guidance=gd)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), n
+    assert len(fast._sets) == 2 and fast.cuda_graph is not False      # one capture per bucket, no fallback
+
