@@ -17,6 +17,7 @@ import torch
 
 DEV = "cuda"      # the scripts' device; "cpu" under --smoke
 SMOKE = False
+COMPILE = True    # --no-compile: leave out the torch.compile column (its compiles take most of a run's time)
 
 
 def bench_ms(fn, quick: bool) -> list[float]:
@@ -33,7 +34,7 @@ def bench_ms(fn, quick: bool) -> list[float]:
 
 def compiled(fn, *args):
     """``torch.compile(fn)`` warmed up on ``args``, or None (reported) when it does not compile."""
-    if SMOKE:
+    if SMOKE or not COMPILE:
         return None
     try:
         c = torch.compile(fn, dynamic=False)
@@ -54,8 +55,10 @@ def main(script: str, cases, description: str, argv=None, quick_help: str = "few
     ap.add_argument("--csv", default=None, help=f"default: bench/{script.removeprefix('bench_')}.csv (none with --smoke)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes on the CPU under TRITON_INTERPRET=1: checks the script runs, measures nothing")
+    ap.add_argument("--no-compile", action="store_true", help="leave out torch.compile of the references")
     args = ap.parse_args(argv)
-    global DEV, SMOKE
+    global DEV, SMOKE, COMPILE
+    COMPILE = not args.no_compile
     if args.smoke:
         if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             ap.error("--smoke runs the kernels interpreted: set TRITON_INTERPRET=1")

@@ -13,7 +13,8 @@
 # A machine left idle goes back within a minute and a fresh one takes minutes to start, so group the
 # stages into few calls, e.g. `tests kernels`, then `sampling compile`, then `scale sd`. Every command
 # runs under the call's deadline (DEADLINE seconds, default 570, below the 600 s limit): one cut short
-# still leaves its log in $OUT, and the stages after it say they were skipped.
+# still leaves its log in $OUT, and the stages after it say they were skipped. KERNELS_FLAGS=--no-compile
+# drops the kernel tables' torch.compile column, which takes most of that stage's time.
 # Record every figure in bench/RESULTS.md with the date, GPU, versions and the command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +29,7 @@ if [ "$1" = fetch ]; then
 fi
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 DEADLINE=${DEADLINE:-570}
+KERNELS_FLAGS=${KERNELS_FLAGS:-}   # e.g. --no-compile: the kernel tables without their torch.compile column (faster)
 export PYTHONUNBUFFERED=1
 if ! python3 -c "import diffusers" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -47,8 +49,8 @@ for stage in "$@"; do
   echo "== stage $stage at ${SECONDS}s"
   case "$stage" in
     tests)    t python3 -m pytest -q -p no:cacheprovider -rfEs --durations=15 tests 2>&1 | tee "$OUT/tests.log" ;;
-    kernels)  t python3 bench/bench_dit_ops.py --quick --csv "$OUT/dit_ops.csv" 2>&1 | tee "$OUT/dit_ops.log"
-              t python3 bench/bench_kernels.py --quick --csv "$OUT/kernels.csv" 2>&1 | tee "$OUT/kernels.log" ;;
+    kernels)  t python3 bench/bench_dit_ops.py --quick $KERNELS_FLAGS --csv "$OUT/dit_ops.csv" 2>&1 | tee "$OUT/dit_ops.log"
+              t python3 bench/bench_kernels.py --quick $KERNELS_FLAGS --csv "$OUT/kernels.csv" 2>&1 | tee "$OUT/kernels.log" ;;
     sampling) t python3 bench/bench_sampling.py --batches 8 32 128 --no-compile --reps 3 \
                   --json "$OUT/sampling.json" --png "$OUT/sampling.png" 2>&1 | tee "$OUT/sampling.log" ;;
     compile)  t python3 bench/bench_sampling.py --batches 32 --reps 3 --json "$OUT/sampling_compile.json" \
