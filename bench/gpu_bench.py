@@ -17,7 +17,7 @@ import torch
 
 DEV = "cuda"      # the scripts' device; "cpu" under --smoke
 SMOKE = False
-COMPILE = True    # --no-compile: leave out the torch.compile column (its compiles take most of a run's time)
+COMPILE = True    # False with --no-compile or --smoke: no torch.compile column (its compiles take most of a run's time)
 
 
 def bench_ms(fn, quick: bool) -> list[float]:
@@ -34,7 +34,7 @@ def bench_ms(fn, quick: bool) -> list[float]:
 
 def compiled(fn, *args):
     """``torch.compile(fn)`` warmed up on ``args``, or None (reported) when it does not compile."""
-    if SMOKE or not COMPILE:
+    if not COMPILE:
         return None
     try:
         c = torch.compile(fn, dynamic=False)
@@ -62,7 +62,7 @@ def main(script: str, cases, description: str, argv=None, quick_help: str = "few
     if args.smoke:
         if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             ap.error("--smoke runs the kernels interpreted: set TRITON_INTERPRET=1")
-        DEV, SMOKE, args.quick = "cpu", True, True
+        DEV, SMOKE, COMPILE, args.quick = "cpu", True, False, True
     elif not torch.cuda.is_available():
         print(f"{script}: needs a CUDA GPU (none here); nothing measured.")
         return 0

@@ -32,18 +32,14 @@ def _table_rows(out, op):
     return [line for line in out.splitlines() if line.startswith(f"| {op} |")]
 
 
-def _interpreter_ok():
-    from test_kernels_interpreter import _why_skip
-
-    return _why_skip()
-
-
 @pytest.mark.parametrize("script,ops", [
     ("bench_kernels.py", {"manifold_correct_fused": 2, "manifold_pull_fused": 1, "sym_eig": 2}),
     ("bench_dit_ops.py", {"layernorm_modulate": 1, "gate_residual": 1, "attention": 1}),
 ])
 def test_kernel_benchmarks_smoke(script, ops, tmp_path):
-    why = _interpreter_ok()
+    from test_kernels_interpreter import _why_skip
+
+    why = _why_skip()
     if why is not None:
         pytest.skip(f"the --smoke run interprets the kernels: {why}")
     csv = tmp_path / "out.csv"

@@ -106,6 +106,19 @@ def _cases():
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024, 86: 99 * 1024}
 
 
+def _compile_failure(fn, signature, constexprs, attrs, options, arch) -> str | None:
+    """Compile for sm_<arch> to a cubin within the per-block shared memory; None, or what went wrong."""
+    try:
+        out = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                             target=GPUTarget("cuda", arch, 32), options=options)
+        assert len(out.asm["cubin"]) > 0
+        assert out.metadata.shared <= SHARED_LIMIT[arch], \
+            f"{out.metadata.shared} B of shared memory, over sm_{arch}'s {SHARED_LIMIT[arch]}"
+    except Exception as e:
+        return f"{fn.__name__} {constexprs} {options} sm_{arch}: {type(e).__name__}: {str(e)[:800]}"
+    return None
+
+
 def test_kernels_compile_for_sm90_sm86_and_sm80():
     failures = []
     for fn, types, consts, *extra in _cases():
@@ -113,15 +126,8 @@ def test_kernels_compile_for_sm90_sm86_and_sm80():
         attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in (extra[1] if len(extra) > 1 else ())}
         archs = (90, 86, 80) if fn.__name__ in ("_coef_kernel", "_knn_partial_kernel", "_attention_fwd_kernel") \
             else (90, 86)
-        for arch in archs:
-            src = ASTSource(fn=fn, signature=_signature(fn, types, consts), constexprs=consts, attrs=attrs)
-            try:
-                out = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-                assert len(out.asm["cubin"]) > 0
-                assert out.metadata.shared <= SHARED_LIMIT[arch], \
-                    f"{out.metadata.shared} B of shared memory, over sm_{arch}'s {SHARED_LIMIT[arch]}"
-            except Exception as e:
-                failures.append(f"{fn.__name__} {consts} {options} sm_{arch}: {type(e).__name__}: {str(e)[:800]}")
+        failures += [f for arch in archs
+                     if (f := _compile_failure(fn, _signature(fn, types, consts), consts, attrs, options, arch))]
     assert not failures, "\n".join(failures)
 
 
@@ -168,7 +174,7 @@ class _Recorder:
         monkeypatch.setattr(kernels, "triton_device_ok", lambda device: True)
 
 
-def _production_launches(rec, monkeypatch):
+def _production_launches(monkeypatch):
     """Drive every fused op at the shapes and dtypes the GPU runs (DiT-XL/2 and SD-1.5 latents, k up to
     64, the DiT-XL/2 block ops and attention), with the in-kernel and the external (CUDA C++) eigen-step."""
     import torch
@@ -210,20 +216,12 @@ def test_production_launches_compile_and_fit(monkeypatch):
     the smallest shared memory of the GPUs we target) with their own options and specialisations, and fit
     the per-block shared memory (a kernel over it compiles and then fails at launch)."""
     rec = _Recorder(monkeypatch)
-    _production_launches(rec, monkeypatch)
+    _production_launches(monkeypatch)
     names = {ident[0] for ident in rec.launches}
     assert names >= {"_knn_partial_kernel", "_knn_merge_kernel", "_gram_kernel", "_coef_kernel", "_apply_kernel",
                      "_cloud_radii_kernel", "_cloud_knn_partial_kernel", "_sym_eig_kernel",
                      "_layernorm_modulate_kernel", "_gate_residual_kernel", "_attention_fwd_kernel"}, names
-    failures = []
-    for fn, signature, constexprs, attrs, opts in rec.launches.values():
-        for arch in (90, 86):
-            try:
-                out = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                                     target=GPUTarget("cuda", arch, 32), options=opts)
-                assert out.metadata.shared <= SHARED_LIMIT[arch], \
-                    f"{out.metadata.shared} B of shared memory, over sm_{arch}'s {SHARED_LIMIT[arch]}"
-            except Exception as e:
-                failures.append(f"{fn.__name__} {constexprs} {opts} sm_{arch}: {type(e).__name__}: {str(e)[:600]}")
+    failures = [f for fn, signature, constexprs, attrs, opts in rec.launches.values() for arch in (90, 86)
+                if (f := _compile_failure(fn, signature, constexprs, attrs, opts, arch))]
     assert not failures, "\n".join(failures)
 
