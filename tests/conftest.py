@@ -8,6 +8,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -112,3 +113,60 @@ def tiny_world(tmp_path_factory):
     save_pretrained_folder(build_dit(tiny_dit_config(num_classes=3, sample_size=8), seed=0), str(model_dir / "transformer"))
     save_pretrained_folder(build_vae(tiny_vae_config(sample_size=16), seed=0), str(model_dir / "vae"))
     return {"root": str(root), "data": data, "model": str(model_dir)}
+
+
+# --------------------------------------------------------------------------- torchvision's ResNet-18
+def tv_resnet18_state_dict(classes: int, seed: int, prefix: str = "") -> dict:
+    """A random state dict in torchvision's ``resnet18`` layout (key names and shapes written
+    here from torchvision's architecture, not from our ResNet), He-initialised, with random
+    batch-norm running statistics so that eval-mode normalisation is not the identity."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+
+    def conv(name, cout, cin, k):
+        sd[name + ".weight"] = torch.randn(cout, cin, k, k, generator=g) * (2.0 / (cin * k * k)) ** 0.5
+
+    def bn(name, c):
+        sd[name + ".weight"] = 1 + 0.1 * torch.randn(c, generator=g)
+        sd[name + ".bias"] = 0.1 * torch.randn(c, generator=g)
+        sd[name + ".running_mean"] = 0.1 * torch.randn(c, generator=g)
+        sd[name + ".running_var"] = 0.5 + torch.rand(c, generator=g)
+        sd[name + ".num_batches_tracked"] = torch.tensor(100)
+
+    conv("conv1", 64, 3, 7)
+    bn("bn1", 64)
+    cin = 64
+    for i, c in enumerate((64, 128, 256, 512), start=1):
+        for j in range(2):
+            b = f"layer{i}.{j}"
+            conv(b + ".conv1", c, cin if j == 0 else c, 3)
+            bn(b + ".bn1", c)
+            conv(b + ".conv2", c, c, 3)
+            bn(b + ".bn2", c)
+            if j == 0 and i > 1:
+                conv(b + ".downsample.0", c, cin, 1)
+                bn(b + ".downsample.1", c)
+        cin = c
+    sd["fc.weight"] = torch.randn(classes, 512, generator=g) / 512 ** 0.5
+    sd["fc.bias"] = 0.1 * torch.randn(classes, generator=g)
+    return {prefix + k: v for k, v in sd.items()}
+
+
+def tv_resnet18_forward(sd: dict, x: torch.Tensor):
+    """torchvision's ResNet-18 forward in eval mode, written functionally: (features, logits)."""
+    def bn(name, h):
+        return F.batch_norm(h, sd[name + ".running_mean"], sd[name + ".running_var"], sd[name + ".weight"],
+                            sd[name + ".bias"], training=False, eps=1e-5)
+
+    h = F.relu(bn("bn1", F.conv2d(x, sd["conv1.weight"], stride=2, padding=3)))
+    h = F.max_pool2d(h, 3, 2, 1)
+    for i in range(1, 5):
+        for j in range(2):
+            b, stride = f"layer{i}.{j}", 2 if (i > 1 and j == 0) else 1
+            out = F.relu(bn(b + ".bn1", F.conv2d(h, sd[b + ".conv1.weight"], stride=stride, padding=1)))
+            out = bn(b + ".bn2", F.conv2d(out, sd[b + ".conv2.weight"], padding=1))
+            skip = bn(b + ".downsample.1", F.conv2d(h, sd[b + ".downsample.0.weight"], stride=stride)) \
+                if b + ".downsample.0.weight" in sd else h
+            h = F.relu(out + skip)
+    feats = h.mean(dim=(2, 3))
+    return feats, F.linear(feats, sd["fc.weight"], sd["fc.bias"])

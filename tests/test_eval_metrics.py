@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from conftest import make_image_folder
+from conftest import make_image_folder, tv_resnet18_state_dict
 
 from manifoldgd_fast.errors import ConfigError, DataError
 from manifoldgd_fast.eval import cli_eval
@@ -201,3 +201,21 @@ def test_cli_metrics_end_to_end(folders, tmp_path, capsys):
     with pytest.raises(ConfigError, match="--encoder"):
         cli_eval.run_metrics_from_args(p.parse_args(["metrics", "--distilled", dist, "--real", real, "--encoder",
                                                      str(tmp_path / "none.pt"), "--no-progress"]))
+
+
+def test_metrics_with_the_imagenet_resnet18_from_the_hub_cache(folders, tmp_path, monkeypatch):
+    """``--encoder imagenet-resnet18``: torchvision's weights from $TORCH_HOME, features at 224 px by default."""
+    dist, real = folders
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    p = argparse.ArgumentParser(prog="manifoldgd-fast")
+    cli_eval.add_metrics_args(p.add_subparsers(dest="command").add_parser("metrics"))
+    argv = ["metrics", "--distilled", dist, "--real", real, "--encoder", "imagenet-resnet18", "--device", "cpu",
+            "--k", "2", "--no-progress", "--out-json", str(tmp_path / "m.json")]
+    with pytest.raises(ConfigError, match="--encoder imagenet-resnet18: no weights at .*hub.checkpoints"):
+        cli_eval.run_metrics_from_args(p.parse_args(argv))
+    path = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    path.parent.mkdir(parents=True)
+    torch.save(tv_resnet18_state_dict(1000, seed=0), path)
+    res = cli_eval.run_metrics_from_args(p.parse_args(argv))
+    assert res["size"] == 224 and res["feature_dim"] == 512 and res["encoder"]["file"] == str(path)
+    assert res["encoder"]["kind"] == "imagenet-resnet18" and res["l2"] is not None and res["fid"] >= 0

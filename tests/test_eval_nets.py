@@ -1,8 +1,11 @@
 """Evaluation nets: parameter counts against the published / IDC figures, shapes at every stem, loading."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from conftest import tv_resnet18_forward, tv_resnet18_state_dict
 
 from manifoldgd_fast.errors import ConfigError
 from manifoldgd_fast.eval import nets as N
@@ -138,3 +141,62 @@ def test_load_net_errors(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="--encoder .*junk.pt: cannot load"):
         N.load_net(str(tmp_path / "junk.pt"), what="--encoder")
+
+
+# --------------------------------------------------------------------------- torchvision's ImageNet ResNet-18
+@pytest.mark.parametrize("size", [224, 64, 32])
+def test_torchvision_resnet18_loads_and_matches_its_forward(size, tmp_path):
+    sd = tv_resnet18_state_dict(7, seed=size)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    feats, logits = tv_resnet18_forward(sd, x)
+    torch.save(tv_resnet18_state_dict(7, seed=size, prefix="module."), tmp_path / "dp.pth")  # DataParallel keys
+    for net in (N.load_net(sd, what="--encoder"), N.load_net(str(tmp_path / "dp.pth"))):
+        assert not net.training and net.net_name == N.TV_NET and net.input_size == 224 and net.feature_dim == 512
+        with torch.no_grad():
+            torch.testing.assert_close(net.forward_features(x), feats, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(net(x), logits, rtol=1e-4, atol=1e-4)
+    # it round-trips through our own checkpoint format
+    torch.save(N.net_checkpoint(net), tmp_path / "ours.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(N.load_net(str(tmp_path / "ours.pt"))(x), logits, rtol=1e-4, atol=1e-4)
+
+
+def test_imagenet_resnet18_comes_from_the_torch_hub_cache_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    path = N.imagenet_resnet18_path()
+    assert path == str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+    with pytest.raises(ConfigError, match=r"--encoder imagenet-resnet18: no weights at .*resnet18-f37072fd\.pth"):
+        N.load_net(N.PRETRAINED, what="--encoder")
+    os.makedirs(os.path.dirname(path))
+    sd = tv_resnet18_state_dict(1000, seed=3)
+    torch.save(sd, path)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(N.load_net(N.PRETRAINED)(x), tv_resnet18_forward(sd, x)[1], rtol=1e-4, atol=1e-4)
+
+
+def test_imagenet_teacher_answers_for_a_subsets_wnids():
+    from manifoldgd_fast.data import imagenet_wnids
+
+    wnids = imagenet_wnids()
+    sd = tv_resnet18_state_dict(1000, seed=5)
+    x = torch.randn(2, 3, 32, 32)
+    full = tv_resnet18_forward(sd, x)
+    names = [wnids[5], wnids[2], wnids[999]]  # any order: the folder's label order
+    sub = N.load_net(sd, num_classes=3, class_names=names)
+    assert isinstance(sub, N.ClassSubset) and sub.num_classes == 3 and sub.feature_dim == 512
+    with torch.no_grad():
+        torch.testing.assert_close(sub(x), full[1][:, [5, 2, 999]], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(sub.forward_features(x), full[0], rtol=1e-4, atol=1e-4)
+    assert not isinstance(N.load_net(sd, num_classes=1000, class_names=wnids), N.ClassSubset)
+    with pytest.raises(ConfigError, match="--teacher: .*'golden_retriever' is not an ImageNet-1k WordNet id"):
+        N.load_net(sd, num_classes=2, class_names=[wnids[0], "golden_retriever"])
+
+
+def test_other_torchvision_resnets_are_refused():
+    sd = tv_resnet18_state_dict(10, seed=0)
+    deeper = dict(sd, **{k.replace("layer1.1.", "layer1.2."): v for k, v in sd.items() if k.startswith("layer1.1.")})
+    with pytest.raises(ConfigError, match="--encoder: a torchvision ResNet state dict that is not ResNet-18"):
+        N.load_net(deeper, what="--encoder")
+    with pytest.raises(ConfigError, match="key 'avgpool.weight'"):
+        N.load_net(dict(sd, **{"avgpool.weight": torch.zeros(1)}), what="--encoder")

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import make_image_folder
+from conftest import make_image_folder, tv_resnet18_state_dict
 from PIL import Image
 
 from manifoldgd_fast.errors import ConfigError, DataError
@@ -177,6 +177,23 @@ def test_teacher_with_wrong_outputs_is_refused(folders):
     wrong = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 5))
     with pytest.raises(ConfigError, match=r"--teacher.*\(1, 3\)"):
         P.evaluate(dist, val, epochs=1, size=8, device="cpu", teacher=wrong, progress=False)
+
+
+def test_imagenet_teacher_on_a_subsets_wnid_folders(tmp_path):
+    """A 1000-class ImageNet ResNet-18 teacher answers for the folder's WordNet ids (ImageNette-like)."""
+    from manifoldgd_fast.data import imagenet_wnids
+
+    names = [imagenet_wnids()[i] for i in (217, 0, 482)]
+    dist = make_image_folder(tmp_path / "out", names, 2, size=16, seed=1)
+    val = make_image_folder(tmp_path / "val", names, 2, size=16, seed=2)
+    torch.save(tv_resnet18_state_dict(1000, seed=1), tmp_path / "teacher.pth")
+    res = P.evaluate(dist, val, nets="convnet6", seeds=1, epochs=1, size=32, device="cpu",
+                     teacher=str(tmp_path / "teacher.pth"), progress=False)
+    assert res["protocol"] == "soft-label" and res["num_classes"] == 3
+    ant = make_image_folder(tmp_path / "ant", ["ant", names[0]], 2, size=16, seed=1)
+    with pytest.raises(ConfigError, match="--teacher: .*'ant' is not an ImageNet-1k WordNet id"):
+        P.evaluate(ant, ant, seeds=1, epochs=1, size=32, device="cpu", teacher=str(tmp_path / "teacher.pth"),
+                   progress=False)
 
 
 # --------------------------------------------------------------------------- bad input

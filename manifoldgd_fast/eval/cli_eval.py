@@ -48,7 +48,9 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=None,
                    help="default: SGD 0.01 (0.1 for more than 100 classes); AdamW 1e-3 with --teacher")
     g.add_argument("--teacher", default=None, metavar="PATH",
-                   help="soft-label protocol: a saved nn.Module, or a state dict of one of the nets")
+                   help="soft-label protocol: a saved nn.Module, a state dict of one of the nets or of "
+                        "torchvision's ResNet-18, or imagenet-resnet18 (torchvision's ImageNet weights from "
+                        "$TORCH_HOME/hub/checkpoints); an ImageNet teacher answers for the folder's WordNet ids")
     g.add_argument("--temperature", type=float, default=1.0, help="soft-label temperature")
     g.add_argument("--eval-every", type=int, default=None, help="test every N epochs (default: epochs // 100)")
     g.add_argument("--val-batch-size", type=int, default=500, help="validation batch size")
@@ -63,8 +65,10 @@ def add_metrics_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     g.add_argument("--distilled", required=True, metavar="OUT", help="distilled folder OUT/<class>/<i>.png")
     g.add_argument("--real", required=True, metavar="TRAIN", help="real folder holding every distilled class")
     g.add_argument("--encoder", default=None, metavar="PATH",
-                   help="feature encoder: a saved nn.Module or a net checkpoint (default: a ResNet-18 trained "
-                        "on --real by this command, cached)")
+                   help="feature encoder: imagenet-resnet18 (torchvision's ImageNet ResNet-18 from "
+                        "$TORCH_HOME/hub/checkpoints, as the papers use; never downloaded), a saved nn.Module, "
+                        "a net checkpoint or a state dict (default: a ResNet-18 trained on --real by this "
+                        "command, cached)")
     g.add_argument("--size", type=int, default=None, help="encoder resolution (default: 224, or the distilled "
                                                           "images' size if smaller)")
     g.add_argument("--k", type=int, default=50, help="representativeness: the k most similar real images")

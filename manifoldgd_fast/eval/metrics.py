@@ -38,7 +38,7 @@ from ..data import iter_class_images
 from ..errors import ConfigError
 from ..output import atomic_write_bytes, atomic_write_text
 from .augment import normalize, to_unit
-from .nets import load_net, net_checkpoint
+from .nets import PRETRAINED, imagenet_resnet18_path, load_net, net_checkpoint
 from ..devices import resolve_device
 from .protocol import (Split, _amp, _cl, _prepare, append_manifest, default_size, load_images, match_classes,
                        native_size, to_uint8, train_net)
@@ -227,8 +227,10 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
 
     distilled: OUT/<class>/<i>.png; real: a real (training) folder holding every
     distilled class (others are ignored). encoder: None (the cached ResNet-18
-    trained on ``real``), an nn.Module or a file for nets.load_net. size: None =
-    224 for images of >= 224 px, else their size. max_real_per_class: cap on the
+    trained on ``real``), ``"imagenet-resnet18"`` (torchvision's ImageNet weights
+    from torch.hub's cache: the papers' encoder), an nn.Module or a file for
+    nets.load_net. size: None = the encoder's ``input_size`` if it has one (224
+    for ImageNet nets), else 224 for images of >= 224 px, else their size. max_real_per_class: cap on the
     real images used (None: all); mmd_max_real: real points in the MMD (random
     subset, seed 0). Writes ``out_json`` (default OUT/metrics.json) and appends a
     summary to OUT/manifest.json's "metrics" list if it exists. Returns that dict.
@@ -240,13 +242,17 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
     t0 = time.perf_counter()
     dev = resolve_device(device)
     classes, dist, ref = match_classes(distilled, real, exact=False, what="real")
-    size = size or default_size(native_size(dist))
     if encoder is None:
+        size = size or default_size(native_size(dist))
         enc, enc_info = default_encoder(real, ref, size, dev, epochs=encoder_epochs, cache_dir=cache_dir,
                                         progress=progress)
     else:
-        enc = load_net(encoder, num_classes=len(classes), size=size, what="--encoder")
+        enc = load_net(encoder, num_classes=len(classes), size=size or default_size(native_size(dist)),
+                       what="--encoder")
+        size = size or getattr(enc, "input_size", None) or default_size(native_size(dist))
         enc_info = {"kind": encoder if isinstance(encoder, str) else f"module {type(encoder).__name__}"}
+        if encoder == PRETRAINED:
+            enc_info["file"] = imagenet_resnet18_path()
     fs, ys = extract_features(enc, dist, size, dev, progress=progress, desc="features distilled")
     fr, yr = extract_features(enc, ref, size, dev, max_per_class=max_real_per_class, progress=progress,
                               desc="features real")

@@ -25,11 +25,17 @@ ResNets end at 4x4); at 32 px ConvNet-6 pools in its first four layers
 
 Every net has ``forward_features(x)`` (the vector before the classifier) and
 ``feature_dim``; inputs are ImageNet-normalised images (B, 3, size, size).
+
+torchvision's ImageNet ResNet-18 (batch norm; the papers' metrics encoder and
+the ImageNet-1k soft-label teacher) loads into the same :class:`ResNet` with
+``norm="batch"``, without torchvision: :func:`load_net` takes its state dict
+or the name ``imagenet-resnet18`` (the file in torch.hub's cache).
 """
 from __future__ import annotations
 
 import math
 import os
+import re
 
 import torch
 import torch.nn as nn
@@ -42,6 +48,9 @@ NET_NAMES = ("convnet6", "resnetap10", "resnet18")
 
 def instance_norm(c: int) -> nn.GroupNorm:
     return nn.GroupNorm(c, c, affine=True)
+
+
+NORMS = {"instance": instance_norm, "batch": nn.BatchNorm2d}  # batch: torchvision's ImageNet ResNet-18
 
 
 def stem_kind(size: int) -> str:
@@ -73,7 +82,7 @@ class ConvNet(nn.Module):
 
 # --------------------------------------------------------------------------- ResNets
 class _Stem(nn.Module):
-    def __init__(self, kind: str, planes: int, avgpool: bool, channels: int = 3):
+    def __init__(self, kind: str, planes: int, avgpool: bool, channels: int = 3, norm=instance_norm):
         super().__init__()
         if kind == "large":
             # ResNetAP: conv7x7 stride 1 + avgpool 4; ResNet: conv7x7 stride 2 + maxpool 3/2.
@@ -82,7 +91,7 @@ class _Stem(nn.Module):
         else:
             self.conv = nn.Conv2d(channels, planes, 3, padding=1, bias=False)
             self.pool = None if kind == "small" else (nn.AvgPool2d(2, 2) if avgpool else nn.MaxPool2d(3, 2, padding=1))
-        self.norm = instance_norm(planes)
+        self.norm = norm(planes)
 
     def forward(self, x):
         x = F.relu(self.norm(self.conv(x)), inplace=True)
@@ -90,22 +99,22 @@ class _Stem(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, c_in: int, planes: int, stride: int, avgpool: bool):
+    def __init__(self, c_in: int, planes: int, stride: int, avgpool: bool, norm=instance_norm):
         super().__init__()
         self.avgpool = avgpool
         self.stride = stride
         # ResNetAP: stride-1 conv then 2x2 average pooling instead of a strided conv.
         self.conv1 = nn.Conv2d(c_in, planes, 3, stride=1 if avgpool else stride, padding=1, bias=False)
-        self.norm1 = instance_norm(planes)
+        self.norm1 = norm(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
-        self.norm2 = instance_norm(planes)
+        self.norm2 = norm(planes)
         self.down = None
         if stride != 1 or c_in != planes:
             if avgpool:
                 self.down = nn.Sequential(nn.Conv2d(c_in, planes, 1, bias=False), nn.AvgPool2d(stride, stride),
-                                          instance_norm(planes))
+                                          norm(planes))
             else:
-                self.down = nn.Sequential(nn.Conv2d(c_in, planes, 1, stride=stride, bias=False), instance_norm(planes))
+                self.down = nn.Sequential(nn.Conv2d(c_in, planes, 1, stride=stride, bias=False), norm(planes))
 
     def forward(self, x):
         out = F.relu(self.norm1(self.conv1(x)), inplace=True)
@@ -116,23 +125,29 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet with BasicBlocks, instance norm; ``avgpool=True`` gives IDC's ResNetAP."""
+    """ResNet with BasicBlocks, instance norm; ``avgpool=True`` gives IDC's ResNetAP.
+
+    norm: "instance" (IDC) or "batch" (torchvision's ImageNet ResNet-18); stem:
+    None (chosen from ``size``, see :func:`stem_kind`) or "small" / "mid" / "large".
+    """
 
     def __init__(self, num_classes: int, size: int = 224, blocks=(2, 2, 2, 2), avgpool: bool = False,
-                 width: int = 64, channels: int = 3):
+                 width: int = 64, channels: int = 3, norm: str = "instance", stem: str | None = None):
         super().__init__()
-        kind = stem_kind(size)
-        self.stem = _Stem(kind, width, avgpool, channels)
+        kind = stem or stem_kind(size)
+        norm_fn = NORMS[norm]
+        self.stem = _Stem(kind, width, avgpool, channels, norm_fn)
         # map side after the stem: avgpool floors, strided conv / maxpool (padded) round up
         half = lambda s: s // 2 if avgpool else (s + 1) // 2  # noqa: E731
         side = {"small": size, "mid": half(size), "large": size // 4 if avgpool else half(half(size))}[kind]
         stages, c_in = [], width
         for i, n in enumerate(blocks):
             planes = width * 2 ** i
-            stride = 2 if i > 0 and side // 2 >= 2 else 1  # keep every normalised map >= 2x2
+            # keep every instance-normalised map >= 2x2; batch norm (torchvision's net) strides as torchvision
+            stride = 2 if i > 0 and (norm == "batch" or side // 2 >= 2) else 1
             side = side // 2 if stride == 2 else side
-            stage = [BasicBlock(c_in, planes, stride, avgpool)]
-            stage += [BasicBlock(planes, planes, 1, avgpool) for _ in range(n - 1)]
+            stage = [BasicBlock(c_in, planes, stride, avgpool, norm_fn)]
+            stage += [BasicBlock(planes, planes, 1, avgpool, norm_fn) for _ in range(n - 1)]
             stages.append(nn.Sequential(*stage))
             c_in = planes
         self.stages = nn.Sequential(*stages)
@@ -142,7 +157,7 @@ class ResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 n_fan = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
                 m.weight.data.normal_(0, math.sqrt(2.0 / n_fan))
-            elif isinstance(m, nn.GroupNorm):
+            elif isinstance(m, (nn.GroupNorm, nn.BatchNorm2d)):
                 m.weight.data.fill_(1)
                 m.bias.data.zero_()
 
@@ -171,6 +186,9 @@ def build_net(name: str, num_classes: int, size: int = 224) -> nn.Module:
         net = ResNet(num_classes, size, blocks=(1, 1, 1, 1), avgpool=True)
     elif name == "resnet18":
         net = ResNet(num_classes, size, blocks=(2, 2, 2, 2), avgpool=False)
+    elif name == TV_NET:  # not a --nets choice: what load_net builds from torchvision's ImageNet weights
+        net = ResNet(num_classes, size, blocks=(2, 2, 2, 2), avgpool=False, norm="batch", stem="large")
+        net.input_size = 224
     else:
         raise ConfigError(f"--nets: unknown net {name!r}; choose from {', '.join(NET_NAMES)}")
     net.net_name, net.num_classes, net.size = name, num_classes, size
@@ -202,13 +220,24 @@ def net_checkpoint(model: nn.Module, **meta) -> dict:
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **meta}
 
 
-def load_net(source, *, num_classes: int | None = None, size: int | None = None, what: str = "--teacher") -> nn.Module:
+def load_net(source, *, num_classes: int | None = None, size: int | None = None, what: str = "--teacher",
+             class_names=None) -> nn.Module:
     """A network from a module, a file holding a pickled ``nn.Module``, a :func:`net_checkpoint`
-    dict, or a bare state dict of one of :data:`NET_NAMES` (tried with ``num_classes`` and ``size``).
+    dict, a bare state dict of one of :data:`NET_NAMES` (tried with ``num_classes`` and ``size``),
+    torchvision's ImageNet ResNet-18 state dict, or the name ``imagenet-resnet18`` (those
+    weights from torch.hub's cache, see :func:`imagenet_resnet18_path`; never downloaded).
 
-    Returns the module on the CPU in eval mode. Raises ConfigError naming ``what`` and the file.
+    class_names: the folder's classes in label order. A 1000-class ImageNet net given
+    WordNet-id classes other than all 1000 in order answers for those classes only
+    (:class:`ClassSubset`). Returns the module on the CPU in eval mode. Raises
+    ConfigError naming ``what`` and the file.
     """
     obj = source
+    if isinstance(source, str) and source == PRETRAINED:
+        source = imagenet_resnet18_path()
+        if not os.path.isfile(source):
+            raise ConfigError(f"{what} {PRETRAINED}: no weights at {source}; put torchvision's {TV_FILE} there "
+                              f"(nothing is downloaded) or pass the file's path")
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.isfile(path):
@@ -217,6 +246,10 @@ def load_net(source, *, num_classes: int | None = None, size: int | None = None,
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:  # noqa: BLE001 - any unpickling failure is the file's fault
             raise ConfigError(f"{what} {path}: cannot load ({type(e).__name__}: {e})") from None
+    return _select_classes(_net_from(obj, num_classes, size, what), num_classes, class_names, what)
+
+
+def _net_from(obj, num_classes, size, what) -> nn.Module:
     if isinstance(obj, nn.Module):
         return obj.cpu().eval()
     if isinstance(obj, dict) and obj.get("format") == NET_FORMAT:
@@ -224,6 +257,9 @@ def load_net(source, *, num_classes: int | None = None, size: int | None = None,
         net.load_state_dict(obj["state_dict"])
         return net.eval()
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        tv = from_torchvision_resnet18(obj, what)
+        if tv is not None:
+            return tv
         if num_classes is None or size is None:
             raise ConfigError(f"{what}: a bare state dict needs the number of classes and the size")
         for name in NET_NAMES:
@@ -236,3 +272,84 @@ def load_net(source, *, num_classes: int | None = None, size: int | None = None,
         raise ConfigError(f"{what}: the state dict matches none of {', '.join(NET_NAMES)} "
                           f"with {num_classes} classes at {size} px")
     raise ConfigError(f"{what}: expected an nn.Module, a net checkpoint or a state dict, got {type(obj).__name__}")
+
+
+# --------------------------------------------------------------------------- torchvision's ImageNet ResNet-18
+TV_NET = "resnet18_bn"
+TV_FILE = "resnet18-f37072fd.pth"  # torchvision's ResNet18_Weights.IMAGENET1K_V1
+PRETRAINED = "imagenet-resnet18"
+_TV_BLOCK = re.compile(r"layer([1-4])\.(\d+)\.(conv1|bn1|conv2|bn2|downsample\.0|downsample\.1)\.(\w+)")
+_TV_PART = {"bn1": "norm1", "bn2": "norm2", "downsample.0": "down.0", "downsample.1": "down.1"}
+_TV_TOP = {"conv1": "stem.conv", "bn1": "stem.norm", "fc": "fc"}
+
+
+def imagenet_resnet18_path() -> str:
+    """Where torchvision caches its ImageNet ResNet-18: ``$TORCH_HOME/hub/checkpoints/resnet18-f37072fd.pth``."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", TV_FILE)
+
+
+def from_torchvision_resnet18(state_dict: dict, what: str = "--encoder") -> nn.Module | None:
+    """torchvision's ``resnet18`` state dict (batch norm; ``module.`` prefixes allowed) as our
+    :class:`ResNet` with ``norm="batch"`` and the ImageNet stem, in eval mode; None if the dict
+    is not in torchvision's ResNet layout. Raises ConfigError for another torchvision ResNet."""
+    sd = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    if not {"conv1.weight", "layer1.0.conv1.weight", "fc.weight"} <= sd.keys():
+        return None
+    out = {}
+    for k, v in sd.items():
+        m = _TV_BLOCK.fullmatch(k)
+        top, _, leaf = k.partition(".")
+        if m:
+            out[f"stages.{int(m[1]) - 1}.{m[2]}.{_TV_PART.get(m[3], m[3])}.{m[4]}"] = v
+        elif top in _TV_TOP:
+            out[f"{_TV_TOP[top]}.{leaf}"] = v
+        else:
+            raise ConfigError(f"{what}: a torchvision ResNet state dict with key {k!r}, which ResNet-18 has not "
+                              f"(only ResNet-18 is supported)")
+    net = build_net(TV_NET, int(sd["fc.weight"].shape[0]), 224)
+    try:
+        net.load_state_dict(out)
+    except RuntimeError as e:
+        lines = str(e).splitlines()
+        why = (lines[1] if len(lines) > 1 else lines[0]).strip()[:200]
+        raise ConfigError(f"{what}: a torchvision ResNet state dict that is not ResNet-18 ({why})") from None
+    return net.eval()
+
+
+class ClassSubset(nn.Module):
+    """A classifier answering for some of its classes only: logits ``net(x)[:, index]``
+    (an ImageNet-1k teacher on ImageNette's 10 folders). Features are the net's own."""
+
+    def __init__(self, net: nn.Module, index):
+        super().__init__()
+        self.net = net
+        self.register_buffer("index", torch.as_tensor(index, dtype=torch.long), persistent=False)
+        self.num_classes = len(self.index)
+        for attr in ("feature_dim", "input_size", "net_name"):
+            if hasattr(net, attr):
+                setattr(self, attr, getattr(net, attr))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        fwd = getattr(self.net, "forward_features", None)
+        return fwd(x) if callable(fwd) else self.net(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).index_select(1, self.index)
+
+
+def _select_classes(net: nn.Module, num_classes, class_names, what) -> nn.Module:
+    from ..data import imagenet_wnids
+
+    if class_names is None or getattr(net, "num_classes", None) != 1000:
+        return net
+    wnids = imagenet_wnids()
+    if list(class_names) == wnids:
+        return net
+    pos = {w: i for i, w in enumerate(wnids)}
+    unknown = [c for c in class_names if c not in pos]
+    if unknown:
+        if num_classes == 1000:
+            return net  # 1000 classes of the user's own: the net's outputs are taken in order
+        raise ConfigError(f"{what}: a 1000-class ImageNet net, but class {unknown[0]!r} is not an ImageNet-1k "
+                          f"WordNet id, so none of its outputs belongs to it")
+    return ClassSubset(net, [pos[c] for c in class_names])

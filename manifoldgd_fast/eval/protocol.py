@@ -373,7 +373,9 @@ def evaluate(distilled: str, real_val: str, *, nets=("convnet6",), seeds=3, epoc
     seeds: a count (seeds 0..n-1) or a list of seeds. epochs / batch_size / lr:
     None = SPEC 7's defaults for the IPC and class count. size: None = 224 for
     images of >= 224 px, else their own size. teacher: None (hard labels) or a
-    module / file / state dict (see nets.load_net) -> soft-label protocol.
+    module / file / state dict / ``imagenet-resnet18`` (see nets.load_net) ->
+    soft-label protocol; a 1000-class ImageNet teacher on a subset's WordNet-id
+    folders answers for those classes.
     Writes ``out_json`` (default OUT/eval.json), the markdown table beside it
     (.md) and appends a summary to OUT/manifest.json's "eval" list if it exists.
     Returns the dict written to the JSON: per net, per seed best / final top-1
@@ -399,8 +401,8 @@ def evaluate(distilled: str, real_val: str, *, nets=("convnet6",), seeds=3, epoc
     hp["lr"] = lr or hp["lr"]
     hp["batch_size"] = batch_size or hp["batch_size"]
     epochs = epochs or (300 if soft else default_epochs(ipc, num_classes))
-    teacher_mod = _check_teacher(load_net(teacher, num_classes=num_classes, size=size), num_classes, size, dev) \
-        if soft else None
+    teacher_mod = _check_teacher(load_net(teacher, num_classes=num_classes, size=size, class_names=classes),
+                                 num_classes, size, dev) if soft else None
 
     t0 = time.perf_counter()
     x, y = load_images(dist, size, progress=progress, desc="load distilled")
