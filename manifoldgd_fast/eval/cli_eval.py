@@ -69,8 +69,12 @@ def add_metrics_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                         "$TORCH_HOME/hub/checkpoints, as the papers use; never downloaded), a saved nn.Module, "
                         "a net checkpoint or a state dict (default: a ResNet-18 trained on --real by this "
                         "command, cached)")
-    g.add_argument("--size", type=int, default=None, help="encoder resolution (default: 224, or the distilled "
-                                                          "images' size if smaller)")
+    g.add_argument("--fid-encoder", default=None, metavar="PATH",
+                   help="encoder of the FID alone: fid-inception (pytorch-fid's Inception-V3 weights from "
+                        "$TORCH_HOME/hub/checkpoints, at 299 px: the papers' FID; never downloaded) or any "
+                        "--encoder source (default: the --encoder, as SPEC 7 asks)")
+    g.add_argument("--size", type=int, default=None, help="encoder resolution (default: the encoder's own, "
+                                                          "else 224, or the distilled images' size if smaller)")
     g.add_argument("--k", type=int, default=50, help="representativeness: the k most similar real images")
     g.add_argument("--max-real-per-class", type=int, default=None, help="cap on real images per class (default: all)")
     g.add_argument("--mmd-max-real", type=int, default=5000, help="real points in the MMD (random subset)")
@@ -130,9 +134,10 @@ def run_metrics_from_args(ns: argparse.Namespace) -> dict:
     res = compute_metrics(ns.distilled, ns.real, encoder=ns.encoder, size=ns.size, device=ns.device, k=ns.k,
                           max_real_per_class=ns.max_real_per_class, mmd_max_real=ns.mmd_max_real,
                           encoder_epochs=ns.encoder_epochs, cache_dir=ns.cache_dir, out_json=ns.out_json,
-                          progress=ns.progress)
+                          fid_encoder=ns.fid_encoder, progress=ns.progress)
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-    print(f"FID {fmt(res['fid'])}  L2 {fmt(res['l2'])}  MMD {fmt(res['mmd'])}  "
+    fid_by = f" ({res['fid_encoder']['kind']})" if res.get("fid_encoder") else ""
+    print(f"FID{fid_by} {fmt(res['fid'])}  L2 {fmt(res['l2'])}  MMD {fmt(res['mmd'])}  "
           f"representativeness {fmt(res['representativeness'])}  diversity {fmt(res['diversity'])}  "
           f"({res['n_syn']} distilled vs {res['n_real']} real images, {res['size']} px)")
     print(f"results: {res['file']}" + (f"; recorded in {res['manifest']}" if res.get("manifest") else ""))

@@ -38,7 +38,7 @@ from ..data import iter_class_images
 from ..errors import ConfigError
 from ..output import atomic_write_bytes, atomic_write_text
 from .augment import normalize, to_unit
-from .nets import PRETRAINED, imagenet_resnet18_path, load_net, net_checkpoint
+from .nets import NAMED, load_net, net_checkpoint
 from ..devices import resolve_device
 from .protocol import (Split, _amp, _cl, _prepare, append_manifest, default_size, load_images, match_classes,
                        native_size, to_uint8, train_net)
@@ -222,7 +222,7 @@ def default_encoder(real: str, entries, size: int, device: torch.device, *, epoc
 def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None = None, device: str = "auto",
                     k: int = 50, max_real_per_class: int | None = None, mmd_max_real: int = 5000,
                     encoder_epochs: int = 30, cache_dir: str | None = None, out_json: str | None = None,
-                    progress: bool = True) -> dict:
+                    fid_encoder=None, progress: bool = True) -> dict:
     """FID, L2, MMD, representativeness, diversity of ``distilled`` against ``real``.
 
     distilled: OUT/<class>/<i>.png; real: a real (training) folder holding every
@@ -232,7 +232,9 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
     nets.load_net. size: None = the encoder's ``input_size`` if it has one (224
     for ImageNet nets), else 224 for images of >= 224 px, else their size. max_real_per_class: cap on the
     real images used (None: all); mmd_max_real: real points in the MMD (random
-    subset, seed 0). Writes ``out_json`` (default OUT/metrics.json) and appends a
+    subset, seed 0). fid_encoder: None (FID on ``encoder``'s features, SPEC 7)
+    or another encoder for the FID alone, e.g. ``"fid-inception"`` (FID's
+    Inception-V3 at 299 px, as the papers' FID columns). Writes ``out_json`` (default OUT/metrics.json) and appends a
     summary to OUT/manifest.json's "metrics" list if it exists. Returns that dict.
     """
     for name, v in (("--size", size), ("--k", k), ("--max-real-per-class", max_real_per_class),
@@ -251,11 +253,23 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
                        what="--encoder")
         size = size or getattr(enc, "input_size", None) or default_size(native_size(dist))
         enc_info = {"kind": encoder if isinstance(encoder, str) else f"module {type(encoder).__name__}"}
-        if encoder == PRETRAINED:
-            enc_info["file"] = imagenet_resnet18_path()
+        if isinstance(encoder, str) and encoder in NAMED:
+            enc_info["file"] = NAMED[encoder][0]()
     fs, ys = extract_features(enc, dist, size, dev, progress=progress, desc="features distilled")
     fr, yr = extract_features(enc, ref, size, dev, max_per_class=max_real_per_class, progress=progress,
                               desc="features real")
+    fid_info = None
+    if fid_encoder is not None:
+        fenc = load_net(fid_encoder, num_classes=len(classes), size=size, what="--fid-encoder")
+        fid_size = getattr(fenc, "input_size", None) or size
+        fid_info = {"kind": fid_encoder if isinstance(fid_encoder, str) else f"module {type(fid_encoder).__name__}",
+                    "size": fid_size, "file": NAMED[fid_encoder][0]() if fid_encoder in NAMED else None}
+        fid_value = fid(extract_features(fenc, ref, fid_size, dev, max_per_class=max_real_per_class,
+                                         progress=progress, desc="FID features real")[0],
+                        extract_features(fenc, dist, fid_size, dev, progress=progress,
+                                         desc="FID features distilled")[0])
+    else:
+        fid_value = fid(fr, fs)
     mmd_real = fr
     if len(fr) > mmd_max_real:
         mmd_real = fr[torch.randperm(len(fr), generator=torch.Generator().manual_seed(0))[:mmd_max_real].to(dev)]
@@ -273,7 +287,7 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
     result = {
         "format": "manifoldgd_fast.metrics/1", "distilled": os.path.abspath(distilled), "real": os.path.abspath(real),
         "classes": classes, "size": size, "n_syn": len(fs), "n_real": len(fr), "feature_dim": fs.shape[1],
-        "encoder": enc_info, "fid": fid(fr, fs), "mmd2": mmd["mmd2"], "mmd": mmd["mmd"],
+        "encoder": enc_info, "fid": fid_value, "fid_encoder": fid_info, "mmd2": mmd["mmd2"], "mmd": mmd["mmd"],
         "mmd_bandwidth": mmd["bandwidth"], "mmd_n_real": len(mmd_real), **means, "representativeness_k": k,
         "per_class": per_class,
         "device": str(dev), "versions": {"torch": torch.__version__, "numpy": np.__version__},
@@ -283,6 +297,7 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
     result["file"] = os.path.abspath(out_json)
     result["manifest"] = append_manifest(os.path.abspath(distilled), "metrics", {
         "file": result["file"], "encoder": enc_info.get("cache", enc_info["kind"]), "size": size,
+        "fid_encoder": fid_info and fid_info["kind"],
         **{key: result[key] for key in ("fid", "mmd", "l2", "representativeness", "diversity")}})
     atomic_write_text(out_json, json.dumps(result, indent=2, sort_keys=True, default=str))
     return result

@@ -42,6 +42,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from .inception import FID_FILE, FID_NAME, fid_inception_from_state_dict, fid_inception_path, \
+    is_fid_inception_state_dict
 
 NET_NAMES = ("convnet6", "resnetap10", "resnet18")
 
@@ -224,8 +226,9 @@ def load_net(source, *, num_classes: int | None = None, size: int | None = None,
              class_names=None) -> nn.Module:
     """A network from a module, a file holding a pickled ``nn.Module``, a :func:`net_checkpoint`
     dict, a bare state dict of one of :data:`NET_NAMES` (tried with ``num_classes`` and ``size``),
-    torchvision's ImageNet ResNet-18 state dict, or the name ``imagenet-resnet18`` (those
-    weights from torch.hub's cache, see :func:`imagenet_resnet18_path`; never downloaded).
+    torchvision's ImageNet ResNet-18 state dict, FID's Inception-V3 state dict (pytorch-fid's
+    file, see ``inception``), or the name ``imagenet-resnet18`` / ``fid-inception`` (those
+    files from torch.hub's cache, see :data:`NAMED`; never downloaded).
 
     class_names: the folder's classes in label order. A 1000-class ImageNet net given
     WordNet-id classes other than all 1000 in order answers for those classes only
@@ -233,10 +236,11 @@ def load_net(source, *, num_classes: int | None = None, size: int | None = None,
     ConfigError naming ``what`` and the file.
     """
     obj = source
-    if isinstance(source, str) and source == PRETRAINED:
-        source = imagenet_resnet18_path()
+    if isinstance(source, str) and source in NAMED:
+        where, file, whose = NAMED[source]
+        source = where()
         if not os.path.isfile(source):
-            raise ConfigError(f"{what} {PRETRAINED}: no weights at {source}; put torchvision's {TV_FILE} there "
+            raise ConfigError(f"{what} {obj}: no weights at {source}; put {whose} {file} there "
                               f"(nothing is downloaded) or pass the file's path")
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
@@ -257,6 +261,11 @@ def _net_from(obj, num_classes, size, what) -> nn.Module:
         net.load_state_dict(obj["state_dict"])
         return net.eval()
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if is_fid_inception_state_dict(obj):
+            try:
+                return fid_inception_from_state_dict(obj)
+            except RuntimeError as e:
+                raise ConfigError(f"{what}: an Inception-V3 state dict that is not FID's ({_first_error(e)})") from None
         tv = from_torchvision_resnet18(obj, what)
         if tv is not None:
             return tv
@@ -310,10 +319,20 @@ def from_torchvision_resnet18(state_dict: dict, what: str = "--encoder") -> nn.M
     try:
         net.load_state_dict(out)
     except RuntimeError as e:
-        lines = str(e).splitlines()
-        why = (lines[1] if len(lines) > 1 else lines[0]).strip()[:200]
-        raise ConfigError(f"{what}: a torchvision ResNet state dict that is not ResNet-18 ({why})") from None
+        raise ConfigError(f"{what}: a torchvision ResNet state dict that is not ResNet-18 ({_first_error(e)})") \
+            from None
     return net.eval()
+
+
+def _first_error(e: RuntimeError) -> str:
+    """The first complaint of a ``load_state_dict`` error, on one short line."""
+    lines = str(e).splitlines()
+    return (lines[1] if len(lines) > 1 else lines[0]).strip()[:200]
+
+
+# named weights in torch.hub's cache: name -> (path function, file name, whose file)
+NAMED = {PRETRAINED: (imagenet_resnet18_path, TV_FILE, "torchvision's"),
+         FID_NAME: (fid_inception_path, FID_FILE, "pytorch-fid's")}
 
 
 class ClassSubset(nn.Module):
