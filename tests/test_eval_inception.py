@@ -146,9 +146,28 @@ def test_metrics_take_their_fid_from_the_fid_encoder(tmp_path, monkeypatch):
     res = M.compute_metrics(dist, real, encoder=MeanColour(), size=8, device="cpu", k=2, progress=False,
                             fid_encoder="fid-inception")
     assert res["fid_encoder"] == {"kind": "fid-inception", "size": 299, "file": fid_inception_path()}
+    assert res["encoder"] == {"kind": "module MeanColour"}
     _, d, r = match_classes(dist, real, exact=False, what="real")
     enc, dev = N.load_net("fid-inception"), torch.device("cpu")
     expected = M.fid(M.extract_features(enc, r, 299, dev)[0], M.extract_features(enc, d, 299, dev)[0])
     assert res["fid"] == pytest.approx(expected, rel=1e-6)
     plain = M.compute_metrics(dist, real, encoder=MeanColour(), size=8, device="cpu", k=2, progress=False)
     assert plain["fid_encoder"] is None and plain["fid"] != res["fid"] and plain["l2"] == res["l2"]
+
+
+def test_the_papers_encoders_compute_features_in_fp32(tmp_path, monkeypatch):
+    """No bf16 autocast for FID's Inception or torchvision's ResNet-18 (ours keep it on CUDA)."""
+    from conftest import make_image_folder, tv_resnet18_state_dict
+
+    from manifoldgd_fast.data import scan_image_folder
+    from manifoldgd_fast.eval import metrics as M
+
+    entries = scan_image_folder(make_image_folder(tmp_path / "real", ["ant"], 1, size=8), label_map="sorted")
+    used = []
+    monkeypatch.setattr(M, "_amp", lambda device: used.append(device) or torch.autocast("cpu", enabled=False))
+    subset = N.load_net(tv_resnet18_state_dict(1000, 0), num_classes=1, class_names=["n01440764"])
+    for enc, fp32 in ((FIDInceptionV3(), True), (N.load_net(tv_resnet18_state_dict(10, 0)), True),
+                      (subset, True), (N.build_net("convnet6", 2, 8), False)):
+        used.clear()
+        M.extract_features(enc, entries, 8, torch.device("cpu"))
+        assert (not used) == fp32, type(enc).__name__

@@ -153,6 +153,7 @@ class FIDInceptionV3(nn.Module):
     feature_dim = 2048
     input_size = 299
     net_name = FID_NAME
+    fp32_features = True  # extract_features runs it without bf16 autocast, as pytorch-fid runs it
 
     def __init__(self):
         super().__init__()

@@ -22,7 +22,9 @@ resized and centre-cropped to ``size``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -162,8 +164,10 @@ def _encode(encoder: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def extract_features(encoder: torch.nn.Module, entries, size: int, device: torch.device, *, batch_size: int = 256,
                      max_per_class: int | None = None, progress: bool = False, desc: str = "features"):
-    """Encoder features of every image of ``entries`` (streamed per class, not held in memory).
+    """Encoder features of every image of ``entries`` (streamed per class, not held in memory),
+    under bf16 autocast on CUDA unless the encoder sets ``fp32_features`` (the papers' encoders).
     Returns (features (N, D) float32 on the device, labels (N,))."""
+    amp = contextlib.nullcontext if getattr(encoder, "fp32_features", False) else functools.partial(_amp, device)
     encoder = _prepare(encoder, device).eval()
     feats, labels = [], []
     total = sum(len(e.files[:max_per_class] if max_per_class else e.files) for e in entries)
@@ -172,7 +176,7 @@ def extract_features(encoder: torch.nn.Module, entries, size: int, device: torch
             sub = dataclasses.replace(e, files=e.files[:max_per_class]) if max_per_class else e
             for batch, _ in iter_class_images(sub, size, batch_size):
                 x = _cl(normalize(to_unit(to_uint8(batch).to(device))))
-                with _amp(device):
+                with amp():
                     feats.append(_encode(encoder, x))
                 labels.append(torch.full((len(batch),), e.label, dtype=torch.long))
                 bar.update(len(batch))
@@ -252,9 +256,7 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
         enc = load_net(encoder, num_classes=len(classes), size=size or default_size(native_size(dist)),
                        what="--encoder")
         size = size or getattr(enc, "input_size", None) or default_size(native_size(dist))
-        enc_info = {"kind": encoder if isinstance(encoder, str) else f"module {type(encoder).__name__}"}
-        if isinstance(encoder, str) and encoder in NAMED:
-            enc_info["file"] = NAMED[encoder][0]()
+        enc_info = _source_info(encoder)
     fs, ys = extract_features(enc, dist, size, dev, progress=progress, desc="features distilled")
     fr, yr = extract_features(enc, ref, size, dev, max_per_class=max_real_per_class, progress=progress,
                               desc="features real")
@@ -262,8 +264,7 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
     if fid_encoder is not None:
         fenc = load_net(fid_encoder, num_classes=len(classes), size=size, what="--fid-encoder")
         fid_size = getattr(fenc, "input_size", None) or size
-        fid_info = {"kind": fid_encoder if isinstance(fid_encoder, str) else f"module {type(fid_encoder).__name__}",
-                    "size": fid_size, "file": NAMED[fid_encoder][0]() if fid_encoder in NAMED else None}
+        fid_info = {**_source_info(fid_encoder), "size": fid_size}
         fid_value = fid(extract_features(fenc, ref, fid_size, dev, max_per_class=max_real_per_class,
                                          progress=progress, desc="FID features real")[0],
                         extract_features(fenc, dist, fid_size, dev, progress=progress,
@@ -301,6 +302,13 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
         **{key: result[key] for key in ("fid", "mmd", "l2", "representativeness", "diversity")}})
     atomic_write_text(out_json, json.dumps(result, indent=2, sort_keys=True, default=str))
     return result
+
+
+def _source_info(source) -> dict:
+    """What the metrics record of an encoder given by the user: its name or path, and the file a name stands for."""
+    if not isinstance(source, str):
+        return {"kind": f"module {type(source).__name__}"}
+    return {"kind": source, **({"file": NAMED[source][0]()} if source in NAMED else {})}
 
 
 def _mean(v: torch.Tensor) -> float | None:

@@ -191,6 +191,7 @@ def build_net(name: str, num_classes: int, size: int = 224) -> nn.Module:
     elif name == TV_NET:  # not a --nets choice: what load_net builds from torchvision's ImageNet weights
         net = ResNet(num_classes, size, blocks=(2, 2, 2, 2), avgpool=False, norm="batch", stem="large")
         net.input_size = 224
+        net.fp32_features = True  # metrics comparable with the papers': no bf16 autocast
     else:
         raise ConfigError(f"--nets: unknown net {name!r}; choose from {', '.join(NET_NAMES)}")
     net.net_name, net.num_classes, net.size = name, num_classes, size
@@ -344,7 +345,7 @@ class ClassSubset(nn.Module):
         self.net = net
         self.register_buffer("index", torch.as_tensor(index, dtype=torch.long), persistent=False)
         self.num_classes = len(self.index)
-        for attr in ("feature_dim", "input_size", "net_name"):
+        for attr in ("feature_dim", "input_size", "net_name", "fp32_features"):
             if hasattr(net, attr):
                 setattr(self, attr, getattr(net, attr))
 
