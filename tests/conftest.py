@@ -86,6 +86,14 @@ def check_eig(w, V, A, rtol, rep=2):
     assert float((P - Pr).abs().max()) < 10 * rtol
 
 
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """$MANIFOLDGD_CACHE in this test's folder: caches on by default (encoders, real-image
+    features) are written there, not to ~/.cache."""
+    monkeypatch.setenv("MANIFOLDGD_CACHE", str(tmp_path / "mgd-cache"))
+    return tmp_path / "mgd-cache"
+
+
 def make_image_folder(root, classes, per_class, size=20, seed=0):
     """Class folders of small PNG/JPEG images, each class a different colour pattern."""
     from PIL import Image

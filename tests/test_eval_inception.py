@@ -14,7 +14,7 @@ from manifoldgd_fast.eval import nets as N
 from manifoldgd_fast.eval.augment import normalize
 from manifoldgd_fast.eval.inception import FID_FILE, FIDInceptionV3, fid_inception_path
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
+pytestmark = pytest.mark.usefixtures("one_thread", "private_cache")  # see conftest
 
 # torchvision's Inception3 has 27,161,264 parameters; its AuxLogits head 3,326,696 of them
 # (1x1 conv 768->128 + BN, 5x5 conv 128->768 + BN, fc 768->1000); FID's graph has no aux head

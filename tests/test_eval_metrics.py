@@ -11,6 +11,7 @@ import pytest
 import scipy.linalg
 import torch
 from conftest import make_image_folder, tv_resnet18_state_dict
+from PIL import Image
 
 from manifoldgd_fast.errors import ConfigError, DataError
 from manifoldgd_fast.eval import cli_eval
@@ -20,7 +21,7 @@ from manifoldgd_fast.eval.nets import build_net, net_checkpoint
 CLASSES = ["ant", "bee", "cat"]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
+pytestmark = pytest.mark.usefixtures("one_thread", "private_cache")  # see conftest
 
 
 def _random_cov(rng, d):
@@ -219,3 +220,64 @@ def test_metrics_with_the_imagenet_resnet18_from_the_hub_cache(folders, tmp_path
     res = cli_eval.run_metrics_from_args(p.parse_args(argv))
     assert res["size"] == 224 and res["feature_dim"] == 512 and res["encoder"]["file"] == str(path)
     assert res["encoder"]["kind"] == "imagenet-resnet18" and res["l2"] is not None and res["fid"] >= 0
+
+
+class CountingColour(MeanColour):
+    """MeanColour that counts the images it encodes, with a tensor so that its fingerprint can change."""
+
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(scale))
+        self.seen = 0
+
+    def forward(self, x):
+        self.seen += len(x)
+        return super().forward(x) * self.scale
+
+
+def test_real_features_are_cached_per_class_and_encoder(folders, private_cache):
+    """A second run encodes only the distilled images and gives the same bytes; an edited class
+    is re-encoded alone; another encoder or size gets its own cache; --no-feature-cache writes none."""
+    dist, real = folders
+    kw = dict(size=8, device="cpu", k=2, progress=False)
+    enc = CountingColour()
+    first = M.compute_metrics(dist, real, encoder=enc, **kw)
+    n_dist, n_real = first["n_syn"], first["n_real"]
+    assert enc.seen == n_dist + n_real and first["real_features"]["encoder"] == {"cached": 0, "computed": 3}
+    assert first["real_features"]["cache"] == str(private_cache)
+    enc.seen = 0
+    again = M.compute_metrics(dist, real, encoder=enc, **kw)
+    assert enc.seen == n_dist and again["real_features"]["encoder"] == {"cached": 3, "computed": 0}
+    for key in ("fid", "mmd", "l2", "l2_real_to_syn", "representativeness", "diversity", "per_class"):
+        assert again[key] == first[key], key
+
+    victim = sorted(os.listdir(os.path.join(real, "bee")))[0]  # edit one real image of 'bee'
+    Image.open(os.path.join(real, "bee", victim)).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(
+        os.path.join(real, "bee", victim))
+    os.utime(os.path.join(real, "bee", victim), ns=(1, 1))
+    enc.seen = 0
+    edited = M.compute_metrics(dist, real, encoder=enc, **kw)
+    assert edited["real_features"]["encoder"] == {"cached": 2, "computed": 1}
+    assert enc.seen == n_dist + len(os.listdir(os.path.join(real, "bee")))
+
+    other = CountingColour(scale=2.0)
+    res = M.compute_metrics(dist, real, encoder=other, **kw)
+    assert other.seen == n_dist + n_real and res["real_features"]["encoder"]["computed"] == 3
+    res = M.compute_metrics(dist, real, encoder=enc, **dict(kw, size=12))
+    assert res["real_features"]["encoder"]["computed"] == 3
+
+    before = sorted(str(p) for p in private_cache.rglob("*.safetensors"))
+    assert len(before) == 3 + 1 + 3 + 3
+    res = M.compute_metrics(dist, real, encoder=CountingColour(scale=3.0), feature_cache=False, **kw)
+    assert res["real_features"] == {"cache": None, "encoder": {"cached": 0, "computed": 3}}
+    assert sorted(str(p) for p in private_cache.rglob("*.safetensors")) == before
+
+
+def test_a_damaged_feature_file_is_recomputed(folders, private_cache):
+    dist, real = folders
+    kw = dict(encoder=MeanColour(), size=8, device="cpu", k=2, progress=False)
+    first = M.compute_metrics(dist, real, **kw)
+    for p in private_cache.rglob("*.safetensors"):
+        p.write_bytes(b"truncated")
+    again = M.compute_metrics(dist, real, **kw)
+    assert again["real_features"]["encoder"] == {"cached": 0, "computed": 3} and again["fid"] == first["fid"]

@@ -79,8 +79,11 @@ def add_metrics_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     g.add_argument("--max-real-per-class", type=int, default=None, help="cap on real images per class (default: all)")
     g.add_argument("--mmd-max-real", type=int, default=5000, help="real points in the MMD (random subset)")
     g.add_argument("--encoder-epochs", type=int, default=30, help="training epochs of the default encoder")
-    g.add_argument("--cache-dir", default=None, help="encoder cache root (default $MANIFOLDGD_CACHE or "
-                                                     "~/.cache/manifoldgd_fast)")
+    g.add_argument("--cache-dir", default=None, help="cache root of the default encoder and of the real images' "
+                                                     "features (default $MANIFOLDGD_CACHE or ~/.cache/manifoldgd_fast)")
+    g.add_argument("--feature-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the real images' features per class and encoder, and reuse them in later runs "
+                        "(an edited class folder is re-encoded)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--out-json", default=None, help="default: OUT/metrics.json")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
@@ -134,7 +137,7 @@ def run_metrics_from_args(ns: argparse.Namespace) -> dict:
     res = compute_metrics(ns.distilled, ns.real, encoder=ns.encoder, size=ns.size, device=ns.device, k=ns.k,
                           max_real_per_class=ns.max_real_per_class, mmd_max_real=ns.mmd_max_real,
                           encoder_epochs=ns.encoder_epochs, cache_dir=ns.cache_dir, out_json=ns.out_json,
-                          fid_encoder=ns.fid_encoder, progress=ns.progress)
+                          fid_encoder=ns.fid_encoder, feature_cache=ns.feature_cache, progress=ns.progress)
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     fid_by = f" ({res['fid_encoder']['kind']})" if res.get("fid_encoder") else ""
     print(f"FID{fid_by} {fmt(res['fid'])}  L2 {fmt(res['l2'])}  MMD {fmt(res['mmd'])}  "

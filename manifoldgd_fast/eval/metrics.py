@@ -28,6 +28,7 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import os
 import time
 
@@ -44,6 +45,8 @@ from .nets import NAMED, load_net, net_checkpoint
 from ..devices import resolve_device
 from .protocol import (Split, _amp, _cl, _prepare, append_manifest, default_size, load_images, match_classes,
                        native_size, to_uint8, train_net)
+
+log = logging.getLogger(__name__)
 
 ENCODER_RECIPE = {"net": "resnet18", "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
                   "batch_size": 128, "schedule": "multistep x0.2 at 2/3, 5/6", "augment": "protocol + CutMix",
@@ -161,25 +164,95 @@ def _encode(encoder: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out.flatten(1).float()
 
 
+class FeatureCache:
+    """Real-image features of one encoder, one safetensors file a class:
+    ``ROOT/features/<encoder fingerprint>-<size>px/<class key>.safetensors``.
+
+    The encoder fingerprint hashes its type, its tensors and how features are
+    computed (fp32 or bf16 autocast, device type); the class key hashes the
+    class folder and its (capped) file list with each file's size and mtime, so
+    an edited, added or removed image recomputes that class only. Metrics of
+    several distilled sets against one real folder (ImageNet-1k's 1.28 M images)
+    then encode the real images once.
+    """
+
+    def __init__(self, root: str, encoder: torch.nn.Module, size: int, precision: str, device: torch.device):
+        kind = f"{type(encoder).__module__}.{type(encoder).__qualname__}|{precision}|{device.type}"
+        h = hashlib.sha1(kind.encode())
+        for name, t in encoder.state_dict().items():
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        self.folder = os.path.join(root, "features", f"{h.hexdigest()[:16]}-{size}px")
+
+    def path(self, entry) -> str:
+        files = []
+        for f in entry.files:
+            st = os.stat(f)
+            files.append([os.path.basename(f), st.st_size, st.st_mtime_ns])
+        desc = json.dumps({"folder": os.path.abspath(entry.folder or os.path.dirname(entry.files[0])), "files": files})
+        return os.path.join(self.folder, hashlib.sha1(desc.encode()).hexdigest()[:20] + ".safetensors")
+
+    def load(self, path: str) -> torch.Tensor | None:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        if not os.path.isfile(path):
+            return None
+        try:
+            return load_file(path)["features"]
+        except (SafetensorError, OSError, KeyError) as e:  # a damaged cache file is recomputed
+            log.warning("recomputing features: cannot read %s (%s)", path, e)
+            return None
+
+    @staticmethod
+    def save(path: str, features: torch.Tensor) -> None:
+        from safetensors.torch import save
+
+        atomic_write_bytes(path, save({"features": features.float().cpu().contiguous()}))
+
+
 @torch.no_grad()
 def extract_features(encoder: torch.nn.Module, entries, size: int, device: torch.device, *, batch_size: int = 256,
-                     max_per_class: int | None = None, progress: bool = False, desc: str = "features"):
+                     max_per_class: int | None = None, progress: bool = False, desc: str = "features",
+                     cache_dir: str | None = None, stats: dict | None = None):
     """Encoder features of every image of ``entries`` (streamed per class, not held in memory),
     under bf16 autocast on CUDA unless the encoder sets ``fp32_features`` (the papers' encoders).
+    cache_dir: keep each class's features in a :class:`FeatureCache` there and reuse them
+    (None: no cache); ``stats`` (a dict) then counts ``cached`` and ``computed`` classes.
     Returns (features (N, D) float32 on the device, labels (N,))."""
-    amp = contextlib.nullcontext if getattr(encoder, "fp32_features", False) else functools.partial(_amp, device)
+    fp32 = bool(getattr(encoder, "fp32_features", False))
+    amp = contextlib.nullcontext if fp32 else functools.partial(_amp, device)
+    precision = "fp32" if fp32 or device.type != "cuda" else "bf16-autocast"
+    cache = FeatureCache(cache_dir, encoder, size, precision, device) if cache_dir else None
     encoder = _prepare(encoder, device).eval()
+    stats = {} if stats is None else stats
+    stats.update(cached=0, computed=0)
     feats, labels = [], []
     total = sum(len(e.files[:max_per_class] if max_per_class else e.files) for e in entries)
     with tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for e in entries:
             sub = dataclasses.replace(e, files=e.files[:max_per_class]) if max_per_class else e
-            for batch, _ in iter_class_images(sub, size, batch_size):
-                x = _cl(normalize(to_unit(to_uint8(batch).to(device))))
-                with amp():
-                    feats.append(_encode(encoder, x))
-                labels.append(torch.full((len(batch),), e.label, dtype=torch.long))
-                bar.update(len(batch))
+            path = cache.path(sub) if cache and sub.files else None
+            f = cache.load(path) if path else None
+            if f is None:
+                parts = []
+                for batch, _ in iter_class_images(sub, size, batch_size):
+                    x = _cl(normalize(to_unit(to_uint8(batch).to(device))))
+                    with amp():
+                        parts.append(_encode(encoder, x))
+                    bar.update(len(batch))
+                if not parts:
+                    continue
+                f = torch.cat(parts)
+                if path:
+                    cache.save(path, f)
+                stats["computed"] += 1
+            else:
+                f = f.to(device)
+                bar.update(len(sub.files))
+                stats["cached"] += 1
+            feats.append(f)
+            labels.append(torch.full((len(f),), e.label, dtype=torch.long))
     return torch.cat(feats), torch.cat(labels).to(device)
 
 
@@ -226,7 +299,7 @@ def default_encoder(real: str, entries, size: int, device: torch.device, *, epoc
 def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None = None, device: str = "auto",
                     k: int = 50, max_real_per_class: int | None = None, mmd_max_real: int = 5000,
                     encoder_epochs: int = 30, cache_dir: str | None = None, out_json: str | None = None,
-                    fid_encoder=None, progress: bool = True) -> dict:
+                    fid_encoder=None, feature_cache: bool = True, progress: bool = True) -> dict:
     """FID, L2, MMD, representativeness, diversity of ``distilled`` against ``real``.
 
     distilled: OUT/<class>/<i>.png; real: a real (training) folder holding every
@@ -238,7 +311,9 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
     real images used (None: all); mmd_max_real: real points in the MMD (random
     subset, seed 0). fid_encoder: None (FID on ``encoder``'s features, SPEC 7)
     or another encoder for the FID alone, e.g. ``"fid-inception"`` (FID's
-    Inception-V3 at 299 px, as the papers' FID columns). Writes ``out_json`` (default OUT/metrics.json) and appends a
+    Inception-V3 at 299 px, as the papers' FID columns). feature_cache: keep the
+    real images' features under ``cache_dir`` (see :class:`FeatureCache`) and reuse
+    them in later runs against the same real folder. Writes ``out_json`` (default OUT/metrics.json) and appends a
     summary to OUT/manifest.json's "metrics" list if it exists. Returns that dict.
     """
     for name, v in (("--size", size), ("--k", k), ("--max-real-per-class", max_real_per_class),
@@ -257,16 +332,20 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
                        what="--encoder")
         size = size or getattr(enc, "input_size", None) or default_size(native_size(dist))
         enc_info = _source_info(encoder)
+    from ..latents import default_cache_root
+
+    real_kw = dict(max_per_class=max_real_per_class, progress=progress,
+                   cache_dir=(cache_dir or default_cache_root()) if feature_cache else None)
+    real_stats = {"encoder": {}, "fid_encoder": {}}
     fs, ys = extract_features(enc, dist, size, dev, progress=progress, desc="features distilled")
-    fr, yr = extract_features(enc, ref, size, dev, max_per_class=max_real_per_class, progress=progress,
-                              desc="features real")
+    fr, yr = extract_features(enc, ref, size, dev, desc="features real", stats=real_stats["encoder"], **real_kw)
     fid_info = None
     if fid_encoder is not None:
         fenc = load_net(fid_encoder, num_classes=len(classes), size=size, what="--fid-encoder")
         fid_size = getattr(fenc, "input_size", None) or size
         fid_info = {**_source_info(fid_encoder), "size": fid_size}
-        fid_value = fid(extract_features(fenc, ref, fid_size, dev, max_per_class=max_real_per_class,
-                                         progress=progress, desc="FID features real")[0],
+        fid_value = fid(extract_features(fenc, ref, fid_size, dev, desc="FID features real",
+                                         stats=real_stats["fid_encoder"], **real_kw)[0],
                         extract_features(fenc, dist, fid_size, dev, progress=progress,
                                          desc="FID features distilled")[0])
     else:
@@ -288,7 +367,8 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
     result = {
         "format": "manifoldgd_fast.metrics/1", "distilled": os.path.abspath(distilled), "real": os.path.abspath(real),
         "classes": classes, "size": size, "n_syn": len(fs), "n_real": len(fr), "feature_dim": fs.shape[1],
-        "encoder": enc_info, "fid": fid_value, "fid_encoder": fid_info, "mmd2": mmd["mmd2"], "mmd": mmd["mmd"],
+        "encoder": enc_info, "fid": fid_value, "fid_encoder": fid_info,
+        "real_features": {"cache": real_kw["cache_dir"], **{k: v for k, v in real_stats.items() if v}}, "mmd2": mmd["mmd2"], "mmd": mmd["mmd"],
         "mmd_bandwidth": mmd["bandwidth"], "mmd_n_real": len(mmd_real), **means, "representativeness_k": k,
         "per_class": per_class,
         "device": str(dev), "versions": {"torch": torch.__version__, "numpy": np.__version__},
