@@ -72,7 +72,8 @@ def imagenet_class_names() -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _wnid_index() -> dict[str, int]:
+def imagenet_wnid_index() -> dict[str, int]:
+    """ImageNet-1k WordNet id -> its class index (the position in :func:`imagenet_wnids`)."""
     return {w: i for i, w in enumerate(_shipped_list("imagenet1k"))}
 
 
@@ -80,7 +81,7 @@ def class_display_name(name: str) -> str:
     """A readable class name for folder ``name`` (the text-to-image prompt's {name}):
     the ImageNet-1k name of a WordNet id (``n01440764`` -> "tench"), otherwise the
     folder name with underscores as spaces (``golden_retriever`` -> "golden retriever")."""
-    i = _wnid_index().get(name)
+    i = imagenet_wnid_index().get(name)
     if i is not None:
         return _shipped_list("imagenet1k_names")[i]
     return " ".join(name.replace("_", " ").split())
@@ -256,10 +257,10 @@ def scan_image_folder(root: str, classes: Sequence[str] | str | None = None,
                                 f"(class {name!r} was asked for)")
 
     if label_map == "auto":
-        wnids = _wnid_index()
+        wnids = imagenet_wnid_index()
         label_map = "imagenet1k" if all(f in wnids for f in all_folders) else "sorted"
     if label_map == "imagenet1k":
-        wnids = _wnid_index()
+        wnids = imagenet_wnid_index()
         for name in selected:
             if name not in wnids:
                 raise DataError(f"class folder {os.path.join(root, name)}: {name!r} is not an "

@@ -86,6 +86,13 @@ def check_eig(w, V, A, rtol, rep=2):
     assert float((P - Pr).abs().max()) < 10 * rtol
 
 
+class MeanColour(torch.nn.Module):
+    """A fixed encoder: per-channel means and stds (6 features)."""
+
+    def forward(self, x):
+        return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], 1)
+
+
 @pytest.fixture
 def private_cache(tmp_path, monkeypatch):
     """$MANIFOLDGD_CACHE in this test's folder: caches on by default (encoders, real-image

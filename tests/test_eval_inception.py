@@ -128,7 +128,7 @@ def test_fid_inception_comes_from_the_torch_hub_cache_only(tmp_path, monkeypatch
 
 
 def test_metrics_take_their_fid_from_the_fid_encoder(tmp_path, monkeypatch):
-    from conftest import make_image_folder
+    from conftest import MeanColour, make_image_folder
 
     from manifoldgd_fast.eval import metrics as M
     from manifoldgd_fast.eval.protocol import match_classes
@@ -138,10 +138,6 @@ def test_metrics_take_their_fid_from_the_fid_encoder(tmp_path, monkeypatch):
     torch.save(_random_state_dict(3), fid_inception_path())
     real = make_image_folder(tmp_path / "real", ["ant", "bee"], 3, size=16, seed=2)
     dist = make_image_folder(tmp_path / "out", ["ant", "bee"], 2, size=16, seed=5)
-
-    class MeanColour(torch.nn.Module):
-        def forward(self, x):
-            return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], 1)
 
     res = M.compute_metrics(dist, real, encoder=MeanColour(), size=8, device="cpu", k=2, progress=False,
                             fid_encoder="fid-inception")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from conftest import make_image_folder, tv_resnet18_state_dict
+from conftest import MeanColour, make_image_folder, tv_resnet18_state_dict
 from PIL import Image
 
 from manifoldgd_fast.errors import ConfigError, DataError
@@ -123,13 +123,6 @@ def test_trajectory_variance():
 
 
 # --------------------------------------------------------------------------- end to end
-class MeanColour(torch.nn.Module):
-    """A fixed encoder: per-channel means and stds (6 features)."""
-
-    def forward(self, x):
-        return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], 1)
-
-
 @pytest.fixture
 def folders(tmp_path):
     real = make_image_folder(tmp_path / "real", CLASSES + ["dog"], 6, size=16, seed=2)

@@ -323,14 +323,14 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
     t0 = time.perf_counter()
     dev = resolve_device(device)
     classes, dist, ref = match_classes(distilled, real, exact=False, what="real")
+    fallback_size = default_size(native_size(dist))
     if encoder is None:
-        size = size or default_size(native_size(dist))
+        size = size or fallback_size
         enc, enc_info = default_encoder(real, ref, size, dev, epochs=encoder_epochs, cache_dir=cache_dir,
                                         progress=progress)
     else:
-        enc = load_net(encoder, num_classes=len(classes), size=size or default_size(native_size(dist)),
-                       what="--encoder")
-        size = size or getattr(enc, "input_size", None) or default_size(native_size(dist))
+        enc = load_net(encoder, num_classes=len(classes), size=size or fallback_size, what="--encoder")
+        size = size or getattr(enc, "input_size", None) or fallback_size
         enc_info = _source_info(encoder)
     from ..latents import default_cache_root
 

@@ -358,14 +358,13 @@ class ClassSubset(nn.Module):
 
 
 def _select_classes(net: nn.Module, num_classes, class_names, what) -> nn.Module:
-    from ..data import imagenet_wnids
+    from ..data import imagenet_wnid_index, imagenet_wnids
 
     if class_names is None or getattr(net, "num_classes", None) != 1000:
         return net
-    wnids = imagenet_wnids()
-    if list(class_names) == wnids:
+    if list(class_names) == imagenet_wnids():
         return net
-    pos = {w: i for i, w in enumerate(wnids)}
+    pos = imagenet_wnid_index()
     unknown = [c for c in class_names if c not in pos]
     if unknown:
         if num_classes == 1000:
