@@ -95,6 +95,11 @@ class CGS:
 
     def correction(self, x_t: torch.Tensor, x0: torch.Tensor, alpha_bar: float) -> torch.Tensor:
         """eta_dpp grad L_dpp(x0) + eta_dm grad L_dm(x_t): subtract it from the step's result."""
+        if x0.shape != x_t.shape:
+            raise ConfigError(f"x0 must have x_t's shape {tuple(x_t.shape)}, got {tuple(x0.shape)}")
+        if x_t.dim() < 2 or x_t[0].numel() != self.mu.numel():
+            raise ConfigError(f"x_t must be (N, ...) with {self.mu.numel()} values per sample (the class mean's), "
+                              f"got {tuple(x_t.shape)}")
         out = torch.zeros_like(x_t, dtype=torch.float32)
         if self.eta_dpp > 0 and x0.shape[0] > 1:
             out = out + self.eta_dpp * dpp_grad(x0.float(), self.eps)

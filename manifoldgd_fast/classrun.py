@@ -56,11 +56,8 @@ def class_modes(rcfg: DistillConfig, name: str, z: torch.Tensor) -> torch.Tensor
 def _check_class(rcfg: DistillConfig, name: str, n: int) -> None:
     if n < rcfg.ipc:
         raise DataError(f"class {name} has {n} readable images, fewer than --ipc {rcfg.ipc}")
-    if rcfg.method == "manifoldgd":
-        if rcfg.formulation == "paper" and rcfg.k > n:
-            raise ConfigError(f"--k {rcfg.k} is larger than the patch: class {name} has only {n} latents")
-        if rcfg.formulation == "official" and rcfg.k > rcfg.cloud_size:
-            raise ConfigError(f"--k {rcfg.k} is larger than the patch (--cloud-size {rcfg.cloud_size})")
+    if rcfg.method == "manifoldgd" and rcfg.formulation == "paper" and rcfg.k > n:
+        raise ConfigError(f"--k {rcfg.k} is larger than the patch: class {name} has only {n} latents")
 
 
 @dataclass

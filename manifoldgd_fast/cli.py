@@ -20,7 +20,9 @@ GROUPS: dict[str, dict[str, str]] = {
         "data": "image folder ROOT/<class>/<image> (jpg, jpeg, png, webp)",
         "out": "output folder: OUT/<class>/<i>.png, OUT/latents/, OUT/manifest.json",
         "classes": "restrict to a subset: nette, woof, imagenet100, imagenet1k, a text file, or 'a,b,c'",
-        "label_map": "folder name -> DiT class id: auto (ImageNet wnids if all folders are wnids), imagenet1k, sorted",
+        "label_map": "folder name -> DiT class id: auto (ImageNet wnids if all folders are wnids, else sorted), "
+                     "imagenet1k, sorted, or a class-map file: JSON {\"folder\": id} or 'folder<tab|,|space>id' lines, "
+                     "id = a class id, a WordNet id (n01443537) or an ImageNet class name (goldfish)",
         "model": "DiT (a diffusers folder or a pipeline with transformer/) or Stable Diffusion 1.x (an SD 1.5 diffusers "
                  "folder: unet/, vae/, text_encoder/, tokenizer/): a local folder or a HF id in the local cache",
         "vae": "AutoencoderKL: folder or cached HF id (e.g. stabilityai/sd-vae-ft-ema); default: the model folder's vae/",
@@ -139,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     for cmd, help_ in _COMMANDS.items():
         sp = sub.add_parser(cmd, help=help_, description=help_,
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        sp.add_argument("--config", help="YAML or JSON file of parameters; flags given here override it")
+        sp.add_argument("--config", default=argparse.SUPPRESS,
+                        help="YAML or JSON file of parameters; flags given here override it")
         if cmd == "profile":
             sp.add_argument("--profile-classes", type=int, default=1, help="classes to distil (default: 1)")
             sp.add_argument("--json", dest="profile_json", help="also write the report to this JSON file")
@@ -150,13 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
                 flag = "--" + name.replace("_", "-")
                 default = getattr(defaults, name)
                 typ = _type_of(f)
+                # a None default is resolved at run time: the text says how
+                help_ = text if default is None or "default" in text else f"{text} (default: {default})"
                 # SUPPRESS: only flags the user gave override the config file.
                 if typ is None:
                     g.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
-                                   default=argparse.SUPPRESS, help=f"{text} (default: {default})")
+                                   default=argparse.SUPPRESS, help=help_)
                 else:
                     g.add_argument(flag, dest=name, type=typ, default=argparse.SUPPRESS, metavar=name.upper(),
-                                   help=f"{text} (default: {default})")
+                                   help=help_)
     sp = sub.add_parser("eval", help=cli_eval.EVAL_HELP, description=cli_eval.EVAL_HELP,
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cli_eval.add_eval_args(sp)

@@ -45,7 +45,7 @@ class DistillConfig:
     data: str | None = None            # ROOT/<class>/<image>; None = embedded digits demo
     out: str = "distilled"
     classes: str | None = None         # subset name (nette, woof, imagenet100, imagenet1k), a file, or "a,b,c"
-    label_map: str = "auto"            # auto | imagenet1k | sorted: how folder names become DiT class ids
+    label_map: str = "auto"            # auto | imagenet1k | sorted | a class-map file: folder names -> DiT class ids
     model: str | None = None           # DiT folder / HF id in the local cache; None = shipped tiny model
     vae: str | None = None             # AutoencoderKL folder / HF id; None = the model folder's vae/ or shipped
     cache_dir: str | None = None       # latent cache root; None = $MANIFOLDGD_CACHE or ~/.cache/manifoldgd_fast
@@ -151,11 +151,16 @@ class DistillConfig:
             ("kernel", KERNELS), ("radius_schedule", RADIUS_SCHEDULES), ("radius_units", RADIUS_UNITS),
             ("warm_schedule", WARM_SCHEDULES), ("cfg_channels", CFG_CHANNELS), ("dtype", DTYPES),
             ("neighbourhood_dtype", DTYPES),
-            ("backend", BACKENDS), ("label_map", ("auto", "imagenet1k", "sorted")), ("backbone", BACKBONES),
+            ("backend", BACKENDS), ("backbone", BACKBONES),
             ("guidance_noise", ("auto", "generator", "philox")), ("loop", LOOPS), ("compile", COMPILE_MODES),
             ("attention", ATTENTION_BACKENDS), ("dit_impl", ("diffusers", "fused")),
         ]:
             choice(name, allowed)
+        # a keyword, or a class-map file (folder -> class id; read and checked by data.read_label_map)
+        if self.label_map not in ("auto", "imagenet1k", "sorted") and not (
+                isinstance(self.label_map, str) and os.path.isfile(self.label_map)):
+            raise ConfigError(f"--label-map {self.label_map}: no such file; choose one of auto, imagenet1k, sorted, "
+                              "or give a class-map file")
 
         def positive_int(name, allow_none=False, minimum=1):
             v = getattr(self, name)
@@ -202,6 +207,7 @@ class DistillConfig:
             non_negative(name, allow_none=True, strict=True)
         if self.attention == "triton" and self.dit_impl != "fused":
             raise ConfigError("--attention triton is the fused DiT's kernel: add --dit-impl fused")
+        non_negative("warm_mult")
         if self.warm_mult < 1.0:
             raise ConfigError(f"--warm-mult must be >= 1, got {self.warm_mult!r}")
         if self.radius_units == "quantile":
@@ -213,12 +219,16 @@ class DistillConfig:
         k = self.k if self.k is not None else (12 if self.formulation == "official" else 10)
         if self.d >= k:
             raise ConfigError(f"--d must be smaller than --k (the tangent space is spanned by k points), got d={self.d}, k={k}")
+        if self.method == "manifoldgd" and self.formulation == "official" and k > self.cloud_size:
+            raise ConfigError(f"--k must be <= --cloud-size (the k nearest points are chosen from the cloud), "
+                              f"got k={k}, cloud size {self.cloud_size}")
         if self.k_min is not None and self.k_min < k:
             raise ConfigError(f"--k-min must be >= --k ({k}), got {self.k_min}")
         if self.t_stop > self.steps:
             raise ConfigError(f"--t-stop must be <= --steps ({self.steps}), got {self.t_stop}")
         if self.sampler == "ddpm" and self.ddim_eta != 0.0:
             raise ConfigError("--ddim-eta applies to --sampler ddim only")
+        check_out_dir(self.out, "--out")
         if not isinstance(self.extra, dict):
             raise ConfigError("extra must be a mapping")
         if self.loop == "fast" and self.method == "manifoldgd" and self.guidance_noise == "generator":
@@ -244,7 +254,7 @@ class DistillConfig:
             c.sampler = "ddim" if sd else "ddpm"
         if c.guidance_noise == "auto":
             c.guidance_noise = "philox" if str(device).startswith("cuda") else "generator"
-        small = n_classes <= SMALL_SUBSET_MAX_CLASSES
+        c = dataclasses.replace(c, **c.dataset_defaults(n_classes))
         official = c.formulation == "official"
         if c.mode_method == "auto":
             c.mode_method = {"manifoldgd": "divisive", "mgd3": "kmeans", "dit": "kmeans", "cgs": "kmeans"}[c.method]
@@ -252,19 +262,22 @@ class DistillConfig:
             c.cgs = True
         if c.mode_point == "auto":
             c.mode_point = "medoid" if (c.mode_method == "divisive" and official) else "mean"
-        if c.level is None:
-            c.level = (6 if small else 1) if official else (3 if small else 2)
         if c.k is None:
             c.k = 12 if official else 10
         if c.ridge is None:
             c.ridge = 1e-5 if official else 1e-4
         if c.k_min is None:
             c.k_min = 2 * c.k
-        if c.manifold_radius is None:
-            c.manifold_radius = 0.05 if small else 0.1
-        if c.bandwidth is None:
-            c.bandwidth = 0.2 if small else 0.1
         return c.validate()
+
+    def dataset_defaults(self, n_classes: int) -> dict[str, Any]:
+        """The defaults that depend on the data set's size, for the parameters still unset: ImageNette /
+        ImageWoof-sized runs (<= 10 classes) and ImageNet-100/1k-sized ones differ (SPEC §2, §4b)."""
+        small = n_classes <= SMALL_SUBSET_MAX_CLASSES
+        official = self.formulation == "official"
+        resolved = {"level": (6 if small else 1) if official else (3 if small else 2),
+                    "manifold_radius": 0.05 if small else 0.1, "bandwidth": 0.2 if small else 0.1}
+        return {name: v for name, v in resolved.items() if getattr(self, name) is None}
 
     # ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -309,6 +322,14 @@ class DistillConfig:
         else:
             import yaml
             atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=True))
+
+
+def check_out_dir(path: Any, flag: str) -> None:
+    """An output folder must be a path that is a folder or does not exist yet (ConfigError otherwise)."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise ConfigError(f"{flag} must be a folder path, got {path!r}")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{flag} {path}: exists and is not a folder")
 
 
 def check_prompt_template(template: str) -> None:
@@ -368,4 +389,9 @@ def fingerprint(cfg: "DistillConfig") -> str:
             d.pop(k, None)
     if d.get("output_size") is None:
         d.pop("output_size", None)
+    for k in ("label_map", "class_names"):  # a map file counts by its contents: an edited map is another run
+        v = d.get(k)
+        if isinstance(v, str) and os.path.isfile(v):
+            with open(v, "rb") as f:
+                d[k] = "sha256:" + hashlib.sha256(f.read()).hexdigest()
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

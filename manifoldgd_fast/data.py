@@ -209,6 +209,115 @@ def _class_folders(root: str) -> list[str]:
     return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
 
 
+@functools.lru_cache(maxsize=None)
+def _imagenet_name_index() -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """(exact name -> ids, normalised name -> ids) of the shipped ImageNet-1k names.
+
+    Exact first: "Cardigan" (the corgi) and "cardigan" (the sweater) only differ in case."""
+    exact: dict[str, list[int]] = {}
+    loose: dict[str, list[int]] = {}
+    for i, n in enumerate(_shipped_list("imagenet1k_names")):
+        exact.setdefault(n, []).append(i)
+        loose.setdefault(_loose_name(n), []).append(i)
+    return exact, loose
+
+
+def _loose_name(s: str) -> str:
+    return " ".join(s.replace("_", " ").lower().split())
+
+
+def _class_map_value(value) -> int:
+    """One class-map value -> a DiT class id; ValueError saying why not."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"{value!r} is not a class id, a WordNet id or an ImageNet class name")
+    if isinstance(value, str):
+        value = value.strip()
+        if re.fullmatch(r"[+-]?\d+", value):
+            value = int(value)
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"class id {value} is negative")
+        return value
+    if _WNID.match(value):
+        i = imagenet_wnid_index().get(value)
+        if i is None:
+            raise ValueError(f"{value!r} is not an ImageNet-1k WordNet id")
+        return i
+    exact, loose = _imagenet_name_index()
+    ids = exact.get(value) or loose.get(_loose_name(value))
+    if not ids:
+        raise ValueError(f"{value!r} is not a class id, an ImageNet-1k WordNet id or an ImageNet-1k class name")
+    if len(ids) > 1:
+        raise ValueError(f"ImageNet class name {value!r} is ambiguous (ids {', '.join(map(str, ids))}); "
+                         "give the id or the WordNet id")
+    return ids[0]
+
+
+def read_label_map(path: str) -> dict[str, int]:
+    """Read a ``--label-map`` class-map file: class folder -> DiT class id.
+
+    ``path``: a JSON object ``{"folder": value, ...}`` (a ``.json`` file, or any
+    file whose text starts with ``{``), or a text/CSV file of lines
+    ``folder<TAB|,|spaces>value`` (split at the first tab, else the first comma,
+    else the first run of spaces; ``#`` comments and blank lines ignored). A
+    value is an integer class id, an ImageNet-1k WordNet id (``n01440764`` -> 0)
+    or an ImageNet-1k class name (``tench``; case and ``_`` ignored when unique).
+
+    Returns folder -> class id, in file order. Raises ConfigError naming the file
+    and the line (or JSON key) of an unreadable entry, an unknown value, a folder
+    given twice, or two folders with the same class id (each class needs its own
+    label: sample seeds and the guidance noise are keyed by it).
+    """
+    import json
+
+    flag = f"--label-map {path}"
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{flag}: cannot read the class map ({e})") from None
+    items: list[tuple[str, str, object]] = []   # (where, folder, value)
+    if path.endswith(".json") or text.lstrip().startswith("{"):
+        class Pairs(list):  # a JSON object's (key, value) pairs: a dict would silently keep a repeated key's last
+            pass
+
+        try:
+            obj = json.loads(text, object_pairs_hook=Pairs)
+        except ValueError as e:
+            raise ConfigError(f"{flag}: not valid JSON ({e})") from None
+        if not isinstance(obj, Pairs):
+            raise ConfigError(f"{flag}: expected a JSON object {{\"folder\": class id, WordNet id or name}}")
+        items = [(f"key {k!r}", k, v) for k, v in obj]
+    else:
+        for n, line in enumerate(text.splitlines(), 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            sep = "\t" if "\t" in line else "," if "," in line else None
+            parts = [p.strip() for p in line.split(sep, 1)]
+            if len(parts) != 2 or not parts[0] or not parts[1]:
+                raise ConfigError(f"{flag}: line {n}: {line!r} is not '<folder> <class id, WordNet id or name>'")
+            items.append((f"line {n}", parts[0], parts[1]))
+    if not items:
+        raise ConfigError(f"{flag}: the class map is empty")
+    out: dict[str, int] = {}
+    where_of: dict[str, str] = {}
+    owner: dict[int, str] = {}
+    for where, folder, value in items:
+        if folder in out:
+            first = f" (first at {where_of[folder]})" if where_of[folder] != where else ""
+            raise ConfigError(f"{flag}: {where}: folder {folder!r} is mapped twice{first}")
+        try:
+            label = _class_map_value(value)
+        except ValueError as e:
+            raise ConfigError(f"{flag}: {where}: {e}") from None
+        if label in owner:
+            raise ConfigError(f"{flag}: {where}: folders {owner[label]!r} and {folder!r} both map to class {label}; "
+                              "each class folder needs its own class id")
+        out[folder], where_of[folder], owner[label] = label, where, folder
+    return out
+
+
 def scan_image_folder(root: str, classes: Sequence[str] | str | None = None,
                       label_map: str = "auto") -> list[ClassEntry]:
     """Scan ``ROOT/<class>/<image>`` into class entries.
@@ -222,7 +331,10 @@ def scan_image_folder(root: str, classes: Sequence[str] | str | None = None,
             ``"sorted"`` index among *all* class folders of ``root`` sorted, so
             restricting a run with ``classes`` keeps each class's label;
             ``"auto"`` imagenet1k if every class folder of root is a 1k wnid,
-            else sorted.
+            else sorted (with a warning naming the odd folders when only
+            some are wnids: usually a stray folder);
+            any other value: a class-map file (:func:`read_label_map`) that
+            must name every selected folder.
 
     Returns:
         list of :class:`ClassEntry` in class order.
@@ -230,11 +342,14 @@ def scan_image_folder(root: str, classes: Sequence[str] | str | None = None,
     Raises:
         DataError: root missing or not a folder, no class folders, a selected
             class folder missing or without images, a non-wnid folder under
-            ``label_map="imagenet1k"``.
-        ConfigError: unknown ``label_map`` or a bad ``classes`` string.
+            ``label_map="imagenet1k"``, a selected folder missing from the
+            class-map file.
+        ConfigError: unknown ``label_map`` (neither a keyword nor a file), a
+            bad class-map file or a bad ``classes`` string.
     """
-    if label_map not in LABEL_MAPS:
-        raise ConfigError(f"--label-map {label_map!r}: must be one of {', '.join(LABEL_MAPS)}")
+    if label_map not in LABEL_MAPS and not (isinstance(label_map, str) and os.path.isfile(label_map)):
+        raise ConfigError(f"--label-map {label_map!r}: no such file; give one of {', '.join(LABEL_MAPS)} "
+                          "or a class-map file")
     if not os.path.exists(root):
         raise DataError(f"data folder {root} does not exist")
     if not os.path.isdir(root):
@@ -258,8 +373,22 @@ def scan_image_folder(root: str, classes: Sequence[str] | str | None = None,
 
     if label_map == "auto":
         wnids = imagenet_wnid_index()
-        label_map = "imagenet1k" if all(f in wnids for f in all_folders) else "sorted"
-    if label_map == "imagenet1k":
+        odd = [f for f in all_folders if f not in wnids]
+        label_map = "sorted" if odd else "imagenet1k"
+        if odd and len(odd) < len(all_folders):
+            # Mostly wnids: the ImageNet ids were probably meant, and a stray folder changes every label.
+            shown = ", ".join(odd[:3]) + (f" and {len(odd) - 3} more" if len(odd) > 3 else "")
+            log.warning("--label-map auto: %d of the %d class folders of %s are not ImageNet-1k WordNet ids (%s), "
+                        "so every class gets its sorted index, not its ImageNet class id; remove the stray "
+                        "folders, or use --label-map imagenet1k (with --classes) or a class-map file",
+                        len(odd), len(all_folders), root, shown)
+    if label_map not in LABEL_MAPS:
+        mapping = read_label_map(label_map)
+        for name in selected:
+            if name not in mapping:
+                raise DataError(f"--label-map {label_map}: class folder {name!r} is not in the class map")
+        labels = {name: mapping[name] for name in selected}
+    elif label_map == "imagenet1k":
         wnids = imagenet_wnid_index()
         for name in selected:
             if name not in wnids:

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from .config import DistillConfig, derive_seed
+from .config import DistillConfig, check_out_dir, derive_seed
 from .errors import ConfigError
 
 FINETUNE_HELP = "fine-tune a DiT with the RSM L1 penalty on x0_hat (resumable), into a loadable model folder"
@@ -49,6 +49,7 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
                         ("--ema-decay", ema_decay, 0 <= ema_decay < 1)):
         if not ok:
             raise ConfigError(f"{name} {v} is out of range")
+    check_out_dir(out, "--out")
     cfg = DistillConfig(data=data, model=model, vae=vae, device=device, dtype=dtype, cache_dir=cache_dir,
                         classes=classes, ipc=1)
     ctx = prepare(cfg)

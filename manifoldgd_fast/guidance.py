@@ -21,6 +21,7 @@ import torch
 from . import modes as modes_mod
 from . import ops
 from .config import DistillConfig
+from .errors import ConfigError
 from .profile import phase
 from .schedule import Schedule
 
@@ -41,7 +42,7 @@ def kernel_phi_official(diff: torch.Tensor, kernel: str, bandwidth: float | None
     elif kernel == "imq":
         phi = -1.0 / (r * r + s * s + _EPS)
     else:
-        raise ValueError(f"unknown kernel {kernel!r}")
+        raise ConfigError(f"unknown kernel {kernel!r}")
     return phi.view(-1, *([1] * (diff.dim() - 1)))
 
 
@@ -62,7 +63,7 @@ def mode_grad_paper(x0: torch.Tensor, m: torch.Tensor, kernel: str, bandwidth: f
     if kernel == "imq":
         h = math.sqrt(x0.shape[1]) if bandwidth is None else float(bandwidth)
         return diff * h ** 3 / (h * h + r * r) ** 1.5
-    raise ValueError(f"unknown kernel {kernel!r}")
+    raise ConfigError(f"unknown kernel {kernel!r}")
 
 
 def paper_neighbourhoods(cfg: DistillConfig, class_latents: torch.Tensor, modes: torch.Tensor) -> dict:
@@ -118,7 +119,7 @@ class Guidance:
         self.radii = radii
         self.n_latents = None   # the class size, where the fast loop pads the class's buffers (a device tensor)
         if cfg.formulation == "paper" and self.manifold and class_latents is None:
-            raise ValueError("the paper formulation needs class_latents, order, sorted_dists and radii")
+            raise ConfigError("the paper formulation needs class_latents, order, sorted_dists and radii")
 
     # which steps are guided ----------------------------------------------------
     def active(self, i: int) -> bool:
@@ -226,7 +227,7 @@ class StepGuidance:
 
         ts = [int(t) for t in timesteps]
         if any(a <= b for a, b in zip(ts, ts[1:])):
-            raise ValueError("timesteps must be strictly decreasing, in the order the loop visits them")
+            raise ConfigError("timesteps must be strictly decreasing, in the order the loop visits them")
         steps = len(ts)
         cfg = DistillConfig(method=method, formulation=formulation, steps=steps, ipc=modes.shape[0],
                             t_stop=steps // 2 if t_stop is None else t_stop, **params).resolve(n_classes, modes.device)
@@ -237,7 +238,7 @@ class StepGuidance:
         kw = {}
         if formulation == "paper" and method == "manifoldgd":
             if class_latents is None:
-                raise ValueError("the paper formulation needs class_latents (n, C, h, w)")
+                raise ConfigError("the paper formulation needs class_latents (n, C, h, w)")
             kw = paper_neighbourhoods(cfg, class_latents, modes)
         self.cfg = cfg
         self.generators = gens

@@ -47,17 +47,30 @@ def default_cache_root() -> str:
                                                      "manifoldgd_fast")
 
 
-def latent_cache_dir(cache_root: str | None, data_root: str, vae_id: str, image_size: int) -> str:
-    """``cache_root/latents/<key>``: one folder per (data folder, VAE, resolution).
+def encode_precision(device, dtype: torch.dtype) -> str:
+    """The precision the encoder really runs in: bf16/fp16 autocast on CUDA only, else float32."""
+    if torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        return str(dtype).removeprefix("torch.")
+    return "float32"
 
-    key = first 16 hex digits of sha1 over the absolute data root, the VAE id
-    and the image size, so a different VAE or size never reuses stale latents.
+
+def latent_cache_dir(cache_root: str | None, data_root: str, vae_id: str, image_size: int,
+                     precision: str = "float32") -> str:
+    """``cache_root/latents/<key>``: one folder per (data folder, VAE, resolution, encode precision).
+
+    key = first 16 hex digits of sha1 over the absolute data root, the VAE id,
+    the image size and, when not float32, the encoder's precision
+    (:func:`encode_precision`), so a different VAE, size or precision never
+    reuses latents computed otherwise.
     """
     root = cache_root if cache_root is not None else default_cache_root()
     vae_id = str(vae_id)
     if os.path.isdir(vae_id):  # a folder given relative to different cwds is still one VAE
         vae_id = os.path.abspath(vae_id)
-    ident = json.dumps([os.path.abspath(data_root), vae_id, int(image_size)])
+    if precision not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"latent cache precision must be float32, bfloat16 or float16, got {precision!r}")
+    key_parts = [os.path.abspath(data_root), vae_id, int(image_size)]
+    ident = json.dumps(key_parts if precision == "float32" else key_parts + [precision])
     key = hashlib.sha1(ident.encode("utf-8")).hexdigest()[:16]
     return os.path.join(root, "latents", key)
 

@@ -187,15 +187,16 @@ def load_dit(path_or_id: str, *, device: str | torch.device = "cpu",
 
 
 def load_vae(path_or_id: str, *, device: str | torch.device = "cpu",
-             dtype: torch.dtype = torch.float32, cache_dir: str | None = None):
+             dtype: torch.dtype = torch.float32, cache_dir: str | None = None, flag: str = "--vae"):
     """Load an ``AutoencoderKL`` (eval mode) from a folder, a pipeline folder's
     ``vae/``, or a cached Hugging Face id (e.g. ``stabilityai/sd-vae-ft-ema``).
 
-    Raises ModelError naming ``--vae`` and the folder / file at fault.
+    Raises ModelError naming ``flag`` (``--vae``, or ``--model`` when the VAE is
+    the model folder's ``vae/``) and the folder / file at fault.
     """
     from diffusers import AutoencoderKL
 
-    return _load(AutoencoderKL, path_or_id, "vae", "--vae", "VAE",
+    return _load(AutoencoderKL, path_or_id, "vae", flag, "VAE",
                  device=device, dtype=dtype, cache_dir=cache_dir)
 
 

@@ -136,13 +136,15 @@ def philox_normal(seed: int, step: int, stream: int, sample_ids, n_rows: int, D:
         raise ConfigError(f"stream must be in [0, 16), got {stream}")
     dev = torch.as_tensor(sample_ids).device
     sample_ids = _check_counters(seed, step, sample_ids, torch.as_tensor(sample_ids).shape[0], dev)
+    if backend not in ("auto", "triton", "reference"):
+        raise ConfigError(f"backend must be auto, triton or reference, got {backend!r}")
+    if backend == "reference":  # never imports the kernels
+        return philox_normal_ref(seed, step, stream, sample_ids, n_rows, D)
     kern, why = _kernels()
     usable = kern is not None and kern.triton_device_ok(dev)
     if backend == "triton" and not usable:
         raise BackendError(f"backend 'triton' cannot draw the noise: {why or f'sample_ids are on {dev}'}")
-    if backend not in ("auto", "triton", "reference"):
-        raise ConfigError(f"backend must be auto, triton or reference, got {backend!r}")
-    if backend == "reference" or not usable:
+    if not usable:
         return philox_normal_ref(seed, step, stream, sample_ids, n_rows, D)
     from .kernels import philox_normal as pn
 

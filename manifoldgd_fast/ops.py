@@ -82,6 +82,9 @@ def _check_rows(name: str, x: torch.Tensor, rows: torch.Tensor, lengths: torch.T
     if rows.dim() != 3 or rows.shape[0] != x.shape[0] or rows.shape[2] != x.shape[1]:
         raise ConfigError(f"{name} must be (B, M, D) with B == x.shape[0] and D == x.shape[1], "
                           f"got {tuple(rows.shape)} and x {tuple(x.shape)}")
+    for t_name, t in (("x", x), (name, rows)):
+        if not t.is_floating_point():
+            raise ConfigError(f"{t_name} must be floating point, got {t.dtype}")
     B, M = rows.shape[:2]
     if lengths is None:
         lengths = torch.full((B,), M, dtype=torch.long, device=rows.device)
@@ -267,7 +270,13 @@ def time_aligned_patch(latents, order, lengths, alpha_bar, generators):
             sample's noise does not depend on which batch it was drawn in).
     Rows beyond a sample's length are zero.
     """
+    _check_alpha_bar(alpha_bar)
+    if latents.dim() != 2:
+        raise ConfigError(f"latents must be (n, D), got shape {tuple(latents.shape)}")
+    if order.dim() != 2 or order.is_floating_point():
+        raise ConfigError(f"order must be (B, n_order) integers, got {tuple(order.shape)} {order.dtype}")
     B = order.shape[0]
+    lengths = _check_order(latents, order, lengths, k=1)
     generators = _per_sample(generators, B)
     D = latents.shape[1]
     M = int(lengths.max())
@@ -352,6 +361,12 @@ def _check_patch_inputs(x, latents, order, lengths, k):
         raise ConfigError(f"latents must be (n, D) with D == x.shape[1], got {tuple(latents.shape)} and {D}")
     if order.dim() != 2 or order.shape[0] != B or order.is_floating_point():
         raise ConfigError(f"order must be (B, n_order) integers with B == x.shape[0], got {tuple(order.shape)} {order.dtype}")
+    return _check_order(latents, order, lengths, k)
+
+
+def _check_order(latents, order, lengths, k):
+    """lengths (B,) in [max(1, k), n_order]; the used prefix of ``order`` indexes rows of ``latents``."""
+    B = order.shape[0]
     lengths = torch.as_tensor(lengths, device=latents.device).long()
     if lengths.shape != (B,):
         raise ConfigError(f"lengths must be (B,) = ({B},), got {tuple(lengths.shape)}")
@@ -403,13 +418,24 @@ def manifold_correct_fused(x, latents, order, lengths, g, *, alpha_bar, seed, st
             float(lambda_mode), _eig_backend(x.device))
     return manifold_correct_fused_ref(x, latents, order, lengths, g, alpha_bar=alpha_bar, seed=seed, step=step, k=k,
                                       d=d, lambda_normal=lambda_normal, ridge=ridge, sample_ids=sample_ids, eps=eps,
-                                      lambda_mode=lambda_mode)
+                                      lambda_mode=lambda_mode, noise_backend=_noise_backend(backend))
+
+
+def _noise_backend(backend: str) -> str:
+    """A forced reference backend draws its noise in PyTorch too (the reference path imports no kernel);
+    otherwise the noise comes from the kernels' own helper where it runs, bit-identical to the fused kernels."""
+    return "reference" if backend == "reference" else "auto"
 
 
 def manifold_correct_fused_ref(x, latents, order, lengths, g, *, alpha_bar, seed, step, k, d, lambda_normal=1.0,
-                               ridge=0.0, sample_ids=None, eps=None, lambda_mode=0.1):
-    """Reference of :func:`manifold_correct_fused`: materialise the patch, then :func:`manifold_correct_ref`."""
-    patch = time_aligned_patch_philox(latents, order, lengths, alpha_bar, seed=seed, step=step, sample_ids=sample_ids)
+                               ridge=0.0, sample_ids=None, eps=None, lambda_mode=0.1, noise_backend="auto"):
+    """Reference of :func:`manifold_correct_fused`: materialise the patch, then :func:`manifold_correct_ref`.
+
+    ``noise_backend`` ("auto" | "reference") draws the patch noise (:func:`time_aligned_patch_philox`):
+    "auto" matches the fused kernels bit for bit on a GPU, "reference" is PyTorch alone (a few ulp apart).
+    """
+    patch = time_aligned_patch_philox(latents, order, lengths, alpha_bar, seed=seed, step=step, sample_ids=sample_ids,
+                                      backend=noise_backend)
     lengths = torch.as_tensor(lengths, device=latents.device).long()
     if eps is None:
         return manifold_correct_ref(x, patch, g, k=k, d=d, lambda_normal=lambda_normal, ridge=ridge, lengths=lengths)
@@ -454,14 +480,17 @@ def manifold_pull_fused(x, modes, *, radius, alpha_bar, seed, step, n_points=300
             _eig_backend(x.device))
     return manifold_pull_fused_ref(x, modes, radius=radius, alpha_bar=alpha_bar, seed=seed, step=step,
                                    n_points=n_points, k=k, d=d, scale=scale, bandwidth=bandwidth, ridge=ridge,
-                                   sample_ids=sample_ids, mean=mean)
+                                   sample_ids=sample_ids, mean=mean, noise_backend=_noise_backend(backend))
 
 
 def manifold_pull_fused_ref(x, modes, *, radius, alpha_bar, seed, step, n_points=300, k=12, d=3, scale=0.1,
-                            bandwidth=0.1, ridge=1e-5, sample_ids=None, mean=None):
-    """Reference of :func:`manifold_pull_fused`: materialise the cloud, then :func:`manifold_pull_ref`."""
+                            bandwidth=0.1, ridge=1e-5, sample_ids=None, mean=None, noise_backend="auto"):
+    """Reference of :func:`manifold_pull_fused`: materialise the cloud, then :func:`manifold_pull_ref`.
+
+    ``noise_backend``: as in :func:`manifold_correct_fused_ref` (for :func:`official_cloud_philox`).
+    """
     cloud = official_cloud_philox(modes, radius, alpha_bar, seed=seed, step=step, n_points=n_points,
-                                  sample_ids=sample_ids)
+                                  sample_ids=sample_ids, backend=noise_backend)
     if mean is None:
         return manifold_pull_ref(x, cloud, k=k, d=d, scale=scale, bandwidth=bandwidth, ridge=ridge)
     term = manifold_pull_ref(_work(x), cloud, k=k, d=d, scale=scale, bandwidth=bandwidth, ridge=ridge)

@@ -84,7 +84,7 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
     shard = shard or Shard()
     cfg = with_demo_defaults(cfg)
     from .data import class_list, scan_image_folder
-    from .latents import cache_latents, latent_cache_dir
+    from .latents import cache_latents, encode_precision, latent_cache_dir
     from .models import dit_info, load_dit, load_vae, model_family, vae_info
 
     cfg.validate()
@@ -102,7 +102,7 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
     classes = class_list(cfg.classes) if cfg.classes else None
     entries = scan_image_folder(cfg.data, classes=classes, label_map=cfg.label_map)
 
-    vae = load_vae(cfg.vae or cfg.model, device=device)
+    vae = load_vae(cfg.vae or cfg.model, device=device, flag="--vae" if cfg.vae else "--model")
     vinfo = vae_info(vae)
     model = info = None
     backbone = cfg.backbone if cfg.backbone != "auto" else (model_family(cfg.model) if cfg.model else "dit")
@@ -135,13 +135,16 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
             model = FusedDiT(model, attention="triton" if cfg.attention == "triton" else "sdpa")
         for e in entries:
             if not 0 <= e.label < info["num_classes"]:
+                keyword = cfg.label_map in ("auto", "imagenet1k", "sorted")
+                hint = "try --label-map sorted or a class-map file" if keyword else \
+                    f"fix the class map --label-map {cfg.label_map}"
                 raise DataError(f"class {e.name} has label {e.label}, outside the model's {info['num_classes']} classes "
-                                f"(try --label-map sorted, or a model trained on these classes)")
+                                f"({hint}, or use a model trained on these classes)")
         latent = info["latent_size"] * vinfo["downsample"]
         if cfg.image_size is not None and cfg.image_size != latent:
             raise ConfigError(f"--image-size {cfg.image_size} does not match the model's {latent} px")
     image_size = cfg.image_size or (info["latent_size"] * vinfo["downsample"] if info else 256)
-    cache = latent_cache_dir(cfg.cache_dir, cfg.data, cfg.vae or cfg.model, image_size)
+    cache = latent_cache_dir(cfg.cache_dir, cfg.data, cfg.vae or cfg.model, image_size, encode_precision(device, dtype))
     stats = cache_latents(mine, vae, cache_dir=cache, image_size=image_size, batch_size=cfg.encode_batch_size,
                           device=device, dtype=dtype, num_workers=cfg.encode_workers)
     return dict(entries=entries, mine=mine, counts={k: int(v["n"]) for k, v in stats.items()}, vae=vae,
@@ -370,7 +373,9 @@ def profile_run(config: DistillConfig | dict, *, classes: int = 1, out: str | No
     names = [e.name for e in scan_image_folder(cfg.data, classes=class_list(cfg.classes) if cfg.classes else None,
                                                 label_map=cfg.label_map)]
     tmp = None if out else tempfile.mkdtemp(prefix="manifoldgd-profile-")
-    run = dataclasses.replace(cfg, classes=",".join(names[:classes]), out=out or tmp, contact_sheet=False)
+    # the data set's defaults (radius, bandwidth, start level) are those of all its classes, not of the few profiled
+    run = dataclasses.replace(cfg, classes=",".join(names[:classes]), out=out or tmp, contact_sheet=False,
+                              **cfg.dataset_defaults(len(names)))
     try:
         with profiling(resolve_device(run.device)) as prof:
             t0 = time.perf_counter()

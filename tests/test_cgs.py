@@ -73,3 +73,15 @@ def test_set_is_one_set_with_chunked_forward():
     # the set mean ends closer to the class mean than without CGS (strong eta_dm)
     strong = run(None, cgs=CGS(mu, eta_dpp=0.0, eta_dm=1.0))
     assert (strong.mean(0) - mu).norm() < (plain.mean(0) - mu).norm()
+
+
+def test_correction_names_the_bad_tensor():
+    from manifoldgd_fast.errors import ConfigError
+
+    cgs = CGS(torch.zeros(4, 2, 2), eta_dpp=0.1, eta_dm=0.1)
+    x = torch.randn(3, 4, 2, 2)
+    assert cgs.correction(x, x.clone(), 0.5).shape == x.shape
+    with pytest.raises(ConfigError, match="x0 must have x_t's shape"):
+        cgs.correction(x, x[:2], 0.5)
+    with pytest.raises(ConfigError, match="16 values per sample"):
+        cgs.correction(torch.randn(3, 4, 3, 3), torch.randn(3, 4, 3, 3), 0.5)

@@ -147,6 +147,116 @@ def test_label_maps_on_wnids(wnid_root):
     assert [(e.name, e.label) for e in entries] == [("extra", 0), ("n01440764", 1), ("n02102040", 2)]
 
 
+def test_auto_fallback_warns_naming_the_stray_folders(wnid_root, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="manifoldgd_fast"):
+        D.scan_image_folder(str(wnid_root))
+    assert not caplog.records                          # all wnids: no fallback, no warning
+    for name in ["zz_extra", "aa_extra", "mm_extra", "n09999999"]:   # n09999999: wnid-shaped, not in 1k
+        _save(str(wnid_root / name / "0.png"))
+    with caplog.at_level("WARNING", logger="manifoldgd_fast"):
+        entries = D.scan_image_folder(str(wnid_root), classes=["n02102040"])
+    assert [e.label for e in entries] == [3]           # sorted index among the 6 folders: behaviour unchanged
+    (rec,) = caplog.records
+    msg = rec.getMessage()
+    assert rec.levelname == "WARNING" and "\n" not in msg
+    assert "4 of the 6 class folders" in msg and "(aa_extra, mm_extra, n09999999 and 1 more)" in msg
+    # No warning when no folder is a wnid (plain names are a normal sorted run) or the map is explicit.
+    caplog.clear()
+    named = tmp_path / "named"
+    for name in ["cat", "dog"]:
+        _save(str(named / name / "0.png"))
+    with caplog.at_level("WARNING", logger="manifoldgd_fast"):
+        D.scan_image_folder(str(named))
+        D.scan_image_folder(str(wnid_root), label_map="sorted")
+    assert not caplog.records
+
+
+@pytest.fixture
+def named_root(tmp_path):
+    root = tmp_path / "named"
+    for name in ["tench", "goldfish", "shark", "corgi"]:
+        _save(str(root / name / "0.png"))
+    return root
+
+
+def test_label_map_json_file(named_root, tmp_path):
+    m = tmp_path / "map.json"
+    m.write_text('{"tench": 0, "goldfish": "n01443537", "shark": "Great_White shark", '
+                 '"corgi": "Cardigan", "not_here": 999}')   # extra keys are fine
+    entries = D.scan_image_folder(str(named_root), label_map=str(m))
+    assert [(e.name, e.label) for e in entries] == [("corgi", 264), ("goldfish", 1), ("shark", 2), ("tench", 0)]
+    sub = D.scan_image_folder(str(named_root), classes="shark,tench", label_map=str(m))
+    assert [(e.name, e.label) for e in sub] == [("shark", 2), ("tench", 0)]
+    assert D.read_label_map(str(m)) == {"tench": 0, "goldfish": 1, "shark": 2, "corgi": 264, "not_here": 999}
+    # Exact names win over case-folding: "cardigan" the sweater, "Cardigan" the corgi.
+    names = D.imagenet_class_names()
+    assert names[264] == "Cardigan" and names[474] == "cardigan"
+    m.write_text('{"tench": "cardigan", "goldfish": 1, "shark": 2, "corgi": 3}')
+    assert D.read_label_map(str(m))["tench"] == 474
+
+
+def test_label_map_text_file(named_root, tmp_path):
+    m = tmp_path / "classes.txt"        # not .json: tab, comma and spaces, comments, names with spaces
+    m.write_text("# folder -> ImageNet class\n"
+                 "tench\t0\n"
+                 "goldfish , n01443537   # a WordNet id\n"
+                 "\n"
+                 "shark   great white shark\n"
+                 "corgi\t207\n")
+    entries = D.scan_image_folder(str(named_root), label_map=str(m))
+    assert [(e.name, e.label) for e in entries] == [("corgi", 207), ("goldfish", 1), ("shark", 2), ("tench", 0)]
+    # A text file whose content is a JSON object reads as JSON.
+    j = tmp_path / "map.cfg"
+    j.write_text('{"tench": 3, "goldfish": 4, "shark": 5, "corgi": 6}')
+    assert [e.label for e in D.scan_image_folder(str(named_root), label_map=str(j))] == [6, 4, 5, 3]
+
+
+def test_label_map_missing_folder(named_root, tmp_path):
+    m = tmp_path / "map.txt"
+    m.write_text("tench 0\ngoldfish 1\nshark 2\n")
+    with pytest.raises(DataError) as ei:
+        D.scan_image_folder(str(named_root), label_map=str(m))
+    assert str(ei.value) == f"--label-map {m}: class folder 'corgi' is not in the class map"
+    # Only the folders of the run must be mapped.
+    assert [e.label for e in D.scan_image_folder(str(named_root), classes="shark", label_map=str(m))] == [2]
+
+
+@pytest.mark.parametrize("text,where,why", [
+    ("a 0\nb n09999999\n", "line 2", "'n09999999' is not an ImageNet-1k WordNet id"),
+    ("a 0\n# c\nb flying carpet\n", "line 3", "'flying carpet' is not a class id, an ImageNet-1k WordNet id"),
+    ("a -3\n", "line 1", "class id -3 is negative"),
+    ("a crane\n", "line 1", "'crane' is ambiguous (ids 134, 517)"),
+    ("a 0\nb 1\na 2\n", "line 3", "folder 'a' is mapped twice (first at line 1)"),
+    ("a 7\nb n01440764\nc 7\n", "line 3", "folders 'a' and 'c' both map to class 7"),
+    ("a 0\nb goldfish\nc 1\n", "line 3", "folders 'b' and 'c' both map to class 1"),
+    ("a 0\njust_a_folder\n", "line 2", "is not '<folder> <class id, WordNet id or name>'"),
+    ('{"a": 0, "b": 1, "a": 2}', "key 'a'", "folder 'a' is mapped twice"),
+    ('{"a": 0, "b": true}', "key 'b'", "True is not a class id"),
+    ('{"a": 0, "b": -1}', "key 'b'", "class id -1 is negative"),
+    ('{"a": 0, "b": "n00000001"}', "key 'b'", "'n00000001' is not an ImageNet-1k WordNet id"),
+])
+def test_label_map_bad_entries_name_file_and_line(tmp_path, text, where, why):
+    m = tmp_path / "map.txt"
+    m.write_text(text)
+    with pytest.raises(ConfigError) as ei:
+        D.read_label_map(str(m))
+    msg = str(ei.value)
+    assert msg.startswith(f"--label-map {m}: {where}: ") and why in msg and "\n" not in msg
+
+
+def test_label_map_bad_files(tmp_path, named_root):
+    for name, text, why in [("m.txt", "# nothing\n\n", "the class map is empty"),
+                            ("m.json", "# nothing\n", "not valid JSON"),
+                            ("m.json", "[1, 2]", "expected a JSON object"),
+                            ("m.txt", '{"a": 0,', "not valid JSON")]:
+        m = tmp_path / name
+        m.write_text(text)
+        with pytest.raises(ConfigError, match=why):
+            D.read_label_map(str(m))
+    with pytest.raises(ConfigError, match="no such file"):
+        D.scan_image_folder(str(named_root), label_map=str(tmp_path / "nope.json"))
+
+
 # --------------------------------------------------------------------------- loading
 def test_load_image_value_and_range(tmp_path):
     p = str(tmp_path / "c.png")

@@ -254,6 +254,14 @@ def test_cli_main_eval_bad_input_exit_2(folders, tmp_path, capsys):
     assert main(["eval", "--distilled", str(empty), "--real-val", val, "--epochs", "1", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("manifoldgd-fast: error:") and "Traceback" not in err[0]
+    missing = str(tmp_path / "missing")
+    for args, flag in [(["eval", "--distilled", missing], "--distilled"),
+                       (["eval", "--distilled", dist, "--real-val", missing], "--real-val"),
+                       (["metrics", "--distilled", missing, "--real", val], "--distilled"),
+                       (["metrics", "--distilled", dist, "--real", missing], "--real")]:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"manifoldgd-fast: error: {flag} {missing}: no such folder"], (args, err)
 
 
 def test_cli_eval_end_to_end(folders, capsys):

@@ -1,6 +1,7 @@
 """Latent cache: keying, encoding, per-class safetensors files, resume."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -12,7 +13,7 @@ from safetensors import safe_open
 from manifoldgd_fast import data as D
 from manifoldgd_fast import latents as L
 from manifoldgd_fast import models as M
-from manifoldgd_fast.errors import DataError
+from manifoldgd_fast.errors import ConfigError, DataError
 
 SIZE = 16  # image px; the tiny VAE downsamples by 2 -> 8x8 latents
 
@@ -62,8 +63,21 @@ def test_latent_cache_dir_keying(tmp_path, monkeypatch):
     assert len(key) == 16 and int(key, 16) >= 0
     others = {L.latent_cache_dir(str(tmp_path), "/data/imagenet", "stabilityai/sd-vae-ft-mse", 256),
               L.latent_cache_dir(str(tmp_path), "/data/imagenet", "stabilityai/sd-vae-ft-ema", 512),
-              L.latent_cache_dir(str(tmp_path), "/data/other", "stabilityai/sd-vae-ft-ema", 256)}
-    assert a not in others and len(others) == 3
+              L.latent_cache_dir(str(tmp_path), "/data/other", "stabilityai/sd-vae-ft-ema", 256),
+              L.latent_cache_dir(str(tmp_path), "/data/imagenet", "stabilityai/sd-vae-ft-ema", 256, "bfloat16"),
+              L.latent_cache_dir(str(tmp_path), "/data/imagenet", "stabilityai/sd-vae-ft-ema", 256, "float16")}
+    assert a not in others and len(others) == 5
+    # float32 keeps the key it had before the precision joined it: existing caches stay valid
+    assert a == L.latent_cache_dir(str(tmp_path), "/data/imagenet", "stabilityai/sd-vae-ft-ema", 256, "float32")
+    assert os.path.basename(a) == hashlib.sha1(json.dumps(
+        [os.path.abspath("/data/imagenet"), "stabilityai/sd-vae-ft-ema", 256]).encode()).hexdigest()[:16]
+    # the encoder runs in bf16/fp16 under CUDA autocast only; elsewhere the cache is float32's
+    assert L.encode_precision("cpu", torch.bfloat16) == "float32"
+    assert L.encode_precision("cuda", torch.bfloat16) == "bfloat16"
+    assert L.encode_precision("cuda:1", torch.float16) == "float16"
+    assert L.encode_precision("cuda", torch.float32) == "float32"
+    with pytest.raises(ConfigError, match="precision"):
+        L.latent_cache_dir(str(tmp_path), "/d", "v", 8, "int8")
     monkeypatch.setenv("MANIFOLDGD_CACHE", str(tmp_path / "env"))
     assert L.latent_cache_dir(None, "/d", "v", 8).startswith(str(tmp_path / "env" / "latents"))
     monkeypatch.delenv("MANIFOLDGD_CACHE")

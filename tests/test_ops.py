@@ -174,10 +174,24 @@ def test_time_aligned_patch():
     assert p.shape == (2, 12, D)
     assert torch.equal(p[0, :5], lat[order[0, :5]]) and torch.equal(p[0, 5:], torch.zeros(7, D))
     assert torch.equal(p[1], lat[order[1, :12]])
+    with pytest.raises(ConfigError, match=r"lengths must lie in \[1, n_order=20\]"):
+        ops.time_aligned_patch(lat, order, torch.tensor([5, 21]), 1.0, gens)
+    with pytest.raises(ConfigError, match="lengths must be"):
+        ops.time_aligned_patch(lat, order, torch.tensor([5]), 1.0, gens)
+    with pytest.raises(ConfigError, match="order must index rows of latents"):
+        ops.time_aligned_patch(lat[:10], order, lengths, 1.0, gens)
+    with pytest.raises(ConfigError, match="order must be"):
+        ops.time_aligned_patch(lat, order.float(), lengths, 1.0, gens)
+    with pytest.raises(ConfigError, match="alpha_bar"):
+        ops.time_aligned_patch(lat, order, lengths, 1.5, gens)
 
 
 def test_bad_inputs_name_the_tensor():
     x, patch, g = anisotropic(2, 30, 16, torch.float32, 0)
+    with pytest.raises(ConfigError, match="x must be floating point"):
+        ops.manifold_pull(x.long(), patch, k=10, d=3)
+    with pytest.raises(ConfigError, match="cloud must be floating point"):
+        ops.manifold_pull(x, patch.int(), k=10, d=3)
     with pytest.raises(ConfigError, match="patch must be"):
         ops.manifold_correct(x, patch[:, :, :15], g, k=10, d=3)
     with pytest.raises(ConfigError, match="larger than the patch"):
@@ -202,3 +216,24 @@ def test_builders_take_one_generator_or_one_per_sample():
     assert torch.equal(one, two)
     with pytest.raises(ConfigError, match="generators"):
         ops.official_cloud(modes, 0.1, 0.5, [g], n_points=10)
+
+
+def test_forced_reference_backend_imports_no_kernel():
+    """ARCHITECTURE: the reference path never imports a kernel, the counter-based noise included."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, torch
+from manifoldgd_fast import ops
+x, m, g = torch.randn(2, 64), torch.randn(2, 64), torch.randn(2, 64)
+z = torch.randn(30, 64)
+order = torch.stack([torch.randperm(30)[:20] for _ in range(2)])
+ops.manifold_pull_fused(x, m, radius=0.1, alpha_bar=0.5, seed=1, step=3, n_points=20, k=5, d=2, backend="reference")
+ops.manifold_correct_fused(x, z, order, torch.tensor([20, 15]), g, alpha_bar=0.5, seed=1, step=3, k=5, d=2,
+                           backend="reference")
+print(sorted(n for n in sys.modules if n == "triton" or n.startswith("manifoldgd_fast.kernels")))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", proc.stdout

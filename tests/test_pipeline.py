@@ -164,6 +164,10 @@ def test_bad_inputs_one_line_exit_2(tiny_world, tmp_path, capsys):
     for f in os.listdir(broken / "cherry"):
         (broken / "cherry" / f).write_bytes(b"garbage")
     out = tmp_path / "o"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    bad_cfg = tmp_path / "bad.yaml"
+    bad_cfg.write_text("warm_mult: abc\n")
     cases = [
         (["distill", "--data", str(tmp_path / "missing"), "--model", w["model"], "--out", str(out)], "missing"),
         (["distill", "--data", str(empty), "--model", w["model"], "--out", str(out)], "empty"),
@@ -180,10 +184,45 @@ def test_bad_inputs_one_line_exit_2(tiny_world, tmp_path, capsys):
         (_args(w, out, "--formulation", "paper", "--radius-units", "absolute", "--r-min", "-2"), "--r-min"),
         (["distill", "--data", w["data"], "--model", str(tmp_path / "nomodel"), "--out", str(out)], "nomodel"),
         (_args(w, out, "--classes", "apple,durian"), "durian"),
+        (_args(w, out, "--label-map", str(tmp_path / "nomap.json")), "nomap.json"),
+        (_args(w, a_file), "--out"),
+        (["modes", "--data", w["data"], "--model", w["model"], "--out", str(a_file)], "--out"),
+        (["finetune", "--data", w["data"], "--model", w["model"], "--out", str(a_file), "--steps", "1"], "--out"),
+        (_args(w, out, "--warm-mult", "nan"), "--warm-mult"),
+        (_args(w, out, "--warm-mult", "inf"), "--warm-mult"),
+        (_args(w, out, "--config", str(bad_cfg)), "--warm-mult"),
+        (_args(w, out, "--cloud-size", "5"), "--cloud-size"),
     ]
     for args, culprit in cases:
         line = _bad(w, tmp_path, args, capsys)
         assert culprit in line, (culprit, line)
+    assert a_file.read_text() == "not a folder"
+
+
+def test_label_map_file_end_to_end(tiny_world, tmp_path, capsys):
+    """A class-map file sets each class's DiT label (recorded in the manifest); ids outside the model,
+    folders missing from the map and bad entries stop the run in one line, exit 2."""
+    m = tmp_path / "map.txt"
+    m.write_text("apple\t2\nbanana,0\ncherry 1\n")
+    out = tmp_path / "out"
+    assert main(_args(tiny_world, out, "--method", "dit", "--label-map", str(m))) == 0
+    man = json.loads((out / "manifest.json").read_text())
+    assert {c: v["label"] for c, v in man["classes"].items()} == {"apple": 2, "banana": 0, "cherry": 1}
+    assert man["config"]["label_map"] == str(m)
+    capsys.readouterr()
+    # the map counts by its contents: the same path with other labels is another run, refused in the same --out
+    m.write_text("apple\t1\nbanana,0\ncherry 2\n")
+    line = _bad(tiny_world, tmp_path, _args(tiny_world, out, "--method", "dit", "--label-map", str(m)), capsys)
+    assert "holds a run with other parameters" in line, line
+    assert json.loads((out / "manifest.json").read_text()) == man       # nothing already written is lost
+    bad = tmp_path / "bad.json"
+    for text, culprit in [('{"apple": 2, "banana": 0, "cherry": 3}', "class cherry has label 3, outside the model's 3"),
+                          ('{"apple": 2, "banana": 0}', "class folder 'cherry' is not in the class map"),
+                          ('{"apple": 2, "banana": "n09999999", "cherry": 1}', "key 'banana': 'n09999999'"),
+                          ('{"apple": 2, "banana": 2, "cherry": 1}', "folders 'apple' and 'banana' both map to class 2")]:
+        bad.write_text(text)
+        line = _bad(tiny_world, tmp_path, _args(tiny_world, tmp_path / "o", "--label-map", str(bad)), capsys)
+        assert str(bad) in line and culprit in line, line
 
 
 def test_bad_rerun_loses_nothing(tiny_world, tmp_path, capsys):

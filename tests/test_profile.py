@@ -40,3 +40,33 @@ def test_profile_command(tiny_world, tmp_path, capsys):
     rep = json.loads(js.read_text())
     assert rep["classes"] == ["apple", "banana"] and "manifold" not in rep["phases"]
     assert rep["guidance_overhead"] is None or rep["guidance_overhead"] == 0
+
+
+def test_profile_resolves_the_data_sets_defaults_on_all_its_classes(tmp_path, monkeypatch):
+    """Profiling 1 class of an 11-class folder runs with ImageNet-100/1k-sized defaults, not ImageNette's."""
+    from manifoldgd_fast import pipeline
+    from manifoldgd_fast.config import DistillConfig
+    from conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", [f"c{i:02d}" for i in range(11)], 1, size=8)
+    seen = {}
+
+    def fake_distill(run):
+        seen["run"] = run
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(pipeline, "distill", fake_distill)
+    for n_classes, want in ((11, dict(level=1, manifold_radius=0.1, bandwidth=0.1)),
+                            (10, dict(level=6, manifold_radius=0.05, bandwidth=0.2))):
+        cfg = DistillConfig(data=data, model="unused", classes=",".join(f"c{i:02d}" for i in range(n_classes)))
+        try:
+            pipeline.profile_run(cfg, classes=1, out=str(tmp_path / "out"))
+        except RuntimeError:
+            pass
+        run = seen["run"]
+        assert run.classes == "c00"
+        assert {k: getattr(run, k) for k in want} == want, n_classes
+    # a value the user set is kept
+    cfg = DistillConfig(data=data, model="unused", manifold_radius=0.3)
+    assert "manifold_radius" not in cfg.dataset_defaults(1000)
+    assert cfg.resolve(1000).manifold_radius == 0.3 and cfg.resolve(1000).bandwidth == 0.1

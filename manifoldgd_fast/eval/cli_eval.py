@@ -13,6 +13,7 @@ stdout, and return the result dict.
 from __future__ import annotations
 
 import argparse
+import os
 
 from .nets import NET_NAMES
 
@@ -107,15 +108,26 @@ def _demo_real_val(distilled: str) -> str | None:
     return extra.get("real_val") if extra.get("demo") == "digits" else None
 
 
+def _check_folders(**flags: str | None) -> None:
+    """Each given folder flag names an existing folder (DataError naming the flag otherwise)."""
+    from ..errors import DataError
+
+    for flag, path in flags.items():
+        if path is not None and not os.path.isdir(path):
+            raise DataError(f"--{flag.replace('_', '-')} {path}: no such folder")
+
+
 def run_eval_from_args(ns: argparse.Namespace) -> dict:
     from ..errors import ConfigError
     from .protocol import evaluate, markdown_table
 
+    _check_folders(distilled=ns.distilled)
     demo_val = _demo_real_val(ns.distilled)
     if ns.real_val is None:
         if demo_val is None:
             raise ConfigError(f"--real-val is required: {ns.distilled} is not the embedded demo's output")
         ns.real_val = demo_val
+    _check_folders(real_val=ns.real_val)
     demo = ns.real_val == demo_val
     if ns.nets is None:
         ns.nets = "convnet6" if demo else ",".join(NET_NAMES)
@@ -134,6 +146,7 @@ def run_eval_from_args(ns: argparse.Namespace) -> dict:
 def run_metrics_from_args(ns: argparse.Namespace) -> dict:
     from .metrics import compute_metrics
 
+    _check_folders(distilled=ns.distilled, real=ns.real)
     res = compute_metrics(ns.distilled, ns.real, encoder=ns.encoder, size=ns.size, device=ns.device, k=ns.k,
                           max_real_per_class=ns.max_real_per_class, mmd_max_real=ns.mmd_max_real,
                           encoder_epochs=ns.encoder_epochs, cache_dir=ns.cache_dir, out_json=ns.out_json,
