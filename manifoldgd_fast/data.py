@@ -319,7 +319,7 @@ def read_label_map(path: str) -> dict[str, int]:
 
 
 def scan_image_folder(root: str, classes: Sequence[str] | str | None = None,
-                      label_map: str = "auto") -> list[ClassEntry]:
+                      label_map: str = "auto", warn_stray: bool = True) -> list[ClassEntry]:
     """Scan ``ROOT/<class>/<image>`` into class entries.
 
     Args:
@@ -332,7 +332,8 @@ def scan_image_folder(root: str, classes: Sequence[str] | str | None = None,
             restricting a run with ``classes`` keeps each class's label;
             ``"auto"`` imagenet1k if every class folder of root is a 1k wnid,
             else sorted (with a warning naming the odd folders when only
-            some are wnids: usually a stray folder);
+            some are wnids: usually a stray folder; ``warn_stray=False``
+            when the labels do not select ImageNet classes, e.g. for SD);
             any other value: a class-map file (:func:`read_label_map`) that
             must name every selected folder.
 
@@ -375,7 +376,7 @@ def scan_image_folder(root: str, classes: Sequence[str] | str | None = None,
         wnids = imagenet_wnid_index()
         odd = [f for f in all_folders if f not in wnids]
         label_map = "sorted" if odd else "imagenet1k"
-        if odd and len(odd) < len(all_folders):
+        if warn_stray and odd and len(odd) < len(all_folders):
             # Mostly wnids: the ImageNet ids were probably meant, and a stray folder changes every label.
             shown = ", ".join(odd[:3]) + (f" and {len(odd) - 3} more" if len(odd) > 3 else "")
             log.warning("--label-map auto: %d of the %d class folders of %s are not ImageNet-1k WordNet ids (%s), "

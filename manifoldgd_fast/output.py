@@ -104,6 +104,9 @@ class OutputWriter:
         """Write ``OUT/<name>/<i>.png`` (+ ``OUT/latents/<name>.safetensors``) atomically.
 
         images: uint8 (N, H, W, 3); latents: (N, C, h, w) final latents or None.
+        The latents file is renamed into place first and the class folder last, so a
+        finished class always has its latents; a run killed in between leaves a latents
+        file of an unfinished class, which the rerun rewrites when it redoes the class.
         """
         from safetensors.torch import save as st_save
 

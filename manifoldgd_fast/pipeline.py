@@ -100,12 +100,13 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
     device = resolve_device(shard.device(cfg.device))
     dtype = _DTYPES[cfg.dtype]
     classes = class_list(cfg.classes) if cfg.classes else None
-    entries = scan_image_folder(cfg.data, classes=classes, label_map=cfg.label_map)
+    backbone = cfg.backbone if cfg.backbone != "auto" else (model_family(cfg.model) if cfg.model else "dit")
+    # a DiT's labels are its class ids; SD's only key prompts and seeds
+    entries = scan_image_folder(cfg.data, classes=classes, label_map=cfg.label_map, warn_stray=backbone == "dit")
 
     vae = load_vae(cfg.vae or cfg.model, device=device, flag="--vae" if cfg.vae else "--model")
     vinfo = vae_info(vae)
     model = info = None
-    backbone = cfg.backbone if cfg.backbone != "auto" else (model_family(cfg.model) if cfg.model else "dit")
     mine = shard.mine(entries)
     prompts, schedule_kw = {}, {}
     if cfg.model is not None and backbone == "sd":
@@ -371,7 +372,7 @@ def profile_run(config: DistillConfig | dict, *, classes: int = 1, out: str | No
     cfg = DistillConfig.from_dict(config) if isinstance(config, dict) else config
     cfg = with_demo_defaults(cfg.validate())
     names = [e.name for e in scan_image_folder(cfg.data, classes=class_list(cfg.classes) if cfg.classes else None,
-                                                label_map=cfg.label_map)]
+                                                label_map=cfg.label_map, warn_stray=False)]
     tmp = None if out else tempfile.mkdtemp(prefix="manifoldgd-profile-")
     # the data set's defaults (radius, bandwidth, start level) are those of all its classes, not of the few profiled
     run = dataclasses.replace(cfg, classes=",".join(names[:classes]), out=out or tmp, contact_sheet=False,
