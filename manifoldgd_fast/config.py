@@ -156,11 +156,7 @@ class DistillConfig:
             ("attention", ATTENTION_BACKENDS), ("dit_impl", ("diffusers", "fused")),
         ]:
             choice(name, allowed)
-        # a keyword, or a class-map file (folder -> class id; read and checked by data.read_label_map)
-        if self.label_map not in ("auto", "imagenet1k", "sorted") and not (
-                isinstance(self.label_map, str) and os.path.isfile(self.label_map)):
-            raise ConfigError(f"--label-map {self.label_map}: no such file; choose one of auto, imagenet1k, sorted, "
-                              "or give a class-map file")
+        check_label_map(self.label_map)
 
         def positive_int(name, allow_none=False, minimum=1):
             v = getattr(self, name)
@@ -322,6 +318,16 @@ class DistillConfig:
         else:
             import yaml
             atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=True))
+
+
+LABEL_MAPS = ("auto", "imagenet1k", "sorted")
+
+
+def check_label_map(value: Any) -> None:
+    """``--label-map``: a keyword of LABEL_MAPS or an existing class-map file (read by data.read_label_map)."""
+    if value not in LABEL_MAPS and not (isinstance(value, str) and os.path.isfile(value)):
+        raise ConfigError(f"--label-map {value!r}: no such file; choose one of {', '.join(LABEL_MAPS)} "
+                          "or give a class-map file")
 
 
 def check_out_dir(path: Any, flag: str) -> None:

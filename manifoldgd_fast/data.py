@@ -32,13 +32,13 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from .config import LABEL_MAPS, check_label_map
 from .errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 SUBSETS = ("imagenet1k", "nette", "woof", "imagenet100", "idc")
-LABEL_MAPS = ("auto", "imagenet1k", "sorted")
 _WNID = re.compile(r"^n\d{8}$")
 
 
@@ -348,9 +348,7 @@ def scan_image_folder(root: str, classes: Sequence[str] | str | None = None,
         ConfigError: unknown ``label_map`` (neither a keyword nor a file), a
             bad class-map file or a bad ``classes`` string.
     """
-    if label_map not in LABEL_MAPS and not (isinstance(label_map, str) and os.path.isfile(label_map)):
-        raise ConfigError(f"--label-map {label_map!r}: no such file; give one of {', '.join(LABEL_MAPS)} "
-                          "or a class-map file")
+    check_label_map(label_map)
     if not os.path.exists(root):
         raise DataError(f"data folder {root} does not exist")
     if not os.path.isdir(root):
