@@ -19,7 +19,7 @@ GROUPS: dict[str, dict[str, str]] = {
     "data and models": {
         "data": "image folder ROOT/<class>/<image> (jpg, jpeg, png, webp)",
         "out": "output folder: OUT/<class>/<i>.png, OUT/latents/, OUT/manifest.json",
-        "classes": "restrict to a subset: nette, woof, imagenet100, imagenet1k, a text file, or 'a,b,c'",
+        "classes": "restrict to a subset: nette, woof, imagenet100, idc, imagenet1k, a text file, or 'a,b,c'",
         "label_map": "folder name -> DiT class id: auto (ImageNet wnids if all folders are wnids, else sorted), "
                      "imagenet1k, sorted, or a class-map file: JSON {\"folder\": id} or 'folder<tab|,|space>id' lines, "
                      "id = a class id, a WordNet id (n01443537) or an ImageNet class name (goldfish)",
@@ -129,6 +129,17 @@ def _type_of(f: dataclasses.Field):
     return str
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" only where the text does not already say it and X is not None
+    (a None default is resolved at run time, and the text says how)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default is None:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="manifoldgd-fast",
                                 description="Dataset distillation with manifold-guided diffusion sampling "
@@ -140,9 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     fields = {f.name: f for f in dataclasses.fields(DistillConfig)}
     for cmd, help_ in _COMMANDS.items():
         sp = sub.add_parser(cmd, help=help_, description=help_,
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        sp.add_argument("--config", default=argparse.SUPPRESS,
-                        help="YAML or JSON file of parameters; flags given here override it")
+                            formatter_class=_HelpFormatter)
+        sp.add_argument("--config", help="YAML or JSON file of parameters; flags given here override it")
         if cmd == "profile":
             sp.add_argument("--profile-classes", type=int, default=1, help="classes to distil (default: 1)")
             sp.add_argument("--json", dest="profile_json", help="also write the report to this JSON file")
@@ -153,7 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
                 flag = "--" + name.replace("_", "-")
                 default = getattr(defaults, name)
                 typ = _type_of(f)
-                # a None default is resolved at run time: the text says how
                 help_ = text if default is None or "default" in text else f"{text} (default: {default})"
                 # SUPPRESS: only flags the user gave override the config file.
                 if typ is None:
@@ -163,15 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
                     g.add_argument(flag, dest=name, type=typ, default=argparse.SUPPRESS, metavar=name.upper(),
                                    help=help_)
     sp = sub.add_parser("eval", help=cli_eval.EVAL_HELP, description=cli_eval.EVAL_HELP,
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=_HelpFormatter)
     cli_eval.add_eval_args(sp)
     sp = sub.add_parser("metrics", help=cli_eval.METRICS_HELP, description=cli_eval.METRICS_HELP,
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=_HelpFormatter)
     cli_eval.add_metrics_args(sp)
     from .finetune import FINETUNE_HELP, add_finetune_args
 
     sp = sub.add_parser("finetune", help=FINETUNE_HELP, description=FINETUNE_HELP,
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=_HelpFormatter)
     add_finetune_args(sp)
     return p
 
@@ -236,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
                 dump(rep, ns.profile_json)
         else:
             res = pipeline.distill(cfg)
-            print(f"distilled {len(res.classes)} classes into {res.out} (manifest: {res.manifest})")
+            n = len(res.classes)
+            which = f"{n} classes" if n == res.run_classes else f"{n} of the run's {res.run_classes} classes on this rank"
+            print(f"distilled {which} into {res.out} (manifest: {res.manifest})")
     except ManifoldGDError as e:
         print(f"manifoldgd-fast: error: {e}", file=sys.stderr)
         return 2

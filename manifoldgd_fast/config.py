@@ -249,7 +249,9 @@ class DistillConfig:
         if c.sampler == "auto":
             c.sampler = "ddim" if sd else "ddpm"
         if c.guidance_noise == "auto":
-            c.guidance_noise = "philox" if str(device).startswith("cuda") else "generator"
+            # philox where the fused kernels run, and for the fast loop's ManifoldGD (its noise is pre-drawn)
+            fast_mgd = c.loop == "fast" and c.method == "manifoldgd"
+            c.guidance_noise = "philox" if str(device).startswith("cuda") or fast_mgd else "generator"
         c = dataclasses.replace(c, **c.dataset_defaults(n_classes))
         official = c.formulation == "official"
         if c.mode_method == "auto":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
 import os
 import time
 
@@ -24,6 +25,9 @@ import torch
 
 from .config import DistillConfig, check_out_dir, derive_seed
 from .errors import ConfigError
+from .output import atomic_write_bytes
+
+FINETUNE_RECORD = "finetune.json"
 
 FINETUNE_HELP = "fine-tune a DiT with the RSM L1 penalty on x0_hat (resumable), into a loadable model folder"
 
@@ -118,7 +122,23 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
             return out
     save_pretrained_folder(ema, os.path.join(out, "transformer"))
     save_pretrained_folder(ctx["vae"], os.path.join(out, "vae"))
+    # what the folder was trained with: `distill --model OUT` records it in its manifest
+    atomic_write_bytes(os.path.join(out, FINETUNE_RECORD),
+                       json.dumps({"tool": "manifoldgd-fast finetune", "step": step, **settings},
+                                  sort_keys=True, indent=1).encode())
     return out
+
+
+def read_finetune_record(model: str | None) -> dict | None:
+    """The settings a model folder was fine-tuned with (``finetune.json``), or None."""
+    path = os.path.join(str(model), FINETUNE_RECORD) if model else ""
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def _settings(scope: dict) -> dict:

@@ -28,6 +28,7 @@ from .errors import ConfigError, DataError
 from . import classrun
 from .classrun import _check_class, _prefetched_inputs, _receive, class_modes, distill_class, modes_file, read_modes
 from .output import MANIFEST, OutputWriter, atomic_write_bytes, resize_images
+from .finetune import read_finetune_record
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -35,8 +36,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 @dataclass
 class DistillResult:
     out: str
-    classes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    classes: dict[str, dict[str, Any]] = field(default_factory=dict)  # this rank's classes (all in one process)
     manifest: str = ""
+    run_classes: int = 0  # classes of the whole run, every rank's
 
 
 def library_versions() -> dict[str, str]:
@@ -201,6 +203,9 @@ def _distill(config: DistillConfig | dict, shard: Shard) -> DistillResult:
             "guidance": "Philox key derive_seed(run, 'guidance'), sample id label * ipc + index"},
         classes={}, backbone=rcfg.backbone, output_size=rcfg.output_size or ctx["image_size"],
     )
+    tuned = read_finetune_record(cfg.model)
+    if tuned is not None:  # a model folder from `finetune`: its RSM settings (rsm_lambda, steps, ...)
+        manifest["model_finetune"] = tuned
     if rcfg.backbone == "sd":  # the text each class was sampled from (also in each class's stats)
         manifest.update(prompts=ctx["prompts"], negative_prompt=rcfg.negative_prompt)
     for key in ("eval", "metrics"):  # results appended by `eval` / `metrics` survive a resume
@@ -256,7 +261,8 @@ def _distill(config: DistillConfig | dict, shard: Shard) -> DistillResult:
     if cfg.contact_sheet and shard.is_main:
         write_contact_sheet(writer.out, [e.name for e in entries])
     status = _class_status(writer, entries)
-    return DistillResult(out=writer.out, classes={e.name: status[e.name] for e in mine}, manifest=man_path)
+    return DistillResult(out=writer.out, classes={e.name: status[e.name] for e in mine}, manifest=man_path,
+                         run_classes=len(entries))
 
 
 def _class_status(writer: OutputWriter, entries) -> dict[str, dict[str, Any]]:

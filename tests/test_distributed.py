@@ -1,5 +1,6 @@
 """torchrun sharding on the CPU (gloo): N processes give the same bytes as one; a killed rank, then a rerun, too."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -39,8 +40,12 @@ def _torchrun(world, out, nproc, steps=10, command="distill", cache=None, **pope
 def test_two_ranks_same_bytes_as_one(world, tmp_path):
     import json
 
-    _torchrun(world, tmp_path / "one", 1)
-    _torchrun(world, tmp_path / "two", 2)
+    r1 = _torchrun(world, tmp_path / "one", 1)
+    r2 = _torchrun(world, tmp_path / "two", 2)
+    n = len(CLASSES)
+    assert f"distilled {n} classes into" in r1.stdout, r1.stdout
+    per_rank = [int(m) for m in re.findall(rf"distilled (\d+) of the run's {n} classes on this rank", r2.stdout)]
+    assert len(per_rank) == 2 and sum(per_rank) == n, r2.stdout
     one, two = _digest(tmp_path / "one"), _digest(tmp_path / "two")
     assert len(one) == len(CLASSES) * 3 and one == two
     man = json.loads((tmp_path / "two" / "manifest.json").read_text())

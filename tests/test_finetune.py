@@ -1,4 +1,5 @@
 """RSM fine-tuning: the L1 term's gradient, resume to the same weights, the result loads and samples."""
+import json
 import os
 
 import torch
@@ -31,6 +32,7 @@ def test_finetune_resumes_to_the_same_weights_and_loads(tiny_world, tmp_path):
     straight = finetune(out=str(tmp_path / "a"), **kw)
     assert finetune(out=str(tmp_path / "b"), stop_after=2, **kw) == str(tmp_path / "b")   # "killed" after 2 steps
     assert not os.path.exists(tmp_path / "b" / "transformer")
+    assert not os.path.exists(tmp_path / "b" / "finetune.json")                # written when done only
     resumed = finetune(out=str(tmp_path / "b"), **kw)
     wa, wb = _weights(straight), _weights(resumed)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -43,6 +45,10 @@ def test_finetune_resumes_to_the_same_weights_and_loads(tiny_world, tmp_path):
     assert main(["distill", "--data", tiny_world["data"], "--model", straight, "--out", str(tmp_path / "o"),
                  "--ipc", "1", "--steps", "4", "--t-stop", "2", "--cache-dir", os.path.join(tiny_world["root"], "cache"),
                  "--method", "cgs"]) == 0
+    # the manifest records what the model folder was fine-tuned with
+    tuned = json.loads((tmp_path / "o" / "manifest.json").read_text())["model_finetune"]
+    assert tuned["rsm_lambda"] == 1e-3 and tuned["step"] == 4 and tuned["steps"] == 4
+    assert json.loads((tmp_path / "c" / "finetune.json").read_text())["rsm_lambda"] == 0.5
 
 
 def test_finetune_cli_bad_input(tiny_world, tmp_path, capsys):
