@@ -25,7 +25,7 @@ import torch
 
 from .config import DistillConfig, check_out_dir, derive_seed
 from .errors import ConfigError
-from .output import atomic_write_bytes
+from .output import atomic_write_text
 
 FINETUNE_RECORD = "finetune.json"
 
@@ -123,9 +123,8 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
     save_pretrained_folder(ema, os.path.join(out, "transformer"))
     save_pretrained_folder(ctx["vae"], os.path.join(out, "vae"))
     # what the folder was trained with: `distill --model OUT` records it in its manifest
-    atomic_write_bytes(os.path.join(out, FINETUNE_RECORD),
-                       json.dumps({"tool": "manifoldgd-fast finetune", "step": step, **settings},
-                                  sort_keys=True, indent=1).encode())
+    atomic_write_text(os.path.join(out, FINETUNE_RECORD),
+                      json.dumps({"tool": "manifoldgd-fast finetune", "step": step, **settings}, sort_keys=True, indent=1))
     return out
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .config import DistillConfig, fingerprint
+from .config import LABEL_MAPS, DistillConfig, fingerprint
 from .devices import resolve_device
 from .distributed import Shard
 from .profile import phase
@@ -138,7 +138,7 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
             model = FusedDiT(model, attention="triton" if cfg.attention == "triton" else "sdpa")
         for e in entries:
             if not 0 <= e.label < info["num_classes"]:
-                keyword = cfg.label_map in ("auto", "imagenet1k", "sorted")
+                keyword = cfg.label_map in LABEL_MAPS
                 hint = "try --label-map sorted or a class-map file" if keyword else \
                     f"fix the class map --label-map {cfg.label_map}"
                 raise DataError(f"class {e.name} has label {e.label}, outside the model's {info['num_classes']} classes "
