@@ -114,7 +114,7 @@ class Ours:
         self.cfg = DistillConfig(method=method, steps=steps, t_stop=steps // 2, ipc=B,
                                  guidance_noise="philox").resolve(1000, str(device))
         self.run = Sampling(dit, make_schedule(steps, "ddpm", device=device), c.num_embeds_ada_norm,
-                            cfg_scale=4.0, t_stop=steps // 2, autocast_dtype=dtype)
+                            cfg_scale=4.0, autocast_dtype=dtype)
         self.loop = loop
         self.fast = None if loop == "reference" else FastSampler(
             self.run, cuda_graph=(loop == "graph"), compile=compile_mode)
@@ -136,7 +136,7 @@ class Ours:
         if self.fast is None:
             r = self.run
             lat = sample(r.model, r.schedule, x_T, y, null_class=r.null_class, cfg_scale=r.cfg_scale,
-                         guidance=gd, generators=gens, autocast_dtype=self.dtype, t_stop=r.t_stop)
+                         guidance=gd, generators=gens, autocast_dtype=self.dtype)
         else:
             lat, _ = self.fast.sample(x_T, y, gens, guidance=gd)
         if return_latents:

@@ -1,12 +1,16 @@
 """Collaborative guided sampling (CGS, SPEC 5): the IPC samples of a class are denoised as one set.
 
-At each guided step, with X the set's x0_hat (N, D) and x_t the set (N, D):
+At each denoising step (the source applies it "at each denoising step"; ``steps=`` narrows it), with
+X the set's x0_hat (N, D) and x_t the set (N, D):
 
 * DPP diversity loss ``L_dpp = -log det(K + eps I)``, ``K_ij = cos(X_i, X_j)``;
 * distribution matching ``L_dm = || mean_i x_t,i - sqrt(abar_t) mu_c ||^2``,
   mu_c the class mean latent;
 
-and the step's result moves by ``-(eta_dpp grad L_dpp + eta_dm grad L_dm)``.
+and the step's result x_{t-1} moves by ``-(eta_dpp grad L_dpp + eta_dm grad L_dm)``. Conventions
+(the source leaves them open): X is the model's own prediction after CFG, before any mode or manifold
+guidance, on every sampler and formulation; grad L_dpp is taken with respect to X and grad L_dm with
+respect to x_t, and both are subtracted from x_{t-1} as they are (no 1 / sqrt(abar_t) chain factor).
 
 Closed-form gradients (no autograd in the hot loop, graph-capturable): with
 ``Nh`` the row-normalised X and ``A = K + eps I``,
@@ -17,6 +21,7 @@ the normalisation ``dL/dX_i = (h_i - n_i (n_i . h_i)) / |X_i|``. The
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 import torch
 
@@ -80,6 +85,13 @@ def dm_grad_ref(x_t: torch.Tensor, mu: torch.Tensor, alpha_bar: float) -> torch.
     return g.to(x_t.dtype)
 
 
+def check_one_class(y: torch.Tensor) -> None:
+    """CGS pulls the whole set towards one class mean: every label of the set must be the same."""
+    if y.numel() > 1 and bool((y != y.reshape(-1)[0]).any()):
+        raise ConfigError(f"CGS denoises one class's samples as a set: the labels y must all be equal, "
+                          f"got {sorted(set(y.reshape(-1).tolist()))}")
+
+
 class CGS:
     """The CGS correction of one class's set.
 
@@ -87,11 +99,28 @@ class CGS:
         class_mean: (C, h, w) or (D,) mean latent of the class (mu_c).
         eta_dpp, eta_dm: step sizes of the two gradients.
         eps: the DPP ridge.
+        steps: the respaced step indices (S-1 ... 0) it acts on; None: every step.
     """
 
-    def __init__(self, class_mean: torch.Tensor, *, eta_dpp: float, eta_dm: float, eps: float = 1e-3):
+    def __init__(self, class_mean: torch.Tensor, *, eta_dpp: float, eta_dm: float, eps: float = 1e-3,
+                 steps: Iterable[int] | None = None):
         self.mu = class_mean.float()
         self.eta_dpp, self.eta_dm, self.eps = float(eta_dpp), float(eta_dm), float(eps)
+        self.steps = None if steps is None else frozenset(int(i) for i in steps)
+
+    @classmethod
+    def for_run(cls, cfg, class_mean: torch.Tensor) -> "CGS":
+        """The correction a resolved DistillConfig asks for (``cgs_steps`` "all", or "guided": the guidance's steps)."""
+        from .guidance import is_guided
+
+        steps = None
+        if cfg.cgs_steps == "guided":
+            steps = [i for i in range(cfg.steps) if is_guided(cfg.formulation, i, cfg.steps, cfg.t_stop)]
+        return cls(class_mean, eta_dpp=cfg.eta_dpp, eta_dm=cfg.eta_dm, eps=cfg.dpp_eps, steps=steps)
+
+    def active(self, i: int) -> bool:
+        """Whether the correction acts on respaced step i."""
+        return self.steps is None or i in self.steps
 
     def correction(self, x_t: torch.Tensor, x0: torch.Tensor, alpha_bar: float) -> torch.Tensor:
         """eta_dpp grad L_dpp(x0) + eta_dm grad L_dm(x_t): subtract it from the step's result."""

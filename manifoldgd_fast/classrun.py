@@ -185,7 +185,7 @@ def distill_class(rcfg: DistillConfig, ctx: dict, name: str, label: int, z: torc
         events[0].record()
     z, modes, paper_kw, t_modes = inputs.z, inputs.modes, inputs.paper_kw, inputs.seconds
     guided = modes is not None
-    cgs = CGS(z.mean(0), eta_dpp=rcfg.eta_dpp, eta_dm=rcfg.eta_dm, eps=rcfg.dpp_eps) if rcfg.cgs else None
+    cgs = CGS.for_run(rcfg, z.mean(0)) if rcfg.cgs else None
 
     if (label + 1) * rcfg.ipc > 2 ** 32:
         raise ConfigError(f"class {name}: label {label} x --ipc {rcfg.ipc} exceeds the 2^32 guidance-noise ids")
@@ -215,7 +215,7 @@ def distill_class(rcfg: DistillConfig, ctx: dict, name: str, label: int, z: torc
             lat = sample(ctx["model"], schedule, x_T, y, null_class=info["null_class"], cfg_scale=rcfg.cfg_scale,
                          cfg_channels=rcfg.cfg_channels, formulation=rcfg.formulation, ddim_eta=rcfg.ddim_eta,
                          guidance=guidance, generators=gens, autocast_dtype=ctx["dtype"], cgs=cgs,
-                         t_stop=rcfg.t_stop, forward_batch=rcfg.batch_size, attention=rcfg.attention,
+                         forward_batch=rcfg.batch_size, attention=rcfg.attention,
                          callback=lambda i, x: norms.append(x.flatten(1).norm(dim=1)))
             trace = torch.stack(norms, 1)
         out_latents.append(lat)
@@ -269,7 +269,7 @@ def fast_sampler(rcfg: DistillConfig, ctx: dict):
         run = Sampling(ctx["model"], make_schedule(rcfg.steps, rcfg.sampler, device=ctx["device"],
                                               **ctx.get("schedule_kw", {})),
                        ctx["dit_info"]["null_class"], cfg_scale=rcfg.cfg_scale, cfg_channels=rcfg.cfg_channels,
-                       formulation=rcfg.formulation, ddim_eta=rcfg.ddim_eta, t_stop=rcfg.t_stop,
+                       formulation=rcfg.formulation, ddim_eta=rcfg.ddim_eta,
                        forward_batch=rcfg.batch_size, autocast_dtype=ctx["dtype"], attention=rcfg.attention)
         ctx["fast_sampler"] = FastSampler(run, compile=rcfg.compile)
     return ctx["fast_sampler"]

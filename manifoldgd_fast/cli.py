@@ -30,10 +30,12 @@ GROUPS: dict[str, dict[str, str]] = {
         "image_size": "image resolution (default: 8 x the model's latent size)",
         "backbone": "generator family: auto (from the model folder), dit, or sd (Stable Diffusion 1.x, "
                     "class-name prompts)",
-        "prompt_template": "sd: each class's prompt, {name} = its class name",
+        "prompt_template": "sd: each class's prompt, {name} = its class name (default '{name}': the class name "
+                           "alone, as the MGD3 paper; e.g. 'a photo of a {name}')",
         "negative_prompt": "sd: the prompt of the CFG null class",
         "class_names": "sd: class names for the prompts: '<folder> <name>' lines in a file, a JSON file, or 'a=apple,b=banana' "
-                       "(default: ImageNet names of wnid folders, else the folder name with _ as spaces)",
+                       "(a name 'tench, Tinca tinca' gives its first synonym, so LOC_synset_mapping.txt works; "
+                       "default: ImageNet names of wnid folders, else the folder name with _ as spaces)",
         "device": "auto, cpu, cuda, cuda:1, ...",
         "dtype": "float32, bfloat16 or float16 (autocast of the DiT and VAE on CUDA; guidance stays fp32)",
         "seed": "run seed; class and sample seeds derive from it",
@@ -99,6 +101,7 @@ GROUPS: dict[str, dict[str, str]] = {
     },
     "collaborative guided sampling": {
         "cgs": "denoise each class's IPC samples as one set with DPP diversity + mean matching (SPEC 5)",
+        "cgs_steps": "steps CGS acts on: all (every step, as the source) or guided (only the guidance's, see --t-stop)",
         "eta_dpp": "step of the DPP diversity gradient",
         "eta_dm": "step of the distribution-matching gradient",
         "dpp_eps": "ridge eps of -log det(K + eps I)",

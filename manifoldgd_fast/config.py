@@ -17,6 +17,7 @@ from typing import Any
 from .errors import ConfigError
 
 METHODS = ("manifoldgd", "mgd3", "dit", "cgs")
+CGS_STEPS = ("all", "guided")
 FORMULATIONS = ("official", "paper")
 SAMPLERS = ("auto", "ddpm", "ddim")
 MODE_METHODS = ("auto", "kmeans", "divisive", "gmm", "random", "agglomerative")
@@ -51,7 +52,7 @@ class DistillConfig:
     cache_dir: str | None = None       # latent cache root; None = $MANIFOLDGD_CACHE or ~/.cache/manifoldgd_fast
     image_size: int | None = None      # None = 8 x the model's latent size
     backbone: str = "auto"             # auto (from the model folder) | dit | sd (Stable Diffusion 1.x, class prompts)
-    prompt_template: str = "a photo of a {name}"  # sd: each class's prompt; {name} = its class name
+    prompt_template: str = "{name}"    # sd: each class's prompt; {name} = its class name (the MGD3 paper's)
     negative_prompt: str = ""          # sd: the prompt of the CFG null class
     class_names: str | dict | None = None   # sd: folder -> class name (file, mapping or "a=apple,b=banana");
                                        # None = ImageNet names of wnids, else the folder name
@@ -125,7 +126,8 @@ class DistillConfig:
     warm_schedule: str = "exp"
 
     # --- collaborative guided sampling (SPEC 5) -------------------------------
-    cgs: bool = False                  # add CGS to the method (--method cgs: CGS alone)
+    cgs: bool | None = None            # add CGS to the method (None: only with --method cgs, CGS alone)
+    cgs_steps: str = "all"             # all: every step, as the source; guided: only the guidance's steps (t_stop)
     eta_dpp: float = 1.0               # DPP diversity step (the source paper gives no value)
     eta_dm: float = 0.1                # distribution-matching step (likewise)
     dpp_eps: float = 1e-3              # ridge of the DPP kernel
@@ -203,6 +205,22 @@ class DistillConfig:
             non_negative(name, allow_none=True, strict=True)
         if self.attention == "triton" and self.dit_impl != "fused":
             raise ConfigError("--attention triton is the fused DiT's kernel: add --dit-impl fused")
+        if self.backbone == "sd" and self.cfg_channels == "3":
+            raise ConfigError("--cfg-channels 3 is DiT's CFG on its first 3 eps channels; Stable Diffusion predicts "
+                              "eps on all 4 latent channels: use --cfg-channels all (or auto)")
+        if self.cgs not in (None, True, False):
+            raise ConfigError(f"--cgs must be true or false, got {self.cgs!r}")
+        if self.method == "cgs" and self.cgs is False:
+            raise ConfigError("--method cgs is CGS alone: it cannot run with --no-cgs")
+        if self.cgs_steps not in CGS_STEPS:
+            raise ConfigError(f"--cgs-steps must be one of {', '.join(CGS_STEPS)}, got {self.cgs_steps!r}")
+        if self.cgs or self.method == "cgs":
+            if self.eta_dpp == 0 and self.eta_dm == 0:
+                raise ConfigError("CGS with --eta-dpp 0 and --eta-dm 0 changes nothing: give one of them a step > 0")
+            if self.cgs_steps == "guided" and (self.t_stop >= self.steps - 1 if self.formulation == "official"
+                                               else self.t_stop == 0):
+                raise ConfigError(f"--cgs-steps guided: the guidance acts on no step with --t-stop {self.t_stop} "
+                                  f"and --steps {self.steps} ({self.formulation} formulation)")
         non_negative("warm_mult")
         if self.warm_mult < 1.0:
             raise ConfigError(f"--warm-mult must be >= 1, got {self.warm_mult!r}")
@@ -243,7 +261,9 @@ class DistillConfig:
             c.backbone = backbone or "dit"
         sd = c.backbone == "sd"
         if c.cfg_scale is None:
-            c.cfg_scale = 7.5 if sd else 4.0
+            from .sd import SD_CFG_SCALE
+
+            c.cfg_scale = SD_CFG_SCALE if sd else 4.0
         if c.cfg_channels == "auto":
             c.cfg_channels = "all" if sd else "3"
         if c.sampler == "auto":
@@ -256,8 +276,8 @@ class DistillConfig:
         official = c.formulation == "official"
         if c.mode_method == "auto":
             c.mode_method = {"manifoldgd": "divisive", "mgd3": "kmeans", "dit": "kmeans", "cgs": "kmeans"}[c.method]
-        if c.method == "cgs":
-            c.cgs = True
+        if c.cgs is None:
+            c.cgs = c.method == "cgs"
         if c.mode_point == "auto":
             c.mode_point = "medoid" if (c.mode_method == "divisive" and official) else "mean"
         if c.k is None:
@@ -397,6 +417,8 @@ def fingerprint(cfg: "DistillConfig") -> str:
             d.pop(k, None)
     if d.get("output_size") is None:
         d.pop("output_size", None)
+    if not d.get("cgs"):  # the CGS window only counts where CGS runs; older fingerprints without CGS stay valid
+        d.pop("cgs_steps", None)
     for k in ("label_map", "class_names"):  # a map file counts by its contents: an edited map is another run
         v = d.get(k)
         if isinstance(v, str) and os.path.isfile(v):

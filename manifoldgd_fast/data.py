@@ -9,7 +9,12 @@ Shipped class lists (``manifoldgd_fast/classlists/``):
 
 - ``imagenet1k``  the 1000 ILSVRC-2012 WordNet ids in class-index order (sorted),
   the order of the DiT class embedding; ``imagenet1k_names.txt`` holds the
-  first WordNet lemma of each (two names repeat: "crane", "maillot").
+  first WordNet lemma of each, except where two lemmas are equal once lowercased
+  (CLIP's tokenizer lowercases, so their prompts would be one): there it holds
+  OpenAI CLIP's curated ImageNet names, 134 "crane bird" / 517 "construction
+  crane", 264 "Cardigan Welsh Corgi" / 474 "cardigan", 638 "maillot" / 639
+  "one-piece bathing suit". The old lemmas still resolve in class maps
+  (:data:`IMAGENET_OLD_NAMES`).
 - ``nette``       ImageNette (fast.ai), sorted.
 - ``woof``        ImageWoof (fast.ai), sorted.
 - ``imagenet100`` the CMC ImageNet-100 subset (Tian et al. 2020), in CMC order.
@@ -40,6 +45,9 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 SUBSETS = ("imagenet1k", "nette", "woof", "imagenet100", "idc")
 _WNID = re.compile(r"^n\d{8}$")
+# Earlier names of ImageNet-1k classes (the plain WordNet lemmas) -> class ids, so class maps written
+# with them keep working: "Cardigan" is still the corgi; "crane" and "maillot" name two classes each.
+IMAGENET_OLD_NAMES: dict[str, tuple[int, ...]] = {"crane": (134, 517), "Cardigan": (264,), "maillot": (638, 639)}
 
 
 # --------------------------------------------------------------------------- #
@@ -93,7 +101,8 @@ def class_names_map(spec) -> dict[str, str]:
     ``spec``: a mapping; a ``.json`` file holding one; a text file with one class a
     line, ``<folder> <name ...>`` (the first word is the folder; ImageNet's
     ``LOC_synset_mapping.txt`` reads as is; ``#`` comments and blank lines ignored);
-    or an inline ``"folder=name,folder2=name2"``.
+    or an inline ``"folder=name,folder2=name2"``. A name listing synonyms, as
+    ``LOC_synset_mapping.txt`` does ("tench, Tinca tinca"), gives its first one ("tench").
     """
     import json
 
@@ -129,10 +138,11 @@ def class_names_map(spec) -> dict[str, str]:
                 out[k.strip()] = v.strip()
     else:
         raise ConfigError(f"{flag} {spec}: no such file, and not 'folder=name,folder2=name2'")
-    bad = [k for k, v in out.items() if not isinstance(k, str) or not isinstance(v, str) or not v.strip()]
+    bad = [k for k, v in out.items()
+           if not isinstance(k, str) or not isinstance(v, str) or not v.split(",", 1)[0].strip()]
     if bad:
         raise ConfigError(f"{flag}: class {bad[0]!r} needs a non-empty name")
-    return {k: v.strip() for k, v in out.items()}
+    return {k: v.split(",", 1)[0].strip() for k, v in out.items()}
 
 
 def class_list(spec: str) -> list[str]:
@@ -210,16 +220,21 @@ def _class_folders(root: str) -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _imagenet_name_index() -> tuple[dict[str, list[int]], dict[str, list[int]]]:
-    """(exact name -> ids, normalised name -> ids) of the shipped ImageNet-1k names.
+def _imagenet_name_index() -> tuple[dict[str, list[int]], dict[str, list[int]], dict[str, list[int]]]:
+    """(exact name -> ids, exact old name -> ids, normalised name -> ids) of the ImageNet-1k names.
 
-    Exact first: "Cardigan" (the corgi) and "cardigan" (the sweater) only differ in case."""
+    The shipped names first, then the old ones (:data:`IMAGENET_OLD_NAMES`: "Cardigan" is the corgi,
+    "cardigan" the sweater), then both case- and ``_``-insensitively ("CARDIGAN": either)."""
     exact: dict[str, list[int]] = {}
     loose: dict[str, list[int]] = {}
     for i, n in enumerate(_shipped_list("imagenet1k_names")):
         exact.setdefault(n, []).append(i)
         loose.setdefault(_loose_name(n), []).append(i)
-    return exact, loose
+    old = {n: list(ids) for n, ids in IMAGENET_OLD_NAMES.items()}
+    for n, ids in old.items():
+        key = _loose_name(n)
+        loose[key] = sorted(set(loose.get(key, [])) | set(ids))
+    return exact, old, loose
 
 
 def _loose_name(s: str) -> str:
@@ -243,13 +258,14 @@ def _class_map_value(value) -> int:
         if i is None:
             raise ValueError(f"{value!r} is not an ImageNet-1k WordNet id")
         return i
-    exact, loose = _imagenet_name_index()
-    ids = exact.get(value) or loose.get(_loose_name(value))
+    exact, old, loose = _imagenet_name_index()
+    ids = exact.get(value) or old.get(value) or loose.get(_loose_name(value))
     if not ids:
         raise ValueError(f"{value!r} is not a class id, an ImageNet-1k WordNet id or an ImageNet-1k class name")
     if len(ids) > 1:
-        raise ValueError(f"ImageNet class name {value!r} is ambiguous (ids {', '.join(map(str, ids))}); "
-                         "give the id or the WordNet id")
+        names = _shipped_list("imagenet1k_names")
+        raise ValueError(f"ImageNet class name {value!r} is ambiguous (ids {', '.join(map(str, ids))}): "
+                         f"{' or '.join(f'{names[i]!r} ({i})' for i in ids)}; give the id, the WordNet id or the name")
     return ids[0]
 
 

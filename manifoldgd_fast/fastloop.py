@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cgs import CGS
+from .cgs import CGS, check_one_class
 from .errors import ConfigError
 from .guidance import Guidance
 from .profile import active as profiling_active
@@ -151,6 +151,8 @@ class FastSampler:
             # generators; pre-drawn step noise would shift them
             raise ConfigError("the fast loop needs --guidance-noise philox for ManifoldGD "
                               "(generator-drawn cloud noise shares the step-noise generators)")
+        if cgs is not None:
+            check_one_class(y)
         run, dev = self.run, x_T.device
         noise = predraw_noise(run, tuple(x_T.shape[1:]), generators, dev)
         blocker = _graph_blocker(run, dev, guidance)
@@ -211,7 +213,7 @@ class FastSampler:
                 n, D = guidance.latents.shape
                 g += (_padded_rows(n), D, guidance.latents.dtype, guidance.sorted_dists.dtype)
         if cgs is not None:
-            c = (cgs.eta_dpp, cgs.eta_dm, cgs.eps, tuple(cgs.mu.shape))
+            c = (cgs.eta_dpp, cgs.eta_dm, cgs.eps, tuple(cgs.mu.shape), cgs.steps)
         return (tuple(x_T.shape), x_T.device, y.dtype, noise is None, g, c)
 
     def _step_into(self, gs: _GraphSet, i: int) -> None:

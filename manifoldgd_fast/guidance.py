@@ -195,7 +195,7 @@ class StepGuidance:
     (CFG-mixed) eps and the step index; returns the guided eps for the
     caller's own scheduler::
 
-        guide = StepGuidance(modes, timesteps=scheduler.timesteps, formulation="official")
+        guide = StepGuidance(modes, scheduler=scheduler, formulation="official")  # after set_timesteps
         for step, t in enumerate(scheduler.timesteps):
             eps = ...                                   # the DiT forward + CFG
             eps = guide(x, eps, step)                   # guided eps
@@ -207,24 +207,48 @@ class StepGuidance:
     ``eps - sqrt(abar / (1 - abar)) * term``. With DDIM this equals the
     built-in official DDIM sampler exactly.
 
+    The guidance needs the noise level abar_t of each step, so it must know the model's
+    training schedule: pass the loop's diffusers ``scheduler`` (its ``alphas_cumprod`` and
+    ``timesteps`` are read) or ``betas``. With neither, DiT's linear betas (1e-4 -> 2e-2 over
+    1000 steps) are assumed: right for DiT, wrong for e.g. Stable Diffusion (scaled_linear).
+
     Args:
         modes: (B, C, h, w) one mode per sample of the batch.
-        timesteps: the loop's training timesteps, in the loop's order (descending).
+        timesteps: the loop's training timesteps, in the loop's order (descending);
+            default ``scheduler.timesteps`` (after its ``set_timesteps``).
         formulation / method: "official" | "paper"; "manifoldgd" | "mgd3".
         class_latents: (n, C, h, w) latents of the modes' class (paper formulation).
         n_classes: sets the dataset-dependent defaults (<= 10: ImageNette values).
         seed: per-sample cloud / patch noise derives from it.
-        betas: the model's training betas (None: DiT's linear ones); Stable Diffusion:
-            ``schedule.scaled_linear_betas()`` or ``sched.betas.numpy()``.
+        scheduler: the loop's diffusers scheduler (DDIMScheduler, DDPMScheduler, ...): the
+            training schedule is its ``alphas_cumprod`` (and num_train_timesteps its length).
+        betas: the model's training betas instead of ``scheduler`` (None and no scheduler:
+            DiT's linear ones); Stable Diffusion: ``schedule.scaled_linear_betas()``.
         **params: any DistillConfig guidance parameter (lambda_m, k, d, manifold_radius, ...).
     """
 
-    def __init__(self, modes: torch.Tensor, *, timesteps, formulation: str = "official",
+    def __init__(self, modes: torch.Tensor, *, timesteps=None, formulation: str = "official",
                  method: str = "manifoldgd", class_latents: torch.Tensor | None = None, n_classes: int = 1000,
-                 t_stop: int | None = None, seed: int = 0, num_train_timesteps: int = 1000, betas=None, **params):
+                 t_stop: int | None = None, seed: int = 0, num_train_timesteps: int = 1000, betas=None,
+                 scheduler=None, **params):
+        import numpy as np
+
         from .config import derive_seed
         from .schedule import schedule_from_timesteps
 
+        if scheduler is not None:
+            if betas is not None:
+                raise ConfigError("give StepGuidance the scheduler or the betas, not both")
+            # betas whose float64 cumulative product is the scheduler's alphas_cumprod: the noise
+            # levels its step uses, to float64 rounding
+            ac = scheduler.alphas_cumprod.detach().double().cpu().numpy()            # (T,)
+            betas = 1.0 - ac / np.append(1.0, ac[:-1])
+            num_train_timesteps = len(ac)
+            if timesteps is None:
+                timesteps = scheduler.timesteps
+        if timesteps is None:
+            raise ConfigError("StepGuidance needs timesteps= (the loop's, descending) or scheduler= after its "
+                              "set_timesteps")
         ts = [int(t) for t in timesteps]
         if any(a <= b for a, b in zip(ts, ts[1:])):
             raise ConfigError("timesteps must be strictly decreasing, in the order the loop visits them")

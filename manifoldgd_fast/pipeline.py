@@ -112,20 +112,25 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
     mine = shard.mine(entries)
     prompts, schedule_kw = {}, {}
     if cfg.model is not None and backbone == "sd":
-        from .sd import class_prompts, load_sd_denoiser, sd_info
+        from .data import _class_folders
+        from .sd import check_vae_fits, class_prompts, load_sd_denoiser, sd_info
 
         if cfg.dit_impl != "diffusers":
             raise ConfigError("--dit-impl fused applies to the DiT backbone, not to Stable Diffusion")
+        dataclasses.replace(cfg, backbone="sd").validate()  # SD-only rules (e.g. --cfg-channels) before any loading
 
-        prompts = class_prompts([e.name for e in entries], cfg.prompt_template, cfg.class_names)
+        prompts = class_prompts([e.name for e in entries], cfg.prompt_template, cfg.class_names,
+                                folders=_class_folders(os.path.abspath(cfg.data)))
         n_labels = max(e.label for e in entries) + 1
+        # the UNet config alone (no weights): its latents must be the VAE's
+        info = sd_info(cfg.model, n_labels)
+        check_vae_fits(vae, info, str(cfg.model), f"--vae {cfg.vae}" if cfg.vae else f"--model {cfg.model} (vae/)")
         if need_models:  # one text-encoder pass over this rank's class prompts, none per step
             model = load_sd_denoiser(cfg.model, {e.label: prompts[e.name] for e in mine}, num_classes=n_labels,
-                                     negative_prompt=cfg.negative_prompt, device=device)
+                                     negative_prompt=cfg.negative_prompt, device=device,
+                                     names={e.label: e.name for e in mine})
             info = dit_info(model)
             schedule_kw = model.schedule_kwargs
-        else:  # `cache` / `modes`: the UNet config fixes the image size, no weights needed
-            info = sd_info(cfg.model, n_labels)
         latent = info["latent_size"] * vinfo["downsample"]
         if cfg.image_size is not None and cfg.image_size != latent:
             raise ConfigError(f"--image-size {cfg.image_size} does not match the model's {latent} px")

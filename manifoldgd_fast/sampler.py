@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from .cgs import CGS
-from .guidance import Guidance, is_guided
+from .cgs import CGS, check_one_class
+from .guidance import Guidance
 from .profile import phase, step_done
 from .schedule import Schedule
 
@@ -65,8 +65,12 @@ def _randn_like_per_sample(x: torch.Tensor, generators) -> torch.Tensor:
 
 
 def draws_noise(schedule: Schedule, i: int, ddim_eta: float = 0.0) -> bool:
-    """Whether step i of the update draws fresh noise (DDPM: every step but the last; DDIM: if eta > 0)."""
-    return i > 0 and (schedule.sampler == "ddpm" or ddim_eta > 0)
+    """Whether step i of the update draws fresh noise. DDPM: every step but the last. DDIM: if eta > 0,
+    every step but the last, and the last too where the schedule ends at abar(t=0) < 1
+    (``schedule.last_step_noise``: diffusers' DDIMScheduler with set_alpha_to_one=False, SD)."""
+    if schedule.sampler == "ddpm":
+        return i > 0
+    return ddim_eta > 0 and (i > 0 or schedule.last_step_noise)
 
 
 @dataclass
@@ -75,7 +79,7 @@ class Sampling:
 
     ``autocast_dtype``: the DiT forward under autocast at this dtype (None / float32: none);
     guidance and scheduler arithmetic stay in float32. ``forward_batch``: run the DiT on at
-    most this many samples at a time. ``t_stop`` decides CGS's guided steps (the formulation's rule).
+    most this many samples at a time. The guidance's and CGS's own objects say which steps they act on.
     """
 
     model: Any
@@ -85,7 +89,6 @@ class Sampling:
     cfg_channels: str = "3"
     formulation: str = "official"
     ddim_eta: float = 0.0
-    t_stop: int = 25
     forward_batch: int | None = None
     autocast_dtype: torch.dtype | None = None
     attention: str = "auto"           # SDPA backend of the DiT's attention: auto | cudnn | flash | efficient | math,
@@ -128,6 +131,7 @@ def denoise_step(run: Sampling, i: int, x: torch.Tensor, y: torch.Tensor, noise,
     # guidance calls sit between the "scheduler" phases so the profiler counts each once
     with phase("scheduler"):
         x0 = s.sqrt_recip_alphas_cumprod[i] * x - s.sqrt_recipm1_alphas_cumprod[i] * eps
+    x0_model = x0  # CGS's DPP term reads the model's own prediction on every path (cgs.py)
     if guided and formulation == "paper":
         eps = guidance.paper_eps(i, x, x0, eps)
         with phase("scheduler"):
@@ -154,9 +158,9 @@ def denoise_step(run: Sampling, i: int, x: torch.Tensor, y: torch.Tensor, noise,
             x = x0 * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma ** 2) * eps
             if draws_noise(s, i, run.ddim_eta):
                 x = x + sigma * noise(x)
-    if cgs is not None and is_guided(formulation, i, s.steps, run.t_stop):
+    if cgs is not None and cgs.active(i):
         with phase("cgs"):
-            x = x - cgs.correction(x_t, x0, s.at("alphas_cumprod", i))
+            x = x - cgs.correction(x_t, x0_model, s.at("alphas_cumprod", i))
     return x
 
 
@@ -165,20 +169,21 @@ def sample(model, schedule: Schedule, x_T: torch.Tensor, y: torch.Tensor, *, nul
            cfg_scale: float = 4.0, cfg_channels: str = "3", formulation: str = "official",
            ddim_eta: float = 0.0, guidance: Guidance | None = None, generators=None,
            autocast_dtype: torch.dtype | None = None, callback=None, cgs: CGS | None = None,
-           t_stop: int = 25, forward_batch: int | None = None, attention: str = "auto") -> torch.Tensor:
+           forward_batch: int | None = None, attention: str = "auto") -> torch.Tensor:
     """Denoise x_T (B, C, h, w) for classes y (B,) and return x_0 (B, C, h, w) float32.
 
     generators: one torch.Generator per sample for the step noise (and the
     guidance's cloud / patch noise). ``callback(i, x)`` is called after each step.
-    cgs: the collaborative correction of the whole batch as one set (one class),
-    on the guided steps (``t_stop`` with the formulation's rule).
+    cgs: the collaborative correction of the whole batch as one set (all labels equal), on its steps.
     forward_batch: run the DiT on at most this many samples at a time.
     attention: the SDPA backend of the DiT's attention (auto: PyTorch's choice).
     """
     run = Sampling(model, schedule, null_class, cfg_scale=cfg_scale, cfg_channels=cfg_channels,
-                   formulation=formulation, ddim_eta=ddim_eta, t_stop=t_stop, forward_batch=forward_batch,
+                   formulation=formulation, ddim_eta=ddim_eta, forward_batch=forward_batch,
                    autocast_dtype=autocast_dtype, attention=attention)
     x = x_T.float()
+    if cgs is not None:
+        check_one_class(y)
     if generators is None:
         generators = [torch.Generator(device=x.device).manual_seed(b) for b in range(x.shape[0])]
     for i in reversed(range(schedule.steps)):

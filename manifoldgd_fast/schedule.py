@@ -14,7 +14,7 @@ and sampled as diffusers' schedulers do for it: "leading" spacing with
 ``set_alpha_to_one=False`` (the last step lands on abar(t=0), not 1) and the
 "fixed small" (posterior) variance for DDPM. :func:`make_schedule` takes these
 as keyword arguments; :func:`diffusers_schedule_kwargs` reads them from a
-diffusers ``scheduler_config.json``.
+diffusers ``scheduler_config.json`` (keys it lacks: :data:`SD15_SCHEDULER_CONFIG`).
 """
 from __future__ import annotations
 
@@ -37,6 +37,14 @@ def scaled_linear_betas(num_train_timesteps: int = 1000, beta_start: float = 0.0
     """Stable Diffusion's 'scaled_linear' schedule: sqrt(beta) linear from sqrt(beta_start) to sqrt(beta_end)."""
     return np.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=np.float64) ** 2
 
+
+# scheduler/scheduler_config.json of runwayml/stable-diffusion-v1-5 (a PNDMScheduler; the betas and
+# the timestep layout are what every diffusers scheduler of SD 1.5 uses).
+SD15_SCHEDULER_CONFIG: dict = {
+    "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "clip_sample": False, "trained_betas": None,
+}
 
 SPACINGS = ("adm", "leading")
 VARIANCE_TYPES = ("fixed_large", "fixed_small")
@@ -94,6 +102,9 @@ class Schedule:
     sampler: str
     host: dict = field(default_factory=dict, repr=False, compare=False)  # float64 numpy copies of the tables
     variance_type: str = "fixed_large"  # DDPM without learned sigma: beta_t (ADM / DiT) or the posterior's (SD)
+    # DDIM's last step ends at abar(t=0) < 1 (set_alpha_to_one=False, diffusers' SD setting), so its sigma is
+    # nonzero and eta > 0 adds noise there too, as DDIMScheduler.step does; ending at abar = 1 (DiT) it is 0
+    last_step_noise: bool = False
 
     @property
     def steps(self) -> int:
@@ -174,7 +185,10 @@ def schedule_from_timesteps(kept, sampler: str = "ddim", num_train_timesteps: in
     host["timesteps"] = np.asarray(kept, dtype=np.float64)
     return Schedule(timesteps=torch.tensor(kept, dtype=torch.long, device=device),
                     num_train_timesteps=num_train_timesteps, sampler=sampler, host=host,
-                    variance_type=variance_type, **out)
+                    variance_type=variance_type, last_step_noise=sampler == "ddim" and not set_alpha_to_one, **out)
+
+
+BETA_SCHEDULES = ("scaled_linear", "linear")
 
 
 def diffusers_schedule_kwargs(config: dict) -> dict:
@@ -182,15 +196,34 @@ def diffusers_schedule_kwargs(config: dict) -> dict:
     (``scheduler/scheduler_config.json`` of a Stable Diffusion folder).
 
     Reads num_train_timesteps, beta_start / beta_end / beta_schedule ("scaled_linear"
-    or "linear"; or trained_betas), steps_offset, set_alpha_to_one and
-    timestep_spacing ("leading" only). Missing keys take diffusers' defaults
-    (SD 1.5's betas). Returns betas, num_train_timesteps, spacing, steps_offset,
+    or "linear"; or trained_betas), steps_offset and set_alpha_to_one. A key the
+    config lacks takes SD 1.5's value (:data:`SD15_SCHEDULER_CONFIG`: scaled_linear
+    0.00085 -> 0.012, steps_offset 1, set_alpha_to_one False), not a diffusers
+    scheduler class's default, whose linear 1e-4 -> 2e-2 betas no SD model was
+    trained on; :func:`sd.read_scheduler_config` fills a folder's config the same way.
+    steps_offset is taken as given (StableDiffusionPipeline's forcing it to 1 is done
+    by :func:`sd.read_scheduler_config`); clip_sample is not read (the samplers never clip).
+    Returns betas, num_train_timesteps, spacing="leading", steps_offset,
     set_alpha_to_one and variance_type="fixed_small" (DDPMScheduler's default).
+
+    Raises ConfigError naming the key for what the samplers cannot reproduce:
+    prediction_type other than epsilon, timestep_spacing other than leading,
+    beta_schedule other than scaled_linear / linear, rescale_betas_zero_snr.
     """
-    T = int(config.get("num_train_timesteps", 1000))
+    config = {**SD15_SCHEDULER_CONFIG, **config}
+    pred = config.get("prediction_type", "epsilon")
+    if pred != "epsilon":
+        raise ConfigError(f"scheduler prediction_type {pred!r} is not supported (epsilon only: SD 1.x, not "
+                          "v-prediction models such as SD 2.x 768 px)")
+    spacing = config.get("timestep_spacing", "leading")
+    if spacing != "leading":
+        raise ConfigError(f"scheduler timestep_spacing {spacing!r} is not supported (leading)")
+    if config.get("rescale_betas_zero_snr"):
+        raise ConfigError("scheduler rescale_betas_zero_snr true is not supported")
+    T = int(config["num_train_timesteps"])
     trained = config.get("trained_betas")
-    kind = config.get("beta_schedule", "scaled_linear")
-    bs, be = float(config.get("beta_start", 0.00085)), float(config.get("beta_end", 0.012))
+    kind = config["beta_schedule"]
+    bs, be = float(config["beta_start"]), float(config["beta_end"])
     if trained is not None:
         betas = np.asarray(trained, dtype=np.float64)
         T = len(betas)
@@ -199,9 +232,6 @@ def diffusers_schedule_kwargs(config: dict) -> dict:
     elif kind == "linear":  # diffusers' linear: no ADM rescaling by 1000 / T
         betas = np.linspace(bs, be, T, dtype=np.float64)
     else:
-        raise ConfigError(f"scheduler beta_schedule {kind!r} is not supported (scaled_linear or linear)")
-    spacing = config.get("timestep_spacing", "leading")
-    if spacing != "leading":
-        raise ConfigError(f"scheduler timestep_spacing {spacing!r} is not supported (leading)")
-    return dict(betas=betas, num_train_timesteps=T, spacing="leading", steps_offset=int(config.get("steps_offset", 0)),
-                set_alpha_to_one=bool(config.get("set_alpha_to_one", True)), variance_type="fixed_small")
+        raise ConfigError(f"scheduler beta_schedule {kind!r} is not supported ({' or '.join(BETA_SCHEDULES)})")
+    return dict(betas=betas, num_train_timesteps=T, spacing="leading", steps_offset=int(config["steps_offset"]),
+                set_alpha_to_one=bool(config["set_alpha_to_one"]), variance_type="fixed_small")

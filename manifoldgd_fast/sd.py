@@ -3,8 +3,8 @@
 The sampler, the guidance and the fast loop call a class-conditional DiT as
 ``model(x, timestep=t, class_labels=y).sample``. :class:`TextConditionedDenoiser`
 gives a diffusers ``UNet2DConditionModel`` that call: ``class_labels`` index a
-table of CLIP text embeddings computed once per class (its prompt, e.g.
-"a photo of a tench"), and the CFG null class is the row of the empty (negative)
+table of CLIP text embeddings computed once per class (its prompt, by default
+the class name, e.g. "tench"), and the CFG null class is the row of the empty (negative)
 prompt. The UNet predicts eps on 4 channels (no learned sigma), so CFG mixes all
 4 channels and DDPM uses the fixed-small variance, as diffusers' SD pipeline does.
 
@@ -18,63 +18,99 @@ benchmarks the real architectures without weights.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, Mapping, Sequence
 
 import torch
 
 from .config import check_prompt_template
-from .errors import ModelError
+from .errors import ConfigError, ModelError
 from .models import _first_line, _load_from_folder, seeded_init
 from .models import resolve_root as models_resolve_root
+from .schedule import SD15_SCHEDULER_CONFIG, diffusers_schedule_kwargs
+
+log = logging.getLogger(__name__)
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer")
 LAYOUT = "SD 1.5 diffusers layout: unet/, vae/, text_encoder/, tokenizer/, scheduler/"
-# The MGD3 release has no text-to-image script (jachansantiago/mode_guidance#3); the paper only says
-# "we use the class names as a text prompt". This is CLIP's zero-shot ImageNet template.
-DEFAULT_PROMPT_TEMPLATE = "a photo of a {name}"
-# diffusers' StableDiffusionPipeline default guidance scale (the MGD3 paper gives none for SD).
+# The MGD3 release has no text-to-image script (jachansantiago/mode_guidance#3); the paper says "For
+# sampling, we use the class names as a text prompt". --prompt-template "a photo of a {name}" gives
+# CLIP's zero-shot ImageNet template instead.
+DEFAULT_PROMPT_TEMPLATE = "{name}"
+# diffusers' StableDiffusionPipeline default guidance scale (the MGD3 paper gives none for SD);
+# DistillConfig.resolve reads it.
 SD_CFG_SCALE = 7.5
-# scheduler/scheduler_config.json of runwayml/stable-diffusion-v1-5 (a PNDMScheduler; the betas and
-# the timestep layout are what every diffusers scheduler of SD 1.5 uses).
-SD15_SCHEDULER_CONFIG: dict[str, Any] = {
-    "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-    "clip_sample": False, "trained_betas": None,
-}
+# SD15_SCHEDULER_CONFIG (imported from schedule): runwayml/stable-diffusion-v1-5's scheduler_config.json.
 
 
 # --------------------------------------------------------------------------- #
 # prompts
 # --------------------------------------------------------------------------- #
 def class_prompts(names: Sequence[str], template: str = DEFAULT_PROMPT_TEMPLATE,
-                  class_names=None) -> dict[str, str]:
-    """The prompt of each class folder: ``template`` with {name} = its class name.
+                  class_names=None, *, folders: Sequence[str] | None = None) -> dict[str, str]:
+    """The prompt of each class folder in ``names``: ``template`` with {name} = its class name.
 
     The class name is the user's (``class_names``: mapping, file or "a=apple,b=banana";
-    see :func:`data.class_names_map`), else the ImageNet-1k name of a WordNet id, else
-    the folder name with underscores as spaces.
+    see :func:`data.class_names_map`; "tench, Tinca tinca" gives "tench"), else the
+    ImageNet-1k name of a WordNet id, else the folder name with underscores as spaces.
+    ``folders``: every class folder of the data set (default ``names``).
+
+    Raises ConfigError (naming ``--class-names`` and its file) for a ``class_names`` key that
+    is no folder of ``folders`` (ImageNet-1k WordNet ids excepted: ``LOC_synset_mapping.txt``
+    names all 1000 classes), and for two classes whose prompts are equal once lowercased
+    (CLIP's tokenizer lowercases, so they would get the same text embedding).
     """
-    from .data import class_display_name, class_names_map
+    from .data import class_display_name, class_names_map, imagenet_wnid_index
 
     check_prompt_template(template)
+    flag = "--class-names"
+    if isinstance(class_names, str) and os.path.isfile(class_names):
+        flag = f"--class-names {class_names}"
     given = class_names_map(class_names) if class_names is not None else {}
-    return {n: template.format(name=given.get(n) or class_display_name(n)) for n in names}
+    known = set(names if folders is None else folders) | set(names)
+    unknown = [k for k in given if k not in known and k not in imagenet_wnid_index()]
+    if unknown:
+        shown = ", ".join(repr(k) for k in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise ConfigError(f"{flag}: {len(unknown)} name(s) match no class folder: {shown}")
+    prompts = {n: template.format(name=given.get(n) or class_display_name(n)) for n in names}
+    seen: dict[str, str] = {}
+    for n in names:
+        key = " ".join(prompts[n].lower().split())
+        if key in seen:
+            raise ConfigError(f"class folders {seen[key]!r} and {n!r} get the same prompt {prompts[n]!r} once "
+                              f"lowercased (as CLIP's tokenizer reads it): give them distinct names with {flag}")
+        seen[key] = n
+    return prompts
 
 
 @torch.no_grad()
-def encode_prompts(text_encoder, tokenizer, prompts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+def encode_prompts(text_encoder, tokenizer, prompts: Sequence[str], batch_size: int = 64,
+                   names: Sequence[str] | None = None) -> torch.Tensor:
     """CLIP text embeddings of ``prompts`` as StableDiffusionPipeline.encode_prompt computes them:
-    padded to ``tokenizer.model_max_length``, truncated, last hidden state (no attention mask, no clip skip).
+    padded to L = ``tokenizer.model_max_length`` and cut there, last hidden state (no clip skip), with
+    the attention mask only where ``text_encoder.config.use_attention_mask`` is set.
+
+    A prompt longer than L tokens is cut, with one warning naming ``names[j]`` (e.g. "class tench";
+    default "prompt j") and the part left out.
 
     Returns (len(prompts), L, E) float32 on the text encoder's device.
     """
     dev = next(text_encoder.parameters()).device
+    L = tokenizer.model_max_length
+    use_mask = bool(getattr(text_encoder.config, "use_attention_mask", False))
+    for j, p in enumerate(prompts):
+        ids = tokenizer(p, truncation=False, verbose=False).input_ids
+        if len(ids) > L:  # diffusers logs the cut part the same way; bos + L-2 tokens + eos are kept
+            name = names[j] if names is not None else f"prompt {j}"
+            log.warning("%s: the prompt %r is longer than the tokenizer's %d tokens; the text encoder "
+                        "sees it without %r", name, p, L, tokenizer.decode(ids[L - 1:-1]))
     out = []
     for s in range(0, len(prompts), batch_size):
-        ids = tokenizer(list(prompts[s:s + batch_size]), padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
-        out.append(text_encoder(ids.to(dev))[0].float())
+        tok = tokenizer(list(prompts[s:s + batch_size]), padding="max_length", max_length=L, truncation=True,
+                        return_tensors="pt")
+        mask = tok.attention_mask.to(dev) if use_mask else None
+        out.append(text_encoder(tok.input_ids.to(dev), attention_mask=mask)[0].float())
     return torch.cat(out)
 
 
@@ -177,18 +213,44 @@ def _check_layout(root: str, arg: str, flag: str) -> None:
 
 
 def read_scheduler_config(root: str, arg: str, flag: str = "--model") -> dict[str, Any]:
-    """scheduler/scheduler_config.json (SD 1.5's values where the folder has none); refuses v-prediction."""
+    """scheduler/scheduler_config.json of an SD folder as StableDiffusionPipeline samples with it.
+
+    Keys the file lacks take SD 1.5's values (:data:`SD15_SCHEDULER_CONFIG`, as
+    :func:`schedule.diffusers_schedule_kwargs` fills them); a folder without the file gets SD 1.5's
+    scheduler settings, with a warning. Like the pipeline, steps_offset is set to 1 and clip_sample
+    to False, with a warning naming the folder where the file says otherwise.
+
+    Returns the config dict. Raises ModelError naming ``flag`` and the file when it is damaged or
+    asks for what the samplers cannot do (prediction_type, timestep_spacing, beta_schedule; see
+    :func:`schedule.diffusers_schedule_kwargs`); :func:`load_sd` calls it before loading any weights.
+    """
     path = os.path.join(root, "scheduler", "scheduler_config.json")
     cfg = dict(SD15_SCHEDULER_CONFIG)
     if os.path.isfile(path):
         try:
             with open(path, encoding="utf-8") as f:
-                cfg.update(json.load(f))
+                given = json.load(f)
+            if not isinstance(given, dict):
+                raise ValueError("not a JSON object")
         except (OSError, ValueError) as e:
             raise ModelError(f"{flag} {arg}: scheduler config {path} is damaged ({_first_line(e)})") from None
-    if cfg.get("prediction_type", "epsilon") != "epsilon":
-        raise ModelError(f"{flag} {arg}: {path} has prediction_type {cfg['prediction_type']!r}; only epsilon-"
-                         "prediction models (SD 1.x) are supported")
+        cfg.update(given)
+    else:
+        log.warning("%s %s: %s has no scheduler/scheduler_config.json; using SD 1.5's scheduler settings "
+                    "(scaled_linear betas 0.00085 -> 0.012, steps_offset 1, set_alpha_to_one false)", flag, arg, root)
+    # StableDiffusionPipeline.__init__ rewrites these two with a deprecation warning; so do we
+    if cfg.get("steps_offset") != 1:
+        log.warning("%s %s: %s sets steps_offset %r; sampling with steps_offset 1, as diffusers' "
+                    "StableDiffusionPipeline does", flag, arg, path, cfg.get("steps_offset"))
+        cfg["steps_offset"] = 1
+    if cfg.get("clip_sample") is True:
+        log.warning("%s %s: %s sets clip_sample true; sampling without clipping, as diffusers' "
+                    "StableDiffusionPipeline does", flag, arg, path)
+        cfg["clip_sample"] = False
+    try:
+        diffusers_schedule_kwargs(cfg)
+    except ConfigError as e:
+        raise ModelError(f"{flag} {arg}: {path}: {e}") from None
     return cfg
 
 
@@ -233,19 +295,40 @@ def load_sd(path_or_id, *, device: str | torch.device = "cpu", dtype: torch.dtyp
 
 def load_sd_denoiser(path_or_id, prompts: Mapping[int, str], *, negative_prompt: str = "",
                      num_classes: int | None = None, device: str | torch.device = "cpu",
-                     dtype: torch.dtype = torch.float32, cache_dir: str | None = None) -> TextConditionedDenoiser:
+                     dtype: torch.dtype = torch.float32, cache_dir: str | None = None,
+                     names: Mapping[int, str] | None = None) -> TextConditionedDenoiser:
     """Load an SD 1.x model and embed the class prompts once: the pipeline's model for this backbone.
 
-    prompts: class label -> prompt. The text encoder is freed after encoding.
+    prompts: class label -> prompt; names: class label -> its name in warnings (e.g. the class folder).
+    The text encoder is freed after encoding.
     """
-    from .schedule import diffusers_schedule_kwargs
-
     parts = load_sd(path_or_id, device=device, dtype=dtype, cache_dir=cache_dir)
     labels = sorted(prompts)
-    emb = encode_prompts(parts["text_encoder"], parts["tokenizer"], [prompts[v] for v in labels] + [negative_prompt])
+    names = names or {}
+    emb = encode_prompts(parts["text_encoder"], parts["tokenizer"], [prompts[v] for v in labels] + [negative_prompt],
+                         names=[f"class {names.get(v, v)}" for v in labels] + ["--negative-prompt"])
     return TextConditionedDenoiser(parts["unet"], emb, labels, num_classes=num_classes, prompts=prompts,
                                    negative_prompt=negative_prompt,
                                    schedule_kwargs=diffusers_schedule_kwargs(parts["scheduler_config"]))
+
+
+def check_vae_fits(vae, info: Mapping[str, Any], arg: str, vae_flag: str) -> None:
+    """Raise ModelError unless the VAE's latents are what the UNet denoises: ``latent_channels`` equal to
+    the UNet's in and out channels (a 9-channel inpainting UNet is not text-to-image), and no
+    ``shift_factor`` (SD3 / Flux VAEs: latents are only scaled by ``scaling_factor`` here).
+
+    info: :func:`sd_info` of the ``--model`` folder ``arg``; vae_flag names the VAE ("--vae X" or "--model X").
+    """
+    c = vae.config
+    lc = int(c.latent_channels)
+    if info["in_channels"] != lc or info["out_channels"] != lc:
+        raise ModelError(f"--model {arg}: the UNet takes {info['in_channels']} and predicts {info['out_channels']} "
+                         f"latent channels, but the VAE ({vae_flag}) has latent_channels {lc}; the SD backbone needs "
+                         "a text-to-image UNet on the VAE's latents (not e.g. an inpainting UNet)")
+    shift = getattr(c, "shift_factor", None)
+    if shift not in (None, 0, 0.0):
+        raise ModelError(f"{vae_flag}: the VAE has shift_factor {shift}, which the SD backbone does not apply "
+                         "(its latents are the VAE mean times scaling_factor, as SD 1.x's)")
 
 
 def sd_info(path_or_id, num_classes: int, cache_dir: str | None = None) -> dict[str, Any]:

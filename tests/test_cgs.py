@@ -59,7 +59,7 @@ def test_set_is_one_set_with_chunked_forward():
 
     def run(chunk, **kw):
         gens = [torch.Generator().manual_seed(s) for s in range(5)]
-        return sample(model, sched, x_T, y, null_class=3, generators=gens, t_stop=4, forward_batch=chunk, **kw)
+        return sample(model, sched, x_T, y, null_class=3, generators=gens, forward_batch=chunk, **kw)
 
     cgs = CGS(mu, eta_dpp=1.0, eta_dm=0.5)
     whole, chunked = run(None, cgs=cgs), run(2, cgs=cgs)
@@ -68,7 +68,7 @@ def test_set_is_one_set_with_chunked_forward():
     assert not torch.allclose(plain, whole, atol=1e-3)
     # the coupling is real: a sample's result depends on the others in its set
     gens = [torch.Generator().manual_seed(s) for s in range(3)]
-    first3 = sample(model, sched, x_T[:3], y[:3], null_class=3, generators=gens, t_stop=4, cgs=cgs)
+    first3 = sample(model, sched, x_T[:3], y[:3], null_class=3, generators=gens, cgs=cgs)
     assert not torch.allclose(first3, whole[:3], atol=1e-4)
     # the set mean ends closer to the class mean than without CGS (strong eta_dm)
     strong = run(None, cgs=CGS(mu, eta_dpp=0.0, eta_dm=1.0))
@@ -85,3 +85,148 @@ def test_correction_names_the_bad_tensor():
         cgs.correction(x, x[:2], 0.5)
     with pytest.raises(ConfigError, match="16 values per sample"):
         cgs.correction(torch.randn(3, 4, 3, 3), torch.randn(3, 4, 3, 3), 0.5)
+
+
+def test_losses_match_a_direct_transcription():
+    """dpp_loss / dm_loss against SPEC 5 written out with other primitives (cosine_similarity, logdet)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 3, 4, 4, generator=g, dtype=torch.float64)
+    flat = x.flatten(1)
+    K = torch.nn.functional.cosine_similarity(flat[:, None, :], flat[None, :, :], dim=-1)
+    want = -torch.logdet(K + 1e-2 * torch.eye(5, dtype=torch.float64))
+    torch.testing.assert_close(dpp_loss(x, 1e-2), want)
+    mu = torch.randn(3, 4, 4, generator=g, dtype=torch.float64)
+    want = sum(float(v) ** 2 for v in (flat.sum(0) / 5 - 0.4 ** 0.5 * mu.flatten()))
+    assert abs(float(dm_loss(x, mu, 0.4)) - want) < 1e-12
+
+
+def _abar(schedule, i):
+    """alpha_bar of respaced step i from DiT's 1,000-step linear betas, independent of the Schedule tables."""
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    return float(torch.cumprod(1 - betas, 0)[int(schedule.timesteps[i])])
+
+
+@pytest.mark.parametrize("sampler,formulation,method", [
+    ("ddpm", "official", "dit"), ("ddpm", "official", "manifoldgd"), ("ddim", "official", "mgd3"),
+    ("ddpm", "paper", "mgd3"), ("ddim", "paper", "manifoldgd")])
+def test_one_cgs_step_is_spec5_on_the_models_own_x0(sampler, formulation, method):
+    """One denoise_step with CGS minus the same step without it is -(eta_dpp dL_dpp/dx0 + eta_dm dL_dm/dx_t),
+    from the autograd references, with x0 the model's own CFG prediction (before any guidance), x_t the
+    step's input and alpha_bar of the step's own timestep: on every sampler and formulation."""
+    from manifoldgd_fast.config import DistillConfig
+    from manifoldgd_fast.guidance import Guidance
+    from manifoldgd_fast.sampler import Sampling, cfg_forward, denoise_step
+
+    steps, B = 6, 4
+    model = build_dit(tiny_dit_config(num_classes=3, sample_size=8), seed=1)
+    sched = make_schedule(steps, sampler)
+    # step i = 3 of 6 is guided under both formulations with these t_stop
+    cfg = DistillConfig(method=method, formulation=formulation, sampler=sampler, steps=steps, ipc=B,
+                        t_stop=1 if formulation == "official" else 4, eta_dpp=0.7, eta_dm=0.3, cgs=True,
+                        lambda_m=5.0, manifold_scale=5.0).resolve(10, "cpu")   # strong guidance: x0 moves
+    run = Sampling(model, sched, 3, cfg_scale=4.0, formulation=formulation)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(B, 4, 8, 8, generator=g)
+    mu = torch.randn(4, 8, 8, generator=g)
+    lat = torch.randn(30, 256, generator=g)
+    y = torch.full((B,), 2)
+    noise = torch.randn(B, 4, 8, 8, generator=g)
+    i = 3
+    cgs = CGS.for_run(cfg, mu)
+
+    def step(with_cgs):
+        gd = None
+        if method != "dit":
+            kw = {}
+            if formulation == "paper" and method == "manifoldgd":
+                from manifoldgd_fast.guidance import paper_neighbourhoods
+                kw = paper_neighbourhoods(cfg, lat, lat[:B])
+            gens = [torch.Generator().manual_seed(b) for b in range(B)]
+            gd = Guidance(cfg, sched, lat[:B].view(B, 4, 8, 8), gens, noise_seed=1, sample_ids=list(range(B)), **kw)
+        return denoise_step(run, i, x, y, lambda z: noise, guidance=gd, cgs=cgs if with_cgs else None)
+
+    abar = _abar(sched, i)
+    eps = cfg_forward(model, x, sched.timesteps[i], y, null_class=3, cfg_scale=4.0)[:, :4]
+    x0 = (x - (1 - abar) ** 0.5 * eps) / abar ** 0.5
+    want = -(0.7 * dpp_grad_ref(x0.double(), cfg.dpp_eps) + 0.3 * dm_grad_ref(x.double(), mu.double(), abar))
+    got = (step(True) - step(False)).double()
+    torch.testing.assert_close(got, want, atol=1e-3 * float(want.abs().max()), rtol=1e-3)
+
+
+def test_cgs_acts_on_every_step_or_on_the_guidance_steps():
+    """cgs_steps all (the default, as the source: "at each denoising step") vs guided (the guidance's t_stop window)."""
+    from manifoldgd_fast.config import DistillConfig
+    from manifoldgd_fast.sampler import Sampling, denoise_step
+
+    mu = torch.zeros(4, 8, 8)
+    for formulation, guided in (("official", [4, 5, 6, 7, 8, 9]), ("paper", [7, 8, 9])):
+        for method in ("cgs", "manifoldgd"):
+            c = DistillConfig(method=method, formulation=formulation, steps=10, t_stop=3, cgs=True).resolve(10)
+            assert [i for i in range(10) if CGS.for_run(c, mu).active(i)] == list(range(10))
+            c = DistillConfig(method=method, formulation=formulation, steps=10, t_stop=3, cgs=True,
+                              cgs_steps="guided").resolve(10)
+            assert [i for i in range(10) if CGS.for_run(c, mu).active(i)] == guided
+    # an unguided step (i = 0 <= t_stop) moves under "all", not under "guided"
+    model = build_dit(tiny_dit_config(num_classes=3, sample_size=8), seed=1)
+    sched = make_schedule(10, "ddpm")
+    run = Sampling(model, sched, 3)
+    x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.full((3,), 1)
+    plain = denoise_step(run, 0, x, y, None)
+    c = DistillConfig(method="cgs", steps=10, t_stop=3).resolve(10)
+    assert not torch.allclose(denoise_step(run, 0, x, y, None, cgs=CGS.for_run(c, mu)), plain)
+    c = DistillConfig(method="cgs", steps=10, t_stop=3, cgs_steps="guided").resolve(10)
+    assert torch.equal(denoise_step(run, 0, x, y, None, cgs=CGS.for_run(c, mu)), plain)
+
+
+def test_dpp_guidance_spreads_the_sampled_set():
+    """Over a whole run, eta_dpp > 0 leaves the final set less similar (lower L_dpp) than eta_dpp = 0.
+    (The random tiny DiT's x0 has norms in the thousands and the DPP gradient scales as 1 / |x0|: a large eta.)"""
+    model = build_dit(tiny_dit_config(num_classes=3, sample_size=8), seed=1)
+    sched = make_schedule(10, "ddpm")
+    x_T = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    x_T = 0.3 * x_T + x_T[:1]                         # four similar starting points
+    y = torch.full((4,), 1)
+    mu = torch.zeros(4, 8, 8)
+
+    def run(eta_dpp):
+        gens = [torch.Generator().manual_seed(s) for s in range(4)]
+        return sample(model, sched, x_T, y, null_class=3, generators=gens,
+                      cgs=CGS(mu, eta_dpp=eta_dpp, eta_dm=1e-3))
+
+    assert float(dpp_loss(run(2000.0))) < float(dpp_loss(run(0.0))) - 0.5
+
+
+def test_cgs_set_must_be_one_class():
+    from manifoldgd_fast.errors import ConfigError
+    from manifoldgd_fast.fastloop import FastSampler
+    from manifoldgd_fast.sampler import Sampling
+
+    model = build_dit(tiny_dit_config(num_classes=3, sample_size=8), seed=1)
+    sched = make_schedule(4, "ddpm")
+    x_T = torch.randn(3, 4, 8, 8)
+    cgs = CGS(torch.zeros(4, 8, 8), eta_dpp=1.0, eta_dm=0.1)
+    y = torch.tensor([0, 1, 1])
+    with pytest.raises(ConfigError, match=r"labels y must all be equal, got \[0, 1\]"):
+        sample(model, sched, x_T, y, null_class=3, cgs=cgs)
+    gens = [torch.Generator().manual_seed(s) for s in range(3)]
+    with pytest.raises(ConfigError, match="labels y must all be equal"):
+        FastSampler(Sampling(model, sched, 3), cuda_graph=False).sample(x_T, y, gens, cgs=cgs)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(method="cgs", cgs=False), "--method cgs is CGS alone"),
+    (dict(cgs="no"), "--cgs must be true or false"),
+    (dict(cgs=True, eta_dpp=0.0, eta_dm=0.0), "changes nothing"),
+    (dict(method="cgs", cgs_steps="some"), "--cgs-steps must be one of all, guided"),
+    (dict(method="cgs", cgs_steps="guided", t_stop=49), "acts on no step"),
+    (dict(method="cgs", cgs_steps="guided", formulation="paper", t_stop=0), "acts on no step"),
+])
+def test_cgs_settings_one_line_errors(kw, msg):
+    from manifoldgd_fast.config import DistillConfig
+    from manifoldgd_fast.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=msg):
+        DistillConfig(**kw).resolve(10)
+    # valid neighbours of each: CGS off with zero steps is fine, and so is --no-cgs without --method cgs
+    DistillConfig(cgs=False, eta_dpp=0.0, eta_dm=0.0).resolve(10)

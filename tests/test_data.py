@@ -188,11 +188,45 @@ def test_label_map_json_file(named_root, tmp_path):
     sub = D.scan_image_folder(str(named_root), classes="shark,tench", label_map=str(m))
     assert [(e.name, e.label) for e in sub] == [("shark", 2), ("tench", 0)]
     assert D.read_label_map(str(m)) == {"tench": 0, "goldfish": 1, "shark": 2, "corgi": 264, "not_here": 999}
-    # Exact names win over case-folding: "cardigan" the sweater, "Cardigan" the corgi.
+    # Exact names win over case-folding: "cardigan" the sweater, "Cardigan" (the old name) the corgi.
     names = D.imagenet_class_names()
-    assert names[264] == "Cardigan" and names[474] == "cardigan"
+    assert names[264] == "Cardigan Welsh Corgi" and names[474] == "cardigan"
     m.write_text('{"tench": "cardigan", "goldfish": 1, "shark": 2, "corgi": 3}')
     assert D.read_label_map(str(m))["tench"] == 474
+
+
+def test_imagenet_names_are_distinct_once_lowercased():
+    """CLIP's tokenizer lowercases: no two ImageNet-1k names may give one prompt. The three pairs that
+    differed only in case carry OpenAI CLIP's curated names, checked against their WordNet ids."""
+    names, wnids = D.imagenet_class_names(), D.imagenet_wnids()
+    low = [" ".join(n.lower().split()) for n in names]
+    assert len(names) == 1000 and len(set(low)) == 1000
+    want = {"n02012849": "crane bird", "n03126707": "construction crane", "n02113186": "Cardigan Welsh Corgi",
+            "n02963159": "cardigan", "n03710637": "maillot", "n03710721": "one-piece bathing suit"}
+    assert {w: names[wnids.index(w)] for w in want} == want
+    assert [wnids.index(w) for w in want] == [134, 517, 264, 474, 638, 639]
+
+
+@pytest.mark.parametrize("value, label", [
+    ("crane bird", 134), ("Construction_Crane", 517), ("Cardigan Welsh Corgi", 264), ("Cardigan", 264),
+    ("cardigan", 474), ("maillot", 638), ("one-piece bathing suit", 639)])
+def test_label_map_resolves_new_and_unique_old_imagenet_names(tmp_path, value, label):
+    m = tmp_path / "map.txt"
+    m.write_text(f"a\t{value}\n")
+    assert D.read_label_map(str(m)) == {"a": label}
+
+
+@pytest.mark.parametrize("value, candidates", [
+    ("crane", "'crane bird' (134) or 'construction crane' (517)"),
+    ("CARDIGAN", "'Cardigan Welsh Corgi' (264) or 'cardigan' (474)"),
+    ("Maillot", "'maillot' (638) or 'one-piece bathing suit' (639)")])
+def test_label_map_ambiguous_old_name_lists_candidates(tmp_path, value, candidates):
+    m = tmp_path / "map.txt"
+    m.write_text(f"a\t{value}\n")
+    with pytest.raises(ConfigError) as ei:
+        D.read_label_map(str(m))
+    msg = str(ei.value)
+    assert "\n" not in msg and msg.startswith(f"--label-map {m}: line 1: ") and candidates in msg
 
 
 def test_label_map_text_file(named_root, tmp_path):

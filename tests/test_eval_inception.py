@@ -112,6 +112,22 @@ def test_features_match_the_functional_forward(side, seed, tmp_path):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
+def test_uint8_input_is_scaled_as_torchmetrics():
+    """--fid-resize squash: uint8 pixels u enter as (u - 128) / 128 (torchmetrics' FID), i.e. the
+    functional forward of [0, 1] images u / 256 (its x * 2 - 1)."""
+    sd = _random_state_dict(4)
+    u = torch.randint(0, 256, (2, 3, 299, 299), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    ref = _reference_features(sd, u.float() / 256)
+    net = N.load_net(sd, what="--fid-encoder")
+    with torch.no_grad():
+        got = net.forward_features_uint8(u)
+        pytorch_fid = net.forward_features(normalize(u.float() / 255))  # u / 127.5 - 1: another input
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    assert (pytorch_fid - ref).abs().max() > 10 * (got - ref).abs().max()  # the scaling is told apart
+    with pytest.raises(ValueError, match="uint8"):
+        net.forward_features_uint8(u.float())
+
+
 def test_fid_inception_comes_from_the_torch_hub_cache_only(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     path = fid_inception_path()
@@ -141,7 +157,7 @@ def test_metrics_take_their_fid_from_the_fid_encoder(tmp_path, monkeypatch):
 
     res = M.compute_metrics(dist, real, encoder=MeanColour(), size=8, device="cpu", k=2, progress=False,
                             fid_encoder="fid-inception")
-    assert res["fid_encoder"] == {"kind": "fid-inception", "size": 299, "file": fid_inception_path()}
+    assert res["fid_encoder"] == {"kind": "fid-inception", "size": 299, "file": fid_inception_path(), "resize": "crop"}
     assert res["encoder"] == {"kind": "module MeanColour"}
     _, d, r = match_classes(dist, real, exact=False, what="real")
     enc, dev = N.load_net("fid-inception"), torch.device("cpu")

@@ -191,7 +191,13 @@ def test_cli_metrics_end_to_end(folders, tmp_path, capsys):
     res = cli_eval.run_metrics_from_args(ns)
     out = capsys.readouterr().out
     assert out.startswith("FID ") and "m.json" in out and os.path.isfile(tmp_path / "m.json")
+    assert "release's definitions: L2 of means " in out and "features of --encoder " in out
     assert res["feature_dim"] == 128 * 2 * 2 and res["encoder"]["kind"] == str(tmp_path / "enc.pt")
+    assert ns.fid_resize == "crop"
+    squash = cli_eval.run_metrics_from_args(p.parse_args(
+        ["metrics", "--distilled", dist, "--real", real, "--encoder", str(tmp_path / "enc.pt"), "--size", "8",
+         "--device", "cpu", "--no-progress", "--out-json", str(tmp_path / "s.json"), "--fid-resize", "squash"]))
+    assert squash["fid_resize"] == "squash" and squash["fid"] != res["fid"] and squash["l2"] == res["l2"]
     with pytest.raises(ConfigError, match="--encoder"):
         cli_eval.run_metrics_from_args(p.parse_args(["metrics", "--distilled", dist, "--real", real, "--encoder",
                                                      str(tmp_path / "none.pt"), "--no-progress"]))
@@ -274,3 +280,176 @@ def test_a_damaged_feature_file_is_recomputed(folders, private_cache):
         p.write_bytes(b"truncated")
     again = M.compute_metrics(dist, real, **kw)
     assert again["real_features"]["encoder"] == {"cached": 0, "computed": 3} and again["fid"] == first["fid"]
+
+
+# --------------------------------------------------------------------------- the release's definitions
+# Direct numpy transcriptions of the released kl.py and representativeness_diversity.py.
+def _np_sqdist(a, b):
+    return (a ** 2).sum(1)[:, None] + (b ** 2).sum(1)[None, :] - 2.0 * a @ b.T
+
+
+def _np_gamma(z):
+    d2 = _np_sqdist(z, z)
+    vals = np.clip(d2[np.triu_indices(len(z), 1)], 1e-12, None)
+    return 1.0 / (np.sort(vals)[(len(vals) - 1) // 2] + 1e-12)  # torch.median: the lower median
+
+
+def _np_mmd_unbiased(x, y, gamma):
+    k = lambda a, b: np.exp(-gamma * np.clip(_np_sqdist(a, b), 0, None))  # noqa: E731
+    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+    n, m = len(x), len(y)
+    mmd2 = ((kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+            - 2 * kxy.mean())
+    return max(mmd2, 0.0)
+
+
+def _np_cos(a, b):
+    a = a / (np.linalg.norm(a, axis=1, keepdims=True) + 1e-8)  # load_image_features
+    b = b / (np.linalg.norm(b, axis=1, keepdims=True) + 1e-8)
+    a, b = a / np.linalg.norm(a, axis=1, keepdims=True), b / np.linalg.norm(b, axis=1, keepdims=True)  # sklearn
+    return a @ b.T
+
+
+@pytest.mark.parametrize("n,m,d,seed", [(7, 10, 5, 0), (2, 2, 3, 1), (13, 4, 9, 2)])
+def test_release_metrics_match_a_numpy_transcription(n, m, d, seed):
+    rng = np.random.default_rng(seed)
+    s, r = rng.normal(size=(n, d)) + 0.5, rng.normal(size=(m, d)) * 1.5
+    ts, tr = torch.from_numpy(s).float(), torch.from_numpy(r).float()
+    s, r = ts.double().numpy(), tr.double().numpy()
+    assert M.l2_between_means(ts, tr) == pytest.approx(np.linalg.norm(s.mean(0) - r.mean(0)), rel=1e-12)
+    res = M.mmd_release(ts, tr)
+    gamma = _np_gamma(np.concatenate([s, r]))
+    mmd2 = _np_mmd_unbiased(s, r, gamma)
+    assert res["gamma"] == pytest.approx(gamma, rel=1e-10) and res["n_x"] == n and res["n_y"] == m
+    assert res["mmd2"] == pytest.approx(mmd2, rel=1e-9, abs=1e-15) and res["mmd"] == pytest.approx(mmd2 ** 0.5)
+    cos = _np_cos(s, r)
+    assert M.representativeness_minimax(ts, tr) == pytest.approx(cos.max(1).min(), rel=1e-9)
+    css = _np_cos(s, s)
+    np.fill_diagonal(css, -np.inf)
+    assert M.diversity_minimax(ts) == pytest.approx(1 - css.max(), rel=1e-9, abs=1e-12)
+    # blocks: the same maxima as the whole matrix
+    assert torch.allclose(M._max_cosine(ts, tr, block=3), torch.from_numpy(cos.max(1)), atol=1e-12)
+    assert torch.allclose(M._max_cosine(ts, ts, same=True, block=3), torch.from_numpy(css.max(1)), atol=1e-12)
+
+
+def test_mmd_release_caps_both_sets_and_the_median_points_as_the_release():
+    rng = np.random.default_rng(5)
+    x, y = torch.from_numpy(rng.normal(size=(9, 4))), torch.from_numpy(rng.normal(size=(11, 4)) + 1)
+    res = M.mmd_release(x, y, max_samples=6, median_samples=8, seed=3)
+    g = torch.Generator().manual_seed(3)  # maybe_subsample(x), maybe_subsample(y), then _median_heuristic_gamma
+    xs, ys = x[torch.randperm(9, generator=g)[:6]].numpy(), y[torch.randperm(11, generator=g)[:6]].numpy()
+    z = np.concatenate([xs, ys])[torch.randperm(12, generator=g)[:8].numpy()]
+    gamma = _np_gamma(z)
+    assert res["n_x"] == res["n_y"] == 6 and res["gamma"] == pytest.approx(gamma, rel=1e-10)
+    assert res["mmd2"] == pytest.approx(_np_mmd_unbiased(xs, ys, gamma), rel=1e-9)
+    # the lower median, not numpy's mean of the two middle values, sets gamma
+    d2 = _np_sqdist(z, z)[np.triu_indices(8, 1)]
+    assert len(d2) % 2 == 0 and not np.isclose(res["gamma"], 1 / (np.median(d2) + 1e-12))
+    with pytest.raises(ConfigError, match="mmd_release: needs at least 2 points"):
+        M.mmd_release(x[:1], y)
+    assert M.diversity_minimax(x[:1]) is None
+
+
+def test_compute_metrics_reports_the_release_variants_and_their_sources(folders):
+    dist, real = folders
+    res = M.compute_metrics(dist, real, encoder=MeanColour(), size=8, device="cpu", k=2, progress=False)
+    from manifoldgd_fast.eval.protocol import match_classes
+
+    _, d, r = match_classes(dist, real, exact=False, what="real")
+    cpu = torch.device("cpu")
+    fs, fr = M.extract_features(MeanColour(), d, 8, cpu)[0], M.extract_features(MeanColour(), r, 8, cpu)[0]
+    s, rr = fs.double().numpy(), fr.double().numpy()
+    assert res["l2_means"] == pytest.approx(np.linalg.norm(s.mean(0) - rr.mean(0)), rel=1e-9)
+    gamma = _np_gamma(np.concatenate([s, rr]))
+    assert res["mmd2_release"] == pytest.approx(_np_mmd_unbiased(s, rr, gamma), rel=1e-8, abs=1e-14)
+    assert res["mmd_release_n"] == [10, 18]
+    # every distilled image is a real one: each has a real twin (cos 1); the 'ant' duplicate has a twin too
+    assert res["representativeness_minimax"] == pytest.approx(1.0) and res["diversity_minimax"] == pytest.approx(0.0)
+    for key in ("fid", "l2", "mmd", "representativeness", "diversity", "l2_means", "mmd_release",
+                "representativeness_minimax", "diversity_minimax"):
+        assert res["metric_sources"][key].startswith("features of --encoder module MeanColour; short side to 8"), key
+        assert key in res["definitions"]
+    assert res["definitions"]["mmd_release"].startswith("release kl.py")
+    with open(os.path.join(dist, "manifest.json")) as f:
+        assert json.load(f)["metrics"][-1]["mmd_release"] == res["mmd_release"]
+
+
+def test_the_default_encoder_is_labelled_as_such(folders, tmp_path):
+    dist, real = folders
+    res = M.compute_metrics(dist, real, size=8, device="cpu", encoder_epochs=1, cache_dir=str(tmp_path / "c"),
+                            progress=False)
+    assert "not the papers' ImageNet-pretrained ResNet-18" in res["encoder"]["note"]
+    assert res["metric_sources"]["l2"].startswith("features of resnet18 trained on the real folder (the default encoder, not")
+
+
+# --------------------------------------------------------------------------- FID preprocessing
+class Uint8Probe(torch.nn.Module):
+    """An encoder with FID Inception's uint8 entry: features (u - 128) / 128 averaged per channel."""
+
+    input_size = 8
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes, self.sizes = set(), set()
+
+    def forward_features_uint8(self, u):
+        self.dtypes.add(u.dtype)
+        self.sizes.add(tuple(u.shape[-2:]))
+        return ((u.double() - 128) / 128).mean(dim=(2, 3))
+
+    def forward(self, x):
+        raise AssertionError("squash must use forward_features_uint8")
+
+
+def test_fid_squash_resizes_whole_images_bilinearly(tmp_path):
+    """--fid-resize squash: the whole (non-square) image to S x S with PIL's bilinear filter."""
+    rng = np.random.default_rng(6)
+    real, dist = tmp_path / "real", tmp_path / "out"
+    ims = {}
+    for root, n in ((real, 4), (dist, 2)):
+        for c in ("ant", "bee"):
+            os.makedirs(root / c)
+            for i in range(n):
+                im = Image.fromarray(rng.integers(0, 256, (13, 21, 3), dtype=np.uint8))
+                im.save(root / c / f"{i}.png")
+                ims[str(root / c / f"{i}.png")] = im
+    path = str(dist / "ant" / "0.png")
+    by_hand = torch.from_numpy(np.array(ims[path].resize((8, 8), resample=Image.BILINEAR))).permute(2, 0, 1)
+    assert torch.equal(M.load_squashed(path, 8), by_hand)
+
+    from manifoldgd_fast.eval.augment import normalize, to_unit
+
+    def hand_features(root):
+        files = sorted(str(p) for p in root.rglob("*.png"))
+        u = torch.stack([torch.from_numpy(np.array(ims[f].resize((8, 8), resample=Image.BILINEAR))).permute(2, 0, 1)
+                         for f in files])
+        return MeanColour()(normalize(to_unit(u)))
+
+    def hand_features_u8(root):
+        files = sorted(str(p) for p in root.rglob("*.png"))
+        return torch.stack([torch.from_numpy(np.array(ims[f].resize((8, 8), resample=Image.BILINEAR))).permute(
+            2, 0, 1).double().mean(dim=(1, 2)) for f in files])
+
+    kw = dict(encoder=MeanColour(), size=8, device="cpu", k=2, progress=False, out_json=str(tmp_path / "m.json"))
+    crop = M.compute_metrics(str(dist), str(real), **kw)
+    squash = M.compute_metrics(str(dist), str(real), fid_resize="squash", **kw)
+    assert squash["fid"] == pytest.approx(M.fid(hand_features(real), hand_features(dist)), rel=1e-5)
+    assert squash["fid"] != pytest.approx(crop["fid"], rel=1e-3) and squash["l2"] == crop["l2"]
+    assert crop["fid_resize"] == "crop" and crop["fid_encoder"] is None
+    assert squash["fid_encoder"]["resize"] == "squash" and "whole image to 8x8" in squash["metric_sources"]["fid"]
+    # squashed real features are cached apart from the cropped ones
+    assert squash["real_features"]["fid_encoder"] == {"cached": 0, "computed": 2}
+    again = M.compute_metrics(str(dist), str(real), fid_resize="squash", **kw)
+    assert again["real_features"]["fid_encoder"] == {"cached": 2, "computed": 0} and again["fid"] == squash["fid"]
+    # an encoder that takes uint8 pixels (FID's Inception) gets the squashed uint8 images themselves
+    probe = Uint8Probe()
+    res = M.compute_metrics(str(dist), str(real), fid_encoder=probe, fid_resize="squash", **kw)
+    assert probe.dtypes == {torch.uint8} and probe.sizes == {(8, 8)}
+    scaled = lambda f: (f - 128) / 128  # noqa: E731 - (u - 128) / 128 of the features' uint8 means
+    assert res["fid"] == pytest.approx(M.fid(scaled(hand_features_u8(real)), scaled(hand_features_u8(dist))),
+                                       rel=1e-5)
+    assert res["metric_sources"]["fid"] == ("features of --fid-encoder module Uint8Probe; whole image to 8x8 (PIL "
+                                            "bilinear, torchvision's Resize((8, 8))); pixels u -> (u - 128) / 128 "
+                                            "(torchmetrics' FID)")
+    with pytest.raises(ConfigError, match="--fid-resize stretch: must be one of crop, squash"):
+        M.compute_metrics(str(dist), str(real), fid_resize="stretch", **kw)

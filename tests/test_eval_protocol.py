@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_image_folder, tv_resnet18_state_dict
+from conftest import make_image_folder, requires_cuda, tv_resnet18_state_dict
 from PIL import Image
 
 from manifoldgd_fast.errors import ConfigError, DataError
@@ -277,3 +278,257 @@ def test_cli_eval_end_to_end(folders, capsys):
     defaults = _parser().parse_args(["eval", "--distilled", dist, "--real-val", val])
     # nets resolve at run time: all three, or convnet6 when OUT is the digits demo's output
     assert defaults.nets is None and defaults.seeds == 3 and defaults.progress
+
+
+# --------------------------------------------------------------------------- IDC's colour jitter and lighting
+# IDC's utils.Lighting / ColorJitter (the release's misc/utils.py), with the eigen-values/-vectors its
+# data.transform_imagenet passes, transcribed per image as IDC applies them (one image at a time).
+IDC_EIGVAL = [0.2175, 0.0188, 0.0045]
+IDC_EIGVEC = [[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]]
+
+
+def _idc_lighting(img, alpha):
+    """utils.Lighting.__call__ on one (3, H, W) image, with its normal draw ``alpha`` (3,) given."""
+    eigvec, eigval = torch.tensor(IDC_EIGVEC), torch.tensor(IDC_EIGVAL)
+    rgb = eigvec.clone().mul(alpha.view(1, 3).expand(3, 3)).mul(eigval.view(1, 3).expand(3, 3)).sum(1).squeeze()
+    return img + rgb.view(3, 1, 1).expand_as(img)
+
+
+def _idc_grayscale(img):
+    gs = img.clone()
+    gs[0].mul_(0.299).add_(gs[1], alpha=0.587).add_(gs[2], alpha=0.114)
+    gs[1].copy_(gs[0])
+    gs[2].copy_(gs[0])
+    return gs
+
+
+def _idc_jitter(img, order, alphas):
+    """utils.ColorJitter on one image: the shuffled ops ``order`` (0 brightness, 1 contrast,
+    2 saturation), each with its uniform draw ``alphas[op]``."""
+    for op in order:
+        if op == 0:
+            target = img.new().resize_as_(img).zero_()
+        elif op == 1:
+            target = _idc_grayscale(img)
+            target.fill_(target.mean())
+        else:
+            target = _idc_grayscale(img)
+        img = img.lerp(target, float(alphas[op]))
+    return img
+
+
+@pytest.mark.parametrize("std", [0.1, 2.5])
+def test_lighting_matches_idc(std):
+    x = torch.rand(5, 3, 7, 6)
+    out = A.lighting(x, torch.Generator().manual_seed(3), std)
+    alpha = torch.randn(5, 3, generator=torch.Generator().manual_seed(3)) * std  # the draws lighting makes
+    for i in range(5):
+        assert torch.allclose(out[i], _idc_lighting(x[i], alpha[i]), atol=1e-6), i
+    assert not torch.allclose(out, x, atol=1e-3)
+
+
+@pytest.mark.parametrize("strength", [(0.4, 0.4, 0.4), (0.9, 0.2, 0.6)])
+def test_color_jitter_matches_idc(strength):
+    x = torch.rand(7, 3, 5, 9)
+    out = A.color_jitter(x, torch.Generator().manual_seed(11), strength)
+    g = torch.Generator().manual_seed(11)  # the draws color_jitter makes: U(-s, s) per op, then a random order
+    alphas = (torch.rand(7, 3, generator=g) * 2 - 1) * torch.tensor(strength)
+    orders = torch.rand(7, 3, generator=g).argsort(1)
+    assert len({tuple(o) for o in orders.tolist()}) > 1  # several orders are exercised
+    for i in range(7):
+        ref = _idc_jitter(x[i], orders[i].tolist(), alphas[i])
+        assert torch.allclose(out[i], ref, atol=1e-6), i
+
+
+# --------------------------------------------------------------------------- validation resize + crop
+def _non_square_val(root, classes=("ant", "bee", "cat"), w=23, h=15):
+    """One random non-square w x h image a class; returns (folder, {class: PIL image})."""
+    rng = np.random.default_rng(4)
+    images = {}
+    for c in classes:
+        os.makedirs(os.path.join(root, c))
+        im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        im.save(os.path.join(root, c, "0.png"))
+        images[c] = im
+    return str(root), images
+
+
+def _pil_resize_crop(im, short, size):
+    """By hand: PIL bicubic resize of the short side to ``short``, then the centre size x size crop."""
+    w, h = im.size
+    s = short / min(w, h)
+    im = im.resize((round(w * s), round(h * s)), resample=Image.BICUBIC)
+    left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
+    return torch.from_numpy(np.array(im.crop((left, top, left + size, top + size)))).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize("val_resize,short", [(None, 9), (12, 12), (8, 8)])  # 9 = round(8 * 256 / 224); 8: release
+def test_evaluate_resizes_and_centre_crops_validation_images(folders, tmp_path, monkeypatch, val_resize, short):
+    dist, _ = folders
+    val, images = _non_square_val(tmp_path / "val_ns")
+    seen = {}
+    real_load = P.load_images
+
+    def spy(entries, size, **kw):
+        x, y = real_load(entries, size, **kw)
+        seen[kw.get("desc")] = (x, y)
+        return x, y
+
+    monkeypatch.setattr(P, "load_images", spy)
+    res = P.evaluate(dist, val, nets="convnet6", seeds=1, epochs=1, size=8, device="cpu", progress=False,
+                     val_resize=val_resize)
+    x, y = seen["load validation"]
+    assert res["val_resize"] == short and res["val_preprocess"].startswith(f"resize {short} ")
+    for i, c in enumerate(CLASSES):
+        assert y[i] == i and torch.equal(x[i], _pil_resize_crop(images[c], short, 8)), c
+
+
+def test_val_resize_below_size_is_refused(folders):
+    dist, val = folders
+    for v, match in [(6, "--val-resize 6: must be >= the evaluation size 8"), (0, "--val-resize 0: must be >= 1")]:
+        with pytest.raises(ConfigError, match=match):
+            P.evaluate(dist, val, size=8, val_resize=v, device="cpu", progress=False)
+
+
+# --------------------------------------------------------------------------- several distilled folders
+def test_several_distilled_folders_report_each_and_pool_all_runs(folders, tmp_path):
+    dist, val = folders
+    dist2 = make_image_folder(tmp_path / "out2", CLASSES, 4, size=16, seed=7)
+    kw = dict(nets="convnet6", seeds=[0, 1], epochs=3, size=8, batch_size=4, device="cpu", progress=False)
+    one = P.evaluate(dist, val, out_json=str(tmp_path / "one.json"), **kw)
+    both = P.evaluate([dist, dist2], val, **kw)
+    r = both["nets"]["convnet6"]
+    assert both["distilled"] == both["distilled_folders"] == [os.path.abspath(dist), os.path.abspath(dist2)]
+    assert both["n_train"] == [12, 12] and both["std_over"] == "2 distilled sets x 2 seeds"
+    pf0, pf1 = both["per_folder"]
+    # the first folder's runs are those of a run on it alone (a seed gives the same run on the CPU)
+    assert pf0["nets"]["convnet6"]["best_per_seed"] == [s["best"] for s in one["nets"]["convnet6"]["seeds"]]
+    runs = pf0["nets"]["convnet6"]["best_per_seed"] + pf1["nets"]["convnet6"]["best_per_seed"]
+    assert [s["best"] for s in r["seeds"]] == runs and r["n_runs"] == 4
+    assert r["best_mean"] == pytest.approx(np.mean(runs)) and r["best_std"] == pytest.approx(np.std(runs))
+    finals = [s["final"] for s in r["seeds"]]
+    assert r["final_std"] == pytest.approx(np.std(finals))
+    assert pf1["nets"]["convnet6"]["best_std"] == pytest.approx(np.std(pf1["nets"]["convnet6"]["best_per_seed"]))
+    assert [s["distilled"] for s in r["seeds"]] == [os.path.abspath(dist)] * 2 + [os.path.abspath(dist2)] * 2
+    # outputs: the pooled JSON in the first folder; each folder's manifest gets its own numbers
+    assert both["files"]["json"] == os.path.join(os.path.abspath(dist), "eval_pooled.json")
+    md = open(both["files"]["markdown"]).read()
+    assert "2 distilled sets" in md and "## Set 1: " in md and f"{r['best_mean']:.2f} ± {r['best_std']:.2f}" in md
+    with open(os.path.join(dist, "manifest.json")) as f:
+        entry = json.load(f)["eval"][-1]
+    assert entry["nets"]["convnet6"]["best_mean"] == pf0["nets"]["convnet6"]["best_mean"]
+    assert entry["pooled"]["convnet6"]["best_mean"] == r["best_mean"]
+    # a single folder keeps its old keys and values
+    assert one["distilled"] == os.path.abspath(dist) and one["n_train"] == 12 and len(one["per_folder"]) == 1
+
+
+def test_several_distilled_folders_need_the_same_classes(folders, tmp_path):
+    dist, val = folders
+    other = make_image_folder(tmp_path / "other", ["ant", "bee"], 2, size=16)
+    with pytest.raises(DataError) as e:
+        P.evaluate([dist, other], val, size=8, device="cpu", progress=False, restrict_val=True)
+    msg = _one_line(e)
+    assert msg.startswith(f"--distilled {other}: its classes differ") and "missing: cat" in msg
+    with pytest.raises(ConfigError, match="--distilled .*given more than once"):
+        P.evaluate([dist, dist], val, device="cpu", progress=False)
+
+
+def test_cli_eval_several_folders(folders, tmp_path, capsys):
+    dist, val = folders
+    dist2 = make_image_folder(tmp_path / "out2", CLASSES, 4, size=16, seed=7)
+    ns = _parser().parse_args(["eval", "--distilled", dist, dist2, "--real-val", val, "--nets", "convnet6",
+                               "--seeds", "1", "--epochs", "1", "--size", "8", "--device", "cpu", "--no-progress"])
+    assert ns.distilled == [dist, dist2]
+    res = cli_eval.run_eval_from_args(ns)
+    assert len(res["per_folder"]) == 2 and "eval_pooled.json" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- flags
+def test_temperature_and_duplicate_seeds_are_refused(folders, capsys):
+    from manifoldgd_fast.cli import main
+
+    dist, val = folders
+    for t in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError) as e:
+            P.evaluate(dist, val, temperature=t, device="cpu", progress=False)
+        assert _one_line(e).startswith(f"--temperature {t}: must be > 0 and finite")
+    with pytest.raises(ConfigError) as e:
+        P.evaluate(dist, val, seeds=[0, 5, 0], device="cpu", progress=False)
+    assert _one_line(e) == "--seeds 0,5,0: seed 0 given more than once"
+    for args, flag in [(["--seeds", "1,1"], "--seeds 1,1"), (["--temperature", "nan"], "--temperature nan")]:
+        assert main(["eval", "--distilled", dist, "--real-val", val, "--no-progress", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"manifoldgd-fast: error: {flag}:"), err
+
+
+def test_restrict_val_uses_only_the_distilled_classes(folders, tmp_path, monkeypatch):
+    dist, _ = folders
+    val = make_image_folder(tmp_path / "val_all", ["aardvark", *CLASSES, "dog"], 2, size=16, seed=3)
+    with pytest.raises(DataError, match="missing from the distilled set: aardvark, dog"):
+        P.evaluate(dist, val, device="cpu", progress=False)
+    seen = {}
+    real_load = P.load_images
+    monkeypatch.setattr(P, "load_images", lambda e, s, **kw: seen.setdefault(kw["desc"], real_load(e, s, **kw)))
+    res = P.evaluate(dist, val, nets="convnet6", seeds=1, epochs=1, size=8, device="cpu", progress=False,
+                     restrict_val=True)
+    assert res["classes"] == CLASSES and res["n_val"] == 6 and res["restrict_val"] is True
+    assert seen["load validation"][1].tolist() == [0, 0, 1, 1, 2, 2]  # labels: the distilled classes' order
+    # the validation images of 'bee' are those of VAL/bee
+    bee = P.scan_image_folder(val, classes=["bee"], label_map="sorted")
+    assert torch.equal(seen["load validation"][0][2:4], real_load(bee, 8, resize=9 / 8)[0])
+    part = make_image_folder(tmp_path / "val_part", ["ant", "bee"], 2, size=16)
+    with pytest.raises(DataError) as e:
+        P.evaluate(dist, part, device="cpu", progress=False, restrict_val=True)
+    assert "not in the validation set: cat" in _one_line(e)
+
+
+def test_evaluate_trains_all_three_nets_by_default(folders, monkeypatch):
+    dist, val = folders
+    trained = []
+    monkeypatch.setattr(P, "train_net", lambda net, *a, seed, **kw: trained.append(net) or {
+        "seed": seed, "best": 50.0, "final": 40.0, "params": 1})
+    res = P.evaluate(dist, val, seeds=1, epochs=1, size=8, device="cpu", progress=False)
+    assert trained == list(P.NET_NAMES) and list(res["nets"]) == list(P.NET_NAMES)
+
+
+# --------------------------------------------------------------------------- precision
+def test_precision_settings_and_restore(folders):
+    cudnn = torch.backends.cudnn
+    before = (cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
+              os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    cuda = torch.device("cuda")  # only flags are set: no GPU needed
+    with P.numerics(cuda, "fp32"):
+        assert not cudnn.benchmark and cudnn.deterministic and torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") in (before[3] or ":4096:8",)
+    with P.numerics(cuda, "bf16"):
+        assert cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+    assert (cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
+            os.environ.get("CUBLAS_WORKSPACE_CONFIG")) == before
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "CUDA is not available ... Disabling autocast" on a CPU machine
+        assert isinstance(P._amp(cuda, "bf16"), torch.autocast)
+    assert not isinstance(P._amp(cuda, "fp32"), torch.autocast)
+    dist, val = folders
+    with pytest.raises(ConfigError, match="--precision fp16: must be one of bf16, fp32"):
+        P.evaluate(dist, val, precision="fp16", device="cpu", progress=False)
+    res = P.evaluate(dist, val, nets="convnet6", seeds=1, epochs=1, size=8, device="cpu", progress=False,
+                     precision="fp32")
+    assert res["precision"] == "fp32" and res["precision_mode"] == "fp32" and res["deterministic"] is True
+
+
+@requires_cuda()
+def test_fp32_on_cuda_gives_the_same_run_twice():
+    x = (torch.rand(16, 3, 16, 16) * 255).to(torch.uint8)
+    y = torch.arange(16) % 4
+    dev = torch.device("cuda")
+    split = P.Split(x.to(dev), y.to(dev))
+    hp = dict(P.default_hparams(4), batch_size=8)
+
+    def run():
+        with P.numerics(dev, "fp32"):
+            r = P.train_net("resnetap10", split, split, 4, size=16, epochs=2, hp=hp, seed=0, device=dev,
+                            progress=False, return_model=True, precision="fp32")
+        return torch.cat([p.detach().flatten().cpu() for p in r["model"].parameters()])
+
+    assert torch.equal(run(), run())

@@ -39,7 +39,7 @@ def _setup(model, *, method="manifoldgd", formulation="official", sampler="ddpm"
     cfg = DistillConfig(method=method, formulation=formulation, sampler=sampler, ddim_eta=ddim_eta, steps=steps,
                         t_stop=5, ipc=B, guidance_noise=noise, cgs=cgs).resolve(10, device)
     sched = make_schedule(steps, sampler, device=device)
-    run = Sampling(model, sched, NULL, cfg_scale=4.0, formulation=formulation, ddim_eta=ddim_eta, t_stop=5,
+    run = Sampling(model, sched, NULL, cfg_scale=4.0, formulation=formulation, ddim_eta=ddim_eta,
                    autocast_dtype=dtype)
     g = torch.Generator(device=device).manual_seed(100 + seed)
     lat = torch.randn(40, 256, generator=g, device=device)
@@ -47,7 +47,8 @@ def _setup(model, *, method="manifoldgd", formulation="official", sampler="ddpm"
     kw = {}
     if formulation == "paper" and method == "manifoldgd":
         kw = paper_neighbourhoods(cfg, lat, modes)
-    y = torch.tensor([0, 2, 1, 0, 1][:B], device=device)
+    # CGS's set is one class
+    y = torch.tensor([1] * B if cgs else [0, 2, 1, 0, 1][:B], device=device)
 
     def fresh():
         gens = _gens([seed * 10 + b for b in range(B)], device)
@@ -59,7 +60,7 @@ def _setup(model, *, method="manifoldgd", formulation="official", sampler="ddpm"
         cg = None
         if cgs:
             from manifoldgd_fast.cgs import CGS
-            cg = CGS(lat.view(40, 4, 8, 8).mean(0), eta_dpp=cfg.eta_dpp, eta_dm=cfg.eta_dm, eps=cfg.dpp_eps)
+            cg = CGS.for_run(cfg, lat.view(40, 4, 8, 8).mean(0))
         return x_T, y, gens, gd, cg
     return run, fresh
 
@@ -69,7 +70,7 @@ def _reference(run, fresh):
     norms = []
     x = sample(run.model, run.schedule, x_T, y, null_class=run.null_class, cfg_scale=run.cfg_scale,
                formulation=run.formulation, ddim_eta=run.ddim_eta, guidance=gd, generators=gens,
-               autocast_dtype=run.autocast_dtype, cgs=cg, t_stop=run.t_stop,
+               autocast_dtype=run.autocast_dtype, cgs=cg,
                callback=lambda i, z: norms.append(z.flatten(1).norm(dim=1)))
     return x, torch.stack(norms, 1)
 

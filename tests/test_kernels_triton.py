@@ -762,7 +762,7 @@ def test_emulated_graphs_paper_formulation_serve_every_class_of_a_bucket(monkeyp
                         guidance_noise="philox", backend="triton").resolve(10, "cpu")
     sched = make_schedule(steps, "ddpm")
     run = Sampling(build_dit(tiny_dit_config(num_classes=3, sample_size=8), seed=1), sched, NULL, cfg_scale=4.0,
-                   formulation="paper", t_stop=2)
+                   formulation="paper")
 
     def batch(n, seed):
         g = torch.Generator().manual_seed(seed)

@@ -5,6 +5,7 @@ import os
 import shutil
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_image_folder
@@ -23,8 +24,7 @@ from manifoldgd_fast.schedule import Schedule, make_schedule
 pytest.importorskip("transformers")
 
 CLASSES = ["n01440764", "golden_retriever", "cherry"]      # sorted labels: cherry 0, golden_retriever 1, n01440764 2
-PROMPTS = {"cherry": "a photo of a sweet cherry", "golden_retriever": "a photo of a golden retriever",
-           "n01440764": "a photo of a tench"}
+PROMPTS = {"cherry": "sweet cherry", "golden_retriever": "golden retriever", "n01440764": "tench"}
 FAST = ["--ipc", "2", "--steps", "6", "--t-stop", "3", "--batch-size", "2"]
 
 
@@ -128,7 +128,9 @@ def test_prompts_reach_the_text_encoder_once_per_class(sd_world, tmp_path, monke
 def test_class_names_and_prompt_template():
     assert SD.class_prompts(["n01440764", "golden_retriever", "b"], "{name}", "b=banana split") == {
         "n01440764": "tench", "golden_retriever": "golden retriever", "b": "banana split"}
-    assert SD.class_prompts(["n02102040"])["n02102040"] == "a photo of a English springer"
+    assert SD.class_prompts(["n02102040"])["n02102040"] == "English springer"    # the paper's: the name alone
+    assert SD.class_prompts(["n02102040"], "a photo of a {name}")["n02102040"] == "a photo of a English springer"
+    assert DistillConfig().prompt_template == SD.DEFAULT_PROMPT_TEMPLATE == "{name}"
     for bad in ("a photo", "a {name} of {kind}", "{0} {name}"):
         with pytest.raises(ConfigError, match="prompt-template"):
             DistillConfig(prompt_template=bad).validate()
@@ -339,3 +341,295 @@ def test_bench_sd_tiny_runs_on_cpu(tmp_path):
     assert {r["what"] for r in rows} == {"diffusers StableDiffusionPipeline", "ours unguided", "ours mgd3",
                                          "ours manifoldgd"}
     assert all(r["images_per_s"] > 0 for r in rows)
+
+
+# ---------------------------------------------------------------------------- against diffusers, in detail
+def _variant(sd_world, tmp_path, scheduler=None, *, drop_scheduler=False, name="sd"):
+    """A copy of the tiny SD folder with another scheduler_config.json (or none)."""
+    folder = tmp_path / name
+    shutil.copytree(sd_world["model"], folder)
+    if drop_scheduler:
+        shutil.rmtree(folder / "scheduler")
+    elif scheduler is not None:
+        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+    return str(folder)
+
+
+def _ddim_loop(denoiser, sched, x_T, y, S, eta=0.0, noises=None):
+    """A hand-written diffusers DDIM loop over the adapter's UNet (CFG 7.5 on all channels)."""
+    sched.set_timesteps(S)
+    B = x_T.shape[0]
+    null = denoiser.embeddings[len(denoiser.prompts):len(denoiser.prompts) + 1].expand(B, -1, -1)
+    enc = torch.cat([denoiser.embeddings[y], null])
+    x = x_T.clone()
+    with torch.no_grad():
+        for j, t in enumerate(sched.timesteps):
+            out = denoiser.unet(torch.cat([x, x]), t, encoder_hidden_states=enc).sample
+            eps = out[B:] + 7.5 * (out[:B] - out[B:])
+            kw = dict(eta=eta, variance_noise=noises[j]) if noises is not None else {}
+            x = sched.step(eps, t, x, **kw).prev_sample
+    return x
+
+
+def test_ddim_eta_adds_noise_on_the_last_step_as_diffusers(denoiser):
+    """eta > 0: DDIMScheduler.step adds std_dev_t * noise on every step, the last included; with
+    set_alpha_to_one=False (SD) that last sigma is nonzero. Same per-step noise -> same latents. The
+    fast loop pre-draws that last step's noise too; DiT's schedule (ending at abar = 1) draws none there."""
+    from diffusers import DDIMScheduler
+
+    from manifoldgd_fast.fastloop import FastSampler, predraw_noise
+    from manifoldgd_fast.sampler import Sampling, draws_noise
+
+    S, B = 6, 2
+    x_T = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(11))
+    y = torch.tensor([1, 0])
+    s = make_schedule(S, "ddim", **denoiser.schedule_kwargs)
+    assert s.last_step_noise and draws_noise(s, 0, 1.0) and not draws_noise(s, 0, 0.0)
+    assert not make_schedule(S, "ddim").last_step_noise and not draws_noise(make_schedule(S, "ddim"), 0, 1.0)
+    assert not draws_noise(make_schedule(S, "ddpm", **denoiser.schedule_kwargs), 0)
+    seeds = (21, 22)
+    ours = sample(denoiser, s, x_T, y, null_class=2, cfg_scale=7.5, cfg_channels="all", ddim_eta=1.0,
+                  generators=[torch.Generator().manual_seed(g) for g in seeds])
+    gens = [torch.Generator().manual_seed(g) for g in seeds]
+    noises = [torch.stack([torch.randn(4, 8, 8, generator=g) for g in gens]) for _ in range(S)]  # step-major
+    sched = DDIMScheduler.from_config(SD.SD15_SCHEDULER_CONFIG)
+    assert sched.config.set_alpha_to_one is False and sched.config.clip_sample is False
+    ref = _ddim_loop(denoiser, sched, x_T, y, S, eta=1.0, noises=noises)
+    torch.testing.assert_close(ours, ref, atol=2e-5, rtol=2e-5)
+
+    run = Sampling(denoiser, s, 2, cfg_scale=7.5, cfg_channels="all", ddim_eta=1.0)
+    pre = predraw_noise(run, (4, 8, 8), [torch.Generator().manual_seed(g) for g in seeds], "cpu")
+    torch.testing.assert_close(pre[0], noises[-1], atol=0, rtol=0)       # the last step (i = 0) has its noise
+    fast, _ = FastSampler(run).sample(x_T, y, [torch.Generator().manual_seed(g) for g in seeds])
+    torch.testing.assert_close(fast, ours, atol=1e-6, rtol=0)
+
+
+def test_a_scheduler_config_other_than_sd15_is_read_as_diffusers_reads_it(sd_world, tmp_path):
+    """beta_start / beta_end differing from SD 1.5's: our schedule and unguided DDIM equal
+    DDIMScheduler.from_pretrained(folder, subfolder="scheduler") over the same UNet."""
+    from diffusers import DDIMScheduler
+
+    cfg = {**SD.SD15_SCHEDULER_CONFIG, "beta_start": 0.0009, "beta_end": 0.013}
+    folder = _variant(sd_world, tmp_path, cfg)
+    den = SD.load_sd_denoiser(folder, {0: "a cherry", 1: "a dog"})
+    sched = DDIMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+    assert sched.config.beta_end == 0.013 and sched.config.set_alpha_to_one is False
+    S = 5
+    s = make_schedule(S, "ddim", **den.schedule_kwargs)
+    sched.set_timesteps(S)
+    assert s.timesteps.flip(0).tolist() == sched.timesteps.tolist()
+    torch.testing.assert_close(s.alphas_cumprod.flip(0), sched.alphas_cumprod[sched.timesteps], atol=1e-6, rtol=0)
+    sd15 = make_schedule(S, "ddim", **SD.diffusers_schedule_kwargs(SD.SD15_SCHEDULER_CONFIG))
+    assert (s.alphas_cumprod - sd15.alphas_cumprod).abs().max() > 1e-3     # the file's betas, not SD 1.5's
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    y = torch.tensor([0, 1])
+    ours = sample(den, s, x_T, y, null_class=2, cfg_scale=7.5, cfg_channels="all")
+    torch.testing.assert_close(ours, _ddim_loop(den, sched, x_T, y, S), atol=2e-5, rtol=2e-5)
+
+
+def test_steps_offset_and_clip_sample_are_forced_as_the_pipeline_does(sd_world, tmp_path, caplog):
+    """StableDiffusionPipeline sets steps_offset 1 and clip_sample False (deprecation warnings); so do we,
+    with a warning naming the folder. A folder without scheduler/ samples with SD 1.5's settings, saying so."""
+    cfg = {**SD.SD15_SCHEDULER_CONFIG, "steps_offset": 0, "clip_sample": True}
+    folder = _variant(sd_world, tmp_path, cfg)
+    want = SD.diffusers_schedule_kwargs(SD.SD15_SCHEDULER_CONFIG)
+    with caplog.at_level("WARNING", logger="manifoldgd_fast"):
+        got = SD.read_scheduler_config(folder, folder)
+    assert got["steps_offset"] == 1 and got["clip_sample"] is False
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("steps_offset 0" in m and folder in m for m in msgs)
+    assert any("clip_sample true" in m and folder in m for m in msgs)
+    with pytest.warns(FutureWarning) as w:                        # diffusers' own deprecation warnings
+        pipe = _pipe(folder)
+    assert any("steps_offset" in str(x.message) for x in w) and any("clip_sample" in str(x.message) for x in w)
+    assert pipe.scheduler.config.steps_offset == 1 and pipe.scheduler.config.clip_sample is False
+    kw = SD.diffusers_schedule_kwargs(got)
+    assert kw["steps_offset"] == 1 and (kw["betas"] == want["betas"]).all()
+
+    bare = _variant(sd_world, tmp_path, drop_scheduler=True, name="bare")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="manifoldgd_fast"):
+        den = SD.load_sd_denoiser(bare, {0: "a cherry"})
+    assert any("SD 1.5's scheduler settings" in r.getMessage() and bare in r.getMessage() for r in caplog.records)
+    assert {k: v for k, v in den.schedule_kwargs.items() if k != "betas"} == \
+        {k: v for k, v in want.items() if k != "betas"}
+    # a key missing from the file takes SD 1.5's value in both readers (not DDIMScheduler's linear betas)
+    partial = {k: v for k, v in SD.SD15_SCHEDULER_CONFIG.items() if k not in ("beta_schedule", "beta_end")}
+    assert (SD.diffusers_schedule_kwargs(partial)["betas"] == want["betas"]).all()
+    assert SD.read_scheduler_config(_variant(sd_world, tmp_path, partial, name="partial"), "x")["beta_end"] == 0.012
+
+
+@pytest.mark.parametrize("key, value, why", [
+    ("prediction_type", "v_prediction", "prediction_type 'v_prediction' is not supported (epsilon only"),
+    ("timestep_spacing", "trailing", "timestep_spacing 'trailing' is not supported (leading)"),
+    ("beta_schedule", "squaredcos_cap_v2", "beta_schedule 'squaredcos_cap_v2' is not supported (scaled_linear or linear)"),
+])
+def test_unsupported_scheduler_settings_fail_before_any_weights_load(sd_world, tmp_path, capsys, monkeypatch,
+                                                                     key, value, why):
+    from transformers import CLIPTextModel
+
+    folder = _variant(sd_world, tmp_path, {**SD.SD15_SCHEDULER_CONFIG, key: value})
+
+    def no_load(*a, **k):
+        raise AssertionError("weights loaded before the scheduler config was checked")
+
+    monkeypatch.setattr(SD, "_load_from_folder", no_load)
+    monkeypatch.setattr(CLIPTextModel, "from_pretrained", no_load)
+    with pytest.raises(ModelError) as e:
+        SD.load_sd(folder)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"--model {folder}: ") and why in msg and "scheduler_config.json" in msg
+    rc = main(_args({**sd_world, "model": folder}, tmp_path / "out"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and folder in err[0] and why in err[0]
+
+
+def test_same_seed_same_bytes_and_output_size_is_a_pil_bicubic_resize(sd_world, tmp_path):
+    """Two runs with one seed write identical PNGs (another seed: other PNGs); --output-size writes
+    PIL's bicubic resize of the native decode."""
+    def run(out, *extra):
+        assert main(_args(sd_world, tmp_path / out, "--no-contact-sheet", *extra)) == 0
+        return {c: (tmp_path / out / c / "0.png").read_bytes() for c in CLASSES}
+
+    a, b = run("a"), run("b")
+    assert a == b
+    assert run("seed1", "--seed", "1") != a
+    run("big", "--output-size", "24")
+    for c in CLASSES:
+        with Image.open(tmp_path / "a" / c / "0.png") as im:
+            assert im.size == (16, 16)
+            want = np.asarray(im.convert("RGB").resize((24, 24), resample=Image.BICUBIC))
+        with Image.open(tmp_path / "big" / c / "0.png") as im:
+            np.testing.assert_array_equal(np.asarray(im), want)
+
+
+def test_cfg_channels_3_is_refused_for_sd(sd_world, tmp_path, capsys, monkeypatch):
+    with pytest.raises(ConfigError, match="cfg-channels 3"):
+        DistillConfig(backbone="sd", cfg_channels="3").validate()
+    with pytest.raises(ConfigError, match="all 4 latent channels"):
+        DistillConfig(cfg_channels="3").resolve(3, backbone="sd")
+    assert DistillConfig(cfg_channels="3").resolve(3, backbone="dit").cfg_channels == "3"
+    # the SD default guidance scale is sd.SD_CFG_SCALE
+    monkeypatch.setattr(SD, "SD_CFG_SCALE", 5.5)
+    assert DistillConfig().resolve(3, backbone="sd").cfg_scale == 5.5
+    assert DistillConfig().resolve(3, backbone="dit").cfg_scale == 4.0
+    monkeypatch.setattr(SD, "load_sd_denoiser", lambda *a, **k: pytest.fail("SD models loaded"))
+    rc = main(_args(sd_world, tmp_path / "out", "--cfg-channels", "3"))      # backbone found from the folder
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--cfg-channels 3" in err[0]
+
+
+def test_class_names_unknown_keys_synonyms_and_equal_prompts(tmp_path, sd_world, capsys):
+    names = tmp_path / "names.txt"
+    names.write_text("n01440764 tench, Tinca tinca\ncherry sweet cherry\nn01443537 goldfish, Carassius auratus\n")
+    # LOC_synset_mapping.txt style: the first synonym; ImageNet wnids without a folder are fine
+    assert SD.class_prompts(["n01440764", "cherry"], class_names=str(names)) == {
+        "n01440764": "tench", "cherry": "sweet cherry"}
+    assert SD.class_prompts(["a"], class_names={"a": "apple, malus"}) == {"a": "apple"}
+    # a key for a folder of the data set that this run does not select is fine, any other is not
+    assert SD.class_prompts(["a"], class_names="a=apple,b=banana", folders=["a", "b"]) == {"a": "apple"}
+    names.write_text("cherry sweet cherry\nchery cherry\nbananna banana\n")
+    with pytest.raises(ConfigError) as e:
+        SD.class_prompts(["cherry", "golden_retriever"], class_names=str(names))
+    assert str(e.value) == f"--class-names {names}: 2 name(s) match no class folder: 'chery', 'bananna'"
+    with pytest.raises(ConfigError, match=r"^--class-names: 1 name\(s\) match no class folder: 'b'$"):
+        SD.class_prompts(["a"], class_names="a=apple,b=banana")
+    # equal prompts once lowercased (CLIP's tokenizer lowercases): one line naming both folders
+    with pytest.raises(ConfigError) as e:
+        SD.class_prompts(["a", "b"], class_names="a=Crane,b=crane ")
+    msg = str(e.value)
+    assert "\n" not in msg and "'a' and 'b'" in msg and "lowercased" in msg
+    with pytest.raises(ConfigError, match="'a' and 'b'"):
+        SD.class_prompts(["a", "b"], "a photo of a {name}", class_names="a=Cardigan,b=cardigan")
+    # the shipped ImageNet names give 1000 distinct prompts
+    from manifoldgd_fast.data import imagenet_wnids
+
+    assert len(set(SD.class_prompts(imagenet_wnids()).values())) == 1000
+    rc = main(_args(sd_world, tmp_path / "out")[:-6] + ["--class-names", "cherry=tree,golden_retriever=Tree", *FAST])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "'cherry' and 'golden_retriever'" in err[0]
+
+
+def test_text_encoder_attention_mask_and_truncation_as_diffusers(sd_world, caplog):
+    """use_attention_mask in the text encoder's config is honoured as encode_prompt does; a prompt
+    longer than the tokenizer's length is cut there, with one warning naming its class."""
+    pipe = _pipe(sd_world["model"])
+    parts = SD.load_sd(sd_world["model"])
+    te, tok = parts["text_encoder"], parts["tokenizer"]
+    long = "a photo of a very " + "very " * 40 + "long cherry"
+    prompts = ["a photo of a cherry", long]
+    plain = SD.encode_prompts(te, tok, prompts)
+    ref, _ = pipe.encode_prompt(prompts, "cpu", 1, False)
+    torch.testing.assert_close(plain, ref.float(), atol=1e-6, rtol=0)
+    for m in (te, pipe.text_encoder):
+        m.config.use_attention_mask = True
+    masked = SD.encode_prompts(te, tok, prompts)
+    ref, _ = pipe.encode_prompt(prompts, "cpu", 1, False)
+    torch.testing.assert_close(masked, ref.float(), atol=1e-6, rtol=0)
+    assert (masked[0] - plain[0]).abs().max() > 1e-4                  # the mask changes the padded rows
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="manifoldgd_fast"):
+        SD.encode_prompts(te, tok, prompts, names=["class cherry", "class long_cherry"])
+    cut = [r.getMessage() for r in caplog.records if "longer than" in r.getMessage()]
+    assert len(cut) == 1 and cut[0].startswith("class long_cherry: ") and "long cherry" in cut[0]
+
+
+def test_vae_that_does_not_fit_the_unet_is_one_line(sd_world, tmp_path, capsys, monkeypatch):
+    """A 9-channel (inpainting) UNet, or a VAE with a shift_factor (SD3 / Flux), is refused in prepare
+    before the UNet loads, naming the folder."""
+    inpaint = _variant(sd_world, tmp_path, name="inpaint")
+    unet = SD.build_sd_unet({**SD.tiny_sd_unet_config(sample_size=8, cross_attention_dim=32), "in_channels": 9})
+    shutil.rmtree(os.path.join(inpaint, "unet"))
+    unet.save_pretrained(os.path.join(inpaint, "unet"), safe_serialization=True)
+    monkeypatch.setattr(SD, "load_sd_denoiser", lambda *a, **k: pytest.fail("SD models loaded"))
+    rc = main(_args({**sd_world, "model": inpaint}, tmp_path / "out"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and inpaint in err[0] and "takes 9" in err[0] and "latent_channels 4" in err[0]
+
+    shifted = _variant(sd_world, tmp_path, name="shifted")
+    path = os.path.join(shifted, "vae", "config.json")
+    with open(path) as f:
+        vcfg = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**vcfg, "shift_factor": 0.0609}, f)
+    rc = main(_args({**sd_world, "model": shifted}, tmp_path / "out2"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and shifted in err[0] and "shift_factor 0.0609" in err[0]
+
+
+def test_step_guidance_reads_a_diffusers_scheduler(denoiser):
+    """StepGuidance(scheduler=) takes the noise levels from the scheduler's alphas_cumprod: in a diffusers
+    DDIM loop on SD's schedule it equals our guided sampler; the DiT default betas would not."""
+    from diffusers import DDIMScheduler
+
+    from manifoldgd_fast.guidance import StepGuidance
+
+    S, B = 6, 2
+    lat = torch.randn(30, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    modes = lat[:B] + 0.05
+    x_T = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([1, 1])
+    sched = DDIMScheduler.from_config(SD.SD15_SCHEDULER_CONFIG)
+    sched.set_timesteps(S)
+    guide = StepGuidance(modes, scheduler=sched, formulation="official", method="mgd3", n_classes=3, t_stop=3)
+    dit_betas = StepGuidance(modes, timesteps=sched.timesteps, formulation="official", method="mgd3",
+                             n_classes=3, t_stop=3)
+    s = make_schedule(S, "ddim", **denoiser.schedule_kwargs)
+    torch.testing.assert_close(guide.schedule.alphas_cumprod, s.alphas_cumprod, atol=1e-6, rtol=0)
+    assert (dit_betas.schedule.alphas_cumprod - s.alphas_cumprod).abs().max() > 1e-2
+    enc = torch.cat([denoiser.embeddings[y], denoiser.embeddings[2:3].expand(B, -1, -1)])
+    x = x_T.clone()
+    with torch.no_grad():
+        for step, t in enumerate(sched.timesteps):
+            out = denoiser.unet(torch.cat([x, x]), t, encoder_hidden_states=enc).sample
+            eps = guide(x, out[B:] + 7.5 * (out[:B] - out[B:]), step)
+            x = sched.step(eps, t, x).prev_sample
+    cfg = guide.cfg
+    gens = [torch.Generator().manual_seed(b) for b in range(B)]
+    ours = sample(denoiser, s, x_T, y, null_class=2, cfg_scale=7.5, cfg_channels="all", generators=gens,
+                  guidance=Guidance(cfg, s, modes, gens))
+    plain = sample(denoiser, s, x_T, y, null_class=2, cfg_scale=7.5, cfg_channels="all")
+    torch.testing.assert_close(x, ours, atol=1e-4, rtol=1e-4)
+    assert (ours - plain).abs().max() > 1e-3
+    with pytest.raises(ConfigError, match="not both"):
+        StepGuidance(modes, scheduler=sched, betas=SD.diffusers_schedule_kwargs({})["betas"])

@@ -14,7 +14,11 @@ uint8 tensors so that nothing leaves the device (SPEC 7):
    pasted from a permutation of the batch, as IDC's ``rand_bbox``.
 
 Per-image randomness comes from a ``torch.Generator`` on the device, per-batch
-scalars (CutMix) from one on the CPU, so a seed gives the same run.
+scalars (CutMix) from one on the CPU, so a seed gives the same augmentation.
+The same training run as well: exactly on the CPU, and on CUDA with
+``--precision fp32`` (deterministic algorithms); under bf16 autocast with
+cudnn.benchmark the kernels cuDNN picks may differ from run to run, and with
+them the last bits of the weights.
 """
 from __future__ import annotations
 

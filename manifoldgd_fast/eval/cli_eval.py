@@ -33,11 +33,21 @@ def _seeds(text: str):
 
 def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("evaluation (SPEC 7)")
-    g.add_argument("--distilled", default="distilled", metavar="OUT",
-                   help="distilled folder OUT/<class>/<i>.png (default: distilled, where `distill` writes)")
+    g.add_argument("--distilled", nargs="+", default=["distilled"], metavar="OUT",
+                   help="distilled folder OUT/<class>/<i>.png (default: distilled, where `distill` writes); "
+                        "several folders with the same classes (e.g. distilled with --seed 0, 1, 2) are reported "
+                        "one by one and pooled: mean ± std over all (folder, seed) runs, as the release's std over "
+                        "3 distilled sets")
     g.add_argument("--real-val", default=None, metavar="VAL",
                    help="real validation folder VAL/<class>/<image>, the same class names (default: the digits "
                         "test split when OUT is the embedded demo's output)")
+    g.add_argument("--restrict-val", action="store_true",
+                   help="use only the validation classes the distilled folder has (a subset's OUT against all of "
+                        "ImageNet's val); every distilled class must still be there")
+    g.add_argument("--val-resize", type=int, default=None, metavar="PX",
+                   help="short side of the validation images before the centre crop to --size (default: "
+                        "--size x 256/224, i.e. resize 256 / crop 224 as SPEC 7; 224 at 224 px is the release's "
+                        "Resize(224) + CenterCrop(224))")
     g.add_argument("--nets", default=None, help=f"comma-separated, from {', '.join(NET_NAMES)} "
                                                 f"(default: all three; convnet6 for the digits demo)")
     g.add_argument("--seeds", type=_seeds, default=3, help="number of seeds (0..n-1) or a list such as 0,5,7")
@@ -53,11 +63,16 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="soft-label protocol: a saved nn.Module, a state dict of one of the nets or of "
                         "torchvision's ResNet-18, or imagenet-resnet18 (torchvision's ImageNet weights from "
                         "$TORCH_HOME/hub/checkpoints); an ImageNet teacher answers for the folder's WordNet ids")
-    g.add_argument("--temperature", type=float, default=1.0, help="soft-label temperature")
+    g.add_argument("--temperature", type=float, default=1.0, help="soft-label temperature (> 0)")
+    g.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                   help="on CUDA: bf16 autocast + channels_last + cudnn.benchmark (fast; runs may differ in the "
+                        "last bits), or fp32 as the release, with deterministic algorithms where torch has them "
+                        "(a seed then gives the same run); the CPU always runs fp32")
     g.add_argument("--eval-every", type=int, default=None, help="test every N epochs (default: epochs // 100)")
     g.add_argument("--val-batch-size", type=int, default=500, help="validation batch size")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    g.add_argument("--out-json", default=None, help="default: OUT/eval.json (markdown beside it)")
+    g.add_argument("--out-json", default=None, help="default: OUT/eval.json (markdown beside it); with several "
+                                                     "--distilled folders, the first one's eval_pooled.json")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     return parser
 
@@ -75,6 +90,10 @@ def add_metrics_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                    help="encoder of the FID alone: fid-inception (pytorch-fid's Inception-V3 weights from "
                         "$TORCH_HOME/hub/checkpoints, at 299 px: the papers' FID; never downloaded) or any "
                         "--encoder source (default: the --encoder, as SPEC 7 asks)")
+    g.add_argument("--fid-resize", choices=("crop", "squash"), default="crop",
+                   help="the FID's images: crop = short side resized (PIL bicubic) + centre crop, as every other "
+                        "metric; squash = the whole image resized to the FID encoder's size (PIL bilinear) and, "
+                        "with fid-inception, pixels scaled (u - 128) / 128: the release's fid.py (torchmetrics)")
     g.add_argument("--size", type=int, default=None, help="encoder resolution (default: the encoder's own, "
                                                           "else 224, or the distilled images' size if smaller)")
     g.add_argument("--k", type=int, default=50, help="representativeness: the k most similar real images")
@@ -122,11 +141,13 @@ def run_eval_from_args(ns: argparse.Namespace) -> dict:
     from ..errors import ConfigError
     from .protocol import evaluate, markdown_table
 
-    _check_folders(distilled=ns.distilled)
-    demo_val = _demo_real_val(ns.distilled)
+    folders = [ns.distilled] if isinstance(ns.distilled, str) else list(ns.distilled)
+    for folder in folders:
+        _check_folders(distilled=folder)
+    demo_val = _demo_real_val(folders[0])
     if ns.real_val is None:
         if demo_val is None:
-            raise ConfigError(f"--real-val is required: {ns.distilled} is not the embedded demo's output")
+            raise ConfigError(f"--real-val is required: {folders[0]} is not the embedded demo's output")
         ns.real_val = demo_val
     _check_folders(real_val=ns.real_val)
     demo = ns.real_val == demo_val
@@ -134,13 +155,15 @@ def run_eval_from_args(ns: argparse.Namespace) -> dict:
         ns.nets = "convnet6" if demo else ",".join(NET_NAMES)
     if ns.epochs is None and demo:
         ns.epochs = DEMO_EPOCHS
-    res = evaluate(ns.distilled, ns.real_val, nets=ns.nets, seeds=ns.seeds, epochs=ns.epochs, size=ns.size,
-                   batch_size=ns.batch_size, lr=ns.lr, device=ns.device, teacher=ns.teacher,
-                   temperature=ns.temperature, eval_every=ns.eval_every, val_batch_size=ns.val_batch_size,
-                   out_json=ns.out_json, progress=ns.progress)
+    res = evaluate(folders[0] if len(folders) == 1 else folders, ns.real_val, nets=ns.nets, seeds=ns.seeds,
+                   epochs=ns.epochs, size=ns.size, batch_size=ns.batch_size, lr=ns.lr, device=ns.device,
+                   teacher=ns.teacher, temperature=ns.temperature, eval_every=ns.eval_every,
+                   val_batch_size=ns.val_batch_size, val_resize=ns.val_resize, restrict_val=ns.restrict_val,
+                   precision=ns.precision, out_json=ns.out_json, progress=ns.progress)
     print(markdown_table(res), end="")
+    recorded = [m for m in res.get("manifests", [res.get("manifest")]) if m]
     print(f"results: {res['files']['json']}, {res['files']['markdown']}"
-          + (f"; recorded in {res['manifest']}" if res.get("manifest") else ""))
+          + (f"; recorded in {', '.join(recorded)}" if recorded else ""))
     return res
 
 
@@ -151,11 +174,16 @@ def run_metrics_from_args(ns: argparse.Namespace) -> dict:
     res = compute_metrics(ns.distilled, ns.real, encoder=ns.encoder, size=ns.size, device=ns.device, k=ns.k,
                           max_real_per_class=ns.max_real_per_class, mmd_max_real=ns.mmd_max_real,
                           encoder_epochs=ns.encoder_epochs, cache_dir=ns.cache_dir, out_json=ns.out_json,
-                          fid_encoder=ns.fid_encoder, feature_cache=ns.feature_cache, progress=ns.progress)
+                          fid_encoder=ns.fid_encoder, fid_resize=ns.fid_resize, feature_cache=ns.feature_cache,
+                          progress=ns.progress)
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-    fid_by = f" ({res['fid_encoder']['kind']})" if res.get("fid_encoder") else ""
+    fid_by = f" ({res['fid_encoder']['kind']}, {res['fid_resize']})" if res.get("fid_encoder") else ""
     print(f"FID{fid_by} {fmt(res['fid'])}  L2 {fmt(res['l2'])}  MMD {fmt(res['mmd'])}  "
           f"representativeness {fmt(res['representativeness'])}  diversity {fmt(res['diversity'])}  "
           f"({res['n_syn']} distilled vs {res['n_real']} real images, {res['size']} px)")
+    print(f"release's definitions: L2 of means {fmt(res['l2_means'])}  MMD {fmt(res['mmd_release'])}  "
+          f"representativeness (minimax) {fmt(res['representativeness_minimax'])}  "
+          f"diversity (minimax) {fmt(res['diversity_minimax'])}")
+    print(f"{res['metric_sources']['l2']}")
     print(f"results: {res['file']}" + (f"; recorded in {res['manifest']}" if res.get("manifest") else ""))
     return res

@@ -10,8 +10,14 @@ network, with the same parameter names, so the file loads as is:
 - the FID graph differs from torchvision's Inception in its pooling branches: the
   3x3 average pools do not count the zero padding (TensorFlow's pooling), and the
   last block (Mixed_7c) max-pools where the others average;
-- input: bilinear resize to 299 px (``align_corners=False``) and scaling to
-  [-1, 1], as pytorch-fid does.
+- input (``forward_features``): ImageNet-normalised images, scaled back to
+  [-1, 1] as pytorch-fid scales them (u / 127.5 - 1); inputs that are not
+  299 px are resized bilinearly (``align_corners=False``, no antialiasing), as
+  pytorch-fid does -- ``metrics`` hands it images it already resized and
+  centre-cropped to 299 px, so that resize does not run there;
+- ``forward_features_uint8``: uint8 pixels u scaled (u - 128) / 128, as
+  torchmetrics' FID (torch-fidelity's Inception) does in the released fid.py
+  (``metrics --fid-resize squash``).
 
 Our encoders take ImageNet-normalised images (see ``nets``); ``forward_features``
 undoes that normalisation first. The weights come from torch.hub's cache
@@ -182,7 +188,18 @@ class FIDInceptionV3(nn.Module):
         """ImageNet-normalised images (B, 3, H, W) -> pool3 features (B, 2048)."""
         if x.shape[-2:] != (299, 299):
             x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        x = x * self.in_scale + self.in_shift
+        return self.features_from_scaled(x * self.in_scale + self.in_shift)
+
+    def forward_features_uint8(self, u: torch.Tensor) -> torch.Tensor:
+        """uint8 images (B, 3, 299, 299) -> pool3 features (B, 2048), pixels scaled (u - 128) / 128
+        as torchmetrics' FID scales them (the released fid.py)."""
+        if u.dtype != torch.uint8 or u.shape[-2:] != (299, 299):
+            raise ValueError(f"forward_features_uint8: u must be uint8 (B, 3, 299, 299), got {u.dtype} "
+                             f"{tuple(u.shape)}")
+        return self.features_from_scaled((u.float() - 128) / 128)
+
+    def features_from_scaled(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in the network's input scale (about [-1, 1]), (B, 3, 299, 299) -> pool3 features (B, 2048)."""
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, 3, stride=2)
         x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, stride=2)

@@ -14,11 +14,25 @@
   Reported as means over images, and per class.
 - Trajectory variance (ManifoldGD Fig. 12): variance across samples of ‖x̂0‖ per step.
 
+The released code's variants are reported beside them, on the same features,
+as the release computes them (kl.py, representativeness_diversity.py):
+
+- ``l2_means``: ‖mean(real) − mean(synthetic)‖ over all classes (raw features);
+- ``mmd_release``: unbiased MMD² (U-statistic) with k = exp(−γ d²),
+  γ = 1 / median(d²) (the lower median of the pairwise d² of at most 5,000
+  pooled points), each set capped at 6,000 random points; sqrt(max(MMD², 0));
+- ``representativeness_minimax`` = min_i max_j cos(s_i, r_j) and
+  ``diversity_minimax`` = 1 − max_{i≠j} cos(s_i, s_j), over all classes at once.
+
 Encoder: by default a ResNet-18 (``nets.py``) trained here on the real folder's
-images of the distilled classes and cached under ``$MANIFOLDGD_CACHE/encoders``;
+images of the distilled classes and cached under ``$MANIFOLDGD_CACHE/encoders``
+-- not the papers' ImageNet-pretrained ResNet-18 (``encoder="imagenet-resnet18"``);
 or a user module / checkpoint (``nets.load_net``). Its ``forward_features`` (else
 its output, flattened) is the feature; inputs are ImageNet-normalised images
-resized and centre-cropped to ``size``.
+resized (short side, PIL bicubic) and centre-cropped to ``size``. The FID's
+images can instead be squashed whole to the FID encoder's size (PIL bilinear),
+as the release's fid.py does (``fid_resize="squash"``). The JSON records the
+encoder and the preprocessing behind each number (``metric_sources``).
 """
 from __future__ import annotations
 
@@ -37,8 +51,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data import iter_class_images
-from ..errors import ConfigError
+from ..data import ClassImages, iter_class_images
+from ..errors import ConfigError, DataError
 from ..output import atomic_write_bytes, atomic_write_text
 from .augment import normalize, to_unit
 from .nets import NAMED, load_net, net_checkpoint
@@ -136,6 +150,88 @@ def diversity(syn: torch.Tensor) -> torch.Tensor:
     return (1 - sim.max(1).values).clamp_(min=0) if len(z) > 1 else torch.full((len(z),), float("nan"))
 
 
+# --------------------------------------------------------------------------- the release's variants
+def l2_between_means(syn: torch.Tensor, real: torch.Tensor) -> float:
+    """kl.py's L2: ‖mean(syn) − mean(real)‖ of raw (N, D) features, in float64."""
+    return float((syn.mean(0, dtype=torch.float64) - real.mean(0, dtype=torch.float64)).norm())
+
+
+def _sqdist_expanded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """‖a‖² + ‖b‖² − 2 a·b, (n, m): kl.py's pairwise squared distances (not clamped)."""
+    return (a * a).sum(1, keepdim=True) + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
+
+
+def _kernel_sum(a: torch.Tensor, b: torch.Tensor, gamma: float, drop_diagonal: bool, block: int = 2048) -> float:
+    """Σ exp(−γ max(d², 0)) over all pairs (minus the pairs i = i when ``drop_diagonal``), in blocks."""
+    total = a.new_zeros(())
+    for i in range(0, len(a), block):
+        for j in range(0, len(b), block):
+            k = torch.exp(-gamma * _sqdist_expanded(a[i:i + block], b[j:j + block]).clamp_min(0))
+            total += k.sum()
+            if drop_diagonal and i == j:
+                total -= k.diagonal().sum()  # the computed k(x_i, x_i), as kl.py subtracts it
+    return float(total)
+
+
+def mmd_release(x: torch.Tensor, y: torch.Tensor, max_samples: int = 6000, median_samples: int = 5000,
+                seed: int = 0) -> dict:
+    """kl.py's MMD: unbiased MMD² (Gretton's U-statistic) with k(a, b) = exp(−γ ‖a − b‖²).
+
+    Each set is first capped at ``max_samples`` random points (x first, then y); γ =
+    1 / (median + 1e-12), the median (torch's: the lower one) of the pairwise squared
+    distances, each clamped to >= 1e-12, among at most ``median_samples`` random points
+    of the pooled capped sets. The random subsets come from one generator seeded
+    ``seed`` (the release: the global RNG). x: (n, D) synthetic, y: (m, D) real
+    (kl.py's dataset1 / dataset2); float64 here (the release: float32).
+    Returns {mmd = sqrt(max(MMD², 0)), mmd2 = max(MMD², 0), gamma, n_x, n_y}.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def cap(z, n):
+        if n <= 0 or len(z) <= n:
+            return z
+        return z[torch.randperm(len(z), generator=gen)[:n].to(z.device)]
+
+    x, y = cap(x, max_samples).double(), cap(y, max_samples).double()
+    n, m = len(x), len(y)
+    if n < 2 or m < 2:
+        raise ConfigError(f"mmd_release: needs at least 2 points in each set, got {n} and {m}")
+    z = cap(torch.cat([x, y]), median_samples)
+    iu = torch.triu_indices(len(z), len(z), 1, device=z.device)
+    median = float(_sqdist_expanded(z, z)[iu[0], iu[1]].clamp_min(1e-12).median())
+    gamma = 1.0 / (median + 1e-12)
+    mmd2 = (_kernel_sum(x, x, gamma, True) / (n * (n - 1)) + _kernel_sum(y, y, gamma, True) / (m * (m - 1))
+            - 2.0 * _kernel_sum(x, y, gamma, False) / (n * m))
+    mmd2 = max(mmd2, 0.0)
+    return {"mmd": mmd2 ** 0.5, "mmd2": mmd2, "gamma": gamma, "n_x": n, "n_y": m}
+
+
+def _max_cosine(a: torch.Tensor, b: torch.Tensor, same: bool = False, block: int = 2048) -> torch.Tensor:
+    """(n,) max_j cos(a_i, b_j), in blocks (never the n x m matrix); ``same``: a is b and j != i."""
+    za = F.normalize(a.double(), dim=1)
+    best = torch.full((len(za),), float("-inf"), dtype=torch.float64, device=za.device)
+    for j in range(0, len(b), block):
+        zb = F.normalize(b[j:j + block].double(), dim=1)  # per block: ImageNet's real set stays float32
+        for i in range(0, len(za), block):
+            sim = za[i:i + block] @ zb.T
+            if same and i == j:
+                sim.fill_diagonal_(float("-inf"))
+            best[i:i + block] = torch.maximum(best[i:i + block], sim.max(1).values)
+    return best
+
+
+def representativeness_minimax(syn: torch.Tensor, real: torch.Tensor) -> float:
+    """representativeness_diversity.py's score: min over synthetic i of max over real j of cos(s_i, r_j)."""
+    return float(_max_cosine(syn, real).min())
+
+
+def diversity_minimax(syn: torch.Tensor) -> float | None:
+    """representativeness_diversity.py's score: 1 − max over pairs i != j of cos(s_i, s_j) (None below 2 images)."""
+    if len(syn) < 2:
+        return None
+    return 1.0 - float(_max_cosine(syn, syn, same=True).max())
+
+
 def latent_norms(x0: torch.Tensor) -> torch.Tensor:
     """‖x̂0‖ per sample: (B, ...) -> (B,) float32; one column of a trajectory trace."""
     return x0.detach().flatten(1).float().norm(dim=1)
@@ -176,8 +272,10 @@ class FeatureCache:
     then encode the real images once.
     """
 
-    def __init__(self, root: str, encoder: torch.nn.Module, size: int, precision: str, device: torch.device):
+    def __init__(self, root: str, encoder: torch.nn.Module, size: int, precision: str, device: torch.device,
+                 resize: str = "crop"):
         kind = f"{type(encoder).__module__}.{type(encoder).__qualname__}|{precision}|{device.type}"
+        kind += "|squash" if resize == "squash" else ""  # crop keeps the keys caches were written under
         h = hashlib.sha1(kind.encode())
         for name, t in encoder.state_dict().items():
             h.update(name.encode())
@@ -211,20 +309,67 @@ class FeatureCache:
         atomic_write_bytes(path, save({"features": features.float().cpu().contiguous()}))
 
 
+RESIZES = ("crop", "squash")
+
+
+def load_squashed(path: str, size: int) -> torch.Tensor:
+    """uint8 (3, size, size): the whole image resized to size x size with PIL's bilinear
+    filter, as torchvision's ``Resize((size, size))`` does to a PIL image (the release's fid.py).
+    Raises DataError naming the file."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            arr = np.array(img.convert("RGB").resize((size, size), resample=Image.BILINEAR))
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot read image {path}: {e}") from None
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+class SquashedImages(ClassImages):
+    """data.ClassImages with :func:`load_squashed`: batches of uint8 (b, 3, size, size)."""
+
+    def _load(self, path: str):
+        try:
+            return load_squashed(path, self.size)
+        except DataError as e:
+            return e
+
+
+def describe_preprocess(encoder: torch.nn.Module, size: int, resize: str = "crop") -> str:
+    """How :func:`extract_features` turns a file into the encoder's input, in words (recorded in the JSON)."""
+    if resize == "squash":
+        geometry = f"whole image to {size}x{size} (PIL bilinear, torchvision's Resize(({size}, {size})))"
+    else:
+        geometry = f"short side to {size} (PIL box-halving + bicubic), centre crop {size}x{size}"
+    if callable(getattr(encoder, "forward_features_uint8", None)):
+        scale = "(u - 128) / 128 (torchmetrics' FID)" if resize == "squash" else "u / 127.5 - 1 (pytorch-fid)"
+    else:
+        scale = "ImageNet mean / std"
+    return f"{geometry}; pixels u -> {scale}"
+
+
 @torch.no_grad()
 def extract_features(encoder: torch.nn.Module, entries, size: int, device: torch.device, *, batch_size: int = 256,
                      max_per_class: int | None = None, progress: bool = False, desc: str = "features",
-                     cache_dir: str | None = None, stats: dict | None = None):
+                     cache_dir: str | None = None, stats: dict | None = None, resize: str = "crop"):
     """Encoder features of every image of ``entries`` (streamed per class, not held in memory),
     under bf16 autocast on CUDA unless the encoder sets ``fp32_features`` (the papers' encoders).
-    cache_dir: keep each class's features in a :class:`FeatureCache` there and reuse them
-    (None: no cache); ``stats`` (a dict) then counts ``cached`` and ``computed`` classes.
+    resize: "crop" (short side to ``size``, centre crop; see data.load_image) or "squash"
+    (:func:`load_squashed`; an encoder with ``forward_features_uint8``, FID's Inception,
+    then takes the uint8 pixels as torchmetrics does). cache_dir: keep each class's
+    features in a :class:`FeatureCache` there and reuse them (None: no cache); ``stats``
+    (a dict) then counts ``cached`` and ``computed`` classes.
     Returns (features (N, D) float32 on the device, labels (N,))."""
+    if resize not in RESIZES:
+        raise ConfigError(f"--fid-resize {resize}: must be one of {', '.join(RESIZES)}")
+    squash = resize == "squash"
     fp32 = bool(getattr(encoder, "fp32_features", False))
     amp = contextlib.nullcontext if fp32 else functools.partial(_amp, device)
     precision = "fp32" if fp32 or device.type != "cuda" else "bf16-autocast"
-    cache = FeatureCache(cache_dir, encoder, size, precision, device) if cache_dir else None
+    cache = FeatureCache(cache_dir, encoder, size, precision, device, resize) if cache_dir else None
     encoder = _prepare(encoder, device).eval()
+    uint8_fwd = getattr(encoder, "forward_features_uint8", None) if squash else None
     stats = {} if stats is None else stats
     stats.update(cached=0, computed=0)
     feats, labels = [], []
@@ -236,10 +381,14 @@ def extract_features(encoder: torch.nn.Module, entries, size: int, device: torch
             f = cache.load(path) if path else None
             if f is None:
                 parts = []
-                for batch, _ in iter_class_images(sub, size, batch_size):
-                    x = _cl(normalize(to_unit(to_uint8(batch).to(device))))
+                images = SquashedImages(sub, size, batch_size) if squash else iter_class_images(sub, size, batch_size)
+                for batch, _ in images:
+                    u = batch.to(device) if squash else to_uint8(batch).to(device)  # (b, 3, size, size) uint8
                     with amp():
-                        parts.append(_encode(encoder, x))
+                        if callable(uint8_fwd):
+                            parts.append(uint8_fwd(u).flatten(1).float())
+                        else:
+                            parts.append(_encode(encoder, _cl(normalize(to_unit(u)))))
                     bar.update(len(batch))
                 if not parts:
                     continue
@@ -275,6 +424,8 @@ def default_encoder(real: str, entries, size: int, device: torch.device, *, epoc
     path = os.path.join(cache_dir or default_cache_root(), "encoders",
                         f"resnet18-{_encoder_key(real, entries, size, epochs, cap)}.pt")
     info = {"kind": "resnet18 trained on the real folder", "cache": path, "epochs": epochs,
+            "note": "the default encoder: not the papers' ImageNet-pretrained ResNet-18 "
+                    "(--encoder imagenet-resnet18)",
             "max_per_class": cap, "recipe": ENCODER_RECIPE}
     if os.path.isfile(path):
         ck = torch.load(path, map_location="cpu", weights_only=True)
@@ -299,7 +450,8 @@ def default_encoder(real: str, entries, size: int, device: torch.device, *, epoc
 def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None = None, device: str = "auto",
                     k: int = 50, max_real_per_class: int | None = None, mmd_max_real: int = 5000,
                     encoder_epochs: int = 30, cache_dir: str | None = None, out_json: str | None = None,
-                    fid_encoder=None, feature_cache: bool = True, progress: bool = True) -> dict:
+                    fid_encoder=None, fid_resize: str = "crop", feature_cache: bool = True,
+                    progress: bool = True) -> dict:
     """FID, L2, MMD, representativeness, diversity of ``distilled`` against ``real``.
 
     distilled: OUT/<class>/<i>.png; real: a real (training) folder holding every
@@ -311,7 +463,13 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
     real images used (None: all); mmd_max_real: real points in the MMD (random
     subset, seed 0). fid_encoder: None (FID on ``encoder``'s features, SPEC 7)
     or another encoder for the FID alone, e.g. ``"fid-inception"`` (FID's
-    Inception-V3 at 299 px, as the papers' FID columns). feature_cache: keep the
+    Inception-V3 at 299 px, as the papers' FID columns). fid_resize: the FID's images
+    "crop" (short side resized, centre crop: the default, as every other metric) or
+    "squash" (the whole image resized to the FID encoder's size, PIL bilinear; with
+    fid-inception the pixels are scaled (u - 128) / 128: the release's fid.py through
+    torchmetrics). Besides SPEC 7's metrics the release's variants are reported
+    (``l2_means``, ``mmd_release``, ``representativeness_minimax``, ``diversity_minimax``;
+    see the module docstring), on the same features. feature_cache: keep the
     real images' features under ``cache_dir`` (see :class:`FeatureCache`) and reuse
     them in later runs against the same real folder. Writes ``out_json`` (default OUT/metrics.json) and appends a
     summary to OUT/manifest.json's "metrics" list if it exists. Returns that dict.
@@ -320,6 +478,8 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
                     ("--mmd-max-real", mmd_max_real), ("--encoder-epochs", encoder_epochs)):
         if v is not None and v < 1:
             raise ConfigError(f"{name} {v}: must be >= 1")
+    if fid_resize not in RESIZES:
+        raise ConfigError(f"--fid-resize {fid_resize}: must be one of {', '.join(RESIZES)}")
     t0 = time.perf_counter()
     dev = resolve_device(device)
     classes, dist, ref = match_classes(distilled, real, exact=False, what="real")
@@ -339,14 +499,17 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
     real_stats = {"encoder": {}, "fid_encoder": {}}
     fs, ys = extract_features(enc, dist, size, dev, progress=progress, desc="features distilled")
     fr, yr = extract_features(enc, ref, size, dev, desc="features real", stats=real_stats["encoder"], **real_kw)
-    fid_info = None
-    if fid_encoder is not None:
-        fenc = load_net(fid_encoder, num_classes=len(classes), size=size, what="--fid-encoder")
-        fid_size = getattr(fenc, "input_size", None) or size
-        fid_info = {**_source_info(fid_encoder), "size": fid_size}
-        fid_value = fid(extract_features(fenc, ref, fid_size, dev, desc="FID features real",
+    fid_info, fid_enc, fid_size = None, enc, size
+    if fid_encoder is not None or fid_resize != "crop":
+        if fid_encoder is not None:
+            fid_enc = load_net(fid_encoder, num_classes=len(classes), size=size, what="--fid-encoder")
+            fid_size = getattr(fid_enc, "input_size", None) or size
+            fid_info = {**_source_info(fid_encoder), "size": fid_size, "resize": fid_resize}
+        else:
+            fid_info = {"kind": f"the --encoder ({enc_info['kind']})", "size": size, "resize": fid_resize}
+        fid_value = fid(extract_features(fid_enc, ref, fid_size, dev, desc="FID features real", resize=fid_resize,
                                          stats=real_stats["fid_encoder"], **real_kw)[0],
-                        extract_features(fenc, dist, fid_size, dev, progress=progress,
+                        extract_features(fid_enc, dist, fid_size, dev, progress=progress, resize=fid_resize,
                                          desc="FID features distilled")[0])
     else:
         fid_value = fid(fr, fs)
@@ -364,12 +527,28 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
             pooled[key].append(v)
         per_class[name] = {"n_syn": len(s), "n_real": len(r), **{key: _mean(v) for key, v in values.items()}}
     means = {key: _mean(torch.cat(v)) for key, v in pooled.items()}
+    mmd_rel = mmd_release(fs, fr) if len(fs) > 1 and len(fr) > 1 else None
+    release = {"l2_means": l2_between_means(fs, fr), "mmd_release": mmd_rel and mmd_rel["mmd"],
+               "mmd2_release": mmd_rel and mmd_rel["mmd2"], "mmd_release_gamma": mmd_rel and mmd_rel["gamma"],
+               "representativeness_minimax": representativeness_minimax(fs, fr),
+               "diversity_minimax": diversity_minimax(fs)}
+    enc_kind = (f"{enc_info['kind']} (the default encoder, not the papers' ImageNet ResNet-18)" if encoder is None
+                else f"--encoder {enc_info['kind']}")
+    features = f"features of {enc_kind}; {describe_preprocess(enc, size)}"
+    fid_features = (features if fid_info is None else
+                    f"features of {fid_info['kind'] if fid_encoder is None else '--fid-encoder ' + fid_info['kind']}; "
+                    f"{describe_preprocess(fid_enc, fid_size, fid_resize)}")
+    sources = {"fid": fid_features, **{key: features for key in (
+        "l2", "l2_real_to_syn", "mmd", "representativeness", "diversity", *release)}}
     result = {
         "format": "manifoldgd_fast.metrics/1", "distilled": os.path.abspath(distilled), "real": os.path.abspath(real),
         "classes": classes, "size": size, "n_syn": len(fs), "n_real": len(fr), "feature_dim": fs.shape[1],
         "encoder": enc_info, "fid": fid_value, "fid_encoder": fid_info,
         "real_features": {"cache": real_kw["cache_dir"], **{k: v for k, v in real_stats.items() if v}}, "mmd2": mmd["mmd2"], "mmd": mmd["mmd"],
         "mmd_bandwidth": mmd["bandwidth"], "mmd_n_real": len(mmd_real), **means, "representativeness_k": k,
+        **release, "mmd_release_n": mmd_rel and [mmd_rel["n_x"], mmd_rel["n_y"]],
+        "fid_resize": fid_resize, "preprocess": describe_preprocess(enc, size),
+        "metric_sources": sources, "definitions": DEFINITIONS,
         "per_class": per_class,
         "device": str(dev), "versions": {"torch": torch.__version__, "numpy": np.__version__},
         "time_s": round(time.perf_counter() - t0, 3),
@@ -378,10 +557,26 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
     result["file"] = os.path.abspath(out_json)
     result["manifest"] = append_manifest(os.path.abspath(distilled), "metrics", {
         "file": result["file"], "encoder": enc_info.get("cache", enc_info["kind"]), "size": size,
-        "fid_encoder": fid_info and fid_info["kind"],
-        **{key: result[key] for key in ("fid", "mmd", "l2", "representativeness", "diversity")}})
+        "fid_encoder": fid_info and fid_info["kind"], "fid_resize": fid_resize,
+        **{key: result[key] for key in ("fid", "mmd", "l2", "representativeness", "diversity", *release)}})
     atomic_write_text(out_json, json.dumps(result, indent=2, sort_keys=True, default=str))
     return result
+
+
+DEFINITIONS = {
+    "fid": "SPEC 7: Frechet distance of Gaussians fitted to all real and all synthetic features",
+    "l2": "SPEC 7: mean over synthetic images of the distance to the nearest real feature of the class",
+    "l2_real_to_syn": "per real image, the distance to the nearest synthetic feature of the class, averaged",
+    "mmd": "SPEC 7: biased MMD (V-statistic), RBF exp(-d^2 / 2 sigma^2), sigma = median pairwise distance",
+    "representativeness": "MGD3: mean over synthetic images of the mean cosine to its k most similar real "
+                          "images of its class",
+    "diversity": "MGD3: mean over synthetic images of 1 - the largest cosine to another synthetic image of its class",
+    "l2_means": "release kl.py: norm of mean(real) - mean(synthetic), all classes, raw features",
+    "mmd_release": "release kl.py: sqrt(max(unbiased MMD^2, 0)), exp(-gamma d^2), gamma = 1 / median(d^2), "
+                   "each set capped at 6000 random points",
+    "representativeness_minimax": "release representativeness_diversity.py: min_i max_j cos(s_i, r_j), all classes",
+    "diversity_minimax": "release representativeness_diversity.py: 1 - max_{i != j} cos(s_i, s_j), all classes",
+}
 
 
 def _source_info(source) -> dict:

@@ -4,9 +4,16 @@ test top-1 on the real validation folder (SPEC 7).
 The whole distilled set is one uint8 tensor on the device (sets above
 :data:`MAX_DEVICE_IMAGES` images stay in host memory and travel per batch);
 augmentation runs on the device (``augment.py``); on CUDA the nets run
-channels_last under bf16 autocast. Validation images are loaded once (resize
-``size * 256 / 224``, centre crop ``size``: 256 / 224 at 224 px) and scored in
-batches.
+channels_last under bf16 autocast with cudnn.benchmark (``precision="bf16"``),
+or in fp32 with deterministic algorithms where torch has them
+(``precision="fp32"``, the release's arithmetic). Validation images are loaded
+once (short side resized to ``val_resize``, centre crop ``size``: 256 / 224 at
+224 px by default, SPEC 7; ``val_resize=224`` is the release's
+Resize(224) + CenterCrop(224)) and scored in batches.
+
+Several distilled folders (the release's std is over 3 distilled sets, each
+trained once) are evaluated one after the other; results are given per folder
+and pooled over all (folder, seed) runs.
 """
 from __future__ import annotations
 
@@ -25,17 +32,18 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data import IMAGE_EXTS, ClassEntry, iter_class_images, scan_image_folder
+from ..data import IMAGE_EXTS, ClassEntry, ClassImages, scan_image_folder
 from ..devices import resolve_device
 from ..errors import ConfigError, DataError
 from ..output import MANIFEST, atomic_write_text
 from .augment import TrainAugment, cutmix, normalize, to_unit
-from .nets import build_net, count_parameters, load_net, parse_nets
+from .nets import NET_NAMES, build_net, count_parameters, load_net, parse_nets
 
 log = logging.getLogger(__name__)
 
 MAX_DEVICE_IMAGES = 50_000
 VAL_RESIZE = 256 / 224           # resize 256 / centre crop 224, at any size
+PRECISIONS = ("bf16", "fp32")
 RESERVED_DIRS = ("latents", "modes")  # what a distill run puts beside the class folders
 
 
@@ -135,16 +143,52 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
 
 
+def load_resized_crop(path: str, size: int, short_side: int) -> torch.Tensor:
+    """uint8 (3, size, size): the image's short side resized to ``short_side`` as
+    data.center_crop_arr resizes (box-halving while >= 2x, then PIL bicubic), then the
+    centre ``size`` x ``size`` crop of the whole resized image (offsets rounded down).
+    With ``short_side == size`` this is data.load_image's crop, bit for bit.
+    Raises DataError naming the file."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            while min(*img.size) >= 2 * short_side:
+                img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+            scale = short_side / min(*img.size)
+            img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+            arr = np.array(img)
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot read image {path}: {e}") from None
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return torch.from_numpy(np.ascontiguousarray(arr[top:top + size, left:left + size])).permute(2, 0, 1)
+
+
+class _ResizedCrops(ClassImages):
+    """data.ClassImages (threaded, unreadable files skipped) yielding :func:`load_resized_crop` uint8 batches."""
+
+    def __init__(self, entry: ClassEntry, size: int, short_side: int, batch_size: int = 64):
+        super().__init__(entry, size, batch_size)
+        self.short_side = short_side
+
+    def _load(self, path: str):
+        try:
+            return load_resized_crop(path, self.size, self.short_side)
+        except DataError as e:
+            return e
+
+
 def load_images(entries: list[ClassEntry], size: int, *, resize: float = 1.0, max_per_class: int | None = None,
                 progress: bool = False, desc: str = "load") -> tuple[torch.Tensor, torch.Tensor]:
     """Every image of ``entries`` as uint8 (N, 3, size, size) in host memory, and labels (N,).
 
-    Images are resized (short side ``round(size * resize)``) and centre-cropped to
-    ``size``; unreadable files are skipped with a warning (data.ClassImages).
+    Images are resized (short side ``round(size * resize)``, at least ``size``) and
+    centre-cropped to ``size`` (:func:`load_resized_crop`); unreadable files are
+    skipped with a warning (data.ClassImages).
     Raises DataError naming a class left without a readable image.
     """
     load = max(size, round(size * resize))
-    off = (load - size) // 2
     files = [e.files[:max_per_class] if max_per_class else e.files for e in entries]
     total = sum(len(f) for f in files)
     x = torch.empty(total, 3, size, size, dtype=torch.uint8)
@@ -154,9 +198,9 @@ def load_images(entries: list[ClassEntry], size: int, *, resize: float = 1.0, ma
         for e, fs in zip(entries, files):
             sub = dataclasses.replace(e, files=fs)
             n0 = n
-            for batch, _paths in iter_class_images(sub, load, batch_size=64):
+            for batch, _paths in _ResizedCrops(sub, size, load):
                 b = batch.shape[0]
-                x[n:n + b] = to_uint8(batch[:, :, off:off + size, off:off + size])
+                x[n:n + b] = batch
                 y[n:n + b] = e.label
                 n += b
                 bar.update(b)
@@ -189,29 +233,75 @@ class Split:
 
 
 # --------------------------------------------------------------------------- training
-def _amp(device: torch.device):
-    if device.type == "cuda":
+def _amp(device: torch.device, precision: str = "bf16"):
+    if device.type == "cuda" and precision == "bf16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def _prepare(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def _prepare(model: torch.nn.Module, device: torch.device, precision: str = "bf16") -> torch.nn.Module:
     model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+    # channels_last only with bf16: fp32 runs the release's NCHW layout
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" and precision == "bf16" else model
 
 
-def _cl(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+def _cl(x: torch.Tensor, precision: str = "bf16") -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda and precision == "bf16" else x
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision {precision}: must be one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+@contextlib.contextmanager
+def numerics(device: torch.device, precision: str):
+    """cuDNN / determinism settings of a run, restored afterwards.
+
+    bf16 (CUDA): cudnn.benchmark on (fastest kernels, which may differ from run to
+    run). fp32: benchmark off, cudnn.deterministic and torch's deterministic
+    algorithms (warn-only: an op without a deterministic kernel warns instead of
+    failing), cuBLAS's fixed workspace unless $CUBLAS_WORKSPACE_CONFIG is set.
+    """
+    cudnn = torch.backends.cudnn
+    old = (cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
+           torch.is_deterministic_algorithms_warn_only_enabled())
+    set_env = False
+    try:
+        if device.type == "cuda" and precision == "bf16":
+            cudnn.benchmark = True
+        elif device.type == "cuda":
+            cudnn.benchmark, cudnn.deterministic = False, True
+            if "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
+                os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # read when cuBLAS makes a handle
+                set_env = True
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        yield
+    finally:
+        cudnn.benchmark, cudnn.deterministic = old[0], old[1]
+        torch.use_deterministic_algorithms(old[2], warn_only=old[3])
+        if set_env:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
+def describe_precision(device: torch.device, precision: str) -> str:
+    if device.type != "cuda":
+        return "fp32"
+    if precision == "bf16":
+        return "bf16 autocast, channels_last, cudnn.benchmark"
+    return "fp32, cudnn.benchmark off, deterministic algorithms (warn-only)"
 
 
 @torch.no_grad()
-def accuracy(model: torch.nn.Module, split: Split, device: torch.device, batch_size: int = 500) -> float:
+def accuracy(model: torch.nn.Module, split: Split, device: torch.device, batch_size: int = 500,
+             precision: str = "bf16") -> float:
     """Top-1 accuracy in percent of ``model`` on ``split`` (uint8 images, normalised here)."""
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=device)
     for k in range(0, len(split), batch_size):
-        xb = _cl(normalize(to_unit(split.images(slice(k, k + batch_size), device))))
-        with _amp(device):
+        xb = _cl(normalize(to_unit(split.images(slice(k, k + batch_size), device))), precision)
+        with _amp(device, precision):
             out = model(xb)
         correct += (out.argmax(1) == split.y[k:k + batch_size]).sum()
     return 100.0 * correct.item() / len(split)
@@ -228,10 +318,12 @@ def lr_at(epoch: int, epochs: int, base: float, schedule: str) -> float:
 def train_net(net: str, train: Split, val: Split, num_classes: int, *, size: int, epochs: int, hp: dict,
               seed: int, device: torch.device, teacher: torch.nn.Module | None = None, temperature: float = 1.0,
               eval_every: int | None = None, augment: TrainAugment | None = None, val_batch_size: int = 500,
-              progress: bool = True, desc: str = "", return_model: bool = False) -> dict:
+              progress: bool = True, desc: str = "", return_model: bool = False, precision: str = "bf16") -> dict:
     """Train one ``net`` from scratch on ``train`` and test it on ``val`` every ``eval_every`` epochs.
 
     hp: optimizer ('sgd' / 'adamw'), lr, weight_decay, batch_size, schedule (see default_hparams).
+    precision: on CUDA, "bf16" (autocast, channels_last) or "fp32"; the CPU always runs fp32
+    (see :func:`numerics` for the cuDNN settings that go with each).
     teacher: soft-label protocol -- the student matches the teacher's softmax on each
     augmented view (KL, temperature ``temperature``); None -> cross-entropy with CutMix labels.
     Returns {best, best_epoch, final, history [[epoch, top-1], ...], train_acc, params, time_s}
@@ -240,7 +332,7 @@ def train_net(net: str, train: Split, val: Split, num_classes: int, *, size: int
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = _prepare(build_net(net, num_classes, size), device)
+        model = _prepare(build_net(net, num_classes, size), device, precision)
     augment = augment or TrainAugment(size)
     params = list(model.parameters())
     if hp["optimizer"] == "adamw":
@@ -265,8 +357,8 @@ def train_net(net: str, train: Split, val: Split, num_classes: int, *, size: int
             yb = train.y[idx]
             with torch.no_grad():
                 xb, partner, ratio = cutmix(augment(train.images(idx, device), gen), gen_cpu)
-                xb = _cl(xb)
-            with _amp(device):
+                xb = _cl(xb, precision)
+            with _amp(device, precision):
                 out = model(xb)
                 if teacher is not None:
                     with torch.no_grad():
@@ -283,7 +375,7 @@ def train_net(net: str, train: Split, val: Split, num_classes: int, *, size: int
             seen += len(idx)
         bar.update(1)
         if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
-            final = accuracy(model, val, device, val_batch_size)
+            final = accuracy(model, val, device, val_batch_size, precision)
             history.append([epoch + 1, round(final, 4)])
             if final > best:
                 best, best_epoch = final, epoch + 1
@@ -297,10 +389,11 @@ def train_net(net: str, train: Split, val: Split, num_classes: int, *, size: int
             "history": history, "params": count_parameters(model), "time_s": round(time.perf_counter() - t0, 3)}
 
 
-def _check_teacher(teacher: torch.nn.Module, num_classes: int, size: int, device: torch.device):
-    teacher = _prepare(teacher, device).eval().requires_grad_(False)
-    with torch.no_grad(), _amp(device):
-        out = teacher(_cl(torch.zeros(1, 3, size, size, device=device)))
+def _check_teacher(teacher: torch.nn.Module, num_classes: int, size: int, device: torch.device,
+                   precision: str = "bf16"):
+    teacher = _prepare(teacher, device, precision).eval().requires_grad_(False)
+    with torch.no_grad(), _amp(device, precision):
+        out = teacher(_cl(torch.zeros(1, 3, size, size, device=device), precision))
     if out.ndim != 2 or out.shape[1] != num_classes:
         raise ConfigError(f"--teacher: gives outputs of shape {tuple(out.shape)} at {size} px, "
                           f"expected (1, {num_classes}) for the {num_classes} classes")
@@ -331,115 +424,233 @@ def append_manifest(out_dir: str, key: str, entry: dict) -> str | None:
     return path
 
 
-def markdown_table(result: dict) -> str:
-    """Per net: params, best and final top-1 mean ± std, and each seed's best / final."""
-    lines = [f"# Evaluation ({result['protocol']}): {result['distilled']}", "",
-             f"{result['num_classes']} classes, IPC {result['ipc']}, {result['size']} px, {result['epochs']} epochs, "
-             f"validation {result['real_val']} ({result['n_val']} images); top-1 %, mean ± std over "
-             f"{len(result['seeds'])} seeds", "",
-             "| net | params | best top-1 | final top-1 | per seed best | per seed final |",
+def _net_rows(nets: dict, what: str = "per seed") -> list[str]:
+    lines = [f"| net | params | best top-1 | final top-1 | {what} best | {what} final |",
              "|---|---:|---:|---:|---|---|"]
-    for net, r in result["nets"].items():
-        per_best = ", ".join(f"{s['best']:.2f}" for s in r["seeds"])
-        per_final = ", ".join(f"{s['final']:.2f}" for s in r["seeds"])
+    for net, r in nets.items():
+        bests = [s["best"] for s in r["seeds"]] if "seeds" in r else r["best_per_seed"]
+        finals = [s["final"] for s in r["seeds"]] if "seeds" in r else r["final_per_seed"]
         lines.append(f"| {net} | {r['params'] / 1e6:.2f}M | {r['best_mean']:.2f} ± {r['best_std']:.2f} | "
-                     f"{r['final_mean']:.2f} ± {r['final_std']:.2f} | {per_best} | {per_final} |")
+                     f"{r['final_mean']:.2f} ± {r['final_std']:.2f} | {', '.join(f'{v:.2f}' for v in bests)} | "
+                     f"{', '.join(f'{v:.2f}' for v in finals)} |")
+    return lines
+
+
+def markdown_table(result: dict) -> str:
+    """Per net: params, best and final top-1 mean ± std, and each run's best / final; with several
+    distilled folders the pooled table (all (folder, seed) runs) comes first, then one per folder."""
+    folders = result.get("distilled_folders") or [result["distilled"]]
+    n_seeds = len(result["seeds"])
+    head = (f"{result['num_classes']} classes, IPC {result['ipc']}, {result['size']} px, {result['epochs']} epochs, "
+            f"validation {result['real_val']} ({result['n_val']} images); top-1 %, mean ± std over ")
+    if len(folders) == 1:
+        lines = [f"# Evaluation ({result['protocol']}): {folders[0]}", "", head + f"{n_seeds} seeds", "",
+                 *_net_rows(result["nets"])]
+    else:
+        lines = [f"# Evaluation ({result['protocol']}): {len(folders)} distilled sets", "",
+                 head + f"{len(folders) * n_seeds} runs ({len(folders)} distilled sets x {n_seeds} seeds)", "",
+                 *_net_rows(result["nets"], "per run")]
+        for i, pf in enumerate(result["per_folder"]):
+            lines += ["", f"## Set {i}: {pf['distilled']} (IPC {pf['ipc']}; mean ± std over {n_seeds} seeds)", "",
+                      *_net_rows(pf["nets"])]
     return "\n".join(lines) + "\n"
 
 
-def write_eval_outputs(result: dict, distilled: str, out_json: str | None) -> None:
-    out_json = out_json or os.path.join(distilled, "eval.json")
+def _summary(nets: dict) -> dict:
+    return {n: {k: r[k] for k in ("best_mean", "best_std", "final_mean", "final_std")} for n, r in nets.items()}
+
+
+def write_eval_outputs(result: dict, distilled, out_json: str | None) -> None:
+    """Write the JSON and the markdown (default OUT/eval.json; OUT1/eval_pooled.json for several
+    folders) and append a summary to each folder's manifest "eval" list (its own numbers, and the
+    pooled ones when there are several folders)."""
+    folders = _folder_list(distilled)
+    several = len(folders) > 1
+    out_json = out_json or os.path.join(folders[0], "eval_pooled.json" if several else "eval.json")
     out_md = os.path.splitext(out_json)[0] + ".md"
     result["files"] = {"json": os.path.abspath(out_json), "markdown": os.path.abspath(out_md)}
-    entry = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-             "file": result["files"]["json"], "protocol": result["protocol"], "size": result["size"],
-             "epochs": result["epochs"], "seeds": result["seeds"], "real_val": result["real_val"],
-             "nets": {n: {k: r[k] for k in ("best_mean", "best_std", "final_mean", "final_std")}
-                      for n, r in result["nets"].items()}}
-    result["manifest"] = append_manifest(os.path.abspath(distilled), "eval", entry)
+    base = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "file": result["files"]["json"], "protocol": result["protocol"], "size": result["size"],
+            "epochs": result["epochs"], "seeds": result["seeds"], "real_val": result["real_val"]}
+    manifests = []
+    for i, folder in enumerate(folders):
+        entry = dict(base, nets=_summary(result["per_folder"][i]["nets"] if several else result["nets"]))
+        if several:
+            entry.update(pooled=_summary(result["nets"]), distilled_folders=result["distilled_folders"])
+        manifests.append(append_manifest(os.path.abspath(folder), "eval", entry))
+    result["manifest"], result["manifests"] = manifests[0], manifests
     atomic_write_text(out_json, json.dumps(result, indent=2, sort_keys=True, default=str))
     atomic_write_text(out_md, markdown_table(result))
 
 
+def _folder_list(distilled) -> list[str]:
+    """One folder or a sequence of them -> a list; ConfigError naming --distilled for none or repeats."""
+    if isinstance(distilled, (str, os.PathLike)):
+        return [os.fspath(distilled)]
+    folders = [os.fspath(d) for d in distilled]
+    if not folders:
+        raise ConfigError("--distilled: no folder given")
+    seen = set()
+    for f in folders:
+        if os.path.realpath(f) in seen:
+            raise ConfigError(f"--distilled {f}: given more than once")
+        seen.add(os.path.realpath(f))
+    return folders
+
+
+def _check_seeds(seeds) -> list[int]:
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise ConfigError(f"--seeds {seeds}: must be >= 1")
+        return list(range(seeds))
+    seed_list = [int(s) for s in seeds]
+    if not seed_list:
+        raise ConfigError(f"--seeds {seeds}: must be >= 1")
+    dup = sorted({s for s in seed_list if seed_list.count(s) > 1})
+    if dup:
+        raise ConfigError(f"--seeds {','.join(map(str, seed_list))}: seed {', '.join(map(str, dup))} "
+                          f"given more than once")
+    return seed_list
+
+
+def _same_classes(folders: list[str], matched: list) -> None:
+    classes = matched[0][0]
+    for folder, (other, _, _) in zip(folders[1:], matched[1:]):
+        if other != classes:
+            missing, extra = set(classes) - set(other), set(other) - set(classes)
+            parts = [f"{what}: {_names(names)}" for what, names in (("missing", missing), ("extra", extra)) if names]
+            raise DataError(f"--distilled {folder}: its classes differ from those of {folders[0]} "
+                            f"({'; '.join(parts)}); several distilled folders must hold the same classes")
+
+
 # --------------------------------------------------------------------------- entry point
-def evaluate(distilled: str, real_val: str, *, nets=("convnet6",), seeds=3, epochs: int | None = None,
+def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None = None,
              size: int | None = None, batch_size: int | None = None, lr: float | None = None,
              device: str = "auto", teacher=None, temperature: float = 1.0, eval_every: int | None = None,
-             val_batch_size: int = 500, out_json: str | None = None, progress: bool = True) -> dict:
-    """Train each net of ``nets`` on the distilled folder for each seed; test on ``real_val``.
+             val_batch_size: int = 500, val_resize: int | None = None, restrict_val: bool = False,
+             precision: str = "bf16", out_json: str | None = None, progress: bool = True) -> dict:
+    """Train each net of ``nets`` on the distilled folder(s) for each seed; test on ``real_val``.
 
-    distilled: OUT/<class>/<i>.png (``latents/``, ``modes/`` are ignored); real_val:
+    distilled: OUT/<class>/<i>.png (``latents/``, ``modes/`` are ignored), or a list of
+    such folders with the same classes (e.g. sets distilled with seeds 0, 1, 2: the
+    release's std is over 3 distilled sets, each trained once); real_val:
     VAL/<class>/<image> with the same class names (labels: sorted class names).
-    seeds: a count (seeds 0..n-1) or a list of seeds. epochs / batch_size / lr:
-    None = SPEC 7's defaults for the IPC and class count. size: None = 224 for
+    nets: names or a comma-separated string; None = all three (NET_NAMES).
+    seeds: a count (seeds 0..n-1) or a list of distinct seeds. epochs / batch_size / lr:
+    None = SPEC 7's defaults for the (largest) IPC and class count. size: None = 224 for
     images of >= 224 px, else their own size. teacher: None (hard labels) or a
     module / file / state dict / ``imagenet-resnet18`` (see nets.load_net) ->
     soft-label protocol; a 1000-class ImageNet teacher on a subset's WordNet-id
-    folders answers for those classes.
-    Writes ``out_json`` (default OUT/eval.json), the markdown table beside it
-    (.md) and appends a summary to OUT/manifest.json's "eval" list if it exists.
-    Returns the dict written to the JSON: per net, per seed best / final top-1
-    (percent) and their mean / std (numpy std, ddof 0) over seeds.
+    folders answers for those classes; temperature > 0.
+    val_resize: short side (px) of the validation images before the centre crop to
+    ``size``; None = ``size * 256 / 224`` (256 at 224 px, SPEC 7); 224 at 224 px is the
+    release's Resize(224) + CenterCrop(224). restrict_val: use only the validation
+    classes the distilled folder has (a subset against all of ImageNet's val);
+    otherwise the class sets must be equal. precision: on CUDA, "bf16" (autocast,
+    channels_last, cudnn.benchmark: fast, not bit-reproducible) or "fp32" (the
+    release's; deterministic algorithms where torch has them). On the CPU a seed
+    gives the same run with either.
+    Writes ``out_json`` (default OUT/eval.json; OUT1/eval_pooled.json for several
+    folders), the markdown table beside it (.md) and appends a summary to each
+    OUT/manifest.json's "eval" list if it exists.
+    Returns the dict written to the JSON: per net, per run best / final top-1
+    (percent) and their mean / std (numpy std, ddof 0) over all (folder, seed) runs;
+    ``per_folder`` the same per distilled folder.
     """
-    nets = parse_nets(nets)
-    seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
-    if not seed_list or (isinstance(seeds, int) and seeds < 1):
-        raise ConfigError(f"--seeds {seeds}: must be >= 1")
+    folders = _folder_list(distilled)
+    nets = parse_nets(NET_NAMES if nets is None else nets)
+    seed_list = _check_seeds(seeds)
     for name, v in (("--epochs", epochs), ("--size", size), ("--batch-size", batch_size),
-                    ("--eval-every", eval_every), ("--val-batch-size", val_batch_size)):
+                    ("--eval-every", eval_every), ("--val-batch-size", val_batch_size), ("--val-resize", val_resize)):
         if v is not None and v < 1:
             raise ConfigError(f"{name} {v}: must be >= 1")
     if lr is not None and not lr > 0:
         raise ConfigError(f"--lr {lr}: must be > 0")
+    try:
+        temperature_ok = math.isfinite(float(temperature)) and float(temperature) > 0
+    except (TypeError, ValueError):
+        temperature_ok = False
+    if not temperature_ok:
+        raise ConfigError(f"--temperature {temperature}: must be > 0 and finite")
+    check_precision(precision)
     dev = resolve_device(device)
-    classes, dist, val = match_classes(distilled, real_val)
+    matched = [match_classes(f, real_val, exact=not restrict_val) for f in folders]
+    _same_classes(folders, matched)
+    classes, val = matched[0][0], matched[0][2]
     num_classes = len(classes)
-    ipc = max(len(e.files) for e in dist)
-    size = size or default_size(native_size(dist))
+    ipcs = [max(len(e.files) for e in dist) for _, dist, _ in matched]
+    ipc = max(ipcs)
+    if len(set(ipcs)) > 1:
+        log.warning("the distilled folders hold different IPCs (%s); epochs follow the largest, %d",
+                    ", ".join(map(str, ipcs)), ipc)
+    size = size or default_size(native_size(matched[0][1]))
+    val_load = max(size, round(size * VAL_RESIZE)) if val_resize is None else val_resize
+    if val_load < size:
+        raise ConfigError(f"--val-resize {val_resize}: must be >= the evaluation size {size} (--size)")
     soft = teacher is not None
     hp = default_hparams(num_classes, soft)
     hp["lr"] = lr or hp["lr"]
     hp["batch_size"] = batch_size or hp["batch_size"]
     epochs = epochs or (300 if soft else default_epochs(ipc, num_classes))
     teacher_mod = _check_teacher(load_net(teacher, num_classes=num_classes, size=size, class_names=classes),
-                                 num_classes, size, dev) if soft else None
+                                 num_classes, size, dev, precision) if soft else None
 
     t0 = time.perf_counter()
-    x, y = load_images(dist, size, progress=progress, desc="load distilled")
-    train = Split.place(x, y, dev)
-    x, y = load_images(val, size, resize=VAL_RESIZE, progress=progress, desc="load validation")
+    x, y = load_images(val, size, resize=val_load / size, progress=progress, desc="load validation")
     valset = Split.place(x, y, dev)
     del x, y
     augment = TrainAugment(size)
-    results = {}
-    old_bench = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = dev.type == "cuda"
-    try:
-        for net in nets:
-            runs = [train_net(net, train, valset, num_classes, size=size, epochs=epochs, hp=hp, seed=s, device=dev,
-                              teacher=teacher_mod, temperature=temperature, eval_every=eval_every, augment=augment,
-                              val_batch_size=val_batch_size, progress=progress, desc=f"{net} seed {s}")
-                    for s in seed_list]
-            results[net] = {"params": runs[0]["params"], "seeds": runs,
-                            **summarize("best", [r["best"] for r in runs]),
-                            **summarize("final", [r["final"] for r in runs])}
-    finally:
-        torch.backends.cudnn.benchmark = old_bench
+    several = len(folders) > 1
+    runs_by_net: dict[str, list] = {net: [] for net in nets}
+    params, per_folder = {}, []
+    with numerics(dev, precision):
+        for i, (folder, (_, dist, _)) in enumerate(zip(folders, matched)):
+            tag = f" set {i}" if several else ""
+            x, y = load_images(dist, size, progress=progress, desc="load distilled" + tag)
+            train = Split.place(x, y, dev)
+            del x, y
+            folder_nets = {}
+            for net in nets:
+                runs = [train_net(net, train, valset, num_classes, size=size, epochs=epochs, hp=hp, seed=s,
+                                  device=dev, teacher=teacher_mod, temperature=temperature, eval_every=eval_every,
+                                  augment=augment, val_batch_size=val_batch_size, progress=progress,
+                                  desc=f"{net} seed {s}{tag}", precision=precision)
+                        for s in seed_list]
+                for r in runs:
+                    r["distilled"] = os.path.abspath(folder)
+                runs_by_net[net] += runs
+                params[net] = runs[0]["params"]
+                bests, finals = [r["best"] for r in runs], [r["final"] for r in runs]
+                folder_nets[net] = {"params": params[net], "best_per_seed": bests, "final_per_seed": finals,
+                                    **summarize("best", bests), **summarize("final", finals)}
+            per_folder.append({"distilled": os.path.abspath(folder), "ipc": ipcs[i], "n_train": len(train),
+                               "nets": folder_nets})
+            del train
+    results = {net: {"params": params[net], "seeds": runs, "n_runs": len(runs),
+                     **summarize("best", [r["best"] for r in runs]),
+                     **summarize("final", [r["final"] for r in runs])} for net, runs in runs_by_net.items()}
 
+    abs_folders = [os.path.abspath(f) for f in folders]
     result = {
         "format": "manifoldgd_fast.eval/1",
         "protocol": "soft-label" if soft else "hard-label",
-        "distilled": os.path.abspath(distilled), "real_val": os.path.abspath(real_val),
-        "classes": classes, "num_classes": num_classes, "ipc": ipc, "n_train": len(train), "n_val": len(valset),
-        "size": size, "val_preprocess": f"resize {max(size, round(size * VAL_RESIZE))}, centre crop {size}",
+        "distilled": abs_folders if several else abs_folders[0], "distilled_folders": abs_folders,
+        "real_val": os.path.abspath(real_val), "restrict_val": bool(restrict_val),
+        "classes": classes, "num_classes": num_classes, "ipc": ipc,
+        "n_train": [pf["n_train"] for pf in per_folder] if several else per_folder[0]["n_train"],
+        "n_val": len(valset), "size": size, "val_resize": val_load,
+        "val_preprocess": f"resize {val_load} (short side, PIL bicubic), centre crop {size}",
         "epochs": epochs, "eval_every": eval_every or max(1, epochs // 100), "hparams": hp,
         "temperature": temperature if soft else None,
         "teacher": (teacher if isinstance(teacher, str) else type(teacher).__name__) if soft else None,
         "augment": augment.describe(), "seeds": seed_list,
+        "std_over": (f"{len(folders)} distilled sets x {len(seed_list)} seeds" if several
+                     else f"{len(seed_list)} seeds"),
         "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
-        "precision": "bf16 autocast, channels_last" if dev.type == "cuda" else "fp32",
+        "precision": describe_precision(dev, precision), "precision_mode": precision,
+        "deterministic": dev.type != "cuda" or precision == "fp32",
         "versions": {"torch": torch.__version__, "numpy": np.__version__},
-        "time_s": round(time.perf_counter() - t0, 3), "nets": results,
+        "time_s": round(time.perf_counter() - t0, 3), "nets": results, "per_folder": per_folder,
     }
-    write_eval_outputs(result, distilled, out_json)
+    write_eval_outputs(result, folders, out_json)
     return result
