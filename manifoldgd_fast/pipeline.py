@@ -229,6 +229,11 @@ def _distill(config: DistillConfig | dict, shard: Shard) -> DistillResult:
 
     def save(name, output, prompt):
         images, latents, stats = output.result(copy_stream)   # waits for this class's GPU work only
+        bad = int((~torch.isfinite(latents.flatten(1))).any(1).sum())
+        if bad:  # checked once per class, outside the (capturable) step: nothing of this class is written
+            raise ConfigError(f"class {name}: {bad} of {latents.shape[0]} sampled latents hold NaN or inf; nothing "
+                              f"written for it. Lower the guidance steps (--lambda-m, --manifold-scale, --eta-dpp, "
+                              f"--eta-dm) or sample in float32 (--dtype float32)")
         if prompt is not None:
             stats["prompt"] = prompt
         with phase("io"):
