@@ -24,11 +24,11 @@ def world(tmp_path_factory):
     return {"root": str(root), "data": data, "model": str(root / "model")}
 
 
-def _torchrun(world, out, nproc, steps=10, command="distill", cache=None, **popen):
+def _torchrun(world, out, nproc, steps=10, command="distill", cache=None, extra=(), **popen):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "manifoldgd_fast", command, "--data", world["data"], "--model", world["model"],
            "--out", str(out), "--cache-dir", cache or os.path.join(world["root"], "cache"), "--ipc", "2",
-           "--steps", str(steps), "--t-stop", str(steps // 2), "--batch-size", "2"]
+           "--steps", str(steps), "--t-stop", str(steps // 2), "--batch-size", "2", *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     if popen:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
@@ -37,11 +37,12 @@ def _torchrun(world, out, nproc, steps=10, command="distill", cache=None, **pope
     return r
 
 
-def test_two_ranks_same_bytes_as_one(world, tmp_path):
+@pytest.mark.parametrize("extra", [(), ("--method", "cgs")], ids=["manifoldgd", "cgs"])
+def test_two_ranks_same_bytes_as_one(world, tmp_path, extra):
     import json
 
-    r1 = _torchrun(world, tmp_path / "one", 1)
-    r2 = _torchrun(world, tmp_path / "two", 2)
+    r1 = _torchrun(world, tmp_path / "one", 1, extra=extra)
+    r2 = _torchrun(world, tmp_path / "two", 2, extra=extra)
     n = len(CLASSES)
     assert f"distilled {n} classes into" in r1.stdout, r1.stdout
     per_rank = [int(m) for m in re.findall(rf"distilled (\d+) of the run's {n} classes on this rank", r2.stdout)]
