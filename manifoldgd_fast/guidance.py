@@ -156,7 +156,7 @@ class Guidance:
 
     # paper formulation ------------------------------------------------------
     def paper_radius(self, i: int) -> float:
-        tau = self.schedule.at("timesteps", i) / (self.schedule.num_train_timesteps - 1)
+        tau = self.schedule.at("timesteps", i) / self.schedule.num_train_timesteps   # SPEC 3: tau = t / T
         r_min, r_max = self.radii
         return modes_mod.anneal_radius(tau, r_min, r_max, self.cfg.radius_schedule, self.cfg.radius_a)
 
@@ -164,6 +164,8 @@ class Guidance:
         """eps_hat = eps - lambda_M sigma_t g, g the (manifold-corrected) mode guidance."""
         c = self.cfg
         B = x.shape[0]
+        if c.lambda_m == 0:  # plain DiT (SPEC 4), and no patch drawn: the generators' step noise stays DiT's
+            return eps
         with phase("mode_term"):
             g = mode_grad_paper(x0.flatten(1).float(), self.modes.flatten(1), c.kernel, c.kernel_bandwidth)
         if self.manifold and c.lambda_n > 0:

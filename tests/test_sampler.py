@@ -210,7 +210,7 @@ def test_paper_ddpm_step_matches_spec(model):
     ab, x, eps = st.ab, st.x, st.eps
     x0 = st.x0(eps)
     g = (m.double() - x0.flatten(1))
-    tau = float(sched.timesteps[i]) / 999
+    tau = float(sched.timesteps[i]) / 1000             # SPEC 3: tau = t / T
     a = cfg.radius_a
     r_t = radii[0] + (radii[1] - radii[0]) * (math.exp(a * tau) - 1) / (math.exp(a) - 1)
     lengths = torch.clamp((dists <= r_t).sum(1), min=min(cfg.k_min, lat.shape[0]))
@@ -379,3 +379,51 @@ def test_half_precision_neighbourhoods(model, noise):
     assert 0 < moved < 2.0 ** -8, moved                    # relative to the correction: under bf16 rounding
     assert fingerprint(c16) != fingerprint(c32)
     assert fingerprint(c32) == fingerprint(_cfg(formulation="paper", guidance_noise=noise))
+
+
+def test_paper_lambda_m_zero_is_plain_dit(model):
+    """SPEC 4: with lambda_M = 0 the paper formulation is plain DiT, bit for bit, also where the patch noise
+    would come from the step-noise generators (no patch is drawn)."""
+    from manifoldgd_fast.guidance import paper_neighbourhoods
+
+    cfg = _cfg(formulation="paper", lambda_m=0.0, guidance_noise="generator")
+    sched = make_schedule(10, "ddpm")
+    g = torch.Generator().manual_seed(4)
+    lat = torch.randn(30, 256, generator=g)
+    x_T = torch.randn(2, 4, 8, 8, generator=g)
+    y = torch.tensor([1, 1])
+    gs = _gens([3, 4])
+    gd = Guidance(cfg, sched, lat[:2].view(2, 4, 8, 8), gs, **paper_neighbourhoods(cfg, lat, lat[:2]))
+    a = sample(model, sched, x_T, y, null_class=NULL, generators=gs, guidance=gd, formulation="paper")
+    b = sample(model, sched, x_T, y, null_class=NULL, generators=_gens([3, 4]))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("schedule", ["exponential", "cosine", "linear", "constant"])
+def test_paper_radius_anneals_as_spec3_over_the_steps(schedule):
+    """r_t = r_min + (r_max - r_min) s(tau), tau = t / T with t each step's own timestep, written out here."""
+    r_min, r_max, a = 0.3, 2.0, 5.0
+    s = {"exponential": lambda u: (math.exp(a * u) - 1) / (math.exp(a) - 1),
+         "cosine": lambda u: 1 - math.cos(math.pi * u / 2), "linear": lambda u: u, "constant": lambda u: 1.0}[schedule]
+    cfg = _cfg(formulation="paper", radius_schedule=schedule, radius_a=a)
+    for sampler, steps in (("ddpm", 50), ("ddim", 20)):
+        sched = make_schedule(steps, sampler)
+        gd = Guidance(cfg, sched, torch.zeros(1, 4, 8, 8), _gens([0]), class_latents=torch.zeros(3, 256),
+                      order=torch.zeros(1, 3, dtype=torch.long), sorted_dists=torch.zeros(1, 3), radii=(r_min, r_max))
+        got = [gd.paper_radius(i) for i in range(steps)]
+        want = [r_min + (r_max - r_min) * s(int(t) / 1000) for t in sched.timesteps.tolist()]
+        assert got == pytest.approx(want, rel=1e-12, abs=1e-12)
+        if schedule != "constant":
+            assert got[0] < got[-1] < r_max          # shrinks along denoising (i = S-1 first)
+
+
+def test_paper_formulation_defaults():
+    """SPEC 2-4's defaults of the paper formulation, as resolved for small subsets and ImageNet-100/1k."""
+    small, large = (DistillConfig(formulation="paper").resolve(n) for n in (10, 100))
+    for c in (small, large):
+        assert (c.k, c.k_min, c.d, c.ridge, c.lambda_n, c.lambda_m, c.t_stop, c.cfg_scale, c.steps) == \
+               (10, 20, 3, 1e-4, 1.0, 0.1, 25, 4.0, 50)
+        assert (c.radius_schedule, c.radius_a, c.radius_units, c.r_min, c.r_max) == ("exponential", 5.0, "quantile",
+                                                                                      0.2, 0.9)
+        assert (c.mode_method, c.mode_point) == ("divisive", "mean")
+    assert (small.level, large.level) == (3, 2)
