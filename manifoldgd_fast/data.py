@@ -428,15 +428,18 @@ def scan_image_folder(root: str, classes: Sequence[str] | str | None = None,
 # --------------------------------------------------------------------------- #
 # image loading
 # --------------------------------------------------------------------------- #
-def center_crop_arr(pil_image, image_size: int) -> np.ndarray:
+def center_crop_arr(pil_image, image_size: int, short_side: int | None = None) -> np.ndarray:
     """ADM / DiT preprocessing: halve with BOX while the short side is >= 2x the
     target (cheap anti-aliasing), BICUBIC-resize the short side to
-    ``image_size``, then centre-crop. Returns uint8 (image_size, image_size, 3)."""
+    ``image_size``, then centre-crop. Returns uint8 (image_size, image_size, 3).
+    ``short_side``: resize the short side to this instead (>= image_size; e.g. 256 for
+    a 224 crop, as evaluation resizes validation images), then crop ``image_size``."""
     from PIL import Image
 
-    while min(*pil_image.size) >= 2 * image_size:
+    short = image_size if short_side is None else short_side
+    while min(*pil_image.size) >= 2 * short:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
-    scale = image_size / min(*pil_image.size)
+    scale = short / min(*pil_image.size)
     pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size),
                                  resample=Image.BICUBIC)
     arr = np.array(pil_image)  # a writable copy: torch.from_numpy warns on read-only arrays
@@ -473,15 +476,20 @@ class ClassImages:
     each to its error. Decoding runs in a small thread pool (PIL releases the
     GIL while decoding and resizing), at most two batches ahead, so memory
     stays bounded on large classes and the order never changes.
+
+    ``read(path, size)`` decodes one file (default :func:`load_image`, float in [-1, 1]; e.g.
+    latents.read_image_uint8 for uint8) and raises DataError for an unreadable one.
     """
 
-    def __init__(self, entry: ClassEntry, size: int, batch_size: int, num_workers: int | None = None):
+    def __init__(self, entry: ClassEntry, size: int, batch_size: int, num_workers: int | None = None,
+                 read=None):
         if batch_size < 1:
             raise ConfigError(f"--encode-batch-size {batch_size}: must be >= 1")
         self.entry = entry
         self.size = size
         self.batch_size = batch_size
         self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else max(0, num_workers)
+        self.read = load_image if read is None else read
         self.skipped: list[str] = []
         self.reasons: dict[str, str] = {}
 
@@ -490,7 +498,7 @@ class ClassImages:
 
     def _load(self, path: str) -> torch.Tensor | DataError:
         try:
-            return load_image(path, self.size)
+            return self.read(path, self.size)
         except DataError as e:
             return e
 
@@ -536,10 +544,11 @@ class ClassImages:
 
 
 def iter_class_images(entry: ClassEntry, size: int, batch_size: int,
-                      num_workers: int | None = None) -> ClassImages:
+                      num_workers: int | None = None, read=None) -> ClassImages:
     """Batches of ``entry``'s images at ``size`` px; see :class:`ClassImages`.
 
     ``for batch, paths in it: ...`` gives batch (b, 3, size, size) in [-1, 1]
-    and the b paths it holds; ``it.skipped`` then lists unreadable files.
+    (or as ``read`` returns them) and the b paths it holds; ``it.skipped`` then
+    lists unreadable files.
     """
-    return ClassImages(entry, size, batch_size, num_workers)
+    return ClassImages(entry, size, batch_size, num_workers, read=read)

@@ -153,9 +153,9 @@ def default_num_workers() -> int:
     return min(8, max(1, cpus // local))
 
 
-def read_image_uint8(path: str, size: int) -> torch.Tensor:
+def read_image_uint8(path: str, size: int, short_side: int | None = None) -> torch.Tensor:
     """Decode and centre-crop one image as :func:`~manifoldgd_fast.data.load_image` does,
-    stopping before the float conversion.
+    stopping before the float conversion. ``short_side``: see :func:`data.center_crop_arr`.
 
     Returns:
         uint8 (3, size, size), contiguous. ``normalise_lut()[x.int()]`` gives
@@ -168,7 +168,7 @@ def read_image_uint8(path: str, size: int) -> torch.Tensor:
 
     try:
         with Image.open(path) as img:
-            arr = center_crop_arr(img.convert("RGB"), size)  # (size, size, 3) uint8
+            arr = center_crop_arr(img.convert("RGB"), size, short_side)  # (size, size, 3) uint8
     # The exception types of data.load_image: PIL reports damaged files through all of them.
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot read image {path}: {e}") from None

@@ -51,14 +51,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data import ClassImages, iter_class_images
+from ..data import iter_class_images
 from ..errors import ConfigError, DataError
+from ..latents import read_image_uint8
 from ..output import atomic_write_bytes, atomic_write_text
 from .augment import normalize, to_unit
 from .nets import NAMED, load_net, net_checkpoint
 from ..devices import resolve_device
 from .protocol import (Split, _amp, _cl, _prepare, append_manifest, default_size, load_images, match_classes,
-                       native_size, to_uint8, train_net)
+                       native_size, train_net)
 
 log = logging.getLogger(__name__)
 
@@ -326,16 +327,6 @@ def load_squashed(path: str, size: int) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-class SquashedImages(ClassImages):
-    """data.ClassImages with :func:`load_squashed`: batches of uint8 (b, 3, size, size)."""
-
-    def _load(self, path: str):
-        try:
-            return load_squashed(path, self.size)
-        except DataError as e:
-            return e
-
-
 def describe_preprocess(encoder: torch.nn.Module, size: int, resize: str = "crop") -> str:
     """How :func:`extract_features` turns a file into the encoder's input, in words (recorded in the JSON)."""
     if resize == "squash":
@@ -381,9 +372,9 @@ def extract_features(encoder: torch.nn.Module, entries, size: int, device: torch
             f = cache.load(path) if path else None
             if f is None:
                 parts = []
-                images = SquashedImages(sub, size, batch_size) if squash else iter_class_images(sub, size, batch_size)
+                images = iter_class_images(sub, size, batch_size, read=load_squashed if squash else read_image_uint8)
                 for batch, _ in images:
-                    u = batch.to(device) if squash else to_uint8(batch).to(device)  # (b, 3, size, size) uint8
+                    u = batch.to(device)  # (b, 3, size, size) uint8
                     with amp():
                         if callable(uint8_fwd):
                             parts.append(uint8_fwd(u).flatten(1).float())

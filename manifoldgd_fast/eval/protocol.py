@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import datetime
 import json
 import logging
@@ -32,9 +33,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data import IMAGE_EXTS, ClassEntry, ClassImages, scan_image_folder
+from ..data import IMAGE_EXTS, ClassEntry, iter_class_images, scan_image_folder
 from ..devices import resolve_device
 from ..errors import ConfigError, DataError
+from ..latents import read_image_uint8
 from ..output import MANIFEST, atomic_write_text
 from .augment import TrainAugment, cutmix, normalize, to_unit
 from .nets import NET_NAMES, build_net, count_parameters, load_net, parse_nets
@@ -138,57 +140,17 @@ def native_size(entries: list[ClassEntry]) -> int:
         raise DataError(f"cannot read image {path}: {e}") from None
 
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """``load_image`` output in [-1, 1] -> the original uint8 values (exact)."""
-    return ((x + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
-
-
-def load_resized_crop(path: str, size: int, short_side: int) -> torch.Tensor:
-    """uint8 (3, size, size): the image's short side resized to ``short_side`` as
-    data.center_crop_arr resizes (box-halving while >= 2x, then PIL bicubic), then the
-    centre ``size`` x ``size`` crop of the whole resized image (offsets rounded down).
-    With ``short_side == size`` this is data.load_image's crop, bit for bit.
-    Raises DataError naming the file."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            while min(*img.size) >= 2 * short_side:
-                img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
-            scale = short_side / min(*img.size)
-            img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
-            arr = np.array(img)
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-        raise DataError(f"cannot read image {path}: {e}") from None
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return torch.from_numpy(np.ascontiguousarray(arr[top:top + size, left:left + size])).permute(2, 0, 1)
-
-
-class _ResizedCrops(ClassImages):
-    """data.ClassImages (threaded, unreadable files skipped) yielding :func:`load_resized_crop` uint8 batches."""
-
-    def __init__(self, entry: ClassEntry, size: int, short_side: int, batch_size: int = 64):
-        super().__init__(entry, size, batch_size)
-        self.short_side = short_side
-
-    def _load(self, path: str):
-        try:
-            return load_resized_crop(path, self.size, self.short_side)
-        except DataError as e:
-            return e
-
-
 def load_images(entries: list[ClassEntry], size: int, *, resize: float = 1.0, max_per_class: int | None = None,
                 progress: bool = False, desc: str = "load") -> tuple[torch.Tensor, torch.Tensor]:
     """Every image of ``entries`` as uint8 (N, 3, size, size) in host memory, and labels (N,).
 
     Images are resized (short side ``round(size * resize)``, at least ``size``) and
-    centre-cropped to ``size`` (:func:`load_resized_crop`); unreadable files are
+    centre-cropped to ``size`` (latents.read_image_uint8); unreadable files are
     skipped with a warning (data.ClassImages).
     Raises DataError naming a class left without a readable image.
     """
     load = max(size, round(size * resize))
+    read = functools.partial(read_image_uint8, short_side=load)   # uint8, short side to ``load``, crop ``size``
     files = [e.files[:max_per_class] if max_per_class else e.files for e in entries]
     total = sum(len(f) for f in files)
     x = torch.empty(total, 3, size, size, dtype=torch.uint8)
@@ -198,7 +160,7 @@ def load_images(entries: list[ClassEntry], size: int, *, resize: float = 1.0, ma
         for e, fs in zip(entries, files):
             sub = dataclasses.replace(e, files=fs)
             n0 = n
-            for batch, _paths in _ResizedCrops(sub, size, load):
+            for batch, _paths in iter_class_images(sub, size, 64, read=read):
                 b = batch.shape[0]
                 x[n:n + b] = batch
                 y[n:n + b] = e.label
