@@ -248,11 +248,17 @@ def main(argv: list[str] | None = None) -> int:
                 dump(rep, ns.profile_json)
         else:
             res = pipeline.distill(cfg)
-            n = len(res.classes)
-            which = f"{n} classes" if n == res.run_classes else f"{n} of the run's {res.run_classes} classes on this rank"
-            print(f"distilled {which} into {res.out} (manifest: {res.manifest})")
+            n, before = len(res.classes), res.finished_before
+            which = f"{n} classes" if n + before == res.run_classes else \
+                f"{n} of the run's {res.run_classes} classes on this rank"
+            resumed = f"; {before} were already done" if before else ""
+            print(f"distilled {which} into {res.out}{resumed} (manifest: {res.manifest})")
     except ManifoldGDError as e:
         print(f"manifoldgd-fast: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a read-only or vanished folder: the file and the reason, no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"manifoldgd-fast: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("manifoldgd-fast: interrupted; finished classes are kept, rerun to resume", file=sys.stderr)

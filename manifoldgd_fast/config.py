@@ -399,14 +399,39 @@ def modes_fingerprint(cfg: "DistillConfig", latent_cache: str) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def fingerprint(cfg: "DistillConfig") -> str:
-    """Hash of the parameters that change the output bytes (not out/device/batch sizes)."""
+# Fields the run fingerprint leaves out: where things go, and what changes only the float rounding
+# (the fast loop gives the reference loop's latents); a resume may change them.
+UNHASHED_FIELDS = ("out", "cache_dir", "device", "batch_size", "encode_batch_size", "encode_workers", "contact_sheet",
+                   "extra", "backend", "modes_dir", "loop")
+
+
+def fingerprint(cfg: "DistillConfig", entries=None) -> str:
+    """Hash of the parameters that change the output bytes (not out/device/batch sizes):
+    of :func:`fingerprint_fields`."""
+    import hashlib
+
+    fields = fingerprint_fields(cfg, entries)
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def fingerprint_fields(cfg: "DistillConfig", entries=None) -> dict:
+    """What :func:`fingerprint` hashes (the manifest keeps it, so a refused resume can name what differs).
+
+    ``entries`` (the scanned classes): the data counts by its classes, labels and file names rather than
+    by the spelling of ``--data`` (the same folder given otherwise, or mounted elsewhere on another node,
+    is the same run; another folder under the same name, or a stray class folder that shifts the
+    labels, is not). A local ``--model`` / ``--vae`` counts by its resolved path.
+    """
     import hashlib
 
     d = cfg.to_dict()
-    for k in ("out", "cache_dir", "device", "batch_size", "encode_batch_size", "encode_workers", "contact_sheet",
-              "extra", "backend", "modes_dir",
-              "loop"):  # the fast loop gives the reference loop's latents
+    if entries is not None:
+        listing = [(e.name, e.label, e.relative_files()) for e in entries]
+        d["data"] = "sha256:" + hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+    for k in ("model", "vae"):
+        if isinstance(d.get(k), str) and os.path.exists(d[k]):
+            d[k] = os.path.realpath(d[k])
+    for k in UNHASHED_FIELDS:
         d.pop(k, None)
     for k, default in (("compile", "none"), ("attention", "auto"), ("dit_impl", "diffusers"),
                        ("neighbourhood_dtype", "float32")):
@@ -424,4 +449,4 @@ def fingerprint(cfg: "DistillConfig") -> str:
         if isinstance(v, str) and os.path.isfile(v):
             with open(v, "rb") as f:
                 d[k] = "sha256:" + hashlib.sha256(f.read()).hexdigest()
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json.loads(json.dumps(d, sort_keys=True, default=str))

@@ -416,6 +416,10 @@ def scan_image_folder(root: str, classes: Sequence[str] | str | None = None,
 
     entries = []
     for name in selected:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes in the name: the caches and the manifest could not record it
+            raise DataError(f"class folder {name!r} in {root}: its name is not valid UTF-8; rename it") from None
         folder = os.path.join(root, name)
         files = sorted(e.name for e in os.scandir(folder) if e.is_file() and _is_image(e.name))
         if not files:
@@ -448,22 +452,58 @@ def center_crop_arr(pil_image, image_size: int, short_side: int | None = None) -
     return arr[crop_y:crop_y + image_size, crop_x:crop_x + image_size]
 
 
+def to_rgb(img):
+    """A PIL image as 8-bit RGB. 16- and 32-bit greyscale (modes I;16*, I) keep their top 8 bits and
+    float greyscale (F, taken as 0..1) is scaled to 0..255; ``convert("RGB")`` would clip both at 255,
+    turning most of a 16-bit image white."""
+    from PIL import Image
+
+    if img.mode.startswith("I;16") or img.mode == "I":
+        arr = np.asarray(img).astype(np.int64)
+        bits = 16 if img.mode.startswith("I;16") or arr.max(initial=0) < (1 << 16) else 32
+        img = Image.fromarray((np.clip(arr, 0, (1 << bits) - 1) >> (bits - 8)).astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        img = Image.fromarray(np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8), mode="L")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+# PIL reports damaged files through several exception types (truncated data: OSError; bad headers:
+# SyntaxError/ValueError; huge dims: DecompressionBombError).
+def image_errors():
+    from PIL import Image
+
+    return (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def read_image_uint8(path: str, size: int, short_side: int | None = None) -> torch.Tensor:
+    """Decode and centre-crop one image as the DiT training code did (:func:`center_crop_arr`).
+    ``short_side``: see :func:`center_crop_arr`.
+
+    Returns:
+        uint8 (3, size, size), contiguous. ``latents.normalise_lut()[x.int()]`` gives
+        :func:`load_image` bit for bit.
+
+    Raises:
+        DataError naming ``path`` when the file cannot be decoded.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            arr = center_crop_arr(to_rgb(img), size, short_side)  # (size, size, 3) uint8
+    except image_errors() as e:
+        raise DataError(f"cannot read image {path}: {e}") from None
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (3, size, size)
+
+
 def load_image(path: str, size: int) -> torch.Tensor:
     """Load one image as the DiT training code did.
 
     Returns a float32 tensor (3, size, size) in [-1, 1].
     Raises DataError naming ``path`` when the file cannot be decoded.
     """
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            arr = center_crop_arr(img.convert("RGB"), size)
-    # PIL reports damaged files through several exception types (truncated
-    # data: OSError; bad headers: SyntaxError/ValueError; huge dims: DecompressionBombError).
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-        raise DataError(f"cannot read image {path}: {e}") from None
-    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float()  # (3, size, size)
+    x = read_image_uint8(path, size).float()
     # Same arithmetic as ToTensor() + Normalize(0.5, 0.5): the same floats bit for bit.
     return (x / 255.0 - 0.5) / 0.5
 
@@ -478,7 +518,7 @@ class ClassImages:
     stays bounded on large classes and the order never changes.
 
     ``read(path, size)`` decodes one file (default :func:`load_image`, float in [-1, 1]; e.g.
-    latents.read_image_uint8 for uint8) and raises DataError for an unreadable one.
+    :func:`read_image_uint8` for uint8) and raises DataError for an unreadable one.
     """
 
     def __init__(self, entry: ClassEntry, size: int, batch_size: int, num_workers: int | None = None,

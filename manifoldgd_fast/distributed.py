@@ -4,15 +4,38 @@ Classes are dealt to ranks round-robin in the run's class order (class j to
 rank j mod N). Nothing random depends on the rank: every seed derives from
 (run seed, class, sample), so the output has the same bytes for any N. Ranks
 only meet at barriers (a gloo process group, which works with or without
-GPUs); a rank that dies leaves finished classes on disk and a rerun redoes
-the rest.
+GPUs); a rank that dies leaves finished classes on disk and a rerun deals
+the unfinished ones over all its ranks (``pipeline.prepare(done=)``).
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
 import torch
+
+from .errors import ConfigError
+
+
+TIMEOUT_ENV = "MANIFOLDGD_DIST_TIMEOUT"
+
+
+def barrier_timeout() -> float:
+    """Seconds a rank waits at a barrier for the others: ``$MANIFOLDGD_DIST_TIMEOUT``, default one day.
+
+    Ranks meet only at the start and the end, so the early ones wait out the slowest rank's classes
+    (gloo's default, 30 minutes, is shorter than one rank's share of a large run). A rank that dies
+    does not leave the others waiting: torchrun stops them all.
+    """
+    raw = os.environ.get(TIMEOUT_ENV, "86400")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ConfigError(f"${TIMEOUT_ENV}={raw!r}: expected a positive number of seconds")
+    return value
 
 
 @dataclass
@@ -34,7 +57,7 @@ class Shard:
 
         joined = False
         if not dist.is_initialized():
-            dist.init_process_group(backend="gloo")
+            dist.init_process_group(backend="gloo", timeout=datetime.timedelta(seconds=barrier_timeout()))
             joined = True
         return cls(rank=rank, world=world, local_rank=local, _group=joined)
 

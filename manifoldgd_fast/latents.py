@@ -25,13 +25,14 @@ import os
 import struct
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.utils.data
 
-from .data import ClassEntry, center_crop_arr, iter_class_images
+from .data import ClassEntry, iter_class_images, read_image_uint8  # noqa: F401 (read_image_uint8: public here too)
 from .errors import ConfigError, DataError
 from .output import atomic_write_bytes
 
@@ -97,6 +98,39 @@ def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
     return (mean * vae.config.scaling_factor).float()
 
 
+def vae_digest(vae) -> str:
+    """First 16 hex digits of sha256 over the VAE's weights (dtypes, shapes and bytes, in the order of
+    their sorted names; not the names, so a wrapped VAE is the same VAE): a cache made by other weights
+    under the same name or folder is not reused."""
+    h = hashlib.sha256()
+    for _, t in sorted(vae.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def file_stamps(entry: ClassEntry) -> dict[str, list[int]]:
+    """Relative file name -> [size, mtime_ns]: what says an image file changed since it was encoded."""
+    out = {}
+    for path, rel in zip(entry.files, entry.relative_files()):
+        try:
+            st = os.stat(path)
+            out[rel] = [int(st.st_size), int(st.st_mtime_ns)]
+        except OSError:  # vanished since the scan: unreadable, and recorded so
+            out[rel] = [-1, -1]
+    return out
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """What a class's cached latents must have been made with to be reused (besides its image files)."""
+
+    image_size: int
+    scaling: float  # the VAE's scaling_factor
+    vae: str        # :func:`vae_digest`
+
+
 def _read_meta(path: str) -> dict[str, Any] | None:
     """The decoded metadata of a cache file, or None when it is unreadable."""
     from safetensors import safe_open
@@ -112,22 +146,28 @@ def _read_meta(path: str) -> dict[str, Any] | None:
             "skipped": json.loads(meta["skipped"]),
             "image_size": int(meta["image_size"]),
             "scaling_factor": float(meta["scaling_factor"]),
+            "stamps": json.loads(meta.get("stamps", "null")),
+            "vae": meta.get("vae"),
         }
     except Exception:  # damaged or foreign file: treat as not cached, it gets rewritten
         return None
 
 
-def _is_cached(path: str, entry: ClassEntry, image_size: int, scaling_factor: float) -> dict | None:
+def _is_cached(path: str, entry: ClassEntry, key: CacheKey) -> tuple[dict | None, str | None]:
+    """(the file's metadata when it can be reused, else None; why not, for a file that exists)."""
     if not os.path.isfile(path):
-        return None
+        return None, None
     meta = _read_meta(path)
     if meta is None:
-        return None
-    recorded = sorted(meta["files"] + meta["skipped"])
-    if (recorded == sorted(entry.relative_files()) and meta["image_size"] == image_size
-            and abs(meta["scaling_factor"] - scaling_factor) < 1e-12):
-        return meta
-    return None
+        return None, "unreadable or of another format"
+    if sorted(meta["files"] + meta["skipped"]) != sorted(entry.relative_files()):
+        return None, "other image files"
+    if meta["image_size"] != key.image_size or abs(meta["scaling_factor"] - key.scaling) >= 1e-12 \
+            or meta["vae"] != key.vae:
+        return None, "other VAE weights or image size"
+    if meta["stamps"] != file_stamps(entry):
+        return None, "image files changed since they were encoded"
+    return meta, None
 
 
 # --------------------------------------------------------------------------- #
@@ -153,32 +193,10 @@ def default_num_workers() -> int:
     return min(8, max(1, cpus // local))
 
 
-def read_image_uint8(path: str, size: int, short_side: int | None = None) -> torch.Tensor:
-    """Decode and centre-crop one image as :func:`~manifoldgd_fast.data.load_image` does,
-    stopping before the float conversion. ``short_side``: see :func:`data.center_crop_arr`.
-
-    Returns:
-        uint8 (3, size, size), contiguous. ``normalise_lut()[x.int()]`` gives
-        ``load_image(path, size)`` bit for bit.
-
-    Raises:
-        DataError naming ``path`` when the file cannot be decoded.
-    """
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            arr = center_crop_arr(img.convert("RGB"), size, short_side)  # (size, size, 3) uint8
-    # The exception types of data.load_image: PIL reports damaged files through all of them.
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-        raise DataError(f"cannot read image {path}: {e}") from None
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (3, size, size)
-
-
 def normalise_lut(device: str | torch.device | None = None) -> torch.Tensor:
     """(256,) float32: byte value v -> (v / 255 - 0.5) / 0.5, computed on the CPU.
 
-    ``load_image`` evaluates that formula on the CPU; indexing this table on any
+    ``data.load_image`` evaluates that formula on the CPU; indexing this table on any
     device gives the same floats bit for bit. Evaluating the formula on a CUDA
     device would not: there ``x / 255.0`` multiplies by a rounded reciprocal.
     """
@@ -251,6 +269,9 @@ class ClassBuffer:
 
     def __init__(self, entry: ClassEntry):
         self.entry = entry
+        # Taken when the class's first batch arrives: a file rewritten after the workers decoded it but
+        # before this moment is the one change the cache can miss (cache_latents_ref stats before reading).
+        self.stamps = file_stamps(entry)
         self.remaining = len(entry.files)  # files the loader has not delivered yet
         self.chunks: list[torch.Tensor] = []  # (b, C, h, w) float32 latents
         self.pending: list[torch.Tensor] = []  # uint8 (k, 3, S, S) images
@@ -270,14 +291,16 @@ class ClassBuffer:
 # --------------------------------------------------------------------------- #
 # the cache
 # --------------------------------------------------------------------------- #
-def _split_cached(entries: Sequence[ClassEntry], cache_dir: str, image_size: int,
-                  scaling: float) -> tuple[dict[str, dict[str, Any]], list[ClassEntry]]:
+def _split_cached(entries: Sequence[ClassEntry], cache_dir: str,
+                  key: CacheKey) -> tuple[dict[str, dict[str, Any]], list[ClassEntry]]:
     """(stats of the classes already cached with matching metadata, the classes to encode)."""
     stats: dict[str, dict[str, Any]] = {}
     todo = []
     for e in entries:
         path = class_cache_path(cache_dir, e.name)
-        meta = _is_cached(path, e, image_size, scaling)
+        meta, stale = _is_cached(path, e, key)
+        if stale is not None:
+            log.info("latent cache of class %s is stale (%s): encoding it again", e.name, stale)
         if meta is not None:
             stats[e.name] = {"n": len(meta["files"]), "cached": True, "seconds": 0.0, "path": path,
                              "skipped": [os.path.join(e.folder, s) for s in meta["skipped"]]}
@@ -306,7 +329,7 @@ def safetensors_bytes(latents: torch.Tensor, metadata: dict[str, str], name: str
 
 
 def _write_class(cache_dir: str, e: ClassEntry, latents: torch.Tensor, done: list[str],
-                 skipped: list[str], image_size: int, scaling: float) -> str:
+                 skipped: list[str], key: CacheKey, stamps: dict[str, list[int]]) -> str:
     """Write one class's file atomically; returns its path."""
     if not done:
         raise DataError(f"class {e.name} in {os.path.dirname(e.folder)}: none of its "
@@ -316,8 +339,10 @@ def _write_class(cache_dir: str, e: ClassEntry, latents: torch.Tensor, done: lis
         "class": e.name,
         "files": json.dumps([os.path.relpath(p, e.folder) for p in done]),
         "skipped": json.dumps([os.path.relpath(p, e.folder) for p in skipped]),
-        "image_size": str(int(image_size)),
-        "scaling_factor": repr(scaling),
+        "image_size": str(int(key.image_size)),
+        "scaling_factor": repr(key.scaling),
+        "vae": key.vae,
+        "stamps": json.dumps(stamps, sort_keys=True),
     }
     path = class_cache_path(cache_dir, e.name)
     atomic_write_bytes(path, safetensors_bytes(latents, meta))
@@ -332,14 +357,14 @@ def _skip_image(path: str, message: str) -> None:
 
 
 def _prepare_cache(entries, vae, device, cache_dir: str, image_size: int):
-    """Move the VAE to ``device``; returns (device, scaling factor, stats of cached classes, classes to encode)."""
+    """Move the VAE to ``device``; returns (device, cache key, stats of cached classes, classes to encode)."""
     if device is not None:
         vae.to(device)
     dev = next(vae.parameters()).device
-    scaling = float(vae.config.scaling_factor)
+    key = CacheKey(int(image_size), float(vae.config.scaling_factor), vae_digest(vae))
     os.makedirs(cache_dir, exist_ok=True)
-    stats, todo = _split_cached(entries, cache_dir, image_size, scaling)
-    return dev, scaling, stats, todo
+    stats, todo = _split_cached(entries, cache_dir, key)
+    return dev, key, stats, todo
 
 
 def cache_latents(entries: Sequence[ClassEntry], vae, *, cache_dir: str, image_size: int,
@@ -388,7 +413,7 @@ def cache_latents(entries: Sequence[ClassEntry], vae, *, cache_dir: str, image_s
         raise ConfigError(f"--encode-batch-size {batch_size}: must be >= 1")
     if num_workers is not None and num_workers < 0:
         raise ConfigError(f"num_workers {num_workers}: must be >= 0")
-    dev, scaling, stats, todo = _prepare_cache(entries, vae, device, cache_dir, image_size)
+    dev, key, stats, todo = _prepare_cache(entries, vae, device, cache_dir, image_size)
     if not todo:
         return {e.name: stats[e.name] for e in entries}
 
@@ -445,7 +470,7 @@ def cache_latents(entries: Sequence[ClassEntry], vae, *, cache_dir: str, image_s
             latents = torch.cat(buf.chunks).cpu() if buf.chunks else None  # (n, C, h, w) float32
             buf.t["encode_seconds"] += time.perf_counter() - t0  # waits for the device's queue
             e = buf.entry
-            path = _write_class(cache_dir, e, latents, buf.done, buf.skipped, image_size, scaling)
+            path = _write_class(cache_dir, e, latents, buf.done, buf.skipped, key, buf.stamps)
             stats[e.name] = {"n": latents.shape[0], "cached": False, "path": path,
                              "skipped": list(buf.skipped), "seconds": time.perf_counter() - t_class,
                              **buf.t}
@@ -467,10 +492,11 @@ def cache_latents_ref(entries: Sequence[ClassEntry], vae, *, cache_dir: str, ima
     after another, images read in this process (``num_workers`` is ignored) by
     :func:`~manifoldgd_fast.data.iter_class_images`, normalised on the CPU,
     encoded in batches of ``batch_size`` readable images."""
-    dev, scaling, stats, todo = _prepare_cache(entries, vae, device, cache_dir, image_size)
+    dev, key, stats, todo = _prepare_cache(entries, vae, device, cache_dir, image_size)
     use_autocast = dev.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
     for e in todo:
         t0 = time.perf_counter()
+        stamps = file_stamps(e)  # before reading: a file changed meanwhile makes the cache stale, never wrong
         batches = iter_class_images(e, image_size, batch_size, num_workers=0)
         chunks, done = [], []
         for images, paths in batches:  # images: (b, 3, S, S) float32 in [-1, 1]
@@ -478,7 +504,7 @@ def cache_latents_ref(entries: Sequence[ClassEntry], vae, *, cache_dir: str, ima
                 chunks.append(encode_images(vae, images).cpu())  # (b, C, h, w)
             done += paths
         latents = torch.cat(chunks) if chunks else None
-        path = _write_class(cache_dir, e, latents, done, batches.skipped, image_size, scaling)
+        path = _write_class(cache_dir, e, latents, done, batches.skipped, key, stamps)
         stats[e.name] = {"n": len(done), "cached": False, "path": path,
                          "skipped": list(batches.skipped), "seconds": time.perf_counter() - t0}
     return {e.name: stats[e.name] for e in entries}

@@ -16,9 +16,19 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from .errors import DataError
+
 MANIFEST = "manifest.json"
 LATENTS_DIR = "latents"
+MODES_DIR = "modes"
+RESERVED_DIRS = (LATENTS_DIR, MODES_DIR)  # what a run puts beside the class folders: no class may take these names
 DONE_MARK = ".complete"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
@@ -27,6 +37,8 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
+        if hasattr(os, "fchmod"):  # mkstemp makes 0600 files: give the usual umask's mode, as open() would
+            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -115,17 +127,22 @@ class OutputWriter:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
         os.makedirs(tmp)
+        if os.path.exists(final):  # is_done said no: not a class folder this tool finished, so not ours to delete
+            raise DataError(f"{final} exists but is not a finished class of a run (no {DONE_MARK}); move it away "
+                            "or use a new --out")
         for i, img in enumerate(images):
             with open(os.path.join(tmp, f"{i}.png"), "wb") as f:
                 f.write(encode_png(img))
+                f.flush()
+                os.fsync(f.fileno())  # the folder is renamed into place only over files that are on disk
         if latents is not None:
             blob = st_save({"latents": latents.detach().float().cpu().contiguous()},
                            metadata={"class": name})
             atomic_write_bytes(os.path.join(self.out, LATENTS_DIR, f"{name}.safetensors"), blob)
         with open(os.path.join(tmp, DONE_MARK), "w", encoding="utf-8") as f:
             json.dump(info, f, sort_keys=True)
-        if os.path.exists(final):  # an unfinished folder from an older layout: replace it
-            shutil.rmtree(final)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, final)
 
     def read_class_info(self, name: str) -> dict[str, Any]:

@@ -11,8 +11,10 @@ import concurrent.futures
 import contextvars
 import dataclasses
 import json
+import logging
 import os
 import platform
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,15 +22,17 @@ from typing import Any
 import torch
 
 from . import __version__
-from .config import LABEL_MAPS, DistillConfig, fingerprint
+from .config import LABEL_MAPS, DistillConfig, fingerprint, fingerprint_fields
 from .devices import resolve_device
 from .distributed import Shard
 from .profile import phase
 from .errors import ConfigError, DataError
 from . import classrun
 from .classrun import _check_class, _prefetched_inputs, _receive, class_modes, distill_class, modes_file, read_modes
-from .output import MANIFEST, OutputWriter, atomic_write_bytes, resize_images
+from .output import DONE_MARK, MANIFEST, MODES_DIR, RESERVED_DIRS, OutputWriter, atomic_write_bytes, resize_images
 from .finetune import read_finetune_record
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -36,9 +40,10 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 @dataclass
 class DistillResult:
     out: str
-    classes: dict[str, dict[str, Any]] = field(default_factory=dict)  # this rank's classes (all in one process)
+    classes: dict[str, dict[str, Any]] = field(default_factory=dict)  # the classes this rank distilled in this call
     manifest: str = ""
     run_classes: int = 0  # classes of the whole run, every rank's
+    finished_before: int = 0  # classes of the run already finished when this call began (a resume)
 
 
 def library_versions() -> dict[str, str]:
@@ -77,10 +82,18 @@ def with_demo_defaults(cfg: DistillConfig) -> DistillConfig:
                                extra={**cfg.extra, "demo": "digits", "real_val": os.path.join(root, "test")})
 
 
-def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None = None):
+def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None = None, done=None,
+            per_class: int | None = None):
     """Scan the data, load the models and fill the latent cache of this rank's classes.
 
-    Returns a context dict: all class entries (run order), this rank's entries,
+    ``done(name)``: classes already finished (a resumed distill run); the rest are dealt to the
+    ranks round-robin after every rank has looked, so a rerun after a dead rank spreads the
+    remaining classes over all ranks instead of leaving them to the dead rank's successor.
+
+    ``per_class``: images every class needs (the IPC of a distill or modes run), checked on the file
+    count before anything is encoded.
+
+    Returns a context dict: all class entries (run order), this rank's entries (to do),
     latent counts of this rank's classes, models, device, cache folder.
     """
     shard = shard or Shard()
@@ -106,10 +119,20 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
     # a DiT's labels are its class ids; SD's only key prompts and seeds
     entries = scan_image_folder(cfg.data, classes=classes, label_map=cfg.label_map, warn_stray=backbone == "dit")
 
+    for e in entries:  # every rank checks every class: a bad class stops all ranks alike, before any encoding
+        if e.name in RESERVED_DIRS:
+            raise DataError(f"class folder {e.folder}: {e.name!r} is the name of the run's own OUT/{e.name}/ folder; "
+                            "rename the class folder")
+        if per_class is not None and len(e.files) < per_class:
+            raise DataError(f"class {e.name} has {len(e.files)} images, fewer than --ipc {per_class}")
+
     vae = load_vae(cfg.vae or cfg.model, device=device, flag="--vae" if cfg.vae else "--model")
     vinfo = vae_info(vae)
     model = info = None
-    mine = shard.mine(entries)
+    work = [e for e in entries if not done(e.name)] if done is not None else entries
+    mine = shard.mine(work)
+    if done is not None:
+        shard.barrier()  # every rank has read which classes are finished before any rank writes one
     prompts, schedule_kw = {}, {}
     if cfg.model is not None and backbone == "sd":
         from .data import _class_folders
@@ -155,9 +178,35 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
     cache = latent_cache_dir(cfg.cache_dir, cfg.data, cfg.vae or cfg.model, image_size, encode_precision(device, dtype))
     stats = cache_latents(mine, vae, cache_dir=cache, image_size=image_size, batch_size=cfg.encode_batch_size,
                           device=device, dtype=dtype, num_workers=cfg.encode_workers)
-    return dict(entries=entries, mine=mine, counts={k: int(v["n"]) for k, v in stats.items()}, vae=vae,
+    folders = {e.name: e.folder for e in mine}
+    skipped = {k: sorted(os.path.relpath(p, folders[k]) for p in v.get("skipped", [])) for k, v in stats.items()}
+    for k, v in stats.items():
+        if v.get("cached") and skipped[k]:  # the encoder's warning came when the cache was made
+            log.warning("class %s: %d unreadable image(s) skipped (recorded in the latent cache): %s", k,
+                        len(skipped[k]), ", ".join(skipped[k][:3]) + (" ..." if len(skipped[k]) > 3 else ""))
+    return dict(entries=entries, mine=mine, finished_before=len(entries) - len(work), skipped=skipped,
+                counts={k: int(v["n"]) for k, v in stats.items()}, vae=vae,
                 vae_info=vinfo, model=model, dit_info=info, device=device, dtype=dtype, cache=cache,
                 image_size=image_size, shard=shard, backbone=backbone, prompts=prompts, schedule_kw=schedule_kw)
+
+
+def check_out(out: str, data: str | None) -> None:
+    """``--out`` must lie outside ``--data`` (the run would distil its own output, or replace real class
+    folders) and be writable; checked before anything is encoded."""
+    o, d = os.path.realpath(out), os.path.realpath(data) if data is not None else None
+    if d is not None and (o == d or o.startswith(d.rstrip(os.sep) + os.sep)):
+        raise ConfigError(f"--out {out} is {'the same folder as' if o == d else 'inside'} --data {data}: "
+                          "its folders would be read as classes; use an --out outside the data folder")
+    nearest = o  # the folder itself or, when it does not exist yet, its nearest existing ancestor: nothing is created
+    while not os.path.exists(nearest) and os.path.dirname(nearest) != nearest:
+        nearest = os.path.dirname(nearest)
+    try:
+        if not os.path.isdir(nearest):
+            raise NotADirectoryError(20, "not a folder", nearest)
+        with tempfile.TemporaryFile(dir=nearest):
+            pass
+    except OSError as e:
+        raise DataError(f"--out {out} is not writable ({nearest}: {e.strerror or e})") from None
 
 
 def distill(config: DistillConfig | dict) -> DistillResult:
@@ -179,7 +228,9 @@ def _distill(config: DistillConfig | dict, shard: Shard) -> DistillResult:
 
     cfg = DistillConfig.from_dict(config) if isinstance(config, dict) else config
     cfg = with_demo_defaults(cfg.validate())
-    ctx = prepare(cfg, shard=shard)
+    check_out(cfg.out, cfg.data)
+    ctx = prepare(cfg, shard=shard, per_class=cfg.ipc,
+                  done=lambda name: os.path.isfile(os.path.join(cfg.out, name, DONE_MARK)))
     entries, mine = ctx["entries"], ctx["mine"]
     rcfg = cfg.resolve(len(entries), ctx["device"], backbone=ctx["backbone"])
     # Check this rank's classes before anything is written (latents stay on disk until their turn).
@@ -189,17 +240,31 @@ def _distill(config: DistillConfig | dict, shard: Shard) -> DistillResult:
             if not os.path.isfile(modes_file(rcfg.modes_dir, e.name)):
                 raise DataError(f"--modes-dir {rcfg.modes_dir}: no modes for class {e.name}")
 
-    fp = fingerprint(rcfg)
+    identity = fingerprint_fields(rcfg, entries)
+    fp = fingerprint(rcfg, entries)
     man_path = os.path.join(os.path.abspath(cfg.out), MANIFEST)
     old = _read_manifest(man_path)
     if old and old.get("fingerprint") != fp:
-        raise ConfigError(f"--out {cfg.out} holds a run with other parameters (fingerprint {old.get('fingerprint')}); "
-                          f"use a new --out")
+        was = old.get("identity") or {}
+        keys = [k for k in sorted(set(identity) | set(was)) if identity.get(k) != was.get(k)]
+        what = "other data (its classes, labels or files)" if keys == ["data"] else \
+            f"other parameters ({', '.join(keys[:6])})" if keys else "other parameters"
+        raise ConfigError(f"--out {cfg.out} holds a run with {what} (fingerprint {old.get('fingerprint')}, this run "
+                          f"{fp}); use a new --out")
     writer = OutputWriter(cfg.out)
     writer.clean_stale([e.name for e in mine])
+    status = _class_status(writer, entries) if shard.is_main else {}  # kept up to date in memory: no re-read per class
+    # What changes the float rounding but not the maths (the fingerprint leaves it out so that a resume
+    # can, e.g., lower the batch size after running out of memory): recorded per class, warned about.
+    numerics = dict(device=ctx["device"].type, batch_size=rcfg.batch_size, encode_batch_size=rcfg.encode_batch_size,
+                    backend=rcfg.backend, loop=rcfg.loop)
+    changed = sorted({k for v in status.values() for k, x in v.get("numerics", {}).items() if numerics.get(k) != x})
+    if changed:
+        log.warning("resuming %s with other %s than its finished classes: the classes still to do can differ from "
+                    "a run made in one go by float rounding", cfg.out, ", ".join(changed))
 
     manifest = dict(
-        tool="manifoldgd-fast", version=__version__, fingerprint=fp, formulation=rcfg.formulation,
+        tool="manifoldgd-fast", version=__version__, fingerprint=fp, identity=identity, formulation=rcfg.formulation,
         method=rcfg.method, config=rcfg.to_dict(), data=os.path.abspath(cfg.data), model=cfg.model,
         vae=cfg.vae or cfg.model, image_size=ctx["image_size"], latent_cache=ctx["cache"],
         device=str(ctx["device"]), world_size=shard.world, extra=cfg.extra, versions=library_versions(), seeds={
@@ -219,11 +284,11 @@ def _distill(config: DistillConfig | dict, shard: Shard) -> DistillResult:
 
     def write_manifest():
         if shard.is_main:
-            manifest["classes"] = _class_status(writer, entries)
+            manifest["classes"] = status
             writer.write_manifest(manifest)
 
     write_manifest()
-    todo = [e for e in mine if not writer.is_done(e.name)]
+    todo = mine  # prepare dealt only the unfinished classes
     bar = tqdm(total=len(todo) * rcfg.ipc, desc=f"distil {rcfg.method}", unit="img", disable=None)
     copy_stream = torch.cuda.Stream(ctx["device"]) if ctx["device"].type == "cuda" else None
 
@@ -236,9 +301,13 @@ def _distill(config: DistillConfig | dict, shard: Shard) -> DistillResult:
                               f"--eta-dm) or sample in float32 (--dtype float32)")
         if prompt is not None:
             stats["prompt"] = prompt
+        stats["numerics"] = numerics
+        stats["skipped_images"] = ctx["skipped"].get(name, [])
         with phase("io"):
             images = resize_images(images, rcfg.output_size)
             writer.write_class(name, images, latents if rcfg.save_latents else None, stats)
+            if shard.is_main:
+                status[name] = {**stats, "status": "done"}
             write_manifest()
 
     # Two background threads around the sampling of class c: one loads the latents of class c+1 and
@@ -267,12 +336,14 @@ def _distill(config: DistillConfig | dict, shard: Shard) -> DistillResult:
             pending.result()
     bar.close()
     shard.barrier()  # every rank's classes are on disk
+    if shard.is_main:
+        status.update(_class_status(writer, entries))  # the other ranks' classes
     write_manifest()
     if cfg.contact_sheet and shard.is_main:
         write_contact_sheet(writer.out, [e.name for e in entries])
-    status = _class_status(writer, entries)
-    return DistillResult(out=writer.out, classes={e.name: status[e.name] for e in mine}, manifest=man_path,
-                         run_classes=len(entries))
+    mine_status = {e.name: {**writer.read_class_info(e.name), "status": "done"} for e in mine}
+    return DistillResult(out=writer.out, classes=mine_status, manifest=man_path, run_classes=len(entries),
+                         finished_before=ctx["finished_before"])
 
 
 def _class_status(writer: OutputWriter, entries) -> dict[str, dict[str, Any]]:
@@ -348,14 +419,15 @@ def compute_modes(config: DistillConfig | dict) -> dict[str, str]:
     cfg = DistillConfig.from_dict(config) if isinstance(config, dict) else config
     shard = Shard.from_env()
     try:
-        ctx = prepare(cfg, need_models=False, shard=shard)
+        check_out(cfg.out, with_demo_defaults(cfg).data)
+        ctx = prepare(cfg, need_models=False, shard=shard, per_class=cfg.ipc)
         rcfg = cfg.resolve(len(ctx["entries"]), backbone=ctx["backbone"])
         for e in ctx["mine"]:
             _check_class(dataclasses.replace(rcfg, method="mgd3"), e.name, ctx["counts"][e.name])
         fp = modes_fingerprint(rcfg, ctx["cache"])
         paths = {}
         for e in ctx["mine"]:
-            p = modes_file(os.path.join(cfg.out, "modes"), e.name)
+            p = modes_file(os.path.join(cfg.out, MODES_DIR), e.name)
             old, old_fp = read_modes(p)
             if old is not None and old_fp != fp:
                 raise ConfigError(f"{p} holds modes made with other mode parameters or latents; use a new --out")

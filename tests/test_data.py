@@ -358,3 +358,36 @@ def test_iter_class_images_all_good_no_warning(wnid_root):
         warnings.simplefilter("error")
         got = list(D.iter_class_images(entry, 8, batch_size=8, num_workers=2))
     assert len(got) == 1 and got[0][0].shape == (2, 3, 8, 8)
+
+
+def test_16_bit_greyscale_keeps_its_top_8_bits(tmp_path):
+    """A 16-bit PNG reads as the 8-bit image of its top byte; convert("RGB") alone would clip it white."""
+    ramp = (np.arange(32 * 32, dtype=np.uint32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
+    p16, p8 = str(tmp_path / "g16.png"), str(tmp_path / "g8.png")
+    Image.fromarray(ramp).save(p16)
+    with Image.open(p16) as im:
+        assert im.mode.startswith("I")  # PIL's 16-bit greyscale modes
+    Image.fromarray((ramp >> 8).astype(np.uint8), mode="L").save(p8)
+    x16, x8 = D.read_image_uint8(p16, 32), D.read_image_uint8(p8, 32)
+    assert x16.float().mean() < 200  # not saturated
+    assert torch.equal(x16, x8)
+    assert torch.equal(D.load_image(p16, 32), D.load_image(p8, 32))
+    f = Image.fromarray(ramp.astype(np.float32) / 65535.0, mode="F")
+    rgb = np.asarray(D.to_rgb(f))  # float greyscale, taken as 0..1
+    assert rgb.shape == (32, 32, 3)
+    assert np.array_equal(rgb[..., 0], np.rint(ramp / 65535.0 * 255).astype(np.uint8))
+
+
+def test_scan_refuses_a_class_name_that_is_not_utf8(tmp_path):
+    root = tmp_path / "data"
+    (root / "ok").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(str(root / "ok" / "0.png"))
+    bad = os.path.join(os.fsencode(str(root)), b"bad\xff")
+    try:
+        os.mkdir(bad)
+    except OSError as e:  # a file system that only takes UTF-8 names cannot hold such a folder
+        pytest.skip(f"this file system refuses non-UTF-8 names ({e})")
+    Image.new("RGB", (8, 8)).save(os.path.join(bad, b"0.png").decode("utf-8", "surrogateescape"))
+    with pytest.raises(DataError, match="not valid UTF-8"):
+        D.scan_image_folder(str(root))
+    assert [e.name for e in D.scan_image_folder(str(root), classes=["ok"])] == ["ok"]

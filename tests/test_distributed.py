@@ -1,6 +1,7 @@
 """torchrun sharding on the CPU (gloo): N processes give the same bytes as one; a killed rank, then a rerun, too."""
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -113,3 +114,32 @@ def test_cache_and_modes_commands_under_torchrun(world, tmp_path):
     from safetensors.torch import load
     for k in modes[0]:
         assert load(modes[0][k])["modes"].equal(load(modes[1][k])["modes"])
+
+
+def test_rerun_deals_the_unfinished_classes_over_every_rank(world, tmp_path):
+    """Only one rank's classes are missing (that rank died): the rerun splits them over both ranks
+    rather than leaving them all to one while the other waits at the barrier, and gives the same bytes."""
+    out = tmp_path / "out"
+    _torchrun(world, out, 2)
+    ref = _digest(out)
+    lost = CLASSES[1::2]                             # rank 1's share of the first run
+    for c in lost:
+        shutil.rmtree(out / c)
+    r = _torchrun(world, out, 2)
+    per_rank = [int(m) for m in re.findall(rf"distilled (\d+) of the run's {len(CLASSES)} classes", r.stdout)]
+    assert sorted(per_rank) == [1, 1], r.stdout
+    assert _digest(out) == ref
+
+
+def test_barrier_timeout_from_the_environment(monkeypatch):
+    from manifoldgd_fast.distributed import TIMEOUT_ENV, barrier_timeout
+    from manifoldgd_fast.errors import ConfigError
+
+    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    assert barrier_timeout() == 86400  # longer than gloo's 30 minutes: early ranks wait out the slowest
+    monkeypatch.setenv(TIMEOUT_ENV, "90")
+    assert barrier_timeout() == 90
+    for bad in ("soon", "0", "-5", "nan"):
+        monkeypatch.setenv(TIMEOUT_ENV, bad)
+        with pytest.raises(ConfigError, match=TIMEOUT_ENV):
+            barrier_timeout()

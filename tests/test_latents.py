@@ -381,3 +381,33 @@ def test_bad_loader_arguments_are_config_errors(tmp_path, root, vae):
         L.cache_latents(entries, vae, cache_dir=str(tmp_path), image_size=SIZE, num_workers=-1)
     with pytest.raises(ConfigError, match="encode-batch-size 0"):
         L.cache_latents(entries, vae, cache_dir=str(tmp_path), image_size=SIZE, batch_size=0)
+
+
+def test_cache_is_stale_when_an_image_or_the_vae_weights_change(tmp_path, root, vae):
+    """The same file names are not enough: a rewritten image re-encodes its class, and other VAE weights
+    (same config, same folder name) re-encode every class."""
+    entries = D.scan_image_folder(str(root))
+    cache = str(tmp_path / "cache")
+    kw = dict(cache_dir=cache, image_size=SIZE, batch_size=2, progress=False, num_workers=0)
+    with pytest.warns(UserWarning):
+        L.cache_latents(entries, vae, **kw)
+    cat_before = L.load_class_latents(cache, "cat")[0]
+
+    _img(str(root / "cat" / "1.png"), seed=123)                        # same name, other pixels
+    st = os.stat(root / "cat" / "1.png")
+    os.utime(root / "cat" / "1.png", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # even on a coarse clock
+    counting = CountingVAE(vae)
+    stats = L.cache_latents(entries, counting, **kw)
+    assert not stats["cat"]["cached"] and stats["dog"]["cached"] and counting.calls > 0
+    cat_after = L.load_class_latents(cache, "cat")[0]
+    assert torch.equal(cat_after[0], cat_before[0]) and not torch.equal(cat_after[1], cat_before[1])
+
+    other = M.build_vae(M.tiny_vae_config(sample_size=SIZE))
+    with torch.no_grad():
+        for (_, a), (_, b) in zip(sorted(other.state_dict().items()), sorted(vae.state_dict().items())):
+            a.copy_(b)
+        next(other.parameters()).mul_(1.5)
+    assert L.vae_digest(other) != L.vae_digest(vae) and L.vae_digest(CountingVAE(vae)) == L.vae_digest(vae)
+    with pytest.warns(UserWarning):
+        stats = L.cache_latents(entries, other, **kw)
+    assert not stats["cat"]["cached"] and not stats["dog"]["cached"]

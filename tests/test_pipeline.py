@@ -163,6 +163,12 @@ def test_undecodable_image_is_reported_and_skipped(tiny_world, tmp_path, capsys)
     assert "broken.jpg" in err
     man = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert man["classes"]["apple"]["n_latents"] == 12
+    assert man["classes"]["apple"]["skipped_images"] == ["broken.jpg"] and man["classes"]["banana"]["skipped_images"] == []
+    # a second run over the same (now cached) data still says so, and records it
+    assert main(args[:args.index("--out") + 1] + [str(tmp_path / "out2")] + args[args.index("--out") + 2:]) == 0
+    assert "broken.jpg" in capsys.readouterr().err
+    man = json.loads((tmp_path / "out2" / "manifest.json").read_text())
+    assert man["classes"]["apple"]["skipped_images"] == ["broken.jpg"]
 
 
 def _bad(tiny_world, tmp_path, args, capsys):
@@ -248,7 +254,7 @@ def test_label_map_file_end_to_end(tiny_world, tmp_path, capsys):
     # the map counts by its contents: the same path with other labels is another run, refused in the same --out
     m.write_text("apple\t1\nbanana,0\ncherry 2\n")
     line = _bad(tiny_world, tmp_path, _args(tiny_world, out, "--method", "dit", "--label-map", str(m)), capsys)
-    assert "holds a run with other parameters" in line, line
+    assert "holds a run with other parameters (data, label_map)" in line, line
     assert json.loads((out / "manifest.json").read_text()) == man       # nothing already written is lost
     bad = tmp_path / "bad.json"
     for text, culprit in [('{"apple": 2, "banana": 0, "cherry": 3}', "class cherry has label 3, outside the model's 3"),
@@ -335,3 +341,107 @@ def test_embedded_demo_runs_without_arguments(tmp_path, monkeypatch):
     assert main(["eval", "--distilled", str(full), "--epochs", "2", "--seeds", "1", "--no-progress"]) == 0
     res = _json.loads((full / "eval.json").read_text())
     assert list(res["nets"]) == ["convnet6"] and res["epochs"] == 2
+
+
+def _tree(folder):
+    return {os.path.relpath(os.path.join(dp, f), folder): open(os.path.join(dp, f), "rb").read()
+            for dp, _, files in os.walk(folder) for f in files}
+
+
+def test_out_that_would_clobber_data_or_foreign_folders_is_refused(tiny_world, tmp_path, capsys, monkeypatch):
+    """--out inside --data, a class folder named like the run's own folders, a folder in --out that no
+    run finished, too few images, an unwritable --out: one line, exit 2, nothing of anyone's lost, and
+    (the class checks) nothing encoded first."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_world["data"], data)
+    (data / "apple" / "notes.txt").write_text("mine")
+    w = dict(tiny_world, data=str(data))
+    before = _tree(data)
+    for out in (data, data / "apple", data / "inner" / "out"):
+        line = _bad(w, tmp_path, _args(w, out), capsys)
+        assert "--out" in line and "--data" in line, line
+    assert _tree(data) == before and not (data / "inner").exists()
+
+    reserved = tmp_path / "reserved"
+    shutil.copytree(tiny_world["data"], reserved)
+    shutil.copytree(reserved / "banana", reserved / "latents")
+    cache = tmp_path / "cache"
+    args = ["distill", "--data", str(reserved), "--model", tiny_world["model"], "--out", str(tmp_path / "o1"),
+            "--cache-dir", str(cache), *FAST]
+    line = _bad(w, tmp_path, args, capsys)
+    assert "'latents'" in line and "rename the class folder" in line, line
+    line = _bad(w, tmp_path, args[:-len(FAST)] + ["--ipc", "50", *FAST[2:]], capsys)
+    assert "fewer than --ipc 50" in line, line
+    assert not any(f.endswith(".safetensors") for _, _, fs in os.walk(cache) for f in fs)  # nothing encoded
+
+    out = tmp_path / "o2"
+    (out / "apple").mkdir(parents=True)
+    (out / "apple" / "keep.txt").write_text("not a distilled class")
+    line = _bad(w, tmp_path, _args(tiny_world, out), capsys)
+    assert str(out / "apple") in line and "is not a finished class" in line, line
+    assert (out / "apple" / "keep.txt").read_text() == "not a distilled class"
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    line = _bad(w, tmp_path, _args(tiny_world, a_file / "sub"), capsys)
+    assert "--out" in line and "not writable" in line, line
+
+    from manifoldgd_fast import pipeline
+
+    def full_disk(cfg):
+        raise OSError(28, "No space left on device", "/scratch/out/apple/0.png")
+
+    monkeypatch.setattr(pipeline, "distill", full_disk)
+    line = _bad(w, tmp_path, _args(tiny_world, tmp_path / "o3"), capsys)
+    assert line == "manifoldgd-fast: error: /scratch/out/apple/0.png: No space left on device", line
+
+
+def test_fingerprint_counts_the_data_not_its_spelling(tiny_world, tmp_path, capsys, monkeypatch):
+    """The same folder given relatively resumes; another folder with the same path string (another cwd)
+    or a new class folder is another run; a resume with another batch size warns and records it."""
+    out = tmp_path / "out"
+    data = tmp_path / "d" / "data"
+    shutil.copytree(tiny_world["data"], data)
+    w = dict(tiny_world, data=str(data))
+    assert main(_args(w, out)) == 0
+    ref = _digest(out)
+    shutil.rmtree(out / "banana")
+    monkeypatch.chdir(tmp_path / "d")
+    capsys.readouterr()
+    assert main(_args(dict(w, data="data" + os.sep), out, "--batch-size", "1")) == 0
+    io = capsys.readouterr()
+    assert _digest(out) == ref
+    assert "distilled 1 classes into" in io.out and "2 were already done" in io.out, io.out
+    assert "resuming" in io.err and "batch_size" in io.err, io.err
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["classes"]["banana"]["numerics"]["batch_size"] == 1
+    assert man["classes"]["apple"]["numerics"]["batch_size"] == 2
+
+    other = tmp_path / "e" / "data"                 # same spelling "data", other folder: other files
+    shutil.copytree(tiny_world["data"], other)
+    os.unlink(other / "cherry" / sorted(os.listdir(other / "cherry"))[0])
+    monkeypatch.chdir(tmp_path / "e")
+    line = _bad(w, tmp_path, _args(dict(w, data="data"), out), capsys)
+    assert "holds a run with other data" in line, line
+    assert _digest(out) == ref
+
+    out2 = tmp_path / "out2"
+    assert main(_args(w, out2, "--classes", "apple,banana", "--method", "dit")) == 0
+    shutil.copytree(data / "banana", data / "aardvark")   # a stray class folder shifts the sorted labels
+    line = _bad(w, tmp_path, _args(w, out2, "--classes", "apple,banana", "--method", "dit"), capsys)
+    assert "holds a run with other data (its classes, labels or files)" in line, line
+
+
+def test_atomic_writes_get_the_umask_mode(tmp_path):
+    """Files written through temp + rename are readable as open() would make them (mkstemp alone: 0600)."""
+    from manifoldgd_fast.output import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(str(tmp_path / "m.json"), b"{}")
+        atomic_write_bytes(str(tmp_path / "sub" / "l.bin"), b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "sub" / "l.bin").stat().st_mode & 0o777 == 0o644
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")] == []

@@ -51,9 +51,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data import iter_class_images
+from ..data import image_errors, iter_class_images, read_image_uint8, to_rgb
 from ..errors import ConfigError, DataError
-from ..latents import read_image_uint8
 from ..output import atomic_write_bytes, atomic_write_text
 from .augment import normalize, to_unit
 from .nets import NAMED, load_net, net_checkpoint
@@ -321,8 +320,8 @@ def load_squashed(path: str, size: int) -> torch.Tensor:
 
     try:
         with Image.open(path) as img:
-            arr = np.array(img.convert("RGB").resize((size, size), resample=Image.BILINEAR))
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+            arr = np.array(to_rgb(img).resize((size, size), resample=Image.BILINEAR))
+    except image_errors() as e:
         raise DataError(f"cannot read image {path}: {e}") from None
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 

@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 from ..data import IMAGE_EXTS, ClassEntry, iter_class_images, scan_image_folder
 from ..devices import resolve_device
 from ..errors import ConfigError, DataError
-from ..latents import read_image_uint8
-from ..output import MANIFEST, atomic_write_text
+from ..data import read_image_uint8
+from ..output import MANIFEST, RESERVED_DIRS, atomic_write_text
 from .augment import TrainAugment, cutmix, normalize, to_unit
 from .nets import NET_NAMES, build_net, count_parameters, load_net, parse_nets
 
@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 MAX_DEVICE_IMAGES = 50_000
 VAL_RESIZE = 256 / 224           # resize 256 / centre crop 224, at any size
 PRECISIONS = ("bf16", "fp32")
-RESERVED_DIRS = ("latents", "modes")  # what a distill run puts beside the class folders
 
 
 # --------------------------------------------------------------------------- settings
@@ -145,7 +144,7 @@ def load_images(entries: list[ClassEntry], size: int, *, resize: float = 1.0, ma
     """Every image of ``entries`` as uint8 (N, 3, size, size) in host memory, and labels (N,).
 
     Images are resized (short side ``round(size * resize)``, at least ``size``) and
-    centre-cropped to ``size`` (latents.read_image_uint8); unreadable files are
+    centre-cropped to ``size`` (data.read_image_uint8); unreadable files are
     skipped with a warning (data.ClassImages).
     Raises DataError naming a class left without a readable image.
     """
