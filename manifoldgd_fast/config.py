@@ -73,6 +73,8 @@ class DistillConfig:
                                        # (our kernel, kernels/attention.py; needs dit_impl fused)
     dit_impl: str = "diffusers"        # the DiT forward: diffusers | fused (fastdit.FusedDiT: fused QKV, adaLN
                                        # once per step, LayerNorm-modulate / gate-residual kernels)
+    time_embedding: str = "auto"       # the DiT's timestep features: auto | original (facebookresearch/DiT's,
+                                       # the releases') | diffusers (models.set_time_embedding)
 
     # --- method ------------------------------------------------------------
     method: str = "manifoldgd"
@@ -156,6 +158,7 @@ class DistillConfig:
             ("backend", BACKENDS), ("backbone", BACKBONES),
             ("guidance_noise", ("auto", "generator", "philox")), ("loop", LOOPS), ("compile", COMPILE_MODES),
             ("attention", ATTENTION_BACKENDS), ("dit_impl", ("diffusers", "fused")),
+            ("time_embedding", ("auto", "original", "diffusers")),
         ]:
             choice(name, allowed)
         check_label_map(self.label_map)
@@ -433,7 +436,7 @@ def fingerprint_fields(cfg: "DistillConfig", entries=None) -> dict:
             d[k] = os.path.realpath(d[k])
     for k in UNHASHED_FIELDS:
         d.pop(k, None)
-    for k, default in (("compile", "none"), ("attention", "auto"), ("dit_impl", "diffusers"),
+    for k, default in (("compile", "none"), ("attention", "auto"), ("dit_impl", "diffusers"), ("time_embedding", "auto"),
                        ("neighbourhood_dtype", "float32")):
         if d.get(k) == default:  # fingerprints of runs made before the option existed stay valid
             d.pop(k)

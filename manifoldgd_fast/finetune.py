@@ -124,7 +124,8 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
     save_pretrained_folder(ctx["vae"], os.path.join(out, "vae"))
     # what the folder was trained with: `distill --model OUT` records it in its manifest
     atomic_write_text(os.path.join(out, FINETUNE_RECORD),
-                      json.dumps({"tool": "manifoldgd-fast finetune", "step": step, **settings}, sort_keys=True, indent=1))
+                      json.dumps({"tool": "manifoldgd-fast finetune", "step": step, **settings,
+                                  "time_embedding": info.get("time_embedding", "diffusers")}, sort_keys=True, indent=1))
     return out
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .errors import ModelError
+from .errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +161,57 @@ def _load(cls, path_or_id: str, subfolder: str, flag: str, what: str, *, device,
     return model
 
 
+TIME_EMBEDDINGS = ("auto", "original", "diffusers")
+
+
+def set_time_embedding(model, kind: str) -> None:
+    """Make a DiT's sinusoidal timestep features those its weights were trained with.
+
+    facebookresearch/DiT (and the ManifoldGD / MGD³ releases, which run its model code) divide the
+    log-frequencies by ``half`` = 128 ("original"); diffusers' DiT divides by ``half - 1`` = 127
+    (``downscale_freq_shift=1``, "diffusers"), which moves the embedding of t = 999 by about its own
+    norm. The hub's ``facebook/DiT-XL-2-*`` weights are the original ones converted, so they want
+    "original"; a DiT trained with diffusers' module (the shipped digits model) wants "diffusers".
+    """
+    if kind not in ("original", "diffusers"):
+        raise ConfigError(f"--time-embedding {kind!r}: expected original or diffusers")
+    n = 0
+    for m in model.modules():
+        if type(m).__name__ == "Timesteps" and hasattr(m, "downscale_freq_shift"):
+            m.downscale_freq_shift = 0 if kind == "original" else 1
+            n += 1
+    if n == 0:
+        raise ModelError(f"{type(model).__name__}: no timestep embedding (diffusers Timesteps) found to set")
+    model.time_embedding = kind
+
+
+def time_embedding_for(model, path_or_id, requested: str = "auto") -> str:
+    """``requested``, or for "auto": what the weights were trained with. "original" for an original
+    ``.pt`` checkpoint and for the architecture facebookresearch released weights of (DiT-XL/2 over
+    1,000 classes: those weights or a fine-tune of them), unless the folder's ``finetune.json``
+    records otherwise; else "diffusers"."""
+    from .dit_checkpoint import is_dit_checkpoint
+
+    if requested != "auto":
+        return requested
+    if is_dit_checkpoint(path_or_id):
+        return "original"
+    record = os.path.join(str(path_or_id), "finetune.json")
+    if os.path.isfile(record):
+        try:
+            with open(record, encoding="utf-8") as f:
+                kind = json.load(f).get("time_embedding")
+            if kind in ("original", "diffusers"):
+                return kind
+        except (OSError, ValueError):
+            pass
+    c = model.config
+    xl2 = (c.num_layers, c.num_attention_heads, c.attention_head_dim, c.patch_size) == (28, 16, 72, 2)
+    return "original" if xl2 and c.num_embeds_ada_norm == 1000 else "diffusers"
+
+
 def load_dit(path_or_id: str, *, device: str | torch.device = "cpu",
-             dtype: torch.dtype = torch.float32, cache_dir: str | None = None):
+             dtype: torch.dtype = torch.float32, cache_dir: str | None = None, time_embedding: str = "auto"):
     """Load a ``DiTTransformer2DModel`` (eval mode) from a folder or the HF cache.
 
     Args:
@@ -174,16 +223,24 @@ def load_dit(path_or_id: str, *, device: str | torch.device = "cpu",
     An original DiT checkpoint (``DiT-XL-2-256x256.pt`` from facebookresearch/DiT, as the
     ManifoldGD and MGD³ releases use it) loads too: :mod:`dit_checkpoint`.
 
+    time_embedding: auto | original | diffusers (:func:`set_time_embedding`, :func:`time_embedding_for`);
+    the model's ``time_embedding`` attribute says which it runs.
+
     Raises ModelError naming ``--model`` and the folder / file at fault.
     """
     from diffusers import DiTTransformer2DModel
 
     from .dit_checkpoint import is_dit_checkpoint, load_dit_checkpoint
 
+    if time_embedding not in TIME_EMBEDDINGS:
+        raise ConfigError(f"--time-embedding {time_embedding!r}: expected one of {', '.join(TIME_EMBEDDINGS)}")
     if is_dit_checkpoint(path_or_id):
-        return load_dit_checkpoint(str(path_or_id), device=device, dtype=dtype)
-    return _load(DiTTransformer2DModel, path_or_id, "transformer", "--model", "DiT",
-                 device=device, dtype=dtype, cache_dir=cache_dir)
+        model = load_dit_checkpoint(str(path_or_id), device=device, dtype=dtype)
+    else:
+        model = _load(DiTTransformer2DModel, path_or_id, "transformer", "--model", "DiT",
+                      device=device, dtype=dtype, cache_dir=cache_dir)
+    set_time_embedding(model, time_embedding_for(model, path_or_id, time_embedding))
+    return model
 
 
 def load_vae(path_or_id: str, *, device: str | torch.device = "cpu",
@@ -241,6 +298,7 @@ def dit_info(model) -> dict[str, Any]:
         "out_channels": out_ch,
         "learned_sigma": out_ch == 2 * in_ch,
         "patch_size": cfg.patch_size,
+        "time_embedding": getattr(model, "time_embedding", "diffusers"),
     }
 
 

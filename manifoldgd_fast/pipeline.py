@@ -158,7 +158,7 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
         if cfg.image_size is not None and cfg.image_size != latent:
             raise ConfigError(f"--image-size {cfg.image_size} does not match the model's {latent} px")
     elif cfg.model is not None:  # also for `cache`: the model fixes the image size
-        model = load_dit(cfg.model, device=device)
+        model = load_dit(cfg.model, device=device, time_embedding=cfg.time_embedding)
         info = dit_info(model)
         if need_models and cfg.dit_impl == "fused":
             from .fastdit import FusedDiT
@@ -273,6 +273,8 @@ def _distill(config: DistillConfig | dict, shard: Shard) -> DistillResult:
             "guidance": "Philox key derive_seed(run, 'guidance'), sample id label * ipc + index"},
         classes={}, backbone=rcfg.backbone, output_size=rcfg.output_size or ctx["image_size"],
     )
+    if ctx["dit_info"] and "time_embedding" in ctx["dit_info"]:
+        manifest["dit_time_embedding"] = ctx["dit_info"]["time_embedding"]  # what "auto" chose
     tuned = read_finetune_record(cfg.model)
     if tuned is not None:  # a model folder from `finetune`: its RSM settings (rsm_lambda, steps, ...)
         manifest["model_finetune"] = tuned

@@ -120,6 +120,62 @@ def test_distill_from_an_original_checkpoint(tiny_world, tmp_path, capsys, monke
         return a
 
     assert main(args(tmp_path / "b", str(ckpt))) == 2 and "--vae is required" in capsys.readouterr().err
-    assert main([*args(tmp_path / "a", str(tmp_path / "tied")), "--vae", vae]) == 0
+    # a .pt checkpoint runs the original timestep features (auto); the folder does so when asked
+    assert main([*args(tmp_path / "a", str(tmp_path / "tied")), "--vae", vae, "--time-embedding", "original"]) == 0
     assert main([*args(tmp_path / "b", str(ckpt)), "--vae", vae]) == 0
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    import json
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["dit_time_embedding"] == "original"
+
+
+def _release_timestep_embedding(t, dim=256, max_period=10000):
+    """facebookresearch/DiT's TimestepEmbedder.timestep_embedding, which the ManifoldGD release runs, written out."""
+    import math
+
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def test_time_embedding_original_is_the_releases_and_auto_picks_it_for_original_weights(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from manifoldgd_fast.dit_checkpoint import DIT_HEADS
+
+    from manifoldgd_fast.fastdit import FusedDiT
+    from manifoldgd_fast.models import load_dit, save_pretrained_folder, set_time_embedding, time_embedding_for
+
+    dit = build_dit(tiny_dit_config(num_classes=10), seed=5)
+    t = torch.tensor([1, 500, 999])
+    proj = dit.transformer_blocks[0].norm1.emb.time_proj
+    want = _release_timestep_embedding(t)
+    assert (proj(t) - want).abs().max() > 0.1        # diffusers' own DiT divides by 127: not the release's
+    set_time_embedding(dit, "original")
+    assert dit.time_embedding == "original"
+    for blk in dit.transformer_blocks:
+        torch.testing.assert_close(blk.norm1.emb.time_proj(t), want, atol=1e-6, rtol=0)
+    x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 7, 10])
+    with torch.no_grad():                             # the fused DiT runs the blocks' own embedders: the same features
+        torch.testing.assert_close(FusedDiT(dit)(x, t, y).sample, dit(x, timestep=t, class_labels=y).sample,
+                                   atol=1e-5, rtol=1e-5)
+
+    # auto: original for a .pt checkpoint and for the architecture facebookresearch released (DiT-XL/2, 1,000 classes)
+    path = tmp_path / "DiT-tiny.pt"
+    tied = tie_conditioning_embedders(build_dit(tiny_dit_config(num_classes=10), seed=5))
+    heads = tied.config.num_attention_heads
+    monkeypatch.setitem(DIT_HEADS, heads * tied.config.attention_head_dim, heads)  # the tiny width as a family member
+    torch.save(original_state_dict(tied), path)
+    assert load_dit(str(path)).time_embedding == "original"
+    assert load_dit(str(path), time_embedding="diffusers").time_embedding == "diffusers"
+    folder = tmp_path / "tiny"
+    save_pretrained_folder(build_dit(tiny_dit_config(num_classes=10), seed=5), str(folder))
+    assert load_dit(str(folder)).time_embedding == "diffusers"
+    (folder / "finetune.json").write_text('{"time_embedding": "original"}')   # a fine-tune of original weights
+    assert load_dit(str(folder)).time_embedding == "original"
+    xl2 = SimpleNamespace(config=SimpleNamespace(num_layers=28, num_attention_heads=16, attention_head_dim=72,
+                                                 patch_size=2, num_embeds_ada_norm=1000))
+    assert time_embedding_for(xl2, "/models/anything") == "original"
+    xl2.config.num_embeds_ada_norm = 10
+    assert time_embedding_for(xl2, "/models/anything") == "diffusers"

@@ -37,7 +37,8 @@ def _dit_out(model, x, t, y):
 def test_tiny_dit_shape_learned_sigma_and_null_class(tiny_dit):
     info = M.dit_info(tiny_dit)
     assert info == {"num_classes": 10, "null_class": 10, "latent_size": 8, "in_channels": 4,
-                    "out_channels": 8, "learned_sigma": True, "patch_size": 2}
+                    "out_channels": 8, "learned_sigma": True, "patch_size": 2,
+                    "time_embedding": "diffusers"}
     # diffusers keeps a CFG row (num_classes + 1) when class dropout > 0, as DiT does.
     table = tiny_dit.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
     assert table.num_embeddings == 11
@@ -70,7 +71,8 @@ def test_dit_xl2_config_architecture():
         model = DiTTransformer2DModel(**cfg)
     info = M.dit_info(model)
     assert info == {"num_classes": 1000, "null_class": 1000, "latent_size": 32, "in_channels": 4,
-                    "out_channels": 8, "learned_sigma": True, "patch_size": 2}
+                    "out_channels": 8, "learned_sigma": True, "patch_size": 2,
+                    "time_embedding": "diffusers"}
     assert len(model.transformer_blocks) == 28 and model.inner_dim == 16 * 72 == 1152
     assert model.transformer_blocks[0].norm1.emb.class_embedder.embedding_table.num_embeddings == 1001
 
