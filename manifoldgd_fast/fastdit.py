@@ -77,6 +77,9 @@ class FusedDiT(nn.Module):
         if getattr(cfg, "norm_type", None) != "ada_norm_zero":
             raise ModelError(f"--dit-impl fused needs a class-conditional DiT (norm_type ada_norm_zero), "
                              f"got norm_type {getattr(cfg, 'norm_type', None)!r}")
+        if getattr(cfg, "norm_elementwise_affine", False):  # the fused LayerNorm-modulate has no affine of its own
+            raise ModelError("--dit-impl fused takes DiTs without LayerNorm affine weights "
+                             "(norm_elementwise_affine false, as DiT's); use --dit-impl diffusers")
         if attention not in ("sdpa", "triton"):
             raise ModelError(f"FusedDiT attention must be 'sdpa' or 'triton', got {attention!r}")
         if attention == "triton":

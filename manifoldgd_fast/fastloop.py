@@ -70,6 +70,21 @@ def _graph_blocker(run: Sampling, device: torch.device, guidance: Guidance | Non
     refused before: the fast loop cannot take it at all)."""
     if device.type != "cuda":
         return "not on CUDA"
+    if guidance is not None and guidance.manifold and guidance.cfg.formulation == "paper":
+        # the paper formulation's reference ops size the patch from its lengths on the host (a sync)
+        from . import dispatch
+
+        c = guidance.cfg
+        if c.backend == "reference":
+            return "the paper formulation's reference ops read the patch lengths on the host (--backend auto or triton)"
+        kern, why = dispatch._kernels()
+        if kern is None:
+            return f"the paper formulation needs the fused kernels inside a graph, and {why}"
+        n, D = guidance.latents.shape
+        for what, val, lim in (("B", guidance.modes.shape[0], dispatch.MAX_B), ("the row count", _padded_rows(n),
+                               dispatch.MAX_ROWS), ("D", D, dispatch.MAX_D), ("k", c.k, dispatch.MAX_K)):
+            if val > lim:
+                return f"{what} = {val} is above the fused kernels' limit {lim}, and the reference ops sync"
     return None
 
 
@@ -126,8 +141,12 @@ class FastSampler:
     def __init__(self, run: Sampling, *, cuda_graph: bool | None = None, compile: bool | str = False):
         if compile and compile != "none":
             # inductor's own CUDA graphs would nest inside ours: its graph-free variants
-            mode = {True: None, "default": None, "reduce-overhead": None,
-                    "max-autotune": "max-autotune-no-cudagraphs"}.get(compile, compile)
+            modes = {True: None, "default": None, "reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs",
+                     "max-autotune-no-cudagraphs": "max-autotune-no-cudagraphs"}
+            if compile not in modes:
+                raise ConfigError(f"compile must be none, default, reduce-overhead, max-autotune or "
+                                  f"max-autotune-no-cudagraphs, got {compile!r}")
+            mode = modes[compile]
             run = copy.copy(run)
             run.model = torch.compile(run.model, mode=mode, dynamic=False)
         self.run = run
@@ -153,6 +172,17 @@ class FastSampler:
                               "(generator-drawn cloud noise shares the step-noise generators)")
         if cgs is not None:
             check_one_class(y)
+        B = x_T.shape[0]
+        if y.shape != (B,):
+            raise ConfigError(f"y must hold one class per sample: ({B},), got {tuple(y.shape)}")
+        if len(generators) != B:
+            raise ConfigError(f"generators: one per sample ({B}), got {len(generators)}")
+        if x_T.device.type == "cuda":  # streams, capture and replay on x's device, not on the current one
+            with torch.cuda.device(x_T.device):
+                return self._sample(x_T, y, generators, guidance, cgs)
+        return self._sample(x_T, y, generators, guidance, cgs)
+
+    def _sample(self, x_T, y, generators, guidance, cgs):
         run, dev = self.run, x_T.device
         noise = predraw_noise(run, tuple(x_T.shape[1:]), generators, dev)
         blocker = _graph_blocker(run, dev, guidance)
@@ -258,7 +288,7 @@ class FastSampler:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         x_save = gs.x.clone()
-        side = torch.cuda.Stream()
+        side = torch.cuda.Stream(device=gs.x.device)
         with suspended():
             self._capture_steps(gs, side)
         gs.x.copy_(x_save)
@@ -270,9 +300,16 @@ class FastSampler:
                 self._step_into(gs, i)     # warm-up: advances gs.x as the step would
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            # thread_local: the background PNG writer may run while a new batch shape is captured
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                self._step_into(gs, i)     # recorded only, not run
+            # torch.cuda.graph, written out so that a failed capture cannot leave the capture stream
+            # current: its __exit__ ends the capture before it restores the stream, and a failing end
+            # skips the restore. thread_local: the background PNG writer may run meanwhile.
+            torch.cuda.synchronize()
+            with torch.cuda.stream(side):
+                graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+                try:
+                    self._step_into(gs, i)     # recorded only, not run
+                finally:
+                    graph.capture_end()
             gs.graphs[i] = graph
 
     def _warn(self, msg: str) -> None:

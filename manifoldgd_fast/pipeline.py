@@ -113,6 +113,8 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
     if cfg.vae is None and cfg.model is not None and os.path.isfile(str(cfg.model)):
         raise ConfigError(f"--vae is required with a DiT checkpoint file ({cfg.model}), e.g. --vae stabilityai/sd-vae-ft-ema")
     device = resolve_device(shard.device(cfg.device))
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # streams, events and graphs made without a device land on this one
     dtype = _DTYPES[cfg.dtype]
     classes = class_list(cfg.classes) if cfg.classes else None
     backbone = cfg.backbone if cfg.backbone != "auto" else (model_family(cfg.model) if cfg.model else "dit")
@@ -305,7 +307,7 @@ def _distill(config: DistillConfig | dict, shard: Shard) -> DistillResult:
             stats["prompt"] = prompt
         stats["numerics"] = numerics
         stats["skipped_images"] = ctx["skipped"].get(name, [])
-        with phase("io"):
+        with phase("io", host=True):
             images = resize_images(images, rcfg.output_size)
             writer.write_class(name, images, latents if rcfg.save_latents else None, stats)
             if shard.is_main:

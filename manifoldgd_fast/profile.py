@@ -46,8 +46,10 @@ class Profiler:
         self._nvtx = _nvtx() if self.cuda else None
 
     @contextlib.contextmanager
-    def phase(self, name: str):
-        if self.cuda:
+    def phase(self, name: str, host: bool = False):
+        """``host``: work of the host alone (e.g. PNG encoding and writing on a background thread),
+        timed with ``perf_counter`` even on CUDA: events would time that thread's stream instead."""
+        if self.cuda and not host:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             rng = self._nvtx.annotate(name) if self._nvtx else contextlib.nullcontext()
             with rng:
@@ -72,7 +74,7 @@ class Profiler:
             torch.cuda.synchronize(self.device)
         out: dict[str, float] = defaultdict(float)
         for name, a, b in self._events:
-            out[name] += a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+            out[name] += (b - a) * 1e3 if isinstance(a, float) else a.elapsed_time(b)
         return dict(out)
 
     def report(self) -> dict[str, Any]:
@@ -91,10 +93,11 @@ class Profiler:
                 "phases": phases}
 
 
-def phase(name: str):
-    """Time ``name`` when a profiler is active (and mark it for Nsight); otherwise do nothing."""
+def phase(name: str, host: bool = False):
+    """Time ``name`` when a profiler is active (and mark it for Nsight); otherwise do nothing.
+    ``host``: see :meth:`Profiler.phase`."""
     prof = _ACTIVE.get()
-    return prof.phase(name) if prof is not None else contextlib.nullcontext()
+    return prof.phase(name, host=host) if prof is not None else contextlib.nullcontext()
 
 
 def active() -> bool:

@@ -252,6 +252,8 @@ def test_attention_triton_needs_the_fused_dit_and_a_device_it_runs_on(tiny_world
     assert main(_args(tiny_world, out, "--dit-impl", "fused", "--attention", "triton")) == 2
     assert not (out / "manifest.json").exists()
 
+
+def test_library_ops_trace_under_fake_tensors():
     """The ops trace without running (FakeTensorMode): what torch.compile and graph capture need."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 

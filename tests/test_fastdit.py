@@ -68,6 +68,10 @@ def test_fused_dit_refuses_other_models():
 
     with pytest.raises(ModelError, match="ada_norm_zero"):
         FusedDiT(NotDiT())
+    # LayerNorm affine weights the fused LayerNorm-modulate would drop: refused, not ignored
+    affine = build_dit({**tiny_dit_config(num_classes=10), "norm_elementwise_affine": True}, seed=0)
+    with pytest.raises(ModelError, match="norm_elementwise_affine"):
+        FusedDiT(affine)
 
 
 def test_distill_with_the_fused_dit(tiny_world, tmp_path):

@@ -341,3 +341,38 @@ def test_pipeline_on_cuda_graphs_and_async_outputs(tiny_world, tmp_path, extra):
     assert main(_args(tiny_world, tmp_path / "ref", "--loop", "reference", *common)) == 0
     assert main(_args(tiny_world, tmp_path / "fast", "--loop", "fast", *common)) == 0
     assert _digest(tmp_path / "ref") == _digest(tmp_path / "fast")
+
+
+def test_graph_blocker_names_paper_runs_that_cannot_be_captured(monkeypatch):
+    """The paper formulation's reference ops read the patch lengths on the host: such runs go eager
+    up front (auto) or are refused (forced graphs) instead of failing mid-capture."""
+    from types import SimpleNamespace
+
+    from manifoldgd_fast import dispatch, fastloop
+
+    cuda = torch.device("cuda")
+
+    def guidance(backend="auto", B=4, n=300, k=10, formulation="paper"):
+        return SimpleNamespace(manifold=True, cfg=SimpleNamespace(formulation=formulation, backend=backend, k=k),
+                               modes=torch.zeros(B, 16), latents=torch.zeros(n, 16))
+
+    monkeypatch.setattr(dispatch, "_kernels", lambda: (object(), None))   # as if the fused kernels imported
+    assert fastloop._graph_blocker(None, cuda, guidance()) is None
+    assert fastloop._graph_blocker(None, cuda, guidance(formulation="official", backend="reference")) is None
+    assert "--backend auto or triton" in fastloop._graph_blocker(None, cuda, guidance(backend="reference"))
+    assert "B = 300 is above" in fastloop._graph_blocker(None, cuda, guidance(B=300))
+    assert "k = 65 is above" in fastloop._graph_blocker(None, cuda, guidance(k=65))
+    monkeypatch.setattr(dispatch, "_kernels", lambda: (None, "no triton here"))
+    assert "no triton here" in fastloop._graph_blocker(None, cuda, guidance())
+    assert fastloop._graph_blocker(None, torch.device("cpu"), None) == "not on CUDA"
+
+
+def test_fast_sampler_checks_its_inputs(model):
+    run, fresh = _setup(model, method="dit")
+    x_T, y, gens, _, _ = fresh()
+    with pytest.raises(ConfigError, match=r"y must hold one class per sample"):
+        FastSampler(run).sample(x_T, y[:-1], gens)
+    with pytest.raises(ConfigError, match=r"generators: one per sample"):
+        FastSampler(run).sample(x_T, y, gens[:1])
+    with pytest.raises(ConfigError, match="compile must be"):
+        FastSampler(run, compile="fast")
