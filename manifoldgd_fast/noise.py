@@ -163,7 +163,7 @@ def time_aligned_patch_philox(latents, order, lengths, alpha_bar, *, seed, step,
     M, D = int(lengths.max()), latents.shape[1]
     a, s = math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
     xi = philox_normal(seed, step, STREAM_PATCH, sample_ids, M, D, backend=backend)      # (B, M, D)
-    patch = a * latents[order[:, :M]].float() + s * xi
+    patch = a * latents[order[:, :M].clamp(0, latents.shape[0] - 1)].float() + s * xi  # padding: masked below
     valid = torch.arange(M, device=latents.device)[None, :] < lengths[:, None]
     return patch * valid[:, :, None]
 

@@ -89,7 +89,7 @@ def _check_rows(name: str, x: torch.Tensor, rows: torch.Tensor, lengths: torch.T
     if lengths is None:
         lengths = torch.full((B,), M, dtype=torch.long, device=rows.device)
     else:
-        lengths = torch.as_tensor(lengths, device=rows.device).long()
+        lengths = torch.as_tensor(lengths, device=rows.device).long().contiguous()  # the kernels read it with stride 1
         if lengths.shape != (B,):
             raise ConfigError(f"lengths must be (B,) = ({B},), got {tuple(lengths.shape)}")
         if bool((lengths < 1).any()) or bool((lengths > M).any()):
@@ -125,7 +125,8 @@ def knn_rows_ref(x: torch.Tensor, rows: torch.Tensor, k: int, lengths: torch.Ten
     d2 = ((rf - xf[:, None, :]) ** 2).sum(-1)                           # (B, M)
     M = rows.shape[1]
     invalid = torch.arange(M, device=rows.device)[None, :] >= lengths[:, None]
-    d2 = d2.masked_fill(invalid, float("inf"))
+    # a NaN distance ranks as +inf (as in the kernel), so padding past the length never outranks a valid row
+    d2 = d2.nan_to_num(nan=float("inf")).masked_fill(invalid, float("inf"))
     d2s, idx = torch.sort(d2, dim=1, stable=True)
     return idx[:, :k], d2s[:, :k]
 
@@ -367,7 +368,7 @@ def _check_patch_inputs(x, latents, order, lengths, k):
 def _check_order(latents, order, lengths, k):
     """lengths (B,) in [max(1, k), n_order]; the used prefix of ``order`` indexes rows of ``latents``."""
     B = order.shape[0]
-    lengths = torch.as_tensor(lengths, device=latents.device).long()
+    lengths = torch.as_tensor(lengths, device=latents.device).long().contiguous()  # the kernels read it with stride 1
     if lengths.shape != (B,):
         raise ConfigError(f"lengths must be (B,) = ({B},), got {tuple(lengths.shape)}")
     n_order = order.shape[1]
@@ -377,9 +378,10 @@ def _check_order(latents, order, lengths, k):
         raise ConfigError(f"lengths must lie in [1, n_order={n_order}], got min {int(lengths.min())} max {int(lengths.max())}")
     if int(lengths.min()) < k:
         raise ConfigError(f"k={k} is larger than the patch (shortest has {int(lengths.min())} valid rows)")
-    used = order[:, : int(lengths.max())]
-    if int(used.min()) < 0 or int(used.max()) >= latents.shape[0]:
-        raise ConfigError(f"order must index rows of latents in [0, {latents.shape[0]})")
+    # each sample's own prefix (ragged: past a shorter sample's length, order may hold padding such as -1)
+    used = torch.arange(n_order, device=order.device)[None, :] < lengths[:, None]
+    if bool(((order < 0) | (order >= latents.shape[0]))[used].any()):
+        raise ConfigError(f"order must index rows of latents in [0, {latents.shape[0]}) within each sample's length")
     return lengths
 
 

@@ -298,37 +298,53 @@ def test_pull_is_normal_to_an_exact_plane_triton():
 # ---------------------------------------------------------------------------
 # fused ops: the patch / cloud never stored
 # ---------------------------------------------------------------------------
+def _close_update(got, want, base, rtol):
+    """The fused update ``base + term`` (eps or the posterior mean): its term, got - base, against the
+    reference's, relative to the term's own size, plus one rounding of base in the output dtype (the
+    update is written in base's dtype). A tolerance on the sum alone would let a kernel drop the term."""
+    term_got, term_want = got.double() - base.double(), want.double() - base.double()
+    ulp = torch.finfo(got.dtype).eps * float(base.abs().max())
+    torch.testing.assert_close(term_got, term_want, atol=rtol * float(term_want.abs().max()) + ulp, rtol=0)
+    assert float(term_want.abs().max()) > 4 * (rtol * float(term_want.abs().max()) + ulp)  # the term is visible
+
+
+@pytest.mark.parametrize("ext", [False, True], ids=["term", "fused-update"])
 @pytest.mark.parametrize("dtype,rtol", DTYPES[:2])
-def test_manifold_correct_fused_matches_reference(dtype, rtol):
+def test_manifold_correct_fused_matches_reference(dtype, rtol, ext):
     B, n, D, k = 2, 60, 37, 10
     gen = torch.Generator().manual_seed(2)
     lat = (torch.randn(n, D, generator=gen) * torch.linspace(3, 0.1, D)).to(dtype).to(DEV)
     order = torch.stack([torch.randperm(n, generator=gen) for _ in range(B)]).to(DEV)
-    lengths = torch.tensor([55, 23], device=DEV)
+    lengths = torch.tensor([[55, 9], [23, 9]], device=DEV)[:, 0]     # a strided view: read as its values
     x = torch.randn(B, D, generator=gen).to(dtype).to(DEV)
     g = torch.randn(B, D, generator=gen).to(dtype).to(DEV)
     eps = torch.randn(B, D, generator=gen).to(dtype).to(DEV)
     kw = dict(alpha_bar=0.6, seed=2 ** 40 + 123, step=7, k=k, d=3, lambda_normal=0.8, lambda_mode=0.1)
-    e = None if dtype == torch.float32 else eps        # plain g for fp32, the fused eps update for bf16
+    e = eps if ext else None                           # the corrected g, or the fused eps update
+    if ext:
+        kw["lambda_mode"] = 1.0                        # a term well above one bf16 rounding of eps
     got = ops.manifold_correct_fused(x, lat, order, lengths, g, eps=e, backend="triton", **kw)
-    want = ops.manifold_correct_fused_ref(x, lat, order, lengths, g, eps=e, **kw)
+    want = ops.manifold_correct_fused_ref(x, lat, order, lengths.clone(), g, eps=e, **kw)
     assert got.dtype == dtype
-    _close(got, want, rtol)
+    _close_update(got, want, eps, rtol) if ext else _close(got, want, rtol)
 
 
+@pytest.mark.parametrize("ext", [False, True], ids=["term", "fused-update"])
 @pytest.mark.parametrize("dtype,rtol", DTYPES[:2])
-def test_manifold_pull_fused_matches_reference(dtype, rtol):
+def test_manifold_pull_fused_matches_reference(dtype, rtol, ext):
     B, D, N = 2, 33, 64
     gen = torch.Generator().manual_seed(5)
     modes = torch.randn(B, D, generator=gen).to(dtype).to(DEV)
     x = (0.5 * modes.float() + torch.randn(B, D, generator=gen).to(DEV)).to(dtype)
     mean = torch.randn(B, D, generator=gen).to(dtype).to(DEV)
     kw = dict(radius=0.2, alpha_bar=0.3, seed=5, step=3, n_points=N, k=12, d=3, scale=0.1, bandwidth=0.2)
-    m = None if dtype == torch.float32 else mean       # the term for fp32, the fused mean update for bf16
+    m = mean if ext else None                          # the term, or the fused posterior-mean update
+    if ext:
+        kw["scale"] = 1.0                              # a term well above one bf16 rounding of the mean
     got = ops.manifold_pull_fused(x, modes, mean=m, backend="triton", **kw)
     want = ops.manifold_pull_fused_ref(x, modes, mean=m, **kw)
     assert got.dtype == dtype
-    _close(got, want, rtol)
+    _close_update(got, want, mean, rtol) if ext else _close(got, want, rtol)
 
 
 def test_forced_triton_names_what_it_cannot_take():

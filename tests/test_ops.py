@@ -235,3 +235,33 @@ print(sorted(n for n in sys.modules if n == "triton" or n.startswith("manifoldgd
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]", proc.stdout
+
+
+def test_knn_ref_ranks_nan_rows_last_and_never_takes_padding():
+    """A NaN distance ranks as +inf, as in the fused kernel: a valid NaN row still beats padding past the length."""
+    x = torch.zeros(1, 3)
+    rows = torch.arange(8 * 3, dtype=torch.float32).view(1, 8, 3) / 10
+    rows[0, 1] = float("nan")
+    rows[0, 2] = float("nan")
+    idx, d2 = ops.knn_rows_ref(x, rows, 5, torch.tensor([5]))
+    assert idx.tolist() == [[0, 3, 4, 1, 2]]          # finite first, then the NaN rows by index; rows 5..7 never
+    assert torch.isinf(d2[0, 3:]).all()
+
+
+def test_ragged_order_padding_past_each_length_is_accepted():
+    """order may hold padding (-1) past a shorter sample's length: only each sample's own prefix must index latents."""
+    from manifoldgd_fast import noise
+
+    gen = torch.Generator().manual_seed(0)
+    lat = torch.randn(20, 6, generator=gen)
+    order = torch.stack([torch.randperm(20, generator=gen) for _ in range(2)])
+    order[1, 12:] = -1
+    lengths = torch.tensor([18, 12])
+    x, g = torch.randn(2, 6, generator=gen), torch.randn(2, 6, generator=gen)
+    kw = dict(alpha_bar=0.5, seed=3, step=2, k=4, d=2)
+    out = ops.manifold_correct_fused(x, lat, order, lengths, g, backend="reference", **kw)
+    patch = noise.time_aligned_patch_philox(lat, order, lengths, 0.5, seed=3, step=2)
+    assert torch.isfinite(out).all() and (patch[1, 12:] == 0).all()
+    order[1, 3] = -1                                   # inside the length: refused, naming the rule
+    with pytest.raises(ConfigError, match="within each sample's length"):
+        ops.manifold_correct_fused(x, lat, order, lengths, g, backend="reference", **kw)
