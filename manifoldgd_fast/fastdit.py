@@ -102,6 +102,11 @@ class FusedDiT(nn.Module):
                 self.ada_w, self.ada_b = _fuse_linears([b.norm1.linear for b in blocks])
 
     @property
+    def time_embedding(self) -> str:
+        """The wrapped DiT's timestep features (models.set_time_embedding): the blocks' own embedders run them."""
+        return getattr(self.dit, "time_embedding", "diffusers")
+
+    @property
     def config(self):
         return self.dit.config
 

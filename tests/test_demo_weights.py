@@ -122,7 +122,8 @@ def test_shipped_folder_verifies_and_is_small():
 def test_shipped_weights_load_through_the_package_loaders(shipped):
     dit, vae = shipped["dit"], shipped["vae"]
     assert M.dit_info(dit) == {"num_classes": 10, "null_class": 10, "latent_size": 8, "in_channels": 4,
-                               "out_channels": 8, "learned_sigma": True, "patch_size": 2}
+                               "out_channels": 8, "learned_sigma": True, "patch_size": 2,
+                               "time_embedding": "diffusers"}  # trained with diffusers' module: auto keeps it
     info = M.vae_info(vae)
     assert info["latent_channels"] == 4 and info["downsample"] == 4
     assert info["scaling_factor"] != 0.18215 and 0.05 < info["scaling_factor"] < 20

@@ -160,6 +160,7 @@ def test_time_embedding_original_is_the_releases_and_auto_picks_it_for_original_
     with torch.no_grad():                             # the fused DiT runs the blocks' own embedders: the same features
         torch.testing.assert_close(FusedDiT(dit)(x, t, y).sample, dit(x, timestep=t, class_labels=y).sample,
                                    atol=1e-5, rtol=1e-5)
+    assert FusedDiT(dit).time_embedding == "original"
 
     # auto: original for a .pt checkpoint and for the architecture facebookresearch released (DiT-XL/2, 1,000 classes)
     path = tmp_path / "DiT-tiny.pt"
