@@ -10,18 +10,23 @@ from __future__ import annotations
 
 import math
 
+from ..profile import phase
 from . import knn_rows, tangent
 from .row_source import Source
 
 
 def _run(x, g, lengths, sample_ids, src, k, d, lambda_normal, eps, ext_scale, eig, splits):
-    idx, d2 = knn_rows.knn(x, lengths, sample_ids, k, src, splits=splits)
-    Gp, hp = tangent.gram(x, g, idx, sample_ids, k, src, splits=splits)
-    c, alpha = tangent.coef(Gp, hp, d2, k, d, pull=False, lam=lambda_normal, eig=eig)
-    if eps is None:
-        return tangent.apply(x, g, idx, sample_ids, c, alpha, k, src, out_dtype=g.dtype)
-    return tangent.apply(x, g, idx, sample_ids, c, alpha, k, src, ext=eps, ext_kind=tangent.EXT_EPS,
-                         ext_scale=ext_scale, out_dtype=eps.dtype)
+    # the profiler's phases (no-ops unless `manifoldgd-fast profile` is timing)
+    with phase("knn"):
+        idx, d2 = knn_rows.knn(x, lengths, sample_ids, k, src, splits=splits)
+    with phase("gram_eig"):
+        Gp, hp = tangent.gram(x, g, idx, sample_ids, k, src, splits=splits)
+        c, alpha = tangent.coef(Gp, hp, d2, k, d, pull=False, lam=lambda_normal, eig=eig)
+    with phase("projection"):
+        if eps is None:
+            return tangent.apply(x, g, idx, sample_ids, c, alpha, k, src, out_dtype=g.dtype)
+        return tangent.apply(x, g, idx, sample_ids, c, alpha, k, src, ext=eps, ext_kind=tangent.EXT_EPS,
+                             ext_scale=ext_scale, out_dtype=eps.dtype)
 
 
 def rows(x, patch, g, lengths, k, d, lambda_normal, eig=None, splits=None):

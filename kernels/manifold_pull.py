@@ -9,24 +9,29 @@ from __future__ import annotations
 
 import math
 
+from ..profile import phase
 from . import cloud as cloud_k
 from . import knn_rows, tangent
 from .row_source import Source
 
 
 def _finish(x, idx, d2, sample_ids, src, k, d, scale, bandwidth, mean, eig, splits):
-    Gp, hp = tangent.gram(x, None, idx, sample_ids, k, src, splits=splits)
-    c, alpha = tangent.coef(Gp, hp, d2, k, d, pull=True, scale=scale, bandwidth=bandwidth, eig=eig)
-    if mean is None:
-        return tangent.apply(x, None, idx, sample_ids, c, alpha, k, src, out_dtype=x.dtype)
-    return tangent.apply(x, None, idx, sample_ids, c, alpha, k, src, ext=mean, ext_kind=tangent.EXT_MEAN,
-                         out_dtype=mean.dtype)
+    # the profiler's phases (no-ops unless `manifoldgd-fast profile` is timing)
+    with phase("gram_eig"):
+        Gp, hp = tangent.gram(x, None, idx, sample_ids, k, src, splits=splits)
+        c, alpha = tangent.coef(Gp, hp, d2, k, d, pull=True, scale=scale, bandwidth=bandwidth, eig=eig)
+    with phase("projection"):
+        if mean is None:
+            return tangent.apply(x, None, idx, sample_ids, c, alpha, k, src, out_dtype=x.dtype)
+        return tangent.apply(x, None, idx, sample_ids, c, alpha, k, src, ext=mean, ext_kind=tangent.EXT_MEAN,
+                             out_dtype=mean.dtype)
 
 
 def rows(x, cloud, lengths, k, d, scale, bandwidth, eig=None, splits=None):
     """The pull term (B, D) in x's dtype from the rows of ``cloud`` (B, N, D)."""
     src = Source.rows(cloud)
-    idx, d2 = knn_rows.knn(x, lengths, lengths, k, src, splits=splits)
+    with phase("knn"):
+        idx, d2 = knn_rows.knn(x, lengths, lengths, k, src, splits=splits)
     return _finish(x, idx, d2, lengths, src, k, d, scale, bandwidth, None, eig, splits)
 
 
@@ -34,7 +39,8 @@ def cloud(x, modes, rho_lin, sample_ids, *, radius, alpha_bar, seed, step, n_poi
           mean=None, eig=None, splits=None):
     """The pull term on the implicit cloud around ``modes`` (B, D); with ``mean``, ``mean + term`` in mean's dtype."""
     sqa, sig = math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
-    rho = cloud_k.radii(rho_lin, sample_ids, n_points, radius, seed, step)                  # (B, N)
-    idx, d2, gn = cloud_k.knn(x, modes, rho, sample_ids, k, sqa, sig, seed, step, splits=splits)
+    with phase("knn"):
+        rho = cloud_k.radii(rho_lin, sample_ids, n_points, radius, seed, step)                  # (B, N)
+        idx, d2, gn = cloud_k.knn(x, modes, rho, sample_ids, k, sqa, sig, seed, step, splits=splits)
     src = Source.cloud(modes, rho, gn, sqa, sig, seed, step)
     return _finish(x, idx, d2, sample_ids, src, k, d, scale, bandwidth, mean, eig, splits)

@@ -802,3 +802,17 @@ def test_emulated_graphs_paper_formulation_serve_every_class_of_a_bucket(monkeyp
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), n
     assert len(fast._sets) == 2 and fast.cuda_graph is not False      # one capture per bucket, no fallback
 
+
+
+def test_fused_ops_report_the_profilers_kernel_phases():
+    """Under `profile`, the fused term is split into knn, gram_eig (Gram + eigen-step) and projection."""
+    from manifoldgd_fast.profile import profiling
+
+    B, D = 2, 33
+    gen = torch.Generator().manual_seed(5)
+    modes = torch.randn(B, D, generator=gen).to(DEV)
+    x = 0.5 * modes + torch.randn(B, D, generator=gen).to(DEV)
+    with profiling(DEV) as prof:
+        ops.manifold_pull_fused(x, modes, radius=0.2, alpha_bar=0.3, seed=5, step=3, n_points=64, k=12, d=3,
+                                backend="triton")
+    assert {"knn", "gram_eig", "projection"} <= set(prof.report()["phases"])
