@@ -15,6 +15,7 @@ sample's result does not depend on the batch it was drawn in.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -238,6 +239,12 @@ class StepGuidance:
         from .config import derive_seed
         from .schedule import schedule_from_timesteps
 
+        if scheduler is not None and formulation == "official" and "DDIM" not in type(scheduler).__name__:
+            # the official rule here is the release's DDIM one (terms on x0_hat); its DDPM sampler adds them to
+            # the posterior mean instead, so in a DDPM loop they act coef1 / s times weaker (10-400x)
+            warnings.warn(f"StepGuidance(formulation='official') applies the release's DDIM rule; with "
+                          f"{type(scheduler).__name__} its terms act far more weakly than in the release's DDPM "
+                          "sampler (use a DDIMScheduler, or manifoldgd_fast's own DDPM sampler)", stacklevel=2)
         if scheduler is not None:
             if betas is not None:
                 raise ConfigError("give StepGuidance the scheduler or the betas, not both")

@@ -79,8 +79,14 @@ def space_timesteps(num_train_timesteps: int, steps: int, sampler: str, spacing:
         raise ConfigError(f"--steps {steps}: DDIM needs an integer stride dividing {num_train_timesteps} steps into exactly {steps}")
     if steps == 1:
         return [0]
+    # ADM's respace.space_timesteps (one section), as DiT and the releases run it: a running float sum,
+    # rounded at each step. round(j * frac) differs by one timestep for some S (e.g. 21, 23, 31, 35).
     frac = (num_train_timesteps - 1) / (steps - 1)
-    return sorted({int(round(j * frac)) for j in range(steps)})
+    kept, cur = [], 0.0
+    for _ in range(steps):
+        kept.append(round(cur))
+        cur += frac
+    return sorted(set(kept))
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Schedule, sampling loop and guided steps against diffusers and direct transcriptions of SPEC 4 / 4b."""
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -427,3 +428,35 @@ def test_paper_formulation_defaults():
                                                                                       0.2, 0.9)
         assert (c.mode_method, c.mode_point) == ("divisive", "mean")
     assert (small.level, large.level) == (3, 2)
+
+
+def _adm_space_timesteps(num_timesteps, count):
+    """ADM's respace.space_timesteps for one section (as DiT and the ManifoldGD release call it), written out."""
+    frac_stride = 1 if count <= 1 else (num_timesteps - 1) / (count - 1)
+    cur, taken = 0.0, []
+    for _ in range(count):
+        taken.append(round(cur))
+        cur += frac_stride
+    return sorted(set(taken))
+
+
+def test_ddpm_respacing_is_adms_for_every_step_count():
+    """A running float sum, rounded per step: round(j * frac) keeps timestep 500 instead of 499 at S = 21."""
+    assert space_timesteps(1000, 21, "ddpm")[10] == 499
+    for S in range(1, 1001):
+        assert space_timesteps(1000, S, "ddpm") == _adm_space_timesteps(1000, S), S
+
+
+def test_step_guidance_official_warns_in_a_ddpm_loop():
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from manifoldgd_fast.guidance import StepGuidance
+
+    modes = torch.zeros(2, 4, 8, 8)
+    for cls, warns in ((DDPMScheduler, True), (DDIMScheduler, False)):
+        sched = cls(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+        sched.set_timesteps(10)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            StepGuidance(modes, scheduler=sched, formulation="official")
+        assert any("DDIM rule" in str(x.message) for x in w) == warns, cls.__name__
