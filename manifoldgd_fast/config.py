@@ -158,7 +158,7 @@ class DistillConfig:
             ("backend", BACKENDS), ("backbone", BACKBONES),
             ("guidance_noise", ("auto", "generator", "philox")), ("loop", LOOPS), ("compile", COMPILE_MODES),
             ("attention", ATTENTION_BACKENDS), ("dit_impl", ("diffusers", "fused")),
-            ("time_embedding", ("auto", "original", "diffusers")),
+            ("time_embedding", TIME_EMBEDDINGS),
         ]:
             choice(name, allowed)
         check_label_map(self.label_map)
@@ -402,6 +402,9 @@ def modes_fingerprint(cfg: "DistillConfig", latent_cache: str) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+TIME_EMBEDDINGS = ("auto", "original", "diffusers")  # the DiT's timestep features: models.set_time_embedding
+
+
 # Fields the run fingerprint leaves out: where things go, and what changes only the float rounding
 # (the fast loop gives the reference loop's latents); a resume may change them.
 UNHASHED_FIELDS = ("out", "cache_dir", "device", "batch_size", "encode_batch_size", "encode_workers", "contact_sheet",
@@ -411,9 +414,13 @@ UNHASHED_FIELDS = ("out", "cache_dir", "device", "batch_size", "encode_batch_siz
 def fingerprint(cfg: "DistillConfig", entries=None) -> str:
     """Hash of the parameters that change the output bytes (not out/device/batch sizes):
     of :func:`fingerprint_fields`."""
+    return fields_digest(fingerprint_fields(cfg, entries))
+
+
+def fields_digest(fields: dict) -> str:
+    """The fingerprint of :func:`fingerprint_fields`' result."""
     import hashlib
 
-    fields = fingerprint_fields(cfg, entries)
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from .data import ClassEntry, iter_class_images, read_image_uint8  # noqa: F401 (read_image_uint8: public here too)
+from .data import ClassEntry, iter_class_images, read_image_uint8
 from .errors import ConfigError, DataError
 from .output import atomic_write_bytes
 

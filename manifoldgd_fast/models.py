@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .config import TIME_EMBEDDINGS
 from .errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
@@ -161,9 +162,6 @@ def _load(cls, path_or_id: str, subfolder: str, flag: str, what: str, *, device,
     return model
 
 
-TIME_EMBEDDINGS = ("auto", "original", "diffusers")
-
-
 def set_time_embedding(model, kind: str) -> None:
     """Make a DiT's sinusoidal timestep features those its weights were trained with.
 
@@ -173,8 +171,8 @@ def set_time_embedding(model, kind: str) -> None:
     norm. The hub's ``facebook/DiT-XL-2-*`` weights are the original ones converted, so they want
     "original"; a DiT trained with diffusers' module (the shipped digits model) wants "diffusers".
     """
-    if kind not in ("original", "diffusers"):
-        raise ConfigError(f"--time-embedding {kind!r}: expected original or diffusers")
+    if kind not in TIME_EMBEDDINGS[1:]:
+        raise ConfigError(f"--time-embedding {kind!r}: expected {' or '.join(TIME_EMBEDDINGS[1:])}")
     n = 0
     for m in model.modules():
         if type(m).__name__ == "Timesteps" and hasattr(m, "downscale_freq_shift"):
@@ -191,20 +189,15 @@ def time_embedding_for(model, path_or_id, requested: str = "auto") -> str:
     1,000 classes: those weights or a fine-tune of them), unless the folder's ``finetune.json``
     records otherwise; else "diffusers"."""
     from .dit_checkpoint import is_dit_checkpoint
+    from .finetune import read_finetune_record
 
     if requested != "auto":
         return requested
     if is_dit_checkpoint(path_or_id):
         return "original"
-    record = os.path.join(str(path_or_id), "finetune.json")
-    if os.path.isfile(record):
-        try:
-            with open(record, encoding="utf-8") as f:
-                kind = json.load(f).get("time_embedding")
-            if kind in ("original", "diffusers"):
-                return kind
-        except (OSError, ValueError):
-            pass
+    kind = (read_finetune_record(str(path_or_id)) or {}).get("time_embedding")
+    if kind in TIME_EMBEDDINGS[1:]:
+        return kind
     c = model.config
     xl2 = (c.num_layers, c.num_attention_heads, c.attention_head_dim, c.patch_size) == (28, 16, 72, 2)
     return "original" if xl2 and c.num_embeds_ada_norm == 1000 else "diffusers"

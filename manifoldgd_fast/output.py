@@ -25,10 +25,15 @@ RESERVED_DIRS = (LATENTS_DIR, MODES_DIR)  # what a run puts beside the class fol
 DONE_MARK = ".complete"
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# Read once, at import: os.umask can only be read by setting it, which would race with other threads
+# (the PNG writer, the mode prefetcher) creating files meanwhile.
+_UMASK = _read_umask()
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
@@ -38,7 +43,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
         if hasattr(os, "fchmod"):  # mkstemp makes 0600 files: give the usual umask's mode, as open() would
-            os.fchmod(fd, 0o666 & ~_umask())
+            os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -95,6 +100,11 @@ def encode_png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def class_done(out: str, name: str) -> bool:
+    """Whether ``out/<name>/`` is a finished class (it holds the done mark)."""
+    return os.path.isfile(os.path.join(out, name, DONE_MARK))
+
+
 class OutputWriter:
     """Owns ``OUT/``: which classes are finished, and writing one atomically."""
 
@@ -106,7 +116,7 @@ class OutputWriter:
         return os.path.join(self.out, name)
 
     def is_done(self, name: str) -> bool:
-        return os.path.isfile(os.path.join(self.class_dir(name), DONE_MARK))
+        return class_done(self.out, name)
 
     def done_classes(self, names: Iterable[str]) -> list[str]:
         return [n for n in names if self.is_done(n)]

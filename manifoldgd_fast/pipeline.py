@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextvars
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -22,14 +23,15 @@ from typing import Any
 import torch
 
 from . import __version__
-from .config import LABEL_MAPS, DistillConfig, fingerprint, fingerprint_fields
+from .config import LABEL_MAPS, DistillConfig, fields_digest, fingerprint_fields
 from .devices import resolve_device
 from .distributed import Shard
 from .profile import phase
 from .errors import ConfigError, DataError
 from . import classrun
 from .classrun import _check_class, _prefetched_inputs, _receive, class_modes, distill_class, modes_file, read_modes
-from .output import DONE_MARK, MANIFEST, MODES_DIR, RESERVED_DIRS, OutputWriter, atomic_write_bytes, resize_images
+from .output import (MANIFEST, MODES_DIR, RESERVED_DIRS, OutputWriter, atomic_write_bytes, class_done,
+                     resize_images)
 from .finetune import read_finetune_record
 
 log = logging.getLogger(__name__)
@@ -231,8 +233,7 @@ def _distill(config: DistillConfig | dict, shard: Shard) -> DistillResult:
     cfg = DistillConfig.from_dict(config) if isinstance(config, dict) else config
     cfg = with_demo_defaults(cfg.validate())
     check_out(cfg.out, cfg.data)
-    ctx = prepare(cfg, shard=shard, per_class=cfg.ipc,
-                  done=lambda name: os.path.isfile(os.path.join(cfg.out, name, DONE_MARK)))
+    ctx = prepare(cfg, shard=shard, per_class=cfg.ipc, done=functools.partial(class_done, os.path.abspath(cfg.out)))
     entries, mine = ctx["entries"], ctx["mine"]
     rcfg = cfg.resolve(len(entries), ctx["device"], backbone=ctx["backbone"])
     # Check this rank's classes before anything is written (latents stay on disk until their turn).
@@ -243,7 +244,7 @@ def _distill(config: DistillConfig | dict, shard: Shard) -> DistillResult:
                 raise DataError(f"--modes-dir {rcfg.modes_dir}: no modes for class {e.name}")
 
     identity = fingerprint_fields(rcfg, entries)
-    fp = fingerprint(rcfg, entries)
+    fp = fields_digest(identity)
     man_path = os.path.join(os.path.abspath(cfg.out), MANIFEST)
     old = _read_manifest(man_path)
     if old and old.get("fingerprint") != fp:
@@ -256,6 +257,7 @@ def _distill(config: DistillConfig | dict, shard: Shard) -> DistillResult:
     writer = OutputWriter(cfg.out)
     writer.clean_stale([e.name for e in mine])
     status = _class_status(writer, entries) if shard.is_main else {}  # kept up to date in memory: no re-read per class
+    finished = {}  # the classes this call distils, with their stats
     # What changes the float rounding but not the maths (the fingerprint leaves it out so that a resume
     # can, e.g., lower the batch size after running out of memory): recorded per class, warned about.
     numerics = dict(device=ctx["device"].type, batch_size=rcfg.batch_size, encode_batch_size=rcfg.encode_batch_size,
@@ -310,8 +312,9 @@ def _distill(config: DistillConfig | dict, shard: Shard) -> DistillResult:
         with phase("io", host=True):
             images = resize_images(images, rcfg.output_size)
             writer.write_class(name, images, latents if rcfg.save_latents else None, stats)
+            finished[name] = {**stats, "status": "done"}
             if shard.is_main:
-                status[name] = {**stats, "status": "done"}
+                status[name] = finished[name]
             write_manifest()
 
     # Two background threads around the sampling of class c: one loads the latents of class c+1 and
@@ -345,8 +348,8 @@ def _distill(config: DistillConfig | dict, shard: Shard) -> DistillResult:
     write_manifest()
     if cfg.contact_sheet and shard.is_main:
         write_contact_sheet(writer.out, [e.name for e in entries])
-    mine_status = {e.name: {**writer.read_class_info(e.name), "status": "done"} for e in mine}
-    return DistillResult(out=writer.out, classes=mine_status, manifest=man_path, run_classes=len(entries),
+    return DistillResult(out=writer.out, classes={e.name: finished[e.name] for e in mine}, manifest=man_path,
+                         run_classes=len(entries),
                          finished_before=ctx["finished_before"])
 
 
