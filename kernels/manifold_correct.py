@@ -18,10 +18,10 @@ from .row_source import Source
 def _run(x, g, lengths, sample_ids, src, k, d, lambda_normal, eps, ext_scale, eig, splits):
     # the profiler's phases (no-ops unless `manifoldgd-fast profile` is timing)
     with phase("knn"):
-        idx, d2 = knn_rows.knn(x, lengths, sample_ids, k, src, splits=splits)
+        idx, _ = knn_rows.knn(x, lengths, sample_ids, k, src, splits=splits)
     with phase("gram_eig"):
-        Gp, hp = tangent.gram(x, g, idx, sample_ids, k, src, splits=splits)
-        c, alpha = tangent.coef(Gp, hp, d2, k, d, pull=False, lam=lambda_normal, eig=eig)
+        parts = tangent.gram(x, g, idx, sample_ids, k, src, splits=splits)
+        c, alpha = tangent.coef(parts, k, d, pull=False, lam=lambda_normal, eig=eig)
     with phase("projection"):
         if eps is None:
             return tangent.apply(x, g, idx, sample_ids, c, alpha, k, src, out_dtype=g.dtype)

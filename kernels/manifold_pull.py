@@ -15,11 +15,11 @@ from . import knn_rows, tangent
 from .row_source import Source
 
 
-def _finish(x, idx, d2, sample_ids, src, k, d, scale, bandwidth, mean, eig, splits):
+def _finish(x, idx, sample_ids, src, k, d, scale, bandwidth, mean, eig, splits):
     # the profiler's phases (no-ops unless `manifoldgd-fast profile` is timing)
     with phase("gram_eig"):
-        Gp, hp = tangent.gram(x, None, idx, sample_ids, k, src, splits=splits)
-        c, alpha = tangent.coef(Gp, hp, d2, k, d, pull=True, scale=scale, bandwidth=bandwidth, eig=eig)
+        parts = tangent.gram(x, None, idx, sample_ids, k, src, splits=splits)
+        c, alpha = tangent.coef(parts, k, d, pull=True, scale=scale, bandwidth=bandwidth, eig=eig)
     with phase("projection"):
         if mean is None:
             return tangent.apply(x, None, idx, sample_ids, c, alpha, k, src, out_dtype=x.dtype)
@@ -31,8 +31,8 @@ def rows(x, cloud, lengths, k, d, scale, bandwidth, eig=None, splits=None):
     """The pull term (B, D) in x's dtype from the rows of ``cloud`` (B, N, D)."""
     src = Source.rows(cloud)
     with phase("knn"):
-        idx, d2 = knn_rows.knn(x, lengths, lengths, k, src, splits=splits)
-    return _finish(x, idx, d2, lengths, src, k, d, scale, bandwidth, None, eig, splits)
+        idx, _ = knn_rows.knn(x, lengths, lengths, k, src, splits=splits)
+    return _finish(x, idx, lengths, src, k, d, scale, bandwidth, None, eig, splits)
 
 
 def cloud(x, modes, rho_lin, sample_ids, *, radius, alpha_bar, seed, step, n_points, k, d, scale, bandwidth,
@@ -41,6 +41,6 @@ def cloud(x, modes, rho_lin, sample_ids, *, radius, alpha_bar, seed, step, n_poi
     sqa, sig = math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
     with phase("knn"):
         rho = cloud_k.radii(rho_lin, sample_ids, n_points, radius, seed, step)                  # (B, N)
-        idx, d2, gn = cloud_k.knn(x, modes, rho, sample_ids, k, sqa, sig, seed, step, splits=splits)
+        idx, _, gn = cloud_k.knn(x, modes, rho, sample_ids, k, sqa, sig, seed, step, splits=splits)
     src = Source.cloud(modes, rho, gn, sqa, sig, seed, step)
-    return _finish(x, idx, d2, sample_ids, src, k, d, scale, bandwidth, mean, eig, splits)
+    return _finish(x, idx, sample_ids, src, k, d, scale, bandwidth, mean, eig, splits)

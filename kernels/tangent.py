@@ -1,27 +1,30 @@
 """Tangent-space step of both manifold terms, after the kNN: Gram, eigen-step, apply.
 
 With the k chosen rows p_j regenerated in registers (``row_source``) and shifted
-by the query, ``y_j = p_j - x`` (centring is shift-invariant and x is the
-nearest point to all of them, so the raw Gram below loses the least to
-cancellation), everything the projection needs is k x k:
+by the nearest of them, ``y_j = p_j - p_0`` and ``u = x - p_0`` (centring is
+shift-invariant; shifting by a row of the set keeps G's entries at the set's own
+scale, so C G C loses nothing to cancellation however far x lies from the rows,
+where a shift by x loses (|x - c| / spread)^2 x eps), everything the projection
+needs is k x k:
 
-    G = Y Y^T,  h = Y g,  C = I - 11^T / k  (centring on the k valid rows)
-    X = C Y,   X X^T = C G C,   X g = C h,   X (x - c) = -C G 1 / k
+    G = Y Y^T,  h = Y v (v = g, or u for the pull),  uu = |u|^2,  C = I - 11^T / k  (on the k valid rows)
+    X = C Y,   X X^T = C G C,   X g = C h,   x - c = u - Y^T 1 / k,   X (x - c) = C (h - G 1 / k)
 
 With ``C G C v = mu v`` (top-d, directions with mu <= rel_tol * mu_max dropped
 as in ``tangent_basis_ref``) and ``w = sum_j v_j (v_j . rhs) / mu_j``:
 
 * paper (``manifold_correct``): ``P_T g = X^T w = Y^T C w`` (rhs = C h), so
   ``g - lam P_N g = (1 - lam) g + Y^T (lam C w)``;
-* official (``manifold_pull``): ``n = (x - c) - P_T (x - c) = Y^T (-1/k - C w)``
-  (rhs = -C G 1 / k), ``|n|^2 = cn^T G cn``, term ``= Y^T cn * (-scale tanh(dmin/b) / (|n| + 1e-8))``.
+* official (``manifold_pull``): ``n = (x - c) - P_T (x - c) = u + Y^T cn`` with ``cn = -1/k - C w``
+  (rhs = X (x - c)), ``|n|^2 = uu + 2 cn.h + cn^T G cn``, ``delta_min = |u|`` (x to the nearest row,
+  exact, not the kNN's dot-product expansion), term ``= s u + Y^T (s cn)``, ``s = -scale tanh(dmin/b) / (|n| + 1e-8)``.
 
-So each sample's output is ``alpha_b g + Y^T coef_b``: three kernels.
+So each sample's output is ``alpha v + Y^T coef_b`` (v = g, or u): three kernels.
 
-1. ``_gram_kernel`` (B, D-splits): G and h partial sums over a slice of D (gather + centring-free
-   Gram via ``tl.dot`` in IEEE fp32 + X g, one pass);
+1. ``_gram_kernel`` (B, D-splits): G, h and uu partial sums over a slice of D (gather + Gram via
+   ``tl.dot`` in IEEE fp32 + Y v, one pass);
 2. ``_coef_kernel`` (B,): sum the partials, centre, Jacobi (``sym_eig.jacobi_eigh``), top-d, coef/alpha;
-3. ``_apply_kernel`` (B, D-blocks): ``alpha g + Y^T coef`` regenerating Y, fused with
+3. ``_apply_kernel`` (B, D-blocks): ``alpha v + Y^T coef`` regenerating Y, fused with
    ``eps - lambda_M sigma (.)`` (paper eps update) or ``mean + (.)`` (official posterior mean).
 
 Between 1 and 3 only (B, splits, K, K) floats touch memory.
@@ -43,16 +46,21 @@ EXT_NONE, EXT_EPS, EXT_MEAN = 0, 1, 2
 @triton.jit
 def _shifted_tile(SRC: tl.constexpr, b, rows, jmask, d0, cols, cmask, x_ptr, D,
                   src_ptr, src_sb, src_sm, ord_ptr, ord_sb, rho_ptr, gn_ptr, aux_sb, sqa, sig, seed, sample, step16,
-                  BLOCK_D: tl.constexpr):
-    """(K, BLOCK_D) fp32 tile of y_j = p_j - x at ``cols``; zero outside ``jmask`` x ``cmask``."""
+                  K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """At ``cols``: the (K, BLOCK_D) fp32 tile of y_j = p_j - p_0 (zero outside ``jmask`` x ``cmask``)
+    and the (BLOCK_D,) slice of u = x - p_0 (zero outside ``cmask``); p_0 is rows[0], the nearest."""
     p = rows_tile(SRC, b, rows, jmask, d0, cols, cmask, src_ptr, src_sb, src_sm, ord_ptr, ord_sb,
                   rho_ptr, gn_ptr, aux_sb, sqa, sig, seed, sample, step16, BLOCK_D)
+    first = tl.arange(0, K) == 0
+    p0 = tl.sum(tl.where(first[:, None], p, 0.0), axis=0)                       # (BLOCK_D,)
     xv = tl.load(x_ptr + b.to(tl.int64) * D + cols, mask=cmask, other=0.0).to(tl.float32)
-    return tl.where(jmask[:, None] & cmask[None, :], p - xv[None, :], 0.0)
+    y = tl.where(jmask[:, None] & cmask[None, :], p - p0[None, :], 0.0)
+    u = tl.where(cmask, xv - p0, 0.0)
+    return y, u
 
 
 @triton.jit
-def _gram_kernel(x_ptr, g_ptr, idx_ptr, sid_ptr, gram_ptr, h_ptr,
+def _gram_kernel(x_ptr, g_ptr, idx_ptr, sid_ptr, gram_ptr, h_ptr, uu_ptr,
                  src_ptr, src_sb, src_sm, ord_ptr, ord_sb, rho_ptr, gn_ptr, aux_sb, sqa, sig, seed, step16,
                  D, k, d_per_split, n_dsplit,
                  SRC: tl.constexpr, K: tl.constexpr, BLOCK_D: tl.constexpr, HAS_G: tl.constexpr):
@@ -65,24 +73,29 @@ def _gram_kernel(x_ptr, g_ptr, idx_ptr, sid_ptr, gram_ptr, h_ptr,
     rows = tl.load(idx_ptr + b64 * k + jj, mask=jmask, other=0)
     G = tl.zeros((K, K), dtype=tl.float32)
     h = tl.zeros((K,), dtype=tl.float32)
+    uu = tl.zeros((BLOCK_D,), dtype=tl.float32)
     d_lo = s * d_per_split
     d_hi = tl.minimum(d_lo + d_per_split, D)
     for d0 in range(d_lo, d_hi, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         cmask = cols < d_hi
-        y = _shifted_tile(SRC, b, rows, jmask, d0, cols, cmask, x_ptr, D, src_ptr, src_sb, src_sm, ord_ptr, ord_sb,
-                          rho_ptr, gn_ptr, aux_sb, sqa, sig, seed, sample, step16, BLOCK_D)
+        y, u = _shifted_tile(SRC, b, rows, jmask, d0, cols, cmask, x_ptr, D, src_ptr, src_sb, src_sm, ord_ptr,
+                             ord_sb, rho_ptr, gn_ptr, aux_sb, sqa, sig, seed, sample, step16, K, BLOCK_D)
         G += tl.dot(y, tl.trans(y), input_precision="ieee")
         if HAS_G:
-            gv = tl.load(g_ptr + b64 * D + cols, mask=cmask, other=0.0).to(tl.float32)
-            h += tl.sum(y * gv[None, :], axis=1)
+            v = tl.load(g_ptr + b64 * D + cols, mask=cmask, other=0.0).to(tl.float32)
+        else:
+            v = u
+        h += tl.sum(y * v[None, :], axis=1)
+        uu += u * u
     base = b64 * n_dsplit + s
     tl.store(gram_ptr + base * K * K + jj[:, None] * K + jj[None, :], G)
     tl.store(h_ptr + base * K + jj, h)
+    tl.store(uu_ptr + base, tl.sum(uu, axis=0))
 
 
 @triton.jit
-def _coef_kernel(gram_ptr, h_ptr, d2_ptr, coef_ptr, alpha_ptr, gc_ptr, ew_ptr, ev_ptr, n_dsplit, k, d,
+def _coef_kernel(gram_ptr, h_ptr, uu_ptr, coef_ptr, alpha_ptr, gc_ptr, ew_ptr, ev_ptr, n_dsplit, k, d,
                  lam, scale, inv_bw, rel_tol,
                  PULL: tl.constexpr, K: tl.constexpr, MAX_SWEEPS: tl.constexpr, TOL: tl.constexpr,
                  PHASE: tl.constexpr):
@@ -95,10 +108,12 @@ def _coef_kernel(gram_ptr, h_ptr, d2_ptr, coef_ptr, alpha_ptr, gc_ptr, ew_ptr, e
     jj = ar[None, :]
     G = tl.zeros((K, K), dtype=tl.float32)
     h = tl.zeros((K,), dtype=tl.float32)
+    uu = 0.0
     for s in range(n_dsplit):
         base = b * n_dsplit + s
         G += tl.load(gram_ptr + base * K * K + ii * K + jj)
         h += tl.load(h_ptr + base * K + ar)
+        uu += tl.load(uu_ptr + base)
     valid = ar < k
     kf = k.to(tl.float32)
     r = tl.sum(G, axis=1)                                                 # G 1 (padding rows are zero)
@@ -114,21 +129,32 @@ def _coef_kernel(gram_ptr, h_ptr, d2_ptr, coef_ptr, alpha_ptr, gc_ptr, ew_ptr, e
             V = tl.load(ev_ptr + b * k * k + ii * k + jj, mask=vv, other=0.0)
         else:
             mu_all, V = jacobi_eigh(Gc, K, MAX_SWEEPS, TOL)
-        c, alpha = _finish(G, h, r, tot, mu_all, V, d2_ptr + b * k, k, d, lam, scale, inv_bw, rel_tol, PULL, K)
+        c, alpha = _finish(G, h, r, tot, uu, mu_all, V, k, d, lam, scale, inv_bw, rel_tol, PULL, K)
         tl.store(coef_ptr + b * K + ar, c)
         tl.store(alpha_ptr + b, alpha)
 
 
 @triton.jit
-def _finish(G, h, r, tot, mu_all, V, d2min_ptr, k, d, lam, scale, inv_bw, rel_tol,
+def _tanh_nonneg(a):
+    """tanh(a) for a >= 0 to a few ulps: 1 - 2 / (e^2a + 1) loses eps / tanh(a) relative to cancellation,
+    so below 0.3 the Taylor series to a^9 (truncation < 1e-8 relative) is used instead."""
+    a2 = a * a
+    series = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0 + a2 * (62.0 / 2835.0)))))
+    closed = 1.0 - 2.0 / (tl.exp(tl.minimum(2.0 * a, 80.0)) + 1.0)
+    return tl.where(a < 0.3, series, closed)
+
+
+@triton.jit
+def _finish(G, h, r, tot, uu, mu_all, V, k, d, lam, scale, inv_bw, rel_tol,
             PULL: tl.constexpr, K: tl.constexpr):
-    """coef (K,), alpha from the Gram G, h = Y g, G 1 = r, 1^T G 1 = tot and the eigenpairs of C G C."""
+    """coef (K,), alpha from the Gram G, h = Y v, G 1 = r, 1^T G 1 = tot, uu = |u|^2 and the eigenpairs of C G C."""
     ar = tl.arange(0, K)
     jj = ar[None, :]
     valid = ar < k
     kf = k.to(tl.float32)
     if PULL:
-        rhs = tl.where(valid, -(r - tot / kf) / kf, 0.0)                  # X (x - c) = -C G 1 / k
+        q = tl.where(valid, h - r / kf, 0.0)
+        rhs = tl.where(valid, q - tl.sum(q, axis=0) / kf, 0.0)            # X (x - c) = C (h - G 1 / k)
     else:
         rhs = tl.where(valid, h - tl.sum(tl.where(valid, h, 0.0), axis=0) / kf, 0.0)  # X g = C h
     # only the k real eigenpairs are candidates (the padding stays decoupled in Jacobi)
@@ -144,13 +170,13 @@ def _finish(G, h, r, tot, mu_all, V, d2min_ptr, k, d, lam, scale, inv_bw, rel_to
         w += tl.where(keep, tl.sum(v * rhs, axis=0) / tl.where(keep, mu, 1.0), 0.0) * v
     cw = tl.where(valid, w - tl.sum(tl.where(valid, w, 0.0), axis=0) / kf, 0.0)   # C w
     if PULL:
-        cn = tl.where(valid, -1.0 / kf, 0.0) - cw                          # n = Y^T cn
-        nn = tl.sqrt(tl.maximum(tl.sum(cn * tl.sum(G * cn[None, :], axis=1), axis=0), 0.0))
-        dmin = tl.sqrt(tl.maximum(tl.load(d2min_ptr), 0.0))
-        z = tl.minimum(2.0 * dmin * inv_bw, 80.0)
-        wgt = 1.0 - 2.0 / (tl.exp(z) + 1.0)                               # tanh(dmin / b), dmin >= 0
-        coef = cn * (-scale * wgt / (nn + 1e-8))
-        alpha = 0.0
+        cn = tl.where(valid, -1.0 / kf, 0.0) - cw                          # n = u + Y^T cn
+        n2 = uu + 2.0 * tl.sum(cn * h, axis=0) + tl.sum(cn * tl.sum(G * cn[None, :], axis=1), axis=0)
+        nn = tl.sqrt(tl.maximum(n2, 0.0))
+        dmin = tl.sqrt(uu)
+        wgt = _tanh_nonneg(dmin * inv_bw)
+        alpha = -scale * wgt / (nn + 1e-8)
+        coef = cn * alpha
     else:
         coef = lam * cw
         alpha = 1.0 - lam
@@ -173,12 +199,13 @@ def _apply_kernel(x_ptr, g_ptr, idx_ptr, sid_ptr, coef_ptr, alpha_ptr, ext_ptr, 
     coef = tl.load(coef_ptr + b64 * K + jj)
     cols = d0 + tl.arange(0, BLOCK_D)
     cmask = cols < D
-    y = _shifted_tile(SRC, b, rows, jmask, d0, cols, cmask, x_ptr, D, src_ptr, src_sb, src_sm, ord_ptr, ord_sb,
-                      rho_ptr, gn_ptr, aux_sb, sqa, sig, seed, sample, step16, BLOCK_D)
-    res = tl.sum(coef[:, None] * y, axis=0)                                          # Y^T coef
+    y, u = _shifted_tile(SRC, b, rows, jmask, d0, cols, cmask, x_ptr, D, src_ptr, src_sb, src_sm, ord_ptr, ord_sb,
+                         rho_ptr, gn_ptr, aux_sb, sqa, sig, seed, sample, step16, K, BLOCK_D)
     if HAS_G:
-        alpha = tl.load(alpha_ptr + b)
-        res = alpha * tl.load(g_ptr + b64 * D + cols, mask=cmask, other=0.0).to(tl.float32) + res
+        v = tl.load(g_ptr + b64 * D + cols, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        v = u
+    res = tl.load(alpha_ptr + b) * v + tl.sum(coef[:, None] * y, axis=0)           # alpha v + Y^T coef
     if EXT == 1:
         res = tl.load(ext_ptr + b64 * D + cols, mask=cmask, other=0.0).to(tl.float32) - ext_scale * res
     elif EXT == 2:
@@ -200,43 +227,46 @@ def plan_dsplits(B: int, D: int, block_d: int, device: torch.device, splits: int
 
 
 def gram(x, g, idx, sample_ids, k, src, splits=None):
-    """Partial (B, S, K, K) Gram matrices of Y = rows - x and (B, S, K) partial Y g (zeros when g is None)."""
+    """Partial sums over D-splits: (B, S, K, K) Gram matrices of Y = rows - rows[:, 0], (B, S, K) Y v
+    (v = g, or u = x - rows[:, 0] when g is None) and (B, S) |u|^2, as one tuple for :func:`coef`."""
     B, D = x.shape
     K = pow2_at_least(k)
     BLOCK_D = block_d_for(K, D)
     per, n_dsplit = plan_dsplits(B, D, BLOCK_D, x.device, splits)
     Gp = torch.empty(B, n_dsplit, K, K, device=x.device, dtype=torch.float32)
     hp = torch.empty(B, n_dsplit, K, device=x.device, dtype=torch.float32)
-    _gram_kernel[(B, n_dsplit)](x, g if g is not None else x, idx, sample_ids, Gp, hp, *src.args(),
+    up = torch.empty(B, n_dsplit, device=x.device, dtype=torch.float32)
+    _gram_kernel[(B, n_dsplit)](x, g if g is not None else x, idx, sample_ids, Gp, hp, up, *src.args(),
                                 D, k, per, n_dsplit, SRC=src.kind, K=K, BLOCK_D=BLOCK_D, HAS_G=g is not None,
                                 num_warps=warps_for(K, BLOCK_D), **LAUNCH)
-    return Gp, hp
+    return Gp, hp, up
 
 
-def coef(Gp, hp, d2, k, d, *, pull, lam=1.0, scale=0.0, bandwidth=1.0, rel_tol=1e-6, eig=None):
-    """(coef (B, K), alpha (B,)) so that each output is ``alpha g + Y^T coef`` (see the module docstring).
+def coef(parts, k, d, *, pull, lam=1.0, scale=0.0, bandwidth=1.0, rel_tol=1e-6, eig=None):
+    """(coef (B, K), alpha (B,)) so that each output is ``alpha v + Y^T coef`` (see the module docstring).
 
-    ``eig`` None: the Jacobi runs inside this kernel. Otherwise a function
+    ``parts``: :func:`gram`'s tuple. ``eig`` None: the Jacobi runs inside this kernel. Otherwise a function
     ``(B, k, k) fp32 -> (w (B, k), V (B, k, k))`` (the CUDA C++ eigensolver): the
     kernel runs twice around it (centre, then finish).
     """
+    Gp, hp, up = parts
     B, n_dsplit, K, _ = Gp.shape
     c = torch.empty(B, K, device=Gp.device, dtype=torch.float32)
     alpha = torch.empty(B, device=Gp.device, dtype=torch.float32)
     scal = (n_dsplit, k, d, float(lam), float(scale), 1.0 / float(bandwidth), float(rel_tol))
     meta = dict(PULL=bool(pull), K=K, MAX_SWEEPS=MAX_SWEEPS, TOL=TOL, num_warps=warps_for(K), **LAUNCH)
     if eig is None:
-        _coef_kernel[(B,)](Gp, hp, d2, c, alpha, Gp, Gp, Gp, *scal, PHASE=0, **meta)
+        _coef_kernel[(B,)](Gp, hp, up, c, alpha, Gp, Gp, Gp, *scal, PHASE=0, **meta)
         return c, alpha
     Gc = torch.empty(B, k, k, device=Gp.device, dtype=torch.float32)
-    _coef_kernel[(B,)](Gp, hp, d2, c, alpha, Gc, Gp, Gp, *scal, PHASE=1, **meta)
+    _coef_kernel[(B,)](Gp, hp, up, c, alpha, Gc, Gp, Gp, *scal, PHASE=1, **meta)
     w, V = eig(Gc)
-    _coef_kernel[(B,)](Gp, hp, d2, c, alpha, Gc, w.contiguous(), V.contiguous(), *scal, PHASE=2, **meta)
+    _coef_kernel[(B,)](Gp, hp, up, c, alpha, Gc, w.contiguous(), V.contiguous(), *scal, PHASE=2, **meta)
     return c, alpha
 
 
 def apply(x, g, idx, sample_ids, c, alpha, k, src, *, ext=None, ext_kind=EXT_NONE, ext_scale=0.0, out_dtype=None):
-    """``alpha g + Y^T coef`` (B, D), then ``ext - ext_scale * (.)`` (EXT_EPS) or ``ext + (.)`` (EXT_MEAN)."""
+    """``alpha v + Y^T coef`` (B, D) (v = g, or x - rows[:, 0] when g is None), then ``ext - ext_scale * (.)`` (EXT_EPS) or ``ext + (.)`` (EXT_MEAN)."""
     B, D = x.shape
     K = c.shape[1]
     BLOCK_D = block_d_for(K, D)
