@@ -452,8 +452,11 @@ def fingerprint_fields(cfg: "DistillConfig", entries=None) -> dict:
             d.pop(k, None)
     if d.get("output_size") is None:
         d.pop("output_size", None)
-    if not d.get("cgs"):  # the CGS window only counts where CGS runs; older fingerprints without CGS stay valid
-        d.pop("cgs_steps", None)
+    if not d.get("cgs"):  # the CGS window and steps only count where CGS runs; older fingerprints without CGS
+        d.pop("cgs_steps", None)  # stay valid (they hashed the eta defaults, which stand in for any value here)
+        for f in dataclasses.fields(DistillConfig):
+            if f.name in ("eta_dpp", "eta_dm") and f.name in d:
+                d[f.name] = f.default
     for k in ("label_map", "class_names"):  # a map file counts by its contents: an edited map is another run
         v = d.get(k)
         if isinstance(v, str) and os.path.isfile(v):

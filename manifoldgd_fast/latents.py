@@ -98,12 +98,12 @@ def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
     return (mean * vae.config.scaling_factor).float()
 
 
-def vae_digest(vae) -> str:
-    """First 16 hex digits of sha256 over the VAE's weights (dtypes, shapes and bytes, in the order of
-    their sorted names; not the names, so a wrapped VAE is the same VAE): a cache made by other weights
-    under the same name or folder is not reused."""
+def weights_digest(module) -> str:
+    """First 16 hex digits of sha256 over a module's weights (dtypes, shapes and bytes, in the order of
+    their sorted names; not the names, so a wrapped VAE is the same VAE): a latent cache made by other
+    VAE weights under the same name or folder is not reused, and a run's manifest names its weights."""
     h = hashlib.sha256()
-    for _, t in sorted(vae.state_dict().items()):
+    for _, t in sorted(module.state_dict().items()):
         t = t.detach().to("cpu").contiguous()
         h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
@@ -128,7 +128,7 @@ class CacheKey:
 
     image_size: int
     scaling: float  # the VAE's scaling_factor
-    vae: str        # :func:`vae_digest`
+    vae: str        # :func:`weights_digest`
 
 
 def _read_meta(path: str) -> dict[str, Any] | None:
@@ -361,7 +361,7 @@ def _prepare_cache(entries, vae, device, cache_dir: str, image_size: int):
     if device is not None:
         vae.to(device)
     dev = next(vae.parameters()).device
-    key = CacheKey(int(image_size), float(vae.config.scaling_factor), vae_digest(vae))
+    key = CacheKey(int(image_size), float(vae.config.scaling_factor), weights_digest(vae))
     os.makedirs(cache_dir, exist_ok=True)
     stats, todo = _split_cached(entries, cache_dir, key)
     return dev, key, stats, todo

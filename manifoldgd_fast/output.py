@@ -3,14 +3,18 @@
 A class is written into ``OUT/.<class>.tmp-<pid>/`` and renamed to
 ``OUT/<class>/`` only when complete, so a killed run leaves either a finished
 class or nothing; a rerun skips finished classes (SPEC 6). Every file goes
-through temp + ``os.replace``.
+through temp + ``os.replace``. One run at a time writes into ``OUT``
+(:class:`RunLock`), which lets it sweep the temp files that killed runs left.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
+import time
 from typing import Any, Iterable
 
 import numpy as np
@@ -18,11 +22,15 @@ import torch
 
 from .errors import DataError
 
+log = logging.getLogger(__name__)
+
 MANIFEST = "manifest.json"
 LATENTS_DIR = "latents"
 MODES_DIR = "modes"
 RESERVED_DIRS = (LATENTS_DIR, MODES_DIR)  # what a run puts beside the class folders: no class may take these names
 DONE_MARK = ".complete"
+LOCK_NAME = ".lock"
+TMP_PREFIX = ".tmp-"  # atomic_write_bytes's temp files
 
 
 def _read_umask() -> int:
@@ -40,7 +48,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder + rename."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=folder)
     try:
         if hasattr(os, "fchmod"):  # mkstemp makes 0600 files: give the usual umask's mode, as open() would
             os.fchmod(fd, 0o666 & ~_UMASK)
@@ -159,17 +167,69 @@ class OutputWriter:
         with open(os.path.join(self.class_dir(name), DONE_MARK), encoding="utf-8") as f:
             return json.load(f)
 
-    def clean_stale(self, names: Iterable[str]) -> None:
-        """Remove temp folders of ``names`` left by killed runs (never finished classes).
-
-        Only the caller's own classes: another rank may be writing its own right now.
-        """
-        prefixes = tuple(f".{n}.tmp-" for n in names)
-        for entry in os.listdir(self.out):
-            if entry.startswith(prefixes):
-                shutil.rmtree(os.path.join(self.out, entry), ignore_errors=True)
+    def sweep_temps(self) -> list[str]:
+        """Remove what killed runs left in ``OUT``: unfinished class folders ``.<class>.tmp-<pid>/`` and
+        the temp files of atomic writes (``OUT``, ``OUT/latents``, ``OUT/modes``). Only safe while no
+        other process writes here: call it holding the :class:`RunLock`, before this run's other ranks
+        start writing. Returns the removed paths."""
+        removed = []
+        for folder in (self.out, *(os.path.join(self.out, d) for d in RESERVED_DIRS)):
+            if not os.path.isdir(folder):
+                continue
+            for entry in os.listdir(folder):
+                path = os.path.join(folder, entry)
+                class_tmp = folder == self.out and entry.startswith(".") and ".tmp-" in entry and os.path.isdir(path)
+                if entry.startswith(TMP_PREFIX) or class_tmp:
+                    shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
+                    removed.append(path)
+        return removed
 
     def write_manifest(self, manifest: dict[str, Any]) -> str:
         path = os.path.join(self.out, MANIFEST)
         atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True, default=str))
         return path
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``OUT/.lock``, held by one process (rank 0) while a run writes into OUT.
+
+    A second run on the same ``--out`` stops with a one-line error naming the holder, instead of both
+    writing the same classes and deleting each other's temp folders. The kernel drops the lock when its
+    holder dies (even by SIGKILL), so a lock is never stale and a rerun never has to clear one. Where the
+    file system cannot lock (e.g. Lustre mounted without ``flock``), the run warns and goes on unlocked.
+    """
+
+    def __init__(self, out: str):
+        self.path = os.path.join(os.path.abspath(out), LOCK_NAME)
+        self.fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system
+            log.warning("cannot lock %s on this platform: nothing stops two runs sharing this --out", self.path)
+            return self
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise DataError(f"--out {os.path.dirname(self.path)} is being written by another run ({holder}); "
+                            "wait for it to finish or use another --out") from None
+        except OSError as e:
+            os.close(fd)
+            log.warning("cannot lock %s (%s): nothing stops two runs sharing this --out", self.path,
+                        e.strerror or e)
+            return self
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the last descriptor releases the flock
+            self.fd = None

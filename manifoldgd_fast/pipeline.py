@@ -8,6 +8,7 @@ the same bytes as an uninterrupted one.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -30,7 +31,7 @@ from .profile import phase
 from .errors import ConfigError, DataError
 from . import classrun
 from .classrun import _check_class, _prefetched_inputs, _receive, class_modes, distill_class, modes_file, read_modes
-from .output import (MANIFEST, MODES_DIR, RESERVED_DIRS, OutputWriter, atomic_write_bytes, class_done,
+from .output import (MANIFEST, MODES_DIR, RESERVED_DIRS, OutputWriter, RunLock, atomic_write_bytes, class_done,
                      resize_images)
 from .finetune import read_finetune_record
 
@@ -51,16 +52,19 @@ class DistillResult:
 def library_versions() -> dict[str, str]:
     import diffusers
     import numpy
+    import PIL
     import safetensors
 
     out = {"manifoldgd_fast": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-           "numpy": numpy.__version__, "safetensors": safetensors.__version__, "python": platform.python_version()}
-    try:  # the text encoder of the SD backbone
-        import transformers
-
-        out["transformers"] = transformers.__version__
-    except ImportError:
-        pass
+           "numpy": numpy.__version__, "safetensors": safetensors.__version__, "pillow": PIL.__version__,
+           "python": platform.python_version()}  # Pillow: the PNG bytes and the resize are its
+    if torch.version.cuda:
+        out["cuda"] = torch.version.cuda
+    for name in ("triton", "transformers"):  # the kernels; the text encoder of the SD backbone
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            pass
     return out
 
 
@@ -101,7 +105,7 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
     shard = shard or Shard()
     cfg = with_demo_defaults(cfg)
     from .data import class_list, scan_image_folder
-    from .latents import cache_latents, encode_precision, latent_cache_dir
+    from .latents import cache_latents, encode_precision, latent_cache_dir, weights_digest
     from .models import dit_info, load_dit, load_vae, model_family, vae_info
 
     cfg.validate()
@@ -132,6 +136,7 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
 
     vae = load_vae(cfg.vae or cfg.model, device=device, flag="--vae" if cfg.vae else "--model")
     vinfo = vae_info(vae)
+    weights = {"vae": weights_digest(vae)}  # the manifest names the weights; a resume with others is refused
     model = info = None
     work = [e for e in entries if not done(e.name)] if done is not None else entries
     mine = shard.mine(work)
@@ -158,12 +163,15 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
                                      names={e.label: e.name for e in mine})
             info = dit_info(model)
             schedule_kw = model.schedule_kwargs
+            weights["model"] = weights_digest(model)  # the UNet (the prompt embeddings are not persistent)
         latent = info["latent_size"] * vinfo["downsample"]
         if cfg.image_size is not None and cfg.image_size != latent:
             raise ConfigError(f"--image-size {cfg.image_size} does not match the model's {latent} px")
     elif cfg.model is not None:  # also for `cache`: the model fixes the image size
         model = load_dit(cfg.model, device=device, time_embedding=cfg.time_embedding)
         info = dit_info(model)
+        if need_models:
+            weights["model"] = weights_digest(model)  # before FusedDiT rearranges them
         if need_models and cfg.dit_impl == "fused":
             from .fastdit import FusedDiT
 
@@ -191,7 +199,8 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
     return dict(entries=entries, mine=mine, finished_before=len(entries) - len(work), skipped=skipped,
                 counts={k: int(v["n"]) for k, v in stats.items()}, vae=vae,
                 vae_info=vinfo, model=model, dit_info=info, device=device, dtype=dtype, cache=cache,
-                image_size=image_size, shard=shard, backbone=backbone, prompts=prompts, schedule_kw=schedule_kw)
+                image_size=image_size, shard=shard, backbone=backbone, prompts=prompts, schedule_kw=schedule_kw,
+                weights=weights)
 
 
 def check_out(out: str, data: str | None) -> None:
@@ -221,13 +230,14 @@ def distill(config: DistillConfig | dict) -> DistillResult:
     its share of the classes; rank 0 writes the manifest.
     """
     shard = Shard.from_env()
-    try:
-        return _distill(config, shard)
-    finally:
-        shard.close()
+    with contextlib.ExitStack() as held:  # what the run holds until it returns: rank 0's lock on OUT
+        try:
+            return _distill(config, shard, held)
+        finally:
+            shard.close()
 
 
-def _distill(config: DistillConfig | dict, shard: Shard) -> DistillResult:
+def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitStack) -> DistillResult:
     from tqdm.auto import tqdm
 
     cfg = DistillConfig.from_dict(config) if isinstance(config, dict) else config
@@ -254,8 +264,18 @@ def _distill(config: DistillConfig | dict, shard: Shard) -> DistillResult:
             f"other parameters ({', '.join(keys[:6])})" if keys else "other parameters"
         raise ConfigError(f"--out {cfg.out} holds a run with {what} (fingerprint {old.get('fingerprint')}, this run "
                           f"{fp}); use a new --out")
+    was = (old or {}).get("weights") or {}
+    other = [k for k in ("model", "vae") if k in was and k in ctx["weights"] and was[k] != ctx["weights"][k]]
+    if other:  # same paths, other files (e.g. a fine-tune rewritten into the same folder)
+        raise ConfigError(f"--out {cfg.out} holds a run made with other {' and '.join(other)} weights (sha256 "
+                          f"{', '.join(was[k] for k in other)}; now {', '.join(ctx['weights'][k] for k in other)}); "
+                          "use a new --out")
     writer = OutputWriter(cfg.out)
-    writer.clean_stale([e.name for e in mine])
+    if shard.is_main:  # one run at a time writes into OUT; rank 0 holds it for the whole run
+        held.enter_context(RunLock(writer.out))
+        for path in writer.sweep_temps():
+            log.info("removed %s, left by a killed run", path)
+    shard.barrier()  # no rank writes into OUT before rank 0 holds it and has swept it
     status = _class_status(writer, entries) if shard.is_main else {}  # kept up to date in memory: no re-read per class
     finished = {}  # the classes this call distils, with their stats
     # What changes the float rounding but not the maths (the fingerprint leaves it out so that a resume
@@ -271,7 +291,8 @@ def _distill(config: DistillConfig | dict, shard: Shard) -> DistillResult:
         tool="manifoldgd-fast", version=__version__, fingerprint=fp, identity=identity, formulation=rcfg.formulation,
         method=rcfg.method, config=rcfg.to_dict(), data=os.path.abspath(cfg.data), model=cfg.model,
         vae=cfg.vae or cfg.model, image_size=ctx["image_size"], latent_cache=ctx["cache"],
-        device=str(ctx["device"]), world_size=shard.world, extra=cfg.extra, versions=library_versions(), seeds={
+        device=str(ctx["device"]), world_size=shard.world, extra=cfg.extra, versions=library_versions(),
+        weights=ctx["weights"], seeds={
             "run": rcfg.seed, "class": "derive_seed(run, 'modes', class)",
             "sample": "derive_seed(run, 'sample', class, index)",
             "guidance": "Philox key derive_seed(run, 'guidance'), sample id label * ipc + index"},

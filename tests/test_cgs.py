@@ -230,3 +230,16 @@ def test_cgs_settings_one_line_errors(kw, msg):
         DistillConfig(**kw).resolve(10)
     # valid neighbours of each: CGS off with zero steps is fine, and so is --no-cgs without --method cgs
     DistillConfig(cgs=False, eta_dpp=0.0, eta_dm=0.0).resolve(10)
+
+
+def test_cgs_steps_count_in_the_fingerprint_only_where_cgs_runs():
+    """With CGS off, eta_dpp / eta_dm change no byte, so they do not change the run's fingerprint (a resume
+    with other values is the same run); with CGS on they do. Runs made before hashed the defaults: still valid."""
+    from manifoldgd_fast.config import DistillConfig, fingerprint
+
+    def fp(**kw):
+        return fingerprint(DistillConfig(data="d", out="o", **kw).resolve(3, "cpu"))
+
+    assert fp(eta_dpp=3.0, eta_dm=0.5) == fp()
+    assert fp(method="cgs", eta_dpp=3.0) != fp(method="cgs")
+    assert fp(cgs=True, eta_dm=0.5) != fp(cgs=True)

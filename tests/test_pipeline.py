@@ -445,3 +445,64 @@ def test_atomic_writes_get_the_umask_mode(tmp_path):
     assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "sub" / "l.bin").stat().st_mode & 0o777 == 0o644
     assert [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")] == []
+
+
+def test_one_run_at_a_time_per_out_and_a_killed_runs_temps_are_swept(tiny_world, tmp_path, capsys):
+    """A second run on an --out that another run holds stops with one line naming the holder and writes
+    nothing; a rerun after a SIGKILL (the kernel dropped the lock; an unfinished class folder and
+    atomic-write temp files are left) sweeps them and gives the bytes of an uninterrupted run."""
+    from manifoldgd_fast.output import RunLock
+
+    w = tiny_world
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    args = lambda o: _args(w, o, "--classes", "apple,banana", "--method", "dit")  # noqa: E731
+    assert main(args(ref)) == 0
+    with RunLock(str(out)):                                           # another run is writing into out
+        line = _bad(w, tmp_path, args(out), capsys)
+    assert f"is being written by another run (pid {os.getpid()} on " in line, line
+    assert os.listdir(out) == [".lock"]                              # nothing of this run written
+    (out / ".apple.tmp-99999").mkdir()
+    (out / ".apple.tmp-99999" / "0.png").write_bytes(b"half")
+    (out / "latents").mkdir()
+    (out / "latents" / ".tmp-k3j2").write_bytes(b"half")
+    (out / ".tmp-manifest").write_bytes(b"half")
+    assert main(args(out)) == 0
+    assert _digest(out) == _digest(ref)
+    assert [e for d in (out, out / "latents") for e in os.listdir(d) if ".tmp-" in e] == []
+
+
+def test_run_lock_where_the_file_system_cannot_lock(tmp_path, monkeypatch, caplog):
+    """flock unsupported (ENOLCK, as on Lustre without -o flock): a warning, and the run goes on."""
+    import errno
+    import fcntl
+
+    from manifoldgd_fast.output import RunLock
+
+    def refuse(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    with caplog.at_level("WARNING"), RunLock(str(tmp_path / "o")) as lock:
+        assert lock.fd is None
+    assert "nothing stops two runs sharing this --out" in caplog.text
+
+
+def test_manifest_names_the_weights_and_a_resume_with_other_weights_is_refused(tiny_world, tmp_path, capsys):
+    """The manifest records the DiT's and the VAE's sha256 and the library versions (Pillow writes the PNGs);
+    new weights written into the same model folder (same path: the fingerprint cannot see it) are refused."""
+    from manifoldgd_fast.latents import weights_digest
+    from manifoldgd_fast.models import build_dit, save_pretrained_folder, tiny_dit_config
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_world["model"], model)
+    w = dict(tiny_world, model=str(model))
+    out = tmp_path / "out"
+    args = _args(w, out, "--classes", "apple", "--method", "dit")
+    assert main(args) == 0
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["weights"]["model"] == weights_digest(build_dit(tiny_dit_config(num_classes=3, sample_size=8), seed=0))
+    assert set(man["weights"]) == {"model", "vae"} and man["versions"]["pillow"]
+    assert main(args) == 0                                               # same weights: resumes (nothing to do)
+    save_pretrained_folder(build_dit(tiny_dit_config(num_classes=3, sample_size=8), seed=1), str(model / "transformer"))
+    line = _bad(w, tmp_path, args, capsys)
+    assert "holds a run made with other model weights (sha256 " + man["weights"]["model"] in line, line
