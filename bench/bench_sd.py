@@ -5,7 +5,7 @@
 
 Models are random-init at SD 1.5's size (UNet 860 M on 4x64x64 latents, CLIP ViT-L/14 text
 tower, SD VAE at 512 px): the speed does not depend on the weights. A toy tokenizer stands in
-for CLIP's (prompt tokens are not timed). Rows, all DDIM with CFG 7.5 and VAE decoding:
+for CLIP's (prompt tokens are not timed). Rows, all DDIM with CFG ``sd.SD_CFG_SCALE`` and VAE decoding:
 
 * ``diffusers StableDiffusionPipeline``: fp16 weights (``--dtype``), DDIMScheduler as SD's;
 * ``ours unguided`` / ``ours mgd3`` / ``ours manifoldgd``: ``classrun.distill_class`` on one
@@ -130,8 +130,8 @@ def run(a: argparse.Namespace) -> list[dict]:
 
         def diffusers_batch():
             with torch.no_grad():
-                pipe([prompt] * a.batch, num_inference_steps=a.steps, guidance_scale=7.5, height=size, width=size,
-                     output_type="pt")
+                pipe([prompt] * a.batch, num_inference_steps=a.steps, guidance_scale=sd.SD_CFG_SCALE, height=size,
+                     width=size, output_type="pt")
         rows.append(_row("diffusers StableDiffusionPipeline", _time(diffusers_batch, dev, a.repeats), a.batch))
         del pipe
 
@@ -144,8 +144,9 @@ def run(a: argparse.Namespace) -> list[dict]:
                     generator=torch.Generator().manual_seed(0))
     for m in a.methods.split(","):
         method = {"unguided": "dit"}.get(m, m)
+        # DDIM, as the diffusers row (not the SD default sampler, whatever it is)
         rcfg = DistillConfig(method=method, ipc=a.batch, batch_size=a.batch, steps=a.steps, t_stop=a.steps // 2,
-                             dtype=a.dtype, device=a.device).resolve(10, a.device, backbone="sd")
+                             sampler="ddim", dtype=a.dtype, device=a.device).resolve(10, a.device, backbone="sd")
         ctx = dict(device=dev, dtype=dtype, model=model, dit_info=info, vae=vae, schedule_kw=model.schedule_kwargs,
                    prompts={"tench": prompt})  # a fresh context per method: the fast loop is built per run config
         secs = _time(lambda: distill_class(rcfg, ctx, "tench", 0, z).result(), dev, a.repeats)
@@ -154,10 +155,12 @@ def run(a: argparse.Namespace) -> list[dict]:
 
 
 def main(argv=None) -> int:
+    from manifoldgd_fast.sd import SD_CFG_SCALE
+
     a = parse_args(argv)
     rows = run(a)
     gpu = torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else "cpu"
-    print(f"{gpu}, {a.dtype}, batch {a.batch}, {a.steps} DDIM steps, CFG 7.5, "
+    print(f"{gpu}, {a.dtype}, batch {a.batch}, {a.steps} DDIM steps, CFG {SD_CFG_SCALE}, "
           f"{'tiny' if a.tiny else 'SD 1.5 size'}, repeats {a.repeats}")
     for r in rows:
         print(f"{r['what']:<36} {r['images_per_s']:>9.3f} images/s   median {r['seconds_median']:.3f} s "

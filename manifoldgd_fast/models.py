@@ -16,6 +16,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 from typing import Any
 
 import torch
@@ -37,6 +38,19 @@ def _weight_files(folder: str) -> list[str]:
     for pat in WEIGHT_PATTERNS:
         files += glob.glob(os.path.join(folder, pat))
     return sorted(files)
+
+
+def weights_variant(folder: str, stems: tuple[str, ...] = ("diffusion_pytorch_model",)) -> str | None:
+    """The variant (``fp16``, ...) of a folder that holds only variant weights (``<stem>.fp16.safetensors``,
+    as ``from_pretrained(..., variant="fp16")`` caches them), else None: such a folder loads only when
+    the variant is named. ``stems``: the weight file names of the library (transformers: model, pytorch_model)."""
+    names = os.listdir(folder)
+    alt = "|".join(re.escape(s) for s in stems)
+    if any(re.match(rf"^({alt})(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$", n) for n in names):
+        return None
+    tagged = re.compile(rf"^({alt})\.(\w+?)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
+    found = sorted({m.group(2) for n in names if (m := tagged.match(n))})
+    return found[0] if found else None
 
 
 def _damaged_file(files: list[str]) -> tuple[str, str] | None:
@@ -102,7 +116,8 @@ def _load_from_folder(cls, folder: str, flag: str, arg: str, dtype: torch.dtype)
     low_mem = importlib.util.find_spec("accelerate") is not None
     try:
         model, info = cls.from_pretrained(folder, torch_dtype=dtype, local_files_only=True,
-                                          low_cpu_mem_usage=low_mem, output_loading_info=True)
+                                          low_cpu_mem_usage=low_mem, output_loading_info=True,
+                                          variant=weights_variant(folder))
     except Exception as e:  # diffusers raises OSError/ValueError/RuntimeError/SafetensorError
         bad = _damaged_file(weights)
         if bad is not None:

@@ -26,7 +26,7 @@ import torch
 
 from .config import check_prompt_template
 from .errors import ConfigError, ModelError
-from .models import _first_line, _load_from_folder, seeded_init
+from .models import _first_line, _load_from_folder, seeded_init, weights_variant
 from .models import resolve_root as models_resolve_root
 from .schedule import SD15_SCHEDULER_CONFIG, diffusers_schedule_kwargs
 
@@ -34,13 +34,16 @@ log = logging.getLogger(__name__)
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer")
 LAYOUT = "SD 1.5 diffusers layout: unet/, vae/, text_encoder/, tokenizer/, scheduler/"
-# The MGD3 release has no text-to-image script (jachansantiago/mode_guidance#3); the paper says "For
-# sampling, we use the class names as a text prompt". --prompt-template "a photo of a {name}" gives
-# CLIP's zero-shot ImageNet template instead.
+# MGD3's text-to-image script (sample_mode_guidance_text2img.py, with a patched diffusers: a
+# StableDiffusionModeGuidancePipeline and DDPMModeScheduler; read in public copies of the MGD3 code,
+# e.g. zelectricsheep/AGS-DD-anonymous, as jachansantiago/mode_guidance#3 had asked for it)
+# prompts with the class name alone, as the paper says ("For sampling, we use the class names as a text
+# prompt"), and no negative prompt. --prompt-template "a photo of a {name}" gives CLIP's zero-shot
+# ImageNet template instead.
 DEFAULT_PROMPT_TEMPLATE = "{name}"
-# diffusers' StableDiffusionPipeline default guidance scale (the MGD3 paper gives none for SD);
-# DistillConfig.resolve reads it.
-SD_CFG_SCALE = 7.5
+# That script's --cfg-scale default (its run scripts do not change it); diffusers' pipeline default is
+# 7.5, with the same meaning: eps_u + w (eps_c - eps_u). DistillConfig.resolve reads it.
+SD_CFG_SCALE = 8.0
 # SD15_SCHEDULER_CONFIG (imported from schedule): runwayml/stable-diffusion-v1-5's scheduler_config.json.
 
 
@@ -270,22 +273,44 @@ def load_sd(path_or_id, *, device: str | torch.device = "cpu", dtype: torch.dtyp
     _check_layout(root, arg, flag)
     sched = read_scheduler_config(root, arg, flag)
     unet_dir = os.path.join(root, "unet")
-    if not os.path.isfile(os.path.join(unet_dir, "config.json")):
-        raise ModelError(f"{flag} {arg}: {unet_dir} has no config.json")
-    unet = _load_from_folder(UNet2DConditionModel, unet_dir, flag, arg, dtype).to(device).eval()
     te_dir, tok_dir = os.path.join(root, "text_encoder"), os.path.join(root, "tokenizer")
+    # The text side is checked before any weights load. Without these files transformers raises nothing
+    # or something unreadable: a default-size CLIP and a mismatch table (no text_encoder/config.json), a
+    # 2-token tokenizer that gives every prompt the same embedding (no vocabulary, e.g. a partial download),
+    # an OverflowError when padding to 1e30 tokens (no model_max_length).
+    for folder in (unet_dir, te_dir):
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise ModelError(f"{flag} {arg}: {folder} has no config.json")
+    if not any(all(os.path.isfile(os.path.join(tok_dir, n)) for n in names)
+               for names in (("vocab.json", "merges.txt"), ("tokenizer.json",))):
+        raise ModelError(f"{flag} {arg}: {tok_dir} has neither vocab.json + merges.txt nor tokenizer.json "
+                         "(the CLIP tokenizer's vocabulary)")
+    te_config = os.path.join(te_dir, "config.json")
     try:
-        text_encoder, info = CLIPTextModel.from_pretrained(te_dir, local_files_only=True, output_loading_info=True)
+        with open(te_config, encoding="utf-8") as f:
+            P = int(json.load(f).get("max_position_embeddings", 77))   # CLIPTextConfig's default
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise ModelError(f"{flag} {arg}: config file {te_config} is damaged ({_first_line(e)})") from None
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    except Exception as e:
+        raise ModelError(f"{flag} {arg}: cannot load the CLIP tokenizer from {tok_dir} ({_first_line(e)})") from None
+    L = tokenizer.model_max_length
+    if L > P:  # prompts are padded to L tokens (encode_prompts): more than the text encoder has positions for
+        given = f"model_max_length {L}" if L < 2 ** 31 else "no model_max_length"
+        raise ModelError(f"{flag} {arg}: {tok_dir}/tokenizer_config.json gives {given}, but the text encoder "
+                         f"has {P} positions (max_position_embeddings); set model_max_length to {P}")
+    unet = _load_from_folder(UNet2DConditionModel, unet_dir, flag, arg, dtype).to(device).eval()
+    try:
+        variant = weights_variant(te_dir, ("model", "pytorch_model"))  # an fp16-only cache names its variant
+        text_encoder, info = CLIPTextModel.from_pretrained(te_dir, local_files_only=True, output_loading_info=True,
+                                                           variant=variant)
     except Exception as e:  # OSError (no weights), ValueError, safetensors errors
         raise ModelError(f"{flag} {arg}: cannot load the CLIP text encoder from {te_dir} ({_first_line(e)})") from None
     missing = [k for k in info.get("missing_keys") or [] if "position_ids" not in k]
     if missing:
         raise ModelError(f"{flag} {arg}: weights in {te_dir} do not fit CLIPTextModel "
                          f"({len(missing)} tensors missing, e.g. {missing[0]})")
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True)
-    except Exception as e:
-        raise ModelError(f"{flag} {arg}: cannot load the CLIP tokenizer from {tok_dir} ({_first_line(e)})") from None
     if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
         raise ModelError(f"{flag} {arg}: the UNet attends to {unet.config.cross_attention_dim}-dim text states but "
                          f"the text encoder gives {text_encoder.config.hidden_size}")

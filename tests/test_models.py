@@ -134,6 +134,19 @@ def test_load_from_hf_cache_layout(tmp_path, tiny_dit, tiny_vae):
     assert _same_weights(M.load_vae("org/tiny-dit", cache_dir=str(cache)), tiny_vae)
 
 
+def test_fp16_variant_only_folder_loads(tmp_path, tiny_dit, tiny_vae):
+    """A folder (or HF cache) holding only ``diffusion_pytorch_model.fp16.safetensors``, as
+    ``from_pretrained(..., variant="fp16")`` leaves it, loads: diffusers finds nothing unless the variant is named."""
+    tiny_dit.save_pretrained(str(tmp_path / "m" / "transformer"), variant="fp16")
+    tiny_vae.save_pretrained(str(tmp_path / "m" / "vae"), variant="fp16")
+    assert sorted(os.listdir(tmp_path / "m" / "vae")) == ["config.json", "diffusion_pytorch_model.fp16.safetensors"]
+    assert M.weights_variant(str(tmp_path / "m" / "vae")) == "fp16"
+    assert _same_weights(M.load_dit(str(tmp_path / "m")), tiny_dit)
+    assert _same_weights(M.load_vae(str(tmp_path / "m")), tiny_vae)
+    tiny_vae.save_pretrained(str(tmp_path / "m" / "vae"))                   # plain weights beside it win
+    assert M.weights_variant(str(tmp_path / "m" / "vae")) is None
+
+
 def test_unknown_model_is_model_error(tmp_path):
     with pytest.raises(ModelError, match=r"^--model org/no-such-dit: no DiT found \(not a local "
                                          r"folder, not in the Hugging Face cache\)$"):

@@ -59,7 +59,7 @@ def test_distill_end_to_end_on_a_tiny_sd_folder(sd_world, tmp_path, extra, size)
     assert main(_args(sd_world, out, *extra)) == 0
     man = json.loads((out / "manifest.json").read_text())
     assert man["backbone"] == "sd" and man["config"]["backbone"] == "sd"
-    assert man["config"]["cfg_scale"] == 7.5 and man["config"]["cfg_channels"] == "all"
+    assert man["config"]["cfg_scale"] == SD.SD_CFG_SCALE == 8.0 and man["config"]["cfg_channels"] == "all"
     assert man["config"]["sampler"] == ("ddpm" if "ddpm" in extra else "ddim")
     assert man["image_size"] == 16 and man["output_size"] == size
     assert man["prompts"] == PROMPTS and man["negative_prompt"] == ""
@@ -152,6 +152,72 @@ def test_adapter_info_and_family_detection(sd_world, tiny_world, denoiser):
         gap(torch.zeros(1, 4, 8, 8), timestep=torch.tensor([10]), class_labels=torch.tensor([1]))
 
 
+def _drop_files(folder, *names):
+    for n in names:
+        if os.path.exists(os.path.join(folder, n)):
+            os.remove(os.path.join(folder, n))
+
+
+def _set_max_length(folder, value):
+    path = os.path.join(folder, "tokenizer_config.json")
+    cfg = json.loads(open(path).read())
+    cfg.pop("model_max_length")
+    if value is not None:
+        cfg["model_max_length"] = value
+    open(path, "w").write(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("damage, sub, why", [
+    # transformers would build a default-size CLIP text model and print a mismatch table
+    (lambda d: _drop_files(d, "config.json"), "text_encoder", "text_encoder has no config.json"),
+    # transformers would build a 2-token tokenizer: every prompt the same embedding, no error
+    (lambda d: _drop_files(d, "vocab.json", "merges.txt", "tokenizer.json"), "tokenizer",
+     "has neither vocab.json + merges.txt nor tokenizer.json"),
+    # model_max_length would be 1e30: OverflowError when padding the prompts
+    (lambda d: _set_max_length(d, None), "tokenizer", "gives no model_max_length, but the text encoder has 32 "
+                                                      "positions"),
+    (lambda d: _set_max_length(d, 77), "tokenizer", "gives model_max_length 77, but the text encoder has 32"),
+], ids=["text-encoder-config", "tokenizer-vocab", "no-max-length", "max-length-too-long"])
+def test_damaged_text_side_is_one_line_naming_it(sd_world, tmp_path, capsys, damage, sub, why):
+    folder = _variant(sd_world, tmp_path)
+    damage(os.path.join(folder, sub))
+    with pytest.raises(ModelError) as e:
+        SD.load_sd(folder)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"--model {folder}: ") and why in msg
+    rc = main(_args({**sd_world, "model": folder}, tmp_path / "out"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and why in err[0]
+
+
+def test_cached_hf_id_runs_without_network(sd_world, tmp_path, monkeypatch):
+    """--model org/id of an SD folder in the Hugging Face cache (as snapshot_download leaves it) is found,
+    recognised as SD and distilled with every socket refused: nothing is fetched."""
+    import socket
+
+    import huggingface_hub.constants
+
+    snap = tmp_path / "hub" / "models--org--tiny-sd" / "snapshots" / ("0123456789abcdef" * 3)[:40]
+    shutil.copytree(sd_world["model"], snap)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text(snap.name)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    real = socket.socket.connect
+
+    def connect(self, address):  # the DataLoader's workers talk over local (AF_UNIX) sockets: those pass
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            raise AssertionError(f"network access to {address}")
+        return real(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    assert model_family("org/tiny-sd") == "sd"
+    out = tmp_path / "out"
+    assert main(_args({**sd_world, "model": "org/tiny-sd"}, out, "--ipc", "1", "--classes", "cherry")) == 0
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["model"] == "org/tiny-sd" and man["backbone"] == "sd" and man["classes"]["cherry"]["status"] == "done"
+
+
 @pytest.mark.parametrize("part", ["text_encoder", "tokenizer", "unet"])
 def test_incomplete_sd_folder_is_one_line_naming_it(sd_world, tmp_path, capsys, part):
     broken = tmp_path / "sd"
@@ -228,6 +294,46 @@ def test_ddpm_fixed_small_matches_diffusers_scheduler_loop(sd_world, denoiser):
     torch.testing.assert_close(ours, x, atol=5e-5, rtol=5e-5)
 
 
+def test_mgd3_ddpm_is_the_release_text_to_image_rule(sd_world, denoiser):
+    """MGD3's text-to-image script (sample_mode_guidance_text2img.py) samples SD 1.5 with its
+    DDPMModeScheduler, built from the folder's scheduler config: diffusers' DDPM step, then, while the
+    timestep is above stop_t = 500, x_prev -= 0.1 * sqrt(fixed-small variance) * (x0_hat - mode), with CFG 8.
+    Our --method mgd3 --sampler ddpm with the SD defaults is that loop; stop at timestep 500 is --t-stop 4
+    at 10 steps ('leading' timesteps 901, 801, ..., 1: guided while 100 i + 1 > 500)."""
+    from diffusers import DDPMScheduler
+
+    S, B, stop_t = 10, 2, 500
+    cfg = DistillConfig(steps=S, t_stop=4, ipc=B, method="mgd3", sampler="ddpm", backend="reference").resolve(
+        3, backbone="sd")
+    assert cfg.cfg_scale == 8.0 and cfg.lambda_m == 0.1 and cfg.kernel == "rbf" and cfg.formulation == "official"
+    s = make_schedule(S, "ddpm", **denoiser.schedule_kwargs)
+    x_T = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    modes = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(8))
+    y = torch.tensor([1, 1])
+    seeds = (31, 32)
+    run = dict(null_class=2, cfg_scale=cfg.cfg_scale, cfg_channels="all")
+    gens = [torch.Generator().manual_seed(g) for g in seeds]
+    ours = sample(denoiser, s, x_T, y, guidance=Guidance(cfg, s, modes, gens), generators=gens, **run)
+
+    sched = DDPMScheduler.from_config(SD.read_scheduler_config(sd_world["model"], sd_world["model"]))
+    sched.set_timesteps(S)
+    gens = [torch.Generator().manual_seed(g) for g in seeds]
+    enc = torch.cat([denoiser.embeddings[y], denoiser.embeddings[2:3].expand(B, -1, -1)])
+    x, guided = x_T.clone(), 0
+    with torch.no_grad():
+        for t in sched.timesteps:
+            out = denoiser.unet(torch.cat([x, x]), t, encoder_hidden_states=enc).sample
+            res = sched.step(out[B:] + 8.0 * (out[:B] - out[B:]), t, x, generator=gens)
+            x = res.prev_sample
+            if t > stop_t:
+                guided += 1
+                x = x - (res.pred_original_sample - modes) * 0.1 * sched._get_variance(t) ** 0.5
+    assert guided == 5
+    torch.testing.assert_close(ours, x, atol=5e-5, rtol=5e-5)
+    plain = sample(denoiser, s, x_T, y, generators=[torch.Generator().manual_seed(g) for g in seeds], **run)
+    assert (ours - plain).abs().max() > 1e-2
+
+
 def _step_slice(s: Schedule, i: int) -> Schedule:
     """The one-step schedule of step index i (its own coefficients)."""
     kw = {k: (v[i:i + 1] if isinstance(v, torch.Tensor) else v) for k, v in s.__dict__.items()}
@@ -243,7 +349,7 @@ def test_guided_and_unguided_steps_differ_only_before_t_stop(denoiser, formulati
     S, t_stop, B = 8, 4, 2
     cfg = DistillConfig(steps=S, t_stop=t_stop, ipc=B, formulation=formulation, method=method,
                         backend="reference").resolve(3, backbone="sd")
-    assert cfg.sampler == "ddim" and cfg.cfg_scale == 7.5 and cfg.cfg_channels == "all"
+    assert cfg.sampler == "ddim" and cfg.cfg_scale == 8.0 and cfg.cfg_channels == "all"
     s = make_schedule(S, cfg.sampler, **denoiser.schedule_kwargs)
     lat = torch.randn(20, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     modes = lat[:B] + 0.05
@@ -633,3 +739,23 @@ def test_step_guidance_reads_a_diffusers_scheduler(denoiser):
     assert (ours - plain).abs().max() > 1e-3
     with pytest.raises(ConfigError, match="not both"):
         StepGuidance(modes, scheduler=sched, betas=SD.diffusers_schedule_kwargs({})["betas"])
+
+
+def test_fp16_variant_only_sd_folder_loads(sd_world, tmp_path, denoiser):
+    """A folder or HF cache made by ``from_pretrained(..., variant="fp16")`` holds only
+    ``diffusion_pytorch_model.fp16.safetensors`` / ``model.fp16.safetensors``: every part still loads
+    (neither diffusers nor transformers looks for them unless the variant is named)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    src, dst = sd_world["model"], tmp_path / "sd"
+    shutil.copytree(src, dst)
+    for sub, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel)):
+        part = cls.from_pretrained(os.path.join(src, sub))
+        shutil.rmtree(dst / sub)
+        part.save_pretrained(str(dst / sub), variant="fp16")
+        assert all(".fp16." in n for n in os.listdir(dst / sub) if n != "config.json" and "generation" not in n)
+    got = SD.load_sd_denoiser(str(dst), {0: "a photo of a cherry", 1: "a photo of a dog"})
+    torch.testing.assert_close(got.embeddings, denoiser.embeddings, rtol=0, atol=0, equal_nan=True)
+    for a, b in zip(got.unet.state_dict().values(), denoiser.unet.state_dict().values()):
+        assert torch.equal(a, b)
