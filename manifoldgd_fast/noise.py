@@ -57,8 +57,18 @@ def _check_counters(seed, step, sample_ids, B: int, device) -> torch.Tensor:
         raise ConfigError(f"sample_ids must be (B,) = ({B},) integers, got {tuple(sample_ids.shape)} {sample_ids.dtype}")
     # the range check reads the ids on the host: skipped while a CUDA graph captures (the
     # warm-up run before the capture checked the same buffer)
-    if B and not _capturing(device) and (int(sample_ids.min()) < 0 or int(sample_ids.max()) > _M32):
-        raise ConfigError("sample_ids must lie in [0, 2^32)")
+    # The guidance passes the same (B,) tensor at every step, and reading it on the host each time would
+    # stall the eager loop on the GPU: a tensor remembers the version it was checked at (an in-place
+    # change bumps it, so changed ids are checked again).
+    try:
+        version = sample_ids._version
+    except RuntimeError:  # an inference-mode tensor keeps no version: checked every time
+        version = None
+    if B and not _capturing(device) and (version is None or getattr(sample_ids, "_ids_checked_at", None) != version):
+        if int(sample_ids.min()) < 0 or int(sample_ids.max()) > _M32:
+            raise ConfigError("sample_ids must lie in [0, 2^32)")
+        if version is not None:
+            sample_ids._ids_checked_at = version
     return sample_ids.long().contiguous()
 
 

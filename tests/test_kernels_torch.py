@@ -170,6 +170,36 @@ def test_fused_ops_check_their_inputs():
         ops.manifold_pull_fused(x, x, radius=0.1, alpha_bar=0.5, seed=0, step=0, sample_ids=torch.tensor([0]))
 
 
+def test_sample_ids_are_read_on_the_host_once_per_tensor_version():
+    """The guidance passes the same ids tensor every step: its range is read on the host (a GPU sync) the
+    first time only; an in-place change (a new _version) is checked again."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from manifoldgd_fast.noise import _check_counters
+
+    class CountReductions(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.min.default, torch.ops.aten.max.default):
+                CountReductions.n += 1
+            return func(*args, **(kwargs or {}))
+
+    ids = torch.tensor([3, 0, 7])
+    with CountReductions():
+        for _ in range(4):
+            assert torch.equal(_check_counters(1, 2, ids, 3, "cpu"), ids)
+    assert CountReductions.n == 2                                       # min and max, once
+    ids[1] = -1
+    with pytest.raises(ConfigError, match=r"sample_ids must lie in \[0, 2\^32\)"):
+        _check_counters(1, 2, ids, 3, "cpu")
+    with torch.inference_mode():                                        # no version counter: checked each time
+        bad = torch.tensor([0, 2 ** 33])
+        for _ in range(2):
+            with pytest.raises(ConfigError, match="sample_ids must lie"):
+                _check_counters(1, 2, bad, 2, "cpu")
+
+
 def test_library_ops_have_fake_kernels():
     """The registered ops trace without running (FakeTensorMode): what torch.compile needs."""
     from torch._subclasses.fake_tensor import FakeTensorMode
