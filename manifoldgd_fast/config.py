@@ -79,12 +79,12 @@ class DistillConfig:
     # --- method ------------------------------------------------------------
     method: str = "manifoldgd"
     formulation: str = "official"
-    sampler: str = "auto"              # auto: ddpm for DiT, ddim for SD
+    sampler: str = "auto"              # auto: ddpm (DiT: the ManifoldGD release; SD: MGD3's text-to-image script)
     steps: int = 50
     ddim_eta: float = 0.0
-    cfg_scale: float | None = None     # None: 4.0 for DiT (SPEC), 7.5 for SD (diffusers' default)
+    cfg_scale: float | None = None     # None: 4.0 for DiT (SPEC), 8.0 for SD (MGD3's text-to-image script)
     cfg_channels: str = "auto"         # auto: "3" for DiT (official), "all" for SD
-    t_stop: int = 25                   # guidance while the step is before t_stop
+    t_stop: int | None = None          # guidance while the step is before t_stop (None: sd_t_stop for SD, else 25)
 
     # --- mode discovery (SPEC 2) ---------------------------------------------
     modes_dir: str | None = None       # read each class's modes from DIR/<class>.safetensors (`modes` command)
@@ -181,7 +181,7 @@ class DistillConfig:
         positive_int("image_size", allow_none=True, minimum=8)
         positive_int("output_size", allow_none=True, minimum=8)
         positive_int("warm_steps", minimum=0)
-        positive_int("t_stop", minimum=0)
+        positive_int("t_stop", allow_none=True, minimum=0)
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"--seed must be a non-negative integer, got {self.seed!r}")
 
@@ -220,8 +220,8 @@ class DistillConfig:
         if self.cgs or self.method == "cgs":
             if self.eta_dpp == 0 and self.eta_dm == 0:
                 raise ConfigError("CGS with --eta-dpp 0 and --eta-dm 0 changes nothing: give one of them a step > 0")
-            if self.cgs_steps == "guided" and (self.t_stop >= self.steps - 1 if self.formulation == "official"
-                                               else self.t_stop == 0):
+            if self.cgs_steps == "guided" and self.t_stop is not None and (
+                    self.t_stop >= self.steps - 1 if self.formulation == "official" else self.t_stop == 0):
                 raise ConfigError(f"--cgs-steps guided: the guidance acts on no step with --t-stop {self.t_stop} "
                                   f"and --steps {self.steps} ({self.formulation} formulation)")
         non_negative("warm_mult")
@@ -241,7 +241,7 @@ class DistillConfig:
                               f"got k={k}, cloud size {self.cloud_size}")
         if self.k_min is not None and self.k_min < k:
             raise ConfigError(f"--k-min must be >= --k ({k}), got {self.k_min}")
-        if self.t_stop > self.steps:
+        if self.t_stop is not None and self.t_stop > self.steps:
             raise ConfigError(f"--t-stop must be <= --steps ({self.steps}), got {self.t_stop}")
         if self.sampler == "ddpm" and self.ddim_eta != 0.0:
             raise ConfigError("--ddim-eta applies to --sampler ddim only")
@@ -270,7 +270,9 @@ class DistillConfig:
         if c.cfg_channels == "auto":
             c.cfg_channels = "all" if sd else "3"
         if c.sampler == "auto":
-            c.sampler = "ddim" if sd else "ddpm"
+            c.sampler = "ddpm"
+        if c.t_stop is None:
+            c.t_stop = sd_t_stop(c.steps, c.formulation) if sd else 25
         if c.guidance_noise == "auto":
             # philox where the fused kernels run, and for the fast loop's ManifoldGD (its noise is pre-drawn)
             fast_mgd = c.loop == "fast" and c.method == "manifoldgd"
@@ -422,6 +424,14 @@ def fields_digest(fields: dict) -> str:
     import hashlib
 
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def sd_t_stop(steps: int, formulation: str) -> int:
+    """The t_stop of MGD3's text-to-image script's rule, guidance while the timestep > 500, on SD 1.5's
+    schedule (leading spacing, steps_offset 1: step i has timestep i * (1000 // steps) + 1). Official:
+    guided while i > t_stop (24 at 50 steps); paper: the first t_stop steps (25 at 50 steps)."""
+    last_unguided = 499 // (1000 // steps)          # the largest i with timestep <= 500
+    return last_unguided if formulation == "official" else steps - 1 - last_unguided
 
 
 def fingerprint_fields(cfg: "DistillConfig", entries=None) -> dict:

@@ -50,8 +50,8 @@ def _args(world, out, *extra):
 
 # ---------------------------------------------------------------------------- end to end
 @pytest.mark.parametrize("extra, size", [
-    (["--output-size", "24"], 24),                                   # manifoldgd official, DDIM (SD default)
-    (["--formulation", "paper", "--sampler", "ddpm", "--method", "manifoldgd"], 16),  # native size
+    (["--output-size", "24"], 24),                                   # manifoldgd official, DDPM (SD default)
+    (["--formulation", "paper", "--sampler", "ddim", "--method", "manifoldgd"], 16),  # native size
     (["--method", "mgd3", "--output-size", "12"], 12),
 ])
 def test_distill_end_to_end_on_a_tiny_sd_folder(sd_world, tmp_path, extra, size):
@@ -60,7 +60,7 @@ def test_distill_end_to_end_on_a_tiny_sd_folder(sd_world, tmp_path, extra, size)
     man = json.loads((out / "manifest.json").read_text())
     assert man["backbone"] == "sd" and man["config"]["backbone"] == "sd"
     assert man["config"]["cfg_scale"] == SD.SD_CFG_SCALE == 8.0 and man["config"]["cfg_channels"] == "all"
-    assert man["config"]["sampler"] == ("ddpm" if "ddpm" in extra else "ddim")
+    assert man["config"]["sampler"] == ("ddim" if "ddim" in extra else "ddpm")
     assert man["image_size"] == 16 and man["output_size"] == size
     assert man["prompts"] == PROMPTS and man["negative_prompt"] == ""
     assert "transformers" in man["versions"]
@@ -347,9 +347,9 @@ def test_guided_and_unguided_steps_differ_only_before_t_stop(denoiser, formulati
     """Along the guided trajectory, re-run each step unguided from the same latent: it differs from the
     guided step exactly while guidance is on (before t_stop), and is identical after."""
     S, t_stop, B = 8, 4, 2
-    cfg = DistillConfig(steps=S, t_stop=t_stop, ipc=B, formulation=formulation, method=method,
-                        backend="reference").resolve(3, backbone="sd")
-    assert cfg.sampler == "ddim" and cfg.cfg_scale == 8.0 and cfg.cfg_channels == "all"
+    cfg = DistillConfig(steps=S, t_stop=t_stop, ipc=B, formulation=formulation, method=method, sampler="ddim",
+                        backend="reference").resolve(3, backbone="sd")   # DDIM: an unguided re-run is deterministic
+    assert cfg.cfg_scale == 8.0 and cfg.cfg_channels == "all"
     s = make_schedule(S, cfg.sampler, **denoiser.schedule_kwargs)
     lat = torch.randn(20, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     modes = lat[:B] + 0.05
@@ -759,3 +759,21 @@ def test_fp16_variant_only_sd_folder_loads(sd_world, tmp_path, denoiser):
     torch.testing.assert_close(got.embeddings, denoiser.embeddings, rtol=0, atol=0, equal_nan=True)
     for a, b in zip(got.unet.state_dict().values(), denoiser.unet.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_sd_defaults_follow_the_mgd3_text_to_image_script():
+    """Unset, SD samples with DDPM, CFG 8 and guidance while the timestep > 500 (SD 1.5's leading
+    spacing: step i is timestep i * (1000 // S) + 1): official t_stop 24 at 50 steps (guided while
+    i > 24), paper 25 (the first 25 steps), 12 / 12 at 25 steps; a DiT keeps 25; a given value stays."""
+    from manifoldgd_fast.guidance import is_guided
+
+    def res(backbone, **kw):
+        return DistillConfig(**kw).resolve(10, "cpu", backbone=backbone)
+
+    for S, formulation in [(50, "official"), (50, "paper"), (25, "official"), (25, "paper"), (100, "official")]:
+        c = res("sd", steps=S, formulation=formulation)
+        ratio = 1000 // S
+        assert [is_guided(formulation, i, S, c.t_stop) for i in range(S)] == [i * ratio + 1 > 500 for i in range(S)]
+    assert res("sd", steps=50).t_stop == 24 and res("sd", steps=50, formulation="paper").t_stop == 25
+    assert res("sd").sampler == "ddpm" and res("sd").cfg_scale == 8.0
+    assert res("dit").t_stop == 25 and res("dit", steps=100).t_stop == 25 and res("sd", t_stop=7).t_stop == 7
