@@ -58,12 +58,13 @@ GROUPS: dict[str, dict[str, str]] = {
     "method": {
         "method": "manifoldgd, mgd3 (mode guidance only), dit (plain CFG sampling) or cgs (collaborative guidance alone)",
         "formulation": "official (the authors' released sampler) or paper (tangent projection of the guidance)",
-        "sampler": "auto (ddpm for DiT, ddim for SD), ddpm (DiT: learned-range variance; SD: fixed small) or ddim",
+        "sampler": "auto (ddpm, as the releases), ddpm (DiT: learned-range variance; SD: fixed small) or ddim",
         "steps": "sampling steps",
         "ddim_eta": "DDIM eta (0 = deterministic)",
-        "cfg_scale": "classifier-free guidance scale (default: 4 for DiT, 7.5 for SD)",
+        "cfg_scale": "classifier-free guidance scale (default: 4 for DiT, 8 for SD)",
         "cfg_channels": "auto (3 for DiT, all for SD), 3 (official DiT: CFG on the first 3 eps channels) or all",
-        "t_stop": "guidance while the step is before t_stop (official: respaced index > t_stop)",
+        "t_stop": "guidance while the step is before t_stop (official: respaced index > t_stop; default: 25 for DiT; "
+                  "SD: the steps with timestep > 500, 24 official / 25 paper at 50 steps)",
     },
     "mode discovery": {
         "mode_method": "auto (divisive for manifoldgd, kmeans for mgd3), kmeans, divisive, gmm, random, agglomerative",
