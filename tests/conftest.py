@@ -25,6 +25,11 @@ def run_without_triton(body: str) -> None:
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
 
 
+def triton_interpreting() -> bool:
+    """Whether TRITON_INTERPRET is set (Triton kernels then run on CPU tensors, interpreted)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def requires_cuda():
     """The one place GPU-only tests skip, with the reason."""
     return pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")

@@ -7,11 +7,9 @@ is measured by bench/bench_sampling.py). On CUDA the graph replay must equal the
 fast loop bit for bit (same kernels), and the reference loop at 1e-5 (cuBLAS may pick
 other kernels for other allocation patterns).
 """
-import os
-
 import pytest
 import torch
-from conftest import requires_cuda
+from conftest import requires_cuda, triton_interpreting
 from graph_emulation import TracedStep, emulate_cuda_graphs
 
 from manifoldgd_fast.config import DistillConfig
@@ -173,7 +171,7 @@ def test_emulated_graphs_replay_the_eager_loop_for_every_class(model, one_thread
     """The graph loop's plumbing without a GPU (tests/graph_emulation.py): each step frozen once, with
     its scalars baked in; then other classes (other modes, ids, labels, noise) replayed through the
     static buffers give the eager loop's bits, and nothing in a step reads the host or draws noise."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if triton_interpreting():
         pytest.skip("TRITON_INTERPRET=1 runs the fused kernels in the step on the CPU, and make_fx (the emulated "
                     "capture) cannot trace the interpreter's raw-storage reads; compiled kernels are captured on "
                     "a GPU by test_kernels_triton.py::test_fused_step_captures_in_a_cuda_graph")

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from conftest import triton_interpreting
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -39,7 +40,7 @@ def _interpreter_takes_runtime_loop_bounds():
 
 @functools.lru_cache(maxsize=None)
 def _why_skip():
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if triton_interpreting():
         return "TRITON_INTERPRET is already set: test_kernels_triton.py runs in this process"
     if torch.cuda.is_available():
         return "a CUDA GPU is present: test_kernels_triton.py runs compiled in this process"
