@@ -32,7 +32,8 @@ from .schedule import SD15_SCHEDULER_CONFIG, diffusers_schedule_kwargs
 
 log = logging.getLogger(__name__)
 
-SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer")
+SUBFOLDERS = ("unet", "text_encoder", "tokenizer")  # what load_sd reads; vae/ is read by models.load_vae
+# (the pipeline's --vae, or the folder's vae/ where --vae is not given, which load_vae then names)
 LAYOUT = "SD 1.5 diffusers layout: unet/, vae/, text_encoder/, tokenizer/, scheduler/"
 # MGD3's text-to-image script (sample_mode_guidance_text2img.py, with a patched diffusers: a
 # StableDiffusionModeGuidancePipeline and DDPMModeScheduler; read in public copies of the MGD3 code,

@@ -777,3 +777,20 @@ def test_sd_defaults_follow_the_mgd3_text_to_image_script():
     assert res("sd", steps=50).t_stop == 24 and res("sd", steps=50, formulation="paper").t_stop == 25
     assert res("sd").sampler == "ddpm" and res("sd").cfg_scale == 8.0
     assert res("dit").t_stop == 25 and res("dit", steps=100).t_stop == 25 and res("sd", t_stop=7).t_stop == 7
+
+
+def test_sd_folder_without_vae_runs_with_vae_given(sd_world, tmp_path, capsys):
+    """--vae replaces the folder's vae/, so a UNet + text side without vae/ runs with --vae (the same bytes
+    as the full folder) and, without --vae, stops with one line naming the missing VAE."""
+    part = tmp_path / "sd"
+    shutil.copytree(sd_world["model"], part, ignore=shutil.ignore_patterns("vae"))
+    vae = os.path.join(sd_world["model"], "vae")
+    full, out = tmp_path / "full", tmp_path / "out"
+    assert main(_args(sd_world, full, "--vae", vae, "--classes", "cherry")) == 0
+    assert main(_args(dict(sd_world, model=str(part)), out, "--vae", vae, "--classes", "cherry")) == 0
+    for f in ("0.png", "1.png"):
+        assert (out / "cherry" / f).read_bytes() == (full / "cherry" / f).read_bytes()
+    capsys.readouterr()
+    assert main(_args(dict(sd_world, model=str(part)), tmp_path / "o3", "--classes", "cherry")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("manifoldgd-fast: error: --model ") and "Traceback" not in "".join(err), err
