@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import re
 import sys
 import warnings
 
@@ -17,14 +18,17 @@ from .errors import ManifoldGDError
 # Help per parameter, grouped as in SPEC. Defaults are appended from DistillConfig.
 GROUPS: dict[str, dict[str, str]] = {
     "data and models": {
-        "data": "image folder ROOT/<class>/<image> (jpg, jpeg, png, webp)",
+        "data": "image folder ROOT/<class>/<image> (jpg, jpeg, png, webp) (default: the embedded demo, "
+                "scikit-learn's digits exported under the cache, with the shipped digits model)",
         "out": "output folder: OUT/<class>/<i>.png, OUT/latents/, OUT/manifest.json",
-        "classes": "restrict to a subset: nette, woof, imagenet100, idc, imagenet1k, a text file, or 'a,b,c'",
+        "classes": "restrict to a subset: nette, woof, imagenet100, idc, imagenet1k, a text file, or 'a,b,c' "
+                   "(default: every class folder)",
         "label_map": "folder name -> DiT class id: auto (ImageNet wnids if all folders are wnids, else sorted), "
                      "imagenet1k, sorted, or a class-map file: JSON {\"folder\": id} or 'folder<tab|,|space>id' lines, "
                      "id = a class id, a WordNet id (n01443537) or an ImageNet class name (goldfish)",
         "model": "DiT (a diffusers folder or a pipeline with transformer/) or Stable Diffusion 1.x (an SD 1.5 diffusers "
-                 "folder: unet/, vae/, text_encoder/, tokenizer/): a local folder or a HF id in the local cache",
+                 "folder: unet/, vae/, text_encoder/, tokenizer/): a local folder or a HF id in the local cache "
+                 "(required with --data; default: the shipped digits DiT, for the embedded demo)",
         "vae": "AutoencoderKL: folder or cached HF id (e.g. stabilityai/sd-vae-ft-ema); default: the model folder's vae/",
         "cache_dir": "latent cache root (default $MANIFOLDGD_CACHE or ~/.cache/manifoldgd_fast)",
         "image_size": "image resolution (default: 8 x the model's latent size)",
@@ -32,7 +36,7 @@ GROUPS: dict[str, dict[str, str]] = {
                     "class-name prompts)",
         "prompt_template": "sd: each class's prompt, {name} = its class name (default '{name}': the class name "
                            "alone, as the MGD3 paper; e.g. 'a photo of a {name}')",
-        "negative_prompt": "sd: the prompt of the CFG null class",
+        "negative_prompt": "sd: the prompt of the CFG null class (default: empty)",
         "class_names": "sd: class names for the prompts: '<folder> <name>' lines in a file, a JSON file, or 'a=apple,b=banana' "
                        "(a name 'tench, Tinca tinca' gives its first synonym, so LOC_synset_mapping.txt works; "
                        "default: ImageNet names of wnid folders, else the folder name with _ as spaces)",
@@ -42,7 +46,8 @@ GROUPS: dict[str, dict[str, str]] = {
         "ipc": "images per class",
         "batch_size": "samples denoised together",
         "encode_batch_size": "images per VAE encode batch",
-        "encode_workers": "DataLoader workers reading images for the latent cache (0: in the main process)",
+        "encode_workers": "DataLoader workers reading images for the latent cache (0: in the main process; "
+                          "default: min(8, CPUs / ranks))",
         "backend": "guidance ops backend: auto, reference, triton",
         "guidance_noise": "cloud / patch noise: auto (philox on CUDA: the fused kernels), generator, philox",
         "loop": "sampling loop: auto (fast on CUDA), reference, fast (static step; CUDA graphs on CUDA)",
@@ -136,21 +141,55 @@ def _type_of(f: dataclasses.Field):
     return str
 
 
+# A help text that already states its default: "(default ...", "default: ...". A bare "default" is
+# not enough: it is also a value (--compile none, default, max-autotune).
+_STATES_DEFAULT = re.compile(r"\(default\b|\bdefault:", re.IGNORECASE)
+
+
+def _states_default(text: str) -> bool:
+    return bool(_STATES_DEFAULT.search(text))
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends "(default: X)" only where the text does not already say it and X is not None
     (a None default is resolved at run time, and the text says how)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text.lower() or action.default is None:
+        if _states_default(text) or action.default is None:
             return text
         return super()._get_help_string(action)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line ("manifoldgd-fast distill: error: argument --ipc: invalid int value: 'abc'"),
+    exit 2: argparse's default prints the whole usage first, about 50 lines for ``distill``."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# flags that mean the same in every command: their distill text serves a command that gives none
+_SHARED_HELP = ("classes", "cache_dir", "device")
+
+
+def _fill_missing_help(parser: argparse.ArgumentParser) -> None:
+    """A flag without help text would be left out of --help entirely: give it the shared text of
+    its name, or at least its default."""
+    shared = {name: text for items in GROUPS.values() for name, text in items.items() if name in _SHARED_HELP}
+    for action in parser._actions:
+        if not action.option_strings or action.help:
+            continue
+        if action.dest in shared:
+            action.help = shared[action.dest]
+        elif action.default not in (None, argparse.SUPPRESS):
+            action.help = "default: %(default)s"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="manifoldgd-fast",
-                                description="Dataset distillation with manifold-guided diffusion sampling "
-                                            "(ManifoldGD), mode guidance (MGD3) and plain DiT.")
+    p = _Parser(prog="manifoldgd-fast",
+                description="Dataset distillation with manifold-guided diffusion sampling "
+                            "(ManifoldGD), mode guidance (MGD3) and plain DiT.")
     sub = p.add_subparsers(dest="command", metavar="{" + ",".join([*_COMMANDS, "eval", "metrics", "finetune"]) + "}")
     from .eval import cli_eval
 
@@ -161,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                             formatter_class=_HelpFormatter)
         sp.add_argument("--config", help="YAML or JSON file of parameters; flags given here override it")
         if cmd == "profile":
-            sp.add_argument("--profile-classes", type=int, default=1, help="classes to distil (default: 1)")
+            sp.add_argument("--profile-classes", type=_at_least_one, default=1, help="classes to distil (default: 1)")
             sp.add_argument("--json", dest="profile_json", help="also write the report to this JSON file")
         for group, items in GROUPS.items():
             g = sp.add_argument_group(group)
@@ -170,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
                 flag = "--" + name.replace("_", "-")
                 default = getattr(defaults, name)
                 typ = _type_of(f)
-                help_ = text if default is None or "default" in text else f"{text} (default: {default})"
+                if cmd == "profile" and name == "out":
+                    text, default = "output folder (default: a temporary folder, removed afterwards)", None
+                help_ = text if default is None or _states_default(text) else f"{text} (default: {default})"
                 # SUPPRESS: only flags the user gave override the config file.
                 if typ is None:
                     g.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
@@ -189,7 +230,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("finetune", help=FINETUNE_HELP, description=FINETUNE_HELP,
                         formatter_class=_HelpFormatter)
     add_finetune_args(sp)
+    for sp in sub.choices.values():
+        _fill_missing_help(sp)
     return p
+
+
+def _at_least_one(text: str) -> int:
+    """argparse type: an integer >= 1 (the error names the flag and the value)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {n}")
+    return n
 
 
 def config_from_args(ns: argparse.Namespace) -> DistillConfig:
@@ -218,9 +272,13 @@ def _setup_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     parser = build_parser()
-    ns = parser.parse_args(argv)
-    if ns.command is None:
-        parser.print_help()
+    ns, unknown = parser.parse_known_args(argv)
+    if unknown:  # named by the subcommand, whose --help lists its flags
+        sub = parser._subparsers._group_actions[0].choices.get(ns.command) if ns.command else None
+        (sub or parser).error(f"unrecognized arguments: {' '.join(unknown)}")
+    if ns.command is None:  # one line, as every other usage error; --help lists the commands
+        print(f"{parser.prog}: error: give a command: {', '.join(parser._subparsers._group_actions[0].choices)} "
+              f"(see {parser.prog} --help; `{parser.prog} distill` runs the embedded demo)", file=sys.stderr)
         return 2
     try:
         if ns.command in ("eval", "metrics"):

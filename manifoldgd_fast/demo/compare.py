@@ -2,7 +2,7 @@
 
     python -m manifoldgd_fast.demo.compare [--out compare] [--ipc 1 5 10] [--seeds 3] [--epochs 200]
 
-For each IPC it builds five distilled sets of the digits train split and
+For each IPC it builds a distilled set per method (five by default) of the digits train split and
 trains ConvNet-6 on each (hard labels, SPEC 7's optimiser and augmentation,
 ``--epochs`` epochs, mean ± std over ``--seeds`` seeds), testing on the
 digits test split:
@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 
 import numpy as np
 import torch
@@ -173,18 +174,44 @@ def plot(results: dict, ipcs, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+PROG = "python -m manifoldgd_fast.demo.compare"
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {n}")
+    return n
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="compare")
-    ap.add_argument("--ipc", type=int, nargs="+", default=[1, 5, 10])
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=200)
-    ap.add_argument("--ceiling-epochs", type=int, default=30)
-    ap.add_argument("--seed", type=int, default=0)
+    from ..errors import ManifoldGDError
+
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="compare", help="folder of the sets, evaluations and table (default: compare)")
+    ap.add_argument("--ipc", type=_at_least_one, nargs="+", default=[1, 5, 10],
+                    help="images per class, one column each (default: 1 5 10)")
+    ap.add_argument("--seeds", type=_at_least_one, default=3, help="training seeds per set (default: 3)")
+    ap.add_argument("--epochs", type=_at_least_one, default=200, help="ConvNet-6 epochs per set (default: 200)")
+    ap.add_argument("--ceiling-epochs", type=_at_least_one, default=30,
+                    help="epochs on the full train set, the ceiling row (default: 30)")
+    ap.add_argument("--seed", type=int, default=0, help="distillation and random-pick seed (default: 0)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS + EXTRA),
-                    help="rows of the table (the CGS / RSM rows: cgs, manifoldgd+cgs, rsm+cgs)")
+                    help="rows of the table (default: random kmeans dit mgd3 manifoldgd; "
+                         "the CGS / RSM rows: cgs, manifoldgd+cgs, rsm+cgs)")
     a = ap.parse_args(argv)
-    res = run(a.out, a.ipc, a.seeds, a.epochs, a.ceiling_epochs, a.seed, methods=a.methods)
+    try:
+        res = run(a.out, a.ipc, a.seeds, a.epochs, a.ceiling_epochs, a.seed, methods=a.methods)
+    except ManifoldGDError as e:  # bad input: one line, no traceback; finished sets stay for a rerun
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{PROG}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     print(table(res, a.ipc))
     return 0
 

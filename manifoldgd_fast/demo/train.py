@@ -59,7 +59,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError, ManifoldGDError
+from ..errors import ConfigError, ManifoldGDError, ModelError
 from ..shipped import shipped_model_dir, write_sums
 from ..training import Diffusion, disable_internal_label_dropout, ema_update, hybrid_loss, save_checkpoint
 from .digits import NUM_CLASSES, default_cache_dir, digits_arrays
@@ -548,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     out = a.out or _default_out()
     try:
         if a.check:
+            if not os.path.isdir(out):
+                raise ModelError(f"--out {out}: no such model folder (the one --check measures)")
             check(out, per_class=max(1, a.per_class), grid=a.grid)
             return 0
         s = Settings(**{f.name: getattr(a, f.name) for f in fields(Settings)})
@@ -555,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"training with {json.dumps(asdict(s))}\nwork folder {work}, output {out}", flush=True)
         train(s, work, out, save_every=a.save_every, check_per_class=a.per_class, stop_after=a.stop_after)
     except ManifoldGDError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
         return 2
     return 0
 

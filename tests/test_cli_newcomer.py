@@ -1,0 +1,166 @@
+"""What a newcomer meets first: usage errors, --help, the demo scripts' errors.
+
+Bad input gets one line naming the flag, exit 2, no traceback; --help shows every flag with its default.
+Every test runs in tmp_path, so no ``distilled/`` is left in the working folder.
+"""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from manifoldgd_fast.cli import build_parser, main
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MANIFOLDGD_CACHE", str(tmp_path / "cache"))
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and "usage:" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["distill", "--ipc", "abc"], "argument --ipc: invalid int value: 'abc'"),
+    (["modes", "--steps", "1.5"], "argument --steps: invalid int value: '1.5'"),
+    (["eval", "--seeds"], "argument --seeds: expected one argument"),
+    (["metrics", "--fid-resize", "blur"], "argument --fid-resize: invalid choice: 'blur'"),
+])
+def test_usage_error_is_one_line_naming_the_flag(argv, names, capsys):
+    # argparse's default prints the whole usage (about 50 lines for distill) before the error
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith(f"manifoldgd-fast {argv[0]}: error: ") and names in line, line
+    assert f"manifoldgd-fast {argv[0]} --help" in line
+
+
+def test_unknown_flag_is_named_by_its_subcommand(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["distill", "--ipcs", "3"])
+    assert exc.value.code == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("manifoldgd-fast distill: error: unrecognized arguments: --ipcs 3"), line
+
+
+def test_no_command_is_a_one_line_error(capsys):
+    assert main([]) == 2
+    io = capsys.readouterr()
+    assert io.out == ""
+    line = _one_line(io.err)
+    assert line.startswith("manifoldgd-fast: error: give a command:") and "distill" in line and "finetune" in line
+
+
+@pytest.mark.parametrize("n", ["0", "-2"])
+def test_profile_classes_must_be_positive(n, tmp_path, capsys):
+    # --profile-classes 0 used to profile every class (names[:0] -> no --classes filter)
+    missing = str(tmp_path / "missing")
+    with pytest.raises(SystemExit) as exc:
+        main(["profile", "--profile-classes", n, "--data", missing, "--model", missing])
+    assert exc.value.code == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "--profile-classes" in line and f"got {n}" in line, line
+
+
+def _option_help(parser) -> dict[str, str]:
+    """flag -> its help text as --help prints it (one line, whitespace collapsed)."""
+    text = parser.format_help()
+    out, cur = {}, None
+    for line in text.splitlines():
+        m = re.match(r"^  (--[a-z0-9-]+)( [A-Z_]+(?: \[[A-Z_]+ \.\.\.\])?| \{[^}]*\}|, --no-[a-z0-9-]+)?(\s+(.*))?$", line)
+        if m:
+            cur = m.group(1)
+            out[cur] = (m.group(4) or "").strip()
+        elif cur and line.startswith("    "):
+            out[cur] = (out[cur] + " " + line.strip()).strip()
+        elif not line.strip() or not line.startswith(" "):
+            cur = None
+    return out
+
+
+def _subparsers():
+    p = build_parser()
+    return p._subparsers._group_actions[0].choices
+
+
+def test_every_flag_of_every_command_has_help():
+    # a flag without help text is left out of --help entirely (finetune's --steps, --lr, ...)
+    for name, sp in _subparsers().items():
+        helps = _option_help(sp)
+        flags = {s for a in sp._actions for s in a.option_strings if s.startswith("--") and not s.startswith("--no-")}
+        flags.discard("--help")
+        missing = sorted(f for f in flags if not helps.get(f))
+        assert not missing, f"{name}: no help for {missing}"
+
+
+def test_help_states_defaults_that_were_missing():
+    subs = _subparsers()
+    distill = _option_help(subs["distill"])
+    # "default" as a value (--compile none, default, ...) no longer hides the real default
+    assert distill["--compile"].endswith("(default: none)"), distill["--compile"]
+    assert "embedded demo" in distill["--data"], distill["--data"]
+    assert "shipped digits DiT" in distill["--model"], distill["--model"]
+    assert "(default: every class folder)" in distill["--classes"]
+    assert "(default: empty)" in distill["--negative-prompt"]
+    assert "default: min(8, CPUs / ranks)" in distill["--encode-workers"]
+    # profile writes into a temporary folder unless --out is given, not into distilled/
+    prof = _option_help(subs["profile"])
+    assert "temporary folder" in prof["--out"] and "distilled" not in prof["--out"], prof["--out"]
+    ft = _option_help(subs["finetune"])
+    assert ft["--steps"] == "default: 1000" and ft["--lr"] == "default: 0.0001", ft
+
+
+def test_console_entry_point_usage_error(tmp_path):
+    # the real process: one line on stderr, exit 2, nothing on stdout
+    r = subprocess.run([sys.executable, "-m", "manifoldgd_fast", "distill", "--batch-size", "x"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                       env={**os.environ, "MANIFOLDGD_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 2 and r.stdout == ""
+    line = _one_line(r.stderr)
+    assert "argument --batch-size: invalid int value: 'x'" in line
+    assert not (tmp_path / "distilled").exists()
+
+
+# --------------------------------------------------------------------------- demo scripts
+def test_compare_bad_numbers_are_refused_before_any_work(monkeypatch, capsys):
+    from manifoldgd_fast.demo import compare
+
+    calls = []
+    monkeypatch.setattr(compare, "run", lambda *a, **k: calls.append(a))
+    for argv, flag in [(["--ipc", "0"], "--ipc"), (["--seeds", "-1"], "--seeds"), (["--epochs", "0"], "--epochs"),
+                       (["--ceiling-epochs", "0"], "--ceiling-epochs")]:
+        with pytest.raises(SystemExit) as exc:
+            compare.main(argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument {flag}: must be an integer >= 1" in err and "Traceback" not in err, err
+    assert calls == []
+
+
+def test_compare_user_error_is_one_line(monkeypatch, capsys):
+    from manifoldgd_fast.demo import compare
+    from manifoldgd_fast.errors import DataError
+
+    def boom(*a, **k):
+        raise DataError("class 3 has 2 readable images, fewer than --ipc 5")
+
+    monkeypatch.setattr(compare, "run", boom)
+    assert compare.main(["--ipc", "5", "--methods", "dit"]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line == "python -m manifoldgd_fast.demo.compare: error: class 3 has 2 readable images, fewer than --ipc 5"
+
+
+def test_train_check_names_the_missing_out_folder(tmp_path, capsys):
+    from manifoldgd_fast.demo import train
+
+    missing = str(tmp_path / "no-model")
+    assert train.main(["--check", "--out", missing]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("python -m manifoldgd_fast.demo.train: error: --out ") and missing in line, line
