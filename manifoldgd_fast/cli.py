@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                             formatter_class=_HelpFormatter)
         sp.add_argument("--config", help="YAML or JSON file of parameters; flags given here override it")
         if cmd == "profile":
-            sp.add_argument("--profile-classes", type=_at_least_one, default=1, help="classes to distil (default: 1)")
+            sp.add_argument("--profile-classes", type=at_least_one, default=1, help="classes to distil (default: 1)")
             sp.add_argument("--json", dest="profile_json", help="also write the report to this JSON file")
         for group, items in GROUPS.items():
             g = sp.add_argument_group(group)
@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _at_least_one(text: str) -> int:
+def at_least_one(text: str) -> int:
     """argparse type: an integer >= 1 (the error names the flag and the value)."""
     try:
         n = int(text)

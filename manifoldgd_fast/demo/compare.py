@@ -26,6 +26,7 @@ import sys
 import numpy as np
 import torch
 
+from ..cli import at_least_one
 from ..config import DistillConfig, derive_seed
 from ..output import OutputWriter, atomic_write_text
 
@@ -177,26 +178,16 @@ def plot(results: dict, ipcs, path: str) -> None:
 PROG = "python -m manifoldgd_fast.demo.compare"
 
 
-def _at_least_one(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {n}")
-    return n
-
-
 def main(argv=None) -> int:
     from ..errors import ManifoldGDError
 
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="compare", help="folder of the sets, evaluations and table (default: compare)")
-    ap.add_argument("--ipc", type=_at_least_one, nargs="+", default=[1, 5, 10],
+    ap.add_argument("--ipc", type=at_least_one, nargs="+", default=[1, 5, 10],
                     help="images per class, one column each (default: 1 5 10)")
-    ap.add_argument("--seeds", type=_at_least_one, default=3, help="training seeds per set (default: 3)")
-    ap.add_argument("--epochs", type=_at_least_one, default=200, help="ConvNet-6 epochs per set (default: 200)")
-    ap.add_argument("--ceiling-epochs", type=_at_least_one, default=30,
+    ap.add_argument("--seeds", type=at_least_one, default=3, help="training seeds per set (default: 3)")
+    ap.add_argument("--epochs", type=at_least_one, default=200, help="ConvNet-6 epochs per set (default: 200)")
+    ap.add_argument("--ceiling-epochs", type=at_least_one, default=30,
                     help="epochs on the full train set, the ceiling row (default: 30)")
     ap.add_argument("--seed", type=int, default=0, help="distillation and random-pick seed (default: 0)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS + EXTRA),
