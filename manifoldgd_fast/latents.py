@@ -356,12 +356,12 @@ def _skip_image(path: str, message: str) -> None:
     log.warning("%s", message)
 
 
-def _prepare_cache(entries, vae, device, cache_dir: str, image_size: int):
+def _prepare_cache(entries, vae, device, cache_dir: str, image_size: int, vae_digest: str | None):
     """Move the VAE to ``device``; returns (device, cache key, stats of cached classes, classes to encode)."""
     if device is not None:
         vae.to(device)
     dev = next(vae.parameters()).device
-    key = CacheKey(int(image_size), float(vae.config.scaling_factor), weights_digest(vae))
+    key = CacheKey(int(image_size), float(vae.config.scaling_factor), vae_digest or weights_digest(vae))
     os.makedirs(cache_dir, exist_ok=True)
     stats, todo = _split_cached(entries, cache_dir, key)
     return dev, key, stats, todo
@@ -370,7 +370,7 @@ def _prepare_cache(entries, vae, device, cache_dir: str, image_size: int):
 def cache_latents(entries: Sequence[ClassEntry], vae, *, cache_dir: str, image_size: int,
                   batch_size: int = 32, device: str | torch.device | None = None,
                   dtype: torch.dtype = torch.float32, progress: bool = True,
-                  num_workers: int | None = None) -> dict[str, dict[str, Any]]:
+                  num_workers: int | None = None, vae_digest: str | None = None) -> dict[str, dict[str, Any]]:
     """Encode every image of ``entries`` and store one safetensors file per class.
 
     Images stream class after class through a ``torch.utils.data.DataLoader``:
@@ -395,6 +395,7 @@ def cache_latents(entries: Sequence[ClassEntry], vae, *, cache_dir: str, image_s
         progress: show a tqdm bar over images.
         num_workers: image-decoding processes; 0 decodes in this process.
             None = :func:`default_num_workers`, never more than the loader has batches.
+        vae_digest: :func:`weights_digest` of ``vae`` where the caller has it (None: computed here).
 
     Returns:
         ``{class: {"n": rows, "skipped": [paths], "cached": reused?, "seconds": s,
@@ -413,7 +414,7 @@ def cache_latents(entries: Sequence[ClassEntry], vae, *, cache_dir: str, image_s
         raise ConfigError(f"--encode-batch-size {batch_size}: must be >= 1")
     if num_workers is not None and num_workers < 0:
         raise ConfigError(f"num_workers {num_workers}: must be >= 0")
-    dev, key, stats, todo = _prepare_cache(entries, vae, device, cache_dir, image_size)
+    dev, key, stats, todo = _prepare_cache(entries, vae, device, cache_dir, image_size, vae_digest)
     if not todo:
         return {e.name: stats[e.name] for e in entries}
 
@@ -487,12 +488,12 @@ def cache_latents(entries: Sequence[ClassEntry], vae, *, cache_dir: str, image_s
 def cache_latents_ref(entries: Sequence[ClassEntry], vae, *, cache_dir: str, image_size: int,
                       batch_size: int = 32, device: str | torch.device | None = None,
                       dtype: torch.dtype = torch.float32, progress: bool = False,
-                      num_workers: int | None = None) -> dict[str, dict[str, Any]]:
+                      num_workers: int | None = None, vae_digest: str | None = None) -> dict[str, dict[str, Any]]:
     """Reference for :func:`cache_latents`, same signature and files: one class
     after another, images read in this process (``num_workers`` is ignored) by
     :func:`~manifoldgd_fast.data.iter_class_images`, normalised on the CPU,
     encoded in batches of ``batch_size`` readable images."""
-    dev, key, stats, todo = _prepare_cache(entries, vae, device, cache_dir, image_size)
+    dev, key, stats, todo = _prepare_cache(entries, vae, device, cache_dir, image_size, vae_digest)
     use_autocast = dev.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
     for e in todo:
         t0 = time.perf_counter()

@@ -189,7 +189,7 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
     image_size = cfg.image_size or (info["latent_size"] * vinfo["downsample"] if info else 256)
     cache = latent_cache_dir(cfg.cache_dir, cfg.data, cfg.vae or cfg.model, image_size, encode_precision(device, dtype))
     stats = cache_latents(mine, vae, cache_dir=cache, image_size=image_size, batch_size=cfg.encode_batch_size,
-                          device=device, dtype=dtype, num_workers=cfg.encode_workers)
+                          device=device, dtype=dtype, num_workers=cfg.encode_workers, vae_digest=weights["vae"])
     folders = {e.name: e.folder for e in mine}
     skipped = {k: sorted(os.path.relpath(p, folders[k]) for p in v.get("skipped", [])) for k, v in stats.items()}
     for k, v in stats.items():
