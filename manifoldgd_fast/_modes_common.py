@@ -13,6 +13,9 @@ from torch import Tensor
 from .errors import ConfigError, DataError
 
 MODE_POINTS = ("mean", "medoid")
+# sklearn.cluster.KMeans's defaults (max_iter=300, tol=1e-4), which the releases call
+KMEANS_ITERS = 300
+KMEANS_TOL = 1e-4
 LINKAGES = ("ward", "average", "complete", "single")
 
 
@@ -159,9 +162,15 @@ def _lloyd(x: Tensor, x_sq: Tensor, centres: Tensor, iters: int, tol: float) -> 
     return centres, labels, float(mind.sum())
 
 
-def kmeans(z: Tensor, k: int, *, seed: int, iters: int = 100, tol: float = 1e-6,
+def kmeans(z: Tensor, k: int, *, seed: int, iters: int = KMEANS_ITERS, tol: float = KMEANS_TOL,
            n_init: int = 1) -> tuple[Tensor, Tensor]:
     """k-means (Lloyd, k-means++ seeding), best of ``n_init`` runs by inertia.
+
+    The algorithm of ``sklearn.cluster.KMeans`` (greedy k-means++ with ``2 + ln k`` candidates,
+    Lloyd, empty clusters re-seeded by the farthest points, the relative ``tol`` rule, a final
+    relabelling) with its defaults, as the releases call it: MGD³ ``KMeans(IPC, n_init="auto")``
+    (one run), ManifoldGD's bisections ``KMeans(2, n_init=10)``. Its draws come from a torch
+    generator, not NumPy's, so the clusters are sklearn's in law, not bit for bit.
 
     Args:
         z: (n, D) latents.

@@ -79,7 +79,8 @@ GROUPS: dict[str, dict[str, str]] = {
         "max_depth": "paper divisive tree depth (default: enough for the budget)",
         "min_leaf": "paper divisive: nodes with fewer points are not split",
         "linkage": "agglomerative linkage: ward, average, complete, single",
-        "kmeans_iters": "k-means iterations",
+        "kmeans_iters": "k-means iterations at most (sklearn's max_iter, as the releases); also caps gmm's EM steps",
+        "kmeans_tol": "k-means stops when the squared centre shift <= tol x the mean feature variance (sklearn's tol)",
         "bisect_inits": "2-means restarts per split",
     },
     "mode guidance": {

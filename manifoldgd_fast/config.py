@@ -94,7 +94,8 @@ class DistillConfig:
     max_depth: int | None = None       # paper divisive: None = deep enough for the budget
     min_leaf: int = 2
     linkage: str = "ward"
-    kmeans_iters: int = 100
+    kmeans_iters: int = 300            # sklearn KMeans's max_iter, as the releases call it
+    kmeans_tol: float = 1e-4           # sklearn's tol: stop at squared centre shift <= tol * mean variance
     bisect_inits: int = 10             # 2-means restarts per split (official: 10)
 
     # --- mode guidance (SPEC 4.3 / 4b.2) ------------------------------------
@@ -194,7 +195,7 @@ class DistillConfig:
                 raise ConfigError(f"--{_flag(name)} must be a number {rule}, got {v!r}")
 
         for name in ("lambda_m", "lambda_n", "manifold_scale", "ddim_eta", "radius_a",
-                     "eta_dpp", "eta_dm"):
+                     "eta_dpp", "eta_dm", "kmeans_tol"):
             non_negative(name)
         non_negative("cfg_scale", allow_none=True)
         check_prompt_template(self.prompt_template)
@@ -392,7 +393,7 @@ def derive_seed(run_seed: int, *keys) -> int:
 
 
 MODE_FIELDS = ("ipc", "seed", "formulation", "mode_method", "mode_point", "level", "max_depth", "min_leaf",
-               "linkage", "kmeans_iters", "bisect_inits")
+               "linkage", "kmeans_iters", "bisect_inits", "kmeans_tol")
 
 
 def modes_fingerprint(cfg: "DistillConfig", latent_cache: str) -> str:

@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 
 # _lloyd and _paper_tree are imported only to stay importable from here (tests/test_modes.py)
-from ._modes_common import (LINKAGES, MODE_POINTS, _as_latents, _centre_medoids, _choice, _generator, _int,
-                            _lloyd, _seed, _sq_dists, kmeans)
+from ._modes_common import (KMEANS_ITERS, KMEANS_TOL, LINKAGES, MODE_POINTS, _as_latents, _centre_medoids, _choice,
+                            _generator, _int, _lloyd, _seed, _sq_dists, kmeans)
 from .errors import ConfigError, DataError
 from .modes_tree import (_paper_tree, agglomerative, agglomerative_modes, bisecting_tree, divisive_official,
                          divisive_paper)
@@ -137,8 +137,8 @@ def random_modes(z: Tensor, k: int, *, seed: int) -> Tensor:
 # ----------------------------------------------------------------------------
 def discover_modes(z: Tensor, ipc: int, *, method: str, formulation: str = "official", seed: int = 0,
                    level: int | None = None, mode_point: str = "auto", max_depth: int | None = None,
-                   min_leaf: int = 2, linkage: str = "ward", kmeans_iters: int = 100,
-                   bisect_inits: int = 10) -> Tensor:
+                   min_leaf: int = 2, linkage: str = "ward", kmeans_iters: int = KMEANS_ITERS,
+                   bisect_inits: int = 10, kmeans_tol: float = KMEANS_TOL) -> Tensor:
     """The IPC centroids of one class (SPEC 2).
 
     Args:
@@ -161,6 +161,8 @@ def discover_modes(z: Tensor, ipc: int, *, method: str, formulation: str = "offi
     _seed(seed)
     _int(kmeans_iters, "--kmeans-iters", 1)
     _int(bisect_inits, "--bisect-inits", 1)
+    if isinstance(kmeans_tol, bool) or not isinstance(kmeans_tol, (int, float)) or not 0 <= kmeans_tol < math.inf:
+        raise ConfigError(f"--kmeans-tol must be a number >= 0, got {kmeans_tol!r}")
     _int(min_leaf, "--min-leaf", 1)
     if max_depth is not None:
         _int(max_depth, "--max-depth", 0)
@@ -178,14 +180,14 @@ def discover_modes(z: Tensor, ipc: int, *, method: str, formulation: str = "offi
         mode_point = "medoid" if (method == "divisive" and formulation == "official") else "mean"
 
     if method == "kmeans":
-        centres, labels = kmeans(x, ipc, seed=seed, iters=kmeans_iters)
+        centres, labels = kmeans(x, ipc, seed=seed, iters=kmeans_iters, tol=kmeans_tol)
         modes = centres if mode_point == "mean" else _centre_medoids(x, centres, labels)
     elif method == "divisive" and formulation == "official":
         modes = divisive_official(x, ipc, level=level, seed=seed, mode_point=mode_point,
-                                  n_init=bisect_inits, iters=kmeans_iters)
+                                  n_init=bisect_inits, iters=kmeans_iters, tol=kmeans_tol)
     elif method == "divisive":
         modes = divisive_paper(x, ipc, start_level=level, seed=seed, max_depth=max_depth, min_leaf=min_leaf,
-                               mode_point=mode_point, n_init=bisect_inits, iters=kmeans_iters)
+                               mode_point=mode_point, n_init=bisect_inits, iters=kmeans_iters, tol=kmeans_tol)
     elif method == "gmm":
         modes = gmm_modes(x, ipc, seed=seed, iters=kmeans_iters)
         if mode_point == "medoid":

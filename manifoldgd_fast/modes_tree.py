@@ -17,18 +17,19 @@ import math
 import torch
 from torch import Tensor
 
-from ._modes_common import (LINKAGES, MODE_POINTS, _as_latents, _choice, _generator, _int, _seed, _set_modes,
-                            _sq_dists, kmeans)
+from ._modes_common import (KMEANS_ITERS, KMEANS_TOL, LINKAGES, MODE_POINTS, _as_latents, _choice, _generator, _int,
+                            _seed, _set_modes, _sq_dists, kmeans)
 from .errors import DataError
 
 
 # ----------------------------------------------------------------------------
 # divisive, official formulation (released sample_new.py)
 # ----------------------------------------------------------------------------
-def _bisect(x: Tensor, idx: Tensor, gen: torch.Generator, n_init: int, iters: int) -> tuple[Tensor, Tensor]:
+def _bisect(x: Tensor, idx: Tensor, gen: torch.Generator, n_init: int, iters: int,
+            tol: float = KMEANS_TOL) -> tuple[Tensor, Tensor]:
     """Split the index set ``idx`` (>= 2 points) by 2-means into (left, right)."""
     sub_seed = int(torch.randint(1 << 31, (1,), generator=gen))
-    _, labels = kmeans(x[idx], 2, seed=sub_seed, n_init=n_init, iters=iters)
+    _, labels = kmeans(x[idx], 2, seed=sub_seed, n_init=n_init, iters=iters, tol=tol)
     left, right = idx[labels == 0], idx[labels == 1]
     if left.numel() == 0 or right.numel() == 0:
         # 2-means could not separate (duplicate points): random balanced halves.
@@ -46,8 +47,8 @@ def _sse(x: Tensor, idx: Tensor) -> float:
     return float(((pts - pts.mean(0)) ** 2).sum())
 
 
-def bisecting_tree(z: Tensor, n_leaves: int, *, seed: int, n_init: int = 10,
-                   iters: int = 100) -> tuple[list[Tensor], list[int]]:
+def bisecting_tree(z: Tensor, n_leaves: int, *, seed: int, n_init: int = 10, iters: int = KMEANS_ITERS,
+                   tol: float = KMEANS_TOL) -> tuple[list[Tensor], list[int]]:
     """Grow the released bisecting tree until it has ``n_leaves`` leaves.
 
     Repeatedly pops the leaf with the largest SSE (first one on ties), splits
@@ -82,7 +83,7 @@ def bisecting_tree(z: Tensor, n_leaves: int, *, seed: int, n_init: int = 10,
             if all(leaf.numel() <= 1 for leaf in leaves):
                 break
             continue
-        for child in _bisect(x, idx, gen, n_init, iters):  # left, then right
+        for child in _bisect(x, idx, gen, n_init, iters, tol):  # left, then right
             leaves.append(child)
             depths.append(depth + 1)
             sses.append(_sse(x, child))
@@ -122,7 +123,7 @@ def _level_sweep(depths: list[int], count: int, level: int, gen: torch.Generator
 
 
 def divisive_official(z: Tensor, ipc: int, *, level: int, seed: int, mode_point: str = "medoid",
-                      n_init: int = 10, iters: int = 100) -> Tensor:
+                      n_init: int = 10, iters: int = KMEANS_ITERS, tol: float = KMEANS_TOL) -> Tensor:
     """The released ManifoldGD modes: bisecting tree + level sweep (SPEC 2).
 
     Args:
@@ -142,7 +143,7 @@ def divisive_official(z: Tensor, ipc: int, *, level: int, seed: int, mode_point:
     _int(ipc, "ipc", 1)
     _int(level, "level", 0)
     _choice(mode_point, "mode_point", MODE_POINTS)
-    leaves, depths = bisecting_tree(x, ipc, seed=seed, n_init=n_init, iters=iters)
+    leaves, depths = bisecting_tree(x, ipc, seed=seed, n_init=n_init, iters=iters, tol=tol)
     if len(leaves) < ipc:
         raise DataError(f"only {len(leaves)} distinct latents, fewer than ipc={ipc}")
     # A fresh generator with the same seed, as the released code builds a
@@ -155,7 +156,7 @@ def divisive_official(z: Tensor, ipc: int, *, level: int, seed: int, mode_point:
 # divisive, paper formulation (levelwise)
 # ----------------------------------------------------------------------------
 def _paper_tree(x: Tensor, max_depth: int, min_leaf: int, gen: torch.Generator, n_init: int,
-                iters: int) -> tuple[list[Tensor], list[int], list[bool]]:
+                iters: int, tol: float = KMEANS_TOL) -> tuple[list[Tensor], list[int], list[bool]]:
     """Full bisecting tree grown level by level; nodes in breadth-first id order.
 
     Returns per node: index set, level, and whether it is a leaf.
@@ -170,7 +171,7 @@ def _paper_tree(x: Tensor, max_depth: int, min_leaf: int, gen: torch.Generator, 
         for nid in frontier:
             if nodes[nid].numel() < threshold:
                 continue
-            for child in _bisect(x, nodes[nid], gen, n_init, iters):
+            for child in _bisect(x, nodes[nid], gen, n_init, iters, tol):
                 nxt.append(len(nodes))
                 nodes.append(child)
                 levels.append(level + 1)
@@ -184,7 +185,7 @@ def _paper_tree(x: Tensor, max_depth: int, min_leaf: int, gen: torch.Generator, 
 
 def divisive_paper(z: Tensor, ipc: int, *, start_level: int, seed: int, max_depth: int | None = None,
                    min_leaf: int = 2, mode_point: str = "mean", n_init: int = 10,
-                   iters: int = 100) -> Tensor:
+                   iters: int = KMEANS_ITERS, tol: float = KMEANS_TOL) -> Tensor:
     """The paper's levelwise divisive modes (SPEC 2, paper formulation).
 
     Tree: the root (level 0) holds every latent; each node with at least
@@ -213,7 +214,7 @@ def divisive_paper(z: Tensor, ipc: int, *, start_level: int, seed: int, max_dept
     _int(min_leaf, "min_leaf", 1)
     _choice(mode_point, "mode_point", MODE_POINTS)
     gen = _generator(_seed(seed))
-    nodes, levels, is_leaf = _paper_tree(x, max_depth, min_leaf, gen, n_init, iters)
+    nodes, levels, is_leaf = _paper_tree(x, max_depth, min_leaf, gen, n_init, iters, tol)
 
     picked: list[int] = []
     for level in range(start_level, -1, -1):

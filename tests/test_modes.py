@@ -495,3 +495,44 @@ def test_patch_lengths():
     assert patch_lengths(d, 1.0, 1).dtype == torch.long
     with pytest.raises(ConfigError, match="--k-min"):
         patch_lengths(d, 1.0, 0)
+
+
+@pytest.mark.parametrize("tol, iters", [(0.0, 300), (1e-4, 300), (1e-2, 300), (0.1, 300), (0.0, 2)])
+def test_kmeans_lloyd_and_stopping_rule_match_sklearn(tol, iters, monkeypatch):
+    # The releases call sklearn's KMeans with its defaults (max_iter 300, tol 1e-4 x the mean feature
+    # variance). From the same initial centres our Lloyd must stop where sklearn's does: the tolerances
+    # here stop it after different numbers of iterations on this data, so a wrong scale or rule shows.
+    from sklearn.cluster import KMeans
+
+    import manifoldgd_fast._modes_common as common
+
+    g = torch.Generator().manual_seed(3)
+    z = torch.rand(400, 2, generator=g, dtype=torch.float64) * torch.tensor([4.0, 1.0], dtype=torch.float64)
+    init = z[:6].clone()  # poor seeds: Lloyd needs many iterations
+    monkeypatch.setattr(common, "_kmeans_pp", lambda x, x_sq, k, gen: init.clone())
+    cen, lab = kmeans(z, 6, seed=0, tol=tol, iters=iters)
+    ref = KMeans(n_clusters=6, init=init.numpy(), n_init=1, max_iter=iters, tol=tol, algorithm="lloyd").fit(z.numpy())
+    np.testing.assert_array_equal(lab.numpy(), ref.labels_)
+    np.testing.assert_allclose(cen.numpy(), ref.cluster_centers_, rtol=0, atol=1e-10)
+
+
+def test_kmeans_defaults_are_sklearns():
+    import inspect
+
+    from sklearn.cluster import KMeans
+
+    from manifoldgd_fast.config import DistillConfig
+
+    sk = inspect.signature(KMeans).parameters
+    ours = inspect.signature(kmeans).parameters
+    assert ours["iters"].default == sk["max_iter"].default == DistillConfig().kmeans_iters
+    assert ours["tol"].default == sk["tol"].default == DistillConfig().kmeans_tol
+
+
+def test_discover_modes_passes_kmeans_tol():
+    z, _, _ = blobs([(0, 0), (1.2, 0), (2.4, 0), (0, 1.2)], [30, 30, 30, 30], std=0.5, dim=3)
+    loose = discover_modes(z, 4, method="kmeans", seed=1, kmeans_tol=1e3)  # stops after one Lloyd step
+    tight = discover_modes(z, 4, method="kmeans", seed=1, kmeans_tol=0.0)
+    assert not torch.allclose(loose, tight)
+    with pytest.raises(ConfigError, match="--kmeans-tol must be a number >= 0"):
+        discover_modes(z, 4, method="kmeans", seed=1, kmeans_tol=-1.0)
