@@ -139,6 +139,7 @@ class ClassOutput:
     variance: torch.Tensor         # (steps,) float64: variance of |x| across the samples after each step
     stats: dict
     events: tuple | None = None
+    finite: Any = True             # the decode's pixels were finite: a bool, or a device tensor while in flight
 
     def result(self, stream=None) -> tuple[Any, torch.Tensor, dict]:
         """(uint8 images (numpy), latents on the CPU, stats with the trajectory variance and timings).
@@ -152,9 +153,10 @@ class ClassOutput:
             stream = stream or torch.cuda.Stream(latents.device)
             with torch.cuda.stream(stream):
                 stream.wait_event(decoded)
-                for t in (images, latents, var):
+                for t in (images, latents, var, self.finite):
                     t.record_stream(stream)
                 images, latents, var = images.cpu().numpy(), latents.cpu(), var.cpu()
+                self.finite = bool(self.finite.cpu())
             # GPU time: the host ran ahead of the device
             stats["seconds_sampling"] = round(start.elapsed_time(sampled) / 1e3, 3)
             stats["seconds_total"] = round(stats["seconds_modes"] + start.elapsed_time(decoded) / 1e3, 3)
@@ -235,14 +237,14 @@ def distill_class(rcfg: DistillConfig, ctx: dict, name: str, label: int, z: torc
         side = torch.cuda.stream(stream)
     with side:
         with phase("vae_decode"):
-            images = decode_latents(ctx["vae"], latents, rcfg.batch_size, ctx["dtype"], host=not cuda)
+            images, finite = decode_latents(ctx["vae"], latents, rcfg.batch_size, ctx["dtype"], host=not cuda)
         # variance across the class's samples of |x| at each step (population variance, as the paper plots it)
         var = trace.double().var(dim=0, correction=0)
         if cuda:
             events[2].record()
     stats = dict(label=label, n_latents=int(z.shape[0]), ipc=rcfg.ipc, seconds_modes=round(t_modes, 3),
                  seconds_sampling=round(t_sample, 3), seconds_total=round(time.perf_counter() - t0 + t_modes, 3))
-    return ClassOutput(images, latents, var, stats, events)
+    return ClassOutput(images, latents, var, stats, events, finite)
 
 
 # Overlap mode discovery of the next class with sampling on the CPU too (off: both compete for the same
@@ -277,16 +279,29 @@ def fast_sampler(rcfg: DistillConfig, ctx: dict):
 
 @torch.no_grad()
 def decode_latents(vae, latents: torch.Tensor, batch_size: int, dtype: torch.dtype, host: bool = True):
-    """VAE-decode latents (N, C, h, w) in batches -> uint8 (N, H, W, 3): numpy, or (host=False) a tensor
-    on the VAE's device, so the caller need not wait for the decode."""
+    """VAE-decode latents (N, C, h, w) in batches -> (uint8 (N, H, W, 3), finite).
+
+    The images are numpy, or (host=False) a tensor on the VAE's device, so the caller need not
+    wait for the decode; ``finite`` is a 0-dim bool tensor beside them: False when some pixel came
+    out NaN or inf (an fp16 decoder that overflowed), which uint8 would turn into black images.
+    """
     import numpy as np
 
     sf = vae.config.scaling_factor
     dev = next(vae.parameters()).device
     amp = (torch.autocast(dev.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
-    out = []
+    out, finite = [], torch.ones((), dtype=torch.bool, device=dev)
     for s in range(0, latents.shape[0], batch_size):
         with amp:
             img = vae.decode(latents[s:s + batch_size].to(dev) / sf).sample
+        finite &= torch.isfinite(img).all()  # on the device: no host sync
         out.append(to_uint8_images(img) if host else to_uint8_tensor(img))
-    return np.concatenate(out) if host else torch.cat(out)
+    return (np.concatenate(out) if host else torch.cat(out)), finite
+
+
+def check_decoded(finite, name: str, dtype: torch.dtype) -> None:
+    """Raise ConfigError naming the class when its decode gave NaN / inf pixels (see :func:`decode_latents`)."""
+    if not bool(finite):
+        hint = "decode in bfloat16 or float32 (--dtype)" if dtype == torch.float16 else "check the VAE's weights (--vae)"
+        raise ConfigError(f"class {name}: the VAE decoded NaN or inf pixels (its latents were finite); nothing "
+                          f"written for it; {hint}")

@@ -30,7 +30,8 @@ from .distributed import Shard
 from .profile import phase
 from .errors import ConfigError, DataError
 from . import classrun
-from .classrun import _check_class, _prefetched_inputs, _receive, class_modes, distill_class, modes_file, read_modes
+from .classrun import (_check_class, _prefetched_inputs, _receive, check_decoded, class_modes, distill_class, modes_file,
+                       read_modes)
 from .output import (MANIFEST, MODES_DIR, RESERVED_DIRS, OutputWriter, RunLock, atomic_write_bytes, class_done,
                      resize_images)
 from .finetune import read_finetune_record
@@ -326,6 +327,7 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
             raise ConfigError(f"class {name}: {bad} of {latents.shape[0]} sampled latents hold NaN or inf; nothing "
                               f"written for it. Lower the guidance steps (--lambda-m, --manifold-scale, --eta-dpp, "
                               f"--eta-dm) or sample in float32 (--dtype float32)")
+        check_decoded(output.finite, name, ctx["dtype"])
         if prompt is not None:
             stats["prompt"] = prompt
         stats["numerics"] = numerics

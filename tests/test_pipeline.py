@@ -240,6 +240,27 @@ def test_non_finite_samples_stop_the_run_in_one_line(tiny_world, tmp_path, capsy
     assert man["classes"]["apple"]["status"] == "pending"
 
 
+def test_non_finite_pixels_from_the_vae_stop_the_run_in_one_line(tiny_world, tmp_path, capsys, monkeypatch):
+    """An fp16 VAE decoder that overflows gives NaN pixels from finite latents; uint8 made them black
+    images. The class is named, nothing of it is written."""
+    from diffusers import AutoencoderKL
+
+    real = AutoencoderKL.decode
+
+    def overflowing(self, z, *a, **k):
+        out = real(self, z, *a, **k)
+        out.sample[:, :, :2] = float("inf")
+        return out
+
+    monkeypatch.setattr(AutoencoderKL, "decode", overflowing)
+    out = tmp_path / "out"
+    line = _bad(tiny_world, tmp_path, _args(tiny_world, out, "--method", "dit"), capsys)
+    assert line.endswith("class apple: the VAE decoded NaN or inf pixels (its latents were finite); nothing written "
+                         "for it; check the VAE's weights (--vae)"), line
+    assert not os.path.exists(out / "apple")
+    assert json.loads((out / "manifest.json").read_text())["classes"]["apple"]["status"] == "pending"
+
+
 def test_label_map_file_end_to_end(tiny_world, tmp_path, capsys):
     """A class-map file sets each class's DiT label (recorded in the manifest); ids outside the model,
     folders missing from the map and bad entries stop the run in one line, exit 2."""

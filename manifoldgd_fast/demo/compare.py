@@ -55,7 +55,7 @@ def _random_real(train: str, out: str, ipc: int, seed: int) -> None:
 
 def _kmeans_decoded(base: DistillConfig, out: str) -> None:
     from ..latents import load_class_latents
-    from ..classrun import class_modes, decode_latents
+    from ..classrun import check_decoded, class_modes, decode_latents
     from ..pipeline import prepare
 
     if os.path.isfile(os.path.join(out, "manifest.json")):
@@ -67,7 +67,9 @@ def _kmeans_decoded(base: DistillConfig, out: str) -> None:
     for e in ctx["entries"]:
         z, _ = load_class_latents(ctx["cache"], e.name)
         modes = class_modes(rcfg, e.name, z.float())
-        writer.write_class(e.name, decode_latents(ctx["vae"], modes, 64, torch.float32), modes, {"label": e.label})
+        images, finite = decode_latents(ctx["vae"], modes, 64, torch.float32)
+        check_decoded(finite, e.name, torch.float32)
+        writer.write_class(e.name, images, modes, {"label": e.label})
     writer.write_manifest({"method": "kmeans-decoded", "ipc": cfg.ipc, "config": rcfg.to_dict()})
 
 
