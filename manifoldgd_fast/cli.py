@@ -270,6 +270,10 @@ def _setup_logging() -> None:
     warnings.filterwarnings("ignore", message="skipping unreadable image")
 
 
+def _classes(n: int) -> str:
+    return f"{n} class" if n == 1 else f"{n} classes"
+
+
 def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     parser = build_parser()
@@ -297,10 +301,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if ns.command == "cache":
             ctx = pipeline.cache(cfg)
-            print(f"latents of {len(ctx['entries'])} classes in {ctx['cache']}")
+            print(f"latents of {_classes(len(ctx['entries']))} in {ctx['cache']}")
         elif ns.command == "modes":
             paths = pipeline.compute_modes(cfg)
-            print(f"modes of {len(paths)} classes in {cfg.out}/modes")
+            print(f"modes of {_classes(len(paths))} in {cfg.out}/modes")
         elif ns.command == "profile":
             from .profile import dump, format_table
 
@@ -312,9 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             res = pipeline.distill(cfg)
             n, before = len(res.classes), res.finished_before
-            which = f"{n} classes" if n + before == res.run_classes else \
+            which = _classes(n) if n + before == res.run_classes else \
                 f"{n} of the run's {res.run_classes} classes on this rank"
-            resumed = f"; {before} were already done" if before else ""
+            resumed = f"; {before} {'was' if before == 1 else 'were'} already done" if before else ""
             print(f"distilled {which} into {res.out}{resumed} (manifest: {res.manifest})")
     except ManifoldGDError as e:
         print(f"manifoldgd-fast: error: {e}", file=sys.stderr)

@@ -247,6 +247,11 @@ class DistillConfig:
         if self.sampler == "ddpm" and self.ddim_eta != 0.0:
             raise ConfigError("--ddim-eta applies to --sampler ddim only")
         check_out_dir(self.out, "--out")
+        if self.cache_dir is not None:
+            check_out_dir(self.cache_dir, "--cache-dir")
+        if self.modes_dir is not None and not os.path.isdir(self.modes_dir):
+            raise ConfigError(f"--modes-dir {self.modes_dir}: " + ("not a folder" if os.path.exists(self.modes_dir)
+                              else "no such folder") + " (write it with `manifoldgd-fast modes`: OUT/modes/)")
         if not isinstance(self.extra, dict):
             raise ConfigError("extra must be a mapping")
         if self.loop == "fast" and self.method == "manifoldgd" and self.guidance_noise == "generator":
@@ -322,7 +327,8 @@ class DistillConfig:
     def load(cls, path: str) -> "DistillConfig":
         """Read a YAML or JSON file of parameters (keys as in this dataclass)."""
         if not os.path.isfile(path):
-            raise ConfigError(f"config file {path} does not exist")
+            raise ConfigError(f"--config {path}: " + ("a folder, not a YAML or JSON file" if os.path.isdir(path)
+                              else "no such file"))
         with open(path, encoding="utf-8") as f:
             text = f.read()
         try:
@@ -332,11 +338,11 @@ class DistillConfig:
                 import yaml
                 d = yaml.safe_load(text)
         except Exception as e:
-            raise ConfigError(f"config file {path} cannot be parsed: {str(e).splitlines()[0]}") from None
+            raise ConfigError(f"--config {path}: cannot be parsed: {str(e).splitlines()[0]}") from None
         if d is None:
             d = {}
         if not isinstance(d, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of parameter: value")
+            raise ConfigError(f"--config {path}: must hold a mapping of parameter: value")
         return cls.from_dict({k.replace("-", "_"): v for k, v in d.items()}, source=path)
 
     def save(self, path: str) -> None:
@@ -364,6 +370,24 @@ def check_out_dir(path: Any, flag: str) -> None:
         raise ConfigError(f"{flag} must be a folder path, got {path!r}")
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"{flag} {path}: exists and is not a folder")
+
+
+def check_out_file(path: Any, flag: str) -> None:
+    """An output file (e.g. ``--out-json``): not a folder, and its nearest existing ancestor a
+    writable folder, so that a run fails before its work, not after (ConfigError otherwise)."""
+    if path is None:
+        return
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise ConfigError(f"{flag} must be a file path, got {path!r}")
+    if os.path.isdir(path):
+        raise ConfigError(f"{flag} {path}: a folder; give a file name")
+    up = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(up):
+        up = os.path.dirname(up)
+    if not os.path.isdir(up):
+        raise ConfigError(f"{flag} {path}: {up} is a file, not a folder")
+    if not os.access(up, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: folder {up} is not writable")
 
 
 def check_prompt_template(template: str) -> None:

@@ -50,9 +50,11 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
     for name, v, ok in (("--steps", steps, steps >= 1), ("--lr", lr, lr > 0), ("--batch-size", batch_size, batch_size >= 1),
                         ("--rsm-lambda", rsm_lambda, rsm_lambda >= 0), ("--save-every", save_every, save_every >= 1),
                         ("--label-dropout", label_dropout, 0 <= label_dropout < 1),
-                        ("--ema-decay", ema_decay, 0 <= ema_decay < 1)):
+                        ("--ema-decay", ema_decay, 0 <= ema_decay < 1), ("--grad-clip", grad_clip, grad_clip >= 0)):
         if not ok:
-            raise ConfigError(f"{name} {v} is out of range")
+            rule = {"--steps": ">= 1", "--batch-size": ">= 1", "--save-every": ">= 1", "--lr": "> 0",
+                    "--rsm-lambda": ">= 0", "--grad-clip": ">= 0 (0: no clipping)"}.get(name, "in [0, 1)")
+            raise ConfigError(f"{name} {v}: must be {rule}")
     check_out_dir(out, "--out")
     cfg = DistillConfig(data=data, model=model, vae=vae, device=device, dtype=dtype, cache_dir=cache_dir,
                         classes=classes, ipc=1)
@@ -106,7 +108,8 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
             loss = (mse + vb + rsm_lambda * l1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+        if grad_clip > 0:  # 0 means no clipping (a max norm of 0 would zero every gradient)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
         opt.step()
         step += 1
         ran += 1
@@ -153,18 +156,23 @@ def add_finetune_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--model", required=True, help="the DiT to fine-tune (folder or cached HF id)")
     g.add_argument("--vae", default=None, help="AutoencoderKL (default: the model folder's vae/)")
     g.add_argument("--out", required=True, help="output model folder (transformer/, vae/); checkpoints inside")
-    g.add_argument("--steps", type=int, default=1000)
-    g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--steps", type=int, default=1000, help="optimizer steps in all (a rerun resumes up to them)")
+    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    g.add_argument("--batch-size", type=int, default=32, help="latents per optimizer step")
     g.add_argument("--rsm-lambda", type=float, default=1e-3, help="weight of mean |x0_hat| (L1)")
-    g.add_argument("--label-dropout", type=float, default=0.1)
-    g.add_argument("--ema-decay", type=float, default=0.9999)
-    g.add_argument("--save-every", type=int, default=100)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--classes", default=None)
-    g.add_argument("--device", default="auto")
+    g.add_argument("--label-dropout", type=float, default=0.1,
+                   help="share of labels replaced by the null class (keeps CFG working), in [0, 1)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (0: none)")
+    g.add_argument("--ema-decay", type=float, default=0.9999,
+                   help="decay of the EMA weights, which are the ones written, in [0, 1)")
+    g.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (a killed run resumes there)")
+    g.add_argument("--seed", type=int, default=0, help="seeds the batches, noise and label dropout")
+    g.add_argument("--classes", default=None, help="restrict to a subset: nette, woof, imagenet100, idc, imagenet1k, "
+                   "a text file, or 'a,b,c' (default: every class folder)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", default="bfloat16", help="autocast dtype on CUDA (CPU trains in float32)")
-    g.add_argument("--cache-dir", default=None)
+    g.add_argument("--cache-dir", default=None, help="latent cache root (default: $MANIFOLDGD_CACHE or "
+                   "~/.cache/manifoldgd_fast)")
     return p
 
 

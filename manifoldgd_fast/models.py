@@ -285,6 +285,27 @@ def model_family(path_or_id, cache_dir: str | None = None) -> str:
     return "sd" if root is not None and is_sd_folder(root) else "dit"
 
 
+def check_model_source(path_or_id, cache_dir: str | None = None) -> None:
+    """Raise ModelError naming ``--model`` unless it can hold a generator: an original DiT
+    ``.pt`` / ``.pth`` file, or a local / cached folder with a DiT (``config.json`` or
+    ``transformer/config.json``) or a Stable Diffusion layout (``unet/``). Only file names are
+    read, so this runs before any weights load (before the VAE, which may sit in the same folder)."""
+    from .sd import is_sd_folder
+
+    arg = str(path_or_id)
+    if os.path.isfile(arg):
+        if not arg.endswith((".pt", ".pth")):
+            raise ModelError(f"--model {arg}: a file, but not a DiT checkpoint (.pt / .pth); give a checkpoint "
+                             "or a model folder")
+        return
+    root = resolve_root(path_or_id, flag="--model", what="model", cache_dir=cache_dir)
+    if is_sd_folder(root):
+        return
+    if not any(os.path.isfile(os.path.join(root, sub, CONFIG_NAME)) for sub in ("", "transformer")):
+        raise ModelError(f"--model {arg}: no model in {root} (neither a DiT: {CONFIG_NAME} or "
+                         f"transformer/{CONFIG_NAME}, nor a Stable Diffusion folder: unet/)")
+
+
 def dit_info(model) -> dict[str, Any]:
     """Shape facts of a DiT: num_classes, null_class (= num_classes, the CFG
     "unconditional" label), latent_size, in_channels, out_channels,

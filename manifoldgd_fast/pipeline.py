@@ -107,7 +107,7 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
     cfg = with_demo_defaults(cfg)
     from .data import class_list, scan_image_folder
     from .latents import cache_latents, encode_precision, latent_cache_dir, weights_digest
-    from .models import dit_info, load_dit, load_vae, model_family, vae_info
+    from .models import check_model_source, dit_info, load_dit, load_vae, model_family, vae_info
 
     cfg.validate()
     if cfg.data is None:
@@ -119,6 +119,8 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
         raise ConfigError("--vae (or --model, whose folder holds vae/) is required")
     if cfg.vae is None and cfg.model is not None and os.path.isfile(str(cfg.model)):
         raise ConfigError(f"--vae is required with a DiT checkpoint file ({cfg.model}), e.g. --vae stabilityai/sd-vae-ft-ema")
+    if cfg.model is not None:  # before the VAE, which may be read from the same folder
+        check_model_source(cfg.model)
     device = resolve_device(shard.device(cfg.device))
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # streams, events and graphs made without a device land on this one
@@ -487,6 +489,8 @@ def profile_run(config: DistillConfig | dict, *, classes: int = 1, out: str | No
     from .data import class_list, scan_image_folder
     from .profile import profiling
 
+    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
+        raise ConfigError(f"--profile-classes {classes!r}: must be an integer >= 1")
     cfg = DistillConfig.from_dict(config) if isinstance(config, dict) else config
     cfg = with_demo_defaults(cfg.validate())
     names = [e.name for e in scan_image_folder(cfg.data, classes=class_list(cfg.classes) if cfg.classes else None,

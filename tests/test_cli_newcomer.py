@@ -98,6 +98,9 @@ def test_every_flag_of_every_command_has_help():
         flags.discard("--help")
         missing = sorted(f for f in flags if not helps.get(f))
         assert not missing, f"{name}: no help for {missing}"
+        # a default alone says nothing of what the flag does (finetune's --steps read "default: 1000")
+        bare = sorted(f for f in flags if re.fullmatch(r"\(?default: [^)]*\)?", helps[f]))
+        assert not bare, f"{name}: only a default, no description, for {bare}"
 
 
 def test_help_states_defaults_that_were_missing():
@@ -114,7 +117,8 @@ def test_help_states_defaults_that_were_missing():
     prof = _option_help(subs["profile"])
     assert "temporary folder" in prof["--out"] and "distilled" not in prof["--out"], prof["--out"]
     ft = _option_help(subs["finetune"])
-    assert ft["--steps"] == "default: 1000" and ft["--lr"] == "default: 0.0001", ft
+    assert ft["--steps"].endswith("(default: 1000)") and ft["--lr"].endswith("(default: 0.0001)"), ft
+    assert "0: none" in ft["--grad-clip"], ft
 
 
 def test_console_entry_point_usage_error(tmp_path):
@@ -164,3 +168,104 @@ def test_train_check_names_the_missing_out_folder(tmp_path, capsys):
     assert train.main(["--check", "--out", missing]) == 2
     line = _one_line(capsys.readouterr().err)
     assert line.startswith("python -m manifoldgd_fast.demo.train: error: --out ") and missing in line, line
+
+
+# --------------------------------------------------------------------------- errors that named the wrong thing
+@pytest.fixture
+def image_folder(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "data"
+    (root / "a").mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / "a" / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("kind, says", [
+    ("missing", "no model found (not a local folder, not in the Hugging Face cache)"),
+    ("empty", "no model in"),
+    ("file", "a file, but not a DiT checkpoint (.pt / .pth)"),
+])
+def test_a_bad_model_is_named_before_the_vae_is_looked_for(kind, says, tmp_path, image_folder, capsys):
+    # the VAE is read from --model's vae/, so a bad --model used to read "no VAE found"
+    model = tmp_path / "model"
+    if kind == "empty":
+        model.mkdir()
+    elif kind == "file":
+        model.write_text("x")
+    argv = ["distill", "--data", str(image_folder), "--model", str(model), "--ipc", "1", "--out", str(tmp_path / "o")]
+    if kind == "file":
+        argv += ["--vae", str(tmp_path / "vae")]
+    assert main(argv) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith(f"manifoldgd-fast: error: --model {model}: {says}"), line
+    assert "VAE" not in line, line
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flag, kind, says", [
+    ("--config", "dir", "a folder, not a YAML or JSON file"),
+    ("--config", "missing", "no such file"),
+    ("--cache-dir", "file", "exists and is not a folder"),
+    ("--modes-dir", "missing", "no such folder (write it with `manifoldgd-fast modes`"),
+    ("--modes-dir", "file", "not a folder"),
+])
+def test_path_flags_name_themselves(flag, kind, says, tmp_path, image_folder, capsys):
+    path = tmp_path / "p"
+    if kind == "dir":
+        path.mkdir()
+    elif kind == "file":
+        path.write_text("x")
+    assert main(["distill", "--data", str(image_folder), "--model", str(tmp_path / "none"), "--ipc", "1",
+                 "--out", str(tmp_path / "o"), flag, str(path)]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line == f"manifoldgd-fast: error: {flag} {path}: {says}" or \
+        line.startswith(f"manifoldgd-fast: error: {flag} {path}: {says}"), line
+
+
+@pytest.mark.parametrize("command", ["eval", "metrics"])
+@pytest.mark.parametrize("kind, says", [("dir", "a folder; give a file name"), ("under_file", "is a file, not a folder")])
+def test_out_json_is_checked_before_any_training(command, kind, says, tmp_path, image_folder, capsys, monkeypatch):
+    import manifoldgd_fast.eval.metrics as metrics
+    import manifoldgd_fast.eval.protocol as protocol
+
+    for mod in (protocol, metrics):
+        monkeypatch.setattr(mod, "train_net", lambda *a, **k: pytest.fail("trained before --out-json was checked"))
+    out = tmp_path / "j"
+    if kind == "dir":
+        out.mkdir()
+    else:
+        out.write_text("x")
+        out = out / "r.json"
+    real = "--real-val" if command == "eval" else "--real"
+    assert main([command, "--distilled", str(image_folder), real, str(image_folder), "--out-json", str(out)]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith(f"manifoldgd-fast: error: --out-json {out}: ") and says in line, line
+
+
+def test_eval_distilled_file_is_not_a_folder(tmp_path, image_folder, capsys):
+    f = tmp_path / "f.txt"
+    f.write_text("x")
+    assert main(["eval", "--distilled", str(f), "--real-val", str(image_folder)]) == 2
+    assert _one_line(capsys.readouterr().err) == f"manifoldgd-fast: error: --distilled {f}: not a folder"
+
+
+@pytest.mark.parametrize("n", [0, -1, True, 1.5])
+def test_profile_run_classes_must_be_a_positive_int(n, image_folder):
+    from manifoldgd_fast.errors import ConfigError
+    from manifoldgd_fast.pipeline import profile_run
+
+    with pytest.raises(ConfigError, match=r"^--profile-classes .*: must be an integer >= 1$"):
+        profile_run({"data": str(image_folder), "model": "x", "ipc": 1}, classes=n)
+
+
+def test_finetune_ranges_state_the_rule(tmp_path):
+    from manifoldgd_fast.errors import ConfigError
+    from manifoldgd_fast.finetune import finetune
+
+    for kw, rule in ((dict(steps=0), "--steps 0: must be >= 1"), (dict(ema_decay=1.0), "--ema-decay 1.0: must be in [0, 1)"),
+                     (dict(grad_clip=-1.0), "--grad-clip -1.0: must be >= 0 (0: no clipping)")):
+        with pytest.raises(ConfigError, match="^" + re.escape(rule) + "$"):
+            finetune(data=str(tmp_path), model="x", out=str(tmp_path / "o"), **kw)

@@ -339,6 +339,9 @@ def test_distill_from_precomputed_modes_gives_the_same_bytes(tiny_world, tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds modes made with other mode parameters" in err[0]
     assert main(_args(tiny_world, tmp_path / "d", "--modes-dir", str(tmp_path / "nowhere"))) == 2
+    assert "--modes-dir" in (err := capsys.readouterr().err) and "no such folder" in err
+    (tmp_path / "empty").mkdir()
+    assert main(_args(tiny_world, tmp_path / "d", "--modes-dir", str(tmp_path / "empty"))) == 2
     assert "no modes for class apple" in capsys.readouterr().err
 
 
@@ -432,7 +435,7 @@ def test_fingerprint_counts_the_data_not_its_spelling(tiny_world, tmp_path, caps
     assert main(_args(dict(w, data="data" + os.sep), out, "--batch-size", "1")) == 0
     io = capsys.readouterr()
     assert _digest(out) == ref
-    assert "distilled 1 classes into" in io.out and "2 were already done" in io.out, io.out
+    assert "distilled 1 class into" in io.out and "2 were already done" in io.out, io.out
     assert "resuming" in io.err and "batch_size" in io.err, io.err
     man = json.loads((out / "manifest.json").read_text())
     assert man["classes"]["banana"]["numerics"]["batch_size"] == 1

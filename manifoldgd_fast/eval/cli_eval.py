@@ -52,13 +52,14 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                                                 f"(default: all three; convnet6 for the digits demo)")
     g.add_argument("--seeds", type=_seeds, default=3, help="number of seeds (0..n-1) or a list such as 0,5,7")
     g.add_argument("--epochs", type=int, default=None,
-                   help="default: 2000 for IPC <= 10, 1500 <= 50, 1000 <= 200 (x 2/3 for 100 classes); 300 soft-label; "
-                        f"{DEMO_EPOCHS} for the digits demo")
+                   help="training epochs (default: 2000 for IPC <= 10, 1500 <= 50, 1000 <= 200, x 2/3 for 100 classes; "
+                        f"300 soft-label; {DEMO_EPOCHS} for the digits demo)")
     g.add_argument("--size", type=int, default=None, help="training / test resolution (default: 224, or the "
                                                           "distilled images' size if smaller)")
-    g.add_argument("--batch-size", type=int, default=None, help="default: 64 (128 for more than 100 classes)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="training batch size (default: 64; 128 for more than 100 classes)")
     g.add_argument("--lr", type=float, default=None,
-                   help="default: SGD 0.01 (0.1 for more than 100 classes); AdamW 1e-3 with --teacher")
+                   help="learning rate (default: SGD 0.01, 0.1 for more than 100 classes; AdamW 1e-3 with --teacher)")
     g.add_argument("--teacher", default=None, metavar="PATH",
                    help="soft-label protocol: a saved nn.Module, a state dict of one of the nets or of "
                         "torchvision's ResNet-18, or imagenet-resnet18 (torchvision's ImageNet weights from "
@@ -71,8 +72,8 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--eval-every", type=int, default=None, help="test every N epochs (default: epochs // 100)")
     g.add_argument("--val-batch-size", type=int, default=500, help="validation batch size")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    g.add_argument("--out-json", default=None, help="default: OUT/eval.json (markdown beside it); with several "
-                                                     "--distilled folders, the first one's eval_pooled.json")
+    g.add_argument("--out-json", default=None, help="where the results go, a markdown table beside it (default: OUT/eval.json; "
+                                                     "with several --distilled folders, the first one's eval_pooled.json)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     return parser
 
@@ -106,7 +107,7 @@ def add_metrics_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                    help="keep the real images' features per class and encoder, and reuse them in later runs "
                         "(an edited class folder is re-encoded)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    g.add_argument("--out-json", default=None, help="default: OUT/metrics.json")
+    g.add_argument("--out-json", default=None, help="where the metrics go (default: OUT/metrics.json)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     return parser
 
@@ -134,7 +135,8 @@ def _check_folders(**flags: str | None) -> None:
 
     for flag, path in flags.items():
         if path is not None and not os.path.isdir(path):
-            raise DataError(f"--{flag.replace('_', '-')} {path}: no such folder")
+            raise DataError(f"--{flag.replace('_', '-')} {path}: " + ("not a folder" if os.path.exists(path)
+                            else "no such folder"))
 
 
 def run_eval_from_args(ns: argparse.Namespace) -> dict:

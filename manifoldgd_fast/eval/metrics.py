@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data import image_errors, iter_class_images, read_image_uint8, to_rgb
+from ..config import check_out_file
 from ..errors import ConfigError, DataError
 from ..output import atomic_write_bytes, atomic_write_text
 from .augment import normalize, to_unit
@@ -470,6 +471,7 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
             raise ConfigError(f"{name} {v}: must be >= 1")
     if fid_resize not in RESIZES:
         raise ConfigError(f"--fid-resize {fid_resize}: must be one of {', '.join(RESIZES)}")
+    check_out_file(out_json, "--out-json")  # before the encoder is trained, not after
     t0 = time.perf_counter()
     dev = resolve_device(device)
     classes, dist, ref = match_classes(distilled, real, exact=False, what="real")

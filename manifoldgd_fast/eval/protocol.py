@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from ..data import IMAGE_EXTS, ClassEntry, iter_class_images, scan_image_folder
 from ..devices import resolve_device
+from ..config import check_out_file
 from ..errors import ConfigError, DataError
 from ..data import read_image_uint8
 from ..output import MANIFEST, RESERVED_DIRS, atomic_write_text
@@ -521,6 +522,7 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
     folders = _folder_list(distilled)
     nets = parse_nets(NET_NAMES if nets is None else nets)
     seed_list = _check_seeds(seeds)
+    check_out_file(out_json, "--out-json")  # before the training, not after it
     for name, v in (("--epochs", epochs), ("--size", size), ("--batch-size", batch_size),
                     ("--eval-every", eval_every), ("--val-batch-size", val_batch_size), ("--val-resize", val_resize)):
         if v is not None and v < 1:
