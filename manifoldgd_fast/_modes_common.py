@@ -145,14 +145,18 @@ def _lloyd(x: Tensor, x_sq: Tensor, centres: Tensor, iters: int, tol: float) -> 
         # cluster sums as one (k, n) @ (n, D) matmul: fast on CPU (index_add_ is a serial
         # scatter there) and deterministic on CUDA (index_add_ uses atomics)
         new = torch.nn.functional.one_hot(labels, k).to(x.dtype).T @ x
+        empty = (counts == 0).nonzero()[:, 0].tolist()
+        if empty:
+            # sklearn's relocation: each empty cluster takes one of the points farthest from
+            # their centre (the worst explained), which leaves its old cluster.
+            far = torch.argsort(mind, descending=True, stable=True)[:len(empty)].tolist()
+            for j, f in zip(empty, far):
+                donor = int(labels[f])
+                new[donor] -= x[f]
+                new[j] = x[f]
+                counts[donor] -= 1
+                counts[j] = 1
         new /= counts.clamp_min(1).to(x.dtype)[:, None]
-        empty = counts == 0
-        n_empty = int(empty.sum())
-        if n_empty:
-            # Re-seed empty clusters with the points farthest from their centre
-            # (sklearn's rule): they are the worst-explained points.
-            far = torch.argsort(mind, descending=True, stable=True)[:n_empty]
-            new[empty] = x[far]
         shift = float(((new - centres) ** 2).sum())
         centres = new
         if shift <= tol:

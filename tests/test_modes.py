@@ -118,17 +118,22 @@ def test_kmeans_n_init_keeps_lowest_inertia():
     assert best <= singles[0] + 1e-9
 
 
-def test_lloyd_reseeds_empty_cluster_with_farthest_point():
+@pytest.mark.parametrize("iters", [1, 20])
+def test_lloyd_reseeds_empty_cluster_with_farthest_point_as_sklearn(iters):
+    from sklearn.cluster import KMeans
+
     from manifoldgd_fast.modes import _lloyd
 
     x = torch.tensor([[0.0], [1.0], [2.0], [10.0]], dtype=torch.float64)
-    # centre 1 (100) wins no point; 10 is the worst-explained point (8.5 from 1.5)
+    # centre 1 (100) wins no point; 10 is the worst-explained point (8.5 from 1.5): it moves to
+    # centre 1 and leaves centre 2, which keeps 1 and 2 (mean 1.5, not 13/3)
     init = torch.tensor([[0.0], [100.0], [1.5]], dtype=torch.float64)
-    cen, _, _ = _lloyd(x, (x * x).sum(1), init, 1, 0.0)  # one update
-    assert cen[:, 0].tolist() == pytest.approx([0.0, 10.0, 13.0 / 3])
-    cen, lab, inertia = _lloyd(x, (x * x).sum(1), init, 20, 0.0)  # then it converges
-    assert cen[:, 0].tolist() == pytest.approx([0.5, 10.0, 2.0]) and lab.tolist() == [0, 0, 2, 1]
+    cen, lab, inertia = _lloyd(x, (x * x).sum(1), init, iters, 0.0)
+    assert cen[:, 0].tolist() == pytest.approx([0.0, 10.0, 1.5]) and lab.tolist() == [0, 2, 2, 1]
     assert inertia == pytest.approx(0.5)
+    ref = KMeans(3, init=init.numpy(), n_init=1, max_iter=iters, tol=0.0).fit(x.numpy())
+    np.testing.assert_array_equal(cen.numpy(), ref.cluster_centers_)
+    np.testing.assert_array_equal(lab.numpy(), ref.labels_)
 
 
 def test_kmeans_duplicates_and_empty_clusters():
