@@ -452,6 +452,30 @@ def center_crop_arr(pil_image, image_size: int, short_side: int | None = None) -
     return arr[crop_y:crop_y + image_size, crop_x:crop_x + image_size]
 
 
+def resize_crop_torchvision(pil_image, image_size: int, short_side: int | None = None) -> np.ndarray:
+    """torchvision's ``Resize(short_side)`` + ``CenterCrop(image_size)`` on a PIL image, as the
+    ManifoldGD release's evaluation reads every image (``transform_imagenet``): PIL bilinear
+    (antialiased) straight to the target, the long side ``int(short_side * long / short)``, the
+    crop offset ``int(round((n - image_size) / 2))`` (Python rounding). ``short_side``: as in
+    :func:`center_crop_arr`. Returns uint8 (image_size, image_size, 3)."""
+    from PIL import Image
+
+    short = image_size if short_side is None else short_side
+    w, h = pil_image.size
+    long = int(short * max(w, h) / min(w, h))
+    new = (short, long) if w <= h else (long, short)
+    if new != (w, h):
+        pil_image = pil_image.resize(new, resample=Image.BILINEAR)
+    arr = np.array(pil_image)
+    top = int(round((arr.shape[0] - image_size) / 2.0))
+    left = int(round((arr.shape[1] - image_size) / 2.0))
+    return arr[top:top + image_size, left:left + image_size]
+
+
+# how an image is brought to its size: DiT's preprocessing (default) or torchvision's, the release's evaluation
+RESAMPLERS = {"bicubic": center_crop_arr, "bilinear": resize_crop_torchvision}
+
+
 def to_rgb(img):
     """A PIL image as 8-bit RGB. 16- and 32-bit greyscale (modes I;16*, I) keep their top 8 bits and
     float greyscale (F, taken as 0..1) is scaled to 0..255; ``convert("RGB")`` would clip both at 255,
@@ -476,8 +500,9 @@ def image_errors():
     return (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
-def read_image_uint8(path: str, size: int, short_side: int | None = None) -> torch.Tensor:
-    """Decode and centre-crop one image as the DiT training code did (:func:`center_crop_arr`).
+def read_image_uint8(path: str, size: int, short_side: int | None = None, resample: str = "bicubic") -> torch.Tensor:
+    """Decode and centre-crop one image as the DiT training code did (:func:`center_crop_arr`), or
+    (``resample="bilinear"``) as torchvision's Resize + CenterCrop do (:func:`resize_crop_torchvision`).
     ``short_side``: see :func:`center_crop_arr`.
 
     Returns:
@@ -491,7 +516,7 @@ def read_image_uint8(path: str, size: int, short_side: int | None = None) -> tor
 
     try:
         with Image.open(path) as img:
-            arr = center_crop_arr(to_rgb(img), size, short_side)  # (size, size, 3) uint8
+            arr = RESAMPLERS[resample](to_rgb(img), size, short_side)  # (size, size, 3) uint8
     except image_errors() as e:
         raise DataError(f"cannot read image {path}: {e}") from None
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (3, size, size)

@@ -327,6 +327,40 @@ def test_load_image_centre_crops_wide_image(tmp_path):
                                atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("w,h,short,size", [(25, 15, 9, 8), (15, 31, 9, 8), (20, 20, 8, 8), (8, 11, 8, 8)])
+def test_resize_crop_torchvision_shapes_and_offsets(w, h, short, size):
+    """The release's Resize(short) + CenterCrop(size): long side int(short * long / short), offsets
+    round-half-even; an image already at its size is only cropped."""
+    from PIL import Image
+
+    rng = np.random.default_rng(w * h)
+    im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    out = D.resize_crop_torchvision(im, size, short)
+    assert out.shape == (size, size, 3) and out.dtype == np.uint8
+    long = int(short * max(w, h) / min(w, h))
+    new = (short, long) if w <= h else (long, short)
+    big = np.array(im if new == (w, h) else im.resize(new, resample=Image.BILINEAR))
+    top, left = round((new[1] - size) / 2), round((new[0] - size) / 2)
+    assert np.array_equal(out, big[top:top + size, left:left + size])
+    if (w, h) == (8, 11):  # no resize: the crop of the original, rows round(1.5) = 2 on
+        assert np.array_equal(out, np.array(im)[2:10])
+
+
+def test_resize_crop_torchvision_against_torchvision():
+    from PIL import Image
+
+    try:
+        from torchvision import transforms as T
+    except Exception as e:  # noqa: BLE001 (a torchvision built for another torch fails in several ways)
+        pytest.skip(f"torchvision cannot be imported here ({type(e).__name__}); "
+                    "test_resize_crop_torchvision_shapes_and_offsets checks its rules by hand")
+    rng = np.random.default_rng(0)
+    for w, h, short, size in [(25, 15, 9, 8), (15, 31, 9, 8), (300, 257, 256, 224), (8, 11, 8, 8)]:
+        im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        ref = np.array(T.CenterCrop(size)(T.Resize(short)(im)))
+        assert np.array_equal(D.resize_crop_torchvision(im, size, short), ref), (w, h, short, size)
+
+
 def test_load_image_corrupt_names_path(wnid_root):
     p = str(wnid_root / "n01440764" / "d_corrupt.jpg")
     with pytest.raises(DataError, match="d_corrupt.jpg"):

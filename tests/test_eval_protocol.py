@@ -383,6 +383,47 @@ def test_evaluate_resizes_and_centre_crops_validation_images(folders, tmp_path, 
         assert y[i] == i and torch.equal(x[i], _pil_resize_crop(images[c], short, 8)), c
 
 
+def _torchvision_resize_crop(im, short, size):
+    """By hand, torchvision's Resize(short) + CenterCrop(size) on PIL: the long side int(short * long / short),
+    PIL bilinear, offsets int(round((n - size) / 2))."""
+    w, h = im.size
+    long = int(short * max(w, h) / min(w, h))
+    im = im.resize((short, long) if w <= h else (long, short), resample=Image.BILINEAR)
+    left, top = int(round((im.size[0] - size) / 2.0)), int(round((im.size[1] - size) / 2.0))
+    return torch.from_numpy(np.array(im.crop((left, top, left + size, top + size)))).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize("val_resize,short", [(None, 9), (8, 8)])
+def test_bilinear_resample_reads_every_image_as_the_releases_torchvision(folders, tmp_path, monkeypatch,
+                                                                           val_resize, short):
+    """--resample bilinear: validation and distilled images go through torchvision's Resize + CenterCrop
+    (25 x 15 at short side 9: long side 15, left offset round(3.5) = 4, where DiT's floor crop takes 3)."""
+    dist, _ = folders
+    val, images = _non_square_val(tmp_path / "val_ns", w=25, h=15)
+    seen = {}
+    real_load = P.load_images
+
+    def spy(entries, size, **kw):
+        x, y = real_load(entries, size, **kw)
+        seen[kw.get("desc")] = (x, y)
+        return x, y
+
+    monkeypatch.setattr(P, "load_images", spy)
+    res = P.evaluate(dist, val, nets="convnet6", seeds=1, epochs=1, size=8, device="cpu", progress=False,
+                     val_resize=val_resize, resample="bilinear")
+    assert res["resample"] == "bilinear" and res["val_preprocess"] == f"resize {short} (short side, PIL bilinear), " \
+                                                                     "centre crop 8"
+    x, y = seen["load validation"]
+    for i, c in enumerate(CLASSES):
+        assert torch.equal(x[i], _torchvision_resize_crop(images[c], short, 8)), c
+        assert not torch.equal(x[i], _pil_resize_crop(images[c], short, 8)), c  # the two filters differ here
+    xd, yd = seen["load distilled"]
+    for i, f in enumerate(sorted(os.path.join(dist, c, n) for c in CLASSES for n in os.listdir(os.path.join(dist, c)))):
+        assert torch.equal(xd[i], _torchvision_resize_crop(Image.open(f).convert("RGB"), 8, 8)), f
+    with pytest.raises(ConfigError, match="--resample lanczos: must be one of bicubic, bilinear"):
+        P.evaluate(dist, val, size=8, resample="lanczos", device="cpu", progress=False)
+
+
 def test_val_resize_below_size_is_refused(folders):
     dist, val = folders
     for v, match in [(6, "--val-resize 6: must be >= the evaluation size 8"), (0, "--val-resize 0: must be >= 1")]:

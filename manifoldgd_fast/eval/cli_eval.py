@@ -48,6 +48,9 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="short side of the validation images before the centre crop to --size (default: "
                         "--size x 256/224, i.e. resize 256 / crop 224 as SPEC 7; 224 at 224 px is the release's "
                         "Resize(224) + CenterCrop(224))")
+    g.add_argument("--resample", choices=("bicubic", "bilinear"), default="bicubic",
+                   help="how every image is resized: bicubic = DiT's preprocessing (BOX halving, then bicubic); "
+                        "bilinear = torchvision's Resize + CenterCrop, as the release's evaluation")
     g.add_argument("--nets", default=None, help=f"comma-separated, from {', '.join(NET_NAMES)} "
                                                 f"(default: all three; convnet6 for the digits demo)")
     g.add_argument("--seeds", type=_seeds, default=3, help="number of seeds (0..n-1) or a list such as 0,5,7")
@@ -72,8 +75,9 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--eval-every", type=int, default=None, help="test every N epochs (default: epochs // 100)")
     g.add_argument("--val-batch-size", type=int, default=500, help="validation batch size")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    g.add_argument("--out-json", default=None, help="where the results go, a markdown table beside it (default: OUT/eval.json; "
-                                                     "with several --distilled folders, the first one's eval_pooled.json)")
+    g.add_argument("--out-json", default=None,
+                   help="where the results go, a markdown table beside it (default: OUT/eval.json; with several "
+                        "--distilled folders, the first one's eval_pooled.json)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     return parser
 
@@ -160,8 +164,8 @@ def run_eval_from_args(ns: argparse.Namespace) -> dict:
     res = evaluate(folders[0] if len(folders) == 1 else folders, ns.real_val, nets=ns.nets, seeds=ns.seeds,
                    epochs=ns.epochs, size=ns.size, batch_size=ns.batch_size, lr=ns.lr, device=ns.device,
                    teacher=ns.teacher, temperature=ns.temperature, eval_every=ns.eval_every,
-                   val_batch_size=ns.val_batch_size, val_resize=ns.val_resize, restrict_val=ns.restrict_val,
-                   precision=ns.precision, out_json=ns.out_json, progress=ns.progress)
+                   val_batch_size=ns.val_batch_size, val_resize=ns.val_resize, resample=ns.resample,
+                   restrict_val=ns.restrict_val, precision=ns.precision, out_json=ns.out_json, progress=ns.progress)
     print(markdown_table(res), end="")
     recorded = [m for m in res.get("manifests", [res.get("manifest")]) if m]
     print(f"results: {res['files']['json']}, {res['files']['markdown']}"

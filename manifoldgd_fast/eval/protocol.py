@@ -37,7 +37,7 @@ from ..data import IMAGE_EXTS, ClassEntry, iter_class_images, scan_image_folder
 from ..devices import resolve_device
 from ..config import check_out_file
 from ..errors import ConfigError, DataError
-from ..data import read_image_uint8
+from ..data import RESAMPLERS, read_image_uint8
 from ..output import MANIFEST, RESERVED_DIRS, atomic_write_text
 from .augment import TrainAugment, cutmix, normalize, to_unit
 from .nets import NET_NAMES, build_net, count_parameters, load_net, parse_nets
@@ -141,16 +141,19 @@ def native_size(entries: list[ClassEntry]) -> int:
 
 
 def load_images(entries: list[ClassEntry], size: int, *, resize: float = 1.0, max_per_class: int | None = None,
-                progress: bool = False, desc: str = "load") -> tuple[torch.Tensor, torch.Tensor]:
+                progress: bool = False, desc: str = "load",
+                resample: str = "bicubic") -> tuple[torch.Tensor, torch.Tensor]:
     """Every image of ``entries`` as uint8 (N, 3, size, size) in host memory, and labels (N,).
 
     Images are resized (short side ``round(size * resize)``, at least ``size``) and
-    centre-cropped to ``size`` (data.read_image_uint8); unreadable files are
-    skipped with a warning (data.ClassImages).
+    centre-cropped to ``size`` (data.read_image_uint8; ``resample``: "bicubic", DiT's
+    preprocessing, or "bilinear", torchvision's as the release's evaluation); unreadable
+    files are skipped with a warning (data.ClassImages).
     Raises DataError naming a class left without a readable image.
     """
     load = max(size, round(size * resize))
-    read = functools.partial(read_image_uint8, short_side=load)   # uint8, short side to ``load``, crop ``size``
+    # uint8, short side to ``load``, crop ``size``
+    read = functools.partial(read_image_uint8, short_side=load, resample=resample)
     files = [e.files[:max_per_class] if max_per_class else e.files for e in entries]
     total = sum(len(f) for f in files)
     x = torch.empty(total, 3, size, size, dtype=torch.uint8)
@@ -490,7 +493,8 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
              size: int | None = None, batch_size: int | None = None, lr: float | None = None,
              device: str = "auto", teacher=None, temperature: float = 1.0, eval_every: int | None = None,
              val_batch_size: int = 500, val_resize: int | None = None, restrict_val: bool = False,
-             precision: str = "bf16", out_json: str | None = None, progress: bool = True) -> dict:
+             precision: str = "bf16", resample: str = "bicubic", out_json: str | None = None,
+             progress: bool = True) -> dict:
     """Train each net of ``nets`` on the distilled folder(s) for each seed; test on ``real_val``.
 
     distilled: OUT/<class>/<i>.png (``latents/``, ``modes/`` are ignored), or a list of
@@ -506,7 +510,9 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
     folders answers for those classes; temperature > 0.
     val_resize: short side (px) of the validation images before the centre crop to
     ``size``; None = ``size * 256 / 224`` (256 at 224 px, SPEC 7); 224 at 224 px is the
-    release's Resize(224) + CenterCrop(224). restrict_val: use only the validation
+    release's Resize(224) + CenterCrop(224). resample: how every image (distilled and
+    validation) is resized, "bicubic" (DiT's preprocessing: BOX halving, then bicubic) or
+    "bilinear" (torchvision's Resize + CenterCrop, the release's). restrict_val: use only the validation
     classes the distilled folder has (a subset against all of ImageNet's val);
     otherwise the class sets must be equal. precision: on CUDA, "bf16" (autocast,
     channels_last, cudnn.benchmark: fast, not bit-reproducible) or "fp32" (the
@@ -536,6 +542,8 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
     if not temperature_ok:
         raise ConfigError(f"--temperature {temperature}: must be > 0 and finite")
     check_precision(precision)
+    if resample not in RESAMPLERS:
+        raise ConfigError(f"--resample {resample}: must be one of {', '.join(RESAMPLERS)}")
     dev = resolve_device(device)
     matched = [match_classes(f, real_val, exact=not restrict_val) for f in folders]
     _same_classes(folders, matched)
@@ -559,7 +567,8 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
                                  num_classes, size, dev, precision) if soft else None
 
     t0 = time.perf_counter()
-    x, y = load_images(val, size, resize=val_load / size, progress=progress, desc="load validation")
+    x, y = load_images(val, size, resize=val_load / size, progress=progress, desc="load validation",
+                       resample=resample)
     valset = Split.place(x, y, dev)
     del x, y
     augment = TrainAugment(size)
@@ -569,7 +578,7 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
     with numerics(dev, precision):
         for i, (folder, (_, dist, _)) in enumerate(zip(folders, matched)):
             tag = f" set {i}" if several else ""
-            x, y = load_images(dist, size, progress=progress, desc="load distilled" + tag)
+            x, y = load_images(dist, size, progress=progress, desc="load distilled" + tag, resample=resample)
             train = Split.place(x, y, dev)
             del x, y
             folder_nets = {}
@@ -602,7 +611,7 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
         "classes": classes, "num_classes": num_classes, "ipc": ipc,
         "n_train": [pf["n_train"] for pf in per_folder] if several else per_folder[0]["n_train"],
         "n_val": len(valset), "size": size, "val_resize": val_load,
-        "val_preprocess": f"resize {val_load} (short side, PIL bicubic), centre crop {size}",
+        "val_preprocess": f"resize {val_load} (short side, PIL {resample}), centre crop {size}", "resample": resample,
         "epochs": epochs, "eval_every": eval_every or max(1, epochs // 100), "hparams": hp,
         "temperature": temperature if soft else None,
         "teacher": (teacher if isinstance(teacher, str) else type(teacher).__name__) if soft else None,
