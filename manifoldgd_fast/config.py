@@ -278,7 +278,10 @@ class DistillConfig:
         if c.sampler == "auto":
             c.sampler = "ddpm"
         if c.t_stop is None:
-            c.t_stop = sd_t_stop(c.steps, c.formulation) if sd else 25
+            if not sd and c.steps < DIT_T_STOP:
+                raise ConfigError(f"--steps {c.steps}: fewer than the DiT default --t-stop {DIT_T_STOP} (a step index, "
+                                  f"as the release's); give a --t-stop of your own, e.g. --t-stop {c.steps // 2}")
+            c.t_stop = sd_t_stop(c.steps, c.formulation) if sd else DIT_T_STOP
         if c.guidance_noise == "auto":
             # philox where the fused kernels run, and for the fast loop's ManifoldGD (its noise is pre-drawn)
             fast_mgd = c.loop == "fast" and c.method == "manifoldgd"
@@ -449,6 +452,9 @@ def fields_digest(fields: dict) -> str:
     import hashlib
 
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+DIT_T_STOP = 25  # SPEC 4 / 4b and the release: a step index, whatever --steps
 
 
 def sd_t_stop(steps: int, formulation: str) -> int:

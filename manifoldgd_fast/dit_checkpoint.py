@@ -36,12 +36,22 @@ def is_dit_checkpoint(path) -> bool:
     return isinstance(path, (str, os.PathLike)) and str(path).endswith((".pt", ".pth")) and os.path.isfile(path)
 
 
+def _load_error(e: Exception) -> str:
+    """torch.load's reason in a few words: its weights-only refusal is a page of advice around one line."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:  # random bytes, or Python objects besides tensors
+        why = next((ln.strip() for ln in text.split("WeightsUnpickler error:", 1)[1].splitlines() if ln.strip()), "")
+        return "not a file of tensors only: " + why.split(". ")[0][:120]
+    if isinstance(e, EOFError):
+        return "the file ends too soon: empty or cut short"
+    return f"{type(e).__name__}: {(text.splitlines() or [''])[0][:160]}"
+
+
 def _state_dict(path: str) -> dict[str, torch.Tensor]:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, or one holding more than tensors
-        raise ModelError(f"--model {path}: not a readable DiT checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:160]})") from None
+        raise ModelError(f"--model {path}: not a readable DiT checkpoint ({_load_error(e)})") from None
     if isinstance(sd, dict) and "ema" in sd and isinstance(sd["ema"], dict):  # a training checkpoint
         sd = sd["ema"]
     if not isinstance(sd, dict) or "x_embedder.proj.weight" not in sd:

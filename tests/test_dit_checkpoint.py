@@ -83,6 +83,16 @@ def test_bad_checkpoints_one_line(tmp_path):
     bad.write_bytes(b"not a torch file")
     with pytest.raises(ModelError, match="not a readable DiT checkpoint"):
         load_dit_checkpoint(str(bad))
+    # torch's weights-only refusal is a page of advice: the line keeps only its reason
+    torch.save({"x": ModelError("a Python object")}, tmp_path / "obj.pt")
+    bad.write_bytes(b"")
+    for path, why in [(tmp_path / "obj.pt", "not a file of tensors only: Unsupported global"),
+                      (bad, "the file ends too soon: empty or cut short")]:
+        with pytest.raises(ModelError) as e:
+            load_dit_checkpoint(str(path))
+        msg = str(e.value)
+        assert msg.startswith(f"--model {path}: not a readable DiT checkpoint ({why}") and "\n" not in msg, msg
+        assert len(msg) < 200 + len(str(path)), msg
     torch.save({"weight": torch.zeros(2)}, tmp_path / "y.pt")
     with pytest.raises(ModelError, match="not an original DiT state dict"):
         load_dit_checkpoint(str(tmp_path / "y.pt"))

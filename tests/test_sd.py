@@ -777,6 +777,10 @@ def test_sd_defaults_follow_the_mgd3_text_to_image_script():
     assert res("sd", steps=50).t_stop == 24 and res("sd", steps=50, formulation="paper").t_stop == 25
     assert res("sd").sampler == "ddpm" and res("sd").cfg_scale == 8.0
     assert res("dit").t_stop == 25 and res("dit", steps=100).t_stop == 25 and res("sd", t_stop=7).t_stop == 7
+    # a DiT run shorter than its default t_stop: the message names --steps and what to give, not a --t-stop never given
+    with pytest.raises(ConfigError, match=r"^--steps 20: fewer than the DiT default --t-stop 25 .* e\.g\. --t-stop 10$"):
+        res("dit", steps=20)
+    assert res("dit", steps=20, t_stop=10).t_stop == 10 and res("sd", steps=20).t_stop < 20
 
 
 def test_sd_folder_without_vae_runs_with_vae_given(sd_world, tmp_path, capsys):
