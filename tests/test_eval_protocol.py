@@ -362,19 +362,18 @@ def _pil_resize_crop(im, short, size):
     return torch.from_numpy(np.array(im.crop((left, top, left + size, top + size)))).permute(2, 0, 1)
 
 
+def _spy_loads(monkeypatch) -> dict:
+    """What evaluate loads, by its progress label ("load validation", "load distilled"): (x, y)."""
+    seen, real_load = {}, P.load_images
+    monkeypatch.setattr(P, "load_images", lambda e, s, **kw: seen.setdefault(kw["desc"], real_load(e, s, **kw)))
+    return seen
+
+
 @pytest.mark.parametrize("val_resize,short", [(None, 9), (12, 12), (8, 8)])  # 9 = round(8 * 256 / 224); 8: release
 def test_evaluate_resizes_and_centre_crops_validation_images(folders, tmp_path, monkeypatch, val_resize, short):
     dist, _ = folders
     val, images = _non_square_val(tmp_path / "val_ns")
-    seen = {}
-    real_load = P.load_images
-
-    def spy(entries, size, **kw):
-        x, y = real_load(entries, size, **kw)
-        seen[kw.get("desc")] = (x, y)
-        return x, y
-
-    monkeypatch.setattr(P, "load_images", spy)
+    seen = _spy_loads(monkeypatch)
     res = P.evaluate(dist, val, nets="convnet6", seeds=1, epochs=1, size=8, device="cpu", progress=False,
                      val_resize=val_resize)
     x, y = seen["load validation"]
@@ -400,15 +399,7 @@ def test_bilinear_resample_reads_every_image_as_the_releases_torchvision(folders
     (25 x 15 at short side 9: long side 15, left offset round(3.5) = 4, where DiT's floor crop takes 3)."""
     dist, _ = folders
     val, images = _non_square_val(tmp_path / "val_ns", w=25, h=15)
-    seen = {}
-    real_load = P.load_images
-
-    def spy(entries, size, **kw):
-        x, y = real_load(entries, size, **kw)
-        seen[kw.get("desc")] = (x, y)
-        return x, y
-
-    monkeypatch.setattr(P, "load_images", spy)
+    seen = _spy_loads(monkeypatch)
     res = P.evaluate(dist, val, nets="convnet6", seeds=1, epochs=1, size=8, device="cpu", progress=False,
                      val_resize=val_resize, resample="bilinear")
     assert res["resample"] == "bilinear" and res["val_preprocess"] == f"resize {short} (short side, PIL bilinear), " \
@@ -507,9 +498,8 @@ def test_restrict_val_uses_only_the_distilled_classes(folders, tmp_path, monkeyp
     val = make_image_folder(tmp_path / "val_all", ["aardvark", *CLASSES, "dog"], 2, size=16, seed=3)
     with pytest.raises(DataError, match="missing from the distilled set: aardvark, dog"):
         P.evaluate(dist, val, device="cpu", progress=False)
-    seen = {}
     real_load = P.load_images
-    monkeypatch.setattr(P, "load_images", lambda e, s, **kw: seen.setdefault(kw["desc"], real_load(e, s, **kw)))
+    seen = _spy_loads(monkeypatch)
     res = P.evaluate(dist, val, nets="convnet6", seeds=1, epochs=1, size=8, device="cpu", progress=False,
                      restrict_val=True)
     assert res["classes"] == CLASSES and res["n_val"] == 6 and res["restrict_val"] is True
