@@ -55,3 +55,14 @@ def test_finetune_cli_bad_input(tiny_world, tmp_path, capsys):
     rc = main(["finetune", "--data", tiny_world["data"], "--model", tiny_world["model"], "--out", str(tmp_path / "x"),
                "--steps", "0"])
     assert rc == 2 and "--steps" in capsys.readouterr().err
+
+
+def test_grad_clip_zero_means_no_clipping(tiny_world, tmp_path):
+    """--grad-clip 0 trains as an unreachable clip does (a max norm of 0 would zero every gradient);
+    a tight clip changes the result."""
+    kw = dict(data=tiny_world["data"], model=tiny_world["model"], steps=2, batch_size=4, save_every=10,
+              cache_dir=os.path.join(tiny_world["root"], "cache"), device="cpu", log=lambda *a: None)
+    none, huge, tight = (_weights(finetune(out=str(tmp_path / n), grad_clip=c, **kw))
+                         for n, c in (("none", 0.0), ("huge", 1e30), ("tight", 1e-6)))
+    assert all(torch.equal(none[k], huge[k]) for k in none)
+    assert any(not torch.equal(none[k], tight[k]) for k in none)
