@@ -1,11 +1,13 @@
 """One class: its modes, guided sampling of its IPC images, their decoding.
 
-``distill_class`` is the unit ``pipeline.distill`` repeats for every class: the
-class's inputs (latents on the device, modes, the paper formulation's
-neighbourhoods; :func:`class_inputs`, or precomputed modes from ``--modes-dir``),
-the sampler (the run's :class:`~manifoldgd_fast.fastloop.FastSampler`, or the
-reference loop), the VAE decode. :func:`_prefetched_inputs` prepares the next
-class on a background thread (a side CUDA stream) while this one samples.
+``distill_group`` is the unit ``pipeline.distill`` repeats: one class, or
+``--class-batch`` classes sampled in one batch (small IPCs fill the GPU). It
+takes each class's inputs (latents on the device, modes, the paper
+formulation's neighbourhoods; :func:`class_inputs`, or precomputed modes from
+``--modes-dir``), runs the sampler (the run's
+:class:`~manifoldgd_fast.fastloop.FastSampler`, or the reference loop) and the
+VAE decode. :func:`_prefetched_inputs` prepares the next classes on a
+background thread (a side CUDA stream) while these sample.
 """
 from __future__ import annotations
 
@@ -119,6 +121,11 @@ def _prefetched_inputs(rcfg: DistillConfig, ctx: dict, name: str) -> tuple[Class
     return inp, done
 
 
+def _prefetched_group(rcfg: DistillConfig, ctx: dict, names: list[str]) -> list[tuple[ClassInputs, Any]]:
+    """:func:`_prefetched_inputs` of each class of a group, in order."""
+    return [_prefetched_inputs(rcfg, ctx, name) for name in names]
+
+
 def _receive(inp: ClassInputs, done) -> ClassInputs:
     """Make a prefetched class's tensors safe to use on the current stream."""
     if done is not None:
@@ -172,6 +179,22 @@ def distill_class(rcfg: DistillConfig, ctx: dict, name: str, label: int, z: torc
     On CUDA nothing here waits for the GPU: the returned :class:`ClassOutput` holds device tensors and
     events, and its ``result()`` (the writer thread calls it) copies them back.
     """
+    inputs = inputs if inputs is not None else class_inputs(rcfg, ctx, name, z)
+    return distill_group(rcfg, ctx, [(name, label, inputs)], progress=progress)[0]
+
+
+def distill_group(rcfg: DistillConfig, ctx: dict, members: list[tuple[str, int, ClassInputs]],
+                  progress=None) -> list[ClassOutput]:
+    """Sample the IPC images of each class of ``members`` ((name, label, inputs), at most
+    ``rcfg.class_batch`` of them); one :class:`ClassOutput` per class, in order.
+
+    ``--class-batch 1``: the class's samples in batches of ``--batch-size`` (CGS: the class as one
+    set). More: the members' samples in one batch, padded to ``class_batch x ipc`` rows
+    (copies of the last sample, dropped after) so that every batch of the run has one shape: a
+    sample's latents then do not depend on which classes share its batch (a resume that groups
+    the classes left otherwise gives the same bytes). Each sample keeps its own generator
+    (``derive_seed(seed, "sample", class, index)``) and guidance-noise id (``label x ipc + index``).
+    """
     from .cgs import CGS
     from .guidance import Guidance
     from .sampler import sample
@@ -179,36 +202,54 @@ def distill_class(rcfg: DistillConfig, ctx: dict, name: str, label: int, z: torc
 
     dev = ctx["device"]
     info = ctx["dit_info"]
-    inputs = inputs if inputs is not None else class_inputs(rcfg, ctx, name, z)
     t0 = time.perf_counter()
     cuda = dev.type == "cuda"
-    events = tuple(torch.cuda.Event(enable_timing=True) for _ in range(3)) if cuda else None
+    events = tuple(torch.cuda.Event(enable_timing=True) for _ in range(2)) if cuda else None
     if cuda:
         events[0].record()
-    z, modes, paper_kw, t_modes = inputs.z, inputs.modes, inputs.paper_kw, inputs.seconds
-    guided = modes is not None
-    cgs = CGS.for_run(rcfg, z.mean(0)) if rcfg.cgs else None
-
-    if (label + 1) * rcfg.ipc > 2 ** 32:
-        raise ConfigError(f"class {name}: label {label} x --ipc {rcfg.ipc} exceeds the 2^32 guidance-noise ids")
+    ipc = rcfg.ipc
+    for name, label, _ in members:
+        if (label + 1) * ipc > 2 ** 32:
+            raise ConfigError(f"class {name}: label {label} x --ipc {ipc} exceeds the 2^32 guidance-noise ids")
+    if len(members) > rcfg.class_batch:
+        raise ConfigError(f"{len(members)} classes in one batch, more than --class-batch {rcfg.class_batch}")
+    single = rcfg.class_batch == 1
+    inputs0 = members[0][2]
+    guided = inputs0.modes is not None
+    cgs = CGS.for_run(rcfg, inputs0.z.mean(0)) if rcfg.cgs else None  # resolve: CGS runs one class at a time
     fast = fast_sampler(rcfg, ctx)
     schedule = (fast.run.schedule if fast is not None  # schedule_kw: the SD family's betas / timesteps / variance
                 else make_schedule(rcfg.steps, rcfg.sampler, device=dev, **ctx.get("schedule_kw", {})))
     shape = (info["in_channels"], info["latent_size"], info["latent_size"])
-    # CGS denoises the class as one set (the DiT forward still in chunks of batch_size)
-    step = rcfg.ipc if cgs is not None else rcfg.batch_size
-    out_latents, traces = [], []
-    for start in range(0, rcfg.ipc, step):
-        idx = list(range(start, min(rcfg.ipc, start + step)))
-        gens = [torch.Generator(device=dev).manual_seed(derive_seed(rcfg.seed, "sample", name, j)) for j in idx]
+    # (member, sample index) per row. One class a batch: CGS denoises it as one set (the DiT forward still
+    # in chunks of batch_size), else batches of batch_size. Else one batch of class_batch x ipc rows.
+    if single:
+        step = ipc if cgs is not None else rcfg.batch_size
+        batches = [[(0, j) for j in range(s, min(ipc, s + step))] for s in range(0, ipc, step)]
+    else:
+        batches = [[(c, j) for c in range(len(members)) for j in range(ipc)]]
+    lats, traces = [], []
+
+    def generator(c: int, j: int) -> torch.Generator:
+        return torch.Generator(device=dev).manual_seed(derive_seed(rcfg.seed, "sample", members[c][0], j))
+
+    for batch in batches:
+        rows = batch if single else batch + [batch[-1]] * (rcfg.class_batch * ipc - len(batch))  # padding
+        gens = [generator(c, j) for c, j in rows]  # a pad row has a generator of its own (the same seed)
         x_T = torch.stack([torch.randn(shape, generator=g, device=dev) for g in gens])
-        y = torch.full((len(idx),), label, dtype=torch.long, device=dev)
+        y = torch.tensor([members[c][1] for c, _ in rows], dtype=torch.long, device=dev)
         guidance = None
         if guided:
-            kw = {k: (v[idx] if k in ("order", "sorted_dists") else v) for k, v in paper_kw.items()}
+            if single:
+                idx = [j for _, j in rows]
+                modes = inputs0.modes[idx]
+                kw = {k: (v[idx] if k in ("order", "sorted_dists") else v) for k, v in inputs0.paper_kw.items()}
+            else:  # the paper formulation (a patch per class) runs one class at a time: resolve sees to it
+                modes = torch.stack([members[c][2].modes[j] for c, j in rows])
+                kw = {}
             # one Philox key for the run, ids unique over (class, sample): a captured step serves every class
-            guidance = Guidance(rcfg, schedule, modes[idx], gens, noise_seed=derive_seed(rcfg.seed, "guidance"),
-                                sample_ids=[label * rcfg.ipc + j for j in idx], **kw)
+            guidance = Guidance(rcfg, schedule, modes, gens, noise_seed=derive_seed(rcfg.seed, "guidance"),
+                                sample_ids=[members[c][1] * ipc + j for c, j in rows], **kw)
         # |x| of each sample after each step (b, steps): ManifoldGD's trajectory variance
         if fast is not None:
             lat, trace = fast.sample(x_T, y, gens, guidance=guidance, cgs=cgs)
@@ -220,15 +261,15 @@ def distill_class(rcfg: DistillConfig, ctx: dict, name: str, label: int, z: torc
                          forward_batch=rcfg.batch_size, attention=rcfg.attention,
                          callback=lambda i, x: norms.append(x.flatten(1).norm(dim=1)))
             trace = torch.stack(norms, 1)
-        out_latents.append(lat)
+        lats.append(lat)
         traces.append(trace)
         if progress is not None:
-            progress.update(len(idx))
-    latents = torch.cat(out_latents)
-    trace = torch.cat(traces)
+            progress.update(len(batch))
+    # every row in order: member c's samples are rows c x ipc ... (c + 1) x ipc - 1, the pad rows last
+    latents, trace = torch.cat(lats), torch.cat(traces)
     t_sample = time.perf_counter() - t0
     side = contextlib.nullcontext()
-    if cuda:  # decode on a stream of its own: it computes beside the next class's sampling
+    if cuda:  # decode on a stream of its own: it computes beside the next batch's sampling
         events[1].record()
         stream = ctx.setdefault("decode_stream", torch.cuda.Stream(dev))
         stream.wait_event(events[1])
@@ -236,15 +277,26 @@ def distill_class(rcfg: DistillConfig, ctx: dict, name: str, label: int, z: torc
             t.record_stream(stream)   # made on the sampling stream, read on the decode stream
         side = torch.cuda.stream(stream)
     with side:
-        with phase("vae_decode"):
+        with phase("vae_decode"):  # the pad rows too: every decode of the run has one shape
             images, finite = decode_latents(ctx["vae"], latents, rcfg.batch_size, ctx["dtype"], host=not cuda)
-        # variance across the class's samples of |x| at each step (population variance, as the paper plots it)
-        var = trace.double().var(dim=0, correction=0)
+        parts = []
+        for c in range(len(members)):
+            rows = slice(c * ipc, (c + 1) * ipc)
+            # variance across the class's samples of |x| at each step (population variance, as the paper plots it)
+            parts.append((images[rows], latents[rows], trace[rows].double().var(dim=0, correction=0),
+                          finite[rows].all()))
         if cuda:
+            events = (*events, torch.cuda.Event(enable_timing=True))
             events[2].record()
-    stats = dict(label=label, n_latents=int(z.shape[0]), ipc=rcfg.ipc, seconds_modes=round(t_modes, 3),
-                 seconds_sampling=round(t_sample, 3), seconds_total=round(time.perf_counter() - t0 + t_modes, 3))
-    return ClassOutput(images, latents, var, stats, events, finite)
+    outputs = []
+    for (name, label, inputs), (imgs, lat, var, ok) in zip(members, parts):
+        stats = dict(label=label, n_latents=int(inputs.z.shape[0]), ipc=ipc, seconds_modes=round(inputs.seconds, 3),
+                     seconds_sampling=round(t_sample, 3),
+                     seconds_total=round(time.perf_counter() - t0 + inputs.seconds, 3))
+        if not single:  # the sampling time is the batch's
+            stats["sampled_with"] = [m[0] for m in members]
+        outputs.append(ClassOutput(imgs, lat, var, stats, events, ok))
+    return outputs
 
 
 # Overlap mode discovery of the next class with sampling on the CPU too (off: both compete for the same
@@ -279,29 +331,30 @@ def fast_sampler(rcfg: DistillConfig, ctx: dict):
 
 @torch.no_grad()
 def decode_latents(vae, latents: torch.Tensor, batch_size: int, dtype: torch.dtype, host: bool = True):
-    """VAE-decode latents (N, C, h, w) in batches -> (uint8 (N, H, W, 3), finite).
+    """VAE-decode latents (N, C, h, w) in batches -> (uint8 (N, H, W, 3), finite (N,)).
 
     The images are numpy, or (host=False) a tensor on the VAE's device, so the caller need not
-    wait for the decode; ``finite`` is a 0-dim bool tensor beside them: False when some pixel came
-    out NaN or inf (an fp16 decoder that overflowed), which uint8 would turn into black images.
+    wait for the decode; ``finite`` is a bool tensor beside them, per image: False where some pixel
+    came out NaN or inf (an fp16 decoder that overflowed), which uint8 would turn into black.
     """
     import numpy as np
 
     sf = vae.config.scaling_factor
     dev = next(vae.parameters()).device
     amp = (torch.autocast(dev.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
-    out, finite = [], torch.ones((), dtype=torch.bool, device=dev)
+    out, finite = [], []
     for s in range(0, latents.shape[0], batch_size):
         with amp:
             img = vae.decode(latents[s:s + batch_size].to(dev) / sf).sample
-        finite &= torch.isfinite(img).all()  # on the device: no host sync
+        finite.append(torch.isfinite(img).flatten(1).all(1))  # on the device: no host sync
         out.append(to_uint8_images(img) if host else to_uint8_tensor(img))
-    return (np.concatenate(out) if host else torch.cat(out)), finite
+    return (np.concatenate(out) if host else torch.cat(out)), torch.cat(finite)
 
 
 def check_decoded(finite, name: str, dtype: torch.dtype) -> None:
-    """Raise ConfigError naming the class when its decode gave NaN / inf pixels (see :func:`decode_latents`)."""
-    if not bool(finite):
+    """Raise ConfigError naming the class when its decode gave NaN / inf pixels (``finite``: a bool, or
+    :func:`decode_latents`'s per-image flags)."""
+    if not bool(torch.as_tensor(finite).all()):
         hint = "decode in bfloat16 or float32 (--dtype)" if dtype == torch.float16 else "check the VAE's weights (--vae)"
         raise ConfigError(f"class {name}: the VAE decoded NaN or inf pixels (its latents were finite); nothing "
                           f"written for it; {hint}")

@@ -61,6 +61,8 @@ class DistillConfig:
     seed: int = 0
     ipc: int = 10
     batch_size: int = 16               # samples denoised together (x2 in the DiT forward for CFG)
+    class_batch: int | None = None     # classes sampled in one batch; None = batch_size // ipc (at most the run's
+                                       # classes) where the run allows several (DiT, no CGS, not paper), else 1
     encode_batch_size: int = 32
     encode_workers: int | None = None  # image-reading DataLoader workers of the cache; None = min(8, CPUs / ranks)
     backend: str = "auto"              # guidance ops: auto | reference | triton
@@ -175,6 +177,7 @@ class DistillConfig:
                      "cloud_size", "d", "min_leaf"):
             positive_int(name)
         positive_int("encode_workers", allow_none=True, minimum=0)
+        positive_int("class_batch", allow_none=True)
         positive_int("k", allow_none=True, minimum=2)
         positive_int("k_min", allow_none=True, minimum=2)
         positive_int("level", allow_none=True, minimum=0)
@@ -300,6 +303,14 @@ class DistillConfig:
             c.ridge = 1e-5 if official else 1e-4
         if c.k_min is None:
             c.k_min = 2 * c.k
+        # several classes in one batch where each sample's guidance is its own: not CGS (a class is one
+        # set), not the paper formulation (a patch per class), not SD (one prompt batch per class)
+        why_not = ("CGS" if c.cgs else "the paper formulation" if c.method == "manifoldgd" and not official
+                   else "Stable Diffusion" if sd else None)
+        if c.class_batch is None:
+            c.class_batch = 1 if why_not else max(1, min(c.batch_size // c.ipc, n_classes))  # no more than the run has
+        elif c.class_batch > 1 and why_not:
+            raise ConfigError(f"--class-batch {c.class_batch}: {why_not} samples one class at a time (give 1)")
         return c.validate()
 
     def dataset_defaults(self, n_classes: int) -> dict[str, Any]:
@@ -438,7 +449,7 @@ TIME_EMBEDDINGS = ("auto", "original", "diffusers")  # the DiT's timestep featur
 # Fields the run fingerprint leaves out: where things go, and what changes only the float rounding
 # (the fast loop gives the reference loop's latents); a resume may change them.
 UNHASHED_FIELDS = ("out", "cache_dir", "device", "batch_size", "encode_batch_size", "encode_workers", "contact_sheet",
-                   "extra", "backend", "modes_dir", "loop")
+                   "extra", "backend", "modes_dir", "loop", "class_batch")
 
 
 def fingerprint(cfg: "DistillConfig", entries=None) -> str:

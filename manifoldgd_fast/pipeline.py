@@ -30,7 +30,7 @@ from .distributed import Shard
 from .profile import phase
 from .errors import ConfigError, DataError
 from . import classrun
-from .classrun import (_check_class, _prefetched_inputs, _receive, check_decoded, class_modes, distill_class, modes_file,
+from .classrun import (_check_class, _prefetched_group, _receive, check_decoded, class_modes, distill_group, modes_file,
                        read_modes)
 from .output import (MANIFEST, MODES_DIR, RESERVED_DIRS, OutputWriter, RunLock, atomic_write_bytes, class_done,
                      resize_images)
@@ -284,7 +284,7 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
     # What changes the float rounding but not the maths (the fingerprint leaves it out so that a resume
     # can, e.g., lower the batch size after running out of memory): recorded per class, warned about.
     numerics = dict(device=ctx["device"].type, batch_size=rcfg.batch_size, encode_batch_size=rcfg.encode_batch_size,
-                    backend=rcfg.backend, loop=rcfg.loop)
+                    backend=rcfg.backend, loop=rcfg.loop, class_batch=rcfg.class_batch)
     changed = sorted({k for v in status.values() for k, x in v.get("numerics", {}).items() if numerics.get(k) != x})
     if changed:
         log.warning("resuming %s with other %s than its finished classes: the classes still to do can differ from "
@@ -342,30 +342,35 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
                 status[name] = finished[name]
             write_manifest()
 
-    # Two background threads around the sampling of class c: one loads the latents of class c+1 and
-    # discovers its modes (on CUDA on a side stream: the GPU interleaves it with the sampling), the
-    # other copies class c-1 back from the GPU (on a copy stream, as soon as it is decoded), resizes,
-    # encodes and writes its PNGs. On CUDA the main thread never waits for the GPU, so the device
-    # queue never runs dry between classes. At most one class waits on either side; an error on
-    # either stops the run at the next class. Results do not depend on the overlap.
+    # The classes go in groups of --class-batch, each group sampled in one batch (one class a group
+    # by default where IPC >= --batch-size). Two background threads around the sampling of group g:
+    # one loads the latents of group g+1 and discovers their modes (on CUDA on a side stream: the GPU
+    # interleaves it with the sampling), the other copies group g-1 back from the GPU (on a copy
+    # stream, as soon as each class is decoded), resizes, encodes and writes its PNGs. On CUDA the
+    # main thread never waits for the GPU, so the device queue never runs dry between groups. At most
+    # one group waits on either side; an error on either stops the run at the next group. Results do
+    # not depend on the overlap, nor on which classes share a group.
     overlap = ctx["device"].type == "cuda" or classrun.PREFETCH_ON_CPU
+    groups = [todo[i:i + rcfg.class_batch] for i in range(0, len(todo), rcfg.class_batch)]
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="manifoldgd-write") as pool, \
             concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="manifoldgd-modes") as pre:
-        def prefetch(e):
+        def prefetch(group):
             if not overlap:
                 return None
-            return pre.submit(contextvars.copy_context().run, _prefetched_inputs, rcfg, ctx, e.name)
+            return pre.submit(contextvars.copy_context().run, _prefetched_group, rcfg, ctx, [e.name for e in group])
 
-        pending, ahead = None, prefetch(todo[0]) if todo else None
-        for k, e in enumerate(todo):
-            inputs = _receive(*ahead.result()) if ahead is not None else _prefetched_inputs(rcfg, ctx, e.name)[0]
-            ahead = prefetch(todo[k + 1]) if k + 1 < len(todo) else None
-            output = distill_class(rcfg, ctx, e.name, e.label, progress=bar, inputs=inputs)
-            if pending is not None:
-                pending.result()
-            pending = pool.submit(contextvars.copy_context().run, save, e.name, output, ctx["prompts"].get(e.name))
-        if pending is not None:
-            pending.result()
+        pending, ahead = [], prefetch(groups[0]) if groups else None
+        for k, group in enumerate(groups):
+            got = ahead.result() if ahead is not None else _prefetched_group(rcfg, ctx, [e.name for e in group])
+            members = [(e.name, e.label, _receive(*g)) for e, g in zip(group, got)]
+            ahead = prefetch(groups[k + 1]) if k + 1 < len(groups) else None
+            outputs = distill_group(rcfg, ctx, members, progress=bar)
+            for f in pending:
+                f.result()
+            pending = [pool.submit(contextvars.copy_context().run, save, e.name, output, ctx["prompts"].get(e.name))
+                       for e, output in zip(group, outputs)]
+        for f in pending:
+            f.result()
     bar.close()
     shard.barrier()  # every rank's classes are on disk
     if shard.is_main:

@@ -38,7 +38,8 @@ def _torchrun(world, out, nproc, steps=10, command="distill", cache=None, extra=
     return r
 
 
-@pytest.mark.parametrize("extra", [(), ("--method", "cgs")], ids=["manifoldgd", "cgs"])
+# --class-batch 2: one rank and two group the 5 classes differently; a sample's bytes do not depend on that
+@pytest.mark.parametrize("extra", [(), ("--method", "cgs"), ("--class-batch", "2")], ids=["manifoldgd", "cgs", "class-batch"])
 def test_two_ranks_same_bytes_as_one(world, tmp_path, extra):
     import json
 

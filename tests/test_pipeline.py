@@ -7,10 +7,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 from manifoldgd_fast import DistillConfig, distill
 from manifoldgd_fast.cli import main
+from manifoldgd_fast.errors import ConfigError
 from manifoldgd_fast.output import OutputWriter
 
 FAST = ["--ipc", "2", "--steps", "10", "--t-stop", "5", "--batch-size", "2"]
@@ -530,3 +532,50 @@ def test_manifest_names_the_weights_and_a_resume_with_other_weights_is_refused(t
     save_pretrained_folder(build_dit(tiny_dit_config(num_classes=3, sample_size=8), seed=1), str(model / "transformer"))
     line = _bad(w, tmp_path, args, capsys)
     assert "holds a run made with other model weights (sha256 " + man["weights"]["model"] in line, line
+
+
+# --------------------------------------------------------------------------- several classes in one batch
+def test_class_batch_defaults_and_where_it_is_refused():
+    def res(**kw):
+        return DistillConfig(**{"ipc": 2, "batch_size": 16, **kw}).resolve(10)
+
+    assert res().class_batch == 8 and res(ipc=10).class_batch == 1 and res(ipc=10, batch_size=64).class_batch == 6
+    assert res(class_batch=3).class_batch == 3
+    assert DistillConfig(ipc=1).resolve(10).class_batch == 10  # batch 16 // IPC 1, but the run has 10 classes
+    assert res(method="cgs").class_batch == 1 and res(formulation="paper").class_batch == 1
+    assert DistillConfig(ipc=2).resolve(10, backbone="sd").class_batch == 1
+    assert res(method="mgd3").class_batch == 8 and res(formulation="paper", method="mgd3").class_batch == 8
+    for kw, why in [({"method": "cgs"}, "CGS"), ({"formulation": "paper"}, "the paper formulation")]:
+        with pytest.raises(ConfigError, match=f"^--class-batch 2: {why} samples one class at a time"):
+            res(class_batch=2, **kw)
+    with pytest.raises(ConfigError, match="--class-batch must be an integer >= 1"):
+        DistillConfig(class_batch=0).validate()
+
+
+@pytest.mark.parametrize("extra", [[], ["--method", "mgd3"], ["--method", "dit"]])
+def test_classes_sampled_together_give_the_same_bytes_whoever_shares_their_batch(tiny_world, tmp_path, extra):
+    """--class-batch 2 over 3 classes: (apple, banana) and (cherry + a pad row). A resume that redoes apple
+    alone (padded) writes apple's bytes again; one class a batch differs from it by float rounding only."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    common = ["--guidance-noise", "philox", *extra]
+    assert main(_args(tiny_world, tmp_path / "two", "--class-batch", "2", *common)) == 0
+    man = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert man["classes"]["apple"]["sampled_with"] == ["apple", "banana"]
+    assert man["classes"]["cherry"]["sampled_with"] == ["cherry"] and man["config"]["class_batch"] == 2
+    assert man["classes"]["apple"]["numerics"]["class_batch"] == 2
+    before = _digest(tmp_path / "two")
+    shutil.rmtree(tmp_path / "two" / "apple")
+    assert main(_args(tiny_world, tmp_path / "two", "--class-batch", "2", *common)) == 0
+    assert _digest(tmp_path / "two") == before and len(before) == 9
+    again = json.loads((tmp_path / "two" / "manifest.json").read_text())["classes"]["apple"]
+    assert again["sampled_with"] == ["apple"]  # this time alone in its (padded) batch
+    # one class a batch: the same run up to float rounding (the fingerprint leaves class_batch out)
+    assert main(_args(tiny_world, tmp_path / "one", "--class-batch", "1", *common)) == 0
+    one = json.loads((tmp_path / "one" / "manifest.json").read_text())
+    assert one["fingerprint"] == man["fingerprint"] and "sampled_with" not in one["classes"]["apple"]
+    for c in ("apple", "banana", "cherry"):
+        a, b = (load_file(str(tmp_path / d / "latents" / f"{c}.safetensors"))["latents"] for d in ("two", "one"))
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
