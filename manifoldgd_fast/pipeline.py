@@ -285,7 +285,9 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
     # can, e.g., lower the batch size after running out of memory): recorded per class, warned about.
     numerics = dict(device=ctx["device"].type, batch_size=rcfg.batch_size, encode_batch_size=rcfg.encode_batch_size,
                     backend=rcfg.backend, loop=rcfg.loop, class_batch=rcfg.class_batch)
-    changed = sorted({k for v in status.values() for k, x in v.get("numerics", {}).items() if numerics.get(k) != x})
+    # (classes finished before --class-batch existed were sampled one class at a time)
+    changed = sorted({k for v in status.values() if "numerics" in v
+                      for k, x in {"class_batch": 1, **v["numerics"]}.items() if numerics.get(k) != x})
     if changed:
         log.warning("resuming %s with other %s than its finished classes: the classes still to do can differ from "
                     "a run made in one go by float rounding", cfg.out, ", ".join(changed))

@@ -553,7 +553,7 @@ def test_class_batch_defaults_and_where_it_is_refused():
 
 
 @pytest.mark.parametrize("extra", [[], ["--method", "mgd3"], ["--method", "dit"]])
-def test_classes_sampled_together_give_the_same_bytes_whoever_shares_their_batch(tiny_world, tmp_path, extra):
+def test_classes_sampled_together_give_the_same_bytes_whoever_shares_their_batch(tiny_world, tmp_path, capsys, extra):
     """--class-batch 2 over 3 classes: (apple, banana) and (cherry + a pad row). A resume that redoes apple
     alone (padded) writes apple's bytes again; one class a batch differs from it by float rounding only."""
     import shutil
@@ -572,6 +572,20 @@ def test_classes_sampled_together_give_the_same_bytes_whoever_shares_their_batch
     assert _digest(tmp_path / "two") == before and len(before) == 9
     again = json.loads((tmp_path / "two" / "manifest.json").read_text())["classes"]["apple"]
     assert again["sampled_with"] == ["apple"]  # this time alone in its (padded) batch
+    if not extra:  # classes finished before --class-batch existed count as one class a batch: a resume warns
+        from manifoldgd_fast.output import DONE_MARK
+
+        for c in ("banana", "cherry"):
+            info_path = tmp_path / "two" / c / DONE_MARK
+            info = json.loads(info_path.read_text())
+            del info["numerics"]["class_batch"]
+            info_path.write_text(json.dumps(info))
+        shutil.rmtree(tmp_path / "two" / "apple")
+        capsys.readouterr()
+        assert main(_args(tiny_world, tmp_path / "two", "--class-batch", "2", *common)) == 0
+        err = capsys.readouterr().err
+        assert "resuming" in err and "class_batch" in err, err
+        assert _digest(tmp_path / "two") == before
     # one class a batch: the same run up to float rounding (the fingerprint leaves class_batch out)
     assert main(_args(tiny_world, tmp_path / "one", "--class-batch", "1", *common)) == 0
     one = json.loads((tmp_path / "one" / "manifest.json").read_text())
