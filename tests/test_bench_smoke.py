@@ -1,7 +1,7 @@
 """The GPU benchmark scripts run through on the CPU, so that GPU time is never spent finding a typo.
 
 Each script has a CPU mode at toy sizes: ``--smoke`` (bench_kernels, bench_dit_ops: the kernels
-interpreted under TRITON_INTERPRET=1) or ``--tiny`` (bench_sampling); bench_modes and bench_cache
+interpreted under TRITON_INTERPRET=1) or ``--tiny`` (bench_sampling); bench_modes, bench_cache and bench_class_batch
 take small sizes. These runs measure nothing and assert no figure: they check that every row of
 the report is produced, on the same code paths the GPU run takes apart from the device.
 (bench_sd's CPU run is in tests/test_sd.py.)
@@ -16,8 +16,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(script, *args, interpret=False, timeout=600):
-    env = dict(os.environ)
+def _run(script, *args, interpret=False, timeout=600, **extra_env):
+    env = dict(os.environ, **extra_env)
     env.pop("TRITON_INTERPRET", None)
     if interpret:
         env["TRITON_INTERPRET"] = "1"
@@ -80,3 +80,13 @@ def test_bench_modes_and_cache_small():
     out = _run("bench_cache.py", "--device", "cpu", "--vae", "shipped", "--n", "16", "--classes", "2", "--batch", "8", "--workers", "0",
                "1", "--repeat", "1")
     assert "byte-identical across num_workers [0, 1]: yes" in out
+
+
+def test_bench_class_batch_small(tmp_path):
+    """The digits world at IPC 5, 4 steps: one row for --class-batch 1, one for the default (16 // 5 = 3)."""
+    js = tmp_path / "cb.json"
+    out = _run("bench_class_batch.py", "--ipc", "5", "--extra", "--steps 4 --t-stop 2", "--json", str(js),
+               MANIFOLDGD_CACHE=str(tmp_path / "cache"))
+    rows = json.loads(js.read_text())
+    assert [(r["ipc"], r["class_batch"], r["images"]) for r in rows] == [(5, 1, 50), (5, 3, 50)], rows
+    assert all(r["images_per_s"] > 0 for r in rows) and "| 5 | 3 |" in out
