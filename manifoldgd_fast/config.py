@@ -62,7 +62,7 @@ class DistillConfig:
     ipc: int = 10
     batch_size: int = 16               # samples denoised together (x2 in the DiT forward for CFG)
     class_batch: int | None = None     # classes sampled in one batch; None = batch_size // ipc (at most the run's
-                                       # classes) where the run allows several (DiT, no CGS, not paper), else 1
+                                       # classes) where the run allows several (no CGS, not paper), else 1
     encode_batch_size: int = 32
     encode_workers: int | None = None  # image-reading DataLoader workers of the cache; None = min(8, CPUs / ranks)
     backend: str = "auto"              # guidance ops: auto | reference | triton
@@ -304,9 +304,9 @@ class DistillConfig:
         if c.k_min is None:
             c.k_min = 2 * c.k
         # several classes in one batch where each sample's guidance is its own: not CGS (a class is one
-        # set), not the paper formulation (a patch per class), not SD (one prompt batch per class)
+        # set), not the paper formulation (a patch per class)
         why_not = ("CGS" if c.cgs else "the paper formulation" if c.method == "manifoldgd" and not official
-                   else "Stable Diffusion" if sd else None)
+                   else None)
         if c.class_batch is None:
             c.class_batch = 1 if why_not else max(1, min(c.batch_size // c.ipc, n_classes))  # no more than the run has
         elif c.class_batch > 1 and why_not:

@@ -543,7 +543,7 @@ def test_class_batch_defaults_and_where_it_is_refused():
     assert res(class_batch=3).class_batch == 3
     assert DistillConfig(ipc=1).resolve(10).class_batch == 10  # batch 16 // IPC 1, but the run has 10 classes
     assert res(method="cgs").class_batch == 1 and res(formulation="paper").class_batch == 1
-    assert DistillConfig(ipc=2).resolve(10, backbone="sd").class_batch == 1
+    assert DistillConfig(ipc=2).resolve(10, backbone="sd").class_batch == 8
     assert res(method="mgd3").class_batch == 8 and res(formulation="paper", method="mgd3").class_batch == 8
     for kw, why in [({"method": "cgs"}, "CGS"), ({"formulation": "paper"}, "the paper formulation")]:
         with pytest.raises(ConfigError, match=f"^--class-batch 2: {why} samples one class at a time"):

@@ -86,6 +86,29 @@ def test_fast_loop_gives_the_reference_bytes_on_sd(sd_world, tmp_path):
     assert outs["fast"] == outs["reference"]
 
 
+def test_classes_sampled_together_on_sd(sd_world, tmp_path):
+    """--class-batch 2 on SD: each row takes its own class's prompt embedding; a resume that redoes one
+    class alone (a padded batch) writes its bytes again, and one class a batch differs by rounding only."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from test_pipeline import _digest
+
+    two = tmp_path / "two"
+    assert main(_args(sd_world, two, "--class-batch", "2")) == 0
+    man = json.loads((two / "manifest.json").read_text())
+    order = sorted(CLASSES)  # the run's class order
+    assert man["config"]["class_batch"] == 2 and man["classes"][order[0]]["sampled_with"] == order[:2]
+    before = _digest(two)
+    shutil.rmtree(two / order[0])
+    assert main(_args(sd_world, two, "--class-batch", "2")) == 0
+    assert _digest(two) == before
+    assert main(_args(sd_world, tmp_path / "one", "--class-batch", "1")) == 0
+    for c in CLASSES:
+        a, b = (load_file(str(d / "latents" / f"{c}.safetensors"))["latents"] for d in (two, tmp_path / "one"))
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # a row under another class's prompt would not be
+
+
 def test_prompts_reach_the_text_encoder_once_per_class(sd_world, tmp_path, monkeypatch):
     """The class prompts (and the empty negative prompt) are what the CLIP text encoder sees, in one
     batch before sampling, never per step; different prompts give different embedding rows."""
