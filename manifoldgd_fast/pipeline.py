@@ -344,8 +344,9 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
                 status[name] = finished[name]
             write_manifest()
 
-    # The classes go in groups of --class-batch, each group sampled in one batch (one class a group
-    # by default where IPC >= --batch-size). Two background threads around the sampling of group g:
+    # The classes go in groups of --class-batch, each group sampled in one batch (by default one class
+    # a group where IPC > --batch-size / 2, and with CGS or the paper formulation). Two background
+    # threads around the sampling of group g:
     # one loads the latents of group g+1 and discovers their modes (on CUDA on a side stream: the GPU
     # interleaves it with the sampling), the other copies group g-1 back from the GPU (on a copy
     # stream, as soon as each class is decoded), resizes, encodes and writes its PNGs. On CUDA the
