@@ -10,6 +10,9 @@
 // Sweeps stop when the off-diagonal mass <= tol^2 |A|_F^2 (decided inside the kernel: no host
 // synchronisation, so the launch can be captured in a CUDA graph) or after max_sweeps.
 // Output: eigenvalues descending (ties: lower position first) and the matching columns of V.
+// A matrix whose largest entry lies outside [2^-60, 2^60] is divided by it first and its
+// eigenvalues multiplied back (|A|_F^2 would overflow or underflow fp32); NaN / inf entries make
+// every output of their matrix NaN. As the Triton and PyTorch solvers do.
 //
 // Pure CUDA runtime (no torch headers), so CI compiles it with plain nvcc; the PyTorch binding
 // is compiled at run time by kernels/cuda_ext.py (torch.utils.cpp_extension.load_inline).
@@ -33,6 +36,21 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
   return s;
 }
 
+__device__ __forceinline__ float block_max(float v, float* red) {
+  // max over the block (NaN ignored, as fmaxf does); every thread gets the result
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float m = red[0];
+  for (int w = 1; w < kThreads / 32; ++w) m = fmaxf(m, red[w]);
+  return m;
+}
+
+constexpr float kRescaleAbove = 1.152921504606847e18f;   // 2^60
+constexpr float kRescaleBelow = 8.673617379884035e-19f;  // 2^-60
+
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(kThreads)
@@ -51,13 +69,23 @@ mgd_sym_eig_f32(const float* __restrict__ A, float* __restrict__ w, float* __res
   const int K = n + (n & 1);
   const float* Ab = A + b * n * n;
 
-  float fro = 0.f;
+  float amax = 0.f, bad = 0.f;
   for (int e = tid; e < K * K; e += kThreads) {
     const int i = e / K, j = e % K;
     const float x = (i < n && j < n) ? 0.5f * (Ab[i * n + j] + Ab[j * n + i]) : 0.f;
     a[i][j] = x;
     v[i][j] = (i == j) ? 1.f : 0.f;
-    fro += x * x;
+    amax = fmaxf(amax, fabsf(x));
+    bad += x * 0.f;                                     // NaN where an entry is NaN or inf
+  }
+  amax = block_max(amax, red);
+  bad = block_sum(bad, red);
+  const float scale = (amax > kRescaleAbove || (amax > 0.f && amax < kRescaleBelow)) ? amax : 1.f;
+  float fro = 0.f;
+  for (int e = tid; e < K * K; e += kThreads) {
+    const int i = e / K, j = e % K;
+    a[i][j] /= scale;
+    fro += a[i][j] * a[i][j];
   }
   fro = block_sum(fro, red);
 
@@ -130,14 +158,15 @@ mgd_sym_eig_f32(const float* __restrict__ A, float* __restrict__ w, float* __res
   }
 
   // descending order by rank; ties keep the lower position first
-  if (tid < n) evals[tid] = a[tid][tid];
+  if (tid < n) evals[tid] = a[tid][tid] * scale;
   __syncthreads();
   if (tid < n) {
     const float x = evals[tid];
     int rank = 0;
     for (int j = 0; j < n; ++j) rank += (evals[j] > x) || (evals[j] == x && j < tid);
-    w[b * n + rank] = x;
-    for (int i = 0; i < n; ++i) V[b * n * n + (long long)i * n + rank] = v[i][tid];
+    if (bad != 0.f) rank = tid;                         // NaN: every output NaN, in place
+    w[b * n + rank] = x + bad;
+    for (int i = 0; i < n; ++i) V[b * n * n + (long long)i * n + rank] = v[i][tid] + bad;
   }
 }
 

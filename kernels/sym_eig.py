@@ -18,7 +18,10 @@ Both members of a pair compute the angle from the same symmetrised ``a_pq``, so
 they agree bit for bit. Sweeps stop when the off-diagonal mass is below
 ``tol^2 |A|_F^2`` or after ``MAX_SWEEPS`` (a loop inside the kernel: no host sync,
 so it can be captured in a CUDA graph). Cyclic Jacobi converges quadratically;
-6-10 sweeps at n = 64 in fp32.
+6-10 sweeps at n = 64 in fp32. A matrix whose largest entry lies outside
+[2^-60, 2^60] is divided by it first and its eigenvalues multiplied back
+(``|A|_F^2`` would overflow or underflow fp32); NaN / inf entries make every
+output of their matrix NaN (the sampler's finite checks then name the class).
 
 Unlike ``torch.linalg.eigh`` (cuSOLVER; slow from n >= 33 on batches and not
 capturable), this is one launch with no workspace.
@@ -44,6 +47,13 @@ def jacobi_eigh(A, K: tl.constexpr, MAX_SWEEPS: tl.constexpr, TOL: tl.constexpr)
     eye = ii == jj
     V = tl.where(eye, 1.0, 0.0)
     A = 0.5 * (A + tl.trans(A))
+    # largest entry outside [2^-60, 2^60]: divide by it (|A|_F^2 would overflow / underflow fp32), multiply
+    # the eigenvalues back after; non-finite entries make every output NaN (as sym_eig_torch)
+    amax = tl.max(tl.max(tl.abs(A), axis=1), axis=0)
+    rescale = (amax > 1.152921504606847e18) | ((amax > 0.0) & (amax < 8.673617379884035e-19))
+    scale = tl.where(rescale, amax, 1.0)
+    bad = tl.sum(tl.sum(A * 0.0, axis=1), axis=0)
+    A = A / scale
     fro2 = tl.sum(tl.sum(A * A, axis=1), axis=0)
     off2 = tl.sum(tl.sum(tl.where(eye, 0.0, A * A), axis=1), axis=0)
     tiny = 1.4210855e-14 * tl.sqrt(fro2)      # eps^2 |A|_F: below it an entry moves nothing (and would go denormal)
@@ -86,7 +96,7 @@ def jacobi_eigh(A, K: tl.constexpr, MAX_SWEEPS: tl.constexpr, TOL: tl.constexpr)
             V = V + sg[None, :] * (Vp - stau[None, :] * V)
         off2 = tl.sum(tl.sum(tl.where(eye, 0.0, A * A), axis=1), axis=0)
         sweep += 1
-    return tl.sum(tl.where(eye, A, 0.0), axis=1), V
+    return tl.sum(tl.where(eye, A, 0.0), axis=1) * scale + bad, V + bad
 
 
 @triton.jit
@@ -104,6 +114,7 @@ def _sym_eig_kernel(a_ptr, w_ptr, v_ptr, n, K: tl.constexpr, MAX_SWEEPS: tl.cons
     rank = tl.sum(before.to(tl.int32), axis=1)                           # position of eigenpair i
     sel = rank[:, None] == ar[None, :]                                    # sel[i, r]: pair i goes to slot r
     w_sorted = tl.sum(tl.where(sel, w[:, None], 0.0), axis=0)
+    w_sorted += tl.sum(tl.where(ar < n, w, 0.0) * 0.0, axis=0)            # NaN eigenvalues (NaN input): all NaN
     V_sorted = tl.dot(V, sel.to(tl.float32), input_precision="ieee")      # column r = V[:, i(r)]
     tl.store(w_ptr + b * n + ar, w_sorted, mask=ar < n)
     tl.store(v_ptr + offs, V_sorted, mask=m2)

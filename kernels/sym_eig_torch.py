@@ -14,6 +14,10 @@ import torch
 
 SWEEPS = 10      # fp32: converged after 6-9 sweeps up to n = 64 (quadratic convergence)
 SWEEPS_FP64 = 18
+# A matrix whose largest entry lies outside [2^-60, 2^60] is divided by it first (its eigenvalues
+# multiplied back after): |A|_F^2 would overflow (or underflow) fp32 there. Inside, nothing changes.
+RESCALE_ABOVE = 2.0 ** 60
+RESCALE_BELOW = 2.0 ** -60
 
 
 @functools.lru_cache(maxsize=None)
@@ -42,6 +46,11 @@ def jacobi_eigh(A: torch.Tensor, sweeps: int | None = None) -> tuple[torch.Tenso
     M = torch.zeros(B, K, K, device=A.device, dtype=dt)
     M[:, :n, :n] = A.to(dt)
     M = 0.5 * (M + M.transpose(1, 2))
+    amax = M.abs().flatten(1).amax(1)
+    scale = torch.where((amax > RESCALE_ABOVE) | ((amax > 0) & (amax < RESCALE_BELOW)), amax,
+                        torch.ones_like(amax))[:, None, None]
+    bad = (M * 0).flatten(1).sum(1)                 # 0, or NaN where A holds NaN / inf: its outputs become NaN
+    M = M / scale
     V = torch.eye(K, device=A.device, dtype=dt).expand(B, K, K).clone()
     # off-diagonal entries below eps^2 |A|_F move no eigenvalue and would only decay into denormals,
     # which cost 100x on CPUs without flush-to-zero: they are set to zero after each round
@@ -83,7 +92,7 @@ def jacobi_eigh(A: torch.Tensor, sweeps: int | None = None) -> tuple[torch.Tenso
             newd = dg + torch.where(lo, -t, t) * apq                      # a_pp - t a_pq, a_qq + t a_pq
             M = torch.where(eye, torch.diag_embed(newd), torch.where(pair | (M.abs() < tiny), zero, M))
             V = V + sg[:, None, :] * (V.index_select(2, part) - st[:, None, :] * V)
-    w = torch.diagonal(M, dim1=1, dim2=2)[:, :n]
-    V = V[:, :n, :n]
+    w = torch.diagonal(M, dim1=1, dim2=2)[:, :n] * scale[:, :, 0] + bad[:, None]
+    V = V[:, :n, :n] + bad[:, None, None]
     order = torch.sort(w, dim=1, descending=True, stable=True).indices
     return torch.gather(w, 1, order), torch.gather(V, 2, order[:, None, :].expand(B, n, n))

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 import pytest
-from conftest import check_eig, eig_test_matrices
+from conftest import check_eig, check_eig_extremes, eig_test_matrices
 
 CXX = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
 
@@ -151,3 +151,9 @@ def test_cuda_sym_eig_kernel_emulated_on_the_host(emulated_sym_eig, n):
     w, V = emulated_sym_eig(A, MAX_SWEEPS, TOL)
     check_eig(w, V, A, 2e-6 if n <= 16 else 5e-6)
 
+
+
+def test_cuda_sym_eig_kernel_rescales_huge_and_tiny_matrices_and_propagates_nan(emulated_sym_eig):
+    from manifoldgd_fast.kernels.sym_eig import MAX_SWEEPS, TOL
+
+    check_eig_extremes(lambda A: emulated_sym_eig(A, MAX_SWEEPS, TOL), 10, 2e-6)

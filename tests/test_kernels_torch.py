@@ -10,7 +10,7 @@ from manifoldgd_fast.errors import BackendError, ConfigError
 from manifoldgd_fast.kernels import INTERPRET
 from manifoldgd_fast.kernels import sym_eig_torch
 
-from conftest import run_without_triton
+from conftest import check_eig_extremes, run_without_triton
 
 
 def test_philox_known_answers():
@@ -230,3 +230,8 @@ def test_ops_import_and_run_without_triton():
         "    raise SystemExit('no BackendError')\n"
         "print('ok')\n"
     )
+
+
+@pytest.mark.parametrize("n", [5, 10])
+def test_jacobi_torch_rescales_huge_and_tiny_matrices_and_propagates_nan(n):
+    check_eig_extremes(lambda A: sym_eig_torch.jacobi_eigh(A.float()), n, 2e-6)

@@ -20,7 +20,7 @@ import torch
 from manifoldgd_fast import ops
 from manifoldgd_fast.errors import BackendError
 
-from conftest import anisotropic, check_eig, eig_test_matrices, requires_cuda
+from conftest import anisotropic, check_eig, check_eig_extremes, eig_test_matrices, requires_cuda
 
 try:
     from manifoldgd_fast import kernels
@@ -871,3 +871,11 @@ def test_fused_ops_report_the_profilers_kernel_phases():
         ops.manifold_pull_fused(x, modes, radius=0.2, alpha_bar=0.3, seed=5, step=3, n_points=64, k=12, d=3,
                                 backend="triton")
     assert {"knn", "gram_eig", "projection"} <= set(prof.report()["phases"])
+
+
+def test_sym_eig_triton_rescales_huge_and_tiny_matrices_and_propagates_nan():
+    def solve(A):
+        w, V = ops.sym_eig(A.float().to(DEV), backend="triton")
+        return w.cpu(), V.cpu()
+
+    check_eig_extremes(solve, 7, 2e-6)
