@@ -386,6 +386,13 @@ def check_out_dir(path: Any, flag: str) -> None:
         raise ConfigError(f"{flag} {path}: exists and is not a folder")
 
 
+def nearest_existing(path: str) -> str:
+    """``path`` itself or, when it does not exist yet, its nearest existing ancestor (nothing is created)."""
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
 def check_out_file(path: Any, flag: str) -> None:
     """An output file (e.g. ``--out-json``): not a folder, and its nearest existing ancestor a
     writable folder, so that a run fails before its work, not after (ConfigError otherwise)."""
@@ -395,9 +402,7 @@ def check_out_file(path: Any, flag: str) -> None:
         raise ConfigError(f"{flag} must be a file path, got {path!r}")
     if os.path.isdir(path):
         raise ConfigError(f"{flag} {path}: a folder; give a file name")
-    up = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(up):
-        up = os.path.dirname(up)
+    up = nearest_existing(os.path.dirname(os.path.abspath(path)))
     if not os.path.isdir(up):
         raise ConfigError(f"{flag} {path}: {up} is a file, not a folder")
     if not os.access(up, os.W_OK | os.X_OK):

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .config import LABEL_MAPS, DistillConfig, fields_digest, fingerprint_fields
+from .config import LABEL_MAPS, DistillConfig, fields_digest, fingerprint_fields, nearest_existing
 from .devices import resolve_device
 from .distributed import Shard
 from .profile import phase
@@ -213,9 +213,7 @@ def check_out(out: str, data: str | None) -> None:
     if d is not None and (o == d or o.startswith(d.rstrip(os.sep) + os.sep)):
         raise ConfigError(f"--out {out} is {'the same folder as' if o == d else 'inside'} --data {data}: "
                           "its folders would be read as classes; use an --out outside the data folder")
-    nearest = o  # the folder itself or, when it does not exist yet, its nearest existing ancestor: nothing is created
-    while not os.path.exists(nearest) and os.path.dirname(nearest) != nearest:
-        nearest = os.path.dirname(nearest)
+    nearest = nearest_existing(o)
     try:
         if not os.path.isdir(nearest):
             raise NotADirectoryError(20, "not a folder", nearest)

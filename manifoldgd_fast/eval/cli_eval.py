@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..data import RESAMPLERS
 from .nets import NET_NAMES
 
 EVAL_HELP = "train ConvNet-6 / ResNetAP-10 / ResNet-18 on a distilled folder, test top-1 on real validation images"
@@ -48,7 +49,7 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="short side of the validation images before the centre crop to --size (default: "
                         "--size x 256/224, i.e. resize 256 / crop 224 as SPEC 7; 224 at 224 px is the release's "
                         "Resize(224) + CenterCrop(224))")
-    g.add_argument("--resample", choices=("bicubic", "bilinear"), default="bicubic",
+    g.add_argument("--resample", choices=tuple(RESAMPLERS), default="bicubic",
                    help="how every image is resized: bicubic = DiT's preprocessing (BOX halving, then bicubic); "
                         "bilinear = torchvision's Resize + CenterCrop, as the release's evaluation")
     g.add_argument("--nets", default=None, help=f"comma-separated, from {', '.join(NET_NAMES)} "
