@@ -22,9 +22,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # kernels/ lives at the top of the repo but is imported as manifoldgd_fast.kernels
+    # the Triton kernels live in manifoldgd_fast/kernels/: a top-level `kernels` package in the repo root would
+    # shadow Hugging Face's `kernels` (a transformers >= 5 dependency) whenever the root is on sys.path
     packages=["manifoldgd_fast", "manifoldgd_fast.kernels", "manifoldgd_fast.eval", "manifoldgd_fast.demo"],
-    package_dir={"manifoldgd_fast": "manifoldgd_fast", "manifoldgd_fast.kernels": "kernels"},
     package_data={"manifoldgd_fast": ["classlists/*.txt", "weights/digits/SHA256SUMS.json",
                                       "weights/digits/*/config.json", "weights/digits/*/*.safetensors"]},
     install_requires=requires,

@@ -1,7 +1,7 @@
 // Batched eigen-decomposition of small symmetric matrices (n <= 64): parallel cyclic Jacobi,
 // one thread block per matrix, the matrix and its eigenvectors in shared memory.
 //
-// The same algorithm as kernels/sym_eig.py (Triton) and kernels/sym_eig_torch.py (PyTorch):
+// The same algorithm as manifoldgd_fast/kernels/sym_eig.py (Triton) and manifoldgd_fast/kernels/sym_eig_torch.py (PyTorch):
 // round-robin ordering (K = n rounded up to even; in round r index i pairs with
 // (2r - i) mod (K - 1), r with K - 1), so the K/2 rotations of a round touch disjoint
 // rows/columns and run at once; the classical angle and Numerical Recipes' small-correction
@@ -15,7 +15,7 @@
 // every output of their matrix NaN. As the Triton and PyTorch solvers do.
 //
 // Pure CUDA runtime (no torch headers), so CI compiles it with plain nvcc; the PyTorch binding
-// is compiled at run time by kernels/cuda_ext.py (torch.utils.cpp_extension.load_inline).
+// is compiled at run time by manifoldgd_fast/kernels/cuda_ext.py (torch.utils.cpp_extension.load_inline).
 
 #include <cuda_runtime.h>
 

@@ -72,7 +72,7 @@ class DistillConfig:
                                        # auto = fast on CUDA where the run allows it (same latents either way)
     compile: str = "none"              # torch.compile the DiT in the fast loop: none | default | max-autotune...
     attention: str = "auto"            # the DiT attention: SDPA auto | cudnn | flash | efficient | math, or triton
-                                       # (our kernel, kernels/attention.py; needs dit_impl fused)
+                                       # (our kernel, manifoldgd_fast/kernels/attention.py; needs dit_impl fused)
     dit_impl: str = "diffusers"        # the DiT forward: diffusers | fused (fastdit.FusedDiT: fused QKV, adaLN
                                        # once per step, LayerNorm-modulate / gate-residual kernels)
     time_embedding: str = "auto"       # the DiT's timestep features: auto | original (facebookresearch/DiT's,

@@ -132,6 +132,18 @@ def test_console_entry_point_usage_error(tmp_path):
     assert not (tmp_path / "distilled").exists()
 
 
+def test_a_clone_shadows_no_other_package():
+    """`python -m ...` in a clone puts its root first on sys.path: the only package there may be ours. A
+    top-level kernels/ package shadowed Hugging Face's `kernels` (a transformers >= 5 dependency), and
+    transformers' CLIP import then failed with an ImportError from the wrong package."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    packages = sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "__init__.py")))
+    assert packages == ["manifoldgd_fast"], packages
+    probe = "import importlib.util as u; s = u.find_spec('kernels'); print(s.origin if s else None)"
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=root, timeout=120)
+    assert r.returncode == 0 and not r.stdout.strip().startswith(root), r.stdout + r.stderr
+
+
 # --------------------------------------------------------------------------- demo scripts
 def test_compare_bad_numbers_are_refused_before_any_work(monkeypatch, capsys):
     from manifoldgd_fast.demo import compare

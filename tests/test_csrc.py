@@ -1,7 +1,7 @@
 """The CUDA C++ extension on a machine without a GPU: its host side compiles, and its kernel runs.
 
 ``.ci/run`` compiles ``csrc/*.cu`` with nvcc for sm_80 / sm_90. What that leaves out is the
-C++ binding ``kernels/cuda_ext.py`` hands to ``torch.utils.cpp_extension.load_inline`` at run
+C++ binding ``manifoldgd_fast/kernels/cuda_ext.py`` hands to ``torch.utils.cpp_extension.load_inline`` at run
 time on a GPU machine; a typo there would only show on the first GPU run (and quietly fall back
 to the Triton eigensolver). So it is compiled here, syntax and types, against this torch's headers
 with the host compiler, as load_inline would (plus the pybind11 module it generates).

@@ -635,7 +635,7 @@ def test_layernorm_and_gate_full_shape_and_cuda_graph_gpu(B):
 
 
 # ---------------------------------------------------------------------------
-# attention (dit_ops.attention, kernels/attention.py)
+# attention (dit_ops.attention, manifoldgd_fast/kernels/attention.py)
 # ---------------------------------------------------------------------------
 # (B, H, Nq, Nk, Dh): DiT's head dim 72 (two slabs 64 + 16), SD's 40 (32 + 16) and 160 (128 + 32), a
 # power of two (one slab), a head dim under 16 (the tiny DiT's 8), queries != keys, lengths not a

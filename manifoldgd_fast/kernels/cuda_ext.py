@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 
-_SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "sym_eig.cu")
+_SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc",
+                    "sym_eig.cu")  # the repo's csrc/, beside manifoldgd_fast/
 
 # The binding: C++ compiled by the host compiler, calling the plain-C launcher in sym_eig.cu. The caller
 # passes its current stream (``torch.cuda.current_stream().cuda_stream``), so only torch/extension.h is needed.
