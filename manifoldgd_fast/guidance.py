@@ -227,17 +227,26 @@ class StepGuidance:
             training schedule is its ``alphas_cumprod`` (and num_train_timesteps its length).
         betas: the model's training betas instead of ``scheduler`` (None and no scheduler:
             DiT's linear ones); Stable Diffusion: ``schedule.scaled_linear_betas()``.
+        prediction_type: what the loop's model output is: "epsilon", "v_prediction" (e.g. SD 2.x
+            768 px) or "sample" (x0); None: ``scheduler.config.prediction_type``, else "epsilon".
+            The call then takes and returns that kind of output (guided through the eps it implies).
         **params: any DistillConfig guidance parameter (lambda_m, k, d, manifold_radius, ...).
     """
 
     def __init__(self, modes: torch.Tensor, *, timesteps=None, formulation: str = "official",
                  method: str = "manifoldgd", class_latents: torch.Tensor | None = None, n_classes: int = 1000,
                  t_stop: int | None = None, seed: int = 0, num_train_timesteps: int = 1000, betas=None,
-                 scheduler=None, **params):
+                 scheduler=None, prediction_type: str | None = None, **params):
         import numpy as np
 
         from .config import derive_seed
-        from .schedule import schedule_from_timesteps
+        from .schedule import PREDICTION_TYPES, schedule_from_timesteps
+
+        if prediction_type is None:
+            prediction_type = getattr(getattr(scheduler, "config", None), "prediction_type", None) or "epsilon"
+        if prediction_type not in PREDICTION_TYPES:
+            raise ConfigError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
+        self.prediction_type = prediction_type
 
         if scheduler is not None and formulation == "official" and "DDIM" not in type(scheduler).__name__:
             # the official rule here is the release's DDIM one (terms on x0_hat); its DDPM sampler adds them to
@@ -279,15 +288,26 @@ class StepGuidance:
 
     @torch.no_grad()
     def __call__(self, x_t: torch.Tensor, eps: torch.Tensor, step: int) -> torch.Tensor:
-        """Guided eps for the loop's ``step``-th step (0 = the first, noisiest one)."""
+        """Guided eps for the loop's ``step``-th step (0 = the first, noisiest one); with
+        ``prediction_type`` v_prediction or sample, ``eps`` is the model's v or x0 and so is the result."""
         s = self.schedule
         i = s.steps - 1 - int(step)
         if not self.guidance.active(i):
             return eps
         x = x_t.float()
+        a, sig = s.sqrt_alphas_cumprod[i], s.sqrt_one_minus_alphas_cumprod[i]
         e = eps.float()
+        if self.prediction_type == "v_prediction":
+            e = a * e + sig * x
+        elif self.prediction_type == "sample":
+            e = (x - a * e) / sig
         x0 = s.sqrt_recip_alphas_cumprod[i] * x - s.sqrt_recipm1_alphas_cumprod[i] * e
         if self.cfg.formulation == "paper":
-            return self.guidance.paper_eps(i, x, x0, e).to(eps.dtype)
-        term = self.guidance.official_term(i, x, x0, None)
-        return (e - term / s.sqrt_recipm1_alphas_cumprod[i]).to(eps.dtype)
+            g = self.guidance.paper_eps(i, x, x0, e)
+        else:
+            g = e - self.guidance.official_term(i, x, x0, None) / s.sqrt_recipm1_alphas_cumprod[i]
+        if self.prediction_type == "v_prediction":
+            g = (g - sig * x) / a
+        elif self.prediction_type == "sample":
+            g = (x - sig * g) / a
+        return g.to(eps.dtype)

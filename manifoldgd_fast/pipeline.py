@@ -145,7 +145,7 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
     mine = shard.mine(work)
     if done is not None:
         shard.barrier()  # every rank has read which classes are finished before any rank writes one
-    prompts, schedule_kw = {}, {}
+    prompts, schedule_kw, sd_scheduler = {}, {}, {}
     if cfg.model is not None and backbone == "sd":
         from .data import _class_folders
         from .sd import check_vae_fits, class_prompts, load_sd_denoiser, sd_info
@@ -166,6 +166,7 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
                                      names={e.label: e.name for e in mine})
             info = dit_info(model)
             schedule_kw = model.schedule_kwargs
+            sd_scheduler = {"prediction_type": model.prediction_type, "timestep_spacing": schedule_kw["spacing"]}
             weights["model"] = weights_digest(model)  # the UNet (the prompt embeddings are not persistent)
         latent = info["latent_size"] * vinfo["downsample"]
         if cfg.image_size is not None and cfg.image_size != latent:
@@ -203,6 +204,7 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
                 counts={k: int(v["n"]) for k, v in stats.items()}, vae=vae,
                 vae_info=vinfo, model=model, dit_info=info, device=device, dtype=dtype, cache=cache,
                 image_size=image_size, shard=shard, backbone=backbone, prompts=prompts, schedule_kw=schedule_kw,
+                sd_scheduler=sd_scheduler,
                 weights=weights)
 
 
@@ -307,7 +309,8 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
     if tuned is not None:  # a model folder from `finetune`: its RSM settings (rsm_lambda, steps, ...)
         manifest["model_finetune"] = tuned
     if rcfg.backbone == "sd":  # the text each class was sampled from (also in each class's stats)
-        manifest.update(prompts=ctx["prompts"], negative_prompt=rcfg.negative_prompt)
+        manifest.update(prompts=ctx["prompts"], negative_prompt=rcfg.negative_prompt,
+                        sd_scheduler=ctx["sd_scheduler"])  # what the UNet predicts, the timestep spacing
     for key in ("eval", "metrics"):  # results appended by `eval` / `metrics` survive a resume
         if old and key in old:
             manifest[key] = old[key]

@@ -15,6 +15,10 @@ and sampled as diffusers' schedulers do for it: "leading" spacing with
 "fixed small" (posterior) variance for DDPM. :func:`make_schedule` takes these
 as keyword arguments; :func:`diffusers_schedule_kwargs` reads them from a
 diffusers ``scheduler_config.json`` (keys it lacks: :data:`SD15_SCHEDULER_CONFIG`).
+A config may also ask for diffusers' "trailing" or "linspace" spacing; with them
+DDIM steps from t to t - T // S as ``DDIMScheduler.step`` does, which is not the
+next kept timestep where the spacing is uneven, so those tables are built from
+the (abar_t, abar_prev) pairs rather than from a chain.
 """
 from __future__ import annotations
 
@@ -46,7 +50,8 @@ SD15_SCHEDULER_CONFIG: dict = {
     "clip_sample": False, "trained_betas": None,
 }
 
-SPACINGS = ("adm", "leading")
+SPACINGS = ("adm", "leading", "trailing", "linspace")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 VARIANCE_TYPES = ("fixed_large", "fixed_small")
 
 
@@ -60,6 +65,9 @@ def space_timesteps(num_train_timesteps: int, steps: int, sampler: str, spacing:
       elements (ADM's "ddimS" rule; equals diffusers' DDIMScheduler 'leading').
     spacing "leading" (diffusers, both samplers): ``j * (T // S) + steps_offset``
       for j = 0 ... S-1, as ``DDIMScheduler`` / ``DDPMScheduler.set_timesteps``.
+    spacing "trailing" (diffusers): ``round(T - j * T / S) - 1`` for j = 0 ... S-1
+      (starts at T-1); "linspace" (diffusers): ``round(linspace(0, T-1, S))``.
+      steps_offset does not apply to either, as in diffusers.
     """
     if steps > num_train_timesteps:
         raise ConfigError(f"--steps must be <= {num_train_timesteps}, got {steps}")
@@ -72,6 +80,10 @@ def space_timesteps(num_train_timesteps: int, steps: int, sampler: str, spacing:
             raise ConfigError(f"--steps {steps} with steps_offset {steps_offset} reaches timestep {kept[-1]}, "
                               f"past the model's {num_train_timesteps} training steps")
         return kept
+    if spacing == "trailing":
+        return sorted(int(t) - 1 for t in np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / steps)))
+    if spacing == "linspace":
+        return np.linspace(0, num_train_timesteps - 1, steps).round().astype(np.int64).tolist()
     if sampler == "ddim":
         for stride in range(1, num_train_timesteps):
             if len(range(0, num_train_timesteps, stride)) == steps:
@@ -138,19 +150,30 @@ def make_schedule(steps: int = 50, sampler: str = "ddpm", num_train_timesteps: i
     ``variance_type="fixed_small"`` (see :func:`diffusers_schedule_kwargs`).
     """
     kept = space_timesteps(num_train_timesteps, steps, sampler, spacing=spacing, steps_offset=steps_offset)
+    prev = None
+    if sampler == "ddim" and spacing in ("trailing", "linspace"):
+        # DDIMScheduler.step steps from t to t - T // S, which is not the next kept timestep where these
+        # spacings are uneven (e.g. trailing over 30 steps: 932 -> 899, not 932 -> 899 via 933 -> 900)
+        prev = [t - num_train_timesteps // steps for t in kept]
     return schedule_from_timesteps(kept, sampler, num_train_timesteps=num_train_timesteps, betas=betas, device=device,
-                                   set_alpha_to_one=set_alpha_to_one, variance_type=variance_type)
+                                   set_alpha_to_one=set_alpha_to_one, variance_type=variance_type,
+                                   prev_timesteps=prev)
 
 
 def schedule_from_timesteps(kept, sampler: str = "ddim", num_train_timesteps: int = 1000,
                             betas: np.ndarray | None = None, device="cpu", *, set_alpha_to_one: bool = True,
-                            variance_type: str = "fixed_large") -> Schedule:
+                            variance_type: str = "fixed_large", prev_timesteps=None) -> Schedule:
     """The respaced schedule over any increasing list of kept training timesteps
     (e.g. ``sorted(diffusers_scheduler.timesteps)``).
 
     set_alpha_to_one=False (DDIM only; diffusers' SD setting): the last DDIM step
     goes to abar of training step 0 instead of 1. DDPM always ends at 1, as
     diffusers' DDPMScheduler does.
+
+    prev_timesteps: the training timestep each kept one steps to (same order as
+    ``kept``, sorted ascending with it; < 0: the end of the chain). Default: the
+    next kept one down (a chain, SpacedDiffusion). Otherwise the tables are built
+    from the pairs (abar_t, abar_prev), as diffusers' DDIMScheduler steps.
     """
     if sampler not in ("ddpm", "ddim"):
         raise ConfigError(f"sampler must be ddpm or ddim, got {sampler!r}")
@@ -158,17 +181,30 @@ def schedule_from_timesteps(kept, sampler: str = "ddim", num_train_timesteps: in
         raise ConfigError(f"variance_type must be one of {', '.join(VARIANCE_TYPES)}, got {variance_type!r}")
     base = linear_betas(num_train_timesteps) if betas is None else np.asarray(betas, dtype=np.float64)
     base_ac = np.cumprod(1.0 - base)
-    kept = sorted(int(t) for t in kept)
+    order = sorted(range(len(kept)), key=lambda j: int(kept[j]))
+    kept = [int(kept[j]) for j in order]
     if len(set(kept)) != len(kept) or kept[0] < 0 or kept[-1] >= len(base):
         raise ConfigError(f"timesteps must be distinct and in [0, {len(base) - 1}], got {kept[:3]}...{kept[-3:]}")
-    # Respaced betas from the kept cumulative products (SpacedDiffusion).
-    new_betas, last = [], 1.0
-    for t in kept:
-        new_betas.append(1.0 - base_ac[t] / last)
-        last = base_ac[t]
-    betas_r = np.array(new_betas, dtype=np.float64)
-    ac = np.cumprod(1.0 - betas_r)
-    ac_prev = np.append(1.0, ac[:-1])
+    if prev_timesteps is not None:
+        prev = [int(prev_timesteps[j]) for j in order]
+        if len(prev) != len(kept) or any(not p < t for p, t in zip(prev, kept)):
+            raise ConfigError("prev_timesteps must give one earlier timestep per kept timestep")
+        if prev[0] < 0 and prev[1:] == kept[:-1]:
+            prev_timesteps = None    # the chain itself: built as one below
+    if prev_timesteps is None:
+        prev = [-1] + kept[:-1]
+        # Respaced betas from the kept cumulative products (SpacedDiffusion).
+        new_betas, last = [], 1.0
+        for t in kept:
+            new_betas.append(1.0 - base_ac[t] / last)
+            last = base_ac[t]
+        betas_r = np.array(new_betas, dtype=np.float64)
+        ac = np.cumprod(1.0 - betas_r)
+        ac_prev = np.append(1.0, ac[:-1])
+    else:
+        ac = base_ac[kept]
+        ac_prev = np.array([base_ac[p] if p >= 0 else 1.0 for p in prev], dtype=np.float64)
+        betas_r = 1.0 - ac / ac_prev
     post_var = betas_r * (1.0 - ac_prev) / (1.0 - ac)
     # The posterior variance is 0 at i = 0: ADM clips its log with the i = 1 value.
     post_log_var = np.log(np.append(post_var[1], post_var[1:])) if len(post_var) > 1 else np.log(np.maximum(post_var, 1e-20))
@@ -184,17 +220,28 @@ def schedule_from_timesteps(kept, sampler: str = "ddim", num_train_timesteps: in
         posterior_log_variance_clipped=post_log_var,
         log_betas=np.log(betas_r),
     )
-    if sampler == "ddim" and not set_alpha_to_one:
-        tables["alphas_cumprod_prev"] = np.append(base_ac[0], ac[:-1])
+    if sampler == "ddim" and not set_alpha_to_one:  # the end of the chain is abar(t=0), not 1
+        tables["alphas_cumprod_prev"] = np.array([base_ac[0] if p < 0 else a for p, a in zip(prev, ac_prev)])
     out = {k: torch.tensor(v, dtype=torch.float32, device=device) for k, v in tables.items()}
     host = {k: v.astype(np.float32).astype(np.float64) for k, v in tables.items()}  # the device values, exactly
     host["timesteps"] = np.asarray(kept, dtype=np.float64)
     return Schedule(timesteps=torch.tensor(kept, dtype=torch.long, device=device),
                     num_train_timesteps=num_train_timesteps, sampler=sampler, host=host,
-                    variance_type=variance_type, last_step_noise=sampler == "ddim" and not set_alpha_to_one, **out)
+                    variance_type=variance_type,
+                    last_step_noise=sampler == "ddim" and bool(tables["alphas_cumprod_prev"][0] < 1.0), **out)
 
 
 BETA_SCHEDULES = ("scaled_linear", "linear")
+DIFFUSERS_SPACINGS = ("leading", "trailing", "linspace")
+
+
+def diffusers_prediction_type(config: dict) -> str:
+    """What the model predicts, from a diffusers scheduler config: "epsilon" (SD 1.x, SD 2.x 512 px
+    base; the default), "v_prediction" (SD 2.x 768 px) or "sample" (x0). ConfigError for others."""
+    pred = config.get("prediction_type", "epsilon")
+    if pred not in PREDICTION_TYPES:
+        raise ConfigError(f"scheduler prediction_type {pred!r} is not supported ({', '.join(PREDICTION_TYPES)})")
+    return pred
 
 
 def diffusers_schedule_kwargs(config: dict) -> dict:
@@ -209,22 +256,21 @@ def diffusers_schedule_kwargs(config: dict) -> dict:
     trained on; :func:`sd.read_scheduler_config` fills a folder's config the same way.
     steps_offset is taken as given (StableDiffusionPipeline's forcing it to 1 is done
     by :func:`sd.read_scheduler_config`); clip_sample is not read (the samplers never clip).
-    Returns betas, num_train_timesteps, spacing="leading", steps_offset,
-    set_alpha_to_one and variance_type="fixed_small" (DDPMScheduler's default).
+    Returns betas, num_train_timesteps, spacing (timestep_spacing: "leading",
+    "trailing" or "linspace"), steps_offset, set_alpha_to_one and
+    variance_type="fixed_small" (DDPMScheduler's default). The prediction type is
+    not a schedule setting: :func:`diffusers_prediction_type` reads it.
 
     Raises ConfigError naming the key for what the samplers cannot reproduce:
-    prediction_type other than epsilon, timestep_spacing other than leading,
+    prediction_type other than epsilon / v_prediction / sample, another timestep_spacing,
     beta_schedule other than scaled_linear / linear, rescale_betas_zero_snr.
     """
     config = {**SD15_SCHEDULER_CONFIG, **config}
-    pred = config.get("prediction_type", "epsilon")
-    if pred != "epsilon":
-        raise ConfigError(f"scheduler prediction_type {pred!r} is not supported (epsilon only: SD 1.x, not "
-                          "v-prediction models such as SD 2.x 768 px)")
+    diffusers_prediction_type(config)
     spacing = config.get("timestep_spacing", "leading")
-    if spacing != "leading":
-        raise ConfigError(f"scheduler timestep_spacing {spacing!r} is not supported (leading)")
-    if config.get("rescale_betas_zero_snr"):
+    if spacing not in DIFFUSERS_SPACINGS:
+        raise ConfigError(f"scheduler timestep_spacing {spacing!r} is not supported ({', '.join(DIFFUSERS_SPACINGS)})")
+    if config.get("rescale_betas_zero_snr"):  # abar = 0 at t = T-1: eps -> x0 divides by zero there
         raise ConfigError("scheduler rescale_betas_zero_snr true is not supported")
     T = int(config["num_train_timesteps"])
     trained = config.get("trained_betas")
@@ -239,5 +285,5 @@ def diffusers_schedule_kwargs(config: dict) -> dict:
         betas = np.linspace(bs, be, T, dtype=np.float64)
     else:
         raise ConfigError(f"scheduler beta_schedule {kind!r} is not supported ({' or '.join(BETA_SCHEDULES)})")
-    return dict(betas=betas, num_train_timesteps=T, spacing="leading", steps_offset=int(config["steps_offset"]),
+    return dict(betas=betas, num_train_timesteps=T, spacing=spacing, steps_offset=int(config["steps_offset"]),
                 set_alpha_to_one=bool(config["set_alpha_to_one"]), variance_type="fixed_small")

@@ -1,14 +1,17 @@
-"""Stable Diffusion 1.x as a second generator family behind the same pipeline.
+"""Stable Diffusion (1.x, 2.x) as a second generator family behind the same pipeline.
 
 The sampler, the guidance and the fast loop call a class-conditional DiT as
 ``model(x, timestep=t, class_labels=y).sample``. :class:`TextConditionedDenoiser`
 gives a diffusers ``UNet2DConditionModel`` that call: ``class_labels`` index a
 table of CLIP text embeddings computed once per class (its prompt, by default
 the class name, e.g. "tench"), and the CFG null class is the row of the empty (negative)
-prompt. The UNet predicts eps on 4 channels (no learned sigma), so CFG mixes all
+prompt. The UNet predicts eps on 4 channels (no learned sigma; a v-prediction UNet
+such as SD 2.x 768 px has its v turned into eps by the adapter), so CFG mixes all
 4 channels and DDPM uses the fixed-small variance, as diffusers' SD pipeline does.
+The scheduler's timestep_spacing (leading, trailing, linspace), betas, steps_offset
+and set_alpha_to_one are read from the folder (:func:`read_scheduler_config`).
 
-A model is an SD 1.5 diffusers folder (``unet/``, ``vae/``, ``text_encoder/``,
+A model is an SD 1.x / 2.x diffusers folder (``unet/``, ``vae/``, ``text_encoder/``,
 ``tokenizer/``, ``scheduler/``, ``model_index.json``) or a Hugging Face id already
 in the local cache; nothing is downloaded. The random-init builders
 (:func:`tiny_sd_unet_config`, :func:`tiny_clip_text_config`,
@@ -22,13 +25,15 @@ import logging
 import os
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from .config import check_prompt_template
 from .errors import ConfigError, ModelError
 from .models import _first_line, _load_from_folder, seeded_init, weights_variant
 from .models import resolve_root as models_resolve_root
-from .schedule import SD15_SCHEDULER_CONFIG, diffusers_schedule_kwargs
+from .schedule import (PREDICTION_TYPES, SD15_SCHEDULER_CONFIG, diffusers_prediction_type, diffusers_schedule_kwargs,
+                       scaled_linear_betas)
 
 log = logging.getLogger(__name__)
 
@@ -133,14 +138,22 @@ class TextConditionedDenoiser(torch.nn.Module):
             (default max(labels) + 1).
         prompts: label -> prompt (kept for the manifest).
         schedule_kwargs: :func:`schedule.make_schedule` arguments of this model's scheduler.
+        prediction_type: what the UNet predicts: "epsilon" (SD 1.x, SD 2.x base), "v_prediction"
+            (SD 2.x 768 px) or "sample" (x0); see :func:`schedule.diffusers_prediction_type`.
 
-    ``forward`` returns the UNet's output (``.sample``: (B, 4, h, w) eps).
+    ``forward`` returns eps (``.sample``: (B, 4, h, w)) whatever the UNet predicts: a v or x0
+    prediction is turned into the eps it implies at the input's noise level abar_t of the
+    training schedule (``schedule_kwargs["betas"]``), in float32: eps = sqrt(abar) v + sqrt(1 - abar) x,
+    or (x - sqrt(abar) x0) / sqrt(1 - abar). The step rules then give exactly what diffusers'
+    schedulers compute from v or x0 (CFG is linear in the prediction, and x the same for both halves).
     """
 
     def __init__(self, unet, embeddings: torch.Tensor, labels: Sequence[int], *, num_classes: int | None = None,
                  prompts: Mapping[int, str] | None = None, negative_prompt: str = "",
-                 schedule_kwargs: dict | None = None):
+                 schedule_kwargs: dict | None = None, prediction_type: str = "epsilon"):
         super().__init__()
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
         labels = [int(v) for v in labels]
         n = len(labels)
         if embeddings.dim() != 3 or embeddings.shape[0] != n + 1:
@@ -163,6 +176,15 @@ class TextConditionedDenoiser(torch.nn.Module):
         nan = torch.full_like(embeddings[:1], float("nan"))
         self.register_buffer("rows", rows.to(embeddings.device), persistent=False)
         self.register_buffer("embeddings", torch.cat([embeddings, nan]), persistent=False)  # (n + 2, L, E)
+        self.prediction_type = prediction_type
+        if prediction_type != "epsilon":  # sqrt(abar_t), sqrt(1 - abar_t) per training timestep
+            betas = self.schedule_kwargs.get("betas")
+            ac = np.cumprod(1.0 - (scaled_linear_betas() if betas is None else np.asarray(betas, dtype=np.float64)))
+            dev = embeddings.device
+            self.register_buffer("sqrt_ac", torch.tensor(np.sqrt(ac), dtype=torch.float32, device=dev),
+                                 persistent=False)
+            self.register_buffer("sqrt_1m_ac", torch.tensor(np.sqrt(1.0 - ac), dtype=torch.float32, device=dev),
+                                 persistent=False)
         self.eval()
 
     @property
@@ -182,7 +204,15 @@ class TextConditionedDenoiser(torch.nn.Module):
             raise ValueError(f"class_labels {class_labels.tolist()} hold a label without a prompt "
                              f"(have {sorted(self.prompts)}; null class {self.num_classes})")
         enc = self.embeddings[rows].to(self.unet.dtype)                  # (B, L, E)
-        return self.unet(x, timestep, encoder_hidden_states=enc)
+        out = self.unet(x, timestep, encoder_hidden_states=enc)
+        if self.prediction_type == "epsilon":
+            return out
+        t = torch.as_tensor(timestep, device=x.device).reshape(-1).long()
+        a = self.sqrt_ac[t].view(-1, 1, 1, 1)                           # (B or 1, 1, 1, 1)
+        s = self.sqrt_1m_ac[t].view(-1, 1, 1, 1)
+        pred, xf = out.sample.float(), x.float()
+        eps = a * pred + s * xf if self.prediction_type == "v_prediction" else (xf - a * pred) / s
+        return type(out)(sample=eps)
 
 
 # --------------------------------------------------------------------------- #
@@ -335,7 +365,8 @@ def load_sd_denoiser(path_or_id, prompts: Mapping[int, str], *, negative_prompt:
                          names=[f"class {names.get(v, v)}" for v in labels] + ["--negative-prompt"])
     return TextConditionedDenoiser(parts["unet"], emb, labels, num_classes=num_classes, prompts=prompts,
                                    negative_prompt=negative_prompt,
-                                   schedule_kwargs=diffusers_schedule_kwargs(parts["scheduler_config"]))
+                                   schedule_kwargs=diffusers_schedule_kwargs(parts["scheduler_config"]),
+                                   prediction_type=diffusers_prediction_type(parts["scheduler_config"]))
 
 
 def check_vae_fits(vae, info: Mapping[str, Any], arg: str, vae_flag: str) -> None:

@@ -63,6 +63,7 @@ def test_distill_end_to_end_on_a_tiny_sd_folder(sd_world, tmp_path, extra, size)
     assert man["config"]["sampler"] == ("ddim" if "ddim" in extra else "ddpm")
     assert man["image_size"] == 16 and man["output_size"] == size
     assert man["prompts"] == PROMPTS and man["negative_prompt"] == ""
+    assert man["sd_scheduler"] == {"prediction_type": "epsilon", "timestep_spacing": "leading"}
     assert "transformers" in man["versions"]
     for c in CLASSES:
         assert man["classes"][c]["status"] == "done" and man["classes"][c]["prompt"] == PROMPTS[c]
@@ -74,6 +75,24 @@ def test_distill_end_to_end_on_a_tiny_sd_folder(sd_world, tmp_path, extra, size)
         lat = load_file(str(out / "latents" / f"{c}.safetensors"))["latents"]
         assert lat.shape == (2, 4, 8, 8) and torch.isfinite(lat).all()
     assert man["classes"]["golden_retriever"]["label"] == 1
+
+
+def test_distill_a_v_prediction_trailing_folder(sd_world, tmp_path):
+    """An SD 2.x-style folder (v-prediction, trailing spacing): the pipeline runs guided, records both
+    settings, and its latents differ from the same UNet read as an eps model (the v is not taken for eps)."""
+    from safetensors.torch import load_file
+
+    cfg = {**SD.SD15_SCHEDULER_CONFIG, "prediction_type": "v_prediction", "timestep_spacing": "trailing"}
+    lat = {}
+    for name, sched in (("v", cfg), ("eps", {**cfg, "prediction_type": "epsilon"})):
+        folder = _variant(sd_world, tmp_path, sched, name=name)
+        out = tmp_path / f"out-{name}"
+        assert main(_args({**sd_world, "model": folder}, out, "--sampler", "ddim")) == 0
+        man = json.loads((out / "manifest.json").read_text())
+        assert man["sd_scheduler"] == {"prediction_type": sched["prediction_type"], "timestep_spacing": "trailing"}
+        lat[name] = load_file(str(out / "latents" / "cherry.safetensors"))["latents"]
+        assert torch.isfinite(lat[name]).all()
+    assert (lat["v"] - lat["eps"]).abs().max() > 1e-2
 
 
 def test_fast_loop_gives_the_reference_bytes_on_sd(sd_world, tmp_path):
@@ -500,6 +519,89 @@ def _ddim_loop(denoiser, sched, x_T, y, S, eta=0.0, noises=None):
     return x
 
 
+@pytest.mark.parametrize("pred, spacing, sampler, S", [
+    ("v_prediction", "leading", "ddim", 10),
+    ("v_prediction", "trailing", "ddim", 30),     # uneven: DDIM steps to t - 33, not to the next kept t
+    ("epsilon", "linspace", "ddim", 10),          # uneven, and the last step starts at t = 0
+    ("epsilon", "trailing", "ddpm", 30),          # DDPM steps to the next kept t
+    ("v_prediction", "linspace", "ddpm", 10),
+    ("sample", "leading", "ddim", 10),
+])
+def test_prediction_types_and_spacings_sample_as_diffusers(sd_world, tmp_path, pred, spacing, sampler, S):
+    """A folder whose scheduler asks for v / x0 prediction or diffusers' trailing / linspace spacing:
+    unguided sampling over the adapter equals a loop over diffusers' own scheduler of that folder, on the
+    UNet's raw output, same noise; the fast loop gives the reference's latents."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from manifoldgd_fast.fastloop import FastSampler
+    from manifoldgd_fast.sampler import Sampling
+
+    folder = _variant(sd_world, tmp_path, {**SD.SD15_SCHEDULER_CONFIG, "prediction_type": pred,
+                                           "timestep_spacing": spacing})
+    den = SD.load_sd_denoiser(folder, {0: "a cherry", 1: "a dog"})
+    assert den.prediction_type == pred and den.schedule_kwargs["spacing"] == spacing
+    cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
+    sched = cls.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+    assert sched.config.prediction_type == pred and sched.config.timestep_spacing == spacing
+    s = make_schedule(S, sampler, **den.schedule_kwargs)
+    sched.set_timesteps(S)
+    assert s.timesteps.flip(0).tolist() == sched.timesteps.tolist()
+    if sampler == "ddim":   # abar of the step's target as DDIMScheduler.step takes it: t - T // S
+        prev = sched.timesteps - 1000 // S
+        want = torch.where(prev >= 0, sched.alphas_cumprod[prev.clamp(min=0)], sched.final_alpha_cumprod)
+        torch.testing.assert_close(s.alphas_cumprod_prev.flip(0), want.float(), atol=1e-6, rtol=0)  # diffusers: fp32 cumprod
+
+    B, seeds = 2, (31, 32)
+    x_T = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    y = torch.tensor([1, 0])
+    gens = lambda: [torch.Generator().manual_seed(g) for g in seeds]  # noqa: E731
+    ours = sample(den, s, x_T, y, null_class=2, cfg_scale=7.5, cfg_channels="all", generators=gens())
+    enc = torch.cat([den.embeddings[y], den.embeddings[2:3].expand(B, -1, -1)])
+    x, g = x_T.clone(), gens()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            out = den.unet(torch.cat([x, x]), t, encoder_hidden_states=enc).sample   # v, x0 or eps
+            mixed = out[B:] + 7.5 * (out[:B] - out[B:])
+            x = sched.step(mixed, t, x, **({"generator": g} if sampler == "ddpm" else {})).prev_sample
+    torch.testing.assert_close(ours, x, atol=5e-5, rtol=5e-5)
+    fast, _ = FastSampler(Sampling(den, s, B, cfg_scale=7.5, cfg_channels="all")).sample(x_T, y, gens())
+    torch.testing.assert_close(fast, ours, atol=1e-6, rtol=0)
+
+
+def test_step_guidance_takes_and_returns_v(sd_world, tmp_path):
+    """StepGuidance in a diffusers DDIM loop over a v-prediction UNet (prediction_type read from the
+    scheduler): the loop's v, guided, equals our guided sampler over the adapter (which guides eps)."""
+    from diffusers import DDIMScheduler
+
+    from manifoldgd_fast.guidance import StepGuidance
+
+    folder = _variant(sd_world, tmp_path, {**SD.SD15_SCHEDULER_CONFIG, "prediction_type": "v_prediction"})
+    den = SD.load_sd_denoiser(folder, {0: "a cherry", 1: "a dog"})
+    S, B = 6, 2
+    modes = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(1)) * 0.5
+    x_T = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([1, 1])
+    sched = DDIMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+    sched.set_timesteps(S)
+    guide = StepGuidance(modes, scheduler=sched, formulation="official", method="mgd3", n_classes=3, t_stop=3)
+    assert guide.prediction_type == "v_prediction"
+    enc = torch.cat([den.embeddings[y], den.embeddings[2:3].expand(B, -1, -1)])
+    x = x_T.clone()
+    with torch.no_grad():
+        for step, t in enumerate(sched.timesteps):
+            out = den.unet(torch.cat([x, x]), t, encoder_hidden_states=enc).sample
+            x = sched.step(guide(x, out[B:] + 7.5 * (out[:B] - out[B:]), step), t, x).prev_sample
+    s = make_schedule(S, "ddim", **den.schedule_kwargs)
+    gens = [torch.Generator().manual_seed(b) for b in range(B)]
+    ours = sample(den, s, x_T, y, null_class=2, cfg_scale=7.5, cfg_channels="all", generators=gens,
+                  guidance=Guidance(guide.cfg, s, modes, gens))
+    plain = sample(den, s, x_T, y, null_class=2, cfg_scale=7.5, cfg_channels="all")
+    torch.testing.assert_close(x, ours, atol=1e-4, rtol=1e-4)
+    assert (ours - plain).abs().max() > 1e-3
+    with pytest.raises(ConfigError, match="prediction_type"):
+        StepGuidance(modes, scheduler=sched, prediction_type="flow")
+
+
 def test_ddim_eta_adds_noise_on_the_last_step_as_diffusers(denoiser):
     """eta > 0: DDIMScheduler.step adds std_dev_t * noise on every step, the last included; with
     set_alpha_to_one=False (SD) that last sigma is nonzero. Same per-step noise -> same latents. The
@@ -589,8 +691,9 @@ def test_steps_offset_and_clip_sample_are_forced_as_the_pipeline_does(sd_world, 
 
 
 @pytest.mark.parametrize("key, value, why", [
-    ("prediction_type", "v_prediction", "prediction_type 'v_prediction' is not supported (epsilon only"),
-    ("timestep_spacing", "trailing", "timestep_spacing 'trailing' is not supported (leading)"),
+    ("prediction_type", "flow", "prediction_type 'flow' is not supported (epsilon, v_prediction, sample)"),
+    ("timestep_spacing", "karras", "timestep_spacing 'karras' is not supported (leading, trailing, linspace)"),
+    ("rescale_betas_zero_snr", True, "rescale_betas_zero_snr true is not supported"),
     ("beta_schedule", "squaredcos_cap_v2", "beta_schedule 'squaredcos_cap_v2' is not supported (scaled_linear or linear)"),
 ])
 def test_unsupported_scheduler_settings_fail_before_any_weights_load(sd_world, tmp_path, capsys, monkeypatch,
