@@ -192,7 +192,8 @@ def distill_group(rcfg: DistillConfig, ctx: dict, members: list[tuple[str, int, 
     set). More: the members' samples in one batch, padded to ``class_batch x ipc`` rows
     (copies of the last sample, dropped after) so that every batch of the run has one shape: a
     sample's latents then do not depend on which classes share its batch (a resume that groups
-    the classes left otherwise gives the same bytes). Each sample keeps its own generator
+    the classes left otherwise gives the same bytes). CGS then corrects each class's ipc rows
+    as a set of its own (the pad rows make whole sets). Each sample keeps its own generator
     (``derive_seed(seed, "sample", class, index)``) and guidance-noise id (``label x ipc + index``).
     """
     from .cgs import CGS
@@ -216,7 +217,12 @@ def distill_group(rcfg: DistillConfig, ctx: dict, members: list[tuple[str, int, 
     single = rcfg.class_batch == 1
     inputs0 = members[0][2]
     guided = inputs0.modes is not None
-    cgs = CGS.for_run(rcfg, inputs0.z.mean(0)) if rcfg.cgs else None  # resolve: CGS runs one class at a time
+    cgs = None
+    if rcfg.cgs:  # each class one set; the pad sets take the last class's mean (their rows are dropped)
+        means = [m[2].z.mean(0) for m in members]
+        cgs = CGS.for_run(rcfg, means[0]) if single else \
+            CGS.for_run(rcfg, torch.stack(means + means[-1:] * (rcfg.class_batch - len(members))),
+                        sets=rcfg.class_batch)
     fast = fast_sampler(rcfg, ctx)
     schedule = (fast.run.schedule if fast is not None  # schedule_kw: the SD family's betas / timesteps / variance
                 else make_schedule(rcfg.steps, rcfg.sampler, device=dev, **ctx.get("schedule_kw", {})))

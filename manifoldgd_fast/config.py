@@ -303,10 +303,9 @@ class DistillConfig:
             c.ridge = 1e-5 if official else 1e-4
         if c.k_min is None:
             c.k_min = 2 * c.k
-        # several classes in one batch where each sample's guidance is its own: not CGS (a class is one
-        # set), not the paper formulation (a patch per class)
-        why_not = ("CGS" if c.cgs else "the paper formulation" if c.method == "manifoldgd" and not official
-                   else None)
+        # several classes in one batch (CGS: each class its own set): not the paper formulation (a patch
+        # per class)
+        why_not = "the paper formulation" if c.method == "manifoldgd" and not official else None
         if c.class_batch is None:
             c.class_batch = 1 if why_not else max(1, min(c.batch_size // c.ipc, n_classes))  # no more than the run has
         elif c.class_batch > 1 and why_not:

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cgs import CGS, check_one_class
+from .cgs import CGS
 from .errors import ConfigError
 from .guidance import Guidance
 from .profile import active as profiling_active
@@ -171,7 +171,7 @@ class FastSampler:
             raise ConfigError("the fast loop needs --guidance-noise philox for ManifoldGD "
                               "(generator-drawn cloud noise shares the step-noise generators)")
         if cgs is not None:
-            check_one_class(y)
+            cgs.check_labels(y)
         B = x_T.shape[0]
         if y.shape != (B,):
             raise ConfigError(f"y must hold one class per sample: ({B},), got {tuple(y.shape)}")

@@ -167,6 +167,9 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
             info = dit_info(model)
             schedule_kw = model.schedule_kwargs
             sd_scheduler = {"prediction_type": model.prediction_type, "timestep_spacing": schedule_kw["spacing"]}
+            # the folder's scheduler settings as sampled (an edited scheduler_config.json is another run)
+            weights["scheduler"] = fields_digest({**sd_scheduler, **{k: (v.tolist() if hasattr(v, "tolist") else v)
+                                                                    for k, v in schedule_kw.items()}})
             weights["model"] = weights_digest(model)  # the UNet (the prompt embeddings are not persistent)
         latent = info["latent_size"] * vinfo["downsample"]
         if cfg.image_size is not None and cfg.image_size != latent:
@@ -268,11 +271,13 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
         raise ConfigError(f"--out {cfg.out} holds a run with {what} (fingerprint {old.get('fingerprint')}, this run "
                           f"{fp}); use a new --out")
     was = (old or {}).get("weights") or {}
-    other = [k for k in ("model", "vae") if k in was and k in ctx["weights"] and was[k] != ctx["weights"][k]]
-    if other:  # same paths, other files (e.g. a fine-tune rewritten into the same folder)
-        raise ConfigError(f"--out {cfg.out} holds a run made with other {' and '.join(other)} weights (sha256 "
-                          f"{', '.join(was[k] for k in other)}; now {', '.join(ctx['weights'][k] for k in other)}); "
-                          "use a new --out")
+    other = [k for k in ("model", "vae", "scheduler") if k in was and k in ctx["weights"]
+             and was[k] != ctx["weights"][k]]
+    if other:  # same paths, other files (e.g. a fine-tune rewritten into the same folder, an edited scheduler)
+        what = {"model": "model weights", "vae": "vae weights", "scheduler": "scheduler settings"}
+        raise ConfigError(f"--out {cfg.out} holds a run made with other {' and '.join(what[k] for k in other)} "
+                          f"(sha256 {', '.join(was[k] for k in other)}; now "
+                          f"{', '.join(ctx['weights'][k] for k in other)}); use a new --out")
     writer = OutputWriter(cfg.out)
     if shard.is_main:  # one run at a time writes into OUT; rank 0 holds it for the whole run
         held.enter_context(RunLock(writer.out))

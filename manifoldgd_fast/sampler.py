@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .cgs import CGS, check_one_class
+from .cgs import CGS
 from .guidance import Guidance
 from .profile import phase, step_done
 from .schedule import Schedule
@@ -174,7 +174,7 @@ def sample(model, schedule: Schedule, x_T: torch.Tensor, y: torch.Tensor, *, nul
 
     generators: one torch.Generator per sample for the step noise (and the
     guidance's cloud / patch noise). ``callback(i, x)`` is called after each step.
-    cgs: the collaborative correction of the whole batch as one set (all labels equal), on its steps.
+    cgs: the collaborative correction of the batch as ``cgs.sets`` sets (each set one class), on its steps.
     forward_batch: run the DiT on at most this many samples at a time.
     attention: the SDPA backend of the DiT's attention (auto: PyTorch's choice).
     """
@@ -183,7 +183,7 @@ def sample(model, schedule: Schedule, x_T: torch.Tensor, y: torch.Tensor, *, nul
                    autocast_dtype=autocast_dtype, attention=attention)
     x = x_T.float()
     if cgs is not None:
-        check_one_class(y)
+        cgs.check_labels(y)
     if generators is None:
         generators = [torch.Generator(device=x.device).manual_seed(b) for b in range(x.shape[0])]
     for i in reversed(range(schedule.steps)):

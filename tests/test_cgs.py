@@ -1,4 +1,5 @@
-"""CGS: closed-form gradients against autograd and finite differences; the set is one set."""
+"""CGS: closed-form gradients against autograd and finite differences; the set is one set, and several
+classes' sets in one batch are each their own."""
 
 import pytest
 import torch
@@ -49,6 +50,45 @@ def test_dm_gradient_closed_form():
     assert dm_loss(x - 0.5 * g, mu, 0.3) < dm_loss(x, mu, 0.3)
 
 
+@pytest.mark.parametrize("G,N,D", [(2, 3, 16), (3, 5, 48), (4, 1, 8)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 2e-4)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_several_sets_are_each_their_own(G, N, D, dtype, tol, seed):
+    """sets=G: the batched gradients equal the autograd reference over the sets, and each set's block
+    equals that set's own gradient alone (a set never sees another's rows or mean)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(G * N, D, generator=gen, dtype=torch.float64)
+    mu = torch.randn(G, D, generator=gen, dtype=torch.float64)
+    x, mu = x.to(dtype), mu.to(dtype)
+    g = dpp_grad(x, 1e-2, sets=G)
+    torch.testing.assert_close(g, dpp_grad_ref(x, 1e-2, sets=G), atol=tol, rtol=tol)
+    m = dm_grad(x, mu, 0.4, sets=G)
+    torch.testing.assert_close(m, dm_grad_ref(x, mu, 0.4, sets=G), atol=tol, rtol=tol)
+    for k in range(G):
+        rows = slice(k * N, (k + 1) * N)
+        torch.testing.assert_close(g[rows], dpp_grad(x[rows], 1e-2), atol=tol, rtol=tol)
+        torch.testing.assert_close(m[rows], dm_grad(x[rows], mu[k], 0.4), atol=tol, rtol=tol)
+    if N > 1:  # one set over all the rows is another thing
+        assert (dpp_grad(x, 1e-2) - g).abs().max() > 10 * tol
+    cgs = CGS(mu.float(), eta_dpp=0.5, eta_dm=0.3, eps=1e-2, sets=G)
+    alone = torch.cat([CGS(mu[k].float(), eta_dpp=0.5, eta_dm=0.3, eps=1e-2).correction(
+        x[k * N:(k + 1) * N].float(), x[k * N:(k + 1) * N].float(), 0.4) for k in range(G)])
+    torch.testing.assert_close(cgs.correction(x.float(), x.float(), 0.4), alone, atol=2e-4, rtol=2e-4)
+
+
+def test_sets_need_equal_runs_of_one_label_and_a_mean_each():
+    from manifoldgd_fast.errors import ConfigError
+
+    cgs = CGS(torch.zeros(2, 4), eta_dpp=1.0, eta_dm=0.1, sets=2)
+    cgs.check_labels(torch.tensor([3, 3, 5, 5]))
+    with pytest.raises(ConfigError, match=r"labels of a set must all be equal, got \[\[3, 5\], \[5\]\]"):
+        cgs.check_labels(torch.tensor([3, 5, 5, 5]))
+    with pytest.raises(ConfigError, match="a batch of 5 samples does not split into 2 equal sets"):
+        cgs.check_labels(torch.tensor([3, 3, 3, 5, 5]))
+    with pytest.raises(ConfigError, match=r"CGS with 3 sets needs one class mean per set \(3, ...\), got \(2, 4\)"):
+        CGS(torch.zeros(2, 4), eta_dpp=1.0, eta_dm=0.1, sets=3)
+
+
 def test_set_is_one_set_with_chunked_forward():
     """A set larger than the forward batch is still one set: chunked forwards give the same result."""
     model = build_dit(tiny_dit_config(num_classes=3, sample_size=8), seed=1)
@@ -63,13 +103,15 @@ def test_set_is_one_set_with_chunked_forward():
 
     cgs = CGS(mu, eta_dpp=1.0, eta_dm=0.5)
     whole, chunked = run(None, cgs=cgs), run(2, cgs=cgs)
-    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+    # the DiT forward on another batch shape rounds otherwise (up to ~3e-4 here on AVX-512 CPUs); CGS
+    # per chunk instead of per set would move the samples by ~500
+    torch.testing.assert_close(chunked, whole, atol=1e-3, rtol=1e-4)
     plain = run(None)
-    assert not torch.allclose(plain, whole, atol=1e-3)
+    assert not torch.allclose(plain, whole, atol=1.0)
     # the coupling is real: a sample's result depends on the others in its set
     gens = [torch.Generator().manual_seed(s) for s in range(3)]
     first3 = sample(model, sched, x_T[:3], y[:3], null_class=3, generators=gens, cgs=cgs)
-    assert not torch.allclose(first3, whole[:3], atol=1e-4)
+    assert not torch.allclose(first3, whole[:3], atol=1.0)
     # the set mean ends closer to the class mean than without CGS (strong eta_dm)
     strong = run(None, cgs=CGS(mu, eta_dpp=0.0, eta_dm=1.0))
     assert (strong.mean(0) - mu).norm() < (plain.mean(0) - mu).norm()
@@ -207,10 +249,10 @@ def test_cgs_set_must_be_one_class():
     x_T = torch.randn(3, 4, 8, 8)
     cgs = CGS(torch.zeros(4, 8, 8), eta_dpp=1.0, eta_dm=0.1)
     y = torch.tensor([0, 1, 1])
-    with pytest.raises(ConfigError, match=r"labels y must all be equal, got \[0, 1\]"):
+    with pytest.raises(ConfigError, match=r"labels of a set must all be equal, got \[\[0, 1\]\]"):
         sample(model, sched, x_T, y, null_class=3, cgs=cgs)
     gens = [torch.Generator().manual_seed(s) for s in range(3)]
-    with pytest.raises(ConfigError, match="labels y must all be equal"):
+    with pytest.raises(ConfigError, match="labels of a set must all be equal"):
         FastSampler(Sampling(model, sched, 3), cuda_graph=False).sample(x_T, y, gens, cgs=cgs)
 
 

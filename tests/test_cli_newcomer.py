@@ -141,7 +141,7 @@ def test_a_clone_shadows_no_other_package():
     assert packages == ["manifoldgd_fast"], packages
     probe = "import importlib.util as u; s = u.find_spec('kernels'); print(s.origin if s else None)"
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=root, timeout=120)
-    assert r.returncode == 0 and not r.stdout.strip().startswith(root), r.stdout + r.stderr
+    assert r.returncode == 0 and not r.stdout.strip().startswith(root + os.sep), r.stdout + r.stderr
 
 
 # --------------------------------------------------------------------------- demo scripts

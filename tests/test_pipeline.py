@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -79,13 +80,16 @@ def test_same_seed_same_bytes_and_methods_differ(tiny_world, tmp_path):
     assert main(_args(tiny_world, c, "--seed", "1")) == 0
     assert main(_args(tiny_world, d, "--method", "mgd3")) == 0
     da, db, dc, dd = map(_digest, (a, b, c, d))
-    # a sample's noise does not depend on the batch: same pixels; the latents may differ in the
-    # last float bits because the DiT forward runs on another batch shape
-    assert {k: v for k, v in da.items() if k.endswith(".png")} == {k: v for k, v in db.items() if k.endswith(".png")}
+    # a sample's noise does not depend on the batch: the same latents up to float rounding (the DiT
+    # forward runs on another batch shape: up to ~2e-4 on AVX-512 CPUs; noise drawn per batch would
+    # move them by O(1)), so pixels equal to within one level
     from safetensors.torch import load_file
     for c_ in ("apple", "banana", "cherry"):
         la, lb = (load_file(str(p / "latents" / f"{c_}.safetensors"))["latents"] for p in (a, b))
-        assert (la - lb).abs().max() < 1e-4
+        assert (la - lb).abs().max() < 2e-3
+        for j in range(2):
+            pa, pb = (np.asarray(Image.open(p / c_ / f"{j}.png"), dtype=np.int16) for p in (a, b))
+            assert np.abs(pa - pb).max() <= 1
     assert main(_args(tiny_world, tmp_path / "a2")) == 0
     assert _digest(tmp_path / "a2") == da                               # same command, same bytes
     assert da.keys() == dc.keys() and all(da[k] != dc[k] for k in da)
@@ -434,10 +438,14 @@ def test_fingerprint_counts_the_data_not_its_spelling(tiny_world, tmp_path, caps
     shutil.rmtree(out / "banana")
     monkeypatch.chdir(tmp_path / "d")
     capsys.readouterr()
-    assert main(_args(dict(w, data="data" + os.sep), out, "--batch-size", "1")) == 0
+    assert main(_args(dict(w, data="data" + os.sep), out)) == 0
     io = capsys.readouterr()
     assert _digest(out) == ref
     assert "distilled 1 class into" in io.out and "2 were already done" in io.out, io.out
+    assert "resuming" not in io.err, io.err
+    shutil.rmtree(out / "banana")    # again with another batch size: warned and recorded (and the bytes
+    assert main(_args(dict(w, data="data" + os.sep), out, "--batch-size", "1")) == 0   # may round otherwise)
+    io = capsys.readouterr()
     assert "resuming" in io.err and "batch_size" in io.err, io.err
     man = json.loads((out / "manifest.json").read_text())
     assert man["classes"]["banana"]["numerics"]["batch_size"] == 1
@@ -447,9 +455,10 @@ def test_fingerprint_counts_the_data_not_its_spelling(tiny_world, tmp_path, caps
     shutil.copytree(tiny_world["data"], other)
     os.unlink(other / "cherry" / sorted(os.listdir(other / "cherry"))[0])
     monkeypatch.chdir(tmp_path / "e")
+    before = _digest(out)
     line = _bad(w, tmp_path, _args(dict(w, data="data"), out), capsys)
     assert "holds a run with other data" in line, line
-    assert _digest(out) == ref
+    assert _digest(out) == before
 
     out2 = tmp_path / "out2"
     assert main(_args(w, out2, "--classes", "apple,banana", "--method", "dit")) == 0
@@ -542,20 +551,22 @@ def test_class_batch_defaults_and_where_it_is_refused():
     assert res().class_batch == 8 and res(ipc=10).class_batch == 1 and res(ipc=10, batch_size=64).class_batch == 6
     assert res(class_batch=3).class_batch == 3
     assert DistillConfig(ipc=1).resolve(10).class_batch == 10  # batch 16 // IPC 1, but the run has 10 classes
-    assert res(method="cgs").class_batch == 1 and res(formulation="paper").class_batch == 1
+    assert res(method="cgs").class_batch == 8 and res(formulation="paper").class_batch == 1
     assert DistillConfig(ipc=2).resolve(10, backbone="sd").class_batch == 8
     assert res(method="mgd3").class_batch == 8 and res(formulation="paper", method="mgd3").class_batch == 8
-    for kw, why in [({"method": "cgs"}, "CGS"), ({"formulation": "paper"}, "the paper formulation")]:
-        with pytest.raises(ConfigError, match=f"^--class-batch 2: {why} samples one class at a time"):
-            res(class_batch=2, **kw)
+    assert res(formulation="paper", method="cgs").class_batch == 8   # CGS alone: no patch
+    with pytest.raises(ConfigError, match="^--class-batch 2: the paper formulation samples one class at a time"):
+        res(class_batch=2, formulation="paper")
     with pytest.raises(ConfigError, match="--class-batch must be an integer >= 1"):
         DistillConfig(class_batch=0).validate()
 
 
-@pytest.mark.parametrize("extra", [[], ["--method", "mgd3"], ["--method", "dit"]])
+@pytest.mark.parametrize("extra", [[], ["--method", "mgd3"], ["--method", "dit"], ["--method", "cgs"], ["--cgs"]])
 def test_classes_sampled_together_give_the_same_bytes_whoever_shares_their_batch(tiny_world, tmp_path, capsys, extra):
     """--class-batch 2 over 3 classes: (apple, banana) and (cherry + a pad row). A resume that redoes apple
-    alone (padded) writes apple's bytes again; one class a batch differs from it by float rounding only."""
+    alone (padded) writes apple's bytes again; one class a batch differs from it by float rounding only.
+    With CGS, each class is a set of its own in the shared batch (a class mixed into another's set, or
+    one mean for the batch, would move it far more than rounding)."""
     import shutil
 
     from safetensors.torch import load_file

@@ -77,9 +77,10 @@ def test_distill_end_to_end_on_a_tiny_sd_folder(sd_world, tmp_path, extra, size)
     assert man["classes"]["golden_retriever"]["label"] == 1
 
 
-def test_distill_a_v_prediction_trailing_folder(sd_world, tmp_path):
+def test_distill_a_v_prediction_trailing_folder(sd_world, tmp_path, capsys):
     """An SD 2.x-style folder (v-prediction, trailing spacing): the pipeline runs guided, records both
-    settings, and its latents differ from the same UNet read as an eps model (the v is not taken for eps)."""
+    settings, and its latents differ from the same UNet read as an eps model (the v is not taken for eps).
+    Resuming after the folder's scheduler settings changed is refused, naming them."""
     from safetensors.torch import load_file
 
     cfg = {**SD.SD15_SCHEDULER_CONFIG, "prediction_type": "v_prediction", "timestep_spacing": "trailing"}
@@ -93,6 +94,11 @@ def test_distill_a_v_prediction_trailing_folder(sd_world, tmp_path):
         lat[name] = load_file(str(out / "latents" / "cherry.safetensors"))["latents"]
         assert torch.isfinite(lat[name]).all()
     assert (lat["v"] - lat["eps"]).abs().max() > 1e-2
+    (tmp_path / "v" / "scheduler" / "scheduler_config.json").write_text(json.dumps({**cfg, "timestep_spacing": "linspace"}))
+    capsys.readouterr()
+    assert main(_args({**sd_world, "model": str(tmp_path / "v")}, tmp_path / "out-v", "--sampler", "ddim")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds a run made with other scheduler settings" in err[0], err
 
 
 def test_fast_loop_gives_the_reference_bytes_on_sd(sd_world, tmp_path):
