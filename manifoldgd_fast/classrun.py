@@ -197,7 +197,7 @@ def distill_group(rcfg: DistillConfig, ctx: dict, members: list[tuple[str, int, 
     (``derive_seed(seed, "sample", class, index)``) and guidance-noise id (``label x ipc + index``).
     """
     from .cgs import CGS
-    from .guidance import Guidance
+    from .guidance import Guidance, merge_paper_neighbourhoods
     from .sampler import sample
     from .schedule import make_schedule
 
@@ -250,9 +250,9 @@ def distill_group(rcfg: DistillConfig, ctx: dict, members: list[tuple[str, int, 
                 idx = [j for _, j in rows]
                 modes = inputs0.modes[idx]
                 kw = {k: (v[idx] if k in ("order", "sorted_dists") else v) for k, v in inputs0.paper_kw.items()}
-            else:  # the paper formulation (a patch per class) runs one class at a time: resolve sees to it
+            else:  # the paper formulation: each row's patch from its own class's block of one buffer
                 modes = torch.stack([members[c][2].modes[j] for c, j in rows])
-                kw = {}
+                kw = merge_paper_neighbourhoods([m[2].paper_kw for m in members], rows) if inputs0.paper_kw else {}
             # one Philox key for the run, ids unique over (class, sample): a captured step serves every class
             guidance = Guidance(rcfg, schedule, modes, gens, noise_seed=derive_seed(rcfg.seed, "guidance"),
                                 sample_ids=[members[c][1] * ipc + j for c, j in rows], **kw)

@@ -45,8 +45,7 @@ GROUPS: dict[str, dict[str, str]] = {
         "seed": "run seed; class and sample seeds derive from it",
         "ipc": "images per class",
         "batch_size": "samples denoised together",
-        "class_batch": "classes sampled in one batch (default: batch-size // ipc, so that small IPCs fill the GPU; "
-                       "1 with the paper formulation)",
+        "class_batch": "classes sampled in one batch (default: batch-size // ipc, so that small IPCs fill the GPU)",
         "encode_batch_size": "images per VAE encode batch",
         "encode_workers": "DataLoader workers reading images for the latent cache (0: in the main process; "
                           "default: min(8, CPUs / ranks))",

@@ -303,13 +303,10 @@ class DistillConfig:
             c.ridge = 1e-5 if official else 1e-4
         if c.k_min is None:
             c.k_min = 2 * c.k
-        # several classes in one batch (CGS: each class its own set): not the paper formulation (a patch
-        # per class)
-        why_not = "the paper formulation" if c.method == "manifoldgd" and not official else None
+        # several classes in one batch (CGS: each class its own set; the paper formulation: each row's
+        # patch from its own class)
         if c.class_batch is None:
-            c.class_batch = 1 if why_not else max(1, min(c.batch_size // c.ipc, n_classes))  # no more than the run has
-        elif c.class_batch > 1 and why_not:
-            raise ConfigError(f"--class-batch {c.class_batch}: {why_not} samples one class at a time (give 1)")
+            c.class_batch = max(1, min(c.batch_size // c.ipc, n_classes))  # no more than the run has
         return c.validate()
 
     def dataset_defaults(self, n_classes: int) -> dict[str, Any]:

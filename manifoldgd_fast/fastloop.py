@@ -27,8 +27,9 @@ same for every class (the pipeline uses a run-level key and per-sample ids
 The paper formulation's class buffers (latents, neighbourhood order, sorted
 distances) have the class's size n: the static copies are padded to a bucket of
 ``PAD_ROWS`` rows (order 0 and distance +inf beyond n, never inside a patch), and
-the class's radii and n live in device scalars, so one capture serves every class
-of a bucket (ImageNet's 732 to 1,300 images per class: four buckets).
+each row's class radii and n live in device tensors, so one capture serves every
+class of a bucket (ImageNet's 732 to 1,300 images per class: four buckets). With
+several classes a batch, the stacked latents are bucketed the same way.
 
 Where capture cannot work (CPU, generator-drawn cloud noise) the same step runs
 eagerly; the fallback chain is graph -> eager, logged once.
@@ -80,8 +81,8 @@ def _graph_blocker(run: Sampling, device: torch.device, guidance: Guidance | Non
         kern, why = dispatch._kernels()
         if kern is None:
             return f"the paper formulation needs the fused kernels inside a graph, and {why}"
-        n, D = guidance.latents.shape
-        for what, val, lim in (("B", guidance.modes.shape[0], dispatch.MAX_B), ("the row count", _padded_rows(n),
+        D, width = guidance.latents.shape[1], guidance.order.shape[1]
+        for what, val, lim in (("B", guidance.modes.shape[0], dispatch.MAX_B), ("the row count", _padded_rows(width),
                                dispatch.MAX_ROWS), ("D", D, dispatch.MAX_D), ("k", c.k, dispatch.MAX_K)):
             if val > lim:
                 return f"{what} = {val} is above the fused kernels' limit {lim}, and the reference ops sync"
@@ -100,17 +101,24 @@ def _has_class_buffers(guidance: Guidance | None) -> bool:
 
 
 def _load_class_buffers(static: Guidance, guidance: Guidance) -> None:
-    """Copy one class's paper-formulation buffers into the padded static ones (the rest reset)."""
-    n = guidance.latents.shape[0]
+    """Copy the batch's paper-formulation buffers (one class's, or several classes' stacked) into the
+    padded static ones (the rest reset); radii and class sizes are per-row device tensors."""
+    n, width = guidance.latents.shape[0], guidance.order.shape[1]
     static.latents[:n].copy_(guidance.latents)
     static.latents[n:].zero_()
-    static.order[:, :n].copy_(guidance.order)
-    static.order[:, n:].zero_()
-    static.sorted_dists[:, :n].copy_(guidance.sorted_dists)
-    static.sorted_dists[:, n:].fill_(float("inf"))
+    static.order[:, :width].copy_(guidance.order)
+    static.order[:, width:].zero_()
+    static.sorted_dists[:, :width].copy_(guidance.sorted_dists)
+    static.sorted_dists[:, width:].fill_(float("inf"))
     for dst, src in zip(static.radii, guidance.radii):
-        dst.fill_(float(src))
-    static.n_latents.fill_(n)
+        if isinstance(src, torch.Tensor):
+            dst.copy_(src)
+        else:
+            dst.fill_(float(src))
+    if guidance.n_latents is not None:
+        static.n_latents.copy_(guidance.n_latents)
+    else:
+        static.n_latents.fill_(width)
 
 
 @dataclass
@@ -222,13 +230,12 @@ class FastSampler:
         g.sample_ids = guidance.sample_ids.clone()
         g.generators = None
         if _has_class_buffers(guidance):
-            (n, D), B, dev = guidance.latents.shape, guidance.order.shape[0], guidance.latents.device
-            rows = _padded_rows(n)
-            g.latents = guidance.latents.new_zeros(rows, D)
-            g.order = guidance.order.new_zeros(B, rows)
-            g.sorted_dists = guidance.sorted_dists.new_full((B, rows), float("inf"))
-            g.radii = tuple(torch.zeros((), dtype=torch.float64, device=dev) for _ in guidance.radii)
-            g.n_latents = torch.zeros((), dtype=torch.long, device=dev)
+            (n, D), (B, width), dev = guidance.latents.shape, guidance.order.shape, guidance.latents.device
+            g.latents = guidance.latents.new_zeros(_padded_rows(n), D)
+            g.order = guidance.order.new_zeros(B, _padded_rows(width))
+            g.sorted_dists = guidance.sorted_dists.new_full((B, _padded_rows(width)), float("inf"))
+            g.radii = tuple(torch.zeros(B, dtype=torch.float64, device=dev) for _ in guidance.radii)
+            g.n_latents = torch.zeros(B, dtype=torch.long, device=dev)
             _load_class_buffers(g, guidance)
         return g
 
@@ -241,7 +248,8 @@ class FastSampler:
                  guidance.manifold, tuple(guidance.modes.shape))
             if _has_class_buffers(guidance):     # the padded class buffers' shape and dtype
                 n, D = guidance.latents.shape
-                g += (_padded_rows(n), D, guidance.latents.dtype, guidance.sorted_dists.dtype)
+                g += (_padded_rows(n), _padded_rows(guidance.order.shape[1]), D, guidance.latents.dtype,
+                      guidance.sorted_dists.dtype)
         if cgs is not None:
             c = (cgs.eta_dpp, cgs.eta_dm, cgs.eps, tuple(cgs.mu.shape), cgs.steps)
         return (tuple(x_T.shape), x_T.device, y.dtype, noise is None, g, c)

@@ -78,6 +78,35 @@ def paper_neighbourhoods(cfg: DistillConfig, class_latents: torch.Tensor, modes:
                 radii=modes_mod.class_radii(dists, cfg.r_min, cfg.r_max, cfg.radius_units))
 
 
+def merge_paper_neighbourhoods(parts: list[dict], rows: list[tuple[int, int]]) -> dict:
+    """The paper formulation's :class:`Guidance` inputs for a batch of several classes.
+
+    parts: :func:`paper_neighbourhoods` of each class; rows: (class index into parts, mode index) per
+    sample of the batch. The classes' latents are stacked into one buffer, each row's order is offset
+    into its class's block and, with its sorted distances, padded to the widest class (order 0, distance
+    +inf: never inside a patch), and the radii and class sizes become per-row tensors. A row's patch is
+    then the one it has alone: the same rows, the same lengths, the same noise ids.
+    """
+    starts, total = [], 0
+    for p in parts:
+        starts.append(total)
+        total += p["class_latents"].shape[0]
+    dev = parts[0]["order"].device
+    width = max(p["order"].shape[1] for p in parts)
+    B = len(rows)
+    order = torch.zeros(B, width, dtype=parts[0]["order"].dtype, device=dev)
+    dists = torch.full((B, width), float("inf"), dtype=parts[0]["sorted_dists"].dtype, device=dev)
+    for r, (c, j) in enumerate(rows):
+        n = parts[c]["order"].shape[1]
+        order[r, :n] = parts[c]["order"][j] + starts[c]
+        dists[r, :n] = parts[c]["sorted_dists"][j]
+    radii = tuple(torch.tensor([parts[c]["radii"][e] for c, _ in rows], dtype=torch.float64, device=dev)
+                  for e in range(2))
+    sizes = torch.tensor([parts[c]["order"].shape[1] for c, _ in rows], dtype=torch.long, device=dev)
+    return dict(class_latents=torch.cat([p["class_latents"] for p in parts]), order=order, sorted_dists=dists,
+                radii=radii, n_latents=sizes)
+
+
 def is_guided(formulation: str, i: int, steps: int, t_stop: int) -> bool:
     """Official: while the respaced index i (S-1 ... 0) > t_stop; paper: the first t_stop steps."""
     if formulation == "official":
@@ -86,7 +115,7 @@ def is_guided(formulation: str, i: int, steps: int, t_stop: int) -> bool:
 
 
 class Guidance:
-    """Guidance for one batch of B samples of one class.
+    """Guidance for one batch of B samples (of one class, or of several: each sample's inputs are its own).
 
     Args:
         cfg: resolved DistillConfig (method, formulation and all guidance parameters).
@@ -95,7 +124,9 @@ class Guidance:
         generators: B torch.Generators, one per sample.
         class_latents: (n, D) the class latents (paper formulation only).
         order, sorted_dists: (B, n) each mode's neighbourhood order and distances (paper only).
-        radii: (r_min, r_max) absolute neighbourhood radii of the class (paper only).
+        radii: (r_min, r_max) absolute neighbourhood radii of the class (paper only); for several
+            classes a pair of (B,) float64 tensors, and ``n_latents`` (B,) each row's class size
+            (:func:`merge_paper_neighbourhoods`).
         noise_seed, sample_ids: with ``cfg.guidance_noise == "philox"`` the cloud / patch
             noise is the counter-based stream of ``noise_seed`` for each sample id (B,),
             and the fused ops run (they never materialise the cloud or the patch on the
@@ -103,7 +134,7 @@ class Guidance:
     """
 
     def __init__(self, cfg: DistillConfig, schedule: Schedule, modes: torch.Tensor, generators,
-                 *, class_latents=None, order=None, sorted_dists=None, radii=None,
+                 *, class_latents=None, order=None, sorted_dists=None, radii=None, n_latents=None,
                  noise_seed: int = 0, sample_ids=None):
         self.cfg = cfg
         self.philox = cfg.guidance_noise == "philox"
@@ -118,7 +149,9 @@ class Guidance:
         self.order = order
         self.sorted_dists = sorted_dists
         self.radii = radii
-        self.n_latents = None   # the class size, where the fast loop pads the class's buffers (a device tensor)
+        # the class size where order / sorted_dists are padded beyond it: (B,) per row for several classes,
+        # a device scalar where the fast loop pads one class's buffers; None: their width
+        self.n_latents = n_latents
         if cfg.formulation == "paper" and self.manifold and class_latents is None:
             raise ConfigError("the paper formulation needs class_latents, order, sorted_dists and radii")
 

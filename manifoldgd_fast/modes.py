@@ -289,15 +289,18 @@ def patch_lengths(sorted_dists: Tensor, radius: float | Tensor, k_min: int, n: i
     Args:
         sorted_dists: (m, n) ascending distances per mode (or padded with +inf beyond the class's n).
         radius: a float, or a 0-dim float64 tensor (the same comparison: both are rounded to
-            sorted_dists' dtype), as the fast loop's CUDA graphs keep a class's radius on the device.
-        n: the class size when sorted_dists is padded, an int or a 0-dim integer tensor
-            (default: sorted_dists' width).
+            sorted_dists' dtype), as the fast loop's CUDA graphs keep a class's radius on the device;
+            or (m,) per row (rows of several classes in one batch), rounded the same way.
+        n: the class size when sorted_dists is padded, an int or a 0-dim integer tensor, or (m,)
+            per row (default: sorted_dists' width).
     Returns:
         (m,) long on sorted_dists' device.
     """
     _int(k_min, "--k-min", 1)
     if not isinstance(sorted_dists, Tensor) or sorted_dists.dim() != 2:
         raise DataError(f"sorted_dists must be (m, n), got {getattr(sorted_dists, 'shape', type(sorted_dists))}")
+    if isinstance(radius, Tensor) and radius.dim() == 1:  # per row: compared in sorted_dists' dtype, as a scalar is
+        radius = radius.to(sorted_dists.dtype).unsqueeze(1)
     counts = (sorted_dists <= radius).sum(1)
     if isinstance(n, Tensor):
         return torch.maximum(counts, n.clamp_max(k_min)).long()

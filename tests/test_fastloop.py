@@ -243,7 +243,8 @@ def test_graph_serves_other_modes_and_ids_without_recapture():
 
 # ---------------------------------------------------------------------------- through the pipeline
 @pytest.mark.parametrize("extra", [[], ["--method", "mgd3", "--sampler", "ddim"], ["--cgs", "--class-batch", "1"],
-                                   ["--formulation", "paper"], ["--class-batch", "2"], ["--cgs", "--class-batch", "2"]])
+                                   ["--formulation", "paper", "--class-batch", "1"], ["--class-batch", "2"],
+                                   ["--cgs", "--class-batch", "2"], ["--formulation", "paper", "--class-batch", "2"]])
 def test_pipeline_fast_loop_writes_the_reference_bytes(tiny_world, tmp_path, extra):
     import os
 

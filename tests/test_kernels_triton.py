@@ -857,6 +857,31 @@ def test_emulated_graphs_paper_formulation_serve_every_class_of_a_bucket(monkeyp
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), n
     assert len(fast._sets) == 2 and fast.cuda_graph is not False      # one capture per bucket, no fallback
 
+    # two classes in one batch (--class-batch): stacked latents, per-row radii and sizes, through the graphs
+    from manifoldgd_fast.guidance import merge_paper_neighbourhoods
+
+    def merged():
+        parts = [batch(n, seed) for seed, n in ((0, 40), (1, 90))]
+        rows = [(c, j) for c in range(2) for j in range(B)]
+        kw = merge_paper_neighbourhoods([dict(class_latents=p[3].latents, order=p[3].order,
+                                              sorted_dists=p[3].sorted_dists, radii=p[3].radii) for p in parts], rows)
+        gens = parts[0][2] + parts[1][2]
+        gd = Guidance(cfg, sched, torch.cat([p[3].modes for p in parts]), gens, noise_seed=7,
+                      sample_ids=torch.cat([p[3].sample_ids for p in parts]), **kw)
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), gens, gd
+
+    x_T, y, gens, gd = merged()
+    got = fast.sample(x_T, y, gens, guidance=gd)
+    x_T, y, gens, gd = merged()
+    want = eager.sample(x_T, y, gens, guidance=gd)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    alone = []
+    for seed, n in ((0, 40), (1, 90)):     # each class alone: the same rows up to the DiT's batch rounding
+        x_T, y, gens, gd = batch(n, seed)
+        alone.append(eager.sample(x_T, y, gens, guidance=gd)[0])
+    torch.testing.assert_close(got[0], torch.cat(alone), atol=1e-3, rtol=1e-4)
+    assert len(fast._sets) == 3
+
 
 
 def test_fused_ops_report_the_profilers_kernel_phases():

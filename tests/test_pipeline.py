@@ -551,22 +551,21 @@ def test_class_batch_defaults_and_where_it_is_refused():
     assert res().class_batch == 8 and res(ipc=10).class_batch == 1 and res(ipc=10, batch_size=64).class_batch == 6
     assert res(class_batch=3).class_batch == 3
     assert DistillConfig(ipc=1).resolve(10).class_batch == 10  # batch 16 // IPC 1, but the run has 10 classes
-    assert res(method="cgs").class_batch == 8 and res(formulation="paper").class_batch == 1
+    assert res(method="cgs").class_batch == 8 and res(formulation="paper").class_batch == 8
     assert DistillConfig(ipc=2).resolve(10, backbone="sd").class_batch == 8
     assert res(method="mgd3").class_batch == 8 and res(formulation="paper", method="mgd3").class_batch == 8
-    assert res(formulation="paper", method="cgs").class_batch == 8   # CGS alone: no patch
-    with pytest.raises(ConfigError, match="^--class-batch 2: the paper formulation samples one class at a time"):
-        res(class_batch=2, formulation="paper")
     with pytest.raises(ConfigError, match="--class-batch must be an integer >= 1"):
         DistillConfig(class_batch=0).validate()
 
 
-@pytest.mark.parametrize("extra", [[], ["--method", "mgd3"], ["--method", "dit"], ["--method", "cgs"], ["--cgs"]])
+@pytest.mark.parametrize("extra", [[], ["--method", "mgd3"], ["--method", "dit"], ["--method", "cgs"], ["--cgs"],
+                                   ["--formulation", "paper"], ["--formulation", "paper", "--guidance-noise", "generator"]])
 def test_classes_sampled_together_give_the_same_bytes_whoever_shares_their_batch(tiny_world, tmp_path, capsys, extra):
     """--class-batch 2 over 3 classes: (apple, banana) and (cherry + a pad row). A resume that redoes apple
     alone (padded) writes apple's bytes again; one class a batch differs from it by float rounding only.
     With CGS, each class is a set of its own in the shared batch (a class mixed into another's set, or
-    one mean for the batch, would move it far more than rounding)."""
+    one mean for the batch, would move it far more than rounding); in the paper formulation each row's
+    patch comes from its own class."""
     import shutil
 
     from safetensors.torch import load_file

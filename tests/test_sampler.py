@@ -356,6 +356,44 @@ def test_philox_guidance_noise_uses_the_fused_ops(model, formulation):
 
 
 @pytest.mark.parametrize("noise", ["generator", "philox"])
+@pytest.mark.parametrize("sizes", [(40, 25), (17, 40, 33)])
+def test_several_classes_paper_rows_are_their_own(noise, sizes):
+    """merge_paper_neighbourhoods: in one batch of several classes (different sizes, so padded orders, and
+    different radii), each row's guided eps equals what its class's batch alone gives, at every step."""
+    from manifoldgd_fast.guidance import merge_paper_neighbourhoods
+
+    cfg = _cfg(formulation="paper", guidance_noise=noise)
+    sched = make_schedule(cfg.steps, "ddpm")
+    parts, modes = [], []
+    for c, n in enumerate(sizes):
+        lat, m, *_ = _paper_setup(cfg, n=n, seed=c)
+        lat = lat * (1 + c)                                     # other scales: other radii per class
+        parts.append(paper_neighbourhoods(cfg, lat, m + c))
+        modes.append(m + c)
+    rows = [(c, j) for c in range(len(sizes)) for j in range(2)]
+    kw = merge_paper_neighbourhoods(parts, rows)
+    assert kw["order"].shape == (len(rows), max(sizes)) and kw["class_latents"].shape[0] == sum(sizes)
+    assert kw["radii"][0].shape == (len(rows),) and kw["n_latents"].tolist() == [n for n in sizes for _ in range(2)]
+    ids = [10 * c + j for c, j in rows]
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(len(rows), 4, 8, 8, generator=g)
+    x0 = torch.randn(len(rows), 4, 8, 8, generator=g)
+    eps = torch.randn(len(rows), 4, 8, 8, generator=g)
+    seeds = [100 + r for r in range(len(rows))]
+    both = Guidance(cfg, sched, torch.cat(modes).view(-1, 4, 8, 8), _gens(seeds), noise_seed=3, sample_ids=ids, **kw)
+    alone = [Guidance(cfg, sched, modes[c].view(2, 4, 8, 8), _gens(seeds[2 * c:2 * c + 2]), noise_seed=3,
+                      sample_ids=ids[2 * c:2 * c + 2], **parts[c]) for c in range(len(sizes))]
+    for i in reversed(range(cfg.steps)):
+        if not both.active(i):
+            continue
+        got = both.paper_eps(i, x, x0, eps)
+        want = torch.cat([a.paper_eps(i, x[2 * c:2 * c + 2], x0[2 * c:2 * c + 2], eps[2 * c:2 * c + 2])
+                          for c, a in enumerate(alone)])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert (got - eps).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("noise", ["generator", "philox"])
 def test_half_precision_neighbourhoods(model, noise):
     """--neighbourhood-dtype bfloat16: the patch rows are held in bf16 (half the bytes the kNN + Gram
     passes stream), ranked exactly as in fp32; the guided eps moves by about bf16's rounding of the
