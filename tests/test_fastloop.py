@@ -357,9 +357,10 @@ def test_graph_blocker_names_paper_runs_that_cannot_be_captured(monkeypatch):
 
     cuda = torch.device("cuda")
 
-    def guidance(backend="auto", B=4, n=300, k=10, formulation="paper"):
+    def guidance(backend="auto", B=4, n=300, k=10, formulation="paper", width=None):
         return SimpleNamespace(manifold=True, cfg=SimpleNamespace(formulation=formulation, backend=backend, k=k),
-                               modes=torch.zeros(B, 16), latents=torch.zeros(n, 16))
+                               modes=torch.zeros(B, 16), latents=torch.zeros(n, 16),
+                               order=torch.zeros(B, width or n, dtype=torch.long))
 
     monkeypatch.setattr(dispatch, "_kernels", lambda: (object(), None))   # as if the fused kernels imported
     assert fastloop._graph_blocker(None, cuda, guidance()) is None
@@ -367,6 +368,9 @@ def test_graph_blocker_names_paper_runs_that_cannot_be_captured(monkeypatch):
     assert "--backend auto or triton" in fastloop._graph_blocker(None, cuda, guidance(backend="reference"))
     assert "B = 300 is above" in fastloop._graph_blocker(None, cuda, guidance(B=300))
     assert "k = 65 is above" in fastloop._graph_blocker(None, cuda, guidance(k=65))
+    # the kernels' row limit is on each row's order (its class), not on the stacked latents of a class batch
+    assert fastloop._graph_blocker(None, cuda, guidance(n=3 * dispatch.MAX_ROWS, width=1300)) is None
+    assert "the row count = 100096 is above" in fastloop._graph_blocker(None, cuda, guidance(n=100_001))
     monkeypatch.setattr(dispatch, "_kernels", lambda: (None, "no triton here"))
     assert "no triton here" in fastloop._graph_blocker(None, cuda, guidance())
     assert fastloop._graph_blocker(None, torch.device("cpu"), None) == "not on CUDA"
