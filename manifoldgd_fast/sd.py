@@ -20,6 +20,7 @@ benchmarks the real architectures without weights.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -288,6 +289,21 @@ def read_scheduler_config(root: str, arg: str, flag: str = "--model") -> dict[st
     return cfg
 
 
+@contextlib.contextmanager
+def _no_transformers_bars():
+    """transformers 5 draws a "Loading weights" bar on stderr for every model it loads; a run's stderr keeps
+    to our own progress and one-line errors. The caller's setting is restored after."""
+    from transformers.utils import logging as tlog
+
+    was = tlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            tlog.enable_progress_bar()
+
+
 def load_sd(path_or_id, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
             cache_dir: str | None = None, flag: str = "--model") -> dict[str, Any]:
     """Load the UNet (``dtype``), CLIP text encoder (float32), tokenizer and scheduler config
@@ -334,8 +350,9 @@ def load_sd(path_or_id, *, device: str | torch.device = "cpu", dtype: torch.dtyp
     unet = _load_from_folder(UNet2DConditionModel, unet_dir, flag, arg, dtype).to(device).eval()
     try:
         variant = weights_variant(te_dir, ("model", "pytorch_model"))  # an fp16-only cache names its variant
-        text_encoder, info = CLIPTextModel.from_pretrained(te_dir, local_files_only=True, output_loading_info=True,
-                                                           variant=variant)
+        with _no_transformers_bars():
+            text_encoder, info = CLIPTextModel.from_pretrained(te_dir, local_files_only=True,
+                                                               output_loading_info=True, variant=variant)
     except Exception as e:  # OSError (no weights), ValueError, safetensors errors
         raise ModelError(f"{flag} {arg}: cannot load the CLIP text encoder from {te_dir} ({_first_line(e)})") from None
     missing = [k for k in info.get("missing_keys") or [] if "position_ids" not in k]

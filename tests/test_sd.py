@@ -873,6 +873,18 @@ def test_step_guidance_reads_a_diffusers_scheduler(denoiser):
         StepGuidance(modes, scheduler=sched, betas=SD.diffusers_schedule_kwargs({})["betas"])
 
 
+def test_loading_draws_no_transformers_bars(sd_world, capsys):
+    """transformers 5 draws a "Loading weights" bar for the CLIP text encoder: not on our stderr; the
+    caller's own setting is restored after."""
+    from transformers.utils import logging as tlog
+
+    tlog.enable_progress_bar()
+    capsys.readouterr()
+    SD.load_sd(sd_world["model"])
+    assert "Loading weights" not in capsys.readouterr().err
+    assert tlog.is_progress_bar_enabled()
+
+
 def test_fp16_variant_only_sd_folder_loads(sd_world, tmp_path, denoiser):
     """A folder or HF cache made by ``from_pretrained(..., variant="fp16")`` holds only
     ``diffusion_pytorch_model.fp16.safetensors`` / ``model.fp16.safetensors``: every part still loads
