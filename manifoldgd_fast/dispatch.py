@@ -21,7 +21,7 @@ from .errors import BackendError, ConfigError
 
 _BACKENDS = ("auto", "reference", "triton")
 # What the fused kernels are written and tested for (SPEC sizes with margin).
-MAX_B, MAX_ROWS, MAX_D, MAX_K = 256, 100_000, 16_384, 64
+MAX_B, MAX_ROWS, MAX_D, MAX_K = 256, 100_000, 65_536, 64
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _WARNED: set = set()
 
@@ -91,8 +91,9 @@ def _pick_backend(backend: str, device: torch.device, why_not) -> str:
         if reason is not None:
             raise BackendError(f"backend 'triton' cannot take this input: {reason}")
         return "triton"
-    if reason is not None and _kernels()[0] is None:
-        _warn_once("no_triton", f"guidance ops: {reason}; using the PyTorch reference")
+    if reason is not None:  # on CUDA the reference is far slower: say so, once (e.g. a D above the limit)
+        _warn_once("no_triton" if _kernels()[0] is None else "declined",
+                   f"guidance ops: {reason}; using the PyTorch reference")
     return "triton" if reason is None else "reference"
 
 

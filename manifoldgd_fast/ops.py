@@ -24,7 +24,7 @@ chosen in one place, :func:`manifoldgd_fast.dispatch._pick_backend`:
   update). CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1`` (how CI
   checks their numerics). An input they cannot take raises ``BackendError``
   naming the tensor and the rule (device, dtype, size limits: B <= 256,
-  rows <= 100,000, D <= 16,384, k <= 64). Non-contiguous inputs are made
+  rows <= 100,000, D <= 65,536, k <= 64). Non-contiguous inputs are made
   contiguous.
 * ``auto``: ``triton`` for CUDA tensors it can take, else ``reference`` (warns
   once when Triton is missing on a CUDA machine).

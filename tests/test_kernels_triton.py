@@ -409,6 +409,10 @@ def test_forced_triton_names_what_it_cannot_take():
     big = torch.zeros(2, 80, 16, device=DEV)
     with pytest.raises(BackendError, match="k = 65"):
         ops.manifold_pull(x, big, k=65, d=3, backend="triton")
+    wide = torch.zeros(1, ops.MAX_D + 4, device=DEV)
+    with pytest.raises(BackendError, match="D = 65540 is above the fused kernels' limit 65536"):
+        ops.manifold_pull_fused(wide, wide, radius=0.1, alpha_bar=0.5, seed=0, step=0, n_points=16, k=4, d=2,
+                                backend="triton")
 
 
 # ---------------------------------------------------------------------------
@@ -467,10 +471,14 @@ def test_fused_step_captures_in_a_cuda_graph():
     _assert_graph_replay_equals_eager(step)
 
 
+@pytest.mark.parametrize("side", [64, 128], ids=["sd-512px", "max-1024px"])
 @pytest.mark.parametrize("formulation", ["paper", "official"])
-def test_fused_ops_at_sd_512px_width(formulation):
-    """D = 16,384 (Stable Diffusion's 4 x 64 x 64 latents at 512 px): the widest D the kernels take."""
-    B, n, D = 1, 24, 4 * 64 * 64
+def test_fused_ops_at_sd_widths(formulation, side):
+    """D = 4 x side^2: Stable Diffusion's latents at 512 px (16,384) and the widest D the kernels take
+    (65,536, 1024 px; SD 2.x at 768 px, 36,864, lies between)."""
+    B, n, D = 1, 24, 4 * side * side
+    if side == 128:
+        assert D == ops.MAX_D
     gen = torch.Generator().manual_seed(9)
     x = torch.randn(B, D, generator=gen).to(DEV)
     if formulation == "paper":

@@ -1,5 +1,6 @@
 """The guidance ops against direct transcriptions of SPEC 4.4 / 4b.3 (D x D covariance + eigh)."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -265,3 +266,21 @@ def test_ragged_order_padding_past_each_length_is_accepted():
     order[1, 3] = -1                                   # inside the length: refused, naming the rule
     with pytest.raises(ConfigError, match="within each sample's length"):
         ops.manifold_correct_fused(x, lat, order, lengths, g, backend="reference", **kw)
+
+
+def test_auto_on_cuda_says_once_when_the_fused_kernels_decline(monkeypatch):
+    """backend auto on CUDA with an input the fused kernels cannot take (e.g. D above their limit) runs the
+    reference, far slower: one RuntimeWarning naming why, not a silent fallback."""
+    from manifoldgd_fast import dispatch
+
+    monkeypatch.setattr(dispatch, "_kernels", lambda: (object(), None))    # as if Triton imported
+    monkeypatch.setattr(dispatch, "_WARNED", set())
+    cuda = torch.device("cuda")
+    why = "D = 70000 is above the fused kernels' limit 65536"
+    with pytest.warns(RuntimeWarning, match=f"guidance ops: {why}; using the PyTorch reference"):
+        assert dispatch._pick_backend("auto", cuda, lambda: why) == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dispatch._pick_backend("auto", cuda, lambda: why) == "reference"      # once
+        assert dispatch._pick_backend("auto", cuda, lambda: None) == "triton"
+        assert dispatch._pick_backend("auto", torch.device("cpu"), lambda: why) == "reference"
