@@ -3,7 +3,8 @@
 - :func:`evaluate` (``protocol.py``): train ConvNet-6 / ResNetAP-10 / ResNet-18
   (``nets.py``) on ``OUT/<class>/<i>.png`` with device-side augmentation
   (``augment.py``), test top-1 on a real validation folder; writes
-  ``OUT/eval.json``, ``OUT/eval.md`` and an "eval" entry in ``OUT/manifest.json``.
+  ``OUT/eval.json``, ``OUT/eval.md`` and an "eval" entry in ``OUT/manifest.json``
+  (``report.py``: the tables, files and manifest entries).
 - :func:`compute_metrics` (``metrics.py``): FID, L2, MMD, representativeness and
   diversity on encoder features; writes ``OUT/metrics.json``.
   :func:`trajectory_variance` takes the sampler's ‖x̂0‖ traces.

@@ -146,7 +146,8 @@ def _check_folders(**flags: str | None) -> None:
 
 def run_eval_from_args(ns: argparse.Namespace) -> dict:
     from ..errors import ConfigError
-    from .protocol import evaluate, markdown_table
+    from .protocol import evaluate
+    from .report import markdown_table
 
     folders = [ns.distilled] if isinstance(ns.distilled, str) else list(ns.distilled)
     for folder in folders:

@@ -58,8 +58,9 @@ from ..output import atomic_write_bytes, atomic_write_text
 from .augment import normalize, to_unit
 from .nets import NAMED, load_net, net_checkpoint
 from ..devices import resolve_device
-from .protocol import (Split, _amp, _cl, _prepare, append_manifest, default_size, load_images, match_classes,
-                       native_size, train_net)
+from .protocol import (Split, _amp, _cl, _prepare, default_size, load_images, match_classes, native_size,
+                       train_net)
+from .report import append_manifest
 
 log = logging.getLogger(__name__)
 

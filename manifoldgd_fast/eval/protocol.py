@@ -13,15 +13,13 @@ Resize(224) + CenterCrop(224)) and scored in batches.
 
 Several distilled folders (the release's std is over 3 distilled sets, each
 trained once) are evaluated one after the other; results are given per folder
-and pooled over all (folder, seed) runs.
+and pooled over all (folder, seed) runs (written by :mod:`.report`).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import functools
-import datetime
-import json
 import logging
 import math
 import os
@@ -38,9 +36,10 @@ from ..devices import resolve_device
 from ..config import check_out_file
 from ..errors import ConfigError, DataError
 from ..data import RESAMPLERS, read_image_uint8
-from ..output import MANIFEST, RESERVED_DIRS, atomic_write_text
+from ..output import RESERVED_DIRS
 from .augment import TrainAugment, cutmix, normalize, to_unit
 from .nets import NET_NAMES, build_net, count_parameters, load_net, parse_nets
+from .report import summarize, write_eval_outputs
 
 log = logging.getLogger(__name__)
 
@@ -363,89 +362,6 @@ def _check_teacher(teacher: torch.nn.Module, num_classes: int, size: int, device
         raise ConfigError(f"--teacher: gives outputs of shape {tuple(out.shape)} at {size} px, "
                           f"expected (1, {num_classes}) for the {num_classes} classes")
     return teacher
-
-
-# --------------------------------------------------------------------------- reports
-def summarize(key: str, values) -> dict:
-    """``{key_mean, key_std}`` over seeds (numpy std, ddof 0, as the DD literature reports)."""
-    v = np.asarray(values, dtype=np.float64)
-    return {f"{key}_mean": float(v.mean()), f"{key}_std": float(v.std())}
-
-
-def append_manifest(out_dir: str, key: str, entry: dict) -> str | None:
-    """Append ``entry`` to the list ``manifest[key]`` of OUT/manifest.json, atomically; None if absent."""
-    path = os.path.join(out_dir, MANIFEST)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as e:
-        log.warning("not recording %s in %s: cannot read it (%s)", key, path, e)
-        return None
-    old = manifest.get(key)
-    manifest[key] = (old if isinstance(old, list) else [old] if old else []) + [entry]
-    atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True, default=str))
-    return path
-
-
-def _net_rows(nets: dict, what: str = "per seed") -> list[str]:
-    lines = [f"| net | params | best top-1 | final top-1 | {what} best | {what} final |",
-             "|---|---:|---:|---:|---|---|"]
-    for net, r in nets.items():
-        bests = [s["best"] for s in r["seeds"]] if "seeds" in r else r["best_per_seed"]
-        finals = [s["final"] for s in r["seeds"]] if "seeds" in r else r["final_per_seed"]
-        lines.append(f"| {net} | {r['params'] / 1e6:.2f}M | {r['best_mean']:.2f} ± {r['best_std']:.2f} | "
-                     f"{r['final_mean']:.2f} ± {r['final_std']:.2f} | {', '.join(f'{v:.2f}' for v in bests)} | "
-                     f"{', '.join(f'{v:.2f}' for v in finals)} |")
-    return lines
-
-
-def markdown_table(result: dict) -> str:
-    """Per net: params, best and final top-1 mean ± std, and each run's best / final; with several
-    distilled folders the pooled table (all (folder, seed) runs) comes first, then one per folder."""
-    folders = result.get("distilled_folders") or [result["distilled"]]
-    n_seeds = len(result["seeds"])
-    head = (f"{result['num_classes']} classes, IPC {result['ipc']}, {result['size']} px, {result['epochs']} epochs, "
-            f"validation {result['real_val']} ({result['n_val']} images); top-1 %, mean ± std over ")
-    if len(folders) == 1:
-        lines = [f"# Evaluation ({result['protocol']}): {folders[0]}", "", head + f"{n_seeds} seeds", "",
-                 *_net_rows(result["nets"])]
-    else:
-        lines = [f"# Evaluation ({result['protocol']}): {len(folders)} distilled sets", "",
-                 head + f"{len(folders) * n_seeds} runs ({len(folders)} distilled sets x {n_seeds} seeds)", "",
-                 *_net_rows(result["nets"], "per run")]
-        for i, pf in enumerate(result["per_folder"]):
-            lines += ["", f"## Set {i}: {pf['distilled']} (IPC {pf['ipc']}; mean ± std over {n_seeds} seeds)", "",
-                      *_net_rows(pf["nets"])]
-    return "\n".join(lines) + "\n"
-
-
-def _summary(nets: dict) -> dict:
-    return {n: {k: r[k] for k in ("best_mean", "best_std", "final_mean", "final_std")} for n, r in nets.items()}
-
-
-def write_eval_outputs(result: dict, distilled, out_json: str | None) -> None:
-    """Write the JSON and the markdown (default OUT/eval.json; OUT1/eval_pooled.json for several
-    folders) and append a summary to each folder's manifest "eval" list (its own numbers, and the
-    pooled ones when there are several folders)."""
-    folders = _folder_list(distilled)
-    several = len(folders) > 1
-    out_json = out_json or os.path.join(folders[0], "eval_pooled.json" if several else "eval.json")
-    out_md = os.path.splitext(out_json)[0] + ".md"
-    result["files"] = {"json": os.path.abspath(out_json), "markdown": os.path.abspath(out_md)}
-    base = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "file": result["files"]["json"], "protocol": result["protocol"], "size": result["size"],
-            "epochs": result["epochs"], "seeds": result["seeds"], "real_val": result["real_val"]}
-    manifests = []
-    for i, folder in enumerate(folders):
-        entry = dict(base, nets=_summary(result["per_folder"][i]["nets"] if several else result["nets"]))
-        if several:
-            entry.update(pooled=_summary(result["nets"]), distilled_folders=result["distilled_folders"])
-        manifests.append(append_manifest(os.path.abspath(folder), "eval", entry))
-    result["manifest"], result["manifests"] = manifests[0], manifests
-    atomic_write_text(out_json, json.dumps(result, indent=2, sort_keys=True, default=str))
-    atomic_write_text(out_md, markdown_table(result))
 
 
 def _folder_list(distilled) -> list[str]:
