@@ -51,7 +51,8 @@ def class_modes(rcfg: DistillConfig, name: str, z: torch.Tensor) -> torch.Tensor
     m = discover_modes(z.flatten(1), rcfg.ipc, method=rcfg.mode_method, formulation=rcfg.formulation,
                        seed=derive_seed(rcfg.seed, "modes", name), level=rcfg.level, mode_point=rcfg.mode_point,
                        max_depth=rcfg.max_depth, min_leaf=rcfg.min_leaf, linkage=rcfg.linkage,
-                       kmeans_iters=rcfg.kmeans_iters, bisect_inits=rcfg.bisect_inits, kmeans_tol=rcfg.kmeans_tol)
+                       kmeans_iters=rcfg.kmeans_iters, bisect_inits=rcfg.bisect_inits, kmeans_tol=rcfg.kmeans_tol,
+                       gmm_iters=rcfg.gmm_iters)
     return m.view(rcfg.ipc, *z.shape[1:])
 
 

@@ -98,6 +98,7 @@ class DistillConfig:
     linkage: str = "ward"
     kmeans_iters: int = 300            # sklearn KMeans's max_iter, as the releases call it
     kmeans_tol: float = 1e-4           # sklearn's tol: stop at squared centre shift <= tol * mean variance
+    gmm_iters: int = 100               # --mode-method gmm: EM steps at most (sklearn GaussianMixture's max_iter)
     bisect_inits: int = 10             # 2-means restarts per split (official: 10)
 
     # --- mode guidance (SPEC 4.3 / 4b.2) ------------------------------------
@@ -173,7 +174,7 @@ class DistillConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
                 raise ConfigError(f"--{_flag(name)} must be an integer >= {minimum}, got {v!r}")
 
-        for name in ("ipc", "batch_size", "encode_batch_size", "steps", "kmeans_iters", "bisect_inits",
+        for name in ("ipc", "batch_size", "encode_batch_size", "steps", "kmeans_iters", "gmm_iters", "bisect_inits",
                      "cloud_size", "d", "min_leaf"):
             positive_int(name)
         positive_int("encode_workers", allow_none=True, minimum=0)
@@ -440,6 +441,8 @@ def modes_fingerprint(cfg: "DistillConfig", latent_cache: str) -> str:
     import hashlib
 
     d = {k: getattr(cfg, k) for k in MODE_FIELDS}
+    if cfg.mode_method == "gmm":  # only GMM's modes depend on it (older caches of other methods stay valid)
+        d["gmm_iters"] = cfg.gmm_iters
     d["latent_cache"] = os.path.abspath(latent_cache)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -505,6 +508,8 @@ def fingerprint_fields(cfg: "DistillConfig", entries=None) -> dict:
             d.pop(k, None)
     if d.get("output_size") is None:
         d.pop("output_size", None)
+    if d.get("mode_method") != "gmm":  # counts only where GMM finds the modes
+        d.pop("gmm_iters", None)
     if not d.get("cgs"):  # the CGS window and steps only count where CGS runs; older fingerprints without CGS
         d.pop("cgs_steps", None)  # stay valid (they hashed the eta defaults, which stand in for any value here)
         for f in dataclasses.fields(DistillConfig):

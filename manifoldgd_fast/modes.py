@@ -61,6 +61,7 @@ RADIUS_SCHEDULES = ("exponential", "cosine", "linear", "constant")
 RADIUS_UNITS = ("quantile", "absolute")
 
 _GMM_TOL = 1e-3      # change of the mean log-likelihood per sample (sklearn's default)
+GMM_ITERS = 100      # EM steps at most (sklearn GaussianMixture's max_iter)
 _VAR_FLOOR = 1e-6    # diagonal variance floor of the GMM
 
 
@@ -92,7 +93,7 @@ def _gmm_log_prob(x: Tensor, x2: Tensor, weights: Tensor, means: Tensor, var: Te
     return torch.log(weights) - 0.5 * (d * math.log(2 * math.pi) + log_det + maha)
 
 
-def gmm_modes(z: Tensor, k: int, *, seed: int, iters: int = 100) -> Tensor:
+def gmm_modes(z: Tensor, k: int, *, seed: int, iters: int = GMM_ITERS) -> Tensor:
     """Means of a diagonal-covariance Gaussian mixture fitted by EM.
 
     Initialised from ``kmeans(z, k, seed=seed)`` (hard responsibilities);
@@ -138,7 +139,7 @@ def random_modes(z: Tensor, k: int, *, seed: int) -> Tensor:
 def discover_modes(z: Tensor, ipc: int, *, method: str, formulation: str = "official", seed: int = 0,
                    level: int | None = None, mode_point: str = "auto", max_depth: int | None = None,
                    min_leaf: int = 2, linkage: str = "ward", kmeans_iters: int = KMEANS_ITERS,
-                   bisect_inits: int = 10, kmeans_tol: float = KMEANS_TOL) -> Tensor:
+                   bisect_inits: int = 10, kmeans_tol: float = KMEANS_TOL, gmm_iters: int = GMM_ITERS) -> Tensor:
     """The IPC centroids of one class (SPEC 2).
 
     Args:
@@ -160,6 +161,7 @@ def discover_modes(z: Tensor, ipc: int, *, method: str, formulation: str = "offi
     _int(ipc, "--ipc", 1)
     _seed(seed)
     _int(kmeans_iters, "--kmeans-iters", 1)
+    _int(gmm_iters, "--gmm-iters", 1)
     _int(bisect_inits, "--bisect-inits", 1)
     if isinstance(kmeans_tol, bool) or not isinstance(kmeans_tol, (int, float)) or not 0 <= kmeans_tol < math.inf:
         raise ConfigError(f"--kmeans-tol must be a number >= 0, got {kmeans_tol!r}")
@@ -189,7 +191,7 @@ def discover_modes(z: Tensor, ipc: int, *, method: str, formulation: str = "offi
         modes = divisive_paper(x, ipc, start_level=level, seed=seed, max_depth=max_depth, min_leaf=min_leaf,
                                mode_point=mode_point, n_init=bisect_inits, iters=kmeans_iters, tol=kmeans_tol)
     elif method == "gmm":
-        modes = gmm_modes(x, ipc, seed=seed, iters=kmeans_iters)
+        modes = gmm_modes(x, ipc, seed=seed, iters=gmm_iters)
         if mode_point == "medoid":
             modes = x[torch.argmin(_sq_dists(modes, x), 1)]
     elif method == "random":

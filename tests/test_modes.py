@@ -372,6 +372,29 @@ def test_gmm_recovers_means_by_weight():
         assert torch.allclose(gmm_modes(z, 3, seed=seed), means, atol=1e-6)
 
 
+def test_gmm_iters_is_its_own_cap():
+    """--gmm-iters caps GMM's EM (sklearn GaussianMixture's max_iter, 100); --kmeans-iters no longer does.
+    Only GMM runs count it in their run and modes fingerprints."""
+    from manifoldgd_fast.config import DistillConfig, fingerprint, modes_fingerprint
+
+    z, _, _ = blobs([(0, 0), (3, 0), (0, 3)], [40, 80, 60], std=1.2, dim=5)
+    full = discover_modes(z, 3, method="gmm", seed=1)
+    assert not torch.allclose(discover_modes(z, 3, method="gmm", seed=1, gmm_iters=1), full, atol=1e-4)
+    assert torch.equal(discover_modes(z, 3, method="gmm", seed=1, kmeans_iters=1), full)
+    with pytest.raises(ConfigError, match="--gmm-iters must be an integer >= 1, got 0"):
+        discover_modes(z, 3, method="gmm", seed=1, gmm_iters=0)
+
+    def cfg(**kw):
+        return DistillConfig(data="d", out="o", **kw).resolve(3, "cpu")
+
+    assert fingerprint(cfg(gmm_iters=7)) == fingerprint(cfg())
+    assert fingerprint(cfg(mode_method="gmm", gmm_iters=7)) != fingerprint(cfg(mode_method="gmm"))
+    assert modes_fingerprint(cfg(gmm_iters=7), "c") == modes_fingerprint(cfg(), "c")
+    assert modes_fingerprint(cfg(mode_method="gmm", gmm_iters=7), "c") != modes_fingerprint(cfg(mode_method="gmm"), "c")
+    with pytest.raises(ConfigError, match="--gmm-iters must be an integer >= 1"):
+        DistillConfig(gmm_iters=0).validate()
+
+
 def test_random_modes_distinct_rows():
     z = torch.randn(50, 4, generator=torch.Generator().manual_seed(0))
     modes = random_modes(z, 10, seed=3)
