@@ -153,7 +153,7 @@ def make_schedule(steps: int = 50, sampler: str = "ddpm", num_train_timesteps: i
     prev = None
     if sampler == "ddim" and spacing in ("trailing", "linspace"):
         # DDIMScheduler.step steps from t to t - T // S, which is not the next kept timestep where these
-        # spacings are uneven (e.g. trailing over 30 steps: 932 -> 899, not 932 -> 899 via 933 -> 900)
+        # spacings are uneven (e.g. trailing over 30 steps keeps 999, 966, 932, ...: 966 steps to 933)
         prev = [t - num_train_timesteps // steps for t in kept]
     return schedule_from_timesteps(kept, sampler, num_train_timesteps=num_train_timesteps, betas=betas, device=device,
                                    set_alpha_to_one=set_alpha_to_one, variance_type=variance_type,

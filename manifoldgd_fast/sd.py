@@ -145,7 +145,7 @@ class TextConditionedDenoiser(torch.nn.Module):
     ``forward`` returns eps (``.sample``: (B, 4, h, w)) whatever the UNet predicts: a v or x0
     prediction is turned into the eps it implies at the input's noise level abar_t of the
     training schedule (``schedule_kwargs["betas"]``), in float32: eps = sqrt(abar) v + sqrt(1 - abar) x,
-    or (x - sqrt(abar) x0) / sqrt(1 - abar). The step rules then give exactly what diffusers'
+    or (x - sqrt(abar) x0) / sqrt(1 - abar). The step rules then give what diffusers'
     schedulers compute from v or x0 (CFG is linear in the prediction, and x the same for both halves).
     """
 
