@@ -24,7 +24,7 @@ from . import ops
 from .config import DistillConfig
 from .errors import ConfigError
 from .profile import phase
-from .schedule import Schedule
+from .schedule import Schedule, eps_from_prediction, prediction_from_eps
 
 _EPS = 1e-8
 
@@ -329,18 +329,10 @@ class StepGuidance:
             return eps
         x = x_t.float()
         a, sig = s.sqrt_alphas_cumprod[i], s.sqrt_one_minus_alphas_cumprod[i]
-        e = eps.float()
-        if self.prediction_type == "v_prediction":
-            e = a * e + sig * x
-        elif self.prediction_type == "sample":
-            e = (x - a * e) / sig
+        e = eps_from_prediction(eps.float(), x, a, sig, self.prediction_type)
         x0 = s.sqrt_recip_alphas_cumprod[i] * x - s.sqrt_recipm1_alphas_cumprod[i] * e
         if self.cfg.formulation == "paper":
             g = self.guidance.paper_eps(i, x, x0, e)
         else:
             g = e - self.guidance.official_term(i, x, x0, None) / s.sqrt_recipm1_alphas_cumprod[i]
-        if self.prediction_type == "v_prediction":
-            g = (g - sig * x) / a
-        elif self.prediction_type == "sample":
-            g = (x - sig * g) / a
-        return g.to(eps.dtype)
+        return prediction_from_eps(g, x, a, sig, self.prediction_type).to(eps.dtype)

@@ -231,6 +231,26 @@ def schedule_from_timesteps(kept, sampler: str = "ddim", num_train_timesteps: in
                     last_step_noise=sampler == "ddim" and bool(tables["alphas_cumprod_prev"][0] < 1.0), **out)
 
 
+def eps_from_prediction(out, x, sqrt_ac, sqrt_1m_ac, kind: str):
+    """The eps a model output implies at noise level abar for the latents x: ``kind`` "epsilon"
+    (the output itself), "v_prediction" (sqrt(abar) v + sqrt(1 - abar) x) or "sample"
+    (x0: (x - sqrt(abar) x0) / sqrt(1 - abar))."""
+    if kind == "v_prediction":
+        return sqrt_ac * out + sqrt_1m_ac * x
+    if kind == "sample":
+        return (x - sqrt_ac * out) / sqrt_1m_ac
+    return out
+
+
+def prediction_from_eps(eps, x, sqrt_ac, sqrt_1m_ac, kind: str):
+    """The inverse of :func:`eps_from_prediction`: the ``kind`` of output that implies ``eps``."""
+    if kind == "v_prediction":
+        return (eps - sqrt_1m_ac * x) / sqrt_ac
+    if kind == "sample":
+        return (x - sqrt_1m_ac * eps) / sqrt_ac
+    return eps
+
+
 BETA_SCHEDULES = ("scaled_linear", "linear")
 DIFFUSERS_SPACINGS = ("leading", "trailing", "linspace")
 

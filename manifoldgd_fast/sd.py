@@ -34,7 +34,7 @@ from .errors import ConfigError, ModelError
 from .models import _first_line, _load_from_folder, seeded_init, weights_variant
 from .models import resolve_root as models_resolve_root
 from .schedule import (PREDICTION_TYPES, SD15_SCHEDULER_CONFIG, diffusers_prediction_type, diffusers_schedule_kwargs,
-                       scaled_linear_betas)
+                       eps_from_prediction, scaled_linear_betas)
 
 log = logging.getLogger(__name__)
 
@@ -211,9 +211,7 @@ class TextConditionedDenoiser(torch.nn.Module):
         t = torch.as_tensor(timestep, device=x.device).reshape(-1).long()
         a = self.sqrt_ac[t].view(-1, 1, 1, 1)                           # (B or 1, 1, 1, 1)
         s = self.sqrt_1m_ac[t].view(-1, 1, 1, 1)
-        pred, xf = out.sample.float(), x.float()
-        eps = a * pred + s * xf if self.prediction_type == "v_prediction" else (xf - a * pred) / s
-        return type(out)(sample=eps)
+        return type(out)(sample=eps_from_prediction(out.sample.float(), x.float(), a, s, self.prediction_type))
 
 
 # --------------------------------------------------------------------------- #
