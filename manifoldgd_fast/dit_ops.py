@@ -232,7 +232,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
             cuDNN / flash SDPA are the measured defaults.
     Returns: (B, N, H * Dh) in q's dtype, contiguous. Scores and softmax in fp32; the kernel rounds the
         probabilities to the input dtype before ``p v``, as FlashAttention does (tolerance: the
-        flash-attention rule, ``tests/test_kernels_triton.py``).
+        flash-attention rule, ``tests/test_dit_ops_triton.py``).
     """
     _check_qkv(q, k, v)
     if scale is None:

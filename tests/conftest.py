@@ -210,3 +210,25 @@ def check_eig_extremes(solve, n, rtol):
     assert bool(w[0].isnan().all()) and bool(V[0].isnan().all())
     w1, V1 = solve(A[1:])
     assert torch.equal(w[1], w1[0]) and torch.equal(V[1], V1[0])
+
+
+@pytest.fixture(scope="session")
+def sd_world(tmp_path_factory):
+    """3 classes x 12 images and a tiny SD folder (UNet on 4x8x8 latents, VAE 16 px <-> 4x8x8)."""
+    pytest.importorskip("transformers")
+    from sd_helpers import CLASSES
+
+    from manifoldgd_fast import sd as SD
+
+    root = tmp_path_factory.mktemp("sdworld")
+    data = make_image_folder(root / "data", CLASSES, 12, size=20)
+    model = SD.build_tiny_sd_folder(str(root / "sd"), sample_size=8, vae_sample_size=16)
+    return {"root": str(root), "data": data, "model": model, "cache": str(root / "cache")}
+
+
+@pytest.fixture(scope="session")
+def sd_denoiser(sd_world):
+    """The tiny SD folder's denoiser with two prompts (labels 0, 1)."""
+    from manifoldgd_fast import sd as SD
+
+    return SD.load_sd_denoiser(sd_world["model"], {0: "a photo of a cherry", 1: "a photo of a dog"})

@@ -1,6 +1,6 @@
 """The DiT block ops' references against diffusers' own modules, their checks, dispatch and registration.
 
-The Triton kernels against these references: ``tests/test_kernels_triton.py`` (interpreted on the CPU).
+The Triton kernels against these references: ``tests/test_dit_ops_triton.py`` (interpreted on the CPU).
 Ground truth is diffusers itself (``AdaLayerNormZero``, ``BasicTransformerBlock`` with
 ``norm_type="ada_norm_zero"``, DiT's ``norm_out``): the references are the same PyTorch ops, so in
 fp32 they are compared bit for bit. Low precision follows CUDA autocast, where ``layer_norm`` runs in

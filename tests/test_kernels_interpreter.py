@@ -1,4 +1,4 @@
-"""CI's check of the Triton kernels on a CPU-only machine: tests/test_kernels_triton.py under TRITON_INTERPRET=1.
+"""CI's check of the Triton kernels on a CPU-only machine: the kernel test modules under TRITON_INTERPRET=1.
 
 TRITON_INTERPRET must be set before Triton decorates a kernel, and setting it in
 this process would also make ``backend='triton'`` accept CPU tensors for every
@@ -15,6 +15,7 @@ import torch
 from conftest import triton_interpreting
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+MODULES = ["test_kernels_triton.py", "test_dit_ops_triton.py"]     # their skip rule: tests/triton_helpers.py
 
 # A kernel whose loop bound is a run-time argument. Triton 3.6's interpreter turns that bound into a
 # one-element array and calls int() on it, which NumPy >= 2.3 refuses; compiled kernels are unaffected.
@@ -41,9 +42,9 @@ def _interpreter_takes_runtime_loop_bounds():
 @functools.lru_cache(maxsize=None)
 def _why_skip():
     if triton_interpreting():
-        return "TRITON_INTERPRET is already set: test_kernels_triton.py runs in this process"
+        return "TRITON_INTERPRET is already set: the kernel modules run in this process"
     if torch.cuda.is_available():
-        return "a CUDA GPU is present: test_kernels_triton.py runs compiled in this process"
+        return "a CUDA GPU is present: the kernel modules run compiled in this process"
     try:
         import triton  # noqa: F401
     except Exception as e:
@@ -59,7 +60,7 @@ def _why_skip():
 def test_triton_kernels_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning",
-           os.path.join(HERE, "test_kernels_triton.py")]
+           *(os.path.join(HERE, m) for m in MODULES)]
     proc = subprocess.run(cmd, cwd=os.path.dirname(HERE), env=env, capture_output=True, text=True, timeout=900)
     tail = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0, f"interpreted kernel tests failed (rc {proc.returncode}):\n{tail}"

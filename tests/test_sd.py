@@ -1,5 +1,6 @@
-"""Stable Diffusion backbone: folder loading, prompts, SD scheduler settings against diffusers,
-guidance at SD's latent size, and the whole pipeline on a tiny random-init SD 1.5-layout folder."""
+"""Stable Diffusion backbone: the whole pipeline on a tiny random-init SD 1.5-layout folder, prompts,
+folder loading and its one-line errors, and guidance at SD's latent size. Sampling against diffusers'
+own schedulers is in test_sd_scheduler.py."""
 import json
 import os
 import shutil
@@ -10,42 +11,18 @@ import pytest
 import torch
 from conftest import make_image_folder
 from PIL import Image
+from sd_helpers import CLASSES, FAST, PROMPTS, sd_args, sd_pipe, sd_variant
 
 from manifoldgd_fast import DistillConfig, distill
 from manifoldgd_fast import sd as SD
 from manifoldgd_fast.cli import main
-from manifoldgd_fast.config import derive_seed
 from manifoldgd_fast.errors import ConfigError, ModelError
-from manifoldgd_fast.guidance import Guidance, is_guided, paper_neighbourhoods
+from manifoldgd_fast.guidance import Guidance, paper_neighbourhoods
 from manifoldgd_fast.models import dit_info, model_family
 from manifoldgd_fast.sampler import sample
-from manifoldgd_fast.schedule import Schedule, make_schedule
+from manifoldgd_fast.schedule import make_schedule
 
 pytest.importorskip("transformers")
-
-CLASSES = ["n01440764", "golden_retriever", "cherry"]      # sorted labels: cherry 0, golden_retriever 1, n01440764 2
-PROMPTS = {"cherry": "sweet cherry", "golden_retriever": "golden retriever", "n01440764": "tench"}
-FAST = ["--ipc", "2", "--steps", "6", "--t-stop", "3", "--batch-size", "2"]
-
-
-@pytest.fixture(scope="module")
-def sd_world(tmp_path_factory):
-    """3 classes x 12 images and a tiny SD folder (UNet on 4x8x8 latents, VAE 16 px <-> 4x8x8)."""
-    root = tmp_path_factory.mktemp("sdworld")
-    data = make_image_folder(root / "data", CLASSES, 12, size=20)
-    model = SD.build_tiny_sd_folder(str(root / "sd"), sample_size=8, vae_sample_size=16)
-    return {"root": str(root), "data": data, "model": model, "cache": str(root / "cache")}
-
-
-@pytest.fixture(scope="module")
-def denoiser(sd_world):
-    prompts = {0: "a photo of a cherry", 1: "a photo of a dog"}
-    return SD.load_sd_denoiser(sd_world["model"], prompts)
-
-
-def _args(world, out, *extra):
-    return ["distill", "--data", world["data"], "--model", world["model"], "--out", str(out),
-            "--cache-dir", world["cache"], "--class-names", "cherry=sweet cherry", *FAST, *extra]
 
 
 # ---------------------------------------------------------------------------- end to end
@@ -56,7 +33,7 @@ def _args(world, out, *extra):
 ])
 def test_distill_end_to_end_on_a_tiny_sd_folder(sd_world, tmp_path, extra, size):
     out = tmp_path / "out"
-    assert main(_args(sd_world, out, *extra)) == 0
+    assert main(sd_args(sd_world, out, *extra)) == 0
     man = json.loads((out / "manifest.json").read_text())
     assert man["backbone"] == "sd" and man["config"]["backbone"] == "sd"
     assert man["config"]["cfg_scale"] == SD.SD_CFG_SCALE == 8.0 and man["config"]["cfg_channels"] == "all"
@@ -86,9 +63,9 @@ def test_distill_a_v_prediction_trailing_folder(sd_world, tmp_path, capsys):
     cfg = {**SD.SD15_SCHEDULER_CONFIG, "prediction_type": "v_prediction", "timestep_spacing": "trailing"}
     lat = {}
     for name, sched in (("v", cfg), ("eps", {**cfg, "prediction_type": "epsilon"})):
-        folder = _variant(sd_world, tmp_path, sched, name=name)
+        folder = sd_variant(sd_world, tmp_path, sched, name=name)
         out = tmp_path / f"out-{name}"
-        assert main(_args({**sd_world, "model": folder}, out, "--sampler", "ddim")) == 0
+        assert main(sd_args({**sd_world, "model": folder}, out, "--sampler", "ddim")) == 0
         man = json.loads((out / "manifest.json").read_text())
         assert man["sd_scheduler"] == {"prediction_type": sched["prediction_type"], "timestep_spacing": "trailing"}
         lat[name] = load_file(str(out / "latents" / "cherry.safetensors"))["latents"]
@@ -96,7 +73,7 @@ def test_distill_a_v_prediction_trailing_folder(sd_world, tmp_path, capsys):
     assert (lat["v"] - lat["eps"]).abs().max() > 1e-2
     (tmp_path / "v" / "scheduler" / "scheduler_config.json").write_text(json.dumps({**cfg, "timestep_spacing": "linspace"}))
     capsys.readouterr()
-    assert main(_args({**sd_world, "model": str(tmp_path / "v")}, tmp_path / "out-v", "--sampler", "ddim")) == 2
+    assert main(sd_args({**sd_world, "model": str(tmp_path / "v")}, tmp_path / "out-v", "--sampler", "ddim")) == 2
     err = capsys.readouterr().err      # (transformers may draw its weight-loading bars there too)
     assert "Traceback" not in err and "holds a run made with other scheduler settings" in err.splitlines()[-1], err
 
@@ -106,7 +83,7 @@ def test_fast_loop_gives_the_reference_bytes_on_sd(sd_world, tmp_path):
     outs = {}
     for loop in ("fast", "reference"):
         out = tmp_path / loop
-        assert main(_args(sd_world, out, "--loop", loop, "--guidance-noise", "philox")) == 0
+        assert main(sd_args(sd_world, out, "--loop", loop, "--guidance-noise", "philox")) == 0
         outs[loop] = {c: (out / c / "0.png").read_bytes() for c in CLASSES}
     assert outs["fast"] == outs["reference"]
 
@@ -120,15 +97,15 @@ def test_classes_sampled_together_on_sd(sd_world, tmp_path):
     from test_pipeline import _digest
 
     two = tmp_path / "two"
-    assert main(_args(sd_world, two, "--class-batch", "2")) == 0
+    assert main(sd_args(sd_world, two, "--class-batch", "2")) == 0
     man = json.loads((two / "manifest.json").read_text())
     order = sorted(CLASSES)  # the run's class order
     assert man["config"]["class_batch"] == 2 and man["classes"][order[0]]["sampled_with"] == order[:2]
     before = _digest(two)
     shutil.rmtree(two / order[0])
-    assert main(_args(sd_world, two, "--class-batch", "2")) == 0
+    assert main(sd_args(sd_world, two, "--class-batch", "2")) == 0
     assert _digest(two) == before
-    assert main(_args(sd_world, tmp_path / "one", "--class-batch", "1")) == 0
+    assert main(sd_args(sd_world, tmp_path / "one", "--class-batch", "1")) == 0
     for c in CLASSES:
         a, b = (load_file(str(d / "latents" / f"{c}.safetensors"))["latents"] for d in (two, tmp_path / "one"))
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # a row under another class's prompt would not be
@@ -187,14 +164,14 @@ def test_class_names_and_prompt_template():
 
 
 # ---------------------------------------------------------------------------- the adapter and loading
-def test_adapter_info_and_family_detection(sd_world, tiny_world, denoiser):
+def test_adapter_info_and_family_detection(sd_world, tiny_world, sd_denoiser):
     assert model_family(sd_world["model"]) == "sd" and model_family(tiny_world["model"]) == "dit"
-    assert dit_info(denoiser) == {"num_classes": 2, "null_class": 2, "latent_size": 8, "in_channels": 4,
+    assert dit_info(sd_denoiser) == {"num_classes": 2, "null_class": 2, "latent_size": 8, "in_channels": 4,
                                   "out_channels": 4, "learned_sigma": False, "patch_size": None, "backbone": "sd"}
-    kw = denoiser.schedule_kwargs
+    kw = sd_denoiser.schedule_kwargs
     assert kw["steps_offset"] == 1 and kw["set_alpha_to_one"] is False and kw["variance_type"] == "fixed_small"
     assert kw["betas"][0] == pytest.approx(0.00085) and kw["betas"][-1] == pytest.approx(0.012)
-    gap = SD.TextConditionedDenoiser(denoiser.unet, denoiser.embeddings[:3], [0, 2])  # label 1 has no prompt
+    gap = SD.TextConditionedDenoiser(sd_denoiser.unet, sd_denoiser.embeddings[:3], [0, 2])  # label 1 has no prompt
     assert dit_info(gap)["null_class"] == 3
     with pytest.raises(ValueError, match="without a prompt"):
         gap(torch.zeros(1, 4, 8, 8), timestep=torch.tensor([10]), class_labels=torch.tensor([1]))
@@ -227,13 +204,13 @@ def _set_max_length(folder, value):
     (lambda d: _set_max_length(d, 77), "tokenizer", "gives model_max_length 77, but the text encoder has 32"),
 ], ids=["text-encoder-config", "tokenizer-vocab", "no-max-length", "max-length-too-long"])
 def test_damaged_text_side_is_one_line_naming_it(sd_world, tmp_path, capsys, damage, sub, why):
-    folder = _variant(sd_world, tmp_path)
+    folder = sd_variant(sd_world, tmp_path)
     damage(os.path.join(folder, sub))
     with pytest.raises(ModelError) as e:
         SD.load_sd(folder)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"--model {folder}: ") and why in msg
-    rc = main(_args({**sd_world, "model": folder}, tmp_path / "out"))
+    rc = main(sd_args({**sd_world, "model": folder}, tmp_path / "out"))
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and why in err[0]
 
@@ -261,7 +238,7 @@ def test_cached_hf_id_runs_without_network(sd_world, tmp_path, monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", connect)
     assert model_family("org/tiny-sd") == "sd"
     out = tmp_path / "out"
-    assert main(_args({**sd_world, "model": "org/tiny-sd"}, out, "--ipc", "1", "--classes", "cherry")) == 0
+    assert main(sd_args({**sd_world, "model": "org/tiny-sd"}, out, "--ipc", "1", "--classes", "cherry")) == 0
     man = json.loads((out / "manifest.json").read_text())
     assert man["model"] == "org/tiny-sd" and man["backbone"] == "sd" and man["classes"]["cherry"]["status"] == "done"
 
@@ -276,151 +253,11 @@ def test_incomplete_sd_folder_is_one_line_naming_it(sd_world, tmp_path, capsys, 
     msg = str(e.value)
     assert "\n" not in msg and str(broken) in msg and f"no {part}/" in msg
     if part != "unet":  # without unet/ the folder is no longer recognised as SD; --backbone sd forces it
-        rc = main(_args({**sd_world, "model": str(broken)}, tmp_path / "out"))
+        rc = main(sd_args({**sd_world, "model": str(broken)}, tmp_path / "out"))
     else:
-        rc = main(_args({**sd_world, "model": str(broken)}, tmp_path / "out", "--backbone", "sd"))
+        rc = main(sd_args({**sd_world, "model": str(broken)}, tmp_path / "out", "--backbone", "sd"))
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and str(broken) in err[0] and f"no {part}/" in err[0]
-
-
-# ---------------------------------------------------------------------------- SD scheduler settings
-def _pipe(folder):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
-                                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def test_ddim_matches_diffusers_stable_diffusion_pipeline(sd_world, denoiser):
-    """Unguided DDIM over the adapter == diffusers' StableDiffusionPipeline with DDIMScheduler configured as
-    SD's (scaled_linear, steps_offset 1, set_alpha_to_one False, clip_sample False), same UNet, noise, prompts."""
-    from diffusers import DDIMScheduler
-
-    S = 10
-    pipe = _pipe(sd_world["model"])
-    pipe.scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                   beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False,
-                                   clip_sample=False, timestep_spacing="leading")
-    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        ref = pipe(["a photo of a dog", "a photo of a cherry"], negative_prompt=["", ""], num_inference_steps=S,
-                   guidance_scale=7.5, latents=x_T.clone(), output_type="latent", height=16, width=16).images
-    s = make_schedule(S, "ddim", **denoiser.schedule_kwargs)
-    assert s.timesteps.flip(0).tolist() == pipe.scheduler.timesteps.tolist() == list(range(901, 0, -100))
-    ours = sample(denoiser, s, x_T, torch.tensor([1, 0]), null_class=2, cfg_scale=7.5, cfg_channels="all")
-    torch.testing.assert_close(ours, ref, atol=2e-5, rtol=2e-5)
-    # the last step lands on abar(t=0) (set_alpha_to_one=False), not on 1
-    assert float(s.alphas_cumprod_prev[0]) == pytest.approx(1 - 0.00085, abs=1e-7)
-
-
-def test_ddpm_fixed_small_matches_diffusers_scheduler_loop(sd_world, denoiser):
-    """SD has no learned sigma: DDPM uses DDPMScheduler's fixed-small (posterior) variance over the
-    'leading' + steps_offset timesteps."""
-    from diffusers import DDPMScheduler
-
-    S = 8
-    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
-    y = torch.tensor([0, 1])
-    s = make_schedule(S, "ddpm", **denoiser.schedule_kwargs)
-    ours = sample(denoiser, s, x_T, y, null_class=2, cfg_scale=7.5, cfg_channels="all",
-                  generators=[torch.Generator().manual_seed(g) for g in (5, 6)])
-
-    sched = DDPMScheduler.from_config(SD.SD15_SCHEDULER_CONFIG)
-    assert sched.config.variance_type == "fixed_small" and sched.config.steps_offset == 1
-    sched.set_timesteps(S)
-    assert sched.timesteps.tolist() == s.timesteps.flip(0).tolist()
-    gens = [torch.Generator().manual_seed(g) for g in (5, 6)]
-    enc = torch.cat([denoiser.embeddings[:2], denoiser.embeddings[2:3].expand(2, -1, -1)])  # cond, then null
-    x = x_T.clone()
-    with torch.no_grad():
-        for t in sched.timesteps:
-            out = denoiser.unet(torch.cat([x, x]), t, encoder_hidden_states=enc).sample
-            eps = out[2:] + 7.5 * (out[:2] - out[2:])
-            x = sched.step(eps, t, x, generator=gens).prev_sample
-    torch.testing.assert_close(ours, x, atol=5e-5, rtol=5e-5)
-
-
-def test_mgd3_ddpm_is_the_release_text_to_image_rule(sd_world, denoiser):
-    """MGD3's text-to-image script (sample_mode_guidance_text2img.py) samples SD 1.5 with its
-    DDPMModeScheduler, built from the folder's scheduler config: diffusers' DDPM step, then, while the
-    timestep is above stop_t = 500, x_prev -= 0.1 * sqrt(fixed-small variance) * (x0_hat - mode), with CFG 8.
-    Our --method mgd3 --sampler ddpm with the SD defaults is that loop; stop at timestep 500 is --t-stop 4
-    at 10 steps ('leading' timesteps 901, 801, ..., 1: guided while 100 i + 1 > 500)."""
-    from diffusers import DDPMScheduler
-
-    S, B, stop_t = 10, 2, 500
-    cfg = DistillConfig(steps=S, t_stop=4, ipc=B, method="mgd3", sampler="ddpm", backend="reference").resolve(
-        3, backbone="sd")
-    assert cfg.cfg_scale == 8.0 and cfg.lambda_m == 0.1 and cfg.kernel == "rbf" and cfg.formulation == "official"
-    s = make_schedule(S, "ddpm", **denoiser.schedule_kwargs)
-    x_T = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(7))
-    modes = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(8))
-    y = torch.tensor([1, 1])
-    seeds = (31, 32)
-    run = dict(null_class=2, cfg_scale=cfg.cfg_scale, cfg_channels="all")
-    gens = [torch.Generator().manual_seed(g) for g in seeds]
-    ours = sample(denoiser, s, x_T, y, guidance=Guidance(cfg, s, modes, gens), generators=gens, **run)
-
-    sched = DDPMScheduler.from_config(SD.read_scheduler_config(sd_world["model"], sd_world["model"]))
-    sched.set_timesteps(S)
-    gens = [torch.Generator().manual_seed(g) for g in seeds]
-    enc = torch.cat([denoiser.embeddings[y], denoiser.embeddings[2:3].expand(B, -1, -1)])
-    x, guided = x_T.clone(), 0
-    with torch.no_grad():
-        for t in sched.timesteps:
-            out = denoiser.unet(torch.cat([x, x]), t, encoder_hidden_states=enc).sample
-            res = sched.step(out[B:] + 8.0 * (out[:B] - out[B:]), t, x, generator=gens)
-            x = res.prev_sample
-            if t > stop_t:
-                guided += 1
-                x = x - (res.pred_original_sample - modes) * 0.1 * sched._get_variance(t) ** 0.5
-    assert guided == 5
-    torch.testing.assert_close(ours, x, atol=5e-5, rtol=5e-5)
-    plain = sample(denoiser, s, x_T, y, generators=[torch.Generator().manual_seed(g) for g in seeds], **run)
-    assert (ours - plain).abs().max() > 1e-2
-
-
-def _step_slice(s: Schedule, i: int) -> Schedule:
-    """The one-step schedule of step index i (its own coefficients)."""
-    kw = {k: (v[i:i + 1] if isinstance(v, torch.Tensor) else v) for k, v in s.__dict__.items()}
-    kw["host"] = {k: v[i:i + 1] for k, v in s.host.items()}
-    return Schedule(**kw)
-
-
-@pytest.mark.parametrize("formulation, method", [("official", "manifoldgd"), ("paper", "manifoldgd"),
-                                                 ("official", "mgd3")])
-def test_guided_and_unguided_steps_differ_only_before_t_stop(denoiser, formulation, method):
-    """Along the guided trajectory, re-run each step unguided from the same latent: it differs from the
-    guided step exactly while guidance is on (before t_stop), and is identical after."""
-    S, t_stop, B = 8, 4, 2
-    cfg = DistillConfig(steps=S, t_stop=t_stop, ipc=B, formulation=formulation, method=method, sampler="ddim",
-                        backend="reference").resolve(3, backbone="sd")   # DDIM: an unguided re-run is deterministic
-    assert cfg.cfg_scale == 8.0 and cfg.cfg_channels == "all"
-    s = make_schedule(S, cfg.sampler, **denoiser.schedule_kwargs)
-    lat = torch.randn(20, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    modes = lat[:B] + 0.05
-    gens = [torch.Generator().manual_seed(derive_seed(0, "sample", b)) for b in range(B)]
-    kw = {}
-    if formulation == "paper":
-        kw = paper_neighbourhoods(cfg, lat, modes)
-    x_T = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(2))
-    y = torch.tensor([1, 1])
-    run = dict(null_class=2, cfg_scale=cfg.cfg_scale, cfg_channels=cfg.cfg_channels, formulation=formulation)
-    traj = {}
-    sample(denoiser, s, x_T, y, guidance=Guidance(cfg, s, modes, gens, **kw), generators=gens,
-           callback=lambda i, x: traj.__setitem__(i, x.clone()), **run)
-    guided_steps = []
-    for i in reversed(range(S)):
-        x_in = x_T if i == S - 1 else traj[i + 1]
-        plain = sample(denoiser, _step_slice(s, i), x_in, y, **run)
-        if is_guided(formulation, i, S, t_stop):
-            guided_steps.append(i)
-            assert (plain - traj[i]).abs().max() > 1e-4, f"step {i} should be guided"
-        else:
-            torch.testing.assert_close(plain, traj[i], atol=1e-6, rtol=0)
-    assert guided_steps == ([7, 6, 5] if formulation == "official" else [7, 6, 5, 4])
 
 
 # ---------------------------------------------------------------------------- SD's latent size
@@ -497,236 +334,12 @@ def test_bench_sd_tiny_runs_on_cpu(tmp_path):
     assert all(r["images_per_s"] > 0 for r in rows)
 
 
-# ---------------------------------------------------------------------------- against diffusers, in detail
-def _variant(sd_world, tmp_path, scheduler=None, *, drop_scheduler=False, name="sd"):
-    """A copy of the tiny SD folder with another scheduler_config.json (or none)."""
-    folder = tmp_path / name
-    shutil.copytree(sd_world["model"], folder)
-    if drop_scheduler:
-        shutil.rmtree(folder / "scheduler")
-    elif scheduler is not None:
-        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
-    return str(folder)
-
-
-def _ddim_loop(denoiser, sched, x_T, y, S, eta=0.0, noises=None):
-    """A hand-written diffusers DDIM loop over the adapter's UNet (CFG 7.5 on all channels)."""
-    sched.set_timesteps(S)
-    B = x_T.shape[0]
-    null = denoiser.embeddings[len(denoiser.prompts):len(denoiser.prompts) + 1].expand(B, -1, -1)
-    enc = torch.cat([denoiser.embeddings[y], null])
-    x = x_T.clone()
-    with torch.no_grad():
-        for j, t in enumerate(sched.timesteps):
-            out = denoiser.unet(torch.cat([x, x]), t, encoder_hidden_states=enc).sample
-            eps = out[B:] + 7.5 * (out[:B] - out[B:])
-            kw = dict(eta=eta, variance_noise=noises[j]) if noises is not None else {}
-            x = sched.step(eps, t, x, **kw).prev_sample
-    return x
-
-
-@pytest.mark.parametrize("pred, spacing, sampler, S", [
-    ("v_prediction", "leading", "ddim", 10),
-    ("v_prediction", "trailing", "ddim", 30),     # uneven: DDIM steps to t - 33, not to the next kept t
-    ("epsilon", "linspace", "ddim", 10),          # uneven, and the last step starts at t = 0
-    ("epsilon", "trailing", "ddpm", 30),          # DDPM steps to the next kept t
-    ("v_prediction", "linspace", "ddpm", 10),
-    ("sample", "leading", "ddim", 10),
-])
-def test_prediction_types_and_spacings_sample_as_diffusers(sd_world, tmp_path, pred, spacing, sampler, S):
-    """A folder whose scheduler asks for v / x0 prediction or diffusers' trailing / linspace spacing:
-    unguided sampling over the adapter equals a loop over diffusers' own scheduler of that folder, on the
-    UNet's raw output, same noise; the fast loop gives the reference's latents."""
-    from diffusers import DDIMScheduler, DDPMScheduler
-
-    from manifoldgd_fast.fastloop import FastSampler
-    from manifoldgd_fast.sampler import Sampling
-
-    folder = _variant(sd_world, tmp_path, {**SD.SD15_SCHEDULER_CONFIG, "prediction_type": pred,
-                                           "timestep_spacing": spacing})
-    den = SD.load_sd_denoiser(folder, {0: "a cherry", 1: "a dog"})
-    assert den.prediction_type == pred and den.schedule_kwargs["spacing"] == spacing
-    cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
-    sched = cls.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
-    assert sched.config.prediction_type == pred and sched.config.timestep_spacing == spacing
-    s = make_schedule(S, sampler, **den.schedule_kwargs)
-    sched.set_timesteps(S)
-    assert s.timesteps.flip(0).tolist() == sched.timesteps.tolist()
-    if sampler == "ddim":   # abar of the step's target as DDIMScheduler.step takes it: t - T // S
-        prev = sched.timesteps - 1000 // S
-        want = torch.where(prev >= 0, sched.alphas_cumprod[prev.clamp(min=0)], sched.final_alpha_cumprod)
-        torch.testing.assert_close(s.alphas_cumprod_prev.flip(0), want.float(), atol=1e-6, rtol=0)  # diffusers: fp32 cumprod
-
-    B, seeds = 2, (31, 32)
-    x_T = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(7))
-    y = torch.tensor([1, 0])
-    gens = lambda: [torch.Generator().manual_seed(g) for g in seeds]  # noqa: E731
-    ours = sample(den, s, x_T, y, null_class=2, cfg_scale=7.5, cfg_channels="all", generators=gens())
-    enc = torch.cat([den.embeddings[y], den.embeddings[2:3].expand(B, -1, -1)])
-    x, g = x_T.clone(), gens()
-    with torch.no_grad():
-        for t in sched.timesteps:
-            out = den.unet(torch.cat([x, x]), t, encoder_hidden_states=enc).sample   # v, x0 or eps
-            mixed = out[B:] + 7.5 * (out[:B] - out[B:])
-            x = sched.step(mixed, t, x, **({"generator": g} if sampler == "ddpm" else {})).prev_sample
-    torch.testing.assert_close(ours, x, atol=5e-5, rtol=5e-5)
-    fast, _ = FastSampler(Sampling(den, s, B, cfg_scale=7.5, cfg_channels="all")).sample(x_T, y, gens())
-    torch.testing.assert_close(fast, ours, atol=1e-6, rtol=0)
-
-
-def test_step_guidance_takes_and_returns_v(sd_world, tmp_path):
-    """StepGuidance in a diffusers DDIM loop over a v-prediction UNet (prediction_type read from the
-    scheduler): the loop's v, guided, equals our guided sampler over the adapter (which guides eps)."""
-    from diffusers import DDIMScheduler
-
-    from manifoldgd_fast.guidance import StepGuidance
-
-    folder = _variant(sd_world, tmp_path, {**SD.SD15_SCHEDULER_CONFIG, "prediction_type": "v_prediction"})
-    den = SD.load_sd_denoiser(folder, {0: "a cherry", 1: "a dog"})
-    S, B = 6, 2
-    modes = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(1)) * 0.5
-    x_T = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(2))
-    y = torch.tensor([1, 1])
-    sched = DDIMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
-    sched.set_timesteps(S)
-    guide = StepGuidance(modes, scheduler=sched, formulation="official", method="mgd3", n_classes=3, t_stop=3)
-    assert guide.prediction_type == "v_prediction"
-    enc = torch.cat([den.embeddings[y], den.embeddings[2:3].expand(B, -1, -1)])
-    x = x_T.clone()
-    with torch.no_grad():
-        for step, t in enumerate(sched.timesteps):
-            out = den.unet(torch.cat([x, x]), t, encoder_hidden_states=enc).sample
-            x = sched.step(guide(x, out[B:] + 7.5 * (out[:B] - out[B:]), step), t, x).prev_sample
-    s = make_schedule(S, "ddim", **den.schedule_kwargs)
-    gens = [torch.Generator().manual_seed(b) for b in range(B)]
-    ours = sample(den, s, x_T, y, null_class=2, cfg_scale=7.5, cfg_channels="all", generators=gens,
-                  guidance=Guidance(guide.cfg, s, modes, gens))
-    plain = sample(den, s, x_T, y, null_class=2, cfg_scale=7.5, cfg_channels="all")
-    torch.testing.assert_close(x, ours, atol=1e-4, rtol=1e-4)
-    assert (ours - plain).abs().max() > 1e-3
-    with pytest.raises(ConfigError, match="prediction_type"):
-        StepGuidance(modes, scheduler=sched, prediction_type="flow")
-
-
-def test_ddim_eta_adds_noise_on_the_last_step_as_diffusers(denoiser):
-    """eta > 0: DDIMScheduler.step adds std_dev_t * noise on every step, the last included; with
-    set_alpha_to_one=False (SD) that last sigma is nonzero. Same per-step noise -> same latents. The
-    fast loop pre-draws that last step's noise too; DiT's schedule (ending at abar = 1) draws none there."""
-    from diffusers import DDIMScheduler
-
-    from manifoldgd_fast.fastloop import FastSampler, predraw_noise
-    from manifoldgd_fast.sampler import Sampling, draws_noise
-
-    S, B = 6, 2
-    x_T = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(11))
-    y = torch.tensor([1, 0])
-    s = make_schedule(S, "ddim", **denoiser.schedule_kwargs)
-    assert s.last_step_noise and draws_noise(s, 0, 1.0) and not draws_noise(s, 0, 0.0)
-    assert not make_schedule(S, "ddim").last_step_noise and not draws_noise(make_schedule(S, "ddim"), 0, 1.0)
-    assert not draws_noise(make_schedule(S, "ddpm", **denoiser.schedule_kwargs), 0)
-    seeds = (21, 22)
-    ours = sample(denoiser, s, x_T, y, null_class=2, cfg_scale=7.5, cfg_channels="all", ddim_eta=1.0,
-                  generators=[torch.Generator().manual_seed(g) for g in seeds])
-    gens = [torch.Generator().manual_seed(g) for g in seeds]
-    noises = [torch.stack([torch.randn(4, 8, 8, generator=g) for g in gens]) for _ in range(S)]  # step-major
-    sched = DDIMScheduler.from_config(SD.SD15_SCHEDULER_CONFIG)
-    assert sched.config.set_alpha_to_one is False and sched.config.clip_sample is False
-    ref = _ddim_loop(denoiser, sched, x_T, y, S, eta=1.0, noises=noises)
-    torch.testing.assert_close(ours, ref, atol=2e-5, rtol=2e-5)
-
-    run = Sampling(denoiser, s, 2, cfg_scale=7.5, cfg_channels="all", ddim_eta=1.0)
-    pre = predraw_noise(run, (4, 8, 8), [torch.Generator().manual_seed(g) for g in seeds], "cpu")
-    torch.testing.assert_close(pre[0], noises[-1], atol=0, rtol=0)       # the last step (i = 0) has its noise
-    fast, _ = FastSampler(run).sample(x_T, y, [torch.Generator().manual_seed(g) for g in seeds])
-    torch.testing.assert_close(fast, ours, atol=1e-6, rtol=0)
-
-
-def test_a_scheduler_config_other_than_sd15_is_read_as_diffusers_reads_it(sd_world, tmp_path):
-    """beta_start / beta_end differing from SD 1.5's: our schedule and unguided DDIM equal
-    DDIMScheduler.from_pretrained(folder, subfolder="scheduler") over the same UNet."""
-    from diffusers import DDIMScheduler
-
-    cfg = {**SD.SD15_SCHEDULER_CONFIG, "beta_start": 0.0009, "beta_end": 0.013}
-    folder = _variant(sd_world, tmp_path, cfg)
-    den = SD.load_sd_denoiser(folder, {0: "a cherry", 1: "a dog"})
-    sched = DDIMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
-    assert sched.config.beta_end == 0.013 and sched.config.set_alpha_to_one is False
-    S = 5
-    s = make_schedule(S, "ddim", **den.schedule_kwargs)
-    sched.set_timesteps(S)
-    assert s.timesteps.flip(0).tolist() == sched.timesteps.tolist()
-    torch.testing.assert_close(s.alphas_cumprod.flip(0), sched.alphas_cumprod[sched.timesteps], atol=1e-6, rtol=0)
-    sd15 = make_schedule(S, "ddim", **SD.diffusers_schedule_kwargs(SD.SD15_SCHEDULER_CONFIG))
-    assert (s.alphas_cumprod - sd15.alphas_cumprod).abs().max() > 1e-3     # the file's betas, not SD 1.5's
-    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
-    y = torch.tensor([0, 1])
-    ours = sample(den, s, x_T, y, null_class=2, cfg_scale=7.5, cfg_channels="all")
-    torch.testing.assert_close(ours, _ddim_loop(den, sched, x_T, y, S), atol=2e-5, rtol=2e-5)
-
-
-def test_steps_offset_and_clip_sample_are_forced_as_the_pipeline_does(sd_world, tmp_path, caplog):
-    """StableDiffusionPipeline sets steps_offset 1 and clip_sample False (deprecation warnings); so do we,
-    with a warning naming the folder. A folder without scheduler/ samples with SD 1.5's settings, saying so."""
-    cfg = {**SD.SD15_SCHEDULER_CONFIG, "steps_offset": 0, "clip_sample": True}
-    folder = _variant(sd_world, tmp_path, cfg)
-    want = SD.diffusers_schedule_kwargs(SD.SD15_SCHEDULER_CONFIG)
-    with caplog.at_level("WARNING", logger="manifoldgd_fast"):
-        got = SD.read_scheduler_config(folder, folder)
-    assert got["steps_offset"] == 1 and got["clip_sample"] is False
-    msgs = [r.getMessage() for r in caplog.records]
-    assert any("steps_offset 0" in m and folder in m for m in msgs)
-    assert any("clip_sample true" in m and folder in m for m in msgs)
-    with pytest.warns(FutureWarning) as w:                        # diffusers' own deprecation warnings
-        pipe = _pipe(folder)
-    assert any("steps_offset" in str(x.message) for x in w) and any("clip_sample" in str(x.message) for x in w)
-    assert pipe.scheduler.config.steps_offset == 1 and pipe.scheduler.config.clip_sample is False
-    kw = SD.diffusers_schedule_kwargs(got)
-    assert kw["steps_offset"] == 1 and (kw["betas"] == want["betas"]).all()
-
-    bare = _variant(sd_world, tmp_path, drop_scheduler=True, name="bare")
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="manifoldgd_fast"):
-        den = SD.load_sd_denoiser(bare, {0: "a cherry"})
-    assert any("SD 1.5's scheduler settings" in r.getMessage() and bare in r.getMessage() for r in caplog.records)
-    assert {k: v for k, v in den.schedule_kwargs.items() if k != "betas"} == \
-        {k: v for k, v in want.items() if k != "betas"}
-    # a key missing from the file takes SD 1.5's value in both readers (not DDIMScheduler's linear betas)
-    partial = {k: v for k, v in SD.SD15_SCHEDULER_CONFIG.items() if k not in ("beta_schedule", "beta_end")}
-    assert (SD.diffusers_schedule_kwargs(partial)["betas"] == want["betas"]).all()
-    assert SD.read_scheduler_config(_variant(sd_world, tmp_path, partial, name="partial"), "x")["beta_end"] == 0.012
-
-
-@pytest.mark.parametrize("key, value, why", [
-    ("prediction_type", "flow", "prediction_type 'flow' is not supported (epsilon, v_prediction, sample)"),
-    ("timestep_spacing", "karras", "timestep_spacing 'karras' is not supported (leading, trailing, linspace)"),
-    ("rescale_betas_zero_snr", True, "rescale_betas_zero_snr true is not supported"),
-    ("beta_schedule", "squaredcos_cap_v2", "beta_schedule 'squaredcos_cap_v2' is not supported (scaled_linear or linear)"),
-])
-def test_unsupported_scheduler_settings_fail_before_any_weights_load(sd_world, tmp_path, capsys, monkeypatch,
-                                                                     key, value, why):
-    from transformers import CLIPTextModel
-
-    folder = _variant(sd_world, tmp_path, {**SD.SD15_SCHEDULER_CONFIG, key: value})
-
-    def no_load(*a, **k):
-        raise AssertionError("weights loaded before the scheduler config was checked")
-
-    monkeypatch.setattr(SD, "_load_from_folder", no_load)
-    monkeypatch.setattr(CLIPTextModel, "from_pretrained", no_load)
-    with pytest.raises(ModelError) as e:
-        SD.load_sd(folder)
-    msg = str(e.value)
-    assert "\n" not in msg and msg.startswith(f"--model {folder}: ") and why in msg and "scheduler_config.json" in msg
-    rc = main(_args({**sd_world, "model": folder}, tmp_path / "out"))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and folder in err[0] and why in err[0]
-
-
+# ---------------------------------------------------------------------------- outputs, prompts and loading, in detail
 def test_same_seed_same_bytes_and_output_size_is_a_pil_bicubic_resize(sd_world, tmp_path):
     """Two runs with one seed write identical PNGs (another seed: other PNGs); --output-size writes
     PIL's bicubic resize of the native decode."""
     def run(out, *extra):
-        assert main(_args(sd_world, tmp_path / out, "--no-contact-sheet", *extra)) == 0
+        assert main(sd_args(sd_world, tmp_path / out, "--no-contact-sheet", *extra)) == 0
         return {c: (tmp_path / out / c / "0.png").read_bytes() for c in CLASSES}
 
     a, b = run("a"), run("b")
@@ -752,7 +365,7 @@ def test_cfg_channels_3_is_refused_for_sd(sd_world, tmp_path, capsys, monkeypatc
     assert DistillConfig().resolve(3, backbone="sd").cfg_scale == 5.5
     assert DistillConfig().resolve(3, backbone="dit").cfg_scale == 4.0
     monkeypatch.setattr(SD, "load_sd_denoiser", lambda *a, **k: pytest.fail("SD models loaded"))
-    rc = main(_args(sd_world, tmp_path / "out", "--cfg-channels", "3"))      # backbone found from the folder
+    rc = main(sd_args(sd_world, tmp_path / "out", "--cfg-channels", "3"))      # backbone found from the folder
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "--cfg-channels 3" in err[0]
 
@@ -780,10 +393,10 @@ def test_class_names_unknown_keys_synonyms_and_equal_prompts(tmp_path, sd_world,
     with pytest.raises(ConfigError, match="'a' and 'b'"):
         SD.class_prompts(["a", "b"], "a photo of a {name}", class_names="a=Cardigan,b=cardigan")
     # the shipped ImageNet names give 1000 distinct prompts
-    from manifoldgd_fast.data import imagenet_wnids
+    from manifoldgd_fast.classes import imagenet_wnids
 
     assert len(set(SD.class_prompts(imagenet_wnids()).values())) == 1000
-    rc = main(_args(sd_world, tmp_path / "out")[:-6] + ["--class-names", "cherry=tree,golden_retriever=Tree", *FAST])
+    rc = main(sd_args(sd_world, tmp_path / "out")[:-6] + ["--class-names", "cherry=tree,golden_retriever=Tree", *FAST])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "'cherry' and 'golden_retriever'" in err[0]
 
@@ -791,7 +404,7 @@ def test_class_names_unknown_keys_synonyms_and_equal_prompts(tmp_path, sd_world,
 def test_text_encoder_attention_mask_and_truncation_as_diffusers(sd_world, caplog):
     """use_attention_mask in the text encoder's config is honoured as encode_prompt does; a prompt
     longer than the tokenizer's length is cut there, with one warning naming its class."""
-    pipe = _pipe(sd_world["model"])
+    pipe = sd_pipe(sd_world["model"])
     parts = SD.load_sd(sd_world["model"])
     te, tok = parts["text_encoder"], parts["tokenizer"]
     long = "a photo of a very " + "very " * 40 + "long cherry"
@@ -815,62 +428,24 @@ def test_text_encoder_attention_mask_and_truncation_as_diffusers(sd_world, caplo
 def test_vae_that_does_not_fit_the_unet_is_one_line(sd_world, tmp_path, capsys, monkeypatch):
     """A 9-channel (inpainting) UNet, or a VAE with a shift_factor (SD3 / Flux), is refused in prepare
     before the UNet loads, naming the folder."""
-    inpaint = _variant(sd_world, tmp_path, name="inpaint")
+    inpaint = sd_variant(sd_world, tmp_path, name="inpaint")
     unet = SD.build_sd_unet({**SD.tiny_sd_unet_config(sample_size=8, cross_attention_dim=32), "in_channels": 9})
     shutil.rmtree(os.path.join(inpaint, "unet"))
     unet.save_pretrained(os.path.join(inpaint, "unet"), safe_serialization=True)
     monkeypatch.setattr(SD, "load_sd_denoiser", lambda *a, **k: pytest.fail("SD models loaded"))
-    rc = main(_args({**sd_world, "model": inpaint}, tmp_path / "out"))
+    rc = main(sd_args({**sd_world, "model": inpaint}, tmp_path / "out"))
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and inpaint in err[0] and "takes 9" in err[0] and "latent_channels 4" in err[0]
 
-    shifted = _variant(sd_world, tmp_path, name="shifted")
+    shifted = sd_variant(sd_world, tmp_path, name="shifted")
     path = os.path.join(shifted, "vae", "config.json")
     with open(path) as f:
         vcfg = json.load(f)
     with open(path, "w") as f:
         json.dump({**vcfg, "shift_factor": 0.0609}, f)
-    rc = main(_args({**sd_world, "model": shifted}, tmp_path / "out2"))
+    rc = main(sd_args({**sd_world, "model": shifted}, tmp_path / "out2"))
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and shifted in err[0] and "shift_factor 0.0609" in err[0]
-
-
-def test_step_guidance_reads_a_diffusers_scheduler(denoiser):
-    """StepGuidance(scheduler=) takes the noise levels from the scheduler's alphas_cumprod: in a diffusers
-    DDIM loop on SD's schedule it equals our guided sampler; the DiT default betas would not."""
-    from diffusers import DDIMScheduler
-
-    from manifoldgd_fast.guidance import StepGuidance
-
-    S, B = 6, 2
-    lat = torch.randn(30, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    modes = lat[:B] + 0.05
-    x_T = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(2))
-    y = torch.tensor([1, 1])
-    sched = DDIMScheduler.from_config(SD.SD15_SCHEDULER_CONFIG)
-    sched.set_timesteps(S)
-    guide = StepGuidance(modes, scheduler=sched, formulation="official", method="mgd3", n_classes=3, t_stop=3)
-    dit_betas = StepGuidance(modes, timesteps=sched.timesteps, formulation="official", method="mgd3",
-                             n_classes=3, t_stop=3)
-    s = make_schedule(S, "ddim", **denoiser.schedule_kwargs)
-    torch.testing.assert_close(guide.schedule.alphas_cumprod, s.alphas_cumprod, atol=1e-6, rtol=0)
-    assert (dit_betas.schedule.alphas_cumprod - s.alphas_cumprod).abs().max() > 1e-2
-    enc = torch.cat([denoiser.embeddings[y], denoiser.embeddings[2:3].expand(B, -1, -1)])
-    x = x_T.clone()
-    with torch.no_grad():
-        for step, t in enumerate(sched.timesteps):
-            out = denoiser.unet(torch.cat([x, x]), t, encoder_hidden_states=enc).sample
-            eps = guide(x, out[B:] + 7.5 * (out[:B] - out[B:]), step)
-            x = sched.step(eps, t, x).prev_sample
-    cfg = guide.cfg
-    gens = [torch.Generator().manual_seed(b) for b in range(B)]
-    ours = sample(denoiser, s, x_T, y, null_class=2, cfg_scale=7.5, cfg_channels="all", generators=gens,
-                  guidance=Guidance(cfg, s, modes, gens))
-    plain = sample(denoiser, s, x_T, y, null_class=2, cfg_scale=7.5, cfg_channels="all")
-    torch.testing.assert_close(x, ours, atol=1e-4, rtol=1e-4)
-    assert (ours - plain).abs().max() > 1e-3
-    with pytest.raises(ConfigError, match="not both"):
-        StepGuidance(modes, scheduler=sched, betas=SD.diffusers_schedule_kwargs({})["betas"])
 
 
 def test_loading_draws_no_transformers_bars(sd_world, capsys):
@@ -885,7 +460,7 @@ def test_loading_draws_no_transformers_bars(sd_world, capsys):
     assert tlog.is_progress_bar_enabled()
 
 
-def test_fp16_variant_only_sd_folder_loads(sd_world, tmp_path, denoiser):
+def test_fp16_variant_only_sd_folder_loads(sd_world, tmp_path, sd_denoiser):
     """A folder or HF cache made by ``from_pretrained(..., variant="fp16")`` holds only
     ``diffusion_pytorch_model.fp16.safetensors`` / ``model.fp16.safetensors``: every part still loads
     (neither diffusers nor transformers looks for them unless the variant is named)."""
@@ -900,31 +475,9 @@ def test_fp16_variant_only_sd_folder_loads(sd_world, tmp_path, denoiser):
         part.save_pretrained(str(dst / sub), variant="fp16")
         assert all(".fp16." in n for n in os.listdir(dst / sub) if n != "config.json" and "generation" not in n)
     got = SD.load_sd_denoiser(str(dst), {0: "a photo of a cherry", 1: "a photo of a dog"})
-    torch.testing.assert_close(got.embeddings, denoiser.embeddings, rtol=0, atol=0, equal_nan=True)
-    for a, b in zip(got.unet.state_dict().values(), denoiser.unet.state_dict().values()):
+    torch.testing.assert_close(got.embeddings, sd_denoiser.embeddings, rtol=0, atol=0, equal_nan=True)
+    for a, b in zip(got.unet.state_dict().values(), sd_denoiser.unet.state_dict().values()):
         assert torch.equal(a, b)
-
-
-def test_sd_defaults_follow_the_mgd3_text_to_image_script():
-    """Unset, SD samples with DDPM, CFG 8 and guidance while the timestep > 500 (SD 1.5's leading
-    spacing: step i is timestep i * (1000 // S) + 1): official t_stop 24 at 50 steps (guided while
-    i > 24), paper 25 (the first 25 steps), 12 / 12 at 25 steps; a DiT keeps 25; a given value stays."""
-    from manifoldgd_fast.guidance import is_guided
-
-    def res(backbone, **kw):
-        return DistillConfig(**kw).resolve(10, "cpu", backbone=backbone)
-
-    for S, formulation in [(50, "official"), (50, "paper"), (25, "official"), (25, "paper"), (100, "official")]:
-        c = res("sd", steps=S, formulation=formulation)
-        ratio = 1000 // S
-        assert [is_guided(formulation, i, S, c.t_stop) for i in range(S)] == [i * ratio + 1 > 500 for i in range(S)]
-    assert res("sd", steps=50).t_stop == 24 and res("sd", steps=50, formulation="paper").t_stop == 25
-    assert res("sd").sampler == "ddpm" and res("sd").cfg_scale == 8.0
-    assert res("dit").t_stop == 25 and res("dit", steps=100).t_stop == 25 and res("sd", t_stop=7).t_stop == 7
-    # a DiT run shorter than its default t_stop: the message names --steps and what to give, not a --t-stop never given
-    with pytest.raises(ConfigError, match=r"^--steps 20: fewer than the DiT default --t-stop 25 .* e\.g\. --t-stop 10$"):
-        res("dit", steps=20)
-    assert res("dit", steps=20, t_stop=10).t_stop == 10 and res("sd", steps=20).t_stop < 20
 
 
 def test_sd_folder_without_vae_runs_with_vae_given(sd_world, tmp_path, capsys):
@@ -934,11 +487,11 @@ def test_sd_folder_without_vae_runs_with_vae_given(sd_world, tmp_path, capsys):
     shutil.copytree(sd_world["model"], part, ignore=shutil.ignore_patterns("vae"))
     vae = os.path.join(sd_world["model"], "vae")
     full, out = tmp_path / "full", tmp_path / "out"
-    assert main(_args(sd_world, full, "--vae", vae, "--classes", "cherry")) == 0
-    assert main(_args(dict(sd_world, model=str(part)), out, "--vae", vae, "--classes", "cherry")) == 0
+    assert main(sd_args(sd_world, full, "--vae", vae, "--classes", "cherry")) == 0
+    assert main(sd_args(dict(sd_world, model=str(part)), out, "--vae", vae, "--classes", "cherry")) == 0
     for f in ("0.png", "1.png"):
         assert (out / "cherry" / f).read_bytes() == (full / "cherry" / f).read_bytes()
     capsys.readouterr()
-    assert main(_args(dict(sd_world, model=str(part)), tmp_path / "o3", "--classes", "cherry")) == 2
+    assert main(sd_args(dict(sd_world, model=str(part)), tmp_path / "o3", "--classes", "cherry")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("manifoldgd-fast: error: --model ") and "Traceback" not in "".join(err), err

@@ -1,0 +1,44 @@
+"""Where the Triton kernel tests run, decided once for test_kernels_triton.py and test_dit_ops_triton.py.
+
+* on a CUDA GPU, compiled, in the normal ``python -m pytest -q tests`` (GPU-only full-shape tests too);
+* on the CPU only when ``TRITON_INTERPRET=1`` was set before Triton decorated the kernels. The normal CPU
+  run cannot set it safely in-process (the decision is made at import, and it would also change what
+  ``backend='triton'`` accepts for every other test module), so there these modules skip and
+  ``tests/test_kernels_interpreter.py`` re-runs them in a subprocess with ``TRITON_INTERPRET=1``: that
+  is how CI checks these numerics.
+"""
+import pytest
+import torch
+
+try:
+    from manifoldgd_fast import kernels
+
+    RUNNABLE = kernels.HAVE_TRITON and (kernels.INTERPRET or torch.cuda.is_available())
+except Exception:  # pragma: no cover
+    RUNNABLE = False
+
+DEV = "cuda" if RUNNABLE and not kernels.INTERPRET and torch.cuda.is_available() else "cpu"
+
+TRITON_MARKS = [
+    pytest.mark.skipif(not RUNNABLE, reason="Triton kernels need a CUDA GPU or TRITON_INTERPRET=1 (CI runs the "
+                                            "kernel modules under the interpreter from "
+                                            "tests/test_kernels_interpreter.py)"),
+    # NumPy (the interpreter) warns where the Jacobi angle overflows on purpose (handled: t ~ 1 / (2 theta))
+    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+]
+
+
+def assert_graph_replay_equals_eager(step):
+    """Warm ``step`` up on a side stream, capture it in a CUDA graph, replay: equal to an eager call."""
+    eager = step()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
