@@ -369,7 +369,7 @@ LABEL_MAPS = ("auto", "imagenet1k", "sorted")
 
 
 def check_label_map(value: Any) -> None:
-    """``--label-map``: a keyword of LABEL_MAPS or an existing class-map file (read by data.read_label_map)."""
+    """``--label-map``: a keyword of LABEL_MAPS or an existing class-map file (read by classes.read_label_map)."""
     if value not in LABEL_MAPS and not (isinstance(value, str) and os.path.isfile(value)):
         raise ConfigError(f"--label-map {value!r}: no such file; choose one of {', '.join(LABEL_MAPS)} "
                           "or give a class-map file")

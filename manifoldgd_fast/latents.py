@@ -28,7 +28,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 import torch.utils.data
 

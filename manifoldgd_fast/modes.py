@@ -32,12 +32,10 @@ import math
 import torch
 from torch import Tensor
 
-# _lloyd and _paper_tree are imported only to stay importable from here (tests/test_modes.py)
 from ._modes_common import (KMEANS_ITERS, KMEANS_TOL, LINKAGES, MODE_POINTS, _as_latents, _centre_medoids, _choice,
-                            _generator, _int, _lloyd, _seed, _sq_dists, kmeans)
+                            _generator, _int, _seed, _sq_dists, kmeans)
 from .errors import ConfigError, DataError
-from .modes_tree import (_paper_tree, agglomerative, agglomerative_modes, bisecting_tree, divisive_official,
-                         divisive_paper)
+from .modes_tree import agglomerative, agglomerative_modes, bisecting_tree, divisive_official, divisive_paper
 
 __all__ = [
     "kmeans",

@@ -105,7 +105,8 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
     """
     shard = shard or Shard()
     cfg = with_demo_defaults(cfg)
-    from .data import class_list, scan_image_folder
+    from .classes import class_list
+    from .data import scan_image_folder
     from .latents import cache_latents, encode_precision, latent_cache_dir, weights_digest
     from .models import check_model_source, dit_info, load_dit, load_vae, model_family, vae_info
 
@@ -500,7 +501,8 @@ def profile_run(config: DistillConfig | dict, *, classes: int = 1, out: str | No
     import shutil
     import tempfile
 
-    from .data import class_list, scan_image_folder
+    from .classes import class_list
+    from .data import scan_image_folder
     from .profile import profiling
 
     if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:

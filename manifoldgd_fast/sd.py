@@ -62,7 +62,7 @@ def class_prompts(names: Sequence[str], template: str = DEFAULT_PROMPT_TEMPLATE,
     """The prompt of each class folder in ``names``: ``template`` with {name} = its class name.
 
     The class name is the user's (``class_names``: mapping, file or "a=apple,b=banana";
-    see :func:`data.class_names_map`; "tench, Tinca tinca" gives "tench"), else the
+    see :func:`classes.class_names_map`; "tench, Tinca tinca" gives "tench"), else the
     ImageNet-1k name of a WordNet id, else the folder name with underscores as spaces.
     ``folders``: every class folder of the data set (default ``names``).
 
@@ -71,7 +71,7 @@ def class_prompts(names: Sequence[str], template: str = DEFAULT_PROMPT_TEMPLATE,
     names all 1000 classes), and for two classes whose prompts are equal once lowercased
     (CLIP's tokenizer lowercases, so they would get the same text embedding).
     """
-    from .data import class_display_name, class_names_map, imagenet_wnid_index
+    from .classes import class_display_name, class_names_map, imagenet_wnid_index
 
     check_prompt_template(template)
     flag = "--class-names"

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from manifoldgd_fast import classes as C
 from manifoldgd_fast import data as D
 from manifoldgd_fast.errors import ConfigError, DataError
 
@@ -38,11 +39,11 @@ def wnid_root(tmp_path):
 
 # --------------------------------------------------------------------------- class lists
 def test_imagenet_wnids_sorted_unique_and_names():
-    w = D.imagenet_wnids()
+    w = C.imagenet_wnids()
     assert len(w) == 1000 and len(set(w)) == 1000
     assert w == sorted(w)
     assert w[0] == "n01440764" and w[-1] == "n15075141"
-    names = D.imagenet_class_names()
+    names = C.imagenet_class_names()
     assert len(names) == 1000
     assert names[0] == "tench" and names[1] == "goldfish" and names[207] == "golden retriever"
     assert all(n.strip() == n and n for n in names)
@@ -53,20 +54,20 @@ def test_imagenet_wnids_sorted_unique_and_names():
     ("imagenet100", 100, "n02869837"), ("idc", 10, "n01749939"), ("imagenet1k", 1000, "n01440764"),
 ])
 def test_subsets_in_1k(name, n, first):
-    lst = D.class_list(name)
+    lst = C.class_list(name)
     assert len(lst) == n and len(set(lst)) == n and lst[0] == first
-    assert set(lst) <= set(D.imagenet_wnids())
+    assert set(lst) <= set(C.imagenet_wnids())
 
 
 def test_subset_class_indices():
-    idx = {w: i for i, w in enumerate(D.imagenet_wnids())}
+    idx = {w: i for i, w in enumerate(C.imagenet_wnids())}
     # The class indices IDC / MinimaxDiffusion hard-code for ImageNette and ImageWoof.
-    assert [idx[w] for w in D.class_list("nette")] == [0, 217, 482, 491, 497, 566, 569, 571, 574, 701]
-    assert sorted(idx[w] for w in D.class_list("woof")) == sorted(
+    assert [idx[w] for w in C.class_list("nette")] == [0, 217, 482, 491, 497, 566, 569, 571, 574, 701]
+    assert sorted(idx[w] for w in C.class_list("woof")) == sorted(
         [193, 182, 258, 162, 155, 167, 159, 273, 207, 229])
     # ImageIDC = the first 10 classes of the CMC ImageNet-100 list.
-    assert D.class_list("idc") == sorted(D.class_list("imagenet100")[:10])
-    assert D.class_list("imagenet100")[:10] == [
+    assert C.class_list("idc") == sorted(C.class_list("imagenet100")[:10])
+    assert C.class_list("imagenet100")[:10] == [
         "n02869837", "n01749939", "n02488291", "n02107142", "n13037406",
         "n02091831", "n04517823", "n04589890", "n03062245", "n01773797"]
 
@@ -74,16 +75,16 @@ def test_subset_class_indices():
 def test_class_list_file_csv_and_errors(tmp_path):
     f = tmp_path / "cls.txt"
     f.write_text("# my classes\nzebra\n\n  cat  # trailing comment\ndog\n")
-    assert D.class_list(str(f)) == ["zebra", "cat", "dog"]
-    assert D.class_list(" cat, dog ,zebra,") == ["cat", "dog", "zebra"]
-    assert D.class_list("n01440764") == ["n01440764"]
-    assert D.class_list("apple") == ["apple"]          # one class (a typo fails at the scan, see below)
+    assert C.class_list(str(f)) == ["zebra", "cat", "dog"]
+    assert C.class_list(" cat, dog ,zebra,") == ["cat", "dog", "zebra"]
+    assert C.class_list("n01440764") == ["n01440764"]
+    assert C.class_list("apple") == ["apple"]          # one class (a typo fails at the scan, see below)
     with pytest.raises(ConfigError, match="listed twice"):
-        D.class_list("cat,dog,cat")
+        C.class_list("cat,dog,cat")
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing\n\n")
     with pytest.raises(ConfigError, match="--classes"):
-        D.class_list(str(empty))
+        C.class_list(str(empty))
 
 
 # --------------------------------------------------------------------------- scanning
@@ -187,18 +188,18 @@ def test_label_map_json_file(named_root, tmp_path):
     assert [(e.name, e.label) for e in entries] == [("corgi", 264), ("goldfish", 1), ("shark", 2), ("tench", 0)]
     sub = D.scan_image_folder(str(named_root), classes="shark,tench", label_map=str(m))
     assert [(e.name, e.label) for e in sub] == [("shark", 2), ("tench", 0)]
-    assert D.read_label_map(str(m)) == {"tench": 0, "goldfish": 1, "shark": 2, "corgi": 264, "not_here": 999}
+    assert C.read_label_map(str(m)) == {"tench": 0, "goldfish": 1, "shark": 2, "corgi": 264, "not_here": 999}
     # Exact names win over case-folding: "cardigan" the sweater, "Cardigan" (the old name) the corgi.
-    names = D.imagenet_class_names()
+    names = C.imagenet_class_names()
     assert names[264] == "Cardigan Welsh Corgi" and names[474] == "cardigan"
     m.write_text('{"tench": "cardigan", "goldfish": 1, "shark": 2, "corgi": 3}')
-    assert D.read_label_map(str(m))["tench"] == 474
+    assert C.read_label_map(str(m))["tench"] == 474
 
 
 def test_imagenet_names_are_distinct_once_lowercased():
     """CLIP's tokenizer lowercases: no two ImageNet-1k names may give one prompt. The three pairs that
     differed only in case carry OpenAI CLIP's curated names, checked against their WordNet ids."""
-    names, wnids = D.imagenet_class_names(), D.imagenet_wnids()
+    names, wnids = C.imagenet_class_names(), C.imagenet_wnids()
     low = [" ".join(n.lower().split()) for n in names]
     assert len(names) == 1000 and len(set(low)) == 1000
     want = {"n02012849": "crane bird", "n03126707": "construction crane", "n02113186": "Cardigan Welsh Corgi",
@@ -213,7 +214,7 @@ def test_imagenet_names_are_distinct_once_lowercased():
 def test_label_map_resolves_new_and_unique_old_imagenet_names(tmp_path, value, label):
     m = tmp_path / "map.txt"
     m.write_text(f"a\t{value}\n")
-    assert D.read_label_map(str(m)) == {"a": label}
+    assert C.read_label_map(str(m)) == {"a": label}
 
 
 @pytest.mark.parametrize("value, candidates", [
@@ -224,7 +225,7 @@ def test_label_map_ambiguous_old_name_lists_candidates(tmp_path, value, candidat
     m = tmp_path / "map.txt"
     m.write_text(f"a\t{value}\n")
     with pytest.raises(ConfigError) as ei:
-        D.read_label_map(str(m))
+        C.read_label_map(str(m))
     msg = str(ei.value)
     assert "\n" not in msg and msg.startswith(f"--label-map {m}: line 1: ") and candidates in msg
 
@@ -273,7 +274,7 @@ def test_label_map_bad_entries_name_file_and_line(tmp_path, text, where, why):
     m = tmp_path / "map.txt"
     m.write_text(text)
     with pytest.raises(ConfigError) as ei:
-        D.read_label_map(str(m))
+        C.read_label_map(str(m))
     msg = str(ei.value)
     assert msg.startswith(f"--label-map {m}: {where}: ") and why in msg and "\n" not in msg
 
@@ -286,7 +287,7 @@ def test_label_map_bad_files(tmp_path, named_root):
         m = tmp_path / name
         m.write_text(text)
         with pytest.raises(ConfigError, match=why):
-            D.read_label_map(str(m))
+            C.read_label_map(str(m))
     with pytest.raises(ConfigError, match="no such file"):
         D.scan_image_folder(str(named_root), label_map=str(tmp_path / "nope.json"))
 

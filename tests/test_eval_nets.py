@@ -176,7 +176,7 @@ def test_imagenet_resnet18_comes_from_the_torch_hub_cache_only(tmp_path, monkeyp
 
 
 def test_imagenet_teacher_answers_for_a_subsets_wnids():
-    from manifoldgd_fast.data import imagenet_wnids
+    from manifoldgd_fast.classes import imagenet_wnids
 
     wnids = imagenet_wnids()
     sd = tv_resnet18_state_dict(1000, seed=5)

@@ -182,7 +182,7 @@ def test_teacher_with_wrong_outputs_is_refused(folders):
 
 def test_imagenet_teacher_on_a_subsets_wnid_folders(tmp_path):
     """A 1000-class ImageNet ResNet-18 teacher answers for the folder's WordNet ids (ImageNette-like)."""
-    from manifoldgd_fast.data import imagenet_wnids
+    from manifoldgd_fast.classes import imagenet_wnids
 
     names = [imagenet_wnids()[i] for i in (217, 0, 482)]
     dist = make_image_folder(tmp_path / "out", names, 2, size=16, seed=1)

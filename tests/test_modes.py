@@ -122,7 +122,7 @@ def test_kmeans_n_init_keeps_lowest_inertia():
 def test_lloyd_reseeds_empty_cluster_with_farthest_point_as_sklearn(iters):
     from sklearn.cluster import KMeans
 
-    from manifoldgd_fast.modes import _lloyd
+    from manifoldgd_fast._modes_common import _lloyd
 
     x = torch.tensor([[0.0], [1.0], [2.0], [10.0]], dtype=torch.float64)
     # centre 1 (100) wins no point; 10 is the worst-explained point (8.5 from 1.5): it moves to
@@ -297,7 +297,8 @@ def test_paper_seeded_fill():
 def test_paper_fill_is_not_tree_order():
     # Rebuild each seed's tree to learn node ids: the fill must not simply take
     # the lowest-id untaken leaf every time.
-    from manifoldgd_fast.modes import _generator, _paper_tree
+    from manifoldgd_fast._modes_common import _generator
+    from manifoldgd_fast.modes_tree import _paper_tree
 
     z = torch.randn(64, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     lowest_id = []

@@ -358,7 +358,7 @@ class ClassSubset(nn.Module):
 
 
 def _select_classes(net: nn.Module, num_classes, class_names, what) -> nn.Module:
-    from ..data import imagenet_wnid_index, imagenet_wnids
+    from ..classes import imagenet_wnid_index, imagenet_wnids
 
     if class_names is None or getattr(net, "num_classes", None) != 1000:
         return net
