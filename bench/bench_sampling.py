@@ -185,6 +185,30 @@ def numerics(dit, vae, steps, device, B, dtype) -> dict:
                 ratio=e_fast / e_ref if e_ref > 0 else None, rule_ok=e_fast <= 2 * e_ref + 1e-12)
 
 
+def plan_rows(cuda: bool, compile_rows: bool = True) -> list[tuple[str, str, dict]]:
+    """The benchmark's rows in order: (name, "diffusers" | "ours", settings). An "ours" row's ``fused`` names
+    the FusedDiT attention (None: the plain diffusers DiT; "sdpa"; "triton": our attention kernel)."""
+    rows = [("diffusers-fp32", "diffusers", dict(dtype=torch.float32, compile_mode=None))]
+    if cuda:
+        rows += [("diffusers-fp16", "diffusers", dict(dtype=torch.float16, compile_mode=None))]
+        if compile_rows:
+            rows += [("diffusers-fp16-compile", "diffusers", dict(dtype=torch.float16, compile_mode="reduce-overhead"))]
+    top = "graph" if cuda else "fast"
+    # (loop, compile mode, FusedDiT attention: None = the plain diffusers DiT, "sdpa" or "triton")
+    loops = [("reference", "none", None), ("fast", "none", None)] + ([("graph", "none", None)] if cuda else [])
+    loops.append((top, "none", "sdpa"))                   # FusedDiT: fused QKV, adaLN once, fused LN / gate
+    if cuda:
+        loops.append(("graph", "none", "triton"))         # ... and our attention kernel (head dim 72 unpadded)
+    if cuda and compile_rows:
+        loops += [("graph", "default", None), ("graph", "default", "sdpa")]
+    for m in METHODS:
+        for loop, comp, fused in loops:
+            tag = {None: "", "sdpa": "-fused", "triton": "-fused-tattn"}[fused]
+            name = f"ours-{loop}{'-compile' if comp != 'none' else ''}{tag}-{m}"
+            rows.append((name, "ours", dict(method=m, loop=loop, compile_mode=comp, fused=fused)))
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny DiT + VAE (a CPU smoke run)")
@@ -206,32 +230,27 @@ def main(argv=None):
     dit, vae = build_models(a.tiny, dev)
     bf16 = torch.bfloat16
     flops = dit_flops_per_image(dit, dev) * 2 * a.steps   # CFG: 2 forwards per image per step
-    rows = [("diffusers-fp32", "diffusers", dict(dtype=torch.float32, compile_mode=None))]
-    if cuda:
-        rows += [("diffusers-fp16", "diffusers", dict(dtype=torch.float16, compile_mode=None))]
-        if not a.no_compile:
-            rows += [("diffusers-fp16-compile", "diffusers", dict(dtype=torch.float16, compile_mode="reduce-overhead"))]
-    top = "graph" if cuda else "fast"
-    # (loop, compile mode, FusedDiT attention: None = the plain diffusers DiT, "sdpa" or "triton")
-    loops = [("reference", "none", None), ("fast", "none", None)] + ([("graph", "none", None)] if cuda else [])
-    loops.append((top, "none", "sdpa"))                   # FusedDiT: fused QKV, adaLN once, fused LN / gate
-    if cuda:
-        loops.append(("graph", "none", "triton"))         # ... and our attention kernel (head dim 72 unpadded)
-    if cuda and not a.no_compile:
-        loops += [("graph", "default", None), ("graph", "default", "sdpa")]
     fused_dits = {}
-    for m in METHODS:
-        for loop, comp, fused in loops:
-            tag = {None: "", "sdpa": "-fused", "triton": "-fused-tattn"}[fused]
-            name = f"ours-{loop}{'-compile' if comp != 'none' else ''}{tag}-{m}"
-            if fused is not None and fused not in fused_dits:
-                from manifoldgd_fast.fastdit import FusedDiT
-                # its own copy of the DiT: FusedDiT re-points the weights
-                fused_dits[fused] = FusedDiT(build_models(a.tiny, dev)[0], attention=fused)
-            rows.append((name, "ours", dict(method=m, loop=loop, compile_mode=comp,
-                                            model=fused_dits.get(fused))))
+
+    def fused_dit(attention):   # its own copy of the DiT: FusedDiT re-points the weights
+        if attention not in fused_dits:
+            from manifoldgd_fast.fastdit import FusedDiT
+            fused_dits[attention] = FusedDiT(build_models(a.tiny, dev)[0], attention=attention)
+        return fused_dits[attention]
+
+    plan = plan_rows(cuda, compile_rows=not a.no_compile)
     if a.rows:
-        rows = [r for r in rows if r[0] in a.rows]
+        unknown = sorted(set(a.rows) - {name for name, _, _ in plan})
+        if unknown:
+            print(f"--rows: no row named {', '.join(unknown)} here (rows: {', '.join(n for n, _, _ in plan)})")
+            return 2
+        plan = [r for r in plan if r[0] in a.rows]
+    rows = []
+    for name, kind, kw in plan:   # the FusedDiT copies are built only for the rows that run
+        if kind == "ours":
+            fused = kw.pop("fused")
+            kw["model"] = fused_dit(fused) if fused is not None else None
+        rows.append((name, kind, kw))
 
     results = []
     for name, kind, kw in rows:

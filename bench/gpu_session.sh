@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# A GPU session's checks and benchmarks, a few device calls in all (30 device-minutes per session).
+# A GPU session's checks and benchmarks, in few device calls: a session has 15 device-minutes in all, the
+# machine's start (a minute or more) and its idle time included.
 #
 # Here, once (no GPU needed; the device image has everything but diffusers):
 #     bash bench/gpu_session.sh fetch
-# Then, with the device tool, with carry [".whl"], one or more stages per call, run in order:
+# Then, with the device tool, with carry [".whl"], one or more stages per call, run in order.
+# With 15 minutes, make the first call `DEADLINE=420 bash bench/gpu_session.sh first` (timeout_s 480):
+#     bash bench/gpu_session.sh first      # the GPU numerics tests (kernels, fast loop, CUDA graphs, csrc),
+#                                          # the kernel tables without torch.compile, and images/s at batch 32
+#                                          # for diffusers fp16 vs our graph loop (unguided, ManifoldGD)
+# and, with time left, the other stages on the same warm machine:
 #     bash bench/gpu_session.sh tests      # every test on the GPU (CUDA-only tests included), log to $OUT
 #     bash bench/gpu_session.sh kernels    # bench_kernels + bench_dit_ops (--quick), CSV to $OUT
 #     bash bench/gpu_session.sh sampling   # bench_sampling (no compile rows), JSON + PNG chart to $OUT
@@ -18,7 +24,7 @@
 # Record every figure in bench/RESULTS.md with the date, GPU, versions and the command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ $# -ge 1 ] || { echo "usage: bash bench/gpu_session.sh fetch | STAGE... (tests kernels sampling compile scale sd)" >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: bash bench/gpu_session.sh fetch | STAGE... (first tests kernels sampling compile scale sd)" >&2; exit 2; }
 if [ "$1" = fetch ]; then
   grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
   v=$(python3 -c "import diffusers; print(diffusers.__version__)")
@@ -48,6 +54,13 @@ t() {
 for stage in "$@"; do
   echo "== stage $stage at ${SECONDS}s"
   case "$stage" in
+    first)    t python3 -m pytest -q -p no:cacheprovider -rfEs --durations=10 tests/test_kernels_triton.py \
+                  tests/test_dit_ops_triton.py tests/test_fastloop.py tests/test_csrc.py tests/test_kernels_torch.py \
+                  2>&1 | tee "$OUT/first_tests.log"
+              t python3 bench/bench_kernels.py --quick --no-compile --csv "$OUT/kernels.csv" 2>&1 | tee "$OUT/kernels.log"
+              t python3 bench/bench_sampling.py --batches 32 --reps 2 --no-compile --json "$OUT/sampling_first.json" \
+                  --rows diffusers-fp16 ours-graph-dit ours-graph-manifoldgd ours-graph-fused-tattn-manifoldgd \
+                  2>&1 | tee "$OUT/sampling_first.log" ;;
     tests)    t python3 -m pytest -q -p no:cacheprovider -rfEs --durations=15 tests 2>&1 | tee "$OUT/tests.log" ;;
     kernels)  t python3 bench/bench_dit_ops.py --quick $KERNELS_FLAGS --csv "$OUT/dit_ops.csv" 2>&1 | tee "$OUT/dit_ops.log"
               t python3 bench/bench_kernels.py --quick $KERNELS_FLAGS --csv "$OUT/kernels.csv" 2>&1 | tee "$OUT/kernels.log" ;;

@@ -90,3 +90,30 @@ def test_bench_class_batch_small(tmp_path):
     rows = json.loads(js.read_text())
     assert [(r["ipc"], r["class_batch"], r["images"]) for r in rows] == [(5, 1, 50), (5, 3, 50)], rows
     assert all(r["images_per_s"] > 0 for r in rows) and "| 5 | 3 |" in out
+
+
+def test_gpu_session_script_names_what_exists():
+    """bench/gpu_session.sh parses, every test file it runs exists, and every --rows name it passes is a row
+    bench_sampling.py builds on a GPU (with its torch.compile rows unless that command says --no-compile):
+    a typo there would cost a GPU session's minutes."""
+    import re
+    import shlex
+
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from bench_sampling import plan_rows
+
+    path = os.path.join(ROOT, "bench", "gpu_session.sh")
+    assert subprocess.run(["bash", "-n", path]).returncode == 0
+    text = open(path).read().replace("\\\n", " ")
+    tests = set(re.findall(r"\btests/[\w/]+\.py\b", text))
+    assert "tests/test_kernels_triton.py" in tests and all(os.path.isfile(os.path.join(ROOT, t)) for t in tests), tests
+    commands = [line for line in text.splitlines() if "bench_sampling.py" in line and "--rows" in line]
+    assert commands
+    for line in commands:
+        words = shlex.split(line.split("2>&1")[0])
+        names = words[words.index("--rows") + 1:]
+        names = names[:next((i for i, w in enumerate(names) if w.startswith("--")), len(names))]
+        built = {n for n, _, _ in plan_rows(cuda=True, compile_rows="--no-compile" not in words)}
+        assert names and set(names) <= built, sorted(set(names) - built)
+    for script in set(re.findall(r"\bbench/(\w+\.py)\b", text)):
+        assert os.path.isfile(os.path.join(ROOT, "bench", script)), script
