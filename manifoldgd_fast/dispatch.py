@@ -6,6 +6,8 @@ Triton kernels (``backend="auto" | "reference" | "triton"``, documented in
 an input, naming the tensor and the rule; :func:`_eig_backend` decides the
 eigen-step's chain once per device (CUDA C++ -> Triton Jacobi -> PyTorch Jacobi)
 and :func:`_eig_fn` turns that choice into the solver the fused pipeline calls.
+The fused ops' capturable entry points (``torch.ops.manifoldgd_fast.*``: no checks,
+no host synchronisation) are registered here, on import.
 The kernels package is imported on first use only (:func:`_kernels`), so importing
 this module never needs Triton, a GPU or a compiler; a missing backend warns once.
 """
@@ -120,3 +122,62 @@ def _eig_fn(eig: str):
     from .kernels import cuda_ext, sym_eig as sym_eig_k
 
     return functools.partial(cuda_ext.sym_eig, max_sweeps=sym_eig_k.MAX_SWEEPS, tol=sym_eig_k.TOL)
+
+
+# ----------------------------------------------------------------------------
+# torch.library registration of the fused ops (check-free, no host sync: capturable)
+# ----------------------------------------------------------------------------
+def _register_library_ops() -> None:
+    lib = torch.library
+
+    @lib.custom_op("manifoldgd_fast::manifold_correct_rows", mutates_args=())
+    def _correct_rows(x: torch.Tensor, patch: torch.Tensor, g: torch.Tensor, lengths: torch.Tensor, k: int, d: int,
+                      lambda_normal: float, eig: str) -> torch.Tensor:
+        from .kernels import manifold_correct as mc
+
+        return mc.rows(x, patch, g, lengths, k, d, lambda_normal, eig=_eig_fn(eig))
+
+    @_correct_rows.register_fake
+    def _(x, patch, g, lengths, k, d, lambda_normal, eig):
+        return torch.empty_like(g)
+
+    @lib.custom_op("manifoldgd_fast::manifold_pull_rows", mutates_args=())
+    def _pull_rows(x: torch.Tensor, cloud: torch.Tensor, lengths: torch.Tensor, k: int, d: int, scale: float,
+                   bandwidth: float, eig: str) -> torch.Tensor:
+        from .kernels import manifold_pull as mp
+
+        return mp.rows(x, cloud, lengths, k, d, scale, bandwidth, eig=_eig_fn(eig))
+
+    @_pull_rows.register_fake
+    def _(x, cloud, lengths, k, d, scale, bandwidth, eig):
+        return torch.empty_like(x)
+
+    @lib.custom_op("manifoldgd_fast::manifold_correct_fused", mutates_args=())
+    def _correct_fused(x: torch.Tensor, latents: torch.Tensor, order: torch.Tensor, lengths: torch.Tensor,
+                       g: torch.Tensor, sample_ids: torch.Tensor, eps: torch.Tensor | None, alpha_bar: float,
+                       seed: int, step: int, k: int, d: int, lambda_normal: float, lambda_mode: float,
+                       eig: str) -> torch.Tensor:
+        from .kernels import manifold_correct as mc
+
+        return mc.patch(x, latents, order, lengths, g, sample_ids, alpha_bar=alpha_bar, seed=seed, step=step, k=k,
+                        d=d, lambda_normal=lambda_normal, eps=eps, lambda_mode=lambda_mode, eig=_eig_fn(eig))
+
+    @_correct_fused.register_fake
+    def _(x, latents, order, lengths, g, sample_ids, eps, alpha_bar, seed, step, k, d, lambda_normal, lambda_mode, eig):
+        return torch.empty_like(g if eps is None else eps)
+
+    @lib.custom_op("manifoldgd_fast::manifold_pull_fused", mutates_args=())
+    def _pull_fused(x: torch.Tensor, modes: torch.Tensor, rho_lin: torch.Tensor, sample_ids: torch.Tensor,
+                    mean: torch.Tensor | None, radius: float, alpha_bar: float, seed: int, step: int, n_points: int,
+                    k: int, d: int, scale: float, bandwidth: float, eig: str) -> torch.Tensor:
+        from .kernels import manifold_pull as mp
+
+        return mp.cloud(x, modes, rho_lin, sample_ids, radius=radius, alpha_bar=alpha_bar, seed=seed, step=step,
+                        n_points=n_points, k=k, d=d, scale=scale, bandwidth=bandwidth, mean=mean, eig=_eig_fn(eig))
+
+    @_pull_fused.register_fake
+    def _(x, modes, rho_lin, sample_ids, mean, radius, alpha_bar, seed, step, n_points, k, d, scale, bandwidth, eig):
+        return torch.empty_like(x if mean is None else mean)
+
+
+_register_library_ops()

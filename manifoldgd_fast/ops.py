@@ -43,8 +43,9 @@ references of the noise and the patch / cloud builders that use it live in
 
 Ops that run inside a captured step are registered with ``torch.library``
 (``manifoldgd_fast::manifold_correct_rows``, ``..._pull_rows``,
-``..._correct_fused``, ``..._pull_fused``; ``custom_op`` + ``register_fake``):
-those do no checks and no host synchronisation; the public functions check, then call them.
+``..._correct_fused``, ``..._pull_fused``; ``custom_op`` + ``register_fake``, in
+:mod:`manifoldgd_fast.dispatch`): those do no checks and no host synchronisation;
+the public functions check, then call them.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ import math
 
 import torch
 
-from .dispatch import MAX_B, MAX_D, MAX_K, MAX_ROWS, _eig_backend, _eig_fn, _kernels, _pick_backend, _triton_reason
+from .dispatch import MAX_B, MAX_D, MAX_K, MAX_ROWS, _eig_backend, _kernels, _pick_backend, _triton_reason
 from . import noise as _noise
 from .errors import BackendError, ConfigError
 from .noise import (STREAM_CLOUD_DIR, STREAM_CLOUD_RADIUS, STREAM_CLOUD_XI, STREAM_PATCH, _check_counters,
@@ -548,62 +549,3 @@ def sym_eig_ref(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Ad = A.double()
     w, V = torch.linalg.eigh(0.5 * (Ad + Ad.transpose(1, 2)))
     return w.flip(-1), V.flip(-1)
-
-
-# ----------------------------------------------------------------------------
-# torch.library registration of the fused ops (check-free, no host sync: capturable)
-# ----------------------------------------------------------------------------
-def _register_library_ops() -> None:
-    lib = torch.library
-
-    @lib.custom_op("manifoldgd_fast::manifold_correct_rows", mutates_args=())
-    def _correct_rows(x: torch.Tensor, patch: torch.Tensor, g: torch.Tensor, lengths: torch.Tensor, k: int, d: int,
-                      lambda_normal: float, eig: str) -> torch.Tensor:
-        from .kernels import manifold_correct as mc
-
-        return mc.rows(x, patch, g, lengths, k, d, lambda_normal, eig=_eig_fn(eig))
-
-    @_correct_rows.register_fake
-    def _(x, patch, g, lengths, k, d, lambda_normal, eig):
-        return torch.empty_like(g)
-
-    @lib.custom_op("manifoldgd_fast::manifold_pull_rows", mutates_args=())
-    def _pull_rows(x: torch.Tensor, cloud: torch.Tensor, lengths: torch.Tensor, k: int, d: int, scale: float,
-                   bandwidth: float, eig: str) -> torch.Tensor:
-        from .kernels import manifold_pull as mp
-
-        return mp.rows(x, cloud, lengths, k, d, scale, bandwidth, eig=_eig_fn(eig))
-
-    @_pull_rows.register_fake
-    def _(x, cloud, lengths, k, d, scale, bandwidth, eig):
-        return torch.empty_like(x)
-
-    @lib.custom_op("manifoldgd_fast::manifold_correct_fused", mutates_args=())
-    def _correct_fused(x: torch.Tensor, latents: torch.Tensor, order: torch.Tensor, lengths: torch.Tensor,
-                       g: torch.Tensor, sample_ids: torch.Tensor, eps: torch.Tensor | None, alpha_bar: float,
-                       seed: int, step: int, k: int, d: int, lambda_normal: float, lambda_mode: float,
-                       eig: str) -> torch.Tensor:
-        from .kernels import manifold_correct as mc
-
-        return mc.patch(x, latents, order, lengths, g, sample_ids, alpha_bar=alpha_bar, seed=seed, step=step, k=k,
-                        d=d, lambda_normal=lambda_normal, eps=eps, lambda_mode=lambda_mode, eig=_eig_fn(eig))
-
-    @_correct_fused.register_fake
-    def _(x, latents, order, lengths, g, sample_ids, eps, alpha_bar, seed, step, k, d, lambda_normal, lambda_mode, eig):
-        return torch.empty_like(g if eps is None else eps)
-
-    @lib.custom_op("manifoldgd_fast::manifold_pull_fused", mutates_args=())
-    def _pull_fused(x: torch.Tensor, modes: torch.Tensor, rho_lin: torch.Tensor, sample_ids: torch.Tensor,
-                    mean: torch.Tensor | None, radius: float, alpha_bar: float, seed: int, step: int, n_points: int,
-                    k: int, d: int, scale: float, bandwidth: float, eig: str) -> torch.Tensor:
-        from .kernels import manifold_pull as mp
-
-        return mp.cloud(x, modes, rho_lin, sample_ids, radius=radius, alpha_bar=alpha_bar, seed=seed, step=step,
-                        n_points=n_points, k=k, d=d, scale=scale, bandwidth=bandwidth, mean=mean, eig=_eig_fn(eig))
-
-    @_pull_fused.register_fake
-    def _(x, modes, rho_lin, sample_ids, mean, radius, alpha_bar, seed, step, n_points, k, d, scale, bandwidth, eig):
-        return torch.empty_like(x if mean is None else mean)
-
-
-_register_library_ops()
