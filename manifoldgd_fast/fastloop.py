@@ -29,7 +29,9 @@ distances) have the class's size n: the static copies are padded to a bucket of
 ``PAD_ROWS`` rows (order 0 and distance +inf beyond n, never inside a patch), and
 each row's class radii and n live in device tensors, so one capture serves every
 class of a bucket (ImageNet's 732 to 1,300 images per class: four buckets). With
-several classes a batch, the stacked latents are bucketed the same way.
+several classes a batch, the stacked latents are bucketed by quarter octaves
+(:func:`_padded_rows`), so a run captures a few graph sets, not one per sum of
+class sizes.
 
 Where capture cannot work (CPU, generator-drawn cloud noise) the same step runs
 eagerly; the fallback chain is graph -> eager, logged once.
@@ -43,6 +45,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import dispatch
 from .cgs import CGS
 from .errors import ConfigError
 from .guidance import Guidance
@@ -73,8 +76,6 @@ def _graph_blocker(run: Sampling, device: torch.device, guidance: Guidance | Non
         return "not on CUDA"
     if guidance is not None and guidance.manifold and guidance.cfg.formulation == "paper":
         # the paper formulation's reference ops size the patch from its lengths on the host (a sync)
-        from . import dispatch
-
         c = guidance.cfg
         if c.backend == "reference":
             return "the paper formulation's reference ops read the patch lengths on the host (--backend auto or triton)"
@@ -82,18 +83,34 @@ def _graph_blocker(run: Sampling, device: torch.device, guidance: Guidance | Non
         if kern is None:
             return f"the paper formulation needs the fused kernels inside a graph, and {why}"
         D, width = guidance.latents.shape[1], guidance.order.shape[1]
-        for what, val, lim in (("B", guidance.modes.shape[0], dispatch.MAX_B), ("the row count", _padded_rows(width),
+        for what, val, lim in (("B", guidance.modes.shape[0], dispatch.MAX_B), ("the row count", _padded_width(width),
                                dispatch.MAX_ROWS), ("D", D, dispatch.MAX_D), ("k", c.k, dispatch.MAX_K)):
             if val > lim:
                 return f"{what} = {val} is above the fused kernels' limit {lim}, and the reference ops sync"
     return None
 
 
-PAD_ROWS = 256   # the paper formulation's class buffers are padded to a multiple of this many rows
+PAD_ROWS = 256   # the paper formulation's class buffers are padded to a multiple of this many rows ...
 
 
 def _padded_rows(n: int) -> int:
-    return -(-n // PAD_ROWS) * PAD_ROWS
+    """The bucket of a class buffer of n rows: a multiple of PAD_ROWS up to 8 x PAD_ROWS (one ImageNet
+    class: 732 to 1,300 rows, four buckets), then a quarter of n's octave (several classes stacked:
+    12 ImageNet classes hold 8,800 to 15,600 rows, four buckets, not 27). Four buckets an octave at
+    most, so the graph sets (each with its own static buffers) stay few; the kernels read only the
+    rows a patch selects, so the padding costs memory (under a quarter), not bandwidth."""
+    n = max(int(n), 1)
+    step = max(PAD_ROWS, 1 << max((n - 1).bit_length() - 3, 0))
+    return -(-n // step) * step
+
+
+def _padded_width(width: int) -> int:
+    """The bucket of the neighbourhood order's width (each row's class size), which the fused kernels
+    take up to ``dispatch.MAX_ROWS``: :func:`_padded_rows`, but never past the limit where the width
+    itself is within it."""
+    top = dispatch.MAX_ROWS // PAD_ROWS * PAD_ROWS
+    fine = -(-max(int(width), 1) // PAD_ROWS) * PAD_ROWS
+    return fine if fine > top else min(_padded_rows(width), top)
 
 
 def _has_class_buffers(guidance: Guidance | None) -> bool:
@@ -232,8 +249,8 @@ class FastSampler:
         if _has_class_buffers(guidance):
             (n, D), (B, width), dev = guidance.latents.shape, guidance.order.shape, guidance.latents.device
             g.latents = guidance.latents.new_zeros(_padded_rows(n), D)
-            g.order = guidance.order.new_zeros(B, _padded_rows(width))
-            g.sorted_dists = guidance.sorted_dists.new_full((B, _padded_rows(width)), float("inf"))
+            g.order = guidance.order.new_zeros(B, _padded_width(width))
+            g.sorted_dists = guidance.sorted_dists.new_full((B, _padded_width(width)), float("inf"))
             g.radii = tuple(torch.zeros(B, dtype=torch.float64, device=dev) for _ in guidance.radii)
             g.n_latents = torch.zeros(B, dtype=torch.long, device=dev)
             _load_class_buffers(g, guidance)
@@ -248,7 +265,7 @@ class FastSampler:
                  guidance.manifold, tuple(guidance.modes.shape))
             if _has_class_buffers(guidance):     # the padded class buffers' shape and dtype
                 n, D = guidance.latents.shape
-                g += (_padded_rows(n), _padded_rows(guidance.order.shape[1]), D, guidance.latents.dtype,
+                g += (_padded_rows(n), _padded_width(guidance.order.shape[1]), D, guidance.latents.dtype,
                       guidance.sorted_dists.dtype)
         if cgs is not None:
             c = (cgs.eta_dpp, cgs.eta_dm, cgs.eps, tuple(cgs.mu.shape), cgs.steps)

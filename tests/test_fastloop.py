@@ -370,6 +370,7 @@ def test_graph_blocker_names_paper_runs_that_cannot_be_captured(monkeypatch):
     assert "k = 65 is above" in fastloop._graph_blocker(None, cuda, guidance(k=65))
     # the kernels' row limit is on each row's order (its class), not on the stacked latents of a class batch
     assert fastloop._graph_blocker(None, cuda, guidance(n=3 * dispatch.MAX_ROWS, width=1300)) is None
+    assert fastloop._graph_blocker(None, cuda, guidance(n=99_000)) is None       # its bucket stops at the limit
     assert "the row count = 100096 is above" in fastloop._graph_blocker(None, cuda, guidance(n=100_001))
     monkeypatch.setattr(dispatch, "_kernels", lambda: (None, "no triton here"))
     assert "no triton here" in fastloop._graph_blocker(None, cuda, guidance())
@@ -385,3 +386,30 @@ def test_fast_sampler_checks_its_inputs(model):
         FastSampler(run).sample(x_T, y, gens[:1])
     with pytest.raises(ConfigError, match="compile must be"):
         FastSampler(run, compile="fast")
+
+
+def test_class_buffer_buckets_are_few_and_cover_their_rows():
+    """The paper formulation's padded class buffers: every bucket holds its rows, is a multiple of PAD_ROWS,
+    grows with n, wastes under a quarter beyond one PAD_ROWS, and an octave has four buckets at most. So one
+    ImageNet class (732 to 1,300 rows) has 4 buckets, as before, and 12 classes stacked (8,784 to 15,600
+    rows) have 4 too, where multiples of PAD_ROWS gave 27 graph sets."""
+    from manifoldgd_fast.fastloop import PAD_ROWS, _padded_rows
+
+    buckets = [_padded_rows(n) for n in range(1, 70_000)]
+    assert all(b >= n and b % PAD_ROWS == 0 for n, b in enumerate(buckets, 1))
+    assert all(a <= b for a, b in zip(buckets, buckets[1:]))
+    assert all(b - n < max(PAD_ROWS, n / 4) for n, b in enumerate(buckets, 1))
+    for k in range(8, 16):                              # octaves (2^k, 2^(k+1)]
+        assert len(set(buckets[2 ** k:2 ** (k + 1)])) <= 4, k
+    assert _padded_rows(1300) == 1536 and _padded_rows(PAD_ROWS + 10) == 2 * PAD_ROWS
+    assert len({_padded_rows(n) for n in range(732, 1301)}) == 4
+    assert len({_padded_rows(n) for n in range(12 * 732, 12 * 1300 + 1)}) == 4
+    # the order's width (each row's class size) buckets the same way, but never past the kernels' row limit
+    from manifoldgd_fast.dispatch import MAX_ROWS
+    from manifoldgd_fast.fastloop import _padded_width
+
+    widths = range(1, MAX_ROWS + 2 * PAD_ROWS)
+    assert all(_padded_width(w) == _padded_rows(w) for w in range(1, 65_537))
+    assert all(w <= _padded_width(w) <= MAX_ROWS for w in widths if w <= MAX_ROWS // PAD_ROWS * PAD_ROWS)
+    assert _padded_rows(99_000) > MAX_ROWS and _padded_width(99_000) == MAX_ROWS // PAD_ROWS * PAD_ROWS
+    assert _padded_width(MAX_ROWS + 1) == -(-(MAX_ROWS + 1) // PAD_ROWS) * PAD_ROWS > MAX_ROWS
