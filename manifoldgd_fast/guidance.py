@@ -24,7 +24,7 @@ from . import ops
 from .config import DistillConfig
 from .errors import ConfigError
 from .profile import phase
-from .schedule import Schedule, eps_from_prediction, prediction_from_eps
+from .schedule import Schedule
 
 _EPS = 1e-8
 
@@ -114,6 +114,19 @@ def is_guided(formulation: str, i: int, steps: int, t_stop: int) -> bool:
     return (steps - 1 - i) < t_stop
 
 
+def check_zero_snr(cfg: DistillConfig, schedule: Schedule) -> None:
+    """The paper formulation guides eps and takes x0 from the guided eps, which a step at abar = 0 (zero
+    terminal SNR: eps = x_t whatever the model says) cannot do: ConfigError naming the step. The official
+    formulation guides x0 / the posterior mean and runs there."""
+    if cfg.formulation != "paper" or cfg.method not in ("manifoldgd", "mgd3"):
+        return
+    for i in range(schedule.steps):
+        if schedule.zero_snr(i) and is_guided("paper", i, schedule.steps, cfg.t_stop):
+            raise ConfigError(f"--formulation paper guides timestep {int(schedule.at('timesteps', i))}, where the "
+                              "scheduler's abar is 0 (rescale_betas_zero_snr) and a guided eps gives no x0; use "
+                              "--formulation official, or a scheduler that does not sample that timestep")
+
+
 class Guidance:
     """Guidance for one batch of B samples (of one class, or of several: each sample's inputs are its own).
 
@@ -154,6 +167,7 @@ class Guidance:
         self.n_latents = n_latents
         if cfg.formulation == "paper" and self.manifold and class_latents is None:
             raise ConfigError("the paper formulation needs class_latents, order, sorted_dists and radii")
+        check_zero_snr(cfg, schedule)
 
     # which steps are guided ----------------------------------------------------
     def active(self, i: int) -> bool:
@@ -262,7 +276,7 @@ class StepGuidance:
             DiT's linear ones); Stable Diffusion: ``schedule.scaled_linear_betas()``.
         prediction_type: what the loop's model output is: "epsilon", "v_prediction" (e.g. SD 2.x
             768 px) or "sample" (x0); None: ``scheduler.config.prediction_type``, else "epsilon".
-            The call then takes and returns that kind of output (guided through the eps it implies).
+            The call then takes and returns that kind of output (guided through the eps and x0 it implies; at abar = 0, x0).
         **params: any DistillConfig guidance parameter (lambda_m, k, d, manifold_radius, ...).
     """
 
@@ -307,7 +321,7 @@ class StepGuidance:
         cfg = DistillConfig(method=method, formulation=formulation, steps=steps, ipc=modes.shape[0],
                             t_stop=steps // 2 if t_stop is None else t_stop, **params).resolve(n_classes, modes.device)
         self.schedule = schedule_from_timesteps(ts, "ddim", num_train_timesteps=num_train_timesteps, betas=betas,
-                                                device=modes.device)
+                                                device=modes.device, prediction_type=prediction_type)
         gens = [torch.Generator(device=modes.device).manual_seed(derive_seed(seed, "sample", b))
                 for b in range(modes.shape[0])]
         kw = {}
@@ -328,11 +342,11 @@ class StepGuidance:
         if not self.guidance.active(i):
             return eps
         x = x_t.float()
-        a, sig = s.sqrt_alphas_cumprod[i], s.sqrt_one_minus_alphas_cumprod[i]
-        e = eps_from_prediction(eps.float(), x, a, sig, self.prediction_type)
-        x0 = s.sqrt_recip_alphas_cumprod[i] * x - s.sqrt_recipm1_alphas_cumprod[i] * e
+        e, x0 = s.eps_x0(i, x, eps.float())          # the loop's eps, v or x0 -> (eps, x0)
         if self.cfg.formulation == "paper":
-            g = self.guidance.paper_eps(i, x, x0, e)
-        else:
-            g = e - self.guidance.official_term(i, x, x0, None) / s.sqrt_recipm1_alphas_cumprod[i]
-        return prediction_from_eps(g, x, a, sig, self.prediction_type).to(eps.dtype)
+            e = self.guidance.paper_eps(i, x, x0, e)
+            x0 = s.x0_from_eps(i, x, e)
+        else:                                        # x0 + term, and the eps that goes with it
+            x0 = x0 + self.guidance.official_term(i, x, x0, None)
+            e = s.eps_from_x0(i, x, x0)
+        return s.prediction(i, e, x0).to(eps.dtype)

@@ -168,6 +168,8 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
             info = dit_info(model)
             schedule_kw = model.schedule_kwargs
             sd_scheduler = {"prediction_type": model.prediction_type, "timestep_spacing": schedule_kw["spacing"]}
+            if float(schedule_kw["betas"][-1]) == 1.0:   # abar = 0 at t = T - 1 (rescale_betas_zero_snr)
+                sd_scheduler["zero_terminal_snr"] = True
             # the folder's scheduler settings as sampled (an edited scheduler_config.json is another run)
             weights["scheduler"] = fields_digest({**sd_scheduler, **{k: (v.tolist() if hasattr(v, "tolist") else v)
                                                                     for k, v in schedule_kw.items()}})
@@ -253,6 +255,11 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
     ctx = prepare(cfg, shard=shard, per_class=cfg.ipc, done=functools.partial(class_done, os.path.abspath(cfg.out)))
     entries, mine = ctx["entries"], ctx["mine"]
     rcfg = cfg.resolve(len(entries), ctx["device"], backbone=ctx["backbone"])
+    if ctx["schedule_kw"]:   # the paper formulation cannot guide a zero-terminal-SNR step: say so before sampling
+        from .guidance import check_zero_snr
+        from .schedule import make_schedule
+
+        check_zero_snr(rcfg, make_schedule(rcfg.steps, rcfg.sampler, **ctx["schedule_kw"]))
     # Check this rank's classes before anything is written (latents stay on disk until their turn).
     for e in mine:
         _check_class(rcfg, e.name, ctx["counts"][e.name])

@@ -123,19 +123,18 @@ def denoise_step(run: Sampling, i: int, x: torch.Tensor, y: torch.Tensor, noise,
     with phase("dit_forward"), run.amp(x.device), run.sdpa():
         out = cfg_forward(run.model, x, t, y, null_class=run.null_class, cfg_scale=run.cfg_scale,
                           cfg_channels=run.cfg_channels, chunk=run.forward_batch)
-    eps = out[:, :C]
     learned = out.shape[1] == 2 * C
     guided = guidance is not None and guidance.active(i)
     formulation = run.formulation
     x_t = x
     # guidance calls sit between the "scheduler" phases so the profiler counts each once
     with phase("scheduler"):
-        x0 = s.sqrt_recip_alphas_cumprod[i] * x - s.sqrt_recipm1_alphas_cumprod[i] * eps
+        eps, x0 = s.eps_x0(i, x, out[:, :C])   # the model's eps, v or x0 -> (eps, x0)
     x0_model = x0  # CGS's DPP term reads the model's own prediction on every path (cgs.py)
     if guided and formulation == "paper":
         eps = guidance.paper_eps(i, x, x0, eps)
         with phase("scheduler"):
-            x0 = s.sqrt_recip_alphas_cumprod[i] * x - s.sqrt_recipm1_alphas_cumprod[i] * eps
+            x0 = s.x0_from_eps(i, x, eps)
 
     if s.sampler == "ddpm":
         with phase("scheduler"):
@@ -152,7 +151,7 @@ def denoise_step(run: Sampling, i: int, x: torch.Tensor, y: torch.Tensor, noise,
             x0 = x0 + guidance.official_term(i, x, x0, None)
         with phase("scheduler"):
             if guided and formulation == "official":
-                eps = (s.sqrt_recip_alphas_cumprod[i] * x - x0) / s.sqrt_recipm1_alphas_cumprod[i]
+                eps = s.eps_from_x0(i, x, x0)
             abar, abar_prev = s.alphas_cumprod[i], s.alphas_cumprod_prev[i]
             sigma = run.ddim_eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
             x = x0 * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma ** 2) * eps

@@ -42,6 +42,20 @@ def scaled_linear_betas(num_train_timesteps: int = 1000, beta_start: float = 0.0
     return np.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=np.float64) ** 2
 
 
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """diffusers' ``rescale_betas_zero_snr`` (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample
+    Steps are Flawed", Alg. 1): shift and scale sqrt(abar) so that it keeps its first value and ends at 0,
+    then return the betas of that schedule. abar of the last training step is then exactly 0 (its beta 1):
+    the latents there are pure noise, and an eps model tells nothing of x0 (v or x0 models do)."""
+    ac = np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
+    r = np.sqrt(ac)
+    r0, rT = r[0], r[-1]
+    r = (r - rT) * (r0 / (r0 - rT))
+    ab = r ** 2
+    alphas = np.concatenate([ab[:1], ab[1:] / ab[:-1]])
+    return 1.0 - alphas
+
+
 # scheduler/scheduler_config.json of runwayml/stable-diffusion-v1-5 (a PNDMScheduler; the betas and
 # the timestep layout are what every diffusers scheduler of SD 1.5 uses).
 SD15_SCHEDULER_CONFIG: dict = {
@@ -123,6 +137,9 @@ class Schedule:
     # DDIM's last step ends at abar(t=0) < 1 (set_alpha_to_one=False, diffusers' SD setting), so its sigma is
     # nonzero and eta > 0 adds noise there too, as DDIMScheduler.step does; ending at abar = 1 (DiT) it is 0
     last_step_noise: bool = False
+    # what the model's output is: "epsilon" (DiT, SD 1.x), "v_prediction" (SD 2.x 768 px) or "sample" (x0);
+    # denoise_step turns it into (eps, x0) by :meth:`eps_x0`
+    prediction_type: str = "epsilon"
 
     @property
     def steps(self) -> int:
@@ -138,10 +155,45 @@ class Schedule:
         kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
         return Schedule(**kw)
 
+    def zero_snr(self, i: int) -> bool:
+        """Whether step i starts at abar = 0 (a zero-terminal-SNR schedule's t = T - 1): x_t is pure noise,
+        eps = x_t whatever the model says, and x0 comes from a v or x0 prediction only."""
+        return self.at("alphas_cumprod", i) == 0.0
+
+    def eps_x0(self, i: int, x: torch.Tensor, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps, x0) that the model's prediction ``pred`` implies for the latents x at step i, by
+        :attr:`prediction_type`, as diffusers' schedulers compute them (x0 = sqrt(abar) x - sqrt(1 - abar) v,
+        eps = sqrt(abar) v + sqrt(1 - abar) x for v; for x0, eps = (x - sqrt(abar) x0) / sqrt(1 - abar)).
+        Defined at abar = 0 for v and x0 (zero terminal SNR); an eps schedule never has abar = 0."""
+        if self.prediction_type == "epsilon":
+            return pred, self.x0_from_eps(i, x, pred)
+        a, s = self.sqrt_alphas_cumprod[i], self.sqrt_one_minus_alphas_cumprod[i]
+        if self.prediction_type == "v_prediction":
+            return a * pred + s * x, a * x - s * pred
+        return (x - a * pred) / s, pred
+
+    def x0_from_eps(self, i: int, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x0 = (x - sqrt(1 - abar) eps) / sqrt(abar), as the released samplers write it (abar > 0)."""
+        return self.sqrt_recip_alphas_cumprod[i] * x - self.sqrt_recipm1_alphas_cumprod[i] * eps
+
+    def eps_from_x0(self, i: int, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """The eps that gives x0 at step i (the inverse of :meth:`x0_from_eps`); at abar = 0, x itself."""
+        if self.zero_snr(i):
+            return x
+        return (self.sqrt_recip_alphas_cumprod[i] * x - x0) / self.sqrt_recipm1_alphas_cumprod[i]
+
+    def prediction(self, i: int, eps: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """The model output of :attr:`prediction_type` that implies (eps, x0) at step i (v = sqrt(abar) eps -
+        sqrt(1 - abar) x0)."""
+        if self.prediction_type == "v_prediction":
+            return self.sqrt_alphas_cumprod[i] * eps - self.sqrt_one_minus_alphas_cumprod[i] * x0
+        return x0 if self.prediction_type == "sample" else eps
+
 
 def make_schedule(steps: int = 50, sampler: str = "ddpm", num_train_timesteps: int = 1000,
                   betas: np.ndarray | None = None, device="cpu", *, spacing: str = "adm", steps_offset: int = 0,
-                  set_alpha_to_one: bool = True, variance_type: str = "fixed_large") -> Schedule:
+                  set_alpha_to_one: bool = True, variance_type: str = "fixed_large",
+                  prediction_type: str = "epsilon") -> Schedule:
     """The respaced schedule of ``steps`` sampling steps for ``sampler`` ("ddpm" | "ddim").
 
     The defaults are DiT's (linear betas, ADM spacing, DDIM ending at abar = 1,
@@ -157,12 +209,13 @@ def make_schedule(steps: int = 50, sampler: str = "ddpm", num_train_timesteps: i
         prev = [t - num_train_timesteps // steps for t in kept]
     return schedule_from_timesteps(kept, sampler, num_train_timesteps=num_train_timesteps, betas=betas, device=device,
                                    set_alpha_to_one=set_alpha_to_one, variance_type=variance_type,
-                                   prev_timesteps=prev)
+                                   prev_timesteps=prev, prediction_type=prediction_type)
 
 
 def schedule_from_timesteps(kept, sampler: str = "ddim", num_train_timesteps: int = 1000,
                             betas: np.ndarray | None = None, device="cpu", *, set_alpha_to_one: bool = True,
-                            variance_type: str = "fixed_large", prev_timesteps=None) -> Schedule:
+                            variance_type: str = "fixed_large", prev_timesteps=None,
+                            prediction_type: str = "epsilon") -> Schedule:
     """The respaced schedule over any increasing list of kept training timesteps
     (e.g. ``sorted(diffusers_scheduler.timesteps)``).
 
@@ -174,11 +227,16 @@ def schedule_from_timesteps(kept, sampler: str = "ddim", num_train_timesteps: in
     ``kept``, sorted ascending with it; < 0: the end of the chain). Default: the
     next kept one down (a chain, SpacedDiffusion). Otherwise the tables are built
     from the pairs (abar_t, abar_prev), as diffusers' DDIMScheduler steps.
+
+    prediction_type: what the model outputs (:data:`PREDICTION_TYPES`). A kept timestep with abar = 0
+    (zero terminal SNR) needs "v_prediction" or "sample": there x0 cannot come from eps.
     """
     if sampler not in ("ddpm", "ddim"):
         raise ConfigError(f"sampler must be ddpm or ddim, got {sampler!r}")
     if variance_type not in VARIANCE_TYPES:
         raise ConfigError(f"variance_type must be one of {', '.join(VARIANCE_TYPES)}, got {variance_type!r}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ConfigError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
     base = linear_betas(num_train_timesteps) if betas is None else np.asarray(betas, dtype=np.float64)
     base_ac = np.cumprod(1.0 - base)
     order = sorted(range(len(kept)), key=lambda j: int(kept[j]))
@@ -205,6 +263,9 @@ def schedule_from_timesteps(kept, sampler: str = "ddim", num_train_timesteps: in
         ac = base_ac[kept]
         ac_prev = np.array([base_ac[p] if p >= 0 else 1.0 for p in prev], dtype=np.float64)
         betas_r = 1.0 - ac / ac_prev
+    if prediction_type == "epsilon" and bool((ac == 0).any()):
+        raise ConfigError(f"timestep {kept[int(np.argmin(ac))]} has abar = 0 (zero terminal SNR), where an eps "
+                          "model gives no x0: such a schedule needs prediction_type v_prediction or sample")
     post_var = betas_r * (1.0 - ac_prev) / (1.0 - ac)
     # The posterior variance is 0 at i = 0: ADM clips its log with the i = 1 value.
     post_log_var = np.log(np.append(post_var[1], post_var[1:])) if len(post_var) > 1 else np.log(np.maximum(post_var, 1e-20))
@@ -213,8 +274,8 @@ def schedule_from_timesteps(kept, sampler: str = "ddim", num_train_timesteps: in
         alphas_cumprod_prev=ac_prev,
         sqrt_alphas_cumprod=np.sqrt(ac),
         sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - ac),
-        sqrt_recip_alphas_cumprod=np.sqrt(1.0 / ac),
-        sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / ac - 1.0),
+        sqrt_recip_alphas_cumprod=_recip(ac, lambda a: np.sqrt(1.0 / a)),    # inf at abar = 0: never used there
+        sqrt_recipm1_alphas_cumprod=_recip(ac, lambda a: np.sqrt(1.0 / a - 1.0)),
         posterior_mean_coef1=betas_r * np.sqrt(ac_prev) / (1.0 - ac),
         posterior_mean_coef2=(1.0 - ac_prev) * np.sqrt(1.0 - betas_r) / (1.0 - ac),
         posterior_log_variance_clipped=post_log_var,
@@ -227,28 +288,13 @@ def schedule_from_timesteps(kept, sampler: str = "ddim", num_train_timesteps: in
     host["timesteps"] = np.asarray(kept, dtype=np.float64)
     return Schedule(timesteps=torch.tensor(kept, dtype=torch.long, device=device),
                     num_train_timesteps=num_train_timesteps, sampler=sampler, host=host,
-                    variance_type=variance_type,
+                    variance_type=variance_type, prediction_type=prediction_type,
                     last_step_noise=sampler == "ddim" and bool(tables["alphas_cumprod_prev"][0] < 1.0), **out)
 
 
-def eps_from_prediction(out, x, sqrt_ac, sqrt_1m_ac, kind: str):
-    """The eps a model output implies at noise level abar for the latents x: ``kind`` "epsilon"
-    (the output itself), "v_prediction" (sqrt(abar) v + sqrt(1 - abar) x) or "sample"
-    (x0: (x - sqrt(abar) x0) / sqrt(1 - abar))."""
-    if kind == "v_prediction":
-        return sqrt_ac * out + sqrt_1m_ac * x
-    if kind == "sample":
-        return (x - sqrt_ac * out) / sqrt_1m_ac
-    return out
-
-
-def prediction_from_eps(eps, x, sqrt_ac, sqrt_1m_ac, kind: str):
-    """The inverse of :func:`eps_from_prediction`: the ``kind`` of output that implies ``eps``."""
-    if kind == "v_prediction":
-        return (eps - sqrt_1m_ac * x) / sqrt_ac
-    if kind == "sample":
-        return (x - sqrt_1m_ac * eps) / sqrt_ac
-    return eps
+def _recip(ac: np.ndarray, f) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return f(ac)
 
 
 BETA_SCHEDULES = ("scaled_linear", "linear")
@@ -276,22 +322,26 @@ def diffusers_schedule_kwargs(config: dict) -> dict:
     trained on; :func:`sd.read_scheduler_config` fills a folder's config the same way.
     steps_offset is taken as given (StableDiffusionPipeline's forcing it to 1 is done
     by :func:`sd.read_scheduler_config`); clip_sample is not read (the samplers never clip).
+    rescale_betas_zero_snr rescales the betas as diffusers does
+    (:func:`rescale_zero_terminal_snr`: abar = 0 at the last training step).
     Returns betas, num_train_timesteps, spacing (timestep_spacing: "leading",
-    "trailing" or "linspace"), steps_offset, set_alpha_to_one and
-    variance_type="fixed_small" (DDPMScheduler's default). The prediction type is
-    not a schedule setting: :func:`diffusers_prediction_type` reads it.
+    "trailing" or "linspace"), steps_offset, set_alpha_to_one,
+    variance_type="fixed_small" (DDPMScheduler's default) and prediction_type
+    (:func:`diffusers_prediction_type`).
 
     Raises ConfigError naming the key for what the samplers cannot reproduce:
     prediction_type other than epsilon / v_prediction / sample, another timestep_spacing,
-    beta_schedule other than scaled_linear / linear, rescale_betas_zero_snr.
+    beta_schedule other than scaled_linear / linear, rescale_betas_zero_snr with an eps model.
     """
     config = {**SD15_SCHEDULER_CONFIG, **config}
-    diffusers_prediction_type(config)
+    pred = diffusers_prediction_type(config)
     spacing = config.get("timestep_spacing", "leading")
     if spacing not in DIFFUSERS_SPACINGS:
         raise ConfigError(f"scheduler timestep_spacing {spacing!r} is not supported ({', '.join(DIFFUSERS_SPACINGS)})")
-    if config.get("rescale_betas_zero_snr"):  # abar = 0 at t = T-1: eps -> x0 divides by zero there
-        raise ConfigError("scheduler rescale_betas_zero_snr true is not supported")
+    zero_snr = bool(config.get("rescale_betas_zero_snr"))
+    if zero_snr and pred == "epsilon":  # abar = 0 at t = T - 1: x0 cannot come from eps there
+        raise ConfigError("scheduler rescale_betas_zero_snr true needs prediction_type v_prediction or sample, "
+                          "not epsilon: at abar = 0 an eps model gives no x0")
     T = int(config["num_train_timesteps"])
     trained = config.get("trained_betas")
     kind = config["beta_schedule"]
@@ -305,5 +355,7 @@ def diffusers_schedule_kwargs(config: dict) -> dict:
         betas = np.linspace(bs, be, T, dtype=np.float64)
     else:
         raise ConfigError(f"scheduler beta_schedule {kind!r} is not supported ({' or '.join(BETA_SCHEDULES)})")
+    if zero_snr:
+        betas = rescale_zero_terminal_snr(betas)
     return dict(betas=betas, num_train_timesteps=T, spacing=spacing, steps_offset=int(config["steps_offset"]),
-                set_alpha_to_one=bool(config["set_alpha_to_one"]), variance_type="fixed_small")
+                set_alpha_to_one=bool(config["set_alpha_to_one"]), variance_type="fixed_small", prediction_type=pred)

@@ -26,15 +26,13 @@ import logging
 import os
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 import torch
 
 from .config import check_prompt_template
 from .errors import ConfigError, ModelError
 from .models import _first_line, _load_from_folder, seeded_init, weights_variant
 from .models import resolve_root as models_resolve_root
-from .schedule import (PREDICTION_TYPES, SD15_SCHEDULER_CONFIG, diffusers_prediction_type, diffusers_schedule_kwargs,
-                       eps_from_prediction, scaled_linear_betas)
+from .schedule import PREDICTION_TYPES, SD15_SCHEDULER_CONFIG, diffusers_prediction_type, diffusers_schedule_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -131,22 +129,22 @@ class TextConditionedDenoiser(torch.nn.Module):
     """A ``UNet2DConditionModel`` behind the DiT's call ``forward(x, timestep=, class_labels=)``.
 
     Args:
-        unet: the UNet (eps prediction, 4 channels).
+        unet: the UNet (4 channels; eps, v or x0 prediction).
         embeddings: (n + 1, L, E) text embeddings: row j is the prompt of class
             ``labels[j]``, the last row the negative (empty) prompt.
         labels: the n class labels, distinct, >= 0.
         num_classes: labels lie in [0, num_classes); the null class is ``num_classes``
             (default max(labels) + 1).
         prompts: label -> prompt (kept for the manifest).
-        schedule_kwargs: :func:`schedule.make_schedule` arguments of this model's scheduler.
+        schedule_kwargs: :func:`schedule.make_schedule` arguments of this model's scheduler (its
+            ``prediction_type`` included).
         prediction_type: what the UNet predicts: "epsilon" (SD 1.x, SD 2.x base), "v_prediction"
             (SD 2.x 768 px) or "sample" (x0); see :func:`schedule.diffusers_prediction_type`.
 
-    ``forward`` returns eps (``.sample``: (B, 4, h, w)) whatever the UNet predicts: a v or x0
-    prediction is turned into the eps it implies at the input's noise level abar_t of the
-    training schedule (``schedule_kwargs["betas"]``), in float32: eps = sqrt(abar) v + sqrt(1 - abar) x,
-    or (x - sqrt(abar) x0) / sqrt(1 - abar). The step rules then give what diffusers'
-    schedulers compute from v or x0 (CFG is linear in the prediction, and x the same for both halves).
+    ``forward`` returns the UNet's own prediction (``.sample``: (B, 4, h, w)), as diffusers' pipelines
+    take it: CFG mixes the prediction, and the sampler turns it into (eps, x0) by the schedule's
+    ``prediction_type`` (:meth:`schedule.Schedule.eps_x0`), which also holds at abar = 0 (zero
+    terminal SNR) for v and x0.
     """
 
     def __init__(self, unet, embeddings: torch.Tensor, labels: Sequence[int], *, num_classes: int | None = None,
@@ -178,14 +176,10 @@ class TextConditionedDenoiser(torch.nn.Module):
         self.register_buffer("rows", rows.to(embeddings.device), persistent=False)
         self.register_buffer("embeddings", torch.cat([embeddings, nan]), persistent=False)  # (n + 2, L, E)
         self.prediction_type = prediction_type
-        if prediction_type != "epsilon":  # sqrt(abar_t), sqrt(1 - abar_t) per training timestep
-            betas = self.schedule_kwargs.get("betas")
-            ac = np.cumprod(1.0 - (scaled_linear_betas() if betas is None else np.asarray(betas, dtype=np.float64)))
-            dev = embeddings.device
-            self.register_buffer("sqrt_ac", torch.tensor(np.sqrt(ac), dtype=torch.float32, device=dev),
-                                 persistent=False)
-            self.register_buffer("sqrt_1m_ac", torch.tensor(np.sqrt(1.0 - ac), dtype=torch.float32, device=dev),
-                                 persistent=False)
+        if self.schedule_kwargs.get("prediction_type", prediction_type) != prediction_type:
+            raise ValueError(f"prediction_type {prediction_type!r} is not schedule_kwargs' "
+                             f"{self.schedule_kwargs['prediction_type']!r}")
+        self.schedule_kwargs["prediction_type"] = prediction_type
         self.eval()
 
     @property
@@ -205,13 +199,7 @@ class TextConditionedDenoiser(torch.nn.Module):
             raise ValueError(f"class_labels {class_labels.tolist()} hold a label without a prompt "
                              f"(have {sorted(self.prompts)}; null class {self.num_classes})")
         enc = self.embeddings[rows].to(self.unet.dtype)                  # (B, L, E)
-        out = self.unet(x, timestep, encoder_hidden_states=enc)
-        if self.prediction_type == "epsilon":
-            return out
-        t = torch.as_tensor(timestep, device=x.device).reshape(-1).long()
-        a = self.sqrt_ac[t].view(-1, 1, 1, 1)                           # (B or 1, 1, 1, 1)
-        s = self.sqrt_1m_ac[t].view(-1, 1, 1, 1)
-        return type(out)(sample=eps_from_prediction(out.sample.float(), x.float(), a, s, self.prediction_type))
+        return self.unet(x, timestep, encoder_hidden_states=enc)          # eps, v or x0: schedule.eps_x0
 
 
 # --------------------------------------------------------------------------- #

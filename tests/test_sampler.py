@@ -38,6 +38,53 @@ def test_respacing_rules():
     assert float(s.alphas_cumprod_prev[0]) == 1.0
 
 
+def test_zero_terminal_snr_betas_are_diffusers():
+    """rescale_zero_terminal_snr is diffusers' (same formula; float64 here, float32 there): abar ends at 0
+    exactly, keeps its first value, and an eps schedule that would visit abar = 0 is refused."""
+    from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr as theirs
+
+    from manifoldgd_fast.errors import ConfigError
+    from manifoldgd_fast.schedule import rescale_zero_terminal_snr, scaled_linear_betas
+
+    base = scaled_linear_betas()
+    ours = rescale_zero_terminal_snr(base)
+    np.testing.assert_allclose(ours, theirs(torch.tensor(base)).double().numpy(), rtol=1e-12, atol=1e-15)
+    ac = np.cumprod(1 - ours)
+    assert ac[-1] == 0.0 and ours[-1] == 1.0 and abs(ac[0] - (1 - base[0])) < 1e-15 and (np.diff(ac) < 0).all()
+    kw = dict(betas=ours, spacing="trailing")
+    s = make_schedule(10, "ddim", prediction_type="v_prediction", **kw)
+    assert s.zero_snr(9) and not s.zero_snr(8) and float(s.alphas_cumprod[9]) == 0.0
+    with pytest.raises(ConfigError, match="timestep 999 has abar = 0"):
+        make_schedule(10, "ddim", **kw)
+    make_schedule(10, "ddim", spacing="leading", betas=ours)       # leading never visits t = 999
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_prediction_types_round_trip_and_hold_at_zero_snr(kind):
+    """Schedule.eps_x0 and Schedule.prediction are inverses at every step; x = sqrt(abar) x0 +
+    sqrt(1 - abar) eps holds; at abar = 0, eps = x and x0 comes from v or x0 alone, finite."""
+    from manifoldgd_fast.schedule import rescale_zero_terminal_snr, scaled_linear_betas
+
+    betas = scaled_linear_betas() if kind == "epsilon" else rescale_zero_terminal_snr(scaled_linear_betas())
+    s = make_schedule(8, "ddim", betas=betas, spacing="trailing", prediction_type=kind)
+    g = torch.Generator().manual_seed(0)
+    x, pred = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g)
+    for i in range(s.steps):
+        eps, x0 = s.eps_x0(i, x, pred)
+        assert torch.isfinite(eps).all() and torch.isfinite(x0).all()
+        torch.testing.assert_close(s.prediction(i, eps, x0), pred, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(s.sqrt_alphas_cumprod[i] * x0 + s.sqrt_one_minus_alphas_cumprod[i] * eps, x,
+                                   atol=2e-5, rtol=1e-5)
+        if not s.zero_snr(i):
+            torch.testing.assert_close(s.eps_from_x0(i, x, x0), eps, atol=1e-3, rtol=1e-3)
+    assert s.zero_snr(s.steps - 1) == (kind != "epsilon")
+    if kind != "epsilon":
+        i = s.steps - 1
+        eps, x0 = s.eps_x0(i, x, pred)
+        assert torch.equal(eps, x) and torch.equal(s.eps_from_x0(i, x, x0), x)
+        assert torch.equal(x0, -pred if kind == "v_prediction" else pred)
+
+
 # ---------------------------------------------------------------------------- unguided loops
 @pytest.mark.parametrize("cfg_channels", ["all", "3"])
 def test_ddim_matches_diffusers_scheduler_loop(model, cfg_channels):

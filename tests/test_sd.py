@@ -78,6 +78,35 @@ def test_distill_a_v_prediction_trailing_folder(sd_world, tmp_path, capsys):
     assert "Traceback" not in err and "holds a run made with other scheduler settings" in err.splitlines()[-1], err
 
 
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_distill_a_zero_terminal_snr_folder(sd_world, tmp_path, capsys, sampler):
+    """rescale_betas_zero_snr with v-prediction and trailing spacing: the first step is at abar = 0. The
+    official formulation guides it through x0 (finite latents, guided != unguided), the manifest says so;
+    the paper formulation, which guides eps there, is refused in one line before anything is sampled."""
+    from safetensors.torch import load_file
+
+    cfg = {**SD.SD15_SCHEDULER_CONFIG, "prediction_type": "v_prediction", "timestep_spacing": "trailing",
+           "rescale_betas_zero_snr": True}
+    folder = sd_variant(sd_world, tmp_path, cfg)
+    world = {**sd_world, "model": folder}
+    lat = {}
+    for method in ("manifoldgd", "dit"):
+        out = tmp_path / f"out-{method}"
+        assert main(sd_args(world, out, "--sampler", sampler, "--method", method)) == 0
+        man = json.loads((out / "manifest.json").read_text())
+        assert man["sd_scheduler"] == {"prediction_type": "v_prediction", "timestep_spacing": "trailing",
+                                       "zero_terminal_snr": True}
+        lat[method] = load_file(str(out / "latents" / "cherry.safetensors"))["latents"]
+        assert torch.isfinite(lat[method]).all()
+    assert (lat["manifoldgd"] - lat["dit"]).abs().max() > 1e-3
+    capsys.readouterr()
+    out = tmp_path / "out-paper"
+    assert main(sd_args(world, out, "--sampler", sampler, "--formulation", "paper")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "".join(err) and "--formulation paper guides timestep 999" in err[-1], err
+    assert not (out / "latents").exists()
+
+
 def test_fast_loop_gives_the_reference_bytes_on_sd(sd_world, tmp_path):
     """The adapter behind the fast loop's static step: the same PNGs as the reference loop."""
     outs = {}

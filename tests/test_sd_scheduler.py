@@ -165,25 +165,30 @@ def _ddim_loop(sd_denoiser, sched, x_T, y, S, eta=0.0, noises=None):
     return x
 
 
-@pytest.mark.parametrize("pred, spacing, sampler, S", [
-    ("v_prediction", "leading", "ddim", 10),
-    ("v_prediction", "trailing", "ddim", 30),     # uneven: DDIM steps to t - 33, not to the next kept t
-    ("epsilon", "linspace", "ddim", 10),          # uneven, and the last step starts at t = 0
-    ("epsilon", "trailing", "ddpm", 30),          # DDPM steps to the next kept t
-    ("v_prediction", "linspace", "ddpm", 10),
-    ("sample", "leading", "ddim", 10),
+@pytest.mark.parametrize("pred, spacing, sampler, S, zero_snr", [
+    ("v_prediction", "leading", "ddim", 10, False),
+    ("v_prediction", "trailing", "ddim", 30, False),     # uneven: DDIM steps to t - 33, not to the next kept t
+    ("epsilon", "linspace", "ddim", 10, False),          # uneven, and the last step starts at t = 0
+    ("epsilon", "trailing", "ddpm", 30, False),          # DDPM steps to the next kept t
+    ("v_prediction", "linspace", "ddpm", 10, False),
+    ("sample", "leading", "ddim", 10, False),
+    # rescale_betas_zero_snr: trailing and linspace start at t = 999, where abar = 0 and eps = x_t
+    ("v_prediction", "trailing", "ddim", 10, True),
+    ("v_prediction", "trailing", "ddpm", 10, True),
+    ("sample", "linspace", "ddim", 10, True),
+    ("v_prediction", "leading", "ddim", 10, True),       # rescaled betas, no abar = 0 step
 ])
-def test_prediction_types_and_spacings_sample_as_diffusers(sd_world, tmp_path, pred, spacing, sampler, S):
-    """A folder whose scheduler asks for v / x0 prediction or diffusers' trailing / linspace spacing:
-    unguided sampling over the adapter equals a loop over diffusers' own scheduler of that folder, on the
-    UNet's raw output, same noise; the fast loop gives the reference's latents."""
+def test_prediction_types_and_spacings_sample_as_diffusers(sd_world, tmp_path, pred, spacing, sampler, S, zero_snr):
+    """A folder whose scheduler asks for v / x0 prediction, diffusers' trailing / linspace spacing or zero
+    terminal SNR: unguided sampling over the adapter equals a loop over diffusers' own scheduler of that
+    folder, on the UNet's raw output, same noise; the fast loop gives the reference's latents."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
     from manifoldgd_fast.fastloop import FastSampler
     from manifoldgd_fast.sampler import Sampling
 
     folder = sd_variant(sd_world, tmp_path, {**SD.SD15_SCHEDULER_CONFIG, "prediction_type": pred,
-                                           "timestep_spacing": spacing})
+                                             "timestep_spacing": spacing, "rescale_betas_zero_snr": zero_snr})
     den = SD.load_sd_denoiser(folder, {0: "a cherry", 1: "a dog"})
     assert den.prediction_type == pred and den.schedule_kwargs["spacing"] == spacing
     cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
@@ -192,6 +197,9 @@ def test_prediction_types_and_spacings_sample_as_diffusers(sd_world, tmp_path, p
     s = make_schedule(S, sampler, **den.schedule_kwargs)
     sched.set_timesteps(S)
     assert s.timesteps.flip(0).tolist() == sched.timesteps.tolist()
+    assert s.zero_snr(S - 1) == (zero_snr and spacing != "leading") and not s.zero_snr(S - 2)
+    torch.testing.assert_close(s.alphas_cumprod.flip(0), sched.alphas_cumprod[sched.timesteps].float(),
+                               atol=1e-6, rtol=0)
     if sampler == "ddim":   # abar of the step's target as DDIMScheduler.step takes it: t - T // S
         prev = sched.timesteps - 1000 // S
         want = torch.where(prev >= 0, sched.alphas_cumprod[prev.clamp(min=0)], sched.final_alpha_cumprod)
@@ -214,14 +222,17 @@ def test_prediction_types_and_spacings_sample_as_diffusers(sd_world, tmp_path, p
     torch.testing.assert_close(fast, ours, atol=1e-6, rtol=0)
 
 
-def test_step_guidance_takes_and_returns_v(sd_world, tmp_path):
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_step_guidance_takes_and_returns_v(sd_world, tmp_path, zero_snr):
     """StepGuidance in a diffusers DDIM loop over a v-prediction UNet (prediction_type read from the
-    scheduler): the loop's v, guided, equals our guided sampler over the adapter (which guides eps)."""
+    scheduler): the loop's v, guided, equals our guided sampler over the adapter. With zero terminal SNR
+    and trailing spacing the first, guided step is at abar = 0, where only x0 carries the guidance."""
     from diffusers import DDIMScheduler
 
     from manifoldgd_fast.guidance import StepGuidance
 
-    folder = sd_variant(sd_world, tmp_path, {**SD.SD15_SCHEDULER_CONFIG, "prediction_type": "v_prediction"})
+    extra = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"} if zero_snr else {}
+    folder = sd_variant(sd_world, tmp_path, {**SD.SD15_SCHEDULER_CONFIG, "prediction_type": "v_prediction", **extra})
     den = SD.load_sd_denoiser(folder, {0: "a cherry", 1: "a dog"})
     S, B = 6, 2
     modes = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(1)) * 0.5
@@ -244,8 +255,14 @@ def test_step_guidance_takes_and_returns_v(sd_world, tmp_path):
     plain = sample(den, s, x_T, y, null_class=2, cfg_scale=7.5, cfg_channels="all")
     torch.testing.assert_close(x, ours, atol=1e-4, rtol=1e-4)
     assert (ours - plain).abs().max() > 1e-3
+    assert s.zero_snr(S - 1) == zero_snr and guide.schedule.zero_snr(S - 1) == zero_snr
     with pytest.raises(ConfigError, match="prediction_type"):
         StepGuidance(modes, scheduler=sched, prediction_type="flow")
+    if zero_snr:   # an eps model cannot be stepped at abar = 0; the paper formulation cannot guide it
+        with pytest.raises(ConfigError, match="abar = 0"):
+            StepGuidance(modes, scheduler=sched, prediction_type="epsilon")
+        with pytest.raises(ConfigError, match="--formulation paper guides timestep 999"):
+            StepGuidance(modes, scheduler=sched, formulation="paper", method="mgd3", n_classes=3, t_stop=3)
 
 
 def test_ddim_eta_adds_noise_on_the_last_step_as_diffusers(sd_denoiser):
@@ -339,7 +356,7 @@ def test_steps_offset_and_clip_sample_are_forced_as_the_pipeline_does(sd_world, 
 @pytest.mark.parametrize("key, value, why", [
     ("prediction_type", "flow", "prediction_type 'flow' is not supported (epsilon, v_prediction, sample)"),
     ("timestep_spacing", "karras", "timestep_spacing 'karras' is not supported (leading, trailing, linspace)"),
-    ("rescale_betas_zero_snr", True, "rescale_betas_zero_snr true is not supported"),
+    ("rescale_betas_zero_snr", True, "rescale_betas_zero_snr true needs prediction_type v_prediction or sample"),
     ("beta_schedule", "squaredcos_cap_v2", "beta_schedule 'squaredcos_cap_v2' is not supported (scaled_linear or linear)"),
 ])
 def test_unsupported_scheduler_settings_fail_before_any_weights_load(sd_world, tmp_path, capsys, monkeypatch,
