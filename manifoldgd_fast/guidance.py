@@ -276,7 +276,8 @@ class StepGuidance:
             DiT's linear ones); Stable Diffusion: ``schedule.scaled_linear_betas()``.
         prediction_type: what the loop's model output is: "epsilon", "v_prediction" (e.g. SD 2.x
             768 px) or "sample" (x0); None: ``scheduler.config.prediction_type``, else "epsilon".
-            The call then takes and returns that kind of output (guided through the eps and x0 it implies; at abar = 0, x0).
+            The call then takes and returns that kind of output, guided through the eps and x0 it
+            implies (at abar = 0, zero terminal SNR, through x0 alone).
         **params: any DistillConfig guidance parameter (lambda_m, k, d, manifold_radius, ...).
     """
 
