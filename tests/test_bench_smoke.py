@@ -117,3 +117,15 @@ def test_gpu_session_script_names_what_exists():
         assert names and set(names) <= built, sorted(set(names) - built)
     for script in set(re.findall(r"\bbench/(\w+\.py)\b", text)):
         assert os.path.isfile(os.path.join(ROOT, "bench", script)), script
+
+
+
+def test_bench_sampling_refuses_an_unknown_row(capsys):
+    """A --rows name the benchmark does not build is refused (rc 2, naming the rows there are), not run as
+    an empty table."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from bench_sampling import main as bench_main
+
+    assert bench_main(["--tiny", "--device", "cpu", "--steps", "1", "--rows", "ours-fast-dit", "ours-fats-dit"]) == 2
+    out = capsys.readouterr().out
+    assert "no row named ours-fats-dit" in out and "ours-fast-dit" in out.split("(rows:")[1]
