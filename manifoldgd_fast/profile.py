@@ -26,13 +26,15 @@ GUIDANCE_PHASES = ("mode_term", "cloud", "patch", "knn", "gram_eig", "projection
 STEP_PHASES = ("dit_forward", "scheduler", "graph_step") + GUIDANCE_PHASES
 
 
-def _nvtx():
+def _nvtx_range():
+    """The NVTX range context of a phase: the nvtx package's ``annotate`` (the [cuda] extra), else
+    ``torch.cuda.nvtx.range``, so that an Nsight timeline shows the phases either way."""
     try:
-        import nvtx  # the nvtx package (optional extra)
+        import nvtx
 
-        return nvtx
+        return nvtx.annotate
     except ImportError:
-        return None
+        return torch.cuda.nvtx.range
 
 
 class Profiler:
@@ -43,7 +45,7 @@ class Profiler:
         self.cuda = self.device.type == "cuda"
         self._events: list[tuple[str, Any, Any]] = []   # (name, start, end): events or floats
         self.steps = 0
-        self._nvtx = _nvtx() if self.cuda else None
+        self._nvtx_range = _nvtx_range() if self.cuda else None
 
     @contextlib.contextmanager
     def phase(self, name: str, host: bool = False):
@@ -51,8 +53,7 @@ class Profiler:
         timed with ``perf_counter`` even on CUDA: events would time that thread's stream instead."""
         if self.cuda and not host:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            rng = self._nvtx.annotate(name) if self._nvtx else contextlib.nullcontext()
-            with rng:
+            with self._nvtx_range(name):
                 start.record()
                 try:
                     yield

@@ -3,6 +3,8 @@ import json
 import os
 import time
 
+import torch
+
 from manifoldgd_fast.cli import main
 from manifoldgd_fast.profile import phase, profiling
 
@@ -70,3 +72,19 @@ def test_profile_resolves_the_data_sets_defaults_on_all_its_classes(tmp_path, mo
     cfg = DistillConfig(data=data, model="unused", manifold_radius=0.3)
     assert "manifold_radius" not in cfg.dataset_defaults(1000)
     assert cfg.resolve(1000).manifold_radius == 0.3 and cfg.resolve(1000).bandwidth == 0.1
+
+
+def test_nvtx_ranges_fall_back_to_torch_without_the_nvtx_package(monkeypatch):
+    """On CUDA each phase is an NVTX range: the nvtx package's when installed (the [cuda] extra), else
+    torch.cuda.nvtx.range (the GPU image has no nvtx package), so Nsight shows the phases either way."""
+    import sys
+    import types
+
+    from manifoldgd_fast import profile
+
+    monkeypatch.setitem(sys.modules, "nvtx", None)                    # import nvtx -> ImportError
+    assert profile._nvtx_range() is torch.cuda.nvtx.range
+    fake = types.SimpleNamespace(annotate=lambda name: None)
+    monkeypatch.setitem(sys.modules, "nvtx", fake)
+    assert profile._nvtx_range() is fake.annotate
+    assert profile.Profiler("cpu")._nvtx_range is None                # the CPU times phases without NVTX
