@@ -41,7 +41,9 @@ if ! python3 -c "import diffusers" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
 fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
+# the package in place (console script included); if pip cannot, the tree itself on the path
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
+  || { echo "pip install -e . failed: using PYTHONPATH=$PWD"; export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}; }
 { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || echo "no nvidia-smi"
   python3 -c "import torch, triton, diffusers; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__)"
 } | tee "$OUT/versions.txt"
