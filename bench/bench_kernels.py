@@ -12,12 +12,19 @@ synchronised). Physics per case:
 * official step (``manifold_pull_fused``): Gnormal/s (the cloud is generated, not read:
   2 N D normals per sample in the kNN pass, 2 x 2 k D to regenerate the chosen points);
 * eigen-step (``sym_eig``): matrices/s for B small symmetric matrices, CUDA C++ vs Triton
-  vs the PyTorch Jacobi vs ``torch.linalg.eigh`` (cuSOLVER, fp32).
+  vs the PyTorch Jacobi vs ``torch.linalg.eigh`` (cuSOLVER, fp32);
+* the issue's sweep (``patch_sweep``: B in {16, 64, 256}, patch rows M in {500, 1300, 10000},
+  D in {4096, 16384}, bf16 latents, k = 10, d = 3): ms per guided step of ours, the plain-torch
+  Gram path (patch formed, distances, k x k Gram), the SVD of each sample's k x D neighbours,
+  and the released code's D x D covariance + ``eigh`` (timed on one sample, times B, D = 4096
+  only: at 16,384 one eigh takes seconds); ours as GB/s of the patch read and as a share of the
+  device's copy bandwidth, measured at the start (bytes read + written by a 1 GiB copy).
 
 Results belong in bench/RESULTS.md with the GPU name, versions, date and this command.
 """
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
@@ -103,9 +110,76 @@ def eig_cases(quick):
     return rows
 
 
+def copy_bandwidth_gbs() -> float:
+    """The memory ceiling, measured: bytes read + written by a 1 GiB device-to-device copy, per second."""
+    if gpu_bench.SMOKE:
+        return float("nan")
+    a = torch.empty(1 << 28, device=gpu_bench.DEV)
+    b = torch.empty_like(a)
+    ms = bench_ms(lambda: b.copy_(a), quick=False)[0]
+    return 2 * a.numel() * a.element_size() / ms / 1e6
+
+
+def _gather_k(x, patch, k):
+    """The k patch rows nearest to each x (B, k, D), centred: what the SVD and the naive path start from."""
+    d2 = torch.cdist(x.unsqueeze(1), patch).squeeze(1)                    # (B, M)
+    idx = d2.topk(k, dim=1, largest=False).indices
+    X = torch.gather(patch, 1, idx.unsqueeze(-1).expand(-1, -1, patch.shape[-1]))
+    return X - X.mean(1, keepdim=True)
+
+
+def sweep_cases(quick, k=10, d=3, patch_limit_gb=12.0):
+    """The grid of the issue: ours, plain-torch Gram, SVD of the k neighbours, naive D x D eigh (one sample x B)."""
+    from manifoldgd_fast import ops
+
+    bw = copy_bandwidth_gbs()
+    if gpu_bench.SMOKE:
+        grid = [(2, 30, 48)]
+    elif quick:
+        grid = [(16, 500, 4096), (64, 1300, 4096), (64, 10_000, 4096), (64, 1300, 16_384)]
+    else:
+        grid = [(B, M, D) for D in (4096, 16_384) for M in (500, 1300, 10_000) for B in (16, 64, 256)]
+    rows = []
+    for B, M, D in grid:
+        dev, dtype = gpu_bench.DEV, torch.bfloat16
+        lat = torch.randn(M, D, device=dev).to(dtype)                          # one class of M latents: the patch
+        order = torch.stack([torch.randperm(M, device=dev) for _ in range(B)])
+        lengths = torch.full((B,), M, device=dev)
+        x, g, eps = (torch.randn(B, D, device=dev) for _ in range(3))
+        kw = dict(alpha_bar=0.5, seed=1, step=3, k=k, d=d, lambda_normal=1.0, lambda_mode=0.1, eps=eps)
+        ours = functools.partial(ops.manifold_correct_fused, x, lat, order, lengths, g, backend="triton", **kw)
+        gram = functools.partial(ops.manifold_correct_fused_ref, x, lat, order, lengths, g, **kw)
+        t_ours = bench_ms(ours, quick)[0]
+        fits = B * M * D * 4 / 1e9 <= patch_limit_gb                          # the torch paths hold the fp32 patch
+        t_gram = t_svd = t_naive = float("nan")
+        if fits:
+            t_gram = bench_ms(gram, quick)[0]
+            patch = ops.time_aligned_patch_philox(lat, order, lengths, 0.5, seed=1, step=3)
+            Xc = _gather_k(x, patch, k)                                       # (B, k, D) fp32
+            t_svd = bench_ms(functools.partial(torch.linalg.svd, Xc, full_matrices=False), quick)[0]
+            if D <= 4096:                                                     # the released code, per sample
+                X1 = Xc[0]
+
+                def naive():
+                    w, V = torch.linalg.eigh(X1.T @ X1 / k)                   # (D, D) covariance
+                    return V[:, -d:]
+
+                t_naive = B * bench_ms(naive, quick)[0]
+            del patch, Xc
+        gbs = B * M * D * lat.element_size() / t_ours / 1e6
+        rows.append(dict(op="patch_sweep", B=B, M=M, D=D, dtype="bfloat16", ours_ms=t_ours, torch_gram_ms=t_gram,
+                         svd_ms=t_svd, naive_eigh_ms=t_naive, gram_speedup=t_gram / t_ours,
+                         patch_GBs=gbs, pct_of_copy_bw=100 * gbs / bw))
+        del ours, gram, lat, order, x, g, eps
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    print(f"device copy bandwidth (read + write): {bw:.0f} GB/s")
+    return rows
+
+
 def main(argv=None):
     def cases(quick):
-        return paper_cases(quick) + official_cases(quick) + eig_cases(quick)
+        return paper_cases(quick) + official_cases(quick) + eig_cases(quick) + sweep_cases(quick)
 
     return gpu_bench.main("bench_kernels", cases, __doc__.splitlines()[0], argv)
 

@@ -33,7 +33,7 @@ def _table_rows(out, op):
 
 
 @pytest.mark.parametrize("script,ops", [
-    ("bench_kernels.py", {"manifold_correct_fused": 2, "manifold_pull_fused": 1, "sym_eig": 2}),
+    ("bench_kernels.py", {"manifold_correct_fused": 2, "manifold_pull_fused": 1, "sym_eig": 2, "patch_sweep": 1}),
     ("bench_dit_ops.py", {"layernorm_modulate": 1, "gate_residual": 1, "attention": 1}),
 ])
 def test_kernel_benchmarks_smoke(script, ops, tmp_path):
