@@ -160,6 +160,75 @@ def scan_image_folder(root: str, classes: Sequence[str] | str | None = None,
     return entries
 
 
+def read_image_labels(path: str, flag: str = "--val-labels") -> dict[str, str]:
+    """Image -> class of a flat image folder, from a label file.
+
+    ``path``: ImageNet's ``LOC_val_solution.csv`` (Kaggle's layout of the ILSVRC-2012
+    validation set: header ``ImageId,PredictionString``; the class is the first word of
+    PredictionString, a WordNet id), or lines ``<image> <class>`` (split at the first
+    tab, else the first comma, else the first run of spaces; ``#`` comments and blank
+    lines ignored). An image is named by its file name, with or without the extension.
+    Returns image stem -> class. ConfigError naming the file and line of what it cannot read.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{flag} {path}: cannot read the labels ({e})") from None
+    lines = text.splitlines()
+    kaggle = bool(lines) and lines[0].replace(" ", "").lower().startswith("imageid,predictionstring")
+    out: dict[str, str] = {}
+    where: dict[str, int] = {}
+    for n, line in enumerate(lines[1:] if kaggle else lines, 2 if kaggle else 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if kaggle:
+            image, _, pred = line.partition(",")
+            words = pred.split()
+            parts = [image.strip(), words[0] if words else ""]
+        else:
+            sep = "\t" if "\t" in line else "," if "," in line else None
+            parts = [p.strip() for p in line.split(sep, 1)]
+        if len(parts) != 2 or not parts[0] or not parts[1]:
+            raise ConfigError(f"{flag} {path}: line {n}: {line!r} is not '<image> <class>'")
+        image, cls = parts
+        stem = os.path.splitext(image)[0] if image.lower().endswith(IMAGE_EXTS) else image
+        if out.get(stem, cls) != cls:
+            raise ConfigError(f"{flag} {path}: line {n}: image {image!r} is labelled {out[stem]!r} on line "
+                              f"{where[stem]} and {cls!r} here")
+        out[stem], where[stem] = cls, n
+    if not out:
+        raise ConfigError(f"{flag} {path}: no labels in it")
+    return out
+
+
+def scan_labelled_folder(root: str, labels_path: str, *, flag: str = "--val-labels") -> list[ClassEntry]:
+    """A flat folder ``ROOT/<image>`` (e.g. ImageNet's validation images as distributed) whose classes
+    come from :func:`read_image_labels`: the class entries :func:`scan_image_folder` gives for the same
+    images in class folders with ``label_map="sorted"`` (labels: the sorted class names; files sorted).
+
+    DataError naming the folder where it holds no images, or images the file does not label (every image
+    counts towards the accuracy, so none is dropped silently); labelled images missing from the folder
+    are only counted in a warning (a partial copy of the set)."""
+    labels = read_image_labels(labels_path, flag)
+    files = sorted(e.name for e in os.scandir(root) if e.is_file() and _is_image(e.name))
+    if not files:
+        sub = any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(root))
+        raise DataError(f"{root}: no images at its top level" + (" (it holds class folders: leave out "
+                                                                  f"{flag})" if sub else ""))
+    unlabelled = [f for f in files if os.path.splitext(f)[0] not in labels]
+    if unlabelled:
+        raise DataError(f"{root}: {len(unlabelled)} of its {len(files)} images have no label in {labels_path} "
+                        f"(e.g. {', '.join(unlabelled[:3])})")
+    if len(labels) > len(files):
+        log.warning("%s labels %d images; %s holds %d of them", labels_path, len(labels), root, len(files))
+    by_class: dict[str, list[str]] = {}
+    for f in files:
+        by_class.setdefault(labels[os.path.splitext(f)[0]], []).append(os.path.join(root, f))
+    return [ClassEntry(name=c, label=i, files=by_class[c], folder=root) for i, c in enumerate(sorted(by_class))]
+
+
 # --------------------------------------------------------------------------- #
 # image loading
 # --------------------------------------------------------------------------- #

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 
 import numpy as np
@@ -563,3 +564,75 @@ def test_fp32_on_cuda_gives_the_same_run_twice():
         return torch.cat([p.detach().flatten().cpu() for p in r["model"].parameters()])
 
     assert torch.equal(run(), run())
+
+
+# --------------------------------------------------------------------------- flat validation folder + label file
+def _flatten(val, tmp_path, fmt):
+    """The validation images moved into one flat folder (ImageNet's layout as distributed), renamed
+    ILSVRC-style, with a label file in ``fmt``: "kaggle" (LOC_val_solution.csv) or "lines"."""
+    import shutil
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    rows = []
+    for n, (cls, f) in enumerate(sorted((c, f) for c in os.listdir(val) for f in os.listdir(os.path.join(val, c)))):
+        stem, ext = f"val_{n:05d}", os.path.splitext(f)[1]
+        shutil.copy(os.path.join(val, cls, f), flat / (stem + ext))
+        rows.append((stem, ext, cls))
+    labels = tmp_path / ("LOC_val_solution.csv" if fmt == "kaggle" else "labels.txt")
+    if fmt == "kaggle":
+        labels.write_text("ImageId,PredictionString\n"
+                          + "".join(f"{s},{c} 1 2 30 40 {c} 5 6 7 8\n" for s, _, c in reversed(rows)))
+    else:
+        labels.write_text("# image class\n" + "".join(f"{s}{e}\t{c}\n" for s, e, c in rows))
+    return str(flat), str(labels)
+
+
+@pytest.mark.parametrize("fmt", ["kaggle", "lines"])
+def test_flat_validation_folder_with_labels_is_the_class_folder_run(folders, tmp_path, fmt):
+    """--val-labels: a flat folder of the same validation images (renamed) and a label file in either format
+    gives the class-folder run's classes, image counts and accuracies, and the file is recorded."""
+    from manifoldgd_fast.data import scan_image_folder, scan_labelled_folder
+
+    dist, val = folders
+    flat, labels = _flatten(val, tmp_path, fmt)
+    got, want = scan_labelled_folder(flat, labels), scan_image_folder(val, label_map="sorted")
+    assert [(e.name, e.label, len(e.files)) for e in got] == [(e.name, e.label, len(e.files)) for e in want]
+    kw = dict(nets="convnet6", seeds=1, epochs=3, size=8, batch_size=4, device="cpu", progress=False)
+    a = P.evaluate(dist, val, out_json=str(tmp_path / "a.json"), **kw)
+    b = P.evaluate(dist, flat, val_labels=labels, out_json=str(tmp_path / "b.json"), **kw)
+    assert b["classes"] == a["classes"] and b["n_val"] == a["n_val"] == 18
+    assert b["nets"]["convnet6"]["seeds"][0]["history"] == a["nets"]["convnet6"]["seeds"][0]["history"]
+    assert b["val_labels"] == os.path.abspath(labels) and a["val_labels"] is None
+    assert f"labelled by {os.path.abspath(labels)}" in open(tmp_path / "b.md").read()
+
+
+def test_flat_validation_folder_bad_labels_are_one_line(folders, tmp_path, capsys):
+    """Unlabelled images, a malformed or contradictory line, an unreadable file, class folders given as a
+    flat folder: each a one-line error naming the file or the folder, exit 2, before any training."""
+    from manifoldgd_fast.cli import main
+    from manifoldgd_fast.data import read_image_labels, scan_labelled_folder
+
+    dist, val = folders
+    flat, labels = _flatten(val, tmp_path, "lines")
+    text = open(labels).read()
+    bad = tmp_path / "bad.txt"
+    for content, why in [
+        ("".join(ln for ln in text.splitlines(True) if not ln.startswith("val_00003")),
+         "1 of its 18 images have no label"),
+        (text + "val_00099.png\n", "line 20: 'val_00099.png' is not '<image> <class>'"),
+        (text + "val_00000 bee\n", "image 'val_00000' is labelled 'ant' on line 2 and 'bee' here"),
+        ("# nothing\n", "no labels in it"),
+    ]:
+        bad.write_text(content)
+        with pytest.raises((ConfigError, DataError), match=re.escape(why)):
+            scan_labelled_folder(flat, str(bad))
+        rc = main(["eval", "--distilled", dist, "--real-val", flat, "--val-labels", str(bad), "--epochs", "1",
+                   "--device", "cpu"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and why in err[0] and "Traceback" not in err[0], err
+    with pytest.raises(ConfigError, match="cannot read the labels"):
+        read_image_labels(str(tmp_path / "missing.csv"))
+    with pytest.raises(DataError, match="it holds class folders: leave out --val-labels"):
+        scan_labelled_folder(val, labels)
+    assert read_image_labels(labels)["val_00000"] == "ant"

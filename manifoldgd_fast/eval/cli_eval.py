@@ -42,6 +42,9 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--real-val", default=None, metavar="VAL",
                    help="real validation folder VAL/<class>/<image>, the same class names (default: the digits "
                         "test split when OUT is the embedded demo's output)")
+    g.add_argument("--val-labels", default=None, metavar="FILE",
+                   help="VAL is a flat folder of images (ImageNet's validation set as distributed) and FILE names "
+                        "each one's class: Kaggle's LOC_val_solution.csv, or '<image> <class>' lines")
     g.add_argument("--restrict-val", action="store_true",
                    help="use only the validation classes the distilled folder has (a subset's OUT against all of "
                         "ImageNet's val); every distilled class must still be there")
@@ -167,7 +170,8 @@ def run_eval_from_args(ns: argparse.Namespace) -> dict:
                    epochs=ns.epochs, size=ns.size, batch_size=ns.batch_size, lr=ns.lr, device=ns.device,
                    teacher=ns.teacher, temperature=ns.temperature, eval_every=ns.eval_every,
                    val_batch_size=ns.val_batch_size, val_resize=ns.val_resize, resample=ns.resample,
-                   restrict_val=ns.restrict_val, precision=ns.precision, out_json=ns.out_json, progress=ns.progress)
+                   restrict_val=ns.restrict_val, val_labels=ns.val_labels, precision=ns.precision,
+                   out_json=ns.out_json, progress=ns.progress)
     print(markdown_table(res), end="")
     recorded = [m for m in res.get("manifests", [res.get("manifest")]) if m]
     print(f"results: {res['files']['json']}, {res['files']['markdown']}"

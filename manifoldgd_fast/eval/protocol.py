@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data import IMAGE_EXTS, ClassEntry, iter_class_images, scan_image_folder
+from ..data import IMAGE_EXTS, ClassEntry, iter_class_images, scan_image_folder, scan_labelled_folder
 from ..devices import resolve_device
 from ..config import check_out_file
 from ..errors import ConfigError, DataError
@@ -98,15 +98,18 @@ def _names(xs, limit: int = 10) -> str:
     return ", ".join(xs[:limit]) + (f" ... ({len(xs) - limit} more)" if len(xs) > limit else "")
 
 
-def match_classes(distilled: str, reference: str, *, exact: bool = True, what: str = "validation"):
+def match_classes(distilled: str, reference: str, *, exact: bool = True, what: str = "validation",
+                  labels: str | None = None):
     """Scan both folders and pair their classes; labels are the sorted class order of ``reference``.
 
     exact: the class sets must be equal (else only distilled ⊆ reference; the
-    reference is then restricted to the distilled classes).
+    reference is then restricted to the distilled classes). labels: the reference is a
+    flat folder of images and this file names each one's class (data.scan_labelled_folder).
     Returns (class names, distilled entries, reference entries), entries' ``label``
     rewritten to the shared index. Raises DataError naming missing / extra classes.
     """
-    ref_all = scan_image_folder(reference, label_map="sorted")
+    ref_all = (scan_labelled_folder(reference, labels) if labels is not None
+               else scan_image_folder(reference, label_map="sorted"))
     ref_names = {e.name for e in ref_all}
     dist_names = distilled_class_names(distilled)
     missing = ref_names - set(dist_names)
@@ -409,6 +412,7 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
              size: int | None = None, batch_size: int | None = None, lr: float | None = None,
              device: str = "auto", teacher=None, temperature: float = 1.0, eval_every: int | None = None,
              val_batch_size: int = 500, val_resize: int | None = None, restrict_val: bool = False,
+             val_labels: str | None = None,
              precision: str = "bf16", resample: str = "bicubic", out_json: str | None = None,
              progress: bool = True) -> dict:
     """Train each net of ``nets`` on the distilled folder(s) for each seed; test on ``real_val``.
@@ -416,7 +420,9 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
     distilled: OUT/<class>/<i>.png (``latents/``, ``modes/`` are ignored), or a list of
     such folders with the same classes (e.g. sets distilled with seeds 0, 1, 2: the
     release's std is over 3 distilled sets, each trained once); real_val:
-    VAL/<class>/<image> with the same class names (labels: sorted class names).
+    VAL/<class>/<image> with the same class names (labels: sorted class names), or with
+    ``val_labels`` a flat VAL/<image> folder and the file naming each image's class
+    (ImageNet's ``LOC_val_solution.csv``, or '<image> <class>' lines; data.read_image_labels).
     nets: names or a comma-separated string; None = all three (NET_NAMES).
     seeds: a count (seeds 0..n-1) or a list of distinct seeds. epochs / batch_size / lr:
     None = SPEC 7's defaults for the (largest) IPC and class count. size: None = 224 for
@@ -461,7 +467,7 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
     if resample not in RESAMPLERS:
         raise ConfigError(f"--resample {resample}: must be one of {', '.join(RESAMPLERS)}")
     dev = resolve_device(device)
-    matched = [match_classes(f, real_val, exact=not restrict_val) for f in folders]
+    matched = [match_classes(f, real_val, exact=not restrict_val, labels=val_labels) for f in folders]
     _same_classes(folders, matched)
     classes, val = matched[0][0], matched[0][2]
     num_classes = len(classes)
@@ -524,6 +530,7 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
         "protocol": "soft-label" if soft else "hard-label",
         "distilled": abs_folders if several else abs_folders[0], "distilled_folders": abs_folders,
         "real_val": os.path.abspath(real_val), "restrict_val": bool(restrict_val),
+        "val_labels": os.path.abspath(val_labels) if val_labels is not None else None,
         "classes": classes, "num_classes": num_classes, "ipc": ipc,
         "n_train": [pf["n_train"] for pf in per_folder] if several else per_folder[0]["n_train"],
         "n_val": len(valset), "size": size, "val_resize": val_load,
