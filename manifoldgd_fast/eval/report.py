@@ -57,7 +57,8 @@ def markdown_table(result: dict) -> str:
     n_seeds = len(result["seeds"])
     head = (f"{result['num_classes']} classes, IPC {result['ipc']}, {result['size']} px, {result['epochs']} epochs, "
             f"validation {result['real_val']} ({result['n_val']} images"
-            + (f", labelled by {result['val_labels']}" if result.get("val_labels") else "") + "); top-1 %, mean ± std over ")
+            + (f", labelled by {result['val_labels']}" if result.get("val_labels") else "")
+            + "); top-1 %, mean ± std over ")
     if len(folders) == 1:
         lines = [f"# Evaluation ({result['protocol']}): {folders[0]}", "", head + f"{n_seeds} seeds", "",
                  *_net_rows(result["nets"])]
