@@ -636,3 +636,51 @@ def test_flat_validation_folder_bad_labels_are_one_line(folders, tmp_path, capsy
     with pytest.raises(DataError, match="it holds class folders: leave out --val-labels"):
         scan_labelled_folder(val, labels)
     assert read_image_labels(labels)["val_00000"] == "ant"
+
+
+# --------------------------------------------------------------------------- a killed evaluation resumes
+def test_killed_evaluation_resumes_its_finished_runs(folders, tmp_path, monkeypatch):
+    """Each finished (net, seed) run is kept in eval.json.partial; a rerun after a kill trains only the
+    runs left and gives the uninterrupted run's results. Other settings or other images start over;
+    the partial file goes once the JSON is written."""
+    dist, val = folders
+    kw = dict(nets="convnet6", seeds=3, epochs=2, size=8, batch_size=4, device="cpu", progress=False)
+    whole = P.evaluate(dist, val, out_json=str(tmp_path / "whole.json"), **kw)
+    out = str(tmp_path / "e.json")
+    calls = []
+    train = P.train_net
+
+    def killed_at_the_third(*a, **k):
+        calls.append(k["seed"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return train(*a, **k)
+
+    monkeypatch.setattr(P, "train_net", killed_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        P.evaluate(dist, val, out_json=out, **kw)
+    assert os.path.isfile(out + ".partial") and not os.path.exists(out)
+    calls.clear()
+    monkeypatch.setattr(P, "train_net", lambda *a, **k: calls.append(k["seed"]) or train(*a, **k))
+    res = P.evaluate(dist, val, out_json=out, **kw)
+    assert calls == [2] and res["resumed_runs"] == 2 and not os.path.exists(out + ".partial")
+    strip = lambda r: [{k: v for k, v in s.items() if k != "time_s"} for s in r["nets"]["convnet6"]["seeds"]]  # noqa
+    assert strip(res) == strip(whole) and res["nets"]["convnet6"]["best_mean"] == whole["nets"]["convnet6"]["best_mean"]
+    # a partial file from other settings (or other images) is not used
+    with pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(P, "train_net", killed_at_the_third)
+        calls.clear()
+        P.evaluate(dist, val, out_json=out, **kw)
+    calls.clear()
+    monkeypatch.setattr(P, "train_net", lambda *a, **k: calls.append(k["seed"]) or train(*a, **k))
+    P.evaluate(dist, val, out_json=out, **dict(kw, epochs=3))
+    assert calls == [0, 1, 2]
+    with pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(P, "train_net", killed_at_the_third)
+        calls.clear()
+        P.evaluate(dist, val, out_json=out, **kw)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(os.path.join(dist, "ant", "img000.png"))
+    calls.clear()
+    monkeypatch.setattr(P, "train_net", lambda *a, **k: calls.append(k["seed"]) or train(*a, **k))
+    P.evaluate(dist, val, out_json=out, **kw)
+    assert calls == [0, 1, 2]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import math
 import os
@@ -33,13 +34,14 @@ from tqdm.auto import tqdm
 
 from ..data import IMAGE_EXTS, ClassEntry, iter_class_images, scan_image_folder, scan_labelled_folder
 from ..devices import resolve_device
-from ..config import check_out_file
+from .. import __version__
+from ..config import check_out_file, fields_digest
 from ..errors import ConfigError, DataError
 from ..data import RESAMPLERS, read_image_uint8
-from ..output import RESERVED_DIRS
+from ..output import RESERVED_DIRS, atomic_write_text
 from .augment import TrainAugment, cutmix, normalize, to_unit
 from .nets import NET_NAMES, build_net, count_parameters, load_net, parse_nets
-from .report import summarize, write_eval_outputs
+from .report import eval_json_path, summarize, write_eval_outputs
 
 log = logging.getLogger(__name__)
 
@@ -407,6 +409,44 @@ def _same_classes(folders: list[str], matched: list) -> None:
                             f"({'; '.join(parts)}); several distilled folders must hold the same classes")
 
 
+# --------------------------------------------------------------------------- resuming a killed evaluation
+def _files_digest(entries: list[ClassEntry]) -> str:
+    """Names, sizes and modification times of the entries' images: their identity, without reading them."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for e in entries:
+        for f in e.files:
+            st = os.stat(f)
+            h.update(f"{e.name}/{os.path.basename(f)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _file_identity(path) -> str | None:
+    if not isinstance(path, (str, os.PathLike)):
+        return None
+    if not os.path.isfile(path):
+        return str(path)          # a keyword such as imagenet-resnet18
+    st = os.stat(path)
+    return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _load_finished_runs(path: str, fingerprint: str) -> dict:
+    """The runs a killed evaluation with the same settings finished (``path``: written after each run)."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        log.warning("%s: unreadable (%s); starting over", path, e)
+        return {}
+    if saved.get("fingerprint") != fingerprint:
+        log.warning("%s holds runs made with other settings or images; starting over", path)
+        return {}
+    return dict(saved.get("runs", {}))
+
+
 # --------------------------------------------------------------------------- entry point
 def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None = None,
              size: int | None = None, batch_size: int | None = None, lr: float | None = None,
@@ -488,6 +528,20 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
     teacher_mod = _check_teacher(load_net(teacher, num_classes=num_classes, size=size, class_names=classes),
                                  num_classes, size, dev, precision) if soft else None
 
+    # Each finished (folder, net, seed) run is kept in JSON.partial until the JSON is written, so a killed
+    # evaluation resumes there; its key: everything a run's result depends on (an in-memory teacher has none)
+    partial = eval_json_path(folders, out_json) + ".partial"
+    teacher_id = _file_identity(teacher) if soft else "none"
+    fingerprint = None if teacher_id is None else fields_digest({
+        "version": __version__, "classes": classes, "val": [os.path.abspath(real_val), _file_identity(val_labels),
+                                                            _files_digest(val)],
+        "distilled": {os.path.abspath(f): _files_digest(d) for f, (_, d, _) in zip(folders, matched)},
+        "size": size, "val_load": val_load, "resample": resample, "epochs": epochs, "hp": hp,
+        "eval_every": eval_every, "teacher": teacher_id, "temperature": temperature if soft else None,
+        "precision": precision, "device": dev.type, "augment": TrainAugment(size).describe()})
+    finished = _load_finished_runs(partial, fingerprint) if fingerprint is not None else {}
+    resumed = 0
+
     t0 = time.perf_counter()
     x, y = load_images(val, size, resize=val_load / size, progress=progress, desc="load validation",
                        resample=resample)
@@ -505,13 +559,23 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
             del x, y
             folder_nets = {}
             for net in nets:
-                runs = [train_net(net, train, valset, num_classes, size=size, epochs=epochs, hp=hp, seed=s,
+                runs = []
+                for s in seed_list:
+                    key = f"{os.path.abspath(folder)}|{net}|{s}"
+                    if key in finished:
+                        runs.append(finished[key])
+                        resumed += 1
+                        continue
+                    r = train_net(net, train, valset, num_classes, size=size, epochs=epochs, hp=hp, seed=s,
                                   device=dev, teacher=teacher_mod, temperature=temperature, eval_every=eval_every,
                                   augment=augment, val_batch_size=val_batch_size, progress=progress,
                                   desc=f"{net} seed {s}{tag}", precision=precision)
-                        for s in seed_list]
-                for r in runs:
                     r["distilled"] = os.path.abspath(folder)
+                    runs.append(r)
+                    if fingerprint is not None:   # a killed evaluation keeps what it finished
+                        finished[key] = r
+                        atomic_write_text(partial, json.dumps({"fingerprint": fingerprint, "runs": finished},
+                                                              sort_keys=True, default=str))
                 runs_by_net[net] += runs
                 params[net] = runs[0]["params"]
                 bests, finals = [r["best"] for r in runs], [r["final"] for r in runs]
@@ -547,5 +611,10 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
         "versions": {"torch": torch.__version__, "numpy": np.__version__},
         "time_s": round(time.perf_counter() - t0, 3), "nets": results, "per_folder": per_folder,
     }
+    if resumed:
+        result["resumed_runs"] = resumed
+        log.info("resumed %d of %d runs from %s", resumed, len(folders) * len(nets) * len(seed_list), partial)
     write_eval_outputs(result, folders, out_json)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(partial)
     return result

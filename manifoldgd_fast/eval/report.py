@@ -76,12 +76,17 @@ def _summary(nets: dict) -> dict:
     return {n: {k: r[k] for k in ("best_mean", "best_std", "final_mean", "final_std")} for n, r in nets.items()}
 
 
+def eval_json_path(folders: list[str], out_json: str | None) -> str:
+    """Where the evaluation's JSON goes: ``out_json``, else OUT/eval.json (OUT1/eval_pooled.json for several)."""
+    return out_json or os.path.join(folders[0], "eval_pooled.json" if len(folders) > 1 else "eval.json")
+
+
 def write_eval_outputs(result: dict, folders: list[str], out_json: str | None) -> None:
     """Write the JSON and the markdown (default OUT/eval.json; OUT1/eval_pooled.json for several
     folders) and append a summary to each folder's manifest "eval" list (its own numbers, and the
     pooled ones when there are several folders)."""
     several = len(folders) > 1
-    out_json = out_json or os.path.join(folders[0], "eval_pooled.json" if several else "eval.json")
+    out_json = eval_json_path(folders, out_json)
     out_md = os.path.splitext(out_json)[0] + ".md"
     result["files"] = {"json": os.path.abspath(out_json), "markdown": os.path.abspath(out_md)}
     base = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
