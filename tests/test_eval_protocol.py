@@ -684,3 +684,46 @@ def test_killed_evaluation_resumes_its_finished_runs(folders, tmp_path, monkeypa
     monkeypatch.setattr(P, "train_net", lambda *a, **k: calls.append(k["seed"]) or train(*a, **k))
     P.evaluate(dist, val, out_json=out, **kw)
     assert calls == [0, 1, 2]
+
+
+def test_killed_run_continues_from_its_last_checkpoint(folders, tmp_path, monkeypatch):
+    """A run killed mid-training continues from its last saved epoch (net, optimizer, generators,
+    history) and ends with the uninterrupted run's results, bit for bit on the CPU; a checkpoint of
+    other settings is not used; the file goes when the run ends."""
+    dist, val = folders
+    entries = P.match_classes(dist, val)
+    x, y = P.load_images(entries[1], 8)
+    train = P.Split.place(x, y, torch.device("cpu"))
+    x, y = P.load_images(entries[2], 8)
+    valset = P.Split.place(x, y, torch.device("cpu"))
+    hp = P.default_hparams(3, False)
+    hp["batch_size"] = 4
+    kw = dict(size=8, epochs=5, hp=hp, seed=1, device=torch.device("cpu"), eval_every=1, progress=False)
+    whole = P.train_net("convnet6", train, valset, 3, **kw)
+    ck = str(tmp_path / "run.pt")
+    monkeypatch.setattr(P, "CHECKPOINT_EVERY_S", 0.0)
+    lr_at = P.lr_at
+
+    def killed_at_epoch_3(epoch, *a):
+        if epoch == 3:
+            raise KeyboardInterrupt
+        return lr_at(epoch, *a)
+
+    monkeypatch.setattr(P, "lr_at", killed_at_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        P.train_net("convnet6", train, valset, 3, checkpoint=ck, checkpoint_key="k", **kw)
+    assert torch.load(ck, weights_only=True)["epoch"] == 3
+    started = []
+    monkeypatch.setattr(P, "lr_at", lambda epoch, *a: started.append(epoch) or lr_at(epoch, *a))
+    res = P.train_net("convnet6", train, valset, 3, checkpoint=ck, checkpoint_key="k", **kw)
+    assert started == [3, 4] and not os.path.exists(ck)
+    for key in ("best", "best_epoch", "final", "history", "train_acc"):
+        assert res[key] == whole[key], key
+    # another run's checkpoint is not taken: the run starts at epoch 0
+    monkeypatch.setattr(P, "lr_at", killed_at_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        P.train_net("convnet6", train, valset, 3, checkpoint=ck, checkpoint_key="k", **kw)
+    started.clear()
+    monkeypatch.setattr(P, "lr_at", lambda epoch, *a: started.append(epoch) or lr_at(epoch, *a))
+    P.train_net("convnet6", train, valset, 3, checkpoint=ck, checkpoint_key="other", **kw)
+    assert started == [0, 1, 2, 3, 4]

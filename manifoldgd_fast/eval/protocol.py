@@ -38,7 +38,7 @@ from .. import __version__
 from ..config import check_out_file, fields_digest
 from ..errors import ConfigError, DataError
 from ..data import RESAMPLERS, read_image_uint8
-from ..output import RESERVED_DIRS, atomic_write_text
+from ..output import RESERVED_DIRS, atomic_write_bytes, atomic_write_text
 from .augment import TrainAugment, cutmix, normalize, to_unit
 from .nets import NET_NAMES, build_net, count_parameters, load_net, parse_nets
 from .report import eval_json_path, summarize, write_eval_outputs
@@ -284,10 +284,39 @@ def lr_at(epoch: int, epochs: int, base: float, schedule: str) -> float:
     return base * 0.2 ** sum(epoch >= m for m in (2 * epochs // 3, 5 * epochs // 6))
 
 
+CHECKPOINT_EVERY_S = 300.0   # a long run saves its state at an epoch's end at most this often
+
+
+def _write_checkpoint(path: str, state: dict) -> None:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _read_checkpoint(path: str | None, key: str, device: torch.device) -> dict | None:
+    """A run's saved state, or None (no file, another run's, unreadable: the run starts over, said so)."""
+    if path is None or not os.path.isfile(path):
+        return None
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # a torn or foreign file: the run starts from epoch 0
+        log.warning("%s: unreadable (%s: %s); the run starts over", path, type(e).__name__, str(e)[:100])
+        return None
+    if not isinstance(state, dict) or state.get("key") != key:
+        log.warning("%s was saved by another run's settings; the run starts over", path)
+        return None
+    for name in ("gen", "gen_cpu"):
+        state[name] = state[name].cpu()      # generator states are CPU byte tensors
+    return state
+
+
 def train_net(net: str, train: Split, val: Split, num_classes: int, *, size: int, epochs: int, hp: dict,
               seed: int, device: torch.device, teacher: torch.nn.Module | None = None, temperature: float = 1.0,
               eval_every: int | None = None, augment: TrainAugment | None = None, val_batch_size: int = 500,
-              progress: bool = True, desc: str = "", return_model: bool = False, precision: str = "bf16") -> dict:
+              progress: bool = True, desc: str = "", return_model: bool = False, precision: str = "bf16",
+              checkpoint: str | None = None, checkpoint_key: str = "") -> dict:
     """Train one ``net`` from scratch on ``train`` and test it on ``val`` every ``eval_every`` epochs.
 
     hp: optimizer ('sgd' / 'adamw'), lr, weight_decay, batch_size, schedule (see default_hparams).
@@ -295,6 +324,10 @@ def train_net(net: str, train: Split, val: Split, num_classes: int, *, size: int
     (see :func:`numerics` for the cuDNN settings that go with each).
     teacher: soft-label protocol -- the student matches the teacher's softmax on each
     augmented view (KL, temperature ``temperature``); None -> cross-entropy with CutMix labels.
+    checkpoint: a file where the run's state (net, optimizer, generators, history) is saved at an epoch's
+    end at most every CHECKPOINT_EVERY_S seconds; a run started with the same file and
+    ``checkpoint_key`` continues from it, with the same results as an uninterrupted run (bit for bit
+    where the run is deterministic). The file is removed once the run ends.
     Returns {best, best_epoch, final, history [[epoch, top-1], ...], train_acc, params, time_s}
     (+ ``model``, the trained net, with ``return_model``).
     """
@@ -314,9 +347,22 @@ def train_net(net: str, train: Split, val: Split, num_classes: int, *, size: int
     n, bs = len(train), hp["batch_size"]
     best, best_epoch, final, train_acc, history = -1.0, 0, 0.0, 0.0, []
     correct = torch.zeros((), dtype=torch.long, device=device)
-    seen = 0
-    bar = tqdm(total=epochs, desc=desc or f"{net} seed {seed}", unit="ep", disable=not progress, leave=False)
-    for epoch in range(epochs):
+    seen = start = 0
+    state = _read_checkpoint(checkpoint, checkpoint_key, device)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        gen_cpu.set_state(state["gen_cpu"])
+        correct.fill_(int(state["correct"]))
+        start, seen, best, best_epoch = int(state["epoch"]), int(state["seen"]), state["best"], state["best_epoch"]
+        final, train_acc, history = state["final"], state["train_acc"], [list(h) for h in state["history"]]
+        t0 -= float(state["time_s"])
+        log.info("%s: continues from epoch %d of %d (%s)", desc or f"{net} seed {seed}", start, epochs, checkpoint)
+    saved_at = time.perf_counter()
+    bar = tqdm(total=epochs, initial=start, desc=desc or f"{net} seed {seed}", unit="ep", disable=not progress,
+               leave=False)
+    for epoch in range(start, epochs):
         for g in opt.param_groups:
             g["lr"] = lr_at(epoch, epochs, hp["lr"], hp["schedule"])
         model.train()
@@ -352,7 +398,17 @@ def train_net(net: str, train: Split, val: Split, num_classes: int, *, size: int
             correct.zero_()
             seen = 0
             bar.set_postfix(train=f"{train_acc:.1f}", val=f"{final:.1f}", best=f"{best:.1f}")
+        if checkpoint is not None and epoch + 1 < epochs and time.perf_counter() - saved_at >= CHECKPOINT_EVERY_S:
+            _write_checkpoint(checkpoint, {
+                "key": checkpoint_key, "epoch": epoch + 1, "model": model.state_dict(), "opt": opt.state_dict(),
+                "gen": gen.get_state(), "gen_cpu": gen_cpu.get_state(), "correct": int(correct), "seen": seen,
+                "best": best, "best_epoch": best_epoch, "final": final, "train_acc": train_acc, "history": history,
+                "time_s": time.perf_counter() - t0})
+            saved_at = time.perf_counter()
     bar.close()
+    if checkpoint is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(checkpoint)
     extra = {"model": model.eval()} if return_model else {}
     return {**extra, "seed": seed, "best": best, "best_epoch": best_epoch, "final": final, "train_acc": train_acc,
             "history": history, "params": count_parameters(model), "time_s": round(time.perf_counter() - t0, 3)}
@@ -569,7 +625,9 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
                     r = train_net(net, train, valset, num_classes, size=size, epochs=epochs, hp=hp, seed=s,
                                   device=dev, teacher=teacher_mod, temperature=temperature, eval_every=eval_every,
                                   augment=augment, val_batch_size=val_batch_size, progress=progress,
-                                  desc=f"{net} seed {s}{tag}", precision=precision)
+                                  desc=f"{net} seed {s}{tag}", precision=precision,
+                                  checkpoint=None if fingerprint is None else f"{partial}.{i}.{net}.{s}.pt",
+                                  checkpoint_key=fingerprint or "")
                     r["distilled"] = os.path.abspath(folder)
                     runs.append(r)
                     if fingerprint is not None:   # a killed evaluation keeps what it finished
