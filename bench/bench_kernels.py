@@ -121,9 +121,12 @@ def copy_bandwidth_gbs() -> float:
 
 
 def _gather_k(x, patch, k):
-    """The k patch rows nearest to each x (B, k, D), centred: what the SVD and the naive path start from."""
-    d2 = torch.cdist(x.unsqueeze(1), patch).squeeze(1)                    # (B, M)
-    idx = d2.topk(k, dim=1, largest=False).indices
+    """The k patch rows nearest to each x (B, k, D), centred (the kNN of ops.knn_rows_ref): what the SVD and
+    the naive path start from."""
+    from manifoldgd_fast import ops
+
+    lengths = torch.full((x.shape[0],), patch.shape[1], device=x.device)
+    idx, _ = ops.knn_rows_ref(x, patch, k, lengths)
     X = torch.gather(patch, 1, idx.unsqueeze(-1).expand(-1, -1, patch.shape[-1]))
     return X - X.mean(1, keepdim=True)
 

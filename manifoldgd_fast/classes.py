@@ -36,14 +36,25 @@ IMAGENET_OLD_NAMES: dict[str, tuple[int, ...]] = {"crane": (134, 517), "Cardigan
 # --------------------------------------------------------------------------- #
 # class lists
 # --------------------------------------------------------------------------- #
-def _read_list_text(text: str) -> list[str]:
-    """One entry a line; blank lines and ``#`` comments (whole or trailing) ignored."""
-    out = []
-    for line in text.splitlines():
+def content_lines(lines, start: int = 1):
+    """(line number, text) of each line that holds something once its ``#`` comment (whole or trailing)
+    and surrounding blanks are dropped; numbered from ``start``."""
+    for n, line in enumerate(lines, start):
         line = line.split("#", 1)[0].strip()
         if line:
-            out.append(line)
-    return out
+            yield n, line
+
+
+def split_pair(line: str) -> list[str]:
+    """``<a> <b>`` split at the first tab, else the first comma, else the first run of spaces; the parts
+    stripped (a well-formed line gives two non-empty ones)."""
+    sep = "\t" if "\t" in line else "," if "," in line else None
+    return [p.strip() for p in line.split(sep, 1)]
+
+
+def _read_list_text(text: str) -> list[str]:
+    """One entry a line; blank lines and ``#`` comments (whole or trailing) ignored."""
+    return [line for _, line in content_lines(text.splitlines())]
 
 
 @functools.lru_cache(maxsize=None)
@@ -251,12 +262,8 @@ def read_label_map(path: str) -> dict[str, int]:
             raise ConfigError(f"{flag}: expected a JSON object {{\"folder\": class id, WordNet id or name}}")
         items = [(f"key {k!r}", k, v) for k, v in obj]
     else:
-        for n, line in enumerate(text.splitlines(), 1):
-            line = line.split("#", 1)[0].strip()
-            if not line:
-                continue
-            sep = "\t" if "\t" in line else "," if "," in line else None
-            parts = [p.strip() for p in line.split(sep, 1)]
+        for n, line in content_lines(text.splitlines()):
+            parts = split_pair(line)
             if len(parts) != 2 or not parts[0] or not parts[1]:
                 raise ConfigError(f"{flag}: line {n}: {line!r} is not '<folder> <class id, WordNet id or name>'")
             items.append((f"line {n}", parts[0], parts[1]))

@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .classes import class_list, imagenet_wnid_index, read_label_map
+from .classes import class_list, content_lines, imagenet_wnid_index, read_label_map, split_pair
 from .config import LABEL_MAPS, check_label_map
 from .errors import ConfigError, DataError
 
@@ -59,6 +59,11 @@ class ClassEntry:
 def _is_image(name: str) -> bool:
     # Hidden files (macOS "._x.jpg" resource forks, editor temp files) are not images.
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTS)
+
+
+def _image_files(folder: str) -> list[str]:
+    """The image file names directly in ``folder``, sorted."""
+    return sorted(e.name for e in os.scandir(folder) if e.is_file() and _is_image(e.name))
 
 
 def _class_folders(root: str) -> list[str]:
@@ -152,7 +157,7 @@ def scan_image_folder(root: str, classes: Sequence[str] | str | None = None,
         except UnicodeEncodeError:  # undecodable bytes in the name: the caches and the manifest could not record it
             raise DataError(f"class folder {name!r} in {root}: its name is not valid UTF-8; rename it") from None
         folder = os.path.join(root, name)
-        files = sorted(e.name for e in os.scandir(folder) if e.is_file() and _is_image(e.name))
+        files = _image_files(folder)
         if not files:
             raise DataError(f"class {name} in {root} has no images ({'/'.join(IMAGE_EXTS)})")
         entries.append(ClassEntry(name=name, label=labels[name],
@@ -179,17 +184,13 @@ def read_image_labels(path: str, flag: str = "--val-labels") -> dict[str, str]:
     kaggle = bool(lines) and lines[0].replace(" ", "").lower().startswith("imageid,predictionstring")
     out: dict[str, str] = {}
     where: dict[str, int] = {}
-    for n, line in enumerate(lines[1:] if kaggle else lines, 2 if kaggle else 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
+    for n, line in content_lines(lines[1:], 2) if kaggle else content_lines(lines):
         if kaggle:
             image, _, pred = line.partition(",")
             words = pred.split()
             parts = [image.strip(), words[0] if words else ""]
         else:
-            sep = "\t" if "\t" in line else "," if "," in line else None
-            parts = [p.strip() for p in line.split(sep, 1)]
+            parts = split_pair(line)
         if len(parts) != 2 or not parts[0] or not parts[1]:
             raise ConfigError(f"{flag} {path}: line {n}: {line!r} is not '<image> <class>'")
         image, cls = parts
@@ -212,7 +213,7 @@ def scan_labelled_folder(root: str, labels_path: str, *, flag: str = "--val-labe
     counts towards the accuracy, so none is dropped silently); labelled images missing from the folder
     are only counted in a warning (a partial copy of the set)."""
     labels = read_image_labels(labels_path, flag)
-    files = sorted(e.name for e in os.scandir(root) if e.is_file() and _is_image(e.name))
+    files = _image_files(root)
     if not files:
         sub = any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(root))
         raise DataError(f"{root}: no images at its top level" + (" (it holds class folders: leave out "

@@ -288,12 +288,10 @@ class StepGuidance:
         import numpy as np
 
         from .config import derive_seed
-        from .schedule import PREDICTION_TYPES, schedule_from_timesteps
+        from .schedule import schedule_from_timesteps
 
         if prediction_type is None:
             prediction_type = getattr(getattr(scheduler, "config", None), "prediction_type", None) or "epsilon"
-        if prediction_type not in PREDICTION_TYPES:
-            raise ConfigError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
         self.prediction_type = prediction_type
 
         if scheduler is not None and formulation == "official" and "DDIM" not in type(scheduler).__name__:

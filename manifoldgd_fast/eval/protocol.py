@@ -38,7 +38,8 @@ from .. import __version__
 from ..config import check_out_file, fields_digest
 from ..errors import ConfigError, DataError
 from ..data import RESAMPLERS, read_image_uint8
-from ..output import RESERVED_DIRS, atomic_write_bytes, atomic_write_text
+from ..output import RESERVED_DIRS, atomic_write_text
+from ..training import save_checkpoint
 from .augment import TrainAugment, cutmix, normalize, to_unit
 from .nets import NET_NAMES, build_net, count_parameters, load_net, parse_nets
 from .report import eval_json_path, summarize, write_eval_outputs
@@ -287,14 +288,6 @@ def lr_at(epoch: int, epochs: int, base: float, schedule: str) -> float:
 CHECKPOINT_EVERY_S = 300.0   # a long run saves its state at an epoch's end at most this often
 
 
-def _write_checkpoint(path: str, state: dict) -> None:
-    import io
-
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def _read_checkpoint(path: str | None, key: str, device: torch.device) -> dict | None:
     """A run's saved state, or None (no file, another run's, unreadable: the run starts over, said so)."""
     if path is None or not os.path.isfile(path):
@@ -399,11 +392,11 @@ def train_net(net: str, train: Split, val: Split, num_classes: int, *, size: int
             seen = 0
             bar.set_postfix(train=f"{train_acc:.1f}", val=f"{final:.1f}", best=f"{best:.1f}")
         if checkpoint is not None and epoch + 1 < epochs and time.perf_counter() - saved_at >= CHECKPOINT_EVERY_S:
-            _write_checkpoint(checkpoint, {
+            save_checkpoint({
                 "key": checkpoint_key, "epoch": epoch + 1, "model": model.state_dict(), "opt": opt.state_dict(),
                 "gen": gen.get_state(), "gen_cpu": gen_cpu.get_state(), "correct": int(correct), "seen": seen,
                 "best": best, "best_epoch": best_epoch, "final": final, "train_acc": train_acc, "history": history,
-                "time_s": time.perf_counter() - t0})
+                "time_s": time.perf_counter() - t0}, checkpoint)
             saved_at = time.perf_counter()
     bar.close()
     if checkpoint is not None:
@@ -467,15 +460,10 @@ def _same_classes(folders: list[str], matched: list) -> None:
 
 # --------------------------------------------------------------------------- resuming a killed evaluation
 def _files_digest(entries: list[ClassEntry]) -> str:
-    """Names, sizes and modification times of the entries' images: their identity, without reading them."""
-    import hashlib
+    """The entries' images by name, size and modification time (latents.file_stamps), without reading them."""
+    from ..latents import file_stamps
 
-    h = hashlib.sha256()
-    for e in entries:
-        for f in e.files:
-            st = os.stat(f)
-            h.update(f"{e.name}/{os.path.basename(f)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
+    return fields_digest({e.name: file_stamps(e) for e in entries})
 
 
 def _file_identity(path) -> str | None:
@@ -586,6 +574,7 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
 
     # Each finished (folder, net, seed) run is kept in JSON.partial until the JSON is written, so a killed
     # evaluation resumes there; its key: everything a run's result depends on (an in-memory teacher has none)
+    augment = TrainAugment(size)
     partial = eval_json_path(folders, out_json) + ".partial"
     teacher_id = _file_identity(teacher) if soft else "none"
     fingerprint = None if teacher_id is None else fields_digest({
@@ -594,7 +583,7 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
         "distilled": {os.path.abspath(f): _files_digest(d) for f, (_, d, _) in zip(folders, matched)},
         "size": size, "val_load": val_load, "resample": resample, "epochs": epochs, "hp": hp,
         "eval_every": eval_every, "teacher": teacher_id, "temperature": temperature if soft else None,
-        "precision": precision, "device": dev.type, "augment": TrainAugment(size).describe()})
+        "precision": precision, "device": dev.type, "augment": augment.describe()})
     finished = _load_finished_runs(partial, fingerprint) if fingerprint is not None else {}
     resumed = 0
 
@@ -603,7 +592,6 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
                        resample=resample)
     valset = Split.place(x, y, dev)
     del x, y
-    augment = TrainAugment(size)
     several = len(folders) > 1
     runs_by_net: dict[str, list] = {net: [] for net in nets}
     params, per_folder = {}, []
