@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os
@@ -38,10 +37,11 @@ from .. import __version__
 from ..config import check_out_file, fields_digest
 from ..errors import ConfigError, DataError
 from ..data import RESAMPLERS, read_image_uint8
-from ..output import RESERVED_DIRS, atomic_write_text
+from ..output import RESERVED_DIRS
 from ..training import save_checkpoint
 from .augment import TrainAugment, cutmix, normalize, to_unit
 from .nets import NET_NAMES, build_net, count_parameters, load_net, parse_nets
+from . import resume
 from .report import eval_json_path, summarize, write_eval_outputs
 
 log = logging.getLogger(__name__)
@@ -285,26 +285,6 @@ def lr_at(epoch: int, epochs: int, base: float, schedule: str) -> float:
     return base * 0.2 ** sum(epoch >= m for m in (2 * epochs // 3, 5 * epochs // 6))
 
 
-CHECKPOINT_EVERY_S = 300.0   # a long run saves its state at an epoch's end at most this often
-
-
-def _read_checkpoint(path: str | None, key: str, device: torch.device) -> dict | None:
-    """A run's saved state, or None (no file, another run's, unreadable: the run starts over, said so)."""
-    if path is None or not os.path.isfile(path):
-        return None
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # a torn or foreign file: the run starts from epoch 0
-        log.warning("%s: unreadable (%s: %s); the run starts over", path, type(e).__name__, str(e)[:100])
-        return None
-    if not isinstance(state, dict) or state.get("key") != key:
-        log.warning("%s was saved by another run's settings; the run starts over", path)
-        return None
-    for name in ("gen", "gen_cpu"):
-        state[name] = state[name].cpu()      # generator states are CPU byte tensors
-    return state
-
-
 def train_net(net: str, train: Split, val: Split, num_classes: int, *, size: int, epochs: int, hp: dict,
               seed: int, device: torch.device, teacher: torch.nn.Module | None = None, temperature: float = 1.0,
               eval_every: int | None = None, augment: TrainAugment | None = None, val_batch_size: int = 500,
@@ -318,7 +298,7 @@ def train_net(net: str, train: Split, val: Split, num_classes: int, *, size: int
     teacher: soft-label protocol -- the student matches the teacher's softmax on each
     augmented view (KL, temperature ``temperature``); None -> cross-entropy with CutMix labels.
     checkpoint: a file where the run's state (net, optimizer, generators, history) is saved at an epoch's
-    end at most every CHECKPOINT_EVERY_S seconds; a run started with the same file and
+    end at most every ``resume.CHECKPOINT_EVERY_S`` seconds; a run started with the same file and
     ``checkpoint_key`` continues from it, with the same results as an uninterrupted run (bit for bit
     where the run is deterministic). The file is removed once the run ends.
     Returns {best, best_epoch, final, history [[epoch, top-1], ...], train_acc, params, time_s}
@@ -341,7 +321,7 @@ def train_net(net: str, train: Split, val: Split, num_classes: int, *, size: int
     best, best_epoch, final, train_acc, history = -1.0, 0, 0.0, 0.0, []
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = start = 0
-    state = _read_checkpoint(checkpoint, checkpoint_key, device)
+    state = resume.read_checkpoint(checkpoint, checkpoint_key, device)
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
@@ -391,7 +371,7 @@ def train_net(net: str, train: Split, val: Split, num_classes: int, *, size: int
             correct.zero_()
             seen = 0
             bar.set_postfix(train=f"{train_acc:.1f}", val=f"{final:.1f}", best=f"{best:.1f}")
-        if checkpoint is not None and epoch + 1 < epochs and time.perf_counter() - saved_at >= CHECKPOINT_EVERY_S:
+        if checkpoint is not None and epoch + 1 < epochs and time.perf_counter() - saved_at >= resume.CHECKPOINT_EVERY_S:
             save_checkpoint({
                 "key": checkpoint_key, "epoch": epoch + 1, "model": model.state_dict(), "opt": opt.state_dict(),
                 "gen": gen.get_state(), "gen_cpu": gen_cpu.get_state(), "correct": int(correct), "seen": seen,
@@ -456,39 +436,6 @@ def _same_classes(folders: list[str], matched: list) -> None:
             parts = [f"{what}: {_names(names)}" for what, names in (("missing", missing), ("extra", extra)) if names]
             raise DataError(f"--distilled {folder}: its classes differ from those of {folders[0]} "
                             f"({'; '.join(parts)}); several distilled folders must hold the same classes")
-
-
-# --------------------------------------------------------------------------- resuming a killed evaluation
-def _files_digest(entries: list[ClassEntry]) -> str:
-    """The entries' images by name, size and modification time (latents.file_stamps), without reading them."""
-    from ..latents import file_stamps
-
-    return fields_digest({e.name: file_stamps(e) for e in entries})
-
-
-def _file_identity(path) -> str | None:
-    if not isinstance(path, (str, os.PathLike)):
-        return None
-    if not os.path.isfile(path):
-        return str(path)          # a keyword such as imagenet-resnet18
-    st = os.stat(path)
-    return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
-
-
-def _load_finished_runs(path: str, fingerprint: str) -> dict:
-    """The runs a killed evaluation with the same settings finished (``path``: written after each run)."""
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as e:
-        log.warning("%s: unreadable (%s); starting over", path, e)
-        return {}
-    if saved.get("fingerprint") != fingerprint:
-        log.warning("%s holds runs made with other settings or images; starting over", path)
-        return {}
-    return dict(saved.get("runs", {}))
 
 
 # --------------------------------------------------------------------------- entry point
@@ -576,15 +523,15 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
     # evaluation resumes there; its key: everything a run's result depends on (an in-memory teacher has none)
     augment = TrainAugment(size)
     partial = eval_json_path(folders, out_json) + ".partial"
-    teacher_id = _file_identity(teacher) if soft else "none"
+    teacher_id = resume.file_identity(teacher) if soft else "none"
     fingerprint = None if teacher_id is None else fields_digest({
-        "version": __version__, "classes": classes, "val": [os.path.abspath(real_val), _file_identity(val_labels),
-                                                            _files_digest(val)],
-        "distilled": {os.path.abspath(f): _files_digest(d) for f, (_, d, _) in zip(folders, matched)},
+        "version": __version__, "classes": classes, "val": [os.path.abspath(real_val), resume.file_identity(val_labels),
+                                                            resume.files_digest(val)],
+        "distilled": {os.path.abspath(f): resume.files_digest(d) for f, (_, d, _) in zip(folders, matched)},
         "size": size, "val_load": val_load, "resample": resample, "epochs": epochs, "hp": hp,
         "eval_every": eval_every, "teacher": teacher_id, "temperature": temperature if soft else None,
         "precision": precision, "device": dev.type, "augment": augment.describe()})
-    finished = _load_finished_runs(partial, fingerprint) if fingerprint is not None else {}
+    finished = resume.load_finished_runs(partial, fingerprint) if fingerprint is not None else {}
     resumed = 0
 
     t0 = time.perf_counter()
@@ -620,8 +567,7 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
                     runs.append(r)
                     if fingerprint is not None:   # a killed evaluation keeps what it finished
                         finished[key] = r
-                        atomic_write_text(partial, json.dumps({"fingerprint": fingerprint, "runs": finished},
-                                                              sort_keys=True, default=str))
+                        resume.save_finished_runs(partial, fingerprint, finished)
                 runs_by_net[net] += runs
                 params[net] = runs[0]["params"]
                 bests, finals = [r["best"] for r in runs], [r["final"] for r in runs]

@@ -1,0 +1,181 @@
+"""Evaluation at ImageNet scale: a flat validation folder with a label file (--val-labels), and resuming a
+killed evaluation (finished runs kept, the run cut short continued from its checkpoint)."""
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_eval_protocol import folders  # noqa: F401  (the fixture)
+
+from manifoldgd_fast.errors import ConfigError, DataError
+from manifoldgd_fast.eval import protocol as P
+from manifoldgd_fast.eval import resume
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
+
+
+# --------------------------------------------------------------------------- flat validation folder + label file
+def _flatten(val, tmp_path, fmt):
+    """The validation images moved into one flat folder (ImageNet's layout as distributed), renamed
+    ILSVRC-style, with a label file in ``fmt``: "kaggle" (LOC_val_solution.csv) or "lines"."""
+    import shutil
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    rows = []
+    for n, (cls, f) in enumerate(sorted((c, f) for c in os.listdir(val) for f in os.listdir(os.path.join(val, c)))):
+        stem, ext = f"val_{n:05d}", os.path.splitext(f)[1]
+        shutil.copy(os.path.join(val, cls, f), flat / (stem + ext))
+        rows.append((stem, ext, cls))
+    labels = tmp_path / ("LOC_val_solution.csv" if fmt == "kaggle" else "labels.txt")
+    if fmt == "kaggle":
+        labels.write_text("ImageId,PredictionString\n"
+                          + "".join(f"{s},{c} 1 2 30 40 {c} 5 6 7 8\n" for s, _, c in reversed(rows)))
+    else:
+        labels.write_text("# image class\n" + "".join(f"{s}{e}\t{c}\n" for s, e, c in rows))
+    return str(flat), str(labels)
+
+
+@pytest.mark.parametrize("fmt", ["kaggle", "lines"])
+def test_flat_validation_folder_with_labels_is_the_class_folder_run(folders, tmp_path, fmt):
+    """--val-labels: a flat folder of the same validation images (renamed) and a label file in either format
+    gives the class-folder run's classes, image counts and accuracies, and the file is recorded."""
+    from manifoldgd_fast.data import scan_image_folder, scan_labelled_folder
+
+    dist, val = folders
+    flat, labels = _flatten(val, tmp_path, fmt)
+    got, want = scan_labelled_folder(flat, labels), scan_image_folder(val, label_map="sorted")
+    assert [(e.name, e.label, len(e.files)) for e in got] == [(e.name, e.label, len(e.files)) for e in want]
+    kw = dict(nets="convnet6", seeds=1, epochs=3, size=8, batch_size=4, device="cpu", progress=False)
+    a = P.evaluate(dist, val, out_json=str(tmp_path / "a.json"), **kw)
+    b = P.evaluate(dist, flat, val_labels=labels, out_json=str(tmp_path / "b.json"), **kw)
+    assert b["classes"] == a["classes"] and b["n_val"] == a["n_val"] == 18
+    assert b["nets"]["convnet6"]["seeds"][0]["history"] == a["nets"]["convnet6"]["seeds"][0]["history"]
+    assert b["val_labels"] == os.path.abspath(labels) and a["val_labels"] is None
+    assert f"labelled by {os.path.abspath(labels)}" in open(tmp_path / "b.md").read()
+
+
+def test_flat_validation_folder_bad_labels_are_one_line(folders, tmp_path, capsys):
+    """Unlabelled images, a malformed or contradictory line, an unreadable file, class folders given as a
+    flat folder: each a one-line error naming the file or the folder, exit 2, before any training."""
+    from manifoldgd_fast.cli import main
+    from manifoldgd_fast.data import read_image_labels, scan_labelled_folder
+
+    dist, val = folders
+    flat, labels = _flatten(val, tmp_path, "lines")
+    text = open(labels).read()
+    bad = tmp_path / "bad.txt"
+    for content, why in [
+        ("".join(ln for ln in text.splitlines(True) if not ln.startswith("val_00003")),
+         "1 of its 18 images have no label"),
+        (text + "val_00099.png\n", "line 20: 'val_00099.png' is not '<image> <class>'"),
+        (text + "val_00000 bee\n", "image 'val_00000' is labelled 'ant' on line 2 and 'bee' here"),
+        ("# nothing\n", "no labels in it"),
+    ]:
+        bad.write_text(content)
+        with pytest.raises((ConfigError, DataError), match=re.escape(why)):
+            scan_labelled_folder(flat, str(bad))
+        rc = main(["eval", "--distilled", dist, "--real-val", flat, "--val-labels", str(bad), "--epochs", "1",
+                   "--device", "cpu"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and why in err[0] and "Traceback" not in err[0], err
+    with pytest.raises(ConfigError, match="cannot read the labels"):
+        read_image_labels(str(tmp_path / "missing.csv"))
+    with pytest.raises(DataError, match="it holds class folders: leave out --val-labels"):
+        scan_labelled_folder(val, labels)
+    assert read_image_labels(labels)["val_00000"] == "ant"
+
+
+# --------------------------------------------------------------------------- a killed evaluation resumes
+def test_killed_evaluation_resumes_its_finished_runs(folders, tmp_path, monkeypatch):
+    """Each finished (net, seed) run is kept in eval.json.partial; a rerun after a kill trains only the
+    runs left and gives the uninterrupted run's results. Other settings or other images start over;
+    the partial file goes once the JSON is written."""
+    dist, val = folders
+    kw = dict(nets="convnet6", seeds=3, epochs=2, size=8, batch_size=4, device="cpu", progress=False)
+    whole = P.evaluate(dist, val, out_json=str(tmp_path / "whole.json"), **kw)
+    out = str(tmp_path / "e.json")
+    calls = []
+    train = P.train_net
+
+    def killed_at_the_third(*a, **k):
+        calls.append(k["seed"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return train(*a, **k)
+
+    monkeypatch.setattr(P, "train_net", killed_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        P.evaluate(dist, val, out_json=out, **kw)
+    assert os.path.isfile(out + ".partial") and not os.path.exists(out)
+    calls.clear()
+    monkeypatch.setattr(P, "train_net", lambda *a, **k: calls.append(k["seed"]) or train(*a, **k))
+    res = P.evaluate(dist, val, out_json=out, **kw)
+    assert calls == [2] and res["resumed_runs"] == 2 and not os.path.exists(out + ".partial")
+    strip = lambda r: [{k: v for k, v in s.items() if k != "time_s"} for s in r["nets"]["convnet6"]["seeds"]]  # noqa
+    assert strip(res) == strip(whole) and res["nets"]["convnet6"]["best_mean"] == whole["nets"]["convnet6"]["best_mean"]
+    # a partial file from other settings (or other images) is not used
+    with pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(P, "train_net", killed_at_the_third)
+        calls.clear()
+        P.evaluate(dist, val, out_json=out, **kw)
+    calls.clear()
+    monkeypatch.setattr(P, "train_net", lambda *a, **k: calls.append(k["seed"]) or train(*a, **k))
+    P.evaluate(dist, val, out_json=out, **dict(kw, epochs=3))
+    assert calls == [0, 1, 2]
+    with pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(P, "train_net", killed_at_the_third)
+        calls.clear()
+        P.evaluate(dist, val, out_json=out, **kw)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(os.path.join(dist, "ant", "img000.png"))
+    calls.clear()
+    monkeypatch.setattr(P, "train_net", lambda *a, **k: calls.append(k["seed"]) or train(*a, **k))
+    P.evaluate(dist, val, out_json=out, **kw)
+    assert calls == [0, 1, 2]
+
+
+def test_killed_run_continues_from_its_last_checkpoint(folders, tmp_path, monkeypatch):
+    """A run killed mid-training continues from its last saved epoch (net, optimizer, generators,
+    history) and ends with the uninterrupted run's results, bit for bit on the CPU; a checkpoint of
+    other settings is not used; the file goes when the run ends."""
+    dist, val = folders
+    entries = P.match_classes(dist, val)
+    x, y = P.load_images(entries[1], 8)
+    train = P.Split.place(x, y, torch.device("cpu"))
+    x, y = P.load_images(entries[2], 8)
+    valset = P.Split.place(x, y, torch.device("cpu"))
+    hp = P.default_hparams(3, False)
+    hp["batch_size"] = 4
+    kw = dict(size=8, epochs=5, hp=hp, seed=1, device=torch.device("cpu"), eval_every=1, progress=False)
+    whole = P.train_net("convnet6", train, valset, 3, **kw)
+    ck = str(tmp_path / "run.pt")
+    monkeypatch.setattr(resume, "CHECKPOINT_EVERY_S", 0.0)
+    lr_at = P.lr_at
+
+    def killed_at_epoch_3(epoch, *a):
+        if epoch == 3:
+            raise KeyboardInterrupt
+        return lr_at(epoch, *a)
+
+    monkeypatch.setattr(P, "lr_at", killed_at_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        P.train_net("convnet6", train, valset, 3, checkpoint=ck, checkpoint_key="k", **kw)
+    assert torch.load(ck, weights_only=True)["epoch"] == 3
+    started = []
+    monkeypatch.setattr(P, "lr_at", lambda epoch, *a: started.append(epoch) or lr_at(epoch, *a))
+    res = P.train_net("convnet6", train, valset, 3, checkpoint=ck, checkpoint_key="k", **kw)
+    assert started == [3, 4] and not os.path.exists(ck)
+    for key in ("best", "best_epoch", "final", "history", "train_acc"):
+        assert res[key] == whole[key], key
+    # another run's checkpoint is not taken: the run starts at epoch 0
+    monkeypatch.setattr(P, "lr_at", killed_at_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        P.train_net("convnet6", train, valset, 3, checkpoint=ck, checkpoint_key="k", **kw)
+    started.clear()
+    monkeypatch.setattr(P, "lr_at", lambda epoch, *a: started.append(epoch) or lr_at(epoch, *a))
+    P.train_net("convnet6", train, valset, 3, checkpoint=ck, checkpoint_key="other", **kw)
+    assert started == [0, 1, 2, 3, 4]
