@@ -228,9 +228,31 @@ def is_sd_folder(root: str) -> bool:
 
 
 def _check_layout(root: str, arg: str, flag: str) -> None:
+    """The SD 1.x / 2.x layout, and a UNet conditioned on the text states alone, before any weights load.
+
+    Refused, naming the folder: SDXL (``text_encoder_2/``, or a UNet with ``addition_embed_type``: pooled
+    text and size / crop conditioning the adapter does not give) and UNets with a class or noise-level
+    embedding (``class_embed_type`` / ``num_class_embeds``: the x4 upscaler, unCLIP). A damaged
+    unet/config.json is left to the loaders, which name it."""
     for sub in SUBFOLDERS:
         if not os.path.isdir(os.path.join(root, sub)):
             raise ModelError(f"{flag} {arg}: Stable Diffusion folder {root} has no {sub}/ ({LAYOUT})")
+    try:
+        with open(os.path.join(root, "unet", "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        cfg = None
+    cfg = cfg if isinstance(cfg, dict) else {}
+    if os.path.isdir(os.path.join(root, "text_encoder_2")) or cfg.get("addition_embed_type") is not None:
+        why = (f"its UNet has addition_embed_type {cfg['addition_embed_type']!r}"
+               if cfg.get("addition_embed_type") is not None else "it has a second text encoder (text_encoder_2/)")
+        raise ModelError(f"{flag} {arg}: {root} is an SDXL-style model ({why}: pooled text and size / crop "
+                         "conditioning), which the SD backbone does not give; it runs SD 1.x and 2.x")
+    for key in ("class_embed_type", "num_class_embeds"):
+        if cfg.get(key) is not None:
+            raise ModelError(f"{flag} {arg}: {root}: its UNet sets {key} {cfg[key]!r} (a class or noise-level "
+                             "input, e.g. the x4 upscaler or unCLIP); the SD backbone needs a text-to-image UNet "
+                             "conditioned on the prompt alone")
 
 
 def read_scheduler_config(root: str, arg: str, flag: str = "--model") -> dict[str, Any]:

@@ -40,6 +40,99 @@ def _flatten(val, tmp_path, fmt):
     return str(flat), str(labels)
 
 
+def _devkit(tmp_path, rows, ids, layout):
+    """An ILSVRC-2012 devkit labelling ``rows`` (stem, ext, class) in order: meta.mat's synsets give each
+    class the ILSVRC2012_ID in ``ids`` (not the sorted order) beside a non-leaf synset; the ground truth
+    has one ID a line. ``layout``: "folder" (ILSVRC2012_devkit_t12/), "data" (its data/ folder),
+    "truth" (the ground-truth file) or "archive" (the .tar.gz as downloaded)."""
+    import tarfile
+
+    from scipy.io import savemat
+
+    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
+              "num_train_images"]
+    synsets = np.empty((len(ids) + 1, 1), dtype=[(f, "O") for f in fields])
+    for i, (cls, n) in enumerate([*ids.items(), ("n00001740", len(ids) + 1)]):
+        leaf = cls != "n00001740"
+        synsets[i, 0] = (n, cls, cls, "a gloss", 0 if leaf else len(ids), np.zeros((1, 0)) if leaf
+                         else np.arange(1, len(ids) + 1), 0 if leaf else 5, 1300 if leaf else 0)
+    data = tmp_path / "ILSVRC2012_devkit_t12" / "data"
+    data.mkdir(parents=True)
+    savemat(str(data / "meta.mat"), {"synsets": synsets})
+    (data / "ILSVRC2012_validation_ground_truth.txt").write_text("".join(f"{ids[c]}\n" for _, _, c in rows))
+    if layout == "archive":
+        with tarfile.open(tmp_path / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as tar:
+            tar.add(data.parent, arcname="ILSVRC2012_devkit_t12")
+        return str(tmp_path / "ILSVRC2012_devkit_t12.tar.gz")
+    return str({"folder": data.parent, "data": data,
+                "truth": data / "ILSVRC2012_validation_ground_truth.txt"}[layout])
+
+
+def test_ilsvrc_devkit_labels_the_flat_validation_folder(folders, tmp_path):
+    """--val-labels with the ILSVRC-2012 devkit (folder, data/ folder, ground-truth file, .tar.gz): the images
+    ILSVRC2012_val_<n> get the WordNet id meta.mat gives line n's class number, whatever the number order;
+    the scan equals the class-folder scan."""
+    import shutil
+
+    from manifoldgd_fast.data import read_image_labels, scan_image_folder, scan_labelled_folder
+
+    _, val = folders
+    want = scan_image_folder(val, label_map="sorted")
+    flat = tmp_path / "ILSVRC2012_img_val"
+    flat.mkdir()
+    rows = []
+    for n, (cls, f) in enumerate(sorted((e.name, f) for e in want for f in e.files), 1):
+        shutil.copy(f, flat / f"ILSVRC2012_val_{n:08d}.JPEG")
+        rows.append((f"ILSVRC2012_val_{n:08d}", ".JPEG", cls))
+    classes = [e.name for e in want]
+    ids = {c: len(classes) - i for i, c in enumerate(classes)}  # reversed: the IDs are not the sorted order
+    for layout in ["folder", "data", "truth", "archive"]:
+        sub = tmp_path / layout
+        sub.mkdir()
+        path = _devkit(sub, rows, ids, layout)
+        assert read_image_labels(path) == {s: c for s, _, c in rows}, layout
+        got = scan_labelled_folder(str(flat), path)
+        assert [(e.name, e.label, len(e.files)) for e in got] == [(e.name, e.label, len(e.files)) for e in want]
+
+
+def test_ilsvrc_devkit_errors_are_one_line(folders, tmp_path, capsys):
+    """A devkit without meta.mat, a ground-truth line that is no class number, a corrupt meta.mat, a bare
+    ground-truth file without meta.mat beside it, a broken archive: one line naming the path, exit 2."""
+    from manifoldgd_fast.cli import main
+    from manifoldgd_fast.data import read_image_labels
+
+    dist, val = folders
+    kit = _devkit(tmp_path, [("ILSVRC2012_val_00000001", ".JPEG", "ant")], {"ant": 1, "bee": 2}, "folder")
+    data = os.path.join(kit, "data")
+    truth = os.path.join(data, "ILSVRC2012_validation_ground_truth.txt")
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "ILSVRC2012_validation_ground_truth.txt").write_text("1\n")
+    (tmp_path / "broken.tar.gz").write_bytes(b"not a tar")
+    cases = [(str(lone / "ILSVRC2012_validation_ground_truth.txt"), "nor meta.mat beside it"),
+             (str(tmp_path / "broken.tar.gz"), "cannot read the archive"),
+             (str(tmp_path), "not an ILSVRC-2012 devkit")]
+    for path, why in cases:
+        with pytest.raises(ConfigError, match=re.escape(why)):
+            read_image_labels(path)
+    open(truth, "w").write("1\n\n7\n")
+    with pytest.raises(ConfigError, match=re.escape("ground_truth.txt line 3: '7' is not a class number of "
+                                                    "meta.mat (1 to 2)")):
+        read_image_labels(kit)
+    open(os.path.join(data, "meta.mat"), "wb").write(b"MATLAB 5.0 garbage")
+    cases.append((kit, "meta.mat is not the devkit's class table"))
+    for path, why in cases:
+        rc = main(["eval", "--distilled", dist, "--real-val", val, "--val-labels", path, "--epochs", "1",
+                   "--device", "cpu"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and why in err[0] and path in err[0], err
+    # the devkit's bare ground truth given as a '<image> <class>' file says what it is
+    plain = tmp_path / "gt.txt"
+    plain.write_text("1\n2\n")
+    with pytest.raises(ConfigError, match="ILSVRC-2012 devkit ground truth"):
+        read_image_labels(str(plain))
+
+
 @pytest.mark.parametrize("fmt", ["kaggle", "lines"])
 def test_flat_validation_folder_with_labels_is_the_class_folder_run(folders, tmp_path, fmt):
     """--val-labels: a flat folder of the same validation images (renamed) and a label file in either format

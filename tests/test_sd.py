@@ -3,6 +3,7 @@ folder loading and its one-line errors, and guidance at SD's latent size. Sampli
 own schedulers is in test_sd_scheduler.py."""
 import json
 import os
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -475,6 +476,35 @@ def test_vae_that_does_not_fit_the_unet_is_one_line(sd_world, tmp_path, capsys, 
     rc = main(sd_args({**sd_world, "model": shifted}, tmp_path / "out2"))
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and shifted in err[0] and "shift_factor 0.0609" in err[0]
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"addition_embed_type": "text_time"}, "SDXL-style model (its UNet has addition_embed_type 'text_time'"),
+    ("text_encoder_2", "SDXL-style model (it has a second text encoder (text_encoder_2/)"),
+    ({"class_embed_type": "timestep"}, "its UNet sets class_embed_type 'timestep'"),
+    ({"num_class_embeds": 1000}, "its UNet sets num_class_embeds 1000"),
+], ids=["sdxl-unet", "sdxl-folder", "upscaler", "class-embeds"])
+def test_unets_not_text_to_image_are_refused_before_loading(sd_world, tmp_path, capsys, monkeypatch, change, why):
+    """SDXL (a second text encoder, or a UNet asking for pooled text and size / crop ids) and UNets with
+    a class or noise-level input: refused from the configs, one line naming the folder, before any weights
+    load (the UNet would fail mid-sampling for want of added_cond_kwargs or class_labels)."""
+    folder = sd_variant(sd_world, tmp_path)
+    if change == "text_encoder_2":
+        shutil.copytree(os.path.join(folder, "text_encoder"), os.path.join(folder, "text_encoder_2"))
+    else:
+        path = os.path.join(folder, "unet", "config.json")
+        with open(path) as f:
+            cfg = json.load(f)
+        with open(path, "w") as f:
+            json.dump({**cfg, **change}, f)
+    with pytest.raises(ModelError, match=re.escape(why)):
+        SD.sd_info(folder, 3)
+    monkeypatch.setattr(SD, "_load_from_folder", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(ModelError, match=re.escape(why)):
+        SD.load_sd(folder)
+    rc = main(sd_args({**sd_world, "model": folder}, tmp_path / "out"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and why in err[0] and folder in err[0], err
 
 
 def test_loading_draws_no_transformers_bars(sd_world, capsys):

@@ -44,7 +44,8 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "test split when OUT is the embedded demo's output)")
     g.add_argument("--val-labels", default=None, metavar="FILE",
                    help="VAL is a flat folder of images (ImageNet's validation set as distributed) and FILE names "
-                        "each one's class: Kaggle's LOC_val_solution.csv, or '<image> <class>' lines")
+                        "each one's class: Kaggle's LOC_val_solution.csv, the ILSVRC-2012 devkit (its folder or "
+                        "ILSVRC2012_devkit_t12.tar.gz), or '<image> <class>' lines")
     g.add_argument("--restrict-val", action="store_true",
                    help="use only the validation classes the distilled folder has (a subset's OUT against all of "
                         "ImageNet's val); every distilled class must still be there")
