@@ -74,7 +74,8 @@ def test_ilsvrc_devkit_labels_the_flat_validation_folder(folders, tmp_path):
     the scan equals the class-folder scan."""
     import shutil
 
-    from manifoldgd_fast.data import read_image_labels, scan_image_folder, scan_labelled_folder
+    from manifoldgd_fast.data import scan_image_folder
+    from manifoldgd_fast.image_labels import read_image_labels, scan_labelled_folder
 
     _, val = folders
     want = scan_image_folder(val, label_map="sorted")
@@ -99,7 +100,7 @@ def test_ilsvrc_devkit_errors_are_one_line(folders, tmp_path, capsys):
     """A devkit without meta.mat, a ground-truth line that is no class number, a corrupt meta.mat, a bare
     ground-truth file without meta.mat beside it, a broken archive: one line naming the path, exit 2."""
     from manifoldgd_fast.cli import main
-    from manifoldgd_fast.data import read_image_labels
+    from manifoldgd_fast.image_labels import read_image_labels
 
     dist, val = folders
     kit = _devkit(tmp_path, [("ILSVRC2012_val_00000001", ".JPEG", "ant")], {"ant": 1, "bee": 2}, "folder")
@@ -137,7 +138,8 @@ def test_ilsvrc_devkit_errors_are_one_line(folders, tmp_path, capsys):
 def test_flat_validation_folder_with_labels_is_the_class_folder_run(folders, tmp_path, fmt):
     """--val-labels: a flat folder of the same validation images (renamed) and a label file in either format
     gives the class-folder run's classes, image counts and accuracies, and the file is recorded."""
-    from manifoldgd_fast.data import scan_image_folder, scan_labelled_folder
+    from manifoldgd_fast.data import scan_image_folder
+    from manifoldgd_fast.image_labels import scan_labelled_folder
 
     dist, val = folders
     flat, labels = _flatten(val, tmp_path, fmt)
@@ -156,7 +158,7 @@ def test_flat_validation_folder_bad_labels_are_one_line(folders, tmp_path, capsy
     """Unlabelled images, a malformed or contradictory line, an unreadable file, class folders given as a
     flat folder: each a one-line error naming the file or the folder, exit 2, before any training."""
     from manifoldgd_fast.cli import main
-    from manifoldgd_fast.data import read_image_labels, scan_labelled_folder
+    from manifoldgd_fast.image_labels import read_image_labels, scan_labelled_folder
 
     dist, val = folders
     flat, labels = _flatten(val, tmp_path, "lines")

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data import IMAGE_EXTS, ClassEntry, iter_class_images, scan_image_folder, scan_labelled_folder
+from ..data import IMAGE_EXTS, ClassEntry, iter_class_images, scan_image_folder
+from ..image_labels import scan_labelled_folder
 from ..devices import resolve_device
 from .. import __version__
 from ..config import check_out_file, fields_digest
@@ -107,7 +108,7 @@ def match_classes(distilled: str, reference: str, *, exact: bool = True, what: s
 
     exact: the class sets must be equal (else only distilled ⊆ reference; the
     reference is then restricted to the distilled classes). labels: the reference is a
-    flat folder of images and this file names each one's class (data.scan_labelled_folder).
+    flat folder of images and this file names each one's class (image_labels.scan_labelled_folder).
     Returns (class names, distilled entries, reference entries), entries' ``label``
     rewritten to the shared index. Raises DataError naming missing / extra classes.
     """
@@ -453,7 +454,8 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
     release's std is over 3 distilled sets, each trained once); real_val:
     VAL/<class>/<image> with the same class names (labels: sorted class names), or with
     ``val_labels`` a flat VAL/<image> folder and the file naming each image's class
-    (ImageNet's ``LOC_val_solution.csv``, or '<image> <class>' lines; data.read_image_labels).
+    (ImageNet's ``LOC_val_solution.csv``, the ILSVRC-2012 devkit, or '<image> <class>' lines;
+    image_labels.read_image_labels).
     nets: names or a comma-separated string; None = all three (NET_NAMES).
     seeds: a count (seeds 0..n-1) or a list of distinct seeds. epochs / batch_size / lr:
     None = SPEC 7's defaults for the (largest) IPC and class count. size: None = 224 for
