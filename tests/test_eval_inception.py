@@ -176,7 +176,7 @@ def test_the_papers_encoders_compute_features_in_fp32(tmp_path, monkeypatch):
 
     entries = scan_image_folder(make_image_folder(tmp_path / "real", ["ant"], 1, size=8), label_map="sorted")
     used = []
-    monkeypatch.setattr(M, "_amp", lambda device: used.append(device) or torch.autocast("cpu", enabled=False))
+    monkeypatch.setattr(M, "amp", lambda device: used.append(device) or torch.autocast("cpu", enabled=False))
     subset = N.load_net(tv_resnet18_state_dict(1000, 0), num_classes=1, class_names=["n01440764"])
     for enc, fp32 in ((FIDInceptionV3(), True), (N.load_net(tv_resnet18_state_dict(10, 0)), True),
                       (subset, True), (N.build_net("convnet6", 2, 8), False)):

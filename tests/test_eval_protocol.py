@@ -15,6 +15,7 @@ from manifoldgd_fast.errors import ConfigError, DataError
 from manifoldgd_fast.eval import augment as A
 from manifoldgd_fast.eval import cli_eval
 from manifoldgd_fast.eval import protocol as P
+from manifoldgd_fast.eval import precision as EP
 
 CLASSES = ["ant", "bee", "cat"]
 
@@ -528,18 +529,18 @@ def test_precision_settings_and_restore(folders):
     before = (cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
               os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
     cuda = torch.device("cuda")  # only flags are set: no GPU needed
-    with P.numerics(cuda, "fp32"):
+    with EP.numerics(cuda, "fp32"):
         assert not cudnn.benchmark and cudnn.deterministic and torch.are_deterministic_algorithms_enabled()
         assert torch.is_deterministic_algorithms_warn_only_enabled()
         assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") in (before[3] or ":4096:8",)
-    with P.numerics(cuda, "bf16"):
+    with EP.numerics(cuda, "bf16"):
         assert cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
     assert (cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
             os.environ.get("CUBLAS_WORKSPACE_CONFIG")) == before
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "CUDA is not available ... Disabling autocast" on a CPU machine
-        assert isinstance(P._amp(cuda, "bf16"), torch.autocast)
-    assert not isinstance(P._amp(cuda, "fp32"), torch.autocast)
+        assert isinstance(EP.amp(cuda, "bf16"), torch.autocast)
+    assert not isinstance(EP.amp(cuda, "fp32"), torch.autocast)
     dist, val = folders
     with pytest.raises(ConfigError, match="--precision fp16: must be one of bf16, fp32"):
         P.evaluate(dist, val, precision="fp16", device="cpu", progress=False)
@@ -557,7 +558,7 @@ def test_fp32_on_cuda_gives_the_same_run_twice():
     hp = dict(P.default_hparams(4), batch_size=8)
 
     def run():
-        with P.numerics(dev, "fp32"):
+        with EP.numerics(dev, "fp32"):
             r = P.train_net("resnetap10", split, split, 4, size=16, epochs=2, hp=hp, seed=0, device=dev,
                             progress=False, return_model=True, precision="fp32")
         return torch.cat([p.detach().flatten().cpu() for p in r["model"].parameters()])

@@ -58,8 +58,8 @@ from ..output import atomic_write_bytes, atomic_write_text
 from .augment import normalize, to_unit
 from .nets import NAMED, load_net, net_checkpoint
 from ..devices import resolve_device
-from .protocol import (Split, _amp, _cl, _prepare, default_size, load_images, match_classes, native_size,
-                       train_net)
+from .precision import amp, net_layout, prepare_net
+from .protocol import Split, default_size, load_images, match_classes, native_size, train_net
 from .report import append_manifest
 
 log = logging.getLogger(__name__)
@@ -357,10 +357,10 @@ def extract_features(encoder: torch.nn.Module, entries, size: int, device: torch
         raise ConfigError(f"--fid-resize {resize}: must be one of {', '.join(RESIZES)}")
     squash = resize == "squash"
     fp32 = bool(getattr(encoder, "fp32_features", False))
-    amp = contextlib.nullcontext if fp32 else functools.partial(_amp, device)
+    maybe_amp = contextlib.nullcontext if fp32 else functools.partial(amp, device)
     precision = "fp32" if fp32 or device.type != "cuda" else "bf16-autocast"
     cache = FeatureCache(cache_dir, encoder, size, precision, device, resize) if cache_dir else None
-    encoder = _prepare(encoder, device).eval()
+    encoder = prepare_net(encoder, device).eval()
     uint8_fwd = getattr(encoder, "forward_features_uint8", None) if squash else None
     stats = {} if stats is None else stats
     stats.update(cached=0, computed=0)
@@ -376,11 +376,11 @@ def extract_features(encoder: torch.nn.Module, entries, size: int, device: torch
                 images = iter_class_images(sub, size, batch_size, read=load_squashed if squash else read_image_uint8)
                 for batch, _ in images:
                     u = batch.to(device)  # (b, 3, size, size) uint8
-                    with amp():
+                    with maybe_amp():
                         if callable(uint8_fwd):
                             parts.append(uint8_fwd(u).flatten(1).float())
                         else:
-                            parts.append(_encode(encoder, _cl(normalize(to_unit(u)))))
+                            parts.append(_encode(encoder, net_layout(normalize(to_unit(u)))))
                     bar.update(len(batch))
                 if not parts:
                     continue

@@ -31,25 +31,24 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data import IMAGE_EXTS, ClassEntry, iter_class_images, scan_image_folder
-from ..image_labels import scan_labelled_folder
-from ..devices import resolve_device
 from .. import __version__
 from ..config import check_out_file, fields_digest
+from ..data import IMAGE_EXTS, RESAMPLERS, ClassEntry, iter_class_images, read_image_uint8, scan_image_folder
+from ..devices import resolve_device
 from ..errors import ConfigError, DataError
-from ..data import RESAMPLERS, read_image_uint8
+from ..image_labels import scan_labelled_folder
 from ..output import RESERVED_DIRS
 from ..training import save_checkpoint
+from . import resume
 from .augment import TrainAugment, cutmix, normalize, to_unit
 from .nets import NET_NAMES, build_net, count_parameters, load_net, parse_nets
-from . import resume
+from .precision import amp, check_precision, describe_precision, net_layout, numerics, prepare_net
 from .report import eval_json_path, summarize, write_eval_outputs
 
 log = logging.getLogger(__name__)
 
 MAX_DEVICE_IMAGES = 50_000
 VAL_RESIZE = 256 / 224           # resize 256 / centre crop 224, at any size
-PRECISIONS = ("bf16", "fp32")
 
 
 # --------------------------------------------------------------------------- settings
@@ -204,66 +203,6 @@ class Split:
 
 
 # --------------------------------------------------------------------------- training
-def _amp(device: torch.device, precision: str = "bf16"):
-    if device.type == "cuda" and precision == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _prepare(model: torch.nn.Module, device: torch.device, precision: str = "bf16") -> torch.nn.Module:
-    model = model.to(device)
-    # channels_last only with bf16: fp32 runs the release's NCHW layout
-    return model.to(memory_format=torch.channels_last) if device.type == "cuda" and precision == "bf16" else model
-
-
-def _cl(x: torch.Tensor, precision: str = "bf16") -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda and precision == "bf16" else x
-
-
-def check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise ConfigError(f"--precision {precision}: must be one of {', '.join(PRECISIONS)}")
-    return precision
-
-
-@contextlib.contextmanager
-def numerics(device: torch.device, precision: str):
-    """cuDNN / determinism settings of a run, restored afterwards.
-
-    bf16 (CUDA): cudnn.benchmark on (fastest kernels, which may differ from run to
-    run). fp32: benchmark off, cudnn.deterministic and torch's deterministic
-    algorithms (warn-only: an op without a deterministic kernel warns instead of
-    failing), cuBLAS's fixed workspace unless $CUBLAS_WORKSPACE_CONFIG is set.
-    """
-    cudnn = torch.backends.cudnn
-    old = (cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
-           torch.is_deterministic_algorithms_warn_only_enabled())
-    set_env = False
-    try:
-        if device.type == "cuda" and precision == "bf16":
-            cudnn.benchmark = True
-        elif device.type == "cuda":
-            cudnn.benchmark, cudnn.deterministic = False, True
-            if "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
-                os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # read when cuBLAS makes a handle
-                set_env = True
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        yield
-    finally:
-        cudnn.benchmark, cudnn.deterministic = old[0], old[1]
-        torch.use_deterministic_algorithms(old[2], warn_only=old[3])
-        if set_env:
-            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
-
-
-def describe_precision(device: torch.device, precision: str) -> str:
-    if device.type != "cuda":
-        return "fp32"
-    if precision == "bf16":
-        return "bf16 autocast, channels_last, cudnn.benchmark"
-    return "fp32, cudnn.benchmark off, deterministic algorithms (warn-only)"
-
-
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, split: Split, device: torch.device, batch_size: int = 500,
              precision: str = "bf16") -> float:
@@ -271,8 +210,8 @@ def accuracy(model: torch.nn.Module, split: Split, device: torch.device, batch_s
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=device)
     for k in range(0, len(split), batch_size):
-        xb = _cl(normalize(to_unit(split.images(slice(k, k + batch_size), device))), precision)
-        with _amp(device, precision):
+        xb = net_layout(normalize(to_unit(split.images(slice(k, k + batch_size), device))), precision)
+        with amp(device, precision):
             out = model(xb)
         correct += (out.argmax(1) == split.y[k:k + batch_size]).sum()
     return 100.0 * correct.item() / len(split)
@@ -308,7 +247,7 @@ def train_net(net: str, train: Split, val: Split, num_classes: int, *, size: int
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = _prepare(build_net(net, num_classes, size), device, precision)
+        model = prepare_net(build_net(net, num_classes, size), device, precision)
     augment = augment or TrainAugment(size)
     params = list(model.parameters())
     if hp["optimizer"] == "adamw":
@@ -346,8 +285,8 @@ def train_net(net: str, train: Split, val: Split, num_classes: int, *, size: int
             yb = train.y[idx]
             with torch.no_grad():
                 xb, partner, ratio = cutmix(augment(train.images(idx, device), gen), gen_cpu)
-                xb = _cl(xb, precision)
-            with _amp(device, precision):
+                xb = net_layout(xb, precision)
+            with amp(device, precision):
                 out = model(xb)
                 if teacher is not None:
                     with torch.no_grad():
@@ -390,9 +329,9 @@ def train_net(net: str, train: Split, val: Split, num_classes: int, *, size: int
 
 def _check_teacher(teacher: torch.nn.Module, num_classes: int, size: int, device: torch.device,
                    precision: str = "bf16"):
-    teacher = _prepare(teacher, device, precision).eval().requires_grad_(False)
-    with torch.no_grad(), _amp(device, precision):
-        out = teacher(_cl(torch.zeros(1, 3, size, size, device=device), precision))
+    teacher = prepare_net(teacher, device, precision).eval().requires_grad_(False)
+    with torch.no_grad(), amp(device, precision):
+        out = teacher(net_layout(torch.zeros(1, 3, size, size, device=device), precision))
     if out.ndim != 2 or out.shape[1] != num_classes:
         raise ConfigError(f"--teacher: gives outputs of shape {tuple(out.shape)} at {size} px, "
                           f"expected (1, {num_classes}) for the {num_classes} classes")
