@@ -1,6 +1,24 @@
+import glob
+import os
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+
+class BuildPy(build_py):
+    """A wheel carries csrc/*.cu inside the package (manifoldgd_fast/csrc/), where kernels/cuda_ext.py
+    finds the CUDA C++ source when the repo's csrc/ is not beside the package (a non-editable install)."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):  # an editable install reads the repo's csrc/ itself
+            return
+        dst = os.path.join(self.build_lib, "manifoldgd_fast", "csrc")
+        self.mkpath(dst)
+        for src in sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "*.cu"))):
+            self.copy_file(src, os.path.join(dst, os.path.basename(src)))
+
 
 requires = [
     "torch>=2.4",
@@ -35,4 +53,5 @@ setup(
         "bench": ["pytest-benchmark", "matplotlib"],
     },
     entry_points={"console_scripts": ["manifoldgd-fast=manifoldgd_fast.cli:main"]},
+    cmdclass={"build_py": BuildPy},
 )

@@ -46,7 +46,7 @@ def test_cuda_ext_declares_the_launcher_csrc_defines():
 
     from manifoldgd_fast.kernels import cuda_ext
 
-    with open(cuda_ext._SRC, encoding="utf-8") as f:
+    with open(cuda_ext.source_path(), encoding="utf-8") as f:
         cu = f.read()
 
     def params(text):
@@ -100,7 +100,7 @@ def emulated_sym_eig(tmp_path_factory):
 
     from manifoldgd_fast.kernels import cuda_ext
 
-    with open(cuda_ext._SRC, encoding="utf-8") as f:
+    with open(cuda_ext.source_path(), encoding="utf-8") as f:
         cu = f.read()
     cut = re.search(r'^extern "C" int mgd_sym_eig_f32_launch', cu, flags=re.M)
     assert cut, "csrc/sym_eig.cu: no host launcher where expected"

@@ -10,8 +10,18 @@ from __future__ import annotations
 
 import os
 
-_SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc",
-                    "sym_eig.cu")  # the repo's csrc/, beside manifoldgd_fast/
+_PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The repo's csrc/ beside manifoldgd_fast/ (a source tree, an editable install), else the copy a wheel carries
+# in manifoldgd_fast/csrc/ (setup.py's build_py puts it there).
+_SRC_CANDIDATES = (os.path.join(os.path.dirname(_PKG), "csrc", "sym_eig.cu"), os.path.join(_PKG, "csrc", "sym_eig.cu"))
+
+
+def source_path() -> str:
+    """The path of sym_eig.cu; FileNotFoundError naming where it looked."""
+    for path in _SRC_CANDIDATES:
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"sym_eig.cu is in neither {' nor '.join(_SRC_CANDIDATES)}")
 
 # The binding: C++ compiled by the host compiler, calling the plain-C launcher in sym_eig.cu. The caller
 # passes its current stream (``torch.cuda.current_stream().cuda_stream``), so only torch/extension.h is needed.
@@ -56,7 +66,7 @@ def load():
             raise RuntimeError("this torch has no CUDA")
         if CUDA_HOME is None:
             raise RuntimeError("no CUDA toolkit (nvcc) found")
-        with open(_SRC, encoding="utf-8") as f:
+        with open(source_path(), encoding="utf-8") as f:
             cuda_src = f.read()
         _MODULE = load_inline(name="manifoldgd_sym_eig", cpp_sources=_BINDING, cuda_sources=cuda_src,
                               functions=["sym_eig"], extra_cuda_cflags=["-O3"], verbose=False)
