@@ -171,3 +171,27 @@ def test_every_documented_command_line_uses_flags_its_command_has():
             flag = w.split("=")[0]
             if flag.startswith("--"):
                 assert flag in flags, f"{where}: manifoldgd-fast {cmd} {' '.join(words)}: {flag} is not a flag of {cmd}"
+
+
+# flags of other programs the docs show: torchrun, Slurm's srun, pytest-benchmark, the released code's own
+OTHER_PROGRAMS = {"--nproc-per-node", "--nnodes", "--rdzv-backend", "--rdzv-endpoint", "--nodes", "--ntasks-per-node",
+                  "--gpus-per-node", "--benchmark-only", "--closest"}
+
+
+def test_every_flag_the_docs_name_exists():
+    """Every --flag anywhere in the README or SCALING.md (prose included) is a flag of a manifoldgd-fast command,
+    of a script in bench/ or manifoldgd_fast/demo/ (its argparse source names it), or of another program the
+    docs run (torchrun, srun, pytest-benchmark)."""
+    import argparse
+    import glob
+
+    from manifoldgd_fast.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    known = {s for c in sub.choices.values() for a in c._actions for s in a.option_strings} | OTHER_PROGRAMS
+    root = os.path.dirname(README)
+    scripts = "".join(open(f, encoding="utf-8").read() for pattern in ("bench/*.py", "manifoldgd_fast/demo/*.py")
+                      for f in glob.glob(os.path.join(root, pattern)))
+    for doc in DOCS:
+        for flag in sorted(set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", open(doc, encoding="utf-8").read()))):
+            assert flag in known or f'"{flag}"' in scripts, f"{os.path.basename(doc)} names {flag}, which nothing has"
