@@ -1,0 +1,179 @@
+"""The output folder's safety: what `distill --out` refuses to overwrite, the run fingerprint and what a
+resume may reuse, atomic writes, one run per folder (its lock) and a killed run's temporaries."""
+import json
+import os
+import shutil
+
+from test_pipeline import FAST, _args, _bad, _digest
+
+from manifoldgd_fast.cli import main
+
+
+def _tree(folder):
+    return {os.path.relpath(os.path.join(dp, f), folder): open(os.path.join(dp, f), "rb").read()
+            for dp, _, files in os.walk(folder) for f in files}
+
+
+def test_out_that_would_clobber_data_or_foreign_folders_is_refused(tiny_world, tmp_path, capsys, monkeypatch):
+    """--out inside --data, a class folder named like the run's own folders, a folder in --out that no
+    run finished, too few images, an unwritable --out: one line, exit 2, nothing of anyone's lost, and
+    (the class checks) nothing encoded first."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_world["data"], data)
+    (data / "apple" / "notes.txt").write_text("mine")
+    w = dict(tiny_world, data=str(data))
+    before = _tree(data)
+    for out in (data, data / "apple", data / "inner" / "out"):
+        line = _bad(w, tmp_path, _args(w, out), capsys)
+        assert "--out" in line and "--data" in line, line
+    assert _tree(data) == before and not (data / "inner").exists()
+
+    reserved = tmp_path / "reserved"
+    shutil.copytree(tiny_world["data"], reserved)
+    shutil.copytree(reserved / "banana", reserved / "latents")
+    cache = tmp_path / "cache"
+    args = ["distill", "--data", str(reserved), "--model", tiny_world["model"], "--out", str(tmp_path / "o1"),
+            "--cache-dir", str(cache), *FAST]
+    line = _bad(w, tmp_path, args, capsys)
+    assert "'latents'" in line and "rename the class folder" in line, line
+    line = _bad(w, tmp_path, args[:-len(FAST)] + ["--ipc", "50", *FAST[2:]], capsys)
+    assert "fewer than --ipc 50" in line, line
+    assert not any(f.endswith(".safetensors") for _, _, fs in os.walk(cache) for f in fs)  # nothing encoded
+
+    out = tmp_path / "o2"
+    (out / "apple").mkdir(parents=True)
+    (out / "apple" / "keep.txt").write_text("not a distilled class")
+    line = _bad(w, tmp_path, _args(tiny_world, out), capsys)
+    assert str(out / "apple") in line and "is not a finished class" in line, line
+    assert (out / "apple" / "keep.txt").read_text() == "not a distilled class"
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    line = _bad(w, tmp_path, _args(tiny_world, a_file / "sub"), capsys)
+    assert "--out" in line and "not writable" in line, line
+
+    from manifoldgd_fast import pipeline
+
+    def full_disk(cfg):
+        raise OSError(28, "No space left on device", "/scratch/out/apple/0.png")
+
+    monkeypatch.setattr(pipeline, "distill", full_disk)
+    line = _bad(w, tmp_path, _args(tiny_world, tmp_path / "o3"), capsys)
+    assert line == "manifoldgd-fast: error: /scratch/out/apple/0.png: No space left on device", line
+
+
+def test_fingerprint_counts_the_data_not_its_spelling(tiny_world, tmp_path, capsys, monkeypatch):
+    """The same folder given relatively resumes; another folder with the same path string (another cwd)
+    or a new class folder is another run; a resume with another batch size warns and records it."""
+    out = tmp_path / "out"
+    data = tmp_path / "d" / "data"
+    shutil.copytree(tiny_world["data"], data)
+    w = dict(tiny_world, data=str(data))
+    assert main(_args(w, out)) == 0
+    ref = _digest(out)
+    shutil.rmtree(out / "banana")
+    monkeypatch.chdir(tmp_path / "d")
+    capsys.readouterr()
+    assert main(_args(dict(w, data="data" + os.sep), out)) == 0
+    io = capsys.readouterr()
+    assert _digest(out) == ref
+    assert "distilled 1 class into" in io.out and "2 were already done" in io.out, io.out
+    assert "resuming" not in io.err, io.err
+    shutil.rmtree(out / "banana")    # again with another batch size: warned and recorded (and the bytes
+    assert main(_args(dict(w, data="data" + os.sep), out, "--batch-size", "1")) == 0   # may round otherwise)
+    io = capsys.readouterr()
+    assert "resuming" in io.err and "batch_size" in io.err, io.err
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["classes"]["banana"]["numerics"]["batch_size"] == 1
+    assert man["classes"]["apple"]["numerics"]["batch_size"] == 2
+
+    other = tmp_path / "e" / "data"                 # same spelling "data", other folder: other files
+    shutil.copytree(tiny_world["data"], other)
+    os.unlink(other / "cherry" / sorted(os.listdir(other / "cherry"))[0])
+    monkeypatch.chdir(tmp_path / "e")
+    before = _digest(out)
+    line = _bad(w, tmp_path, _args(dict(w, data="data"), out), capsys)
+    assert "holds a run with other data" in line, line
+    assert _digest(out) == before
+
+    out2 = tmp_path / "out2"
+    assert main(_args(w, out2, "--classes", "apple,banana", "--method", "dit")) == 0
+    shutil.copytree(data / "banana", data / "aardvark")   # a stray class folder shifts the sorted labels
+    line = _bad(w, tmp_path, _args(w, out2, "--classes", "apple,banana", "--method", "dit"), capsys)
+    assert "holds a run with other data (its classes, labels or files)" in line, line
+
+
+def test_atomic_writes_get_the_umask_mode(tmp_path):
+    """Files written through temp + rename are readable as open() would make them (mkstemp alone: 0600)."""
+    from manifoldgd_fast.output import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(str(tmp_path / "m.json"), b"{}")
+        atomic_write_bytes(str(tmp_path / "sub" / "l.bin"), b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "sub" / "l.bin").stat().st_mode & 0o777 == 0o644
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")] == []
+
+
+def test_one_run_at_a_time_per_out_and_a_killed_runs_temps_are_swept(tiny_world, tmp_path, capsys):
+    """A second run on an --out that another run holds stops with one line naming the holder and writes
+    nothing; a rerun after a SIGKILL (the kernel dropped the lock; an unfinished class folder and
+    atomic-write temp files are left) sweeps them and gives the bytes of an uninterrupted run."""
+    from manifoldgd_fast.output import RunLock
+
+    w = tiny_world
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    args = lambda o: _args(w, o, "--classes", "apple,banana", "--method", "dit")  # noqa: E731
+    assert main(args(ref)) == 0
+    with RunLock(str(out)):                                           # another run is writing into out
+        line = _bad(w, tmp_path, args(out), capsys)
+    assert f"is being written by another run (pid {os.getpid()} on " in line, line
+    assert os.listdir(out) == [".lock"]                              # nothing of this run written
+    (out / ".apple.tmp-99999").mkdir()
+    (out / ".apple.tmp-99999" / "0.png").write_bytes(b"half")
+    (out / "latents").mkdir()
+    (out / "latents" / ".tmp-k3j2").write_bytes(b"half")
+    (out / ".tmp-manifest").write_bytes(b"half")
+    assert main(args(out)) == 0
+    assert _digest(out) == _digest(ref)
+    assert [e for d in (out, out / "latents") for e in os.listdir(d) if ".tmp-" in e] == []
+
+
+def test_run_lock_where_the_file_system_cannot_lock(tmp_path, monkeypatch, caplog):
+    """flock unsupported (ENOLCK, as on Lustre without -o flock): a warning, and the run goes on."""
+    import errno
+    import fcntl
+
+    from manifoldgd_fast.output import RunLock
+
+    def refuse(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    with caplog.at_level("WARNING"), RunLock(str(tmp_path / "o")) as lock:
+        assert lock.fd is None
+    assert "nothing stops two runs sharing this --out" in caplog.text
+
+
+def test_manifest_names_the_weights_and_a_resume_with_other_weights_is_refused(tiny_world, tmp_path, capsys):
+    """The manifest records the DiT's and the VAE's sha256 and the library versions (Pillow writes the PNGs);
+    new weights written into the same model folder (same path: the fingerprint cannot see it) are refused."""
+    from manifoldgd_fast.latents import weights_digest
+    from manifoldgd_fast.models import build_dit, save_pretrained_folder, tiny_dit_config
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_world["model"], model)
+    w = dict(tiny_world, model=str(model))
+    out = tmp_path / "out"
+    args = _args(w, out, "--classes", "apple", "--method", "dit")
+    assert main(args) == 0
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["weights"]["model"] == weights_digest(build_dit(tiny_dit_config(num_classes=3, sample_size=8), seed=0))
+    assert set(man["weights"]) == {"model", "vae"} and man["versions"]["pillow"]
+    assert main(args) == 0                                               # same weights: resumes (nothing to do)
+    save_pretrained_folder(build_dit(tiny_dit_config(num_classes=3, sample_size=8), seed=1), str(model / "transformer"))
+    line = _bad(w, tmp_path, args, capsys)
+    assert "holds a run made with other model weights (sha256 " + man["weights"]["model"] in line, line
