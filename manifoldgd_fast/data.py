@@ -108,7 +108,9 @@ def scan_image_folder(root: str, classes: Sequence[str] | str | None = None,
     root = os.path.abspath(root)
     all_folders = _class_folders(root)
     if not all_folders:
-        raise DataError(f"data folder {root} has no class folders (expected ROOT/<class>/<image>)")
+        hint = (": it holds images itself; give the folder whose sub-folders are the classes"
+                if _image_files(root) else "")
+        raise DataError(f"data folder {root} has no class folders (expected ROOT/<class>/<image>){hint}")
 
     if isinstance(classes, str):
         classes = class_list(classes)
@@ -159,7 +161,10 @@ def scan_image_folder(root: str, classes: Sequence[str] | str | None = None,
         folder = os.path.join(root, name)
         files = _image_files(folder)
         if not files:
-            raise DataError(f"class {name} in {root} has no images ({'/'.join(IMAGE_EXTS)})")
+            sub = _class_folders(folder)
+            hint = (f"; it holds folders ({', '.join(sub[:3])}{', ...' if len(sub) > 3 else ''}): is {root} one "
+                    f"level above the class folders, e.g. {os.path.join(root, name)}?") if sub else ""
+            raise DataError(f"class {name} in {root} has no images ({'/'.join(IMAGE_EXTS)}){hint}")
         entries.append(ClassEntry(name=name, label=labels[name],
                                   files=[os.path.join(folder, f) for f in files], folder=folder))
     return entries

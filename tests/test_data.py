@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import warnings
 
 import numpy as np
@@ -120,6 +122,23 @@ def test_scan_errors(tmp_path, wnid_root):
         D.scan_image_folder(str(wnid_root), classes=["n02102040", "n09999999"])
     with pytest.raises(ConfigError, match="label-map"):
         D.scan_image_folder(str(wnid_root), label_map="alphabetical")
+
+
+def test_data_folder_one_level_off_says_so(tmp_path, wnid_root):
+    """--data one level above the class folders (ImageNet's root holding train/ and val/), or one class
+    folder itself: the error says which way to go; an empty folder gets no hint."""
+    imagenet = tmp_path / "imagenet"
+    shutil.copytree(wnid_root, imagenet / "train")
+    (imagenet / "val").mkdir()
+    with pytest.raises(DataError, match=re.escape(f"class train in {imagenet} has no images (.jpg/.jpeg/.png/.webp); "
+                                                  f"it holds folders (n01440764, n02102040): is {imagenet} one level "
+                                                  f"above the class folders, e.g. {imagenet / 'train'}?")):
+        D.scan_image_folder(str(imagenet))
+    with pytest.raises(DataError, match="it holds images itself; give the folder whose sub-folders are the classes"):
+        D.scan_image_folder(str(wnid_root / "n01440764"))
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(DataError, match=r"has no class folders \(expected ROOT/<class>/<image>\)$"):
+        D.scan_image_folder(str(tmp_path / "bare"))
 
 
 def test_label_maps_and_class_restriction(tmp_path):

@@ -182,6 +182,11 @@ def test_flat_validation_folder_bad_labels_are_one_line(folders, tmp_path, capsy
         read_image_labels(str(tmp_path / "missing.csv"))
     with pytest.raises(DataError, match="it holds class folders: leave out --val-labels"):
         scan_labelled_folder(val, labels)
+    # and the other way round: a flat folder without --val-labels
+    rc = main(["eval", "--distilled", dist, "--real-val", flat, "--epochs", "1", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and f"validation folder {flat} holds images but no class folders" in err[0] \
+        and "--val-labels FILE" in err[0], err
     assert read_image_labels(labels)["val_00000"] == "ant"
 
 

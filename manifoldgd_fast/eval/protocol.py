@@ -101,6 +101,15 @@ def _names(xs, limit: int = 10) -> str:
     return ", ".join(xs[:limit]) + (f" ... ({len(xs) - limit} more)" if len(xs) > limit else "")
 
 
+def _flat_image_folder(folder: str) -> bool:
+    """Images directly in ``folder`` and no sub-folder (the layout --val-labels reads)."""
+    if not os.path.isdir(folder):
+        return False
+    entries = list(os.scandir(folder))
+    return (any(e.is_file() and e.name.lower().endswith(IMAGE_EXTS) for e in entries)
+            and not any(e.is_dir() and not e.name.startswith(".") for e in entries))
+
+
 def match_classes(distilled: str, reference: str, *, exact: bool = True, what: str = "validation",
                   labels: str | None = None):
     """Scan both folders and pair their classes; labels are the sorted class order of ``reference``.
@@ -111,6 +120,9 @@ def match_classes(distilled: str, reference: str, *, exact: bool = True, what: s
     Returns (class names, distilled entries, reference entries), entries' ``label``
     rewritten to the shared index. Raises DataError naming missing / extra classes.
     """
+    if labels is None and what == "validation" and _flat_image_folder(reference):
+        raise DataError(f"validation folder {reference} holds images but no class folders: for a flat folder (as "
+                        "ImageNet's val is distributed) name each image's class with --val-labels FILE")
     ref_all = (scan_labelled_folder(reference, labels) if labels is not None
                else scan_image_folder(reference, label_map="sorted"))
     ref_names = {e.name for e in ref_all}
