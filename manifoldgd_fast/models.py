@@ -155,9 +155,22 @@ def resolve_root(path_or_id, *, flag: str, what: str, cache_dir: str | None = No
     arg = str(path_or_id)
     root = arg if os.path.isdir(arg) else _cached_snapshot(arg, cache_dir)
     if root is None:
-        raise ModelError(f"{flag} {arg}: no {what} found (not a local folder, not in the "
-                         "Hugging Face cache)")
+        raise ModelError(f"{flag} {arg}: no {what} found (not a local folder, not in the Hugging Face cache)"
+                         + _fetch_hint(arg, cache_dir))
     return root
+
+
+def _fetch_hint(arg: str, cache_dir: str | None) -> str:
+    """Where the cache was looked for, and how to fill it, for an argument shaped like a hub id."""
+    if os.path.isabs(arg) or arg.startswith(".") or arg.count("/") != 1 or os.path.exists(arg):
+        return ""   # a path: the folder is simply not there
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+        where = cache_dir or HF_HUB_CACHE
+    except ImportError:  # pragma: no cover - diffusers depends on huggingface_hub
+        where = cache_dir or "the Hugging Face cache"
+    return (f"; looked in {where}. Nothing is downloaded at run time: fetch it once where there is network "
+            f"(`hf download {arg}`, huggingface_hub's CLI) into that cache, or give its folder")
 
 
 def _load(cls, path_or_id: str, subfolder: str, flag: str, what: str, *, device, dtype,

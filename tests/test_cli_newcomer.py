@@ -217,6 +217,20 @@ def test_a_bad_model_is_named_before_the_vae_is_looked_for(kind, says, tmp_path,
     assert not (tmp_path / "o").exists()
 
 
+def test_an_uncached_hub_id_says_where_it_looked_and_how_to_fetch_it(tmp_path, image_folder, capsys, monkeypatch):
+    """An id not in the cache: the cache folder looked in and the one command that fills it; a path that
+    does not exist gets no such hint (it is simply not there)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    for model, hint in [("org/not-cached", True), (str(tmp_path / "nope"), False)]:
+        assert main(["distill", "--data", str(image_folder), "--model", model, "--ipc", "1",
+                     "--out", str(tmp_path / "o")]) == 2
+        line = _one_line(capsys.readouterr().err)
+        assert line.startswith(f"manifoldgd-fast: error: --model {model}: no model found"), line
+        assert (f"looked in {tmp_path / 'hub'}" in line and f"`hf download {model}`" in line) == hint, line
+
+
 @pytest.mark.parametrize("flag, kind, says", [
     ("--config", "dir", "a folder, not a YAML or JSON file"),
     ("--config", "missing", "no such file"),
