@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -148,8 +149,9 @@ def test_fp16_variant_only_folder_loads(tmp_path, tiny_dit, tiny_vae):
 
 
 def test_unknown_model_is_model_error(tmp_path):
-    with pytest.raises(ModelError, match=r"^--model org/no-such-dit: no DiT found \(not a local "
-                                         r"folder, not in the Hugging Face cache\)$"):
+    with pytest.raises(ModelError, match=r"^--model org/no-such-dit: no DiT found \(not a local folder, not in the "
+                                         rf"Hugging Face cache\); looked in {re.escape(str(tmp_path))}\. .*"
+                                         r"`hf download org/no-such-dit`"):
         M.load_dit("org/no-such-dit", cache_dir=str(tmp_path))
     with pytest.raises(ModelError, match="^--vae"):
         M.load_vae(str(tmp_path / "missing-folder"), cache_dir=str(tmp_path))
