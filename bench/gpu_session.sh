@@ -60,6 +60,7 @@ for stage in "$@"; do
   case "$stage" in
     first)    # the tests get at most half the deadline, so that the benchmarks still run after a slow compile
               CAP=$((DEADLINE / 2)) t python3 -m pytest -q -p no:cacheprovider -rfEs --durations=10 tests/test_kernels_triton.py \
+                  tests/test_kernels_pipeline_triton.py \
                   tests/test_dit_ops_triton.py tests/test_fastloop.py tests/test_csrc.py tests/test_kernels_torch.py \
                   2>&1 | tee "$OUT/first_tests.log"
               CAP=$((DEADLINE / 4)) t python3 bench/bench_kernels.py --quick --no-compile --csv "$OUT/kernels.csv" \

@@ -15,7 +15,7 @@ import torch
 from conftest import triton_interpreting
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MODULES = ["test_kernels_triton.py", "test_dit_ops_triton.py"]     # their skip rule: tests/triton_helpers.py
+MODULES = ["test_kernels_triton.py", "test_kernels_pipeline_triton.py", "test_dit_ops_triton.py"]     # their skip rule: tests/triton_helpers.py
 
 # A kernel whose loop bound is a run-time argument. Triton 3.6's interpreter turns that bound into a
 # one-element array and calls int() on it, which NumPy >= 2.3 refuses; compiled kernels are unaffected.

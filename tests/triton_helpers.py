@@ -1,4 +1,4 @@
-"""Where the Triton kernel tests run, decided once for test_kernels_triton.py and test_dit_ops_triton.py.
+"""Where the Triton kernel tests run, decided once for the modules test_kernels_interpreter.MODULES lists.
 
 * on a CUDA GPU, compiled, in the normal ``python -m pytest -q tests`` (GPU-only full-shape tests too);
 * on the CPU only when ``TRITON_INTERPRET=1`` was set before Triton decorated the kernels. The normal CPU
