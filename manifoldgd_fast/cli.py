@@ -172,6 +172,22 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class _Version(argparse.Action):
+    """``--version``: this package's version and the libraries whose versions change the output bytes
+    (as the manifest records them), for a bug report; they are imported only when asked for."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .pipeline import library_versions
+
+        v = library_versions()
+        rest = ", ".join(f"{k} {x}" for k, x in v.items() if k != "manifoldgd_fast")
+        print(f"{parser.prog} {v['manifoldgd_fast']} ({rest})")
+        parser.exit(0)
+
+
 # flags that mean the same in every command: their distill text serves a command that gives none
 _SHARED_HELP = ("classes", "cache_dir", "device")
 
@@ -193,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="manifoldgd-fast",
                 description="Dataset distillation with manifold-guided diffusion sampling "
                             "(ManifoldGD), mode guidance (MGD3) and plain DiT.")
+    p.add_argument("--version", action=_Version, help="print the version and those of torch, diffusers, triton, "
+                                                        "... (as the manifest records them), then exit")
     sub = p.add_subparsers(dest="command", metavar="{" + ",".join([*_COMMANDS, "eval", "metrics", "finetune"]) + "}")
     from .eval import cli_eval
 

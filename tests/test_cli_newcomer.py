@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from manifoldgd_fast.cli import build_parser, main
 
@@ -215,6 +216,16 @@ def test_a_bad_model_is_named_before_the_vae_is_looked_for(kind, says, tmp_path,
     assert line.startswith(f"manifoldgd-fast: error: --model {model}: {says}"), line
     assert "VAE" not in line, line
     assert not (tmp_path / "o").exists()
+
+
+def test_version_names_the_libraries_that_change_the_bytes(capsys):
+    from manifoldgd_fast import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    out = capsys.readouterr()
+    assert e.value.code == 0 and not out.err
+    assert out.out.startswith(f"manifoldgd-fast {__version__} (torch {torch.__version__}, diffusers ") and "pillow" in out.out
 
 
 def test_an_uncached_hub_id_says_where_it_looked_and_how_to_fetch_it(tmp_path, image_folder, capsys, monkeypatch):

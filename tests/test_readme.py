@@ -22,8 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 def python_blocks() -> list[str]:
     """Every ```python block of the README, dedented (blocks inside list items are indented)."""
-    text = open(README, encoding="utf-8").read()
-    return [textwrap.dedent(m.group(2)) for m in re.finditer(r"^( *)```python\n(.*?)^\1```", text, re.S | re.M)]
+    return [textwrap.dedent(body) + "\n" for lang, body in fenced_blocks(open(README, encoding="utf-8").read())
+            if lang == "python"]
 
 
 def snippet(marker: str, edits: dict[str, str] | None = None) -> str:
@@ -136,15 +136,32 @@ def test_python_api_digits_snippet_runs(tmp_path, monkeypatch, private_cache):
 DOCS = [README, os.path.join(os.path.dirname(README), "docs", "SCALING.md")]
 
 
+def fenced_blocks(text: str) -> list[tuple[str, str]]:
+    """(language, body) of every fenced block, fences paired in order (an indented fence too)."""
+    blocks, lang, body = [], None, []
+    for line in text.splitlines():
+        fence = re.match(r"^ *```(\w*)\s*$", line)
+        if fence and lang is None:
+            lang, body = fence.group(1), []
+        elif fence:
+            blocks.append((lang, "\n".join(body)))
+            lang = None
+        elif lang is not None:
+            body.append(line)
+    return blocks
+
+
 def documented_commands() -> list[tuple[str, str, list[str]]]:
-    """(file, subcommand, tokens after it) of every `manifoldgd-fast <cmd> ...` or `-m manifoldgd_fast <cmd> ...`
-    line in the docs' shell blocks, with backslash continuations joined and comments cut."""
+    """(file, subcommand or "" for top-level flags, tokens after it) of every `manifoldgd-fast ...` or
+    `-m manifoldgd_fast ...` line in the docs' shell blocks (bash, sh or none), with backslash continuations
+    joined and comments cut."""
     import shlex
 
     out = []
     for path in DOCS:
-        text = open(path, encoding="utf-8").read()
-        for block in re.findall(r"^ *```(?:bash|sh|console)\n(.*?)^ *```", text, re.S | re.M):
+        for lang, block in fenced_blocks(open(path, encoding="utf-8").read()):
+            if lang not in ("", "bash", "sh", "console"):
+                continue
             for line in block.replace("\\\n", " ").splitlines():
                 m = re.search(r"(?:^|\s)(?:manifoldgd-fast|-m manifoldgd_fast)\s+(.*)$", line)
                 if not m:
@@ -152,6 +169,8 @@ def documented_commands() -> list[tuple[str, str, list[str]]]:
                 words = shlex.split(m.group(1).split(" #")[0].replace("$", ""))
                 if words and not words[0].startswith("-"):
                     out.append((os.path.basename(path), words[0], words[1:]))
+                elif words:
+                    out.append((os.path.basename(path), "", words))   # top-level flags (--version)
     return out
 
 
@@ -162,11 +181,11 @@ def test_every_documented_command_line_uses_flags_its_command_has():
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
     found = documented_commands()
-    assert len(found) >= 20 and {c for _, c, _ in found} >= {"cache", "modes", "distill", "eval", "metrics",
+    assert len(found) >= 20 and {c for _, c, _ in found} >= {"", "cache", "modes", "distill", "eval", "metrics",
                                                               "finetune", "profile"}
     for where, cmd, words in found:
-        assert cmd in sub.choices, f"{where}: manifoldgd-fast {cmd}: no such command"
-        flags = {s for a in sub.choices[cmd]._actions for s in a.option_strings}
+        assert not cmd or cmd in sub.choices, f"{where}: manifoldgd-fast {cmd}: no such command"
+        flags = {s for a in (sub.choices[cmd] if cmd else parser)._actions for s in a.option_strings}
         for w in words:
             flag = w.split("=")[0]
             if flag.startswith("--"):
@@ -187,8 +206,9 @@ def test_every_flag_the_docs_name_exists():
 
     from manifoldgd_fast.cli import build_parser
 
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    known = {s for c in sub.choices.values() for a in c._actions for s in a.option_strings} | OTHER_PROGRAMS
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    known = {s for c in [parser, *sub.choices.values()] for a in c._actions for s in a.option_strings} | OTHER_PROGRAMS
     root = os.path.dirname(README)
     scripts = "".join(open(f, encoding="utf-8").read() for pattern in ("bench/*.py", "manifoldgd_fast/demo/*.py")
                       for f in glob.glob(os.path.join(root, pattern)))
