@@ -66,6 +66,7 @@ def read_image_labels(path: str, flag: str = "--val-labels") -> dict[str, str]:
 
 DEVKIT_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
 DEVKIT_ARCHIVES = (".tar.gz", ".tgz", ".tar")
+DEVKIT_MAX_BYTES = 64 << 20
 
 
 def _devkit_files(path: str, flag: str) -> tuple[bytes, bytes]:
@@ -75,6 +76,11 @@ def _devkit_files(path: str, flag: str) -> tuple[bytes, bytes]:
 
     names = ("meta.mat", DEVKIT_TRUTH)
     if path.lower().endswith(DEVKIT_ARCHIVES):
+        size = os.path.getsize(path) if os.path.isfile(path) else 0
+        if size > DEVKIT_MAX_BYTES:  # reading every header of a 6 GB image archive would take minutes
+            raise ConfigError(f"{flag} {path}: {size / 2 ** 20:.0f} MiB is no devkit (ILSVRC2012_devkit_t12.tar.gz "
+                              "is about 2.5 MB); is it an archive of images? Give the unpacked image folder as "
+                              "--real-val and the devkit as --val-labels")
         try:
             with tarfile.open(path) as tar:
                 members = {os.path.basename(m.name): m for m in tar.getmembers()

@@ -96,7 +96,7 @@ def test_ilsvrc_devkit_labels_the_flat_validation_folder(folders, tmp_path):
         assert [(e.name, e.label, len(e.files)) for e in got] == [(e.name, e.label, len(e.files)) for e in want]
 
 
-def test_ilsvrc_devkit_errors_are_one_line(folders, tmp_path, capsys):
+def test_ilsvrc_devkit_errors_are_one_line(folders, tmp_path, capsys, monkeypatch):
     """A devkit without meta.mat, a ground-truth line that is no class number, a corrupt meta.mat, a bare
     ground-truth file without meta.mat beside it, a broken archive: one line naming the path, exit 2."""
     from manifoldgd_fast.cli import main
@@ -127,6 +127,10 @@ def test_ilsvrc_devkit_errors_are_one_line(folders, tmp_path, capsys):
                    "--device", "cpu"])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and why in err[0] and path in err[0], err
+    # an image archive given as the devkit is refused by its size, before tarfile reads its headers
+    monkeypatch.setattr("manifoldgd_fast.image_labels.DEVKIT_MAX_BYTES", 8)
+    with pytest.raises(ConfigError, match="is no devkit .* is it an archive of images"):
+        read_image_labels(str(tmp_path / "broken.tar.gz"))
     # the devkit's bare ground truth given as a '<image> <class>' file says what it is
     plain = tmp_path / "gt.txt"
     plain.write_text("1\n2\n")
