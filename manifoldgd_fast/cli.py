@@ -47,6 +47,9 @@ GROUPS: dict[str, dict[str, str]] = {
         "batch_size": "samples denoised together",
         "class_batch": "classes sampled in one batch (default: batch-size // ipc, so that small IPCs fill the GPU)",
         "encode_batch_size": "images per VAE encode batch",
+        "shard": "K/N: this process takes classes j with j mod N == K, independently of the other shards (e.g. "
+                 "a Slurm job array: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; the same bytes as one "
+                 "process; each shard brings the manifest up to date when it finishes)",
         "encode_workers": "DataLoader workers reading images for the latent cache (0: in the main process; "
                           "default: min(8, CPUs / ranks))",
         "backend": "guidance ops backend: auto, reference, triton",
@@ -336,10 +339,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             res = pipeline.distill(cfg)
             n, before = len(res.classes), res.finished_before
-            which = _classes(n) if n + before == res.run_classes else \
-                f"{n} of the run's {res.run_classes} classes on this rank"
+            if cfg.shard is not None:
+                which = f"{n} of the run's {res.run_classes} classes (--shard {cfg.shard})"
+                left = (f"; {res.unfinished} {'is' if res.unfinished == 1 else 'are'} left to the other shards"
+                        if res.unfinished else "; every class of the run is done")
+            else:
+                which = _classes(n) if n + before == res.run_classes else \
+                    f"{n} of the run's {res.run_classes} classes on this rank"
+                left = ""
             resumed = f"; {before} {'was' if before == 1 else 'were'} already done" if before else ""
-            print(f"distilled {which} into {res.out}{resumed} (manifest: {res.manifest})")
+            print(f"distilled {which} into {res.out}{resumed}{left} (manifest: {res.manifest})")
     except ManifoldGDError as e:
         print(f"manifoldgd-fast: error: {e}", file=sys.stderr)
         return 2

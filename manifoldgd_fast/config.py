@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -65,6 +66,8 @@ class DistillConfig:
                                        # classes) where the run allows several (no CGS, not paper), else 1
     encode_batch_size: int = 32
     encode_workers: int | None = None  # image-reading DataLoader workers of the cache; None = min(8, CPUs / ranks)
+    shard: str | None = None           # "K/N": this process takes classes j with j mod N == K, independently of
+                                       # the other N - 1 (a Slurm job array); same bytes as one process
     backend: str = "auto"              # guidance ops: auto | reference | triton
     guidance_noise: str = "auto"       # cloud/patch noise: generator (torch.Generator per sample), philox
                                        # (counter-based; the fused kernels' path), auto = philox on CUDA
@@ -189,6 +192,8 @@ class DistillConfig:
         positive_int("t_stop", allow_none=True, minimum=0)
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"--seed must be a non-negative integer, got {self.seed!r}")
+        if self.shard is not None:
+            parse_shard(self.shard)
 
         def non_negative(name, allow_none=False, strict=False):
             v = getattr(self, name)
@@ -453,7 +458,16 @@ TIME_EMBEDDINGS = ("auto", "original", "diffusers")  # the DiT's timestep featur
 # Fields the run fingerprint leaves out: where things go, and what changes only the float rounding
 # (the fast loop gives the reference loop's latents); a resume may change them.
 UNHASHED_FIELDS = ("out", "cache_dir", "device", "batch_size", "encode_batch_size", "encode_workers", "contact_sheet",
-                   "extra", "backend", "modes_dir", "loop", "class_batch")
+                   "extra", "backend", "modes_dir", "loop", "class_batch", "shard")
+
+
+def parse_shard(spec) -> tuple[int, int]:
+    """``"K/N"`` (``--shard``) -> (K, N) with 0 <= K < N; ConfigError naming the flag otherwise."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec) if isinstance(spec, str) else None
+    if m is None or not int(m.group(1)) < int(m.group(2)):
+        raise ConfigError(f"--shard {spec!r}: expected K/N with 0 <= K < N, e.g. 0/8 "
+                          "(in a Slurm job array: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)")
+    return int(m.group(1)), int(m.group(2))
 
 
 def fingerprint(cfg: "DistillConfig", entries=None) -> str:

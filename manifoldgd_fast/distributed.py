@@ -1,4 +1,4 @@
-"""Class sharding across processes started by torchrun (or one process).
+"""Class sharding across processes started by torchrun, or independent ``--shard K/N`` processes.
 
 Classes are dealt to ranks round-robin in the run's class order (class j to
 rank j mod N). Nothing random depends on the rank: every seed derives from
@@ -6,6 +6,11 @@ rank j mod N). Nothing random depends on the rank: every seed derives from
 only meet at barriers (a gloo process group, which works with or without
 GPUs); a rank that dies leaves finished classes on disk and a rerun deals
 the unfinished ones over all its ranks (``pipeline.prepare(done=)``).
+
+``--shard K/N`` (a Slurm job array, jobs on any nodes at any times): process K
+takes classes j with j mod N == K of the whole run, never meets the others and
+holds only a shared lock on OUT plus its own shard's lock; the manifest is
+brought up to date by each shard as it finishes (``Shard.independent``).
 """
 from __future__ import annotations
 
@@ -44,6 +49,20 @@ class Shard:
     world: int = 1
     local_rank: int = 0
     _group: bool = False
+    independent: bool = False   # --shard K/N: no process group, a static share of the whole run's classes
+
+    @classmethod
+    def from_config(cls, spec: str | None) -> "Shard":
+        """``--shard K/N`` (independent) when given, else torchrun's environment (:meth:`from_env`)."""
+        if spec is None:
+            return cls.from_env()
+        from .config import parse_shard
+
+        rank, world = parse_shard(spec)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError(f"--shard {spec} under torchrun (WORLD_SIZE {os.environ['WORLD_SIZE']}): use one or "
+                              "the other")
+        return cls(rank=rank, world=world, independent=True)
 
     @classmethod
     def from_env(cls) -> "Shard":
@@ -72,13 +91,14 @@ class Shard:
         return [it for j, it in enumerate(items) if self.owns(j)]
 
     def device(self, name: str) -> str:
-        """Each rank on its own GPU when the device is auto / cuda and there are several ranks."""
-        if self.world > 1 and name in ("auto", "cuda") and torch.cuda.is_available():
+        """Each rank on its own GPU when the device is auto / cuda and there are several ranks (an
+        independent shard is one process of its own: the scheduler gives it its GPU)."""
+        if self.world > 1 and not self.independent and name in ("auto", "cuda") and torch.cuda.is_available():
             return f"cuda:{self.local_rank % torch.cuda.device_count()}"
         return name
 
     def barrier(self) -> None:
-        if self.world > 1:
+        if self.world > 1 and not self.independent:
             import torch.distributed as dist
 
             dist.barrier()

@@ -25,12 +25,15 @@ from .errors import DataError
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+CONTACT_SHEET = "contact_sheet.png"
 LATENTS_DIR = "latents"
 MODES_DIR = "modes"
 RESERVED_DIRS = (LATENTS_DIR, MODES_DIR)  # what a run puts beside the class folders: no class may take these names
 DONE_MARK = ".complete"
 LOCK_NAME = ".lock"
 TMP_PREFIX = ".tmp-"  # atomic_write_bytes's temp files
+MANIFEST_LOCK = ".lock-manifest"
+SHARDS_HOLD = "processes of a --shard K/N run"
 
 
 def _read_umask() -> int:
@@ -48,7 +51,8 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder + rename."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=folder)
+    # the target's name in the temp's: an independent shard can tell (and sweep) its own classes' leftovers
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.path.basename(path)}-", dir=folder)
     try:
         if hasattr(os, "fchmod"):  # mkstemp makes 0600 files: give the usual umask's mode, as open() would
             os.fchmod(fd, 0o666 & ~_UMASK)
@@ -167,11 +171,14 @@ class OutputWriter:
         with open(os.path.join(self.class_dir(name), DONE_MARK), encoding="utf-8") as f:
             return json.load(f)
 
-    def sweep_temps(self) -> list[str]:
+    def sweep_temps(self, classes: Iterable[str] | None = None, files: Iterable[str] = ()) -> list[str]:
         """Remove what killed runs left in ``OUT``: unfinished class folders ``.<class>.tmp-<pid>/`` and
         the temp files of atomic writes (``OUT``, ``OUT/latents``, ``OUT/modes``). Only safe while no
         other process writes here: call it holding the :class:`RunLock`, before this run's other ranks
-        start writing. Returns the removed paths."""
+        start writing. ``classes``: only those classes' leftovers (their folders and latents), and of
+        ``OUT``'s own files only those named in ``files`` (an independent shard, whose lock covers just
+        these). Returns the removed paths."""
+        mine = None if classes is None else set(classes)
         removed = []
         for folder in (self.out, *(os.path.join(self.out, d) for d in RESERVED_DIRS)):
             if not os.path.isdir(folder):
@@ -179,9 +186,19 @@ class OutputWriter:
             for entry in os.listdir(folder):
                 path = os.path.join(folder, entry)
                 class_tmp = folder == self.out and entry.startswith(".") and ".tmp-" in entry and os.path.isdir(path)
-                if entry.startswith(TMP_PREFIX) or class_tmp:
-                    shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
-                    removed.append(path)
+                if not (entry.startswith(TMP_PREFIX) or class_tmp):
+                    continue
+                if mine is not None:
+                    if class_tmp:
+                        owner = entry[1:entry.rindex(".tmp-")]
+                    elif folder == self.out:
+                        owner = None if any(entry.startswith(f"{TMP_PREFIX}{f}-") for f in files) else ""
+                    else:   # latents/<class>.safetensors, modes/<class>.safetensors
+                        owner = entry[len(TMP_PREFIX):].rsplit(".safetensors-", 1)[0]
+                    if owner is not None and owner not in mine:
+                        continue
+                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
+                removed.append(path)
         return removed
 
     def write_manifest(self, manifest: dict[str, Any]) -> str:
@@ -197,10 +214,17 @@ class RunLock:
     writing the same classes and deleting each other's temp folders. The kernel drops the lock when its
     holder dies (even by SIGKILL), so a lock is never stale and a rerun never has to clear one. Where the
     file system cannot lock (e.g. Lustre mounted without ``flock``), the run warns and goes on unlocked.
+
+    Independent shards (``--shard K/N``) hold ``OUT/.lock`` shared (``shared=True``: shards of one run
+    together, never beside a whole run) and their own ``OUT/.lock-shard-K-of-N`` exclusively (``name``,
+    ``what``: how a refusal names the other holder's run); ``wait=True`` blocks until the lock is free
+    (the manifest's, held for a moment by whichever shard writes it).
     """
 
-    def __init__(self, out: str):
-        self.path = os.path.join(os.path.abspath(out), LOCK_NAME)
+    def __init__(self, out: str, *, name: str = LOCK_NAME, shared: bool = False, wait: bool = False,
+                 what: str = "another run"):
+        self.path = os.path.join(os.path.abspath(out), name)
+        self.shared, self.wait, self.what = shared, wait, what
         self.fd: int | None = None
 
     def __enter__(self) -> "RunLock":
@@ -212,20 +236,22 @@ class RunLock:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | (0 if self.wait else fcntl.LOCK_NB))
         except BlockingIOError:
             holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)
-            raise DataError(f"--out {os.path.dirname(self.path)} is being written by another run ({holder}); "
+            raise DataError(f"--out {os.path.dirname(self.path)} is being written by {self.what} ({holder}); "
                             "wait for it to finish or use another --out") from None
         except OSError as e:
             os.close(fd)
             log.warning("cannot lock %s (%s): nothing stops two runs sharing this --out", self.path,
                         e.strerror or e)
             return self
+        # who holds it, for the refusal of the next comer (shards sharing OUT/.lock all write the same words)
+        text = SHARDS_HOLD if self.shared else (f"pid {os.getpid()} on {socket.gethostname()} since "
+                                                f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
         os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
-                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        os.pwrite(fd, f"{text}\n".encode(), 0)
         self.fd = fd
         return self
 

@@ -32,8 +32,8 @@ from .errors import ConfigError, DataError
 from . import classrun
 from .classrun import (_check_class, _prefetched_group, _receive, check_decoded, class_modes, distill_group, modes_file,
                        read_modes)
-from .output import (MANIFEST, MODES_DIR, RESERVED_DIRS, OutputWriter, RunLock, atomic_write_bytes, class_done,
-                     resize_images)
+from .output import (CONTACT_SHEET, MANIFEST, MANIFEST_LOCK, MODES_DIR, RESERVED_DIRS, OutputWriter, RunLock,
+                     atomic_write_bytes, class_done, resize_images)
 from .finetune import read_finetune_record
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class DistillResult:
     manifest: str = ""
     run_classes: int = 0  # classes of the whole run, every rank's
     finished_before: int = 0  # classes of the run already finished when this call began (a resume)
+    unfinished: int = 0  # classes of the run not finished when this call ended (other --shard processes')
 
 
 def library_versions() -> dict[str, str]:
@@ -143,7 +144,11 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
     weights = {"vae": weights_digest(vae)}  # the manifest names the weights; a resume with others is refused
     model = info = None
     work = [e for e in entries if not done(e.name)] if done is not None else entries
-    mine = shard.mine(work)
+    if shard.independent:  # a fixed share of the whole run, whatever the other shards have finished
+        todo = {e.name for e in work}
+        mine = [e for e in shard.mine(entries) if e.name in todo]
+    else:
+        mine = shard.mine(work)
     if done is not None:
         shard.barrier()  # every rank has read which classes are finished before any rank writes one
     prompts, schedule_kw, sd_scheduler = {}, {}, {}
@@ -238,7 +243,8 @@ def distill(config: DistillConfig | dict) -> DistillResult:
     hold a run made with other parameters. Under torchrun every rank takes
     its share of the classes; rank 0 writes the manifest.
     """
-    shard = Shard.from_env()
+    config = DistillConfig.from_dict(config) if isinstance(config, dict) else config
+    shard = Shard.from_config(config.shard)
     with contextlib.ExitStack() as held:  # what the run holds until it returns: rank 0's lock on OUT
         try:
             return _distill(config, shard, held)
@@ -287,12 +293,19 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
                           f"(sha256 {', '.join(was[k] for k in other)}; now "
                           f"{', '.join(ctx['weights'][k] for k in other)}); use a new --out")
     writer = OutputWriter(cfg.out)
-    if shard.is_main:  # one run at a time writes into OUT; rank 0 holds it for the whole run
+    if shard.independent:  # shards of one run together, never beside a whole run; one process per shard
+        held.enter_context(RunLock(writer.out, shared=True, what="a whole run (no --shard)"))
+        held.enter_context(RunLock(writer.out, name=f".lock-shard-{shard.rank}-of-{shard.world}",
+                                   what=f"another process of --shard {shard.rank}/{shard.world}"))
+        for path in writer.sweep_temps(classes=[e.name for e in shard.mine(entries)]):
+            log.info("removed %s, left by a killed run", path)
+    elif shard.is_main:  # one run at a time writes into OUT; rank 0 holds it for the whole run
         held.enter_context(RunLock(writer.out))
         for path in writer.sweep_temps():
             log.info("removed %s, left by a killed run", path)
     shard.barrier()  # no rank writes into OUT before rank 0 holds it and has swept it
-    status = _class_status(writer, entries) if shard.is_main else {}  # kept up to date in memory: no re-read per class
+    # kept up to date in memory: no re-read per class (an independent shard re-reads when it writes the manifest)
+    status = _class_status(writer, entries) if shard.is_main or shard.independent else {}
     finished = {}  # the classes this call distils, with their stats
     # What changes the float rounding but not the maths (the fingerprint leaves it out so that a resume
     # can, e.g., lower the batch size after running out of memory): recorded per class, warned about.
@@ -328,8 +341,17 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
         if old and key in old:
             manifest[key] = old[key]
 
-    def write_manifest():
-        if shard.is_main:
+    def write_manifest(final=False):
+        if shard.independent:
+            if final or not os.path.isfile(man_path):  # at its end (and the first shard at its start): the
+                with RunLock(writer.out, name=MANIFEST_LOCK, wait=True):  # other shards' classes from disk
+                    writer.sweep_temps(classes=(), files=(MANIFEST, CONTACT_SHEET))
+                    status.update(_class_status(writer, [e for e in entries if status[e.name]["status"] != "done"]))
+                    manifest["classes"] = status
+                    writer.write_manifest(manifest)
+                    if final and cfg.contact_sheet and all(v["status"] == "done" for v in status.values()):
+                        write_contact_sheet(writer.out, [e.name for e in entries])
+        elif shard.is_main:
             manifest["classes"] = status
             writer.write_manifest(manifest)
 
@@ -354,7 +376,7 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
             images = resize_images(images, rcfg.output_size)
             writer.write_class(name, images, latents if rcfg.save_latents else None, stats)
             finished[name] = {**stats, "status": "done"}
-            if shard.is_main:
+            if shard.is_main or shard.independent:
                 status[name] = finished[name]
             write_manifest()
 
@@ -390,14 +412,15 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
             f.result()
     bar.close()
     shard.barrier()  # every rank's classes are on disk
-    if shard.is_main:
+    if shard.is_main and not shard.independent:
         status.update(_class_status(writer, entries))  # the other ranks' classes
-    write_manifest()
-    if cfg.contact_sheet and shard.is_main:
+    write_manifest(final=True)
+    if cfg.contact_sheet and shard.is_main and not shard.independent:
         write_contact_sheet(writer.out, [e.name for e in entries])
     return DistillResult(out=writer.out, classes={e.name: finished[e.name] for e in mine}, manifest=man_path,
                          run_classes=len(entries),
-                         finished_before=ctx["finished_before"])
+                         finished_before=ctx["finished_before"],
+                         unfinished=sum(v["status"] != "done" for v in status.values()) if status else 0)
 
 
 def _class_status(writer: OutputWriter, entries) -> dict[str, dict[str, Any]]:
@@ -444,7 +467,7 @@ def write_contact_sheet(out: str, names: list[str], max_rows: int = 50, max_cols
                 sheet.paste(im.convert("RGB").resize((tile, tile), Image.NEAREST), (c * tile, r * tile))
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
-    path = os.path.join(out, "contact_sheet.png")
+    path = os.path.join(out, CONTACT_SHEET)
     atomic_write_bytes(path, buf.getvalue())
     return path
 
@@ -452,7 +475,7 @@ def write_contact_sheet(out: str, names: list[str], max_rows: int = 50, max_cols
 def cache(config: DistillConfig | dict) -> dict:
     """Latent cache only (``manifoldgd-fast cache``); under torchrun each rank encodes its classes."""
     cfg = DistillConfig.from_dict(config) if isinstance(config, dict) else config
-    shard = Shard.from_env()
+    shard = Shard.from_config(cfg.shard)
     try:
         ctx = prepare(cfg, need_models=False, shard=shard)
         shard.barrier()
@@ -471,7 +494,7 @@ def compute_modes(config: DistillConfig | dict) -> dict[str, str]:
     from .latents import load_class_latents, safetensors_bytes
 
     cfg = DistillConfig.from_dict(config) if isinstance(config, dict) else config
-    shard = Shard.from_env()
+    shard = Shard.from_config(cfg.shard)
     try:
         check_out(cfg.out, with_demo_defaults(cfg).data)
         ctx = prepare(cfg, need_models=False, shard=shard, per_class=cfg.ipc)
@@ -516,6 +539,9 @@ def profile_run(config: DistillConfig | dict, *, classes: int = 1, out: str | No
         raise ConfigError(f"--profile-classes {classes!r}: must be an integer >= 1")
     cfg = DistillConfig.from_dict(config) if isinstance(config, dict) else config
     cfg = with_demo_defaults(cfg.validate())
+    if cfg.shard is not None:
+        raise ConfigError(f"--shard {cfg.shard}: profile runs its first classes in one process; --shard is for "
+                          "cache, modes and distill")
     names = [e.name for e in scan_image_folder(cfg.data, classes=class_list(cfg.classes) if cfg.classes else None,
                                                 label_map=cfg.label_map, warn_stray=False)]
     tmp = None if out else tempfile.mkdtemp(prefix="manifoldgd-profile-")

@@ -1,0 +1,127 @@
+"""Independent shards (``--shard K/N``, e.g. a Slurm job array): N processes that never meet write the bytes
+one process writes, each sweeps only its own classes' leftovers, the manifest and the contact sheet are
+complete once the last shard finishes, and the locks keep a whole run and a shard's twin out."""
+import json
+import os
+import subprocess
+import sys
+
+from test_distributed import CLASSES, world  # noqa: F401  (the fixture)
+from test_pipeline import _args, _bad, _digest
+
+from manifoldgd_fast.cli import main
+from manifoldgd_fast.output import RunLock
+
+
+def _statuses(out):
+    return {c: v["status"] for c, v in json.loads((out / "manifest.json").read_text())["classes"].items()}
+
+
+def test_shards_one_after_another_give_one_process_bytes(tiny_world, tmp_path, capsys):
+    """Three shards run one after the other: each distils classes j = K mod 3, the manifest says which are
+    done after each, the contact sheet comes with the last, and the bytes are the single run's."""
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert main(_args(tiny_world, ref)) == 0
+    classes = ["apple", "banana", "cherry"]
+    for k in range(3):
+        capsys.readouterr()
+        assert main(_args(tiny_world, out, "--shard", f"{k}/3")) == 0
+        said = capsys.readouterr().out
+        assert f"distilled 1 of the run's 3 classes (--shard {k}/3)" in said, said
+        assert ("every class of the run is done" in said) == (k == 2), said
+        assert _statuses(out) == {c: "done" if j <= k else "pending" for j, c in enumerate(classes)}
+        assert (out / "contact_sheet.png").exists() == (k == 2)
+    assert _digest(out) == _digest(ref)
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["fingerprint"] == json.loads((ref / "manifest.json").read_text())["fingerprint"]
+    # a rerun of a finished shard does nothing, and a whole rerun finds everything done
+    assert main(_args(tiny_world, out, "--shard", "1/3")) == 0
+    said = capsys.readouterr().out
+    assert said.startswith("distilled 0 of the run's 3 classes (--shard 1/3) into ") and \
+        "; 3 were already done; every class of the run is done" in said, said
+    assert main(_args(tiny_world, out)) == 0 and _digest(out) == _digest(ref)
+
+
+def test_a_shard_sweeps_only_its_own_classes_leftovers(tiny_world, tmp_path):
+    """What a killed shard left (its class's temp folder and temp latents) is swept by its rerun; another
+    shard's leftovers and in-flight files are not touched."""
+    out = tmp_path / "out"
+    (out / "latents").mkdir(parents=True)
+    mine = [out / ".apple.tmp-99999", out / "latents" / ".tmp-apple.safetensors-x1"]       # shard 0/2: apple, cherry
+    theirs = [out / ".banana.tmp-99999", out / "latents" / ".tmp-banana.safetensors-x2", out / ".tmp-other-x3"]
+    for p in mine + theirs:
+        p.mkdir() if p.name.startswith(".apple.tmp") or p.name.startswith(".banana.tmp") else p.write_bytes(b"x")
+    assert main(_args(tiny_world, out, "--shard", "0/2")) == 0
+    assert not any(p.exists() for p in mine) and all(p.exists() for p in theirs)
+    assert main(_args(tiny_world, out, "--shard", "1/2")) == 0
+    assert not (out / ".banana.tmp-99999").exists() and not (out / "latents" / ".tmp-banana.safetensors-x2").exists()
+    assert (out / ".tmp-other-x3").exists()      # nobody's class: left for a whole run's sweep
+    assert main(_args(tiny_world, out)) == 0 and not (out / ".tmp-other-x3").exists()
+    assert set(_statuses(out).values()) == {"done"}
+
+
+def test_locks_keep_a_whole_run_and_a_shards_twin_out(tiny_world, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    with RunLock(str(out), shared=True):                     # shards at work: a whole run waits for them
+        last = _bad(tiny_world, tmp_path, _args(tiny_world, out), capsys)
+        assert "is being written by another run (processes of a --shard K/N run)" in last, last
+        with RunLock(str(out), name=".lock-shard-0-of-2"):    # shard 0/2 at work: its twin is refused
+            last = _bad(tiny_world, tmp_path, _args(tiny_world, out, "--shard", "0/2"), capsys)
+            assert "is being written by another process of --shard 0/2 (pid" in last, last
+            assert main(_args(tiny_world, out, "--shard", "1/2")) == 0   # the other shard runs beside it
+    with RunLock(str(out)):                                  # a whole run at work: no shard starts
+        last = _bad(tiny_world, tmp_path, _args(tiny_world, out, "--shard", "0/2"), capsys)
+        assert "is being written by a whole run (no --shard) (pid" in last, last
+
+
+def test_bad_shard_specs_are_one_line(tiny_world, tmp_path, capsys, monkeypatch):
+    for spec in ("2/2", "1", "a/b", "0/0", "3/ 2"):
+        last = _bad(tiny_world, tmp_path, _args(tiny_world, tmp_path / "o", "--shard", spec), capsys)
+        assert f"--shard {spec!r}: expected K/N with 0 <= K < N" in last, last
+    last = _bad(tiny_world, tmp_path, ["profile", "--data", tiny_world["data"], "--model", tiny_world["model"],
+                                       "--shard", "0/2"], capsys)
+    assert "--shard 0/2: profile runs its first classes in one process" in last, last
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    last = _bad(tiny_world, tmp_path, _args(tiny_world, tmp_path / "o", "--shard", "0/2"), capsys)
+    assert "--shard 0/2 under torchrun (WORLD_SIZE 2): use one or the other" in last, last
+    assert not (tmp_path / "o").exists()
+
+
+def test_cache_and_modes_take_their_share_too(tiny_world, tmp_path):
+    """`cache` and `modes` with --shard K/N: the shards together write the files one process writes."""
+    def files(folder):
+        return {f: (folder / f).read_bytes() for f in sorted(os.listdir(folder)) if f.endswith(".safetensors")}
+
+    base = ["--data", tiny_world["data"], "--model", tiny_world["model"], "--ipc", "2"]
+    for name, shards in (("one", [None]), ("two", ["0/2", "1/2"])):
+        for spec in shards:
+            extra = ["--shard", spec] if spec else []
+            assert main(["cache", *base, "--cache-dir", str(tmp_path / name / "cache"), *extra]) == 0
+            assert main(["modes", *base, "--cache-dir", str(tmp_path / name / "cache"), "--out",
+                         str(tmp_path / name / "run"), *extra]) == 0
+    one = files(tmp_path / "one" / "run" / "modes")
+    assert len(one) == 3 and one.keys() == files(tmp_path / "two" / "run" / "modes").keys()
+
+
+def test_concurrent_shard_processes_give_one_process_bytes(world, tmp_path):  # noqa: F811
+    """Two `--shard K/2` processes started together on one --out (a job array's tasks) finish, and the output
+    is the single process's, bytes and manifest; whichever finished last says the run is complete."""
+    def cmd(out, *extra):
+        return [sys.executable, "-m", "manifoldgd_fast", "distill", "--data", world["data"], "--model",
+                world["model"], "--out", str(out), "--cache-dir", os.path.join(world["root"], "cache"), "--ipc", "2",
+                "--steps", "10", "--t-stop", "5", "--batch-size", "2", *extra]
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    r = subprocess.run(cmd(tmp_path / "one"), env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    procs = [subprocess.Popen(cmd(tmp_path / "two", "--shard", f"{k}/2"), env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for k in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+    assert sum("every class of the run is done" in o for o, _ in outs) >= 1, outs
+    assert _digest(tmp_path / "two") == _digest(tmp_path / "one")
+    assert set(_statuses(tmp_path / "two").values()) == {"done"} and len(_statuses(tmp_path / "two")) == len(CLASSES)
+    assert (tmp_path / "two" / "contact_sheet.png").exists()
+
+
