@@ -52,7 +52,8 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     # the target's name in the temp's: an independent shard can tell (and sweep) its own classes' leftovers
-    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.path.basename(path)}-", dir=folder)
+    # (cut where a long class name would take the temp's name past the file system's 255 bytes)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.path.basename(path)[:160]}-", dir=folder)
     try:
         if hasattr(os, "fchmod"):  # mkstemp makes 0600 files: give the usual umask's mode, as open() would
             os.fchmod(fd, 0o666 & ~_UMASK)
