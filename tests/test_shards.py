@@ -125,3 +125,37 @@ def test_concurrent_shard_processes_give_one_process_bytes(world, tmp_path):  # 
     assert (tmp_path / "two" / "contact_sheet.png").exists()
 
 
+
+
+def test_a_shard_killed_mid_run_then_rerun_gives_the_same_bytes(world, tmp_path):  # noqa: F811
+    """SIGKILL shard 0/2 once one of its classes is done; its rerun (and shard 1/2) give one process's bytes."""
+    import signal
+    import time
+
+    def cmd(out, *extra):
+        return [sys.executable, "-m", "manifoldgd_fast", "distill", "--data", world["data"], "--model",
+                world["model"], "--out", str(out), "--cache-dir", os.path.join(world["root"], "cache"), "--ipc", "2",
+                "--steps", "50", "--t-stop", "25", "--batch-size", "2", *extra]
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert subprocess.run(cmd(ref), env=env, capture_output=True, timeout=600).returncode == 0
+    proc = subprocess.Popen(cmd(out, "--shard", "0/2"), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    mine = CLASSES[0::2]
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not any((out / c / ".complete").exists() for c in mine):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done = [c for c in mine if (out / c / ".complete").exists()]
+    assert 0 < len(done) < len(mine), done                  # killed mid-run
+    for spec in ("0/2", "1/2"):
+        r = subprocess.run(cmd(out, "--shard", spec), env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert _digest(out) == _digest(ref)
+    assert not [f for f in os.listdir(out) if ".tmp-" in f]  # the killed shard's leftovers were swept
