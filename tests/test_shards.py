@@ -13,6 +13,16 @@ from manifoldgd_fast.cli import main
 from manifoldgd_fast.output import RunLock
 
 
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def _command(w, out, steps, *extra):
+    """`python -m manifoldgd_fast distill` on the 5-class world ``w``, guided for the first half of ``steps``."""
+    return [sys.executable, "-m", "manifoldgd_fast", "distill", "--data", w["data"], "--model", w["model"],
+            "--out", str(out), "--cache-dir", os.path.join(w["root"], "cache"), "--ipc", "2",
+            "--steps", str(steps), "--t-stop", str(steps // 2), "--batch-size", "2", *extra]
+
+
 def _statuses(out):
     return {c: v["status"] for c, v in json.loads((out / "manifest.json").read_text())["classes"].items()}
 
@@ -108,14 +118,11 @@ def test_concurrent_shard_processes_give_one_process_bytes(world, tmp_path):  # 
     """Two `--shard K/2` processes started together on one --out (a job array's tasks) finish, and the output
     is the single process's, bytes and manifest; whichever finished last says the run is complete."""
     def cmd(out, *extra):
-        return [sys.executable, "-m", "manifoldgd_fast", "distill", "--data", world["data"], "--model",
-                world["model"], "--out", str(out), "--cache-dir", os.path.join(world["root"], "cache"), "--ipc", "2",
-                "--steps", "10", "--t-stop", "5", "--batch-size", "2", *extra]
+        return _command(world, out, 10, *extra)
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    r = subprocess.run(cmd(tmp_path / "one"), env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd(tmp_path / "one"), env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    procs = [subprocess.Popen(cmd(tmp_path / "two", "--shard", f"{k}/2"), env=env, stdout=subprocess.PIPE,
+    procs = [subprocess.Popen(cmd(tmp_path / "two", "--shard", f"{k}/2"), env=ENV, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for k in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
@@ -133,14 +140,11 @@ def test_a_shard_killed_mid_run_then_rerun_gives_the_same_bytes(world, tmp_path)
     import time
 
     def cmd(out, *extra):
-        return [sys.executable, "-m", "manifoldgd_fast", "distill", "--data", world["data"], "--model",
-                world["model"], "--out", str(out), "--cache-dir", os.path.join(world["root"], "cache"), "--ipc", "2",
-                "--steps", "50", "--t-stop", "25", "--batch-size", "2", *extra]
+        return _command(world, out, 50, *extra)
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     ref, out = tmp_path / "ref", tmp_path / "out"
-    assert subprocess.run(cmd(ref), env=env, capture_output=True, timeout=600).returncode == 0
-    proc = subprocess.Popen(cmd(out, "--shard", "0/2"), env=env, stdout=subprocess.DEVNULL,
+    assert subprocess.run(cmd(ref), env=ENV, capture_output=True, timeout=600).returncode == 0
+    proc = subprocess.Popen(cmd(out, "--shard", "0/2"), env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     mine = CLASSES[0::2]
     try:
@@ -155,7 +159,7 @@ def test_a_shard_killed_mid_run_then_rerun_gives_the_same_bytes(world, tmp_path)
     done = [c for c in mine if (out / c / ".complete").exists()]
     assert 0 < len(done) < len(mine), done                  # killed mid-run
     for spec in ("0/2", "1/2"):
-        r = subprocess.run(cmd(out, "--shard", spec), env=env, capture_output=True, text=True, timeout=600)
+        r = subprocess.run(cmd(out, "--shard", spec), env=ENV, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-2000:]
     assert _digest(out) == _digest(ref)
     assert not [f for f in os.listdir(out) if ".tmp-" in f]  # the killed shard's leftovers were swept
