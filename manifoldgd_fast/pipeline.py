@@ -320,7 +320,9 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
 
     manifest = dict(
         tool="manifoldgd-fast", version=__version__, fingerprint=fp, identity=identity, formulation=rcfg.formulation,
-        method=rcfg.method, config=rcfg.to_dict(), data=os.path.abspath(cfg.data), model=cfg.model,
+        method=rcfg.method, data=os.path.abspath(cfg.data), model=cfg.model,
+        # the run's settings; --shard is one process's part of it (world_size says how many shards there were)
+        config={k: v for k, v in rcfg.to_dict().items() if k != "shard"},
         vae=cfg.vae or cfg.model, image_size=ctx["image_size"], latent_cache=ctx["cache"],
         device=str(ctx["device"]), world_size=shard.world, extra=cfg.extra, versions=library_versions(),
         weights=ctx["weights"], seeds={

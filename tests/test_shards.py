@@ -44,6 +44,7 @@ def test_shards_one_after_another_give_one_process_bytes(tiny_world, tmp_path, c
     assert _digest(out) == _digest(ref)
     man = json.loads((out / "manifest.json").read_text())
     assert man["fingerprint"] == json.loads((ref / "manifest.json").read_text())["fingerprint"]
+    assert man["world_size"] == 3 and "shard" not in man["config"]
     # a rerun of a finished shard does nothing, and a whole rerun finds everything done
     assert main(_args(tiny_world, out, "--shard", "1/3")) == 0
     said = capsys.readouterr().out
