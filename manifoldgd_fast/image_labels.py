@@ -12,7 +12,7 @@ import logging
 import os
 
 from .classes import content_lines, split_pair
-from .data import IMAGE_EXTS, ClassEntry, _image_files
+from .data import IMAGE_EXTS, ClassEntry, _class_folders, _image_files
 from .errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -155,9 +155,8 @@ def scan_labelled_folder(root: str, labels_path: str, *, flag: str = "--val-labe
     labels = read_image_labels(labels_path, flag)
     files = _image_files(root)
     if not files:
-        sub = any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(root))
         raise DataError(f"{root}: no images at its top level" + (" (it holds class folders: leave out "
-                                                                  f"{flag})" if sub else ""))
+                                                                  f"{flag})" if _class_folders(root) else ""))
     unlabelled = [f for f in files if os.path.splitext(f)[0] not in labels]
     if unlabelled:
         raise DataError(f"{root}: {len(unlabelled)} of its {len(files)} images have no label in {labels_path} "

@@ -189,15 +189,8 @@ class OutputWriter:
                 class_tmp = folder == self.out and entry.startswith(".") and ".tmp-" in entry and os.path.isdir(path)
                 if not (entry.startswith(TMP_PREFIX) or class_tmp):
                     continue
-                if mine is not None:
-                    if class_tmp:
-                        owner = entry[1:entry.rindex(".tmp-")]
-                    elif folder == self.out:
-                        owner = None if any(entry.startswith(f"{TMP_PREFIX}{f}-") for f in files) else ""
-                    else:   # latents/<class>.safetensors, modes/<class>.safetensors
-                        owner = entry[len(TMP_PREFIX):].rsplit(".safetensors-", 1)[0]
-                    if owner is not None and owner not in mine:
-                        continue
+                if mine is not None and not _temp_is_ours(entry, class_tmp, folder == self.out, mine, files):
+                    continue
                 shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
                 removed.append(path)
         return removed
@@ -206,6 +199,17 @@ class OutputWriter:
         path = os.path.join(self.out, MANIFEST)
         atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True, default=str))
         return path
+
+
+def _temp_is_ours(entry: str, class_tmp: bool, top: bool, classes: set, files: Iterable[str]) -> bool:
+    """Whether a leftover belongs to ``classes`` (``.<class>.tmp-<pid>/``; ``latents/`` or ``modes/``
+    ``.tmp-<class>.safetensors-*``) or, in ``OUT`` itself, to one of ``files`` (``.tmp-<file>-*``)."""
+    if class_tmp:
+        return entry[1:entry.rindex(".tmp-")] in classes
+    target = entry[len(TMP_PREFIX):]
+    if top:
+        return any(target.startswith(f"{f}-") for f in files)
+    return target.rsplit(".safetensors-", 1)[0] in classes
 
 
 class RunLock:

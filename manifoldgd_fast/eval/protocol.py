@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..config import check_out_file, fields_digest
-from ..data import IMAGE_EXTS, RESAMPLERS, ClassEntry, iter_class_images, read_image_uint8, scan_image_folder
+from ..data import (IMAGE_EXTS, RESAMPLERS, ClassEntry, _class_folders, _image_files, iter_class_images,
+                    read_image_uint8, scan_image_folder)
 from ..devices import resolve_device
 from ..errors import ConfigError, DataError
 from ..image_labels import scan_labelled_folder
@@ -102,12 +103,8 @@ def _names(xs, limit: int = 10) -> str:
 
 
 def _flat_image_folder(folder: str) -> bool:
-    """Images directly in ``folder`` and no sub-folder (the layout --val-labels reads)."""
-    if not os.path.isdir(folder):
-        return False
-    entries = list(os.scandir(folder))
-    return (any(e.is_file() and e.name.lower().endswith(IMAGE_EXTS) for e in entries)
-            and not any(e.is_dir() and not e.name.startswith(".") for e in entries))
+    """Images directly in ``folder`` and no class folder (the layout --val-labels reads)."""
+    return os.path.isdir(folder) and bool(_image_files(folder)) and not _class_folders(folder)
 
 
 def match_classes(distilled: str, reference: str, *, exact: bool = True, what: str = "validation",
