@@ -49,7 +49,9 @@ setup(
     extras_require={
         "cuda": ["cupy-cuda12x", "nvtx"],
         "sd": ["transformers>=4.40"],  # the Stable Diffusion backbone's CLIP text encoder and tokenizer
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=4.40"],
+        # wheel: tests/test_packaging.py builds a wheel in this environment, and setuptools < 70.1 (a
+        # Python 3.11 venv's own) has no bdist_wheel without it
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=4.40", "wheel"],
         "bench": ["pytest-benchmark", "matplotlib"],
     },
     entry_points={"console_scripts": ["manifoldgd-fast=manifoldgd_fast.cli:main"]},

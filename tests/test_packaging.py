@@ -6,7 +6,9 @@ unpacked into a folder and imported from there in a child process.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,9 +19,16 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", text)[:2])
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
-    pytest.importorskip("setuptools", reason="building the wheel needs setuptools, pip's build backend here")
+    setuptools = pytest.importorskip("setuptools", reason="building the wheel needs setuptools, pip's build backend")
+    if _version(setuptools.__version__) < (70, 1) and importlib.util.find_spec("wheel") is None:
+        pytest.skip(f"setuptools {setuptools.__version__} has no bdist_wheel without the wheel package "
+                    "(pip install -e '.[dev]' brings it)")
     tree = tmp_path_factory.mktemp("tree")
     for name in ("setup.py", "README.md", "MANIFEST.in"):
         shutil.copy(os.path.join(ROOT, name), tree / name)
