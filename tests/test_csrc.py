@@ -14,6 +14,7 @@ The device's own float intrinsics (``rsqrtf``) and scheduling stay for a GPU to 
 import os
 import shutil
 import subprocess
+import sys
 import sysconfig
 
 import numpy as np
@@ -55,6 +56,35 @@ def test_cuda_ext_declares_the_launcher_csrc_defines():
         return " ".join(m.group(1).split())
 
     assert params(cuda_ext._BINDING) == params(cu)
+
+
+def _cuda_home() -> str | None:
+    """The CUDA toolkit: $CUDA_HOME, /usr/local/cuda, else two folders above the real nvcc (not a wrapper's)."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    if os.path.isfile("/usr/local/cuda/bin/nvcc"):
+        return "/usr/local/cuda"
+    nvcc = shutil.which("nvcc")
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
+
+
+@pytest.mark.skipif(torch.version.cuda is None,
+                    reason="this torch is a CPU build: load_inline cannot build a CUDA extension against it")
+@pytest.mark.skipif(_cuda_home() is None, reason="no CUDA toolkit (nvcc) on this machine")
+def test_cuda_ext_builds_links_and_imports_with_load_inline(tmp_path):
+    """What the first CUDA eigen-step does on a GPU machine, without the GPU: cuda_ext.build() compiles the
+    binding and sym_eig.cu with torch's load_inline (nvcc, the host compiler), links them against torch's CUDA
+    libraries and imports the module. Architectures from TORCH_CUDA_ARCH_LIST (sm_90 where unset), since no
+    device says them; in a child process, so that this process's extension state is untouched."""
+    env = {**os.environ, "CUDA_HOME": _cuda_home(), "MAX_JOBS": os.environ.get("MAX_JOBS", "2")}
+    env.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    code = ("import sys; from manifoldgd_fast.kernels import cuda_ext; "
+            "m = cuda_ext.build(build_directory=sys.argv[1]); print(m.__file__); print(callable(m.sym_eig))")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    so, ok = proc.stdout.strip().splitlines()[-2:]
+    assert os.path.isfile(so) and so.startswith(str(tmp_path)) and ok == "True", proc.stdout
 
 
 _HARNESS = r"""

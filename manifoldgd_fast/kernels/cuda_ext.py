@@ -53,6 +53,19 @@ _MODULE = None
 _REASON = None
 
 
+def build(build_directory: str | None = None, verbose: bool = False):
+    """Compile sym_eig.cu and the binding with ``load_inline`` (nvcc, torch's CUDA build) and import the module;
+    raises on any failure. Needs no GPU: the architectures come from ``TORCH_CUDA_ARCH_LIST`` where no device
+    says them. ``build_directory``: torch's extension cache unless given."""
+    from torch.utils.cpp_extension import load_inline
+
+    with open(source_path(), encoding="utf-8") as f:
+        cuda_src = f.read()
+    return load_inline(name="manifoldgd_sym_eig", cpp_sources=_BINDING, cuda_sources=cuda_src,
+                       functions=["sym_eig"], extra_cuda_cflags=["-O3"], build_directory=build_directory,
+                       verbose=verbose)
+
+
 def load():
     """(module, None) with ``module.sym_eig(A, max_sweeps, tol, stream) -> [w, V]``, or (None, reason)."""
     global _MODULE, _REASON
@@ -60,16 +73,18 @@ def load():
         return _MODULE, _REASON
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, load_inline
+        from torch.utils.cpp_extension import CUDA_HOME
 
         if not torch.cuda.is_available() or torch.version.cuda is None:
             raise RuntimeError("this torch has no CUDA")
         if CUDA_HOME is None:
             raise RuntimeError("no CUDA toolkit (nvcc) found")
-        with open(source_path(), encoding="utf-8") as f:
-            cuda_src = f.read()
-        _MODULE = load_inline(name="manifoldgd_sym_eig", cpp_sources=_BINDING, cuda_sources=cuda_src,
-                              functions=["sym_eig"], extra_cuda_cflags=["-O3"], verbose=False)
+        try:
+            _MODULE = build()
+        except Exception as e:
+            # torch takes CUDA_HOME from $CUDA_HOME, else two folders above `which nvcc`: a wrapper script
+            # there (e.g. /usr/local/bin/nvcc) gives a folder without the CUDA libraries, and the link fails
+            raise RuntimeError(f"{e} (CUDA_HOME={CUDA_HOME}: set $CUDA_HOME to the CUDA toolkit if it is not)") from e
     except Exception as e:  # any failure: report, never raise
         _REASON = f"{type(e).__name__}: {e}".strip()[:300]
     return _MODULE, _REASON
