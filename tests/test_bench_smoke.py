@@ -120,6 +120,33 @@ def test_gpu_session_script_names_what_exists():
 
 
 
+def test_device_stack_script_installs_what_setup_py_requires():
+    """bench/device_stack.sh (the suite under the GPU image's packages) parses, and its one pip install names
+    every package setup.py requires and every one of the dev extra: one added to setup.py and not there would
+    fail that run at import, not on what it is meant to find."""
+    import ast
+    import re
+
+    path = os.path.join(ROOT, "bench", "device_stack.sh")
+    assert subprocess.run(["bash", "-n", path]).returncode == 0
+    text = open(path).read().replace("\\\n", " ")
+    (install,) = [line for line in text.splitlines() if "/bin/pip\" install" in line]
+    installed = {re.split(r"[=<>\"]", w.strip('"'))[0].lower().replace("_", "-")
+                 for w in install.split("install", 1)[1].split() if not w.startswith("-")}
+    tree = ast.parse(open(os.path.join(ROOT, "setup.py")).read())
+    wanted = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "requires":
+            wanted |= {ast.literal_eval(e) for e in node.value.elts}
+        if isinstance(node, ast.keyword) and node.arg == "extras_require":
+            wanted |= set(ast.literal_eval(node.value)["dev"])
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "append":
+            wanted |= {ast.literal_eval(a) for a in node.args if isinstance(a, ast.Constant)}
+    names = {re.split(r"[=<>]", w)[0].lower().replace("_", "-") for w in wanted}
+    assert "torch" in names and "pytest" in names and "triton" in names
+    assert names <= installed, sorted(names - installed)
+
+
 def test_bench_sampling_refuses_an_unknown_row(capsys):
     """A --rows name the benchmark does not build is refused (rc 2, naming the rows there are), not run as
     an empty table."""
