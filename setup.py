@@ -51,7 +51,10 @@ setup(
         "sd": ["transformers>=4.40"],  # the Stable Diffusion backbone's CLIP text encoder and tokenizer
         # wheel: tests/test_packaging.py builds a wheel in this environment, and setuptools < 70.1 (a
         # Python 3.11 venv's own) has no bdist_wheel without it
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=4.40", "wheel"],
+        # nvidia-cuda-nvrtc: NVRTC for tests/test_csrc.py's check that csrc/ compiles the way cuda_ext does
+        # without nvcc (torch's CUDA wheels bring it anyway)
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=4.40", "wheel",
+                "nvidia-cuda-nvrtc; sys_platform == 'linux' and platform_machine == 'x86_64'"],
         "bench": ["pytest-benchmark", "matplotlib"],
     },
     entry_points={"console_scripts": ["manifoldgd-fast=manifoldgd_fast.cli:main"]},

@@ -28,7 +28,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   # setup.py's requires and its dev extra, at the image's versions where it has them
   "$VENV/bin/pip" install -q torch==2.11.0 triton==3.6.0 "diffusers==$diffusers" transformers==5.17.0 \
       huggingface_hub==1.33.0 numpy==2.5.2 safetensors==0.8.0 tokenizers==0.23.2 \
-      tqdm pillow pyyaml scikit-learn pytest pytest-benchmark hypothesis wheel
+      tqdm pillow pyyaml scikit-learn pytest pytest-benchmark hypothesis wheel nvidia-cuda-nvrtc
 fi
 "$VENV/bin/python" -c "import sys, torch, triton, diffusers, transformers, huggingface_hub, numpy
 print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__, '| diffusers',

@@ -16,8 +16,12 @@
 //
 // Pure CUDA runtime (no torch headers), so CI compiles it with plain nvcc; the PyTorch binding
 // is compiled at run time by manifoldgd_fast/kernels/cuda_ext.py (torch.utils.cpp_extension.load_inline).
+// Without nvcc, cuda_ext compiles the kernel alone with NVRTC (through CuPy) and launches it itself:
+// under NVRTC (__CUDACC_RTC__) the runtime header and the host launcher drop out.
 
+#ifndef __CUDACC_RTC__
 #include <cuda_runtime.h>
+#endif
 
 namespace {
 
@@ -170,6 +174,7 @@ mgd_sym_eig_f32(const float* __restrict__ A, float* __restrict__ w, float* __res
   }
 }
 
+#ifndef __CUDACC_RTC__
 // Host launcher (plain C ABI, so the run-time binding needs no CUDA headers): returns the
 // cudaError_t of the launch. `stream` is a cudaStream_t (the caller's current stream).
 extern "C" int mgd_sym_eig_f32_launch(const float* A, float* w, float* V, int batch, int n,
@@ -178,3 +183,4 @@ extern "C" int mgd_sym_eig_f32_launch(const float* A, float* w, float* V, int ba
   mgd_sym_eig_f32<<<batch, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(A, w, V, n, max_sweeps, tol);
   return static_cast<int>(cudaGetLastError());
 }
+#endif  // __CUDACC_RTC__

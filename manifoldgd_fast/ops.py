@@ -31,8 +31,8 @@ chosen in one place, :func:`manifoldgd_fast.dispatch._pick_backend`:
 
 The eigen-step inside the fused path has its own chain, decided once per
 device in :func:`manifoldgd_fast.dispatch._eig_backend`: CUDA C++
-(``csrc/sym_eig.cu``, compiled at run time; ``MANIFOLDGD_NO_CUDA_EXT=1`` skips
-it) -> the Triton Jacobi -> the PyTorch Jacobi (``sym_eig`` only). A missing
+(``csrc/sym_eig.cu``, compiled at run time by nvcc, else by NVRTC through CuPy;
+``MANIFOLDGD_NO_CUDA_EXT=1`` skips it) -> the Triton Jacobi -> the PyTorch Jacobi (``sym_eig`` only). A missing
 backend warns once; importing this module never needs Triton, a GPU or a compiler.
 
 The fused ops (``manifold_correct_fused``, ``manifold_pull_fused``) never

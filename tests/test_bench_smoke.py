@@ -142,7 +142,7 @@ def test_device_stack_script_installs_what_setup_py_requires():
             wanted |= set(ast.literal_eval(node.value)["dev"])
         if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "append":
             wanted |= {ast.literal_eval(a) for a in node.args if isinstance(a, ast.Constant)}
-    names = {re.split(r"[=<>]", w)[0].lower().replace("_", "-") for w in wanted}
+    names = {re.split(r"[=<>;\s]", w)[0].lower().replace("_", "-") for w in wanted}
     assert "torch" in names and "pytest" in names and "triton" in names
     assert names <= installed, sorted(names - installed)
 

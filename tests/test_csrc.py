@@ -12,6 +12,7 @@ structure, its shared-memory updates and their synchronisation) is checked again
 The device's own float intrinsics (``rsqrtf``) and scheduling stay for a GPU to check.
 """
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 import pytest
-from conftest import check_eig, check_eig_extremes, eig_test_matrices
+from conftest import check_eig, check_eig_extremes, eig_test_matrices, requires_cuda
 
 CXX = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
 
@@ -43,8 +44,6 @@ def test_cuda_ext_binding_compiles_against_torch_headers(tmp_path):
 def test_cuda_ext_declares_the_launcher_csrc_defines():
     """The binding's extern "C" declaration and csrc/sym_eig.cu's definition have the same parameter list
     (an extern "C" mismatch links fine and fails at run time)."""
-    import re
-
     from manifoldgd_fast.kernels import cuda_ext
 
     with open(cuda_ext.source_path(), encoding="utf-8") as f:
@@ -87,12 +86,167 @@ def test_cuda_ext_builds_links_and_imports_with_load_inline(tmp_path):
     assert os.path.isfile(so) and so.startswith(str(tmp_path)) and ok == "True", proc.stdout
 
 
+def _libnvrtc() -> str | None:
+    """NVRTC's shared library: the CUDA toolkit's, else a pip package's (nvidia-cuda-nvrtc), else the loader's."""
+    import ctypes.util
+    import glob
+    import site
+
+    home = _cuda_home()
+    roots = [os.path.join(home, d) for d in ("lib64", "lib")] if home else []
+    roots += [os.path.join(p, "nvidia", "*", "lib") for p in site.getsitepackages()]
+    for root in roots:
+        found = sorted(glob.glob(os.path.join(root, "libnvrtc.so*")))
+        found = [f for f in found if "builtins" not in f and ".alt." not in f]
+        if found:
+            return found[0]
+    return ctypes.util.find_library("nvrtc")
+
+
+def _nvrtc_compile(source: str, options: list[str]) -> tuple[int, str, str]:
+    """(result, log, ptx) of NVRTC on ``source``, through its C API (no CuPy needed)."""
+    import ctypes
+
+    lib = ctypes.CDLL(_libnvrtc())
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"sym_eig.cu", 0, None, None) == 0
+    opts = (ctypes.c_char_p * len(options))(*(o.encode() for o in options))
+    result = lib.nvrtcCompileProgram(prog, len(options), opts)
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    ptx = b""
+    if result == 0:
+        lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+        buf = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetPTX(prog, buf)
+        ptx = buf.value
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    return result, log.value.decode(errors="replace"), ptx.decode(errors="replace")
+
+
+@pytest.mark.skipif(_libnvrtc() is None, reason="no NVRTC library (CUDA toolkit or nvidia-cuda-nvrtc) here")
+@pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
+def test_sym_eig_source_compiles_under_nvrtc_to_the_kernel_alone(arch):
+    """cuda_ext's way without nvcc (CuPy's RawModule) hands sym_eig.cu to NVRTC, which has no host compiler
+    and no cuda_runtime.h: the file must compile there (its header and host launcher guarded by
+    __CUDACC_RTC__) to the extern "C" kernel cuda_ext.KERNEL, and nothing else."""
+    from manifoldgd_fast.kernels import cuda_ext
+
+    with open(cuda_ext.source_path(), encoding="utf-8") as f:
+        src = f.read()
+    result, log, ptx = _nvrtc_compile(src, [f"--gpu-architecture={arch}", "-std=c++17"])
+    assert result == 0, log[-4000:]
+    entries = re.findall(r"\.entry\s+(\w+)", ptx)
+    assert entries == [cuda_ext.KERNEL], entries
+
+
+def test_nvrtc_launch_matches_the_cpp_launcher():
+    """The Python launch of the NVRTC way makes the C++ launcher's: a block of kThreads threads per matrix, the
+    kernel's name and parameter list, and its scalars at the kernel's widths (a Python int would go as 8
+    bytes where the kernel reads an int)."""
+    import numpy as np
+
+    from manifoldgd_fast.kernels import cuda_ext
+
+    with open(cuda_ext.source_path(), encoding="utf-8") as f:
+        cu = f.read()
+    assert int(re.search(r"constexpr int kThreads = (\d+);", cu).group(1)) == cuda_ext.THREADS
+    assert int(re.search(r"constexpr int kMaxN = (\d+);", cu).group(1)) == cuda_ext._MAX_N
+    assert re.search(r"mgd_sym_eig_f32<<<batch, kThreads, 0, ", cu)
+    m = re.search(r'extern "C" __global__ void __launch_bounds__\(kThreads\)\s*(\w+)\(([^)]*)\)', cu)
+    assert m and m.group(1) == cuda_ext.KERNEL
+    kinds = [p.split()[0] if "*" not in p else "ptr" for p in m.group(2).replace("const ", "").split(",")]
+    assert kinds == ["ptr", "ptr", "ptr", "int", "int", "float"], kinds
+    A = torch.randn(3, 5, 5)
+    w, V = torch.empty(3, 5), torch.empty(3, 5, 5)
+    args = cuda_ext.launch_args(A, w, V, 40, 1e-7)
+    width = {"ptr": np.uint64, "int": np.int32, "float": np.float32}
+    assert [type(a) for a in args] == [width[k] for k in kinds]
+    assert [int(a) for a in args[:4]] == [A.data_ptr(), w.data_ptr(), V.data_ptr(), 5] and int(args[4]) == 40
+    assert args[5] == np.float32(1e-7)
+
+
+def test_cuda_ext_load_names_each_way_it_tried(monkeypatch):
+    """load() tries nvcc, then NVRTC, and where neither works says why for each (or for the one forced by
+    MANIFOLDGD_CUDA_EXT); a bad MANIFOLDGD_CUDA_EXT is named."""
+    from manifoldgd_fast.kernels import cuda_ext
+
+    def fail(name):
+        def way():
+            raise RuntimeError(f"{name} is missing")
+        return way
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda_ext, "load_nvcc", fail("nvcc"))
+    monkeypatch.setattr(cuda_ext, "load_nvrtc", fail("cupy"))
+    for choice, want in [(None, "nvcc: RuntimeError: nvcc is missing; nvrtc: RuntimeError: cupy is missing"),
+                         ("nvrtc", "nvrtc: RuntimeError: cupy is missing"),
+                         ("cuda", "MANIFOLDGD_CUDA_EXT='cuda': expected nvcc, nvrtc or auto")]:
+        monkeypatch.setattr(cuda_ext, "_MODULE", None)
+        monkeypatch.setattr(cuda_ext, "_REASON", None)
+        if choice is None:
+            monkeypatch.delenv("MANIFOLDGD_CUDA_EXT", raising=False)
+        else:
+            monkeypatch.setenv("MANIFOLDGD_CUDA_EXT", choice)
+        mod, reason = cuda_ext.load()
+        assert mod is None and want in reason, reason
+    monkeypatch.setattr(cuda_ext, "_MODULE", None)
+    monkeypatch.setattr(cuda_ext, "_REASON", None)
+    monkeypatch.delenv("MANIFOLDGD_CUDA_EXT", raising=False)
+    monkeypatch.setattr(cuda_ext, "load_nvrtc", lambda: "the nvrtc module")
+    assert cuda_ext.load() == ("the nvrtc module", None)
+
+
+@requires_cuda()
+@pytest.mark.parametrize("n", [10, 33, 64])
+def test_nvrtc_sym_eig_on_the_gpu_against_float64(n):
+    """The NVRTC way (CuPy compiles, Python launches) on a GPU, at the nvcc way's tolerances against float64
+    (test_kernels_triton.py checks that one); the extremes (rescaling, NaN) as every solver's."""
+    pytest.importorskip("cupy", reason="the NVRTC way needs CuPy (pip install cupy-cuda12x or cupy-cuda13x)")
+    from manifoldgd_fast.kernels import cuda_ext, sym_eig as sym_eig_k
+
+    mod = cuda_ext.load_nvrtc()
+    A = eig_test_matrices(n, torch.Generator().manual_seed(n))
+    Ac = A.float().cuda()
+    stream = torch.cuda.current_stream().cuda_stream
+    w, V = mod.sym_eig(Ac, sym_eig_k.MAX_SWEEPS, sym_eig_k.TOL, stream)
+    check_eig(w.cpu(), V.cpu(), A, 2e-6 if n <= 16 else 5e-6)
+    check_eig_extremes(lambda M: [t.cpu() for t in mod.sym_eig(M.float().cuda(), sym_eig_k.MAX_SWEEPS,
+                                                                 sym_eig_k.TOL, stream)], n, 5e-6)
+
+
+@requires_cuda()
+def test_nvrtc_sym_eig_captures_in_a_cuda_graph():
+    """The Python launch (CuPy on an ExternalStream of torch's current stream) is captured by torch's CUDA
+    graph and replays the eager call's bits: the fused step stays capturable on the NVRTC way."""
+    pytest.importorskip("cupy", reason="the NVRTC way needs CuPy (pip install cupy-cuda12x or cupy-cuda13x)")
+    from triton_helpers import assert_graph_replay_equals_eager
+
+    from manifoldgd_fast.kernels import cuda_ext, sym_eig as sym_eig_k
+
+    mod = cuda_ext.load_nvrtc()
+    A = eig_test_matrices(12, torch.Generator().manual_seed(0)).float().cuda().repeat(64, 1, 1)
+
+    def step():
+        w, V = mod.sym_eig(A, sym_eig_k.MAX_SWEEPS, sym_eig_k.TOL, torch.cuda.current_stream().cuda_stream)
+        return torch.cat([w.flatten(), V.flatten()])
+
+    assert_graph_replay_equals_eager(step)
+
+
 _HARNESS = r"""
 #include <cstdio>
 #include <thread>
 #include <vector>
 
+// the kernel as NVRTC sees it (the host launcher and the runtime header drop out under __CUDACC_RTC__),
+// with the emulation's runtime header in their place
+#include <cuda_runtime.h>
+#define __CUDACC_RTC__ 1
 #include "sym_eig_kernel.cu"
+#undef __CUDACC_RTC__
 
 // stdin: int32 batch, n, max_sweeps; float32 tol; batch*n*n float32 A. stdout: w (batch*n), V (batch*n*n).
 int main() {
@@ -123,24 +277,21 @@ int main() {
 
 @pytest.fixture(scope="module")
 def emulated_sym_eig(tmp_path_factory):
-    """csrc/sym_eig.cu's kernel (its <<<>>> launcher cut off) built for the host against the emulation header."""
+    """csrc/sym_eig.cu's kernel (under __CUDACC_RTC__, as NVRTC compiles it: no <<<>>> launcher) built for the
+    host against the emulation header."""
     if CXX is None:
         pytest.skip("no host C++ compiler (c++ / g++) on this machine")
-    import re
-
     from manifoldgd_fast.kernels import cuda_ext
 
     with open(cuda_ext.source_path(), encoding="utf-8") as f:
         cu = f.read()
-    cut = re.search(r'^extern "C" int mgd_sym_eig_f32_launch', cu, flags=re.M)
-    assert cut, "csrc/sym_eig.cu: no host launcher where expected"
     d = tmp_path_factory.mktemp("sym_eig_host")
     (d / "probe.cpp").write_text("#include <barrier>\nint main() { std::barrier<> b(1); b.arrive_and_wait(); }\n")
     probe = subprocess.run([CXX, "-std=c++20", "-pthread", str(d / "probe.cpp"), "-o", str(d / "probe")],
                            capture_output=True, text=True, timeout=300)
     if probe.returncode != 0:
         pytest.skip(f"the host compiler has no C++20 std::barrier: {probe.stderr.strip().splitlines()[-1:]}")
-    (d / "sym_eig_kernel.cu").write_text(cu[:cut.start()])
+    (d / "sym_eig_kernel.cu").write_text(cu)
     (d / "main.cpp").write_text(_HARNESS)
     exe = d / "sym_eig_host"
     here = os.path.dirname(os.path.abspath(__file__))

@@ -1,10 +1,17 @@
-"""Run-time build of ``csrc/sym_eig.cu`` (the CUDA C++ batched Jacobi) through ``torch.utils.cpp_extension``.
+"""Run-time build of ``csrc/sym_eig.cu`` (the CUDA C++ batched Jacobi): nvcc through torch, else NVRTC.
 
 Optional by design: nothing imports this unless a CUDA tensor asks for the
-eigen-step, the build happens once per machine (torch's extension cache), and
-any failure (no nvcc, no CUDA build of torch, a compiler error) is reported by
-:func:`load` as a reason string, never raised; ``ops`` then warns once and
-falls back to the Triton eigen-step.
+eigen-step. Two ways to a module with ``sym_eig(A, max_sweeps, tol, stream) -> [w, V]``:
+
+1. ``nvcc``: the file and a C++ binding built by ``torch.utils.cpp_extension.load_inline``
+   (once per machine, torch's extension cache). Needs a CUDA toolkit.
+2. ``nvrtc``: where there is no toolkit (a pip-installed torch often has none), the kernel alone
+   compiled by NVRTC through CuPy (the ``[cuda]`` extra) and launched from Python on the
+   caller's stream, with the launch the C++ launcher makes (one block of ``THREADS`` per matrix).
+
+``MANIFOLDGD_CUDA_EXT=nvcc|nvrtc`` takes one way only (default: nvcc, then nvrtc). Any failure
+is reported by :func:`load` as a reason string, never raised; ``ops`` then warns once and falls
+back to the Triton eigen-step.
 """
 from __future__ import annotations
 
@@ -66,27 +73,138 @@ def build(build_directory: str | None = None, verbose: bool = False):
                        verbose=verbose)
 
 
+THREADS = 256  # csrc/sym_eig.cu's kThreads: the block of one matrix (a test reads it from the source)
+KERNEL = "mgd_sym_eig_f32"  # its extern "C" __global__ kernel
+_MAX_N = 64
+
+
+def launch_args(A, w, V, max_sweeps: int, tol: float) -> tuple:
+    """The kernel's arguments as CuPy passes them by value: three device pointers (8 bytes each), then
+    ``int n, int max_sweeps, float tol`` as 4-byte scalars (a Python int or float would go as 8 bytes)."""
+    import numpy as np
+
+    return (np.uint64(A.data_ptr()), np.uint64(w.data_ptr()), np.uint64(V.data_ptr()), np.int32(A.shape[1]),
+            np.int32(max_sweeps), np.float32(tol))
+
+
+class NvrtcSymEig:
+    """``sym_eig(A, max_sweeps, tol, stream) -> [w, V]`` as the nvcc-built extension's: ``mgd_sym_eig_f32``
+    compiled by NVRTC through CuPy (one module per device, so each gets its own architecture) and launched
+    on the caller's stream. No host synchronisation: CUDA-graph capturable once compiled."""
+
+    via = "nvrtc"
+
+    def __init__(self):
+        import cupy
+
+        self._cupy = cupy
+        with open(source_path(), encoding="utf-8") as f:
+            self._source = f.read()
+        self._functions = {}
+
+    def function(self, device_index: int):
+        """The kernel compiled for that device (at the first call: NVRTC, then the module load)."""
+        fn = self._functions.get(device_index)
+        if fn is None:
+            with self._cupy.cuda.Device(device_index):
+                module = self._cupy.RawModule(code=self._source, options=("-std=c++17",))
+                fn = self._functions[device_index] = module.get_function(KERNEL)
+        return fn
+
+    def sym_eig(self, A, max_sweeps: int, tol: float, stream: int):
+        import torch
+
+        if not A.is_cuda or A.dtype != torch.float32:
+            raise RuntimeError(f"sym_eig: A must be a float32 CUDA tensor, got {A.dtype} on {A.device}")
+        if A.dim() != 3 or A.shape[1] != A.shape[2] or not 1 <= A.shape[1] <= _MAX_N:
+            raise RuntimeError(f"sym_eig: A must be (B, n, n) with 1 <= n <= {_MAX_N}, got {tuple(A.shape)}")
+        Ac = A.contiguous()
+        w = torch.empty(A.shape[:2], dtype=A.dtype, device=A.device)
+        V = torch.empty_like(Ac)
+        if A.shape[0] == 0:
+            return [w, V]
+        fn = self.function(A.device.index)
+        with self._cupy.cuda.Device(A.device.index), self._stream(stream, A.device.index):
+            fn((A.shape[0],), (THREADS,), launch_args(Ac, w, V, max_sweeps, tol))
+        return [w, V]
+
+    def _stream(self, ptr: int, device_index: int):
+        """The caller's stream as CuPy's (``Stream.from_external`` since CuPy 14, ``ExternalStream`` before)."""
+        cuda = self._cupy.cuda
+        if hasattr(cuda.Stream, "from_external"):
+            return cuda.Stream.from_external(_StreamHandle(ptr))
+        return cuda.ExternalStream(ptr, device_index)
+
+
+class _StreamHandle:
+    """A raw ``cudaStream_t`` under the CUDA stream protocol (``__cuda_stream__`` -> (version 0, handle))."""
+
+    def __init__(self, ptr: int):
+        self.ptr = int(ptr)
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.ptr)
+
+
+def load_nvcc():
+    """The nvcc-built extension (its ``via`` is 'nvcc'); raises on any failure."""
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if torch.version.cuda is None:
+        raise RuntimeError("this torch has no CUDA")
+    if CUDA_HOME is None:
+        raise RuntimeError("no CUDA toolkit (nvcc) found")
+    try:
+        module = build()
+    except Exception as e:
+        # torch takes CUDA_HOME from $CUDA_HOME, else two folders above `which nvcc`: a wrapper script
+        # there (e.g. /usr/local/bin/nvcc) gives a folder without the CUDA libraries, and the link fails
+        raise RuntimeError(f"{e} (CUDA_HOME={CUDA_HOME}: set $CUDA_HOME to the CUDA toolkit if it is not)") from e
+    module.via = "nvcc"
+    return module
+
+
+def load_nvrtc():
+    """The kernel through NVRTC (CuPy), compiled for the current device now, so that a compiler error shows
+    here; raises on any failure (no CuPy: the message names the wheel for torch's CUDA)."""
+    import torch
+
+    try:
+        module = NvrtcSymEig()  # imports CuPy
+    except ImportError as e:
+        raise RuntimeError(f"no CuPy ({e}): pip install cupy-cuda{(torch.version.cuda or '12').split('.')[0]}x") from e
+    module.function(torch.cuda.current_device())
+    return module
+
+
 def load():
-    """(module, None) with ``module.sym_eig(A, max_sweeps, tol, stream) -> [w, V]``, or (None, reason)."""
+    """(module, None) with ``module.sym_eig(A, max_sweeps, tol, stream) -> [w, V]`` and ``module.via``
+    ('nvcc' or 'nvrtc'), or (None, reason): each way tried, in order, until one works."""
     global _MODULE, _REASON
     if _MODULE is not None or _REASON is not None:
         return _MODULE, _REASON
+    ways = {"nvcc": load_nvcc, "nvrtc": load_nvrtc}
+    choice = os.environ.get("MANIFOLDGD_CUDA_EXT", "auto")
+    reasons = []
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME
 
-        if not torch.cuda.is_available() or torch.version.cuda is None:
-            raise RuntimeError("this torch has no CUDA")
-        if CUDA_HOME is None:
-            raise RuntimeError("no CUDA toolkit (nvcc) found")
-        try:
-            _MODULE = build()
-        except Exception as e:
-            # torch takes CUDA_HOME from $CUDA_HOME, else two folders above `which nvcc`: a wrapper script
-            # there (e.g. /usr/local/bin/nvcc) gives a folder without the CUDA libraries, and the link fails
-            raise RuntimeError(f"{e} (CUDA_HOME={CUDA_HOME}: set $CUDA_HOME to the CUDA toolkit if it is not)") from e
-    except Exception as e:  # any failure: report, never raise
-        _REASON = f"{type(e).__name__}: {e}".strip()[:300]
+        if not torch.cuda.is_available():
+            raise RuntimeError("no CUDA device")
+        if choice not in ("auto", *ways):
+            raise RuntimeError(f"MANIFOLDGD_CUDA_EXT={choice!r}: expected nvcc, nvrtc or auto")
+        for name, way in ways.items():
+            if choice in ("auto", name):
+                try:
+                    _MODULE = way()
+                    break
+                except Exception as e:  # any failure: the next way, then a reason, never raised
+                    reasons.append(f"{name}: {type(e).__name__}: {e}".strip()[:300])
+    except Exception as e:
+        reasons.append(f"{type(e).__name__}: {e}".strip()[:300])
+    if _MODULE is None:
+        _REASON = "; ".join(reasons)
     return _MODULE, _REASON
 
 
