@@ -11,7 +11,7 @@ synchronised). Physics per case:
   rows twice more, x, g, eps and the output;
 * official step (``manifold_pull_fused``): Gnormal/s (the cloud is generated, not read:
   2 N D normals per sample in the kNN pass, 2 x 2 k D to regenerate the chosen points);
-* eigen-step (``sym_eig``): matrices/s for B small symmetric matrices, CUDA C++ vs Triton
+* eigen-step (``sym_eig``): matrices/s for B small symmetric matrices, CUDA C++ (nvcc or NVRTC) vs Triton
   vs the PyTorch Jacobi vs ``torch.linalg.eigh`` (cuSOLVER, fp32);
 * the issue's sweep (``patch_sweep``: B in {16, 64, 256}, patch rows M in {500, 1300, 10000},
   D in {4096, 16384}, bf16 latents, k = 10, d = 3): ms per guided step of ours, the plain-torch
@@ -101,6 +101,15 @@ def eig_cases(quick):
             except Exception as e:
                 print(f"  sym_eig backend {name}: {type(e).__name__}: {str(e)[:100]}")
                 res[name] = float("nan")
+        try:  # the CUDA C++ kernel by its NVRTC way (CuPy), whichever way "cuda" above took
+            from manifoldgd_fast.kernels import cuda_ext, sym_eig as sym_eig_k
+
+            nv = cuda_ext.load_nvrtc()
+            res["nvrtc"] = bench_ms(lambda: nv.sym_eig(A, sym_eig_k.MAX_SWEEPS, sym_eig_k.TOL,  # noqa: B023
+                                                       torch.cuda.current_stream().cuda_stream), quick)[0]
+        except Exception as e:
+            print(f"  sym_eig by NVRTC: {type(e).__name__}: {str(e)[:100]}")
+            res["nvrtc"] = float("nan")
         res["linalg"] = bench_ms(lambda: torch.linalg.eigh(A), quick)[0]  # noqa: B023
         best = min(v for k_, v in res.items() if k_ != "linalg" and v == v)
         rows.append(dict(op="sym_eig", B=B, rows=n, D=n, dtype="float32", fused_ms=best, fused_p20=float("nan"),
