@@ -92,8 +92,6 @@ class NvrtcSymEig:
     compiled by NVRTC through CuPy (one module per device, so each gets its own architecture) and launched
     on the caller's stream. No host synchronisation: CUDA-graph capturable once compiled."""
 
-    via = "nvrtc"
-
     def __init__(self):
         import cupy
 
@@ -147,7 +145,7 @@ class _StreamHandle:
 
 
 def load_nvcc():
-    """The nvcc-built extension (its ``via`` is 'nvcc'); raises on any failure."""
+    """The nvcc-built extension; raises on any failure."""
     import torch
     from torch.utils.cpp_extension import CUDA_HOME
 
@@ -161,7 +159,6 @@ def load_nvcc():
         # torch takes CUDA_HOME from $CUDA_HOME, else two folders above `which nvcc`: a wrapper script
         # there (e.g. /usr/local/bin/nvcc) gives a folder without the CUDA libraries, and the link fails
         raise RuntimeError(f"{e} (CUDA_HOME={CUDA_HOME}: set $CUDA_HOME to the CUDA toolkit if it is not)") from e
-    module.via = "nvcc"
     return module
 
 
@@ -179,8 +176,8 @@ def load_nvrtc():
 
 
 def load():
-    """(module, None) with ``module.sym_eig(A, max_sweeps, tol, stream) -> [w, V]`` and ``module.via``
-    ('nvcc' or 'nvrtc'), or (None, reason): each way tried, in order, until one works."""
+    """(module, None) with ``module.sym_eig(A, max_sweeps, tol, stream) -> [w, V]``, or (None, reason): each
+    way (nvcc, nvrtc) tried in order until one works."""
     global _MODULE, _REASON
     if _MODULE is not None or _REASON is not None:
         return _MODULE, _REASON
