@@ -46,8 +46,7 @@ def test_cuda_ext_declares_the_launcher_csrc_defines():
     (an extern "C" mismatch links fine and fails at run time)."""
     from manifoldgd_fast.kernels import cuda_ext
 
-    with open(cuda_ext.source_path(), encoding="utf-8") as f:
-        cu = f.read()
+    cu = cuda_ext.source()
 
     def params(text):
         m = re.search(r'extern "C" int mgd_sym_eig_f32_launch\(([^)]*)\)', text)
@@ -134,8 +133,7 @@ def test_sym_eig_source_compiles_under_nvrtc_to_the_kernel_alone(arch):
     __CUDACC_RTC__) to the extern "C" kernel cuda_ext.KERNEL, and nothing else."""
     from manifoldgd_fast.kernels import cuda_ext
 
-    with open(cuda_ext.source_path(), encoding="utf-8") as f:
-        src = f.read()
+    src = cuda_ext.source()
     result, log, ptx = _nvrtc_compile(src, [f"--gpu-architecture={arch}", "-std=c++17"])
     assert result == 0, log[-4000:]
     entries = re.findall(r"\.entry\s+(\w+)", ptx)
@@ -150,8 +148,7 @@ def test_nvrtc_launch_matches_the_cpp_launcher():
 
     from manifoldgd_fast.kernels import cuda_ext
 
-    with open(cuda_ext.source_path(), encoding="utf-8") as f:
-        cu = f.read()
+    cu = cuda_ext.source()
     assert int(re.search(r"constexpr int kThreads = (\d+);", cu).group(1)) == cuda_ext.THREADS
     assert int(re.search(r"constexpr int kMaxN = (\d+);", cu).group(1)) == cuda_ext._MAX_N
     assert re.search(r"mgd_sym_eig_f32<<<batch, kThreads, 0, ", cu)
@@ -219,7 +216,7 @@ def test_nvrtc_sym_eig_on_the_gpu_against_float64(n):
 
 @requires_cuda()
 def test_nvrtc_sym_eig_captures_in_a_cuda_graph():
-    """The Python launch (CuPy on an ExternalStream of torch's current stream) is captured by torch's CUDA
+    """The Python launch (CuPy on torch's current stream, taken as an external stream) is captured by torch's CUDA
     graph and replays the eager call's bits: the fused step stays capturable on the NVRTC way."""
     pytest.importorskip("cupy", reason="the NVRTC way needs CuPy (pip install cupy-cuda12x or cupy-cuda13x)")
     from triton_helpers import assert_graph_replay_equals_eager
@@ -283,8 +280,7 @@ def emulated_sym_eig(tmp_path_factory):
         pytest.skip("no host C++ compiler (c++ / g++) on this machine")
     from manifoldgd_fast.kernels import cuda_ext
 
-    with open(cuda_ext.source_path(), encoding="utf-8") as f:
-        cu = f.read()
+    cu = cuda_ext.source()
     d = tmp_path_factory.mktemp("sym_eig_host")
     (d / "probe.cpp").write_text("#include <barrier>\nint main() { std::barrier<> b(1); b.arrive_and_wait(); }\n")
     probe = subprocess.run([CXX, "-std=c++20", "-pthread", str(d / "probe.cpp"), "-o", str(d / "probe")],

@@ -30,6 +30,12 @@ def source_path() -> str:
             return path
     raise FileNotFoundError(f"sym_eig.cu is in neither {' nor '.join(_SRC_CANDIDATES)}")
 
+
+def source() -> str:
+    """The text of sym_eig.cu (what both ways compile)."""
+    with open(source_path(), encoding="utf-8") as f:
+        return f.read()
+
 # The binding: C++ compiled by the host compiler, calling the plain-C launcher in sym_eig.cu. The caller
 # passes its current stream (``torch.cuda.current_stream().cuda_stream``), so only torch/extension.h is needed.
 _BINDING = r"""
@@ -66,9 +72,7 @@ def build(build_directory: str | None = None, verbose: bool = False):
     says them. ``build_directory``: torch's extension cache unless given."""
     from torch.utils.cpp_extension import load_inline
 
-    with open(source_path(), encoding="utf-8") as f:
-        cuda_src = f.read()
-    return load_inline(name="manifoldgd_sym_eig", cpp_sources=_BINDING, cuda_sources=cuda_src,
+    return load_inline(name="manifoldgd_sym_eig", cpp_sources=_BINDING, cuda_sources=source(),
                        functions=["sym_eig"], extra_cuda_cflags=["-O3"], build_directory=build_directory,
                        verbose=verbose)
 
@@ -96,8 +100,7 @@ class NvrtcSymEig:
         import cupy
 
         self._cupy = cupy
-        with open(source_path(), encoding="utf-8") as f:
-            self._source = f.read()
+        self._source = source()
         self._functions = {}
 
     def function(self, device_index: int):
