@@ -127,10 +127,26 @@ def _eig_fn(eig: str):
 # ----------------------------------------------------------------------------
 # torch.library registration of the fused ops (check-free, no host sync: capturable)
 # ----------------------------------------------------------------------------
-def _register_library_ops() -> None:
-    lib = torch.library
+LIBRARY_OPS: dict = {}  # op name -> the Python function registered as torch.ops.manifoldgd_fast.<name>
 
-    @lib.custom_op("manifoldgd_fast::manifold_correct_rows", mutates_args=())
+
+def library_op(name: str, schema: str):
+    """``torch.library.custom_op("manifoldgd_fast::<name>")`` with its schema written out.
+
+    torch 2.4 cannot infer a schema from string annotations (this package's
+    ``from __future__ import annotations``); the schemas are what later torch
+    infers from the same functions (ints as ``SymInt``), which a test checks.
+    """
+    def register(fn):
+        LIBRARY_OPS[name] = fn
+        return torch.library.custom_op(f"manifoldgd_fast::{name}", mutates_args=(), schema=schema)(fn)
+
+    return register
+
+
+def _register_library_ops() -> None:
+    @library_op("manifold_correct_rows", "(Tensor x, Tensor patch, Tensor g, Tensor lengths, SymInt k, SymInt d, "
+                                          "float lambda_normal, str eig) -> Tensor")
     def _correct_rows(x: torch.Tensor, patch: torch.Tensor, g: torch.Tensor, lengths: torch.Tensor, k: int, d: int,
                       lambda_normal: float, eig: str) -> torch.Tensor:
         from .kernels import manifold_correct as mc
@@ -141,7 +157,8 @@ def _register_library_ops() -> None:
     def _(x, patch, g, lengths, k, d, lambda_normal, eig):
         return torch.empty_like(g)
 
-    @lib.custom_op("manifoldgd_fast::manifold_pull_rows", mutates_args=())
+    @library_op("manifold_pull_rows", "(Tensor x, Tensor cloud, Tensor lengths, SymInt k, SymInt d, float scale, "
+                                       "float bandwidth, str eig) -> Tensor")
     def _pull_rows(x: torch.Tensor, cloud: torch.Tensor, lengths: torch.Tensor, k: int, d: int, scale: float,
                    bandwidth: float, eig: str) -> torch.Tensor:
         from .kernels import manifold_pull as mp
@@ -152,7 +169,10 @@ def _register_library_ops() -> None:
     def _(x, cloud, lengths, k, d, scale, bandwidth, eig):
         return torch.empty_like(x)
 
-    @lib.custom_op("manifoldgd_fast::manifold_correct_fused", mutates_args=())
+    @library_op("manifold_correct_fused", "(Tensor x, Tensor latents, Tensor order, Tensor lengths, Tensor g, "
+                                          "Tensor sample_ids, Tensor? eps, float alpha_bar, SymInt seed, "
+                                          "SymInt step, SymInt k, SymInt d, float lambda_normal, float lambda_mode, "
+                                          "str eig) -> Tensor")
     def _correct_fused(x: torch.Tensor, latents: torch.Tensor, order: torch.Tensor, lengths: torch.Tensor,
                        g: torch.Tensor, sample_ids: torch.Tensor, eps: torch.Tensor | None, alpha_bar: float,
                        seed: int, step: int, k: int, d: int, lambda_normal: float, lambda_mode: float,
@@ -166,7 +186,9 @@ def _register_library_ops() -> None:
     def _(x, latents, order, lengths, g, sample_ids, eps, alpha_bar, seed, step, k, d, lambda_normal, lambda_mode, eig):
         return torch.empty_like(g if eps is None else eps)
 
-    @lib.custom_op("manifoldgd_fast::manifold_pull_fused", mutates_args=())
+    @library_op("manifold_pull_fused", "(Tensor x, Tensor modes, Tensor rho_lin, Tensor sample_ids, Tensor? mean, "
+                                        "float radius, float alpha_bar, SymInt seed, SymInt step, SymInt n_points, "
+                                        "SymInt k, SymInt d, float scale, float bandwidth, str eig) -> Tensor")
     def _pull_fused(x: torch.Tensor, modes: torch.Tensor, rho_lin: torch.Tensor, sample_ids: torch.Tensor,
                     mean: torch.Tensor | None, radius: float, alpha_bar: float, seed: int, step: int, n_points: int,
                     k: int, d: int, scale: float, bandwidth: float, eig: str) -> torch.Tensor:

@@ -50,7 +50,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dispatch import _pick_backend, tensors_reason
+from .dispatch import _pick_backend, library_op, tensors_reason
 from .errors import ConfigError
 
 __all__ = ["MAX_C", "MAX_HEAD_DIM", "layernorm_modulate", "layernorm_modulate_ref", "gate_residual",
@@ -255,9 +255,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
 # torch.library registration (check-free, no host sync: capturable)
 # ----------------------------------------------------------------------------
 def _register_library_ops() -> None:
-    lib = torch.library
-
-    @lib.custom_op("manifoldgd_fast::layernorm_modulate", mutates_args=())
+    @library_op("layernorm_modulate", "(Tensor x, Tensor shift, Tensor scale, float eps) -> Tensor")
     def _layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
         from .kernels import adaln
 
@@ -267,7 +265,7 @@ def _register_library_ops() -> None:
     def _(x, shift, scale, eps):
         return x.new_empty(x.shape)            # the kernel's output: new, contiguous, x's dtype
 
-    @lib.custom_op("manifoldgd_fast::gate_residual", mutates_args=())
+    @library_op("gate_residual", "(Tensor x, Tensor gate, Tensor y) -> Tensor")
     def _gate_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         from .kernels import adaln
 
@@ -277,7 +275,7 @@ def _register_library_ops() -> None:
     def _(x, gate, y):
         return x.new_empty(x.shape)
 
-    @lib.custom_op("manifoldgd_fast::attention", mutates_args=())
+    @library_op("attention", "(Tensor q, Tensor k, Tensor v, float scale) -> Tensor")
     def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         from .kernels import attention as attn
 

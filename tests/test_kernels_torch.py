@@ -214,6 +214,18 @@ def test_library_ops_have_fake_kernels():
         assert out.dtype == torch.float16
 
 
+@pytest.mark.skipif(not hasattr(torch.library, "infer_schema"), reason="torch.library.infer_schema is torch >= 2.5")
+def test_library_op_schemas_are_what_torch_infers():
+    """The written-out schemas (torch 2.4 cannot infer them here) equal what torch infers from each function."""
+    from manifoldgd_fast import dispatch, dit_ops  # noqa: F401  (dit_ops registers its three ops on import)
+
+    assert set(dispatch.LIBRARY_OPS) == {"manifold_correct_rows", "manifold_pull_rows", "manifold_correct_fused",
+                                         "manifold_pull_fused", "layernorm_modulate", "gate_residual", "attention"}
+    for name, fn in dispatch.LIBRARY_OPS.items():
+        registered = str(getattr(torch.ops.manifoldgd_fast, name).default._schema)
+        assert registered == f"manifoldgd_fast::{name}" + torch.library.infer_schema(fn, mutates_args=()), name
+
+
 def test_ops_import_and_run_without_triton():
     """No Triton (simulated): the package imports, auto runs the reference, the eigen-step falls back to torch."""
     run_without_triton(

@@ -197,7 +197,7 @@ def test_level_sweep_order():
         return [int(truth[i]) for i in row_index(z, modes)]
 
     seen_deep_first = set()
-    for seed in range(6):
+    for seed in range(16):  # C/D's order follows the seed (six seeds show both under torch 2.13, not under 2.4)
         # level 1 (root, no leaf there) -> one leaf at depth 1, 2, 3, then the other at depth 3
         order = blob_order(1, seed)
         assert order[:2] == [0, 1] and sorted(order[2:]) == [2, 3]
@@ -210,6 +210,8 @@ def test_level_sweep_order():
         assert sorted(order[:2]) == [2, 3] and order[2:] == [1, 0]
         # level 0 acts as level 1
         assert blob_order(0, seed) == blob_order(1, seed)
+        if seed >= 5 and seen_deep_first == {2, 3}:
+            break
     assert seen_deep_first == {2, 3}
 
 
