@@ -39,6 +39,9 @@ def _kernels():
     """(the kernels package, None) or (None, why it cannot be imported). Imported on first use only."""
     try:
         from . import kernels
+
+        if not kernels.HAVE_TRITON:
+            return None, kernels.WHY_NO_TRITON
         from .kernels import manifold_correct, manifold_pull, philox_normal, sym_eig  # noqa: F401
         return kernels, None
     except Exception as e:  # no triton, or a broken install: the reference path still works

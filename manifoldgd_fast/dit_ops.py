@@ -118,6 +118,10 @@ def _dit_kernels():
     if _DIT_KERNELS is None:
         try:
             from . import kernels
+
+            if not kernels.HAVE_TRITON:
+                _DIT_KERNELS = (None, kernels.WHY_NO_TRITON)
+                return _DIT_KERNELS
             from .kernels import adaln, attention  # noqa: F401
             _DIT_KERNELS = (kernels, None)
         except Exception as e:  # no triton, or a broken install: the reference path still works

@@ -13,13 +13,17 @@ import torch.nn.functional as F  # noqa: E402
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
-def run_without_triton(body: str) -> None:
+def run_without_triton(body: str, old_version: str | None = None) -> None:
     """Run ``body`` in a fresh Python where ``import triton`` fails (and no TRITON_INTERPRET); it must
-    print 'ok' last. ``torch`` is imported for it."""
+    print 'ok' last. ``torch`` is imported for it. ``old_version``: ``import triton`` gives a bare module
+    of that version instead (a Triton too old for the kernels)."""
     import subprocess
     import sys
 
-    code = "import sys; sys.modules['triton'] = None\nimport torch\n" + body
+    stub = "None"
+    if old_version is not None:
+        stub = f"types.ModuleType('triton'); sys.modules['triton'].__version__ = {old_version!r}"
+    code = f"import sys, types; sys.modules['triton'] = {stub}\nimport torch\n" + body
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr

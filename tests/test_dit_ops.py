@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from manifoldgd_fast import dit_ops
+from manifoldgd_fast import dit_ops, kernels
 from manifoldgd_fast.errors import BackendError, ConfigError
 from manifoldgd_fast.kernels import INTERPRET
 
@@ -192,6 +192,8 @@ def test_checks_name_the_tensor_and_the_rule():
 
 
 @pytest.mark.skipif(INTERPRET or torch.cuda.is_available(), reason="CPU tensors are the kernels' own here")
+@pytest.mark.skipif(not kernels.HAVE_TRITON, reason=f"the kernels are not offered at all here: "
+                                                  f"{kernels.WHY_NO_TRITON}")
 def test_forced_triton_on_the_cpu_says_why():
     x, v = torch.randn(2, 3, 8), torch.randn(2, 8)
     with pytest.raises(BackendError, match=r"x is on cpu; the Triton kernels take CUDA tensors"):

@@ -49,6 +49,10 @@ def _why_skip():
         import triton  # noqa: F401
     except Exception as e:
         return f"Triton is not installed ({type(e).__name__})"
+    from manifoldgd_fast import kernels
+
+    if not kernels.HAVE_TRITON:
+        return kernels.WHY_NO_TRITON
     if not _interpreter_takes_runtime_loop_bounds():
         import numpy
         return (f"Triton {triton.__version__}'s interpreter cannot run a loop with a run-time bound beside "

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from manifoldgd_fast import ops
+from manifoldgd_fast import kernels, ops
 from manifoldgd_fast.errors import BackendError, ConfigError
 from manifoldgd_fast.kernels import INTERPRET
 from manifoldgd_fast.kernels import sym_eig_torch
@@ -133,6 +133,8 @@ def test_fused_references_compose_the_existing_ones():
 
 
 @pytest.mark.skipif(INTERPRET or torch.cuda.is_available(), reason="here backend='triton' can take CPU/CUDA tensors")
+@pytest.mark.skipif(not kernels.HAVE_TRITON, reason=f"the kernels are not offered at all here: "
+                                                  f"{kernels.WHY_NO_TRITON}")
 def test_forced_triton_on_cpu_names_the_device():
     x, patch, g = torch.randn(2, 16), torch.randn(2, 30, 16), torch.randn(2, 16)
     with pytest.raises(BackendError, match="x is on cpu.*TRITON_INTERPRET=1"):
@@ -224,6 +226,24 @@ def test_library_op_schemas_are_what_torch_infers():
     for name, fn in dispatch.LIBRARY_OPS.items():
         registered = str(getattr(torch.ops.manifoldgd_fast, name).default._schema)
         assert registered == f"manifoldgd_fast::{name}" + torch.library.infer_schema(fn, mutates_args=()), name
+
+
+def test_a_triton_older_than_the_kernels_need_runs_the_references():
+    """torch 2.4 to 2.6 bring Triton 3.0 to 3.2 (no tl.gather): the kernels are not offered, and say why."""
+    run_without_triton(
+        "from manifoldgd_fast import dit_ops, kernels, ops\n"
+        "assert not kernels.HAVE_TRITON and kernels.WHY_NO_TRITON.startswith('Triton 3.2.0 is older than 3.3')\n"
+        "x, p, g = torch.randn(2, 8), torch.randn(2, 20, 8), torch.randn(2, 8)\n"
+        "assert torch.equal(ops.manifold_correct(x, p, g, k=5, d=2), ops.manifold_correct_ref(x, p, g, k=5, d=2))\n"
+        "assert ops._eig_backend(torch.device('cpu')) == 'torch'\n"
+        "assert dit_ops.device_reason(torch.device('cuda')) == kernels.WHY_NO_TRITON\n"
+        "try:\n"
+        "    ops.manifold_pull(x, p, k=5, d=2, backend='triton')\n"
+        "except ops.BackendError as e:\n"
+        "    assert 'Triton 3.2.0 is older than 3.3' in str(e), e\n"
+        "else:\n"
+        "    raise SystemExit('no BackendError')\n"
+        "print('ok')\n", old_version="3.2.0")
 
 
 def test_ops_import_and_run_without_triton():

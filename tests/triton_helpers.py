@@ -14,15 +14,16 @@ try:
     from manifoldgd_fast import kernels
 
     RUNNABLE = kernels.HAVE_TRITON and (kernels.INTERPRET or torch.cuda.is_available())
-except Exception:  # pragma: no cover
-    RUNNABLE = False
+    WHY_NOT = kernels.WHY_NO_TRITON
+except Exception as e:  # pragma: no cover
+    RUNNABLE, WHY_NOT = False, f"manifoldgd_fast.kernels cannot be imported ({type(e).__name__}: {e})"
 
 DEV = "cuda" if RUNNABLE and not kernels.INTERPRET and torch.cuda.is_available() else "cpu"
 
 TRITON_MARKS = [
-    pytest.mark.skipif(not RUNNABLE, reason="Triton kernels need a CUDA GPU or TRITON_INTERPRET=1 (CI runs the "
-                                            "kernel modules under the interpreter from "
-                                            "tests/test_kernels_interpreter.py)"),
+    pytest.mark.skipif(not RUNNABLE, reason=WHY_NOT or "Triton kernels need a CUDA GPU or TRITON_INTERPRET=1 (CI runs "
+                                                      "the kernel modules under the interpreter from "
+                                                      "tests/test_kernels_interpreter.py)"),
     # NumPy (the interpreter) warns where the Jacobi angle overflows on purpose (handled: t ~ 1 / (2 theta))
     pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
 ]

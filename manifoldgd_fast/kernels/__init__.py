@@ -29,12 +29,23 @@ from __future__ import annotations
 
 import os
 
-try:  # triton is a Linux-only dependency; never let its absence break the import
-    import triton  # noqa: F401
+# The oldest Triton the kernels run on: tl.gather is 3.3's. Checked under 3.3, 3.5, 3.6, 3.7 and 3.9
+# (interpreted, and compiled ahead of time for sm_90 / sm_86 / sm_80); 3.0 to 3.2 fail. torch 2.4 to 2.6
+# bring those older ones: there the guidance and DiT ops run their PyTorch references, with a warning.
+MIN_TRITON = (3, 3)
 
-    HAVE_TRITON = True
-except Exception:  # pragma: no cover - depends on the platform
-    HAVE_TRITON = False
+try:  # triton is a Linux-only dependency; never let its absence break the import
+    import triton
+
+    TRITON_VERSION = triton.__version__
+    _v = tuple(int(p) for p in TRITON_VERSION.split("+")[0].split(".")[:2] if p.isdigit())
+    HAVE_TRITON = _v >= MIN_TRITON
+    WHY_NO_TRITON = None if HAVE_TRITON else (
+        f"Triton {TRITON_VERSION} is older than {MIN_TRITON[0]}.{MIN_TRITON[1]}, the oldest the kernels run on "
+        f"(torch >= 2.7 brings a newer one)")
+except Exception as e:  # pragma: no cover - depends on the platform
+    TRITON_VERSION, HAVE_TRITON = None, False
+    WHY_NO_TRITON = f"the Triton kernels cannot be imported ({type(e).__name__}: {e})"
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
