@@ -36,7 +36,7 @@ def _warn_once(key: str, msg: str) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _kernels():
-    """(the kernels package, None) or (None, why it cannot be imported). Imported on first use only."""
+    """(the kernels package, None) or (None, why they cannot run: no Triton, or one too old). First use only."""
     try:
         from . import kernels
 

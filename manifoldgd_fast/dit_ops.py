@@ -109,7 +109,7 @@ _DIT_KERNELS: tuple | None = None
 
 
 def _dit_kernels():
-    """(kernels package, None) or (None, why kernels.adaln / kernels.attention cannot be imported); first use only.
+    """(kernels package, None) or (None, why kernels.adaln / .attention cannot run: no Triton, or too old).
 
     A module-level cache, not functools.lru_cache: torch.compile traces the public ops, and Dynamo
     reads a global where it would warn about (and trace around) an lru_cache wrapper.

@@ -27,6 +27,15 @@ from conftest import check_eig, check_eig_extremes, eig_test_matrices, requires_
 CXX = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
 
 
+def _torch_cxx_std() -> str:
+    """The C++ standard torch's own extension builds pass (load_inline adds it): torch 2.14's headers need
+    C++20, older ones compile as C++17 too."""
+    import torch.utils.cpp_extension as ce
+
+    with open(ce.__file__) as f:
+        return "c++20" if "'c++20'" in f.read() else "c++17"
+
+
 @pytest.mark.skipif(CXX is None, reason="no host C++ compiler (c++ / g++) on this machine")
 def test_cuda_ext_binding_compiles_against_torch_headers(tmp_path):
     from torch.utils.cpp_extension import include_paths
@@ -35,7 +44,7 @@ def test_cuda_ext_binding_compiles_against_torch_headers(tmp_path):
 
     src = tmp_path / "binding.cpp"
     src.write_text(cuda_ext._BINDING + '\nPYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("sym_eig", &sym_eig); }\n')
-    cmd = [CXX, "-std=c++17", "-fsyntax-only", "-w", "-DTORCH_EXTENSION_NAME=manifoldgd_sym_eig",
+    cmd = [CXX, f"-std={_torch_cxx_std()}", "-fsyntax-only", "-w", "-DTORCH_EXTENSION_NAME=manifoldgd_sym_eig",
            *(f"-I{p}" for p in include_paths()), f"-I{sysconfig.get_paths()['include']}", str(src)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 
-# The oldest Triton the kernels run on: tl.gather is 3.3's. Checked under 3.3, 3.5, 3.6, 3.7 and 3.9
+# The oldest Triton the kernels run on: tl.gather is 3.3's. Checked under 3.3, 3.5, 3.6, 3.7, 3.8 and 3.9
 # (interpreted, and compiled ahead of time for sm_90 / sm_86 / sm_80); 3.0 to 3.2 fail. torch 2.4 to 2.6
 # bring those older ones: there the guidance and DiT ops run their PyTorch references, with a warning.
 MIN_TRITON = (3, 3)
