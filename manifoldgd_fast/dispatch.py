@@ -14,6 +14,7 @@ this module never needs Triton, a GPU or a compiler; a missing backend warns onc
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import warnings
 
@@ -34,18 +35,25 @@ def _warn_once(key: str, msg: str) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
-@functools.lru_cache(maxsize=None)
-def _kernels():
-    """(the kernels package, None) or (None, why they cannot run: no Triton, or one too old). First use only."""
+def load_kernels(*modules: str):
+    """(the kernels package, None) with ``kernels.<module>`` imported for each of ``modules``, or
+    (None, why they cannot run: no Triton, one too old, or a broken install). Not cached: callers cache."""
     try:
         from . import kernels
 
         if not kernels.HAVE_TRITON:
             return None, kernels.WHY_NO_TRITON
-        from .kernels import manifold_correct, manifold_pull, philox_normal, sym_eig  # noqa: F401
+        for m in modules:
+            importlib.import_module(f"{kernels.__name__}.{m}")
         return kernels, None
     except Exception as e:  # no triton, or a broken install: the reference path still works
         return None, f"the Triton kernels cannot be imported ({type(e).__name__}: {e})"
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    """:func:`load_kernels` of the guidance kernels, on first use only."""
+    return load_kernels("manifold_correct", "manifold_pull", "philox_normal", "sym_eig")
 
 
 def tensors_reason(kern, tensors: dict, *, all_float: bool = False) -> str | None:

@@ -50,7 +50,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dispatch import _pick_backend, library_op, tensors_reason
+from .dispatch import _pick_backend, library_op, load_kernels, tensors_reason
 from .errors import ConfigError
 
 __all__ = ["MAX_C", "MAX_HEAD_DIM", "layernorm_modulate", "layernorm_modulate_ref", "gate_residual",
@@ -109,23 +109,14 @@ _DIT_KERNELS: tuple | None = None
 
 
 def _dit_kernels():
-    """(kernels package, None) or (None, why kernels.adaln / .attention cannot run: no Triton, or too old).
+    """:func:`~manifoldgd_fast.dispatch.load_kernels` of kernels.adaln / .attention, on first use only.
 
     A module-level cache, not functools.lru_cache: torch.compile traces the public ops, and Dynamo
     reads a global where it would warn about (and trace around) an lru_cache wrapper.
     """
     global _DIT_KERNELS
     if _DIT_KERNELS is None:
-        try:
-            from . import kernels
-
-            if not kernels.HAVE_TRITON:
-                _DIT_KERNELS = (None, kernels.WHY_NO_TRITON)
-                return _DIT_KERNELS
-            from .kernels import adaln, attention  # noqa: F401
-            _DIT_KERNELS = (kernels, None)
-        except Exception as e:  # no triton, or a broken install: the reference path still works
-            _DIT_KERNELS = (None, f"the Triton kernels cannot be imported ({type(e).__name__}: {e})")
+        _DIT_KERNELS = load_kernels("adaln", "attention")
     return _DIT_KERNELS
 
 
