@@ -81,19 +81,14 @@ def _medoid(x: Tensor, idx: Tensor, centre: Tensor) -> Tensor:
     return x[idx[int(torch.argmin(d2))]]
 
 
-def _centre_medoids(x: Tensor, centres: Tensor, labels: Tensor) -> Tensor:
-    """For each centre (k, D), its cluster member closest to it: (k, D).
+def _closest_latents(x: Tensor, points: Tensor) -> Tensor:
+    """For each of ``points`` (k, D), the row of ``x`` (n, D) closest to it: (k, D).
 
-    A cluster left empty (only with duplicate latents, where centres
-    coincide) takes the closest latent overall instead.
+    Searched over all of ``x`` (MGD3's "closest sample to the k-means
+    centroid"), with exact differences (ties to the first row), so two points
+    may pick the same row.
     """
-    out = []
-    for c in range(centres.shape[0]):
-        members = torch.nonzero(labels == c)[:, 0]
-        if members.numel() == 0:
-            members = torch.arange(x.shape[0], device=x.device)
-        out.append(_medoid(x, members, centres[c]))
-    return torch.stack(out)
+    return torch.stack([x[int(torch.argmin(((x - p) ** 2).sum(1)))] for p in points])
 
 
 def _set_modes(x: Tensor, index_sets: list[Tensor], mode_point: str) -> Tensor:

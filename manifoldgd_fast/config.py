@@ -441,6 +441,13 @@ MODE_FIELDS = ("ipc", "seed", "formulation", "mode_method", "mode_point", "level
                "linkage", "kmeans_iters", "bisect_inits", "kmeans_tol")
 
 
+def _kmeans_medoid_rule(d: dict) -> dict:
+    """k-means medoids are the class latent closest to each centre; they were the closest member of
+    the centre's cluster (another row now and then). Hashed only where that rule runs, so older runs
+    with it are refused on resume and every other fingerprint stays as it was."""
+    return {"kmeans_medoid": "class"} if (d.get("mode_method"), d.get("mode_point")) == ("kmeans", "medoid") else {}
+
+
 def modes_fingerprint(cfg: "DistillConfig", latent_cache: str) -> str:
     """Hash of what a class's modes depend on: the resolved mode parameters and the latent cache."""
     import hashlib
@@ -448,6 +455,7 @@ def modes_fingerprint(cfg: "DistillConfig", latent_cache: str) -> str:
     d = {k: getattr(cfg, k) for k in MODE_FIELDS}
     if cfg.mode_method == "gmm":  # only GMM's modes depend on it (older caches of other methods stay valid)
         d["gmm_iters"] = cfg.gmm_iters
+    d.update(_kmeans_medoid_rule(d))
     d["latent_cache"] = os.path.abspath(latent_cache)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -524,6 +532,7 @@ def fingerprint_fields(cfg: "DistillConfig", entries=None) -> dict:
         d.pop("output_size", None)
     if d.get("mode_method") != "gmm":  # counts only where GMM finds the modes
         d.pop("gmm_iters", None)
+    d.update(_kmeans_medoid_rule(d))
     if not d.get("cgs"):  # the CGS window and steps only count where CGS runs; older fingerprints without CGS
         d.pop("cgs_steps", None)  # stay valid (they hashed the eta defaults, which stand in for any value here)
         for f in dataclasses.fields(DistillConfig):

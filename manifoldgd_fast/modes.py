@@ -32,8 +32,8 @@ import math
 import torch
 from torch import Tensor
 
-from ._modes_common import (KMEANS_ITERS, KMEANS_TOL, LINKAGES, MODE_POINTS, _as_latents, _centre_medoids, _choice,
-                            _generator, _int, _seed, _sq_dists, kmeans)
+from ._modes_common import (KMEANS_ITERS, KMEANS_TOL, LINKAGES, MODE_POINTS, _as_latents, _choice, _closest_latents,
+                            _generator, _int, _seed, kmeans)
 from .errors import ConfigError, DataError
 from .modes_tree import agglomerative, agglomerative_modes, bisecting_tree, divisive_official, divisive_paper
 
@@ -148,8 +148,9 @@ def discover_modes(z: Tensor, ipc: int, *, method: str, formulation: str = "offi
         level: divisive only and required: the official start level i, or the
             paper start level L (the caller resolves the 6/1 or 3/2 default).
         mode_point: auto (medoid for official divisive, mean otherwise) |
-            mean | medoid (the member closest to the mean; for gmm the
-            closest class latent).
+            mean | medoid (for divisive and agglomerative the member closest
+            to its set's mean; for kmeans and gmm the class latent closest to
+            each centre, as MGD3's "closest sample to the k-means centroid").
     Returns:
         (ipc, D) float32 modes on ``z``'s device.
     """
@@ -180,8 +181,9 @@ def discover_modes(z: Tensor, ipc: int, *, method: str, formulation: str = "offi
         mode_point = "medoid" if (method == "divisive" and formulation == "official") else "mean"
 
     if method == "kmeans":
-        centres, labels = kmeans(x, ipc, seed=seed, iters=kmeans_iters, tol=kmeans_tol)
-        modes = centres if mode_point == "mean" else _centre_medoids(x, centres, labels)
+        modes = kmeans(x, ipc, seed=seed, iters=kmeans_iters, tol=kmeans_tol)[0]
+        if mode_point == "medoid":  # MGD3's "closest sample to the k-means centroid": over the whole class
+            modes = _closest_latents(x, modes)
     elif method == "divisive" and formulation == "official":
         modes = divisive_official(x, ipc, level=level, seed=seed, mode_point=mode_point,
                                   n_init=bisect_inits, iters=kmeans_iters, tol=kmeans_tol)
@@ -191,7 +193,7 @@ def discover_modes(z: Tensor, ipc: int, *, method: str, formulation: str = "offi
     elif method == "gmm":
         modes = gmm_modes(x, ipc, seed=seed, iters=gmm_iters)
         if mode_point == "medoid":
-            modes = x[torch.argmin(_sq_dists(modes, x), 1)]
+            modes = _closest_latents(x, modes)
     elif method == "random":
         modes = random_modes(x, ipc, seed=seed)
     else:

@@ -431,6 +431,32 @@ def test_discover_modes_kmeans_equals_kmeans():
     assert torch.equal(discover_modes(z, 5, method="kmeans", seed=4), kmeans(z, 5, seed=4)[0])
 
 
+@pytest.mark.parametrize("seed", [5, 17])
+def test_kmeans_medoids_are_the_closest_class_latents(seed):
+    """kmeans --mode-point medoid: the class latent closest to each centre, searched over the whole
+    class (MGD3's "closest sample to the k-means centroid"), not only the centre's own cluster.
+    These seeds give a centre whose closest latent lies in another cluster."""
+    z = torch.randn(60, 16, generator=torch.Generator().manual_seed(seed))
+    centres, labels = kmeans(z, 6, seed=seed)
+    nearest = torch.cdist(centres.double(), z.double()).argmin(1)  # (6,) float64 brute force
+    assert (labels[nearest] != torch.arange(6)).any()  # the case the rule is about
+    assert torch.equal(discover_modes(z, 6, method="kmeans", seed=seed, mode_point="medoid"), z[nearest])
+
+
+def test_kmeans_medoid_rule_in_fingerprints():
+    """Runs made with the cluster-member rule are refused on resume; other fingerprints are unchanged."""
+    from manifoldgd_fast.config import DistillConfig, fingerprint_fields, modes_fingerprint
+
+    def cfg(**kw):
+        return DistillConfig(data="d", out="o", **kw).resolve(3, "cpu")
+
+    assert fingerprint_fields(cfg(mode_method="kmeans", mode_point="medoid"))["kmeans_medoid"] == "class"
+    for kw in ({}, {"mode_method": "kmeans"}, {"mode_point": "medoid"}):
+        assert "kmeans_medoid" not in fingerprint_fields(cfg(**kw))
+    a, b = cfg(mode_method="kmeans", mode_point="medoid"), cfg(mode_method="kmeans", mode_point="mean")
+    assert modes_fingerprint(a, "c") != modes_fingerprint(b, "c")
+
+
 def test_discover_modes_errors():
     z = torch.randn(10, 4)
     with pytest.raises(ConfigError, match="--mode-method"):
