@@ -61,8 +61,8 @@ GROUPS: dict[str, dict[str, str]] = {
         "dit_impl": "DiT forward: diffusers, or fused (fused QKV, conditioning once per step, fused LayerNorm-modulate "
                     "and gate-residual kernels; equal to float rounding)",
         "time_embedding": "DiT timestep features: auto (original for facebookresearch's DiT-XL/2 weights and .pt "
-                          "checkpoints, else diffusers), original (divide by 128, as facebookresearch/DiT and the "
-                          "releases) or diffusers (by 127)",
+                          "checkpoints, else diffusers), original (divide by 128 and LayerNorm eps 1e-6, as "
+                          "facebookresearch/DiT and the releases) or diffusers (by 127; norm3 eps from the config)",
     },
     "method": {
         "method": "manifoldgd, mgd3 (mode guidance only), dit (plain CFG sampling) or cgs (collaborative guidance alone)",

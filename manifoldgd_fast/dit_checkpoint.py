@@ -48,8 +48,14 @@ def _load_error(e: Exception) -> str:
 
 
 def _state_dict(path: str) -> dict[str, torch.Tensor]:
+    import argparse
+    import contextlib
+
+    # DiT's train.py saves {"model", "ema", "opt", "args"}, its args an argparse.Namespace: allowed, nothing else
+    allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        with allow([argparse.Namespace]) if allow is not None else contextlib.nullcontext():
+            sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, or one holding more than tensors
         raise ModelError(f"--model {path}: not a readable DiT checkpoint ({_load_error(e)})") from None
     if isinstance(sd, dict) and "ema" in sd and isinstance(sd["ema"], dict):  # a training checkpoint
@@ -59,6 +65,9 @@ def _state_dict(path: str) -> dict[str, torch.Tensor]:
     return sd
 
 
+# every LayerNorm of the original DiT (diffusers' DiT gives norm3 its norm_eps, 1e-5 by default)
+DIT_LAYERNORM_EPS = 1e-6
+
 # heads of the original DiT family by width (DiT-S, -B, -L, -XL): the tensors do not show them
 DIT_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}
 
@@ -66,6 +75,10 @@ DIT_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}
 def dit_config_from_state_dict(sd: dict[str, torch.Tensor], heads: int | None = None) -> dict:
     """diffusers ``DiTTransformer2DModel`` config of an original DiT state dict (``heads``: for widths
     outside the DiT family)."""
+    need = ("x_embedder.proj.weight", "final_layer.linear.weight", "y_embedder.embedding_table.weight")
+    lacking = [k for k in need if k not in sd]
+    if lacking:
+        raise ModelError(f"not an original DiT state dict (no {', '.join(lacking)})")
     w = sd["x_embedder.proj.weight"]                       # (hidden, in_channels, p, p)
     hidden, in_ch, p = w.shape[0], w.shape[1], w.shape[2]
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
@@ -78,11 +91,23 @@ def dit_config_from_state_dict(sd: dict[str, torch.Tensor], heads: int | None = 
         raise ModelError(f"a width-{hidden} DiT is not one of DiT-S/B/L/XL ({sorted(DIT_HEADS)}): "
                          f"its number of attention heads cannot be told from the checkpoint")
     out_ch = sd["final_layer.linear.weight"].shape[0] // (p * p)
-    num_classes = sd["y_embedder.embedding_table.weight"].shape[0] - 1   # + the CFG null row
+    # + the CFG null row, which DiT adds when it trains with label dropout (all its released weights)
+    num_classes = sd["y_embedder.embedding_table.weight"].shape[0] - 1
     return dict(num_attention_heads=heads, attention_head_dim=hidden // heads, in_channels=in_ch,
                 out_channels=out_ch, num_layers=depth, sample_size=side * p, patch_size=p,
                 num_embeds_ada_norm=num_classes, activation_fn="gelu-approximate", norm_type="ada_norm_zero",
-                norm_elementwise_affine=False, attention_bias=True, dropout=0.0)
+                norm_elementwise_affine=False, norm_eps=DIT_LAYERNORM_EPS, attention_bias=True, dropout=0.0)
+
+
+def original_keys(depth: int) -> set[str]:
+    """The names of an original DiT state dict of ``depth`` blocks (its LayerNorms have no weights)."""
+    keys = {"pos_embed", "y_embedder.embedding_table.weight"}
+    for kind in ("weight", "bias"):
+        keys |= {f"x_embedder.proj.{kind}", f"t_embedder.mlp.0.{kind}", f"t_embedder.mlp.2.{kind}",
+                 f"final_layer.adaLN_modulation.1.{kind}", f"final_layer.linear.{kind}"}
+        keys |= {f"blocks.{i}.{m}.{kind}" for i in range(depth)
+                 for m in ("adaLN_modulation.1", "attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+    return keys
 
 
 def convert_state_dict(sd: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
@@ -109,6 +134,10 @@ def convert_state_dict(sd: dict[str, torch.Tensor], depth: int) -> dict[str, tor
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
 def load_dit_checkpoint(path: str, *, device="cpu", dtype: torch.dtype = torch.float32, heads: int | None = None):
     """A diffusers DiT (eval mode) from an original DiT ``.pt`` checkpoint. Raises ModelError naming the file."""
     from diffusers import DiTTransformer2DModel
@@ -120,14 +149,21 @@ def load_dit_checkpoint(path: str, *, device="cpu", dtype: torch.dtype = torch.f
         raise ModelError(f"--model {path}: {e}") from None
     with torch.device("meta"):
         model = DiTTransformer2DModel(**cfg)
+    expected = original_keys(cfg["num_layers"])
+    absent, extra = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if absent or extra:  # e.g. a DiT variant with q/k norms: its extra tensors would be dropped silently
+        why = [f"{word} {_few(names)}" for word, names in (("missing", absent), ("unexpected", extra)) if names]
+        raise ModelError(f"--model {path}: keys do not fit an original DiT ({'; '.join(why)})")
     try:
         missing = model.load_state_dict(convert_state_dict(sd, cfg["num_layers"]), strict=False, assign=True)
-    except (KeyError, RuntimeError) as e:
-        raise ModelError(f"--model {path}: does not fit a DiT ({str(e).splitlines()[0][:200]})") from None
+    except RuntimeError as e:  # a tensor of the wrong shape: torch's line that names it
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if ln.startswith("size mismatch")), lines[0] if lines else type(e).__name__)
+        raise ModelError(f"--model {path}: does not fit a DiT ({why[:300]})") from None
     # pos_embed is a fixed sin-cos buffer diffusers computes itself: it is all that may be missing
-    unexpected = [k for k in missing.missing_keys if not k.startswith("pos_embed.pos_embed")]
-    if unexpected or missing.unexpected_keys:
-        raise ModelError(f"--model {path}: keys do not fit a DiT (missing {unexpected[:3]}, "
+    left = [k for k in missing.missing_keys if not k.startswith("pos_embed.pos_embed")]
+    if left or missing.unexpected_keys:
+        raise ModelError(f"--model {path}: keys do not fit a DiT (missing {left[:3]}, "
                          f"unexpected {missing.unexpected_keys[:3]})")
     from diffusers.models.embeddings import PatchEmbed
 
@@ -135,6 +171,9 @@ def load_dit_checkpoint(path: str, *, device="cpu", dtype: torch.dtype = torch.f
     pe = PatchEmbed(height=cfg["sample_size"], width=cfg["sample_size"], patch_size=cfg["patch_size"],
                     in_channels=cfg["in_channels"], embed_dim=cfg["num_attention_heads"] * cfg["attention_head_dim"])
     model.pos_embed.register_buffer("pos_embed", pe.pos_embed, persistent=False)
-    if not torch.allclose(sd["pos_embed"].float(), pe.pos_embed.float(), atol=1e-5):
+    stored = sd["pos_embed"]  # values in [-1, 1]: a 16-bit file holds them to its own rounding
+    atol = max(1e-5, 2 * torch.finfo(stored.dtype).eps) if stored.is_floating_point() else 1e-5
+    if not torch.allclose(stored.float(), pe.pos_embed.float(), atol=atol):
         raise ModelError(f"--model {path}: its pos_embed is not DiT's fixed sin-cos embedding")
-    return model.to(device=device, dtype=dtype).eval()
+    # nn.Module.to: diffusers' own .to(dtype=) warns about keeping fp32 modules (a DiT has none) on every load
+    return torch.nn.Module.to(model, device=device, dtype=dtype).eval()

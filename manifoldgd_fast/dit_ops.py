@@ -5,7 +5,8 @@ and ``DiTTransformer2DModel``'s final layer), per token row of x (B, N, C):
 
 * :func:`layernorm_modulate` ``LayerNorm(x) * (1 + scale[:, None]) + shift[:, None]``: ``AdaLayerNormZero``'s
   ``norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]``, ``norm3`` + the MLP's modulate, and
-  ``norm_out(x) * (1 + scale[:, None]) + shift[:, None]`` (all LayerNorms without affine, eps 1e-6 in DiT);
+  ``norm_out(x) * (1 + scale[:, None]) + shift[:, None]`` (all LayerNorms without affine; eps 1e-6 in DiT,
+  ``norm_eps`` in diffusers' ``norm3``);
 * :func:`gate_residual` ``x + gate[:, None] * y``: ``gate_msa.unsqueeze(1) * attn_output + hidden_states``
   and the same after the MLP;
 * :func:`attention` ``SDPA(q, k, v).transpose(1, 2).reshape(B, N, H * Dh)``: the attention processor's

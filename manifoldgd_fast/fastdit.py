@@ -80,6 +80,9 @@ class FusedDiT(nn.Module):
         if getattr(cfg, "norm_elementwise_affine", False):  # the fused LayerNorm-modulate has no affine of its own
             raise ModelError("--dit-impl fused takes DiTs without LayerNorm affine weights "
                              "(norm_elementwise_affine false, as DiT's); use --dit-impl diffusers")
+        if not getattr(cfg, "attention_bias", True):  # the fused q/k/v projection carries their biases
+            raise ModelError("--dit-impl fused takes DiTs with attention biases (attention_bias true, as DiT's); "
+                             "use --dit-impl diffusers")
         if attention not in ("sdpa", "triton"):
             raise ModelError(f"FusedDiT attention must be 'sdpa' or 'triton', got {attention!r}")
         if attention == "triton":

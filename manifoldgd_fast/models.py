@@ -148,12 +148,17 @@ def _cached_snapshot(repo_id: str, cache_dir: str | None) -> str | None:
         return None
 
 
+WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
+
+
 def resolve_root(path_or_id, *, flag: str, what: str, cache_dir: str | None = None) -> str:
     """The local folder of a model: the folder itself or the cached snapshot of a HF id (never downloads)."""
     if not isinstance(path_or_id, (str, os.PathLike)) or not str(path_or_id):
         raise ModelError(f"{flag} {path_or_id!r}: give a model folder or a Hugging Face id")
     arg = str(path_or_id)
     root = arg if os.path.isdir(arg) else _cached_snapshot(arg, cache_dir)
+    if root is None and arg.lower().endswith(WEIGHT_FILE_SUFFIXES) and not os.path.exists(arg):  # a file name
+        raise ModelError(f"{flag} {arg}: no such file")
     if root is None:
         raise ModelError(f"{flag} {arg}: no {what} found (not a local folder, not in the Hugging Face cache)"
                          + _fetch_hint(arg, cache_dir))
@@ -191,13 +196,15 @@ def _load(cls, path_or_id: str, subfolder: str, flag: str, what: str, *, device,
 
 
 def set_time_embedding(model, kind: str) -> None:
-    """Make a DiT's sinusoidal timestep features those its weights were trained with.
+    """Make a DiT's sinusoidal timestep features (and LayerNorm eps) those its weights were trained with.
 
     facebookresearch/DiT (and the ManifoldGD / MGD³ releases, which run its model code) divide the
     log-frequencies by ``half`` = 128 ("original"); diffusers' DiT divides by ``half - 1`` = 127
     (``downscale_freq_shift=1``, "diffusers"), which moves the embedding of t = 999 by about its own
     norm. The hub's ``facebook/DiT-XL-2-*`` weights are the original ones converted, so they want
     "original"; a DiT trained with diffusers' module (the shipped digits model) wants "diffusers".
+    "original" also gives each block's second LayerNorm (``norm3``) DiT's eps, 1e-6, where diffusers
+    uses the config's ``norm_eps`` (1e-5 by default; a change of about 1e-5 relative).
     """
     if kind not in TIME_EMBEDDINGS[1:]:
         raise ConfigError(f"--time-embedding {kind!r}: expected {' or '.join(TIME_EMBEDDINGS[1:])}")
@@ -208,6 +215,12 @@ def set_time_embedding(model, kind: str) -> None:
             n += 1
     if n == 0:
         raise ModelError(f"{type(model).__name__}: no timestep embedding (diffusers Timesteps) found to set")
+    from .dit_checkpoint import DIT_LAYERNORM_EPS
+
+    eps = DIT_LAYERNORM_EPS if kind == "original" else getattr(model.config, "norm_eps", 1e-5)
+    for blk in getattr(model, "transformer_blocks", ()):
+        if isinstance(getattr(blk, "norm3", None), torch.nn.LayerNorm):
+            blk.norm3.eps = eps
     model.time_embedding = kind
 
 

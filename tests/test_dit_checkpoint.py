@@ -1,6 +1,7 @@
 """Original DiT .pt checkpoints (facebookresearch/DiT layout) load as the diffusers DiT they were converted to."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from manifoldgd_fast.dit_checkpoint import dit_config_from_state_dict, load_dit_checkpoint
 from manifoldgd_fast.errors import ModelError
@@ -37,7 +38,8 @@ def original_state_dict(dit):
 @pytest.mark.parametrize("cfg", [dict(), dict(num_layers=3, sample_size=16, patch_size=4)])
 @pytest.mark.parametrize("ema", [False, True])
 def test_original_checkpoint_loads_as_the_same_dit(tmp_path, cfg, ema):
-    dit = tie_conditioning_embedders(build_dit(tiny_dit_config(num_classes=10, **cfg), seed=5))
+    # DiT's LayerNorms all have eps 1e-6; a diffusers DiT gives its norm3 the config's norm_eps
+    dit = tie_conditioning_embedders(build_dit({**tiny_dit_config(num_classes=10, **cfg), "norm_eps": 1e-6}, seed=5))
     sd = original_state_dict(dit)
     path = tmp_path / "DiT-tiny.pt"
     torch.save({"ema": sd, "opt": {}} if ema else sd, path)
@@ -52,6 +54,67 @@ def test_original_checkpoint_loads_as_the_same_dit(tmp_path, cfg, ema):
     with torch.no_grad():
         torch.testing.assert_close(got(x, timestep=t, class_labels=y).sample, dit(x, timestep=t, class_labels=y).sample,
                                    atol=0, rtol=0)
+
+
+def original_dit_forward(sd, x, t, y, heads):
+    """facebookresearch/DiT's ``DiT.forward`` (models.py) on an original state dict, written out:
+    patchify + pos_embed, c = t_embedder(t) + y_embedder(y), adaLN-Zero blocks (LayerNorm eps 1e-6,
+    timm attention, tanh GELU), the final layer, unpatchify."""
+    w = sd["x_embedder.proj.weight"]
+    C, p = w.shape[0], w.shape[2]
+    h = F.conv2d(x, w, sd["x_embedder.proj.bias"], stride=p).flatten(2).transpose(1, 2) + sd["pos_embed"]
+    B, N, _ = h.shape
+    temb = _release_timestep_embedding(t)
+    temb = F.linear(F.silu(F.linear(temb, sd["t_embedder.mlp.0.weight"], sd["t_embedder.mlp.0.bias"])),
+                    sd["t_embedder.mlp.2.weight"], sd["t_embedder.mlp.2.bias"])
+    c = F.silu(temb + sd["y_embedder.embedding_table.weight"][y])  # (B, C), SiLU'd as adaLN_modulation's input
+
+    def modulated(v, shift, scale):
+        return F.layer_norm(v, (C,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+
+    def lin(v, name):
+        return F.linear(v, sd[name + ".weight"], sd[name + ".bias"])
+
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    for i in range(depth):
+        b = f"blocks.{i}."
+        s_msa, c_msa, g_msa, s_mlp, c_mlp, g_mlp = lin(c, b + "adaLN_modulation.1").chunk(6, dim=1)
+        q, k, v = lin(modulated(h, s_msa, c_msa), b + "attn.qkv").view(B, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
+        a = ((q * (C // heads) ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v  # (B, heads, N, Dh)
+        h = h + g_msa[:, None] * lin(a.transpose(1, 2).reshape(B, N, C), b + "attn.proj")
+        m = F.gelu(lin(modulated(h, s_mlp, c_mlp), b + "mlp.fc1"), approximate="tanh")
+        h = h + g_mlp[:, None] * lin(m, b + "mlp.fc2")
+    shift, scale = lin(c, "final_layer.adaLN_modulation.1").chunk(2, dim=1)
+    out = lin(modulated(h, shift, scale), "final_layer.linear")  # (B, N, p * p * C_out)
+    side, c_out = int(N ** 0.5), out.shape[-1] // (p * p)
+    out = torch.einsum("nhwpqc->nchpwq", out.reshape(B, side, side, p, p, c_out))
+    return out.reshape(B, c_out, side * p, side * p)
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(num_layers=3, sample_size=16, patch_size=4)])
+def test_original_checkpoint_runs_as_the_original_dit(tmp_path, cfg):
+    """What loads from a .pt (and the fused DiT around it) computes DiT's own forward on its tensors:
+    the renaming, the q/k/v split, the timestep features and the LayerNorm eps of the original."""
+    from manifoldgd_fast.fastdit import FusedDiT
+    from manifoldgd_fast.models import set_time_embedding
+
+    sd = original_state_dict(tie_conditioning_embedders(build_dit(tiny_dit_config(num_classes=10, **cfg), seed=3)))
+    g = torch.Generator().manual_seed(1)
+    sd = {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in sd.items() if k != "pos_embed"} | {
+        "pos_embed": sd["pos_embed"]}  # random weights everywhere: adaLN-Zero's zero init would hide the blocks
+    path = tmp_path / "DiT.pt"
+    torch.save(sd, path)
+    heads = tiny_dit_config(**cfg)["num_attention_heads"]
+    got = load_dit_checkpoint(str(path), heads=heads)
+    set_time_embedding(got, "original")  # what load_dit's auto picks for a .pt
+    assert all(blk.norm3.eps == 1e-6 for blk in got.transformer_blocks)
+    side = got.config.sample_size
+    x = torch.randn(4, 4, side, side, generator=g)
+    t, y = torch.tensor([0, 1, 500, 999]), torch.tensor([0, 3, 9, 10])  # 10: the CFG null class
+    with torch.no_grad():
+        want = original_dit_forward(sd, x, t, y, heads)
+        for model in (got, FusedDiT(got)):
+            torch.testing.assert_close(model(x, timestep=t, class_labels=y).sample, want, atol=1e-4, rtol=1e-5)
 
 
 def test_xl2_shapes_give_the_xl2_config():
@@ -100,6 +163,99 @@ def test_bad_checkpoints_one_line(tmp_path):
     torch.save(original_state_dict(tie_conditioning_embedders(dit)), tmp_path / "z.pt")
     with pytest.raises(ModelError, match="number of attention heads"):
         load_dit_checkpoint(str(tmp_path / "z.pt"))
+
+
+def test_checkpoint_files_that_do_not_fit_one_line(tmp_path, monkeypatch, capsys):
+    """Each fault names the file and the tensor: keys missing or left over (a DiT variant's extra tensors
+    are never dropped silently), a tensor of the wrong shape; no traceback and no diffusers warning."""
+    import logging
+
+    from manifoldgd_fast.dit_checkpoint import DIT_HEADS
+
+    dit = tie_conditioning_embedders(build_dit(tiny_dit_config(num_classes=10), seed=0))
+    monkeypatch.setitem(DIT_HEADS, 16, 2)  # the tiny width as a family member
+    good = original_state_dict(dit)
+    cases = [({k: v for k, v in good.items() if k != "final_layer.linear.weight"},
+              "not an original DiT state dict (no final_layer.linear.weight)"),
+             ({k: v for k, v in good.items() if k != "y_embedder.embedding_table.weight"},
+              "not an original DiT state dict (no y_embedder.embedding_table.weight)"),
+             ({k: v for k, v in good.items() if k != "blocks.1.mlp.fc1.bias"},
+              "keys do not fit an original DiT (missing blocks.1.mlp.fc1.bias)"),
+             ({**good, "blocks.0.attn.q_norm.weight": torch.ones(8)},
+              "keys do not fit an original DiT (unexpected blocks.0.attn.q_norm.weight)"),
+             ({**good, "blocks.1.mlp.fc1.weight": torch.zeros(3, 16)},
+              "does not fit a DiT (size mismatch for transformer_blocks.1.ff.net.0.proj.weight: "
+              "copying a param with shape torch.Size([3, 16])")]
+    for i, (sd, why) in enumerate(cases):
+        path = tmp_path / f"bad{i}.pt"
+        torch.save(sd, path)
+        with pytest.raises(ModelError) as e:
+            load_dit_checkpoint(str(path))
+        assert str(e.value).startswith(f"--model {path}: {why}") and "\n" not in str(e.value), str(e.value)
+    caplog_lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: caplog_lines.append(record.getMessage())
+    logging.getLogger("diffusers").addHandler(handler)
+    try:
+        torch.save(good, tmp_path / "good.pt")
+        load_dit_checkpoint(str(tmp_path / "good.pt"), dtype=torch.bfloat16)
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    assert not caplog_lines and not capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_checkpoint_loads(tmp_path, monkeypatch, dtype):
+    """A .pt saved in fp16 / bf16 loads: its pos_embed is DiT's sin-cos to that dtype's rounding."""
+    from manifoldgd_fast.dit_checkpoint import DIT_HEADS
+
+    dit = tie_conditioning_embedders(build_dit(tiny_dit_config(num_classes=10), seed=0))
+    monkeypatch.setitem(DIT_HEADS, 16, 2)
+    sd = {k: v.to(dtype) for k, v in original_state_dict(dit).items()}
+    torch.save(sd, tmp_path / "half.pt")
+    got = load_dit_checkpoint(str(tmp_path / "half.pt"))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.transformer_blocks[0].attn1.to_q.weight,
+                               sd["blocks.0.attn.qkv.weight"][:16].float(), atol=0, rtol=0)
+    sd["pos_embed"] = sd["pos_embed"] + 0.05  # not the sin-cos embedding: still refused
+    torch.save(sd, tmp_path / "half.pt")
+    with pytest.raises(ModelError, match="its pos_embed is not DiT's fixed sin-cos embedding"):
+        load_dit_checkpoint(str(tmp_path / "half.pt"))
+
+
+@pytest.mark.skipif(not hasattr(torch.serialization, "safe_globals"),
+                    reason="torch.serialization.safe_globals (torch >= 2.5) lets weights-only torch.load take "
+                           "train.py's argparse.Namespace")
+def test_dit_training_checkpoint_with_its_args_loads(tmp_path, monkeypatch):
+    """DiT's train.py saves {"model", "ema", "opt", "args"} with args an argparse.Namespace: its EMA loads."""
+    import argparse
+
+    from manifoldgd_fast.dit_checkpoint import DIT_HEADS
+
+    dit = tie_conditioning_embedders(build_dit(tiny_dit_config(num_classes=10), seed=0))
+    monkeypatch.setitem(DIT_HEADS, 16, 2)
+    sd = original_state_dict(dit)
+    args = argparse.Namespace(model="DiT-XL/2", image_size=256, num_classes=1000, global_seed=0)
+    torch.save({"model": {k: v + 1 for k, v in sd.items()}, "ema": sd, "opt": {}, "args": args},
+               tmp_path / "0400000.pt")
+    got = load_dit_checkpoint(str(tmp_path / "0400000.pt"))
+    assert torch.equal(got.proj_out_2.weight, sd["final_layer.linear.weight"])  # the EMA weights, not "model"
+
+
+def test_missing_checkpoint_file_is_no_such_file(tmp_path):
+    from manifoldgd_fast.models import load_dit
+
+    for arg in ("pretrained_models/DiT-XL-2-256x256.pt", str(tmp_path / "DiT-XL-2-512x512.pt")):
+        with pytest.raises(ModelError) as e:
+            load_dit(arg, cache_dir=str(tmp_path))
+        assert str(e.value) == f"--model {arg}: no such file"
+
+
+def test_fused_dit_refuses_a_dit_without_attention_biases():
+    from manifoldgd_fast.fastdit import FusedDiT
+
+    with pytest.raises(ModelError, match="--dit-impl fused takes DiTs with attention biases"):
+        FusedDiT(build_dit({**tiny_dit_config(), "attention_bias": False}))
 
 
 def test_distill_from_an_original_checkpoint(tiny_world, tmp_path, capsys, monkeypatch):
