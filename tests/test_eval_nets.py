@@ -97,6 +97,16 @@ def test_convnet_at_224_is_idc_layout():
     assert all(m.num_groups == m.num_channels for m in net.modules() if isinstance(m, torch.nn.GroupNorm))
 
 
+@pytest.mark.parametrize("size", [64, 96, 112, 127, 128, 224, 256])
+def test_convnet_pools_after_every_layer_where_idcs_does(size):
+    """From 64 px, IDC's ConvNet-6 (the release's) halves the map in all six layers (64 to 127 px: a 1x1
+    map into the classifier); below, where it would end at 0 px, ours stops halving at 2 px."""
+    net = N.build_net("convnet6", 10, size)
+    assert sum(isinstance(m, torch.nn.AvgPool2d) for m in net.modules()) == 6
+    assert net.feature_dim == 128 * (size >> 6) ** 2
+    assert N.count_parameters(net) == _convnet_count(6, 128, size >> 6, 10)
+
+
 def test_resnetap_uses_average_pooling_not_strided_convs():
     net = N.build_net("resnetap10", 10, 224)
     assert all(m.stride == (1, 1) for m in net.modules() if isinstance(m, torch.nn.Conv2d))

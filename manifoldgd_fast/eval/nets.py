@@ -16,12 +16,15 @@ Resolution. The ResNets pick their stem as IDC does: ``size <= 64`` a
 conv3x3 without pooling ("small", CIFAR-like), ``64 < size <= 128`` conv3x3 +
 pool 2 ("mid"), larger the ImageNet stem ("large"); they end in global average
 pooling. Instance norm of a 1x1 map is a constant (it erases the input), so no
-net here ever downsamples a map below 2x2: a ConvNet-6 layer pools only if the
-result stays >= 2 px, a ResNet stage strides only if its output stays >= 2 px
-(the parameter count does not change). At the literature's sizes nothing
-differs from IDC (224 px: ConvNet-6 ends at 3x3, ResNets at 7x7; 32 px:
-ResNets end at 4x4); at 32 px ConvNet-6 pools in its first four layers
-(32 -> 2 px), at 8 px in two, and so on. Inputs must be at least 2 px.
+norm here ever sees a map below 2x2: a ResNet stage strides only if its output
+stays >= 2 px (the parameter count does not change). ConvNet-6 pools after
+every layer as IDC's does where that is defined (>= 64 px: six halvings leave
+>= 1 px, and every normalised map is >= 2x2; 64 to 127 px end at 1x1, before
+the classifier); below 64 px, where IDC's would end at 0 px, a layer pools only
+if the result stays >= 2 px: at 32 px in its first four layers (32 -> 2 px), at
+8 px in two, and so on. At the literature's sizes nothing differs from IDC
+(224 px: ConvNet-6 ends at 3x3, ResNets at 7x7; 32 px: ResNets end at 4x4).
+Inputs must be at least 2 px.
 
 Every net has ``forward_features(x)`` (the vector before the classifier) and
 ``feature_dim``; inputs are ImageNet-normalised images (B, 3, size, size).
@@ -65,9 +68,10 @@ class ConvNet(nn.Module):
     def __init__(self, num_classes: int, size: int = 224, depth: int = 6, width: int = 128, channels: int = 3):
         super().__init__()
         layers, side, c_in = [], size, channels
+        pool_all = size >> depth >= 1  # IDC's net: a pool after every layer (see the module docstring)
         for _ in range(depth):
             layers += [nn.Conv2d(c_in, width, 3, padding=1), instance_norm(width), nn.ReLU(inplace=True)]
-            if side // 2 >= 2:  # keep every normalised map >= 2x2 (see the module docstring)
+            if pool_all or side // 2 >= 2:  # else keep every normalised map >= 2x2
                 layers.append(nn.AvgPool2d(2, 2))
                 side //= 2
             c_in = width
