@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 
@@ -49,14 +50,23 @@ def test_default_hparams():
     big = P.default_hparams(1000)
     assert (big["lr"], big["weight_decay"], big["batch_size"]) == (0.1, 1e-4, 128)
     soft = P.default_hparams(10, soft=True)
-    assert (soft["optimizer"], soft["lr"], soft["weight_decay"]) == ("adamw", 1e-3, 0.01)
+    assert (soft["optimizer"], soft["lr"], soft["weight_decay"], soft["decay"]) == ("adamw", 1e-3, 0.01, "weights")
+    # RDED's batch (its argument.py): IPC 1 / 10 / 50 -> 10 / 50 / 100, twice that from 100 classes, <= the set
+    assert [P.default_hparams(c, True, ipc)["batch_size"] for ipc, c in
+            [(1, 10), (10, 10), (50, 10), (1, 1000), (10, 1000), (50, 1000), (1, 100), (10, 3), (20, 10)]] == \
+        [10, 50, 100, 20, 100, 200, 20, 30, 100]
     assert P.default_size(256) == 224 and P.default_size(32) == 32
 
 
 def test_lr_schedule_milestones():
     lrs = [P.lr_at(e, 600, 0.01, "multistep") for e in (0, 399, 400, 499, 500, 599)]
     assert np.allclose(lrs, [0.01, 0.01, 0.002, 0.002, 0.0004, 0.0004])
-    assert P.lr_at(0, 300, 1e-3, "cosine") == 1e-3 and abs(P.lr_at(150, 300, 1e-3, "cosine") - 5e-4) < 1e-12
+    # RDED's LambdaLR: 0.5 (1 + cos(pi e / 2E)), stepped once an epoch; epoch E would give half the base lr
+    want = [1e-3 * 0.5 * (1 + math.cos(math.pi * e / 300 / 2)) for e in (0, 150, 299)]
+    assert [P.lr_at(e, 300, 1e-3, "half-cosine") for e in (0, 150, 299)] == want
+    assert want[0] == 1e-3 and abs(want[1] - 1e-3 * (2 + 2 ** 0.5) / 4) < 1e-15 and want[2] > 5e-4
+    with pytest.raises(ValueError, match="lr schedule 'cosine'"):
+        P.lr_at(0, 300, 1e-3, "cosine")
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -172,6 +182,29 @@ def test_soft_label_variant_learns(folders):
     assert res["protocol"] == "soft-label" and res["hparams"]["optimizer"] == "adamw" and res["seeds"] == [3]
     assert res["nets"]["convnet6"]["best_mean"] > 60.0
     assert os.path.isfile(os.path.join(dist, "soft.md"))
+
+
+def test_soft_label_run_is_rdeds_validation(folders, monkeypatch):
+    """The soft-label defaults: temperature 20, crop + flip only (no jitter / lighting), AdamW whose weight
+    decay reaches the weight matrices and kernels but not biases and norms (RDED's get_parameters)."""
+    dist, val = folders
+    groups = []
+
+    class Recorder(torch.optim.AdamW):
+        def __init__(self, params, **kw):
+            super().__init__(params, **kw)
+            groups.extend(self.param_groups)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recorder)
+    res = P.evaluate(dist, val, nets="convnet6", seeds=[0], epochs=1, size=8, device="cpu",
+                     teacher=ColourOracle(), progress=False, out_json=os.path.join(dist, "soft.json"))
+    assert res["temperature"] == 20.0 and res["hparams"]["schedule"] == "half-cosine"
+    assert (res["augment"]["color_jitter"], res["augment"]["lighting_std"]) == (0.0, 0.0)
+    assert res["augment"]["random_resized_crop"]["scale"] == [0.5, 1.0]
+    decayed, kept = groups
+    assert decayed["weight_decay"] == 0.01 and kept["weight_decay"] == 0.0
+    assert all(p.dim() == 4 or p.dim() == 2 for p in decayed["params"]) and len(decayed["params"]) == 7  # 6 convs, fc
+    assert all(p.dim() == 1 for p in kept["params"]) and len(kept["params"]) == 6 * 3 + 1  # conv biases, norms, fc bias
 
 
 def test_teacher_with_wrong_outputs_is_refused(folders):

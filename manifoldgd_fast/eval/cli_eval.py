@@ -72,7 +72,8 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="soft-label protocol: a saved nn.Module, a state dict of one of the nets or of "
                         "torchvision's ResNet-18, or imagenet-resnet18 (torchvision's ImageNet weights from "
                         "$TORCH_HOME/hub/checkpoints); an ImageNet teacher answers for the folder's WordNet ids")
-    g.add_argument("--temperature", type=float, default=1.0, help="soft-label temperature (> 0)")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="soft-label temperature (> 0; default 20, RDED's with CutMix)")
     g.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
                    help="on CUDA: bf16 autocast + channels_last + cudnn.benchmark (fast; runs may differ in the "
                         "last bits), or fp32 as the release, with deterministic algorithms where torch has them "

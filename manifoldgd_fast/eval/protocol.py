@@ -63,12 +63,26 @@ def default_epochs(ipc: int, num_classes: int) -> int:
     return e
 
 
-def default_hparams(num_classes: int, soft: bool = False) -> dict:
+SOFT_TEMPERATURE = 20.0  # RDED's with CutMix (its argument.py: 4 with mixup)
+
+
+def soft_batch_size(ipc: int, num_classes: int) -> int:
+    """RDED's student batch: 10 / 50 / 100 images at IPC 1 / 10 / 50 (here: IPC <= 1, <= 10, more),
+    twice that from 100 classes, never more than the set holds."""
+    batch = (10 if ipc <= 1 else 50 if ipc <= 10 else 100) * (2 if num_classes >= 100 else 1)
+    return max(1, min(batch, ipc * num_classes))
+
+
+def default_hparams(num_classes: int, soft: bool = False, ipc: int = 10) -> dict:
     """SGD lr 0.01, wd 5e-4, batch 64; > 100 classes lr 0.1, wd 1e-4, batch 128.
-    Soft labels: AdamW lr 1e-3, wd 0.01 (cosine decay), 300 epochs."""
-    batch = 128 if num_classes > 100 else 64
+
+    Soft labels, as RDED's validation (which MGD3 follows): AdamW lr 1e-3, betas (0.9, 0.999), weight
+    decay 0.01 on the weight matrices and kernels only (not on biases and norms), the lr multiplied by
+    0.5 (1 + cos(pi e / 2E)) at epoch e of E (down to half the base lr), batch :func:`soft_batch_size`."""
     if soft:
-        return {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.01, "batch_size": batch, "schedule": "cosine"}
+        return {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.01, "decay": "weights",
+                "batch_size": soft_batch_size(ipc, num_classes), "schedule": "half-cosine"}
+    batch = 128 if num_classes > 100 else 64
     lr, wd = (0.1, 1e-4) if num_classes > 100 else (0.01, 5e-4)
     return {"optimizer": "sgd", "lr": lr, "momentum": 0.9, "weight_decay": wd, "batch_size": batch,
             "schedule": "multistep x0.2 at 2/3, 5/6"}
@@ -228,9 +242,11 @@ def accuracy(model: torch.nn.Module, split: Split, device: torch.device, batch_s
 
 def lr_at(epoch: int, epochs: int, base: float, schedule: str) -> float:
     """Learning rate of 0-based ``epoch``: x0.2 after 2/3 and 5/6 of training (IDC's
-    MultiStepLR), or cosine decay for the soft-label protocol."""
-    if schedule == "cosine":
-        return base * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+    MultiStepLR), or for the soft-label protocol RDED's LambdaLR, 0.5 (1 + cos(pi e / 2E))."""
+    if schedule == "half-cosine":
+        return base * 0.5 * (1 + math.cos(math.pi * epoch / epochs / 2))
+    if not schedule.startswith("multistep"):
+        raise ValueError(f"lr schedule {schedule!r}: expected 'half-cosine' or 'multistep ...'")
     return base * 0.2 ** sum(epoch >= m for m in (2 * epochs // 3, 5 * epochs // 6))
 
 
@@ -241,11 +257,13 @@ def train_net(net: str, train: Split, val: Split, num_classes: int, *, size: int
               checkpoint: str | None = None, checkpoint_key: str = "") -> dict:
     """Train one ``net`` from scratch on ``train`` and test it on ``val`` every ``eval_every`` epochs.
 
-    hp: optimizer ('sgd' / 'adamw'), lr, weight_decay, batch_size, schedule (see default_hparams).
+    hp: optimizer ('sgd' / 'adamw'), lr, weight_decay, batch_size, schedule, and decay "weights" to
+    leave biases and norms undecayed (see default_hparams).
     precision: on CUDA, "bf16" (autocast, channels_last) or "fp32"; the CPU always runs fp32
     (see :func:`numerics` for the cuDNN settings that go with each).
     teacher: soft-label protocol -- the student matches the teacher's softmax on each
-    augmented view (KL, temperature ``temperature``); None -> cross-entropy with CutMix labels.
+    augmented view (KL, batch mean, both sides at temperature ``temperature``, as RDED);
+    None -> cross-entropy with CutMix labels.
     checkpoint: a file where the run's state (net, optimizer, generators, history) is saved at an epoch's
     end at most every ``resume.CHECKPOINT_EVERY_S`` seconds; a run started with the same file and
     ``checkpoint_key`` continues from it, with the same results as an uninterrupted run (bit for bit
@@ -259,6 +277,10 @@ def train_net(net: str, train: Split, val: Split, num_classes: int, *, size: int
         model = prepare_net(build_net(net, num_classes, size), device, precision)
     augment = augment or TrainAugment(size)
     params = list(model.parameters())
+    if hp.get("decay") == "weights":  # RDED: weight decay on the weight matrices and kernels only
+        decayed = [p for name, p in model.named_parameters() if "weight" in name and p.dim() > 1]
+        ids = {id(p) for p in decayed}
+        params = [{"params": decayed}, {"params": [p for p in params if id(p) not in ids], "weight_decay": 0.0}]
     if hp["optimizer"] == "adamw":
         opt = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"], betas=(0.9, 0.999))
     else:
@@ -301,7 +323,7 @@ def train_net(net: str, train: Split, val: Split, num_classes: int, *, size: int
                     with torch.no_grad():
                         soft = F.softmax(teacher(xb).float() / temperature, 1)
                     logp = F.log_softmax(out.float() / temperature, 1)
-                    loss = F.kl_div(logp, soft, reduction="batchmean") * temperature ** 2
+                    loss = F.kl_div(logp, soft, reduction="batchmean")
                 else:
                     loss = ratio * F.cross_entropy(out.float(), yb) + (1 - ratio) * F.cross_entropy(
                         out.float(), yb[partner])
@@ -390,7 +412,7 @@ def _same_classes(folders: list[str], matched: list) -> None:
 # --------------------------------------------------------------------------- entry point
 def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None = None,
              size: int | None = None, batch_size: int | None = None, lr: float | None = None,
-             device: str = "auto", teacher=None, temperature: float = 1.0, eval_every: int | None = None,
+             device: str = "auto", teacher=None, temperature: float | None = None, eval_every: int | None = None,
              val_batch_size: int = 500, val_resize: int | None = None, restrict_val: bool = False,
              val_labels: str | None = None,
              precision: str = "bf16", resample: str = "bicubic", out_json: str | None = None,
@@ -410,7 +432,9 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
     images of >= 224 px, else their own size. teacher: None (hard labels) or a
     module / file / state dict / ``imagenet-resnet18`` (see nets.load_net) ->
     soft-label protocol; a 1000-class ImageNet teacher on a subset's WordNet-id
-    folders answers for those classes; temperature > 0.
+    folders answers for those classes. The soft-label run is RDED's validation (MGD3's
+    soft-label protocol): see :func:`default_hparams`; temperature > 0, None = 20 (RDED's
+    with CutMix); augmentation random-resized crop (scale 0.5-1) + flip, then CutMix.
     val_resize: short side (px) of the validation images before the centre crop to
     ``size``; None = ``size * 256 / 224`` (256 at 224 px, SPEC 7); 224 at 224 px is the
     release's Resize(224) + CenterCrop(224). resample: how every image (distilled and
@@ -438,6 +462,7 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
             raise ConfigError(f"{name} {v}: must be >= 1")
     if lr is not None and not lr > 0:
         raise ConfigError(f"--lr {lr}: must be > 0")
+    temperature = SOFT_TEMPERATURE if temperature is None else temperature
     try:
         temperature_ok = math.isfinite(float(temperature)) and float(temperature) > 0
     except (TypeError, ValueError):
@@ -462,7 +487,7 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
     if val_load < size:
         raise ConfigError(f"--val-resize {val_resize}: must be >= the evaluation size {size} (--size)")
     soft = teacher is not None
-    hp = default_hparams(num_classes, soft)
+    hp = default_hparams(num_classes, soft, ipc)
     hp["lr"] = lr or hp["lr"]
     hp["batch_size"] = batch_size or hp["batch_size"]
     epochs = epochs or (300 if soft else default_epochs(ipc, num_classes))
@@ -471,7 +496,7 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
 
     # Each finished (folder, net, seed) run is kept in JSON.partial until the JSON is written, so a killed
     # evaluation resumes there; its key: everything a run's result depends on (an in-memory teacher has none)
-    augment = TrainAugment(size)
+    augment = TrainAugment(size, jitter=0.0, light=0.0) if soft else TrainAugment(size)  # RDED: crop + flip
     partial = eval_json_path(folders, out_json) + ".partial"
     teacher_id = resume.file_identity(teacher) if soft else "none"
     fingerprint = None if teacher_id is None else fields_digest({
