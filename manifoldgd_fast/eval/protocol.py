@@ -251,7 +251,8 @@ def lr_at(epoch: int, epochs: int, base: float, schedule: str) -> float:
 
 
 def train_net(net: str, train: Split, val: Split, num_classes: int, *, size: int, epochs: int, hp: dict,
-              seed: int, device: torch.device, teacher: torch.nn.Module | None = None, temperature: float = 1.0,
+              seed: int, device: torch.device, teacher: torch.nn.Module | None = None,
+              temperature: float = SOFT_TEMPERATURE,
               eval_every: int | None = None, augment: TrainAugment | None = None, val_batch_size: int = 500,
               progress: bool = True, desc: str = "", return_model: bool = False, precision: str = "bf16",
               checkpoint: str | None = None, checkpoint_key: str = "") -> dict:
