@@ -71,7 +71,8 @@ GROUPS: dict[str, dict[str, str]] = {
         "steps": "sampling steps",
         "ddim_eta": "DDIM eta (0 = deterministic)",
         "cfg_scale": "classifier-free guidance scale (default: 4 for DiT, 8 for SD)",
-        "cfg_channels": "auto (3 for DiT, all for SD), 3 (official DiT: CFG on the first 3 eps channels) or all",
+        "cfg_channels": "auto (3 for DiT under the official formulation, all for SD and the paper formulation), "
+                        "3 (official DiT: CFG on the first 3 eps channels) or all",
         "t_stop": "guidance while the step is before t_stop (official: respaced index > t_stop; default: 25 for DiT; "
                   "SD: the steps with timestep > 500, 24 official / 25 paper at 50 steps)",
     },

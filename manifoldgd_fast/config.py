@@ -88,7 +88,7 @@ class DistillConfig:
     steps: int = 50
     ddim_eta: float = 0.0
     cfg_scale: float | None = None     # None: 4.0 for DiT (SPEC), 8.0 for SD (MGD3's text-to-image script)
-    cfg_channels: str = "auto"         # auto: "3" for DiT (official), "all" for SD
+    cfg_channels: str = "auto"         # auto: "3" for DiT (official formulation), "all" for SD and the paper one
     t_stop: int | None = None          # guidance while the step is before t_stop (None: sd_t_stop for SD, else 25)
 
     # --- mode discovery (SPEC 2) ---------------------------------------------
@@ -282,8 +282,8 @@ class DistillConfig:
             from .sd import SD_CFG_SCALE
 
             c.cfg_scale = SD_CFG_SCALE if sd else 4.0
-        if c.cfg_channels == "auto":
-            c.cfg_channels = "all" if sd else "3"
+        if c.cfg_channels == "auto":  # the released DiT sampler's CFG, 3 channels, is the official formulation's
+            c.cfg_channels = "all" if sd or c.formulation == "paper" else "3"
         if c.sampler == "auto":
             c.sampler = "ddpm"
         if c.t_stop is None:

@@ -512,7 +512,11 @@ def test_paper_formulation_defaults():
         assert (c.radius_schedule, c.radius_a, c.radius_units, c.r_min, c.r_max) == ("exponential", 5.0, "quantile",
                                                                                       0.2, 0.9)
         assert (c.mode_method, c.mode_point) == ("divisive", "mean")
+        assert c.cfg_channels == "all"  # SPEC 4: eps_u + w (eps_c - eps_u) on every channel
     assert (small.level, large.level) == (3, 2)
+    # the official formulation keeps the released DiT sampler's CFG on the first 3 channels; a choice stands
+    assert DistillConfig().resolve(10).cfg_channels == "3"
+    assert DistillConfig(formulation="paper", cfg_channels="3").resolve(10).cfg_channels == "3"
 
 
 def _adm_space_timesteps(num_timesteps, count):
