@@ -207,6 +207,28 @@ def test_soft_label_run_is_rdeds_validation(folders, monkeypatch):
     assert all(p.dim() == 1 for p in kept["params"]) and len(kept["params"]) == 6 * 3 + 1  # conv biases, norms, fc bias
 
 
+def test_soft_label_resnet18_student_has_batch_norm(tmp_path):
+    """RDED's (and MGD3's) soft-label student is torchvision's ResNet-18 (batch norm); hard labels keep IDC's
+    instance-norm ResNet-18. A saved batch-norm net loads back as one."""
+    from manifoldgd_fast.eval import nets as N
+
+    x = (torch.rand(6, 3, 8, 8) * 255).to(torch.uint8)
+    split = P.Split(x, torch.tensor([0, 1, 2, 0, 1, 2]))
+    norms = {}
+    for soft in (False, True):
+        hp = dict(P.default_hparams(3, soft, ipc=2), batch_size=3)
+        r = P.train_net("resnet18", split, split, 3, size=8, epochs=1, hp=hp, seed=0, device=torch.device("cpu"),
+                        teacher=ColourOracle() if soft else None, progress=False, return_model=True)
+        norms[soft] = {type(m).__name__ for m in r["model"].modules()} & {"BatchNorm2d", "GroupNorm"}
+        if soft:
+            torch.save(N.net_checkpoint(r["model"]), tmp_path / "student.pt")
+            back = N.load_net(str(tmp_path / "student.pt"))
+            assert back.norm == "batch" and torch.equal(back(split.x.float()), r["model"].eval()(split.x.float()))
+    assert norms == {False: {"GroupNorm"}, True: {"BatchNorm2d"}}
+    with pytest.raises(ConfigError, match="convnet6 with 'batch' norm: expected instance"):
+        N.build_net("convnet6", 3, 8, norm="batch")
+
+
 def test_teacher_with_wrong_outputs_is_refused(folders):
     dist, val = folders
     wrong = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 5))

@@ -176,22 +176,27 @@ class ResNet(nn.Module):
 
 
 # --------------------------------------------------------------------------- registry
-def build_net(name: str, num_classes: int, size: int = 224) -> nn.Module:
+def build_net(name: str, num_classes: int, size: int = 224, norm: str = "instance") -> nn.Module:
     """A freshly initialised evaluation net (global torch RNG; seed it first).
 
     name: one of ``convnet6``, ``resnetap10``, ``resnet18``; num_classes: outputs;
-    size: input resolution in pixels (chooses the ResNet stem / ConvNet pooling).
+    size: input resolution in pixels (chooses the ResNet stem / ConvNet pooling);
+    norm: the ResNets' "instance" (IDC's) or "batch" (torchvision's ResNet-18, the
+    soft-label protocol's student); ConvNet-6 has instance norm only.
     """
     if num_classes < 1:
         raise ConfigError(f"num_classes {num_classes}: must be >= 1")
     if size < 2:
         raise ConfigError(f"--size {size}: must be >= 2")
+    if norm not in NORMS or (name == "convnet6" and norm != "instance"):
+        raise ConfigError(f"{name} with {norm!r} norm: expected " + ("instance" if name == "convnet6" else
+                                                                    " or ".join(NORMS)))
     if name == "convnet6":
         net = ConvNet(num_classes, size, depth=6, width=128)
     elif name == "resnetap10":
-        net = ResNet(num_classes, size, blocks=(1, 1, 1, 1), avgpool=True)
+        net = ResNet(num_classes, size, blocks=(1, 1, 1, 1), avgpool=True, norm=norm)
     elif name == "resnet18":
-        net = ResNet(num_classes, size, blocks=(2, 2, 2, 2), avgpool=False)
+        net = ResNet(num_classes, size, blocks=(2, 2, 2, 2), avgpool=False, norm=norm)
     elif name == TV_NET:  # not a --nets choice: what load_net builds from torchvision's ImageNet weights
         net = ResNet(num_classes, size, blocks=(2, 2, 2, 2), avgpool=False, norm="batch", stem="large")
         net.input_size = 224
@@ -199,6 +204,7 @@ def build_net(name: str, num_classes: int, size: int = 224) -> nn.Module:
     else:
         raise ConfigError(f"--nets: unknown net {name!r}; choose from {', '.join(NET_NAMES)}")
     net.net_name, net.num_classes, net.size = name, num_classes, size
+    net.norm = "batch" if name == TV_NET else norm
     return net
 
 
@@ -224,7 +230,7 @@ NET_FORMAT = "manifoldgd_fast.net/1"
 def net_checkpoint(model: nn.Module, **meta) -> dict:
     """What :func:`load_net` reads back: the net's name, classes, size and state dict (+ ``meta``)."""
     return {"format": NET_FORMAT, "net": model.net_name, "num_classes": model.num_classes, "size": model.size,
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **meta}
+            "norm": getattr(model, "norm", "instance"), "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **meta}
 
 
 def load_net(source, *, num_classes: int | None = None, size: int | None = None, what: str = "--teacher",
@@ -262,7 +268,7 @@ def _net_from(obj, num_classes, size, what) -> nn.Module:
     if isinstance(obj, nn.Module):
         return obj.cpu().eval()
     if isinstance(obj, dict) and obj.get("format") == NET_FORMAT:
-        net = build_net(obj["net"], int(obj["num_classes"]), int(obj["size"]))
+        net = build_net(obj["net"], int(obj["num_classes"]), int(obj["size"]), norm=obj.get("norm", "instance"))
         net.load_state_dict(obj["state_dict"])
         return net.eval()
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):

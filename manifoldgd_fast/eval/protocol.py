@@ -78,10 +78,11 @@ def default_hparams(num_classes: int, soft: bool = False, ipc: int = 10) -> dict
 
     Soft labels, as RDED's validation (which MGD3 follows): AdamW lr 1e-3, betas (0.9, 0.999), weight
     decay 0.01 on the weight matrices and kernels only (not on biases and norms), the lr multiplied by
-    0.5 (1 + cos(pi e / 2E)) at epoch e of E (down to half the base lr), batch :func:`soft_batch_size`."""
+    0.5 (1 + cos(pi e / 2E)) at epoch e of E (down to half the base lr), batch :func:`soft_batch_size`,
+    and ResNet-18 students with batch norm (torchvision's, as RDED's and the teacher)."""
     if soft:
         return {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.01, "decay": "weights",
-                "batch_size": soft_batch_size(ipc, num_classes), "schedule": "half-cosine"}
+                "batch_size": soft_batch_size(ipc, num_classes), "schedule": "half-cosine", "resnet18_norm": "batch"}
     batch = 128 if num_classes > 100 else 64
     lr, wd = (0.1, 1e-4) if num_classes > 100 else (0.01, 5e-4)
     return {"optimizer": "sgd", "lr": lr, "momentum": 0.9, "weight_decay": wd, "batch_size": batch,
@@ -258,8 +259,8 @@ def train_net(net: str, train: Split, val: Split, num_classes: int, *, size: int
               checkpoint: str | None = None, checkpoint_key: str = "") -> dict:
     """Train one ``net`` from scratch on ``train`` and test it on ``val`` every ``eval_every`` epochs.
 
-    hp: optimizer ('sgd' / 'adamw'), lr, weight_decay, batch_size, schedule, and decay "weights" to
-    leave biases and norms undecayed (see default_hparams).
+    hp: optimizer ('sgd' / 'adamw'), lr, weight_decay, batch_size, schedule, decay "weights" to
+    leave biases and norms undecayed, resnet18_norm "batch" for torchvision's ResNet-18 (see default_hparams).
     precision: on CUDA, "bf16" (autocast, channels_last) or "fp32"; the CPU always runs fp32
     (see :func:`numerics` for the cuDNN settings that go with each).
     teacher: soft-label protocol -- the student matches the teacher's softmax on each
@@ -275,7 +276,8 @@ def train_net(net: str, train: Split, val: Split, num_classes: int, *, size: int
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = prepare_net(build_net(net, num_classes, size), device, precision)
+        norm = hp.get("resnet18_norm", "instance") if net == "resnet18" else "instance"
+        model = prepare_net(build_net(net, num_classes, size, norm=norm), device, precision)
     augment = augment or TrainAugment(size)
     params = list(model.parameters())
     if hp.get("decay") == "weights":  # RDED: weight decay on the weight matrices and kernels only
