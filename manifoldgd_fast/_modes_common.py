@@ -75,10 +75,11 @@ def _sq_dists(a: Tensor, b: Tensor, a_sq: Tensor | None = None) -> Tensor:
     return d2.clamp_min_(0.0)
 
 
-def _medoid(x: Tensor, idx: Tensor, centre: Tensor) -> Tensor:
-    """The row of ``x[idx]`` closest to ``centre`` (D,); ties to the first."""
-    d2 = ((x[idx] - centre) ** 2).sum(1)  # (len(idx),) exact differences: few rows
-    return x[idx[int(torch.argmin(d2))]]
+def _medoid(x: Tensor, idx: Tensor | None, centre: Tensor) -> Tensor:
+    """The row of ``x[idx]`` (``idx`` None: of all of ``x``) closest to ``centre`` (D,); ties to the first."""
+    rows = x if idx is None else x[idx]
+    d2 = ((rows - centre) ** 2).sum(1)  # (len(rows),) exact differences
+    return rows[int(torch.argmin(d2))]
 
 
 def _closest_latents(x: Tensor, points: Tensor) -> Tensor:
@@ -88,7 +89,7 @@ def _closest_latents(x: Tensor, points: Tensor) -> Tensor:
     centroid"), with exact differences (ties to the first row), so two points
     may pick the same row.
     """
-    return torch.stack([x[int(torch.argmin(((x - p) ** 2).sum(1)))] for p in points])
+    return torch.stack([_medoid(x, None, p) for p in points])
 
 
 def _set_modes(x: Tensor, index_sets: list[Tensor], mode_point: str) -> Tensor:

@@ -165,16 +165,21 @@ def test_bad_checkpoints_one_line(tmp_path):
         load_dit_checkpoint(str(tmp_path / "z.pt"))
 
 
-def test_checkpoint_files_that_do_not_fit_one_line(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def tiny_original(monkeypatch):
+    """An original-format state dict of a tiny tied DiT (width 16, registered as a 2-head family member)."""
+    from manifoldgd_fast.dit_checkpoint import DIT_HEADS
+
+    monkeypatch.setitem(DIT_HEADS, 16, 2)
+    return original_state_dict(tie_conditioning_embedders(build_dit(tiny_dit_config(num_classes=10), seed=0)))
+
+
+def test_checkpoint_files_that_do_not_fit_one_line(tmp_path, tiny_original, capsys):
     """Each fault names the file and the tensor: keys missing or left over (a DiT variant's extra tensors
     are never dropped silently), a tensor of the wrong shape; no traceback and no diffusers warning."""
     import logging
 
-    from manifoldgd_fast.dit_checkpoint import DIT_HEADS
-
-    dit = tie_conditioning_embedders(build_dit(tiny_dit_config(num_classes=10), seed=0))
-    monkeypatch.setitem(DIT_HEADS, 16, 2)  # the tiny width as a family member
-    good = original_state_dict(dit)
+    good = tiny_original
     cases = [({k: v for k, v in good.items() if k != "final_layer.linear.weight"},
               "not an original DiT state dict (no final_layer.linear.weight)"),
              ({k: v for k, v in good.items() if k != "y_embedder.embedding_table.weight"},
@@ -205,13 +210,9 @@ def test_checkpoint_files_that_do_not_fit_one_line(tmp_path, monkeypatch, capsys
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_checkpoint_loads(tmp_path, monkeypatch, dtype):
+def test_half_precision_checkpoint_loads(tmp_path, tiny_original, dtype):
     """A .pt saved in fp16 / bf16 loads: its pos_embed is DiT's sin-cos to that dtype's rounding."""
-    from manifoldgd_fast.dit_checkpoint import DIT_HEADS
-
-    dit = tie_conditioning_embedders(build_dit(tiny_dit_config(num_classes=10), seed=0))
-    monkeypatch.setitem(DIT_HEADS, 16, 2)
-    sd = {k: v.to(dtype) for k, v in original_state_dict(dit).items()}
+    sd = {k: v.to(dtype) for k, v in tiny_original.items()}
     torch.save(sd, tmp_path / "half.pt")
     got = load_dit_checkpoint(str(tmp_path / "half.pt"))
     assert got.dtype == torch.float32
@@ -226,15 +227,11 @@ def test_half_precision_checkpoint_loads(tmp_path, monkeypatch, dtype):
 @pytest.mark.skipif(not hasattr(torch.serialization, "safe_globals"),
                     reason="torch.serialization.safe_globals (torch >= 2.5) lets weights-only torch.load take "
                            "train.py's argparse.Namespace")
-def test_dit_training_checkpoint_with_its_args_loads(tmp_path, monkeypatch):
+def test_dit_training_checkpoint_with_its_args_loads(tmp_path, tiny_original):
     """DiT's train.py saves {"model", "ema", "opt", "args"} with args an argparse.Namespace: its EMA loads."""
     import argparse
 
-    from manifoldgd_fast.dit_checkpoint import DIT_HEADS
-
-    dit = tie_conditioning_embedders(build_dit(tiny_dit_config(num_classes=10), seed=0))
-    monkeypatch.setitem(DIT_HEADS, 16, 2)
-    sd = original_state_dict(dit)
+    sd = tiny_original
     args = argparse.Namespace(model="DiT-XL/2", image_size=256, num_classes=1000, global_seed=0)
     torch.save({"model": {k: v + 1 for k, v in sd.items()}, "ema": sd, "opt": {}, "args": args},
                tmp_path / "0400000.pt")
