@@ -45,7 +45,8 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
     from .latents import load_class_latents
     from .models import save_pretrained_folder
     from .pipeline import prepare
-    from .training import Diffusion, disable_internal_label_dropout, ema_update, hybrid_loss, save_checkpoint
+    from .training import (Diffusion, disable_internal_label_dropout, ema_decay_at, ema_update, hybrid_loss,
+                           save_checkpoint)
 
     for name, v, ok in (("--steps", steps, steps >= 1), ("--lr", lr, lr > 0), ("--batch-size", batch_size, batch_size >= 1),
                         ("--rsm-lambda", rsm_lambda, rsm_lambda >= 0), ("--save-every", save_every, save_every >= 1),
@@ -113,7 +114,7 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
         opt.step()
         step += 1
         ran += 1
-        ema_update(ema, net, ema_decay)
+        ema_update(ema, net, ema_decay_at(ema_decay, step))  # warmed up: see training.ema_decay_at
         if step % 50 == 0 or step == steps:
             log(f"finetune step {step}/{steps}  mse {mse.mean().item():.4f}  vb {vb.mean().item():.4f}  "
                 f"l1 {l1.mean().item():.4f}  {time.perf_counter() - t0:.0f}s")
@@ -147,7 +148,8 @@ def read_finetune_record(model: str | None) -> dict | None:
 def _settings(scope: dict) -> dict:
     keys = ("data", "model", "vae", "steps", "lr", "batch_size", "rsm_lambda", "label_dropout", "ema_decay",
             "grad_clip", "seed", "dtype", "classes")
-    return {k: scope[k] for k in keys}
+    # the EMA's warm-up rule: a run checkpointed before it (a flat decay) is refused on resume
+    return {**{k: scope[k] for k in keys}, "ema_warmup": "min(decay, (1 + step) / (10 + step))"}
 
 
 def add_finetune_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -164,7 +166,8 @@ def add_finetune_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="share of labels replaced by the null class (keeps CFG working), in [0, 1)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (0: none)")
     g.add_argument("--ema-decay", type=float, default=0.9999,
-                   help="decay of the EMA weights, which are the ones written, in [0, 1)")
+                   help="decay of the EMA weights, which are the ones written, in [0, 1); warmed up as "
+                        "min(decay, (1 + step) / (10 + step))")
     g.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (a killed run resumes there)")
     g.add_argument("--seed", type=int, default=0, help="seeds the batches, noise and label dropout")
     g.add_argument("--classes", default=None, help="restrict to a subset: nette, woof, imagenet100, idc, imagenet1k, "

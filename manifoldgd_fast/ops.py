@@ -56,6 +56,7 @@ import torch
 from .dispatch import MAX_B, MAX_D, MAX_K, MAX_ROWS, _eig_backend, _kernels, _pick_backend, _triton_reason
 from . import noise as _noise
 from .errors import BackendError, ConfigError
+from .profile import phase
 from .noise import (STREAM_CLOUD_DIR, STREAM_CLOUD_RADIUS, STREAM_CLOUD_XI, STREAM_PATCH, _check_counters,
                     official_cloud_philox, official_cloud_radii, philox4x32_ref, philox_normal, philox_normal_ref,
                     philox_uniform_ref, time_aligned_patch_philox)
@@ -192,13 +193,16 @@ def manifold_correct_ref(x, patch, g, *, k, d, lambda_normal=1.0, ridge=0.0, len
     B, M, D = patch.shape
     if lengths is None:
         lengths = torch.full((B,), M, dtype=torch.long, device=patch.device)
-    idx, _ = knn_rows_ref(x, patch, k, lengths)
-    nb = torch.gather(_work(patch), 1, idx[:, :, None].expand(B, k, D))  # (B, k, D)
-    X = nb - nb.mean(1, keepdim=True)                                      # (B, k, D)
-    U = tangent_basis_ref(X, d)                                            # (B, D, d)
-    gf = _work(g)
-    normal = gf - _project_tangent(U, gf)                                  # P_N g
-    return (gf - lambda_normal * normal).to(g.dtype)
+    with phase("knn"):  # the profiler's phases, as the kernels' (no-ops unless profiling)
+        idx, _ = knn_rows_ref(x, patch, k, lengths)
+    with phase("gram_eig"):
+        nb = torch.gather(_work(patch), 1, idx[:, :, None].expand(B, k, D))  # (B, k, D)
+        X = nb - nb.mean(1, keepdim=True)                                      # (B, k, D)
+        U = tangent_basis_ref(X, d)                                            # (B, D, d)
+    with phase("projection"):
+        gf = _work(g)
+        normal = gf - _project_tangent(U, gf)                                  # P_N g
+        return (gf - lambda_normal * normal).to(g.dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -237,15 +241,18 @@ def manifold_pull_ref(x, cloud, *, k=12, d=3, scale=0.1, bandwidth=0.1, ridge=1e
     B, N, D = cloud.shape
     if lengths is None:
         lengths = torch.full((B,), N, dtype=torch.long, device=cloud.device)
-    idx, d2 = knn_rows_ref(x, cloud, k, lengths)
-    nb = torch.gather(_work(cloud), 1, idx[:, :, None].expand(B, k, D))  # (B, k, D)
-    c = nb.mean(1)                                                         # (B, D)
-    U = tangent_basis_ref(nb - c[:, None, :], d)                           # (B, D, d)
-    off = _work(x) - c
-    n = off - _project_tangent(U, off)                                     # normal part of x - c
-    direction = -n / (n.norm(dim=1, keepdim=True) + 1e-8)
-    weight = torch.tanh(d2[:, :1].clamp_min(0).sqrt() / bandwidth)        # (B, 1)
-    return (scale * weight * direction).to(x.dtype)
+    with phase("knn"):  # the profiler's phases, as the kernels' (no-ops unless profiling)
+        idx, d2 = knn_rows_ref(x, cloud, k, lengths)
+    with phase("gram_eig"):
+        nb = torch.gather(_work(cloud), 1, idx[:, :, None].expand(B, k, D))  # (B, k, D)
+        c = nb.mean(1)                                                         # (B, D)
+        U = tangent_basis_ref(nb - c[:, None, :], d)                           # (B, D, d)
+    with phase("projection"):
+        off = _work(x) - c
+        n = off - _project_tangent(U, off)                                     # normal part of x - c
+        direction = -n / (n.norm(dim=1, keepdim=True) + 1e-8)
+        weight = torch.tanh(d2[:, :1].clamp_min(0).sqrt() / bandwidth)        # (B, 1)
+        return (scale * weight * direction).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------

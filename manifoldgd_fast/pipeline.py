@@ -528,7 +528,9 @@ def profile_run(config: DistillConfig | dict, *, classes: int = 1, out: str | No
 
     Writes into ``out`` (a temporary folder when None, removed afterwards);
     the report has per-phase ms totals, per-step ms and shares, and the
-    guidance overhead relative to the unguided step.
+    guidance overhead: guidance ms per guided step over the plain step's ms
+    (see :meth:`profile.Profiler.report`). A ``out`` whose classes are
+    already finished is refused: nothing would be timed.
     """
     import shutil
     import tempfile
@@ -559,6 +561,10 @@ def profile_run(config: DistillConfig | dict, *, classes: int = 1, out: str | No
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
+    if prof.steps == 0:  # a resumed --out: its classes were done before, nothing was sampled to time
+        done = run.classes.replace(",", ", ")
+        raise ConfigError(f"--out {out}: the profiled classes ({done}) are already distilled there, so nothing "
+                          "was sampled to time; give a new --out, or none (a temporary folder)")
     rep.update(wall_seconds=round(wall, 3), classes=list(res.classes), method=run.method,
                formulation=run.formulation, ipc=run.ipc, batch_size=run.batch_size,
                images_per_second=round(len(res.classes) * run.ipc / wall, 4) if wall > 0 else None)

@@ -21,9 +21,13 @@ import torch
 _ACTIVE: contextvars.ContextVar["Profiler | None"] = contextvars.ContextVar("manifoldgd_profiler", default=None)
 
 # Phases that belong to guidance (the overhead the headline reports).
-GUIDANCE_PHASES = ("mode_term", "cloud", "patch", "knn", "gram_eig", "projection", "manifold", "cgs")
+GUIDANCE_PHASES = ("mode_term", "cloud", "patch", "manifold", "cgs")
+# Phases timed inside "manifold" (kNN, Gram + eigensolve, projection; both backends): reported with their
+# share of the step, never added to the step a second time
+MANIFOLD_PARTS = ("knn", "gram_eig", "projection")
 # graph_step: a whole step replayed from a CUDA graph (its phases are not separable)
-STEP_PHASES = ("dit_forward", "scheduler", "graph_step") + GUIDANCE_PHASES
+TOP_STEP_PHASES = ("dit_forward", "scheduler", "graph_step") + GUIDANCE_PHASES
+STEP_PHASES = TOP_STEP_PHASES + MANIFOLD_PARTS
 
 
 def _nvtx_range():
@@ -44,31 +48,38 @@ class Profiler:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self._events: list[tuple[str, Any, Any]] = []   # (name, start, end): events or floats
-        self.steps = 0
+        self.steps = 0          # denoising steps of every batch (steps x batches)
+        self.guided_steps = 0   # those in which a guidance phase ran
+        self._guided = False
         self._nvtx_range = _nvtx_range() if self.cuda else None
 
     @contextlib.contextmanager
     def phase(self, name: str, host: bool = False):
         """``host``: work of the host alone (e.g. PNG encoding and writing on a background thread),
-        timed with ``perf_counter`` even on CUDA: events would time that thread's stream instead."""
-        if self.cuda and not host:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            with self._nvtx_range(name):
+        timed with ``perf_counter`` even on CUDA: events would time that thread's stream instead.
+        On CUDA every phase, host ones too, is an NVTX range (ranges are per thread)."""
+        if name in GUIDANCE_PHASES:
+            self._guided = True
+        with self._nvtx_range(name) if self.cuda else contextlib.nullcontext():
+            if self.cuda and not host:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 try:
                     yield
                 finally:
                     end.record()
-            self._events.append((name, start, end))
-        else:
-            t0 = time.perf_counter()
-            try:
-                yield
-            finally:
-                self._events.append((name, t0, time.perf_counter()))
+                self._events.append((name, start, end))
+            else:
+                t0 = time.perf_counter()
+                try:
+                    yield
+                finally:
+                    self._events.append((name, t0, time.perf_counter()))
 
     def step_done(self) -> None:
         self.steps += 1
+        self.guided_steps += self._guided
+        self._guided = False
 
     def totals_ms(self) -> dict[str, float]:
         if self.cuda:
@@ -79,24 +90,33 @@ class Profiler:
         return dict(out)
 
     def report(self) -> dict[str, Any]:
+        """Per phase: total ms, ms per step and share of the step time (the MANIFOLD_PARTS are shares
+        inside "manifold", not added again). ``guidance_overhead``: guidance ms per guided step over the
+        plain step's ms (DiT forward + scheduler, per step); ``guidance_share``: guidance over all steps."""
         tot = self.totals_ms()
-        # nested phases (e.g. knn inside manifold) are reported but not double counted in the step
-        step_total = sum(v for k, v in tot.items() if k in ("dit_forward", "scheduler", "mode_term", "manifold",
-                                                              "cloud", "patch", "cgs", "graph_step"))
-        guidance = sum(v for k, v in tot.items() if k in ("mode_term", "manifold", "cloud", "patch", "cgs"))
+        step_total = sum(v for k, v in tot.items() if k in TOP_STEP_PHASES)
+        guidance = sum(v for k, v in tot.items() if k in GUIDANCE_PHASES)
         steps = max(self.steps, 1)
+        plain_per_step = (step_total - guidance) / steps
         phases = {k: {"total_ms": round(v, 3), "per_step_ms": round(v / steps, 4),
-                      "share_of_step": round(v / step_total, 4) if step_total and k in STEP_PHASES else None}
+                      "share_of_step": round(v / step_total, 4) if step_total and k in STEP_PHASES else None,
+                      **({"within": "manifold"} if k in MANIFOLD_PARTS else {})}
                   for k, v in sorted(tot.items(), key=lambda kv: -kv[1])}
-        return {"device": str(self.device), "steps": self.steps, "step_total_ms": round(step_total, 3),
-                "per_step_ms": round(step_total / steps, 4),
-                "guidance_overhead": round(guidance / (step_total - guidance), 4) if step_total > guidance else None,
+        overhead = None
+        if self.guided_steps and plain_per_step > 0 and "graph_step" not in tot:
+            overhead = round(guidance / self.guided_steps / plain_per_step, 4)
+        return {"device": str(self.device), "steps": self.steps, "guided_steps": self.guided_steps,
+                "step_total_ms": round(step_total, 3), "per_step_ms": round(step_total / steps, 4),
+                "guidance_overhead": overhead,
+                "guidance_share": round(guidance / step_total, 4) if step_total else None,
                 "phases": phases}
 
 
 def phase(name: str, host: bool = False):
     """Time ``name`` when a profiler is active (and mark it for Nsight); otherwise do nothing.
     ``host``: see :meth:`Profiler.phase`."""
+    if torch.compiler.is_compiling():  # inside torch.compile: untimed (dynamo cannot trace ContextVar.get)
+        return contextlib.nullcontext()
     prof = _ACTIVE.get()
     return prof.phase(name, host=host) if prof is not None else contextlib.nullcontext()
 
@@ -134,14 +154,21 @@ def profiling(device="cpu"):
 
 
 def format_table(rep: dict[str, Any]) -> str:
-    lines = [f"device {rep['device']}, {rep['steps']} steps, {rep['per_step_ms']:.3f} ms per step "
-             f"(DiT forward + guidance + scheduler)",
-             f"guidance overhead: {100 * rep['guidance_overhead']:.1f} % of the unguided step"
-             if rep["guidance_overhead"] is not None else "guidance overhead: n/a",
+    """The report as text: a header, the guidance overhead, then a markdown table of the phases."""
+    if rep["guidance_overhead"] is not None:
+        head = (f"guidance overhead: {100 * rep['guidance_overhead']:.1f} % of a plain step (DiT forward + "
+                f"scheduler) per guided step; {100 * rep['guidance_share']:.1f} % of all step time")
+    else:
+        head = "guidance overhead: n/a (no guided step, or whole steps replayed from CUDA graphs)"
+    lines = [f"device {rep['device']}, {rep['steps']} denoising steps over all batches "
+             f"({rep['guided_steps']} guided), {rep['per_step_ms']:.3f} ms per step "
+             f"(DiT forward + guidance + scheduler)", head,
              "", "| phase | total ms | ms / step | share of step |", "|---|---|---|---|"]
     for k, v in rep["phases"].items():
         share = f"{100 * v['share_of_step']:.1f} %" if v["share_of_step"] is not None else "—"
-        lines.append(f"| {k} | {v['total_ms']:.1f} | {v['per_step_ms']:.3f} | {share} |")
+        per_step = f"{v['per_step_ms']:.3f}" if k in STEP_PHASES else "—"  # decode, I/O, modes: not per step
+        name = f"{v['within']}: {k}" if "within" in v else k
+        lines.append(f"| {name} | {v['total_ms']:.1f} | {per_step} | {share} |")
     return "\n".join(lines)
 
 

@@ -26,6 +26,32 @@ def test_profiler_times_phases_and_is_a_noop_when_inactive():
     assert abs(sum(v["share_of_step"] for v in rep["phases"].values()) - 1) < 1e-3
 
 
+def test_overhead_is_per_guided_step_and_manifold_parts_are_not_counted_twice():
+    """4 steps of which 2 guided: the headline is the guided step's guidance over the plain step (~0.5), not
+    the whole run's (~0.2); kNN / Gram + eig / projection inside "manifold" are shares of it, not extra time."""
+    with profiling("cpu") as prof:
+        for i in range(4):
+            with phase("dit_forward"):
+                time.sleep(0.02)
+            if i < 2:
+                with phase("manifold"):
+                    for part in ("knn", "gram_eig", "projection"):
+                        with phase(part):
+                            time.sleep(0.01 / 3)
+            prof.step_done()
+    rep = prof.report()
+    assert (rep["steps"], rep["guided_steps"]) == (4, 2)
+    assert 0.35 < rep["guidance_overhead"] < 0.8 and 0.12 < rep["guidance_share"] < 0.3
+    top = [v["share_of_step"] for k, v in rep["phases"].items() if "within" not in v]
+    assert abs(sum(top) - 1) < 1e-3
+    parts = {k: v for k, v in rep["phases"].items() if "within" in v}
+    assert set(parts) == {"knn", "gram_eig", "projection"} and all(v["within"] == "manifold" for v in parts.values())
+    assert sum(v["total_ms"] for v in parts.values()) <= rep["phases"]["manifold"]["total_ms"]
+    from manifoldgd_fast.profile import format_table
+
+    assert "| manifold: knn |" in format_table(rep) and "(2 guided)" in format_table(rep)
+
+
 def test_profile_command(tiny_world, tmp_path, capsys):
     js = tmp_path / "p.json"
     base = ["--data", tiny_world["data"], "--model", tiny_world["model"], "--ipc", "2", "--steps", "6",
@@ -36,8 +62,17 @@ def test_profile_command(tiny_world, tmp_path, capsys):
     rep = json.loads(js.read_text())
     assert rep["steps"] == 6 and rep["classes"] == ["apple"] and rep["formulation"] == "official"
     assert {"dit_forward", "scheduler", "cloud", "manifold", "mode_term", "vae_decode", "io"} <= set(rep["phases"])
-    assert rep["guidance_overhead"] > 0
+    # the reference ops time their kNN, Gram + eigensolve and projection too (as the kernels do)
+    assert {"knn", "gram_eig", "projection"} <= set(rep["phases"])
+    assert rep["guidance_overhead"] > 0 and rep["guided_steps"] == 3  # --t-stop 2: steps 5, 4, 3 guided
     assert not os.path.exists("distilled")                     # a temporary output, removed
+    # profiling into a folder whose classes are finished times nothing: refused, not an empty table
+    out = str(tmp_path / "out")
+    assert main(["profile", *base, "--out", out]) == 0
+    capsys.readouterr()
+    assert main(["profile", *base, "--out", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the profiled classes (apple) are already distilled there" in err[0]
     assert main(["profile", *base, "--method", "dit", "--json", str(js), "--profile-classes", "2"]) == 0
     rep = json.loads(js.read_text())
     assert rep["classes"] == ["apple", "banana"] and "manifold" not in rep["phases"]

@@ -61,7 +61,8 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError, ManifoldGDError, ModelError
 from ..shipped import shipped_model_dir, write_sums
-from ..training import Diffusion, disable_internal_label_dropout, ema_update, hybrid_loss, save_checkpoint
+from ..training import (Diffusion, disable_internal_label_dropout, ema_decay_at, ema_update, hybrid_loss,
+                        save_checkpoint)
 from .digits import NUM_CLASSES, default_cache_dir, digits_arrays
 
 NULL_CLASS = NUM_CLASSES
@@ -324,7 +325,7 @@ def train_dit(s: Settings, latents: torch.Tensor, labels: torch.Tensor, work: st
         torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
         opt.step()
         step += 1
-        ema_update(ema, model, min(s.ema_decay, (1 + step) / (10 + step)))
+        ema_update(ema, model, ema_decay_at(s.ema_decay, step))
         seconds = seconds0 + time.perf_counter() - t0
         run.after_step(step, seconds, (mse.mean().item(), vb.mean().item()))
     return ema, seconds
