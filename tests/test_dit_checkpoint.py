@@ -79,7 +79,8 @@ def original_dit_forward(sd, x, t, y, heads):
     for i in range(depth):
         b = f"blocks.{i}."
         s_msa, c_msa, g_msa, s_mlp, c_mlp, g_mlp = lin(c, b + "adaLN_modulation.1").chunk(6, dim=1)
-        q, k, v = lin(modulated(h, s_msa, c_msa), b + "attn.qkv").view(B, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
+        qkv = lin(modulated(h, s_msa, c_msa), b + "attn.qkv")                     # (B, N, 3C)
+        q, k, v = qkv.view(B, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4)   # each (B, heads, N, Dh)
         a = ((q * (C // heads) ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v  # (B, heads, N, Dh)
         h = h + g_msa[:, None] * lin(a.transpose(1, 2).reshape(B, N, C), b + "attn.proj")
         m = F.gelu(lin(modulated(h, s_mlp, c_mlp), b + "mlp.fc1"), approximate="tanh")

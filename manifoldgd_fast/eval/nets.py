@@ -230,7 +230,8 @@ NET_FORMAT = "manifoldgd_fast.net/1"
 def net_checkpoint(model: nn.Module, **meta) -> dict:
     """What :func:`load_net` reads back: the net's name, classes, size and state dict (+ ``meta``)."""
     return {"format": NET_FORMAT, "net": model.net_name, "num_classes": model.num_classes, "size": model.size,
-            "norm": getattr(model, "norm", "instance"), "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **meta}
+            "norm": getattr(model, "norm", "instance"),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **meta}
 
 
 def load_net(source, *, num_classes: int | None = None, size: int | None = None, what: str = "--teacher",
