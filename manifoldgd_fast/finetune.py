@@ -26,6 +26,7 @@ import torch
 from .config import DistillConfig, check_out_dir, derive_seed
 from .errors import ConfigError
 from .output import atomic_write_text
+from .training import EMA_WARMUP
 
 FINETUNE_RECORD = "finetune.json"
 
@@ -149,7 +150,7 @@ def _settings(scope: dict) -> dict:
     keys = ("data", "model", "vae", "steps", "lr", "batch_size", "rsm_lambda", "label_dropout", "ema_decay",
             "grad_clip", "seed", "dtype", "classes")
     # the EMA's warm-up rule: a run checkpointed before it (a flat decay) is refused on resume
-    return {**{k: scope[k] for k in keys}, "ema_warmup": "min(decay, (1 + step) / (10 + step))"}
+    return {**{k: scope[k] for k in keys}, "ema_warmup": EMA_WARMUP}
 
 
 def add_finetune_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -166,8 +167,7 @@ def add_finetune_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="share of labels replaced by the null class (keeps CFG working), in [0, 1)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (0: none)")
     g.add_argument("--ema-decay", type=float, default=0.9999,
-                   help="decay of the EMA weights, which are the ones written, in [0, 1); warmed up as "
-                        "min(decay, (1 + step) / (10 + step))")
+                   help=f"decay of the EMA weights, which are the ones written, in [0, 1); warmed up as {EMA_WARMUP}")
     g.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (a killed run resumes there)")
     g.add_argument("--seed", type=int, default=0, help="seeds the batches, noise and label dropout")
     g.add_argument("--classes", default=None, help="restrict to a subset: nette, woof, imagenet100, idc, imagenet1k, "

@@ -118,8 +118,11 @@ def ema_update(ema, model, decay: float) -> None:
         pe.lerp_(pm, 1.0 - decay)
 
 
+EMA_WARMUP = "min(decay, (1 + step) / (10 + step))"  # ema_decay_at's rule, as run records and --help state it
+
+
 def ema_decay_at(decay: float, step: int) -> float:
-    """The EMA decay after optimizer step ``step`` (1, 2, ...): ``min(decay, (1 + step) / (10 + step))``.
+    """The EMA decay after optimizer step ``step`` (1, 2, ...): :data:`EMA_WARMUP`.
 
     The warm-up lets a short run's EMA follow the weights it trains: with a flat 0.9999 from the
     first step, 1,000 steps move the EMA (the weights written) about 5 % of the way.
