@@ -94,7 +94,7 @@ def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
     p = next(vae.parameters())
     x = images.to(device=p.device, dtype=p.dtype)
     mean = vae.encode(x).latent_dist.mean  # (b, C, h, w); the mean, not a sample: deterministic
-    return (mean * vae.config.scaling_factor).float()
+    return mean.float() * vae.config.scaling_factor  # scaled in float32: no second half-precision rounding
 
 
 def weights_digest(module) -> str:
@@ -147,6 +147,7 @@ def _read_meta(path: str) -> dict[str, Any] | None:
             "scaling_factor": float(meta["scaling_factor"]),
             "stamps": json.loads(meta.get("stamps", "null")),
             "vae": meta.get("vae"),
+            "encoded_with": json.loads(meta.get("encoded_with", "null")),
         }
     except Exception:  # damaged or foreign file: treat as not cached, it gets rewritten
         return None
@@ -302,7 +303,8 @@ def _split_cached(entries: Sequence[ClassEntry], cache_dir: str,
             log.info("latent cache of class %s is stale (%s): encoding it again", e.name, stale)
         if meta is not None:
             stats[e.name] = {"n": len(meta["files"]), "cached": True, "seconds": 0.0, "path": path,
-                             "skipped": [os.path.join(e.folder, s) for s in meta["skipped"]]}
+                             "skipped": [os.path.join(e.folder, s) for s in meta["skipped"]],
+                             "encoded_with": meta["encoded_with"]}  # None: a file from before it was recorded
         else:
             todo.append(e)
     return stats, todo
@@ -327,9 +329,15 @@ def safetensors_bytes(latents: torch.Tensor, metadata: dict[str, str], name: str
     return struct.pack("<Q", len(h)) + h + data
 
 
+def encoded_with(batch_size: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """What made a class's latents that changes only their float rounding (so a cache made otherwise is
+    still reused): the encoder's batch size, device type and precision. Recorded in each cache file."""
+    return {"batch_size": int(batch_size), "device": device.type, "precision": encode_precision(device, dtype)}
+
+
 def _write_class(cache_dir: str, e: ClassEntry, latents: torch.Tensor, done: list[str],
-                 skipped: list[str], key: CacheKey, stamps: dict[str, list[int]]) -> str:
-    """Write one class's file atomically; returns its path."""
+                 skipped: list[str], key: CacheKey, stamps: dict[str, list[int]], made: dict[str, Any]) -> str:
+    """Write one class's file atomically (``made``: :func:`encoded_with`); returns its path."""
     if not done:
         raise DataError(f"class {e.name} in {os.path.dirname(e.folder)}: none of its "
                         f"{len(e.files)} images could be read (first: {skipped[0]})")
@@ -342,6 +350,7 @@ def _write_class(cache_dir: str, e: ClassEntry, latents: torch.Tensor, done: lis
         "scaling_factor": repr(key.scaling),
         "vae": key.vae,
         "stamps": json.dumps(stamps, sort_keys=True),
+        "encoded_with": json.dumps(made, sort_keys=True),
     }
     path = class_cache_path(cache_dir, e.name)
     atomic_write_bytes(path, safetensors_bytes(latents, meta))
@@ -398,7 +407,8 @@ def cache_latents(entries: Sequence[ClassEntry], vae, *, cache_dir: str, image_s
 
     Returns:
         ``{class: {"n": rows, "skipped": [paths], "cached": reused?, "seconds": s,
-        "path": file}}``; an encoded class also has ``decode_seconds`` (worker
+        "path": file, "encoded_with": encoded_with(...) of whatever made the file (None for
+        a file older than that record)}}``; an encoded class also has ``decode_seconds`` (worker
         time reading its images), ``load_wait_seconds`` (time this process
         waited for the loader) and ``encode_seconds`` (time in the encoder,
         including the copy of its latents to the host).
@@ -428,6 +438,7 @@ def cache_latents(entries: Sequence[ClassEntry], vae, *, cache_dir: str, image_s
         prefetch_factor=PREFETCH if workers else None)
     lut = normalise_lut(dev)
     use_autocast = dev.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    made = encoded_with(batch_size, dev, dtype)
 
     def encode(buf: ClassBuffer, n: int) -> None:
         t0 = time.perf_counter()
@@ -470,8 +481,8 @@ def cache_latents(entries: Sequence[ClassEntry], vae, *, cache_dir: str, image_s
             latents = torch.cat(buf.chunks).cpu() if buf.chunks else None  # (n, C, h, w) float32
             buf.t["encode_seconds"] += time.perf_counter() - t0  # waits for the device's queue
             e = buf.entry
-            path = _write_class(cache_dir, e, latents, buf.done, buf.skipped, key, buf.stamps)
-            stats[e.name] = {"n": latents.shape[0], "cached": False, "path": path,
+            path = _write_class(cache_dir, e, latents, buf.done, buf.skipped, key, buf.stamps, made)
+            stats[e.name] = {"n": latents.shape[0], "cached": False, "path": path, "encoded_with": made,
                              "skipped": list(buf.skipped), "seconds": time.perf_counter() - t_class,
                              **buf.t}
             buf, t_class = None, time.perf_counter()
@@ -504,8 +515,9 @@ def cache_latents_ref(entries: Sequence[ClassEntry], vae, *, cache_dir: str, ima
                 chunks.append(encode_images(vae, images).cpu())  # (b, C, h, w)
             done += paths
         latents = torch.cat(chunks) if chunks else None
-        path = _write_class(cache_dir, e, latents, done, batches.skipped, key, stamps)
-        stats[e.name] = {"n": len(done), "cached": False, "path": path,
+        made = encoded_with(batch_size, dev, dtype)
+        path = _write_class(cache_dir, e, latents, done, batches.skipped, key, stamps, made)
+        stats[e.name] = {"n": len(done), "cached": False, "path": path, "encoded_with": made,
                          "skipped": list(batches.skipped), "seconds": time.perf_counter() - t0}
     return {e.name: stats[e.name] for e in entries}
 

@@ -213,6 +213,7 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
                         len(skipped[k]), ", ".join(skipped[k][:3]) + (" ..." if len(skipped[k]) > 3 else ""))
     return dict(entries=entries, mine=mine, finished_before=len(entries) - len(work), skipped=skipped,
                 counts={k: int(v["n"]) for k, v in stats.items()}, vae=vae,
+                encoded_with={k: v.get("encoded_with") for k, v in stats.items()},
                 vae_info=vinfo, model=model, dit_info=info, device=device, dtype=dtype, cache=cache,
                 image_size=image_size, shard=shard, backbone=backbone, prompts=prompts, schedule_kw=schedule_kw,
                 sd_scheduler=sd_scheduler,
@@ -260,7 +261,7 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
     check_out(cfg.out, cfg.data)
     ctx = prepare(cfg, shard=shard, per_class=cfg.ipc, done=functools.partial(class_done, os.path.abspath(cfg.out)))
     entries, mine = ctx["entries"], ctx["mine"]
-    rcfg = cfg.resolve(len(entries), ctx["device"], backbone=ctx["backbone"])
+    rcfg = cfg.resolve(len(entries), ctx["device"], backbone=ctx["backbone"], schedule_kw=ctx["schedule_kw"])
     if ctx["schedule_kw"]:   # the paper formulation cannot guide a zero-terminal-SNR step: say so before sampling
         from .guidance import check_zero_snr
         from .schedule import make_schedule
@@ -373,6 +374,7 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
         if prompt is not None:
             stats["prompt"] = prompt
         stats["numerics"] = numerics
+        stats["latents_encoded_with"] = ctx["encoded_with"].get(name)  # the cache's, which a resume may reuse
         stats["skipped_images"] = ctx["skipped"].get(name, [])
         with phase("io", host=True):
             images = resize_images(images, rcfg.output_size)

@@ -5,6 +5,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -96,6 +97,12 @@ def test_encode_images_is_scaled_posterior_mean(vae):
     torch.testing.assert_close(z, ref, atol=0, rtol=0)
     # Deterministic: the mean, never a posterior sample.
     torch.testing.assert_close(L.encode_images(vae, x), z, atol=0, rtol=0)
+    # A half-precision mean (the encoder under autocast) is scaled in float32: rounded once, not twice.
+    mean = (ref / 0.18215).bfloat16()
+    half = SimpleNamespace(config=vae.config, parameters=vae.parameters,
+                           encode=lambda _x: SimpleNamespace(latent_dist=SimpleNamespace(mean=mean)))
+    torch.testing.assert_close(L.encode_images(half, x), mean.float() * 0.18215, atol=0, rtol=0)
+    assert not torch.equal(L.encode_images(half, x), (mean * 0.18215).float())  # what bf16 scaling gave
 
 
 def test_cache_latents_writes_equals_and_resumes(tmp_path, root, vae):
@@ -122,13 +129,16 @@ def test_cache_latents_writes_equals_and_resumes(tmp_path, root, vae):
     assert json.loads(meta["skipped"]) == ["broken.jpg"]
     assert json.loads(meta["files"]) == ["0.png", "1.png"]
     assert int(meta["image_size"]) == SIZE and float(meta["scaling_factor"]) == 0.18215
+    # what changes only the rounding is recorded, not keyed: a cache made with another batch size is reused
+    made = {"batch_size": 2, "device": "cpu", "precision": "float32"}
+    assert json.loads(meta["encoded_with"]) == made and stats["dog"]["encoded_with"] == made
 
     # Second run: nothing re-encoded, files untouched.
     mtimes = {n: os.stat(os.path.join(cache, n)).st_mtime_ns for n in os.listdir(cache)}
     counting = CountingVAE(vae)
-    stats2 = L.cache_latents(entries, counting, cache_dir=cache, image_size=SIZE, batch_size=2,
+    stats2 = L.cache_latents(entries, counting, cache_dir=cache, image_size=SIZE, batch_size=3,
                              progress=False)
-    assert counting.calls == 0
+    assert counting.calls == 0 and stats2["cat"]["encoded_with"] == made   # the file's, not this call's
     assert all(s["cached"] for s in stats2.values())
     assert stats2["dog"]["n"] == 2 and len(stats2["dog"]["skipped"]) == 1
     assert {n: os.stat(os.path.join(cache, n)).st_mtime_ns for n in os.listdir(cache)} == mtimes
