@@ -18,7 +18,7 @@ from .errors import ManifoldGDError
 # Help per parameter, grouped as in SPEC. Defaults are appended from DistillConfig.
 GROUPS: dict[str, dict[str, str]] = {
     "data and models": {
-        "data": "image folder ROOT/<class>/<image> (jpg, jpeg, png, webp) (default: the embedded demo, "
+        "data": "image folder ROOT/<class>/<image> (jpg, jpeg, png, ppm, bmp, pgm, tif, tiff, webp) (default: the embedded demo, "
                 "scikit-learn's digits exported under the cache, with the shipped digits model)",
         "out": "output folder: OUT/<class>/<i>.png, OUT/latents/, OUT/manifest.json",
         "classes": "restrict to a subset: nette, woof, imagenet100, idc, imagenet1k, a text file, or 'a,b,c' "
@@ -70,7 +70,8 @@ GROUPS: dict[str, dict[str, str]] = {
         "sampler": "auto (ddpm, as the releases), ddpm (DiT: learned-range variance; SD: fixed small) or ddim",
         "steps": "sampling steps",
         "ddim_eta": "DDIM eta (0 = deterministic)",
-        "cfg_scale": "classifier-free guidance scale (default: 4 for DiT, 8 for SD)",
+        "cfg_scale": "classifier-free guidance scale (default: 4 for DiT, 8 for SD); <= 1 turns it off "
+                     "(the conditional prediction alone, one forward per sample, as DiT's sample.py and diffusers)",
         "cfg_channels": "auto (3 for DiT under the official formulation, all for SD and the paper formulation), "
                         "3 (official DiT: CFG on the first 3 eps channels) or all",
         "t_stop": "guidance while the step is before t_stop (official: respaced index > t_stop; default: 25 for DiT; "

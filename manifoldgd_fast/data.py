@@ -26,7 +26,7 @@ from .errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision ImageFolder's
 
 
 # --------------------------------------------------------------------------- #
@@ -152,7 +152,7 @@ def scan_image_folder(root: str, classes: Sequence[str] | str | None = None,
         order = {name: i for i, name in enumerate(all_folders)}
         labels = {name: order[name] for name in selected}
 
-    entries = []
+    entries, ignored = [], []
     for name in selected:
         try:
             name.encode("utf-8")
@@ -160,6 +160,8 @@ def scan_image_folder(root: str, classes: Sequence[str] | str | None = None,
             raise DataError(f"class folder {name!r} in {root}: its name is not valid UTF-8; rename it") from None
         folder = os.path.join(root, name)
         files = _image_files(folder)
+        ignored += sorted(os.path.join(name, e.name) for e in os.scandir(folder)
+                          if e.is_file() and not e.name.startswith(".") and not _is_image(e.name))
         if not files:
             sub = _class_folders(folder)
             hint = (f"; it holds folders ({', '.join(sub[:3])}{', ...' if len(sub) > 3 else ''}): is {root} one "
@@ -167,6 +169,9 @@ def scan_image_folder(root: str, classes: Sequence[str] | str | None = None,
             raise DataError(f"class {name} in {root} has no images ({'/'.join(IMAGE_EXTS)}){hint}")
         entries.append(ClassEntry(name=name, label=labels[name],
                                   files=[os.path.join(folder, f) for f in files], folder=folder))
+    if ignored:  # e.g. .gif, .heic or notes: nothing here reads them, so say so (once) rather than drop them unseen
+        log.warning("%s: ignoring %d file(s) that are not %s images: %s", root, len(ignored), "/".join(IMAGE_EXTS),
+                    ", ".join(ignored[:3]) + (" ..." if len(ignored) > 3 else ""))
     return entries
 
 

@@ -103,6 +103,30 @@ def test_scan_files_sorted_filtered(wnid_root):
     assert [e.label for e in entries] == [0, 217]
 
 
+def test_scan_reads_imagefolder_formats_and_names_ignored_files(tmp_path, caplog):
+    """The extensions torchvision's ImageFolder reads (the release loads through it) are images here too,
+    loaded as the same pixels; any other file is named in one warning per class, never dropped unseen."""
+    root = tmp_path / "imgs"
+    (root / "cls").mkdir(parents=True)
+    img = Image.new("RGB", (20, 12), (200, 100, 50))
+    for name, fmt in {"a.bmp": "BMP", "b.ppm": "PPM", "c.tif": "TIFF", "d.TIFF": "TIFF"}.items():
+        img.save(root / "cls" / name, format=fmt)
+    img.convert("L").save(root / "cls" / "e.pgm", format="PPM")
+    for name in ("f.gif", "g.heic", "h.txt", "i.svg"):
+        (root / "cls" / name).write_bytes(b"x")
+    with caplog.at_level("WARNING", logger="manifoldgd_fast.data"):
+        (entry,) = D.scan_image_folder(str(root))
+    assert entry.relative_files() == ["a.bmp", "b.ppm", "c.tif", "d.TIFF", "e.pgm"]
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert msg.startswith(f"{root}: ignoring 4 file(s) that are not .jpg/")
+    assert msg.endswith(f"images: {os.path.join('cls', 'f.gif')}, {os.path.join('cls', 'g.heic')}, "
+                        f"{os.path.join('cls', 'h.txt')} ...")
+    x = torch.stack([D.load_image(f, 8) for f in entry.files])
+    grey = x[4]
+    assert torch.equal(x[0], x[1]) and torch.equal(x[0], x[2]) and torch.equal(x[0], x[3])  # lossless formats
+    assert torch.equal(grey[0], grey[1]) and torch.equal(grey[0], grey[2])  # greyscale -> three equal channels
+
+
 def test_scan_errors(tmp_path, wnid_root):
     with pytest.raises(DataError, match="does not exist"):
         D.scan_image_folder(str(tmp_path / "nope"))
@@ -130,7 +154,7 @@ def test_data_folder_one_level_off_says_so(tmp_path, wnid_root):
     imagenet = tmp_path / "imagenet"
     shutil.copytree(wnid_root, imagenet / "train")
     (imagenet / "val").mkdir()
-    with pytest.raises(DataError, match=re.escape(f"class train in {imagenet} has no images (.jpg/.jpeg/.png/.webp); "
+    with pytest.raises(DataError, match=re.escape(f"class train in {imagenet} has no images ({'/'.join(D.IMAGE_EXTS)}); "
                                                   f"it holds folders (n01440764, n02102040): is {imagenet} one level "
                                                   f"above the class folders, e.g. {imagenet / 'train'}?")):
         D.scan_image_folder(str(imagenet))
@@ -168,6 +192,7 @@ def test_label_maps_on_wnids(wnid_root):
 
 
 def test_auto_fallback_warns_naming_the_stray_folders(wnid_root, tmp_path, caplog):
+    (wnid_root / "n01440764" / "notes.txt").unlink()   # its warning is another test's
     with caplog.at_level("WARNING", logger="manifoldgd_fast"):
         D.scan_image_folder(str(wnid_root))
     assert not caplog.records                          # all wnids: no fallback, no warning
