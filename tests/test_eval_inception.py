@@ -155,14 +155,20 @@ def test_metrics_take_their_fid_from_the_fid_encoder(tmp_path, monkeypatch):
     real = make_image_folder(tmp_path / "real", ["ant", "bee"], 3, size=16, seed=2)
     dist = make_image_folder(tmp_path / "out", ["ant", "bee"], 2, size=16, seed=5)
 
+    # fid-inception alone is the papers' FID: the release's fid.py squashes (torchmetrics); crop when asked
     res = M.compute_metrics(dist, real, encoder=MeanColour(), size=8, device="cpu", k=2, progress=False,
                             fid_encoder="fid-inception")
-    assert res["fid_encoder"] == {"kind": "fid-inception", "size": 299, "file": fid_inception_path(), "resize": "crop"}
-    assert res["encoder"] == {"kind": "module MeanColour"}
+    assert res["fid_encoder"] == {"kind": "fid-inception", "size": 299, "file": fid_inception_path(),
+                                  "resize": "squash"}
+    assert res["encoder"] == {"kind": "module MeanColour"} and res["fid_resize"] == "squash"
     _, d, r = match_classes(dist, real, exact=False, what="real")
     enc, dev = N.load_net("fid-inception"), torch.device("cpu")
-    expected = M.fid(M.extract_features(enc, r, 299, dev)[0], M.extract_features(enc, d, 299, dev)[0])
-    assert res["fid"] == pytest.approx(expected, rel=1e-6)
+    for resize, got in (("squash", res), ("crop", M.compute_metrics(
+            dist, real, encoder=MeanColour(), size=8, device="cpu", k=2, progress=False, fid_encoder="fid-inception",
+            fid_resize="crop"))):
+        expected = M.fid(M.extract_features(enc, r, 299, dev, resize=resize)[0],
+                         M.extract_features(enc, d, 299, dev, resize=resize)[0])
+        assert got["fid"] == pytest.approx(expected, rel=1e-6) and got["fid_encoder"]["resize"] == resize
     plain = M.compute_metrics(dist, real, encoder=MeanColour(), size=8, device="cpu", k=2, progress=False)
     assert plain["fid_encoder"] is None and plain["fid"] != res["fid"] and plain["l2"] == res["l2"]
 

@@ -180,6 +180,39 @@ def test_metrics_class_mismatch(folders, tmp_path):
     assert "not in the real set: eel" in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("side", ["distilled", "real"])
+def test_a_class_without_one_readable_image_is_named(folders, side):
+    """Every image of a class unreadable on one side: a one-line DataError naming the class and the folder,
+    not a crash in a nearest-neighbour reduction over nothing."""
+    dist, real = folders
+    folder = dist if side == "distilled" else real
+    for f in os.listdir(os.path.join(folder, "bee")):
+        with open(os.path.join(folder, "bee", f), "wb") as fh:
+            fh.write(b"not a png")
+    with pytest.warns(UserWarning, match="unreadable"), pytest.raises(DataError) as e:
+        M.compute_metrics(dist, real, encoder=MeanColour(), size=8, device="cpu", k=2, progress=False,
+                          feature_cache=False)
+    assert str(e.value) == f"class bee in {folder}: none of its {side} images could be read"
+
+
+def test_capped_real_sets_are_a_seeded_random_subset_in_file_order(folders):
+    """--max-real-per-class takes the same random subset every run, not the first files by name."""
+    from manifoldgd_fast.data import scan_image_folder
+    from manifoldgd_fast.eval.protocol import capped
+
+    _, real = folders
+    entries = scan_image_folder(real)
+    picks = [capped(e, 3).files for e in entries]
+    assert picks == [capped(e, 3).files for e in scan_image_folder(real)]        # the same subset every time
+    for e, files in zip(entries, picks):
+        assert len(files) == 3 and set(files) <= set(e.files) and files == sorted(files, key=e.files.index)
+    assert any(files != e.files[:3] for e, files in zip(entries, picks))          # not the prefix
+    assert capped(entries[0], 6) is entries[0] and capped(entries[0], None) is entries[0]
+    res = M.compute_metrics(folders[0], real, encoder=MeanColour(), size=8, device="cpu", k=2, progress=False,
+                            max_real_per_class=3, feature_cache=False)
+    assert res["n_real"] == 9 and all(v["n_real"] == 3 for v in res["per_class"].values())
+
+
 def test_cli_metrics_end_to_end(folders, tmp_path, capsys):
     dist, real = folders
     torch.save(net_checkpoint(build_net("convnet6", 3, 8)), tmp_path / "enc.pt")
@@ -193,7 +226,7 @@ def test_cli_metrics_end_to_end(folders, tmp_path, capsys):
     assert out.startswith("FID ") and "m.json" in out and os.path.isfile(tmp_path / "m.json")
     assert "release's definitions: L2 of means " in out and "features of --encoder " in out
     assert res["feature_dim"] == 128 * 2 * 2 and res["encoder"]["kind"] == str(tmp_path / "enc.pt")
-    assert ns.fid_resize == "crop"
+    assert ns.fid_resize is None and res["fid_resize"] == "crop"   # crop unless --fid-encoder fid-inception
     squash = cli_eval.run_metrics_from_args(p.parse_args(
         ["metrics", "--distilled", dist, "--real", real, "--encoder", str(tmp_path / "enc.pt"), "--size", "8",
          "--device", "cpu", "--no-progress", "--out-json", str(tmp_path / "s.json"), "--fid-resize", "squash"]))

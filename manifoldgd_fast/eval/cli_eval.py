@@ -101,14 +101,17 @@ def add_metrics_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                    help="encoder of the FID alone: fid-inception (pytorch-fid's Inception-V3 weights from "
                         "$TORCH_HOME/hub/checkpoints, at 299 px: the papers' FID; never downloaded) or any "
                         "--encoder source (default: the --encoder, as SPEC 7 asks)")
-    g.add_argument("--fid-resize", choices=("crop", "squash"), default="crop",
+    g.add_argument("--fid-resize", choices=("crop", "squash"), default=None,
                    help="the FID's images: crop = short side resized (PIL bicubic) + centre crop, as every other "
                         "metric; squash = the whole image resized to the FID encoder's size (PIL bilinear) and, "
-                        "with fid-inception, pixels scaled (u - 128) / 128: the release's fid.py (torchmetrics)")
+                        "with fid-inception, pixels scaled (u - 128) / 128: the release's fid.py (torchmetrics) "
+                        "(default: squash with --fid-encoder fid-inception, the papers' FID; else crop)")
     g.add_argument("--size", type=int, default=None, help="encoder resolution (default: the encoder's own, "
                                                           "else 224, or the distilled images' size if smaller)")
     g.add_argument("--k", type=int, default=50, help="representativeness: the k most similar real images")
-    g.add_argument("--max-real-per-class", type=int, default=None, help="cap on real images per class (default: all)")
+    g.add_argument("--max-real-per-class", type=int, default=None,
+                   help="cap on real images per class: a random subset seeded by the class name, the same every "
+                        "run (default: all)")
     g.add_argument("--mmd-max-real", type=int, default=5000, help="real points in the MMD (random subset)")
     g.add_argument("--encoder-epochs", type=int, default=30, help="training epochs of the default encoder")
     g.add_argument("--cache-dir", default=None, help="cache root of the default encoder and of the real images' "

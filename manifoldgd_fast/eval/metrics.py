@@ -3,7 +3,8 @@
 - FID: Fréchet distance of Gaussians fitted to all real and all synthetic features.
 - L2: per synthetic image, the Euclidean distance to the nearest real feature of
   its class, averaged (``l2``); the reverse direction, per real image the nearest
-  synthetic one (coverage), is ``l2_real_to_syn``.
+  synthetic one (how well the synthetic set covers the real one; not the "coverage"
+  of Naeem et al. 2020), is ``l2_real_to_syn``.
 - MMD: biased MMD² (V-statistic, exactly 0 for identical sets) with an RBF kernel
   exp(-d² / 2σ²), σ the median pairwise distance of the pooled sets.
 - Representativeness and diversity, as MGD3 (appendix B) defines them, with
@@ -14,8 +15,9 @@
   Reported as means over images, and per class.
 - Trajectory variance (ManifoldGD Fig. 12): variance across samples of ‖x̂0‖ per step.
 
-The released code's variants are reported beside them, on the same features,
-as the release computes them (kl.py, representativeness_diversity.py):
+The released code's variants are reported beside them with the release's formulas
+(kl.py, representativeness_diversity.py), on the same features as the metrics above
+(our centre crop, not the release's Resize(224) + CenterCrop or squash to 224):
 
 - ``l2_means``: ‖mean(real) − mean(synthetic)‖ over all classes (raw features);
 - ``mmd_release``: unbiased MMD² (U-statistic) with k = exp(−γ d²),
@@ -59,14 +61,14 @@ from .augment import normalize, to_unit
 from .nets import NAMED, load_net, net_checkpoint
 from ..devices import resolve_device
 from .precision import amp, net_layout, prepare_net
-from .protocol import Split, default_size, load_images, match_classes, native_size, train_net
+from .protocol import Split, capped, default_size, load_images, match_classes, native_size, train_net
 from .report import append_manifest
 
 log = logging.getLogger(__name__)
 
 ENCODER_RECIPE = {"net": "resnet18", "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
                   "batch_size": 128, "schedule": "multistep x0.2 at 2/3, 5/6", "augment": "protocol + CutMix",
-                  "seed": 0, "version": 1}
+                  "seed": 0, "version": 1, "real_subset": "capped: seeded random per class"}
 
 
 # --------------------------------------------------------------------------- closed forms
@@ -365,10 +367,9 @@ def extract_features(encoder: torch.nn.Module, entries, size: int, device: torch
     stats = {} if stats is None else stats
     stats.update(cached=0, computed=0)
     feats, labels = [], []
-    total = sum(len(e.files[:max_per_class] if max_per_class else e.files) for e in entries)
-    with tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False) as bar:
-        for e in entries:
-            sub = dataclasses.replace(e, files=e.files[:max_per_class]) if max_per_class else e
+    subs = [capped(e, max_per_class) for e in entries]
+    with tqdm(total=sum(len(e.files) for e in subs), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for e, sub in zip(entries, subs):
             path = cache.path(sub) if cache and sub.files else None
             f = cache.load(path) if path else None
             if f is None:
@@ -442,7 +443,7 @@ def default_encoder(real: str, entries, size: int, device: torch.device, *, epoc
 def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None = None, device: str = "auto",
                     k: int = 50, max_real_per_class: int | None = None, mmd_max_real: int = 5000,
                     encoder_epochs: int = 30, cache_dir: str | None = None, out_json: str | None = None,
-                    fid_encoder=None, fid_resize: str = "crop", feature_cache: bool = True,
+                    fid_encoder=None, fid_resize: str | None = None, feature_cache: bool = True,
                     progress: bool = True) -> dict:
     """FID, L2, MMD, representativeness, diversity of ``distilled`` against ``real``.
 
@@ -452,14 +453,15 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
     from torch.hub's cache: the papers' encoder), an nn.Module or a file for
     nets.load_net. size: None = the encoder's ``input_size`` if it has one (224
     for ImageNet nets), else 224 for images of >= 224 px, else their size. max_real_per_class: cap on the
-    real images used (None: all); mmd_max_real: real points in the MMD (random
+    real images used a class (None: all; :func:`~.protocol.capped`'s seeded subset); mmd_max_real: real points in the MMD (random
     subset, seed 0). fid_encoder: None (FID on ``encoder``'s features, SPEC 7)
     or another encoder for the FID alone, e.g. ``"fid-inception"`` (FID's
     Inception-V3 at 299 px, as the papers' FID columns). fid_resize: the FID's images
-    "crop" (short side resized, centre crop: the default, as every other metric) or
+    "crop" (short side resized, centre crop, as every other metric) or
     "squash" (the whole image resized to the FID encoder's size, PIL bilinear; with
     fid-inception the pixels are scaled (u - 128) / 128: the release's fid.py through
-    torchmetrics). Besides SPEC 7's metrics the release's variants are reported
+    torchmetrics); None: "squash" with ``fid_encoder="fid-inception"`` (the papers' FID), else "crop".
+    Besides SPEC 7's metrics the release's variants are reported
     (``l2_means``, ``mmd_release``, ``representativeness_minimax``, ``diversity_minimax``;
     see the module docstring), on the same features. feature_cache: keep the
     real images' features under ``cache_dir`` (see :class:`FeatureCache`) and reuse
@@ -470,6 +472,8 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
                     ("--mmd-max-real", mmd_max_real), ("--encoder-epochs", encoder_epochs)):
         if v is not None and v < 1:
             raise ConfigError(f"{name} {v}: must be >= 1")
+    if fid_resize is None:
+        fid_resize = "squash" if fid_encoder == "fid-inception" else "crop"
     if fid_resize not in RESIZES:
         raise ConfigError(f"--fid-resize {fid_resize}: must be one of {', '.join(RESIZES)}")
     check_out_file(out_json, "--out-json")  # before the encoder is trained, not after
@@ -492,6 +496,12 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
     real_stats = {"encoder": {}, "fid_encoder": {}}
     fs, ys = extract_features(enc, dist, size, dev, progress=progress, desc="features distilled")
     fr, yr = extract_features(enc, ref, size, dev, desc="features real", stats=real_stats["encoder"], **real_kw)
+    for labels, folder, side in ((ys, distilled, "distilled"), (yr, real, "real")):
+        have = set(labels.unique().tolist())
+        missing = [name for c, name in enumerate(classes) if c not in have]
+        if missing:  # every image of the class unreadable (each was warned about): no metric can use it
+            raise DataError(f"class {missing[0]} in {folder}: none of its {side} images could be read"
+                            + (f" (nor those of {len(missing) - 1} more class(es))" if len(missing) > 1 else ""))
     fid_info, fid_enc, fid_size = None, enc, size
     if fid_encoder is not None or fid_resize != "crop":
         if fid_encoder is not None:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..config import check_out_file, fields_digest
+from ..config import check_out_file, derive_seed, fields_digest
 from ..data import (IMAGE_EXTS, RESAMPLERS, ClassEntry, _class_folders, _image_files, iter_class_images,
                     read_image_uint8, scan_image_folder)
 from ..devices import resolve_device
@@ -169,10 +169,21 @@ def native_size(entries: list[ClassEntry]) -> int:
         raise DataError(f"cannot read image {path}: {e}") from None
 
 
+def capped(e: ClassEntry, n: int | None) -> ClassEntry:
+    """``e`` with at most ``n`` of its images (None: all): a random subset, seeded by the class's name (every
+    run and process takes the same one), kept in file order. Not the first n: a folder sorted by source or
+    date would give a biased prefix."""
+    if not n or len(e.files) <= n:
+        return e
+    rng = np.random.default_rng(derive_seed(0, "real subset", e.name))
+    return dataclasses.replace(e, files=[e.files[i] for i in sorted(rng.choice(len(e.files), n, replace=False))])
+
+
 def load_images(entries: list[ClassEntry], size: int, *, resize: float = 1.0, max_per_class: int | None = None,
                 progress: bool = False, desc: str = "load",
                 resample: str = "bicubic") -> tuple[torch.Tensor, torch.Tensor]:
-    """Every image of ``entries`` as uint8 (N, 3, size, size) in host memory, and labels (N,).
+    """Every image of ``entries`` (at most ``max_per_class`` a class: :func:`capped`) as uint8
+    (N, 3, size, size) in host memory, and labels (N,).
 
     Images are resized (short side ``round(size * resize)``, at least ``size``) and
     centre-cropped to ``size`` (data.read_image_uint8; ``resample``: "bicubic", DiT's
@@ -183,7 +194,7 @@ def load_images(entries: list[ClassEntry], size: int, *, resize: float = 1.0, ma
     load = max(size, round(size * resize))
     # uint8, short side to ``load``, crop ``size``
     read = functools.partial(read_image_uint8, short_side=load, resample=resample)
-    files = [e.files[:max_per_class] if max_per_class else e.files for e in entries]
+    files = [capped(e, max_per_class).files for e in entries]
     total = sum(len(f) for f in files)
     x = torch.empty(total, 3, size, size, dtype=torch.uint8)
     y = torch.empty(total, dtype=torch.long)
