@@ -270,10 +270,13 @@ class DistillConfig:
             raise ConfigError("--compile applies to the fast loop: use --loop fast or auto")
         return self
 
-    def resolve(self, n_classes: int, device: str = "cpu", backbone: str | None = None) -> "DistillConfig":
+    def resolve(self, n_classes: int, device: str = "cpu", backbone: str | None = None,
+                schedule_kw: dict | None = None) -> "DistillConfig":
         """A copy with every dataset-dependent (and device- and backbone-dependent) ``None``/``auto``
         default filled in. ``backbone``: the model family found in the model folder ("dit" | "sd"),
-        used when ``self.backbone`` is "auto" (None: "dit")."""
+        used when ``self.backbone`` is "auto" (None: "dit"). ``schedule_kw``: an SD model's
+        :func:`~manifoldgd_fast.schedule.make_schedule` keywords (its spacing places the default t_stop;
+        None: SD 1.5's)."""
         c = dataclasses.replace(self)
         if c.backbone == "auto":
             c.backbone = backbone or "dit"
@@ -290,7 +293,13 @@ class DistillConfig:
             if not sd and c.steps < DIT_T_STOP:
                 raise ConfigError(f"--steps {c.steps}: fewer than the DiT default --t-stop {DIT_T_STOP} (a step index, "
                                   f"as the release's); give a --t-stop of your own, e.g. --t-stop {c.steps // 2}")
-            c.t_stop = sd_t_stop(c.steps, c.formulation) if sd else DIT_T_STOP
+            timesteps = None
+            if sd and schedule_kw:
+                from .schedule import space_timesteps
+
+                timesteps = space_timesteps(schedule_kw.get("num_train_timesteps", 1000), c.steps, c.sampler,
+                                            spacing=schedule_kw["spacing"], steps_offset=schedule_kw["steps_offset"])
+            c.t_stop = sd_t_stop(c.steps, c.formulation, timesteps) if sd else DIT_T_STOP
         if c.guidance_noise == "auto":
             # philox where the fused kernels run, and for the fast loop's ManifoldGD (its noise is pre-drawn)
             fast_mgd = c.loop == "fast" and c.method == "manifoldgd"
@@ -494,11 +503,14 @@ def fields_digest(fields: dict) -> str:
 DIT_T_STOP = 25  # SPEC 4 / 4b and the release: a step index, whatever --steps
 
 
-def sd_t_stop(steps: int, formulation: str) -> int:
-    """The t_stop of MGD3's text-to-image script's rule, guidance while the timestep > 500, on SD 1.5's
-    schedule (leading spacing, steps_offset 1: step i has timestep i * (1000 // steps) + 1). Official:
-    guided while i > t_stop (24 at 50 steps); paper: the first t_stop steps (25 at 50 steps)."""
-    last_unguided = 499 // (1000 // steps)          # the largest i with timestep <= 500
+def sd_t_stop(steps: int, formulation: str, timesteps=None) -> int:
+    """The t_stop of MGD3's text-to-image script's rule, guidance while the timestep > 500, on the model's
+    respaced ``timesteps`` (ascending, step i has timestep timesteps[i]; None: SD 1.5's, leading spacing
+    with steps_offset 1, step i at i * (1000 // steps) + 1). Official: guided while i > t_stop (24 at 50
+    steps on SD 1.5); paper: the first t_stop steps (25 at 50 steps)."""
+    if timesteps is None:
+        timesteps = [i * (1000 // steps) + 1 for i in range(steps)]
+    last_unguided = max((i for i, t in enumerate(timesteps) if t <= 500), default=-1)  # timestep <= 500
     return last_unguided if formulation == "official" else steps - 1 - last_unguided
 
 

@@ -25,13 +25,19 @@ def cfg_forward(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, nul
     Returns (B, C_out, h, w): the guided mix ``e_u + w (e_c - e_u)`` on the first
     3 channels (the official DiT's CFG; ``cfg_channels="all"``: on all C latent
     channels); the remaining channels (4th eps channel, variance) are the
-    conditional half's own output.
+    conditional half's own output. At ``cfg_scale`` <= 1 guidance is off, as in
+    DiT's ``sample.py`` and diffusers (``scale > 1``): one forward on the B
+    conditional latents, its output as it is (at 1 the mix's value, to rounding,
+    in half the work; below 1 the class's own prediction, never pushed away from it).
     """
     B, C = x.shape[:2]
     if chunk is not None and B > chunk:  # a set larger than fits at once: the forward in chunks
         return torch.cat([cfg_forward(model, x[s:s + chunk], t, y[s:s + chunk], null_class=null_class,
                                       cfg_scale=cfg_scale, cfg_channels=cfg_channels)
                           for s in range(0, B, chunk)])
+    if cfg_scale <= 1.0:
+        tin = t.expand(B) if t.dim() == 1 else t.reshape(1).expand(B)
+        return model(x, timestep=tin, class_labels=y).sample.float()     # (B, C_out, h, w)
     xin = torch.cat([x, x], 0)
     yin = torch.cat([y, torch.full_like(y, null_class)], 0)
     tin = t.expand(2 * B) if t.dim() == 1 else t.reshape(1).expand(2 * B)

@@ -326,12 +326,13 @@ def diffusers_schedule_kwargs(config: dict) -> dict:
     (:func:`rescale_zero_terminal_snr`: abar = 0 at the last training step).
     Returns betas, num_train_timesteps, spacing (timestep_spacing: "leading",
     "trailing" or "linspace"), steps_offset, set_alpha_to_one,
-    variance_type="fixed_small" (DDPMScheduler's default) and prediction_type
-    (:func:`diffusers_prediction_type`).
+    variance_type (DDPMScheduler's: fixed_small, its default, or fixed_large; ``*_log`` alike) and
+    prediction_type (:func:`diffusers_prediction_type`).
 
     Raises ConfigError naming the key for what the samplers cannot reproduce:
     prediction_type other than epsilon / v_prediction / sample, another timestep_spacing,
-    beta_schedule other than scaled_linear / linear, rescale_betas_zero_snr with an eps model.
+    beta_schedule other than scaled_linear / linear, rescale_betas_zero_snr with an eps model,
+    a learned variance_type, thresholding true.
     """
     config = {**SD15_SCHEDULER_CONFIG, **config}
     pred = diffusers_prediction_type(config)
@@ -357,5 +358,13 @@ def diffusers_schedule_kwargs(config: dict) -> dict:
         raise ConfigError(f"scheduler beta_schedule {kind!r} is not supported ({' or '.join(BETA_SCHEDULES)})")
     if zero_snr:
         betas = rescale_zero_terminal_snr(betas)
+    # DDPMScheduler's variance (its default fixed_small; the *_log forms are the same variance, logged first)
+    variance = str(config.get("variance_type") or "fixed_small").removesuffix("_log")
+    if variance not in VARIANCE_TYPES:
+        raise ConfigError(f"scheduler variance_type {config['variance_type']!r} is not supported (fixed_small or "
+                          "fixed_large: the UNet predicts no variance)")
+    if config.get("thresholding"):
+        raise ConfigError("scheduler thresholding true (dynamic thresholding of x0, for pixel-space models) is "
+                          "not supported; Stable Diffusion samples without it")
     return dict(betas=betas, num_train_timesteps=T, spacing=spacing, steps_offset=int(config["steps_offset"]),
-                set_alpha_to_one=bool(config["set_alpha_to_one"]), variance_type="fixed_small", prediction_type=pred)
+                set_alpha_to_one=bool(config["set_alpha_to_one"]), variance_type=variance, prediction_type=pred)

@@ -232,7 +232,8 @@ def _check_layout(root: str, arg: str, flag: str) -> None:
 
     Refused, naming the folder: SDXL (``text_encoder_2/``, or a UNet with ``addition_embed_type``: pooled
     text and size / crop conditioning the adapter does not give) and UNets with a class or noise-level
-    embedding (``class_embed_type`` / ``num_class_embeds``: the x4 upscaler, unCLIP). A damaged
+    embedding (``class_embed_type`` / ``num_class_embeds``: the x4 upscaler, unCLIP) or a guidance
+    embedding (``time_cond_proj_dim``: LCM-distilled UNets). A damaged
     unet/config.json is left to the loaders, which name it."""
     for sub in SUBFOLDERS:
         if not os.path.isdir(os.path.join(root, sub)):
@@ -253,6 +254,10 @@ def _check_layout(root: str, arg: str, flag: str) -> None:
             raise ModelError(f"{flag} {arg}: {root}: its UNet sets {key} {cfg[key]!r} (a class or noise-level "
                              "input, e.g. the x4 upscaler or unCLIP); the SD backbone needs a text-to-image UNet "
                              "conditioned on the prompt alone")
+    if cfg.get("time_cond_proj_dim") is not None:
+        raise ModelError(f"{flag} {arg}: {root}: its UNet sets time_cond_proj_dim {cfg['time_cond_proj_dim']!r} (a "
+                         "guidance-distilled model, e.g. LCM, which samples in a few steps with the CFG scale as an "
+                         "input and no unconditional pass); the SD backbone needs a UNet sampled with CFG")
 
 
 def read_scheduler_config(root: str, arg: str, flag: str = "--model") -> dict[str, Any]:

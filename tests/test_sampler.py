@@ -112,6 +112,40 @@ def test_ddim_matches_diffusers_scheduler_loop(model, cfg_channels):
     torch.testing.assert_close(ours, x, atol=2e-5, rtol=2e-5)
 
 
+class _Counting(torch.nn.Module):
+    """Wraps a DiT and records the batch size of each forward."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.batches = inner, []
+
+    def forward(self, x, timestep, class_labels):
+        self.batches.append(x.shape[0])
+        return self.inner(x, timestep=timestep, class_labels=class_labels)
+
+
+@pytest.mark.parametrize("channels", ["3", "all"])
+def test_cfg_is_off_at_scale_one_or_below(model, channels):
+    """DiT's sample.py and diffusers guide only at a scale > 1: at w <= 1 one forward of the B conditional rows,
+    its output as it is (at w = 1 the mix's value to rounding; below, never the mix that leans to the null class)."""
+    g = torch.Generator().manual_seed(0)
+    x, y, t = torch.randn(4, 4, 8, 8, generator=g), torch.tensor([0, 1, 2, 0]), torch.tensor([500])
+    counting = _Counting(model)
+    with torch.no_grad():
+        cond = model(x, timestep=t.expand(4), class_labels=y).sample.float()
+        both = model(torch.cat([x, x]), timestep=t.expand(8), class_labels=torch.cat([y, torch.full_like(y, NULL)]))
+        both = both.sample.float()
+        for w in (1.0, 0.5, 0.0):
+            out = cfg_forward(counting, x, t, y, null_class=NULL, cfg_scale=w, cfg_channels=channels)
+            torch.testing.assert_close(out, cond, rtol=1e-5, atol=1e-5)
+        assert counting.batches == [4, 4, 4]
+        mixed = cfg_forward(counting, x, t, y, null_class=NULL, cfg_scale=1.5, cfg_channels=channels)
+    assert counting.batches[-1] == 8
+    ch = 4 if channels == "all" else 3
+    torch.testing.assert_close(mixed[:, :ch], both[4:, :ch] + 1.5 * (both[:4, :ch] - both[4:, :ch]))
+    torch.testing.assert_close(mixed[:, ch:], both[:4, ch:])
+
+
 def test_ddpm_learned_sigma_matches_diffusers_scheduler_loop(model):
     """Respaced learned-range DDPM == diffusers' DDPMScheduler (learned_range) over the respaced timesteps."""
     from diffusers import DDPMScheduler

@@ -483,7 +483,8 @@ def test_vae_that_does_not_fit_the_unet_is_one_line(sd_world, tmp_path, capsys, 
     ("text_encoder_2", "SDXL-style model (it has a second text encoder (text_encoder_2/)"),
     ({"class_embed_type": "timestep"}, "its UNet sets class_embed_type 'timestep'"),
     ({"num_class_embeds": 1000}, "its UNet sets num_class_embeds 1000"),
-], ids=["sdxl-unet", "sdxl-folder", "upscaler", "class-embeds"])
+    ({"time_cond_proj_dim": 256}, "its UNet sets time_cond_proj_dim 256 (a guidance-distilled model, e.g. LCM"),
+], ids=["sdxl-unet", "sdxl-folder", "upscaler", "class-embeds", "lcm"])
 def test_unets_not_text_to_image_are_refused_before_loading(sd_world, tmp_path, capsys, monkeypatch, change, why):
     """SDXL (a second text encoder, or a UNet asking for pooled text and size / crop ids) and UNets with
     a class or noise-level input: refused from the configs, one line naming the folder, before any weights

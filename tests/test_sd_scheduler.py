@@ -361,11 +361,27 @@ def test_steps_offset_and_clip_sample_are_forced_as_the_pipeline_does(sd_world, 
     assert SD.read_scheduler_config(sd_variant(sd_world, tmp_path, partial, name="partial"), "x")["beta_end"] == 0.012
 
 
+def test_ddpm_variance_type_is_read_as_diffusers_does():
+    """DDPMScheduler's variance_type: fixed_small (its default, and a file without the key), fixed_large,
+    and their *_log forms (the same variance); the DDPM chain takes the posterior's or beta_t."""
+    from manifoldgd_fast.schedule import make_schedule
+
+    base = dict(SD.SD15_SCHEDULER_CONFIG)
+    for given, want in [(None, "fixed_small"), ("fixed_small", "fixed_small"), ("fixed_small_log", "fixed_small"),
+                        ("fixed_large", "fixed_large"), ("fixed_large_log", "fixed_large")]:
+        kw = SD.diffusers_schedule_kwargs(base if given is None else {**base, "variance_type": given})
+        assert kw["variance_type"] == want
+        s = make_schedule(10, "ddpm", **kw)
+        assert s.variance_type == want
+
+
 @pytest.mark.parametrize("key, value, why", [
     ("prediction_type", "flow", "prediction_type 'flow' is not supported (epsilon, v_prediction, sample)"),
     ("timestep_spacing", "karras", "timestep_spacing 'karras' is not supported (leading, trailing, linspace)"),
     ("rescale_betas_zero_snr", True, "rescale_betas_zero_snr true needs prediction_type v_prediction or sample"),
     ("beta_schedule", "squaredcos_cap_v2", "beta_schedule 'squaredcos_cap_v2' is not supported (scaled_linear or linear)"),
+    ("variance_type", "learned_range", "variance_type 'learned_range' is not supported (fixed_small or fixed_large"),
+    ("thresholding", True, "thresholding true (dynamic thresholding of x0, for pixel-space models) is not supported"),
 ])
 def test_unsupported_scheduler_settings_fail_before_any_weights_load(sd_world, tmp_path, capsys, monkeypatch,
                                                                      key, value, why):
@@ -445,3 +461,14 @@ def test_sd_defaults_follow_the_mgd3_text_to_image_script():
     with pytest.raises(ConfigError, match=r"^--steps 20: fewer than the DiT default --t-stop 25 .* e\.g\. --t-stop 10$"):
         res("dit", steps=20)
     assert res("dit", steps=20, t_stop=10).t_stop == 10 and res("sd", steps=20).t_stop < 20
+    # the model's own spacing places it (trailing at 25 / 30 steps and linspace at 30 have a step at
+    # t = 519, 532, 517 that SD 1.5's leading rule would leave unguided)
+    from manifoldgd_fast.schedule import space_timesteps
+
+    for spacing, offset in [("trailing", 0), ("linspace", 0), ("leading", 1), ("leading", 0)]:
+        kw = {**SD.diffusers_schedule_kwargs({"timestep_spacing": spacing, "steps_offset": offset})}
+        for S in (25, 30, 50):
+            ts = space_timesteps(1000, S, "ddpm", spacing=spacing, steps_offset=offset)
+            for formulation in ("official", "paper"):
+                c = DistillConfig(steps=S, formulation=formulation).resolve(10, "cpu", backbone="sd", schedule_kw=kw)
+                assert [is_guided(formulation, i, S, c.t_stop) for i in range(S)] == [t > 500 for t in ts]
