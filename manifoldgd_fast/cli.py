@@ -295,6 +295,11 @@ def _setup_logging() -> None:
     warnings.filterwarnings("ignore", message="skipping unreadable image")
 
 
+# what an interrupted command has kept for its rerun (each resumes; a command not named here keeps classes)
+INTERRUPT_KEEPS = {"eval": "finished training runs are kept", "metrics": "the real images' features are kept",
+                   "finetune": "the last checkpoint is kept"}
+
+
 def _classes(n: int) -> str:
     return f"{n} class" if n == 1 else f"{n} classes"
 
@@ -340,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                 dump(rep, ns.profile_json)
         else:
             res = pipeline.distill(cfg)
-            n, before = len(res.classes), res.finished_before
+            n, before = len(res.distilled), res.finished_before
             if cfg.shard is not None:
                 which = f"{n} of the run's {res.run_classes} classes (--shard {cfg.shard})"
                 left = (f"; {res.unfinished} {'is' if res.unfinished == 1 else 'are'} left to the other shards"
@@ -359,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"manifoldgd-fast: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("manifoldgd-fast: interrupted; finished classes are kept, rerun to resume", file=sys.stderr)
+        kept = INTERRUPT_KEEPS.get(ns.command, "finished classes are kept")
+        print(f"manifoldgd-fast: interrupted; {kept}, rerun to resume", file=sys.stderr)
         return 130
     return 0
 

@@ -363,7 +363,10 @@ class DistillConfig:
                 import yaml
                 d = yaml.safe_load(text)
         except Exception as e:
-            raise ConfigError(f"--config {path}: cannot be parsed: {str(e).splitlines()[0]}") from None
+            mark = getattr(e, "problem_mark", None)  # YAML's; JSON's message names the line itself
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"--config {path}: cannot be parsed: {what}{where}") from None
         if d is None:
             d = {}
         if not isinstance(d, dict):

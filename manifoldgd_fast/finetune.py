@@ -94,6 +94,7 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
         if isinstance(v, torch.Tensor):
             setattr(d, k, v.to(dev))
     amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    amp_dtype = amp_dtype if dev.type == "cuda" else None  # --dtype is CUDA's autocast; the CPU trains in float32
     ran, t0 = 0, time.perf_counter()
     while step < steps:
         g = torch.Generator().manual_seed(derive_seed(seed, "finetune", step))
@@ -103,7 +104,7 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
         noise = torch.randn(x0.shape, generator=g).to(dev)
         drop = (torch.rand(batch_size, generator=g) < label_dropout).to(dev)
         y = torch.where(drop, torch.full_like(y, info["null_class"]), y)
-        amp = torch.autocast(dev.type, dtype=amp_dtype) if (amp_dtype and dev.type == "cuda") else contextlib.nullcontext()
+        amp = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
         with amp:
             mse, vb, x0_hat = hybrid_loss(net, d, x0, y, t, noise)
             l1 = x0_hat.float().abs().mean(dim=tuple(range(1, x0_hat.dim())))
@@ -130,6 +131,8 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
     # what the folder was trained with: `distill --model OUT` records it in its manifest
     atomic_write_text(os.path.join(out, FINETUNE_RECORD),
                       json.dumps({"tool": "manifoldgd-fast finetune", "step": step, **settings,
+                                  # what the last call's steps really ran in (dtype is the flag, CUDA's autocast)
+                                  "precision": f"{dtype} autocast" if amp_dtype else "float32",
                                   "time_embedding": info.get("time_embedding", "diffusers")}, sort_keys=True, indent=1))
     return out
 

@@ -44,11 +44,14 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 @dataclass
 class DistillResult:
     out: str
-    classes: dict[str, dict[str, Any]] = field(default_factory=dict)  # the classes this rank distilled in this call
+    # this rank's classes of the run (every class without --shard), with their stats: "status" "done" (whether
+    # this call or an earlier one distilled it; ``distilled`` says which) or "pending" (another process's, unfinished)
+    classes: dict[str, dict[str, Any]] = field(default_factory=dict)
     manifest: str = ""
     run_classes: int = 0  # classes of the whole run, every rank's
     finished_before: int = 0  # classes of the run already finished when this call began (a resume)
     unfinished: int = 0  # classes of the run not finished when this call ended (other --shard processes')
+    distilled: list[str] = field(default_factory=list)  # the classes this call distilled (a resume skips the rest)
 
 
 def library_versions() -> dict[str, str]:
@@ -137,7 +140,9 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
             raise DataError(f"class folder {e.folder}: {e.name!r} is the name of the run's own OUT/{e.name}/ folder; "
                             "rename the class folder")
         if per_class is not None and len(e.files) < per_class:
-            raise DataError(f"class {e.name} has {len(e.files)} images, fewer than --ipc {per_class}")
+            raise DataError(f"class {e.name} has {len(e.files)} image files, fewer than --ipc {per_class}")
+    if per_class is not None:  # the run's own rules (e.g. --steps under the default --t-stop), before any encoding
+        cfg.resolve(len(entries), device, backbone=backbone)
 
     vae = load_vae(cfg.vae or cfg.model, device=device, flag="--vae" if cfg.vae else "--model")
     vinfo = vae_info(vae)
@@ -222,7 +227,8 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
 
 def check_out(out: str, data: str | None) -> None:
     """``--out`` must lie outside ``--data`` (the run would distil its own output, or replace real class
-    folders) and be writable; checked before anything is encoded."""
+    folders), be writable, and be new, empty or a run's (a manifest, or only what a run writes: class
+    folders of ``data``, modes/, latents/); checked before anything is encoded."""
     o, d = os.path.realpath(out), os.path.realpath(data) if data is not None else None
     if d is not None and (o == d or o.startswith(d.rstrip(os.sep) + os.sep)):
         raise ConfigError(f"--out {out} is {'the same folder as' if o == d else 'inside'} --data {data}: "
@@ -235,6 +241,14 @@ def check_out(out: str, data: str | None) -> None:
             pass
     except OSError as e:
         raise DataError(f"--out {out} is not writable ({nearest}: {e.strerror or e})") from None
+    if os.path.isdir(o) and not os.path.isfile(os.path.join(o, MANIFEST)):
+        from .data import _class_folders
+
+        ours = {MANIFEST, CONTACT_SHEET, *RESERVED_DIRS} | set(_class_folders(d) if d and os.path.isdir(d) else ())
+        foreign = sorted(n for n in os.listdir(o) if not n.startswith(".") and n not in ours)
+        if foreign:  # e.g. --out . or a folder of other work: it would mix with the classes, and eval reads them all
+            raise ConfigError(f"--out {out} already holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''} "
+                              f"and no {MANIFEST} of a run; use a new or empty --out")
 
 
 def distill(config: DistillConfig | dict) -> DistillResult:
@@ -421,8 +435,9 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
     write_manifest(final=True)
     if cfg.contact_sheet and shard.is_main and not shard.independent:
         write_contact_sheet(writer.out, [e.name for e in entries])
-    return DistillResult(out=writer.out, classes={e.name: finished[e.name] for e in mine}, manifest=man_path,
-                         run_classes=len(entries),
+    return DistillResult(out=writer.out, classes={e.name: finished.get(e.name) or _class_status(writer, [e])[e.name]
+                                                  for e in shard.mine(entries)},
+                         distilled=[e.name for e in mine], manifest=man_path, run_classes=len(entries),
                          finished_before=ctx["finished_before"],
                          unfinished=sum(v["status"] != "done" for v in status.values()) if status else 0)
 
@@ -567,7 +582,7 @@ def profile_run(config: DistillConfig | dict, *, classes: int = 1, out: str | No
         done = run.classes.replace(",", ", ")
         raise ConfigError(f"--out {out}: the profiled classes ({done}) are already distilled there, so nothing "
                           "was sampled to time; give a new --out, or none (a temporary folder)")
-    rep.update(wall_seconds=round(wall, 3), classes=list(res.classes), method=run.method,
+    rep.update(wall_seconds=round(wall, 3), classes=list(res.distilled), method=run.method,
                formulation=run.formulation, ipc=run.ipc, batch_size=run.batch_size,
-               images_per_second=round(len(res.classes) * run.ipc / wall, 4) if wall > 0 else None)
+               images_per_second=round(len(res.distilled) * run.ipc / wall, 4) if wall > 0 else None)
     return rep

@@ -306,3 +306,37 @@ def test_finetune_ranges_state_the_rule(tmp_path):
                      (dict(grad_clip=-1.0), "--grad-clip -1.0: must be >= 0 (0: no clipping)")):
         with pytest.raises(ConfigError, match="^" + re.escape(rule) + "$"):
             finetune(data=str(tmp_path), model="x", out=str(tmp_path / "o"), **kw)
+
+
+@pytest.mark.parametrize("name, text, says", [
+    ("run.yaml", "ipc: 2\nclasses: [a, b\nsteps: 10\n", "cannot be parsed: expected ',' or ']', but got ':' "
+                                                          "(line 3, column 6)"),
+    ("run.json", '{"ipc": 2,\n "steps": }', "cannot be parsed: Expecting value: line 2 column 11 (char 21)"),
+])
+def test_a_config_that_does_not_parse_names_its_line(name, text, says, tmp_path, capsys):
+    path = tmp_path / name
+    path.write_text(text)
+    assert main(["distill", "--config", str(path)]) == 2
+    assert _one_line(capsys.readouterr().err) == f"manifoldgd-fast: error: --config {path}: {says}"
+
+
+@pytest.mark.parametrize("command, kept", [
+    ("eval", "finished training runs are kept"), ("metrics", "the real images' features are kept"),
+    ("finetune", "the last checkpoint is kept"), ("distill", "finished classes are kept"),
+])
+def test_ctrl_c_says_what_the_command_kept(command, kept, monkeypatch, capsys):
+    from manifoldgd_fast import cli, finetune, pipeline
+    from manifoldgd_fast.eval import cli_eval
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    for mod, fn in ((cli_eval, "run_eval_from_args"), (cli_eval, "run_metrics_from_args"),
+                    (finetune, "run_finetune_from_args"), (pipeline, "distill")):
+        monkeypatch.setattr(mod, fn, interrupted)
+    monkeypatch.setattr(cli, "config_from_args", lambda ns: type("C", (), {"validate": lambda self: self,
+                                                                           "shard": None})())
+    argv = {"eval": ["eval", "--distilled", "d", "--real-val", "v"], "metrics": ["metrics", "--distilled", "d",
+            "--real", "r"], "finetune": ["finetune", "--data", "d", "--model", "m", "--out", "o"], "distill": ["distill"]}[command]
+    assert main(argv) == 130
+    assert _one_line(capsys.readouterr().err) == f"manifoldgd-fast: interrupted; {kept}, rerun to resume"

@@ -48,7 +48,9 @@ def test_finetune_resumes_to_the_same_weights_and_loads(tiny_world, tmp_path):
     # the manifest records what the model folder was fine-tuned with
     tuned = json.loads((tmp_path / "o" / "manifest.json").read_text())["model_finetune"]
     assert tuned["rsm_lambda"] == 1e-3 and tuned["step"] == 4 and tuned["steps"] == 4
-    assert json.loads((tmp_path / "c" / "finetune.json").read_text())["rsm_lambda"] == 0.5
+    record = json.loads((tmp_path / "c" / "finetune.json").read_text())
+    assert record["rsm_lambda"] == 0.5 and record["dtype"] == kw.get("dtype", "bfloat16")
+    assert record["precision"] == "float32"   # on the CPU, whatever --dtype says (CUDA's autocast)
 
 
 def test_ema_warm_up_lets_a_short_run_move_the_written_weights(tiny_world, tmp_path):

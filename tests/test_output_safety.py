@@ -39,6 +39,21 @@ def test_out_that_would_clobber_data_or_foreign_folders_is_refused(tiny_world, t
     line = _bad(w, tmp_path, args[:-len(FAST)] + ["--ipc", "50", *FAST[2:]], capsys)
     assert "fewer than --ipc 50" in line, line
     assert not any(f.endswith(".safetensors") for _, _, fs in os.walk(cache) for f in fs)  # nothing encoded
+    args = ["distill", "--data", str(data), "--model", tiny_world["model"], "--out", str(tmp_path / "o1"),
+            "--cache-dir", str(cache), *FAST]
+    line = _bad(w, tmp_path, args[:-len(FAST)] + ["--ipc", "2", "--steps", "20"], capsys)  # no --t-stop of its own
+    assert "--steps 20: fewer than the DiT default --t-stop 25" in line, line
+    assert not any(f.endswith(".safetensors") for _, _, fs in os.walk(cache) for f in fs)
+
+    # an --out holding other work (no manifest): refused before anything is encoded, nothing of it touched
+    other = tmp_path / "other"
+    (other / "holiday").mkdir(parents=True)
+    (other / "notes.md").write_text("mine")
+    line = _bad(w, tmp_path, [*args[:6], str(other), *args[7:]], capsys)
+    assert line.endswith(f"--out {other} already holds holiday, notes.md and no manifest.json of a run; use a new "
+                         "or empty --out"), line
+    assert sorted(os.listdir(other)) == ["holiday", "notes.md"] and (other / "notes.md").read_text() == "mine"
+    assert not any(f.endswith(".safetensors") for _, _, fs in os.walk(cache) for f in fs)
 
     out = tmp_path / "o2"
     (out / "apple").mkdir(parents=True)

@@ -150,7 +150,11 @@ def test_python_api_and_config_file(tiny_world, tmp_path):
                         classes="apple,cherry")
     res = distill(cfg)
     assert sorted(res.classes) == ["apple", "cherry"] and res.classes["cherry"]["label"] == 2
-    assert res.out == str(tmp_path / "api") and os.path.isfile(res.manifest)
+    assert res.out == str(tmp_path / "api") and os.path.isfile(res.manifest) and res.distilled == ["apple", "cherry"]
+    # run again (a script rerun): nothing distilled, the finished classes' stats as the first call gave them
+    again = distill(cfg)
+    assert again.distilled == [] and again.finished_before == 2
+    assert json.loads(json.dumps(again.classes)) == json.loads(json.dumps(res.classes))
     # the same run from a YAML file, one flag overriding it
     yml = tmp_path / "run.yaml"
     yml.write_text(f"data: {tiny_world['data']}\nmodel: {tiny_world['model']}\nipc: 2\nsteps: 10\nt_stop: 5\n"

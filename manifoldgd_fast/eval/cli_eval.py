@@ -179,8 +179,9 @@ def run_eval_from_args(ns: argparse.Namespace) -> dict:
                    out_json=ns.out_json, progress=ns.progress)
     print(markdown_table(res), end="")
     if res.get("resumed_runs"):
-        print(f"{res['resumed_runs']} of the runs were finished by a killed evaluation with the same settings "
-              "and images, and taken from it")
+        n = res["resumed_runs"]
+        print(f"{n} of the runs {'was' if n == 1 else 'were'} finished by a killed evaluation with the same settings "
+              f"and images, and taken from it")
     recorded = [m for m in res.get("manifests", [res.get("manifest")]) if m]
     print(f"results: {res['files']['json']}, {res['files']['markdown']}"
           + (f"; recorded in {', '.join(recorded)}" if recorded else ""))

@@ -55,19 +55,20 @@ def markdown_table(result: dict) -> str:
     distilled folders the pooled table (all (folder, seed) runs) comes first, then one per folder."""
     folders = result.get("distilled_folders") or [result["distilled"]]
     n_seeds = len(result["seeds"])
+    seeds = f"{n_seeds} seed" if n_seeds == 1 else f"{n_seeds} seeds"
     head = (f"{result['num_classes']} classes, IPC {result['ipc']}, {result['size']} px, {result['epochs']} epochs, "
             f"validation {result['real_val']} ({result['n_val']} images"
             + (f", labelled by {result['val_labels']}" if result.get("val_labels") else "")
             + "); top-1 %, mean ± std over ")
     if len(folders) == 1:
-        lines = [f"# Evaluation ({result['protocol']}): {folders[0]}", "", head + f"{n_seeds} seeds", "",
+        lines = [f"# Evaluation ({result['protocol']}): {folders[0]}", "", head + seeds, "",
                  *_net_rows(result["nets"])]
     else:
         lines = [f"# Evaluation ({result['protocol']}): {len(folders)} distilled sets", "",
-                 head + f"{len(folders) * n_seeds} runs ({len(folders)} distilled sets x {n_seeds} seeds)", "",
+                 head + f"{len(folders) * n_seeds} runs ({len(folders)} distilled sets x {seeds})", "",
                  *_net_rows(result["nets"], "per run")]
         for i, pf in enumerate(result["per_folder"]):
-            lines += ["", f"## Set {i}: {pf['distilled']} (IPC {pf['ipc']}; mean ± std over {n_seeds} seeds)", "",
+            lines += ["", f"## Set {i}: {pf['distilled']} (IPC {pf['ipc']}; mean ± std over {seeds})", "",
                       *_net_rows(pf["nets"])]
     return "\n".join(lines) + "\n"
 
