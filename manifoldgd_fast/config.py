@@ -62,8 +62,8 @@ class DistillConfig:
     seed: int = 0
     ipc: int = 10
     batch_size: int = 16               # samples denoised together (x2 in the DiT forward for CFG)
-    class_batch: int | None = None     # classes sampled in one batch; None = batch_size // ipc (at most the run's
-                                       # classes) where the run allows several (no CGS, not paper), else 1
+    class_batch: int | None = None     # classes sampled in one batch; None = batch_size // ipc (at least 1, at most
+                                       # the run's classes), for every method and formulation
     encode_batch_size: int = 32
     encode_workers: int | None = None  # image-reading DataLoader workers of the cache; None = min(8, CPUs / ranks)
     shard: str | None = None           # "K/N": this process takes classes j with j mod N == K, independently of
@@ -547,6 +547,8 @@ def fingerprint_fields(cfg: "DistillConfig", entries=None) -> dict:
         d.pop("output_size", None)
     if d.get("mode_method") != "gmm":  # counts only where GMM finds the modes
         d.pop("gmm_iters", None)
+    if d.get("method") != "manifoldgd":  # no cloud or patch noise is drawn, so a resume on another device (auto:
+        d["guidance_noise"] = "generator"  # philox on CUDA) is the same run; the CPU's value keeps old fingerprints
     d.update(_kmeans_medoid_rule(d))
     if not d.get("cgs"):  # the CGS window and steps only count where CGS runs; older fingerprints without CGS
         d.pop("cgs_steps", None)  # stay valid (they hashed the eta defaults, which stand in for any value here)

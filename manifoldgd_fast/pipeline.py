@@ -398,8 +398,8 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
                 status[name] = finished[name]
             write_manifest()
 
-    # The classes go in groups of --class-batch, each group sampled in one batch (by default one class
-    # a group where IPC > --batch-size / 2, and with CGS or the paper formulation). Two background
+    # The classes go in groups of --class-batch, each group sampled in one batch (by default
+    # --batch-size // IPC classes a group, at least one). Two background
     # threads around the sampling of group g:
     # one loads the latents of group g+1 and discovers their modes (on CUDA on a side stream: the GPU
     # interleaves it with the sampling), the other copies group g-1 back from the GPU (on a copy

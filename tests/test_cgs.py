@@ -285,3 +285,17 @@ def test_cgs_steps_count_in_the_fingerprint_only_where_cgs_runs():
     assert fp(eta_dpp=3.0, eta_dm=0.5) == fp()
     assert fp(method="cgs", eta_dpp=3.0) != fp(method="cgs")
     assert fp(cgs=True, eta_dm=0.5) != fp(cgs=True)
+
+
+def test_guidance_noise_counts_in_the_fingerprint_only_for_manifoldgd():
+    """Only ManifoldGD draws cloud / patch noise: mgd3, dit and cgs resumed on another device (auto resolves
+    to philox on CUDA) or with another --guidance-noise are the same run; ManifoldGD's is not (its noise differs)."""
+    from manifoldgd_fast.config import DistillConfig, fingerprint
+
+    def fp(device="cpu", **kw):
+        return fingerprint(DistillConfig(data="d", out="o", **kw).resolve(3, device))
+
+    for method in ("mgd3", "dit", "cgs"):
+        assert fp("cuda", method=method) == fp("cpu", method=method) == fp(method=method, guidance_noise="philox")
+    assert fp("cuda", method="manifoldgd") != fp("cpu", method="manifoldgd")
+    assert fp(method="manifoldgd", guidance_noise="philox") == fp("cuda", method="manifoldgd")
