@@ -18,7 +18,11 @@ Per run:
 - encoder: seconds the main process spent encoding (with the device synchronised
   once per class, when the latents come back to the host);
 - waiting: seconds the encoder sat idle waiting for decoded images. When it is
-  near 0 the encoder is the bottleneck; when it is large, add workers.
+  near 0 the encoder is the bottleneck; when it is large, add workers. On CUDA
+  the encoder's kernels run asynchronously, so GPU work that overlaps a wait is
+  counted as waiting (the once-per-class sync lands in encoder): there the
+  encoder column is a floor of the GPU's encode time, and images / wall time
+  is the figure to compare.
 Median and p20/p80 over ``--repeat`` runs.
 """
 import argparse

@@ -66,7 +66,7 @@ def cases(quick):
             comp = compiled(ref, *args)
             t_c = bench_ms(lambda: comp(*args), quick) if comp is not None else [float("nan")] * 3  # noqa: B023
             gbs = lambda ms: nbytes / ms / 1e6               # noqa: E731,B023
-            rows.append(dict(op=op, B=B, N=N_TOKENS, C=C, dtype="bfloat16", fused_ms=t_f[0], fused_p20=t_f[1],
+            rows.append(gpu_bench.row(op=op, B=B, N=N_TOKENS, C=C, dtype="bfloat16", fused_ms=t_f[0], fused_p20=t_f[1],
                              fused_p80=t_f[2], ref_ms=t_r[0], compiled_ms=t_c[0], fused_GBs=gbs(t_f[0]),
                              ref_GBs=gbs(t_r[0]), compiled_GBs=gbs(t_c[0]), speedup=t_r[0] / t_f[0],
                              speedup_vs_compiled=t_c[0] / t_f[0]))
@@ -122,7 +122,7 @@ def attention_cases(quick):
                 continue
             best = min(best, (t, f"{bm}x{bn} w{w} s{st}"), key=lambda x: x[0])
         tf = lambda ms: flop / ms / 1e9                                 # noqa: E731,B023
-        rows.append(dict(op="attention", B=B, H=H, N=N, Dh=Dh, ours_ms=t_ours[0], ours_p20=t_ours[1],
+        rows.append(gpu_bench.row(op="attention", B=B, H=H, N=N, Dh=Dh, ours_ms=t_ours[0], ours_p20=t_ours[1],
                          ours_p80=t_ours[2], ours_TFLOPs=tf(t_ours[0]), best_ms=best[0], best_cfg=best[1],
                          cudnn_ms=times["cudnn"], flash_ms=times["flash"], efficient_ms=times["efficient"],
                          math_ms=times["math"], best_sdpa_TFLOPs=tf(min(v for v in times.values() if v == v)),

@@ -20,10 +20,11 @@ architectures are used. Rows:
   Triton attention (``--attention triton``) instead of SDPA;
 
 each of ours for ``dit`` (unguided), ``mgd3`` and ``manifoldgd`` (official, guidance on the
-first 25 of 50 steps, Philox cloud noise, the fused kernels). Also: achieved TFLOP/s of the
-DiT forwards (FLOPs counted by ``torch.utils.flop_counter`` on one forward), peak GPU memory
-per batch and, from a linear fit of it, the largest batch that fits 48 GB (A6000) and 80 GB
-(H100); and the numerics rule of flash-attention: |ours bf16 - fp32 reference| must be
+first 25 of 50 steps, Philox cloud noise, the fused kernels). Also: the DiT forwards' FLOPs
+(``torch.utils.flop_counter`` on one forward, x 2 for CFG, x steps) over the end-to-end time (VAE
+decode, guidance and setup included, so a floor on the forwards' own TFLOP/s), peak GPU memory
+per batch and, from a linear fit of it, the largest batch that fits 48 GB (A6000), 80 GB
+(H100) and this card; and the numerics rule of flash-attention: |ours bf16 - fp32 reference| must be
 <= 2 x |plain torch bf16 - fp32 reference| (the plain run being the reference loop at bf16).
 
 Timings: wall clock around a synchronised call, median (p20, p80) of ``--reps`` after one
@@ -281,8 +282,12 @@ def main(argv=None):
         if len(pts) >= 2:
             (b0, m0), (b1, m1) = pts[0], pts[-1]
             per = (m1 - m0) / (b1 - b0)
-            fits[name] = {f"max_batch_{cap}GB": int((cap * 1e9 / 2 ** 30 - (m0 - per * b0)) / per) if per > 0 else None
-                          for cap in (48, 80)}
+            # "48 GB" / "80 GB" cards hold about 47.5 / 79.6 GiB (A6000, H100 SXM: their total_memory); this card's own
+            caps = {"48GB": 47.5, "80GB": 79.6}
+            if cuda:
+                caps["this_card"] = torch.cuda.get_device_properties(dev).total_memory / 2 ** 30
+            fits[name] = {f"max_batch_{k}": int((gib - (m0 - per * b0)) / per) if per > 0 else None
+                          for k, gib in caps.items()}
     num = numerics(dit, vae, min(a.steps, 50), dev, batches[0], bf16)
     print("numerics (manifoldgd, bf16 vs fp32 reference):", json.dumps(num))
     for k, v in fits.items():

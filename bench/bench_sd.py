@@ -5,7 +5,8 @@
 
 Models are random-init at SD 1.5's size (UNet 860 M on 4x64x64 latents, CLIP ViT-L/14 text
 tower, SD VAE at 512 px): the speed does not depend on the weights. A toy tokenizer stands in
-for CLIP's (prompt tokens are not timed). Rows, all DDIM with CFG ``sd.SD_CFG_SCALE`` and VAE decoding:
+for CLIP's. Our rows embed the prompts once per class, outside the timed call (as distill does);
+the diffusers row tokenizes and runs the text encoder inside its call (a few ms of the total). Rows, all DDIM with CFG ``sd.SD_CFG_SCALE`` and VAE decoding:
 
 * ``diffusers StableDiffusionPipeline``: fp16 weights (``--dtype``), DDIMScheduler as SD's;
 * ``ours unguided`` / ``ours mgd3`` / ``ours manifoldgd``: ``classrun.distill_class`` on one
@@ -96,7 +97,7 @@ def _time(fn, device: torch.device, repeats: int) -> list[float]:
 
 
 def _row(what: str, secs: list[float], batch: int) -> dict:
-    q = statistics.quantiles(secs, n=5) if len(secs) > 1 else [secs[0]] * 4
+    q = statistics.quantiles(secs, n=5, method="inclusive") if len(secs) > 1 else [secs[0]] * 4  # within the data
     med = statistics.median(secs)
     return {"what": what, "seconds_median": round(med, 4), "seconds_p20": round(q[0], 4),
             "seconds_p80": round(q[3], 4), "images_per_s": round(batch / med, 3)}

@@ -32,6 +32,14 @@ def bench_ms(fn, quick: bool) -> list[float]:
     return triton.testing.do_bench(fn, warmup=5 if quick else 25, rep=20 if quick else 100, quantiles=[0.5, 0.2, 0.8])
 
 
+def row(**fields) -> dict:
+    """One finished case: printed (flushed) at once, so a run killed at its time limit keeps every row it
+    finished in its log; :func:`main` prints the tables and writes the CSV at the end. Returns the dict."""
+    print("  row " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items()),
+          flush=True)
+    return fields
+
+
 def compiled(fn, *args):
     """``torch.compile(fn)`` warmed up on ``args``, or None (reported) when it does not compile."""
     if not COMPILE:
