@@ -106,6 +106,15 @@ def class_inputs(rcfg: DistillConfig, ctx: dict, name: str, z: torch.Tensor) -> 
     return ClassInputs(z, modes, paper_kw, time.perf_counter() - t0)
 
 
+def run_stream(ctx: dict, key: str):
+    """The run's one CUDA stream for ``key`` (prefetch, decode), made on first use. torch hands out a
+    fixed ring of 32 streams a device and reuses them in turn: a stream made per class would soon alias
+    another one in use (the copy stream, or the stream a graph is being captured on)."""
+    if key not in ctx:
+        ctx[key] = torch.cuda.Stream(ctx["device"])
+    return ctx[key]
+
+
 def _prefetched_inputs(rcfg: DistillConfig, ctx: dict, name: str) -> tuple[ClassInputs, Any]:
     """class_inputs on a thread of its own: on CUDA on a side stream, returning the event that marks
     its end (the sampling stream waits on it), so mode discovery of class c+1 overlaps sampling of c."""
@@ -114,7 +123,7 @@ def _prefetched_inputs(rcfg: DistillConfig, ctx: dict, name: str) -> tuple[Class
     z, _files = load_class_latents(ctx["cache"], name)
     if ctx["device"].type != "cuda":
         return class_inputs(rcfg, ctx, name, z), None
-    side = torch.cuda.Stream(ctx["device"])
+    side = run_stream(ctx, "prefetch_stream")
     with torch.cuda.stream(side):
         inp = class_inputs(rcfg, ctx, name, z)
         done = torch.cuda.Event()
@@ -278,7 +287,7 @@ def distill_group(rcfg: DistillConfig, ctx: dict, members: list[tuple[str, int, 
     side = contextlib.nullcontext()
     if cuda:  # decode on a stream of its own: it computes beside the next batch's sampling
         events[1].record()
-        stream = ctx.setdefault("decode_stream", torch.cuda.Stream(dev))
+        stream = run_stream(ctx, "decode_stream")
         stream.wait_event(events[1])
         for t in (latents, trace):
             t.record_stream(stream)   # made on the sampling stream, read on the decode stream

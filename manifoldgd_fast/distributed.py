@@ -95,6 +95,10 @@ class Shard:
         independent shard is one process of its own: the scheduler gives it its GPU)."""
         if self.world > 1 and not self.independent and name in ("auto", "cuda") and torch.cuda.is_available():
             return f"cuda:{self.local_rank % torch.cuda.device_count()}"
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+        if self.world > 1 and not self.independent and str(name).startswith("cuda:") and local_world > 1:
+            raise ConfigError(f"--device {name} under torchrun would put all {local_world} ranks of this node on "
+                              "one GPU; give --device cuda (each rank takes cuda:LOCAL_RANK)")
         return name
 
     def barrier(self) -> None:

@@ -40,20 +40,18 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 from dataclasses import dataclass, field
 
 import torch
 
 from . import dispatch
 from .cgs import CGS
-from .errors import ConfigError
+from .errors import BackendError, ConfigError
 from .guidance import Guidance
 from .profile import active as profiling_active
 from .profile import phase, step_done, suspended
 from .sampler import Sampling, _randn_like_per_sample, denoise_step, draws_noise
 
-log = logging.getLogger(__name__)
 
 
 def predraw_noise(run: Sampling, shape: tuple[int, ...], generators, device) -> torch.Tensor | None:
@@ -74,19 +72,26 @@ def _graph_blocker(run: Sampling, device: torch.device, guidance: Guidance | Non
     refused before: the fast loop cannot take it at all)."""
     if device.type != "cuda":
         return "not on CUDA"
-    if guidance is not None and guidance.manifold and guidance.cfg.formulation == "paper":
-        # the paper formulation's reference ops size the patch from its lengths on the host (a sync)
-        c = guidance.cfg
-        if c.backend == "reference":
-            return "the paper formulation's reference ops read the patch lengths on the host (--backend auto or triton)"
-        kern, why = dispatch._kernels()
-        if kern is None:
-            return f"the paper formulation needs the fused kernels inside a graph, and {why}"
-        D, width = guidance.latents.shape[1], guidance.order.shape[1]
-        for what, val, lim in (("B", guidance.modes.shape[0], dispatch.MAX_B), ("the row count", _padded_width(width),
-                               dispatch.MAX_ROWS), ("D", D, dispatch.MAX_D), ("k", c.k, dispatch.MAX_K)):
-            if val > lim:
-                return f"{what} = {val} is above the fused kernels' limit {lim}, and the reference ops sync"
+    if guidance is None or not guidance.manifold:
+        return None
+    # ManifoldGD's manifold term goes into a graph only through the fused kernels: the reference ops
+    # sync with the host (the paper patch is sized from its lengths on the host; the official cloud's
+    # torch.linalg.eigh checks its result; the noise counters are built on the host)
+    c = guidance.cfg
+    paper = c.formulation == "paper"
+    if (c.lambda_n if paper else c.manifold_scale) <= 0:
+        return None  # no manifold term: nothing of the kind runs
+    if c.backend == "reference":
+        return "the reference guidance ops sync with the host (--backend auto or triton)"
+    kern, why = dispatch._kernels()
+    if kern is None:
+        return f"ManifoldGD needs the fused kernels inside a graph, and {why}"
+    D = guidance.modes[0].numel()
+    rows = _padded_width(guidance.order.shape[1]) if paper else c.cloud_size
+    for what, val, lim in (("B", guidance.modes.shape[0], dispatch.MAX_B), ("the row count", rows, dispatch.MAX_ROWS),
+                           ("D", D, dispatch.MAX_D), ("k", c.k, dispatch.MAX_K)):
+        if val > lim:
+            return f"{what} = {val} is above the fused kernels' limit {lim}, and the reference ops sync"
     return None
 
 
@@ -178,7 +183,7 @@ class FastSampler:
         self.cuda_graph = cuda_graph
         self._sets: dict[tuple, _GraphSet] = {}
         self._pool = None
-        self._warned: set[str] = set()
+        self._capture_stream = None
 
     # ------------------------------------------------------------------
     @torch.no_grad()
@@ -220,11 +225,14 @@ class FastSampler:
                 return self._sample_graphed(x_T, y, noise, guidance, cgs)
             except ConfigError:
                 raise
-            except Exception as e:  # capture failed (an op that syncs, an allocator mode...): run eagerly
-                self._warn(f"CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                           f"running the step eagerly")
-                self.cuda_graph = False
-                self._sets.clear()
+            except Exception as e:
+                # _graph_blocker sends what cannot be captured to the eager loop before any capture. A capture
+                # that fails anyway may leave torch's caching allocator in capture mode (capture_end throws
+                # before it ends the pool), where memory is never recycled again: stop here rather than go on
+                # eagerly in this process. The run resumes.
+                raise BackendError(f"CUDA graph capture failed ({type(e).__name__}: "
+                                   f"{str(e).splitlines()[0][:200]}); rerun with --loop reference (no graphs; "
+                                   "finished classes are kept) and please report it") from e
         return self._sample_eager(x_T, y, noise, guidance, cgs)
 
     # ------------------------------------------------------------------
@@ -313,7 +321,9 @@ class FastSampler:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         x_save = gs.x.clone()
-        side = torch.cuda.Stream(device=gs.x.device)
+        if self._capture_stream is None:  # one for every capture: torch's stream ring is 32 streams a device
+            self._capture_stream = torch.cuda.Stream(device=gs.x.device)
+        side = self._capture_stream
         with suspended():
             self._capture_steps(gs, side)
         gs.x.copy_(x_save)
@@ -336,8 +346,3 @@ class FastSampler:
                 finally:
                     graph.capture_end()
             gs.graphs[i] = graph
-
-    def _warn(self, msg: str) -> None:
-        if msg not in self._warned:
-            self._warned.add(msg)
-            log.warning(msg)

@@ -144,3 +144,19 @@ def test_barrier_timeout_from_the_environment(monkeypatch):
         monkeypatch.setenv(TIMEOUT_ENV, bad)
         with pytest.raises(ConfigError, match=TIMEOUT_ENV):
             barrier_timeout()
+
+
+def test_an_explicit_gpu_under_torchrun_is_refused(monkeypatch):
+    """--device cuda:0 with several ranks on a node would put them all on GPU 0: one line saying to give
+    --device cuda (each rank its cuda:LOCAL_RANK); one rank a node, an independent shard and cpu are fine."""
+    from manifoldgd_fast.distributed import Shard
+    from manifoldgd_fast.errors import ConfigError
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    with pytest.raises(ConfigError, match=r"^--device cuda:0 under torchrun would put all 8 ranks of this node on "
+                                          r"one GPU; give --device cuda \(each rank takes cuda:LOCAL_RANK\)$"):
+        Shard(rank=3, world=16, local_rank=3).device("cuda:0")
+    assert Shard(rank=3, world=16, local_rank=3).device("cpu") == "cpu"
+    assert Shard(rank=1, world=2, independent=True).device("cuda:0") == "cuda:0"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")                       # one rank a node: its own choice
+    assert Shard(rank=1, world=4, local_rank=0).device("cuda:1") == "cuda:1"

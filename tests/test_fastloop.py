@@ -149,6 +149,27 @@ def test_cuda_graph_needs_cuda(model):
         FastSampler(run, cuda_graph=True).sample(x_T, y, gens)
 
 
+def test_a_failed_capture_stops_the_run_with_the_way_out(model, monkeypatch):
+    """A capture that fails despite the blocker may leave torch's allocator in capture mode: the run stops
+    with one line naming --loop reference, rather than going on eagerly in the same process."""
+    from manifoldgd_fast import fastloop
+    from manifoldgd_fast.errors import BackendError
+
+    run, fresh = _setup(model, method="dit")
+    x_T, y, gens, _, _ = fresh()
+
+    def failing(self, *a):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(fastloop, "_graph_blocker", lambda *a: None)
+    monkeypatch.setattr(FastSampler, "_sample_graphed", failing)
+    with pytest.raises(BackendError) as e:
+        FastSampler(run, cuda_graph=True).sample(x_T, y, gens)
+    assert str(e.value) == ("CUDA graph capture failed (RuntimeError: operation not permitted when stream is "
+                            "capturing); rerun with --loop reference (no graphs; finished classes are kept) and "
+                            "please report it")
+
+
 def test_fast_loop_profiles_its_steps(model, one_thread):
     run, fresh = _setup(model, method="manifoldgd")
     x_T, y, gens, gd, _ = fresh()
@@ -348,24 +369,36 @@ def test_pipeline_on_cuda_graphs_and_async_outputs(tiny_world, tmp_path, extra):
     assert _digest(tmp_path / "ref") == _digest(tmp_path / "fast")
 
 
-def test_graph_blocker_names_paper_runs_that_cannot_be_captured(monkeypatch):
-    """The paper formulation's reference ops read the patch lengths on the host: such runs go eager
-    up front (auto) or are refused (forced graphs) instead of failing mid-capture."""
+def test_graph_blocker_names_manifold_runs_that_cannot_be_captured(monkeypatch):
+    """ManifoldGD's reference ops sync with the host (the paper patch's lengths, the official cloud's eigh,
+    host-built noise counters): such runs go eager up front (auto) or are refused (forced graphs) instead of
+    failing mid-capture, in both formulations; a run without the manifold term is never blocked by it."""
     from types import SimpleNamespace
 
     from manifoldgd_fast import dispatch, fastloop
 
     cuda = torch.device("cuda")
 
-    def guidance(backend="auto", B=4, n=300, k=10, formulation="paper", width=None):
-        return SimpleNamespace(manifold=True, cfg=SimpleNamespace(formulation=formulation, backend=backend, k=k),
-                               modes=torch.zeros(B, 16), latents=torch.zeros(n, 16),
+    def guidance(backend="auto", B=4, n=300, k=10, formulation="paper", width=None, cloud=300, scale=0.1,
+                 lambda_n=1.0, manifold=True):
+        cfg = SimpleNamespace(formulation=formulation, backend=backend, k=k, cloud_size=cloud, manifold_scale=scale,
+                              lambda_n=lambda_n)
+        return SimpleNamespace(manifold=manifold, cfg=cfg, modes=torch.zeros(B, 16), latents=torch.zeros(n, 16),
                                order=torch.zeros(B, width or n, dtype=torch.long))
 
     monkeypatch.setattr(dispatch, "_kernels", lambda: (object(), None))   # as if the fused kernels imported
     assert fastloop._graph_blocker(None, cuda, guidance()) is None
-    assert fastloop._graph_blocker(None, cuda, guidance(formulation="official", backend="reference")) is None
-    assert "--backend auto or triton" in fastloop._graph_blocker(None, cuda, guidance(backend="reference"))
+    assert fastloop._graph_blocker(None, cuda, guidance(formulation="official")) is None
+    for official in (False, True):
+        kw = dict(formulation="official") if official else {}
+        assert "--backend auto or triton" in fastloop._graph_blocker(None, cuda, guidance(backend="reference", **kw))
+        # no manifold term (mgd3, or its weight 0): the reference ops never run, nothing blocks
+        assert fastloop._graph_blocker(None, cuda, guidance(backend="reference", manifold=False, **kw)) is None
+        off = dict(scale=0.0) if official else dict(lambda_n=0.0)
+        assert fastloop._graph_blocker(None, cuda, guidance(backend="reference", **off, **kw)) is None
+    assert "the row count = 100001 is above" in fastloop._graph_blocker(
+        None, cuda, guidance(formulation="official", cloud=100_001))
+    assert "B = 300 is above" in fastloop._graph_blocker(None, cuda, guidance(formulation="official", B=300))
     assert "B = 300 is above" in fastloop._graph_blocker(None, cuda, guidance(B=300))
     assert "k = 65 is above" in fastloop._graph_blocker(None, cuda, guidance(k=65))
     # the kernels' row limit is on each row's order (its class), not on the stacked latents of a class batch

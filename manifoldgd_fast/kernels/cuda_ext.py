@@ -40,6 +40,7 @@ def source() -> str:
 # passes its current stream (``torch.cuda.current_stream().cuda_stream``), so only torch/extension.h is needed.
 _BINDING = r"""
 #include <torch/extension.h>
+#include <ATen/DeviceGuard.h>
 #include <vector>
 
 extern "C" int mgd_sym_eig_f32_launch(const float* A, float* w, float* V, int batch, int n,
@@ -50,9 +51,12 @@ std::vector<at::Tensor> sym_eig(at::Tensor A, int64_t max_sweeps, double tol, in
   TORCH_CHECK(A.scalar_type() == at::kFloat, "sym_eig: A must be float32");
   TORCH_CHECK(A.dim() == 3 && A.size(1) == A.size(2) && A.size(1) >= 1 && A.size(1) <= 64,
               "sym_eig: A must be (B, n, n) with 1 <= n <= 64, got ", A.sizes());
+  // the launch goes to the thread's current device: make it A's (a caller on cuda:1 while cuda:0 is current)
+  const at::OptionalDeviceGuard guard(A.device());
   auto Ac = A.contiguous();
   auto w = at::empty({A.size(0), A.size(1)}, A.options());
   auto V = at::empty_like(Ac);
+  if (A.size(0) == 0) return {w, V};  // no matrix: no launch (a grid of 0 blocks is an invalid launch)
   const int err = mgd_sym_eig_f32_launch(Ac.data_ptr<float>(), w.data_ptr<float>(), V.data_ptr<float>(),
                                          static_cast<int>(A.size(0)), static_cast<int>(A.size(1)),
                                          static_cast<int>(max_sweeps), static_cast<float>(tol),
