@@ -343,7 +343,9 @@ class ClassImages:
                 self.skipped.append(p)
                 self.reasons[p] = str(res)
                 warnings.warn(f"skipping unreadable image {p}", stacklevel=2)
-                log.warning("%s", res)
+                if p not in _REPORTED:  # once a process: metrics reads the real images twice (encoder, features)
+                    _REPORTED.add(p)
+                    log.warning("%s", res)
                 continue
             imgs.append(res)
             paths.append(p)
@@ -352,6 +354,9 @@ class ClassImages:
                 imgs, paths = [], []
         if imgs:
             yield torch.stack(imgs), paths
+
+
+_REPORTED: set[str] = set()  # unreadable images already named in the log
 
 
 def iter_class_images(entry: ClassEntry, size: int, batch_size: int,

@@ -572,7 +572,13 @@ def profile_run(config: DistillConfig | dict, *, classes: int = 1, out: str | No
     try:
         with profiling(resolve_device(run.device)) as prof:
             t0 = time.perf_counter()
-            res = distill(run)
+            try:
+                res = distill(run)
+            except ConfigError as e:
+                if out and " holds a run with " in str(e):  # e.g. a distill's OUT: profile's run is its first classes
+                    raise ConfigError(f"{e}; profile distils only its first --profile-classes classes, so give it "
+                                      "a new --out, or none (a temporary folder)") from None
+                raise
             wall = time.perf_counter() - t0
         rep = prof.report()
     finally:

@@ -431,6 +431,18 @@ def test_iter_class_images_skips_and_reports(wnid_root, workers):
     assert flat[0, 0].mean() > 0.9 and flat[0, 1].mean() < -0.9
 
 
+def test_an_unreadable_image_is_logged_once_per_process(wnid_root, caplog):
+    """metrics reads the real images twice (the encoder's training set, then the features): the log names a
+    bad file once; each pass still skips it and says so to Python's warnings."""
+    entry = D.scan_image_folder(str(wnid_root))[0]
+    with caplog.at_level("WARNING", logger="manifoldgd_fast.data"), pytest.warns(UserWarning, match="d_corrupt"):
+        for _ in range(2):
+            it = D.iter_class_images(entry, 8, batch_size=2, num_workers=0)
+            list(it)
+            assert [os.path.basename(p) for p in it.skipped] == ["d_corrupt.jpg"]
+    assert sum("d_corrupt.jpg" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_iter_class_images_all_good_no_warning(wnid_root):
     entry = D.scan_image_folder(str(wnid_root))[1]
     with warnings.catch_warnings():

@@ -73,6 +73,15 @@ def test_profile_command(tiny_world, tmp_path, capsys):
     assert main(["profile", *base, "--out", out]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the profiled classes (apple) are already distilled there" in err[0]
+    # a distill run's OUT (all classes): profile's run is another one, and the refusal says what to give
+    full = str(tmp_path / "full")
+    assert main(["distill", *base, "--out", full]) == 0
+    capsys.readouterr()
+    assert main(["profile", *base, "--out", full]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and " holds a run with other parameters" in err[0], err
+    assert err[0].endswith("; profile distils only its first --profile-classes classes, so give it a new --out, "
+                           "or none (a temporary folder)"), err
     assert main(["profile", *base, "--method", "dit", "--json", str(js), "--profile-classes", "2"]) == 0
     rep = json.loads(js.read_text())
     assert rep["classes"] == ["apple", "banana"] and "manifold" not in rep["phases"]
