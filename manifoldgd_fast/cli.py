@@ -130,6 +130,10 @@ GROUPS: dict[str, dict[str, str]] = {
     },
 }
 
+# What `cache` reads (its --help lists these; it accepts the others, e.g. from a --config shared with distill)
+CACHE_FLAGS = frozenset({"data", "classes", "label_map", "model", "vae", "cache_dir", "image_size", "backbone",
+                         "device", "dtype", "encode_batch_size", "encode_workers", "shard", "time_embedding"})
+
 _COMMANDS = {
     "cache": "encode the image folder into the latent cache (resumable)",
     "modes": "compute the IPC modes of every class into OUT/modes/",
@@ -238,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
                 if cmd == "profile" and name == "out":
                     text, default = "output folder (default: a temporary folder, removed afterwards)", None
                 help_ = text if default is None or _states_default(text) else f"{text} (default: {default})"
+                if cmd == "cache" and name not in CACHE_FLAGS:
+                    help_ = argparse.SUPPRESS   # accepted, not listed: distill's parameters do nothing here
                 # SUPPRESS: only flags the user gave override the config file.
                 if typ is None:
                     g.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,

@@ -3,6 +3,7 @@
 Bad input gets one line naming the flag, exit 2, no traceback; --help shows every flag with its default.
 Every test runs in tmp_path, so no ``distilled/`` is left in the working folder.
 """
+import argparse
 import os
 import re
 import subprocess
@@ -93,10 +94,16 @@ def _subparsers():
 
 def test_every_flag_of_every_command_has_help():
     # a flag without help text is left out of --help entirely (finetune's --steps, --lr, ...)
+    from manifoldgd_fast.cli import CACHE_FLAGS
+
     for name, sp in _subparsers().items():
         helps = _option_help(sp)
-        flags = {s for a in sp._actions for s in a.option_strings if s.startswith("--") and not s.startswith("--no-")}
+        flags = {s for a in sp._actions for s in a.option_strings if s.startswith("--") and not s.startswith("--no-")
+                 and a.help != argparse.SUPPRESS}
         flags.discard("--help")
+        if name == "cache":  # it lists what it reads, and accepts the rest (a --config shared with distill)
+            assert flags == {"--config", *("--" + f.replace("_", "-") for f in CACHE_FLAGS)}, flags
+            assert build_parser().parse_args(["cache", "--ipc", "5", "--lambda-m", "0.2"]).ipc == 5
         missing = sorted(f for f in flags if not helps.get(f))
         assert not missing, f"{name}: no help for {missing}"
         # a default alone says nothing of what the flag does (finetune's --steps read "default: 1000")
