@@ -120,7 +120,8 @@ def eig_cases(quick):
             res["nvrtc"] = float("nan")
         res["linalg"] = bench_ms(lambda: torch.linalg.eigh(A), quick)[0]  # noqa: B023
         best = min(v for k_, v in res.items() if k_ != "linalg" and v == v)
-        rows.append(gpu_bench.row(op="sym_eig", B=B, rows=n, D=n, dtype="float32", fused_ms=best, fused_p20=float("nan"),
+        rows.append(gpu_bench.row(op="sym_eig", B=B, rows=n, D=n, dtype="float32", fused_ms=best,
+                         fused_p20=float("nan"),
                          fused_p80=float("nan"), ref_ms=res["linalg"], compiled_ms=float("nan"),
                          speedup=res["linalg"] / best, speedup_vs_compiled=float("nan"),
                          physics=" ".join(f"{k_}={v:.3f}ms" for k_, v in res.items())))
@@ -189,8 +190,8 @@ def sweep_cases(quick, k=10, d=3, patch_limit_gb=12.0):
         it = lat.element_size()
         rest = 2 * B * k * D * it + 4 * B * D * 4                                # k chosen rows twice, x, g, eps, out
         logical, floor = ((r * D * it + rest) / t_ours / 1e6 for r in (B * M, M))  # every sample's rows / each once
-        rows.append(gpu_bench.row(op="patch_sweep", B=B, M=M, D=D, dtype="bfloat16", ours_ms=t_ours, torch_gram_ms=t_gram,
-                         svd_ms=t_svd, naive_eigh_ms=t_naive, gram_speedup=t_gram / t_ours,
+        rows.append(gpu_bench.row(op="patch_sweep", B=B, M=M, D=D, dtype="bfloat16", ours_ms=t_ours,
+                         torch_gram_ms=t_gram, svd_ms=t_svd, naive_eigh_ms=t_naive, gram_speedup=t_gram / t_ours,
                          patch_GBs_logical=logical, dram_floor_GBs=floor, floor_pct_of_copy_bw=100 * floor / bw))
         del ours, gram, lat, order, x, g, eps
         if dev == "cuda":

@@ -6,7 +6,8 @@
 Models are random-init at SD 1.5's size (UNet 860 M on 4x64x64 latents, CLIP ViT-L/14 text
 tower, SD VAE at 512 px): the speed does not depend on the weights. A toy tokenizer stands in
 for CLIP's. Our rows embed the prompts once per class, outside the timed call (as distill does);
-the diffusers row tokenizes and runs the text encoder inside its call (a few ms of the total). Rows, all DDIM with CFG ``sd.SD_CFG_SCALE`` and VAE decoding:
+the diffusers row tokenizes and runs the text encoder inside its call (a few ms of the total).
+Rows, all DDIM with CFG ``sd.SD_CFG_SCALE`` and VAE decoding:
 
 * ``diffusers StableDiffusionPipeline``: fp16 weights (``--dtype``), DDIMScheduler as SD's;
 * ``ours unguided`` / ``ours mgd3`` / ``ours manifoldgd``: ``classrun.distill_class`` on one

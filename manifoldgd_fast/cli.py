@@ -18,8 +18,8 @@ from .errors import ManifoldGDError
 # Help per parameter, grouped as in SPEC. Defaults are appended from DistillConfig.
 GROUPS: dict[str, dict[str, str]] = {
     "data and models": {
-        "data": "image folder ROOT/<class>/<image> (jpg, jpeg, png, ppm, bmp, pgm, tif, tiff, webp) (default: the embedded demo, "
-                "scikit-learn's digits exported under the cache, with the shipped digits model)",
+        "data": "image folder ROOT/<class>/<image> (jpg, jpeg, png, ppm, bmp, pgm, tif, tiff, webp) (default: "
+                "the embedded demo, scikit-learn's digits exported under the cache, with the shipped digits model)",
         "out": "output folder: OUT/<class>/<i>.png, OUT/latents/, OUT/manifest.json",
         "classes": "restrict to a subset: nette, woof, imagenet100, idc, imagenet1k, a text file, or 'a,b,c' "
                    "(default: every class folder)",

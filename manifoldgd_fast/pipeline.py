@@ -247,8 +247,9 @@ def check_out(out: str, data: str | None) -> None:
         ours = {MANIFEST, CONTACT_SHEET, *RESERVED_DIRS} | set(_class_folders(d) if d and os.path.isdir(d) else ())
         foreign = sorted(n for n in os.listdir(o) if not n.startswith(".") and n not in ours)
         if foreign:  # e.g. --out . or a folder of other work: it would mix with the classes, and eval reads them all
-            raise ConfigError(f"--out {out} already holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''} "
-                              f"and no {MANIFEST} of a run; use a new or empty --out")
+            more = ", ..." if len(foreign) > 3 else ""
+            raise ConfigError(f"--out {out} already holds {', '.join(foreign[:3])}{more} and no {MANIFEST} of a run; "
+                              "use a new or empty --out")
 
 
 def distill(config: DistillConfig | dict) -> DistillResult:

@@ -343,7 +343,8 @@ def test_ctrl_c_says_what_the_command_kept(command, kept, monkeypatch, capsys):
         monkeypatch.setattr(mod, fn, interrupted)
     monkeypatch.setattr(cli, "config_from_args", lambda ns: type("C", (), {"validate": lambda self: self,
                                                                            "shard": None})())
-    argv = {"eval": ["eval", "--distilled", "d", "--real-val", "v"], "metrics": ["metrics", "--distilled", "d",
-            "--real", "r"], "finetune": ["finetune", "--data", "d", "--model", "m", "--out", "o"], "distill": ["distill"]}[command]
+    argv = {"eval": ["eval", "--distilled", "d", "--real-val", "v"],
+            "metrics": ["metrics", "--distilled", "d", "--real", "r"],
+            "finetune": ["finetune", "--data", "d", "--model", "m", "--out", "o"], "distill": ["distill"]}[command]
     assert main(argv) == 130
     assert _one_line(capsys.readouterr().err) == f"manifoldgd-fast: interrupted; {kept}, rerun to resume"

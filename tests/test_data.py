@@ -154,7 +154,8 @@ def test_data_folder_one_level_off_says_so(tmp_path, wnid_root):
     imagenet = tmp_path / "imagenet"
     shutil.copytree(wnid_root, imagenet / "train")
     (imagenet / "val").mkdir()
-    with pytest.raises(DataError, match=re.escape(f"class train in {imagenet} has no images ({'/'.join(D.IMAGE_EXTS)}); "
+    exts = "/".join(D.IMAGE_EXTS)
+    with pytest.raises(DataError, match=re.escape(f"class train in {imagenet} has no images ({exts}); "
                                                   f"it holds folders (n01440764, n02102040): is {imagenet} one level "
                                                   f"above the class folders, e.g. {imagenet / 'train'}?")):
         D.scan_image_folder(str(imagenet))

@@ -39,7 +39,6 @@ encoder and the preprocessing behind each number (``metric_sources``).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import hashlib
 import io
@@ -452,9 +451,9 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
     trained on ``real``), ``"imagenet-resnet18"`` (torchvision's ImageNet weights
     from torch.hub's cache: the papers' encoder), an nn.Module or a file for
     nets.load_net. size: None = the encoder's ``input_size`` if it has one (224
-    for ImageNet nets), else 224 for images of >= 224 px, else their size. max_real_per_class: cap on the
-    real images used a class (None: all; :func:`~.protocol.capped`'s seeded subset); mmd_max_real: real points in the MMD (random
-    subset, seed 0). fid_encoder: None (FID on ``encoder``'s features, SPEC 7)
+    for ImageNet nets), else 224 for images of >= 224 px, else their size. max_real_per_class: cap on
+    the real images used a class (None: all; :func:`~.protocol.capped`'s seeded subset); mmd_max_real:
+    real points in the MMD (random subset, seed 0). fid_encoder: None (FID on ``encoder``'s features, SPEC 7)
     or another encoder for the FID alone, e.g. ``"fid-inception"`` (FID's
     Inception-V3 at 299 px, as the papers' FID columns). fid_resize: the FID's images
     "crop" (short side resized, centre crop, as every other metric) or
