@@ -80,6 +80,22 @@ def test_resized_crop_identity_flip_and_exact_crop():
     assert torch.allclose(A.resized_crop(x, box, 6), x[..., 2:8, 3:9], atol=1e-5)
 
 
+@pytest.mark.parametrize("box, size", [((2, 3, 6, 6), 12), ((1, 0, 9, 7), 5), ((0, 4, 8, 8), 8), ((3, 2, 5, 9), 13)])
+def test_resized_crop_is_torchvisions_crop_then_resize(box, size):
+    """IDC crops the tensor to its box, then resizes it bilinearly (align_corners False, no antialias): at
+    the box's edges the crop's own edge pixels are replicated, never those outside the box."""
+    import torch.nn.functional as F
+
+    x = torch.rand(2, 3, 12, 12)
+    top, left, h, w = box
+    want = F.interpolate(x[..., top:top + h, left:left + w], size=(size, size), mode="bilinear",
+                         align_corners=False)
+    boxes = torch.tensor([box] * 2, dtype=torch.float32)
+    torch.testing.assert_close(A.resized_crop(x, boxes, size), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(A.resized_crop(x, boxes, size, torch.tensor([True, False]))[0], want[0].flip(-1),
+                               atol=1e-5, rtol=0)
+
+
 def test_crop_boxes_follow_random_resized_crop():
     g = torch.Generator().manual_seed(0)
     b = A.crop_boxes(2000, 20, 30, g, "cpu")

@@ -99,6 +99,11 @@ def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Te
     theta[:, 1, 1] = sy
     theta[:, 1, 2] = (2 * top + ch) / h - 1
     grid = F.affine_grid(theta, [b, x.shape[1], size, size], align_corners=False)
+    # clamp to the box's outer pixel centres: a resize of the cropped image replicates the crop's own edge
+    # where an output sample falls past it (torchvision's crop + resize), never the pixel outside the box
+    lo = torch.stack([(2 * left + 1) / w - 1, (2 * top + 1) / h - 1], 1).to(x.dtype).view(b, 1, 1, 2)
+    hi = torch.stack([(2 * (left + cw) - 1) / w - 1, (2 * (top + ch) - 1) / h - 1], 1).to(x.dtype).view(b, 1, 1, 2)
+    grid = torch.minimum(torch.maximum(grid, lo), hi)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
