@@ -61,9 +61,15 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTS)
 
 
+def _folder_files(folder: str) -> tuple[list[str], list[str]]:
+    """(the image file names directly in ``folder``, its other visible files), each sorted."""
+    names = sorted(e.name for e in os.scandir(folder) if e.is_file() and not e.name.startswith("."))
+    return [n for n in names if _is_image(n)], [n for n in names if not _is_image(n)]
+
+
 def _image_files(folder: str) -> list[str]:
     """The image file names directly in ``folder``, sorted."""
-    return sorted(e.name for e in os.scandir(folder) if e.is_file() and _is_image(e.name))
+    return _folder_files(folder)[0]
 
 
 def _class_folders(root: str) -> list[str]:
@@ -159,9 +165,8 @@ def scan_image_folder(root: str, classes: Sequence[str] | str | None = None,
         except UnicodeEncodeError:  # undecodable bytes in the name: the caches and the manifest could not record it
             raise DataError(f"class folder {name!r} in {root}: its name is not valid UTF-8; rename it") from None
         folder = os.path.join(root, name)
-        files = _image_files(folder)
-        ignored += sorted(os.path.join(name, e.name) for e in os.scandir(folder)
-                          if e.is_file() and not e.name.startswith(".") and not _is_image(e.name))
+        files, others = _folder_files(folder)
+        ignored += [os.path.join(name, n) for n in others]
         if not files:
             sub = _class_folders(folder)
             hint = (f"; it holds folders ({', '.join(sub[:3])}{', ...' if len(sub) > 3 else ''}): is {root} one "

@@ -53,7 +53,6 @@ from .profile import phase, step_done, suspended
 from .sampler import Sampling, _randn_like_per_sample, denoise_step, draws_noise
 
 
-
 def predraw_noise(run: Sampling, shape: tuple[int, ...], generators, device) -> torch.Tensor | None:
     """(S, B, *shape) step noise, drawn per sample in the reference loop's order; None if no step draws."""
     s = run.schedule

@@ -376,7 +376,7 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
     write_manifest()
     todo = mine  # prepare dealt only the unfinished classes
     bar = tqdm(total=len(todo) * rcfg.ipc, desc=f"distil {rcfg.method}", unit="img", disable=None)
-    copy_stream = torch.cuda.Stream(ctx["device"]) if ctx["device"].type == "cuda" else None
+    copy_stream = classrun.run_stream(ctx, "copy_stream") if ctx["device"].type == "cuda" else None
 
     def save(name, output, prompt):
         images, latents, stats = output.result(copy_stream)   # waits for this class's GPU work only

@@ -35,12 +35,12 @@ def cfg_forward(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, nul
         return torch.cat([cfg_forward(model, x[s:s + chunk], t, y[s:s + chunk], null_class=null_class,
                                       cfg_scale=cfg_scale, cfg_channels=cfg_channels)
                           for s in range(0, B, chunk)])
-    if cfg_scale <= 1.0:
-        tin = t.expand(B) if t.dim() == 1 else t.reshape(1).expand(B)
+    off = cfg_scale <= 1.0
+    tin = (t if t.dim() == 1 else t.reshape(1)).expand(B if off else 2 * B)
+    if off:
         return model(x, timestep=tin, class_labels=y).sample.float()     # (B, C_out, h, w)
     xin = torch.cat([x, x], 0)
     yin = torch.cat([y, torch.full_like(y, null_class)], 0)
-    tin = t.expand(2 * B) if t.dim() == 1 else t.reshape(1).expand(2 * B)
     out = model(xin, timestep=tin, class_labels=yin).sample.float()   # (2B, C_out, h, w)
     cond, uncond = out[:B], out[B:]
     ch = C if cfg_channels == "all" else min(3, C)

@@ -368,7 +368,7 @@ def extract_features(encoder: torch.nn.Module, entries, size: int, device: torch
     feats, labels = [], []
     subs = [capped(e, max_per_class) for e in entries]
     with tqdm(total=sum(len(e.files) for e in subs), desc=desc, unit="img", disable=not progress, leave=False) as bar:
-        for e, sub in zip(entries, subs):
+        for sub in subs:
             path = cache.path(sub) if cache and sub.files else None
             f = cache.load(path) if path else None
             if f is None:
@@ -393,7 +393,7 @@ def extract_features(encoder: torch.nn.Module, entries, size: int, device: torch
                 bar.update(len(sub.files))
                 stats["cached"] += 1
             feats.append(f)
-            labels.append(torch.full((len(f),), e.label, dtype=torch.long))
+            labels.append(torch.full((len(f),), sub.label, dtype=torch.long))
     return torch.cat(feats), torch.cat(labels).to(device)
 
 
