@@ -52,7 +52,8 @@ GROUPS: dict[str, dict[str, str]] = {
                  "process; each shard brings the manifest up to date when it finishes)",
         "encode_workers": "DataLoader workers reading images for the latent cache (0: in the main process; "
                           "default: min(8, CPUs / ranks))",
-        "backend": "guidance ops backend: auto, reference, triton",
+        "backend": "fused ops backend (the guidance ops; with --dit-impl fused also its LayerNorm-modulate and "
+                   "gate-residual): auto, reference, triton",
         "guidance_noise": "cloud / patch noise: auto (philox on CUDA: the fused kernels), generator, philox",
         "loop": "sampling loop: auto (fast on CUDA), reference, fast (static step; CUDA graphs on CUDA)",
         "compile": "torch.compile the DiT in the fast loop: none, default, max-autotune, max-autotune-no-cudagraphs",

@@ -68,7 +68,7 @@ class DistillConfig:
     encode_workers: int | None = None  # image-reading DataLoader workers of the cache; None = min(8, CPUs / ranks)
     shard: str | None = None           # "K/N": this process takes classes j with j mod N == K, independently of
                                        # the other N - 1 (a Slurm job array); same bytes as one process
-    backend: str = "auto"              # guidance ops: auto | reference | triton
+    backend: str = "auto"              # fused ops (guidance; dit_impl fused's adaLN ops): auto | reference | triton
     guidance_noise: str = "auto"       # cloud/patch noise: generator (torch.Generator per sample), philox
                                        # (counter-based; the fused kernels' path), auto = philox on CUDA
     loop: str = "auto"                 # sampling loop: reference, fast (static step, CUDA graphs on CUDA),

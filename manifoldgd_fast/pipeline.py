@@ -195,7 +195,8 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
         if need_models and cfg.dit_impl == "fused":
             from .fastdit import FusedDiT
 
-            model = FusedDiT(model, attention="triton" if cfg.attention == "triton" else "sdpa")
+            model = FusedDiT(model, backend=cfg.backend,  # its LayerNorm-modulate / gate-residual ops, as the guidance's
+                             attention="triton" if cfg.attention == "triton" else "sdpa")
         for e in entries:
             if not 0 <= e.label < info["num_classes"]:
                 keyword = cfg.label_map in LABEL_MAPS

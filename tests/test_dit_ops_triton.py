@@ -9,7 +9,7 @@ interpreter; tolerances per dtype are stated where used.
 import pytest
 import torch
 from conftest import requires_cuda
-from triton_helpers import DEV, TRITON_MARKS, assert_graph_replay_equals_eager
+from triton_helpers import DEV, TRITON_MARKS, assert_graph_replay_equals_eager, count_kernel_calls
 
 from manifoldgd_fast.errors import BackendError
 
@@ -257,11 +257,13 @@ def test_attention_compiles_as_an_opaque_custom_op():
                           test_utils=("test_schema", "test_faketensor"))
 
 
-def test_fused_dit_with_triton_attention_equals_sdpa():
-    """FusedDiT(attention="triton") computes the diffusers DiT's function (fp32: to float rounding)."""
+def test_fused_dit_with_triton_attention_equals_sdpa(monkeypatch):
+    """FusedDiT on every kernel (LayerNorm-modulate, gate-residual, attention) computes the diffusers DiT's
+    function (fp32: to float rounding)."""
     import copy
 
     from manifoldgd_fast.fastdit import FusedDiT, tie_conditioning_embedders
+    from manifoldgd_fast.kernels import adaln, attention
     from manifoldgd_fast.models import build_dit, tiny_dit_config
 
     dit = tie_conditioning_embedders(build_dit(tiny_dit_config(num_classes=10, attention_head_dim=24), seed=1)).to(DEV)
@@ -270,7 +272,11 @@ def test_fused_dit_with_triton_attention_equals_sdpa():
     x, t, y = x.to(DEV), t.to(DEV), y.to(DEV)
     with torch.no_grad():
         want = dit(x, timestep=t, class_labels=y).sample
-        got = FusedDiT(copy.deepcopy(dit), attention="triton")(x, timestep=t, class_labels=y).sample
+        calls = count_kernel_calls(monkeypatch, (adaln, "layernorm_modulate", "gate_residual"),
+                                   (attention, "attention"))
+        got = FusedDiT(copy.deepcopy(dit), backend="triton", attention="triton")(x, timestep=t, class_labels=y).sample
+    depth = len(dit.transformer_blocks)
+    assert calls == {"layernorm_modulate": 2 * depth + 1, "gate_residual": 2 * depth, "attention": depth}, calls
     torch.testing.assert_close(got, want, atol=2e-5 * float(want.abs().max()), rtol=0)
 
 

@@ -10,13 +10,13 @@ import torch
 
 from manifoldgd_fast import ops
 
-from triton_helpers import DEV, TRITON_MARKS
+from triton_helpers import DEV, TRITON_MARKS, count_kernel_calls
 
 pytestmark = TRITON_MARKS
 
 
 @pytest.mark.parametrize("formulation", ["official", "paper"])
-def test_distill_end_to_end_on_every_kernel(tiny_world, tmp_path, formulation):
+def test_distill_end_to_end_on_every_kernel(tiny_world, tmp_path, monkeypatch, formulation):
     """The CLI with every fused path at once (guidance kernels, fused DiT ops, our attention, the fast
     loop) against the all-reference run on the same seed: the same latents to float rounding. On a GPU
     this is the first thing to run; here it runs the interpreted kernels inside the real pipeline."""
@@ -26,12 +26,15 @@ def test_distill_end_to_end_on_every_kernel(tiny_world, tmp_path, formulation):
     from test_pipeline import _args
 
     from manifoldgd_fast.cli import main
+    from manifoldgd_fast.kernels import adaln, attention
 
     common = ["--formulation", formulation, "--guidance-noise", "philox"]
     ref, fast = tmp_path / "ref", tmp_path / "fast"
     assert main(_args(tiny_world, ref, *common, "--backend", "reference", "--loop", "reference")) == 0
+    calls = count_kernel_calls(monkeypatch, (adaln, "layernorm_modulate", "gate_residual"), (attention, "attention"))
     assert main(_args(tiny_world, fast, *common, "--backend", "triton", "--loop", "fast",
                       "--dit-impl", "fused", "--attention", "triton")) == 0
+    assert all(calls.values()), f"a DiT kernel the fused run should take was never called: {calls}"
     for c in ("apple", "banana", "cherry"):
         za = load_file(str(ref / "latents" / f"{c}.safetensors"))["latents"]
         zb = load_file(str(fast / "latents" / f"{c}.safetensors"))["latents"]
@@ -49,10 +52,13 @@ def test_emulated_graphs_on_every_kernel(tiny_world, tmp_path, monkeypatch):
 
     from manifoldgd_fast import fastloop
     from manifoldgd_fast.cli import main
+    from manifoldgd_fast.kernels import adaln
 
     fused = ["--guidance-noise", "philox", "--backend", "triton", "--loop", "fast", "--dit-impl", "fused",
              "--attention", "triton", "--steps", "4", "--t-stop", "2"]
+    calls = count_kernel_calls(monkeypatch, (adaln, "layernorm_modulate", "gate_residual"))
     assert main(_args(tiny_world, tmp_path / "steps", *fused)) == 0
+    assert all(calls.values()), calls
     emulate_cuda_graphs(monkeypatch)
     captures = []
     capture = fastloop.FastSampler._capture

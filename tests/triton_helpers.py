@@ -43,3 +43,21 @@ def assert_graph_replay_equals_eager(step):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
+
+
+def count_kernel_calls(monkeypatch, *targets) -> dict:
+    """Wrap each ``(module, name, ...)`` target's entry points (kernels/ functions, looked up at call time by
+    the custom ops that run them) so that every call is counted: ``{name: calls}``, for tests that a
+    fused path really took its kernels."""
+    calls = {}
+    for module, *names in targets:
+        for name in names:
+            calls[name] = 0
+            fn = getattr(module, name)
+
+            def counted(*a, _fn=fn, _name=name, **kw):
+                calls[_name] += 1
+                return _fn(*a, **kw)
+
+            monkeypatch.setattr(module, name, counted)
+    return calls
