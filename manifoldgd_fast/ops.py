@@ -127,8 +127,8 @@ def knn_rows_ref(x: torch.Tensor, rows: torch.Tensor, k: int, lengths: torch.Ten
     d2 = ((rf - xf[:, None, :]) ** 2).sum(-1)                           # (B, M)
     M = rows.shape[1]
     invalid = torch.arange(M, device=rows.device)[None, :] >= lengths[:, None]
-    # a NaN distance ranks as +inf (as in the kernel), so padding past the length never outranks a valid row
-    d2 = d2.nan_to_num(nan=float("inf")).masked_fill(invalid, float("inf"))
+    # a NaN distance ranks as +inf, tied with an overflowed one (as in the kernel), so padding past the length never outranks a valid row
+    d2 = d2.nan_to_num(nan=float("inf"), posinf=float("inf")).masked_fill(invalid, float("inf"))
     d2s, idx = torch.sort(d2, dim=1, stable=True)
     return idx[:, :k], d2s[:, :k]
 
@@ -148,6 +148,13 @@ def tangent_basis_ref(X: torch.Tensor, d: int, rel_tol: float = 1e-6) -> torch.T
     U = Xd.transpose(1, 2) @ V / mu.clamp_min(1e-300).sqrt()[:, None, :]  # (B, D, d)
     U = U * keep[:, None, :]
     return U.to(X.dtype)
+
+
+def _centred(nb: torch.Tensor) -> torch.Tensor:
+    """Rows nb (B, k, D) less their mean, in float64, shifted by the first row before the mean (as the
+    kernel shifts): identical rows centre to exact zeros, not to the rounding of an fp32 mean."""
+    Y = (nb - nb[:, :1]).double()
+    return Y - Y.mean(1, keepdim=True)
 
 
 def _project_tangent(U: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -197,8 +204,7 @@ def manifold_correct_ref(x, patch, g, *, k, d, lambda_normal=1.0, ridge=0.0, len
         idx, _ = knn_rows_ref(x, patch, k, lengths)
     with phase("gram_eig"):
         nb = torch.gather(_work(patch), 1, idx[:, :, None].expand(B, k, D))  # (B, k, D)
-        X = nb - nb.mean(1, keepdim=True)                                      # (B, k, D)
-        U = tangent_basis_ref(X, d)                                            # (B, D, d)
+        U = tangent_basis_ref(_centred(nb), d).to(nb.dtype)                    # (B, D, d)
     with phase("projection"):
         gf = _work(g)
         normal = gf - _project_tangent(U, gf)                                  # P_N g
@@ -246,7 +252,7 @@ def manifold_pull_ref(x, cloud, *, k=12, d=3, scale=0.1, bandwidth=0.1, ridge=1e
     with phase("gram_eig"):
         nb = torch.gather(_work(cloud), 1, idx[:, :, None].expand(B, k, D))  # (B, k, D)
         c = nb.mean(1)                                                         # (B, D)
-        U = tangent_basis_ref(nb - c[:, None, :], d)                           # (B, D, d)
+        U = tangent_basis_ref(_centred(nb), d).to(nb.dtype)                    # (B, D, d)
     with phase("projection"):
         off = _work(x) - c
         n = off - _project_tangent(U, off)                                     # normal part of x - c

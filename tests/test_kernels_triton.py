@@ -39,8 +39,9 @@ def _anisotropic(B, M, D, dtype, seed):
 
 
 def _close(got, want, rtol):
-    scale = max(1.0, float(want.abs().max()))
-    torch.testing.assert_close(got.double(), want.double(), atol=rtol * scale, rtol=rtol)
+    """Elementwise within rtol x max|want| (the output's own scale: the pull's is 0.1 at most)."""
+    assert float(want.abs().max()) > 0, "a reference of zeros checks nothing"
+    torch.testing.assert_close(got.double(), want.double(), atol=rtol * float(want.abs().max()), rtol=0)
 
 
 def _no_near_ties(d2_sorted, k, rel=1e-4):
@@ -260,12 +261,26 @@ def test_manifold_correct_triton_matches_reference(shape, dtype, rtol):
     _close(got, want, rtol)
 
 
-@pytest.mark.parametrize("dtype,rtol", DTYPES[:2])
-def test_manifold_pull_triton_matches_reference(dtype, rtol):
-    B, N, D = 2, 60, 37
-    cloud, x, _ = _anisotropic(B, N, D, dtype, seed=11)
-    got = ops.manifold_pull(x, cloud, k=12, d=3, scale=0.1, bandwidth=0.2, backend="triton")
-    want = ops.manifold_pull_ref(x, cloud, k=12, d=3, scale=0.1, bandwidth=0.2)
+def _unsaturated_bandwidth(x, rows):
+    """A bandwidth b with tanh(delta_min / b) about 0.76 for every sample (a saturated weight of 1 would
+    pass a kernel that dropped it)."""
+    return float(torch.cdist(x.double()[:, None], rows.double())[:, 0].min(1).values.mean())
+
+
+PULL_SHAPES = [(1, 23, 16), (2, 60, 37), (3, 131, 7)]  # (B, N, D): B = 1, primes, D < k
+
+
+@pytest.mark.parametrize("seed", [11, 12])
+@pytest.mark.parametrize("shape,dtype,rtol", [(sh, *DTYPES[0]) for sh in PULL_SHAPES] +
+                         [(PULL_SHAPES[1], *dt) for dt in DTYPES[1:]])
+def test_manifold_pull_triton_matches_reference(shape, dtype, rtol, seed):
+    B, N, D = shape
+    cloud, x, _ = _anisotropic(B, N, D, dtype, seed=seed)
+    bw = _unsaturated_bandwidth(x, cloud)
+    weight = torch.tanh(torch.cdist(x.double()[:, None], cloud.double())[:, 0].min(1).values / bw)
+    assert 0.2 < float(weight.min()) and float(weight.max()) < 0.99
+    got = ops.manifold_pull(x, cloud, k=12, d=3, scale=0.1, bandwidth=bw, backend="triton")
+    want = ops.manifold_pull_ref(x, cloud, k=12, d=3, scale=0.1, bandwidth=bw)
     assert got.dtype == dtype
     _close(got, want, rtol)
     assert float(got.float().norm(dim=1).max()) <= 0.1 * (1 + rtol)
@@ -326,6 +341,37 @@ def test_pull_weight_keeps_its_accuracy_where_tanh_is_small():
     assert float(err.max()) < 1e-5, err
 
 
+@pytest.mark.parametrize("mag", [1e-19, 1e18])
+def test_manifold_correct_is_scale_free_triton(mag):
+    """Scaling x and the rows together leaves the paper step unchanged: no absolute floor drops the tangent
+    directions of a tiny neighbourhood (Gram ~1e-36), and the centring of a huge one (Gram ~4e37) does not
+    overflow before the Jacobi's own rescaling."""
+    rows, x, g = _anisotropic(1, 16, 16, torch.float32, seed=0)
+    got = ops.manifold_correct(x * mag, rows * mag, g, k=10, d=3, backend="triton")
+    want = ops.manifold_correct_ref(x.double(), rows.double(), g.double(), k=10, d=3)
+    err = float((got.cpu().double() - want).norm() / want.norm())
+    assert err < 1e-5, err
+
+
+def test_identical_rows_have_no_tangent_direction_triton():
+    """k equal rows (zero variance): P_N g = g, so lambda_N = 1 leaves nothing, on the kernel as on the reference."""
+    gen = torch.Generator().manual_seed(0)
+    rows = (torch.randn(1, 1, 40, generator=gen) * 3).repeat(1, 16, 1).to(DEV)
+    x, g = torch.randn(1, 40, generator=gen).to(DEV), torch.randn(1, 40, generator=gen).to(DEV)
+    assert float(ops.manifold_correct(x, rows, g, k=10, d=3, backend="triton").abs().max()) == 0.0
+    assert float(ops.manifold_correct_ref(x, rows, g, k=10, d=3).abs().max()) == 0.0
+
+
+def test_knn_nan_and_overflowed_rows_tie_as_inf():
+    """A NaN row and a row whose distance overflows fp32 both rank as +inf, the lower index first, on both sides."""
+    rows = torch.tensor([[[float("nan"), 0.0, 0.0], [1.0, 0.0, 0.0], [2.0, 0.0, 0.0], [1e20, 0.0, 0.0]]], device=DEV)
+    x, L = torch.zeros(1, 3, device=DEV), torch.tensor([4], device=DEV)
+    idx, d2 = knn_rows.knn(x, L, L, 4, Source.rows(rows))
+    ri, rd = ops.knn_rows_ref(x, rows, 4, L)
+    assert idx.tolist() == ri.tolist() == [[1, 2, 0, 3]]
+    assert torch.isinf(d2[0, 2:]).all() and torch.isinf(rd[0, 2:]).all()
+
+
 # ---------------------------------------------------------------------------
 # fused ops: the patch / cloud never stored
 # ---------------------------------------------------------------------------
@@ -339,14 +385,19 @@ def _close_update(got, want, base, rtol):
     assert float(term_want.abs().max()) > 4 * (rtol * float(term_want.abs().max()) + ulp)  # the term is visible
 
 
-@pytest.mark.parametrize("ext", [False, True], ids=["term", "fused-update"])
-@pytest.mark.parametrize("dtype,rtol", DTYPES[:2])
-def test_manifold_correct_fused_matches_reference(dtype, rtol, ext):
-    B, n, D, k = 2, 60, 37, 10
-    gen = torch.Generator().manual_seed(2)
+# (B, n latents, D, k): the paper step's shapes, B = 1, k past one power of two (17 -> 32 in registers)
+FUSED_CORRECT = [(2, 60, 37, 10), (1, 40, 16, 17), (3, 90, 21, 12)]
+FUSED_CASES = [(sh, *DTYPES[0], ext, seed) for sh in FUSED_CORRECT for ext in (False, True) for seed in (2, 3)] + \
+    [(FUSED_CORRECT[0], *dt, ext, 2) for dt in DTYPES[1:] for ext in (False, True)]
+
+
+@pytest.mark.parametrize("shape,dtype,rtol,ext,seed", FUSED_CASES)
+def test_manifold_correct_fused_matches_reference(shape, dtype, rtol, ext, seed):
+    B, n, D, k = shape
+    gen = torch.Generator().manual_seed(seed)
     lat = (torch.randn(n, D, generator=gen) * torch.linspace(3, 0.1, D)).to(dtype).to(DEV)
     order = torch.stack([torch.randperm(n, generator=gen) for _ in range(B)]).to(DEV)
-    lengths = torch.tensor([[55, 9], [23, 9]], device=DEV)[:, 0]     # a strided view: read as its values
+    lengths = torch.tensor([[n - 5 - 7 * b, 9] for b in range(B)], device=DEV)[:, 0]  # a strided view: its values
     x = torch.randn(B, D, generator=gen).to(dtype).to(DEV)
     g = torch.randn(B, D, generator=gen).to(dtype).to(DEV)
     eps = torch.randn(B, D, generator=gen).to(dtype).to(DEV)
@@ -360,15 +411,21 @@ def test_manifold_correct_fused_matches_reference(dtype, rtol, ext):
     _close_update(got, want, eps, rtol) if ext else _close(got, want, rtol)
 
 
-@pytest.mark.parametrize("ext", [False, True], ids=["term", "fused-update"])
-@pytest.mark.parametrize("dtype,rtol", DTYPES[:2])
-def test_manifold_pull_fused_matches_reference(dtype, rtol, ext):
-    B, D, N = 2, 33, 64
-    gen = torch.Generator().manual_seed(5)
+# (B, D, N cloud points, k): the release's N = 300 and the kernels' largest k, 64, among them
+FUSED_PULL = [(2, 33, 64, 12), (1, 16, 300, 12), (3, 24, 80, 64)]
+FUSED_PULL_CASES = [(sh, *DTYPES[0], ext, seed) for sh in FUSED_PULL for ext in (False, True) for seed in (5, 6)] + \
+    [(FUSED_PULL[0], *dt, ext, 5) for dt in DTYPES[1:] for ext in (False, True)]
+
+
+@pytest.mark.parametrize("shape,dtype,rtol,ext,seed", FUSED_PULL_CASES)
+def test_manifold_pull_fused_matches_reference(shape, dtype, rtol, ext, seed):
+    B, D, N, k = shape
+    gen = torch.Generator().manual_seed(seed)
     modes = torch.randn(B, D, generator=gen).to(dtype).to(DEV)
     x = (0.5 * modes.float() + torch.randn(B, D, generator=gen).to(DEV)).to(dtype)
     mean = torch.randn(B, D, generator=gen).to(dtype).to(DEV)
-    kw = dict(radius=0.2, alpha_bar=0.3, seed=5, step=3, n_points=N, k=12, d=3, scale=0.1, bandwidth=0.2)
+    # bandwidth sqrt(D): the nearest cloud point lies ~0.8 sqrt(D) away at alpha_bar 0.3, so tanh ~ 0.6 (unsaturated)
+    kw = dict(radius=0.2, alpha_bar=0.3, seed=seed, step=3, n_points=N, k=k, d=3, scale=0.1, bandwidth=D ** 0.5)
     m = mean if ext else None                          # the term, or the fused posterior-mean update
     if ext:
         kw["scale"] = 1.0                              # a term well above one bf16 rounding of the mean

@@ -249,6 +249,31 @@ def test_knn_ref_ranks_nan_rows_last_and_never_takes_padding():
     assert torch.isinf(d2[0, 3:]).all()
 
 
+def test_knn_ref_ties_an_overflowed_distance_with_a_nan_row():
+    """A distance that overflows fp32 is +inf, tied with a NaN row (the kernel's rule), not FLT_MAX ahead of it."""
+    rows = torch.tensor([[[float("nan"), 0.0], [1.0, 0.0], [2.0, 0.0], [1e20, 0.0]]])
+    idx, d2 = ops.knn_rows_ref(torch.zeros(1, 2), rows, 4, torch.tensor([4]))
+    assert idx.tolist() == [[1, 2, 0, 3]]
+    assert torch.isinf(d2[0, 2:]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_identical_neighbours_have_no_tangent_direction(dtype):
+    """k identical rows: no variance, so the paper term removes all of g's normal part (P_N g = g) and the pull
+    points straight from x to the row. An fp32 mean of equal rows is not exact: its rounding must not become
+    a direction."""
+    gen = torch.Generator().manual_seed(0)
+    D, k = 40, 10
+    rows = (torch.randn(1, 1, D, generator=gen) * 3).repeat(1, 16, 1).to(dtype)
+    x, g = torch.randn(1, D, generator=gen).to(dtype), torch.randn(1, D, generator=gen).to(dtype)
+    got = ops.manifold_correct_ref(x, rows, g, k=k, d=3)
+    assert float(got.abs().max()) == 0.0
+    pull = ops.manifold_pull_ref(x, rows, k=k, d=3, scale=1.0, bandwidth=0.2)
+    u = (rows[:, 0] - x).double()
+    want = math.tanh(float(u.norm()) / 0.2) * u / u.norm()
+    torch.testing.assert_close(pull.double(), want, atol=1e-6, rtol=0)
+
+
 def test_ragged_order_padding_past_each_length_is_accepted():
     """order may hold padding (-1) past a shorter sample's length: only each sample's own prefix must index latents."""
     from manifoldgd_fast import noise

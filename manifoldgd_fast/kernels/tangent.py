@@ -116,9 +116,10 @@ def _coef_kernel(gram_ptr, h_ptr, uu_ptr, coef_ptr, alpha_ptr, gc_ptr, ew_ptr, e
         uu += tl.load(uu_ptr + base)
     valid = ar < k
     kf = k.to(tl.float32)
-    r = tl.sum(G, axis=1)                                                 # G 1 (padding rows are zero)
-    tot = tl.sum(r, axis=0)
-    Gc = G - r[:, None] / kf - r[None, :] / kf + tot / (kf * kf)          # C G C
+    # G 1 / k and 1^T G 1 / k^2 summed from G / k: no overflow short of the Jacobi's own range (3.4e38)
+    rk = tl.sum(G / kf, axis=1)                                           # (padding rows are zero)
+    totk = tl.sum(rk / kf, axis=0)
+    Gc = G - rk[:, None] - rk[None, :] + totk                             # C G C
     vv = valid[:, None] & valid[None, :]
     Gc = tl.where(vv, Gc, 0.0)
     if PHASE == 1:
@@ -129,7 +130,7 @@ def _coef_kernel(gram_ptr, h_ptr, uu_ptr, coef_ptr, alpha_ptr, gc_ptr, ew_ptr, e
             V = tl.load(ev_ptr + b * k * k + ii * k + jj, mask=vv, other=0.0)
         else:
             mu_all, V = jacobi_eigh(Gc, K, MAX_SWEEPS, TOL)
-        c, alpha = _finish(G, h, r, tot, uu, mu_all, V, k, d, lam, scale, inv_bw, rel_tol, PULL, K)
+        c, alpha = _finish(G, h, rk, uu, mu_all, V, k, d, lam, scale, inv_bw, rel_tol, PULL, K)
         tl.store(coef_ptr + b * K + ar, c)
         tl.store(alpha_ptr + b, alpha)
 
@@ -145,15 +146,15 @@ def _tanh_nonneg(a):
 
 
 @triton.jit
-def _finish(G, h, r, tot, uu, mu_all, V, k, d, lam, scale, inv_bw, rel_tol,
+def _finish(G, h, rk, uu, mu_all, V, k, d, lam, scale, inv_bw, rel_tol,
             PULL: tl.constexpr, K: tl.constexpr):
-    """coef (K,), alpha from the Gram G, h = Y v, G 1 = r, 1^T G 1 = tot, uu = |u|^2 and the eigenpairs of C G C."""
+    """coef (K,), alpha from the Gram G, h = Y v, G 1 / k = rk, uu = |u|^2 and the eigenpairs of C G C."""
     ar = tl.arange(0, K)
     jj = ar[None, :]
     valid = ar < k
     kf = k.to(tl.float32)
     if PULL:
-        q = tl.where(valid, h - r / kf, 0.0)
+        q = tl.where(valid, h - rk, 0.0)
         rhs = tl.where(valid, q - tl.sum(q, axis=0) / kf, 0.0)            # X (x - c) = C (h - G 1 / k)
     else:
         rhs = tl.where(valid, h - tl.sum(tl.where(valid, h, 0.0), axis=0) / kf, 0.0)  # X g = C h
@@ -166,7 +167,7 @@ def _finish(G, h, r, tot, uu, mu_all, V, k, d, lam, scale, inv_bw, rel_tol,
         j = tl.argmax(cand, axis=0)
         cand = tl.where(ar == j, float("-inf"), cand)
         v = tl.sum(tl.where(jj == j, V, 0.0), axis=1)                      # eigenvector j (K,)
-        keep = mu > rel_tol * tl.maximum(mu0, 1e-30)
+        keep = (mu > rel_tol * mu0) & (mu > 0.0)                          # scale-free, as the reference
         w += tl.where(keep, tl.sum(v * rhs, axis=0) / tl.where(keep, mu, 1.0), 0.0) * v
     cw = tl.where(valid, w - tl.sum(tl.where(valid, w, 0.0), axis=0) / kf, 0.0)   # C w
     if PULL:
