@@ -343,8 +343,10 @@ def main(argv: list[str] | None = None) -> int:
             paths = pipeline.compute_modes(cfg)
             print(f"modes of {_classes(len(paths))} in {cfg.out}/modes")
         elif ns.command == "profile":
+            from .config import check_out_file
             from .profile import dump, format_table
 
+            check_out_file(ns.profile_json, "--json")  # before the run, not after it
             rep = pipeline.profile_run(cfg, classes=ns.profile_classes, out=cfg.out if "out" in vars(ns) else None)
             print(format_table(rep))
             print(f"end to end: {rep['wall_seconds']:.2f} s, {rep['images_per_second']} images/s")

@@ -188,9 +188,11 @@ class DistillConfig:
         positive_int("max_depth", allow_none=True, minimum=0)
         positive_int("image_size", allow_none=True, minimum=8)
         positive_int("output_size", allow_none=True, minimum=8)
+        if self.output_size is not None and self.output_size > MAX_OUTPUT_SIZE:
+            raise ConfigError(f"--output-size must be <= {MAX_OUTPUT_SIZE} px, got {self.output_size}")
         positive_int("warm_steps", minimum=0)
         positive_int("t_stop", allow_none=True, minimum=0)
-        if not isinstance(self.seed, int) or self.seed < 0:
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ConfigError(f"--seed must be a non-negative integer, got {self.seed!r}")
         if self.shard is not None:
             parse_shard(self.shard)
@@ -255,6 +257,8 @@ class DistillConfig:
             raise ConfigError(f"--t-stop must be <= --steps ({self.steps}), got {self.t_stop}")
         if self.sampler == "ddpm" and self.ddim_eta != 0.0:
             raise ConfigError("--ddim-eta applies to --sampler ddim only")
+        if self.ddim_eta > 1.0:  # above 1 the DDIM step's sigma passes sqrt(1 - alpha_bar_prev): NaN latents
+            raise ConfigError(f"--ddim-eta must lie in [0, 1] (0: DDIM, 1: DDPM's variance), got {self.ddim_eta!r}")
         check_out_dir(self.out, "--out")
         if self.cache_dir is not None:
             check_out_dir(self.cache_dir, "--cache-dir")
@@ -263,6 +267,11 @@ class DistillConfig:
                               else "no such folder") + " (write it with `manifoldgd-fast modes`: OUT/modes/)")
         if not isinstance(self.extra, dict):
             raise ConfigError("extra must be a mapping")
+        if self.data is not None and (not isinstance(self.data, (str, os.PathLike)) or not str(self.data)):
+            raise ConfigError(f"--data must be a folder path, got {self.data!r}")
+        for name in ("save_latents", "contact_sheet"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.loop == "fast" and self.method == "manifoldgd" and self.guidance_noise == "generator":
             raise ConfigError("--loop fast needs --guidance-noise philox for ManifoldGD (generator-drawn cloud "
                               "noise shares the step-noise generators)")
@@ -343,6 +352,11 @@ class DistillConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown parameter(s) {', '.join(unknown)}")
+        d = dict(d)
+        if type(d.get("cfg_channels")) is int:          # YAML's `cfg_channels: 3`, the flag's "3"
+            d["cfg_channels"] = str(d["cfg_channels"])
+        if isinstance(d.get("classes"), list) and all(isinstance(c, str) for c in d["classes"]):
+            d["classes"] = ",".join(d["classes"])        # YAML's `classes: [a, b]`, the flag's "a,b"
         try:
             return cls(**d)
         except TypeError as e:  # pragma: no cover - dataclass signature mismatch
@@ -354,8 +368,13 @@ class DistillConfig:
         if not os.path.isfile(path):
             raise ConfigError(f"--config {path}: " + ("a folder, not a YAML or JSON file" if os.path.isdir(path)
                               else "no such file"))
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"--config {path}: not UTF-8 text (byte {e.start}); a YAML or JSON file") from None
+        except OSError as e:
+            raise ConfigError(f"--config {path}: cannot be read ({e.strerror or e})") from None
         try:
             if path.endswith(".json"):
                 d = json.loads(text)
@@ -383,6 +402,7 @@ class DistillConfig:
 
 
 LABEL_MAPS = ("auto", "imagenet1k", "sorted")
+MAX_OUTPUT_SIZE = 4096  # px a side: far above any model's resolution, below a resize that cannot fit in memory
 
 
 def check_label_map(value: Any) -> None:

@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import copy
 import json
+import math
 import os
 import time
 
@@ -49,15 +50,18 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
     from .training import (Diffusion, disable_internal_label_dropout, ema_decay_at, ema_update, hybrid_loss,
                            save_checkpoint)
 
-    for name, v, ok in (("--steps", steps, steps >= 1), ("--lr", lr, lr > 0), ("--batch-size", batch_size, batch_size >= 1),
-                        ("--rsm-lambda", rsm_lambda, rsm_lambda >= 0), ("--save-every", save_every, save_every >= 1),
+    for name, v, ok in (("--steps", steps, steps >= 1), ("--lr", lr, math.isfinite(lr) and lr > 0),
+                        ("--batch-size", batch_size, batch_size >= 1),
+                        ("--rsm-lambda", rsm_lambda, math.isfinite(rsm_lambda) and rsm_lambda >= 0),
+                        ("--save-every", save_every, save_every >= 1), ("--seed", seed, seed >= 0),
                         ("--label-dropout", label_dropout, 0 <= label_dropout < 1),
                         ("--ema-decay", ema_decay, 0 <= ema_decay < 1), ("--grad-clip", grad_clip, grad_clip >= 0)):
         if not ok:
-            rule = {"--steps": ">= 1", "--batch-size": ">= 1", "--save-every": ">= 1", "--lr": "> 0",
-                    "--rsm-lambda": ">= 0", "--grad-clip": ">= 0 (0: no clipping)"}.get(name, "in [0, 1)")
+            rule = {"--steps": ">= 1", "--batch-size": ">= 1", "--save-every": ">= 1", "--lr": "> 0 and finite",
+                    "--rsm-lambda": ">= 0 and finite", "--grad-clip": ">= 0 (0: no clipping)",
+                    "--seed": ">= 0"}.get(name, "in [0, 1)")
             raise ConfigError(f"{name} {v}: must be {rule}")
-    check_out_dir(out, "--out")
+    check_finetune_out(out, data, model)
     cfg = DistillConfig(data=data, model=model, vae=vae, device=device, dtype=dtype, cache_dir=cache_dir,
                         classes=classes, ipc=1)
     ctx = prepare(cfg)
@@ -135,6 +139,27 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
                                   "precision": f"{dtype} autocast" if amp_dtype else "float32",
                                   "time_embedding": info.get("time_embedding", "diffusers")}, sort_keys=True, indent=1))
     return out
+
+
+FINETUNE_WRITES = ("checkpoint.pt", "checkpoint.pt.tmp", "transformer", "vae", FINETUNE_RECORD)
+
+
+def check_finetune_out(out: str, data: str, model: str) -> None:
+    """``--out`` of finetune: a folder path outside ``--data``, not the ``--model`` it reads, and new, empty
+    or a fine-tune's (only what finetune writes), as distill's --out (ConfigError otherwise)."""
+    from .pipeline import check_outside_data
+
+    check_out_dir(out, "--out")
+    check_outside_data(out, data)
+    if isinstance(model, str) and os.path.isdir(model) and os.path.realpath(model) == os.path.realpath(out):
+        raise ConfigError(f"--out {out} is --model {model}: the fine-tune would replace the model it reads; "
+                          "use a new --out")
+    if os.path.isdir(out):
+        foreign = sorted(n for n in os.listdir(out) if not n.startswith(".") and n not in FINETUNE_WRITES)
+        if foreign:
+            more = ", ..." if len(foreign) > 3 else ""
+            raise ConfigError(f"--out {out} already holds {', '.join(foreign[:3])}{more}, not a fine-tune's files; "
+                              "use a new or empty --out")
 
 
 def read_finetune_record(model: str | None) -> dict | None:

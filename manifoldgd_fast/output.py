@@ -53,7 +53,10 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     os.makedirs(folder, exist_ok=True)
     # the target's name in the temp's: an independent shard can tell (and sweep) its own classes' leftovers
     # (cut where a long class name would take the temp's name past the file system's 255 bytes)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.path.basename(path)[:160]}-", dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.path.basename(path)[:160]}-", dir=folder)
+    except OSError as e:  # named by the file asked for, not by the temp's random name
+        raise type(e)(e.errno, e.strerror, path) from None
     try:
         if hasattr(os, "fchmod"):  # mkstemp makes 0600 files: give the usual umask's mode, as open() would
             os.fchmod(fd, 0o666 & ~_UMASK)
@@ -62,9 +65,11 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None:
+            raise type(e)(e.errno, e.strerror, path) from None
         raise
 
 
@@ -147,12 +152,12 @@ class OutputWriter:
 
         final = self.class_dir(name)
         tmp = os.path.join(self.out, f".{name}.tmp-{os.getpid()}")
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-        os.makedirs(tmp)
         if os.path.exists(final):  # is_done said no: not a class folder this tool finished, so not ours to delete
             raise DataError(f"{final} exists but is not a finished class of a run (no {DONE_MARK}); move it away "
                             "or use a new --out")
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
         for i, img in enumerate(images):
             with open(os.path.join(tmp, f"{i}.png"), "wb") as f:
                 f.write(encode_png(img))

@@ -226,14 +226,20 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
                 weights=weights)
 
 
-def check_out(out: str, data: str | None) -> None:
-    """``--out`` must lie outside ``--data`` (the run would distil its own output, or replace real class
-    folders), be writable, and be new, empty or a run's (a manifest, or only what a run writes: class
-    folders of ``data``, modes/, latents/); checked before anything is encoded."""
+def check_outside_data(out: str, data: str | None) -> None:
+    """``--out`` must not be ``--data`` or lie inside it: its folders would be read as classes (ConfigError)."""
     o, d = os.path.realpath(out), os.path.realpath(data) if data is not None else None
     if d is not None and (o == d or o.startswith(d.rstrip(os.sep) + os.sep)):
         raise ConfigError(f"--out {out} is {'the same folder as' if o == d else 'inside'} --data {data}: "
                           "its folders would be read as classes; use an --out outside the data folder")
+
+
+def check_out(out: str, data: str | None) -> None:
+    """``--out`` must lie outside ``--data`` (the run would distil its own output, or replace real class
+    folders), be writable, and be new, empty or a run's (a manifest, or only what a run writes: class
+    folders of ``data``, modes/, latents/); checked before anything is encoded."""
+    check_outside_data(out, data)
+    o, d = os.path.realpath(out), os.path.realpath(data) if data is not None else None
     nearest = nearest_existing(o)
     try:
         if not os.path.isdir(nearest):
@@ -460,9 +466,12 @@ def _read_manifest(path: str) -> dict | None:
         return None
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        raise DataError(f"{path} is not a readable manifest; move it away or use a new --out") from None
+            manifest = json.load(f)
+    except (OSError, ValueError):  # ValueError: JSON's, and bytes that are not UTF-8
+        manifest = None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path} is not a readable manifest; move it away or use a new --out")
+    return manifest
 
 
 def write_contact_sheet(out: str, names: list[str], max_rows: int = 50, max_cols: int = 10, tile: int = 64) -> str:

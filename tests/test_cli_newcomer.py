@@ -348,3 +348,152 @@ def test_ctrl_c_says_what_the_command_kept(command, kept, monkeypatch, capsys):
             "finetune": ["finetune", "--data", "d", "--model", "m", "--out", "o"], "distill": ["distill"]}[command]
     assert main(argv) == 130
     assert _one_line(capsys.readouterr().err) == f"manifoldgd-fast: interrupted; {kept}, rerun to resume"
+
+
+# --------------------------------------------------------------------------- bad input found by a CLI fuzz (2026-12-06)
+@pytest.mark.parametrize("text, says", [
+    (b"\xff\xfe ipc: 1\n", "not UTF-8 text (byte 0); a YAML or JSON file"),
+    (b"data: 5\n", "--data must be a folder path, got 5"),
+    (b"save_latents: 'no'\n", "save_latents must be true or false, got 'no'"),
+    (b"contact_sheet: 3\n", "contact_sheet must be true or false, got 3"),
+    (b"seed: true\n", "--seed must be a non-negative integer, got True"),
+    (b"sampler: ddim\nddim_eta: 1.5\n", "--ddim-eta must lie in [0, 1] (0: DDIM, 1: DDPM's variance), got 1.5"),
+    (b"output_size: 100000\n", "--output-size must be <= 4096 px, got 100000"),
+])
+def test_config_values_of_the_wrong_kind_are_one_line(text, says, tmp_path, image_folder, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(text)
+    argv = ["distill", "--config", str(path), "--model", str(tmp_path / "none"), "--out", str(tmp_path / "o")]
+    if b"data:" not in text:
+        argv += ["--data", str(image_folder)]
+    assert main(argv) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.endswith(says), line
+    assert not (tmp_path / "o").exists()
+
+
+def test_yaml_natural_forms_of_list_and_number_flags_are_taken(tmp_path):
+    from manifoldgd_fast.config import DistillConfig
+
+    path = tmp_path / "run.yaml"
+    path.write_text("classes: [a, b]\ncfg_channels: 3\n")
+    cfg = DistillConfig.load(str(path)).validate()
+    assert cfg.classes == "a,b" and cfg.cfg_channels == "3"
+
+
+@pytest.mark.parametrize("content", [b"[1, 2]", b"\xff\xfe{}"])
+def test_a_manifest_that_is_not_a_json_object_is_one_line(content, tmp_path, image_folder, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "manifest.json").write_bytes(content)
+    from manifoldgd_fast.pipeline import _read_manifest
+    from manifoldgd_fast.errors import DataError
+
+    with pytest.raises(DataError, match="is not a readable manifest"):
+        _read_manifest(str(out / "manifest.json"))
+    from manifoldgd_fast.eval.report import append_manifest
+
+    assert append_manifest(str(out), "eval", {"x": 1}) is None            # warned, not raised
+    assert (out / "manifest.json").read_bytes() == content
+
+
+def test_a_read_only_manifest_loses_only_the_summary(tmp_path, monkeypatch):
+    """The evaluation's result files are written before the manifest's summary: a distilled folder that
+    cannot be written still gives its numbers (the manifest's write fails with a warning)."""
+    import manifoldgd_fast.eval.report as report
+
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / "manifest.json").write_text("{}")
+    real = report.atomic_write_text
+
+    def no_manifest(path, text):
+        if os.path.basename(path) == "manifest.json":
+            raise PermissionError(13, "Permission denied", path)
+        real(path, text)
+
+    monkeypatch.setattr(report, "atomic_write_text", no_manifest)
+    res = {"nets": {}, "protocol": "p", "size": 8, "epochs": 1, "seeds": [0], "real_val": "r"}
+    monkeypatch.setattr(report, "markdown_table", lambda r: "table\n")
+    out_json = tmp_path / "res.json"
+    report.write_eval_outputs(res, [str(folder)], str(out_json))
+    assert out_json.is_file() and (tmp_path / "res.md").is_file()
+    assert res["manifest"] is None and (folder / "manifest.json").read_text() == "{}"
+
+
+def test_default_out_json_in_a_read_only_folder_is_refused_before_training(tmp_path, image_folder, capsys, monkeypatch):
+    import manifoldgd_fast.config as config
+    import manifoldgd_fast.eval.protocol as protocol
+
+    monkeypatch.setattr(protocol, "train_net", lambda *a, **k: pytest.fail("trained before the default --out-json"))
+    real_access = os.access
+    monkeypatch.setattr(config.os, "access", lambda p, m: False if os.path.realpath(p) == os.path.realpath(image_folder)
+                        else real_access(p, m))
+    assert main(["eval", "--distilled", str(image_folder), "--real-val", str(image_folder)]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line == (f"manifoldgd-fast: error: --out-json (default) {image_folder / 'eval.json'}: "
+                    f"folder {image_folder} is not writable"), line
+
+
+@pytest.mark.parametrize("command", ["eval", "metrics"])
+def test_eval_size_and_lr_bounds(command, tmp_path, image_folder, capsys):
+    real = "--real-val" if command == "eval" else "--real"
+    argv = [command, "--distilled", str(image_folder), real, str(image_folder), "--out-json", str(tmp_path / "r.json")]
+    assert main(argv + ["--size", "100000"]) == 2
+    assert _one_line(capsys.readouterr().err) == "manifoldgd-fast: error: --size 100000: must be <= 1024 px"
+    if command == "eval":
+        assert main(argv + ["--lr", "inf"]) == 2
+        assert _one_line(capsys.readouterr().err) == "manifoldgd-fast: error: --lr inf: must be > 0 and finite"
+
+
+def test_an_atomic_write_that_fails_names_the_file_asked_for(tmp_path):
+    from manifoldgd_fast.output import atomic_write_text
+
+    target = tmp_path / "manifest.json"
+    target.mkdir()                                     # os.replace onto a folder fails
+    with pytest.raises(OSError) as e:
+        atomic_write_text(str(target), "{}")
+    assert e.value.filename == str(target)
+    assert os.listdir(tmp_path) == ["manifest.json"]   # no temp left beside it
+
+
+@pytest.mark.parametrize("kw, rule", [
+    (dict(lr=float("inf")), "--lr inf: must be > 0 and finite"),
+    (dict(rsm_lambda=float("inf")), "--rsm-lambda inf: must be >= 0 and finite"),
+    (dict(seed=-1), "--seed -1: must be >= 0"),
+])
+def test_finetune_refuses_inf_and_negative_seed(kw, rule, tmp_path):
+    from manifoldgd_fast.errors import ConfigError
+    from manifoldgd_fast.finetune import finetune
+
+    with pytest.raises(ConfigError, match="^" + re.escape(rule) + "$"):
+        finetune(data=str(tmp_path), model="x", out=str(tmp_path / "o"), **kw)
+
+
+@pytest.mark.parametrize("where", ["inside_data", "other_folder", "model"])
+def test_finetune_out_is_guarded_as_distills(where, tmp_path, image_folder):
+    from manifoldgd_fast.errors import ConfigError
+    from manifoldgd_fast.finetune import finetune
+
+    model = tmp_path / "model"
+    model.mkdir()
+    out = {"inside_data": image_folder / "zz", "other_folder": image_folder, "model": model}[where]
+    if where == "other_folder":   # another image folder, given as --out of a fine-tune on other data
+        data = tmp_path / "data2"
+        (data / "b").mkdir(parents=True)
+    else:
+        data = image_folder
+    says = {"inside_data": "inside --data", "other_folder": "already holds a, not a fine-tune's files",
+            "model": "is --model"}[where]
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        finetune(data=str(data), model=str(model), out=str(out), steps=1)
+    assert not (image_folder / "zz").exists()
+
+
+def test_profile_json_is_checked_before_the_run(tmp_path, image_folder, capsys, monkeypatch):
+    from manifoldgd_fast import pipeline
+
+    monkeypatch.setattr(pipeline, "profile_run", lambda *a, **k: pytest.fail("profiled before --json was checked"))
+    (tmp_path / "j").mkdir()
+    assert main(["profile", "--data", str(image_folder), "--model", "x", "--ipc", "1", "--json", str(tmp_path / "j")]) == 2
+    assert _one_line(capsys.readouterr().err) == f"manifoldgd-fast: error: --json {tmp_path / 'j'}: a folder; give a file name"

@@ -136,8 +136,11 @@ def _demo_real_val(distilled: str) -> str | None:
     path = os.path.join(distilled, "manifest.json")
     try:
         with open(path, encoding="utf-8") as f:
-            extra = json.load(f).get("extra") or {}
+            manifest = json.load(f)
     except (OSError, ValueError):
+        return None
+    extra = manifest.get("extra") if isinstance(manifest, dict) else None
+    if not isinstance(extra, dict):
         return None
     return extra.get("real_val") if extra.get("demo") == "digits" else None
 

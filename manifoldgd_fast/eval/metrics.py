@@ -55,12 +55,12 @@ from tqdm.auto import tqdm
 from ..data import image_errors, iter_class_images, read_image_uint8, to_rgb
 from ..config import check_out_file
 from ..errors import ConfigError, DataError
-from ..output import atomic_write_bytes, atomic_write_text
+from ..output import MANIFEST, atomic_write_bytes, atomic_write_text
 from .augment import normalize, to_unit
 from .nets import NAMED, load_net, net_checkpoint
 from ..devices import resolve_device
 from .precision import amp, net_layout, prepare_net
-from .protocol import Split, capped, default_size, load_images, match_classes, native_size, train_net
+from .protocol import MAX_SIZE, Split, capped, default_size, load_images, match_classes, native_size, train_net
 from .report import append_manifest
 
 log = logging.getLogger(__name__)
@@ -471,11 +471,16 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
                     ("--mmd-max-real", mmd_max_real), ("--encoder-epochs", encoder_epochs)):
         if v is not None and v < 1:
             raise ConfigError(f"{name} {v}: must be >= 1")
+    if size is not None and size > MAX_SIZE:
+        raise ConfigError(f"--size {size}: must be <= {MAX_SIZE} px")
     if fid_resize is None:
         fid_resize = "squash" if fid_encoder == "fid-inception" else "crop"
     if fid_resize not in RESIZES:
         raise ConfigError(f"--fid-resize {fid_resize}: must be one of {', '.join(RESIZES)}")
-    check_out_file(out_json, "--out-json")  # before the encoder is trained, not after
+    # before the encoder is trained, not after; the default lies in the distilled folder, which may be read-only
+    if out_json or os.path.isdir(distilled):  # (a missing --distilled is named below, not as --out-json)
+        check_out_file(out_json or os.path.join(distilled, "metrics.json"),
+                       "--out-json" if out_json else "--out-json (default)")
     t0 = time.perf_counter()
     dev = resolve_device(device)
     classes, dist, ref = match_classes(distilled, real, exact=False, what="real")
@@ -557,11 +562,14 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
     }
     out_json = out_json or os.path.join(distilled, "metrics.json")
     result["file"] = os.path.abspath(out_json)
+    man = os.path.join(os.path.abspath(distilled), MANIFEST)
+    result["manifest"] = man if os.path.isfile(man) else None
+    atomic_write_text(out_json, json.dumps(result, indent=2, sort_keys=True, default=str))
+    # after the result: a distilled folder we cannot write loses only its summary
     result["manifest"] = append_manifest(os.path.abspath(distilled), "metrics", {
         "file": result["file"], "encoder": enc_info.get("cache", enc_info["kind"]), "size": size,
         "fid_encoder": fid_info and fid_info["kind"], "fid_resize": fid_resize,
         **{key: result[key] for key in ("fid", "mmd", "l2", "representativeness", "diversity", *release)}})
-    atomic_write_text(out_json, json.dumps(result, indent=2, sort_keys=True, default=str))
     return result
 
 

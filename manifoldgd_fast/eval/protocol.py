@@ -49,6 +49,7 @@ from .report import eval_json_path, summarize, write_eval_outputs
 log = logging.getLogger(__name__)
 
 MAX_DEVICE_IMAGES = 50_000
+MAX_SIZE = 1024                  # --size: px a side (ImageNet evaluations train at 224)
 VAL_RESIZE = 256 / 224           # resize 256 / centre crop 224, at any size
 
 
@@ -469,13 +470,17 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
     folders = _folder_list(distilled)
     nets = parse_nets(NET_NAMES if nets is None else nets)
     seed_list = _check_seeds(seeds)
-    check_out_file(out_json, "--out-json")  # before the training, not after it
+    # before the training, not after it; the default lies in the distilled folder, which may be read-only
+    if out_json or os.path.isdir(folders[0]):  # (a missing --distilled is named below, not as --out-json)
+        check_out_file(eval_json_path(folders, out_json), "--out-json" if out_json else "--out-json (default)")
     for name, v in (("--epochs", epochs), ("--size", size), ("--batch-size", batch_size),
                     ("--eval-every", eval_every), ("--val-batch-size", val_batch_size), ("--val-resize", val_resize)):
         if v is not None and v < 1:
             raise ConfigError(f"{name} {v}: must be >= 1")
-    if lr is not None and not lr > 0:
-        raise ConfigError(f"--lr {lr}: must be > 0")
+    if lr is not None and not (lr > 0 and math.isfinite(lr)):
+        raise ConfigError(f"--lr {lr}: must be > 0 and finite")
+    if size is not None and size > MAX_SIZE:
+        raise ConfigError(f"--size {size}: must be <= {MAX_SIZE} px")
     temperature = SOFT_TEMPERATURE if temperature is None else temperature
     try:
         temperature_ok = math.isfinite(float(temperature)) and float(temperature) > 0

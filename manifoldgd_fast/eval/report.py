@@ -32,9 +32,16 @@ def append_manifest(out_dir: str, key: str, entry: dict) -> str | None:
     except (OSError, ValueError) as e:
         log.warning("not recording %s in %s: cannot read it (%s)", key, path, e)
         return None
+    if not isinstance(manifest, dict):
+        log.warning("not recording %s in %s: it holds no manifest (a JSON %s)", key, path, type(manifest).__name__)
+        return None
     old = manifest.get(key)
     manifest[key] = (old if isinstance(old, list) else [old] if old else []) + [entry]
-    atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    try:  # the result files are written first: a read-only distilled folder still gets its numbers elsewhere
+        atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    except OSError as e:
+        log.warning("not recording %s in %s: cannot write it (%s)", key, path, e.strerror or e)
+        return None
     return path
 
 
@@ -93,12 +100,15 @@ def write_eval_outputs(result: dict, folders: list[str], out_json: str | None) -
     base = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "file": result["files"]["json"], "protocol": result["protocol"], "size": result["size"],
             "epochs": result["epochs"], "seeds": result["seeds"], "real_val": result["real_val"]}
-    manifests = []
-    for i, folder in enumerate(folders):
-        entry = dict(base, nets=_summary(result["per_folder"][i]["nets"] if several else result["nets"]))
-        if several:
-            entry.update(pooled=_summary(result["nets"]), distilled_folders=result["distilled_folders"])
-        manifests.append(append_manifest(os.path.abspath(folder), "eval", entry))
+    paths = [os.path.join(os.path.abspath(f), MANIFEST) for f in folders]     # where the summaries go
+    manifests = [p if os.path.isfile(p) else None for p in paths]
     result["manifest"], result["manifests"] = manifests[0], manifests
     atomic_write_text(out_json, json.dumps(result, indent=2, sort_keys=True, default=str))
     atomic_write_text(out_md, markdown_table(result))
+    recorded = []
+    for i, folder in enumerate(folders):  # after the results: a folder we cannot write loses only its summary
+        entry = dict(base, nets=_summary(result["per_folder"][i]["nets"] if several else result["nets"]))
+        if several:
+            entry.update(pooled=_summary(result["nets"]), distilled_folders=result["distilled_folders"])
+        recorded.append(append_manifest(os.path.abspath(folder), "eval", entry))
+    result["manifest"], result["manifests"] = recorded[0], recorded      # what was written (the CLI says it)
