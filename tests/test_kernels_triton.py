@@ -65,7 +65,7 @@ def test_philox_normal_triton_vs_torch(seed):
     assert torch.equal(short, a[:, :, :7])
     assert abs(float(a.mean())) < 0.1 and abs(float(a.std()) - 1) < 0.1
     other = ops.philox_normal(seed, 6, ops.STREAM_CLOUD_DIR, sid, 9, 130, backend="triton")
-    assert float((other - a).abs().min()) > 0 or not torch.equal(other, a)      # fresh every step
+    assert float((other == a).float().mean()) < 1e-3                          # fresh every step, element by element
 
 
 def test_cloud_radii_kernel_is_exact():

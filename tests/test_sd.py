@@ -23,7 +23,7 @@ from manifoldgd_fast.models import dit_info, model_family
 from manifoldgd_fast.sampler import sample
 from manifoldgd_fast.schedule import make_schedule
 
-pytest.importorskip("transformers")
+pytest.importorskip("transformers", reason="the Stable Diffusion path needs transformers (CLIP; in the dev extra)")
 
 
 # ---------------------------------------------------------------------------- end to end

@@ -15,7 +15,7 @@ from manifoldgd_fast.guidance import Guidance, is_guided, paper_neighbourhoods
 from manifoldgd_fast.sampler import sample
 from manifoldgd_fast.schedule import Schedule, make_schedule
 
-pytest.importorskip("transformers")
+pytest.importorskip("transformers", reason="the Stable Diffusion path needs transformers (CLIP; in the dev extra)")
 
 
 # ---------------------------------------------------------------------------- SD scheduler settings
