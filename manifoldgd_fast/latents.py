@@ -33,7 +33,7 @@ import torch.utils.data
 
 from .data import ClassEntry, iter_class_images, read_image_uint8
 from .errors import ConfigError, DataError
-from .output import atomic_write_bytes
+from .output import atomic_write_bytes, sweep_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -371,6 +371,8 @@ def _prepare_cache(entries, vae, device, cache_dir: str, image_size: int, vae_di
     dev = next(vae.parameters()).device
     key = CacheKey(int(image_size), float(vae.config.scaling_factor), vae_digest or weights_digest(vae))
     os.makedirs(cache_dir, exist_ok=True)
+    for path in sweep_stale_temps(cache_dir):
+        log.info("removed %s, left by a killed cache write", path)
     stats, todo = _split_cached(entries, cache_dir, key)
     return dev, key, stats, todo
 
@@ -545,4 +547,7 @@ def load_class_latents(cache_dir: str, name: str) -> tuple[torch.Tensor, list[st
     except Exception as e:  # damaged, foreign or truncated file
         raise DataError(f"class {name}: latent cache file {path} is damaged ({e}); delete it "
                         "to recompute") from None
+    if not bool(torch.isfinite(latents).all()):  # named here, not as a NaN deep in mode discovery
+        raise DataError(f"class {name}: latent cache file {path} holds NaN or inf; delete it to recompute "
+                        "(with --dtype float32 if the encoder overflowed)")
     return latents, files

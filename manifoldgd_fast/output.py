@@ -73,6 +73,33 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         raise
 
 
+STALE_TEMP_S = 3600  # a temp file or folder untouched this long was left by a killed process, not being written
+
+
+def sweep_stale_temps(folder: str, prefixes: tuple[str, ...] = (TMP_PREFIX,), older_than: float = STALE_TEMP_S) -> list[str]:
+    """Remove ``folder``'s temps (names starting with one of ``prefixes``) not modified for ``older_than`` s:
+    what killed processes left in a folder that several may write at once without a lock (the latent
+    cache, the digits export), where a fresh temp may be another process's write in flight. Returns them."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    now = time.time()
+    for name in names:
+        if not name.startswith(prefixes):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            if now - os.lstat(path).st_mtime < older_than:
+                continue
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+        except OSError:
+            continue  # gone meanwhile (another sweep), or not ours to remove
+        removed.append(path)
+    return removed
+
+
 def atomic_write_text(path: str, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

@@ -12,6 +12,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -52,6 +53,28 @@ class DistillResult:
     finished_before: int = 0  # classes of the run already finished when this call began (a resume)
     unfinished: int = 0  # classes of the run not finished when this call ended (other --shard processes')
     distilled: list[str] = field(default_factory=list)  # the classes this call distilled (a resume skips the rest)
+
+
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """sha256 (16 hex) of this package's sources (.py, and the CUDA C++ the kernels compile): a resume
+    made by other code is told apart from one made by the same code (the version string stays 0.1.0
+    between releases)."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha256()
+    # the package, and the repo's csrc/ beside it (a wheel carries it inside: kernels/cuda_ext.py)
+    csrc = os.path.join(os.path.dirname(root), "csrc")   # named csrc/... either way
+    walks = [(root, root)] + ([(csrc, os.path.dirname(root))] if os.path.isdir(csrc) else [])
+    for top, rel in walks:
+        for dp, dirs, files in os.walk(top):
+            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+            for f in sorted(files):
+                if f.endswith((".py", ".cu", ".cuh", ".cpp")):
+                    path = os.path.join(dp, f)
+                    h.update(os.path.relpath(path, rel).encode() + b"\0")
+                    with open(path, "rb") as fh:
+                        h.update(hashlib.sha256(fh.read()).digest())
+    return h.hexdigest()[:16]
 
 
 def library_versions() -> dict[str, str]:
@@ -332,14 +355,18 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
     finished = {}  # the classes this call distils, with their stats
     # What changes the float rounding but not the maths (the fingerprint leaves it out so that a resume
     # can, e.g., lower the batch size after running out of memory): recorded per class, warned about.
-    numerics = dict(device=ctx["device"].type, batch_size=rcfg.batch_size, encode_batch_size=rcfg.encode_batch_size,
-                    backend=rcfg.backend, loop=rcfg.loop, class_batch=rcfg.class_batch)
-    # (classes finished before --class-batch existed were sampled one class at a time)
+    # The latent cache is reused whatever encoded it (the manifest's latents_encoded_with says how); the
+    # code and the libraries are here since an upgrade between a kill and its resume changes the bytes too.
+    numerics = dict(device=ctx["device"].type, batch_size=rcfg.batch_size, backend=rcfg.backend, loop=rcfg.loop,
+                    class_batch=rcfg.class_batch, code=code_digest(), libraries=library_versions())
+    # (classes finished before --class-batch existed were sampled one class at a time; a key a class
+    # predates is not compared)
     changed = sorted({k for v in status.values() if "numerics" in v
-                      for k, x in {"class_batch": 1, **v["numerics"]}.items() if numerics.get(k) != x})
+                      for k, x in {"class_batch": 1, **v["numerics"]}.items() if k in numerics and numerics[k] != x})
     if changed:
         log.warning("resuming %s with other %s than its finished classes: the classes still to do can differ from "
-                    "a run made in one go by float rounding", cfg.out, ", ".join(changed))
+                    "a run made in one go (by float rounding; other code by what it changed)", cfg.out,
+                    ", ".join(changed))
 
     manifest = dict(
         tool="manifoldgd-fast", version=__version__, fingerprint=fp, identity=identity, formulation=rcfg.formulation,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -71,8 +72,12 @@ def test_digits_export_replaces_an_incomplete_folder(tmp_path):
     (root / "train" / "3").mkdir(parents=True)
     (root / "train" / "3" / "junk.png").write_bytes(b"not a png")
     assert not D.is_complete(str(root))
+    killed = tmp_path / ".digits.tmp-killed"           # a SIGKILLed export's folder (its finally: never ran)
+    (killed / "train").mkdir(parents=True)
+    os.utime(killed, (time.time() - 7200, time.time() - 7200))
     assert D.export_digits(str(tmp_path)) == str(root)
     assert D.is_complete(str(root)) and not (root / "train" / "3" / "junk.png").exists()
+    assert sorted(os.listdir(tmp_path)) == ["digits"]
 
 
 def test_digits_pixels_match_the_package_loader(exported, monkeypatch, tmp_path):

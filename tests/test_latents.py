@@ -5,6 +5,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -169,6 +170,37 @@ def test_damaged_cache_file_is_recomputed(tmp_path, root, vae):
         L.load_class_latents(cache, "cat")
     stats = L.cache_latents(entries, vae, cache_dir=cache, image_size=SIZE, progress=False)
     assert not stats["cat"]["cached"] and L.load_class_latents(cache, "cat")[0].shape[0] == 3
+
+
+def test_a_cache_file_holding_nan_is_named_with_its_class(tmp_path, root, vae):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    entries = D.scan_image_folder(str(root), classes=["cat"])
+    cache = str(tmp_path / "cache")
+    L.cache_latents(entries, vae, cache_dir=cache, image_size=SIZE, progress=False)
+    path = os.path.join(cache, "cat.safetensors")
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+    z = load_file(path)["latents"]
+    z[0, 0, 0, 0] = float("nan")
+    save_file({"latents": z}, path, metadata=meta)
+    with pytest.raises(DataError, match=r"^class cat: latent cache file .*cat.safetensors holds NaN or inf"):
+        L.load_class_latents(cache, "cat")
+
+
+def test_stale_temps_of_killed_cache_writes_are_swept(tmp_path, root, vae):
+    """A killed write's temp in the shared, unlocked cache folder goes once it is an hour old; a fresh one
+    (maybe another process's write in flight) stays."""
+    entries = D.scan_image_folder(str(root), classes=["cat"])
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    old, fresh = cache / ".tmp-cat.safetensors-dead", cache / ".tmp-dog.safetensors-live"
+    old.write_bytes(b"x")
+    fresh.write_bytes(b"y")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    L.cache_latents(entries, vae, cache_dir=str(cache), image_size=SIZE, progress=False)
+    assert not old.exists() and fresh.exists()
 
 
 def test_load_missing_class_names_class_and_dir(tmp_path):

@@ -192,3 +192,24 @@ def test_manifest_names_the_weights_and_a_resume_with_other_weights_is_refused(t
     save_pretrained_folder(build_dit(tiny_dit_config(num_classes=3, sample_size=8), seed=1), str(model / "transformer"))
     line = _bad(w, tmp_path, args, capsys)
     assert "holds a run made with other model weights (sha256 " + man["weights"]["model"] in line, line
+
+
+def test_a_resume_by_other_code_is_warned_and_recorded(tiny_world, tmp_path, capsys, monkeypatch):
+    """A class finished by other code (an upgrade between a kill and its resume): the resume says so and each
+    class records the code (a digest of the package's sources) and the libraries it was made with."""
+    from manifoldgd_fast import pipeline
+
+    out = tmp_path / "out"
+    assert main(_args(tiny_world, out)) == 0
+    man = json.loads((out / "manifest.json").read_text())
+    made = man["classes"]["apple"]["numerics"]
+    assert made["code"] == pipeline.code_digest() and made["libraries"] == pipeline.library_versions()
+    shutil.rmtree(out / "banana")
+    monkeypatch.setattr(pipeline, "code_digest", lambda: "0" * 16)
+    capsys.readouterr()
+    assert main(_args(tiny_world, out)) == 0
+    err = capsys.readouterr().err
+    assert "resuming" in err and "other code than its finished classes" in err, err
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["classes"]["banana"]["numerics"]["code"] == "0" * 16
+    assert man["classes"]["apple"]["numerics"]["code"] == made["code"]

@@ -29,6 +29,7 @@ import tempfile
 import numpy as np
 
 from ..errors import DataError
+from ..output import sweep_stale_temps
 
 IMAGE_SIZE = 32
 NUM_CLASSES = 10
@@ -160,6 +161,7 @@ def export_digits(cache_dir: str | None = None) -> str:
         return root
     try:
         os.makedirs(cache, exist_ok=True)
+        sweep_stale_temps(cache, (".digits.tmp-", ".digits.old-"))  # a killed export's (a kill skips finally:)
         tmp = tempfile.mkdtemp(prefix=".digits.tmp-", dir=cache)
     except OSError as e:
         raise DataError(f"cannot write the digits export to {cache} ({e})") from None

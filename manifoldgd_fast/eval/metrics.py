@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 from ..data import image_errors, iter_class_images, read_image_uint8, to_rgb
 from ..config import check_out_file
 from ..errors import ConfigError, DataError
-from ..output import MANIFEST, atomic_write_bytes, atomic_write_text
+from ..output import MANIFEST, atomic_write_bytes, atomic_write_text, sweep_stale_temps
 from .augment import normalize, to_unit
 from .nets import NAMED, load_net, net_checkpoint
 from ..devices import resolve_device
@@ -284,6 +284,7 @@ class FeatureCache:
             h.update(name.encode())
             h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         self.folder = os.path.join(root, "features", f"{h.hexdigest()[:16]}-{size}px")
+        sweep_stale_temps(self.folder)  # killed writes' temps (the cache is shared and unlocked: old ones only)
 
     def path(self, entry) -> str:
         files = []
@@ -415,6 +416,7 @@ def default_encoder(real: str, entries, size: int, device: torch.device, *, epoc
     cap = max_per_class or max(1, 50_000 // len(entries))
     path = os.path.join(cache_dir or default_cache_root(), "encoders",
                         f"resnet18-{_encoder_key(real, entries, size, epochs, cap)}.pt")
+    sweep_stale_temps(os.path.dirname(path))  # killed writes' temps (shared and unlocked: old ones only)
     info = {"kind": "resnet18 trained on the real folder", "cache": path, "epochs": epochs,
             "note": "the default encoder: not the papers' ImageNet-pretrained ResNet-18 "
                     "(--encoder imagenet-resnet18)",
