@@ -103,10 +103,13 @@ def gmm_modes(z: Tensor, k: int, *, seed: int, iters: int = GMM_ITERS) -> Tensor
     """
     x = _as_latents(z)
     _int(iters, "iters", 1)
-    _, labels = kmeans(x, k, seed=seed)
+    centres, labels = kmeans(x, k, seed=seed)
     x2 = x * x
     resp = torch.nn.functional.one_hot(labels, k).to(x.dtype)              # (n, k)
-    weights, means, var = _gmm_m_step(x, x2, resp, None)
+    # a cluster k-means left empty (fewer distinct latents than k) starts, and stays at weight 0, on its
+    # centre (a duplicate of a real one), not on the origin that 0 / tiny would give
+    start = (centres.to(x.dtype), x.var(0, unbiased=False).clamp_min(_VAR_FLOOR).expand(k, -1))
+    weights, means, var = _gmm_m_step(x, x2, resp, start)
     prev_ll = -math.inf
     for _ in range(iters):
         log_prob = _gmm_log_prob(x, x2, weights, means, var)

@@ -145,7 +145,8 @@ def divisive_official(z: Tensor, ipc: int, *, level: int, seed: int, mode_point:
     _choice(mode_point, "mode_point", MODE_POINTS)
     leaves, depths = bisecting_tree(x, ipc, seed=seed, n_init=n_init, iters=iters, tol=tol)
     if len(leaves) < ipc:
-        raise DataError(f"only {len(leaves)} distinct latents, fewer than ipc={ipc}")
+        raise DataError(f"the bisecting tree yields only {len(leaves)} leaves, fewer than ipc={ipc} "
+                        f"(class has {x.shape[0]} latents)")
     # A fresh generator with the same seed, as the released code builds a
     # second RandomState(random_state) for the sweep.
     order = _level_sweep(depths, ipc, level, _generator(seed))
@@ -190,7 +191,8 @@ def divisive_paper(z: Tensor, ipc: int, *, start_level: int, seed: int, max_dept
 
     Tree: the root (level 0) holds every latent; each node with at least
     ``max(2, min_leaf)`` points is split by 2-means, level by level, down to
-    ``max_depth`` (default ``max(start_level, ceil(log2(max(ipc, 2)))) + 1``).
+    ``max_depth`` (default ``max(start_level, ceil(log2(max(ipc, 2)))) + 1``, one level deeper at a
+    time while lopsided splits leave fewer nodes than ipc).
     Selection: for levels ``start_level, ..., 0`` take the most populous
     node of that level (ties: lower node id; missing levels are skipped),
     then fill up with leaves not yet taken, drawn uniformly without
@@ -208,23 +210,35 @@ def divisive_paper(z: Tensor, ipc: int, *, start_level: int, seed: int, max_dept
     x = _as_latents(z)
     _int(ipc, "ipc", 1)
     _int(start_level, "start_level", 0)
-    if max_depth is None:
+    auto_depth = max_depth is None
+    if auto_depth:
         max_depth = max(start_level, math.ceil(math.log2(max(ipc, 2)))) + 1
     _int(max_depth, "max_depth", 0)
     _int(min_leaf, "min_leaf", 1)
     _choice(mode_point, "mode_point", MODE_POINTS)
-    gen = _generator(_seed(seed))
-    nodes, levels, is_leaf = _paper_tree(x, max_depth, min_leaf, gen, n_init, iters, tol)
 
-    picked: list[int] = []
-    for level in range(start_level, -1, -1):
-        cands = [i for i, lv in enumerate(levels) if lv == level]
-        if cands:  # max over (size, -id): most populous, lower id on ties
-            picked.append(max(cands, key=lambda i: (nodes[i].numel(), -i)))
-    picked = picked[:ipc]
-    if len(picked) < ipc:
+    def select(nodes, levels, is_leaf):
+        picked: list[int] = []
+        for level in range(start_level, -1, -1):
+            cands = [i for i, lv in enumerate(levels) if lv == level]
+            if cands:  # max over (size, -id): most populous, lower id on ties
+                picked.append(max(cands, key=lambda i: (nodes[i].numel(), -i)))
+        picked = picked[:ipc]
         taken = set(picked)
-        pool = [i for i in range(len(nodes)) if is_leaf[i] and i not in taken]
+        return picked, [i for i in range(len(nodes)) if is_leaf[i] and i not in taken]
+
+    while True:
+        gen = _generator(_seed(seed))
+        nodes, levels, is_leaf = _paper_tree(x, max_depth, min_leaf, gen, n_init, iters, tol)
+        picked, pool = select(nodes, levels, is_leaf)
+        # the default depth may leave lopsided splits too few leaves for an ipc near the class size: then
+        # grow one level deeper (the same splits, the same generator: a deeper tree extends the shallower)
+        can_grow = any(is_leaf[i] and levels[i] == max_depth and nodes[i].numel() >= max(2, min_leaf)
+                       for i in range(len(nodes)))
+        if not (auto_depth and len(picked) + len(pool) < ipc and can_grow):
+            break
+        max_depth += 1
+    if len(picked) < ipc:
         need = ipc - len(picked)
         if len(pool) < need:
             raise DataError(f"the divisive tree yields only {len(picked) + len(pool)} nodes, "

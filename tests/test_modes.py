@@ -335,6 +335,29 @@ def test_paper_default_depth_reaches_budget():
     assert modes.shape == (20, 5) and len({tuple(m.tolist()) for m in modes}) == 20
 
 
+@pytest.mark.parametrize("ipc", [19, 20])
+def test_paper_default_depth_grows_past_lopsided_splits(ipc):
+    """Doubling scales split one point off per level: the default depth (here 6) gave 15 nodes for 20
+    latents; it grows a level at a time until the budget is met, and a tree that already meets it is
+    unchanged."""
+    z = (2.0 ** torch.arange(20.0))[:, None].repeat(1, 2)
+    modes = divisive_paper(z, ipc, start_level=2, seed=0)
+    assert modes.shape == (ipc, 2) and torch.isfinite(modes).all()
+    default = max(2, math.ceil(math.log2(ipc))) + 1
+    with pytest.raises(DataError, match="yields only"):                # a depth the user set stays a cap
+        divisive_paper(z, ipc, start_level=2, seed=0, max_depth=default)
+    for depth in range(default + 1, 20):                               # the first depth that meets the budget
+        try:
+            first = divisive_paper(z, ipc, start_level=2, seed=0, max_depth=depth)
+        except DataError:
+            continue
+        break
+    assert torch.equal(modes, first)
+    normal = torch.randn(200, 5, generator=torch.Generator().manual_seed(0))   # met at the default: unchanged
+    assert torch.equal(divisive_paper(normal, 20, start_level=3, seed=0),
+                       divisive_paper(normal, 20, start_level=3, seed=0, max_depth=6))
+
+
 # ----------------------------------------------------------------------------
 # baselines
 # ----------------------------------------------------------------------------
@@ -373,6 +396,17 @@ def test_gmm_recovers_means_by_weight():
     assert torch.equal(means, gmm_modes(z, 3, seed=0))
     for seed in range(1, 5):  # the k-means order varies with the seed; the output order does not
         assert torch.allclose(gmm_modes(z, 3, seed=seed), means, atol=1e-6)
+
+
+def test_gmm_with_fewer_distinct_latents_than_components_gives_real_latents():
+    """k-means leaves a cluster empty when the class has fewer distinct latents than IPC: that component
+    starts (and stays, at weight 0) on its k-means centre, a real latent, not on the origin."""
+    a, b = torch.full((4,), 5.0), torch.full((4,), -3.0)
+    z = torch.stack([a, a, a, b, b, b])
+    means = gmm_modes(z, 4, seed=0)
+    assert -1 not in row_index(z, means), means
+    assert {tuple(m.tolist()) for m in means} == {tuple(a.tolist()), tuple(b.tolist())}
+    assert -1 not in row_index(z[:3], gmm_modes(z[:3], 2, seed=0))   # all equal
 
 
 def test_gmm_iters_is_its_own_cap():
