@@ -413,7 +413,8 @@ def test_manifold_correct_fused_matches_reference(shape, dtype, rtol, ext, seed)
 
 # (B, D, N cloud points, k): the release's N = 300 and the kernels' largest k, 64, among them
 FUSED_PULL = [(2, 33, 64, 12), (1, 16, 300, 12), (3, 24, 80, 64)]
-FUSED_PULL_CASES = [(sh, *DTYPES[0], ext, seed) for sh in FUSED_PULL for ext in (False, True) for seed in (5, 6)] + \
+FUSED_PULL_CASES = [(sh, *DTYPES[0], ext, seed) for sh in FUSED_PULL for ext in (False, True)   # k = 64: one seed
+                    for seed in ((5, 6) if sh[3] < 64 else (5,))] + \
     [(FUSED_PULL[0], *dt, ext, 5) for dt in DTYPES[1:] for ext in (False, True)]
 
 
