@@ -117,7 +117,7 @@ def with_demo_defaults(cfg: DistillConfig) -> DistillConfig:
 
 
 def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None = None, done=None,
-            per_class: int | None = None):
+            per_class: int | None = None, before_cache=None):
     """Scan the data, load the models and fill the latent cache of this rank's classes.
 
     ``done(name)``: classes already finished (a resumed distill run); the rest are dealt to the
@@ -126,6 +126,9 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
 
     ``per_class``: images every class needs (the IPC of a distill or modes run), checked on the file
     count before anything is encoded.
+
+    ``before_cache(pre)``: called before anything is encoded, with ``pre`` holding entries, device,
+    backbone, schedule_kw and weights (a distill refuses a resume into another run's OUT there).
 
     Returns a context dict: all class entries (run order), this rank's entries (to do),
     latent counts of this rank's classes, models, device, cache folder.
@@ -231,6 +234,8 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
         if cfg.image_size is not None and cfg.image_size != latent:
             raise ConfigError(f"--image-size {cfg.image_size} does not match the model's {latent} px")
     image_size = cfg.image_size or (info["latent_size"] * vinfo["downsample"] if info else 256)
+    if before_cache is not None:
+        before_cache(dict(entries=entries, device=device, backbone=backbone, schedule_kw=schedule_kw, weights=weights))
     cache = latent_cache_dir(cfg.cache_dir, cfg.data, cfg.vae or cfg.model, image_size, encode_precision(device, dtype))
     stats = cache_latents(mine, vae, cache_dir=cache, image_size=image_size, batch_size=cfg.encode_batch_size,
                           device=device, dtype=dtype, num_workers=cfg.encode_workers, vae_digest=weights["vae"])
@@ -304,7 +309,14 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
     cfg = DistillConfig.from_dict(config) if isinstance(config, dict) else config
     cfg = with_demo_defaults(cfg.validate())
     check_out(cfg.out, cfg.data)
-    ctx = prepare(cfg, shard=shard, per_class=cfg.ipc, done=functools.partial(class_done, os.path.abspath(cfg.out)))
+
+    def same_run(pre: dict) -> dict | None:
+        """OUT's manifest, or None; a run with other settings or weights is refused (before any encoding)."""
+        run = cfg.resolve(len(pre["entries"]), pre["device"], backbone=pre["backbone"], schedule_kw=pre["schedule_kw"])
+        return _refuse_other_run(cfg.out, fingerprint_fields(run, pre["entries"]), pre["weights"])
+
+    ctx = prepare(cfg, shard=shard, per_class=cfg.ipc, done=functools.partial(class_done, os.path.abspath(cfg.out)),
+                  before_cache=same_run)
     entries, mine = ctx["entries"], ctx["mine"]
     rcfg = cfg.resolve(len(entries), ctx["device"], backbone=ctx["backbone"], schedule_kw=ctx["schedule_kw"])
     if ctx["schedule_kw"]:   # the paper formulation cannot guide a zero-terminal-SNR step: say so before sampling
@@ -322,22 +334,7 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
     identity = fingerprint_fields(rcfg, entries)
     fp = fields_digest(identity)
     man_path = os.path.join(os.path.abspath(cfg.out), MANIFEST)
-    old = _read_manifest(man_path)
-    if old and old.get("fingerprint") != fp:
-        was = old.get("identity") or {}
-        keys = [k for k in sorted(set(identity) | set(was)) if identity.get(k) != was.get(k)]
-        what = "other data (its classes, labels or files)" if keys == ["data"] else \
-            f"other parameters ({', '.join(keys[:6])})" if keys else "other parameters"
-        raise ConfigError(f"--out {cfg.out} holds a run with {what} (fingerprint {old.get('fingerprint')}, this run "
-                          f"{fp}); use a new --out")
-    was = (old or {}).get("weights") or {}
-    other = [k for k in ("model", "vae", "scheduler") if k in was and k in ctx["weights"]
-             and was[k] != ctx["weights"][k]]
-    if other:  # same paths, other files (e.g. a fine-tune rewritten into the same folder, an edited scheduler)
-        what = {"model": "model weights", "vae": "vae weights", "scheduler": "scheduler settings"}
-        raise ConfigError(f"--out {cfg.out} holds a run made with other {' and '.join(what[k] for k in other)} "
-                          f"(sha256 {', '.join(was[k] for k in other)}; now "
-                          f"{', '.join(ctx['weights'][k] for k in other)}); use a new --out")
+    old = _refuse_other_run(cfg.out, identity, ctx["weights"])   # (again: another process may have written it)
     writer = OutputWriter(cfg.out)
     if shard.independent:  # shards of one run together, never beside a whole run; one process per shard
         held.enter_context(RunLock(writer.out, shared=True, what="a whole run (no --shard)"))
@@ -486,6 +483,27 @@ def _class_status(writer: OutputWriter, entries) -> dict[str, dict[str, Any]]:
         else:
             out[e.name] = {"label": e.label, "status": "pending"}
     return out
+
+
+def _refuse_other_run(out: str, identity: dict, weights: dict) -> dict | None:
+    """OUT's manifest (None: a new OUT); ConfigError if it holds a run with other settings, data or weights."""
+    fp = fields_digest(identity)
+    old = _read_manifest(os.path.join(os.path.abspath(out), MANIFEST))
+    if old and old.get("fingerprint") != fp:
+        was = old.get("identity") or {}
+        keys = [k for k in sorted(set(identity) | set(was)) if identity.get(k) != was.get(k)]
+        what = "other data (its classes, labels or files)" if keys == ["data"] else \
+            f"other parameters ({', '.join(keys[:6])})" if keys else "other parameters"
+        raise ConfigError(f"--out {out} holds a run with {what} (fingerprint {old.get('fingerprint')}, this run "
+                          f"{fp}); use a new --out")
+    was = (old or {}).get("weights") or {}
+    other = [k for k in ("model", "vae", "scheduler") if k in was and k in weights and was[k] != weights[k]]
+    if other:  # same paths, other files (e.g. a fine-tune rewritten into the same folder, an edited scheduler)
+        what = {"model": "model weights", "vae": "vae weights", "scheduler": "scheduler settings"}
+        raise ConfigError(f"--out {out} holds a run made with other {' and '.join(what[k] for k in other)} "
+                          f"(sha256 {', '.join(was[k] for k in other)}; now "
+                          f"{', '.join(weights[k] for k in other)}); use a new --out")
+    return old
 
 
 def _read_manifest(path: str) -> dict | None:

@@ -19,16 +19,15 @@ pytestmark = TRITON_MARKS
 def test_distill_end_to_end_on_every_kernel(tiny_world, tmp_path, monkeypatch, formulation):
     """The CLI with every fused path at once (guidance kernels, fused DiT ops, our attention, the fast
     loop) against the all-reference run on the same seed: the same latents to float rounding. On a GPU
-    this is the first thing to run; here it runs the interpreted kernels inside the real pipeline."""
-    if DEV != "cpu":
-        pytest.skip("the tiny world's run is a CPU run; the GPU pipeline is tests/test_fastloop.py's")
+    this is the first thing to run (both runs on the GPU, never run there yet); here it runs the interpreted
+    kernels inside the real pipeline."""
     from safetensors.torch import load_file
     from test_pipeline import _args
 
     from manifoldgd_fast.cli import main
     from manifoldgd_fast.kernels import adaln, attention
 
-    common = ["--formulation", formulation, "--guidance-noise", "philox"]
+    common = ["--formulation", formulation, "--guidance-noise", "philox", "--device", DEV]
     ref, fast = tmp_path / "ref", tmp_path / "fast"
     assert main(_args(tiny_world, ref, *common, "--backend", "reference", "--loop", "reference")) == 0
     calls = count_kernel_calls(monkeypatch, (adaln, "layernorm_modulate", "gate_residual"), (attention, "attention"))

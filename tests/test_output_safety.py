@@ -4,6 +4,8 @@ import json
 import os
 import shutil
 
+import pytest
+
 from test_pipeline import FAST, _args, _bad, _digest
 
 from manifoldgd_fast.cli import main
@@ -213,3 +215,17 @@ def test_a_resume_by_other_code_is_warned_and_recorded(tiny_world, tmp_path, cap
     man = json.loads((out / "manifest.json").read_text())
     assert man["classes"]["banana"]["numerics"]["code"] == "0" * 16
     assert man["classes"]["apple"]["numerics"]["code"] == made["code"]
+
+
+def test_a_resume_into_another_run_is_refused_before_any_encoding(tiny_world, tmp_path, capsys, monkeypatch):
+    """--classes with one more class than OUT's run: refused before that class's latents are encoded
+    (the cache was filled first, then the fingerprint compared)."""
+    from manifoldgd_fast import latents
+
+    out = tmp_path / "out"
+    cache = tmp_path / "own-cache"             # not the shared one: the new class must not be cached yet
+    args = ["--cache-dir", str(cache), "--method", "dit"]
+    assert main(_args(tiny_world, out, "--classes", "apple", *args)) == 0
+    monkeypatch.setattr(latents, "cache_latents", lambda *a, **k: pytest.fail("encoded before the refusal"))
+    line = _bad(tiny_world, tmp_path, _args(tiny_world, out, "--classes", "apple,banana", *args), capsys)
+    assert "holds a run with other parameters" in line or "other data" in line, line
