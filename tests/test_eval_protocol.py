@@ -223,6 +223,27 @@ def test_soft_label_run_is_rdeds_validation(folders, monkeypatch):
     assert all(p.dim() == 1 for p in kept["params"]) and len(kept["params"]) == 6 * 3 + 1  # conv biases, norms, fc bias
 
 
+def test_test_epochs_follow_idc_and_rded():
+    """Hard labels: every E // 100 epochs and the last (IDC); soft labels: RDED's main.py, epoch % 10 == 9
+    (0-based) past 0.8 E, and the last: 6 tests of 300; --eval-every overrides either."""
+    assert P.test_epochs(2000, None, soft=False) == set(range(20, 2001, 20))
+    assert P.test_epochs(50, None, soft=False) == set(range(1, 51))
+    assert P.test_epochs(300, None, soft=True) == {250, 260, 270, 280, 290, 300}
+    rded = {e + 1 for e in range(300) if (e % 10 == 9 and e > 0.8 * 300) or e == 299}
+    assert P.test_epochs(300, None, soft=True) == rded
+    assert P.test_epochs(7, None, soft=True) == {7}
+    assert P.test_epochs(300, 50, soft=True) == {50, 100, 150, 200, 250, 300}
+    assert P.test_epochs(10, 4, soft=False) == {4, 8, 10}
+
+
+def test_soft_label_best_is_over_rdeds_tests(folders):
+    dist, val = folders
+    res = P.evaluate(dist, val, nets="convnet6", seeds=[0], epochs=20, size=8, batch_size=4, device="cpu",
+                     teacher=ColourOracle(), progress=False, out_json=os.path.join(dist, "soft.json"))
+    hist = res["nets"]["convnet6"]["seeds"][0]["history"]
+    assert [e for e, _ in hist] == [20] and res["tested"].endswith("(RDED)")   # 20 epochs: only the last
+
+
 def test_soft_label_resnet18_student_has_batch_norm(tmp_path):
     """RDED's (and MGD3's) soft-label student is torchvision's ResNet-18 (batch norm); hard labels keep IDC's
     instance-norm ResNet-18. A saved batch-norm net loads back as one."""

@@ -78,7 +78,9 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="on CUDA: bf16 autocast + channels_last + cudnn.benchmark (fast; runs may differ in the "
                         "last bits), or fp32 as the release, with deterministic algorithms where torch has them "
                         "(a seed then gives the same run); the CPU always runs fp32")
-    g.add_argument("--eval-every", type=int, default=None, help="test every N epochs (default: epochs // 100)")
+    g.add_argument("--eval-every", type=int, default=None,
+                   help="test every N epochs (default: epochs // 100; with --teacher every 10th epoch past 80 %% "
+                        "of the run, as RDED)")
     g.add_argument("--val-batch-size", type=int, default=500, help="validation batch size")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--out-json", default=None,

@@ -263,6 +263,24 @@ def lr_at(epoch: int, epochs: int, base: float, schedule: str) -> float:
     return base * 0.2 ** sum(epoch >= m for m in (2 * epochs // 3, 5 * epochs // 6))
 
 
+def test_epochs(epochs: int, eval_every: int | None, *, soft: bool) -> set[int]:
+    """The epochs (1-based) after which a run is tested; "best" is the maximum over them, "final" the last.
+
+    ``eval_every`` N: every N-th epoch and the last. Default: the hard-label protocol every ``epochs // 100``
+    (IDC's, the release's); the soft-label one as RDED's validation/main.py, every 10th epoch past 80 % of the
+    run and the last (testing more often would make its "best" a maximum over more draws)."""
+    if eval_every is None and soft:
+        return {e for e in range(10, epochs + 1, 10) if e - 1 > 0.8 * epochs} | {epochs}
+    every = eval_every or max(1, epochs // 100)
+    return set(range(every, epochs + 1, every)) | {epochs}
+
+
+def describe_tests(epochs: int, eval_every: int | None, *, soft: bool) -> str:
+    if eval_every is None and soft:
+        return "every 10th epoch past 80 % of the run, and the last (RDED)"
+    return f"every {eval_every or max(1, epochs // 100)} epochs, and the last"
+
+
 def train_net(net: str, train: Split, val: Split, num_classes: int, *, size: int, epochs: int, hp: dict,
               seed: int, device: torch.device, teacher: torch.nn.Module | None = None,
               temperature: float = SOFT_TEMPERATURE,
@@ -302,7 +320,7 @@ def train_net(net: str, train: Split, val: Split, num_classes: int, *, size: int
         opt = torch.optim.SGD(params, lr=hp["lr"], momentum=hp.get("momentum", 0.9), weight_decay=hp["weight_decay"])
     gen = torch.Generator(device=device).manual_seed(seed)
     gen_cpu = torch.Generator().manual_seed(seed)
-    eval_every = eval_every or max(1, epochs // 100)
+    tested = test_epochs(epochs, eval_every, soft=teacher is not None)
     n, bs = len(train), hp["batch_size"]
     best, best_epoch, final, train_acc, history = -1.0, 0, 0.0, 0.0, []
     correct = torch.zeros((), dtype=torch.long, device=device)
@@ -348,7 +366,7 @@ def train_net(net: str, train: Split, val: Split, num_classes: int, *, size: int
             correct += (out.detach().argmax(1) == yb).sum()
             seen += len(idx)
         bar.update(1)
-        if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
+        if epoch + 1 in tested:
             final = accuracy(model, val, device, val_batch_size, precision)
             history.append([epoch + 1, round(final, 4)])
             if final > best:
@@ -523,8 +541,8 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
                                                             resume.files_digest(val)],
         "distilled": {os.path.abspath(f): resume.files_digest(d) for f, (_, d, _) in zip(folders, matched)},
         "size": size, "val_load": val_load, "resample": resample, "epochs": epochs, "hp": hp,
-        "eval_every": eval_every, "teacher": teacher_id, "temperature": temperature if soft else None,
-        "precision": precision, "device": dev.type, "augment": augment.describe()})
+        "eval_every": eval_every, "tested": describe_tests(epochs, eval_every, soft=soft), "teacher": teacher_id,
+        "temperature": temperature if soft else None, "precision": precision, "device": dev.type, "augment": augment.describe()})
     finished = resume.load_finished_runs(partial, fingerprint) if fingerprint is not None else {}
     resumed = 0
 
@@ -585,7 +603,8 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
         "n_train": [pf["n_train"] for pf in per_folder] if several else per_folder[0]["n_train"],
         "n_val": len(valset), "size": size, "val_resize": val_load,
         "val_preprocess": f"resize {val_load} (short side, PIL {resample}), centre crop {size}", "resample": resample,
-        "epochs": epochs, "eval_every": eval_every or max(1, epochs // 100), "hparams": hp,
+        "epochs": epochs, "eval_every": eval_every or (None if soft else max(1, epochs // 100)),
+        "tested": describe_tests(epochs, eval_every, soft=soft), "hparams": hp,
         "temperature": temperature if soft else None,
         "teacher": (teacher if isinstance(teacher, str) else type(teacher).__name__) if soft else None,
         "augment": augment.describe(), "seeds": seed_list,
