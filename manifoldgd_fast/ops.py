@@ -127,7 +127,8 @@ def knn_rows_ref(x: torch.Tensor, rows: torch.Tensor, k: int, lengths: torch.Ten
     d2 = ((rf - xf[:, None, :]) ** 2).sum(-1)                           # (B, M)
     M = rows.shape[1]
     invalid = torch.arange(M, device=rows.device)[None, :] >= lengths[:, None]
-    # a NaN distance ranks as +inf, tied with an overflowed one (as in the kernel), so padding past the length never outranks a valid row
+    # a NaN distance ranks as +inf, tied with an overflowed one (as in the kernel), so padding past the
+    # length never outranks a valid row
     d2 = d2.nan_to_num(nan=float("inf"), posinf=float("inf")).masked_fill(invalid, float("inf"))
     d2s, idx = torch.sort(d2, dim=1, stable=True)
     return idx[:, :k], d2s[:, :k]
