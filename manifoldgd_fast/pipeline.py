@@ -354,8 +354,9 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
     # can, e.g., lower the batch size after running out of memory): recorded per class, warned about.
     # The latent cache is reused whatever encoded it (the manifest's latents_encoded_with says how); the
     # code and the libraries are here since an upgrade between a kill and its resume changes the bytes too.
+    versions = library_versions()
     numerics = dict(device=ctx["device"].type, batch_size=rcfg.batch_size, backend=rcfg.backend, loop=rcfg.loop,
-                    class_batch=rcfg.class_batch, code=code_digest(), libraries=library_versions())
+                    class_batch=rcfg.class_batch, code=code_digest(), libraries=versions)
     # (classes finished before --class-batch existed were sampled one class at a time; a key a class
     # predates is not compared)
     changed = sorted({k for v in status.values() if "numerics" in v
@@ -371,7 +372,7 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
         # the run's settings; --shard is one process's part of it (world_size says how many shards there were)
         config={k: v for k, v in rcfg.to_dict().items() if k != "shard"},
         vae=cfg.vae or cfg.model, image_size=ctx["image_size"], latent_cache=ctx["cache"],
-        device=str(ctx["device"]), world_size=shard.world, extra=cfg.extra, versions=library_versions(),
+        device=str(ctx["device"]), world_size=shard.world, extra=cfg.extra, versions=versions,
         weights=ctx["weights"], seeds={
             "run": rcfg.seed, "class": "derive_seed(run, 'modes', class)",
             "sample": "derive_seed(run, 'sample', class, index)",

@@ -480,9 +480,10 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
     if fid_resize not in RESIZES:
         raise ConfigError(f"--fid-resize {fid_resize}: must be one of {', '.join(RESIZES)}")
     # before the encoder is trained, not after; the default lies in the distilled folder, which may be read-only
-    if out_json or os.path.isdir(distilled):  # (a missing --distilled is named below, not as --out-json)
-        check_out_file(out_json or os.path.join(distilled, "metrics.json"),
-                       "--out-json" if out_json else "--out-json (default)")
+    flag = "--out-json" if out_json else "--out-json (default)"
+    out_json = out_json or os.path.join(distilled, "metrics.json")
+    if flag == "--out-json" or os.path.isdir(distilled):  # (a missing --distilled is named below, not as --out-json)
+        check_out_file(out_json, flag)
     t0 = time.perf_counter()
     dev = resolve_device(device)
     classes, dist, ref = match_classes(distilled, real, exact=False, what="real")
@@ -562,7 +563,6 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
         "device": str(dev), "versions": {"torch": torch.__version__, "numpy": np.__version__},
         "time_s": round(time.perf_counter() - t0, 3),
     }
-    out_json = out_json or os.path.join(distilled, "metrics.json")
     result["file"] = os.path.abspath(out_json)
     man = os.path.join(os.path.abspath(distilled), MANIFEST)
     result["manifest"] = man if os.path.isfile(man) else None
