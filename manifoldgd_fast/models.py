@@ -435,7 +435,8 @@ def build_vae(config: dict[str, Any], seed: int | None = 0):
 
 
 def save_pretrained_folder(model, folder: str) -> str:
-    """``save_pretrained`` with safetensors (config.json + diffusion_pytorch_model.safetensors)."""
-    os.makedirs(folder, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
-    return folder
+    """``save_pretrained`` with safetensors (config.json + diffusion_pytorch_model.safetensors), written
+    atomically: a kill leaves the folder's old content or the new, never a truncated weights file."""
+    from .output import write_folder_atomically
+
+    return write_folder_atomically(folder, lambda tmp: model.save_pretrained(tmp, safe_serialization=True))

@@ -15,7 +15,7 @@ import shutil
 import socket
 import tempfile
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -102,6 +102,36 @@ def sweep_stale_temps(folder: str, prefixes: tuple[str, ...] = (TMP_PREFIX,), ol
 
 def atomic_write_text(path: str, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_folder_atomically(dest: str, fill: Callable[[str], Any]) -> str:
+    """Build a folder with ``fill(tmp)`` in a temp folder beside ``dest``, then rename it into place.
+
+    Whatever ``dest`` held before is moved aside and removed only once the new folder is complete:
+    a kill leaves either the old folder or the new one (and a ``.<name>.tmp-`` folder that the next
+    call's sweep removes once stale), never a half-written one. Modes are the umask's, as
+    ``os.makedirs`` / ``open`` would give (mkdtemp and safetensors make owner-only ones). Returns ``dest``.
+    """
+    dest = os.path.abspath(dest)
+    parent, name = os.path.dirname(dest), os.path.basename(dest)
+    os.makedirs(parent, exist_ok=True)
+    sweep_stale_temps(parent, (f".{name}.tmp-", f".{name}.old-"))
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    try:
+        fill(tmp)
+        for dirpath, _, filenames in os.walk(tmp):
+            os.chmod(dirpath, 0o777 & ~_UMASK)
+            for f in filenames:
+                os.chmod(os.path.join(dirpath, f), 0o666 & ~_UMASK)
+        if os.path.lexists(dest):
+            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+            os.replace(dest, os.path.join(old, name))
+            shutil.rmtree(old, ignore_errors=True)
+        os.rename(tmp, dest)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
 
 
 def to_uint8_images(x: torch.Tensor) -> np.ndarray:

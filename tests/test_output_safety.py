@@ -135,6 +135,51 @@ def test_atomic_writes_get_the_umask_mode(tmp_path):
     assert [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")] == []
 
 
+def test_a_folder_written_atomically_is_all_old_or_all_new(tmp_path):
+    """save_pretrained_folder (finetune's output, write_model's) fails half-way: the old folder stays whole and
+    no temp is left; once it succeeds the folder holds only the new content, with the umask's modes."""
+    from manifoldgd_fast.models import save_pretrained_folder
+    from manifoldgd_fast.output import write_folder_atomically
+
+    dest = tmp_path / "transformer"
+    dest.mkdir()
+    (dest / "config.json").write_text("old")
+    (dest / "stale.bin").write_text("old")
+
+    class Dies:
+        def save_pretrained(self, folder, safe_serialization):
+            with open(os.path.join(folder, "config.json"), "w") as f:
+                f.write("new")
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        save_pretrained_folder(Dies(), str(dest))
+    assert _tree(str(dest)) == {"config.json": b"old", "stale.bin": b"old"}
+    assert sorted(os.listdir(tmp_path)) == ["transformer"]
+
+    class Saves:
+        def save_pretrained(self, folder, safe_serialization):
+            assert safe_serialization
+            os.makedirs(os.path.join(folder, "sub"))
+            for name in ("config.json", "sub/w.safetensors"):
+                with open(os.path.join(folder, name), "w") as f:
+                    f.write("new")
+            os.chmod(os.path.join(folder, "config.json"), 0o600)
+
+    assert save_pretrained_folder(Saves(), str(dest)) == str(dest)
+    assert _tree(str(dest)) == {"config.json": b"new", "sub/w.safetensors": b"new"}
+    assert sorted(os.listdir(tmp_path)) == ["transformer"]
+    from manifoldgd_fast.output import _UMASK
+    assert (dest / "config.json").stat().st_mode & 0o777 == 0o666 & ~_UMASK
+    assert (dest / "sub").stat().st_mode & 0o777 == 0o777 & ~_UMASK
+    # a killed call's temp (a kill skips `finally:`) is swept by the next call once an hour old
+    stale = tmp_path / ".transformer.tmp-killed"
+    stale.mkdir()
+    os.utime(stale, (0, 0))
+    write_folder_atomically(str(dest), lambda tmp: open(os.path.join(tmp, "x"), "w").close())
+    assert sorted(os.listdir(tmp_path)) == ["transformer"] and os.listdir(dest) == ["x"]
+
+
 def test_one_run_at_a_time_per_out_and_a_killed_runs_temps_are_swept(tiny_world, tmp_path, capsys):
     """A second run on an --out that another run holds stops with one line naming the holder and writes
     nothing; a rerun after a SIGKILL (the kernel dropped the lock; an unfinished class folder and

@@ -43,9 +43,7 @@ import json
 import math
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 
@@ -60,6 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, ManifoldGDError, ModelError
+from ..output import write_folder_atomically
 from ..shipped import shipped_model_dir, write_sums
 from ..training import (Diffusion, disable_internal_label_dropout, ema_decay_at, ema_update, hybrid_loss,
                         save_checkpoint)
@@ -344,27 +343,12 @@ def _versions() -> dict:
 
 def write_model(out: str, vae, dit, metadata: dict) -> str:
     """Write ``out/{vae,transformer}`` + SHA256SUMS.json via a temporary folder renamed into place."""
-    out = os.path.abspath(out)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
-    try:
+    def fill(tmp: str) -> None:
         vae.save_pretrained(os.path.join(tmp, "vae"), safe_serialization=True)
         dit.save_pretrained(os.path.join(tmp, "transformer"), safe_serialization=True)
         write_sums(tmp, metadata)
-        for dirpath, _, filenames in os.walk(tmp):  # mkdtemp / safetensors leave owner-only modes
-            os.chmod(dirpath, 0o755)
-            for name in filenames:
-                os.chmod(os.path.join(dirpath, name), 0o644)
-        if os.path.lexists(out):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
-            os.replace(out, os.path.join(old, "x"))
-            shutil.rmtree(old, ignore_errors=True)
-        os.rename(tmp, out)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    return write_folder_atomically(out, fill)
 
 
 def _load_settings(work: str, s: Settings) -> None:
