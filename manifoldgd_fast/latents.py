@@ -153,13 +153,16 @@ def _read_meta(path: str) -> dict[str, Any] | None:
         return None
 
 
+UNREADABLE = "unreadable or of another format"
+
+
 def _is_cached(path: str, entry: ClassEntry, key: CacheKey) -> tuple[dict | None, str | None]:
     """(the file's metadata when it can be reused, else None; why not, for a file that exists)."""
     if not os.path.isfile(path):
         return None, None
     meta = _read_meta(path)
     if meta is None:
-        return None, "unreadable or of another format"
+        return None, UNREADABLE
     if sorted(meta["files"] + meta["skipped"]) != sorted(entry.relative_files()):
         return None, "other image files"
     if meta["image_size"] != key.image_size or abs(meta["scaling_factor"] - key.scaling) >= 1e-12 \
@@ -299,7 +302,9 @@ def _split_cached(entries: Sequence[ClassEntry], cache_dir: str,
     for e in entries:
         path = class_cache_path(cache_dir, e.name)
         meta, stale = _is_cached(path, e, key)
-        if stale is not None:
+        if stale == UNREADABLE:  # damage (a full disk, a copy cut short) is worth a warning, a changed input not
+            log.warning("latent cache file %s of class %s is %s: encoding the class again", path, e.name, stale)
+        elif stale is not None:
             log.info("latent cache of class %s is stale (%s): encoding it again", e.name, stale)
         if meta is not None:
             stats[e.name] = {"n": len(meta["files"]), "cached": True, "seconds": 0.0, "path": path,

@@ -160,7 +160,7 @@ def test_cache_latents_writes_equals_and_resumes(tmp_path, root, vae):
     assert not [n for n in os.listdir(cache) if n.startswith(".tmp")]  # atomic writes left no temp
 
 
-def test_damaged_cache_file_is_recomputed(tmp_path, root, vae):
+def test_damaged_cache_file_is_recomputed(tmp_path, root, vae, caplog):
     entries = D.scan_image_folder(str(root), classes=["cat"])
     cache = str(tmp_path / "cache")
     os.makedirs(cache)
@@ -168,8 +168,11 @@ def test_damaged_cache_file_is_recomputed(tmp_path, root, vae):
         f.write(b"half a file")
     with pytest.raises(DataError, match="damaged"):
         L.load_class_latents(cache, "cat")
-    stats = L.cache_latents(entries, vae, cache_dir=cache, image_size=SIZE, progress=False)
+    with caplog.at_level("WARNING", logger="manifoldgd_fast.latents"):
+        stats = L.cache_latents(entries, vae, cache_dir=cache, image_size=SIZE, progress=False)
     assert not stats["cat"]["cached"] and L.load_class_latents(cache, "cat")[0].shape[0] == 3
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("cat.safetensors of class cat is unreadable" in m for m in warned), warned
 
 
 def test_a_cache_file_holding_nan_is_named_with_its_class(tmp_path, root, vae):
