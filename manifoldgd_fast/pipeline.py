@@ -170,6 +170,10 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
     if per_class is not None:  # the run's own rules (e.g. --steps under the default --t-stop), before any encoding
         cfg.resolve(len(entries), device, backbone=backbone)
 
+    if cfg.model is not None and backbone == "sd" and need_models:
+        from .sd import check_sd_folder
+
+        check_sd_folder(cfg.model)  # the folder's scheduler and text side, before any weights (the VAE's) load
     vae = load_vae(cfg.vae or cfg.model, device=device, flag="--vae" if cfg.vae else "--model")
     vinfo = vae_info(vae)
     weights = {"vae": weights_digest(vae)}  # the manifest names the weights; a resume with others is refused
@@ -210,6 +214,7 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
             weights["scheduler"] = fields_digest({**sd_scheduler, **{k: (v.tolist() if hasattr(v, "tolist") else v)
                                                                     for k, v in schedule_kw.items()}})
             weights["model"] = weights_digest(model)  # the UNet (the prompt embeddings are not persistent)
+            weights["text"] = model.text_digest       # what made the prompt embeddings
         latent = info["latent_size"] * vinfo["downsample"]
         if cfg.image_size is not None and cfg.image_size != latent:
             raise ConfigError(f"--image-size {cfg.image_size} does not match the model's {latent} px")
@@ -498,9 +503,10 @@ def _refuse_other_run(out: str, identity: dict, weights: dict) -> dict | None:
         raise ConfigError(f"--out {out} holds a run with {what} (fingerprint {old.get('fingerprint')}, this run "
                           f"{fp}); use a new --out")
     was = (old or {}).get("weights") or {}
-    other = [k for k in ("model", "vae", "scheduler") if k in was and k in weights and was[k] != weights[k]]
+    other = [k for k in ("model", "vae", "scheduler", "text") if k in was and k in weights and was[k] != weights[k]]
     if other:  # same paths, other files (e.g. a fine-tune rewritten into the same folder, an edited scheduler)
-        what = {"model": "model weights", "vae": "vae weights", "scheduler": "scheduler settings"}
+        what = {"model": "model weights", "vae": "vae weights", "scheduler": "scheduler settings",
+                "text": "text encoder or tokenizer"}
         raise ConfigError(f"--out {out} holds a run made with other {' and '.join(what[k] for k in other)} "
                           f"(sha256 {', '.join(was[k] for k in other)}; now "
                           f"{', '.join(weights[k] for k in other)}); use a new --out")

@@ -61,7 +61,7 @@ def fixed_log_variance(schedule: Schedule, i: int) -> torch.Tensor:
     variance, diffusers' DDPMScheduler default; the Stable Diffusion family)."""
     if schedule.variance_type == "fixed_small":
         return schedule.posterior_log_variance_clipped[i]
-    if i == 0:
+    if i == 0 and not schedule.last_step_noise:  # (no noise is drawn there: ADM's value, unused)
         return schedule.posterior_log_variance_clipped[1] if schedule.steps > 1 else schedule.log_betas[0]
     return schedule.log_betas[i]
 
@@ -71,11 +71,12 @@ def _randn_like_per_sample(x: torch.Tensor, generators) -> torch.Tensor:
 
 
 def draws_noise(schedule: Schedule, i: int, ddim_eta: float = 0.0) -> bool:
-    """Whether step i of the update draws fresh noise. DDPM: every step but the last. DDIM: if eta > 0,
+    """Whether step i of the update draws fresh noise. DDPM: every step but the last (the last too with
+    ``schedule.last_step_noise``: diffusers' DDPMScheduler with fixed_large). DDIM: if eta > 0,
     every step but the last, and the last too where the schedule ends at abar(t=0) < 1
     (``schedule.last_step_noise``: diffusers' DDIMScheduler with set_alpha_to_one=False, SD)."""
     if schedule.sampler == "ddpm":
-        return i > 0
+        return i > 0 or schedule.last_step_noise
     return ddim_eta > 0 and (i > 0 or schedule.last_step_noise)
 
 

@@ -135,7 +135,8 @@ class Schedule:
     host: dict = field(default_factory=dict, repr=False, compare=False)  # float64 numpy copies of the tables
     variance_type: str = "fixed_large"  # DDPM without learned sigma: beta_t (ADM / DiT) or the posterior's (SD)
     # DDIM's last step ends at abar(t=0) < 1 (set_alpha_to_one=False, diffusers' SD setting), so its sigma is
-    # nonzero and eta > 0 adds noise there too, as DDIMScheduler.step does; ending at abar = 1 (DiT) it is 0
+    # nonzero and eta > 0 adds noise there too, as DDIMScheduler.step does; ending at abar = 1 (DiT) it is 0.
+    # DDPM: diffusers' fixed_large draws noise of variance beta at the last step too (ADM / DiT: none)
     last_step_noise: bool = False
     # what the model's output is: "epsilon" (DiT, SD 1.x), "v_prediction" (SD 2.x 768 px) or "sample" (x0);
     # denoise_step turns it into (eps, x0) by :meth:`eps_x0`
@@ -207,15 +208,19 @@ def make_schedule(steps: int = 50, sampler: str = "ddpm", num_train_timesteps: i
         # DDIMScheduler.step steps from t to t - T // S, which is not the next kept timestep where these
         # spacings are uneven (e.g. trailing over 30 steps keeps 999, 966, 932, ...: 966 steps to 933)
         prev = [t - num_train_timesteps // steps for t in kept]
+    # DDPMScheduler.step adds noise at every timestep > 0, the chain's last too (1 with leading spacing and
+    # steps_offset 1): negligible with fixed_small (its variance is clamped to 1e-20 there), but 1 - abar_t with
+    # fixed_large. ADM / DiT (spacing "adm") never add noise at the last step.
+    ddpm_last = sampler == "ddpm" and spacing != "adm" and variance_type == "fixed_large" and min(kept) > 0
     return schedule_from_timesteps(kept, sampler, num_train_timesteps=num_train_timesteps, betas=betas, device=device,
                                    set_alpha_to_one=set_alpha_to_one, variance_type=variance_type,
-                                   prev_timesteps=prev, prediction_type=prediction_type)
+                                   prev_timesteps=prev, prediction_type=prediction_type, ddpm_last_step_noise=ddpm_last)
 
 
 def schedule_from_timesteps(kept, sampler: str = "ddim", num_train_timesteps: int = 1000,
                             betas: np.ndarray | None = None, device="cpu", *, set_alpha_to_one: bool = True,
                             variance_type: str = "fixed_large", prev_timesteps=None,
-                            prediction_type: str = "epsilon") -> Schedule:
+                            prediction_type: str = "epsilon", ddpm_last_step_noise: bool = False) -> Schedule:
     """The respaced schedule over any increasing list of kept training timesteps
     (e.g. ``sorted(diffusers_scheduler.timesteps)``).
 
@@ -230,6 +235,9 @@ def schedule_from_timesteps(kept, sampler: str = "ddim", num_train_timesteps: in
 
     prediction_type: what the model outputs (:data:`PREDICTION_TYPES`). A kept timestep with abar = 0
     (zero terminal SNR) needs "v_prediction" or "sample": there x0 cannot come from eps.
+
+    ddpm_last_step_noise: DDPM's last step also draws noise, of variance beta (1 - abar of the first kept
+    timestep), as diffusers' DDPMScheduler does with fixed_large (fixed_large only).
     """
     if sampler not in ("ddpm", "ddim"):
         raise ConfigError(f"sampler must be ddpm or ddim, got {sampler!r}")
@@ -237,6 +245,8 @@ def schedule_from_timesteps(kept, sampler: str = "ddim", num_train_timesteps: in
         raise ConfigError(f"variance_type must be one of {', '.join(VARIANCE_TYPES)}, got {variance_type!r}")
     if prediction_type not in PREDICTION_TYPES:
         raise ConfigError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
+    if ddpm_last_step_noise and (sampler != "ddpm" or variance_type != "fixed_large"):
+        raise ConfigError("ddpm_last_step_noise applies to the ddpm sampler with variance_type fixed_large")
     base = linear_betas(num_train_timesteps) if betas is None else np.asarray(betas, dtype=np.float64)
     base_ac = np.cumprod(1.0 - base)
     order = sorted(range(len(kept)), key=lambda j: int(kept[j]))
@@ -289,7 +299,8 @@ def schedule_from_timesteps(kept, sampler: str = "ddim", num_train_timesteps: in
     return Schedule(timesteps=torch.tensor(kept, dtype=torch.long, device=device),
                     num_train_timesteps=num_train_timesteps, sampler=sampler, host=host,
                     variance_type=variance_type, prediction_type=prediction_type,
-                    last_step_noise=sampler == "ddim" and bool(tables["alphas_cumprod_prev"][0] < 1.0), **out)
+                    last_step_noise=ddpm_last_step_noise or (sampler == "ddim"
+                                                             and bool(tables["alphas_cumprod_prev"][0] < 1.0)), **out)
 
 
 def _recip(ac: np.ndarray, f) -> np.ndarray:

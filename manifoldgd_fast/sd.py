@@ -21,6 +21,7 @@ benchmarks the real architectures without weights.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -317,16 +318,48 @@ def _no_transformers_bars():
             tlog.enable_progress_bar()
 
 
-def load_sd(path_or_id, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-            cache_dir: str | None = None, flag: str = "--model") -> dict[str, Any]:
-    """Load the UNet (``dtype``), CLIP text encoder (float32), tokenizer and scheduler config
-    of an SD 1.x folder or cached HF id, all in eval mode on ``device``.
+def _json_config(path: str, arg: str, flag: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+        if not isinstance(cfg, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{flag} {arg}: config file {path} is damaged ({_first_line(e)})") from None
+    return cfg
 
-    Returns dict(unet, text_encoder, tokenizer, scheduler_config, root).
-    Raises ModelError naming ``flag``, the folder and the part at fault.
+
+def _default(cls, name: str):
+    """The default of ``cls.__init__``'s argument ``name``: what from_pretrained gives a config without the key."""
+    import inspect
+
+    return inspect.signature(cls.__init__).parameters[name].default
+
+
+def _files_digest(folder: str) -> str:
+    """sha256 (16 hex digits) over a folder's files, names and bytes, in sorted order (the tokenizer's)."""
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in sorted(os.walk(folder)):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            h.update(os.path.relpath(path, folder).encode() + b"\0")
+            with open(path, "rb") as f:
+                h.update(hashlib.sha256(f.read()).digest())
+    return h.hexdigest()[:16]
+
+
+def check_sd_folder(path_or_id, *, flag: str = "--model", cache_dir: str | None = None) -> dict[str, Any]:
+    """Everything of an SD 1.x folder that can be checked before any weights load: the layout, the
+    scheduler config, the text side (config files, the tokenizer's vocabulary and length, against the
+    text encoder's positions and vocabulary) and the UNet's cross-attention width against the text
+    encoder's. ``distill`` calls it before the VAE loads; :func:`load_sd` before the UNet.
+
+    Returns dict(root, scheduler_config, tokenizer, unet_dir, te_dir, tokenizer_digest).
+    Raises ModelError naming ``flag``, the file and the key at fault.
     """
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTokenizer
 
     arg = str(path_or_id)
     root = resolve_root(path_or_id, flag=flag, cache_dir=cache_dir)
@@ -337,7 +370,8 @@ def load_sd(path_or_id, *, device: str | torch.device = "cpu", dtype: torch.dtyp
     # The text side is checked before any weights load. Without these files transformers raises nothing
     # or something unreadable: a default-size CLIP and a mismatch table (no text_encoder/config.json), a
     # 2-token tokenizer that gives every prompt the same embedding (no vocabulary, e.g. a partial download),
-    # an OverflowError when padding to 1e30 tokens (no model_max_length).
+    # an OverflowError when padding to 1e30 tokens (no model_max_length), an IndexError deep in the text
+    # encoder (a tokenizer with more tokens than the encoder's embedding has rows).
     for folder in (unet_dir, te_dir):
         if not os.path.isfile(os.path.join(folder, "config.json")):
             raise ModelError(f"{flag} {arg}: {folder} has no config.json")
@@ -346,11 +380,22 @@ def load_sd(path_or_id, *, device: str | torch.device = "cpu", dtype: torch.dtyp
         raise ModelError(f"{flag} {arg}: {tok_dir} has neither vocab.json + merges.txt nor tokenizer.json "
                          "(the CLIP tokenizer's vocabulary)")
     te_config = os.path.join(te_dir, "config.json")
+    unet_config = os.path.join(unet_dir, "config.json")
+    te, un = _json_config(te_config, arg, flag), _json_config(unet_config, arg, flag)
+    clip = CLIPTextConfig()  # the values from_pretrained gives a config without the key
     try:
-        with open(te_config, encoding="utf-8") as f:
-            P = int(json.load(f).get("max_position_embeddings", 77))   # CLIPTextConfig's default
-    except (OSError, ValueError, TypeError, AttributeError) as e:
-        raise ModelError(f"{flag} {arg}: config file {te_config} is damaged ({_first_line(e)})") from None
+        P = int(te.get("max_position_embeddings", clip.max_position_embeddings))
+        V = int(te.get("vocab_size", clip.vocab_size))
+        E = int(te.get("hidden_size", clip.hidden_size))
+        want_key = "encoder_hid_dim" if un.get("encoder_hid_dim") is not None else "cross_attention_dim"
+        want = un.get(want_key, _default(UNet2DConditionModel, want_key))
+        want = [int(w) for w in want] if isinstance(want, (list, tuple)) else [int(want)]
+    except (ValueError, TypeError) as e:
+        raise ModelError(f"{flag} {arg}: config file {te_config} or {unet_config} is damaged "
+                         f"({_first_line(e)})") from None
+    if any(w != E for w in want):  # every cross-attention block attends to the text encoder's states
+        raise ModelError(f"{flag} {arg}: {unet_config} gives {want_key} {want[0] if len(set(want)) == 1 else want}, "
+                         f"but the text encoder gives {E}-dim states ({te_config} hidden_size)")
     try:
         tokenizer = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True)
     except Exception as e:
@@ -360,7 +405,32 @@ def load_sd(path_or_id, *, device: str | torch.device = "cpu", dtype: torch.dtyp
         given = f"model_max_length {L}" if L < 2 ** 31 else "no model_max_length"
         raise ModelError(f"{flag} {arg}: {tok_dir}/tokenizer_config.json gives {given}, but the text encoder "
                          f"has {P} positions (max_position_embeddings); set model_max_length to {P}")
-    unet = _load_from_folder(UNet2DConditionModel, unet_dir, flag, arg, dtype).to(device).eval()
+    if len(tokenizer) > V:  # e.g. another model's tokenizer, or added tokens without a resized embedding
+        raise ModelError(f"{flag} {arg}: the tokenizer in {tok_dir} has {len(tokenizer)} tokens, but the text "
+                         f"encoder embeds {V} ({te_config} vocab_size)")
+    return dict(root=root, scheduler_config=sched, tokenizer=tokenizer, unet_dir=unet_dir, te_dir=te_dir,
+                tokenizer_digest=_files_digest(tok_dir))
+
+
+def load_sd(path_or_id, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+            cache_dir: str | None = None, flag: str = "--model") -> dict[str, Any]:
+    """Load the UNet (``dtype``), CLIP text encoder (float32), tokenizer and scheduler config
+    of an SD 1.x folder or cached HF id, all in eval mode on ``device``, after :func:`check_sd_folder`.
+
+    Returns dict(unet, text_encoder, tokenizer, scheduler_config, root, text_digest): ``text_digest``
+    names the text encoder's weights and the tokenizer's files (the prompt embeddings are made by
+    both and are not part of the UNet's weights; a resume with another text side is refused by it).
+    Raises ModelError naming ``flag``, the folder and the part at fault.
+    """
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from .latents import weights_digest
+
+    arg = str(path_or_id)
+    checked = check_sd_folder(path_or_id, flag=flag, cache_dir=cache_dir)
+    te_dir = checked["te_dir"]
+    unet = _load_from_folder(UNet2DConditionModel, checked["unet_dir"], flag, arg, dtype).to(device).eval()
     try:
         variant = weights_variant(te_dir, ("model", "pytorch_model"))  # an fp16-only cache names its variant
         with _no_transformers_bars():
@@ -372,11 +442,9 @@ def load_sd(path_or_id, *, device: str | torch.device = "cpu", dtype: torch.dtyp
     if missing:
         raise ModelError(f"{flag} {arg}: weights in {te_dir} do not fit CLIPTextModel "
                          f"({len(missing)} tensors missing, e.g. {missing[0]})")
-    if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
-        raise ModelError(f"{flag} {arg}: the UNet attends to {unet.config.cross_attention_dim}-dim text states but "
-                         f"the text encoder gives {text_encoder.config.hidden_size}")
-    return dict(unet=unet, text_encoder=text_encoder.to(device).float().eval(), tokenizer=tokenizer,
-                scheduler_config=sched, root=root)
+    text_digest = hashlib.sha256(f"{weights_digest(text_encoder)}|{checked['tokenizer_digest']}".encode()).hexdigest()[:16]
+    return dict(unet=unet, text_encoder=text_encoder.to(device).float().eval(), tokenizer=checked["tokenizer"],
+                scheduler_config=checked["scheduler_config"], root=checked["root"], text_digest=text_digest)
 
 
 def load_sd_denoiser(path_or_id, prompts: Mapping[int, str], *, negative_prompt: str = "",
@@ -391,12 +459,17 @@ def load_sd_denoiser(path_or_id, prompts: Mapping[int, str], *, negative_prompt:
     parts = load_sd(path_or_id, device=device, dtype=dtype, cache_dir=cache_dir)
     labels = sorted(prompts)
     names = names or {}
+    # one prompt per text-encoder call: a class's embedding (and so its images) does not depend on which other
+    # prompts share the call, i.e. on the shard or on the classes a resume has left (a GPU's matmul may pick
+    # another kernel for another batch size)
     emb = encode_prompts(parts["text_encoder"], parts["tokenizer"], [prompts[v] for v in labels] + [negative_prompt],
-                         names=[f"class {names.get(v, v)}" for v in labels] + ["--negative-prompt"])
-    return TextConditionedDenoiser(parts["unet"], emb, labels, num_classes=num_classes, prompts=prompts,
-                                   negative_prompt=negative_prompt,
-                                   schedule_kwargs=diffusers_schedule_kwargs(parts["scheduler_config"]),
-                                   prediction_type=diffusers_prediction_type(parts["scheduler_config"]))
+                         names=[f"class {names.get(v, v)}" for v in labels] + ["--negative-prompt"], batch_size=1)
+    den = TextConditionedDenoiser(parts["unet"], emb, labels, num_classes=num_classes, prompts=prompts,
+                                  negative_prompt=negative_prompt,
+                                  schedule_kwargs=diffusers_schedule_kwargs(parts["scheduler_config"]),
+                                  prediction_type=diffusers_prediction_type(parts["scheduler_config"]))
+    den.text_digest = parts["text_digest"]  # the text encoder and tokenizer that made the embeddings
+    return den
 
 
 def check_vae_fits(vae, info: Mapping[str, Any], arg: str, vae_flag: str) -> None:

@@ -79,6 +79,30 @@ def test_distill_a_v_prediction_trailing_folder(sd_world, tmp_path, capsys):
     assert "Traceback" not in err and "holds a run made with other scheduler settings" in err.splitlines()[-1], err
 
 
+@pytest.mark.parametrize("change", ["text_encoder", "tokenizer"])
+def test_a_resume_with_another_text_encoder_or_tokenizer_is_refused(sd_world, tmp_path, capsys, change):
+    """The prompt embeddings are made by the text encoder and the tokenizer, neither part of the UNet's
+    weights: the manifest names them, and a resume after either changed in the same folder is refused
+    (it would mix two conditionings in one distilled set)."""
+    folder = sd_variant(sd_world, tmp_path)
+    out = tmp_path / "out"
+    assert main(sd_args({**sd_world, "model": folder}, out, "--ipc", "1", "--classes", "cherry,golden_retriever")) == 0
+    man = json.loads((out / "manifest.json").read_text())
+    assert set(man["weights"]) == {"model", "vae", "scheduler", "text"}
+    shutil.rmtree(out / "golden_retriever")
+    if change == "text_encoder":  # same config, other weights
+        te = SD.build_clip_text_encoder(json.loads(open(os.path.join(folder, "text_encoder", "config.json")).read()),
+                                        seed=7)
+        te.save_pretrained(os.path.join(folder, "text_encoder"), safe_serialization=True)
+    else:  # prompts padded to another length: other states reach the UNet
+        _set_json(os.path.join(folder, "tokenizer"), "model_max_length", 12, file="tokenizer_config.json")
+    capsys.readouterr()
+    assert main(sd_args({**sd_world, "model": folder}, out, "--ipc", "1", "--classes", "cherry,golden_retriever")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "holds a run made with other text encoder or tokenizer (sha256 " + man["weights"]["text"] in err[-1], err
+    assert not (out / "golden_retriever").exists()
+
+
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_distill_a_zero_terminal_snr_folder(sd_world, tmp_path, capsys, sampler):
     """rescale_betas_zero_snr with v-prediction and trailing spacing: the first step is at abar = 0. The
@@ -142,8 +166,9 @@ def test_classes_sampled_together_on_sd(sd_world, tmp_path):
 
 
 def test_prompts_reach_the_text_encoder_once_per_class(sd_world, tmp_path, monkeypatch):
-    """The class prompts (and the empty negative prompt) are what the CLIP text encoder sees, in one
-    batch before sampling, never per step; different prompts give different embedding rows."""
+    """The class prompts (and the empty negative prompt) are what the CLIP text encoder sees, once each
+    before sampling (one prompt per call, so that a class's embedding does not depend on the prompts
+    beside it), never per step; different prompts give different embedding rows."""
     from transformers import CLIPTextModel
 
     seen = []
@@ -157,9 +182,9 @@ def test_prompts_reach_the_text_encoder_once_per_class(sd_world, tmp_path, monke
     res = distill(DistillConfig(data=sd_world["data"], model=sd_world["model"], out=str(tmp_path / "o"),
                                 cache_dir=sd_world["cache"], ipc=2, steps=4, t_stop=2, method="mgd3",
                                 class_names={"cherry": "sweet cherry"}, contact_sheet=False))
-    assert len(seen) == 1                                     # one text-encoder pass for the whole run
+    assert len(seen) == 4 and all(ids.shape[0] == 1 for ids in seen)   # once per prompt for the whole run
     tok = SD.load_sd(sd_world["model"])["tokenizer"]
-    texts = tok.batch_decode(seen[0], skip_special_tokens=True)
+    texts = tok.batch_decode(torch.cat(seen), skip_special_tokens=True)
     assert texts == [PROMPTS[c] for c in ("cherry", "golden_retriever", "n01440764")] + [""]
     assert {c: v["prompt"] for c, v in res.classes.items()} == PROMPTS
 
@@ -222,6 +247,13 @@ def _set_max_length(folder, value):
     open(path, "w").write(json.dumps(cfg))
 
 
+def _set_json(folder, key, value, file="config.json"):
+    path = os.path.join(folder, file)
+    cfg = json.loads(open(path).read())
+    cfg[key] = value
+    open(path, "w").write(json.dumps(cfg))
+
+
 @pytest.mark.parametrize("damage, sub, why", [
     # transformers would build a default-size CLIP text model and print a mismatch table
     (lambda d: _drop_files(d, "config.json"), "text_encoder", "text_encoder has no config.json"),
@@ -232,17 +264,39 @@ def _set_max_length(folder, value):
     (lambda d: _set_max_length(d, None), "tokenizer", "gives no model_max_length, but the text encoder has 32 "
                                                       "positions"),
     (lambda d: _set_max_length(d, 77), "tokenizer", "gives model_max_length 77, but the text encoder has 32"),
-], ids=["text-encoder-config", "tokenizer-vocab", "no-max-length", "max-length-too-long"])
-def test_damaged_text_side_is_one_line_naming_it(sd_world, tmp_path, capsys, damage, sub, why):
+    # more tokens than the text encoder embeds (another model's tokenizer): an IndexError deep in CLIP
+    (lambda d: _set_json(d, "vocab_size", 300), "text_encoder", "tokens, but the text encoder embeds 300 ("),
+    # a UNet for another text encoder: found from the two configs, not after loading both models' weights
+    (lambda d: _set_json(d, "cross_attention_dim", 64), "unet",
+     "gives cross_attention_dim 64, but the text encoder gives 32-dim states"),
+    (lambda d: _set_json(d, "cross_attention_dim", [32, 64]), "unet",
+     "gives cross_attention_dim [32, 64], but the text encoder gives 32-dim states"),
+], ids=["text-encoder-config", "tokenizer-vocab", "no-max-length", "max-length-too-long", "vocab-size",
+        "cross-attention", "cross-attention-list"])
+def test_damaged_text_side_is_one_line_naming_it(sd_world, tmp_path, capsys, monkeypatch, damage, sub, why):
+    from manifoldgd_fast import models
+
     folder = sd_variant(sd_world, tmp_path)
     damage(os.path.join(folder, sub))
     with pytest.raises(ModelError) as e:
         SD.load_sd(folder)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"--model {folder}: ") and why in msg
+    loaded = []  # distill refuses before any weights load, the VAE's included
+    real = models._load_from_folder
+    spy = lambda cls, *a, **k: loaded.append(cls) or real(cls, *a, **k)  # noqa: E731
+    monkeypatch.setattr(models, "_load_from_folder", spy)   # the VAE's
+    monkeypatch.setattr(SD, "_load_from_folder", spy)       # the UNet's
     rc = main(sd_args({**sd_world, "model": folder}, tmp_path / "out"))
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and why in err[0]
+    assert rc == 2 and len(err) == 1 and why in err[0] and loaded == []
+
+
+def test_a_unet_with_per_block_cross_attention_widths_equal_to_the_text_encoders_loads(sd_world, tmp_path):
+    folder = sd_variant(sd_world, tmp_path)
+    n = len(json.loads(open(os.path.join(folder, "unet", "config.json")).read())["down_block_types"])
+    _set_json(os.path.join(folder, "unet"), "cross_attention_dim", [32] * n)
+    assert SD.load_sd(folder)["unet"].config.cross_attention_dim == [32] * n
 
 
 def test_cached_hf_id_runs_without_network(sd_world, tmp_path, monkeypatch):

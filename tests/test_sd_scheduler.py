@@ -41,20 +41,23 @@ def test_ddim_matches_diffusers_stable_diffusion_pipeline(sd_world, sd_denoiser)
     assert float(s.alphas_cumprod_prev[0]) == pytest.approx(1 - 0.00085, abs=1e-7)
 
 
-def test_ddpm_fixed_small_matches_diffusers_scheduler_loop(sd_world, sd_denoiser):
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+def test_ddpm_matches_diffusers_scheduler_loop(sd_world, sd_denoiser, variance):
     """SD has no learned sigma: DDPM uses DDPMScheduler's fixed-small (posterior) variance over the
-    'leading' + steps_offset timesteps."""
+    'leading' + steps_offset timesteps, or beta_t with fixed_large, whose last step (t = 1 > 0) also
+    draws noise of variance 1 - abar_1 there, as DDPMScheduler.step does."""
     from diffusers import DDPMScheduler
 
     S = 8
     x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
     y = torch.tensor([0, 1])
-    s = make_schedule(S, "ddpm", **sd_denoiser.schedule_kwargs)
+    s = make_schedule(S, "ddpm", **{**sd_denoiser.schedule_kwargs, "variance_type": variance})
+    assert s.last_step_noise == (variance == "fixed_large")
     ours = sample(sd_denoiser, s, x_T, y, null_class=2, cfg_scale=7.5, cfg_channels="all",
                   generators=[torch.Generator().manual_seed(g) for g in (5, 6)])
 
-    sched = DDPMScheduler.from_config(SD.SD15_SCHEDULER_CONFIG)
-    assert sched.config.variance_type == "fixed_small" and sched.config.steps_offset == 1
+    sched = DDPMScheduler.from_config({**SD.SD15_SCHEDULER_CONFIG, "variance_type": variance})
+    assert sched.config.variance_type == variance and sched.config.steps_offset == 1
     sched.set_timesteps(S)
     assert sched.timesteps.tolist() == s.timesteps.flip(0).tolist()
     gens = [torch.Generator().manual_seed(g) for g in (5, 6)]
@@ -373,6 +376,12 @@ def test_ddpm_variance_type_is_read_as_diffusers_does():
         assert kw["variance_type"] == want
         s = make_schedule(10, "ddpm", **kw)
         assert s.variance_type == want
+        # DDPMScheduler draws noise at the last step (t = 1): of variance 1 - abar_1 with fixed_large
+        assert s.last_step_noise == (want == "fixed_large")
+    # DiT's (ADM's) fixed_large never does, nor a diffusers chain that ends at t = 0 (linspace)
+    assert not make_schedule(10, "ddpm").last_step_noise
+    lin = SD.diffusers_schedule_kwargs({**base, "variance_type": "fixed_large", "timestep_spacing": "linspace"})
+    assert not make_schedule(10, "ddpm", **lin).last_step_noise
 
 
 @pytest.mark.parametrize("key, value, why", [
