@@ -38,9 +38,24 @@ def barrier_timeout() -> float:
         value = float(raw)
     except ValueError:
         value = -1.0
-    if not value > 0:
-        raise ConfigError(f"${TIMEOUT_ENV}={raw!r}: expected a positive number of seconds")
+    if not 0 < value <= MAX_TIMEOUT_S:  # (inf or 1e300 would overflow datetime.timedelta)
+        raise ConfigError(f"${TIMEOUT_ENV}={raw!r}: expected a positive number of seconds, at most {MAX_TIMEOUT_S:g}")
     return value
+
+
+MAX_TIMEOUT_S = 365 * 86400.0
+
+
+def _env_int(name: str, default: str | None = None) -> int:
+    raw = os.environ.get(name, default)
+    if raw is None:
+        raise ConfigError(f"${name} is not set, but WORLD_SIZE {os.environ.get('WORLD_SIZE')} says this process is one "
+                          "of several: start it with torchrun, which sets RANK, WORLD_SIZE, MASTER_ADDR and "
+                          "MASTER_PORT (or unset WORLD_SIZE)")
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"${name}={raw!r}: expected an integer (torchrun's environment)") from None
 
 
 @dataclass
@@ -59,7 +74,7 @@ class Shard:
         from .config import parse_shard
 
         rank, world = parse_shard(spec)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if _env_int("WORLD_SIZE", "1") > 1:
             raise ConfigError(f"--shard {spec} under torchrun (WORLD_SIZE {os.environ['WORLD_SIZE']}): use one or "
                               "the other")
         return cls(rank=rank, world=world, independent=True)
@@ -67,16 +82,23 @@ class Shard:
     @classmethod
     def from_env(cls) -> "Shard":
         """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; join a gloo group when WORLD_SIZE > 1."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = _env_int("WORLD_SIZE", "1")
         if world <= 1:
             return cls()
-        rank = int(os.environ["RANK"])
-        local = int(os.environ.get("LOCAL_RANK", rank))
+        rank = _env_int("RANK")
+        if not 0 <= rank < world:
+            raise ConfigError(f"$RANK={rank} is outside [0, WORLD_SIZE {world}): torchrun's environment is inconsistent")
+        local = _env_int("LOCAL_RANK", str(rank))
+        for name in ("MASTER_ADDR", "MASTER_PORT"):
+            if not os.environ.get(name):
+                raise ConfigError(f"${name} is not set, but WORLD_SIZE {world} says this process is one of several: "
+                                  "start it with torchrun (or unset WORLD_SIZE)")
+        timeout = barrier_timeout()
         import torch.distributed as dist
 
         joined = False
         if not dist.is_initialized():
-            dist.init_process_group(backend="gloo", timeout=datetime.timedelta(seconds=barrier_timeout()))
+            dist.init_process_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
             joined = True
         return cls(rank=rank, world=world, local_rank=local, _group=joined)
 
@@ -95,7 +117,7 @@ class Shard:
         independent shard is one process of its own: the scheduler gives it its GPU)."""
         if self.world > 1 and not self.independent and name in ("auto", "cuda") and torch.cuda.is_available():
             return f"cuda:{self.local_rank % torch.cuda.device_count()}"
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+        local_world = _env_int("LOCAL_WORLD_SIZE", str(self.world))
         if self.world > 1 and not self.independent and str(name).startswith("cuda:") and local_world > 1:
             raise ConfigError(f"--device {name} under torchrun would put all {local_world} ranks of this node on "
                               "one GPU; give --device cuda (each rank takes cuda:LOCAL_RANK)")

@@ -140,10 +140,42 @@ def test_barrier_timeout_from_the_environment(monkeypatch):
     assert barrier_timeout() == 86400  # longer than gloo's 30 minutes: early ranks wait out the slowest
     monkeypatch.setenv(TIMEOUT_ENV, "90")
     assert barrier_timeout() == 90
-    for bad in ("soon", "0", "-5", "nan"):
+    for bad in ("soon", "0", "-5", "nan", "inf", "1e300"):   # (inf overflowed timedelta: a traceback)
         monkeypatch.setenv(TIMEOUT_ENV, bad)
         with pytest.raises(ConfigError, match=TIMEOUT_ENV):
             barrier_timeout()
+
+
+@pytest.mark.parametrize("env, why", [
+    ({"WORLD_SIZE": "2"}, r"^\$RANK is not set, but WORLD_SIZE 2 says"),                      # was KeyError
+    ({"WORLD_SIZE": "abc"}, r"^\$WORLD_SIZE='abc': expected an integer"),                      # was ValueError
+    ({"WORLD_SIZE": "2", "RANK": "x"}, r"^\$RANK='x': expected an integer"),
+    ({"WORLD_SIZE": "2", "RANK": "5"}, r"^\$RANK=5 is outside \[0, WORLD_SIZE 2\)"),          # was a hang
+    ({"WORLD_SIZE": "2", "RANK": "0"}, r"^\$MASTER_ADDR is not set, but WORLD_SIZE 2"),        # was ValueError
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MANIFOLDGD_DIST_TIMEOUT": "inf"},
+     r"^\$MASTER_PORT is not set"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1",
+      "MANIFOLDGD_DIST_TIMEOUT": "inf"}, r"^\$MANIFOLDGD_DIST_TIMEOUT='inf': expected a positive number"),
+], ids=["no-rank", "world-not-int", "rank-not-int", "rank-outside", "no-master-addr", "no-master-port", "inf-timeout"])
+def test_a_broken_torchrun_environment_is_one_line_before_any_rendezvous(monkeypatch, tmp_path, capsys, env, why):
+    """WORLD_SIZE > 1 without the rest of torchrun's environment (or with a bad value) is a one-line error
+    naming the variable, before any rendezvous is tried (no traceback, no hang)."""
+    import torch.distributed as dist
+
+    from manifoldgd_fast.cli import main
+    from manifoldgd_fast.distributed import Shard
+    from manifoldgd_fast.errors import ConfigError
+
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MANIFOLDGD_DIST_TIMEOUT"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: pytest.fail("a rendezvous was tried"))
+    with pytest.raises(ConfigError, match=why):
+        Shard.from_env()
+    rc = main(["distill", "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--ipc", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and re.search(why.lstrip("^"), err[0]), err
 
 
 def test_an_explicit_gpu_under_torchrun_is_refused(monkeypatch):
