@@ -33,7 +33,7 @@ from .errors import ConfigError, DataError
 from . import classrun
 from .classrun import (_check_class, _prefetched_group, _receive, check_decoded, class_modes, distill_group, modes_file,
                        read_modes)
-from .output import (CONTACT_SHEET, MANIFEST, MANIFEST_LOCK, MODES_DIR, RESERVED_DIRS, OutputWriter, RunLock,
+from .output import (CONTACT_SHEET, LOCK_NAME, MANIFEST, MANIFEST_LOCK, MODES_DIR, RESERVED_DIRS, OutputWriter, RunLock,
                      atomic_write_bytes, class_done, resize_images)
 from .finetune import read_finetune_record
 
@@ -308,12 +308,40 @@ def distill(config: DistillConfig | dict) -> DistillResult:
             shard.close()
 
 
+def _hold_out(out: str, shard: Shard, held: contextlib.ExitStack) -> None:
+    """Take this process's locks on OUT for the rest of the run (``held``). A whole run's rank 0 holds OUT
+    exclusively; independent shards hold it shared (shards of one run together, never beside a whole run)
+    and their own shard's lock (one process per shard). A whole run that made OUT and fails before writing
+    anything into it removes it again (as it found it: nothing)."""
+    if shard.independent:
+        held.enter_context(RunLock(out, shared=True, what="a whole run (no --shard)"))
+        held.enter_context(RunLock(out, name=f".lock-shard-{shard.rank}-of-{shard.world}",
+                                   what=f"another process of --shard {shard.rank}/{shard.world}"))
+    elif shard.is_main:
+        made = not os.path.lexists(out)
+        held.enter_context(RunLock(out))
+
+        def unmake(exc_type, *_):  # runs before the lock is released: no other run is inside OUT
+            if made and exc_type is not None:
+                with contextlib.suppress(OSError):
+                    if os.listdir(out) == [LOCK_NAME]:
+                        os.unlink(os.path.join(out, LOCK_NAME))
+                        os.rmdir(out)
+            return False
+
+        held.push(unmake)
+
+
 def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitStack) -> DistillResult:
     from tqdm.auto import tqdm
 
     cfg = DistillConfig.from_dict(config) if isinstance(config, dict) else config
     cfg = with_demo_defaults(cfg.validate())
     check_out(cfg.out, cfg.data)
+    # OUT is locked before anything else: a second run on it stops at once (not after loading models and
+    # encoding its share), and the finished classes are read under the lock, so they cannot go stale
+    _hold_out(os.path.abspath(cfg.out), shard, held)
+    shard.barrier()  # no rank reads which classes are finished before rank 0 holds OUT
 
     def same_run(pre: dict) -> dict | None:
         """OUT's manifest, or None; a run with other settings or weights is refused (before any encoding)."""
@@ -341,14 +369,10 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
     man_path = os.path.join(os.path.abspath(cfg.out), MANIFEST)
     old = _refuse_other_run(cfg.out, identity, ctx["weights"])   # (again: another process may have written it)
     writer = OutputWriter(cfg.out)
-    if shard.independent:  # shards of one run together, never beside a whole run; one process per shard
-        held.enter_context(RunLock(writer.out, shared=True, what="a whole run (no --shard)"))
-        held.enter_context(RunLock(writer.out, name=f".lock-shard-{shard.rank}-of-{shard.world}",
-                                   what=f"another process of --shard {shard.rank}/{shard.world}"))
+    if shard.independent:
         for path in writer.sweep_temps(classes=[e.name for e in shard.mine(entries)]):
             log.info("removed %s, left by a killed run", path)
-    elif shard.is_main:  # one run at a time writes into OUT; rank 0 holds it for the whole run
-        held.enter_context(RunLock(writer.out))
+    elif shard.is_main:
         for path in writer.sweep_temps():
             log.info("removed %s, left by a killed run", path)
     shard.barrier()  # no rank writes into OUT before rank 0 holds it and has swept it

@@ -190,10 +190,14 @@ def test_one_run_at_a_time_per_out_and_a_killed_runs_temps_are_swept(tiny_world,
     ref, out = tmp_path / "ref", tmp_path / "out"
     args = lambda o: _args(w, o, "--classes", "apple,banana", "--method", "dit")  # noqa: E731
     assert main(args(ref)) == 0
-    with RunLock(str(out)):                                           # another run is writing into out
+    from manifoldgd_fast import pipeline
+
+    loaded = []
+    with RunLock(str(out)), pytest.MonkeyPatch.context() as mp:      # another run is writing into out
+        mp.setattr(pipeline, "prepare", lambda *a, **k: loaded.append(1) or pytest.fail("prepared"))
         line = _bad(w, tmp_path, args(out), capsys)
     assert f"is being written by another run (pid {os.getpid()} on " in line, line
-    assert os.listdir(out) == [".lock"]                              # nothing of this run written
+    assert os.listdir(out) == [".lock"] and loaded == []            # refused at once: nothing loaded or encoded
     (out / ".apple.tmp-99999").mkdir()
     (out / ".apple.tmp-99999" / "0.png").write_bytes(b"half")
     (out / "latents").mkdir()
@@ -202,6 +206,36 @@ def test_one_run_at_a_time_per_out_and_a_killed_runs_temps_are_swept(tiny_world,
     assert main(args(out)) == 0
     assert _digest(out) == _digest(ref)
     assert [e for d in (out, out / "latents") for e in os.listdir(d) if ".tmp-" in e] == []
+
+
+def test_a_run_that_fails_before_writing_leaves_no_out_it_made(tiny_world, tmp_path, capsys):
+    """OUT is locked first (so a second run stops at once); a run refused after that, having made OUT only
+    to lock it, removes it again. An OUT that existed before stays, with its contents."""
+    out = tmp_path / "new"
+    _bad(tiny_world, tmp_path, _args(tiny_world, out, "--model", str(tmp_path / "nowhere")), capsys)
+    assert not out.exists()
+    out.mkdir()
+    (out / ".keep").write_text("x")
+    _bad(tiny_world, tmp_path, _args(tiny_world, out, "--model", str(tmp_path / "nowhere")), capsys)
+    assert sorted(os.listdir(out)) == [".keep", ".lock"]
+
+
+def test_a_class_finished_by_another_process_meanwhile_is_named_as_such(tmp_path):
+    """Two runs' processes writing one OUT (e.g. --shard runs with different N): the second to finish a class
+    is told so, not that a foreign folder is in the way."""
+    import numpy as np
+
+    from manifoldgd_fast.errors import DataError
+    from manifoldgd_fast.output import OutputWriter
+
+    w = OutputWriter(str(tmp_path / "out"))
+    img = np.zeros((1, 4, 4, 3), np.uint8)
+    w.write_class("c0", img, None, {})
+    with pytest.raises(DataError, match=r"^class c0 was finished by another process while this one sampled it"):
+        w.write_class("c0", img, None, {})
+    (tmp_path / "out" / "c1").mkdir()
+    with pytest.raises(DataError, match=r"c1 exists but is not a finished class of a run"):
+        w.write_class("c1", img, None, {})
 
 
 def test_run_lock_where_the_file_system_cannot_lock(tmp_path, monkeypatch, caplog):
