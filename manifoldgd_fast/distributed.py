@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 
 
 TIMEOUT_ENV = "MANIFOLDGD_DIST_TIMEOUT"
@@ -122,6 +122,21 @@ class Shard:
             raise ConfigError(f"--device {name} under torchrun would put all {local_world} ranks of this node on "
                               "one GPU; give --device cuda (each rank takes cuda:LOCAL_RANK)")
         return name
+
+    def agree(self, value: str, what: str) -> None:
+        """Check that every rank computed rank 0's ``value`` (a digest of what each rank read for itself, e.g. the
+        class listing): a rank that differs stops with a one-line error naming it, its host and ``what``."""
+        if self.world <= 1 or self.independent:
+            return
+        import socket
+
+        import torch.distributed as dist
+
+        got = [value]
+        dist.broadcast_object_list(got, src=0)
+        if got[0] != value:
+            raise DataError(f"rank {self.rank} on {socket.gethostname()} does not see what rank 0 sees ({what}): "
+                            "every rank must see the same --data and --out (a node whose mount is missing or stale?)")
 
     def barrier(self) -> None:
         if self.world > 1 and not self.independent:

@@ -278,6 +278,26 @@ def _temp_is_ours(entry: str, class_tmp: bool, top: bool, classes: set, files: I
     return target.rsplit(".safetensors-", 1)[0] in classes
 
 
+def lock_is_held(path: str) -> bool:
+    """Whether some process holds a ``flock`` on ``path`` (False where it does not exist or cannot be locked)."""
+    try:
+        import fcntl
+
+        fd = os.open(path, os.O_RDONLY)
+    except (ImportError, OSError):
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 class RunLock:
     """An exclusive ``flock`` on ``OUT/.lock``, held by one process (rank 0) while a run writes into OUT.
 

@@ -33,8 +33,8 @@ from .errors import ConfigError, DataError
 from . import classrun
 from .classrun import (_check_class, _prefetched_group, _receive, check_decoded, class_modes, distill_group, modes_file,
                        read_modes)
-from .output import (CONTACT_SHEET, LOCK_NAME, MANIFEST, MANIFEST_LOCK, MODES_DIR, RESERVED_DIRS, OutputWriter, RunLock,
-                     atomic_write_bytes, class_done, resize_images)
+from .output import (CONTACT_SHEET, DONE_MARK, LOCK_NAME, MANIFEST, MANIFEST_LOCK, MODES_DIR, RESERVED_DIRS,
+                     OutputWriter, RunLock, atomic_write_bytes, class_done, lock_is_held, resize_images)
 from .finetune import read_finetune_record
 
 log = logging.getLogger(__name__)
@@ -184,6 +184,10 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
         mine = [e for e in shard.mine(entries) if e.name in todo]
     else:
         mine = shard.mine(work)
+    # each rank scanned --data (and --out) itself: all must have read the same, or they would deal other classes
+    listing = [(e.name, e.label, e.relative_files()) for e in entries]
+    shard.agree(fields_digest({"classes": listing, "finished": sorted({e.name for e in entries} - {e.name for e in work})}),
+                "the classes, labels and files of --data and the finished classes of --out")
     if done is not None:
         shard.barrier()  # every rank has read which classes are finished before any rank writes one
     prompts, schedule_kw, sd_scheduler = {}, {}, {}
@@ -308,6 +312,9 @@ def distill(config: DistillConfig | dict) -> DistillResult:
             shard.close()
 
 
+SHARDS_OF = ".lock-shards-of-"  # held shared by every --shard K/N process of one N
+
+
 def _hold_out(out: str, shard: Shard, held: contextlib.ExitStack) -> None:
     """Take this process's locks on OUT for the rest of the run (``held``). A whole run's rank 0 holds OUT
     exclusively; independent shards hold it shared (shards of one run together, never beside a whole run)
@@ -317,6 +324,14 @@ def _hold_out(out: str, shard: Shard, held: contextlib.ExitStack) -> None:
         held.enter_context(RunLock(out, shared=True, what="a whole run (no --shard)"))
         held.enter_context(RunLock(out, name=f".lock-shard-{shard.rank}-of-{shard.world}",
                                    what=f"another process of --shard {shard.rank}/{shard.world}"))
+        # shards that split the classes otherwise (another N) would take some of the same classes
+        mine = f"{SHARDS_OF}{shard.world}"
+        held.enter_context(RunLock(out, name=mine, shared=True))
+        for name in sorted(os.listdir(out)):
+            if name.startswith(SHARDS_OF) and name != mine and lock_is_held(os.path.join(out, name)):
+                raise DataError(f"--out {out} is being written by --shard K/{name[len(SHARDS_OF):]} processes; "
+                                f"--shard {shard.rank}/{shard.world} would split the classes otherwise: give every "
+                                "shard of a run the same N, or wait for them to finish")
     elif shard.is_main:
         made = not os.path.lexists(out)
         held.enter_context(RunLock(out))
@@ -346,7 +361,7 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
     def same_run(pre: dict) -> dict | None:
         """OUT's manifest, or None; a run with other settings or weights is refused (before any encoding)."""
         run = cfg.resolve(len(pre["entries"]), pre["device"], backbone=pre["backbone"], schedule_kw=pre["schedule_kw"])
-        return _refuse_other_run(cfg.out, fingerprint_fields(run, pre["entries"]), pre["weights"])
+        return _refuse_other_run(cfg.out, fingerprint_fields(run, pre["entries"]), pre["weights"], pre["entries"])
 
     ctx = prepare(cfg, shard=shard, per_class=cfg.ipc, done=functools.partial(class_done, os.path.abspath(cfg.out)),
                   before_cache=same_run)
@@ -367,7 +382,7 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
     identity = fingerprint_fields(rcfg, entries)
     fp = fields_digest(identity)
     man_path = os.path.join(os.path.abspath(cfg.out), MANIFEST)
-    old = _refuse_other_run(cfg.out, identity, ctx["weights"])   # (again: another process may have written it)
+    old = _refuse_other_run(cfg.out, identity, ctx["weights"], entries)   # (again: another process may have written it)
     writer = OutputWriter(cfg.out)
     if shard.independent:
         for path in writer.sweep_temps(classes=[e.name for e in shard.mine(entries)]):
@@ -420,10 +435,17 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
         if old and key in old:
             manifest[key] = old[key]
 
+    started = []
+
     def write_manifest(final=False):
         if shard.independent:
-            if final or not os.path.isfile(man_path):  # at its end (and the first shard at its start): the
-                with RunLock(writer.out, name=MANIFEST_LOCK, wait=True):  # other shards' classes from disk
+            if final or not started:  # at its end (and the first shard at its start): the other shards' classes
+                with RunLock(writer.out, name=MANIFEST_LOCK, wait=True):  # from disk
+                    if not started:  # a shard with other settings may have started since this one checked
+                        started.append(True)
+                        _refuse_other_run(cfg.out, identity, ctx["weights"], entries)
+                        if not final and os.path.isfile(man_path):
+                            return
                     writer.sweep_temps(classes=(), files=(MANIFEST, CONTACT_SHEET))
                     status.update(_class_status(writer, [e for e in entries if status[e.name]["status"] != "done"]))
                     manifest["classes"] = status
@@ -450,6 +472,7 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
         if prompt is not None:
             stats["prompt"] = prompt
         stats["numerics"] = numerics
+        stats.update(fingerprint=fp, weights=ctx["weights"])  # what made the class, checked by a resume
         stats["latents_encoded_with"] = ctx["encoded_with"].get(name)  # the cache's, which a resume may reuse
         stats["skipped_images"] = ctx["skipped"].get(name, [])
         with phase("io", host=True):
@@ -515,8 +538,13 @@ def _class_status(writer: OutputWriter, entries) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _refuse_other_run(out: str, identity: dict, weights: dict) -> dict | None:
-    """OUT's manifest (None: a new OUT); ConfigError if it holds a run with other settings, data or weights."""
+def _refuse_other_run(out: str, identity: dict, weights: dict, entries=None) -> dict | None:
+    """OUT's manifest (None: a new OUT); ConfigError if it holds a run with other settings, data or weights.
+
+    ``entries``: also each finished class's own record (its done mark keeps the fingerprint and weights
+    that made it), so that a class made by other settings is found where the manifest cannot tell: a
+    deleted manifest, or a shard with other settings that wrote its classes beside the manifest's run.
+    """
     fp = fields_digest(identity)
     old = _read_manifest(os.path.join(os.path.abspath(out), MANIFEST))
     if old and old.get("fingerprint") != fp:
@@ -526,15 +554,35 @@ def _refuse_other_run(out: str, identity: dict, weights: dict) -> dict | None:
             f"other parameters ({', '.join(keys[:6])})" if keys else "other parameters"
         raise ConfigError(f"--out {out} holds a run with {what} (fingerprint {old.get('fingerprint')}, this run "
                           f"{fp}); use a new --out")
-    was = (old or {}).get("weights") or {}
+    _refuse_other_weights(f"--out {out} holds a run", (old or {}).get("weights"), weights)
+    for e in entries or ():
+        info = _done_record(out, e.name)
+        if info.get("fingerprint") not in (None, fp):  # (classes made before it was recorded: not compared)
+            raise ConfigError(f"--out {out}: class {e.name} was made by a run with other settings (fingerprint "
+                              f"{info['fingerprint']}, this run {fp}); use a new --out")
+        _refuse_other_weights(f"--out {out}: class {e.name} was", info.get("weights"), weights)
+    return old
+
+
+def _refuse_other_weights(who: str, was: dict | None, weights: dict) -> None:
+    was = was if isinstance(was, dict) else {}
     other = [k for k in ("model", "vae", "scheduler", "text") if k in was and k in weights and was[k] != weights[k]]
     if other:  # same paths, other files (e.g. a fine-tune rewritten into the same folder, an edited scheduler)
         what = {"model": "model weights", "vae": "vae weights", "scheduler": "scheduler settings",
                 "text": "text encoder or tokenizer"}
-        raise ConfigError(f"--out {out} holds a run made with other {' and '.join(what[k] for k in other)} "
-                          f"(sha256 {', '.join(was[k] for k in other)}; now "
+        raise ConfigError(f"{who} made with other {' and '.join(what[k] for k in other)} "
+                          f"(sha256 {', '.join(str(was[k]) for k in other)}; now "
                           f"{', '.join(weights[k] for k in other)}); use a new --out")
-    return old
+
+
+def _done_record(out: str, name: str) -> dict:
+    """A finished class's done mark (its stats), or {} (not finished, or a mark that cannot be read)."""
+    try:
+        with open(os.path.join(os.path.abspath(out), name, DONE_MARK), encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
 
 
 def _read_manifest(path: str) -> dict | None:

@@ -132,6 +132,34 @@ def test_rerun_deals_the_unfinished_classes_over_every_rank(world, tmp_path):
     assert _digest(out) == ref
 
 
+def test_a_rank_that_sees_other_data_stops_the_run_before_writing(world, tmp_path):
+    """Each rank scans --data itself; a node whose mount lacks a class would deal the classes otherwise and
+    write some under another rank's labels. Rank 1 sees one class less here: the run stops with a one-line
+    error naming that rank, and nothing is written."""
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(
+        "import os, sys\n"
+        "from manifoldgd_fast import data, pipeline\n"
+        "real = data.scan_image_folder\n"
+        "def scan(*a, **k):\n"
+        "    entries = real(*a, **k)\n"
+        "    return entries[1:] if os.environ['RANK'] == '1' else entries\n"
+        "data.scan_image_folder = scan\n"
+        "from manifoldgd_fast.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(wrapper),
+           "distill", "--data", world["data"], "--model", world["model"], "--out", str(out),
+           "--cache-dir", os.path.join(world["root"], "cache"), "--ipc", "2", "--steps", "4", "--t-stop", "2",
+           "--batch-size", "2"]
+    r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path)),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0
+    assert "manifoldgd-fast: error: rank 1 on " in r.stderr and "does not see what rank 0 sees (the classes, " \
+        "labels and files of --data and the finished classes of --out)" in r.stderr, r.stderr[-3000:]
+    assert not [c for c in CLASSES if (out / c).exists()]
+
+
 def test_barrier_timeout_from_the_environment(monkeypatch):
     from manifoldgd_fast.distributed import TIMEOUT_ENV, barrier_timeout
     from manifoldgd_fast.errors import ConfigError

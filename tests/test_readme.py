@@ -192,9 +192,9 @@ def test_every_documented_command_line_uses_flags_its_command_has():
                 assert flag in flags, f"{where}: manifoldgd-fast {cmd} {' '.join(words)}: {flag} is not a flag of {cmd}"
 
 
-# flags of other programs the docs show: torchrun, Slurm's srun / sbatch, pytest-benchmark, the released code's own
+# flags of other programs the docs show: torchrun, Slurm's srun / sbatch, pytest-benchmark, pip, the released code's own
 OTHER_PROGRAMS = {"--nproc-per-node", "--nnodes", "--rdzv-backend", "--rdzv-endpoint", "--nodes", "--ntasks-per-node",
-                  "--gpus-per-node", "--array", "--gpus-per-task", "--benchmark-only", "--closest"}
+                  "--gpus-per-node", "--array", "--gpus-per-task", "--benchmark-only", "--closest", "--index-url"}
 
 
 def test_every_flag_the_docs_name_exists():

@@ -53,6 +53,42 @@ def test_shards_one_after_another_give_one_process_bytes(tiny_world, tmp_path, c
     assert main(_args(tiny_world, out)) == 0 and _digest(out) == _digest(ref)
 
 
+def test_classes_made_by_other_settings_are_found_without_the_manifest(tiny_world, tmp_path, capsys, monkeypatch):
+    """Each finished class keeps the fingerprint and weights that made it: a rerun with other settings is
+    refused even after the manifest was deleted, and a shard started with other settings beside another
+    shard (both checked OUT before either wrote its manifest) is refused under the manifest's lock,
+    before it samples anything."""
+    from manifoldgd_fast import pipeline
+
+    out = tmp_path / "out"
+    assert main(_args(tiny_world, out, "--shard", "0/3")) == 0
+    done = json.loads((out / "apple" / ".complete").read_text())
+    man = json.loads((out / "manifest.json").read_text())
+    assert done["fingerprint"] == man["fingerprint"] and done["weights"] == man["weights"]
+    (out / "manifest.json").unlink()
+    last = _bad(tiny_world, tmp_path, _args(tiny_world, out, "--seed", "7"), capsys)
+    assert f"--out {out}: class apple was made by a run with other settings (fingerprint {man['fingerprint']}" in last
+
+    # shard 1/3 with seed 7 checked OUT before shard 0/3 wrote anything (both pre-checks pass), then starts
+    real, calls = pipeline._refuse_other_run, []
+    monkeypatch.setattr(pipeline, "_refuse_other_run",
+                        lambda *a, **k: calls.append(1) or (None if len(calls) <= 2 else real(*a, **k)))
+    (out / "apple").rename(tmp_path / "apple")                    # as if shard 0/3 had not finished yet ...
+    args = _args(tiny_world, out, "--shard", "1/3", "--seed", "7")
+    real_prepare = pipeline.prepare
+
+    def prepare(*a, **k):  # ... and wrote its class and manifest while this shard loaded and encoded
+        ctx = real_prepare(*a, **k)
+        (tmp_path / "apple").rename(out / "apple")
+        pipeline.OutputWriter(str(out)).write_manifest(man)
+        return ctx
+
+    monkeypatch.setattr(pipeline, "prepare", prepare)
+    last = _bad(tiny_world, tmp_path, args, capsys)
+    assert f"--out {out} holds a run with other parameters (seed) (fingerprint {man['fingerprint']}" in last, last
+    assert len(calls) == 3 and not (out / "banana").exists()
+
+
 def test_a_shard_sweeps_only_its_own_classes_leftovers(tiny_world, tmp_path):
     """What a killed shard left (its class's temp folder and temp latents) is swept by its rerun; another
     shard's leftovers and in-flight files are not touched."""
@@ -84,6 +120,12 @@ def test_locks_keep_a_whole_run_and_a_shards_twin_out(tiny_world, tmp_path, caps
     with RunLock(str(out)):                                  # a whole run at work: no shard starts
         last = _bad(tiny_world, tmp_path, _args(tiny_world, out, "--shard", "0/2"), capsys)
         assert "is being written by a whole run (no --shard) (pid" in last, last
+    with RunLock(str(out), shared=True), RunLock(str(out), name=".lock-shards-of-3", shared=True):
+        # shards of another N at work: they split the classes otherwise (both would take class 0)
+        last = _bad(tiny_world, tmp_path, _args(tiny_world, out, "--shard", "0/2"), capsys)
+        assert f"--out {out} is being written by --shard K/3 processes; --shard 0/2 would split the classes " \
+            "otherwise" in last, last
+    assert main(_args(tiny_world, out, "--shard", "0/2")) == 0   # once they stopped (their lock file stays)
 
 
 def test_bad_shard_specs_are_one_line(tiny_world, tmp_path, capsys, monkeypatch):
