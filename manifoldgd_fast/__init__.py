@@ -1,7 +1,9 @@
 """manifoldgd_fast: diffusion dataset distillation with manifold-guided sampling.
 
 Image folder in, small synthetic image folder out: ``distill(config)`` or the
-``manifoldgd-fast`` command. The guidance ops are in ``manifoldgd_fast.ops``.
+``manifoldgd-fast`` command. As a guidance backend for another sampling loop:
+``StepGuidance`` (one call per denoising step) and the ops ``manifold_correct`` /
+``manifold_pull`` (``manifoldgd_fast.ops``, with their ``_ref`` twins).
 """
 __version__ = "0.1.0"
 
@@ -16,5 +18,17 @@ def distill(config):
     return _distill(config)
 
 
-__all__ = ["DistillConfig", "distill", "ManifoldGDError", "ConfigError", "DataError", "ModelError",
-           "BackendError", "__version__"]
+def __getattr__(name):  # the backend API, imported when first asked for (it pulls in the ops and diffusers' pieces)
+    if name == "StepGuidance":
+        from .guidance import StepGuidance
+
+        return StepGuidance
+    if name in ("manifold_correct", "manifold_pull"):
+        from . import ops
+
+        return getattr(ops, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["DistillConfig", "distill", "StepGuidance", "manifold_correct", "manifold_pull", "ManifoldGDError",
+           "ConfigError", "DataError", "ModelError", "BackendError", "__version__"]

@@ -15,6 +15,7 @@ sample's result does not depend on the batch it was drawn in.
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 
 import torch
@@ -237,6 +238,30 @@ class Guidance:
             return eps - (c.lambda_m * sigma * g).view(B, *eps.shape[1:]).to(eps.dtype)
 
 
+def _step_neighbourhoods(cfg: DistillConfig, modes: torch.Tensor, class_latents, classes) -> dict:
+    """StepGuidance's paper-formulation inputs: one class's latents for every mode, or one latent tensor per
+    class with ``classes`` (B,) each mode's class (:func:`merge_paper_neighbourhoods`)."""
+    if class_latents is None:
+        raise ConfigError("the paper formulation needs class_latents (n, C, h, w)")
+    if isinstance(class_latents, torch.Tensor):
+        if classes is not None:
+            raise ConfigError("classes= goes with class_latents as a sequence of per-class tensors")
+        return paper_neighbourhoods(cfg, class_latents, modes)
+    lats = list(class_latents)
+    B = modes.shape[0]
+    cls = [] if classes is None else [int(c) for c in torch.as_tensor(classes).reshape(-1).tolist()]
+    if len(cls) != B or any(not 0 <= c < len(lats) for c in cls):
+        raise ConfigError(f"with {len(lats)} class latent tensors, classes= must give each of the {B} modes its "
+                          f"class index in [0, {len(lats)}), got {classes!r}")
+    parts, rows = [], [None] * B
+    for c in sorted(set(cls)):
+        idx = [b for b in range(B) if cls[b] == c]
+        parts.append(paper_neighbourhoods(cfg, lats[c], modes[idx]))
+        for j, b in enumerate(idx):
+            rows[b] = (len(parts) - 1, j)
+    return merge_paper_neighbourhoods(parts, rows)
+
+
 class StepGuidance:
     """ManifoldGD / MGD3 guidance as a backend for any eps-prediction sampling loop.
 
@@ -263,13 +288,25 @@ class StepGuidance:
     1000 steps) are assumed: right for DiT, wrong for e.g. Stable Diffusion (scaled_linear).
 
     Args:
-        modes: (B, C, h, w) one mode per sample of the batch.
+        modes: (B, C, h, w) one mode per sample of the batch (the latents x_t the calls give
+            must have this shape and device).
         timesteps: the loop's training timesteps, in the loop's order (descending);
             default ``scheduler.timesteps`` (after its ``set_timesteps``).
         formulation / method: "official" | "paper"; "manifoldgd" | "mgd3".
-        class_latents: (n, C, h, w) latents of the modes' class (paper formulation).
+        class_latents: (n, C, h, w) latents of the modes' class (paper formulation); for a batch
+            of several classes, a sequence of such tensors, one per class, with ``classes``.
+        classes: (B,) each mode's index into ``class_latents`` when it is a sequence: each sample's
+            neighbourhood then comes from its own class (its radii, its latents), as if sampled alone.
         n_classes: sets the dataset-dependent defaults (<= 10: ImageNette values).
-        seed: per-sample cloud / patch noise derives from it.
+        t_stop: where guidance stops (default steps // 2). Official formulation: steps with index
+            i > t_stop in the respaced schedule (i = steps - 1 - step) are guided; paper: the first
+            t_stop steps of the loop. DiT's runs use 25 of 50.
+        seed: per-sample cloud / patch noise derives from it. The noise is counter-based
+            (``guidance_noise="philox"``, keyed by seed, step and sample): a call's result depends only
+            on its inputs, not on the calls before it (a retried or repeated step gives the same eps).
+            ``guidance_noise="generator"`` draws from one torch.Generator per sample instead, as the
+            built-in CPU sampler does; then every call advances them.
+        num_train_timesteps: the model's training steps (with neither ``scheduler`` nor ``betas``).
         scheduler: the loop's diffusers scheduler (DDIMScheduler, DDPMScheduler, ...): the
             training schedule is its ``alphas_cumprod`` (and num_train_timesteps its length).
         betas: the model's training betas instead of ``scheduler`` (None and no scheduler:
@@ -282,7 +319,7 @@ class StepGuidance:
     """
 
     def __init__(self, modes: torch.Tensor, *, timesteps=None, formulation: str = "official",
-                 method: str = "manifoldgd", class_latents: torch.Tensor | None = None, n_classes: int = 1000,
+                 method: str = "manifoldgd", class_latents=None, classes=None, n_classes: int = 1000,
                  t_stop: int | None = None, seed: int = 0, num_train_timesteps: int = 1000, betas=None,
                  scheduler=None, prediction_type: str | None = None, **params):
         import numpy as np
@@ -317,6 +354,7 @@ class StepGuidance:
         if any(a <= b for a, b in zip(ts, ts[1:])):
             raise ConfigError("timesteps must be strictly decreasing, in the order the loop visits them")
         steps = len(ts)
+        params.setdefault("guidance_noise", "philox")  # stateless calls (see seed)
         cfg = DistillConfig(method=method, formulation=formulation, steps=steps, ipc=modes.shape[0],
                             t_stop=steps // 2 if t_stop is None else t_stop, **params).resolve(n_classes, modes.device)
         self.schedule = schedule_from_timesteps(ts, "ddim", num_train_timesteps=num_train_timesteps, betas=betas,
@@ -325,10 +363,9 @@ class StepGuidance:
                 for b in range(modes.shape[0])]
         kw = {}
         if formulation == "paper" and method == "manifoldgd":
-            if class_latents is None:
-                raise ConfigError("the paper formulation needs class_latents (n, C, h, w)")
-            kw = paper_neighbourhoods(cfg, class_latents, modes)
+            kw = _step_neighbourhoods(cfg, modes, class_latents, classes)
         self.cfg = cfg
+        self.modes_shape, self.device = tuple(modes.shape), modes.device
         self.generators = gens
         self.guidance = Guidance(cfg, self.schedule, modes, gens, noise_seed=derive_seed(seed, "guidance"), **kw)
 
@@ -337,7 +374,22 @@ class StepGuidance:
         """Guided eps for the loop's ``step``-th step (0 = the first, noisiest one); with
         ``prediction_type`` v_prediction or sample, ``eps`` is the model's v or x0 and so is the result."""
         s = self.schedule
-        i = s.steps - 1 - int(step)
+        try:
+            k = operator.index(step)   # an int, a numpy int or a 0-d integer tensor; not a float
+        except TypeError:
+            raise ConfigError(f"step {step!r}: expected the step's index in the loop (enumerate(scheduler.timesteps)), "
+                              "an integer") from None
+        if not 0 <= k < s.steps:
+            raise ConfigError(f"step {k} is outside [0, {s.steps}): pass the step's index in the loop "
+                              "(enumerate(scheduler.timesteps)), not its timestep")
+        if tuple(x_t.shape) != self.modes_shape or tuple(eps.shape) != self.modes_shape:
+            raise ConfigError(f"x_t and the model output must be {self.modes_shape}, the modes' shape (one mode per "
+                              f"sample; the conditional half of a CFG batch), got {tuple(x_t.shape)} and "
+                              f"{tuple(eps.shape)}")
+        if x_t.device != self.device or eps.device != self.device:
+            raise ConfigError(f"x_t and the model output must be on the modes' device {self.device}, got "
+                              f"{x_t.device} and {eps.device}")
+        i = s.steps - 1 - k
         if not self.guidance.active(i):
             return eps
         x = x_t.float()

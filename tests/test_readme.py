@@ -76,7 +76,8 @@ def test_step_guidance_loop_runs_and_equals_our_ddim_sampler(digits_dit):
     x_T = torch.randn(B, 4, 8, 8)
     guided = ns["x"]
 
-    cfg = DistillConfig(method="manifoldgd", formulation="official", steps=50, ipc=B, t_stop=25).resolve(1000, "cpu")
+    cfg = DistillConfig(method="manifoldgd", formulation="official", steps=50, ipc=B, t_stop=25,
+                        guidance_noise="philox").resolve(1000, "cpu")   # StepGuidance's default noise
     s = make_schedule(50, "ddim")
     gens = [torch.Generator().manual_seed(derive_seed(0, "sample", b)) for b in range(B)]
     ours = sample(digits_dit, s, x_T, y, null_class=10, cfg_channels="all", generators=gens,

@@ -10,6 +10,7 @@ from test_ops import spec_manifold_correct, spec_manifold_pull
 from manifoldgd_fast import modes as modes_mod
 from manifoldgd_fast import ops
 from manifoldgd_fast.config import DistillConfig
+from manifoldgd_fast.errors import ConfigError
 from manifoldgd_fast.guidance import Guidance, kernel_phi_official, mode_grad_paper, paper_neighbourhoods
 from manifoldgd_fast.models import build_dit, tiny_dit_config
 from manifoldgd_fast.sampler import cfg_forward, sample
@@ -376,7 +377,7 @@ def test_step_guidance_in_a_diffusers_loop_equals_our_sampler(model, formulation
                           set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading")
     sched.set_timesteps(S)
     guide = StepGuidance(modes, timesteps=sched.timesteps, formulation=formulation, class_latents=lat,
-                         n_classes=10, t_stop=5, seed=3)
+                         n_classes=10, t_stop=5, seed=3, guidance_noise="generator")  # our CPU sampler's noise
     x = x_T.clone()
     with torch.no_grad():
         for step, t in enumerate(sched.timesteps):
@@ -398,6 +399,74 @@ def test_step_guidance_in_a_diffusers_loop_equals_our_sampler(model, formulation
     plain = sample(model, s, x_T, y, null_class=NULL, generators=gens)
     torch.testing.assert_close(x, ours, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(ours, plain, atol=1e-3)
+
+
+@pytest.mark.parametrize("formulation", ["official", "paper"])
+def test_step_guidance_calls_are_stateless_and_checked(formulation):
+    """By default a StepGuidance call depends on its inputs alone (counter-based noise): a repeated or retried
+    step gives the same eps, whatever ran before. A step index out of range (e.g. the timestep passed instead),
+    a float step, a CFG-sized batch and another device are one-line ConfigErrors, not silently unguided steps."""
+    from manifoldgd_fast.guidance import StepGuidance
+
+    B = 2
+    lat = torch.randn(30, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    modes = lat[:B] + 0.05
+    ts = list(range(900, -1, -100))
+    x = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    eps = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    kw = dict(timesteps=ts, formulation=formulation, class_latents=lat, n_classes=10, t_stop=5)
+    g1, g2 = StepGuidance(modes, **kw), StepGuidance(modes, **kw)
+    assert g1.cfg.guidance_noise == "philox"
+    step = 1 if formulation == "paper" else 0               # guided: paper the first t_stop, official i > t_stop
+    a = g1(x, eps, step)
+    assert not torch.equal(a, eps)
+    assert torch.equal(g1(x, eps, step), a)                  # the same step again
+    g2(x, eps, step - 1 if step else 1)                      # another step first
+    assert torch.equal(g2(x, eps, torch.tensor(step)), a)    # (a 0-d integer tensor is an index too)
+    for bad, why in [(ts[0], r"step 900 is outside \[0, 10\): pass the step's index"), (-1, "outside"),
+                     (2.0, "expected the step's index in the loop")]:
+        with pytest.raises(ConfigError, match=why):
+            g1(x, eps, bad)
+    with pytest.raises(ConfigError, match=r"must be \(2, 4, 8, 8\), the modes' shape .* got \(4, 4, 8, 8\)"):
+        g1(torch.cat([x, x]), torch.cat([eps, eps]), step)
+    with pytest.raises(ConfigError, match=r"must be on the modes' device cpu, got meta"):
+        g1(x.to("meta"), eps.to("meta"), step)
+
+
+def test_the_backend_api_is_exported_from_the_package():
+    import manifoldgd_fast as mf
+    from manifoldgd_fast.guidance import StepGuidance
+
+    assert mf.StepGuidance is StepGuidance and mf.manifold_correct is ops.manifold_correct
+    assert mf.manifold_pull is ops.manifold_pull
+    assert all(getattr(mf, name) is not None for name in mf.__all__)
+    with pytest.raises(AttributeError):
+        mf.no_such_name
+
+
+def test_step_guidance_takes_a_batch_of_several_classes():
+    """Paper formulation, a batch mixing two classes: with one latent tensor per class and classes=, each sample's
+    neighbourhood is its own class's (radii, rows), as the pipeline's class batches build it; pooling the classes'
+    latents into one tensor would give every sample the pooled radii."""
+    from manifoldgd_fast.guidance import StepGuidance, merge_paper_neighbourhoods, paper_neighbourhoods
+
+    la = torch.randn(20, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    lb = 5 + 3 * torch.randn(25, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    modes = torch.stack([la[0], lb[0], la[1]]) + 0.01
+    kw = dict(timesteps=list(range(900, -1, -100)), formulation="paper", n_classes=10, t_stop=5)
+    g = StepGuidance(modes, class_latents=[la, lb], classes=[0, 1, 0], **kw)
+    cfg = g.cfg
+    want = merge_paper_neighbourhoods([paper_neighbourhoods(cfg, la, modes[[0, 2]]),
+                                       paper_neighbourhoods(cfg, lb, modes[[1]])], [(0, 0), (1, 0), (0, 1)])
+    got = g.guidance
+    assert torch.equal(got.order, want["order"]) and torch.equal(got.radii[1], want["radii"][1])
+    assert float(got.radii[1][0]) != float(got.radii[1][1])          # each class its own r_max
+    pooled = StepGuidance(modes, class_latents=torch.cat([la, lb]), **kw).guidance.radii
+    assert float(pooled[1]) != float(got.radii[1][0])
+    x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    assert torch.isfinite(g(x, torch.randn_like(x), 1)).all()
+    with pytest.raises(ConfigError, match="classes= must give each of the 3 modes its class index in \\[0, 2\\)"):
+        StepGuidance(modes, class_latents=[la, lb], classes=[0, 2, 0], **kw)
 
 
 @pytest.mark.parametrize("formulation", ["official", "paper"])
