@@ -50,6 +50,7 @@ the public functions check, then call them.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -101,11 +102,24 @@ def _check_rows(name: str, x: torch.Tensor, rows: torch.Tensor, lengths: torch.T
     return lengths
 
 
-def _check_kd(k: int, d: int) -> None:
-    if not isinstance(k, int) or k < 2:
+def _as_int(v):
+    """v as a Python int where it is an integer (int, numpy integer, 0-d integer tensor; not a bool), else None."""
+    if isinstance(v, bool):
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
+
+
+def _check_kd(k: int, d: int) -> tuple[int, int]:
+    """(k, d) as Python ints, checked: k >= 2, 1 <= d < k."""
+    ki, di = _as_int(k), _as_int(d)
+    if ki is None or ki < 2:
         raise ConfigError(f"k must be an integer >= 2, got {k!r}")
-    if not isinstance(d, int) or d < 1 or d >= k:
-        raise ConfigError(f"d must be an integer with 1 <= d < k={k}, got {d!r}")
+    if di is None or di < 1 or di >= ki:
+        raise ConfigError(f"d must be an integer with 1 <= d < k={ki}, got {d!r}")
+    return ki, di
 
 
 # ----------------------------------------------------------------------------
@@ -180,8 +194,12 @@ def manifold_correct(x, patch, g, *, k, d, lambda_normal=1.0, ridge=0.0, lengths
         lengths: (B,) valid rows per patch, None = all M.
         backend: "auto" | "reference" | "triton" (see the module docstring).
     Returns: (B, D) in g's dtype.
+
+    Values are not checked for NaN / inf (that would sync with the host): a non-finite patch row ranks
+    as the farthest, and a non-finite x gives a finite result from arbitrary neighbours. Check the inputs
+    upstream (the pipeline checks each class's latents once, after sampling).
     """
-    _check_kd(k, d)
+    k, d = _check_kd(k, d)
     lengths = _check_rows("patch", x, patch, lengths, k)
     if g.shape != x.shape:
         raise ConfigError(f"g must have x's shape {tuple(x.shape)}, got {tuple(g.shape)}")
@@ -231,7 +249,7 @@ def manifold_pull(x, cloud, *, k=12, d=3, scale=0.1, bandwidth=0.1, ridge=1e-5, 
         backend: "auto" | "reference" | "triton" (see the module docstring).
     Returns: (B, D) in x's dtype.
     """
-    _check_kd(k, d)
+    k, d = _check_kd(k, d)
     lengths = _check_rows("cloud", x, cloud, lengths, k)
     if bandwidth <= 0 or scale < 0 or ridge < 0:
         raise ConfigError(f"bandwidth must be > 0 and scale, ridge >= 0, got {bandwidth}, {scale}, {ridge}")
@@ -418,7 +436,7 @@ def manifold_correct_fused(x, latents, order, lengths, g, *, alpha_bar, seed, st
             in eps's dtype; else the corrected g in g's dtype.
         backend: "auto" | "reference" | "triton".
     """
-    _check_kd(k, d)
+    k, d = _check_kd(k, d)
     _check_alpha_bar(alpha_bar)
     lengths = _check_patch_inputs(x, latents, order, lengths, k)
     _check_bd("g", g, x)
@@ -476,7 +494,7 @@ def manifold_pull_fused(x, modes, *, radius, alpha_bar, seed, step, n_points=300
             else the term in x's dtype.
         backend: "auto" | "reference" | "triton".
     """
-    _check_kd(k, d)
+    k, d = _check_kd(k, d)
     _check_alpha_bar(alpha_bar)
     if x.dim() != 2:
         raise ConfigError(f"x must be (B, D), got shape {tuple(x.shape)}")

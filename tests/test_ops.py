@@ -205,6 +205,13 @@ def test_bad_inputs_name_the_tensor():
         ops.manifold_pull(x, patch, backend="cuda")
     with pytest.raises(ConfigError, match="bandwidth"):
         ops.manifold_pull(x, patch, bandwidth=0.0)
+    # k and d: any integer (numpy's, a 0-d integer tensor), not a bool or a float
+    import numpy as np
+    want = ops.manifold_correct(x, patch, g, k=10, d=3)
+    assert torch.equal(ops.manifold_correct(x, patch, g, k=np.int64(10), d=torch.tensor(3)), want)
+    for k, d in ((True, 1), (10.0, 3), (10, 2.5)):
+        with pytest.raises(ConfigError, match=r"^(k must be an integer >= 2|d must be an integer)"):
+            ops.manifold_correct(x, patch, g, k=k, d=d)
 
 
 def test_builders_take_one_generator_or_one_per_sample():
