@@ -61,10 +61,27 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTS)
 
 
+def _kind(entry: os.DirEntry) -> str:
+    """"file", "dir" or "other" (a dangling or looping link, a pipe, a socket), following links."""
+    try:
+        return "file" if entry.is_file() else "dir" if entry.is_dir() else "other"
+    except OSError:  # e.g. a symlink loop (ELOOP)
+        return "other"
+
+
 def _folder_files(folder: str) -> tuple[list[str], list[str]]:
-    """(the image file names directly in ``folder``, its other visible files), each sorted."""
-    names = sorted(e.name for e in os.scandir(folder) if e.is_file() and not e.name.startswith("."))
-    return [n for n in names if _is_image(n)], [n for n in names if not _is_image(n)]
+    """(the image file names directly in ``folder``, its other visible entries: files that are not images,
+    sub-folders as ``name/`` (not read), dangling or looping links), each sorted."""
+    files, others = [], []
+    for e in os.scandir(folder):
+        if e.name.startswith("."):
+            continue
+        kind = _kind(e)
+        if kind == "file" and _is_image(e.name):
+            files.append(e.name)
+        else:
+            others.append(e.name + ("/" if kind == "dir" else ""))
+    return sorted(files), sorted(others)
 
 
 def _image_files(folder: str) -> list[str]:
@@ -72,8 +89,14 @@ def _image_files(folder: str) -> list[str]:
     return _folder_files(folder)[0]
 
 
+# folders that operating systems and archivers leave beside the data, never classes (macOS's zip archives, ext4's
+# lost+found, Synology's thumbnails, Windows' recycle bin and volume information)
+SYSTEM_FOLDERS = frozenset({"__MACOSX", "lost+found", "@eaDir", "$RECYCLE.BIN", "System Volume Information"})
+
+
 def _class_folders(root: str) -> list[str]:
-    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    return sorted(e.name for e in os.scandir(root)
+                  if not e.name.startswith(".") and e.name not in SYSTEM_FOLDERS and _kind(e) == "dir")
 
 
 def scan_image_folder(root: str, classes: Sequence[str] | str | None = None,
@@ -174,9 +197,13 @@ def scan_image_folder(root: str, classes: Sequence[str] | str | None = None,
             raise DataError(f"class {name} in {root} has no images ({'/'.join(IMAGE_EXTS)}){hint}")
         entries.append(ClassEntry(name=name, label=labels[name],
                                   files=[os.path.join(folder, f) for f in files], folder=folder))
-    if ignored:  # e.g. .gif, .heic or notes: nothing here reads them, so say so (once) rather than drop them unseen
-        log.warning("%s: ignoring %d file(s) that are not %s images: %s", root, len(ignored), "/".join(IMAGE_EXTS),
+    if ignored:  # e.g. .gif, .heic, notes, sub-folders: nothing here reads them, so say so (once), never drop them unseen
+        log.warning("%s: ignoring %d file(s) that are not %s images (or sub-folders, not read; or broken links): "
+                    "%s", root, len(ignored), "/".join(IMAGE_EXTS),
                     ", ".join(ignored[:3]) + (" ..." if len(ignored) > 3 else ""))
+    system = sorted(n for n in SYSTEM_FOLDERS if os.path.isdir(os.path.join(root, n)))
+    if system:
+        log.warning("%s: ignoring %s (a system or archive folder, not a class)", root, ", ".join(system))
     return entries
 
 
@@ -251,6 +278,12 @@ def image_errors():
     return (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
+# What Image.open may decode: the formats of IMAGE_EXTS (whatever the extension says: ImageNet holds a PNG and
+# CMYK JPEGs named .JPEG) and GIF. Not EPS (Pillow would run Ghostscript on it), nor PSD, ICO, FITS, ...
+READ_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP", "GIF")  # (JPEG also opens MPO files)
+MAX_ASPECT = 64  # longer / shorter side beyond which an image is skipped as unreadable (see read_image_uint8)
+
+
 def read_image_uint8(path: str, size: int, short_side: int | None = None, resample: str = "bicubic") -> torch.Tensor:
     """Decode and centre-crop one image as the DiT training code did (:func:`center_crop_arr`), or
     (``resample="bilinear"``) as torchvision's Resize + CenterCrop do (:func:`resize_crop_torchvision`).
@@ -266,10 +299,16 @@ def read_image_uint8(path: str, size: int, short_side: int | None = None, resamp
     from PIL import Image
 
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=READ_FORMATS) as img:
+            w, h = img.size                          # (read from the header: nothing decoded yet)
+            if min(w, h) < 1 or max(w, h) > MAX_ASPECT * min(w, h):
+                # the short side is resized to `size`: a 1 x 10^7 strip would become a 256 x 2.6e9 image
+                raise ValueError(f"{w} x {h} px, an aspect ratio over {MAX_ASPECT}:1")
             arr = RESAMPLERS[resample](to_rgb(img), size, short_side)  # (size, size, 3) uint8
     except image_errors() as e:
         raise DataError(f"cannot read image {path}: {e}") from None
+    except MemoryError:
+        raise DataError(f"cannot read image {path}: out of memory decoding or resizing it") from None
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (3, size, size)
 
 

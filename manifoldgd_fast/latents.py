@@ -163,6 +163,8 @@ def _is_cached(path: str, entry: ClassEntry, key: CacheKey) -> tuple[dict | None
     meta = _read_meta(path)
     if meta is None:
         return None, UNREADABLE
+    if meta["class"] != entry.name:  # e.g. classes Cat and cat sharing one file on a case-insensitive file system
+        return None, f"it holds class {meta['class']!r}"
     if sorted(meta["files"] + meta["skipped"]) != sorted(entry.relative_files()):
         return None, "other image files"
     if meta["image_size"] != key.image_size or abs(meta["scaling_factor"] - key.scaling) >= 1e-12 \
@@ -254,10 +256,15 @@ class ClassChunks:
     def __init__(self, entries: Sequence[ClassEntry], batch_size: int):
         self.entries = list(entries)
         self.batch_size = batch_size
+        self.stamps: dict[str, dict[str, list[int]]] = {}  # class -> file_stamps, taken as below
 
     def __iter__(self):
         bs = self.batch_size
         for c, e in enumerate(self.entries):
+            # The loader draws the chunks in the main process before any worker opens their files: a class's
+            # stamps taken here predate every read of it, so a file rewritten meanwhile is seen as changed by
+            # the next run (and encoded again), never cached under its new stamp with its old pixels.
+            self.stamps[e.name] = file_stamps(e)
             for s in range(0, len(e.files), bs):
                 yield [(c, i, e.files[i]) for i in range(s, min(s + bs, len(e.files)))]
 
@@ -270,11 +277,9 @@ class ClassBuffer:
     far (on the encoding device), the readable images not yet encoded (fewer
     than one batch), and the paths encoded and skipped, in file order."""
 
-    def __init__(self, entry: ClassEntry):
+    def __init__(self, entry: ClassEntry, stamps: dict[str, list[int]]):
         self.entry = entry
-        # Taken when the class's first batch arrives: a file rewritten after the workers decoded it but
-        # before this moment is the one change the cache can miss (cache_latents_ref stats before reading).
-        self.stamps = file_stamps(entry)
+        self.stamps = stamps  # taken before any of its files was read (ClassChunks)
         self.remaining = len(entry.files)  # files the loader has not delivered yet
         self.chunks: list[torch.Tensor] = []  # (b, C, h, w) float32 latents
         self.pending: list[torch.Tensor] = []  # uint8 (k, 3, S, S) images
@@ -466,7 +471,7 @@ def cache_latents(entries: Sequence[ClassEntry], vae, *, cache_dir: str, image_s
             if b is None:
                 break
             if buf is None:
-                buf = ClassBuffer(todo[b["class"]])
+                buf = ClassBuffer(todo[b["class"]], sampler.stamps[todo[b["class"]].name])
             buf.t["load_wait_seconds"] += time.perf_counter() - t0
             buf.t["decode_seconds"] += b["decode_s"]
             for p, msg in b["errors"]:  # warned here: a worker's warnings would never reach the user
@@ -549,9 +554,13 @@ def load_class_latents(cache_dir: str, name: str) -> tuple[torch.Tensor, list[st
             latents = f.get_tensor("latents")
             meta = f.metadata() or {}
         files = json.loads(meta["files"])
+        held = meta.get("class", name)
     except Exception as e:  # damaged, foreign or truncated file
         raise DataError(f"class {name}: latent cache file {path} is damaged ({e}); delete it "
                         "to recompute") from None
+    if held != name:  # another class's file under this name (a case-insensitive file system: Cat and cat)
+        raise DataError(f"class {name}: latent cache file {path} holds class {held!r}; class names that differ only "
+                        "in case cannot share a cache on this file system: rename one class folder")
     if not bool(torch.isfinite(latents).all()):  # named here, not as a NaN deep in mode discovery
         raise DataError(f"class {name}: latent cache file {path} holds NaN or inf; delete it to recompute "
                         "(with --dtype float32 if the encoder overflowed)")

@@ -119,12 +119,57 @@ def test_scan_reads_imagefolder_formats_and_names_ignored_files(tmp_path, caplog
     assert entry.relative_files() == ["a.bmp", "b.ppm", "c.tif", "d.TIFF", "e.pgm"]
     (msg,) = [r.getMessage() for r in caplog.records]
     assert msg.startswith(f"{root}: ignoring 4 file(s) that are not .jpg/")
-    assert msg.endswith(f"images: {os.path.join('cls', 'f.gif')}, {os.path.join('cls', 'g.heic')}, "
+    assert msg.endswith(f"broken links): {os.path.join('cls', 'f.gif')}, {os.path.join('cls', 'g.heic')}, "
                         f"{os.path.join('cls', 'h.txt')} ...")
     x = torch.stack([D.load_image(f, 8) for f in entry.files])
     grey = x[4]
     assert torch.equal(x[0], x[1]) and torch.equal(x[0], x[2]) and torch.equal(x[0], x[3])  # lossless formats
     assert torch.equal(grey[0], grey[1]) and torch.equal(grey[0], grey[2])  # greyscale -> three equal channels
+
+
+def test_sub_folders_broken_links_and_system_folders_are_named_not_dropped(tmp_path, caplog):
+    """A class's sub-folders (not read) and dangling or looping links are named in the warning with the other
+    ignored files; a __MACOSX folder (macOS zip archives) is no class: it does not shift the labels of
+    ImageNet-id folders (auto still maps them to their ImageNet ids), and is named once."""
+    root = tmp_path / "imgs"
+    for c in ("n01440764", "n01443537"):
+        (root / c).mkdir(parents=True)
+        Image.new("RGB", (20, 12), (200, 100, 50)).save(root / c / "a.png")
+    (root / "n01440764" / "extra").mkdir()
+    Image.new("RGB", (20, 12)).save(root / "n01440764" / "extra" / "b.png")
+    os.symlink(root / "nowhere.png", root / "n01440764" / "dangling.png")
+    os.symlink(root / "n01440764" / "loop.png", root / "n01440764" / "loop.png")
+    (root / "__MACOSX" / "n01440764").mkdir(parents=True)
+    (root / "__MACOSX" / "n01440764" / "._a.png").write_bytes(b"x")
+    with caplog.at_level("WARNING", logger="manifoldgd_fast.data"):
+        entries = D.scan_image_folder(str(root))
+    assert [(e.name, e.label, e.relative_files()) for e in entries] == [("n01440764", 0, ["a.png"]),
+                                                                         ("n01443537", 1, ["a.png"])]
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 2, msgs
+    assert "ignoring 3 file(s)" in msgs[0] and all(os.path.join("n01440764", n) in msgs[0]
+                                                   for n in ("dangling.png", "extra/", "loop.png")), msgs[0]
+    assert msgs[1] == f"{root}: ignoring __MACOSX (a system or archive folder, not a class)"
+
+
+@pytest.mark.parametrize("make, why", [
+    (lambda p: Image.new("RGB", (1, 200)).save(p, format="PNG"), "1 x 200 px, an aspect ratio over 64:1"),
+    (lambda p: Image.new("RGB", (8, 8)).save(p, format="EPS"), "cannot identify image file"),
+    (lambda p: Image.new("RGB", (8, 8)).save(p, format="ICO"), "cannot identify image file"),
+], ids=["thin-strip", "eps-named-jpg", "ico-named-jpg"])
+def test_images_that_would_blow_up_or_run_other_programs_are_unreadable(tmp_path, make, why):
+    """A 1 x N strip would be resized to size x N*size (1 x 2e7 px at 256: tens of GB); an EPS named .jpg
+    would be handed to Ghostscript: both are unreadable files (skipped with a warning), not a crash."""
+    path = str(tmp_path / "x.jpg")
+    try:
+        make(path)
+    except (OSError, KeyError) as e:  # Pillow without that writer
+        pytest.skip(f"Pillow cannot write this format here ({e})")
+    with pytest.raises(DataError, match=why):
+        D.read_image_uint8(path, 8)
+    ok = str(tmp_path / "png_named.JPEG")   # a PNG named .JPEG, as ImageNet holds one, still reads
+    Image.new("RGB", (9, 7), (1, 2, 3)).save(ok, format="PNG")
+    assert D.read_image_uint8(ok, 4).shape == (3, 4, 4)
 
 
 def test_scan_errors(tmp_path, wnid_root):

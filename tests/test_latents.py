@@ -365,8 +365,8 @@ def test_host_memory_holds_one_class_and_a_bounded_prefetch(tmp_path, vae, monke
         write(path, data)
         event(f"write {os.path.basename(path).split('.')[0]}")
 
-    def logged_buffer(self, entry):
-        buffer_init(self, entry)
+    def logged_buffer(self, entry, stamps):
+        buffer_init(self, entry, stamps)
         event(f"open {entry.name}")
 
     monkeypatch.setattr(L, "read_image_uint8", logged_read)  # workers fork after this: they see it
@@ -432,6 +432,52 @@ def test_bad_loader_arguments_are_config_errors(tmp_path, root, vae):
         L.cache_latents(entries, vae, cache_dir=str(tmp_path), image_size=SIZE, num_workers=-1)
     with pytest.raises(ConfigError, match="encode-batch-size 0"):
         L.cache_latents(entries, vae, cache_dir=str(tmp_path), image_size=SIZE, batch_size=0)
+
+
+def test_an_image_rewritten_while_its_class_is_read_is_encoded_again_next_time(tmp_path, root, vae, monkeypatch):
+    """A class's file stamps are taken before any of its files is read: an image rewritten just after a
+    worker decoded it (before its class's stamps were taken, as they once were) would be cached with its
+    new stamp and its old pixels for good. Now the next run sees the change and encodes the class again."""
+    entries = D.scan_image_folder(str(root), classes=["cat"])
+    cache = str(tmp_path / "cache")
+    kw = dict(cache_dir=cache, image_size=SIZE, batch_size=2, progress=False, num_workers=0)
+    target = str(root / "cat" / "0.png")
+    real = L.ImageFiles.__getitem__
+
+    def getitem(self, index):
+        out = real(self, index)
+        if index[2] == target:                     # decoded: now the file changes under the run
+            _img(target, seed=99)
+            st = os.stat(target)
+            os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        return out
+
+    monkeypatch.setattr(L.ImageFiles, "__getitem__", getitem)
+    L.cache_latents(entries, vae, **kw)
+    monkeypatch.setattr(L.ImageFiles, "__getitem__", real)
+    stats = L.cache_latents(entries, vae, **kw)
+    assert not stats["cat"]["cached"]
+    fresh = L.cache_latents(entries, vae, **{**kw, "cache_dir": str(tmp_path / "fresh")})
+    assert fresh["cat"]["n"] == 3
+    assert torch.equal(L.load_class_latents(cache, "cat")[0], L.load_class_latents(str(tmp_path / "fresh"), "cat")[0])
+
+
+def test_a_cache_file_of_another_class_is_not_taken(tmp_path, root, vae):
+    """Two class names that differ only in case share a file on a case-insensitive file system: a file whose
+    metadata names another class is encoded again (cache) or refused in one line (load)."""
+    import shutil
+
+    entries = D.scan_image_folder(str(root), classes=["cat"])
+    cache = str(tmp_path / "cache")
+    kw = dict(cache_dir=cache, image_size=SIZE, batch_size=2, progress=False, num_workers=0)
+    L.cache_latents(entries, vae, **kw)
+    shutil.copytree(root / "cat", root / "Cat")
+    shutil.copy(os.path.join(cache, "cat.safetensors"), os.path.join(cache, "Cat.safetensors"))  # as if one file
+    with pytest.raises(DataError, match=r"^class Cat: latent cache file .*Cat.safetensors holds class 'cat'; class "
+                                        r"names that differ only in case"):
+        L.load_class_latents(cache, "Cat")
+    stats = L.cache_latents(D.scan_image_folder(str(root), classes=["Cat"]), vae, **kw)
+    assert not stats["Cat"]["cached"] and L.load_class_latents(cache, "Cat")[0].shape[0] == 3
 
 
 def test_cache_is_stale_when_an_image_or_the_vae_weights_change(tmp_path, root, vae):
