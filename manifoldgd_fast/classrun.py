@@ -12,6 +12,7 @@ background thread (a side CUDA stream) while these sample.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -42,6 +43,29 @@ def read_modes(path: str) -> tuple[torch.Tensor | None, str | None]:
     except (SafetensorError, OSError, KeyError) as e:
         raise DataError(f"{path}: not a modes file ({str(e).splitlines()[0][:120]})") from None
     return modes, meta.get("modes_fingerprint")
+
+
+def load_modes(rcfg: DistillConfig, cache: str, name: str, sample_shape: tuple[int, ...]) -> torch.Tensor:
+    """Class ``name``'s modes from ``--modes-dir`` as (ipc, *sample_shape), checked: made with this run's
+    mode parameters from this class's cached latents (:func:`config.modes_fingerprint`), IPC of them, finite.
+    DataError / ConfigError in one line naming the file otherwise."""
+    from .config import modes_fingerprint
+
+    path = modes_file(rcfg.modes_dir, name)
+    modes, fp = read_modes(path)
+    if modes is None:
+        raise DataError(f"--modes-dir {rcfg.modes_dir}: no modes for class {name} ({path})")
+    if fp != modes_fingerprint(rcfg, cache, name):
+        raise ConfigError(f"{path} holds modes made with other mode parameters or latents than this run's "
+                          f"(--method, --formulation, --ipc, --seed, --mode-*, ...; or the class's images or the VAE "
+                          f"changed since); recompute them with `manifoldgd-fast modes` and the same flags, or "
+                          f"drop --modes-dir")
+    want = (rcfg.ipc, *sample_shape)
+    if modes.numel() != math.prod(want):
+        raise DataError(f"{path} holds {tuple(modes.shape)} modes, not {want} (--ipc {rcfg.ipc}); recompute them")
+    if not bool(torch.isfinite(modes).all()):
+        raise DataError(f"{path} holds NaN or inf modes; recompute them with `manifoldgd-fast modes`")
+    return modes.view(want)
 
 
 def class_modes(rcfg: DistillConfig, name: str, z: torch.Tensor) -> torch.Tensor:
@@ -86,17 +110,7 @@ def class_inputs(rcfg: DistillConfig, ctx: dict, name: str, z: torch.Tensor) -> 
     guided = rcfg.method in ("manifoldgd", "mgd3")
     modes = None
     if guided and rcfg.modes_dir is not None:   # precomputed by `manifoldgd-fast modes`
-        from .config import modes_fingerprint
-
-        path = modes_file(rcfg.modes_dir, name)
-        modes, fp = read_modes(path)
-        if modes is None:
-            raise DataError(f"--modes-dir {rcfg.modes_dir}: no modes for class {name} ({path})")
-        if fp != modes_fingerprint(rcfg, ctx["cache"]):
-            raise ConfigError(f"{path} holds modes made with other mode parameters or latents than this run's "
-                              f"(--method, --formulation, --ipc, --seed, --mode-*, ...); recompute them with "
-                              f"`manifoldgd-fast modes` and the same flags, or drop --modes-dir")
-        modes = modes.to(z.device).view(rcfg.ipc, *z.shape[1:])
+        modes = load_modes(rcfg, ctx["cache"], name, tuple(z.shape[1:])).to(z.device)
     elif guided:
         with phase("modes"):
             modes = class_modes(rcfg, name, z)

@@ -480,15 +480,21 @@ def _kmeans_medoid_rule(d: dict) -> dict:
     return {"kmeans_medoid": "class"} if (d.get("mode_method"), d.get("mode_point")) == ("kmeans", "medoid") else {}
 
 
-def modes_fingerprint(cfg: "DistillConfig", latent_cache: str) -> str:
-    """Hash of what a class's modes depend on: the resolved mode parameters and the latent cache."""
+def modes_fingerprint(cfg: "DistillConfig", latent_cache: str, name: str) -> str:
+    """Hash of what class ``name``'s modes depend on: the resolved mode parameters, the class, and its
+    latents as the cache holds them (the record of its cache file: image files and their stamps, the VAE's
+    weights, how they were encoded), so that modes of changed images or another VAE under the same paths
+    are not taken, and the same latents under another cache folder are."""
     import hashlib
 
+    from .latents import cache_record_digest
+
     d = {k: getattr(cfg, k) for k in MODE_FIELDS}
-    if cfg.mode_method == "gmm":  # only GMM's modes depend on it (older caches of other methods stay valid)
+    if cfg.mode_method == "gmm":  # only GMM's modes depend on it
         d["gmm_iters"] = cfg.gmm_iters
     d.update(_kmeans_medoid_rule(d))
-    d["latent_cache"] = os.path.abspath(latent_cache)
+    d["class"] = name
+    d["latents"] = cache_record_digest(latent_cache, name)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

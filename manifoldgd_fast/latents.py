@@ -153,6 +153,20 @@ def _read_meta(path: str) -> dict[str, Any] | None:
         return None
 
 
+def cache_record_digest(cache_dir: str, name: str) -> str | None:
+    """sha256 (16 hex digits) of class ``name``'s cache file record (its metadata: class, image files and
+    their stamps, skipped files, VAE digest, image size, how it was encoded); None without a readable file.
+    Changes whenever the class is encoded again; the same file copied elsewhere keeps it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(class_cache_path(cache_dir, name), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # missing, damaged or foreign
+        return None
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+
+
 UNREADABLE = "unreadable or of another format"
 
 

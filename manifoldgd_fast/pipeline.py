@@ -31,8 +31,8 @@ from .distributed import Shard
 from .profile import phase
 from .errors import ConfigError, DataError
 from . import classrun
-from .classrun import (_check_class, _prefetched_group, _receive, check_decoded, class_modes, distill_group, modes_file,
-                       read_modes)
+from .classrun import (_check_class, _prefetched_group, _receive, check_decoded, class_modes, distill_group,
+                       load_modes, modes_file, read_modes)
 from .output import (CONTACT_SHEET, DONE_MARK, LOCK_NAME, MANIFEST, MANIFEST_LOCK, MODES_DIR, RESERVED_DIRS,
                      OutputWriter, RunLock, atomic_write_bytes, class_done, lock_is_held, resize_images)
 from .finetune import read_finetune_record
@@ -373,11 +373,13 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
 
         check_zero_snr(rcfg, make_schedule(rcfg.steps, rcfg.sampler, **ctx["schedule_kw"]))
     # Check this rank's classes before anything is written (latents stay on disk until their turn).
+    if rcfg.modes_dir is not None and rcfg.method not in ("manifoldgd", "mgd3"):
+        log.warning("--modes-dir %s is not read: --method %s uses no modes", rcfg.modes_dir, rcfg.method)
+    latent_shape = (ctx["dit_info"]["in_channels"], ctx["dit_info"]["latent_size"], ctx["dit_info"]["latent_size"])
     for e in mine:
         _check_class(rcfg, e.name, ctx["counts"][e.name])
-        if rcfg.modes_dir is not None and rcfg.method in ("manifoldgd", "mgd3"):
-            if not os.path.isfile(modes_file(rcfg.modes_dir, e.name)):
-                raise DataError(f"--modes-dir {rcfg.modes_dir}: no modes for class {e.name}")
+        if rcfg.modes_dir is not None and rcfg.method in ("manifoldgd", "mgd3"):  # every file, before any class
+            load_modes(rcfg, ctx["cache"], e.name, latent_shape)
 
     identity = fingerprint_fields(rcfg, entries)
     fp = fields_digest(identity)
@@ -655,13 +657,14 @@ def compute_modes(config: DistillConfig | dict) -> dict[str, str]:
         rcfg = cfg.resolve(len(ctx["entries"]), backbone=ctx["backbone"])
         for e in ctx["mine"]:
             _check_class(dataclasses.replace(rcfg, method="mgd3"), e.name, ctx["counts"][e.name])
-        fp = modes_fingerprint(rcfg, ctx["cache"])
         paths = {}
         for e in ctx["mine"]:
+            fp = modes_fingerprint(rcfg, ctx["cache"], e.name)
             p = modes_file(os.path.join(cfg.out, MODES_DIR), e.name)
             old, old_fp = read_modes(p)
             if old is not None and old_fp != fp:
-                raise ConfigError(f"{p} holds modes made with other mode parameters or latents; use a new --out")
+                raise ConfigError(f"{p} holds modes made with other mode parameters or latents (the class's images "
+                                  "or the VAE changed since?); delete it to recompute, or use a new --out")
             if old is None:
                 z, _ = load_class_latents(ctx["cache"], e.name)
                 m = class_modes(rcfg, e.name, z.to(ctx["device"]).float())

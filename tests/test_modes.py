@@ -426,8 +426,8 @@ def test_gmm_iters_is_its_own_cap():
 
     assert fingerprint(cfg(gmm_iters=7)) == fingerprint(cfg())
     assert fingerprint(cfg(mode_method="gmm", gmm_iters=7)) != fingerprint(cfg(mode_method="gmm"))
-    assert modes_fingerprint(cfg(gmm_iters=7), "c") == modes_fingerprint(cfg(), "c")
-    assert modes_fingerprint(cfg(mode_method="gmm", gmm_iters=7), "c") != modes_fingerprint(cfg(mode_method="gmm"), "c")
+    assert modes_fingerprint(cfg(gmm_iters=7), "c", "a") == modes_fingerprint(cfg(), "c", "a")
+    assert modes_fingerprint(cfg(mode_method="gmm", gmm_iters=7), "c", "a") != modes_fingerprint(cfg(mode_method="gmm"), "c", "a")
     with pytest.raises(ConfigError, match="--gmm-iters must be an integer >= 1"):
         DistillConfig(gmm_iters=0).validate()
 
@@ -488,7 +488,7 @@ def test_kmeans_medoid_rule_in_fingerprints():
     for kw in ({}, {"mode_method": "kmeans"}, {"mode_point": "medoid"}):
         assert "kmeans_medoid" not in fingerprint_fields(cfg(**kw))
     a, b = cfg(mode_method="kmeans", mode_point="medoid"), cfg(mode_method="kmeans", mode_point="mean")
-    assert modes_fingerprint(a, "c") != modes_fingerprint(b, "c")
+    assert modes_fingerprint(a, "c", "x") != modes_fingerprint(b, "c", "x")
 
 
 def test_discover_modes_errors():

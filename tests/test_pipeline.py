@@ -355,6 +355,52 @@ def test_distill_from_precomputed_modes_gives_the_same_bytes(tiny_world, tmp_pat
     assert "no modes for class apple" in capsys.readouterr().err
 
 
+def test_precomputed_modes_are_tied_to_their_class_and_its_latents(tiny_world, tmp_path, capsys):
+    """Modes count by the class and its cached latents, not by the cache's folder: the same latents copied
+    under another --cache-dir are accepted (same bytes); a class encoded again (changed images, another VAE
+    under the same name) or another class's file are refused; every modes file is checked before any class
+    is written (a damaged or short one is one line, not a traceback after the first classes)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    cache = os.path.join(tiny_world["root"], "cache")
+    base = ["--data", tiny_world["data"], "--model", tiny_world["model"], "--cache-dir", cache]
+    assert main(["modes", *base, "--out", str(tmp_path / "m"), *FAST]) == 0
+    assert main(_args(tiny_world, tmp_path / "a")) == 0
+    modes = tmp_path / "m" / "modes"
+    shutil.copytree(cache, tmp_path / "cache2")
+    copy = _args(tiny_world, tmp_path / "b", "--modes-dir", str(modes))
+    copy[copy.index("--cache-dir") + 1] = str(tmp_path / "cache2")
+    assert main(copy) == 0 and _digest(tmp_path / "a") == _digest(tmp_path / "b")
+
+    # apple encoded again (here: its record rewritten, as a re-encode with changed stamps rewrites it)
+    (f,) = [p for p in (tmp_path / "cache2").rglob("apple.safetensors")]
+    with safe_open(str(f), framework="pt") as h:
+        meta = h.metadata()
+    save_file(load_file(str(f)), str(f), metadata={**meta, "stamps": meta["stamps"].replace("[", "[ ", 1)})
+    capsys.readouterr()
+    copy[copy.index("--out") + 1] = str(tmp_path / "c")
+    assert main(copy) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "apple.safetensors holds modes made with other mode parameters or latents" in err[0], err
+    assert not (tmp_path / "c" / "apple").exists()
+
+    m2 = tmp_path / "m2"
+    shutil.copytree(modes, m2)
+    shutil.copy(m2 / "apple.safetensors", m2 / "banana.safetensors")   # another class's modes
+    run = _args(tiny_world, tmp_path / "d", "--modes-dir", str(m2))
+    assert main(run) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "banana.safetensors holds modes made with other" in err[0], err
+    assert not (tmp_path / "d" / "apple").exists()                      # refused before apple was written
+    (m2 / "banana.safetensors").write_bytes(b"garbage")
+    assert main(run) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "banana.safetensors: not a modes file" in err[0] and not (tmp_path / "d" / "apple").exists()
+
+
 def test_embedded_demo_runs_without_arguments(tmp_path, monkeypatch):
     """No --data / --model: the shipped digits world; a short run on 2 classes, then its eval."""
     import json as _json
