@@ -38,7 +38,7 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
              batch_size: int = 32, rsm_lambda: float = 1e-3, label_dropout: float = 0.1, ema_decay: float = 0.9999,
              grad_clip: float = 1.0, save_every: int = 100, seed: int = 0, device: str = "auto",
              dtype: str = "bfloat16", cache_dir: str | None = None, classes: str | None = None,
-             stop_after: int | None = None, log=print) -> str:
+             label_map: str = "auto", stop_after: int | None = None, log=print) -> str:
     """Fine-tune ``model`` on ``data``; write ``out/{transformer,vae}``; return ``out``.
 
     stop_after: stop (after checkpointing) once this many steps ran in this
@@ -61,13 +61,19 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
                     "--rsm-lambda": ">= 0 and finite", "--grad-clip": ">= 0 (0: no clipping)",
                     "--seed": ">= 0"}.get(name, "in [0, 1)")
             raise ConfigError(f"{name} {v}: must be {rule}")
+    if dtype == "float16":  # (no loss scaling here: fp16 gradients of a DiT underflow)
+        raise ConfigError("--dtype float16: finetune trains under bfloat16 autocast or in float32, without the "
+                          "loss scaling float16 would need; use --dtype bfloat16 or float32")
     check_finetune_out(out, data, model)
     cfg = DistillConfig(data=data, model=model, vae=vae, device=device, dtype=dtype, cache_dir=cache_dir,
-                        classes=classes, ipc=1)
-    ctx = prepare(cfg)
+                        classes=classes, label_map=label_map, ipc=1)
+
+    def trainable(pre: dict) -> None:  # refused before the latent cache is filled (hours on ImageNet)
+        if pre["backbone"] == "sd" or not pre["dit_info"]["learned_sigma"]:
+            raise ConfigError(f"--model {model}: finetune trains DiTs with learned sigma (out_channels = 2 x in)")
+
+    ctx = prepare(cfg, before_cache=trainable)
     dev, info = ctx["device"], ctx["dit_info"]
-    if not info["learned_sigma"]:
-        raise ConfigError(f"--model {model}: finetune trains DiTs with learned sigma (out_channels = 2 x in)")
     # the training set: every class's latents, held as fp16 on the host
     zs, ys = [], []
     for e in ctx["entries"]:
@@ -84,7 +90,13 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
     work = os.path.join(out, "checkpoint.pt")
     step = 0
     if os.path.isfile(work):
-        state = torch.load(work, map_location=dev, weights_only=False)
+        try:
+            state = torch.load(work, map_location=dev, weights_only=False)
+            if not isinstance(state, dict) or not {"model", "ema", "opt", "step", "settings"} <= set(state):
+                raise ValueError("not a finetune checkpoint")
+        except Exception as e:  # truncated (a full disk), foreign
+            raise ConfigError(f"{work} is damaged ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}); "
+                              "delete it to start the fine-tune over") from None
         if state["settings"] != _settings(locals()):
             raise ConfigError(f"{out} holds a fine-tune with other settings; use a new --out")
         net.load_state_dict(state["model"])
@@ -177,8 +189,11 @@ def read_finetune_record(model: str | None) -> dict | None:
 def _settings(scope: dict) -> dict:
     keys = ("data", "model", "vae", "steps", "lr", "batch_size", "rsm_lambda", "label_dropout", "ema_decay",
             "grad_clip", "seed", "dtype", "classes")
-    # the EMA's warm-up rule: a run checkpointed before it (a flat decay) is refused on resume
-    return {**{k: scope[k] for k in keys}, "ema_warmup": EMA_WARMUP}
+    # the EMA's warm-up rule: a run checkpointed before it (a flat decay) is refused on resume; a label map
+    # other than auto counts (auto's fine-tunes, checkpointed before the flag existed, stay resumable)
+    lm = scope["label_map"]
+    extra = {} if lm == "auto" else {"label_map": os.path.abspath(lm) if os.path.isfile(lm) else lm}
+    return {**{k: scope[k] for k in keys}, "ema_warmup": EMA_WARMUP, **extra}
 
 
 def add_finetune_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -200,6 +215,9 @@ def add_finetune_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seeds the batches, noise and label dropout")
     g.add_argument("--classes", default=None, help="restrict to a subset: nette, woof, imagenet100, idc, imagenet1k, "
                    "a text file, or 'a,b,c' (default: every class folder)")
+    g.add_argument("--label-map", default="auto", help="folder name -> DiT class id, as distill's --label-map: "
+                   "auto (ImageNet wnids if all folders are wnids, else sorted), imagenet1k, sorted, or a class-map "
+                   "file (give distill the same one)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", default="bfloat16", help="autocast dtype on CUDA (CPU trains in float32)")
     g.add_argument("--cache-dir", default=None, help="latent cache root (default: $MANIFOLDGD_CACHE or "

@@ -128,7 +128,8 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
     count before anything is encoded.
 
     ``before_cache(pre)``: called before anything is encoded, with ``pre`` holding entries, device,
-    backbone, schedule_kw and weights (a distill refuses a resume into another run's OUT there).
+    backbone, schedule_kw, weights and dit_info (a distill refuses a resume into another run's OUT there; a
+    finetune a model it cannot train).
 
     Returns a context dict: all class entries (run order), this rank's entries (to do),
     latent counts of this rank's classes, models, device, cache folder.
@@ -244,7 +245,8 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
             raise ConfigError(f"--image-size {cfg.image_size} does not match the model's {latent} px")
     image_size = cfg.image_size or (info["latent_size"] * vinfo["downsample"] if info else 256)
     if before_cache is not None:
-        before_cache(dict(entries=entries, device=device, backbone=backbone, schedule_kw=schedule_kw, weights=weights))
+        before_cache(dict(entries=entries, device=device, backbone=backbone, schedule_kw=schedule_kw, weights=weights,
+                          dit_info=info))
     cache = latent_cache_dir(cfg.cache_dir, cfg.data, cfg.vae or cfg.model, image_size, encode_precision(device, dtype))
     stats = cache_latents(mine, vae, cache_dir=cache, image_size=image_size, batch_size=cfg.encode_batch_size,
                           device=device, dtype=dtype, num_workers=cfg.encode_workers, vae_digest=weights["vae"])

@@ -1,7 +1,9 @@
 """RSM fine-tuning: the L1 term's gradient, resume to the same weights, the result loads and samples."""
 import json
 import os
+import shutil
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -74,6 +76,51 @@ def test_finetune_cli_bad_input(tiny_world, tmp_path, capsys):
     rc = main(["finetune", "--data", tiny_world["data"], "--model", tiny_world["model"], "--out", str(tmp_path / "x"),
                "--steps", "0"])
     assert rc == 2 and "--steps" in capsys.readouterr().err
+
+
+def test_finetune_takes_distills_label_map_and_refuses_early(tiny_world, tmp_path, capsys, monkeypatch):
+    """--label-map reaches the fine-tune's labels (the classes it trains are those distill will sample), and
+    counts on resume; --dtype float16 (no loss scaling), a model it cannot train and a damaged checkpoint are
+    one line, the model before any latent is encoded."""
+    from manifoldgd_fast import latents as L
+    from manifoldgd_fast import pipeline
+
+    seen = []
+    real = pipeline.prepare
+    monkeypatch.setattr(pipeline, "prepare", lambda cfg, **k: seen.append(cfg.label_map) or real(cfg, **k))
+    cmap = tmp_path / "map.json"
+    cmap.write_text(json.dumps({"apple": 2, "banana": 1, "cherry": 0}))
+    base = ["finetune", "--data", tiny_world["data"], "--model", tiny_world["model"], "--steps", "1",
+            "--batch-size", "2", "--device", "cpu", "--cache-dir", os.path.join(tiny_world["root"], "cache")]
+    assert main([*base, "--out", str(tmp_path / "a"), "--label-map", str(cmap)]) == 0
+    assert seen == [str(cmap)]
+    assert json.loads((tmp_path / "a" / "finetune.json").read_text())["label_map"] == str(cmap)
+    capsys.readouterr()
+    for extra, why in [(["--dtype", "float16"], "--dtype float16: finetune trains under bfloat16 autocast or"),
+                       (["--label-map", "nope"], "--label-map")]:
+        assert main([*base, "--out", str(tmp_path / "b"), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and why in err[0], err
+    # a model without learned sigma: refused before the cache is filled
+    from manifoldgd_fast.models import build_dit, save_pretrained_folder, tiny_dit_config
+
+    plain = tmp_path / "plain"
+    save_pretrained_folder(build_dit({**tiny_dit_config(num_classes=3, sample_size=8), "out_channels": 4}),
+                           str(plain / "transformer"))
+    shutil.copytree(os.path.join(tiny_world["model"], "vae"), plain / "vae")
+    monkeypatch.setattr(L, "cache_latents", lambda *a, **k: pytest.fail("encoded before the refusal"))
+    args = [*base, "--out", str(tmp_path / "c")]
+    args[args.index("--model") + 1] = str(plain)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "finetune trains DiTs with learned sigma" in err[0], err
+    # a truncated checkpoint (a full disk): one line, naming it
+    monkeypatch.undo()
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "checkpoint.pt").write_bytes(b"PK\x03\x04 half")
+    assert main([*base, "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint.pt is damaged" in err[0] and "delete it" in err[0], err
 
 
 def test_grad_clip_zero_means_no_clipping(tiny_world, tmp_path):
