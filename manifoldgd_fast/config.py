@@ -272,7 +272,8 @@ class DistillConfig:
         for name in ("save_latents", "contact_sheet"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if self.loop == "fast" and self.method == "manifoldgd" and self.guidance_noise == "generator":
+        term = self.lambda_n if self.formulation == "paper" else self.manifold_scale  # None: a default, > 0
+        if self.loop == "fast" and self.method == "manifoldgd" and self.guidance_noise == "generator" and term != 0:
             raise ConfigError("--loop fast needs --guidance-noise philox for ManifoldGD (generator-drawn cloud "
                               "noise shares the step-noise generators)")
         if self.compile != "none" and self.loop == "reference":

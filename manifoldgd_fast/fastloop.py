@@ -66,6 +66,13 @@ def predraw_noise(run: Sampling, shape: tuple[int, ...], generators, device) -> 
     return out
 
 
+def _draws_cloud_noise(guidance: Guidance) -> bool:
+    """Whether the guidance runs a manifold term (and so draws cloud / patch noise): ManifoldGD with a nonzero
+    --lambda-n (paper) or --manifold-scale (official)."""
+    c = guidance.cfg
+    return guidance.manifold and (c.lambda_n if c.formulation == "paper" else c.manifold_scale) > 0
+
+
 def _graph_blocker(run: Sampling, device: torch.device, guidance: Guidance | None) -> str | None:
     """Why this run cannot be captured into CUDA graphs, or None (generator-drawn cloud noise is
     refused before: the fast loop cannot take it at all)."""
@@ -78,7 +85,7 @@ def _graph_blocker(run: Sampling, device: torch.device, guidance: Guidance | Non
     # torch.linalg.eigh checks its result; the noise counters are built on the host)
     c = guidance.cfg
     paper = c.formulation == "paper"
-    if (c.lambda_n if paper else c.manifold_scale) <= 0:
+    if not _draws_cloud_noise(guidance):
         return None  # no manifold term: nothing of the kind runs
     if c.backend == "reference":
         return "the reference guidance ops sync with the host (--backend auto or triton)"
@@ -194,7 +201,7 @@ class FastSampler:
         reference loop expects). Returns (x_0 (B, C, h, w) float32, norms (B, S)): norms[:, j]
         is |x| of each sample after the j-th step (the trajectory-variance trace).
         """
-        if guidance is not None and guidance.manifold and not guidance.philox:
+        if guidance is not None and _draws_cloud_noise(guidance) and not guidance.philox:
             # the reference loop interleaves cloud / patch draws with the step noise on the same
             # generators; pre-drawn step noise would shift them
             raise ConfigError("the fast loop needs --guidance-noise philox for ManifoldGD "
@@ -342,6 +349,11 @@ class FastSampler:
                 graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
                 try:
                     self._step_into(gs, i)     # recorded only, not run
-                finally:
-                    graph.capture_end()
+                except BaseException:
+                    try:  # end the capture; its own error (an invalidated capture) would hide the step's
+                        graph.capture_end()
+                    except Exception:
+                        pass
+                    raise
+                graph.capture_end()
             gs.graphs[i] = graph

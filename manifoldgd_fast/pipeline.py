@@ -706,9 +706,12 @@ def profile_run(config: DistillConfig | dict, *, classes: int = 1, out: str | No
     names = [e.name for e in scan_image_folder(cfg.data, classes=class_list(cfg.classes) if cfg.classes else None,
                                                 label_map=cfg.label_map, warn_stray=False)]
     tmp = None if out else tempfile.mkdtemp(prefix="manifoldgd-profile-")
-    # the data set's defaults (radius, bandwidth, start level) are those of all its classes, not of the few profiled
+    # the data set's defaults (radius, bandwidth, start level) are those of all its classes, not of the few profiled;
+    # so is the class batch: the whole run samples batch-size // ipc classes at a time (padded where it has fewer),
+    # and the profile times that batch shape, not one class's ipc rows
+    class_batch = cfg.class_batch or max(1, min(cfg.batch_size // cfg.ipc, len(names)))
     run = dataclasses.replace(cfg, classes=",".join(names[:classes]), out=out or tmp, contact_sheet=False,
-                              **cfg.dataset_defaults(len(names)))
+                              class_batch=class_batch, **cfg.dataset_defaults(len(names)))
     try:
         with profiling(resolve_device(run.device)) as prof:
             t0 = time.perf_counter()
@@ -729,6 +732,7 @@ def profile_run(config: DistillConfig | dict, *, classes: int = 1, out: str | No
         raise ConfigError(f"--out {out}: the profiled classes ({done}) are already distilled there, so nothing "
                           "was sampled to time; give a new --out, or none (a temporary folder)")
     rep.update(wall_seconds=round(wall, 3), classes=list(res.distilled), method=run.method,
-               formulation=run.formulation, ipc=run.ipc, batch_size=run.batch_size,
+               formulation=run.formulation, ipc=run.ipc, batch_size=run.batch_size, class_batch=class_batch,
+               loop="eager (the profiler times each phase: no CUDA graphs)",
                images_per_second=round(len(res.distilled) * run.ipc / wall, 4) if wall > 0 else None)
     return rep

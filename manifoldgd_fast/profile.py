@@ -47,10 +47,11 @@ class Profiler:
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
-        self._events: list[tuple[str, Any, Any]] = []   # (name, start, end): events or floats
+        self._events: list[tuple[str, Any, Any, int]] = []   # (name, start, end, step): events or floats
         self.steps = 0          # denoising steps of every batch (steps x batches)
         self.guided_steps = 0   # those in which a guidance phase ran
         self._guided = False
+        self._first_guided = False  # whether the run's first step was guided (it is left out of the report)
         self._nvtx_range = _nvtx_range() if self.cuda else None
 
     @contextlib.contextmanager
@@ -68,44 +69,61 @@ class Profiler:
                     yield
                 finally:
                     end.record()
-                self._events.append((name, start, end))
+                self._events.append((name, start, end, self.steps))
             else:
                 t0 = time.perf_counter()
                 try:
                     yield
                 finally:
-                    self._events.append((name, t0, time.perf_counter()))
+                    self._events.append((name, t0, time.perf_counter(), self.steps))
 
     def step_done(self) -> None:
+        if self.steps == 0:
+            self._first_guided = self._guided
         self.steps += 1
         self.guided_steps += self._guided
         self._guided = False
 
-    def totals_ms(self) -> dict[str, float]:
+    def _warmup(self) -> bool:
+        """Whether the run's first step is left out: it pays one-time costs (lazy imports, first kernel
+        launches, Triton compilation, library start-up) that no later step does. Kept when it is the only one."""
+        return self.steps > 1
+
+    def totals_ms(self, skip_first: bool = False) -> dict[str, float]:
+        """Total ms per phase; ``skip_first``: without the step phases of the run's first step."""
         if self.cuda:
             torch.cuda.synchronize(self.device)
         out: dict[str, float] = defaultdict(float)
-        for name, a, b in self._events:
+        for name, a, b, step in self._events:
+            if skip_first and step == 0 and name in STEP_PHASES:
+                continue
             out[name] += (b - a) * 1e3 if isinstance(a, float) else a.elapsed_time(b)
         return dict(out)
 
     def report(self) -> dict[str, Any]:
         """Per phase: total ms, ms per step and share of the step time (the MANIFOLD_PARTS are shares
         inside "manifold", not added again). ``guidance_overhead``: guidance ms per guided step over the
-        plain step's ms (DiT forward + scheduler, per step); ``guidance_share``: guidance over all steps."""
-        tot = self.totals_ms()
+        plain step's ms (DiT forward + scheduler, per step); ``guidance_share``: guidance over all steps.
+        The run's first step is left out of these (``first_step_ms`` reports it: one-time costs such as
+        kernel compilation land there) when there are others; ``steps`` / ``guided_steps`` count all."""
+        skip = self._warmup()
+        tot = self.totals_ms(skip_first=skip)
+        first = sum(v for k, v in self.totals_ms().items() if k in TOP_STEP_PHASES) - \
+            sum(v for k, v in tot.items() if k in TOP_STEP_PHASES)
         step_total = sum(v for k, v in tot.items() if k in TOP_STEP_PHASES)
         guidance = sum(v for k, v in tot.items() if k in GUIDANCE_PHASES)
-        steps = max(self.steps, 1)
+        steps = max(self.steps - skip, 1)
+        guided_steps = self.guided_steps - (skip and self._first_guided)
         plain_per_step = (step_total - guidance) / steps
-        phases = {k: {"total_ms": round(v, 3), "per_step_ms": round(v / steps, 4),
+        phases = {k: {"total_ms": round(v, 3), "per_step_ms": round(v / steps, 4) if k in STEP_PHASES else None,
                       "share_of_step": round(v / step_total, 4) if step_total and k in STEP_PHASES else None,
                       **({"within": "manifold"} if k in MANIFOLD_PARTS else {})}
                   for k, v in sorted(tot.items(), key=lambda kv: -kv[1])}
         overhead = None
-        if self.guided_steps and plain_per_step > 0 and "graph_step" not in tot:
-            overhead = round(guidance / self.guided_steps / plain_per_step, 4)
+        if guided_steps and plain_per_step > 0 and "graph_step" not in tot:
+            overhead = round(guidance / guided_steps / plain_per_step, 4)
         return {"device": str(self.device), "steps": self.steps, "guided_steps": self.guided_steps,
+                "first_step_ms": round(first, 3) if skip else None,
                 "step_total_ms": round(step_total, 3), "per_step_ms": round(step_total / steps, 4),
                 "guidance_overhead": overhead,
                 "guidance_share": round(guidance / step_total, 4) if step_total else None,
@@ -160,9 +178,11 @@ def format_table(rep: dict[str, Any]) -> str:
                 f"scheduler) per guided step; {100 * rep['guidance_share']:.1f} % of all step time")
     else:
         head = "guidance overhead: n/a (no guided step, or whole steps replayed from CUDA graphs)"
+    first = (f"; the first step ({rep['first_step_ms']:.1f} ms: one-time costs such as kernel compilation) is "
+             "left out of the figures below" if rep.get("first_step_ms") is not None else "")
     lines = [f"device {rep['device']}, {rep['steps']} denoising steps over all batches "
              f"({rep['guided_steps']} guided), {rep['per_step_ms']:.3f} ms per step "
-             f"(DiT forward + guidance + scheduler)", head,
+             f"(DiT forward + guidance + scheduler){first}", head,
              "", "| phase | total ms | ms / step | share of step |", "|---|---|---|---|"]
     for k, v in rep["phases"].items():
         share = f"{100 * v['share_of_step']:.1f} %" if v["share_of_step"] is not None else "—"

@@ -140,6 +140,21 @@ def test_fast_loop_refuses_generator_cloud_noise(model):
         FastSampler(run).sample(x_T, y, gens, guidance=gd)
     with pytest.raises(ConfigError, match="guidance-noise philox"):
         DistillConfig(loop="fast", guidance_noise="generator").validate()
+    # without a manifold term nothing draws cloud / patch noise: taken, and the reference loop's latents
+    from manifoldgd_fast.sampler import sample
+
+    for formulation, off in (("official", {"manifold_scale": 0.0}), ("paper", {"lambda_n": 0.0})):
+        cfg = DistillConfig(loop="fast", guidance_noise="generator", formulation=formulation, t_stop=5, steps=10,
+                            ipc=3, **off).validate().resolve(10, "cpu")
+        run, fresh = _setup(model, formulation=formulation, noise="generator")
+        x_T, y, gens, gd, _ = fresh()
+        gd.cfg = cfg
+        fast, _ = FastSampler(run).sample(x_T, y, gens, guidance=gd)
+        x_T, y, gens, gd, _ = fresh()
+        gd.cfg = cfg
+        ref = sample(model, run.schedule, x_T, y, null_class=NULL, formulation=formulation, generators=gens,
+                     guidance=gd)
+        torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_cuda_graph_needs_cuda(model):
@@ -215,12 +230,16 @@ def test_graph_emulation_refuses_what_capture_cannot_take():
     from torch.fx.experimental.proxy_tensor import make_fx
 
     t = torch.tensor([0.0, 1.0, 2.0])
-    for step in (lambda: torch.nonzero(t), lambda: t + torch.randn(3), lambda: t[t > 0]):
+    A = torch.eye(3) + 0.1
+    for step in (lambda: torch.nonzero(t), lambda: t + torch.randn(3), lambda: t[t > 0], lambda: torch.randn_like(t),
+                 lambda: torch.linalg.cholesky(A), lambda: torch.linalg.eigh(A)[0], lambda: torch.linalg.solve(A, A),
+                 lambda: t * torch.tensor([1.0, 2.0, 3.0]), lambda: torch.bincount(t.long())):
         with pytest.raises(AssertionError, match="cannot be captured"):
             TracedStep(make_fx(step, tracing_mode="real")())
     with pytest.raises(RuntimeError):
         make_fx(lambda: t * float(t.sum()), tracing_mode="real")()       # a host read, as under capture
     TracedStep(make_fx(lambda: t * 2, tracing_mode="real")())
+    TracedStep(make_fx(lambda: torch.linalg.cholesky_ex(A)[0] + torch.full((3,), 2.0), tracing_mode="real")())
 
 
 # ---------------------------------------------------------------------------- CUDA graphs (GPU only)

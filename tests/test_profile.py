@@ -28,24 +28,39 @@ def test_profiler_times_phases_and_is_a_noop_when_inactive(clock):
     with phase("outside"):  # no profiler: nothing recorded, nothing raised
         pass
     with profiling("cpu") as prof:
-        for _ in range(3):
+        with phase("modes"):
+            clock.sleep(0.002)
+        for j in range(4):
             with phase("dit_forward"):
-                clock.sleep(0.01)
+                clock.sleep(0.01 + 0.5 * (j == 0))   # the first step pays one-time costs (compilation)
             with phase("manifold"):
-                clock.sleep(0.005)
+                clock.sleep(0.005 + 0.1 * (j == 0))
             prof.step_done()
+        with phase("vae_decode"):
+            clock.sleep(0.003)
     rep = prof.report()
-    assert rep["steps"] == 3 and set(rep["phases"]) == {"dit_forward", "manifold"}
+    assert rep["steps"] == 4 and set(rep["phases"]) == {"dit_forward", "manifold", "modes", "vae_decode"}
+    assert rep["first_step_ms"] == pytest.approx(615)          # left out of the figures, reported alone
     assert rep["phases"]["dit_forward"]["total_ms"] == pytest.approx(30)
+    assert rep["phases"]["dit_forward"]["per_step_ms"] == pytest.approx(10)
+    assert rep["phases"]["modes"]["per_step_ms"] is None and rep["phases"]["vae_decode"]["share_of_step"] is None
     assert rep["guidance_overhead"] == pytest.approx(0.5)     # 5 ms of guidance per 10 ms unguided step
-    assert abs(sum(v["share_of_step"] for v in rep["phases"].values()) - 1) < 1e-3
+    assert abs(sum(v["share_of_step"] for k, v in rep["phases"].items() if k in ("dit_forward", "manifold")) - 1) < 1e-3
+    from manifoldgd_fast.profile import format_table
+
+    assert "the first step (615.0 ms: one-time costs such as kernel compilation) is left out" in format_table(rep)
+    with profiling("cpu") as one:   # a single step: nothing else to report, so it is kept
+        with phase("dit_forward"):
+            clock.sleep(0.01)
+        one.step_done()
+    assert one.report()["first_step_ms"] is None and one.report()["per_step_ms"] == pytest.approx(10)
 
 
 def test_overhead_is_per_guided_step_and_manifold_parts_are_not_counted_twice(clock):
     """4 steps of which 2 guided: the headline is the guided step's guidance over the plain step (0.5), not
     the whole run's (0.2); kNN / Gram + eig / projection inside "manifold" are shares of it, not extra time."""
     with profiling("cpu") as prof:
-        for i in range(4):
+        for i in range(-1, 4):          # (a first step, left out of the report)
             with phase("dit_forward"):
                 clock.sleep(0.02)
             if i < 2:
@@ -55,7 +70,7 @@ def test_overhead_is_per_guided_step_and_manifold_parts_are_not_counted_twice(cl
                             clock.sleep(s)
             prof.step_done()
     rep = prof.report()
-    assert (rep["steps"], rep["guided_steps"]) == (4, 2)
+    assert (rep["steps"], rep["guided_steps"]) == (5, 3)
     assert rep["guidance_overhead"] == pytest.approx(0.5) and rep["guidance_share"] == pytest.approx(0.2)
     top = [v["share_of_step"] for k, v in rep["phases"].items() if "within" not in v]
     assert abs(sum(top) - 1) < 1e-3
@@ -64,7 +79,7 @@ def test_overhead_is_per_guided_step_and_manifold_parts_are_not_counted_twice(cl
     assert sum(v["total_ms"] for v in parts.values()) <= rep["phases"]["manifold"]["total_ms"]
     from manifoldgd_fast.profile import format_table
 
-    assert "| manifold: knn |" in format_table(rep) and "(2 guided)" in format_table(rep)
+    assert "| manifold: knn |" in format_table(rep) and "(3 guided)" in format_table(rep)
 
 
 def test_profile_command(tiny_world, tmp_path, capsys):
@@ -76,6 +91,8 @@ def test_profile_command(tiny_world, tmp_path, capsys):
     assert "guidance overhead" in table and "| dit_forward |" in table
     rep = json.loads(js.read_text())
     assert rep["steps"] == 6 and rep["classes"] == ["apple"] and rep["formulation"] == "official"
+    # the batch shape the whole run samples (16 // 2 = 8 classes a batch, the 3 the data set has), not 1 class's
+    assert rep["class_batch"] == 3 and rep["loop"].startswith("eager")
     assert {"dit_forward", "scheduler", "cloud", "manifold", "mode_term", "vae_decode", "io"} <= set(rep["phases"])
     # the reference ops time their kNN, Gram + eigensolve and projection too (as the kernels do)
     assert {"knn", "gram_eig", "projection"} <= set(rep["phases"])
