@@ -261,6 +261,18 @@ def _check_layout(root: str, arg: str, flag: str) -> None:
                          "input and no unconditional pass); the SD backbone needs a UNet sampled with CFG")
 
 
+def _json_config(path: str, arg: str, flag: str, what: str = "config file") -> dict[str, Any]:
+    """A JSON object file of the folder; ModelError naming ``flag`` and the file when it is damaged."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+        if not isinstance(cfg, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{flag} {arg}: {what} {path} is damaged ({_first_line(e)})") from None
+    return cfg
+
+
 def read_scheduler_config(root: str, arg: str, flag: str = "--model") -> dict[str, Any]:
     """scheduler/scheduler_config.json of an SD folder as StableDiffusionPipeline samples with it.
 
@@ -276,14 +288,7 @@ def read_scheduler_config(root: str, arg: str, flag: str = "--model") -> dict[st
     path = os.path.join(root, "scheduler", "scheduler_config.json")
     cfg = dict(SD15_SCHEDULER_CONFIG)
     if os.path.isfile(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                given = json.load(f)
-            if not isinstance(given, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as e:
-            raise ModelError(f"{flag} {arg}: scheduler config {path} is damaged ({_first_line(e)})") from None
-        cfg.update(given)
+        cfg.update(_json_config(path, arg, flag, "scheduler config"))
     else:
         log.warning("%s %s: %s has no scheduler/scheduler_config.json; using SD 1.5's scheduler settings "
                     "(scaled_linear betas 0.00085 -> 0.012, steps_offset 1, set_alpha_to_one false)", flag, arg, root)
@@ -316,17 +321,6 @@ def _no_transformers_bars():
     finally:
         if was:
             tlog.enable_progress_bar()
-
-
-def _json_config(path: str, arg: str, flag: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-        if not isinstance(cfg, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{flag} {arg}: config file {path} is damaged ({_first_line(e)})") from None
-    return cfg
 
 
 def _default(cls, name: str):
