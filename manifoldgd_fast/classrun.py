@@ -58,7 +58,7 @@ def load_modes(rcfg: DistillConfig, cache: str, name: str, sample_shape: tuple[i
     if fp != modes_fingerprint(rcfg, cache, name):
         raise ConfigError(f"{path} holds modes made with other mode parameters or latents than this run's "
                           f"(--method, --formulation, --ipc, --seed, --mode-*, ...; or the class's images or the VAE "
-                          f"changed since); recompute them with `manifoldgd-fast modes` and the same flags, or "
+                          f"changed since, or an older version made them); recompute them with `manifoldgd-fast modes` and the same flags, or "
                           f"drop --modes-dir")
     want = (rcfg.ipc, *sample_shape)
     if modes.numel() != math.prod(want):

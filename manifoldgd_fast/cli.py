@@ -351,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
             check_out_file(ns.profile_json, "--json")  # before the run, not after it
             rep = pipeline.profile_run(cfg, classes=ns.profile_classes, out=cfg.out if "out" in vars(ns) else None)
             print(format_table(rep))
-            print(f"end to end: {rep['wall_seconds']:.2f} s, {rep['images_per_second']} images/s")
+            print(f"end to end: {rep['wall_seconds']:.2f} s (models and latents included), {rep['images_per_second']} "
+                  f"images/s at the run's batch shape ({rep['class_batch']} classes a batch, padded where fewer)")
             if ns.profile_json:
                 dump(rep, ns.profile_json)
         else:

@@ -132,11 +132,13 @@ class Shard:
 
         import torch.distributed as dist
 
-        got = [value]
-        dist.broadcast_object_list(got, src=0)
-        if got[0] != value:
-            raise DataError(f"rank {self.rank} on {socket.gethostname()} does not see what rank 0 sees ({what}): "
-                            "every rank must see the same --data and --out (a node whose mount is missing or stale?)")
+        got: list = [None] * self.world
+        dist.all_gather_object(got, (value, socket.gethostname()))
+        bad = [f"rank {r} on {host}" for r, (v, host) in enumerate(got) if v != got[0][0]]
+        if bad:  # every rank stops with the same line (rank 0 too: it would go on encoding alone)
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            raise DataError(f"{', '.join(bad[:3])}{more} does not see what rank 0 sees ({what}): every rank must see "
+                            "the same --data and --out (a node whose mount is missing or stale?)")
 
     def barrier(self) -> None:
         if self.world > 1 and not self.independent:

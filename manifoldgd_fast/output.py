@@ -123,11 +123,19 @@ def write_folder_atomically(dest: str, fill: Callable[[str], Any]) -> str:
             os.chmod(dirpath, 0o777 & ~_UMASK)
             for f in filenames:
                 os.chmod(os.path.join(dirpath, f), 0o666 & ~_UMASK)
-        if os.path.lexists(dest):
+        old = None
+        if os.path.lexists(dest):  # moved aside, and removed only once the new folder is in place
             old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
             os.replace(dest, os.path.join(old, name))
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if old is not None:  # put the old one back
+                os.replace(os.path.join(old, name), dest)
+                shutil.rmtree(old, ignore_errors=True)
+            raise
+        if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        os.rename(tmp, dest)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -282,10 +290,15 @@ def lock_is_held(path: str) -> bool:
     """Whether some process holds a ``flock`` on ``path`` (False where it does not exist or cannot be locked)."""
     try:
         import fcntl
-
-        fd = os.open(path, os.O_RDONLY)
-    except (ImportError, OSError):
+    except ImportError:
         return False
+    try:  # read-write where it can: NFS emulates flock with byte-range locks, whose exclusive kind needs it
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         fcntl.flock(fd, fcntl.LOCK_UN)

@@ -731,8 +731,11 @@ def profile_run(config: DistillConfig | dict, *, classes: int = 1, out: str | No
         done = run.classes.replace(",", ", ")
         raise ConfigError(f"--out {out}: the profiled classes ({done}) are already distilled there, so nothing "
                           "was sampled to time; give a new --out, or none (a temporary folder)")
+    # the rate at the full run's batch shape: a group of class_batch classes (padded where fewer are profiled)
+    # costs what class_batch classes cost, and yields that many classes' images in the full run
+    groups = -(-len(res.distilled) // class_batch)
     rep.update(wall_seconds=round(wall, 3), classes=list(res.distilled), method=run.method,
                formulation=run.formulation, ipc=run.ipc, batch_size=run.batch_size, class_batch=class_batch,
                loop="eager (the profiler times each phase: no CUDA graphs)",
-               images_per_second=round(len(res.distilled) * run.ipc / wall, 4) if wall > 0 else None)
+               images_per_second=round(groups * class_batch * run.ipc / wall, 4) if wall > 0 else None)
     return rep

@@ -333,8 +333,7 @@ def _default(cls, name: str):
 def _files_digest(folder: str) -> str:
     """sha256 (16 hex digits) over a folder's files, names and bytes, in sorted order (the tokenizer's)."""
     h = hashlib.sha256()
-    for dirpath, dirnames, filenames in sorted(os.walk(folder)):
-        dirnames.sort()
+    for dirpath, _, filenames in sorted(os.walk(folder)):
         for name in sorted(filenames):
             path = os.path.join(dirpath, name)
             h.update(os.path.relpath(path, folder).encode() + b"\0")

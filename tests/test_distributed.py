@@ -157,6 +157,7 @@ def test_a_rank_that_sees_other_data_stops_the_run_before_writing(world, tmp_pat
     assert r.returncode != 0
     assert "manifoldgd-fast: error: rank 1 on " in r.stderr and "does not see what rank 0 sees (the classes, " \
         "labels and files of --data and the finished classes of --out)" in r.stderr, r.stderr[-3000:]
+    assert r.stderr.count("does not see what rank 0 sees") == 2, r.stderr[-3000:]   # both ranks stop, with one line
     assert not [c for c in CLASSES if (out / c).exists()]
 
 

@@ -172,6 +172,24 @@ def test_a_folder_written_atomically_is_all_old_or_all_new(tmp_path):
     from manifoldgd_fast.output import _UMASK
     assert (dest / "config.json").stat().st_mode & 0o777 == 0o666 & ~_UMASK
     assert (dest / "sub").stat().st_mode & 0o777 == 0o777 & ~_UMASK
+    # a kill while the old folder is being deleted (slow for a DiT-XL's weights) leaves the new one in place
+    import shutil as _shutil
+
+    real_rmtree = _shutil.rmtree
+
+    def killed(path, *a, **k):
+        if ".transformer.old-" in str(path):
+            raise SystemExit("killed")
+        return real_rmtree(path, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_shutil, "rmtree", killed)
+        with pytest.raises(SystemExit):
+            write_folder_atomically(str(dest), lambda tmp: open(os.path.join(tmp, "newer"), "w").close())
+    assert os.listdir(dest) == ["newer"]
+    for n in os.listdir(tmp_path):
+        if n.startswith(".transformer.old-"):
+            real_rmtree(tmp_path / n)
     # a killed call's temp (a kill skips `finally:`) is swept by the next call once an hour old
     stale = tmp_path / ".transformer.tmp-killed"
     stale.mkdir()

@@ -399,6 +399,13 @@ def test_precomputed_modes_are_tied_to_their_class_and_its_latents(tiny_world, t
     assert main(run) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "banana.safetensors: not a modes file" in err[0] and not (tmp_path / "d" / "apple").exists()
+    with safe_open(str(modes / "banana.safetensors"), framework="pt") as h:   # one mode short, its own fingerprint
+        meta, short = h.metadata(), h.get_tensor("modes")[:1]
+    save_file({"modes": short}, str(m2 / "banana.safetensors"), metadata=meta)
+    assert main(run) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "banana.safetensors holds (1, " in err[0] and "modes, not (2, 4, 8, 8) (--ipc 2)" in err[0], err
+    assert not (tmp_path / "d" / "apple").exists()
 
 
 def test_embedded_demo_runs_without_arguments(tmp_path, monkeypatch):
