@@ -171,10 +171,11 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
     if per_class is not None:  # the run's own rules (e.g. --steps under the default --t-stop), before any encoding
         cfg.resolve(len(entries), device, backbone=backbone)
 
+    sd_checked = None
     if cfg.model is not None and backbone == "sd" and need_models:
         from .sd import check_sd_folder
 
-        check_sd_folder(cfg.model)  # the folder's scheduler and text side, before any weights (the VAE's) load
+        sd_checked = check_sd_folder(cfg.model)  # the folder's scheduler and text side, before any weights load
     vae = load_vae(cfg.vae or cfg.model, device=device, flag="--vae" if cfg.vae else "--model")
     vinfo = vae_info(vae)
     weights = {"vae": weights_digest(vae)}  # the manifest names the weights; a resume with others is refused
@@ -209,7 +210,7 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
         if need_models:  # one text-encoder pass over this rank's class prompts, none per step
             model = load_sd_denoiser(cfg.model, {e.label: prompts[e.name] for e in mine}, num_classes=n_labels,
                                      negative_prompt=cfg.negative_prompt, device=device,
-                                     names={e.label: e.name for e in mine})
+                                     names={e.label: e.name for e in mine}, checked=sd_checked)
             info = dit_info(model)
             schedule_kw = model.schedule_kwargs
             sd_scheduler = {"prediction_type": model.prediction_type, "timestep_spacing": schedule_kw["spacing"]}
@@ -314,6 +315,7 @@ def distill(config: DistillConfig | dict) -> DistillResult:
             shard.close()
 
 
+MANIFEST_PACE = 20  # rank 0 rewrites the manifest after a class once that many times its last write's cost passed
 SHARDS_OF = ".lock-shards-of-"  # held shared by every --shard K/N process of one N
 
 
@@ -441,7 +443,7 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
 
     started = []
 
-    def write_manifest(final=False):
+    def write_manifest(final=False, force=False):
         if shard.independent:
             if final or not started:  # at its end (and the first shard at its start): the other shards' classes
                 with RunLock(writer.out, name=MANIFEST_LOCK, wait=True):  # from disk
@@ -457,9 +459,17 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
                     if final and cfg.contact_sheet and all(v["status"] == "done" for v in status.values()):
                         write_contact_sheet(writer.out, [e.name for e in entries])
         elif shard.is_main:
+            # After each class, unless the last write was recent for its cost: at ImageNet-1k the manifest
+            # grows to megabytes, and rewriting it per class would cost O(classes^2) (and hold the GIL the
+            # sampling thread needs). A resume reads the classes from disk, not from here.
+            t0 = time.monotonic()
+            if not (final or force) and t0 - last_write[0] < MANIFEST_PACE * last_write[1]:
+                return
             manifest["classes"] = status
             writer.write_manifest(manifest)
+            last_write[:] = [time.monotonic(), time.monotonic() - t0]
 
+    last_write = [0.0, 0.0]   # when the manifest was last written, and what that took (s)
     write_manifest()
     todo = mine  # prepare dealt only the unfinished classes
     bar = tqdm(total=len(todo) * rcfg.ipc, desc=f"distil {rcfg.method}", unit="img", disable=None)
@@ -489,7 +499,7 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
 
     # The classes go in groups of --class-batch, each group sampled in one batch (by default
     # --batch-size // IPC classes a group, at least one). Two background
-    # threads around the sampling of group g:
+    # threads around the sampling of group g (_sample_groups):
     # one loads the latents of group g+1 and discovers their modes (on CUDA on a side stream: the GPU
     # interleaves it with the sampling), the other copies group g-1 back from the GPU (on a copy
     # stream, as soon as each class is decoded), resizes, encodes and writes its PNGs. On CUDA the
@@ -498,6 +508,29 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
     # not depend on the overlap, nor on which classes share a group.
     overlap = ctx["device"].type == "cuda" or classrun.PREFETCH_ON_CPU
     groups = [todo[i:i + rcfg.class_batch] for i in range(0, len(todo), rcfg.class_batch)]
+    try:
+        _sample_groups(groups, rcfg, ctx, overlap, bar, save)
+    except BaseException:  # killed, interrupted, failed: the manifest says which classes were finished by then
+        if shard.is_main and not shard.independent:
+            with contextlib.suppress(Exception):
+                write_manifest(force=True)
+        raise
+    bar.close()
+    shard.barrier()  # every rank's classes are on disk
+    if shard.is_main and not shard.independent:
+        status.update(_class_status(writer, entries))  # the other ranks' classes
+    write_manifest(final=True)
+    if cfg.contact_sheet and shard.is_main and not shard.independent:
+        write_contact_sheet(writer.out, [e.name for e in entries])
+    return DistillResult(out=writer.out, classes={e.name: finished.get(e.name) or _class_status(writer, [e])[e.name]
+                                                  for e in shard.mine(entries)},
+                         distilled=[e.name for e in mine], manifest=man_path, run_classes=len(entries),
+                         finished_before=ctx["finished_before"],
+                         unfinished=sum(v["status"] != "done" for v in status.values()) if status else 0)
+
+
+def _sample_groups(groups, rcfg: DistillConfig, ctx: dict, overlap: bool, bar, save) -> None:
+    """Sample the class groups in turn, with the two background threads described in :func:`_distill`."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="manifoldgd-write") as pool, \
             concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="manifoldgd-modes") as pre:
         def prefetch(group):
@@ -517,18 +550,6 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
                        for e, output in zip(group, outputs)]
         for f in pending:
             f.result()
-    bar.close()
-    shard.barrier()  # every rank's classes are on disk
-    if shard.is_main and not shard.independent:
-        status.update(_class_status(writer, entries))  # the other ranks' classes
-    write_manifest(final=True)
-    if cfg.contact_sheet and shard.is_main and not shard.independent:
-        write_contact_sheet(writer.out, [e.name for e in entries])
-    return DistillResult(out=writer.out, classes={e.name: finished.get(e.name) or _class_status(writer, [e])[e.name]
-                                                  for e in shard.mine(entries)},
-                         distilled=[e.name for e in mine], manifest=man_path, run_classes=len(entries),
-                         finished_before=ctx["finished_before"],
-                         unfinished=sum(v["status"] != "done" for v in status.values()) if status else 0)
 
 
 def _class_status(writer: OutputWriter, entries) -> dict[str, dict[str, Any]]:

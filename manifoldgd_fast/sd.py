@@ -406,9 +406,11 @@ def check_sd_folder(path_or_id, *, flag: str = "--model", cache_dir: str | None 
 
 
 def load_sd(path_or_id, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-            cache_dir: str | None = None, flag: str = "--model") -> dict[str, Any]:
+            cache_dir: str | None = None, flag: str = "--model", checked: dict | None = None) -> dict[str, Any]:
     """Load the UNet (``dtype``), CLIP text encoder (float32), tokenizer and scheduler config
     of an SD 1.x folder or cached HF id, all in eval mode on ``device``, after :func:`check_sd_folder`.
+
+    ``checked``: :func:`check_sd_folder`'s result for this folder when the caller has it (not checked again).
 
     Returns dict(unet, text_encoder, tokenizer, scheduler_config, root, text_digest): ``text_digest``
     names the text encoder's weights and the tokenizer's files (the prompt embeddings are made by
@@ -421,7 +423,7 @@ def load_sd(path_or_id, *, device: str | torch.device = "cpu", dtype: torch.dtyp
     from .latents import weights_digest
 
     arg = str(path_or_id)
-    checked = check_sd_folder(path_or_id, flag=flag, cache_dir=cache_dir)
+    checked = checked or check_sd_folder(path_or_id, flag=flag, cache_dir=cache_dir)
     te_dir = checked["te_dir"]
     unet = _load_from_folder(UNet2DConditionModel, checked["unet_dir"], flag, arg, dtype).to(device).eval()
     try:
@@ -443,13 +445,13 @@ def load_sd(path_or_id, *, device: str | torch.device = "cpu", dtype: torch.dtyp
 def load_sd_denoiser(path_or_id, prompts: Mapping[int, str], *, negative_prompt: str = "",
                      num_classes: int | None = None, device: str | torch.device = "cpu",
                      dtype: torch.dtype = torch.float32, cache_dir: str | None = None,
-                     names: Mapping[int, str] | None = None) -> TextConditionedDenoiser:
+                     names: Mapping[int, str] | None = None, checked: dict | None = None) -> TextConditionedDenoiser:
     """Load an SD 1.x model and embed the class prompts once: the pipeline's model for this backbone.
 
     prompts: class label -> prompt; names: class label -> its name in warnings (e.g. the class folder).
     The text encoder is freed after encoding.
     """
-    parts = load_sd(path_or_id, device=device, dtype=dtype, cache_dir=cache_dir)
+    parts = load_sd(path_or_id, device=device, dtype=dtype, cache_dir=cache_dir, checked=checked)
     labels = sorted(prompts)
     names = names or {}
     # one prompt per text-encoder call: a class's embedding (and so its images) does not depend on which other

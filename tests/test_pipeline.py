@@ -144,6 +144,32 @@ def test_resume_after_interruption_gives_the_same_bytes(tiny_world, tmp_path, mo
     assert _digest(out) == _digest(ref)
 
 
+def test_the_manifest_is_rewritten_at_a_pace_and_on_the_way_out(tiny_world, tmp_path, monkeypatch):
+    """Rank 0 rewrites the manifest after a class only once MANIFEST_PACE times its last write's cost has
+    passed (at ImageNet-1k it is megabytes: per class it would cost O(classes^2)); the end of the run, and a
+    run stopped part-way, write it whatever the pace, so it names every class finished by then."""
+    from manifoldgd_fast import pipeline
+
+    writes = []
+    real = OutputWriter.write_manifest
+    monkeypatch.setattr(OutputWriter, "write_manifest", lambda self, m: (writes.append(
+        sorted(k for k, v in m["classes"].items() if v["status"] == "done")), real(self, m))[1])
+    monkeypatch.setattr(pipeline, "MANIFEST_PACE", 1e9)
+    assert main(_args(tiny_world, tmp_path / "a")) == 0
+    assert writes == [[], ["apple", "banana", "cherry"]]          # the start and the end only
+    writes.clear()
+    monkeypatch.setattr(pipeline, "MANIFEST_PACE", 0)
+    assert main(_args(tiny_world, tmp_path / "b")) == 0
+    assert writes == [[], ["apple"], ["apple", "banana"], ["apple", "banana", "cherry"], ["apple", "banana", "cherry"]]
+    writes.clear()
+    monkeypatch.setattr(pipeline, "MANIFEST_PACE", 1e9)
+    real_write = OutputWriter.write_class
+    monkeypatch.setattr(OutputWriter, "write_class", lambda self, name, *a, **k: (
+        _ for _ in ()).throw(KeyboardInterrupt) if name == "cherry" else real_write(self, name, *a, **k))
+    assert main(_args(tiny_world, tmp_path / "c")) == 130
+    assert writes[-1] == ["apple", "banana"]
+
+
 def test_python_api_and_config_file(tiny_world, tmp_path):
     cfg = DistillConfig(data=tiny_world["data"], model=tiny_world["model"], out=str(tmp_path / "api"),
                         cache_dir=os.path.join(tiny_world["root"], "cache"), ipc=2, steps=10, t_stop=5,

@@ -94,7 +94,7 @@ def test_profile_command(tiny_world, tmp_path, capsys):
     # the batch shape the whole run samples (16 // 2 = 8 classes a batch, the 3 the data set has), not 1 class's
     assert rep["class_batch"] == 3 and rep["loop"].startswith("eager")
     # its rate counts the padded batch as the 3 classes' images it stands for in the whole run
-    assert rep["images_per_second"] == pytest.approx(3 * 2 / rep["wall_seconds"], rel=1e-3)
+    assert rep["images_per_second"] == pytest.approx(3 * 2 / rep["wall_seconds"], rel=5e-2)  # (wall rounded to ms)
     assert {"dit_forward", "scheduler", "cloud", "manifold", "mode_term", "vae_decode", "io"} <= set(rep["phases"])
     # the reference ops time their kNN, Gram + eigensolve and projection too (as the kernels do)
     assert {"knn", "gram_eig", "projection"} <= set(rep["phases"])
