@@ -147,6 +147,11 @@ def scan_image_folder(root: str, classes: Sequence[str] | str | None = None,
         selected = all_folders
     else:
         selected = list(classes)
+        if not selected:  # (the --classes string is checked by class_list; here the Python API's list)
+            raise ConfigError("classes: empty; give class folder names, or None for every class folder")
+        if len(set(selected)) != len(selected):
+            dup = sorted({n for n in selected if selected.count(n) > 1})
+            raise ConfigError(f"classes: class {dup[0]!r} is listed twice")
         present = set(all_folders)
         for name in selected:
             if name not in present:

@@ -172,6 +172,18 @@ def test_images_that_would_blow_up_or_run_other_programs_are_unreadable(tmp_path
     assert D.read_image_uint8(ok, 4).shape == (3, 4, 4)
 
 
+def test_a_class_list_given_as_a_list_is_checked_as_the_flag(tmp_path):
+    root = tmp_path / "imgs"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(root / c / "x.png")
+    assert [e.name for e in D.scan_image_folder(str(root), classes=["b", "a"])] == ["b", "a"]
+    with pytest.raises(ConfigError, match=r"^classes: empty"):
+        D.scan_image_folder(str(root), classes=[])
+    with pytest.raises(ConfigError, match=r"^classes: class 'a' is listed twice$"):
+        D.scan_image_folder(str(root), classes=["a", "b", "a"])
+
+
 def test_scan_errors(tmp_path, wnid_root):
     with pytest.raises(DataError, match="does not exist"):
         D.scan_image_folder(str(tmp_path / "nope"))
