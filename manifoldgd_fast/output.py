@@ -8,6 +8,8 @@ through temp + ``os.replace``. One run at a time writes into ``OUT``
 """
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import logging
 import os
@@ -107,14 +109,20 @@ def atomic_write_text(path: str, text: str) -> None:
 def write_folder_atomically(dest: str, fill: Callable[[str], Any]) -> str:
     """Build a folder with ``fill(tmp)`` in a temp folder beside ``dest``, then rename it into place.
 
-    Whatever ``dest`` held before is moved aside and removed only once the new folder is complete:
-    a kill leaves either the old folder or the new one (and a ``.<name>.tmp-`` folder that the next
-    call's sweep removes once stale), never a half-written one. Modes are the umask's, as
+    Whatever ``dest`` held before is moved aside and removed only once the new folder is in place:
+    a kill leaves the old folder or the new one, never a half-written one (a kill between the two
+    renames leaves the old one aside, in ``.<name>.old-*/``, and the next call puts it back first;
+    the ``.<name>.tmp-`` folder a kill leaves is swept by the next call once stale). Modes are the umask's, as
     ``os.makedirs`` / ``open`` would give (mkdtemp and safetensors make owner-only ones). Returns ``dest``.
     """
     dest = os.path.abspath(dest)
     parent, name = os.path.dirname(dest), os.path.basename(dest)
     os.makedirs(parent, exist_ok=True)
+    if not os.path.lexists(dest):  # a call killed between its two renames: the old folder is put back first
+        for aside in sorted(glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(name)}.old-*", name))):
+            with contextlib.suppress(OSError):
+                os.replace(aside, dest)
+                break
     sweep_stale_temps(parent, (f".{name}.tmp-", f".{name}.old-"))
     tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
     try:
@@ -130,9 +138,10 @@ def write_folder_atomically(dest: str, fill: Callable[[str], Any]) -> str:
         try:
             os.rename(tmp, dest)
         except OSError:
-            if old is not None:  # put the old one back
-                os.replace(os.path.join(old, name), dest)
-                shutil.rmtree(old, ignore_errors=True)
+            if old is not None:  # put the old one back (where that fails too, the next call does)
+                with contextlib.suppress(OSError):
+                    os.replace(os.path.join(old, name), dest)
+                    shutil.rmtree(old, ignore_errors=True)
             raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -305,7 +314,9 @@ def lock_is_held(path: str) -> bool:
         return False
     except BlockingIOError:
         return True
-    except OSError:
+    except OSError as e:  # e.g. EBADF: NFS will not lock a file this process may only read
+        log.warning("cannot tell whether %s is held (%s): nothing checks that its holders are not writing here",
+                    path, e.strerror or e)
         return False
     finally:
         os.close(fd)

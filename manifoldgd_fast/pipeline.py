@@ -510,7 +510,8 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
     groups = [todo[i:i + rcfg.class_batch] for i in range(0, len(todo), rcfg.class_batch)]
     try:
         _sample_groups(groups, rcfg, ctx, overlap, bar, save)
-    except BaseException:  # killed, interrupted, failed: the manifest says which classes were finished by then
+    except BaseException:  # interrupted or failed (not SIGKILL / an unhandled SIGTERM): the manifest says which
+        #                    classes were finished by then
         if shard.is_main and not shard.independent:
             with contextlib.suppress(Exception):
                 write_manifest(force=True)
@@ -754,9 +755,10 @@ def profile_run(config: DistillConfig | dict, *, classes: int = 1, out: str | No
                           "was sampled to time; give a new --out, or none (a temporary folder)")
     # the rate at the full run's batch shape: a group of class_batch classes (padded where fewer are profiled)
     # costs what class_batch classes cost, and yields that many classes' images in the full run
+    per_group = min(class_batch, len(names))  # (an explicit --class-batch beyond the data set: padding only)
     groups = -(-len(res.distilled) // class_batch)
     rep.update(wall_seconds=round(wall, 3), classes=list(res.distilled), method=run.method,
                formulation=run.formulation, ipc=run.ipc, batch_size=run.batch_size, class_batch=class_batch,
                loop="eager (the profiler times each phase: no CUDA graphs)",
-               images_per_second=round(groups * class_batch * run.ipc / wall, 4) if wall > 0 else None)
+               images_per_second=round(groups * per_group * run.ipc / wall, 4) if wall > 0 else None)
     return rep

@@ -190,6 +190,16 @@ def test_a_folder_written_atomically_is_all_old_or_all_new(tmp_path):
     for n in os.listdir(tmp_path):
         if n.startswith(".transformer.old-"):
             real_rmtree(tmp_path / n)
+    # a kill between the two renames leaves the old folder aside and none in place: the next call puts it back
+    # first, so a failure of that call too still leaves the old one
+    os.rename(dest, tmp_path / "saved")
+    aside = tmp_path / ".transformer.old-k1"
+    aside.mkdir()
+    os.rename(tmp_path / "saved", aside / "transformer")
+    with pytest.raises(OSError):
+        save_pretrained_folder(Dies(), str(dest))
+    assert os.listdir(dest) == ["newer"] and sorted(os.listdir(tmp_path)) == [".transformer.old-k1", "transformer"]
+    os.rmdir(aside)
     # a killed call's temp (a kill skips `finally:`) is swept by the next call once an hour old
     stale = tmp_path / ".transformer.tmp-killed"
     stale.mkdir()

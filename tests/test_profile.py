@@ -95,6 +95,10 @@ def test_profile_command(tiny_world, tmp_path, capsys):
     assert rep["class_batch"] == 3 and rep["loop"].startswith("eager")
     # its rate counts the padded batch as the 3 classes' images it stands for in the whole run
     assert rep["images_per_second"] == pytest.approx(3 * 2 / rep["wall_seconds"], rel=5e-2)  # (wall rounded to ms)
+    # an explicit --class-batch beyond the data set's 3 classes is padding only: the rate counts 3
+    assert main(["profile", *base, "--class-batch", "8", "--json", str(js)]) == 0
+    rep = json.loads(js.read_text())
+    assert rep["class_batch"] == 8 and rep["images_per_second"] == pytest.approx(3 * 2 / rep["wall_seconds"], rel=5e-2)
     assert {"dit_forward", "scheduler", "cloud", "manifold", "mode_term", "vae_decode", "io"} <= set(rep["phases"])
     # the reference ops time their kNN, Gram + eigensolve and projection too (as the kernels do)
     assert {"knn", "gram_eig", "projection"} <= set(rep["phases"])
