@@ -14,6 +14,7 @@ brought up to date by each shard as it finishes (``Shard.independent``).
 """
 from __future__ import annotations
 
+import collections
 import datetime
 import os
 from dataclasses import dataclass
@@ -134,10 +135,14 @@ class Shard:
 
         got: list = [None] * self.world
         dist.all_gather_object(got, (value, socket.gethostname()))
-        bad = [f"rank {r} on {host}" for r, (v, host) in enumerate(got) if v != got[0][0]]
+        counts = collections.Counter(v for v, _ in got)
+        # the odd ones out are those that differ from the majority (from rank 0 on a tie): rank 0 may be the one
+        ref = got[0][0] if counts[got[0][0]] == max(counts.values()) else counts.most_common(1)[0][0]
+        bad = [f"rank {r} on {host}" for r, (v, host) in enumerate(got) if v != ref]
         if bad:  # every rank stops with the same line (rank 0 too: it would go on encoding alone)
             more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-            raise DataError(f"{', '.join(bad[:3])}{more} does not see what rank 0 sees ({what}): every rank must see "
+            whom = "rank 0 sees" if ref == got[0][0] else "the other ranks see"
+            raise DataError(f"{', '.join(bad[:3])}{more} does not see what {whom} ({what}): every rank must see "
                             "the same --data and --out (a node whose mount is missing or stale?)")
 
     def barrier(self) -> None:

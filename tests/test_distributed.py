@@ -161,6 +161,32 @@ def test_a_rank_that_sees_other_data_stops_the_run_before_writing(world, tmp_pat
     assert not [c for c in CLASSES if (out / c).exists()]
 
 
+def test_agree_names_the_odd_ranks_out_even_rank_0(monkeypatch):
+    """The ranks that differ from the majority are named (from rank 0 on a tie), rank 0 included when it is the
+    one whose mount is stale; every rank raises the same line."""
+    import torch.distributed as dist
+
+    from manifoldgd_fast.distributed import Shard
+    from manifoldgd_fast.errors import DataError
+
+    def gathered(values):
+        def fake(out, obj):
+            out[:] = [(v, f"h{r}") for r, v in enumerate(values)]
+        return fake
+
+    for values, want in ((["a", "a", "a"], None), (["a", "b", "a"], "rank 1 on h1 does not see what rank 0 sees"),
+                         (["b", "a", "a"], "rank 0 on h0 does not see what the other ranks see"),
+                         (["a", "b"], "rank 1 on h1 does not see what rank 0 sees")):
+        monkeypatch.setattr(dist, "all_gather_object", gathered(values))
+        for r in range(len(values)):
+            shard = Shard(rank=r, world=len(values))
+            if want is None:
+                shard.agree(values[r], "the data")
+            else:
+                with pytest.raises(DataError, match=f"^{want} \\(the data\\): every rank must see"):
+                    shard.agree(values[r], "the data")
+
+
 def test_barrier_timeout_from_the_environment(monkeypatch):
     from manifoldgd_fast.distributed import TIMEOUT_ENV, barrier_timeout
     from manifoldgd_fast.errors import ConfigError
