@@ -362,10 +362,14 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
     _hold_out(os.path.abspath(cfg.out), shard, held)
     shard.barrier()  # no rank reads which classes are finished before rank 0 holds OUT
 
-    def same_run(pre: dict) -> dict | None:
-        """OUT's manifest, or None; a run with other settings or weights is refused (before any encoding)."""
+    checked = []  # OUT's manifest (or None), as same_run read it
+
+    def same_run(pre: dict) -> None:
+        """A run with other settings or weights in OUT is refused (before any encoding). The lock held since
+        before prepare keeps other runs out; shards of this one are checked again under the manifest's lock."""
         run = cfg.resolve(len(pre["entries"]), pre["device"], backbone=pre["backbone"], schedule_kw=pre["schedule_kw"])
-        return _refuse_other_run(cfg.out, fingerprint_fields(run, pre["entries"]), pre["weights"], pre["entries"])
+        checked.append(_refuse_other_run(cfg.out, fingerprint_fields(run, pre["entries"]), pre["weights"],
+                                         pre["entries"]))
 
     ctx = prepare(cfg, shard=shard, per_class=cfg.ipc, done=functools.partial(class_done, os.path.abspath(cfg.out)),
                   before_cache=same_run)
@@ -388,7 +392,7 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
     identity = fingerprint_fields(rcfg, entries)
     fp = fields_digest(identity)
     man_path = os.path.join(os.path.abspath(cfg.out), MANIFEST)
-    old = _refuse_other_run(cfg.out, identity, ctx["weights"], entries)   # (again: another process may have written it)
+    old = checked[0]
     writer = OutputWriter(cfg.out)
     if shard.independent:
         for path in writer.sweep_temps(classes=[e.name for e in shard.mine(entries)]):
