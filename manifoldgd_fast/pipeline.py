@@ -60,20 +60,15 @@ def code_digest() -> str:
     """sha256 (16 hex) of this package's sources (.py, and the CUDA C++ the kernels compile): a resume
     made by other code is told apart from one made by the same code (the version string stays 0.1.0
     between releases)."""
+    from .shipped import tree_digest
+
     root = os.path.dirname(os.path.abspath(__file__))
     h = hashlib.sha256()
     # the package, and the repo's csrc/ beside it (a wheel carries it inside: kernels/cuda_ext.py)
     csrc = os.path.join(os.path.dirname(root), "csrc")   # named csrc/... either way
     walks = [(root, root)] + ([(csrc, os.path.dirname(root))] if os.path.isdir(csrc) else [])
     for top, rel in walks:
-        for dp, dirs, files in os.walk(top):
-            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
-            for f in sorted(files):
-                if f.endswith((".py", ".cu", ".cuh", ".cpp")):
-                    path = os.path.join(dp, f)
-                    h.update(os.path.relpath(path, rel).encode() + b"\0")
-                    with open(path, "rb") as fh:
-                        h.update(hashlib.sha256(fh.read()).digest())
+        tree_digest(h, top, rel, (".py", ".cu", ".cuh", ".cpp"))
     return h.hexdigest()[:16]
 
 

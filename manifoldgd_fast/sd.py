@@ -330,15 +330,12 @@ def _default(cls, name: str):
     return inspect.signature(cls.__init__).parameters[name].default
 
 
-def _files_digest(folder: str) -> str:
-    """sha256 (16 hex digits) over a folder's files, names and bytes, in sorted order (the tokenizer's)."""
+def _tokenizer_digest(folder: str) -> str:
+    """sha256 (16 hex digits) of the tokenizer folder's files, names and bytes."""
+    from .shipped import tree_digest
+
     h = hashlib.sha256()
-    for dirpath, _, filenames in sorted(os.walk(folder)):
-        for name in sorted(filenames):
-            path = os.path.join(dirpath, name)
-            h.update(os.path.relpath(path, folder).encode() + b"\0")
-            with open(path, "rb") as f:
-                h.update(hashlib.sha256(f.read()).digest())
+    tree_digest(h, folder, folder)
     return h.hexdigest()[:16]
 
 
@@ -402,7 +399,7 @@ def check_sd_folder(path_or_id, *, flag: str = "--model", cache_dir: str | None 
         raise ModelError(f"{flag} {arg}: the tokenizer in {tok_dir} has {len(tokenizer)} tokens, but the text "
                          f"encoder embeds {V} ({te_config} vocab_size)")
     return dict(root=root, scheduler_config=sched, tokenizer=tokenizer, unet_dir=unet_dir, te_dir=te_dir,
-                tokenizer_digest=_files_digest(tok_dir))
+                tokenizer_digest=_tokenizer_digest(tok_dir))
 
 
 def load_sd(path_or_id, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,

@@ -44,6 +44,18 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def tree_digest(h, top: str, rel_to: str, suffixes: tuple[str, ...] | None = None) -> None:
+    """Feed ``h`` (a hashlib object) every file under ``top`` (those ending in ``suffixes``; None: all), in a
+    fixed order (folders and files sorted, ``__pycache__`` left out): its path relative to ``rel_to`` and the
+    SHA-256 of its bytes. What a folder of sources or a tokenizer is, whatever disk it lies on."""
+    for dp, dirs, files in os.walk(top):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        for f in sorted(files):
+            if suffixes is None or f.endswith(suffixes):
+                path = os.path.join(dp, f)
+                h.update(os.path.relpath(path, rel_to).encode() + b"\0" + sha256_file(path).encode())
+
+
 def model_files(folder: str) -> list[str]:
     """Every file under ``folder`` except the sums file, as sorted '/'-separated relative paths."""
     out = []
