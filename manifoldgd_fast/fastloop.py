@@ -66,27 +66,18 @@ def predraw_noise(run: Sampling, shape: tuple[int, ...], generators, device) -> 
     return out
 
 
-def _draws_cloud_noise(guidance: Guidance) -> bool:
-    """Whether the guidance runs a manifold term (and so draws cloud / patch noise): ManifoldGD with a nonzero
-    --lambda-n (paper) or --manifold-scale (official)."""
-    c = guidance.cfg
-    return guidance.manifold and (c.lambda_n if c.formulation == "paper" else c.manifold_scale) > 0
-
-
 def _graph_blocker(run: Sampling, device: torch.device, guidance: Guidance | None) -> str | None:
     """Why this run cannot be captured into CUDA graphs, or None (generator-drawn cloud noise is
     refused before: the fast loop cannot take it at all)."""
     if device.type != "cuda":
         return "not on CUDA"
-    if guidance is None or not guidance.manifold:
-        return None
+    if guidance is None or not guidance.manifold_term:
+        return None  # no manifold term: nothing of the kind runs
     # ManifoldGD's manifold term goes into a graph only through the fused kernels: the reference ops
     # sync with the host (the paper patch is sized from its lengths on the host; the official cloud's
     # torch.linalg.eigh checks its result; the noise counters are built on the host)
     c = guidance.cfg
     paper = c.formulation == "paper"
-    if not _draws_cloud_noise(guidance):
-        return None  # no manifold term: nothing of the kind runs
     if c.backend == "reference":
         return "the reference guidance ops sync with the host (--backend auto or triton)"
     kern, why = dispatch._kernels()
@@ -201,7 +192,7 @@ class FastSampler:
         reference loop expects). Returns (x_0 (B, C, h, w) float32, norms (B, S)): norms[:, j]
         is |x| of each sample after the j-th step (the trajectory-variance trace).
         """
-        if guidance is not None and _draws_cloud_noise(guidance) and not guidance.philox:
+        if guidance is not None and guidance.manifold_term and not guidance.philox:
             # the reference loop interleaves cloud / patch draws with the step noise on the same
             # generators; pre-drawn step noise would shift them
             raise ConfigError("the fast loop needs --guidance-noise philox for ManifoldGD "

@@ -174,6 +174,13 @@ class Guidance:
     def active(self, i: int) -> bool:
         return is_guided(self.cfg.formulation, i, self.schedule.steps, self.cfg.t_stop)
 
+    @property
+    def manifold_term(self) -> bool:
+        """Whether a manifold term runs (and draws cloud / patch noise): ManifoldGD with a nonzero
+        --lambda-n (paper) or --manifold-scale (official)."""
+        c = self.cfg
+        return self.manifold and (c.lambda_n if c.formulation == "paper" else c.manifold_scale) > 0
+
     # official formulation ---------------------------------------------------
     def official_term(self, i: int, x: torch.Tensor, x0: torch.Tensor, log_var: torch.Tensor | None) -> torch.Tensor:
         """Mode term + manifold term to add to the posterior mean (DDPM, log_var given) or to x0_hat (DDIM)."""
@@ -183,7 +190,7 @@ class Guidance:
             term = c.lambda_m * kernel_phi_official(diff, c.kernel, c.kernel_bandwidth) * diff
             if log_var is not None:
                 term = term * torch.exp(0.5 * log_var.float())
-        if self.manifold and c.manifold_scale > 0:
+        if self.manifold_term:
             r = ops.official_radius(i, steps=self.schedule.steps, t_stop=c.t_stop, radius=c.manifold_radius,
                                     warm_steps=c.warm_steps, warm_mult=c.warm_mult, schedule=c.warm_schedule)
             abar = self.schedule.at("alphas_cumprod", i)
@@ -217,7 +224,7 @@ class Guidance:
             return eps
         with phase("mode_term"):
             g = mode_grad_paper(x0.flatten(1).float(), self.modes.flatten(1), c.kernel, c.kernel_bandwidth)
-        if self.manifold and c.lambda_n > 0:
+        if self.manifold_term:
             abar = self.schedule.at("alphas_cumprod", i)
             lengths = modes_mod.patch_lengths(self.sorted_dists, self.paper_radius(i), c.k_min, self.n_latents)
             if self.philox:

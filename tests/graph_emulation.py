@@ -68,7 +68,7 @@ def _capture(self: fastloop.FastSampler, gs) -> None:
     # ManifoldGD's manifold term runs the reference ops on the CPU (eigh, host-built noise counters); on CUDA the
     # fused kernels stand in for them (fastloop._graph_blocker refuses a capture without), so they are let through
     # here, and only here: the rest of the step is held to the capture rules
-    allow = STAND_INS if gs.guidance is not None and fastloop._draws_cloud_noise(gs.guidance) else frozenset()
+    allow = STAND_INS if gs.guidance is not None and gs.guidance.manifold_term else frozenset()
     try:
         for i in reversed(range(self.run.schedule.steps)):
             gs.graphs[i] = TracedStep(make_fx(functools.partial(self._step_into, gs, i), tracing_mode="real")(), allow)

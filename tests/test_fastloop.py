@@ -402,8 +402,10 @@ def test_graph_blocker_names_manifold_runs_that_cannot_be_captured(monkeypatch):
                  lambda_n=1.0, manifold=True):
         cfg = SimpleNamespace(formulation=formulation, backend=backend, k=k, cloud_size=cloud, manifold_scale=scale,
                               lambda_n=lambda_n)
-        return SimpleNamespace(manifold=manifold, cfg=cfg, modes=torch.zeros(B, 16), latents=torch.zeros(n, 16),
-                               order=torch.zeros(B, width or n, dtype=torch.long))
+        g = SimpleNamespace(manifold=manifold, cfg=cfg, modes=torch.zeros(B, 16), latents=torch.zeros(n, 16),
+                            order=torch.zeros(B, width or n, dtype=torch.long))
+        g.manifold_term = Guidance.manifold_term.fget(g)   # Guidance's own rule, on this stand-in
+        return g
 
     monkeypatch.setattr(dispatch, "_kernels", lambda: (object(), None))   # as if the fused kernels imported
     assert fastloop._graph_blocker(None, cuda, guidance()) is None
