@@ -331,8 +331,13 @@ class DistillConfig:
         # several classes in one batch (CGS: each class its own set; the paper formulation: each row's
         # patch from its own class)
         if c.class_batch is None:
-            c.class_batch = max(1, min(c.batch_size // c.ipc, n_classes))  # no more than the run has
+            c.class_batch = c.default_class_batch(n_classes)
         return c.validate()
+
+    def default_class_batch(self, n_classes: int) -> int:
+        """Classes sampled in one batch when --class-batch is not given: as many as --batch-size holds at this
+        IPC, at least one, no more than the run has."""
+        return max(1, min(self.batch_size // self.ipc, n_classes))
 
     def dataset_defaults(self, n_classes: int) -> dict[str, Any]:
         """The defaults that depend on the data set's size, for the parameters still unset: ImageNette /

@@ -730,7 +730,7 @@ def profile_run(config: DistillConfig | dict, *, classes: int = 1, out: str | No
     # the data set's defaults (radius, bandwidth, start level) are those of all its classes, not of the few profiled;
     # so is the class batch: the whole run samples batch-size // ipc classes at a time (padded where it has fewer),
     # and the profile times that batch shape, not one class's ipc rows
-    class_batch = cfg.class_batch or max(1, min(cfg.batch_size // cfg.ipc, len(names)))
+    class_batch = cfg.class_batch or cfg.default_class_batch(len(names))
     run = dataclasses.replace(cfg, classes=",".join(names[:classes]), out=out or tmp, contact_sheet=False,
                               class_batch=class_batch, **cfg.dataset_defaults(len(names)))
     try:
