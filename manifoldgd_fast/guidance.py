@@ -372,7 +372,6 @@ class StepGuidance:
         if formulation == "paper" and method == "manifoldgd":
             kw = _step_neighbourhoods(cfg, modes, class_latents, classes)
         self.cfg = cfg
-        self.modes_shape, self.device = tuple(modes.shape), modes.device
         self.generators = gens
         self.guidance = Guidance(cfg, self.schedule, modes, gens, noise_seed=derive_seed(seed, "guidance"), **kw)
 
@@ -389,12 +388,13 @@ class StepGuidance:
         if not 0 <= k < s.steps:
             raise ConfigError(f"step {k} is outside [0, {s.steps}): pass the step's index in the loop "
                               "(enumerate(scheduler.timesteps)), not its timestep")
-        if tuple(x_t.shape) != self.modes_shape or tuple(eps.shape) != self.modes_shape:
-            raise ConfigError(f"x_t and the model output must be {self.modes_shape}, the modes' shape (one mode per "
+        want, dev = tuple(self.guidance.modes.shape), self.guidance.modes.device
+        if tuple(x_t.shape) != want or tuple(eps.shape) != want:
+            raise ConfigError(f"x_t and the model output must be {want}, the modes' shape (one mode per "
                               f"sample; the conditional half of a CFG batch), got {tuple(x_t.shape)} and "
                               f"{tuple(eps.shape)}")
-        if x_t.device != self.device or eps.device != self.device:
-            raise ConfigError(f"x_t and the model output must be on the modes' device {self.device}, got "
+        if x_t.device != dev or eps.device != dev:
+            raise ConfigError(f"x_t and the model output must be on the modes' device {dev}, got "
                               f"{x_t.device} and {eps.device}")
         i = s.steps - 1 - k
         if not self.guidance.active(i):
