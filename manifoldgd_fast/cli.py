@@ -6,10 +6,13 @@ The only place that turns exceptions into exit codes: a ``ManifoldGDError``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import re
+import signal
 import sys
+import threading
 import warnings
 
 from .config import DistillConfig
@@ -309,6 +312,33 @@ INTERRUPT_KEEPS = {"eval": "finished training runs are kept", "metrics": "the re
                    "finetune": "the last checkpoint is kept"}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: Slurm's time limit or preemption, torchrun stopping its workers, `kill`.
+
+    A KeyboardInterrupt, so that it takes Ctrl-C's path: temp files go, the manifest says which classes are
+    done, locks are released, and the exit status is 143 (Slurm sends SIGKILL some 30 s later).
+    """
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises :class:`Terminated` while the command runs (in the main thread, where no handler was set)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:  # an embedding program's own handler stays
+        yield
+        return
+
+    def on_term(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM does not cut the clean-up short
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _classes(n: int) -> str:
     return f"{n} class" if n == 1 else f"{n} classes"
 
@@ -324,61 +354,66 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: error: give a command: {', '.join(parser._subparsers._group_actions[0].choices)} "
               f"(see {parser.prog} --help; `{parser.prog} distill` runs the embedded demo)", file=sys.stderr)
         return 2
-    try:
-        if ns.command in ("eval", "metrics"):
-            from .eval import cli_eval
+    with _sigterm_as_interrupt():  # Slurm / torchrun / kill stop a run as Ctrl-C does: same clean-up
+        try:
+            if ns.command in ("eval", "metrics"):
+                from .eval import cli_eval
 
-            (cli_eval.run_eval_from_args if ns.command == "eval" else cli_eval.run_metrics_from_args)(ns)
-            return 0
-        if ns.command == "finetune":
-            from .finetune import run_finetune_from_args
+                (cli_eval.run_eval_from_args if ns.command == "eval" else cli_eval.run_metrics_from_args)(ns)
+                return 0
+            if ns.command == "finetune":
+                from .finetune import run_finetune_from_args
 
-            run_finetune_from_args(ns)
-            return 0
-        cfg = config_from_args(ns).validate()
-        from . import pipeline
+                run_finetune_from_args(ns)
+                return 0
+            cfg = config_from_args(ns).validate()
+            from . import pipeline
 
-        if ns.command == "cache":
-            ctx = pipeline.cache(cfg)
-            print(f"latents of {_classes(len(ctx['entries']))} in {ctx['cache']}")
-        elif ns.command == "modes":
-            paths = pipeline.compute_modes(cfg)
-            print(f"modes of {_classes(len(paths))} in {cfg.out}/modes")
-        elif ns.command == "profile":
-            from .config import check_out_file
-            from .profile import dump, format_table
+            if ns.command == "cache":
+                ctx = pipeline.cache(cfg)
+                print(f"latents of {_classes(len(ctx['entries']))} in {ctx['cache']}")
+            elif ns.command == "modes":
+                paths = pipeline.compute_modes(cfg)
+                print(f"modes of {_classes(len(paths))} in {cfg.out}/modes")
+            elif ns.command == "profile":
+                from .config import check_out_file
+                from .profile import dump, format_table
 
-            check_out_file(ns.profile_json, "--json")  # before the run, not after it
-            rep = pipeline.profile_run(cfg, classes=ns.profile_classes, out=cfg.out if "out" in vars(ns) else None)
-            print(format_table(rep))
-            print(f"end to end: {rep['wall_seconds']:.2f} s (models and latents included), {rep['images_per_second']} "
-                  f"images/s at the run's batch shape ({rep['class_batch']} classes a batch, padded where fewer)")
-            if ns.profile_json:
-                dump(rep, ns.profile_json)
-        else:
-            res = pipeline.distill(cfg)
-            n, before = len(res.distilled), res.finished_before
-            if cfg.shard is not None:
-                which = f"{n} of the run's {res.run_classes} classes (--shard {cfg.shard})"
-                left = (f"; {res.unfinished} {'is' if res.unfinished == 1 else 'are'} left to the other shards"
-                        if res.unfinished else "; every class of the run is done")
+                check_out_file(ns.profile_json, "--json")  # before the run, not after it
+                rep = pipeline.profile_run(cfg, classes=ns.profile_classes,
+                                           out=cfg.out if "out" in vars(ns) else None)
+                print(format_table(rep))
+                print(f"end to end: {rep['wall_seconds']:.2f} s (models and latents included), "
+                      f"{rep['images_per_second']} images/s at the run's batch shape ({rep['class_batch']} classes "
+                      f"a batch, padded where fewer)")
+                if ns.profile_json:
+                    dump(rep, ns.profile_json)
             else:
-                which = _classes(n) if n + before == res.run_classes else \
-                    f"{n} of the run's {res.run_classes} classes on this rank"
-                left = ""
-            resumed = f"; {before} {'was' if before == 1 else 'were'} already done" if before else ""
-            print(f"distilled {which} into {res.out}{resumed}{left} (manifest: {res.manifest})")
-    except ManifoldGDError as e:
-        print(f"manifoldgd-fast: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a full disk, a read-only or vanished folder: the file and the reason, no traceback
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"manifoldgd-fast: error: {where}{e.strerror or e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        kept = INTERRUPT_KEEPS.get(ns.command, "finished classes are kept")
-        print(f"manifoldgd-fast: interrupted; {kept}, rerun to resume", file=sys.stderr)
-        return 130
+                res = pipeline.distill(cfg)
+                n, before = len(res.distilled), res.finished_before
+                if cfg.shard is not None:
+                    which = f"{n} of the run's {res.run_classes} classes (--shard {cfg.shard})"
+                    left = (f"; {res.unfinished} {'is' if res.unfinished == 1 else 'are'} left to the other shards"
+                            if res.unfinished else "; every class of the run is done")
+                else:
+                    which = _classes(n) if n + before == res.run_classes else \
+                        f"{n} of the run's {res.run_classes} classes on this rank"
+                    left = ""
+                resumed = f"; {before} {'was' if before == 1 else 'were'} already done" if before else ""
+                print(f"distilled {which} into {res.out}{resumed}{left} (manifest: {res.manifest})")
+        except ManifoldGDError as e:
+            print(f"manifoldgd-fast: error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:  # a full disk, a read-only or vanished folder: the file and the reason, no traceback
+            where = f"{e.filename}: " if e.filename else ""
+            print(f"manifoldgd-fast: error: {where}{e.strerror or e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as e:
+            kept = INTERRUPT_KEEPS.get(ns.command, "finished classes are kept")
+            how, code = ("terminated (SIGTERM)", 128 + signal.SIGTERM) if isinstance(e, Terminated) else \
+                ("interrupted", 130)
+            print(f"manifoldgd-fast: {how}; {kept}, rerun to resume", file=sys.stderr)
+            return code
     return 0
 
 

@@ -331,11 +331,21 @@ def test_a_config_that_does_not_parse_names_its_line(name, text, says, tmp_path,
     ("eval", "finished training runs are kept"), ("metrics", "the real images' features are kept"),
     ("finetune", "the last checkpoint is kept"), ("distill", "finished classes are kept"),
 ])
-def test_ctrl_c_says_what_the_command_kept(command, kept, monkeypatch, capsys):
+@pytest.mark.parametrize("sigterm", [False, True])
+def test_ctrl_c_says_what_the_command_kept(command, kept, sigterm, monkeypatch, capsys):
+    """Ctrl-C and SIGTERM: one line saying what is kept, 130 / 143, and SIGTERM's default action back after."""
+    import signal
+
     from manifoldgd_fast import cli, finetune, pipeline
     from manifoldgd_fast.eval import cli_eval
 
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        pytest.skip("this test process has its own SIGTERM handler, which main() leaves in place")
+
     def interrupted(*a, **k):
+        if sigterm:  # the real signal, through main()'s handler
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+            signal.raise_signal(signal.SIGTERM)
         raise KeyboardInterrupt
 
     for mod, fn in ((cli_eval, "run_eval_from_args"), (cli_eval, "run_metrics_from_args"),
@@ -346,8 +356,10 @@ def test_ctrl_c_says_what_the_command_kept(command, kept, monkeypatch, capsys):
     argv = {"eval": ["eval", "--distilled", "d", "--real-val", "v"],
             "metrics": ["metrics", "--distilled", "d", "--real", "r"],
             "finetune": ["finetune", "--data", "d", "--model", "m", "--out", "o"], "distill": ["distill"]}[command]
-    assert main(argv) == 130
-    assert _one_line(capsys.readouterr().err) == f"manifoldgd-fast: interrupted; {kept}, rerun to resume"
+    assert main(argv) == (143 if sigterm else 130)
+    how = "terminated (SIGTERM)" if sigterm else "interrupted"
+    assert _one_line(capsys.readouterr().err) == f"manifoldgd-fast: {how}; {kept}, rerun to resume"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 # --------------------------------------------------------------------------- bad input found by a CLI fuzz (2026-12-06)

@@ -206,3 +206,35 @@ def test_a_shard_killed_mid_run_then_rerun_gives_the_same_bytes(world, tmp_path)
         assert r.returncode == 0, r.stderr[-2000:]
     assert _digest(out) == _digest(ref)
     assert not [f for f in os.listdir(out) if ".tmp-" in f]  # the killed shard's leftovers were swept
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(world, tmp_path):  # noqa: F811
+    """SIGTERM (Slurm's time limit, torchrun stopping its workers) mid-run: exit 143 with one line, no temp
+    files left, the manifest says which classes were done, and a rerun finishes the rest (it used to die at
+    once: status -15, temps and a stale manifest left behind)."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_command(world, out, 50), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not any((out / c / ".complete").exists() for c in CLASSES):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == \
+        "manifoldgd-fast: terminated (SIGTERM); finished classes are kept, rerun to resume", err[-2000:]
+    done = {c for c in CLASSES if (out / c / ".complete").exists()}
+    assert 0 < len(done) < len(CLASSES), done                       # stopped mid-run
+    assert {c for c, v in _statuses(out).items() if v == "done"} == done
+    assert not [f for _, dirs, files in os.walk(out) for f in dirs + files if ".tmp-" in f]
+    r = subprocess.run(_command(world, out, 50), env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and f"{len(done)} {'was' if len(done) == 1 else 'were'} already done" in r.stdout, \
+        r.stderr[-2000:]
+    assert set(_statuses(out).values()) == {"done"}
