@@ -16,14 +16,14 @@ from .schedule import linear_betas
 
 
 class Diffusion:
-    """The float64 tables of DiT's 1000-step linear schedule, as float32 tensors."""
+    """The float64 tables of DiT's 1000-step linear schedule, as float32 tensors (``dtype``: tests take float64)."""
 
-    def __init__(self, num_train_timesteps: int = 1000):
+    def __init__(self, num_train_timesteps: int = 1000, dtype: torch.dtype = torch.float32):
         b = linear_betas(num_train_timesteps)
         ac = np.cumprod(1.0 - b)
         ac_prev = np.append(1.0, ac[:-1])
         post_var = b * (1.0 - ac_prev) / (1.0 - ac)
-        t = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+        t = lambda a: torch.tensor(a, dtype=dtype)  # noqa: E731
         self.T = num_train_timesteps
         self.sqrt_ac = t(np.sqrt(ac))
         self.sqrt_1m_ac = t(np.sqrt(1.0 - ac))
