@@ -28,7 +28,7 @@ import torch
 
 from ..cli import at_least_one
 from ..config import DistillConfig, derive_seed
-from ..output import OutputWriter, atomic_write_text
+from ..output import OutputWriter, atomic_write_text, write_folder_atomically
 
 METHODS = ("random", "kmeans", "dit", "mgd3", "manifoldgd")
 # more rows on request (--methods): CGS alone, CGS on ManifoldGD, and CGS on an RSM fine-tuned DiT
@@ -41,16 +41,17 @@ def _random_real(train: str, out: str, ipc: int, seed: int) -> None:
 
     if os.path.isfile(os.path.join(out, "manifest.json")):
         return
-    tmp = out + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    for e in scan_image_folder(train, label_map="sorted"):
-        g = torch.Generator().manual_seed(derive_seed(seed, "random", e.name))
-        pick = torch.randperm(len(e.files), generator=g)[:ipc].tolist()
-        os.makedirs(os.path.join(tmp, e.name))
-        for i, j in enumerate(sorted(pick)):
-            shutil.copyfile(e.files[j], os.path.join(tmp, e.name, f"{i}.png"))
-    atomic_write_text(os.path.join(tmp, "manifest.json"), json.dumps({"method": "random", "ipc": ipc}))
-    os.replace(tmp, out)
+
+    def fill(tmp):
+        for e in scan_image_folder(train, label_map="sorted"):
+            g = torch.Generator().manual_seed(derive_seed(seed, "random", e.name))
+            pick = torch.randperm(len(e.files), generator=g)[:ipc].tolist()
+            os.makedirs(os.path.join(tmp, e.name))
+            for i, j in enumerate(sorted(pick)):
+                shutil.copyfile(e.files[j], os.path.join(tmp, e.name, f"{i}.png"))
+        atomic_write_text(os.path.join(tmp, "manifest.json"), json.dumps({"method": "random", "ipc": ipc}))
+
+    write_folder_atomically(out, fill)
 
 
 def _kmeans_decoded(base: DistillConfig, out: str) -> None:

@@ -23,13 +23,11 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 
 from ..errors import DataError
-from ..output import sweep_stale_temps
+from ..output import write_folder_atomically
 
 IMAGE_SIZE = 32
 NUM_CLASSES = 10
@@ -159,29 +157,9 @@ def export_digits(cache_dir: str | None = None) -> str:
     root = os.path.join(cache, "digits")
     if is_complete(root):
         return root
-    try:
-        os.makedirs(cache, exist_ok=True)
-        sweep_stale_temps(cache, (".digits.tmp-", ".digits.old-"))  # a killed export's (a kill skips finally:)
-        tmp = tempfile.mkdtemp(prefix=".digits.tmp-", dir=cache)
+    try:  # a damaged or outdated folder is moved aside and removed once the new one is in place
+        write_folder_atomically(root, _write)
     except OSError as e:
-        raise DataError(f"cannot write the digits export to {cache} ({e})") from None
-    try:
-        _write(tmp)
-        if os.path.lexists(root):  # damaged or outdated: move it aside, then replace
-            old = tempfile.mkdtemp(prefix=".digits.old-", dir=cache)
-            try:
-                os.replace(root, os.path.join(old, "digits"))
-            except OSError:
-                pass  # another process moved it first
-            shutil.rmtree(old, ignore_errors=True)
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            if not is_complete(root):  # lost a race to a writer that did not finish
-                raise
-    except OSError as e:
-        raise DataError(f"cannot write the digits export to {root} ({e})") from None
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+        if not is_complete(root):  # else: another process exported it first
+            raise DataError(f"cannot write the digits export to {root} ({e})") from None
     return root
