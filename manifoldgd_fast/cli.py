@@ -124,8 +124,9 @@ GROUPS: dict[str, dict[str, str]] = {
         "cgs": "denoise each class's IPC samples as one set with DPP diversity + mean matching (SPEC 5)",
         "cgs_steps": "steps CGS acts on: all (every step, as the source) or guided (only the guidance's, see --t-stop)",
         "eta_dpp": "step of the DPP diversity gradient",
-        "eta_dm": "step of the distribution-matching gradient",
-        "dpp_eps": "ridge eps of -log det(K + eps I)",
+        "eta_dm": "step of the distribution-matching gradient (at most --ipc; IPC / 2 lands a set's mean on the "
+                  "class mean)",
+        "dpp_eps": "ridge eps of -log det(K + eps I) (at least 1e-5)",
     },
     "output": {
         "save_latents": "also write the final latents (OUT/latents/<class>.safetensors)",

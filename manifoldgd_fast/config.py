@@ -19,6 +19,7 @@ from .errors import ConfigError
 
 METHODS = ("manifoldgd", "mgd3", "dit", "cgs")
 CGS_STEPS = ("all", "guided")
+DPP_EPS_MIN = 1e-5  # the DPP ridge: about 100 float32 ulps of K's unit diagonal
 FORMULATIONS = ("official", "paper")
 SAMPLERS = ("auto", "ddpm", "ddim")
 MODE_METHODS = ("auto", "kmeans", "divisive", "gmm", "random", "agglomerative")
@@ -139,7 +140,7 @@ class DistillConfig:
     cgs_steps: str = "all"             # all: every step, as the source; guided: only the guidance's steps (t_stop)
     eta_dpp: float = 1.0               # DPP diversity step (the source paper gives no value)
     eta_dm: float = 0.1                # distribution-matching step (likewise)
-    dpp_eps: float = 1e-3              # ridge of the DPP kernel
+    dpp_eps: float = 1e-3              # ridge of the DPP kernel (at least DPP_EPS_MIN)
 
     # --- output --------------------------------------------------------------
     save_latents: bool = True
@@ -229,9 +230,19 @@ class DistillConfig:
             raise ConfigError("--method cgs is CGS alone: it cannot run with --no-cgs")
         if self.cgs_steps not in CGS_STEPS:
             raise ConfigError(f"--cgs-steps must be one of {', '.join(CGS_STEPS)}, got {self.cgs_steps!r}")
+        if self.dpp_eps < DPP_EPS_MIN:
+            raise ConfigError(f"--dpp-eps must be at least {DPP_EPS_MIN:g}, got {self.dpp_eps!r}: K + eps I is factored "
+                              f"in float32, where a smaller eps is lost beside K's unit diagonal")
         if self.cgs or self.method == "cgs":
             if self.eta_dpp == 0 and self.eta_dm == 0:
                 raise ConfigError("CGS with --eta-dpp 0 and --eta-dm 0 changes nothing: give one of them a step > 0")
+            if self.ipc == 1 and self.eta_dm == 0:
+                raise ConfigError("CGS at --ipc 1 with --eta-dm 0 changes nothing: the DPP term needs at least 2 "
+                                  "samples per class; give --eta-dm a step > 0 or raise --ipc")
+            if self.eta_dm > self.ipc:
+                raise ConfigError(f"--eta-dm {self.eta_dm:g} is more than --ipc {self.ipc}: each step moves a set's "
+                                  f"mean 2 eta_dm / IPC times its distance to the class mean, past it by more than "
+                                  f"it was off, and the set diverges; use at most IPC / 2 (which lands on the mean)")
             if self.cgs_steps == "guided" and self.t_stop is not None and (
                     self.t_stop >= self.steps - 1 if self.formulation == "official" else self.t_stop == 0):
                 raise ConfigError(f"--cgs-steps guided: the guidance acts on no step with --t-stop {self.t_stop} "
@@ -585,7 +596,7 @@ def fingerprint_fields(cfg: "DistillConfig", entries=None) -> dict:
     if not d.get("cgs"):  # the CGS window and steps only count where CGS runs; older fingerprints without CGS
         d.pop("cgs_steps", None)  # stay valid (they hashed the eta defaults, which stand in for any value here)
         for f in dataclasses.fields(DistillConfig):
-            if f.name in ("eta_dpp", "eta_dm") and f.name in d:
+            if f.name in ("eta_dpp", "eta_dm", "dpp_eps") and f.name in d:
                 d[f.name] = f.default
     for k in ("label_map", "class_names"):  # a map file counts by its contents: an edited map is another run
         v = d.get(k)

@@ -263,19 +263,47 @@ def test_cgs_set_must_be_one_class():
     (dict(method="cgs", cgs_steps="some"), "--cgs-steps must be one of all, guided"),
     (dict(method="cgs", cgs_steps="guided", t_stop=49), "acts on no step"),
     (dict(method="cgs", cgs_steps="guided", formulation="paper", t_stop=0), "acts on no step"),
+    (dict(method="cgs", eta_dpp=-1.0), "--eta-dpp must be a number >= 0"),
+    (dict(method="cgs", eta_dm=float("nan")), "--eta-dm must be a number >= 0"),
+    (dict(method="cgs", eta_dpp=float("inf")), "--eta-dpp must be a number >= 0"),
+    (dict(method="cgs", dpp_eps=0.0), "--dpp-eps must be a number > 0"),
+    (dict(method="cgs", dpp_eps=1e-30), r"--dpp-eps must be at least 1e-05, got 1e-30: K \+ eps I is factored in "
+                                        "float32"),
+    (dict(method="cgs", ipc=1, eta_dm=0.0), "CGS at --ipc 1 with --eta-dm 0 changes nothing"),
+    (dict(method="cgs", ipc=4, eta_dm=4.5), "--eta-dm 4.5 is more than --ipc 4: .* the set diverges"),
+    (dict(cgs=True, ipc=1, eta_dm=1e6), "--eta-dm 1e\\+06 is more than --ipc 1"),
 ])
 def test_cgs_settings_one_line_errors(kw, msg):
     from manifoldgd_fast.config import DistillConfig
     from manifoldgd_fast.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=msg):
+    with pytest.raises(ConfigError, match=msg) as e:
         DistillConfig(**kw).resolve(10)
-    # valid neighbours of each: CGS off with zero steps is fine, and so is --no-cgs without --method cgs
+    assert "\n" not in str(e.value)
+    # valid neighbours: CGS off with zero steps, --no-cgs without --method cgs, IPC 1 with mean matching
+    # alone, and a mean-matching step up to IPC
     DistillConfig(cgs=False, eta_dpp=0.0, eta_dm=0.0).resolve(10)
+    DistillConfig(method="cgs", ipc=1, eta_dm=0.5).resolve(10)
+    DistillConfig(method="cgs", ipc=4, eta_dm=4.0, dpp_eps=1e-5).resolve(10)
+
+
+def test_a_mean_matching_step_above_ipc_diverges():
+    """Why --eta-dm above IPC is refused: the set's mean error is multiplied by 1 - 2 eta_dm / N per step."""
+    from manifoldgd_fast.cgs import CGS
+
+    N, mu = 4, torch.zeros(2, 3)
+    x = torch.randn(N, 2, 3, generator=torch.Generator().manual_seed(0)) + 1.0
+    err = []
+    for eta in (N / 2, N, 1.5 * N):
+        y = x.clone()
+        for _ in range(20):
+            y = y - CGS(mu, eta_dpp=0.0, eta_dm=eta).correction(y, y, 1.0)
+        err.append(float(y.mean(0).norm()))
+    assert err[0] < 1e-5 and abs(err[1] - float(x.mean(0).norm())) < 1e-4 and err[2] > 1e5
 
 
 def test_cgs_steps_count_in_the_fingerprint_only_where_cgs_runs():
-    """With CGS off, eta_dpp / eta_dm change no byte, so they do not change the run's fingerprint (a resume
+    """With CGS off, eta_dpp / eta_dm / dpp_eps / cgs_steps change no byte, so they do not change the run's fingerprint (a resume
     with other values is the same run); with CGS on they do. Runs made before hashed the defaults: still valid."""
     from manifoldgd_fast.config import DistillConfig, fingerprint
 
@@ -283,8 +311,11 @@ def test_cgs_steps_count_in_the_fingerprint_only_where_cgs_runs():
         return fingerprint(DistillConfig(data="d", out="o", **kw).resolve(3, "cpu"))
 
     assert fp(eta_dpp=3.0, eta_dm=0.5) == fp()
+    assert fp(dpp_eps=0.5, cgs_steps="guided") == fp()
     assert fp(method="cgs", eta_dpp=3.0) != fp(method="cgs")
     assert fp(cgs=True, eta_dm=0.5) != fp(cgs=True)
+    assert fp(cgs=True, dpp_eps=0.5) != fp(cgs=True)
+    assert fp(method="cgs", cgs_steps="guided") != fp(method="cgs")
 
 
 def test_guidance_noise_counts_in_the_fingerprint_only_for_manifoldgd():

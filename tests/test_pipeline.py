@@ -269,8 +269,8 @@ def test_bad_inputs_one_line_exit_2(tiny_world, tmp_path, capsys):
 def test_non_finite_samples_stop_the_run_in_one_line(tiny_world, tmp_path, capsys):
     """Guidance steps so large that the latents overflow: the class is named, nothing of it is written."""
     out = tmp_path / "out"
-    line = _bad(tiny_world, tmp_path, _args(tiny_world, out, "--method", "cgs", "--eta-dm", "1e38"), capsys)
-    assert "class apple: 2 of 2 sampled latents hold NaN or inf" in line and "--eta-dm" in line, line
+    line = _bad(tiny_world, tmp_path, _args(tiny_world, out, "--method", "cgs", "--eta-dpp", "1e38"), capsys)
+    assert "class apple: 2 of 2 sampled latents hold NaN or inf" in line and "--eta-dpp" in line, line
     assert not os.path.exists(out / "apple")
     man = json.loads((out / "manifest.json").read_text())
     assert man["classes"]["apple"]["status"] == "pending"
