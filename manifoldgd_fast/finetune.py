@@ -47,7 +47,7 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
     from .latents import load_class_latents
     from .models import save_pretrained_folder
     from .pipeline import prepare
-    from .training import (Diffusion, disable_internal_label_dropout, ema_decay_at, ema_update, hybrid_loss,
+    from .training import (Diffusion, disable_internal_label_dropout, ema_decay_at, ema_update, rsm_loss,
                            save_checkpoint)
 
     for name, v, ok in (("--steps", steps, steps >= 1), ("--lr", lr, math.isfinite(lr) and lr > 0),
@@ -112,6 +112,7 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
     amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     amp_dtype = amp_dtype if dev.type == "cuda" else None  # --dtype is CUDA's autocast; the CPU trains in float32
     ran, t0 = 0, time.perf_counter()
+    finite = torch.ones((), dtype=torch.bool, device=dev)
     while step < steps:
         g = torch.Generator().manual_seed(derive_seed(seed, "finetune", step))
         idx = torch.randint(len(Z), (batch_size,), generator=g)
@@ -122,9 +123,8 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
         y = torch.where(drop, torch.full_like(y, info["null_class"]), y)
         amp = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
         with amp:
-            mse, vb, x0_hat = hybrid_loss(net, d, x0, y, t, noise)
-            l1 = x0_hat.float().abs().mean(dim=tuple(range(1, x0_hat.dim())))
-            loss = (mse + vb + rsm_lambda * l1).mean()
+            loss, mse, vb, l1 = rsm_loss(net, d, x0, y, t, noise, rsm_lambda)
+        finite = finite & torch.isfinite(loss)   # on the device: checked where weights are written
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:  # 0 means no clipping (a max norm of 0 would zero every gradient)
@@ -138,6 +138,7 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
                 f"l1 {l1.mean().item():.4f}  {time.perf_counter() - t0:.0f}s")
         stop = stop_after is not None and ran >= stop_after
         if step % save_every == 0 or step == steps or stop:
+            _check_finite(finite, ema, step, work)  # never a diverged model over the last good checkpoint
             save_checkpoint({"model": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                           "step": step, "settings": settings}, work)
         if stop and step < steps:
@@ -151,6 +152,15 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
                                   "precision": f"{dtype} autocast" if amp_dtype else "float32",
                                   "time_embedding": info.get("time_embedding", "diffusers")}, sort_keys=True, indent=1))
     return out
+
+
+def _check_finite(finite: torch.Tensor, ema, step: int, work: str) -> None:
+    """ConfigError where a loss since the last check was NaN / inf or the EMA weights are not finite."""
+    if bool(finite) and all(bool(torch.isfinite(p).all()) for p in ema.parameters()):
+        return
+    kept = f"the last checkpoint ({work}) is kept" if os.path.exists(work) else "nothing was written"
+    raise ConfigError(f"finetune diverged by step {step}: the loss or the weights hold NaN or inf; {kept}. Lower "
+                      f"--lr or --rsm-lambda (or clip the gradients: --grad-clip) and use a new --out")
 
 
 FINETUNE_WRITES = ("checkpoint.pt", "checkpoint.pt.tmp", "transformer", "vae", FINETUNE_RECORD)

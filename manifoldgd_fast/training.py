@@ -91,6 +91,17 @@ def hybrid_loss(model, d: Diffusion, x0, y, t, noise):
     return mse, vb, predicted_x0(d, x_t, eps, t)
 
 
+def rsm_loss(model, d: Diffusion, x0, y, t, noise, rsm_lambda: float):
+    """RSM's fine-tuning loss, the batch mean of DiT's loss + rsm_lambda * mean|x0_hat| per sample.
+
+    Returns (loss, mse, vb, l1), the last three per sample. The L1 term is a per-element mean, as the MSE
+    is, so rsm_lambda weighs the two alike whatever the latent size.
+    """
+    mse, vb, x0_hat = hybrid_loss(model, d, x0, y, t, noise)
+    l1 = x0_hat.to(torch.promote_types(x0_hat.dtype, torch.float32)).abs().mean(dim=tuple(range(1, x0_hat.dim())))
+    return (mse + vb + rsm_lambda * l1).mean(), mse, vb, l1
+
+
 def predicted_x0(d: Diffusion, x_t, eps, t):
     """x0_hat(x_t, t) = (x_t - sqrt(1 - abar) eps) / sqrt(abar), differentiable in eps (RSM's L1 target)."""
     return _bc(d.sqrt_recip_ac, t) * x_t - _bc(d.sqrt_recipm1_ac, t) * eps

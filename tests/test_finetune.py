@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from manifoldgd_fast.cli import main
+from manifoldgd_fast.errors import ConfigError
 from manifoldgd_fast.finetune import finetune
 from manifoldgd_fast.training import Diffusion, predicted_x0
 
@@ -70,6 +71,41 @@ def test_ema_warm_up_lets_a_short_run_move_the_written_weights(tiny_world, tmp_p
     moved = {name: sum(float((state[name][k].float() - base[k].float()).norm() ** 2) for k in base) ** 0.5
              for name in ("model", "ema")}
     assert moved["model"] > 0 and moved["ema"] > 0.5 * moved["model"], moved
+
+
+def test_a_diverged_finetune_writes_no_weights_and_keeps_the_last_good_checkpoint(tiny_world, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """A loss gone NaN after the step-2 checkpoint: the step-4 checkpoint is not written over it, no model
+    folder is written, and the CLI says so in one line naming --lr / --rsm-lambda (NaN weights used to be
+    written, and distill then blamed its own guidance flags)."""
+    from manifoldgd_fast import training
+
+    real, calls = training.rsm_loss, []
+
+    def nan_from_step_3(*a, **k):
+        calls.append(1)
+        loss, *rest = real(*a, **k)
+        return (loss * float("nan") if len(calls) >= 3 else loss), *rest
+
+    monkeypatch.setattr(training, "rsm_loss", nan_from_step_3)
+    out = tmp_path / "a"
+    rc = main(["finetune", "--data", tiny_world["data"], "--model", tiny_world["model"], "--out", str(out),
+               "--steps", "4", "--batch-size", "4", "--save-every", "2", "--device", "cpu",
+               "--cache-dir", os.path.join(tiny_world["root"], "cache")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]   # after the encoder's progress bar
+    assert rc == 2 and err.startswith("manifoldgd-fast: error: finetune diverged by "
+                                                                     "step 4: the loss or the weights hold NaN"), err
+    assert "the last checkpoint" in err and "--lr or --rsm-lambda" in err, err
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert not (out / "transformer").exists() and not (out / "finetune.json").exists()
+
+    # a real divergence (a learning rate of 1e30, no clipping): nothing written at all
+    monkeypatch.setattr(training, "rsm_loss", real)
+    with pytest.raises(ConfigError, match="finetune diverged by step 2: .* nothing was written"):
+        finetune(data=tiny_world["data"], model=tiny_world["model"], out=str(tmp_path / "b"), steps=2, batch_size=4,
+                 save_every=2, lr=1e30, grad_clip=0.0, cache_dir=os.path.join(tiny_world["root"], "cache"),
+                 device="cpu", log=lambda *a: None)
+    assert not (tmp_path / "b" / "checkpoint.pt").exists()
 
 
 def test_finetune_cli_bad_input(tiny_world, tmp_path, capsys):

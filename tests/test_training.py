@@ -101,3 +101,23 @@ def test_schedule_tables_are_ddpm_linear():
                       (d.coef1, b * ac_prev.sqrt() / (1 - ac)), (d.coef2, (1 - ac_prev) * (1 - b).sqrt() / (1 - ac)),
                       (d.post_log_var, torch.cat([pv[1:2], pv[1:]]).log())):
         torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("lam", [0.0, 1e-3, 0.5])
+def test_rsm_loss_adds_lambda_times_the_mean_l1_of_x0_hat(lam):
+    """finetune's loss: mean over the batch of mse + vb + λ·mean|x̂0|; the L1 term's gradient on ε̂ is
+    −λ·sqrt(1/ᾱ − 1)·sign(x̂0) / (B·D) (sign and scale pinned, not only "the weights differ")."""
+    from manifoldgd_fast.training import predicted_x0, rsm_loss
+
+    d = Diffusion(dtype=torch.float64)
+    x0, noise, tt, y = _batch(4, [3, 250, 900])
+    model = _Oracle(noise + 0.2 * torch.randn_like(noise), -0.4)
+    loss, mse, vb, l1 = rsm_loss(model, d, x0, y, tt, noise, lam)
+    x_t = d.sqrt_ac[tt].view(-1, 1, 1, 1) * x0 + d.sqrt_1m_ac[tt].view(-1, 1, 1, 1) * noise
+    x0_hat = predicted_x0(d, x_t, model.eps.detach(), tt)
+    torch.testing.assert_close(l1, x0_hat.abs().mean(dim=(1, 2, 3)))
+    torch.testing.assert_close(loss, (mse + vb).mean() + lam * x0_hat.abs().mean())
+    (g,) = torch.autograd.grad(loss, model.eps)
+    (g0,) = torch.autograd.grad(rsm_loss(model, d, x0, y, tt, noise, 0.0)[0], model.eps)
+    want = -lam * d.sqrt_recipm1_ac[tt].view(-1, 1, 1, 1) * x0_hat.sign() / x0_hat.numel()
+    torch.testing.assert_close(g - g0, want)
