@@ -198,22 +198,28 @@ def tv_resnet18_forward(sd: dict, x: torch.Tensor):
 
 def check_eig_extremes(solve, n, rtol):
     """``solve(A (B, n, n) float64) -> (w, V)`` on matrices scaled by 1e30 and 1e-30 (|A|_F^2 overflows /
-    underflows fp32 unless the solver rescales) within ``rtol`` of float64, and a NaN in one matrix
-    makes all of its outputs NaN and none of its neighbour's."""
+    underflows fp32 unless the solver rescales) and to a largest entry of 2^59 (at n = 64 |A|_F^2 overflowed
+    below the old 2^60 threshold) and 2^-59, within ``rtol`` of float64; a diagonal near FLT_MAX (where
+    a + b overflows) exactly; a NaN or an inf in one matrix makes all of its outputs NaN and none of its neighbour's."""
     A = eig_test_matrices(n, torch.Generator().manual_seed(n))[[0, 3]]  # Wishart, indefinite
-    for s in (1e30, 1e-30):
+    amax = float(A.abs().max())
+    for s in (1e30, 1e-30, 2.0 ** 59 / amax, 2.0 ** -59 / amax):
         w, V = solve(A * s)
         wr = torch.linalg.eigvalsh(A).flip(-1)
         err = ((w.double() / s - wr).abs().max(1).values / wr.abs().max(1).values).max()
         assert float(err) < rtol, (s, float(err))
         Vd = V.double()
         assert float((Vd.transpose(1, 2) @ Vd - torch.eye(n, dtype=torch.float64)).abs().max()) < 10 * rtol, s
-    bad = A.clone()
-    bad[0, 1, 2] = bad[0, 2, 1] = float("nan")
-    w, V = solve(bad)
-    assert bool(w[0].isnan().all()) and bool(V[0].isnan().all())
+    d = torch.linspace(3e38, 1e37, n, dtype=torch.float64)     # diagonal: exact eigenpairs near FLT_MAX
+    w, V = solve(torch.diag_embed(d).expand(2, n, n))
+    assert float((w.double() / d - 1).abs().max()) < rtol and torch.equal(V[0].abs(), torch.eye(n)), w
     w1, V1 = solve(A[1:])
-    assert torch.equal(w[1], w1[0]) and torch.equal(V[1], V1[0])
+    for x in (float("nan"), float("inf")):
+        bad = A.clone()
+        bad[0, 1, 2] = bad[0, 2, 1] = x
+        w, V = solve(bad)
+        assert bool(w[0].isnan().all()) and bool(V[0].isnan().all()), x
+        assert torch.equal(w[1], w1[0]) and torch.equal(V[1], V1[0])
 
 
 @pytest.fixture(scope="session")

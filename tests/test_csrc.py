@@ -339,7 +339,8 @@ def test_cuda_sym_eig_kernel_emulated_on_the_host(emulated_sym_eig, n):
 
 
 
-def test_cuda_sym_eig_kernel_rescales_huge_and_tiny_matrices_and_propagates_nan(emulated_sym_eig):
+@pytest.mark.parametrize("n", [10, 64])   # 64: |A|_F^2 of a largest entry 2^59 overflows fp32 only there
+def test_cuda_sym_eig_kernel_rescales_huge_and_tiny_matrices_and_propagates_nan(emulated_sym_eig, n):
     from manifoldgd_fast.kernels.sym_eig import MAX_SWEEPS, TOL
 
-    check_eig_extremes(lambda A: emulated_sym_eig(A, MAX_SWEEPS, TOL), 10, 2e-6)
+    check_eig_extremes(lambda A: emulated_sym_eig(A, MAX_SWEEPS, TOL), n, 2e-6 if n <= 16 else 5e-6)

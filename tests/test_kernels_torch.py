@@ -264,6 +264,6 @@ def test_ops_import_and_run_without_triton():
     )
 
 
-@pytest.mark.parametrize("n", [5, 10])
+@pytest.mark.parametrize("n", [5, 10, 64])
 def test_jacobi_torch_rescales_huge_and_tiny_matrices_and_propagates_nan(n):
     check_eig_extremes(lambda A: sym_eig_torch.jacobi_eigh(A.float()), n, 2e-6)

@@ -232,12 +232,13 @@ def test_external_eigensolver_path_matches_inline():
         torch.testing.assert_close(c1, c0, atol=1e-5 * float(c0.abs().max()), rtol=1e-4)
 
 
-def test_sym_eig_triton_rescales_huge_and_tiny_matrices_and_propagates_nan():
+@pytest.mark.parametrize("n", [7, 64])   # 64: |A|_F^2 of a largest entry 2^59 overflows fp32 only there
+def test_sym_eig_triton_rescales_huge_and_tiny_matrices_and_propagates_nan(n):
     def solve(A):
         w, V = ops.sym_eig(A.float().to(DEV), backend="triton")
         return w.cpu(), V.cpu()
 
-    check_eig_extremes(solve, 7, 2e-6)
+    check_eig_extremes(solve, n, 2e-6 if n <= 16 else 5e-6)
 
 
 # ---------------------------------------------------------------------------

@@ -14,10 +14,11 @@ import torch
 
 SWEEPS = 10      # fp32: converged after 6-9 sweeps up to n = 64 (quadratic convergence)
 SWEEPS_FP64 = 18
-# A matrix whose largest entry lies outside [2^-60, 2^60] is divided by it first (its eigenvalues
-# multiplied back after): |A|_F^2 would overflow (or underflow) fp32 there. Inside, nothing changes.
-RESCALE_ABOVE = 2.0 ** 60
-RESCALE_BELOW = 2.0 ** -60
+# A matrix whose largest entry lies outside [2^-50, 2^50] is divided by it first (its eigenvalues
+# multiplied back after): |A|_F^2, up to n^2 amax^2 (2^112 at n = 64), would overflow (or underflow)
+# fp32 further out. Inside, nothing changes.
+RESCALE_ABOVE = 2.0 ** 50
+RESCALE_BELOW = 2.0 ** -50
 
 
 @functools.lru_cache(maxsize=None)
@@ -45,7 +46,7 @@ def jacobi_eigh(A: torch.Tensor, sweeps: int | None = None) -> tuple[torch.Tenso
     K = n + (n % 2)                                  # round-robin needs an even count: pad one zero row/column
     M = torch.zeros(B, K, K, device=A.device, dtype=dt)
     M[:, :n, :n] = A.to(dt)
-    M = 0.5 * (M + M.transpose(1, 2))
+    M = 0.5 * M + 0.5 * M.transpose(1, 2)           # halves first: a + b overflows above FLT_MAX / 2
     amax = M.abs().flatten(1).amax(1)
     scale = torch.where((amax > RESCALE_ABOVE) | ((amax > 0) & (amax < RESCALE_BELOW)), amax,
                         torch.ones_like(amax))[:, None, None]
