@@ -176,11 +176,20 @@ mgd_sym_eig_f32(const float* __restrict__ A, float* __restrict__ w, float* __res
 
 #ifndef __CUDACC_RTC__
 // Host launcher (plain C ABI, so the run-time binding needs no CUDA headers): returns the
-// cudaError_t of the launch. `stream` is a cudaStream_t (the caller's current stream).
+// cudaError_t of the launch, or minus the error an earlier call left pending (not this launch's:
+// cudaGetLastError would report it as ours, and clear it). `stream` is a cudaStream_t (the
+// caller's current stream).
 extern "C" int mgd_sym_eig_f32_launch(const float* A, float* w, float* V, int batch, int n,
                                       int max_sweeps, float tol, void* stream) {
   if (n < 1 || n > kMaxN || batch < 1) return static_cast<int>(cudaErrorInvalidValue);
+  const cudaError_t pending = cudaPeekAtLastError();
+  if (pending != cudaSuccess) return -static_cast<int>(pending);
   mgd_sym_eig_f32<<<batch, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(A, w, V, n, max_sweeps, tol);
   return static_cast<int>(cudaGetLastError());
+}
+
+// The name and description of a cudaError_t, for the binding's messages.
+extern "C" const char* mgd_cuda_error_string(int err) {
+  return cudaGetErrorString(static_cast<cudaError_t>(err));
 }
 #endif  // __CUDACC_RTC__

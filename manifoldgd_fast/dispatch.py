@@ -119,11 +119,14 @@ def _eig_backend(device: torch.device) -> str:
         mod, reason = cuda_ext.load()
         if mod is not None:
             return "cuda"
-        _warn_once("cuda_ext", f"CUDA C++ eigensolver unavailable ({reason}); using the Triton Jacobi")
+    else:
+        reason = None
     kern, _ = _kernels()
-    if kern is not None and kern.triton_device_ok(device):
-        return "triton"
-    return "torch"
+    fallback = "triton" if kern is not None and kern.triton_device_ok(device) else "torch"
+    if reason is not None:
+        _warn_once("cuda_ext", f"CUDA C++ eigensolver unavailable ({reason}); using the "
+                               f"{'Triton' if fallback == 'triton' else 'PyTorch'} Jacobi")
+    return fallback
 
 
 def _eig_fn(eig: str):

@@ -7,9 +7,13 @@ to the Triton eigensolver). So it is compiled here, syntax and types, against th
 with the host compiler, as load_inline would (plus the pybind11 module it generates).
 
 The kernel itself runs here too, emulated: ``tests/cuda_host/cuda_runtime.h`` makes each CUDA
-thread a host thread and ``__syncthreads`` a barrier, so the block-parallel Jacobi (its round
-structure, its shared-memory updates and their synchronisation) is checked against float64.
-The device's own float intrinsics (``rsqrtf``) and scheduling stay for a GPU to check.
+thread a host thread, ``__syncthreads`` a barrier over the block and a warp shuffle a barrier over
+its warp, so the block-parallel Jacobi (its round structure and shared-memory updates) is checked
+against float64. Its synchronisation is checked by running the threads also one at a time between
+barriers, lowest id first and highest id first: a race gives other bits in one order, and a barrier
+not every thread reaches stops the run at once (a mutant of each is caught here). The device's own
+float intrinsics (``rsqrtf``), its memory model and real warp scheduling stay for a GPU to check
+(with ``compute-sanitizer --tool racecheck,synccheck``).
 """
 import os
 import re
@@ -63,6 +67,8 @@ def test_cuda_ext_declares_the_launcher_csrc_defines():
         return " ".join(m.group(1).split())
 
     assert params(cuda_ext._BINDING) == params(cu)
+    assert 'extern "C" const char* mgd_cuda_error_string(int err)' in cu
+    assert 'extern "C" const char* mgd_cuda_error_string(int err);' in cuda_ext._BINDING
 
 
 def _cuda_home() -> str | None:
@@ -202,7 +208,85 @@ def test_cuda_ext_load_names_each_way_it_tried(monkeypatch):
     monkeypatch.setattr(cuda_ext, "_REASON", None)
     monkeypatch.delenv("MANIFOLDGD_CUDA_EXT", raising=False)
     monkeypatch.setattr(cuda_ext, "load_nvrtc", lambda: "the nvrtc module")
+    monkeypatch.setattr(cuda_ext, "_current_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(cuda_ext, "self_test", lambda module, device: None)  # its launch: the next test
     assert cuda_ext.load() == ("the nvrtc module", None)
+
+
+def test_cuda_ext_load_launches_each_way_once_and_falls_through_when_that_fails(monkeypatch):
+    """A module that builds but fails its first launch (no kernel image for the GPU, an old driver) or gives
+    wrong eigenvalues is not taken: load() names why and tries the next way (it used to take the nvcc build
+    unlaunched, and the run then failed mid-way with a bare cudaError number)."""
+    from manifoldgd_fast.kernels import cuda_ext
+
+    class Module:
+        def __init__(self, how):
+            self.how, self.calls = how, []
+
+        def sym_eig(self, A, max_sweeps, tol, stream):
+            self.calls.append((tuple(A.shape), max_sweeps, tol, stream))
+            if self.how == "no image":
+                raise RuntimeError("sym_eig: kernel launch failed: no kernel image is available for execution on "
+                                   "the device (cudaError 209)")
+            w, V = torch.linalg.eigh(A.double())
+            w = w.flip(-1).float() * (1.5 if self.how == "wrong" else 1.0)
+            return [w, V.flip(-1).float()]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda_ext, "_current_device", lambda: torch.device("cpu"))
+    monkeypatch.delenv("MANIFOLDGD_CUDA_EXT", raising=False)
+    for first, says in (("no image", "nvcc: RuntimeError: sym_eig: kernel launch failed: no kernel image"),
+                        ("wrong", "nvcc: RuntimeError: self-test on cpu: eigenvalues [7.5, 4.5, 1.5] where "
+                                  "[5.0, 3.0, 1.0] are right")):
+        nvcc, nvrtc = Module(first), Module("right")
+        monkeypatch.setattr(cuda_ext, "load_nvcc", lambda: nvcc)
+        monkeypatch.setattr(cuda_ext, "load_nvrtc", lambda: nvrtc)
+        monkeypatch.setattr(cuda_ext, "_MODULE", None)
+        monkeypatch.setattr(cuda_ext, "_REASON", None)
+        assert cuda_ext.load() == (nvrtc, None)
+        assert nvcc.calls == [((1, 3, 3), 20, 1e-7, 0)] and len(nvrtc.calls) == 1
+        monkeypatch.setattr(cuda_ext, "load_nvrtc", lambda: Module("no image"))
+        monkeypatch.setattr(cuda_ext, "_MODULE", None)
+        monkeypatch.setattr(cuda_ext, "_REASON", None)
+        mod, reason = cuda_ext.load()
+        assert mod is None and reason.startswith(says) and "; nvrtc: RuntimeError: sym_eig: kernel launch" in reason
+
+
+def test_cuda_ext_build_failure_keeps_the_compilers_error():
+    """torch's build error begins with the whole nvcc command line; the reason keeps the error lines."""
+    from manifoldgd_fast.kernels import cuda_ext
+
+    flags = " ".join(f"-I/very/long/include/path/number/{i}" for i in range(40))
+    text = (f"Error building extension 'manifoldgd_sym_eig_0123': [1/3] /usr/local/cuda/bin/nvcc {flags} -c sym_eig.cu\n"
+            f"FAILED: cuda.cuda.o\n/usr/local/cuda/bin/nvcc {flags} -c sym_eig.cu\n"
+            "sym_eig.cu(42): error: identifier \"kMaxM\" is undefined\n1 error detected in the compilation of "
+            "\"sym_eig.cu\".\nninja: build stopped: subcommand failed.\n")
+    got = cuda_ext.build_error_summary(text)
+    assert len(got) < 600 and got.startswith("Error building extension 'manifoldgd_sym_eig_0123': [1/3]")
+    assert 'sym_eig.cu(42): error: identifier "kMaxM" is undefined' in got and "1 error detected" in got
+
+
+def test_cuda_ext_build_name_follows_the_source_and_a_stale_lock_goes(monkeypatch, tmp_path):
+    """The build's name in torch's per-user cache hashes the source, binding and flags (two checkouts never
+    load each other's build); a lock a killed build left (torch waits on it forever) is removed with a
+    warning once STALE_LOCK_S old, a fresh one is left to its build."""
+    import time
+
+    from manifoldgd_fast.kernels import cuda_ext
+
+    name = cuda_ext.build_name()
+    assert re.fullmatch(r"manifoldgd_sym_eig_[0-9a-f]{12}", name)
+    monkeypatch.setattr(cuda_ext, "source", lambda: "// another version\n")
+    assert cuda_ext.build_name() != name
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    cuda_ext._clear_stale_lock(name, str(tmp_path))
+    assert lock.exists()
+    old = time.time() - cuda_ext.STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    with pytest.warns(UserWarning, match="removing the build lock .* a killed build left it"):
+        cuda_ext._clear_stale_lock(name, str(tmp_path))
+    assert not lock.exists()
 
 
 @requires_cuda()
@@ -244,6 +328,8 @@ def test_nvrtc_sym_eig_captures_in_a_cuda_graph():
 
 _HARNESS = r"""
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <thread>
 #include <vector>
 
@@ -264,14 +350,24 @@ int main() {
   if (fread(A.data(), sizeof(float), A.size(), stdin) != A.size()) return 2;
   std::barrier<> block(kThreads);
   mgd_block_barrier = &block;
+  for (int i = 0; i < kThreads / 32; ++i) mgd_warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
+  const char* order = getenv("MGD_EMU_ORDER");  // free (default), forward or reverse
+  mgd_order = !order || !strcmp(order, "free") ? 0 : !strcmp(order, "forward") ? 1 : -1;
   for (int b = 0; b < batch; ++b) {
+    if (mgd_order) mgd_sched.reset(kThreads);
     std::vector<std::thread> threads;
     for (int t = 0; t < kThreads; ++t)
       threads.emplace_back([&, b, t] {
         threadIdx.x = t;
         blockIdx.x = b;
+        if (mgd_order) mgd_sched.start();
         mgd_sym_eig_f32(A.data(), w.data(), V.data(), n, max_sweeps, tol);
+        if (mgd_order) mgd_sched.finish();
       });
+    if (mgd_order) {  // the first thread in the order starts
+      std::lock_guard<std::mutex> lk(mgd_sched.m);
+      mgd_sched.go[mgd_sched.first_runnable()]->release();
+    }
     for (auto& th : threads) th.join();
   }
   fwrite(w.data(), sizeof(float), w.size(), stdout);
@@ -281,21 +377,10 @@ int main() {
 """
 
 
-@pytest.fixture(scope="module")
-def emulated_sym_eig(tmp_path_factory):
-    """csrc/sym_eig.cu's kernel (under __CUDACC_RTC__, as NVRTC compiles it: no <<<>>> launcher) built for the
-    host against the emulation header."""
-    if CXX is None:
-        pytest.skip("no host C++ compiler (c++ / g++) on this machine")
-    from manifoldgd_fast.kernels import cuda_ext
-
-    cu = cuda_ext.source()
-    d = tmp_path_factory.mktemp("sym_eig_host")
-    (d / "probe.cpp").write_text("#include <barrier>\nint main() { std::barrier<> b(1); b.arrive_and_wait(); }\n")
-    probe = subprocess.run([CXX, "-std=c++20", "-pthread", str(d / "probe.cpp"), "-o", str(d / "probe")],
-                           capture_output=True, text=True, timeout=300)
-    if probe.returncode != 0:
-        pytest.skip(f"the host compiler has no C++20 std::barrier: {probe.stderr.strip().splitlines()[-1:]}")
+def _build_emulation(cu: str, d) -> "callable":
+    """``cu`` (a sym_eig.cu text) built in folder ``d`` for the host against the emulation header, as NVRTC
+    compiles it (under __CUDACC_RTC__: no <<<>>> launcher); returns run(A, max_sweeps, tol, order="free")
+    (order: free, forward or reverse, tests/cuda_host/cuda_runtime.h's ways to run the threads)."""
     (d / "sym_eig_kernel.cu").write_text(cu)
     (d / "main.cpp").write_text(_HARNESS)
     exe = d / "sym_eig_host"
@@ -305,17 +390,40 @@ def emulated_sym_eig(tmp_path_factory):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
-    def run(A: torch.Tensor, max_sweeps: int, tol: float):
+    def run(A: torch.Tensor, max_sweeps: int, tol: float, order: str = "free"):
         B, n, _ = A.shape
         stdin = (np.array([B, n, max_sweeps], np.int32).tobytes() + np.array([tol], np.float32).tobytes()
                  + A.float().numpy().tobytes())
-        out = subprocess.run([str(exe)], input=stdin, capture_output=True, timeout=600)
+        out = subprocess.run([str(exe)], input=stdin, capture_output=True, timeout=300,
+                             env={**os.environ, "MGD_EMU_ORDER": order})
         assert out.returncode == 0, out.stderr[-2000:]
         flat = np.frombuffer(out.stdout, np.float32)
         assert flat.size == B * n + B * n * n, flat.size
         return torch.from_numpy(flat[:B * n].reshape(B, n).copy()), torch.from_numpy(flat[B * n:].reshape(B, n, n).copy())
 
     return run
+
+
+@pytest.fixture(scope="module")
+def emulation_builder(tmp_path_factory):
+    """_build_emulation in a fresh folder, once the host compiler is known to have C++20's std::barrier."""
+    if CXX is None:
+        pytest.skip("no host C++ compiler (c++ / g++) on this machine")
+    d = tmp_path_factory.mktemp("probe")
+    (d / "probe.cpp").write_text("#include <barrier>\nint main() { std::barrier<> b(1); b.arrive_and_wait(); }\n")
+    probe = subprocess.run([CXX, "-std=c++20", "-pthread", str(d / "probe.cpp"), "-o", str(d / "probe")],
+                           capture_output=True, text=True, timeout=300)
+    if probe.returncode != 0:
+        pytest.skip(f"the host compiler has no C++20 std::barrier: {probe.stderr.strip().splitlines()[-1:]}")
+    return lambda cu: _build_emulation(cu, tmp_path_factory.mktemp("sym_eig_host"))
+
+
+@pytest.fixture(scope="module")
+def emulated_sym_eig(emulation_builder):
+    """csrc/sym_eig.cu's kernel, emulated on the host."""
+    from manifoldgd_fast.kernels import cuda_ext
+
+    return emulation_builder(cuda_ext.source())
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 10, 33, 64])
@@ -344,3 +452,39 @@ def test_cuda_sym_eig_kernel_rescales_huge_and_tiny_matrices_and_propagates_nan(
     from manifoldgd_fast.kernels.sym_eig import MAX_SWEEPS, TOL
 
     check_eig_extremes(lambda A: emulated_sym_eig(A, MAX_SWEEPS, TOL), n, 2e-6 if n <= 16 else 5e-6)
+
+
+@pytest.mark.parametrize("n", [10, 33, 64])
+def test_cuda_sym_eig_kernel_gives_the_same_bits_in_any_thread_order(emulated_sym_eig, n):
+    """The kernel's threads run free, then one at a time between barriers lowest id first, then highest id
+    first: a race (two threads touching one shared word between the same two barriers) gives other bits in
+    one of the orders (the next test shows it does). Two matrices per size (Wishart, ill-conditioned)."""
+    from manifoldgd_fast.kernels.sym_eig import MAX_SWEEPS, TOL
+
+    A = eig_test_matrices(n, torch.Generator().manual_seed(n))[:2]
+    free = emulated_sym_eig(A, MAX_SWEEPS, TOL)
+    for order in ("forward", "reverse"):
+        w, V = emulated_sym_eig(A, MAX_SWEEPS, TOL, order)
+        assert torch.equal(w, free[0]) and torch.equal(V, free[1]), order
+
+
+def test_the_ordered_emulation_finds_a_missing_barrier(emulation_builder):
+    """What the test above would catch: block_sum without the barrier before its warps write red[] (a warp
+    overwrites a partial sum the previous reduction's readers still need; the free-running emulation, whose
+    shuffles used to be block barriers, passed it) changes the results in an ordered run; without the
+    barrier after the write, threads read different sums, leave the sweep loop at different times, and the
+    ordered run stops at once on the deadlock (a free run hangs)."""
+    from manifoldgd_fast.kernels import cuda_ext
+    from manifoldgd_fast.kernels.sym_eig import MAX_SWEEPS, TOL
+
+    cu = cuda_ext.source()
+    write = "  __syncthreads();\n  if (lane == 0) red[warp] = v;\n  __syncthreads();\n"
+    assert cu.count(write) == 2, "block_sum / block_max changed: update this test's mutants"
+    A = eig_test_matrices(10, torch.Generator().manual_seed(10))[:2]
+    right = emulation_builder(cu)(A, MAX_SWEEPS, TOL)
+    before = emulation_builder(cu.replace(write, "  if (lane == 0) red[warp] = v;\n  __syncthreads();\n", 1))
+    outs = [before(A, MAX_SWEEPS, TOL, order) for order in ("forward", "reverse")]
+    assert any(not (torch.equal(w, right[0]) and torch.equal(V, right[1])) for w, V in outs)
+    after = emulation_builder(cu.replace(write, "  __syncthreads();\n  if (lane == 0) red[warp] = v;\n", 1))
+    with pytest.raises(AssertionError, match="cuda emulation: deadlock: no thread can run"):
+        after(A, MAX_SWEEPS, TOL, "reverse")

@@ -74,6 +74,29 @@ def test_torch_jacobi_against_float64(n):
     assert float(((w64 - wr).abs().max(1).values / nrm).max()) < 1e-12
 
 
+@pytest.mark.parametrize("triton_there", [True, False])
+def test_eig_chain_warns_naming_the_solver_it_falls_back_to(monkeypatch, triton_there):
+    """Without the CUDA C++ solver the chain says why, once, and names the solver it really uses (it always
+    said "the Triton Jacobi", also where the chain ended at PyTorch's)."""
+    from manifoldgd_fast import dispatch
+    from manifoldgd_fast.kernels import cuda_ext
+
+    monkeypatch.delenv("MANIFOLDGD_NO_CUDA_EXT", raising=False)
+    monkeypatch.setattr(cuda_ext, "load", lambda: (None, "nvcc: no CUDA toolkit; nvrtc: no CuPy"))
+    kern = type("Kernels", (), {"triton_device_ok": staticmethod(lambda device: True)})
+    monkeypatch.setattr(dispatch, "_kernels", lambda: (kern, None) if triton_there else (None, "no Triton"))
+    monkeypatch.setattr(dispatch, "_WARNED", set())
+    dispatch._eig_backend.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning) as got:
+            assert dispatch._eig_backend(torch.device("cuda", 7)) == ("triton" if triton_there else "torch")
+    finally:
+        dispatch._eig_backend.cache_clear()
+    want = "Triton" if triton_there else "PyTorch"
+    assert [str(w.message) for w in got] == [f"CUDA C++ eigensolver unavailable (nvcc: no CUDA toolkit; nvrtc: no "
+                                             f"CuPy); using the {want} Jacobi"]
+
+
 def test_sym_eig_dispatch_and_checks():
     A = _spectrum_cases(6, torch.Generator().manual_seed(0)).float()
     w, V = ops.sym_eig(A, backend="torch")

@@ -15,7 +15,12 @@ back to the Triton eigen-step.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import re
+import time
+import warnings
 
 _PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The repo's csrc/ beside manifoldgd_fast/ (a source tree, an editable install), else the copy a wheel carries
@@ -45,6 +50,7 @@ _BINDING = r"""
 
 extern "C" int mgd_sym_eig_f32_launch(const float* A, float* w, float* V, int batch, int n,
                                       int max_sweeps, float tol, void* stream);
+extern "C" const char* mgd_cuda_error_string(int err);
 
 std::vector<at::Tensor> sym_eig(at::Tensor A, int64_t max_sweeps, double tol, int64_t stream) {
   TORCH_CHECK(A.is_cuda(), "sym_eig: A must be a CUDA tensor");
@@ -61,7 +67,8 @@ std::vector<at::Tensor> sym_eig(at::Tensor A, int64_t max_sweeps, double tol, in
                                          static_cast<int>(A.size(0)), static_cast<int>(A.size(1)),
                                          static_cast<int>(max_sweeps), static_cast<float>(tol),
                                          reinterpret_cast<void*>(stream));
-  TORCH_CHECK(err == 0, "sym_eig: kernel launch failed with cudaError ", err);
+  TORCH_CHECK(err >= 0, "sym_eig: an earlier CUDA call left an error pending: ", mgd_cuda_error_string(-err));
+  TORCH_CHECK(err == 0, "sym_eig: kernel launch failed: ", mgd_cuda_error_string(err), " (cudaError ", err, ")");
   return {w, V};
 }
 """
@@ -70,15 +77,56 @@ _MODULE = None
 _REASON = None
 
 
+_CUDA_FLAGS = ["-O3"]
+STALE_LOCK_S = 600  # a build lock older than this was left by a killed build (this one takes well under a minute)
+
+
+def build_name() -> str:
+    """The extension's name in torch's cache, keyed by the source, the binding and the flags: two checkouts
+    with another sym_eig.cu on one $HOME (torch's cache is per user) never load each other's build."""
+    key = "\0".join([source(), _BINDING, *_CUDA_FLAGS]).encode()
+    return "manifoldgd_sym_eig_" + hashlib.sha256(key).hexdigest()[:12]
+
+
+def _clear_stale_lock(name: str, build_directory: str | None) -> None:
+    """torch's build lock (a file its FileBaton waits on, forever) that a killed build left: removed, with a
+    warning, once older than STALE_LOCK_S. A live build holds it for seconds."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    folder = build_directory or _get_build_directory(name, verbose=False)
+    lock = os.path.join(folder, "lock")
+    try:
+        age = time.time() - os.stat(lock).st_mtime
+    except OSError:
+        return
+    if age > STALE_LOCK_S:
+        warnings.warn(f"removing the build lock {lock}, {age / 60:.0f} min old: a killed build left it", stacklevel=2)
+        with contextlib.suppress(OSError):
+            os.remove(lock)
+
+
 def build(build_directory: str | None = None, verbose: bool = False):
     """Compile sym_eig.cu and the binding with ``load_inline`` (nvcc, torch's CUDA build) and import the module;
     raises on any failure. Needs no GPU: the architectures come from ``TORCH_CUDA_ARCH_LIST`` where no device
     says them. ``build_directory``: torch's extension cache unless given."""
     from torch.utils.cpp_extension import load_inline
 
-    return load_inline(name="manifoldgd_sym_eig", cpp_sources=_BINDING, cuda_sources=source(),
-                       functions=["sym_eig"], extra_cuda_cflags=["-O3"], build_directory=build_directory,
-                       verbose=verbose)
+    name = build_name()
+    with contextlib.suppress(Exception):  # torch's private helper: where it moved, the lock stays torch's concern
+        _clear_stale_lock(name, build_directory)
+    return load_inline(name=name, cpp_sources=_BINDING, cuda_sources=source(), functions=["sym_eig"],
+                       extra_cuda_cflags=_CUDA_FLAGS, build_directory=build_directory, verbose=verbose)
+
+
+def build_error_summary(text: str, keep: int = 4) -> str:
+    """A build failure in a few hundred characters: its first line and the compiler's error lines (torch's
+    message starts with the whole nvcc command line, which said nothing of the cause in 300 characters)."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    errors = [ln for ln in lines[1:] if re.search(r"\berror\b|fatal|undefined reference|cannot find", ln, re.I)]
+    head = lines[0] if len(lines[0]) <= 160 else lines[0][:157] + "..."
+    return " | ".join([head, *(ln[:200] for ln in errors[:keep])])
 
 
 THREADS = 256  # csrc/sym_eig.cu's kThreads: the block of one matrix (a test reads it from the source)
@@ -165,8 +213,37 @@ def load_nvcc():
     except Exception as e:
         # torch takes CUDA_HOME from $CUDA_HOME, else two folders above `which nvcc`: a wrapper script
         # there (e.g. /usr/local/bin/nvcc) gives a folder without the CUDA libraries, and the link fails
-        raise RuntimeError(f"{e} (CUDA_HOME={CUDA_HOME}: set $CUDA_HOME to the CUDA toolkit if it is not)") from e
+        raise RuntimeError(f"{build_error_summary(e)} (CUDA_HOME={CUDA_HOME}: set $CUDA_HOME to the CUDA toolkit "
+                           f"if it is not)") from e
     return module
+
+
+SELF_TEST = ([[2.0, 1.0, 0.0], [1.0, 2.0, 0.0], [0.0, 0.0, 5.0]], [5.0, 3.0, 1.0])  # A and its eigenvalues
+
+
+def _current_device():
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def self_test(module, device) -> None:
+    """Run ``module.sym_eig`` once on ``device`` on a 3 x 3 matrix of known eigenvalues and wait for it; raises
+    RuntimeError where it fails or is wrong. What a build cannot show, a launch does: no kernel image for this
+    GPU (a TORCH_CUDA_ARCH_LIST without its architecture), a driver older than the toolkit. Skipped inside a
+    CUDA-graph capture (no synchronisation there; the fast loop's warm-up step runs before it)."""
+    import torch
+
+    cuda = device.type == "cuda"
+    if cuda and torch.cuda.is_current_stream_capturing():
+        return
+    A = torch.tensor(SELF_TEST[0], dtype=torch.float32, device=device)[None]
+    w, _ = module.sym_eig(A, 20, 1e-7, torch.cuda.current_stream(device).cuda_stream if cuda else 0)
+    if cuda:
+        torch.cuda.synchronize(device)
+    got = w.detach().cpu().flatten().tolist()
+    if not all(abs(g - e) <= 1e-5 * e for g, e in zip(got, SELF_TEST[1])) or len(got) != 3:
+        raise RuntimeError(f"self-test on {device}: eigenvalues {got} where {SELF_TEST[1]} are right")
 
 
 def load_nvrtc():
@@ -201,12 +278,14 @@ def load():
         for name, way in ways.items():
             if choice in ("auto", name):
                 try:
-                    _MODULE = way()
+                    module = way()
+                    self_test(module, _current_device())  # a launch, before the run relies on it
+                    _MODULE = module
                     break
                 except Exception as e:  # any failure: the next way, then a reason, never raised
-                    reasons.append(f"{name}: {type(e).__name__}: {e}".strip()[:300])
+                    reasons.append(f"{name}: {type(e).__name__}: {e}".strip()[:600])
     except Exception as e:
-        reasons.append(f"{type(e).__name__}: {e}".strip()[:300])
+        reasons.append(f"{type(e).__name__}: {e}".strip()[:600])
     if _MODULE is None:
         _REASON = "; ".join(reasons)
     return _MODULE, _REASON
