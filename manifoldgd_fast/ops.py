@@ -85,9 +85,7 @@ def _check_rows(name: str, x: torch.Tensor, rows: torch.Tensor, lengths: torch.T
     if rows.dim() != 3 or rows.shape[0] != x.shape[0] or rows.shape[2] != x.shape[1]:
         raise ConfigError(f"{name} must be (B, M, D) with B == x.shape[0] and D == x.shape[1], "
                           f"got {tuple(rows.shape)} and x {tuple(x.shape)}")
-    for t_name, t in (("x", x), (name, rows)):
-        if not t.is_floating_point():
-            raise ConfigError(f"{t_name} must be floating point, got {t.dtype}")
+    _check_float(x=x, **{name: rows})
     B, M = rows.shape[:2]
     if lengths is None:
         lengths = torch.full((B,), M, dtype=torch.long, device=rows.device)
@@ -100,6 +98,13 @@ def _check_rows(name: str, x: torch.Tensor, rows: torch.Tensor, lengths: torch.T
     if int(lengths.min()) < k:
         raise ConfigError(f"k={k} is larger than the {name} (shortest has {int(lengths.min())} valid rows)")
     return lengths
+
+
+def _check_float(**tensors) -> None:
+    """Each given tensor floating point (an integer one was truncated silently by every backend)."""
+    for name, t in tensors.items():
+        if t is not None and not t.is_floating_point():
+            raise ConfigError(f"{name} must be floating point, got {t.dtype}")
 
 
 def _as_int(v):
@@ -201,8 +206,7 @@ def manifold_correct(x, patch, g, *, k, d, lambda_normal=1.0, ridge=0.0, lengths
     """
     k, d = _check_kd(k, d)
     lengths = _check_rows("patch", x, patch, lengths, k)
-    if g.shape != x.shape:
-        raise ConfigError(f"g must have x's shape {tuple(x.shape)}, got {tuple(g.shape)}")
+    _check_bd("g", g, x)
     if lambda_normal < 0 or ridge < 0:
         raise ConfigError(f"lambda_normal and ridge must be >= 0, got {lambda_normal} and {ridge}")
     why = lambda: _triton_reason({"x": x, "patch": patch, "g": g}, B=x.shape[0], rows=patch.shape[1],  # noqa: E731
@@ -380,6 +384,7 @@ def official_cloud(modes, radius, alpha_bar, generators, n_points=300):
 def _check_bd(name: str, t: torch.Tensor | None, x: torch.Tensor) -> None:
     if t is not None and t.shape != x.shape:
         raise ConfigError(f"{name} must have x's shape {tuple(x.shape)}, got {tuple(t.shape)}")
+    _check_float(**{name: t})
 
 
 def _check_alpha_bar(alpha_bar) -> None:
@@ -393,6 +398,7 @@ def _check_patch_inputs(x, latents, order, lengths, k):
     B, D = x.shape
     if latents.dim() != 2 or latents.shape[1] != D:
         raise ConfigError(f"latents must be (n, D) with D == x.shape[1], got {tuple(latents.shape)} and {D}")
+    _check_float(x=x, latents=latents)
     if order.dim() != 2 or order.shape[0] != B or order.is_floating_point():
         raise ConfigError(f"order must be (B, n_order) integers with B == x.shape[0], got {tuple(order.shape)} {order.dtype}")
     return _check_order(latents, order, lengths, k)
@@ -498,6 +504,7 @@ def manifold_pull_fused(x, modes, *, radius, alpha_bar, seed, step, n_points=300
     _check_alpha_bar(alpha_bar)
     if x.dim() != 2:
         raise ConfigError(f"x must be (B, D), got shape {tuple(x.shape)}")
+    _check_float(x=x)
     _check_bd("modes", modes, x)
     _check_bd("mean", mean, x)
     if bandwidth <= 0 or scale < 0 or ridge < 0 or radius < 0:

@@ -68,9 +68,12 @@ def _cases():
         (tangent._gram_kernel, {**i64, "g_ptr": "*bf16"}, dict(SRC=2, K=64, BLOCK_D=32, HAS_G=False)),
         (tangent._gram_kernel, {**i64, "g_ptr": "*bf16"}, dict(SRC=1, K=16, BLOCK_D=128, HAS_G=True)),
         (tangent._apply_kernel, {**i64, **f, "g_ptr": "*bf16", "ext_ptr": "*bf16", "out_ptr": "*bf16"},
-         dict(SRC=1, K=16, BLOCK_D=128, HAS_G=True, EXT=1)),
+         dict(SRC=1, K=16, BLOCK_D=128, HAS_G=True, EXT=1, NORM=False)),
         (tangent._apply_kernel, {**i64, **f, "ext_ptr": "*fp16", "out_ptr": "*fp16"},
-         dict(SRC=2, K=16, BLOCK_D=128, HAS_G=False, EXT=2)),
+         dict(SRC=2, K=16, BLOCK_D=128, HAS_G=False, EXT=2, NORM=False)),
+        (tangent._apply_kernel, {**i64, **f, "x_ptr": "*bf16"}, dict(SRC=2, K=16, BLOCK_D=128, HAS_G=False, EXT=0,
+                                                                     NORM=True)),
+        (tangent._scale_kernel, {"ext_ptr": "*bf16", "out_ptr": "*bf16"}, dict(BLOCK_D=128, NB=32, HAS_EXT=True)),
         (tangent._coef_kernel, f, dict(PULL=True, K=64, MAX_SWEEPS=20, TOL=1e-7, PHASE=0)),
         (tangent._coef_kernel, f, dict(PULL=False, K=16, MAX_SWEEPS=20, TOL=1e-7, PHASE=1)),
         (tangent._coef_kernel, f, dict(PULL=False, K=16, MAX_SWEEPS=20, TOL=1e-7, PHASE=2)),
@@ -234,6 +237,7 @@ def test_production_launches_compile_and_fit(monkeypatch):
     _production_launches(monkeypatch)
     names = {ident[0] for ident in rec.launches}
     assert names >= {"_knn_partial_kernel", "_knn_merge_kernel", "_gram_kernel", "_coef_kernel", "_apply_kernel",
+                     "_scale_kernel",
                      "_cloud_radii_kernel", "_cloud_knn_partial_kernel", "_sym_eig_kernel",
                      "_layernorm_modulate_kernel", "_gate_residual_kernel", "_attention_fwd_kernel"}, names
     failures = [f for fn, signature, constexprs, attrs, opts in rec.launches.values() for arch in (90, 86)

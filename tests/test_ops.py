@@ -191,6 +191,22 @@ def test_bad_inputs_name_the_tensor():
         ops.manifold_pull(x.long(), patch, k=10, d=3)
     with pytest.raises(ConfigError, match="cloud must be floating point"):
         ops.manifold_pull(x, patch.int(), k=10, d=3)
+    # integer g / modes / mean / eps / latents were truncated silently by every backend
+    with pytest.raises(ConfigError, match="g must be floating point, got torch.int64"):
+        ops.manifold_correct(x, patch, g.long(), k=10, d=3)
+    fused = dict(alpha_bar=0.5, seed=1, step=3, k=10, d=3)
+    with pytest.raises(ConfigError, match="modes must be floating point"):
+        ops.manifold_pull_fused(x, x.long(), radius=0.1, **fused)
+    with pytest.raises(ConfigError, match="x must be floating point"):
+        ops.manifold_pull_fused(x.long(), x, radius=0.1, **fused)
+    with pytest.raises(ConfigError, match="mean must be floating point"):
+        ops.manifold_pull_fused(x, x, radius=0.1, mean=x.int(), **fused)
+    order, lengths = torch.arange(30).repeat(2, 1), torch.tensor([30, 30])
+    lat = patch[0]
+    with pytest.raises(ConfigError, match="latents must be floating point"):
+        ops.manifold_correct_fused(x, lat.long(), order, lengths, g, **fused)
+    with pytest.raises(ConfigError, match="eps must be floating point"):
+        ops.manifold_correct_fused(x, lat, order, lengths, g, eps=g.long(), **fused)
     with pytest.raises(ConfigError, match="patch must be"):
         ops.manifold_correct(x, patch[:, :, :15], g, k=10, d=3)
     with pytest.raises(ConfigError, match="larger than the patch"):

@@ -21,10 +21,8 @@ def _finish(x, idx, sample_ids, src, k, d, scale, bandwidth, mean, eig, splits):
         parts = tangent.gram(x, None, idx, sample_ids, k, src, splits=splits)
         c, alpha = tangent.coef(parts, k, d, pull=True, scale=scale, bandwidth=bandwidth, eig=eig)
     with phase("projection"):
-        if mean is None:
-            return tangent.apply(x, None, idx, sample_ids, c, alpha, k, src, out_dtype=x.dtype)
-        return tangent.apply(x, None, idx, sample_ids, c, alpha, k, src, ext=mean, ext_kind=tangent.EXT_MEAN,
-                             out_dtype=mean.dtype)
+        return tangent.apply(x, None, idx, sample_ids, c, alpha, k, src, ext=mean, norm=True,
+                             out_dtype=x.dtype if mean is None else mean.dtype)
 
 
 def rows(x, cloud, lengths, k, d, scale, bandwidth, eig=None, splits=None):

@@ -16,16 +16,20 @@ as in ``tangent_basis_ref``) and ``w = sum_j v_j (v_j . rhs) / mu_j``:
 * paper (``manifold_correct``): ``P_T g = X^T w = Y^T C w`` (rhs = C h), so
   ``g - lam P_N g = (1 - lam) g + Y^T (lam C w)``;
 * official (``manifold_pull``): ``n = (x - c) - P_T (x - c) = u + Y^T cn`` with ``cn = -1/k - C w``
-  (rhs = X (x - c)), ``|n|^2 = uu + 2 cn.h + cn^T G cn``, ``delta_min = |u|`` (x to the nearest row,
-  exact, not the kNN's dot-product expansion), term ``= s u + Y^T (s cn)``, ``s = -scale tanh(dmin/b) / (|n| + 1e-8)``.
+  (rhs = X (x - c)), ``delta_min = |u|`` (x to the nearest row, exact, not the kNN's dot-product
+  expansion), term ``= s n``, ``s = -scale tanh(dmin/b) / (|n| + 1e-8)``. |n| is summed from n itself
+  by the apply pass: its k x k expansion ``uu + 2 cn.h + cn^T G cn`` cancels where x lies near the
+  rows' tangent plane (|n| << |u|), and s then grew by orders of magnitude.
 
-So each sample's output is ``alpha v + Y^T coef_b`` (v = g, or u): three kernels.
+So each sample's output is ``alpha v + Y^T coef_b`` (v = g, or u; the pull: n, then times s): three
+kernels, and a fourth that scales n for the pull.
 
 1. ``_gram_kernel`` (B, D-splits): G, h and uu partial sums over a slice of D (gather + Gram via
    ``tl.dot`` in IEEE fp32 + Y v, one pass);
 2. ``_coef_kernel`` (B,): sum the partials, centre, Jacobi (``sym_eig.jacobi_eigh``), top-d, coef/alpha;
 3. ``_apply_kernel`` (B, D-blocks): ``alpha v + Y^T coef`` regenerating Y, fused with
-   ``eps - lambda_M sigma (.)`` (paper eps update) or ``mean + (.)`` (official posterior mean).
+   ``eps - lambda_M sigma (.)`` (paper eps update); for the pull (NORM) n and its blocks' |n|^2;
+4. ``_scale_kernel`` (B, D-blocks, pull only): ``s n``, fused with ``mean + (.)`` (official posterior mean).
 
 Between 1 and 3 only (B, splits, K, K) floats touch memory.
 """
@@ -171,13 +175,8 @@ def _finish(G, h, rk, uu, mu_all, V, k, d, lam, scale, inv_bw, rel_tol,
         w += tl.where(keep, tl.sum(v * rhs, axis=0) / tl.where(keep, mu, 1.0), 0.0) * v
     cw = tl.where(valid, w - tl.sum(tl.where(valid, w, 0.0), axis=0) / kf, 0.0)   # C w
     if PULL:
-        cn = tl.where(valid, -1.0 / kf, 0.0) - cw                          # n = u + Y^T cn
-        n2 = uu + 2.0 * tl.sum(cn * h, axis=0) + tl.sum(cn * tl.sum(G * cn[None, :], axis=1), axis=0)
-        nn = tl.sqrt(tl.maximum(n2, 0.0))
-        dmin = tl.sqrt(uu)
-        wgt = _tanh_nonneg(dmin * inv_bw)
-        alpha = -scale * wgt / (nn + 1e-8)
-        coef = cn * alpha
+        coef = tl.where(valid, -1.0 / kf, 0.0) - cw                        # n = u + Y^T cn
+        alpha = -scale * _tanh_nonneg(tl.sqrt(uu) * inv_bw)                # s (|n| + 1e-8): see _scale_kernel
     else:
         coef = lam * cw
         alpha = 1.0 - lam
@@ -185,11 +184,13 @@ def _finish(G, h, rk, uu, mu_all, V, k, d, lam, scale, inv_bw, rel_tol,
 
 
 @triton.jit
-def _apply_kernel(x_ptr, g_ptr, idx_ptr, sid_ptr, coef_ptr, alpha_ptr, ext_ptr, out_ptr,
+def _apply_kernel(x_ptr, g_ptr, idx_ptr, sid_ptr, coef_ptr, alpha_ptr, ext_ptr, out_ptr, nsq_ptr,
                   src_ptr, src_sb, src_sm, ord_ptr, ord_sb, rho_ptr, gn_ptr, aux_sb, sqa, sig, seed, step16,
-                  D, k, ext_scale,
+                  D, k, ext_scale, n_blocks,
                   SRC: tl.constexpr, K: tl.constexpr, BLOCK_D: tl.constexpr, HAS_G: tl.constexpr,
-                  EXT: tl.constexpr):
+                  EXT: tl.constexpr, NORM: tl.constexpr):
+    """``alpha v + Y^T coef`` (+ EXT); NORM (the pull): ``v + Y^T coef`` (= n) in fp32 and, per block, its
+    sum of squares to ``nsq_ptr`` (B, n_blocks), for :func:`_scale_kernel`."""
     b = tl.program_id(0)
     b64 = b.to(tl.int64)
     d0 = tl.program_id(1) * BLOCK_D
@@ -206,12 +207,33 @@ def _apply_kernel(x_ptr, g_ptr, idx_ptr, sid_ptr, coef_ptr, alpha_ptr, ext_ptr, 
         v = tl.load(g_ptr + b64 * D + cols, mask=cmask, other=0.0).to(tl.float32)
     else:
         v = u
-    res = tl.load(alpha_ptr + b) * v + tl.sum(coef[:, None] * y, axis=0)           # alpha v + Y^T coef
+    if NORM:
+        res = v + tl.sum(coef[:, None] * y, axis=0)                                  # n = u + Y^T cn
+        tl.store(nsq_ptr + b64 * n_blocks + tl.program_id(1), tl.sum(tl.where(cmask, res * res, 0.0), axis=0))
+    else:
+        res = tl.load(alpha_ptr + b) * v + tl.sum(coef[:, None] * y, axis=0)       # alpha v + Y^T coef
     if EXT == 1:
         res = tl.load(ext_ptr + b64 * D + cols, mask=cmask, other=0.0).to(tl.float32) - ext_scale * res
     elif EXT == 2:
         res = tl.load(ext_ptr + b64 * D + cols, mask=cmask, other=0.0).to(tl.float32) + res
     tl.store(out_ptr + b64 * D + cols, res.to(out_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _scale_kernel(n_ptr, nsq_ptr, alpha_ptr, ext_ptr, out_ptr, D, n_blocks,
+                  BLOCK_D: tl.constexpr, NB: tl.constexpr, HAS_EXT: tl.constexpr):
+    """The pull: ``alpha n / (|n| + 1e-8)`` (+ ``ext``: the posterior mean), |n|^2 summed from the apply
+    pass's (B, n_blocks) partials in a fixed order (the same bits whatever the launch)."""
+    b = tl.program_id(0).to(tl.int64)
+    nb = tl.arange(0, NB)
+    n2 = tl.sum(tl.load(nsq_ptr + b * n_blocks + nb, mask=nb < n_blocks, other=0.0), axis=0)
+    f = tl.load(alpha_ptr + b) / (tl.sqrt(n2) + 1e-8)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    res = f * tl.load(n_ptr + b * D + cols, mask=cmask, other=0.0)
+    if HAS_EXT:
+        res = tl.load(ext_ptr + b * D + cols, mask=cmask, other=0.0).to(tl.float32) + res
+    tl.store(out_ptr + b * D + cols, res.to(out_ptr.dtype.element_ty), mask=cmask)
 
 
 def plan_dsplits(B: int, D: int, block_d: int, device: torch.device, splits: int | None = None) -> tuple[int, int]:
@@ -266,14 +288,27 @@ def coef(parts, k, d, *, pull, lam=1.0, scale=0.0, bandwidth=1.0, rel_tol=1e-6, 
     return c, alpha
 
 
-def apply(x, g, idx, sample_ids, c, alpha, k, src, *, ext=None, ext_kind=EXT_NONE, ext_scale=0.0, out_dtype=None):
-    """``alpha v + Y^T coef`` (B, D) (v = g, or x - rows[:, 0] when g is None), then ``ext - ext_scale * (.)`` (EXT_EPS) or ``ext + (.)`` (EXT_MEAN)."""
+def apply(x, g, idx, sample_ids, c, alpha, k, src, *, ext=None, ext_kind=EXT_NONE, ext_scale=0.0, out_dtype=None,
+          norm=False):
+    """``alpha v + Y^T coef`` (B, D) (v = g, or x - rows[:, 0] when g is None), then ``ext - ext_scale * (.)``
+    (EXT_EPS) or ``ext + (.)`` (EXT_MEAN). ``norm`` (the pull, :func:`coef` with pull=True): ``alpha n / (|n| +
+    1e-8)`` with ``n = v + Y^T coef``, then ``ext + (.)`` where ``ext`` is given."""
     B, D = x.shape
     K = c.shape[1]
     BLOCK_D = block_d_for(K, D)
+    n_blocks = triton.cdiv(D, BLOCK_D)
     out = torch.empty(B, D, device=x.device, dtype=out_dtype or x.dtype)
-    _apply_kernel[(B, triton.cdiv(D, BLOCK_D))](x, g if g is not None else x, idx, sample_ids, c, alpha,
-                                                ext if ext is not None else x, out, *src.args(), D, k,
-                                                float(ext_scale), SRC=src.kind, K=K, BLOCK_D=BLOCK_D,
-                                                HAS_G=g is not None, EXT=ext_kind, **LAUNCH)
+    if not norm:
+        _apply_kernel[(B, n_blocks)](x, g if g is not None else x, idx, sample_ids, c, alpha,
+                                     ext if ext is not None else x, out, alpha, *src.args(), D, k,
+                                     float(ext_scale), n_blocks, SRC=src.kind, K=K, BLOCK_D=BLOCK_D,
+                                     HAS_G=g is not None, EXT=ext_kind, NORM=False, **LAUNCH)
+        return out
+    n = torch.empty(B, D, device=x.device, dtype=torch.float32)
+    nsq = torch.empty(B, n_blocks, device=x.device, dtype=torch.float32)
+    _apply_kernel[(B, n_blocks)](x, g if g is not None else x, idx, sample_ids, c, alpha, x, n, nsq, *src.args(),
+                                 D, k, 0.0, n_blocks, SRC=src.kind, K=K, BLOCK_D=BLOCK_D, HAS_G=g is not None,
+                                 EXT=EXT_NONE, NORM=True, **LAUNCH)
+    _scale_kernel[(B, n_blocks)](n, nsq, alpha, ext if ext is not None else n, out, D, n_blocks,
+                                 BLOCK_D=BLOCK_D, NB=pow2_at_least(n_blocks), HAS_EXT=ext is not None, **LAUNCH)
     return out
