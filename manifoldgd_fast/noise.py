@@ -162,7 +162,8 @@ def philox_normal(seed: int, step: int, stream: int, sample_ids, n_rows: int, D:
 
 
 def time_aligned_patch_philox(latents, order, lengths, alpha_bar, *, seed, step, sample_ids=None, backend="auto"):
-    """:func:`manifoldgd_fast.ops.time_aligned_patch` with counter-based noise: exactly the patch the fused kernels see.
+    """:func:`manifoldgd_fast.ops.time_aligned_patch` with counter-based noise: the patch the fused kernels see (the
+    noise bit for bit; ``sqrt(abar) z + sqrt(1 - abar) xi`` to an ulp, where a GPU fuses it into one FMA).
 
     ``P_t[b, j] = sqrt(abar) latents[order[b, j]] + sqrt(1 - abar) xi(b, j)`` for j < lengths[b]
     (xi: stream ``STREAM_PATCH``, row counter j), zero beyond. Returns (B, M, D) fp32, M = max(lengths).

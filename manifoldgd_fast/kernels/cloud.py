@@ -15,6 +15,10 @@ the k chosen points can be regenerated (``row_source.SRC_CLOUD``) by the Gram
 and apply kernels of ``tangent``. The radii rho (B, N) come from
 ``_cloud_radii_kernel``: N//2 evenly spaced values (``torch.linspace``, as the
 released sampler), then ``radius * U[0, 1)`` from the stream CLOUD_RADIUS.
+
+The expansion ranks the points (its selection matches the materialised cloud's where the k-th and
+(k+1)-th distances are apart) but is not a distance to use: within about 1e-3 |A| of a point it
+cancels (percent-level relative error). delta_min is taken as |x - p_0| exactly, by ``tangent``.
 """
 from __future__ import annotations
 

@@ -2,7 +2,9 @@
 
 Each distance becomes a 64-bit key ``(monotone bits of the fp32 distance) << 32 | row``,
 so sorting keys sorts by distance and breaks ties by the lower row index,
-exactly the reference's stable sort. A program streams a contiguous range of
+as the reference's stable sort does. Equal distances are ties for both only where both compute
+the same fp32 bits (duplicated rows): the kernel sums D in BLOCK_D tiles, torch in its own order,
+so distances equal in exact arithmetic may round apart and pick either row. A program streams a contiguous range of
 rows in chunks of K rows (K = k rounded up to a power of two >= 16) and folds
 each chunk into its running best-K by rank selection on the union of the two
 K-lists; its K keys go to a (B, splits, K) candidate buffer, and
