@@ -230,10 +230,10 @@ class DistillConfig:
             raise ConfigError("--method cgs is CGS alone: it cannot run with --no-cgs")
         if self.cgs_steps not in CGS_STEPS:
             raise ConfigError(f"--cgs-steps must be one of {', '.join(CGS_STEPS)}, got {self.cgs_steps!r}")
-        if self.dpp_eps < DPP_EPS_MIN:
-            raise ConfigError(f"--dpp-eps must be at least {DPP_EPS_MIN:g}, got {self.dpp_eps!r}: K + eps I is factored "
-                              f"in float32, where a smaller eps is lost beside K's unit diagonal")
         if self.cgs or self.method == "cgs":
+            if self.dpp_eps is None or self.dpp_eps < DPP_EPS_MIN:
+                raise ConfigError(f"--dpp-eps must be at least {DPP_EPS_MIN:g}, got {self.dpp_eps!r}: K + eps I is "
+                                  f"factored in float32, where a smaller eps is lost beside K's unit diagonal")
             if self.eta_dpp == 0 and self.eta_dm == 0:
                 raise ConfigError("CGS with --eta-dpp 0 and --eta-dm 0 changes nothing: give one of them a step > 0")
             if self.ipc == 1 and self.eta_dm == 0:
@@ -596,7 +596,7 @@ def fingerprint_fields(cfg: "DistillConfig", entries=None) -> dict:
     if not d.get("cgs"):  # the CGS window and steps only count where CGS runs; older fingerprints without CGS
         d.pop("cgs_steps", None)  # stay valid (they hashed the eta defaults, which stand in for any value here)
         for f in dataclasses.fields(DistillConfig):
-            if f.name in ("eta_dpp", "eta_dm", "dpp_eps") and f.name in d:
+            if f.name in ("eta_dpp", "eta_dm") and f.name in d:
                 d[f.name] = f.default
     for k in ("label_map", "class_names"):  # a map file counts by its contents: an edited map is another run
         v = d.get(k)

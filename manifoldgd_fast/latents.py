@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import struct
 import time
 import warnings
@@ -210,6 +211,14 @@ def default_num_workers() -> int:
     except ValueError:
         local = 1
     return min(8, max(1, cpus // local))
+
+
+def _worker_ignores_sigterm(_worker_id: int) -> None:
+    """A decoding worker leaves SIGTERM to the main process, which stops the loader as on Ctrl-C (its workers
+    end on the loader's shutdown, or within seconds of the main process's exit). Slurm signals every process
+    of a job step: a worker killed by the signal made torch raise "DataLoader worker ... killed by signal"
+    over the run's own clean stop (a traceback, exit 1)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def normalise_lut(device: str | torch.device | None = None) -> torch.Tensor:
@@ -461,7 +470,7 @@ def cache_latents(entries: Sequence[ClassEntry], vae, *, cache_dir: str, image_s
     loader = torch.utils.data.DataLoader(
         ImageFiles(image_size), batch_sampler=sampler, collate_fn=collate_class_chunk,
         num_workers=workers, pin_memory=dev.type == "cuda",
-        prefetch_factor=PREFETCH if workers else None)
+        prefetch_factor=PREFETCH if workers else None, worker_init_fn=_worker_ignores_sigterm if workers else None)
     lut = normalise_lut(dev)
     use_autocast = dev.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
     made = encoded_with(batch_size, dev, dtype)

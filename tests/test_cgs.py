@@ -269,6 +269,7 @@ def test_cgs_set_must_be_one_class():
     (dict(method="cgs", dpp_eps=0.0), "--dpp-eps must be a number > 0"),
     (dict(method="cgs", dpp_eps=1e-30), r"--dpp-eps must be at least 1e-05, got 1e-30: K \+ eps I is factored in "
                                         "float32"),
+    (dict(method="cgs", dpp_eps=None), "--dpp-eps must be at least 1e-05, got None"),
     (dict(method="cgs", ipc=1, eta_dm=0.0), "CGS at --ipc 1 with --eta-dm 0 changes nothing"),
     (dict(method="cgs", ipc=4, eta_dm=4.5), "--eta-dm 4.5 is more than --ipc 4: .* the set diverges"),
     (dict(cgs=True, ipc=1, eta_dm=1e6), "--eta-dm 1e\\+06 is more than --ipc 1"),
@@ -283,6 +284,7 @@ def test_cgs_settings_one_line_errors(kw, msg):
     # valid neighbours: CGS off with zero steps, --no-cgs without --method cgs, IPC 1 with mean matching
     # alone, and a mean-matching step up to IPC
     DistillConfig(cgs=False, eta_dpp=0.0, eta_dm=0.0).resolve(10)
+    DistillConfig(dpp_eps=None).resolve(10)             # CGS off: the ridge is not used (a config may say null)
     DistillConfig(method="cgs", ipc=1, eta_dm=0.5).resolve(10)
     DistillConfig(method="cgs", ipc=4, eta_dm=4.0, dpp_eps=1e-5).resolve(10)
 
@@ -303,7 +305,7 @@ def test_a_mean_matching_step_above_ipc_diverges():
 
 
 def test_cgs_steps_count_in_the_fingerprint_only_where_cgs_runs():
-    """With CGS off, eta_dpp / eta_dm / dpp_eps / cgs_steps change no byte, so they do not change the run's fingerprint (a resume
+    """With CGS off, eta_dpp / eta_dm / cgs_steps change no byte, so they do not change the run's fingerprint (a resume
     with other values is the same run); with CGS on they do. Runs made before hashed the defaults: still valid."""
     from manifoldgd_fast.config import DistillConfig, fingerprint
 
@@ -311,7 +313,7 @@ def test_cgs_steps_count_in_the_fingerprint_only_where_cgs_runs():
         return fingerprint(DistillConfig(data="d", out="o", **kw).resolve(3, "cpu"))
 
     assert fp(eta_dpp=3.0, eta_dm=0.5) == fp()
-    assert fp(dpp_eps=0.5, cgs_steps="guided") == fp()
+    assert fp(cgs_steps="guided") == fp()   # (dpp_eps counts even so: older fingerprints hashed its value)
     assert fp(method="cgs", eta_dpp=3.0) != fp(method="cgs")
     assert fp(cgs=True, eta_dm=0.5) != fp(cgs=True)
     assert fp(cgs=True, dpp_eps=0.5) != fp(cgs=True)

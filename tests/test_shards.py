@@ -238,3 +238,41 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(world, tmp_path):  # noqa: F811
     assert r.returncode == 0 and f"{len(done)} {'was' if len(done) == 1 else 'were'} already done" in r.stdout, \
         r.stderr[-2000:]
     assert set(_statuses(out).values()) == {"done"}
+
+
+def test_sigterm_to_the_whole_process_group_while_caching_stops_cleanly(world, tmp_path):  # noqa: F811
+    """Slurm signals every process of a job step, the image-decoding workers too: the run still stops with
+    one line and 143 (killed by the signal, a worker made torch raise "DataLoader worker ... killed by
+    signal" over it: a traceback, exit 1), and a rerun finishes the cache."""
+    import signal
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    data, cache = tmp_path / "big", tmp_path / "cache"
+    rng = np.random.default_rng(0)
+    for c in CLASSES:  # large JPEGs: decoding, in 2 workers, takes a few seconds
+        (data / c).mkdir(parents=True)
+        for i in range(24):
+            Image.fromarray(rng.integers(0, 256, (1200, 1200, 3), dtype=np.uint8)).save(data / c / f"{i}.jpg")
+    cmd = [sys.executable, "-m", "manifoldgd_fast", "cache", "--data", str(data), "--model", world["model"],
+           "--cache-dir", str(cache), "--encode-workers", "2"]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list(cache.rglob("*.safetensors")) and proc.poll() is None:
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGTERM)                   # the main process and its workers
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    done = len(list(cache.rglob("*.safetensors")))
+    assert 0 < done < len(CLASSES), done                     # stopped mid-run
+    assert proc.returncode == 143 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == \
+        "manifoldgd-fast: terminated (SIGTERM); finished classes are kept, rerun to resume", err[-2000:]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and len(list(cache.rglob("*.safetensors"))) == len(CLASSES), r.stderr[-2000:]
