@@ -250,6 +250,15 @@ def test_cuda_ext_load_launches_each_way_once_and_falls_through_when_that_fails(
         monkeypatch.setattr(cuda_ext, "_REASON", None)
         mod, reason = cuda_ext.load()
         assert mod is None and reason.startswith(says) and "; nvrtc: RuntimeError: sym_eig: kernel launch" in reason
+    # an error another call left pending is not the build's: it is taken (the run's next CUDA call reports it)
+    pending = Module("right")
+    pending.sym_eig = lambda *a: (_ for _ in ()).throw(RuntimeError(f"sym_eig: {cuda_ext.PENDING}: an illegal "
+                                                                    "memory access was encountered"))
+    monkeypatch.setattr(cuda_ext, "load_nvcc", lambda: pending)
+    monkeypatch.setattr(cuda_ext, "_MODULE", None)
+    monkeypatch.setattr(cuda_ext, "_REASON", None)
+    assert cuda_ext.load() == (pending, None)
+    assert cuda_ext.PENDING in cuda_ext._BINDING
 
 
 def test_cuda_ext_build_failure_keeps_the_compilers_error():

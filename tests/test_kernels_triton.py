@@ -315,7 +315,8 @@ def test_pull_is_normal_to_an_exact_plane_triton():
 def test_pull_near_the_tangent_plane_keeps_its_length(delta):
     """x on a plane of rows at a normal offset ``delta``, far from the rows' centre along the plane (|n| << |u|):
     the pull is at most ``scale`` long and matches the reference. |n| from its k x k expansion cancelled there
-    (a pull 10^5 times ``scale`` at delta 1e-3, 70 times at 0); now |n| is summed from n itself."""
+    (a pull 10^5 times ``scale`` at delta 1e-3, 70 times at 0); now |n| is summed from n itself. At delta 0,
+    n is rounding noise in both: only the length is checked there."""
     D = 16
     gen = torch.Generator().manual_seed(5)
     basis = torch.linalg.qr(torch.randn(D, 2, generator=gen))[0]                # an exact 2-D plane in R^16
@@ -326,7 +327,7 @@ def test_pull_near_the_tangent_plane_keeps_its_length(delta):
     got = ops.manifold_pull(x.to(DEV), cloud.to(DEV), backend="triton", **kw).cpu()
     want = ops.manifold_pull_ref(x, cloud, **kw)
     assert float(got.norm()) <= 0.1 * (1 + 1e-5), float(got.norm())
-    if delta >= 1e-3:   # |n| well above fp32 rounding of |u|: the same direction and length as the reference
+    if delta > 0:   # |n| above fp32 rounding of |u|: the reference's direction and length (at 0, n is rounding)
         torch.testing.assert_close(got, want, atol=1e-3 * 0.1, rtol=1e-2)
         assert float((got @ normal)[0]) < -0.99 * float(got.norm())      # along -normal: towards the plane
 
