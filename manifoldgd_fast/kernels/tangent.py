@@ -31,7 +31,8 @@ kernels, and a fourth that scales n for the pull.
    ``eps - lambda_M sigma (.)`` (paper eps update); for the pull (NORM) n and its blocks' |n|^2;
 4. ``_scale_kernel`` (B, D-blocks, pull only): ``s n``, fused with ``mean + (.)`` (official posterior mean).
 
-Between 1 and 3 only (B, splits, K, K) floats touch memory.
+Between 1 and 3 only (B, splits, K, K) floats touch memory; between 3 and 4 (the pull) n, (B, D) fp32, and
+its (B, D-blocks) partial sums of squares.
 """
 from __future__ import annotations
 
