@@ -144,14 +144,22 @@ def _lloyd(x: Tensor, x_sq: Tensor, centres: Tensor, iters: int, tol: float) -> 
         empty = (counts == 0).nonzero()[:, 0].tolist()
         if empty:
             # sklearn's relocation: each empty cluster takes one of the points farthest from
-            # their centre (the worst explained), which leaves its old cluster.
-            far = torch.argsort(mind, descending=True, stable=True)[:len(empty)].tolist()
-            for j, f in zip(empty, far):
+            # their centre (the worst explained), which leaves its old cluster; never the last
+            # point of a cluster (with duplicate latents all distances can be 0, and a point
+            # taken from a cluster of one left that cluster empty: its centre became 0)
+            far = torch.argsort(mind, descending=True, stable=True).tolist()
+            pos = 0
+            for j in empty:
+                while int(counts[labels[far[pos]]]) < 2:   # n >= k: enough clusters of two or more
+                    pos += 1
+                f = far[pos]
+                pos += 1
                 donor = int(labels[f])
                 new[donor] -= x[f]
                 new[j] = x[f]
                 counts[donor] -= 1
                 counts[j] = 1
+                labels[f] = j
         new /= counts.clamp_min(1).to(x.dtype)[:, None]
         shift = float(((new - centres) ** 2).sum())
         centres = new

@@ -398,6 +398,21 @@ def test_gmm_recovers_means_by_weight():
         assert torch.allclose(gmm_modes(z, 3, seed=seed), means, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["kmeans", "gmm"])
+def test_a_cluster_of_one_is_never_emptied_to_the_origin(method):
+    """Fewer distinct latents than IPC ([a, b, b] at IPC 3, a duplicated row at IPC = n): all distances can be
+    0, and the relocation took the farthest point from a cluster of one, leaving that cluster empty with its
+    centre on the origin (a zero mode; 160 of 480 small cases). Every mode is now a row of the class."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.tensor([2.0, -1.0]), torch.tensor([0.5, 3.0])
+    sets = [torch.stack([a, b, b]), torch.stack([b, a, b]),
+            torch.cat([torch.randn(6, 4, generator=gen), torch.randn(1, 4, generator=gen).repeat(2, 1)])]
+    for z in sets:
+        for seed in range(20):
+            modes = discover_modes(z, z.shape[0] if z.shape[0] > 3 else 3, method=method, seed=seed)
+            assert -1 not in row_index(z, modes), (method, seed, modes)
+
+
 def test_gmm_with_fewer_distinct_latents_than_components_gives_real_latents():
     """k-means leaves a cluster empty when the class has fewer distinct latents than IPC: that component
     starts (and stays, at weight 0) on its k-means centre, a real latent, not on the origin."""
