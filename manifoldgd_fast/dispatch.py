@@ -90,10 +90,11 @@ def _triton_reason(tensors: dict, *, B: int, rows: int, D: int, k: int) -> str |
     return None
 
 
-def _pick_backend(backend: str, device: torch.device, why_not) -> str:
-    """The one place the manifold ops choose between 'reference' and 'triton'.
+def _pick_backend(backend: str, device: torch.device, why_not, family: str = "guidance") -> str:
+    """The one place the manifold ops (and the DiT ops: ``family`` "DiT") choose between 'reference' and 'triton'.
 
-    ``why_not()`` -> None, or why the fused kernels cannot take the input.
+    ``why_not()`` -> None, or why the fused kernels cannot take the input. A fallback on CUDA is said once per
+    family and kind (no Triton / an input declined).
     """
     if backend not in _BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(_BACKENDS)}, got {backend!r}")
@@ -105,8 +106,8 @@ def _pick_backend(backend: str, device: torch.device, why_not) -> str:
             raise BackendError(f"backend 'triton' cannot take this input: {reason}")
         return "triton"
     if reason is not None:  # on CUDA the reference is far slower: say so, once (e.g. a D above the limit)
-        _warn_once("no_triton" if _kernels()[0] is None else "declined",
-                   f"guidance ops: {reason}; using the PyTorch reference")
+        kind = "no_triton" if _kernels()[0] is None else "declined"
+        _warn_once(f"{family}:{kind}", f"{family} ops: {reason}; using the PyTorch reference")
     return "triton" if reason is None else "reference"
 
 

@@ -174,7 +174,7 @@ def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
     if not float(eps) >= 0.0:
         raise ConfigError(f"eps must be >= 0, got {eps}")
     why = lambda: _triton_reason({"x": x, "shift": shift, "scale": scale}, max_c=MAX_C)  # noqa: E731
-    if _pick_backend(backend, x.device, why) == "triton":
+    if _pick_backend(backend, x.device, why, "DiT") == "triton":
         return torch.ops.manifoldgd_fast.layernorm_modulate(x, shift, scale, float(eps))
     return layernorm_modulate_ref(x, shift, scale, eps=eps)
 
@@ -195,7 +195,7 @@ def gate_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, backend:
         got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
         raise ConfigError(f"y must be floats of x's shape {tuple(x.shape)}, got {got}")
     why = lambda: _triton_reason({"x": x, "gate": gate, "y": y}, max_c=_MAX_C_GATE)  # noqa: E731
-    if _pick_backend(backend, x.device, why) == "triton":
+    if _pick_backend(backend, x.device, why, "DiT") == "triton":
         return torch.ops.manifoldgd_fast.gate_residual(x, gate, y)
     return gate_residual_ref(x, gate, y)
 
@@ -242,7 +242,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
             r = f"q has head dim Dh = {q.shape[3]}; the fused kernel takes Dh <= {MAX_HEAD_DIM}"
         return r
 
-    if _pick_backend(backend, q.device, why) == "triton":
+    if _pick_backend(backend, q.device, why, "DiT") == "triton":
         return torch.ops.manifoldgd_fast.attention(q, k, v, float(scale))
     return attention_ref(q, k, v, scale=scale)
 

@@ -52,6 +52,27 @@ def test_fused_dit_bf16_autocast():
     torch.testing.assert_close(got, want, atol=3e-2 * want.abs().max(), rtol=0)
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_one_timestep_and_label_for_the_whole_batch(shared):
+    """A (1,) timestep / class label broadcasts over the batch, as diffusers' DiT does (it was refused with
+    a message naming an internal tensor, or a reshape error); any other length is one line naming it."""
+    from manifoldgd_fast.errors import ConfigError
+
+    dit = build_dit(tiny_dit_config(num_classes=10), seed=5)
+    if shared:
+        tie_conditioning_embedders(dit)
+    x, t, y = _inputs(5)
+    with torch.no_grad():
+        want = dit(x, timestep=t[:1], class_labels=y[:1]).sample
+        fused = FusedDiT(dit, backend="reference")
+        got = fused(x, timestep=t[:1], class_labels=y[:1]).sample
+        torch.testing.assert_close(got, want, atol=2e-5 * want.abs().max(), rtol=0)
+        with pytest.raises(ConfigError, match=r"timestep must be \(B,\) = \(3,\) or \(1,\), got shape \(2,\)"):
+            fused(x, timestep=t[:2], class_labels=y)
+        with pytest.raises(ConfigError, match=r"class_labels must be \(B,\) = \(3,\) or \(1,\), got shape \(\)"):
+            fused(x, timestep=t, class_labels=y[0])
+
+
 def test_fused_dit_shares_the_weights():
     dit = tie_conditioning_embedders(build_dit(tiny_dit_config(num_classes=10), seed=4))
     n_before = sum(p.numel() for p in dit.parameters())

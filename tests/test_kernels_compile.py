@@ -205,6 +205,9 @@ def _production_launches(monkeypatch):
             ops.manifold_pull(x, torch.randn(B, 300, D), k=12, d=3, backend="triton")
     for n in (10, 33, 64):
         ops.sym_eig(torch.randn(B, n, n), backend="triton")
+    for dh in (72, 160, 256):   # fp32 (the default --dtype): its own tiles fit an A6000's 99 KB
+        q, k, v = torch.randn(B, 256, 3, 4, dh).permute(2, 0, 3, 1, 4).unbind(0)
+        dit_ops.attention(q, k, v, backend="triton")
     for dtype in (torch.bfloat16, torch.float16):
         x = torch.randn(B, 256, 1152).to(dtype)
         mods = torch.randn(B, 6, 1152).to(dtype)

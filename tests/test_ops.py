@@ -332,3 +332,7 @@ def test_auto_on_cuda_says_once_when_the_fused_kernels_decline(monkeypatch):
         assert dispatch._pick_backend("auto", cuda, lambda: why) == "reference"      # once
         assert dispatch._pick_backend("auto", cuda, lambda: None) == "triton"
         assert dispatch._pick_backend("auto", torch.device("cpu"), lambda: why) == "reference"
+    # the DiT ops say it under their own name, once of their own (it was "guidance ops", and silent after)
+    dit_why = "attention: head_dim 300 is above the kernel's 256"
+    with pytest.warns(RuntimeWarning, match=f"DiT ops: {dit_why}; using the PyTorch reference"):
+        assert dispatch._pick_backend("auto", cuda, lambda: dit_why, "DiT") == "reference"
