@@ -68,25 +68,38 @@ def _children(pid):
     return kids
 
 
+def signal_when(proc, ready, send, *, group=False, timeout=300, wait=120):
+    """Wait (up to ``timeout`` s, or until ``proc`` ends) for ``ready()``, then ``send()`` (a signal, mid-run);
+    return ``proc.communicate()``. A process still running after ``wait`` s, or after a failure here, is
+    SIGKILLed (with its process group where ``group``: it was started with ``start_new_session``)."""
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and not ready() and proc.poll() is None:
+            time.sleep(0.02)
+        send()
+        return proc.communicate(timeout=wait)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL) if group else proc.kill()
+
+
+def _complete(out, classes=CLASSES):
+    return [c for c in classes if os.path.isfile(out / c / ".complete")]
+
+
 def test_killed_rank_then_rerun_gives_the_same_bytes(world, tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "out"
     _torchrun(world, ref, 2, steps=50)
     proc = _torchrun(world, out, 2, steps=50, start_new_session=True)
-    deadline = time.time() + 300
-    try:
-        # wait until some class is finished, then SIGKILL one worker mid-run
-        while time.time() < deadline and not any(
-                os.path.isfile(out / c / ".complete") for c in CLASSES):
-            time.sleep(0.05)
+
+    def kill_a_worker():  # once some class is finished: SIGKILL one worker mid-run
         workers = _children(proc.pid)
         assert workers, "no torchrun worker found"
         os.kill(workers[-1], signal.SIGKILL)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+
+    signal_when(proc, lambda: _complete(out), kill_a_worker, group=True)
     assert proc.returncode != 0
-    done = [c for c in CLASSES if os.path.isfile(out / c / ".complete")]
+    done = _complete(out)
     assert 0 < len(done) < len(CLASSES), done          # killed mid-run
     _torchrun(world, out, 2, steps=50)
     assert _digest(out) == _digest(ref)

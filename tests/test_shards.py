@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from test_distributed import CLASSES, world  # noqa: F401  (the fixture)
+from test_distributed import CLASSES, _complete, signal_when, world  # noqa: F401  (the fixture)
 from test_pipeline import _args, _bad, _digest
 
 from manifoldgd_fast.cli import main
@@ -180,7 +180,6 @@ def test_concurrent_shard_processes_give_one_process_bytes(world, tmp_path):  # 
 def test_a_shard_killed_mid_run_then_rerun_gives_the_same_bytes(world, tmp_path):  # noqa: F811
     """SIGKILL shard 0/2 once one of its classes is done; its rerun (and shard 1/2) give one process's bytes."""
     import signal
-    import time
 
     def cmd(out, *extra):
         return _command(world, out, 50, *extra)
@@ -190,16 +189,8 @@ def test_a_shard_killed_mid_run_then_rerun_gives_the_same_bytes(world, tmp_path)
     proc = subprocess.Popen(cmd(out, "--shard", "0/2"), env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     mine = CLASSES[0::2]
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not any((out / c / ".complete").exists() for c in mine):
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    done = [c for c in mine if (out / c / ".complete").exists()]
+    signal_when(proc, lambda: _complete(out, mine), lambda: proc.send_signal(signal.SIGKILL), wait=60)
+    done = _complete(out, mine)
     assert 0 < len(done) < len(mine), done                  # killed mid-run
     for spec in ("0/2", "1/2"):
         r = subprocess.run(cmd(out, "--shard", spec), env=ENV, capture_output=True, text=True, timeout=600)
@@ -213,24 +204,15 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(world, tmp_path):  # noqa: F811
     files left, the manifest says which classes were done, and a rerun finishes the rest (it used to die at
     once: status -15, temps and a stale manifest left behind)."""
     import signal
-    import time
 
     out = tmp_path / "out"
     proc = subprocess.Popen(_command(world, out, 50), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not any((out / c / ".complete").exists() for c in CLASSES):
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _, err = signal_when(proc, lambda: _complete(out), lambda: proc.send_signal(signal.SIGTERM))
     assert proc.returncode == 143, err[-2000:]
     assert err.strip().splitlines()[-1] == \
         "manifoldgd-fast: terminated (SIGTERM); finished classes are kept, rerun to resume", err[-2000:]
-    done = {c for c in CLASSES if (out / c / ".complete").exists()}
+    done = set(_complete(out))
     assert 0 < len(done) < len(CLASSES), done                       # stopped mid-run
     assert {c for c, v in _statuses(out).items() if v == "done"} == done
     assert not [f for _, dirs, files in os.walk(out) for f in dirs + files if ".tmp-" in f]
@@ -245,7 +227,6 @@ def test_sigterm_to_the_whole_process_group_while_caching_stops_cleanly(world, t
     one line and 143 (killed by the signal, a worker made torch raise "DataLoader worker ... killed by
     signal" over it: a traceback, exit 1), and a rerun finishes the cache."""
     import signal
-    import time
 
     import numpy as np
     from PIL import Image
@@ -260,15 +241,8 @@ def test_sigterm_to_the_whole_process_group_while_caching_stops_cleanly(world, t
            "--cache-dir", str(cache), "--encode-workers", "2"]
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not list(cache.rglob("*.safetensors")) and proc.poll() is None:
-            time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGTERM)                   # the main process and its workers
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    _, err = signal_when(proc, lambda: list(cache.rglob("*.safetensors")),
+                         lambda: os.killpg(proc.pid, signal.SIGTERM), group=True)   # the main process and its workers
     done = len(list(cache.rglob("*.safetensors")))
     assert 0 < done < len(CLASSES), done                     # stopped mid-run
     assert proc.returncode == 143 and "Traceback" not in err, err[-3000:]
