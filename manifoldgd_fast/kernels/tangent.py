@@ -135,7 +135,7 @@ def _coef_kernel(gram_ptr, h_ptr, uu_ptr, coef_ptr, alpha_ptr, gc_ptr, ew_ptr, e
             V = tl.load(ev_ptr + b * k * k + ii * k + jj, mask=vv, other=0.0)
         else:
             mu_all, V = jacobi_eigh(Gc, K, MAX_SWEEPS, TOL)
-        c, alpha = _finish(G, h, rk, uu, mu_all, V, k, d, lam, scale, inv_bw, rel_tol, PULL, K)
+        c, alpha = _finish(h, rk, uu, mu_all, V, k, d, lam, scale, inv_bw, rel_tol, PULL, K)
         tl.store(coef_ptr + b * K + ar, c)
         tl.store(alpha_ptr + b, alpha)
 
@@ -151,9 +151,9 @@ def _tanh_nonneg(a):
 
 
 @triton.jit
-def _finish(G, h, rk, uu, mu_all, V, k, d, lam, scale, inv_bw, rel_tol,
+def _finish(h, rk, uu, mu_all, V, k, d, lam, scale, inv_bw, rel_tol,
             PULL: tl.constexpr, K: tl.constexpr):
-    """coef (K,), alpha from the Gram G, h = Y v, G 1 / k = rk, uu = |u|^2 and the eigenpairs of C G C."""
+    """coef (K,), alpha from h = Y v, rk = G 1 / k (G the Gram), uu = |u|^2 and the eigenpairs of C G C."""
     ar = tl.arange(0, K)
     jj = ar[None, :]
     valid = ar < k
