@@ -243,10 +243,6 @@ class DistillConfig:
                 raise ConfigError(f"--eta-dm {self.eta_dm:g} is more than --ipc {self.ipc}: each step moves a set's "
                                   f"mean 2 eta_dm / IPC times its distance to the class mean, past it by more than "
                                   f"it was off, and the set diverges; use at most IPC / 2 (which lands on the mean)")
-            if self.cgs_steps == "guided" and self.t_stop is not None and (
-                    self.t_stop >= self.steps - 1 if self.formulation == "official" else self.t_stop == 0):
-                raise ConfigError(f"--cgs-steps guided: the guidance acts on no step with --t-stop {self.t_stop} "
-                                  f"and --steps {self.steps} ({self.formulation} formulation)")
         non_negative("warm_mult")
         if self.warm_mult < 1.0:
             raise ConfigError(f"--warm-mult must be >= 1, got {self.warm_mult!r}")
@@ -266,6 +262,8 @@ class DistillConfig:
             raise ConfigError(f"--k-min must be >= --k ({k}), got {self.k_min}")
         if self.t_stop is not None and self.t_stop > self.steps:
             raise ConfigError(f"--t-stop must be <= --steps ({self.steps}), got {self.t_stop}")
+        if self.t_stop is not None:
+            self._check_window(self.t_stop)
         if self.sampler == "ddpm" and self.ddim_eta != 0.0:
             raise ConfigError("--ddim-eta applies to --sampler ddim only")
         if self.ddim_eta > 1.0:  # above 1 the DDIM step's sigma passes sqrt(1 - alpha_bar_prev): NaN latents
@@ -290,6 +288,22 @@ class DistillConfig:
         if self.compile != "none" and self.loop == "reference":
             raise ConfigError("--compile applies to the fast loop: use --loop fast or auto")
         return self
+
+    def _check_window(self, t_stop: int, default: bool = False) -> None:
+        """ManifoldGD / MGD3 (and CGS with --cgs-steps guided) whose guidance window holds no step: a run that
+        would be plain sampling under the method's name is refused. ``default``: t_stop is the default."""
+        windowed = self.method in ("manifoldgd", "mgd3") or (
+            (self.cgs or self.method == "cgs") and self.cgs_steps == "guided")
+        if not windowed or guided_steps(self.formulation, self.steps, t_stop) > 0:
+            return
+        what = f"--method {self.method}" if self.method in ("manifoldgd", "mgd3") else "--cgs-steps guided"
+        rule = ("steps with index i > t_stop, i = steps - 1 ... 0" if self.formulation == "official"
+                else "the first t_stop steps")
+        given = f"the default --t-stop {t_stop}" if default else f"--t-stop {t_stop}"
+        hint = (f"; give a smaller --t-stop, e.g. --t-stop {self.steps // 2}" if self.formulation == "official"
+                else "; give a --t-stop above 0")
+        raise ConfigError(f"{what}: the guidance acts on no step with {given} and --steps {self.steps} "
+                          f"({self.formulation} formulation: {rule}){hint}")
 
     def resolve(self, n_classes: int, device: str = "cpu", backbone: str | None = None,
                 schedule_kw: dict | None = None) -> "DistillConfig":
@@ -321,6 +335,11 @@ class DistillConfig:
                 timesteps = space_timesteps(schedule_kw.get("num_train_timesteps", 1000), c.steps, c.sampler,
                                             spacing=schedule_kw["spacing"], steps_offset=schedule_kw["steps_offset"])
             c.t_stop = sd_t_stop(c.steps, c.formulation, timesteps) if sd else DIT_T_STOP
+            c._check_window(c.t_stop, default=True)
+        if not sd:  # a DiT's schedule (1,000 training steps): a DDIM count with no integer stride, before encoding
+            from .schedule import space_timesteps
+
+            space_timesteps(1000, c.steps, c.sampler)
         if c.guidance_noise == "auto":
             # philox where the fused kernels run, and for the fast loop's ManifoldGD (its noise is pre-drawn)
             fast_mgd = c.loop == "fast" and c.method == "manifoldgd"
@@ -547,6 +566,12 @@ def fields_digest(fields: dict) -> str:
 
 
 DIT_T_STOP = 25  # SPEC 4 / 4b and the release: a step index, whatever --steps
+
+
+def guided_steps(formulation: str, steps: int, t_stop: int) -> int:
+    """How many of ``steps`` the guidance acts on (``guidance.is_guided``'s window): official, the respaced
+    indices i > t_stop (i = steps - 1 ... 0, as the release's loop); paper, the first t_stop steps."""
+    return max(0, steps - 1 - t_stop) if formulation == "official" else min(t_stop, steps)
 
 
 def sd_t_stop(steps: int, formulation: str, timesteps=None) -> int:

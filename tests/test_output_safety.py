@@ -46,6 +46,10 @@ def test_out_that_would_clobber_data_or_foreign_folders_is_refused(tiny_world, t
     line = _bad(w, tmp_path, args[:-len(FAST)] + ["--ipc", "2", "--steps", "20"], capsys)  # no --t-stop of its own
     assert "--steps 20: fewer than the DiT default --t-stop 25" in line, line
     assert not any(f.endswith(".safetensors") for _, _, fs in os.walk(cache) for f in fs)
+    line = _bad(w, tmp_path, args[:-len(FAST)] + ["--ipc", "2", "--steps", "249", "--t-stop", "5", "--sampler", "ddim"],
+                capsys)  # DDIM's stride is the DiT schedule's: known before the model's latents are encoded
+    assert "--steps 249: DDIM needs an integer stride" in line, line
+    assert not any(f.endswith(".safetensors") for _, _, fs in os.walk(cache) for f in fs)
 
     # an --out holding other work (no manifest): refused before anything is encoded, nothing of it touched
     other = tmp_path / "other"

@@ -1,4 +1,5 @@
 """Schedule, sampling loop and guided steps against diffusers and direct transcriptions of SPEC 4 / 4b."""
+import dataclasses
 import math
 import warnings
 
@@ -337,8 +338,11 @@ def test_guidance_runs_only_before_t_stop():
 
 
 def test_no_guidance_after_t_stop_changes_nothing(model):
-    """With t_stop = steps the official loop is never guided and equals plain sampling."""
-    cfg = _cfg(t_stop=10)
+    """With t_stop = steps the official loop is never guided and equals plain sampling (the config refuses
+    such a window for a run; the loop's own rule is tested here, on a config edited past its checks)."""
+    with pytest.raises(ConfigError, match="acts on no step with --t-stop 10 and --steps 10"):
+        _cfg(t_stop=10)
+    cfg = dataclasses.replace(_cfg(), t_stop=10)
     sched = make_schedule(10, "ddpm")
     x_T = torch.randn(1, 4, 8, 8)
     m = torch.randn(1, 4, 8, 8)
@@ -347,6 +351,36 @@ def test_no_guidance_after_t_stop_changes_nothing(model):
                guidance=Guidance(cfg, sched, m, gs))
     b = sample(model, sched, x_T, torch.tensor([1]), null_class=NULL, generators=_gens([9]))
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    # the default t_stop 25 is a step index: at 25 / 26 steps the official window (i > 25) is empty
+    (dict(steps=26, t_stop=None), r"^--method manifoldgd: the guidance acts on no step with the default --t-stop 25 "
+                                  r"and --steps 26 \(official formulation: .*e\.g\. --t-stop 13$"),
+    (dict(steps=25, t_stop=None, method="mgd3"), "--method mgd3: the guidance acts on no step with the default"),
+    (dict(steps=10, t_stop=9), "acts on no step with --t-stop 9 and --steps 10"),
+    (dict(steps=10, t_stop=0, formulation="paper", method="mgd3"), r"paper formulation: the first t_stop steps\); "
+                                                                  "give a --t-stop above 0$"),
+    (dict(steps=10, t_stop=9, method="dit", cgs=True, cgs_steps="guided"), "^--cgs-steps guided: the guidance acts"),
+    # a DDIM count no integer stride gives (DiT: 1,000 training steps), refused before any encoding
+    (dict(steps=249, t_stop=5, sampler="ddim"), "--steps 249: DDIM needs an integer stride"),
+])
+def test_empty_guidance_window_and_ddim_count_refused(kw, msg):
+    with pytest.raises(ConfigError, match=msg):
+        _cfg(**kw)
+
+
+def test_guidance_window_counts():
+    from manifoldgd_fast.config import guided_steps
+    from manifoldgd_fast.guidance import is_guided
+
+    for S in (1, 2, 7, 26, 27, 50):
+        for t in range(S + 1):
+            for f in ("official", "paper"):
+                assert guided_steps(f, S, t) == sum(is_guided(f, i, S, t) for i in range(S)), (f, S, t)
+    assert _cfg(steps=27, t_stop=None).t_stop == 25          # one guided step: taken
+    assert _cfg(steps=10, t_stop=10, method="dit").t_stop == 10   # no guidance to act: no window to check
+    assert _cfg(steps=250, t_stop=5, sampler="ddim").steps == 250
 
 
 def test_mode_terms():
