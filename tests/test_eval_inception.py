@@ -171,6 +171,10 @@ def test_metrics_take_their_fid_from_the_fid_encoder(tmp_path, monkeypatch):
         assert got["fid"] == pytest.approx(expected, rel=1e-6) and got["fid_encoder"]["resize"] == resize
     plain = M.compute_metrics(dist, real, encoder=MeanColour(), size=8, device="cpu", k=2, progress=False)
     assert plain["fid_encoder"] is None and plain["fid"] != res["fid"] and plain["l2"] == res["l2"]
+    # the same weights named by their file are the same network: the same default images, the same FID
+    by_file = M.compute_metrics(dist, real, encoder=MeanColour(), size=8, device="cpu", k=2, progress=False,
+                                fid_encoder=fid_inception_path())
+    assert by_file["fid_resize"] == "squash" and by_file["fid"] == res["fid"]
 
 
 def test_the_papers_encoders_compute_features_in_fp32(tmp_path, monkeypatch):

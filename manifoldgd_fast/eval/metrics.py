@@ -57,6 +57,7 @@ from ..config import check_out_file
 from ..errors import ConfigError, DataError
 from ..output import MANIFEST, atomic_write_bytes, atomic_write_text, sweep_stale_temps
 from .augment import normalize, to_unit
+from .inception import FIDInceptionV3
 from .nets import NAMED, load_net, net_checkpoint
 from ..devices import resolve_device
 from .precision import amp, net_layout, prepare_net
@@ -129,8 +130,11 @@ def mmd_rbf(x: torch.Tensor, y: torch.Tensor, bandwidth: float | None = None, me
         bandwidth = float(d2[iu[0], iu[1]].median().sqrt()) if len(z) > 1 else 1.0
         bandwidth = bandwidth if bandwidth > 0 else 1.0
     gamma = 1.0 / (2 * bandwidth ** 2)
-    k = lambda a, b: torch.exp(-gamma * _sqdist(a, b)).mean()  # noqa: E731
-    mmd2 = float(k(x, x) + k(y, y) - 2 * k(x, y))
+
+    def k(a, b):  # the mean kernel value over all pairs, exact distances, in blocks (never an n x n matrix)
+        return _kernel_sum(a, b, gamma, drop_diagonal=False, sqdist=_sqdist) / (len(a) * len(b))
+
+    mmd2 = k(x, x) + k(y, y) - 2 * k(x, y)
     return {"mmd2": mmd2, "mmd": max(mmd2, 0.0) ** 0.5, "bandwidth": bandwidth}
 
 
@@ -164,12 +168,14 @@ def _sqdist_expanded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * a).sum(1, keepdim=True) + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
 
 
-def _kernel_sum(a: torch.Tensor, b: torch.Tensor, gamma: float, drop_diagonal: bool, block: int = 2048) -> float:
-    """Σ exp(−γ max(d², 0)) over all pairs (minus the pairs i = i when ``drop_diagonal``), in blocks."""
+def _kernel_sum(a: torch.Tensor, b: torch.Tensor, gamma: float, drop_diagonal: bool, block: int = 2048,
+                sqdist=_sqdist_expanded) -> float:
+    """Σ exp(−γ max(d², 0)) over all pairs (minus the pairs i = i when ``drop_diagonal``), in blocks of
+    ``block`` x ``block``; ``sqdist``: the squared distances (kl.py's expansion by default)."""
     total = a.new_zeros(())
     for i in range(0, len(a), block):
         for j in range(0, len(b), block):
-            k = torch.exp(-gamma * _sqdist_expanded(a[i:i + block], b[j:j + block]).clamp_min(0))
+            k = torch.exp(-gamma * sqdist(a[i:i + block], b[j:j + block]).clamp_min(0))
             total += k.sum()
             if drop_diagonal and i == j:
                 total -= k.diagonal().sum()  # the computed k(x_i, x_i), as kl.py subtracts it
@@ -461,7 +467,8 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
     "crop" (short side resized, centre crop, as every other metric) or
     "squash" (the whole image resized to the FID encoder's size, PIL bilinear; with
     fid-inception the pixels are scaled (u - 128) / 128: the release's fid.py through
-    torchmetrics); None: "squash" with ``fid_encoder="fid-inception"`` (the papers' FID), else "crop".
+    torchmetrics); None: "squash" where the FID encoder is FID's Inception (``"fid-inception"``, or its
+    weights' file: the papers' FID), else "crop".
     Besides SPEC 7's metrics the release's variants are reported
     (``l2_means``, ``mmd_release``, ``representativeness_minimax``, ``diversity_minimax``;
     see the module docstring), on the same features. feature_cache: keep the
@@ -475,9 +482,7 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
             raise ConfigError(f"{name} {v}: must be >= 1")
     if size is not None and size > MAX_SIZE:
         raise ConfigError(f"--size {size}: must be <= {MAX_SIZE} px")
-    if fid_resize is None:
-        fid_resize = "squash" if fid_encoder == "fid-inception" else "crop"
-    if fid_resize not in RESIZES:
+    if fid_resize is not None and fid_resize not in RESIZES:
         raise ConfigError(f"--fid-resize {fid_resize}: must be one of {', '.join(RESIZES)}")
     # before the encoder is trained, not after; the default lies in the distilled folder, which may be read-only
     flag = "--out-json" if out_json else "--out-json (default)"
@@ -510,10 +515,13 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
             raise DataError(f"class {missing[0]} in {folder}: none of its {side} images could be read"
                             + (f" (nor those of {len(missing) - 1} more class(es))" if len(missing) > 1 else ""))
     fid_info, fid_enc, fid_size = None, enc, size
+    if fid_encoder is not None:
+        fid_enc = load_net(fid_encoder, num_classes=len(classes), size=size, what="--fid-encoder")
+        fid_size = getattr(fid_enc, "input_size", None) or size
+    if fid_resize is None:  # by what was loaded: the Inception named or given by its file is the same network
+        fid_resize = "squash" if isinstance(fid_enc, FIDInceptionV3) else "crop"
     if fid_encoder is not None or fid_resize != "crop":
         if fid_encoder is not None:
-            fid_enc = load_net(fid_encoder, num_classes=len(classes), size=size, what="--fid-encoder")
-            fid_size = getattr(fid_enc, "input_size", None) or size
             fid_info = {**_source_info(fid_encoder), "size": fid_size, "resize": fid_resize}
         else:
             fid_info = {"kind": f"the --encoder ({enc_info['kind']})", "size": size, "resize": fid_resize}
@@ -535,7 +543,14 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
                   "representativeness": representativeness(s, r, k), "diversity": diversity(s)}
         for key, v in values.items():
             pooled[key].append(v)
-        per_class[name] = {"n_syn": len(s), "n_real": len(r), **{key: _mean(v) for key, v in values.items()}}
+        per_class[name] = {"n_syn": len(s), "n_real": len(r), **{key: _mean(v) for key, v in values.items()},
+                           "representativeness_k": min(k, len(r))}
+    short = {name: v["n_real"] for name, v in per_class.items() if v["n_real"] < k}
+    if short:  # their representativeness averages fewer neighbours: not comparable with the others'
+        name, n = next(iter(short.items()))
+        log.warning("representativeness: class %s has %d real images, fewer than --k %d, and averages over them%s "
+                    "(per_class[...].representativeness_k)", name, n, k,
+                    f" (and {len(short) - 1} more class(es))" if len(short) > 1 else "")
     means = {key: _mean(torch.cat(v)) for key, v in pooled.items()}
     mmd_rel = mmd_release(fs, fr) if len(fs) > 1 and len(fr) > 1 else None
     release = {"l2_means": l2_between_means(fs, fr), "mmd_release": mmd_rel and mmd_rel["mmd"],
@@ -556,6 +571,7 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
         "encoder": enc_info, "fid": fid_value, "fid_encoder": fid_info,
         "real_features": {"cache": real_kw["cache_dir"], **{k: v for k, v in real_stats.items() if v}}, "mmd2": mmd["mmd2"], "mmd": mmd["mmd"],
         "mmd_bandwidth": mmd["bandwidth"], "mmd_n_real": len(mmd_real), **means, "representativeness_k": k,
+        "representativeness_k_min": min(v["representativeness_k"] for v in per_class.values()),
         **release, "mmd_release_n": mmd_rel and [mmd_rel["n_x"], mmd_rel["n_y"]],
         "fid_resize": fid_resize, "preprocess": describe_preprocess(enc, size),
         "metric_sources": sources, "definitions": DEFINITIONS,
