@@ -71,6 +71,48 @@ def test_distill_writes_images_latents_manifest(tiny_world, tmp_path, extra):
     assert man["config"]["cgs"] == ("cgs" in " ".join(extra))
     assert man["config"]["guidance_noise"] == ("philox" if "philox" in extra else "generator")  # auto: CPU
     assert (out / "contact_sheet.png").is_file()
+    if not extra:
+        _check_pixels_are_the_decoded_latents(tiny_world, out)
+
+
+def _save_image_bytes(x):
+    """torchvision's save_image(x, normalize=True, value_range=(-1, 1)) of (3, H, W), transcribed: make_grid
+    clamps to the range, subtracts its low end and divides by its width; save_image scales by 255, adds 0.5,
+    clamps and truncates to uint8 (the released samplers write their PNGs so)."""
+    x = x.clone().clamp_(min=-1, max=1).sub_(-1).div_(max(1 - (-1), 1e-5))
+    return x.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to("cpu", torch.uint8).numpy()
+
+
+def _check_pixels_are_the_decoded_latents(world, out):
+    """Each written PNG is its saved latent decoded by the run's VAE, in save_image's bytes."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+
+    vae = AutoencoderKL.from_pretrained(os.path.join(world["model"], "vae")).eval()
+    for c in ("apple", "banana", "cherry"):
+        z = load_file(str(out / "latents" / f"{c}.safetensors"))["latents"]
+        with torch.no_grad():
+            imgs = vae.decode(z / vae.config.scaling_factor).sample
+        for i, img in enumerate(imgs):
+            with Image.open(out / c / f"{i}.png") as im:
+                png = np.asarray(im.convert("RGB")).astype(np.int16)
+            diff = np.abs(png - _save_image_bytes(img).astype(np.int16))
+            assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (c, i, diff.max())   # a batch's rounding at most
+
+
+def test_pixels_round_as_torchvisions_save_image():
+    """output.to_uint8_tensor against save_image's transcription around every rounding point and past the range."""
+    from manifoldgd_fast.output import to_uint8_images, to_uint8_tensor
+
+    j = torch.arange(256, dtype=torch.float32)
+    edges = (j + 0.5) / 255 * 2 - 1          # where the byte changes
+    x = torch.cat([edges, torch.nextafter(edges, torch.tensor(-2.0)), torch.nextafter(edges, torch.tensor(2.0)),
+                   j / 255 * 2 - 1, torch.tensor([-7.0, -1.0, 1.0, 3.0, -0.0])])
+    x = torch.cat([x, torch.zeros((-len(x)) % 24)]).reshape(1, 3, -1, 8)
+    x = torch.cat([x, x.flip(1)])             # (2, 3, h, 8): every value in every channel
+    expect = np.stack([_save_image_bytes(img) for img in x])
+    assert np.array_equal(to_uint8_tensor(x).numpy(), expect) and np.array_equal(to_uint8_images(x), expect)
+    assert expect.min() == 0 and expect.max() == 255 and len(np.unique(expect)) == 256
 
 
 def test_same_seed_same_bytes_and_methods_differ(tiny_world, tmp_path):
