@@ -13,9 +13,13 @@ from manifoldgd_fast.schedule import make_schedule
 @pytest.mark.parametrize("N,D", [(2, 5), (7, 64), (10, 256), (13, 31)])
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("eps", [1e-3, 1e-1])
-def test_dpp_gradient_matches_autograd(N, D, seed, eps):
+@pytest.mark.parametrize("last", [1.0, 1e-4])
+def test_dpp_gradient_matches_autograd(N, D, seed, eps, last):
+    """``last`` scales the last row: at 1e-4 (norm 2e-4 to 2e-3) its cosine is still its direction's (K is
+    scale-free; the norm's floor only guards an exact zero row), and its gradient grows as 1 / |x_i|."""
     x = torch.randn(N, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     x[1] = x[0] + 0.1 * x[1]          # two similar samples: a real repulsion
+    x[-1] *= last
     torch.testing.assert_close(dpp_grad(x, eps), dpp_grad_ref(x, eps), atol=1e-9, rtol=1e-7)
 
 

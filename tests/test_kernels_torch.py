@@ -136,20 +136,23 @@ def test_materialisers():
     assert not torch.equal(cl, other_step)                                  # fresh every step
 
 
-def test_fused_references_compose_the_existing_ones():
+@pytest.mark.parametrize("abar", [0.3, 0.8])      # not 0.5, where sqrt(abar) = sqrt(1 - abar)
+def test_fused_references_compose_the_existing_ones(abar):
+    """The fused eps update is eps - lambda_M sqrt(1 - abar) g_corrected (SPEC 4.5); the fused mean update is
+    mean + the pull term."""
     n, D, B = 40, 16, 2
     gen = torch.Generator().manual_seed(0)
     lat = torch.randn(n, D, generator=gen)
     order = torch.stack([torch.randperm(n, generator=gen) for _ in range(B)])
     lengths = torch.tensor([40, 25])
     x, g, eps = (torch.randn(B, D, generator=gen) for _ in range(3))
-    kw = dict(alpha_bar=0.5, seed=3, step=1, k=10, d=3)
+    kw = dict(alpha_bar=abar, seed=3, step=1, k=10, d=3)
     assert torch.equal(ops.manifold_correct_fused(x, lat, order, lengths, g, lambda_normal=0.0, **kw), g)
     gc = ops.manifold_correct_fused(x, lat, order, lengths, g, **kw)
     e = ops.manifold_correct_fused(x, lat, order, lengths, g, eps=eps, lambda_mode=0.1, **kw)
-    torch.testing.assert_close(e, eps - 0.1 * math.sqrt(0.5) * gc)
+    torch.testing.assert_close(e, eps - 0.1 * math.sqrt(1 - abar) * gc)
     modes = torch.randn(B, D, generator=gen)
-    pk = dict(radius=0.1, alpha_bar=0.5, seed=2, step=0, n_points=50, k=12, d=3, bandwidth=0.2)
+    pk = dict(radius=0.1, alpha_bar=abar, seed=2, step=0, n_points=50, k=12, d=3, bandwidth=0.2)
     term = ops.manifold_pull_fused(x, modes, **pk)
     torch.testing.assert_close(ops.manifold_pull_fused(x, modes, mean=eps, **pk), eps + term)
     assert float(term.norm(dim=1).max()) <= 0.1 + 1e-6

@@ -12,7 +12,8 @@ from conftest import anisotropic
 
 # (dtype of the inputs, atol, rtol): the op accumulates in fp32; the direct
 # transcription runs in float64 on the same (rounded) inputs.
-DTYPES = [(torch.float32, 2e-4, 2e-4), (torch.bfloat16, 2e-2, 2e-2), (torch.float16, 5e-3, 5e-3)]
+# fp32: the worst case here is 1.7e-7 (about 1.5 ulp), so 2e-6 keeps a 10x margin for another BLAS's order.
+DTYPES = [(torch.float32, 2e-6, 2e-6), (torch.bfloat16, 2e-2, 2e-2), (torch.float16, 5e-3, 5e-3)]
 SHAPES = [(1, 23, 16), (3, 50, 37), (4, 64, 64), (2, 131, 7)]  # (B, M, D): primes, B = 1, D < k
 
 
@@ -111,11 +112,17 @@ def test_knn_ties_go_to_lower_index_and_padding_is_ignored():
 @pytest.mark.parametrize("B,N,D", [(1, 300, 64), (3, 50, 37), (2, 40, 5)])
 @pytest.mark.parametrize("seed", [0, 7])
 def test_manifold_pull_matches_released_code(B, N, D, seed):
+    """The bandwidth is the mean nearest distance, so tanh(delta_min / b) stays in (0.2, 0.99) for every
+    sample: at the release's 0.2 the weight saturates to 1 and a pull weighted by another distance passes."""
     gen = torch.Generator().manual_seed(seed)
     cloud = torch.randn(B, N, D, generator=gen) * torch.linspace(2, 0.2, D)
     x = torch.randn(B, D, generator=gen)
-    got = ops.manifold_pull(x, cloud, k=12, d=3, scale=0.1, bandwidth=0.2, ridge=1e-5)
-    want = spec_manifold_pull(x, cloud, 12, 3, 0.1, 0.2, 1e-5)
+    dmin = torch.cdist(x.double()[:, None], cloud.double())[:, 0].min(1).values
+    bw = float(dmin.mean())
+    weight = torch.tanh(dmin / bw)
+    assert 0.2 < float(weight.min()) and float(weight.max()) < 0.99
+    got = ops.manifold_pull(x, cloud, k=12, d=3, scale=0.1, bandwidth=bw, ridge=1e-5)
+    want = spec_manifold_pull(x, cloud, 12, 3, 0.1, bw, 1e-5)
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-4)
     # a unit direction times scale * tanh(.) <= scale
     assert float(got.norm(dim=1).max()) <= 0.1 + 1e-6
@@ -161,6 +168,19 @@ def test_official_radius_warmup():
     assert ops.official_radius(46, schedule="exp", **kw) == pytest.approx(0.1 * (1 + (math.exp(p) - 1) / (math.e - 1)))
     assert ops.official_radius(46, schedule="linear", **kw) == pytest.approx(0.1 * (1 + p))
     assert ops.official_radius(46, schedule="cosine", **kw) == pytest.approx(0.1 * (1 + (1 + math.cos(math.pi * (1 - p))) / 2))
+
+
+def test_official_radius_warmup_ends_at_t_stop():
+    """10 steps, t_stop 5, W = 5: the window i = 9 ... 4 would run past the last guided step (6); the released
+    sampler ends it at t_stop instead (t_cut = max(t_stop, S - 1 - W) = 5), so p = (i - 5) / 4 over i = 9 ... 6."""
+    kw = dict(steps=10, t_stop=5, radius=0.05, warm_steps=5, warm_mult=2.0, schedule="exp")
+    for i, p in [(9, 1.0), (8, 0.75), (7, 0.5), (6, 0.25)]:
+        want = 0.05 * (1 + (math.exp(p) - 1) / (math.e - 1))
+        assert ops.official_radius(i, **kw) == pytest.approx(want, rel=1e-12), i
+    # by hand: 0.1, 0.08250, 0.06888, 0.05826 (a window of 5 steps, p = (i - 4) / 5, gives 0.0857 at i = 8)
+    by_hand = [0.1, 0.0825, 0.06888, 0.05826]
+    assert [ops.official_radius(i, **kw) for i in (9, 8, 7, 6)] == pytest.approx(by_hand, abs=1e-5)
+    assert ops.official_radius(5, **kw) == 0.05                            # guidance off: r
 
 
 def test_time_aligned_patch():
@@ -211,6 +231,13 @@ def test_bad_inputs_name_the_tensor():
         ops.manifold_correct(x, patch[:, :, :15], g, k=10, d=3)
     with pytest.raises(ConfigError, match="larger than the patch"):
         ops.manifold_correct(x, patch, g, k=10, d=3, lengths=torch.tensor([30, 9]))
+    # a length past the patch / cloud (M = 30) is refused, not read as all M rows; so is a zero length
+    for lengths in ((30, 31), (0, 30)):
+        msg = rf"^lengths must lie in \[1, M=30\], got min {min(lengths)} max {max(lengths)}$"
+        with pytest.raises(ConfigError, match=msg):
+            ops.manifold_correct(x, patch, g, k=10, d=3, lengths=torch.tensor(lengths))
+        with pytest.raises(ConfigError, match=msg):
+            ops.manifold_pull(x, patch, k=10, d=3, lengths=torch.tensor(lengths))
     with pytest.raises(ConfigError, match="d must be"):
         ops.manifold_correct(x, patch, g, k=10, d=10)
     with pytest.raises(ConfigError, match="g must have"):
@@ -295,6 +322,36 @@ def test_identical_neighbours_have_no_tangent_direction(dtype):
     u = (rows[:, 0] - x).double()
     want = math.tanh(float(u.norm()) / 0.2) * u / u.norm()
     torch.testing.assert_close(pull.double(), want, atol=1e-6, rtol=0)
+
+
+def near_plane(D, k, noise, seed):
+    """(x (1, D), rows (1, k, D), g (1, D), P (D, D)): k rows on a 2-plane through a point c0 plus ``noise``
+    in every direction, x off the plane, and the hand-built projector P = Q Q^T onto the plane."""
+    gen = torch.Generator().manual_seed(seed)
+    Q = torch.linalg.qr(torch.randn(D, 2, generator=gen, dtype=torch.float64))[0]      # (D, 2) orthonormal
+    c0 = torch.randn(D, generator=gen, dtype=torch.float64)
+    rows = c0 + torch.randn(k, 2, generator=gen, dtype=torch.float64) @ Q.T \
+        + noise * torch.randn(k, D, generator=gen, dtype=torch.float64)
+    x = c0 + torch.randn(D, generator=gen, dtype=torch.float64)
+    g = torch.randn(D, generator=gen, dtype=torch.float64)
+    return x[None], rows[None], g[None], Q @ Q.T
+
+
+@pytest.mark.parametrize("noise", [1e-5, 1e-4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_direction_of_noise_variance_is_dropped(dtype, noise):
+    """Rows on a 2-plane plus ``noise`` in every direction, d = 3: the third direction's variance (3e-10 / 3e-8
+    of the largest) is below the rank rule's 1e-6 x largest, so it projects nothing (else P_T is the plane plus a
+    direction of noise). Paper: lambda_N = 1 gives P g; official: the pull is -(I - P)(x - c) / |.|, c the rows'
+    mean. Within 10 x noise (the fitted plane tilts by ~noise)."""
+    D, k = 16, 12
+    x, rows, g, P = near_plane(D, k, noise, seed=1)
+    got = ops.manifold_correct_ref(x.to(dtype), rows.to(dtype), g.to(dtype), k=k, d=3)
+    torch.testing.assert_close(got.double(), g @ P, atol=10 * noise, rtol=0)
+    pull = ops.manifold_pull_ref(x.to(dtype), rows.to(dtype), k=k, d=3, scale=1.0, bandwidth=1.0)
+    n = (x - rows.mean(1)) @ (torch.eye(D, dtype=torch.float64) - P)                     # all k rows: c is their mean
+    dmin = float((rows[0] - x).norm(dim=1).min())
+    torch.testing.assert_close(pull.double(), -math.tanh(dmin) * n / n.norm(), atol=10 * noise, rtol=0)
 
 
 def test_ragged_order_padding_past_each_length_is_accepted():

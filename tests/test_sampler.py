@@ -210,10 +210,13 @@ class _SpecDDPM:
         return beta * math.sqrt(ab_prev) / (1 - ab) * x0 + (1 - ab_prev) * math.sqrt(1 - beta) / (1 - ab) * self.x
 
 
-@pytest.mark.parametrize("kernel", ["rbf", "laplace", "imq"])
-def test_official_ddpm_step_matches_spec(model, kernel):
-    """SPEC 4b, one step at i = S-1: mu += lambda_M phi (x0 - m) s + manifold term; x = mu + s z."""
-    cfg = _cfg(kernel=kernel)
+@pytest.mark.parametrize("kernel,bandwidth", [("rbf", None), ("laplace", None), ("imq", None),
+                                              ("rbf", 0.5), ("laplace", 0.5)])
+def test_official_ddpm_step_matches_spec(model, kernel, bandwidth):
+    """SPEC 4b, one step at i = S-1: mu += lambda_M phi (x0 - m) s + manifold term; x = mu + s z. phi's
+    sigma is --kernel-bandwidth (1 by default). (imq's c^2 is lost beside |x0 - m|^2 here: test_mode_terms
+    checks c.)"""
+    cfg = _cfg(kernel=kernel, kernel_bandwidth=bandwidth)
     S = cfg.steps
     x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     m = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -230,7 +233,8 @@ def test_official_ddpm_step_matches_spec(model, kernel):
     s = torch.exp(0.5 * st.logvar)
     diff = x0 - m.double()
     r = diff.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-    phi = {"rbf": -torch.ones_like(r), "laplace": -1 / r, "imq": -1 / (r ** 2 + 1)}[kernel]
+    sig = 1.0 if bandwidth is None else bandwidth
+    phi = {"rbf": -torch.ones_like(r) / sig ** 2, "laplace": -1 / (sig * r), "imq": -1 / (r ** 2 + sig ** 2)}[kernel]
     mode_term = 0.1 * phi * diff * s
     # the same cloud the sampler drew (cloud first, then the step noise, per sample)
     gens = _gens([10, 11])
@@ -383,15 +387,27 @@ def test_guidance_window_counts():
     assert _cfg(steps=250, t_stop=5, sampler="ddim").steps == 250
 
 
-def test_mode_terms():
-    x0 = torch.tensor([[3.0, 4.0]])
-    m = torch.zeros(1, 2)
-    assert torch.allclose(mode_grad_paper(x0, m, "rbf", None), -x0)
-    assert torch.allclose(mode_grad_paper(x0, m, "laplace", None), -x0 / 5)
-    h = math.sqrt(2)
-    assert torch.allclose(mode_grad_paper(x0, m, "imq", None), -x0 * h ** 3 / (h * h + 25) ** 1.5)
-    phi = kernel_phi_official(x0, "imq", None)
-    assert torch.allclose(phi, torch.tensor([[-1 / 26.0]]))
+@pytest.mark.parametrize("bandwidth", [None, 0.5, 2.0])
+def test_mode_terms(bandwidth):
+    """--kernel-bandwidth: sigma of rbf / laplace, c of the official imq, h of the paper's imq (None: 1, 1,
+    sqrt(D)); |m - x0| = 5 and 0.5 (where c^2 against c in |x0 - m|^2 + c^2 shows)."""
+    x0 = torch.tensor([[3.0, 4.0], [0.3, 0.4]])
+    m = torch.zeros(2, 2)
+    r = torch.tensor([[5.0], [0.5]])
+    s = 1.0 if bandwidth is None else bandwidth
+    h = math.sqrt(2) if bandwidth is None else bandwidth
+    # paper (SPEC 4.3): g = grad log k(x0, m)
+    assert torch.allclose(mode_grad_paper(x0, m, "rbf", bandwidth), -x0 / s ** 2)
+    assert torch.allclose(mode_grad_paper(x0, m, "laplace", bandwidth), -x0 / (s * r))
+    assert torch.allclose(mode_grad_paper(x0, m, "imq", bandwidth), -x0 * h ** 3 / (h * h + r ** 2) ** 1.5)
+    # official (SPEC 4b.2): phi, (B, 1) for diff (B, D)
+    diff = x0 - m
+    assert torch.allclose(kernel_phi_official(diff, "rbf", bandwidth), torch.full((2, 1), -1 / s ** 2))
+    assert torch.allclose(kernel_phi_official(diff, "laplace", bandwidth), -1 / (s * r))
+    assert torch.allclose(kernel_phi_official(diff, "imq", bandwidth), -1 / (r ** 2 + s ** 2))
+    if bandwidth is None:       # the written-out defaults
+        assert torch.allclose(kernel_phi_official(x0[:1], "imq", None), torch.tensor([[-1 / 26.0]]))
+        assert torch.allclose(mode_grad_paper(x0[:1], m[:1], "laplace", None), -x0[:1] / 5)
 
 
 @pytest.mark.parametrize("formulation", ["official", "paper"])
