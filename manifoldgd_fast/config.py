@@ -300,8 +300,12 @@ class DistillConfig:
         rule = ("steps with index i > t_stop, i = steps - 1 ... 0" if self.formulation == "official"
                 else "the first t_stop steps")
         given = f"the default --t-stop {t_stop}" if default else f"--t-stop {t_stop}"
-        hint = (f"; give a smaller --t-stop, e.g. --t-stop {self.steps // 2}" if self.formulation == "official"
-                else "; give a --t-stop above 0")
+        if self.formulation == "paper":
+            hint = "; give a --t-stop above 0"
+        elif self.steps < 2:
+            hint = "; it guides no step of a 1-step run: give --steps 2 or more"
+        else:
+            hint = f"; give a --t-stop below {self.steps - 1}, e.g. --t-stop {(self.steps - 1) // 2}"
         raise ConfigError(f"{what}: the guidance acts on no step with {given} and --steps {self.steps} "
                           f"({self.formulation} formulation: {rule}){hint}")
 

@@ -360,7 +360,7 @@ def test_no_guidance_after_t_stop_changes_nothing(model):
 @pytest.mark.parametrize("kw,msg", [
     # the default t_stop 25 is a step index: at 25 / 26 steps the official window (i > 25) is empty
     (dict(steps=26, t_stop=None), r"^--method manifoldgd: the guidance acts on no step with the default --t-stop 25 "
-                                  r"and --steps 26 \(official formulation: .*e\.g\. --t-stop 13$"),
+                                  r"and --steps 26 \(official formulation: .*below 25, e\.g\. --t-stop 12$"),
     (dict(steps=25, t_stop=None, method="mgd3"), "--method mgd3: the guidance acts on no step with the default"),
     (dict(steps=10, t_stop=9), "acts on no step with --t-stop 9 and --steps 10"),
     (dict(steps=10, t_stop=0, formulation="paper", method="mgd3"), r"paper formulation: the first t_stop steps\); "
