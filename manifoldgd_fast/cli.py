@@ -293,10 +293,13 @@ def config_from_args(ns: argparse.Namespace) -> DistillConfig:
 
 
 class _StderrHandler(logging.Handler):
-    """Warnings of the library (e.g. a skipped unreadable image) as one line each on the current stderr."""
+    """Warnings of the library (e.g. a skipped unreadable image) as one line each on the current stderr, on a
+    line of their own: a progress bar being drawn is cleared and redrawn below (tqdm.write)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        print(f"manifoldgd-fast: {record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+        from tqdm import tqdm
+
+        tqdm.write(f"manifoldgd-fast: {record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
 
 
 def _setup_logging() -> None:

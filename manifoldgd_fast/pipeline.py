@@ -422,10 +422,7 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
         config={k: v for k, v in rcfg.to_dict().items() if k != "shard"},
         vae=cfg.vae or cfg.model, image_size=ctx["image_size"], latent_cache=ctx["cache"],
         device=str(ctx["device"]), world_size=shard.world, extra=cfg.extra, versions=versions,
-        weights=ctx["weights"], seeds={
-            "run": rcfg.seed, "class": "derive_seed(run, 'modes', class)",
-            "sample": "derive_seed(run, 'sample', class, index)",
-            "guidance": "Philox key derive_seed(run, 'guidance'), sample id label * ipc + index"},
+        weights=ctx["weights"], seeds=_seeds_record(rcfg),
         classes={}, backbone=rcfg.backbone, output_size=rcfg.output_size or ctx["image_size"],
     )
     if ctx["dit_info"] and "time_embedding" in ctx["dit_info"]:
@@ -550,6 +547,19 @@ def _sample_groups(groups, rcfg: DistillConfig, ctx: dict, overlap: bool, bar, s
                        for e, output in zip(group, outputs)]
         for f in pending:
             f.result()
+
+
+def _seeds_record(rcfg: DistillConfig) -> dict[str, Any]:
+    """The manifest's ``seeds``: how each random draw is keyed. ``guidance`` only where ManifoldGD draws
+    cloud / patch noise (mode guidance, DiT and CGS draw none), as the run drew it (--guidance-noise)."""
+    seeds = {"run": rcfg.seed, "class": "derive_seed(run, 'modes', class)",
+             "sample": "derive_seed(run, 'sample', class, index)"}
+    if rcfg.method == "manifoldgd":
+        seeds["guidance"] = ("Philox key derive_seed(run, 'guidance'), sample id label * ipc + index"
+                             if rcfg.guidance_noise == "philox" else
+                             "the sample's generator (seeded as 'sample'), the cloud / patch noise drawn before "
+                             "each guided step's noise")
+    return seeds
 
 
 def _class_status(writer: OutputWriter, entries) -> dict[str, dict[str, Any]]:

@@ -92,6 +92,27 @@ def _subparsers():
     return p._subparsers._group_actions[0].choices
 
 
+def test_a_warning_during_a_progress_bar_gets_a_line_of_its_own(capsys):
+    """The CLI's warnings clear the progress bar being drawn on stderr and print on their own line (they were
+    appended to the bar's line, easy to miss)."""
+    import logging
+    import sys
+
+    from tqdm import tqdm
+
+    from manifoldgd_fast import cli
+
+    handler = cli._StderrHandler(level=logging.WARNING)
+    with tqdm(total=3, file=sys.stderr, desc="encode") as bar:
+        bar.update(1)
+        handler.emit(logging.LogRecord("manifoldgd_fast.data", logging.WARNING, __file__, 1,
+                                       "cannot read image %s", ("a/b.png",), None))
+        bar.update(2)
+    err = capsys.readouterr().err
+    line = "manifoldgd-fast: warning: cannot read image a/b.png"
+    assert line in err.replace("\r", "\n").split("\n"), repr(err)
+
+
 def test_every_flag_of_every_command_has_help():
     # a flag without help text is left out of --help entirely (finetune's --steps, --lr, ...)
     from manifoldgd_fast.cli import CACHE_FLAGS

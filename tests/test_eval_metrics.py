@@ -299,6 +299,16 @@ def test_cli_metrics_end_to_end(folders, tmp_path, capsys):
     with pytest.raises(ConfigError, match="--encoder"):
         cli_eval.run_metrics_from_args(p.parse_args(["metrics", "--distilled", dist, "--real", real, "--encoder",
                                                      str(tmp_path / "none.pt"), "--no-progress"]))
+    # no --real: the embedded demo's training folder when OUT is its output (as eval's --real-val), else refused
+    with pytest.raises(ConfigError, match=rf"^--real is required: {dist} is not the embedded demo's output$"):
+        cli_eval.run_metrics_from_args(p.parse_args(["metrics", "--distilled", dist]))
+    assert p.parse_args(["metrics"]).distilled == "distilled"
+    with open(os.path.join(dist, "manifest.json"), "w") as f:
+        json.dump({"data": real, "extra": {"demo": "digits", "real_val": "/nowhere/test"}}, f)
+    demo = cli_eval.run_metrics_from_args(p.parse_args(
+        ["metrics", "--distilled", dist, "--encoder", str(tmp_path / "enc.pt"), "--size", "8", "--device", "cpu",
+         "--no-progress", "--out-json", str(tmp_path / "d.json")]))
+    assert demo["real"] == os.path.abspath(real) and demo["fid"] == res["fid"]
 
 
 def test_metrics_with_the_imagenet_resnet18_from_the_hub_cache(folders, tmp_path, monkeypatch):

@@ -70,6 +70,10 @@ def test_distill_writes_images_latents_manifest(tiny_world, tmp_path, extra):
     assert "torch" in man["versions"] and man["fingerprint"]
     assert man["config"]["cgs"] == ("cgs" in " ".join(extra))
     assert man["config"]["guidance_noise"] == ("philox" if "philox" in extra else "generator")  # auto: CPU
+    # the guidance noise's keying, as drawn; only ManifoldGD draws any (mode guidance, DiT and CGS do not)
+    assert ("guidance" in man["seeds"]) == (man["method"] == "manifoldgd")
+    if man["method"] == "manifoldgd":
+        assert man["seeds"]["guidance"].startswith("Philox" if "philox" in extra else "the sample's generator")
     assert (out / "contact_sheet.png").is_file()
     if not extra:
         _check_pixels_are_the_decoded_latents(tiny_world, out)

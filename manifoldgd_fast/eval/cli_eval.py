@@ -92,8 +92,11 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def add_metrics_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("distribution metrics (SPEC 7)")
-    g.add_argument("--distilled", required=True, metavar="OUT", help="distilled folder OUT/<class>/<i>.png")
-    g.add_argument("--real", required=True, metavar="TRAIN", help="real folder holding every distilled class")
+    g.add_argument("--distilled", default="distilled", metavar="OUT",
+                   help="distilled folder OUT/<class>/<i>.png (default: distilled, where `distill` writes)")
+    g.add_argument("--real", default=None, metavar="TRAIN",
+                   help="real folder holding every distilled class (default: the digits training split when OUT "
+                        "is the embedded demo's output)")
     g.add_argument("--encoder", default=None, metavar="PATH",
                    help="feature encoder: imagenet-resnet18 (torchvision's ImageNet ResNet-18 from "
                         "$TORCH_HOME/hub/checkpoints, as the papers use; never downloaded), a saved nn.Module, "
@@ -130,10 +133,10 @@ def add_metrics_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 DEMO_EPOCHS = 200  # the digits demo: a few minutes on two CPU cores
 
 
-def _demo_real_val(distilled: str) -> str | None:
-    """The digits test split recorded by the embedded demo's manifest, if OUT is one."""
+def _demo_real(distilled: str, split: str) -> str | None:
+    """The digits split ("val": its test split; "train": the folder it was distilled from) recorded by the
+    embedded demo's manifest, if OUT is one."""
     import json
-    import os
 
     path = os.path.join(distilled, "manifest.json")
     try:
@@ -144,7 +147,9 @@ def _demo_real_val(distilled: str) -> str | None:
     extra = manifest.get("extra") if isinstance(manifest, dict) else None
     if not isinstance(extra, dict):
         return None
-    return extra.get("real_val") if extra.get("demo") == "digits" else None
+    if extra.get("demo") != "digits":
+        return None
+    return extra.get("real_val") if split == "val" else manifest.get("data")
 
 
 def _check_folders(**flags: str | None) -> None:
@@ -165,7 +170,7 @@ def run_eval_from_args(ns: argparse.Namespace) -> dict:
     folders = [ns.distilled] if isinstance(ns.distilled, str) else list(ns.distilled)
     for folder in folders:
         _check_folders(distilled=folder)
-    demo_val = _demo_real_val(folders[0])
+    demo_val = _demo_real(folders[0], "val")
     if ns.real_val is None:
         if demo_val is None:
             raise ConfigError(f"--real-val is required: {folders[0]} is not the embedded demo's output")
@@ -194,9 +199,15 @@ def run_eval_from_args(ns: argparse.Namespace) -> dict:
 
 
 def run_metrics_from_args(ns: argparse.Namespace) -> dict:
+    from ..errors import ConfigError
     from .metrics import compute_metrics
 
-    _check_folders(distilled=ns.distilled, real=ns.real)
+    _check_folders(distilled=ns.distilled)
+    if ns.real is None:
+        ns.real = _demo_real(ns.distilled, "train")
+        if ns.real is None:
+            raise ConfigError(f"--real is required: {ns.distilled} is not the embedded demo's output")
+    _check_folders(real=ns.real)
     res = compute_metrics(ns.distilled, ns.real, encoder=ns.encoder, size=ns.size, device=ns.device, k=ns.k,
                           max_real_per_class=ns.max_real_per_class, mmd_max_real=ns.mmd_max_real,
                           encoder_epochs=ns.encoder_epochs, cache_dir=ns.cache_dir, out_json=ns.out_json,
