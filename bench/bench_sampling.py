@@ -99,16 +99,11 @@ def _time(fn, device, reps):
     return statistics.median(times), q(0.2), q(0.8), warm
 
 
-def _t_stop(steps: int) -> int:
-    """Half the steps guided, as DiT's 25 of 50; at least one (the official window is i > t_stop)."""
-    return max(0, min(steps // 2, steps - 2))
-
-
 class Ours:
     """Our loops on one batch: modes, guidance, sampler, decode."""
 
     def __init__(self, dit, vae, *, steps, method, loop, compile_mode, dtype, device, B, model=None):
-        from manifoldgd_fast.config import DistillConfig
+        from manifoldgd_fast.config import DistillConfig, suggest_t_stop
         from manifoldgd_fast.fastloop import FastSampler
         from manifoldgd_fast.sampler import Sampling
         from manifoldgd_fast.schedule import make_schedule
@@ -117,7 +112,7 @@ class Ours:
         self.dit, self.vae, self.device, self.B, self.dtype = dit, vae, torch.device(device), B, dtype
         c = dit.config
         self.shape = (c.in_channels, c.sample_size, c.sample_size)
-        self.cfg = DistillConfig(method=method, steps=steps, t_stop=_t_stop(steps), ipc=B,
+        self.cfg = DistillConfig(method=method, steps=steps, t_stop=suggest_t_stop("official", steps), ipc=B,
                                  guidance_noise="philox").resolve(1000, str(device))
         self.run = Sampling(dit, make_schedule(steps, "ddpm", device=device), c.num_embeds_ada_norm,
                             cfg_scale=4.0, autocast_dtype=dtype)

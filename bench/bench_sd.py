@@ -110,7 +110,7 @@ def run(a: argparse.Namespace) -> list[dict]:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from manifoldgd_fast import sd
-    from manifoldgd_fast.config import DistillConfig
+    from manifoldgd_fast.config import DistillConfig, suggest_t_stop
     from manifoldgd_fast.models import dit_info
     from manifoldgd_fast.classrun import distill_class
     from manifoldgd_fast.schedule import diffusers_schedule_kwargs
@@ -147,7 +147,8 @@ def run(a: argparse.Namespace) -> list[dict]:
     for m in a.methods.split(","):
         method = {"unguided": "dit"}.get(m, m)
         # DDIM, as the diffusers row (not the SD default sampler, whatever it is)
-        rcfg = DistillConfig(method=method, ipc=a.batch, batch_size=a.batch, steps=a.steps, t_stop=max(0, min(a.steps // 2, a.steps - 2)),
+        rcfg = DistillConfig(method=method, ipc=a.batch, batch_size=a.batch, steps=a.steps,
+                             t_stop=suggest_t_stop("official", a.steps),
                              sampler="ddim", dtype=a.dtype, device=a.device).resolve(10, a.device, backbone="sd")
         ctx = dict(device=dev, dtype=dtype, model=model, dit_info=info, vae=vae, schedule_kw=model.schedule_kwargs,
                    prompts={"tench": prompt})  # a fresh context per method: the fast loop is built per run config

@@ -289,6 +289,13 @@ class DistillConfig:
             raise ConfigError("--compile applies to the fast loop: use --loop fast or auto")
         return self
 
+    def draws_guidance_noise(self) -> bool:
+        """Whether a manifold term draws cloud / patch noise: ManifoldGD with --manifold-scale > 0 (official), or
+        --lambda-m and --lambda-n > 0 (paper). Mode guidance, DiT and CGS draw none."""
+        if self.method != "manifoldgd":
+            return False
+        return (self.lambda_m > 0 and self.lambda_n > 0) if self.formulation == "paper" else self.manifold_scale > 0
+
     def _check_window(self, t_stop: int, default: bool = False) -> None:
         """ManifoldGD / MGD3 (and CGS with --cgs-steps guided) whose guidance window holds no step: a run that
         would be plain sampling under the method's name is refused. ``default``: t_stop is the default."""
@@ -305,7 +312,7 @@ class DistillConfig:
         elif self.steps < 2:
             hint = "; it guides no step of a 1-step run: give --steps 2 or more"
         else:
-            hint = f"; give a --t-stop below {self.steps - 1}, e.g. --t-stop {(self.steps - 1) // 2}"
+            hint = f"; give a --t-stop below {self.steps - 1}, e.g. --t-stop {suggest_t_stop(self.formulation, self.steps)}"
         raise ConfigError(f"{what}: the guidance acts on no step with {given} and --steps {self.steps} "
                           f"({self.formulation} formulation: {rule}){hint}")
 
@@ -331,7 +338,8 @@ class DistillConfig:
         if c.t_stop is None:
             if not sd and c.steps < DIT_T_STOP:
                 raise ConfigError(f"--steps {c.steps}: fewer than the DiT default --t-stop {DIT_T_STOP} (a step index, "
-                                  f"as the release's); give a --t-stop of your own, e.g. --t-stop {c.steps // 2}")
+                                  f"as the release's); give a --t-stop of your own, e.g. --t-stop "
+                                  f"{suggest_t_stop(c.formulation, c.steps)}")
             timesteps = None
             if sd and schedule_kw:
                 from .schedule import space_timesteps
@@ -340,7 +348,8 @@ class DistillConfig:
                                             spacing=schedule_kw["spacing"], steps_offset=schedule_kw["steps_offset"])
             c.t_stop = sd_t_stop(c.steps, c.formulation, timesteps) if sd else DIT_T_STOP
             c._check_window(c.t_stop, default=True)
-        if not sd:  # a DiT's schedule (1,000 training steps): a DDIM count with no integer stride, before encoding
+        if (backbone or self.backbone) == "dit":  # a DiT model's schedule (1,000 training steps): a DDIM count
+            # with no integer stride, refused before encoding (not for StepGuidance's loops: backbone None)
             from .schedule import space_timesteps
 
             space_timesteps(1000, c.steps, c.sampler)
@@ -570,6 +579,12 @@ def fields_digest(fields: dict) -> str:
 
 
 DIT_T_STOP = 25  # SPEC 4 / 4b and the release: a step index, whatever --steps
+
+
+def suggest_t_stop(formulation: str, steps: int) -> int:
+    """A t_stop guiding about half of ``steps`` (DiT's 25 of 50) and at least one where any can be: the official
+    window is i > t_stop, so at most steps - 2; the paper's the first t_stop steps, so at least 1."""
+    return max(0, min(steps // 2, steps - 2)) if formulation == "official" else max(1, steps // 2)
 
 
 def guided_steps(formulation: str, steps: int, t_stop: int) -> int:

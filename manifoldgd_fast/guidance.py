@@ -22,7 +22,7 @@ import torch
 
 from . import modes as modes_mod
 from . import ops
-from .config import DistillConfig
+from .config import DistillConfig, suggest_t_stop
 from .errors import ConfigError
 from .profile import phase
 from .schedule import Schedule
@@ -305,7 +305,8 @@ class StepGuidance:
         classes: (B,) each mode's index into ``class_latents`` when it is a sequence: each sample's
             neighbourhood then comes from its own class (its radii, its latents), as if sampled alone.
         n_classes: sets the dataset-dependent defaults (<= 10: ImageNette values).
-        t_stop: where guidance stops (default steps // 2). Official formulation: steps with index
+        t_stop: where guidance stops (default :func:`~.config.suggest_t_stop`: steps // 2, at most
+            steps - 2 in the official formulation). Official formulation: steps with index
             i > t_stop in the respaced schedule (i = steps - 1 - step) are guided; paper: the first
             t_stop steps of the loop. DiT's runs use 25 of 50.
         seed: per-sample cloud / patch noise derives from it. The noise is counter-based
@@ -363,7 +364,8 @@ class StepGuidance:
         steps = len(ts)
         params.setdefault("guidance_noise", "philox")  # stateless calls (see seed)
         cfg = DistillConfig(method=method, formulation=formulation, steps=steps, ipc=modes.shape[0],
-                            t_stop=steps // 2 if t_stop is None else t_stop, **params).resolve(n_classes, modes.device)
+                            t_stop=suggest_t_stop(formulation, steps) if t_stop is None else t_stop,
+                            **params).resolve(n_classes, modes.device)
         self.schedule = schedule_from_timesteps(ts, "ddim", num_train_timesteps=num_train_timesteps, betas=betas,
                                                 device=modes.device, prediction_type=prediction_type)
         gens = [torch.Generator(device=modes.device).manual_seed(derive_seed(seed, "sample", b))

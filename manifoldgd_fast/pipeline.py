@@ -550,11 +550,11 @@ def _sample_groups(groups, rcfg: DistillConfig, ctx: dict, overlap: bool, bar, s
 
 
 def _seeds_record(rcfg: DistillConfig) -> dict[str, Any]:
-    """The manifest's ``seeds``: how each random draw is keyed. ``guidance`` only where ManifoldGD draws
-    cloud / patch noise (mode guidance, DiT and CGS draw none), as the run drew it (--guidance-noise)."""
+    """The manifest's ``seeds``: how each random draw is keyed. ``guidance`` only where a manifold term draws
+    cloud / patch noise (DistillConfig.draws_guidance_noise), as the run drew it (--guidance-noise)."""
     seeds = {"run": rcfg.seed, "class": "derive_seed(run, 'modes', class)",
              "sample": "derive_seed(run, 'sample', class, index)"}
-    if rcfg.method == "manifoldgd":
+    if rcfg.draws_guidance_noise():
         seeds["guidance"] = ("Philox key derive_seed(run, 'guidance'), sample id label * ipc + index"
                              if rcfg.guidance_noise == "philox" else
                              "the sample's generator (seeded as 'sample'), the cloud / patch noise drawn before "

@@ -175,6 +175,10 @@ def test_metrics_take_their_fid_from_the_fid_encoder(tmp_path, monkeypatch):
     by_file = M.compute_metrics(dist, real, encoder=MeanColour(), size=8, device="cpu", k=2, progress=False,
                                 fid_encoder=fid_inception_path())
     assert by_file["fid_resize"] == "squash" and by_file["fid"] == res["fid"]
+    # the Inception as --encoder (no --fid-encoder): the FID on that encoder's features, cropped as the others
+    as_enc = M.compute_metrics(dist, real, encoder="fid-inception", device="cpu", k=2, progress=False,
+                               out_json=str(tmp_path / "e.json"))
+    assert as_enc["fid_encoder"] is None and as_enc["fid_resize"] == "crop" and as_enc["size"] == 299
 
 
 def test_the_papers_encoders_compute_features_in_fp32(tmp_path, monkeypatch):

@@ -278,7 +278,7 @@ def test_capped_real_sets_are_a_seeded_random_subset_in_file_order(folders):
     assert res["n_real"] == 9 and all(v["n_real"] == 3 for v in res["per_class"].values())
 
 
-def test_cli_metrics_end_to_end(folders, tmp_path, capsys):
+def test_cli_metrics_end_to_end(folders, tmp_path, capsys, monkeypatch):
     dist, real = folders
     torch.save(net_checkpoint(build_net("convnet6", 3, 8)), tmp_path / "enc.pt")
     p = argparse.ArgumentParser(prog="manifoldgd-fast")
@@ -303,6 +303,13 @@ def test_cli_metrics_end_to_end(folders, tmp_path, capsys):
     with pytest.raises(ConfigError, match=rf"^--real is required: {dist} is not the embedded demo's output$"):
         cli_eval.run_metrics_from_args(p.parse_args(["metrics", "--distilled", dist]))
     assert p.parse_args(["metrics"]).distilled == "distilled"
+    monkeypatch.chdir(tmp_path)   # no distilled/ here
+    with pytest.raises(ConfigError, match=r"^--distilled: no folder 'distilled' here \(the default"):
+        cli_eval.run_metrics_from_args(p.parse_args(["metrics"]))
+    with open(os.path.join(dist, "manifest.json"), "w") as f:
+        json.dump({"data": str(tmp_path / "gone"), "extra": {"demo": "digits", "real_val": "/nowhere/test"}}, f)
+    with pytest.raises(ConfigError, match=r"^--real: the digits' training split .*gone.* is gone"):
+        cli_eval.run_metrics_from_args(p.parse_args(["metrics", "--distilled", dist]))
     with open(os.path.join(dist, "manifest.json"), "w") as f:
         json.dump({"data": real, "extra": {"demo": "digits", "real_val": "/nowhere/test"}}, f)
     demo = cli_eval.run_metrics_from_args(p.parse_args(

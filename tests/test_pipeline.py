@@ -79,6 +79,20 @@ def test_distill_writes_images_latents_manifest(tiny_world, tmp_path, extra):
         _check_pixels_are_the_decoded_latents(tiny_world, out)
 
 
+def test_seeds_record_names_guidance_noise_only_where_it_is_drawn():
+    from manifoldgd_fast.pipeline import _seeds_record
+
+    def rec(**kw):
+        return _seeds_record(DistillConfig(guidance_noise="generator", **kw))
+
+    assert rec()["guidance"].startswith("the sample's generator")
+    assert _seeds_record(DistillConfig(guidance_noise="philox"))["guidance"].startswith("Philox")
+    for kw in (dict(manifold_scale=0.0), dict(formulation="paper", lambda_n=0.0),
+               dict(formulation="paper", lambda_m=0.0), dict(method="mgd3"), dict(method="dit"), dict(method="cgs")):
+        assert "guidance" not in rec(**kw), kw
+    assert "guidance" in rec(formulation="paper") and "guidance" in rec(lambda_m=0.0)   # official: the pull still runs
+
+
 def _save_image_bytes(x):
     """torchvision's save_image(x, normalize=True, value_range=(-1, 1)) of (3, H, W), transcribed: make_grid
     clamps to the range, subtracts its low end and divides by its width; save_image scales by 255, adds 0.5,

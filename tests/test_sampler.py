@@ -360,14 +360,14 @@ def test_no_guidance_after_t_stop_changes_nothing(model):
 @pytest.mark.parametrize("kw,msg", [
     # the default t_stop 25 is a step index: at 25 / 26 steps the official window (i > 25) is empty
     (dict(steps=26, t_stop=None), r"^--method manifoldgd: the guidance acts on no step with the default --t-stop 25 "
-                                  r"and --steps 26 \(official formulation: .*below 25, e\.g\. --t-stop 12$"),
+                                  r"and --steps 26 \(official formulation: .*below 25, e\.g\. --t-stop 13$"),
     (dict(steps=25, t_stop=None, method="mgd3"), "--method mgd3: the guidance acts on no step with the default"),
     (dict(steps=10, t_stop=9), "acts on no step with --t-stop 9 and --steps 10"),
     (dict(steps=10, t_stop=0, formulation="paper", method="mgd3"), r"paper formulation: the first t_stop steps\); "
                                                                   "give a --t-stop above 0$"),
     (dict(steps=10, t_stop=9, method="dit", cgs=True, cgs_steps="guided"), "^--cgs-steps guided: the guidance acts"),
     # a DDIM count no integer stride gives (DiT: 1,000 training steps), refused before any encoding
-    (dict(steps=249, t_stop=5, sampler="ddim"), "--steps 249: DDIM needs an integer stride"),
+    (dict(steps=249, t_stop=5, sampler="ddim", backbone="dit"), "--steps 249: DDIM needs an integer stride"),
 ])
 def test_empty_guidance_window_and_ddim_count_refused(kw, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -384,7 +384,39 @@ def test_guidance_window_counts():
                 assert guided_steps(f, S, t) == sum(is_guided(f, i, S, t) for i in range(S)), (f, S, t)
     assert _cfg(steps=27, t_stop=None).t_stop == 25          # one guided step: taken
     assert _cfg(steps=10, t_stop=10, method="dit").t_stop == 10   # no guidance to act: no window to check
-    assert _cfg(steps=250, t_stop=5, sampler="ddim").steps == 250
+    assert _cfg(steps=250, t_stop=5, sampler="ddim", backbone="dit").steps == 250
+    assert _cfg(steps=249, t_stop=5, sampler="ddim").steps == 249   # no DiT model named: its own scheduler's rule
+
+
+@pytest.mark.parametrize("formulation", ["official", "paper"])
+def test_step_guidance_default_window_guides_short_and_long_loops(formulation):
+    """StepGuidance's default t_stop (config.suggest_t_stop) guides a step of a 2-step loop in either formulation
+    (steps // 2 = 1 left the official window i > 1 empty), and a loop past DiT's 1,000 training steps is taken
+    (a scheduler of its own: no DiT stride rule applies)."""
+    from manifoldgd_fast.config import guided_steps, suggest_t_stop
+    from manifoldgd_fast.guidance import StepGuidance
+
+    lat = torch.randn(30, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    modes = lat[:2] + 0.05
+    for S in (2, 3, 50):
+        assert guided_steps(formulation, S, suggest_t_stop(formulation, S)) >= 1
+    assert suggest_t_stop("official", 50) == 25 and suggest_t_stop("paper", 50) == 25
+    g = StepGuidance(modes, timesteps=[700, 200], formulation=formulation, class_latents=lat, n_classes=10)
+    assert g.cfg.t_stop == (0 if formulation == "official" else 1)
+    long = StepGuidance(modes, timesteps=list(range(1499, -1, -1)), formulation=formulation, class_latents=lat,
+                        n_classes=10, num_train_timesteps=2000, betas=torch.linspace(1e-4, 0.02, 2000))
+    assert long.cfg.steps == 1500
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(steps=2, t_stop=None), r"^--steps 2: fewer than the DiT default --t-stop 25 .* e\.g\. --t-stop 0$"),
+    (dict(steps=2, t_stop=None, formulation="paper"), r"e\.g\. --t-stop 1$"),
+    (dict(steps=2, t_stop=1), r"give a --t-stop below 1, e\.g\. --t-stop 0$"),
+    (dict(steps=1, t_stop=0), r"it guides no step of a 1-step run: give --steps 2 or more$"),
+])
+def test_short_runs_hint_a_t_stop_that_guides(kw, msg):
+    with pytest.raises(ConfigError, match=msg):
+        _cfg(**kw)
 
 
 @pytest.mark.parametrize("bandwidth", [None, 0.5, 2.0])

@@ -110,7 +110,8 @@ def add_metrics_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                    help="the FID's images: crop = short side resized (PIL bicubic) + centre crop, as every other "
                         "metric; squash = the whole image resized to the FID encoder's size (PIL bilinear) and, "
                         "with fid-inception, pixels scaled (u - 128) / 128: the release's fid.py (torchmetrics) "
-                        "(default: squash with --fid-encoder fid-inception, the papers' FID; else crop)")
+                        "(default: squash with --fid-encoder fid-inception or its weights' file, the papers' FID; "
+                        "else crop)")
     g.add_argument("--size", type=int, default=None, help="encoder resolution (default: the encoder's own, "
                                                           "else 224, or the distilled images' size if smaller)")
     g.add_argument("--k", type=int, default=50, help="representativeness: the k most similar real images")
@@ -202,11 +203,17 @@ def run_metrics_from_args(ns: argparse.Namespace) -> dict:
     from ..errors import ConfigError
     from .metrics import compute_metrics
 
+    if ns.distilled == "distilled" and not os.path.isdir(ns.distilled):
+        raise ConfigError("--distilled: no folder 'distilled' here (the default, where `distill` writes): give "
+                          "--distilled OUT")
     _check_folders(distilled=ns.distilled)
     if ns.real is None:
         ns.real = _demo_real(ns.distilled, "train")
         if ns.real is None:
             raise ConfigError(f"--real is required: {ns.distilled} is not the embedded demo's output")
+        if not os.path.isdir(ns.real):
+            raise ConfigError(f"--real: the digits' training split {ns.real}, which the demo's manifest names, is "
+                              f"gone (run `manifoldgd-fast distill` again to export it) or give --real TRAIN")
     _check_folders(real=ns.real)
     res = compute_metrics(ns.distilled, ns.real, encoder=ns.encoder, size=ns.size, device=ns.device, k=ns.k,
                           max_real_per_class=ns.max_real_per_class, mmd_max_real=ns.mmd_max_real,

@@ -467,8 +467,8 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
     "crop" (short side resized, centre crop, as every other metric) or
     "squash" (the whole image resized to the FID encoder's size, PIL bilinear; with
     fid-inception the pixels are scaled (u - 128) / 128: the release's fid.py through
-    torchmetrics); None: "squash" where the FID encoder is FID's Inception (``"fid-inception"``, or its
-    weights' file: the papers' FID), else "crop".
+    torchmetrics); None: "squash" where ``fid_encoder`` is FID's Inception (``"fid-inception"``, or its
+    weights' file: the papers' FID), else "crop" (also with no ``fid_encoder``: the FID on ``encoder``'s features).
     Besides SPEC 7's metrics the release's variants are reported
     (``l2_means``, ``mmd_release``, ``representativeness_minimax``, ``diversity_minimax``;
     see the module docstring), on the same features. feature_cache: keep the
@@ -518,8 +518,8 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
     if fid_encoder is not None:
         fid_enc = load_net(fid_encoder, num_classes=len(classes), size=size, what="--fid-encoder")
         fid_size = getattr(fid_enc, "input_size", None) or size
-    if fid_resize is None:  # by what was loaded: the Inception named or given by its file is the same network
-        fid_resize = "squash" if isinstance(fid_enc, FIDInceptionV3) else "crop"
+    if fid_resize is None:  # by the --fid-encoder loaded: FID's Inception, named or given by its file
+        fid_resize = "squash" if fid_encoder is not None and isinstance(fid_enc, FIDInceptionV3) else "crop"
     if fid_encoder is not None or fid_resize != "crop":
         if fid_encoder is not None:
             fid_info = {**_source_info(fid_encoder), "size": fid_size, "resize": fid_resize}
