@@ -131,7 +131,7 @@ def add_metrics_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     return parser
 
 
-DEMO_EPOCHS = 200  # the digits demo: a few minutes on two CPU cores
+DEMO_EPOCHS = 200  # the digits demo: about 440 CPU-s a seed (bench/RESULTS.md)
 
 
 def _demo_real(distilled: str, split: str) -> str | None:
