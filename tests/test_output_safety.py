@@ -83,6 +83,51 @@ def test_out_that_would_clobber_data_or_foreign_folders_is_refused(tiny_world, t
     assert line == "manifoldgd-fast: error: /scratch/out/apple/0.png: No space left on device", line
 
 
+def _another(v):
+    """A value of another kind or size than ``v`` (the fingerprints hash values; they do not validate them)."""
+    if isinstance(v, bool):
+        return not v
+    if isinstance(v, (int, float)):
+        return v * 2 + 3
+    if isinstance(v, str):
+        return v + "-other"
+    return 3 if v is None else None
+
+
+def test_every_field_counts_in_the_fingerprints_but_the_unhashed_ones(tmp_path):
+    """Changing any DistillConfig field changes the run fingerprint (a resume with it is refused), except
+    UNHASHED_FIELDS (where things go, rounding only), which change nothing; each MODE_FIELDS entry (and
+    gmm_iters under GMM) changes the modes fingerprint (precomputed modes of other settings are not taken).
+    On a base where the conditionally hashed fields count: ManifoldGD + CGS, GMM modes, the SD backbone."""
+    import dataclasses
+
+    from manifoldgd_fast.config import MODE_FIELDS, UNHASHED_FIELDS, DistillConfig, fingerprint, modes_fingerprint
+
+    # a field is left out on purpose only: where the output goes, and what changes only the rounding
+    assert set(UNHASHED_FIELDS) == {"out", "cache_dir", "device", "batch_size", "encode_batch_size", "encode_workers",
+                                    "contact_sheet", "extra", "backend", "modes_dir", "loop", "class_batch", "shard"}
+    base = DistillConfig(method="manifoldgd", cgs=True, mode_method="gmm", backbone="sd")
+    fp = fingerprint(base)
+    for f in dataclasses.fields(DistillConfig):
+        other = dataclasses.replace(base, **{f.name: _another(getattr(base, f.name))})
+        if f.name in UNHASHED_FIELDS:
+            assert fingerprint(other) == fp, f.name
+        else:
+            assert fingerprint(other) != fp, f"{f.name} does not count in the run fingerprint"
+    mfp = modes_fingerprint(base, str(tmp_path), "apple")
+    # what mode discovery is given (its keyword parameters; method is --mode-method), not MODE_FIELDS itself
+    import inspect
+
+    from manifoldgd_fast.modes import discover_modes
+
+    given = [{"method": "mode_method"}.get(p, p) for p in inspect.signature(discover_modes).parameters if p != "z"]
+    assert set(given) <= {f.name for f in dataclasses.fields(DistillConfig)} and set(MODE_FIELDS) <= set(given)
+    for name in given:
+        other = dataclasses.replace(base, **{name: _another(getattr(base, name))})
+        assert modes_fingerprint(other, str(tmp_path), "apple") != mfp, f"{name} does not count in the modes'"
+    assert modes_fingerprint(base, str(tmp_path), "banana") != mfp
+
+
 def test_fingerprint_counts_the_data_not_its_spelling(tiny_world, tmp_path, capsys, monkeypatch):
     """The same folder given relatively resumes; another folder with the same path string (another cwd)
     or a new class folder is another run; a resume with another batch size warns and records it."""
