@@ -517,6 +517,50 @@ def test_embedded_demo_runs_without_arguments(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------- several classes in one batch
+def test_each_sample_is_seeded_by_its_class_and_index(tiny_world, tmp_path, monkeypatch):
+    """A sample's x_T comes from derive_seed(seed, 'sample', class, index): plain DiT sampling of that x_T by hand
+    gives the written latents (several classes share a batch here; only rounding differs). The guidance noise ids
+    are label * ipc + index, distinct over the run (a class batch of 3 classes x 2). Modes are seeded per class."""
+    from diffusers import DiTTransformer2DModel
+    from safetensors.torch import load_file
+
+    from manifoldgd_fast import classrun
+    from manifoldgd_fast.config import derive_seed
+    from manifoldgd_fast.modes import random_modes
+    from manifoldgd_fast.sampler import sample
+    from manifoldgd_fast.schedule import make_schedule
+
+    out = tmp_path / "dit"
+    assert main(_args(tiny_world, out, "--method", "dit", "--class-batch", "3")) == 0
+    model = DiTTransformer2DModel.from_pretrained(os.path.join(tiny_world["model"], "transformer")).eval()
+    sched = make_schedule(10, "ddpm")
+    for name, label in (("apple", 0), ("cherry", 2)):
+        gens = [torch.Generator().manual_seed(derive_seed(0, "sample", name, j)) for j in range(2)]
+        x_T = torch.stack([torch.randn(4, 8, 8, generator=g) for g in gens])
+        want = sample(model, sched, x_T, torch.tensor([label, label]), null_class=3, cfg_scale=4.0, generators=gens)
+        got = load_file(str(out / "latents" / f"{name}.safetensors"))["latents"]
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+    from manifoldgd_fast import guidance as guidance_mod
+
+    seen = []
+    real_guidance = guidance_mod.Guidance
+
+    def spy(*a, sample_ids=None, **kw):
+        seen.append(list(sample_ids))
+        return real_guidance(*a, sample_ids=sample_ids, **kw)
+
+    monkeypatch.setattr(guidance_mod, "Guidance", spy)   # classrun imports it at each call
+    assert main(_args(tiny_world, tmp_path / "mgd", "--guidance-noise", "philox", "--class-batch", "3")) == 0
+    assert seen and seen[0] == [0, 1, 2, 3, 4, 5]      # labels 0, 1, 2 x ipc 2: label * ipc + index
+
+    z = torch.randn(12, 16, generator=torch.Generator().manual_seed(3))
+    cfg = DistillConfig(ipc=2, mode_method="random").resolve(3)
+    a = classrun.class_modes(cfg, "apple", z.view(12, 1, 4, 4)).flatten(1)
+    assert torch.equal(a, random_modes(z, 2, seed=derive_seed(0, "modes", "apple")))
+    assert not torch.equal(a, classrun.class_modes(cfg, "banana", z.view(12, 1, 4, 4)).flatten(1))
+
+
 def test_class_batch_defaults_and_where_it_is_refused():
     def res(**kw):
         return DistillConfig(**{"ipc": 2, "batch_size": 16, **kw}).resolve(10)
