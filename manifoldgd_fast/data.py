@@ -260,14 +260,15 @@ RESAMPLERS = {"bicubic": center_crop_arr, "bilinear": resize_crop_torchvision}
 
 
 def to_rgb(img):
-    """A PIL image as 8-bit RGB. 16- and 32-bit greyscale (modes I;16*, I) keep their top 8 bits and
+    """A PIL image as 8-bit RGB. 16- and 32-bit greyscale (modes I;16*, I) keep their top 8 bits (of 16, or of
+    mode I's 31 value bits: it is signed, so 0 .. 2**31 - 1 maps to 0 .. 255) and
     float greyscale (F, taken as 0..1) is scaled to 0..255; ``convert("RGB")`` would clip both at 255,
     turning most of a 16-bit image white."""
     from PIL import Image
 
     if img.mode.startswith("I;16") or img.mode == "I":
         arr = np.asarray(img).astype(np.int64)
-        bits = 16 if img.mode.startswith("I;16") or arr.max(initial=0) < (1 << 16) else 32
+        bits = 16 if img.mode.startswith("I;16") or arr.max(initial=0) < (1 << 16) else 31
         img = Image.fromarray((np.clip(arr, 0, (1 << bits) - 1) >> (bits - 8)).astype(np.uint8), mode="L")
     elif img.mode == "F":
         arr = np.nan_to_num(np.asarray(img, dtype=np.float64))

@@ -540,3 +540,45 @@ def test_scan_refuses_a_class_name_that_is_not_utf8(tmp_path):
     with pytest.raises(DataError, match="not valid UTF-8"):
         D.scan_image_folder(str(root))
     assert [e.name for e in D.scan_image_folder(str(root), classes=["ok"])] == ["ok"]
+
+
+def _adm_center_crop_arr(pil_image, image_size):
+    """ADM's / DiT's center_crop_arr, transcribed from guided_diffusion/image_datasets.py."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return arr[crop_y:crop_y + image_size, crop_x:crop_x + image_size]
+
+
+@pytest.mark.parametrize("w,h", [(347, 500), (640, 427), (256, 301), (512, 768), (1024, 513), (300, 300)])
+def test_center_crop_arr_is_adms_pixel_for_pixel(w, h):
+    """Rounding of the resized sides, the BOX-halving threshold (short side == 2x target halves) and the
+    crop offset on an odd excess (floor) are ADM's."""
+    rng = np.random.default_rng(w * 10007 + h)
+    im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    out = D.center_crop_arr(im, 256)
+    assert out.shape == (256, 256, 3) and out.dtype == np.uint8
+    assert np.array_equal(out, _adm_center_crop_arr(im, 256)), (w, h)
+
+
+def test_32_bit_greyscale_keeps_its_top_8_bits(tmp_path):
+    """A 32-bit greyscale image (mode I, signed: values up to 2**31 - 1) reads as the 8-bit image of its top 8
+    value bits (23..30: the ramp 0 .. 2**31 - 1 reads 0 .. 255; the top byte of the word gave 0 .. 127);
+    convert("RGB") would clip it white."""
+    ramp = (np.arange(32 * 32, dtype=np.int64).reshape(32, 32) * ((2**31 - 1) // (32 * 32 - 1))).astype(np.int32)
+    ramp[-1, -1] = 2**31 - 1
+    p32, p8 = str(tmp_path / "g32.tif"), str(tmp_path / "g8.png")
+    Image.fromarray(ramp, mode="I").save(p32)
+    with Image.open(p32) as im:
+        assert im.mode == "I"
+        assert int(np.asarray(im).max()) == 2**31 - 1
+    Image.fromarray((ramp >> 23).astype(np.uint8), mode="L").save(p8)
+    x32, x8 = D.read_image_uint8(p32, 32), D.read_image_uint8(p8, 32)
+    assert 110 < x32.float().mean() < 145 and int(x32.max()) == 255  # the ramp 0 .. 2**31 - 1: 0 .. 255
+    assert torch.equal(x32, x8)
+    rgb = np.asarray(D.to_rgb(Image.fromarray(ramp, mode="I")))
+    assert np.array_equal(rgb[..., 1], (ramp >> 23).astype(np.uint8))

@@ -656,3 +656,90 @@ def test_fp32_on_cuda_gives_the_same_run_twice():
         return torch.cat([p.detach().flatten().cpu() for p in r["model"].parameters()])
 
     assert torch.equal(run(), run())
+
+
+def test_crop_box_offsets_reach_both_ends_as_torchvision():
+    """torchvision's RandomResizedCrop draws top ~ randint(0, h - ch + 1) and left ~ randint(0, w - cw + 1):
+    both ends, 0 and h - ch, are reached. A fixed 10x12 box (scale and ratio pinned) in a 20x30 image:
+    top takes every value 0..10, left every value 0..18."""
+    g = torch.Generator().manual_seed(1)
+    b = A.crop_boxes(4000, 20, 30, g, "cpu", scale=(0.2, 0.2), ratio=(1.2, 1.2))
+    top, left, ch, cw = b.unbind(1)
+    assert (ch == 10).all() and (cw == 12).all()  # sqrt(120 / 1.2) = 10, sqrt(120 * 1.2) = 12
+    assert set(top.long().tolist()) == set(range(0, 20 - 10 + 1))
+    assert set(left.long().tolist()) == set(range(0, 30 - 12 + 1))
+    # and under the default scale / ratio, the largest top offset of each box height is its h - ch
+    b = A.crop_boxes(20000, 12, 12, torch.Generator().manual_seed(2), "cpu")
+    top, left, ch, cw = b.unbind(1)
+    for c in (8, 9, 10):
+        assert int(top[ch == c].max()) == 12 - c and int(top[ch == c].min()) == 0
+
+
+def test_soft_label_test_epochs_for_every_run_length_are_rdeds():
+    """RDED's validation/main.py tests after 0-based epoch e when (e % 10 == 9 and e > 0.8 * E) or e == E - 1;
+    returned 1-based. E = 12: epoch index 9 is not past 9.6, so only the last epoch is tested."""
+    assert P.test_epochs(12, None, soft=True) == {12}
+    assert P.test_epochs(11, None, soft=True) == {10, 11}
+    for epochs in range(1, 401):
+        rded = {e + 1 for e in range(epochs) if (e % 10 == 9 and e > 0.8 * epochs) or e == epochs - 1}
+        assert P.test_epochs(epochs, None, soft=True) == rded, epochs
+
+
+class _BiasNet(torch.nn.Module):
+    """Logits = one bias vector for every image: the gradient of a batch loss on it is the loss's gradient
+    with respect to the logits, summed over the batch, which is computed by hand below."""
+
+    def __init__(self, classes=3):
+        super().__init__()
+        self.b = torch.nn.Parameter(torch.zeros(classes))
+
+    def forward(self, x):
+        return self.b.expand(len(x), -1)
+
+
+def _one_sgd_step(monkeypatch, teacher=None, temperature=4.0):
+    """One epoch of one batch (4 images, labels 0 0 1 2), plain SGD (lr 0.1, no momentum or decay), no
+    augmentation, CutMix pinned to ratio 0.3 with every image's partner the label-2 image; the bias after."""
+    y = torch.tensor([0, 0, 1, 2])
+    x = (y * 50).to(torch.uint8).view(4, 1, 1, 1).expand(4, 3, 4, 4).contiguous()  # label in the pixels
+
+    def pinned_cutmix(xb, _gen):
+        j = int((xb[:, 0, 0, 0] == 100).nonzero()[0, 0])  # where the batch order put the label-2 image
+        return xb, torch.full((len(xb),), j, dtype=torch.long), 0.3
+
+    monkeypatch.setattr(P, "build_net", lambda *a, **k: _BiasNet(3))
+    monkeypatch.setattr(P, "cutmix", pinned_cutmix)
+    # half-cosine: lr 0.1 at epoch 0 (multistep would decay a 1-epoch run at once)
+    hp = dict(optimizer="sgd", lr=0.1, momentum=0.0, weight_decay=0.0, batch_size=4, schedule="half-cosine")
+    split = P.Split(x, y)
+    r = P.train_net("convnet6", split, split, 3, size=4, epochs=1, hp=hp, seed=0, device=torch.device("cpu"),
+                    teacher=teacher, temperature=temperature, augment=lambda imgs, _g: imgs.float(),
+                    progress=False, return_model=True, precision="fp32")
+    return r["model"].b.detach().double()
+
+
+def test_cutmix_loss_weighs_the_own_label_by_the_kept_area(monkeypatch):
+    """IDC / CutMix: loss = ratio * CE(out, y) + (1 - ratio) * CE(out, y[partner]), ratio the area left of
+    the image itself. At zero logits d loss / d logits = softmax - target, batch-averaged:
+    target mass = (0.3 * counts(y) + 0.7 * counts(y[partner])) / 4 = (0.3 * [2, 1, 1] + 0.7 * [0, 0, 4]) / 4."""
+    b = _one_sgd_step(monkeypatch)
+    target = [(0.3 * 2) / 4, (0.3 * 1) / 4, (0.3 * 1 + 0.7 * 4) / 4]
+    expect = torch.tensor([-0.1 * (1 / 3 - t) for t in target], dtype=torch.float64)
+    torch.testing.assert_close(b, expect, atol=1e-6, rtol=0)
+
+
+def test_soft_label_loss_softens_the_teachers_logits_too(monkeypatch):
+    """RDED: KL(softmax(teacher / T) || softmax(student / T)), batch mean. At zero student logits
+    d loss / d logits = (1/K - softmax(t / T)) / T per image; the batch mean of 4 equal rows is one row."""
+    t = [2.0, 0.0, -3.0]
+    T = 4.0
+
+    class FixedTeacher(torch.nn.Module):
+        def forward(self, x):
+            return torch.tensor(t).expand(len(x), -1)
+
+    b = _one_sgd_step(monkeypatch, teacher=FixedTeacher(), temperature=T)
+    z = sum(math.exp(v / T) for v in t)
+    soft = [math.exp(v / T) / z for v in t]
+    expect = torch.tensor([-0.1 * (1 / 3 - s) / T for s in soft], dtype=torch.float64)
+    torch.testing.assert_close(b, expect, atol=1e-6, rtol=0)

@@ -508,3 +508,36 @@ def test_cache_is_stale_when_an_image_or_the_vae_weights_change(tmp_path, root, 
     with pytest.warns(UserWarning):
         stats = L.cache_latents(entries, other, **kw)
     assert not stats["cat"]["cached"] and not stats["dog"]["cached"]
+
+
+def test_encode_images_scales_by_the_vaes_own_scaling_factor():
+    """The scaling factor comes from the VAE's config (SDXL's 0.13025, SD3's 1.5305, ...), not SD's 0.18215."""
+    other = M.build_vae(dict(M.tiny_vae_config(sample_size=SIZE), scaling_factor=0.5))
+    assert other.config.scaling_factor == 0.5
+    x = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    with torch.no_grad():
+        mean = other.encode(x).latent_dist.mean
+    torch.testing.assert_close(L.encode_images(other, x), mean.float() * 0.5, atol=0, rtol=0)
+
+
+def test_cache_is_stale_when_only_the_scaling_factor_changes(tmp_path, root, vae):
+    """Same weights (same digest), same images, another scaling_factor in the VAE's config: every class is
+    encoded again, and the new latents are the old ones rescaled."""
+    entries = D.scan_image_folder(str(root))
+    cache = str(tmp_path / "cache")
+    kw = dict(cache_dir=cache, image_size=SIZE, batch_size=2, progress=False, num_workers=0)
+    with pytest.warns(UserWarning):
+        L.cache_latents(entries, vae, **kw)
+    cat_before = L.load_class_latents(cache, "cat")[0]
+
+    rescaled = M.build_vae(dict(M.tiny_vae_config(sample_size=SIZE), scaling_factor=0.5))
+    with torch.no_grad():
+        for (_, a), (_, b) in zip(sorted(rescaled.state_dict().items()), sorted(vae.state_dict().items())):
+            a.copy_(b)
+    assert L.weights_digest(rescaled) == L.weights_digest(vae) and rescaled.config.scaling_factor == 0.5
+    counting = CountingVAE(rescaled)
+    with pytest.warns(UserWarning):
+        stats = L.cache_latents(entries, counting, **kw)
+    assert not stats["cat"]["cached"] and not stats["dog"]["cached"] and counting.calls > 0
+    cat_after = L.load_class_latents(cache, "cat")[0]
+    torch.testing.assert_close(cat_after, cat_before / 0.18215 * 0.5, atol=1e-5, rtol=1e-5)

@@ -481,3 +481,42 @@ def test_sd_defaults_follow_the_mgd3_text_to_image_script():
             for formulation in ("official", "paper"):
                 c = DistillConfig(steps=S, formulation=formulation).resolve(10, "cpu", backbone="sd", schedule_kw=kw)
                 assert [is_guided(formulation, i, S, c.t_stop) for i in range(S)] == [t > 500 for t in ts]
+
+
+# ---------------------------------------------------------------------------- schedule tables by hand
+def test_prev_timestep_zero_is_a_real_timestep_not_the_end_of_the_chain():
+    """prev_timesteps [0, 10, 20] for kept [10, 20, 30]: the first step goes to training timestep 0, whose
+    abar is 1 - beta_0 (diffusers' DDIMScheduler with set_alpha_to_one False), not the chain's end (1)."""
+    import numpy as np
+
+    from manifoldgd_fast.schedule import schedule_from_timesteps
+
+    betas = np.linspace(1e-4, 0.02, 1000)
+    abar = np.cumprod(1.0 - betas)
+    s = schedule_from_timesteps([10, 20, 30], "ddim", betas=betas, prev_timesteps=[0, 10, 20])
+    expect = torch.tensor([abar[0], abar[10], abar[20]], dtype=torch.float32)
+    assert float(s.alphas_cumprod_prev[0]) == pytest.approx(1.0 - 1e-4, abs=1e-7)
+    torch.testing.assert_close(s.alphas_cumprod_prev, expect, atol=0, rtol=0)
+    # the chain written out (first prev -1) is the chain itself: ends at 1
+    c = schedule_from_timesteps([10, 20, 30], "ddim", betas=betas, prev_timesteps=[-1, 10, 20])
+    assert float(c.alphas_cumprod_prev[0]) == 1.0
+
+
+def test_clipped_posterior_log_variance_takes_the_second_value_at_the_first_step():
+    """ADM: the posterior variance is 0 at the first step of the chain; its clipped log repeats step 1's
+    value there: log(beta_1 (1 - abar_0) / (1 - abar_1)), finite."""
+    import math
+
+    import numpy as np
+
+    from manifoldgd_fast.schedule import schedule_from_timesteps
+
+    betas = np.linspace(1e-4, 0.02, 1000)
+    abar = np.cumprod(1.0 - betas)
+    s = schedule_from_timesteps([0, 10, 20], "ddpm", betas=betas)
+    a0, a1 = abar[0], abar[10]
+    b1 = 1.0 - a1 / a0
+    lv = s.posterior_log_variance_clipped
+    assert torch.isfinite(lv).all()
+    assert float(lv[0]) == float(lv[1])
+    assert float(lv[1]) == pytest.approx(math.log(b1 * (1.0 - a0) / (1.0 - a1)), rel=1e-6)
