@@ -25,6 +25,41 @@ def test_philox_known_answers():
         0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
 
 
+def _counter_block(seed, c0, c1, c2, c3):
+    one = lambda v: torch.tensor([v], dtype=torch.long)  # noqa: E731
+    return [int(v) for v in ops.philox4x32_ref(seed, one(c0), one(c1), one(c2), one(c3))]
+
+
+def _uniform(r):
+    """Triton's uint_to_uniform_float, written out: r as int32, a negative one bit-flipped, times 2^-31."""
+    return float(torch.tensor((r ^ 0xFFFFFFFF) if r >= 2 ** 31 else r, dtype=torch.float32)
+                 * torch.tensor(4.6566127342e-10, dtype=torch.float32))
+
+
+def test_philox_counters_are_column_quad_row_sample_step_and_stream():
+    """The counter of normal (sample id s, row j, column 4q + k) is (q, j, s, step * 16 + stream), keyed by
+    the seed (the issue's layout): r0, r1 and r2, r3 go through Box-Muller to columns 4q, 4q + 1 and
+    4q + 2, 4q + 3 (cos, sin). A cloud radius j >= N // 2 is radius * U of row j, stream 2, column 0."""
+    seed, step, sid = 123456789, 7, torch.tensor([5, 42])
+    a = ops.philox_normal_ref(seed, step, ops.STREAM_CLOUD_XI, sid, 6, 11)
+    for b, j, q in [(0, 0, 0), (1, 4, 2), (0, 5, 1)]:
+        r = _counter_block(seed, q, j, int(sid[b]), step * 16 + ops.STREAM_CLOUD_XI)
+        for pair, (r_a, r_b) in enumerate(((r[0], r[1]), (r[2], r[3]))):
+            u1, u2 = max(_uniform(r_a), 1e-7), _uniform(r_b)
+            rad, th = math.sqrt(-2 * math.log(u1)), 2 * math.pi * u2
+            for k, want in enumerate((rad * math.cos(th), rad * math.sin(th))):
+                col = 4 * q + 2 * pair + k
+                if col < 11:
+                    assert float(a[b, j, col]) == pytest.approx(want, rel=1e-5, abs=1e-5), (b, j, col)
+    from manifoldgd_fast.noise import official_cloud_radii
+
+    radii = official_cloud_radii(0.5, seed=seed, step=step, n_points=10, sample_ids=sid)
+    for b in range(2):
+        for j in range(5, 10):
+            u = _uniform(_counter_block(seed, 0, j, int(sid[b]), step * 16 + ops.STREAM_CLOUD_RADIUS)[0])
+            assert float(radii[b, j]) == pytest.approx(0.5 * u, rel=1e-6), (b, j)
+
+
 def test_philox_normal_reference_layout():
     """A value depends on (seed, step, stream, sample, row, col) only: not on D, rows drawn or the batch."""
     sid = torch.tensor([3, 9])
