@@ -480,15 +480,30 @@ def test_a_cache_file_of_another_class_is_not_taken(tmp_path, root, vae):
     assert not stats["Cat"]["cached"] and L.load_class_latents(cache, "Cat")[0].shape[0] == 3
 
 
-def test_cache_is_stale_when_an_image_or_the_vae_weights_change(tmp_path, root, vae):
-    """The same file names are not enough: a rewritten image re-encodes its class, and other VAE weights
-    (same config, same folder name) re-encode every class."""
+def _filled_cache(tmp_path, root, vae):
+    """Every class of ``root`` encoded by ``vae`` into a fresh cache: (entries, cache, cache_latents keywords,
+    cat's latents)."""
     entries = D.scan_image_folder(str(root))
     cache = str(tmp_path / "cache")
     kw = dict(cache_dir=cache, image_size=SIZE, batch_size=2, progress=False, num_workers=0)
     with pytest.warns(UserWarning):
         L.cache_latents(entries, vae, **kw)
-    cat_before = L.load_class_latents(cache, "cat")[0]
+    return entries, cache, kw, L.load_class_latents(cache, "cat")[0]
+
+
+def _vae_like(vae, **config):
+    """A tiny VAE (the fixture's config, ``config`` overriding it) holding ``vae``'s weights."""
+    other = M.build_vae(dict(M.tiny_vae_config(sample_size=SIZE), **config))
+    with torch.no_grad():
+        for (_, a), (_, b) in zip(sorted(other.state_dict().items()), sorted(vae.state_dict().items())):
+            a.copy_(b)
+    return other
+
+
+def test_cache_is_stale_when_an_image_or_the_vae_weights_change(tmp_path, root, vae):
+    """The same file names are not enough: a rewritten image re-encodes its class, and other VAE weights
+    (same config, same folder name) re-encode every class."""
+    entries, cache, kw, cat_before = _filled_cache(tmp_path, root, vae)
 
     _img(str(root / "cat" / "1.png"), seed=123)                        # same name, other pixels
     st = os.stat(root / "cat" / "1.png")
@@ -499,10 +514,8 @@ def test_cache_is_stale_when_an_image_or_the_vae_weights_change(tmp_path, root, 
     cat_after = L.load_class_latents(cache, "cat")[0]
     assert torch.equal(cat_after[0], cat_before[0]) and not torch.equal(cat_after[1], cat_before[1])
 
-    other = M.build_vae(M.tiny_vae_config(sample_size=SIZE))
+    other = _vae_like(vae)
     with torch.no_grad():
-        for (_, a), (_, b) in zip(sorted(other.state_dict().items()), sorted(vae.state_dict().items())):
-            a.copy_(b)
         next(other.parameters()).mul_(1.5)
     assert L.weights_digest(other) != L.weights_digest(vae) and L.weights_digest(CountingVAE(vae)) == L.weights_digest(vae)
     with pytest.warns(UserWarning):
@@ -523,17 +536,8 @@ def test_encode_images_scales_by_the_vaes_own_scaling_factor():
 def test_cache_is_stale_when_only_the_scaling_factor_changes(tmp_path, root, vae):
     """Same weights (same digest), same images, another scaling_factor in the VAE's config: every class is
     encoded again, and the new latents are the old ones rescaled."""
-    entries = D.scan_image_folder(str(root))
-    cache = str(tmp_path / "cache")
-    kw = dict(cache_dir=cache, image_size=SIZE, batch_size=2, progress=False, num_workers=0)
-    with pytest.warns(UserWarning):
-        L.cache_latents(entries, vae, **kw)
-    cat_before = L.load_class_latents(cache, "cat")[0]
-
-    rescaled = M.build_vae(dict(M.tiny_vae_config(sample_size=SIZE), scaling_factor=0.5))
-    with torch.no_grad():
-        for (_, a), (_, b) in zip(sorted(rescaled.state_dict().items()), sorted(vae.state_dict().items())):
-            a.copy_(b)
+    entries, cache, kw, cat_before = _filled_cache(tmp_path, root, vae)
+    rescaled = _vae_like(vae, scaling_factor=0.5)
     assert L.weights_digest(rescaled) == L.weights_digest(vae) and rescaled.config.scaling_factor == 0.5
     counting = CountingVAE(rescaled)
     with pytest.warns(UserWarning):
