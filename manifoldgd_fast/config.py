@@ -312,7 +312,8 @@ class DistillConfig:
         elif self.steps < 2:
             hint = "; it guides no step of a 1-step run: give --steps 2 or more"
         else:
-            hint = f"; give a --t-stop below {self.steps - 1}, e.g. --t-stop {suggest_t_stop(self.formulation, self.steps)}"
+            hint = (f"; give a --t-stop below {self.steps - 1}, e.g. --t-stop "
+                    f"{suggest_t_stop(self.formulation, self.steps)}")
         raise ConfigError(f"{what}: the guidance acts on no step with {given} and --steps {self.steps} "
                           f"({self.formulation} formulation: {rule}){hint}")
 
