@@ -179,6 +179,18 @@ def test_official_medoids_are_member_latents():
         assert int(leaf[torch.argmin(d)]) in idx
 
 
+def test_medoid_is_searched_within_its_own_set():
+    """A leaf's medoid is its own member closest to its mean (the release's argmin over X2[idx]), even
+    when a row of another leaf lies nearer that mean: a crescent-shaped leaf whose mean falls in the gap."""
+    from manifoldgd_fast._modes_common import _set_modes
+    x = torch.tensor([[-1.0, 0.0], [0.0, 1.0], [1.0, 0.0],   # leaf 0: mean (0, 1/3)
+                      [0.0, 0.3], [5.0, 5.0], [4.0, 4.0]])    # leaf 1: (0, 0.3) sits next to leaf 0's mean
+    modes = _set_modes(x, [torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5])], "medoid")
+    assert torch.equal(modes[0], x[1])  # not x[3], the nearer non-member
+    assert torch.equal(modes[1], x[5])  # leaf 1's mean is (3, 3.1)
+    assert torch.equal(_set_modes(x, [torch.tensor([0, 1, 2])], "mean")[0], x[:3].mean(0))
+
+
 def caterpillar(dim=4, seed=0):
     """Blobs on a line at 0, 100, 110, 111: the tree is root -> {A, rest},
     rest -> {B, rest'}, rest' -> {C, D}, so leaf depths are A:1, B:2, C:3, D:3."""
