@@ -118,6 +118,19 @@ def test_kmeans_n_init_keeps_lowest_inertia():
     assert best <= singles[0] + 1e-9
 
 
+@pytest.mark.parametrize("tol", [0.05, 0.5])
+def test_kmeans_tol_is_relative_to_the_data_variance(tol):
+    """sklearn's rule: stop when the centre shift falls below tol x the mean feature variance, so
+    k-means is scale-equivariant at any tol (scaling by a power of two is exact in floating point);
+    an absolute tol would stop the 2^-10-scaled run early and let the 2^10 one run on."""
+    z = torch.randn(300, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    cen, lab = kmeans(z, 8, seed=4, tol=tol)
+    assert not torch.equal(lab, kmeans(z, 8, seed=4, tol=0.0)[1])  # the tol does stop this run early
+    for c in (2.0 ** 10, 2.0 ** -10):
+        cen_c, lab_c = kmeans(z * c, 8, seed=4, tol=tol)
+        assert torch.equal(cen_c, cen * c) and torch.equal(lab_c, lab)
+
+
 @pytest.mark.parametrize("iters", [1, 20])
 def test_lloyd_reseeds_empty_cluster_with_farthest_point_as_sklearn(iters):
     from sklearn.cluster import KMeans
