@@ -130,6 +130,10 @@ class CGS:
         if sets < 1 or (sets > 1 and class_mean.shape[0] != sets):
             raise ConfigError(f"CGS with {sets} sets needs one class mean per set ({sets}, ...), "
                               f"got {tuple(class_mean.shape)}")
+        for name, val, lo in (("eta_dpp", eta_dpp, 0.0), ("eta_dm", eta_dm, 0.0), ("eps", eps, None)):
+            ok = isinstance(val, (int, float)) and math.isfinite(val) and (val > 0 if lo is None else val >= lo)
+            if not ok:
+                raise ConfigError(f"CGS {name} must be a finite number {'> 0' if lo is None else '>= 0'}, got {val!r}")
         self.mu = class_mean.float()
         self.sets = int(sets)
         self.eta_dpp, self.eta_dm, self.eps = float(eta_dpp), float(eta_dm), float(eps)

@@ -131,6 +131,14 @@ def test_correction_names_the_bad_tensor():
         cgs.correction(x, x[:2], 0.5)
     with pytest.raises(ConfigError, match="16 values per sample"):
         cgs.correction(torch.randn(3, 4, 3, 3), torch.randn(3, 4, 3, 3), 0.5)
+    # the Python API checks what the config checks for the CLI: a negative step was skipped, eps 0 factored
+    for kw, msg in ((dict(eta_dpp=-1.0), "CGS eta_dpp must be a finite number >= 0, got -1.0"),
+                    (dict(eta_dm=float("nan")), "CGS eta_dm must be a finite number >= 0, got nan"),
+                    (dict(eps=0.0), "CGS eps must be a finite number > 0, got 0.0"),
+                    (dict(eps="1e-3"), "CGS eps must be a finite number > 0, got '1e-3'")):
+        with pytest.raises(ConfigError, match=msg):
+            CGS(torch.zeros(4), **{"eta_dpp": 0.1, "eta_dm": 0.1, **kw})
+    CGS(torch.zeros(4), eta_dpp=0, eta_dm=0.0, eps=1)   # zero steps and int values are fine
 
 
 def test_losses_match_a_direct_transcription():
@@ -155,7 +163,8 @@ def _abar(schedule, i):
 @pytest.mark.parametrize("sampler,formulation,method", [
     ("ddpm", "official", "dit"), ("ddpm", "official", "manifoldgd"), ("ddim", "official", "mgd3"),
     ("ddpm", "paper", "mgd3"), ("ddim", "paper", "manifoldgd")])
-def test_one_cgs_step_is_spec5_on_the_models_own_x0(sampler, formulation, method):
+@pytest.mark.parametrize("B", [2, 4])
+def test_one_cgs_step_is_spec5_on_the_models_own_x0(sampler, formulation, method, B):
     """One denoise_step with CGS minus the same step without it is -(eta_dpp dL_dpp/dx0 + eta_dm dL_dm/dx_t),
     from the autograd references, with x0 the model's own CFG prediction (before any guidance), x_t the
     step's input and alpha_bar of the step's own timestep: on every sampler and formulation."""
@@ -163,13 +172,13 @@ def test_one_cgs_step_is_spec5_on_the_models_own_x0(sampler, formulation, method
     from manifoldgd_fast.guidance import Guidance
     from manifoldgd_fast.sampler import Sampling, cfg_forward, denoise_step
 
-    steps, B = 6, 4
+    steps = 6
     model = build_dit(tiny_dit_config(num_classes=3, sample_size=8), seed=1)
     sched = make_schedule(steps, sampler)
     # step i = 3 of 6 is guided under both formulations with these t_stop
     cfg = DistillConfig(method=method, formulation=formulation, sampler=sampler, steps=steps, ipc=B,
                         t_stop=1 if formulation == "official" else 4, eta_dpp=0.7, eta_dm=0.3, cgs=True,
-                        lambda_m=5.0, manifold_scale=5.0).resolve(10, "cpu")   # strong guidance: x0 moves
+                        dpp_eps=0.5, lambda_m=5.0, manifold_scale=5.0).resolve(10, "cpu")   # strong guidance: x0 moves
     run = Sampling(model, sched, 3, cfg_scale=4.0, formulation=formulation)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(B, 4, 8, 8, generator=g)
@@ -194,7 +203,7 @@ def test_one_cgs_step_is_spec5_on_the_models_own_x0(sampler, formulation, method
     abar = _abar(sched, i)
     eps = cfg_forward(model, x, sched.timesteps[i], y, null_class=3, cfg_scale=4.0)[:, :4]
     x0 = (x - (1 - abar) ** 0.5 * eps) / abar ** 0.5
-    want = -(0.7 * dpp_grad_ref(x0.double(), cfg.dpp_eps) + 0.3 * dm_grad_ref(x.double(), mu.double(), abar))
+    want = -(0.7 * dpp_grad_ref(x0.double(), 0.5) + 0.3 * dm_grad_ref(x.double(), mu.double(), abar))
     got = (step(True) - step(False)).double()
     torch.testing.assert_close(got, want, atol=1e-3 * float(want.abs().max()), rtol=1e-3)
 

@@ -225,6 +225,34 @@ def test_emulated_graphs_replay_the_eager_loop_for_every_class(model, one_thread
     assert len(fast._sets) == 1 and fast.cuda_graph is not False   # one capture, no eager fallback
 
 
+def test_emulated_graphs_recapture_when_the_cgs_settings_change(model, one_thread, monkeypatch):
+    """The CGS step sizes, ridge and steps are baked into a captured step: a sampler that meets other
+    settings (a library calling it with several CGS objects) captures anew, never replays stale ones;
+    another class mean of the same shape is a static buffer and replays."""
+    from manifoldgd_fast.cgs import CGS
+
+    if triton_interpreting():
+        pytest.skip("make_fx (the emulated capture) cannot trace the interpreter's raw-storage reads")
+    emulate_cuda_graphs(monkeypatch)
+    run = Sampling(model, make_schedule(6, "ddpm"), NULL, cfg_scale=4.0)
+    zero, one = torch.zeros(4, 8, 8), torch.ones(4, 8, 8)
+    fast = FastSampler(run, cuda_graph=True)
+    settings = [dict(eta_dpp=1.0, eta_dm=0.1), dict(eta_dpp=500.0, eta_dm=0.1), dict(eta_dpp=1.0, eta_dm=1.5),
+                dict(eta_dpp=1.0, eta_dm=1.5, eps=0.5), dict(eta_dpp=1.0, eta_dm=1.5, eps=0.5, steps=[5])]
+    outs = []
+    for n, (mu, kw) in enumerate([(zero, k) for k in settings] + [(one, settings[-1])]):
+        got = want = None
+        for j, sampler in enumerate((fast, FastSampler(run, cuda_graph=False))):
+            gens = _gens(range(3))
+            x_T = torch.stack([torch.randn(4, 8, 8, generator=g) for g in gens])
+            out = sampler.sample(x_T, torch.full((3,), 1), gens, cgs=CGS(mu, **kw))[0]
+            got, want = (out, want) if j == 0 else (got, out)
+        assert torch.equal(got, want), kw
+        outs.append(got)
+        assert len(fast._sets) == min(n + 1, len(settings))   # a capture per setting; the last mean replays
+    assert all(not torch.equal(a, b) for a, b in zip(outs, outs[1:]))
+
+
 def test_graph_emulation_refuses_what_capture_cannot_take():
     """The emulation's own check: a data-dependent shape or a random draw in a step is refused."""
     from torch.fx.experimental.proxy_tensor import make_fx
