@@ -55,8 +55,8 @@ def _setup(model, *, method="manifoldgd", formulation="official", sampler="ddpm"
         x_T = torch.stack([torch.randn(4, 8, 8, generator=gg, device=device) for gg in gens])
         gd = None
         if method in ("manifoldgd", "mgd3"):
-            gd = Guidance(cfg, sched, modes.view(B, 4, 8, 8), gens, noise_seed=7, sample_ids=[5 * b + 1 + 100 * seed for b in range(B)],
-                          **kw)
+            gd = Guidance(cfg, sched, modes.view(B, 4, 8, 8), gens, noise_seed=7,
+                          sample_ids=[5 * b + 1 + 100 * seed for b in range(B)], **kw)
         cg = None
         if cgs:
             from manifoldgd_fast.cgs import CGS
