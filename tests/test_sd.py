@@ -420,7 +420,7 @@ def test_bench_sd_tiny_runs_on_cpu(tmp_path):
 
 # ---------------------------------------------------------------------------- outputs, prompts and loading, in detail
 def test_same_seed_same_bytes_and_output_size_is_a_pil_bicubic_resize(sd_world, tmp_path):
-    """Two runs with one seed write identical PNGs (another seed: other PNGs); --output-size writes
+    """Two runs with one seed write identical PNGs (another seed or --negative-prompt: other PNGs); --output-size writes
     PIL's bicubic resize of the native decode."""
     def run(out, *extra):
         assert main(sd_args(sd_world, tmp_path / out, "--no-contact-sheet", *extra)) == 0
@@ -429,6 +429,8 @@ def test_same_seed_same_bytes_and_output_size_is_a_pil_bicubic_resize(sd_world, 
     a, b = run("a"), run("b")
     assert a == b
     assert run("seed1", "--seed", "1") != a
+    assert run("neg", "--negative-prompt", "blurry photo") != a      # the CLI's prompt reaches the CFG null row
+    assert json.loads((tmp_path / "neg" / "manifest.json").read_text())["negative_prompt"] == "blurry photo"
     run("big", "--output-size", "24")
     for c in CLASSES:
         with Image.open(tmp_path / "a" / c / "0.png") as im:

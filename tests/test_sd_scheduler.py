@@ -41,6 +41,26 @@ def test_ddim_matches_diffusers_stable_diffusion_pipeline(sd_world, sd_denoiser)
     assert float(s.alphas_cumprod_prev[0]) == pytest.approx(1 - 0.00085, abs=1e-7)
 
 
+def test_negative_prompt_is_the_cfg_null_row_as_diffusers(sd_world, sd_denoiser):
+    """--negative-prompt: the CFG null row is its embedding, as diffusers' negative_prompt= (DDIM, same UNet,
+    noise and prompts), and it moves the samples away from the empty prompt's."""
+    from diffusers import DDIMScheduler
+
+    neg = "blurry photo of a cat"
+    den = SD.load_sd_denoiser(sd_world["model"], {0: "a photo of a cherry", 1: "a photo of a dog"}, negative_prompt=neg)
+    pipe = sd_pipe(sd_world["model"])
+    pipe.scheduler = DDIMScheduler.from_pretrained(sd_world["model"], subfolder="scheduler")
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = pipe(["a photo of a dog", "a photo of a cherry"], negative_prompt=[neg] * 2, num_inference_steps=8,
+                   guidance_scale=7.5, latents=x_T.clone(), output_type="latent", height=16, width=16).images
+    s = make_schedule(8, "ddim", **den.schedule_kwargs)
+    ours = sample(den, s, x_T, torch.tensor([1, 0]), null_class=2, cfg_scale=7.5, cfg_channels="all")
+    torch.testing.assert_close(ours, ref, atol=2e-5, rtol=2e-5)
+    empty = sample(sd_denoiser, s, x_T, torch.tensor([1, 0]), null_class=2, cfg_scale=7.5, cfg_channels="all")
+    assert (ours - empty).abs().max() > 1e-1
+
+
 @pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
 def test_ddpm_matches_diffusers_scheduler_loop(sd_world, sd_denoiser, variance):
     """SD has no learned sigma: DDPM uses DDPMScheduler's fixed-small (posterior) variance over the
