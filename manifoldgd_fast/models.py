@@ -43,14 +43,20 @@ def _weight_files(folder: str) -> list[str]:
 def weights_variant(folder: str, stems: tuple[str, ...] = ("diffusion_pytorch_model",)) -> str | None:
     """The variant (``fp16``, ...) of a folder that holds only variant weights (``<stem>.fp16.safetensors``,
     as ``from_pretrained(..., variant="fp16")`` caches them), else None: such a folder loads only when
-    the variant is named. ``stems``: the weight file names of the library (transformers: model, pytorch_model)."""
+    the variant is named. Of several (``ema`` and ``fp16``), fp16, else the first by name; which one loads
+    is logged. ``stems``: the weight file names of the library (transformers: model, pytorch_model)."""
     names = os.listdir(folder)
     alt = "|".join(re.escape(s) for s in stems)
     if any(re.match(rf"^({alt})(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$", n) for n in names):
         return None
     tagged = re.compile(rf"^({alt})\.(\w+?)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
     found = sorted({m.group(2) for n in names if (m := tagged.match(n))})
-    return found[0] if found else None
+    if not found:
+        return None
+    pick = "fp16" if "fp16" in found else found[0]
+    others = f" (it also holds {', '.join(v for v in found if v != pick)})" if len(found) > 1 else ""
+    log.info("%s holds only variant weights: loading the %s variant%s", folder, pick, others)
+    return pick
 
 
 def _damaged_file(files: list[str]) -> tuple[str, str] | None:
@@ -114,10 +120,12 @@ def _load_from_folder(cls, folder: str, flag: str, arg: str, dtype: torch.dtype)
                          "(diffusion_pytorch_model.safetensors)")
     # Without accelerate diffusers would warn on every load that it falls back.
     low_mem = importlib.util.find_spec("accelerate") is not None
+    # .bin weights alone: said up front, or diffusers prints that it found no .safetensors and falls back
+    pickled = not any(w.endswith((".safetensors", ".safetensors.index.json")) for w in weights)
     try:
         model, info = cls.from_pretrained(folder, torch_dtype=dtype, local_files_only=True,
                                           low_cpu_mem_usage=low_mem, output_loading_info=True,
-                                          variant=weights_variant(folder))
+                                          variant=weights_variant(folder), use_safetensors=False if pickled else None)
     except Exception as e:  # diffusers raises OSError/ValueError/RuntimeError/SafetensorError
         bad = _damaged_file(weights)
         if bad is not None:

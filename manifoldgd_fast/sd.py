@@ -236,20 +236,21 @@ def _check_layout(root: str, arg: str, flag: str) -> None:
     embedding (``class_embed_type`` / ``num_class_embeds``: the x4 upscaler, unCLIP) or a guidance
     embedding (``time_cond_proj_dim``: LCM-distilled UNets). A damaged
     unet/config.json is left to the loaders, which name it."""
-    for sub in SUBFOLDERS:
-        if not os.path.isdir(os.path.join(root, sub)):
-            raise ModelError(f"{flag} {arg}: Stable Diffusion folder {root} has no {sub}/ ({LAYOUT})")
     try:
         with open(os.path.join(root, "unet", "config.json"), encoding="utf-8") as f:
             cfg = json.load(f)
     except (OSError, ValueError):
         cfg = None
     cfg = cfg if isinstance(cfg, dict) else {}
+    # SDXL first: its refiner has text_encoder_2/ but no text_encoder/, which is not a damaged SD 1.x folder
     if os.path.isdir(os.path.join(root, "text_encoder_2")) or cfg.get("addition_embed_type") is not None:
         why = (f"its UNet has addition_embed_type {cfg['addition_embed_type']!r}"
                if cfg.get("addition_embed_type") is not None else "it has a second text encoder (text_encoder_2/)")
         raise ModelError(f"{flag} {arg}: {root} is an SDXL-style model ({why}: pooled text and size / crop "
                          "conditioning), which the SD backbone does not give; it runs SD 1.x and 2.x")
+    for sub in SUBFOLDERS:
+        if not os.path.isdir(os.path.join(root, sub)):
+            raise ModelError(f"{flag} {arg}: Stable Diffusion folder {root} has no {sub}/ ({LAYOUT})")
     for key in ("class_embed_type", "num_class_embeds"):
         if cfg.get(key) is not None:
             raise ModelError(f"{flag} {arg}: {root}: its UNet sets {key} {cfg[key]!r} (a class or noise-level "

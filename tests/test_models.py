@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 
@@ -135,7 +136,26 @@ def test_load_from_hf_cache_layout(tmp_path, tiny_dit, tiny_vae):
     assert _same_weights(M.load_vae("org/tiny-dit", cache_dir=str(cache)), tiny_vae)
 
 
-def test_fp16_variant_only_folder_loads(tmp_path, tiny_dit, tiny_vae):
+def test_pickled_weights_load_without_diffusers_fallback_lines(tmp_path, tiny_dit, tiny_vae):
+    """A folder with .bin weights alone (older exports) loads, without diffusers' two warnings that it found
+    no .safetensors and falls back to pickle (on every load, on the user's terminal)."""
+    tiny_dit.save_pretrained(str(tmp_path / "m" / "transformer"), safe_serialization=False)
+    tiny_vae.save_pretrained(str(tmp_path / "m" / "vae"), safe_serialization=False)
+    assert sorted(os.listdir(tmp_path / "m" / "vae")) == ["config.json", "diffusion_pytorch_model.bin"]
+    seen = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    lib = logging.getLogger("diffusers")     # diffusers' own handler writes to stderr and does not propagate
+    lib.addHandler(handler)
+    try:
+        assert _same_weights(M.load_dit(str(tmp_path / "m")), tiny_dit)
+        assert _same_weights(M.load_vae(str(tmp_path / "m")), tiny_vae)
+    finally:
+        lib.removeHandler(handler)
+    assert not seen, seen
+
+
+def test_fp16_variant_only_folder_loads(tmp_path, tiny_dit, tiny_vae, caplog):
     """A folder (or HF cache) holding only ``diffusion_pytorch_model.fp16.safetensors``, as
     ``from_pretrained(..., variant="fp16")`` leaves it, loads: diffusers finds nothing unless the variant is named."""
     tiny_dit.save_pretrained(str(tmp_path / "m" / "transformer"), variant="fp16")
@@ -144,6 +164,12 @@ def test_fp16_variant_only_folder_loads(tmp_path, tiny_dit, tiny_vae):
     assert M.weights_variant(str(tmp_path / "m" / "vae")) == "fp16"
     assert _same_weights(M.load_dit(str(tmp_path / "m")), tiny_dit)
     assert _same_weights(M.load_vae(str(tmp_path / "m")), tiny_vae)
+    tiny_vae.save_pretrained(str(tmp_path / "m" / "vae"), variant="ema")    # of two variants fp16 loads, said
+    with caplog.at_level(logging.INFO, logger="manifoldgd_fast.models"):
+        assert M.weights_variant(str(tmp_path / "m" / "vae")) == "fp16"
+    assert "loading the fp16 variant (it also holds ema)" in caplog.text
+    os.remove(tmp_path / "m" / "vae" / "diffusion_pytorch_model.fp16.safetensors")
+    assert M.weights_variant(str(tmp_path / "m" / "vae")) == "ema"
     tiny_vae.save_pretrained(str(tmp_path / "m" / "vae"))                   # plain weights beside it win
     assert M.weights_variant(str(tmp_path / "m" / "vae")) is None
 

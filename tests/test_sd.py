@@ -537,17 +537,21 @@ def test_vae_that_does_not_fit_the_unet_is_one_line(sd_world, tmp_path, capsys, 
 @pytest.mark.parametrize("change, why", [
     ({"addition_embed_type": "text_time"}, "SDXL-style model (its UNet has addition_embed_type 'text_time'"),
     ("text_encoder_2", "SDXL-style model (it has a second text encoder (text_encoder_2/)"),
+    ("refiner", "SDXL-style model (it has a second text encoder (text_encoder_2/)"),
     ({"class_embed_type": "timestep"}, "its UNet sets class_embed_type 'timestep'"),
     ({"num_class_embeds": 1000}, "its UNet sets num_class_embeds 1000"),
     ({"time_cond_proj_dim": 256}, "its UNet sets time_cond_proj_dim 256 (a guidance-distilled model, e.g. LCM"),
-], ids=["sdxl-unet", "sdxl-folder", "upscaler", "class-embeds", "lcm"])
+], ids=["sdxl-unet", "sdxl-folder", "sdxl-refiner", "upscaler", "class-embeds", "lcm"])
 def test_unets_not_text_to_image_are_refused_before_loading(sd_world, tmp_path, capsys, monkeypatch, change, why):
     """SDXL (a second text encoder, or a UNet asking for pooled text and size / crop ids) and UNets with
     a class or noise-level input: refused from the configs, one line naming the folder, before any weights
-    load (the UNet would fail mid-sampling for want of added_cond_kwargs or class_labels)."""
+    load (the UNet would fail mid-sampling for want of added_cond_kwargs or class_labels). SDXL's refiner
+    (text_encoder_2/ alone) is named as SDXL, not as an SD folder missing its text_encoder/."""
     folder = sd_variant(sd_world, tmp_path)
     if change == "text_encoder_2":
         shutil.copytree(os.path.join(folder, "text_encoder"), os.path.join(folder, "text_encoder_2"))
+    elif change == "refiner":
+        os.rename(os.path.join(folder, "text_encoder"), os.path.join(folder, "text_encoder_2"))
     else:
         path = os.path.join(folder, "unet", "config.json")
         with open(path) as f:
