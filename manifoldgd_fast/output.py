@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
+from .data import IMAGE_EXTS
 from .errors import DataError
 
 log = logging.getLogger(__name__)
@@ -192,6 +194,14 @@ def encode_png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def class_done(out: str, name: str) -> bool:
     """Whether ``out/<name>/`` is a finished class (it holds the done mark)."""
     return os.path.isfile(os.path.join(out, name, DONE_MARK))
@@ -236,24 +246,81 @@ class OutputWriter:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
         os.makedirs(tmp)
+        record = dict(info, files={})   # the done mark also lists what was written, which a resume checks
         for i, img in enumerate(images):
+            data = encode_png(img)
+            record["files"][f"{i}.png"] = hashlib.sha256(data).hexdigest()
             with open(os.path.join(tmp, f"{i}.png"), "wb") as f:
-                f.write(encode_png(img))
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())  # the folder is renamed into place only over files that are on disk
         if latents is not None:
             blob = st_save({"latents": latents.detach().float().cpu().contiguous()},
                            metadata={"class": name})
+            record["latents_sha256"] = hashlib.sha256(blob).hexdigest()
             atomic_write_bytes(os.path.join(self.out, LATENTS_DIR, f"{name}.safetensors"), blob)
         with open(os.path.join(tmp, DONE_MARK), "w", encoding="utf-8") as f:
-            json.dump(info, f, sort_keys=True)
+            json.dump(record, f, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
 
     def read_class_info(self, name: str) -> dict[str, Any]:
+        """A finished class's stats, as its done mark keeps them (without its files' digests)."""
         with open(os.path.join(self.class_dir(name), DONE_MARK), encoding="utf-8") as f:
-            return json.load(f)
+            info = json.load(f)
+        if not isinstance(info, dict):
+            raise DataError(f"{os.path.join(self.class_dir(name), DONE_MARK)} is damaged (not a JSON object)")
+        info.pop("files", None)
+        info.pop("latents_sha256", None)
+        return info
+
+    def damaged(self, name: str) -> str | None:
+        """What is wrong with finished class ``name`` (None: nothing): its done mark unreadable, or an image or
+        its latents file missing, changed (sha256) or added since the run wrote them. A class finished before
+        the done mark listed its files (no ``files``) is not compared."""
+        folder = self.class_dir(name)
+        mark = os.path.join(folder, DONE_MARK)
+        try:
+            with open(mark, encoding="utf-8") as f:
+                info = json.load(f)
+        except (OSError, ValueError) as e:
+            return f"its {DONE_MARK} cannot be read ({type(e).__name__})"
+        files = info.get("files") if isinstance(info, dict) else None
+        if not isinstance(info, dict) or not isinstance(files, (dict, type(None))):
+            return f"its {DONE_MARK} is not the record a run writes"
+        if files is None:
+            return None
+        present = {f for f in os.listdir(folder) if not f.startswith(".")}
+        for fname in sorted(files, key=lambda f: (len(f), f)):   # 0.png, 1.png, ..., 10.png
+            if fname not in present:
+                return f"{name}/{fname} is missing"
+            if _sha256(os.path.join(folder, fname)) != files[fname]:
+                return f"{name}/{fname} is not the file the run wrote (its sha256 differs)"
+        added = sorted(f for f in present - set(files) if os.path.splitext(f)[1].lower() in IMAGE_EXTS)
+        if added:
+            return f"{name}/{added[0]} is not one of the run's images"
+        if info.get("latents_sha256") is not None:
+            lat = os.path.join(LATENTS_DIR, f"{name}.safetensors")
+            if not os.path.isfile(os.path.join(self.out, lat)):
+                return f"{lat} is missing"
+            if _sha256(os.path.join(self.out, lat)) != info["latents_sha256"]:
+                return f"{lat} is not the file the run wrote (its sha256 differs)"
+        return None
+
+    def check_finished(self, names: Iterable[str]) -> None:
+        """DataError naming the first damaged class of the finished ones among ``names`` (in their order)
+        and the way out; the classes are read on a few threads (hashlib releases the GIL)."""
+        done = [n for n in names if self.is_done(n)]
+        if not done:
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(8, len(done))) as pool:
+            for name, why in zip(done, pool.map(self.damaged, done)):
+                if why is not None:
+                    raise DataError(f"--out {self.out}: finished class {name} is damaged: {why}; delete "
+                                    f"{self.class_dir(name)} to sample it again (the other classes resume)")
 
     def sweep_temps(self, classes: Iterable[str] | None = None, files: Iterable[str] = ()) -> list[str]:
         """Remove what killed runs left in ``OUT``: unfinished class folders ``.<class>.tmp-<pid>/`` and

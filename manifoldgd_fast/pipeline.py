@@ -365,6 +365,7 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
         run = cfg.resolve(len(pre["entries"]), pre["device"], backbone=pre["backbone"], schedule_kw=pre["schedule_kw"])
         checked.append(_refuse_other_run(cfg.out, fingerprint_fields(run, pre["entries"]), pre["weights"],
                                          pre["entries"]))
+        OutputWriter(cfg.out).check_finished(e.name for e in pre["entries"])  # what a resume keeps is as written
 
     ctx = prepare(cfg, shard=shard, per_class=cfg.ipc, done=functools.partial(class_done, os.path.abspath(cfg.out)),
                   before_cache=same_run)
@@ -510,6 +511,8 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
         #                    classes were finished by then
         if shard.is_main and not shard.independent:
             with contextlib.suppress(Exception):
+                status.update(_class_status(writer, entries))   # with what the other ranks finished
+            with contextlib.suppress(Exception):
                 write_manifest(force=True)
         raise
     bar.close()
@@ -644,7 +647,8 @@ def write_contact_sheet(out: str, names: list[str], max_rows: int = 50, max_cols
         folder = os.path.join(out, name)
         if not os.path.isdir(folder):
             continue
-        files = sorted((f for f in os.listdir(folder) if f.endswith(".png")), key=lambda f: int(f.split(".")[0]))
+        files = sorted((f for f in os.listdir(folder) if f.endswith(".png") and f[:-4].isdigit()),
+                       key=lambda f: int(f[:-4]))
         rows.append([os.path.join(folder, f) for f in files[:max_cols]])
     if not rows:
         return ""
@@ -652,8 +656,13 @@ def write_contact_sheet(out: str, names: list[str], max_rows: int = 50, max_cols
     sheet = Image.new("RGB", (cols * tile, len(rows) * tile), (255, 255, 255))
     for r, files in enumerate(rows):
         for c, f in enumerate(files):
-            with Image.open(f) as im:
-                sheet.paste(im.convert("RGB").resize((tile, tile), Image.NEAREST), (c * tile, r * tile))
+            try:
+                with Image.open(f) as im:
+                    sheet.paste(im.convert("RGB").resize((tile, tile), Image.NEAREST), (c * tile, r * tile))
+            except (OSError, ValueError) as e:  # Pillow's errors do not name the file
+                why = (str(e).splitlines() or [type(e).__name__])[0]
+                raise DataError(f"contact sheet: cannot read {f} ({why}); delete {os.path.dirname(f)} to sample "
+                                "the class again") from None
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
     path = os.path.join(out, CONTACT_SHEET)

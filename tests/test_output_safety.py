@@ -385,3 +385,97 @@ def test_a_resume_into_another_run_is_refused_before_any_encoding(tiny_world, tm
     monkeypatch.setattr(latents, "cache_latents", lambda *a, **k: pytest.fail("encoded before the refusal"))
     line = _bad(tiny_world, tmp_path, _args(tiny_world, out, "--classes", "apple,banana", *args), capsys)
     assert "holds a run with other parameters" in line or "other data" in line, line
+
+
+@pytest.mark.parametrize("damage, why", [
+    ("rm 0/1.png", "banana/1.png is missing"),
+    ("cp 0/0.png 0/1.png", "banana/1.png is not the file the run wrote (its sha256 differs)"),
+    ("flip 0/0.png", "banana/0.png is not the file the run wrote (its sha256 differs)"),
+    ("truncate 0/1.png", "banana/1.png is not the file the run wrote (its sha256 differs)"),
+    ("cp 0/0.png 0/2.png", "banana/2.png is not one of the run's images"),
+    ("rm latents", "latents/banana.safetensors is missing"),
+    ("flip latents", "latents/banana.safetensors is not the file the run wrote (its sha256 differs)"),
+    ("mark {broken", "its .complete cannot be read (JSONDecodeError)"),
+    ("mark []", "its .complete is not the record a run writes"),
+])
+def test_a_resume_refuses_finished_classes_changed_since_they_were_written(tiny_world, tmp_path, capsys, monkeypatch,
+                                                                           damage, why):
+    """A finished class's done mark lists the sha256 of its images and latents: a rerun finds an image or
+    latents file deleted, replaced, bit-flipped, truncated or added (or the mark itself damaged) and stops
+    in one line naming the file and the way out, before encoding and with nothing written; a class that is
+    deleted as it says is sampled again, to the bytes of the uninterrupted run."""
+    from manifoldgd_fast import latents
+    from manifoldgd_fast.output import DONE_MARK
+
+    out = tmp_path / "out"
+    args = _args(tiny_world, out, "--classes", "apple,banana", "--method", "dit")
+    assert main(args) == 0
+    ref = _digest(out)
+    manifest = (out / "manifest.json").read_bytes()
+    what, _, where = damage.partition(" ")
+    if what == "mark":
+        (out / "banana" / DONE_MARK).write_text(where)
+    elif where == "latents":
+        lat = out / "latents" / "banana.safetensors"
+        if what == "rm":
+            lat.unlink()
+        else:
+            b = bytearray(lat.read_bytes())
+            b[-1] ^= 1
+            lat.write_bytes(bytes(b))
+    else:
+        src, dst = (where.split() + [None])[:2] if what == "cp" else (where, None)
+        src = out / "banana" / src.split("/")[1]
+        if what == "rm":
+            src.unlink()
+        elif what == "cp":
+            shutil.copyfile(src, out / "banana" / dst.split("/")[1])
+        elif what == "flip":
+            b = bytearray(src.read_bytes())
+            b[len(b) // 2] ^= 0x10
+            src.write_bytes(bytes(b))
+        else:
+            src.write_bytes(src.read_bytes()[:100])
+    unlocked = lambda: {k: v for k, v in _tree(out).items() if k != ".lock"}  # noqa: E731 (its text: pid, time)
+    before = unlocked()
+    with monkeypatch.context() as mp:
+        mp.setattr(latents, "cache_latents", lambda *a, **k: pytest.fail("encoded before the refusal"))
+        line = _bad(tiny_world, tmp_path, args, capsys)
+    assert f"finished class banana is damaged: {why}" in line, line
+    assert f"delete {out / 'banana'} to sample it again" in line
+    assert unlocked() == before and (out / "manifest.json").read_bytes() == manifest
+    shutil.rmtree(out / "banana")
+    assert main(args) == 0
+    assert _digest(out) == ref
+
+
+def test_the_manifest_keeps_the_stats_not_the_file_digests(tiny_world, tmp_path):
+    """The digests live in each class's done mark only (the manifest stays small at ImageNet scale)."""
+    from manifoldgd_fast.output import DONE_MARK
+
+    out = tmp_path / "out"
+    assert main(_args(tiny_world, out, "--classes", "apple", "--method", "dit")) == 0
+    mark = json.loads((out / "apple" / DONE_MARK).read_text())
+    assert sorted(mark["files"]) == ["0.png", "1.png"] and len(mark["latents_sha256"]) == 64
+    cls = json.loads((out / "manifest.json").read_text())["classes"]["apple"]
+    assert "files" not in cls and "latents_sha256" not in cls and cls["status"] == "done"
+
+
+def test_contact_sheet_names_an_unreadable_image(tmp_path):
+    """Classes finished before done marks listed their files are not compared by a resume: the contact sheet
+    then meets a damaged PNG, and says which (Pillow's error names no file); other PNG names are not the run's."""
+    import numpy as np
+
+    from manifoldgd_fast.errors import DataError
+    from manifoldgd_fast.output import encode_png
+    from manifoldgd_fast.pipeline import write_contact_sheet
+
+    (tmp_path / "a").mkdir()
+    for i in range(2):
+        noise = np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)   # PNG bytes past 100
+        (tmp_path / "a" / f"{i}.png").write_bytes(encode_png(noise))
+    (tmp_path / "a" / "notes.png").write_bytes(b"not one of the run's")
+    assert write_contact_sheet(str(tmp_path), ["a"], tile=4) == str(tmp_path / "contact_sheet.png")
+    (tmp_path / "a" / "1.png").write_bytes((tmp_path / "a" / "1.png").read_bytes()[:100])
+    with pytest.raises(DataError, match=r"contact sheet: cannot read .*a/1\.png \(.*\); delete .*a to sample"):
+        write_contact_sheet(str(tmp_path), ["a"], tile=4)

@@ -228,6 +228,17 @@ def test_the_manifest_is_rewritten_at_a_pace_and_on_the_way_out(tiny_world, tmp_
         _ for _ in ()).throw(KeyboardInterrupt) if name == "cherry" else real_write(self, name, *a, **k))
     assert main(_args(tiny_world, tmp_path / "c")) == 130
     assert writes[-1] == ["apple", "banana"]
+    # a run stopped part-way also names the classes other ranks finished (here: a class folder that appears
+    # on disk while this process samples, as another rank's would; torchrun's SIGTERM reaches every rank)
+    writes.clear()
+
+    def other_rank_then_stop(self, name, *a, **k):
+        real_write(self, "banana", np.zeros((2, 16, 16, 3), np.uint8), None, {"label": 1, "ipc": 2})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(OutputWriter, "write_class", other_rank_then_stop)
+    assert main(_args(tiny_world, tmp_path / "d")) == 130
+    assert writes[-1] == ["banana"]
 
 
 def test_python_api_and_config_file(tiny_world, tmp_path):
