@@ -145,6 +145,24 @@ class Shard:
             raise DataError(f"{', '.join(bad[:3])}{more} does not see what {whom} ({what}): every rank must see "
                             "the same --data and --out (a node whose mount is missing or stale?)")
 
+    def barrier_or_raise(self, err: BaseException | None) -> None:
+        """A barrier that also shares whether a rank met a user error (``err``, a ConfigError / DataError it
+        caught, or None): a rank that met one raises it, and the others the first, by rank, with its one line
+        (rank 0 refusing a locked OUT left the others to die at the next barrier with gloo's traceback)."""
+        if self.world <= 1 or self.independent:
+            if err is not None:
+                raise err
+            return
+        import torch.distributed as dist
+
+        got: list = [None] * self.world
+        dist.all_gather_object(got, None if err is None else (type(err).__name__, str(err)))
+        first = next((g for g in got if g is not None), None)
+        if err is not None:
+            raise err
+        if first is not None:
+            raise (ConfigError if first[0] == "ConfigError" else DataError)(first[1])
+
     def barrier(self) -> None:
         if self.world > 1 and not self.independent:
             import torch.distributed as dist

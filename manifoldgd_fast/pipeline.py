@@ -354,8 +354,12 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
     check_out(cfg.out, cfg.data)
     # OUT is locked before anything else: a second run on it stops at once (not after loading models and
     # encoding its share), and the finished classes are read under the lock, so they cannot go stale
-    _hold_out(os.path.abspath(cfg.out), shard, held)
-    shard.barrier()  # no rank reads which classes are finished before rank 0 holds OUT
+    err = None
+    try:
+        _hold_out(os.path.abspath(cfg.out), shard, held)
+    except (ConfigError, DataError) as e:
+        err = e
+    shard.barrier_or_raise(err)  # no rank reads which classes are finished before rank 0 holds OUT
 
     checked = []  # OUT's manifest (or None), as same_run read it
 

@@ -174,6 +174,47 @@ def test_a_rank_that_sees_other_data_stops_the_run_before_writing(world, tmp_pat
     assert not [c for c in CLASSES if (out / c).exists()]
 
 
+def test_a_locked_out_stops_every_rank_in_one_line(world, tmp_path):
+    """Rank 0 finds --out held by another run: every rank stops with that one line (rank 1 died at the next
+    barrier with a traceback from our code: gloo's "Connection closed by peer"), exit non-zero, nothing written."""
+    from manifoldgd_fast.output import RunLock
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+           "manifoldgd_fast", "distill", "--data", world["data"], "--model", world["model"], "--out", str(out),
+           "--cache-dir", os.path.join(world["root"], "cache"), "--ipc", "2", "--steps", "4", "--t-stop", "2"]
+    with RunLock(str(out)):
+        r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                           timeout=600)
+    assert r.returncode != 0
+    assert r.stderr.count(f"manifoldgd-fast: error: --out {out} is being written by another run") == 2, r.stderr[-3000:]
+    # (torchrun's launcher prints its own ChildFailedError traceback; none comes from our code)
+    assert "manifoldgd_fast/" not in r.stderr and "Connection closed" not in r.stderr, r.stderr[-3000:]
+    assert os.listdir(out) == [".lock"]
+
+
+def test_barrier_or_raise_gives_every_rank_the_first_error(monkeypatch):
+    import torch.distributed as dist
+
+    from manifoldgd_fast.distributed import Shard
+    from manifoldgd_fast.errors import ConfigError, DataError
+
+    def gathered(values):
+        def fake(out, obj):
+            out[:] = values
+        return fake
+
+    monkeypatch.setattr(dist, "all_gather_object", gathered([None, None, None]))
+    Shard(rank=1, world=3).barrier_or_raise(None)                    # no error: a barrier
+    monkeypatch.setattr(dist, "all_gather_object", gathered([None, ("ConfigError", "bad flag"), ("DataError", "x")]))
+    with pytest.raises(ConfigError, match="^bad flag$"):
+        Shard(rank=0, world=3).barrier_or_raise(None)
+    with pytest.raises(DataError, match="^own$"):                   # a rank with its own error raises it
+        Shard(rank=2, world=3).barrier_or_raise(DataError("own"))
+    with pytest.raises(DataError, match="^alone$"):                  # one process, or an independent shard
+        Shard().barrier_or_raise(DataError("alone"))
+
+
 def test_agree_names_the_odd_ranks_out_even_rank_0(monkeypatch):
     """The ranks that differ from the majority are named (from rank 0 on a tie), rank 0 included when it is the
     one whose mount is stale; every rank raises the same line."""
