@@ -57,6 +57,6 @@ setup(
                 "nvidia-cuda-nvrtc; sys_platform == 'linux' and platform_machine == 'x86_64'"],
         "bench": ["pytest-benchmark", "matplotlib"],
     },
-    entry_points={"console_scripts": ["manifoldgd-fast=manifoldgd_fast.cli:main"]},
+    entry_points={"console_scripts": ["manifoldgd-fast=manifoldgd_fast.cli:console"]},
     cmdclass={"build_py": BuildPy},
 )

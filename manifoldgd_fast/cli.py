@@ -325,22 +325,41 @@ class Terminated(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM raises :class:`Terminated` while the command runs (in the main thread, where no handler was set)."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:  # an embedding program's own handler stays
+def _signals_as_interrupt():
+    """While the command runs (in the main thread): SIGTERM raises :class:`Terminated`, Ctrl-C (SIGINT)
+    KeyboardInterrupt, as Python's own handler does; after the first, both are ignored, so that a second
+    Ctrl-C or SIGTERM does not cut the clean-up short (it left temp folders, aborted in C++ threads, or a
+    manifest behind the disk). A handler an embedding program set stays (each signal's own)."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
+    ours = {sig: exc for sig, exc, default in ((signal.SIGTERM, Terminated, signal.SIG_DFL),
+                                               (signal.SIGINT, KeyboardInterrupt, signal.default_int_handler))
+            if signal.getsignal(sig) is default}
+    before = {sig: signal.getsignal(sig) for sig in ours}
 
-    def on_term(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM does not cut the clean-up short
-        raise Terminated
+    def stop(signum, frame):
+        for sig in ours:
+            signal.signal(sig, signal.SIG_IGN)
+        raise ours[signum]
 
-    signal.signal(signal.SIGTERM, on_term)
+    for sig in ours:
+        signal.signal(sig, stop)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def console() -> None:
+    """The ``manifoldgd-fast`` script: :func:`main`, and after a stop by Ctrl-C or SIGTERM the exit with
+    both ignored (a second one during the interpreter's shutdown printed a traceback from an atexit hook)."""
+    code = main()
+    if code in (130, 128 + signal.SIGTERM):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(code)
 
 
 def _classes(n: int) -> str:
@@ -358,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: error: give a command: {', '.join(parser._subparsers._group_actions[0].choices)} "
               f"(see {parser.prog} --help; `{parser.prog} distill` runs the embedded demo)", file=sys.stderr)
         return 2
-    with _sigterm_as_interrupt():  # Slurm / torchrun / kill stop a run as Ctrl-C does: same clean-up
+    with _signals_as_interrupt():  # Slurm / torchrun / kill stop a run as Ctrl-C does: same clean-up
         try:
             if ns.command in ("eval", "metrics"):
                 from .eval import cli_eval

@@ -383,6 +383,57 @@ def test_ctrl_c_says_what_the_command_kept(command, kept, sigterm, monkeypatch, 
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
+@pytest.mark.parametrize("first, second", [("SIGINT", "SIGINT"), ("SIGINT", "SIGTERM"), ("SIGTERM", "SIGINT"),
+                                           ("SIGTERM", "SIGTERM")])
+def test_a_second_ctrl_c_or_sigterm_does_not_cut_the_clean_up_short(first, second, monkeypatch, capsys):
+    """The first Ctrl-C / SIGTERM stops the run; one more during its clean-up (a double Ctrl-C, Slurm's
+    second signal) is ignored, so the clean-up ends (it left a temp folder, a manifest behind the disk, or
+    aborted); the handlers are Python's own again after."""
+    import signal
+
+    from manifoldgd_fast import cli, pipeline
+
+    first, second = getattr(signal, first), getattr(signal, second)
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("this test process has its own SIGINT / SIGTERM handler, which main() leaves in place")
+    cleaned = []
+
+    def interrupted(*a, **k):
+        try:
+            signal.raise_signal(first)
+        finally:  # the run's clean-up (temp folders, the manifest, the lock)
+            signal.raise_signal(second)
+            cleaned.append(True)
+
+    monkeypatch.setattr(pipeline, "distill", interrupted)
+    monkeypatch.setattr(cli, "config_from_args", lambda ns: type("C", (), {"validate": lambda self: self,
+                                                                           "shard": None})())
+    assert main(["distill"]) == (130 if first == signal.SIGINT else 143)
+    assert cleaned == [True]
+    how = "interrupted" if first == signal.SIGINT else "terminated (SIGTERM)"
+    assert _one_line(capsys.readouterr().err) == f"manifoldgd-fast: {how}; finished classes are kept, rerun to resume"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_the_script_exits_with_further_signals_ignored(monkeypatch):
+    """`manifoldgd-fast` (cli.console): after a stop by a signal, the interpreter's shutdown ignores more."""
+    import signal
+
+    from manifoldgd_fast import cli
+
+    set_to = {}
+    monkeypatch.setattr(signal, "signal", lambda sig, handler: set_to.__setitem__(sig, handler))
+    for code, ignored in ((130, True), (143, True), (0, False), (2, False)):
+        set_to.clear()
+        monkeypatch.setattr(cli, "main", lambda: code)
+        with pytest.raises(SystemExit) as e:
+            cli.console()
+        assert e.value.code == code
+        assert set_to == ({signal.SIGINT: signal.SIG_IGN, signal.SIGTERM: signal.SIG_IGN} if ignored else {})
+
+
 # --------------------------------------------------------------------------- bad input found by a CLI fuzz (2026-12-06)
 @pytest.mark.parametrize("text, says", [
     (b"\xff\xfe ipc: 1\n", "not UTF-8 text (byte 0); a YAML or JSON file"),
