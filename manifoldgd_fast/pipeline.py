@@ -34,7 +34,8 @@ from . import classrun
 from .classrun import (_check_class, _prefetched_group, _receive, check_decoded, class_modes, distill_group,
                        load_modes, modes_file, read_modes)
 from .output import (CONTACT_SHEET, DONE_MARK, LOCK_NAME, MANIFEST, MANIFEST_LOCK, MODES_DIR, RESERVED_DIRS,
-                     OutputWriter, RunLock, atomic_write_bytes, class_done, lock_is_held, resize_images)
+                     OutputWriter, RunLock, atomic_write_bytes, class_done, lock_is_held, resize_images,
+                     sweep_stale_temps)
 from .finetune import read_finetune_record
 
 log = logging.getLogger(__name__)
@@ -703,6 +704,9 @@ def compute_modes(config: DistillConfig | dict) -> dict[str, str]:
         rcfg = cfg.resolve(len(ctx["entries"]), backbone=ctx["backbone"])
         for e in ctx["mine"]:
             _check_class(dataclasses.replace(rcfg, method="mgd3"), e.name, ctx["counts"][e.name])
+        if shard.is_main or shard.independent:  # no lock here: only temps no process has touched for an hour
+            for path in sweep_stale_temps(os.path.join(cfg.out, MODES_DIR)):
+                log.info("removed %s, left by a killed run", path)
         paths = {}
         for e in ctx["mine"]:
             fp = modes_fingerprint(rcfg, ctx["cache"], e.name)

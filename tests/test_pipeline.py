@@ -429,8 +429,14 @@ def test_cache_and_modes_commands(tiny_world, tmp_path):
     assert m.shape == (3, 4, 8, 8)
     # resumable: a rerun recomputes nothing
     before = {c: os.stat(tmp_path / "m" / "modes" / f"{c}.safetensors").st_mtime_ns for c in ("apple", "banana")}
+    # a killed run's temp (untouched for over an hour) is swept; a fresh one may be another run's write in flight
+    stale, fresh = tmp_path / "m" / "modes" / ".tmp-apple-1", tmp_path / "m" / "modes" / ".tmp-banana-2"
+    stale.write_bytes(b"half")
+    fresh.write_bytes(b"half")
+    os.utime(stale, (0, 0))
     assert main(["modes", *base, "--out", str(tmp_path / "m"), "--ipc", "3"]) == 0
     assert before == {c: os.stat(tmp_path / "m" / "modes" / f"{c}.safetensors").st_mtime_ns for c in before}
+    assert not stale.exists() and fresh.exists()
 
 
 def test_distill_from_precomputed_modes_gives_the_same_bytes(tiny_world, tmp_path, capsys):
