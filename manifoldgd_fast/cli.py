@@ -362,6 +362,25 @@ def console() -> None:
     sys.exit(code)
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation failure: the host's (MemoryError, torch's CPU allocator) or the GPU's
+    (torch.OutOfMemoryError), not any other RuntimeError."""
+    import torch
+
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return "DefaultCPUAllocator: can't allocate memory" in str(e) or "CUDA out of memory" in str(e)
+
+
+def _oom_line(e: BaseException) -> str:
+    text = str(e)
+    m = re.search(r"(?:tried|Tried) to allocate (?:(\d+) bytes|([\d.]+ ?[KMGT]?i?B))", text)
+    if m:
+        size = f"{int(m.group(1)) / 2 ** 30:.1f} GiB" if m.group(1) else m.group(2)
+        return f"{'CUDA' if 'CUDA' in text else 'host'}: tried to allocate {size}"
+    return type(e).__name__
+
+
 def _classes(n: int) -> str:
     return f"{n} class" if n == 1 else f"{n} classes"
 
@@ -430,6 +449,13 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as e:  # a full disk, a read-only or vanished folder: the file and the reason, no traceback
             where = f"{e.filename}: " if e.filename else ""
             print(f"manifoldgd-fast: error: {where}{e.strerror or e}", file=sys.stderr)
+            return 2
+        except (MemoryError, RuntimeError) as e:
+            if not _out_of_memory(e):
+                raise
+            kept = INTERRUPT_KEEPS.get(ns.command, "finished classes are kept")
+            print(f"manifoldgd-fast: error: out of memory ({_oom_line(e)}): lower --batch-size (distill: also "
+                  f"--class-batch; cache: --encode-batch-size); {kept}, rerun to resume", file=sys.stderr)
             return 2
         except KeyboardInterrupt as e:
             kept = INTERRUPT_KEEPS.get(ns.command, "finished classes are kept")

@@ -434,6 +434,35 @@ def test_the_script_exits_with_further_signals_ignored(monkeypatch):
         assert set_to == ({signal.SIGINT: signal.SIG_IGN, signal.SIGTERM: signal.SIG_IGN} if ignored else {})
 
 
+@pytest.mark.parametrize("error, says", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                  "tried to allocate 40000000000000 bytes. Error code 12 (Cannot allocate memory)"),
+     "out of memory (host: tried to allocate 37252.9 GiB)"),
+    ("cuda", "out of memory (CUDA: tried to allocate 20.00 GiB)"),
+    (MemoryError(), "out of memory (MemoryError)"),
+])
+def test_out_of_memory_is_one_line_with_the_way_out(error, says, monkeypatch, capsys):
+    """A --batch-size past the host's or the GPU's memory: one line saying so and which flags to lower (it was
+    torch's allocator traceback); any other RuntimeError still shows its traceback (a bug to report)."""
+    import torch
+
+    from manifoldgd_fast import cli, pipeline
+
+    if error == "cuda":
+        error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity "
+                                       "of 79.10 GiB of which 3.00 GiB is free.")
+    monkeypatch.setattr(pipeline, "distill", lambda cfg: (_ for _ in ()).throw(error))
+    monkeypatch.setattr(cli, "config_from_args", lambda ns: type("C", (), {"validate": lambda self: self,
+                                                                           "shard": None})())
+    assert main(["distill"]) == 2
+    assert _one_line(capsys.readouterr().err) == (f"manifoldgd-fast: error: {says}: lower --batch-size (distill: "
+                                                  "also --class-batch; cache: --encode-batch-size); finished "
+                                                  "classes are kept, rerun to resume")
+    monkeypatch.setattr(pipeline, "distill", lambda cfg: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["distill"])
+
+
 # --------------------------------------------------------------------------- bad input found by a CLI fuzz (2026-12-06)
 @pytest.mark.parametrize("text, says", [
     (b"\xff\xfe ipc: 1\n", "not UTF-8 text (byte 0); a YAML or JSON file"),
