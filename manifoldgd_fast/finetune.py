@@ -50,14 +50,16 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
     from .training import (Diffusion, disable_internal_label_dropout, ema_decay_at, ema_update, rsm_loss,
                            save_checkpoint)
 
-    for name, v, ok in (("--steps", steps, steps >= 1), ("--lr", lr, math.isfinite(lr) and lr > 0),
+    f32_max = float(torch.finfo(torch.float32).max)  # AdamW takes lr as a float32 (1e39 overflowed mid-run)
+    for name, v, ok in (("--steps", steps, steps >= 1), ("--lr", lr, math.isfinite(lr) and 0 < lr <= f32_max),
                         ("--batch-size", batch_size, batch_size >= 1),
                         ("--rsm-lambda", rsm_lambda, math.isfinite(rsm_lambda) and rsm_lambda >= 0),
                         ("--save-every", save_every, save_every >= 1), ("--seed", seed, seed >= 0),
                         ("--label-dropout", label_dropout, 0 <= label_dropout < 1),
                         ("--ema-decay", ema_decay, 0 <= ema_decay < 1), ("--grad-clip", grad_clip, grad_clip >= 0)):
         if not ok:
-            rule = {"--steps": ">= 1", "--batch-size": ">= 1", "--save-every": ">= 1", "--lr": "> 0 and finite",
+            rule = {"--steps": ">= 1", "--batch-size": ">= 1", "--save-every": ">= 1",
+                    "--lr": "> 0 and finite in float32",
                     "--rsm-lambda": ">= 0 and finite", "--grad-clip": ">= 0 (0: no clipping)",
                     "--seed": ">= 0"}.get(name, "in [0, 1)")
             raise ConfigError(f"{name} {v}: must be {rule}")
@@ -91,14 +93,19 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
     step = 0
     if os.path.isfile(work):
         try:
-            state = torch.load(work, map_location=dev, weights_only=False)
+            state = torch.load(work, map_location=dev, weights_only=True)   # tensors, numbers and strings only
             if not isinstance(state, dict) or not {"model", "ema", "opt", "step", "settings"} <= set(state):
                 raise ValueError("not a finetune checkpoint")
         except Exception as e:  # truncated (a full disk), foreign
             raise ConfigError(f"{work} is damaged ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}); "
                               "delete it to start the fine-tune over") from None
-        if state["settings"] != _settings(locals()):
-            raise ConfigError(f"{out} holds a fine-tune with other settings; use a new --out")
+        now = _settings(locals())
+        was = {k: _as_path(v) if k in PATH_SETTINGS else v for k, v in state["settings"].items()}
+        if was != now:
+            keys = [k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+            raise ConfigError(f"{out} holds a fine-tune with other settings ({', '.join(keys[:6])}: "
+                              f"{', '.join(f'{was.get(k)!r} then, {now.get(k)!r} now' for k in keys[:2])}); "
+                              "use a new --out")
         net.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
@@ -143,6 +150,10 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
                           "step": step, "settings": settings}, work)
         if stop and step < steps:
             return out
+    # the record goes first and comes back last: a kill in between leaves weights without a record (which
+    # --model refuses as an unfinished fine-tune), never another fine-tune's record over these weights
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(out, FINETUNE_RECORD))
     save_pretrained_folder(ema, os.path.join(out, "transformer"))
     save_pretrained_folder(ctx["vae"], os.path.join(out, "vae"))
     # what the folder was trained with: `distill --model OUT` records it in its manifest
@@ -185,15 +196,31 @@ def check_finetune_out(out: str, data: str, model: str) -> None:
 
 
 def read_finetune_record(model: str | None) -> dict | None:
-    """The settings a model folder was fine-tuned with (``finetune.json``), or None."""
+    """The settings a model folder was fine-tuned with (``finetune.json``), or None. A fine-tune's folder
+    with weights but no record was stopped while it wrote them: ModelError (rerun it to finish)."""
+    from .errors import ModelError
+
     path = os.path.join(str(model), FINETUNE_RECORD) if model else ""
     if not path or not os.path.isfile(path):
+        if path and os.path.isfile(os.path.join(str(model), "checkpoint.pt")) and \
+                os.path.isdir(os.path.join(str(model), "transformer")):
+            raise ModelError(f"--model {model} is a fine-tune stopped while it wrote its weights (checkpoint.pt, "
+                             f"no {FINETUNE_RECORD}): rerun its finetune command to finish it")
         return None
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, ValueError):
         return None
+
+
+PATH_SETTINGS = ("data", "model", "vae")
+
+
+def _as_path(v):
+    """A folder or file argument as an absolute path (the same folder by another spelling is the same
+    setting); a Hugging Face id, or None, as it is."""
+    return os.path.abspath(v) if isinstance(v, str) and os.path.exists(v) else v
 
 
 def _settings(scope: dict) -> dict:
@@ -203,7 +230,8 @@ def _settings(scope: dict) -> dict:
     # other than auto counts (auto's fine-tunes, checkpointed before the flag existed, stay resumable)
     lm = scope["label_map"]
     extra = {} if lm == "auto" else {"label_map": os.path.abspath(lm) if os.path.isfile(lm) else lm}
-    return {**{k: scope[k] for k in keys}, "ema_warmup": EMA_WARMUP, **extra}
+    return {**{k: _as_path(scope[k]) if k in PATH_SETTINGS else scope[k] for k in keys}, "ema_warmup": EMA_WARMUP,
+            **extra}
 
 
 def add_finetune_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

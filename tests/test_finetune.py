@@ -1,5 +1,6 @@
 """RSM fine-tuning: the L1 term's gradient, resume to the same weights, the result loads and samples."""
 import json
+import re
 import os
 import shutil
 
@@ -168,3 +169,111 @@ def test_grad_clip_zero_means_no_clipping(tiny_world, tmp_path):
                          for n, c in (("none", 0.0), ("huge", 1e30), ("tight", 1e-6)))
     assert all(torch.equal(none[k], huge[k]) for k in none)
     assert any(not torch.equal(none[k], tight[k]) for k in none)
+
+
+def _kw(world, **k):
+    return dict(data=world["data"], model=world["model"], cache_dir=os.path.join(world["root"], "cache"),
+                device="cpu", log=lambda *a: None, **k)
+
+
+def test_every_step_draws_the_documented_batch_and_the_ema_is_written(tiny_world, tmp_path, monkeypatch):
+    """Each step's latents (with replacement over every class), labels (dropped to the null class with
+    probability --label-dropout), t (uniform over 0 ... 999) and noise come from one generator seeded by
+    (seed, step), in that order; the folder's transformer/ holds the EMA weights, not the trained ones."""
+    from manifoldgd_fast import training
+    from manifoldgd_fast.config import derive_seed
+    from manifoldgd_fast.latents import encode_precision, latent_cache_dir, load_class_latents
+
+    seen, real = [], training.rsm_loss
+    monkeypatch.setattr(training, "rsm_loss", lambda m, d, x0, y, t, n, lam: (seen.append((x0, y, t, n)),
+                                                                             real(m, d, x0, y, t, n, lam))[1])
+    out = finetune(out=str(tmp_path / "a"), **_kw(tiny_world, steps=3, batch_size=64, label_dropout=0.5, seed=5))
+    assert len(seen) == 3
+    cache = latent_cache_dir(os.path.join(tiny_world["root"], "cache"), tiny_world["data"], tiny_world["model"], 16,
+                             encode_precision(torch.device("cpu"), torch.bfloat16))
+    Z = torch.cat([load_class_latents(cache, c)[0].half() for c in ("apple", "banana", "cherry")]).float()
+    Y = torch.tensor([0] * 12 + [1] * 12 + [2] * 12)
+    for step, (x0, y, t, n) in enumerate(seen):
+        g = torch.Generator().manual_seed(derive_seed(5, "finetune", step))
+        idx = torch.randint(36, (64,), generator=g)
+        assert torch.equal(x0, Z[idx])
+        assert torch.equal(t, torch.randint(0, 1000, (64,), generator=g))
+        assert torch.equal(n, torch.randn(x0.shape, generator=g))
+        drop = torch.rand(64, generator=g) < 0.5
+        assert torch.equal(y, torch.where(drop, torch.full_like(Y[idx], 3), Y[idx]))   # 3: the null class
+    ck = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    w = _weights(out)
+    assert all(torch.equal(w[k], ck["ema"][k]) for k in w)
+    assert any(not torch.equal(ck["ema"][k], ck["model"][k]) for k in w)
+
+
+def test_adamw_without_weight_decay_at_the_given_lr(tiny_world, tmp_path, monkeypatch):
+    made, real = [], torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: made.append(k) or real(*a, **k))
+    finetune(out=str(tmp_path / "a"), **_kw(tiny_world, steps=1, batch_size=2, lr=3e-4))
+    assert made == [{"lr": 3e-4, "weight_decay": 0.0}]
+
+
+def test_a_resume_names_the_settings_that_differ_and_takes_a_path_by_another_spelling(tiny_world, tmp_path,
+                                                                                       monkeypatch):
+    finetune(out=str(tmp_path / "a"), stop_after=1, **_kw(tiny_world, steps=3, batch_size=2))
+    with pytest.raises(ConfigError, match=r"holds a fine-tune with other settings \(lr: 0\.0001 then, 0\.0002 now\)"):
+        finetune(out=str(tmp_path / "a"), **_kw(tiny_world, steps=3, batch_size=2, lr=2e-4))
+    monkeypatch.chdir(os.path.dirname(tiny_world["data"]))     # --data given relative to another directory
+    kw = _kw(tiny_world, steps=3, batch_size=2)
+    kw["data"] = os.path.basename(tiny_world["data"])
+    assert finetune(out=str(tmp_path / "a"), **kw) == str(tmp_path / "a")
+    assert torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["step"] == 3
+
+
+def test_a_stop_between_checkpoints_checkpoints_its_steps(tiny_world, tmp_path):
+    finetune(out=str(tmp_path / "a"), stop_after=3, **_kw(tiny_world, steps=9, batch_size=2, save_every=5))
+    assert torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["step"] == 3
+
+
+@pytest.mark.parametrize("where, why", [("model", "is --model"), ("data", "inside --data"), ("lr", "--lr 1e+39")])
+def test_out_over_the_model_or_the_data_and_an_lr_past_float32_are_refused(tiny_world, tmp_path, where, why):
+    out = {"model": tiny_world["model"], "data": os.path.join(tiny_world["data"], "x")}.get(where, str(tmp_path / "o"))
+    with pytest.raises(ConfigError, match=re.escape(why)):
+        finetune(out=out, **_kw(tiny_world, steps=1, batch_size=2, **({"lr": 1e39} if where == "lr" else {})))
+
+
+def test_non_finite_ema_weights_with_a_finite_loss_are_caught(tiny_world, tmp_path, monkeypatch):
+    from manifoldgd_fast import training
+
+    def bad(ema, model, decay):
+        with torch.no_grad():
+            next(ema.parameters()).fill_(float("nan"))
+
+    monkeypatch.setattr(training, "ema_update", bad)
+    with pytest.raises(ConfigError, match="diverged by step 1"):
+        finetune(out=str(tmp_path / "a"), **_kw(tiny_world, steps=1, batch_size=2))
+    assert not (tmp_path / "a" / "transformer").exists()
+
+
+def test_weights_written_without_their_record_are_refused_until_the_rerun_finishes(tiny_world, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """A fine-tune into a folder that holds an earlier one's weights and record, killed after the new
+    transformer/ but before the new record: --model refuses the folder (the old record described other
+    weights, and its time embedding picks how they load); the rerun writes the record."""
+    from manifoldgd_fast import finetune as F
+
+    out = str(tmp_path / "ft")
+    finetune(out=out, **_kw(tiny_world, steps=2, batch_size=2, lr=2e-3))
+    os.unlink(os.path.join(out, "checkpoint.pt"))                   # a new fine-tune into the same folder
+    real = F.atomic_write_text
+    monkeypatch.setattr(F, "atomic_write_text", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        finetune(out=out, **_kw(tiny_world, steps=2, batch_size=2, lr=5e-3))
+    assert not os.path.exists(os.path.join(out, "finetune.json"))
+    args = ["distill", "--data", tiny_world["data"], "--model", out, "--out", str(tmp_path / "o"), "--ipc", "1",
+            "--steps", "4", "--t-stop", "2", "--cache-dir", os.path.join(tiny_world["root"], "cache"),
+            "--method", "dit"]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a fine-tune stopped while it wrote its weights" in err[0], err
+    monkeypatch.setattr(F, "atomic_write_text", real)
+    finetune(out=out, **_kw(tiny_world, steps=2, batch_size=2, lr=5e-3))
+    assert json.loads(open(os.path.join(out, "finetune.json")).read())["lr"] == 5e-3
+    assert main(args) == 0

@@ -76,6 +76,22 @@ def test_an_exact_model_has_zero_loss_and_the_variance_ends_are_the_right_ones(s
     assert float(want.min()) > 0                      # the two ends differ at every t > 0
 
 
+def test_the_mse_is_the_mean_square_and_the_decoder_nll_is_in_bits():
+    """An inexact ε̂: the MSE is mean((ε − ε̂)²) per sample (not half of it), and at t = 0 the bound is the
+    decoder NLL of x0 under the model's mean and variance, divided by ln 2 (bits, as the KL at t > 0)."""
+    d = Diffusion(dtype=torch.float64)
+    x0, noise, tt, y = _batch(4, [0, 0, 5])
+    eps = noise + 0.3 * torch.randn(noise.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    mse, vb, _ = hybrid_loss(_Oracle(eps, 0.2), d, x0, y, tt, noise)
+    torch.testing.assert_close(mse.detach(), ((noise - eps) ** 2).mean((1, 2, 3)), rtol=1e-12, atol=0)
+    c = lambda table: table[tt].view(-1, 1, 1, 1)  # noqa: E731
+    x_t = c(d.sqrt_ac) * x0 + c(d.sqrt_1m_ac) * noise
+    mean = c(d.coef1) * (c(d.sqrt_recip_ac) * x_t - c(d.sqrt_recipm1_ac) * eps) + c(d.coef2) * x_t
+    log_var = 0.6 * c(d.log_betas) + 0.4 * c(d.post_log_var)                 # frac = (0.2 + 1) / 2
+    nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var).mean((1, 2, 3)) / math.log(2.0)
+    torch.testing.assert_close(vb.detach()[:2], nll[:2], rtol=1e-10, atol=0)
+
+
 def test_the_mse_trains_the_mean_and_the_bound_only_the_variance():
     """DiT detaches the mean inside the bound: the MSE's gradient reaches the ε̂ channels only and the
     bound's the v channels only (both at t > 0; at t = 0 the decoder NLL likewise trains only v)."""
