@@ -105,7 +105,7 @@ def class_names_map(spec) -> dict[str, str]:
         raise ConfigError(f"{flag} {spec!r}: give a file, a mapping, or 'folder=name,folder2=name2'")
     elif os.path.isfile(spec):
         try:
-            with open(spec, encoding="utf-8") as f:
+            with open(spec, encoding="utf-8-sig") as f:
                 text = f.read()
             if spec.endswith(".json"):
                 out = json.loads(text)
@@ -154,7 +154,7 @@ def class_list(spec: str) -> list[str]:
         return list(_shipped_list(spec))
     if os.path.isfile(spec):
         try:
-            with open(spec, encoding="utf-8") as f:
+            with open(spec, encoding="utf-8-sig") as f:
                 names = _read_list_text(f.read())
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"--classes {spec}: cannot read the class file ({e})") from None
@@ -245,7 +245,7 @@ def read_label_map(path: str) -> dict[str, int]:
     """
     flag = f"--label-map {path}"
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{flag}: cannot read the class map ({e})") from None

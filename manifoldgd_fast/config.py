@@ -419,7 +419,7 @@ class DistillConfig:
             raise ConfigError(f"--config {path}: " + ("a folder, not a YAML or JSON file" if os.path.isdir(path)
                               else "no such file"))
         try:
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:
                 text = f.read()
         except UnicodeDecodeError as e:
             raise ConfigError(f"--config {path}: not UTF-8 text (byte {e.start}); a YAML or JSON file") from None

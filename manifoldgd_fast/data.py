@@ -26,6 +26,7 @@ from .errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
+CLASS_NAME_BYTES = 200   # a class folder's name, in bytes: its outputs' names add up to 26 (255 at most)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision ImageFolder's
 
 
@@ -157,6 +158,12 @@ def scan_image_folder(root: str, classes: Sequence[str] | str | None = None,
             if name not in present:
                 raise DataError(f"class folder {os.path.join(root, name)} does not exist "
                                 f"(class {name!r} was asked for)")
+    for name in selected:  # the outputs' names add to a class's: ".<class>.tmp-<pid>", "<class>.safetensors"
+        if len(name.encode("utf-8", "surrogateescape")) > CLASS_NAME_BYTES:
+            raise DataError(f"class folder {os.path.join(root, name)[:120]}...: its name is "
+                            f"{len(name.encode('utf-8', 'surrogateescape'))} bytes, more than the "
+                            f"{CLASS_NAME_BYTES} the outputs' file names leave it (the file system takes 255); "
+                            "rename it")
 
     if label_map == "auto":
         wnids = imagenet_wnid_index()

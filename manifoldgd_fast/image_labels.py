@@ -34,7 +34,7 @@ def read_image_labels(path: str, flag: str = "--val-labels") -> dict[str, str]:
     if os.path.isdir(path) or path.lower().endswith(DEVKIT_ARCHIVES) or os.path.basename(path) == DEVKIT_TRUTH:
         return read_devkit_labels(path, flag)
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{flag} {path}: cannot read the labels ({e})") from None

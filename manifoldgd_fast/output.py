@@ -56,9 +56,11 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     # the target's name in the temp's: an independent shard can tell (and sweep) its own classes' leftovers
-    # (cut where a long class name would take the temp's name past the file system's 255 bytes)
+    # (cut, in bytes, where a long name would take the temp's name past the file system's 255 bytes: never a
+    # class's, whose names data.scan_image_folder holds to CLASS_NAME_BYTES)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.path.basename(path)[:160]}-", dir=folder)
+        stem = os.path.basename(path).encode()[:230].decode("utf-8", "ignore")   # 5 + 230 + 1 + 8 random <= 255
+        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{stem}-", dir=folder)
     except OSError as e:  # named by the file asked for, not by the temp's random name
         raise type(e)(e.errno, e.strerror, path) from None
     try:
@@ -243,8 +245,10 @@ class OutputWriter:
         if os.path.exists(final):  # is_done said no: not a class folder this tool finished, so not ours to delete
             raise DataError(f"{final} exists but is not a finished class of a run (no {DONE_MARK}); move it away "
                             "or use a new --out")
-        if os.path.exists(tmp):
+        if os.path.isdir(tmp) and not os.path.islink(tmp):
             shutil.rmtree(tmp)
+        elif os.path.lexists(tmp):  # a file (or link) by this process's temp name: not a class folder we made
+            os.unlink(tmp)
         os.makedirs(tmp)
         record = dict(info, files={})   # the done mark also lists what was written, which a resume checks
         for i, img in enumerate(images):
@@ -291,21 +295,29 @@ class OutputWriter:
             return f"its {DONE_MARK} is not the record a run writes"
         if files is None:
             return None
+        def differs(rel: str, digest: str) -> str | None:
+            try:
+                if _sha256(os.path.join(self.out, rel)) == digest:
+                    return None
+            except OSError as e:  # a folder in its place, no permission
+                return f"{rel} cannot be read ({e.strerror or type(e).__name__})"
+            return f"{rel} is not the file the run wrote (its sha256 differs)"
+
         present = {f for f in os.listdir(folder) if not f.startswith(".")}
         for fname in sorted(files, key=lambda f: (len(f), f)):   # 0.png, 1.png, ..., 10.png
             if fname not in present:
                 return f"{name}/{fname} is missing"
-            if _sha256(os.path.join(folder, fname)) != files[fname]:
-                return f"{name}/{fname} is not the file the run wrote (its sha256 differs)"
+            why = differs(os.path.join(name, fname), files[fname])
+            if why:
+                return why
         added = sorted(f for f in present - set(files) if os.path.splitext(f)[1].lower() in IMAGE_EXTS)
         if added:
             return f"{name}/{added[0]} is not one of the run's images"
         if info.get("latents_sha256") is not None:
             lat = os.path.join(LATENTS_DIR, f"{name}.safetensors")
-            if not os.path.isfile(os.path.join(self.out, lat)):
+            if not os.path.lexists(os.path.join(self.out, lat)):
                 return f"{lat} is missing"
-            if _sha256(os.path.join(self.out, lat)) != info["latents_sha256"]:
-                return f"{lat} is not the file the run wrote (its sha256 differs)"
+            return differs(lat, info["latents_sha256"])
         return None
 
     def check_finished(self, names: Iterable[str]) -> None:

@@ -582,3 +582,85 @@ def test_32_bit_greyscale_keeps_its_top_8_bits(tmp_path):
     assert torch.equal(x32, x8)
     rgb = np.asarray(D.to_rgb(Image.fromarray(ramp, mode="I")))
     assert np.array_equal(rgb[..., 1], (ramp >> 23).astype(np.uint8))
+
+
+# ---------------------------------------------------------------------------- found by a mutation audit (2026-12-06)
+def test_a_utf8_bom_is_not_part_of_the_first_name(tmp_path):
+    """Files saved by Excel or Notepad start with a byte-order mark: class lists, label maps (text and JSON
+    by any name) and ImageNet's Kaggle label CSV read as without it (the Kaggle file, with its header
+    unrecognised, gave one class per image)."""
+    from manifoldgd_fast.image_labels import read_image_labels
+
+    bom = "\ufeff"
+    (tmp_path / "list.txt").write_text(bom + "n01440764\nn01443537\n", encoding="utf-8")
+    assert C.class_list(str(tmp_path / "list.txt")) == ["n01440764", "n01443537"]
+    (tmp_path / "map.txt").write_text(bom + "apple 0\nbanana 1\n", encoding="utf-8")
+    assert C.read_label_map(str(tmp_path / "map.txt")) == {"apple": 0, "banana": 1}
+    (tmp_path / "map.cfg").write_text(bom + '{"apple": 0}', encoding="utf-8")
+    assert C.read_label_map(str(tmp_path / "map.cfg")) == {"apple": 0}
+    csv = "ImageId,PredictionString\nv1,n01751748 1 2 3 4\nv2,n09193705 5 6 7 8\n"
+    (tmp_path / "LOC_val_solution.csv").write_text(bom + csv, encoding="utf-8")
+    (tmp_path / "plain.csv").write_text(csv, encoding="utf-8")
+    assert read_image_labels(str(tmp_path / "LOC_val_solution.csv")) == read_image_labels(str(tmp_path / "plain.csv"))
+    assert read_image_labels(str(tmp_path / "plain.csv")) == {"v1": "n01751748", "v2": "n09193705"}
+
+
+def test_a_config_file_with_a_bom_reads(tmp_path):
+    from manifoldgd_fast.config import DistillConfig
+
+    (tmp_path / "run.json").write_text('\ufeff{"ipc": 3}', encoding="utf-8")
+    (tmp_path / "run.yaml").write_text("\ufeffipc: 4\n", encoding="utf-8")
+    assert DistillConfig.load(str(tmp_path / "run.json")).ipc == 3
+    assert DistillConfig.load(str(tmp_path / "run.yaml")).ipc == 4
+
+
+def test_class_names_past_200_bytes_are_refused_in_one_line(tmp_path):
+    """The outputs add up to 26 bytes to a class's name (".<class>.tmp-<pid>", "<class>.safetensors" and its
+    temp's suffixes); a 250-byte name failed mid-run with the file system's "File name too long"."""
+    root = tmp_path / "data"
+    for name in ("a" * 200, "b" * 201):
+        (root / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(root / name / "0.png")
+    with pytest.raises(DataError, match=r"its name is 201 bytes, more than the 200 the outputs' file names leave"):
+        D.scan_image_folder(str(root))
+    assert [e.name for e in D.scan_image_folder(str(root), classes=["a" * 200])] == ["a" * 200]
+
+
+def test_a_symlinked_class_folder_is_a_class(tmp_path):
+    (tmp_path / "real").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "real" / "a.png")
+    (tmp_path / "root").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "root" / "apple")
+    assert [e.name for e in D.scan_image_folder(str(tmp_path / "root"))] == ["apple"]
+
+
+def test_an_aspect_of_exactly_64_to_1_is_read(tmp_path):
+    Image.new("RGB", (256, 4)).save(tmp_path / "s.png")
+    assert D.read_image_uint8(str(tmp_path / "s.png"), 8).shape == (3, 8, 8)
+
+
+def test_mode_i_at_2_16_is_scaled_by_31_bits():
+    img = Image.fromarray(np.array([[0, 65536]], np.int32), mode="I")
+    assert np.asarray(D.to_rgb(img))[0, 1, 0] == 0          # 65536 / 2^31 of white, not 16-bit white
+
+
+def test_label_map_lines_tab_before_comma_and_json_after_blank_lines(tmp_path):
+    (tmp_path / "m.txt").write_text("a,b\t3\n")
+    assert C.read_label_map(str(tmp_path / "m.txt")) == {"a,b": 3}
+    (tmp_path / "j.txt").write_text('\n  {"apple": 3}')
+    assert C.read_label_map(str(tmp_path / "j.txt")) == {"apple": 3}
+    assert C.class_list(" nette ") == C.class_list("nette")
+
+
+def test_flat_folder_labels_take_sorted_class_names_and_errors_name_the_line(tmp_path):
+    from manifoldgd_fast.image_labels import read_image_labels, scan_labelled_folder
+
+    (tmp_path / "v").mkdir()
+    for s in ("v1", "v2"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "v" / f"{s}.png")
+    (tmp_path / "l.txt").write_text("v1 zebra\nv2 ant\n")
+    assert [(e.name, e.label) for e in scan_labelled_folder(str(tmp_path / "v"), str(tmp_path / "l.txt"))] == \
+        [("ant", 0), ("zebra", 1)]
+    (tmp_path / "s.csv").write_text("ImageId,PredictionString\na,n01440764 1 2 3 4\nb,\n")
+    with pytest.raises(ConfigError, match=r": line 3: "):
+        read_image_labels(str(tmp_path / "s.csv"))

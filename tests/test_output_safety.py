@@ -479,3 +479,80 @@ def test_contact_sheet_names_an_unreadable_image(tmp_path):
     (tmp_path / "a" / "1.png").write_bytes((tmp_path / "a" / "1.png").read_bytes()[:100])
     with pytest.raises(DataError, match=r"contact sheet: cannot read .*a/1\.png \(.*\); delete .*a to sample"):
         write_contact_sheet(str(tmp_path), ["a"], tile=4)
+
+
+# ---------------------------------------------------------------------------- found by a mutation audit (2026-12-06)
+def _finished(tmp_path, n=2):
+    import numpy as np
+    import torch
+
+    from manifoldgd_fast.output import OutputWriter
+
+    w = OutputWriter(str(tmp_path / "out"))
+    w.write_class("c", np.random.default_rng(0).integers(0, 256, (n, 4, 4, 3), dtype=np.uint8),
+                  torch.zeros(n, 4, 2, 2), {})
+    return w
+
+
+def test_damaged_names_the_first_image_in_numeric_order_and_skips_hidden_files(tmp_path):
+    w = _finished(tmp_path, 11)
+    (tmp_path / "out" / "c" / "._0.png").write_bytes(b"AppleDouble")    # macOS's: not one of the images
+    assert w.damaged("c") is None
+    os.remove(w.class_dir("c") + "/2.png")
+    os.remove(w.class_dir("c") + "/10.png")
+    assert w.damaged("c") == "c/2.png is missing"
+
+
+def test_damaged_names_an_added_upper_case_image_and_an_unreadable_one(tmp_path):
+    w = _finished(tmp_path)
+    shutil.copy(w.class_dir("c") + "/0.png", w.class_dir("c") + "/extra.PNG")
+    assert w.damaged("c") == "c/extra.PNG is not one of the run's images"
+    os.remove(w.class_dir("c") + "/extra.PNG")
+    os.remove(w.class_dir("c") + "/0.png")
+    os.mkdir(w.class_dir("c") + "/0.png")                                 # a folder in its place
+    assert w.damaged("c") == "c/0.png cannot be read (Is a directory)"
+    from manifoldgd_fast.errors import DataError
+    with pytest.raises(DataError, match=r"finished class c is damaged: c/0\.png cannot be read \(Is a directory\)"):
+        w.check_finished(["c"])
+
+
+def test_a_folder_named_like_the_done_mark_is_no_done_mark(tmp_path):
+    from manifoldgd_fast.output import class_done
+
+    (tmp_path / "c" / ".complete").mkdir(parents=True)
+    assert not class_done(str(tmp_path), "c")
+
+
+def test_a_file_by_a_class_temp_folders_name(tmp_path):
+    """A file named like a class temp folder is not swept as one (not a folder a run made), and the class's
+    own write replaces it (it failed with NotADirectoryError)."""
+    import numpy as np
+
+    from manifoldgd_fast.output import OutputWriter
+
+    w = OutputWriter(str(tmp_path))
+    (tmp_path / ".notes.tmp-1").write_text("mine")
+    w.sweep_temps()
+    assert (tmp_path / ".notes.tmp-1").exists()
+    (tmp_path / f".c.tmp-{os.getpid()}").write_text("in the way")
+    w.write_class("c", np.zeros((1, 4, 4, 3), np.uint8), None, {})
+    assert sorted(os.listdir(tmp_path)) == [".notes.tmp-1", "c"]
+
+
+def test_a_shard_sweeps_only_its_own_temps_whatever_their_length(tmp_path, monkeypatch):
+    """A latents temp carries its whole file name (a class name up to 200 bytes), so a shard knows it as its
+    own; of OUT's own files a shard sweeps only those it names."""
+    from manifoldgd_fast import output as O
+
+    for name in ("apple", "x" * 200):
+        made, real = [], O.tempfile.mkstemp
+        monkeypatch.setattr(O.tempfile, "mkstemp", lambda **k: made.append(real(**k)) or made[-1])
+        O.atomic_write_bytes(str(tmp_path / "latents" / f"{name}.safetensors"), b"x")
+        monkeypatch.undo()
+        assert O._temp_is_ours(os.path.basename(made[0][1]), False, False, {name}, ())
+        assert not O._temp_is_ours(os.path.basename(made[0][1]), False, False, {name + "x"}, ())
+    w = O.OutputWriter(str(tmp_path / "top"))
+    (tmp_path / "top" / ".tmp-manifest.json.bak-x1").write_text("x")
+    (tmp_path / "top" / ".tmp-manifest.json-x2").write_text("x")
+    w.sweep_temps(classes=(), files=("manifest.json",))
+    assert os.listdir(tmp_path / "top") == [".tmp-manifest.json.bak-x1"]
