@@ -103,9 +103,9 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
         was = {k: _as_path(v) if k in PATH_SETTINGS else v for k, v in state["settings"].items()}
         if was != now:
             keys = [k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
-            raise ConfigError(f"{out} holds a fine-tune with other settings ({', '.join(keys[:6])}: "
-                              f"{', '.join(f'{was.get(k)!r} then, {now.get(k)!r} now' for k in keys[:2])}); "
-                              "use a new --out")
+            said = "; ".join(f"{k} {was.get(k)!r} then, {now.get(k)!r} now" for k in keys[:3])
+            raise ConfigError(f"{out} holds a fine-tune with other settings ({said}{'; ...' if len(keys) > 3 else ''})"
+                              "; use a new --out")
         net.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])

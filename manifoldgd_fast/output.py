@@ -295,6 +295,7 @@ class OutputWriter:
             return f"its {DONE_MARK} is not the record a run writes"
         if files is None:
             return None
+
         def differs(rel: str, digest: str) -> str | None:
             try:
                 if _sha256(os.path.join(self.out, rel)) == digest:

@@ -217,7 +217,7 @@ def test_adamw_without_weight_decay_at_the_given_lr(tiny_world, tmp_path, monkey
 def test_a_resume_names_the_settings_that_differ_and_takes_a_path_by_another_spelling(tiny_world, tmp_path,
                                                                                        monkeypatch):
     finetune(out=str(tmp_path / "a"), stop_after=1, **_kw(tiny_world, steps=3, batch_size=2))
-    with pytest.raises(ConfigError, match=r"holds a fine-tune with other settings \(lr: 0\.0001 then, 0\.0002 now\)"):
+    with pytest.raises(ConfigError, match=r"holds a fine-tune with other settings \(lr 0\.0001 then, 0\.0002 now\); use a new"):
         finetune(out=str(tmp_path / "a"), **_kw(tiny_world, steps=3, batch_size=2, lr=2e-4))
     monkeypatch.chdir(os.path.dirname(tiny_world["data"]))     # --data given relative to another directory
     kw = _kw(tiny_world, steps=3, batch_size=2)
