@@ -555,8 +555,10 @@ def test_eval_size_and_lr_bounds(command, tmp_path, image_folder, capsys):
     assert main(argv + ["--size", "100000"]) == 2
     assert _one_line(capsys.readouterr().err) == "manifoldgd-fast: error: --size 100000: must be <= 1024 px"
     if command == "eval":
-        assert main(argv + ["--lr", "inf"]) == 2
-        assert _one_line(capsys.readouterr().err) == "manifoldgd-fast: error: --lr inf: must be > 0 and finite"
+        for lr, shown in (("inf", "inf"), ("1e39", "1e+39")):  # 1e39: finite, not as SGD's float32 (it overflowed)
+            assert main(argv + ["--lr", lr]) == 2
+            assert _one_line(capsys.readouterr().err) == \
+                f"manifoldgd-fast: error: --lr {shown}: must be > 0 and finite in float32"
 
 
 def test_an_atomic_write_that_fails_names_the_file_asked_for(tmp_path):
@@ -571,7 +573,7 @@ def test_an_atomic_write_that_fails_names_the_file_asked_for(tmp_path):
 
 
 @pytest.mark.parametrize("kw, rule", [
-    (dict(lr=float("inf")), "--lr inf: must be > 0 and finite"),
+    (dict(lr=float("inf")), "--lr inf: must be > 0 and finite in float32"),
     (dict(rsm_lambda=float("inf")), "--rsm-lambda inf: must be >= 0 and finite"),
     (dict(seed=-1), "--seed -1: must be >= 0"),
 ])

@@ -495,8 +495,8 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
                     ("--eval-every", eval_every), ("--val-batch-size", val_batch_size), ("--val-resize", val_resize)):
         if v is not None and v < 1:
             raise ConfigError(f"{name} {v}: must be >= 1")
-    if lr is not None and not (lr > 0 and math.isfinite(lr)):
-        raise ConfigError(f"--lr {lr}: must be > 0 and finite")
+    if lr is not None and not (math.isfinite(lr) and 0 < lr <= float(torch.finfo(torch.float32).max)):
+        raise ConfigError(f"--lr {lr}: must be > 0 and finite in float32")   # (SGD takes it as a float32)
     if size is not None and size > MAX_SIZE:
         raise ConfigError(f"--size {size}: must be <= {MAX_SIZE} px")
     temperature = SOFT_TEMPERATURE if temperature is None else temperature
