@@ -30,6 +30,7 @@ from .output import atomic_write_text
 from .training import EMA_WARMUP
 
 FINETUNE_RECORD = "finetune.json"
+CHECKPOINT = "checkpoint.pt"   # model, EMA, optimiser and step: what a rerun resumes from
 
 FINETUNE_HELP = "fine-tune a DiT with the RSM L1 penalty on x0_hat (resumable), into a loadable model folder"
 
@@ -89,7 +90,7 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
     ema = copy.deepcopy(net).requires_grad_(False).eval()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
     os.makedirs(out, exist_ok=True)
-    work = os.path.join(out, "checkpoint.pt")
+    work = os.path.join(out, CHECKPOINT)
     step = 0
     if os.path.isfile(work):
         try:
@@ -174,7 +175,7 @@ def _check_finite(finite: torch.Tensor, ema, step: int, work: str) -> None:
                       f"--lr or --rsm-lambda (or clip the gradients: --grad-clip) and use a new --out")
 
 
-FINETUNE_WRITES = ("checkpoint.pt", "checkpoint.pt.tmp", "transformer", "vae", FINETUNE_RECORD)
+FINETUNE_WRITES = (CHECKPOINT, CHECKPOINT + ".tmp", "transformer", "vae", FINETUNE_RECORD)
 
 
 def check_finetune_out(out: str, data: str, model: str) -> None:
@@ -202,7 +203,7 @@ def read_finetune_record(model: str | None) -> dict | None:
 
     path = os.path.join(str(model), FINETUNE_RECORD) if model else ""
     if not path or not os.path.isfile(path):
-        if path and os.path.isfile(os.path.join(str(model), "checkpoint.pt")) and \
+        if path and os.path.isfile(os.path.join(str(model), CHECKPOINT)) and \
                 os.path.isdir(os.path.join(str(model), "transformer")):
             raise ModelError(f"--model {model} is a fine-tune stopped while it wrote its weights (checkpoint.pt, "
                              f"no {FINETUNE_RECORD}): rerun its finetune command to finish it")

@@ -25,6 +25,7 @@ import torch
 
 from .data import IMAGE_EXTS
 from .errors import DataError
+from .shipped import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -196,14 +197,6 @@ def encode_png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def class_done(out: str, name: str) -> bool:
     """Whether ``out/<name>/`` is a finished class (it holds the done mark)."""
     return os.path.isfile(os.path.join(out, name, DONE_MARK))
@@ -298,7 +291,7 @@ class OutputWriter:
 
         def differs(rel: str, digest: str) -> str | None:
             try:
-                if _sha256(os.path.join(self.out, rel)) == digest:
+                if sha256_file(os.path.join(self.out, rel)) == digest:
                     return None
             except OSError as e:  # a folder in its place, no permission
                 return f"{rel} cannot be read ({e.strerror or type(e).__name__})"

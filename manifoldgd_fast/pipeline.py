@@ -647,6 +647,8 @@ def write_contact_sheet(out: str, names: list[str], max_rows: int = 50, max_cols
 
     from PIL import Image
 
+    from .models import _first_line
+
     rows = []
     for name in names[:max_rows]:
         folder = os.path.join(out, name)
@@ -665,9 +667,8 @@ def write_contact_sheet(out: str, names: list[str], max_rows: int = 50, max_cols
                 with Image.open(f) as im:
                     sheet.paste(im.convert("RGB").resize((tile, tile), Image.NEAREST), (c * tile, r * tile))
             except (OSError, ValueError) as e:  # Pillow's errors do not name the file
-                why = (str(e).splitlines() or [type(e).__name__])[0]
-                raise DataError(f"contact sheet: cannot read {f} ({why}); delete {os.path.dirname(f)} to sample "
-                                "the class again") from None
+                raise DataError(f"contact sheet: cannot read {f} ({_first_line(e)}); delete {os.path.dirname(f)} "
+                                "to sample the class again") from None
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
     path = os.path.join(out, CONTACT_SHEET)
