@@ -23,6 +23,19 @@ def test_dpp_gradient_matches_autograd(N, D, seed, eps, last):
     torch.testing.assert_close(dpp_grad(x, eps), dpp_grad_ref(x, eps), atol=1e-9, rtol=1e-7)
 
 
+@pytest.mark.parametrize("N,D", [(16, 4), (50, 4), (64, 16)])
+def test_dpp_gradient_in_float32_with_more_samples_than_dimensions(N, D):
+    """N > D: K is singular and A = K + eps I has eps as its smallest eigenvalue. At the smallest ridge
+    the CLI takes (DPP_EPS_MIN), a float32 input still gets the float64 reference's gradient (a float32
+    Cholesky was off by 9% to 44% here)."""
+    from manifoldgd_fast.config import DPP_EPS_MIN
+
+    x = torch.randn(N, D, generator=torch.Generator().manual_seed(N), dtype=torch.float64)
+    g = dpp_grad(x.float(), DPP_EPS_MIN)
+    assert g.dtype == torch.float32
+    torch.testing.assert_close(g.double(), dpp_grad_ref(x, DPP_EPS_MIN), atol=1e-5, rtol=1e-5)
+
+
 def test_dpp_gradient_matches_finite_difference():
     x = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     g = dpp_grad(x, 1e-2)
