@@ -354,8 +354,13 @@ def _signals_as_interrupt():
 
 def console() -> None:
     """The ``manifoldgd-fast`` script: :func:`main`, and after a stop by Ctrl-C or SIGTERM the exit with
-    both ignored (a second one during the interpreter's shutdown printed a traceback from an atexit hook)."""
-    code = main()
+    both ignored (a second one during the interpreter's shutdown printed a traceback from an atexit hook).
+    A Ctrl-C before the command starts (the parser imports torch, a second or more) has nothing to clean up."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print("manifoldgd-fast: interrupted before the command started; nothing was written", file=sys.stderr)
+        code = 130
     if code in (130, 128 + signal.SIGTERM):
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

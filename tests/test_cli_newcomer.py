@@ -434,6 +434,23 @@ def test_the_script_exits_with_further_signals_ignored(monkeypatch):
         assert set_to == ({signal.SIGINT: signal.SIG_IGN, signal.SIGTERM: signal.SIG_IGN} if ignored else {})
 
 
+def test_ctrl_c_before_the_command_starts_is_one_line(monkeypatch, capsys):
+    """A Ctrl-C while the parser is built (it imports torch: a second or more on a cold start) stops the
+    script in one line and exit 130, not torch's import traceback."""
+    from manifoldgd_fast import cli
+
+    def slow_import():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", slow_import)
+    monkeypatch.setattr(cli.signal, "signal", lambda sig, handler: None)
+    with pytest.raises(SystemExit) as e:
+        cli.console()
+    assert e.value.code == 130
+    assert _one_line(capsys.readouterr().err) == \
+        "manifoldgd-fast: interrupted before the command started; nothing was written"
+
+
 @pytest.mark.parametrize("error, says", [
     (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
                   "tried to allocate 40000000000000 bytes. Error code 12 (Cannot allocate memory)"),
