@@ -136,6 +136,8 @@ def write_folder_atomically(dest: str, fill: Callable[[str], Any]) -> str:
             os.chmod(dirpath, 0o777 & ~_UMASK)
             for f in filenames:
                 os.chmod(os.path.join(dirpath, f), 0o666 & ~_UMASK)
+                with open(os.path.join(dirpath, f), "rb") as fh:  # renamed into place only once on disk
+                    os.fsync(fh.fileno())
         old = None
         if os.path.lexists(dest):  # moved aside, and removed only once the new folder is in place
             old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)

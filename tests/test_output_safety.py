@@ -184,6 +184,52 @@ def test_atomic_writes_get_the_umask_mode(tmp_path):
     assert [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")] == []
 
 
+def test_every_file_is_on_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    """Temp + rename survives a power cut only if the temp's data reached the disk first: each atomic
+    write (a file, a class folder, a model folder) fsyncs every file it renames into place, before the
+    rename (without it a crash could leave a finished class of empty PNGs)."""
+    import numpy as np
+    import torch
+
+    from manifoldgd_fast import output
+
+    synced, unsynced = set(), []
+    real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename
+
+    def fsync(fd):
+        synced.add(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    def check(src):
+        files = [os.path.join(d, f) for d, _, fs in os.walk(src) for f in fs] if os.path.isdir(src) else [src]
+        unsynced.extend(f for f in files if os.stat(f).st_ino not in synced)
+
+    def replace(src, dst):
+        check(src)
+        real_replace(src, dst)
+
+    def rename(src, dst):
+        check(src)
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "rename", rename)
+    output.atomic_write_bytes(str(tmp_path / "m.json"), b"{}")
+    output.OutputWriter(str(tmp_path / "out")).write_class(
+        "c", np.zeros((2, 4, 4, 3), np.uint8), torch.zeros(2, 4, 1, 1), {"n": 2})
+
+    def fill(folder):
+        for name in ("config.json", "sub/w.bin"):
+            os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
+            with open(os.path.join(folder, name), "wb") as f:
+                f.write(b"x")
+
+    output.write_folder_atomically(str(tmp_path / "model"), fill)
+    assert unsynced == []
+    assert len(synced) == 1 + (2 + 1 + 1) + 2     # the file; 2 PNGs, the done mark, the latents; the model's 2
+
+
 def test_a_folder_written_atomically_is_all_old_or_all_new(tmp_path):
     """save_pretrained_folder (finetune's output, write_model's) fails half-way: the old folder stays whole and
     no temp is left; once it succeeds the folder holds only the new content, with the umask's modes."""
