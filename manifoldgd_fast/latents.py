@@ -122,6 +122,14 @@ def file_stamps(entry: ClassEntry) -> dict[str, list[int]]:
     return out
 
 
+def stamps_digest(stamps: dict[str, list[int]] | None) -> str | None:
+    """16 hex digits of sha256 over :func:`file_stamps` (None for None): a finished class's done mark keeps it,
+    so that a resume can tell the class's images changed since it was distilled."""
+    if stamps is None:
+        return None
+    return hashlib.sha256(json.dumps(stamps, sort_keys=True).encode()).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class CacheKey:
     """What a class's cached latents must have been made with to be reused (besides its image files)."""
@@ -337,7 +345,8 @@ def _split_cached(entries: Sequence[ClassEntry], cache_dir: str,
         if meta is not None:
             stats[e.name] = {"n": len(meta["files"]), "cached": True, "seconds": 0.0, "path": path,
                              "skipped": [os.path.join(e.folder, s) for s in meta["skipped"]],
-                             "encoded_with": meta["encoded_with"]}  # None: a file from before it was recorded
+                             "encoded_with": meta["encoded_with"],  # None: a file from before it was recorded
+                             "stamps": stamps_digest(meta["stamps"])}
         else:
             todo.append(e)
     return stats, todo
@@ -518,6 +527,7 @@ def cache_latents(entries: Sequence[ClassEntry], vae, *, cache_dir: str, image_s
             e = buf.entry
             path = _write_class(cache_dir, e, latents, buf.done, buf.skipped, key, buf.stamps, made)
             stats[e.name] = {"n": latents.shape[0], "cached": False, "path": path, "encoded_with": made,
+                             "stamps": stamps_digest(buf.stamps),
                              "skipped": list(buf.skipped), "seconds": time.perf_counter() - t_class,
                              **buf.t}
             buf, t_class = None, time.perf_counter()
@@ -553,6 +563,7 @@ def cache_latents_ref(entries: Sequence[ClassEntry], vae, *, cache_dir: str, ima
         made = encoded_with(batch_size, dev, dtype)
         path = _write_class(cache_dir, e, latents, done, batches.skipped, key, stamps, made)
         stats[e.name] = {"n": len(done), "cached": False, "path": path, "encoded_with": made,
+                         "stamps": stamps_digest(stamps),
                          "skipped": list(batches.skipped), "seconds": time.perf_counter() - t0}
     return {e.name: stats[e.name] for e in entries}
 

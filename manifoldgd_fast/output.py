@@ -38,6 +38,7 @@ DONE_MARK = ".complete"
 LOCK_NAME = ".lock"
 TMP_PREFIX = ".tmp-"  # atomic_write_bytes's temp files
 MANIFEST_LOCK = ".lock-manifest"
+DATA_STAMPS = "data_stamps"  # the done mark's digest of the class's image files as distilled
 SHARDS_HOLD = "processes of a --shard K/N run"
 
 
@@ -221,10 +222,12 @@ class OutputWriter:
         return [n for n in names if self.is_done(n)]
 
     def write_class(self, name: str, images: np.ndarray, latents: torch.Tensor | None,
-                    info: dict[str, Any]) -> None:
+                    info: dict[str, Any], data_stamps: str | None = None) -> None:
         """Write ``OUT/<name>/<i>.png`` (+ ``OUT/latents/<name>.safetensors``) atomically.
 
-        images: uint8 (N, H, W, 3); latents: (N, C, h, w) final latents or None.
+        images: uint8 (N, H, W, 3); latents: (N, C, h, w) final latents or None. ``data_stamps``: the
+        digest of the class's image files' sizes and times (latents.stamps_digest), kept in the done mark
+        (not in the manifest) for a resume to compare.
         The latents file is renamed into place first and the class folder last, so a
         finished class always has its latents; a run killed in between leaves a latents
         file of an unfinished class, which the rerun rewrites when it redoes the class.
@@ -246,6 +249,8 @@ class OutputWriter:
             os.unlink(tmp)
         os.makedirs(tmp)
         record = dict(info, files={})   # the done mark also lists what was written, which a resume checks
+        if data_stamps is not None:
+            record[DATA_STAMPS] = data_stamps
         for i, img in enumerate(images):
             data = encode_png(img)
             record["files"][f"{i}.png"] = hashlib.sha256(data).hexdigest()
@@ -270,8 +275,8 @@ class OutputWriter:
             info = json.load(f)
         if not isinstance(info, dict):
             raise DataError(f"{os.path.join(self.class_dir(name), DONE_MARK)} is damaged (not a JSON object)")
-        info.pop("files", None)
-        info.pop("latents_sha256", None)
+        for key in ("files", "latents_sha256", DATA_STAMPS):
+            info.pop(key, None)
         return info
 
     def damaged(self, name: str) -> str | None:

@@ -33,7 +33,7 @@ from .errors import ConfigError, DataError
 from . import classrun
 from .classrun import (_check_class, _prefetched_group, _receive, check_decoded, class_modes, distill_group,
                        load_modes, modes_file, read_modes)
-from .output import (CONTACT_SHEET, DONE_MARK, LOCK_NAME, MANIFEST, MANIFEST_LOCK, MODES_DIR, RESERVED_DIRS,
+from .output import (CONTACT_SHEET, DATA_STAMPS, DONE_MARK, LOCK_NAME, MANIFEST, MANIFEST_LOCK, MODES_DIR, RESERVED_DIRS,
                      OutputWriter, RunLock, atomic_write_bytes, class_done, lock_is_held, resize_images,
                      sweep_stale_temps)
 from .finetune import read_finetune_record
@@ -256,6 +256,7 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
     return dict(entries=entries, mine=mine, finished_before=len(entries) - len(work), skipped=skipped,
                 counts={k: int(v["n"]) for k, v in stats.items()}, vae=vae,
                 encoded_with={k: v.get("encoded_with") for k, v in stats.items()},
+                stamps={k: v.get("stamps") for k, v in stats.items()},
                 vae_info=vinfo, model=model, dit_info=info, device=device, dtype=dtype, cache=cache,
                 image_size=image_size, shard=shard, backbone=backbone, prompts=prompts, schedule_kw=schedule_kw,
                 sd_scheduler=sd_scheduler,
@@ -477,6 +478,10 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
     bar = tqdm(total=len(todo) * rcfg.ipc, desc=f"distil {rcfg.method}", unit="img", disable=None)
     copy_stream = classrun.run_stream(ctx, "copy_stream") if ctx["device"].type == "cuda" else None
 
+    # whether a class's images depend on its latents (its modes, neighbourhoods or CGS mean): then its done
+    # mark keeps its image files' stamps, and a resume refuses a finished class whose images changed since
+    uses_data = rcfg.method in ("manifoldgd", "mgd3") or rcfg.cgs
+
     def save(name, output, prompt):
         images, latents, stats = output.result(copy_stream)   # waits for this class's GPU work only
         bad = int((~torch.isfinite(latents.flatten(1))).any(1).sum())
@@ -493,7 +498,8 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
         stats["skipped_images"] = ctx["skipped"].get(name, [])
         with phase("io", host=True):
             images = resize_images(images, rcfg.output_size)
-            writer.write_class(name, images, latents if rcfg.save_latents else None, stats)
+            writer.write_class(name, images, latents if rcfg.save_latents else None, stats,
+                               data_stamps=ctx["stamps"].get(name) if uses_data else None)
             finished[name] = {**stats, "status": "done"}
             if shard.is_main or shard.independent:
                 status[name] = finished[name]
@@ -598,12 +604,19 @@ def _refuse_other_run(out: str, identity: dict, weights: dict, entries=None) -> 
         raise ConfigError(f"--out {out} holds a run with {what} (fingerprint {old.get('fingerprint')}, this run "
                           f"{fp}); use a new --out")
     _refuse_other_weights(f"--out {out} holds a run", (old or {}).get("weights"), weights)
+    from .latents import file_stamps, stamps_digest
+
     for e in entries or ():
         info = _done_record(out, e.name)
         if info.get("fingerprint") not in (None, fp):  # (classes made before it was recorded: not compared)
             raise ConfigError(f"--out {out}: class {e.name} was made by a run with other settings (fingerprint "
                               f"{info['fingerprint']}, this run {fp}); use a new --out")
         _refuse_other_weights(f"--out {out}: class {e.name} was", info.get("weights"), weights)
+        was = info.get(DATA_STAMPS)  # (classes made before it was recorded: not compared)
+        if was is not None and was != stamps_digest(file_stamps(e)):
+            raise ConfigError(f"--out {out}: class {e.name} was distilled from other images than {e.folder} holds "
+                              f"now (a file's size or modification time changed since); delete "
+                              f"{os.path.join(out, e.name)} to distill it again from them, or use a new --out")
     return old
 
 

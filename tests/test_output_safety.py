@@ -433,6 +433,52 @@ def test_a_resume_into_another_run_is_refused_before_any_encoding(tiny_world, tm
     assert "holds a run with other parameters" in line or "other data" in line, line
 
 
+@pytest.mark.parametrize("change, method", [("rewrite", "manifoldgd"), ("touch", "mgd3"), ("rewrite", "dit")])
+def test_a_resume_refuses_finished_classes_whose_images_changed(tiny_world, tmp_path, capsys, monkeypatch, change,
+                                                                method):
+    """A finished class's done mark keeps the digest of its image files' sizes and times as distilled (the
+    latent cache's rule for a stale class): a resume after an image of a finished class was rewritten (or
+    only touched) stops in one line naming the class and the way out, before encoding, with nothing
+    written (it kept the class made from the old images, silently); deleting the class as it says
+    distils it again from the new images. The digest stays out of the manifest. Plain DiT sampling
+    never reads the class's latents: its resume goes on."""
+    from manifoldgd_fast import latents
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_world["data"], data)
+    world = dict(tiny_world, data=str(data))
+    out = tmp_path / "out"
+    args = ["--cache-dir", str(tmp_path / "cache"), "--method", method]
+    assert main(_args(world, out, *args)) == 0
+    man = json.loads((out / "manifest.json").read_text())
+    assert "data_stamps" not in man["classes"]["apple"]
+    shutil.rmtree(out / "cherry")                       # a killed run: one class to do
+    image = sorted((data / "apple").iterdir())[0]
+    st = image.stat()
+    if change == "rewrite":
+        other = sorted((data / "banana").iterdir())[0].read_bytes()
+        image.write_bytes(other)
+    else:
+        os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    before = _digest(out)
+    if method == "dit":
+        assert main(_args(world, out, *args)) == 0
+        assert {k: v for k, v in _digest(out).items() if not k.startswith("cherry")} == before
+        return
+    monkeypatch.setattr(latents, "cache_latents", lambda *a, **k: pytest.fail("encoded before the refusal"))
+    line = _bad(world, tmp_path, _args(world, out, *args), capsys)
+    assert line == (f"manifoldgd-fast: error: --out {out}: class apple was distilled from other images than "
+                    f"{data / 'apple'} holds now (a file's size or modification time changed since); delete "
+                    f"{out / 'apple'} to distill it again from them, or use a new --out")
+    assert _digest(out) == before and not (out / "cherry").exists()
+    monkeypatch.undo()
+    shutil.rmtree(out / "apple")
+    assert main(_args(world, out, *args)) == 0
+    assert (out / "apple" / ".complete").exists() and (out / "cherry" / ".complete").exists()
+    if change == "rewrite":  # distilled from the new latents now
+        assert _digest(out)["latents/apple.safetensors"] != before["latents/apple.safetensors"]
+
+
 @pytest.mark.parametrize("damage, why", [
     ("rm 0/1.png", "banana/1.png is missing"),
     ("cp 0/0.png 0/1.png", "banana/1.png is not the file the run wrote (its sha256 differs)"),
