@@ -106,7 +106,7 @@ def weights_digest(module) -> str:
     for _, t in sorted(module.state_dict().items()):
         t = t.detach().to("cpu").contiguous()
         h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")  # (a 0-dim tensor cannot view)
     return h.hexdigest()[:16]
 
 
@@ -371,6 +371,13 @@ def safetensors_bytes(latents: torch.Tensor, metadata: dict[str, str], name: str
     return struct.pack("<Q", len(h)) + h + data
 
 
+def latents_sha256(latents: torch.Tensor) -> str:
+    """sha256 of the float32 little-endian bytes a cache file stores for ``latents``: a byte of the data
+    changed on disk (the header's checks cannot see it) is found when the class is loaded."""
+    x = latents.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False)
+    return hashlib.sha256(x.tobytes()).hexdigest()
+
+
 def encoded_with(batch_size: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """What made a class's latents that changes only their float rounding (so a cache made otherwise is
     still reused): the encoder's batch size, device type and precision. Recorded in each cache file."""
@@ -393,6 +400,7 @@ def _write_class(cache_dir: str, e: ClassEntry, latents: torch.Tensor, done: lis
         "vae": key.vae,
         "stamps": json.dumps(stamps, sort_keys=True),
         "encoded_with": json.dumps(made, sort_keys=True),
+        "latents_sha256": latents_sha256(latents),  # what load_class_latents checks the data against
     }
     path = class_cache_path(cache_dir, e.name)
     atomic_write_bytes(path, safetensors_bytes(latents, meta))
@@ -592,6 +600,10 @@ def load_class_latents(cache_dir: str, name: str) -> tuple[torch.Tensor, list[st
     except Exception as e:  # damaged, foreign or truncated file
         raise DataError(f"class {name}: latent cache file {path} is damaged ({e}); delete it "
                         "to recompute") from None
+    want = meta.get("latents_sha256")  # (files written before it was recorded: not compared)
+    if want is not None and latents_sha256(latents) != want:
+        raise DataError(f"class {name}: latent cache file {path} is damaged (its latents' sha256 is not the one "
+                        "recorded when it was written); delete it to recompute")
     if held != name:  # another class's file under this name (a case-insensitive file system: Cat and cat)
         raise DataError(f"class {name}: latent cache file {path} holds class {held!r}; class names that differ only "
                         "in case cannot share a cache on this file system: rename one class folder")

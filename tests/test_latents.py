@@ -186,10 +186,44 @@ def test_a_cache_file_holding_nan_is_named_with_its_class(tmp_path, root, vae):
     with safe_open(path, framework="pt") as f:
         meta = f.metadata()
     z = load_file(path)["latents"]
-    z[0, 0, 0, 0] = float("nan")
-    save_file({"latents": z}, path, metadata=meta)
+    z[0, 0, 0, 0] = float("nan")       # as an encoder that overflowed in half precision wrote it
+    save_file({"latents": z}, path, metadata=dict(meta, latents_sha256=L.latents_sha256(z)))
     with pytest.raises(DataError, match=r"^class cat: latent cache file .*cat.safetensors holds NaN or inf"):
         L.load_class_latents(cache, "cat")
+
+
+def test_a_byte_changed_in_a_cache_files_data_is_named_when_it_is_loaded(tmp_path, root, vae):
+    """The header's checks (class, files, stamps, VAE) cannot see a byte of the latents changed on disk (a
+    bad sector, a copy gone wrong; an exponent flip stays finite): each file records its latents' sha256,
+    and loading the class stops in one line naming the file and the way out. Deleting it re-encodes the
+    class to the same bytes."""
+    entries = D.scan_image_folder(str(root), classes=["cat"])
+    cache = str(tmp_path / "cache")
+    L.cache_latents(entries, vae, cache_dir=cache, image_size=SIZE, progress=False)
+    path = os.path.join(cache, "cat.safetensors")
+    good = open(path, "rb").read()
+    z, _ = L.load_class_latents(cache, "cat")
+    assert L.latents_sha256(z) == json.loads(open(path, "rb").read()[8:8 + int.from_bytes(good[:8], "little")]
+                                              )["__metadata__"]["latents_sha256"]
+    data = bytearray(good)
+    data[-1] ^= 0x01                     # an exponent bit of the last value: 4x or 1/4 of it, still finite
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(DataError, match=r"^class cat: latent cache file .*cat.safetensors is damaged \(its latents' "
+                                        r"sha256 is not the one recorded when it was written\); delete it to recompute$"):
+        L.load_class_latents(cache, "cat")
+    os.unlink(path)
+    L.cache_latents(entries, vae, cache_dir=cache, image_size=SIZE, progress=False)
+    assert open(path, "rb").read() == good
+
+
+def test_weights_digest_takes_zero_dim_tensors():
+    """A 0-dim parameter or buffer (a learnt scale, a step counter) is hashed by its bytes, as any other
+    (it raised 'self.dim() cannot be 0 to view Float as Byte')."""
+    a, b = torch.nn.Module(), torch.nn.Module()
+    a.register_buffer("s", torch.tensor(1.0))
+    b.register_buffer("s", torch.tensor(2.0))
+    assert L.weights_digest(a) != L.weights_digest(b)
+    assert L.weights_digest(a) == L.weights_digest(a)
 
 
 def test_stale_temps_of_killed_cache_writes_are_swept(tmp_path, root, vae):
