@@ -667,3 +667,60 @@ def test_discover_modes_passes_kmeans_tol():
     assert not torch.allclose(loose, tight)
     with pytest.raises(ConfigError, match="--kmeans-tol must be a number >= 0"):
         discover_modes(z, 4, method="kmeans", seed=1, kmeans_tol=-1.0)
+
+
+# ----------------------------------------------------------------------------
+# gaps a mutation audit found (each test fails on the stated mutation)
+# ----------------------------------------------------------------------------
+def test_kmeans_keeps_the_lowest_inertia_of_its_n_init_runs(monkeypatch):
+    """n_init independent seedings, the run of lowest inertia kept (the first on ties): ignoring n_init, or
+    keeping the last run, passed every other test."""
+    from manifoldgd_fast import _modes_common as mc
+
+    z = torch.randn(200, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    runs, real = [], mc._lloyd
+
+    def lloyd(*a, **k):
+        out = real(*a, **k)
+        runs.append(out)
+        return out
+
+    monkeypatch.setattr(mc, "_lloyd", lloyd)
+    centres, labels = kmeans(z, 7, seed=0, n_init=5)
+    assert len(runs) == 5
+    inertias = [float(r[2]) for r in runs]
+    assert len(set(inertias)) > 1                       # structureless data: the seedings do differ
+    best = runs[inertias.index(min(inertias))]
+    assert torch.equal(labels, best[1]) and torch.equal(centres, best[0])
+
+
+def test_each_bisection_draws_its_own_seed():
+    """Each 2-means split of the official tree is seeded by a draw from the tree's generator (the release's
+    random_state passed down); a fixed sub-seed gives every run the same tree on structureless data."""
+    z = torch.randn(200, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    trees = {tuple(sorted(tuple(sorted(map(int, leaf))) for leaf in bisecting_tree(z, 6, seed=s, n_init=1)[0]))
+             for s in range(6)}
+    assert len(trees) > 1
+
+
+@pytest.mark.parametrize("narrow", [0.3, 0.01])
+def test_gmm_is_sklearns_diagonal_em_from_the_same_start(narrow):
+    """Our EM equals sklearn's GaussianMixture(covariance_type='diag') started from the same parameters
+    (those of k-means' hard responsibilities), with the log-determinant in the E step (two blobs of very
+    different spread) and a variance floor (1e-6) that a narrow component's variances (1e-4) stay above."""
+    from sklearn.mixture import GaussianMixture
+
+    g = torch.Generator().manual_seed(0)
+    tight = torch.randn(150, 3, generator=g, dtype=torch.float64) * torch.tensor([narrow, narrow, 0.3], dtype=torch.float64)
+    wide = torch.randn(150, 3, generator=g, dtype=torch.float64) * 3.0 + torch.tensor([1.5, 0, 0], dtype=torch.float64)
+    z = torch.cat([tight, wide])
+    ours = gmm_modes(z, 2, seed=0)
+    _, labels = kmeans(z, 2, seed=0)
+    x = z.numpy()
+    resp = np.eye(2)[labels.numpy()]
+    nk = resp.sum(0)
+    means = resp.T @ x / nk[:, None]
+    var = resp.T @ (x * x) / nk[:, None] - means ** 2
+    ref = GaussianMixture(2, covariance_type="diag", tol=1e-3, reg_covar=1e-12, max_iter=100,
+                          weights_init=nk / nk.sum(), means_init=means, precisions_init=1 / var).fit(x)
+    np.testing.assert_allclose(ours.numpy(), ref.means_[np.argsort(-ref.weights_, kind="stable")], atol=1e-8)

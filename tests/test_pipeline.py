@@ -509,6 +509,36 @@ def test_precomputed_modes_are_tied_to_their_class_and_its_latents(tiny_world, t
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "banana.safetensors holds (1, " in err[0] and "modes, not (2, 4, 8, 8) (--ipc 2)" in err[0], err
     assert not (tmp_path / "d" / "apple").exists()
+    bad = load_file(str(modes / "banana.safetensors"))["modes"]      # NaN, with its own fingerprint
+    bad[0, 0, 0, 0] = float("nan")
+    save_file({"modes": bad}, str(m2 / "banana.safetensors"), metadata=meta)
+    assert main(run) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("banana.safetensors holds NaN or inf modes; recompute them with "
+                                             "`manifoldgd-fast modes`"), err
+    assert not (tmp_path / "d" / "apple").exists()
+
+
+def test_the_modes_command_refuses_its_modes_of_changed_images(tiny_world, tmp_path, capsys):
+    """`modes` again after a class's images changed: its file holds modes of the old latents, and is not
+    taken as done (nor replaced: it may be another run's); one line naming it, the file unchanged."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_world["data"], data)
+    base = ["modes", "--data", str(data), "--model", tiny_world["model"], "--cache-dir", str(tmp_path / "cache"),
+            "--out", str(tmp_path / "m"), *FAST]
+    assert main(base) == 0
+    f = tmp_path / "m" / "modes" / "apple.safetensors"
+    before = f.read_bytes()
+    image = sorted((data / "apple").iterdir())[0]
+    image.write_bytes(sorted((data / "banana").iterdir())[0].read_bytes())
+    capsys.readouterr()
+    assert main(base) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"manifoldgd-fast: error: {f} holds modes made with other mode parameters or latents (the "
+                       "class's images or the VAE changed since?); delete it to recompute, or use a new --out"), err
+    assert f.read_bytes() == before
 
 
 def test_embedded_demo_runs_without_arguments(tmp_path, monkeypatch):
