@@ -234,6 +234,14 @@ def test_default_encoder_is_trained_once_and_cached(folders, tmp_path):
     assert first["feature_dim"] == 512
     again = M.compute_metrics(dist, real, **kw)
     assert again["encoder"]["cached"] is True and again["fid"] == first["fid"] and again["l2"] == first["l2"]
+    # the real images rewritten under the same names: another encoder (it kept the old one, silently)
+    for name in sorted(os.listdir(os.path.join(real, "ant"))):
+        path = os.path.join(real, "ant", name)
+        st = os.stat(path)
+        shutil.copy(os.path.join(real, "bee", name), path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    changed = M.compute_metrics(dist, real, **kw)
+    assert changed["encoder"]["cached"] is False and changed["encoder"]["cache"] != first["encoder"]["cache"]
 
 
 def test_metrics_class_mismatch(folders, tmp_path):

@@ -580,7 +580,11 @@ def test_temperature_and_duplicate_seeds_are_refused(folders, capsys):
     with pytest.raises(ConfigError) as e:
         P.evaluate(dist, val, seeds=[0, 5, 0], device="cpu", progress=False)
     assert _one_line(e) == "--seeds 0,5,0: seed 0 given more than once"
-    for args, flag in [(["--seeds", "1,1"], "--seeds 1,1"), (["--temperature", "nan"], "--temperature nan")]:
+    with pytest.raises(ConfigError) as e:   # torch's generators take less than 2**64: it failed mid-evaluation
+        P.evaluate(dist, val, seeds=[0, 2 ** 70], device="cpu", progress=False)
+    assert _one_line(e) == f"--seeds 0,{2 ** 70}: seed {2 ** 70} is outside 0 .. 2**63 - 1"
+    for args, flag in [(["--seeds", "1,1"], "--seeds 1,1"), (["--temperature", "nan"], "--temperature nan"),
+                       (["--seeds", "0,-3"], "--seeds 0,-3")]:
         assert main(["eval", "--distilled", dist, "--real-val", val, "--no-progress", *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"manifoldgd-fast: error: {flag}:"), err
@@ -743,3 +747,48 @@ def test_soft_label_loss_softens_the_teachers_logits_too(monkeypatch):
     soft = [math.exp(v / T) / z for v in t]
     expect = torch.tensor([-0.1 * (1 / 3 - s) / T for s in soft], dtype=torch.float64)
     torch.testing.assert_close(b, expect, atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------------------- gaps a mutation audit found
+def test_accuracy_feeds_the_net_normalised_images():
+    """The test split goes through the training's normalisation (unit range, ImageNet mean / std): feeding
+    raw 0..1 images passed every other test."""
+    from manifoldgd_fast.eval import augment as A
+
+    x = (torch.rand(5, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, z):
+            seen.append(z.clone())
+            return torch.zeros(len(z), 3)
+
+    P.accuracy(Spy(), P.Split(x, torch.zeros(5, dtype=torch.long)), torch.device("cpu"), 2, "fp32")
+    torch.testing.assert_close(torch.cat(seen), A.normalize(A.to_unit(x)))
+    assert float(A.to_unit(torch.tensor([255], dtype=torch.uint8))) == 1.0
+
+
+def test_the_training_flip_is_a_fair_coin(monkeypatch):
+    """Horizontal flip with p = 1/2 per image (with the crop pinned to the whole image and no colour
+    noise, an image comes out as itself or its mirror)."""
+    from manifoldgd_fast.eval import augment as A
+
+    monkeypatch.setattr(A, "crop_boxes", lambda n, h, w, *a, **k: torch.tensor([[0.0, 0.0, h, w]] * n))
+    x = torch.arange(16, dtype=torch.uint8).view(1, 1, 4, 4).expand(2000, 3, 4, 4).contiguous()
+    out = A.TrainAugment(4, jitter=0.0, light=0.0)(x, torch.Generator().manual_seed(0))
+    ref = A.normalize(A.to_unit(x[:1]))
+    flipped = (out - ref.flip(-1)).abs().amax((1, 2, 3)) < 1e-5
+    same = (out - ref).abs().amax((1, 2, 3)) < 1e-5
+    assert bool((flipped | same).all()) and 0.45 < float(flipped.float().mean()) < 0.55
+
+
+def test_each_evaluation_is_appended_to_the_manifest(folders, monkeypatch):
+    """A distilled folder's manifest keeps every evaluation made of it (`eval`: a list), not the last."""
+    dist, val = folders
+    monkeypatch.setattr(P, "train_net", lambda net, *a, seed, **kw: {"seed": seed, "best": 1.0, "final": 1.0,
+                                                                     "params": 1})
+    for _ in range(2):
+        P.evaluate(dist, val, nets="convnet6", seeds=1, epochs=1, size=8, device="cpu", progress=False)
+    with open(os.path.join(dist, "manifest.json")) as f:
+        man = json.load(f)
+    assert len(man["eval"]) == 2 and man["method"] == "manifoldgd"

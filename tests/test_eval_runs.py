@@ -283,3 +283,99 @@ def test_killed_run_continues_from_its_last_checkpoint(folders, tmp_path, monkey
     monkeypatch.setattr(P, "lr_at", lambda epoch, *a: started.append(epoch) or lr_at(epoch, *a))
     P.train_net("convnet6", train, valset, 3, checkpoint=ck, checkpoint_key="other", **kw)
     assert started == [0, 1, 2, 3, 4]
+
+
+def _splits(folders):
+    entries = P.match_classes(*folders)
+    return P.Split(*P.load_images(entries[1], 8)), P.Split(*P.load_images(entries[2], 8))
+
+
+def test_a_run_killed_within_a_test_window_keeps_its_train_accuracy(folders, tmp_path, monkeypatch):
+    """The training accuracy counts over the epochs since the last test: a checkpoint between two tests
+    keeps the count, so a resumed run reports the uninterrupted run's train_acc."""
+    train, valset = _splits(folders)
+    hp = dict(P.default_hparams(3), batch_size=4)
+    kw = dict(size=8, epochs=5, hp=hp, seed=1, device=torch.device("cpu"), eval_every=5, progress=False)
+    whole = P.train_net("convnet6", train, valset, 3, **kw)
+    ck = str(tmp_path / "run.pt")
+    monkeypatch.setattr(resume, "CHECKPOINT_EVERY_S", 0.0)
+    lr_at = P.lr_at
+
+    def killed_at_epoch_3(epoch, *a):
+        if epoch == 3:
+            raise KeyboardInterrupt
+        return lr_at(epoch, *a)
+
+    monkeypatch.setattr(P, "lr_at", killed_at_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        P.train_net("convnet6", train, valset, 3, checkpoint=ck, checkpoint_key="k", **kw)
+    monkeypatch.setattr(P, "lr_at", lr_at)
+    res = P.train_net("convnet6", train, valset, 3, checkpoint=ck, checkpoint_key="k", **kw)
+    assert res["train_acc"] == whole["train_acc"] and res["history"] == whole["history"]
+
+
+def test_a_torn_checkpoint_starts_the_run_over(folders, tmp_path):
+    """A checkpoint cut short (a kill while torch.save wrote a zip) is not a traceback: the run starts at
+    epoch 0 and gives the uninterrupted run's history."""
+    train, _ = _splits(folders)
+    hp = dict(P.default_hparams(3), batch_size=4)
+    kw = dict(size=8, epochs=2, hp=hp, seed=1, device=torch.device("cpu"), progress=False)
+    whole = P.train_net("convnet6", train, train, 3, **kw)
+    ck = tmp_path / "run.pt"
+    ck.write_bytes(b"PK\x03\x04 torn")
+    res = P.train_net("convnet6", train, train, 3, checkpoint=str(ck), checkpoint_key="k", **kw)
+    assert res["history"] == whole["history"]
+
+
+def test_finished_runs_of_another_lr_are_not_reused(folders, tmp_path, monkeypatch):
+    """The partial file's key holds the hyper-parameters: a killed evaluation rerun with another --lr trains
+    every run again, with that lr."""
+    dist, val = folders
+    kw = dict(nets="convnet6", seeds=2, epochs=2, size=8, batch_size=4, device="cpu", progress=False)
+    out = str(tmp_path / "e.json")
+    train, calls = P.train_net, []
+
+    def killed_at_the_second(*a, **k):
+        calls.append(k["seed"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return train(*a, **k)
+
+    monkeypatch.setattr(P, "train_net", killed_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        P.evaluate(dist, val, out_json=out, **kw)
+    calls.clear()
+    monkeypatch.setattr(P, "train_net", lambda *a, **k: calls.append((k["seed"], k["hp"]["lr"])) or train(*a, **k))
+    res = P.evaluate(dist, val, out_json=out, lr=0.05, **kw)
+    assert calls == [(0, 0.05), (1, 0.05)] and res["hparams"]["lr"] == 0.05
+
+
+def test_a_resume_with_the_folders_in_another_order_continues_each_folders_own_run(folders, tmp_path, monkeypatch):
+    """Several distilled folders, killed mid-run, rerun with the folders listed in another order: each run
+    continues from its own folder's checkpoint (they were named by position: the other folder's run went on
+    from this one's epoch 4) and the results are the uninterrupted run's."""
+    import shutil
+
+    dist, val = folders
+    other = str(tmp_path / "other")
+    shutil.copytree(dist, other)
+    for i, name in enumerate(sorted(os.listdir(os.path.join(other, "bee")))):   # another set: trains otherwise
+        Image.fromarray(np.full((16, 16, 3), 50 * i, np.uint8)).save(os.path.join(other, "bee", name))
+    kw = dict(nets="convnet6", seeds=[0], epochs=6, size=8, batch_size=4, device="cpu", progress=False, eval_every=1)
+    whole = P.evaluate([other, dist], val, out_json=str(tmp_path / "whole.json"), **kw)
+    out = str(tmp_path / "e.json")
+    monkeypatch.setattr(resume, "CHECKPOINT_EVERY_S", 0.0)
+    lr_at = P.lr_at
+
+    def killed_at_epoch_4(epoch, *a):
+        if epoch == 4:
+            raise KeyboardInterrupt
+        return lr_at(epoch, *a)
+
+    monkeypatch.setattr(P, "lr_at", killed_at_epoch_4)
+    with pytest.raises(KeyboardInterrupt):
+        P.evaluate([dist, other], val, out_json=out, **kw)          # killed in dist's run
+    monkeypatch.setattr(P, "lr_at", lr_at)
+    res = P.evaluate([other, dist], val, out_json=out, **kw)
+    histories = lambda r: [s["history"] for s in r["nets"]["convnet6"]["seeds"]]  # noqa: E731
+    assert histories(res) == histories(whole)

@@ -405,8 +405,12 @@ def extract_features(encoder: torch.nn.Module, entries, size: int, device: torch
 
 
 def _encoder_key(real: str, entries, size: int, epochs: int, cap: int) -> str:
+    """What the default encoder was trained from: the real images by name, size and modification time
+    (an image rewritten under the same name trains another encoder), and the recipe."""
+    from .resume import files_digest
+
     desc = {"real": os.path.abspath(real), "classes": [[e.name, len(e.files)] for e in entries], "size": size,
-            "epochs": epochs, "max_per_class": cap, "recipe": ENCODER_RECIPE}
+            "epochs": epochs, "max_per_class": cap, "recipe": ENCODER_RECIPE, "files": files_digest(entries)}
     return hashlib.sha1(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
 
 

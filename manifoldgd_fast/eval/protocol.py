@@ -425,6 +425,9 @@ def _check_seeds(seeds) -> list[int]:
     seed_list = [int(s) for s in seeds]
     if not seed_list:
         raise ConfigError(f"--seeds {seeds}: must be >= 1")
+    far = [s for s in seed_list if not 0 <= s < 2 ** 63]
+    if far:  # (torch's generators take less than 2**64; it failed after the earlier seeds had trained)
+        raise ConfigError(f"--seeds {','.join(map(str, seed_list))}: seed {far[0]} is outside 0 .. 2**63 - 1")
     dup = sorted({s for s in seed_list if seed_list.count(s) > 1})
     if dup:
         raise ConfigError(f"--seeds {','.join(map(str, seed_list))}: seed {', '.join(map(str, dup))} "
@@ -573,7 +576,8 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
                                   device=dev, teacher=teacher_mod, temperature=temperature, eval_every=eval_every,
                                   augment=augment, val_batch_size=val_batch_size, progress=progress,
                                   desc=f"{net} seed {s}{tag}", precision=precision,
-                                  checkpoint=None if fingerprint is None else f"{partial}.{i}.{net}.{s}.pt",
+                                  checkpoint=None if fingerprint is None else
+                                  f"{partial}.{resume.path_key(folder)}.{net}.{s}.pt",
                                   checkpoint_key=fingerprint or "")
                     r["distilled"] = os.path.abspath(folder)
                     runs.append(r)

@@ -4,6 +4,7 @@ checkpoint of the run that was cut short, each kept under a key of everything it
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -40,6 +41,12 @@ def read_checkpoint(path: str | None, key: str, device: torch.device) -> dict | 
 def files_digest(entries: list[ClassEntry]) -> str:
     """The entries' images by name, size and modification time (latents.file_stamps), without reading them."""
     return fields_digest({e.name: file_stamps(e) for e in entries})
+
+
+def path_key(folder: str) -> str:
+    """12 hex digits naming ``folder`` (by its absolute path) in a file name: a run's checkpoint is that of
+    its folder, not of its place in the list (a resume may list the folders in another order)."""
+    return hashlib.sha256(os.path.abspath(folder).encode()).hexdigest()[:12]
 
 
 def file_identity(path) -> str | None:
