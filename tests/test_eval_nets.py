@@ -210,3 +210,49 @@ def test_other_torchvision_resnets_are_refused():
         N.load_net(deeper, what="--encoder")
     with pytest.raises(ConfigError, match="key 'avgpool.weight'"):
         N.load_net(dict(sd, **{"avgpool.weight": torch.zeros(1)}), what="--encoder")
+
+
+# --------------------------------------------------------------------------- gaps a mutation audit found
+def test_convnet_is_conv_norm_relu_pool_per_layer():
+    """ConvNet-6 at 32 px against a functional forward of its own weights: conv, instance norm, ReLU, 2x2
+    average pool, six times, then the linear layer (dropping the ReLU passed every other test)."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    net = N.build_net("convnet6", 5, size=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    h, side = x, 32
+    convs = [m for m in net.features if isinstance(m, torch.nn.Conv2d)]
+    norms = [m for m in net.features if isinstance(m, torch.nn.GroupNorm)]
+    assert len(convs) == 6 and len(norms) == 6
+    for conv, norm in zip(convs, norms):
+        h = F.relu(F.group_norm(F.conv2d(h, conv.weight, conv.bias, padding=1), conv.out_channels,
+                                norm.weight, norm.bias, norm.eps))
+        if side // 2 >= 2:          # at 32 px (< 2**6) pooled while the map stays >= 2 x 2: 16, 8, 4, 2
+            h, side = F.avg_pool2d(h, 2, 2), side // 2
+    want = F.linear(h.flatten(1), net.classifier.weight, net.classifier.bias)
+    torch.testing.assert_close(net(x), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name, side", [("resnetap10", 56), ("resnet18", 56)])
+def test_the_large_stem_leaves_a_quarter_of_224(name, side):
+    """At 224 px both stems hand the first stage 56 x 56 maps: ResNetAP's conv7x7 stride 1 + 4x4 average
+    pool, ResNet's conv7x7 stride 2 + 3x3/2 max pool (IDC's nets)."""
+    net = N.build_net(name, 3, size=224).eval()
+    seen = []
+    net.stages[0].register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        net(torch.zeros(1, 3, 224, 224))
+    assert seen == [(1, 64, side, side)]
+
+
+def test_resnet_convs_start_with_idcs_he_init():
+    """IDC's init: each conv's weights ~ N(0, 2 / (k * k * out_channels)); norms' weight 1, bias 0."""
+    torch.manual_seed(0)
+    net = N.build_net("resnet18", 10, size=32)
+    for name, m in net.named_modules():
+        if isinstance(m, torch.nn.Conv2d) and m.weight.numel() >= 4096:
+            want = (2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)) ** 0.5
+            assert abs(float(m.weight.detach().std()) / want - 1) < 0.1, name
+        elif isinstance(m, torch.nn.GroupNorm):
+            assert bool((m.weight == 1).all()) and bool((m.bias == 0).all()), name

@@ -792,3 +792,108 @@ def test_each_evaluation_is_appended_to_the_manifest(folders, monkeypatch):
     with open(os.path.join(dist, "manifest.json")) as f:
         man = json.load(f)
     assert len(man["eval"]) == 2 and man["method"] == "manifoldgd"
+
+
+def test_the_augmentation_is_specs():
+    """SPEC 7's training augmentation, pinned: RandomResizedCrop scale 0.5-1, ImageNet mean / std, AlexNet's
+    PCA lighting (a per-image RGB shift, nonzero), and CutMix's partner drawn anew per batch."""
+    from manifoldgd_fast.eval import augment as A
+
+    assert A.IMAGENET_MEAN == (0.485, 0.456, 0.406) and A.IMAGENET_STD == (0.229, 0.224, 0.225)
+    assert A.PCA_EIGVAL == (0.2175, 0.0188, 0.0045)
+    scales, real = [], A.crop_boxes
+
+    def spy(n, h, w, gen, device, scale=(0.5, 1.0), *a, **k):
+        scales.append(tuple(scale))
+        return torch.tensor([[0.0, 0.0, h, w]] * n)
+
+    x = (torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
+    try:
+        A.crop_boxes = spy
+        out = A.TrainAugment(8, flip=False, jitter=0.0)(x, torch.Generator().manual_seed(0))
+    finally:
+        A.crop_boxes = real
+    assert scales == [(0.5, 1.0)]
+    std, mean = torch.tensor(A.IMAGENET_STD).view(1, 3, 1, 1), torch.tensor(A.IMAGENET_MEAN).view(1, 3, 1, 1)
+    shift = out * std + mean - A.to_unit(x)                  # crop = whole image, no flip, no jitter
+    per_image = shift.mean((2, 3), keepdim=True)
+    torch.testing.assert_close(shift, per_image.expand_as(shift), atol=1e-5, rtol=0)
+    assert float(per_image.abs().amax((1, 2, 3)).min()) > 1e-3        # (without it: rounding, ~1e-7)
+    perms = {tuple(A.cutmix(torch.zeros(6, 3, 4, 4), torch.Generator().manual_seed(s))[1].tolist()) for s in range(20)}
+    assert len(perms) > 1
+
+
+def test_best_is_the_first_highest_test_and_final_the_last(folders, monkeypatch):
+    """best = the highest test accuracy, best_epoch = the first epoch reaching it, final = the last test."""
+    dist, val = folders
+    entries = P.match_classes(dist, val)
+    train = P.Split(*P.load_images(entries[1], 8))
+    accs = iter([10.0, 30.0, 30.0, 20.0])
+    monkeypatch.setattr(P, "accuracy", lambda *a, **k: next(accs))
+    hp = dict(P.default_hparams(3), batch_size=4)
+    r = P.train_net("convnet6", train, train, 3, size=8, epochs=4, hp=hp, seed=0, device=torch.device("cpu"),
+                    eval_every=1, progress=False)
+    assert (r["best"], r["best_epoch"], r["final"]) == (30.0, 2, 20.0)
+    assert r["history"] == [[1, 10.0], [2, 30.0], [3, 30.0], [4, 20.0]]
+
+
+def test_each_epoch_draws_a_new_order(folders, monkeypatch):
+    """The training set is shuffled every epoch (not in file order, not the same order twice)."""
+    dist, val = folders
+    entries = P.match_classes(dist, val)
+    train = P.Split(*P.load_images(entries[1], 8))
+    orders, images = [], P.Split.images
+
+    def spy(self, idx, device):
+        if self is train and not isinstance(idx, slice):   # (the tests read it by slices)
+            orders.append([int(i) for i in idx])
+        return images(self, idx, device)
+
+    monkeypatch.setattr(P.Split, "images", spy)
+    hp = dict(P.default_hparams(3), batch_size=len(train))
+    P.train_net("convnet6", train, train, 3, size=8, epochs=2, hp=hp, seed=0, device=torch.device("cpu"),
+                eval_every=2, progress=False)
+    assert len(orders) == 2 and sorted(orders[0]) == list(range(len(train)))
+    assert orders[0] != list(range(len(train))) and orders[0] != orders[1]
+
+
+def test_accuracy_is_over_every_image():
+    class Zero(torch.nn.Module):
+        def forward(self, z):
+            return torch.stack([torch.ones(len(z)), torch.zeros(len(z))], 1)
+
+    x = torch.zeros(3, 3, 4, 4, dtype=torch.uint8)
+    acc = P.accuracy(Zero(), P.Split(x, torch.tensor([0, 0, 1])), torch.device("cpu"), 2, "fp32")
+    assert acc == pytest.approx(200 / 3)
+
+
+def test_hparams_switch_past_100_classes_and_the_ipc_is_the_largest_class(folders, monkeypatch):
+    """SPEC 7: lr 0.1, wd 1e-4, batch 128 for more than 100 classes (100 keeps 0.01 / 5e-4 / 64); the IPC that
+    sets the epochs is the largest class's (a class short of images does not lower it); the validation
+    short side is round(size * 256 / 224)."""
+    assert (P.default_hparams(100)["batch_size"], P.default_hparams(100)["lr"]) == (64, 0.01)
+    assert (P.default_hparams(101)["batch_size"], P.default_hparams(101)["lr"]) == (128, 0.1)
+    dist, val = folders
+    import shutil
+
+    for i in range(4, 12):       # bee: 12 images, ant: 3
+        shutil.copy(os.path.join(dist, "bee", sorted(os.listdir(os.path.join(dist, "bee")))[0]),
+                    os.path.join(dist, "bee", f"x{i}.png"))
+    os.remove(os.path.join(dist, "ant", sorted(os.listdir(os.path.join(dist, "ant")))[0]))
+    got = {}
+    monkeypatch.setattr(P, "train_net", lambda net, *a, seed, epochs, **kw: got.update(epochs=epochs) or
+                        {"seed": seed, "best": 1.0, "final": 1.0, "params": 1})
+    res = P.evaluate(dist, val, nets="convnet6", seeds=1, size=32, device="cpu", progress=False)
+    assert res["ipc"] == 12 and got["epochs"] == P.default_epochs(12, 3) == 1500
+    assert res["val_resize"] == 37                                  # 36.57 rounds up
+
+
+def test_the_real_subset_is_drawn_per_class():
+    """capped: each class's subset is its own draw (seeded by its name), not the same positions for all."""
+    from manifoldgd_fast.data import ClassEntry
+
+    files = [f"/r/{i}.png" for i in range(20)]
+    a = P.capped(ClassEntry("a", 0, [f.replace("/r/", "/r/a/") for f in files]), 5)
+    b = P.capped(ClassEntry("b", 1, [f.replace("/r/", "/r/b/") for f in files]), 5)
+    pick = lambda e: [os.path.basename(f) for f in e.files]  # noqa: E731
+    assert len(pick(a)) == 5 and pick(a) != pick(b)
