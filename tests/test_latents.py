@@ -81,6 +81,14 @@ def test_latent_cache_dir_keying(tmp_path, monkeypatch):
     assert L.encode_precision("cuda", torch.float32) == "float32"
     with pytest.raises(ConfigError, match="precision"):
         L.latent_cache_dir(str(tmp_path), "/d", "v", 8, "int8")
+    # a local VAE folder counts by its absolute path: the same folder given relatively from two places
+    vae_dir = tmp_path / "models" / "vae"
+    vae_dir.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    here = L.latent_cache_dir(str(tmp_path), "/d", "models/vae", 8)
+    monkeypatch.chdir(tmp_path / "models")
+    assert L.latent_cache_dir(str(tmp_path), "/d", "vae", 8) == here
+    assert here == L.latent_cache_dir(str(tmp_path), "/d", str(vae_dir), 8)
     monkeypatch.setenv("MANIFOLDGD_CACHE", str(tmp_path / "env"))
     assert L.latent_cache_dir(None, "/d", "v", 8).startswith(str(tmp_path / "env" / "latents"))
     monkeypatch.delenv("MANIFOLDGD_CACHE")
@@ -555,6 +563,17 @@ def test_cache_is_stale_when_an_image_or_the_vae_weights_change(tmp_path, root, 
     with pytest.warns(UserWarning):
         stats = L.cache_latents(entries, other, **kw)
     assert not stats["cat"]["cached"] and not stats["dog"]["cached"]
+
+
+def test_cache_is_stale_at_another_image_size(tmp_path, root, vae):
+    """A cache file of the class at another --image-size (the same cache folder given by hand) is encoded
+    again, not taken."""
+    entries = D.scan_image_folder(str(root), classes=["cat"])
+    cache = str(tmp_path / "cache")
+    L.cache_latents(entries, vae, cache_dir=cache, image_size=SIZE, progress=False)
+    assert L.cache_latents(entries, vae, cache_dir=cache, image_size=SIZE, progress=False)["cat"]["cached"]
+    again = L.cache_latents(entries, vae, cache_dir=cache, image_size=SIZE * 2, progress=False)
+    assert not again["cat"]["cached"] and L.load_class_latents(cache, "cat")[0].shape[-1] == SIZE  # 2x down
 
 
 def test_encode_images_scales_by_the_vaes_own_scaling_factor():

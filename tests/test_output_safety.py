@@ -230,6 +230,27 @@ def test_every_file_is_on_disk_before_it_is_renamed_into_place(tmp_path, monkeyp
     assert len(synced) == 1 + (2 + 1 + 1) + 2     # the file; 2 PNGs, the done mark, the latents; the model's 2
 
 
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch):
+    """The rename fails (a full disk, a read-only folder): the error names the file asked for (not the temp's
+    random name), the old file is untouched and the temp is removed."""
+    import errno
+
+    from manifoldgd_fast.output import atomic_write_bytes
+
+    target = tmp_path / "m.json"
+    target.write_bytes(b"old")
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device", src)
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OSError) as e:
+        atomic_write_bytes(str(target), b"new")
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(target)
+    monkeypatch.undo()
+    assert target.read_bytes() == b"old" and sorted(os.listdir(tmp_path)) == ["m.json"]
+
+
 def test_a_folder_written_atomically_is_all_old_or_all_new(tmp_path):
     """save_pretrained_folder (finetune's output, write_model's) fails half-way: the old folder stays whole and
     no temp is left; once it succeeds the folder holds only the new content, with the umask's modes."""
