@@ -242,10 +242,12 @@ def test_killed_evaluation_resumes_its_finished_runs(folders, tmp_path, monkeypa
     assert calls == [0, 1, 2]
 
 
-def test_killed_run_continues_from_its_last_checkpoint(folders, tmp_path, monkeypatch):
+@pytest.mark.parametrize("eval_every", [1, 5])
+def test_killed_run_continues_from_its_last_checkpoint(folders, tmp_path, monkeypatch, eval_every):
     """A run killed mid-training continues from its last saved epoch (net, optimizer, generators,
     history) and ends with the uninterrupted run's results, bit for bit on the CPU; a checkpoint of
-    other settings is not used; the file goes when the run ends."""
+    other settings is not used; the file goes when the run ends. Killed between two tests (eval_every
+    5), the training accuracy counted since the last test is kept too."""
     dist, val = folders
     entries = P.match_classes(dist, val)
     x, y = P.load_images(entries[1], 8)
@@ -254,17 +256,12 @@ def test_killed_run_continues_from_its_last_checkpoint(folders, tmp_path, monkey
     valset = P.Split.place(x, y, torch.device("cpu"))
     hp = P.default_hparams(3, False)
     hp["batch_size"] = 4
-    kw = dict(size=8, epochs=5, hp=hp, seed=1, device=torch.device("cpu"), eval_every=1, progress=False)
+    kw = dict(size=8, epochs=5, hp=hp, seed=1, device=torch.device("cpu"), eval_every=eval_every, progress=False)
     whole = P.train_net("convnet6", train, valset, 3, **kw)
     ck = str(tmp_path / "run.pt")
     monkeypatch.setattr(resume, "CHECKPOINT_EVERY_S", 0.0)
     lr_at = P.lr_at
-
-    def killed_at_epoch_3(epoch, *a):
-        if epoch == 3:
-            raise KeyboardInterrupt
-        return lr_at(epoch, *a)
-
+    killed_at_epoch_3 = _killed_at(3)
     monkeypatch.setattr(P, "lr_at", killed_at_epoch_3)
     with pytest.raises(KeyboardInterrupt):
         P.train_net("convnet6", train, valset, 3, checkpoint=ck, checkpoint_key="k", **kw)
@@ -285,33 +282,21 @@ def test_killed_run_continues_from_its_last_checkpoint(folders, tmp_path, monkey
     assert started == [0, 1, 2, 3, 4]
 
 
-def _splits(folders):
-    entries = P.match_classes(*folders)
-    return P.Split(*P.load_images(entries[1], 8)), P.Split(*P.load_images(entries[2], 8))
-
-
-def test_a_run_killed_within_a_test_window_keeps_its_train_accuracy(folders, tmp_path, monkeypatch):
-    """The training accuracy counts over the epochs since the last test: a checkpoint between two tests
-    keeps the count, so a resumed run reports the uninterrupted run's train_acc."""
-    train, valset = _splits(folders)
-    hp = dict(P.default_hparams(3), batch_size=4)
-    kw = dict(size=8, epochs=5, hp=hp, seed=1, device=torch.device("cpu"), eval_every=5, progress=False)
-    whole = P.train_net("convnet6", train, valset, 3, **kw)
-    ck = str(tmp_path / "run.pt")
-    monkeypatch.setattr(resume, "CHECKPOINT_EVERY_S", 0.0)
+def _killed_at(epoch_to_kill: int):
+    """P.lr_at, raising KeyboardInterrupt (a kill) when asked for 0-based epoch ``epoch_to_kill``."""
     lr_at = P.lr_at
 
-    def killed_at_epoch_3(epoch, *a):
-        if epoch == 3:
+    def lr(epoch, *a):
+        if epoch == epoch_to_kill:
             raise KeyboardInterrupt
         return lr_at(epoch, *a)
 
-    monkeypatch.setattr(P, "lr_at", killed_at_epoch_3)
-    with pytest.raises(KeyboardInterrupt):
-        P.train_net("convnet6", train, valset, 3, checkpoint=ck, checkpoint_key="k", **kw)
-    monkeypatch.setattr(P, "lr_at", lr_at)
-    res = P.train_net("convnet6", train, valset, 3, checkpoint=ck, checkpoint_key="k", **kw)
-    assert res["train_acc"] == whole["train_acc"] and res["history"] == whole["history"]
+    return lr
+
+
+def _splits(folders):
+    entries = P.match_classes(*folders)
+    return P.Split(*P.load_images(entries[1], 8)), P.Split(*P.load_images(entries[2], 8))
 
 
 def test_a_torn_checkpoint_starts_the_run_over(folders, tmp_path):
@@ -365,17 +350,10 @@ def test_a_resume_with_the_folders_in_another_order_continues_each_folders_own_r
     whole = P.evaluate([other, dist], val, out_json=str(tmp_path / "whole.json"), **kw)
     out = str(tmp_path / "e.json")
     monkeypatch.setattr(resume, "CHECKPOINT_EVERY_S", 0.0)
-    lr_at = P.lr_at
-
-    def killed_at_epoch_4(epoch, *a):
-        if epoch == 4:
-            raise KeyboardInterrupt
-        return lr_at(epoch, *a)
-
-    monkeypatch.setattr(P, "lr_at", killed_at_epoch_4)
+    monkeypatch.setattr(P, "lr_at", _killed_at(4))
     with pytest.raises(KeyboardInterrupt):
         P.evaluate([dist, other], val, out_json=out, **kw)          # killed in dist's run
-    monkeypatch.setattr(P, "lr_at", lr_at)
+    monkeypatch.undo()
     res = P.evaluate([other, dist], val, out_json=out, **kw)
     histories = lambda r: [s["history"] for s in r["nets"]["convnet6"]["seeds"]]  # noqa: E731
     assert histories(res) == histories(whole)
