@@ -26,6 +26,7 @@ S 6, B 12, L 16, XL 16 × 72.
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 
@@ -62,6 +63,10 @@ def _state_dict(path: str) -> dict[str, torch.Tensor]:
         sd = sd["ema"]
     if not isinstance(sd, dict) or "x_embedder.proj.weight" not in sd:
         raise ModelError(f"--model {path}: not an original DiT state dict (no x_embedder.proj.weight)")
+    odd = next((k for k, v in sd.items() if not isinstance(v, torch.Tensor)), None)
+    if odd is not None:
+        raise ModelError(f"--model {path}: not an original DiT state dict ({odd!r} is a {type(sd[odd]).__name__}, "
+                         "not a tensor)")
     return sd
 
 
@@ -80,12 +85,20 @@ def dit_config_from_state_dict(sd: dict[str, torch.Tensor], heads: int | None = 
     if lacking:
         raise ModelError(f"not an original DiT state dict (no {', '.join(lacking)})")
     w = sd["x_embedder.proj.weight"]                       # (hidden, in_channels, p, p)
+    if w.dim() != 4 or w.shape[2] != w.shape[3]:
+        raise ModelError(f"x_embedder.proj.weight is {tuple(w.shape)}, not a square patch embedding "
+                         "(hidden, channels, p, p)")
     hidden, in_ch, p = w.shape[0], w.shape[1], w.shape[2]
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    n_tokens = sd["pos_embed"].shape[1] if "pos_embed" in sd else None
-    if n_tokens is None:
+    blocks = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if not blocks:
+        raise ModelError("not an original DiT state dict (no blocks.<i>. tensors)")
+    depth = 1 + max(blocks)
+    if "pos_embed" not in sd:
         raise ModelError("the DiT checkpoint has no pos_embed: its latent size is unknown")
-    side = int(round(n_tokens ** 0.5))
+    pos = sd["pos_embed"]                                  # (1, tokens, hidden)
+    side = int(round(pos.shape[1] ** 0.5)) if pos.dim() == 3 else 0
+    if pos.dim() != 3 or side * side != pos.shape[1]:
+        raise ModelError(f"pos_embed is {tuple(pos.shape)}, not (1, side * side tokens, hidden)")
     heads = heads or DIT_HEADS.get(hidden)
     if heads is None or hidden % heads:
         raise ModelError(f"a width-{hidden} DiT is not one of DiT-S/B/L/XL ({sorted(DIT_HEADS)}): "
@@ -131,7 +144,11 @@ def convert_state_dict(sd: dict[str, torch.Tensor], depth: int) -> dict[str, tor
             out[f"{t}attn1.to_out.0.{kind}"] = sd[f"{b}attn.proj.{kind}"]
             out[f"{t}ff.net.0.proj.{kind}"] = sd[f"{b}mlp.fc1.{kind}"]
             out[f"{t}ff.net.2.{kind}"] = sd[f"{b}mlp.fc2.{kind}"]
-    return {k: v.contiguous() for k, v in out.items()}
+    # Each tensor its own copy: every block's embedders are the same tensors, q / k / v views of one,
+    # and load_state_dict(assign=True) would keep them sharing memory (on the CPU at the file's dtype,
+    # where .to() copies nothing): one optimiser step would then move a shared embedder once per block,
+    # and saving the model fails (safetensors refuses tensors that share memory).
+    return {k: v.clone(memory_format=torch.contiguous_format) for k, v in out.items()}
 
 
 def _few(names: list[str]) -> str:

@@ -629,3 +629,31 @@ def test_profile_json_is_checked_before_the_run(tmp_path, image_folder, capsys, 
     (tmp_path / "j").mkdir()
     assert main(["profile", "--data", str(image_folder), "--model", "x", "--ipc", "1", "--json", str(tmp_path / "j")]) == 2
     assert _one_line(capsys.readouterr().err) == f"manifoldgd-fast: error: --json {tmp_path / 'j'}: a folder; give a file name"
+
+
+def test_devices_that_cannot_run_are_refused_in_one_line(monkeypatch, tiny_world, tmp_path, capsys):
+    """--device takes cpu and cuda[:N] of this machine: mps / xla / meta (which torch.device accepts) ended in
+    torch's traceback mid-run, and cuda:3 on a one-GPU machine in 'invalid device ordinal'."""
+    import torch
+
+    from manifoldgd_fast.devices import resolve_device
+    from manifoldgd_fast.errors import ConfigError
+
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device("auto").type in ("cpu", "cuda")
+    for name in ("mps", "meta", "xla"):
+        with pytest.raises(ConfigError, match=f"^--device {name}: runs on cpu or cuda\\[:N\\], not on {name}$"):
+            resolve_device(name)
+    with pytest.raises(ConfigError, match="unknown device 'gpu'"):
+        resolve_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(ConfigError, match=r"^--device cuda:3: this machine has 1 CUDA device\(s\), cuda:0 \.\. cuda:0$"):
+        resolve_device("cuda:3")
+    monkeypatch.undo()
+    from manifoldgd_fast.cli import main
+
+    assert main(["distill", "--data", tiny_world["data"], "--model", tiny_world["model"], "--out", str(tmp_path / "o"),
+                 "--device", "mps"]) == 2
+    assert _one_line(capsys.readouterr().err) == "manifoldgd-fast: error: --device mps: runs on cpu or cuda[:N], not on mps"
+    assert not (tmp_path / "o").exists()

@@ -191,7 +191,17 @@ def test_checkpoint_files_that_do_not_fit_one_line(tmp_path, tiny_original, caps
               "keys do not fit an original DiT (unexpected blocks.0.attn.q_norm.weight)"),
              ({**good, "blocks.1.mlp.fc1.weight": torch.zeros(3, 16)},
               "does not fit a DiT (size mismatch for transformer_blocks.1.ff.net.0.proj.weight: "
-              "copying a param with shape torch.Size([3, 16])")]
+              "copying a param with shape torch.Size([3, 16])"),
+             # (these gave tracebacks: max() of nothing, int('norm'), allclose of shapes, an IndexError, .contiguous)
+             ({k: v for k, v in good.items() if not k.startswith("blocks.")},
+              "not an original DiT state dict (no blocks.<i>. tensors)"),
+             ({**good, "blocks.norm.weight": torch.ones(16)},
+              "keys do not fit an original DiT (unexpected blocks.norm.weight)"),
+             ({**good, "pos_embed": good["pos_embed"][:, :15]}, "pos_embed is (1, 15, 16), not (1, side * side tokens"),
+             ({**good, "pos_embed": good["pos_embed"][0]}, "pos_embed is (16, 16), not (1, side * side tokens"),
+             ({**good, "x_embedder.proj.weight": good["x_embedder.proj.weight"].flatten(1)},
+              "x_embedder.proj.weight is (16, 16), not a square patch embedding"),
+             ({**good, "step": 3}, "not an original DiT state dict ('step' is a int, not a tensor)")]
     for i, (sd, why) in enumerate(cases):
         path = tmp_path / f"bad{i}.pt"
         torch.save(sd, path)
@@ -208,6 +218,37 @@ def test_checkpoint_files_that_do_not_fit_one_line(tmp_path, tiny_original, caps
     finally:
         logging.getLogger("diffusers").removeHandler(handler)
     assert not caplog_lines and not capsys.readouterr().err
+
+
+def test_a_loaded_checkpoint_shares_no_memory_between_its_weights(tmp_path, tiny_original):
+    """Every block gets its own copy of the (one) t / y embedder and q / k / v are separate tensors: at the
+    file's dtype on the CPU they shared memory, so one optimiser step moved a shared embedder once per block,
+    and saving the model failed (safetensors refuses shared tensors)."""
+    from manifoldgd_fast.models import load_dit, save_pretrained_folder
+
+    torch.save(tiny_original, tmp_path / "tiny.pt")
+    m = load_dit(str(tmp_path / "tiny.pt"))
+    ptrs = [p.untyped_storage().data_ptr() for p in m.parameters()]
+    assert len(set(ptrs)) == len(ptrs)
+    w = m.transformer_blocks[0].norm1.emb.timestep_embedder.linear_1.weight
+    before = w.detach().clone()
+    opt = torch.optim.SGD(m.parameters(), lr=1.0)
+    for p in m.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    torch.testing.assert_close(before - w.detach(), torch.ones_like(before))
+    save_pretrained_folder(m, str(tmp_path / "saved"))
+
+
+@pytest.mark.parametrize("width, heads", [(384, 6), (768, 12), (1024, 16), (1152, 16)])
+def test_the_dit_familys_heads_follow_from_its_width(width, heads):
+    """DiT-S / B / L / XL: 6, 12, 16, 16 heads (models.py); a given --heads overrides the table."""
+    e = lambda *shape: torch.empty(*shape, device="meta")  # noqa: E731
+    sd = {"x_embedder.proj.weight": e(width, 4, 2, 2), "pos_embed": e(1, 256, width),
+          "final_layer.linear.weight": e(32, width), "y_embedder.embedding_table.weight": e(1001, width),
+          "blocks.0.attn.qkv.weight": e(3 * width, width)}
+    assert dit_config_from_state_dict(sd)["num_attention_heads"] == heads
+    assert dit_config_from_state_dict(sd, heads=8)["num_attention_heads"] == 8
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
