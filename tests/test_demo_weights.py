@@ -180,6 +180,9 @@ def test_verify_names_a_missing_file_and_sums(tmp_path):
         verify_shipped(str(copy))
     with pytest.raises(ModelError, match="is missing"):
         verify_shipped(str(tmp_path / "nowhere"))
+    (copy / SUMS_NAME).write_text('{"format": 1, "files": {}}')   # would check nothing
+    with pytest.raises(ModelError, match=f"{SUMS_NAME} lists no files"):
+        verify_shipped(str(copy))
 
 
 def test_shipped_dit_draws_recognisable_digits(shipped):

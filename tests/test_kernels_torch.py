@@ -36,6 +36,39 @@ def _uniform(r):
                  * torch.tensor(4.6566127342e-10, dtype=torch.float32))
 
 
+def test_philox_counter_fields_are_held_to_their_widths():
+    """A sample id past 32 bits would wrap onto id 0's noise, a stream past 15 onto the next step's stream 0,
+    a seed past 63 bits onto another seed: each refused in one line."""
+    from manifoldgd_fast.noise import philox_normal
+
+    for kw, msg in [(dict(sample_ids=torch.tensor([2 ** 32])), r"sample_ids must lie in \[0, 2\^32\)"),
+                    (dict(sample_ids=torch.tensor([-1])), r"sample_ids must lie in \[0, 2\^32\)"),
+                    (dict(stream=16), r"stream must be in \[0, 16\), got 16"),
+                    (dict(seed=2 ** 63), r"seed must be an int in \[0, 2\^63\)"),
+                    (dict(step=2 ** 28), r"step must be an int in \[0, 2\^28\)")]:
+        args = {**dict(seed=0, step=0, stream=0, sample_ids=torch.arange(1), n_rows=1, D=4, backend="reference"), **kw}
+        with pytest.raises(ConfigError, match=msg):
+            philox_normal(**args)
+
+
+def test_the_official_clouds_diffusion_noise_is_its_own_stream():
+    """At abar < 1 the cloud point is sqrt(abar) (m + rho u) + sqrt(1 - abar) xi with xi from stream 3,
+    independent of the direction stream 1 (at abar = 1, which the other tests use, xi never shows)."""
+    from manifoldgd_fast.noise import (STREAM_CLOUD_DIR, STREAM_CLOUD_XI, official_cloud_philox,
+                                       official_cloud_radii, philox_normal_ref)
+
+    B, N, D, seed, step = 2, 6, 8, 5, 3
+    ids = torch.tensor([4, 9])
+    modes = torch.randn(B, D, generator=torch.Generator().manual_seed(0))
+    got = official_cloud_philox(modes, 2.0, 0.36, seed=seed, step=step, n_points=N, sample_ids=ids, backend="reference")
+    g = philox_normal_ref(seed, step, STREAM_CLOUD_DIR, ids, N, D)
+    rho = official_cloud_radii(2.0, seed=seed, step=step, n_points=N, sample_ids=ids)
+    xi = philox_normal_ref(seed, step, STREAM_CLOUD_XI, ids, N, D)
+    want = 0.6 * (modes[:, None] + rho[..., None] * g / g.norm(dim=2, keepdim=True)) + 0.8 * xi
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert STREAM_CLOUD_XI != STREAM_CLOUD_DIR
+
+
 def test_philox_counters_are_column_quad_row_sample_step_and_stream():
     """The counter of normal (sample id s, row j, column 4q + k) is (q, j, s, step * 16 + stream), keyed by
     the seed (the issue's layout): r0, r1 and r2, r3 go through Box-Muller to columns 4q, 4q + 1 and

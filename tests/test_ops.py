@@ -389,7 +389,23 @@ def test_auto_on_cuda_says_once_when_the_fused_kernels_decline(monkeypatch):
         assert dispatch._pick_backend("auto", cuda, lambda: why) == "reference"      # once
         assert dispatch._pick_backend("auto", cuda, lambda: None) == "triton"
         assert dispatch._pick_backend("auto", torch.device("cpu"), lambda: why) == "reference"
+        # auto never picks the interpreter off CUDA, even for an input the kernels could take
+        assert dispatch._pick_backend("auto", torch.device("cpu"), lambda: None) == "reference"
     # the DiT ops say it under their own name, once of their own (it was "guidance ops", and silent after)
     dit_why = "attention: head_dim 300 is above the kernel's 256"
     with pytest.warns(RuntimeWarning, match=f"DiT ops: {dit_why}; using the PyTorch reference"):
         assert dispatch._pick_backend("auto", cuda, lambda: dit_why, "DiT") == "reference"
+
+
+def test_the_kernels_checks_name_a_tensor_on_another_device():
+    """tensors_reason: the first tensor on another device than the first one's is named with both devices."""
+    from types import SimpleNamespace
+
+    from manifoldgd_fast import dispatch
+
+    kern = SimpleNamespace(triton_device_ok=lambda dev: True, INTERPRET=False)
+    assert dispatch.tensors_reason(kern, {"x": torch.zeros(1), "g": torch.zeros(1, device="meta")}) == \
+        "g is on meta but x is on cpu"
+    assert dispatch.tensors_reason(kern, {"x": torch.zeros(1), "g": torch.zeros(1)}) is None
+    assert dispatch.tensors_reason(kern, {"x": torch.zeros(1, dtype=torch.float64)}) == \
+        "x has dtype torch.float64; the Triton kernels take float32, bfloat16 or float16"
