@@ -324,7 +324,7 @@ class DistillConfig:
         used when ``self.backbone`` is "auto" (None: "dit"). ``schedule_kw``: an SD model's
         :func:`~manifoldgd_fast.schedule.make_schedule` keywords (its spacing places the default t_stop;
         None: SD 1.5's)."""
-        c = dataclasses.replace(self)
+        c = dataclasses.replace(self.validate())  # a bad value named here, not a KeyError / division by it below
         if c.backbone == "auto":
             c.backbone = backbone or "dit"
         sd = c.backbone == "sd"

@@ -335,6 +335,14 @@ class StepGuidance:
         from .config import derive_seed
         from .schedule import schedule_from_timesteps
 
+        if method not in ("manifoldgd", "mgd3"):  # (dit and cgs would have run MGD3's guidance, silently)
+            raise ConfigError(f"StepGuidance method must be manifoldgd or mgd3, got {method!r} (plain DiT "
+                              "sampling needs no guidance; CGS is not a per-sample step guidance)")
+        if not isinstance(modes, torch.Tensor) or modes.dim() < 2 or modes.shape[0] < 1 or not modes.is_floating_point():
+            raise ConfigError(f"modes must be a floating tensor (B, C, h, w) with one mode per sample, got "
+                              f"{type(modes).__name__} {tuple(getattr(modes, 'shape', ()))}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"seed must be an integer, got {seed!r}")
         if prediction_type is None:
             prediction_type = getattr(getattr(scheduler, "config", None), "prediction_type", None) or "epsilon"
         self.prediction_type = prediction_type
@@ -359,6 +367,9 @@ class StepGuidance:
             raise ConfigError("StepGuidance needs timesteps= (the loop's, descending) or scheduler= after its "
                               "set_timesteps")
         ts = [int(t) for t in timesteps]
+        if any(float(t) != int(t) for t in timesteps):   # (a float timestep was truncated silently)
+            raise ConfigError("timesteps must be integers (the training steps the loop visits), got "
+                              f"{next(t for t in timesteps if float(t) != int(t))!r}")
         if any(a <= b for a, b in zip(ts, ts[1:])):
             raise ConfigError("timesteps must be strictly decreasing, in the order the loop visits them")
         steps = len(ts)
@@ -383,7 +394,9 @@ class StepGuidance:
         ``prediction_type`` v_prediction or sample, ``eps`` is the model's v or x0 and so is the result."""
         s = self.schedule
         try:
-            k = operator.index(step)   # an int, a numpy int or a 0-d integer tensor; not a float
+            if isinstance(step, bool):
+                raise TypeError
+            k = operator.index(step)   # an int, a numpy int or a 0-d integer tensor; not a float, not a bool
         except TypeError:
             raise ConfigError(f"step {step!r}: expected the step's index in the loop (enumerate(scheduler.timesteps)), "
                               "an integer") from None

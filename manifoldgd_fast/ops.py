@@ -117,6 +117,19 @@ def _as_int(v):
         return None
 
 
+def _check_scalars(positive: dict | None = None, **nonnegative) -> None:
+    """ConfigError naming the first scalar that is not finite and > 0 (``positive``) or >= 0 (the others):
+    a NaN passed the plain comparisons and came back as a NaN guidance."""
+    for name, v in {**(positive or {}), **nonnegative}.items():
+        pos = name in (positive or {})
+        try:
+            ok = math.isfinite(v) and (v > 0 if pos else v >= 0)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"{name} must be a finite number {'> 0' if pos else '>= 0'}, got {v!r}")
+
+
 def _check_kd(k: int, d: int) -> tuple[int, int]:
     """(k, d) as Python ints, checked: k >= 2, 1 <= d < k."""
     ki, di = _as_int(k), _as_int(d)
@@ -207,8 +220,7 @@ def manifold_correct(x, patch, g, *, k, d, lambda_normal=1.0, ridge=0.0, lengths
     k, d = _check_kd(k, d)
     lengths = _check_rows("patch", x, patch, lengths, k)
     _check_bd("g", g, x)
-    if lambda_normal < 0 or ridge < 0:
-        raise ConfigError(f"lambda_normal and ridge must be >= 0, got {lambda_normal} and {ridge}")
+    _check_scalars(lambda_normal=lambda_normal, ridge=ridge)
     why = lambda: _triton_reason({"x": x, "patch": patch, "g": g}, B=x.shape[0], rows=patch.shape[1],  # noqa: E731
                                  D=x.shape[1], k=k)
     if _pick_backend(backend, x.device, why) == "triton":
@@ -255,8 +267,7 @@ def manifold_pull(x, cloud, *, k=12, d=3, scale=0.1, bandwidth=0.1, ridge=1e-5, 
     """
     k, d = _check_kd(k, d)
     lengths = _check_rows("cloud", x, cloud, lengths, k)
-    if bandwidth <= 0 or scale < 0 or ridge < 0:
-        raise ConfigError(f"bandwidth must be > 0 and scale, ridge >= 0, got {bandwidth}, {scale}, {ridge}")
+    _check_scalars({"bandwidth": bandwidth}, scale=scale, ridge=ridge)
     why = lambda: _triton_reason({"x": x, "cloud": cloud}, B=x.shape[0], rows=cloud.shape[1],  # noqa: E731
                                  D=x.shape[1], k=k)
     if _pick_backend(backend, x.device, why) == "triton":
@@ -447,8 +458,7 @@ def manifold_correct_fused(x, latents, order, lengths, g, *, alpha_bar, seed, st
     lengths = _check_patch_inputs(x, latents, order, lengths, k)
     _check_bd("g", g, x)
     _check_bd("eps", eps, x)
-    if lambda_normal < 0 or ridge < 0:
-        raise ConfigError(f"lambda_normal and ridge must be >= 0, got {lambda_normal} and {ridge}")
+    _check_scalars(lambda_normal=lambda_normal, ridge=ridge)
     sample_ids = _check_counters(seed, step, sample_ids, x.shape[0], x.device)
     tens = {"x": x, "latents": latents, "order": order, "g": g, **({"eps": eps} if eps is not None else {})}
     why = lambda: _triton_reason(tens, B=x.shape[0], rows=order.shape[1], D=x.shape[1], k=k)  # noqa: E731
@@ -507,8 +517,7 @@ def manifold_pull_fused(x, modes, *, radius, alpha_bar, seed, step, n_points=300
     _check_float(x=x)
     _check_bd("modes", modes, x)
     _check_bd("mean", mean, x)
-    if bandwidth <= 0 or scale < 0 or ridge < 0 or radius < 0:
-        raise ConfigError(f"bandwidth must be > 0 and scale, ridge, radius >= 0, got {bandwidth}, {scale}, {ridge}, {radius}")
+    _check_scalars({"bandwidth": bandwidth}, scale=scale, ridge=ridge, radius=radius)
     if not isinstance(n_points, int) or n_points < k:
         raise ConfigError(f"n_points must be an int >= k={k}, got {n_points!r}")
     sample_ids = _check_counters(seed, step, sample_ids, x.shape[0], x.device)

@@ -513,6 +513,135 @@ def test_step_guidance_calls_are_stateless_and_checked(formulation):
         g1(torch.cat([x, x]), torch.cat([eps, eps]), step)
     with pytest.raises(ConfigError, match=r"must be on the modes' device cpu, got meta"):
         g1(x.to("meta"), eps.to("meta"), step)
+    with pytest.raises(ConfigError, match="expected the step's index in the loop"):
+        g1(x, eps, True)                                    # (a bool was step 1)
+
+
+def test_step_guidance_refuses_what_it_cannot_guide_in_one_line():
+    """method dit / cgs ran MGD3's guidance silently; a misspelt method was a KeyError and IPC 0 a division by
+    zero deep in the config; 1-D or numpy modes, a float timestep and seed None failed later or not at all."""
+    from manifoldgd_fast.guidance import StepGuidance
+
+    modes = torch.randn(2, 4, 8, 8)
+    ts = list(range(900, -1, -100))
+    for kw, why in [(dict(method="dit"), "method must be manifoldgd or mgd3, got 'dit'"),
+                    (dict(method="cgs"), "method must be manifoldgd or mgd3, got 'cgs'"),
+                    (dict(method="manifoldGD"), "method must be manifoldgd or mgd3, got 'manifoldGD'"),
+                    (dict(modes=modes[:0]), r"modes must be a floating tensor \(B, C, h, w\)"),
+                    (dict(modes=modes.flatten()), r"modes must be a floating tensor \(B, C, h, w\)"),
+                    (dict(modes=modes.numpy()), "modes must be a floating tensor .* got ndarray"),
+                    (dict(seed=None), "seed must be an integer, got None"),
+                    (dict(timesteps=[900.5, 800]), "timesteps must be integers .* got 900.5")]:
+        args = {**dict(modes=modes, timesteps=ts, n_classes=10, t_stop=5), **kw}
+        with pytest.raises(ConfigError, match=why):
+            StepGuidance(args.pop("modes"), **args)
+    for kw, why in [(dict(method="manifoldGD"), "--method: unknown value 'manifoldGD'"),
+                    (dict(ipc=0), "--ipc must be an integer >= 1, got 0")]:
+        with pytest.raises(ConfigError, match=why):
+            DistillConfig(**kw).resolve(10)
+
+
+@pytest.mark.parametrize("name", ["lambda_normal", "ridge"])
+def test_manifold_correct_refuses_negative_or_nan_scalars(name):
+    x, p, g = torch.randn(1, 8), torch.randn(1, 20, 8), torch.randn(1, 8)
+    for v in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match=f"{name} must be a finite number >= 0, got {v!r}"):
+            ops.manifold_correct(x, p, g, k=10, d=3, **{name: v})
+
+
+@pytest.mark.parametrize("kw, why", [(dict(bandwidth=float("nan")), "bandwidth must be a finite number > 0"),
+                                     (dict(bandwidth=0.0), "bandwidth must be a finite number > 0"),
+                                     (dict(scale=float("nan")), "scale must be a finite number >= 0")])
+def test_manifold_pull_refuses_nan_scalars(kw, why):
+    x, cloud = torch.randn(1, 8), torch.randn(1, 20, 8)
+    with pytest.raises(ConfigError, match=why):
+        ops.manifold_pull(x, cloud, k=10, d=3, **{**dict(scale=1.0, bandwidth=0.1), **kw})
+
+
+def test_official_cloud_is_sqrt_abar_points_plus_sqrt_one_minus_abar_noise():
+    """The released cloud at abar = 0.25: sqrt(abar) (m + rho u) + sqrt(1 - abar) xi, drawn from each sample's
+    generator in the release's order (directions, uniform radii, noise); test_sampler's own expectations build
+    it with ops.official_cloud, so a sqrt dropped there showed nowhere else."""
+    B, D, N, r, ab = 2, 16, 10, 0.3, 0.25
+    modes = torch.randn(B, D)
+    got = ops.official_cloud(modes, r, ab, [torch.Generator().manual_seed(s) for s in (1, 2)], n_points=N)
+    for b, s in enumerate((1, 2)):
+        g = torch.Generator().manual_seed(s)
+        u = torch.randn(N, D, generator=g)
+        u = u / u.norm(dim=1, keepdim=True)
+        rho = torch.cat([torch.linspace(0.1, r, N // 2), torch.rand(N - N // 2, generator=g) * r])
+        xi = torch.randn(N, D, generator=g)
+        torch.testing.assert_close(got[b], 0.5 * (modes[b] + rho[:, None] * u) + math.sqrt(0.75) * xi)
+
+
+def test_time_aligned_patch_is_sqrt_abar_z_plus_sqrt_one_minus_abar_xi():
+    n, D = 20, 6
+    lat = torch.randn(n, D)
+    order = torch.stack([torch.randperm(n), torch.randperm(n)])
+    lengths = torch.tensor([5, 12])
+    p = ops.time_aligned_patch(lat, order, lengths, 0.25, [torch.Generator().manual_seed(s) for s in (0, 1)])
+    for b, s in enumerate((0, 1)):
+        L = int(lengths[b])
+        xi = torch.randn(L, D, generator=torch.Generator().manual_seed(s))
+        torch.testing.assert_close(p[b, :L], 0.5 * lat[order[b, :L]] + math.sqrt(0.75) * xi)
+
+
+def test_guidance_passes_the_warm_up_radius_of_every_step(monkeypatch):
+    """The official cloud's radius at each guided step is the warm-up's r (1 + (M - 1) s(p)), p = (i - (S - 1 -
+    W)) / W (in a 50-step run the warm-up moves the cloud by ~1e-6: no trajectory test can see an off-by-one)."""
+    cfg = DistillConfig(steps=50, t_stop=25, ipc=1, formulation="official", method="manifoldgd",
+                        guidance_noise="generator").resolve(10)
+    seen, real = {}, ops.official_cloud
+    cur = [None]
+
+    def spy(modes, radius, *a, **k):
+        seen[cur[0]] = radius
+        return real(modes, radius, *a, **k)
+
+    monkeypatch.setattr(ops, "official_cloud", spy)
+    gd = Guidance(cfg, make_schedule(50, "ddpm"), torch.zeros(1, 4, 8, 8), [torch.Generator().manual_seed(0)])
+    x = torch.randn(1, 4, 8, 8)
+    for i in range(49, 42, -1):
+        cur[0] = i
+        gd.official_term(i, x, x, None)
+    r, W = cfg.manifold_radius, cfg.warm_steps
+    assert len(seen) == 7
+    for i, rr in seen.items():
+        p = max(0.0, (i - (49 - W)) / W)
+        assert rr == pytest.approx(r * (1 + (cfg.warm_mult - 1) * (math.exp(p) - 1) / (math.e - 1))), i
+
+
+def test_the_paper_patch_is_never_shorter_than_k_min(monkeypatch):
+    """A radius that holds no latent still gives each sample k_min = 2k patch rows."""
+    cfg = DistillConfig(steps=10, t_stop=5, ipc=2, formulation="paper", method="manifoldgd", guidance_noise="generator",
+                        radius_units="absolute", r_min=0.0, r_max=0.0).resolve(10)
+    lat = torch.randn(40, 256)
+    m = lat[:2] + 0.01
+    seen, real = [], ops.manifold_correct
+    monkeypatch.setattr(ops, "manifold_correct", lambda *a, **k: (seen.append(k["lengths"].tolist()), real(*a, **k))[1])
+    gd = Guidance(cfg, make_schedule(10, "ddpm"), m.view(2, 4, 8, 8), [torch.Generator().manual_seed(s) for s in (0, 1)],
+                  **paper_neighbourhoods(cfg, lat, m))
+    x = torch.randn(2, 4, 8, 8)
+    gd.paper_eps(9, x, x, x)
+    assert seen == [[cfg.k_min, cfg.k_min]] and cfg.k_min == 20
+
+
+def test_step_guidance_paper_v_prediction_returns_the_v_of_the_guided_eps():
+    """Paper formulation on a v-prediction loop: the returned v is the one of the guided eps (x0 re-derived
+    from it), as the eps loop's guided eps."""
+    from manifoldgd_fast.guidance import StepGuidance
+
+    lat = torch.randn(30, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    modes = lat[:2] + 0.05
+    kw = dict(timesteps=list(range(900, -1, -100)), formulation="paper", method="mgd3", n_classes=10, t_stop=5)
+    gv = StepGuidance(modes, prediction_type="v_prediction", **kw)
+    ge = StepGuidance(modes, **kw)
+    x, v = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    s, step = gv.schedule, 1
+    i = s.steps - 1 - step
+    eps, _ = s.eps_x0(i, x, v)
+    e2, _ = s.eps_x0(i, x, gv(x, v, step))
+    torch.testing.assert_close(e2, ge(x, eps, step), atol=1e-5, rtol=1e-5)
 
 
 def test_the_backend_api_is_exported_from_the_package():
