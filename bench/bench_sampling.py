@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -81,6 +83,13 @@ def dit_flops_per_image(dit, device) -> float:
 def _sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+def atomic_json(path: str, obj) -> None:
+    """``obj`` as JSON at ``path`` through a temp file and a rename (a kill mid-write keeps the last one)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def _time(fn, device, reps):
@@ -161,12 +170,18 @@ def diffusers_runner(dit, vae, *, steps, dtype, compile_mode, B, device):
     return run
 
 
-def peak_memory(fn, device) -> float | None:
+def reset_peak(device) -> None:
+    """Start a row's peak-memory window (read by :func:`peak_gib` after its timed calls: no extra run)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device) -> float | None:
+    """GiB allocated at most since :func:`reset_peak` (the models kept on the device for later rows included:
+    the largest-batch estimates from it err on the safe side)."""
     if torch.device(device).type != "cuda":
         return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() / 2 ** 30
 
@@ -253,6 +268,19 @@ def main(argv=None):
             kw["model"] = fused_dit(fused) if fused is not None else None
         rows.append((name, kind, kw))
 
+    meta = dict(date=datetime.date.today().isoformat(), device=torch.cuda.get_device_name() if cuda else "cpu",
+                torch=torch.__version__, steps=a.steps, tiny=a.tiny, dit_gflop_per_image_forward=flops / 2 / a.steps / 1e9,
+                command=" ".join([sys.executable.split("/")[-1], "bench/bench_sampling.py", *(argv or sys.argv[1:])]))
+    try:
+        import triton
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    try:
+        import diffusers
+        meta["diffusers"] = diffusers.__version__
+    except ImportError:
+        pass
     results = []
     for name, kind, kw in rows:
         for B in batches:
@@ -262,20 +290,28 @@ def main(argv=None):
             else:
                 fn = Ours(dit, vae, steps=a.steps, dtype=bf16 if cuda else None, device=dev, B=B, **kw)
             try:
+                reset_peak(dev)
                 med, p20, p80, warm = _time(fn, dev, a.reps)
-                mem = peak_memory(fn, dev)
+                mem = peak_gib(dev)
             except torch.cuda.OutOfMemoryError:
                 print(f"{name:32s} B={B:4d}  out of memory")
+                med = None
+            finally:   # (an out-of-memory row too: its buffers go before the next row)
+                fn = None
+                gc.collect()
+                if cuda:
+                    torch.cuda.empty_cache()
+            if med is None:
                 continue
             ips = B / med
             r = dict(row=name, batch=B, images_per_s=ips, p20=B / p80, p80=B / p20, warmup_s=warm,
                      tflops=ips * flops / 1e12, peak_gib=mem)
             results.append(r)
             print(f"{name:32s} B={B:4d}  {ips:8.2f} img/s ({B / p80:.2f}-{B / p20:.2f})  "
-                  f"{r['tflops']:7.1f} TFLOP/s  warm-up {warm:6.1f} s" + (f"  peak {mem:6.2f} GiB" if mem else ""))
-            del fn
-            if cuda:
-                torch.cuda.empty_cache()
+                  f"{r['tflops']:7.1f} TFLOP/s  warm-up {warm:6.1f} s" + (f"  peak {mem:6.2f} GiB" if mem else ""),
+                  flush=True)
+            if a.json:   # after every row: a run cut at its deadline keeps what it measured
+                atomic_json(a.json, dict(meta=meta, results=results, partial=True))
     fits = {}
     for name in sorted({r["row"] for r in results}):
         pts = [(r["batch"], r["peak_gib"]) for r in results if r["row"] == name and r["peak_gib"] is not None]
@@ -288,21 +324,12 @@ def main(argv=None):
                 caps["this_card"] = torch.cuda.get_device_properties(dev).total_memory / 2 ** 30
             fits[name] = {f"max_batch_{k}": int((gib - (m0 - per * b0)) / per) if per > 0 else None
                           for k, gib in caps.items()}
-    num = numerics(dit, vae, min(a.steps, 50), dev, batches[0], bf16)
+    num = numerics(dit, vae, min(a.steps, 50), dev, min(batches[0], 8), bf16)   # (fp32 at batch 32 took ~15 s)
     print("numerics (manifoldgd, bf16 vs fp32 reference):", json.dumps(num))
     for k, v in fits.items():
         print(f"{k:32s} largest batch: {v}")
-    meta = dict(date=datetime.date.today().isoformat(), device=torch.cuda.get_device_name() if cuda else "cpu",
-                torch=torch.__version__, steps=a.steps, tiny=a.tiny, dit_gflop_per_image_forward=flops / 2 / a.steps / 1e9,
-                command=" ".join([sys.executable.split("/")[-1], "bench/bench_sampling.py", *(argv or sys.argv[1:])]))
-    try:
-        import triton
-        meta["triton"] = triton.__version__
-    except ImportError:
-        pass
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(dict(meta=meta, results=results, max_batch=fits, numerics=num), f, indent=2)
+        atomic_json(a.json, dict(meta=meta, results=results, max_batch=fits, numerics=num))
     if a.png:
         chart(results, a.png, meta)
     return 0
