@@ -103,7 +103,7 @@ for stage in "$@"; do
                   --rows diffusers-fp16 diffusers-fp16-compile ours-graph-manifoldgd ours-graph-compile-manifoldgd \
                          ours-graph-fused-manifoldgd ours-graph-compile-fused-manifoldgd 2>&1 | tee "$RES/compile.log" ;;
     scale)    t python3 bench/bench_modes.py --device cuda 2>&1 | tee "$RES/modes.log"
-              t python3 bench/bench_cache.py --vae sd --device cuda --dtype bfloat16 2>&1 | tee "$RES/cache.log" ;;
+              t python3 bench/bench_cache.py --vae sd --device cuda --dtype bfloat16 --n 1024 --workers 0 4 8 2>&1 | tee "$RES/cache.log" ;;
     sd)       t python3 bench/bench_sd.py --batch 8 --csv "$RES/sd.csv" 2>&1 | tee "$RES/sd.log" ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
