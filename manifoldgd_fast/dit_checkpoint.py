@@ -34,7 +34,7 @@ from .errors import ModelError
 
 
 def is_dit_checkpoint(path) -> bool:
-    return isinstance(path, (str, os.PathLike)) and str(path).endswith((".pt", ".pth")) and os.path.isfile(path)
+    return isinstance(path, (str, os.PathLike)) and str(path).lower().endswith((".pt", ".pth")) and os.path.isfile(path)
 
 
 def _load_error(e: Exception) -> str:

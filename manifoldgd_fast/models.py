@@ -328,7 +328,7 @@ def check_model_source(path_or_id, cache_dir: str | None = None) -> None:
 
     arg = str(path_or_id)
     if os.path.isfile(arg):
-        if not arg.endswith((".pt", ".pth")):
+        if not arg.lower().endswith((".pt", ".pth")):
             raise ModelError(f"--model {arg}: a file, but not a DiT checkpoint (.pt / .pth); give a checkpoint "
                              "or a model folder")
         return

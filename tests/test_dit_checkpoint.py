@@ -290,6 +290,16 @@ def test_missing_checkpoint_file_is_no_such_file(tmp_path):
         assert str(e.value) == f"--model {arg}: no such file"
 
 
+def test_a_checkpoint_named_in_capitals_loads(tmp_path, tiny_original):
+    """DiT-XL-2-256x256.PT (a Windows copy, an upper-case download) is a checkpoint as .pt is (it was refused as
+    'not a DiT checkpoint (.pt / .pth)')."""
+    from manifoldgd_fast.models import check_model_source, load_dit
+
+    torch.save(tiny_original, tmp_path / "DiT-tiny.PT")
+    check_model_source(str(tmp_path / "DiT-tiny.PT"))
+    assert load_dit(str(tmp_path / "DiT-tiny.PT")).config.num_layers == 2
+
+
 def test_fused_dit_refuses_a_dit_without_attention_biases():
     from manifoldgd_fast.fastdit import FusedDiT
 
