@@ -29,13 +29,13 @@ GROUPS: dict[str, dict[str, str]] = {
         "label_map": "folder name -> DiT class id: auto (ImageNet wnids if all folders are wnids, else sorted), "
                      "imagenet1k, sorted, or a class-map file: JSON {\"folder\": id} or 'folder<tab|,|space>id' lines, "
                      "id = a class id, a WordNet id (n01443537) or an ImageNet class name (goldfish)",
-        "model": "DiT (a diffusers folder or a pipeline with transformer/) or Stable Diffusion 1.x (an SD 1.5 diffusers "
+        "model": "DiT (a diffusers folder or a pipeline with transformer/) or Stable Diffusion 1.x / 2.x (a diffusers "
                  "folder: unet/, vae/, text_encoder/, tokenizer/): a local folder or a HF id in the local cache "
                  "(required with --data; default: the shipped digits DiT, for the embedded demo)",
         "vae": "AutoencoderKL: folder or cached HF id (e.g. stabilityai/sd-vae-ft-ema); default: the model folder's vae/",
         "cache_dir": "latent cache root (default $MANIFOLDGD_CACHE or ~/.cache/manifoldgd_fast)",
         "image_size": "image resolution (default: 8 x the model's latent size)",
-        "backbone": "generator family: auto (from the model folder), dit, or sd (Stable Diffusion 1.x, "
+        "backbone": "generator family: auto (from the model folder), dit, or sd (Stable Diffusion 1.x / 2.x, "
                     "class-name prompts)",
         "prompt_template": "sd: each class's prompt, {name} = its class name (default '{name}': the class name "
                            "alone, as the MGD3 paper; e.g. 'a photo of a {name}')",

@@ -233,7 +233,8 @@ class DistillConfig:
         if self.cgs or self.method == "cgs":
             if self.dpp_eps is None or self.dpp_eps < DPP_EPS_MIN:
                 raise ConfigError(f"--dpp-eps must be at least {DPP_EPS_MIN:g}, got {self.dpp_eps!r}: K + eps I is "
-                                  f"factored in float32, where a smaller eps is lost beside K's unit diagonal")
+                                  f"singular with more samples than latent dimensions, and a smaller eps leaves its "
+                                  f"factorisation ill-conditioned")
             if self.eta_dpp == 0 and self.eta_dm == 0:
                 raise ConfigError("CGS with --eta-dpp 0 and --eta-dm 0 changes nothing: give one of them a step > 0")
             if self.ipc == 1 and self.eta_dm == 0:

@@ -293,8 +293,8 @@ def test_cgs_set_must_be_one_class():
     (dict(method="cgs", eta_dm=float("nan")), "--eta-dm must be a number >= 0"),
     (dict(method="cgs", eta_dpp=float("inf")), "--eta-dpp must be a number >= 0"),
     (dict(method="cgs", dpp_eps=0.0), "--dpp-eps must be a number > 0"),
-    (dict(method="cgs", dpp_eps=1e-30), r"--dpp-eps must be at least 1e-05, got 1e-30: K \+ eps I is factored in "
-                                        "float32"),
+    (dict(method="cgs", dpp_eps=1e-30), r"--dpp-eps must be at least 1e-05, got 1e-30: K \+ eps I is singular with "
+                                        "more samples than latent dimensions"),
     (dict(method="cgs", dpp_eps=None), "--dpp-eps must be at least 1e-05, got None"),
     (dict(method="cgs", ipc=1, eta_dm=0.0), "CGS at --ipc 1 with --eta-dm 0 changes nothing"),
     (dict(method="cgs", ipc=4, eta_dm=4.5), "--eta-dm 4.5 is more than --ipc 4: .* the set diverges"),
