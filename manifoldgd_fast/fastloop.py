@@ -112,7 +112,9 @@ def _padded_width(width: int) -> int:
     itself is within it."""
     top = dispatch.MAX_ROWS // PAD_ROWS * PAD_ROWS
     fine = -(-max(int(width), 1) // PAD_ROWS) * PAD_ROWS
-    return fine if fine > top else min(_padded_rows(width), top)
+    if fine > top:  # past the last whole bucket: the limit itself, for a width within it (the rows are masked)
+        return dispatch.MAX_ROWS if width <= dispatch.MAX_ROWS else fine
+    return min(_padded_rows(width), top)
 
 
 def _has_class_buffers(guidance: Guidance | None) -> bool:

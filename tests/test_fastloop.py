@@ -253,6 +253,38 @@ def test_emulated_graphs_recapture_when_the_cgs_settings_change(model, one_threa
     assert all(not torch.equal(a, b) for a, b in zip(outs, outs[1:]))
 
 
+def test_emulated_graphs_recapture_for_another_noise_key_guidance_or_batch(model, one_thread, monkeypatch):
+    """The graph key holds what a captured step bakes in beyond the static buffers: the guidance noise's seed
+    (Philox's key), the guidance settings (lambda_m, scale, window) and the batch shape. A sampler that meets
+    another of any captures anew and equals the eager loop (a stale replay, or a smaller batch broadcast into
+    the captured one, passed the other tests, which keep all three fixed)."""
+    if triton_interpreting():
+        pytest.skip("make_fx (the emulated capture) cannot trace the interpreter's raw-storage reads")
+    emulate_cuda_graphs(monkeypatch)
+    sched = make_schedule(6, "ddpm")
+    run = Sampling(model, sched, NULL, cfg_scale=4.0)
+    modes = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    fast = FastSampler(run, cuda_graph=True)
+    base = dict(method="manifoldgd", steps=6, t_stop=2, ipc=3, guidance_noise="philox")
+    cases = [(dict(), 7, 3), (dict(), 8, 3), (dict(lambda_m=0.5), 8, 3), (dict(manifold_scale=3.0), 8, 3),
+             (None, None, 3), (None, None, 1)]   # (None: plain DiT steps, no guidance: only x_T shows the batch)
+    outs = []
+    for n, (extra, seed, B) in enumerate(cases):
+        cfg = None if extra is None else DistillConfig(**{**base, **extra, "ipc": B}).resolve(10, "cpu")
+        got = want = None
+        for j, sampler in enumerate((fast, FastSampler(run, cuda_graph=False))):
+            gens = _gens(range(B))
+            x_T = torch.stack([torch.randn(4, 8, 8, generator=g) for g in gens])
+            gd = None if cfg is None else Guidance(cfg, sched, modes[:B], gens, noise_seed=seed,
+                                                   sample_ids=list(range(B)))
+            out = sampler.sample(x_T, torch.tensor([0, 2, 1][:B]), gens, guidance=gd)[0]
+            got, want = (out, want) if j == 0 else (got, out)
+        assert got.shape[0] == B and torch.equal(got, want), (extra, seed, B)
+        outs.append(got)
+        assert len(fast._sets) == n + 1, (extra, seed, B)
+    assert all(not torch.equal(a, b) for a, b in zip(outs[:3], outs[1:4]))
+
+
 def test_graph_emulation_refuses_what_capture_cannot_take():
     """The emulation's own check: a data-dependent shape or a random draw in a step is refused."""
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -486,6 +518,14 @@ def test_class_buffer_buckets_are_few_and_cover_their_rows():
     assert _padded_rows(1300) == 1536 and _padded_rows(PAD_ROWS + 10) == 2 * PAD_ROWS
     assert len({_padded_rows(n) for n in range(732, 1301)}) == 4
     assert len({_padded_rows(n) for n in range(12 * 732, 12 * 1300 + 1)}) == 4
+    # the order buffer's width: at least the width, and within the kernels' limit wherever the width is (widths
+    # 99,841 .. 100,000 were padded to 100,096, past it: the paper formulation fell back to the eager loop)
+    from manifoldgd_fast.dispatch import MAX_ROWS
+    from manifoldgd_fast.fastloop import _padded_width
+
+    widths = {w: _padded_width(w) for w in range(1, MAX_ROWS + 1)}
+    assert all(w <= b <= MAX_ROWS for w, b in widths.items())
+    assert len(set(widths.values())) < 200 and _padded_width(MAX_ROWS + 1) > MAX_ROWS
     # the order's width (each row's class size) buckets the same way, but never past the kernels' row limit
     from manifoldgd_fast.dispatch import MAX_ROWS
     from manifoldgd_fast.fastloop import _padded_width
