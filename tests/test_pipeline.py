@@ -368,6 +368,48 @@ def test_non_finite_pixels_from_the_vae_stop_the_run_in_one_line(tiny_world, tmp
     assert json.loads((out / "manifest.json").read_text())["classes"]["apple"]["status"] == "pending"
 
 
+def test_non_finite_pixels_blame_their_own_class_in_a_shared_batch(tiny_world, tmp_path, capsys, monkeypatch):
+    """--class-batch 2: only banana's rows decode to inf. The error names banana (not apple, which shares the
+    batch), apple is written and banana is not."""
+    from diffusers import AutoencoderKL
+
+    real, calls = AutoencoderKL.decode, []
+
+    def overflowing(self, z, *a, **k):
+        out = real(self, z, *a, **k)
+        calls.append(z.shape[0])
+        if len(calls) == 2:                       # decoded --batch-size 2 rows at a time: (apple), then (banana)
+            out.sample[:] = float("inf")
+        return out
+
+    monkeypatch.setattr(AutoencoderKL, "decode", overflowing)
+    out = tmp_path / "out"
+    line = _bad(tiny_world, tmp_path, _args(tiny_world, out, "--method", "dit", "--class-batch", "2"), capsys)
+    assert "class banana: the VAE decoded NaN or inf pixels" in line, line
+    assert (out / "apple" / ".complete").exists() and not os.path.exists(out / "banana")
+
+
+def test_an_error_saving_the_last_class_fails_the_run(tiny_world, tmp_path, capsys, monkeypatch):
+    """The last group's save runs on the writer thread after the sampling loop: its error still stops the run
+    in one line (exit 2), and the manifest keeps the class pending."""
+    from manifoldgd_fast.errors import ConfigError
+    from manifoldgd_fast.output import OutputWriter
+
+    real = OutputWriter.write_class
+
+    def failing(self, name, *a, **k):
+        if name == "cherry":
+            raise ConfigError("class cherry: cannot be written (a test)")
+        return real(self, name, *a, **k)
+
+    monkeypatch.setattr(OutputWriter, "write_class", failing)
+    out = tmp_path / "out"
+    line = _bad(tiny_world, tmp_path, _args(tiny_world, out, "--method", "dit", "--class-batch", "2"), capsys)
+    assert line.endswith("class cherry: cannot be written (a test)"), line
+    man = json.loads((out / "manifest.json").read_text())["classes"]
+    assert man["cherry"]["status"] == "pending" and man["banana"]["status"] == "done"
+
+
 def test_label_map_file_end_to_end(tiny_world, tmp_path, capsys):
     """A class-map file sets each class's DiT label (recorded in the manifest); ids outside the model,
     folders missing from the map and bad entries stop the run in one line, exit 2."""
@@ -646,6 +688,9 @@ def test_classes_sampled_together_give_the_same_bytes_whoever_shares_their_batch
     assert _digest(tmp_path / "two") == before and len(before) == 9
     again = json.loads((tmp_path / "two" / "manifest.json").read_text())["classes"]["apple"]
     assert again["sampled_with"] == ["apple"]  # this time alone in its (padded) batch
+    shutil.rmtree(tmp_path / "two" / "banana")   # the batch's second class: alone now, at its first rows
+    assert main(_args(tiny_world, tmp_path / "two", "--class-batch", "2", *common)) == 0
+    assert _digest(tmp_path / "two") == before
     if not extra:  # classes finished before --class-batch existed count as one class a batch: a resume warns
         from manifoldgd_fast.output import DONE_MARK
 
