@@ -352,6 +352,11 @@ def _split_cached(entries: Sequence[ClassEntry], cache_dir: str,
     return stats, todo
 
 
+def _float32_le(latents: torch.Tensor):
+    """``latents`` as the float32 little-endian array a cache file stores (numpy, C order)."""
+    return latents.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False)
+
+
 def safetensors_bytes(latents: torch.Tensor, metadata: dict[str, str], name: str = "latents") -> bytes:
     """A safetensors file holding ``latents`` (float32, stored as ``name``) and ``metadata``,
     with a sorted-key header, so equal inputs give equal bytes.
@@ -362,7 +367,7 @@ def safetensors_bytes(latents: torch.Tensor, metadata: dict[str, str], name: str
     safetensors format): u64 little-endian header length, the JSON header
     padded with spaces to a multiple of 8, then the tensor's bytes.
     """
-    x = latents.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False)
+    x = _float32_le(latents)
     data = x.tobytes()
     header = {"__metadata__": dict(metadata),
               name: {"dtype": "F32", "shape": list(x.shape), "data_offsets": [0, len(data)]}}
@@ -374,8 +379,7 @@ def safetensors_bytes(latents: torch.Tensor, metadata: dict[str, str], name: str
 def latents_sha256(latents: torch.Tensor) -> str:
     """sha256 of the float32 little-endian bytes a cache file stores for ``latents``: a byte of the data
     changed on disk (the header's checks cannot see it) is found when the class is loaded."""
-    x = latents.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False)
-    return hashlib.sha256(x.tobytes()).hexdigest()
+    return hashlib.sha256(_float32_le(latents).tobytes()).hexdigest()
 
 
 def encoded_with(batch_size: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
