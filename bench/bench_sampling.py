@@ -34,6 +34,7 @@ Results belong in bench/RESULTS.md with the GPU, versions, date and this command
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import gc
 import json
@@ -251,7 +252,7 @@ def main(argv=None):
     def fused_dit(attention):   # its own copy of the DiT: FusedDiT re-points the weights
         if attention not in fused_dits:
             from manifoldgd_fast.fastdit import FusedDiT
-            fused_dits[attention] = FusedDiT(build_models(a.tiny, dev)[0], attention=attention)
+            fused_dits[attention] = FusedDiT(copy.deepcopy(dit), attention=attention)
         return fused_dits[attention]
 
     plan = plan_rows(cuda, compile_rows=not a.no_compile)
@@ -285,7 +286,9 @@ def main(argv=None):
     for name, kind, kw in rows:
         for B in batches:
             if kind == "diffusers":
-                d2, v2 = build_models(a.tiny, dev)   # the pipeline casts its models: a private copy
+                # the pipeline casts its models: a private copy (a deep copy on the device: rebuilding
+                # DiT-XL/2's random init on the host took seconds of device time per row and batch)
+                d2, v2 = copy.deepcopy(dit), copy.deepcopy(vae)
                 fn = diffusers_runner(d2, v2, steps=a.steps, B=B, device=dev, **kw)
             else:
                 fn = Ours(dit, vae, steps=a.steps, dtype=bf16 if cuda else None, device=dev, B=B, **kw)
