@@ -104,7 +104,8 @@ def _row(what: str, secs: list[float], batch: int) -> dict:
             "seconds_p80": round(q[3], 4), "images_per_s": round(batch / med, 3)}
 
 
-def run(a: argparse.Namespace) -> list[dict]:
+def run(a: argparse.Namespace, emit=None) -> list[dict]:
+    """The rows, each handed to ``emit`` as soon as it is measured (a run cut at its deadline keeps those)."""
     import copy
 
     from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -135,6 +136,8 @@ def run(a: argparse.Namespace) -> list[dict]:
                 pipe([prompt] * a.batch, num_inference_steps=a.steps, guidance_scale=sd.SD_CFG_SCALE, height=size,
                      width=size, output_type="pt")
         rows.append(_row("diffusers StableDiffusionPipeline", _time(diffusers_batch, dev, a.repeats), a.batch))
+        if emit:
+            emit(rows[-1])
         del pipe
 
     unet, vae, text = unet.to(dev), vae.to(dev), text.to(dev)
@@ -154,6 +157,8 @@ def run(a: argparse.Namespace) -> list[dict]:
                    prompts={"tench": prompt})  # a fresh context per method: the fast loop is built per run config
         secs = _time(lambda: distill_class(rcfg, ctx, "tench", 0, z).result(), dev, a.repeats)
         rows.append(_row(f"ours {m}", secs, a.batch))
+        if emit:
+            emit(rows[-1])
     return rows
 
 
@@ -161,20 +166,21 @@ def main(argv=None) -> int:
     from manifoldgd_fast.sd import SD_CFG_SCALE
 
     a = parse_args(argv)
-    rows = run(a)
     gpu = torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else "cpu"
     print(f"{gpu}, {a.dtype}, batch {a.batch}, {a.steps} DDIM steps, CFG {SD_CFG_SCALE}, "
-          f"{'tiny' if a.tiny else 'SD 1.5 size'}, repeats {a.repeats}")
-    for r in rows:
+          f"{'tiny' if a.tiny else 'SD 1.5 size'}, repeats {a.repeats}", flush=True)
+
+    def emit(r: dict) -> None:   # printed and appended row by row
         print(f"{r['what']:<36} {r['images_per_s']:>9.3f} images/s   median {r['seconds_median']:.3f} s "
-              f"(p20 {r['seconds_p20']:.3f}, p80 {r['seconds_p80']:.3f})")
-    if a.csv:
-        with open(a.csv, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["gpu", "dtype", "batch", "steps", *rows[0]])
-            if f.tell() == 0:
-                w.writeheader()
-            for r in rows:
+              f"(p20 {r['seconds_p20']:.3f}, p80 {r['seconds_p80']:.3f})", flush=True)
+        if a.csv:
+            with open(a.csv, "a", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=["gpu", "dtype", "batch", "steps", *r])
+                if f.tell() == 0:
+                    w.writeheader()
                 w.writerow({"gpu": gpu, "dtype": a.dtype, "batch": a.batch, "steps": a.steps, **r})
+
+    run(a, emit)
     return 0
 
 

@@ -412,10 +412,18 @@ def test_bench_sd_tiny_runs_on_cpu(tmp_path):
     spec.loader.exec_module(mod)
     args = mod.parse_args(["--tiny", "--batch", "2", "--steps", "3", "--repeats", "1"])
     assert args.tiny and args.batch == 2 and args.device == "cpu"
-    rows = mod.run(args)
+    emitted = []
+    rows = mod.run(args, emitted.append)
     assert {r["what"] for r in rows} == {"diffusers StableDiffusionPipeline", "ours unguided", "ours mgd3",
                                          "ours manifoldgd"}
     assert all(r["images_per_s"] > 0 for r in rows)
+    assert emitted == rows                     # each row handed out as it is measured (a cut run keeps them)
+    # main appends each row to --csv as it comes (one header in a new file)
+    csv_path = tmp_path / "sd.csv"
+    assert mod.main(["--tiny", "--batch", "2", "--steps", "2", "--repeats", "1", "--methods", "unguided",
+                     "--no-diffusers", "--csv", str(csv_path)]) == 0
+    lines = csv_path.read_text().splitlines()
+    assert lines[0].startswith("gpu,dtype,batch,steps,what,") and len(lines) == 2 and lines[1].startswith("cpu,")
 
 
 # ---------------------------------------------------------------------------- outputs, prompts and loading, in detail
