@@ -153,10 +153,15 @@ def _gather_k(x, patch, k):
     return X - X.mean(1, keepdim=True)
 
 
-def sweep_cases(quick, k=10, d=3, patch_limit_gb=12.0):
-    """The grid of the issue: ours, plain-torch Gram, SVD of the k neighbours, naive D x D eigh (one sample x B)."""
+def sweep_cases(quick, k=10, d=3, patch_limit_gb=None):
+    """The grid of the issue: ours, plain-torch Gram, SVD of the k neighbours, naive D x D eigh (one sample x B).
+
+    The torch paths run where their fp32 patch fits ``patch_limit_gb`` (default: a third of the device's free
+    memory, 12 GB off CUDA); one that runs out of memory anyway gives NaN, and the sweep goes on."""
     from manifoldgd_fast import ops
 
+    if patch_limit_gb is None:
+        patch_limit_gb = torch.cuda.mem_get_info()[0] / 3e9 if gpu_bench.DEV == "cuda" else 12.0
     bw = copy_bandwidth_gbs()
     if gpu_bench.SMOKE:
         grid = [(2, 30, 48)]
@@ -178,18 +183,22 @@ def sweep_cases(quick, k=10, d=3, patch_limit_gb=12.0):
         fits = B * M * D * 4 / 1e9 <= patch_limit_gb                          # the torch paths hold the fp32 patch
         t_gram = t_svd = t_naive = float("nan")
         if fits:
-            t_gram = bench_ms(gram, quick)[0]
-            patch = ops.time_aligned_patch_philox(lat, order, lengths, 0.5, seed=1, step=3)
-            Xc = _gather_k(x, patch, k)                                       # (B, k, D) fp32
-            t_svd = bench_ms(functools.partial(torch.linalg.svd, Xc, full_matrices=False), quick)[0]
-            if D <= 4096:                                                     # the released code, per sample
-                X1 = Xc[0]
+            patch = Xc = None
+            try:
+                t_gram = bench_ms(gram, quick)[0]
+                patch = ops.time_aligned_patch_philox(lat, order, lengths, 0.5, seed=1, step=3)
+                Xc = _gather_k(x, patch, k)                                   # (B, k, D) fp32
+                t_svd = bench_ms(functools.partial(torch.linalg.svd, Xc, full_matrices=False), quick)[0]
+                if D <= 4096:                                                 # the released code, per sample
+                    X1 = Xc[0]
 
-                def naive():
-                    w, V = torch.linalg.eigh(X1.T @ X1 / k)                   # (D, D) covariance
-                    return V[:, -d:]
+                    def naive():
+                        w, V = torch.linalg.eigh(X1.T @ X1 / k)               # (D, D) covariance
+                        return V[:, -d:]
 
-                t_naive = B * bench_ms(naive, quick)[0]
+                    t_naive = B * bench_ms(naive, quick)[0]
+            except torch.cuda.OutOfMemoryError:                               # what did not fit stays NaN
+                print(f"  patch_sweep B={B} M={M} D={D}: a torch path ran out of memory", flush=True)
             del patch, Xc
         it = lat.element_size()
         # k chosen rows twice, x, g, eps, out, and every sample's order row (B x M int64 indices)
