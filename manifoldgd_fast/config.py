@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .classes import SUBSETS
 from .errors import ConfigError
 
 METHODS = ("manifoldgd", "mgd3", "dit", "cgs")
@@ -277,6 +278,10 @@ class DistillConfig:
                               else "no such folder") + " (write it with `manifoldgd-fast modes`: OUT/modes/)")
         if not isinstance(self.extra, dict):
             raise ConfigError("extra must be a mapping")
+        if self.classes is not None and (not isinstance(self.classes, str) or not self.classes.strip()):
+            # ("": every class would run, as if --classes were not given; None is that default)
+            raise ConfigError(f"--classes must be a subset name ({', '.join(SUBSETS)}), a class file or 'a,b,c', "
+                              f"got {self.classes!r}")
         if self.data is not None and (not isinstance(self.data, (str, os.PathLike)) or not str(self.data)):
             raise ConfigError(f"--data must be a folder path, got {self.data!r}")
         for name in ("save_latents", "contact_sheet"):
@@ -406,8 +411,13 @@ class DistillConfig:
         d = dict(d)
         if type(d.get("cfg_channels")) is int:          # YAML's `cfg_channels: 3`, the flag's "3"
             d["cfg_channels"] = str(d["cfg_channels"])
-        if isinstance(d.get("classes"), list) and all(isinstance(c, str) for c in d["classes"]):
-            d["classes"] = ",".join(d["classes"])        # YAML's `classes: [a, b]`, the flag's "a,b"
+        def folder_name(c):  # YAML reads a numbered class folder (`classes: [0, 1]`, `classes: 3`) as an int
+            return isinstance(c, str) or (isinstance(c, int) and not isinstance(c, bool))
+
+        if isinstance(d.get("classes"), list) and all(folder_name(c) for c in d["classes"]):
+            d["classes"] = ",".join(map(str, d["classes"]))  # YAML's `classes: [a, b]`, the flag's "a,b"
+        elif folder_name(d.get("classes")):
+            d["classes"] = str(d["classes"])
         try:
             return cls(**d)
         except TypeError as e:  # pragma: no cover - dataclass signature mismatch

@@ -489,6 +489,10 @@ def test_out_of_memory_is_one_line_with_the_way_out(error, says, monkeypatch, ca
     (b"seed: true\n", "--seed must be a non-negative integer, got True"),
     (b"sampler: ddim\nddim_eta: 1.5\n", "--ddim-eta must lie in [0, 1] (0: DDIM, 1: DDPM's variance), got 1.5"),
     (b"output_size: 100000\n", "--output-size must be <= 4096 px, got 100000"),
+    (b"classes: [1.5]\n", "--classes must be a subset name (imagenet1k, nette, woof, imagenet100, idc), a class file "
+                          "or 'a,b,c', got [1.5]"),
+    (b"classes: ''\n", "a class file or 'a,b,c', got ''"),
+    (b"classes: yes\n", "a class file or 'a,b,c', got True"),      # YAML's yes is no class folder 'True'
 ])
 def test_config_values_of_the_wrong_kind_are_one_line(text, says, tmp_path, image_folder, capsys):
     path = tmp_path / "run.yaml"
@@ -509,6 +513,23 @@ def test_yaml_natural_forms_of_list_and_number_flags_are_taken(tmp_path):
     path.write_text("classes: [a, b]\ncfg_channels: 3\n")
     cfg = DistillConfig.load(str(path)).validate()
     assert cfg.classes == "a,b" and cfg.cfg_channels == "3"
+    # numbered class folders (the demo's digits): YAML reads them as ints; `classes: 0` ran every class (0 is
+    # falsy) and `classes: [0, 1]` was refused as "empty"
+    for text, classes in [("classes: [0, 1]\n", "0,1"), ("classes: 0\n", "0"), ("classes: [n01440764, 7]\n",
+                                                                                    "n01440764,7")]:
+        path.write_text(text)
+        assert DistillConfig.load(str(path)).validate().classes == classes, text
+
+
+def test_an_empty_classes_flag_is_refused_not_every_class(tmp_path, image_folder, capsys):
+    """`--classes "$SUBSET"` with SUBSET unset ran every class folder, as if --classes were not given."""
+    for value in ("", " "):
+        assert main(["distill", "--data", str(image_folder), "--classes", value, "--model", str(tmp_path / "none"),
+                     "--ipc", "1", "--out", str(tmp_path / "o")]) == 2
+        line = _one_line(capsys.readouterr().err)
+        assert line == ("manifoldgd-fast: error: --classes must be a subset name (imagenet1k, nette, woof, "
+                        f"imagenet100, idc), a class file or 'a,b,c', got {value!r}"), line
+        assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("content", [b"[1, 2]", b"\xff\xfe{}"])
