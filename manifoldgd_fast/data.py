@@ -147,7 +147,12 @@ def scan_image_folder(root: str, classes: Sequence[str] | str | None = None,
     if classes is None:
         selected = all_folders
     else:
-        selected = list(classes)
+        try:
+            selected = list(classes)
+        except TypeError:
+            selected = None
+        if selected is None or not all(isinstance(n, str) for n in selected):  # e.g. numbered folders as ints
+            raise ConfigError(f"classes: {classes!r} is not a list of class folder names (str)")
         if not selected:  # (the --classes string is checked by class_list; here the Python API's list)
             raise ConfigError("classes: empty; give class folder names, or None for every class folder")
         if len(set(selected)) != len(selected):
@@ -156,8 +161,12 @@ def scan_image_folder(root: str, classes: Sequence[str] | str | None = None,
         present = set(all_folders)
         for name in selected:
             if name not in present:
-                raise DataError(f"class folder {os.path.join(root, name)} does not exist "
-                                f"(class {name!r} was asked for)")
+                if os.path.basename(name) != name or name in (".", ".."):  # e.g. a path given to --classes
+                    raise DataError(f"class {name!r} was asked for: a class is a folder name in {root}, not a path")
+                path = os.path.join(root, name)
+                why = ("is a file, not a folder" if os.path.isfile(path) else
+                       "is hidden or a system folder, never a class" if os.path.isdir(path) else "does not exist")
+                raise DataError(f"class folder {path} {why} (class {name!r} was asked for)")
     for name in selected:  # the outputs' names add to a class's: ".<class>.tmp-<pid>", "<class>.safetensors"
         if len(name.encode("utf-8", "surrogateescape")) > CLASS_NAME_BYTES:
             raise DataError(f"class folder {os.path.join(root, name)[:120]}...: its name is "

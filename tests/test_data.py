@@ -182,6 +182,27 @@ def test_a_class_list_given_as_a_list_is_checked_as_the_flag(tmp_path):
         D.scan_image_folder(str(root), classes=[])
     with pytest.raises(ConfigError, match=r"^classes: class 'a' is listed twice$"):
         D.scan_image_folder(str(root), classes=["a", "b", "a"])
+    for bad in ([0, 1], 3):   # numbered class folders given as ints: a TypeError from os.path.join / list()
+        with pytest.raises(ConfigError, match=re.escape(f"classes: {bad!r} is not a list of class folder names (str)")):
+            D.scan_image_folder(str(root), classes=bad)
+
+
+def test_a_class_asked_for_that_is_a_file_or_hidden_says_so(tmp_path):
+    """--classes naming a file or a hidden folder (.ipynb_checkpoints) said the class folder "does not exist"."""
+    root = tmp_path / "imgs"
+    for c in ("a", ".ipynb_checkpoints"):
+        (root / c).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(root / c / "x.png")
+    (root / "notes").write_text("x")
+    for name, why in [("notes", "is a file, not a folder"), (".ipynb_checkpoints", "is hidden or a system folder, "
+                      "never a class"), ("b", "does not exist")]:
+        with pytest.raises(DataError, match=re.escape(f"class folder {root / name} {why} (class {name!r} was asked")):
+            D.scan_image_folder(str(root), classes=f"a,{name}")
+    for name in (str(root / "a"), "..", "a/"):   # a path (e.g. a folder given as --classes) is not a class name
+        with pytest.raises(DataError, match=re.escape(f"class {name!r} was asked for: a class is a folder name in "
+                                                      f"{root}, not a path")):
+            D.scan_image_folder(str(root), classes=[name])
+    assert [e.name for e in D.scan_image_folder(str(root))] == ["a"]
 
 
 def test_scan_errors(tmp_path, wnid_root):
