@@ -92,8 +92,8 @@ def class_display_name(name: str) -> str:
 def class_names_map(spec) -> dict[str, str]:
     """Resolve ``--class-names``: folder name -> class name given by the user.
 
-    ``spec``: a mapping; a ``.json`` file holding one; a text file with one class a
-    line, ``<folder> <name ...>`` (the first word is the folder; ImageNet's
+    ``spec``: a mapping; a ``.json`` file holding one (or any file whose text starts with ``{``); a text
+    file with one class a line, ``<folder> <name ...>`` (the first word is the folder; ImageNet's
     ``LOC_synset_mapping.txt`` reads as is; ``#`` comments and blank lines ignored);
     or an inline ``"folder=name,folder2=name2"``. A name listing synonyms, as
     ``LOC_synset_mapping.txt`` does ("tench, Tinca tinca"), gives its first one ("tench").
@@ -107,7 +107,7 @@ def class_names_map(spec) -> dict[str, str]:
         try:
             with open(spec, encoding="utf-8-sig") as f:
                 text = f.read()
-            if spec.endswith(".json"):
+            if spec.lower().endswith(".json") or text.lstrip().startswith("{"):  # (as read_label_map reads JSON)
                 out = json.loads(text)
                 if not isinstance(out, dict):
                     raise ValueError("not a JSON object of folder: name")

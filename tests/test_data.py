@@ -665,6 +665,17 @@ def test_mode_i_at_2_16_is_scaled_by_31_bits():
     assert np.asarray(D.to_rgb(img))[0, 1, 0] == 0          # 65536 / 2^31 of white, not 16-bit white
 
 
+def test_a_class_names_json_file_in_capitals_or_without_its_extension_is_json(tmp_path):
+    """--class-names names.JSON (or a JSON object in a .txt) was read as '<folder> <name>' lines: a folder
+    '{"apple":' named '"red apple",'; read_label_map already took any file starting with '{' as JSON."""
+    for name in ("names.JSON", "names.txt"):
+        f = tmp_path / name
+        f.write_text('\n{"apple": "red apple",\n "n01440764": "tench, Tinca tinca"}\n')
+        assert C.class_names_map(str(f)) == {"apple": "red apple", "n01440764": "tench"}
+    f.write_text("apple red apple\nn01440764 tench, Tinca tinca\n")          # lines still read as lines
+    assert C.class_names_map(str(f)) == {"apple": "red apple", "n01440764": "tench"}
+
+
 def test_label_map_lines_tab_before_comma_and_json_after_blank_lines(tmp_path):
     (tmp_path / "m.txt").write_text("a,b\t3\n")
     assert C.read_label_map(str(tmp_path / "m.txt")) == {"a,b": 3}
