@@ -655,6 +655,21 @@ def test_a_symlinked_class_folder_is_a_class(tmp_path):
     assert [e.name for e in D.scan_image_folder(str(tmp_path / "root"))] == ["apple"]
 
 
+def test_symlinked_images_are_images(tmp_path, caplog):
+    """A subset made of links to the full set's files (a common way to build ImageNet-100 or a class subset):
+    each link is its class's image, in name order, not an ignored file."""
+    (tmp_path / "full").mkdir()
+    for n in ("x.png", "y.JPEG"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "full" / n, format="PNG")
+    (tmp_path / "root" / "apple").mkdir(parents=True)
+    os.symlink(tmp_path / "full" / "y.JPEG", tmp_path / "root" / "apple" / "a.JPEG")
+    os.symlink(os.path.join("..", "..", "full", "x.png"), tmp_path / "root" / "apple" / "b.png")  # relative
+    with caplog.at_level("WARNING", logger="manifoldgd_fast.data"):
+        (entry,) = D.scan_image_folder(str(tmp_path / "root"))
+    assert entry.relative_files() == ["a.JPEG", "b.png"] and not caplog.records
+    assert D.read_image_uint8(entry.files[1], 8).shape == (3, 8, 8)
+
+
 def test_an_aspect_of_exactly_64_to_1_is_read(tmp_path):
     Image.new("RGB", (256, 4)).save(tmp_path / "s.png")
     assert D.read_image_uint8(str(tmp_path / "s.png"), 8).shape == (3, 8, 8)
