@@ -142,7 +142,8 @@ def class_list(spec: str) -> list[str]:
 
     Subset names: ``imagenet1k``, ``nette``, ``woof``, ``imagenet100``, ``idc``.
     A file holds one class a line (blank lines and ``#`` comments ignored). A
-    single token that is neither is one class name.
+    single token that is neither is one class name (one holding a path separator
+    is a missing class file: ConfigError).
 
     Returns the class names in the given order (no duplicates).
     """
@@ -162,6 +163,8 @@ def class_list(spec: str) -> list[str]:
     elif "," in spec:
         names = [s.strip() for s in spec.split(",") if s.strip()]
         source = repr(spec)
+    elif os.sep in spec or (os.altsep and os.altsep in spec):  # no folder name holds one: a missing class file
+        raise ConfigError(f"--classes {spec}: no such file (a class file: one class folder name a line)")
     else:  # one class name; a misspelt subset name fails at the scan, naming the missing class folder
         names = [spec]
         source = repr(spec)

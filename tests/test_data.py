@@ -87,6 +87,9 @@ def test_class_list_file_csv_and_errors(tmp_path):
     empty.write_text("# nothing\n\n")
     with pytest.raises(ConfigError, match="--classes"):
         C.class_list(str(empty))
+    missing = str(tmp_path / "nette.txt")   # a class file that is not there was one class named by its path
+    with pytest.raises(ConfigError, match=re.escape(f"--classes {missing}: no such file (a class file")):
+        C.class_list(missing)
 
 
 # --------------------------------------------------------------------------- scanning
