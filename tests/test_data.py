@@ -1,6 +1,7 @@
 """Class lists, folder scanning, label maps and DiT-style image loading."""
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -511,6 +512,37 @@ def test_iter_class_images_skips_and_reports(wnid_root, workers):
         torch.testing.assert_close(row, D.load_image(p, 8), atol=0, rtol=0)
     # a.JPG is red: R channel near +1, G near -1 (JPEG is lossy).
     assert flat[0, 0].mean() > 0.9 and flat[0, 1].mean() < -0.9
+
+
+def _png_with_a_broken_second_idat(path):
+    """A PNG whose pixel data is split over two IDAT chunks, the second chunk's type bytes damaged: the header
+    opens, and decoding meets the damage (Pillow raises SyntaxError, not OSError, there)."""
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), np.uint8)).save(buf, "PNG")
+    png = buf.getvalue()
+    i = png.index(b"IDAT")
+    n = struct.unpack(">I", png[i - 4:i])[0]
+    data, half = png[i + 4:i + 4 + n], n // 2
+    first = struct.pack(">I", half) + b"IDAT" + data[:half] + struct.pack(">I", zlib.crc32(b"IDAT" + data[:half]))
+    path.write_bytes(png[:i - 4] + first + struct.pack(">I", n - half) + b"\x00\x01\x02\x03" + data[half:] +
+                     b"\x00" * 4 + png[i + 8 + n:])
+
+
+def test_an_image_damaged_past_its_header_is_skipped_not_a_crash(tmp_path):
+    (tmp_path / "c").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "c" / "a.png")
+    _png_with_a_broken_second_idat(tmp_path / "c" / "b.png")
+    with pytest.raises(DataError, match=re.escape(f"cannot read image {tmp_path / 'c' / 'b.png'}: broken PNG file")):
+        D.read_image_uint8(str(tmp_path / "c" / "b.png"), 8)
+    it = D.iter_class_images(D.scan_image_folder(str(tmp_path))[0], 8, batch_size=4, num_workers=0)
+    with pytest.warns(UserWarning, match="b.png"):
+        assert [[os.path.basename(p) for p in ps] for _, ps in it] == [["a.png"]]
+    assert [os.path.basename(p) for p in it.skipped] == ["b.png"]
+    with pytest.raises(ConfigError, match=r"--encode-batch-size 0: must be >= 1"):
+        D.iter_class_images(D.scan_image_folder(str(tmp_path))[0], 8, batch_size=0)
 
 
 def test_an_unreadable_image_is_logged_once_per_process(wnid_root, caplog):
