@@ -185,6 +185,15 @@ def scan_image_folder(root: str, classes: Sequence[str] | str | None = None,
                         "so every class gets its sorted index, not its ImageNet class id; remove the stray "
                         "folders, or use --label-map imagenet1k (with --classes) or a class-map file",
                         len(odd), len(all_folders), root, shown)
+        numbered = all(f.isascii() and f.isdigit() for f in all_folders)
+        moved = [(f, i) for i, f in enumerate(all_folders) if numbered and int(f) != i]
+        if warn_stray and moved:
+            # Folders named by class number (an export of a labelled data set): sorted as text, "10" comes before
+            # "2", so a folder's label is not its number, silently, unless this says so.
+            log.warning("--label-map auto: the class folders of %s are numbers, and each class gets its place in "
+                        "their sorted (text) order, as torchvision's ImageFolder numbers them, not its number "
+                        "(folder %s is class %d); if the numbers are the model's class ids, give a class-map file "
+                        "(lines '<folder> <class id>')", root, moved[0][0], moved[0][1])
     if label_map not in LABEL_MAPS:
         mapping = read_label_map(label_map)
         for name in selected:

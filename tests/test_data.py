@@ -682,6 +682,29 @@ def test_class_names_past_200_bytes_are_refused_in_one_line(tmp_path):
     assert [e.name for e in D.scan_image_folder(str(root), classes=["a" * 200])] == ["a" * 200]
 
 
+def test_numbered_class_folders_whose_labels_are_not_their_numbers_are_named(tmp_path, caplog):
+    """Folders named by class number (0 .. 999, unpadded) sort as text: folder 10 gets label 2. The labels stay
+    ImageFolder's; a warning names the first folder whose label is not its number (none for 0 .. 9)."""
+    for names, moved in [(["0", "1", "2", "3"], None), (["0", "1", "2", "10"], ("10", 2)), (["1", "2"], ("1", 0))]:
+        root = tmp_path / "-".join(names)
+        for n in names:
+            _save(str(root / n / "0.png"))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="manifoldgd_fast.data"):
+            entries = D.scan_image_folder(str(root))
+        assert [(e.name, e.label) for e in entries] == [(n, i) for i, n in enumerate(sorted(names))]
+        msgs = [r.getMessage() for r in caplog.records]
+        if moved is None:
+            assert not msgs, msgs
+        else:
+            (msg,) = msgs
+            assert f"(folder {moved[0]} is class {moved[1]})" in msg and "class-map file" in msg, msg
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="manifoldgd_fast.data"):   # not for SD (labels select no class)
+        D.scan_image_folder(str(tmp_path / "0-1-2-10"), warn_stray=False)
+    assert not caplog.records
+
+
 def test_a_symlinked_class_folder_is_a_class(tmp_path):
     (tmp_path / "real").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "real" / "a.png")
