@@ -747,6 +747,8 @@ def test_a_class_names_json_file_in_capitals_or_without_its_extension_is_json(tm
         assert C.class_names_map(str(f)) == {"apple": "red apple", "n01440764": "tench"}
     f.write_text("apple red apple\nn01440764 tench, Tinca tinca\n")          # lines still read as lines
     assert C.class_names_map(str(f)) == {"apple": "red apple", "n01440764": "tench"}
+    f.write_text("apple\tred apple\ngolden_retriever \t golden retriever\n")  # split at tabs as at spaces
+    assert C.class_names_map(str(f)) == {"apple": "red apple", "golden_retriever": "golden retriever"}
 
 
 def test_label_map_lines_tab_before_comma_and_json_after_blank_lines(tmp_path):
