@@ -392,6 +392,8 @@ def test_label_map_missing_folder(named_root, tmp_path):
     ("a 7\nb n01440764\nc 7\n", "line 3", "folders 'a' and 'c' both map to class 7"),
     ("a 0\nb goldfish\nc 1\n", "line 3", "folders 'b' and 'c' both map to class 1"),
     ("a 0\njust_a_folder\n", "line 2", "is not '<folder> <class id, WordNet id or name>'"),
+    ("a 0\nb,\n", "line 2", "'b,' is not '<folder> <class id"),      # a comma with nothing after it
+    ("a 0\n\t5\n", "line 2", "'5' is not '<folder> <class id"),      # a value with no folder
     ('{"a": 0, "b": 1, "a": 2}', "key 'a'", "folder 'a' is mapped twice"),
     ('{"a": 0, "b": true}', "key 'b'", "True is not a class id"),
     ('{"a": 0, "b": -1}', "key 'b'", "class id -1 is negative"),
@@ -749,6 +751,9 @@ def test_a_class_names_json_file_in_capitals_or_without_its_extension_is_json(tm
     assert C.class_names_map(str(f)) == {"apple": "red apple", "n01440764": "tench"}
     f.write_text("apple\tred apple\ngolden_retriever \t golden retriever\n")  # split at tabs as at spaces
     assert C.class_names_map(str(f)) == {"apple": "red apple", "golden_retriever": "golden retriever"}
+    for bad, item in [("a=x,=y", "=y"), ("a=x, b = ", "b ="), ("a=x,b", "b")]:   # inline: each item folder=name
+        with pytest.raises(ConfigError, match=re.escape(f"--class-names {bad!r}: {item!r} is not folder=name")):
+            C.class_names_map(bad)
 
 
 def test_label_map_lines_tab_before_comma_and_json_after_blank_lines(tmp_path):
