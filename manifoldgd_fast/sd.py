@@ -440,6 +440,26 @@ def load_sd(path_or_id, *, device: str | torch.device = "cpu", dtype: torch.dtyp
                 scheduler_config=checked["scheduler_config"], root=checked["root"], text_digest=text_digest)
 
 
+def check_distinct_text_inputs(tokenizer, prompts: Mapping[int, str], names: Mapping[int, str] | None = None) -> None:
+    """ConfigError naming two classes whose prompts reach the text encoder as the same token ids, so the same
+    embedding: :func:`class_prompts` compares the prompts lowercased, but CLIP's tokenizer also drops the spaces
+    around punctuation ("golden-retriever", "golden - retriever") and :func:`encode_prompts` cuts every prompt to
+    ``tokenizer.model_max_length`` tokens (two long prompts alike up to there, e.g. a long --prompt-template
+    ending in {name}). prompts: class label -> prompt; names: class label -> its name in the message."""
+    names = names or {}
+    L = tokenizer.model_max_length
+    seen: dict[tuple, int] = {}
+    for v in sorted(prompts):
+        key = tuple(tokenizer(prompts[v], truncation=True, max_length=L, verbose=False).input_ids)
+        if key in seen:
+            a = seen[key]
+            raise ConfigError(f"classes {names.get(a, a)!r} and {names.get(v, v)!r} get the same text embedding: "
+                              f"their prompts {prompts[a]!r} and {prompts[v]!r} are the same tokens as CLIP's "
+                              f"tokenizer reads them (cut to {L}); give them distinct names with --class-names "
+                              "(or a shorter --prompt-template)")
+        seen[key] = v
+
+
 def load_sd_denoiser(path_or_id, prompts: Mapping[int, str], *, negative_prompt: str = "",
                      num_classes: int | None = None, device: str | torch.device = "cpu",
                      dtype: torch.dtype = torch.float32, cache_dir: str | None = None,
@@ -449,9 +469,11 @@ def load_sd_denoiser(path_or_id, prompts: Mapping[int, str], *, negative_prompt:
     prompts: class label -> prompt; names: class label -> its name in warnings (e.g. the class folder).
     The text encoder is freed after encoding.
     """
-    parts = load_sd(path_or_id, device=device, dtype=dtype, cache_dir=cache_dir, checked=checked)
+    checked = checked or check_sd_folder(path_or_id, cache_dir=cache_dir)
     labels = sorted(prompts)
     names = names or {}
+    check_distinct_text_inputs(checked["tokenizer"], prompts, names)   # before any weights load
+    parts = load_sd(path_or_id, device=device, dtype=dtype, cache_dir=cache_dir, checked=checked)
     # one prompt per text-encoder call: a class's embedding (and so its images) does not depend on which other
     # prompts share the call, i.e. on the shard or on the classes a resume has left (a GPU's matmul may pick
     # another kernel for another batch size)

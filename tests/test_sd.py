@@ -495,6 +495,29 @@ def test_class_names_unknown_keys_synonyms_and_equal_prompts(tmp_path, sd_world,
     assert rc == 2 and len(err) == 1 and "'cherry' and 'golden_retriever'" in err[0]
 
 
+
+def test_prompts_read_as_the_same_tokens_are_refused_before_the_unet_loads(sd_world, tmp_path, capsys, monkeypatch):
+    """class_prompts compares the prompts lowercased; CLIP's tokenizer also drops the spaces around punctuation, and
+    the text encoder sees at most model_max_length tokens (32 here). Two classes whose prompts are the same tokens
+    got one embedding (one class's images under two labels) with no error: refused in one line naming both classes,
+    before the UNet's weights load."""
+    long = "a photo " * 20                                        # past 32 tokens: the class name is cut off
+    pairs = [("golden-retriever", "golden - retriever"), (long + "cherry", long + "dog")]
+    monkeypatch.setattr(SD, "load_sd", lambda *a, **k: pytest.fail("weights loaded"))
+    for a, b in pairs:
+        assert SD.class_prompts(["x", "y"], class_names={"x": a, "y": b}) == {"x": a, "y": b}   # distinct lowercased
+        with pytest.raises(ConfigError, match="^classes 'x' and 'y' get the same text embedding"):
+            SD.load_sd_denoiser(sd_world["model"], {0: a, 1: b}, names={0: "x", 1: "y"})
+    monkeypatch.undo()
+    args = ["distill", "--data", sd_world["data"], "--model", sd_world["model"], "--out", str(tmp_path / "o"),
+            "--cache-dir", sd_world["cache"], "--class-names", f"cherry={pairs[1][0]},golden_retriever={pairs[1][1]}",
+            *FAST]
+    rc = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "'cherry' and 'golden_retriever' get the same text embedding" in err[-1], err
+    # distinct tokens pass: a prompt cut short still differs from one that is not
+    SD.check_distinct_text_inputs(SD.load_sd(sd_world["model"])["tokenizer"], {0: long + "cherry", 1: "cherry"})
+
 def test_text_encoder_attention_mask_and_truncation_as_diffusers(sd_world, caplog):
     """use_attention_mask in the text encoder's config is honoured as encode_prompt does; a prompt
     longer than the tokenizer's length is cut there, with one warning naming its class."""
