@@ -109,6 +109,23 @@ def test_knn_ties_go_to_lower_index_and_padding_is_ignored():
     assert torch.equal(a, b)
 
 
+def test_knn_ref_breaks_every_tie_to_the_lower_index():
+    """Rows on a {-1, 0, 1} grid: dozens of rows at each distance. The reference's order must be (distance, index),
+    SPEC 4.4's tie rule, which the kernels' keys encode too: an unstable sort (sort without stable=True, topk) orders
+    equal distances its own way past a few dozen rows, and the two backends would then disagree while each passed."""
+    gen = torch.Generator().manual_seed(0)
+    B, M, D, k = 3, 200, 4, 40
+    rows = torch.randint(-1, 2, (B, M, D), generator=gen).float()
+    x = torch.randint(-1, 2, (B, D), generator=gen).float()
+    lengths = torch.tensor([200, 120, 57])
+    idx, d2 = ops.knn_rows_ref(x, rows, k, lengths)
+    for b in range(B):
+        dist = ((rows[b, : lengths[b]] - x[b]) ** 2).sum(1).tolist()
+        want = sorted(range(int(lengths[b])), key=lambda j: (dist[j], j))[:k]
+        assert idx[b].tolist() == want, b
+        assert d2[b].tolist() == [dist[j] for j in want]
+
+
 @pytest.mark.parametrize("B,N,D", [(1, 300, 64), (3, 50, 37), (2, 40, 5)])
 @pytest.mark.parametrize("seed", [0, 7])
 def test_manifold_pull_matches_released_code(B, N, D, seed):
