@@ -93,6 +93,37 @@ def test_philox_counters_are_column_quad_row_sample_step_and_stream():
             assert float(radii[b, j]) == pytest.approx(0.5 * u, rel=1e-6), (b, j)
 
 
+def test_philox_sample_id_is_the_whole_32_bit_counter_word():
+    """Global sample ids reach 2^16 (ImageNet-1k at IPC 100 numbers 100,000 samples): the reference must put all
+    32 bits of the id in c2, as the kernels do (an id cut to fewer bits gives two samples the same noise, and the
+    reference and the kernels would disagree only past the small ids the other tests use)."""
+    seed, step = 99, 4
+    sid = torch.tensor([7, 7 + 2 ** 16, 7 + 2 ** 24, 2 ** 32 - 1])
+    a = ops.philox_normal_ref(seed, step, ops.STREAM_PATCH, sid, 2, 4)
+    u = ops.philox_uniform_ref(seed, step, ops.STREAM_CLOUD_RADIUS, sid, 2)
+    for b in range(4):
+        r = _counter_block(seed, 0, 1, int(sid[b]), step * 16 + ops.STREAM_PATCH)
+        rad = math.sqrt(-2 * math.log(max(_uniform(r[0]), 1e-7)))
+        assert float(a[b, 1, 0]) == pytest.approx(rad * math.cos(2 * math.pi * _uniform(r[1])), rel=1e-5, abs=1e-5), b
+        r = _counter_block(seed, 0, 1, int(sid[b]), step * 16 + ops.STREAM_CLOUD_RADIUS)
+        assert float(u[b, 1]) == _uniform(r[0]), b
+    assert len({tuple(v.tolist()) for v in a.flatten(1)}) == 4                # four ids, four different draws
+
+
+def test_philox_uniform_zero_gives_tritons_clamped_normal():
+    """A Philox word of 0 or 2^32 - 1 is the uniform 0 (Triton's uint_to_uniform_float), which Box-Muller clamps
+    to 1e-7 as Triton's pair_uniform_to_normal does: radius sqrt(-2 ln 1e-7) = 5.68, not inf or another clamp's
+    value (one normal in 2^31, where the reference would leave the kernels' noise)."""
+    from manifoldgd_fast.noise import _box_muller, _unit_float
+
+    u = _unit_float(torch.tensor([0, 2 ** 32 - 1, 2 ** 31 - 1]))
+    assert u[:2].tolist() == [0.0, 0.0] and float(u[2]) < 1.0
+    n0, n1 = _box_muller(u[:2], torch.tensor([0.0, 0.25]))
+    r = math.sqrt(-2 * math.log(float(torch.tensor(1e-7, dtype=torch.float32))))
+    assert float(n0[0]) == pytest.approx(r, rel=1e-6) and float(n1[0]) == 0.0
+    assert float(n1[1]) == pytest.approx(r, rel=1e-6) and abs(float(n0[1])) < 1e-5
+
+
 def test_philox_normal_reference_layout():
     """A value depends on (seed, step, stream, sample, row, col) only: not on D, rows drawn or the batch."""
     sid = torch.tensor([3, 9])
