@@ -495,7 +495,6 @@ def test_class_names_unknown_keys_synonyms_and_equal_prompts(tmp_path, sd_world,
     assert rc == 2 and len(err) == 1 and "'cherry' and 'golden_retriever'" in err[0]
 
 
-
 def test_prompts_read_as_the_same_tokens_are_refused_before_the_unet_loads(sd_world, tmp_path, capsys, monkeypatch):
     """class_prompts compares the prompts lowercased; CLIP's tokenizer also drops the spaces around punctuation, and
     the text encoder sees at most model_max_length tokens (32 here). Two classes whose prompts are the same tokens
@@ -517,6 +516,7 @@ def test_prompts_read_as_the_same_tokens_are_refused_before_the_unet_loads(sd_wo
     assert rc == 2 and "'cherry' and 'golden_retriever' get the same text embedding" in err[-1], err
     # distinct tokens pass: a prompt cut short still differs from one that is not
     SD.check_distinct_text_inputs(SD.load_sd(sd_world["model"])["tokenizer"], {0: long + "cherry", 1: "cherry"})
+
 
 def test_text_encoder_attention_mask_and_truncation_as_diffusers(sd_world, caplog):
     """use_attention_mask in the text encoder's config is honoured as encode_prompt does; a prompt
@@ -540,6 +540,23 @@ def test_text_encoder_attention_mask_and_truncation_as_diffusers(sd_world, caplo
         SD.encode_prompts(te, tok, prompts, names=["class cherry", "class long_cherry"])
     cut = [r.getMessage() for r in caplog.records if "longer than" in r.getMessage()]
     assert len(cut) == 1 and cut[0].startswith("class long_cherry: ") and "long cherry" in cut[0]
+
+
+def test_the_cut_warning_starts_one_token_past_the_tokenizers_length(sd_world, caplog):
+    """The warning is the only sign of a cut prompt: a prompt of exactly model_max_length tokens (bos and eos
+    included) is whole and draws none; one token more is cut and draws it, naming the token left out."""
+    parts = SD.load_sd(sd_world["model"])
+    te, tok = parts["text_encoder"], parts["tokenizer"]
+    L = tok.model_max_length
+    fits, over = "a " * (L - 3) + "z", "a " * (L - 2) + "z"
+    assert len(tok(fits).input_ids) == L and len(tok(over).input_ids) == L + 1
+    for prompt, n in [(fits, 0), (over, 1)]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="manifoldgd_fast"):
+            SD.encode_prompts(te, tok, [prompt], names=["class c"])
+        cut = [r.getMessage() for r in caplog.records if "longer than" in r.getMessage()]
+        assert len(cut) == n, prompt
+    assert cut[0].startswith("class c: ") and cut[0].endswith("without 'z'")
 
 
 def test_vae_that_does_not_fit_the_unet_is_one_line(sd_world, tmp_path, capsys, monkeypatch):
