@@ -145,6 +145,19 @@ def test_manifold_pull_matches_released_code(B, N, D, seed):
     assert float(got.norm(dim=1).max()) <= 0.1 + 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_manifold_pull_comes_back_in_x_dtype(dtype):
+    """The term is returned in x's dtype (the contract manifold_correct keeps for g); float64 inputs are worked in
+    float64 throughout: the float64 transcription of the released code agrees to 1e-12, not to fp32's 1e-7."""
+    gen = torch.Generator().manual_seed(3)
+    cloud = torch.randn(2, 60, 12, generator=gen, dtype=torch.float64) * torch.linspace(2, 0.2, 12, dtype=torch.float64)
+    x = torch.randn(2, 12, generator=gen, dtype=torch.float64)
+    got = ops.manifold_pull(x.to(dtype), cloud.to(dtype), k=12, d=3, scale=0.1, bandwidth=1.0, ridge=1e-5)
+    assert got.dtype == dtype and got.shape == (2, 12)
+    if dtype == torch.float64:
+        torch.testing.assert_close(got, spec_manifold_pull(x, cloud, 12, 3, 0.1, 1.0, 1e-5), atol=1e-12, rtol=1e-10)
+
+
 def test_manifold_pull_direction_is_normal_to_the_plane():
     """Cloud on an exact 2-plane through the origin; x off the plane: the pull is -x's normal part."""
     D = 10
