@@ -173,6 +173,25 @@ def test_torch_jacobi_against_float64(n):
     assert float(((w64 - wr).abs().max(1).values / nrm).max()) < 1e-12
 
 
+@pytest.mark.parametrize("n", [3, 8])
+def test_sym_eig_uses_the_symmetric_part_of_an_asymmetric_matrix(n):
+    """sym_eig's contract: only A's symmetric part (A + A^T) / 2 is used. Every other test passes exactly symmetric
+    matrices, so a reference reading one triangle (eigh's default) or a Jacobi rotating the raw A passed. Checked
+    against numpy's float64 eigh of the symmetric part, for the float64 reference and the PyTorch Jacobi."""
+    np = pytest.importorskip("numpy")
+    gen = torch.Generator().manual_seed(n)
+    X = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    S, K = X @ X.T / n, torch.randn(n, n, generator=gen, dtype=torch.float64)
+    A = (S + (K - K.T))[None]                                            # symmetric part S, a large skew part
+    want = np.linalg.eigvalsh(S.numpy())[::-1].copy()
+    Pw = np.linalg.eigh(S.numpy())[1][:, ::-1][:, :2]
+    for backend, tol in [("reference", 1e-12), ("torch", 1e-5)]:
+        w, V = ops.sym_eig(A if backend == "reference" else A.float(), backend=backend)
+        assert float(np.abs(w[0].double().numpy() - want).max()) < tol * float(want.max()), backend
+        Vn = V[0, :, :2].double().numpy()
+        assert float(np.abs(Vn @ Vn.T - Pw @ Pw.T).max()) < 100 * tol, backend   # the top-2 subspace
+
+
 @pytest.mark.parametrize("triton_there", [True, False])
 def test_eig_chain_warns_naming_the_solver_it_falls_back_to(monkeypatch, triton_there):
     """Without the CUDA C++ solver the chain says why, once, and names the solver it really uses (it always
