@@ -235,6 +235,24 @@ def test_time_aligned_patch():
         ops.time_aligned_patch(lat, order, lengths, 1.5, gens)
 
 
+def test_an_order_index_one_past_the_latents_is_refused():
+    """order indexes rows of latents: n itself is one past the end, where the reference's patch clamps to row n - 1
+    and the fused kernels would read past the tensor. The check's boundary is refused like every larger index
+    (the other tests used indices up to 2n), within each sample's length only."""
+    n, D = 12, 8
+    lat = torch.randn(n, D)
+    order = torch.arange(n).flip(0)[None].repeat(2, 1)
+    order[1, 3] = n
+    x, g = torch.randn(2, D), torch.randn(2, D)
+    with pytest.raises(ConfigError, match=r"order must index rows of latents in \[0, 12\)"):
+        ops.time_aligned_patch(lat, order, torch.tensor([12, 12]), 0.5, torch.Generator().manual_seed(0))
+    with pytest.raises(ConfigError, match=r"order must index rows of latents in \[0, 12\)"):
+        ops.manifold_correct_fused(x, lat, order, torch.tensor([12, 12]), g, alpha_bar=0.5, seed=0, step=0, k=4, d=2)
+    # past a sample's own length the entry is padding and never read
+    got = ops.manifold_correct_fused(x, lat, order, torch.tensor([12, 3]), g, alpha_bar=0.5, seed=0, step=0, k=3, d=2)
+    assert got.shape == (2, D) and bool(torch.isfinite(got).all())
+
+
 def test_bad_inputs_name_the_tensor():
     x, patch, g = anisotropic(2, 30, 16, torch.float32, 0)
     with pytest.raises(ConfigError, match="x must be floating point"):
