@@ -193,6 +193,32 @@ def test_a_locked_out_stops_every_rank_in_one_line(world, tmp_path):
     assert os.listdir(out) == [".lock"]
 
 
+@pytest.mark.parametrize("command, readable, why", [
+    ("distill", 1, "class c1 has 1 readable images, fewer than --ipc 2"),        # the checks before sampling
+    ("modes", 1, "class c1 has 1 readable images, fewer than --ipc 2"),
+    ("cache", 0, "class c1 in {data}: none of its 6 images could be read"),       # while encoding
+])
+def test_a_rank_whose_own_class_fails_stops_every_rank_in_one_line(world, tmp_path, command, readable, why):
+    """Only rank 1 can find that its class c1 has too few readable images (it encodes c1): every rank stops with
+    its one line, exit non-zero, nothing written (rank 0 went on to its next barrier and died there with a
+    traceback from our code: gloo's "Connection closed by peer")."""
+    data = tmp_path / "data"
+    shutil.copytree(world["data"], data)
+    for f in sorted((data / "c1").iterdir())[readable:]:
+        f.write_bytes(b"not an image")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+           "manifoldgd_fast", command, "--data", str(data), "--model", world["model"], "--out", str(out),
+           "--cache-dir", str(tmp_path / "cache"), "--ipc", "2", "--steps", "4", "--t-stop", "2"]
+    r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0
+    line = f"manifoldgd-fast: error: {why.format(data=data)}"
+    assert r.stderr.count(line) == 2, r.stderr[-3000:]
+    # (torchrun's launcher prints its own ChildFailedError traceback; none comes from our code)
+    assert "manifoldgd_fast/" not in r.stderr and "Connection closed" not in r.stderr, r.stderr[-3000:]
+    assert not [c for c in CLASSES if (out / c).exists() or (out / "modes" / f"{c}.safetensors").exists()]
+
+
 def test_barrier_or_raise_gives_every_rank_the_first_error(monkeypatch):
     import torch.distributed as dist
 
