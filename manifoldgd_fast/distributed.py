@@ -118,8 +118,10 @@ class Shard:
         independent shard is one process of its own: the scheduler gives it its GPU)."""
         if self.world > 1 and not self.independent and name in ("auto", "cuda") and torch.cuda.is_available():
             return f"cuda:{self.local_rank % torch.cuda.device_count()}"
+        if self.world <= 1 or self.independent or not str(name).startswith("cuda:"):
+            return name  # (one process does not read LOCAL_WORLD_SIZE: a stray or empty one is not its concern)
         local_world = _env_int("LOCAL_WORLD_SIZE", str(self.world))
-        if self.world > 1 and not self.independent and str(name).startswith("cuda:") and local_world > 1:
+        if local_world > 1:
             raise ConfigError(f"--device {name} under torchrun would put all {local_world} ranks of this node on "
                               "one GPU; give --device cuda (each rank takes cuda:LOCAL_RANK)")
         return name

@@ -256,7 +256,11 @@ def test_agree_names_the_odd_ranks_out_even_rank_0(monkeypatch):
 
     for values, want in ((["a", "a", "a"], None), (["a", "b", "a"], "rank 1 on h1 does not see what rank 0 sees"),
                          (["b", "a", "a"], "rank 0 on h0 does not see what the other ranks see"),
-                         (["a", "b"], "rank 1 on h1 does not see what rank 0 sees")):
+                         (["a", "b"], "rank 1 on h1 does not see what rank 0 sees"),
+                         # at most 3 named, then how many more (none said when there are no more)
+                         (["a", "b", "c", "d"], "rank 1 on h1, rank 2 on h2, rank 3 on h3 does not see what rank 0 sees"),
+                         (["a", "b", "c", "d", "e"],
+                          "rank 1 on h1, rank 2 on h2, rank 3 on h3 and 1 more does not see what rank 0 sees")):
         monkeypatch.setattr(dist, "all_gather_object", gathered(values))
         for r in range(len(values)):
             shard = Shard(rank=r, world=len(values))
@@ -286,12 +290,15 @@ def test_barrier_timeout_from_the_environment(monkeypatch):
     ({"WORLD_SIZE": "abc"}, r"^\$WORLD_SIZE='abc': expected an integer"),                      # was ValueError
     ({"WORLD_SIZE": "2", "RANK": "x"}, r"^\$RANK='x': expected an integer"),
     ({"WORLD_SIZE": "2", "RANK": "5"}, r"^\$RANK=5 is outside \[0, WORLD_SIZE 2\)"),          # was a hang
+    ({"WORLD_SIZE": "2", "RANK": "2"}, r"^\$RANK=2 is outside \[0, WORLD_SIZE 2\)"),          # ranks count from 0
+    ({"WORLD_SIZE": "2", "RANK": "-1"}, r"^\$RANK=-1 is outside \[0, WORLD_SIZE 2\)"),
     ({"WORLD_SIZE": "2", "RANK": "0"}, r"^\$MASTER_ADDR is not set, but WORLD_SIZE 2"),        # was ValueError
     ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MANIFOLDGD_DIST_TIMEOUT": "inf"},
      r"^\$MASTER_PORT is not set"),
     ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1",
       "MANIFOLDGD_DIST_TIMEOUT": "inf"}, r"^\$MANIFOLDGD_DIST_TIMEOUT='inf': expected a positive number"),
-], ids=["no-rank", "world-not-int", "rank-not-int", "rank-outside", "no-master-addr", "no-master-port", "inf-timeout"])
+], ids=["no-rank", "world-not-int", "rank-not-int", "rank-outside", "rank-is-world", "rank-negative", "no-master-addr",
+        "no-master-port", "inf-timeout"])
 def test_a_broken_torchrun_environment_is_one_line_before_any_rendezvous(monkeypatch, tmp_path, capsys, env, why):
     """WORLD_SIZE > 1 without the rest of torchrun's environment (or with a bad value) is a one-line error
     naming the variable, before any rendezvous is tried (no traceback, no hang)."""
@@ -325,5 +332,62 @@ def test_an_explicit_gpu_under_torchrun_is_refused(monkeypatch):
         Shard(rank=3, world=16, local_rank=3).device("cuda:0")
     assert Shard(rank=3, world=16, local_rank=3).device("cpu") == "cpu"
     assert Shard(rank=1, world=2, independent=True).device("cuda:0") == "cuda:0"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="would put all 2 ranks of this node on one GPU"):
+        Shard(rank=1, world=4, local_rank=1).device("cuda:0")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")                       # one rank a node: its own choice
     assert Shard(rank=1, world=4, local_rank=0).device("cuda:1") == "cuda:1"
+    # one process, or an independent shard, never reads LOCAL_WORLD_SIZE: a stray or empty one is no error
+    # (it was "$LOCAL_WORLD_SIZE='': expected an integer" for a plain single-process run)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "")
+    assert Shard().device("cuda:1") == "cuda:1" and Shard(rank=1, world=2, independent=True).device("cpu") == "cpu"
+
+
+def test_each_rank_takes_the_gpu_of_its_local_rank(monkeypatch):
+    """--device cuda / auto under torchrun: cuda:LOCAL_RANK (not the global rank: with 2 ranks a node, rank 2 is the
+    second node's GPU 0); one process and an independent shard keep the device as given (the scheduler's GPU)."""
+    import torch
+
+    from manifoldgd_fast.distributed import Shard
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert Shard(rank=2, world=4, local_rank=0).device("cuda") == "cuda:0"
+    assert Shard(rank=3, world=4, local_rank=1).device("auto") == "cuda:1"
+    assert Shard(rank=1, world=2, independent=True).device("cuda") == "cuda"
+    assert Shard().device("auto") == "auto"
+
+
+def test_from_env_joins_a_group_once_and_close_leaves_it(monkeypatch):
+    """WORLD_SIZE 1 (torchrun --nproc-per-node 1, or a leftover variable) is one process, with no group;
+    several: rank, world and local rank (LOCAL_RANK, RANK where unset) from the environment, one gloo group
+    joined, and left by close() (once); a group someone else made is not left."""
+    import torch.distributed as dist
+
+    from manifoldgd_fast.distributed import Shard
+
+    calls = []
+    for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MANIFOLDGD_DIST_TIMEOUT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: calls.append(("init", k["backend"])))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **k: calls.append(("destroy",)))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    one = Shard.from_env()
+    assert (one.rank, one.world, one.is_main) == (0, 1, True) and not calls
+    one.close()
+    assert not calls
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    shard = Shard.from_env()
+    assert (shard.rank, shard.world, shard.local_rank, shard.is_main) == (3, 4, 3, False)
+    assert calls == [("init", "gloo")]
+    shard.close()
+    shard.close()
+    assert calls == [("init", "gloo"), ("destroy",)]
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)       # a group the caller made: it keeps it
+    calls.clear()
+    Shard.from_env().close()
+    assert not calls
