@@ -6,10 +6,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 from test_distributed import CLASSES, _complete, signal_when, world  # noqa: F401  (the fixture)
 from test_pipeline import _args, _bad, _digest
 
 from manifoldgd_fast.cli import main
+from manifoldgd_fast.config import parse_shard
+from manifoldgd_fast.errors import ConfigError
 from manifoldgd_fast.output import RunLock
 
 
@@ -132,6 +135,10 @@ def test_bad_shard_specs_are_one_line(tiny_world, tmp_path, capsys, monkeypatch)
     for spec in ("2/2", "1", "a/b", "0/0", "3/ 2"):
         last = _bad(tiny_world, tmp_path, _args(tiny_world, tmp_path / "o", "--shard", spec), capsys)
         assert f"--shard {spec!r}: expected K/N with 0 <= K < N" in last, last
+    for spec in ("-1/2", "1/2/3", "0/2x", "1/-2", "", "/2", None):   # (a negative K took no class; 1/2/3 was 1/2)
+        with pytest.raises(ConfigError, match=r"^--shard .*: expected K/N with 0 <= K < N"):
+            parse_shard(spec)
+    assert parse_shard(" 1 / 2 ") == (1, 2) and parse_shard("0/1") == (0, 1)
     last = _bad(tiny_world, tmp_path, ["profile", "--data", tiny_world["data"], "--model", tiny_world["model"],
                                        "--shard", "0/2"], capsys)
     assert "--shard 0/2: profile runs its first classes in one process" in last, last
