@@ -39,7 +39,7 @@ def test_profiler_times_phases_and_is_a_noop_when_inactive(clock):
         with phase("vae_decode"):
             clock.sleep(0.003)
     rep = prof.report()
-    assert rep["steps"] == 4 and set(rep["phases"]) == {"dit_forward", "manifold", "modes", "vae_decode"}
+    assert rep["steps"] == 4 and list(rep["phases"]) == ["dit_forward", "manifold", "vae_decode", "modes"]  # largest first
     assert rep["first_step_ms"] == pytest.approx(615)          # left out of the figures, reported alone
     assert rep["phases"]["dit_forward"]["total_ms"] == pytest.approx(30)
     assert rep["phases"]["dit_forward"]["per_step_ms"] == pytest.approx(10)
@@ -79,7 +79,49 @@ def test_overhead_is_per_guided_step_and_manifold_parts_are_not_counted_twice(cl
     assert sum(v["total_ms"] for v in parts.values()) <= rep["phases"]["manifold"]["total_ms"]
     from manifoldgd_fast.profile import format_table
 
-    assert "| manifold: knn |" in format_table(rep) and "(3 guided)" in format_table(rep)
+    # the parts' shares are of the whole step (100 ms over the 4 steps kept: 80 DiT + 20 manifold), 4 ms of kNN
+    assert parts["knn"]["share_of_step"] == pytest.approx(0.04) and parts["knn"]["per_step_ms"] == pytest.approx(1)
+    assert "| manifold: knn | 4.0 | 1.000 | 4.0 % |" in format_table(rep) and "(3 guided)" in format_table(rep)
+
+
+def test_overhead_leaves_out_the_first_steps_guidance_alone_and_is_none_without_guidance(clock):
+    """Two batches of 3 steps where only each batch's first step is guided (one guided step, as --steps 3
+    --t-stop 1): the report leaves out the run's first step, so one guided step is left (the second batch's):
+    4 ms of guidance over a 10 ms plain step is 0.4 (0.2 counting the first step's guided step as kept). A run
+    with no guidance has no overhead (not -0.0); nor one whose steps are replayed from CUDA graphs."""
+    from manifoldgd_fast.profile import format_table
+
+    with profiling("cpu") as prof:
+        for batch in range(2):
+            for i in range(3):
+                with phase("dit_forward"):
+                    clock.sleep(0.01)
+                if i == 0:
+                    with phase("manifold"):
+                        clock.sleep(0.004)
+                prof.step_done()
+    rep = prof.report()
+    assert (rep["steps"], rep["guided_steps"]) == (6, 2) and rep["first_step_ms"] == pytest.approx(14)
+    assert rep["guidance_overhead"] == pytest.approx(0.4) and rep["guidance_share"] == pytest.approx(4 / 54, abs=1e-4)
+    assert rep["per_step_ms"] == pytest.approx(54 / 5)
+    assert format_table(rep).splitlines()[1].startswith("guidance overhead: 40.0 % of a plain step (DiT forward + "
+                                                        "scheduler) per guided step; 7.4 % of all step time")
+    with profiling("cpu") as plain:           # e.g. --method dit
+        for i in range(3):
+            with phase("dit_forward"):
+                clock.sleep(0.01)
+            plain.step_done()
+    rep = plain.report()
+    assert (rep["guided_steps"], rep["guidance_overhead"], rep["guidance_share"]) == (0, None, 0)
+    assert format_table(rep).splitlines()[1].startswith("guidance overhead: n/a")
+    with profiling("cpu") as graphs:          # a whole step replayed from a CUDA graph: guidance not separable
+        for i in range(3):
+            with phase("manifold"):
+                clock.sleep(0.004)
+            with phase("graph_step"):
+                clock.sleep(0.01)
+            graphs.step_done()
+    assert graphs.report()["guidance_overhead"] is None
 
 
 def test_profile_command(tiny_world, tmp_path, capsys):
