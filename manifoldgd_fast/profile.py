@@ -178,6 +178,9 @@ def format_table(rep: dict[str, Any]) -> str:
                 f"scheduler) per guided step; {100 * rep['guidance_share']:.1f} % of all step time")
     else:
         head = "guidance overhead: n/a (no guided step, or whole steps replayed from CUDA graphs)"
+        if rep["guided_steps"] and rep.get("first_step_ms") is not None and rep["guidance_share"] == 0:
+            head = ("guidance overhead: n/a (the only guided step is the run's first, which is left out: profile "
+                    "with more guided steps: --steps, --t-stop)")
     first = (f"; the first step ({rep['first_step_ms']:.1f} ms: one-time costs such as kernel compilation) is "
              "left out of the figures below" if rep.get("first_step_ms") is not None else "")
     lines = [f"device {rep['device']}, {rep['steps']} denoising steps over all batches "

@@ -122,6 +122,19 @@ def test_overhead_leaves_out_the_first_steps_guidance_alone_and_is_none_without_
                 clock.sleep(0.01)
             graphs.step_done()
     assert graphs.report()["guidance_overhead"] is None
+    with profiling("cpu") as first:           # --steps 2 --t-stop 0: the first step alone is guided, and left out
+        for i in range(2):
+            with phase("dit_forward"):
+                clock.sleep(0.01)
+            if i == 0:
+                with phase("manifold"):
+                    clock.sleep(0.004)
+            first.step_done()
+    rep = first.report()
+    assert (rep["guided_steps"], rep["guidance_overhead"]) == (1, None)
+    # (it said "no guided step" under a header counting 1 guided)
+    assert format_table(rep).splitlines()[1] == "guidance overhead: n/a (the only guided step is the run's first, " \
+        "which is left out: profile with more guided steps: --steps, --t-stop)"
 
 
 def test_profile_command(tiny_world, tmp_path, capsys):
