@@ -137,6 +137,39 @@ def test_overhead_leaves_out_the_first_steps_guidance_alone_and_is_none_without_
         "which is left out: profile with more guided steps: --steps, --t-stop)"
 
 
+def test_each_guidance_phase_makes_its_step_a_guided_one(clock):
+    """The mode term, the cloud and patch terms, the manifold projection and CGS (its own method) each count
+    their step as guided, and their time as guidance; a DiT forward or a scheduler step alone does not."""
+    for name in ("mode_term", "cloud", "patch", "manifold", "cgs"):
+        with profiling("cpu") as prof:
+            for i in range(3):
+                with phase("dit_forward"):
+                    clock.sleep(0.01)
+                with phase(name):
+                    clock.sleep(0.002)
+                with phase("scheduler"):
+                    clock.sleep(0.001)
+                prof.step_done()
+        rep = prof.report()
+        assert rep["guided_steps"] == 3 and rep["guidance_overhead"] == pytest.approx(2 / 11, abs=1e-4), name
+
+
+def test_nothing_is_timed_while_suspended(clock):
+    """Inside ``suspended()`` (a CUDA graph being captured: an event recorded there would be captured too) no
+    phase is timed and ``active()`` is False; the profiler times again after it."""
+    from manifoldgd_fast.profile import active, suspended
+
+    with profiling("cpu") as prof:
+        with suspended():
+            assert not active()
+            with phase("dit_forward"):
+                clock.sleep(0.01)
+        assert active()
+        with phase("scheduler"):
+            clock.sleep(0.001)
+    assert set(prof.report()["phases"]) == {"scheduler"}
+
+
 def test_profile_command(tiny_world, tmp_path, capsys):
     js = tmp_path / "p.json"
     base = ["--data", tiny_world["data"], "--model", tiny_world["model"], "--ipc", "2", "--steps", "6",
