@@ -170,6 +170,27 @@ def test_nothing_is_timed_while_suspended(clock):
     assert set(prof.report()["phases"]) == {"scheduler"}
 
 
+def test_the_json_report_is_written_atomically(tmp_path, monkeypatch):
+    """--json replaces its file whole: a write that fails (a full disk) leaves the previous report as it was,
+    and no temp file, and names the report's path."""
+    import errno
+
+    from manifoldgd_fast.profile import dump
+
+    js = tmp_path / "p.json"
+    dump({"steps": 1}, str(js))
+    assert json.loads(js.read_text()) == {"steps": 1}
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space left") as e:
+        dump({"steps": 2}, str(js))
+    assert e.value.filename == str(js)
+    assert json.loads(js.read_text()) == {"steps": 1} and os.listdir(tmp_path) == ["p.json"]
+
+
 def test_profile_command(tiny_world, tmp_path, capsys):
     js = tmp_path / "p.json"
     base = ["--data", tiny_world["data"], "--model", tiny_world["model"], "--ipc", "2", "--steps", "6",
