@@ -781,6 +781,12 @@ def profile_run(config: DistillConfig | dict, *, classes: int = 1, out: str | No
     if cfg.shard is not None:
         raise ConfigError(f"--shard {cfg.shard}: profile runs its first classes in one process; --shard is for "
                           "cache, modes and distill")
+    from .distributed import _env_int
+
+    world = _env_int("WORLD_SIZE", "1")
+    if world > 1:  # each rank profiled its deal of the few classes (rank 1 none: "already distilled there")
+        raise ConfigError(f"profile under torchrun (WORLD_SIZE {world}): it runs its first classes in one process; "
+                          "start it without torchrun (torchrun is for cache, modes and distill)")
     names = [e.name for e in scan_image_folder(cfg.data, classes=class_list(cfg.classes) if cfg.classes else None,
                                                 label_map=cfg.label_map, warn_stray=False)]
     tmp = None if out else tempfile.mkdtemp(prefix="manifoldgd-profile-")

@@ -235,6 +235,21 @@ def test_profile_command(tiny_world, tmp_path, capsys):
     assert rep["guidance_overhead"] is None or rep["guidance_overhead"] == 0
 
 
+def test_profile_under_torchrun_is_refused_in_one_line(tiny_world, capsys, monkeypatch):
+    """profile distils its first classes in one process: under torchrun each rank profiled its deal of them
+    into its own temporary OUT, and rank 1, dealt none, said "--out None: the profiled classes (apple) are
+    already distilled there". It is refused before any rendezvous, as --shard is."""
+    import torch.distributed as dist
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: pytest.fail("a rendezvous was tried"))
+    assert main(["profile", "--data", tiny_world["data"], "--model", tiny_world["model"], "--ipc", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["manifoldgd-fast: error: profile under torchrun (WORLD_SIZE 2): it runs its first classes in "
+                   "one process; start it without torchrun (torchrun is for cache, modes and distill)"], err
+
+
 def test_profile_resolves_the_data_sets_defaults_on_all_its_classes(tmp_path, monkeypatch):
     """Profiling 1 class of an 11-class folder runs with ImageNet-100/1k-sized defaults, not ImageNette's."""
     from manifoldgd_fast import pipeline
