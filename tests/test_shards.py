@@ -42,6 +42,7 @@ def test_shards_one_after_another_give_one_process_bytes(tiny_world, tmp_path, c
         said = capsys.readouterr().out
         assert f"distilled 1 of the run's 3 classes (--shard {k}/3)" in said, said
         assert ("every class of the run is done" in said) == (k == 2), said
+        assert said.count(f"; {2 - k} {'is' if k == 1 else 'are'} left to the other shards") == (k < 2), said
         assert _statuses(out) == {c: "done" if j <= k else "pending" for j, c in enumerate(classes)}
         assert (out / "contact_sheet.png").exists() == (k == 2)
     assert _digest(out) == _digest(ref)
@@ -110,7 +111,7 @@ def test_a_shard_sweeps_only_its_own_classes_leftovers(tiny_world, tmp_path):
     assert set(_statuses(out).values()) == {"done"}
 
 
-def test_locks_keep_a_whole_run_and_a_shards_twin_out(tiny_world, tmp_path, capsys):
+def test_locks_keep_a_whole_run_and_a_shards_twin_out(tiny_world, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     with RunLock(str(out), shared=True):                     # shards at work: a whole run waits for them
@@ -128,7 +129,15 @@ def test_locks_keep_a_whole_run_and_a_shards_twin_out(tiny_world, tmp_path, caps
         last = _bad(tiny_world, tmp_path, _args(tiny_world, out, "--shard", "0/2"), capsys)
         assert f"--out {out} is being written by --shard K/3 processes; --shard 0/2 would split the classes " \
             "otherwise" in last, last
-    assert main(_args(tiny_world, out, "--shard", "0/2")) == 0   # once they stopped (their lock file stays)
+    # once they stopped (their lock file stays); while it runs, it holds its own N's lock for the other N's to see
+    from manifoldgd_fast import pipeline
+    from manifoldgd_fast.output import lock_is_held
+
+    real, held = pipeline.prepare, []
+    monkeypatch.setattr(pipeline, "prepare",
+                        lambda *a, **k: held.append(lock_is_held(str(out / ".lock-shards-of-2"))) or real(*a, **k))
+    assert main(_args(tiny_world, out, "--shard", "0/2")) == 0
+    assert held == [True] and not lock_is_held(str(out / ".lock-shards-of-2"))
 
 
 def test_bad_shard_specs_are_one_line(tiny_world, tmp_path, capsys, monkeypatch):
