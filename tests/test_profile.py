@@ -39,7 +39,7 @@ def test_profiler_times_phases_and_is_a_noop_when_inactive(clock):
         with phase("vae_decode"):
             clock.sleep(0.003)
     rep = prof.report()
-    assert rep["steps"] == 4 and list(rep["phases"]) == ["dit_forward", "manifold", "vae_decode", "modes"]  # largest first
+    assert rep["steps"] == 4 and list(rep["phases"]) == ["dit_forward", "manifold", "vae_decode", "modes"]  # largest 1st
     assert rep["first_step_ms"] == pytest.approx(615)          # left out of the figures, reported alone
     assert rep["phases"]["dit_forward"]["total_ms"] == pytest.approx(30)
     assert rep["phases"]["dit_forward"]["per_step_ms"] == pytest.approx(10)
@@ -191,8 +191,12 @@ def test_the_json_report_is_written_atomically(tmp_path, monkeypatch):
     assert json.loads(js.read_text()) == {"steps": 1} and os.listdir(tmp_path) == ["p.json"]
 
 
-def test_profile_command(tiny_world, tmp_path, capsys):
+def test_profile_command(tiny_world, tmp_path, capsys, monkeypatch):
+    import tempfile
+
     js = tmp_path / "p.json"
+    made, mkdtemp = [], tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: made.append(mkdtemp(*a, **k)) or made[-1])
     base = ["--data", tiny_world["data"], "--model", tiny_world["model"], "--ipc", "2", "--steps", "6",
             "--t-stop", "2", "--cache-dir", os.path.join(tiny_world["root"], "cache")]
     assert main(["profile", *base, "--json", str(js)]) == 0
@@ -213,6 +217,8 @@ def test_profile_command(tiny_world, tmp_path, capsys):
     assert {"knn", "gram_eig", "projection"} <= set(rep["phases"])
     assert rep["guidance_overhead"] > 0 and rep["guided_steps"] == 3  # --t-stop 2: steps 5, 4, 3 guided
     assert not os.path.exists("distilled")                     # a temporary output, removed
+    made = [d for d in made if os.path.basename(d).startswith("manifoldgd-profile-")]
+    assert len(made) == 2 and not any(os.path.exists(d) for d in made)
     # profiling into a folder whose classes are finished times nothing: refused, not an empty table
     out = str(tmp_path / "out")
     assert main(["profile", *base, "--out", out]) == 0
@@ -229,9 +235,12 @@ def test_profile_command(tiny_world, tmp_path, capsys):
     assert len(err) == 1 and " holds a run with other parameters" in err[0], err
     assert err[0].endswith("; profile distils only its first --profile-classes classes, so give it a new --out, "
                            "or none (a temporary folder)"), err
-    assert main(["profile", *base, "--method", "dit", "--json", str(js), "--profile-classes", "2"]) == 0
+    assert main(["profile", *base, "--method", "dit", "--json", str(js), "--profile-classes", "2",
+                 "--class-batch", "1"]) == 0
     rep = json.loads(js.read_text())
     assert rep["classes"] == ["apple", "banana"] and "manifold" not in rep["phases"]
+    # two groups of one class: 2 classes' images in the wall time (not 3 groups: a floor + 1 for the ceiling)
+    assert rep["images_per_second"] == pytest.approx(2 * 2 / rep["wall_seconds"], rel=5e-2)
     assert rep["guidance_overhead"] is None or rep["guidance_overhead"] == 0
 
 
