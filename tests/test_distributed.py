@@ -174,6 +174,36 @@ def test_a_rank_that_sees_other_data_stops_the_run_before_writing(world, tmp_pat
     assert not [c for c in CLASSES if (out / c).exists()]
 
 
+def test_rank_0_waits_for_the_slowest_rank_before_the_manifest_and_the_contact_sheet(world, tmp_path):
+    """Rank 1 samples slowly here (rank 0 is done first): rank 0 writes the manifest and the contact sheet only
+    once every rank's classes are on disk (the barrier), so the manifest says every class is done."""
+    import json
+
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(
+        "import os, sys, time\n"
+        "from manifoldgd_fast import pipeline\n"
+        "real = pipeline.distill_group\n"
+        "def slow(*a, **k):\n"
+        "    time.sleep(3)\n"
+        "    return real(*a, **k)\n"
+        "if os.environ['RANK'] == '1':\n"
+        "    pipeline.distill_group = slow\n"
+        "from manifoldgd_fast.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(wrapper),
+           "distill", "--data", world["data"], "--model", world["model"], "--out", str(out),
+           "--cache-dir", os.path.join(world["root"], "cache"), "--ipc", "2", "--steps", "4", "--t-stop", "2",
+           "--batch-size", "2"]
+    r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path)),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    man = json.loads((out / "manifest.json").read_text())
+    assert {c: v["status"] for c, v in man["classes"].items()} == {c: "done" for c in CLASSES}
+    assert (out / "contact_sheet.png").exists()
+
+
 def test_a_locked_out_stops_every_rank_in_one_line(world, tmp_path):
     """Rank 0 finds --out held by another run: every rank stops with that one line (rank 1 died at the next
     barrier with a traceback from our code: gloo's "Connection closed by peer"), exit non-zero, nothing written."""
