@@ -25,17 +25,32 @@ def world(tmp_path_factory):
     return {"root": str(root), "data": data, "model": str(root / "model")}
 
 
-def _torchrun(world, out, nproc, steps=10, command="distill", cache=None, extra=(), **popen):
+def _torchrun(world, out, nproc, steps=10, command="distill", cache=None, extra=(), data=None, script=None,
+              check=True, **popen):
+    """torchrun ``command`` (through ``script``, a wrapper from :func:`_wrapper`, if given) on the tiny world."""
+    launch = [str(script)] if script else ["-m", "manifoldgd_fast"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "manifoldgd_fast", command, "--data", world["data"], "--model", world["model"],
-           "--out", str(out), "--cache-dir", cache or os.path.join(world["root"], "cache"), "--ipc", "2",
+           *launch, command, "--data", str(data or world["data"]), "--model", world["model"],
+           "--out", str(out), "--cache-dir", str(cache or os.path.join(world["root"], "cache")), "--ipc", "2",
            "--steps", str(steps), "--t-stop", str(steps // 2), "--batch-size", "2", *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(sys.path))
     if popen:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    if check:
+        assert r.returncode == 0, r.stderr[-2000:]
     return r
+
+
+def _wrapper(tmp_path, target: str, body: str):
+    """A script that replaces ``target`` (e.g. "pipeline.distill_group") on rank 1 by a function of ``*a, **k``
+    running ``body`` (``real``: the original), then runs the CLI."""
+    path = tmp_path / "wrapper.py"
+    path.write_text("import os, sys, time\nfrom manifoldgd_fast import data, pipeline\n"
+                    f"real = {target}\ndef patched(*a, **k):\n    {body}\n"
+                    f"if os.environ['RANK'] == '1':\n    {target} = patched\n"
+                    "from manifoldgd_fast.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    return path
 
 
 # --class-batch 2: one rank and two group the 5 classes differently; a sample's bytes do not depend on that
@@ -149,24 +164,9 @@ def test_a_rank_that_sees_other_data_stops_the_run_before_writing(world, tmp_pat
     """Each rank scans --data itself; a node whose mount lacks a class would deal the classes otherwise and
     write some under another rank's labels. Rank 1 sees one class less here: the run stops with a one-line
     error naming that rank, and nothing is written."""
-    wrapper = tmp_path / "wrapper.py"
-    wrapper.write_text(
-        "import os, sys\n"
-        "from manifoldgd_fast import data, pipeline\n"
-        "real = data.scan_image_folder\n"
-        "def scan(*a, **k):\n"
-        "    entries = real(*a, **k)\n"
-        "    return entries[1:] if os.environ['RANK'] == '1' else entries\n"
-        "data.scan_image_folder = scan\n"
-        "from manifoldgd_fast.cli import main\n"
-        "sys.exit(main(sys.argv[1:]))\n")
+    wrapper = _wrapper(tmp_path, "data.scan_image_folder", "return real(*a, **k)[1:]")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(wrapper),
-           "distill", "--data", world["data"], "--model", world["model"], "--out", str(out),
-           "--cache-dir", os.path.join(world["root"], "cache"), "--ipc", "2", "--steps", "4", "--t-stop", "2",
-           "--batch-size", "2"]
-    r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path)),
-                       capture_output=True, text=True, timeout=600)
+    r = _torchrun(world, out, 2, steps=4, script=wrapper, check=False)
     assert r.returncode != 0
     assert "manifoldgd-fast: error: rank 1 on " in r.stderr and "does not see what rank 0 sees (the classes, " \
         "labels and files of --data and the finished classes of --out)" in r.stderr, r.stderr[-3000:]
@@ -179,25 +179,9 @@ def test_rank_0_waits_for_the_slowest_rank_before_the_manifest_and_the_contact_s
     once every rank's classes are on disk (the barrier), so the manifest says every class is done."""
     import json
 
-    wrapper = tmp_path / "wrapper.py"
-    wrapper.write_text(
-        "import os, sys, time\n"
-        "from manifoldgd_fast import pipeline\n"
-        "real = pipeline.distill_group\n"
-        "def slow(*a, **k):\n"
-        "    time.sleep(3)\n"
-        "    return real(*a, **k)\n"
-        "if os.environ['RANK'] == '1':\n"
-        "    pipeline.distill_group = slow\n"
-        "from manifoldgd_fast.cli import main\n"
-        "sys.exit(main(sys.argv[1:]))\n")
+    wrapper = _wrapper(tmp_path, "pipeline.distill_group", "time.sleep(3)\n    return real(*a, **k)")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(wrapper),
-           "distill", "--data", world["data"], "--model", world["model"], "--out", str(out),
-           "--cache-dir", os.path.join(world["root"], "cache"), "--ipc", "2", "--steps", "4", "--t-stop", "2",
-           "--batch-size", "2"]
-    r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path)),
-                       capture_output=True, text=True, timeout=600)
+    r = _torchrun(world, out, 2, steps=4, script=wrapper, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     man = json.loads((out / "manifest.json").read_text())
     assert {c: v["status"] for c, v in man["classes"].items()} == {c: "done" for c in CLASSES}
@@ -210,12 +194,8 @@ def test_a_locked_out_stops_every_rank_in_one_line(world, tmp_path):
     from manifoldgd_fast.output import RunLock
 
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-           "manifoldgd_fast", "distill", "--data", world["data"], "--model", world["model"], "--out", str(out),
-           "--cache-dir", os.path.join(world["root"], "cache"), "--ipc", "2", "--steps", "4", "--t-stop", "2"]
     with RunLock(str(out)):
-        r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                           timeout=600)
+        r = _torchrun(world, out, 2, steps=4, check=False)
     assert r.returncode != 0
     assert r.stderr.count(f"manifoldgd-fast: error: --out {out} is being written by another run") == 2, r.stderr[-3000:]
     # (torchrun's launcher prints its own ChildFailedError traceback; none comes from our code)
@@ -237,10 +217,7 @@ def test_a_rank_whose_own_class_fails_stops_every_rank_in_one_line(world, tmp_pa
     for f in sorted((data / "c1").iterdir())[readable:]:
         f.write_bytes(b"not an image")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-           "manifoldgd_fast", command, "--data", str(data), "--model", world["model"], "--out", str(out),
-           "--cache-dir", str(tmp_path / "cache"), "--ipc", "2", "--steps", "4", "--t-stop", "2"]
-    r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    r = _torchrun(world, out, 2, steps=4, command=command, data=data, cache=tmp_path / "cache", check=False)
     assert r.returncode != 0
     line = f"manifoldgd-fast: error: {why.format(data=data)}"
     assert r.stderr.count(line) == 2, r.stderr[-3000:]

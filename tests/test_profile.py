@@ -84,6 +84,17 @@ def test_overhead_is_per_guided_step_and_manifold_parts_are_not_counted_twice(cl
     assert "| manifold: knn | 4.0 | 1.000 | 4.0 % |" in format_table(rep) and "(3 guided)" in format_table(rep)
 
 
+def _steps(prof, clock, n, guided=(0,)):
+    """``n`` steps of a 10 ms DiT forward, those in ``guided`` with 4 ms of manifold guidance."""
+    for i in range(n):
+        with phase("dit_forward"):
+            clock.sleep(0.01)
+        if i in guided:
+            with phase("manifold"):
+                clock.sleep(0.004)
+        prof.step_done()
+
+
 def test_overhead_leaves_out_the_first_steps_guidance_alone_and_is_none_without_guidance(clock):
     """Two batches of 3 steps where only each batch's first step is guided (one guided step, as --steps 3
     --t-stop 1): the report leaves out the run's first step, so one guided step is left (the second batch's):
@@ -93,13 +104,7 @@ def test_overhead_leaves_out_the_first_steps_guidance_alone_and_is_none_without_
 
     with profiling("cpu") as prof:
         for batch in range(2):
-            for i in range(3):
-                with phase("dit_forward"):
-                    clock.sleep(0.01)
-                if i == 0:
-                    with phase("manifold"):
-                        clock.sleep(0.004)
-                prof.step_done()
+            _steps(prof, clock, 3)
     rep = prof.report()
     assert (rep["steps"], rep["guided_steps"]) == (6, 2) and rep["first_step_ms"] == pytest.approx(14)
     assert rep["guidance_overhead"] == pytest.approx(0.4) and rep["guidance_share"] == pytest.approx(4 / 54, abs=1e-4)
@@ -107,10 +112,7 @@ def test_overhead_leaves_out_the_first_steps_guidance_alone_and_is_none_without_
     assert format_table(rep).splitlines()[1].startswith("guidance overhead: 40.0 % of a plain step (DiT forward + "
                                                         "scheduler) per guided step; 7.4 % of all step time")
     with profiling("cpu") as plain:           # e.g. --method dit
-        for i in range(3):
-            with phase("dit_forward"):
-                clock.sleep(0.01)
-            plain.step_done()
+        _steps(plain, clock, 3, guided=())
     rep = plain.report()
     assert (rep["guided_steps"], rep["guidance_overhead"], rep["guidance_share"]) == (0, None, 0)
     assert format_table(rep).splitlines()[1].startswith("guidance overhead: n/a")
@@ -123,13 +125,7 @@ def test_overhead_leaves_out_the_first_steps_guidance_alone_and_is_none_without_
             graphs.step_done()
     assert graphs.report()["guidance_overhead"] is None
     with profiling("cpu") as first:           # --steps 2 --t-stop 0: the first step alone is guided, and left out
-        for i in range(2):
-            with phase("dit_forward"):
-                clock.sleep(0.01)
-            if i == 0:
-                with phase("manifold"):
-                    clock.sleep(0.004)
-            first.step_done()
+        _steps(first, clock, 2)
     rep = first.report()
     assert (rep["guided_steps"], rep["guidance_overhead"]) == (1, None)
     # (it said "no guided step" under a header counting 1 guided)
