@@ -358,3 +358,20 @@ def test_guidance_noise_counts_in_the_fingerprint_only_for_manifoldgd():
         assert fp("cuda", method=method) == fp("cpu", method=method) == fp(method=method, guidance_noise="philox")
     assert fp("cuda", method="manifoldgd") != fp("cpu", method="manifoldgd")
     assert fp(method="manifoldgd", guidance_noise="philox") == fp("cuda", method="manifoldgd")
+
+
+@pytest.mark.parametrize("sets,N", [(1, 1), (1, 2), (2, 1), (2, 2), (3, 3)])
+def test_the_correction_is_spec5_at_the_smallest_sets(sets, N):
+    """correction(x_t, x0) = eta_dpp dL_dpp/dx0 + eta_dm dL_dm/dx_t from the autograd references, on unit-scale
+    latents (the DPP term is visible), down to IPC 2 (the smallest set with a repulsion) and IPC 1 (none)."""
+    g = torch.Generator().manual_seed(10 * sets + N)
+    x_t = torch.randn(sets * N, 4, 3, 3, generator=g)
+    x0 = torch.randn(sets * N, 4, 3, 3, generator=g)
+    x0[N - 1] = 0.2 * x0[N - 1] + x0[0]                                 # a near pair where N >= 2
+    mu = torch.randn(sets, 4, 3, 3, generator=g) if sets > 1 else torch.randn(4, 3, 3, generator=g)
+    got = CGS(mu, eta_dpp=0.9, eta_dm=0.4, eps=1e-2, sets=sets).correction(x_t, x0, 0.6).double()
+    dpp = dpp_grad_ref(x0.double(), 1e-2, sets=sets)
+    want = 0.9 * dpp + 0.4 * dm_grad_ref(x_t.double(), mu.double(), 0.6, sets=sets)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (float(dpp.abs().max()) > 0.05) == (N > 1)                   # a set of one has nothing to repel
+
