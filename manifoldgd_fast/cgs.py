@@ -25,6 +25,7 @@ from typing import Iterable
 
 import torch
 
+from .config import DPP_EPS_MIN
 from .errors import ConfigError
 
 
@@ -137,6 +138,9 @@ class CGS:
             ok = isinstance(val, (int, float)) and math.isfinite(val) and (val > 0 if lo is None else val >= lo)
             if not ok:
                 raise ConfigError(f"CGS {name} must be a finite number {'> 0' if lo is None else '>= 0'}, got {val!r}")
+        if eps < DPP_EPS_MIN:  # what --dpp-eps refuses: below it the Cholesky of a singular K fails (NaN samples)
+            raise ConfigError(f"CGS eps {eps:g} is below {DPP_EPS_MIN:g}: K + eps I is singular with more samples "
+                              "than latent dimensions or with identical samples")
         self.mu = class_mean.float()
         self.sets = int(sets)
         self.eta_dpp, self.eta_dm, self.eps = float(eta_dpp), float(eta_dm), float(eps)

@@ -375,3 +375,20 @@ def test_the_correction_is_spec5_at_the_smallest_sets(sets, N):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert (float(dpp.abs().max()) > 0.05) == (N > 1)                   # a set of one has nothing to repel
 
+
+def test_a_set_with_identical_samples_and_the_smallest_ridge():
+    """Identical rows make K singular; with the ridge at DPP_EPS_MIN the DPP gradient is finite (zero by symmetry:
+    a duplicate is a saddle of L_dpp, it is not pushed apart), the other rows' gradient is autograd's; a ridge
+    below DPP_EPS_MIN, which the CLI refuses, is refused by the Python API too (the Cholesky fails: NaN samples)."""
+    from manifoldgd_fast.config import DPP_EPS_MIN
+    from manifoldgd_fast.errors import ConfigError
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 16, generator=g)
+    x[1] = x[0]
+    x[3] = x[0]
+    c = CGS(torch.zeros(16), eta_dpp=1.0, eta_dm=0.0, eps=DPP_EPS_MIN).correction(x, x, 0.5)
+    assert bool(torch.isfinite(c).all())
+    torch.testing.assert_close(c.double(), dpp_grad_ref(x.double(), DPP_EPS_MIN), atol=1e-6, rtol=1e-5)
+    with pytest.raises(ConfigError, match=r"CGS eps 1e-30 is below 1e-05"):
+        CGS(torch.zeros(16), eta_dpp=1.0, eta_dm=0.0, eps=1e-30)
