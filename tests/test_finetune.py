@@ -277,3 +277,59 @@ def test_weights_written_without_their_record_are_refused_until_the_rerun_finish
     finetune(out=out, **_kw(tiny_world, steps=2, batch_size=2, lr=5e-3))
     assert json.loads(open(os.path.join(out, "finetune.json")).read())["lr"] == 5e-3
     assert main(args) == 0
+
+
+def test_the_ema_takes_each_step_once_after_it_with_the_warmed_up_decay(tiny_world, tmp_path):
+    """After optimizer step n (counted from 1, also across a resume) the EMA is lerp(EMA, net_n, 1 - min(decay,
+    (1 + n) / (10 + n))) of the net after that step; --ema-decay 0 writes the trained weights themselves."""
+    base = load_file(os.path.join(tiny_world["model"], "transformer", "diffusion_pytorch_model.safetensors"))
+    kw = _kw(tiny_world, steps=2, batch_size=2, save_every=1, lr=1e-2)   # an Adam step of ~lr: well above the tolerance
+    out = tmp_path / "a"
+    finetune(out=str(out), stop_after=1, **kw)
+    s1 = torch.load(out / "checkpoint.pt", weights_only=True)
+    finetune(out=str(out), **kw)
+    s2 = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert (s1["step"], s2["step"]) == (1, 2)
+    for k in base:
+        torch.testing.assert_close(s1["ema"][k], base[k].float().lerp(s1["model"][k], 1 - 2 / 11))
+        torch.testing.assert_close(s2["ema"][k], s1["ema"][k].lerp(s2["model"][k], 1 - 3 / 12))
+    assert any(not torch.equal(s1["ema"][k], base[k].float()) for k in base)
+    flat = finetune(out=str(tmp_path / "b"), ema_decay=0.0, **{**kw, "steps": 1})
+    ck, w = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True), _weights(flat)
+    assert all(torch.equal(w[k], ck["model"][k]) for k in w)
+
+
+@pytest.mark.parametrize("key,value", [("steps", 4), ("batch_size", 3), ("rsm_lambda", 0.5), ("label_dropout", 0.2),
+                                       ("ema_decay", 0.99), ("grad_clip", 0.5), ("seed", 1), ("dtype", "float32"),
+                                       ("classes", "apple,banana")])
+def test_a_resume_with_any_other_setting_that_changes_the_weights_is_refused(tiny_world, tmp_path, key, value):
+    """Every setting that changes the trained weights counts on resume (a silent mix of two fine-tunes otherwise)."""
+    finetune(out=str(tmp_path / "a"), stop_after=1, **_kw(tiny_world, steps=3, batch_size=2))
+    kw = _kw(tiny_world, steps=3, batch_size=2)
+    kw[key] = value
+    with pytest.raises(ConfigError, match=rf"holds a fine-tune with other settings \({key} "):
+        finetune(out=str(tmp_path / "a"), **kw)
+
+
+def test_a_kill_while_a_checkpoint_is_written_keeps_the_last_one(tiny_world, tmp_path, monkeypatch):
+    """Killed while writing the step-4 checkpoint of 5 (every 2): the step-2 checkpoint is intact, and the rerun
+    resumes from it to the uninterrupted run's weights (the steps after it are redone, none twice)."""
+    kw = _kw(tiny_world, steps=5, batch_size=2, save_every=2)
+    straight = finetune(out=str(tmp_path / "a"), **kw)
+    real = torch.save
+
+    def torn(obj, f, *a, **k):
+        if isinstance(obj, dict) and obj.get("step") == 4:
+            with open(f, "wb") as fh:
+                fh.write(b"PK\x03\x04 torn")
+            raise KeyboardInterrupt
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", torn)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(out=str(tmp_path / "b"), **kw)
+    monkeypatch.setattr(torch, "save", real)
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 2
+    resumed = finetune(out=str(tmp_path / "b"), **kw)
+    wa, wb = _weights(straight), _weights(resumed)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
