@@ -333,3 +333,26 @@ def test_a_kill_while_a_checkpoint_is_written_keeps_the_last_one(tiny_world, tmp
     resumed = finetune(out=str(tmp_path / "b"), **kw)
     wa, wb = _weights(straight), _weights(resumed)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_the_optimiser_sees_gradients_clipped_to_grad_clip(tiny_world, tmp_path, monkeypatch):
+    """The gradient AdamW steps on has norm min(its own, --grad-clip) (Adam is nearly scale-free in the gradient,
+    so the weights alone hardly show a clip that is off by a factor)."""
+    norms, real = [], torch.optim.AdamW
+
+    class Seeing(real):
+        def step(self, *a, **k):
+            grads = [p.grad.norm() for g in self.param_groups for p in g["params"] if p.grad is not None]
+            norms.append(float(torch.stack(grads).norm()))
+            return super().step(*a, **k)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Seeing)
+    kw = _kw(tiny_world, steps=2, batch_size=2, save_every=10)
+    finetune(out=str(tmp_path / "none"), grad_clip=0.0, **kw)
+    free, norms[:] = list(norms), []
+    clip = 0.01 * min(free)
+    finetune(out=str(tmp_path / "tight"), grad_clip=clip, **kw)
+    assert norms == pytest.approx([clip, clip], rel=1e-4), (norms, free)
+    norms[:] = []
+    finetune(out=str(tmp_path / "loose"), grad_clip=100 * max(free), **kw)
+    assert norms[0] == pytest.approx(free[0], rel=1e-6)
