@@ -313,7 +313,8 @@ def test_a_resume_with_any_other_setting_that_changes_the_weights_is_refused(tin
 
 def test_a_kill_while_a_checkpoint_is_written_keeps_the_last_one(tiny_world, tmp_path, monkeypatch):
     """Killed while writing the step-4 checkpoint of 5 (every 2): the step-2 checkpoint is intact, and the rerun
-    resumes from it to the uninterrupted run's weights (the steps after it are redone, none twice)."""
+    resumes from it (three steps, not five: starting over would end at the same weights) to the uninterrupted
+    run's weights."""
     kw = _kw(tiny_world, steps=5, batch_size=2, save_every=2)
     straight = finetune(out=str(tmp_path / "a"), **kw)
     real = torch.save
@@ -330,7 +331,12 @@ def test_a_kill_while_a_checkpoint_is_written_keeps_the_last_one(tiny_world, tmp
         finetune(out=str(tmp_path / "b"), **kw)
     monkeypatch.setattr(torch, "save", real)
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 2
+    from manifoldgd_fast import training
+
+    real_loss, ran = training.rsm_loss, []
+    monkeypatch.setattr(training, "rsm_loss", lambda *a: ran.append(1) or real_loss(*a))
     resumed = finetune(out=str(tmp_path / "b"), **kw)
+    assert len(ran) == 3                                  # steps 3, 4 and 5: a resume, not a run over from step 0
     wa, wb = _weights(straight), _weights(resumed)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
