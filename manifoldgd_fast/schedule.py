@@ -76,7 +76,8 @@ def space_timesteps(num_train_timesteps: int, steps: int, sampler: str, spacing:
     spacing "adm" (DiT):
       DDPM: evenly spaced with rounding, first 0 and last T-1 (ADM's "S" rule).
       DDIM: the integer stride whose ``range(0, T, stride)`` has exactly S
-      elements (ADM's "ddimS" rule; equals diffusers' DDIMScheduler 'leading').
+      elements (ADM's "ddimS" rule; equals diffusers' DDIMScheduler 'leading' where S divides T:
+      S = 7 keeps 0, 143, ..., 858 where diffusers keeps 0, 142, ..., 852).
     spacing "leading" (diffusers, both samplers): ``j * (T // S) + steps_offset``
       for j = 0 ... S-1, as ``DDIMScheduler`` / ``DDPMScheduler.set_timesteps``.
     spacing "trailing" (diffusers): ``round(T - j * T / S) - 1`` for j = 0 ... S-1
