@@ -40,6 +40,18 @@ def test_respacing_rules():
     assert float(s.alphas_cumprod_prev[0]) == 1.0
 
 
+def test_linear_betas_scale_with_the_training_steps_and_host_tables_are_the_device_values():
+    """ADM's 'linear' schedule scales 1e-4 -> 2e-2 by 1000 / T (get_named_beta_schedule); Schedule.at reads
+    a float64 copy of the float32 device tables, value for value (so host and device arithmetic agree)."""
+    np.testing.assert_allclose(linear_betas(4000)[[0, -1]], [2.5e-5, 5e-3], rtol=1e-12)
+    np.testing.assert_allclose(linear_betas(1000)[[0, -1]], [1e-4, 2e-2], rtol=1e-12)
+    s = make_schedule(7, "ddpm")
+    for name in ("alphas_cumprod", "alphas_cumprod_prev", "posterior_log_variance_clipped", "log_betas",
+                 "sqrt_recipm1_alphas_cumprod"):
+        for i in range(s.steps):
+            assert s.at(name, i) == float(getattr(s, name)[i]), (name, i)
+
+
 def test_zero_terminal_snr_betas_are_diffusers():
     """rescale_zero_terminal_snr is diffusers' (same formula; float64 here, float32 there): abar ends at 0
     exactly, keeps its first value, and an eps schedule that would visit abar = 0 is refused."""
