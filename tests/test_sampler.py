@@ -160,6 +160,18 @@ def test_cfg_is_off_at_scale_one_or_below(model, channels):
     torch.testing.assert_close(mixed[:, ch:], both[:4, ch:])
 
 
+def test_chunked_cfg_forward_keeps_each_rows_class(model):
+    """forward_batch: the rows of each chunk keep their own class labels (distinct classes here; a set of one
+    class, as the CGS test has, cannot tell), equal to one forward of the whole batch to rounding."""
+    g = torch.Generator().manual_seed(2)
+    x, y, t = torch.randn(5, 4, 8, 8, generator=g), torch.tensor([0, 1, 2, 1, 0]), torch.tensor([400])
+    with torch.no_grad():
+        whole = cfg_forward(model, x, t, y, null_class=NULL, cfg_scale=4.0)
+        for chunk in (2, 3):
+            got = cfg_forward(model, x, t, y, null_class=NULL, cfg_scale=4.0, chunk=chunk)
+            torch.testing.assert_close(got, whole, atol=1e-4, rtol=1e-4)
+
+
 def test_ddpm_learned_sigma_matches_diffusers_scheduler_loop(model):
     """Respaced learned-range DDPM == diffusers' DDPMScheduler (learned_range) over the respaced timesteps."""
     from diffusers import DDPMScheduler
