@@ -226,6 +226,18 @@ def test_attention_ref_is_the_diffusers_attention_processor(dtype):
             assert torch.equal(attn.to_out[0](got), want)
 
 
+def test_attention_reference_takes_the_score_scale():
+    """scale= multiplies the scores (softmax(q k^T scale) v), as SDPA's; None is 1 / sqrt(Dh). The Triton
+    tests compare the kernel with this reference at other scales, so a reference ignoring it would hide one."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 7, generator=g, dtype=torch.float64) for _ in range(3))
+    for scale in (None, 0.3, 2.0):
+        s = 7 ** -0.5 if scale is None else scale
+        want = (torch.softmax(q @ k.transpose(-1, -2) * s, -1) @ v).transpose(1, 2).reshape(2, 5, 21)
+        for got in (dit_ops.attention_ref(q, k, v, scale=scale), dit_ops.attention(q, k, v, scale=scale)):
+            torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
 def test_attention_checks_name_the_tensor_and_the_rule():
     q = torch.randn(1, 2, 4, 8)
     with pytest.raises(ConfigError, match=r"q must be a \(B, H, N, Dh\) floating tensor, got \(2, 4, 8\)"):
