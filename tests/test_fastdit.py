@@ -43,6 +43,33 @@ def test_fused_dit_equals_diffusers_fp32(shared, cfg, seed):
     assert dit_info(fused) == dit_info(dit)
 
 
+def test_fused_dit_takes_the_models_norm_eps():
+    """The MLP's LayerNorm (norm3) uses the config's norm_eps (1e-5 by default, the adaLN norms' 1e-6 are fixed):
+    with a large one the fused path still equals diffusers, so no eps is hard-coded in its place."""
+    dit = tie_conditioning_embedders(build_dit({**tiny_dit_config(num_classes=10), "norm_eps": 0.5}, seed=2))
+    x, t, y = _inputs(2)
+    with torch.no_grad():
+        want = dit(x, timestep=t, class_labels=y).sample
+        got = FusedDiT(dit, backend="reference")(x, timestep=t, class_labels=y).sample
+    torch.testing.assert_close(got, want, atol=2e-5 * want.abs().max(), rtol=0)
+
+
+def test_nearly_equal_embedders_are_not_shared():
+    """Conditioning once per step only where every block's embedder equals block 0's exactly: one differing
+    by 1e-3 in one weight keeps its own (the output still equals diffusers')."""
+    dit = tie_conditioning_embedders(build_dit(tiny_dit_config(num_classes=10), seed=6))
+    with torch.no_grad():
+        dit.transformer_blocks[1].norm1.emb.class_embedder.embedding_table.weight[2, 0] += 1e-3
+    x, t, y = _inputs(6)
+    y[:] = 2
+    with torch.no_grad():
+        want = dit(x, timestep=t, class_labels=y).sample
+        fused = FusedDiT(dit, backend="reference")
+        got = fused(x, timestep=t, class_labels=y).sample
+    assert not fused.shared_emb
+    torch.testing.assert_close(got, want, atol=2e-5 * want.abs().max(), rtol=0)
+
+
 def test_fused_dit_bf16_autocast():
     dit = tie_conditioning_embedders(build_dit(tiny_dit_config(num_classes=10), seed=3))
     x, t, y = _inputs(3)
