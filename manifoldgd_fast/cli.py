@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                                            out=cfg.out if "out" in vars(ns) else None)
                 print(format_table(rep))
                 print(f"end to end: {rep['wall_seconds']:.2f} s (models and latents included), "
-                      f"{rep['images_per_second']} images/s at the run's batch shape ({rep['class_batch']} classes "
+                      f"{rep['images_per_second']} images/s at the run's batch shape ({_classes(rep['class_batch'])} "
                       f"a batch, padded where fewer)")
                 if ns.profile_json:
                     dump(rep, ns.profile_json)

@@ -198,6 +198,7 @@ def test_profile_command(tiny_world, tmp_path, capsys, monkeypatch):
     assert main(["profile", *base, "--json", str(js)]) == 0
     table = capsys.readouterr().out
     assert "guidance overhead" in table and "| dit_forward |" in table
+    assert "at the run's batch shape (3 classes a batch, padded where fewer)" in table
     rep = json.loads(js.read_text())
     assert rep["steps"] == 6 and rep["classes"] == ["apple"] and rep["formulation"] == "official"
     # the batch shape the whole run samples (16 // 2 = 8 classes a batch, the 3 the data set has), not 1 class's
@@ -233,6 +234,7 @@ def test_profile_command(tiny_world, tmp_path, capsys, monkeypatch):
                            "or none (a temporary folder)"), err
     assert main(["profile", *base, "--method", "dit", "--json", str(js), "--profile-classes", "2",
                  "--class-batch", "1"]) == 0
+    assert "images/s at the run's batch shape (1 class a batch, padded where fewer)" in capsys.readouterr().out
     rep = json.loads(js.read_text())
     assert rep["classes"] == ["apple", "banana"] and "manifold" not in rep["phases"]
     # two groups of one class: 2 classes' images in the wall time (not 3 groups: a floor + 1 for the ceiling)
