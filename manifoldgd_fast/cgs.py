@@ -145,6 +145,11 @@ class CGS:
         self.sets = int(sets)
         self.eta_dpp, self.eta_dm, self.eps = float(eta_dpp), float(eta_dm), float(eps)
         self.steps = None if steps is None else frozenset(int(i) for i in steps)
+        if self.steps is not None and (not self.steps or min(self.steps) < 0):
+            # (as the config refuses a --cgs-steps guided window holding no step: a CGS that acts on none
+            # would be plain sampling under CGS's name)
+            raise ConfigError(f"CGS steps= must hold respaced step indices >= 0 (None: every step), got "
+                              f"{sorted(self.steps) or '[]'}")
 
     @classmethod
     def for_run(cls, cfg, class_mean: torch.Tensor, sets: int = 1) -> "CGS":

@@ -392,3 +392,16 @@ def test_a_set_with_identical_samples_and_the_smallest_ridge():
     torch.testing.assert_close(c.double(), dpp_grad_ref(x.double(), DPP_EPS_MIN), atol=1e-6, rtol=1e-5)
     with pytest.raises(ConfigError, match=r"CGS eps 1e-30 is below 1e-05"):
         CGS(torch.zeros(16), eta_dpp=1.0, eta_dm=0.0, eps=1e-30)
+
+
+def test_cgs_steps_that_name_no_step_are_refused():
+    """``CGS(steps=[])`` would act on no step (plain sampling under CGS's name, as a --cgs-steps guided window
+    holding no step, which the config refuses); a negative index names no respaced step. Both: ConfigError."""
+    from manifoldgd_fast.errors import ConfigError
+
+    mu = torch.zeros(16)
+    for steps in ([], (), [3, -1]):
+        with pytest.raises(ConfigError, match=r"CGS steps= must hold respaced step indices >= 0"):
+            CGS(mu, eta_dpp=1.0, eta_dm=0.0, steps=steps)
+    assert CGS(mu, eta_dpp=1.0, eta_dm=0.0, steps=[0]).active(0)
+    assert CGS(mu, eta_dpp=1.0, eta_dm=0.0, steps=None).active(7)
