@@ -15,6 +15,7 @@ brought up to date by each shard as it finishes (``Shard.independent``).
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -164,6 +165,18 @@ class Shard:
             raise err
         if first is not None:
             raise (ConfigError if first[0] == "ConfigError" else DataError)(first[1])
+
+    @contextlib.contextmanager
+    def sharing_errors(self):
+        """A block whose user errors (ConfigError / DataError) every rank meets: the block, then
+        :meth:`barrier_or_raise` with what it raised (a check of this rank's classes alone, whose failure
+        otherwise left the other ranks to die at their next barrier)."""
+        err = None
+        try:
+            yield
+        except (ConfigError, DataError) as exc:
+            err = exc
+        self.barrier_or_raise(err)
 
     def barrier(self) -> None:
         if self.world > 1 and not self.independent:

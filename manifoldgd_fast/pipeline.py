@@ -245,13 +245,9 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
         before_cache(dict(entries=entries, device=device, backbone=backbone, schedule_kw=schedule_kw, weights=weights,
                           dit_info=info))
     cache = latent_cache_dir(cfg.cache_dir, cfg.data, cfg.vae or cfg.model, image_size, encode_precision(device, dtype))
-    err = None
-    try:
+    with shard.sharing_errors():  # e.g. a class of this rank none of whose images can be read
         stats = cache_latents(mine, vae, cache_dir=cache, image_size=image_size, batch_size=cfg.encode_batch_size,
                               device=device, dtype=dtype, num_workers=cfg.encode_workers, vae_digest=weights["vae"])
-    except (ConfigError, DataError) as exc:  # e.g. a class of this rank none of whose images can be read
-        err = exc
-    shard.barrier_or_raise(err)  # every rank stops with its line (the others died at their next barrier)
     folders = {e.name: e.folder for e in mine}
     skipped = {k: sorted(os.path.relpath(p, folders[k]) for p in v.get("skipped", [])) for k, v in stats.items()}
     for k, v in stats.items():
@@ -361,12 +357,8 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
     check_out(cfg.out, cfg.data)
     # OUT is locked before anything else: a second run on it stops at once (not after loading models and
     # encoding its share), and the finished classes are read under the lock, so they cannot go stale
-    err = None
-    try:
+    with shard.sharing_errors():  # no rank reads which classes are finished before rank 0 holds OUT
         _hold_out(os.path.abspath(cfg.out), shard, held)
-    except (ConfigError, DataError) as e:
-        err = e
-    shard.barrier_or_raise(err)  # no rank reads which classes are finished before rank 0 holds OUT
 
     checked = []  # OUT's manifest (or None), as same_run read it
 
@@ -391,29 +383,24 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
     if rcfg.modes_dir is not None and rcfg.method not in ("manifoldgd", "mgd3"):
         log.warning("--modes-dir %s is not read: --method %s uses no modes", rcfg.modes_dir, rcfg.method)
     latent_shape = (ctx["dit_info"]["in_channels"], ctx["dit_info"]["latent_size"], ctx["dit_info"]["latent_size"])
-    err = None
-    try:
-        for e in mine:
-            _check_class(rcfg, e.name, ctx["counts"][e.name])
-            if rcfg.modes_dir is not None and rcfg.method in ("manifoldgd", "mgd3"):  # every file, before any class
-                load_modes(rcfg, ctx["cache"], e.name, latent_shape)
-    except (ConfigError, DataError) as exc:  # this rank's classes alone: shared at the barrier below
-        err = exc
-
     identity = fingerprint_fields(rcfg, entries)
     fp = fields_digest(identity)
     man_path = os.path.join(os.path.abspath(cfg.out), MANIFEST)
     old = checked[0]
     writer = OutputWriter(cfg.out)
-    if err is None and shard.independent:
-        for path in writer.sweep_temps(classes=[e.name for e in shard.mine(entries)]):
-            log.info("removed %s, left by a killed run", path)
-    elif err is None and shard.is_main:
-        for path in writer.sweep_temps():
-            log.info("removed %s, left by a killed run", path)
     # no rank writes into OUT before rank 0 holds it and has swept it; a rank whose classes failed their checks
     # stops every rank with its line (rank 0 died at this barrier with gloo's traceback)
-    shard.barrier_or_raise(err)
+    with shard.sharing_errors():
+        for e in mine:
+            _check_class(rcfg, e.name, ctx["counts"][e.name])
+            if rcfg.modes_dir is not None and rcfg.method in ("manifoldgd", "mgd3"):  # every file, before any class
+                load_modes(rcfg, ctx["cache"], e.name, latent_shape)
+        if shard.independent:
+            for path in writer.sweep_temps(classes=[e.name for e in shard.mine(entries)]):
+                log.info("removed %s, left by a killed run", path)
+        elif shard.is_main:
+            for path in writer.sweep_temps():
+                log.info("removed %s, left by a killed run", path)
     # kept up to date in memory: no re-read per class (an independent shard re-reads when it writes the manifest)
     status = _class_status(writer, entries) if shard.is_main or shard.independent else {}
     finished = {}  # the classes this call distils, with their stats
@@ -727,13 +714,9 @@ def compute_modes(config: DistillConfig | dict) -> dict[str, str]:
         check_out(cfg.out, with_demo_defaults(cfg).data)
         ctx = prepare(cfg, need_models=False, shard=shard, per_class=cfg.ipc)
         rcfg = cfg.resolve(len(ctx["entries"]), backbone=ctx["backbone"])
-        err = None
-        try:
+        with shard.sharing_errors():  # this rank's classes alone: every rank stops with its line
             for e in ctx["mine"]:
                 _check_class(dataclasses.replace(rcfg, method="mgd3"), e.name, ctx["counts"][e.name])
-        except (ConfigError, DataError) as exc:  # this rank's classes alone: every rank stops with its line
-            err = exc
-        shard.barrier_or_raise(err)
         if shard.is_main or shard.independent:  # no lock here: only temps no process has touched for an hour
             for path in sweep_stale_temps(os.path.join(cfg.out, MODES_DIR)):
                 log.info("removed %s, left by a killed run", path)

@@ -246,6 +246,22 @@ def test_barrier_or_raise_gives_every_rank_the_first_error(monkeypatch):
         Shard(rank=2, world=3).barrier_or_raise(DataError("own"))
     with pytest.raises(DataError, match="^alone$"):                  # one process, or an independent shard
         Shard().barrier_or_raise(DataError("alone"))
+    # the block form: what the block raised is what it shares; a block that raised nothing meets the others'
+    sent = []
+    monkeypatch.setattr(dist, "all_gather_object", lambda out, obj: (sent.append(obj), out.__setitem__(
+        slice(None), [obj, ("DataError", "rank 1's class"), None])))
+    with pytest.raises(DataError, match="^mine$"):
+        with Shard(rank=0, world=3).sharing_errors():
+            raise DataError("mine")
+    assert sent == [("DataError", "mine")]
+    with pytest.raises(DataError, match="^rank 1's class$"):
+        with Shard(rank=0, world=3).sharing_errors():
+            pass
+    assert sent[-1] is None
+    with pytest.raises(ValueError):                                   # not a user error: not caught, no barrier
+        with Shard(rank=0, world=3).sharing_errors():
+            raise ValueError("bug")
+    assert len(sent) == 2
 
 
 def test_agree_names_the_odd_ranks_out_even_rank_0(monkeypatch):
