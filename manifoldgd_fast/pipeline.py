@@ -721,21 +721,22 @@ def compute_modes(config: DistillConfig | dict) -> dict[str, str]:
             for path in sweep_stale_temps(os.path.join(cfg.out, MODES_DIR)):
                 log.info("removed %s, left by a killed run", path)
         paths = {}
-        for e in ctx["mine"]:
-            fp = modes_fingerprint(rcfg, ctx["cache"], e.name)
-            p = modes_file(os.path.join(cfg.out, MODES_DIR), e.name)
-            old, old_fp = read_modes(p)
-            if old is not None and old_fp != fp:
-                raise ConfigError(f"{p} holds modes made with other mode parameters or latents (the class's images "
-                                  "or the VAE changed since?); delete it to recompute, or use a new --out")
-            if old is None:
-                z, _ = load_class_latents(ctx["cache"], e.name)
-                m = class_modes(rcfg, e.name, z.to(ctx["device"]).float())
-                atomic_write_bytes(p, safetensors_bytes(m, {"class": e.name, "method": rcfg.mode_method,
-                                                            "formulation": rcfg.formulation,
-                                                            "modes_fingerprint": fp}, name="modes"))
-            paths[e.name] = p
-        shard.barrier()
+        # a stale file of this rank's: the other ranks finish their classes, then stop with its line at the barrier
+        with shard.sharing_errors():
+            for e in ctx["mine"]:
+                fp = modes_fingerprint(rcfg, ctx["cache"], e.name)
+                p = modes_file(os.path.join(cfg.out, MODES_DIR), e.name)
+                old, old_fp = read_modes(p)
+                if old is not None and old_fp != fp:
+                    raise ConfigError(f"{p} holds modes made with other mode parameters or latents (the class's "
+                                      "images or the VAE changed since?); delete it to recompute, or use a new --out")
+                if old is None:
+                    z, _ = load_class_latents(ctx["cache"], e.name)
+                    m = class_modes(rcfg, e.name, z.to(ctx["device"]).float())
+                    atomic_write_bytes(p, safetensors_bytes(m, {"class": e.name, "method": rcfg.mode_method,
+                                                                "formulation": rcfg.formulation,
+                                                                "modes_fingerprint": fp}, name="modes"))
+                paths[e.name] = p
     finally:
         shard.close()
     return paths

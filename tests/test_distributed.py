@@ -226,6 +226,26 @@ def test_a_rank_whose_own_class_fails_stops_every_rank_in_one_line(world, tmp_pa
     assert not [c for c in CLASSES if (out / c).exists() or (out / "modes" / f"{c}.safetensors").exists()]
 
 
+def test_a_stale_modes_file_of_one_rank_stops_every_rank_in_one_line(world, tmp_path):
+    """`modes` again where only rank 1's class c1 has a file of other parameters (here c0's): rank 1 stops with
+    its line, rank 0 finishes its classes and stops with the same line at the last barrier (it died there with
+    gloo's "Connection closed by peer"); nothing else is rewritten."""
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    _torchrun(world, out, 2, command="cache", cache=cache)
+    _torchrun(world, out, 2, command="modes", cache=cache)
+    modes = out / "modes"
+    shutil.copyfile(modes / "c0.safetensors", modes / "c1.safetensors")
+    (modes / "c2.safetensors").unlink()                       # rank 0's: recomputed before its barrier
+    before = _files(modes)
+    r = _torchrun(world, out, 2, command="modes", cache=cache, check=False)
+    assert r.returncode != 0
+    line = f"manifoldgd-fast: error: {modes / 'c1.safetensors'} holds modes made with other mode parameters"
+    assert r.stderr.count(line) == 2, r.stderr[-3000:]
+    assert "manifoldgd_fast/" not in r.stderr and "Connection closed" not in r.stderr, r.stderr[-3000:]
+    after = _files(modes)
+    assert after.pop("c2.safetensors") and after == before
+
+
 def test_barrier_or_raise_gives_every_rank_the_first_error(monkeypatch):
     import torch.distributed as dist
 
