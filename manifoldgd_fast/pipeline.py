@@ -515,7 +515,10 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
     overlap = ctx["device"].type == "cuda" or classrun.PREFETCH_ON_CPU
     groups = [todo[i:i + rcfg.class_batch] for i in range(0, len(todo), rcfg.class_batch)]
     try:
-        _sample_groups(groups, rcfg, ctx, overlap, bar, save)
+        # a user error of this rank's (e.g. one class's NaN samples): the other ranks finish their classes, then
+        # every rank stops with its line (they died at the barrier with gloo's traceback, or were stopped mid-class)
+        with shard.sharing_errors():  # (also the barrier: every rank's classes are on disk)
+            _sample_groups(groups, rcfg, ctx, overlap, bar, save)
     except BaseException:  # interrupted or failed (not SIGKILL / an unhandled SIGTERM): the manifest says which
         #                    classes were finished by then
         if shard.is_main and not shard.independent:
@@ -525,7 +528,6 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
                 write_manifest(force=True)
         raise
     bar.close()
-    shard.barrier()  # every rank's classes are on disk
     if shard.is_main and not shard.independent:
         status.update(_class_status(writer, entries))  # the other ranks' classes
     write_manifest(final=True)

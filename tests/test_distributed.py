@@ -226,6 +226,24 @@ def test_a_rank_whose_own_class_fails_stops_every_rank_in_one_line(world, tmp_pa
     assert not [c for c in CLASSES if (out / c).exists() or (out / "modes" / f"{c}.safetensors").exists()]
 
 
+def test_a_user_error_while_one_rank_samples_stops_every_rank_after_the_others_finish(world, tmp_path):
+    """Rank 1 meets a user error while sampling (as one class's NaN samples): rank 0 finishes its classes, then every
+    rank stops with rank 1's line (rank 0 died at the last barrier with gloo's traceback, or torchrun stopped it
+    mid-class); rank 0's classes are on disk and the manifest says they are done, rank 1's are not."""
+    import json
+
+    wrapper = _wrapper(tmp_path, "pipeline.distill_group",
+                       "raise __import__('manifoldgd_fast.errors').errors.ConfigError('class c1: boom')")
+    out = tmp_path / "out"
+    r = _torchrun(world, out, 2, steps=4, script=wrapper, check=False)
+    assert r.returncode != 0
+    assert r.stderr.count("manifoldgd-fast: error: class c1: boom") == 2, r.stderr[-3000:]
+    assert "manifoldgd_fast/" not in r.stderr and "Connection closed" not in r.stderr, r.stderr[-3000:]
+    man = json.loads((out / "manifest.json").read_text())
+    assert [c for c, v in man["classes"].items() if v["status"] == "done"] == CLASSES[0::2]
+    assert not [c for c in CLASSES[1::2] if (out / c).exists()]
+
+
 def test_a_stale_modes_file_of_one_rank_stops_every_rank_in_one_line(world, tmp_path):
     """`modes` again where only rank 1's class c1 has a file of other parameters (here c0's): rank 1 stops with
     its line, rank 0 finishes its classes and stops with the same line at the last barrier (it died there with
