@@ -61,7 +61,8 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     # (cut, in bytes, where a long name would take the temp's name past the file system's 255 bytes: never a
     # class's, whose names data.scan_image_folder holds to CLASS_NAME_BYTES)
     try:
-        stem = os.path.basename(path).encode()[:230].decode("utf-8", "ignore")   # 5 + 230 + 1 + 8 random <= 255
+        # (surrogateescape: a path given on the command line need not be UTF-8; 5 + 230 + 1 + 8 random <= 255)
+        stem = os.path.basename(path).encode("utf-8", "surrogateescape")[:230].decode("utf-8", "ignore")
         fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{stem}-", dir=folder)
     except OSError as e:  # named by the file asked for, not by the temp's random name
         raise type(e)(e.errno, e.strerror, path) from None

@@ -669,3 +669,21 @@ def test_a_shard_sweeps_only_its_own_temps_whatever_their_length(tmp_path, monke
     (tmp_path / "top" / ".tmp-manifest.json-x2").write_text("x")
     w.sweep_temps(classes=(), files=("manifest.json",))
     assert os.listdir(tmp_path / "top") == [".tmp-manifest.json.bak-x1"]
+
+
+# ---------------------------------------------------------------------------- found by an audit (2026-12-07)
+def test_an_atomic_write_to_a_name_that_is_not_utf8(tmp_path):
+    """A path given on the command line (`profile --json`) may hold bytes that are not UTF-8
+    (Python hands them over as surrogate escapes): it is written, with no temp left (the temp's name took
+    the target's with a strict encode, and the write stopped with a UnicodeEncodeError traceback)."""
+    from manifoldgd_fast.output import atomic_write_text
+
+    target = os.fsdecode(os.path.join(os.fsencode(str(tmp_path)), b"caf\xe9.json"))
+    try:
+        open(target, "w").close()
+        os.unlink(target)
+    except OSError as e:  # a file system that only takes UTF-8 names cannot hold such a file
+        pytest.skip(f"this file system refuses non-UTF-8 names ({e})")
+    atomic_write_text(target, "{}")
+    assert os.listdir(os.fsencode(str(tmp_path))) == [b"caf\xe9.json"]
+    assert open(target, "rb").read() == b"{}"
