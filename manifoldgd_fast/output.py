@@ -241,7 +241,7 @@ class OutputWriter:
             raise DataError(f"class {name} was finished by another process while this one sampled it ({final}): "
                             "two runs write into this --out (e.g. --shard runs with different N); rerun when "
                             "they have stopped to finish the rest")
-        if os.path.exists(final):  # is_done said no: not a class folder this tool finished, so not ours to delete
+        if os.path.lexists(final):  # is_done said no: not a class folder this tool finished, so not ours to delete
             raise DataError(f"{final} exists but is not a finished class of a run (no {DONE_MARK}); move it away "
                             "or use a new --out")
         if os.path.isdir(tmp) and not os.path.islink(tmp):

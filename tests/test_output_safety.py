@@ -687,3 +687,19 @@ def test_an_atomic_write_to_a_name_that_is_not_utf8(tmp_path):
     atomic_write_text(target, "{}")
     assert os.listdir(os.fsencode(str(tmp_path))) == [b"caf\xe9.json"]
     assert open(target, "rb").read() == b"{}"
+
+
+def test_a_dangling_link_in_a_class_folders_place_is_not_replaced(tmp_path):
+    """A link by a class's name whose target is gone is no finished class: refused like any foreign entry
+    (os.path.exists said nothing was there; the rename then failed with NotADirectoryError naming the temp,
+    which stayed behind); the link is kept."""
+    import numpy as np
+
+    from manifoldgd_fast.errors import DataError
+    from manifoldgd_fast.output import OutputWriter
+
+    w = OutputWriter(str(tmp_path / "out"))
+    os.symlink(str(tmp_path / "gone"), tmp_path / "out" / "c")
+    with pytest.raises(DataError, match=r"out/c exists but is not a finished class of a run"):
+        w.write_class("c", np.zeros((1, 4, 4, 3), np.uint8), None, {})
+    assert os.listdir(tmp_path / "out") == ["c"] and os.readlink(tmp_path / "out" / "c") == str(tmp_path / "gone")
