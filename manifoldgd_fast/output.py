@@ -249,26 +249,34 @@ class OutputWriter:
         elif os.path.lexists(tmp):  # a file (or link) by this process's temp name: not a class folder we made
             os.unlink(tmp)
         os.makedirs(tmp)
-        record = dict(info, files={})   # the done mark also lists what was written, which a resume checks
-        if data_stamps is not None:
-            record[DATA_STAMPS] = data_stamps
-        for i, img in enumerate(images):
-            data = encode_png(img)
-            record["files"][f"{i}.png"] = hashlib.sha256(data).hexdigest()
-            with open(os.path.join(tmp, f"{i}.png"), "wb") as f:
-                f.write(data)
+        try:
+            record = dict(info, files={})   # the done mark also lists what was written, which a resume checks
+            if data_stamps is not None:
+                record[DATA_STAMPS] = data_stamps
+            for i, img in enumerate(images):
+                data = encode_png(img)
+                record["files"][f"{i}.png"] = hashlib.sha256(data).hexdigest()
+                with open(os.path.join(tmp, f"{i}.png"), "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())  # the folder is renamed into place only over files that are on disk
+            if latents is not None:
+                blob = st_save({"latents": latents.detach().float().cpu().contiguous()},
+                               metadata={"class": name})
+                record["latents_sha256"] = hashlib.sha256(blob).hexdigest()
+                atomic_write_bytes(os.path.join(self.out, LATENTS_DIR, f"{name}.safetensors"), blob)
+            with open(os.path.join(tmp, DONE_MARK), "w", encoding="utf-8") as f:
+                json.dump(record, f, sort_keys=True)
                 f.flush()
-                os.fsync(f.fileno())  # the folder is renamed into place only over files that are on disk
-        if latents is not None:
-            blob = st_save({"latents": latents.detach().float().cpu().contiguous()},
-                           metadata={"class": name})
-            record["latents_sha256"] = hashlib.sha256(blob).hexdigest()
-            atomic_write_bytes(os.path.join(self.out, LATENTS_DIR, f"{name}.safetensors"), blob)
-        with open(os.path.join(tmp, DONE_MARK), "w", encoding="utf-8") as f:
-            json.dump(record, f, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException as e:  # e.g. a full disk: no half-written class left to fill it further
+            shutil.rmtree(tmp, ignore_errors=True)
+            # named by the class folder asked for, not by the temp's (a failed write() names no file at all)
+            ours = isinstance(e, OSError) and (e.filename is None or str(e.filename).startswith(tmp))
+            if ours and e.errno is not None:
+                raise type(e)(e.errno, e.strerror, final) from None
+            raise
 
     def read_class_info(self, name: str) -> dict[str, Any]:
         """A finished class's stats, as its done mark keeps them (without its files' digests)."""

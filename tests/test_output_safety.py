@@ -689,6 +689,36 @@ def test_an_atomic_write_to_a_name_that_is_not_utf8(tmp_path):
     assert open(target, "rb").read() == b"{}"
 
 
+def test_a_class_write_that_fails_names_the_class_folder_and_leaves_no_temp(tmp_path, monkeypatch):
+    """A full disk while a class's PNGs are written (fsync / write() name no file): the error names the class
+    folder asked for, and the half-written temp folder is removed (it was left, filling the disk further,
+    and the error named no file: the CLI's line said only "No space left on device"). Nothing of the
+    finished classes is touched."""
+    import errno
+
+    import numpy as np
+
+    from manifoldgd_fast.output import OutputWriter
+
+    w = OutputWriter(str(tmp_path / "out"))
+    img = np.zeros((3, 4, 4, 3), np.uint8)
+    w.write_class("done", img, None, {})
+    before = _tree(str(tmp_path / "out"))
+    calls, real = [], os.fsync
+
+    def full(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as e:
+        w.write_class("c", img, None, {})
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "out" / "c")
+    assert sorted(os.listdir(tmp_path / "out")) == ["done"] and _tree(str(tmp_path / "out")) == before
+
+
 def test_a_dangling_link_in_a_class_folders_place_is_not_replaced(tmp_path):
     """A link by a class's name whose target is gone is no finished class: refused like any foreign entry
     (os.path.exists said nothing was there; the rename then failed with NotADirectoryError naming the temp,
