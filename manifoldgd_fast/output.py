@@ -454,8 +454,12 @@ class RunLock:
         # who holds it, for the refusal of the next comer (shards sharing OUT/.lock all write the same words)
         text = SHARDS_HOLD if self.shared else (f"pid {os.getpid()} on {socket.gethostname()} since "
                                                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{text}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{text}\n".encode(), 0)
+        except OSError as e:  # a full disk: write() names no file; the lock is not kept by a run that stops here
+            os.close(fd)
+            raise type(e)(e.errno, e.strerror, self.path) from None
         self.fd = fd
         return self
 

@@ -733,3 +733,21 @@ def test_a_dangling_link_in_a_class_folders_place_is_not_replaced(tmp_path):
     with pytest.raises(DataError, match=r"out/c exists but is not a finished class of a run"):
         w.write_class("c", np.zeros((1, 4, 4, 3), np.uint8), None, {})
     assert os.listdir(tmp_path / "out") == ["c"] and os.readlink(tmp_path / "out" / "c") == str(tmp_path / "gone")
+
+
+def test_a_lock_whose_holder_cannot_be_written_is_named_and_released(tmp_path, monkeypatch):
+    """A full disk when the lock file is given the holder's words: the error names the lock file (write() names
+    none: the CLI's line said only "No space left on device"), and the lock is released at once."""
+    import errno
+
+    from manifoldgd_fast.output import RunLock, lock_is_held
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(OSError) as e:
+        RunLock(str(tmp_path)).__enter__()
+    monkeypatch.undo()
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / ".lock")
+    assert not lock_is_held(str(tmp_path / ".lock"))
