@@ -690,8 +690,8 @@ def test_an_atomic_write_to_a_name_that_is_not_utf8(tmp_path):
 
 
 def test_a_class_write_that_fails_names_the_class_folder_and_leaves_no_temp(tmp_path, monkeypatch):
-    """A full disk while a class's PNGs are written (fsync / write() name no file): the error names the class
-    folder asked for, and the half-written temp folder is removed (it was left, filling the disk further,
+    """A full disk while a class's PNGs are written (fsync / write() name no file), or a failed rename (it names
+    the temp): the error names the class folder asked for, and the half-written temp folder is removed (it was left, filling the disk further,
     and the error named no file: the CLI's line said only "No space left on device"). Nothing of the
     finished classes is touched."""
     import errno
@@ -716,6 +716,16 @@ def test_a_class_write_that_fails_names_the_class_folder_and_leaves_no_temp(tmp_
     with pytest.raises(OSError) as e:
         w.write_class("c", img, None, {})
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "out" / "c")
+    assert sorted(os.listdir(tmp_path / "out")) == ["done"] and _tree(str(tmp_path / "out")) == before
+    monkeypatch.undo()
+
+    def fails(src, dst):  # the class folder's rename: an error that names the temp
+        raise OSError(errno.EIO, "Input/output error", src, dst)
+
+    monkeypatch.setattr(os, "replace", fails)
+    with pytest.raises(OSError) as e:
+        w.write_class("c", img, None, {})
+    assert e.value.errno == errno.EIO and e.value.filename == str(tmp_path / "out" / "c")
     assert sorted(os.listdir(tmp_path / "out")) == ["done"] and _tree(str(tmp_path / "out")) == before
 
 
@@ -751,3 +761,223 @@ def test_a_lock_whose_holder_cannot_be_written_is_named_and_released(tmp_path, m
     monkeypatch.undo()
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / ".lock")
     assert not lock_is_held(str(tmp_path / ".lock"))
+
+
+# ---------------------------------------------------------------------------- found by a mutation audit (2026-12-07)
+def test_atomic_writes_take_the_umask_read_at_import(tmp_path, monkeypatch):
+    """The modes come from the umask (read once, at import), not from a fixed 0644 / 0755: a 077 umask gives
+    owner-only files and folders."""
+    from manifoldgd_fast import output as O
+
+    monkeypatch.setattr(O, "_UMASK", 0o077)
+    O.atomic_write_bytes(str(tmp_path / "m.json"), b"{}")
+
+    def fill(folder):
+        os.mkdir(os.path.join(folder, "sub"))
+        open(os.path.join(folder, "sub", "w.bin"), "wb").close()
+
+    O.write_folder_atomically(str(tmp_path / "model"), fill)
+    modes = {p: os.stat(tmp_path / p).st_mode & 0o777 for p in ("m.json", "model", "model/sub", "model/sub/w.bin")}
+    assert modes == {"m.json": 0o600, "model": 0o700, "model/sub": 0o700, "model/sub/w.bin": 0o600}
+
+
+def test_what_is_fsynced_is_the_whole_file(tmp_path, monkeypatch):
+    """Each file is flushed before its fsync: the fsync sees every byte (a buffered tail would reach the disk
+    only at close, after the fsync)."""
+    import numpy as np
+    import torch
+
+    from manifoldgd_fast import output as O
+
+    seen, real = {}, os.fsync
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        seen[st.st_ino] = st.st_size
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    O.atomic_write_bytes(str(tmp_path / "m.json"), b"{}")
+    O.OutputWriter(str(tmp_path / "out")).write_class("c", np.zeros((2, 4, 4, 3), np.uint8), torch.zeros(2, 4, 1, 1), {})
+    files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs]
+    assert len(files) == 5 and {os.stat(f).st_ino: os.stat(f).st_size for f in files} == seen
+
+
+def test_a_temp_that_cannot_be_made_is_named_by_the_file_asked_for(tmp_path, monkeypatch):
+    """mkstemp fails (a read-only folder): the error names the file asked for, not the temp's random name."""
+    import errno
+
+    from manifoldgd_fast import output as O
+
+    def refuse(prefix, dir):
+        raise PermissionError(errno.EACCES, "Permission denied", os.path.join(dir, prefix + "k3j2"))
+
+    monkeypatch.setattr(O.tempfile, "mkstemp", refuse)
+    with pytest.raises(PermissionError) as e:
+        O.atomic_write_bytes(str(tmp_path / "m.json"), b"{}")
+    assert e.value.filename == str(tmp_path / "m.json") and e.value.errno == errno.EACCES
+
+
+def test_sweep_stale_temps_removes_only_old_temps_of_its_prefixes(tmp_path):
+    """An hour untouched: a temp file, a temp folder and a link by a temp's name (unlinked, its target kept) are
+    removed and returned; a fresh temp (a write in flight, half an hour in) and other names of any age stay."""
+    from manifoldgd_fast.output import sweep_stale_temps
+
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "keep.bin").write_bytes(b"x")
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / ".tmp-file").write_bytes(b"half")
+    (d / ".tmp-dir").mkdir()
+    (d / ".tmp-dir" / "0.png").write_bytes(b"half")
+    os.symlink(target, d / ".tmp-link")
+    (d / ".tmp-fresh").write_bytes(b"half")
+    (d / "notes.txt").write_bytes(b"mine")
+    now = __import__("time").time()
+    for name in (".tmp-file", ".tmp-dir", "notes.txt"):
+        os.utime(d / name, (0, 0))
+    os.utime(d / ".tmp-link", (0, 0), follow_symlinks=False)
+    os.utime(d / ".tmp-fresh", (now - 1800, now - 1800))
+    removed = sweep_stale_temps(str(d))
+    assert sorted(removed) == [str(d / n) for n in (".tmp-dir", ".tmp-file", ".tmp-link")]
+    assert sorted(os.listdir(d)) == [".tmp-fresh", "notes.txt"] and os.listdir(target) == ["keep.bin"]
+
+
+def test_a_folder_whose_rename_fails_keeps_the_old_one_in_place(tmp_path, monkeypatch):
+    """The new folder cannot be renamed into place: the old one, moved aside, is put back (and its aside removed);
+    a stale aside a kill left beside a folder in place is swept."""
+    import errno
+
+    from manifoldgd_fast.output import write_folder_atomically
+
+    dest = tmp_path / "model"
+    dest.mkdir()
+    (dest / "w.bin").write_bytes(b"old")
+    stale = tmp_path / ".model.old-k1"
+    (stale / "model").mkdir(parents=True)
+    os.utime(stale, (0, 0))
+    real = os.rename
+
+    def refuse(src, dst):
+        if os.path.basename(str(src)).startswith(".model.tmp-"):
+            raise OSError(errno.EXDEV, "Invalid cross-device link", src)
+        real(src, dst)
+
+    monkeypatch.setattr(os, "rename", refuse)
+    with pytest.raises(OSError):
+        write_folder_atomically(str(dest), lambda tmp: open(os.path.join(tmp, "w.bin"), "wb").close())
+    assert os.listdir(tmp_path) == ["model"] and (dest / "w.bin").read_bytes() == b"old"
+
+
+def test_a_class_temp_left_by_a_process_of_the_same_pid_is_replaced(tmp_path):
+    """A killed process's temp folder under this pid (pids are reused) holds a half-written class: it is removed
+    before the class is written (makedirs failed on it), none of its files reaches the class."""
+    import numpy as np
+
+    from manifoldgd_fast.output import OutputWriter
+
+    w = OutputWriter(str(tmp_path))
+    left = tmp_path / f".c.tmp-{os.getpid()}"
+    left.mkdir()
+    (left / "7.png").write_bytes(b"half")
+    w.write_class("c", np.zeros((1, 4, 4, 3), np.uint8), None, {})
+    assert os.listdir(tmp_path) == ["c"] and sorted(os.listdir(tmp_path / "c")) == [".complete", "0.png"]
+
+
+def test_the_latents_file_names_its_class(tmp_path):
+    from safetensors import safe_open
+
+    w = _finished(tmp_path)
+    with safe_open(os.path.join(w.out, "latents", "c.safetensors"), "pt") as f:
+        assert f.metadata() == {"class": "c"} and list(f.keys()) == ["latents"]
+
+
+def test_done_marks_other_than_a_runs(tmp_path):
+    """A done mark without files (a class finished before marks listed them) is not compared; one whose files
+    are no mapping is not a run's record; read_class_info refuses a mark that is not a JSON object."""
+    from manifoldgd_fast.errors import DataError
+    from manifoldgd_fast.output import DONE_MARK
+
+    w = _finished(tmp_path)
+    mark = tmp_path / "out" / "c" / DONE_MARK
+    mark.write_text(json.dumps({"label": 0}))
+    (tmp_path / "out" / "c" / "0.png").unlink()
+    assert w.damaged("c") is None and w.read_class_info("c") == {"label": 0}
+    mark.write_text(json.dumps({"files": ["0.png"]}))
+    assert w.damaged("c") == f"its {DONE_MARK} is not the record a run writes"
+    mark.write_text("[]")
+    with pytest.raises(DataError, match=r"c/\.complete is damaged \(not a JSON object\)"):
+        w.read_class_info("c")
+
+
+def test_a_whole_run_and_a_shard_sweep_their_modes_and_odd_named_classes_temps(tmp_path):
+    """The sweep covers OUT/modes too, returns what it removed, and knows a class's leftovers by the class's whole
+    name, even one holding ".tmp-" or ".safetensors-"."""
+    from manifoldgd_fast.output import OutputWriter
+
+    w = OutputWriter(str(tmp_path))
+    odd = ("a.tmp-b", "v.safetensors-2")
+    for c in odd:
+        (tmp_path / f".{c}.tmp-99").mkdir()
+    for sub in ("latents", "modes"):
+        (tmp_path / sub).mkdir()
+        for c in (*odd, "other"):
+            (tmp_path / sub / f".tmp-{c}.safetensors-x1").write_bytes(b"half")
+    (tmp_path / ".other.tmp-99").mkdir()
+    removed = w.sweep_temps(classes=odd)
+    assert sorted(os.path.relpath(p, tmp_path) for p in removed) == sorted(
+        [f".{c}.tmp-99" for c in odd] + [f"{s}/.tmp-{c}.safetensors-x1" for s in ("latents", "modes") for c in odd])
+    assert sorted(removed) == sorted(set(removed))
+    assert sorted(os.listdir(tmp_path)) == [".other.tmp-99", "latents", "modes"]
+    assert len(w.sweep_temps()) == 3 and sorted(os.listdir(tmp_path / "modes")) == []
+
+
+def test_run_lock_says_who_holds_it_and_leaks_nothing(tmp_path):
+    """Taking the lock replaces what the file said before (a longer text left its tail behind); a refusal closes
+    its descriptor; leaving releases the lock."""
+    from manifoldgd_fast.errors import DataError
+    from manifoldgd_fast.output import RunLock, lock_is_held
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / ".lock").write_text("x" * 300)
+    with RunLock(str(out)):
+        text = (out / ".lock").read_text()
+        assert text.startswith(f"pid {os.getpid()} on ") and text.endswith("\n") and text.count("\n") == 1, text
+        fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+        with pytest.raises(DataError, match=r"is being written by another run \(pid "):
+            RunLock(str(out)).__enter__()
+        if fds is not None:
+            assert len(os.listdir("/proc/self/fd")) == fds
+    assert not lock_is_held(str(out / ".lock"))
+    with RunLock(str(out), shared=True):
+        assert (out / ".lock").read_text() == "processes of a --shard K/N run\n"
+
+
+def test_resize_images_is_pils_bicubic_and_keeps_what_needs_none():
+    """--output-size: each image through PIL's bicubic resize (no other filter); an image already at the size,
+    or no size, comes back as it is (the same array); no images give an empty batch of the size."""
+    import numpy as np
+    from PIL import Image
+
+    from manifoldgd_fast.output import resize_images
+
+    imgs = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    want = np.stack([np.asarray(Image.fromarray(i).resize((5, 5), resample=Image.BICUBIC)) for i in imgs])
+    assert np.array_equal(resize_images(imgs, 5), want)
+    assert resize_images(imgs, 8) is imgs and resize_images(imgs, None) is imgs
+    assert resize_images(imgs[:0], 5).shape == (0, 5, 5, 3)
+
+
+def test_png_settings_are_fixed():
+    """encode_png keeps the released runs' settings (zlib level 6: the header 78 9c), so the same pixels give the
+    same bytes whatever Pillow's default."""
+    import numpy as np
+
+    from manifoldgd_fast.output import encode_png
+
+    img = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    png = encode_png(img)
+    at = png.index(b"IDAT")
+    assert png[at + 4:at + 6] == b"\x78\x9c"
