@@ -12,7 +12,7 @@ import torch
 
 from manifoldgd_fast import models as M
 from manifoldgd_fast.demo import digits as D
-from manifoldgd_fast.errors import ModelError
+from manifoldgd_fast.errors import ConfigError, ModelError
 from manifoldgd_fast.shipped import SUMS_NAME, read_sums, shipped_model_dir, verify_shipped
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -220,3 +220,50 @@ def test_training_is_deterministic_and_resumable(tmp_path, monkeypatch):
 
     with pytest.raises(ConfigError, match="dit_steps"):
         train(Settings(**{**s.__dict__, "dit_steps": 5}), w2, o2, log=quiet)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--dit-width", "0"], "--dit-width 0: must be >= 1"),           # was a ZeroDivisionError after the VAE trained
+    (["--vae-batch", "0"], "--vae-batch 0: must be >= 1"),           # was 'stack expects a non-empty TensorList'
+    (["--dit-steps", "-1"], "--dit-steps -1: must be >= 0"),
+    (["--dit-lr", "nan"], "--dit-lr nan: must be > 0 and finite"),
+    (["--label-dropout", "1.5"], "--label-dropout 1.5: must be in [0, 1]"),
+    (["--num-train-timesteps", "20"], "--num-train-timesteps 20: must be > 20"),
+    (["--dit-width", "48"], "--dit-width must be a multiple of 32, got 48"),
+])
+def test_train_command_refuses_bad_settings_in_one_line_before_any_work(argv, message, tmp_path, monkeypatch,
+                                                                         capsys):
+    from manifoldgd_fast.demo import train as T
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    monkeypatch.setattr(T, "train_vae", lambda *a, **k: pytest.fail("training started"))
+    work = tmp_path / "w"
+    assert T.main([*argv, "--work", str(work), "--out", str(tmp_path / "o"), "--per-class", "0"]) == 2
+    assert capsys.readouterr().err == f"python -m manifoldgd_fast.demo.train: error: {message}\n"
+    assert not work.exists()
+    with pytest.raises(ConfigError, match="--save-every 0: must be >= 1"):
+        T.train(T.Settings(), str(work), str(tmp_path / "o"), save_every=0)   # was a ZeroDivisionError at step 1
+
+
+@pytest.mark.parametrize("flag", ["--save-every", "--threads"])
+def test_train_command_counts_are_at_least_one(flag, tmp_path, monkeypatch, capsys):
+    """--save-every 0 was a ZeroDivisionError after the first step, --threads 0 a RuntimeError traceback."""
+    from manifoldgd_fast.demo import train as T
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    monkeypatch.setattr(T, "train", lambda *a, **k: pytest.fail("training started"))
+    with pytest.raises(SystemExit) as e:
+        T.main([flag, "0", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and f"argument {flag}: must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_train_command_names_a_work_folder_that_is_a_file(tmp_path, monkeypatch, capsys):
+    from manifoldgd_fast.demo import train as T
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    work = tmp_path / "w"
+    work.write_text("not a folder")
+    monkeypatch.setattr(T, "train_vae", lambda *a, **k: pytest.fail("training started"))
+    assert T.main(["--work", str(work), "--out", str(tmp_path / "o"), "--per-class", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m manifoldgd_fast.demo.train: error: {work}: ") and err.count("\n") == 1

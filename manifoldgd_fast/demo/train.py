@@ -57,6 +57,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..cli import at_least_one
 from ..errors import ConfigError, ManifoldGDError, ModelError
 from ..output import write_folder_atomically
 from ..shipped import shipped_model_dir, write_sums
@@ -101,6 +102,30 @@ class Settings:
     num_train_timesteps: int = 1000
     dit_width: int = 128
     dit_layers: int = 4
+
+    def check(self) -> None:
+        """ConfigError naming the flag of a setting out of range, before any training (they crashed
+        with a traceback, some only after the VAE had trained)."""
+        def bad(name, rule):
+            return ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be {rule}")
+
+        for name in ("vae_batch", "dit_batch", "dit_layers", "dit_width"):
+            if getattr(self, name) < 1:
+                raise bad(name, ">= 1")
+        for name in ("vae_steps", "dit_steps", "dit_warmup"):
+            if getattr(self, name) < 0:
+                raise bad(name, ">= 0")
+        for name in ("vae_lr", "dit_lr", "grad_clip"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise bad(name, "> 0 and finite")
+        if not (math.isfinite(self.vae_kl_weight) and self.vae_kl_weight >= 0):
+            raise bad("vae_kl_weight", ">= 0 and finite")
+        for name in ("label_dropout", "ema_decay"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise bad(name, "in [0, 1]")
+        if self.num_train_timesteps <= 20:  # linear betas end at 0.02 * 1000 / T, which must stay below 1
+            raise bad("num_train_timesteps", "> 20")
+        self.dit_config()
 
     def vae_config(self) -> dict:
         return copy.deepcopy(VAE_CONFIG)
@@ -372,6 +397,9 @@ def train(s: Settings, work: str, out: str, save_every: int = 250, check_per_cla
     ``stop_after``: take at most this many optimizer steps in this call, then
     return None with the checkpoint saved (a later call continues).
     """
+    s.check()
+    if save_every < 1:
+        raise ConfigError(f"--save-every {save_every}: must be >= 1")
     os.makedirs(work, exist_ok=True)
     _load_settings(work, s)
     wall0 = time.perf_counter()
@@ -518,8 +546,8 @@ def main(argv: list[str] | None = None) -> int:
                                 description="Train the shipped digits VAE + DiT, or --check it.")
     p.add_argument("--work", default=None, help="checkpoint folder (default <cache>/demo_train); reruns resume")
     p.add_argument("--out", default=None, help="model folder to write (default: the package's weights/digits)")
-    p.add_argument("--save-every", type=int, default=250, help="checkpoint every N steps")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--save-every", type=at_least_one, default=250, help="checkpoint every N steps")
+    p.add_argument("--threads", type=at_least_one, default=2, help="torch CPU threads")
     p.add_argument("--check", action="store_true", help="only measure the model in --out (default: shipped)")
     p.add_argument("--per-class", type=int, default=20, help="samples per class for the check (0: no check)")
     p.add_argument("--grid", default=None, help="with --check: save the samples as a PNG grid here")
@@ -543,6 +571,10 @@ def main(argv: list[str] | None = None) -> int:
         train(s, work, out, save_every=a.save_every, check_per_class=a.per_class, stop_after=a.stop_after)
     except ManifoldGDError as e:
         print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. --work or --out a file, or not writable: one line, as the other commands
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{p.prog}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     return 0
 
