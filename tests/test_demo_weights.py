@@ -267,3 +267,55 @@ def test_train_command_names_a_work_folder_that_is_a_file(tmp_path, monkeypatch,
     assert T.main(["--work", str(work), "--out", str(tmp_path / "o"), "--per-class", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"python -m manifoldgd_fast.demo.train: error: {work}: ") and err.count("\n") == 1
+
+
+# --------------------------------------------------------------------------- comparison table
+def _fake_digits(root):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in ("0", "1"):
+            os.makedirs(root / split / c)
+            for i in range(3):
+                Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(root / split / c / f"{i}.png")
+    return str(root)
+
+
+def test_compare_ceiling_set_is_copied_whole_or_not_at_all(tmp_path, monkeypatch):
+    """The ceiling's copy of the train split is made atomically: a copy cut short left a partial full-train/
+    that every later run evaluated as the whole train set."""
+    from manifoldgd_fast.demo import compare
+    from manifoldgd_fast.demo import digits as digits_mod
+
+    root = _fake_digits(tmp_path / "digits")
+    monkeypatch.setattr(digits_mod, "export_digits", lambda *a, **k: root)
+    seen = []
+
+    def fake_eval(folder, val, seeds, epochs):
+        seen.append(sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs))
+        return {"nets": {"convnet6": {"best_mean": 90.0, "best_std": 1.0, "final_mean": 80.0, "final_std": 2.0}}}
+
+    monkeypatch.setattr(compare, "_evaluate", fake_eval)
+    monkeypatch.setattr(compare, "plot", lambda *a, **k: None)
+    broken = tmp_path / "digits" / "train" / "1" / "9.png"
+    os.symlink(tmp_path / "nowhere.png", broken)       # copying it fails after the other files are copied
+    out = tmp_path / "cmp"
+    with pytest.raises(OSError):
+        compare.run(str(out), ipcs=(1,), methods=())
+    assert not (out / "full-train").exists()
+    os.remove(broken)
+    res = compare.run(str(out), ipcs=(1,), methods=())
+    assert seen == [[os.path.join(c, f"{i}.png") for c in ("0", "1") for i in range(3)]]
+    assert res["ceiling"] == (90.0, 1.0, 80.0, 2.0)
+
+
+def test_compare_table_shows_best_mean_and_std_per_ipc():
+    from manifoldgd_fast.demo.compare import table
+
+    res = {"rows": {"dit": {1: (50.25, 1.5, 40.0, 2.0), 10: (70.0, 0.25, 60.0, 3.0)}, "random": {10: (30.0, 2.0, 20.0, 1.0)}},
+           "ceiling": (95.0, 0.5, 94.0, 0.7), "ceiling_epochs": 30}
+    lines = table(res, (1, 10)).splitlines()
+    assert lines[0] == "| method | IPC 1 | IPC 10 |" and lines[1] == "|---|---|---|"
+    assert lines[2] == f"| dit | {50.25:.1f} ± {1.5:.1f} | {70.0:.1f} ± {0.25:.1f} |"
+    assert lines[3] == "| random | — | 30.0 ± 2.0 |"
+    assert lines[4] == "| full train set (ceiling, 30 epochs) | 95.0 ± 0.5 | 95.0 ± 0.5 |"

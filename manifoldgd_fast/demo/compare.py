@@ -129,8 +129,8 @@ def run(out: str, ipcs=(1, 5, 10), seeds: int = 3, epochs: int = 200, ceiling_ep
             print(f"IPC {ipc:>2} {m:<11} best {r['best_mean']:.2f} ± {r['best_std']:.2f}  "
                   f"final {r['final_mean']:.2f} ± {r['final_std']:.2f}", flush=True)
     full = os.path.join(out, "full-train")
-    if not os.path.isdir(full):
-        shutil.copytree(train, full)
+    if not os.path.isdir(full):  # whole or absent: a copy cut short was evaluated as the train set by every rerun
+        write_folder_atomically(full, lambda tmp: shutil.copytree(train, tmp, dirs_exist_ok=True))
     r = _evaluate(full, val, seeds, ceiling_epochs)["nets"]["convnet6"]
     results["ceiling"] = (r["best_mean"], r["best_std"], r["final_mean"], r["final_std"])
     atomic_write_text(os.path.join(out, "results.json"), json.dumps(results, indent=2))
