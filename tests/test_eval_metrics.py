@@ -576,3 +576,116 @@ def test_fid_squash_resizes_whole_images_bilinearly(tmp_path):
                                             "(torchmetrics' FID)")
     with pytest.raises(ConfigError, match="--fid-resize stretch: must be one of crop, squash"):
         M.compute_metrics(str(dist), str(real), fid_resize="stretch", **kw)
+
+
+# --------------------------------------------------------------------------- edge cases
+def test_fid_needs_two_images_a_side():
+    """One image has no covariance (ddof 1 divides by 0): refused, not a NaN FID."""
+    one, many = np.ones((1, 4)), np.random.default_rng(0).normal(size=(5, 4))
+    with pytest.raises(ConfigError, match=r"N >= 2 for FID, got \(1, 4\)"):
+        M.gaussian_stats(one)
+    with pytest.raises(ConfigError, match="N >= 2"):
+        M.fid(many, one)
+
+
+def test_mmd_of_sets_of_one_repeated_point_has_a_unit_bandwidth():
+    """Every pooled distance 0 (the median heuristic's sigma would be 0, the kernel NaN): sigma falls back to 1."""
+    x = torch.full((4, 3), 2.5)
+    r = M.mmd_rbf(x, x.clone())
+    assert r["bandwidth"] == 1.0 and r["mmd2"] == 0.0
+    # 5 copies of one point and 2 of another: 11 of the 21 pairs at distance 0, so the median is 0 too
+    y = torch.zeros(2, 3)
+    r = M.mmd_rbf(torch.cat([x, x[:1]]), y)
+    assert r["bandwidth"] == 1.0
+    k = np.exp(-3 * 2.5 ** 2 / 2)
+    assert r["mmd2"] == pytest.approx(1 + 1 - 2 * k, rel=1e-12)
+
+
+def test_kernel_sum_drops_only_the_diagonal_in_blocks():
+    """drop_diagonal removes k(x_i, x_i) once per point: in the diagonal blocks only, whatever the block size."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(10, 4, generator=g, dtype=torch.float64)
+    k = torch.exp(-0.2 * torch.cdist(x, x) ** 2)
+    expect = float(k.sum() - k.diagonal().sum())
+    for block in (3, 4, 10, 2048):
+        got = M._kernel_sum(x, x, 0.2, drop_diagonal=True, block=block, sqdist=M._sqdist)
+        assert got == pytest.approx(expect, rel=1e-12), block
+
+
+def test_kernel_sum_clamps_squared_distances_below_zero():
+    """kl.py's expansion ||a||^2 + ||b||^2 - 2 a.b rounds below 0 for near points of large norm; the kernel takes
+    max(d^2, 0), so no value exceeds 1."""
+    a, b = torch.zeros(3, 2, dtype=torch.float64), torch.zeros(5, 2, dtype=torch.float64)
+    below = lambda p, q: torch.full((len(p), len(q)), -0.5, dtype=torch.float64)  # noqa: E731
+    assert M._kernel_sum(a, b, 4.0, drop_diagonal=False, sqdist=below) == 15.0
+
+
+def test_mmd_release_gamma_clamps_zero_distances_as_the_release():
+    """Most pooled pairs duplicates: the (lower) median squared distance is 0, clamped to 1e-12, so
+    gamma = 1 / (1e-12 + 1e-12) as kl.py's _median_heuristic_gamma."""
+    x = torch.ones(6, 3, dtype=torch.float64)
+    y = torch.tensor([[0.0, 0, 0], [0.0, 2, 0]], dtype=torch.float64)
+    res = M.mmd_release(x, y)
+    assert res["gamma"] == pytest.approx(1.0 / 2e-12, rel=1e-12)
+
+
+def test_trajectory_variance_refuses_too_few_samples_for_the_correction():
+    """The unbiased variance of one sample divides by 0 (NaN): refused; the population variance of one is 0."""
+    one = np.array([[3.0, 4.0, 5.0]])
+    with pytest.raises(ConfigError, match=r"n_samples > 1, got \(1, 3\)"):
+        M.trajectory_variance(one, correction=1)
+    per_step, final = M.trajectory_variance(one, correction=0)
+    assert final == 0.0 and (per_step == 0).all()
+
+
+def test_metrics_of_a_one_image_class_an_unreadable_file_and_an_extra_real_class(tmp_path, caplog):
+    """A class of one distilled image has no diversity (None), and the pooled diversity averages the images that
+    have one (not NaN); an unreadable distilled image is left out of its class's count and labels; a real class
+    that sorts first but was not distilled shifts no label; --k equal to a class's real images warns of nothing."""
+    real = make_image_folder(tmp_path / "real", ["aardvark", "ant", "bee"], 4, size=8, seed=3)
+    dist = tmp_path / "out"
+    for name, n in (("ant", 1), ("bee", 2)):
+        os.makedirs(dist / name)
+        for i, f in enumerate(sorted(os.listdir(os.path.join(real, name)))[:n]):
+            shutil.copy(os.path.join(real, name, f), dist / name / f"{i}{os.path.splitext(f)[1]}")
+    (dist / "bee" / "2.png").write_bytes(b"not a png")
+    with caplog.at_level("WARNING", logger="manifoldgd_fast.eval.metrics"), \
+            pytest.warns(UserWarning, match="unreadable"):
+        res = M.compute_metrics(str(dist), real, encoder=MeanColour(), size=8, device="cpu", k=4, progress=False,
+                                feature_cache=False)
+    assert res["n_syn"] == 3 and res["per_class"]["bee"]["n_syn"] == 2 and res["per_class"]["ant"]["n_syn"] == 1
+    assert res["l2"] == pytest.approx(0.0, abs=1e-6) and res["per_class"]["ant"]["l2"] == pytest.approx(0.0, abs=1e-6)
+    assert res["per_class"]["ant"]["diversity"] is None
+    bee = res["per_class"]["bee"]["diversity"]
+    assert bee is not None and bee > 0 and res["diversity"] == pytest.approx(bee, rel=1e-12)
+    assert res["representativeness_k_min"] == 4 and "fewer than --k" not in caplog.text
+
+
+def test_feature_cache_key_follows_each_files_modification_time(tmp_path):
+    """An image rewritten in place with the same byte size (a same-size edit) is found by its mtime: its class's
+    cache file is another one; touching nothing keeps the key."""
+    from manifoldgd_fast.data import scan_image_folder
+
+    real = make_image_folder(tmp_path / "real", ["ant"], 3, size=8)
+    cache = M.FeatureCache(str(tmp_path / "c"), MeanColour(), 8, "fp32", torch.device("cpu"))
+    entry = scan_image_folder(real)[0]
+    before = cache.path(entry)
+    assert cache.path(scan_image_folder(real)[0]) == before
+    st = os.stat(entry.files[1])
+    os.utime(entry.files[1], ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    assert os.stat(entry.files[1]).st_size == st.st_size and cache.path(scan_image_folder(real)[0]) != before
+
+
+def test_the_mmd_takes_a_seeded_subset_of_at_most_mmd_max_real_real_points(folders):
+    """--mmd-max-real below the real set's size: the MMD is that of a seeded random subset of that many real
+    features against every distilled one (--mmd-max-real was never exercised)."""
+    dist, real = folders
+    res = M.compute_metrics(dist, real, encoder=MeanColour(), size=8, device="cpu", k=2, progress=False,
+                            mmd_max_real=17)
+    _, d, r = M.match_classes(dist, real, exact=False, what="real")
+    cpu = torch.device("cpu")
+    fs, fr = M.extract_features(MeanColour(), d, 8, cpu)[0], M.extract_features(MeanColour(), r, 8, cpu)[0]
+    assert len(fr) == 18 and res["mmd_n_real"] == 17
+    sub = fr[torch.randperm(18, generator=torch.Generator().manual_seed(0))[:17]]
+    assert res["mmd2"] == pytest.approx(M.mmd_rbf(sub, fs)["mmd2"], rel=1e-9)
+    assert res["mmd2"] != pytest.approx(M.mmd_rbf(fr, fs)["mmd2"], rel=1e-6)
