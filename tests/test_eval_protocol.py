@@ -645,6 +645,36 @@ def test_precision_settings_and_restore(folders):
     assert res["precision"] == "fp32" and res["precision_mode"] == "fp32" and res["deterministic"] is True
 
 
+
+def test_on_the_cpu_every_precision_setting_is_a_no_op():
+    """The CPU runs fp32 whatever --precision says: no autocast, NCHW nets and inputs, and no cuDNN or
+    determinism flag (nor $CUBLAS_WORKSPACE_CONFIG) touched."""
+    cpu, cudnn = torch.device("cpu"), torch.backends.cudnn
+    for precision in EP.PRECISIONS:
+        assert not isinstance(EP.amp(cpu, precision), torch.autocast)
+        net = EP.prepare_net(torch.nn.Conv2d(3, 4, 3), cpu, precision)
+        assert net.weight.is_contiguous()                       # not channels_last
+        assert EP.net_layout(torch.rand(2, 3, 5, 5), precision).is_contiguous()
+        before = (cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
+                  os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+        with EP.numerics(cpu, precision):
+            assert (cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
+                    os.environ.get("CUBLAS_WORKSPACE_CONFIG")) == before
+
+
+def test_numerics_restores_each_cudnn_flag_to_its_own_value():
+    cudnn, cuda = torch.backends.cudnn, torch.device("cuda")  # only flags are set: no GPU needed
+    old = cudnn.benchmark, cudnn.deterministic
+    try:
+        for flags in ((True, False), (False, True)):
+            for precision in EP.PRECISIONS:
+                cudnn.benchmark, cudnn.deterministic = flags
+                with EP.numerics(cuda, precision):
+                    pass
+                assert (cudnn.benchmark, cudnn.deterministic) == flags, precision
+    finally:
+        cudnn.benchmark, cudnn.deterministic = old
+
 @requires_cuda()
 def test_fp32_on_cuda_gives_the_same_run_twice():
     x = (torch.rand(16, 3, 16, 16) * 255).to(torch.uint8)
