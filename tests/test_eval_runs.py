@@ -357,3 +357,37 @@ def test_a_resume_with_the_folders_in_another_order_continues_each_folders_own_r
     res = P.evaluate([other, dist], val, out_json=out, **kw)
     histories = lambda r: [s["history"] for s in r["nets"]["convnet6"]["seeds"]]  # noqa: E731
     assert histories(res) == histories(whole)
+
+
+def test_file_identity_follows_the_files_size_and_modification_time(tmp_path):
+    """A teacher rewritten in place with the same size is another teacher: finished runs are not reused."""
+    path = tmp_path / "teacher.pt"
+    path.write_bytes(b"x" * 10)
+    first = resume.file_identity(str(path))
+    assert first == resume.file_identity(path)
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    assert resume.file_identity(str(path)) != first
+    assert resume.file_identity("imagenet-resnet18") == "imagenet-resnet18"   # a keyword names no file
+    assert resume.file_identity(torch.nn.Linear(1, 1)) is None
+
+
+def test_path_key_names_a_folder_by_its_absolute_path(tmp_path, monkeypatch):
+    """Two distilled sets of the same name in different parents get their own checkpoints; a relative
+    spelling of a folder gets its absolute one's."""
+    a, b = tmp_path / "x" / "out", tmp_path / "y" / "out"
+    assert re.fullmatch(r"[0-9a-f]{12}", resume.path_key(str(a))) and resume.path_key(str(a)) != resume.path_key(str(b))
+    (tmp_path / "x").mkdir()
+    monkeypatch.chdir(tmp_path / "x")
+    assert resume.path_key("out") == resume.path_key(str(a))
+
+
+@pytest.mark.parametrize("text", ['["a list"]', "null", '{"fingerprint": "f", "runs": ["not", "a", "dict"]}'])
+def test_a_partial_file_that_holds_no_runs_starts_over(tmp_path, text, caplog):
+    """eval.json.partial holding other JSON (a list, null, runs that are no mapping) was an AttributeError or
+    ValueError traceback; it is warned about and the evaluation starts over."""
+    path = tmp_path / "eval.json.partial"
+    path.write_text(text)
+    with caplog.at_level("WARNING", logger="manifoldgd_fast.eval.resume"):
+        assert resume.load_finished_runs(str(path), "f") == {}
+    assert str(path) in caplog.text

@@ -70,6 +70,9 @@ def load_finished_runs(path: str, fingerprint: str) -> dict:
     except (OSError, ValueError) as e:
         log.warning("%s: unreadable (%s); starting over", path, e)
         return {}
+    if not isinstance(saved, dict) or not isinstance(saved.get("runs", {}), dict):
+        log.warning("%s holds no finished runs; starting over", path)
+        return {}
     if saved.get("fingerprint") != fingerprint:
         log.warning("%s holds runs made with other settings or images; starting over", path)
         return {}
