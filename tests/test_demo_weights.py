@@ -269,6 +269,16 @@ def test_train_command_names_a_work_folder_that_is_a_file(tmp_path, monkeypatch,
     assert err.startswith(f"python -m manifoldgd_fast.demo.train: error: {work}: ") and err.count("\n") == 1
 
 
+def test_demo_check_rounds_samples_as_the_package_saves_images():
+    """The check classifies uint8 samples as distill writes them: rounding half up, as to_uint8_images (a
+    round-half-to-even put the values that land on k + 0.5 one level lower)."""
+    from manifoldgd_fast.demo.train import _to_uint8
+    from manifoldgd_fast.output import to_uint8_images
+
+    x = torch.linspace(-1.2, 1.2, 2_000_001).view(-1, 1, 1, 1).expand(-1, 3, 1, 1)
+    assert (_to_uint8(x) == to_uint8_images(x)).all()
+
+
 # --------------------------------------------------------------------------- comparison table
 def _fake_digits(root):
     from PIL import Image

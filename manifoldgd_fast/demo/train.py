@@ -59,7 +59,7 @@ import torch.nn.functional as F
 
 from ..cli import at_least_one
 from ..errors import ConfigError, ManifoldGDError, ModelError
-from ..output import write_folder_atomically
+from ..output import to_uint8_images, write_folder_atomically
 from ..shipped import shipped_model_dir, write_sums
 from ..training import (Diffusion, disable_internal_label_dropout, ema_decay_at, ema_update, hybrid_loss,
                         save_checkpoint)
@@ -454,8 +454,8 @@ def _grey_features(images_uint8: np.ndarray) -> np.ndarray:
 
 
 def _to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(n, 3, H, W) in [-1, 1] -> (n, H, W, 3) uint8, as the package saves images."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    """(n, 3, H, W) in [-1, 1] -> (n, H, W, 3) uint8, as the package saves images (its own rounding: half up)."""
+    return to_uint8_images(x)
 
 
 def digit_classifier():
