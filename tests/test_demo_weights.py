@@ -269,6 +269,92 @@ def test_train_command_names_a_work_folder_that_is_a_file(tmp_path, monkeypatch,
     assert err.startswith(f"python -m manifoldgd_fast.demo.train: error: {work}: ") and err.count("\n") == 1
 
 
+def test_demo_training_draws_follow_seed_phase_and_step():
+    """Each step's noise comes from a generator of (seed, phase, step): --seed, the phase and the step each
+    change it (a generator ignoring --seed gave every seed the same weights), and it repeats exactly."""
+    from manifoldgd_fast.demo.train import _gen
+
+    draw = lambda *a: torch.randn(8, generator=_gen(*a))  # noqa: E731
+    base = draw(0, "vae", 5)
+    assert torch.equal(base, draw(0, "vae", 5))
+    for other in (draw(1, "vae", 5), draw(0, "dit", 5), draw(0, "vae", 6), draw(0, "vae", 5, 1)):
+        assert not torch.equal(base, other)
+
+
+def test_demo_batch_order_is_a_fresh_permutation_each_epoch():
+    """Steps read epochs end to end: every epoch holds each index once, in its own seeded order."""
+    from manifoldgd_fast.demo.train import BatchOrder
+
+    order = BatchOrder(10, 4, seed=0, phase="dit")
+    seq = torch.cat([order(s) for s in range(5)])              # 20 indices: two epochs
+    first, second = seq[:10], seq[10:]
+    assert sorted(first.tolist()) == sorted(second.tolist()) == list(range(10))
+    assert not torch.equal(first, second)
+    assert torch.equal(seq, torch.cat([BatchOrder(10, 4, 0, "dit")(s) for s in range(5)]))
+    assert not torch.equal(seq, torch.cat([BatchOrder(10, 4, 1, "dit")(s) for s in range(5)]))
+
+
+def test_demo_lr_warms_up_linearly_then_decays_by_a_cosine_to_the_floor():
+    from manifoldgd_fast.demo.train import lr_at
+
+    assert [lr_at(s, 100, 2.0, warmup=4) for s in range(4)] == [0.5, 1.0, 1.5, 2.0]
+    assert lr_at(4, 100, 2.0, warmup=4) == 2.0
+    mid = 4 + 48                                                  # half-way through the decay: cos = 0
+    assert lr_at(mid, 100, 2.0, warmup=4) == pytest.approx(2.0 * (0.1 + 0.9 * 0.5))
+    assert lr_at(100, 100, 2.0, warmup=4) == pytest.approx(0.2) and lr_at(500, 100, 2.0, warmup=4) == pytest.approx(0.2)
+
+
+def _tiny(**kw):
+    from manifoldgd_fast.demo.train import Settings
+
+    return Settings(**{**dict(vae_steps=3, vae_batch=8, dit_steps=2, dit_batch=8, dit_warmup=1, dit_width=32,
+                              dit_layers=1), **kw})
+
+
+@pytest.mark.parametrize("dropout,null_share", [(0.0, 0.0), (1.0, 1.0)])
+def test_demo_dit_drops_labels_to_the_null_class_at_the_label_dropout_rate(dropout, null_share, tmp_path,
+                                                                           monkeypatch):
+    from manifoldgd_fast.demo import train as T
+
+    seen = []
+    real = T.hybrid_loss
+    monkeypatch.setattr(T, "hybrid_loss", lambda model, d, x0, y, *a: seen.append(y.clone()) or real(model, d, x0,
+                                                                                                    y, *a))
+    g = torch.Generator().manual_seed(0)
+    latents, labels = torch.randn(16, 4, 8, 8, generator=g), torch.arange(16) % 10
+    T.train_dit(_tiny(label_dropout=dropout), latents, labels, str(tmp_path), save_every=100, log=lambda *a: None)
+    y = torch.cat(seen)
+    assert len(seen) == 2 and float((y == T.NULL_CLASS).float().mean()) == null_share
+
+
+def test_demo_training_ships_the_ema_with_the_latent_scaling_and_saves_where_it_stops(tmp_path, monkeypatch):
+    """The transformer written is the EMA of the checkpoint (not the raw weights); the VAE's scaling_factor
+    is 1 / std of the train split's posterior means under it; a run stopped by its step budget saves its
+    step first (a rerun continues from there, not from the last --save-every)."""
+    from safetensors.torch import load_file
+
+    from manifoldgd_fast import models as MM
+    from manifoldgd_fast.demo import train as T
+
+    full = T._images_tensor
+    monkeypatch.setattr(T, "_images_tensor", lambda split: tuple(a[:40] for a in full(split)))
+    quiet = lambda *a: None  # noqa: E731
+    work, out = tmp_path / "w", tmp_path / "o"
+    assert T.train(_tiny(), str(work), str(out), save_every=100, check_per_class=0, log=quiet, stop_after=2) is None
+    assert torch.load(work / "vae.pt", weights_only=False)["step"] == 2 and not (work / "dit.pt").exists()
+    T.train(_tiny(), str(work), str(out), save_every=100, check_per_class=0, log=quiet)
+    ck = torch.load(work / "dit.pt", weights_only=False)
+    shipped = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert shipped.keys() == ck["ema"].keys()
+    assert all(torch.equal(shipped[k], ck["ema"][k]) for k in shipped)
+    assert any(not torch.equal(ck["model"][k], ck["ema"][k]) for k in shipped)
+    vae = MM.load_vae(str(out))
+    x, _ = T._images_tensor("train")
+    with torch.no_grad():
+        means = vae.encode(x).latent_dist.mean
+    assert float(vae.config.scaling_factor) == pytest.approx(1.0 / float(means.std()), rel=1e-5)
+
+
 def test_demo_check_rounds_samples_as_the_package_saves_images():
     """The check classifies uint8 samples as distill writes them: rounding half up, as to_uint8_images (a
     round-half-to-even put the values that land on k + 0.5 one level lower)."""
@@ -322,10 +408,51 @@ def test_compare_ceiling_set_is_copied_whole_or_not_at_all(tmp_path, monkeypatch
 def test_compare_table_shows_best_mean_and_std_per_ipc():
     from manifoldgd_fast.demo.compare import table
 
-    res = {"rows": {"dit": {1: (50.25, 1.5, 40.0, 2.0), 10: (70.0, 0.25, 60.0, 3.0)}, "random": {10: (30.0, 2.0, 20.0, 1.0)}},
+    res = {"rows": {"dit": {1: (50.25, 1.5, 40.0, 2.0), 10: (70.0, 0.25, 60.0, 3.0)},
+                    "random": {10: (30.0, 2.0, 20.0, 1.0)}},
            "ceiling": (95.0, 0.5, 94.0, 0.7), "ceiling_epochs": 30}
     lines = table(res, (1, 10)).splitlines()
     assert lines[0] == "| method | IPC 1 | IPC 10 |" and lines[1] == "|---|---|---|"
     assert lines[2] == f"| dit | {50.25:.1f} ± {1.5:.1f} | {70.0:.1f} ± {0.25:.1f} |"
     assert lines[3] == "| random | — | 30.0 ± 2.0 |"
     assert lines[4] == "| full train set (ceiling, 30 epochs) | 95.0 ± 0.5 | 95.0 ± 0.5 |"
+
+
+def test_compare_random_set_holds_ipc_seeded_train_images_a_class(tmp_path):
+    from manifoldgd_fast.demo import compare
+
+    root = tmp_path / "digits"
+    from PIL import Image
+
+    for c in ("0", "1"):
+        os.makedirs(root / "train" / c)
+        for i in range(6):
+            Image.new("RGB", (8, 8), (40 * i, 10 * int(c), 0)).save(root / "train" / c / f"{i}.png")
+    train = str(root / "train")
+    compare._random_real(train, str(tmp_path / "a"), ipc=2, seed=0)
+    compare._random_real(train, str(tmp_path / "b"), ipc=2, seed=0)
+    originals = {c: {(root / "train" / c / f).read_bytes() for f in os.listdir(root / "train" / c)} for c in ("0", "1")}
+    for c in ("0", "1"):
+        files = sorted(os.listdir(tmp_path / "a" / c))
+        assert files == ["0.png", "1.png"]
+        got = [(tmp_path / "a" / c / f).read_bytes() for f in files]
+        assert len(set(got)) == 2 and set(got) <= originals[c]
+        assert got == [(tmp_path / "b" / c / f).read_bytes() for f in files]
+
+
+def test_compare_reuses_an_evaluation_only_of_the_same_epochs_and_seeds(tmp_path, monkeypatch):
+    import json
+
+    from manifoldgd_fast.demo import compare
+    from manifoldgd_fast.eval import protocol
+
+    calls = []
+    monkeypatch.setattr(protocol, "evaluate", lambda folder, val, **kw: calls.append(kw) or {"fresh": True})
+    folder = tmp_path / "set"
+    folder.mkdir()
+    saved = {"epochs": 5, "seeds": [0, 1, 2], "nets": {}}
+    (folder / "eval.json").write_text(json.dumps(saved))
+    assert compare._evaluate(str(folder), "val", seeds=3, epochs=5) == saved and calls == []
+    assert compare._evaluate(str(folder), "val", seeds=2, epochs=5) == {"fresh": True}
+    assert compare._evaluate(str(folder), "val", seeds=3, epochs=6) == {"fresh": True}
+    assert [(c["seeds"], c["epochs"]) for c in calls] == [(2, 5), (3, 6)]
