@@ -342,6 +342,9 @@ def test_demo_training_ships_the_ema_with_the_latent_scaling_and_saves_where_it_
     work, out = tmp_path / "w", tmp_path / "o"
     assert T.train(_tiny(), str(work), str(out), save_every=100, check_per_class=0, log=quiet, stop_after=2) is None
     assert torch.load(work / "vae.pt", weights_only=False)["step"] == 2 and not (work / "dit.pt").exists()
+    # a budget that ends with the VAE takes no DiT step (it took one more than --stop-after)
+    assert T.train(_tiny(), str(work), str(out), save_every=100, check_per_class=0, log=quiet, stop_after=1) is None
+    assert torch.load(work / "vae.pt", weights_only=False)["step"] == 3 and not (work / "dit.pt").exists()
     T.train(_tiny(), str(work), str(out), save_every=100, check_per_class=0, log=quiet)
     ck = torch.load(work / "dit.pt", weights_only=False)
     shipped = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))

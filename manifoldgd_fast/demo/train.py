@@ -413,6 +413,8 @@ def train(s: Settings, work: str, out: str, save_every: int = 250, check_per_cla
 
 def _train(s, work, out, save_every, check_per_class, log, budget, wall0):
     vae, vae_seconds = train_vae(s, work, save_every, log=log, budget=budget)
+    if budget.left is not None and budget.left <= 0:  # spent on the VAE's last step: no DiT step beyond it
+        raise Interrupted(f"vae step {s.vae_steps}")
 
     x_train, y_train = _images_tensor("train")
     means = encode_means(vae, x_train)
