@@ -689,3 +689,15 @@ def test_the_mmd_takes_a_seeded_subset_of_at_most_mmd_max_real_real_points(folde
     sub = fr[torch.randperm(18, generator=torch.Generator().manual_seed(0))[:17]]
     assert res["mmd2"] == pytest.approx(M.mmd_rbf(sub, fs)["mmd2"], rel=1e-9)
     assert res["mmd2"] != pytest.approx(M.mmd_rbf(fr, fs)["mmd2"], rel=1e-6)
+
+
+def test_a_distilled_set_of_one_image_is_named(folders, tmp_path):
+    """One distilled image in all: a one-line DataError naming the folder and the side (the FID's covariance
+    needs two), not gaussian_stats' error about an (N, D) array."""
+    _, real = folders
+    one = tmp_path / "one"
+    os.makedirs(one / "ant")
+    shutil.copy(os.path.join(real, "ant", sorted(os.listdir(os.path.join(real, "ant")))[0]), one / "ant" / "0.png")
+    with pytest.raises(DataError) as e:
+        M.compute_metrics(str(one), real, encoder=MeanColour(), size=8, device="cpu", k=2, progress=False)
+    assert str(e.value) == f"{one}: the FID needs at least 2 readable distilled images, found 1"

@@ -518,6 +518,9 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
         if missing:  # every image of the class unreadable (each was warned about): no metric can use it
             raise DataError(f"class {missing[0]} in {folder}: none of its {side} images could be read"
                             + (f" (nor those of {len(missing) - 1} more class(es))" if len(missing) > 1 else ""))
+    for feats, folder, side in ((fs, distilled, "distilled"), (fr, real, "real")):
+        if len(feats) < 2:  # a covariance needs two (was gaussian_stats' error, naming neither folder nor side)
+            raise DataError(f"{folder}: the FID needs at least 2 readable {side} images, found {len(feats)}")
     fid_info, fid_enc, fid_size = None, enc, size
     if fid_encoder is not None:
         fid_enc = load_net(fid_encoder, num_classes=len(classes), size=size, what="--fid-encoder")
