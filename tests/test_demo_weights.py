@@ -327,6 +327,24 @@ def test_demo_dit_drops_labels_to_the_null_class_at_the_label_dropout_rate(dropo
     assert len(seen) == 2 and float((y == T.NULL_CLASS).float().mean()) == null_share
 
 
+
+def test_demo_dit_clips_the_gradient_norm_at_grad_clip(tmp_path):
+    """--grad-clip bounds the gradient's norm before AdamW: clipped to 1e-12 (below Adam's eps) the first step
+    barely moves the weights, unclipped it moves them by about the learning rate (a dropped clip passed)."""
+    from manifoldgd_fast.demo import train as T
+
+    g = torch.Generator().manual_seed(1)
+    latents, labels = torch.randn(16, 4, 8, 8, generator=g), torch.arange(16) % 10
+    moved = {}
+    for clip in (1e-12, 1e6):
+        work = tmp_path / str(clip)
+        work.mkdir()
+        T.train_dit(_tiny(dit_steps=1, grad_clip=clip), latents, labels, str(work), save_every=100,
+                    log=lambda *a: None)
+        moved[clip] = torch.load(work / "dit.pt", weights_only=False)["model"]["proj_out_2.weight"]
+    step = float((moved[1e6] - moved[1e-12]).abs().max())   # from the same (zero) initial output layer
+    assert step > 0.1 * _tiny().dit_lr and float(moved[1e-12].abs().max()) < 1e-3 * _tiny().dit_lr
+
 def test_demo_training_ships_the_ema_with_the_latent_scaling_and_saves_where_it_stops(tmp_path, monkeypatch):
     """The transformer written is the EMA of the checkpoint (not the raw weights); the VAE's scaling_factor
     is 1 / std of the train split's posterior means under it; a run stopped by its step budget saves its
