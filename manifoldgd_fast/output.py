@@ -346,22 +346,28 @@ class OutputWriter:
 
     def sweep_temps(self, classes: Iterable[str] | None = None, files: Iterable[str] = ()) -> list[str]:
         """Remove what killed runs left in ``OUT``: unfinished class folders ``.<class>.tmp-<pid>/`` and
-        the temp files of atomic writes (``OUT``, ``OUT/latents``, ``OUT/modes``). Only safe while no
+        the temp files of atomic writes (``OUT``, ``OUT/latents``, and ``OUT/modes``' untouched for
+        :data:`STALE_TEMP_S`: the ``modes`` command takes no lock). Only safe while no
         other process writes here: call it holding the :class:`RunLock`, before this run's other ranks
         start writing. ``classes``: only those classes' leftovers (their folders and latents), and of
         ``OUT``'s own files only those named in ``files`` (an independent shard, whose lock covers just
         these). Returns the removed paths."""
         mine = None if classes is None else set(classes)
         removed = []
+        now = time.time()
         for folder in (self.out, *(os.path.join(self.out, d) for d in RESERVED_DIRS)):
             if not os.path.isdir(folder):
                 continue
+            # the `modes` command writes OUT/modes without the lock: a fresh temp there may be its write in flight
+            lockless = folder == os.path.join(self.out, MODES_DIR)
             for entry in os.listdir(folder):
                 path = os.path.join(folder, entry)
                 class_tmp = folder == self.out and entry.startswith(".") and ".tmp-" in entry and os.path.isdir(path)
                 if not (entry.startswith(TMP_PREFIX) or class_tmp):
                     continue
                 if mine is not None and not _temp_is_ours(entry, class_tmp, folder == self.out, mine, files):
+                    continue
+                if lockless and now - os.lstat(path).st_mtime < STALE_TEMP_S:
                     continue
                 shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
                 removed.append(path)

@@ -3,6 +3,7 @@ resume may reuse, atomic writes, one run per folder (its lock) and a killed run'
 import json
 import os
 import shutil
+import time
 
 import pytest
 
@@ -912,25 +913,31 @@ def test_done_marks_other_than_a_runs(tmp_path):
 
 
 def test_a_whole_run_and_a_shard_sweep_their_modes_and_odd_named_classes_temps(tmp_path):
-    """The sweep covers OUT/modes too, returns what it removed, and knows a class's leftovers by the class's whole
-    name, even one holding ".tmp-" or ".safetensors-"."""
-    from manifoldgd_fast.output import OutputWriter
+    """The sweep covers OUT/modes too (its temps untouched for STALE_TEMP_S: the `modes` command writes there
+    without the lock, and a fresh temp may be its write in flight), returns what it removed, and knows a class's
+    leftovers by the class's whole name, even one holding ".tmp-" or ".safetensors-"."""
+    from manifoldgd_fast.output import STALE_TEMP_S, OutputWriter
 
     w = OutputWriter(str(tmp_path))
     odd = ("a.tmp-b", "v.safetensors-2")
     for c in odd:
         (tmp_path / f".{c}.tmp-99").mkdir()
+    old = time.time() - STALE_TEMP_S - 60
     for sub in ("latents", "modes"):
         (tmp_path / sub).mkdir()
         for c in (*odd, "other"):
             (tmp_path / sub / f".tmp-{c}.safetensors-x1").write_bytes(b"half")
+            if sub == "modes":
+                os.utime(tmp_path / sub / f".tmp-{c}.safetensors-x1", (old, old))
+    (tmp_path / "modes" / ".tmp-a.tmp-b.safetensors-fresh").write_bytes(b"in flight")
     (tmp_path / ".other.tmp-99").mkdir()
     removed = w.sweep_temps(classes=odd)
     assert sorted(os.path.relpath(p, tmp_path) for p in removed) == sorted(
         [f".{c}.tmp-99" for c in odd] + [f"{s}/.tmp-{c}.safetensors-x1" for s in ("latents", "modes") for c in odd])
     assert sorted(removed) == sorted(set(removed))
     assert sorted(os.listdir(tmp_path)) == [".other.tmp-99", "latents", "modes"]
-    assert len(w.sweep_temps()) == 3 and sorted(os.listdir(tmp_path / "modes")) == []
+    assert len(w.sweep_temps()) == 3
+    assert sorted(os.listdir(tmp_path / "modes")) == [".tmp-a.tmp-b.safetensors-fresh"]
 
 
 def test_run_lock_says_who_holds_it_and_leaks_nothing(tmp_path):
