@@ -369,7 +369,9 @@ class OutputWriter:
                     continue
                 if lockless and now - os.lstat(path).st_mtime < STALE_TEMP_S:
                     continue
-                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
+                # (a link is unlinked: rmtree refuses one, silently with ignore_errors, and it stayed)
+                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) and not os.path.islink(path) \
+                    else os.unlink(path)
                 removed.append(path)
         return removed
 

@@ -940,6 +940,22 @@ def test_a_whole_run_and_a_shard_sweep_their_modes_and_odd_named_classes_temps(t
     assert sorted(os.listdir(tmp_path / "modes")) == [".tmp-a.tmp-b.safetensors-fresh"]
 
 
+def test_the_sweep_unlinks_a_temp_that_is_a_link_to_a_folder(tmp_path):
+    """A leftover named as a temp that is a link to a folder is unlinked, its target kept (rmtree refuses a link,
+    and with ignore_errors the link stayed while the sweep said it was removed)."""
+    from manifoldgd_fast.output import OutputWriter
+
+    out, target = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    target.mkdir()
+    (target / "keep.png").write_bytes(b"x")
+    os.symlink(target, out / ".tmp-manifest.json-x1")
+    os.symlink(target, out / ".apple.tmp-7")
+    removed = OutputWriter(str(out)).sweep_temps()
+    assert sorted(os.path.basename(p) for p in removed) == [".apple.tmp-7", ".tmp-manifest.json-x1"]
+    assert os.listdir(out) == [] and os.listdir(target) == ["keep.png"]
+
+
 def test_run_lock_says_who_holds_it_and_leaks_nothing(tmp_path):
     """Taking the lock replaces what the file said before (a longer text left its tail behind); a refusal closes
     its descriptor; leaving releases the lock."""
