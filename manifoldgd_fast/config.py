@@ -216,8 +216,9 @@ class DistillConfig:
             raise ConfigError(f"--negative-prompt must be a string, got {self.negative_prompt!r}")
         if self.class_names is not None and not isinstance(self.class_names, (str, dict)):
             raise ConfigError(f"--class-names must be a file, a mapping or 'a=apple,b=banana', got {self.class_names!r}")
-        for name in ("ridge", "r_min", "r_max"):
-            non_negative(name, allow_none=True)
+        non_negative("ridge", allow_none=True)
+        for name in ("r_min", "r_max"):  # not optional: a YAML `r_min:` (None) is refused here, not compared below
+            non_negative(name)
         for name in ("manifold_radius", "bandwidth", "kernel_bandwidth", "dpp_eps"):
             non_negative(name, allow_none=True, strict=True)
         if self.attention == "triton" and self.dit_impl != "fused":
@@ -225,7 +226,7 @@ class DistillConfig:
         if self.backbone == "sd" and self.cfg_channels == "3":
             raise ConfigError("--cfg-channels 3 is DiT's CFG on its first 3 eps channels; Stable Diffusion predicts "
                               "eps on all 4 latent channels: use --cfg-channels all (or auto)")
-        if self.cgs not in (None, True, False):
+        if self.cgs is not None and not isinstance(self.cgs, bool):  # (YAML's `cgs: 0` is no --no-cgs)
             raise ConfigError(f"--cgs must be true or false, got {self.cgs!r}")
         if self.method == "cgs" and self.cgs is False:
             raise ConfigError("--method cgs is CGS alone: it cannot run with --no-cgs")
@@ -273,6 +274,8 @@ class DistillConfig:
         check_out_dir(self.out, "--out")
         if self.cache_dir is not None:
             check_out_dir(self.cache_dir, "--cache-dir")
+        if self.modes_dir is not None and (not isinstance(self.modes_dir, (str, os.PathLike)) or not str(self.modes_dir)):
+            raise ConfigError(f"--modes-dir must be a folder path, got {self.modes_dir!r}")
         if self.modes_dir is not None and not os.path.isdir(self.modes_dir):
             raise ConfigError(f"--modes-dir {self.modes_dir}: " + ("not a folder" if os.path.exists(self.modes_dir)
                               else "no such folder") + " (write it with `manifoldgd-fast modes`: OUT/modes/)")
