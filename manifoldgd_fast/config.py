@@ -412,6 +412,10 @@ class DistillConfig:
         if unknown:
             raise ConfigError(f"{source}: unknown parameter(s) {', '.join(unknown)}")
         d = dict(d)
+        for name in FLOAT_FIELDS:  # YAML 1.1 reads `dpp_eps: 1e-3` (no dot) as a string; the flag takes it
+            v = d.get(name)
+            if isinstance(v, str) and re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+\s*", v):
+                d[name] = float(v)
         if type(d.get("cfg_channels")) is int:          # YAML's `cfg_channels: 3`, the flag's "3"
             d["cfg_channels"] = str(d["cfg_channels"])
         def folder_name(c):  # YAML reads a numbered class folder (`classes: [0, 1]`, `classes: 3`) as an int
@@ -463,6 +467,16 @@ class DistillConfig:
         else:
             import yaml
             atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=True))
+
+
+# the number fields (``float`` or ``float | None``): a value the flag reads as a float
+FLOAT_FIELDS = tuple(f.name for f in fields(DistillConfig) if str(f.type).split(" |")[0] == "float")
+
+
+def _as_floats(d: dict) -> dict:
+    """``d`` with the FLOAT_FIELDS given as ints (YAML's or the API's ``lambda_m: 1``) as floats: the flag's
+    1.0 and the same run's fingerprint."""
+    return {k: float(v) if k in FLOAT_FIELDS and type(v) is int else v for k, v in d.items()}
 
 
 LABEL_MAPS = ("auto", "imagenet1k", "sorted")
@@ -553,7 +567,7 @@ def modes_fingerprint(cfg: "DistillConfig", latent_cache: str, name: str) -> str
 
     from .latents import cache_record_digest
 
-    d = {k: getattr(cfg, k) for k in MODE_FIELDS}
+    d = _as_floats({k: getattr(cfg, k) for k in MODE_FIELDS})
     if cfg.mode_method == "gmm":  # only GMM's modes depend on it
         d["gmm_iters"] = cfg.gmm_iters
     d.update(_kmeans_medoid_rule(d))
@@ -629,7 +643,7 @@ def fingerprint_fields(cfg: "DistillConfig", entries=None) -> dict:
     """
     import hashlib
 
-    d = cfg.to_dict()
+    d = _as_floats(cfg.to_dict())
     if entries is not None:
         listing = [(e.name, e.label, e.relative_files()) for e in entries]
         d["data"] = "sha256:" + hashlib.sha256(json.dumps(listing).encode()).hexdigest()

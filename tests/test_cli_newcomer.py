@@ -524,6 +524,13 @@ def test_yaml_natural_forms_of_list_and_number_flags_are_taken(tmp_path):
                                                                                     "n01440764,7")]:
         path.write_text(text)
         assert DistillConfig.load(str(path)).validate().classes == classes, text
+    # YAML 1.1 reads a number with an exponent and no dot as a string: `--dpp-eps 1e-3` was taken, `dpp_eps: 1e-3`
+    # refused ("must be a number > 0, got '1e-3'")
+    path.write_text("dpp_eps: 1e-3\nkmeans_tol: 1E-5\nlambda_m: +2e-1\nwarm_mult: 25e-1\n")
+    cfg = DistillConfig.load(str(path)).validate()
+    assert (cfg.dpp_eps, cfg.kmeans_tol, cfg.lambda_m, cfg.warm_mult) == (1e-3, 1e-5, 0.2, 2.5)
+    path.write_text("prompt_template: 1e3 {name}\nclasses: 1e3\n")   # (a string field keeps its text)
+    assert DistillConfig.load(str(path)).validate().classes == "1e3"
 
 
 def test_an_empty_classes_flag_is_refused_not_every_class(tmp_path, image_folder, capsys):

@@ -129,6 +129,22 @@ def test_every_field_counts_in_the_fingerprints_but_the_unhashed_ones(tmp_path):
     assert modes_fingerprint(base, str(tmp_path), "banana") != mfp
 
 
+def test_a_whole_number_in_a_number_field_is_the_flags_float(tmp_path):
+    """YAML's or the API's `lambda_m: 1` is the run of `--lambda-m 1` (1.0): the same run and modes
+    fingerprints (json hashed 1 and 1.0 apart: a resume spelt the other way was refused)."""
+    import dataclasses
+
+    from manifoldgd_fast.config import FLOAT_FIELDS, DistillConfig, fingerprint, modes_fingerprint
+
+    assert {"lambda_m", "cfg_scale", "kmeans_tol", "dpp_eps", "manifold_radius"} <= set(FLOAT_FIELDS)
+    assert not {"seed", "ipc", "steps", "k", "cgs"} & set(FLOAT_FIELDS)
+    base = DistillConfig(method="manifoldgd", cgs=True, mode_method="gmm", backbone="sd")
+    for name in FLOAT_FIELDS:
+        a, b = (dataclasses.replace(base, **{name: v}) for v in (2, 2.0))
+        assert fingerprint(a) == fingerprint(b), name
+        assert modes_fingerprint(a, str(tmp_path), "apple") == modes_fingerprint(b, str(tmp_path), "apple"), name
+
+
 def test_fingerprint_counts_the_data_not_its_spelling(tiny_world, tmp_path, capsys, monkeypatch):
     """The same folder given relatively resumes; another folder with the same path string (another cwd)
     or a new class folder is another run; a resume with another batch size warns and records it."""
