@@ -535,3 +535,68 @@ def test_class_buffer_buckets_are_few_and_cover_their_rows():
     assert all(w <= _padded_width(w) <= MAX_ROWS for w in widths if w <= MAX_ROWS // PAD_ROWS * PAD_ROWS)
     assert _padded_rows(99_000) > MAX_ROWS and _padded_width(99_000) == MAX_ROWS // PAD_ROWS * PAD_ROWS
     assert _padded_width(MAX_ROWS + 1) == -(-(MAX_ROWS + 1) // PAD_ROWS) * PAD_ROWS > MAX_ROWS
+
+
+def test_graph_key_holds_the_class_buffers_and_the_cgs_sets():
+    """What a captured step bakes in that the emulated capture does not reach (the paper formulation's
+    manifold term syncs with the host on the CPU): the padded class buffers' bucket (rows: the stacked
+    latents; width: the widest class) and dtype, and the number of CGS sets in a batch of the same shape (a
+    one-set class mean was broadcast into a two-set graph's buffer). Classes within a bucket share a key."""
+    from manifoldgd_fast.cgs import CGS
+    from manifoldgd_fast.guidance import merge_paper_neighbourhoods
+
+    cfg = DistillConfig(method="manifoldgd", formulation="paper", steps=10, t_stop=5, ipc=2,
+                        guidance_noise="philox").resolve(10, "cpu")
+    sched = make_schedule(10, "ddpm")
+    x_T, y = torch.zeros(2, 4, 8, 8), torch.tensor([0, 0])
+    g = torch.Generator().manual_seed(0)
+
+    def part(n, dtype=torch.float32):
+        lat = torch.randn(n, 256, generator=g)
+        kw = paper_neighbourhoods(cfg, lat, lat[:2])
+        lat_dtype, dist_dtype = dtype if isinstance(dtype, tuple) else (dtype, dtype)
+        return dict(kw, class_latents=kw["class_latents"].to(lat_dtype), sorted_dists=kw["sorted_dists"].to(dist_dtype))
+
+    def key(*sizes, dtype=torch.float32):
+        parts = [part(n, dtype) for n in sizes]
+        kw = parts[0] if len(parts) == 1 else merge_paper_neighbourhoods(parts, [(c, 0) for c in range(2)])
+        gd = Guidance(cfg, sched, torch.randn(2, 4, 8, 8, generator=g), None, noise_seed=7, sample_ids=[0, 1], **kw)
+        return FastSampler._signature(x_T, y, None, gd, None)
+
+    assert key(40) == key(41) == key(256) != key(257)        # one class: buckets of PAD_ROWS rows
+    assert key(100, 120) == key(90, 110) != key(200, 200)     # two classes: rows 220 / 200 (256), 400 (512) ...
+    assert key(200, 200) != key(400)                          # ... and width 200 (256) / 400 (512), rows 512
+    bf16, fp32 = torch.bfloat16, torch.float32                # (latents, sorted distances)
+    assert len({key(40), key(40, dtype=(bf16, fp32)), key(40, dtype=(fp32, bf16))}) == 3
+    mean = torch.randn(2, 4, 8, 8, generator=g)
+    cgs = [FastSampler._signature(x_T, y, None, None, CGS(m, eta_dpp=1.0, eta_dm=0.1, sets=s))
+           for m, s in ((mean[0], 1), (mean, 2), (mean[1], 1))]
+    assert cgs[0] != cgs[1] and cgs[0] == cgs[2]
+
+
+def test_static_class_buffers_hold_the_batch_and_nothing_of_the_last():
+    """A bucket's static class buffers after a larger class of the same bucket: the rows and columns past this
+    class are reset (distance +inf and order 0: never inside a patch; latents 0), and each row's class size is
+    this class's, not the padded width (a stale distance put the last class's rows into this one's patch)."""
+    from manifoldgd_fast.fastloop import _load_class_buffers
+
+    cfg = DistillConfig(method="manifoldgd", formulation="paper", steps=10, t_stop=5, ipc=2,
+                        guidance_noise="philox").resolve(10, "cpu")
+    sched = make_schedule(10, "ddpm")
+    g = torch.Generator().manual_seed(0)
+
+    def guidance(n):
+        lat = torch.randn(n, 256, generator=g)
+        return Guidance(cfg, sched, lat[:2].view(2, 4, 8, 8), None, noise_seed=7, sample_ids=[0, 1],
+                        **paper_neighbourhoods(cfg, lat, lat[:2]))
+
+    big, small = guidance(200), guidance(50)
+    static = FastSampler(None)._static_guidance(big)
+    assert static.latents.shape[0] == static.order.shape[1] == 256
+    _load_class_buffers(static, small)
+    assert torch.equal(static.latents[:50], small.latents) and not static.latents[50:].any()
+    assert torch.equal(static.order[:, :50], small.order) and not static.order[:, 50:].any()
+    assert torch.equal(static.sorted_dists[:, :50], small.sorted_dists)
+    assert torch.isinf(static.sorted_dists[:, 50:]).all()
+    assert static.n_latents.tolist() == [50, 50]
+    assert [r.tolist() for r in static.radii] == [[float(r)] * 2 for r in small.radii]
