@@ -690,3 +690,79 @@ def test_devices_that_cannot_run_are_refused_in_one_line(monkeypatch, tiny_world
                  "--device", "mps"]) == 2
     assert _one_line(capsys.readouterr().err) == "manifoldgd-fast: error: --device mps: runs on cpu or cuda[:N], not on mps"
     assert not (tmp_path / "o").exists()
+
+
+CGS_ON = dict(method="cgs")
+
+
+@pytest.mark.parametrize("kw", [
+    dict(warm_steps=0), dict(level=0), dict(formulation="paper", level=0), dict(max_depth=0), dict(encode_workers=0),
+    dict(method="dit", t_stop=0), dict(method="dit", t_stop=50), dict(image_size=8), dict(output_size=8),
+    dict(output_size=4096), dict(seed=0), dict(warm_mult=1.0), dict(formulation="paper", r_min=0.0, r_max=1.0),
+    dict(r_min=0.5, r_max=0.5), dict(d=11), dict(formulation="paper", d=9), dict(k=300, cloud_size=300),
+    dict(k=12, k_min=12), dict(sampler="ddim", ddim_eta=1.0), dict(CGS_ON, ipc=10, eta_dm=10.0),
+    dict(CGS_ON, dpp_eps=1e-5), dict(CGS_ON, ipc=1, eta_dpp=0.0, eta_dm=0.1), dict(cfg_scale=0.0),
+], ids=str)
+def test_parameter_bounds_take_their_edge(kw, tmp_path):
+    """Each bound takes its edge value (SPEC's ranges: no warm-up, the paper's root level, d = k - 1, ...)."""
+    from manifoldgd_fast.config import DistillConfig
+
+    DistillConfig(out=str(tmp_path / "o"), **kw).validate()
+
+
+@pytest.mark.parametrize("kw,says", [
+    (dict(warm_steps=-1), "--warm-steps"), (dict(level=-1), "--level"), (dict(encode_workers=-1), "--encode-workers"),
+    (dict(image_size=7), "--image-size"), (dict(output_size=7), "--output-size"), (dict(output_size=4097), "--output-size"),
+    (dict(seed=-1), "--seed"), (dict(k=1, d=1), "--k must be an integer >= 2"), (dict(warm_mult=0.99), "--warm-mult"), (dict(warm_mult=float("nan")), "--warm-mult"),
+    (dict(formulation="paper", r_max=1.01), "--r-max"), (dict(r_min=0.6, r_max=0.5), "--r-min"), (dict(d=12), "--d"),
+    (dict(k=301, cloud_size=300), "--k must be <= --cloud-size"), (dict(k=12, k_min=11), "--k-min"),
+    (dict(method="dit", t_stop=51), "--t-stop"), (dict(sampler="ddim", ddim_eta=1.01), "--ddim-eta"),
+    (dict(CGS_ON, ipc=10, eta_dm=10.5), "--eta-dm"), (dict(CGS_ON, dpp_eps=0.99e-5), "--dpp-eps"),
+    (dict(CGS_ON, ipc=1, eta_dm=0.0), "CGS at --ipc 1"), (dict(CGS_ON, eta_dpp=0.0, eta_dm=0.0), "CGS with --eta-dpp 0"),
+    (dict(cfg_scale=-1.0), "--cfg-scale"), (dict(manifold_radius=0.0), "--manifold-radius"),
+    (dict(bandwidth=0.0), "--bandwidth"), (dict(kernel_bandwidth=0.0), "--kernel-bandwidth"),
+    (dict(neighbourhood_dtype="float64"), "--neighbourhood-dtype"), (dict(attention="triton"), "--attention"),
+    (dict(compile="default", loop="reference"), "--compile"),
+    (dict(loop="fast", guidance_noise="generator"), "--loop fast"), (dict(ipc=True), "--ipc"),
+    (dict(backbone="sd", cfg_channels="3"), "--cfg-channels"), (dict(CGS_ON, cgs_steps="some"), "--cgs-steps"),
+], ids=str)
+def test_parameter_bounds_refuse_past_their_edge(kw, says, tmp_path):
+    """One step past each bound (or a value another setting rules out) is refused by a ConfigError that begins
+    with the flag."""
+    from manifoldgd_fast.config import DistillConfig
+    from manifoldgd_fast.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        DistillConfig(out=str(tmp_path / "o"), **kw).validate()
+    assert str(e.value).startswith(says), str(e.value)
+
+
+def test_defaults_are_the_specs():
+    """SPEC's defaults, as given and as resolved for an ImageNette-sized run (10 classes) and an ImageNet-100 one,
+    under both formulations (a changed default passed every test that sets the parameter itself)."""
+    from manifoldgd_fast.config import DistillConfig
+
+    c = DistillConfig()
+    assert (c.method, c.formulation, c.steps, c.ipc, c.seed, c.dtype) == ("manifoldgd", "official", 50, 10, 0, "float32")
+    assert (c.lambda_m, c.kernel, c.d, c.lambda_n, c.manifold_scale) == (0.1, "rbf", 3, 1.0, 0.1)
+    assert (c.radius_schedule, c.radius_a, c.radius_units, c.r_min, c.r_max) == ("exponential", 5.0, "quantile", 0.2, 0.9)
+    assert (c.cloud_size, c.warm_steps, c.warm_mult, c.warm_schedule) == (300, 5, 2.0, "exp")
+    assert (c.bisect_inits, c.kmeans_iters, c.kmeans_tol, c.min_leaf, c.linkage) == (10, 300, 1e-4, 2, "ward")
+    assert (c.ddim_eta, c.eta_dpp, c.eta_dm, c.dpp_eps, c.cgs_steps) == (0.0, 1.0, 0.1, 1e-3, "all")
+    want = {  # (formulation, classes): k, ridge, k_min, level, manifold_radius, bandwidth, cfg_channels, mode_point
+        ("official", 10): (12, 1e-5, 24, 6, 0.05, 0.2, "3", "medoid"),
+        ("official", 11): (12, 1e-5, 24, 1, 0.1, 0.1, "3", "medoid"),
+        ("paper", 10): (10, 1e-4, 20, 3, 0.05, 0.2, "all", "mean"),
+        ("paper", 100): (10, 1e-4, 20, 2, 0.1, 0.1, "all", "mean"),
+    }
+    for (formulation, n), values in want.items():
+        r = DistillConfig(formulation=formulation).resolve(n, "cpu")
+        got = (r.k, r.ridge, r.k_min, r.level, r.manifold_radius, r.bandwidth, r.cfg_channels, r.mode_point)
+        assert got == values, (formulation, n, got)
+        assert (r.cfg_scale, r.sampler, r.t_stop, r.mode_method, r.kernel_bandwidth) == (4.0, "ddpm", 25, "divisive", None)
+        assert (r.cgs, r.guidance_noise, r.backbone) == (False, "generator", "dit")
+    assert DistillConfig(method="mgd3").resolve(10, "cpu").mode_method == "kmeans"
+    assert DistillConfig(loop="fast").resolve(10, "cpu").guidance_noise == "philox"   # pre-drawn in the fast loop
+    assert DistillConfig(ipc=10, batch_size=16).resolve(5, "cpu").class_batch == 1
+    assert DistillConfig(ipc=2, batch_size=16).resolve(5, "cpu").class_batch == 5
+    assert DistillConfig(ipc=50, batch_size=16).resolve(5, "cpu").class_batch == 1

@@ -688,6 +688,24 @@ def test_a_shard_sweeps_only_its_own_temps_whatever_their_length(tmp_path, monke
     assert os.listdir(tmp_path / "top") == [".tmp-manifest.json.bak-x1"]
 
 
+def test_options_at_their_defaults_leave_the_fingerprint_as_before_they_existed():
+    """A run with every later option at its default (and prompts under DiT, no GMM, no CGS) hashes none of them,
+    so that a run made before they existed resumes; set, each counts. Unresolved (the API's fingerprint of a
+    DistillConfig) as resolved: cgs None with --method manifoldgd is no CGS, its step sizes count for nothing."""
+    from manifoldgd_fast.config import DistillConfig, fingerprint, fingerprint_fields
+
+    later = {"compile", "attention", "dit_impl", "time_embedding", "neighbourhood_dtype", "backbone",
+             "prompt_template", "negative_prompt", "class_names", "output_size", "gmm_iters", "cgs_steps",
+             "kmeans_medoid"}
+    for cfg in (DistillConfig(), DistillConfig().resolve(3, "cpu")):
+        assert not later & set(fingerprint_fields(cfg)), later & set(fingerprint_fields(cfg))
+    assert fingerprint(DistillConfig(eta_dm=0.5, eta_dpp=2.0)) == fingerprint(DistillConfig())
+    given = dict(compile="default", attention="math", dit_impl="fused", time_embedding="original",
+                 neighbourhood_dtype="bfloat16", output_size=64)
+    for name, value in given.items():
+        assert fingerprint_fields(DistillConfig(**{name: value}))[name] == value, name
+
+
 # ---------------------------------------------------------------------------- found by an audit (2026-12-07)
 def test_an_atomic_write_to_a_name_that_is_not_utf8(tmp_path):
     """A path given on the command line (`profile --json`) may hold bytes that are not UTF-8
