@@ -458,7 +458,8 @@ class DistillConfig:
             d = {}
         if not isinstance(d, dict):
             raise ConfigError(f"--config {path}: must hold a mapping of parameter: value")
-        return cls.from_dict({k.replace("-", "_"): v for k, v in d.items()}, source=path)
+        # (str: YAML's `1: x` or `yes: x` key is no parameter, named as one, not an AttributeError)
+        return cls.from_dict({str(k).replace("-", "_"): v for k, v in d.items()}, source=path)
 
     def save(self, path: str) -> None:
         from .output import atomic_write_text

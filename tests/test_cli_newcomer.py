@@ -497,7 +497,8 @@ def test_out_of_memory_is_one_line_with_the_way_out(error, says, monkeypatch, ca
     (b"r_min: null\n", "--r-min must be a number >= 0, got None"),
     (b"r_max:\n", "--r-max must be a number >= 0, got None"),
     (b"modes_dir: 1.5\n", "--modes-dir must be a folder path, got 1.5"),          # (a TypeError traceback)
-    (b"method: cgs\ncgs: 0\n", "--cgs must be true or false, got 0"),  # 0 == False, but not `is`: CGS ran
+    (b"method: cgs\ncgs: 0\n", "--cgs must be true or false, got 0"),
+    (b"ipc: 1\n2: 3\n", "unknown parameter(s) 2"),       # a key YAML reads as a number: an AttributeError  # 0 == False, but not `is`: CGS ran
 ])
 def test_config_values_of_the_wrong_kind_are_one_line(text, says, tmp_path, image_folder, capsys):
     path = tmp_path / "run.yaml"
