@@ -706,6 +706,30 @@ def test_options_at_their_defaults_leave_the_fingerprint_as_before_they_existed(
         assert fingerprint_fields(DistillConfig(**{name: value}))[name] == value, name
 
 
+def test_map_files_count_by_their_contents_and_local_models_by_their_real_path(tmp_path, monkeypatch):
+    """An edited --label-map (or --class-names) file under the same path is another run, the same map elsewhere
+    the same run; a local --model / --vae given relatively, through a link, or absolutely is one run."""
+    from manifoldgd_fast.config import DistillConfig, fingerprint
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text('{"apple": 1}')
+    b.write_text('{"apple": 1}')
+    for field, extra in (("label_map", {}), ("class_names", {"backbone": "sd"})):
+        fp_a = fingerprint(DistillConfig(**{field: str(a)}, **extra))
+        assert fingerprint(DistillConfig(**{field: str(b)}, **extra)) == fp_a, field
+        b.write_text('{"apple": 2}')
+        assert fingerprint(DistillConfig(**{field: str(b)}, **extra)) != fp_a, field
+        b.write_text('{"apple": 1}')
+    (tmp_path / "models" / "dit").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "models")
+    monkeypatch.chdir(tmp_path)
+    for field in ("model", "vae"):
+        fps = {fingerprint(DistillConfig(**{field: p})) for p in ("models/dit", str(tmp_path / "models" / "dit"),
+                                                                   "link/dit", "./models/../models/dit")}
+        assert len(fps) == 1, field
+        assert fingerprint(DistillConfig(**{field: "models"})) not in fps
+
+
 # ---------------------------------------------------------------------------- found by an audit (2026-12-07)
 def test_an_atomic_write_to_a_name_that_is_not_utf8(tmp_path):
     """A path given on the command line (`profile --json`) may hold bytes that are not UTF-8
