@@ -592,7 +592,12 @@ def parse_shard(spec) -> tuple[int, int]:
     if m is None or not int(m.group(1)) < int(m.group(2)):
         raise ConfigError(f"--shard {spec!r}: expected K/N with 0 <= K < N, e.g. 0/8 "
                           "(in a Slurm job array: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)")
+    if int(m.group(2)) > MAX_SHARDS:  # (the shard lock's file name holds N: 300 digits is past 255 bytes)
+        raise ConfigError(f"--shard {spec!r}: N is at most {MAX_SHARDS}")
     return int(m.group(1)), int(m.group(2))
+
+
+MAX_SHARDS = 1_000_000
 
 
 def fingerprint(cfg: "DistillConfig", entries=None) -> str:

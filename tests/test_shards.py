@@ -148,6 +148,11 @@ def test_bad_shard_specs_are_one_line(tiny_world, tmp_path, capsys, monkeypatch)
         with pytest.raises(ConfigError, match=r"^--shard .*: expected K/N with 0 <= K < N"):
             parse_shard(spec)
     assert parse_shard(" 1 / 2 ") == (1, 2) and parse_shard("0/1") == (0, 1)
+    big = "1" + "0" * 300                                             # (its lock file's name was past 255 bytes)
+    for spec in (f"0/{big}", "0/1000001"):
+        with pytest.raises(ConfigError, match=r"^--shard .*: N is at most 1000000$"):
+            parse_shard(spec)
+    assert parse_shard("999999/1000000") == (999999, 1000000)
     last = _bad(tiny_world, tmp_path, ["profile", "--data", tiny_world["data"], "--model", tiny_world["model"],
                                        "--shard", "0/2"], capsys)
     assert "--shard 0/2: profile runs its first classes in one process" in last, last
