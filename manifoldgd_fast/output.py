@@ -9,6 +9,7 @@ through temp + ``os.replace``. One run at a time writes into ``OUT``
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -53,6 +54,16 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+def _umask_mode(target, mode: int) -> None:
+    """chmod ``target`` (a path or a descriptor) to ``mode`` less the umask; a file system that keeps no modes
+    (some CIFS / FUSE mounts refuse chmod: EPERM, ENOTSUP) leaves the file as it made it, and the write goes on."""
+    try:
+        (os.fchmod if isinstance(target, int) else os.chmod)(target, mode & ~_UMASK)
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder + rename."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -67,9 +78,9 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     except OSError as e:  # named by the file asked for, not by the temp's random name
         raise type(e)(e.errno, e.strerror, path) from None
     try:
-        if hasattr(os, "fchmod"):  # mkstemp makes 0600 files: give the usual umask's mode, as open() would
-            os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as f:  # (first: the descriptor is closed whatever fails next)
+            if hasattr(os, "fchmod"):  # mkstemp makes 0600 files: give the usual umask's mode, as open() would
+                _umask_mode(f.fileno(), 0o666)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -134,10 +145,12 @@ def write_folder_atomically(dest: str, fill: Callable[[str], Any]) -> str:
     tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
     try:
         fill(tmp)
-        for dirpath, _, filenames in os.walk(tmp):
-            os.chmod(dirpath, 0o777 & ~_UMASK)
+        for dirpath, _, filenames in os.walk(tmp):  # (os.walk does not enter linked folders)
+            _umask_mode(dirpath, 0o777)
             for f in filenames:
-                os.chmod(os.path.join(dirpath, f), 0o666 & ~_UMASK)
+                if os.path.islink(os.path.join(dirpath, f)):  # a link fill made: not its target's mode to set
+                    continue
+                _umask_mode(os.path.join(dirpath, f), 0o666)
                 with open(os.path.join(dirpath, f), "rb") as fh:  # renamed into place only once on disk
                     os.fsync(fh.fileno())
         old = None

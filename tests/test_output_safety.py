@@ -1062,3 +1062,48 @@ def test_png_settings_are_fixed():
     png = encode_png(img)
     at = png.index(b"IDAT")
     assert png[at + 4:at + 6] == b"\x78\x9c"
+
+
+def test_a_file_system_that_refuses_chmod_still_takes_atomic_writes(tmp_path, monkeypatch):
+    """Some CIFS / FUSE mounts refuse chmod (EPERM, ENOTSUP): the write goes on with the mode the file system
+    gave (the whole write failed, and atomic_write_bytes leaked its descriptor). Another error still stops it,
+    named by the file asked for, with no temp and no descriptor left."""
+    import errno
+
+    from manifoldgd_fast.output import atomic_write_bytes, write_folder_atomically
+
+    def refuse(code):
+        def chmod(*a, **k):
+            raise OSError(code, os.strerror(code))
+        monkeypatch.setattr(os, "fchmod", chmod)
+        monkeypatch.setattr(os, "chmod", chmod)
+
+    for code in (errno.EPERM, errno.ENOTSUP):
+        refuse(code)
+        atomic_write_bytes(str(tmp_path / "a.json"), b"{}")
+        write_folder_atomically(str(tmp_path / "f"), lambda t: open(os.path.join(t, "w.bin"), "wb").write(b"w"))
+        assert (tmp_path / "a.json").read_bytes() == b"{}" and (tmp_path / "f" / "w.bin").read_bytes() == b"w"
+    refuse(errno.EIO)
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError, match=r"Input/output error: '.*b\.json'"):
+        atomic_write_bytes(str(tmp_path / "b.json"), b"{}")
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert sorted(os.listdir(tmp_path)) == ["a.json", "f"]
+
+
+def test_write_folder_atomically_leaves_the_mode_of_a_links_target(tmp_path):
+    """A link the fill makes is not chmodded: chmod follows it, and gave the target (outside the folder) the
+    umask's mode."""
+    from manifoldgd_fast.output import write_folder_atomically
+
+    target = tmp_path / "secret.bin"
+    target.write_bytes(b"s")
+    os.chmod(target, 0o600)
+
+    def fill(t):
+        (open(os.path.join(t, "w.bin"), "wb")).close()
+        os.symlink(target, os.path.join(t, "link.bin"))
+
+    write_folder_atomically(str(tmp_path / "f"), fill)
+    assert os.stat(target).st_mode & 0o777 == 0o600
+    assert os.readlink(tmp_path / "f" / "link.bin") == str(target)
