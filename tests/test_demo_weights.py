@@ -461,19 +461,22 @@ def test_compare_random_set_holds_ipc_seeded_train_images_a_class(tmp_path):
         assert got == [(tmp_path / "b" / c / f).read_bytes() for f in files]
 
 
-def test_compare_reuses_an_evaluation_only_of_the_same_epochs_and_seeds(tmp_path, monkeypatch):
+def test_compare_reuses_an_eval_json_only_of_the_same_evaluation(tmp_path, monkeypatch):
+    """A rerun takes a folder's eval.json where it holds this evaluation: its val set, convnet6, epochs and seeds.
+    One of another val set was taken as is; one without convnet6, or damaged, was a KeyError / JSON traceback."""
     import json
 
     from manifoldgd_fast.demo import compare
     from manifoldgd_fast.eval import protocol
 
     calls = []
-    monkeypatch.setattr(protocol, "evaluate", lambda folder, val, **kw: calls.append(kw) or {"fresh": True})
-    folder = tmp_path / "set"
-    folder.mkdir()
-    saved = {"epochs": 5, "seeds": [0, 1, 2], "nets": {}}
-    (folder / "eval.json").write_text(json.dumps(saved))
-    assert compare._evaluate(str(folder), "val", seeds=3, epochs=5) == saved and calls == []
-    assert compare._evaluate(str(folder), "val", seeds=2, epochs=5) == {"fresh": True}
-    assert compare._evaluate(str(folder), "val", seeds=3, epochs=6) == {"fresh": True}
-    assert [(c["seeds"], c["epochs"]) for c in calls] == [(2, 5), (3, 6)]
+    monkeypatch.setattr(protocol, "evaluate", lambda folder, val, **k: calls.append(val) or {"fresh": val})
+    val = str(tmp_path / "val")
+    good = {"epochs": 5, "seeds": [0, 1], "real_val": os.path.abspath(val), "nets": {"convnet6": {}}}
+    for saved, reused in ((good, True), ({**good, "real_val": "/elsewhere"}, False), ({**good, "nets": {}}, False),
+                          ({**good, "epochs": 6}, False), ({**good, "seeds": [0]}, False), ([good], False),
+                          ("{not json", False)):
+        (tmp_path / "eval.json").write_text(saved if isinstance(saved, str) else json.dumps(saved))
+        calls.clear()
+        res = compare._evaluate(str(tmp_path), val, seeds=2, epochs=5)
+        assert (res == good and not calls) if reused else (res == {"fresh": val} and calls == [val]), saved

@@ -18,6 +18,7 @@ plus the whole real train split as the ceiling. Writes ``OUT/results.json``,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -78,11 +79,13 @@ def _evaluate(folder: str, val: str, seeds: int, epochs: int) -> dict:
     from ..eval.protocol import evaluate
 
     path = os.path.join(folder, "eval.json")
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            res = json.load(f)
-        if res.get("epochs") == epochs and len(res.get("seeds", [])) == seeds:
-            return res
+    if os.path.isfile(path):  # a rerun's: taken where it is this evaluation (its val set, net, epochs, seeds)
+        with contextlib.suppress(OSError, ValueError):
+            with open(path, encoding="utf-8") as f:
+                res = json.load(f)
+            if (isinstance(res, dict) and res.get("epochs") == epochs and len(res.get("seeds", [])) == seeds
+                    and res.get("real_val") == os.path.abspath(val) and "convnet6" in res.get("nets", {})):
+                return res
     return evaluate(folder, val, nets=("convnet6",), seeds=seeds, epochs=epochs, progress=False)
 
 
