@@ -151,6 +151,13 @@ class DistillConfig:
     extra: dict = field(default_factory=dict)  # free-form notes stored in the manifest
 
     # ------------------------------------------------------------------------
+    def __post_init__(self):
+        # a whole number in a number field (YAML's or the API's `lambda_m: 1`) is the flag's float (1.0): one run,
+        # one fingerprint, one manifest (json hashed 1 and 1.0 apart: a resume spelt the other way was refused)
+        for name in FLOAT_FIELDS:
+            if type(getattr(self, name)) is int:
+                setattr(self, name, float(getattr(self, name)))
+
     def validate(self) -> "DistillConfig":
         """Check every parameter; raise ConfigError naming the first bad one."""
         def choice(name, allowed):
@@ -474,12 +481,6 @@ class DistillConfig:
 FLOAT_FIELDS = tuple(f.name for f in fields(DistillConfig) if str(f.type).split(" |")[0] == "float")
 
 
-def _as_floats(d: dict) -> dict:
-    """``d`` with the FLOAT_FIELDS given as ints (YAML's or the API's ``lambda_m: 1``) as floats: the flag's
-    1.0 and the same run's fingerprint."""
-    return {k: float(v) if k in FLOAT_FIELDS and type(v) is int else v for k, v in d.items()}
-
-
 LABEL_MAPS = ("auto", "imagenet1k", "sorted")
 MAX_OUTPUT_SIZE = 4096  # px a side: far above any model's resolution, below a resize that cannot fit in memory
 
@@ -568,7 +569,7 @@ def modes_fingerprint(cfg: "DistillConfig", latent_cache: str, name: str) -> str
 
     from .latents import cache_record_digest
 
-    d = _as_floats({k: getattr(cfg, k) for k in MODE_FIELDS})
+    d = {k: getattr(cfg, k) for k in MODE_FIELDS}
     if cfg.mode_method == "gmm":  # only GMM's modes depend on it
         d["gmm_iters"] = cfg.gmm_iters
     d.update(_kmeans_medoid_rule(d))
@@ -649,7 +650,7 @@ def fingerprint_fields(cfg: "DistillConfig", entries=None) -> dict:
     """
     import hashlib
 
-    d = _as_floats(cfg.to_dict())
+    d = cfg.to_dict()
     if entries is not None:
         listing = [(e.name, e.label, e.relative_files()) for e in entries]
         d["data"] = "sha256:" + hashlib.sha256(json.dumps(listing).encode()).hexdigest()
