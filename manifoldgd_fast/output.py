@@ -93,6 +93,15 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         raise
 
 
+def _remove_entry(path: str, ignore_errors: bool = False) -> None:
+    """Remove ``path``: a folder with what it holds; a file or a link (to a folder too: rmtree refuses one,
+    silently with ``ignore_errors``) unlinked, its target kept."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=ignore_errors)
+    else:
+        os.unlink(path)
+
+
 STALE_TEMP_S = 3600  # a temp file or folder untouched this long was left by a killed process, not being written
 
 
@@ -113,7 +122,7 @@ def sweep_stale_temps(folder: str, prefixes: tuple[str, ...] = (TMP_PREFIX,), ol
         try:
             if now - os.lstat(path).st_mtime < older_than:
                 continue
-            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+            _remove_entry(path)
         except OSError:
             continue  # gone meanwhile (another sweep), or not ours to remove
         removed.append(path)
@@ -257,10 +266,8 @@ class OutputWriter:
         if os.path.lexists(final):  # is_done said no: not a class folder this tool finished, so not ours to delete
             raise DataError(f"{final} exists but is not a finished class of a run (no {DONE_MARK}); move it away "
                             "or use a new --out")
-        if os.path.isdir(tmp) and not os.path.islink(tmp):
-            shutil.rmtree(tmp)
-        elif os.path.lexists(tmp):  # a file (or link) by this process's temp name: not a class folder we made
-            os.unlink(tmp)
+        if os.path.lexists(tmp):  # a killed attempt of this process's (or a file / link by its temp name)
+            _remove_entry(tmp)
         os.makedirs(tmp)
         try:
             record = dict(info, files={})   # the done mark also lists what was written, which a resume checks
@@ -382,9 +389,7 @@ class OutputWriter:
                     continue
                 if lockless and now - os.lstat(path).st_mtime < STALE_TEMP_S:
                     continue
-                # (a link is unlinked: rmtree refuses one, silently with ignore_errors, and it stayed)
-                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) and not os.path.islink(path) \
-                    else os.unlink(path)
+                _remove_entry(path, ignore_errors=True)
                 removed.append(path)
         return removed
 
