@@ -64,8 +64,24 @@ def _umask_mode(target, mode: int) -> None:
             raise
 
 
+def fsync_folder(folder: str) -> None:
+    """Flush ``folder``'s entries (a rename into it) to disk: without it a power cut after the rename
+    can lose the file's new name, or give back its old contents. Best effort: a file system that
+    cannot sync a folder (some network and FUSE mounts refuse) is left as it is."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder + rename."""
+    """Write ``data`` to ``path`` via a temp file in the same folder + rename (both on disk once it returns)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     # the target's name in the temp's: an independent shard can tell (and sweep) its own classes' leftovers
@@ -85,6 +101,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_folder(folder)
     except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -174,6 +191,7 @@ def write_folder_atomically(dest: str, fill: Callable[[str], Any]) -> str:
                     os.replace(os.path.join(old, name), dest)
                     shutil.rmtree(old, ignore_errors=True)
             raise
+        fsync_folder(parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
@@ -290,6 +308,7 @@ class OutputWriter:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, final)
+            fsync_folder(self.out)
         except BaseException as e:  # e.g. a full disk: no half-written class left to fill it further
             shutil.rmtree(tmp, ignore_errors=True)
             # named by the class folder asked for, not by the temp's (a failed write() names no file at all)

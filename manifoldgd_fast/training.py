@@ -144,7 +144,16 @@ def ema_decay_at(decay: float, step: int) -> float:
 
 
 def save_checkpoint(obj, path: str) -> None:
-    """torch.save via a temp file + rename: a kill never leaves a half-written checkpoint."""
+    """torch.save via a temp file + rename: a kill (or a power cut) never leaves a half-written checkpoint.
+
+    Streamed to the file (a fine-tune's optimiser state is gigabytes: no copy in memory), under one temp
+    name that the next save overwrites, so a killed save leaves no file that nothing would remove."""
+    from .output import fsync_folder
+
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_folder(os.path.dirname(os.path.abspath(path)))

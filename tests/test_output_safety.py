@@ -214,7 +214,8 @@ def test_every_file_is_on_disk_before_it_is_renamed_into_place(tmp_path, monkeyp
     real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename
 
     def fsync(fd):
-        synced.add(os.fstat(fd).st_ino)
+        if not os.path.isdir(f"/proc/self/fd/{fd}"):   # (the folders' own fsyncs: the next test)
+            synced.add(os.fstat(fd).st_ino)
         real_fsync(fd)
 
     def check(src):
@@ -245,6 +246,83 @@ def test_every_file_is_on_disk_before_it_is_renamed_into_place(tmp_path, monkeyp
     output.write_folder_atomically(str(tmp_path / "model"), fill)
     assert unsynced == []
     assert len(synced) == 1 + (2 + 1 + 1) + 2     # the file; 2 PNGs, the done mark, the latents; the model's 2
+
+
+def test_every_rename_into_place_is_followed_by_its_folders_fsync(tmp_path, monkeypatch):
+    """A rename is on disk only once its folder is fsynced: without it a power cut after a finished write can
+    bring back the old file (an old manifest beside new classes) or lose a finished class's name. Each
+    atomic write (a file, a class folder, a model folder, a training checkpoint) syncs the folder it renamed
+    into, after the rename; a file system that refuses a folder's fsync (EINVAL: some FUSE mounts) is no error."""
+    import errno
+
+    import numpy as np
+    import torch
+
+    from manifoldgd_fast import output
+    from manifoldgd_fast.training import save_checkpoint
+
+    events = []
+    real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename
+
+    def fsync(fd):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            events.append(("synced", os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    def moved(real):
+        def move(src, dst):
+            real(src, dst)
+            events.append(("renamed", os.stat(os.path.dirname(os.path.abspath(dst))).st_ino))
+        return move
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", moved(real_replace))
+    monkeypatch.setattr(os, "rename", moved(real_rename))
+    output.atomic_write_bytes(str(tmp_path / "m.json"), b"{}")
+    output.OutputWriter(str(tmp_path / "out")).write_class(
+        "c", np.zeros((2, 4, 4, 3), np.uint8), torch.zeros(2, 4, 1, 1), {"n": 2})
+    # (each write in a folder of its own: a later write's sync of the same folder would hide a missing one)
+    output.write_folder_atomically(str(tmp_path / "models" / "model"),
+                                   lambda d: open(os.path.join(d, "w.bin"), "wb").close())
+    (tmp_path / "work").mkdir()
+    save_checkpoint({"step": 1}, str(tmp_path / "work" / "ck.pt"))
+    renames = [i for i, (what, _) in enumerate(events) if what == "renamed"]
+    assert len(renames) == 5     # m.json, the latents file, the class folder, the model folder, the checkpoint
+    for i in renames:
+        assert ("synced", events[i][1]) in events[i + 1:], f"rename {i} of {events}: its folder never synced after"
+
+    def refuses(fd):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", refuses)
+    output.atomic_write_bytes(str(tmp_path / "m.json"), b"[]")
+    assert (tmp_path / "m.json").read_bytes() == b"[]"
+
+
+def test_a_checkpoint_save_is_on_disk_before_its_rename_and_overwrites_a_killed_saves_temp(tmp_path, monkeypatch):
+    """A training checkpoint (the fine-tune's and the eval nets', the demo's) is streamed to one temp name that
+    the next save overwrites (a killed save of a multi-GB fine-tune leaves no file that nothing would remove),
+    and fsynced before it replaces the last good checkpoint (a power cut could leave an empty one)."""
+    import torch
+
+    from manifoldgd_fast.training import save_checkpoint
+
+    path = tmp_path / "checkpoint.pt"
+    (tmp_path / "checkpoint.pt.tmp").write_bytes(b"a killed save's half")
+    synced, real_fsync, real_replace = set(), os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.add(os.fstat(fd).st_ino), real_fsync(fd)))
+
+    def replace(src, dst):
+        assert os.stat(src).st_ino in synced, f"{src} renamed before its fsync"
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    save_checkpoint({"step": 3, "w": torch.arange(4.0)}, str(path))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]
+    state = torch.load(path, weights_only=True)
+    assert state["step"] == 3 and torch.equal(state["w"], torch.arange(4.0))
 
 
 def test_a_failed_atomic_write_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch):
@@ -852,7 +930,8 @@ def test_what_is_fsynced_is_the_whole_file(tmp_path, monkeypatch):
 
     def fsync(fd):
         st = os.fstat(fd)
-        seen[st.st_ino] = st.st_size
+        if not os.path.isdir(f"/proc/self/fd/{fd}"):   # (the folders' fsyncs after their renames)
+            seen[st.st_ino] = st.st_size
         real(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
