@@ -77,11 +77,9 @@ def write_sums(folder: str, metadata: dict[str, Any] | None = None) -> dict[str,
         "files": {rel: sha256_file(os.path.join(folder, rel)) for rel in model_files(folder)},
         "training": metadata or {},
     }
-    tmp = os.path.join(folder, SUMS_NAME + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(sums, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, os.path.join(folder, SUMS_NAME))
+    from .output import atomic_write_text  # (output imports this module)
+
+    atomic_write_text(os.path.join(folder, SUMS_NAME), json.dumps(sums, indent=1, sort_keys=True) + "\n")
     return sums
 
 

@@ -269,6 +269,23 @@ def test_train_command_names_a_work_folder_that_is_a_file(tmp_path, monkeypatch,
     assert err.startswith(f"python -m manifoldgd_fast.demo.train: error: {work}: ") and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("held", ['{"seed": 0, "vae_st', "[1, 2]", b"\xff\xfe"])
+def test_train_names_a_work_folders_damaged_settings_in_one_line(held, tmp_path, monkeypatch):
+    """settings.json cut by a kill (it is written atomically now: older versions wrote it in place), not an object,
+    or not text: was a JSONDecodeError / AttributeError / UnicodeDecodeError traceback before any work."""
+    from manifoldgd_fast.demo import train as T
+
+    monkeypatch.setattr(T, "train_vae", lambda *a, **k: pytest.fail("training started"))
+    work = tmp_path / "w"
+    work.mkdir()
+    settings = work / "settings.json"
+    settings.write_bytes(held.encode() if isinstance(held, str) else held)
+    with pytest.raises(ConfigError, match=f"--work {work}: cannot read {settings} ") as e:
+        T.train(T.Settings(), str(work), str(tmp_path / "o"))
+    assert "\n" not in str(e.value)
+    assert settings.read_bytes() == (held.encode() if isinstance(held, str) else held)   # left for the user
+
+
 def test_demo_training_draws_follow_seed_phase_and_step():
     """Each step's noise comes from a generator of (seed, phase, step): --seed, the phase and the step each
     change it (a generator ignoring --seed gave every seed the same weights), and it repeats exactly."""

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 
 from ..cli import at_least_one
 from ..errors import ConfigError, ManifoldGDError, ModelError
-from ..output import to_uint8_images, write_folder_atomically
+from ..output import atomic_write_text, to_uint8_images, write_folder_atomically
 from ..shipped import shipped_model_dir, write_sums
 from ..training import (Diffusion, disable_internal_label_dropout, ema_decay_at, ema_update, hybrid_loss,
                         save_checkpoint)
@@ -379,15 +379,19 @@ def write_model(out: str, vae, dit, metadata: dict) -> str:
 def _load_settings(work: str, s: Settings) -> None:
     path = os.path.join(work, "settings.json")
     if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f)
+            if not isinstance(old, dict):
+                raise ValueError("not a JSON object of settings")
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ConfigError(f"--work {work}: cannot read {path} ({e}); use another --work folder or delete it") from None
         if old != asdict(s):
             diff = sorted(k for k in set(old) | set(asdict(s)) if old.get(k) != asdict(s).get(k))
             raise ConfigError(f"--work {work} holds a run with other settings ({', '.join(diff)}); "
                               "use another --work folder or delete it")
     else:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(asdict(s), f, indent=1, sort_keys=True)
+        atomic_write_text(path, json.dumps(asdict(s), indent=1, sort_keys=True))  # a killed write: no half file
 
 
 def train(s: Settings, work: str, out: str, save_every: int = 250, check_per_class: int = 20,
