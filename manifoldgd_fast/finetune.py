@@ -26,7 +26,7 @@ import torch
 
 from .config import DistillConfig, check_out_dir, derive_seed
 from .errors import ConfigError
-from .output import atomic_write_text
+from .output import RunLock, atomic_write_text
 from .training import EMA_WARMUP
 
 FINETUNE_RECORD = "finetune.json"
@@ -68,102 +68,105 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
         raise ConfigError("--dtype float16: finetune trains under bfloat16 autocast or in float32, without the "
                           "loss scaling float16 would need; use --dtype bfloat16 or float32")
     check_finetune_out(out, data, model)
-    cfg = DistillConfig(data=data, model=model, vae=vae, device=device, dtype=dtype, cache_dir=cache_dir,
-                        classes=classes, label_map=label_map, ipc=1)
+    # one fine-tune at a time in OUT: two would resume the same checkpoint and write its one temp together
+    with RunLock(out, what="another finetune"):
+        cfg = DistillConfig(data=data, model=model, vae=vae, device=device, dtype=dtype, cache_dir=cache_dir,
+                            classes=classes, label_map=label_map, ipc=1)
 
-    def trainable(pre: dict) -> None:  # refused before the latent cache is filled (hours on ImageNet)
-        if pre["backbone"] == "sd" or not pre["dit_info"]["learned_sigma"]:
-            raise ConfigError(f"--model {model}: finetune trains DiTs with learned sigma (out_channels = 2 x in)")
+        def trainable(pre: dict) -> None:  # refused before the latent cache is filled (hours on ImageNet)
+            if pre["backbone"] == "sd" or not pre["dit_info"]["learned_sigma"]:
+                raise ConfigError(f"--model {model}: finetune trains DiTs with learned sigma (out_channels = 2 x in)")
 
-    ctx = prepare(cfg, before_cache=trainable)
-    dev, info = ctx["device"], ctx["dit_info"]
-    # the training set: every class's latents, held as fp16 on the host
-    zs, ys = [], []
-    for e in ctx["entries"]:
-        z, _ = load_class_latents(ctx["cache"], e.name)
-        zs.append(z.half())
-        ys.append(torch.full((z.shape[0],), e.label, dtype=torch.long))
-    Z, Y = torch.cat(zs), torch.cat(ys)
+        ctx = prepare(cfg, before_cache=trainable)
+        dev, info = ctx["device"], ctx["dit_info"]
+        # the training set: every class's latents, held as fp16 on the host
+        zs, ys = [], []
+        for e in ctx["entries"]:
+            z, _ = load_class_latents(ctx["cache"], e.name)
+            zs.append(z.half())
+            ys.append(torch.full((z.shape[0],), e.label, dtype=torch.long))
+        Z, Y = torch.cat(zs), torch.cat(ys)
 
-    net = ctx["model"].float().train()
-    disable_internal_label_dropout(net)
-    ema = copy.deepcopy(net).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
-    os.makedirs(out, exist_ok=True)
-    work = os.path.join(out, CHECKPOINT)
-    step = 0
-    if os.path.isfile(work):
-        try:
-            state = torch.load(work, map_location=dev, weights_only=True)   # tensors, numbers and strings only
-            if not isinstance(state, dict) or not {"model", "ema", "opt", "step", "settings"} <= set(state):
-                raise ValueError("not a finetune checkpoint")
-        except Exception as e:  # truncated (a full disk), foreign
-            raise ConfigError(f"{work} is damaged ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}); "
-                              "delete it to start the fine-tune over") from None
-        now = _settings(locals())
-        was = {k: _as_path(v) if k in PATH_SETTINGS else v for k, v in state["settings"].items()}
-        if was != now:
-            keys = [k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
-            said = "; ".join(f"{k} {was.get(k)!r} then, {now.get(k)!r} now" for k in keys[:3])
-            raise ConfigError(f"{out} holds a fine-tune with other settings ({said}{'; ...' if len(keys) > 3 else ''})"
-                              "; use a new --out")
-        net.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        step = state["step"]
-        log(f"finetune: resuming at step {step}/{steps}")
-    settings = _settings(locals())
-    d = Diffusion()
-    for k, v in list(vars(d).items()):
-        if isinstance(v, torch.Tensor):
-            setattr(d, k, v.to(dev))
-    amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
-    amp_dtype = amp_dtype if dev.type == "cuda" else None  # --dtype is CUDA's autocast; the CPU trains in float32
-    ran, t0 = 0, time.perf_counter()
-    finite = torch.ones((), dtype=torch.bool, device=dev)
-    while step < steps:
-        g = torch.Generator().manual_seed(derive_seed(seed, "finetune", step))
-        idx = torch.randint(len(Z), (batch_size,), generator=g)
-        x0, y = Z[idx].float().to(dev), Y[idx].to(dev)
-        t = torch.randint(0, d.T, (batch_size,), generator=g).to(dev)
-        noise = torch.randn(x0.shape, generator=g).to(dev)
-        drop = (torch.rand(batch_size, generator=g) < label_dropout).to(dev)
-        y = torch.where(drop, torch.full_like(y, info["null_class"]), y)
-        amp = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-        with amp:
-            loss, mse, vb, l1 = rsm_loss(net, d, x0, y, t, noise, rsm_lambda)
-        finite = finite & torch.isfinite(loss)   # on the device: checked where weights are written
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip > 0:  # 0 means no clipping (a max norm of 0 would zero every gradient)
-            torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
-        opt.step()
-        step += 1
-        ran += 1
-        ema_update(ema, net, ema_decay_at(ema_decay, step))  # warmed up: see training.ema_decay_at
-        if step % 50 == 0 or step == steps:
-            log(f"finetune step {step}/{steps}  mse {mse.mean().item():.4f}  vb {vb.mean().item():.4f}  "
-                f"l1 {l1.mean().item():.4f}  {time.perf_counter() - t0:.0f}s")
-        stop = stop_after is not None and ran >= stop_after
-        if step % save_every == 0 or step == steps or stop:
-            _check_finite(finite, ema, step, work)  # never a diverged model over the last good checkpoint
-            save_checkpoint({"model": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                          "step": step, "settings": settings}, work)
-        if stop and step < steps:
-            return out
-    # the record goes first and comes back last: a kill in between leaves weights without a record (which
-    # --model refuses as an unfinished fine-tune), never another fine-tune's record over these weights
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(os.path.join(out, FINETUNE_RECORD))
-    save_pretrained_folder(ema, os.path.join(out, "transformer"))
-    save_pretrained_folder(ctx["vae"], os.path.join(out, "vae"))
-    # what the folder was trained with: `distill --model OUT` records it in its manifest
-    atomic_write_text(os.path.join(out, FINETUNE_RECORD),
-                      json.dumps({"tool": "manifoldgd-fast finetune", "step": step, **settings,
-                                  # what the last call's steps really ran in (dtype is the flag, CUDA's autocast)
-                                  "precision": f"{dtype} autocast" if amp_dtype else "float32",
-                                  "time_embedding": info.get("time_embedding", "diffusers")}, sort_keys=True, indent=1))
-    return out
+        net = ctx["model"].float().train()
+        disable_internal_label_dropout(net)
+        ema = copy.deepcopy(net).requires_grad_(False).eval()
+        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
+        os.makedirs(out, exist_ok=True)
+        work = os.path.join(out, CHECKPOINT)
+        step = 0
+        if os.path.isfile(work):
+            try:
+                state = torch.load(work, map_location=dev, weights_only=True)   # tensors, numbers and strings only
+                if not isinstance(state, dict) or not {"model", "ema", "opt", "step", "settings"} <= set(state):
+                    raise ValueError("not a finetune checkpoint")
+            except Exception as e:  # truncated (a full disk), foreign
+                why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+                raise ConfigError(f"{work} is damaged ({why}); delete it to start the fine-tune over") from None
+            now = _settings(locals())
+            was = {k: _as_path(v) if k in PATH_SETTINGS else v for k, v in state["settings"].items()}
+            if was != now:
+                keys = [k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+                said = "; ".join(f"{k} {was.get(k)!r} then, {now.get(k)!r} now" for k in keys[:3])
+                more = "; ..." if len(keys) > 3 else ""
+                raise ConfigError(f"{out} holds a fine-tune with other settings ({said}{more}); use a new --out")
+            net.load_state_dict(state["model"])
+            ema.load_state_dict(state["ema"])
+            opt.load_state_dict(state["opt"])
+            step = state["step"]
+            log(f"finetune: resuming at step {step}/{steps}")
+        settings = _settings(locals())
+        d = Diffusion()
+        for k, v in list(vars(d).items()):
+            if isinstance(v, torch.Tensor):
+                setattr(d, k, v.to(dev))
+        amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+        amp_dtype = amp_dtype if dev.type == "cuda" else None  # --dtype is CUDA's autocast; the CPU trains in float32
+        ran, t0 = 0, time.perf_counter()
+        finite = torch.ones((), dtype=torch.bool, device=dev)
+        while step < steps:
+            g = torch.Generator().manual_seed(derive_seed(seed, "finetune", step))
+            idx = torch.randint(len(Z), (batch_size,), generator=g)
+            x0, y = Z[idx].float().to(dev), Y[idx].to(dev)
+            t = torch.randint(0, d.T, (batch_size,), generator=g).to(dev)
+            noise = torch.randn(x0.shape, generator=g).to(dev)
+            drop = (torch.rand(batch_size, generator=g) < label_dropout).to(dev)
+            y = torch.where(drop, torch.full_like(y, info["null_class"]), y)
+            amp = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+            with amp:
+                loss, mse, vb, l1 = rsm_loss(net, d, x0, y, t, noise, rsm_lambda)
+            finite = finite & torch.isfinite(loss)   # on the device: checked where weights are written
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip > 0:  # 0 means no clipping (a max norm of 0 would zero every gradient)
+                torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+            opt.step()
+            step += 1
+            ran += 1
+            ema_update(ema, net, ema_decay_at(ema_decay, step))  # warmed up: see training.ema_decay_at
+            if step % 50 == 0 or step == steps:
+                log(f"finetune step {step}/{steps}  mse {mse.mean().item():.4f}  vb {vb.mean().item():.4f}  "
+                    f"l1 {l1.mean().item():.4f}  {time.perf_counter() - t0:.0f}s")
+            stop = stop_after is not None and ran >= stop_after
+            if step % save_every == 0 or step == steps or stop:
+                _check_finite(finite, ema, step, work)  # never a diverged model over the last good checkpoint
+                save_checkpoint({"model": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                              "step": step, "settings": settings}, work)
+            if stop and step < steps:
+                return out
+        # the record goes first and comes back last: a kill in between leaves weights without a record (which
+        # --model refuses as an unfinished fine-tune), never another fine-tune's record over these weights
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(out, FINETUNE_RECORD))
+        save_pretrained_folder(ema, os.path.join(out, "transformer"))
+        save_pretrained_folder(ctx["vae"], os.path.join(out, "vae"))
+        # what the folder was trained with: `distill --model OUT` records it in its manifest
+        atomic_write_text(os.path.join(out, FINETUNE_RECORD),
+                          json.dumps({"tool": "manifoldgd-fast finetune", "step": step, **settings,
+                                      # what the last call's steps really ran in (dtype is the flag, CUDA's autocast)
+                                      "precision": f"{dtype} autocast" if amp_dtype else "float32",
+                                      "time_embedding": info.get("time_embedding", "diffusers")},
+                                     sort_keys=True, indent=1))
+        return out
 
 
 def _check_finite(finite: torch.Tensor, ema, step: int, work: str) -> None:

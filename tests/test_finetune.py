@@ -321,8 +321,11 @@ def test_a_kill_while_a_checkpoint_is_written_keeps_the_last_one(tiny_world, tmp
 
     def torn(obj, f, *a, **k):
         if isinstance(obj, dict) and obj.get("step") == 4:
-            with open(f, "wb") as fh:
-                fh.write(b"PK\x03\x04 torn")
+            if hasattr(f, "write"):     # (save_checkpoint streams into its temp file)
+                f.write(b"PK\x03\x04 torn")
+            else:
+                with open(f, "wb") as fh:
+                    fh.write(b"PK\x03\x04 torn")
             raise KeyboardInterrupt
         return real(obj, f, *a, **k)
 
@@ -362,3 +365,23 @@ def test_the_optimiser_sees_gradients_clipped_to_grad_clip(tiny_world, tmp_path,
     norms[:] = []
     finetune(out=str(tmp_path / "loose"), grad_clip=100 * max(free), **kw)
     assert norms[0] == pytest.approx(free[0], rel=1e-6)
+
+
+def test_a_second_finetune_into_the_same_out_is_refused_while_one_runs(tiny_world, tmp_path, monkeypatch):
+    """Two fine-tunes of one --out resumed the same checkpoint and wrote its one temp file together (a torn
+    checkpoint): the second now stops with one line naming the first, before it reads anything, and the
+    first's files are untouched."""
+    from manifoldgd_fast.errors import DataError
+    from manifoldgd_fast.output import RunLock
+
+    out = tmp_path / "b"
+    kw = _kw(tiny_world, steps=2, batch_size=2, save_every=1)
+    finetune(out=str(out), stop_after=1, **kw)
+    before = (out / "checkpoint.pt").read_bytes()
+    from manifoldgd_fast import pipeline
+
+    monkeypatch.setattr(pipeline, "prepare", lambda *a, **k: pytest.fail("the second finetune started"))
+    with RunLock(str(out), what="another finetune"):
+        with pytest.raises(DataError, match=f"--out {out} is being written by another finetune \\(pid {os.getpid()}"):
+            finetune(out=str(out), **kw)
+    assert (out / "checkpoint.pt").read_bytes() == before
