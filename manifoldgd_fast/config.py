@@ -157,6 +157,15 @@ class DistillConfig:
         for name in FLOAT_FIELDS:
             if type(getattr(self, name)) is int:
                 setattr(self, name, float(getattr(self, name)))
+        # the API's pathlib.Path model / torch.device: the flag's string (its manifest, fingerprint and loaders')
+        for name in ("model", "vae"):
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
+        if not isinstance(self.device, str):
+            import torch
+
+            if isinstance(self.device, torch.device):
+                self.device = str(self.device)
 
     def validate(self) -> "DistillConfig":
         """Check every parameter; raise ConfigError naming the first bad one."""
@@ -178,6 +187,12 @@ class DistillConfig:
         ]:
             choice(name, allowed)
         check_label_map(self.label_map)
+        for name in ("model", "vae"):  # (a number or a list reached the loaders: a TypeError traceback)
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v.strip()):
+                raise ConfigError(f"--{name} must be a model folder, a checkpoint file or a hub id, got {v!r}")
+        if not isinstance(self.device, str) or not self.device.strip():
+            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
         def positive_int(name, allow_none=False, minimum=1):
             v = getattr(self, name)

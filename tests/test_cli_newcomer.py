@@ -498,6 +498,8 @@ def test_out_of_memory_is_one_line_with_the_way_out(error, says, monkeypatch, ca
     (b"r_max:\n", "--r-max must be a number >= 0, got None"),
     (b"modes_dir: 1.5\n", "--modes-dir must be a folder path, got 1.5"),          # (a TypeError traceback)
     (b"method: cgs\ncgs: 0\n", "--cgs must be true or false, got 0"),
+    (b"vae: 5\n", "--vae must be a model folder, a checkpoint file or a hub id, got 5"),   # (refused at load only)
+    (b"device: 0\n", "--device must be auto, cpu, cuda or cuda:N, got 0"),       # (was taken: torch's cuda:0)
     (b"ipc: 1\n2: 3\n", "unknown parameter(s) 2"),       # a key YAML reads as a number: an AttributeError  # 0 == False, but not `is`: CGS ran
 ])
 def test_config_values_of_the_wrong_kind_are_one_line(text, says, tmp_path, image_folder, capsys):
@@ -510,6 +512,23 @@ def test_config_values_of_the_wrong_kind_are_one_line(text, says, tmp_path, imag
     line = _one_line(capsys.readouterr().err)
     assert line.endswith(says), line
     assert not (tmp_path / "o").exists()
+
+
+def test_the_apis_path_model_and_torch_device_are_the_flags_strings(tmp_path):
+    """DistillConfig(model=Path(...), device=torch.device("cpu")): the strings the flags give, so that the
+    manifest, the fingerprint and a resume spelt with the flags see one run."""
+    import pathlib
+
+    import torch
+
+    from manifoldgd_fast.config import DistillConfig, fingerprint
+
+    kw = dict(data=str(tmp_path), out=str(tmp_path / "o"), ipc=1)
+    api = DistillConfig(model=pathlib.Path(tmp_path / "m"), vae=pathlib.Path(tmp_path / "v"),
+                        device=torch.device("cpu"), **kw).validate()
+    flags = DistillConfig(model=str(tmp_path / "m"), vae=str(tmp_path / "v"), device="cpu", **kw).validate()
+    assert (api.model, api.vae, api.device) == (flags.model, flags.vae, flags.device)
+    assert fingerprint(api) == fingerprint(flags) and api.to_dict() == flags.to_dict()
 
 
 def test_yaml_natural_forms_of_list_and_number_flags_are_taken(tmp_path):
