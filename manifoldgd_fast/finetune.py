@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from .config import DistillConfig, check_out_dir, derive_seed
+from .config import DistillConfig, check_out_dir, derive_seed, fields_digest
 from .errors import ConfigError
 from .output import RunLock, atomic_write_text
 from .training import EMA_WARMUP
@@ -94,6 +94,10 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
         os.makedirs(out, exist_ok=True)
         work = os.path.join(out, CHECKPOINT)
         step = 0
+        # what a resume must find again; the training set (each class folder, its label, its image files) too: an
+        # edited --classes or --label-map file, or images added to --data, would resume on another set
+        settings = {**_settings(locals()), "training_set": fields_digest(
+            [(e.name, e.label, e.relative_files()) for e in ctx["entries"]])}
         if os.path.isfile(work):
             try:
                 state = torch.load(work, map_location=dev, weights_only=True)   # tensors, numbers and strings only
@@ -102,11 +106,14 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
             except Exception as e:  # truncated (a full disk), foreign
                 why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
                 raise ConfigError(f"{work} is damaged ({why}); delete it to start the fine-tune over") from None
-            now = _settings(locals())
             was = {k: _as_path(v) if k in PATH_SETTINGS else v for k, v in state["settings"].items()}
-            if was != now:
-                keys = [k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
-                said = "; ".join(f"{k} {was.get(k)!r} then, {now.get(k)!r} now" for k in keys[:3])
+            # with the training set recorded, how --classes / --label-map were spelt (a file or a list) is not
+            # compared; a checkpoint written before it was recorded is compared as it was then
+            skip = {"classes", "label_map"} if "training_set" in was else {"training_set"}
+            keys = [k for k in sorted((set(was) | set(settings)) - skip) if was.get(k) != settings.get(k)]
+            if keys:
+                said = "; ".join("the training set (class folders, labels or image files)" if k == "training_set"
+                                 else f"{k} {was.get(k)!r} then, {settings.get(k)!r} now" for k in keys[:3])
                 more = "; ..." if len(keys) > 3 else ""
                 raise ConfigError(f"{out} holds a fine-tune with other settings ({said}{more}); use a new --out")
             net.load_state_dict(state["model"])
@@ -114,7 +121,6 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
             opt.load_state_dict(state["opt"])
             step = state["step"]
             log(f"finetune: resuming at step {step}/{steps}")
-        settings = _settings(locals())
         d = Diffusion()
         for k, v in list(vars(d).items()):
             if isinstance(v, torch.Tensor):

@@ -307,8 +307,54 @@ def test_a_resume_with_any_other_setting_that_changes_the_weights_is_refused(tin
     finetune(out=str(tmp_path / "a"), stop_after=1, **_kw(tiny_world, steps=3, batch_size=2))
     kw = _kw(tiny_world, steps=3, batch_size=2)
     kw[key] = value
-    with pytest.raises(ConfigError, match=rf"holds a fine-tune with other settings \({key} "):
+    said = "the training set (class folders, labels or image files)" if key == "classes" else f"{key} "
+    with pytest.raises(ConfigError, match=rf"holds a fine-tune with other settings \({re.escape(said)}"):
         finetune(out=str(tmp_path / "a"), **kw)
+
+
+def test_a_resume_checks_the_training_set_not_how_its_classes_were_spelt(tiny_world, tmp_path):
+    """The checkpoint records the training set (each class folder, its label, its image files): an edited
+    --classes or --label-map file under the same name, or an image added to --data, resumed silently on another
+    set; the same classes given as a file or as a list resume (the spelling was compared: refused)."""
+    import torch
+
+    classes = tmp_path / "classes.txt"
+    classes.write_text("apple\nbanana\n")
+    out = str(tmp_path / "a")
+    finetune(out=out, stop_after=1, **_kw(tiny_world, steps=3, batch_size=2, classes=str(classes)))
+    classes.write_text("apple\ncherry\n")                                          # edited under the same name
+    with pytest.raises(ConfigError, match=r"other settings \(the training set \(class folders, labels or image"):
+        finetune(out=out, **_kw(tiny_world, steps=3, batch_size=2, classes=str(classes)))
+    cmap = tmp_path / "map.json"
+    cmap.write_text(json.dumps({"apple": 1, "banana": 0}))
+    with pytest.raises(ConfigError, match=r"other settings \(the training set"):            # other labels
+        finetune(out=out, **_kw(tiny_world, steps=3, batch_size=2, classes="apple,banana", label_map=str(cmap)))
+    extra = os.path.join(tiny_world["data"], "apple", "zz_added.png")
+    shutil.copy(os.path.join(tiny_world["data"], "apple", sorted(os.listdir(os.path.join(tiny_world["data"],
+                                                                                          "apple")))[0]), extra)
+    try:
+        with pytest.raises(ConfigError, match=r"other settings \(the training set"):       # an image added
+            finetune(out=out, **_kw(tiny_world, steps=3, batch_size=2, classes="apple,banana"))
+    finally:
+        os.unlink(extra)
+    assert finetune(out=out, **_kw(tiny_world, steps=3, batch_size=2, classes="apple,banana")) == out   # the list
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["step"] == 3
+    assert json.loads(open(os.path.join(out, "finetune.json")).read())["training_set"]
+
+
+def test_a_checkpoint_from_before_the_training_set_was_recorded_resumes_as_it_did(tiny_world, tmp_path):
+    """Checkpoints written before the training set was recorded compare --classes as they did (a fine-tune in
+    flight across an upgrade resumes with the same flags; another --classes is still refused)."""
+    import torch
+
+    out = tmp_path / "a"
+    finetune(out=str(out), stop_after=1, **_kw(tiny_world, steps=3, batch_size=2))
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    del state["settings"]["training_set"]
+    torch.save(state, out / "checkpoint.pt")
+    with pytest.raises(ConfigError, match=r"other settings \(classes None then, 'apple,banana' now\)"):
+        finetune(out=str(out), **_kw(tiny_world, steps=3, batch_size=2, classes="apple,banana"))
+    assert finetune(out=str(out), **_kw(tiny_world, steps=3, batch_size=2)) == str(out)
 
 
 def test_a_kill_while_a_checkpoint_is_written_keeps_the_last_one(tiny_world, tmp_path, monkeypatch):
