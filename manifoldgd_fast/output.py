@@ -246,6 +246,20 @@ def class_done(out: str, name: str) -> bool:
     return os.path.isfile(os.path.join(out, name, DONE_MARK))
 
 
+def done_record(out: str, name: str) -> tuple[dict[str, Any] | None, str | None]:
+    """Class ``name``'s done mark in ``out`` as write_class wrote it: (record, None), or (None, what is wrong
+    with it: "cannot be read (<error>)", no mark there included, or "is not the record a run writes")."""
+    try:
+        with open(os.path.join(out, name, DONE_MARK), encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: JSON's, and bytes that are not UTF-8
+        return None, f"cannot be read ({type(e).__name__})"
+    files = info.get("files") if isinstance(info, dict) else None
+    if not isinstance(info, dict) or not isinstance(files, (dict, type(None))):
+        return None, "is not the record a run writes"
+    return info, None
+
+
 class OutputWriter:
     """Owns ``OUT/``: which classes are finished, and writing one atomically."""
 
@@ -318,29 +332,23 @@ class OutputWriter:
             raise
 
     def read_class_info(self, name: str) -> dict[str, Any]:
-        """A finished class's stats, as its done mark keeps them (without its files' digests)."""
-        with open(os.path.join(self.class_dir(name), DONE_MARK), encoding="utf-8") as f:
-            info = json.load(f)
-        if not isinstance(info, dict):
-            raise DataError(f"{os.path.join(self.class_dir(name), DONE_MARK)} is damaged (not a JSON object)")
-        for key in ("files", "latents_sha256", DATA_STAMPS):
-            info.pop(key, None)
-        return info
+        """A finished class's stats, as its done mark keeps them (without its files' digests); DataError naming
+        the mark where it cannot be read."""
+        info, why = done_record(self.out, name)
+        if why:
+            raise DataError(f"{os.path.join(self.class_dir(name), DONE_MARK)} {why}; delete {self.class_dir(name)} "
+                            "and rerun to distill it again")
+        return {k: v for k, v in info.items() if k not in ("files", "latents_sha256", DATA_STAMPS)}
 
     def damaged(self, name: str) -> str | None:
         """What is wrong with finished class ``name`` (None: nothing): its done mark unreadable, or an image or
         its latents file missing, changed (sha256) or added since the run wrote them. A class finished before
         the done mark listed its files (no ``files``) is not compared."""
         folder = self.class_dir(name)
-        mark = os.path.join(folder, DONE_MARK)
-        try:
-            with open(mark, encoding="utf-8") as f:
-                info = json.load(f)
-        except (OSError, ValueError) as e:
-            return f"its {DONE_MARK} cannot be read ({type(e).__name__})"
-        files = info.get("files") if isinstance(info, dict) else None
-        if not isinstance(info, dict) or not isinstance(files, (dict, type(None))):
-            return f"its {DONE_MARK} is not the record a run writes"
+        info, why = done_record(self.out, name)
+        if why:
+            return f"its {DONE_MARK} {why}"
+        files = info.get("files")
         if files is None:
             return None
 

@@ -33,8 +33,8 @@ from .errors import ConfigError, DataError
 from . import classrun
 from .classrun import (_check_class, _prefetched_group, _receive, check_decoded, class_modes, distill_group,
                        load_modes, modes_file, read_modes)
-from .output import (CONTACT_SHEET, DATA_STAMPS, DONE_MARK, LOCK_NAME, MANIFEST, MANIFEST_LOCK, MODES_DIR, RESERVED_DIRS,
-                     OutputWriter, RunLock, atomic_write_bytes, class_done, lock_is_held, resize_images,
+from .output import (CONTACT_SHEET, DATA_STAMPS, LOCK_NAME, MANIFEST, MANIFEST_LOCK, MODES_DIR, RESERVED_DIRS,
+                     OutputWriter, RunLock, atomic_write_bytes, class_done, done_record, lock_is_held, resize_images,
                      sweep_stale_temps)
 from .finetune import read_finetune_record
 
@@ -607,7 +607,7 @@ def _refuse_other_run(out: str, identity: dict, weights: dict, entries=None) -> 
     from .latents import file_stamps, stamps_digest
 
     for e in entries or ():
-        info = _done_record(out, e.name)
+        info = done_record(os.path.abspath(out), e.name)[0] or {}  # (none, or damaged: check_finished's to say)
         if info.get("fingerprint") not in (None, fp):  # (classes made before it was recorded: not compared)
             raise ConfigError(f"--out {out}: class {e.name} was made by a run with other settings (fingerprint "
                               f"{info['fingerprint']}, this run {fp}); use a new --out")
@@ -629,16 +629,6 @@ def _refuse_other_weights(who: str, was: dict | None, weights: dict) -> None:
         raise ConfigError(f"{who} made with other {' and '.join(what[k] for k in other)} "
                           f"(sha256 {', '.join(str(was[k]) for k in other)}; now "
                           f"{', '.join(weights[k] for k in other)}); use a new --out")
-
-
-def _done_record(out: str, name: str) -> dict:
-    """A finished class's done mark (its stats), or {} (not finished, or a mark that cannot be read)."""
-    try:
-        with open(os.path.join(os.path.abspath(out), name, DONE_MARK), encoding="utf-8") as f:
-            info = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return info if isinstance(info, dict) else {}
 
 
 def _read_manifest(path: str) -> dict | None:

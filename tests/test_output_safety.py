@@ -1045,7 +1045,10 @@ def test_done_marks_other_than_a_runs(tmp_path):
     mark.write_text(json.dumps({"files": ["0.png"]}))
     assert w.damaged("c") == f"its {DONE_MARK} is not the record a run writes"
     mark.write_text("[]")
-    with pytest.raises(DataError, match=r"c/\.complete is damaged \(not a JSON object\)"):
+    with pytest.raises(DataError, match=r"c/\.complete is not the record a run writes; delete .*/c and rerun"):
+        w.read_class_info("c")
+    mark.write_bytes(b"\xff{")                     # was a UnicodeDecodeError traceback
+    with pytest.raises(DataError, match=r"c/\.complete cannot be read \(UnicodeDecodeError\); delete"):
         w.read_class_info("c")
 
 
