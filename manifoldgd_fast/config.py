@@ -683,6 +683,8 @@ def fingerprint_fields(cfg: "DistillConfig", entries=None) -> dict:
             d.pop(k, None)
     if d.get("output_size") is None:
         d.pop("output_size", None)
+    if d.get("method") != "manifoldgd" or d.get("formulation") != "paper":  # only the paper's patch rows are held
+        d.pop("neighbourhood_dtype", None)                                  # in it: elsewhere it changes nothing
     if d.get("mode_method") != "gmm":  # counts only where GMM finds the modes
         d.pop("gmm_iters", None)
     if d.get("method") != "manifoldgd":  # no cloud or patch noise is drawn, so a resume on another device (auto:

@@ -99,7 +99,8 @@ def test_every_field_counts_in_the_fingerprints_but_the_unhashed_ones(tmp_path):
     """Changing any DistillConfig field changes the run fingerprint (a resume with it is refused), except
     UNHASHED_FIELDS (where things go, rounding only), which change nothing; each MODE_FIELDS entry (and
     gmm_iters under GMM) changes the modes fingerprint (precomputed modes of other settings are not taken).
-    On a base where the conditionally hashed fields count: ManifoldGD + CGS, GMM modes, the SD backbone."""
+    On a base where the conditionally hashed fields count: ManifoldGD's paper formulation + CGS, GMM modes, the
+    SD backbone."""
     import dataclasses
 
     from manifoldgd_fast.config import MODE_FIELDS, UNHASHED_FIELDS, DistillConfig, fingerprint, modes_fingerprint
@@ -107,7 +108,7 @@ def test_every_field_counts_in_the_fingerprints_but_the_unhashed_ones(tmp_path):
     # a field is left out on purpose only: where the output goes, and what changes only the rounding
     assert set(UNHASHED_FIELDS) == {"out", "cache_dir", "device", "batch_size", "encode_batch_size", "encode_workers",
                                     "contact_sheet", "extra", "backend", "modes_dir", "loop", "class_batch", "shard"}
-    base = DistillConfig(method="manifoldgd", cgs=True, mode_method="gmm", backbone="sd")
+    base = DistillConfig(method="manifoldgd", formulation="paper", cgs=True, mode_method="gmm", backbone="sd")
     fp = fingerprint(base)
     for f in dataclasses.fields(DistillConfig):
         other = dataclasses.replace(base, **{f.name: _another(getattr(base, f.name))})
@@ -781,7 +782,12 @@ def test_options_at_their_defaults_leave_the_fingerprint_as_before_they_existed(
     given = dict(compile="default", attention="math", dit_impl="fused", time_embedding="original",
                  neighbourhood_dtype="bfloat16", output_size=64)
     for name, value in given.items():
-        assert fingerprint_fields(DistillConfig(**{name: value}))[name] == value, name
+        paper = {"formulation": "paper"} if name == "neighbourhood_dtype" else {}
+        assert fingerprint_fields(DistillConfig(**{name: value}, **paper))[name] == value, name
+    # the patch rows' dtype is the paper formulation's alone: under the official one, MGD3 or CGS a resume with
+    # another --neighbourhood-dtype is the same run (it was refused)
+    for other in ({}, {"method": "mgd3", "formulation": "paper"}, {"method": "cgs", "formulation": "paper"}):
+        assert fingerprint(DistillConfig(neighbourhood_dtype="bfloat16", **other)) == fingerprint(DistillConfig(**other))
 
 
 def test_map_files_count_by_their_contents_and_local_models_by_their_real_path(tmp_path, monkeypatch):
