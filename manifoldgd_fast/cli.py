@@ -355,7 +355,11 @@ def _signals_as_interrupt():
 def console() -> None:
     """The ``manifoldgd-fast`` script: :func:`main`, and after a stop by Ctrl-C or SIGTERM the exit with
     both ignored (a second one during the interpreter's shutdown printed a traceback from an atexit hook).
-    A Ctrl-C before the command starts (the parser imports torch, a second or more) has nothing to clean up."""
+    A Ctrl-C before the command starts (the parser imports torch, a second or more) has nothing to clean up.
+    A path that is not UTF-8 (its bytes come as surrogates from argv) prints on stdout as on stderr, ``\\udcff``:
+    stdout's strict encoding (a UTF-8 locale other than C's) raised UnicodeEncodeError after the run was done."""
+    if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         code = main()
     except KeyboardInterrupt:

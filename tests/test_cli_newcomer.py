@@ -451,6 +451,25 @@ def test_ctrl_c_before_the_command_starts_is_one_line(monkeypatch, capsys):
         "manifoldgd-fast: interrupted before the command started; nothing was written"
 
 
+def test_a_path_that_is_not_utf8_prints_on_a_strict_stdout(monkeypatch):
+    """A folder named by bytes that are not UTF-8 (argv gives them as surrogates) in the summary line: the
+    script prints it as stderr does (\\udcff) on a stdout whose encoding is strict (a UTF-8 locale other than
+    C's); it raised UnicodeEncodeError, a traceback and exit 1, after the run was done."""
+    import io
+
+    from manifoldgd_fast import cli
+
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(cli, "main", lambda: print("distilled 1 class into /data/o\udcff") or 0)
+    with pytest.raises(SystemExit) as e:
+        cli.console()
+    out.flush()
+    assert e.value.code == 0
+    assert raw.getvalue() == b"distilled 1 class into /data/o\\udcff\n"
+
+
 @pytest.mark.parametrize("error, says", [
     (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
                   "tried to allocate 40000000000000 bytes. Error code 12 (Cannot allocate memory)"),
