@@ -75,6 +75,8 @@ def _devkit_files(path: str, flag: str) -> tuple[bytes, bytes]:
     import tarfile
 
     names = ("meta.mat", DEVKIT_TRUTH)
+    if not os.path.exists(path):  # (a mistyped ground-truth path was "not an ILSVRC-2012 devkit (no data/meta.mat ...")
+        raise ConfigError(f"{flag} {path}: no such file or folder")
     if path.lower().endswith(DEVKIT_ARCHIVES):
         size = os.path.getsize(path) if os.path.isfile(path) else 0
         if size > DEVKIT_MAX_BYTES:  # reading every header of a 6 GB image archive would take minutes

@@ -138,6 +138,19 @@ def test_ilsvrc_devkit_errors_are_one_line(folders, tmp_path, capsys, monkeypatc
         read_image_labels(str(plain))
 
 
+def test_a_mistyped_devkit_path_says_it_does_not_exist(tmp_path):
+    """A ground-truth file or devkit archive that is not there: "no such file or folder", the path named (a
+    missing ILSVRC2012_validation_ground_truth.txt was "not an ILSVRC-2012 devkit (no data/meta.mat ...)", as if
+    the file had the wrong content)."""
+    from manifoldgd_fast.image_labels import read_image_labels
+
+    for path in [tmp_path / "ILSVRC2012_devkit_t12" / "data" / "ILSVRC2012_validation_ground_truth.txt",
+                 tmp_path / "ILSVRC2012_devkit_t12.tar.gz"]:
+        with pytest.raises(ConfigError) as e:
+            read_image_labels(str(path))
+        assert str(e.value) == f"--val-labels {path}: no such file or folder"
+
+
 @pytest.mark.parametrize("fmt", ["kaggle", "lines"])
 def test_flat_validation_folder_with_labels_is_the_class_folder_run(folders, tmp_path, fmt):
     """--val-labels: a flat folder of the same validation images (renamed) and a label file in either format
