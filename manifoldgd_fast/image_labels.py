@@ -163,8 +163,9 @@ def scan_labelled_folder(root: str, labels_path: str, *, flag: str = "--val-labe
     if unlabelled:
         raise DataError(f"{root}: {len(unlabelled)} of its {len(files)} images have no label in {labels_path} "
                         f"(e.g. {', '.join(unlabelled[:3])})")
-    if len(labels) > len(files):
-        log.warning("%s labels %d images; %s holds %d of them", labels_path, len(labels), root, len(files))
+    held = {os.path.splitext(f)[0] for f in files}  # (v.jpg and v.png are one labelled image's two files)
+    if len(labels) > len(held):
+        log.warning("%s labels %d images; %s holds %d of them", labels_path, len(labels), root, len(held))
     by_class: dict[str, list[str]] = {}
     for f in files:
         by_class.setdefault(labels[os.path.splitext(f)[0]], []).append(os.path.join(root, f))

@@ -151,6 +151,35 @@ def test_a_mistyped_devkit_path_says_it_does_not_exist(tmp_path):
         assert str(e.value) == f"--val-labels {path}: no such file or folder"
 
 
+def test_labelled_images_missing_from_the_folder_are_counted_in_a_warning(tmp_path, caplog):
+    """A partial copy of the validation set: the images it holds are scanned, and a warning counts the labelled
+    images the folder holds, by name (two files of one name, v1.png and v1.jpg, are one labelled image: they
+    made up for a missing one, and the warning was left out)."""
+    import logging
+
+    from PIL import Image
+
+    from manifoldgd_fast.image_labels import scan_labelled_folder
+
+    flat = tmp_path / "val"
+    flat.mkdir()
+    (tmp_path / "labels.txt").write_text("v1 ant\nv2 bee\nv3 bee\n")
+    for name in ("v1.png", "v1.jpg", "v2.png"):
+        Image.new("RGB", (8, 8)).save(flat / name)
+    with caplog.at_level(logging.WARNING, logger="manifoldgd_fast"):
+        got = scan_labelled_folder(str(flat), str(tmp_path / "labels.txt"))
+    assert [(e.name, e.label, [os.path.basename(f) for f in e.files]) for e in got] == \
+        [("ant", 0, ["v1.jpg", "v1.png"]), ("bee", 1, ["v2.png"])]
+    assert [r.getMessage() for r in caplog.records] == [f"{tmp_path / 'labels.txt'} labels 3 images; {flat} holds 2 "
+                                                        "of them"]
+    caplog.clear()
+    (flat / "v1.jpg").unlink()
+    Image.new("RGB", (8, 8)).save(flat / "v3.png")
+    with caplog.at_level(logging.WARNING, logger="manifoldgd_fast"):
+        scan_labelled_folder(str(flat), str(tmp_path / "labels.txt"))
+    assert caplog.records == []  # every labelled image is there
+
+
 @pytest.mark.parametrize("fmt", ["kaggle", "lines"])
 def test_flat_validation_folder_with_labels_is_the_class_folder_run(folders, tmp_path, fmt):
     """--val-labels: a flat folder of the same validation images (renamed) and a label file in either format
