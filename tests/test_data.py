@@ -779,6 +779,8 @@ def test_flat_folder_labels_take_sorted_class_names_and_errors_name_the_line(tmp
     # Kaggle's header however it was re-saved (case, spaces): the class is PredictionString's first word
     (tmp_path / "k.csv").write_text("imageid, predictionString\nv1.JPEG,n01440764 1 2 3 4 n01440764 5 6 7 8\n")
     assert read_image_labels(str(tmp_path / "k.csv")) == {"v1": "n01440764"}
+    (tmp_path / "k.csv").write_text("ImageId,PredictionString\nv1.JPEG ,n01440764 1 2 3 4\n")  # a space before ','
+    assert read_image_labels(str(tmp_path / "k.csv")) == {"v1": "n01440764"}
     # only an image extension is dropped from a name: 'v.1' (no extension) is not 'v'
     (tmp_path / "d.txt").write_text("v.1 ant\nv.2.png zebra\nv.3.gif bee\n")
     assert read_image_labels(str(tmp_path / "d.txt")) == {"v.1": "ant", "v.2": "zebra", "v.3.gif": "bee"}

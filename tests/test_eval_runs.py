@@ -180,6 +180,65 @@ def test_labelled_images_missing_from_the_folder_are_counted_in_a_warning(tmp_pa
     assert caplog.records == []  # every labelled image is there
 
 
+def test_damaged_or_foreign_devkits_are_one_line(tmp_path, monkeypatch):
+    """What a damaged download or another file in the devkit's place gives (found by a mutation audit: each
+    line of these checks could go and no test failed): a truncated .tar.gz, an archive whose meta.mat is a
+    folder, a meta.mat without leaf classes, a ground truth that is blank, not ASCII or holds a decimal, a file
+    that cannot be read, no scipy; each a ConfigError naming the path. An upper-case .TAR.GZ is the archive."""
+    import shutil
+    import sys
+    import tarfile
+
+    from scipy.io import savemat
+
+    from manifoldgd_fast.image_labels import read_image_labels
+
+    rows = [("ILSVRC2012_val_00000001", ".JPEG", "ant"), ("ILSVRC2012_val_00000002", ".JPEG", "bee")]
+    kit = _devkit(tmp_path, rows, {"ant": 2, "bee": 1}, "archive")
+    want = {"ILSVRC2012_val_00000001": "ant", "ILSVRC2012_val_00000002": "bee"}
+    shutil.copy(kit, tmp_path / "KIT.TAR.GZ")
+    assert read_image_labels(str(tmp_path / "KIT.TAR.GZ")) == want
+
+    def refused(path, why):
+        with pytest.raises(ConfigError) as e:
+            read_image_labels(str(path))
+        assert str(e.value).startswith(f"--val-labels {path}: ") and why in str(e.value), str(e.value)
+        assert "\n" not in str(e.value)
+
+    raw = open(kit, "rb").read()
+    (tmp_path / "cut.tar.gz").write_bytes(raw[:len(raw) // 2])
+    refused(tmp_path / "cut.tar.gz", "cannot read the archive (Compressed file ended before the end-of-stream")
+    folder = tmp_path / "ILSVRC2012_devkit_t12"
+    with tarfile.open(tmp_path / "dir.tar.gz", "w:gz") as tar:   # its only meta.mat a folder
+        tar.add(folder / "data" / "ILSVRC2012_validation_ground_truth.txt", arcname="kit/data/"
+                "ILSVRC2012_validation_ground_truth.txt")
+        tar.add(folder / "data", arcname="kit/meta.mat", recursive=False)
+    refused(tmp_path / "dir.tar.gz", "the archive holds no meta.mat")
+    truth = folder / "data" / "ILSVRC2012_validation_ground_truth.txt"
+    for content, why in [(b"\n \n", "ILSVRC2012_validation_ground_truth.txt is empty"),
+                         ("1\n\u0662\n".encode(), "ILSVRC2012_validation_ground_truth.txt is not a list of class "
+                                                  "numbers"),
+                         (b"1\n1.5\n", "ground_truth.txt line 2: '1.5' is not a class number of meta.mat (1 to 2)")]:
+        truth.write_bytes(content)
+        refused(folder, why)
+    truth.write_bytes(b"2\n1\n")
+    assert read_image_labels(str(folder)) == want
+    monkeypatch.setitem(sys.modules, "scipy.io", None)   # (an import of it raises ImportError)
+    refused(folder, "reading the devkit's meta.mat needs scipy (pip install scipy)")
+    monkeypatch.undo()
+
+    def unreadable(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("manifoldgd_fast.image_labels.open", unreadable, raising=False)
+    refused(folder, "cannot read the devkit ([Errno 13] Permission denied)")
+    monkeypatch.undo()
+    synsets = np.empty((1, 1), dtype=[(f, "O") for f in ("ILSVRC2012_ID", "WNID", "num_children")])
+    synsets[0, 0] = (1, "n00001740", 3)   # a non-leaf synset alone
+    savemat(str(folder / "data" / "meta.mat"), {"synsets": np.concatenate([synsets, synsets])})
+    refused(folder, "meta.mat lists no leaf classes")
+
+
 @pytest.mark.parametrize("fmt", ["kaggle", "lines"])
 def test_flat_validation_folder_with_labels_is_the_class_folder_run(folders, tmp_path, fmt):
     """--val-labels: a flat folder of the same validation images (renamed) and a label file in either format
