@@ -113,6 +113,69 @@ def test_a_warning_during_a_progress_bar_gets_a_line_of_its_own(capsys):
     assert line in err.replace("\r", "\n").split("\n"), repr(err)
 
 
+def test_help_never_says_default_none(capsys):
+    """A default of None is resolved at run time and the flag's text says how: no --help prints "(default:
+    None)" (found by a mutation audit: the formatter's None rule could go and no test failed)."""
+    for name, sp in _subparsers().items():
+        text = sp.format_help()
+        assert "default: None" not in text, (name, [ln for ln in text.splitlines() if "None" in ln])
+
+
+def test_warnings_print_once_however_often_main_runs(capsys):
+    """main() run twice in one process (the Python API, a notebook, the tests) adds its stderr handler once: a
+    library warning is one line, not one per main() that ran."""
+    import logging
+
+    from manifoldgd_fast import cli
+
+    for _ in range(2):
+        assert main(["distill", "--ipc", "0"]) == 2
+    capsys.readouterr()
+    logging.getLogger("manifoldgd_fast.data").warning("cannot read image %s", "a/b.png")
+    err = capsys.readouterr().err
+    assert err.count("manifoldgd-fast: warning: cannot read image a/b.png") == 1, err
+    assert sum(isinstance(h, cli._StderrHandler) for h in logging.getLogger("manifoldgd_fast").handlers) == 1
+
+
+def test_main_runs_outside_the_main_thread(capsys):
+    """main() from a worker thread (a notebook's or a GUI's) runs the command without touching the signal
+    handlers (signal.signal raised ValueError there): a user error is still one line and exit 2."""
+    import threading
+
+    got = []
+    t = threading.Thread(target=lambda: got.append(main(["distill", "--ipc", "0"])))
+    t.start()
+    t.join()
+    assert got == [2]
+    assert _one_line(capsys.readouterr().err) == "manifoldgd-fast: error: --ipc must be an integer >= 1, got 0"
+
+
+def test_an_embedding_programs_signal_handlers_stay(monkeypatch, capsys):
+    """A program that runs main() with its own SIGTERM / SIGINT handlers keeps them, during the command and
+    after: main() takes over only Python's defaults."""
+    import signal
+
+    from manifoldgd_fast import cli, pipeline
+
+    def mine(signum, frame):  # pragma: no cover (never called)
+        pass
+
+    seen = []
+    monkeypatch.setattr(pipeline, "distill", lambda cfg: seen.append((signal.getsignal(signal.SIGTERM),
+                                                                      signal.getsignal(signal.SIGINT))) or 1 / 0)
+    monkeypatch.setattr(cli, "config_from_args", lambda ns: type("C", (), {"validate": lambda self: self,
+                                                                           "shard": None})())
+    before = {sig: signal.signal(sig, mine) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with pytest.raises(ZeroDivisionError):
+            main(["distill"])
+        assert seen == [(mine, mine)]
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is mine
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 def test_every_flag_of_every_command_has_help():
     # a flag without help text is left out of --help entirely (finetune's --steps, --lr, ...)
     from manifoldgd_fast.cli import CACHE_FLAGS
