@@ -373,21 +373,25 @@ def console() -> None:
 
 def _out_of_memory(e: BaseException) -> bool:
     """Whether ``e`` is an allocation failure: the host's (MemoryError, torch's CPU allocator) or the GPU's
-    (torch.OutOfMemoryError), not any other RuntimeError."""
+    (torch.OutOfMemoryError; "CUDA error: out of memory" from the CUDA runtime itself, e.g. a cuBLAS or cuDNN
+    workspace, which torch raises as a plain RuntimeError), not any other RuntimeError."""
     import torch
 
     if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
         return True
-    return "DefaultCPUAllocator: can't allocate memory" in str(e) or "CUDA out of memory" in str(e)
+    return any(s in str(e) for s in ("DefaultCPUAllocator: can't allocate memory", "CUDA out of memory",
+                                     "CUDA error: out of memory"))
 
 
 def _oom_line(e: BaseException) -> str:
     text = str(e)
-    m = re.search(r"(?:tried|Tried) to allocate (?:(\d+) bytes|([\d.]+ ?[KMGT]?i?B))", text)
+    # torch's "Tried to allocate 20.00 GiB", its CPU allocator's "tried to allocate N bytes", numpy's "Unable to
+    # allocate 728. TiB for an array"
+    m = re.search(r"(?:tried|Tried|Unable) to allocate (?:(\d+) bytes|([\d.]+ ?[KMGTP]?i?B))", text)
     if m:
         size = f"{int(m.group(1)) / 2 ** 30:.1f} GiB" if m.group(1) else m.group(2)
         return f"{'CUDA' if 'CUDA' in text else 'host'}: tried to allocate {size}"
-    return type(e).__name__
+    return "CUDA" if "CUDA" in text else "MemoryError" if isinstance(e, MemoryError) else type(e).__name__
 
 
 def _classes(n: int) -> str:

@@ -539,6 +539,11 @@ def test_a_path_that_is_not_utf8_prints_on_a_strict_stdout(monkeypatch):
      "out of memory (host: tried to allocate 37252.9 GiB)"),
     ("cuda", "out of memory (CUDA: tried to allocate 20.00 GiB)"),
     (MemoryError(), "out of memory (MemoryError)"),
+    # the CUDA runtime's own (a cuBLAS / cuDNN workspace): a plain RuntimeError, and was a traceback
+    (RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported at some other API "
+                  "call, so the stacktrace below might be incorrect."), "out of memory (CUDA)"),
+    # numpy's (sklearn's k-means, the metrics' features): its size, not "_ArrayMemoryError"
+    ("numpy", "out of memory (host: tried to allocate 728. TiB)"),
 ])
 def test_out_of_memory_is_one_line_with_the_way_out(error, says, monkeypatch, capsys):
     """A --batch-size past the host's or the GPU's memory: one line saying so and which flags to lower (it was
@@ -550,6 +555,12 @@ def test_out_of_memory_is_one_line_with_the_way_out(error, says, monkeypatch, ca
     if error == "cuda":
         error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity "
                                        "of 79.10 GiB of which 3.00 GiB is free.")
+    if error == "numpy":
+        import numpy as np
+
+        with pytest.raises(MemoryError) as caught:
+            np.empty((10 ** 7, 10 ** 7))  # 728 TiB: more than any host's address space
+        error = caught.value
     monkeypatch.setattr(pipeline, "distill", lambda cfg: (_ for _ in ()).throw(error))
     monkeypatch.setattr(cli, "config_from_args", lambda ns: type("C", (), {"validate": lambda self: self,
                                                                            "shard": None})())
