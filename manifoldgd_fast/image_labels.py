@@ -131,7 +131,7 @@ def read_devkit_labels(path: str, flag: str = "--val-labels") -> dict[str, str]:
         raise ConfigError(f"{flag} {path}: meta.mat lists no leaf classes")
     out: dict[str, str] = {}
     try:
-        text = truth_bytes.decode("ascii")
+        text = truth_bytes.removeprefix(b"\xef\xbb\xbf").decode("ascii")  # (a UTF-8 BOM: re-saved by Notepad)
     except UnicodeDecodeError:
         raise ConfigError(f"{flag} {path}: {DEVKIT_TRUTH} is not a list of class numbers") from None
     for n, line in enumerate(text.splitlines(), 1):

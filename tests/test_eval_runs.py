@@ -223,6 +223,8 @@ def test_damaged_or_foreign_devkits_are_one_line(tmp_path, monkeypatch):
         refused(folder, why)
     truth.write_bytes(b"2\n1\n")
     assert read_image_labels(str(folder)) == want
+    truth.write_bytes(b"\xef\xbb\xbf2\r\n1\r\n")   # re-saved by Notepad: a BOM and CRLF (the BOM was "not a list")
+    assert read_image_labels(str(folder)) == want
     monkeypatch.setitem(sys.modules, "scipy.io", None)   # (an import of it raises ImportError)
     refused(folder, "reading the devkit's meta.mat needs scipy (pip install scipy)")
     monkeypatch.undo()
