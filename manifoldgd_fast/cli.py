@@ -16,7 +16,7 @@ import threading
 import warnings
 
 from .config import DistillConfig
-from .errors import ManifoldGDError
+from .errors import ConfigError, ManifoldGDError
 
 # Help per parameter, grouped as in SPEC. Defaults are appended from DistillConfig.
 GROUPS: dict[str, dict[str, str]] = {
@@ -287,7 +287,10 @@ def at_least_one(text: str) -> int:
 
 def config_from_args(ns: argparse.Namespace) -> DistillConfig:
     given = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "profile_classes", "profile_json")}
-    base = DistillConfig.load(ns.config).to_dict() if getattr(ns, "config", None) else {}
+    config = getattr(ns, "config", None)
+    if config == "":  # (an unset $VAR: it was no config at all, and `distill` ran the embedded demo)
+        raise ConfigError("--config must be a file path, got ''")
+    base = DistillConfig.load(config).to_dict() if config else {}
     base.update(given)
     return DistillConfig.from_dict(base)
 

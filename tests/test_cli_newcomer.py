@@ -121,6 +121,18 @@ def test_help_never_says_default_none(capsys):
         assert "default: None" not in text, (name, [ln for ln in text.splitlines() if "None" in ln])
 
 
+@pytest.mark.parametrize("command", ["cache", "modes", "distill", "profile"])
+def test_an_empty_config_flag_is_refused_not_no_config(command, monkeypatch, capsys):
+    """--config '' (an unset $CFG) is refused in one line, as an empty --out or --data is: it was taken as no
+    --config at all, and `distill` ran the embedded demo's defaults into ./distilled."""
+    from manifoldgd_fast import pipeline
+
+    for fn in ("cache", "compute_modes", "distill", "profile_run"):
+        monkeypatch.setattr(pipeline, fn, lambda *a, **k: pytest.fail("the command ran without its config"))
+    assert main([command, "--config", ""]) == 2
+    assert _one_line(capsys.readouterr().err) == "manifoldgd-fast: error: --config must be a file path, got ''"
+
+
 def test_warnings_print_once_however_often_main_runs(capsys):
     """main() run twice in one process (the Python API, a notebook, the tests) adds its stderr handler once: a
     library warning is one line, not one per main() that ran."""
