@@ -319,6 +319,15 @@ INTERRUPT_KEEPS = {"eval": "finished training runs are kept", "metrics": "the re
                    "finetune": "the last checkpoint is kept"}
 
 
+def _kept(command: str) -> str:
+    """The end of the line of a command stopped by a signal or out of memory: what it kept, and that a rerun
+    resumes. Not ``profile``'s: its temporary folder goes, and a rerun on its --out would time only the classes
+    left (or, with all of them done, nothing)."""
+    if command == "profile":
+        return "a profile does not resume: rerun it (with a new --out, or none)"
+    return f"{INTERRUPT_KEEPS.get(command, 'finished classes are kept')}, rerun to resume"
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread: Slurm's time limit or preemption, torchrun stopping its workers, `kill`.
 
@@ -469,15 +478,13 @@ def main(argv: list[str] | None = None) -> int:
         except (MemoryError, RuntimeError) as e:
             if not _out_of_memory(e):
                 raise
-            kept = INTERRUPT_KEEPS.get(ns.command, "finished classes are kept")
             print(f"manifoldgd-fast: error: out of memory ({_oom_line(e)}): lower --batch-size (distill: also "
-                  f"--class-batch; cache: --encode-batch-size); {kept}, rerun to resume", file=sys.stderr)
+                  f"--class-batch; cache: --encode-batch-size); {_kept(ns.command)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as e:
-            kept = INTERRUPT_KEEPS.get(ns.command, "finished classes are kept")
             how, code = ("terminated (SIGTERM)", 128 + signal.SIGTERM) if isinstance(e, Terminated) else \
                 ("interrupted", 130)
-            print(f"manifoldgd-fast: {how}; {kept}, rerun to resume", file=sys.stderr)
+            print(f"manifoldgd-fast: {how}; {_kept(ns.command)}", file=sys.stderr)
             return code
     return 0
 

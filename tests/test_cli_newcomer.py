@@ -458,6 +458,28 @@ def test_ctrl_c_says_what_the_command_kept(command, kept, sigterm, monkeypatch, 
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
+@pytest.mark.parametrize("stop, code, how", [
+    (KeyboardInterrupt, 130, "interrupted"),
+    (MemoryError, 2, "error: out of memory (MemoryError): lower --batch-size (distill: also --class-batch; cache: "
+                     "--encode-batch-size)"),
+])
+def test_a_stopped_profile_does_not_promise_a_resume(stop, code, how, monkeypatch, capsys):
+    """`profile` stopped by Ctrl-C or out of memory: its temporary folder is removed and a rerun on its --out
+    times only the classes left (or refuses), so the line does not say "finished classes are kept, rerun to
+    resume" as distill's does."""
+    from manifoldgd_fast import cli, pipeline
+
+    def stopped(*a, **k):
+        raise stop()
+
+    monkeypatch.setattr(pipeline, "profile_run", stopped)
+    monkeypatch.setattr(cli, "config_from_args", lambda ns: type("C", (), {"validate": lambda self: self,
+                                                                           "shard": None, "out": None})())
+    assert main(["profile"]) == code
+    assert _one_line(capsys.readouterr().err) == \
+        f"manifoldgd-fast: {how}; a profile does not resume: rerun it (with a new --out, or none)"
+
+
 @pytest.mark.parametrize("first, second", [("SIGINT", "SIGINT"), ("SIGINT", "SIGTERM"), ("SIGTERM", "SIGINT"),
                                            ("SIGTERM", "SIGTERM")])
 def test_a_second_ctrl_c_or_sigterm_does_not_cut_the_clean_up_short(first, second, monkeypatch, capsys):
