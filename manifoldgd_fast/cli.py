@@ -180,7 +180,13 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line ("manifoldgd-fast distill: error: argument --ipc: invalid int value: 'abc'"),
-    exit 2: argparse's default prints the whole usage first, about 50 lines for ``distill``."""
+    exit 2: argparse's default prints the whole usage first, about 50 lines for ``distill``.
+    No abbreviated flags (it and the subcommands' parsers): distill's ``--seed 5`` given to ``eval`` was its
+    ``--seeds 5``, five seeds 0..4, and ``--out`` was ``--out-json``; a prefix also changes meaning as flags
+    are added."""
+
+    def __init__(self, *args, allow_abbrev: bool = False, **kwargs):
+        super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

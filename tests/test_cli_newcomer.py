@@ -52,6 +52,27 @@ def test_unknown_flag_is_named_by_its_subcommand(capsys):
     assert line.startswith("manifoldgd-fast distill: error: unrecognized arguments: --ipcs 3"), line
 
 
+@pytest.mark.parametrize("argv, unknown", [
+    (["eval", "--distilled", "d", "--real-val", "v", "--seed", "5"], "--seed 5"),       # was --seeds 5: seeds 0..4
+    (["eval", "--distilled", "d", "--real-val", "v", "--out", "res"], "--out res"),     # was --out-json res
+    (["metrics", "--distilled", "d", "--real", "r", "--out", "res"], "--out res"),
+    (["distill", "--ip", "3"], "--ip 3"),
+])
+def test_a_flag_is_never_taken_for_a_longer_one(argv, unknown, monkeypatch, capsys):
+    """An abbreviation is no flag: another command's --seed given to eval was eval's --seeds (five seeds 0..4
+    for --seed 5), its --out was --out-json; refused in one line naming it, before any work."""
+    from manifoldgd_fast import pipeline
+    from manifoldgd_fast.eval import cli_eval
+
+    for mod, fn in ((cli_eval, "run_eval_from_args"), (cli_eval, "run_metrics_from_args"), (pipeline, "distill")):
+        monkeypatch.setattr(mod, fn, lambda *a, **k: pytest.fail("ran with an abbreviated flag"))
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert _one_line(capsys.readouterr().err) == \
+        f"manifoldgd-fast {argv[0]}: error: unrecognized arguments: {unknown} (see manifoldgd-fast {argv[0]} --help)"
+
+
 def test_no_command_is_a_one_line_error(capsys):
     assert main([]) == 2
     io = capsys.readouterr()
