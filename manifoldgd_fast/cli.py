@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import io
 import logging
+import os
 import re
 import signal
 import sys
@@ -380,13 +382,28 @@ def console() -> None:
         sys.stdout.reconfigure(errors="backslashreplace")
     try:
         code = main()
+        sys.stdout.flush()  # (`... | head`: a reader that left is answered here, not by the flush at exit)
     except KeyboardInterrupt:
         print("manifoldgd-fast: interrupted before the command started; nothing was written", file=sys.stderr)
         code = 130
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        code = 128 + signal.SIGPIPE
     if code in (130, 128 + signal.SIGTERM):
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.exit(code)
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null: its buffered rest, flushed at exit, raised BrokenPipeError again there
+    ("Exception ignored ... BrokenPipeError")."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):  # (a stdout with no descriptor)
+        pass
 
 
 def _out_of_memory(e: BaseException) -> bool:
@@ -477,6 +494,9 @@ def main(argv: list[str] | None = None) -> int:
         except ManifoldGDError as e:
             print(f"manifoldgd-fast: error: {e}", file=sys.stderr)
             return 2
+        except BrokenPipeError:  # `... | head`: the reader of stdout left (the work is done); as a tool SIGPIPE kills
+            _stdout_to_devnull()
+            return 128 + signal.SIGPIPE
         except OSError as e:  # a full disk, a read-only or vanished folder: the file and the reason, no traceback
             where = f"{e.filename}: " if e.filename else ""
             print(f"manifoldgd-fast: error: {where}{e.strerror or e}", file=sys.stderr)

@@ -588,6 +588,30 @@ def test_a_path_that_is_not_utf8_prints_on_a_strict_stdout(monkeypatch):
     assert raw.getvalue() == b"distilled 1 class into /data/o\\udcff\n"
 
 
+def test_a_reader_that_leaves_early_is_no_error(tmp_path):
+    """`manifoldgd-fast ... | head`: the reader closes the pipe before the summary (or a profile's table) is
+    written. It was "manifoldgd-fast: error: Broken pipe", exit 2, after a run that had finished (or, where the
+    summary sat in stdout's buffer, "Exception ignored ... BrokenPipeError" at exit): now nothing is said and
+    the exit is a SIGPIPE'd tool's, 141."""
+    import subprocess
+
+    script = ("import sys\n"
+              "from manifoldgd_fast import cli, pipeline\n"
+              "pipeline.cache = lambda cfg: {'entries': [1, 2], 'cache': '/c'}\n"
+              "cli.config_from_args = lambda ns: type('C', (), {'validate': lambda self: self, 'shard': None})()\n"
+              "big = sys.argv[1] == 'big'\n"
+              "if big: cli._classes = lambda n: 'x' * 1000000\n"     # more than a pipe holds: raised in main()
+              "sys.argv = ['manifoldgd-fast', 'cache']\n"
+              "cli.console()\n")
+    for size in ("small", "big"):
+        r, w = os.pipe()
+        os.close(r)                                               # the reader left before anything was written
+        proc = subprocess.run([sys.executable, "-c", script, size], stdout=w, stderr=subprocess.PIPE, timeout=300,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        os.close(w)
+        assert (proc.returncode, proc.stderr.decode()) == (141, ""), (size, proc.stderr.decode()[-500:])
+
+
 @pytest.mark.parametrize("error, says", [
     (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
                   "tried to allocate 40000000000000 bytes. Error code 12 (Cannot allocate memory)"),
