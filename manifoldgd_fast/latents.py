@@ -139,6 +139,10 @@ class CacheKey:
     vae: str        # :func:`weights_digest`
 
 
+def _str_list(v) -> bool:
+    return isinstance(v, list) and all(isinstance(s, str) for s in v)
+
+
 def _read_meta(path: str) -> dict[str, Any] | None:
     """The decoded metadata of a cache file, or None when it is unreadable."""
     from safetensors import safe_open
@@ -148,7 +152,7 @@ def _read_meta(path: str) -> dict[str, Any] | None:
             meta = f.metadata() or {}
         if meta.get("format") != FORMAT:
             return None
-        return {
+        out = {
             "class": meta["class"],
             "files": json.loads(meta["files"]),
             "skipped": json.loads(meta["skipped"]),
@@ -160,6 +164,11 @@ def _read_meta(path: str) -> dict[str, Any] | None:
         }
     except Exception:  # damaged or foreign file: treat as not cached, it gets rewritten
         return None
+    # valid JSON of the wrong types (a hand-edited or foreign file) is as unreadable as broken JSON
+    if not (_str_list(out["files"]) and _str_list(out["skipped"])
+            and isinstance(out["encoded_with"], (dict, type(None)))):
+        return None
+    return out
 
 
 def cache_record_digest(cache_dir: str, name: str) -> str | None:
@@ -601,6 +610,8 @@ def load_class_latents(cache_dir: str, name: str) -> tuple[torch.Tensor, list[st
             meta = f.metadata() or {}
         files = json.loads(meta["files"])
         held = meta.get("class", name)
+        if not _str_list(files):
+            raise ValueError("its list of image files is not a list of names")
     except Exception as e:  # damaged, foreign or truncated file
         raise DataError(f"class {name}: latent cache file {path} is damaged ({e}); delete it "
                         "to recompute") from None

@@ -598,3 +598,33 @@ def test_cache_is_stale_when_only_the_scaling_factor_changes(tmp_path, root, vae
     assert not stats["cat"]["cached"] and not stats["dog"]["cached"] and counting.calls > 0
     cat_after = L.load_class_latents(cache, "cat")[0]
     torch.testing.assert_close(cat_after, cat_before / 0.18215 * 0.5, atol=1e-5, rtol=1e-5)
+
+
+def _rewrite_meta(path, **fields):
+    """Rewrite the cache file at ``path`` with its latents and its metadata, ``fields`` replacing some."""
+    with safe_open(path, framework="pt") as f:
+        z, meta = f.get_tensor("latents").clone(), f.metadata()
+    with open(path, "wb") as f:
+        f.write(L.safetensors_bytes(z, dict(meta, **fields)))
+
+
+@pytest.mark.parametrize("field,value", [("files", '"0.png"'), ("files", "null"), ("skipped", '{"a": 1}'),
+                                         ("files", "[0, 1, 2]"), ("encoded_with", "[1]")])
+def test_cache_metadata_of_the_wrong_types_is_encoded_again(tmp_path, root, vae, caplog, field, value):
+    """Metadata that is valid JSON of the wrong type (a hand-edited or foreign file) is as unreadable as broken
+    JSON: the class is encoded again with a warning (it raised a TypeError out of cache_latents), and loading
+    such a file names it as damaged (it returned a string or None as the class's file names)."""
+    entries = D.scan_image_folder(str(root), classes=["cat"])
+    cache = str(tmp_path / "cache")
+    kw = dict(cache_dir=cache, image_size=SIZE, batch_size=2, progress=False, num_workers=0)
+    L.cache_latents(entries, vae, **kw)
+    path = os.path.join(cache, "cat.safetensors")
+    good = open(path, "rb").read()
+    _rewrite_meta(path, **{field: value})
+    if field == "files":
+        with pytest.raises(DataError, match=r"^class cat: latent cache file .*cat.safetensors is damaged"):
+            L.load_class_latents(cache, "cat")
+    with caplog.at_level("WARNING", logger="manifoldgd_fast.latents"):
+        stats = L.cache_latents(entries, vae, **kw)
+    assert not stats["cat"]["cached"] and open(path, "rb").read() == good
+    assert any("cat.safetensors of class cat is unreadable" in r.getMessage() for r in caplog.records)
