@@ -143,6 +143,16 @@ def _str_list(v) -> bool:
     return isinstance(v, list) and all(isinstance(s, str) for s in v)
 
 
+def _latents_mismatch(dtype: str, shape: list[int], files: list[str]) -> str | None:
+    """Why a file's ``latents`` tensor (safetensors dtype name, shape) is not the (n, C, h, w) float32 of its n
+    image ``files``; None when it is."""
+    if dtype != "F32":
+        return f"its latents are {dtype}, not F32"
+    if len(shape) != 4 or shape[0] != len(files):
+        return f"its latents have shape {tuple(shape)}, not ({len(files)}, C, h, w) for its {len(files)} image files"
+    return None
+
+
 def _read_meta(path: str) -> dict[str, Any] | None:
     """The decoded metadata of a cache file, or None when it is unreadable."""
     from safetensors import safe_open
@@ -150,6 +160,8 @@ def _read_meta(path: str) -> dict[str, Any] | None:
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
+            t = f.get_slice("latents")  # the header's dtype and shape; no data read
+            dtype, shape = t.get_dtype(), list(t.get_shape())
         if meta.get("format") != FORMAT:
             return None
         out = {
@@ -166,7 +178,8 @@ def _read_meta(path: str) -> dict[str, Any] | None:
         return None
     # valid JSON of the wrong types (a hand-edited or foreign file) is as unreadable as broken JSON
     if not (_str_list(out["files"]) and _str_list(out["skipped"])
-            and isinstance(out["encoded_with"], (dict, type(None)))):
+            and isinstance(out["encoded_with"], (dict, type(None)))) \
+            or _latents_mismatch(dtype, shape, out["files"]) is not None:
         return None
     return out
 
@@ -607,11 +620,15 @@ def load_class_latents(cache_dir: str, name: str) -> tuple[torch.Tensor, list[st
     try:
         with safe_open(path, framework="pt") as f:
             latents = f.get_tensor("latents")
+            dtype = f.get_slice("latents").get_dtype()
             meta = f.metadata() or {}
         files = json.loads(meta["files"])
         held = meta.get("class", name)
         if not _str_list(files):
             raise ValueError("its list of image files is not a list of names")
+        wrong = _latents_mismatch(dtype, list(latents.shape), files)
+        if wrong is not None:
+            raise ValueError(wrong)
     except Exception as e:  # damaged, foreign or truncated file
         raise DataError(f"class {name}: latent cache file {path} is damaged ({e}); delete it "
                         "to recompute") from None

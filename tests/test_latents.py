@@ -628,3 +628,34 @@ def test_cache_metadata_of_the_wrong_types_is_encoded_again(tmp_path, root, vae,
         stats = L.cache_latents(entries, vae, **kw)
     assert not stats["cat"]["cached"] and open(path, "rb").read() == good
     assert any("cat.safetensors of class cat is unreadable" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("change,why", [
+    (lambda z: z.half(), r"its latents are F16, not F32"),
+    (lambda z: torch.cat([z, z[:1]]), r"its latents have shape \(4, 4, 8, 8\), not \(3, C, h, w\) for its 3 image"),
+    (lambda z: z[:2], r"its latents have shape \(2, 4, 8, 8\), not \(3, C, h, w\)"),
+    (lambda z: z.flatten(1), r"its latents have shape \(3, 256\), not \(3, C, h, w\)")],
+    ids=["float16", "a row added", "a row lost", "flattened"])
+def test_a_cache_file_whose_latents_do_not_fit_its_record_is_encoded_again(tmp_path, root, vae, caplog, change, why):
+    """A file whose metadata is right but whose tensor is not the (n, C, h, w) float32 of its n image files
+    (another dtype, rows added or lost: a foreign or hand-made file, sha256 recorded to match) was reused as
+    cached and loaded as is: float16 latents, or rows no longer aligned with the file names. It is now encoded
+    again, and loading it names what is wrong."""
+    from safetensors.torch import save_file
+
+    entries = D.scan_image_folder(str(root), classes=["cat"])
+    cache = str(tmp_path / "cache")
+    kw = dict(cache_dir=cache, image_size=SIZE, batch_size=2, progress=False, num_workers=0)
+    L.cache_latents(entries, vae, **kw)
+    path = os.path.join(cache, "cat.safetensors")
+    good = open(path, "rb").read()
+    with safe_open(path, framework="pt") as f:
+        z, meta = f.get_tensor("latents").clone(), f.metadata()
+    bad = change(z).contiguous()
+    save_file({"latents": bad}, path, metadata=dict(meta, latents_sha256=L.latents_sha256(bad)))
+    with pytest.raises(DataError, match=r"^class cat: latent cache file .*cat.safetensors is damaged \(" + why):
+        L.load_class_latents(cache, "cat")
+    with caplog.at_level("WARNING", logger="manifoldgd_fast.latents"):
+        stats = L.cache_latents(entries, vae, **kw)
+    assert not stats["cat"]["cached"] and open(path, "rb").read() == good
+    assert any("cat.safetensors of class cat is unreadable" in r.getMessage() for r in caplog.records)
