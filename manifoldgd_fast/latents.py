@@ -442,6 +442,9 @@ def _skip_image(path: str, message: str) -> None:
 
 def _prepare_cache(entries, vae, device, cache_dir: str, image_size: int, vae_digest: str | None):
     """Move the VAE to ``device``; returns (device, cache key, stats of cached classes, classes to encode)."""
+    for e in entries:  # before anything is encoded (data.scan_image_folder never makes such a class)
+        if not e.files:
+            raise DataError(f"class {e.name} in {os.path.dirname(e.folder) or '.'} has no image files")
     if device is not None:
         vae.to(device)
     dev = next(vae.parameters()).device

@@ -659,3 +659,14 @@ def test_a_cache_file_whose_latents_do_not_fit_its_record_is_encoded_again(tmp_p
         stats = L.cache_latents(entries, vae, **kw)
     assert not stats["cat"]["cached"] and open(path, "rb").read() == good
     assert any("cat.safetensors of class cat is unreadable" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("cache", [L.cache_latents, L.cache_latents_ref])
+def test_a_class_entry_without_files_is_a_data_error_before_anything_is_encoded(tmp_path, root, vae, cache):
+    """A ClassEntry with no image files (built by hand: scan_image_folder refuses such a folder) raised a bare
+    KeyError (cache_latents) or IndexError (cache_latents_ref) after the classes before it were encoded; it is
+    now a DataError naming the class, before any class is encoded."""
+    entries = D.scan_image_folder(str(root), classes=["cat"]) + [D.ClassEntry("owl", 7, [], str(root / "owl"))]
+    with pytest.raises(DataError, match=r"^class owl in .*data has no image files$"):
+        cache(entries, vae, cache_dir=str(tmp_path / "cache"), image_size=SIZE, progress=False, num_workers=0)
+    assert not os.path.exists(tmp_path / "cache" / "cat.safetensors")
