@@ -622,7 +622,9 @@ def load_class_latents(cache_dir: str, name: str) -> tuple[torch.Tensor, list[st
         raise DataError(f"class {name} has no cached latents in {cache_dir} (run the latent cache first)")
     try:
         with safe_open(path, framework="pt") as f:
-            latents = f.get_tensor("latents")
+            # a copy: safetensors' tensor maps the file, and a read after the file is cut in place (a cp over
+            # it; on NFS, another node's re-encode) would kill the process with SIGBUS
+            latents = f.get_tensor("latents").clone()
             dtype = f.get_slice("latents").get_dtype()
             meta = f.metadata() or {}
         files = json.loads(meta["files"])

@@ -670,3 +670,26 @@ def test_a_class_entry_without_files_is_a_data_error_before_anything_is_encoded(
     with pytest.raises(DataError, match=r"^class owl in .*data has no image files$"):
         cache(entries, vae, cache_dir=str(tmp_path / "cache"), image_size=SIZE, progress=False, num_workers=0)
     assert not os.path.exists(tmp_path / "cache" / "cat.safetensors")
+
+
+def test_loaded_latents_survive_their_cache_file_being_cut_in_place(tmp_path, root, vae):
+    """load_class_latents returned safetensors' tensor, which maps the cache file: once the file was cut in
+    place (a cp over it; on NFS, a file replaced from another node) a read of the class's latents killed the
+    process with SIGBUS. The latents are now the process's own memory."""
+    import subprocess
+    import sys
+
+    entries = D.scan_image_folder(str(root), classes=["cat"])
+    cache = str(tmp_path / "cache")
+    L.cache_latents(entries, vae, cache_dir=cache, image_size=SIZE, progress=False)
+    expected = float(L.load_class_latents(cache, "cat")[0].double().sum())
+    code = ("import sys; from manifoldgd_fast import latents as L\n"
+            "z, _ = L.load_class_latents(sys.argv[1], 'cat')\n"
+            "open(sys.argv[2], 'wb').close()\n"
+            "print(repr(float(z.double().sum())))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(L.__file__)),
+                                                        os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", code, cache, os.path.join(cache, "cat.safetensors")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    assert float(out.stdout) == expected
