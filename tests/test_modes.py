@@ -724,3 +724,84 @@ def test_gmm_is_sklearns_diagonal_em_from_the_same_start(narrow):
     ref = GaussianMixture(2, covariance_type="diag", tol=1e-3, reg_covar=1e-12, max_iter=100,
                           weights_init=nk / nk.sum(), means_init=means, precisions_init=1 / var).fit(x)
     np.testing.assert_allclose(ours.numpy(), ref.means_[np.argsort(-ref.weights_, kind="stable")], atol=1e-8)
+
+
+def test_bisect_splits_identical_latents_into_seeded_random_halves():
+    """When 2-means cannot separate a leaf (all its latents identical) it is cut into balanced halves of a seeded
+    random permutation: the same seed gives the same halves, other seeds other ones (not always the first half of
+    the leaf's indices)."""
+    z = torch.full((8, 3), 2.0)
+    lefts = set()
+    for seed in range(8):
+        leaves, depths = bisecting_tree(z, 2, seed=seed)
+        assert [leaf.numel() for leaf in leaves] == [4, 4] and depths == [1, 1]
+        assert partition(leaves) == partition(bisecting_tree(z, 2, seed=seed)[0])
+        lefts.add(frozenset(leaves[0].tolist()))
+    assert len(lefts) > 1
+
+
+def test_official_sweep_draws_from_a_fresh_generator_seeded_as_the_tree():
+    """The released code builds a second RandomState(random_state) for the level sweep: the sweep's draws come
+    from a fresh generator with the run's seed, not from the tree's generator or another seed."""
+    from manifoldgd_fast._modes_common import _generator, _set_modes
+    from manifoldgd_fast.modes_tree import _level_sweep
+
+    z, _, _ = caterpillar()
+    for seed in range(6):
+        leaves, depths = bisecting_tree(z, 4, seed=seed)
+        for level in (1, 3, 6):
+            order = _level_sweep(depths, 4, level, _generator(seed))
+            assert torch.equal(divisive_official(z, 4, level=level, seed=seed),
+                               _set_modes(z, [leaves[p] for p in order], "medoid"))
+
+
+@pytest.mark.parametrize("kw,name", [(dict(level=-1), "level"), (dict(level=1.5), "level"), (dict(ipc=0), "ipc"),
+                                     (dict(level=True), "level"), (dict(n_init=0), "n_init"),
+                                     (dict(mode_point="median"), "mode_point")])
+def test_official_rejects_bad_arguments(kw, name):
+    z, _, _ = caterpillar()
+    args = {"ipc": 2, "level": 1, "seed": 0, **kw}
+    with pytest.raises(ConfigError, match=f"^{name}[ :]"):
+        divisive_official(z, args.pop("ipc"), **args)
+
+
+@pytest.mark.parametrize("kw,name", [(dict(min_leaf=0), "min_leaf"), (dict(max_depth=-1), "max_depth"),
+                                     (dict(start_level=-1), "start_level"), (dict(ipc=0), "ipc"),
+                                     (dict(mode_point="median"), "mode_point")])
+def test_paper_rejects_bad_arguments(kw, name):
+    z, _, _ = paper_data()
+    args = {"ipc": 2, "start_level": 2, "seed": 0, **kw}
+    with pytest.raises(ConfigError, match=f"^{name}[ :]"):
+        divisive_paper(z, args.pop("ipc"), **args)
+
+
+def test_paper_never_splits_a_node_of_one_latent():
+    """min_leaf=1 still leaves nodes of one latent unsplit (2-means of one point would raise): a tree grown to
+    single latents gives every latent as a mode."""
+    z = torch.tensor([[0.0, 0.0], [0.0, 10.0], [100.0, 0.0], [100.0, 10.0]], dtype=torch.float64)
+    modes = divisive_paper(z, 4, start_level=0, seed=0, min_leaf=1, max_depth=5)
+    # the root's mean first (level 0), then 3 of the 4 single-latent leaves
+    assert torch.equal(modes[0], z.mean(0))
+    assert len({tuple(m.tolist()) for m in modes[1:]} & {tuple(r.tolist()) for r in z}) == 3
+
+
+def test_paper_level_pick_ties_go_to_the_lower_node_id():
+    """Two nodes of one level equally populous: the level's pick is the one of lower (breadth-first) id."""
+    from manifoldgd_fast._modes_common import KMEANS_ITERS, KMEANS_TOL, _generator
+    from manifoldgd_fast.modes_tree import _paper_tree
+
+    z, _, _ = blobs([(0, 0), (100, 0)], [30, 30], dim=4)
+    for seed in range(4):
+        nodes, levels, _ = _paper_tree(z, 1, 2, _generator(seed), 10, KMEANS_ITERS, KMEANS_TOL)
+        assert levels == [0, 1, 1] and nodes[1].numel() == nodes[2].numel() == 30
+        modes = divisive_paper(z, 1, start_level=1, seed=seed, max_depth=1)
+        assert torch.equal(modes[0], z[nodes[1]].mean(0))
+
+
+def test_agglomerative_refuses_more_clusters_than_latents():
+    z, _, _ = paper_data()
+    with pytest.raises(DataError, match=f"^agglomerative: k={len(z) + 1} clusters but only {len(z)} latents$"):
+        agglomerative(z, len(z) + 1)
+    with pytest.raises(DataError, match="clusters but only"):
+        agglomerative_modes(z[:3], 4)
+    assert agglomerative(z[:3], 3).tolist() == [0, 1, 2]
