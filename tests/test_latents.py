@@ -693,3 +693,45 @@ def test_loaded_latents_survive_their_cache_file_being_cut_in_place(tmp_path, ro
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
     assert float(out.stdout) == expected
+
+
+@pytest.mark.parametrize("encode", [L.cache_latents, L.cache_latents_ref])
+def test_a_cached_class_reports_what_its_encoding_reported(tmp_path, root, vae, caplog, encode):
+    """The stats of a class taken from the cache are those of the run that encoded it: its rows, the full paths
+    of its skipped images (the pipeline makes them relative to the class folder), the digest of its image files'
+    stamps (what a done mark keeps) and how it was encoded; the encoding run warned of the skipped images."""
+    entries = D.scan_image_folder(str(root))
+    kw = dict(cache_dir=str(tmp_path / "cache"), image_size=SIZE, batch_size=2, progress=False, num_workers=0)
+    with caplog.at_level("WARNING", logger="manifoldgd_fast.latents"), pytest.warns(UserWarning, match="broken.jpg"):
+        made = encode(entries, vae, **kw)
+    assert "class dog: skipped 1 unreadable image(s)" in [r.getMessage() for r in caplog.records]
+    cached = L.cache_latents(entries, vae, **kw)
+    keys = ("n", "skipped", "stamps", "encoded_with", "path")
+    for e in entries:
+        assert cached[e.name]["cached"] and not made[e.name]["cached"]
+        assert {k: cached[e.name][k] for k in keys} == {k: made[e.name][k] for k in keys}
+        assert made[e.name]["stamps"] == L.stamps_digest(L.file_stamps(e))
+    assert made["dog"]["skipped"] == [str(root / "dog" / "broken.jpg")]
+
+
+def test_weights_digest_tells_shapes_and_dtypes_apart():
+    """The same bytes under another shape or dtype are other weights."""
+    def module(t):
+        m = torch.nn.Module()
+        m.register_buffer("w", t)
+        return m
+
+    w = torch.arange(6, dtype=torch.float32)
+    digests = {L.weights_digest(module(t)) for t in (w.view(2, 3), w.view(3, 2), w.view(torch.int32).view(2, 3))}
+    assert len(digests) == 3
+
+
+def test_decoding_workers_leave_sigterm_to_the_main_process():
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        L._worker_ignores_sigterm(0)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)
