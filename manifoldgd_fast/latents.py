@@ -212,7 +212,7 @@ def _is_cached(path: str, entry: ClassEntry, key: CacheKey) -> tuple[dict | None
         return None, f"it holds class {meta['class']!r}"
     if sorted(meta["files"] + meta["skipped"]) != sorted(entry.relative_files()):
         return None, "other image files"
-    if meta["image_size"] != key.image_size or abs(meta["scaling_factor"] - key.scaling) >= 1e-12 \
+    if meta["image_size"] != key.image_size or not abs(meta["scaling_factor"] - key.scaling) < 1e-12 \
             or meta["vae"] != key.vae:
         return None, "other VAE weights or image size"
     if meta["stamps"] != file_stamps(entry):

@@ -735,3 +735,17 @@ def test_decoding_workers_leave_sigterm_to_the_main_process():
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_a_cache_file_whose_scaling_factor_is_not_a_number_is_encoded_again(tmp_path, root, vae, value):
+    """A recorded scaling factor of nan passed the check |recorded - the VAE's| >= 1e-12 (a comparison with nan is
+    false), so the file was reused whatever VAE asked for it; it is now stale, as any other mismatch."""
+    entries = D.scan_image_folder(str(root), classes=["cat"])
+    kw = dict(cache_dir=str(tmp_path / "cache"), image_size=SIZE, batch_size=2, progress=False, num_workers=0)
+    L.cache_latents(entries, vae, **kw)
+    path = os.path.join(kw["cache_dir"], "cat.safetensors")
+    good = open(path, "rb").read()
+    _rewrite_meta(path, scaling_factor=value)
+    stats = L.cache_latents(entries, vae, **kw)
+    assert not stats["cat"]["cached"] and open(path, "rb").read() == good
