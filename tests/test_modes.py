@@ -805,3 +805,31 @@ def test_agglomerative_refuses_more_clusters_than_latents():
     with pytest.raises(DataError, match="clusters but only"):
         agglomerative_modes(z[:3], 4)
     assert agglomerative(z[:3], 3).tolist() == [0, 1, 2]
+
+
+def test_kmeans_input_and_seed_checks():
+    z = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(DataError, match="zero features"):
+        kmeans(torch.zeros(4, 0), 2, seed=0)
+    with pytest.raises(ConfigError, match="^seed must be an integer, got True$"):
+        kmeans(z, 2, seed=True)
+    for tol in (-1e-4, math.nan, math.inf, "0.1"):
+        with pytest.raises(ConfigError, match="^tol must be a number >= 0"):
+            kmeans(z, 2, seed=0, tol=tol)
+    # a seed outside torch's range is folded into it, not refused: 2**64 + 3 draws as 3
+    for a, b in zip(kmeans(z, 2, seed=2**64 + 3), kmeans(z, 2, seed=3)):
+        assert torch.equal(a, b)
+
+
+def test_kmeans_n_init_keeps_the_first_of_equal_inertias():
+    """Runs that find the same clusters tie on inertia: the first run's centres (and label order) are kept, as
+    with n_init=1 and the same seed."""
+    z = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [50.0, 50.0], [50.0, 51.0], [51.0, 50.0]],
+                     dtype=torch.float64)
+    orders = set()
+    for seed in range(8):
+        cen, lab = kmeans(z, 2, seed=seed, n_init=6)
+        cen1, lab1 = kmeans(z, 2, seed=seed, n_init=1)
+        assert torch.equal(cen, cen1) and torch.equal(lab, lab1)
+        orders.add(int(lab[0]))
+    assert orders == {0, 1}  # the label order does follow the seeding
