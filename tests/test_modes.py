@@ -833,3 +833,24 @@ def test_kmeans_n_init_keeps_the_first_of_equal_inertias():
         assert torch.equal(cen, cen1) and torch.equal(lab, lab1)
         orders.add(int(lab[0]))
     assert orders == {0, 1}  # the label order does follow the seeding
+
+
+def test_kmeans_pp_takes_the_candidate_that_lowers_the_potential_most():
+    """Greedy k-means++: of the 2 + floor(ln k) candidates drawn prop. to D^2, the new centre is the one leaving
+    the smallest total D^2 (not simply the first drawn). Checked for the second centre, whose draws are known."""
+    from manifoldgd_fast._modes_common import _generator, _kmeans_pp, _sq_dists
+
+    z, _, _ = blobs(**PAIRS)
+    x_sq = (z * z).sum(1)
+    not_first = 0
+    for seed in range(12):
+        g = _generator(seed)
+        first = int(torch.randint(len(z), (1,), generator=g))
+        closest = _sq_dists(z, z[first][None], x_sq)[:, 0]
+        cand = torch.multinomial(closest / closest.sum(), 2, replacement=True, generator=g)
+        potential = torch.minimum(closest[None], _sq_dists(z[cand], z, x_sq[cand])).sum(1)
+        best = int(torch.argmin(potential))
+        not_first += best != 0
+        centres = _kmeans_pp(z, x_sq, 2, _generator(seed))
+        assert torch.equal(centres[0], z[first]) and torch.equal(centres[1], z[cand[best]])
+    assert not_first > 0
