@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import numbers
 import os
 import signal
 import struct
@@ -442,6 +443,9 @@ def _skip_image(path: str, message: str) -> None:
 
 def _prepare_cache(entries, vae, device, cache_dir: str, image_size: int, vae_digest: str | None):
     """Move the VAE to ``device``; returns (device, cache key, stats of cached classes, classes to encode)."""
+    if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size < 1:
+        # (not every image "unreadable", as PIL's resize to 0 px made it, nor a convolution's error for 1 px)
+        raise ConfigError(f"--image-size {image_size!r}: must be an integer >= 1")
     for e in entries:  # before anything is encoded (data.scan_image_folder never makes such a class)
         if not e.files:
             raise DataError(f"class {e.name} in {os.path.dirname(e.folder) or '.'} has no image files")

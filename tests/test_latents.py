@@ -749,3 +749,15 @@ def test_a_cache_file_whose_scaling_factor_is_not_a_number_is_encoded_again(tmp_
     _rewrite_meta(path, scaling_factor=value)
     stats = L.cache_latents(entries, vae, **kw)
     assert not stats["cat"]["cached"] and open(path, "rb").read() == good
+
+
+@pytest.mark.parametrize("encode", [L.cache_latents, L.cache_latents_ref])
+@pytest.mark.parametrize("size", [0, -16, 16.0, True, "16"])
+def test_an_image_size_that_is_not_a_positive_integer_is_a_config_error(tmp_path, root, vae, encode, size):
+    """image_size 0 or negative made every image 'unreadable' (PIL cannot resize to 0 px) and the class an error
+    blaming its files; True or 16.0 reached the encoder or PIL. Each is now a ConfigError naming the value,
+    before any image is read."""
+    entries = D.scan_image_folder(str(root), classes=["cat"])
+    with pytest.raises(ConfigError, match=r"^--image-size .*: must be an integer >= 1$"):
+        encode(entries, vae, cache_dir=str(tmp_path / "cache"), image_size=size, progress=False, num_workers=0)
+    assert not os.path.exists(tmp_path / "cache" / "cat.safetensors")
