@@ -74,7 +74,13 @@ def latent_cache_dir(cache_root: str | None, data_root: str, vae_id: str, image_
     key_parts = [os.path.abspath(data_root), vae_id, int(image_size)]
     ident = json.dumps(key_parts if precision == "float32" else key_parts + [precision])
     key = hashlib.sha1(ident.encode("utf-8")).hexdigest()[:16]
-    return os.path.join(root, "latents", key)
+    path = os.path.join(root, "latents", key)
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:  # (every class then failed as "latent cache file ... is damaged; delete it")
+        raise ConfigError(f"--cache-dir {root!r}: not UTF-8 text, and safetensors opens UTF-8 paths only; "
+                          "give a --cache-dir whose path is") from None
+    return path
 
 
 def class_cache_path(cache_dir: str, name: str) -> str:

@@ -684,6 +684,19 @@ def test_class_names_past_200_bytes_are_refused_in_one_line(tmp_path):
     assert [e.name for e in D.scan_image_folder(str(root), classes=["a" * 200])] == ["a" * 200]
 
 
+def test_a_cache_dir_that_is_not_utf8_is_refused_in_one_line(tmp_path):
+    """safetensors opens UTF-8 paths only: a --cache-dir of other bytes (latin-1's c\xff) failed for every class,
+    after encoding it, as "latent cache file ... is damaged; delete it to recompute" (deleting did not help).
+    It is refused up front, naming the path (class folders of such names are refused by the scan)."""
+    from manifoldgd_fast.errors import ConfigError
+    from manifoldgd_fast.latents import latent_cache_dir
+
+    bad = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"c\xff"))
+    with pytest.raises(ConfigError, match=r"--cache-dir '.*c\\udcff': not UTF-8 text"):
+        latent_cache_dir(bad, str(tmp_path), "vae", 8)
+    assert latent_cache_dir(str(tmp_path / "c"), str(tmp_path), "vae", 8).startswith(str(tmp_path / "c"))
+
+
 def test_numbered_class_folders_whose_labels_are_not_their_numbers_are_named(tmp_path, caplog):
     """Folders named by class number (0 .. 999, unpadded) sort as text: folder 10 gets label 2. The labels stay
     ImageFolder's; a warning names the first folder whose label is not its number (none for 0 .. 9)."""
