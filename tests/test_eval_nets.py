@@ -145,6 +145,8 @@ def test_checkpoint_and_state_dict_roundtrip(tmp_path):
 def test_load_net_errors(tmp_path):
     with pytest.raises(ConfigError, match="--teacher .*nope.pt: no such file"):
         N.load_net(str(tmp_path / "nope.pt"))
+    with pytest.raises(ConfigError, match=f"--teacher {tmp_path}: a folder, not a net's file"):   # was "no such file"
+        N.load_net(str(tmp_path))
     torch.save(N.build_net("convnet6", 4, 16).state_dict(), tmp_path / "sd.pt")
     with pytest.raises(ConfigError, match="matches none"):
         N.load_net(str(tmp_path / "sd.pt"), num_classes=5, size=16)

@@ -257,7 +257,8 @@ def load_net(source, *, num_classes: int | None = None, size: int | None = None,
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.isfile(path):
-            raise ConfigError(f"{what} {path}: no such file")
+            raise ConfigError(f"{what} {path}: " + ("a folder, not a net's file" if os.path.isdir(path)
+                                                     else "no such file"))
         try:  # a user's own pickled module needs full unpickling; the file is theirs
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:  # noqa: BLE001 - any unpickling failure is the file's fault
