@@ -273,6 +273,36 @@ def test_teacher_with_wrong_outputs_is_refused(folders):
         P.evaluate(dist, val, epochs=1, size=8, device="cpu", teacher=wrong, progress=False)
 
 
+class _TupleNet(torch.nn.Module):
+    def forward(self, x):
+        return (x.mean((2, 3)),)
+
+
+def test_teacher_that_fails_on_the_size_is_one_line(folders, tmp_path, capsys):
+    """A teacher built for another size (or input, or returning no tensor): a ConfigError, exit 2, no traceback."""
+    from manifoldgd_fast.cli import main
+    from manifoldgd_fast.eval import nets as N
+
+    dist, val = folders
+    torch.save(N.net_checkpoint(N.build_net("convnet6", 3, 32)), tmp_path / "t32.pt")
+    with pytest.raises(ConfigError) as e:
+        P.evaluate(dist, val, nets="convnet6", seeds=1, epochs=1, size=8, device="cpu",
+                   teacher=str(tmp_path / "t32.pt"), progress=False)
+    assert _one_line(e).startswith("--teacher: fails on a (1, 3, 8, 8) batch at 8 px (it was built for 32 px)")
+    one_channel = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    with pytest.raises(ConfigError, match=r"--teacher: fails on a \(1, 3, 8, 8\) batch at 8 px: RuntimeError"):
+        P.evaluate(dist, val, nets="convnet6", seeds=1, epochs=1, size=8, device="cpu", teacher=one_channel,
+                   progress=False)
+    with pytest.raises(ConfigError, match=r"--teacher: gives a tuple at 8 px, expected \(1, 3\)"):
+        P.evaluate(dist, val, nets="convnet6", seeds=1, epochs=1, size=8, device="cpu", teacher=_TupleNet(),
+                   progress=False)
+    assert main(["eval", "--distilled", dist, "--real-val", val, "--nets", "convnet6", "--seeds", "1", "--epochs",
+                 "1", "--size", "8", "--device", "cpu", "--teacher", str(tmp_path / "t32.pt"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("manifoldgd-fast: error: --teacher: fails on"), err
+    assert not os.path.exists(os.path.join(dist, "eval.json"))
+
+
 def test_imagenet_teacher_on_a_subsets_wnid_folders(tmp_path):
     """A 1000-class ImageNet ResNet-18 teacher answers for the folder's WordNet ids (ImageNette-like)."""
     from manifoldgd_fast.classes import imagenet_wnids

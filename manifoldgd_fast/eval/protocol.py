@@ -394,10 +394,20 @@ def train_net(net: str, train: Split, val: Split, num_classes: int, *, size: int
 def _check_teacher(teacher: torch.nn.Module, num_classes: int, size: int, device: torch.device,
                    precision: str = "bf16"):
     teacher = prepare_net(teacher, device, precision).eval().requires_grad_(False)
-    with torch.no_grad(), amp(device, precision):
-        out = teacher(net_layout(torch.zeros(1, 3, size, size, device=device), precision))
-    if out.ndim != 2 or out.shape[1] != num_classes:
-        raise ConfigError(f"--teacher: gives outputs of shape {tuple(out.shape)} at {size} px, "
+    try:  # a net built for another size or input fails here, not as a traceback after the validation set loaded
+        with torch.no_grad(), amp(device, precision):
+            out = teacher(net_layout(torch.zeros(1, 3, size, size, device=device), precision))
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError, AttributeError) as e:
+        built = getattr(teacher, "size", None)
+        hint = f" (it was built for {built} px)" if isinstance(built, int) and built != size else ""
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(f"--teacher: fails on a (1, 3, {size}, {size}) batch at {size} px{hint}: "
+                          f"{type(e).__name__}: {first}") from None
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != num_classes:
+        got = f"outputs of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+        raise ConfigError(f"--teacher: gives {got} at {size} px, "
                           f"expected (1, {num_classes}) for the {num_classes} classes")
     return teacher
 
