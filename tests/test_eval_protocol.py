@@ -345,6 +345,27 @@ def test_empty_class_folder(folders):
     assert "bee" in _one_line(e) and "no images" in str(e.value)
 
 
+@pytest.mark.filterwarnings("ignore:skipping unreadable image")
+def test_an_unreadable_first_image_is_skipped_for_the_size_too(folders, tmp_path):
+    """The size comes from the first readable distilled image: an unreadable first file is skipped there as
+    load_images skips it (it stopped the evaluation unless --size was given); none readable names the first."""
+    dist, val = folders
+    with open(os.path.join(dist, "ant", "000.png"), "wb") as f:
+        f.write(b"not an image")
+    res = P.evaluate(dist, val, nets="convnet6", seeds=1, epochs=1, device="cpu", progress=False)
+    assert res["size"] == 16 and res["n_train"] == 12
+    entries = P.scan_image_folder(dist, classes=["ant"], label_map="sorted")
+    Image.new("RGB", (9, 7)).save(os.path.join(dist, "ant", "001.png"))
+    assert P.native_size(entries) == 16  # (the entries' files: 000.png, then the others)
+    assert P.native_size(P.scan_image_folder(dist, classes=["ant"], label_map="sorted")) == 7
+    for f in os.listdir(os.path.join(dist, "ant")):
+        with open(os.path.join(dist, "ant", f), "wb") as fh:
+            fh.write(b"x")
+    with pytest.raises(DataError) as e:
+        P.native_size(P.scan_image_folder(dist, classes=["ant"], label_map="sorted"))
+    assert _one_line(e).startswith(f"cannot read image {os.path.join(dist, 'ant', '000.png')}: ")
+
+
 def test_class_mismatch_names_missing_and_extra(tmp_path, folders):
     dist, _ = folders
     val = make_image_folder(tmp_path / "val2", ["ant", "bee", "dog"], 2, size=16)

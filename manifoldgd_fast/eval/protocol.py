@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..config import check_out_file, derive_seed, fields_digest
-from ..data import (IMAGE_EXTS, RESAMPLERS, ClassEntry, _class_folders, _image_files, iter_class_images,
-                    read_image_uint8, scan_image_folder)
+from ..data import (IMAGE_EXTS, READ_FORMATS, RESAMPLERS, ClassEntry, _class_folders, _image_files, image_errors,
+                    iter_class_images, read_image_uint8, scan_image_folder)
 from ..devices import resolve_device
 from ..errors import ConfigError, DataError
 from ..image_labels import scan_labelled_folder
@@ -160,14 +160,18 @@ def match_classes(distilled: str, reference: str, *, exact: bool = True, what: s
 
 
 def native_size(entries: list[ClassEntry]) -> int:
+    """The short side (px) of the first readable image of ``entries``: an unreadable one is skipped, as
+    :func:`load_images` skips it. Raises DataError naming the first file when none can be read."""
     from PIL import Image
 
-    path = entries[0].files[0]
-    try:
-        with Image.open(path) as im:
-            return min(im.size)
-    except OSError as e:
-        raise DataError(f"cannot read image {path}: {e}") from None
+    first = None
+    for path in (f for e in entries for f in e.files):
+        try:
+            with Image.open(path, formats=READ_FORMATS) as im:
+                return min(im.size)
+        except image_errors() as e:
+            first = first or f"cannot read image {path}: {e}"
+    raise DataError(first or "no image to take the size from")
 
 
 def capped(e: ClassEntry, n: int | None) -> ClassEntry:
