@@ -383,6 +383,21 @@ def test_bad_parameters(folders):
             P.evaluate(dist, val, progress=False, **kw)
 
 
+def test_one_pixel_images_name_the_folder_not_an_unset_size(tmp_path, folders, monkeypatch):
+    """1-px distilled images without --size: a DataError naming the folder (it blamed '--size 1', a flag not
+    given); --size 1 is refused before any image is loaded; --size 4 trains on them."""
+    _, val = folders
+    dist = make_image_folder(tmp_path / "px1", CLASSES, 2, size=1)
+    with pytest.raises(DataError) as e:
+        P.evaluate(dist, val, nets="convnet6", seeds=1, epochs=1, device="cpu", progress=False)
+    assert _one_line(e) == (f"distilled folder {dist}: its images are 1 px, too small to train on; "
+                            "pass --size (>= 2) to resize them")
+    assert P.evaluate(dist, val, nets="convnet6", seeds=1, epochs=1, size=4, device="cpu", progress=False)["size"] == 4
+    monkeypatch.setattr(P, "load_images", lambda *a, **k: pytest.fail("loaded images before refusing --size 1"))
+    with pytest.raises(ConfigError, match="^--size 1: must be >= 2$"):
+        P.evaluate(dist, val, nets="convnet6", seeds=1, epochs=1, size=1, device="cpu", progress=False)
+
+
 # --------------------------------------------------------------------------- CLI
 def _parser():
     from manifoldgd_fast.cli import build_parser  # the real CLI's parser

@@ -516,6 +516,8 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
         raise ConfigError(f"--lr {lr}: must be > 0 and finite in float32")   # (SGD takes it as a float32)
     if size is not None and size > MAX_SIZE:
         raise ConfigError(f"--size {size}: must be <= {MAX_SIZE} px")
+    if size is not None and size < 2:  # (build_net's check, before the validation set is loaded)
+        raise ConfigError(f"--size {size}: must be >= 2")
     temperature = SOFT_TEMPERATURE if temperature is None else temperature
     try:
         temperature_ok = math.isfinite(float(temperature)) and float(temperature) > 0
@@ -536,7 +538,11 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
     if len(set(ipcs)) > 1:
         log.warning("the distilled folders hold different IPCs (%s); epochs follow the largest, %d",
                     ", ".join(map(str, ipcs)), ipc)
-    size = size or default_size(native_size(matched[0][1]))
+    if size is None:
+        size = default_size(native_size(matched[0][1]))
+        if size < 2:  # (not --size's error: the flag was not given)
+            raise DataError(f"distilled folder {folders[0]}: its images are {size} px, too small to train on; "
+                            "pass --size (>= 2) to resize them")
     val_load = max(size, round(size * VAL_RESIZE)) if val_resize is None else val_resize
     if val_load < size:
         raise ConfigError(f"--val-resize {val_resize}: must be >= the evaluation size {size} (--size)")
