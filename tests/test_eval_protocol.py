@@ -366,6 +366,18 @@ def test_an_unreadable_first_image_is_skipped_for_the_size_too(folders, tmp_path
     assert _one_line(e).startswith(f"cannot read image {os.path.join(dist, 'ant', '000.png')}: ")
 
 
+def test_system_folders_in_the_distilled_folder_are_not_classes(folders):
+    """A distilled folder unzipped from macOS (__MACOSX/) or kept on a Synology (@eaDir/): not classes, as in the
+    validation folder (they were 'not in the validation set', and the evaluation refused)."""
+    dist, val = folders
+    os.makedirs(os.path.join(dist, "__MACOSX", "ant"))
+    Image.new("RGB", (16, 16)).save(os.path.join(dist, "__MACOSX", "ant", "img000.png"))
+    os.makedirs(os.path.join(dist, "@eaDir"))
+    assert P.distilled_class_names(dist) == CLASSES
+    classes, dist_entries, _ = P.match_classes(dist, val)
+    assert classes == CLASSES and [e.name for e in dist_entries] == CLASSES
+
+
 def test_class_mismatch_names_missing_and_extra(tmp_path, folders):
     dist, _ = folders
     val = make_image_folder(tmp_path / "val2", ["ant", "bee", "dog"], 2, size=16)

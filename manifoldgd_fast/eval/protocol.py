@@ -102,12 +102,13 @@ def _has_images(folder: str) -> bool:
 
 
 def distilled_class_names(root: str) -> list[str]:
-    """Class folders of a distilled OUT/ (``latents/``, ``modes/`` without images are not classes)."""
+    """Class folders of a distilled OUT/ (``latents/``, ``modes/`` without images are not classes, nor
+    :data:`data.SYSTEM_FOLDERS`)."""
     if not os.path.isdir(root):
         raise DataError(f"distilled folder {root} does not exist" if not os.path.exists(root)
                         else f"distilled folder {root} is not a folder")
-    names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    names = [n for n in names if n not in RESERVED_DIRS or _has_images(os.path.join(root, n))]
+    # (data._class_folders, as the validation folder's: no hidden, system or archive folder such as __MACOSX)
+    names = [n for n in _class_folders(root) if n not in RESERVED_DIRS or _has_images(os.path.join(root, n))]
     if not names:
         raise DataError(f"distilled folder {root} has no class folders (expected OUT/<class>/<i>.png)")
     return names
