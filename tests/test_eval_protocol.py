@@ -273,6 +273,25 @@ def test_teacher_with_wrong_outputs_is_refused(folders):
         P.evaluate(dist, val, epochs=1, size=8, device="cpu", teacher=wrong, progress=False)
 
 
+def test_the_teacher_file_is_named_by_its_path(folders, tmp_path, monkeypatch):
+    """eval.json names a teacher file by its absolute path, given as a str or a pathlib.Path (it said 'PosixPath'),
+    and an in-memory net by its type."""
+    import pathlib
+
+    from manifoldgd_fast.eval import nets as N
+
+    dist, val = folders
+    torch.save(N.net_checkpoint(N.build_net("convnet6", 3, 8)), tmp_path / "t.pt")
+    monkeypatch.chdir(tmp_path)
+    for teacher in ("t.pt", pathlib.Path("t.pt")):
+        res = P.evaluate(dist, val, nets="convnet6", seeds=1, epochs=1, size=8, device="cpu", teacher=teacher,
+                         progress=False)
+        assert res["teacher"] == str(tmp_path / "t.pt"), teacher
+    res = P.evaluate(dist, val, nets="convnet6", seeds=1, epochs=1, size=8, device="cpu", teacher=ColourOracle(),
+                     progress=False)
+    assert res["teacher"] == "ColourOracle"
+
+
 class _TupleNet(torch.nn.Module):
     def forward(self, x):
         return (x.mean((2, 3)),)

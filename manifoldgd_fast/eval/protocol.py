@@ -417,6 +417,15 @@ def _check_teacher(teacher: torch.nn.Module, num_classes: int, size: int, device
     return teacher
 
 
+def _teacher_name(teacher) -> str:
+    """How eval.json names the teacher: a file by its absolute path (a pathlib.Path too), a keyword as given, an
+    in-memory net or state dict by its type."""
+    if isinstance(teacher, (str, os.PathLike)):
+        path = os.fspath(teacher)
+        return os.path.abspath(path) if os.path.isfile(path) else path
+    return type(teacher).__name__
+
+
 def _folder_list(distilled) -> list[str]:
     """One folder or a sequence of them -> a list; ConfigError naming --distilled for none or repeats."""
     if isinstance(distilled, (str, os.PathLike)):
@@ -631,7 +640,7 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
         "epochs": epochs, "eval_every": eval_every or (None if soft else max(1, epochs // 100)),
         "tested": describe_tests(epochs, eval_every, soft=soft), "hparams": hp,
         "temperature": temperature if soft else None,
-        "teacher": (teacher if isinstance(teacher, str) else type(teacher).__name__) if soft else None,
+        "teacher": _teacher_name(teacher) if soft else None,
         "augment": augment.describe(), "seeds": seed_list,
         "std_over": (f"{len(folders)} distilled sets x {len(seed_list)} seeds" if several
                      else f"{len(seed_list)} seeds"),
