@@ -155,6 +155,24 @@ def test_load_net_errors(tmp_path):
         N.load_net(str(tmp_path / "junk.pt"), what="--encoder")
 
 
+def test_a_net_checkpoint_that_does_not_load_is_one_config_error(tmp_path):
+    """A damaged net checkpoint (or one of a layout that changed since) was a RuntimeError / KeyError /
+    ValueError traceback; it is a one-line ConfigError naming the flag and why."""
+    ck = N.net_checkpoint(N.build_net("convnet6", 3, 16))
+    for change, why in [({"size": 32}, "Missing key"), ({"num_classes": 5}, "size mismatch for classifier.weight"),
+                        ({"net": "vgg"}, "unknown net 'vgg'"), ({"size": "abc"}, "invalid literal"),
+                        ({"state_dict": None}, "state_dict"), ({"norm": "layer"}, "'layer' norm")]:
+        torch.save({**ck, **change}, tmp_path / "bad.pt")
+        with pytest.raises(ConfigError) as e:
+            N.load_net(str(tmp_path / "bad.pt"), what="--encoder")
+        msg = str(e.value)
+        assert msg.startswith(f"--encoder: a {N.NET_FORMAT} checkpoint that does not load (") and why in msg, msg
+        assert "\n" not in msg and "--nets" not in msg
+    torch.save({k: v for k, v in ck.items() if k != "state_dict"}, tmp_path / "bad.pt")
+    with pytest.raises(ConfigError, match=r"does not load \(no 'state_dict' entry\)$"):
+        N.load_net(str(tmp_path / "bad.pt"))
+
+
 # --------------------------------------------------------------------------- torchvision's ImageNet ResNet-18
 @pytest.mark.parametrize("size", [224, 64, 32])
 def test_torchvision_resnet18_loads_and_matches_its_forward(size, tmp_path):

@@ -270,8 +270,13 @@ def _net_from(obj, num_classes, size, what) -> nn.Module:
     if isinstance(obj, nn.Module):
         return obj.cpu().eval()
     if isinstance(obj, dict) and obj.get("format") == NET_FORMAT:
-        net = build_net(obj["net"], int(obj["num_classes"]), int(obj["size"]), norm=obj.get("norm", "instance"))
-        net.load_state_dict(obj["state_dict"])
+        try:  # a damaged checkpoint, or one of a net whose layout has changed since: the file's fault
+            net = build_net(obj["net"], int(obj["num_classes"]), int(obj["size"]), norm=obj.get("norm", "instance"))
+            net.load_state_dict(obj["state_dict"])
+        except (ConfigError, KeyError, TypeError, ValueError, RuntimeError) as e:
+            why = f"no {e} entry" if isinstance(e, KeyError) else _first_error(e) if isinstance(e, RuntimeError) \
+                else str(e).removeprefix("--nets: ")
+            raise ConfigError(f"{what}: a {NET_FORMAT} checkpoint that does not load ({why})") from None
         return net.eval()
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         if is_fid_inception_state_dict(obj):
