@@ -377,6 +377,8 @@ def test_an_unreadable_first_image_is_skipped_for_the_size_too(folders, tmp_path
     Image.new("RGB", (9, 7)).save(os.path.join(dist, "ant", "001.png"))
     assert P.native_size(entries) == 16  # (the entries' files: 000.png, then the others)
     assert P.native_size(P.scan_image_folder(dist, classes=["ant"], label_map="sorted")) == 7
+    Image.new("RGB", (1, 100)).save(os.path.join(dist, "ant", "001.png"))  # a strip load_images skips: so here
+    assert P.native_size(P.scan_image_folder(dist, classes=["ant"], label_map="sorted")) == 16
     for f in os.listdir(os.path.join(dist, "ant")):
         with open(os.path.join(dist, "ant", f), "wb") as fh:
             fh.write(b"x")

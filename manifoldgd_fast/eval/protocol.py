@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..config import check_out_file, derive_seed, fields_digest
-from ..data import (IMAGE_EXTS, READ_FORMATS, RESAMPLERS, ClassEntry, _class_folders, _image_files, image_errors,
-                    iter_class_images, read_image_uint8, scan_image_folder)
+from ..data import (IMAGE_EXTS, MAX_ASPECT, READ_FORMATS, RESAMPLERS, ClassEntry, _class_folders, _image_files,
+                    image_errors, iter_class_images, read_image_uint8, scan_image_folder)
 from ..devices import resolve_device
 from ..errors import ConfigError, DataError
 from ..image_labels import scan_labelled_folder
@@ -161,15 +161,19 @@ def match_classes(distilled: str, reference: str, *, exact: bool = True, what: s
 
 
 def native_size(entries: list[ClassEntry]) -> int:
-    """The short side (px) of the first readable image of ``entries``: an unreadable one is skipped, as
-    :func:`load_images` skips it. Raises DataError naming the first file when none can be read."""
+    """The short side (px) of the first readable image of ``entries``: an unreadable one (or a strip past
+    data.MAX_ASPECT) is skipped, as :func:`load_images` skips it. Raises DataError naming the first file when
+    none can be read."""
     from PIL import Image
 
     first = None
     for path in (f for e in entries for f in e.files):
         try:
             with Image.open(path, formats=READ_FORMATS) as im:
-                return min(im.size)
+                w, h = im.size
+            if min(w, h) < 1 or max(w, h) > MAX_ASPECT * min(w, h):  # (read_image_uint8 skips it too)
+                raise ValueError(f"{w} x {h} px, an aspect ratio over {MAX_ASPECT}:1")
+            return min(w, h)
         except image_errors() as e:
             first = first or f"cannot read image {path}: {e}"
     raise DataError(first or "no image to take the size from")
