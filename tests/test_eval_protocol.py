@@ -709,6 +709,27 @@ def test_restrict_val_uses_only_the_distilled_classes(folders, tmp_path, monkeyp
     assert "not in the validation set: cat" in _one_line(e)
 
 
+def test_restrict_val_reads_only_the_distilled_classes_folders(folders, tmp_path):
+    """With restrict_val, an empty (or odd) validation class the distilled set lacks stops nothing (it was 'class
+    zzz ... has no images'); the exact match still needs every class; no shared class is a class mismatch."""
+    dist, _ = folders
+    val = make_image_folder(tmp_path / "val_all", [*CLASSES, "dog"], 2, size=16, seed=3)
+    os.makedirs(os.path.join(val, "zzz"))
+    classes, _, ref = P.match_classes(dist, val, exact=False)
+    assert classes == CLASSES and [(e.name, e.label, len(e.files)) for e in ref] == [
+        ("ant", 0, 2), ("bee", 1, 2), ("cat", 2, 2)]
+    res = P.evaluate(dist, val, nets="convnet6", seeds=1, epochs=1, size=8, device="cpu", progress=False,
+                     restrict_val=True)
+    assert res["n_val"] == 6
+    with pytest.raises(DataError, match="class zzz in .* has no images"):
+        P.match_classes(dist, val, exact=True)
+    other = make_image_folder(tmp_path / "val_other", ["dog"], 2, size=16)
+    os.makedirs(os.path.join(other, "zzz"))
+    with pytest.raises(DataError) as e:
+        P.match_classes(dist, other, exact=False)
+    assert "not in the validation set: ant, bee, cat" in _one_line(e)
+
+
 def test_evaluate_trains_all_three_nets_by_default(folders, monkeypatch):
     dist, val = folders
     trained = []

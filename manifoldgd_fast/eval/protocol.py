@@ -129,7 +129,7 @@ def match_classes(distilled: str, reference: str, *, exact: bool = True, what: s
     """Scan both folders and pair their classes; labels are the sorted class order of ``reference``.
 
     exact: the class sets must be equal (else only distilled ⊆ reference; the
-    reference is then restricted to the distilled classes). labels: the reference is a
+    reference is then restricted to the distilled classes, and only their folders are read). labels: the reference is a
     flat folder of images and this file names each one's class (image_labels.scan_labelled_folder).
     Returns (class names, distilled entries, reference entries), entries' ``label``
     rewritten to the shared index. Raises DataError naming missing / extra classes.
@@ -137,10 +137,17 @@ def match_classes(distilled: str, reference: str, *, exact: bool = True, what: s
     if labels is None and what == "validation" and _flat_image_folder(reference):
         raise DataError(f"validation folder {reference} holds images but no class folders: for a flat folder (as "
                         "ImageNet's val is distributed) name each image's class with --val-labels FILE")
-    ref_all = (scan_labelled_folder(reference, labels) if labels is not None
-               else scan_image_folder(reference, label_map="sorted"))
-    ref_names = {e.name for e in ref_all}
-    dist_names = distilled_class_names(distilled)
+    present = _class_folders(reference) if labels is None and not exact and os.path.isdir(reference) else []
+    if present:  # only the distilled classes are read: an empty or odd folder of another class stops nothing
+        dist_names = distilled_class_names(distilled)
+        ref_names = set(present)
+        ref_all = scan_image_folder(reference, classes=[n for n in dist_names if n in ref_names],
+                                    label_map="sorted") if ref_names & set(dist_names) else []
+    else:
+        ref_all = (scan_labelled_folder(reference, labels) if labels is not None
+                   else scan_image_folder(reference, label_map="sorted"))
+        ref_names = {e.name for e in ref_all}
+        dist_names = distilled_class_names(distilled)
     missing = ref_names - set(dist_names)
     extra = set(dist_names) - ref_names
     if extra or (exact and missing):
