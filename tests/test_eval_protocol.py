@@ -149,6 +149,8 @@ def test_load_images_is_exact_and_centre_crops(tmp_path):
     # resize 256/224 then centre crop: at 14 px the loaded side is 16, so the crop is the image's centre
     x, _ = P.load_images(entries, 14, resize=16 / 14)
     assert torch.equal(x[0], torch.from_numpy(arr[1:15, 1:15]).permute(2, 0, 1))
+    # a resize below 1 never loads the short side below the size: the whole image, as resize=1
+    assert torch.equal(P.load_images(entries, 16, resize=0.5)[0], P.load_images(entries, 16)[0])
 
 
 # --------------------------------------------------------------------------- training runs
