@@ -221,6 +221,7 @@ def test_soft_label_run_is_rdeds_validation(folders, monkeypatch):
     assert res["augment"]["random_resized_crop"]["scale"] == [0.5, 1.0]
     decayed, kept = groups
     assert decayed["weight_decay"] == 0.01 and kept["weight_decay"] == 0.0
+    assert decayed["lr"] == kept["lr"] == 1e-3 and decayed["betas"] == kept["betas"] == (0.9, 0.999)  # MGD3 App.
     assert all(p.dim() == 4 or p.dim() == 2 for p in decayed["params"]) and len(decayed["params"]) == 7  # 6 convs, fc
     assert all(p.dim() == 1 for p in kept["params"]) and len(kept["params"]) == 6 * 3 + 1  # conv biases, norms, fc bias
 
