@@ -300,6 +300,15 @@ class _TupleNet(torch.nn.Module):
         return (x.mean((2, 3)),)
 
 
+class _OutOfMemoryNet(torch.nn.Module):
+    def __init__(self, error):
+        super().__init__()
+        self.error = error
+
+    def forward(self, x):
+        raise self.error
+
+
 def test_teacher_that_fails_on_the_size_is_one_line(folders, tmp_path, capsys):
     """A teacher built for another size (or input, or returning no tensor): a ConfigError, exit 2, no traceback."""
     from manifoldgd_fast.cli import main
@@ -323,6 +332,11 @@ def test_teacher_that_fails_on_the_size_is_one_line(folders, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("manifoldgd-fast: error: --teacher: fails on"), err
     assert not os.path.exists(os.path.join(dist, "eval.json"))
+    # out of memory is not the teacher's fault: it goes on to the CLI's out-of-memory message
+    for error in (torch.OutOfMemoryError("CUDA out of memory."),
+                  RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 64 bytes")):
+        with pytest.raises(type(error), match="out of memory|can't allocate"):
+            P._check_teacher(_OutOfMemoryNet(error), 3, 8, torch.device("cpu"))
 
 
 def test_imagenet_teacher_on_a_subsets_wnid_folders(tmp_path):

@@ -416,6 +416,8 @@ def _check_teacher(teacher: torch.nn.Module, num_classes: int, size: int, device
     except torch.OutOfMemoryError:
         raise
     except (RuntimeError, ValueError, TypeError, IndexError, AttributeError) as e:
+        if "can't allocate memory" in str(e):  # the host's allocator: out of memory, not the teacher's fault
+            raise
         built = getattr(teacher, "size", None)
         hint = f" (it was built for {built} px)" if isinstance(built, int) and built != size else ""
         first = (str(e).strip().splitlines() or [""])[0][:200]
