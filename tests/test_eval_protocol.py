@@ -1004,6 +1004,33 @@ def test_best_is_the_first_highest_test_and_final_the_last(folders, monkeypatch)
     assert r["history"] == [[1, 10.0], [2, 30.0], [3, 30.0], [4, 20.0]]
 
 
+class _ScriptedNet(_BiasNet):
+    """Predicts class 0 in its first two training epochs (one batch each), class 2 after."""
+
+    def __init__(self):
+        super().__init__(3)
+        self.calls = 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+        offset = torch.tensor([1.0, 0.0, 0.0] if self.calls <= 2 else [0.0, 0.0, 1.0])
+        return super().forward(x) + offset
+
+
+def test_train_acc_is_over_the_epochs_since_the_last_test(monkeypatch):
+    """train_acc: the training batches' top-1 since the previous test (epochs 3-4 here: class 2 predicted, labels
+    0 0 1 2, so 25 %), neither over the whole run (37.5 %) nor with a counter left running (75 %, 12.5 %)."""
+    y = torch.tensor([0, 0, 1, 2])
+    x = torch.zeros(4, 3, 4, 4, dtype=torch.uint8)
+    monkeypatch.setattr(P, "build_net", lambda *a, **k: _ScriptedNet())
+    monkeypatch.setattr(P, "accuracy", lambda *a, **k: 0.0)
+    hp = dict(optimizer="sgd", lr=0.0, momentum=0.0, weight_decay=0.0, batch_size=4, schedule="half-cosine")
+    r = P.train_net("convnet6", P.Split(x, y), P.Split(x, y), 3, size=4, epochs=4, hp=hp, seed=0,
+                    device=torch.device("cpu"), eval_every=2, progress=False, precision="fp32")
+    assert r["train_acc"] == 25.0
+
+
 def test_each_epoch_draws_a_new_order(folders, monkeypatch):
     """The training set is shuffled every epoch (not in file order, not the same order twice)."""
     dist, val = folders
