@@ -935,6 +935,22 @@ def test_accuracy_feeds_the_net_normalised_images():
     assert float(A.to_unit(torch.tensor([255], dtype=torch.uint8))) == 1.0
 
 
+def test_testing_a_float_split_leaves_its_images_as_they_were():
+    """to_unit makes a new tensor: a Split of float images (0..255) tested twice gives the same accuracy and
+    keeps its images (the in-place division of x.float(), x itself, rescaled the split at every test)."""
+    x = torch.tensor([0.0, 255.0]).view(2, 1, 1, 1).expand(2, 3, 2, 2).contiguous()
+    split = P.Split(x, torch.tensor([0, 1]))
+
+    class Bright(torch.nn.Module):  # class 1 where the image is bright
+        def forward(self, z):
+            return torch.stack([torch.zeros(len(z)), z.mean((1, 2, 3))], 1)
+
+    assert [P.accuracy(Bright(), split, torch.device("cpu"), 1, "fp32") for _ in range(2)] == [100.0, 100.0]
+    assert torch.equal(split.x[:, 0, 0, 0], torch.tensor([0.0, 255.0]))
+    u = torch.tensor([[51.0]])
+    assert torch.equal(A.to_unit(u), torch.tensor([[0.2]])) and float(u) == 51.0
+
+
 def test_the_training_flip_is_a_fair_coin(monkeypatch):
     """Horizontal flip with p = 1/2 per image (with the crop pinned to the whole image and no colour
     noise, an image comes out as itself or its mirror)."""

@@ -37,8 +37,9 @@ _GREY = (0.299, 0.587, 0.114)
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float32 in [0, 1] (ToTensor's scaling)."""
-    return x.float().div_(255.0)
+    """uint8 (B, 3, H, W) -> float32 in [0, 1] (ToTensor's scaling), a new tensor: ``x.float()`` of a float
+    tensor (or of a float Split's slice, a view) is ``x`` itself, which an in-place division would rescale."""
+    return x.to(torch.float32, copy=True).div_(255.0)
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
