@@ -449,6 +449,21 @@ def test_one_pixel_images_name_the_folder_not_an_unset_size(tmp_path, folders, m
 
 
 # --------------------------------------------------------------------------- CLI
+def test_eval_help_states_the_defaults_the_protocol_uses():
+    """--epochs and --batch-size say what default_epochs / default_hparams give: IDC's 500 / 300 epochs past
+    IPC 200 and the soft-label protocol's batch (the help said 64 / 128 with --teacher too)."""
+    import argparse
+
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {a.dest: a.help for a in sub.choices["eval"]._actions}
+    assert (P.default_epochs(500, 10), P.default_epochs(501, 10)) == (500, 300)
+    assert "500 <= 500, else 300" in helps["epochs"]
+    assert [P.default_hparams(10, soft=True, ipc=i)["batch_size"] for i in (1, 10, 50)] == [10, 50, 100]
+    assert P.default_hparams(100, soft=True, ipc=50)["batch_size"] == 200
+    assert "with --teacher RDED's 10 / 50 / 100 for IPC 1 / <= 10 / more, twice that from 100 classes" in \
+        helps["batch_size"]
+
+
 def _parser():
     from manifoldgd_fast.cli import build_parser  # the real CLI's parser
 

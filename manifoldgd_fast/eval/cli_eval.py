@@ -60,12 +60,14 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                                                 f"(default: all three; convnet6 for the digits demo)")
     g.add_argument("--seeds", type=_seeds, default=3, help="number of seeds (0..n-1) or a list such as 0,5,7")
     g.add_argument("--epochs", type=int, default=None,
-                   help="training epochs (default: 2000 for IPC <= 10, 1500 <= 50, 1000 <= 200, x 2/3 for 100 classes "
-                        f"rounded down to 100s as IDC; 300 soft-label; {DEMO_EPOCHS} for the digits demo)")
+                   help="training epochs (default: 2000 for IPC <= 10, 1500 <= 50, 1000 <= 200, 500 <= 500, else 300, "
+                        f"x 2/3 for 100 classes rounded down to 100s as IDC; 300 soft-label; {DEMO_EPOCHS} for the "
+                        "digits demo)")
     g.add_argument("--size", type=int, default=None, help="training / test resolution (default: 224, or the "
                                                           "distilled images' size if smaller)")
     g.add_argument("--batch-size", type=int, default=None,
-                   help="training batch size (default: 64; 128 for more than 100 classes)")
+                   help="training batch size (default: 64; 128 for more than 100 classes; with --teacher RDED's "
+                        "10 / 50 / 100 for IPC 1 / <= 10 / more, twice that from 100 classes, at most the set's size)")
     g.add_argument("--lr", type=float, default=None,
                    help="learning rate (default: SGD 0.01, 0.1 for more than 100 classes; AdamW 1e-3 with --teacher)")
     g.add_argument("--teacher", default=None, metavar="PATH",
