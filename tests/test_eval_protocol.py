@@ -1113,6 +1113,26 @@ def test_hparams_switch_past_100_classes_and_the_ipc_is_the_largest_class(folder
     assert res["val_resize"] == 37                                  # 36.57 rounds up
 
 
+@pytest.mark.parametrize("soft", [False, True])
+def test_batch_size_lr_and_epochs_given_reach_every_run(folders, monkeypatch, soft):
+    """--batch-size / --lr / --epochs replace the protocol's defaults in the runs and in eval.json (a --batch-size
+    left out of the hparams passed every other test); left out, the defaults (hard: 64 / 0.01 / 2000 at IPC 4;
+    soft: 12 = the whole set / 1e-3 / 300)."""
+    dist, val = folders
+    got = []
+    monkeypatch.setattr(P, "train_net", lambda net, *a, seed, epochs, hp, **kw: got.append((epochs, dict(hp))) or
+                        {"seed": seed, "best": 1.0, "final": 1.0, "params": 1})
+    teacher = ColourOracle() if soft else None
+    res = P.evaluate(dist, val, nets="convnet6", seeds=2, size=8, device="cpu", progress=False, teacher=teacher,
+                     batch_size=5, lr=0.25, epochs=7)
+    assert [(e, hp["batch_size"], hp["lr"]) for e, hp in got] == [(7, 5, 0.25)] * 2
+    assert (res["hparams"]["batch_size"], res["hparams"]["lr"], res["epochs"]) == (5, 0.25, 7)
+    got.clear()
+    res = P.evaluate(dist, val, nets="convnet6", seeds=1, size=8, device="cpu", progress=False, teacher=teacher)
+    assert [(e, hp["batch_size"], hp["lr"]) for e, hp in got] == [(300, 12, 1e-3) if soft else (2000, 64, 0.01)]
+    assert (res["hparams"]["batch_size"], res["epochs"]) == ((12, 300) if soft else (64, 2000))
+
+
 def test_the_real_subset_is_drawn_per_class():
     """capped: each class's subset is its own draw (seeded by its name), not the same positions for all."""
     from manifoldgd_fast.data import ClassEntry
