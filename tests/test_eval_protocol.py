@@ -1133,6 +1133,33 @@ def test_batch_size_lr_and_epochs_given_reach_every_run(folders, monkeypatch, so
     assert (res["hparams"]["batch_size"], res["epochs"]) == ((12, 300) if soft else (64, 2000))
 
 
+def test_several_folders_of_other_ipcs_train_as_long_as_the_largest(folders, tmp_path, monkeypatch, caplog):
+    """Folders of IPC 4 and 11: the epochs of IPC 11 (1500, not IPC 4's 2000) for both, said in a warning;
+    eval.json's ipc is the largest, each folder's own in per_folder."""
+    dist, val = folders
+    dist2 = make_image_folder(tmp_path / "out2", CLASSES, 11, size=8, seed=7)
+    got = []
+    monkeypatch.setattr(P, "train_net", lambda net, *a, seed, epochs, **kw: got.append(epochs) or
+                        {"seed": seed, "best": 1.0, "final": 1.0, "params": 1})
+    with caplog.at_level("WARNING", logger=P.log.name):
+        res = P.evaluate([dist, dist2], val, nets="convnet6", seeds=1, size=8, device="cpu", progress=False)
+    assert got == [1500, 1500] and res["epochs"] == 1500 and res["ipc"] == 11
+    assert [pf["ipc"] for pf in res["per_folder"]] == [4, 11]
+    assert "different IPCs (4, 11); epochs follow the largest, 11" in caplog.text
+
+
+def test_a_reserved_folder_holding_images_is_a_class(folders, tmp_path):
+    """latents/ and modes/ are a run's own folders, not classes, unless they hold images (a class of that name)."""
+    dist, _ = folders
+    os.makedirs(os.path.join(dist, "modes"))
+    assert P.distilled_class_names(dist) == CLASSES
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(os.path.join(dist, "modes", "0.png"))
+    assert P.distilled_class_names(dist) == sorted([*CLASSES, "modes"])
+    val = make_image_folder(tmp_path / "val_m", [*CLASSES, "modes"], 2, size=16)
+    classes, dist_entries, _ = P.match_classes(dist, val)
+    assert classes == sorted([*CLASSES, "modes"]) and dist_entries[-1].name == "modes"
+
+
 def test_the_real_subset_is_drawn_per_class():
     """capped: each class's subset is its own draw (seeded by its name), not the same positions for all."""
     from manifoldgd_fast.data import ClassEntry
