@@ -107,6 +107,15 @@ def test_crop_boxes_follow_random_resized_crop():
     assert torch.equal(b, again)
 
 
+def test_crop_boxes_never_take_an_empty_draw():
+    """torchvision's 0 < w <= width, 0 < h <= height: a draw whose side rounds to 0 (a small scale on a 3 x 3
+    image: sides 0 or 1) is passed over for the next, never taken; 1 x 1 images always crop themselves."""
+    g = torch.Generator().manual_seed(0)
+    b = A.crop_boxes(500, 3, 3, g, "cpu", scale=(0.02, 0.05))
+    assert (b[:, 2:] >= 1).all() and (b[:, :2] + b[:, 2:] <= 3).all()
+    assert torch.equal(A.crop_boxes(50, 1, 1, g, "cpu"), torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(50, 4))
+
+
 def test_jitter_lighting_cutmix():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(6, 3, 8, 8)
