@@ -107,6 +107,14 @@ def test_crop_boxes_follow_random_resized_crop():
     assert torch.equal(b, again)
 
 
+def test_crop_boxes_fall_back_to_the_centre_with_the_ratio_clamped():
+    """No draw fits a 100 x 2 (or 2 x 100) image: torchvision's fallback, the whole image with its aspect clamped
+    into 3/4 .. 4/3 (the long side round(2 * 4/3) = 3), centred ((100 - 3) // 2 = 48)."""
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(A.crop_boxes(4, 100, 2, g, "cpu"), torch.tensor([[48.0, 0.0, 3.0, 2.0]]).expand(4, 4))
+    assert torch.equal(A.crop_boxes(4, 2, 100, g, "cpu"), torch.tensor([[0.0, 48.0, 2.0, 3.0]]).expand(4, 4))
+
+
 def test_crop_boxes_never_take_an_empty_draw():
     """torchvision's 0 < w <= width, 0 < h <= height: a draw whose side rounds to 0 (a small scale on a 3 x 3
     image: sides 0 or 1) is passed over for the next, never taken; 1 x 1 images always crop themselves."""
