@@ -221,6 +221,23 @@ def test_imagenet_teacher_answers_for_a_subsets_wnids():
     assert not isinstance(N.load_net(sd, num_classes=1000, class_names=wnids), N.ClassSubset)
     with pytest.raises(ConfigError, match="--teacher: .*'golden_retriever' is not an ImageNet-1k WordNet id"):
         N.load_net(sd, num_classes=2, class_names=[wnids[0], "golden_retriever"])
+    # 1000 classes of the user's own names: the net's outputs in order, not refused as unknown WordNet ids
+    own = N.load_net(sd, num_classes=1000, class_names=[f"c{i:04d}" for i in range(1000)])
+    assert not isinstance(own, N.ClassSubset) and own.num_classes == 1000
+
+
+def test_batch_norm_resnet_strides_as_torchvision_at_any_size():
+    """The batch-norm ResNet-18 (torchvision's, the soft-label student) strides in every stage past the first,
+    as torchvision (8 px: 8, 4, 2, 1); the instance-norm one keeps its maps >= 2 x 2 (8, 4, 2, 2)."""
+    x = torch.zeros(2, 3, 8, 8)
+    for norm, sides in (("batch", [8, 4, 2, 1]), ("instance", [8, 4, 2, 2])):
+        net = N.build_net("resnet18", 3, 8, norm=norm).eval()
+        h = net.stem(x)
+        got = []
+        for stage in net.stages:
+            h = stage(h)
+            got.append(h.shape[-1])
+        assert got == sides, norm
 
 
 def test_other_torchvision_resnets_are_refused():
