@@ -261,6 +261,25 @@ def test_flat_validation_folder_with_labels_is_the_class_folder_run(folders, tmp
     assert f"labelled by {os.path.abspath(labels)}" in open(tmp_path / "b.md").read()
 
 
+def test_flat_validation_folder_with_restrict_val_keeps_the_distilled_classes(folders, tmp_path):
+    """--val-labels with --restrict-val: the labelled classes the distilled set lacks (dog) are left out of the
+    validation set, each kept image labelled by the distilled classes' order."""
+    from conftest import make_image_folder
+    from test_eval_protocol import CLASSES
+
+    dist, _ = folders
+    val = make_image_folder(tmp_path / "val4", [*CLASSES, "dog"], 2, size=16, seed=5)
+    flat, labels = _flatten(val, tmp_path, "lines")
+    with pytest.raises(DataError, match="missing from the distilled set: dog"):
+        P.match_classes(dist, flat, labels=labels)
+    classes, _, ref = P.match_classes(dist, flat, exact=False, labels=labels)
+    assert classes == CLASSES and [(e.name, e.label, len(e.files)) for e in ref] == [
+        ("ant", 0, 2), ("bee", 1, 2), ("cat", 2, 2)]
+    res = P.evaluate(dist, flat, val_labels=labels, restrict_val=True, nets="convnet6", seeds=1, epochs=1, size=8,
+                     device="cpu", progress=False)
+    assert res["n_val"] == 6 and res["classes"] == CLASSES
+
+
 def test_flat_validation_folder_bad_labels_are_one_line(folders, tmp_path, capsys):
     """Unlabelled images, a malformed or contradictory line, an unreadable file, class folders given as a
     flat folder: each a one-line error naming the file or the folder, exit 2, before any training."""
