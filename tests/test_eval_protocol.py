@@ -1148,6 +1148,7 @@ def test_batch_size_lr_and_epochs_given_reach_every_run(folders, monkeypatch, so
     res = P.evaluate(dist, val, nets="convnet6", seeds=1, size=8, device="cpu", progress=False, teacher=teacher)
     assert [(e, hp["batch_size"], hp["lr"]) for e, hp in got] == [(300, 12, 1e-3) if soft else (2000, 64, 0.01)]
     assert (res["hparams"]["batch_size"], res["epochs"]) == ((12, 300) if soft else (64, 2000))
+    assert (res["temperature"], res["protocol"]) == ((20.0, "soft-label") if soft else (None, "hard-label"))
 
 
 def test_several_folders_of_other_ipcs_train_as_long_as_the_largest(folders, tmp_path, monkeypatch, caplog):
