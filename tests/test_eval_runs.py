@@ -513,3 +513,14 @@ def test_a_partial_file_that_holds_no_runs_starts_over(tmp_path, text, caplog):
     with caplog.at_level("WARNING", logger="manifoldgd_fast.eval.resume"):
         assert resume.load_finished_runs(str(path), "f") == {}
     assert str(path) in caplog.text
+
+
+@pytest.mark.parametrize("command, real", [("eval", "--real-val"), ("metrics", "--real")])
+def test_an_empty_out_json_is_refused_not_the_default(command, real, tmp_path, capsys):
+    """`--out-json ''` (an unset $VAR) wrote to the default OUT/eval.json (metrics.json) silently, while
+    `profile --json ''` and `--config ''` are refused: now one line, before any training."""
+    from manifoldgd_fast.cli import main
+
+    assert main([command, "--distilled", str(tmp_path), real, str(tmp_path), "--out-json", ""]) == 2
+    err = capsys.readouterr().err
+    assert err == "manifoldgd-fast: error: --out-json must be a file path, got ''\n", err

@@ -489,8 +489,8 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
     if fid_resize is not None and fid_resize not in RESIZES:
         raise ConfigError(f"--fid-resize {fid_resize}: must be one of {', '.join(RESIZES)}")
     # before the encoder is trained, not after; the default lies in the distilled folder, which may be read-only
-    flag = "--out-json" if out_json else "--out-json (default)"
-    out_json = out_json or os.path.join(distilled, "metrics.json")
+    flag = "--out-json" if out_json is not None else "--out-json (default)"   # ('' refused, not the default)
+    out_json = out_json if out_json is not None else os.path.join(distilled, "metrics.json")
     if flag == "--out-json" or os.path.isdir(distilled):  # (a missing --distilled is named below, not as --out-json)
         check_out_file(out_json, flag)
     t0 = time.perf_counter()

@@ -529,8 +529,10 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
     nets = parse_nets(NET_NAMES if nets is None else nets)
     seed_list = _check_seeds(seeds)
     # before the training, not after it; the default lies in the distilled folder, which may be read-only
-    if out_json or os.path.isdir(folders[0]):  # (a missing --distilled is named below, not as --out-json)
-        check_out_file(eval_json_path(folders, out_json), "--out-json" if out_json else "--out-json (default)")
+    if out_json is not None or os.path.isdir(folders[0]):  # (a missing --distilled is named below, not as --out-json)
+        # ('' is refused: an unset $VAR wrote to the default silently)
+        check_out_file(out_json if out_json is not None else eval_json_path(folders, None),
+                       "--out-json" if out_json is not None else "--out-json (default)")
     for name, v in (("--epochs", epochs), ("--size", size), ("--batch-size", batch_size),
                     ("--eval-every", eval_every), ("--val-batch-size", val_batch_size), ("--val-resize", val_resize)):
         if v is not None and v < 1:
