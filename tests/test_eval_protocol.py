@@ -1151,6 +1151,33 @@ def test_batch_size_lr_and_epochs_given_reach_every_run(folders, monkeypatch, so
     assert (res["temperature"], res["protocol"]) == ((20.0, "soft-label") if soft else (None, "hard-label"))
 
 
+def test_the_soft_label_protocol_trains_a_resnet18_student_by_default(folders, monkeypatch, capsys):
+    """MGD3's and RDED's soft-label protocol trains a ResNet-18 student: without --nets, --teacher trains that one
+    (it trained ConvNet-6 and ResNetAP-10 too, three times the hours); hard labels train all three; --nets
+    still chooses. The CLI leaves the choice to evaluate (the digits demo's convnet6 aside)."""
+    from manifoldgd_fast.cli import main
+
+    dist, val = folders
+    got = []
+    monkeypatch.setattr(P, "train_net", lambda net, *a, seed, **kw: got.append(net) or
+                        {"seed": seed, "best": 1.0, "final": 1.0, "params": 1})
+    kw = dict(seeds=1, epochs=1, size=8, device="cpu", progress=False)
+    P.evaluate(dist, val, teacher=ColourOracle(), **kw)
+    assert got == ["resnet18"]
+    got.clear()
+    P.evaluate(dist, val, **kw)
+    assert got == list(P.NET_NAMES)
+    got.clear()
+    P.evaluate(dist, val, teacher=ColourOracle(), nets="convnet6,resnet18", **kw)
+    assert got == ["convnet6", "resnet18"]
+    got.clear()
+    teacher = os.path.join(os.path.dirname(dist), "teacher.pt")
+    torch.save(ColourOracle(), teacher)
+    assert main(["eval", "--distilled", dist, "--real-val", val, "--teacher", teacher, "--seeds", "1", "--epochs",
+                 "1", "--size", "8", "--device", "cpu", "--no-progress"]) == 0
+    assert got == ["resnet18"]
+
+
 def test_several_folders_of_other_ipcs_train_as_long_as_the_largest(folders, tmp_path, monkeypatch, caplog):
     """Folders of IPC 4 and 11: the epochs of IPC 11 (1500, not IPC 4's 2000) for both, said in a warning;
     eval.json's ipc is the largest, each folder's own in per_folder."""

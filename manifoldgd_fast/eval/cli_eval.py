@@ -57,7 +57,8 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="how every image is resized: bicubic = DiT's preprocessing (BOX halving, then bicubic); "
                         "bilinear = torchvision's Resize + CenterCrop, as the release's evaluation")
     g.add_argument("--nets", default=None, help=f"comma-separated, from {', '.join(NET_NAMES)} "
-                                                f"(default: all three; convnet6 for the digits demo)")
+                                                f"(default: all three; resnet18 with --teacher, the student of MGD3's and RDED's "
+                                                f"soft-label protocol; convnet6 for the digits demo)")
     g.add_argument("--seeds", type=_seeds, default=3, help="number of seeds (0..n-1) or a list such as 0,5,7")
     g.add_argument("--epochs", type=int, default=None,
                    help="training epochs (default: 2000 for IPC <= 10, 1500 <= 50, 1000 <= 200, 500 <= 500, else 300, "
@@ -180,8 +181,8 @@ def run_eval_from_args(ns: argparse.Namespace) -> dict:
         ns.real_val = demo_val
     _check_folders(real_val=ns.real_val)
     demo = ns.real_val == demo_val
-    if ns.nets is None:
-        ns.nets = "convnet6" if demo else ",".join(NET_NAMES)
+    if ns.nets is None and demo:  # (else evaluate's default: all three, or the soft-label protocol's resnet18)
+        ns.nets = "convnet6"
     if ns.epochs is None and demo:
         ns.epochs = DEMO_EPOCHS
     res = evaluate(folders[0] if len(folders) == 1 else folders, ns.real_val, nets=ns.nets, seeds=ns.seeds,

@@ -499,7 +499,8 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
     ``val_labels`` a flat VAL/<image> folder and the file naming each image's class
     (ImageNet's ``LOC_val_solution.csv``, the ILSVRC-2012 devkit, or '<image> <class>' lines;
     image_labels.read_image_labels).
-    nets: names or a comma-separated string; None = all three (NET_NAMES).
+    nets: names or a comma-separated string; None = all three (NET_NAMES), or with ``teacher`` a ResNet-18 (the
+    soft-label protocol's student, as MGD3 and RDED train it).
     seeds: a count (seeds 0..n-1) or a list of distinct seeds. epochs / batch_size / lr:
     None = SPEC 7's defaults for the (largest) IPC and class count. size: None = 224 for
     images of >= 224 px, else their own size. teacher: None (hard labels) or a
@@ -526,7 +527,9 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
     ``per_folder`` the same per distilled folder.
     """
     folders = _folder_list(distilled)
-    nets = parse_nets(NET_NAMES if nets is None else nets)
+    if nets is None:  # the soft-label protocol (MGD3's, RDED's) trains a ResNet-18 student; hard labels all three
+        nets = ("resnet18",) if teacher is not None else NET_NAMES
+    nets = parse_nets(nets)
     seed_list = _check_seeds(seeds)
     # before the training, not after it; the default lies in the distilled folder, which may be read-only
     if out_json is not None or os.path.isdir(folders[0]):  # (a missing --distilled is named below, not as --out-json)
