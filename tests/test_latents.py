@@ -608,18 +608,23 @@ def _rewrite_meta(path, **fields):
         f.write(L.safetensors_bytes(z, dict(meta, **fields)))
 
 
+def _cached_cat(tmp_path, root, vae):
+    """Class cat cached: (its entries, the cache folder, cache_latents' keywords, its file, the file's bytes)."""
+    entries = D.scan_image_folder(str(root), classes=["cat"])
+    cache = str(tmp_path / "cache")
+    kw = dict(cache_dir=cache, image_size=SIZE, batch_size=2, progress=False, num_workers=0)
+    L.cache_latents(entries, vae, **kw)
+    path = os.path.join(cache, "cat.safetensors")
+    return entries, cache, kw, path, open(path, "rb").read()
+
+
 @pytest.mark.parametrize("field,value", [("files", '"0.png"'), ("files", "null"), ("skipped", '{"a": 1}'),
                                          ("files", "[0, 1, 2]"), ("encoded_with", "[1]")])
 def test_cache_metadata_of_the_wrong_types_is_encoded_again(tmp_path, root, vae, caplog, field, value):
     """Metadata that is valid JSON of the wrong type (a hand-edited or foreign file) is as unreadable as broken
     JSON: the class is encoded again with a warning (it raised a TypeError out of cache_latents), and loading
     such a file names it as damaged (it returned a string or None as the class's file names)."""
-    entries = D.scan_image_folder(str(root), classes=["cat"])
-    cache = str(tmp_path / "cache")
-    kw = dict(cache_dir=cache, image_size=SIZE, batch_size=2, progress=False, num_workers=0)
-    L.cache_latents(entries, vae, **kw)
-    path = os.path.join(cache, "cat.safetensors")
-    good = open(path, "rb").read()
+    entries, cache, kw, path, good = _cached_cat(tmp_path, root, vae)
     _rewrite_meta(path, **{field: value})
     if field == "files":
         with pytest.raises(DataError, match=r"^class cat: latent cache file .*cat.safetensors is damaged"):
@@ -643,12 +648,7 @@ def test_a_cache_file_whose_latents_do_not_fit_its_record_is_encoded_again(tmp_p
     again, and loading it names what is wrong."""
     from safetensors.torch import save_file
 
-    entries = D.scan_image_folder(str(root), classes=["cat"])
-    cache = str(tmp_path / "cache")
-    kw = dict(cache_dir=cache, image_size=SIZE, batch_size=2, progress=False, num_workers=0)
-    L.cache_latents(entries, vae, **kw)
-    path = os.path.join(cache, "cat.safetensors")
-    good = open(path, "rb").read()
+    entries, cache, kw, path, good = _cached_cat(tmp_path, root, vae)
     with safe_open(path, framework="pt") as f:
         z, meta = f.get_tensor("latents").clone(), f.metadata()
     bad = change(z).contiguous()
