@@ -721,10 +721,10 @@ def test_temperature_and_duplicate_seeds_are_refused(folders, capsys):
     from manifoldgd_fast.cli import main
 
     dist, val = folders
-    for t in (0.0, -1.0, float("nan"), float("inf")):
+    for t in (0.0, -1.0, float("nan"), float("inf"), "20", True):   # (the string "20" failed mid-training)
         with pytest.raises(ConfigError) as e:
             P.evaluate(dist, val, temperature=t, device="cpu", progress=False)
-        assert _one_line(e).startswith(f"--temperature {t}: must be > 0 and finite")
+        assert _one_line(e).startswith(f"--temperature {t!r}: must be a number > 0 and finite")
     with pytest.raises(ConfigError) as e:
         P.evaluate(dist, val, seeds=[0, 5, 0], device="cpu", progress=False)
     assert _one_line(e) == "--seeds 0,5,0: seed 0 given more than once"

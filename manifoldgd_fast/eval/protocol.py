@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import logging
 import math
+import numbers
 import os
 import time
 
@@ -547,12 +548,12 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
     if size is not None and size < 2:  # (build_net's check, before the validation set is loaded)
         raise ConfigError(f"--size {size}: must be >= 2")
     temperature = SOFT_TEMPERATURE if temperature is None else temperature
-    try:
-        temperature_ok = math.isfinite(float(temperature)) and float(temperature) > 0
-    except (TypeError, ValueError):
-        temperature_ok = False
-    if not temperature_ok:
-        raise ConfigError(f"--temperature {temperature}: must be > 0 and finite")
+    # a number (a string "20" passed here, then failed mid-training as a TypeError), as a float: 20 and 20.0 are
+    # one run to the resume's fingerprint and eval.json
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
+            or not (math.isfinite(temperature) and temperature > 0):
+        raise ConfigError(f"--temperature {temperature!r}: must be a number > 0 and finite")
+    temperature = float(temperature)
     check_precision(precision)
     if resample not in RESAMPLERS:
         raise ConfigError(f"--resample {resample}: must be one of {', '.join(RESAMPLERS)}")
