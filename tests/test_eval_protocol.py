@@ -725,6 +725,10 @@ def test_temperature_and_duplicate_seeds_are_refused(folders, capsys):
         with pytest.raises(ConfigError) as e:
             P.evaluate(dist, val, temperature=t, device="cpu", progress=False)
         assert _one_line(e).startswith(f"--temperature {t!r}: must be a number > 0 and finite")
+    for seeds in (2.5, "3", [0.5, 1.7], True, [0, True]):
+        with pytest.raises(ConfigError) as e:
+            P.evaluate(dist, val, seeds=seeds, device="cpu", progress=False)
+        assert _one_line(e) == f"--seeds {seeds!r}: give a count or a list of whole seeds"
     with pytest.raises(ConfigError) as e:
         P.evaluate(dist, val, seeds=[0, 5, 0], device="cpu", progress=False)
     assert _one_line(e) == "--seeds 0,5,0: seed 0 given more than once"

@@ -456,10 +456,18 @@ def _folder_list(distilled) -> list[str]:
 
 
 def _check_seeds(seeds) -> list[int]:
-    if isinstance(seeds, int):
+    """A count (seeds 0 .. n-1) or a sequence of distinct whole seeds -> the seeds (ConfigError naming --seeds)."""
+    def whole(s) -> bool:
+        return isinstance(s, numbers.Integral) and not isinstance(s, bool)
+
+    if whole(seeds):
         if seeds < 1:
             raise ConfigError(f"--seeds {seeds}: must be >= 1")
-        return list(range(seeds))
+        return list(range(int(seeds)))
+    # (the API's 2.5 or "3" was a TypeError / ValueError traceback, [0.5, 1.7] trained seeds 0 and 1, True one seed)
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, (list, tuple, range)) \
+            or not all(whole(s) for s in seeds):
+        raise ConfigError(f"--seeds {seeds!r}: give a count or a list of whole seeds")
     seed_list = [int(s) for s in seeds]
     if not seed_list:
         raise ConfigError(f"--seeds {seeds}: must be >= 1")
