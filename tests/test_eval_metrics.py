@@ -244,6 +244,23 @@ def test_default_encoder_is_trained_once_and_cached(folders, tmp_path):
     assert changed["encoder"]["cached"] is False and changed["encoder"]["cache"] != first["encoder"]["cache"]
 
 
+@pytest.mark.parametrize("fid_encoder", ["fid-inception", "missing.pth"])
+def test_a_missing_fid_encoder_is_named_before_the_default_encoder_trains(folders, tmp_path, monkeypatch, fid_encoder):
+    """`metrics --fid-encoder fid-inception` without the Inception's file: the one-line error came only after the
+    default encoder's training (30 epochs: half an hour on the digits) and the feature passes; now at once."""
+    dist, real = folders
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def must_not_train(*a, **k):
+        raise AssertionError("the default encoder was trained before --fid-encoder was checked")
+
+    monkeypatch.setattr(M, "default_encoder", must_not_train)
+    with pytest.raises(ConfigError, match="--fid-encoder") as e:
+        M.compute_metrics(dist, real, fid_encoder=str(tmp_path / fid_encoder) if fid_encoder.endswith(".pth")
+                          else fid_encoder, size=8, device="cpu", progress=False)
+    assert "\n" not in str(e.value) and not os.path.exists(os.path.join(dist, "metrics.json"))
+
+
 def test_metrics_class_mismatch(folders, tmp_path):
     dist, real = folders
     os.makedirs(os.path.join(dist, "eel"))

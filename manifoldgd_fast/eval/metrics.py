@@ -499,12 +499,18 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
     fallback_size = default_size(native_size(dist))
     if encoder is None:
         size = size or fallback_size
-        enc, enc_info = default_encoder(real, ref, size, dev, epochs=encoder_epochs, cache_dir=cache_dir,
-                                        progress=progress)
     else:
         enc = load_net(encoder, num_classes=len(classes), size=size or fallback_size, what="--encoder")
         size = size or getattr(enc, "input_size", None) or fallback_size
         enc_info = _source_info(encoder)
+    fid_info, fid_enc, fid_size = None, None, size
+    if fid_encoder is not None:  # before the default encoder trains (minutes): a missing file stops the run at once
+        fid_enc = load_net(fid_encoder, num_classes=len(classes), size=size, what="--fid-encoder")
+        fid_size = getattr(fid_enc, "input_size", None) or size
+    if encoder is None:
+        enc, enc_info = default_encoder(real, ref, size, dev, epochs=encoder_epochs, cache_dir=cache_dir,
+                                        progress=progress)
+    fid_enc = enc if fid_enc is None else fid_enc
     from ..latents import default_cache_root
 
     real_kw = dict(max_per_class=max_real_per_class, progress=progress,
@@ -521,10 +527,6 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
     for feats, folder, side in ((fs, distilled, "distilled"), (fr, real, "real")):
         if len(feats) < 2:  # a covariance needs two (was gaussian_stats' error, naming neither folder nor side)
             raise DataError(f"{folder}: the FID needs at least 2 readable {side} images, found {len(feats)}")
-    fid_info, fid_enc, fid_size = None, enc, size
-    if fid_encoder is not None:
-        fid_enc = load_net(fid_encoder, num_classes=len(classes), size=size, what="--fid-encoder")
-        fid_size = getattr(fid_enc, "input_size", None) or size
     if fid_resize is None:  # by the --fid-encoder loaded: FID's Inception, named or given by its file
         fid_resize = "squash" if fid_encoder is not None and isinstance(fid_enc, FIDInceptionV3) else "crop"
     if fid_encoder is not None or fid_resize != "crop":
