@@ -529,8 +529,8 @@ def check_out_file(path: Any, flag: str) -> None:
         return
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         raise ConfigError(f"{flag} must be a file path, got {path!r}")
-    if os.path.isdir(path):
-        raise ConfigError(f"{flag} {path}: a folder; give a file name")
+    if os.path.isdir(path) or str(path).endswith(tuple(filter(None, (os.sep, os.altsep)))):
+        raise ConfigError(f"{flag} {path}: a folder; give a file name")   # (a trailing / names a folder too)
     up = nearest_existing(os.path.dirname(os.path.abspath(path)))
     if not os.path.isdir(up):
         raise ConfigError(f"{flag} {path}: {up} is a file, not a folder")

@@ -387,8 +387,12 @@ def test_path_flags_name_themselves(flag, kind, says, tmp_path, image_folder, ca
 
 
 @pytest.mark.parametrize("command", ["eval", "metrics"])
-@pytest.mark.parametrize("kind, says", [("dir", "a folder; give a file name"), ("under_file", "is a file, not a folder")])
+@pytest.mark.parametrize("kind, says", [("dir", "a folder; give a file name"), ("under_file", "is a file, not a folder"),
+                                        ("file_slash", "a folder; give a file name"),
+                                        ("new_slash", "a folder; give a file name")])
 def test_out_json_is_checked_before_any_training(command, kind, says, tmp_path, image_folder, capsys, monkeypatch):
+    """A trailing / names a folder: `--out-json res.json/` passed the check (its parent is writable) and failed
+    only at the write, after the training, with "Not a directory" and no flag named."""
     import manifoldgd_fast.eval.metrics as metrics
     import manifoldgd_fast.eval.protocol as protocol
 
@@ -397,9 +401,13 @@ def test_out_json_is_checked_before_any_training(command, kind, says, tmp_path, 
     out = tmp_path / "j"
     if kind == "dir":
         out.mkdir()
-    else:
+    elif kind == "under_file":
         out.write_text("x")
         out = out / "r.json"
+    else:
+        if kind == "file_slash":
+            out.write_text("x")
+        out = str(out) + os.sep
     real = "--real-val" if command == "eval" else "--real"
     assert main([command, "--distilled", str(image_folder), real, str(image_folder), "--out-json", str(out)]) == 2
     line = _one_line(capsys.readouterr().err)
@@ -847,13 +855,17 @@ def test_finetune_out_is_guarded_as_distills(where, tmp_path, image_folder):
     assert not (image_folder / "zz").exists()
 
 
-def test_profile_json_is_checked_before_the_run(tmp_path, image_folder, capsys, monkeypatch):
+@pytest.mark.parametrize("trailing", ["", os.sep])
+def test_profile_json_is_checked_before_the_run(trailing, tmp_path, image_folder, capsys, monkeypatch):
+    """--json j/ where j is a file (a report already written): it was found out only after the profile, by the
+    write ("profile.json/: Not a directory", no flag named)."""
     from manifoldgd_fast import pipeline
 
     monkeypatch.setattr(pipeline, "profile_run", lambda *a, **k: pytest.fail("profiled before --json was checked"))
-    (tmp_path / "j").mkdir()
-    assert main(["profile", "--data", str(image_folder), "--model", "x", "--ipc", "1", "--json", str(tmp_path / "j")]) == 2
-    assert _one_line(capsys.readouterr().err) == f"manifoldgd-fast: error: --json {tmp_path / 'j'}: a folder; give a file name"
+    (tmp_path / "j").mkdir() if not trailing else (tmp_path / "j").write_text("{}")
+    js = str(tmp_path / "j") + trailing
+    assert main(["profile", "--data", str(image_folder), "--model", "x", "--ipc", "1", "--json", js]) == 2
+    assert _one_line(capsys.readouterr().err) == f"manifoldgd-fast: error: --json {js}: a folder; give a file name"
 
 
 def test_devices_that_cannot_run_are_refused_in_one_line(monkeypatch, tiny_world, tmp_path, capsys):
