@@ -108,7 +108,10 @@ def _check_config(cls, folder: str, flag: str, arg: str) -> None:
     name = cfg.get("_class_name")
     accepted = ACCEPTED_CLASSES.get(cls.__name__, (cls.__name__,))
     if name is not None and name not in accepted:
-        raise ModelError(f"{flag} {arg}: {path} describes a {name}; expected {accepted[0]}")
+        # the VAE looked for in --model's own folder (no --vae): a DiT folder with no vae/ beside it
+        hint = " (it has no vae/: give the VAE with --vae)" if flag == "--model" and cls.__name__ == "AutoencoderKL" \
+            else ""
+        raise ModelError(f"{flag} {arg}: {path} describes a {name}; expected {accepted[0]}{hint}")
 
 
 def _load_from_folder(cls, folder: str, flag: str, arg: str, dtype: torch.dtype):

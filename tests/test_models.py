@@ -114,6 +114,11 @@ def test_load_pipeline_layout_and_dtype(tmp_path, tiny_dit, tiny_vae):
     # A DiT folder is not a VAE folder.
     with pytest.raises(ModelError, match="--vae .*describes a DiTTransformer2DModel; expected AutoencoderKL"):
         M.load_vae(str(pipe / "transformer"))
+    # --model given the DiT's own folder and no --vae: the VAE is looked for there; the error said only
+    # "describes a DiTTransformer2DModel; expected AutoencoderKL", not what to give
+    with pytest.raises(ModelError) as e:
+        M.load_vae(str(pipe / "transformer"), flag="--model")
+    assert str(e.value).endswith("expected AutoencoderKL (it has no vae/: give the VAE with --vae)"), e.value
     # Without a class name, weights that do not cover the model are refused, not half-loaded.
     cfg_path = pipe / "transformer" / "config.json"
     vae_cfg = json.loads((pipe / "vae" / "config.json").read_text())
