@@ -250,7 +250,8 @@ def add_finetune_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--model", required=True, help="the DiT to fine-tune (folder or cached HF id)")
     g.add_argument("--vae", default=None, help="AutoencoderKL (default: the model folder's vae/)")
     g.add_argument("--out", required=True, help="output model folder (transformer/, vae/); checkpoints inside")
-    g.add_argument("--steps", type=int, default=1000, help="optimizer steps in all (a rerun resumes up to them)")
+    g.add_argument("--steps", type=int, default=1000, help="optimizer steps in all (a rerun with the same settings resumes up to them; "
+                                                              "other --steps are another fine-tune: a new --out)")
     g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
     g.add_argument("--batch-size", type=int, default=32, help="latents per optimizer step")
     g.add_argument("--rsm-lambda", type=float, default=1e-3, help="weight of mean |x0_hat| (L1)")

@@ -1218,3 +1218,11 @@ def test_the_real_subset_is_drawn_per_class():
     b = P.capped(ClassEntry("b", 1, [f.replace("/r/", "/r/b/") for f in files]), 5)
     pick = lambda e: [os.path.basename(f) for f in e.files]  # noqa: E731
     assert len(pick(a)) == 5 and pick(a) != pick(b)
+
+
+def test_describe_tests_says_the_hard_label_period_in_words():
+    """eval.json's "tested": "every 1 epoch" (it said "every 1 epochs"), "every 10 epochs", RDED's for soft labels."""
+    assert P.describe_tests(100, None, soft=False) == "every 1 epoch, and the last"
+    assert P.describe_tests(1000, None, soft=False) == "every 10 epochs, and the last"
+    assert P.describe_tests(300, 7, soft=True) == "every 7 epochs, and the last"
+    assert P.describe_tests(300, None, soft=True) == "every 10th epoch past 80 % of the run, and the last (RDED)"

@@ -295,7 +295,8 @@ def test_epochs(epochs: int, eval_every: int | None, *, soft: bool) -> set[int]:
 def describe_tests(epochs: int, eval_every: int | None, *, soft: bool) -> str:
     if eval_every is None and soft:
         return "every 10th epoch past 80 % of the run, and the last (RDED)"
-    return f"every {eval_every or max(1, epochs // 100)} epochs, and the last"
+    n = eval_every or max(1, epochs // 100)
+    return f"every {n} epoch{'' if n == 1 else 's'}, and the last"
 
 
 def train_net(net: str, train: Split, val: Split, num_classes: int, *, size: int, epochs: int, hp: dict,
