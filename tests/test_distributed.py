@@ -38,7 +38,8 @@ def _torchrun(world, out, nproc, steps=10, command="distill", cache=None, extra=
         return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     if check:
-        assert r.returncode == 0, r.stderr[-2000:]
+        # (the ranks' own lines come before torchrun's summary of 1,500 characters: a rank's abort shows)
+        assert r.returncode == 0, r.stderr[-8000:]
     return r
 
 
