@@ -315,6 +315,13 @@ READ_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP", "GIF")  # (JPEG als
 MAX_ASPECT = 64  # longer / shorter side beyond which an image is skipped as unreadable (see read_image_uint8)
 
 
+def check_aspect(w: int, h: int) -> None:
+    """ValueError for an image of ``w`` x ``h`` px that is empty or past :data:`MAX_ASPECT` (the short side is
+    resized to the size asked for: a 1 x 10^7 strip would become a 256 x 2.6e9 image)."""
+    if min(w, h) < 1 or max(w, h) > MAX_ASPECT * min(w, h):
+        raise ValueError(f"{w} x {h} px, an aspect ratio over {MAX_ASPECT}:1")
+
+
 def read_image_uint8(path: str, size: int, short_side: int | None = None, resample: str = "bicubic") -> torch.Tensor:
     """Decode and centre-crop one image as the DiT training code did (:func:`center_crop_arr`), or
     (``resample="bilinear"``) as torchvision's Resize + CenterCrop do (:func:`resize_crop_torchvision`).
@@ -331,10 +338,7 @@ def read_image_uint8(path: str, size: int, short_side: int | None = None, resamp
 
     try:
         with Image.open(path, formats=READ_FORMATS) as img:
-            w, h = img.size                          # (read from the header: nothing decoded yet)
-            if min(w, h) < 1 or max(w, h) > MAX_ASPECT * min(w, h):
-                # the short side is resized to `size`: a 1 x 10^7 strip would become a 256 x 2.6e9 image
-                raise ValueError(f"{w} x {h} px, an aspect ratio over {MAX_ASPECT}:1")
+            check_aspect(*img.size)                  # (read from the header: nothing decoded yet)
             arr = RESAMPLERS[resample](to_rgb(img), size, short_side)  # (size, size, 3) uint8
     except image_errors() as e:
         raise DataError(f"cannot read image {path}: {e}") from None

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..config import check_out_file, derive_seed, fields_digest
-from ..data import (IMAGE_EXTS, MAX_ASPECT, READ_FORMATS, RESAMPLERS, ClassEntry, _class_folders, _image_files,
+from ..data import (IMAGE_EXTS, READ_FORMATS, RESAMPLERS, ClassEntry, _class_folders, _image_files, check_aspect,
                     image_errors, iter_class_images, read_image_uint8, scan_image_folder)
 from ..devices import resolve_device
 from ..errors import ConfigError, DataError
@@ -179,8 +179,7 @@ def native_size(entries: list[ClassEntry]) -> int:
         try:
             with Image.open(path, formats=READ_FORMATS) as im:
                 w, h = im.size
-            if min(w, h) < 1 or max(w, h) > MAX_ASPECT * min(w, h):  # (read_image_uint8 skips it too)
-                raise ValueError(f"{w} x {h} px, an aspect ratio over {MAX_ASPECT}:1")
+            check_aspect(w, h)  # (read_image_uint8 skips such a file too)
             return min(w, h)
         except image_errors() as e:
             first = first or f"cannot read image {path}: {e}"
