@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime
+import importlib
 import os
 from dataclasses import dataclass
 
@@ -100,6 +101,13 @@ class Shard:
 
         joined = False
         if not dist.is_initialized():
+            # torch.distributed.nn's functions take `group=group.WORLD` as a default, evaluated at import: imported
+            # after the group is made (diffusers imports it, through torch.distributed.fsdp), they held the group
+            # past destroy_process_group, its gloo threads ran on into the interpreter's exit, and now and then a
+            # finished rank died there by SIGABRT ("terminate called without an active exception"). Imported
+            # first, the defaults are None.
+            importlib.import_module("torch.distributed.nn")
+
             dist.init_process_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
             joined = True
         return cls(rank=rank, world=world, local_rank=local, _group=joined)

@@ -33,7 +33,9 @@ def _torchrun(world, out, nproc, steps=10, command="distill", cache=None, extra=
            *launch, command, "--data", str(data or world["data"]), "--model", world["model"],
            "--out", str(out), "--cache-dir", str(cache or os.path.join(world["root"], "cache")), "--ipc", "2",
            "--steps", str(steps), "--t-stop", str(steps // 2), "--batch-size", "2", *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(sys.path))
+    # (PYTHONFAULTHANDLER: a rank that aborts prints where each of its Python threads was)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1",
+               PYTHONPATH=os.pathsep.join(sys.path))
     if popen:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -144,6 +146,24 @@ def test_cache_and_modes_commands_under_torchrun(world, tmp_path):
     from safetensors.torch import load
     for k in modes[0]:
         assert load(modes[0][k])["modes"].equal(load(modes[1][k])["modes"])
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads a process's threads from Linux's /proc")
+@pytest.mark.parametrize("command", ["cache", "modes", "distill"])
+def test_no_gloo_thread_outlives_the_command(world, tmp_path, command):
+    """After a command under torchrun, each rank has left its gloo group: no gloo thread runs into the
+    interpreter's exit. (torch.distributed.nn, imported with diffusers after the group was made, held it
+    past destroy_process_group; a rank then died at exit by SIGABRT now and then, its work done.)"""
+    script = tmp_path / "threads_at_exit.py"
+    script.write_text(
+        "import os, sys\nfrom manifoldgd_fast.cli import main\ncode = main(sys.argv[1:])\n"
+        "names = []\nfor t in os.listdir('/proc/self/task'):\n    try:\n"
+        "        names.append(open(f'/proc/self/task/{t}/comm').read().strip())\n"
+        "    except OSError:\n        pass\n"
+        "gloo = [n for n in names if 'gloo' in n]\n"
+        "if gloo:\n    print(f'rank {os.environ[\"RANK\"]}: gloo threads at exit: {gloo}', file=sys.stderr)\n"
+        "sys.exit(code or (3 if gloo else 0))\n")
+    _torchrun(world, tmp_path / "out", 2, command=command, cache=tmp_path / "cache", script=script)
 
 
 def test_rerun_deals_the_unfinished_classes_over_every_rank(world, tmp_path):
