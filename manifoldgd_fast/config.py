@@ -538,6 +538,16 @@ def check_out_file(path: Any, flag: str) -> None:
         raise ConfigError(f"{flag} {path}: folder {up} is not writable")
 
 
+PROMPT_FIELDS = ("prompt_template", "negative_prompt", "class_names")  # Stable Diffusion's text conditioning
+
+
+def unused_prompt_options(cfg: "DistillConfig") -> list[str]:
+    """The prompt options ``cfg`` sets away from their defaults, as flags (``--negative-prompt``): a DiT,
+    conditioned on class labels, reads none of them."""
+    defaults = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
+    return [f"--{k.replace('_', '-')}" for k in PROMPT_FIELDS if getattr(cfg, k) != defaults[k]]
+
+
 def check_prompt_template(template: str) -> None:
     """Raise ConfigError unless ``template`` is a str.format template whose only field is {name}."""
     if not isinstance(template, str) or "{name}" not in template:
@@ -679,7 +689,7 @@ def fingerprint_fields(cfg: "DistillConfig", entries=None) -> dict:
         if d.get(k) == default:  # fingerprints of runs made before the option existed stay valid
             d.pop(k)
     if d.get("backbone") in ("dit", "auto"):  # prompts never reach a DiT; older DiT fingerprints stay valid
-        for k in ("backbone", "prompt_template", "negative_prompt", "class_names"):
+        for k in ("backbone", *PROMPT_FIELDS):
             d.pop(k, None)
     if d.get("output_size") is None:
         d.pop("output_size", None)

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from . import __version__
-from .config import LABEL_MAPS, DistillConfig, fields_digest, fingerprint_fields, nearest_existing
+from .config import (LABEL_MAPS, DistillConfig, fields_digest, fingerprint_fields, nearest_existing,
+                     unused_prompt_options)
 from .devices import resolve_device
 from .distributed import Shard
 from .profile import phase
@@ -382,6 +383,11 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
     # Check this rank's classes before anything is written (latents stay on disk until their turn).
     if rcfg.modes_dir is not None and rcfg.method not in ("manifoldgd", "mgd3"):
         log.warning("--modes-dir %s is not read: --method %s uses no modes", rcfg.modes_dir, rcfg.method)
+    if ctx["backbone"] == "dit":
+        unused = unused_prompt_options(rcfg)
+        if unused:
+            log.warning("%s not used: a DiT is conditioned on class labels, not text (they are for a Stable "
+                        "Diffusion --model)", " and ".join(unused))
     latent_shape = (ctx["dit_info"]["in_channels"], ctx["dit_info"]["latent_size"], ctx["dit_info"]["latent_size"])
     identity = fingerprint_fields(rcfg, entries)
     fp = fields_digest(identity)

@@ -536,6 +536,20 @@ def test_a_resume_by_other_code_is_warned_and_recorded(tiny_world, tmp_path, cap
     assert man["classes"]["apple"]["numerics"]["code"] == made["code"]
 
 
+def test_prompt_options_under_a_dit_are_named_as_unused_and_change_nothing(tiny_world, tmp_path, capsys):
+    """--negative-prompt / --class-names / --prompt-template reach only a Stable Diffusion model: given with a DiT
+    they were dropped without a word; now one warning names them, and the run is the run without them."""
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert main(_args(tiny_world, ref, "--classes", "apple")) == 0
+    assert "not used" not in capsys.readouterr().err
+    assert main(_args(tiny_world, out, "--classes", "apple", "--negative-prompt", "blurry",
+                      "--class-names", "apple=an apple")) == 0
+    err = capsys.readouterr().err
+    assert "--negative-prompt and --class-names not used: a DiT is conditioned on class labels" in err, err
+    assert "--prompt-template" not in err
+    assert _digest(out) == _digest(ref)
+
+
 def test_a_resume_into_another_run_is_refused_before_any_encoding(tiny_world, tmp_path, capsys, monkeypatch):
     """--classes with one more class than OUT's run: refused before that class's latents are encoded
     (the cache was filled first, then the fingerprint compared)."""
