@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -172,7 +173,10 @@ def folders(tmp_path):
 
 def test_compute_metrics_with_a_user_encoder(folders):
     dist, real = folders
-    res = M.compute_metrics(dist, real, encoder=MeanColour(), size=8, device="cpu", k=2, progress=False)
+    enc = MeanColour().train().requires_grad_(True)
+    enc.scale = torch.nn.Parameter(torch.ones(()))
+    res = M.compute_metrics(dist, real, encoder=enc, size=8, device="cpu", k=2, progress=False)
+    assert enc.training and enc.scale.requires_grad  # the caller's module is left as it was (a copy is used)
     assert res["classes"] == CLASSES and res["n_syn"] == 10 and res["n_real"] == 18 and res["feature_dim"] == 6
     assert res["l2"] == pytest.approx(0.0, abs=1e-6)  # every distilled image is a real one
     assert res["l2_real_to_syn"] > 0 and res["fid"] > 0 and res["mmd"] > 0
@@ -361,16 +365,32 @@ def test_metrics_with_the_imagenet_resnet18_from_the_hub_cache(folders, tmp_path
     assert res["encoder"]["kind"] == "imagenet-resnet18" and res["l2"] is not None and res["fid"] >= 0
 
 
+class Shared(types.SimpleNamespace):
+    """What a probe encoder records: compute_metrics runs a copy of the module it is given (the caller's is left
+    as it was), and that copy records into the original's."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 class CountingColour(MeanColour):
     """MeanColour that counts the images it encodes, with a tensor so that its fingerprint can change."""
 
     def __init__(self, scale: float = 1.0):
         super().__init__()
         self.register_buffer("scale", torch.tensor(scale))
-        self.seen = 0
+        self.tally = Shared(n=0)
+
+    @property
+    def seen(self) -> int:
+        return self.tally.n
+
+    @seen.setter
+    def seen(self, n: int):
+        self.tally.n = n
 
     def forward(self, x):
-        self.seen += len(x)
+        self.tally.n += len(x)
         return super().forward(x) * self.scale
 
 
@@ -530,11 +550,11 @@ class Uint8Probe(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.dtypes, self.sizes = set(), set()
+        self.seen = Shared(dtypes=set(), sizes=set())
 
     def forward_features_uint8(self, u):
-        self.dtypes.add(u.dtype)
-        self.sizes.add(tuple(u.shape[-2:]))
+        self.seen.dtypes.add(u.dtype)
+        self.seen.sizes.add(tuple(u.shape[-2:]))
         return ((u.double() - 128) / 128).mean(dim=(2, 3))
 
     def forward(self, x):
@@ -584,7 +604,7 @@ def test_fid_squash_resizes_whole_images_bilinearly(tmp_path):
     # an encoder that takes uint8 pixels (FID's Inception) gets the squashed uint8 images themselves
     probe = Uint8Probe()
     res = M.compute_metrics(str(dist), str(real), fid_encoder=probe, fid_resize="squash", **kw)
-    assert probe.dtypes == {torch.uint8} and probe.sizes == {(8, 8)}
+    assert probe.seen.dtypes == {torch.uint8} and probe.seen.sizes == {(8, 8)}
     scaled = lambda f: (f - 128) / 128  # noqa: E731 - (u - 128) / 128 of the features' uint8 means
     assert res["fid"] == pytest.approx(M.fid(scaled(hand_features_u8(real)), scaled(hand_features_u8(dist))),
                                        rel=1e-5)

@@ -1226,3 +1226,39 @@ def test_describe_tests_says_the_hard_label_period_in_words():
     assert P.describe_tests(1000, None, soft=False) == "every 10 epochs, and the last"
     assert P.describe_tests(300, 7, soft=True) == "every 7 epochs, and the last"
     assert P.describe_tests(300, None, soft=True) == "every 10th epoch past 80 % of the run, and the last (RDED)"
+
+
+class _TrainableOracle(torch.nn.Module):
+    """ColourOracle with a parameter and a batch norm: what a user's own net in training has."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(5.0))
+        self.bn = torch.nn.BatchNorm1d(3, affine=False)
+
+    def forward(self, x):
+        return self.scale * self.bn(x.mean(dim=(2, 3)))
+
+
+def test_an_in_memory_teacher_is_left_as_the_caller_had_it(folders):
+    """evaluate(teacher=module) set the caller's module to eval mode and turned its requires_grad off in place:
+    a user who goes on training it afterwards got no gradients and no batch statistics, without a word."""
+    dist, val = folders
+    teacher = _TrainableOracle().train()
+    stats = teacher.bn.running_mean.clone()
+    P.evaluate(dist, val, nets="convnet6", seeds=1, epochs=1, size=8, device="cpu", teacher=teacher, progress=False)
+    assert teacher.training and teacher.bn.training
+    assert teacher.scale.requires_grad and teacher.scale.item() == 5.0
+    assert torch.equal(teacher.bn.running_mean, stats)
+
+
+def test_a_teacher_that_cannot_be_copied_is_one_line(folders):
+    import threading
+
+    dist, val = folders
+    teacher = ColourOracle()
+    teacher.lock = threading.Lock()
+    with pytest.raises(ConfigError, match=r"^--teacher ColourOracle: the module cannot be copied \(TypeError: .*"
+                                          r"pass the file$"):
+        P.evaluate(dist, val, nets="convnet6", seeds=1, epochs=1, size=8, device="cpu", teacher=teacher,
+                   progress=False)

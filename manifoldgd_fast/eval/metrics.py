@@ -461,8 +461,8 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
     distilled: OUT/<class>/<i>.png; real: a real (training) folder holding every
     distilled class (others are ignored). encoder: None (the cached ResNet-18
     trained on ``real``), ``"imagenet-resnet18"`` (torchvision's ImageNet weights
-    from torch.hub's cache: the papers' encoder), an nn.Module or a file for
-    nets.load_net. size: None = the encoder's ``input_size`` if it has one (224
+    from torch.hub's cache: the papers' encoder), an nn.Module (copied: yours is left as it
+    was) or a file for nets.load_net. size: None = the encoder's ``input_size`` if it has one (224
     for ImageNet nets), else 224 for images of >= 224 px, else their size. max_real_per_class: cap on
     the real images used a class (None: all; :func:`~.protocol.capped`'s seeded subset); mmd_max_real:
     real points in the MMD (random subset, seed 0). fid_encoder: None (FID on ``encoder``'s features, SPEC 7)

@@ -36,6 +36,7 @@ or the name ``imagenet-resnet18`` (the file in torch.hub's cache).
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import re
@@ -244,10 +245,17 @@ def load_net(source, *, num_classes: int | None = None, size: int | None = None,
 
     class_names: the folder's classes in label order. A 1000-class ImageNet net given
     WordNet-id classes other than all 1000 in order answers for those classes only
-    (:class:`ClassSubset`). Returns the module on the CPU in eval mode. Raises
-    ConfigError naming ``what`` and the file.
+    (:class:`ClassSubset`). Returns the module on the CPU in eval mode: a module passed in is
+    copied first, so the caller's own stays where it was, in its mode, with its
+    ``requires_grad`` flags. Raises ConfigError naming ``what`` and the file.
     """
     obj = source
+    if isinstance(source, nn.Module):
+        try:
+            obj = copy.deepcopy(source)
+        except (TypeError, RuntimeError, copy.Error) as e:  # e.g. a lock, or a non-leaf tensor with grad, held
+            raise ConfigError(f"{what} {type(source).__name__}: the module cannot be copied ({type(e).__name__}: "
+                              f"{(str(e).strip().splitlines() or [''])[0][:200]}); save it (torch.save) and pass the file") from None
     if isinstance(source, str) and source in NAMED:
         where, file, whose = NAMED[source]
         source = where()

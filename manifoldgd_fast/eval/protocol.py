@@ -513,8 +513,8 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
     seeds: a count (seeds 0..n-1) or a list of distinct seeds. epochs / batch_size / lr:
     None = SPEC 7's defaults for the (largest) IPC and class count. size: None = 224 for
     images of >= 224 px, else their own size. teacher: None (hard labels) or a
-    module / file / state dict / ``imagenet-resnet18`` (see nets.load_net) ->
-    soft-label protocol; a 1000-class ImageNet teacher on a subset's WordNet-id
+    module / file / state dict / ``imagenet-resnet18`` (see nets.load_net; a module is copied, yours is left
+    as it was) -> soft-label protocol; a 1000-class ImageNet teacher on a subset's WordNet-id
     folders answers for those classes. The soft-label run is RDED's validation (MGD3's
     soft-label protocol): see :func:`default_hparams`; temperature > 0, None = 20 (RDED's
     with CutMix); augmentation random-resized crop (scale 0.5-1) + flip, then CutMix.
