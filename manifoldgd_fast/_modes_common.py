@@ -46,6 +46,12 @@ def _int(v, name: str, minimum: int) -> int:
     return v
 
 
+def _tol(v, name: str = "tol") -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v >= 0):
+        raise ConfigError(f"{name} must be a number >= 0, got {v!r}")
+    return v
+
+
 def _seed(seed) -> int:
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"seed must be an integer, got {seed!r}")
@@ -198,8 +204,7 @@ def kmeans(z: Tensor, k: int, *, seed: int, iters: int = KMEANS_ITERS, tol: floa
         raise DataError(f"k-means: k={k} clusters but only {n} latents")
     _int(iters, "iters", 1)
     _int(n_init, "n_init", 1)
-    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
-        raise ConfigError(f"tol must be a number >= 0, got {tol!r}")
+    _tol(tol)
     gen = _generator(_seed(seed))
     x_sq = (x * x).sum(1)
     tol_abs = tol * float(x.var(0, unbiased=False).mean()) if n > 1 else 0.0

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ._modes_common import (KMEANS_ITERS, KMEANS_TOL, LINKAGES, MODE_POINTS, _as_latents, _choice, _closest_latents,
-                            _generator, _int, _seed, kmeans)
+                            _generator, _int, _seed, _tol, kmeans)
 from .errors import ConfigError, DataError
 from .modes_tree import agglomerative, agglomerative_modes, bisecting_tree, divisive_official, divisive_paper
 
@@ -165,8 +165,7 @@ def discover_modes(z: Tensor, ipc: int, *, method: str, formulation: str = "offi
     _int(kmeans_iters, "--kmeans-iters", 1)
     _int(gmm_iters, "--gmm-iters", 1)
     _int(bisect_inits, "--bisect-inits", 1)
-    if isinstance(kmeans_tol, bool) or not isinstance(kmeans_tol, (int, float)) or not 0 <= kmeans_tol < math.inf:
-        raise ConfigError(f"--kmeans-tol must be a number >= 0, got {kmeans_tol!r}")
+    _tol(kmeans_tol, "--kmeans-tol")
     _int(min_leaf, "--min-leaf", 1)
     if max_depth is not None:
         _int(max_depth, "--max-depth", 0)

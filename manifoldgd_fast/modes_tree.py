@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ._modes_common import (KMEANS_ITERS, KMEANS_TOL, LINKAGES, MODE_POINTS, _as_latents, _choice, _generator, _int,
-                            _seed, _set_modes, _sq_dists, kmeans)
+                            _seed, _set_modes, _sq_dists, _tol, kmeans)
 from .errors import DataError
 
 
@@ -68,7 +68,9 @@ def bisecting_tree(z: Tensor, n_leaves: int, *, seed: int, n_init: int = 10, ite
     """
     x = _as_latents(z)
     _int(n_leaves, "n_leaves", 1)
-    _int(n_init, "n_init", 1)
+    _int(n_init, "n_init", 1)  # the split parameters are checked here, not at the first split: ipc 1 has none
+    _int(iters, "iters", 1)
+    _tol(tol)
     gen = _generator(_seed(seed))
     leaves = [torch.arange(x.shape[0], device=x.device)]
     depths = [0]
@@ -215,6 +217,9 @@ def divisive_paper(z: Tensor, ipc: int, *, start_level: int, seed: int, max_dept
         max_depth = max(start_level, math.ceil(math.log2(max(ipc, 2)))) + 1
     _int(max_depth, "max_depth", 0)
     _int(min_leaf, "min_leaf", 1)
+    _int(n_init, "n_init", 1)  # checked here, not at the first split: a tree of one node has none
+    _int(iters, "iters", 1)
+    _tol(tol)
     _choice(mode_point, "mode_point", MODE_POINTS)
 
     def select(nodes, levels, is_leaf):

@@ -854,3 +854,28 @@ def test_kmeans_pp_takes_the_candidate_that_lowers_the_potential_most():
         centres = _kmeans_pp(z, x_sq, 2, _generator(seed))
         assert torch.equal(centres[0], z[first]) and torch.equal(centres[1], z[cand[best]])
     assert not_first > 0
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"iters": 0}, r"^iters must be an integer >= 1, got 0$"),
+    ({"n_init": 0}, r"^n_init must be an integer >= 1, got 0$"),
+    ({"tol": -1.0}, r"^tol must be a number >= 0, got -1.0$"),
+    ({"tol": math.nan}, r"^tol must be a number >= 0, got nan$"),
+    ({"tol": True}, r"^tol must be a number >= 0, got True$"),
+])
+@pytest.mark.parametrize("ipc", [1, 3])
+def test_divisive_split_parameters_are_checked_even_with_no_split(bad, match, ipc):
+    """divisive_official / divisive_paper / bisecting_tree checked iters, tol (and the paper's n_init) only when
+    a node was split: at ipc 1 the official tree has none, so any value passed; each is refused before the tree."""
+    z = torch.randn(12, 4)
+    with pytest.raises(ConfigError, match=match):
+        divisive_official(z, ipc, level=1, seed=0, **bad)
+    with pytest.raises(ConfigError, match=match):
+        bisecting_tree(z, ipc, seed=0, **bad)
+    with pytest.raises(ConfigError, match=match):
+        divisive_paper(torch.randn(1, 4), 1, start_level=0, seed=0, **bad)  # one latent: a tree of one node
+    with pytest.raises(ConfigError, match=match):
+        divisive_paper(z, ipc, start_level=1, seed=0, **bad)
+    if "tol" in bad:
+        with pytest.raises(ConfigError, match=match):
+            kmeans(z, ipc, seed=0, **bad)
