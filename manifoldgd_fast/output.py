@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from typing import Any, Callable, Iterable
@@ -54,11 +55,12 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
-def _umask_mode(target, mode: int) -> None:
-    """chmod ``target`` (a path or a descriptor) to ``mode`` less the umask; a file system that keeps no modes
-    (some CIFS / FUSE mounts refuse chmod: EPERM, ENOTSUP) leaves the file as it made it, and the write goes on."""
+def _umask_mode(target, mode: int, *, exact: bool = False) -> None:
+    """chmod ``target`` (a path or a descriptor) to ``mode`` less the umask (``exact``: ``mode`` itself); a file
+    system that keeps no modes (some CIFS / FUSE mounts refuse chmod: EPERM, ENOTSUP) leaves the file as it
+    made it, and the write goes on."""
     try:
-        (os.fchmod if isinstance(target, int) else os.chmod)(target, mode & ~_UMASK)
+        (os.fchmod if isinstance(target, int) else os.chmod)(target, mode if exact else mode & ~_UMASK)
     except OSError as e:
         if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
             raise
@@ -84,6 +86,11 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder + rename (both on disk once it returns)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    try:  # a file written over keeps its mode (a chmod 0640 eval.json stays so), as open(path, "w") keeps it
+        st = os.lstat(path)
+        keep = stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else None  # (a link is replaced, not followed)
+    except OSError:
+        keep = None
     # the target's name in the temp's: an independent shard can tell (and sweep) its own classes' leftovers
     # (cut, in bytes, where a long name would take the temp's name past the file system's 255 bytes: never a
     # class's, whose names data.scan_image_folder holds to CLASS_NAME_BYTES)
@@ -96,7 +103,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:  # (first: the descriptor is closed whatever fails next)
             if hasattr(os, "fchmod"):  # mkstemp makes 0600 files: give the usual umask's mode, as open() would
-                _umask_mode(f.fileno(), 0o666)
+                _umask_mode(f.fileno(), 0o666 if keep is None else keep, exact=keep is not None)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

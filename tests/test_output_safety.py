@@ -202,6 +202,29 @@ def test_atomic_writes_get_the_umask_mode(tmp_path):
     assert [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")] == []
 
 
+def test_a_file_written_over_keeps_its_mode(tmp_path):
+    """An existing file rewritten through temp + rename keeps its own mode, as open(path, "w") would keep it (it
+    took the umask's: a chmod'd eval.json or manifest changed mode on every rewrite); a new file and a link's
+    replacement take the umask's."""
+    from manifoldgd_fast.output import atomic_write_bytes
+
+    path = tmp_path / "eval.json"
+    path.write_bytes(b"{}")
+    os.chmod(path, 0o751)  # execute bits: never what 0666 less a umask gives
+    atomic_write_bytes(str(path), b'{"a": 1}')
+    assert path.read_bytes() == b'{"a": 1}' and path.stat().st_mode & 0o7777 == 0o751
+    target = tmp_path / "target.json"
+    target.write_bytes(b"t")
+    os.chmod(target, 0o751)
+    os.symlink(target, tmp_path / "link.json")
+    atomic_write_bytes(str(tmp_path / "link.json"), b"new")
+    from manifoldgd_fast import output as O
+
+    assert not (tmp_path / "link.json").is_symlink()
+    assert (tmp_path / "link.json").stat().st_mode & 0o777 == 0o666 & ~O._UMASK
+    assert target.read_bytes() == b"t" and target.stat().st_mode & 0o777 == 0o751
+
+
 def test_every_file_is_on_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
     """Temp + rename survives a power cut only if the temp's data reached the disk first: each atomic
     write (a file, a class folder, a model folder) fsyncs every file it renames into place, before the
