@@ -308,7 +308,8 @@ class StepGuidance:
         t_stop: where guidance stops (default :func:`~.config.suggest_t_stop`: steps // 2, at most
             steps - 2 in the official formulation). Official formulation: steps with index
             i > t_stop in the respaced schedule (i = steps - 1 - step) are guided; paper: the first
-            t_stop steps of the loop. DiT's runs use 25 of 50.
+            t_stop steps of the loop. DiT's runs take t_stop 25 of 50 steps: the official window guides
+            24 of them (i = 26..49), the paper's 25.
         seed: per-sample cloud / patch noise derives from it. The noise is counter-based
             (``guidance_noise="philox"``, keyed by seed, step and sample): a call's result depends only
             on its inputs, not on the calls before it (a retried or repeated step gives the same eps).
