@@ -1262,3 +1262,30 @@ def test_a_teacher_that_cannot_be_copied_is_one_line(folders):
                                           r"pass the file$"):
         P.evaluate(dist, val, nets="convnet6", seeds=1, epochs=1, size=8, device="cpu", teacher=teacher,
                    progress=False)
+
+
+def test_a_batch_norm_resnet18_below_12_px_trains_past_a_last_batch_of_one():
+    """The batch-norm ResNet-18 (the soft-label protocol's student) at 8 px has 1x1 last maps: a last batch of
+    one image stopped the run with torch's 'Expected more than 1 value per channel' traceback. That batch is
+    left out there, and only there (at 12 px and up, and for instance norm, every batch trains as before);
+    --batch-size 1 is refused in one line."""
+    from manifoldgd_fast.eval import nets as N
+
+    cpu = torch.device("cpu")
+    x = (torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    split = P.Split(x, torch.tensor([0, 1, 2, 0, 1]))
+    hp = dict(P.default_hparams(3), batch_size=4, resnet18_norm="batch")
+    res = P.train_net("resnet18", split, split, 3, size=8, epochs=2, hp=hp, seed=0, device=cpu, progress=False)
+    assert 0.0 <= res["final"] <= 100.0 and len(res["history"]) >= 1
+    with pytest.raises(ConfigError, match=r"^--batch-size 1 with resnet18's batch norm at --size 8: .*--size$"):
+        P.train_net("resnet18", split, split, 3, size=8, epochs=1, hp=dict(hp, batch_size=1), seed=0, device=cpu,
+                    progress=False)
+    probe = lambda net, size, norm: P._lone_image_fails(N.build_net(net, 3, size, norm=norm), size, cpu,  # noqa: E731
+                                                        "fp32")
+    assert probe("resnet18", 8, "batch") and probe("resnet18", 4, "batch")
+    assert not probe("resnet18", 12, "batch") and not probe("resnet18", 32, "batch")
+    assert not probe("resnet18", 8, "instance") and not probe("convnet6", 8, "instance")
+    net = N.build_net("resnet18", 3, 8, norm="batch").train()
+    stats = net.stem.norm.running_mean.clone()
+    P._lone_image_fails(net, 8, cpu, "fp32")
+    assert net.training and torch.equal(net.stem.norm.running_mean, stats)  # the probe leaves the net as it was

@@ -339,6 +339,14 @@ def train_net(net: str, train: Split, val: Split, num_classes: int, *, size: int
     gen_cpu = torch.Generator().manual_seed(seed)
     tested = test_epochs(epochs, eval_every, soft=teacher is not None)
     n, bs = len(train), hp["batch_size"]
+    lone_fails = _lone_image_fails(model, size, device, precision)
+    if lone_fails and bs == 1:
+        raise ConfigError(f"--batch-size 1 with {net}'s batch norm at --size {size}: its last maps are 1x1, so a "
+                          "batch of one image leaves one value per channel to normalise; give --batch-size >= 2 "
+                          "or a larger --size")
+    if lone_fails and n % bs == 1:
+        log.info("%s at %d px: each epoch's last batch, of one image, is left out (batch norm cannot train on 1x1 "
+                 "maps of one image)", net, size)
     best, best_epoch, final, train_acc, history = -1.0, 0, 0.0, 0.0, []
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = start = 0
@@ -363,6 +371,8 @@ def train_net(net: str, train: Split, val: Split, num_classes: int, *, size: int
         perm = torch.randperm(n, generator=gen, device=device)
         for k in range(0, n, bs):
             idx = perm[k:k + bs]
+            if lone_fails and len(idx) == 1:
+                continue
             yb = train.y[idx]
             with torch.no_grad():
                 xb, partner, ratio = cutmix(augment(train.images(idx, device), gen), gen_cpu)
@@ -406,6 +416,27 @@ def train_net(net: str, train: Split, val: Split, num_classes: int, *, size: int
     extra = {"model": model.eval()} if return_model else {}
     return {**extra, "seed": seed, "best": best, "best_epoch": best_epoch, "final": final, "train_acc": train_acc,
             "history": history, "params": count_parameters(model), "time_s": round(time.perf_counter() - t0, 3)}
+
+
+def _lone_image_fails(model: torch.nn.Module, size: int, device: torch.device, precision: str) -> bool:
+    """Whether a training batch of one image would leave one of ``model``'s batch norms a single value per
+    channel (its maps 1x1: a batch-norm ResNet-18 below 12 px), which torch refuses to train on. Probed with
+    one zero image in eval mode (the running statistics are left as they are)."""
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda _m, inputs: seen.append(inputs[0][0, 0].numel()))
+             for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not hooks:
+        return False
+    was = model.training
+    try:
+        model.eval()
+        with torch.no_grad(), amp(device, precision):
+            model(net_layout(torch.zeros(1, 3, size, size, device=device), precision))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    return min(seen) == 1
 
 
 def _check_teacher(teacher: torch.nn.Module, num_classes: int, size: int, device: torch.device,
