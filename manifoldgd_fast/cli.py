@@ -349,7 +349,11 @@ def _signals_as_interrupt():
     """While the command runs (in the main thread): SIGTERM raises :class:`Terminated`, Ctrl-C (SIGINT)
     KeyboardInterrupt, as Python's own handler does; after the first, both are ignored, so that a second
     Ctrl-C or SIGTERM does not cut the clean-up short (it left temp folders, aborted in C++ threads, or a
-    manifest behind the disk). A handler an embedding program set stays (each signal's own)."""
+    manifest behind the disk). A handler an embedding program set stays (each signal's own).
+
+    A signal that lands while a ``__del__`` (or another finaliser) runs raises there, and Python drops that
+    exception ("Exception ignored in ..."): with both signals then ignored, the run went on to its end and
+    exited 0. Such a dropped stop is sent again a moment later, to land outside the finaliser."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -357,17 +361,36 @@ def _signals_as_interrupt():
                                                (signal.SIGINT, KeyboardInterrupt, signal.default_int_handler))
             if signal.getsignal(sig) is default}
     before = {sig: signal.getsignal(sig) for sig in ours}
+    raised, resends = [], []  # the exceptions stop raised, with their signals; the timers sending one again
 
     def stop(signum, frame):
         for sig in ours:
             signal.signal(sig, signal.SIG_IGN)
-        raise ours[signum]
+        exc = ours[signum]()
+        raised.append((exc, signum))
+        raise exc
+
+    hook = sys.unraisablehook
+    main_thread = threading.main_thread().ident
+
+    def dropped(unraisable):
+        signum = next((sig for exc, sig in raised if exc is unraisable.exc_value), None)
+        if signum is None:
+            return hook(unraisable)
+        signal.signal(signum, stop)  # (this runs in the main thread: the finaliser that dropped it ran there)
+        resends.append(threading.Timer(0.05, signal.pthread_kill, (main_thread, signum)))
+        resends[-1].daemon = True
+        resends[-1].start()
 
     for sig in ours:
         signal.signal(sig, stop)
+    sys.unraisablehook = dropped
     try:
         yield
     finally:
+        for t in resends:  # (the command ended before a stop sent again came: none is sent after it)
+            t.cancel()
+        sys.unraisablehook = hook
         for sig, handler in before.items():
             signal.signal(sig, handler)
 
@@ -469,7 +492,11 @@ def main(argv: list[str] | None = None) -> int:
                 from .config import check_out_file
                 from .profile import dump, format_table
 
-                check_out_file(ns.profile_json, "--json")  # before the run, not after it
+                if ns.profile_json is not None:  # checked before the run, not after it
+                    check_out_file(ns.profile_json, "--json", inputs={"--data": cfg.data})
+                    if "out" in vars(ns) and os.path.realpath(ns.profile_json) == os.path.realpath(cfg.out):
+                        raise ConfigError(f"--json {ns.profile_json}: the same path as --out, the folder the "
+                                          "profiled classes are written to; give another file name")
                 rep = pipeline.profile_run(cfg, classes=ns.profile_classes,
                                            out=cfg.out if "out" in vars(ns) else None)
                 print(format_table(rep))

@@ -522,15 +522,37 @@ def nearest_existing(path: str) -> str:
     return path
 
 
-def check_out_file(path: Any, flag: str) -> None:
+def check_out_file(path: Any, flag: str, inputs: dict | None = None) -> None:
     """An output file (e.g. ``--out-json``): not a folder, and its nearest existing ancestor a
-    writable folder, so that a run fails before its work, not after (ConfigError otherwise)."""
+    writable folder, so that a run fails before its work, not after (ConfigError otherwise).
+
+    It never takes the place of what a run reads or made: a file inside one of ``inputs`` ({flag: folder or
+    file}, e.g. the real images), an existing image, or a distilled run's manifest is refused."""
     if path is None:
         return
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         raise ConfigError(f"{flag} must be a file path, got {path!r}")
     if os.path.isdir(path) or str(path).endswith(tuple(filter(None, (os.sep, os.altsep)))):
         raise ConfigError(f"{flag} {path}: a folder; give a file name")   # (a trailing / names a folder too)
+    real = os.path.realpath(path)
+    for what, where in (inputs or {}).items():
+        if where is None or not os.path.exists(where):
+            continue
+        inside = os.path.realpath(where)
+        if real == inside or (os.path.isdir(inside) and os.path.commonpath([real, inside]) == inside):
+            raise ConfigError(f"{flag} {path}: inside {what} {where}, which is read, never written; give a file "
+                              "elsewhere")
+    if os.path.isfile(path):
+        from .data import IMAGE_EXTS
+        from .output import MANIFEST
+
+        name = os.path.basename(real)
+        if name.lower().endswith(IMAGE_EXTS):
+            raise ConfigError(f"{flag} {path}: an existing image; a report is not written over it, give a .json "
+                              "file name")
+        if name == MANIFEST:
+            raise ConfigError(f"{flag} {path}: a distilled run's {name}; a report is not written over it, give "
+                              "another file name")
     up = nearest_existing(os.path.dirname(os.path.abspath(path)))
     if not os.path.isdir(up):
         raise ConfigError(f"{flag} {path}: {up} is a file, not a folder")

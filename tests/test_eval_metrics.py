@@ -402,6 +402,7 @@ def test_real_features_are_cached_per_class_and_encoder(folders, private_cache):
     enc = CountingColour()
     first = M.compute_metrics(dist, real, encoder=enc, **kw)
     n_dist, n_real = first["n_syn"], first["n_real"]
+    n_dist += M.PROBE_IMAGES  # (and check_encoder's batch, run before the distilled images)
     assert enc.seen == n_dist + n_real and first["real_features"]["encoder"] == {"cached": 0, "computed": 3}
     assert first["real_features"]["cache"] == str(private_cache)
     enc.seen = 0
@@ -738,3 +739,146 @@ def test_a_distilled_set_of_one_image_is_named(folders, tmp_path):
     with pytest.raises(DataError) as e:
         M.compute_metrics(str(one), real, encoder=MeanColour(), size=8, device="cpu", k=2, progress=False)
     assert str(e.value) == f"{one}: the FID needs at least 2 readable distilled images, found 1"
+
+
+class _NaNWeights(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 4)
+        torch.nn.init.constant_(self.fc.weight, float("nan"))
+
+    def forward(self, x):
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class _Scalar(torch.nn.Module):
+    def forward(self, x):
+        return x.mean()
+
+
+class _NotPerImage(torch.nn.Module):
+    def forward(self, x):
+        return x.mean(dim=0).flatten(1)  # (3, S * S): a batch mean, not one row an image
+
+
+@pytest.mark.parametrize("bad, says", [
+    (torch.nn.Linear(3, 2), r"fails on a \(2, 3, 8, 8\) batch at 8 px: RuntimeError: mat1 and mat2 shapes cannot"),
+    (_Scalar(), r"gives outputs of shape \(\) on a \(2, 3, 8, 8\) batch at 8 px, expected a \(B, F\) feature matrix"),
+    (_NotPerImage(), r"gives outputs of shape \(3, 64\) on a \(2, 3, 8, 8\) batch at 8 px, expected a \(B, F\)"),
+    (_NaNWeights(), r"gives non-finite features \(NaN or inf\) on a \(2, 3, 8, 8\) batch at 8 px$")])
+@pytest.mark.parametrize("how", ["file", "module", "fid-file"])
+def test_an_encoder_that_does_not_fit_is_one_line_before_any_work(folders, tmp_path, monkeypatch, bad, says, how):
+    """`metrics --encoder` / `--fid-encoder` with a module that does not fit (a pickled nn.Linear(3, 2), a 1-D
+    output, NaN weights) was a traceback from _encode ('mat1 and mat2 shapes cannot be multiplied', 'Dimension
+    out of range') or from the FID's SVD (LinAlgError), after the default encoder's training and the feature
+    passes; it is one line naming the flag, before either."""
+    dist, real = folders
+    path = str(tmp_path / "enc.pt")
+    torch.save(bad, path)
+
+    def must_not_run(*a, **k):
+        raise AssertionError("work started before the encoder was checked")
+
+    monkeypatch.setattr(M, "default_encoder", must_not_run)
+    monkeypatch.setattr(M, "extract_features", must_not_run)
+    kw = {"file": {"encoder": path}, "module": {"encoder": bad}, "fid-file": {"fid_encoder": path}}[how]
+    flag = {"file": f"--encoder {path}", "module": f"--encoder {type(bad).__name__}",
+            "fid-file": f"--fid-encoder {path}"}[how]
+    with pytest.raises(ConfigError, match=says) as e:
+        M.compute_metrics(dist, real, size=8, device="cpu", progress=False, **kw)
+    assert "\n" not in str(e.value) and str(e.value).startswith(f"{flag}: ")
+    assert not os.path.exists(os.path.join(dist, "metrics.json"))
+
+
+def test_the_cli_names_an_encoder_that_does_not_fit_in_one_line(folders, tmp_path, capsys):
+    from manifoldgd_fast.cli import main
+
+    dist, real = folders
+    torch.save(torch.nn.Linear(3, 2), tmp_path / "enc.pt")
+    assert main(["metrics", "--distilled", dist, "--real", real, "--encoder", str(tmp_path / "enc.pt"), "--size", "8",
+                 "--device", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"manifoldgd-fast: error: --encoder {tmp_path / 'enc.pt'}: fails on a "
+                                               "(2, 3, 8, 8) batch at 8 px: RuntimeError: mat1 and mat2"), err
+
+
+class _DarkNaN(torch.nn.Module):
+    """NaN features for images darker than ``below`` on average (the check's random batch is not)."""
+
+    def __init__(self, below):
+        super().__init__()
+        self.below = below
+
+    def forward(self, x):
+        m = x.mean(dim=(1, 2, 3), keepdim=True)
+        return torch.where(m < self.below, torch.full_like(m, float("nan")), m).flatten(1).expand(-1, 3)
+
+
+def test_non_finite_features_name_the_encoder_and_are_never_cached(folders, private_cache):
+    """An encoder giving NaN for some images only: one line naming it and the class (it was a LinAlgError from
+    the FID's SVD), and no cache file of NaN features left behind."""
+    dist, real = folders
+    bee = Image.new("RGB", (16, 16), (0, 0, 0))
+    for name in os.listdir(os.path.join(real, "bee")):   # bee's real images dark: their features NaN
+        bee.save(os.path.join(real, "bee", name))
+    with pytest.raises(ConfigError) as e:
+        M.compute_metrics(dist, real, encoder=_DarkNaN(-1.5), size=8, device="cpu", progress=False)
+    n = len(os.listdir(os.path.join(real, "bee")))
+    assert str(e.value) == (f"--encoder _DarkNaN: gives non-finite features (NaN or inf) for {n} of the {n} images "
+                            f"of class bee ({os.path.join(real, 'bee')})")
+    from safetensors.torch import load_file
+
+    stored = list(private_cache.rglob("*.safetensors"))   # (ant's, before bee's: never bee's)
+    assert len(stored) < 3 and all(torch.isfinite(load_file(str(p))["features"]).all() for p in stored)
+    with pytest.raises(ConfigError, match="^the default encoder x.pt: gives non-finite features"):
+        M.extract_features(_DarkNaN(-1.5), M.match_classes(dist, real, exact=False, what="real")[2], 8,
+                           torch.device("cpu"), what="the default encoder x.pt")
+
+
+@pytest.mark.parametrize("how", ["flag", "env", "under a file"])
+def test_a_cache_dir_that_is_a_file_is_refused_before_the_encoder_trains(folders, tmp_path, monkeypatch, how):
+    """`metrics --cache-dir afile` (or $MANIFOLDGD_CACHE a file) trained the whole default encoder, then failed
+    with 'afile/encoders: Not a directory'; it is one line naming the flag (or the variable), at once."""
+    dist, real = folders
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+
+    def must_not_train(*a, **k):
+        raise AssertionError("the default encoder was trained before the cache folder was checked")
+
+    monkeypatch.setattr(M, "default_encoder", must_not_train)
+    cache_dir = {"flag": str(afile), "env": None, "under a file": str(afile / "sub")}[how]
+    if how == "env":
+        monkeypatch.setenv("MANIFOLDGD_CACHE", str(afile))
+    with pytest.raises(ConfigError) as e:
+        M.compute_metrics(dist, real, size=8, device="cpu", progress=False, cache_dir=cache_dir)
+    assert str(e.value) == {"flag": f"--cache-dir {afile}: exists and is not a folder",
+                            "env": f"$MANIFOLDGD_CACHE {afile}: exists and is not a folder",
+                            "under a file": f"--cache-dir {afile / 'sub'}: {afile} is a file, not a folder"}[how]
+    os.remove(afile)
+    os.makedirs(afile / "features")
+    (afile / "encoders").write_text("x")   # the encoders' folder a file: named too
+    with pytest.raises(ConfigError, match=f"^--cache-dir {afile / 'encoders'}: exists and is not a folder$"):
+        M.compute_metrics(dist, real, size=8, device="cpu", progress=False, cache_dir=str(afile))
+    # a given encoder with --no-feature-cache writes no cache: nothing to check
+    res = M.compute_metrics(dist, real, encoder=MeanColour(), size=8, device="cpu", k=2, progress=False,
+                            cache_dir=str(afile / "encoders"), feature_cache=False)
+    assert res["real_features"]["cache"] is None
+
+
+def test_torchscript_encoders_get_their_own_feature_cache(folders, tmp_path, private_cache):
+    """Every TorchScript module is a RecursiveScriptModule: two scripted encoders with the same tensors but
+    other code shared one feature cache (the second read the first's features); their code keys it now."""
+    dist, real = folders
+    lin = torch.nn.Linear(3, 4)
+    pool = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), lin)
+    relu = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), lin, torch.nn.ReLU())
+    for name, m in (("a.pt", pool), ("b.pt", relu)):
+        torch.jit.save(torch.jit.script(m), tmp_path / name)
+    kw = dict(size=8, device="cpu", k=2, progress=False, out_json=str(tmp_path / "m.json"))
+    a = M.compute_metrics(dist, real, encoder=str(tmp_path / "a.pt"), **kw)
+    b = M.compute_metrics(dist, real, encoder=str(tmp_path / "b.pt"), **kw)
+    assert a["real_features"]["encoder"]["computed"] == 3
+    assert b["real_features"]["encoder"] == {"cached": 0, "computed": 3}
+    again = M.compute_metrics(dist, real, encoder=str(tmp_path / "b.pt"), **kw)
+    assert again["real_features"]["encoder"] == {"cached": 3, "computed": 0} and again["fid"] == b["fid"]

@@ -370,7 +370,7 @@ def test_imagenet_teacher_on_a_subsets_wnid_folders(tmp_path):
     ant = make_image_folder(tmp_path / "ant", ["ant", names[0]], 2, size=16, seed=1)
     with pytest.raises(ConfigError, match="--teacher: .*'ant' is not an ImageNet-1k WordNet id"):
         P.evaluate(ant, ant, seeds=1, epochs=1, size=32, device="cpu", teacher=str(tmp_path / "teacher.pth"),
-                   progress=False)
+                   progress=False, out_json=str(tmp_path / "ant.json"))   # (not inside --real-val, the same folder)
 
 
 # --------------------------------------------------------------------------- bad input
@@ -1289,3 +1289,86 @@ def test_a_batch_norm_resnet18_below_12_px_trains_past_a_last_batch_of_one():
     stats = net.stem.norm.running_mean.clone()
     P._lone_image_fails(net, 8, cpu, "fp32")
     assert net.training and torch.equal(net.stem.norm.running_mean, stats)  # the probe leaves the net as it was
+
+
+def test_a_torchscript_teacher_file_teaches(folders, tmp_path):
+    """A TorchScript teacher (torch.jit.save) stopped the evaluation with 'requires_grad_ is not supported on
+    ScriptModules'; it teaches now. load_net reads it with torch.jit.load (torch.load took it with a warning),
+    and one built for another size is one line naming its own error, not the TorchScript interpreter."""
+    from manifoldgd_fast.eval import nets as N
+
+    dist, val = folders
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3))
+    torch.jit.save(torch.jit.script(teacher), tmp_path / "t.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # (torch.load's 'looks like a TorchScript archive', torch.jit's deprecation)
+        loaded = N.load_net(str(tmp_path / "t.pt"))
+    assert isinstance(loaded, torch.jit.ScriptModule)
+    x = torch.rand(2, 3, 8, 8)
+    assert torch.equal(loaded(x), teacher(x))
+    res = P.evaluate(dist, val, nets="convnet6", seeds=1, epochs=2, size=8, device="cpu", teacher=str(tmp_path / "t.pt"),
+                     progress=False)
+    assert res["protocol"] == "soft-label" and res["teacher"] == str(tmp_path / "t.pt")
+    assert 0.0 <= res["nets"]["convnet6"]["final_mean"] <= 100.0
+    with pytest.raises(ConfigError) as e:
+        P.evaluate(dist, val, nets="convnet6", seeds=1, epochs=1, size=16, device="cpu",
+                   teacher=str(tmp_path / "t.pt"), progress=False)
+    assert _one_line(e).startswith("--teacher: fails on a (1, 3, 16, 16) batch at 16 px: RuntimeError: mat1 and mat2")
+
+
+def test_a_huge_seed_count_is_one_line(folders, capsys):
+    """`eval --seeds 99999999999999999999` was an OverflowError traceback (list(range(n))); a count (or a list)
+    past MAX_SEEDS is refused in one line."""
+    from manifoldgd_fast.cli import main
+
+    dist, val = folders
+    for seeds in (10 ** 20, P.MAX_SEEDS + 1):
+        with pytest.raises(ConfigError) as e:
+            P.evaluate(dist, val, seeds=seeds, device="cpu", progress=False)
+        assert _one_line(e) == f"--seeds {seeds}: must be <= {P.MAX_SEEDS} (a count of seeds, one training run each)"
+    with pytest.raises(ConfigError, match=rf"^--seeds: {P.MAX_SEEDS + 1} seeds given, at most {P.MAX_SEEDS} "):
+        P.evaluate(dist, val, seeds=list(range(P.MAX_SEEDS + 1)), device="cpu", progress=False)
+    assert P._check_seeds(P.MAX_SEEDS) == list(range(P.MAX_SEEDS))
+    assert main(["eval", "--distilled", dist, "--real-val", val, "--seeds", "99999999999999999999",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("manifoldgd-fast: error: --seeds 99999999999999999999: must be <="), err
+
+
+def test_val_resize_past_the_limit_is_refused_before_loading(folders, monkeypatch):
+    """`eval --val-resize 100000` was OOM-killed without a word while loading the validation set: it has an
+    upper bound, as --size has, checked before any image is read."""
+    dist, val = folders
+
+    def must_not_load(*a, **k):
+        raise AssertionError("images were loaded before --val-resize was checked")
+
+    monkeypatch.setattr(P, "load_images", must_not_load)
+    for v in (100000, P.MAX_VAL_RESIZE + 1):
+        with pytest.raises(ConfigError) as e:
+            P.evaluate(dist, val, size=8, val_resize=v, device="cpu", progress=False)
+        assert _one_line(e) == f"--val-resize {v}: must be <= {P.MAX_VAL_RESIZE} px"
+    assert P.MAX_VAL_RESIZE >= round(P.MAX_SIZE * P.VAL_RESIZE)   # the default at the largest --size passes
+
+
+@pytest.mark.parametrize("name", ["eval.md", "eval.json.partial", "eval.json"])
+def test_a_folder_where_eval_writes_its_report_is_refused_before_training(folders, tmp_path, monkeypatch, name):
+    """A class folder named eval.md or eval.json.partial in the distilled folder (where eval writes them) failed
+    with 'Is a directory' after the training (or its first run); it is named in one line before any training.
+    With --out-json elsewhere, nothing is in the way."""
+    dist, val = folders
+    for root, seed in ((dist, 1), (val, 2)):   # a class of that name, in both sets
+        make_image_folder(root, [name], 2, size=16, seed=seed)
+
+    def must_not_train(*a, **k):
+        raise AssertionError("a net trained before the report paths were checked")
+
+    monkeypatch.setattr(P, "train_net", must_not_train)
+    with pytest.raises(ConfigError) as e:
+        P.evaluate(dist, val, nets="convnet6", seeds=1, epochs=1, size=8, device="cpu", progress=False)
+    assert _one_line(e).startswith(f"--out-json (default) {os.path.join(dist, 'eval.json')}: ")
+    assert os.path.join(dist, name) in str(e.value)
+    monkeypatch.undo()
+    res = P.evaluate(dist, val, nets="convnet6", seeds=1, epochs=1, size=8, device="cpu", progress=False,
+                     out_json=str(tmp_path / "elsewhere" / "e.json"))
+    assert os.path.isfile(res["files"]["markdown"]) and res["files"]["markdown"].endswith("e.md")

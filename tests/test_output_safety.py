@@ -1232,3 +1232,53 @@ def test_write_folder_atomically_leaves_the_mode_of_a_links_target(tmp_path):
     write_folder_atomically(str(tmp_path / "f"), fill)
     assert os.stat(target).st_mode & 0o777 == 0o600
     assert os.readlink(tmp_path / "f" / "link.bin") == str(target)
+
+
+# ---------------------------------------------------------------------------- found by a CLI audit (2026-12-07)
+@pytest.mark.parametrize("command", ["eval", "metrics"])
+def test_a_report_is_never_written_over_a_manifest_an_image_or_an_input(command, tmp_path, capsys):
+    """eval / metrics --out-json (and profile --json) wrote their JSON over whatever the path held: a distilled
+    run's manifest.json, a distilled image, a real training image inside --real / --real-val. Each is refused
+    in one line before any work, and the file is left as it was."""
+    from conftest import make_image_folder
+
+    real, dist = tmp_path / "real", tmp_path / "dist"
+    make_image_folder(str(real), ["ant", "bee"], 3, size=8)
+    make_image_folder(str(dist), ["ant", "bee"], 2, size=8)
+    (dist / "manifest.json").write_text('{"tool": "manifoldgd-fast"}')
+    real_flag = "--real-val" if command == "eval" else "--real"
+    base = [command, "--distilled", str(dist), real_flag, str(real), "--device", "cpu", "--no-progress", "--size", "8"]
+    base += ["--epochs", "1", "--seeds", "1", "--nets", "convnet6"] if command == "eval" else ["--encoder-epochs", "1"]
+    victims = {str(dist / "manifest.json"): "a distilled run's manifest.json",
+               str(dist / "ant" / "img000.png"): "an existing image",
+               str(real / "bee" / "img000.png"): f"inside {real_flag} {real}",
+               str(real / "new.json"): f"inside {real_flag} {real}"}
+    for path, why in victims.items():
+        before = open(path, "rb").read() if os.path.exists(path) else None
+        assert main(base + ["--out-json", path]) == 2
+        line = capsys.readouterr().err.strip()
+        assert line.startswith(f"manifoldgd-fast: error: --out-json {path}: {why}") and "\n" not in line, line
+        assert (open(path, "rb").read() if os.path.exists(path) else None) == before
+
+
+def test_profile_json_is_refused_over_an_input_or_the_out_folder(tmp_path, capsys):
+    from conftest import make_image_folder
+
+    from manifoldgd_fast.config import check_out_file
+    from manifoldgd_fast.errors import ConfigError
+
+    data = tmp_path / "data"
+    make_image_folder(str(data), ["ant"], 2, size=8)
+    with pytest.raises(ConfigError, match=r"^--json .*img000\.png: inside --data .*, which is read, never written"):
+        check_out_file(str(data / "ant" / "img000.png"), "--json", inputs={"--data": str(data)})
+    check_out_file(str(tmp_path / "p.json"), "--json", inputs={"--data": str(data), "--none": None})
+    link = tmp_path / "link.json"
+    os.symlink(data / "ant" / "img000.png", link)   # through a link: what it points at counts
+    with pytest.raises(ConfigError, match="inside --data"):
+        check_out_file(str(link), "--json", inputs={"--data": str(data)})
+    out = tmp_path / "P"
+    assert main(["profile", "--data", str(data), "--out", str(out), "--json", str(out), "--device", "cpu"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line == (f"manifoldgd-fast: error: --json {out}: the same path as --out, the folder the profiled classes are "
+                    "written to; give another file name"), line
+    assert not out.exists()

@@ -61,7 +61,8 @@ from .inception import FIDInceptionV3
 from .nets import NAMED, load_net, net_checkpoint
 from ..devices import resolve_device
 from .precision import amp, net_layout, prepare_net
-from .protocol import MAX_SIZE, Split, capped, default_size, load_images, match_classes, native_size, train_net
+from .protocol import (MAX_SIZE, Split, capped, default_size, load_images, match_classes, native_size, probe_net,
+                       train_net)
 from .report import append_manifest
 
 log = logging.getLogger(__name__)
@@ -263,10 +264,44 @@ def trajectory_variance(norm_traces, correction: int = 0) -> tuple[torch.Tensor,
 
 
 # --------------------------------------------------------------------------- encoder
-def _encode(encoder: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _raw_features(encoder: torch.nn.Module, u: torch.Tensor, uint8_fwd=None):
+    """The encoder's output for uint8 images u (b, 3, S, S): ``uint8_fwd(u)`` (FID Inception's
+    ``forward_features_uint8`` on squashed images) or its ``forward_features`` (else forward) of the
+    ImageNet-normalised images; :func:`extract_features` flattens it to (b, F) float32."""
+    if callable(uint8_fwd):
+        return uint8_fwd(u)
+    x = net_layout(normalize(to_unit(u)))
     fwd = getattr(encoder, "forward_features", None)
-    out = fwd(x) if callable(fwd) else encoder(x)
-    return out.flatten(1).float()
+    return fwd(x) if callable(fwd) else encoder(x)
+
+
+PROBE_IMAGES = 2  # check_encoder's batch: two, so that an output not per image shows
+
+
+def check_encoder(encoder: torch.nn.Module, size: int, device: torch.device, what: str,
+                  resize: str = "crop") -> None:
+    """Run ``encoder`` once as :func:`extract_features` will (same entry point, device and autocast) on
+    :data:`PROBE_IMAGES` random uint8 images of ``size`` px: an encoder built for another input, one that gives
+    no (B, F) feature matrix, or NaN / inf features fails here in one line (ConfigError naming ``what``, e.g.
+    ``--encoder enc.pt``), before the feature passes and the default encoder's training, not as a traceback
+    from the features or the FID's linear algebra."""
+    fp32 = bool(getattr(encoder, "fp32_features", False))
+    encoder = prepare_net(encoder, device).eval()
+    uint8_fwd = getattr(encoder, "forward_features_uint8", None) if resize == "squash" else None
+    u = torch.randint(0, 256, (PROBE_IMAGES, 3, size, size), generator=torch.Generator().manual_seed(0),
+                      dtype=torch.uint8).to(device)
+
+    def call(u):
+        with contextlib.nullcontext() if fp32 else amp(device):
+            return _raw_features(encoder, u, uint8_fwd)
+
+    out = probe_net(encoder, call, u, what)
+    if not isinstance(out, torch.Tensor) or out.ndim < 2 or out.shape[0] != len(u) or out[0].numel() < 1:
+        got = f"outputs of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+        raise ConfigError(f"{what}: gives {got} on a {tuple(u.shape)} batch at {size} px, expected a (B, F) "
+                          f"feature matrix (B = {len(u)} images)")
+    if not bool(torch.isfinite(out).all()):
+        raise ConfigError(f"{what}: gives non-finite features (NaN or inf) on a {tuple(u.shape)} batch at {size} px")
 
 
 class FeatureCache:
@@ -286,6 +321,10 @@ class FeatureCache:
         kind = f"{type(encoder).__module__}.{type(encoder).__qualname__}|{precision}|{device.type}"
         kind += "|squash" if resize == "squash" else ""  # crop keeps the keys caches were written under
         h = hashlib.sha1(kind.encode())
+        for m in encoder.modules():  # TorchScript's are all RecursiveScriptModules: their code tells them apart
+            if isinstance(m, torch.jit.ScriptModule):
+                with contextlib.suppress(RuntimeError, AttributeError):  # (a scripted container without forward)
+                    h.update(f"{m.original_name}:{m.code}".encode())
         for name, t in encoder.state_dict().items():
             h.update(name.encode())
             h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
@@ -352,14 +391,16 @@ def describe_preprocess(encoder: torch.nn.Module, size: int, resize: str = "crop
 @torch.no_grad()
 def extract_features(encoder: torch.nn.Module, entries, size: int, device: torch.device, *, batch_size: int = 256,
                      max_per_class: int | None = None, progress: bool = False, desc: str = "features",
-                     cache_dir: str | None = None, stats: dict | None = None, resize: str = "crop"):
+                     cache_dir: str | None = None, stats: dict | None = None, resize: str = "crop",
+                     what: str = "the encoder"):
     """Encoder features of every image of ``entries`` (streamed per class, not held in memory),
     under bf16 autocast on CUDA unless the encoder sets ``fp32_features`` (the papers' encoders).
     resize: "crop" (short side to ``size``, centre crop; see data.load_image) or "squash"
     (:func:`load_squashed`; an encoder with ``forward_features_uint8``, FID's Inception,
     then takes the uint8 pixels as torchmetrics does). cache_dir: keep each class's
     features in a :class:`FeatureCache` there and reuse them (None: no cache); ``stats``
-    (a dict) then counts ``cached`` and ``computed`` classes.
+    (a dict) then counts ``cached`` and ``computed`` classes. what: the encoder as errors
+    name it (ConfigError for NaN or inf features, which are never cached).
     Returns (features (N, D) float32 on the device, labels (N,))."""
     if resize not in RESIZES:
         raise ConfigError(f"--fid-resize {resize}: must be one of {', '.join(RESIZES)}")
@@ -384,14 +425,16 @@ def extract_features(encoder: torch.nn.Module, entries, size: int, device: torch
                 for batch, _ in images:
                     u = batch.to(device)  # (b, 3, size, size) uint8
                     with maybe_amp():
-                        if callable(uint8_fwd):
-                            parts.append(uint8_fwd(u).flatten(1).float())
-                        else:
-                            parts.append(_encode(encoder, net_layout(normalize(to_unit(u)))))
+                        parts.append(_raw_features(encoder, u, uint8_fwd).flatten(1).float())
                     bar.update(len(batch))
                 if not parts:
                     continue
                 f = torch.cat(parts)
+                bad = int((~torch.isfinite(f).all(1)).sum())
+                if bad:  # (was a LinAlgError from the FID's SVD, after every feature pass; and never cached)
+                    raise ConfigError(f"{what}: gives non-finite features (NaN or inf) for {bad} of the "
+                                      f"{len(f)} images of class {sub.name} "
+                                      f"({sub.folder or os.path.dirname(sub.files[0])})")
                 if path:
                     cache.save(path, f)
                 stats["computed"] += 1
@@ -492,7 +535,9 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
     flag = "--out-json" if out_json is not None else "--out-json (default)"   # ('' refused, not the default)
     out_json = out_json if out_json is not None else os.path.join(distilled, "metrics.json")
     if flag == "--out-json" or os.path.isdir(distilled):  # (a missing --distilled is named below, not as --out-json)
-        check_out_file(out_json, flag)
+        check_out_file(out_json, flag, inputs={"--real": real} if flag == "--out-json" else None)  # (default: OUT's)
+    # (a file there: 'Not a directory' once the default encoder had trained)
+    _check_cache_root(cache_dir, [*(["encoders"] if encoder is None else []), *(["features"] if feature_cache else [])])
     t0 = time.perf_counter()
     dev = resolve_device(device)
     classes, dist, ref = match_classes(distilled, real, exact=False, what="real")
@@ -507,6 +552,18 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
     if fid_encoder is not None:  # before the default encoder trains (minutes): a missing file stops the run at once
         fid_enc = load_net(fid_encoder, num_classes=len(classes), size=size, what="--fid-encoder")
         fid_size = getattr(fid_enc, "input_size", None) or size
+    if fid_resize is None:  # by the --fid-encoder loaded: FID's Inception, named or given by its file
+        fid_resize = "squash" if fid_encoder is not None and isinstance(fid_enc, FIDInceptionV3) else "crop"
+    # each encoder given runs once on a small batch, as the feature passes will run it: one that does not fit
+    # stops here, not with a traceback after the default encoder's training or the real set's features
+    enc_what = f"--encoder {_source_label(encoder)}"
+    if encoder is not None:
+        check_encoder(enc, size, dev, enc_what)
+        if fid_encoder is None and fid_resize == "squash" and callable(getattr(enc, "forward_features_uint8", None)):
+            check_encoder(enc, size, dev, enc_what, "squash")    # (the FID's images go to its uint8 entry)
+    fid_what = f"--fid-encoder {_source_label(fid_encoder)}" if fid_encoder is not None else enc_what
+    if fid_encoder is not None:
+        check_encoder(fid_enc, fid_size, dev, fid_what, fid_resize)
     if encoder is None:
         enc, enc_info = default_encoder(real, ref, size, dev, epochs=encoder_epochs, cache_dir=cache_dir,
                                         progress=progress)
@@ -516,8 +573,11 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
     real_kw = dict(max_per_class=max_real_per_class, progress=progress,
                    cache_dir=(cache_dir or default_cache_root()) if feature_cache else None)
     real_stats = {"encoder": {}, "fid_encoder": {}}
-    fs, ys = extract_features(enc, dist, size, dev, progress=progress, desc="features distilled")
-    fr, yr = extract_features(enc, ref, size, dev, desc="features real", stats=real_stats["encoder"], **real_kw)
+    if encoder is None:
+        enc_what = fid_what = f"the default encoder {enc_info['cache']}"
+    fs, ys = extract_features(enc, dist, size, dev, progress=progress, desc="features distilled", what=enc_what)
+    fr, yr = extract_features(enc, ref, size, dev, desc="features real", stats=real_stats["encoder"], what=enc_what,
+                              **real_kw)
     for labels, folder, side in ((ys, distilled, "distilled"), (yr, real, "real")):
         have = set(labels.unique().tolist())
         missing = [name for c, name in enumerate(classes) if c not in have]
@@ -527,17 +587,15 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
     for feats, folder, side in ((fs, distilled, "distilled"), (fr, real, "real")):
         if len(feats) < 2:  # a covariance needs two (was gaussian_stats' error, naming neither folder nor side)
             raise DataError(f"{folder}: the FID needs at least 2 readable {side} images, found {len(feats)}")
-    if fid_resize is None:  # by the --fid-encoder loaded: FID's Inception, named or given by its file
-        fid_resize = "squash" if fid_encoder is not None and isinstance(fid_enc, FIDInceptionV3) else "crop"
     if fid_encoder is not None or fid_resize != "crop":
         if fid_encoder is not None:
             fid_info = {**_source_info(fid_encoder), "size": fid_size, "resize": fid_resize}
         else:
             fid_info = {"kind": f"the --encoder ({enc_info['kind']})", "size": size, "resize": fid_resize}
         fid_value = fid(extract_features(fid_enc, ref, fid_size, dev, desc="FID features real", resize=fid_resize,
-                                         stats=real_stats["fid_encoder"], **real_kw)[0],
+                                         stats=real_stats["fid_encoder"], what=fid_what, **real_kw)[0],
                         extract_features(fid_enc, dist, fid_size, dev, progress=progress, resize=fid_resize,
-                                         desc="FID features distilled")[0])
+                                         desc="FID features distilled", what=fid_what)[0])
     else:
         fid_value = fid(fr, fs)
     mmd_real = fr
@@ -621,6 +679,29 @@ def _source_info(source) -> dict:
     if not isinstance(source, str):
         return {"kind": f"module {type(source).__name__}"}
     return {"kind": source, **({"file": NAMED[source][0]()} if source in NAMED else {})}
+
+
+def _source_label(source) -> str:
+    """An encoder given by the user as errors name it: its path or name, or a module's type."""
+    return os.fspath(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
+
+
+def _check_cache_root(cache_dir, subs) -> None:
+    """The cache root and its ``subs`` folders (``encoders``, ``features``) a run will write: each a folder or
+    a path that can become one, checked before the work (ConfigError naming --cache-dir, or $MANIFOLDGD_CACHE
+    where that gave the root)."""
+    from ..config import check_out_dir, nearest_existing
+    from ..latents import CACHE_ENV, default_cache_root
+
+    if not subs:
+        return
+    root = cache_dir or default_cache_root()
+    flag = "--cache-dir" if cache_dir else f"${CACHE_ENV}" if os.environ.get(CACHE_ENV) else "--cache-dir (default)"
+    for path in (root, *(os.path.join(root, s) for s in subs)):
+        check_out_dir(path, flag)
+    up = nearest_existing(os.path.abspath(root))
+    if not os.path.isdir(up):
+        raise ConfigError(f"{flag} {root}: {up} is a file, not a folder")
 
 
 def _mean(v: torch.Tensor) -> float | None:

@@ -40,6 +40,7 @@ import copy
 import math
 import os
 import re
+import warnings
 
 import torch
 import torch.nn as nn
@@ -268,10 +269,27 @@ def load_net(source, *, num_classes: int | None = None, size: int | None = None,
             raise ConfigError(f"{what} {path}: " + ("a folder, not a net's file" if os.path.isdir(path)
                                                      else "no such file"))
         try:  # a user's own pickled module needs full unpickling; the file is theirs
-            obj = torch.load(path, map_location="cpu", weights_only=False)
+            # (torch.load takes a TorchScript archive too, with a warning to call torch.jit.load)
+            if _is_torchscript(path):
+                with warnings.catch_warnings():  # (torch's deprecation of TorchScript: the user's file, not a call)
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    obj = torch.jit.load(path, map_location="cpu")
+            else:
+                obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:  # noqa: BLE001 - any unpickling failure is the file's fault
             raise ConfigError(f"{what} {path}: cannot load ({type(e).__name__}: {e})") from None
     return _select_classes(_net_from(obj, num_classes, size, what), num_classes, class_names, what)
+
+
+def _is_torchscript(path: str) -> bool:
+    """Whether ``path`` is a TorchScript archive (torch.jit.save's): a zip with ``<name>/constants.pkl``."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.count("/") == 1 and n.endswith("/constants.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):  # (a legacy pickle, or unreadable: torch.load says which)
+        return False
 
 
 def _net_from(obj, num_classes, size, what) -> nn.Module:

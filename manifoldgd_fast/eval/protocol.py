@@ -45,12 +45,14 @@ from . import resume
 from .augment import TrainAugment, cutmix, normalize, to_unit
 from .nets import NET_NAMES, build_net, count_parameters, load_net, parse_nets
 from .precision import amp, check_precision, describe_precision, net_layout, numerics, prepare_net
-from .report import eval_json_path, summarize, write_eval_outputs
+from .report import eval_json_path, eval_markdown_path, summarize, write_eval_outputs
 
 log = logging.getLogger(__name__)
 
 MAX_DEVICE_IMAGES = 50_000
 MAX_SIZE = 1024                  # --size: px a side (ImageNet evaluations train at 224)
+MAX_VAL_RESIZE = 2 * MAX_SIZE    # --val-resize: px (the default at --size 1024 is 1170; each image is held once at it)
+MAX_SEEDS = 1000                 # --seeds: training runs per net and folder (the literature reports 3 to 5)
 VAL_RESIZE = 256 / 224           # resize 256 / centre crop 224, at any size
 
 
@@ -439,22 +441,41 @@ def _lone_image_fails(model: torch.nn.Module, size: int, device: torch.device, p
     return min(seen) == 1
 
 
-def _check_teacher(teacher: torch.nn.Module, num_classes: int, size: int, device: torch.device,
-                   precision: str = "bf16"):
-    teacher = prepare_net(teacher, device, precision).eval().requires_grad_(False)
-    try:  # a net built for another size or input fails here, not as a traceback after the validation set loaded
-        with torch.no_grad(), amp(device, precision):
-            out = teacher(net_layout(torch.zeros(1, 3, size, size, device=device), precision))
+def probe_net(net: torch.nn.Module, call, x: torch.Tensor, flag: str):
+    """``call(x)`` once under no_grad: a net built for another size or input fails here, in one line
+    (ConfigError "FLAG: fails on a (B, 3, S, S) batch at S px: Error: ..."), not as a traceback after the
+    data have loaded or a long training. Out of memory (the device's or the host's) is raised as it is."""
+    size = x.shape[-1]
+    try:
+        with torch.no_grad():
+            return call(x)
     except torch.OutOfMemoryError:
         raise
-    except (RuntimeError, ValueError, TypeError, IndexError, AttributeError) as e:
-        if "can't allocate memory" in str(e):  # the host's allocator: out of memory, not the teacher's fault
+    except (RuntimeError, ValueError, TypeError, IndexError, AttributeError, torch.jit.Error) as e:
+        if "can't allocate memory" in str(e):  # the host's allocator: out of memory, not the net's fault
             raise
-        built = getattr(teacher, "size", None)
+        built = getattr(net, "size", None)
         hint = f" (it was built for {built} px)" if isinstance(built, int) and built != size else ""
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ConfigError(f"--teacher: fails on a (1, 3, {size}, {size}) batch at {size} px{hint}: "
-                          f"{type(e).__name__}: {first}") from None
+        lines = [s.strip() for s in str(e).strip().splitlines() if s.strip()] or [""]
+        # a TorchScript module's error opens with the interpreter's traceback and ends with the error itself
+        first = lines[-1] if lines[0].startswith("The following operation failed in the TorchScript") else lines[0]
+        first = first.removeprefix(f"{type(e).__name__}: ")
+        raise ConfigError(f"{flag}: fails on a {tuple(x.shape)} batch at {size} px{hint}: "
+                          f"{type(e).__name__}: {first[:200]}") from None
+
+
+def _check_teacher(teacher: torch.nn.Module, num_classes: int, size: int, device: torch.device,
+                   precision: str = "bf16"):
+    teacher = prepare_net(teacher, device, precision).eval()
+    for p in teacher.parameters():  # (a TorchScript module refuses Module.requires_grad_, not its parameters')
+        p.requires_grad_(False)
+
+    def call(x):
+        with amp(device, precision):
+            return teacher(x)
+
+    # a net built for another size or input fails here, not as a traceback after the validation set loaded
+    out = probe_net(teacher, call, net_layout(torch.zeros(1, 3, size, size, device=device), precision), "--teacher")
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != num_classes:
         got = f"outputs of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
         raise ConfigError(f"--teacher: gives {got} at {size} px, "
@@ -494,6 +515,8 @@ def _check_seeds(seeds) -> list[int]:
     if whole(seeds):
         if seeds < 1:
             raise ConfigError(f"--seeds {seeds}: must be >= 1")
+        if seeds > MAX_SEEDS:  # (a huge count was an OverflowError traceback, or a list filling the memory)
+            raise ConfigError(f"--seeds {seeds}: must be <= {MAX_SEEDS} (a count of seeds, one training run each)")
         return list(range(int(seeds)))
     # (the API's 2.5 or "3" was a TypeError / ValueError traceback, [0.5, 1.7] trained seeds 0 and 1, True one seed)
     if isinstance(seeds, (str, bytes)) or not isinstance(seeds, (list, tuple, range)) \
@@ -502,6 +525,8 @@ def _check_seeds(seeds) -> list[int]:
     seed_list = [int(s) for s in seeds]
     if not seed_list:
         raise ConfigError(f"--seeds {seeds}: must be >= 1")
+    if len(seed_list) > MAX_SEEDS:
+        raise ConfigError(f"--seeds: {len(seed_list)} seeds given, at most {MAX_SEEDS} (one training run each)")
     far = [s for s in seed_list if not 0 <= s < 2 ** 63]
     if far:  # (torch's generators take less than 2**64; it failed after the earlier seeds had trained)
         raise ConfigError(f"--seeds {','.join(map(str, seed_list))}: seed {far[0]} is outside 0 .. 2**63 - 1")
@@ -575,7 +600,13 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
     if out_json is not None or os.path.isdir(folders[0]):  # (a missing --distilled is named below, not as --out-json)
         # ('' is refused: an unset $VAR wrote to the default silently)
         check_out_file(out_json if out_json is not None else eval_json_path(folders, None),
-                       "--out-json" if out_json is not None else "--out-json (default)")
+                       "--out-json" if out_json is not None else "--out-json (default)",
+                       inputs={"--real-val": real_val} if out_json is not None else None)  # (the default: OUT's own)
+    report = eval_json_path(folders, out_json)
+    for beside in (eval_markdown_path(report), report + ".partial"):  # written after the first run, or the last
+        if os.path.isdir(beside):  # (a class folder named eval.md: 'Is a directory', after training)
+            raise ConfigError(f"--out-json{'' if out_json is not None else ' (default)'} {report}: {beside}, "
+                              "written beside it, is a folder; give --out-json elsewhere")
     for name, v in (("--epochs", epochs), ("--size", size), ("--batch-size", batch_size),
                     ("--eval-every", eval_every), ("--val-batch-size", val_batch_size), ("--val-resize", val_resize)):
         if v is not None and v < 1:
@@ -584,6 +615,8 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
         raise ConfigError(f"--lr {lr}: must be > 0 and finite in float32")   # (SGD takes it as a float32)
     if size is not None and size > MAX_SIZE:
         raise ConfigError(f"--size {size}: must be <= {MAX_SIZE} px")
+    if val_resize is not None and val_resize > MAX_VAL_RESIZE:  # (it was OOM-killed without a word, loading)
+        raise ConfigError(f"--val-resize {val_resize}: must be <= {MAX_VAL_RESIZE} px")
     if size is not None and size < 2:  # (build_net's check, before the validation set is loaded)
         raise ConfigError(f"--size {size}: must be >= 2")
     temperature = SOFT_TEMPERATURE if temperature is None else temperature

@@ -89,13 +89,18 @@ def eval_json_path(folders: list[str], out_json: str | None) -> str:
     return out_json or os.path.join(folders[0], "eval_pooled.json" if len(folders) > 1 else "eval.json")
 
 
+def eval_markdown_path(out_json: str) -> str:
+    """The markdown table beside the JSON: OUT/eval.md beside OUT/eval.json."""
+    return os.path.splitext(out_json)[0] + ".md"
+
+
 def write_eval_outputs(result: dict, folders: list[str], out_json: str | None) -> None:
     """Write the JSON and the markdown (default OUT/eval.json; OUT1/eval_pooled.json for several
     folders) and append a summary to each folder's manifest "eval" list (its own numbers, and the
     pooled ones when there are several folders)."""
     several = len(folders) > 1
     out_json = eval_json_path(folders, out_json)
-    out_md = os.path.splitext(out_json)[0] + ".md"
+    out_md = eval_markdown_path(out_json)
     result["files"] = {"json": os.path.abspath(out_json), "markdown": os.path.abspath(out_md)}
     base = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "file": result["files"]["json"], "protocol": result["protocol"], "size": result["size"],
