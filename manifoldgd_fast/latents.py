@@ -144,6 +144,7 @@ class CacheKey:
     image_size: int
     scaling: float  # the VAE's scaling_factor
     vae: str        # :func:`weights_digest`
+    latent_shape: tuple[int, ...] | None = None  # (C, h, w) of one image's latents (None: not compared)
 
 
 def _str_list(v) -> bool:
@@ -180,6 +181,7 @@ def _read_meta(path: str) -> dict[str, Any] | None:
             "stamps": json.loads(meta.get("stamps", "null")),
             "vae": meta.get("vae"),
             "encoded_with": json.loads(meta.get("encoded_with", "null")),
+            "latent_shape": tuple(shape[1:]),
         }
     except Exception:  # damaged or foreign file: treat as not cached, it gets rewritten
         return None
@@ -222,6 +224,8 @@ def _is_cached(path: str, entry: ClassEntry, key: CacheKey) -> tuple[dict | None
     if meta["image_size"] != key.image_size or not abs(meta["scaling_factor"] - key.scaling) < 1e-12 \
             or meta["vae"] != key.vae:
         return None, "other VAE weights or image size"
+    if key.latent_shape is not None and meta["latent_shape"] != tuple(key.latent_shape):
+        return None, UNREADABLE  # (a foreign or edited file: the VAE's digest alone fixes the shape)
     if meta["stamps"] != file_stamps(entry):
         return None, "image files changed since they were encoded"
     return meta, None
@@ -447,6 +451,16 @@ def _skip_image(path: str, message: str) -> None:
     log.warning("%s", message)
 
 
+def _latent_shape(config, image_size: int) -> tuple[int, int, int] | None:
+    """(C, h, w) of an image's latents under an AutoencoderKL ``config`` (None where the config does not say,
+    or the size is not a multiple of its downsampling, where the padding sets h)."""
+    channels, blocks = getattr(config, "latent_channels", None), getattr(config, "block_out_channels", None)
+    if not isinstance(channels, int) or not blocks:
+        return None
+    down = 2 ** (len(blocks) - 1)
+    return (channels, image_size // down, image_size // down) if image_size % down == 0 else None
+
+
 def _prepare_cache(entries, vae, device, cache_dir: str, image_size: int, vae_digest: str | None):
     """Move the VAE to ``device``; returns (device, cache key, stats of cached classes, classes to encode)."""
     if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size < 1:
@@ -458,7 +472,8 @@ def _prepare_cache(entries, vae, device, cache_dir: str, image_size: int, vae_di
     if device is not None:
         vae.to(device)
     dev = next(vae.parameters()).device
-    key = CacheKey(int(image_size), float(vae.config.scaling_factor), vae_digest or weights_digest(vae))
+    key = CacheKey(int(image_size), float(vae.config.scaling_factor), vae_digest or weights_digest(vae),
+                   _latent_shape(vae.config, int(image_size)))
     os.makedirs(cache_dir, exist_ok=True)
     for path in sweep_stale_temps(cache_dir):
         log.info("removed %s, left by a killed cache write", path)

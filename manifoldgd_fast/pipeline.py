@@ -163,6 +163,9 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
         if e.name in RESERVED_DIRS:
             raise DataError(f"class folder {e.folder}: {e.name!r} is the name of the run's own OUT/{e.name}/ folder; "
                             "rename the class folder")
+        if e.name in (MANIFEST, CONTACT_SHEET):  # (found only when the run wrote it: 'Is a directory', every rerun)
+            raise DataError(f"class folder {e.folder}: {e.name!r} is the name of the run's own OUT/{e.name} file; "
+                            "rename the class folder")
         if per_class is not None and len(e.files) < per_class:
             raise DataError(f"class {e.name} has {len(e.files)} image files, fewer than --ipc {per_class}")
     if per_class is not None:  # the run's own rules (e.g. --steps under the default --t-stop), before any encoding

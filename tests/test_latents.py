@@ -200,6 +200,31 @@ def test_a_cache_file_holding_nan_is_named_with_its_class(tmp_path, root, vae):
         L.load_class_latents(cache, "cat")
 
 
+@pytest.mark.parametrize("cut", ["channels", "side"])
+def test_a_cache_file_with_latents_of_another_shape_is_encoded_again(tmp_path, root, vae, caplog, cut):
+    """A cache file whose latents have another per-image shape than the VAE gives (an edited or foreign file,
+    its metadata and sha256 intact) was reused, and the run died in torch.stack ('stack expects each tensor to
+    be equal size') when its class met another: it is unreadable, warned about, and encoded again."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    entries = D.scan_image_folder(str(root), classes=["cat"])
+    cache = str(tmp_path / "cache")
+    L.cache_latents(entries, vae, cache_dir=cache, image_size=SIZE, progress=False)
+    path = os.path.join(cache, "cat.safetensors")
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+    z = load_file(path)["latents"]
+    bad = (z[:, :2] if cut == "channels" else z[:, :, :-1, :-1]).contiguous()
+    save_file({"latents": bad}, path, metadata=dict(meta, latents_sha256=L.latents_sha256(bad)))
+    with caplog.at_level("WARNING", logger="manifoldgd_fast.latents"):
+        stats = L.cache_latents(entries, vae, cache_dir=cache, image_size=SIZE, progress=False)
+    assert not stats["cat"]["cached"]
+    assert torch.equal(L.load_class_latents(cache, "cat")[0], z)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("cat.safetensors of class cat is unreadable" in m for m in warned), warned
+
+
 def test_a_byte_changed_in_a_cache_files_data_is_named_when_it_is_loaded(tmp_path, root, vae):
     """The header's checks (class, files, stamps, VAE) cannot see a byte of the latents changed on disk (a
     bad sector, a copy gone wrong; an exponent flip stays finite): each file records its latents' sha256,

@@ -39,6 +39,11 @@ def test_out_that_would_clobber_data_or_foreign_folders_is_refused(tiny_world, t
             "--cache-dir", str(cache), *FAST]
     line = _bad(w, tmp_path, args, capsys)
     assert "'latents'" in line and "rename the class folder" in line, line
+    for name in ("contact_sheet.png", "manifest.json"):  # OUT's own files: found only once the run wrote them
+        shutil.move(str(reserved / "latents"), str(reserved / name))
+        line = _bad(w, tmp_path, args, capsys)
+        assert f"'{name}' is the name of the run's own OUT/{name} file" in line and "rename the class folder" in line
+        shutil.move(str(reserved / name), str(reserved / "latents"))
     line = _bad(w, tmp_path, args[:-len(FAST)] + ["--ipc", "50", *FAST[2:]], capsys)
     assert "fewer than --ipc 50" in line, line
     assert not any(f.endswith(".safetensors") for _, _, fs in os.walk(cache) for f in fs)  # nothing encoded
