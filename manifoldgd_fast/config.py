@@ -43,6 +43,38 @@ ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "triton")
 SMALL_SUBSET_MAX_CLASSES = 10
 
 
+def _unique_keys(pairs) -> dict:
+    """A JSON object's pairs -> dict; a key given twice is refused (json keeps the last, silently)."""
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise ValueError(f"duplicate key {k!r}")
+        d[k] = v
+    return d
+
+
+def _unique_key_loader():
+    """yaml.SafeLoader refusing a key given twice in one mapping (it keeps the last, silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    dup = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: SafeLoader's own error names it
+                    dup = False
+                if dup:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}",
+                                                            key_node.start_mark)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
 @dataclass
 class DistillConfig:
     # --- data, models, run -------------------------------------------------
@@ -457,6 +489,7 @@ class DistillConfig:
         """Read a YAML or JSON file of parameters (keys as in this dataclass)."""
         if not os.path.isfile(path):
             raise ConfigError(f"--config {path}: " + ("a folder, not a YAML or JSON file" if os.path.isdir(path)
+                              else "not a regular file (a YAML or JSON file)" if os.path.exists(path)
                               else "no such file"))
         try:
             with open(path, encoding="utf-8-sig") as f:
@@ -467,10 +500,10 @@ class DistillConfig:
             raise ConfigError(f"--config {path}: cannot be read ({e.strerror or e})") from None
         try:
             if path.endswith(".json"):
-                d = json.loads(text)
+                d = json.loads(text, object_pairs_hook=_unique_keys)
             else:
                 import yaml
-                d = yaml.safe_load(text)
+                d = yaml.load(text, Loader=_unique_key_loader())
         except Exception as e:
             mark = getattr(e, "problem_mark", None)  # YAML's; JSON's message names the line itself
             where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""

@@ -444,12 +444,22 @@ def test_finetune_ranges_state_the_rule(tmp_path):
     ("run.yaml", "ipc: 2\nclasses: [a, b\nsteps: 10\n", "cannot be parsed: expected ',' or ']', but got ':' "
                                                           "(line 3, column 6)"),
     ("run.json", '{"ipc": 2,\n "steps": }', "cannot be parsed: Expecting value: line 2 column 11 (char 21)"),
+    # a key given twice kept its last value without a word (YAML and JSON alike)
+    ("run.yaml", "ipc: 2\nsteps: 10\nipc: 3\n", "cannot be parsed: duplicate key 'ipc' (line 3, column 1)"),
+    ("run.yaml", "ipc: 2\nlabel_map: {a: 1, a: 2}\n", "cannot be parsed: duplicate key 'a' (line 2, column 19)"),
+    ("run.json", '{"ipc": 2, "steps": 10, "ipc": 3}', "cannot be parsed: duplicate key 'ipc'"),
 ])
 def test_a_config_that_does_not_parse_names_its_line(name, text, says, tmp_path, capsys):
     path = tmp_path / name
     path.write_text(text)
     assert main(["distill", "--config", str(path)]) == 2
     assert _one_line(capsys.readouterr().err) == f"manifoldgd-fast: error: --config {path}: {says}"
+
+
+def test_a_config_that_is_no_regular_file_is_not_called_missing(capsys):
+    assert main(["distill", "--config", os.devnull]) == 2
+    assert _one_line(capsys.readouterr().err) == \
+        f"manifoldgd-fast: error: --config {os.devnull}: not a regular file (a YAML or JSON file)"
 
 
 @pytest.mark.parametrize("command, kept", [
