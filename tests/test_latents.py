@@ -183,9 +183,11 @@ def test_damaged_cache_file_is_recomputed(tmp_path, root, vae, caplog):
     assert any("cat.safetensors of class cat is unreadable" in m for m in warned), warned
 
 
-def test_a_cache_file_holding_nan_is_named_with_its_class(tmp_path, root, vae):
-    from safetensors.torch import load_file, save_file
+def _cache_cat_and_rewrite(tmp_path, root, vae, edit):
+    """Cache class cat, then rewrite its file with ``edit(latents)``, metadata and sha256 made to fit (an edited
+    or foreign file). Returns (entries, cache folder, the latents as encoded)."""
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     entries = D.scan_image_folder(str(root), classes=["cat"])
     cache = str(tmp_path / "cache")
@@ -194,8 +196,17 @@ def test_a_cache_file_holding_nan_is_named_with_its_class(tmp_path, root, vae):
     with safe_open(path, framework="pt") as f:
         meta = f.metadata()
     z = load_file(path)["latents"]
-    z[0, 0, 0, 0] = float("nan")       # as an encoder that overflowed in half precision wrote it
-    save_file({"latents": z}, path, metadata=dict(meta, latents_sha256=L.latents_sha256(z)))
+    bad = edit(z.clone()).contiguous()
+    save_file({"latents": bad}, path, metadata=dict(meta, latents_sha256=L.latents_sha256(bad)))
+    return entries, cache, z
+
+
+def test_a_cache_file_holding_nan_is_named_with_its_class(tmp_path, root, vae):
+    def nan(z):
+        z[0, 0, 0, 0] = float("nan")       # as an encoder that overflowed in half precision wrote it
+        return z
+
+    _, cache, _ = _cache_cat_and_rewrite(tmp_path, root, vae, nan)
     with pytest.raises(DataError, match=r"^class cat: latent cache file .*cat.safetensors holds NaN or inf"):
         L.load_class_latents(cache, "cat")
 
@@ -205,18 +216,8 @@ def test_a_cache_file_with_latents_of_another_shape_is_encoded_again(tmp_path, r
     """A cache file whose latents have another per-image shape than the VAE gives (an edited or foreign file,
     its metadata and sha256 intact) was reused, and the run died in torch.stack ('stack expects each tensor to
     be equal size') when its class met another: it is unreadable, warned about, and encoded again."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    entries = D.scan_image_folder(str(root), classes=["cat"])
-    cache = str(tmp_path / "cache")
-    L.cache_latents(entries, vae, cache_dir=cache, image_size=SIZE, progress=False)
-    path = os.path.join(cache, "cat.safetensors")
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata()
-    z = load_file(path)["latents"]
-    bad = (z[:, :2] if cut == "channels" else z[:, :, :-1, :-1]).contiguous()
-    save_file({"latents": bad}, path, metadata=dict(meta, latents_sha256=L.latents_sha256(bad)))
+    entries, cache, z = _cache_cat_and_rewrite(tmp_path, root, vae,
+                                               lambda z: z[:, :2] if cut == "channels" else z[:, :, :-1, :-1])
     with caplog.at_level("WARNING", logger="manifoldgd_fast.latents"):
         stats = L.cache_latents(entries, vae, cache_dir=cache, image_size=SIZE, progress=False)
     assert not stats["cat"]["cached"]
