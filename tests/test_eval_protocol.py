@@ -344,6 +344,12 @@ def test_teacher_that_fails_on_the_size_is_one_line(folders, tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"--teacher: gives a tuple at 8 px, expected \(1, 3\)"):
         P.evaluate(dist, val, nets="convnet6", seeds=1, epochs=1, size=8, device="cpu", teacher=_TupleNet(),
                    progress=False)
+    nan_teacher = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 3))
+    torch.nn.init.constant_(nan_teacher[2].weight, float("nan"))  # (its soft labels: NaN, every student's loss NaN)
+    with pytest.raises(ConfigError, match=r"^--teacher: gives non-finite outputs \(NaN or inf\) on a \(1, 3, 8, 8\) "
+                                          r"batch$"):
+        P.evaluate(dist, val, nets="convnet6", seeds=1, epochs=1, size=8, device="cpu", teacher=nan_teacher,
+                   progress=False)
     assert main(["eval", "--distilled", dist, "--real-val", val, "--nets", "convnet6", "--seeds", "1", "--epochs",
                  "1", "--size", "8", "--device", "cpu", "--teacher", str(tmp_path / "t32.pt"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

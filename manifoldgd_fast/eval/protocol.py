@@ -480,6 +480,8 @@ def _check_teacher(teacher: torch.nn.Module, num_classes: int, size: int, device
         got = f"outputs of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
         raise ConfigError(f"--teacher: gives {got} at {size} px, "
                           f"expected (1, {num_classes}) for the {num_classes} classes")
+    if not bool(torch.isfinite(out).all()):  # (its soft labels would be NaN: every student trained on NaN loss)
+        raise ConfigError(f"--teacher: gives non-finite outputs (NaN or inf) on a (1, 3, {size}, {size}) batch")
     return teacher
 
 
