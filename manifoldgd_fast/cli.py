@@ -377,6 +377,7 @@ def _signals_as_interrupt():
         signum = next((sig for exc, sig in raised if exc is unraisable.exc_value), None)
         if signum is None:
             return hook(unraisable)
+        raised[:] = [(exc, sig) for exc, sig in raised if exc is not unraisable.exc_value]  # (and its frames)
         signal.signal(signum, stop)  # (this runs in the main thread: the finaliser that dropped it ran there)
         resends.append(threading.Timer(0.05, signal.pthread_kill, (main_thread, signum)))
         resends[-1].daemon = True

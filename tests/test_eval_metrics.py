@@ -866,6 +866,7 @@ def test_a_cache_dir_that_is_a_file_is_refused_before_the_encoder_trains(folders
     assert res["real_features"]["cache"] is None
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")  # (the user's file is made so)
 def test_torchscript_encoders_get_their_own_feature_cache(folders, tmp_path, private_cache):
     """Every TorchScript module is a RecursiveScriptModule: two scripted encoders with the same tensors but
     other code shared one feature cache (the second read the first's features); their code keys it now."""

@@ -1297,6 +1297,7 @@ def test_a_batch_norm_resnet18_below_12_px_trains_past_a_last_batch_of_one():
     assert net.training and torch.equal(net.stem.norm.running_mean, stats)  # the probe leaves the net as it was
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")  # (the user's file is made so)
 def test_a_torchscript_teacher_file_teaches(folders, tmp_path):
     """A TorchScript teacher (torch.jit.save) stopped the evaluation with 'requires_grad_ is not supported on
     ScriptModules'; it teaches now. load_net reads it with torch.jit.load (torch.load took it with a warning),
