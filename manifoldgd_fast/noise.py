@@ -46,14 +46,14 @@ def _capturing(device) -> bool:
 
 
 def _check_counters(seed, step, sample_ids, B: int, device) -> torch.Tensor:
-    if not isinstance(seed, int) or not 0 <= seed < _MAX_SEED:
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < _MAX_SEED:
         raise ConfigError(f"seed must be an int in [0, 2^63), got {seed!r}")
-    if not isinstance(step, int) or not 0 <= step < _MAX_STEP:
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < _MAX_STEP:
         raise ConfigError(f"step must be an int in [0, 2^28), got {step!r}")
     if sample_ids is None:
         return torch.arange(B, device=device, dtype=torch.long)
     sample_ids = torch.as_tensor(sample_ids, device=device)
-    if sample_ids.shape != (B,) or sample_ids.is_floating_point():
+    if sample_ids.shape != (B,) or sample_ids.is_floating_point() or sample_ids.dtype == torch.bool:
         raise ConfigError(f"sample_ids must be (B,) = ({B},) integers, got {tuple(sample_ids.shape)} {sample_ids.dtype}")
     # the range check reads the ids on the host: skipped while a CUDA graph captures (the
     # warm-up run before the capture checked the same buffer)

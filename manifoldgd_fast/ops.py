@@ -79,7 +79,28 @@ __all__ = [
 # ----------------------------------------------------------------------------
 # input checks
 # ----------------------------------------------------------------------------
+def _check_tensor(**tensors) -> None:
+    """Each given argument a torch.Tensor (a list or None failed deep inside, as an AttributeError)."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ConfigError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _int_lengths(lengths, device) -> torch.Tensor:
+    """lengths as a contiguous int64 tensor; float or bool lengths are refused (5.9 was truncated to 5)."""
+    t = torch.as_tensor(lengths, device=device)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ConfigError(f"lengths must be integers, got {t.dtype}")
+    return t.long().contiguous()  # the kernels read it with stride 1
+
+
+def _check_int_tensor(name: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ConfigError(f"{name} must hold integers, got {t.dtype}")
+
+
 def _check_rows(name: str, x: torch.Tensor, rows: torch.Tensor, lengths: torch.Tensor | None, k: int) -> torch.Tensor:
+    _check_tensor(x=x, **{name: rows})
     if x.dim() != 2:
         raise ConfigError(f"x must be (B, D), got shape {tuple(x.shape)}")
     if rows.dim() != 3 or rows.shape[0] != x.shape[0] or rows.shape[2] != x.shape[1]:
@@ -90,12 +111,12 @@ def _check_rows(name: str, x: torch.Tensor, rows: torch.Tensor, lengths: torch.T
     if lengths is None:
         lengths = torch.full((B,), M, dtype=torch.long, device=rows.device)
     else:
-        lengths = torch.as_tensor(lengths, device=rows.device).long().contiguous()  # the kernels read it with stride 1
+        lengths = _int_lengths(lengths, rows.device)
         if lengths.shape != (B,):
             raise ConfigError(f"lengths must be (B,) = ({B},), got {tuple(lengths.shape)}")
         if bool((lengths < 1).any()) or bool((lengths > M).any()):
             raise ConfigError(f"lengths must lie in [1, M={M}], got min {int(lengths.min())} max {int(lengths.max())}")
-    if int(lengths.min()) < k:
+    if B and int(lengths.min()) < k:  # (an empty batch has no shortest row)
         raise ConfigError(f"k={k} is larger than the {name} (shortest has {int(lengths.min())} valid rows)")
     return lengths
 
@@ -191,7 +212,9 @@ def _centred(nb: torch.Tensor) -> torch.Tensor:
 
 
 def _project_tangent(U: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """U U^T v for U (B, D, d), v (B, D)."""
+    """U U^T v for U (B, D, d), v (B, D), in the wider dtype of the two (x in fp64 beside an fp32 cloud)."""
+    wide = torch.promote_types(U.dtype, v.dtype)
+    U, v = U.to(wide), v.to(wide)
     return (U @ (U.transpose(1, 2) @ v[:, :, None]))[:, :, 0]
 
 
@@ -219,8 +242,11 @@ def manifold_correct(x, patch, g, *, k, d, lambda_normal=1.0, ridge=0.0, lengths
     """
     k, d = _check_kd(k, d)
     lengths = _check_rows("patch", x, patch, lengths, k)
+    _check_tensor(g=g)
     _check_bd("g", g, x)
     _check_scalars(lambda_normal=lambda_normal, ridge=ridge)
+    if x.shape[0] == 0:  # an empty batch: nothing to correct
+        return g.clone()
     why = lambda: _triton_reason({"x": x, "patch": patch, "g": g}, B=x.shape[0], rows=patch.shape[1],  # noqa: E731
                                  D=x.shape[1], k=k)
     if _pick_backend(backend, x.device, why) == "triton":
@@ -268,6 +294,8 @@ def manifold_pull(x, cloud, *, k=12, d=3, scale=0.1, bandwidth=0.1, ridge=1e-5, 
     k, d = _check_kd(k, d)
     lengths = _check_rows("cloud", x, cloud, lengths, k)
     _check_scalars({"bandwidth": bandwidth}, scale=scale, ridge=ridge)
+    if x.shape[0] == 0:  # an empty batch: no term
+        return torch.zeros_like(x)
     why = lambda: _triton_reason({"x": x, "cloud": cloud}, B=x.shape[0], rows=cloud.shape[1],  # noqa: E731
                                  D=x.shape[1], k=k)
     if _pick_backend(backend, x.device, why) == "triton":
@@ -302,6 +330,8 @@ def _per_sample(generators, B: int) -> list:
     """One generator per sample; a single Generator serves all samples in order."""
     if isinstance(generators, torch.Generator):
         return [generators] * B
+    if not isinstance(generators, (list, tuple)) or not all(isinstance(g, torch.Generator) for g in generators):
+        raise ConfigError(f"generators must be one torch.Generator or a list of B={B}, got {type(generators).__name__}")
     if len(generators) != B:
         raise ConfigError(f"generators must be one torch.Generator or a list of B={B}, got {len(generators)}")
     return list(generators)
@@ -320,9 +350,10 @@ def time_aligned_patch(latents, order, lengths, alpha_bar, generators):
     Rows beyond a sample's length are zero.
     """
     _check_alpha_bar(alpha_bar)
+    _check_tensor(latents=latents, order=order)
     if latents.dim() != 2:
         raise ConfigError(f"latents must be (n, D), got shape {tuple(latents.shape)}")
-    if order.dim() != 2 or order.is_floating_point():
+    if order.dim() != 2 or order.is_floating_point() or order.dtype == torch.bool:
         raise ConfigError(f"order must be (B, n_order) integers, got {tuple(order.shape)} {order.dtype}")
     B = order.shape[0]
     lengths = _check_order(latents, order, lengths, k=1)
@@ -344,6 +375,7 @@ def official_radius(i: int, *, steps: int, t_stop: int, radius: float, warm_step
 
     ``r (1 + (M - 1) s(p))`` during the first ``warm_steps`` steps, p going 1 -> 0 over them, then r.
     """
+    _check_scalars(radius=radius)
     if i <= t_stop or warm_mult <= 1.0:
         return float(radius)
     t_hi = steps - 1
@@ -371,6 +403,16 @@ def official_cloud(modes, radius, alpha_bar, generators, n_points=300):
     its own generator (or one shared torch.Generator) in a fixed order:
     directions, uniform radii, xi.
     """
+    _check_tensor(modes=modes)
+    if modes.dim() != 2:
+        raise ConfigError(f"modes must be (B, D), got shape {tuple(modes.shape)}")
+    _check_float(modes=modes)
+    _check_scalars(radius=radius)
+    _check_alpha_bar(alpha_bar)
+    n_int = _as_int(n_points)
+    if n_int is None or n_int < 1:
+        raise ConfigError(f"n_points must be an integer >= 1, got {n_points!r}")
+    n_points = n_int
     B, D = modes.shape
     generators = _per_sample(generators, B)
     dev = modes.device
@@ -393,24 +435,31 @@ def official_cloud(modes, radius, alpha_bar, generators, n_points=300):
 # fused ops: the patch / cloud drawn in registers, never stored
 # ----------------------------------------------------------------------------
 def _check_bd(name: str, t: torch.Tensor | None, x: torch.Tensor) -> None:
+    if t is not None:
+        _check_tensor(**{name: t})
     if t is not None and t.shape != x.shape:
         raise ConfigError(f"{name} must have x's shape {tuple(x.shape)}, got {tuple(t.shape)}")
     _check_float(**{name: t})
 
 
 def _check_alpha_bar(alpha_bar) -> None:
-    if not 0.0 < float(alpha_bar) <= 1.0:
-        raise ConfigError(f"alpha_bar must lie in (0, 1], got {alpha_bar}")
+    try:
+        ok = not isinstance(alpha_bar, (bool, str, bytes)) and 0.0 < float(alpha_bar) <= 1.0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"alpha_bar must be a number in (0, 1], got {alpha_bar!r}")
 
 
 def _check_patch_inputs(x, latents, order, lengths, k):
+    _check_tensor(x=x, latents=latents, order=order)
     if x.dim() != 2:
         raise ConfigError(f"x must be (B, D), got shape {tuple(x.shape)}")
     B, D = x.shape
     if latents.dim() != 2 or latents.shape[1] != D:
         raise ConfigError(f"latents must be (n, D) with D == x.shape[1], got {tuple(latents.shape)} and {D}")
     _check_float(x=x, latents=latents)
-    if order.dim() != 2 or order.shape[0] != B or order.is_floating_point():
+    if order.dim() != 2 or order.shape[0] != B or order.is_floating_point() or order.dtype == torch.bool:
         raise ConfigError(f"order must be (B, n_order) integers with B == x.shape[0], got {tuple(order.shape)} {order.dtype}")
     return _check_order(latents, order, lengths, k)
 
@@ -418,7 +467,7 @@ def _check_patch_inputs(x, latents, order, lengths, k):
 def _check_order(latents, order, lengths, k):
     """lengths (B,) in [max(1, k), n_order]; the used prefix of ``order`` indexes rows of ``latents``."""
     B = order.shape[0]
-    lengths = torch.as_tensor(lengths, device=latents.device).long().contiguous()  # the kernels read it with stride 1
+    lengths = _int_lengths(lengths, latents.device)
     if lengths.shape != (B,):
         raise ConfigError(f"lengths must be (B,) = ({B},), got {tuple(lengths.shape)}")
     n_order = order.shape[1]
@@ -426,7 +475,7 @@ def _check_order(latents, order, lengths, k):
         return lengths
     if bool((lengths < 1).any()) or bool((lengths > n_order).any()):
         raise ConfigError(f"lengths must lie in [1, n_order={n_order}], got min {int(lengths.min())} max {int(lengths.max())}")
-    if int(lengths.min()) < k:
+    if B and int(lengths.min()) < k:  # (an empty batch has no shortest row)
         raise ConfigError(f"k={k} is larger than the patch (shortest has {int(lengths.min())} valid rows)")
     # each sample's own prefix (ragged: past a shorter sample's length, order may hold padding such as -1)
     used = torch.arange(n_order, device=order.device)[None, :] < lengths[:, None]
@@ -456,10 +505,13 @@ def manifold_correct_fused(x, latents, order, lengths, g, *, alpha_bar, seed, st
     k, d = _check_kd(k, d)
     _check_alpha_bar(alpha_bar)
     lengths = _check_patch_inputs(x, latents, order, lengths, k)
+    _check_tensor(g=g)
     _check_bd("g", g, x)
     _check_bd("eps", eps, x)
-    _check_scalars(lambda_normal=lambda_normal, ridge=ridge)
+    _check_scalars(lambda_normal=lambda_normal, ridge=ridge, lambda_mode=lambda_mode)
     sample_ids = _check_counters(seed, step, sample_ids, x.shape[0], x.device)
+    if x.shape[0] == 0:  # an empty batch: nothing to correct
+        return (g if eps is None else eps).clone()
     tens = {"x": x, "latents": latents, "order": order, "g": g, **({"eps": eps} if eps is not None else {})}
     why = lambda: _triton_reason(tens, B=x.shape[0], rows=order.shape[1], D=x.shape[1], k=k)  # noqa: E731
     if _pick_backend(backend, x.device, why) == "triton":
@@ -512,6 +564,7 @@ def manifold_pull_fused(x, modes, *, radius, alpha_bar, seed, step, n_points=300
     """
     k, d = _check_kd(k, d)
     _check_alpha_bar(alpha_bar)
+    _check_tensor(x=x, modes=modes)
     if x.dim() != 2:
         raise ConfigError(f"x must be (B, D), got shape {tuple(x.shape)}")
     _check_float(x=x)

@@ -457,3 +457,100 @@ def test_the_kernels_checks_name_a_tensor_on_another_device():
     assert dispatch.tensors_reason(kern, {"x": torch.zeros(1), "g": torch.zeros(1)}) is None
     assert dispatch.tensors_reason(kern, {"x": torch.zeros(1, dtype=torch.float64)}) == \
         "x has dtype torch.float64; the Triton kernels take float32, bfloat16 or float16"
+
+
+# ---------------------------------------------------------------------------- found by an API audit (2026-12-07)
+def _fused_inputs():
+    g = torch.Generator().manual_seed(0)
+    x, g_, eps = (torch.randn(3, 16, generator=g) for _ in range(3))
+    latents = torch.randn(40, 16, generator=g)
+    order = torch.stack([torch.randperm(40, generator=g) for _ in range(3)])
+    return x, latents, order, torch.tensor([10, 12, 14]), g_, eps
+
+
+def test_what_was_truncated_or_taken_for_an_int_is_refused():
+    """Float lengths were truncated (5.9 -> 5, the same result as 5), a bool seed / step / order / sample_ids
+    was taken as 1 or as rows 0 and 1, and lambda_mode went unchecked (NaN gave an all-NaN eps): each is a
+    one-line ConfigError naming it."""
+    X, P, gv = torch.randn(3, 16), torch.randn(3, 20, 16), torch.randn(3, 16)
+    for op in (lambda **kw: ops.manifold_correct(X, P, gv, k=5, d=2, **kw),
+               lambda **kw: ops.manifold_pull(X, P, k=5, d=2, **kw)):
+        with pytest.raises(ConfigError, match=r"^lengths must be integers, got torch.float32$"):
+            op(lengths=torch.tensor([5.9, 6.9, 7.9]))
+        with pytest.raises(ConfigError, match=r"^lengths must be integers, got torch.bool$"):
+            op(lengths=torch.tensor([True, True, True]))
+    x, latents, order, lengths, g, eps = _fused_inputs()
+
+    def fused(**kw):
+        args = dict(x=x, latents=latents, order=order, lengths=lengths, g=g, alpha_bar=0.5, seed=1, step=3, k=5,
+                    d=2, eps=eps)
+        args.update(kw)
+        return ops.manifold_correct_fused(args.pop("x"), args.pop("latents"), args.pop("order"),
+                                          args.pop("lengths"), args.pop("g"), **args)
+
+    fused()  # (the valid call runs)
+    for kw, says in ((dict(seed=True), r"^seed must be an int"), (dict(step=True), r"^step must be an int"),
+                     (dict(order=order > 20), r"^order must be \(B, n_order\) integers"),
+                     (dict(sample_ids=torch.tensor([True, False, True])), r"^sample_ids must be \(B,\)"),
+                     (dict(lengths=lengths.float() + 0.5), r"^lengths must be integers"),
+                     (dict(lambda_mode=float("nan")), r"^lambda_mode must be a finite number >= 0, got nan$"),
+                     (dict(lambda_mode=-1.0), r"^lambda_mode must be a finite number >= 0"),
+                     (dict(alpha_bar="0.5x"), r"^alpha_bar must be a number in \(0, 1\], got '0.5x'$"),
+                     (dict(g=None), r"^g must be a torch.Tensor, got NoneType$"),
+                     (dict(x=x.tolist()), r"^x must be a torch.Tensor, got list$")):
+        with pytest.raises(ConfigError, match=says):
+            fused(**kw)
+    with pytest.raises(ConfigError, match=r"^order must be \(B, n_order\) integers"):
+        ops.time_aligned_patch(latents, order > 20, lengths, 0.5, torch.Generator())
+    with pytest.raises(ConfigError, match=r"^generators must be one torch.Generator or a list of B=3, got NoneType$"):
+        ops.time_aligned_patch(latents, order, lengths, 0.5, None)
+    with pytest.raises(ConfigError, match=r"^g must be a torch.Tensor, got NoneType$"):
+        ops.manifold_correct(X, P, None, k=5, d=2)
+    with pytest.raises(ConfigError, match=r"^modes must be a torch.Tensor, got NoneType$"):
+        ops.manifold_pull_fused(x, None, radius=0.1, alpha_bar=0.5, seed=0, step=0, n_points=30, k=5, d=2)
+
+
+def test_official_cloud_checks_its_arguments():
+    """official_cloud took a NaN radius or alpha_bar (an all-NaN cloud), and failed on the others with
+    'math domain error', 'too many values to unpack' or torch's linspace error."""
+    modes = torch.randn(3, 16)
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    for args, kw, says in (((float("nan"), 0.5), {}, r"^radius must be a finite number >= 0, got nan$"),
+                           ((0.1, float("nan")), {}, r"^alpha_bar must be a number in \(0, 1\], got nan$"),
+                           ((0.1, 1.5), {}, r"^alpha_bar must be a number in \(0, 1\], got 1.5$"),
+                           ((0.1, 0.5), {"n_points": -3}, r"^n_points must be an integer >= 1, got -3$"),
+                           ((0.1, 0.5), {"n_points": True}, r"^n_points must be an integer >= 1, got True$")):
+        with pytest.raises(ConfigError, match=says):
+            ops.official_cloud(modes, *args, gens, **kw)
+    with pytest.raises(ConfigError, match=r"^modes must be \(B, D\), got shape \(3, 4, 2, 2\)$"):
+        ops.official_cloud(modes.view(3, 4, 2, 2), 0.1, 0.5, gens)
+    with pytest.raises(ConfigError, match=r"^radius must be a finite number >= 0, got nan$"):
+        ops.official_radius(40, steps=50, t_stop=25, radius=float("nan"))
+    assert ops.official_cloud(modes, 0.1, 0.5, gens, n_points=30).shape == (3, 30, 16)
+
+
+def test_an_empty_batch_gives_an_empty_result():
+    """B = 0 failed in the checks ('min(): Expected reduction dim to be specified'); manifold_pull_fused
+    already gave (0, D): every op now gives its empty result."""
+    X, P, gv = torch.randn(0, 16), torch.randn(0, 20, 16), torch.randn(0, 16)
+    assert ops.manifold_correct(X, P, gv, k=5, d=2).shape == (0, 16)
+    assert ops.manifold_pull(X, P, k=5, d=2).shape == (0, 16)
+    x, latents, order, lengths, g, eps = _fused_inputs()
+    out = ops.manifold_correct_fused(x[:0], latents, order[:0], lengths[:0], g[:0], alpha_bar=0.5, seed=1, step=3,
+                                     k=5, d=2, eps=eps[:0].double())
+    assert out.shape == (0, 16) and out.dtype == torch.float64
+
+
+def test_x_in_float64_beside_a_float32_cloud_is_computed_in_float64():
+    """manifold_pull (and its fused twin) with x in fp64 and the cloud in fp32 failed ('expected scalar type
+    Float but found Double'), where manifold_correct computed in the wider type: both do now, and the result
+    is the all-fp64 one's to fp32 rounding."""
+    g = torch.Generator().manual_seed(3)
+    X, P = torch.randn(3, 16, generator=g, dtype=torch.float64), torch.randn(3, 20, 16, generator=g)
+    mixed = ops.manifold_pull(X, P, k=5, d=2, backend="reference")
+    wide = ops.manifold_pull(X, P.double(), k=5, d=2, backend="reference")
+    assert mixed.dtype == torch.float64 and torch.allclose(mixed, wide, rtol=1e-5, atol=1e-7)
+    modes = torch.randn(3, 16, generator=g)
+    out = ops.manifold_pull_fused(X, modes, radius=0.1, alpha_bar=0.5, seed=0, step=0, n_points=30, k=5,
+                                  d=2, backend="reference")
+    assert out.dtype == torch.float64 and torch.isfinite(out).all()
