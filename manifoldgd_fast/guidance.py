@@ -14,6 +14,7 @@ sample's result does not depend on the batch it was drawn in.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 import warnings
@@ -22,8 +23,8 @@ import torch
 
 from . import modes as modes_mod
 from . import ops
-from .config import DistillConfig, suggest_t_stop
-from .errors import ConfigError
+from .config import SMALL_SUBSET_MAX_CLASSES, DistillConfig, suggest_t_stop
+from .errors import ConfigError, DataError
 from .profile import phase
 from .schedule import Schedule
 
@@ -256,7 +257,20 @@ def _step_neighbourhoods(cfg: DistillConfig, modes: torch.Tensor, class_latents,
         return paper_neighbourhoods(cfg, class_latents, modes)
     lats = list(class_latents)
     B = modes.shape[0]
-    cls = [] if classes is None else [int(c) for c in torch.as_tensor(classes).reshape(-1).tolist()]
+    cls = []
+    if classes is not None:
+        # each index as an integer: int(c) truncated a float index (0.9 -> 0) and took True as 1
+        flat = classes.reshape(-1) if hasattr(classes, "reshape") and hasattr(classes, "dtype") else classes
+        try:
+            items = list(flat)
+        except TypeError:      # one index for a 1-mode batch
+            items = [flat]
+        cls = [None if isinstance(classes, torch.Tensor) and classes.dtype == torch.bool else ops._as_int(c)
+               for c in items]
+        if any(v is None for v in cls):
+            bad = next(c for c, v in zip(items, cls) if v is None)
+            raise ConfigError(f"classes= must hold integer class indices (not floats or bools), got {bad!r} "
+                              f"in {classes!r}")
     if len(cls) != B or any(not 0 <= c < len(lats) for c in cls):
         raise ConfigError(f"with {len(lats)} class latent tensors, classes= must give each of the {B} modes its "
                           f"class index in [0, {len(lats)}), got {classes!r}")
@@ -344,6 +358,25 @@ class StepGuidance:
                               f"{type(modes).__name__} {tuple(getattr(modes, 'shape', ()))}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigError(f"seed must be an integer, got {seed!r}")
+        if not bool(torch.isfinite(modes).all()):  # (official: an eigh error at the first call; mgd3: NaN eps)
+            raise DataError("modes: latents contain NaN or inf")
+        n = ops._as_int(n_classes)
+        if n is None or n < 1:  # (True, 0 and -5 took the small-data-set defaults; 2.5 was named --class-batch)
+            raise ConfigError(f"n_classes must be an integer >= 1 (the data set's number of classes: <= "
+                              f"{SMALL_SUBSET_MAX_CLASSES} takes the ImageNette defaults), got {n_classes!r}")
+        n_classes = n
+        T = ops._as_int(num_train_timesteps)
+        if T is None or T < 1:  # (0: a ZeroDivisionError, -1: numpy's ValueError)
+            raise ConfigError(f"num_train_timesteps must be an integer >= 1 (the model's training steps), got "
+                              f"{num_train_timesteps!r}")
+        num_train_timesteps = T
+        for name, source in (("steps", "len(timesteps)"), ("ipc", "modes.shape[0], one mode per sample")):
+            if name in params:  # (DistillConfig got it twice: a TypeError)
+                raise ConfigError(f"{name}= is set by StepGuidance itself ({source}); do not pass it")
+        unknown = sorted(set(params) - {f.name for f in dataclasses.fields(DistillConfig)})
+        if unknown:
+            raise ConfigError(f"StepGuidance got an unknown parameter {unknown[0]!r} (**params are DistillConfig "
+                              "guidance parameters: lambda_m, k, d, manifold_radius, ...)")
         if prediction_type is None:
             prediction_type = getattr(getattr(scheduler, "config", None), "prediction_type", None) or "epsilon"
         self.prediction_type = prediction_type
@@ -364,9 +397,40 @@ class StepGuidance:
             num_train_timesteps = len(ac)
             if timesteps is None:
                 timesteps = scheduler.timesteps
+        elif betas is not None:  # (NaN, < 0 or > 1 failed at the first call naming alpha_bar; (T, 2) was flattened)
+            try:
+                b = np.asarray(betas.detach().cpu() if isinstance(betas, torch.Tensor) else betas, dtype=np.float64)
+            except (TypeError, ValueError):
+                raise ConfigError(f"betas must be a 1-D sequence of numbers, got {type(betas).__name__}") from None
+            if b.ndim != 1 or b.size == 0:
+                raise ConfigError(f"betas must be 1-D, one beta per training step, got shape {b.shape}")
+            bad = ~(np.isfinite(b) & (b > 0) & (b <= 1))
+            if bad.any():
+                j = int(np.argmax(bad))
+                raise ConfigError(f"betas must be finite and each in (0, 1] (1: a zero-terminal-SNR schedule's last "
+                                  f"step), got {float(b[j])!r} at index {j}")
+            betas = b    # what the schedule reads (np.asarray(betas, float64)), the same values
         if timesteps is None:
             raise ConfigError("StepGuidance needs timesteps= (the loop's, descending) or scheduler= after its "
                               "set_timesteps")
+        # (a NaN was int()'s ValueError, a 2-D tensor 'only one element tensors...', True step 1)
+        if getattr(timesteps, "ndim", 1) != 1 or str(getattr(timesteps, "dtype", "")) in ("bool", "torch.bool"):
+            raise ConfigError(f"timesteps must be a 1-D sequence of integers, got "
+                              f"{getattr(timesteps, 'dtype', '')} of shape {tuple(timesteps.shape)}")
+        try:
+            timesteps = list(timesteps)
+        except TypeError:
+            raise ConfigError(f"timesteps must be a sequence of integers, got {timesteps!r}") from None
+        for t in timesteps:
+            try:
+                finite = not isinstance(t, bool) and math.isfinite(float(t))
+            except (TypeError, ValueError):
+                finite = False
+            if not finite:
+                raise ConfigError(f"timesteps must be finite integers (the training steps the loop visits), got "
+                                  f"{t!r}")
+        if not timesteps:  # (named --steps 0)
+            raise ConfigError("timesteps is empty: give the training timesteps the loop visits")
         ts = [int(t) for t in timesteps]
         if any(float(t) != int(t) for t in timesteps):   # (a float timestep was truncated silently)
             raise ConfigError("timesteps must be integers (the training steps the loop visits), got "
@@ -382,8 +446,17 @@ class StepGuidance:
                                                 device=modes.device, prediction_type=prediction_type)
         gens = [torch.Generator(device=modes.device).manual_seed(derive_seed(seed, "sample", b))
                 for b in range(modes.shape[0])]
+        paper_mgd = formulation == "paper" and method == "manifoldgd"
+        if not paper_mgd and (classes is not None or class_latents is not None):
+            # (ignored without a word). class_latents warns only: existing callers pass one tensor to both formulations
+            what = f"formulation={formulation!r}, method={method!r} uses no class latents"
+            if classes is not None or not isinstance(class_latents, torch.Tensor):
+                raise ConfigError(f"class_latents / classes are for formulation='paper' with method='manifoldgd'; "
+                                  f"{what}")
+            warnings.warn(f"StepGuidance ignores class_latents: they are for formulation='paper' with "
+                          f"method='manifoldgd'; {what}", stacklevel=2)
         kw = {}
-        if formulation == "paper" and method == "manifoldgd":
+        if paper_mgd:
             kw = _step_neighbourhoods(cfg, modes, class_latents, classes)
         self.cfg = cfg
         self.generators = gens
@@ -405,6 +478,10 @@ class StepGuidance:
             raise ConfigError(f"step {k} is outside [0, {s.steps}): pass the step's index in the loop "
                               "(enumerate(scheduler.timesteps)), not its timestep")
         want, dev = tuple(self.guidance.modes.shape), self.guidance.modes.device
+        for name, t in (("x_t", x_t), ("eps", eps)):   # (a list was an AttributeError on .shape)
+            if not isinstance(t, torch.Tensor):
+                raise ConfigError(f"{name} must be a torch.Tensor {want}, got {type(t).__name__}")
+        ops._check_float(x_t=x_t, eps=eps)   # (an integer eps came back as an int64 eps, truncated)
         if tuple(x_t.shape) != want or tuple(eps.shape) != want:
             raise ConfigError(f"x_t and the model output must be {want}, the modes' shape (one mode per "
                               f"sample; the conditional half of a CFG batch), got {tuple(x_t.shape)} and "

@@ -408,7 +408,7 @@ def official_cloud(modes, radius, alpha_bar, generators, n_points=300):
         raise ConfigError(f"modes must be (B, D), got shape {tuple(modes.shape)}")
     _check_float(modes=modes)
     _check_scalars(radius=radius)
-    _check_alpha_bar(alpha_bar)
+    _check_alpha_bar(alpha_bar, zero=True)  # (the released sampler draws it at a zero-terminal-SNR step too)
     n_int = _as_int(n_points)
     if n_int is None or n_int < 1:
         raise ConfigError(f"n_points must be an integer >= 1, got {n_points!r}")
@@ -442,13 +442,15 @@ def _check_bd(name: str, t: torch.Tensor | None, x: torch.Tensor) -> None:
     _check_float(**{name: t})
 
 
-def _check_alpha_bar(alpha_bar) -> None:
+def _check_alpha_bar(alpha_bar, zero: bool = False) -> None:
+    """alpha_bar a number in (0, 1] (``zero``: [0, 1], a zero-terminal-SNR schedule's last step)."""
     try:
-        ok = not isinstance(alpha_bar, (bool, str, bytes)) and 0.0 < float(alpha_bar) <= 1.0
+        a = float(alpha_bar) if not isinstance(alpha_bar, (bool, str, bytes)) else math.nan
+        ok = (0.0 <= a if zero else 0.0 < a) and a <= 1.0
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise ConfigError(f"alpha_bar must be a number in (0, 1], got {alpha_bar!r}")
+        raise ConfigError(f"alpha_bar must be a number in {'[' if zero else '('}0, 1], got {alpha_bar!r}")
 
 
 def _check_patch_inputs(x, latents, order, lengths, k):

@@ -309,6 +309,8 @@ def distill(config: DistillConfig | dict) -> DistillResult:
     its share of the classes; rank 0 writes the manifest.
     """
     config = DistillConfig.from_dict(config) if isinstance(config, dict) else config
+    if not isinstance(config, DistillConfig):  # (5, "ipc=1", a list: an AttributeError on .shard)
+        raise ConfigError(f"distill takes a DistillConfig or a dict of its fields, got {type(config).__name__}")
     shard = Shard.from_config(config.shard)
     with contextlib.ExitStack() as held:  # what the run holds until it returns: rank 0's lock on OUT
         try:

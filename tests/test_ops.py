@@ -516,8 +516,8 @@ def test_official_cloud_checks_its_arguments():
     modes = torch.randn(3, 16)
     gens = [torch.Generator().manual_seed(i) for i in range(3)]
     for args, kw, says in (((float("nan"), 0.5), {}, r"^radius must be a finite number >= 0, got nan$"),
-                           ((0.1, float("nan")), {}, r"^alpha_bar must be a number in \(0, 1\], got nan$"),
-                           ((0.1, 1.5), {}, r"^alpha_bar must be a number in \(0, 1\], got 1.5$"),
+                           ((0.1, float("nan")), {}, r"^alpha_bar must be a number in \[0, 1\], got nan$"),
+                           ((0.1, 1.5), {}, r"^alpha_bar must be a number in \[0, 1\], got 1.5$"),
                            ((0.1, 0.5), {"n_points": -3}, r"^n_points must be an integer >= 1, got -3$"),
                            ((0.1, 0.5), {"n_points": True}, r"^n_points must be an integer >= 1, got True$")):
         with pytest.raises(ConfigError, match=says):
@@ -554,3 +554,12 @@ def test_x_in_float64_beside_a_float32_cloud_is_computed_in_float64():
     out = ops.manifold_pull_fused(X, modes, radius=0.1, alpha_bar=0.5, seed=0, step=0, n_points=30, k=5,
                                   d=2, backend="reference")
     assert out.dtype == torch.float64 and torch.isfinite(out).all()
+
+
+def test_official_cloud_takes_a_zero_terminal_snr_step():
+    """alpha_bar = 0 (a zero-terminal-SNR schedule's last step) is a cloud of pure noise, not an error."""
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    cloud = ops.official_cloud(torch.randn(2, 8), 0.1, 0.0, gens, n_points=6)
+    assert cloud.shape == (2, 6, 8) and torch.isfinite(cloud).all()
+    with pytest.raises(ConfigError, match=r"^alpha_bar must be a number in \[0, 1\], got -0.1$"):
+        ops.official_cloud(torch.randn(2, 8), 0.1, -0.1, gens)

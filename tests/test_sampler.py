@@ -425,6 +425,7 @@ def test_step_guidance_default_window_guides_short_and_long_loops(formulation):
     for S in (2, 3, 50):
         assert guided_steps(formulation, S, suggest_t_stop(formulation, S)) >= 1
     assert suggest_t_stop("official", 50) == 25 and suggest_t_stop("paper", 50) == 25
+    lat = lat if formulation == "paper" else None  # (the official formulation reads no class latents)
     g = StepGuidance(modes, timesteps=[700, 200], formulation=formulation, class_latents=lat, n_classes=10)
     assert g.cfg.t_stop == (0 if formulation == "official" else 1)
     long = StepGuidance(modes, timesteps=list(range(1499, -1, -1)), formulation=formulation, class_latents=lat,
@@ -482,6 +483,7 @@ def test_step_guidance_in_a_diffusers_loop_equals_our_sampler(model, formulation
     sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False,
                           set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading")
     sched.set_timesteps(S)
+    lat = lat if formulation == "paper" else None  # (the official formulation reads no class latents)
     guide = StepGuidance(modes, timesteps=sched.timesteps, formulation=formulation, class_latents=lat,
                          n_classes=10, t_stop=5, seed=3, guidance_noise="generator")  # our CPU sampler's noise
     x = x_T.clone()
@@ -520,7 +522,8 @@ def test_step_guidance_calls_are_stateless_and_checked(formulation):
     ts = list(range(900, -1, -100))
     x = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     eps = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-    kw = dict(timesteps=ts, formulation=formulation, class_latents=lat, n_classes=10, t_stop=5)
+    kw = dict(timesteps=ts, formulation=formulation, class_latents=lat if formulation == "paper" else None,
+              n_classes=10, t_stop=5)
     g1, g2 = StepGuidance(modes, **kw), StepGuidance(modes, **kw)
     assert g1.cfg.guidance_noise == "philox"
     step = 1 if formulation == "paper" else 0               # guided: paper the first t_stop, official i > t_stop
