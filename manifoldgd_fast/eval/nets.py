@@ -255,8 +255,9 @@ def load_net(source, *, num_classes: int | None = None, size: int | None = None,
         try:
             obj = copy.deepcopy(source)
         except (TypeError, RuntimeError, copy.Error) as e:  # e.g. a lock, or a non-leaf tensor with grad, held
+            first = (str(e).strip().splitlines() or [""])[0][:200]
             raise ConfigError(f"{what} {type(source).__name__}: the module cannot be copied ({type(e).__name__}: "
-                              f"{(str(e).strip().splitlines() or [''])[0][:200]}); save it (torch.save) and pass the file") from None
+                              f"{first}); save it (torch.save) and pass the file") from None
     if isinstance(source, str) and source in NAMED:
         where, file, whose = NAMED[source]
         source = where()
