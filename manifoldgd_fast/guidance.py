@@ -329,7 +329,8 @@ class StepGuidance:
             on its inputs, not on the calls before it (a retried or repeated step gives the same eps).
             ``guidance_noise="generator"`` draws from one torch.Generator per sample instead, as the
             built-in CPU sampler does; then every call advances them.
-        num_train_timesteps: the model's training steps (with neither ``scheduler`` nor ``betas``).
+        num_train_timesteps: the model's training steps (default 1000); with ``scheduler`` or
+            ``betas``, their length (another value is refused).
         scheduler: the loop's diffusers scheduler (DDIMScheduler, DDPMScheduler, ...): the
             training schedule is its ``alphas_cumprod`` (and num_train_timesteps its length).
         betas: the model's training betas instead of ``scheduler`` (None and no scheduler:
@@ -343,7 +344,7 @@ class StepGuidance:
 
     def __init__(self, modes: torch.Tensor, *, timesteps=None, formulation: str = "official",
                  method: str = "manifoldgd", class_latents=None, classes=None, n_classes: int = 1000,
-                 t_stop: int | None = None, seed: int = 0, num_train_timesteps: int = 1000, betas=None,
+                 t_stop: int | None = None, seed: int = 0, num_train_timesteps: int | None = None, betas=None,
                  scheduler=None, prediction_type: str | None = None, **params):
         import numpy as np
 
@@ -365,7 +366,8 @@ class StepGuidance:
             raise ConfigError(f"n_classes must be an integer >= 1 (the data set's number of classes: <= "
                               f"{SMALL_SUBSET_MAX_CLASSES} takes the ImageNette defaults), got {n_classes!r}")
         n_classes = n
-        T = ops._as_int(num_train_timesteps)
+        given_T = num_train_timesteps is not None
+        T = ops._as_int(1000 if num_train_timesteps is None else num_train_timesteps)
         if T is None or T < 1:  # (0: a ZeroDivisionError, -1: numpy's ValueError)
             raise ConfigError(f"num_train_timesteps must be an integer >= 1 (the model's training steps), got "
                               f"{num_train_timesteps!r}")
@@ -394,7 +396,6 @@ class StepGuidance:
             # levels its step uses, to float64 rounding
             ac = scheduler.alphas_cumprod.detach().double().cpu().numpy()            # (T,)
             betas = 1.0 - ac / np.append(1.0, ac[:-1])
-            num_train_timesteps = len(ac)
             if timesteps is None:
                 timesteps = scheduler.timesteps
         elif betas is not None:  # (NaN, < 0 or > 1 failed at the first call naming alpha_bar; (T, 2) was flattened)
@@ -410,6 +411,12 @@ class StepGuidance:
                 raise ConfigError(f"betas must be finite and each in (0, 1] (1: a zero-terminal-SNR schedule's last "
                                   f"step), got {float(b[j])!r} at index {j}")
             betas = b    # what the schedule reads (np.asarray(betas, float64)), the same values
+        if betas is not None:  # (the paper's tau = t / T read the default 1000: past 1 with 2,000 betas)
+            if given_T and num_train_timesteps != len(betas):
+                raise ConfigError(f"num_train_timesteps={num_train_timesteps} but the "
+                                  f"{'scheduler' if scheduler is not None else 'betas'} give {len(betas)} training "
+                                  "steps: leave num_train_timesteps out")
+            num_train_timesteps = len(betas)
         if timesteps is None:
             raise ConfigError("StepGuidance needs timesteps= (the loop's, descending) or scheduler= after its "
                               "set_timesteps")

@@ -249,6 +249,8 @@ def schedule_from_timesteps(kept, sampler: str = "ddim", num_train_timesteps: in
     if ddpm_last_step_noise and (sampler != "ddpm" or variance_type != "fixed_large"):
         raise ConfigError("ddpm_last_step_noise applies to the ddpm sampler with variance_type fixed_large")
     base = linear_betas(num_train_timesteps) if betas is None else np.asarray(betas, dtype=np.float64)
+    if len(base) != num_train_timesteps:  # (tau = t / T and the spacing read T: the two must agree)
+        raise ConfigError(f"num_train_timesteps={num_train_timesteps} but betas has {len(base)} steps")
     base_ac = np.cumprod(1.0 - base)
     order = sorted(range(len(kept)), key=lambda j: int(kept[j]))
     kept = [int(kept[j]) for j in order]

@@ -122,7 +122,7 @@ def test_nan_or_inf_modes_are_refused_at_construction_in_every_formulation(formu
              formulation=formulation, method=method, n_classes=10, **kw)
 
 
-@pytest.mark.parametrize("T", [0, -1, 2.5, True, None, "1000"])
+@pytest.mark.parametrize("T", [0, -1, 2.5, True, "1000"])
 def test_num_train_timesteps_must_be_an_integer_of_at_least_one(T):
     """num_train_timesteps=0 was a ZeroDivisionError, -1 numpy's 'Number of samples, -1, must be non-negative'."""
     _refused(ConfigError, rf"^num_train_timesteps must be an integer >= 1 .*, got {T!r}$", StepGuidance, _modes(),
@@ -144,6 +144,47 @@ def test_betas_must_be_one_dimensional_finite_and_in_zero_one(betas, why):
     """NaN, negative or > 1 betas built a StepGuidance that failed at its first call naming an internal
     alpha_bar; (1000, 2) betas were flattened silently into 2,000 training steps."""
     _refused(ConfigError, why, StepGuidance, _modes(), timesteps=TS, n_classes=10, betas=betas)
+
+
+def test_betas_set_the_number_of_training_steps_the_paper_tau_divides_by():
+    """With 2,000 betas and no num_train_timesteps, T stayed the default 1000: the paper's tau = t / T reached
+    2 at t = 1999 and its annealed radius left [r_min, r_max]. T is now the betas' length; a different
+    num_train_timesteps beside betas or a scheduler is refused (a scheduler's silently replaced it)."""
+    from diffusers import DDIMScheduler
+
+    from manifoldgd_fast import modes as modes_mod
+
+    lat = torch.randn(30, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    betas = np.linspace(1e-4, 0.02, 2000)
+    g = StepGuidance(_modes(), timesteps=list(range(1999, -1, -40)), formulation="paper", class_latents=lat,
+                     n_classes=10, betas=betas)
+    assert g.schedule.num_train_timesteps == 2000
+    gd = g.guidance
+    r_min, r_max = gd.radii
+    first = g.schedule.steps - 1      # (the respaced index of the first step, t = 1999)
+    r0 = gd.paper_radius(first)     # (a single class: floats; the old code: 'tau must lie in [0, 1], got 1.9995')
+    assert r0 == modes_mod.anneal_radius(1999 / 2000, r_min, r_max, gd.cfg.radius_schedule, gd.cfg.radius_a)
+    assert min(r_min, r_max) <= r0 <= max(r_min, r_max)
+    same = StepGuidance(_modes(), timesteps=list(range(1999, -1, -40)), formulation="paper", class_latents=lat,
+                        n_classes=10, betas=betas, num_train_timesteps=2000)
+    assert same.guidance.paper_radius(first) == r0
+    _refused(ConfigError, r"^num_train_timesteps=1000 but the betas give 2000 training steps: leave "
+             r"num_train_timesteps out$", StepGuidance, _modes(), timesteps=TS, n_classes=10, betas=betas,
+             num_train_timesteps=1000)
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    sched.set_timesteps(50)
+    _refused(ConfigError, r"^num_train_timesteps=2000 but the scheduler give", StepGuidance, _modes(),
+             n_classes=10, scheduler=sched, num_train_timesteps=2000)
+    assert StepGuidance(_modes(), n_classes=10, scheduler=sched).schedule.num_train_timesteps == 1000
+
+
+def test_schedule_from_timesteps_refuses_betas_of_another_length_than_num_train_timesteps():
+    from manifoldgd_fast.schedule import schedule_from_timesteps
+
+    _refused(ConfigError, r"^num_train_timesteps=1000 but betas has 2000 steps$", schedule_from_timesteps,
+             [0, 10, 1500], "ddim", betas=np.linspace(1e-4, 0.02, 2000))
+    assert schedule_from_timesteps([0, 10, 1500], "ddim", num_train_timesteps=2000,
+                                   betas=np.linspace(1e-4, 0.02, 2000)).num_train_timesteps == 2000
 
 
 def test_zero_terminal_snr_betas_ending_at_one_are_taken():
