@@ -320,6 +320,9 @@ def _setup_logging() -> None:
         log.setLevel(logging.INFO)
     # the same event is logged; do not print it twice
     warnings.filterwarnings("ignore", message="skipping unreadable image")
+    from PIL import Image  # (data.decode_image logs a large image naming its file; PIL's two lines name none)
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 # what an interrupted command has kept for its rerun (each resumes; a command not named here keeps classes)

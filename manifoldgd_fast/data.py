@@ -85,6 +85,15 @@ def _folder_files(folder: str) -> tuple[list[str], list[str]]:
     return sorted(files), sorted(others)
 
 
+def warn_ignored(root: str, ignored: list[str]) -> None:
+    """One warning naming the entries of ``root``'s folders that are read as no image (e.g. .gif, .heic, notes,
+    sub-folders): nothing reads them, so say so (once), never drop them unseen."""
+    if ignored:
+        log.warning("%s: ignoring %d file(s) that are not %s images (or sub-folders, not read; or broken links): "
+                    "%s", root, len(ignored), "/".join(IMAGE_EXTS),
+                    ", ".join(ignored[:3]) + (" ..." if len(ignored) > 3 else ""))
+
+
 def _image_files(folder: str) -> list[str]:
     """The image file names directly in ``folder``, sorted."""
     return _folder_files(folder)[0]
@@ -95,9 +104,22 @@ def _image_files(folder: str) -> list[str]:
 SYSTEM_FOLDERS = frozenset({"__MACOSX", "lost+found", "@eaDir", "$RECYCLE.BIN", "System Volume Information"})
 
 
-def _class_folders(root: str) -> list[str]:
-    return sorted(e.name for e in os.scandir(root)
-                  if not e.name.startswith(".") and e.name not in SYSTEM_FOLDERS and _kind(e) == "dir")
+def _class_folders(root: str, check_links: bool = False) -> list[str]:
+    """The class folder names of ``root``, sorted (no hidden or :data:`SYSTEM_FOLDERS` one). check_links: a
+    DataError for a broken link (dangling or looping) among them: a class folder that cannot be read would
+    move every later class's sorted label, silently."""
+    names = []
+    for e in os.scandir(root):
+        if e.name.startswith(".") or e.name in SYSTEM_FOLDERS:
+            continue
+        kind = _kind(e)
+        if kind == "dir":
+            names.append(e.name)
+        elif check_links and kind == "other" and e.is_symlink():
+            raise DataError(f"{os.path.join(root, e.name)}: a broken link (its target is missing, or a loop) among "
+                            "the class folders; its class would be left out and every class after it take another "
+                            "label: restore its target or remove the link")
+    return sorted(names)
 
 
 def scan_image_folder(root: str, classes: Sequence[str] | str | None = None,
@@ -136,7 +158,7 @@ def scan_image_folder(root: str, classes: Sequence[str] | str | None = None,
     if not os.path.isdir(root):
         raise DataError(f"data folder {root} is not a folder")
     root = os.path.abspath(root)
-    all_folders = _class_folders(root)
+    all_folders = _class_folders(root, check_links=True)
     if not all_folders:
         hint = (": it holds images itself; give the folder whose sub-folders are the classes"
                 if _image_files(root) else "")
@@ -227,10 +249,7 @@ def scan_image_folder(root: str, classes: Sequence[str] | str | None = None,
             raise DataError(f"class {name} in {root} has no images ({'/'.join(IMAGE_EXTS)}){hint}")
         entries.append(ClassEntry(name=name, label=labels[name],
                                   files=[os.path.join(folder, f) for f in files], folder=folder))
-    if ignored:  # e.g. .gif, .heic, notes, sub-folders: nothing here reads them, so say so (once), never drop them unseen
-        log.warning("%s: ignoring %d file(s) that are not %s images (or sub-folders, not read; or broken links): "
-                    "%s", root, len(ignored), "/".join(IMAGE_EXTS),
-                    ", ".join(ignored[:3]) + (" ..." if len(ignored) > 3 else ""))
+    warn_ignored(root, ignored)
     system = sorted(n for n in SYSTEM_FOLDERS if os.path.isdir(os.path.join(root, n)))
     if system:
         log.warning("%s: ignoring %s (a system or archive folder, not a class)", root, ", ".join(system))
@@ -285,19 +304,27 @@ RESAMPLERS = {"bicubic": center_crop_arr, "bilinear": resize_crop_torchvision}
 
 
 def to_rgb(img):
-    """A PIL image as 8-bit RGB. 16- and 32-bit greyscale (modes I;16*, I) keep their top 8 bits (of 16, or of
-    mode I's 31 value bits: it is signed, so 0 .. 2**31 - 1 maps to 0 .. 255) and
-    float greyscale (F, taken as 0..1) is scaled to 0..255; ``convert("RGB")`` would clip both at 255,
-    turning most of a 16-bit image white."""
+    """A PIL image as 8-bit RGB. 16-bit greyscale (modes I;16*) keeps its top 8 bits. 32-bit integer greyscale
+    (mode I, which carries no bit depth) is read by its largest value: 8-bit values (<= 255) as they are,
+    16-bit ones (< 2**16) by their top 8 bits, others by the top 8 of the 31 value bits (it is signed: 0 ..
+    2**31 - 1 maps to 0 .. 255). Float greyscale (F) the same way: 0..1 (largest <= 1) scaled to 0..255,
+    0..255 as it is, 0..65535 scaled by 255 / 65535; larger values are a ValueError (no scale to read them by).
+    ``convert("RGB")`` would clip all of these at 255, turning most of a 16-bit image white."""
     from PIL import Image
 
     if img.mode.startswith("I;16") or img.mode == "I":
         arr = np.asarray(img).astype(np.int64)
-        bits = 16 if img.mode.startswith("I;16") or arr.max(initial=0) < (1 << 16) else 31
+        top = arr.max(initial=0)
+        bits = 16 if img.mode.startswith("I;16") else 8 if top <= 255 else 16 if top < (1 << 16) else 31
         img = Image.fromarray((np.clip(arr, 0, (1 << bits) - 1) >> (bits - 8)).astype(np.uint8), mode="L")
     elif img.mode == "F":
         arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
-        img = Image.fromarray(np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8), mode="L")
+        top = arr.max(initial=0.0)
+        if top > 65535:
+            raise ValueError(f"float image with values up to {top:g}, past the 0..1, 0..255 and 0..65535 ranges "
+                             "it could be read as")
+        scale = 255.0 if top <= 1.0 else 1.0 if top <= 255.0 else 255.0 / 65535.0   # (0..65535: x 255 / 65535)
+        img = Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8), mode="L")
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
@@ -334,17 +361,36 @@ def read_image_uint8(path: str, size: int, short_side: int | None = None, resamp
     Raises:
         DataError naming ``path`` when the file cannot be decoded.
     """
+    arr = decode_image(path, lambda rgb: RESAMPLERS[resample](rgb, size, short_side))  # (size, size, 3) uint8
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (3, size, size)
+
+
+def decode_image(path: str, fn):
+    """``fn(image)`` of the file at ``path`` as 8-bit RGB (:func:`to_rgb`), opened as every reader of the package
+    opens one: only :data:`READ_FORMATS`, :func:`check_aspect` on its header, a warning naming a file past
+    PIL's decompression-bomb warning size (read all the same; past twice that, PIL refuses it). DataError
+    naming ``path`` when the file cannot be decoded (or runs out of memory)."""
     from PIL import Image
 
+    shown = path if path.isprintable() else ascii(path)[1:-1]  # (a newline in a name split the warning's line)
     try:
         with Image.open(path, formats=READ_FORMATS) as img:
-            check_aspect(*img.size)                  # (read from the header: nothing decoded yet)
-            arr = RESAMPLERS[resample](to_rgb(img), size, short_side)  # (size, size, 3) uint8
+            w, h = img.size
+            check_aspect(w, h)                       # (read from the header: nothing decoded yet)
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and w * h > limit:              # (PIL's own warning names no file: the CLI silences it)
+                log.warning("%s: %d x %d px (%.0f M pixels), past PIL's decompression-bomb warning size: "
+                            "read all the same", shown, w, h, w * h / 1e6)
+            return fn(to_rgb(img))
     except image_errors() as e:
-        raise DataError(f"cannot read image {path}: {e}") from None
+        raise DataError(f"cannot read image {shown}: {_one_line(e)}") from None
     except MemoryError:
-        raise DataError(f"cannot read image {path}: out of memory decoding or resizing it") from None
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (3, size, size)
+        raise DataError(f"cannot read image {shown}: out of memory decoding or resizing it") from None
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e)
+    return msg if msg.isprintable() else ascii(msg)[1:-1]
 
 
 def load_image(path: str, size: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ import logging
 import os
 
 from .classes import content_lines, split_pair
-from .data import IMAGE_EXTS, ClassEntry, _class_folders, _image_files
+from .data import IMAGE_EXTS, ClassEntry, _class_folders, _folder_files, warn_ignored
 from .errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def scan_labelled_folder(root: str, labels_path: str, *, flag: str = "--val-labe
     counts towards the accuracy, so none is dropped silently); labelled images missing from the folder
     are only counted in a warning (a partial copy of the set)."""
     labels = read_image_labels(labels_path, flag)
-    files = _image_files(root)
+    files, others = _folder_files(root)
     if not files:
         raise DataError(f"{root}: no images at its top level" + (" (it holds class folders: leave out "
                                                                   f"{flag})" if _class_folders(root) else ""))
@@ -163,7 +163,14 @@ def scan_labelled_folder(root: str, labels_path: str, *, flag: str = "--val-labe
     if unlabelled:
         raise DataError(f"{root}: {len(unlabelled)} of its {len(files)} images have no label in {labels_path} "
                         f"(e.g. {', '.join(unlabelled[:3])})")
-    held = {os.path.splitext(f)[0] for f in files}  # (v.jpg and v.png are one labelled image's two files)
+    stems: dict[str, str] = {}
+    for f in files:  # (both were scored: one labelled image counted twice)
+        other = stems.setdefault(os.path.splitext(f)[0], f)
+        if other != f:
+            raise DataError(f"{root}: {other} and {f} are one labelled image ({os.path.splitext(f)[0]!r} in "
+                            f"{labels_path}) in two files; keep one")
+    warn_ignored(root, others)  # (as scan_image_folder says of a class folder's)
+    held = set(stems)
     if len(labels) > len(held):
         log.warning("%s labels %d images; %s holds %d of them", labels_path, len(labels), root, len(held))
     by_class: dict[str, list[str]] = {}

@@ -228,6 +228,12 @@ def _is_cached(path: str, entry: ClassEntry, key: CacheKey) -> tuple[dict | None
         return None, UNREADABLE  # (a foreign or edited file: the VAE's digest alone fixes the shape)
     if meta["stamps"] != file_stamps(entry):
         return None, "image files changed since they were encoded"
+    for rel in meta["skipped"]:  # (a chmod, a remounted disk or more memory change no stamp: try them again)
+        try:
+            read_image_uint8(os.path.join(entry.folder, rel), key.image_size)
+        except DataError:
+            continue
+        return None, f"{rel}, skipped as unreadable, reads now"
     return meta, None
 
 

@@ -797,3 +797,120 @@ def test_flat_folder_labels_take_sorted_class_names_and_errors_name_the_line(tmp
     # only an image extension is dropped from a name: 'v.1' (no extension) is not 'v'
     (tmp_path / "d.txt").write_text("v.1 ant\nv.2.png zebra\nv.3.gif bee\n")
     assert read_image_labels(str(tmp_path / "d.txt")) == {"v.1": "ant", "v.2": "zebra", "v.3.gif": "bee"}
+
+
+# ---------------------------------------------------------------------------- found by an input-image audit (2026-12-07)
+def test_a_broken_link_among_the_class_folders_is_refused_not_a_label_shift(tmp_path):
+    """A class folder that is a link to a missing target (an unmounted disk) was left out silently, and under
+    the sorted label map every class after it took the label of the one before: c was sampled as b."""
+    root = tmp_path / "imgs"
+    for c in ("a", "c"):
+        (root / c).mkdir(parents=True)
+        _save(root / c / "0.png")
+    (tmp_path / "store_b").mkdir()
+    _save(tmp_path / "store_b" / "0.png")
+    os.symlink(tmp_path / "store_b", root / "b")
+    assert [(e.name, e.label) for e in D.scan_image_folder(str(root))] == [("a", 0), ("b", 1), ("c", 2)]
+    shutil.move(str(tmp_path / "store_b"), str(tmp_path / "gone"))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(root / 'b'))}: a broken link \(its target is missing, "
+                                        r"or a loop\) among the class folders; .* restore its target or remove"):
+        D.scan_image_folder(str(root))
+    with pytest.raises(DataError, match="a broken link"):
+        D.scan_image_folder(str(root), classes=["a"])     # (a's label is its place among all the folders)
+    from manifoldgd_fast.eval.protocol import distilled_class_names
+    with pytest.raises(DataError, match="a broken link"):
+        distilled_class_names(str(root))
+    os.remove(root / "b")
+    os.symlink(root / "b", root / "b")                    # a loop
+    with pytest.raises(DataError, match="a broken link"):
+        D.scan_image_folder(str(root))
+
+
+@pytest.mark.parametrize("mode, values, expect", [
+    ("I", np.arange(256), np.arange(256)),                                    # 8-bit values in an int32 image
+    ("I", np.arange(256) * 257, np.arange(256)),                              # 16-bit values
+    ("F", np.arange(256) / 255.0, np.arange(256)),                            # 0..1
+    ("F", np.arange(256, dtype=np.float64), np.arange(256)),                  # 0..255
+    ("F", np.arange(256) * 257.0, np.arange(256)),                            # 0..65535
+], ids=["I-8bit", "I-16bit", "F-unit", "F-255", "F-65535"])
+def test_32_bit_integer_and_float_greyscale_are_read_by_their_range(tmp_path, mode, values, expect):
+    """An int32 TIFF of 0..255 values read all black (taken as 16-bit: >> 8), a float one of 0..255 all white
+    (taken as 0..1: x 255). Each now reads as the 8-bit ramp it holds."""
+    ramp = np.tile(values, (4, 1)).astype(np.int32 if mode == "I" else np.float32)
+    path = str(tmp_path / "g.tif")
+    Image.fromarray(ramp, mode=mode).save(path)
+    with Image.open(path) as im:
+        assert im.mode == mode
+        got = np.asarray(D.to_rgb(im))
+    assert np.array_equal(got[..., 0], np.tile(expect, (4, 1)).astype(np.uint8))
+    assert np.array_equal(got[..., 0], got[..., 2])
+
+
+def test_a_float_image_past_65535_is_unreadable_not_white(tmp_path):
+    path = str(tmp_path / "f.tif")
+    Image.fromarray(np.full((8, 8), 1e6, np.float32), mode="F").save(path)
+    with pytest.raises(DataError, match=r"cannot read image .*f\.tif: float image with values up to 1e\+06, past "):
+        D.read_image_uint8(path, 8)
+
+
+def test_every_reader_reads_and_skips_the_same_files(tmp_path):
+    """metrics --fid-resize squash (load_squashed) opened any format Pillow knows and took 64:1 strips: an ICO
+    named .png was read there and skipped by cache / distill / eval, so the FID's real set held other images
+    than the count it reported."""
+    from manifoldgd_fast.eval.metrics import load_squashed
+
+    strip, ico, ok = (str(tmp_path / n) for n in ("strip.png", "ico.png", "ok.png"))
+    Image.new("RGB", (1000, 2)).save(strip)
+    Image.new("RGB", (16, 16)).save(ico, format="ICO")
+    Image.new("RGB", (9, 7), (1, 2, 3)).save(ok)
+    for path, why in ((strip, "an aspect ratio over 64:1"), (ico, "cannot identify image file")):
+        for read in (D.read_image_uint8, load_squashed):
+            with pytest.raises(DataError, match=why):
+                read(path, 8)
+    assert load_squashed(ok, 4).shape == D.read_image_uint8(ok, 4).shape == (3, 4, 4)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_a_large_image_is_named_in_one_line_and_read(tmp_path, caplog, monkeypatch):
+    """Past PIL's decompression-bomb warning size, PIL printed a two-line UserWarning naming no file (the CLI
+    now silences it): the package logs one line naming the file, and reads it."""
+    path = str(tmp_path / "big.png")
+    Image.new("RGB", (40, 30), (9, 9, 9)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with caplog.at_level("WARNING", logger="manifoldgd_fast.data"):
+        x = D.read_image_uint8(path, 8)
+    assert int(x.max()) == 9
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: 40 x 30 px (0 M pixels), past PIL's decompression-bomb warning size: read all the same"]
+
+
+def test_a_newline_in_a_file_name_stays_on_the_warnings_line(tmp_path):
+    path = str(tmp_path / "nl\nbad.png")
+    with open(path, "wb") as f:
+        f.write(b"not an image")
+    with pytest.raises(DataError) as e:
+        D.read_image_uint8(path, 8)
+    assert "\n" not in str(e.value) and "nl\\nbad.png" in str(e.value)
+
+
+def test_a_flat_labelled_folder_refuses_one_image_in_two_files_and_names_ignored_ones(tmp_path, caplog):
+    """v.jpg and v.png were both scored as one label's images (the image counted twice); a README or a
+    sub-folder in the flat folder was ignored silently (a class folder's are named in a warning)."""
+    from manifoldgd_fast.image_labels import scan_labelled_folder
+
+    v = tmp_path / "v"
+    v.mkdir()
+    for s in ("a0", "b0"):
+        Image.new("RGB", (8, 8)).save(v / f"{s}.png")
+    (tmp_path / "l.txt").write_text("a0 ant\nb0 bee\n")
+    (v / "README.txt").write_text("notes")
+    (v / "sub").mkdir()
+    with caplog.at_level("WARNING", logger="manifoldgd_fast.data"):
+        entries = scan_labelled_folder(str(v), str(tmp_path / "l.txt"))
+    assert [len(e.files) for e in entries] == [1, 1]
+    assert any("ignoring 2 file(s)" in r.getMessage() and "README.txt" in r.getMessage() and "sub/" in r.getMessage()
+               for r in caplog.records)
+    Image.new("RGB", (8, 8)).save(v / "a0.jpg")
+    with pytest.raises(DataError, match=r": a0\.jpg and a0\.png are one labelled image \('a0' in .*l\.txt\) in two "
+                                        r"files; keep one$"):
+        scan_labelled_folder(str(v), str(tmp_path / "l.txt"))

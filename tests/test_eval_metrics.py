@@ -883,3 +883,33 @@ def test_torchscript_encoders_get_their_own_feature_cache(folders, tmp_path, pri
     assert b["real_features"]["encoder"] == {"cached": 0, "computed": 3}
     again = M.compute_metrics(dist, real, encoder=str(tmp_path / "b.pt"), **kw)
     assert again["real_features"]["encoder"] == {"cached": 3, "computed": 0} and again["fid"] == b["fid"]
+
+
+def test_a_real_image_skipped_once_is_read_again_when_it_reads(tmp_path, monkeypatch):
+    """The features cache keyed a class by its files' sizes and mtimes only: an image skipped as unreadable
+    once (no permission, a disk away) stayed out of every later metrics run after a chmod. Its skips are
+    recorded; one that reads now recomputes the class."""
+    from manifoldgd_fast.data import scan_image_folder
+
+    real = make_image_folder(tmp_path / "real", ["ant"], 3, size=8)
+    entries = scan_image_folder(real)
+    cpu, cache = torch.device("cpu"), str(tmp_path / "c")
+    ok = M.read_image_uint8
+
+    def denied(path, *a, **k):
+        if os.path.basename(path).startswith("img001"):
+            raise DataError(f"cannot read image {path}: [Errno 13] Permission denied")
+        return ok(path, *a, **k)
+
+    monkeypatch.setattr(M, "read_image_uint8", denied)
+    stats = {}
+    with pytest.warns(UserWarning, match="img001"):
+        f, _ = M.extract_features(MeanColour(), entries, 8, cpu, cache_dir=cache, stats=stats)
+    assert len(f) == 2 and stats == {"cached": 0, "computed": 1}
+    f, _ = M.extract_features(MeanColour(), entries, 8, cpu, cache_dir=cache, stats=stats)
+    assert len(f) == 2 and stats == {"cached": 1, "computed": 0}        # still unreadable: the cache is used
+    monkeypatch.setattr(M, "read_image_uint8", ok)
+    f, _ = M.extract_features(MeanColour(), entries, 8, cpu, cache_dir=cache, stats=stats)
+    assert len(f) == 3 and stats == {"cached": 0, "computed": 1}
+    f, _ = M.extract_features(MeanColour(), entries, 8, cpu, cache_dir=cache, stats=stats)
+    assert len(f) == 3 and stats == {"cached": 1, "computed": 0}

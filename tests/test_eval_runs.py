@@ -153,8 +153,8 @@ def test_a_mistyped_devkit_path_says_it_does_not_exist(tmp_path):
 
 def test_labelled_images_missing_from_the_folder_are_counted_in_a_warning(tmp_path, caplog):
     """A partial copy of the validation set: the images it holds are scanned, and a warning counts the labelled
-    images the folder holds, by name (two files of one name, v1.png and v1.jpg, are one labelled image: they
-    made up for a missing one, and the warning was left out)."""
+    images the folder holds, by name (two files of one name, v1.png and v1.jpg, made up for a missing one, and
+    the warning was left out; they are now refused: one labelled image in two files)."""
     import logging
 
     from PIL import Image
@@ -166,14 +166,16 @@ def test_labelled_images_missing_from_the_folder_are_counted_in_a_warning(tmp_pa
     (tmp_path / "labels.txt").write_text("v1 ant\nv2 bee\nv3 bee\n")
     for name in ("v1.png", "v1.jpg", "v2.png"):
         Image.new("RGB", (8, 8)).save(flat / name)
+    with pytest.raises(DataError, match=r"v1\.jpg and v1\.png are one labelled image"):
+        scan_labelled_folder(str(flat), str(tmp_path / "labels.txt"))
+    (flat / "v1.jpg").unlink()
     with caplog.at_level(logging.WARNING, logger="manifoldgd_fast"):
         got = scan_labelled_folder(str(flat), str(tmp_path / "labels.txt"))
     assert [(e.name, e.label, [os.path.basename(f) for f in e.files]) for e in got] == \
-        [("ant", 0, ["v1.jpg", "v1.png"]), ("bee", 1, ["v2.png"])]
+        [("ant", 0, ["v1.png"]), ("bee", 1, ["v2.png"])]
     assert [r.getMessage() for r in caplog.records] == [f"{tmp_path / 'labels.txt'} labels 3 images; {flat} holds 2 "
                                                         "of them"]
     caplog.clear()
-    (flat / "v1.jpg").unlink()
     Image.new("RGB", (8, 8)).save(flat / "v3.png")
     with caplog.at_level(logging.WARNING, logger="manifoldgd_fast"):
         scan_labelled_folder(str(flat), str(tmp_path / "labels.txt"))

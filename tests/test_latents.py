@@ -787,3 +787,29 @@ def test_an_image_size_that_is_not_a_positive_integer_is_a_config_error(tmp_path
     with pytest.raises(ConfigError, match=r"^--image-size .*: must be an integer >= 1$"):
         encode(entries, vae, cache_dir=str(tmp_path / "cache"), image_size=size, progress=False, num_workers=0)
     assert not os.path.exists(tmp_path / "cache" / "cat.safetensors")
+
+
+def test_a_skipped_image_that_reads_now_is_encoded_on_the_next_run(tmp_path, root, vae, monkeypatch):
+    """An image skipped once for a passing reason (no read permission, a disk away, out of memory) was recorded
+    in the class's cache file and never read again: a chmod changes neither its size nor its mtime, the
+    stamps the cache compares. A recorded skip is tried again; one that reads now re-encodes the class."""
+    entries = D.scan_image_folder(str(root), classes=["cat"])
+    cache = str(tmp_path / "cache")
+    real = L.read_image_uint8
+
+    def denied(path, *a, **k):
+        if path.endswith("1.png"):
+            raise DataError(f"cannot read image {path}: [Errno 13] Permission denied")
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(L, "read_image_uint8", denied)
+    with pytest.warns(UserWarning, match="1.png"):
+        first = L.cache_latents(entries, vae, cache_dir=cache, image_size=SIZE, progress=False, num_workers=0)
+    assert first["cat"]["n"] == 2
+    again = L.cache_latents(entries, vae, cache_dir=cache, image_size=SIZE, progress=False, num_workers=0)
+    assert again["cat"]["cached"] and again["cat"]["n"] == 2        # still unreadable: reused
+    monkeypatch.setattr(L, "read_image_uint8", real)
+    fixed = L.cache_latents(entries, vae, cache_dir=cache, image_size=SIZE, progress=False, num_workers=0)
+    assert not fixed["cat"]["cached"] and fixed["cat"]["n"] == 3 and fixed["cat"]["skipped"] == []
+    z, files = L.load_class_latents(cache, "cat")
+    assert files == ["0.png", "1.png", "2.png"] and z.shape[0] == 3

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data import image_errors, iter_class_images, read_image_uint8, to_rgb
+from ..data import decode_image, iter_class_images, read_image_uint8
 from ..config import check_out_file
 from ..errors import ConfigError, DataError
 from ..output import MANIFEST, atomic_write_bytes, atomic_write_text, sweep_stale_temps
@@ -328,6 +328,7 @@ class FeatureCache:
         for name, t in encoder.state_dict().items():
             h.update(name.encode())
             h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        self.size = size
         self.folder = os.path.join(root, "features", f"{h.hexdigest()[:16]}-{size}px")
         sweep_stale_temps(self.folder)  # killed writes' temps (the cache is shared and unlocked: old ones only)
 
@@ -339,23 +340,39 @@ class FeatureCache:
         desc = json.dumps({"folder": os.path.abspath(entry.folder or os.path.dirname(entry.files[0])), "files": files})
         return os.path.join(self.folder, hashlib.sha1(desc.encode()).hexdigest()[:20] + ".safetensors")
 
-    def load(self, path: str) -> torch.Tensor | None:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+    def load(self, path: str, entry=None, read=None) -> torch.Tensor | None:
+        """The cached features, or None: no file, a damaged one, or (given ``entry`` and its ``read``) an image
+        it skipped as unreadable that reads now (a chmod or a remounted disk changes no stamp of the key)."""
+        from safetensors import SafetensorError, safe_open
 
         if not os.path.isfile(path):
             return None
         try:
-            return load_file(path)["features"]
+            with safe_open(path, framework="pt") as f:
+                features, meta = f.get_tensor("features"), f.metadata() or {}
         except (SafetensorError, OSError, KeyError) as e:  # a damaged cache file is recomputed
             log.warning("recomputing features: cannot read %s (%s)", path, e)
             return None
+        if entry is not None and len(features) < len(entry.files):
+            try:
+                skipped = json.loads(meta["skipped"])
+            except (KeyError, ValueError):  # (a file written before skips were recorded: recomputed once)
+                return None
+            for name in skipped:
+                try:
+                    read(os.path.join(entry.folder or os.path.dirname(entry.files[0]), name), self.size)
+                except DataError:
+                    continue
+                return None
+        return features
 
     @staticmethod
-    def save(path: str, features: torch.Tensor) -> None:
+    def save(path: str, features: torch.Tensor, skipped: list[str] = ()) -> None:
+        """skipped: the class's image files not read (their names in its folder)."""
         from safetensors.torch import save
 
-        atomic_write_bytes(path, save({"features": features.float().cpu().contiguous()}))
+        atomic_write_bytes(path, save({"features": features.float().cpu().contiguous()},
+                                      metadata={"skipped": json.dumps([os.path.basename(p) for p in skipped])}))
 
 
 RESIZES = ("crop", "squash")
@@ -367,11 +384,8 @@ def load_squashed(path: str, size: int) -> torch.Tensor:
     Raises DataError naming the file."""
     from PIL import Image
 
-    try:
-        with Image.open(path) as img:
-            arr = np.array(to_rgb(img).resize((size, size), resample=Image.BILINEAR))
-    except image_errors() as e:
-        raise DataError(f"cannot read image {path}: {e}") from None
+    # (opened as every other reader opens one: the same files read or skipped, whatever --fid-resize is)
+    arr = decode_image(path, lambda rgb: np.array(rgb.resize((size, size), resample=Image.BILINEAR)))
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
@@ -417,11 +431,12 @@ def extract_features(encoder: torch.nn.Module, entries, size: int, device: torch
     subs = [capped(e, max_per_class) for e in entries]
     with tqdm(total=sum(len(e.files) for e in subs), desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for sub in subs:
+            read = load_squashed if squash else read_image_uint8
             path = cache.path(sub) if cache and sub.files else None
-            f = cache.load(path) if path else None
+            f = cache.load(path, sub, read) if path else None
             if f is None:
                 parts = []
-                images = iter_class_images(sub, size, batch_size, read=load_squashed if squash else read_image_uint8)
+                images = iter_class_images(sub, size, batch_size, read=read)
                 for batch, _ in images:
                     u = batch.to(device)  # (b, 3, size, size) uint8
                     with maybe_amp():
@@ -436,7 +451,7 @@ def extract_features(encoder: torch.nn.Module, entries, size: int, device: torch
                                       f"{len(f)} images of class {sub.name} "
                                       f"({sub.folder or os.path.dirname(sub.files[0])})")
                 if path:
-                    cache.save(path, f)
+                    cache.save(path, f, images.skipped)
                 stats["computed"] += 1
             else:
                 f = f.to(device)
