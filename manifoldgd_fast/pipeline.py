@@ -388,6 +388,10 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
     # Check this rank's classes before anything is written (latents stay on disk until their turn).
     if rcfg.modes_dir is not None and rcfg.method not in ("manifoldgd", "mgd3"):
         log.warning("--modes-dir %s is not read: --method %s uses no modes", rcfg.modes_dir, rcfg.method)
+    if rcfg.compile != "none" and not classrun.use_fast_loop(rcfg, ctx["device"]):  # (it was ignored silently)
+        log.warning("--compile %s is not used: --loop auto runs the reference loop here (%s), and only the fast "
+                    "loop compiles", rcfg.compile, "ManifoldGD with --guidance-noise generator"
+                    if ctx["device"].type == "cuda" else "no CUDA device")
     if ctx["backbone"] == "dit":
         unused = unused_prompt_options(rcfg)
         if unused:

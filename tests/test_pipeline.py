@@ -712,3 +712,14 @@ def test_classes_sampled_together_give_the_same_bytes_whoever_shares_their_batch
     for c in ("apple", "banana", "cherry"):
         a, b = (load_file(str(tmp_path / d / "latents" / f"{c}.safetensors"))["latents"] for d in ("two", "one"))
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_compile_on_a_run_without_the_fast_loop_says_it_is_not_used(tiny_world, tmp_path, capsys):
+    """--compile with --loop auto on the CPU ran the reference loop and compiled nothing, silently (the manifest
+    recorded compile: default); --loop reference --compile is refused, so auto now says it in one warning."""
+    assert main(_args(tiny_world, tmp_path / "out", "--method", "dit", "--ipc", "1", "--compile", "default")) == 0
+    err = capsys.readouterr().err
+    assert ("manifoldgd-fast: warning: --compile default is not used: --loop auto runs the reference loop here (no "
+            "CUDA device), and only the fast loop compiles") in err, err
+    assert main(_args(tiny_world, tmp_path / "out2", "--method", "dit", "--ipc", "1")) == 0
+    assert "--compile" not in capsys.readouterr().err
