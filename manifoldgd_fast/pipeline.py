@@ -426,6 +426,8 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
     versions = library_versions()
     numerics = dict(device=ctx["device"].type, batch_size=rcfg.batch_size, backend=rcfg.backend, loop=rcfg.loop,
                     class_batch=rcfg.class_batch, code=code_digest(), libraries=versions)
+    if ctx["device"].type == "cpu":  # (a CPU conv / matmul splits its sums by thread: torchrun's default of one
+        numerics["cpu_threads"] = torch.get_num_threads()   # thread a rank gives other pixels than all cores)
     # (classes finished before --class-batch existed were sampled one class at a time; a key a class
     # predates is not compared)
     changed = sorted({k for v in status.values() if "numerics" in v

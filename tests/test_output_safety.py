@@ -6,6 +6,7 @@ import shutil
 import time
 
 import pytest
+import torch
 
 from test_pipeline import FAST, _args, _bad, _digest
 
@@ -1287,3 +1288,21 @@ def test_profile_json_is_refused_over_an_input_or_the_out_folder(tmp_path, capsy
     assert line == (f"manifoldgd-fast: error: --json {out}: the same path as --out, the folder the profiled classes are "
                     "written to; give another file name"), line
     assert not out.exists()
+
+
+def test_a_resume_with_another_cpu_thread_count_is_warned_and_recorded(tiny_world, tmp_path, capsys, monkeypatch):
+    """On the CPU the DiT and the VAE decode give other float rounding with other thread counts (a conv splits
+    its sums by thread), so pixels can change: torchrun's one thread per rank, or a resume on another machine,
+    gave other bytes than a run in one go, without a word. The thread count is recorded with each class's
+    numerics, and a resume under another one says so."""
+    out = tmp_path / "out"
+    assert main(_args(tiny_world, out)) == 0
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["classes"]["apple"]["numerics"]["cpu_threads"] == torch.get_num_threads()
+    shutil.rmtree(out / "banana")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 97)
+    capsys.readouterr()
+    assert main(_args(tiny_world, out)) == 0
+    err = capsys.readouterr().err
+    assert "resuming" in err and "other cpu_threads than its finished classes" in err, err
+    assert json.loads((out / "manifest.json").read_text())["classes"]["banana"]["numerics"]["cpu_threads"] == 97
