@@ -45,7 +45,7 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
     stop_after: stop (after checkpointing) once this many steps ran in this
     call (tests use it to simulate a kill); a rerun resumes.
     """
-    from .latents import load_class_latents
+    from .latents import file_stamps, load_class_latents
     from .models import save_pretrained_folder
     from .pipeline import prepare
     from .training import (Diffusion, disable_internal_label_dropout, ema_decay_at, ema_update, rsm_loss,
@@ -97,7 +97,10 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
         # what a resume must find again; the training set (each class folder, its label, its image files) too: an
         # edited --classes or --label-map file, or images added to --data, would resume on another set
         settings = {**_settings(locals()), "training_set": fields_digest(
-            [(e.name, e.label, e.relative_files()) for e in ctx["entries"]])}
+            [(e.name, e.label, e.relative_files()) for e in ctx["entries"]]),
+            # and each image's size and mtime: one rewritten in place (same name) is re-encoded into the cache,
+            # and the rest of the fine-tune trained on other latents than its first steps (as distill refuses)
+            "images": fields_digest([(e.name, file_stamps(e)) for e in ctx["entries"]])}
         if os.path.isfile(work):
             try:
                 state = torch.load(work, map_location=dev, weights_only=True)   # tensors, numbers and strings only
@@ -110,10 +113,15 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
             # with the training set recorded, how --classes / --label-map were spelt (a file or a list) is not
             # compared; a checkpoint written before it was recorded is compared as it was then
             skip = {"classes", "label_map"} if "training_set" in was else {"training_set"}
+            skip |= set() if "images" in was else {"images"}   # (a checkpoint from before they were recorded)
             keys = [k for k in sorted((set(was) | set(settings)) - skip) if was.get(k) != settings.get(k)]
+            if "images" in keys and {"training_set", "classes", "label_map", "data"} & set(keys):
+                keys.remove("images")   # (another set of classes or files: that says it)
             if keys:
-                said = "; ".join("the training set (class folders, labels or image files)" if k == "training_set"
-                                 else f"{k} {was.get(k)!r} then, {settings.get(k)!r} now" for k in keys[:3])
+                named = {"training_set": "the training set (class folders, labels or image files)",
+                         "images": "the images (one changed since the checkpoint: its size or modification time)"}
+                said = "; ".join(named.get(k) or f"{k} {was.get(k)!r} then, {settings.get(k)!r} now"
+                                 for k in keys[:3])
                 more = "; ..." if len(keys) > 3 else ""
                 raise ConfigError(f"{out} holds a fine-tune with other settings ({said}{more}); use a new --out")
             net.load_state_dict(state["model"])

@@ -431,3 +431,19 @@ def test_a_second_finetune_into_the_same_out_is_refused_while_one_runs(tiny_worl
         with pytest.raises(DataError, match=f"--out {out} is being written by another finetune \\(pid {os.getpid()}"):
             finetune(out=str(out), **kw)
     assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_a_resume_after_an_image_was_rewritten_in_place_is_refused(tiny_world, tmp_path):
+    """An image rewritten under its own name between a kill and the resume: the latent cache re-encoded its
+    class and the rest of the fine-tune trained on other latents than its first steps, silently (the training
+    set recorded names only). Each image's size and mtime are recorded now, as distill's resume compares them."""
+    out = str(tmp_path / "a")
+    data = tmp_path / "data"
+    shutil.copytree(tiny_world["data"], data)
+    kw = _kw(dict(tiny_world, data=str(data)), steps=3, batch_size=2)
+    finetune(out=out, stop_after=1, **kw)
+    files = sorted(os.listdir(data / "apple"))
+    shutil.copy(data / "apple" / files[1], data / "apple" / files[0])          # same name, other image
+    with pytest.raises(ConfigError, match=r"other settings \(the images \(one changed since the checkpoint: its "
+                                          r"size or modification time\)\); use a new --out$"):
+        finetune(out=out, **kw)
