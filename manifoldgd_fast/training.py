@@ -6,6 +6,8 @@ schedule; EMA of the weights; label dropout done once per sample by the loop.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
 import os
 
@@ -151,9 +153,20 @@ def save_checkpoint(obj, path: str) -> None:
     from .output import fsync_folder
 
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as e:  # (a full disk left the temp file, gigabytes, and the disk full)
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, RuntimeError):  # torch's zip writer: "[enforce fail at inline_container.cc...] unexpected pos"
+            st = os.statvfs(os.path.dirname(os.path.abspath(path)))
+            full = st.f_bavail * st.f_frsize < (1 << 20)
+            why = "no space left on device" if full else str(e).splitlines()[0][:200] if str(e) else "RuntimeError"
+            raise OSError(errno.ENOSPC if full else errno.EIO, f"cannot write this checkpoint ({why}); the previous "
+                          "one, if any, is kept", path) from None
+        raise
     os.replace(tmp, path)
     fsync_folder(os.path.dirname(os.path.abspath(path)))

@@ -1306,3 +1306,36 @@ def test_a_resume_with_another_cpu_thread_count_is_warned_and_recorded(tiny_worl
     err = capsys.readouterr().err
     assert "resuming" in err and "other cpu_threads than its finished classes" in err, err
     assert json.loads((out / "manifest.json").read_text())["classes"]["banana"]["numerics"]["cpu_threads"] == 97
+
+
+def test_a_checkpoint_write_that_fails_leaves_the_last_one_no_temp_and_an_oserror(tmp_path, monkeypatch):
+    """A full disk during torch.save: torch's zip writer raises RuntimeError ("[enforce fail at
+    inline_container.cc:672] . unexpected pos ..."), which reached the CLI as a traceback, and the temp file
+    (8 MB of a digits fine-tune, gigabytes of a DiT-XL/2 one) stayed, the disk full. Now the temp is removed,
+    the last checkpoint kept, and the error an OSError naming the checkpoint (the CLI's one line)."""
+    from manifoldgd_fast.training import save_checkpoint
+
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint({"step": 1}, str(path))
+
+    def full(obj, f):
+        f.write(b"x" * 1000)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 8316160 vs 8316048")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError) as e:
+        save_checkpoint({"step": 2}, str(path))
+    assert e.value.filename == str(path) and "cannot write this checkpoint (" in e.value.strerror
+    assert "the previous one, if any, is kept" in e.value.strerror
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["step"] == 1
+
+    def stopped(obj, f):
+        f.write(b"x" * 1000)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"step": 2}, str(path))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]
