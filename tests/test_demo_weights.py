@@ -67,6 +67,22 @@ def test_digits_export_is_deterministic_and_idempotent(exported, tmp_path):
     assert [e for e in os.listdir(os.path.dirname(exported)) if e != "digits"] == []  # no temp leftovers
 
 
+def test_a_killed_exports_temp_is_swept_once_another_export_completed(exported):
+    """A SIGKILLed export's temp folder (7 MB) beside a complete export was never removed: only an export
+    swept, and a complete one returned before it. A stale one goes now; a fresh one (an export in flight) stays."""
+    cache = os.path.dirname(exported)
+    stale, fresh = os.path.join(cache, ".digits.tmp-killed"), os.path.join(cache, ".digits.tmp-inflight")
+    for p in (stale, fresh):
+        os.makedirs(os.path.join(p, "train"))
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    try:
+        assert D.export_digits(cache) == exported
+        assert not os.path.exists(stale) and os.path.isdir(fresh)
+    finally:
+        shutil.rmtree(fresh, ignore_errors=True)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def test_digits_export_replaces_an_incomplete_folder(tmp_path):
     root = tmp_path / "digits"
     (root / "train" / "3").mkdir(parents=True)

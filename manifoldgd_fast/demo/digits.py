@@ -27,7 +27,7 @@ import os
 import numpy as np
 
 from ..errors import DataError
-from ..output import write_folder_atomically
+from ..output import sweep_stale_temps, write_folder_atomically
 
 IMAGE_SIZE = 32
 NUM_CLASSES = 10
@@ -155,7 +155,8 @@ def export_digits(cache_dir: str | None = None) -> str:
     """
     cache = os.path.abspath(os.path.expanduser(cache_dir)) if cache_dir else default_cache_dir()
     root = os.path.join(cache, "digits")
-    if is_complete(root):
+    if is_complete(root):  # (a killed export's temp, 7 MB, was swept only by another export: never, once complete)
+        sweep_stale_temps(cache, (".digits.tmp-", ".digits.old-"))
         return root
     try:  # a damaged or outdated folder is moved aside and removed once the new one is in place
         write_folder_atomically(root, _write)
