@@ -271,3 +271,19 @@ def test_sigterm_to_the_whole_process_group_while_caching_stops_cleanly(world, t
         "manifoldgd-fast: terminated (SIGTERM); finished classes are kept, rerun to resume", err[-2000:]
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and len(list(cache.rglob("*.safetensors"))) == len(CLASSES), r.stderr[-2000:]
+
+
+def test_without_the_manifest_another_runs_classes_in_out_are_found(tiny_world, tmp_path, capsys):
+    """With manifest.json deleted, a run with other classes (and settings) into the same OUT was accepted: OUT
+    then held apple from one run beside banana from another, and the new manifest listed banana alone. The
+    finished classes OUT holds beside this run's are checked by their own records too."""
+    out = tmp_path / "out"
+    assert main(_args(tiny_world, out, "--classes", "apple")) == 0
+    fp = json.loads((out / "apple" / ".complete").read_text())["fingerprint"]
+    (out / "manifest.json").unlink()
+    last = _bad(tiny_world, tmp_path, _args(tiny_world, out, "--classes", "banana", "--seed", "5"), capsys)
+    assert last.startswith(f"manifoldgd-fast: error: --out {out}: class apple was made by a run with other "
+                           f"settings or classes (fingerprint {fp}, this run "), last
+    assert last.endswith(") and OUT has no manifest.json; use a new --out"), last
+    assert not (out / "banana").exists()
+    assert main(_args(tiny_world, out, "--classes", "apple")) == 0          # the same run: resumes as before
