@@ -414,8 +414,8 @@ class StepGuidance:
         if betas is not None:  # (the paper's tau = t / T read the default 1000: past 1 with 2,000 betas)
             if given_T and num_train_timesteps != len(betas):
                 raise ConfigError(f"num_train_timesteps={num_train_timesteps} but the "
-                                  f"{'scheduler' if scheduler is not None else 'betas'} give {len(betas)} training "
-                                  "steps: leave num_train_timesteps out")
+                                  f"{'scheduler gives' if scheduler is not None else 'betas give'} {len(betas)} "
+                                  "training steps: leave num_train_timesteps out")
             num_train_timesteps = len(betas)
         if timesteps is None:
             raise ConfigError("StepGuidance needs timesteps= (the loop's, descending) or scheduler= after its "

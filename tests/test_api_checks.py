@@ -173,7 +173,7 @@ def test_betas_set_the_number_of_training_steps_the_paper_tau_divides_by():
              num_train_timesteps=1000)
     sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     sched.set_timesteps(50)
-    _refused(ConfigError, r"^num_train_timesteps=2000 but the scheduler give", StepGuidance, _modes(),
+    _refused(ConfigError, r"^num_train_timesteps=2000 but the scheduler gives 1000 training", StepGuidance, _modes(),
              n_classes=10, scheduler=sched, num_train_timesteps=2000)
     assert StepGuidance(_modes(), n_classes=10, scheduler=sched).schedule.num_train_timesteps == 1000
 

@@ -111,7 +111,8 @@ def distilled_class_names(root: str) -> list[str]:
         raise DataError(f"distilled folder {root} does not exist" if not os.path.exists(root)
                         else f"distilled folder {root} is not a folder")
     # (data._class_folders, as the validation folder's: no hidden, system or archive folder such as __MACOSX)
-    names = [n for n in _class_folders(root, check_links=True) if n not in RESERVED_DIRS or _has_images(os.path.join(root, n))]
+    names = [n for n in _class_folders(root, check_links=True)
+             if n not in RESERVED_DIRS or _has_images(os.path.join(root, n))]
     if not names:
         raise DataError(f"distilled folder {root} has no class folders (expected OUT/<class>/<i>.png)")
     return names
