@@ -355,6 +355,7 @@ def test_killed_evaluation_resumes_its_finished_runs(folders, tmp_path, monkeypa
     monkeypatch.setattr(P, "train_net", lambda *a, **k: calls.append(k["seed"]) or train(*a, **k))
     P.evaluate(dist, val, out_json=out, **dict(kw, epochs=3))
     assert calls == [0, 1, 2]
+    os.remove(out + ".partial")   # (it keeps the killed run's two for its rerun: see the test below)
     with pytest.raises(KeyboardInterrupt):
         monkeypatch.setattr(P, "train_net", killed_at_the_third)
         calls.clear()
@@ -364,6 +365,35 @@ def test_killed_evaluation_resumes_its_finished_runs(folders, tmp_path, monkeypa
     monkeypatch.setattr(P, "train_net", lambda *a, **k: calls.append(k["seed"]) or train(*a, **k))
     P.evaluate(dist, val, out_json=out, **kw)
     assert calls == [0, 1, 2]
+
+
+def test_an_evaluation_of_other_settings_in_between_keeps_a_killed_ones_finished_runs(folders, tmp_path,
+                                                                                      monkeypatch):
+    """A killed evaluation, then one with other settings into the same --out-json: the second said "starting
+    over" and, once done, deleted the partial file with the first one's finished runs (its rerun trained them
+    all again). They are kept beside it, and the first one's rerun resumes them; the file goes once no
+    evaluation's runs are left in it."""
+    dist, val = folders
+    kw = dict(nets="convnet6", seeds=3, epochs=2, size=8, batch_size=4, device="cpu", progress=False)
+    out = str(tmp_path / "e.json")
+    calls, train = [], P.train_net
+
+    def killed_at_the_third(*a, **k):
+        calls.append(k["seed"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return train(*a, **k)
+
+    monkeypatch.setattr(P, "train_net", killed_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        P.evaluate(dist, val, out_json=out, **kw)
+    monkeypatch.setattr(P, "train_net", lambda *a, **k: calls.append(k["seed"]) or train(*a, **k))
+    calls.clear()
+    P.evaluate(dist, val, out_json=out, **dict(kw, epochs=3, seeds=1))       # other settings, run to the end
+    assert calls == [0] and os.path.isfile(out + ".partial")
+    calls.clear()
+    res = P.evaluate(dist, val, out_json=out, **kw)                          # the killed one again
+    assert calls == [2] and res["resumed_runs"] == 2 and not os.path.exists(out + ".partial")
 
 
 @pytest.mark.parametrize("eval_every", [1, 5])

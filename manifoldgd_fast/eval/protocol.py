@@ -748,6 +748,5 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
         result["resumed_runs"] = resumed
         log.info("resumed %d of %d runs from %s", resumed, len(folders) * len(nets) * len(seed_list), partial)
     write_eval_outputs(result, folders, out_json)
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(partial)
+    resume.drop_finished_runs(partial, fingerprint)   # (the runs of killed evaluations of other settings stay)
     return result

@@ -4,6 +4,7 @@ checkpoint of the run that was cut short, each kept under a key of everything it
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -60,25 +61,61 @@ def file_identity(path) -> str | None:
     return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def load_finished_runs(path: str, fingerprint: str) -> dict:
-    """The runs a killed evaluation with the same settings finished (``path``: written after each run)."""
+KEEP_OTHER_RUNS = 4   # killed evaluations of other settings whose finished runs a partial file keeps besides
+
+
+def _partial_sets(path: str, warn: bool = True) -> dict | None:
+    """{fingerprint: finished runs} of a partial file (the evaluation that wrote it last, then those it kept),
+    {} without one; None (warned) for a file that cannot be read or holds no runs."""
     if not os.path.isfile(path):
         return {}
     try:
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
     except (OSError, ValueError) as e:
-        log.warning("%s: unreadable (%s); starting over", path, e)
+        if warn:
+            log.warning("%s: unreadable (%s); starting over", path, e)
+        return None
+    kept = saved.get("kept", {}) if isinstance(saved, dict) else None
+    if not isinstance(saved, dict) or not isinstance(saved.get("runs", {}), dict) or not isinstance(kept, dict) \
+            or not all(isinstance(r, dict) for r in kept.values()):
+        if warn:
+            log.warning("%s holds no finished runs; starting over", path)
+        return None
+    sets = {saved.get("fingerprint"): dict(saved.get("runs", {}))}
+    sets.update({k: v for k, v in kept.items() if k not in sets})
+    return sets
+
+
+def load_finished_runs(path: str, fingerprint: str) -> dict:
+    """The runs a killed evaluation with the same settings finished (``path``: written after each run). The
+    file also keeps the finished runs of up to :data:`KEEP_OTHER_RUNS` killed evaluations of other settings
+    (an evaluation run in between does not discard them)."""
+    sets = _partial_sets(path)
+    if not sets:
         return {}
-    if not isinstance(saved, dict) or not isinstance(saved.get("runs", {}), dict):
-        log.warning("%s holds no finished runs; starting over", path)
+    if fingerprint not in sets:
+        log.warning("%s holds runs made with other settings or images (kept for their rerun); this evaluation "
+                    "starts over", path)
         return {}
-    if saved.get("fingerprint") != fingerprint:
-        log.warning("%s holds runs made with other settings or images; starting over", path)
-        return {}
-    return dict(saved.get("runs", {}))
+    return dict(sets[fingerprint])
 
 
 def save_finished_runs(path: str, fingerprint: str, runs: dict) -> None:
-    """Keep the finished runs (key "folder|net|seed" -> result) for a rerun after a kill."""
-    atomic_write_text(path, json.dumps({"fingerprint": fingerprint, "runs": runs}, sort_keys=True, default=str))
+    """Keep the finished runs (key "folder|net|seed" -> result) for a rerun after a kill, beside the other
+    evaluations' the file holds (the latest :data:`KEEP_OTHER_RUNS`)."""
+    others = {k: v for k, v in (_partial_sets(path, warn=False) or {}).items() if k not in (fingerprint, None) and v}
+    kept = dict(list(others.items())[:KEEP_OTHER_RUNS])
+    atomic_write_text(path, json.dumps({"fingerprint": fingerprint, "runs": runs, "kept": kept}, sort_keys=True,
+                                       default=str))
+
+
+def drop_finished_runs(path: str, fingerprint: str) -> None:
+    """An evaluation wrote its JSON: its runs leave the partial file, which goes once it keeps no other's."""
+    others = {k: v for k, v in (_partial_sets(path, warn=False) or {}).items() if k not in (fingerprint, None) and v}
+    if others:
+        atomic_write_text(path, json.dumps({"fingerprint": None, "runs": {}, "kept": others}, sort_keys=True,
+                                           default=str))
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
