@@ -319,23 +319,32 @@ def test_flat_validation_folder_bad_labels_are_one_line(folders, tmp_path, capsy
 
 
 # --------------------------------------------------------------------------- a killed evaluation resumes
-def test_killed_evaluation_resumes_its_finished_runs(folders, tmp_path, monkeypatch):
-    """Each finished (net, seed) run is kept in eval.json.partial; a rerun after a kill trains only the
-    runs left and gives the uninterrupted run's results. Other settings or other images start over;
-    the partial file goes once the JSON is written."""
-    dist, val = folders
-    kw = dict(nets="convnet6", seeds=3, epochs=2, size=8, batch_size=4, device="cpu", progress=False)
-    whole = P.evaluate(dist, val, out_json=str(tmp_path / "whole.json"), **kw)
-    out = str(tmp_path / "e.json")
-    calls = []
-    train = P.train_net
+KILL_KW = dict(nets="convnet6", seeds=3, epochs=2, size=8, batch_size=4, device="cpu", progress=False)
 
-    def killed_at_the_third(*a, **k):
+
+def _killed_at_the_third(calls: list, train):
+    """A train_net that records each run's seed in ``calls`` and is interrupted at the third run of an
+    evaluation (a killed one: the two before are finished and kept)."""
+    def run(*a, **k):
         calls.append(k["seed"])
         if len(calls) == 3:
             raise KeyboardInterrupt
         return train(*a, **k)
 
+    return run
+
+
+def test_killed_evaluation_resumes_its_finished_runs(folders, tmp_path, monkeypatch):
+    """Each finished (net, seed) run is kept in eval.json.partial; a rerun after a kill trains only the
+    runs left and gives the uninterrupted run's results. Other settings or other images start over;
+    the partial file goes once the JSON is written."""
+    dist, val = folders
+    kw = KILL_KW
+    whole = P.evaluate(dist, val, out_json=str(tmp_path / "whole.json"), **kw)
+    out = str(tmp_path / "e.json")
+    calls = []
+    train = P.train_net
+    killed_at_the_third = _killed_at_the_third(calls, train)
     monkeypatch.setattr(P, "train_net", killed_at_the_third)
     with pytest.raises(KeyboardInterrupt):
         P.evaluate(dist, val, out_json=out, **kw)
@@ -374,17 +383,9 @@ def test_an_evaluation_of_other_settings_in_between_keeps_a_killed_ones_finished
     all again). They are kept beside it, and the first one's rerun resumes them; the file goes once no
     evaluation's runs are left in it."""
     dist, val = folders
-    kw = dict(nets="convnet6", seeds=3, epochs=2, size=8, batch_size=4, device="cpu", progress=False)
-    out = str(tmp_path / "e.json")
+    kw, out = KILL_KW, str(tmp_path / "e.json")
     calls, train = [], P.train_net
-
-    def killed_at_the_third(*a, **k):
-        calls.append(k["seed"])
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return train(*a, **k)
-
-    monkeypatch.setattr(P, "train_net", killed_at_the_third)
+    monkeypatch.setattr(P, "train_net", _killed_at_the_third(calls, train))
     with pytest.raises(KeyboardInterrupt):
         P.evaluate(dist, val, out_json=out, **kw)
     monkeypatch.setattr(P, "train_net", lambda *a, **k: calls.append(k["seed"]) or train(*a, **k))
