@@ -372,7 +372,7 @@ def decode_image(path: str, fn):
     naming ``path`` when the file cannot be decoded (or runs out of memory)."""
     from PIL import Image
 
-    shown = path if path.isprintable() else ascii(path)[1:-1]  # (a newline in a name split the warning's line)
+    shown = _one_line(path)  # (a newline in a name split the warning's line)
     try:
         with Image.open(path, formats=READ_FORMATS) as img:
             w, h = img.size
@@ -388,9 +388,23 @@ def decode_image(path: str, fn):
         raise DataError(f"cannot read image {shown}: out of memory decoding or resizing it") from None
 
 
-def _one_line(e: BaseException) -> str:
-    msg = str(e)
-    return msg if msg.isprintable() else ascii(msg)[1:-1]
+def _one_line(text) -> str:
+    """``str(text)`` with its newlines and other unprintable characters escaped, as ascii() writes them."""
+    text = str(text)
+    return text if text.isprintable() else ascii(text)[1:-1]
+
+
+def reads_now(folder: str, names, read, size: int) -> str | None:
+    """The first of ``names`` (files in ``folder`` a cache recorded as unreadable) that ``read(path, size)``
+    decodes now, or None: a chmod, a remounted disk or more memory change no size or mtime, the stamps the
+    caches compare, so their recorded skips are tried again."""
+    for name in names:
+        try:
+            read(os.path.join(folder, name), size)
+        except DataError:
+            continue
+        return name
+    return None
 
 
 def load_image(path: str, size: int) -> torch.Tensor:

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import torch
 import torch.utils.data
 
-from .data import ClassEntry, iter_class_images, read_image_uint8
+from .data import ClassEntry, iter_class_images, read_image_uint8, reads_now
 from .errors import ConfigError, DataError
 from .output import atomic_write_bytes, sweep_stale_temps
 
@@ -228,12 +228,9 @@ def _is_cached(path: str, entry: ClassEntry, key: CacheKey) -> tuple[dict | None
         return None, UNREADABLE  # (a foreign or edited file: the VAE's digest alone fixes the shape)
     if meta["stamps"] != file_stamps(entry):
         return None, "image files changed since they were encoded"
-    for rel in meta["skipped"]:  # (a chmod, a remounted disk or more memory change no stamp: try them again)
-        try:
-            read_image_uint8(os.path.join(entry.folder, rel), key.image_size)
-        except DataError:
-            continue
-        return None, f"{rel}, skipped as unreadable, reads now"
+    healed = reads_now(entry.folder, meta["skipped"], read_image_uint8, key.image_size)
+    if healed is not None:
+        return None, f"{healed}, skipped as unreadable, reads now"
     return meta, None
 
 

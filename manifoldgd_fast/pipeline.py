@@ -34,9 +34,9 @@ from .errors import ConfigError, DataError
 from . import classrun
 from .classrun import (_check_class, _prefetched_group, _receive, check_decoded, class_modes, distill_group,
                        load_modes, modes_file, read_modes)
-from .output import (CONTACT_SHEET, DATA_STAMPS, DONE_MARK, LOCK_NAME, MANIFEST, MANIFEST_LOCK, MODES_DIR,
-                     RESERVED_DIRS, OutputWriter, RunLock, atomic_write_bytes, class_done, done_record, lock_is_held,
-                     resize_images, sweep_stale_temps)
+from .output import (CONTACT_SHEET, DATA_STAMPS, LOCK_NAME, MANIFEST, MANIFEST_LOCK, MODES_DIR, RESERVED_DIRS,
+                     OutputWriter, RunLock, atomic_write_bytes, class_done, done_record, lock_is_held, resize_images,
+                     sweep_stale_temps)
 from .finetune import read_finetune_record
 
 log = logging.getLogger(__name__)
@@ -627,7 +627,7 @@ def _refuse_other_run(out: str, identity: dict, weights: dict, entries=None) -> 
         # no manifest (deleted): OUT's other finished classes must be this run's too, or two runs mix in OUT
         mine = {e.name for e in entries}
         for name in sorted(os.listdir(out)):
-            if name in mine or name.startswith(".") or not os.path.isfile(os.path.join(out, name, DONE_MARK)):
+            if name in mine or name.startswith("."):
                 continue
             got = (done_record(os.path.abspath(out), name)[0] or {}).get("fingerprint")
             if got not in (None, fp):

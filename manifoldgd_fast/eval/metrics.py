@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data import decode_image, iter_class_images, read_image_uint8
+from ..data import decode_image, iter_class_images, read_image_uint8, reads_now
 from ..config import check_out_file
 from ..errors import ConfigError, DataError
 from ..output import MANIFEST, atomic_write_bytes, atomic_write_text, sweep_stale_temps
@@ -358,11 +358,7 @@ class FeatureCache:
                 skipped = json.loads(meta["skipped"])
             except (KeyError, ValueError):  # (a file written before skips were recorded: recomputed once)
                 return None
-            for name in skipped:
-                try:
-                    read(os.path.join(entry.folder or os.path.dirname(entry.files[0]), name), self.size)
-                except DataError:
-                    continue
+            if reads_now(entry.folder or os.path.dirname(entry.files[0]), skipped, read, self.size) is not None:
                 return None
         return features
 

@@ -101,18 +101,22 @@ def load_finished_runs(path: str, fingerprint: str) -> dict:
     return dict(sets[fingerprint])
 
 
+def _other_runs(path: str, fingerprint: str) -> dict:
+    """The partial file's finished runs of other evaluations than ``fingerprint``'s (none: {})."""
+    return {k: v for k, v in (_partial_sets(path, warn=False) or {}).items() if k not in (fingerprint, None) and v}
+
+
 def save_finished_runs(path: str, fingerprint: str, runs: dict) -> None:
     """Keep the finished runs (key "folder|net|seed" -> result) for a rerun after a kill, beside the other
     evaluations' the file holds (the latest :data:`KEEP_OTHER_RUNS`)."""
-    others = {k: v for k, v in (_partial_sets(path, warn=False) or {}).items() if k not in (fingerprint, None) and v}
-    kept = dict(list(others.items())[:KEEP_OTHER_RUNS])
+    kept = dict(list(_other_runs(path, fingerprint).items())[:KEEP_OTHER_RUNS])
     atomic_write_text(path, json.dumps({"fingerprint": fingerprint, "runs": runs, "kept": kept}, sort_keys=True,
                                        default=str))
 
 
 def drop_finished_runs(path: str, fingerprint: str) -> None:
     """An evaluation wrote its JSON: its runs leave the partial file, which goes once it keeps no other's."""
-    others = {k: v for k, v in (_partial_sets(path, warn=False) or {}).items() if k not in (fingerprint, None) and v}
+    others = _other_runs(path, fingerprint)
     if others:
         atomic_write_text(path, json.dumps({"fingerprint": None, "runs": {}, "kept": others}, sort_keys=True,
                                            default=str))
