@@ -54,7 +54,8 @@ GROUPS: dict[str, dict[str, str]] = {
         "encode_batch_size": "images per VAE encode batch",
         "shard": "K/N: this process takes classes j with j mod N == K, independently of the other shards (e.g. "
                  "a Slurm job array: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; the same bytes as one "
-                 "process; each shard brings the manifest up to date when it finishes)",
+                 "process; each shard brings the manifest up to date when it finishes) (default: every class, or torchrun's "
+                 "ranks' share)",
         "encode_workers": "DataLoader workers reading images for the latent cache (0: in the main process; "
                           "default: min(8, CPUs / ranks))",
         "backend": "fused ops backend (the guidance ops; with --dit-impl fused also its LayerNorm-modulate and "
@@ -85,9 +86,11 @@ GROUPS: dict[str, dict[str, str]] = {
     },
     "mode discovery": {
         "mode_method": "auto (divisive for manifoldgd, kmeans for mgd3), kmeans, divisive, gmm, random, agglomerative",
-        "modes_dir": "read each class's modes from DIR/<class>.safetensors, written by `modes` with the same flags",
+        "modes_dir": "read each class's modes from DIR/<class>.safetensors, written by `modes` with the same flags "
+                     "(default: none, each class's modes are found in the run)",
         "mode_point": "auto (medoid for official divisive), medoid or mean",
-        "level": "divisive start level: official i (6 for <=10 classes, else 1), paper L (3 / 2)",
+        "level": "divisive start level: official i, paper L (default: official 6 for <=10 classes, else 1; "
+                 "paper 3 / 2)",
         "max_depth": "paper divisive tree depth (default: enough for the budget)",
         "min_leaf": "paper divisive: nodes with fewer points are not split",
         "linkage": "agglomerative linkage: ward, average, complete, single",
@@ -102,9 +105,9 @@ GROUPS: dict[str, dict[str, str]] = {
         "lambda_m": "mode guidance scale lambda_M",
     },
     "manifold term": {
-        "k": "nearest rows for the tangent space (paper 10, official 12)",
+        "k": "nearest rows for the tangent space (default: paper 10, official 12)",
         "d": "tangent dimension",
-        "ridge": "covariance ridge (paper 1e-4, official 1e-5)",
+        "ridge": "covariance ridge (default: paper 1e-4, official 1e-5)",
         "lambda_n": "paper: share of the normal component removed (1 = pure tangent projection)",
         "k_min": "paper: minimum patch size (default 2k)",
         "radius_schedule": "paper radius annealing: exponential, cosine, linear, constant",
@@ -115,15 +118,16 @@ GROUPS: dict[str, dict[str, str]] = {
                                "float16 (half the bytes of the kNN + Gram passes; neighbourhoods still ranked in fp32)",
         "r_max": "paper largest radius",
         "manifold_scale": "official lambda_man",
-        "manifold_radius": "official cloud radius r (0.05 for <=10 classes, else 0.1)",
-        "bandwidth": "official tanh bandwidth b (0.2 for <=10 classes, else 0.1)",
+        "manifold_radius": "official cloud radius r (default: 0.05 for <=10 classes, else 0.1)",
+        "bandwidth": "official tanh bandwidth b (default: 0.2 for <=10 classes, else 0.1)",
         "cloud_size": "official cloud points per mode",
         "warm_steps": "official radius warm-up steps",
         "warm_mult": "official warm-up multiplier M",
         "warm_schedule": "official warm-up schedule: exp, linear, cosine",
     },
     "collaborative guided sampling": {
-        "cgs": "denoise each class's IPC samples as one set with DPP diversity + mean matching (SPEC 5)",
+        "cgs": "denoise each class's IPC samples as one set with DPP diversity + mean matching (SPEC 5) "
+               "(default: off, except with --method cgs: CGS alone)",
         "cgs_steps": "steps CGS acts on: all (every step, as the source) or guided (only the guidance's, see --t-stop)",
         "eta_dpp": "step of the DPP diversity gradient",
         "eta_dm": "step of the distribution-matching gradient (at most --ipc; IPC / 2 lands a set's mean on the "
@@ -241,10 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     for cmd, help_ in _COMMANDS.items():
         sp = sub.add_parser(cmd, help=help_, description=help_,
                             formatter_class=_HelpFormatter)
-        sp.add_argument("--config", help="YAML or JSON file of parameters; flags given here override it")
+        sp.add_argument("--config", help="YAML or JSON file of parameters; flags given here override it "
+                                         "(default: none, the defaults shown below)")
         if cmd == "profile":
             sp.add_argument("--profile-classes", type=at_least_one, default=1, help="classes to distil (default: 1)")
-            sp.add_argument("--json", dest="profile_json", help="also write the report to this JSON file")
+            sp.add_argument("--json", dest="profile_json", help="also write the report to this JSON file (default: none, the table only)")
         for group, items in GROUPS.items():
             g = sp.add_argument_group(group)
             for name, text in items.items():

@@ -254,10 +254,10 @@ def _settings(scope: dict) -> dict:
 
 def add_finetune_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = p.add_argument_group("RSM fine-tuning")
-    g.add_argument("--data", required=True, help="image folder ROOT/<class>/<image>")
-    g.add_argument("--model", required=True, help="the DiT to fine-tune (folder or cached HF id)")
+    g.add_argument("--data", required=True, help="image folder ROOT/<class>/<image> (required)")
+    g.add_argument("--model", required=True, help="the DiT to fine-tune (folder or cached HF id) (required)")
     g.add_argument("--vae", default=None, help="AutoencoderKL (default: the model folder's vae/)")
-    g.add_argument("--out", required=True, help="output model folder (transformer/, vae/); checkpoints inside")
+    g.add_argument("--out", required=True, help="output model folder (transformer/, vae/); checkpoints inside (required)")
     g.add_argument("--steps", type=int, default=1000, help="optimizer steps in all (a rerun with the same settings resumes up to them; "
                                                               "other --steps are another fine-tune: a new --out)")
     g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")

@@ -228,6 +228,19 @@ def test_every_flag_of_every_command_has_help():
         assert not bare, f"{name}: only a default, no description, for {bare}"
 
 
+def test_every_option_states_its_default_or_that_it_is_required():
+    """A newcomer reads a flag's default in --help: --config, --modes-dir, --cgs, --shard, --k, ... said nothing
+    (their default is None, resolved at run time, so the formatter adds none: the text must say it)."""
+    for name, sp in _subparsers().items():
+        helps = _option_help(sp)
+        for a in sp._actions:
+            if not a.option_strings or a.help == argparse.SUPPRESS or "--help" in a.option_strings:
+                continue
+            flag = next(s for s in a.option_strings if s.startswith("--"))
+            text = helps[flag]
+            assert "(required)" in text if a.required else "default" in text.lower(), (name, flag, text)
+
+
 def test_help_states_defaults_that_were_missing():
     subs = _subparsers()
     distill = _option_help(subs["distill"])

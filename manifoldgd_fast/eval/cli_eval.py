@@ -45,7 +45,8 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--val-labels", default=None, metavar="FILE",
                    help="VAL is a flat folder of images (ImageNet's validation set as distributed) and FILE names "
                         "each one's class: Kaggle's LOC_val_solution.csv, the ILSVRC-2012 devkit (its folder or "
-                        "ILSVRC2012_devkit_t12.tar.gz), or '<image> <class>' lines")
+                        "ILSVRC2012_devkit_t12.tar.gz), or '<image> <class>' lines (default: none, VAL is "
+                        "VAL/<class>/<image>)")
     g.add_argument("--restrict-val", action="store_true",
                    help="use only the validation classes the distilled folder has (a subset's OUT against all of "
                         "ImageNet's val); every distilled class must still be there")
@@ -74,7 +75,8 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--teacher", default=None, metavar="PATH",
                    help="soft-label protocol: a saved nn.Module, a state dict of one of the nets or of "
                         "torchvision's ResNet-18, or imagenet-resnet18 (torchvision's ImageNet weights from "
-                        "$TORCH_HOME/hub/checkpoints); an ImageNet teacher answers for the folder's WordNet ids")
+                        "$TORCH_HOME/hub/checkpoints); an ImageNet teacher answers for the folder's WordNet ids "
+                        "(default: none, hard labels)")
     g.add_argument("--temperature", type=float, default=None,
                    help="soft-label temperature (> 0; default 20, RDED's with CutMix)")
     g.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
