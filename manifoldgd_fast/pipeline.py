@@ -538,6 +538,7 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
             _sample_groups(groups, rcfg, ctx, overlap, bar, save)
     except BaseException:  # interrupted or failed (not SIGKILL / an unhandled SIGTERM): the manifest says which
         #                    classes were finished by then
+        bar.close()  # (first: the CLI's "interrupted" / error line was glued to the bar's "...img/s]")
         if shard.is_main and not shard.independent:
             with contextlib.suppress(Exception):
                 status.update(_class_status(writer, entries))   # with what the other ranks finished

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import warnings
 
 import numpy as np
@@ -1379,3 +1380,32 @@ def test_a_folder_where_eval_writes_its_report_is_refused_before_training(folder
     res = P.evaluate(dist, val, nets="convnet6", seeds=1, epochs=1, size=8, device="cpu", progress=False,
                      out_json=str(tmp_path / "elsewhere" / "e.json"))
     assert os.path.isfile(res["files"]["markdown"]) and res["files"]["markdown"].endswith("e.md")
+
+
+def test_an_interrupted_training_closes_its_progress_bar(monkeypatch, capsys):
+    """Ctrl-C (or an error) mid-training: the epoch bar is closed on the way out, so the next line on stderr
+    (the CLI's "interrupted; finished training runs are kept ...") starts a line of its own: it was glued to the
+    bar's "...ep/s]" (found by a kill / resume audit)."""
+    x = (torch.rand(6, 3, 8, 8) * 255).to(torch.uint8)
+    split = P.Split(x, torch.tensor([0, 1, 2, 0, 1, 2]))
+    hp = dict(P.default_hparams(3), batch_size=4)
+    real_accuracy = P.accuracy
+
+    def accuracy_then_stop(*a, **k):
+        real_accuracy(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(P, "accuracy", accuracy_then_stop)
+    monkeypatch.setattr(P.tqdm, "monitor_interval", 0)  # (no monitor thread)
+    try:
+        P.train_net("convnet6", split, split, 3, size=8, epochs=3, hp=hp, seed=0, eval_every=1,
+                    device=torch.device("cpu"), progress=True)
+    except KeyboardInterrupt:  # (as the CLI prints it: in the handler, the traceback and its frames alive)
+        print("manifoldgd-fast: interrupted", file=sys.stderr)
+    else:
+        pytest.fail("not interrupted")
+    err = capsys.readouterr().err
+    assert "ep/s]" in err, err  # (the bar was shown)
+    # as a terminal shows it: "\r" returns to the line's start, and the closed bar left its line blank
+    *before, line = err.split("\n")[-2].split("\r")
+    assert line == "manifoldgd-fast: interrupted" and not before[-1].strip(), repr(err)

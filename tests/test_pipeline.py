@@ -204,6 +204,24 @@ def test_resume_after_interruption_gives_the_same_bytes(tiny_world, tmp_path, mo
     assert _digest(out) == _digest(ref)
 
 
+def test_an_interrupted_run_closes_its_progress_bar_before_its_last_line(tiny_world, tmp_path, monkeypatch, capsys):
+    """On a terminal (the bar is drawn only there) "interrupted; finished classes are kept" was glued to the
+    bar's "...img/s]": the bar is closed on the way out."""
+    import tqdm.auto
+
+    real_tqdm = tqdm.auto.tqdm
+    monkeypatch.setattr(tqdm.auto, "tqdm", lambda *a, **k: real_tqdm(*a, **{**k, "disable": False}))  # ("a tty")
+    real = OutputWriter.write_class
+    monkeypatch.setattr(OutputWriter, "write_class", lambda self, name, *a, **k: (
+        _ for _ in ()).throw(KeyboardInterrupt) if name == "banana" else real(self, name, *a, **k))
+    assert main(_args(tiny_world, tmp_path / "out")) == 130
+    err = capsys.readouterr().err
+    assert "img/s]" in err, err  # (the bar was drawn)
+    line = next(ln for ln in err.split("\n") if "interrupted" in ln)
+    *before, shown = line.split("\r")  # (as a terminal shows it: a "\r" returns to the line's start)
+    assert shown.startswith("manifoldgd-fast: interrupted") and not "".join(before[-1:]).strip(), repr(line)
+
+
 def test_the_manifest_is_rewritten_at_a_pace_and_on_the_way_out(tiny_world, tmp_path, monkeypatch):
     """Rank 0 rewrites the manifest after a class only once MANIFEST_PACE times its last write's cost has
     passed (at ImageNet-1k it is megabytes: per class it would cost O(classes^2)); the end of the run, and a

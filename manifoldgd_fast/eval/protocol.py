@@ -365,54 +365,54 @@ def train_net(net: str, train: Split, val: Split, num_classes: int, *, size: int
         t0 -= float(state["time_s"])
         log.info("%s: continues from epoch %d of %d (%s)", desc or f"{net} seed {seed}", start, epochs, checkpoint)
     saved_at = time.perf_counter()
-    bar = tqdm(total=epochs, initial=start, desc=desc or f"{net} seed {seed}", unit="ep", disable=not progress,
-               leave=False)
-    for epoch in range(start, epochs):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(epoch, epochs, hp["lr"], hp["schedule"])
-        model.train()
-        perm = torch.randperm(n, generator=gen, device=device)
-        for k in range(0, n, bs):
-            idx = perm[k:k + bs]
-            if lone_fails and len(idx) == 1:
-                continue
-            yb = train.y[idx]
-            with torch.no_grad():
-                xb, partner, ratio = cutmix(augment(train.images(idx, device), gen), gen_cpu)
-                xb = net_layout(xb, precision)
-            with amp(device, precision):
-                out = model(xb)
-                if teacher is not None:
-                    with torch.no_grad():
-                        soft = F.softmax(teacher(xb).float() / temperature, 1)
-                    logp = F.log_softmax(out.float() / temperature, 1)
-                    loss = F.kl_div(logp, soft, reduction="batchmean")
-                else:
-                    loss = ratio * F.cross_entropy(out.float(), yb) + (1 - ratio) * F.cross_entropy(
-                        out.float(), yb[partner])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            correct += (out.detach().argmax(1) == yb).sum()
-            seen += len(idx)
-        bar.update(1)
-        if epoch + 1 in tested:
-            final = accuracy(model, val, device, val_batch_size, precision)
-            history.append([epoch + 1, round(final, 4)])
-            if final > best:
-                best, best_epoch = final, epoch + 1
-            train_acc = 100.0 * correct.item() / max(seen, 1)
-            correct.zero_()
-            seen = 0
-            bar.set_postfix(train=f"{train_acc:.1f}", val=f"{final:.1f}", best=f"{best:.1f}")
-        if checkpoint is not None and epoch + 1 < epochs and time.perf_counter() - saved_at >= resume.CHECKPOINT_EVERY_S:
-            save_checkpoint({
-                "key": checkpoint_key, "epoch": epoch + 1, "model": model.state_dict(), "opt": opt.state_dict(),
-                "gen": gen.get_state(), "gen_cpu": gen_cpu.get_state(), "correct": int(correct), "seen": seen,
-                "best": best, "best_epoch": best_epoch, "final": final, "train_acc": train_acc, "history": history,
-                "time_s": time.perf_counter() - t0}, checkpoint)
-            saved_at = time.perf_counter()
-    bar.close()
+    # (closed however the loop ends: an unclosed bar left the line open, and "interrupted" was glued to it)
+    with tqdm(total=epochs, initial=start, desc=desc or f"{net} seed {seed}", unit="ep", disable=not progress,
+              leave=False) as bar:
+        for epoch in range(start, epochs):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(epoch, epochs, hp["lr"], hp["schedule"])
+            model.train()
+            perm = torch.randperm(n, generator=gen, device=device)
+            for k in range(0, n, bs):
+                idx = perm[k:k + bs]
+                if lone_fails and len(idx) == 1:
+                    continue
+                yb = train.y[idx]
+                with torch.no_grad():
+                    xb, partner, ratio = cutmix(augment(train.images(idx, device), gen), gen_cpu)
+                    xb = net_layout(xb, precision)
+                with amp(device, precision):
+                    out = model(xb)
+                    if teacher is not None:
+                        with torch.no_grad():
+                            soft = F.softmax(teacher(xb).float() / temperature, 1)
+                        logp = F.log_softmax(out.float() / temperature, 1)
+                        loss = F.kl_div(logp, soft, reduction="batchmean")
+                    else:
+                        loss = ratio * F.cross_entropy(out.float(), yb) + (1 - ratio) * F.cross_entropy(
+                            out.float(), yb[partner])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                correct += (out.detach().argmax(1) == yb).sum()
+                seen += len(idx)
+            bar.update(1)
+            if epoch + 1 in tested:
+                final = accuracy(model, val, device, val_batch_size, precision)
+                history.append([epoch + 1, round(final, 4)])
+                if final > best:
+                    best, best_epoch = final, epoch + 1
+                train_acc = 100.0 * correct.item() / max(seen, 1)
+                correct.zero_()
+                seen = 0
+                bar.set_postfix(train=f"{train_acc:.1f}", val=f"{final:.1f}", best=f"{best:.1f}")
+            if checkpoint is not None and epoch + 1 < epochs and time.perf_counter() - saved_at >= resume.CHECKPOINT_EVERY_S:
+                save_checkpoint({
+                    "key": checkpoint_key, "epoch": epoch + 1, "model": model.state_dict(), "opt": opt.state_dict(),
+                    "gen": gen.get_state(), "gen_cpu": gen_cpu.get_state(), "correct": int(correct), "seen": seen,
+                    "best": best, "best_epoch": best_epoch, "final": final, "train_acc": train_acc, "history": history,
+                    "time_s": time.perf_counter() - t0}, checkpoint)
+                saved_at = time.perf_counter()
     if checkpoint is not None:
         with contextlib.suppress(FileNotFoundError):
             os.remove(checkpoint)
