@@ -514,6 +514,45 @@ def test_a_resume_with_the_folders_in_another_order_continues_each_folders_own_r
     assert histories(res) == histories(whole)
 
 
+def test_an_evaluation_of_other_settings_in_between_keeps_a_killed_ones_checkpoint(folders, tmp_path, monkeypatch):
+    """A run killed mid-training, then an evaluation of other settings into the same report: the second one's
+    run of the same folder / net / seed overwrote the first one's checkpoint, and the first one's rerun started
+    that run over ("saved by another run's settings"). Each evaluation's checkpoints are its own; at an
+    evaluation's end the other ones' latest stay, its own leftovers and those of old killed ones go."""
+    dist, val = folders
+    kw = dict(nets="convnet6", seeds=[0], epochs=6, size=8, batch_size=4, device="cpu", progress=False, eval_every=1)
+    whole = P.evaluate(dist, val, out_json=str(tmp_path / "whole.json"), **kw)
+    out = str(tmp_path / "e.json")
+    monkeypatch.setattr(resume, "CHECKPOINT_EVERY_S", 0.0)
+    lr_at = P.lr_at
+    monkeypatch.setattr(P, "lr_at", _killed_at(4))
+    with pytest.raises(KeyboardInterrupt):
+        P.evaluate(dist, val, out_json=out, **kw)                      # killed in epoch 5 of 6
+    saved = [f for f in os.listdir(tmp_path) if f.endswith(".pt")]
+    assert len(saved) == 1, saved
+    monkeypatch.setattr(P, "lr_at", lr_at)
+    P.evaluate(dist, val, out_json=out, **dict(kw, epochs=3))           # other settings, run to the end
+    assert os.listdir(tmp_path).count(saved[0]) == 1                    # the killed one's checkpoint stays
+    epochs = []
+    monkeypatch.setattr(P, "lr_at", lambda epoch, *a: epochs.append(epoch) or lr_at(epoch, *a))
+    res = P.evaluate(dist, val, out_json=out, **kw)                     # the killed one again: continues
+    assert epochs == [4, 5]
+    histories = lambda r: [s["history"] for s in r["nets"]["convnet6"]["seeds"]]  # noqa: E731
+    assert histories(res) == histories(whole)
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".pt")]
+    # at an evaluation's end: of other killed evaluations' checkpoints the latest KEEP_OTHER_RUNS stay
+    partial = out + ".partial"
+    names = [f"{partial}.{i:012x}.{resume.path_key(dist)}.convnet6.0.pt" for i in range(resume.KEEP_OTHER_RUNS + 2)]
+    for i, name in enumerate(names):
+        open(name, "wb").close()
+        os.utime(name, (1000 + i, 1000 + i))
+    old_naming = f"{partial}.{resume.path_key(dist)}.convnet6.0.pt"
+    open(old_naming, "wb").close()
+    P.evaluate(dist, val, out_json=out, **dict(kw, epochs=1))
+    left = sorted(os.path.join(tmp_path, f) for f in os.listdir(tmp_path) if f.endswith(".pt"))
+    assert left == sorted(names[2:]), left
+
+
 def test_file_identity_follows_the_files_size_and_modification_time(tmp_path):
     """A teacher rewritten in place with the same size is another teacher: finished runs are not reused."""
     path = tmp_path / "teacher.pt"

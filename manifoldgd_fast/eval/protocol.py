@@ -701,7 +701,7 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
                                   augment=augment, val_batch_size=val_batch_size, progress=progress,
                                   desc=f"{net} seed {s}{tag}", precision=precision,
                                   checkpoint=None if fingerprint is None else
-                                  f"{partial}.{resume.path_key(folder)}.{net}.{s}.pt",
+                                  resume.checkpoint_path(partial, fingerprint, folder, net, s),
                                   checkpoint_key=fingerprint or "")
                     r["distilled"] = os.path.abspath(folder)
                     runs.append(r)
@@ -748,5 +748,7 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
         result["resumed_runs"] = resumed
         log.info("resumed %d of %d runs from %s", resumed, len(folders) * len(nets) * len(seed_list), partial)
     write_eval_outputs(result, folders, out_json)
-    resume.drop_finished_runs(partial, fingerprint)   # (the runs of killed evaluations of other settings stay)
+    if fingerprint is not None:   # (the runs and checkpoints of killed evaluations of other settings stay)
+        resume.drop_finished_runs(partial, fingerprint)
+        resume.sweep_checkpoints(partial, fingerprint)
     return result

@@ -64,6 +64,36 @@ def file_identity(path) -> str | None:
 KEEP_OTHER_RUNS = 4   # killed evaluations of other settings whose finished runs a partial file keeps besides
 
 
+def checkpoint_path(partial: str, fingerprint: str, folder: str, net: str, seed: int) -> str:
+    """The checkpoint of a run cut short, beside the partial file: named by its evaluation's settings too, so
+    that an evaluation of other settings into the same report does not overwrite a killed one's (its rerun
+    started that run over)."""
+    return f"{partial}.{fingerprint[:12]}.{path_key(folder)}.{net}.{seed}.pt"
+
+
+def sweep_checkpoints(partial: str, fingerprint: str) -> None:
+    """An evaluation is done (every run of it finished): its own leftover checkpoints go, and of other
+    evaluations' those of the :data:`KEEP_OTHER_RUNS` latest stay (older ones, and ones named as before
+    the settings were in the name, which no evaluation reads, go)."""
+    folder, base = os.path.dirname(partial) or ".", os.path.basename(partial) + "."
+    by_run: dict[str, list[str]] = {}
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            if name.startswith(base) and name.endswith(".pt"):
+                parts = name[len(base):-len(".pt")].split(".")
+                own = len(parts) != 4 or parts[0] == fingerprint[:12]
+                by_run.setdefault("" if own else parts[0], []).append(os.path.join(folder, name))
+
+    def newest(paths):
+        return max((os.path.getmtime(p) for p in paths if os.path.exists(p)), default=0.0)
+
+    others = sorted((k for k in by_run if k), key=lambda k: newest(by_run[k]), reverse=True)
+    for key in ["", *others[KEEP_OTHER_RUNS:]]:
+        for path in by_run.get(key, []):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+
+
 def _partial_sets(path: str, warn: bool = True) -> dict | None:
     """{fingerprint: finished runs} of a partial file (the evaluation that wrote it last, then those it kept),
     {} without one; None (warned) for a file that cannot be read or holds no runs."""
