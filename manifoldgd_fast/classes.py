@@ -36,11 +36,15 @@ IMAGENET_OLD_NAMES: dict[str, tuple[int, ...]] = {"crane": (134, 517), "Cardigan
 # --------------------------------------------------------------------------- #
 # class lists
 # --------------------------------------------------------------------------- #
+# a comment: "#" opening the line or after a blank ("C#", "no#2" are names, not a name and a comment)
+_COMMENT = re.compile(r"(?:^|\s)#")
+
+
 def content_lines(lines, start: int = 1):
-    """(line number, text) of each line that holds something once its ``#`` comment (whole or trailing)
-    and surrounding blanks are dropped; numbered from ``start``."""
+    """(line number, text) of each line that holds something once its ``#`` comment (whole, or trailing
+    after a blank) and surrounding blanks are dropped; numbered from ``start``."""
     for n, line in enumerate(lines, start):
-        line = line.split("#", 1)[0].strip()
+        line = _COMMENT.split(line, 1)[0].strip()
         if line:
             yield n, line
 
@@ -95,8 +99,9 @@ def class_names_map(spec) -> dict[str, str]:
     ``spec``: a mapping; a ``.json`` file holding one (or any file whose text starts with ``{``); a text
     file with one class a line, ``<folder> <name ...>`` (the first word is the folder; ImageNet's
     ``LOC_synset_mapping.txt`` reads as is; ``#`` comments and blank lines ignored);
-    or an inline ``"folder=name,folder2=name2"``. A name listing synonyms, as
-    ``LOC_synset_mapping.txt`` does ("tench, Tinca tinca"), gives its first one ("tench").
+    or an inline ``"folder=name,folder2=name2"``. In a text file, a name listing synonyms, as
+    ``LOC_synset_mapping.txt`` does ("tench, Tinca tinca"), gives its first one ("tench"); a JSON
+    file's or a mapping's names are taken as they are ("sweet, red cherry").
     """
     flag = "--class-names"
     if isinstance(spec, dict):
@@ -117,7 +122,7 @@ def class_names_map(spec) -> dict[str, str]:
                     parts = line.split(None, 1)
                     if len(parts) != 2:
                         raise ValueError(f"line {line!r} is not '<folder> <name>'")
-                    out[parts[0]] = parts[1].strip()
+                    out[parts[0]] = parts[1].split(",", 1)[0].strip()   # (LOC_synset_mapping's synonyms)
         except (OSError, UnicodeDecodeError, ValueError) as e:
             raise ConfigError(f"{flag} {spec}: cannot read the class names ({e})") from None
     elif "=" in spec:
@@ -130,11 +135,10 @@ def class_names_map(spec) -> dict[str, str]:
                 out[k.strip()] = v.strip()
     else:
         raise ConfigError(f"{flag} {spec}: no such file, and not 'folder=name,folder2=name2'")
-    bad = [k for k, v in out.items()
-           if not isinstance(k, str) or not isinstance(v, str) or not v.split(",", 1)[0].strip()]
+    bad = [k for k, v in out.items() if not isinstance(k, str) or not isinstance(v, str) or not v.strip()]
     if bad:
         raise ConfigError(f"{flag}: class {bad[0]!r} needs a non-empty name")
-    return {k: v.split(",", 1)[0].strip() for k, v in out.items()}
+    return {k: v.strip() for k, v in out.items()}
 
 
 def class_list(spec: str) -> list[str]:

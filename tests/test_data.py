@@ -759,7 +759,7 @@ def test_a_class_names_json_file_in_capitals_or_without_its_extension_is_json(tm
     for name in ("names.JSON", "names.txt"):
         f = tmp_path / name
         f.write_text('\n{"apple": "red apple",\n "n01440764": "tench, Tinca tinca"}\n')
-        assert C.class_names_map(str(f)) == {"apple": "red apple", "n01440764": "tench"}
+        assert C.class_names_map(str(f)) == {"apple": "red apple", "n01440764": "tench, Tinca tinca"}
     f.write_text("apple red apple\nn01440764 tench, Tinca tinca\n")          # lines still read as lines
     assert C.class_names_map(str(f)) == {"apple": "red apple", "n01440764": "tench"}
     f.write_text("apple\tred apple\ngolden_retriever \t golden retriever\n")  # split at tabs as at spaces
@@ -767,6 +767,22 @@ def test_a_class_names_json_file_in_capitals_or_without_its_extension_is_json(tm
     for bad, item in [("a=x,=y", "=y"), ("a=x, b = ", "b ="), ("a=x,b", "b")]:   # inline: each item folder=name
         with pytest.raises(ConfigError, match=re.escape(f"--class-names {bad!r}: {item!r} is not folder=name")):
             C.class_names_map(bad)
+
+
+def test_user_class_names_are_not_cut_short(tmp_path):
+    """A JSON file's or a mapping's names are taken as they are: "sweet, red cherry" was cut to "sweet" (the
+    LOC_synset_mapping synonym rule, which only its '<folder> <name>' lines need). A "#" inside a word is no
+    comment: "C# cherry" was "C" (found by an SD-backbone audit)."""
+    f = tmp_path / "names.json"
+    f.write_text('{"cherry": "sweet, red cherry"}')
+    assert C.class_names_map(str(f)) == {"cherry": "sweet, red cherry"}
+    assert C.class_names_map({"cherry": " sweet, red cherry "}) == {"cherry": "sweet, red cherry"}
+    f = tmp_path / "names.txt"
+    f.write_text("# folder name\ncherry C# cherry  # a trailing comment\nplum no#2 plum\n#apple x\n")
+    assert C.class_names_map(str(f)) == {"cherry": "C# cherry", "plum": "no#2 plum"}
+    assert C.class_list("a#1,b") == ["a#1", "b"]
+    (tmp_path / "list.txt").write_text("a#1\nb # two\n# c\n")
+    assert C.class_list(str(tmp_path / "list.txt")) == ["a#1", "b"]
 
 
 def test_label_map_lines_tab_before_comma_and_json_after_blank_lines(tmp_path):
