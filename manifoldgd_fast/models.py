@@ -15,6 +15,7 @@ import glob
 import importlib.util
 import json
 import logging
+import math
 import os
 import re
 from typing import Any
@@ -298,8 +299,12 @@ def load_vae(path_or_id: str, *, device: str | torch.device = "cpu",
     """
     from diffusers import AutoencoderKL
 
-    return _load(AutoencoderKL, path_or_id, "vae", flag, "VAE",
-                 device=device, dtype=dtype, cache_dir=cache_dir)
+    vae = _load(AutoencoderKL, path_or_id, "vae", flag, "VAE", device=device, dtype=dtype, cache_dir=cache_dir)
+    sf = getattr(vae.config, "scaling_factor", None)   # (a damaged config.json: null, "0.18215", 0)
+    if isinstance(sf, bool) or not isinstance(sf, (int, float)) or not math.isfinite(sf) or sf <= 0:
+        raise ModelError(f"{flag} {path_or_id}: the VAE's config.json sets scaling_factor {sf!r}; it must be a "
+                         "number > 0 (SD's VAEs: 0.18215)")
+    return vae
 
 
 # --------------------------------------------------------------------------- #

@@ -195,14 +195,17 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
     prompts, schedule_kw, sd_scheduler = {}, {}, {}
     if cfg.model is not None and backbone == "sd":
         from .data import _class_folders
-        from .sd import check_vae_fits, class_prompts, load_sd_denoiser, sd_info
+        from .sd import check_distinct_text_inputs, check_vae_fits, class_prompts, load_sd_denoiser, sd_info
 
         if cfg.dit_impl != "diffusers":
             raise ConfigError("--dit-impl fused applies to the DiT backbone, not to Stable Diffusion")
         dataclasses.replace(cfg, backbone="sd").validate()  # SD-only rules (e.g. --cfg-channels) before any loading
 
         prompts = class_prompts([e.name for e in entries], cfg.prompt_template, cfg.class_names,
-                                folders=_class_folders(os.path.abspath(cfg.data)))
+                                folders=_class_folders(os.path.abspath(cfg.data)), negative_prompt=cfg.negative_prompt)
+        if sd_checked is not None:  # every class of the run, whichever shard or resume samples it
+            check_distinct_text_inputs(sd_checked["tokenizer"], {e.label: prompts[e.name] for e in entries},
+                                       {e.label: e.name for e in entries}, cfg.negative_prompt)
         n_labels = max(e.label for e in entries) + 1
         # the UNet config alone (no weights): its latents must be the VAE's
         info = sd_info(cfg.model, n_labels)

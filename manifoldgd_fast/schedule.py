@@ -22,6 +22,7 @@ the (abar_t, abar_prev) pairs rather than from a chain.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -357,17 +358,23 @@ def diffusers_schedule_kwargs(config: dict) -> dict:
     if zero_snr and pred == "epsilon":  # abar = 0 at t = T - 1: x0 cannot come from eps there
         raise ConfigError("scheduler rescale_betas_zero_snr true needs prediction_type v_prediction or sample, "
                           "not epsilon: at abar = 0 an eps model gives no x0")
-    T = int(config["num_train_timesteps"])
     trained = config.get("trained_betas")
     kind = config["beta_schedule"]
-    bs, be = float(config["beta_start"]), float(config["beta_end"])
     if trained is not None:
-        betas = np.asarray(trained, dtype=np.float64)
+        try:
+            betas = np.asarray(trained, dtype=np.float64)
+        except (TypeError, ValueError):
+            betas = np.zeros(0)
+        if betas.ndim != 1 or not len(betas) or not np.all((betas > 0) & (betas <= 1)):
+            raise ConfigError("scheduler trained_betas must be a non-empty list of numbers in (0, 1]")
         T = len(betas)
-    elif kind == "scaled_linear":
-        betas = scaled_linear_betas(T, bs, be)
-    elif kind == "linear":  # diffusers' linear: no ADM rescaling by 1000 / T
-        betas = np.linspace(bs, be, T, dtype=np.float64)
+    elif kind in BETA_SCHEDULES:
+        T = _config_int(config, "num_train_timesteps", minimum=1)
+        bs, be = _config_beta(config, "beta_start"), _config_beta(config, "beta_end")
+        if kind == "scaled_linear":
+            betas = scaled_linear_betas(T, bs, be)
+        else:  # diffusers' linear: no ADM rescaling by 1000 / T
+            betas = np.linspace(bs, be, T, dtype=np.float64)
     else:
         raise ConfigError(f"scheduler beta_schedule {kind!r} is not supported ({' or '.join(BETA_SCHEDULES)})")
     if zero_snr:
@@ -380,5 +387,23 @@ def diffusers_schedule_kwargs(config: dict) -> dict:
     if config.get("thresholding"):
         raise ConfigError("scheduler thresholding true (dynamic thresholding of x0, for pixel-space models) is "
                           "not supported; Stable Diffusion samples without it")
-    return dict(betas=betas, num_train_timesteps=T, spacing=spacing, steps_offset=int(config["steps_offset"]),
+    return dict(betas=betas, num_train_timesteps=T, spacing=spacing,
+                steps_offset=_config_int(config, "steps_offset", minimum=0),
                 set_alpha_to_one=bool(config["set_alpha_to_one"]), variance_type=variance, prediction_type=pred)
+
+
+def _config_int(config: dict, key: str, minimum: int) -> int:
+    """An integer of a scheduler config (3.0 reads as 3): ConfigError naming the key for anything else."""
+    v = config[key]
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v == int(v) and v >= minimum
+    if not ok:
+        raise ConfigError(f"scheduler {key} must be an integer >= {minimum}, got {v!r}")
+    return int(v)
+
+
+def _config_beta(config: dict, key: str) -> float:
+    """beta_start / beta_end of a scheduler config: a number in (0, 1), else ConfigError naming the key."""
+    v = config[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+        raise ConfigError(f"scheduler {key} must be a number in (0, 1), got {v!r}")
+    return float(v)

@@ -57,7 +57,8 @@ SD_CFG_SCALE = 8.0
 # prompts
 # --------------------------------------------------------------------------- #
 def class_prompts(names: Sequence[str], template: str = DEFAULT_PROMPT_TEMPLATE,
-                  class_names=None, *, folders: Sequence[str] | None = None) -> dict[str, str]:
+                  class_names=None, *, folders: Sequence[str] | None = None,
+                  negative_prompt: str | None = None) -> dict[str, str]:
     """The prompt of each class folder in ``names``: ``template`` with {name} = its class name.
 
     The class name is the user's (``class_names``: mapping, file or "a=apple,b=banana";
@@ -67,8 +68,10 @@ def class_prompts(names: Sequence[str], template: str = DEFAULT_PROMPT_TEMPLATE,
 
     Raises ConfigError (naming ``--class-names`` and its file) for a ``class_names`` key that
     is no folder of ``folders`` (ImageNet-1k WordNet ids excepted: ``LOC_synset_mapping.txt``
-    names all 1000 classes), and for two classes whose prompts are equal once lowercased
-    (CLIP's tokenizer lowercases, so they would get the same text embedding).
+    names all 1000 classes), for two classes whose prompts are equal once lowercased
+    (CLIP's tokenizer lowercases, so they would get the same text embedding), for an empty prompt
+    (a folder named "_"), and for a prompt equal to ``negative_prompt`` (CFG's null class: that class
+    would be sampled without guidance towards it).
     """
     from .classes import class_display_name, class_names_map, imagenet_wnid_index
 
@@ -84,8 +87,15 @@ def class_prompts(names: Sequence[str], template: str = DEFAULT_PROMPT_TEMPLATE,
         raise ConfigError(f"{flag}: {len(unknown)} name(s) match no class folder: {shown}")
     prompts = {n: template.format(name=given.get(n) or class_display_name(n)) for n in names}
     seen: dict[str, str] = {}
+    negative = None if negative_prompt is None else " ".join(negative_prompt.lower().split())
     for n in names:
         key = " ".join(prompts[n].lower().split())
+        if not key:
+            raise ConfigError(f"class folder {n!r} gets an empty prompt: give it a name with {flag}")
+        if key == negative:
+            raise ConfigError(f"class folder {n!r} gets the prompt {prompts[n]!r}, the --negative-prompt once "
+                              f"lowercased: CFG would not steer towards it; give it another name with {flag} (or "
+                              "another --negative-prompt)")
         if key in seen:
             raise ConfigError(f"class folders {seen[key]!r} and {n!r} get the same prompt {prompts[n]!r} once "
                               f"lowercased (as CLIP's tokenizer reads it): give them distinct names with {flag}")
@@ -190,7 +200,8 @@ class TextConditionedDenoiser(torch.nn.Module):
     def denoiser_info(self) -> dict[str, Any]:
         """The shape facts ``models.dit_info`` reports for a DiT."""
         cfg = self.unet.config
-        return {"num_classes": self.num_classes, "null_class": self.num_classes, "latent_size": cfg.sample_size,
+        size = cfg.sample_size[0] if isinstance(cfg.sample_size, (list, tuple)) else cfg.sample_size  # ([h, h]: sd_info)
+        return {"num_classes": self.num_classes, "null_class": self.num_classes, "latent_size": int(size),
                 "in_channels": cfg.in_channels, "out_channels": cfg.out_channels, "learned_sigma": False,
                 "patch_size": None, "backbone": "sd"}
 
@@ -221,8 +232,8 @@ def is_sd_folder(root: str) -> bool:
             if isinstance(d, dict):
                 if "unet" in d:
                     return True
-                if "transformer" in d:
-                    return False
+                if "transformer" in d and os.path.isdir(os.path.join(root, "transformer")):
+                    return False   # (an index naming a transformer the folder lacks: decided by its folders)
         except (OSError, ValueError):
             pass  # a damaged index: decide by the folders; the loader reports the damage
     return os.path.isdir(os.path.join(root, "unet"))
@@ -440,17 +451,26 @@ def load_sd(path_or_id, *, device: str | torch.device = "cpu", dtype: torch.dtyp
                 scheduler_config=checked["scheduler_config"], root=checked["root"], text_digest=text_digest)
 
 
-def check_distinct_text_inputs(tokenizer, prompts: Mapping[int, str], names: Mapping[int, str] | None = None) -> None:
+def check_distinct_text_inputs(tokenizer, prompts: Mapping[int, str], names: Mapping[int, str] | None = None,
+                               negative_prompt: str | None = None) -> None:
     """ConfigError naming two classes whose prompts reach the text encoder as the same token ids, so the same
     embedding: :func:`class_prompts` compares the prompts lowercased, but CLIP's tokenizer also drops the spaces
     around punctuation ("golden-retriever", "golden - retriever") and :func:`encode_prompts` cuts every prompt to
     ``tokenizer.model_max_length`` tokens (two long prompts alike up to there, e.g. a long --prompt-template
-    ending in {name}). prompts: class label -> prompt; names: class label -> its name in the message."""
+    ending in {name}). prompts: class label -> prompt; names: class label -> its name in the message. A class
+    whose tokens are ``negative_prompt``'s (CFG's null class) is refused too: it would get no guidance."""
     names = names or {}
     L = tokenizer.model_max_length
+    tokens = lambda text: tuple(tokenizer(text, truncation=True, max_length=L, verbose=False).input_ids)  # noqa: E731
+    negative = None if negative_prompt is None else tokens(negative_prompt)
     seen: dict[tuple, int] = {}
     for v in sorted(prompts):
-        key = tuple(tokenizer(prompts[v], truncation=True, max_length=L, verbose=False).input_ids)
+        key = tokens(prompts[v])
+        if key == negative:
+            raise ConfigError(f"class {names.get(v, v)!r} gets the text embedding of the --negative-prompt: its "
+                              f"prompt {prompts[v]!r} and {negative_prompt!r} are the same tokens as CLIP's "
+                              f"tokenizer reads them (cut to {L}), and CFG would not steer towards it; give it "
+                              "another name with --class-names (or another --negative-prompt)")
         if key in seen:
             a = seen[key]
             raise ConfigError(f"classes {names.get(a, a)!r} and {names.get(v, v)!r} get the same text embedding: "
@@ -472,7 +492,7 @@ def load_sd_denoiser(path_or_id, prompts: Mapping[int, str], *, negative_prompt:
     checked = checked or check_sd_folder(path_or_id, cache_dir=cache_dir)
     labels = sorted(prompts)
     names = names or {}
-    check_distinct_text_inputs(checked["tokenizer"], prompts, names)   # before any weights load
+    check_distinct_text_inputs(checked["tokenizer"], prompts, names, negative_prompt)   # before any weights load
     parts = load_sd(path_or_id, device=device, dtype=dtype, cache_dir=cache_dir, checked=checked)
     # one prompt per text-encoder call: a class's embedding (and so its images) does not depend on which other
     # prompts share the call, i.e. on the shard or on the classes a resume has left (a GPU's matmul may pick
@@ -515,7 +535,12 @@ def sd_info(path_or_id, num_classes: int, cache_dir: str | None = None) -> dict[
     try:
         with open(path, encoding="utf-8") as f:
             cfg = json.load(f)
-        size, cin, cout = int(cfg["sample_size"]), int(cfg.get("in_channels", 4)), int(cfg.get("out_channels", 4))
+        size, cin, cout = cfg["sample_size"], int(cfg.get("in_channels", 4)), int(cfg.get("out_channels", 4))
+        if isinstance(size, list) and len(size) == 2 and size[0] == size[1]:   # diffusers also takes [h, w]
+            size = size[0]
+        elif isinstance(size, list):
+            raise ModelError(f"--model {arg}: {path} sets sample_size {size}: only square latents are supported")
+        size = int(size)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelError(f"--model {arg}: config file {path} is damaged ({_first_line(e)})") from None
     return {"num_classes": num_classes, "null_class": num_classes, "latent_size": size, "in_channels": cin,

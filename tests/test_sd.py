@@ -470,7 +470,7 @@ def test_class_names_unknown_keys_synonyms_and_equal_prompts(tmp_path, sd_world,
     # LOC_synset_mapping.txt style: the first synonym; ImageNet wnids without a folder are fine
     assert SD.class_prompts(["n01440764", "cherry"], class_names=str(names)) == {
         "n01440764": "tench", "cherry": "sweet cherry"}
-    assert SD.class_prompts(["a"], class_names={"a": "apple, malus"}) == {"a": "apple"}
+    assert SD.class_prompts(["a"], class_names={"a": "apple, malus"}) == {"a": "apple, malus"}  # (as given)
     # a key for a folder of the data set that this run does not select is fine, any other is not
     assert SD.class_prompts(["a"], class_names="a=apple,b=banana", folders=["a", "b"]) == {"a": "apple"}
     names.write_text("cherry sweet cherry\nchery cherry\nbananna banana\n")
@@ -514,8 +514,35 @@ def test_prompts_read_as_the_same_tokens_are_refused_before_the_unet_loads(sd_wo
     rc = main(args)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and "'cherry' and 'golden_retriever' get the same text embedding" in err[-1], err
+    # under --shard too, where each shard samples one of the two (each checked only its own: both ran)
+    for shard in ("0/2", "1/2"):
+        rc = main([*args, "--shard", shard])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and "'cherry' and 'golden_retriever' get the same text embedding" in err[-1], (shard, err)
     # distinct tokens pass: a prompt cut short still differs from one that is not
     SD.check_distinct_text_inputs(SD.load_sd(sd_world["model"])["tokenizer"], {0: long + "cherry", 1: "cherry"})
+
+
+def test_a_class_prompt_that_is_empty_or_the_negative_prompt_is_refused(sd_world, tmp_path, capsys, monkeypatch):
+    """A class whose prompt is CFG's null prompt (a folder "_" under the default empty --negative-prompt, or a
+    --negative-prompt naming a class) had conditional and null rows of one embedding: CFG was a no-op and the
+    class was sampled unconditionally, without a word (found by an SD-backbone audit)."""
+    with pytest.raises(ConfigError, match="^class folder '_' gets an empty prompt: give it a name with --class-names"):
+        SD.class_prompts(["_", "cherry"], negative_prompt="")
+    with pytest.raises(ConfigError, match="^class folder 'cherry' gets the prompt 'Cherry', the --negative-prompt"):
+        SD.class_prompts(["cherry"], "{name}", class_names={"cherry": "Cherry"}, negative_prompt="cherry ")
+    assert SD.class_prompts(["cherry"], negative_prompt="blurry") == {"cherry": "cherry"}
+    monkeypatch.setattr(SD, "load_sd", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(ConfigError, match="^class 'x' gets the text embedding of the --negative-prompt"):
+        SD.load_sd_denoiser(sd_world["model"], {0: "golden-retriever", 1: "tench"}, names={0: "x"},
+                            negative_prompt="golden - retriever")
+    monkeypatch.undo()
+    base = ["distill", "--data", sd_world["data"], "--model", sd_world["model"], "--out", str(tmp_path / "o"),
+            "--cache-dir", sd_world["cache"], *FAST]
+    assert main([*base, "--negative-prompt", "Cherry"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "class folder 'cherry' gets the prompt 'cherry', the --negative-prompt" in err[0], err
+    assert not os.path.exists(tmp_path / "o" / "cherry")
 
 
 def test_text_encoder_attention_mask_and_truncation_as_diffusers(sd_world, caplog):
@@ -557,6 +584,42 @@ def test_the_cut_warning_starts_one_token_past_the_tokenizers_length(sd_world, c
         cut = [r.getMessage() for r in caplog.records if "longer than" in r.getMessage()]
         assert len(cut) == n, prompt
     assert cut[0].startswith("class c: ") and cut[0].endswith("without 'z'")
+
+
+@pytest.mark.parametrize("value", [None, "0.18215", 0, float("nan")])
+def test_a_damaged_vae_scaling_factor_is_one_line_naming_it(sd_world, tmp_path, capsys, value):
+    """scaling_factor null / a string in vae/config.json was a TypeError traceback mid-run (audit)."""
+    folder = tmp_path / "sd"
+    shutil.copytree(sd_world["model"], folder)
+    cfg_path = folder / "vae" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "scaling_factor": value}))
+    rc = main(sd_args({**sd_world, "model": str(folder)}, tmp_path / "out"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and f"--model {folder}: the VAE's config.json sets scaling_factor" in err[0], err
+    assert not os.path.exists(tmp_path / "out" / "cherry")
+
+
+def test_a_stale_model_index_and_an_hw_sample_size(sd_world, tmp_path):
+    """A model_index.json naming a transformer in a folder of unet/ (and no transformer/) was "no model ...
+    nor a Stable Diffusion folder: unet/"; a UNet sample_size [h, h], which diffusers takes, was "config file
+    ... is damaged" (audit)."""
+    from manifoldgd_fast.models import check_model_source
+
+    folder = tmp_path / "sd"
+    shutil.copytree(sd_world["model"], folder)
+    (folder / "model_index.json").write_text('{"_class_name": "DiTPipeline", "transformer": ["diffusers", "X"]}')
+    assert model_family(str(folder)) == "sd"
+    check_model_source(str(folder))
+    cfg_path = folder / "unet" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    size = cfg["sample_size"]
+    cfg_path.write_text(json.dumps({**cfg, "sample_size": [size, size]}))
+    assert SD.sd_info(str(folder), 3)["latent_size"] == size
+    assert SD.load_sd_denoiser(str(folder), {0: "cherry"}, num_classes=3).denoiser_info()["latent_size"] == size
+    cfg_path.write_text(json.dumps({**cfg, "sample_size": [size, 2 * size]}))
+    with pytest.raises(ModelError, match=re.escape(f"sets sample_size [{size}, {2 * size}]: only square latents")):
+        SD.sd_info(str(folder), 3)
 
 
 def test_vae_that_does_not_fit_the_unet_is_one_line(sd_world, tmp_path, capsys, monkeypatch):

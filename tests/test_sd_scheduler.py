@@ -411,6 +411,14 @@ def test_ddpm_variance_type_is_read_as_diffusers_does():
     ("beta_schedule", "squaredcos_cap_v2", "beta_schedule 'squaredcos_cap_v2' is not supported (scaled_linear or linear)"),
     ("variance_type", "learned_range", "variance_type 'learned_range' is not supported (fixed_small or fixed_large"),
     ("thresholding", True, "thresholding true (dynamic thresholding of x0, for pixel-space models) is not supported"),
+    # damaged values: a ValueError / TypeError / IndexError traceback, or a line that named no file (audit)
+    ("num_train_timesteps", "abc", "num_train_timesteps must be an integer >= 1, got 'abc'"),
+    ("num_train_timesteps", 0, "num_train_timesteps must be an integer >= 1, got 0"),
+    ("beta_start", None, "beta_start must be a number in (0, 1), got None"),
+    ("beta_end", 2.0, "beta_end must be a number in (0, 1), got 2.0"),
+    ("trained_betas", [], "trained_betas must be a non-empty list of numbers in (0, 1]"),
+    ("trained_betas", [0.5, 1.5], "trained_betas must be a non-empty list of numbers in (0, 1]"),
+    ("trained_betas", ["x"], "trained_betas must be a non-empty list of numbers in (0, 1]"),
 ])
 def test_unsupported_scheduler_settings_fail_before_any_weights_load(sd_world, tmp_path, capsys, monkeypatch,
                                                                      key, value, why):
