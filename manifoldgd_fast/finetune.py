@@ -215,9 +215,14 @@ def check_finetune_out(out: str, data: str, model: str) -> None:
 
 def read_finetune_record(model: str | None) -> dict | None:
     """The settings a model folder was fine-tuned with (``finetune.json``), or None. A fine-tune's folder
-    with weights but no record was stopped while it wrote them: ModelError (rerun it to finish)."""
+    with weights but no record was stopped while it wrote them: ModelError (rerun it to finish); one a
+    finetune run still holds (its ``.lock``): ModelError (wait for it)."""
     from .errors import ModelError
+    from .output import LOCK_NAME, lock_is_held
 
+    if model and lock_is_held(os.path.join(str(model), LOCK_NAME)):  # (its weights, or none yet, were read as
+        #                                                             a fine-tune that had stopped: audit)
+        raise ModelError(f"--model {model} is being written by a finetune run: use it once that run has finished")
     path = os.path.join(str(model), FINETUNE_RECORD) if model else ""
     if not path or not os.path.isfile(path):
         if path and os.path.isfile(os.path.join(str(model), CHECKPOINT)) and \

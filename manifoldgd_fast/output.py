@@ -39,7 +39,8 @@ RESERVED_DIRS = (LATENTS_DIR, MODES_DIR)  # what a run puts beside the class fol
 DONE_MARK = ".complete"
 LOCK_NAME = ".lock"
 TMP_PREFIX = ".tmp-"  # atomic_write_bytes's temp files
-MANIFEST_LOCK = ".lock-manifest"
+MANIFEST_LOCK = ".lock-manifest"   # held while the manifest is rewritten (shards, a whole run, eval / metrics)
+MANIFEST_RECORDS = ("eval", "metrics")  # the lists the `eval` / `metrics` commands add to a run's manifest
 DATA_STAMPS = "data_stamps"  # the done mark's digest of the class's image files as distilled
 SHARDS_HOLD = "processes of a --shard K/N run"
 
@@ -402,10 +403,13 @@ class OutputWriter:
         """Remove what killed runs left in ``OUT``: unfinished class folders ``.<class>.tmp-<pid>/`` and
         the temp files of atomic writes (``OUT``, ``OUT/latents``, and ``OUT/modes``' untouched for
         :data:`STALE_TEMP_S`: the ``modes`` command takes no lock). Only safe while no
-        other process writes here: call it holding the :class:`RunLock`, before this run's other ranks
-        start writing. ``classes``: only those classes' leftovers (their folders and latents), and of
-        ``OUT``'s own files only those named in ``files`` (an independent shard, whose lock covers just
-        these). Returns the removed paths."""
+        other run writes here: call it holding the :class:`RunLock` and :data:`MANIFEST_LOCK` (which
+        ``eval`` / ``metrics`` hold while they add to the manifest), before this run's other ranks start
+        writing. In ``OUT`` itself, temps of files a distill does not write (``eval`` / ``metrics``
+        reports, their partial files and checkpoints: those commands take no run lock) go only once
+        untouched for :data:`STALE_TEMP_S`. ``classes``: only those classes' leftovers (their folders and
+        latents), and of ``OUT``'s own files only those named in ``files`` (an independent shard, whose
+        lock covers just these). Returns the removed paths."""
         mine = None if classes is None else set(classes)
         removed = []
         now = time.time()
@@ -421,7 +425,9 @@ class OutputWriter:
                     continue
                 if mine is not None and not _temp_is_ours(entry, class_tmp, folder == self.out, mine, files):
                     continue
-                if lockless and now - os.lstat(path).st_mtime < STALE_TEMP_S:
+                if (lockless or (folder == self.out and not class_tmp and not _temp_is_ours(
+                        entry, False, True, set(), (MANIFEST, CONTACT_SHEET)))) \
+                        and now - os.lstat(path).st_mtime < STALE_TEMP_S:
                     continue
                 _remove_entry(path, ignore_errors=True)
                 removed.append(path)
@@ -486,9 +492,10 @@ class RunLock:
     """
 
     def __init__(self, out: str, *, name: str = LOCK_NAME, shared: bool = False, wait: bool = False,
-                 what: str = "another run"):
+                 what: str = "another run", flag: str = "--out", target: str | None = None):
         self.path = os.path.join(os.path.abspath(out), name)
         self.shared, self.wait, self.what = shared, wait, what
+        self.flag, self.target = flag, target   # how a refusal names what is locked (default: --out OUT)
         self.fd: int | None = None
 
     def __enter__(self) -> "RunLock":
@@ -504,8 +511,8 @@ class RunLock:
         except BlockingIOError:
             holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)
-            raise DataError(f"--out {os.path.dirname(self.path)} is being written by {self.what} ({holder}); "
-                            "wait for it to finish or use another --out") from None
+            raise DataError(f"{self.flag} {self.target or os.path.dirname(self.path)} is being written by "
+                            f"{self.what} ({holder}); wait for it to finish or use another {self.flag}") from None
         except OSError as e:
             os.close(fd)
             log.warning("cannot lock %s (%s): nothing stops two runs sharing this --out", self.path,

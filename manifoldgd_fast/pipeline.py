@@ -34,7 +34,8 @@ from .errors import ConfigError, DataError
 from . import classrun
 from .classrun import (_check_class, _prefetched_group, _receive, check_decoded, class_modes, distill_group,
                        load_modes, modes_file, read_modes)
-from .output import (CONTACT_SHEET, DATA_STAMPS, LOCK_NAME, MANIFEST, MANIFEST_LOCK, MODES_DIR, RESERVED_DIRS,
+from .output import (CONTACT_SHEET, DATA_STAMPS, LOCK_NAME, MANIFEST, MANIFEST_LOCK, MANIFEST_RECORDS, MODES_DIR,
+                     RESERVED_DIRS,
                      OutputWriter, RunLock, atomic_write_bytes, class_done, done_record, lock_is_held, resize_images,
                      sweep_stale_temps)
 from .finetune import read_finetune_record
@@ -350,8 +351,10 @@ def _hold_out(out: str, shard: Shard, held: contextlib.ExitStack) -> None:
         def unmake(exc_type, *_):  # runs before the lock is released: no other run is inside OUT
             if made and exc_type is not None:
                 with contextlib.suppress(OSError):
-                    if os.listdir(out) == [LOCK_NAME]:
-                        os.unlink(os.path.join(out, LOCK_NAME))
+                    left = os.listdir(out)
+                    if set(left) <= {LOCK_NAME, MANIFEST_LOCK}:
+                        for name in left:
+                            os.unlink(os.path.join(out, name))
                         os.rmdir(out)
             return False
 
@@ -417,8 +420,9 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
             for path in writer.sweep_temps(classes=[e.name for e in shard.mine(entries)]):
                 log.info("removed %s, left by a killed run", path)
         elif shard.is_main:
-            for path in writer.sweep_temps():
-                log.info("removed %s, left by a killed run", path)
+            with RunLock(writer.out, name=MANIFEST_LOCK, wait=True):   # (no eval / metrics record in flight)
+                for path in writer.sweep_temps():
+                    log.info("removed %s, left by a killed run", path)
     # kept up to date in memory: no re-read per class (an independent shard re-reads when it writes the manifest)
     status = _class_status(writer, entries) if shard.is_main or shard.independent else {}
     finished = {}  # the classes this call distils, with their stats
@@ -458,7 +462,7 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
     if rcfg.backbone == "sd":  # the text each class was sampled from (also in each class's stats)
         manifest.update(prompts=ctx["prompts"], negative_prompt=rcfg.negative_prompt,
                         sd_scheduler=ctx["sd_scheduler"])  # what the UNet predicts, the timestep spacing
-    for key in ("eval", "metrics"):  # results appended by `eval` / `metrics` survive a resume
+    for key in MANIFEST_RECORDS:  # results appended by `eval` / `metrics` survive a resume
         if old and key in old:
             manifest[key] = old[key]
 
@@ -476,6 +480,7 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
                     writer.sweep_temps(classes=(), files=(MANIFEST, CONTACT_SHEET))
                     status.update(_class_status(writer, [e for e in entries if status[e.name]["status"] != "done"]))
                     manifest["classes"] = status
+                    manifest.update(_records_on_disk(man_path, manifest))
                     writer.write_manifest(manifest)
                     if final and cfg.contact_sheet and all(v["status"] == "done" for v in status.values()):
                         write_contact_sheet(writer.out, [e.name for e in entries])
@@ -487,7 +492,9 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
             if not (final or force) and t0 - last_write[0] < MANIFEST_PACE * last_write[1]:
                 return
             manifest["classes"] = status
-            writer.write_manifest(manifest)
+            with RunLock(writer.out, name=MANIFEST_LOCK, wait=True):  # (an eval / metrics record being added)
+                manifest.update(_records_on_disk(man_path, manifest))
+                writer.write_manifest(manifest)
             last_write[:] = [time.monotonic(), time.monotonic() - t0]
 
     last_write = [0.0, 0.0]   # when the manifest was last written, and what that took (s)
@@ -559,6 +566,20 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
                          distilled=[e.name for e in mine], manifest=man_path, run_classes=len(entries),
                          finished_before=ctx["finished_before"],
                          unfinished=sum(v["status"] != "done" for v in status.values()) if status else 0)
+
+
+def _records_on_disk(path: str, manifest: dict) -> dict:
+    """The ``eval`` / ``metrics`` records of the manifest file at ``path`` (added by those commands while this
+    run went on: rewriting the manifest from memory dropped them), read holding :data:`MANIFEST_LOCK`;
+    ``manifest``'s own where the file has none or cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            on_disk = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(on_disk, dict):
+        return {}
+    return {key: on_disk[key] for key in MANIFEST_RECORDS if key in on_disk}
 
 
 def _sample_groups(groups, rcfg: DistillConfig, ctx: dict, overlap: bool, bar, save) -> None:
@@ -756,6 +777,13 @@ def compute_modes(config: DistillConfig | dict) -> dict[str, str]:
                 if old is None:
                     z, _ = load_class_latents(ctx["cache"], e.name)
                     m = class_modes(rcfg, e.name, z.to(ctx["device"]).float())
+                    # another `modes` run into OUT (it takes no lock) may have written the class meanwhile: two
+                    # runs of other settings both ended "modes of N classes", their files mixed (audit)
+                    _, now_fp = read_modes(p)
+                    if now_fp is not None and now_fp != fp:
+                        raise ConfigError(f"{p} was written meanwhile by another `modes` run with other mode "
+                                          "parameters or latents; run one `modes` per --out at a time (or delete "
+                                          "the file to recompute)")
                     atomic_write_bytes(p, safetensors_bytes(m, {"class": e.name, "method": rcfg.mode_method,
                                                                 "formulation": rcfg.formulation,
                                                                 "modes_fingerprint": fp}, name="modes"))

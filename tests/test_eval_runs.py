@@ -553,6 +553,27 @@ def test_an_evaluation_of_other_settings_in_between_keeps_a_killed_ones_checkpoi
     assert left == sorted(names[2:]), left
 
 
+def test_two_evaluations_into_one_report_at_once_are_refused(folders, tmp_path, capsys):
+    """Two evaluations into one report at the same time both printed "results: eval.json", which held the
+    last one's, and their read-modify-writes of eval.json.partial lost each other's finished runs (a
+    concurrency audit): the second is refused in one line naming the first; other reports run beside it."""
+    from manifoldgd_fast.cli import main
+    from manifoldgd_fast.output import RunLock
+
+    dist, val = folders
+    report = os.path.join(dist, "eval.json")
+    with RunLock(dist, name=".lock-eval.json", what="another evaluation", flag="--out-json", target=report):
+        with pytest.raises(DataError, match=re.escape(f"--out-json {report} is being written by another "
+                                                      f"evaluation (pid {os.getpid()} on ")):
+            P.evaluate(dist, val, **KILL_KW)
+        rc = main(["eval", "--distilled", dist, "--real-val", val, "--nets", "convnet6", "--seeds", "1",
+                   "--epochs", "1", "--size", "8", "--device", "cpu", "--no-progress"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "is being written by another evaluation" in err[0], err
+        assert not os.path.exists(report)
+        P.evaluate(dist, val, out_json=str(tmp_path / "other.json"), **dict(KILL_KW, seeds=1))  # another report
+
+
 def test_file_identity_follows_the_files_size_and_modification_time(tmp_path):
     """A teacher rewritten in place with the same size is another teacher: finished runs are not reused."""
     path = tmp_path / "teacher.pt"

@@ -273,6 +273,14 @@ def test_weights_written_without_their_record_are_refused_until_the_rerun_finish
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a fine-tune stopped while it wrote its weights" in err[0], err
+    # while a finetune run holds the folder (its rerun), it is that, not "stopped" (rerun it: refused by its lock)
+    from manifoldgd_fast.output import RunLock
+
+    with RunLock(out, what="another finetune"):
+        assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"manifoldgd-fast: error: --model {out} is being written by a finetune run: use it once that "
+                   "run has finished"], err
     monkeypatch.setattr(F, "atomic_write_text", real)
     finetune(out=out, **_kw(tiny_world, steps=2, batch_size=2, lr=5e-3))
     assert json.loads(open(os.path.join(out, "finetune.json")).read())["lr"] == 5e-3

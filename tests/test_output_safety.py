@@ -471,10 +471,58 @@ def test_one_run_at_a_time_per_out_and_a_killed_runs_temps_are_swept(tiny_world,
     (out / ".apple.tmp-99999" / "0.png").write_bytes(b"half")
     (out / "latents").mkdir()
     (out / "latents" / ".tmp-k3j2").write_bytes(b"half")
-    (out / ".tmp-manifest").write_bytes(b"half")
+    (out / ".tmp-manifest.json-k3j2").write_bytes(b"half")
     assert main(args(out)) == 0
     assert _digest(out) == _digest(ref)
     assert [e for d in (out, out / "latents") for e in os.listdir(d) if ".tmp-" in e] == []
+
+
+def test_a_distill_leaves_eval_and_metrics_writes_into_its_out_alone(tiny_world, tmp_path, monkeypatch):
+    """eval / metrics write into OUT without its run lock. A distill starting swept their temp files in flight
+    (the evaluation then failed after training: "eval.json.partial: No such file or directory"), and each of its
+    manifest writes put back the eval / metrics records read at its start, dropping one added meanwhile
+    (found by a concurrency audit). Their temps go only once stale; the records are re-read under the
+    manifest lock, which append_manifest holds too."""
+    from manifoldgd_fast.eval.report import append_manifest
+    from manifoldgd_fast.output import OutputWriter
+
+    out = tmp_path / "out"
+    args = _args(tiny_world, out, "--classes", "apple,banana", "--method", "dit")
+    out.mkdir()
+    fresh, old = out / ".tmp-eval.json.partial-ab12", out / ".tmp-eval.json-cd34"
+    fresh.write_text("in flight")
+    old.write_text("killed")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    real = OutputWriter.write_class
+
+    def evaluated_meanwhile(self, name, *a, **k):
+        if name == "banana":  # an evaluation of the first run's classes ends while this run samples
+            assert append_manifest(str(out), "eval", {"nets": "meanwhile"}) is not None
+        return real(self, name, *a, **k)
+
+    monkeypatch.setattr(OutputWriter, "write_class", evaluated_meanwhile)
+    assert main(args) == 0
+    assert fresh.exists() and not old.exists()
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["eval"] == [{"nets": "meanwhile"}], man.get("eval")
+
+
+def test_eval_and_metrics_refuse_an_out_a_distill_is_writing(tmp_path):
+    """eval --restrict-val and metrics read the classes a distill had finished by then and recorded their
+    numbers in its manifest as the run's, exit 0 (audit): refused in one line naming the holder."""
+    from manifoldgd_fast.errors import DataError
+    from manifoldgd_fast.eval.metrics import compute_metrics
+    from manifoldgd_fast.eval.protocol import evaluate
+    from manifoldgd_fast.output import RunLock
+
+    out = tmp_path / "out"
+    (out / "a").mkdir(parents=True)
+    with RunLock(str(out)):
+        for call in (lambda: evaluate(str(out), str(tmp_path), restrict_val=True, epochs=1, device="cpu"),
+                     lambda: compute_metrics(str(out), str(tmp_path), device="cpu")):
+            with pytest.raises(DataError, match=f"^--distilled {out} is being written by a distill run "
+                                                f"\\(pid {os.getpid()} on "):
+                call()
 
 
 def test_a_run_that_fails_before_writing_leaves_no_out_it_made(tiny_world, tmp_path, capsys):

@@ -499,6 +499,32 @@ def test_cache_and_modes_commands(tiny_world, tmp_path):
     assert not stale.exists() and fresh.exists()
 
 
+def test_modes_written_meanwhile_by_another_modes_run_of_other_settings_are_refused(tiny_world, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """Two `modes` runs of other settings into one OUT at once (it takes no lock) both ended "modes of N
+    classes", the files a mix of both (a concurrency audit): a class file that another run wrote while this
+    one computed it is refused in one line, not overwritten."""
+    from manifoldgd_fast import pipeline
+
+    base = ["--data", tiny_world["data"], "--model", tiny_world["model"], "--cache-dir",
+            os.path.join(tiny_world["root"], "cache"), "--out", str(tmp_path / "m")]
+    assert main(["modes", *base, "--ipc", "3", "--classes", "apple"]) == 0
+    theirs = (tmp_path / "m" / "modes" / "apple.safetensors").read_bytes()
+    (tmp_path / "m" / "modes" / "apple.safetensors").unlink()
+    real = pipeline.class_modes
+
+    def other_run_meanwhile(rcfg, name, z):
+        (tmp_path / "m" / "modes" / "apple.safetensors").write_bytes(theirs)    # the --ipc 3 run's
+        return real(rcfg, name, z)
+
+    monkeypatch.setattr(pipeline, "class_modes", other_run_meanwhile)
+    capsys.readouterr()
+    assert main(["modes", *base, "--ipc", "2", "--classes", "apple"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "apple.safetensors was written meanwhile by another `modes` run" in err[0], err
+    assert (tmp_path / "m" / "modes" / "apple.safetensors").read_bytes() == theirs
+
+
 def test_distill_from_precomputed_modes_gives_the_same_bytes(tiny_world, tmp_path, capsys):
     """`modes` then `distill --modes-dir` == `distill` alone; modes of other parameters are refused."""
     base = ["--data", tiny_world["data"], "--model", tiny_world["model"],

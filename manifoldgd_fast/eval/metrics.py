@@ -63,7 +63,7 @@ from ..devices import resolve_device
 from .precision import amp, net_layout, prepare_net
 from .protocol import (MAX_SIZE, Split, capped, default_size, load_images, match_classes, native_size, probe_net,
                        train_net)
-from .report import append_manifest
+from .report import append_manifest, check_not_being_written
 
 log = logging.getLogger(__name__)
 
@@ -549,6 +549,7 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
         check_out_file(out_json, flag, inputs={"--real": real} if flag == "--out-json" else None)  # (default: OUT's)
     # (a file there: 'Not a directory' once the default encoder had trained)
     _check_cache_root(cache_dir, [*(["encoders"] if encoder is None else []), *(["features"] if feature_cache else [])])
+    check_not_being_written(distilled)
     t0 = time.perf_counter()
     dev = resolve_device(device)
     classes, dist, ref = match_classes(distilled, real, exact=False, what="real")

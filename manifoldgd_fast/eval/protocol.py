@@ -39,13 +39,13 @@ from ..data import (IMAGE_EXTS, READ_FORMATS, RESAMPLERS, ClassEntry, _class_fol
 from ..devices import resolve_device
 from ..errors import ConfigError, DataError
 from ..image_labels import scan_labelled_folder
-from ..output import RESERVED_DIRS
+from ..output import RESERVED_DIRS, RunLock
 from ..training import save_checkpoint
 from . import resume
 from .augment import TrainAugment, cutmix, normalize, to_unit
 from .nets import NET_NAMES, build_net, count_parameters, load_net, parse_nets
 from .precision import amp, check_precision, describe_precision, net_layout, numerics, prepare_net
-from .report import eval_json_path, eval_markdown_path, summarize, write_eval_outputs
+from .report import check_not_being_written, eval_json_path, eval_markdown_path, summarize, write_eval_outputs
 
 log = logging.getLogger(__name__)
 
@@ -406,7 +406,8 @@ def train_net(net: str, train: Split, val: Split, num_classes: int, *, size: int
                 correct.zero_()
                 seen = 0
                 bar.set_postfix(train=f"{train_acc:.1f}", val=f"{final:.1f}", best=f"{best:.1f}")
-            if checkpoint is not None and epoch + 1 < epochs and time.perf_counter() - saved_at >= resume.CHECKPOINT_EVERY_S:
+            if checkpoint is not None and epoch + 1 < epochs \
+                    and time.perf_counter() - saved_at >= resume.CHECKPOINT_EVERY_S:
                 save_checkpoint({
                     "key": checkpoint_key, "epoch": epoch + 1, "model": model.state_dict(), "opt": opt.state_dict(),
                     "gen": gen.get_state(), "gen_cpu": gen_cpu.get_state(), "correct": int(correct), "seen": seen,
@@ -632,6 +633,8 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
     check_precision(precision)
     if resample not in RESAMPLERS:
         raise ConfigError(f"--resample {resample}: must be one of {', '.join(RESAMPLERS)}")
+    for f in folders:
+        check_not_being_written(f)
     dev = resolve_device(device)
     matched = [match_classes(f, real_val, exact=not restrict_val, labels=val_labels) for f in folders]
     _same_classes(folders, matched)
@@ -658,97 +661,103 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
     teacher_mod = _check_teacher(load_net(teacher, num_classes=num_classes, size=size, class_names=classes),
                                  num_classes, size, dev, precision) if soft else None
 
-    # Each finished (folder, net, seed) run is kept in JSON.partial until the JSON is written, so a killed
-    # evaluation resumes there; its key: everything a run's result depends on (an in-memory teacher has none)
-    augment = TrainAugment(size, jitter=0.0, light=0.0) if soft else TrainAugment(size)  # RDED: crop + flip
-    partial = eval_json_path(folders, out_json) + ".partial"
-    teacher_id = resume.file_identity(teacher) if soft else "none"
-    fingerprint = None if teacher_id is None else fields_digest({
-        "version": __version__, "classes": classes, "val": [os.path.abspath(real_val), resume.file_identity(val_labels),
-                                                            resume.files_digest(val)],
-        "distilled": {os.path.abspath(f): resume.files_digest(d) for f, (_, d, _) in zip(folders, matched)},
-        "size": size, "val_load": val_load, "resample": resample, "epochs": epochs, "hp": hp,
-        "eval_every": eval_every, "tested": describe_tests(epochs, eval_every, soft=soft), "teacher": teacher_id,
-        "temperature": temperature if soft else None, "precision": precision, "device": dev.type, "augment": augment.describe()})
-    finished = resume.load_finished_runs(partial, fingerprint) if fingerprint is not None else {}
-    resumed = 0
+    # one evaluation per report at a time: two into one report both said "results: eval.json" (it held the last
+    # one's), and their read-modify-writes of the partial file lost each other's finished runs (audit)
+    with RunLock(os.path.dirname(os.path.abspath(report)), name=f".lock-{os.path.basename(report)}",
+                 what="another evaluation", flag="--out-json", target=report):
+        # Each finished (folder, net, seed) run is kept in JSON.partial until the JSON is written, so a killed
+        # evaluation resumes there; its key: everything a run's result depends on (an in-memory teacher has none)
+        augment = TrainAugment(size, jitter=0.0, light=0.0) if soft else TrainAugment(size)  # RDED: crop + flip
+        partial = eval_json_path(folders, out_json) + ".partial"
+        teacher_id = resume.file_identity(teacher) if soft else "none"
+        fingerprint = None if teacher_id is None else fields_digest({
+            "version": __version__, "classes": classes,
+            "val": [os.path.abspath(real_val), resume.file_identity(val_labels), resume.files_digest(val)],
+            "distilled": {os.path.abspath(f): resume.files_digest(d) for f, (_, d, _) in zip(folders, matched)},
+            "size": size, "val_load": val_load, "resample": resample, "epochs": epochs, "hp": hp,
+            "eval_every": eval_every, "tested": describe_tests(epochs, eval_every, soft=soft), "teacher": teacher_id,
+            "temperature": temperature if soft else None, "precision": precision, "device": dev.type,
+            "augment": augment.describe()})
+        finished = resume.load_finished_runs(partial, fingerprint) if fingerprint is not None else {}
+        resumed = 0
 
-    t0 = time.perf_counter()
-    x, y = load_images(val, size, resize=val_load / size, progress=progress, desc="load validation",
-                       resample=resample)
-    valset = Split.place(x, y, dev)
-    del x, y
-    several = len(folders) > 1
-    runs_by_net: dict[str, list] = {net: [] for net in nets}
-    params, per_folder = {}, []
-    with numerics(dev, precision):
-        for i, (folder, (_, dist, _)) in enumerate(zip(folders, matched)):
-            tag = f" set {i}" if several else ""
-            x, y = load_images(dist, size, progress=progress, desc="load distilled" + tag, resample=resample)
-            train = Split.place(x, y, dev)
-            del x, y
-            folder_nets = {}
-            for net in nets:
-                runs = []
-                for s in seed_list:
-                    key = f"{os.path.abspath(folder)}|{net}|{s}"
-                    if key in finished:
-                        runs.append(finished[key])
-                        resumed += 1
-                        continue
-                    r = train_net(net, train, valset, num_classes, size=size, epochs=epochs, hp=hp, seed=s,
-                                  device=dev, teacher=teacher_mod, temperature=temperature, eval_every=eval_every,
-                                  augment=augment, val_batch_size=val_batch_size, progress=progress,
-                                  desc=f"{net} seed {s}{tag}", precision=precision,
-                                  checkpoint=None if fingerprint is None else
-                                  resume.checkpoint_path(partial, fingerprint, folder, net, s),
-                                  checkpoint_key=fingerprint or "")
-                    r["distilled"] = os.path.abspath(folder)
-                    runs.append(r)
-                    if fingerprint is not None:   # a killed evaluation keeps what it finished
-                        finished[key] = r
-                        resume.save_finished_runs(partial, fingerprint, finished)
-                runs_by_net[net] += runs
-                params[net] = runs[0]["params"]
-                bests, finals = [r["best"] for r in runs], [r["final"] for r in runs]
-                folder_nets[net] = {"params": params[net], "best_per_seed": bests, "final_per_seed": finals,
-                                    **summarize("best", bests), **summarize("final", finals)}
-            per_folder.append({"distilled": os.path.abspath(folder), "ipc": ipcs[i], "n_train": len(train),
-                               "nets": folder_nets})
-            del train
-    results = {net: {"params": params[net], "seeds": runs, "n_runs": len(runs),
-                     **summarize("best", [r["best"] for r in runs]),
-                     **summarize("final", [r["final"] for r in runs])} for net, runs in runs_by_net.items()}
+        t0 = time.perf_counter()
+        x, y = load_images(val, size, resize=val_load / size, progress=progress, desc="load validation",
+                           resample=resample)
+        valset = Split.place(x, y, dev)
+        del x, y
+        several = len(folders) > 1
+        runs_by_net: dict[str, list] = {net: [] for net in nets}
+        params, per_folder = {}, []
+        with numerics(dev, precision):
+            for i, (folder, (_, dist, _)) in enumerate(zip(folders, matched)):
+                tag = f" set {i}" if several else ""
+                x, y = load_images(dist, size, progress=progress, desc="load distilled" + tag, resample=resample)
+                train = Split.place(x, y, dev)
+                del x, y
+                folder_nets = {}
+                for net in nets:
+                    runs = []
+                    for s in seed_list:
+                        key = f"{os.path.abspath(folder)}|{net}|{s}"
+                        if key in finished:
+                            runs.append(finished[key])
+                            resumed += 1
+                            continue
+                        r = train_net(net, train, valset, num_classes, size=size, epochs=epochs, hp=hp, seed=s,
+                                      device=dev, teacher=teacher_mod, temperature=temperature, eval_every=eval_every,
+                                      augment=augment, val_batch_size=val_batch_size, progress=progress,
+                                      desc=f"{net} seed {s}{tag}", precision=precision,
+                                      checkpoint=None if fingerprint is None else
+                                      resume.checkpoint_path(partial, fingerprint, folder, net, s),
+                                      checkpoint_key=fingerprint or "")
+                        r["distilled"] = os.path.abspath(folder)
+                        runs.append(r)
+                        if fingerprint is not None:   # a killed evaluation keeps what it finished
+                            finished[key] = r
+                            resume.save_finished_runs(partial, fingerprint, finished)
+                    runs_by_net[net] += runs
+                    params[net] = runs[0]["params"]
+                    bests, finals = [r["best"] for r in runs], [r["final"] for r in runs]
+                    folder_nets[net] = {"params": params[net], "best_per_seed": bests, "final_per_seed": finals,
+                                        **summarize("best", bests), **summarize("final", finals)}
+                per_folder.append({"distilled": os.path.abspath(folder), "ipc": ipcs[i], "n_train": len(train),
+                                   "nets": folder_nets})
+                del train
+        results = {net: {"params": params[net], "seeds": runs, "n_runs": len(runs),
+                         **summarize("best", [r["best"] for r in runs]),
+                         **summarize("final", [r["final"] for r in runs])} for net, runs in runs_by_net.items()}
 
-    abs_folders = [os.path.abspath(f) for f in folders]
-    result = {
-        "format": "manifoldgd_fast.eval/1",
-        "protocol": "soft-label" if soft else "hard-label",
-        "distilled": abs_folders if several else abs_folders[0], "distilled_folders": abs_folders,
-        "real_val": os.path.abspath(real_val), "restrict_val": bool(restrict_val),
-        "val_labels": os.path.abspath(val_labels) if val_labels is not None else None,
-        "classes": classes, "num_classes": num_classes, "ipc": ipc,
-        "n_train": [pf["n_train"] for pf in per_folder] if several else per_folder[0]["n_train"],
-        "n_val": len(valset), "size": size, "val_resize": val_load,
-        "val_preprocess": f"resize {val_load} (short side, PIL {resample}), centre crop {size}", "resample": resample,
-        "epochs": epochs, "eval_every": eval_every or (None if soft else max(1, epochs // 100)),
-        "tested": describe_tests(epochs, eval_every, soft=soft), "hparams": hp,
-        "temperature": temperature if soft else None,
-        "teacher": _teacher_name(teacher) if soft else None,
-        "augment": augment.describe(), "seeds": seed_list,
-        "std_over": (f"{len(folders)} distilled sets x {len(seed_list)} seeds" if several
-                     else f"{len(seed_list)} seeds"),
-        "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
-        "precision": describe_precision(dev, precision), "precision_mode": precision,
-        "deterministic": dev.type != "cuda" or precision == "fp32",
-        "versions": {"torch": torch.__version__, "numpy": np.__version__},
-        "time_s": round(time.perf_counter() - t0, 3), "nets": results, "per_folder": per_folder,
-    }
-    if resumed:
-        result["resumed_runs"] = resumed
-        log.info("resumed %d of %d runs from %s", resumed, len(folders) * len(nets) * len(seed_list), partial)
-    write_eval_outputs(result, folders, out_json)
-    if fingerprint is not None:   # (the runs and checkpoints of killed evaluations of other settings stay)
-        resume.drop_finished_runs(partial, fingerprint)
-        resume.sweep_checkpoints(partial, fingerprint)
-    return result
+        abs_folders = [os.path.abspath(f) for f in folders]
+        result = {
+            "format": "manifoldgd_fast.eval/1",
+            "protocol": "soft-label" if soft else "hard-label",
+            "distilled": abs_folders if several else abs_folders[0], "distilled_folders": abs_folders,
+            "real_val": os.path.abspath(real_val), "restrict_val": bool(restrict_val),
+            "val_labels": os.path.abspath(val_labels) if val_labels is not None else None,
+            "classes": classes, "num_classes": num_classes, "ipc": ipc,
+            "n_train": [pf["n_train"] for pf in per_folder] if several else per_folder[0]["n_train"],
+            "n_val": len(valset), "size": size, "val_resize": val_load,
+            "val_preprocess": f"resize {val_load} (short side, PIL {resample}), centre crop {size}",
+            "resample": resample,
+            "epochs": epochs, "eval_every": eval_every or (None if soft else max(1, epochs // 100)),
+            "tested": describe_tests(epochs, eval_every, soft=soft), "hparams": hp,
+            "temperature": temperature if soft else None,
+            "teacher": _teacher_name(teacher) if soft else None,
+            "augment": augment.describe(), "seeds": seed_list,
+            "std_over": (f"{len(folders)} distilled sets x {len(seed_list)} seeds" if several
+                         else f"{len(seed_list)} seeds"),
+            "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
+            "precision": describe_precision(dev, precision), "precision_mode": precision,
+            "deterministic": dev.type != "cuda" or precision == "fp32",
+            "versions": {"torch": torch.__version__, "numpy": np.__version__},
+            "time_s": round(time.perf_counter() - t0, 3), "nets": results, "per_folder": per_folder,
+        }
+        if resumed:
+            result["resumed_runs"] = resumed
+            log.info("resumed %d of %d runs from %s", resumed, len(folders) * len(nets) * len(seed_list), partial)
+        write_eval_outputs(result, folders, out_json)
+        if fingerprint is not None:   # (the runs and checkpoints of killed evaluations of other settings stay)
+            resume.drop_finished_runs(partial, fingerprint)
+            resume.sweep_checkpoints(partial, fingerprint)
+        return result

@@ -3,6 +3,7 @@ and the summary appended to each distilled folder's manifest (``eval`` by :mod:`
 ``metrics`` by :mod:`.metrics`)."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -10,7 +11,8 @@ import os
 
 import numpy as np
 
-from ..output import MANIFEST, atomic_write_text
+from ..errors import DataError
+from ..output import LOCK_NAME, MANIFEST, MANIFEST_LOCK, RunLock, atomic_write_text, lock_is_held
 
 log = logging.getLogger(__name__)
 
@@ -21,11 +23,36 @@ def summarize(key: str, values) -> dict:
     return {f"{key}_mean": float(v.mean()), f"{key}_std": float(v.std())}
 
 
+def check_not_being_written(folder: str, flag: str = "--distilled") -> None:
+    """DataError when a distill run still writes ``folder`` (it holds OUT's run lock): an evaluation read the
+    classes finished by then and recorded its numbers as the run's (found by a concurrency audit)."""
+    lock = os.path.join(folder, LOCK_NAME)
+    if os.path.isfile(lock) and lock_is_held(lock):
+        try:
+            with open(lock, encoding="utf-8", errors="replace") as f:
+                holder = f.read(200).strip()
+        except OSError:
+            holder = ""
+        raise DataError(f"{flag} {folder} is being written by a distill run ({holder or 'another process'}); "
+                        "evaluate it once that run has finished")
+
+
 def append_manifest(out_dir: str, key: str, entry: dict) -> str | None:
-    """Append ``entry`` to the list ``manifest[key]`` of OUT/manifest.json, atomically; None if absent."""
+    """Append ``entry`` to the list ``manifest[key]`` of OUT/manifest.json, atomically; None if absent.
+    Holding OUT's manifest lock: another evaluation's record, or a distill rewriting the manifest, is not
+    lost (each read the file, then wrote it back without the other's change)."""
     path = os.path.join(out_dir, MANIFEST)
     if not os.path.isfile(path):
         return None
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(RunLock(out_dir, name=MANIFEST_LOCK, wait=True))
+        except OSError:  # (a read-only folder: its manifest cannot be written either, which is said below)
+            pass
+        return _append_manifest(path, key, entry)
+
+
+def _append_manifest(path: str, key: str, entry: dict) -> str | None:
     try:
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
