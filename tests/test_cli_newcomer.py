@@ -874,7 +874,7 @@ def test_eval_size_and_lr_bounds(command, tmp_path, image_folder, capsys):
         for lr, shown in (("inf", "inf"), ("1e39", "1e+39")):  # 1e39: finite, not as SGD's float32 (it overflowed)
             assert main(argv + ["--lr", lr]) == 2
             assert _one_line(capsys.readouterr().err) == \
-                f"manifoldgd-fast: error: --lr {shown}: must be > 0 and finite in float32"
+                f"manifoldgd-fast: error: --lr {shown}: must be a number > 0 and finite in float32"
 
 
 def test_an_atomic_write_that_fails_names_the_file_asked_for(tmp_path):

@@ -293,3 +293,20 @@ def test_resnet_convs_start_with_idcs_he_init():
             assert abs(float(m.weight.detach().std()) / want - 1) < 0.1, name
         elif isinstance(m, torch.nn.GroupNorm):
             assert bool((m.weight == 1).all()) and bool((m.bias == 0).all()), name
+
+
+def test_loading_a_net_leaves_the_callers_random_state_alone(tmp_path):
+    """load_net built each shell with a random init drawn from the global generator (then replaced by the
+    weights): compute_metrics with its cached encoder, or an --encoder / --teacher file, moved the caller's
+    torch RNG (a Python API audit)."""
+    net = N.build_net("convnet6", 3, 8)
+    ck = N.net_checkpoint(net)
+    path = tmp_path / "net.pt"
+    torch.save(ck, path)
+    bare = {k: v.clone() for k, v in net.state_dict().items()}
+    for source in (ck, str(path), bare):
+        torch.manual_seed(0)
+        before = torch.get_rng_state()
+        got = N.load_net(source, num_classes=3, size=8)
+        assert torch.equal(torch.get_rng_state(), before), source if isinstance(source, str) else type(source)
+        assert all(torch.equal(got.state_dict()[k], v) for k, v in net.state_dict().items())

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import warnings
 
@@ -665,7 +666,7 @@ def test_bilinear_resample_reads_every_image_as_the_releases_torchvision(folders
 
 def test_val_resize_below_size_is_refused(folders):
     dist, val = folders
-    for v, match in [(6, "--val-resize 6: must be >= the evaluation size 8"), (0, "--val-resize 0: must be >= 1")]:
+    for v, match in [(6, "--val-resize 6: must be >= the evaluation size 8"), (0, "--val-resize 0: must be an integer >= 1")]:
         with pytest.raises(ConfigError, match=match):
             P.evaluate(dist, val, size=8, val_resize=v, device="cpu", progress=False)
 
@@ -1409,3 +1410,38 @@ def test_an_interrupted_training_closes_its_progress_bar(monkeypatch, capsys):
     # as a terminal shows it: "\r" returns to the line's start, and the closed bar left its line blank
     *before, line = err.split("\n")[-2].split("\r")
     assert line == "manifoldgd-fast: interrupted" and not before[-1].strip(), repr(err)
+
+
+@pytest.mark.parametrize("kw, why", [
+    (dict(epochs=2.5), "--epochs 2.5: must be an integer >= 1"),
+    (dict(epochs=True), "--epochs True: must be an integer >= 1"),
+    (dict(batch_size="8"), "--batch-size '8': must be an integer >= 1"),
+    (dict(size=7.5), "--size 7.5: must be an integer >= 1"),
+    (dict(val_batch_size=float("nan")), "--val-batch-size nan: must be an integer >= 1"),
+    (dict(lr="0.1"), "--lr '0.1': must be a number > 0"),
+    (dict(distilled=None), "--distilled: expected a folder or a list of folders, got NoneType"),
+    (dict(real_val=None), "--real-val: expected a path, got NoneType None"),
+])
+def test_evaluate_refuses_ill_typed_arguments_before_any_work(tmp_path, monkeypatch, kw, why):
+    """evaluate() from Python: a float, a string or True where an integer goes failed mid-run as a TypeError
+    (after the validation set had loaded), or trained 1 epoch for True (a Python API audit)."""
+    monkeypatch.setattr(P, "load_images", lambda *a, **k: pytest.fail("images loaded"))
+    args = {"distilled": str(tmp_path), "real_val": str(tmp_path), **kw}
+    with pytest.raises(ConfigError, match="^" + re.escape(why)):
+        P.evaluate(args.pop("distilled"), args.pop("real_val"), device="cpu", **args)
+
+
+@pytest.mark.parametrize("kw, why", [
+    (dict(k=2.5), "--k 2.5: must be an integer >= 1"),
+    (dict(mmd_max_real=1.5), "--mmd-max-real 1.5: must be an integer >= 1"),
+    (dict(encoder_epochs="3"), "--encoder-epochs '3': must be an integer >= 1"),
+    (dict(cache_dir=3), "--cache-dir: expected a path, got int 3"),
+    (dict(real=None), "--real: expected a path, got NoneType None"),
+])
+def test_compute_metrics_refuses_ill_typed_arguments_before_any_work(tmp_path, kw, why):
+    """compute_metrics(k=2.5) failed in topk once the default encoder had trained (about 25 min on a CPU)."""
+    from manifoldgd_fast.eval.metrics import compute_metrics
+
+    args = {"distilled": str(tmp_path), "real": str(tmp_path), **kw}
+    with pytest.raises(ConfigError, match="^" + re.escape(why)):
+        compute_metrics(args.pop("distilled"), args.pop("real"), device="cpu", **args)

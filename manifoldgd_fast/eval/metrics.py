@@ -61,8 +61,8 @@ from .inception import FIDInceptionV3
 from .nets import NAMED, load_net, net_checkpoint
 from ..devices import resolve_device
 from .precision import amp, net_layout, prepare_net
-from .protocol import (MAX_SIZE, Split, capped, default_size, load_images, match_classes, native_size, probe_net,
-                       train_net)
+from .protocol import (MAX_SIZE, Split, capped, check_counts, check_path, default_size, load_images, match_classes,
+                       native_size, probe_net, train_net)
 from .report import append_manifest, check_not_being_written
 
 log = logging.getLogger(__name__)
@@ -534,10 +534,11 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
     them in later runs against the same real folder. Writes ``out_json`` (default OUT/metrics.json) and appends a
     summary to OUT/manifest.json's "metrics" list if it exists. Returns that dict.
     """
-    for name, v in (("--size", size), ("--k", k), ("--max-real-per-class", max_real_per_class),
-                    ("--mmd-max-real", mmd_max_real), ("--encoder-epochs", encoder_epochs)):
-        if v is not None and v < 1:
-            raise ConfigError(f"{name} {v}: must be >= 1")
+    distilled, real = check_path(distilled, "--distilled"), check_path(real, "--real")
+    check_counts((("--size", size), ("--k", k), ("--max-real-per-class", max_real_per_class),
+                  ("--mmd-max-real", mmd_max_real), ("--encoder-epochs", encoder_epochs)))
+    if cache_dir is not None:
+        cache_dir = check_path(cache_dir, "--cache-dir")
     if size is not None and size > MAX_SIZE:
         raise ConfigError(f"--size {size}: must be <= {MAX_SIZE} px")
     if fid_resize is not None and fid_resize not in RESIZES:

@@ -279,7 +279,9 @@ def load_net(source, *, num_classes: int | None = None, size: int | None = None,
                 obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:  # noqa: BLE001 - any unpickling failure is the file's fault
             raise ConfigError(f"{what} {path}: cannot load ({type(e).__name__}: {e})") from None
-    return _select_classes(_net_from(obj, num_classes, size, what), num_classes, class_names, what)
+    with torch.random.fork_rng(devices=[]):  # (the shells' random init, replaced by the weights: not the caller's RNG)
+        net = _net_from(obj, num_classes, size, what)
+    return _select_classes(net, num_classes, class_names, what)
 
 
 def _is_torchscript(path: str) -> bool:

@@ -496,11 +496,28 @@ def _teacher_name(teacher) -> str:
     return type(teacher).__name__
 
 
+def check_counts(pairs) -> None:
+    """ConfigError naming the parameter unless each (flag, value) of ``pairs`` is None or an integer >= 1 (a
+    float, a string or True failed mid-run as a TypeError, after the images had loaded: a Python API audit)."""
+    for name, v in pairs:
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):
+            raise ConfigError(f"{name} {v!r}: must be an integer >= 1")
+
+
+def check_path(value, flag: str) -> str:
+    """A folder or file argument as a str: ConfigError naming ``flag`` for anything but a path."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise ConfigError(f"{flag}: expected a path, got {type(value).__name__} {value!r}")
+    return os.fspath(value)
+
+
 def _folder_list(distilled) -> list[str]:
     """One folder or a sequence of them -> a list; ConfigError naming --distilled for none or repeats."""
     if isinstance(distilled, (str, os.PathLike)):
         return [os.fspath(distilled)]
-    folders = [os.fspath(d) for d in distilled]
+    if not isinstance(distilled, (list, tuple)):
+        raise ConfigError(f"--distilled: expected a folder or a list of folders, got {type(distilled).__name__}")
+    folders = [check_path(d, "--distilled") for d in distilled]
     if not folders:
         raise ConfigError("--distilled: no folder given")
     seen = set()
@@ -611,12 +628,12 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
         if os.path.isdir(beside):  # (a class folder named eval.md: 'Is a directory', after training)
             raise ConfigError(f"--out-json{'' if out_json is not None else ' (default)'} {report}: {beside}, "
                               "written beside it, is a folder; give --out-json elsewhere")
-    for name, v in (("--epochs", epochs), ("--size", size), ("--batch-size", batch_size),
-                    ("--eval-every", eval_every), ("--val-batch-size", val_batch_size), ("--val-resize", val_resize)):
-        if v is not None and v < 1:
-            raise ConfigError(f"{name} {v}: must be >= 1")
-    if lr is not None and not (math.isfinite(lr) and 0 < lr <= float(torch.finfo(torch.float32).max)):
-        raise ConfigError(f"--lr {lr}: must be > 0 and finite in float32")   # (SGD takes it as a float32)
+    real_val = check_path(real_val, "--real-val")
+    check_counts((("--epochs", epochs), ("--size", size), ("--batch-size", batch_size), ("--eval-every", eval_every),
+                  ("--val-batch-size", val_batch_size), ("--val-resize", val_resize)))
+    if lr is not None and not (isinstance(lr, numbers.Real) and not isinstance(lr, bool) and math.isfinite(lr)
+                               and 0 < lr <= float(torch.finfo(torch.float32).max)):
+        raise ConfigError(f"--lr {lr!r}: must be a number > 0 and finite in float32")   # (SGD takes it as a float32)
     if size is not None and size > MAX_SIZE:
         raise ConfigError(f"--size {size}: must be <= {MAX_SIZE} px")
     if val_resize is not None and val_resize > MAX_VAL_RESIZE:  # (it was OOM-killed without a word, loading)
