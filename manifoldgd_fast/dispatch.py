@@ -56,6 +56,18 @@ def _kernels():
     return load_kernels("manifold_correct", "manifold_pull", "philox_normal", "sym_eig")
 
 
+def device_reason(device: torch.device) -> str | None:
+    """Why the guidance kernels cannot run on ``device`` at all (no Triton; not CUDA, or not the CPU under the
+    interpreter), or None: for a run that asks for ``backend="triton"`` up front, before hours of encoding."""
+    kern, why = _kernels()
+    if kern is None:
+        return why
+    if not kern.triton_device_ok(device):
+        return (f"the run is on {device}; the Triton kernels run on CUDA"
+                + ("" if kern.INTERPRET else " (on the CPU only under TRITON_INTERPRET=1)"))
+    return None
+
+
 def tensors_reason(kern, tensors: dict, *, all_float: bool = False) -> str | None:
     """The checks every Triton kernel shares: one device the kernels run on (``kern``: the kernels
     package), floating tensors in fp32 / bf16 / fp16 (``all_float``: every tensor floating)."""

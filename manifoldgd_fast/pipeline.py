@@ -30,7 +30,7 @@ from .config import (LABEL_MAPS, DistillConfig, fields_digest, fingerprint_field
 from .devices import resolve_device
 from .distributed import Shard
 from .profile import phase
-from .errors import ConfigError, DataError
+from .errors import BackendError, ConfigError, DataError
 from . import classrun
 from .classrun import (_check_class, _prefetched_group, _receive, check_decoded, class_modes, distill_group,
                        load_modes, modes_file, read_modes)
@@ -248,6 +248,14 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
         latent = info["latent_size"] * vinfo["downsample"]
         if cfg.image_size is not None and cfg.image_size != latent:
             raise ConfigError(f"--image-size {cfg.image_size} does not match the model's {latent} px")
+    uses_kernels = cfg.method in ("manifoldgd", "mgd3") or cfg.cgs or cfg.dit_impl == "fused"
+    if need_models and cfg.backend == "triton" and uses_kernels:  # (refused at the first guided step: after the
+        #                                                            latents were encoded, hours at ImageNet-1k)
+        from .dispatch import device_reason
+
+        why = device_reason(device)
+        if why is not None:
+            raise BackendError(f"--backend triton: {why}")
     image_size = cfg.image_size or (info["latent_size"] * vinfo["downsample"] if info else 256)
     if before_cache is not None:
         before_cache(dict(entries=entries, device=device, backbone=backbone, schedule_kw=schedule_kw, weights=weights,

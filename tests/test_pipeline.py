@@ -525,6 +525,22 @@ def test_modes_written_meanwhile_by_another_modes_run_of_other_settings_are_refu
     assert (tmp_path / "m" / "modes" / "apple.safetensors").read_bytes() == theirs
 
 
+def test_backend_triton_off_cuda_is_refused_before_any_encoding(tiny_world, tmp_path, capsys, monkeypatch):
+    """--backend triton on a CPU run (not under the interpreter) was refused at the first guided step, after the
+    latent cache was encoded (hours at ImageNet-1k) and OUT's manifest written (a Python API audit)."""
+    from manifoldgd_fast import dispatch, latents
+
+    kern, _ = dispatch._kernels()
+    if kern is not None and kern.INTERPRET:
+        pytest.skip("TRITON_INTERPRET=1 is set: the kernels run on the CPU here")
+    monkeypatch.setattr(latents, "cache_latents", lambda *a, **k: pytest.fail("latents encoded"))
+    out = tmp_path / "out"
+    assert main(_args(tiny_world, out, "--backend", "triton")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("manifoldgd-fast: error: --backend triton: ") and "cpu" in err[0], err
+    assert not out.exists()
+
+
 def test_distill_from_precomputed_modes_gives_the_same_bytes(tiny_world, tmp_path, capsys):
     """`modes` then `distill --modes-dir` == `distill` alone; modes of other parameters are refused."""
     base = ["--data", tiny_world["data"], "--model", tiny_world["model"],
