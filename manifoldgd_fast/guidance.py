@@ -69,6 +69,14 @@ def mode_grad_paper(x0: torch.Tensor, m: torch.Tensor, kernel: str, bandwidth: f
     raise ConfigError(f"unknown kernel {kernel!r}")
 
 
+# The DistillConfig fields the guidance reads (besides method, formulation and t_stop, StepGuidance's own
+# arguments): what StepGuidance's **params take
+GUIDANCE_PARAMS = ("lambda_m", "kernel", "kernel_bandwidth", "k", "d", "ridge", "lambda_n", "k_min", "radius_schedule",
+                   "radius_a", "radius_units", "r_min", "r_max", "neighbourhood_dtype", "manifold_scale",
+                   "manifold_radius", "bandwidth", "cloud_size", "warm_steps", "warm_mult", "warm_schedule", "backend",
+                   "guidance_noise")
+
+
 def paper_neighbourhoods(cfg: DistillConfig, class_latents: torch.Tensor, modes: torch.Tensor) -> dict:
     """The paper formulation's inputs of :class:`Guidance` for one class: its latents (n, D) in
     ``cfg.neighbourhood_dtype`` (the patch rows the guidance ops stream each step; they compute in fp32),
@@ -339,7 +347,8 @@ class StepGuidance:
             768 px) or "sample" (x0); None: ``scheduler.config.prediction_type``, else "epsilon".
             The call then takes and returns that kind of output, guided through the eps and x0 it
             implies (at abar = 0, zero terminal SNR, through x0 alone).
-        **params: any DistillConfig guidance parameter (lambda_m, k, d, manifold_radius, ...).
+        **params: the DistillConfig guidance parameters (:data:`GUIDANCE_PARAMS`: lambda_m, k, d,
+            manifold_radius, ...); another DistillConfig field is refused (the guidance does not use it).
     """
 
     def __init__(self, modes: torch.Tensor, *, timesteps=None, formulation: str = "official",
@@ -379,6 +388,10 @@ class StepGuidance:
         if unknown:
             raise ConfigError(f"StepGuidance got an unknown parameter {unknown[0]!r} (**params are DistillConfig "
                               "guidance parameters: lambda_m, k, d, manifold_radius, ...)")
+        unused = sorted(set(params) - set(GUIDANCE_PARAMS))   # (cgs=True, dtype=, sampler= did nothing, silently)
+        if unused:
+            raise ConfigError(f"StepGuidance does not use {unused[0]!r}, a setting of distill's own loop, not of the "
+                              f"guidance: leave it out (its parameters: {', '.join(GUIDANCE_PARAMS)})")
         if prediction_type is None:
             prediction_type = getattr(getattr(scheduler, "config", None), "prediction_type", None) or "epsilon"
         self.prediction_type = prediction_type

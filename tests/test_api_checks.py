@@ -219,6 +219,45 @@ def test_steps_ipc_or_an_unknown_parameter_is_named_not_a_typeerror(kw, why):
     _refused(ConfigError, why, StepGuidance, _modes(), timesteps=TS, n_classes=10, **kw)
 
 
+@pytest.mark.parametrize("name, value", [("cgs", True), ("dtype", "float16"), ("sampler", "ddpm"), ("cfg_scale", 9.0),
+                                         ("device", "cpu"), ("data", "x"), ("compile", "max-autotune")])
+def test_a_distill_setting_the_guidance_does_not_use_is_refused(name, value):
+    """StepGuidance(**params) took any DistillConfig field: cgs=True, dtype=, sampler= gave the default guidance
+    bit for bit, without a word (a Python API audit); only the guidance's own parameters are taken."""
+    _refused(ConfigError, f"^StepGuidance does not use {name!r}, a setting of distill's own loop",
+             StepGuidance, _modes(), timesteps=TS, n_classes=10, **{name: value})
+
+
+def test_every_guidance_parameter_is_taken_and_read():
+    """Each of GUIDANCE_PARAMS is a DistillConfig field, taken at its default; and each field the guidance reads
+    from its config is one of them (else a parameter that changes the guidance would be refused)."""
+    import dataclasses
+
+    from manifoldgd_fast.config import DistillConfig
+    from manifoldgd_fast.guidance import GUIDANCE_PARAMS
+
+    defaults = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
+    x, e = _xe()
+    for formulation in ("official", "paper"):
+        read = set()
+
+        class Recording(DistillConfig):
+            def __getattribute__(self, name):
+                if not name.startswith("_"):
+                    read.add(name)
+                return super().__getattribute__(name)
+
+        g = StepGuidance(_modes(), timesteps=TS, n_classes=10, formulation=formulation,
+                         class_latents=torch.randn(40, *_modes().shape[1:]) if formulation == "paper" else None,
+                         **{n: defaults[n] for n in GUIDANCE_PARAMS if n in ("backend", "guidance_noise")})
+        g.guidance.cfg = g.cfg = dataclasses.replace(g.cfg)  # (a copy, then recorded)
+        g.guidance.cfg.__class__ = Recording
+        g(x, e, 0)
+        fields = set(defaults) - {"method", "formulation", "t_stop", "steps", "ipc", "seed"}
+        assert read & fields <= set(GUIDANCE_PARAMS), sorted(read & fields - set(GUIDANCE_PARAMS))
+    assert set(GUIDANCE_PARAMS) <= set(defaults)
+
+
 @pytest.mark.parametrize("timesteps,why", [
     ([float("nan"), 5], "^timesteps must be finite integers .*, got nan$"),
     ([900, float("inf")], "^timesteps must be finite integers .*, got inf$"),
