@@ -109,14 +109,17 @@ def _check_rows(name: str, x: torch.Tensor, rows: torch.Tensor, lengths: torch.T
     _check_float(x=x, **{name: rows})
     B, M = rows.shape[:2]
     if lengths is None:
-        lengths = torch.full((B,), M, dtype=torch.long, device=rows.device)
-    else:
-        lengths = _int_lengths(lengths, rows.device)
-        if lengths.shape != (B,):
-            raise ConfigError(f"lengths must be (B,) = ({B},), got {tuple(lengths.shape)}")
-        if bool((lengths < 1).any()) or bool((lengths > M).any()):
-            raise ConfigError(f"lengths must lie in [1, M={M}], got min {int(lengths.min())} max {int(lengths.max())}")
-    if B and int(lengths.min()) < k:  # (an empty batch has no shortest row)
+        if B and M < k:  # (an empty batch has no shortest row)
+            raise ConfigError(f"k={k} is larger than the {name} (shortest has {M} valid rows)")
+        return torch.full((B,), M, dtype=torch.long, device=rows.device)
+    lengths = _int_lengths(lengths, rows.device)
+    if lengths.shape != (B,):
+        raise ConfigError(f"lengths must be (B,) = ({B},), got {tuple(lengths.shape)}")
+    if _noise._capturing(rows.device):  # the value checks read the device: not inside a CUDA graph (the
+        return lengths                  # reference twins run them too, as a fused op's fallback may)
+    if bool((lengths < 1).any()) or bool((lengths > M).any()):
+        raise ConfigError(f"lengths must lie in [1, M={M}], got min {int(lengths.min())} max {int(lengths.max())}")
+    if B and int(lengths.min()) < k:
         raise ConfigError(f"k={k} is larger than the {name} (shortest has {int(lengths.min())} valid rows)")
     return lengths
 
@@ -240,11 +243,7 @@ def manifold_correct(x, patch, g, *, k, d, lambda_normal=1.0, ridge=0.0, lengths
     as the farthest, and a non-finite x gives a finite result from arbitrary neighbours. Check the inputs
     upstream (the pipeline checks each class's latents once, after sampling).
     """
-    k, d = _check_kd(k, d)
-    lengths = _check_rows("patch", x, patch, lengths, k)
-    _check_tensor(g=g)
-    _check_bd("g", g, x)
-    _check_scalars(lambda_normal=lambda_normal, ridge=ridge)
+    k, d, lengths = _correct_args(x, patch, g, k, d, lambda_normal, ridge, lengths)
     if x.shape[0] == 0:  # an empty batch: nothing to correct
         return g.clone()
     why = lambda: _triton_reason({"x": x, "patch": patch, "g": g}, B=x.shape[0], rows=patch.shape[1],  # noqa: E731
@@ -256,11 +255,20 @@ def manifold_correct(x, patch, g, *, k, d, lambda_normal=1.0, ridge=0.0, lengths
     return manifold_correct_ref(x, patch, g, k=k, d=d, lambda_normal=lambda_normal, ridge=ridge, lengths=lengths)
 
 
+def _correct_args(x, patch, g, k, d, lambda_normal, ridge, lengths):
+    """:func:`manifold_correct`'s (and its twin's) checks: (k, d, lengths as a (B,) int64 tensor)."""
+    k, d = _check_kd(k, d)
+    lengths = _check_rows("patch", x, patch, lengths, k)
+    _check_tensor(g=g)
+    _check_bd("g", g, x)
+    _check_scalars(lambda_normal=lambda_normal, ridge=ridge)
+    return k, d, lengths
+
+
 def manifold_correct_ref(x, patch, g, *, k, d, lambda_normal=1.0, ridge=0.0, lengths=None):
-    """Reference of :func:`manifold_correct` (same signature, no backend)."""
+    """Reference of :func:`manifold_correct` (same signature and checks, no backend)."""
+    k, d, lengths = _correct_args(x, patch, g, k, d, lambda_normal, ridge, lengths)
     B, M, D = patch.shape
-    if lengths is None:
-        lengths = torch.full((B,), M, dtype=torch.long, device=patch.device)
     with phase("knn"):  # the profiler's phases, as the kernels' (no-ops unless profiling)
         idx, _ = knn_rows_ref(x, patch, k, lengths)
     with phase("gram_eig"):
@@ -291,9 +299,7 @@ def manifold_pull(x, cloud, *, k=12, d=3, scale=0.1, bandwidth=0.1, ridge=1e-5, 
         backend: "auto" | "reference" | "triton" (see the module docstring).
     Returns: (B, D) in x's dtype.
     """
-    k, d = _check_kd(k, d)
-    lengths = _check_rows("cloud", x, cloud, lengths, k)
-    _check_scalars({"bandwidth": bandwidth}, scale=scale, ridge=ridge)
+    k, d, lengths = _pull_args(x, cloud, k, d, scale, bandwidth, ridge, lengths)
     if x.shape[0] == 0:  # an empty batch: no term
         return torch.zeros_like(x)
     why = lambda: _triton_reason({"x": x, "cloud": cloud}, B=x.shape[0], rows=cloud.shape[1],  # noqa: E731
@@ -304,11 +310,18 @@ def manifold_pull(x, cloud, *, k=12, d=3, scale=0.1, bandwidth=0.1, ridge=1e-5, 
     return manifold_pull_ref(x, cloud, k=k, d=d, scale=scale, bandwidth=bandwidth, ridge=ridge, lengths=lengths)
 
 
+def _pull_args(x, cloud, k, d, scale, bandwidth, ridge, lengths):
+    """:func:`manifold_pull`'s (and its twin's) checks: (k, d, lengths as a (B,) int64 tensor)."""
+    k, d = _check_kd(k, d)
+    lengths = _check_rows("cloud", x, cloud, lengths, k)
+    _check_scalars({"bandwidth": bandwidth}, scale=scale, ridge=ridge)
+    return k, d, lengths
+
+
 def manifold_pull_ref(x, cloud, *, k=12, d=3, scale=0.1, bandwidth=0.1, ridge=1e-5, lengths=None):
-    """Reference of :func:`manifold_pull` (same signature, no backend)."""
+    """Reference of :func:`manifold_pull` (same signature and checks, no backend)."""
+    k, d, lengths = _pull_args(x, cloud, k, d, scale, bandwidth, ridge, lengths)
     B, N, D = cloud.shape
-    if lengths is None:
-        lengths = torch.full((B,), N, dtype=torch.long, device=cloud.device)
     with phase("knn"):  # the profiler's phases, as the kernels' (no-ops unless profiling)
         idx, d2 = knn_rows_ref(x, cloud, k, lengths)
     with phase("gram_eig"):
@@ -343,7 +356,7 @@ def time_aligned_patch(latents, order, lengths, alpha_bar, generators):
     Args:
         latents: (n, D) class latents.
         order: (B, n) each sample's neighbourhood order (nearest to its mode first).
-        lengths: (B,) rows in each patch (prefix of the order); M = max(lengths).
+        lengths: (B,) rows in each patch (prefix of the order), None = all of order's; M = max(lengths).
         alpha_bar: float, cumulative alpha of the current step.
         generators: a torch.Generator, or a list of B (one per sample, so a
             sample's noise does not depend on which batch it was drawn in).
@@ -469,6 +482,8 @@ def _check_patch_inputs(x, latents, order, lengths, k):
 def _check_order(latents, order, lengths, k):
     """lengths (B,) in [max(1, k), n_order]; the used prefix of ``order`` indexes rows of ``latents``."""
     B = order.shape[0]
+    if lengths is None:  # (as manifold_correct's: every row; it was torch's "Could not infer dtype of NoneType")
+        lengths = torch.full((B,), order.shape[1], dtype=torch.long, device=latents.device)
     lengths = _int_lengths(lengths, latents.device)
     if lengths.shape != (B,):
         raise ConfigError(f"lengths must be (B,) = ({B},), got {tuple(lengths.shape)}")

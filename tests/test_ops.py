@@ -563,3 +563,37 @@ def test_official_cloud_takes_a_zero_terminal_snr_step():
     assert cloud.shape == (2, 6, 8) and torch.isfinite(cloud).all()
     with pytest.raises(ConfigError, match=r"^alpha_bar must be a number in \[0, 1\], got -0.1$"):
         ops.official_cloud(torch.randn(2, 8), 0.1, -0.1, gens)
+
+
+@pytest.mark.parametrize("twin", ["manifold_correct", "manifold_pull"])
+def test_the_reference_twins_check_their_inputs_as_the_ops_do(twin):
+    """manifold_correct_ref / manifold_pull_ref ("same signature", in ops.__all__) checked nothing: a list of
+    lengths was a TypeError, an int64 g came back truncated, d >= k, bandwidth 0 or a NaN lambda_normal ran
+    silently (a Python API audit). They take and refuse what their ops do, with the same messages."""
+    torch.manual_seed(0)
+    x, rows = torch.randn(3, 6), torch.randn(3, 20, 6)
+    op, ref = getattr(ops, twin), getattr(ops, twin + "_ref")
+    base = dict(k=4, d=2) if twin == "manifold_correct" else dict(k=4, d=2, scale=0.1, bandwidth=0.1)
+    args = (x, rows, torch.randn(3, 6)) if twin == "manifold_correct" else (x, rows)
+    lengths = [20, 15, 10]
+    want = op(*args, **base, lengths=lengths, backend="reference")
+    assert torch.equal(ref(*args, **base, lengths=lengths), want)
+    bad = [dict(d=4), dict(d=0), dict(k=30), dict(lengths=[20, 15, 30])]
+    bad += [dict(lambda_normal=float("nan"))] if twin == "manifold_correct" else [dict(bandwidth=0.0)]
+    for kw in bad:
+        with pytest.raises(ConfigError) as want_e:
+            op(*args, **{**base, **kw}, backend="reference")
+        with pytest.raises(ConfigError) as got_e:
+            ref(*args, **{**base, **kw})
+        assert str(got_e.value) == str(want_e.value), kw
+    if twin == "manifold_correct":
+        with pytest.raises(ConfigError, match="^g must be floating point, got torch.int64$"):
+            ref(x, rows, torch.ones(3, 6, dtype=torch.long), **base)
+
+
+def test_time_aligned_patch_takes_no_lengths_as_every_row():
+    """lengths=None (as manifold_correct takes it: every row) was torch's 'Could not infer dtype of NoneType'."""
+    latents, order = torch.randn(10, 4), torch.stack([torch.randperm(10) for _ in range(2)])
+    a = ops.time_aligned_patch(latents, order, None, 0.5, torch.Generator().manual_seed(0))
+    b = ops.time_aligned_patch(latents, order, [10, 10], 0.5, torch.Generator().manual_seed(0))
+    assert a.shape == (2, 10, 4) and torch.equal(a, b)
