@@ -45,7 +45,9 @@ class Profiler:
     """Collects phase times; ``report()`` gives per-phase totals, per-step means and shares."""
 
     def __init__(self, device: torch.device | str = "cpu"):
-        self.device = torch.device(device)
+        from .devices import resolve_device
+
+        self.device = resolve_device(device)  # ("auto", DistillConfig's default, was torch's RuntimeError)
         self.cuda = self.device.type == "cuda"
         self._events: list[tuple[str, Any, Any, int]] = []   # (name, start, end, step): events or floats
         self.steps = 0          # denoising steps of every batch (steps x batches)

@@ -299,3 +299,15 @@ def test_nvtx_ranges_fall_back_to_torch_without_the_nvtx_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "nvtx", fake)
     assert profile._nvtx_range() is fake.annotate
     assert profile.Profiler("cpu")._nvtx_range is None                # the CPU times phases without NVTX
+
+
+def test_a_profiler_on_the_auto_device():
+    """profiling("auto") (DistillConfig's own default device) was torch's RuntimeError; a device no run takes is
+    a ConfigError naming it."""
+    from manifoldgd_fast.errors import ConfigError
+
+    with profiling("auto") as prof:
+        pass
+    assert prof.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="--device mps: runs on cpu or cuda"):
+        profiling("mps").__enter__()
