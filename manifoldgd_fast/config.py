@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -73,6 +74,11 @@ def _unique_key_loader():
             return super().construct_mapping(node, deep)
 
     return UniqueKeyLoader
+
+
+def _folder_name(c) -> bool:
+    """A class folder's name as YAML or the API may give it: a string, or an int (a numbered folder, `0`)."""
+    return isinstance(c, str) or (isinstance(c, numbers.Integral) and not isinstance(c, bool))
 
 
 @dataclass
@@ -189,10 +195,19 @@ class DistillConfig:
         for name in FLOAT_FIELDS:
             if type(getattr(self, name)) is int:
                 setattr(self, name, float(getattr(self, name)))
-        # the API's pathlib.Path model / torch.device: the flag's string (its manifest, fingerprint and loaders')
-        for name in ("model", "vae"):
-            if isinstance(getattr(self, name), os.PathLike):
-                setattr(self, name, os.fspath(getattr(self, name)))
+        # the API's pathlib.Path (any path field) / numpy integer / torch.device: the flag's string or int (its
+        # manifest, fingerprint and loaders'; save() wrote no JSON of a Path, ipc=np.int64(2) was refused)
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, os.PathLike):
+                setattr(self, f.name, os.fspath(v))
+            elif isinstance(v, numbers.Integral) and not isinstance(v, (bool, int)):
+                setattr(self, f.name, int(v))
+        # YAML's and the API's `classes: [a, b]` / `classes: [0, 1]` / `classes: 3`: the flag's "a,b"
+        if isinstance(self.classes, (list, tuple)) and self.classes and all(_folder_name(c) for c in self.classes):
+            self.classes = ",".join(map(str, self.classes))
+        elif _folder_name(self.classes) and not isinstance(self.classes, str):
+            self.classes = str(self.classes)
         if not isinstance(self.device, str):
             import torch
 
@@ -462,6 +477,9 @@ class DistillConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> "DistillConfig":
         known = {f.name for f in fields(cls)}
+        odd = [k for k in d if not isinstance(k, str)]
+        if odd:  # (a TypeError from sorted / join)
+            raise ConfigError(f"{source}: parameter names are strings, got {odd[0]!r}")
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown parameter(s) {', '.join(unknown)}")
@@ -472,13 +490,6 @@ class DistillConfig:
                 d[name] = float(v)
         if type(d.get("cfg_channels")) is int:          # YAML's `cfg_channels: 3`, the flag's "3"
             d["cfg_channels"] = str(d["cfg_channels"])
-        def folder_name(c):  # YAML reads a numbered class folder (`classes: [0, 1]`, `classes: 3`) as an int
-            return isinstance(c, str) or (isinstance(c, int) and not isinstance(c, bool))
-
-        if isinstance(d.get("classes"), list) and all(folder_name(c) for c in d["classes"]):
-            d["classes"] = ",".join(map(str, d["classes"]))  # YAML's `classes: [a, b]`, the flag's "a,b"
-        elif folder_name(d.get("classes")):
-            d["classes"] = str(d["classes"])
         try:
             return cls(**d)
         except TypeError as e:  # pragma: no cover - dataclass signature mismatch

@@ -289,3 +289,25 @@ def test_distill_refuses_what_is_not_a_config_or_a_dict(config):
     'shard'")."""
     _refused(ConfigError, f"^distill takes a DistillConfig or a dict of its fields, got {type(config).__name__}$",
              distill, config)
+
+
+def test_distill_config_from_python_takes_paths_numpy_ints_and_class_lists(tmp_path):
+    """From the Python API (a Python API audit): DistillConfig(out=Path(...)).save() raised TypeError (only
+    model / vae were made strings), ipc=np.int64(2) was refused, classes=["0", "1"] was refused (a dict's was
+    taken), and a dict with a non-string key was a TypeError from sorted()."""
+    import pathlib
+
+    import numpy as np
+
+    from manifoldgd_fast.config import DistillConfig
+
+    cfg = DistillConfig(out=pathlib.Path(tmp_path / "o"), cache_dir=pathlib.Path(tmp_path / "c"), ipc=np.int64(2),
+                        classes=["0", "1"])
+    assert cfg.out == str(tmp_path / "o") and cfg.cache_dir == str(tmp_path / "c")
+    assert type(cfg.ipc) is int and cfg.ipc == 2 and cfg.classes == "0,1"
+    cfg.validate()
+    cfg.save(str(tmp_path / "c.json"))
+    assert DistillConfig.load(str(tmp_path / "c.json")) == cfg
+    assert DistillConfig(classes=[0, "n01440764"]).classes == "0,n01440764"
+    with pytest.raises(ConfigError, match="^config: parameter names are strings, got 1$"):
+        DistillConfig.from_dict({1: 2})
