@@ -263,7 +263,13 @@ def _step_neighbourhoods(cfg: DistillConfig, modes: torch.Tensor, class_latents,
         if classes is not None:
             raise ConfigError("classes= goes with class_latents as a sequence of per-class tensors")
         return paper_neighbourhoods(cfg, class_latents, modes)
+    if not isinstance(class_latents, (list, tuple)):  # (a numpy array was taken as n per-class "tensors")
+        raise ConfigError(f"class_latents must be a torch.Tensor (n, C, h, w) or a list of them (one per class), "
+                          f"got {type(class_latents).__name__}")
     lats = list(class_latents)
+    bad = next((i for i, t in enumerate(lats) if not isinstance(t, torch.Tensor)), None)
+    if bad is not None:
+        raise ConfigError(f"class_latents[{bad}] must be a torch.Tensor (n, C, h, w), got {type(lats[bad]).__name__}")
     B = modes.shape[0]
     cls = []
     if classes is not None:

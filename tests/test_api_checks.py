@@ -311,3 +311,18 @@ def test_distill_config_from_python_takes_paths_numpy_ints_and_class_lists(tmp_p
     assert DistillConfig(classes=[0, "n01440764"]).classes == "0,n01440764"
     with pytest.raises(ConfigError, match="^config: parameter names are strings, got 1$"):
         DistillConfig.from_dict({1: 2})
+
+
+@pytest.mark.parametrize("latents, why", [
+    (lambda m: np.random.randn(40, *m.shape[1:]).astype(np.float32),
+     "^class_latents must be a torch.Tensor \\(n, C, h, w\\) or a list of them \\(one per class\\), got ndarray$"),
+    (lambda m: [torch.randn(40, *m.shape[1:]), "x"], r"^class_latents\[1\] must be a torch.Tensor \(n, C, h, w\), "
+                                                      "got str$"),
+    (lambda m: 5, "^class_latents must be a torch.Tensor .*, got int$"),
+])
+def test_class_latents_that_are_no_tensors_are_named(latents, why):
+    """A numpy array was taken as 40 per-class tensors ("with 40 class latent tensors, classes= ..."), a list
+    holding a string was an AttributeError, an int a TypeError (a Python API audit)."""
+    m = _modes()
+    _refused(ConfigError, why, StepGuidance, m, timesteps=TS, n_classes=10, formulation="paper",
+             class_latents=latents(m), classes=[0] * m.shape[0])
