@@ -190,11 +190,6 @@ class DistillConfig:
 
     # ------------------------------------------------------------------------
     def __post_init__(self):
-        # a whole number in a number field (YAML's or the API's `lambda_m: 1`) is the flag's float (1.0): one run,
-        # one fingerprint, one manifest (json hashed 1 and 1.0 apart: a resume spelt the other way was refused)
-        for name in FLOAT_FIELDS:
-            if type(getattr(self, name)) is int:
-                setattr(self, name, float(getattr(self, name)))
         # the API's pathlib.Path (any path field) / numpy integer / torch.device: the flag's string or int (its
         # manifest, fingerprint and loaders'; save() wrote no JSON of a Path, ipc=np.int64(2) was refused)
         for f in fields(self):
@@ -203,6 +198,11 @@ class DistillConfig:
                 setattr(self, f.name, os.fspath(v))
             elif isinstance(v, numbers.Integral) and not isinstance(v, (bool, int)):
                 setattr(self, f.name, int(v))
+        # a whole number in a number field (YAML's or the API's `lambda_m: 1`) is the flag's float (1.0): one run,
+        # one fingerprint, one manifest (json hashed 1 and 1.0 apart: a resume spelt the other way was refused)
+        for name in FLOAT_FIELDS:
+            if type(getattr(self, name)) is int:
+                setattr(self, name, float(getattr(self, name)))
         # YAML's and the API's `classes: [a, b]` / `classes: [0, 1]` / `classes: 3`: the flag's "a,b"
         if isinstance(self.classes, (list, tuple)) and self.classes and all(_folder_name(c) for c in self.classes):
             self.classes = ",".join(map(str, self.classes))

@@ -220,7 +220,7 @@ def read_finetune_record(model: str | None) -> dict | None:
     from .errors import ModelError
     from .output import LOCK_NAME, lock_is_held
 
-    if model and lock_is_held(os.path.join(str(model), LOCK_NAME)):  # (its weights, or none yet, were read as
+    if model and lock_is_held(os.path.join(str(model), LOCK_NAME), exclusive_only=True):  # (its weights, or none yet, were read as
         #                                                             a fine-tune that had stopped: audit)
         raise ModelError(f"--model {model} is being written by a finetune run: use it once that run has finished")
     path = os.path.join(str(model), FINETUNE_RECORD) if model else ""

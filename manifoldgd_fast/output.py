@@ -450,8 +450,13 @@ def _temp_is_ours(entry: str, class_tmp: bool, top: bool, classes: set, files: I
     return target.rsplit(".safetensors-", 1)[0] in classes
 
 
-def lock_is_held(path: str) -> bool:
-    """Whether some process holds a ``flock`` on ``path`` (False where it does not exist or cannot be locked)."""
+def lock_is_held(path: str, *, exclusive_only: bool = False) -> bool:
+    """Whether some process holds a ``flock`` on ``path`` (False where it does not exist or cannot be locked).
+
+    ``exclusive_only``: whether a writer holds it exclusively (a whole distill run, a finetune), probed with a
+    shared lock: readers that check at the same moment (torchrun's ranks loading one model, an eval and a
+    metrics run) do not take each other for a writer, as exclusive probes did; a check that cannot tell says
+    nothing (a shared read-only folder on NFS)."""
     try:
         import fcntl
     except ImportError:
@@ -464,14 +469,15 @@ def lock_is_held(path: str) -> bool:
         except OSError:
             return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if exclusive_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         fcntl.flock(fd, fcntl.LOCK_UN)
         return False
     except BlockingIOError:
         return True
     except OSError as e:  # e.g. EBADF: NFS will not lock a file this process may only read
-        log.warning("cannot tell whether %s is held (%s): nothing checks that its holders are not writing here",
-                    path, e.strerror or e)
+        (log.debug if exclusive_only else log.warning)(
+            "cannot tell whether %s is held (%s): nothing checks that its holders are not writing here", path,
+            e.strerror or e)
         return False
     finally:
         os.close(fd)
@@ -507,7 +513,15 @@ class RunLock:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | (0 if self.wait else fcntl.LOCK_NB))
+            how = (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | (0 if self.wait else fcntl.LOCK_NB)
+            for attempt in range(4):  # (another process's lock_is_held probe holds it for an instant)
+                try:
+                    fcntl.flock(fd, how)
+                    break
+                except BlockingIOError:
+                    if attempt == 3:
+                        raise
+                    time.sleep(0.05)
         except BlockingIOError:
             holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)

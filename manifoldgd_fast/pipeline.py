@@ -248,7 +248,7 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
         latent = info["latent_size"] * vinfo["downsample"]
         if cfg.image_size is not None and cfg.image_size != latent:
             raise ConfigError(f"--image-size {cfg.image_size} does not match the model's {latent} px")
-    uses_kernels = cfg.method in ("manifoldgd", "mgd3") or cfg.cgs or cfg.dit_impl == "fused"
+    uses_kernels = cfg.method == "manifoldgd" or cfg.dit_impl == "fused"   # (mgd3 and CGS pick no backend)
     if need_models and cfg.backend == "triton" and uses_kernels:  # (refused at the first guided step: after the
         #                                                            latents were encoded, hours at ImageNet-1k)
         from .dispatch import device_reason

@@ -247,11 +247,26 @@ def test_every_guidance_parameter_is_taken_and_read():
                     read.add(name)
                 return super().__getattribute__(name)
 
-        g = StepGuidance(_modes(), timesteps=TS, n_classes=10, formulation=formulation,
-                         class_latents=torch.randn(40, *_modes().shape[1:]) if formulation == "paper" else None,
-                         **{n: defaults[n] for n in GUIDANCE_PARAMS if n in ("backend", "guidance_noise")})
-        g.guidance.cfg = g.cfg = dataclasses.replace(g.cfg)  # (a copy, then recorded)
-        g.guidance.cfg.__class__ = Recording
+        from manifoldgd_fast import guidance as G
+
+        real_init = G.Guidance.__init__
+
+        def recorded_init(self, cfg, *a, **k):  # (from the guidance's construction on: resolve() reads them all)
+            cfg.__class__ = Recording
+            real_init(self, cfg, *a, **k)
+
+        real_nb = G._step_neighbourhoods
+
+        def recorded_nb(cfg, *a, **k):
+            cfg.__class__ = Recording
+            return real_nb(cfg, *a, **k)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(G.Guidance, "__init__", recorded_init)
+            mp.setattr(G, "_step_neighbourhoods", recorded_nb)
+            g = StepGuidance(_modes(), timesteps=TS, n_classes=10, formulation=formulation,
+                             class_latents=torch.randn(40, *_modes().shape[1:]) if formulation == "paper" else None)
+        assert read, "nothing recorded"
         g(x, e, 0)
         fields = set(defaults) - {"method", "formulation", "t_stop", "steps", "ipc", "seed"}
         assert read & fields <= set(GUIDANCE_PARAMS), sorted(read & fields - set(GUIDANCE_PARAMS))
@@ -309,6 +324,9 @@ def test_distill_config_from_python_takes_paths_numpy_ints_and_class_lists(tmp_p
     cfg.save(str(tmp_path / "c.json"))
     assert DistillConfig.load(str(tmp_path / "c.json")) == cfg
     assert DistillConfig(classes=[0, "n01440764"]).classes == "0,n01440764"
+    # a numpy integer in a float field is the flag's float, as a Python int is: one fingerprint either way
+    assert DistillConfig(lambda_m=np.int64(1)).to_dict() == DistillConfig(lambda_m=1).to_dict() == \
+        DistillConfig(lambda_m=1.0).to_dict()
     with pytest.raises(ConfigError, match="^config: parameter names are strings, got 1$"):
         DistillConfig.from_dict({1: 2})
 

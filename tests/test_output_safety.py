@@ -517,12 +517,21 @@ def test_eval_and_metrics_refuse_an_out_a_distill_is_writing(tmp_path):
 
     out = tmp_path / "out"
     (out / "a").mkdir(parents=True)
-    with RunLock(str(out)):
-        for call in (lambda: evaluate(str(out), str(tmp_path), restrict_val=True, epochs=1, device="cpu"),
-                     lambda: compute_metrics(str(out), str(tmp_path), device="cpu")):
-            with pytest.raises(DataError, match=f"^--distilled {out} is being written by a distill run "
-                                                f"\\(pid {os.getpid()} on "):
-                call()
+    calls = (lambda: evaluate(str(out), str(tmp_path), restrict_val=True, epochs=1, device="cpu"),
+             lambda: compute_metrics(str(out), str(tmp_path), device="cpu"))
+    for name, shared in ((".lock", False), (".lock-shard-1-of-2", False)):   # a whole run; a --shard 1/2 process
+        with RunLock(str(out), name=name, shared=shared):
+            for call in calls:
+                with pytest.raises(DataError, match=f"^--distilled {out} is being written by a distill run "
+                                                    f"\\(pid {os.getpid()} on "):
+                    call()
+    # another reader's check at the same moment (a shared hold) is no writer: it was, with exclusive probes
+    from manifoldgd_fast.eval.report import check_not_being_written
+    from manifoldgd_fast.output import lock_is_held
+
+    with RunLock(str(out), shared=True):
+        check_not_being_written(str(out))
+        assert not lock_is_held(str(out / ".lock"), exclusive_only=True) and lock_is_held(str(out / ".lock"))
 
 
 def test_a_run_that_fails_before_writing_leaves_no_out_it_made(tiny_world, tmp_path, capsys):

@@ -539,6 +539,8 @@ def test_backend_triton_off_cuda_is_refused_before_any_encoding(tiny_world, tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("manifoldgd-fast: error: --backend triton: ") and "cpu" in err[0], err
     assert not out.exists()
+    monkeypatch.undo()   # mgd3 picks no backend (nor does CGS): --backend triton from a shared config still runs
+    assert main(_args(tiny_world, out, "--backend", "triton", "--method", "mgd3", "--classes", "apple")) == 0
 
 
 def test_distill_from_precomputed_modes_gives_the_same_bytes(tiny_world, tmp_path, capsys):

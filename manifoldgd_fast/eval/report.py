@@ -26,15 +26,20 @@ def summarize(key: str, values) -> dict:
 def check_not_being_written(folder: str, flag: str = "--distilled") -> None:
     """DataError when a distill run still writes ``folder`` (it holds OUT's run lock): an evaluation read the
     classes finished by then and recorded its numbers as the run's (found by a concurrency audit)."""
-    lock = os.path.join(folder, LOCK_NAME)
-    if os.path.isfile(lock) and lock_is_held(lock):
-        try:
-            with open(lock, encoding="utf-8", errors="replace") as f:
-                holder = f.read(200).strip()
-        except OSError:
-            holder = ""
-        raise DataError(f"{flag} {folder} is being written by a distill run ({holder or 'another process'}); "
-                        "evaluate it once that run has finished")
+    try:  # a whole run holds OUT/.lock exclusively; each --shard K/N process its OUT/.lock-shard-K-of-N
+        locks = [LOCK_NAME, *sorted(n for n in os.listdir(folder) if n.startswith(".lock-shard-"))]
+    except OSError:
+        return
+    for name in locks:
+        lock = os.path.join(folder, name)
+        if os.path.isfile(lock) and lock_is_held(lock, exclusive_only=True):
+            try:
+                with open(lock, encoding="utf-8", errors="replace") as f:
+                    holder = f.read(200).strip()
+            except OSError:
+                holder = ""
+            raise DataError(f"{flag} {folder} is being written by a distill run ({holder or 'another process'}); "
+                            "evaluate it once that run has finished")
 
 
 def append_manifest(out_dir: str, key: str, entry: dict) -> str | None:
