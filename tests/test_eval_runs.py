@@ -617,3 +617,17 @@ def test_an_empty_out_json_is_refused_not_the_default(command, real, tmp_path, c
     assert main([command, "--distilled", str(tmp_path), real, str(tmp_path), "--out-json", ""]) == 2
     err = capsys.readouterr().err
     assert err == "manifoldgd-fast: error: --out-json must be a file path, got ''\n", err
+
+
+def test_two_metrics_runs_into_one_report_at_once_are_refused(folders):
+    """As two evaluations: the second metrics run into one metrics.json is refused, naming the first."""
+    from manifoldgd_fast.eval.metrics import compute_metrics
+    from manifoldgd_fast.output import RunLock
+
+    dist, val = folders
+    report = os.path.join(dist, "metrics.json")
+    with RunLock(dist, name=".lock-metrics.json", what="another metrics run", flag="--out-json", target=report):
+        with pytest.raises(DataError, match=re.escape(f"--out-json {report} is being written by another metrics "
+                                                      f"run (pid {os.getpid()} on ")):
+            compute_metrics(dist, val, device="cpu", encoder_epochs=1)
+    assert not os.path.exists(report)

@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 from ..data import decode_image, iter_class_images, read_image_uint8, reads_now
 from ..config import check_out_file
 from ..errors import ConfigError, DataError
-from ..output import MANIFEST, atomic_write_bytes, atomic_write_text, sweep_stale_temps
+from ..output import MANIFEST, RunLock, atomic_write_bytes, atomic_write_text, sweep_stale_temps
 from .augment import normalize, to_unit
 from .inception import FIDInceptionV3
 from .nets import NAMED, load_net, net_checkpoint
@@ -554,121 +554,127 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
     t0 = time.perf_counter()
     dev = resolve_device(device)
     classes, dist, ref = match_classes(distilled, real, exact=False, what="real")
-    fallback_size = default_size(native_size(dist))
-    if encoder is None:
-        size = size or fallback_size
-    else:
-        enc = load_net(encoder, num_classes=len(classes), size=size or fallback_size, what="--encoder")
-        size = size or getattr(enc, "input_size", None) or fallback_size
-        enc_info = _source_info(encoder)
-    fid_info, fid_enc, fid_size = None, None, size
-    if fid_encoder is not None:  # before the default encoder trains (minutes): a missing file stops the run at once
-        fid_enc = load_net(fid_encoder, num_classes=len(classes), size=size, what="--fid-encoder")
-        fid_size = getattr(fid_enc, "input_size", None) or size
-    if fid_resize is None:  # by the --fid-encoder loaded: FID's Inception, named or given by its file
-        fid_resize = "squash" if fid_encoder is not None and isinstance(fid_enc, FIDInceptionV3) else "crop"
-    # each encoder given runs once on a small batch, as the feature passes will run it: one that does not fit
-    # stops here, not with a traceback after the default encoder's training or the real set's features
-    enc_what = f"--encoder {_source_label(encoder)}"
-    if encoder is not None:
-        check_encoder(enc, size, dev, enc_what)
-        if fid_encoder is None and fid_resize == "squash" and callable(getattr(enc, "forward_features_uint8", None)):
-            check_encoder(enc, size, dev, enc_what, "squash")    # (the FID's images go to its uint8 entry)
-    fid_what = f"--fid-encoder {_source_label(fid_encoder)}" if fid_encoder is not None else enc_what
-    if fid_encoder is not None:
-        check_encoder(fid_enc, fid_size, dev, fid_what, fid_resize)
-    if encoder is None:
-        enc, enc_info = default_encoder(real, ref, size, dev, epochs=encoder_epochs, cache_dir=cache_dir,
-                                        progress=progress)
-    fid_enc = enc if fid_enc is None else fid_enc
-    from ..latents import default_cache_root
-
-    real_kw = dict(max_per_class=max_real_per_class, progress=progress,
-                   cache_dir=(cache_dir or default_cache_root()) if feature_cache else None)
-    real_stats = {"encoder": {}, "fid_encoder": {}}
-    if encoder is None:
-        enc_what = fid_what = f"the default encoder {enc_info['cache']}"
-    fs, ys = extract_features(enc, dist, size, dev, progress=progress, desc="features distilled", what=enc_what)
-    fr, yr = extract_features(enc, ref, size, dev, desc="features real", stats=real_stats["encoder"], what=enc_what,
-                              **real_kw)
-    for labels, folder, side in ((ys, distilled, "distilled"), (yr, real, "real")):
-        have = set(labels.unique().tolist())
-        missing = [name for c, name in enumerate(classes) if c not in have]
-        if missing:  # every image of the class unreadable (each was warned about): no metric can use it
-            raise DataError(f"class {missing[0]} in {folder}: none of its {side} images could be read"
-                            + (f" (nor those of {len(missing) - 1} more class(es))" if len(missing) > 1 else ""))
-    for feats, folder, side in ((fs, distilled, "distilled"), (fr, real, "real")):
-        if len(feats) < 2:  # a covariance needs two (was gaussian_stats' error, naming neither folder nor side)
-            raise DataError(f"{folder}: the FID needs at least 2 readable {side} images, found {len(feats)}")
-    if fid_encoder is not None or fid_resize != "crop":
-        if fid_encoder is not None:
-            fid_info = {**_source_info(fid_encoder), "size": fid_size, "resize": fid_resize}
+    # one metrics run per report at a time: two into one report both said "results: metrics.json" (audit)
+    with RunLock(os.path.dirname(os.path.abspath(out_json)), name=f".lock-{os.path.basename(out_json)}",
+                 what="another metrics run", flag="--out-json", target=out_json):
+        fallback_size = default_size(native_size(dist))
+        if encoder is None:
+            size = size or fallback_size
         else:
-            fid_info = {"kind": f"the --encoder ({enc_info['kind']})", "size": size, "resize": fid_resize}
-        fid_value = fid(extract_features(fid_enc, ref, fid_size, dev, desc="FID features real", resize=fid_resize,
-                                         stats=real_stats["fid_encoder"], what=fid_what, **real_kw)[0],
-                        extract_features(fid_enc, dist, fid_size, dev, progress=progress, resize=fid_resize,
-                                         desc="FID features distilled", what=fid_what)[0])
-    else:
-        fid_value = fid(fr, fs)
-    mmd_real = fr
-    if len(fr) > mmd_max_real:
-        mmd_real = fr[torch.randperm(len(fr), generator=torch.Generator().manual_seed(0))[:mmd_max_real].to(dev)]
-    mmd = mmd_rbf(mmd_real, fs)
+            enc = load_net(encoder, num_classes=len(classes), size=size or fallback_size, what="--encoder")
+            size = size or getattr(enc, "input_size", None) or fallback_size
+            enc_info = _source_info(encoder)
+        fid_info, fid_enc, fid_size = None, None, size
+        if fid_encoder is not None:  # before the default encoder trains (minutes): a missing file stops the run at once
+            fid_enc = load_net(fid_encoder, num_classes=len(classes), size=size, what="--fid-encoder")
+            fid_size = getattr(fid_enc, "input_size", None) or size
+        if fid_resize is None:  # by the --fid-encoder loaded: FID's Inception, named or given by its file
+            fid_resize = "squash" if fid_encoder is not None and isinstance(fid_enc, FIDInceptionV3) else "crop"
+        # each encoder given runs once on a small batch, as the feature passes will run it: one that does not fit
+        # stops here, not with a traceback after the default encoder's training or the real set's features
+        enc_what = f"--encoder {_source_label(encoder)}"
+        if encoder is not None:
+            check_encoder(enc, size, dev, enc_what)
+            if fid_encoder is None and fid_resize == "squash" \
+                    and callable(getattr(enc, "forward_features_uint8", None)):
+                check_encoder(enc, size, dev, enc_what, "squash")    # (the FID's images go to its uint8 entry)
+        fid_what = f"--fid-encoder {_source_label(fid_encoder)}" if fid_encoder is not None else enc_what
+        if fid_encoder is not None:
+            check_encoder(fid_enc, fid_size, dev, fid_what, fid_resize)
+        if encoder is None:
+            enc, enc_info = default_encoder(real, ref, size, dev, epochs=encoder_epochs, cache_dir=cache_dir,
+                                            progress=progress)
+        fid_enc = enc if fid_enc is None else fid_enc
+        from ..latents import default_cache_root
 
-    per_class, pooled = {}, {key: [] for key in ("l2", "l2_real_to_syn", "representativeness", "diversity")}
-    for c, name in enumerate(classes):
-        s, r = fs[ys == c], fr[yr == c]
-        values = {"l2": nearest_distance(s, r), "l2_real_to_syn": nearest_distance(r, s),
-                  "representativeness": representativeness(s, r, k), "diversity": diversity(s)}
-        for key, v in values.items():
-            pooled[key].append(v)
-        per_class[name] = {"n_syn": len(s), "n_real": len(r), **{key: _mean(v) for key, v in values.items()},
-                           "representativeness_k": min(k, len(r))}
-    short = {name: v["n_real"] for name, v in per_class.items() if v["n_real"] < k}
-    if short:  # their representativeness averages fewer neighbours: not comparable with the others'
-        name, n = next(iter(short.items()))
-        log.warning("representativeness: class %s has %d real images, fewer than --k %d, and averages over them%s "
-                    "(per_class[...].representativeness_k)", name, n, k,
-                    f" (and {len(short) - 1} more class(es))" if len(short) > 1 else "")
-    means = {key: _mean(torch.cat(v)) for key, v in pooled.items()}
-    mmd_rel = mmd_release(fs, fr) if len(fs) > 1 and len(fr) > 1 else None
-    release = {"l2_means": l2_between_means(fs, fr), "mmd_release": mmd_rel and mmd_rel["mmd"],
-               "mmd2_release": mmd_rel and mmd_rel["mmd2"], "mmd_release_gamma": mmd_rel and mmd_rel["gamma"],
-               "representativeness_minimax": representativeness_minimax(fs, fr),
-               "diversity_minimax": diversity_minimax(fs)}
-    enc_kind = (f"{enc_info['kind']} (the default encoder, not the papers' ImageNet ResNet-18)" if encoder is None
-                else f"--encoder {enc_info['kind']}")
-    features = f"features of {enc_kind}; {describe_preprocess(enc, size)}"
-    fid_features = (features if fid_info is None else
-                    f"features of {fid_info['kind'] if fid_encoder is None else '--fid-encoder ' + fid_info['kind']}; "
-                    f"{describe_preprocess(fid_enc, fid_size, fid_resize)}")
-    sources = {"fid": fid_features, **{key: features for key in (
-        "l2", "l2_real_to_syn", "mmd", "representativeness", "diversity", *release)}}
-    result = {
-        "format": "manifoldgd_fast.metrics/1", "distilled": os.path.abspath(distilled), "real": os.path.abspath(real),
-        "classes": classes, "size": size, "n_syn": len(fs), "n_real": len(fr), "feature_dim": fs.shape[1],
-        "encoder": enc_info, "fid": fid_value, "fid_encoder": fid_info,
-        "real_features": {"cache": real_kw["cache_dir"], **{k: v for k, v in real_stats.items() if v}}, "mmd2": mmd["mmd2"], "mmd": mmd["mmd"],
-        "mmd_bandwidth": mmd["bandwidth"], "mmd_n_real": len(mmd_real), **means, "representativeness_k": k,
-        "representativeness_k_min": min(v["representativeness_k"] for v in per_class.values()),
-        **release, "mmd_release_n": mmd_rel and [mmd_rel["n_x"], mmd_rel["n_y"]],
-        "fid_resize": fid_resize, "preprocess": describe_preprocess(enc, size),
-        "metric_sources": sources, "definitions": DEFINITIONS,
-        "per_class": per_class,
-        "device": str(dev), "versions": {"torch": torch.__version__, "numpy": np.__version__},
-        "time_s": round(time.perf_counter() - t0, 3),
-    }
-    result["file"] = os.path.abspath(out_json)
-    man = os.path.join(os.path.abspath(distilled), MANIFEST)
-    result["manifest"] = man if os.path.isfile(man) else None
-    atomic_write_text(out_json, json.dumps(result, indent=2, sort_keys=True, default=str))
-    # after the result: a distilled folder we cannot write loses only its summary
-    result["manifest"] = append_manifest(os.path.abspath(distilled), "metrics", {
-        "file": result["file"], "encoder": enc_info.get("cache", enc_info["kind"]), "size": size,
-        "fid_encoder": fid_info and fid_info["kind"], "fid_resize": fid_resize,
-        **{key: result[key] for key in ("fid", "mmd", "l2", "representativeness", "diversity", *release)}})
-    return result
+        real_kw = dict(max_per_class=max_real_per_class, progress=progress,
+                       cache_dir=(cache_dir or default_cache_root()) if feature_cache else None)
+        real_stats = {"encoder": {}, "fid_encoder": {}}
+        if encoder is None:
+            enc_what = fid_what = f"the default encoder {enc_info['cache']}"
+        fs, ys = extract_features(enc, dist, size, dev, progress=progress, desc="features distilled", what=enc_what)
+        fr, yr = extract_features(enc, ref, size, dev, desc="features real", stats=real_stats["encoder"], what=enc_what,
+                                  **real_kw)
+        for labels, folder, side in ((ys, distilled, "distilled"), (yr, real, "real")):
+            have = set(labels.unique().tolist())
+            missing = [name for c, name in enumerate(classes) if c not in have]
+            if missing:  # every image of the class unreadable (each was warned about): no metric can use it
+                raise DataError(f"class {missing[0]} in {folder}: none of its {side} images could be read"
+                                + (f" (nor those of {len(missing) - 1} more class(es))" if len(missing) > 1 else ""))
+        for feats, folder, side in ((fs, distilled, "distilled"), (fr, real, "real")):
+            if len(feats) < 2:  # a covariance needs two (was gaussian_stats' error, naming neither folder nor side)
+                raise DataError(f"{folder}: the FID needs at least 2 readable {side} images, found {len(feats)}")
+        if fid_encoder is not None or fid_resize != "crop":
+            if fid_encoder is not None:
+                fid_info = {**_source_info(fid_encoder), "size": fid_size, "resize": fid_resize}
+            else:
+                fid_info = {"kind": f"the --encoder ({enc_info['kind']})", "size": size, "resize": fid_resize}
+            fid_value = fid(extract_features(fid_enc, ref, fid_size, dev, desc="FID features real", resize=fid_resize,
+                                             stats=real_stats["fid_encoder"], what=fid_what, **real_kw)[0],
+                            extract_features(fid_enc, dist, fid_size, dev, progress=progress, resize=fid_resize,
+                                             desc="FID features distilled", what=fid_what)[0])
+        else:
+            fid_value = fid(fr, fs)
+        mmd_real = fr
+        if len(fr) > mmd_max_real:
+            mmd_real = fr[torch.randperm(len(fr), generator=torch.Generator().manual_seed(0))[:mmd_max_real].to(dev)]
+        mmd = mmd_rbf(mmd_real, fs)
+
+        per_class, pooled = {}, {key: [] for key in ("l2", "l2_real_to_syn", "representativeness", "diversity")}
+        for c, name in enumerate(classes):
+            s, r = fs[ys == c], fr[yr == c]
+            values = {"l2": nearest_distance(s, r), "l2_real_to_syn": nearest_distance(r, s),
+                      "representativeness": representativeness(s, r, k), "diversity": diversity(s)}
+            for key, v in values.items():
+                pooled[key].append(v)
+            per_class[name] = {"n_syn": len(s), "n_real": len(r), **{key: _mean(v) for key, v in values.items()},
+                               "representativeness_k": min(k, len(r))}
+        short = {name: v["n_real"] for name, v in per_class.items() if v["n_real"] < k}
+        if short:  # their representativeness averages fewer neighbours: not comparable with the others'
+            name, n = next(iter(short.items()))
+            log.warning("representativeness: class %s has %d real images, fewer than --k %d, and averages over them%s "
+                        "(per_class[...].representativeness_k)", name, n, k,
+                        f" (and {len(short) - 1} more class(es))" if len(short) > 1 else "")
+        means = {key: _mean(torch.cat(v)) for key, v in pooled.items()}
+        mmd_rel = mmd_release(fs, fr) if len(fs) > 1 and len(fr) > 1 else None
+        release = {"l2_means": l2_between_means(fs, fr), "mmd_release": mmd_rel and mmd_rel["mmd"],
+                   "mmd2_release": mmd_rel and mmd_rel["mmd2"], "mmd_release_gamma": mmd_rel and mmd_rel["gamma"],
+                   "representativeness_minimax": representativeness_minimax(fs, fr),
+                   "diversity_minimax": diversity_minimax(fs)}
+        enc_kind = (f"{enc_info['kind']} (the default encoder, not the papers' ImageNet ResNet-18)" if encoder is None
+                    else f"--encoder {enc_info['kind']}")
+        features = f"features of {enc_kind}; {describe_preprocess(enc, size)}"
+        fid_features = (features if fid_info is None else
+                        f"features of {fid_info['kind'] if fid_encoder is None else '--fid-encoder ' + fid_info['kind']}; "
+                        f"{describe_preprocess(fid_enc, fid_size, fid_resize)}")
+        sources = {"fid": fid_features, **{key: features for key in (
+            "l2", "l2_real_to_syn", "mmd", "representativeness", "diversity", *release)}}
+        result = {
+            "format": "manifoldgd_fast.metrics/1", "distilled": os.path.abspath(distilled),
+            "real": os.path.abspath(real),
+            "classes": classes, "size": size, "n_syn": len(fs), "n_real": len(fr), "feature_dim": fs.shape[1],
+            "encoder": enc_info, "fid": fid_value, "fid_encoder": fid_info,
+            "real_features": {"cache": real_kw["cache_dir"], **{k: v for k, v in real_stats.items() if v}},
+            "mmd2": mmd["mmd2"], "mmd": mmd["mmd"],
+            "mmd_bandwidth": mmd["bandwidth"], "mmd_n_real": len(mmd_real), **means, "representativeness_k": k,
+            "representativeness_k_min": min(v["representativeness_k"] for v in per_class.values()),
+            **release, "mmd_release_n": mmd_rel and [mmd_rel["n_x"], mmd_rel["n_y"]],
+            "fid_resize": fid_resize, "preprocess": describe_preprocess(enc, size),
+            "metric_sources": sources, "definitions": DEFINITIONS,
+            "per_class": per_class,
+            "device": str(dev), "versions": {"torch": torch.__version__, "numpy": np.__version__},
+            "time_s": round(time.perf_counter() - t0, 3),
+        }
+        result["file"] = os.path.abspath(out_json)
+        man = os.path.join(os.path.abspath(distilled), MANIFEST)
+        result["manifest"] = man if os.path.isfile(man) else None
+        atomic_write_text(out_json, json.dumps(result, indent=2, sort_keys=True, default=str))
+        # after the result: a distilled folder we cannot write loses only its summary
+        result["manifest"] = append_manifest(os.path.abspath(distilled), "metrics", {
+            "file": result["file"], "encoder": enc_info.get("cache", enc_info["kind"]), "size": size,
+            "fid_encoder": fid_info and fid_info["kind"], "fid_resize": fid_resize,
+            **{key: result[key] for key in ("fid", "mmd", "l2", "representativeness", "diversity", *release)}})
+        return result
 
 
 DEFINITIONS = {
