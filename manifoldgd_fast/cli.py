@@ -287,6 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run_inputs(cfg: DistillConfig, config_file: str | None = None) -> dict:
+    """{flag: path} of what a run reads (a report is never written over or inside one): the data, model, VAE
+    and modes folders or files, the --classes / --label-map / --class-names files, the --config file."""
+    given = {"--data": cfg.data, "--model": cfg.model, "--vae": cfg.vae, "--modes-dir": cfg.modes_dir,
+             "--config": config_file}
+    for flag, v in (("--classes", cfg.classes), ("--label-map", cfg.label_map), ("--class-names", cfg.class_names)):
+        if isinstance(v, str) and os.path.isfile(v):
+            given[flag] = v
+    return {k: v for k, v in given.items() if isinstance(v, (str, os.PathLike))}
+
+
 def at_least_one(text: str) -> int:
     """argparse type: an integer >= 1 (the error names the flag and the value)."""
     try:
@@ -502,10 +513,13 @@ def main(argv: list[str] | None = None) -> int:
                 from .profile import dump, format_table
 
                 if ns.profile_json is not None:  # checked before the run, not after it
-                    check_out_file(ns.profile_json, "--json", inputs={"--data": cfg.data})
-                    if "out" in vars(ns) and os.path.realpath(ns.profile_json) == os.path.realpath(cfg.out):
-                        raise ConfigError(f"--json {ns.profile_json}: the same path as --out, the folder the "
-                                          "profiled classes are written to; give another file name")
+                    # (the model's config.json, the --config file: it wrote over them, exit 0)
+                    check_out_file(ns.profile_json, "--json", inputs=run_inputs(cfg, ns.config))
+                    if "out" in vars(ns):
+                        real, out = os.path.realpath(ns.profile_json), os.path.realpath(cfg.out)
+                        if real == out or os.path.commonpath([real, out]) == out:   # (its manifest.json, a class)
+                            raise ConfigError(f"--json {ns.profile_json}: inside --out {cfg.out}, the folder the "
+                                              "profiled classes are written to; give a file elsewhere")
                 rep = pipeline.profile_run(cfg, classes=ns.profile_classes,
                                            out=cfg.out if "out" in vars(ns) else None)
                 print(format_table(rep))

@@ -101,6 +101,16 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
             # and each image's size and mtime: one rewritten in place (same name) is re-encoded into the cache,
             # and the rest of the fine-tune trained on other latents than its first steps (as distill refuses)
             "images": fields_digest([(e.name, file_stamps(e)) for e in ctx["entries"]])}
+        record = None
+        if not os.path.isfile(work) and os.path.isfile(os.path.join(out, FINETUNE_RECORD)):
+            with contextlib.suppress(OSError, ValueError):   # (read here, not by read_finetune_record: this
+                with open(os.path.join(out, FINETUNE_RECORD), encoding="utf-8") as f:   # process holds OUT's lock)
+                    record = json.load(f)
+        if isinstance(record, dict):  # a finished fine-tune whose checkpoint was deleted (it is ~4x the model)
+            _refuse_other_settings(out, {k: record.get(k) for k in settings if k in record}, settings, "finished ")
+            if os.path.isdir(os.path.join(out, "transformer")):  # (it was trained again and written over)
+                log(f"finetune: {out} holds this fine-tune, finished ({FINETUNE_RECORD}); nothing to do")
+                return out
         if os.path.isfile(work):
             try:
                 state = torch.load(work, map_location=dev, weights_only=True)   # tensors, numbers and strings only
@@ -109,21 +119,7 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
             except Exception as e:  # truncated (a full disk), foreign
                 why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
                 raise ConfigError(f"{work} is damaged ({why}); delete it to start the fine-tune over") from None
-            was = {k: _as_path(v) if k in PATH_SETTINGS else v for k, v in state["settings"].items()}
-            # with the training set recorded, how --classes / --label-map were spelt (a file or a list) is not
-            # compared; a checkpoint written before it was recorded is compared as it was then
-            skip = {"classes", "label_map"} if "training_set" in was else {"training_set"}
-            skip |= set() if "images" in was else {"images"}   # (a checkpoint from before they were recorded)
-            keys = [k for k in sorted((set(was) | set(settings)) - skip) if was.get(k) != settings.get(k)]
-            if "images" in keys and {"training_set", "classes", "label_map", "data"} & set(keys):
-                keys.remove("images")   # (another set of classes or files: that says it)
-            if keys:
-                named = {"training_set": "the training set (class folders, labels or image files)",
-                         "images": "the images (one changed since the checkpoint: its size or modification time)"}
-                said = "; ".join(named.get(k) or f"{k} {was.get(k)!r} then, {settings.get(k)!r} now"
-                                 for k in keys[:3])
-                more = "; ..." if len(keys) > 3 else ""
-                raise ConfigError(f"{out} holds a fine-tune with other settings ({said}{more}); use a new --out")
+            _refuse_other_settings(out, state["settings"], settings)
             net.load_state_dict(state["model"])
             ema.load_state_dict(state["ema"])
             opt.load_state_dict(state["opt"])
@@ -181,6 +177,27 @@ def finetune(*, data: str, model: str, out: str, vae: str | None = None, steps: 
                                       "time_embedding": info.get("time_embedding", "diffusers")},
                                      sort_keys=True, indent=1))
         return out
+
+
+def _refuse_other_settings(out: str, was: dict, settings: dict, what: str = "") -> None:
+    """ConfigError naming up to 3 settings in which ``was`` (a checkpoint's, or a finished fine-tune's record)
+    differs from this call's: a resume (or a rerun) with other settings is another fine-tune, a new --out."""
+    was = {k: _as_path(v) if k in PATH_SETTINGS else v for k, v in was.items()}
+    now = json.loads(json.dumps(settings, default=str))   # (as a record holds them: tuples as lists)
+    was = json.loads(json.dumps(was, default=str))
+    # with the training set recorded, how --classes / --label-map were spelt (a file or a list) is not
+    # compared; a checkpoint written before it was recorded is compared as it was then
+    skip = {"classes", "label_map"} if "training_set" in was else {"training_set"}
+    skip |= set() if "images" in was else {"images"}   # (a checkpoint from before they were recorded)
+    keys = [k for k in sorted((set(was) | set(now)) - skip) if was.get(k) != now.get(k)]
+    if "images" in keys and {"training_set", "classes", "label_map", "data"} & set(keys):
+        keys.remove("images")   # (another set of classes or files: that says it)
+    if keys:
+        named = {"training_set": "the training set (class folders, labels or image files)",
+                 "images": "the images (one changed since the checkpoint: its size or modification time)"}
+        said = "; ".join(named.get(k) or f"{k} {was.get(k)!r} then, {now.get(k)!r} now" for k in keys[:3])
+        more = "; ..." if len(keys) > 3 else ""
+        raise ConfigError(f"{out} holds a {what}fine-tune with other settings ({said}{more}); use a new --out")
 
 
 def _check_finite(finite: torch.Tensor, ema, step: int, work: str) -> None:

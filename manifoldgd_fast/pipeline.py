@@ -801,6 +801,27 @@ def compute_modes(config: DistillConfig | dict) -> dict[str, str]:
     return paths
 
 
+def _classes_spec(names: list[str], scratch: list) -> str:
+    """``--classes`` naming exactly these class folders: "a,b", or a class file in a temporary folder (appended
+    to ``scratch``) where the comma form reads otherwise (a comma in a folder's name split it in two; a folder
+    named as a subset, "woof", was the subset)."""
+    import tempfile
+
+    from .classes import class_list
+
+    plain = ",".join(names)
+    try:
+        if class_list(plain) == list(names):
+            return plain
+    except ConfigError:
+        pass
+    scratch.append(tempfile.mkdtemp(prefix="manifoldgd-profile-classes-"))
+    path = os.path.join(scratch[-1], "classes.txt")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("".join(f"{n}\n" for n in names))
+    return path
+
+
 def profile_run(config: DistillConfig | dict, *, classes: int = 1, out: str | None = None) -> dict[str, Any]:
     """Distil the first ``classes`` classes with a profiler active; returns its report.
 
@@ -837,8 +858,9 @@ def profile_run(config: DistillConfig | dict, *, classes: int = 1, out: str | No
     # so is the class batch: the whole run samples batch-size // ipc classes at a time (padded where it has fewer),
     # and the profile times that batch shape, not one class's ipc rows
     class_batch = cfg.class_batch or cfg.default_class_batch(len(names))
-    run = dataclasses.replace(cfg, classes=",".join(names[:classes]), out=out or tmp, contact_sheet=False,
-                              class_batch=class_batch, **cfg.dataset_defaults(len(names)))
+    scratch = []
+    run = dataclasses.replace(cfg, classes=_classes_spec(names[:classes], scratch), out=out or tmp,
+                              contact_sheet=False, class_batch=class_batch, **cfg.dataset_defaults(len(names)))
     try:
         with profiling(resolve_device(run.device)) as prof:
             t0 = time.perf_counter()
@@ -852,10 +874,12 @@ def profile_run(config: DistillConfig | dict, *, classes: int = 1, out: str | No
             wall = time.perf_counter() - t0
         rep = prof.report()
     finally:
+        for folder in scratch:
+            shutil.rmtree(folder, ignore_errors=True)
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     if prof.steps == 0:  # a resumed --out: its classes were done before, nothing was sampled to time
-        done = run.classes.replace(",", ", ")
+        done = ", ".join(names[:classes])
         raise ConfigError(f"--out {out}: the profiled classes ({done}) are already distilled there, so nothing "
                           "was sampled to time; give a new --out, or none (a temporary folder)")
     # the rate at the full run's batch shape: a group of class_batch classes (padded where fewer are profiled)

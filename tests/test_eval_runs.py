@@ -13,6 +13,7 @@ from test_eval_protocol import folders  # noqa: F401  (the fixture)
 
 from manifoldgd_fast.errors import ConfigError, DataError
 from manifoldgd_fast.eval import protocol as P
+from manifoldgd_fast.eval import nets as N
 from manifoldgd_fast.eval import resume
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
@@ -631,3 +632,17 @@ def test_two_metrics_runs_into_one_report_at_once_are_refused(folders):
                                                       f"run (pid {os.getpid()} on ")):
             compute_metrics(dist, val, device="cpu", encoder_epochs=1)
     assert not os.path.exists(report)
+
+
+def test_a_report_is_never_written_over_the_teacher_or_encoder_file(folders, tmp_path):
+    """--out-json naming the --teacher (or --encoder) file would have replaced it with the report after the
+    training: refused before (a finetune / profile audit found the same for profile --json)."""
+    from manifoldgd_fast.eval.metrics import compute_metrics
+
+    dist, val = folders
+    net = tmp_path / "net.pt"
+    torch.save(N.net_checkpoint(N.build_net("convnet6", 3, 8)), net)
+    with pytest.raises(ConfigError, match=re.escape(f"--out-json {net}: inside --teacher {net}, which is read")):
+        P.evaluate(dist, val, out_json=str(net), teacher=str(net), **KILL_KW)
+    with pytest.raises(ConfigError, match=re.escape(f"--out-json {net}: inside --encoder {net}, which is read")):
+        compute_metrics(dist, val, out_json=str(net), encoder=str(net), device="cpu")

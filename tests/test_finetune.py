@@ -260,7 +260,8 @@ def test_weights_written_without_their_record_are_refused_until_the_rerun_finish
 
     out = str(tmp_path / "ft")
     finetune(out=out, **_kw(tiny_world, steps=2, batch_size=2, lr=2e-3))
-    os.unlink(os.path.join(out, "checkpoint.pt"))                   # a new fine-tune into the same folder
+    os.unlink(os.path.join(out, "checkpoint.pt"))                   # a new fine-tune into the same folder (its
+    os.unlink(os.path.join(out, "finetune.json"))                   # old record discarded: else it is refused)
     real = F.atomic_write_text
     monkeypatch.setattr(F, "atomic_write_text", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
@@ -455,3 +456,21 @@ def test_a_resume_after_an_image_was_rewritten_in_place_is_refused(tiny_world, t
     with pytest.raises(ConfigError, match=r"other settings \(the images \(one changed since the checkpoint: its "
                                           r"size or modification time\)\); use a new --out$"):
         finetune(out=out, **kw)
+
+
+def test_a_finished_fine_tune_without_its_checkpoint_is_not_written_over(tiny_world, tmp_path, capsys):
+    """Once checkpoint.pt was deleted (as the README suggests: ~4x the model), a rerun with other settings
+    trained from scratch and replaced the finished weights and record, exit 0 (finetune / profile audit): the
+    record's settings are compared as a checkpoint's are; with the same settings nothing is done."""
+    out = str(tmp_path / "ft")
+    finetune(out=out, **_kw(tiny_world, steps=2, batch_size=2, lr=2e-3))
+    os.unlink(os.path.join(out, "checkpoint.pt"))
+    folder = os.path.join(out, "transformer")
+    weights = {f: open(os.path.join(folder, f), "rb").read() for f in os.listdir(folder)}
+    with pytest.raises(ConfigError, match=re.escape(f"{out} holds a finished fine-tune with other settings (lr 0.002 "
+                                                    "then, 0.005 now); use a new --out")):
+        finetune(out=out, **_kw(tiny_world, steps=2, batch_size=2, lr=5e-3))
+    assert finetune(out=out, **_kw(tiny_world, steps=2, batch_size=2, lr=2e-3)) == out   # the same: nothing to do
+    assert {f: open(os.path.join(folder, f), "rb").read() for f in weights} == weights
+    assert json.loads(open(os.path.join(out, "finetune.json")).read())["lr"] == 2e-3
+    assert not os.path.exists(os.path.join(out, "checkpoint.pt"))

@@ -311,3 +311,43 @@ def test_a_profiler_on_the_auto_device():
     assert prof.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ConfigError, match="--device mps: runs on cpu or cuda"):
         profiling("mps").__enter__()
+
+
+def test_profile_json_is_never_written_over_what_the_run_reads_or_writes(tiny_world, tmp_path, capsys, monkeypatch):
+    """--json M/transformer/config.json, --json of the --config file, or --json OUT/manifest.json wrote the report
+    over the model's config / the parameters / the run's manifest, exit 0 (a finetune / profile audit): refused in
+    one line before the run."""
+    import shutil
+
+    from manifoldgd_fast import pipeline
+
+    monkeypatch.setattr(pipeline, "profile_run", lambda *a, **k: pytest.fail("profiled"))
+    model = tmp_path / "model"
+    shutil.copytree(tiny_world["model"], model)
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"ipc": 2}))
+    base = ["profile", "--data", tiny_world["data"], "--model", str(model), "--config", str(cfg)]
+    inner = next(str(p) for p in model.rglob("config.json"))
+    for extra, why in [(["--json", inner], f"inside --model {model}, which is read"),
+                       (["--json", str(cfg)], f"inside --config {cfg}, which is read"),
+                       (["--out", str(tmp_path / "o"), "--json", str(tmp_path / "o" / "manifest.json")],
+                        f"inside --out {tmp_path / 'o'}, the folder the profiled classes are written to")]:
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and why in err[0], err
+    assert json.loads(cfg.read_text()) == {"ipc": 2}
+
+
+def test_profile_of_a_class_folder_named_with_a_comma(tiny_world, tmp_path):
+    """profile passed its first classes on as "a,b": a folder "apple, red" was two classes, "apple" missing
+    (a finetune / profile audit); distill took it."""
+    import shutil
+
+    from manifoldgd_fast.pipeline import profile_run
+
+    data = tmp_path / "data"
+    shutil.copytree(os.path.join(tiny_world["data"], "apple"), data / "apple, red")
+    shutil.copytree(os.path.join(tiny_world["data"], "banana"), data / "banana")
+    rep = profile_run({"data": str(data), "model": tiny_world["model"], "ipc": 2, "steps": 6, "t_stop": 2,
+                       "cache_dir": str(tmp_path / "cache"), "label_map": "sorted"}, classes=1)
+    assert rep["steps"] > 0

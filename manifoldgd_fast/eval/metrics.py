@@ -62,7 +62,7 @@ from .nets import NAMED, load_net, net_checkpoint
 from ..devices import resolve_device
 from .precision import amp, net_layout, prepare_net
 from .protocol import (MAX_SIZE, Split, capped, check_counts, check_path, default_size, load_images, match_classes,
-                       native_size, probe_net, train_net)
+                       native_size, probe_net, report_inputs, train_net)
 from .report import append_manifest, check_not_being_written
 
 log = logging.getLogger(__name__)
@@ -547,7 +547,9 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
     flag = "--out-json" if out_json is not None else "--out-json (default)"   # ('' refused, not the default)
     out_json = out_json if out_json is not None else os.path.join(distilled, "metrics.json")
     if flag == "--out-json" or os.path.isdir(distilled):  # (a missing --distilled is named below, not as --out-json)
-        check_out_file(out_json, flag, inputs={"--real": real} if flag == "--out-json" else None)  # (default: OUT's)
+        check_out_file(out_json, flag, inputs=report_inputs({"--real": real, "--encoder": encoder,  # (default:
+                                                             "--fid-encoder": fid_encoder})  # OUT's own)
+                       if flag == "--out-json" else None)
     # (a file there: 'Not a directory' once the default encoder had trained)
     _check_cache_root(cache_dir, [*(["encoders"] if encoder is None else []), *(["features"] if feature_cache else [])])
     check_not_being_written(distilled)

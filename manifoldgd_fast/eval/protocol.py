@@ -511,6 +511,12 @@ def check_path(value, flag: str) -> str:
     return os.fspath(value)
 
 
+def report_inputs(given: dict) -> dict:
+    """{flag: path} of what an evaluation reads, for its report's check (a report is never written over one:
+    a --teacher or --encoder file, the labels file); keywords and in-memory modules are left out."""
+    return {k: v for k, v in given.items() if isinstance(v, (str, os.PathLike)) and os.path.exists(v)}
+
+
 def _folder_list(distilled) -> list[str]:
     """One folder or a sequence of them -> a list; ConfigError naming --distilled for none or repeats."""
     if isinstance(distilled, (str, os.PathLike)):
@@ -613,6 +619,7 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
     ``per_folder`` the same per distilled folder.
     """
     folders = _folder_list(distilled)
+    real_val = check_path(real_val, "--real-val")
     if nets is None:  # the soft-label protocol (MGD3's, RDED's) trains a ResNet-18 student; hard labels all three
         nets = ("resnet18",) if teacher is not None else NET_NAMES
     nets = parse_nets(nets)
@@ -622,13 +629,13 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
         # ('' is refused: an unset $VAR wrote to the default silently)
         check_out_file(out_json if out_json is not None else eval_json_path(folders, None),
                        "--out-json" if out_json is not None else "--out-json (default)",
-                       inputs={"--real-val": real_val} if out_json is not None else None)  # (the default: OUT's own)
+                       inputs=report_inputs({"--real-val": real_val, "--val-labels": val_labels, "--teacher": teacher})
+                       if out_json is not None else None)  # (the default: OUT's own)
     report = eval_json_path(folders, out_json)
     for beside in (eval_markdown_path(report), report + ".partial"):  # written after the first run, or the last
         if os.path.isdir(beside):  # (a class folder named eval.md: 'Is a directory', after training)
             raise ConfigError(f"--out-json{'' if out_json is not None else ' (default)'} {report}: {beside}, "
                               "written beside it, is a folder; give --out-json elsewhere")
-    real_val = check_path(real_val, "--real-val")
     check_counts((("--epochs", epochs), ("--size", size), ("--batch-size", batch_size), ("--eval-every", eval_every),
                   ("--val-batch-size", val_batch_size), ("--val-resize", val_resize)))
     if lr is not None and not (isinstance(lr, numbers.Real) and not isinstance(lr, bool) and math.isfinite(lr)
