@@ -344,6 +344,11 @@ def check_model_source(path_or_id, cache_dir: str | None = None) -> None:
     if is_sd_folder(root):
         return
     if not any(os.path.isfile(os.path.join(root, sub, CONFIG_NAME)) for sub in ("", "transformer")):
+        from .finetune import CHECKPOINT
+
+        if os.path.isfile(os.path.join(root, CHECKPOINT)):  # (it said "no model", naming no fine-tune)
+            raise ModelError(f"--model {arg}: an unfinished fine-tune ({CHECKPOINT}, no weights written yet): rerun "
+                             "its finetune command to finish it")
         raise ModelError(f"--model {arg}: no model in {root} (neither a DiT: {CONFIG_NAME} or "
                          f"transformer/{CONFIG_NAME}, nor a Stable Diffusion folder: unet/)")
 

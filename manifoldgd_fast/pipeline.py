@@ -853,6 +853,9 @@ def profile_run(config: DistillConfig | dict, *, classes: int = 1, out: str | No
                           "start it without torchrun (torchrun is for cache, modes and distill)")
     names = [e.name for e in scan_image_folder(cfg.data, classes=class_list(cfg.classes) if cfg.classes else None,
                                                 label_map=cfg.label_map, warn_stray=False)]
+    if classes > len(names):  # (it profiled them all without a word)
+        log.warning("--profile-classes %d: the data set has %d class%s; profiling %s", classes, len(names),
+                    "" if len(names) == 1 else "es", "it" if len(names) == 1 else "all of them")
     tmp = None if out else tempfile.mkdtemp(prefix="manifoldgd-profile-")
     # the data set's defaults (radius, bandwidth, start level) are those of all its classes, not of the few profiled;
     # so is the class batch: the whole run samples batch-size // ipc classes at a time (padded where it has fewer),

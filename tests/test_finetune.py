@@ -474,3 +474,14 @@ def test_a_finished_fine_tune_without_its_checkpoint_is_not_written_over(tiny_wo
     assert {f: open(os.path.join(folder, f), "rb").read() for f in weights} == weights
     assert json.loads(open(os.path.join(out, "finetune.json")).read())["lr"] == 2e-3
     assert not os.path.exists(os.path.join(out, "checkpoint.pt"))
+
+
+def test_a_fine_tune_killed_before_its_weights_is_named_as_such(tmp_path):
+    """--model on a fine-tune's folder holding only checkpoint.pt said "no model in ... (neither a DiT ...)"."""
+    from manifoldgd_fast.errors import ModelError
+    from manifoldgd_fast.models import check_model_source
+
+    (tmp_path / "checkpoint.pt").write_bytes(b"x")
+    with pytest.raises(ModelError, match=re.escape(f"--model {tmp_path}: an unfinished fine-tune (checkpoint.pt, no "
+                                                   "weights written yet): rerun its finetune command")):
+        check_model_source(str(tmp_path))

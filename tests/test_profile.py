@@ -338,9 +338,9 @@ def test_profile_json_is_never_written_over_what_the_run_reads_or_writes(tiny_wo
     assert json.loads(cfg.read_text()) == {"ipc": 2}
 
 
-def test_profile_of_a_class_folder_named_with_a_comma(tiny_world, tmp_path):
+def test_profile_of_a_class_folder_named_with_a_comma(tiny_world, tmp_path, caplog):
     """profile passed its first classes on as "a,b": a folder "apple, red" was two classes, "apple" missing
-    (a finetune / profile audit); distill took it."""
+    (a finetune / profile audit); distill took it. More --profile-classes than classes: said, all profiled."""
     import shutil
 
     from manifoldgd_fast.pipeline import profile_run
@@ -349,5 +349,6 @@ def test_profile_of_a_class_folder_named_with_a_comma(tiny_world, tmp_path):
     shutil.copytree(os.path.join(tiny_world["data"], "apple"), data / "apple, red")
     shutil.copytree(os.path.join(tiny_world["data"], "banana"), data / "banana")
     rep = profile_run({"data": str(data), "model": tiny_world["model"], "ipc": 2, "steps": 6, "t_stop": 2,
-                       "cache_dir": str(tmp_path / "cache"), "label_map": "sorted"}, classes=1)
+                       "cache_dir": str(tmp_path / "cache"), "label_map": "sorted"}, classes=3)
     assert rep["steps"] > 0
+    assert "--profile-classes 3: the data set has 2 classes; profiling all of them" in caplog.text
