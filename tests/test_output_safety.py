@@ -1342,8 +1342,8 @@ def test_profile_json_is_refused_over_an_input_or_the_out_folder(tmp_path, capsy
     out = tmp_path / "P"
     assert main(["profile", "--data", str(data), "--out", str(out), "--json", str(out), "--device", "cpu"]) == 2
     line = capsys.readouterr().err.strip()
-    assert line == (f"manifoldgd-fast: error: --json {out}: the same path as --out, the folder the profiled classes are "
-                    "written to; give another file name"), line
+    assert line == (f"manifoldgd-fast: error: --json {out}: inside --out {out}, the folder the profiled classes are "
+                    "written to; give a file elsewhere"), line
     assert not out.exists()
 
 
