@@ -295,7 +295,7 @@ def run_inputs(cfg: DistillConfig, config_file: str | None = None) -> dict:
     for flag, v in (("--classes", cfg.classes), ("--label-map", cfg.label_map), ("--class-names", cfg.class_names)):
         if isinstance(v, str) and os.path.isfile(v):
             given[flag] = v
-    return {k: v for k, v in given.items() if isinstance(v, (str, os.PathLike))}
+    return given
 
 
 def at_least_one(text: str) -> int:

@@ -571,7 +571,8 @@ def check_out_file(path: Any, flag: str, inputs: dict | None = None) -> None:
     writable folder, so that a run fails before its work, not after (ConfigError otherwise).
 
     It never takes the place of what a run reads or made: a file inside one of ``inputs`` ({flag: folder or
-    file}, e.g. the real images), an existing image, or a distilled run's manifest is refused."""
+    file}, e.g. the real images; values that are no path or name nothing on disk, such as in-memory modules
+    or keywords, are passed over), an existing image, or a distilled run's manifest is refused."""
     if path is None:
         return
     if not isinstance(path, (str, os.PathLike)) or not str(path):
@@ -580,7 +581,7 @@ def check_out_file(path: Any, flag: str, inputs: dict | None = None) -> None:
         raise ConfigError(f"{flag} {path}: a folder; give a file name")   # (a trailing / names a folder too)
     real = os.path.realpath(path)
     for what, where in (inputs or {}).items():
-        if where is None or not os.path.exists(where):
+        if not isinstance(where, (str, os.PathLike)) or not os.path.exists(where):
             continue
         inside = os.path.realpath(where)
         if real == inside or (os.path.isdir(inside) and os.path.commonpath([real, inside]) == inside):

@@ -1335,6 +1335,10 @@ def test_profile_json_is_refused_over_an_input_or_the_out_folder(tmp_path, capsy
     with pytest.raises(ConfigError, match=r"^--json .*img000\.png: inside --data .*, which is read, never written"):
         check_out_file(str(data / "ant" / "img000.png"), "--json", inputs={"--data": str(data)})
     check_out_file(str(tmp_path / "p.json"), "--json", inputs={"--data": str(data), "--none": None})
+    # what is no path is passed over: an in-memory module, a class count (2 was taken as file descriptor 2,
+    # which exists: realpath(2) was a TypeError), a list of class names
+    check_out_file(str(tmp_path / "p.json"), "--json", inputs={"--teacher": torch.nn.Linear(1, 1), "--classes": 2,
+                                                               "--class-names": ["ant"]})
     link = tmp_path / "link.json"
     os.symlink(data / "ant" / "img000.png", link)   # through a link: what it points at counts
     with pytest.raises(ConfigError, match="inside --data"):

@@ -55,15 +55,15 @@ from tqdm.auto import tqdm
 from ..data import decode_image, iter_class_images, read_image_uint8, reads_now
 from ..config import check_out_file
 from ..errors import ConfigError, DataError
-from ..output import MANIFEST, RunLock, atomic_write_bytes, atomic_write_text, sweep_stale_temps
+from ..output import MANIFEST, atomic_write_bytes, atomic_write_text, sweep_stale_temps
 from .augment import normalize, to_unit
 from .inception import FIDInceptionV3
 from .nets import NAMED, load_net, net_checkpoint
 from ..devices import resolve_device
 from .precision import amp, net_layout, prepare_net
 from .protocol import (MAX_SIZE, Split, capped, check_counts, check_path, default_size, load_images, match_classes,
-                       native_size, probe_net, report_inputs, train_net)
-from .report import append_manifest, check_not_being_written
+                       native_size, probe_net, train_net)
+from .report import append_manifest, check_not_being_written, report_lock
 
 log = logging.getLogger(__name__)
 
@@ -547,18 +547,15 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
     flag = "--out-json" if out_json is not None else "--out-json (default)"   # ('' refused, not the default)
     out_json = out_json if out_json is not None else os.path.join(distilled, "metrics.json")
     if flag == "--out-json" or os.path.isdir(distilled):  # (a missing --distilled is named below, not as --out-json)
-        check_out_file(out_json, flag, inputs=report_inputs({"--real": real, "--encoder": encoder,  # (default:
-                                                             "--fid-encoder": fid_encoder})  # OUT's own)
-                       if flag == "--out-json" else None)
+        check_out_file(out_json, flag, inputs={"--real": real, "--encoder": encoder, "--fid-encoder": fid_encoder}
+                       if flag == "--out-json" else None)   # (the default: OUT's own)
     # (a file there: 'Not a directory' once the default encoder had trained)
     _check_cache_root(cache_dir, [*(["encoders"] if encoder is None else []), *(["features"] if feature_cache else [])])
     check_not_being_written(distilled)
     t0 = time.perf_counter()
     dev = resolve_device(device)
     classes, dist, ref = match_classes(distilled, real, exact=False, what="real")
-    # one metrics run per report at a time: two into one report both said "results: metrics.json" (audit)
-    with RunLock(os.path.dirname(os.path.abspath(out_json)), name=f".lock-{os.path.basename(out_json)}",
-                 what="another metrics run", flag="--out-json", target=out_json):
+    with report_lock(out_json, "another metrics run"):
         fallback_size = default_size(native_size(dist))
         if encoder is None:
             size = size or fallback_size

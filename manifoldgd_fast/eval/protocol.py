@@ -39,13 +39,14 @@ from ..data import (IMAGE_EXTS, READ_FORMATS, RESAMPLERS, ClassEntry, _class_fol
 from ..devices import resolve_device
 from ..errors import ConfigError, DataError
 from ..image_labels import scan_labelled_folder
-from ..output import RESERVED_DIRS, RunLock
+from ..output import RESERVED_DIRS
 from ..training import save_checkpoint
 from . import resume
 from .augment import TrainAugment, cutmix, normalize, to_unit
 from .nets import NET_NAMES, build_net, count_parameters, load_net, parse_nets
 from .precision import amp, check_precision, describe_precision, net_layout, numerics, prepare_net
-from .report import check_not_being_written, eval_json_path, eval_markdown_path, summarize, write_eval_outputs
+from .report import (check_not_being_written, eval_json_path, eval_markdown_path, report_lock, summarize,
+                     write_eval_outputs)
 
 log = logging.getLogger(__name__)
 
@@ -511,12 +512,6 @@ def check_path(value, flag: str) -> str:
     return os.fspath(value)
 
 
-def report_inputs(given: dict) -> dict:
-    """{flag: path} of what an evaluation reads, for its report's check (a report is never written over one:
-    a --teacher or --encoder file, the labels file); keywords and in-memory modules are left out."""
-    return {k: v for k, v in given.items() if isinstance(v, (str, os.PathLike)) and os.path.exists(v)}
-
-
 def _folder_list(distilled) -> list[str]:
     """One folder or a sequence of them -> a list; ConfigError naming --distilled for none or repeats."""
     if isinstance(distilled, (str, os.PathLike)):
@@ -629,7 +624,7 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
         # ('' is refused: an unset $VAR wrote to the default silently)
         check_out_file(out_json if out_json is not None else eval_json_path(folders, None),
                        "--out-json" if out_json is not None else "--out-json (default)",
-                       inputs=report_inputs({"--real-val": real_val, "--val-labels": val_labels, "--teacher": teacher})
+                       inputs={"--real-val": real_val, "--val-labels": val_labels, "--teacher": teacher}
                        if out_json is not None else None)  # (the default: OUT's own)
     report = eval_json_path(folders, out_json)
     for beside in (eval_markdown_path(report), report + ".partial"):  # written after the first run, or the last
@@ -685,10 +680,7 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
     teacher_mod = _check_teacher(load_net(teacher, num_classes=num_classes, size=size, class_names=classes),
                                  num_classes, size, dev, precision) if soft else None
 
-    # one evaluation per report at a time: two into one report both said "results: eval.json" (it held the last
-    # one's), and their read-modify-writes of the partial file lost each other's finished runs (audit)
-    with RunLock(os.path.dirname(os.path.abspath(report)), name=f".lock-{os.path.basename(report)}",
-                 what="another evaluation", flag="--out-json", target=report):
+    with report_lock(report, "another evaluation"):
         # Each finished (folder, net, seed) run is kept in JSON.partial until the JSON is written, so a killed
         # evaluation resumes there; its key: everything a run's result depends on (an in-memory teacher has none)
         augment = TrainAugment(size, jitter=0.0, light=0.0) if soft else TrainAugment(size)  # RDED: crop + flip

@@ -42,6 +42,14 @@ def check_not_being_written(folder: str, flag: str = "--distilled") -> None:
                             "evaluate it once that run has finished")
 
 
+def report_lock(report: str, what: str) -> RunLock:
+    """One run per report at a time: ``.lock-<name>`` beside ``report``, refused naming ``what`` holds it (two
+    evaluations into one report both said "results: eval.json", which held the last one's, and their
+    read-modify-writes of the partial file lost each other's finished runs: an audit)."""
+    return RunLock(os.path.dirname(os.path.abspath(report)), name=f".lock-{os.path.basename(report)}", what=what,
+                   flag="--out-json", target=report)
+
+
 def append_manifest(out_dir: str, key: str, entry: dict) -> str | None:
     """Append ``entry`` to the list ``manifest[key]`` of OUT/manifest.json, atomically; None if absent.
     Holding OUT's manifest lock: another evaluation's record, or a distill rewriting the manifest, is not
