@@ -13,7 +13,7 @@ from test_pipeline import _args, _bad, _digest
 
 from manifoldgd_fast.cli import main
 from manifoldgd_fast.config import parse_shard
-from manifoldgd_fast.errors import ConfigError
+from manifoldgd_fast.errors import ConfigError, DataError
 from manifoldgd_fast.output import RunLock
 
 
@@ -290,3 +290,25 @@ def test_without_the_manifest_another_runs_classes_in_out_are_found(tiny_world, 
     assert last.endswith(") and OUT has no manifest.json; use a new --out"), last
     assert not (out / "banana").exists()
     assert main(_args(tiny_world, out, "--classes", "apple")) == 0          # the same run: resumes as before
+
+
+def test_eval_and_metrics_refuse_a_run_whose_other_shards_are_still_to_run(tiny_world, tmp_path, capsys):
+    """A job array's shards start hours apart and hold no lock in between: `metrics` (and `eval --restrict-val`)
+    on OUT after shard 0/2 alone scored its classes and recorded the numbers in the manifest as the run's,
+    exit 0 (audit). Refused in one line naming what is left; once every shard has run, the check passes."""
+    from manifoldgd_fast.eval.metrics import compute_metrics
+    from manifoldgd_fast.eval.protocol import evaluate
+    from manifoldgd_fast.eval.report import check_not_being_written
+
+    out = tmp_path / "out"
+    assert main(_args(tiny_world, out, "--shard", "0/2")) == 0
+    said = f"^--distilled {out} is an unfinished distill run: 1 of its 3 classes are not done \\(banana\\); finish it"
+    for call in (lambda: compute_metrics(str(out), tiny_world["data"], device="cpu"),
+                 lambda: evaluate(str(out), tiny_world["data"], restrict_val=True, epochs=1, device="cpu")):
+        with pytest.raises(DataError, match=said):
+            call()
+    assert "metrics" not in json.loads((out / "manifest.json").read_text())
+    last = _bad(tiny_world, tmp_path, ["metrics", "--distilled", str(out), "--real", tiny_world["data"]], capsys)
+    assert "is an unfinished distill run" in last, last
+    assert main(_args(tiny_world, out, "--shard", "1/2")) == 0
+    check_not_being_written(str(out))

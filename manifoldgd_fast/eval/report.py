@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from ..errors import DataError
-from ..output import LOCK_NAME, MANIFEST, MANIFEST_LOCK, RunLock, atomic_write_text, lock_is_held
+from ..output import LOCK_NAME, MANIFEST, MANIFEST_LOCK, RunLock, atomic_write_text, class_done, lock_is_held
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,25 @@ def check_not_being_written(folder: str, flag: str = "--distilled") -> None:
                 holder = ""
             raise DataError(f"{flag} {folder} is being written by a distill run ({holder or 'another process'}); "
                             "evaluate it once that run has finished")
+    _check_finished(folder, flag)
+
+
+def _check_finished(folder: str, flag: str) -> None:
+    """DataError when ``folder``'s manifest names classes that are not finished on disk: a run killed, or
+    --shard K/N tasks still to run (a job array's shards start hours apart, holding no lock in between). The
+    classes finished so far were scored and recorded as the run's, exit 0 (audit)."""
+    try:
+        with open(os.path.join(folder, MANIFEST), encoding="utf-8") as f:
+            classes = json.load(f).get("classes")
+    except (OSError, ValueError, AttributeError):  # no manifest (a folder of images), or not a run's
+        return
+    if not isinstance(classes, dict):
+        return
+    left = [name for name in classes if not class_done(folder, name)]
+    if left:
+        raise DataError(f"{flag} {folder} is an unfinished distill run: {len(left)} of its {len(classes)} classes "
+                        f"are not done ({', '.join(left[:3])}{', ...' if len(left) > 3 else ''}); finish it (rerun "
+                        "its command, or the --shard K/N processes still to run) before evaluating it")
 
 
 def report_lock(report: str, what: str) -> RunLock:
