@@ -562,6 +562,9 @@ def _distill(config: DistillConfig | dict, shard: Shard, held: contextlib.ExitSt
                 status.update(_class_status(writer, entries))   # with what the other ranks finished
             with contextlib.suppress(Exception):
                 write_manifest(force=True)
+        elif shard.independent:  # its classes finished so far, read from disk (the other shards' too)
+            with contextlib.suppress(Exception):
+                write_manifest(final=True)
         raise
     bar.close()
     if shard.is_main and not shard.independent:

@@ -312,3 +312,19 @@ def test_eval_and_metrics_refuse_a_run_whose_other_shards_are_still_to_run(tiny_
     assert "is an unfinished distill run" in last, last
     assert main(_args(tiny_world, out, "--shard", "1/2")) == 0
     check_not_being_written(str(out))
+
+
+def test_an_interrupted_shard_records_its_finished_classes_in_the_manifest(tiny_world, tmp_path, monkeypatch):
+    """Ctrl-C / SIGTERM (a job array's time limit) wrote the manifest only for a whole run's rank 0: an interrupted
+    --shard K/N left the classes it had finished as "pending" there until another shard ended (audit)."""
+    from manifoldgd_fast.output import OutputWriter
+
+    out, real = tmp_path / "out", OutputWriter.write_class
+
+    def then_interrupted(self, name, *a, **k):
+        real(self, name, *a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(OutputWriter, "write_class", then_interrupted)
+    assert main(_args(tiny_world, out, "--shard", "0/2")) == 130
+    assert _statuses(out) == {"apple": "done", "banana": "pending", "cherry": "pending"}
