@@ -221,17 +221,7 @@ class DistillConfig:
             if v not in allowed:
                 raise ConfigError(f"--{_flag(name)}: unknown value {v!r}; choose one of {', '.join(allowed)}")
 
-        for name, allowed in [
-            ("method", METHODS), ("formulation", FORMULATIONS), ("sampler", SAMPLERS),
-            ("mode_method", MODE_METHODS), ("mode_point", MODE_POINTS), ("linkage", LINKAGES),
-            ("kernel", KERNELS), ("radius_schedule", RADIUS_SCHEDULES), ("radius_units", RADIUS_UNITS),
-            ("warm_schedule", WARM_SCHEDULES), ("cfg_channels", CFG_CHANNELS), ("dtype", DTYPES),
-            ("neighbourhood_dtype", DTYPES),
-            ("backend", BACKENDS), ("backbone", BACKBONES),
-            ("guidance_noise", ("auto", "generator", "philox")), ("loop", LOOPS), ("compile", COMPILE_MODES),
-            ("attention", ATTENTION_BACKENDS), ("dit_impl", ("diffusers", "fused")),
-            ("time_embedding", TIME_EMBEDDINGS),
-        ]:
+        for name, allowed in CHOICES.items():
             choice(name, allowed)
         check_label_map(self.label_map)
         for name in ("model", "vae"):  # (a number or a list reached the loaders: a TypeError traceback)
@@ -671,6 +661,16 @@ def modes_fingerprint(cfg: "DistillConfig", latent_cache: str, name: str) -> str
 
 
 TIME_EMBEDDINGS = ("auto", "original", "diffusers")  # the DiT's timestep features: models.set_time_embedding
+
+# {field: the values it takes}: DistillConfig.validate refuses others (tests check the docs' values against it)
+CHOICES = {
+    "method": METHODS, "formulation": FORMULATIONS, "sampler": SAMPLERS, "mode_method": MODE_METHODS,
+    "mode_point": MODE_POINTS, "linkage": LINKAGES, "kernel": KERNELS, "radius_schedule": RADIUS_SCHEDULES,
+    "radius_units": RADIUS_UNITS, "warm_schedule": WARM_SCHEDULES, "cfg_channels": CFG_CHANNELS, "dtype": DTYPES,
+    "neighbourhood_dtype": DTYPES, "backend": BACKENDS, "backbone": BACKBONES,
+    "guidance_noise": ("auto", "generator", "philox"), "loop": LOOPS, "compile": COMPILE_MODES,
+    "attention": ATTENTION_BACKENDS, "dit_impl": ("diffusers", "fused"), "time_embedding": TIME_EMBEDDINGS,
+}
 
 
 # Fields the run fingerprint leaves out: where things go, and what changes only the float rounding

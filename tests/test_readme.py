@@ -193,6 +193,40 @@ def test_every_documented_command_line_uses_flags_its_command_has():
                 assert flag in flags, f"{where}: manifoldgd-fast {cmd} {' '.join(words)}: {flag} is not a flag of {cmd}"
 
 
+def test_every_documented_flag_value_is_one_its_flag_takes():
+    """A literal value the docs give a flag (a choice such as ``--loop fast``, a number, ``--shard 0/4``) passes
+    the flag's own argparse type and choices, and a DistillConfig field's choices (config.CHOICES): a choice
+    renamed in the CLI but left in the docs fails here, naming the line. Placeholders (upper case: OUT, K/N, a
+    $VAR's name) are passed over."""
+    import argparse
+
+    from manifoldgd_fast.cli import build_parser
+    from manifoldgd_fast.config import CGS_STEPS, CHOICES
+
+    choices = {**CHOICES, "cgs_steps": CGS_STEPS}
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    checked = 0
+    for where, cmd, words in documented_commands():
+        actions = {s: a for a in (sub.choices[cmd] if cmd else parser)._actions for s in a.option_strings}
+        for flag, value in zip(words, words[1:] + [""]):
+            flag, _, inline = flag.partition("=")
+            action = actions.get(flag)
+            value = inline or value
+            if action is None or action.nargs == 0 or not re.fullmatch(r"[a-z0-9._,:/+-]+", value):
+                continue
+            line = f"{where}: manifoldgd-fast {cmd} {' '.join(words)}"
+            try:
+                got = action.type(value) if callable(action.type) else value
+            except (argparse.ArgumentTypeError, TypeError, ValueError) as e:
+                raise AssertionError(f"{line}: {flag} {value}: {e}") from None
+            allowed = action.choices if action.choices is not None else choices.get(action.dest)
+            assert allowed is None or got in allowed, f"{line}: {flag} {value}: not one of {', '.join(allowed)}"
+            checked += 1
+    assert checked >= 30, checked
+
+
 # flags of other programs the docs show: torchrun, Slurm's srun / sbatch, pytest-benchmark, pip, the released code's own
 OTHER_PROGRAMS = {"--nproc-per-node", "--nnodes", "--rdzv-backend", "--rdzv-endpoint", "--nodes", "--ntasks-per-node",
                   "--gpus-per-node", "--array", "--gpus-per-task", "--benchmark-only", "--closest", "--index-url"}
