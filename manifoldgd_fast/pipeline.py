@@ -142,6 +142,7 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
     cfg.validate()
     if cfg.data is None:
         raise ConfigError("--data is required: the folder ROOT/<class>/<image> to distil")
+    check_cache_outside_data(cfg.cache_dir, cfg.data)
     if need_models and cfg.model is None:
         raise ConfigError("--model is required: a DiT or Stable Diffusion folder, or a Hugging Face id "
                           "in the local cache")
@@ -286,6 +287,19 @@ def check_outside_data(out: str, data: str | None) -> None:
     if d is not None and (o == d or o.startswith(d.rstrip(os.sep) + os.sep)):
         raise ConfigError(f"--out {out} is {'the same folder as' if o == d else 'inside'} --data {data}: "
                           "its folders would be read as classes; use an --out outside the data folder")
+
+
+def check_cache_outside_data(cache_dir: str | None, data: str) -> None:
+    """The latent cache (``cache_dir/latents/``) must not lie inside ``--data``: its folder was read as a class
+    by every later run (a class without images, or under --classes, every later class's sorted label moved)."""
+    from .latents import CACHE_ENV, default_cache_root
+
+    root = cache_dir if cache_dir is not None else default_cache_root()
+    c, d = os.path.realpath(os.path.join(root, "latents")), os.path.realpath(data)
+    if c == d or c.startswith(d.rstrip(os.sep) + os.sep):
+        flag = "--cache-dir" if cache_dir is not None else f"${CACHE_ENV}" if os.environ.get(CACHE_ENV) else "the cache"
+        raise ConfigError(f"{flag} {root}: its latents/ folder would lie inside --data {data} and be read as a "
+                          "class; use a cache folder outside the data folder")
 
 
 def check_out(out: str, data: str | None) -> None:

@@ -813,3 +813,24 @@ def test_a_skipped_image_that_reads_now_is_encoded_on_the_next_run(tmp_path, roo
     assert not fixed["cat"]["cached"] and fixed["cat"]["n"] == 3 and fixed["cat"]["skipped"] == []
     z, files = L.load_class_latents(cache, "cat")
     assert files == ["0.png", "1.png", "2.png"] and z.shape[0] == 3
+
+
+@pytest.mark.parametrize("where", ["data", "class", "env"])
+def test_a_cache_inside_the_data_folder_is_refused(where, root, tmp_path, monkeypatch, capsys):
+    """--cache-dir (or $MANIFOLDGD_CACHE) at or inside --data: the run wrote DATA/latents/, read by every later
+    run as a class (no images: refused; under --classes, every later class's sorted label moved, silently)."""
+    from manifoldgd_fast.cli import main
+
+    cache = {"data": root, "class": root / "cat", "env": root}[where]
+    flag = []
+    if where == "env":
+        monkeypatch.setenv(L.CACHE_ENV, str(cache))
+    else:
+        flag = ["--cache-dir", str(cache)]
+    before = sorted(os.listdir(root))
+    assert main(["cache", "--data", str(root), "--model", str(tmp_path / "none"), *flag]) == 2
+    err = capsys.readouterr().err.strip()
+    name = "--cache-dir" if flag else "$MANIFOLDGD_CACHE"
+    assert err == (f"manifoldgd-fast: error: {name} {cache}: its latents/ folder would lie inside --data {root} "
+                   "and be read as a class; use a cache folder outside the data folder"), err
+    assert sorted(os.listdir(root)) == before
