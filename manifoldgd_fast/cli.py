@@ -261,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
                     text, default = "output folder (default: a temporary folder, removed afterwards)", None
                 if cmd == "modes" and name == "out":
                     text = "output folder: the modes go to OUT/modes/<class>.safetensors (distill --modes-dir OUT/modes)"
+                if cmd == "modes" and name == "modes_dir":
+                    text = "not read by `modes`, which writes OUT/modes/ for distill --modes-dir (default: none)"
                 help_ = text if default is None or _states_default(text) else f"{text} (default: {default})"
                 if cmd == "cache" and name not in CACHE_FLAGS:
                     help_ = argparse.SUPPRESS   # accepted, not listed: distill's parameters do nothing here

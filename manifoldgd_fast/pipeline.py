@@ -781,6 +781,9 @@ def compute_modes(config: DistillConfig | dict) -> dict[str, str]:
     shard = Shard.from_config(cfg.shard)
     try:
         check_out(cfg.out, with_demo_defaults(cfg).data)
+        out_modes = os.path.join(cfg.out, MODES_DIR)
+        if cfg.modes_dir is not None and os.path.realpath(cfg.modes_dir) != os.path.realpath(out_modes):
+            log.warning("--modes-dir %s is not read by `modes`: it writes the modes to %s", cfg.modes_dir, out_modes)
         ctx = prepare(cfg, need_models=False, shard=shard, per_class=cfg.ipc)
         rcfg = cfg.resolve(len(ctx["entries"]), backbone=ctx["backbone"])
         with shard.sharing_errors():  # this rank's classes alone: every rank stops with its line

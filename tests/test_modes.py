@@ -879,3 +879,28 @@ def test_divisive_split_parameters_are_checked_even_with_no_split(bad, match, ip
     if "tol" in bad:
         with pytest.raises(ConfigError, match=match):
             kmeans(z, ipc, seed=0, **bad)
+
+
+def test_modes_says_it_does_not_read_modes_dir(tmp_path, monkeypatch, caplog, capsys):
+    """`modes --modes-dir D` (or a --config shared with distill) wrote OUT/modes/ and said nothing of D, which its
+    --help listed as distill's "read each class's modes from DIR": a user asking for D found nothing there."""
+    import logging
+
+    from manifoldgd_fast import pipeline
+    from manifoldgd_fast.cli import build_parser
+
+    class Stop(Exception):
+        pass
+
+    monkeypatch.setattr(pipeline, "prepare", lambda *a, **k: (_ for _ in ()).throw(Stop()))
+    out = tmp_path / "o"
+    for modes_dir, warned in [(tmp_path / "d", True), (out / "modes", False)]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="manifoldgd_fast"), pytest.raises(Stop):
+            pipeline.compute_modes({"out": str(out), "data": str(tmp_path / "data"), "modes_dir": str(modes_dir)})
+        said = [r.getMessage() for r in caplog.records if "--modes-dir" in r.getMessage()]
+        assert said == ([f"--modes-dir {modes_dir} is not read by `modes`: it writes the modes to {out / 'modes'}"]
+                        if warned else []), said
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["modes"]
+    text = next(a.help for a in sub._actions if a.dest == "modes_dir")
+    assert text.startswith("not read by `modes`"), text
