@@ -44,9 +44,14 @@ CACHE_ENV = "MANIFOLDGD_CACHE"
 
 
 def default_cache_root() -> str:
-    """``$MANIFOLDGD_CACHE`` or ``~/.cache/manifoldgd_fast``."""
-    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache",
-                                                     "manifoldgd_fast")
+    """``$MANIFOLDGD_CACHE`` or ``~/.cache/manifoldgd_fast`` (a ``~`` expanded, as the digits export expands it)."""
+    return os.path.expanduser(os.environ.get(CACHE_ENV) or os.path.join("~", ".cache", "manifoldgd_fast"))
+
+
+def cache_root(cache_dir: str | None) -> str:
+    """``--cache-dir`` with its ``~`` expanded (a ``--cache-dir=~/c`` or a config file's, which no shell expands,
+    made a folder named ``~`` in the working directory), or :func:`default_cache_root`."""
+    return os.path.expanduser(cache_dir) if cache_dir is not None else default_cache_root()
 
 
 def encode_precision(device, dtype: torch.dtype) -> str:
@@ -56,7 +61,7 @@ def encode_precision(device, dtype: torch.dtype) -> str:
     return "float32"
 
 
-def latent_cache_dir(cache_root: str | None, data_root: str, vae_id: str, image_size: int,
+def latent_cache_dir(cache_dir: str | None, data_root: str, vae_id: str, image_size: int,
                      precision: str = "float32") -> str:
     """``cache_root/latents/<key>``: one folder per (data folder, VAE, resolution, encode precision).
 
@@ -65,7 +70,7 @@ def latent_cache_dir(cache_root: str | None, data_root: str, vae_id: str, image_
     (:func:`encode_precision`), so a different VAE, size or precision never
     reuses latents computed otherwise.
     """
-    root = cache_root if cache_root is not None else default_cache_root()
+    root = cache_root(cache_dir)
     vae_id = str(vae_id)
     if os.path.isdir(vae_id):  # a folder given relative to different cwds is still one VAE
         vae_id = os.path.abspath(vae_id)

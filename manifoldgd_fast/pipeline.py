@@ -292,9 +292,9 @@ def check_outside_data(out: str, data: str | None) -> None:
 def check_cache_outside_data(cache_dir: str | None, data: str) -> None:
     """The latent cache (``cache_dir/latents/``) must not lie inside ``--data``: its folder was read as a class
     by every later run (a class without images, or under --classes, every later class's sorted label moved)."""
-    from .latents import CACHE_ENV, default_cache_root
+    from .latents import CACHE_ENV, cache_root
 
-    root = cache_dir if cache_dir is not None else default_cache_root()
+    root = cache_root(cache_dir)
     c, d = os.path.realpath(os.path.join(root, "latents")), os.path.realpath(data)
     if c == d or c.startswith(d.rstrip(os.sep) + os.sep):
         flag = "--cache-dir" if cache_dir is not None else f"${CACHE_ENV}" if os.environ.get(CACHE_ENV) else "the cache"

@@ -834,3 +834,17 @@ def test_a_cache_inside_the_data_folder_is_refused(where, root, tmp_path, monkey
     assert err == (f"manifoldgd-fast: error: {name} {cache}: its latents/ folder would lie inside --data {root} "
                    "and be read as a class; use a cache folder outside the data folder"), err
     assert sorted(os.listdir(root)) == before
+
+
+def test_a_tilde_in_the_cache_root_is_the_home_folder_as_for_the_digits(tmp_path, monkeypatch):
+    """$MANIFOLDGD_CACHE='~/c' (quoted, or from an env file) sent the digits export to HOME/c and the latents to
+    ./~/c/latents in each working directory (a cache per folder the command ran in); so did --cache-dir=~/c,
+    which no shell expands, and a config file's cache_dir."""
+    from manifoldgd_fast.demo.digits import default_cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(L.CACHE_ENV, "~/c")
+    assert L.default_cache_root() == default_cache_dir() == str(tmp_path / "home" / "c")
+    assert L.latent_cache_dir(None, "/d", "v", 8).startswith(str(tmp_path / "home" / "c" / "latents" / ""))
+    assert L.latent_cache_dir("~/x", "/d", "v", 8).startswith(str(tmp_path / "home" / "x" / "latents" / ""))
