@@ -486,6 +486,9 @@ def _prepare_cache(entries, vae, device, cache_dir: str, image_size: int, vae_di
     for path in sweep_stale_temps(cache_dir):
         log.info("removed %s, left by a killed cache write", path)
     stats, todo = _split_cached(entries, cache_dir, key)
+    if todo and not os.access(cache_dir, os.W_OK):  # (found at the first write, once a whole class was encoded)
+        raise ConfigError(f"latent cache folder {cache_dir} is not writable, and class {todo[0].name} is not cached "
+                          f"there ({len(todo)} class(es) to encode): give a writable --cache-dir")
     return dev, key, stats, todo
 
 
@@ -529,7 +532,8 @@ def cache_latents(entries: Sequence[ClassEntry], vae, *, cache_dir: str, image_s
 
     Raises:
         DataError: a class where no image could be read.
-        ConfigError: ``batch_size`` < 1 or ``num_workers`` < 0.
+        ConfigError: ``batch_size`` < 1 or ``num_workers`` < 0, or a class to encode and
+            ``cache_dir`` not writable.
     """
     from tqdm.auto import tqdm
 

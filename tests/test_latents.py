@@ -848,3 +848,25 @@ def test_a_tilde_in_the_cache_root_is_the_home_folder_as_for_the_digits(tmp_path
     assert L.default_cache_root() == default_cache_dir() == str(tmp_path / "home" / "c")
     assert L.latent_cache_dir(None, "/d", "v", 8).startswith(str(tmp_path / "home" / "c" / "latents" / ""))
     assert L.latent_cache_dir("~/x", "/d", "v", 8).startswith(str(tmp_path / "home" / "x" / "latents" / ""))
+
+
+@pytest.mark.parametrize("encode", [L.cache_latents, L.cache_latents_ref])
+def test_a_read_only_cache_with_classes_to_encode_is_refused_before_encoding(tmp_path, root, vae, monkeypatch, encode):
+    """A shared read-only cache missing a class: the class was encoded (minutes for an ImageNet class on a CPU),
+    then its write failed with "Permission denied"; a complete read-only cache is read as before."""
+    entries = D.scan_image_folder(str(root), classes=["cat"])
+    cache = str(tmp_path / "cache")
+    kw = dict(cache_dir=cache, image_size=SIZE, batch_size=2, progress=False, num_workers=0)
+    access = os.access  # (root writes anywhere: the cache made read-only, as a read-only mount is)
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: access(p, mode, **k) and not (
+        os.path.realpath(p) == os.path.realpath(cache) and mode & os.W_OK))
+    counting = CountingVAE(vae)
+    with pytest.raises(ConfigError) as e:
+        encode(entries, counting, **kw)
+    assert str(e.value) == (f"latent cache folder {cache} is not writable, and class cat is not cached there "
+                            "(1 class(es) to encode): give a writable --cache-dir")
+    assert counting.calls == 0 and os.listdir(cache) == []
+    monkeypatch.undo()
+    encode(entries, vae, **kw)
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: not mode & os.W_OK)
+    assert encode(entries, vae, **kw)["cat"]["cached"]
