@@ -332,7 +332,8 @@ class DistillConfig:
             raise ConfigError(f"--ddim-eta must lie in [0, 1] (0: DDIM, 1: DDPM's variance), got {self.ddim_eta!r}")
         check_out_dir(self.out, "--out")
         if self.cache_dir is not None:
-            check_out_dir(self.cache_dir, "--cache-dir")
+            check_out_dir(os.path.expanduser(self.cache_dir) if isinstance(self.cache_dir, str) else self.cache_dir,
+                          "--cache-dir")   # (its ~ is the home folder: latents.cache_root)
         if self.modes_dir is not None and (not isinstance(self.modes_dir, (str, os.PathLike)) or not str(self.modes_dir)):
             raise ConfigError(f"--modes-dir must be a folder path, got {self.modes_dir!r}")
         if self.modes_dir is not None and not os.path.isdir(self.modes_dir):

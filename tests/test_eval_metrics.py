@@ -543,6 +543,17 @@ def test_the_default_encoder_is_labelled_as_such(folders, tmp_path):
     assert res["metric_sources"]["l2"].startswith("features of resnet18 trained on the real folder (the default encoder, not")
 
 
+def test_a_tilde_in_metrics_cache_dir_is_the_home_folder(folders, tmp_path, monkeypatch):
+    """metrics --cache-dir=~/c (no shell expands a ~ after '='; a config file's neither) trained the default
+    encoder into ./~/c/encoders of the working folder, a cache per folder it ran in, as the latent cache did."""
+    dist, real = folders
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    res = M.compute_metrics(dist, real, size=8, device="cpu", encoder_epochs=1, cache_dir="~/c", progress=False)
+    assert res["encoder"]["cache"].startswith(str(tmp_path / "home" / "c" / "encoders" / ""))
+    assert os.path.isdir(tmp_path / "home" / "c" / "features") and not os.path.exists(tmp_path / "~")
+
+
 # --------------------------------------------------------------------------- FID preprocessing
 class Uint8Probe(torch.nn.Module):
     """An encoder with FID Inception's uint8 entry: features (u - 128) / 128 averaged per channel."""

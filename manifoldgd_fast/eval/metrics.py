@@ -475,10 +475,10 @@ def default_encoder(real: str, entries, size: int, device: torch.device, *, epoc
     At most ``max_per_class`` images a class (default 50,000 // classes, so the set
     stays on the device). Returns (module, info dict with the cache path).
     """
-    from ..latents import default_cache_root
+    from ..latents import cache_root
 
     cap = max_per_class or max(1, 50_000 // len(entries))
-    path = os.path.join(cache_dir or default_cache_root(), "encoders",
+    path = os.path.join(cache_root(cache_dir or None), "encoders",
                         f"resnet18-{_encoder_key(real, entries, size, epochs, cap)}.pt")
     sweep_stale_temps(os.path.dirname(path))  # killed writes' temps (shared and unlocked: old ones only)
     info = {"kind": "resnet18 trained on the real folder", "cache": path, "epochs": epochs,
@@ -584,10 +584,10 @@ def compute_metrics(distilled: str, real: str, *, encoder=None, size: int | None
             enc, enc_info = default_encoder(real, ref, size, dev, epochs=encoder_epochs, cache_dir=cache_dir,
                                             progress=progress)
         fid_enc = enc if fid_enc is None else fid_enc
-        from ..latents import default_cache_root
+        from ..latents import cache_root
 
         real_kw = dict(max_per_class=max_real_per_class, progress=progress,
-                       cache_dir=(cache_dir or default_cache_root()) if feature_cache else None)
+                       cache_dir=cache_root(cache_dir or None) if feature_cache else None)
         real_stats = {"encoder": {}, "fid_encoder": {}}
         if encoder is None:
             enc_what = fid_what = f"the default encoder {enc_info['cache']}"
@@ -709,11 +709,11 @@ def _check_cache_root(cache_dir, subs) -> None:
     a path that can become one, checked before the work (ConfigError naming --cache-dir, or $MANIFOLDGD_CACHE
     where that gave the root)."""
     from ..config import check_out_dir, nearest_existing
-    from ..latents import CACHE_ENV, default_cache_root
+    from ..latents import CACHE_ENV, cache_root
 
     if not subs:
         return
-    root = cache_dir or default_cache_root()
+    root = cache_root(cache_dir or None)
     flag = "--cache-dir" if cache_dir else f"${CACHE_ENV}" if os.environ.get(CACHE_ENV) else "--cache-dir (default)"
     for path in (root, *(os.path.join(root, s) for s in subs)):
         check_out_dir(path, flag)
