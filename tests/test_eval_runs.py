@@ -264,6 +264,23 @@ def test_flat_validation_folder_with_labels_is_the_class_folder_run(folders, tmp
     assert f"labelled by {os.path.abspath(labels)}" in open(tmp_path / "b.md").read()
 
 
+def test_val_labels_and_out_json_may_be_pathlib_paths(folders, tmp_path):
+    """evaluate() takes a pathlib.Path for --val-labels and --out-json, as for --real-val and --teacher (they
+    were an AttributeError in the label reader and a TypeError naming the partial file: a Python API audit);
+    anything else is one line naming the parameter."""
+    import pathlib
+
+    dist, val = folders
+    flat, labels = _flatten(val, tmp_path, "lines")
+    kw = dict(nets="convnet6", seeds=1, epochs=1, size=8, device="cpu", progress=False)
+    res = P.evaluate(pathlib.Path(dist), pathlib.Path(flat), val_labels=pathlib.Path(labels),
+                     out_json=tmp_path / "r.json", **kw)
+    assert res["val_labels"] == os.path.abspath(labels) and res["files"]["json"] == str(tmp_path / "r.json")
+    assert os.path.isfile(tmp_path / "r.json") and os.path.isfile(tmp_path / "r.md")
+    with pytest.raises(ConfigError, match=r"^--val-labels: expected a path, got int 3$"):
+        P.evaluate(dist, flat, val_labels=3, **kw)
+
+
 def test_flat_validation_folder_with_restrict_val_keeps_the_distilled_classes(folders, tmp_path):
     """--val-labels with --restrict-val: the labelled classes the distilled set lacks (dog) are left out of the
     validation set, each kept image labelled by the distilled classes' order."""

@@ -615,6 +615,9 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
     """
     folders = _folder_list(distilled)
     real_val = check_path(real_val, "--real-val")
+    # (a pathlib.Path, as --real-val and --teacher take, was an AttributeError / TypeError traceback)
+    val_labels = None if val_labels is None else check_path(val_labels, "--val-labels")
+    out_json = None if out_json is None else check_path(out_json, "--out-json")
     if nets is None:  # the soft-label protocol (MGD3's, RDED's) trains a ResNet-18 student; hard labels all three
         nets = ("resnet18",) if teacher is not None else NET_NAMES
     nets = parse_nets(nets)
