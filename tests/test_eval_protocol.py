@@ -1383,6 +1383,23 @@ def test_a_folder_where_eval_writes_its_report_is_refused_before_training(folder
     assert os.path.isfile(res["files"]["markdown"]) and res["files"]["markdown"].endswith("e.md")
 
 
+@pytest.mark.parametrize("name", ["r.md", "r.MD"])
+def test_an_out_json_named_md_is_refused_before_training(folders, tmp_path, monkeypatch, capsys, name):
+    """--out-json r.md: the markdown table, written beside the JSON as r.md, replaced it; the CLI said
+    "results: r.md, r.md" and the manifest named r.md as the JSON. Refused in one line before any training."""
+    from manifoldgd_fast.cli import main
+
+    dist, val = folders
+    monkeypatch.setattr(P, "train_net", lambda *a, **k: pytest.fail("a net trained"))
+    out = str(tmp_path / name)
+    assert main(["eval", "--distilled", dist, "--real-val", val, "--nets", "convnet6", "--seeds", "1", "--epochs",
+                 "1", "--size", "8", "--device", "cpu", "--no-progress", "--out-json", out]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"manifoldgd-fast: error: --out-json {out}: the markdown table is written beside it as "
+                   f"{os.path.splitext(out)[0]}.md, in its place; give a .json file name\n"), err
+    assert not os.path.exists(out)
+
+
 def test_an_interrupted_training_closes_its_progress_bar(monkeypatch, capsys):
     """Ctrl-C (or an error) mid-training: the epoch bar is closed on the way out, so the next line on stderr
     (the CLI's "interrupted; finished training runs are kept ...") starts a line of its own: it was glued to the

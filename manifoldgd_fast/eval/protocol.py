@@ -630,6 +630,9 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
                        inputs={"--real-val": real_val, "--val-labels": val_labels, "--teacher": teacher}
                        if out_json is not None else None)  # (the default: OUT's own)
     report = eval_json_path(folders, out_json)
+    if os.path.splitext(report)[1].lower() == ".md":  # (the table replaced the JSON, and both were named as written)
+        raise ConfigError(f"--out-json {report}: the markdown table is written beside it as "
+                          f"{eval_markdown_path(report)}, in its place; give a .json file name")
     for beside in (eval_markdown_path(report), report + ".partial"):  # written after the first run, or the last
         if os.path.isdir(beside):  # (a class folder named eval.md: 'Is a directory', after training)
             raise ConfigError(f"--out-json{'' if out_json is not None else ' (default)'} {report}: {beside}, "
