@@ -314,6 +314,30 @@ def test_the_teacher_file_is_named_by_its_path(folders, tmp_path, monkeypatch):
     assert res["teacher"] == "ColourOracle"
 
 
+def test_a_teacher_checkpoint_of_other_classes_is_refused(folders, tmp_path, capsys):
+    """A net checkpoint that names the classes it was trained on (the metrics' default encoder, a ResNet-18 on the
+    real images, does) taught a folder of other classes, or of the same in another order, as many of them:
+    ImageWoof's teacher on ImageNette, silently. Refused in one line; its own classes teach as before."""
+    from manifoldgd_fast.cli import main
+    from manifoldgd_fast.eval import nets as N
+
+    dist, val = folders
+    net = N.build_net("convnet6", 3, 8)
+    for name, classes in (("other.pt", ["ant", "bee", "dog"]), ("order.pt", ["bee", "ant", "cat"])):
+        torch.save(N.net_checkpoint(net, classes=classes), tmp_path / name)
+        assert main(["eval", "--distilled", dist, "--real-val", val, "--teacher", str(tmp_path / name), "--seeds",
+                     "1", "--epochs", "1", "--size", "8", "--device", "cpu", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"manifoldgd-fast: error: --teacher {tmp_path / name}: trained on the classes "
+                       f"{', '.join(classes)}, not the evaluation's ant, bee, cat (in that order); its outputs would "
+                       "be read as other classes\n"), err
+    assert not os.path.exists(os.path.join(dist, "eval.json"))
+    torch.save(N.net_checkpoint(net, classes=CLASSES), tmp_path / "own.pt")
+    res = P.evaluate(dist, val, nets="convnet6", seeds=1, epochs=1, size=8, device="cpu",
+                     teacher=str(tmp_path / "own.pt"), progress=False)
+    assert res["protocol"] == "soft-label"
+
+
 class _TupleNet(torch.nn.Module):
     def forward(self, x):
         return (x.mean((2, 3)),)

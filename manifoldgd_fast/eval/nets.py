@@ -279,9 +279,26 @@ def load_net(source, *, num_classes: int | None = None, size: int | None = None,
                 obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:  # noqa: BLE001 - any unpickling failure is the file's fault
             raise ConfigError(f"{what} {path}: cannot load ({type(e).__name__}: {e})") from None
+    _check_trained_classes(obj, class_names, f"{what} {os.fspath(source)}" if isinstance(source, (str, os.PathLike))
+                           else what)
     with torch.random.fork_rng(devices=[]):  # (the shells' random init, replaced by the weights: not the caller's RNG)
         net = _net_from(obj, num_classes, size, what)
     return _select_classes(net, num_classes, class_names, what)
+
+
+def _check_trained_classes(obj, class_names, what: str) -> None:
+    """ConfigError when ``obj``, a :func:`net_checkpoint` that names the classes it was trained on (the metrics'
+    default encoder does), names others than ``class_names`` or another order: its outputs would be taken
+    for the wrong classes (a teacher of ImageWoof's 10 classes taught ImageNette's 10, silently)."""
+    trained = obj.get("classes") if isinstance(obj, dict) and obj.get("format") == NET_FORMAT else None
+    if class_names is None or not isinstance(trained, (list, tuple)) or list(trained) == list(class_names):
+        return
+
+    def names(xs):
+        return ", ".join(map(str, xs[:5])) + (f" ... ({len(xs) - 5} more)" if len(xs) > 5 else "")
+
+    raise ConfigError(f"{what}: trained on the classes {names(list(trained))}, not the evaluation's "
+                      f"{names(list(class_names))} (in that order); its outputs would be read as other classes")
 
 
 def _is_torchscript(path: str) -> bool:
