@@ -1045,6 +1045,23 @@ def test_each_evaluation_is_appended_to_the_manifest(folders, monkeypatch):
     assert len(man["eval"]) == 2 and man["method"] == "manifoldgd"
 
 
+def test_each_manifest_record_names_the_settings_its_numbers_depend_on(folders, monkeypatch):
+    """Two evaluations of one folder at another --val-resize (or --lr, --restrict-val, --teacher ...) were two
+    manifest records alike but for their numbers, both naming eval.json, which holds only the last."""
+    dist, val = folders
+    monkeypatch.setattr(P, "train_net", lambda net, *a, seed, **kw: {"seed": seed, "best": 1.0, "final": 1.0,
+                                                                     "params": 1})
+    for val_resize, lr in ((8, None), (12, 0.5)):
+        P.evaluate(dist, val, nets="convnet6", seeds=1, epochs=1, size=8, device="cpu", progress=False,
+                   val_resize=val_resize, lr=lr)
+    with open(os.path.join(dist, "manifest.json")) as f:
+        first, second = json.load(f)["eval"]
+    assert (first["val_resize"], second["val_resize"]) == (8, 12)
+    assert (first["hparams"]["lr"], second["hparams"]["lr"]) == (0.01, 0.5)
+    assert first["restrict_val"] is False and first["teacher"] is None and first["n_val"] == 18
+    assert first["resample"] == "bicubic" and first["val_labels"] is None
+
+
 def test_the_augmentation_is_specs():
     """SPEC 7's training augmentation, pinned: RandomResizedCrop scale 0.5-1, ImageNet mean / std, AlexNet's
     PCA lighting (a per-image RGB shift, nonzero), and CutMix's partner drawn anew per batch."""

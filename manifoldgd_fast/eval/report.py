@@ -163,7 +163,11 @@ def write_eval_outputs(result: dict, folders: list[str], out_json: str | None) -
     result["files"] = {"json": os.path.abspath(out_json), "markdown": os.path.abspath(out_md)}
     base = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "file": result["files"]["json"], "protocol": result["protocol"], "size": result["size"],
-            "epochs": result["epochs"], "seeds": result["seeds"], "real_val": result["real_val"]}
+            "epochs": result["epochs"], "seeds": result["seeds"], "real_val": result["real_val"],
+            # the other settings its numbers depend on (two records of one folder at another --val-resize,
+            # --restrict-val, --teacher or --lr read alike; the file both name holds only the last)
+            **{k: result.get(k) for k in ("val_labels", "restrict_val", "n_val", "val_resize", "resample", "teacher",
+                                          "temperature", "hparams", "tested", "precision_mode")}}
     paths = [os.path.join(os.path.abspath(f), MANIFEST) for f in folders]     # where the summaries go
     manifests = [p if os.path.isfile(p) else None for p in paths]
     result["manifest"], result["manifests"] = manifests[0], manifests
