@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -1043,6 +1044,22 @@ def test_each_evaluation_is_appended_to_the_manifest(folders, monkeypatch):
     with open(os.path.join(dist, "manifest.json")) as f:
         man = json.load(f)
     assert len(man["eval"]) == 2 and man["method"] == "manifoldgd"
+
+
+def test_a_temperature_without_a_teacher_is_warned_about(folders, monkeypatch, caplog):
+    """--temperature without --teacher ran the hard-label protocol, which has none, and said nothing of it."""
+    dist, val = folders
+    monkeypatch.setattr(P, "train_net", lambda net, *a, seed, **kw: {"seed": seed, "best": 1.0, "final": 1.0,
+                                                                     "params": 1})
+    with caplog.at_level(logging.WARNING, logger="manifoldgd_fast"):
+        res = P.evaluate(dist, val, nets="convnet6", seeds=1, epochs=1, size=8, device="cpu", progress=False,
+                         temperature=4)
+    assert res["protocol"] == "hard-label" and res["temperature"] is None
+    assert "--temperature 4 is the soft-label protocol's and there is no --teacher" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="manifoldgd_fast"):
+        P.evaluate(dist, val, nets="convnet6", seeds=1, epochs=1, size=8, device="cpu", progress=False)
+    assert "--temperature" not in caplog.text
 
 
 def test_each_manifest_record_names_the_settings_its_numbers_depend_on(folders, monkeypatch):

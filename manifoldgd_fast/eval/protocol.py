@@ -648,6 +648,7 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
         raise ConfigError(f"--val-resize {val_resize}: must be <= {MAX_VAL_RESIZE} px")
     if size is not None and size < 2:  # (build_net's check, before the validation set is loaded)
         raise ConfigError(f"--size {size}: must be >= 2")
+    unused_temperature = temperature is not None and teacher is None
     temperature = SOFT_TEMPERATURE if temperature is None else temperature
     # a number (a string "20" passed here, then failed mid-training as a TypeError), as a float: 20 and 20.0 are
     # one run to the resume's fingerprint and eval.json
@@ -655,6 +656,9 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
             or not (math.isfinite(temperature) and temperature > 0):
         raise ConfigError(f"--temperature {temperature!r}: must be a number > 0 and finite")
     temperature = float(temperature)
+    if unused_temperature:  # (it ran the hard-label protocol and said nothing of it)
+        log.warning("--temperature %g is the soft-label protocol's and there is no --teacher: the hard-label "
+                    "protocol runs, without it", temperature)
     check_precision(precision)
     if resample not in RESAMPLERS:
         raise ConfigError(f"--resample {resample}: must be one of {', '.join(RESAMPLERS)}")
