@@ -1458,6 +1458,27 @@ def test_an_out_json_named_md_is_refused_before_training(folders, tmp_path, monk
     assert not os.path.exists(out)
 
 
+def test_the_table_beside_out_json_never_replaces_a_file_no_evaluation_wrote(folders, tmp_path, monkeypatch):
+    """--out-json README.json wrote its table over README.md (and --out-json t.json its table over --teacher t.md):
+    refused before training; the table of an earlier report of that name is rewritten."""
+    dist, val = folders
+    monkeypatch.setattr(P, "train_net", lambda net, *a, seed, **kw: {"seed": seed, "best": 1.0, "final": 1.0,
+                                                                     "params": 1})
+    kw = dict(nets="convnet6", seeds=1, epochs=1, size=8, device="cpu", progress=False)
+    (tmp_path / "README.md").write_text("mine")
+    with pytest.raises(ConfigError, match=r"^--out-json .*README\.json: its table would be written over .*README\.md, "
+                                          r"which is no report's \(no README\.json beside it\); give another"):
+        P.evaluate(dist, val, out_json=str(tmp_path / "README.json"), **kw)
+    assert (tmp_path / "README.md").read_text() == "mine" and not (tmp_path / "README.json").exists()
+    (tmp_path / "t.md").write_text("a teacher file")   # (its name is a user's to choose)
+    with pytest.raises(ConfigError, match=r"^--out-json's table .*t\.md: inside --teacher .*t\.md, which is read"):
+        P.evaluate(dist, val, out_json=str(tmp_path / "t.json"), teacher=str(tmp_path / "t.md"), **kw)
+    assert (tmp_path / "t.md").read_text() == "a teacher file"
+    for _ in range(2):   # its own table, written again
+        res = P.evaluate(dist, val, out_json=str(tmp_path / "r.json"), **kw)
+    assert res["files"]["markdown"] == str(tmp_path / "r.md")
+
+
 def test_an_interrupted_training_closes_its_progress_bar(monkeypatch, capsys):
     """Ctrl-C (or an error) mid-training: the epoch bar is closed on the way out, so the next line on stderr
     (the CLI's "interrupted; finished training runs are kept ...") starts a line of its own: it was glued to the

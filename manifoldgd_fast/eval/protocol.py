@@ -633,7 +633,14 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
     if os.path.splitext(report)[1].lower() == ".md":  # (the table replaced the JSON, and both were named as written)
         raise ConfigError(f"--out-json {report}: the markdown table is written beside it as "
                           f"{eval_markdown_path(report)}, in its place; give a .json file name")
-    for beside in (eval_markdown_path(report), report + ".partial"):  # written after the first run, or the last
+    table = eval_markdown_path(report)
+    if out_json is not None:  # the table beside it: never over an input, nor over a file no evaluation wrote
+        check_out_file(table, "--out-json's table", inputs={"--real-val": real_val, "--val-labels": val_labels,
+                                                             "--teacher": teacher})
+        if os.path.isfile(table) and not os.path.exists(report):   # (--out-json README.json replaced README.md)
+            raise ConfigError(f"--out-json {report}: its table would be written over {table}, which is no "
+                              f"report's (no {os.path.basename(report)} beside it); give another file name")
+    for beside in (table, report + ".partial"):  # written after the first run, or the last
         if os.path.isdir(beside):  # (a class folder named eval.md: 'Is a directory', after training)
             raise ConfigError(f"--out-json{'' if out_json is not None else ' (default)'} {report}: {beside}, "
                               "written beside it, is a folder; give --out-json elsewhere")
