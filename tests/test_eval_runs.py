@@ -281,6 +281,24 @@ def test_val_labels_and_out_json_may_be_pathlib_paths(folders, tmp_path):
         P.evaluate(dist, flat, val_labels=3, **kw)
 
 
+def test_numbered_val_labels_say_what_file_to_give(folders, tmp_path, capsys):
+    """caffe's val.txt ('<image> 65': class numbers) with wnid-named distilled classes was a bare class mismatch
+    listing numbers; it says the file names classes by number and what to give instead."""
+    from manifoldgd_fast.cli import main
+
+    dist, val = folders
+    flat, labels = _flatten(val, tmp_path, "lines")
+    numbered = tmp_path / "val.txt"
+    names = sorted(os.listdir(val))
+    numbered.write_text("".join(f"{ln.split(chr(9))[0]} {names.index(ln.split(chr(9))[1].strip())}\n"
+                                for ln in open(labels) if not ln.startswith("#")))
+    assert main(["eval", "--distilled", dist, "--real-val", flat, "--val-labels", str(numbered), "--epochs", "1",
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "class mismatch" in err and f"({numbered} names its classes by number, as caffe's val.txt does" in err, err
+    assert "\n" not in err
+
+
 def test_flat_validation_folder_with_restrict_val_keeps_the_distilled_classes(folders, tmp_path):
     """--val-labels with --restrict-val: the labelled classes the distilled set lacks (dog) are left out of the
     validation set, each kept image labelled by the distilled classes' order."""

@@ -161,8 +161,12 @@ def match_classes(distilled: str, reference: str, *, exact: bool = True, what: s
             parts.append(f"missing from the distilled set: {_names(missing)}")
         if extra:
             parts.append(f"not in the {what} set: {_names(extra)}")
+        hint = ""
+        if labels is not None and ref_names and all(n.isdigit() for n in ref_names) and not ref_names & set(dist_names):
+            hint = (f" ({labels} names its classes by number, as caffe's val.txt does: give a file of class names "
+                    "(e.g. Kaggle's LOC_val_solution.csv) or the ILSVRC-2012 devkit, whose meta.mat names its numbers)")
         raise DataError(f"class mismatch between distilled folder {distilled} and {what} folder {reference}: "
-                        + "; ".join(parts))
+                        + "; ".join(parts) + hint)
     classes = sorted(dist_names)
     index = {c: i for i, c in enumerate(classes)}
     dist = scan_image_folder(distilled, classes=classes, label_map="sorted")
