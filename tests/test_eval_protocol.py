@@ -339,6 +339,21 @@ def test_a_teacher_checkpoint_of_other_classes_is_refused(folders, tmp_path, cap
     assert res["protocol"] == "soft-label"
 
 
+def test_a_teacher_checkpoint_of_all_imagenet_classes_answers_for_a_subsets_wnids():
+    """A net checkpoint naming the 1000 ImageNet-1k WordNet ids in order (the metrics' default encoder of a
+    1000-class run) teaches a subset's wnid folders through its outputs for them, as a 1000-class ImageNet
+    net without names does; it was refused as trained on other classes. Other names are still refused."""
+    from manifoldgd_fast.classes import imagenet_wnids
+    from manifoldgd_fast.eval import nets as N
+
+    ck = N.net_checkpoint(N.build_net("resnet18", 1000, 32), classes=imagenet_wnids())
+    names = [imagenet_wnids()[i] for i in (0, 217, 482)]
+    got = N.load_net(ck, num_classes=3, size=32, class_names=names)
+    assert isinstance(got, N.ClassSubset) and got(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
+    with pytest.raises(ConfigError, match="trained on the classes n01440764"):
+        N.load_net(ck, num_classes=3, size=32, class_names=["ant", *names[1:]])
+
+
 class _TupleNet(torch.nn.Module):
     def forward(self, x):
         return (x.mean((2, 3)),)

@@ -293,6 +293,10 @@ def _check_trained_classes(obj, class_names, what: str) -> None:
     trained = obj.get("classes") if isinstance(obj, dict) and obj.get("format") == NET_FORMAT else None
     if class_names is None or not isinstance(trained, (list, tuple)) or list(trained) == list(class_names):
         return
+    from ..classes import imagenet_wnids
+
+    if list(trained) == imagenet_wnids() and set(class_names) <= set(trained):
+        return  # all of ImageNet-1k in order: _select_classes answers for a subset's WordNet ids
 
     def names(xs):
         return ", ".join(map(str, xs[:5])) + (f" ... ({len(xs) - 5} more)" if len(xs) > 5 else "")
