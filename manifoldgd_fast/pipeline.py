@@ -292,11 +292,15 @@ def check_outside_data(out: str, data: str | None) -> None:
 def check_cache_outside_data(cache_dir: str | None, data: str) -> None:
     """The latent cache (``cache_dir/latents/``) must not lie inside ``--data``: its folder was read as a class
     by every later run (a class without images, or under --classes, every later class's sorted label moved)."""
+    from .data import SYSTEM_FOLDERS
     from .latents import CACHE_ENV, cache_root
 
     root = cache_root(cache_dir)
     c, d = os.path.realpath(os.path.join(root, "latents")), os.path.realpath(data)
-    if c == d or c.startswith(d.rstrip(os.sep) + os.sep):
+    top = os.path.relpath(c, d).split(os.sep)[0] if c.startswith(d.rstrip(os.sep) + os.sep) else None
+    if top is not None and (top.startswith(".") or top in SYSTEM_FOLDERS):
+        return   # (DATA/.cache/latents: a hidden folder is never read as a class)
+    if c == d or top is not None:
         flag = "--cache-dir" if cache_dir is not None else f"${CACHE_ENV}" if os.environ.get(CACHE_ENV) else "the cache"
         raise ConfigError(f"{flag} {root}: its latents/ folder would lie inside --data {data} and be read as a "
                           "class; use a cache folder outside the data folder")

@@ -836,6 +836,20 @@ def test_a_cache_inside_the_data_folder_is_refused(where, root, tmp_path, monkey
     assert sorted(os.listdir(root)) == before
 
 
+def test_a_cache_in_a_hidden_folder_of_the_data_folder_is_kept(tiny_world, tmp_path):
+    """--cache-dir DATA/.cache: its latents/ is in a hidden folder, which no scan reads as a class; it was refused
+    as "read as a class" along with a cache at DATA itself (which is)."""
+    import shutil
+
+    from manifoldgd_fast.cli import main
+
+    data = shutil.copytree(tiny_world["data"], tmp_path / "data")
+    assert main(["cache", "--data", str(data), "--model", tiny_world["model"], "--cache-dir", str(data / ".cache"),
+                 "--classes", "apple", "--device", "cpu"]) == 0
+    assert os.path.isdir(data / ".cache" / "latents")
+    assert [e.name for e in D.scan_image_folder(str(data))] == ["apple", "banana", "cherry"]
+
+
 def test_a_tilde_in_the_cache_root_is_the_home_folder_as_for_the_digits(tmp_path, monkeypatch):
     """$MANIFOLDGD_CACHE='~/c' (quoted, or from an env file) sent the digits export to HOME/c and the latents to
     ./~/c/latents in each working directory (a cache per folder the command ran in); so did --cache-dir=~/c,
