@@ -786,7 +786,8 @@ def compute_modes(config: DistillConfig | dict) -> dict[str, str]:
     try:
         check_out(cfg.out, with_demo_defaults(cfg).data)
         out_modes = os.path.join(cfg.out, MODES_DIR)
-        if cfg.modes_dir is not None and os.path.realpath(cfg.modes_dir) != os.path.realpath(out_modes):
+        if isinstance(cfg.modes_dir, (str, os.PathLike)) and str(cfg.modes_dir) \
+                and os.path.realpath(cfg.modes_dir) != os.path.realpath(out_modes):   # (else validate's line)
             log.warning("--modes-dir %s is not read by `modes`: it writes the modes to %s", cfg.modes_dir, out_modes)
         ctx = prepare(cfg, need_models=False, shard=shard, per_class=cfg.ipc)
         rcfg = cfg.resolve(len(ctx["entries"]), backbone=ctx["backbone"])

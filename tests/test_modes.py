@@ -904,3 +904,13 @@ def test_modes_says_it_does_not_read_modes_dir(tmp_path, monkeypatch, caplog, ca
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["modes"]
     text = next(a.help for a in sub._actions if a.dest == "modes_dir")
     assert text.startswith("not read by `modes`"), text
+
+
+@pytest.mark.parametrize("bad", [3, ""])
+def test_modes_refuses_a_modes_dir_that_is_no_path_in_one_line(bad, tmp_path):
+    """The warning about --modes-dir took its realpath first: modes_dir=3 through the Python API was a TypeError
+    traceback, and '' was warned about as a folder, before validate's one line naming --modes-dir."""
+    from manifoldgd_fast import pipeline
+
+    with pytest.raises(ConfigError, match=r"^--modes-dir must be a folder path, got "):
+        pipeline.compute_modes({"out": str(tmp_path / "o"), "data": str(tmp_path / "data"), "modes_dir": bad})
