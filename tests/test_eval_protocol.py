@@ -1492,6 +1492,9 @@ def test_the_table_beside_out_json_never_replaces_a_file_no_evaluation_wrote(fol
     for _ in range(2):   # its own table, written again
         res = P.evaluate(dist, val, out_json=str(tmp_path / "r.json"), **kw)
     assert res["files"]["markdown"] == str(tmp_path / "r.md")
+    os.replace(tmp_path / "r.json", tmp_path / "kept.json")   # an earlier report's JSON moved away: its table is
+    res = P.evaluate(dist, val, out_json=str(tmp_path / "r.json"), **kw)   # still an evaluation's, rewritten
+    assert os.path.isfile(tmp_path / "r.json") and res["files"]["markdown"] == str(tmp_path / "r.md")
 
 
 def test_an_interrupted_training_closes_its_progress_bar(monkeypatch, capsys):
