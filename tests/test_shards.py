@@ -312,6 +312,9 @@ def test_eval_and_metrics_refuse_a_run_whose_other_shards_are_still_to_run(tiny_
     assert "is an unfinished distill run" in last, last
     assert main(_args(tiny_world, out, "--shard", "1/2")) == 0
     check_not_being_written(str(out))
+    for c in ("apple", "banana", "cherry"):   # a copy made without hidden files: the manifest says done
+        os.remove(out / c / ".complete")
+    check_not_being_written(str(out))
 
 
 def test_an_interrupted_shard_records_its_finished_classes_in_the_manifest(tiny_world, tmp_path, monkeypatch):

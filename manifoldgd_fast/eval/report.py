@@ -44,7 +44,7 @@ def check_not_being_written(folder: str, flag: str = "--distilled") -> None:
 
 
 def _check_finished(folder: str, flag: str) -> None:
-    """DataError when ``folder``'s manifest names classes that are not finished on disk: a run killed, or
+    """DataError when ``folder``'s manifest names classes that are not finished: a run killed, or
     --shard K/N tasks still to run (a job array's shards start hours apart, holding no lock in between). The
     classes finished so far were scored and recorded as the run's, exit 0 (audit)."""
     try:
@@ -54,7 +54,10 @@ def _check_finished(folder: str, flag: str) -> None:
         return
     if not isinstance(classes, dict):
         return
-    left = [name for name in classes if not class_done(folder, name)]
+    # done: its .complete mark on disk, or "done" in the manifest (a copy made without hidden files has no marks;
+    # a class still to run is "pending" there, a stale manifest's finished class has its mark)
+    left = [name for name, info in classes.items()
+            if not class_done(folder, name) and not (isinstance(info, dict) and info.get("status") == "done")]
     if left:
         raise DataError(f"{flag} {folder} is an unfinished distill run: {len(left)} of its {len(classes)} classes "
                         f"are not done ({', '.join(left[:3])}{', ...' if len(left) > 3 else ''}); finish it (rerun "
