@@ -104,13 +104,18 @@ def _image_files(folder: str) -> list[str]:
 SYSTEM_FOLDERS = frozenset({"__MACOSX", "lost+found", "@eaDir", "$RECYCLE.BIN", "System Volume Information"})
 
 
+def may_be_class(name: str) -> bool:
+    """Whether a folder of this name in a data folder is read as a class (hidden and system folders are not)."""
+    return not name.startswith(".") and name not in SYSTEM_FOLDERS
+
+
 def _class_folders(root: str, check_links: bool = False) -> list[str]:
     """The class folder names of ``root``, sorted (no hidden or :data:`SYSTEM_FOLDERS` one). check_links: a
     DataError for a broken link (dangling or looping) among them: a class folder that cannot be read would
     move every later class's sorted label, silently."""
     names = []
     for e in os.scandir(root):
-        if e.name.startswith(".") or e.name in SYSTEM_FOLDERS:
+        if not may_be_class(e.name):
             continue
         kind = _kind(e)
         if kind == "dir":

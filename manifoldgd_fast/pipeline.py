@@ -281,26 +281,32 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
                 weights=weights)
 
 
+def _under(path: str, root: str) -> str | None:
+    """The first folder of ``path`` below ``root`` ("" where they are one folder; links resolved), or None
+    where ``path`` lies outside ``root``."""
+    p, r = os.path.realpath(path), os.path.realpath(root)
+    if p == r:
+        return ""
+    return os.path.relpath(p, r).split(os.sep)[0] if p.startswith(r.rstrip(os.sep) + os.sep) else None
+
+
 def check_outside_data(out: str, data: str | None) -> None:
     """``--out`` must not be ``--data`` or lie inside it: its folders would be read as classes (ConfigError)."""
-    o, d = os.path.realpath(out), os.path.realpath(data) if data is not None else None
-    if d is not None and (o == d or o.startswith(d.rstrip(os.sep) + os.sep)):
-        raise ConfigError(f"--out {out} is {'the same folder as' if o == d else 'inside'} --data {data}: "
+    top = _under(out, data) if data is not None else None
+    if top is not None:
+        raise ConfigError(f"--out {out} is {'the same folder as' if top == '' else 'inside'} --data {data}: "
                           "its folders would be read as classes; use an --out outside the data folder")
 
 
 def check_cache_outside_data(cache_dir: str | None, data: str) -> None:
     """The latent cache (``cache_dir/latents/``) must not lie inside ``--data``: its folder was read as a class
     by every later run (a class without images, or under --classes, every later class's sorted label moved)."""
-    from .data import SYSTEM_FOLDERS
+    from .data import may_be_class
     from .latents import CACHE_ENV, cache_root
 
     root = cache_root(cache_dir)
-    c, d = os.path.realpath(os.path.join(root, "latents")), os.path.realpath(data)
-    top = os.path.relpath(c, d).split(os.sep)[0] if c.startswith(d.rstrip(os.sep) + os.sep) else None
-    if top is not None and (top.startswith(".") or top in SYSTEM_FOLDERS):
-        return   # (DATA/.cache/latents: a hidden folder is never read as a class)
-    if c == d or top is not None:
+    top = _under(os.path.join(root, "latents"), data)
+    if top == "" or (top is not None and may_be_class(top)):   # (DATA/.cache/latents: never read as a class)
         flag = "--cache-dir" if cache_dir is not None else f"${CACHE_ENV}" if os.environ.get(CACHE_ENV) else "the cache"
         raise ConfigError(f"{flag} {root}: its latents/ folder would lie inside --data {data} and be read as a "
                           "class; use a cache folder outside the data folder")

@@ -45,8 +45,8 @@ from . import resume
 from .augment import TrainAugment, cutmix, normalize, to_unit
 from .nets import NET_NAMES, build_net, count_parameters, load_net, parse_nets
 from .precision import amp, check_precision, describe_precision, net_layout, numerics, prepare_net
-from .report import (check_not_being_written, eval_json_path, eval_markdown_path, report_lock, summarize,
-                     write_eval_outputs)
+from .report import (check_not_being_written, eval_json_path, eval_markdown_path, is_eval_table, report_lock,
+                     summarize, write_eval_outputs)
 
 log = logging.getLogger(__name__)
 
@@ -516,15 +516,6 @@ def check_path(value, flag: str) -> str:
     return os.fspath(value)
 
 
-def _is_eval_table(path: str) -> bool:
-    """Whether ``path`` holds a table an evaluation wrote (report.markdown_table's first line)."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read(200).startswith("# Evaluation (")
-    except OSError:
-        return False
-
-
 def _folder_list(distilled) -> list[str]:
     """One folder or a sequence of them -> a list; ConfigError naming --distilled for none or repeats."""
     if isinstance(distilled, (str, os.PathLike)):
@@ -650,7 +641,7 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
     if out_json is not None:  # the table beside it: never over an input, nor over a file no evaluation wrote
         check_out_file(table, "--out-json's table", inputs={"--real-val": real_val, "--val-labels": val_labels,
                                                              "--teacher": teacher})
-        if os.path.isfile(table) and not os.path.exists(report) and not _is_eval_table(table):
+        if os.path.isfile(table) and not os.path.exists(report) and not is_eval_table(table):
             # (--out-json README.json replaced README.md; a table whose JSON was moved away is a report's)
             raise ConfigError(f"--out-json {report}: its table would be written over {table}, which is no "
                               f"report's (no {os.path.basename(report)} beside it); give another file name")

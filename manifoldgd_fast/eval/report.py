@@ -119,6 +119,18 @@ def _net_rows(nets: dict, what: str = "per seed") -> list[str]:
     return lines
 
 
+TABLE_TITLE = "# Evaluation ("   # the first line of every table markdown_table writes
+
+
+def is_eval_table(path: str) -> bool:
+    """Whether ``path`` holds a table an evaluation wrote (:func:`markdown_table`'s first line)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read(200).startswith(TABLE_TITLE)
+    except OSError:
+        return False
+
+
 def markdown_table(result: dict) -> str:
     """Per net: params, best and final top-1 mean ± std, and each run's best / final; with several
     distilled folders the pooled table (all (folder, seed) runs) comes first, then one per folder."""
@@ -130,10 +142,10 @@ def markdown_table(result: dict) -> str:
             + (f", labelled by {result['val_labels']}" if result.get("val_labels") else "")
             + "); top-1 %, mean ± std over ")
     if len(folders) == 1:
-        lines = [f"# Evaluation ({result['protocol']}): {folders[0]}", "", head + seeds, "",
+        lines = [f"{TABLE_TITLE}{result['protocol']}): {folders[0]}", "", head + seeds, "",
                  *_net_rows(result["nets"])]
     else:
-        lines = [f"# Evaluation ({result['protocol']}): {len(folders)} distilled sets", "",
+        lines = [f"{TABLE_TITLE}{result['protocol']}): {len(folders)} distilled sets", "",
                  head + f"{len(folders) * n_seeds} runs ({len(folders)} distilled sets x {seeds})", "",
                  *_net_rows(result["nets"], "per run")]
         for i, pf in enumerate(result["per_folder"]):
