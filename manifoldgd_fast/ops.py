@@ -252,7 +252,7 @@ def manifold_correct(x, patch, g, *, k, d, lambda_normal=1.0, ridge=0.0, lengths
         return torch.ops.manifoldgd_fast.manifold_correct_rows(
             x.contiguous(), patch.contiguous(), g.contiguous(), lengths, k, d, float(lambda_normal),
             _eig_backend(x.device))
-    return manifold_correct_ref(x, patch, g, k=k, d=d, lambda_normal=lambda_normal, ridge=ridge, lengths=lengths)
+    return _manifold_correct_checked(x, patch, g, k, d, lambda_normal, lengths)   # (checked above: not twice)
 
 
 def _correct_args(x, patch, g, k, d, lambda_normal, ridge, lengths):
@@ -268,6 +268,11 @@ def _correct_args(x, patch, g, k, d, lambda_normal, ridge, lengths):
 def manifold_correct_ref(x, patch, g, *, k, d, lambda_normal=1.0, ridge=0.0, lengths=None):
     """Reference of :func:`manifold_correct` (same signature and checks, no backend)."""
     k, d, lengths = _correct_args(x, patch, g, k, d, lambda_normal, ridge, lengths)
+    return _manifold_correct_checked(x, patch, g, k, d, lambda_normal, lengths)
+
+
+def _manifold_correct_checked(x, patch, g, k, d, lambda_normal, lengths):
+    """:func:`manifold_correct_ref`'s maths on checked arguments (lengths a (B,) tensor)."""
     B, M, D = patch.shape
     with phase("knn"):  # the profiler's phases, as the kernels' (no-ops unless profiling)
         idx, _ = knn_rows_ref(x, patch, k, lengths)
@@ -307,7 +312,7 @@ def manifold_pull(x, cloud, *, k=12, d=3, scale=0.1, bandwidth=0.1, ridge=1e-5, 
     if _pick_backend(backend, x.device, why) == "triton":
         return torch.ops.manifoldgd_fast.manifold_pull_rows(
             x.contiguous(), cloud.contiguous(), lengths, k, d, float(scale), float(bandwidth), _eig_backend(x.device))
-    return manifold_pull_ref(x, cloud, k=k, d=d, scale=scale, bandwidth=bandwidth, ridge=ridge, lengths=lengths)
+    return _manifold_pull_checked(x, cloud, k, d, scale, bandwidth, lengths)   # (checked above: not twice)
 
 
 def _pull_args(x, cloud, k, d, scale, bandwidth, ridge, lengths):
@@ -321,6 +326,12 @@ def _pull_args(x, cloud, k, d, scale, bandwidth, ridge, lengths):
 def manifold_pull_ref(x, cloud, *, k=12, d=3, scale=0.1, bandwidth=0.1, ridge=1e-5, lengths=None):
     """Reference of :func:`manifold_pull` (same signature and checks, no backend)."""
     k, d, lengths = _pull_args(x, cloud, k, d, scale, bandwidth, ridge, lengths)
+    return _manifold_pull_checked(x, cloud, k, d, scale, bandwidth, lengths)
+
+
+def _manifold_pull_checked(x, cloud, k, d, scale, bandwidth, lengths):
+    """:func:`manifold_pull_ref`'s maths on checked arguments (lengths a (B,) tensor; the ridge moves no
+    eigenvector)."""
     B, N, D = cloud.shape
     with phase("knn"):  # the profiler's phases, as the kernels' (no-ops unless profiling)
         idx, d2 = knn_rows_ref(x, cloud, k, lengths)
