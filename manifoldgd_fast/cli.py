@@ -146,7 +146,7 @@ CACHE_FLAGS = frozenset({"data", "classes", "label_map", "model", "vae", "cache_
                          "device", "dtype", "encode_batch_size", "encode_workers", "shard", "time_embedding"})
 
 _COMMANDS = {
-    "cache": "encode the image folder into the latent cache (resumable)",
+    "cache": "encode the image folder into the latent cache (resumable; a damaged cached class is encoded again)",
     "modes": "compute the IPC modes of every class into OUT/modes/",
     "distill": "distil the image folder into OUT (resumable)",
     "profile": "distil a few classes with per-phase timers (table + JSON; NVTX ranges on CUDA)",

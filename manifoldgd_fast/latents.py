@@ -371,15 +371,34 @@ class ClassBuffer:
 # --------------------------------------------------------------------------- #
 # the cache
 # --------------------------------------------------------------------------- #
-def _split_cached(entries: Sequence[ClassEntry], cache_dir: str,
-                  key: CacheKey) -> tuple[dict[str, dict[str, Any]], list[ClassEntry]]:
-    """(stats of the classes already cached with matching metadata, the classes to encode)."""
+def _data_damaged(path: str) -> bool:
+    """Whether a cache file's latents (read whole) fail the sha256 recorded when it was written (a bad sector,
+    a copy gone wrong: the header's checks cannot see it). A file from before the record: never."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            want = (f.metadata() or {}).get("latents_sha256")
+            return want is not None and latents_sha256(f.get_tensor("latents").clone()) != want
+    except Exception:  # cut or changed since its header was read
+        return True
+
+
+DAMAGED = "damaged (its latents' sha256 is not the one recorded when it was written)"
+
+
+def _split_cached(entries: Sequence[ClassEntry], cache_dir: str, key: CacheKey,
+                  verify: bool = False) -> tuple[dict[str, dict[str, Any]], list[ClassEntry]]:
+    """(stats of the classes already cached with matching metadata, the classes to encode); ``verify``: a
+    cached class's latents are read and checked against their recorded sha256 too (damaged: encoded again)."""
     stats: dict[str, dict[str, Any]] = {}
     todo = []
     for e in entries:
         path = class_cache_path(cache_dir, e.name)
         meta, stale = _is_cached(path, e, key)
-        if stale == UNREADABLE:  # damage (a full disk, a copy cut short) is worth a warning, a changed input not
+        if meta is not None and verify and _data_damaged(path):
+            meta, stale = None, DAMAGED
+        if stale in (UNREADABLE, DAMAGED):  # damage (a full disk, a cut copy) is worth a warning, a changed input not
             log.warning("latent cache file %s of class %s is %s: encoding the class again", path, e.name, stale)
         elif stale is not None:
             log.info("latent cache of class %s is stale (%s): encoding it again", e.name, stale)
@@ -469,7 +488,7 @@ def _latent_shape(config, image_size: int) -> tuple[int, int, int] | None:
     return (channels, image_size // down, image_size // down) if image_size % down == 0 else None
 
 
-def _prepare_cache(entries, vae, device, cache_dir: str, image_size: int, vae_digest: str | None):
+def _prepare_cache(entries, vae, device, cache_dir: str, image_size: int, vae_digest: str | None, verify: bool):
     """Move the VAE to ``device``; returns (device, cache key, stats of cached classes, classes to encode)."""
     if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size < 1:
         # (not every image "unreadable", as PIL's resize to 0 px made it, nor a convolution's error for 1 px)
@@ -485,7 +504,7 @@ def _prepare_cache(entries, vae, device, cache_dir: str, image_size: int, vae_di
     os.makedirs(cache_dir, exist_ok=True)
     for path in sweep_stale_temps(cache_dir):
         log.info("removed %s, left by a killed cache write", path)
-    stats, todo = _split_cached(entries, cache_dir, key)
+    stats, todo = _split_cached(entries, cache_dir, key, verify)
     if todo and not os.access(cache_dir, os.W_OK):  # (found at the first write, once a whole class was encoded)
         raise ConfigError(f"latent cache folder {cache_dir} is not writable, and class {todo[0].name} is not cached "
                           f"there ({len(todo)} class(es) to encode): give a writable --cache-dir (or "
@@ -496,7 +515,8 @@ def _prepare_cache(entries, vae, device, cache_dir: str, image_size: int, vae_di
 def cache_latents(entries: Sequence[ClassEntry], vae, *, cache_dir: str, image_size: int,
                   batch_size: int = 32, device: str | torch.device | None = None,
                   dtype: torch.dtype = torch.float32, progress: bool = True,
-                  num_workers: int | None = None, vae_digest: str | None = None) -> dict[str, dict[str, Any]]:
+                  num_workers: int | None = None, vae_digest: str | None = None,
+                  verify: bool = False) -> dict[str, dict[str, Any]]:
     """Encode every image of ``entries`` and store one safetensors file per class.
 
     Images stream class after class through a ``torch.utils.data.DataLoader``:
@@ -522,6 +542,9 @@ def cache_latents(entries: Sequence[ClassEntry], vae, *, cache_dir: str, image_s
         num_workers: image-decoding processes; 0 decodes in this process.
             None = :func:`default_num_workers`, never more than the loader has batches.
         vae_digest: :func:`weights_digest` of ``vae`` where the caller has it (None: computed here).
+        verify: read every cached class's latents and check them against the sha256 recorded when they
+            were written; a damaged file is warned about and its class encoded again (``manifoldgd-fast
+            cache`` does; a distill run checks each class when it loads it, and stops on a damaged one).
 
     Returns:
         ``{class: {"n": rows, "skipped": [paths], "cached": reused?, "seconds": s,
@@ -542,7 +565,7 @@ def cache_latents(entries: Sequence[ClassEntry], vae, *, cache_dir: str, image_s
         raise ConfigError(f"--encode-batch-size {batch_size}: must be >= 1")
     if num_workers is not None and num_workers < 0:
         raise ConfigError(f"num_workers {num_workers}: must be >= 0")
-    dev, key, stats, todo = _prepare_cache(entries, vae, device, cache_dir, image_size, vae_digest)
+    dev, key, stats, todo = _prepare_cache(entries, vae, device, cache_dir, image_size, vae_digest, verify)
     if not todo:
         return {e.name: stats[e.name] for e in entries}
 
@@ -618,12 +641,13 @@ def cache_latents(entries: Sequence[ClassEntry], vae, *, cache_dir: str, image_s
 def cache_latents_ref(entries: Sequence[ClassEntry], vae, *, cache_dir: str, image_size: int,
                       batch_size: int = 32, device: str | torch.device | None = None,
                       dtype: torch.dtype = torch.float32, progress: bool = False,
-                      num_workers: int | None = None, vae_digest: str | None = None) -> dict[str, dict[str, Any]]:
+                      num_workers: int | None = None, vae_digest: str | None = None,
+                      verify: bool = False) -> dict[str, dict[str, Any]]:
     """Reference for :func:`cache_latents`, same signature and files: one class
     after another, images read in this process (``num_workers`` is ignored) by
     :func:`~manifoldgd_fast.data.iter_class_images`, normalised on the CPU,
     encoded in batches of ``batch_size`` readable images."""
-    dev, key, stats, todo = _prepare_cache(entries, vae, device, cache_dir, image_size, vae_digest)
+    dev, key, stats, todo = _prepare_cache(entries, vae, device, cache_dir, image_size, vae_digest, verify)
     use_autocast = dev.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
     for e in todo:
         t0 = time.perf_counter()
@@ -677,8 +701,7 @@ def load_class_latents(cache_dir: str, name: str) -> tuple[torch.Tensor, list[st
                         "to recompute") from None
     want = meta.get("latents_sha256")  # (files written before it was recorded: not compared)
     if want is not None and latents_sha256(latents) != want:
-        raise DataError(f"class {name}: latent cache file {path} is damaged (its latents' sha256 is not the one "
-                        "recorded when it was written); delete it to recompute")
+        raise DataError(f"class {name}: latent cache file {path} is {DAMAGED}; delete it to recompute")
     if held != name:  # another class's file under this name (a case-insensitive file system: Cat and cat)
         raise DataError(f"class {name}: latent cache file {path} holds class {held!r}; class names that differ only "
                         "in case cannot share a cache on this file system: rename one class folder")

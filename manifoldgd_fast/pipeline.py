@@ -115,7 +115,7 @@ def with_demo_defaults(cfg: DistillConfig) -> DistillConfig:
 
 
 def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None = None, done=None,
-            per_class: int | None = None, before_cache=None):
+            per_class: int | None = None, before_cache=None, verify_cache: bool = False):
     """Scan the data, load the models and fill the latent cache of this rank's classes.
 
     ``done(name)``: classes already finished (a resumed distill run); the rest are dealt to the
@@ -124,6 +124,9 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
 
     ``per_class``: images every class needs (the IPC of a distill or modes run), checked on the file
     count before anything is encoded.
+
+    ``verify_cache``: read every cached class's latents and check their sha256 (``cache``: a damaged file
+    is encoded again; a distill or modes run checks each class as it loads it).
 
     ``before_cache(pre)``: called before anything is encoded, with ``pre`` holding entries, device,
     backbone, schedule_kw, weights and dit_info (a distill refuses a resume into another run's OUT there; a
@@ -264,7 +267,8 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
     cache = latent_cache_dir(cfg.cache_dir, cfg.data, cfg.vae or cfg.model, image_size, encode_precision(device, dtype))
     with shard.sharing_errors():  # e.g. a class of this rank none of whose images can be read
         stats = cache_latents(mine, vae, cache_dir=cache, image_size=image_size, batch_size=cfg.encode_batch_size,
-                              device=device, dtype=dtype, num_workers=cfg.encode_workers, vae_digest=weights["vae"])
+                              device=device, dtype=dtype, num_workers=cfg.encode_workers, vae_digest=weights["vae"],
+                              verify=verify_cache)
     folders = {e.name: e.folder for e in mine}
     skipped = {k: sorted(os.path.relpath(p, folders[k]) for p in v.get("skipped", [])) for k, v in stats.items()}
     for k, v in stats.items():
@@ -767,11 +771,12 @@ def write_contact_sheet(out: str, names: list[str], max_rows: int = 50, max_cols
 
 
 def cache(config: DistillConfig | dict) -> dict:
-    """Latent cache only (``manifoldgd-fast cache``); under torchrun each rank encodes its classes."""
+    """Latent cache only (``manifoldgd-fast cache``); under torchrun each rank encodes its classes. Classes
+    already cached are read and checked against their recorded sha256: a damaged file is encoded again."""
     cfg = DistillConfig.from_dict(config) if isinstance(config, dict) else config
     shard = Shard.from_config(cfg.shard)
     try:
-        ctx = prepare(cfg, need_models=False, shard=shard)
+        ctx = prepare(cfg, need_models=False, shard=shard, verify_cache=True)
         shard.barrier()
     finally:
         shard.close()

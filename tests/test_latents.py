@@ -183,6 +183,30 @@ def test_damaged_cache_file_is_recomputed(tmp_path, root, vae, caplog):
     assert any("cat.safetensors of class cat is unreadable" in m for m in warned), warned
 
 
+@pytest.mark.parametrize("fn", [L.cache_latents, L.cache_latents_ref], ids=["fast", "ref"])
+def test_verify_encodes_a_class_whose_latents_are_damaged_again(tmp_path, root, vae, caplog, fn):
+    """A byte of a cached class's latents changed on disk passes the header's checks: the cache reported the
+    class cached and every later run stopped at it ("delete it to recompute"). ``verify`` (what `manifoldgd-fast
+    cache` asks for) reads the latents, warns, and encodes the class again, to the bytes it had; an intact
+    class is kept as it is, and without ``verify`` nothing is read."""
+    entries = D.scan_image_folder(str(root))
+    cache = str(tmp_path / "cache")
+    fn(entries, vae, cache_dir=cache, image_size=SIZE, progress=False)
+    path, dog = os.path.join(cache, "cat.safetensors"), os.path.join(cache, "dog.safetensors")
+    good, dog_mtime = open(path, "rb").read(), os.stat(dog).st_mtime_ns
+    data = bytearray(good)
+    data[-1] ^= 0x01
+    open(path, "wb").write(bytes(data))
+    assert fn(entries, vae, cache_dir=cache, image_size=SIZE, progress=False)["cat"]["cached"]
+    with caplog.at_level("WARNING", logger="manifoldgd_fast.latents"):
+        stats = fn(entries, vae, cache_dir=cache, image_size=SIZE, progress=False, verify=True)
+    assert not stats["cat"]["cached"] and stats["dog"]["cached"]
+    assert open(path, "rb").read() == good and os.stat(dog).st_mtime_ns == dog_mtime
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("cat.safetensors of class cat is damaged (its latents' sha256" in m for m in warned), warned
+    assert fn(entries, vae, cache_dir=cache, image_size=SIZE, progress=False, verify=True)["cat"]["cached"]
+
+
 def _cache_cat_and_rewrite(tmp_path, root, vae, edit):
     """Cache class cat, then rewrite its file with ``edit(latents)``, metadata and sha256 made to fit (an edited
     or foreign file). Returns (entries, cache folder, the latents as encoded)."""

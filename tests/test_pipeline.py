@@ -1,4 +1,5 @@
 """End to end: image folder -> distilled folder through the CLI and the Python API, resume, bad input."""
+import glob
 import hashlib
 import json
 import os
@@ -478,7 +479,7 @@ def test_console_script_exit_code_and_help(tiny_world, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
-def test_cache_and_modes_commands(tiny_world, tmp_path):
+def test_cache_and_modes_commands(tiny_world, tmp_path, capsys):
     from safetensors.torch import load_file
 
     cache = str(tmp_path / "cache")
@@ -487,6 +488,15 @@ def test_cache_and_modes_commands(tiny_world, tmp_path):
     assert main(["modes", *base, "--out", str(tmp_path / "m"), "--ipc", "3"]) == 0
     m = load_file(str(tmp_path / "m" / "modes" / "apple.safetensors"))["modes"]
     assert m.shape == (3, 4, 8, 8)
+    # `cache` again mends a class whose latents were damaged on disk (modes / distill stop at it)
+    (path,) = glob.glob(os.path.join(cache, "latents", "*", "apple.safetensors"))
+    good = open(path, "rb").read()
+    open(path, "wb").write(good[:-1] + bytes([good[-1] ^ 1]))
+    capsys.readouterr()
+    assert main(["modes", *base, "--out", str(tmp_path / "m2"), "--ipc", "3"]) == 2
+    assert "apple.safetensors is damaged" in capsys.readouterr().err
+    assert main(["cache", *base]) == 0 and open(path, "rb").read() == good
+    assert main(["modes", *base, "--out", str(tmp_path / "m2"), "--ipc", "3"]) == 0
     # resumable: a rerun recomputes nothing
     before = {c: os.stat(tmp_path / "m" / "modes" / f"{c}.safetensors").st_mtime_ns for c in ("apple", "banana")}
     # a killed run's temp (untouched for over an hour) is swept; a fresh one may be another run's write in flight
