@@ -783,6 +783,11 @@ def test_temperature_and_duplicate_seeds_are_refused(folders, capsys):
     with pytest.raises(ConfigError) as e:   # torch's generators take less than 2**64: it failed mid-evaluation
         P.evaluate(dist, val, seeds=[0, 2 ** 70], device="cpu", progress=False)
     assert _one_line(e) == f"--seeds 0,{2 ** 70}: seed {2 ** 70} is outside 0 .. 2**63 - 1"
+    from manifoldgd_fast.cli import build_parser
+
+    # a count, a list, and one seed as the help and README give it (a trailing comma)
+    for text, seeds in [("3", 3), ("0,5,7", [0, 5, 7]), ("5,", [5])]:
+        assert build_parser().parse_args(["eval", "--seeds", text]).seeds == seeds
     for args, flag in [(["--seeds", "1,1"], "--seeds 1,1"), (["--temperature", "nan"], "--temperature nan"),
                        (["--seeds", "0,-3"], "--seeds 0,-3")]:
         assert main(["eval", "--distilled", dist, "--real-val", val, "--no-progress", *args]) == 2

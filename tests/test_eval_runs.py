@@ -526,6 +526,29 @@ def test_finished_runs_of_another_lr_are_not_reused(folders, tmp_path, monkeypat
     assert calls == [(0, 0.05), (1, 0.05)] and res["hparams"]["lr"] == 0.05
 
 
+def test_a_keyword_teacher_whose_weights_file_changed_is_not_resumed(folders, tmp_path, monkeypatch):
+    """A keyword teacher (--teacher imagenet-resnet18) was keyed by its name in the partial file: a killed
+    evaluation rerun after the weights in $TORCH_HOME were replaced mixed runs taught by the old weights with
+    runs taught by the new. It is keyed by the file the name stands for, as a teacher's path is."""
+    from manifoldgd_fast.eval import nets as N
+
+    dist, val = folders
+    path = tmp_path / "named-teacher.pt"
+    torch.save(N.net_checkpoint(N.build_net("convnet6", 3, 8)), path)
+    monkeypatch.setitem(N.NAMED, "named-teacher", (lambda: str(path), path.name, "the test's"))
+    kw, out = dict(KILL_KW, teacher="named-teacher"), str(tmp_path / "e.json")
+    calls, train = [], P.train_net
+    monkeypatch.setattr(P, "train_net", _killed_at_the_third(calls, train))
+    with pytest.raises(KeyboardInterrupt):
+        P.evaluate(dist, val, out_json=out, **kw)
+    torch.manual_seed(1)
+    torch.save(N.net_checkpoint(N.build_net("convnet6", 3, 8)), path)   # other weights, same name
+    monkeypatch.setattr(P, "train_net", lambda *a, **k: calls.append(k["seed"]) or train(*a, **k))
+    calls.clear()
+    res = P.evaluate(dist, val, out_json=out, **kw)
+    assert calls == [0, 1, 2] and "resumed_runs" not in res and res["teacher"] == "named-teacher"
+
+
 def test_a_resume_with_the_folders_in_another_order_continues_each_folders_own_run(folders, tmp_path, monkeypatch):
     """Several distilled folders, killed mid-run, rerun with the folders listed in another order: each run
     continues from its own folder's checkpoint (they were named by position: the other folder's run went on

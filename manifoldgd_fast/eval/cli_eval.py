@@ -23,7 +23,7 @@ METRICS_HELP = "FID, L2, MMD, representativeness and diversity of a distilled fo
 
 
 def _seeds(text: str):
-    """``3`` -> 3 seeds (0, 1, 2); ``0,5,7`` -> those seeds."""
+    """``3`` -> 3 seeds (0, 1, 2); ``0,5,7`` -> those seeds; ``5,`` -> seed 5 alone."""
     try:
         if "," in text:
             return [int(s) for s in text.split(",") if s.strip()]
@@ -60,7 +60,8 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--nets", default=None, help=f"comma-separated, from {', '.join(NET_NAMES)} "
                                                 f"(default: all three; resnet18 with --teacher, the student of MGD3's and RDED's "
                                                 f"soft-label protocol; convnet6 for the digits demo)")
-    g.add_argument("--seeds", type=_seeds, default=3, help="number of seeds (0..n-1) or a list such as 0,5,7")
+    g.add_argument("--seeds", type=_seeds, default=3,
+                   help="number of seeds (3: seeds 0, 1, 2) or a list such as 0,5,7 (one seed: 5,)")
     g.add_argument("--epochs", type=int, default=None,
                    help="training epochs (default: 2000 for IPC <= 10, 1500 <= 50, 1000 <= 200, 500 <= 500, else 300, "
                         f"x 2/3 for 100 classes rounded down to 100s as IDC; 300 soft-label; {DEMO_EPOCHS} for the "

@@ -259,8 +259,8 @@ def load_net(source, *, num_classes: int | None = None, size: int | None = None,
             raise ConfigError(f"{what} {type(source).__name__}: the module cannot be copied ({type(e).__name__}: "
                               f"{first}); save it (torch.save) and pass the file") from None
     if isinstance(source, str) and source in NAMED:
-        where, file, whose = NAMED[source]
-        source = where()
+        _, file, whose = NAMED[source]
+        source = named_file(source)
         if not os.path.isfile(source):
             raise ConfigError(f"{what} {obj}: no weights at {source}; put {whose} {file} there "
                               f"(nothing is downloaded) or pass the file's path")
@@ -401,6 +401,11 @@ def _first_error(e: RuntimeError) -> str:
 # named weights in torch.hub's cache: name -> (path function, file name, whose file)
 NAMED = {PRETRAINED: (imagenet_resnet18_path, TV_FILE, "torchvision's"),
          FID_NAME: (fid_inception_path, FID_FILE, "pytorch-fid's")}
+
+
+def named_file(source):
+    """The weights file a name of :data:`NAMED` stands for (it may not exist); ``source`` itself otherwise."""
+    return NAMED[source][0]() if isinstance(source, str) and source in NAMED else source
 
 
 class ClassSubset(nn.Module):

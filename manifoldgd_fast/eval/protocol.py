@@ -43,7 +43,7 @@ from ..output import RESERVED_DIRS
 from ..training import save_checkpoint
 from . import resume
 from .augment import TrainAugment, cutmix, normalize, to_unit
-from .nets import NET_NAMES, build_net, count_parameters, load_net, parse_nets
+from .nets import NET_NAMES, build_net, count_parameters, load_net, named_file, parse_nets
 from .precision import amp, check_precision, describe_precision, net_layout, numerics, prepare_net
 from .report import (check_not_being_written, eval_json_path, eval_markdown_path, is_eval_table, report_lock,
                      summarize, write_eval_outputs)
@@ -707,7 +707,8 @@ def evaluate(distilled, real_val: str, *, nets=None, seeds=3, epochs: int | None
         # evaluation resumes there; its key: everything a run's result depends on (an in-memory teacher has none)
         augment = TrainAugment(size, jitter=0.0, light=0.0) if soft else TrainAugment(size)  # RDED: crop + flip
         partial = eval_json_path(folders, out_json) + ".partial"
-        teacher_id = resume.file_identity(teacher) if soft else "none"
+        # (a keyword by the file it stands for: its weights replaced in $TORCH_HOME reused runs of the old ones)
+        teacher_id = resume.file_identity(named_file(teacher)) if soft else "none"
         fingerprint = None if teacher_id is None else fields_digest({
             "version": __version__, "classes": classes,
             "val": [os.path.abspath(real_val), resume.file_identity(val_labels), resume.files_digest(val)],
