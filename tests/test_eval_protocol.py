@@ -1082,6 +1082,25 @@ def test_a_temperature_without_a_teacher_is_warned_about(folders, monkeypatch, c
     assert "--temperature" not in caplog.text
 
 
+def test_a_teacher_built_for_another_size_is_warned_about(folders, tmp_path, monkeypatch, caplog):
+    """A ResNet teacher checkpoint built for 8 px runs at other sizes: at --size 16 it taught silently, its soft
+    labels those of a net that never saw such images. Warned about, naming both sizes; one of the evaluation's
+    own size (or a bare state dict, built here at --size) is not."""
+    from manifoldgd_fast.eval import nets as N
+
+    dist, val = folders
+    monkeypatch.setattr(P, "train_net", lambda net, *a, seed, **kw: {"seed": seed, "best": 1.0, "final": 1.0,
+                                                                     "params": 1})
+    for built, warned in ((8, True), (16, False)):
+        torch.save(N.net_checkpoint(N.build_net("resnetap10", 3, built)), tmp_path / f"t{built}.pt")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="manifoldgd_fast"):
+            P.evaluate(dist, val, nets="convnet6", seeds=1, epochs=1, size=16, device="cpu", progress=False,
+                       teacher=str(tmp_path / f"t{built}.pt"))
+        line = "--teacher is a net built for 8 px images and teaches at 16 px (--size): its soft labels may be poor"
+        assert (line in caplog.text) == warned, caplog.text
+
+
 def test_each_manifest_record_names_the_settings_its_numbers_depend_on(folders, monkeypatch):
     """Two evaluations of one folder at another --val-resize (or --lr, --restrict-val, --teacher ...) were two
     manifest records alike but for their numbers, both naming eval.json, which holds only the last."""

@@ -489,6 +489,11 @@ def _check_teacher(teacher: torch.nn.Module, num_classes: int, size: int, device
                           f"expected (1, {num_classes}) for the {num_classes} classes")
     if not bool(torch.isfinite(out).all()):  # (its soft labels would be NaN: every student trained on NaN loss)
         raise ConfigError(f"--teacher: gives non-finite outputs (NaN or inf) on a (1, 3, {size}, {size}) batch")
+    net = getattr(teacher, "net", teacher)   # (ClassSubset: an ImageNet net answering for a subset)
+    trained = getattr(net, "size", None) if isinstance(getattr(net, "net_name", None), str) else None  # build_net's
+    if isinstance(trained, int) and trained != size:  # (a ResNet runs at any size: it taught silently)
+        log.warning("--teacher is a net built for %d px images and teaches at %d px (--size): its soft labels may be "
+                    "poor; give --size %d, or a teacher trained at %d px", trained, size, trained, size)
     return teacher
 
 
