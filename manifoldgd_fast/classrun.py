@@ -31,17 +31,24 @@ def modes_file(folder: str, name: str) -> str:
 
 
 def read_modes(path: str) -> tuple[torch.Tensor | None, str | None]:
-    """(modes, their fingerprint) stored at ``path`` by ``manifoldgd-fast modes``; (None, None) if no file."""
+    """(modes, their fingerprint) stored at ``path`` by ``manifoldgd-fast modes``; (None, None) if no file.
+    DataError for a file that is no modes file, or whose modes fail the sha256 recorded when it was written
+    (files written before it was recorded: not compared)."""
     from safetensors import SafetensorError, safe_open
+
+    from .latents import latents_sha256
 
     if not os.path.isfile(path):
         return None, None
     try:
         with safe_open(path, "pt") as f:
             meta = f.metadata() or {}
-            modes = f.get_tensor("modes")
+            modes = f.get_tensor("modes").clone()   # (a copy: the file may be replaced while it is held)
     except (SafetensorError, OSError, KeyError) as e:
         raise DataError(f"{path}: not a modes file ({str(e).splitlines()[0][:120]})") from None
+    want = meta.get("modes_sha256")
+    if want is not None and latents_sha256(modes) != want:   # (a byte changed on disk: finite, and wrong)
+        raise DataError(f"{path} is damaged (its modes' sha256 is not the one recorded when it was written)")
     return modes, meta.get("modes_fingerprint")
 
 
@@ -52,7 +59,10 @@ def load_modes(rcfg: DistillConfig, cache: str, name: str, sample_shape: tuple[i
     from .config import modes_fingerprint
 
     path = modes_file(rcfg.modes_dir, name)
-    modes, fp = read_modes(path)
+    try:
+        modes, fp = read_modes(path)
+    except DataError as e:
+        raise DataError(f"{e}; recompute it with `manifoldgd-fast modes`") from None
     if modes is None:
         raise DataError(f"--modes-dir {rcfg.modes_dir}: no modes for class {name} ({path})")
     if fp != modes_fingerprint(rcfg, cache, name):

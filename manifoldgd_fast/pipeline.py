@@ -790,7 +790,7 @@ def compute_modes(config: DistillConfig | dict) -> dict[str, str]:
     torchrun each rank computes its classes. ``distill --modes-dir OUT/modes`` then reads them.
     """
     from .config import modes_fingerprint
-    from .latents import load_class_latents, safetensors_bytes
+    from .latents import latents_sha256, load_class_latents, safetensors_bytes
 
     cfg = DistillConfig.from_dict(config) if isinstance(config, dict) else config
     shard = Shard.from_config(cfg.shard)
@@ -814,7 +814,11 @@ def compute_modes(config: DistillConfig | dict) -> dict[str, str]:
             for e in ctx["mine"]:
                 fp = modes_fingerprint(rcfg, ctx["cache"], e.name)
                 p = modes_file(os.path.join(cfg.out, MODES_DIR), e.name)
-                old, old_fp = read_modes(p)
+                try:
+                    old, old_fp = read_modes(p)
+                except DataError as bad:   # damaged or foreign: its class is computed again, as a cache file's is
+                    log.warning("%s: computing the class's modes again", bad)
+                    old = old_fp = None
                 if old is not None and old_fp != fp:
                     raise ConfigError(f"{p} holds modes made with other mode parameters or latents (the class's "
                                       "images or the VAE changed since?); delete it to recompute, or use a new --out")
@@ -823,14 +827,17 @@ def compute_modes(config: DistillConfig | dict) -> dict[str, str]:
                     m = class_modes(rcfg, e.name, z.to(ctx["device"]).float())
                     # another `modes` run into OUT (it takes no lock) may have written the class meanwhile: two
                     # runs of other settings both ended "modes of N classes", their files mixed (audit)
-                    _, now_fp = read_modes(p)
+                    now_fp = None
+                    with contextlib.suppress(DataError):   # (still the damaged file it found)
+                        _, now_fp = read_modes(p)
                     if now_fp is not None and now_fp != fp:
                         raise ConfigError(f"{p} was written meanwhile by another `modes` run with other mode "
                                           "parameters or latents; run one `modes` per --out at a time (or delete "
                                           "the file to recompute)")
                     atomic_write_bytes(p, safetensors_bytes(m, {"class": e.name, "method": rcfg.mode_method,
                                                                 "formulation": rcfg.formulation,
-                                                                "modes_fingerprint": fp}, name="modes"))
+                                                                "modes_fingerprint": fp,
+                                                                "modes_sha256": latents_sha256(m)}, name="modes"))
                 paths[e.name] = p
     finally:
         shard.close()

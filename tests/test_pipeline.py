@@ -572,15 +572,18 @@ def test_distill_from_precomputed_modes_gives_the_same_bytes(tiny_world, tmp_pat
     assert "no modes for class apple" in capsys.readouterr().err
 
 
-def test_precomputed_modes_are_tied_to_their_class_and_its_latents(tiny_world, tmp_path, capsys):
+def test_precomputed_modes_are_tied_to_their_class_and_its_latents(tiny_world, tmp_path, capsys, caplog):
     """Modes count by the class and its cached latents, not by the cache's folder: the same latents copied
     under another --cache-dir are accepted (same bytes); a class encoded again (changed images, another VAE
     under the same name) or another class's file are refused; every modes file is checked before any class
-    is written (a damaged or short one is one line, not a traceback after the first classes)."""
+    is written (a damaged or short one is one line, not a traceback after the first classes); `modes` computes
+    a damaged file's class again."""
     import shutil
 
     from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+
+    from manifoldgd_fast.latents import latents_sha256
 
     cache = os.path.join(tiny_world["root"], "cache")
     base = ["--data", tiny_world["data"], "--model", tiny_world["model"], "--cache-dir", cache]
@@ -618,19 +621,34 @@ def test_precomputed_modes_are_tied_to_their_class_and_its_latents(tiny_world, t
     assert len(err) == 1 and "banana.safetensors: not a modes file" in err[0] and not (tmp_path / "d" / "apple").exists()
     with safe_open(str(modes / "banana.safetensors"), framework="pt") as h:   # one mode short, its own fingerprint
         meta, short = h.metadata(), h.get_tensor("modes")[:1]
-    save_file({"modes": short}, str(m2 / "banana.safetensors"), metadata=meta)
+    save_file({"modes": short}, str(m2 / "banana.safetensors"), metadata=dict(meta, modes_sha256=latents_sha256(short)))
     assert main(run) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "banana.safetensors holds (1, " in err[0] and "modes, not (2, 4, 8, 8) (--ipc 2)" in err[0], err
     assert not (tmp_path / "d" / "apple").exists()
     bad = load_file(str(modes / "banana.safetensors"))["modes"]      # NaN, with its own fingerprint
     bad[0, 0, 0, 0] = float("nan")
-    save_file({"modes": bad}, str(m2 / "banana.safetensors"), metadata=meta)
+    save_file({"modes": bad}, str(m2 / "banana.safetensors"), metadata=dict(meta, modes_sha256=latents_sha256(bad)))
     assert main(run) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].endswith("banana.safetensors holds NaN or inf modes; recompute them with "
                                              "`manifoldgd-fast modes`"), err
     assert not (tmp_path / "d" / "apple").exists()
+    # a byte of the modes changed on disk (finite, and wrong; the header's fingerprint intact): each file records
+    # its modes' sha256, so distill stops at it, and `modes` warns and computes the class again, to its bytes
+    good = (modes / "banana.safetensors").read_bytes()
+    (m2 / "banana.safetensors").write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    assert main(run) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("banana.safetensors is damaged (its modes' sha256 is not the one "
+                                             "recorded when it was written); recompute it with `manifoldgd-fast "
+                                             "modes`"), err
+    assert not (tmp_path / "d" / "apple").exists()
+    (modes / "banana.safetensors").write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    with caplog.at_level("WARNING", logger="manifoldgd_fast"):
+        assert main(["modes", *base, "--out", str(tmp_path / "m"), *FAST]) == 0
+    assert (modes / "banana.safetensors").read_bytes() == good
+    assert "banana.safetensors is damaged" in caplog.text and "computing the class's modes again" in caplog.text
 
 
 def test_the_modes_command_refuses_its_modes_of_changed_images(tiny_world, tmp_path, capsys):
