@@ -286,12 +286,17 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
 
 
 def _under(path: str, root: str) -> str | None:
-    """The first folder of ``path`` below ``root`` ("" where they are one folder; links resolved), or None
-    where ``path`` lies outside ``root``."""
-    p, r = os.path.realpath(path), os.path.realpath(root)
-    if p == r:
-        return ""
-    return os.path.relpath(p, r).split(os.sep)[0] if p.startswith(r.rstrip(os.sep) + os.sep) else None
+    """The first folder of ``path`` below ``root`` ("" where they are one folder), or None where ``path`` lies
+    outside ``root``: links resolved, and as written (``DATA/link`` to a folder elsewhere lies in DATA, where
+    a scan of it reads the link as a folder)."""
+    r = os.path.realpath(root)
+    for p, base in ((os.path.realpath(path), r), (os.path.abspath(path), os.path.abspath(root)),
+                    (os.path.abspath(path), r)):
+        if p == base:
+            return ""
+        if p.startswith(base.rstrip(os.sep) + os.sep):
+            return os.path.relpath(p, base).split(os.sep)[0]
+    return None
 
 
 def check_outside_data(out: str, data: str | None) -> None:

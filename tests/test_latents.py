@@ -860,6 +860,27 @@ def test_a_cache_inside_the_data_folder_is_refused(where, root, tmp_path, monkey
     assert sorted(os.listdir(root)) == before
 
 
+def test_a_cache_or_out_through_a_link_in_the_data_folder_is_refused(root, tmp_path, capsys):
+    """DATA/link -> a folder elsewhere: --cache-dir DATA/link (or --out DATA/link) resolved outside DATA and
+    passed, but a scan of DATA reads the link as a class folder, the cache's latents/ (or the run's classes)
+    within it. Refused as a folder inside DATA is; the link's target is left empty."""
+    from manifoldgd_fast.cli import main
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.symlink(elsewhere, root / "link")
+    try:
+        assert main(["cache", "--data", str(root), "--model", str(tmp_path / "none"),
+                     "--cache-dir", str(root / "link")]) == 2
+        assert "its latents/ folder would lie inside --data" in capsys.readouterr().err
+        assert main(["distill", "--data", str(root), "--model", str(tmp_path / "none"),
+                     "--out", str(root / "link" / "out")]) == 2
+        assert "is inside --data" in capsys.readouterr().err
+        assert os.listdir(elsewhere) == []
+    finally:
+        os.unlink(root / "link")
+
+
 def test_a_cache_in_a_hidden_folder_of_the_data_folder_is_kept(tiny_world, tmp_path):
     """--cache-dir DATA/.cache: its latents/ is in a hidden folder, which no scan reads as a class; it was refused
     as "read as a class" along with a cache at DATA itself (which is)."""
