@@ -285,13 +285,24 @@ def prepare(cfg: DistillConfig, *, need_models: bool = True, shard: Shard | None
                 weights=weights)
 
 
+def _as_written(path: str) -> str:
+    """``path`` absolute with its links kept, but a ``..`` taken where the path has led, as the file system
+    takes it (abspath drops ``DATA/link/..`` to DATA, where the file system goes to the link's target's parent:
+    ``--out DATA/link/../out`` elsewhere was refused as inside DATA)."""
+    parts = os.path.join(os.getcwd(), path).split(os.sep)
+    last = max((i for i, part in enumerate(parts) if part == ".."), default=None)
+    if last is None:
+        return os.path.abspath(path)
+    return os.path.normpath(os.path.join(os.path.realpath(os.sep.join(parts[:last + 1]) or os.sep),
+                                         *parts[last + 1:]))
+
+
 def _under(path: str, root: str) -> str | None:
     """The first folder of ``path`` below ``root`` ("" where they are one folder), or None where ``path`` lies
     outside ``root``: links resolved, and as written (``DATA/link`` to a folder elsewhere lies in DATA, where
     a scan of it reads the link as a folder)."""
     r = os.path.realpath(root)
-    for p, base in ((os.path.realpath(path), r), (os.path.abspath(path), os.path.abspath(root)),
-                    (os.path.abspath(path), r)):
+    for p, base in ((os.path.realpath(path), r), (_as_written(path), _as_written(root)), (_as_written(path), r)):
         if p == base:
             return ""
         if p.startswith(base.rstrip(os.sep) + os.sep):

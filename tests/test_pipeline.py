@@ -813,3 +813,27 @@ def test_compile_on_a_run_without_the_fast_loop_says_it_is_not_used(tiny_world, 
             "CUDA device), and only the fast loop compiles") in err, err
     assert main(_args(tiny_world, tmp_path / "out2", "--method", "dit", "--ipc", "1")) == 0
     assert "--compile" not in capsys.readouterr().err
+
+
+def test_a_path_through_a_link_in_data_and_back_out_by_dotdot_is_not_inside(tmp_path, monkeypatch):
+    """``DATA/link/../out`` with DATA/link -> a folder elsewhere is that folder's sibling, as the file system goes:
+    the inside-data checks read '..' as abspath does (DATA/out), and refused a --out and a --cache-dir that lie
+    outside DATA; so did ``--data ELSEWHERE/link/..`` an --out beside the link. A path through the link, or
+    really inside DATA, is still refused."""
+    from manifoldgd_fast.pipeline import check_cache_outside_data, check_outside_data
+
+    data, far = tmp_path / "data", tmp_path / "far" / "deep"
+    (data / "cls").mkdir(parents=True)
+    far.mkdir(parents=True)
+    os.symlink(far, data / "link")
+    monkeypatch.chdir(tmp_path)
+    for out in (str(data / "link" / ".." / "out"), os.path.join("data", "link", "..", "out")):
+        check_outside_data(out, str(data))                   # tmp_path/far/out: outside DATA
+        check_cache_outside_data(out, str(data))
+    check_outside_data(str(data / "other"), str(data / "link" / ".."))   # --data is tmp_path/far
+    for out, where in ((data / "link" / "out", "inside"), (data / "cls" / ".." / "x", "inside"),
+                       (far / "..", "the same folder as")):
+        with pytest.raises(ConfigError, match=f"is {where} --data"):
+            check_outside_data(str(out), str(data / "link" / "..") if where == "the same folder as" else str(data))
+    with pytest.raises(ConfigError, match="its latents/ folder would lie inside --data"):
+        check_cache_outside_data(str(data / "link"), str(data))
