@@ -701,7 +701,8 @@ def load_class_latents(cache_dir: str, name: str) -> tuple[torch.Tensor, list[st
                         "to recompute") from None
     want = meta.get("latents_sha256")  # (files written before it was recorded: not compared)
     if want is not None and latents_sha256(latents) != want:
-        raise DataError(f"class {name}: latent cache file {path} is {DAMAGED}; delete it to recompute")
+        raise DataError(f"class {name}: latent cache file {path} is {DAMAGED}; delete it to recompute, or run "
+                        "`manifoldgd-fast cache`, which encodes it again")
     if held != name:  # another class's file under this name (a case-insensitive file system: Cat and cat)
         raise DataError(f"class {name}: latent cache file {path} holds class {held!r}; class names that differ only "
                         "in case cannot share a cache on this file system: rename one class folder")

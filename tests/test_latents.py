@@ -267,7 +267,8 @@ def test_a_byte_changed_in_a_cache_files_data_is_named_when_it_is_loaded(tmp_pat
     data[-1] ^= 0x01                     # an exponent bit of the last value: 4x or 1/4 of it, still finite
     open(path, "wb").write(bytes(data))
     with pytest.raises(DataError, match=r"^class cat: latent cache file .*cat.safetensors is damaged \(its latents' "
-                                        r"sha256 is not the one recorded when it was written\); delete it to recompute$"):
+                                        r"sha256 is not the one recorded when it was written\); delete it to "
+                                        r"recompute, or run `manifoldgd-fast cache`, which encodes it again$"):
         L.load_class_latents(cache, "cat")
     os.unlink(path)
     L.cache_latents(entries, vae, cache_dir=cache, image_size=SIZE, progress=False)
