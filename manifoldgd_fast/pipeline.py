@@ -316,6 +316,15 @@ def check_outside_data(out: str, data: str | None) -> None:
     if top is not None:
         raise ConfigError(f"--out {out} is {'the same folder as' if top == '' else 'inside'} --data {data}: "
                           "its folders would be read as classes; use an --out outside the data folder")
+    if data is not None and os.path.isdir(data):   # OUT as the target of a link in DATA, by another path
+        from .data import may_be_class
+
+        o = os.path.realpath(out)
+        for e in os.scandir(data):
+            if e.is_symlink() and may_be_class(e.name) and os.path.realpath(e.path) == o:
+                raise ConfigError(f"--out {out} is the folder the link {e.path} leads to, read as class {e.name} "
+                                  "(a contact sheet written there would be one of its images); use an --out outside "
+                                  "the data folder")
 
 
 def check_cache_outside_data(cache_dir: str | None, data: str) -> None:

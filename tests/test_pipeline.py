@@ -837,3 +837,8 @@ def test_a_path_through_a_link_in_data_and_back_out_by_dotdot_is_not_inside(tmp_
             check_outside_data(str(out), str(data / "link" / "..") if where == "the same folder as" else str(data))
     with pytest.raises(ConfigError, match="its latents/ folder would lie inside --data"):
         check_cache_outside_data(str(data / "link"), str(data))
+    # the link's target by its own path: a scan of DATA reads OUT/contact_sheet.png as an image of class link
+    with pytest.raises(ConfigError, match=r"^--out .*deep is the folder the link .*link leads to, read as class "
+                                          r"link \(a contact sheet written there would be one of its images\)"):
+        check_outside_data(str(far), str(data))
+    check_outside_data(str(far / "out"), str(data))       # (below it: class folders' subfolders are not read)
