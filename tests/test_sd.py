@@ -257,6 +257,7 @@ def _set_json(folder, key, value, file="config.json"):
 @pytest.mark.parametrize("damage, sub, why", [
     # transformers would build a default-size CLIP text model and print a mismatch table
     (lambda d: _drop_files(d, "config.json"), "text_encoder", "text_encoder has no config.json"),
+    (lambda d: _drop_files(d, "config.json"), "unet", "unet has no config.json"),
     # transformers would build a 2-token tokenizer: every prompt the same embedding, no error
     (lambda d: _drop_files(d, "vocab.json", "merges.txt", "tokenizer.json"), "tokenizer",
      "has neither vocab.json + merges.txt nor tokenizer.json"),
@@ -271,7 +272,7 @@ def _set_json(folder, key, value, file="config.json"):
      "gives cross_attention_dim 64, but the text encoder gives 32-dim states"),
     (lambda d: _set_json(d, "cross_attention_dim", [32, 64]), "unet",
      "gives cross_attention_dim [32, 64], but the text encoder gives 32-dim states"),
-], ids=["text-encoder-config", "tokenizer-vocab", "no-max-length", "max-length-too-long", "vocab-size",
+], ids=["text-encoder-config", "unet-config", "tokenizer-vocab", "no-max-length", "max-length-too-long", "vocab-size",
         "cross-attention", "cross-attention-list"])
 def test_damaged_text_side_is_one_line_naming_it(sd_world, tmp_path, capsys, monkeypatch, damage, sub, why):
     from manifoldgd_fast import models
@@ -726,3 +727,194 @@ def test_sd_folder_without_vae_runs_with_vae_given(sd_world, tmp_path, capsys):
     assert main(sd_args(dict(sd_world, model=str(part)), tmp_path / "o3", "--classes", "cherry")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("manifoldgd-fast: error: --model ") and "Traceback" not in "".join(err), err
+
+
+# ---------------------------------------------------------------------------- pinned by a mutation audit of sd.py
+def _emb(sd_denoiser, n):
+    """n class rows + the negative prompt's row, from the fixture's table (its rows are 2 classes + negative)."""
+    e = sd_denoiser.embeddings[:3]
+    return torch.cat([e[:2].repeat(n, 1, 1)[:n], e[2:]])
+
+
+@pytest.mark.parametrize("labels, kw, why", [
+    ([-1, 0], {}, "labels must be distinct and >= 0, got [-1, 0]"),     # -1 would index the null class's row
+    ([1, 1], {}, "labels must be distinct and >= 0, got [1, 1]"),
+    ([0, 2], {"num_classes": 2}, "label 2 is outside num_classes 2"),  # label 2 would be the null class itself
+    ([0, 1], {"schedule_kwargs": {"prediction_type": "epsilon"}, "prediction_type": "v_prediction"},
+     "prediction_type 'v_prediction' is not schedule_kwargs' 'epsilon'"),
+], ids=["negative", "repeated", "the-null-class", "prediction-type"])
+def test_the_adapter_refuses_labels_and_prediction_types_it_cannot_map(sd_denoiser, labels, kw, why):
+    with pytest.raises(ValueError, match=re.escape(why)):
+        SD.TextConditionedDenoiser(sd_denoiser.unet, _emb(sd_denoiser, len(labels)), labels, **kw)
+
+
+def test_the_adapter_maps_labels_to_rows_and_sets_the_prediction_type(sd_denoiser):
+    """The largest label num_classes - 1 is a class (not the null class); schedule_kwargs without a
+    prediction_type get the adapter's, which the sampler's schedule reads."""
+    emb = _emb(sd_denoiser, 2)
+    den = SD.TextConditionedDenoiser(sd_denoiser.unet, emb, [0, 1], num_classes=2,
+                                     schedule_kwargs={"spacing": "leading"}, prediction_type="v_prediction")
+    assert den.schedule_kwargs == {"spacing": "leading", "prediction_type": "v_prediction"}
+    assert SD.TextConditionedDenoiser(sd_denoiser.unet, emb, [0, 1]).schedule_kwargs == {"prediction_type": "epsilon"}
+    assert den.rows.tolist() == [0, 1, 2]
+
+
+def test_a_bfloat16_unet_gets_its_text_states_in_bfloat16(sd_world, sd_denoiser):
+    """load_sd_denoiser(dtype=) loads the UNet in that dtype (the text encoder stays float32, so the
+    embeddings table is float32); the adapter gives the UNet its text states in the UNet's dtype."""
+    den = SD.load_sd_denoiser(sd_world["model"], {0: "a photo of a cherry", 1: "a photo of a dog"},
+                              dtype=torch.bfloat16)
+    assert den.dtype == den.unet.dtype == torch.bfloat16 and den.embeddings.dtype == torch.float32
+    torch.testing.assert_close(den.embeddings, sd_denoiser.embeddings, rtol=0, atol=0, equal_nan=True)
+    x, t = torch.randn(2, 4, 8, 8, dtype=torch.bfloat16), torch.tensor([500, 500])
+    with torch.no_grad():
+        got = den(x, timestep=t, class_labels=torch.tensor([1, 2])).sample
+        want = den.unet(x, t, encoder_hidden_states=sd_denoiser.embeddings[[1, 2]].to(torch.bfloat16)).sample
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
+def test_a_diffusers_dit_pipeline_folder_is_not_taken_for_stable_diffusion(tmp_path):
+    """facebook/DiT-XL-2-256's layout: model_index.json naming a transformer that the folder holds."""
+    folder = tmp_path / "dit"
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "vae").mkdir()
+    (folder / "model_index.json").write_text(json.dumps(
+        {"_class_name": "DiTPipeline", "transformer": ["diffusers", "Transformer2DModel"],
+         "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "KarrasDiffusionSchedulers"]}))
+    assert not SD.is_sd_folder(str(folder)) and model_family(str(folder)) == "dit"
+
+
+@pytest.mark.parametrize("file, key, value, why", [
+    # one token more than the text encoder embeds (the tiny tokenizer has 519)
+    ("text_encoder/config.json", "vocab_size", 518, "has 519 tokens, but the text encoder embeds 518 ("),
+    # a UNet with encoder_hid_dim projects the text states itself: that width, not cross_attention_dim, is checked
+    ("unet/config.json", "encoder_hid_dim", 16, "gives encoder_hid_dim 16, but the text encoder gives 32-dim states"),
+    ("unet/config.json", "cross_attention_dim", 16, None),
+    ("text_encoder/config.json", "vocab_size", 519, None),
+], ids=["vocab-one-short", "encoder-hid-dim", "projected-cross-attention", "vocab-exact"])
+def test_the_text_side_widths_are_checked_at_their_boundaries(sd_world, tmp_path, file, key, value, why):
+    folder = sd_variant(sd_world, tmp_path)
+    path = os.path.join(folder, file)
+    cfg = json.loads(open(path).read())
+    cfg[key] = value
+    if file.startswith("unet/"):  # both keys set: text states of width 32 projected to a cross-attention of 16
+        cfg.update(encoder_hid_dim_type="text_proj", **{k: v for k, v in (("encoder_hid_dim", 32),
+                                                                           ("cross_attention_dim", 16)) if k != key})
+    open(path, "w").write(json.dumps(cfg))
+    if why is None:
+        assert SD.check_sd_folder(folder)["root"] == folder
+        return
+    with pytest.raises(ModelError) as e:
+        SD.check_sd_folder(folder)
+    assert str(e.value).startswith(f"--model {folder}: ") and why in str(e.value)
+
+
+def test_a_unet_projecting_the_text_states_loads_and_denoises(sd_world, tmp_path):
+    """encoder_hid_dim 32 (the text encoder's width) with cross_attention_dim 16: passes the check and runs."""
+    folder = sd_variant(sd_world, tmp_path)
+    cfg = {**SD.tiny_sd_unet_config(sample_size=8, cross_attention_dim=16), "encoder_hid_dim": 32,
+           "encoder_hid_dim_type": "text_proj"}
+    shutil.rmtree(os.path.join(folder, "unet"))
+    SD.build_sd_unet(cfg).save_pretrained(os.path.join(folder, "unet"), safe_serialization=True)
+    den = SD.load_sd_denoiser(folder, {0: "cherry"})
+    with torch.no_grad():
+        out = den(torch.zeros(1, 4, 8, 8), timestep=torch.tensor([10]), class_labels=torch.tensor([0])).sample
+    assert out.shape == (1, 4, 8, 8) and bool(out.isfinite().all())
+
+
+@pytest.mark.parametrize("file", ["scheduler/scheduler_config.json", "text_encoder/config.json", "unet/config.json"])
+def test_a_config_file_that_is_not_a_json_object_is_one_line_naming_it(sd_world, tmp_path, file):
+    folder = sd_variant(sd_world, tmp_path)
+    open(os.path.join(folder, file), "w").write("[1, 2]")
+    with pytest.raises(ModelError) as e:
+        SD.check_sd_folder(folder)
+    msg = str(e.value)
+    assert msg.startswith(f"--model {folder}: ") and os.path.join(folder, file) in msg
+    assert msg.endswith("is damaged (not a JSON object)") and "\n" not in msg
+
+
+def test_text_encoder_weights_missing_a_tensor_are_refused(sd_world, tmp_path):
+    """transformers would fill the missing tensor with random values (a warning at most): refused instead."""
+    from safetensors.torch import load_file, save_file
+
+    folder = sd_variant(sd_world, tmp_path)
+    path = os.path.join(folder, "text_encoder", "model.safetensors")
+    weights = load_file(path)
+    key = next(k for k in weights if "final_layer_norm.weight" in k)
+    del weights[key]
+    save_file(weights, path, metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=r"do not fit CLIPTextModel \(1 tensors missing, e\.g\. .*final_layer_norm"):
+        SD.load_sd(folder)
+
+
+def test_a_half_precision_text_encoder_runs_in_float32(sd_world, tmp_path, sd_denoiser):
+    """An fp16 text encoder file (SD 1.5's fp16 variant holds fp16 tensors) loads in fp16 under transformers 5;
+    the prompts are encoded in float32, from those weights, as the docstring promises."""
+    from transformers import CLIPTextModel
+
+    folder = sd_variant(sd_world, tmp_path)
+    te = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"))
+    shutil.rmtree(os.path.join(folder, "text_encoder"))
+    te.half().save_pretrained(os.path.join(folder, "text_encoder"))
+    parts = SD.load_sd(folder)
+    assert parts["text_encoder"].dtype == torch.float32 and not parts["text_encoder"].training
+    want = SD.encode_prompts(te.float(), parts["tokenizer"], ["a photo of a cherry"])
+    got = SD.encode_prompts(parts["text_encoder"], parts["tokenizer"], ["a photo of a cherry"])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cin, cout", [(9, 4), (4, 8), (4, 4)])
+@pytest.mark.parametrize("shift", [None, 0.0])
+def test_check_vae_fits_compares_both_unet_channel_counts(cin, cout, shift):
+    vae = SimpleNamespace(config=SimpleNamespace(latent_channels=4, shift_factor=shift))
+    info = {"in_channels": cin, "out_channels": cout}
+    if (cin, cout) == (4, 4):
+        SD.check_vae_fits(vae, info, "m", "--model m (vae/)")
+        return
+    with pytest.raises(ModelError, match=re.escape(f"--model m: the UNet takes {cin} and predicts {cout} latent "
+                                                   "channels, but the VAE (--model m (vae/)) has latent_channels 4")):
+        SD.check_vae_fits(vae, info, "m", "--model m (vae/)")
+
+
+def test_sd_info_from_the_config_alone_is_the_loaded_adapters(sd_world, sd_denoiser):
+    """``cache`` / ``modes`` read sd_info without loading weights: the same facts, null class included."""
+    assert SD.sd_info(sd_world["model"], sd_denoiser.num_classes) == dit_info(sd_denoiser)
+
+
+@pytest.mark.parametrize("a, b", [("golden retriever", "golden  retriever"), ("golden retriever", "golden\tretriever"),
+                                  ("Golden Retriever", " golden retriever")])
+def test_prompts_equal_up_to_case_and_whitespace_are_refused(a, b):
+    """CLIP's tokenizer splits on any whitespace: such prompts get one embedding (class_prompts, before any model)."""
+    with pytest.raises(ConfigError, match="^class folders 'x' and 'y' get the same prompt"):
+        SD.class_prompts(["x", "y"], class_names={"x": a, "y": b})
+    with pytest.raises(ConfigError, match="^class folder 'x' gets the prompt .*, the --negative-prompt"):
+        SD.class_prompts(["x"], class_names={"x": a}, negative_prompt=b)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 5])
+def test_encode_prompts_in_batches_keeps_every_prompt_in_order(sd_world, batch_size):
+    parts = SD.load_sd(sd_world["model"])
+    prompts = ["cherry", "dog", "a photo of a tench", "", "golden retriever"]
+    got = SD.encode_prompts(parts["text_encoder"], parts["tokenizer"], prompts, batch_size=batch_size)
+    want = torch.cat([SD.encode_prompts(parts["text_encoder"], parts["tokenizer"], [p]) for p in prompts])
+    assert got.shape[0] == len(prompts)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("drop", [("tokenizer.json",), ("vocab.json", "merges.txt")], ids=["slow-files", "fast-file"])
+def test_a_tokenizer_with_either_vocabulary_layout_passes_the_check(sd_world, tmp_path, drop):
+    """SD 1.5's tokenizer/ has vocab.json + merges.txt and no tokenizer.json; either layout is a vocabulary."""
+    folder = sd_variant(sd_world, tmp_path)
+    for name in drop:
+        os.remove(os.path.join(folder, "tokenizer", name))
+    tok = SD.check_sd_folder(folder)["tokenizer"]
+    assert tok("a photo of a cherry").input_ids == SD.check_sd_folder(sd_world["model"])["tokenizer"](
+        "a photo of a cherry").input_ids
+
+
+def test_the_tiny_folders_model_index_names_its_schedulers_class(sd_world):
+    """diffusers' StableDiffusionPipeline builds the scheduler class that model_index.json names."""
+    index = json.loads(open(os.path.join(sd_world["model"], "model_index.json")).read())
+    sched = json.loads(open(os.path.join(sd_world["model"], "scheduler", "scheduler_config.json")).read())
+    assert index["scheduler"] == ["diffusers", sched["_class_name"]] == ["diffusers", "PNDMScheduler"]
+    assert type(sd_pipe(sd_world["model"]).scheduler).__name__ == "PNDMScheduler"

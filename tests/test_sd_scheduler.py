@@ -48,6 +48,7 @@ def test_negative_prompt_is_the_cfg_null_row_as_diffusers(sd_world, sd_denoiser)
 
     neg = "blurry photo of a cat"
     den = SD.load_sd_denoiser(sd_world["model"], {0: "a photo of a cherry", 1: "a photo of a dog"}, negative_prompt=neg)
+    assert den.negative_prompt == neg   # (kept for the manifest)
     pipe = sd_pipe(sd_world["model"])
     pipe.scheduler = DDIMScheduler.from_pretrained(sd_world["model"], subfolder="scheduler")
     x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
