@@ -102,6 +102,13 @@ def test_sets_need_equal_runs_of_one_label_and_a_mean_each():
         cgs.check_labels(torch.tensor([3, 5, 5, 5]))
     with pytest.raises(ConfigError, match="a batch of 5 samples does not split into 2 equal sets"):
         cgs.check_labels(torch.tensor([3, 3, 3, 5, 5]))
+    # one set of two samples (IPC 2, the smallest set with a DPP term) of two classes
+    with pytest.raises(ConfigError, match=r"labels of a set must all be equal, got \[\[0, 1\]\]"):
+        CGS(torch.zeros(4), eta_dpp=1.0, eta_dm=0.1).check_labels(torch.tensor([0, 1]))
+    CGS(torch.zeros(4), eta_dpp=1.0, eta_dm=0.1).check_labels(torch.tensor([7]))
+    for sets in (0, -1):
+        with pytest.raises(ConfigError, match=f"CGS with {sets} sets needs one class mean per set"):
+            CGS(torch.zeros(2, 4), eta_dpp=1.0, eta_dm=0.1, sets=sets)
     with pytest.raises(ConfigError, match=r"CGS with 3 sets needs one class mean per set \(3, ...\), got \(2, 4\)"):
         CGS(torch.zeros(2, 4), eta_dpp=1.0, eta_dm=0.1, sets=3)
 
@@ -144,14 +151,46 @@ def test_correction_names_the_bad_tensor():
         cgs.correction(x, x[:2], 0.5)
     with pytest.raises(ConfigError, match="16 values per sample"):
         cgs.correction(torch.randn(3, 4, 3, 3), torch.randn(3, 4, 3, 3), 0.5)
+    # an x0 of other per-sample shape that would broadcast against x_t (one channel for four)
+    with pytest.raises(ConfigError, match=r"x0 must have x_t's shape \(3, 4, 2, 2\), got \(3, 1, 2, 2\)"):
+        cgs.correction(x, x[:, :1].clone(), 0.5)
+    two = CGS(torch.zeros(2, 4, 2, 2), eta_dpp=0.1, eta_dm=0.1, sets=2)
+    with pytest.raises(ConfigError, match=r"N a multiple of the 2 set\(s\), got \(3, 4, 2, 2\)"):
+        two.correction(x, x.clone(), 0.5)
     # the Python API checks what the config checks for the CLI: a negative step was skipped, eps 0 factored
     for kw, msg in ((dict(eta_dpp=-1.0), "CGS eta_dpp must be a finite number >= 0, got -1.0"),
                     (dict(eta_dm=float("nan")), "CGS eta_dm must be a finite number >= 0, got nan"),
                     (dict(eps=0.0), "CGS eps must be a finite number > 0, got 0.0"),
-                    (dict(eps="1e-3"), "CGS eps must be a finite number > 0, got '1e-3'")):
+                    (dict(eps="1e-3"), "CGS eps must be a finite number > 0, got '1e-3'"),
+                    (dict(eta_dpp=float("inf")), "CGS eta_dpp must be a finite number >= 0, got inf"),
+                    (dict(eps=float("inf")), "CGS eps must be a finite number > 0, got inf")):
         with pytest.raises(ConfigError, match=msg):
             CGS(torch.zeros(4), **{"eta_dpp": 0.1, "eta_dm": 0.1, **kw})
     CGS(torch.zeros(4), eta_dpp=0, eta_dm=0.0, eps=1)   # zero steps and int values are fine
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("zero", [0, 3])
+def test_an_all_zero_sample_leaves_the_others_gradient_as_without_it(dtype, tol, zero):
+    """A zero row has no direction: its cosine row of K is 0 (the clamp of its norm), so A is block diagonal and
+    det(A) factors: its gradient is 0 and the other rows' is that of the set without it (not NaN for all)."""
+    x = torch.randn(5, 12, generator=torch.Generator().manual_seed(zero), dtype=dtype)
+    x[zero] = 0
+    g = dpp_grad(x, 1e-2)
+    rest = [i for i in range(5) if i != zero]
+    assert bool(torch.isfinite(g).all()) and bool((g[zero] == 0).all())
+    torch.testing.assert_close(g[rest], dpp_grad(x[rest], 1e-2), atol=tol, rtol=tol)
+    torch.testing.assert_close(g, dpp_grad_ref(x, 1e-2), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("fn", [lambda x: dpp_loss(x), lambda x: dpp_grad(x), lambda x: dm_loss(x, x[:1], 0.5),
+                                lambda x: dm_grad(x, x[:1], 0.5)], ids=["dpp_loss", "dpp_grad", "dm_loss", "dm_grad"])
+def test_a_set_must_have_one_row_per_sample(fn):
+    """A 1-D tensor is no set of samples (it would pass for N samples of one value each): refused in one line."""
+    from manifoldgd_fast.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"the set must be \(N, ...\) with one row per sample, got shape \(5,\)"):
+        fn(torch.randn(5))
 
 
 def test_losses_match_a_direct_transcription():

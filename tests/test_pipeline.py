@@ -1,4 +1,5 @@
 """End to end: image folder -> distilled folder through the CLI and the Python API, resume, bad input."""
+import dataclasses
 import glob
 import hashlib
 import json
@@ -140,7 +141,8 @@ def test_same_seed_same_bytes_and_methods_differ(tiny_world, tmp_path):
     assert main(_args(tiny_world, b, "--batch-size", "1")) == 0
     assert main(_args(tiny_world, c, "--seed", "1")) == 0
     assert main(_args(tiny_world, d, "--method", "mgd3")) == 0
-    da, db, dc, dd = map(_digest, (a, b, c, d))
+    assert main(_args(tiny_world, tmp_path / "e", "--method", "dit")) == 0
+    da, db, dc, dd, de = map(_digest, (a, b, c, d, tmp_path / "e"))
     # a sample's noise does not depend on the batch: the same latents up to float rounding (the DiT
     # forward runs on another batch shape: up to ~2e-4 on AVX-512 CPUs; noise drawn per batch would
     # move them by O(1)), so pixels equal to within one level
@@ -155,6 +157,7 @@ def test_same_seed_same_bytes_and_methods_differ(tiny_world, tmp_path):
     assert _digest(tmp_path / "a2") == da                               # same command, same bytes
     assert da.keys() == dc.keys() and all(da[k] != dc[k] for k in da)
     assert any(da[k] != dd[k] for k in da)
+    assert all(dd[k] != de[k] for k in dd)   # mgd3 is guided towards its modes: not plain DiT sampling
 
 
 def test_cgs_sets_do_not_depend_on_the_forward_batch(tiny_world, tmp_path):
@@ -177,6 +180,21 @@ def test_cgs_sets_do_not_depend_on_the_forward_batch(tiny_world, tmp_path):
     for c in mus:
         m = load_file(str(strong / "latents" / f"{c}.safetensors"))["latents"].float().mean(0).flatten()
         assert min(mus, key=lambda k: float((mus[k] - m).norm())) == c
+
+
+def test_paper_patches_follow_their_modes_across_forward_batches(tiny_world, tmp_path):
+    """--class-batch 1 with --batch-size below --ipc: each batch's rows take their own modes' neighbourhood order
+    and sorted distances (the patch lengths), so batches of 2 + 1 give the latents of one batch of 3 up to
+    rounding (the DiT forward on another batch shape)."""
+    from safetensors.torch import load_file
+
+    outs = [tmp_path / f"b{b}" for b in (2, 3)]
+    for o, b in zip(outs, (2, 3)):
+        assert main(_args(tiny_world, o, "--formulation", "paper", "--ipc", "3", "--class-batch", "1",
+                          "--batch-size", str(b))) == 0
+    for c in ("apple", "banana", "cherry"):
+        l2, l3 = (load_file(str(o / "latents" / f"{c}.safetensors"))["latents"] for o in outs)
+        assert (l2 - l3).abs().max() < 2e-3, c
 
 
 @pytest.mark.parametrize("extra", [[], ["--method", "cgs"]])
@@ -727,11 +745,15 @@ def test_each_sample_is_seeded_by_its_class_and_index(tiny_world, tmp_path, monk
 
     def spy(*a, sample_ids=None, **kw):
         seen.append(list(sample_ids))
+        keys.add(kw["noise_seed"])
         return real_guidance(*a, sample_ids=sample_ids, **kw)
+
+    keys = set()
 
     monkeypatch.setattr(guidance_mod, "Guidance", spy)   # classrun imports it at each call
     assert main(_args(tiny_world, tmp_path / "mgd", "--guidance-noise", "philox", "--class-batch", "3")) == 0
     assert seen and seen[0] == [0, 1, 2, 3, 4, 5]      # labels 0, 1, 2 x ipc 2: label * ipc + index
+    assert keys == {derive_seed(0, "guidance")}        # one Philox key for the run (README's recipe uses it)
 
     z = torch.randn(12, 16, generator=torch.Generator().manual_seed(3))
     cfg = DistillConfig(ipc=2, mode_method="random").resolve(3)
@@ -752,6 +774,107 @@ def test_class_batch_defaults_and_where_it_is_refused():
     assert res(method="mgd3").class_batch == 8 and res(formulation="paper", method="mgd3").class_batch == 8
     with pytest.raises(ConfigError, match="--class-batch must be an integer >= 1"):
         DistillConfig(class_batch=0).validate()
+
+
+def test_class_checks_refuse_just_past_their_limits():
+    """Each check of a class or a group lets its limit itself through: a class of exactly --ipc images, --k equal
+    to the class size (paper), guidance-noise ids up to 2^32 - 1 ((label + 1) x ipc == 2^32), --class-batch
+    classes in a group; one past each limit is refused in one line naming it."""
+    from manifoldgd_fast.classrun import _check_class, distill_group
+    from manifoldgd_fast.errors import DataError
+
+    cfg = DistillConfig(ipc=4, formulation="paper", k=6, class_batch=2).resolve(3, "cpu")
+    _check_class(cfg, "apple", 6)                                   # n == k, n > ipc
+    _check_class(dataclasses.replace(cfg, k=4), "apple", 4)          # n == ipc == k
+    with pytest.raises(DataError, match="class apple has 3 readable images, fewer than --ipc 4"):
+        _check_class(dataclasses.replace(cfg, k=3), "apple", 3)
+    with pytest.raises(ConfigError, match="--k 6 is larger than the patch: class apple has only 5 latents"):
+        _check_class(cfg, "apple", 5)
+    ctx = {"device": torch.device("cpu"), "dit_info": {}}
+    top = 2 ** 32 // 4 - 1                                          # the last label whose ids fit
+    too_many = [("a", top, None), ("b", 0, None), ("c", 1, None)]  # passes the id check, then the group's size
+    with pytest.raises(ConfigError, match="3 classes in one batch, more than --class-batch 2"):
+        distill_group(cfg, ctx, too_many)
+    with pytest.raises(ConfigError, match=f"class a: label {top + 1} x --ipc 4 exceeds the 2\\^32 guidance-noise ids"):
+        distill_group(cfg, ctx, [("a", top + 1, None)])
+
+
+def test_the_progress_bar_counts_images_not_pad_rows(tiny_world, tmp_path, monkeypatch):
+    """--class-batch 2 over 3 classes pads the last group to 2 x ipc rows: the bar counts the 6 images, not 8."""
+    import tqdm.auto
+
+    bars = []
+
+    class Bar(tqdm.auto.tqdm):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **{**k, "disable": False})   # (disable=None turns it off off a terminal)
+            bars.append(self)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    assert main(_args(tiny_world, tmp_path / "o", "--method", "dit", "--class-batch", "2")) == 0
+    assert [(b.n, b.total) for b in bars if str(b.desc).startswith("distil")] == [(6, 6)]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_decode_latents_runs_the_vae_under_the_run_dtype(dtype):
+    """The VAE decodes latents / scaling_factor in batches, under autocast to --dtype unless it is float32;
+    uint8 images and per-image finite flags come back in order."""
+    from types import SimpleNamespace
+
+    from manifoldgd_fast.classrun import decode_latents
+
+    seen = []
+
+    class VAE(torch.nn.Module):
+        config = SimpleNamespace(scaling_factor=0.5)
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def decode(self, z):
+            seen.append((z.shape[0], torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")))
+            img = (z[:, :3] * 0 + z[:, :1]).clone()                  # (b, 3, h, w): the first channel, grey
+            img[1:2] = float("nan") if z.shape[0] == 2 else img[1:2]
+            return SimpleNamespace(sample=img)
+
+    lat = torch.linspace(-0.5, 0.5, 5).view(5, 1, 1, 1).expand(5, 4, 2, 2).contiguous()
+    images, finite = decode_latents(VAE(), lat, 2, dtype)
+    assert seen == [(2, dtype != torch.float32 and dtype)] * 2 + [(1, dtype != torch.float32 and dtype)]
+    assert images.shape == (5, 2, 2, 3) and finite.tolist() == [True, False, True, False, True]
+    want = np.clip(np.round((lat[:, 0, 0, 0].numpy() / 0.5 + 1) / 2 * 255), 0, 255)
+    assert images[[0, 2, 4], 0, 0, 0].tolist() == want[[0, 2, 4]].tolist()
+
+
+@pytest.mark.parametrize("method,noise,loop,device,fast", [
+    ("manifoldgd", "philox", "auto", "cuda", True),
+    ("manifoldgd", "generator", "auto", "cuda", False),   # host-drawn guidance noise: the reference loop
+    ("mgd3", "generator", "auto", "cuda", True),          # (mgd3 draws no guidance noise)
+    ("manifoldgd", "philox", "auto", "cpu", False),
+    ("dit", "generator", "fast", "cpu", True),
+    ("dit", "philox", "reference", "cuda", False),
+])
+def test_which_loop_a_run_takes(method, noise, loop, device, fast):
+    """--loop auto takes the fast loop on CUDA except for ManifoldGD with generator noise; fast and reference
+    are taken as said (the rule alone: no CUDA device is needed to ask it)."""
+    from manifoldgd_fast.classrun import use_fast_loop
+
+    cfg = dataclasses.replace(DistillConfig(method=method), guidance_noise=noise, loop=loop)
+    assert use_fast_loop(cfg, torch.device(device)) is fast
+
+
+def test_check_decoded_refuses_any_non_finite_image():
+    """check_decoded takes a bool or decode_latents' per-image flags: one bad image of a class is enough."""
+    from manifoldgd_fast.classrun import check_decoded
+
+    check_decoded(True, "apple", torch.float32)
+    check_decoded(torch.tensor([True, True]), "apple", torch.float32)
+    for flags, dtype, hint in ((torch.tensor([True, False]), torch.float16, "decode in bfloat16 or float32"),
+                               (torch.tensor([False, True, True]), torch.bfloat16, "check the VAE's weights"),
+                               (False, torch.float32, "check the VAE's weights")):
+        with pytest.raises(ConfigError, match=f"^class apple: the VAE decoded NaN or inf pixels .*; {hint}"):
+            check_decoded(flags, "apple", dtype)
 
 
 @pytest.mark.parametrize("extra", [[], ["--method", "mgd3"], ["--method", "dit"], ["--method", "cgs"], ["--cgs"],
