@@ -320,9 +320,12 @@ def check_outside_data(out: str, data: str | None) -> None:
         from .data import may_be_class
 
         o = os.path.realpath(out)
-        for e in os.scandir(data):
-            if e.is_symlink() and may_be_class(e.name) and os.path.realpath(e.path) == o:
-                raise ConfigError(f"--out {out} is the folder the link {e.path} leads to, read as class {e.name} "
+        with os.scandir(data) as entries:
+            links = [e.path for e in entries if e.is_symlink() and may_be_class(e.name)]
+        for link in links:
+            if os.path.realpath(link) == o:
+                name = os.path.basename(link)
+                raise ConfigError(f"--out {out} is the folder the link {link} leads to, read as class {name} "
                                   "(a contact sheet written there would be one of its images); use an --out outside "
                                   "the data folder")
 
