@@ -507,8 +507,8 @@ def _prepare_cache(entries, vae, device, cache_dir: str, image_size: int, vae_di
     stats, todo = _split_cached(entries, cache_dir, key, verify)
     if todo and not os.access(cache_dir, os.W_OK):  # (found at the first write, once a whole class was encoded)
         raise ConfigError(f"latent cache folder {cache_dir} is not writable, and class {todo[0].name} is not cached "
-                          f"there ({len(todo)} class(es) to encode): give a writable --cache-dir (or "
-                          f"${CACHE_ENV})")
+                          f"there, or its file is stale or damaged ({len(todo)} class(es) to encode): give a "
+                          f"writable --cache-dir (or ${CACHE_ENV})")
     return dev, key, stats, todo
 
 

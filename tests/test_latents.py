@@ -923,8 +923,9 @@ def test_a_read_only_cache_with_classes_to_encode_is_refused_before_encoding(tmp
     counting = CountingVAE(vae)
     with pytest.raises(ConfigError) as e:
         encode(entries, counting, **kw)
-    assert str(e.value) == (f"latent cache folder {cache} is not writable, and class cat is not cached there "
-                            "(1 class(es) to encode): give a writable --cache-dir (or $MANIFOLDGD_CACHE)")
+    assert str(e.value) == (f"latent cache folder {cache} is not writable, and class cat is not cached there, or "
+                            "its file is stale or damaged (1 class(es) to encode): give a writable --cache-dir (or "
+                            "$MANIFOLDGD_CACHE)")
     assert counting.calls == 0 and os.listdir(cache) == []
     monkeypatch.undo()
     encode(entries, vae, **kw)
