@@ -114,16 +114,17 @@ def _class_folders(root: str, check_links: bool = False) -> list[str]:
     DataError for a broken link (dangling or looping) among them: a class folder that cannot be read would
     move every later class's sorted label, silently."""
     names = []
-    for e in os.scandir(root):
-        if not may_be_class(e.name):
-            continue
-        kind = _kind(e)
-        if kind == "dir":
-            names.append(e.name)
-        elif check_links and kind == "other" and e.is_symlink():
-            raise DataError(f"{os.path.join(root, e.name)}: a broken link (its target is missing, or a loop) among "
-                            "the class folders; its class would be left out and every class after it take another "
-                            "label: restore its target or remove the link")
+    with os.scandir(root) as entries:   # (closed also when a broken link stops the scan)
+        for e in entries:
+            if not may_be_class(e.name):
+                continue
+            kind = _kind(e)
+            if kind == "dir":
+                names.append(e.name)
+            elif check_links and kind == "other" and e.is_symlink():
+                raise DataError(f"{os.path.join(root, e.name)}: a broken link (its target is missing, or a loop) "
+                                "among the class folders; its class would be left out and every class after it take "
+                                "another label: restore its target or remove the link")
     return sorted(names)
 
 

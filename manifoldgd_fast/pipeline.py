@@ -317,14 +317,12 @@ def check_outside_data(out: str, data: str | None) -> None:
         raise ConfigError(f"--out {out} is {'the same folder as' if top == '' else 'inside'} --data {data}: "
                           "its folders would be read as classes; use an --out outside the data folder")
     if data is not None and os.path.isdir(data):   # OUT as the target of a link in DATA, by another path
-        from .data import may_be_class
+        from .data import _class_folders
 
         o = os.path.realpath(out)
-        with os.scandir(data) as entries:
-            links = [e.path for e in entries if e.is_symlink() and may_be_class(e.name)]
-        for link in links:
-            if os.path.realpath(link) == o:
-                name = os.path.basename(link)
+        for name in _class_folders(data):
+            link = os.path.join(data, name)
+            if os.path.islink(link) and os.path.realpath(link) == o:
                 raise ConfigError(f"--out {out} is the folder the link {link} leads to, read as class {name} "
                                   "(a contact sheet written there would be one of its images); use an --out outside "
                                   "the data folder")
